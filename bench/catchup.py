@@ -1,0 +1,216 @@
+"""Catch-up benchmark: events/s from a sandbox backlog into the jsonl sink, and peak RSS.
+
+    .venv/bin/python bench/catchup.py [--events 200000] [--workers 4]
+
+1. Starts the sandbox gateway in its own process with a backlog on two chains.
+2. Measures the sandbox's own ceiling with a bare receive-only client (connect, subscribe,
+   json.loads each frame, nothing else) on chain BARE.
+3. Runs `opera-consumer run` as a process on chain BENCH with durable checkpoints (jsonl sink
+   with fsync, SQLite synchronous=FULL, group commit) and times the catch-up until the
+   checkpoint covers every event; peak RSS is the daemon's VmHWM from /proc.
+Results go to stdout and bench/results/catchup.json. Loopback only; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import httpx
+from websockets.asyncio.client import connect
+
+from consumer.core import protocol
+from consumer.sandbox import SandboxOptions
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+async def bare_client(url: str, chain: str, n: int) -> float:
+    """Events/s a client that only receives and parses can take from the sandbox."""
+    opts = SandboxOptions()
+    async with httpx.AsyncClient() as http:
+        resp = await http.post(
+            f"{url}/oauth/v1/tokens",
+            data={"grant_type": "client_credentials", "scope": "x"},
+            auth=(opts.client_id, opts.client_secret),
+            headers={"x-app-key": opts.app_key},
+        )
+        token = resp.json()["access_token"]
+    ws_url = protocol.subscription_url(url, opts.app_key)
+    async with connect(
+        ws_url,
+        subprotocols=["graphql-transport-ws"],
+        compression=None,
+        max_size=2**24,  # type: ignore[list-item]
+    ) as ws:
+        await ws.send(protocol.connection_init(token, opts.app_key))
+        await ws.recv()
+        await ws.send(
+            protocol.subscribe("bare", protocol.SubscribeInput(chain_code=chain, offset="0"))
+        )
+        started = time.perf_counter()
+        got = 0
+        async with asyncio.timeout(300):
+            async for frame in ws:
+                if json.loads(frame).get("type") == "next":
+                    got += 1
+                    if got == n:
+                        break
+        elapsed = time.perf_counter() - started
+        await ws.send(protocol.complete("bare"))
+    return n / elapsed
+
+
+def processed(db: Path) -> int:
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as conn:
+            row = conn.execute("SELECT processed_count FROM checkpoints").fetchone()
+    except sqlite3.Error:
+        return 0
+    return int(row[0]) if row else 0
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_daemon(url: str, n: int, workers: int, work: Path) -> dict[str, float]:
+    opts = SandboxOptions()
+    config = work / "config.toml"
+    config.write_text(
+        f"""
+[streams.bench]
+gateway_url = "{url}"
+chain_code = "BENCH"
+app_key = "{opts.app_key}"
+[streams.bench.auth]
+client_id = "{opts.client_id}"
+client_secret = "{opts.client_secret}"
+[streams.bench.subscription]
+offset = "0"
+[state]
+path = "{work}/state.db"
+synchronous = "full"
+[sink]
+path = "{work}/events.jsonl"
+fsync = true
+[pipeline]
+workers = {workers}
+[log]
+format = "json"
+level = "warning"
+"""
+    )
+    db = work / "state.db"
+    log = (work / "daemon.log").open("wb")
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "consumer", "run", "--config", str(config)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 900
+        while processed(db) < n:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"daemon failed; see {work}/daemon.log")
+            time.sleep(0.05)
+        elapsed = time.perf_counter() - started
+        rss = peak_rss_mb(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    lines = sum(1 for _ in (work / "events.jsonl").open("rb"))
+    return {"seconds": elapsed, "events_per_s": n / elapsed, "peak_rss_mb": rss, "lines": lines}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--workers", type=int, default=4)
+    args = parser.parse_args()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    sandbox = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "consumer",
+            "sandbox",
+            "--port",
+            str(port),
+            "--rate",
+            "0",
+            "--chains",
+            "BARE,BENCH",
+            "--backlog",
+            str(args.events),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_http(f"{url}/healthz", 300)
+        ceiling = asyncio.run(bare_client(url, "BARE", args.events))
+        with tempfile.TemporaryDirectory(prefix="opera-bench-") as tmp:
+            result = run_daemon(url, args.events, args.workers, Path(tmp))
+    finally:
+        sandbox.send_signal(signal.SIGTERM)
+        try:
+            sandbox.wait(30)
+        except subprocess.TimeoutExpired:
+            sandbox.kill()
+    report = {
+        "events": args.events,
+        "workers": args.workers,
+        "sandbox_ceiling_events_per_s": round(ceiling),
+        "consumer_events_per_s": round(result["events_per_s"]),
+        "consumer_seconds": round(result["seconds"], 2),
+        "consumer_peak_rss_mb": round(result["peak_rss_mb"], 1),
+        "sink_lines": int(result["lines"]),
+    }
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "catchup.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    return 0 if report["sink_lines"] == args.events else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

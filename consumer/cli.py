@@ -1,0 +1,180 @@
+"""Command line: ``opera-consumer run | check-config | status | sandbox``.
+
+Exit status: 0 success; 1 a runtime failure (e.g. the state store cannot be read); 2 bad
+command-line usage; 70 an unexpected internal error; 78 a configuration error, or every stream
+stopped on something only an operator can fix (systemd: ``RestartPreventExitStatus=78``);
+130 a second SIGINT/SIGTERM cut the drain short.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import Settings, effective, load_settings
+from .errors import ConfigError
+
+EXIT_RUNTIME = 1
+EXIT_CONFIG = 78
+
+_EPILOG = """exit status: 0 ok, 1 runtime failure, 2 usage, 70 internal error,
+78 configuration error (or every stream stopped for a reason an operator must fix),
+130 interrupted by a second signal."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="opera-consumer",
+        description="Consume OPERA Cloud business events from the OHIP Streaming API.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument(
+            "--config",
+            type=Path,
+            default=None,
+            help="TOML config file (default: ./config.toml, then /etc/opera-consumer/config.toml); "
+            "OPERA_CONSUMER_* environment variables override it",
+        )
+        return p
+
+    with_config(sub.add_parser("run", help="run the daemon until SIGTERM/SIGINT", epilog=_EPILOG))
+    with_config(
+        sub.add_parser(
+            "check-config",
+            help="validate the configuration without connecting; print it with secrets masked",
+            epilog=_EPILOG,
+        )
+    )
+    status = with_config(
+        sub.add_parser(
+            "status",
+            help="per stream: checkpoint offset, last event time, processed and DLQ counts",
+            epilog=_EPILOG,
+        )
+    )
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    sb = sub.add_parser(
+        "sandbox",
+        help="run a local OHIP gateway emulator on 127.0.0.1 (for demos and tests)",
+        epilog=_EPILOG,
+    )
+    sb.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (0: any free port)")
+    sb.add_argument("--chains", default="DEMO", help="comma-separated chain codes")
+    sb.add_argument("--backlog", type=int, default=1000, help="events already waiting per chain")
+    sb.add_argument("--rate", type=float, default=5.0, help="new events per second per chain")
+    sb.add_argument("--seed", type=int, default=1, help="seed for the generated events")
+    sb.add_argument("--token-ttl", type=float, default=3600.0, help="token lifetime, seconds")
+    sb.add_argument("--ping-interval", type=float, default=15.0, help="server ping period, s")
+    sb.add_argument(
+        "--stale-hold",
+        type=float,
+        default=0.0,
+        help="seconds a stream stays locked (4409) after a connection drops without complete",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    command: str = args.command
+    if command == "sandbox":
+        return _sandbox(args)
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"opera-consumer: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if command == "check-config":
+        print(json.dumps(effective(settings), indent=2))
+        print("configuration OK", file=sys.stderr)
+        return 0
+    if command == "status":
+        return asyncio.run(_status(settings, as_json=args.json))
+    return _run(settings)
+
+
+def _run(settings: Settings) -> int:
+    from .logs import configure
+    from .runtime import daemon
+
+    configure(settings.log.level, settings.log.format)
+    return asyncio.run(daemon.run(settings))
+
+
+async def _status(settings: Settings, *, as_json: bool) -> int:
+    from .runtime.store import Store
+
+    path = settings.state.path
+    if not path.exists():
+        print(f"no state store at {path} yet: the daemon has not run", file=sys.stderr)
+        return EXIT_RUNTIME
+    store = await Store.open(path, synchronous=settings.state.synchronous)
+    try:
+        checkpoints = {c.stream: c for c in await store.checkpoints()}
+        dlq = await store.dead_letter_counts()
+    finally:
+        await store.close()
+    rows: list[dict[str, Any]] = []
+    for name in sorted(set(settings.streams) | set(checkpoints) | set(dlq)):
+        cp = checkpoints.get(name)
+        rows.append(
+            {
+                "stream": name,
+                "configured": name in settings.streams,
+                "offset": cp.offset if cp else None,
+                "unique_event_id": cp.unique_event_id if cp else None,
+                "last_event_at": _iso(cp.last_event_at) if cp else None,
+                "checkpoint_at": _iso(cp.updated_at) if cp else None,
+                "processed": cp.processed_count if cp else 0,
+                "dead_letters": dlq.get(name, 0),
+            }
+        )
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    else:
+        cols = ["stream", "offset", "last_event_at", "processed", "dead_letters"]
+        table = [cols] + [[str(r[c] if r[c] is not None else "-") for c in cols] for r in rows]
+        widths = [max(len(line[i]) for line in table) for i in range(len(cols))]
+        for line in table:
+            print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+    return 0
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def _sandbox(args: argparse.Namespace) -> int:
+    from .sandbox import SandboxOptions, run_sandbox
+
+    options = SandboxOptions(
+        port=args.port,
+        chains=tuple(c.strip() for c in args.chains.split(",") if c.strip()),
+        backlog=args.backlog,
+        rate=args.rate,
+        seed=args.seed,
+        token_ttl_s=args.token_ttl,
+        ping_interval_s=args.ping_interval,
+        stale_hold_s=args.stale_hold,
+    )
+    try:
+        asyncio.run(run_sandbox(options))
+    except OSError as exc:
+        print(f"opera-consumer sandbox: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    return 0

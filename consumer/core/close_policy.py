@@ -1,0 +1,135 @@
+"""What to do after a connection ends: the OHIP close-code table as a pure decision.
+
+Section 7.3 of the reference: transient codes reconnect with jittered, capped exponential
+backoff (1006 waits at least 4 s); 4401 asks for a new token and stops the stream when it keeps
+happening; 4409 waits out the single-consumer lockout; 4400, 4403 and HTTP 400 on the upgrade
+need a human, so the stream stops with a message saying what to check.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from dataclasses import dataclass
+
+
+class Action(enum.Enum):
+    RECONNECT = "reconnect"
+    REFRESH_TOKEN = "refresh_token"  # drop the cached token, then reconnect
+    STOP = "stop"  # permanent for this stream
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    action: Action
+    delay_s: float
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PolicyConfig:
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 60.0
+    abnormal_min_s: float = 4.0  # Oracle: wait 4 s after 1006
+    lockout_s: float = 120.0  # 4409: length unconfirmed, so configurable
+    lockout_jitter_s: float = 30.0
+    rate_limited_s: float = 120.0  # HTTP 429 on the upgrade: "retry after 2 minutes"
+    max_auth_failures: int = 3
+    healthy_after_s: float = 60.0  # a session this long resets the backoff
+
+
+_CHECK_KEY = (
+    "check app_key (the URL carries its SHA-256), gateway_url against the Developer Portal "
+    "environment card, that the application is subscribed and approved for this chain and the "
+    "environment is Streaming Enabled"
+)
+
+_STOP_CODES = {
+    4400: "subscription rejected (4400): check chain_code, offset and hotel_codes against the "
+    "schema",
+    4403: "forbidden (4403): check that the application's subscription is approved for this "
+    "chain and these hotels",
+    4406: "subprotocol not accepted (4406): the gateway did not agree to graphql-transport-ws; "
+    "check gateway_url",
+}
+
+NORMAL_CLOSURE = 1000
+ABNORMAL_CLOSURE = 1006
+UNAUTHORIZED = 4401
+SUBSCRIBER_EXISTS = 4409
+
+
+class ClosePolicy:
+    """Per-stream state: consecutive failures drive the backoff and the 4401 limit."""
+
+    def __init__(self, config: PolicyConfig, rng: random.Random | None = None) -> None:
+        self.config = config
+        self._rng = rng or random.Random()
+        self.failures = 0
+        self.auth_failures = 0
+
+    def session_ended(self, duration_s: float) -> None:
+        """Call when a subscribed session ends; a long healthy one resets the backoff."""
+        if duration_s >= self.config.healthy_after_s:
+            self.failures = 0
+            self.auth_failures = 0
+
+    def _backoff(self, floor: float = 0.0) -> float:
+        c = self.config
+        ceiling = min(c.backoff_max_s, c.backoff_initial_s * 2.0 ** min(self.failures, 30))
+        self.failures += 1
+        # "Equal jitter": never zero, never synchronised with other consumers.
+        return max(floor, ceiling / 2 + self._rng.uniform(0, ceiling / 2))
+
+    def on_close(self, code: int | None, reason: str = "") -> Decision:
+        """The server closed the WebSocket (``code`` None: no close frame, i.e. 1006)."""
+        code = ABNORMAL_CLOSURE if code is None else code
+        said = f": {reason}" if reason else ""
+        if code in _STOP_CODES:
+            return Decision(Action.STOP, 0.0, _STOP_CODES[code] + said)
+        if code == UNAUTHORIZED:
+            return self._auth_failed(f"credentials rejected (4401){said}")
+        if code == SUBSCRIBER_EXISTS:
+            self.failures += 1
+            c = self.config
+            delay = c.lockout_s + self._rng.uniform(0, c.lockout_jitter_s)
+            return Decision(
+                Action.RECONNECT,
+                delay,
+                f"another consumer holds this stream or it was not completed (4409){said}; "
+                f"waiting out the lockout",
+            )
+        if code == ABNORMAL_CLOSURE:
+            delay = self._backoff(self.config.abnormal_min_s)
+            return Decision(Action.RECONNECT, delay, "connection lost without a close frame (1006)")
+        return Decision(Action.RECONNECT, self._backoff(), f"closed by server ({code}){said}")
+
+    def on_handshake_status(self, status: int) -> Decision:
+        """The HTTP upgrade was refused with ``status``."""
+        if status == 400:
+            return Decision(
+                Action.STOP, 0.0, f"upgrade refused: incorrect key or URL (HTTP 400); {_CHECK_KEY}"
+            )
+        if status == 401:
+            return self._auth_failed("upgrade refused (HTTP 401)")
+        if status == 403:
+            return Decision(Action.STOP, 0.0, f"upgrade forbidden (HTTP 403); {_CHECK_KEY}")
+        if status == 429:
+            self.failures += 1
+            delay = self.config.rate_limited_s + self._rng.uniform(0, self.config.backoff_initial_s)
+            return Decision(Action.RECONNECT, delay, "too many upgrade requests (HTTP 429)")
+        return Decision(Action.RECONNECT, self._backoff(), f"upgrade refused (HTTP {status})")
+
+    def on_network_error(self, what: str) -> Decision:
+        return Decision(Action.RECONNECT, self._backoff(), what)
+
+    def _auth_failed(self, reason: str) -> Decision:
+        self.auth_failures += 1
+        if self.auth_failures >= self.config.max_auth_failures:
+            return Decision(
+                Action.STOP,
+                0.0,
+                f"{reason}, {self.auth_failures} times in a row: check app_key (raw key, not its "
+                f"hash), client_id/client_secret and the grant's user or scope",
+            )
+        return Decision(Action.REFRESH_TOKEN, self._backoff(), reason)

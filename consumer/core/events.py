@@ -1,0 +1,61 @@
+"""Typed events of the OHIP stream, following the schema's ``EventHeader``/``EventDetail``.
+
+An :class:`Event` keeps the ``newEvent`` object exactly as received (``raw``), so sinks can
+write it verbatim; the typed attributes are the few fields the pipeline itself needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NotRequired, TypedDict
+
+
+class Metadata(TypedDict):
+    offset: str
+    uniqueEventId: str
+
+
+class EventDetail(TypedDict, total=False):
+    elementName: str
+    elementType: str | None
+    elementSequence: str | None
+    elementRole: str | None
+    newValue: str | None
+    oldValue: str | None
+    scopeFrom: str | None
+    scopeTo: str | None
+
+
+class EventHeader(TypedDict):
+    metadata: Metadata
+    moduleName: NotRequired[str]
+    eventName: NotRequired[str]
+    primaryKey: NotRequired[str]
+    timestamp: NotRequired[str]
+    hotelId: NotRequired[str | None]
+    publisherId: NotRequired[str | None]
+    actionInstanceId: NotRequired[str | None]
+    detail: NotRequired[list[EventDetail | None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One business event. ``offset`` is opaque: compare it for equality, never for order."""
+
+    offset: str
+    unique_event_id: str
+    event_name: str
+    module_name: str
+    primary_key: str
+    hotel_id: str | None
+    timestamp: str | None
+    raw: dict[str, Any]
+
+
+# Every EventHeader and EventDetail field of Oracle's published schema: asking for all of them
+# costs nothing and keeps the sink's copy complete.
+SELECTION = (
+    "metadata { offset uniqueEventId } moduleName eventName primaryKey timestamp hotelId "
+    "publisherId actionInstanceId detail { elementName elementType elementSequence elementRole "
+    "newValue oldValue scopeFrom scopeTo }"
+)

@@ -1,0 +1,58 @@
+"""Connection liveness from application-level ping/pong and data frames (RFC 6298 smoothing).
+
+OHIP defers pongs while it sends a burst, so a missing pong alone proves nothing: the link is
+declared dead only when neither a pong nor a ``next`` frame has arrived within
+``max(floor, multiplier * SRTT + 4 * RTTVAR)``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+_ALPHA = 1 / 8  # RFC 6298 gains
+_BETA = 1 / 4
+
+
+class Liveness:
+    __slots__ = ("_floor", "_last_alive", "_multiplier", "_pings", "rttvar", "srtt")
+
+    def __init__(self, now: float, *, floor_s: float, multiplier: float = 4.0) -> None:
+        self._floor = floor_s
+        self._multiplier = multiplier
+        self._last_alive = now
+        self._pings: deque[float] = deque(maxlen=64)
+        self.srtt: float | None = None
+        self.rttvar: float | None = None
+
+    def ping_sent(self, now: float) -> None:
+        self._pings.append(now)
+
+    def pong(self, now: float) -> None:
+        # graphql-transport-ws pongs carry no id; they answer pings in order.
+        if self._pings:
+            self._sample(now - self._pings.popleft())
+        self._last_alive = now
+
+    def activity(self, now: float) -> None:
+        """Any data frame is proof of life."""
+        self._last_alive = now
+
+    def _sample(self, rtt: float) -> None:
+        rtt = max(rtt, 0.0)
+        if self.srtt is None or self.rttvar is None:
+            self.srtt, self.rttvar = rtt, rtt / 2
+        else:
+            self.rttvar = (1 - _BETA) * self.rttvar + _BETA * abs(self.srtt - rtt)
+            self.srtt = (1 - _ALPHA) * self.srtt + _ALPHA * rtt
+
+    @property
+    def timeout(self) -> float:
+        if self.srtt is None or self.rttvar is None:
+            return self._floor
+        return max(self._floor, self._multiplier * self.srtt + 4 * self.rttvar)
+
+    def deadline(self) -> float:
+        return self._last_alive + self.timeout
+
+    def is_dead(self, now: float) -> bool:
+        return now >= self.deadline()

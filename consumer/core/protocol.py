@@ -1,0 +1,246 @@
+"""graphql-transport-ws as OHIP speaks it: encode client messages, decode server frames.
+
+Pure functions and value types, no I/O. :func:`decode` never raises: anything it cannot turn
+into a known message comes back as a :class:`DecodeError` carrying the raw text, so the
+caller can dead-letter it and carry on with the stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Final
+from urllib.parse import urlsplit, urlunsplit
+
+from .events import SELECTION, Event
+
+SUBPROTOCOL: Final = "graphql-transport-ws"
+
+# Input patterns and lengths from StreamingGraphQLSchema.json (NewEventInput). The offset's
+# scalar says 20 characters and its description says 10: accept the larger.
+_PATTERNS: Final[dict[str, tuple[re.Pattern[str], int]]] = {
+    "chainCode": (re.compile(r"[A-Za-z0-9 _%#$&-]+"), 20),
+    "offset": (re.compile(r"[0-9]+"), 20),
+    "hotelCode": (re.compile(r"[A-Za-z0-9 _%#$&,-]+"), 50),
+}
+
+
+class InvalidInput(ValueError):
+    """A subscription argument does not match the schema; the message names the field."""
+
+
+def key_hash(app_key: str) -> str:
+    """Lowercase hex SHA-256 of the raw application key, as the ``key`` URL parameter wants."""
+    return hashlib.sha256(app_key.encode()).hexdigest()
+
+
+def subscription_url(gateway_url: str, app_key: str) -> str:
+    """``wss://<gateway>/subscriptions?key=<hash>`` from the portal's gateway URL.
+
+    ``https`` becomes ``wss`` and ``http`` becomes ``ws`` (the latter only for the sandbox).
+    The result carries the key hash: never log it.
+    """
+    parts = urlsplit(gateway_url)
+    scheme = {"https": "wss", "http": "ws", "wss": "wss", "ws": "ws"}.get(parts.scheme)
+    if scheme is None or not parts.netloc:
+        raise InvalidInput(f"gateway URL must be http(s)://host[/path], got {gateway_url!r}")
+    path = parts.path.rstrip("/")
+    path = path.removesuffix("/subscriptions")
+    return urlunsplit(
+        (scheme, parts.netloc, f"{path}/subscriptions", f"key={key_hash(app_key)}", "")
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SubscribeInput:
+    """The ``newEvent`` input. ``offset`` is replayed inclusively; ``highest`` ignores it."""
+
+    chain_code: str
+    offset: str | None = None
+    highest: bool = False
+    delta: bool = False
+    hotel_codes: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        _check("chainCode", self.chain_code)
+        if self.offset is not None:
+            _check("offset", self.offset)
+        if self.hotel_codes:
+            _check("hotelCode", ",".join(self.hotel_codes))
+
+    def arguments(self) -> str:
+        """The input object literal, written inline as every Oracle example does."""
+        self.validate()
+        args = [f"chainCode: {json.dumps(self.chain_code)}"]
+        if self.highest:
+            args.append('offsetType: "highest"')
+        elif self.offset is not None:
+            args.append(f"offset: {json.dumps(self.offset)}")
+        if self.delta:
+            args.append("delta: true")
+        if self.hotel_codes:
+            args.append(f"hotelCode: {json.dumps(','.join(self.hotel_codes))}")
+        return "{ " + " ".join(args) + " }"
+
+
+def _check(name: str, value: str) -> None:
+    pattern, max_len = _PATTERNS[name]
+    if not value or len(value) > max_len or not pattern.fullmatch(value):
+        raise InvalidInput(
+            f"{name} {value!r} is invalid: expected 1-{max_len} characters matching "
+            f"^{pattern.pattern}$"
+        )
+
+
+# --- encoding -------------------------------------------------------------------------------
+
+
+def connection_init(token: str, app_key: str) -> str:
+    # The raw key goes here; only the URL carries its hash.
+    return json.dumps(
+        {
+            "type": "connection_init",
+            "payload": {"Authorization": f"Bearer {token}", "x-app-key": app_key},
+        }
+    )
+
+
+def subscribe(subscription_id: str, sub: SubscribeInput) -> str:
+    query = f"subscription {{ newEvent(input: {sub.arguments()}) {{ {SELECTION} }} }}"
+    return json.dumps(
+        {
+            "id": subscription_id,
+            "type": "subscribe",
+            "payload": {
+                "variables": {"input": {"chainCode": sub.chain_code}},
+                "extensions": {},
+                "operationName": None,
+                "query": query,
+            },
+        }
+    )
+
+
+PING: Final = '{"type":"ping"}'
+PONG: Final = '{"type":"pong"}'
+
+
+def complete(subscription_id: str) -> str:
+    return json.dumps({"id": subscription_id, "type": "complete"})
+
+
+# --- decoding -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionAck:
+    payload: dict[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Next:
+    id: str
+    event: Event
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorMessage:
+    id: str
+    errors: list[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Complete:
+    id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeError:
+    """A frame we cannot use. ``raw`` is the frame text as received (bytes decoded lossily)."""
+
+    raw: str
+    reason: str
+
+
+Message = ConnectionAck | Next | ErrorMessage | Complete | Ping | Pong | DecodeError
+
+_PING = Ping()
+_PONG = Pong()
+
+
+def decode(frame: str | bytes) -> Message:
+    """Turn one WebSocket text frame into a message. Never raises."""
+    raw = frame if isinstance(frame, str) else frame.decode("utf-8", "replace")
+    try:
+        msg = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        return DecodeError(raw, f"invalid JSON: {exc}")
+    if not isinstance(msg, dict):
+        return DecodeError(raw, "frame is not a JSON object")
+    kind = msg.get("type")
+    if kind == "next":
+        return _decode_next(raw, msg)
+    if kind == "ping":
+        return _PING
+    if kind == "pong":
+        return _PONG
+    if kind == "connection_ack":
+        payload = msg.get("payload")
+        return ConnectionAck(payload if isinstance(payload, dict) else None)
+    if kind == "error":
+        errors = msg.get("payload")
+        return ErrorMessage(str(msg.get("id")), errors if isinstance(errors, list) else [errors])
+    if kind == "complete":
+        return Complete(str(msg.get("id")))
+    return DecodeError(raw, f"unknown message type {kind!r}")
+
+
+def _decode_next(raw: str, msg: dict[str, Any]) -> Message:
+    sub_id = msg.get("id")
+    payload = msg.get("payload")
+    data = payload.get("data") if isinstance(payload, dict) else None
+    ev = data.get("newEvent") if isinstance(data, dict) else None
+    if not isinstance(ev, dict):
+        return DecodeError(raw, "next frame without payload.data.newEvent object")
+    meta = ev.get("metadata")
+    if not isinstance(meta, dict):
+        return DecodeError(raw, "event without metadata")
+    offset = meta.get("offset")
+    event_id = meta.get("uniqueEventId")
+    if not isinstance(offset, str) or not offset:
+        return DecodeError(raw, "event without a string metadata.offset")
+    if not isinstance(event_id, str) or not event_id:
+        return DecodeError(raw, "event without a string metadata.uniqueEventId")
+    primary_key = ev.get("primaryKey")
+    hotel_id = ev.get("hotelId")
+    timestamp = ev.get("timestamp")
+    return Next(
+        str(sub_id),
+        Event(
+            offset=offset,
+            unique_event_id=event_id,
+            event_name=_text(ev.get("eventName")),
+            module_name=_text(ev.get("moduleName")),
+            # Events without a primary key still need a partition: their id keeps them apart.
+            primary_key=primary_key if isinstance(primary_key, str) and primary_key else event_id,
+            hotel_id=hotel_id if isinstance(hotel_id, str) else None,
+            timestamp=timestamp if isinstance(timestamp, str) else None,
+            raw=ev,
+        ),
+    )
+
+
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else ""

@@ -1,0 +1,47 @@
+"""Exceptions of opera-consumer.
+
+OperaConsumerError
+├── ConfigError          bad configuration; exit status 78 (EX_CONFIG) so systemd won't loop
+├── AuthError            the token endpoint refused us
+│   └── (retriable=False for 400/401/403, True for exhausted transient failures)
+├── StreamStopped        a stream ended for good (4400, 4403, HTTP 400, repeated 4401)
+└── SinkError
+    ├── TransientSinkError   retried with backoff; intake pauses meanwhile
+    └── PermanentSinkError   this event cannot be delivered: dead-letter it
+"""
+
+from __future__ import annotations
+
+
+class OperaConsumerError(Exception):
+    retriable = False
+
+
+class ConfigError(OperaConsumerError):
+    pass
+
+
+class AuthError(OperaConsumerError):
+    def __init__(self, message: str, *, retriable: bool = False) -> None:
+        super().__init__(message)
+        self.retriable = retriable
+
+
+class StreamStopped(OperaConsumerError):
+    pass
+
+
+class SinkError(OperaConsumerError):
+    pass
+
+
+class TransientSinkError(SinkError):
+    retriable = True
+
+
+class PermanentSinkError(SinkError):
+    """``unique_event_id`` names the event at fault when the sink knows it."""
+
+    def __init__(self, message: str, *, unique_event_id: str | None = None) -> None:
+        super().__init__(message)
+        self.unique_event_id = unique_event_id

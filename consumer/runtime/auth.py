@@ -1,0 +1,185 @@
+"""OAuth tokens for OHIP: ``POST {gateway}/oauth/v1/tokens``, cached until shortly before expiry.
+
+Both grants: ``client_credentials`` (scope, ``enterpriseId`` header) and ``password`` (the
+integration user). Transient failures (transport errors, 5xx, 429) are retried with backoff
+honouring ``Retry-After``; 400/401/403 fail at once with what to check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import httpx
+import structlog
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_before_delay,
+    wait_exponential_jitter,
+)
+
+from ..config import StreamSettings
+from ..errors import AuthError
+from ..logs import REDACTOR
+
+log = structlog.get_logger(__name__)
+
+_RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    value: str = field(repr=False)
+    expires_at: float  # monotonic
+    lifetime_s: float
+
+    def __repr__(self) -> str:
+        return f"Token(value='***', lifetime_s={self.lifetime_s})"
+
+    def refresh_at(self, margin_s: float) -> float:
+        """When to replace it: ``margin_s`` before expiry, or half-way for short-lived tokens."""
+        return self.expires_at - min(margin_s, self.lifetime_s / 2)
+
+
+class _Retryable(Exception):
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def retry_after_seconds(value: str | None, *, cap: float = 300.0) -> float | None:
+    """Parse ``Retry-After`` (delta-seconds or HTTP-date)."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = (when - datetime.now(UTC)).total_seconds()
+    return min(max(seconds, 0.0), cap)
+
+
+class _WaitRetryAfter:
+    def __init__(self, fallback: Callable[[RetryCallState], float]) -> None:
+        self._fallback = fallback
+
+    def __call__(self, rs: RetryCallState) -> float:
+        exc = rs.outcome.exception() if rs.outcome else None
+        if isinstance(exc, _Retryable) and exc.retry_after is not None:
+            return exc.retry_after
+        return self._fallback(rs)
+
+
+class TokenProvider:
+    """One per stream; shares the process's pooled ``httpx.AsyncClient``."""
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        settings: StreamSettings,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._client = client
+        self._settings = settings
+        self._clock = clock
+        self._token: Token | None = None
+        self._lock = asyncio.Lock()
+        self.fetches = 0
+
+    def invalidate(self) -> None:
+        self._token = None
+
+    def expires_in(self) -> float | None:
+        return None if self._token is None else self._token.expires_at - self._clock()
+
+    async def token(self) -> Token:
+        """A token valid for at least ``refresh_margin_s`` more, fetched only when needed."""
+        async with self._lock:
+            margin = self._settings.auth.refresh_margin_s
+            tok = self._token
+            if tok is None or self._clock() >= tok.refresh_at(margin):
+                self._token = tok = await self._fetch()
+            return tok
+
+    async def _fetch(self) -> Token:
+        auth = self._settings.auth
+        try:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception(
+                    lambda e: isinstance(e, (_Retryable, httpx.TransportError))
+                ),
+                wait=_WaitRetryAfter(wait_exponential_jitter(initial=0.5, max=30.0)),
+                stop=stop_before_delay(auth.retry_max_s),
+                before_sleep=lambda rs: log.warning(
+                    "token request failed; retrying",
+                    error=str(rs.outcome.exception() if rs.outcome else ""),
+                    attempt=rs.attempt_number,
+                ),
+                reraise=True,
+            ):
+                with attempt:
+                    return await self._request()
+        except (_Retryable, httpx.TransportError) as exc:
+            raise AuthError(f"token endpoint unavailable: {exc}", retriable=True) from exc
+        raise AssertionError("unreachable: AsyncRetrying either returns or raises")
+
+    async def _request(self) -> Token:
+        s = self._settings
+        auth = s.auth
+        form: dict[str, str] = {"grant_type": auth.grant}
+        if auth.grant == "client_credentials":
+            form["scope"] = auth.scope
+        else:
+            assert auth.username is not None and auth.password is not None
+            form["username"] = auth.username
+            form["password"] = auth.password.get_secret_value()
+        headers = {"x-app-key": s.app_key.get_secret_value(), "Accept": "application/json"}
+        if auth.enterprise_id:
+            headers["enterpriseId"] = auth.enterprise_id
+        self.fetches += 1
+        started = self._clock()
+        resp = await self._client.post(
+            s.token_url,
+            data=form,
+            headers=headers,
+            auth=(auth.client_id, auth.client_secret.get_secret_value()),
+            timeout=auth.timeout_s,
+        )
+        if resp.status_code in _RETRY_STATUSES:
+            raise _Retryable(
+                f"token endpoint answered HTTP {resp.status_code}",
+                retry_after_seconds(resp.headers.get("Retry-After")),
+            )
+        if resp.status_code in (400, 401, 403):
+            grant_fields = (
+                "scope/enterprise_id" if auth.grant == "client_credentials" else "username/password"
+            )
+            raise AuthError(
+                f"token endpoint refused the credentials (HTTP {resp.status_code}): check "
+                f"client_id/client_secret, app_key, the grant ({auth.grant}) and its {grant_fields}"
+            )
+        if resp.status_code != 200:
+            raise AuthError(f"token endpoint answered HTTP {resp.status_code}", retriable=True)
+        try:
+            body = resp.json()
+            value = body["access_token"]
+            lifetime = float(body.get("expires_in", 3600))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise AuthError(
+                f"token endpoint sent an unusable response: {exc}", retriable=True
+            ) from None
+        if not isinstance(value, str) or not value:
+            raise AuthError("token endpoint sent no access_token", retriable=True)
+        REDACTOR.add_token(value)
+        log.info("token obtained", lifetime_s=lifetime)
+        return Token(value, started + lifetime, lifetime)

@@ -1,0 +1,164 @@
+"""Group commit: processed ids, dead letters, sink position and checkpoints, in one transaction.
+
+Workers report finished events here without any I/O; a single task commits at most every
+``commit_max_events`` events or ``commit_interval_ms``, whichever comes first. The snapshot of
+what to commit is taken without awaiting, so the checkpoint, the processed ids and the sink
+position always describe the same instant.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+
+import structlog
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+
+from ..core.watermark import Watermark
+from ..errors import TransientSinkError
+from ..sinks.base import Sink
+from .store import CommitBatch, DeadLetter, Store
+
+log = structlog.get_logger(__name__)
+
+
+class Committer:
+    def __init__(
+        self,
+        store: Store,
+        sink: Sink,
+        *,
+        max_events: int,
+        interval_s: float,
+        max_pending: int | None = None,
+    ) -> None:
+        self._store = store
+        self._sink = sink
+        self._max_events = max_events
+        self._interval = interval_s
+        self._max_pending = max_pending or max_events * 20
+        self._watermarks: dict[str, Watermark] = {}
+        self._batch = CommitBatch()
+        self._pending = 0
+        # Ids in a commit that has not finished yet: still "seen" for deduplication.
+        self._committing: dict[str, set[str]] = {}
+        self._pending_ids: dict[str, set[str]] = {}
+        self._wake = asyncio.Event()
+        self._committed = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self.commits = 0
+
+    def register(self, stream: str, watermark: Watermark) -> None:
+        self._watermarks[stream] = watermark
+        self._pending_ids[stream] = set()
+        self._committing[stream] = set()
+
+    # --- called by workers, no I/O ----------------------------------------------------------
+
+    def processed(self, stream: str, event_ids: list[str]) -> None:
+        self._batch.processed.setdefault(stream, []).extend(event_ids)
+        self._pending_ids[stream].update(event_ids)
+        self._count(stream, len(event_ids))
+
+    def skipped(self, stream: str, n: int) -> None:
+        """Duplicates: nothing to record, but the watermark moved."""
+        self._count(stream, 0, n)
+
+    def dead_letter(self, letter: DeadLetter) -> None:
+        self._batch.dead_letters.append(letter)
+        self._count(letter.stream, 0, 1)
+
+    def _count(self, stream: str, done: int, other: int = 0) -> None:
+        if done:
+            counts = self._batch.done_counts
+            counts[stream] = counts.get(stream, 0) + done
+        self._pending += done + other
+        if self._pending >= self._max_events:
+            self._wake.set()
+
+    def pending_ids(self, stream: str, event_ids: list[str]) -> set[str]:
+        pending, committing = self._pending_ids[stream], self._committing[stream]
+        return {e for e in event_ids if e in pending or e in committing}
+
+    async def wait_capacity(self) -> None:
+        """Backpressure when commits fail or fall behind: workers wait here."""
+        while self._pending >= self._max_pending:
+            self._committed.clear()
+            self._wake.set()
+            await self._committed.wait()
+
+    # --- the commit task --------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Commit forever; cancel to stop (then call :meth:`flush` once more)."""
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type((TransientSinkError, sqlite3.OperationalError)),
+            wait=wait_exponential_jitter(initial=0.2, max=30.0),
+            before_sleep=lambda rs: log.warning(
+                "commit failed; retrying", error=str(rs.outcome.exception() if rs.outcome else "")
+            ),
+        ):
+            with attempt:
+                while True:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), self._interval)
+                    self._wake.clear()
+                    await self.flush()
+
+    async def flush(self) -> bool:
+        """Commit what is done now. Returns True when something was committed."""
+        async with self._lock:
+            batch = self._snapshot()
+            if not batch:
+                return False
+            try:
+                await self._sink.sync(batch.sink_state[1] if batch.sink_state else None)
+                await self._store.commit(batch)
+            except BaseException:
+                self._restore(batch)
+                raise
+            for stream, ids in batch.processed.items():
+                self._committing[stream].difference_update(ids)
+            self.commits += 1
+            self._committed.set()
+            return True
+
+    async def prune(self, older_than: float) -> int:
+        """Prune processed ids between commits (both use the one writer connection)."""
+        async with self._lock:
+            return await self._store.prune_processed(older_than)
+
+    def _snapshot(self) -> CommitBatch:
+        batch, self._batch = self._batch, CommitBatch()
+        self._pending = 0
+        for stream, wm in self._watermarks.items():
+            pos = wm.advance()
+            if pos is not None:
+                batch.checkpoints[stream] = pos
+        for stream, ids in batch.processed.items():
+            self._committing[stream].update(ids)
+            self._pending_ids[stream].difference_update(ids)
+        if batch:
+            position = self._sink.position()
+            if position is not None:
+                batch.sink_state = (self._sink.name, position)
+        return batch
+
+    def _restore(self, batch: CommitBatch) -> None:
+        """A failed commit: put its content back in front of what came since."""
+        newer, self._batch = self._batch, batch
+        for stream, ids in newer.processed.items():
+            batch.processed.setdefault(stream, []).extend(ids)
+        for stream, n in newer.done_counts.items():
+            batch.done_counts[stream] = batch.done_counts.get(stream, 0) + n
+        batch.dead_letters.extend(newer.dead_letters)
+        for stream, ids in batch.processed.items():
+            self._committing[stream].difference_update(ids)
+            self._pending_ids[stream].update(ids)
+        # Checkpoints: the watermark re-offers its current position at the next snapshot.
+        for stream in batch.checkpoints:
+            self._watermarks[stream].rewind()
+        batch.checkpoints.clear()
+        batch.sink_state = None
+        self._pending = sum(len(v) for v in batch.processed.values()) + len(batch.dead_letters)

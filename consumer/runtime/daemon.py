@@ -1,0 +1,240 @@
+"""The daemon: wires store, sink, committer, pipelines and streams, and shuts them down.
+
+Shutdown is one fixed, idempotent sequence (first SIGTERM/SIGINT): streams send ``complete``
+and wait for the server to close → pipelines drain within ``drain_timeout_s`` → workers are
+cancelled → a final commit → sink, store and HTTP client close. A second signal exits at once;
+the state on disk stays consistent because every commit is one SQLite transaction and the jsonl
+sink is cut back to the committed length on the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import structlog
+
+from .. import __version__
+from ..config import Settings
+from ..core import protocol
+from ..errors import StreamStopped
+from ..logs import REDACTOR
+from ..sinks.base import Sink
+from ..sinks.jsonl import JsonlSink
+from .auth import TokenProvider
+from .committer import Committer
+from .pipeline import StreamPipeline
+from .store import Store
+from .stream import StreamRunner
+
+log = structlog.get_logger(__name__)
+
+EXIT_OK = 0
+EXIT_SOFTWARE = 70  # an unexpected error (a bug): let systemd restart us
+EXIT_CONFIG = 78  # EX_CONFIG: every stream stopped on something only a human can fix
+EXIT_INTERRUPTED = 130
+
+
+def register_secrets(settings: Settings) -> None:
+    for s in settings.streams.values():
+        key = s.app_key.get_secret_value()
+        REDACTOR.add(
+            key,
+            protocol.key_hash(key),
+            s.auth.client_secret.get_secret_value(),
+            s.auth.password.get_secret_value() if s.auth.password else None,
+        )
+
+
+@dataclass
+class Daemon:
+    settings: Settings
+    store: Store
+    sink: Sink
+    committer: Committer
+    http: httpx.AsyncClient
+    pipelines: dict[str, StreamPipeline] = field(default_factory=dict)
+    runners: dict[str, StreamRunner] = field(default_factory=dict)
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _closed: bool = False
+    exit_code: int = EXIT_OK
+
+    @classmethod
+    async def create(cls, settings: Settings, *, sink: Sink | None = None) -> Daemon:
+        """Open the state store and the sink (``sink`` replaces the configured one)."""
+        st = settings.state
+        store = await Store.open(st.path, synchronous=st.synchronous)
+        if sink is None:
+            sink = JsonlSink(settings.sink.path, fsync=settings.sink.fsync)
+        try:
+            await sink.open(await store.sink_state(sink.name))
+        except BaseException:
+            await store.close()
+            raise
+        committer = Committer(
+            store, sink, max_events=st.commit_max_events, interval_s=st.commit_interval_ms / 1000
+        )
+        http = httpx.AsyncClient(
+            timeout=httpx.Timeout(15.0, connect=5.0),
+            limits=httpx.Limits(
+                max_connections=20, max_keepalive_connections=10, keepalive_expiry=30
+            ),
+            headers={"User-Agent": f"opera-consumer/{__version__}"},
+        )
+        self = cls(settings, store, sink, committer, http)
+        p = settings.pipeline
+        for name, stream in settings.streams.items():
+            pipeline = StreamPipeline(
+                name,
+                store=store,
+                sink=sink,
+                committer=committer,
+                workers=p.workers,
+                queue_size=p.queue_size,
+                batch_max=p.batch_max,
+                retry_initial_s=p.sink_retry_initial_s,
+                retry_max_s=p.sink_retry_max_s,
+            )
+            self.pipelines[name] = pipeline
+            self.runners[name] = StreamRunner(
+                name,
+                stream,
+                tokens=TokenProvider(http, stream),
+                pipeline=pipeline,
+                store=store,
+            )
+        return self
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None:
+            return
+        if isinstance(exc, StreamStopped):
+            if all(r.state == "stopped" for r in self.runners.values()):
+                log.error("every stream has stopped; exiting", exit_code=EXIT_CONFIG)
+                self.exit_code = EXIT_CONFIG
+                self._stop.set()
+            return
+        log.error("task failed; shutting down", task=task.get_name(), exc_info=exc)
+        self.exit_code = EXIT_SOFTWARE
+        self._stop.set()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        signals = (signal.SIGTERM, signal.SIGINT)
+        for sig in signals:
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        try:
+            self._spawn(self.committer.run(), "committer")
+            self._spawn(self._prune_forever(), "pruner")
+            for name, pipeline in self.pipelines.items():
+                pipeline.start()
+                for t in pipeline.tasks:
+                    self._tasks.add(t)
+                    t.add_done_callback(self._task_done)
+                self._spawn(self.runners[name].run(), f"stream-{name}")
+            log.info("opera-consumer running", version=__version__, streams=list(self.runners))
+            await self._stop.wait()
+        finally:
+            await self.close()
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+        return self.exit_code
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if self._stop.is_set():
+            log.warning("second signal: exiting now", signal=sig.name)
+            # The store is transactional and the jsonl tail is cut on restart: nothing to save.
+            sys.stderr.flush()
+            os._exit(EXIT_INTERRUPTED)
+        log.info("signal received: draining", signal=sig.name)
+        self._stop.set()
+
+    async def close(self) -> None:
+        """The shutdown sequence; safe to call more than once."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        p = self.settings.pipeline
+        streams = [t for t in self._tasks if t.get_name().startswith("stream-")]
+        for r in self.runners.values():
+            r.request_stop()
+        grace = max(s.connection.complete_timeout_s for s in self.settings.streams.values()) + 2
+        await _wait(streams, grace)
+        for t in streams:  # still reading after the grace period: stop intake now
+            t.cancel()
+        await asyncio.gather(*streams, return_exceptions=True)
+        started = time.monotonic()
+        for name, pipeline in self.pipelines.items():
+            left = max(0.0, p.drain_timeout_s - (time.monotonic() - started))
+            try:
+                await asyncio.wait_for(pipeline.drained(), left)
+            except TimeoutError:
+                log.warning(
+                    "drain deadline passed; the rest is replayed on the next start",
+                    stream=name,
+                    in_flight=pipeline.in_flight,
+                )
+        for pipeline in self.pipelines.values():
+            await pipeline.stop()
+        rest = list(self._tasks)
+        for t in rest:
+            t.cancel()
+        await asyncio.gather(*rest, return_exceptions=True)
+        try:
+            await self.committer.flush()
+        except Exception:
+            log.exception("final commit failed; uncommitted events are replayed on the next start")
+        await self.sink.close()
+        await self.store.close()
+        await self.http.aclose()
+        log.info(
+            "stopped",
+            delivered={n: p.delivered for n, p in self.pipelines.items()},
+            exit_code=self.exit_code,
+        )
+
+    async def _prune_forever(self) -> None:
+        st = self.settings.state
+        while True:
+            cutoff = time.time() - st.processed_retention_days * 86400
+            try:
+                n = await self.committer.prune(cutoff)
+            except Exception:
+                log.exception("pruning processed event ids failed; retrying later")
+            else:
+                if n:
+                    log.info("pruned processed event ids", rows=n)
+            await asyncio.sleep(st.prune_interval_s)
+
+
+async def _wait(tasks: list[asyncio.Task[None]], seconds: float) -> None:
+    if tasks:
+        await asyncio.wait(tasks, timeout=seconds)
+
+
+async def run(settings: Settings) -> int:
+    register_secrets(settings)
+    daemon = await Daemon.create(settings)
+    return await daemon.run()

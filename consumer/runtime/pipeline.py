@@ -1,0 +1,240 @@
+"""Per-stream pipeline: bounded per-worker queues, partitioned by ``primaryKey``.
+
+The reader calls :meth:`StreamPipeline.put` for each event (it waits when the worker's queue is
+full, so backpressure reaches the server through TCP; nothing is dropped). Events of one
+resource always go to the same worker, so they are processed in arrival order while different
+resources run in parallel. Each worker takes what is queued as a batch: skip ids already
+processed, write the rest to the sink, report them to the committer, mark them done in the
+watermark.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import zlib
+from collections.abc import Sequence
+
+import structlog
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+
+from ..core.events import Event
+from ..core.watermark import Position, Watermark
+from ..errors import PermanentSinkError, TransientSinkError
+from ..sinks.base import Sink
+from .committer import Committer
+from .store import DeadLetter, Store
+
+log = structlog.get_logger(__name__)
+
+_Item = tuple[int, Event]
+
+
+class StreamPipeline:
+    def __init__(
+        self,
+        stream: str,
+        *,
+        store: Store,
+        sink: Sink,
+        committer: Committer,
+        workers: int,
+        queue_size: int,
+        batch_max: int,
+        retry_initial_s: float,
+        retry_max_s: float,
+    ) -> None:
+        self.stream = stream
+        self.watermark = Watermark()
+        self._store = store
+        self._sink = sink
+        self._committer = committer
+        self._batch_max = batch_max
+        self._retry_initial = retry_initial_s
+        self._retry_max = retry_max_s
+        per_worker = max(1, queue_size // workers)
+        self._queues: list[asyncio.Queue[_Item]] = [
+            asyncio.Queue(per_worker) for _ in range(workers)
+        ]
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.delivered = 0
+        self.duplicates = 0
+        self.dead_lettered = 0
+        committer.register(stream, self.watermark)
+
+    def start(self) -> None:
+        if self._tasks:
+            return
+        self._tasks = [
+            asyncio.create_task(self._worker(q), name=f"worker-{self.stream}-{i}")
+            for i, q in enumerate(self._queues)
+        ]
+
+    @property
+    def tasks(self) -> list[asyncio.Task[None]]:
+        return self._tasks
+
+    # --- intake (called by the reader) ------------------------------------------------------
+
+    def try_put(self, event: Event) -> bool:
+        """Queue the event unless its worker's queue is full (then call :meth:`put`)."""
+        queue = self._queue_for(event)
+        if queue.full():
+            return False
+        seq = self.watermark.add(Position(event.offset, event.unique_event_id))
+        self._idle.clear()
+        queue.put_nowait((seq, event))
+        return True
+
+    async def put(self, event: Event) -> None:
+        """Queue the event, waiting while its worker's queue is full."""
+        seq = self.watermark.add(Position(event.offset, event.unique_event_id))
+        self._idle.clear()
+        try:
+            await self._queue_for(event).put((seq, event))
+        except asyncio.CancelledError:
+            self.watermark.cancel(seq)  # never queued: it will be replayed
+            self._maybe_idle()
+            raise
+
+    def put_malformed(self, raw: str, reason: str) -> None:
+        """A frame that cannot be decoded: dead-letter its raw text, in its place in line."""
+        seq = self.watermark.add(None)
+        self._committer.dead_letter(
+            DeadLetter(stream=self.stream, reason="malformed", error=reason, payload=raw)
+        )
+        self.dead_lettered += 1
+        self.watermark.done(seq)
+        self._maybe_idle()
+        log.warning("malformed frame dead-lettered", stream=self.stream, error=reason)
+
+    def _queue_for(self, event: Event) -> asyncio.Queue[_Item]:
+        queues = self._queues
+        return queues[zlib.crc32(event.primary_key.encode()) % len(queues)]
+
+    # --- drain ------------------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        return self.watermark.in_flight
+
+    async def drained(self) -> None:
+        """Returns when every event handed to :meth:`put` is done."""
+        while self.watermark.in_flight:
+            self._idle.clear()
+            await self._idle.wait()
+
+    async def stop(self) -> None:
+        """Cancel the workers (idempotent). Events not done are replayed at the next start."""
+        tasks, self._tasks = self._tasks, []
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # --- workers ----------------------------------------------------------------------------
+
+    async def _worker(self, queue: asyncio.Queue[_Item]) -> None:
+        while True:
+            batch = [await queue.get()]
+            while len(batch) < self._batch_max and not queue.empty():
+                batch.append(queue.get_nowait())
+            await self._committer.wait_capacity()
+            await self._process(batch)
+            self._maybe_idle()
+
+    def _maybe_idle(self) -> None:
+        if not self.watermark.in_flight:
+            self._idle.set()
+
+    async def _process(self, batch: list[_Item]) -> None:
+        stream = self.stream
+        ids = [ev.unique_event_id for _, ev in batch]
+        # Pending ids first, then the store: an id cannot slip between the two checks.
+        seen = self._committer.pending_ids(stream, ids)
+        seen |= await self._store.seen(stream, [i for i in ids if i not in seen])
+        fresh: list[_Item] = []
+        dup_seqs: list[int] = []
+        for seq, ev in batch:
+            if ev.unique_event_id in seen:
+                dup_seqs.append(seq)
+            else:
+                seen.add(ev.unique_event_id)  # a repeat inside this batch
+                fresh.append((seq, ev))
+        if dup_seqs:
+            self.duplicates += len(dup_seqs)
+            self._committer.skipped(stream, len(dup_seqs))
+            for seq in dup_seqs:
+                self.watermark.done(seq)
+        if fresh:
+            await self._deliver(fresh)
+
+    async def _deliver(self, items: list[_Item]) -> None:
+        events = [ev for _, ev in items]
+        try:
+            await self._write(events)
+        except PermanentSinkError as exc:
+            await self._isolate(items, exc)
+            return
+        self._done(items)
+
+    def _done(self, items: Sequence[_Item]) -> None:
+        self._committer.processed(self.stream, [ev.unique_event_id for _, ev in items])
+        self.delivered += len(items)
+        for seq, _ in items:
+            self.watermark.done(seq)
+
+    async def _isolate(self, items: list[_Item], exc: PermanentSinkError) -> None:
+        """A batch with a poison event: dead-letter the culprit, deliver the rest."""
+        culprit = exc.unique_event_id
+        if len(items) == 1 or culprit is not None:
+            rest = [it for it in items if it[1].unique_event_id != culprit] if culprit else []
+            bad = [it for it in items if it not in rest]
+            for seq, ev in bad:
+                self._dead_letter(ev, exc)
+                self.watermark.done(seq)
+            if rest:
+                await self._deliver(rest)
+            return
+        for item in items:  # unknown culprit: one at a time
+            await self._deliver([item])
+
+    def _dead_letter(self, ev: Event, exc: Exception) -> None:
+        self.dead_lettered += 1
+        log.warning(
+            "event dead-lettered",
+            stream=self.stream,
+            offset=ev.offset,
+            unique_event_id=ev.unique_event_id,
+            event_name=ev.event_name,
+            error=str(exc),
+        )
+        self._committer.dead_letter(
+            DeadLetter(
+                stream=self.stream,
+                reason="sink_rejected",
+                error=str(exc),
+                payload=json.dumps(ev.raw, ensure_ascii=False),
+                offset=ev.offset,
+                unique_event_id=ev.unique_event_id,
+                event_name=ev.event_name,
+            )
+        )
+
+    async def _write(self, events: list[Event]) -> None:
+        # A transient failure is retried until it clears (or we are cancelled at shutdown);
+        # meanwhile this worker's queue fills and the reader stops reading.
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(TransientSinkError),
+            wait=wait_exponential_jitter(initial=self._retry_initial, max=self._retry_max),
+            before_sleep=lambda rs: log.warning(
+                "sink write failed; retrying",
+                stream=self.stream,
+                attempt=rs.attempt_number,
+                error=str(rs.outcome.exception() if rs.outcome else ""),
+            ),
+            reraise=True,
+        ):
+            with attempt:
+                await self._sink.write(events)

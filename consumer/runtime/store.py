@@ -1,0 +1,323 @@
+"""The state store: checkpoints, processed event ids, dead letters and sink state in SQLite.
+
+WAL mode, schema versioned with ``PRAGMA user_version``, file created mode 0600. Writes go
+through one connection in ``BEGIN IMMEDIATE`` transactions (group commit); reads that must not
+queue behind a commit (``seen``) use a second connection, which WAL lets run concurrently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from ..core.watermark import Position
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the initial schema
+    """
+    CREATE TABLE checkpoints (
+        stream          TEXT PRIMARY KEY,
+        offset          TEXT NOT NULL,
+        unique_event_id TEXT NOT NULL,
+        updated_at      REAL NOT NULL,
+        processed_count INTEGER NOT NULL DEFAULT 0,
+        last_event_at   REAL
+    );
+    CREATE TABLE processed_events (
+        stream       TEXT NOT NULL,
+        event_id     TEXT NOT NULL,
+        processed_at REAL NOT NULL,
+        PRIMARY KEY (stream, event_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX processed_events_at ON processed_events (processed_at);
+    CREATE TABLE dead_letters (
+        id              INTEGER PRIMARY KEY,
+        stream          TEXT NOT NULL,
+        dedup_key       TEXT NOT NULL,
+        offset          TEXT,
+        unique_event_id TEXT,
+        event_name      TEXT,
+        reason          TEXT NOT NULL,
+        error           TEXT NOT NULL,
+        payload         TEXT NOT NULL,
+        attempts        INTEGER NOT NULL DEFAULT 1,
+        first_at        REAL NOT NULL,
+        last_at         REAL NOT NULL,
+        UNIQUE (stream, dedup_key)
+    );
+    CREATE TABLE sink_state (
+        sink       TEXT PRIMARY KEY,
+        state      TEXT NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    """,
+)
+
+_PRUNE_CHUNK = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    stream: str
+    offset: str
+    unique_event_id: str
+    updated_at: float
+    processed_count: int
+    last_event_at: float | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeadLetter:
+    stream: str
+    reason: str  # a short class: "malformed", "sink_rejected", ...
+    error: str
+    payload: str  # the raw frame text or the event JSON
+    offset: str | None = None
+    unique_event_id: str | None = None
+    event_name: str | None = None
+
+    @property
+    def dedup_key(self) -> str:
+        # The same event (or the same malformed frame, replayed) counts as another attempt.
+        return self.unique_event_id or "sha256:" + hashlib.sha256(self.payload.encode()).hexdigest()
+
+
+@dataclass(slots=True)
+class CommitBatch:
+    checkpoints: dict[str, Position] = field(default_factory=dict)
+    processed: dict[str, list[str]] = field(default_factory=dict)  # stream -> event ids
+    done_counts: dict[str, int] = field(default_factory=dict)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    sink_state: tuple[str, str] | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.checkpoints or self.processed or self.dead_letters or self.sink_state)
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterRow:
+    id: int
+    stream: str
+    offset: str | None
+    unique_event_id: str | None
+    event_name: str | None
+    reason: str
+    error: str
+    payload: str
+    attempts: int
+    first_at: float
+    last_at: float
+
+
+class Store:
+    def __init__(self, writer: aiosqlite.Connection, reader: aiosqlite.Connection) -> None:
+        self._w = writer
+        self._r = reader
+        self._closed = False
+
+    @classmethod
+    async def open(cls, path: Path, *, synchronous: str = "full") -> Store:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Create it 0600 before SQLite does (SQLite gives -wal/-shm the same mode).
+        os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+        writer = await _connect(path, synchronous)
+        try:
+            await _migrate(writer)
+            reader = await _connect(path, synchronous)
+        except BaseException:
+            await writer.close()
+            raise
+        return cls(writer, reader)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._w.execute("PRAGMA optimize")
+        finally:
+            await self._w.close()
+            await self._r.close()
+
+    # --- reads ----------------------------------------------------------------------------
+
+    async def checkpoint(self, stream: str) -> Checkpoint | None:
+        async with self._r.execute(
+            "SELECT stream, offset, unique_event_id, updated_at, processed_count, last_event_at "
+            "FROM checkpoints WHERE stream = ?",
+            (stream,),
+        ) as cur:
+            row = await cur.fetchone()
+        return Checkpoint(*row) if row else None
+
+    async def checkpoints(self) -> list[Checkpoint]:
+        async with self._r.execute(
+            "SELECT stream, offset, unique_event_id, updated_at, processed_count, last_event_at "
+            "FROM checkpoints ORDER BY stream"
+        ) as cur:
+            return [Checkpoint(*row) for row in await cur.fetchall()]
+
+    async def seen(self, stream: str, event_ids: Sequence[str]) -> set[str]:
+        """Which of these ids were already processed (committed) for this stream."""
+        found: set[str] = set()
+        for i in range(0, len(event_ids), 900):
+            chunk = event_ids[i : i + 900]
+            marks = ",".join("?" * len(chunk))
+            async with self._r.execute(
+                f"SELECT event_id FROM processed_events WHERE stream = ? AND event_id IN ({marks})",
+                (stream, *chunk),
+            ) as cur:
+                found.update(row[0] for row in await cur.fetchall())
+        return found
+
+    async def sink_state(self, sink: str) -> str | None:
+        async with self._r.execute("SELECT state FROM sink_state WHERE sink = ?", (sink,)) as cur:
+            row = await cur.fetchone()
+        return str(row[0]) if row else None
+
+    async def dead_letter_counts(self) -> dict[str, int]:
+        async with self._r.execute(
+            "SELECT stream, COUNT(*) FROM dead_letters GROUP BY stream"
+        ) as cur:
+            return {str(s): int(n) for s, n in await cur.fetchall()}
+
+    async def dead_letters(self, stream: str | None = None) -> list[DeadLetterRow]:
+        sql = (
+            "SELECT id, stream, offset, unique_event_id, event_name, reason, error, payload, "
+            "attempts, first_at, last_at FROM dead_letters"
+        )
+        args: tuple[Any, ...] = ()
+        if stream is not None:
+            sql += " WHERE stream = ?"
+            args = (stream,)
+        async with self._r.execute(sql + " ORDER BY id", args) as cur:
+            return [DeadLetterRow(*row) for row in await cur.fetchall()]
+
+    # --- writes ---------------------------------------------------------------------------
+
+    async def commit(self, batch: CommitBatch, now: float | None = None) -> None:
+        """Everything in ``batch`` becomes durable together, or not at all."""
+        now = time.time() if now is None else now
+        db = self._w
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            rows = [(s, eid, now) for s, ids in batch.processed.items() for eid in ids]
+            if rows:
+                await db.executemany(
+                    "INSERT OR IGNORE INTO processed_events (stream, event_id, processed_at) "
+                    "VALUES (?, ?, ?)",
+                    rows,
+                )
+            if batch.dead_letters:
+                await db.executemany(
+                    "INSERT INTO dead_letters (stream, dedup_key, offset, unique_event_id, "
+                    "event_name, reason, error, payload, first_at, last_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (stream, dedup_key) DO UPDATE SET attempts = attempts + 1, "
+                    "last_at = excluded.last_at, error = excluded.error, reason = excluded.reason",
+                    [_dl_row(d, now) for d in batch.dead_letters],
+                )
+            streams = set(batch.checkpoints) | set(batch.done_counts)
+            for stream in streams:
+                pos = batch.checkpoints.get(stream)
+                count = batch.done_counts.get(stream, 0)
+                if pos is not None:
+                    await db.execute(
+                        "INSERT INTO checkpoints (stream, offset, unique_event_id, updated_at, "
+                        "processed_count, last_event_at) VALUES (?, ?, ?, ?, ?, ?) "
+                        "ON CONFLICT (stream) DO UPDATE SET offset = excluded.offset, "
+                        "unique_event_id = excluded.unique_event_id, "
+                        "updated_at = excluded.updated_at, "
+                        "processed_count = processed_count + excluded.processed_count, "
+                        "last_event_at = excluded.last_event_at",
+                        (stream, pos.offset, pos.unique_event_id, now, count, now),
+                    )
+                elif count:
+                    await db.execute(
+                        "UPDATE checkpoints SET processed_count = processed_count + ? "
+                        "WHERE stream = ?",
+                        (count, stream),
+                    )
+            if batch.sink_state is not None:
+                await db.execute(
+                    "INSERT INTO sink_state (sink, state, updated_at) VALUES (?, ?, ?) "
+                    "ON CONFLICT (sink) DO UPDATE SET state = excluded.state, "
+                    "updated_at = excluded.updated_at",
+                    (*batch.sink_state, now),
+                )
+            await db.execute("COMMIT")
+        except BaseException:
+            await db.execute("ROLLBACK")
+            raise
+
+    async def prune_processed(self, older_than: float) -> int:
+        """Delete processed ids older than ``older_than`` (epoch seconds) in short transactions."""
+        total = 0
+        while True:
+            cur = await self._w.execute(
+                "DELETE FROM processed_events WHERE (stream, event_id) IN (SELECT stream, "
+                "event_id FROM processed_events WHERE processed_at < ? ORDER BY processed_at "
+                "LIMIT ?)",
+                (older_than, _PRUNE_CHUNK),
+            )
+            deleted = cur.rowcount
+            await cur.close()
+            total += max(deleted, 0)
+            if deleted < _PRUNE_CHUNK:
+                return total
+
+
+def _dl_row(d: DeadLetter, now: float) -> tuple[Any, ...]:
+    return (
+        d.stream,
+        d.dedup_key,
+        d.offset,
+        d.unique_event_id,
+        d.event_name,
+        d.reason,
+        d.error,
+        d.payload,
+        now,
+        now,
+    )
+
+
+async def _connect(path: Path, synchronous: str) -> aiosqlite.Connection:
+    # isolation_level=None: we issue BEGIN IMMEDIATE/COMMIT ourselves.
+    db = await aiosqlite.connect(path, isolation_level=None)
+    try:
+        await db.executescript(
+            "PRAGMA journal_mode=WAL;"
+            f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'};"
+            "PRAGMA busy_timeout=5000;"
+            "PRAGMA foreign_keys=ON;"
+            "PRAGMA journal_size_limit=67108864;"
+            "PRAGMA temp_store=MEMORY;"
+        )
+    except BaseException:
+        await db.close()
+        raise
+    return db
+
+
+async def _migrate(db: aiosqlite.Connection) -> None:
+    async with db.execute("PRAGMA user_version") as cur:
+        row = await cur.fetchone()
+    version = int(row[0]) if row else 0
+    if version > len(MIGRATIONS):
+        raise RuntimeError(
+            f"state store schema version {version} is newer than this opera-consumer "
+            f"({len(MIGRATIONS)}): upgrade opera-consumer"
+        )
+    for target, script in enumerate(MIGRATIONS[version:], start=version + 1):
+        # executescript commits first; the whole migration and its version bump are atomic.
+        await db.executescript(
+            f"BEGIN IMMEDIATE; {script}; PRAGMA user_version = {target}; COMMIT;"
+        )

@@ -1,0 +1,296 @@
+"""One OHIP stream: connect, authenticate, subscribe, read, and reconnect per close code.
+
+The reader only moves frames: decode, hand events to the pipeline (waiting when it is full),
+answer pings. Two helper tasks per session own the timers: ``_keepalive`` sends a ping every
+``ping_interval_s`` and replaces a connection that shows no pong and no event within the
+liveness deadline; ``_completer`` ends the session gracefully (``complete``, then wait for the
+server to close) at shutdown or before the token expires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+import uuid
+from dataclasses import dataclass
+
+import structlog
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from .. import __version__
+from ..config import StreamSettings
+from ..core import protocol
+from ..core.close_policy import Action, ClosePolicy, Decision
+from ..core.liveness import Liveness
+from ..core.protocol import (
+    Complete,
+    ConnectionAck,
+    DecodeError,
+    ErrorMessage,
+    Next,
+    Ping,
+    Pong,
+    SubscribeInput,
+)
+from ..errors import AuthError, StreamStopped
+from .auth import Token, TokenProvider
+from .pipeline import StreamPipeline
+from .store import Store
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(slots=True)
+class StreamStats:
+    connections: int = 0
+    events_received: int = 0
+    malformed: int = 0
+    last_close: str = ""
+
+
+class StreamRunner:
+    def __init__(
+        self,
+        name: str,
+        settings: StreamSettings,
+        *,
+        tokens: TokenProvider,
+        pipeline: StreamPipeline,
+        store: Store,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.name = name
+        self.settings = settings
+        self._tokens = tokens
+        self._pipeline = pipeline
+        self._store = store
+        self._url = protocol.subscription_url(
+            settings.gateway_url, settings.app_key.get_secret_value()
+        )
+        self.policy = ClosePolicy(settings.connection.policy(), rng)
+        self._stop = asyncio.Event()
+        self._initial: tuple[str | None, bool] | None = None
+        self._paused = False
+        self._completing: str | None = None
+        self._dead = False
+        self.state = "starting"
+        self.stats = StreamStats()
+
+    def request_stop(self) -> None:
+        """Graceful: the current session sends ``complete`` and waits for the server to close."""
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Consume until :meth:`request_stop`; raises :class:`StreamStopped` for good."""
+        with structlog.contextvars.bound_contextvars(stream=self.name):
+            while not self._stop.is_set():
+                decision = await self._attempt()
+                self.stats.last_close = decision.reason
+                if self._stop.is_set():
+                    break
+                if decision.action is Action.STOP:
+                    self.state = "stopped"
+                    log.error("stream stopped", reason=decision.reason)
+                    raise StreamStopped(f"stream {self.name}: {decision.reason}")
+                if decision.action is Action.REFRESH_TOKEN:
+                    self._tokens.invalidate()
+                self.state = "waiting"
+                log.info("reconnecting", delay_s=round(decision.delay_s, 2), reason=decision.reason)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), decision.delay_s)
+            self.state = "stopped"
+
+    async def _attempt(self) -> Decision:
+        try:
+            token = await self._tokens.token()
+        except AuthError as exc:
+            if not exc.retriable:
+                return Decision(Action.STOP, 0.0, str(exc))
+            return self.policy.on_network_error(str(exc))
+        sub = await self._subscribe_input()
+        c = self.settings.connection
+        self.state = "connecting"
+        started: float | None = None
+        try:
+            async with connect(
+                self._url,
+                subprotocols=[protocol.SUBPROTOCOL],  # type: ignore[list-item]
+                compression=None,
+                max_size=c.max_frame_bytes,
+                max_queue=64,
+                # Liveness is graphql-ws ping/pong + data (burst-aware); protocol-level pings
+                # would time out whenever our own backpressure stops reading.
+                ping_interval=None,
+                open_timeout=c.open_timeout_s,
+                close_timeout=max(c.complete_timeout_s, 1.0),
+                proxy=c.proxy,
+                user_agent_header=f"opera-consumer/{__version__}",
+            ) as ws:
+                self.stats.connections += 1
+                if ws.subprotocol != protocol.SUBPROTOCOL:
+                    await ws.close(1002, "graphql-transport-ws required")
+                    return Decision(
+                        Action.STOP,
+                        0.0,
+                        "the gateway did not accept the graphql-transport-ws subprotocol: "
+                        "check gateway_url",
+                    )
+                started = time.monotonic()
+                return await self._session(ws, token, sub)
+        except InvalidStatus as exc:
+            return self.policy.on_handshake_status(exc.response.status_code)
+        except ConnectionClosed as exc:
+            return self._after_close(exc, started)
+        except TimeoutError:
+            return self.policy.on_network_error(
+                "timed out opening the connection or waiting for connection_ack"
+            )
+        except (OSError, InvalidHandshake) as exc:
+            return self.policy.on_network_error(f"cannot connect: {type(exc).__name__}: {exc}")
+
+    async def _subscribe_input(self) -> SubscribeInput:
+        s = self.settings
+        if self._initial is None:
+            sub = s.subscription
+            if sub.start == "highest":
+                self._initial = (None, True)
+            elif sub.start == "offset":
+                self._initial = (sub.offset, False)
+            else:
+                cp = await self._store.checkpoint(self.name)
+                self._initial = (cp.offset if cp else sub.offset, False)
+        done = self._pipeline.watermark.position
+        if done is not None:
+            # Always resume from what is done; the replay is inclusive and deduplicated.
+            return s.subscribe_input(done.offset)
+        offset, highest = self._initial
+        return s.subscribe_input(offset, highest=highest)
+
+    async def _session(self, ws: ClientConnection, token: Token, sub: SubscribeInput) -> Decision:
+        c = self.settings.connection
+        await ws.send(
+            protocol.connection_init(token.value, self.settings.app_key.get_secret_value())
+        )
+        async with asyncio.timeout(c.ack_timeout_s):
+            while True:
+                msg = protocol.decode(await ws.recv())
+                if isinstance(msg, ConnectionAck):
+                    break
+                if isinstance(msg, Ping):
+                    await ws.send(protocol.PONG)
+        sub_id = str(uuid.uuid4())
+        await ws.send(protocol.subscribe(sub_id, sub))
+        self.state = "streaming"
+        self._completing = None
+        self._dead = False
+        log.info(
+            "subscribed",
+            offset=sub.offset,
+            highest=sub.highest,
+            delta=sub.delta,
+            hotel_codes=",".join(sub.hotel_codes) or None,
+        )
+        liveness = Liveness(
+            time.monotonic(), floor_s=c.liveness_floor_s, multiplier=c.liveness_multiplier
+        )
+        helpers = [
+            asyncio.create_task(self._keepalive(ws, liveness), name=f"keepalive-{self.name}"),
+            asyncio.create_task(self._completer(ws, sub_id, token), name=f"complete-{self.name}"),
+        ]
+        started = time.monotonic()
+        try:
+            return await self._read(ws, liveness, sub_id)
+        except ConnectionClosed as exc:
+            return self._after_close(exc, started)
+        finally:
+            for t in helpers:
+                t.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
+
+    async def _read(self, ws: ClientConnection, liveness: Liveness, sub_id: str) -> Decision:
+        pipeline = self._pipeline
+        stats = self.stats
+        decode = protocol.decode
+        monotonic = time.monotonic
+        while True:
+            msg = decode(await ws.recv())
+            now = monotonic()
+            if type(msg) is Next:
+                liveness.activity(now)
+                if msg.id != sub_id:
+                    continue
+                stats.events_received += 1
+                event = msg.event
+                if not pipeline.try_put(event):
+                    self._paused = True
+                    try:
+                        await pipeline.put(event)
+                    finally:
+                        self._paused = False
+                    liveness.activity(monotonic())
+            elif type(msg) is Ping:
+                liveness.activity(now)
+                await ws.send(protocol.PONG)
+            elif type(msg) is Pong:
+                liveness.pong(now)
+            elif isinstance(msg, DecodeError):
+                liveness.activity(now)
+                stats.malformed += 1
+                pipeline.put_malformed(msg.raw, msg.reason)
+            elif isinstance(msg, ErrorMessage | Complete):
+                # The server ended our subscription; a fresh session resumes from the checkpoint.
+                detail = msg.errors if isinstance(msg, ErrorMessage) else "complete"
+                log.warning("subscription ended by the server", detail=str(detail)[:500])
+                await ws.close(1000)
+                return self.policy.on_network_error(f"subscription ended by the server: {detail}")
+
+    async def _keepalive(self, ws: ClientConnection, liveness: Liveness) -> None:
+        interval = self.settings.connection.ping_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            if self._paused:
+                liveness.activity(now)  # our own backpressure, not the server's silence
+            elif liveness.is_dead(now):
+                self._dead = True
+                log.warning(
+                    "connection declared dead: no pong and no event",
+                    timeout_s=round(liveness.timeout, 1),
+                    srtt_s=None if liveness.srtt is None else round(liveness.srtt, 3),
+                )
+                ws.transport.abort()
+                return
+            liveness.ping_sent(now)
+            await ws.send(protocol.PING)
+
+    async def _completer(self, ws: ClientConnection, sub_id: str, token: Token) -> None:
+        margin = self.settings.auth.refresh_margin_s
+        try:
+            await asyncio.wait_for(
+                self._stop.wait(), max(0.0, token.refresh_at(margin) - time.monotonic())
+            )
+            self._completing = "shutdown"
+        except TimeoutError:
+            self._completing = "token rotation"
+        log.info("completing subscription", why=self._completing)
+        self.state = "completing"
+        await ws.send(protocol.complete(sub_id))
+        # Keep reading what is in flight; the server closes the socket when it is done.
+        await asyncio.sleep(self.settings.connection.complete_timeout_s)
+        log.warning("server did not close after complete; closing")
+        await ws.close(1000)
+
+    def _after_close(self, exc: ConnectionClosed, started: float | None) -> Decision:
+        if started is not None:
+            self.policy.session_ended(time.monotonic() - started)
+        rcvd = exc.rcvd
+        why = self._completing
+        if why is not None:
+            self._completing = None
+            return Decision(Action.RECONNECT, self.settings.connection.resubscribe_gap_s, why)
+        if self._dead:
+            return self.policy.on_close(None, "liveness deadline passed")
+        return self.policy.on_close(rcvd.code if rcvd else None, rcvd.reason if rcvd else "")

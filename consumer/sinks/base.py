@@ -1,0 +1,38 @@
+"""The sink interface.
+
+A sink receives batches of events in arrival order per ``primaryKey``. Its contract with the
+committer that makes delivery exactly-once in effect:
+
+* ``write`` returning means the batch is handed over. A sink that can make its writes part of
+  the checkpoint (``transactional``) must not suspend inside ``write`` and reports, through
+  ``position()``, a token covering exactly the writes that returned; ``sync(token)`` makes them
+  durable and the token is committed with the checkpoint. On start, ``open(token)`` restores
+  the sink to the committed token, undoing any write the checkpoint does not cover.
+* A sink that cannot do that gets each event's ``uniqueEventId`` to use as an idempotency key;
+  after a crash it may see an event again.
+* Errors: raise :class:`~consumer.errors.TransientSinkError` to have the batch retried with
+  backoff (intake pauses meanwhile), or :class:`~consumer.errors.PermanentSinkError` when an
+  event can never be delivered (it is dead-lettered; give ``unique_event_id`` when known).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from ..core.events import Event
+
+
+class Sink(Protocol):
+    name: str
+    transactional: bool
+
+    async def open(self, committed: str | None) -> None: ...
+
+    async def write(self, events: Sequence[Event]) -> None: ...
+
+    def position(self) -> str | None: ...
+
+    async def sync(self, position: str | None) -> None: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,279 @@
+"""The daemon end to end, in-process, against the sandbox gateway on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support import make_settings, read_sink, sink_ids, stream_config, wait_until
+
+from consumer.config import Settings
+from consumer.core.events import Event
+from consumer.errors import PermanentSinkError, TransientSinkError
+from consumer.runtime.daemon import EXIT_CONFIG, Daemon
+from consumer.runtime.store import Store
+from consumer.sinks.jsonl import JsonlSink
+
+
+@asynccontextmanager
+async def running(settings: Settings, **kwargs: Any) -> AsyncIterator[Daemon]:
+    daemon = await Daemon.create(settings, **kwargs)
+    task = asyncio.create_task(daemon.run())
+    try:
+        yield daemon
+    finally:
+        daemon.request_stop()
+        async with asyncio.timeout(30):
+            await task
+
+
+def truth_ids(events: Sequence[dict[str, Any]]) -> list[str]:
+    return [e["metadata"]["uniqueEventId"] for e in events]
+
+
+async def test_backlog_then_live_events_reach_the_sink_once(sandbox_factory, tmp_path: Path):
+    gw = await sandbox_factory(backlog=300)
+    settings = make_settings(tmp_path, gw.url)
+    sink = tmp_path / "events.jsonl"
+    async with running(settings) as daemon:
+        await wait_until(lambda: len(sink_ids(sink)) >= 300)
+        gw.append("DEMO", 40)
+        await wait_until(lambda: len(sink_ids(sink)) >= 340)
+    ids = sink_ids(sink)
+    assert Counter(ids) == Counter(truth_ids(gw.events("DEMO")))
+    # Lines are the events as received.
+    by_id = {e["metadata"]["uniqueEventId"]: e for e in gw.events("DEMO")}
+    for line in read_sink(sink):
+        assert line == by_id[line["metadata"]["uniqueEventId"]]
+    assert daemon.exit_code == 0
+    assert gw.stats.completes_received == 1  # graceful stop sent `complete`
+
+
+async def test_checkpoint_is_the_last_event_after_a_clean_stop(sandbox_factory, tmp_path: Path):
+    gw = await sandbox_factory(backlog=120)
+    settings = make_settings(tmp_path, gw.url)
+    async with running(settings):
+        await wait_until(lambda: len(sink_ids(tmp_path / "events.jsonl")) >= 120)
+    store = await Store.open(tmp_path / "state.db")
+    try:
+        cp = await store.checkpoint("main")
+    finally:
+        await store.close()
+    last = gw.events("DEMO")[-1]["metadata"]
+    assert cp is not None
+    assert (cp.offset, cp.unique_event_id) == (last["offset"], last["uniqueEventId"])
+    assert cp.processed_count == 120
+
+
+async def test_restart_resumes_from_checkpoint_without_loss_or_duplicate(
+    sandbox_factory, tmp_path: Path
+):
+    gw = await sandbox_factory(backlog=200)
+    settings = make_settings(tmp_path, gw.url)
+    sink = tmp_path / "events.jsonl"
+    async with running(settings):
+        await wait_until(lambda: len(sink_ids(sink)) >= 200)
+    gw.append("DEMO", 60)
+    async with running(settings) as second:
+        await wait_until(lambda: len(sink_ids(sink)) >= 260)
+        # The inclusive replay re-sent the checkpointed event; it was recognised, not re-written.
+        await wait_until(lambda: second.pipelines["main"].duplicates >= 1)
+    assert Counter(sink_ids(sink)) == Counter(truth_ids(gw.events("DEMO")))
+    assert second.pipelines["main"].delivered == 60
+
+
+async def test_malformed_frame_is_dead_lettered_and_the_stream_goes_on(
+    sandbox_factory, tmp_path: Path
+):
+    gw = await sandbox_factory(backlog=50)
+    bad = [
+        '{"type":"next","id":"x","payload":{"data":{"newEvent":{"moduleName":"R"}}}}',
+        "{not json",
+    ]
+    for raw in bad:
+        gw.inject_malformed("DEMO", raw)
+    gw.append("DEMO", 30)
+    settings = make_settings(tmp_path, gw.url)
+    sink = tmp_path / "events.jsonl"
+    async with running(settings):
+        await wait_until(lambda: len(sink_ids(sink)) >= 80)
+    store = await Store.open(tmp_path / "state.db")
+    try:
+        letters = await store.dead_letters("main")
+    finally:
+        await store.close()
+    assert sorted(d.payload for d in letters) == sorted(bad)
+    assert {d.reason for d in letters} == {"malformed"}
+    assert all(d.error for d in letters)
+    assert Counter(sink_ids(sink)) == Counter(truth_ids(gw.events("DEMO")))
+
+
+async def test_per_primary_key_order_holds_with_several_workers(sandbox_factory, tmp_path: Path):
+    gw = await sandbox_factory(backlog=1500)
+    settings = make_settings(tmp_path, gw.url, pipeline={"workers": 8, "batch_max": 7})
+    sink = tmp_path / "events.jsonl"
+    async with running(settings):
+        await wait_until(lambda: len(sink_ids(sink)) >= 1500)
+    expected: dict[str, list[str]] = defaultdict(list)
+    for e in gw.events("DEMO"):
+        expected[e["primaryKey"]].append(e["metadata"]["uniqueEventId"])
+    got: dict[str, list[str]] = defaultdict(list)
+    for e in read_sink(sink):
+        got[e["primaryKey"]].append(e["metadata"]["uniqueEventId"])
+    assert got == expected
+    assert max(len(v) for v in expected.values()) > 1  # the data really has multi-event keys
+
+
+async def test_second_consumer_gets_4409_and_the_first_keeps_running(
+    sandbox_factory, tmp_path: Path
+):
+    gw = await sandbox_factory(backlog=20)
+    first_dir, second_dir = tmp_path / "a", tmp_path / "b"
+    first_dir.mkdir()
+    second_dir.mkdir()
+    async with running(make_settings(first_dir, gw.url)):
+        await wait_until(lambda: len(sink_ids(first_dir / "events.jsonl")) >= 20)
+        async with running(make_settings(second_dir, gw.url)) as second:
+            await wait_until(lambda: 4409 in gw.stats.close_codes_sent)
+            await wait_until(lambda: "4409" in second.runners["main"].stats.last_close)
+            gw.append("DEMO", 10)
+            await wait_until(lambda: len(sink_ids(first_dir / "events.jsonl")) >= 30)
+        assert sink_ids(second_dir / "events.jsonl") == []
+    assert Counter(sink_ids(first_dir / "events.jsonl")) == Counter(truth_ids(gw.events("DEMO")))
+
+
+async def test_token_rotation_completes_and_resumes_without_gap(sandbox_factory, tmp_path: Path):
+    # 3 s tokens: the session is rotated (complete, server close, new token) half-way.
+    gw = await sandbox_factory(backlog=10, token_ttl_s=3.0, rate=40.0)
+    settings = make_settings(tmp_path, gw.url)
+    async with running(settings) as daemon:
+        await wait_until(lambda: gw.stats.completes_received >= 2, timeout=30)
+        assert daemon.runners["main"]._tokens.fetches >= 2
+    assert 4401 not in gw.stats.close_codes_sent  # rotated before the server had to refuse
+    ids = sink_ids(tmp_path / "events.jsonl")
+    truth = truth_ids(gw.events("DEMO"))
+    assert len(ids) == len(set(ids))
+    # Everything up to the last event taken in is there: no gap across the rotations.
+    assert set(ids) == set(truth[: len(ids)])
+
+
+async def test_connection_loss_without_close_frame_reconnects_and_resumes(
+    sandbox_factory, tmp_path: Path
+):
+    gw = await sandbox_factory(backlog=100)
+    settings = make_settings(tmp_path, gw.url)
+    sink = tmp_path / "events.jsonl"
+    async with running(settings) as daemon:
+        await wait_until(lambda: len(sink_ids(sink)) >= 100)
+        await gw.disconnect_all(code=None)
+        gw.append("DEMO", 25)
+        await wait_until(lambda: len(sink_ids(sink)) >= 125)
+        await gw.disconnect_all(code=1001, reason="maintenance")
+        gw.append("DEMO", 25)
+        await wait_until(lambda: len(sink_ids(sink)) >= 150)
+        assert daemon.runners["main"].stats.connections >= 3
+    assert Counter(sink_ids(sink)) == Counter(truth_ids(gw.events("DEMO")))
+
+
+async def test_wrong_app_key_stops_the_stream_with_exit_78(sandbox_factory, tmp_path: Path):
+    gw = await sandbox_factory(backlog=5)
+    settings = make_settings(tmp_path, gw.url, app_key="not-the-key")
+    daemon = await Daemon.create(settings)
+    async with asyncio.timeout(20):
+        code = await daemon.run()
+    assert code == EXIT_CONFIG
+    assert "client_id/client_secret" in daemon.runners["main"].stats.last_close or (
+        "key" in daemon.runners["main"].stats.last_close
+    )
+
+
+async def test_one_bad_stream_stops_alone(sandbox_factory, tmp_path: Path):
+    gw = await sandbox_factory(backlog=30, chains=("DEMO", "OTHER"))
+    streams = {
+        "good": stream_config(gw.url, chain_code="OTHER"),
+        "bad": stream_config(gw.url, chain_code="NOPE"),  # 4403: chain not subscribed
+    }
+    settings = make_settings(tmp_path, gw.url, streams=streams)
+    async with running(settings) as daemon:
+        await wait_until(lambda: daemon.runners["bad"].state == "stopped")
+        await wait_until(lambda: len(sink_ids(tmp_path / "events.jsonl")) >= 30)
+        assert daemon.runners["good"].state == "streaming"
+        assert "4403" in daemon.runners["bad"].stats.last_close
+
+
+class FlakySink:
+    """Wraps the jsonl sink: fails transiently for a while, and rejects one event for good."""
+
+    name = "jsonl"
+    transactional = True
+
+    def __init__(self, path: Path, *, transient_failures: int, poison: str | None) -> None:
+        self.inner = JsonlSink(path)
+        self.transient_failures = transient_failures
+        self.poison = poison
+        self.calls = 0
+
+    async def open(self, committed: str | None) -> None:
+        await self.inner.open(committed)
+
+    async def write(self, events: Sequence[Event]) -> None:
+        self.calls += 1
+        if self.transient_failures > 0:
+            self.transient_failures -= 1
+            raise TransientSinkError("backend unavailable")
+        if any(e.unique_event_id == self.poison for e in events):
+            raise PermanentSinkError("rejected: bad data", unique_event_id=self.poison)
+        await self.inner.write(events)
+
+    def position(self) -> str | None:
+        return self.inner.position()
+
+    async def sync(self, position: str | None) -> None:
+        await self.inner.sync(position)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+async def test_transient_sink_errors_retry_and_permanent_ones_dead_letter(
+    sandbox_factory, tmp_path: Path
+):
+    gw = await sandbox_factory(backlog=200)
+    poison = gw.events("DEMO")[57]["metadata"]["uniqueEventId"]
+    settings = make_settings(
+        tmp_path, gw.url, pipeline={"sink_retry_initial_s": 0.01, "sink_retry_max_s": 0.05}
+    )
+    sink = FlakySink(tmp_path / "events.jsonl", transient_failures=15, poison=poison)
+    async with running(settings, sink=sink):
+        await wait_until(lambda: len(sink_ids(tmp_path / "events.jsonl")) >= 199)
+    store = await Store.open(tmp_path / "state.db")
+    try:
+        letters = await store.dead_letters()
+    finally:
+        await store.close()
+    assert [(d.unique_event_id, d.reason) for d in letters] == [(poison, "sink_rejected")]
+    assert json.loads(letters[0].payload)["metadata"]["uniqueEventId"] == poison
+    expected = [i for i in truth_ids(gw.events("DEMO")) if i != poison]
+    assert Counter(sink_ids(tmp_path / "events.jsonl")) == Counter(expected)
+
+
+@pytest.mark.parametrize("start", ["highest", "offset"])
+async def test_start_positions(sandbox_factory, tmp_path: Path, start: str):
+    gw = await sandbox_factory(backlog=50)
+    events = gw.events("DEMO")
+    sub: dict[str, Any] = {"start": start}
+    if start == "offset":
+        sub["offset"] = events[30]["metadata"]["offset"]
+    settings = make_settings(tmp_path, gw.url, subscription=sub)
+    sink = tmp_path / "events.jsonl"
+    async with running(settings):
+        expected = truth_ids(events[-1:] if start == "highest" else events[30:])
+        await wait_until(lambda: len(sink_ids(sink)) >= len(expected))
+        await asyncio.sleep(0.2)
+    assert Counter(sink_ids(sink)) == Counter(expected)

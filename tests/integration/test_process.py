@@ -1,0 +1,210 @@
+"""The daemon as an operator runs it: a process, signals, kill -9, exit codes, its logs."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+from support import count_lines, sink_ids, toml_config, wait_until
+
+from consumer.core.protocol import key_hash
+from consumer.sandbox import SandboxOptions
+
+
+def spawn(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    out = log.open("ab")
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "consumer", "run", "--config", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    finally:
+        out.close()
+
+
+async def wait_exit(proc: subprocess.Popen[bytes], seconds: float = 30.0) -> int:
+    async with asyncio.timeout(seconds):
+        while proc.poll() is None:
+            await asyncio.sleep(0.05)
+    return proc.returncode
+
+
+async def test_kill_9_during_a_large_backlog_still_ends_exactly_once(
+    sandbox_factory, tmp_path: Path
+):
+    backlog = 20_000
+    gw = await sandbox_factory(backlog=backlog)
+    config = toml_config(tmp_path, gw.url)
+    sink = tmp_path / "events.jsonl"
+    log = tmp_path / "daemon.log"
+    rng = random.Random(7)
+    for _ in range(3):
+        before = count_lines(sink)
+        proc = spawn(config, log)
+        try:
+            target = before + rng.randint(500, 4000)
+            await wait_until(
+                lambda t=target, p=proc: count_lines(sink) >= t or p.poll() is not None  # type: ignore[misc]
+            )
+            assert proc.poll() is None, log.read_text()[-2000:]
+        finally:
+            proc.kill()  # SIGKILL: no drain, no final commit
+            await wait_exit(proc)
+    proc = spawn(config, log)
+    try:
+        await wait_until(lambda: count_lines(sink) >= backlog, timeout=120)
+        await asyncio.sleep(0.3)  # anything extra (a duplicate) would show up now
+        proc.send_signal(signal.SIGTERM)
+        assert await wait_exit(proc) == 0
+    finally:
+        proc.kill()
+    ids = sink_ids(sink)
+    assert Counter(ids) == Counter(e["metadata"]["uniqueEventId"] for e in gw.events("DEMO"))
+
+
+async def test_sigterm_completes_drains_and_exits_0(sandbox_factory, tmp_path: Path):
+    gw = await sandbox_factory(backlog=500)
+    proc = spawn(toml_config(tmp_path, gw.url), tmp_path / "daemon.log")
+    try:
+        await wait_until(lambda: count_lines(tmp_path / "events.jsonl") >= 500)
+        proc.send_signal(signal.SIGTERM)
+        assert await wait_exit(proc) == 0
+    finally:
+        proc.kill()
+    assert gw.stats.completes_received == 1
+    log = (tmp_path / "daemon.log").read_text()
+    assert "signal received: draining" in log and '"stopped"' in log
+
+
+async def test_second_signal_exits_at_once_and_state_stays_consistent(
+    sandbox_factory, tmp_path: Path
+):
+    gw = await sandbox_factory(backlog=5000)
+    config = toml_config(tmp_path, gw.url)
+    sink = tmp_path / "events.jsonl"
+    proc = spawn(config, tmp_path / "daemon.log")
+    try:
+        await wait_until(lambda: count_lines(sink) >= 200)
+        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM)
+        assert await wait_exit(proc) in (0, 130)
+    finally:
+        proc.kill()
+    proc = spawn(config, tmp_path / "daemon.log")
+    try:
+        await wait_until(lambda: count_lines(sink) >= 5000, timeout=60)
+        await asyncio.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        assert await wait_exit(proc) == 0
+    finally:
+        proc.kill()
+    assert Counter(sink_ids(sink)) == Counter(
+        e["metadata"]["uniqueEventId"] for e in gw.events("DEMO")
+    )
+
+
+async def test_logs_never_show_a_secret(sandbox_factory, tmp_path: Path):
+    # Token rotation, a reconnect after a dropped connection and a refused token all happen.
+    gw = await sandbox_factory(backlog=50, token_ttl_s=2.0, rate=20.0)
+    gw.fail_token_requests([503], retry_after=0.1)
+    proc = spawn(toml_config(tmp_path, gw.url), tmp_path / "daemon.log")
+    try:
+        await wait_until(lambda: gw.stats.completes_received >= 2, timeout=30)
+        await gw.disconnect_all(code=None)
+        await wait_until(lambda: gw.stats.completes_received >= 3, timeout=30)
+        proc.send_signal(signal.SIGTERM)
+        assert await wait_exit(proc) == 0
+    finally:
+        proc.kill()
+    log = (tmp_path / "daemon.log").read_text()
+    opts = SandboxOptions()
+    assert "token obtained" in log and "reconnecting" in log
+    secrets = [opts.app_key, key_hash(opts.app_key), opts.client_secret, *gw.issued_tokens]
+    for secret in secrets:
+        assert secret not in log
+    assert len(gw.issued_tokens) >= 3
+
+
+def test_bad_config_names_the_key_and_exits_78(tmp_path: Path):
+    config = tmp_path / "config.toml"
+    config.write_text(
+        '[streams.main]\ngateway_url = "https://gw.example"\nchain_code = "C"\n'
+        'app_key = "k"\n[streams.main.auth]\nclient_id = "id"\nclient_secret = "hunter22"\n'
+        '[streams.main.subscription]\nofset = "12"\n'
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "consumer", "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == 78
+    assert "streams.main.subscription.ofset" in proc.stderr
+    assert "hunter22" not in proc.stderr + proc.stdout
+
+
+def test_check_config_prints_masked_settings(tmp_path: Path):
+    config = toml_config(tmp_path, "http://127.0.0.1:9")
+    env = {**os.environ, "OPERA_CONSUMER_PIPELINE__WORKERS": "3"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "consumer", "check-config", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert '"workers": 3' in proc.stdout
+    assert SandboxOptions().client_secret not in proc.stdout
+    assert '"client_secret": "**********"' in proc.stdout
+
+
+async def test_status_reports_the_checkpoint(sandbox_factory, tmp_path: Path):
+    gw = await sandbox_factory(backlog=40)
+    config = toml_config(tmp_path, gw.url)
+    proc = spawn(config, tmp_path / "daemon.log")
+    try:
+        await wait_until(lambda: count_lines(tmp_path / "events.jsonl") >= 40)
+        proc.send_signal(signal.SIGTERM)
+        assert await wait_exit(proc) == 0
+    finally:
+        proc.kill()
+    out = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "consumer", "status", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    last = gw.events("DEMO")[-1]["metadata"]["offset"]
+    assert out.splitlines()[0].split() == [
+        "stream",
+        "offset",
+        "last_event_at",
+        "processed",
+        "dead_letters",
+    ]
+    row = out.splitlines()[1].split()
+    assert row[0] == "main" and row[1] == last and row[3] == "40" and row[4] == "0"
+
+
+def test_every_command_has_help():
+    for args in ([], ["run"], ["check-config"], ["status"], ["sandbox"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "consumer", *args, "--help"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert proc.returncode == 0 and "exit status" in proc.stdout

@@ -1,0 +1,112 @@
+"""Test helpers: settings with test-scaled timers, sink readers, bounded waiting."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from consumer.config import Settings
+from consumer.sandbox import SandboxOptions
+
+# Protocol timers scaled for tests: the behaviour is the same, only faster.
+FAST_CONNECTION: dict[str, Any] = {
+    "ping_interval_s": 0.5,
+    "ack_timeout_s": 5.0,
+    "complete_timeout_s": 2.0,
+    "resubscribe_gap_s": 0.1,
+    "backoff_initial_s": 0.05,
+    "backoff_max_s": 0.5,
+    "abnormal_min_s": 0.1,
+    "lockout_s": 0.5,
+    "lockout_jitter_s": 0.1,
+    "rate_limited_s": 0.5,
+}
+
+
+def stream_config(url: str, **overrides: Any) -> dict[str, Any]:
+    opts = SandboxOptions()
+    conn = {**FAST_CONNECTION, **overrides.pop("connection", {})}
+    cfg: dict[str, Any] = {
+        "gateway_url": url,
+        "chain_code": "DEMO",
+        "app_key": opts.app_key,
+        "auth": {"client_id": opts.client_id, "client_secret": opts.client_secret},
+        "connection": conn,
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+def make_settings(
+    tmp_path: Path,
+    url: str,
+    *,
+    streams: dict[str, dict[str, Any]] | None = None,
+    pipeline: dict[str, Any] | None = None,
+    state: dict[str, Any] | None = None,
+    **stream_overrides: Any,
+) -> Settings:
+    return Settings(
+        streams=streams or {"main": stream_config(url, **stream_overrides)},  # type: ignore[arg-type]
+        state={"path": tmp_path / "state.db", "commit_interval_ms": 20, **(state or {})},  # type: ignore[arg-type]
+        sink={"path": tmp_path / "events.jsonl"},  # type: ignore[arg-type]
+        pipeline={"workers": 4, "drain_timeout_s": 10.0, **(pipeline or {})},  # type: ignore[arg-type]
+    )
+
+
+def toml_config(tmp_path: Path, url: str, extra: str = "") -> Path:
+    """The same test settings as a TOML file, for the daemon run as a process."""
+    opts = SandboxOptions()
+    conn = "\n".join(f"{k} = {v}" for k, v in FAST_CONNECTION.items())
+    text = f"""
+[streams.main]
+gateway_url = "{url}"
+chain_code = "DEMO"
+app_key = "{opts.app_key}"
+[streams.main.auth]
+client_id = "{opts.client_id}"
+client_secret = "{opts.client_secret}"
+[streams.main.connection]
+{conn}
+[state]
+path = "{tmp_path / "state.db"}"
+commit_interval_ms = 20
+[sink]
+path = "{tmp_path / "events.jsonl"}"
+[log]
+format = "json"
+level = "debug"
+{extra}
+"""
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def read_sink(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    with path.open() as f:
+        return [json.loads(line) for line in f]
+
+
+def sink_ids(path: Path) -> list[str]:
+    return [e["metadata"]["uniqueEventId"] for e in read_sink(path)]
+
+
+def count_lines(path: Path) -> int:
+    if not path.exists():
+        return 0
+    with path.open("rb") as f:
+        return sum(1 for _ in f)
+
+
+async def wait_until(
+    predicate: Callable[[], bool], *, timeout: float = 30.0, interval: float = 0.02
+) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(interval)
