@@ -118,7 +118,7 @@ class TokenProvider:
                 retry=retry_if_exception(
                     lambda e: isinstance(e, (_Retryable, httpx.TransportError))
                 ),
-                wait=_WaitRetryAfter(wait_exponential_jitter(initial=0.5, max=30.0)),
+                wait=_WaitRetryAfter(wait_exponential_jitter(multiplier=0.5, max=30.0, jitter=0.5)),
                 stop=stop_before_delay(auth.retry_max_s),
                 before_sleep=lambda rs: log.warning(
                     "token request failed; retrying",

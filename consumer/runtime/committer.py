@@ -94,7 +94,7 @@ class Committer:
         """Commit forever; cancel to stop (then call :meth:`flush` once more)."""
         async for attempt in AsyncRetrying(
             retry=retry_if_exception_type((TransientSinkError, sqlite3.OperationalError)),
-            wait=wait_exponential_jitter(initial=0.2, max=30.0),
+            wait=wait_exponential_jitter(multiplier=0.2, max=30.0, jitter=0.2),
             before_sleep=lambda rs: log.warning(
                 "commit failed; retrying", error=str(rs.outcome.exception() if rs.outcome else "")
             ),
@@ -104,7 +104,8 @@ class Committer:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), self._interval)
                     self._wake.clear()
-                    await self.flush()
+                    # A commit under way finishes even if we are cancelled meanwhile.
+                    await asyncio.shield(self.flush())
 
     async def flush(self) -> bool:
         """Commit what is done now. Returns True when something was committed."""

@@ -227,7 +227,9 @@ class StreamPipeline:
         # meanwhile this worker's queue fills and the reader stops reading.
         async for attempt in AsyncRetrying(
             retry=retry_if_exception_type(TransientSinkError),
-            wait=wait_exponential_jitter(initial=self._retry_initial, max=self._retry_max),
+            wait=wait_exponential_jitter(
+                multiplier=self._retry_initial, max=self._retry_max, jitter=self._retry_initial
+            ),
             before_sleep=lambda rs: log.warning(
                 "sink write failed; retrying",
                 stream=self.stream,

@@ -7,8 +7,10 @@ queue behind a commit (``seen``) use a second connection, which WAL lets run con
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import sqlite3
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -254,7 +256,8 @@ class Store:
                 )
             await db.execute("COMMIT")
         except BaseException:
-            await db.execute("ROLLBACK")
+            with contextlib.suppress(sqlite3.Error):
+                await db.execute("ROLLBACK")
             raise
 
     async def prune_processed(self, older_than: float) -> int:

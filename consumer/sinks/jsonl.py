@@ -71,14 +71,16 @@ class JsonlSink:
             target = int(position) if position is not None else self._durable + self._buffered
             if target <= self._durable:
                 return
-            data, self._buffer, self._buffered = b"".join(self._buffer), [], 0
+            parts = len(self._buffer)
+            data = b"".join(self._buffer)
             try:
                 await asyncio.to_thread(self._append, self._durable, data)
             except OSError as exc:
-                # Keep the data: the next sync rewrites it from the same durable position.
-                self._buffer.insert(0, data)
-                self._buffered += len(data)
                 raise TransientSinkError(f"writing {self.path}: {exc}") from exc
+            # Only now drop the buffer: after a failure or a cancellation the next sync writes
+            # the same bytes again at the same position (pwrite), which is harmless.
+            del self._buffer[:parts]
+            self._buffered -= len(data)
             self._durable += len(data)
 
     def _append(self, at: int, data: bytes) -> None:

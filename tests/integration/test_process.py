@@ -86,20 +86,24 @@ async def test_sigterm_completes_drains_and_exits_0(sandbox_factory, tmp_path: P
 async def test_second_signal_exits_at_once_and_state_stays_consistent(
     sandbox_factory, tmp_path: Path
 ):
-    gw = await sandbox_factory(backlog=5000)
+    # The server takes its time closing after `complete`: the second signal lands in the drain.
+    gw = await sandbox_factory(backlog=20_000, complete_close_delay_s=30.0)
     config = toml_config(tmp_path, gw.url)
     sink = tmp_path / "events.jsonl"
-    proc = spawn(config, tmp_path / "daemon.log")
+    log = tmp_path / "daemon.log"
+    proc = spawn(config, log)
     try:
         await wait_until(lambda: count_lines(sink) >= 200)
         proc.send_signal(signal.SIGTERM)
+        await wait_until(lambda: "completing subscription" in log.read_text())
         proc.send_signal(signal.SIGTERM)
-        assert await wait_exit(proc) in (0, 130)
+        assert await wait_exit(proc) == 130
     finally:
         proc.kill()
+    assert count_lines(sink) < 20_000  # it really stopped mid-stream
     proc = spawn(config, tmp_path / "daemon.log")
     try:
-        await wait_until(lambda: count_lines(sink) >= 5000, timeout=60)
+        await wait_until(lambda: count_lines(sink) >= 20_000, timeout=60)
         await asyncio.sleep(0.3)
         proc.send_signal(signal.SIGTERM)
         assert await wait_exit(proc) == 0
@@ -178,14 +182,15 @@ async def test_status_reports_the_checkpoint(sandbox_factory, tmp_path: Path):
         assert await wait_exit(proc) == 0
     finally:
         proc.kill()
-    out = await asyncio.to_thread(
+    done = await asyncio.to_thread(
         subprocess.run,
         [sys.executable, "-m", "consumer", "status", "--config", str(config)],
         capture_output=True,
         text=True,
         timeout=30,
         check=True,
-    ).stdout
+    )
+    out = done.stdout
     last = gw.events("DEMO")[-1]["metadata"]["offset"]
     assert out.splitlines()[0].split() == [
         "stream",

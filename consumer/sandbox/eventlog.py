@@ -1,0 +1,222 @@
+"""Deterministic OPERA-like events for the sandbox, and the per-chain log it serves.
+
+Each event is encoded once, when it enters the log; a send only concatenates strings. Offsets
+are digit strings with gaps (the consumer must not assume ``+1``); inside the sandbox they are
+compared as numbers to position an inclusive replay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import json
+import random
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+HOTELS = ("HOTEL1", "HOTEL2", "HOTEL3", "RESORT4")
+
+# module -> (creation event, follow-up events, detail elements: name -> value maker)
+_MODULES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "Reservation": (
+        "NEW RESERVATION",
+        ("UPDATE RESERVATION", "UPDATE RESERVATION", "CHECK IN", "CHECK OUT", "CANCEL RESERVATION"),
+    ),
+    "Profile": ("NEW PROFILE", ("UPDATE PROFILE",)),
+    "Financial": ("NEW POSTING", ("NEW POSTING",)),
+}
+_ELEMENTS: dict[str, tuple[str, ...]] = {
+    "Reservation": (
+        "Arrival Date",
+        "Departure Date",
+        "Room Type",
+        "Room Number",
+        "Rate Code",
+        "Adults",
+        "Reservation Status",
+    ),
+    "Profile": ("Guest Last Name", "Guest First Name", "Email", "VIP Status", "Language"),
+    "Financial": ("Amount", "Transaction Code", "Currency", "Folio Window"),
+}
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "Room Type": ("DLX", "STD", "KING", "QUEEN", "SUITE"),
+    "Rate Code": ("BAR", "RACK", "CORP", "AAA", "PKG"),
+    "Reservation Status": ("RESERVED", "DUE IN", "IN HOUSE", "CHECKED OUT", "CANCELLED"),
+    "VIP Status": ("GOLD", "SILVER", "PLATINUM", "NONE"),
+    "Language": ("EN", "DE", "FR", "ES", "IT"),
+    "Transaction Code": ("1000", "2004", "9000", "5010"),
+    "Currency": ("USD", "EUR", "GBP"),
+}
+_NAMES = ("Smith", "Garcia", "Müller", "Rossi", "Dupont", "Tanaka", "O'Brien", "Nguyen")
+
+
+@dataclass(slots=True)
+class Entry:
+    key: int  # numeric offset (malformed entries: the previous event's)
+    offset: str | None  # None: a raw malformed frame
+    hotel: str | None
+    payload: str  # events: JSON of {"data":{"newEvent":...}}; malformed: the frame itself
+    _delta: str | None = None
+
+    def delta_payload(self) -> str:
+        """The payload with unchanged detail elements removed (encoded once, on first use)."""
+        if self._delta is None:
+            doc = json.loads(self.payload)
+            ev = doc["data"]["newEvent"]
+            ev["detail"] = [d for d in ev["detail"] if d["oldValue"] != d["newValue"]]
+            self._delta = _dumps(doc)
+        return self._delta
+
+
+@dataclass(slots=True)
+class _Resource:
+    key: str
+    module: str
+    hotel: str
+    values: dict[str, str]
+
+
+def _dumps(doc: Any) -> str:
+    return json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
+
+
+@dataclass
+class ChainLog:
+    chain: str
+    seed: int
+    entries: list[Entry] = field(default_factory=list)
+    _keys: list[int] = field(default_factory=list)
+    _rng: random.Random = field(init=False)
+    _offset: int = field(init=False)
+    _clock: datetime = field(init=False)
+    _resources: list[_Resource] = field(default_factory=list)
+    _next_key: int = field(init=False)
+    _changed: asyncio.Event | None = None
+
+    def __post_init__(self) -> None:
+        self._rng = random.Random(f"{self.seed}:{self.chain}")
+        self._offset = 1000 + self._rng.randrange(1000)
+        self._clock = datetime(2024, 4, 28, 6, 0, 0) + timedelta(days=self._rng.randrange(300))
+        self._next_key = 400_000 + self._rng.randrange(100_000)
+
+    # --- reading ------------------------------------------------------------------------------
+
+    def start_index(self, offset: str | None, *, highest: bool) -> int:
+        if highest:
+            for i in range(len(self.entries) - 1, -1, -1):
+                if self.entries[i].offset is not None:
+                    return i
+            return len(self.entries)
+        if offset is None:
+            return 0
+        return bisect.bisect_left(self._keys, int(offset))
+
+    def events(self) -> list[dict[str, Any]]:
+        return [
+            json.loads(e.payload)["data"]["newEvent"] for e in self.entries if e.offset is not None
+        ]
+
+    def changed(self) -> asyncio.Event:
+        """An event set at the next append (capture it before checking the length)."""
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        return self._changed
+
+    def _notify(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    # --- writing ------------------------------------------------------------------------------
+
+    def append_malformed(self, raw: str) -> None:
+        key = self._keys[-1] if self._keys else 0
+        self.entries.append(Entry(key, None, None, raw))
+        self._keys.append(key)
+        self._notify()
+
+    def generate(self, n: int) -> list[dict[str, Any]]:
+        made = [self._one() for _ in range(n)]
+        for ev in made:
+            offset = ev["metadata"]["offset"]
+            key = int(offset)
+            payload = _dumps({"data": {"newEvent": ev}})
+            self.entries.append(Entry(key, offset, ev["hotelId"], payload))
+            self._keys.append(key)
+        self._notify()
+        return made
+
+    def _one(self) -> dict[str, Any]:
+        rng = self._rng
+        self._offset += rng.randint(1, 3)
+        self._clock += timedelta(microseconds=rng.randrange(1, 3_000_000))
+        # Mostly follow-ups on recent resources, so each resource gets several events.
+        if self._resources and rng.random() < 0.75:
+            res = self._resources[-1 - rng.randrange(min(len(self._resources), 300))]
+            event_name = rng.choice(_MODULES[res.module][1])
+            detail = self._changes(res, new=False)
+        else:
+            module = rng.choices(("Reservation", "Profile", "Financial"), (6, 3, 2))[0]
+            self._next_key += rng.randint(1, 9)
+            res = _Resource(str(self._next_key), module, rng.choice(HOTELS), {})
+            self._resources.append(res)
+            if len(self._resources) > 5000:
+                del self._resources[:1000]
+            event_name = _MODULES[module][0]
+            detail = self._changes(res, new=True)
+        return {
+            "metadata": {
+                "offset": str(self._offset),
+                "uniqueEventId": str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+            },
+            "moduleName": res.module,
+            "eventName": event_name,
+            "primaryKey": res.key,
+            "timestamp": self._clock.strftime("%d-%b-%y %I.%M.%S.%f %p").upper(),
+            "hotelId": res.hotel,
+            "publisherId": f"OPERA-{res.hotel}",
+            "actionInstanceId": str(rng.randrange(10**9, 10**10)),
+            "detail": detail,
+        }
+
+    def _changes(self, res: _Resource, *, new: bool) -> list[dict[str, Any]]:
+        rng = self._rng
+        names = _ELEMENTS[res.module]
+        picked = names[:4] if new else rng.sample(names, rng.randint(1, 3))
+        detail = []
+        for seq, name in enumerate(picked, start=1):
+            old = "" if new else res.values.get(name, "")
+            # Some elements keep their value: delta mode has something to filter out.
+            value = old if (not new and rng.random() < 0.3) else self._value(name)
+            res.values[name] = value
+            scoped = name in ("Rate Code", "Room Type")
+            day = self._clock.date()
+            detail.append(
+                {
+                    "elementName": name,
+                    "elementType": "FIELD",
+                    "elementSequence": str(seq) if scoped else None,
+                    "elementRole": None,
+                    "newValue": value,
+                    "oldValue": old,
+                    "scopeFrom": day.isoformat() if scoped else None,
+                    "scopeTo": (day + timedelta(days=3)).isoformat() if scoped else None,
+                }
+            )
+        return detail
+
+    def _value(self, name: str) -> str:
+        rng = self._rng
+        if "Date" in name:
+            return (self._clock.date() + timedelta(days=rng.randrange(1, 90))).isoformat()
+        if name == "Amount":
+            return f"{rng.randrange(500, 90000) / 100:.2f}"
+        if name in ("Adults", "Room Number", "Folio Window"):
+            return str(rng.randrange(1, 500 if name == "Room Number" else 5))
+        if "Name" in name:
+            return rng.choice(_NAMES)
+        if name == "Email":
+            return f"guest{rng.randrange(10000)}@example.com"
+        return rng.choice(_CHOICES[name])
