@@ -68,8 +68,9 @@ class AuthSettings(_Model):
 class SubscriptionSettings(_Model):
     delta: bool = False
     hotel_codes: tuple[str, ...] = ()
-    # persisted: the checkpoint, else `offset`, else no offset (the gateway decides)
-    # offset: `offset` at start-up, ignoring the checkpoint; highest: only new events
+    # Where a stream WITHOUT a checkpoint begins; once one exists it always wins.
+    # persisted: `offset` if set, else no offset (the gateway resumes after what it sent last)
+    # offset: `offset` (required); highest: only the newest event, then new ones
     start: Literal["persisted", "offset", "highest"] = "persisted"
     offset: str | None = None
 

@@ -57,7 +57,7 @@ def make_settings(
     )
 
 
-def toml_config(tmp_path: Path, url: str, extra: str = "") -> Path:
+def toml_config(tmp_path: Path, url: str, extra: str = "", *, commit_interval_ms: int = 20) -> Path:
     """The same test settings as a TOML file, for the daemon run as a process."""
     opts = SandboxOptions()
     conn = "\n".join(f"{k} = {v}" for k, v in FAST_CONNECTION.items())
@@ -73,7 +73,8 @@ client_secret = "{opts.client_secret}"
 {conn}
 [state]
 path = "{tmp_path / "state.db"}"
-commit_interval_ms = 20
+commit_interval_ms = {commit_interval_ms}
+commit_max_events = {500 if commit_interval_ms < 1000 else 10_000_000}
 [sink]
 path = "{tmp_path / "events.jsonl"}"
 [log]

@@ -101,7 +101,9 @@ class ClosePolicy:
             )
         if code == ABNORMAL_CLOSURE:
             delay = self._backoff(self.config.abnormal_min_s)
-            return Decision(Action.RECONNECT, delay, "connection lost without a close frame (1006)")
+            return Decision(
+                Action.RECONNECT, delay, f"connection lost without a close frame (1006){said}"
+            )
         return Decision(Action.RECONNECT, self._backoff(), f"closed by server ({code}){said}")
 
     def on_handshake_status(self, status: int) -> Decision:

@@ -37,6 +37,10 @@ class Liveness:
         """Any data frame is proof of life."""
         self._last_alive = now
 
+    def unobserved(self, seconds: float) -> None:
+        """Nothing could be read for ``seconds`` (the event loop was busy): don't count them."""
+        self._last_alive += max(seconds, 0.0)
+
     def _sample(self, rtt: float) -> None:
         rtt = max(rtt, 0.0)
         if self.srtt is None or self.rttvar is None:

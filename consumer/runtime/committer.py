@@ -15,7 +15,7 @@ import sqlite3
 import structlog
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
-from ..core.watermark import Watermark
+from ..core.watermark import Position, Watermark
 from ..errors import TransientSinkError
 from ..sinks.base import Sink
 from .store import CommitBatch, DeadLetter, Store
@@ -124,6 +124,11 @@ class Committer:
             self.commits += 1
             self._committed.set()
             return True
+
+    async def anchor(self, stream: str, position: Position) -> None:
+        """Create the stream's checkpoint if it has none (never moves an existing one)."""
+        async with self._lock:
+            await self._store.anchor(stream, position)
 
     async def prune(self, older_than: float) -> int:
         """Prune processed ids between commits (both use the one writer connection)."""

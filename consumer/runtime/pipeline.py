@@ -110,6 +110,10 @@ class StreamPipeline:
         self._maybe_idle()
         log.warning("malformed frame dead-lettered", stream=self.stream, error=reason)
 
+    async def anchor(self, event: Event) -> None:
+        """Persist ``event`` as the checkpoint of a stream that has none (its first event)."""
+        await self._committer.anchor(self.stream, Position(event.offset, event.unique_event_id))
+
     def _queue_for(self, event: Event) -> asyncio.Queue[_Item]:
         queues = self._queues
         return queues[zlib.crc32(event.primary_key.encode()) % len(queues)]
@@ -153,7 +157,7 @@ class StreamPipeline:
         ids = [ev.unique_event_id for _, ev in batch]
         # Pending ids first, then the store: an id cannot slip between the two checks.
         seen = self._committer.pending_ids(stream, ids)
-        seen |= await self._store.seen(stream, [i for i in ids if i not in seen])
+        seen |= self._store.seen(stream, [i for i in ids if i not in seen])
         fresh: list[_Item] = []
         dup_seqs: list[int] = []
         for seq, ev in batch:

@@ -72,7 +72,7 @@ class StreamRunner:
         )
         self.policy = ClosePolicy(settings.connection.policy(), rng)
         self._stop = asyncio.Event()
-        self._initial: tuple[str | None, bool] | None = None
+        self._anchored = True  # set by _subscribe_input: does the stream have a checkpoint?
         self._paused = False
         self._completing: str | None = None
         self._dead = False
@@ -152,22 +152,19 @@ class StreamRunner:
             return self.policy.on_network_error(f"cannot connect: {type(exc).__name__}: {exc}")
 
     async def _subscribe_input(self) -> SubscribeInput:
+        """Always resume from what is done (inclusive replay, deduplicated); the configured
+        start position only applies to a stream that has no checkpoint yet."""
         s = self.settings
-        if self._initial is None:
-            sub = s.subscription
-            if sub.start == "highest":
-                self._initial = (None, True)
-            elif sub.start == "offset":
-                self._initial = (sub.offset, False)
-            else:
-                cp = await self._store.checkpoint(self.name)
-                self._initial = (cp.offset if cp else sub.offset, False)
         done = self._pipeline.watermark.position
         if done is not None:
-            # Always resume from what is done; the replay is inclusive and deduplicated.
             return s.subscribe_input(done.offset)
-        offset, highest = self._initial
-        return s.subscribe_input(offset, highest=highest)
+        cp = await self._store.checkpoint(self.name)
+        self._anchored = cp is not None
+        if cp is not None:
+            return s.subscribe_input(cp.offset)
+        if s.subscription.start == "highest":
+            return s.subscribe_input(None, highest=True)
+        return s.subscribe_input(s.subscription.offset)  # None: the gateway's position
 
     async def _session(self, ws: ClientConnection, token: Token, sub: SubscribeInput) -> Decision:
         c = self.settings.connection
@@ -216,7 +213,8 @@ class StreamRunner:
         decode = protocol.decode
         monotonic = time.monotonic
         while True:
-            msg = decode(await ws.recv())
+            # Bytes: orjson parses them directly, skipping a UTF-8 decode per frame.
+            msg = decode(await ws.recv(decode=False))
             now = monotonic()
             if type(msg) is Next:
                 liveness.activity(now)
@@ -224,6 +222,11 @@ class StreamRunner:
                     continue
                 stats.events_received += 1
                 event = msg.event
+                if not self._anchored:
+                    # The gateway moves its own position as it sends: record where this
+                    # stream began before anything else, or a crash now would skip events.
+                    await pipeline.anchor(event)
+                    self._anchored = True
                 if not pipeline.try_put(event):
                     self._paused = True
                     try:
@@ -249,9 +252,14 @@ class StreamRunner:
 
     async def _keepalive(self, ws: ClientConnection, liveness: Liveness) -> None:
         interval = self.settings.connection.ping_interval_s
+        tick = time.monotonic()
         while True:
             await asyncio.sleep(interval)
             now = time.monotonic()
+            # Woken late: the loop was busy and frames may be waiting unread; that is no
+            # evidence against the server.
+            liveness.unobserved(now - tick - interval)
+            tick = now
             if self._paused:
                 liveness.activity(now)  # our own backpressure, not the server's silence
             elif liveness.is_dead(now):

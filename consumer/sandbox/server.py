@@ -68,6 +68,7 @@ class SandboxOptions:
     init_timeout_s: float = 10.0  # connection_init deadline (4408)
     stale_hold_s: float = 0.0  # 4409 for this long after a subscriber drops without complete
     complete_close_delay_s: float = 0.0  # after a client's complete, wait before closing
+    defer_pongs: bool = False  # as OHIP in burst mode: no pong until the backlog is sent
     send_batch: int = 256
 
 
@@ -78,6 +79,8 @@ class SandboxStats:
     events_sent: int = 0
     pings_received: int = 0
     pongs_received: int = 0
+    pongs_sent: int = 0
+    max_deferred_pongs: int = 0
     completes_received: int = 0
     subscribes: list[dict[str, Any]] = field(default_factory=list)  # parsed inputs, in order
     close_codes_sent: list[int] = field(default_factory=list)
@@ -97,6 +100,7 @@ class SandboxGateway:
         self._logs = {c: ChainLog(c, self.options.seed) for c in self.options.chains}
         self._tokens: dict[str, float] = {}  # token -> monotonic expiry
         self.issued_tokens: list[str] = []
+        self.token_requests: list[tuple[dict[str, str], dict[str, str]]] = []  # headers, form
         self._token_failures: list[tuple[int, float | None]] = []
         self._active: dict[str, _WsSession] = {}
         self._stale_until: dict[str, float] = {}
@@ -183,6 +187,14 @@ class SandboxGateway:
                 session.close(code, reason)
         await asyncio.sleep(0)
 
+    def silence_connections(self) -> None:
+        """Current connections go quiet, TCP still open: no events, no pongs (a half-open
+        link as the client sees it). New connections are served normally."""
+        for session in self._sessions:
+            session.silent = True
+            if session._sender is not None:
+                session._sender.cancel()
+
     def fail_token_requests(self, statuses: list[int], retry_after: float | None = None) -> None:
         self._token_failures.extend((s, retry_after) for s in statuses)
 
@@ -240,6 +252,7 @@ class SandboxGateway:
             _respond(conn, writer, status, _problem(status, "injected failure"), extra=extra)
             return
         form = {k: v[0] for k, v in parse_qs(body.decode()).items()}
+        self.token_requests.append((headers, form))
         o = self.options
         grant = form.get("grant_type")
         if grant not in ("client_credentials", "password"):
@@ -326,6 +339,9 @@ class _WsSession:
         self.sub_id: str | None = None
         self.chain: str | None = None
         self.completed = False
+        self.silent = False
+        self._bursting = False
+        self._deferred_pongs = 0
         self._sender: asyncio.Task[None] | None = None
         self._helpers: list[asyncio.Task[None]] = []
 
@@ -343,6 +359,8 @@ class _WsSession:
                 else:
                     self.proto.receive_eof()
                 for frame in self.proto.events_received():
+                    if self.silent:
+                        continue
                     if isinstance(frame, Frame) and frame.opcode is Opcode.TEXT:
                         self._on_text(bytes(frame.data))
                 _flush(self.proto, self.writer)
@@ -373,9 +391,13 @@ class _WsSession:
             self._sender.cancel()
 
     def send(self, text: str) -> None:
-        if self.proto.state is State.OPEN:
+        if self.proto.state is State.OPEN and not self.silent:
             self.proto.send_text(text.encode())
             _flush(self.proto, self.writer)
+
+    def _pong(self) -> None:
+        self.gw.stats.pongs_sent += 1
+        self.send('{"type":"pong"}')
 
     def _on_text(self, data: bytes) -> None:
         try:
@@ -393,7 +415,11 @@ class _WsSession:
         kind = msg.get("type")
         if kind == "ping":
             gw.stats.pings_received += 1
-            self.send('{"type":"pong"}')
+            if self._bursting and gw.options.defer_pongs:
+                self._deferred_pongs += 1
+                gw.stats.max_deferred_pongs = max(gw.stats.max_deferred_pongs, self._deferred_pongs)
+            else:
+                self._pong()
         elif kind == "pong":
             gw.stats.pongs_received += 1
         elif kind == "connection_init":
@@ -473,7 +499,11 @@ class _WsSession:
         proto, writer = self.proto, self.writer
         while proto.state is State.OPEN:
             entries = log.entries
-            if index >= len(entries):
+            self._bursting = index < len(entries)
+            if not self._bursting:
+                for _ in range(self._deferred_pongs):
+                    self._pong()
+                self._deferred_pongs = 0
                 changed = log.changed()
                 if index >= len(log.entries):
                     await changed.wait()

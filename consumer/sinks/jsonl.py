@@ -9,11 +9,11 @@ checkpoint does not cover (those events are replayed).
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import orjson
 import structlog
 
 from ..core.events import Event
@@ -58,8 +58,7 @@ class JsonlSink:
 
     async def write(self, events: Sequence[Event]) -> None:
         # No await here: the position() snapshot must cover exactly the writes that returned.
-        lines = [json.dumps(ev.raw, ensure_ascii=False, separators=(",", ":")) for ev in events]
-        data = ("\n".join(lines) + "\n").encode()
+        data = b"".join([orjson.dumps(ev.raw, option=orjson.OPT_APPEND_NEWLINE) for ev in events])
         self._buffer.append(data)
         self._buffered += len(data)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import make_settings, read_sink, sink_ids, stream_config, wait_until
+from support import count_lines, make_settings, read_sink, sink_ids, stream_config, wait_until
 
 from consumer.config import Settings
 from consumer.core.events import Event
@@ -42,9 +42,9 @@ async def test_backlog_then_live_events_reach_the_sink_once(sandbox_factory, tmp
     settings = make_settings(tmp_path, gw.url)
     sink = tmp_path / "events.jsonl"
     async with running(settings) as daemon:
-        await wait_until(lambda: len(sink_ids(sink)) >= 300)
+        await wait_until(lambda: count_lines(sink) >= 300)
         gw.append("DEMO", 40)
-        await wait_until(lambda: len(sink_ids(sink)) >= 340)
+        await wait_until(lambda: count_lines(sink) >= 340)
     ids = sink_ids(sink)
     assert Counter(ids) == Counter(truth_ids(gw.events("DEMO")))
     # Lines are the events as received.
@@ -59,7 +59,7 @@ async def test_checkpoint_is_the_last_event_after_a_clean_stop(sandbox_factory, 
     gw = await sandbox_factory(backlog=120)
     settings = make_settings(tmp_path, gw.url)
     async with running(settings):
-        await wait_until(lambda: len(sink_ids(tmp_path / "events.jsonl")) >= 120)
+        await wait_until(lambda: count_lines(tmp_path / "events.jsonl") >= 120)
     store = await Store.open(tmp_path / "state.db")
     try:
         cp = await store.checkpoint("main")
@@ -78,10 +78,10 @@ async def test_restart_resumes_from_checkpoint_without_loss_or_duplicate(
     settings = make_settings(tmp_path, gw.url)
     sink = tmp_path / "events.jsonl"
     async with running(settings):
-        await wait_until(lambda: len(sink_ids(sink)) >= 200)
+        await wait_until(lambda: count_lines(sink) >= 200)
     gw.append("DEMO", 60)
     async with running(settings) as second:
-        await wait_until(lambda: len(sink_ids(sink)) >= 260)
+        await wait_until(lambda: count_lines(sink) >= 260)
         # The inclusive replay re-sent the checkpointed event; it was recognised, not re-written.
         await wait_until(lambda: second.pipelines["main"].duplicates >= 1)
     assert Counter(sink_ids(sink)) == Counter(truth_ids(gw.events("DEMO")))
@@ -102,7 +102,7 @@ async def test_malformed_frame_is_dead_lettered_and_the_stream_goes_on(
     settings = make_settings(tmp_path, gw.url)
     sink = tmp_path / "events.jsonl"
     async with running(settings):
-        await wait_until(lambda: len(sink_ids(sink)) >= 80)
+        await wait_until(lambda: count_lines(sink) >= 80)
     store = await Store.open(tmp_path / "state.db")
     try:
         letters = await store.dead_letters("main")
@@ -119,7 +119,7 @@ async def test_per_primary_key_order_holds_with_several_workers(sandbox_factory,
     settings = make_settings(tmp_path, gw.url, pipeline={"workers": 8, "batch_max": 7})
     sink = tmp_path / "events.jsonl"
     async with running(settings):
-        await wait_until(lambda: len(sink_ids(sink)) >= 1500)
+        await wait_until(lambda: count_lines(sink) >= 1500)
     expected: dict[str, list[str]] = defaultdict(list)
     for e in gw.events("DEMO"):
         expected[e["primaryKey"]].append(e["metadata"]["uniqueEventId"])
@@ -138,12 +138,12 @@ async def test_second_consumer_gets_4409_and_the_first_keeps_running(
     first_dir.mkdir()
     second_dir.mkdir()
     async with running(make_settings(first_dir, gw.url)):
-        await wait_until(lambda: len(sink_ids(first_dir / "events.jsonl")) >= 20)
+        await wait_until(lambda: count_lines(first_dir / "events.jsonl") >= 20)
         async with running(make_settings(second_dir, gw.url)) as second:
             await wait_until(lambda: 4409 in gw.stats.close_codes_sent)
             await wait_until(lambda: "4409" in second.runners["main"].stats.last_close)
             gw.append("DEMO", 10)
-            await wait_until(lambda: len(sink_ids(first_dir / "events.jsonl")) >= 30)
+            await wait_until(lambda: count_lines(first_dir / "events.jsonl") >= 30)
         assert sink_ids(second_dir / "events.jsonl") == []
     assert Counter(sink_ids(first_dir / "events.jsonl")) == Counter(truth_ids(gw.events("DEMO")))
 
@@ -170,15 +170,51 @@ async def test_connection_loss_without_close_frame_reconnects_and_resumes(
     settings = make_settings(tmp_path, gw.url)
     sink = tmp_path / "events.jsonl"
     async with running(settings) as daemon:
-        await wait_until(lambda: len(sink_ids(sink)) >= 100)
+        await wait_until(lambda: count_lines(sink) >= 100)
         await gw.disconnect_all(code=None)
         gw.append("DEMO", 25)
-        await wait_until(lambda: len(sink_ids(sink)) >= 125)
+        await wait_until(lambda: count_lines(sink) >= 125)
         await gw.disconnect_all(code=1001, reason="maintenance")
         gw.append("DEMO", 25)
-        await wait_until(lambda: len(sink_ids(sink)) >= 150)
+        await wait_until(lambda: count_lines(sink) >= 150)
         assert daemon.runners["main"].stats.connections >= 3
     assert Counter(sink_ids(sink)) == Counter(truth_ids(gw.events("DEMO")))
+
+
+async def test_a_silent_connection_is_declared_dead_and_replaced(sandbox_factory, tmp_path: Path):
+    gw = await sandbox_factory(backlog=50, ping_interval_s=0)
+    settings = make_settings(
+        tmp_path,
+        gw.url,
+        connection={"ping_interval_s": 0.1, "liveness_floor_s": 1.0, "liveness_multiplier": 4.0},
+    )
+    sink = tmp_path / "events.jsonl"
+    async with running(settings) as daemon:
+        await wait_until(lambda: count_lines(sink) >= 50)
+        await wait_until(lambda: gw.stats.pongs_sent > 3)  # pings flow and are answered
+        gw.silence_connections()  # no pong, no event, no close: only the deadline can tell
+        gw.append("DEMO", 20)
+        await wait_until(lambda: daemon.runners["main"].stats.connections >= 2, timeout=10)
+        await wait_until(lambda: count_lines(sink) >= 70)
+        assert "liveness deadline" in daemon.runners["main"].stats.last_close
+    assert Counter(sink_ids(sink)) == Counter(truth_ids(gw.events("DEMO")))
+
+
+async def test_pongs_deferred_during_a_burst_do_not_kill_the_connection(
+    sandbox_factory, tmp_path: Path
+):
+    # Like OHIP in burst mode, the sandbox answers no ping until the backlog is sent; the
+    # liveness floor is far shorter than the burst, but events count as proof of life.
+    gw = await sandbox_factory(backlog=30_000, ping_interval_s=0, defer_pongs=True)
+    settings = make_settings(
+        tmp_path, gw.url, connection={"ping_interval_s": 0.05, "liveness_floor_s": 0.3}
+    )
+    sink = tmp_path / "events.jsonl"
+    async with running(settings) as daemon:
+        await wait_until(lambda: count_lines(sink) >= 30_000, timeout=60)
+        await wait_until(lambda: gw.stats.pongs_sent >= gw.stats.pings_received - 1)
+        assert daemon.runners["main"].stats.connections == 1
+    assert gw.stats.max_deferred_pongs >= 5  # pongs really were held back during the burst
 
 
 async def test_wrong_app_key_stops_the_stream_with_exit_78(sandbox_factory, tmp_path: Path):
@@ -202,7 +238,7 @@ async def test_one_bad_stream_stops_alone(sandbox_factory, tmp_path: Path):
     settings = make_settings(tmp_path, gw.url, streams=streams)
     async with running(settings) as daemon:
         await wait_until(lambda: daemon.runners["bad"].state == "stopped")
-        await wait_until(lambda: len(sink_ids(tmp_path / "events.jsonl")) >= 30)
+        await wait_until(lambda: count_lines(tmp_path / "events.jsonl") >= 30)
         assert daemon.runners["good"].state == "streaming"
         assert "4403" in daemon.runners["bad"].stats.last_close
 
@@ -251,7 +287,7 @@ async def test_transient_sink_errors_retry_and_permanent_ones_dead_letter(
     )
     sink = FlakySink(tmp_path / "events.jsonl", transient_failures=15, poison=poison)
     async with running(settings, sink=sink):
-        await wait_until(lambda: len(sink_ids(tmp_path / "events.jsonl")) >= 199)
+        await wait_until(lambda: count_lines(tmp_path / "events.jsonl") >= 199)
     store = await Store.open(tmp_path / "state.db")
     try:
         letters = await store.dead_letters()
@@ -274,6 +310,6 @@ async def test_start_positions(sandbox_factory, tmp_path: Path, start: str):
     sink = tmp_path / "events.jsonl"
     async with running(settings):
         expected = truth_ids(events[-1:] if start == "highest" else events[30:])
-        await wait_until(lambda: len(sink_ids(sink)) >= len(expected))
+        await wait_until(lambda: count_lines(sink) >= len(expected))
         await asyncio.sleep(0.2)
     assert Counter(sink_ids(sink)) == Counter(expected)

@@ -69,6 +69,36 @@ async def test_kill_9_during_a_large_backlog_still_ends_exactly_once(
     assert Counter(ids) == Counter(e["metadata"]["uniqueEventId"] for e in gw.events("DEMO"))
 
 
+async def test_kill_9_before_the_first_commit_loses_nothing(sandbox_factory, tmp_path: Path):
+    # Without an offset the gateway resumes after what it last SENT: the stream's first event
+    # must be on disk before anything else, or a crash here would skip the whole backlog.
+    gw = await sandbox_factory(backlog=3000)
+    config = toml_config(tmp_path, gw.url, commit_interval_ms=600_000)  # no commit will happen
+    log = tmp_path / "daemon.log"
+    proc = spawn(config, log)
+    try:
+        await wait_until(lambda: gw.stats.events_sent >= 3000)
+        await asyncio.sleep(0.2)
+    finally:
+        proc.kill()
+        await wait_exit(proc)
+    sink = tmp_path / "events.jsonl"
+    assert count_lines(sink) == 0  # nothing was committed, nothing reached the file
+    proc = spawn(toml_config(tmp_path, gw.url), log)
+    try:
+        await wait_until(lambda: count_lines(sink) >= 3000)
+        await asyncio.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        assert await wait_exit(proc) == 0
+    finally:
+        proc.kill()
+    assert Counter(sink_ids(sink)) == Counter(
+        e["metadata"]["uniqueEventId"] for e in gw.events("DEMO")
+    )
+    first = gw.events("DEMO")[0]["metadata"]["offset"]
+    assert gw.stats.subscribes[-1].get("offset") == first
+
+
 async def test_sigterm_completes_drains_and_exits_0(sandbox_factory, tmp_path: Path):
     gw = await sandbox_factory(backlog=500)
     proc = spawn(toml_config(tmp_path, gw.url), tmp_path / "daemon.log")
@@ -87,7 +117,7 @@ async def test_second_signal_exits_at_once_and_state_stays_consistent(
     sandbox_factory, tmp_path: Path
 ):
     # The server takes its time closing after `complete`: the second signal lands in the drain.
-    gw = await sandbox_factory(backlog=20_000, complete_close_delay_s=30.0)
+    gw = await sandbox_factory(backlog=50_000, complete_close_delay_s=30.0)
     config = toml_config(tmp_path, gw.url)
     sink = tmp_path / "events.jsonl"
     log = tmp_path / "daemon.log"
@@ -100,10 +130,10 @@ async def test_second_signal_exits_at_once_and_state_stays_consistent(
         assert await wait_exit(proc) == 130
     finally:
         proc.kill()
-    assert count_lines(sink) < 20_000  # it really stopped mid-stream
+    assert count_lines(sink) < 50_000  # it really stopped mid-stream
     proc = spawn(config, tmp_path / "daemon.log")
     try:
-        await wait_until(lambda: count_lines(sink) >= 20_000, timeout=60)
+        await wait_until(lambda: count_lines(sink) >= 50_000, timeout=60)
         await asyncio.sleep(0.3)
         proc.send_signal(signal.SIGTERM)
         assert await wait_exit(proc) == 0

@@ -1,0 +1,110 @@
+"""The OAuth token provider against the sandbox's real token endpoint."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+
+from consumer.config import StreamSettings
+from consumer.errors import AuthError
+from consumer.runtime.auth import TokenProvider, retry_after_seconds
+from consumer.sandbox import SandboxOptions
+
+
+def stream(url: str, **auth: Any) -> StreamSettings:
+    o = SandboxOptions()
+    return StreamSettings.model_validate(
+        {
+            "gateway_url": url,
+            "chain_code": "DEMO",
+            "app_key": o.app_key,
+            "auth": {"client_id": o.client_id, "client_secret": o.client_secret, **auth},
+        }
+    )
+
+
+async def test_client_credentials_token_is_cached_until_near_expiry(sandbox_factory):
+    gw = await sandbox_factory(token_ttl_s=3600)
+    now = [1000.0]
+    async with httpx.AsyncClient() as http:
+        tokens = TokenProvider(http, stream(gw.url), clock=lambda: now[0])
+        first = await tokens.token()
+        assert await tokens.token() is first  # never fetched per request
+        now[0] += 3600 - 121  # more than refresh_margin_s (120 s) before expiry: still good
+        assert await tokens.token() is first
+        now[0] += 2  # within the margin: refreshed ahead of expiry
+        second = await tokens.token()
+    assert second.value != first.value
+    assert gw.stats.token_requests == 2 == tokens.fetches
+    assert first.value in gw.issued_tokens
+    assert "***" in repr(first) and first.value not in repr(first)
+
+
+async def test_password_grant(sandbox_factory):
+    gw = await sandbox_factory()
+    o = SandboxOptions()
+    async with httpx.AsyncClient() as http:
+        settings = stream(gw.url, grant="password", username=o.username, password=o.password)
+        token = await TokenProvider(http, settings).token()
+    assert token.value in gw.issued_tokens
+
+
+@pytest.mark.parametrize(
+    "auth",
+    [
+        {"client_secret": "wrong-secret"},
+        {"grant": "password", "username": "sandbox-user", "password": "nope"},
+    ],
+)
+async def test_refused_credentials_fail_fast_and_say_what_to_check(sandbox_factory, auth):
+    gw = await sandbox_factory()
+    async with httpx.AsyncClient() as http:
+        tokens = TokenProvider(http, stream(gw.url, **auth))
+        with pytest.raises(AuthError) as info:
+            await tokens.token()
+    assert not info.value.retriable
+    assert "HTTP 401" in str(info.value) and "client_id/client_secret" in str(info.value)
+    assert gw.stats.token_requests == 1  # not retried
+    assert "wrong-secret" not in str(info.value)
+
+
+async def test_transient_failures_are_retried_honouring_retry_after(sandbox_factory):
+    gw = await sandbox_factory()
+    gw.fail_token_requests([503, 429, 502], retry_after=0.05)
+    async with httpx.AsyncClient() as http:
+        token = await TokenProvider(http, stream(gw.url)).token()
+    assert token.value in gw.issued_tokens
+    assert gw.stats.token_requests == 4
+
+
+async def test_a_token_endpoint_that_keeps_failing_gives_a_retriable_error(sandbox_factory):
+    gw = await sandbox_factory()
+    gw.fail_token_requests([503] * 50, retry_after=0.2)
+    async with httpx.AsyncClient() as http:
+        tokens = TokenProvider(http, stream(gw.url, retry_max_s=0.5))
+        with pytest.raises(AuthError) as info:
+            await tokens.token()
+    assert info.value.retriable
+    assert 2 <= gw.stats.token_requests < 10
+
+
+async def test_enterprise_id_header_and_scope_are_sent(sandbox_factory):
+    gw = await sandbox_factory()
+    async with httpx.AsyncClient() as http:
+        settings = stream(gw.url, enterprise_id="ENT1", scope="urn:x")
+        await TokenProvider(http, settings).token()
+    headers, form = gw.token_requests[-1]
+    assert headers["enterpriseid"] == "ENT1"
+    assert headers["x-app-key"] == SandboxOptions().app_key
+    assert headers["content-type"] == "application/x-www-form-urlencoded"
+    assert form == {"grant_type": "client_credentials", "scope": "urn:x"}
+
+
+def test_retry_after_forms():
+    assert retry_after_seconds("3") == 3.0
+    assert retry_after_seconds(None) is None
+    assert retry_after_seconds("garbage") is None
+    assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # in the past
+    assert retry_after_seconds("100000") == 300.0  # capped
