@@ -16,41 +16,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
-import socket
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import httpx
 from websockets.asyncio.client import connect
+from websockets.typing import Subprotocol
 
 from consumer.core import protocol
-from consumer.sandbox import SandboxOptions
+from consumer.sandbox import SandboxOptions, launcher
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_http(url: str, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
 
 
 async def bare_client(url: str, chain: str, n: int) -> float:
@@ -65,12 +44,8 @@ async def bare_client(url: str, chain: str, n: int) -> float:
         )
         token = resp.json()["access_token"]
     ws_url = protocol.subscription_url(url, opts.app_key)
-    async with connect(
-        ws_url,
-        subprotocols=["graphql-transport-ws"],
-        compression=None,
-        max_size=2**24,  # type: ignore[list-item]
-    ) as ws:
+    subprotocols = [Subprotocol(protocol.SUBPROTOCOL)]
+    async with connect(ws_url, subprotocols=subprotocols, compression=None, max_size=2**24) as ws:
         await ws.send(protocol.connection_init(token, opts.app_key))
         await ws.recv()
         await ws.send(
@@ -108,17 +83,10 @@ def peak_rss_mb(pid: int) -> float:
 
 
 def run_daemon(url: str, n: int, workers: int, work: Path) -> dict[str, float]:
-    opts = SandboxOptions()
     config = work / "config.toml"
     config.write_text(
-        f"""
-[streams.bench]
-gateway_url = "{url}"
-chain_code = "BENCH"
-app_key = "{opts.app_key}"
-[streams.bench.auth]
-client_id = "{opts.client_id}"
-client_secret = "{opts.client_secret}"
+        launcher.stream_config(url, stream="bench", chain="BENCH")
+        + f"""
 [streams.bench.subscription]
 offset = "0"
 [state]
@@ -135,13 +103,8 @@ level = "warning"
 """
     )
     db = work / "state.db"
-    log = (work / "daemon.log").open("wb")
     started = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "consumer", "run", "--config", str(config)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    proc = launcher.spawn(["run", "--config", str(config)], work / "daemon.log")
     try:
         deadline = time.monotonic() + 900
         while processed(db) < n:
@@ -150,12 +113,8 @@ level = "warning"
             time.sleep(0.05)
         elapsed = time.perf_counter() - started
         rss = peak_rss_mb(proc.pid)
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        log.close()
+        launcher.stop(proc, 60)
     lines = sum(1 for _ in (work / "events.jsonl").open("rb"))
     return {"seconds": elapsed, "events_per_s": n / elapsed, "peak_rss_mb": rss, "lines": lines}
 
@@ -165,37 +124,15 @@ def main() -> int:
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--workers", type=int, default=4)
     args = parser.parse_args()
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    sandbox = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "consumer",
-            "sandbox",
-            "--port",
-            str(port),
-            "--rate",
-            "0",
-            "--chains",
-            "BARE,BENCH",
-            "--backlog",
-            str(args.events),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    sandbox, url = launcher.start(
+        ["--rate", "0", "--chains", "BARE,BENCH", "--backlog", str(args.events)]
     )
     try:
-        wait_http(f"{url}/healthz", 300)
         ceiling = asyncio.run(bare_client(url, "BARE", args.events))
         with tempfile.TemporaryDirectory(prefix="opera-bench-") as tmp:
             result = run_daemon(url, args.events, args.workers, Path(tmp))
     finally:
-        sandbox.send_signal(signal.SIGTERM)
-        try:
-            sandbox.wait(30)
-        except subprocess.TimeoutExpired:
-            sandbox.kill()
+        launcher.stop(sandbox, 30)
     report = {
         "events": args.events,
         "workers": args.workers,

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from consumer.config import Settings
-from consumer.sandbox import SandboxOptions
+from consumer.sandbox import SandboxOptions, launcher
 
 # Protocol timers scaled for tests: the behaviour is the same, only faster.
 FAST_CONNECTION: dict[str, Any] = {
@@ -59,16 +59,8 @@ def make_settings(
 
 def toml_config(tmp_path: Path, url: str, extra: str = "", *, commit_interval_ms: int = 20) -> Path:
     """The same test settings as a TOML file, for the daemon run as a process."""
-    opts = SandboxOptions()
     conn = "\n".join(f"{k} = {v}" for k, v in FAST_CONNECTION.items())
-    text = f"""
-[streams.main]
-gateway_url = "{url}"
-chain_code = "DEMO"
-app_key = "{opts.app_key}"
-[streams.main.auth]
-client_id = "{opts.client_id}"
-client_secret = "{opts.client_secret}"
+    text = f"""{launcher.stream_config(url)}
 [streams.main.connection]
 {conn}
 [state]

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import structlog
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.typing import Subprotocol
 
 from .. import __version__
 from ..config import StreamSettings
@@ -117,7 +118,7 @@ class StreamRunner:
         try:
             async with connect(
                 self._url,
-                subprotocols=[protocol.SUBPROTOCOL],  # type: ignore[list-item]
+                subprotocols=[Subprotocol(protocol.SUBPROTOCOL)],
                 compression=None,
                 max_size=c.max_frame_bytes,
                 max_queue=64,

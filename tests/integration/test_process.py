@@ -14,7 +14,7 @@ from pathlib import Path
 from support import count_lines, sink_ids, toml_config, wait_until
 
 from consumer.core.protocol import key_hash
-from consumer.sandbox import SandboxOptions
+from consumer.sandbox import SandboxGateway, SandboxOptions
 
 
 def spawn(config: Path, log: Path) -> subprocess.Popen[bytes]:
@@ -34,6 +34,22 @@ async def wait_exit(proc: subprocess.Popen[bytes], seconds: float = 30.0) -> int
         while proc.poll() is None:
             await asyncio.sleep(0.05)
     return proc.returncode
+
+
+async def run_until(config: Path, log: Path, sink: Path, lines: int) -> None:
+    """Run the daemon until the sink has ``lines`` lines (and no more come), then SIGTERM."""
+    proc = spawn(config, log)
+    try:
+        await wait_until(lambda: count_lines(sink) >= lines, timeout=120)
+        await asyncio.sleep(0.3)  # a duplicate would show up now
+        proc.send_signal(signal.SIGTERM)
+        assert await wait_exit(proc) == 0
+    finally:
+        proc.kill()
+
+
+def truth(gw: SandboxGateway) -> Counter[str]:
+    return Counter(e["metadata"]["uniqueEventId"] for e in gw.events("DEMO"))
 
 
 async def test_kill_9_during_a_large_backlog_still_ends_exactly_once(
@@ -57,16 +73,8 @@ async def test_kill_9_during_a_large_backlog_still_ends_exactly_once(
         finally:
             proc.kill()  # SIGKILL: no drain, no final commit
             await wait_exit(proc)
-    proc = spawn(config, log)
-    try:
-        await wait_until(lambda: count_lines(sink) >= backlog, timeout=120)
-        await asyncio.sleep(0.3)  # anything extra (a duplicate) would show up now
-        proc.send_signal(signal.SIGTERM)
-        assert await wait_exit(proc) == 0
-    finally:
-        proc.kill()
-    ids = sink_ids(sink)
-    assert Counter(ids) == Counter(e["metadata"]["uniqueEventId"] for e in gw.events("DEMO"))
+    await run_until(config, log, sink, backlog)
+    assert Counter(sink_ids(sink)) == truth(gw)
 
 
 async def test_kill_9_before_the_first_commit_loses_nothing(sandbox_factory, tmp_path: Path):
@@ -84,17 +92,8 @@ async def test_kill_9_before_the_first_commit_loses_nothing(sandbox_factory, tmp
         await wait_exit(proc)
     sink = tmp_path / "events.jsonl"
     assert count_lines(sink) == 0  # nothing was committed, nothing reached the file
-    proc = spawn(toml_config(tmp_path, gw.url), log)
-    try:
-        await wait_until(lambda: count_lines(sink) >= 3000)
-        await asyncio.sleep(0.3)
-        proc.send_signal(signal.SIGTERM)
-        assert await wait_exit(proc) == 0
-    finally:
-        proc.kill()
-    assert Counter(sink_ids(sink)) == Counter(
-        e["metadata"]["uniqueEventId"] for e in gw.events("DEMO")
-    )
+    await run_until(toml_config(tmp_path, gw.url), log, sink, 3000)
+    assert Counter(sink_ids(sink)) == truth(gw)
     first = gw.events("DEMO")[0]["metadata"]["offset"]
     assert gw.stats.subscribes[-1].get("offset") == first
 
@@ -131,17 +130,8 @@ async def test_second_signal_exits_at_once_and_state_stays_consistent(
     finally:
         proc.kill()
     assert count_lines(sink) < 50_000  # it really stopped mid-stream
-    proc = spawn(config, tmp_path / "daemon.log")
-    try:
-        await wait_until(lambda: count_lines(sink) >= 50_000, timeout=60)
-        await asyncio.sleep(0.3)
-        proc.send_signal(signal.SIGTERM)
-        assert await wait_exit(proc) == 0
-    finally:
-        proc.kill()
-    assert Counter(sink_ids(sink)) == Counter(
-        e["metadata"]["uniqueEventId"] for e in gw.events("DEMO")
-    )
+    await run_until(config, log, sink, 50_000)
+    assert Counter(sink_ids(sink)) == truth(gw)
 
 
 async def test_logs_never_show_a_secret(sandbox_factory, tmp_path: Path):
@@ -205,13 +195,7 @@ def test_check_config_prints_masked_settings(tmp_path: Path):
 async def test_status_reports_the_checkpoint(sandbox_factory, tmp_path: Path):
     gw = await sandbox_factory(backlog=40)
     config = toml_config(tmp_path, gw.url)
-    proc = spawn(config, tmp_path / "daemon.log")
-    try:
-        await wait_until(lambda: count_lines(tmp_path / "events.jsonl") >= 40)
-        proc.send_signal(signal.SIGTERM)
-        assert await wait_exit(proc) == 0
-    finally:
-        proc.kill()
+    await run_until(config, tmp_path / "daemon.log", tmp_path / "events.jsonl", 40)
     done = await asyncio.to_thread(
         subprocess.run,
         [sys.executable, "-m", "consumer", "status", "--config", str(config)],
