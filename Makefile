@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck bench clean
+.PHONY: demo test chaos lint typecheck bench clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11 ...'"; exit 1; }
@@ -20,6 +20,10 @@ test: $(STAMP)
 	$(BIN)/ruff check consumer tests bench
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
+
+# The chaos suite at full size (make test runs it reduced).
+chaos: $(STAMP)
+	CHAOS_EVENTS=100000 CHAOS_KILLS=10 $(BIN)/python -m pytest -q tests/chaos
 
 lint: $(STAMP)
 	$(BIN)/ruff check consumer tests bench

@@ -57,9 +57,16 @@ def make_settings(
     )
 
 
-def toml_config(tmp_path: Path, url: str, extra: str = "", *, commit_interval_ms: int = 20) -> Path:
+def toml_config(
+    tmp_path: Path,
+    url: str,
+    extra: str = "",
+    *,
+    commit_interval_ms: int = 20,
+    connection: dict[str, Any] | None = None,
+) -> Path:
     """The same test settings as a TOML file, for the daemon run as a process."""
-    conn = "\n".join(f"{k} = {v}" for k, v in FAST_CONNECTION.items())
+    conn = "\n".join(f"{k} = {v}" for k, v in {**FAST_CONNECTION, **(connection or {})}.items())
     text = f"""{launcher.stream_config(url)}
 [streams.main.connection]
 {conn}

@@ -63,6 +63,7 @@ class Daemon:
     pipelines: dict[str, StreamPipeline] = field(default_factory=dict)
     runners: dict[str, StreamRunner] = field(default_factory=dict)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _stream_tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _closed: bool = False
     exit_code: int = EXIT_OK
@@ -152,7 +153,7 @@ class Daemon:
                 for t in pipeline.tasks:
                     self._tasks.add(t)
                     t.add_done_callback(self._task_done)
-                self._spawn(self.runners[name].run(), f"stream-{name}")
+                self._stream_tasks.append(self._spawn(self.runners[name].run(), f"stream-{name}"))
             log.info("opera-consumer running", version=__version__, streams=list(self.runners))
             await self._stop.wait()
         finally:
@@ -177,7 +178,7 @@ class Daemon:
         self._closed = True
         self._stop.set()
         p = self.settings.pipeline
-        streams = [t for t in self._tasks if t.get_name().startswith("stream-")]
+        streams = [t for t in self._stream_tasks if not t.done()]
         for r in self.runners.values():
             r.request_stop()
         grace = max(s.connection.complete_timeout_s for s in self.settings.streams.values()) + 2

@@ -94,6 +94,7 @@ class ChainLog:
     _resources: list[_Resource] = field(default_factory=list)
     _next_key: int = field(init=False)
     _changed: asyncio.Event | None = None
+    _count: int = 0
 
     def __post_init__(self) -> None:
         self._rng = random.Random(f"{self.seed}:{self.chain}")
@@ -112,6 +113,11 @@ class ChainLog:
         if offset is None:
             return 0
         return bisect.bisect_left(self._keys, int(offset))
+
+    @property
+    def count(self) -> int:
+        """Valid events in the log."""
+        return self._count
 
     def events(self) -> list[dict[str, Any]]:
         return [
@@ -145,6 +151,7 @@ class ChainLog:
             payload = _dumps({"data": {"newEvent": ev}})
             self.entries.append(Entry(key, offset, ev["hotelId"], payload))
             self._keys.append(key)
+        self._count += len(made)
         self._notify()
         return made
 

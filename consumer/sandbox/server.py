@@ -18,6 +18,8 @@ import base64
 import binascii
 import hashlib
 import json
+import math
+import random
 import re
 import secrets
 import signal
@@ -69,6 +71,15 @@ class SandboxOptions:
     stale_hold_s: float = 0.0  # 4409 for this long after a subscriber drops without complete
     complete_close_delay_s: float = 0.0  # after a client's complete, wait before closing
     defer_pongs: bool = False  # as OHIP in burst mode: no pong until the backlog is sent
+    # Chaos (deterministic for a given chaos_seed); 0 / False disables each.
+    chaos_seed: int = 0
+    drop_every: int = 0  # drop the TCP connection (no close frame) after about N events
+    close_every: int = 0  # close with one of close_codes after about N events
+    close_codes: tuple[int, ...] = (1001, 1000, 4500, 4504)
+    malformed_every: int = 0  # a malformed frame in the log after every N events
+    redeliver: int = 0  # a resume from an offset starts this many entries earlier
+    ignore_pings: bool = False
+    ack_delay_s: float = 0.0
     send_batch: int = 256
 
 
@@ -84,6 +95,7 @@ class SandboxStats:
     completes_received: int = 0
     subscribes: list[dict[str, Any]] = field(default_factory=list)  # parsed inputs, in order
     close_codes_sent: list[int] = field(default_factory=list)
+    chaos_drops: int = 0
     active_subscriptions: dict[str, int] = field(default_factory=dict)
 
 
@@ -111,13 +123,15 @@ class SandboxGateway:
         self._server: asyncio.Server | None = None
         self._closed = False
         self.stats = SandboxStats()
+        self._chaos = random.Random(self.options.chaos_seed)
+        self.malformed: dict[str, list[str]] = {c: [] for c in self.options.chains}
         self.key_hash = hashlib.sha256(self.options.app_key.encode()).hexdigest()
 
     # --- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
-        for log in self._logs.values():
-            log.generate(self.options.backlog)
+        for chain in self._logs:
+            self._grow(chain, self.options.backlog)
         self._server = await asyncio.start_server(
             self._handle, self.options.host, self.options.port, limit=_HEAD_LIMIT
         )
@@ -172,7 +186,21 @@ class SandboxGateway:
         return self._logs[chain].events()
 
     def append(self, chain: str, n: int) -> list[dict[str, Any]]:
-        return self._logs[chain].generate(n)
+        return self._grow(chain, n)
+
+    def _grow(self, chain: str, n: int) -> list[dict[str, Any]]:
+        """Generate ``n`` events, with a malformed frame every ``malformed_every`` if asked."""
+        log, every = self._logs[chain], self.options.malformed_every
+        if not every:
+            return log.generate(n)
+        made: list[dict[str, Any]] = []
+        while len(made) < n:
+            made += log.generate(min(n - len(made), every - log.count % every))
+            if log.count % every == 0:
+                raw = _malformed_frame(len(self.malformed[chain]), self._chaos)
+                self.malformed[chain].append(raw)
+                log.append_malformed(raw)
+        return made
 
     def inject_malformed(self, chain: str, raw_text: str) -> None:
         """Append a frame sent verbatim (not wrapped in ``next``) at this point of the log."""
@@ -202,8 +230,8 @@ class SandboxGateway:
         period = 1.0 / self.options.rate
         while True:
             await asyncio.sleep(period)
-            for log in self._logs.values():
-                log.generate(1)
+            for chain in self._logs:
+                self._grow(chain, 1)
 
     # --- HTTP -------------------------------------------------------------------------------
 
@@ -340,6 +368,7 @@ class _WsSession:
         self.chain: str | None = None
         self.completed = False
         self.silent = False
+        self._init_seen = False
         self._bursting = False
         self._deferred_pongs = 0
         self._sender: asyncio.Task[None] | None = None
@@ -415,7 +444,9 @@ class _WsSession:
         kind = msg.get("type")
         if kind == "ping":
             gw.stats.pings_received += 1
-            if self._bursting and gw.options.defer_pongs:
+            if gw.options.ignore_pings:
+                pass
+            elif self._bursting and gw.options.defer_pongs:
                 self._deferred_pongs += 1
                 gw.stats.max_deferred_pongs = max(gw.stats.max_deferred_pongs, self._deferred_pongs)
             else:
@@ -437,16 +468,16 @@ class _WsSession:
             raise _Close(4400, f"Invalid message type {kind!r}")
 
     def _init(self, payload: object) -> None:
-        if self.acked:
+        if self.acked or self._init_seen:
             raise _Close(4429, "Too many initialisation requests")
+        self._init_seen = True
         p = payload if isinstance(payload, dict) else {}
         auth = str(p.get("Authorization", ""))
         token = auth.removeprefix("Bearer ") if auth.startswith("Bearer ") else ""
         expiry = self.gw._token_expiry(token)
         if expiry is None or p.get("x-app-key") != self.gw.options.app_key:
             raise _Close(4401, "Unauthorised - Invalid credentials")
-        self.acked = True
-        self.send('{"type":"connection_ack","payload":{"applicationName":"sandbox"}}')
+        self._helpers.append(asyncio.create_task(self._ack(self.gw.options.ack_delay_s)))
         self._helpers.append(asyncio.create_task(self._expire(expiry)))
         if self.gw.options.ping_interval_s > 0:
             self._helpers.append(asyncio.create_task(self._pinger()))
@@ -483,6 +514,8 @@ class _WsSession:
             start = gw._delivered.get(chain, 0)
         else:
             start = log.start_index(offset if isinstance(offset, str) else None, highest=highest)
+            if offset is not None:
+                start = max(0, start - gw.options.redeliver)  # duplicates to deduplicate
         hotels = args.get("hotelCode")
         hotel_set = frozenset(str(hotels).split(",")) if hotels else None
         self._sender = asyncio.create_task(
@@ -495,8 +528,11 @@ class _WsSession:
         gw = self.gw
         assert self.sub_id is not None and self.chain is not None
         prefix = '{"id":' + json.dumps(self.sub_id) + ',"type":"next","payload":'
-        batch = gw.options.send_batch
+        o = gw.options
+        batch = o.send_batch
         proto, writer = self.proto, self.writer
+        drop_at, close_at = self._fault_point(o.drop_every), self._fault_point(o.close_every)
+        total = 0
         while proto.state is State.OPEN:
             entries = log.entries
             self._bursting = index < len(entries)
@@ -508,7 +544,8 @@ class _WsSession:
                 if index >= len(log.entries):
                     await changed.wait()
                 continue
-            end = min(len(entries), index + batch)
+            room = min(drop_at, close_at) - total  # stop exactly at a fault point
+            end = min(len(entries), index + batch, index + max(1, int(min(room, batch))))
             sent = 0
             for entry in entries[index:end]:
                 if entry.offset is None:
@@ -522,8 +559,26 @@ class _WsSession:
             index = end
             gw._delivered[self.chain] = index
             gw.stats.events_sent += sent
+            total += sent
             _flush(proto, writer)
             await writer.drain()
+            if total >= drop_at:
+                gw.stats.chaos_drops += 1
+                writer.transport.abort()
+                return
+            if total >= close_at:
+                self.close(gw._chaos.choice(o.close_codes), "chaos")
+                return
+
+    def _fault_point(self, every: int) -> float:
+        """About ``every`` events from now (seeded jitter), or never."""
+        return self.gw._chaos.randint(max(1, every // 2), every * 3 // 2) if every else math.inf
+
+    async def _ack(self, delay: float) -> None:
+        if delay:
+            await asyncio.sleep(delay)
+        self.acked = True
+        self.send('{"type":"connection_ack","payload":{"applicationName":"sandbox"}}')
 
     async def _close_later(self) -> None:
         await asyncio.sleep(self.gw.options.complete_close_delay_s)
@@ -574,6 +629,20 @@ def _parse_input(query: str) -> dict[str, Any]:
             )
         args[name] = value
     return args
+
+
+def _malformed_frame(n: int, rng: random.Random) -> str:
+    """The n-th malformed frame: each kind a consumer must survive, each text unique."""
+    kinds = (
+        '{"id":"x","type":"next","payload":{"data":{"newEvent":{"metadata":{"offset":"',  # cut
+        '{"id":"x","type":"next","payload":{"data":{"newEvent":{"eventName":"NO METADATA %d"}}}}',
+        '{"id":"x","type":"next","payload":{"data":{"newEvent":{"metadata":'
+        '{"offset":%d,"uniqueEventId":null}}}}}',  # wrong types
+        '[%d, "not an object"]',
+        '{"type":"surprise","n":%d}',
+    )
+    kind = kinds[n % len(kinds)]
+    return (kind % n if "%d" in kind else kind + str(n)) + " " * rng.randrange(3)
 
 
 def _flush(proto: ServerProtocol, writer: asyncio.StreamWriter) -> None:

@@ -1,0 +1,120 @@
+"""Every fault at once, and kill -9 at random moments: nothing lost, nothing twice.
+
+The sandbox drops connections without a close frame, closes them with 1000/1001/4500/4504,
+defers pongs during bursts, delays connection_ack, puts malformed frames in the stream,
+re-delivers events on resume, holds the stream (4409) after an unclean drop and expires tokens
+within seconds; the sink goes down for a while; the daemon process is killed with SIGKILL
+several times. Then the sink must hold every event exactly once, in order per primaryKey, and
+the DLQ every malformed frame with its raw text.
+
+Reduced size in `make test`; `make chaos` runs CHAOS_EVENTS=100000 CHAOS_KILLS=10.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from support import count_lines, read_sink, toml_config, wait_until
+
+from consumer.runtime.store import Store
+
+EVENTS = int(os.environ.get("CHAOS_EVENTS", "20000"))
+KILLS = int(os.environ.get("CHAOS_KILLS", "4"))
+HARNESS = Path(__file__).with_name("harness.py")
+
+
+def spawn(config: Path, outage: Path, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, str(HARNESS), str(config), str(outage)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+async def wait_exit(proc: subprocess.Popen[bytes], seconds: float = 60.0) -> int:
+    async with asyncio.timeout(seconds):
+        while proc.poll() is None:
+            await asyncio.sleep(0.05)
+    return proc.returncode
+
+
+async def test_no_fault_loses_or_duplicates_an_event(sandbox_factory, tmp_path: Path):
+    gw = await sandbox_factory(
+        backlog=EVENTS,
+        chaos_seed=11,
+        drop_every=max(200, EVENTS // 7),
+        close_every=max(200, EVENTS // 5),
+        malformed_every=max(50, EVENTS // 25),
+        redeliver=5,
+        defer_pongs=True,
+        ack_delay_s=0.05,
+        stale_hold_s=0.3,
+        token_ttl_s=3.0,
+        ping_interval_s=0.5,
+    )
+    config = toml_config(tmp_path, gw.url, connection={"ping_interval_s": 0.02})
+    sink, log, outage = tmp_path / "events.jsonl", tmp_path / "daemon.log", tmp_path / "outage"
+    rng = random.Random(5)
+    for run in range(KILLS):
+        proc = spawn(config, outage, log)
+        try:
+            target = count_lines(sink) + rng.randint(EVENTS // (KILLS * 4), EVENTS // (KILLS + 1))
+            if run == 1:  # the sink goes down for a while, then comes back
+                await wait_until(lambda p=proc: count_lines(sink) > 0 or p.poll() is not None)  # type: ignore[misc]
+                outage.touch()
+                await asyncio.sleep(2.0)
+                outage.unlink()
+                gw.append("DEMO", 300)  # live events on top of the backlog
+            await wait_until(
+                lambda t=target, p=proc: count_lines(sink) >= t or p.poll() is not None,  # type: ignore[misc]
+                timeout=120,
+            )
+            assert proc.poll() is None, log.read_text()[-3000:]
+            await asyncio.sleep(rng.random() * 0.3)  # at a random moment
+        finally:
+            proc.kill()
+            await wait_exit(proc)
+    total = len(gw.events("DEMO"))
+    proc = spawn(config, outage, log)
+    try:
+        await wait_until(lambda: count_lines(sink) >= total, timeout=300)
+        await asyncio.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        assert await wait_exit(proc) == 0
+    finally:
+        proc.kill()
+
+    truth = gw.events("DEMO")
+    lines = read_sink(sink)
+    counts = Counter(e["metadata"]["uniqueEventId"] for e in lines)
+    assert counts == Counter(e["metadata"]["uniqueEventId"] for e in truth)  # once, all
+    order_truth: dict[str, list[str]] = defaultdict(list)
+    for e in truth:
+        order_truth[e["primaryKey"]].append(e["metadata"]["uniqueEventId"])
+    order_sink: dict[str, list[str]] = defaultdict(list)
+    for e in lines:
+        order_sink[e["primaryKey"]].append(e["metadata"]["uniqueEventId"])
+    assert order_sink == order_truth
+
+    store = await Store.open(tmp_path / "state.db")
+    try:
+        letters = await store.dead_letters("main")
+    finally:
+        await store.close()
+    assert {d.payload for d in letters} == set(gw.malformed["DEMO"])
+    assert all(d.reason == "malformed" and d.error for d in letters)
+
+    # the faults really happened (those whose timing the test controls)
+    assert gw.stats.chaos_drops >= 1
+    assert {1000, 1001, 4500, 4504} & set(gw.stats.close_codes_sent)
+    assert 4409 in gw.stats.close_codes_sent  # stale hold after each kill -9
+    assert gw.stats.token_requests > KILLS + 1  # more than one token per process: rotations
+    assert "sink write failed; retrying" in log.read_text()
