@@ -98,6 +98,10 @@ class ConnectionSettings(_Model):
     rate_limited_s: float = Field(default=120.0, ge=0)
     max_auth_failures: int = Field(default=3, ge=1)
     healthy_after_s: float = Field(default=60.0, ge=0)
+    # OHIP: more than 150 upgrades in 2 minutes from one application key -> HTTP 429.
+    # Shared by every stream of the same app key (the first stream's values apply).
+    upgrade_limit: int = Field(default=140, ge=1)
+    upgrade_window_s: float = Field(default=120.0, gt=0)
     proxy: str | None = None  # None: no proxy, even if the environment names one
 
     def policy(self) -> PolicyConfig:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 from consumer.config import Settings
+from consumer.runtime.daemon import Daemon
 from consumer.sandbox import SandboxOptions, launcher
 
 # Protocol timers scaled for tests: the behaviour is the same, only faster.
@@ -110,3 +112,19 @@ async def wait_until(
     async with asyncio.timeout(timeout):
         while not predicate():
             await asyncio.sleep(interval)
+
+
+@asynccontextmanager
+async def running(settings: Settings, **kwargs: Any) -> AsyncIterator[Daemon]:
+    daemon = await Daemon.create(settings, **kwargs)
+    task = asyncio.create_task(daemon.run())
+    try:
+        yield daemon
+    finally:
+        daemon.request_stop()
+        async with asyncio.timeout(30):
+            await task
+
+
+def truth_ids(events: Sequence[dict[str, Any]]) -> list[str]:
+    return [e["metadata"]["uniqueEventId"] for e in events]

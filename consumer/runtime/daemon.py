@@ -24,6 +24,7 @@ import structlog
 from .. import __version__
 from ..config import Settings
 from ..core import protocol
+from ..core.upgrade_budget import UpgradeBudget
 from ..errors import StreamStopped
 from ..logs import REDACTOR
 from ..sinks.base import Sink
@@ -92,7 +93,13 @@ class Daemon:
         )
         self = cls(settings, store, sink, committer, http)
         p = settings.pipeline
+        budgets: dict[str, UpgradeBudget] = {}  # one per application key
         for name, stream in settings.streams.items():
+            c = stream.connection
+            budget = budgets.setdefault(
+                protocol.key_hash(stream.app_key.get_secret_value()),
+                UpgradeBudget(c.upgrade_limit, c.upgrade_window_s),
+            )
             pipeline = StreamPipeline(
                 name,
                 store=store,
@@ -111,6 +118,7 @@ class Daemon:
                 tokens=TokenProvider(http, stream),
                 pipeline=pipeline,
                 store=store,
+                budget=budget,
             )
         return self
 

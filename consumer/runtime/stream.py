@@ -36,6 +36,7 @@ from ..core.protocol import (
     Pong,
     SubscribeInput,
 )
+from ..core.upgrade_budget import UpgradeBudget
 from ..errors import AuthError, StreamStopped
 from .auth import Token, TokenProvider
 from .pipeline import StreamPipeline
@@ -61,6 +62,7 @@ class StreamRunner:
         tokens: TokenProvider,
         pipeline: StreamPipeline,
         store: Store,
+        budget: UpgradeBudget,
         rng: random.Random | None = None,
     ) -> None:
         self.name = name
@@ -68,6 +70,7 @@ class StreamRunner:
         self._tokens = tokens
         self._pipeline = pipeline
         self._store = store
+        self._budget = budget
         self._url = protocol.subscription_url(
             settings.gateway_url, settings.app_key.get_secret_value()
         )
@@ -113,6 +116,13 @@ class StreamRunner:
             return self.policy.on_network_error(str(exc))
         sub = await self._subscribe_input()
         c = self.settings.connection
+        wait = self._budget.reserve(time.monotonic())
+        if wait > 0:
+            log.warning("upgrade budget spent: waiting", delay_s=round(wait, 1))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), wait)
+            if self._stop.is_set():
+                return Decision(Action.RECONNECT, 0.0, "stopping")
         self.state = "connecting"
         started: float | None = None
         try:

@@ -96,6 +96,7 @@ class SandboxStats:
     subscribes: list[dict[str, Any]] = field(default_factory=list)  # parsed inputs, in order
     close_codes_sent: list[int] = field(default_factory=list)
     chaos_drops: int = 0
+    upgrades: list[float] = field(default_factory=list)  # monotonic times of upgrade requests
     active_subscriptions: dict[str, int] = field(default_factory=dict)
 
 
@@ -114,6 +115,8 @@ class SandboxGateway:
         self.issued_tokens: list[str] = []
         self.token_requests: list[tuple[dict[str, str], dict[str, str]]] = []  # headers, form
         self._token_failures: list[tuple[int, float | None]] = []
+        self._upgrade_failures: list[int] = []
+        self._close_on: dict[str, list[int]] = {}
         self._active: dict[str, _WsSession] = {}
         self._stale_until: dict[str, float] = {}
         self._delivered: dict[str, int] = {}
@@ -223,6 +226,14 @@ class SandboxGateway:
             if session._sender is not None:
                 session._sender.cancel()
 
+    def fail_upgrades(self, statuses: list[int]) -> None:
+        """The next upgrades are refused with these HTTP statuses (400, 429, 503...)."""
+        self._upgrade_failures.extend(statuses)
+
+    def close_on(self, message: str, codes: list[int]) -> None:
+        """Close the next ``connection_init`` or ``subscribe`` messages with these codes."""
+        self._close_on.setdefault(message, []).extend(codes)
+
     def fail_token_requests(self, statuses: list[int], retry_after: float | None = None) -> None:
         self._token_failures.extend((s, retry_after) for s in statuses)
 
@@ -328,8 +339,12 @@ class SandboxGateway:
         if not events or not isinstance(events[0], Request):
             return
         key = parse_qs(urlsplit(target).query).get("key", [""])[0]
+        self.stats.upgrades.append(time.monotonic())
         if key != self.key_hash:
             response = proto.reject(400, "Incorrect key or URL\n")
+        elif self._upgrade_failures:
+            status = self._upgrade_failures.pop(0)
+            response = proto.reject(status, "injected failure\n")
         else:
             response = proto.accept(events[0])
         proto.send_response(response)
@@ -442,6 +457,9 @@ class _WsSession:
     def _dispatch(self, msg: dict[str, Any]) -> None:
         gw = self.gw
         kind = msg.get("type")
+        injected = gw._close_on.get(str(kind))
+        if injected:
+            raise _Close(injected.pop(0), "injected")
         if kind == "ping":
             gw.stats.pings_received += 1
             if gw.options.ignore_pings:

@@ -27,7 +27,7 @@ from consumer.runtime.store import Store
 
 EVENTS = int(os.environ.get("CHAOS_EVENTS", "20000"))
 KILLS = int(os.environ.get("CHAOS_KILLS", "4"))
-HARNESS = Path(__file__).with_name("harness.py")
+HARNESS = Path(__file__).parents[1] / "harness.py"
 
 
 def spawn(config: Path, outage: Path, log: Path) -> subprocess.Popen[bytes]:

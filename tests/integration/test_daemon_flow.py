@@ -5,36 +5,27 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support import count_lines, make_settings, read_sink, sink_ids, stream_config, wait_until
+from support import (
+    count_lines,
+    make_settings,
+    read_sink,
+    running,
+    sink_ids,
+    stream_config,
+    truth_ids,
+    wait_until,
+)
 
-from consumer.config import Settings
 from consumer.core.events import Event
 from consumer.errors import PermanentSinkError, TransientSinkError
 from consumer.runtime.daemon import EXIT_CONFIG, Daemon
 from consumer.runtime.store import Store
 from consumer.sinks.jsonl import JsonlSink
-
-
-@asynccontextmanager
-async def running(settings: Settings, **kwargs: Any) -> AsyncIterator[Daemon]:
-    daemon = await Daemon.create(settings, **kwargs)
-    task = asyncio.create_task(daemon.run())
-    try:
-        yield daemon
-    finally:
-        daemon.request_stop()
-        async with asyncio.timeout(30):
-            await task
-
-
-def truth_ids(events: Sequence[dict[str, Any]]) -> list[str]:
-    return [e["metadata"]["uniqueEventId"] for e in events]
 
 
 async def test_backlog_then_live_events_reach_the_sink_once(sandbox_factory, tmp_path: Path):

@@ -1,7 +1,7 @@
 """The real daemon, with its jsonl sink behind a switch: while OUTAGE_FILE exists, every write
 fails transiently (a sink that is down). Run as a process so that the chaos test can kill -9 it.
 
-    python tests/chaos/harness.py CONFIG OUTAGE_FILE
+    python tests/harness.py CONFIG OUTAGE_FILE
 """
 
 from __future__ import annotations

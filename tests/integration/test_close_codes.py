@@ -1,0 +1,121 @@
+"""The close-code table end to end: the sandbox refuses or closes, the daemon reacts."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import Counter
+from pathlib import Path
+
+from support import count_lines, make_settings, running, sink_ids, truth_ids, wait_until
+
+from consumer.runtime.daemon import EXIT_CONFIG, Daemon
+
+
+async def run_to_exit(daemon: Daemon) -> int:
+    async with asyncio.timeout(30):
+        return await daemon.run()
+
+
+def gaps(times: list[float]) -> list[float]:
+    return [b - a for a, b in itertools.pairwise(times)]
+
+
+async def test_http_400_on_the_upgrade_stops_with_what_to_check(sandbox_factory, tmp_path: Path):
+    gw = await sandbox_factory()
+    gw.fail_upgrades([400])
+    daemon = await Daemon.create(make_settings(tmp_path, gw.url))
+    assert await run_to_exit(daemon) == EXIT_CONFIG
+    reason = daemon.runners["main"].stats.last_close
+    assert "HTTP 400" in reason and "SHA-256" in reason and "Streaming Enabled" in reason
+
+
+async def test_http_429_on_the_upgrade_waits(sandbox_factory, tmp_path: Path):
+    gw = await sandbox_factory(backlog=10)
+    gw.fail_upgrades([429])
+    settings = make_settings(tmp_path, gw.url, connection={"rate_limited_s": 0.6})
+    async with running(settings):
+        await wait_until(lambda: count_lines(tmp_path / "events.jsonl") >= 10)
+    assert gaps(gw.stats.upgrades)[0] >= 0.6
+
+
+async def test_4401_gets_a_new_token_and_recovers(sandbox_factory, tmp_path: Path):
+    gw = await sandbox_factory(backlog=10)
+    gw.close_on("connection_init", [4401, 4401])
+    async with running(make_settings(tmp_path, gw.url)) as daemon:
+        await wait_until(lambda: count_lines(tmp_path / "events.jsonl") >= 10)
+        assert daemon.runners["main"]._tokens.fetches == 3  # one new token per 4401
+    assert gw.stats.token_requests == 3
+
+
+async def test_repeated_4401_stops_the_stream(sandbox_factory, tmp_path: Path):
+    gw = await sandbox_factory()
+    gw.close_on("connection_init", [4401] * 10)
+    daemon = await Daemon.create(make_settings(tmp_path, gw.url))
+    assert await run_to_exit(daemon) == EXIT_CONFIG
+    reason = daemon.runners["main"].stats.last_close
+    assert "3 times in a row" in reason and "app_key" in reason
+    assert gw.stats.token_requests == 3
+
+
+async def test_4400_stops_the_stream(sandbox_factory, tmp_path: Path):
+    gw = await sandbox_factory()
+    gw.close_on("subscribe", [4400])
+    daemon = await Daemon.create(make_settings(tmp_path, gw.url))
+    assert await run_to_exit(daemon) == EXIT_CONFIG
+    assert "chain_code, offset and hotel_codes" in daemon.runners["main"].stats.last_close
+
+
+async def test_server_errors_and_maintenance_reconnect_and_resume(sandbox_factory, tmp_path: Path):
+    gw = await sandbox_factory(backlog=40)
+    sink = tmp_path / "events.jsonl"
+    async with running(make_settings(tmp_path, gw.url)) as daemon:
+        for i, code in enumerate((4500, 4504, 1000, 1001)):
+            await wait_until(lambda n=i: len(gw.stats.subscribes) > n)  # type: ignore[misc]
+            await gw.disconnect_all(code=code)
+            gw.append("DEMO", 10)
+        await wait_until(lambda: count_lines(sink) >= 80)
+        assert daemon.runners["main"].stats.connections == 5
+    assert Counter(sink_ids(sink)) == Counter(truth_ids(gw.events("DEMO")))
+
+
+async def test_1006_waits_at_least_abnormal_min(sandbox_factory, tmp_path: Path):
+    gw = await sandbox_factory(backlog=5)
+    settings = make_settings(tmp_path, gw.url, connection={"abnormal_min_s": 0.5})
+    async with running(settings):
+        await wait_until(lambda: count_lines(tmp_path / "events.jsonl") >= 5)
+        await gw.disconnect_all(code=None)
+        await wait_until(lambda: len(gw.stats.upgrades) >= 2)
+    assert gaps(gw.stats.upgrades)[0] >= 0.5
+
+
+async def test_4409_waits_out_the_lockout(sandbox_factory, tmp_path: Path):
+    gw = await sandbox_factory(backlog=5)
+    gw.close_on("subscribe", [4409, 4409])
+    settings = make_settings(
+        tmp_path, gw.url, connection={"lockout_s": 0.4, "lockout_jitter_s": 0.1}
+    )
+    async with running(settings):
+        await wait_until(lambda: count_lines(tmp_path / "events.jsonl") >= 5)
+    assert all(g >= 0.4 for g in gaps(gw.stats.upgrades)[:2])
+
+
+async def test_the_upgrade_budget_holds_when_every_attempt_fails(sandbox_factory, tmp_path: Path):
+    gw = await sandbox_factory(backlog=5)
+    gw.fail_upgrades([503] * 12)
+    settings = make_settings(
+        tmp_path,
+        gw.url,
+        connection={
+            "backoff_initial_s": 0.001,
+            "backoff_max_s": 0.002,
+            "upgrade_limit": 4,
+            "upgrade_window_s": 0.5,
+        },
+    )
+    async with running(settings):
+        await wait_until(lambda: count_lines(tmp_path / "events.jsonl") >= 5)
+    times = gw.stats.upgrades
+    assert len(times) == 13
+    for i in range(len(times) - 4):
+        assert times[i + 4] - times[i] >= 0.5 - 0.01  # never more than 4 in any 0.5 s

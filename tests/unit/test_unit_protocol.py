@@ -1,0 +1,615 @@
+"""Unit tests for consumer.core.protocol: URL/key helpers, input validation, encoders, decode."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from consumer.core.events import SELECTION, Event
+from consumer.core.protocol import (
+    PING,
+    PONG,
+    Complete,
+    ConnectionAck,
+    DecodeError,
+    ErrorMessage,
+    InvalidInput,
+    Next,
+    Ping,
+    Pong,
+    SubscribeInput,
+    complete,
+    connection_init,
+    decode,
+    key_hash,
+    subscribe,
+    subscription_url,
+)
+
+MESSAGE_TYPES = (ConnectionAck, Next, ErrorMessage, Complete, Ping, Pong, DecodeError)
+
+# Known SHA-256 test vectors (FIPS 180-2), independent of the implementation.
+SHA256_ABC = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+SHA256_EMPTY = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+SHA256_ABC_NEWLINE = "edeaaff3f1774ad2888673770c6d64097e391bc362d7d6fb34982ddf0efd18cb"
+
+
+def next_frame(event: Any, sub_id: Any = "sub-1") -> str:
+    return json.dumps({"id": sub_id, "type": "next", "payload": {"data": {"newEvent": event}}})
+
+
+def full_event(offset: str = "194", uid: str = "uid-194") -> dict[str, Any]:
+    return {
+        "metadata": {"offset": offset, "uniqueEventId": uid},
+        "moduleName": "Reservation",
+        "eventName": "UPDATE RESERVATION",
+        "primaryKey": "987654",
+        "timestamp": "28-APR-24 06.18.59.028027 AM",
+        "hotelId": "HOTEL1",
+        "publisherId": "pub",
+        "actionInstanceId": "act",
+        "detail": [
+            {
+                "elementName": "First Name",
+                "oldValue": "Old",
+                "newValue": "New",
+                "elementType": None,
+                "elementSequence": None,
+                "elementRole": None,
+                "scopeFrom": None,
+                "scopeTo": None,
+            },
+            None,
+        ],
+    }
+
+
+# --- key_hash / subscription_url ---------------------------------------------------------------
+
+
+def test_key_hash_matches_known_sha256_vectors() -> None:
+    assert key_hash("abc") == SHA256_ABC
+    assert key_hash("") == SHA256_EMPTY
+    # `echo -n`: no trailing newline is hashed
+    assert key_hash("abc") != SHA256_ABC_NEWLINE
+    assert key_hash("abc\n") == SHA256_ABC_NEWLINE
+
+
+def test_key_hash_is_64_lowercase_hex_characters() -> None:
+    h = key_hash("ABC-123-ÄÖÜ")
+    assert re.fullmatch(r"[0-9a-f]{64}", h)
+
+
+@pytest.mark.parametrize(
+    ("gateway", "expected_base"),
+    [
+        ("https://gw.example.com", "wss://gw.example.com/subscriptions"),
+        ("https://gw.example.com/", "wss://gw.example.com/subscriptions"),
+        ("https://gw.example.com/subscriptions", "wss://gw.example.com/subscriptions"),
+        ("https://gw.example.com/subscriptions/", "wss://gw.example.com/subscriptions"),
+        ("https://gw.example.com/ohip", "wss://gw.example.com/ohip/subscriptions"),
+        ("http://127.0.0.1:8080", "ws://127.0.0.1:8080/subscriptions"),
+        ("wss://gw.example.com", "wss://gw.example.com/subscriptions"),
+        ("ws://localhost:1234/", "ws://localhost:1234/subscriptions"),
+    ],
+)
+def test_subscription_url_rewrites_scheme_and_appends_hashed_key(
+    gateway: str, expected_base: str
+) -> None:
+    url = subscription_url(gateway, "abc")
+    assert url == f"{expected_base}?key={SHA256_ABC}"
+
+
+def test_subscription_url_never_carries_the_raw_key() -> None:
+    url = subscription_url("https://gw.example.com", "MY-RAW-APP-KEY")
+    assert "MY-RAW-APP-KEY" not in url
+    assert url.endswith("key=" + key_hash("MY-RAW-APP-KEY"))
+
+
+@pytest.mark.parametrize(
+    "gateway", ["ftp://gw.example.com", "gw.example.com", "https://", "", "file:///etc/x"]
+)
+def test_subscription_url_rejects_bad_gateways(gateway: str) -> None:
+    with pytest.raises(InvalidInput, match="gateway URL"):
+        subscription_url(gateway, "abc")
+
+
+# --- SubscribeInput ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"chain_code": "CHAIN1"},
+        {"chain_code": "A" * 20},
+        {"chain_code": "a Z_0%#$&-"},
+        {"chain_code": "C", "offset": "0"},
+        {"chain_code": "C", "offset": "0007"},
+        {"chain_code": "C", "offset": "9" * 20},
+        {"chain_code": "C", "hotel_codes": ("H1", "H 2", "H-3")},
+        {"chain_code": "C", "hotel_codes": ("H" * 50,)},
+        {"chain_code": "C", "hotel_codes": ("A,B",)},
+        {"chain_code": "C", "highest": True, "delta": True},
+    ],
+)
+def test_valid_inputs_pass_validation(kwargs: dict[str, Any]) -> None:
+    SubscribeInput(**kwargs).validate()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"chain_code": ""}, "chainCode"),
+        ({"chain_code": "A" * 21}, "chainCode"),
+        ({"chain_code": "CH!"}, "chainCode"),
+        ({"chain_code": "A,B"}, "chainCode"),  # the comma is only allowed in hotelCode
+        ({"chain_code": 'C" offsetType: "highest'}, "chainCode"),
+        ({"chain_code": "C\n"}, "chainCode"),
+        ({"chain_code": "C", "offset": ""}, "offset"),
+        ({"chain_code": "C", "offset": "12a"}, "offset"),
+        ({"chain_code": "C", "offset": "-1"}, "offset"),
+        ({"chain_code": "C", "offset": " 1"}, "offset"),
+        ({"chain_code": "C", "offset": "1" * 21}, "offset"),
+        ({"chain_code": "C", "offset": "１２"}, "offset"),  # fullwidth digits  # noqa: RUF001
+        ({"chain_code": "C", "hotel_codes": ("H;1",)}, "hotelCode"),
+        ({"chain_code": "C", "hotel_codes": ("",)}, "hotelCode"),
+        ({"chain_code": "C", "hotel_codes": ("H" * 26, "H" * 25)}, "hotelCode"),  # 52 joined
+        ({"chain_code": "C", "hotel_codes": ('H"',)}, "hotelCode"),
+    ],
+)
+def test_inputs_outside_the_schema_are_rejected_naming_the_field(
+    kwargs: dict[str, Any], field: str
+) -> None:
+    sub = SubscribeInput(**kwargs)
+    with pytest.raises(InvalidInput) as info:
+        sub.validate()
+    assert str(info.value).startswith(field)
+    # arguments() validates too: an invalid value is never written into a query
+    with pytest.raises(InvalidInput):
+        sub.arguments()
+    with pytest.raises(InvalidInput):
+        subscribe("id", sub)
+
+
+def test_invalid_input_is_a_value_error() -> None:
+    assert issubclass(InvalidInput, ValueError)
+
+
+def test_arguments_chain_only() -> None:
+    assert SubscribeInput(chain_code="CHAIN1").arguments() == '{ chainCode: "CHAIN1" }'
+
+
+def test_arguments_offset_is_written_as_a_string_verbatim() -> None:
+    args = SubscribeInput(chain_code="C", offset="0007").arguments()
+    assert args == '{ chainCode: "C" offset: "0007" }'
+
+
+def test_arguments_highest_replaces_the_offset() -> None:
+    args = SubscribeInput(chain_code="C", offset="5", highest=True).arguments()
+    assert args == '{ chainCode: "C" offsetType: "highest" }'
+    assert "offset:" not in args
+
+
+def test_arguments_delta_and_hotel_codes() -> None:
+    args = SubscribeInput(
+        chain_code="C", offset="1", delta=True, hotel_codes=("H1", "H2")
+    ).arguments()
+    assert args == '{ chainCode: "C" offset: "1" delta: true hotelCode: "H1,H2" }'
+
+
+def test_arguments_without_delta_do_not_mention_it() -> None:
+    assert "delta" not in SubscribeInput(chain_code="C").arguments()
+
+
+@pytest.mark.parametrize("chain", ["A B", "a%b#c$d&e-f_g", "X&Y", "1 2 3"])
+def test_arguments_quote_special_characters_as_graphql_strings(chain: str) -> None:
+    args = SubscribeInput(chain_code=chain).arguments()
+    m = re.fullmatch(r'\{ chainCode: ("(?:[^"\\]|\\.)*") \}', args)
+    assert m is not None, args
+    assert json.loads(m.group(1)) == chain
+
+
+def test_subscribe_input_is_immutable() -> None:
+    sub = SubscribeInput(chain_code="C")
+    with pytest.raises(AttributeError):
+        sub.chain_code = "D"  # type: ignore[misc]
+
+
+# --- encoders ----------------------------------------------------------------------------------
+
+
+def test_connection_init_carries_bearer_token_and_raw_key() -> None:
+    msg = json.loads(connection_init("tok.en", "RAW-KEY"))
+    assert msg == {
+        "type": "connection_init",
+        "payload": {"Authorization": "Bearer tok.en", "x-app-key": "RAW-KEY"},
+    }
+    assert key_hash("RAW-KEY") not in json.dumps(msg)
+
+
+def test_subscribe_message_shape() -> None:
+    sub = SubscribeInput(chain_code="CHAIN1", offset="0042", delta=True)
+    msg = json.loads(subscribe("sub-42", sub))
+    assert set(msg) == {"id", "type", "payload"}
+    assert msg["id"] == "sub-42"
+    assert msg["type"] == "subscribe"
+    payload = msg["payload"]
+    assert payload["variables"] == {"input": {"chainCode": "CHAIN1"}}
+    assert payload["extensions"] == {}
+    assert payload["operationName"] is None
+    query = payload["query"]
+    assert query == (
+        f"subscription {{ newEvent(input: {sub.arguments()}) {{ {SELECTION} }} }}"
+    )
+    assert 'offset: "0042"' in query
+    for field in ("metadata { offset uniqueEventId }", "primaryKey", "eventName", "detail {"):
+        assert field in query
+
+
+def test_subscribe_query_braces_are_balanced() -> None:
+    sub = SubscribeInput(chain_code="C", hotel_codes=("H1",))
+    query = json.loads(subscribe("x", sub))["payload"]["query"]
+    depth = 0
+    for ch in query:
+        depth += {"{": 1, "}": -1}.get(ch, 0)
+        assert depth >= 0
+    assert depth == 0
+
+
+def test_complete_ping_pong() -> None:
+    assert json.loads(complete("sub-9")) == {"id": "sub-9", "type": "complete"}
+    assert json.loads(PING) == {"type": "ping"}
+    assert json.loads(PONG) == {"type": "pong"}
+
+
+def test_encoded_ping_and_pong_decode_back() -> None:
+    assert isinstance(decode(PING), Ping)
+    assert isinstance(decode(PONG), Pong)
+
+
+# --- decode: control messages ------------------------------------------------------------------
+
+
+def test_decode_ping_and_pong_ignore_extra_fields() -> None:
+    assert decode('{"type":"ping","payload":{"x":1}}') == Ping()
+    assert decode('{"type":"pong"}') == Pong()
+
+
+def test_decode_connection_ack() -> None:
+    assert decode('{"type":"connection_ack"}') == ConnectionAck(None)
+    ack = decode('{"type":"connection_ack","payload":{"applicationName":"app"}}')
+    assert ack == ConnectionAck({"applicationName": "app"})
+    assert decode('{"type":"connection_ack","payload":[1]}') == ConnectionAck(None)
+    assert decode('{"type":"connection_ack","payload":"x"}') == ConnectionAck(None)
+
+
+def test_decode_error_message() -> None:
+    msg = decode('{"id":"s1","type":"error","payload":[{"message":"bad"},{"message":"worse"}]}')
+    assert msg == ErrorMessage("s1", [{"message": "bad"}, {"message": "worse"}])
+    single = decode('{"id":"s1","type":"error","payload":{"message":"bad"}}')
+    assert single == ErrorMessage("s1", [{"message": "bad"}])
+
+
+def test_decode_complete() -> None:
+    assert decode('{"id":"s1","type":"complete"}') == Complete("s1")
+    assert decode('{"id":7,"type":"complete"}') == Complete("7")
+
+
+# --- decode: next ------------------------------------------------------------------------------
+
+
+def test_decode_next_builds_the_event() -> None:
+    ev = full_event()
+    msg = decode(next_frame(ev))
+    assert isinstance(msg, Next)
+    assert msg.id == "sub-1"
+    assert msg.event == Event(
+        offset="194",
+        unique_event_id="uid-194",
+        event_name="UPDATE RESERVATION",
+        module_name="Reservation",
+        primary_key="987654",
+        hotel_id="HOTEL1",
+        timestamp="28-APR-24 06.18.59.028027 AM",
+        raw=ev,
+    )
+    assert msg.event.raw == ev  # the newEvent object as received, unknown fields included
+
+
+def test_decode_next_keeps_unknown_fields_in_raw() -> None:
+    ev = {"metadata": {"offset": "1", "uniqueEventId": "u"}, "dataValueMapping": {"a": [1]}}
+    msg = decode(next_frame(ev))
+    assert isinstance(msg, Next)
+    assert msg.event.raw["dataValueMapping"] == {"a": [1]}
+
+
+def test_decode_next_from_bytes() -> None:
+    ev = full_event(offset="0007", uid="ü-id")
+    frame = next_frame(ev).encode()
+    msg = decode(frame)
+    assert isinstance(msg, Next)
+    assert msg.event.offset == "0007"
+    assert msg.event.unique_event_id == "ü-id"
+    assert msg.event.raw == ev
+
+
+def test_decode_next_minimal_event_defaults() -> None:
+    msg = decode(next_frame({"metadata": {"offset": "5", "uniqueEventId": "e5"}}))
+    assert isinstance(msg, Next)
+    ev = msg.event
+    assert (ev.event_name, ev.module_name, ev.hotel_id, ev.timestamp) == ("", "", None, None)
+    # without primaryKey the event is partitioned by its own id
+    assert ev.primary_key == "e5"
+
+
+@pytest.mark.parametrize("pk", [None, "", 17, ["x"]])
+def test_decode_next_unusable_primary_key_falls_back_to_the_event_id(pk: Any) -> None:
+    msg = decode(next_frame({"metadata": {"offset": "5", "uniqueEventId": "e5"}, "primaryKey": pk}))
+    assert isinstance(msg, Next)
+    assert msg.event.primary_key == "e5"
+
+
+def test_decode_next_non_string_optional_fields_become_none_or_empty() -> None:
+    ev = {
+        "metadata": {"offset": "5", "uniqueEventId": "e5"},
+        "hotelId": 12,
+        "timestamp": 99,
+        "eventName": None,
+        "moduleName": ["m"],
+    }
+    msg = decode(next_frame(ev))
+    assert isinstance(msg, Next)
+    assert msg.event.hotel_id is None
+    assert msg.event.timestamp is None
+    assert msg.event.event_name == ""
+    assert msg.event.module_name == ""
+
+
+@pytest.mark.parametrize(
+    ("frame", "reason_part"),
+    [
+        ('{"type":"next"}', "newEvent"),
+        ('{"type":"next","payload":null}', "newEvent"),
+        ('{"type":"next","payload":{}}', "newEvent"),
+        ('{"type":"next","payload":{"data":null}}', "newEvent"),
+        ('{"type":"next","payload":{"data":{}}}', "newEvent"),
+        ('{"type":"next","payload":{"data":{"newEvent":null}}}', "newEvent"),
+        ('{"type":"next","payload":{"data":{"newEvent":[]}}}', "newEvent"),
+        ('{"type":"next","payload":{"data":{"newEvent":"x"}}}', "newEvent"),
+        ('{"type":"next","payload":[1,2]}', "newEvent"),
+        ('{"type":"next","payload":{"data":{"newEvent":{}}}}', "metadata"),
+        ('{"type":"next","payload":{"data":{"newEvent":{"metadata":null}}}}', "metadata"),
+        ('{"type":"next","payload":{"data":{"newEvent":{"metadata":"m"}}}}', "metadata"),
+        ('{"type":"next","payload":{"data":{"newEvent":{"metadata":[1]}}}}', "metadata"),
+        (
+            '{"type":"next","payload":{"data":{"newEvent":{"metadata":{"uniqueEventId":"u"}}}}}',
+            "offset",
+        ),
+        (
+            '{"type":"next","payload":{"data":{"newEvent":{"metadata":'
+            '{"offset":194,"uniqueEventId":"u"}}}}}',
+            "offset",
+        ),
+        (
+            '{"type":"next","payload":{"data":{"newEvent":{"metadata":'
+            '{"offset":"","uniqueEventId":"u"}}}}}',
+            "offset",
+        ),
+        (
+            '{"type":"next","payload":{"data":{"newEvent":{"metadata":'
+            '{"offset":null,"uniqueEventId":"u"}}}}}',
+            "offset",
+        ),
+        (
+            '{"type":"next","payload":{"data":{"newEvent":{"metadata":{"offset":"1"}}}}}',
+            "uniqueEventId",
+        ),
+        (
+            '{"type":"next","payload":{"data":{"newEvent":{"metadata":'
+            '{"offset":"1","uniqueEventId":5}}}}}',
+            "uniqueEventId",
+        ),
+        (
+            '{"type":"next","payload":{"data":{"newEvent":{"metadata":'
+            '{"offset":"1","uniqueEventId":""}}}}}',
+            "uniqueEventId",
+        ),
+        (
+            '{"type":"next","payload":{"data":{"newEvent":{"metadata":'
+            '{"offset":"1","uniqueEventId":{"a":1}}}}}}',
+            "uniqueEventId",
+        ),
+    ],
+)
+def test_unusable_next_frames_are_decode_errors_with_raw_text(
+    frame: str, reason_part: str
+) -> None:
+    msg = decode(frame)
+    assert isinstance(msg, DecodeError)
+    assert msg.raw == frame
+    assert reason_part in msg.reason
+    as_bytes = decode(frame.encode())
+    assert isinstance(as_bytes, DecodeError)
+    assert as_bytes.raw == frame
+    assert as_bytes.reason == msg.reason
+
+
+# --- decode: other errors ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("frame", ["", "{", "nul", "{'type':'ping'}", '{"type":"ping"', "NaN"])
+def test_invalid_json_is_a_decode_error_with_raw_text(frame: str) -> None:
+    msg = decode(frame)
+    assert isinstance(msg, DecodeError)
+    assert msg.raw == frame
+    assert msg.reason.startswith("invalid JSON")
+
+
+@pytest.mark.parametrize("frame", ["[]", "[1,2]", "1", '"ping"', "null", "true", "1.5"])
+def test_non_object_json_is_a_decode_error(frame: str) -> None:
+    msg = decode(frame)
+    assert msg == DecodeError(frame, "frame is not a JSON object")
+
+
+@pytest.mark.parametrize(
+    "frame", ['{"type":"subscribe"}', '{"type":"PING"}', '{"type":null}', "{}", '{"type":1}']
+)
+def test_unknown_or_missing_type_is_a_decode_error(frame: str) -> None:
+    msg = decode(frame)
+    assert isinstance(msg, DecodeError)
+    assert msg.raw == frame
+    assert "unknown message type" in msg.reason
+
+
+def test_invalid_utf8_bytes_are_decoded_lossily_into_raw() -> None:
+    frame = b'{"type":"ping","x":"\xff\xfe"}'
+    msg = decode(frame)
+    assert isinstance(msg, DecodeError)
+    assert msg.raw == frame.decode("utf-8", "replace")
+    assert "\ufffd" in msg.raw
+
+
+def test_bytes_non_object_keeps_text() -> None:
+    assert decode(b"[1]") == DecodeError("[1]", "frame is not a JSON object")
+
+
+def test_nesting_beyond_the_parser_limit_is_a_decode_error() -> None:
+    frame = '{"type":"next","payload":' + "[" * 5000 + "]" * 5000 + "}"
+    msg = decode(frame)
+    assert isinstance(msg, DecodeError)
+    assert msg.raw == frame
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=RecursionError,
+    reason="BUG: decode raises RecursionError when 'type' is a deeply nested (but parseable) "
+    "JSON value: the unknown-type reason uses repr() of it",
+)
+def test_decode_never_raises_on_deeply_nested_type() -> None:
+    depth = 1000  # parseable by orjson (its limit is 1024), too deep for repr()
+    frame = '{"type":' + "[" * depth + "]" * depth + "}"
+    msg = decode(frame)
+    assert isinstance(msg, DecodeError)
+    assert msg.raw == frame
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=RecursionError,
+    reason="BUG: decode raises RecursionError when 'id' of a next/error/complete frame is a "
+    "deeply nested JSON value: it is converted with str()",
+)
+def test_decode_never_raises_on_deeply_nested_id() -> None:
+    depth = 1000
+    nested = "[" * depth + "]" * depth
+    frame = '{"type":"complete","id":' + nested + "}"
+    msg = decode(frame)
+    assert isinstance(msg, (Complete, DecodeError))
+
+
+# --- properties --------------------------------------------------------------------------------
+
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20)
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300)
+@given(st.text())
+def test_decode_never_raises_on_arbitrary_text(text: str) -> None:
+    msg = decode(text)
+    assert isinstance(msg, MESSAGE_TYPES)
+    if isinstance(msg, DecodeError):
+        assert msg.raw == text
+
+
+@given(st.binary())
+def test_decode_never_raises_on_arbitrary_bytes(data: bytes) -> None:
+    msg = decode(data)
+    assert isinstance(msg, MESSAGE_TYPES)
+    if isinstance(msg, DecodeError):
+        assert msg.raw == data.decode("utf-8", "replace")
+
+
+@settings(max_examples=300)
+@given(
+    value=json_values,
+    where=st.sampled_from(["payload", "data", "newEvent", "metadata", "offset", "id", "uid"]),
+)
+def test_decode_never_raises_on_any_json_in_a_next_frame(value: Any, where: str) -> None:
+    meta: Any = {"offset": "1", "uniqueEventId": "u"}
+    if where == "offset":
+        meta["offset"] = value
+    elif where == "uid":
+        meta["uniqueEventId"] = value
+    elif where == "metadata":
+        meta = value
+    event: Any = value if where == "newEvent" else {"metadata": meta}
+    data: Any = value if where == "data" else {"newEvent": event}
+    payload: Any = value if where == "payload" else {"data": data}
+    msg_id: Any = value if where == "id" else "s"
+    frame = json.dumps({"id": msg_id, "type": "next", "payload": payload})
+    for f in (frame, frame.encode()):
+        msg = decode(f)
+        assert isinstance(msg, (Next, DecodeError))
+        if isinstance(msg, DecodeError):
+            assert msg.raw == frame
+
+
+@given(value=json_values)
+def test_decode_never_raises_on_any_json_value_as_frame(value: Any) -> None:
+    frame = json.dumps(value)
+    msg = decode(frame)
+    assert isinstance(msg, MESSAGE_TYPES)
+
+
+safe_text = st.text(
+    alphabet=st.characters(exclude_categories=("Cs",)), min_size=1, max_size=40
+)
+
+
+@settings(max_examples=300)
+@given(
+    offset=st.from_regex(r"[0-9]{1,20}", fullmatch=True),
+    uid=safe_text,
+    extra=st.dictionaries(
+        st.sampled_from(["moduleName", "eventName", "primaryKey", "hotelId", "x"]),
+        st.none() | safe_text,
+    ),
+    as_bytes=st.booleans(),
+)
+def test_valid_events_decode_to_next_with_ids_verbatim(
+    offset: str, uid: str, extra: dict[str, Any], as_bytes: bool
+) -> None:
+    event = {"metadata": {"offset": offset, "uniqueEventId": uid}, **extra}
+    frame = next_frame(event)
+    msg = decode(frame.encode() if as_bytes else frame)
+    assert isinstance(msg, Next)
+    assert msg.event.offset == offset  # opaque: "0007" stays "0007"
+    assert msg.event.unique_event_id == uid
+    assert msg.event.raw == event
+    pk = extra.get("primaryKey")
+    assert msg.event.primary_key == (pk if pk else uid)
+
+
+def test_leading_zero_offsets_are_not_normalised() -> None:
+    for offset in ("0007", "0", "00", "0000000000000000000001"[:20]):
+        msg = decode(next_frame({"metadata": {"offset": offset, "uniqueEventId": "u"}}))
+        assert isinstance(msg, Next)
+        assert msg.event.offset == offset
