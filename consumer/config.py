@@ -87,6 +87,8 @@ class ConnectionSettings(_Model):
     ack_timeout_s: float = Field(default=10.0, gt=0)
     liveness_floor_s: float = Field(default=180.0, gt=0)
     liveness_multiplier: float = Field(default=4.0, gt=0)
+    # Largest frame processed; up to 4x larger ones are dead-lettered; beyond that the
+    # stream stops (1009) until the limit is raised.
     max_frame_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     complete_timeout_s: float = Field(default=10.0, ge=0)  # wait for the server's close
     resubscribe_gap_s: float = Field(default=10.0, ge=0)  # after a completed session

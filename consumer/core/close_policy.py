@@ -54,6 +54,10 @@ _STOP_CODES = {
 }
 
 NORMAL_CLOSURE = 1000
+MESSAGE_TOO_BIG = 1009
+# Frames up to max_frame_bytes are processed; up to this many times larger they are read and
+# dead-lettered; anything larger closes the connection (1009).
+OVERSIZED_FACTOR = 4
 ABNORMAL_CLOSURE = 1006
 UNAUTHORIZED = 4401
 SUBSCRIBER_EXISTS = 4409
@@ -105,6 +109,18 @@ class ClosePolicy:
                 Action.RECONNECT, delay, f"connection lost without a close frame (1006){said}"
             )
         return Decision(Action.RECONNECT, self._backoff(), f"closed by server ({code}){said}")
+
+    def on_closed_by_us(self, code: int, max_frame_bytes: int) -> Decision | None:
+        """We closed the connection ourselves (websockets did, on our limits)."""
+        if code == MESSAGE_TOO_BIG:
+            # The frame comes back on every replay: reconnecting would loop for ever.
+            return Decision(
+                Action.STOP,
+                0.0,
+                f"a frame larger than {max_frame_bytes * OVERSIZED_FACTOR} bytes arrived (1009): "
+                f"raise max_frame_bytes (now {max_frame_bytes}) and restart",
+            )
+        return None
 
     def on_handshake_status(self, status: int) -> Decision:
         """The HTTP upgrade was refused with ``status``."""

@@ -182,8 +182,15 @@ _PING = Ping()
 _PONG = Pong()
 
 
-def decode(frame: str | bytes) -> Message:
-    """Turn one WebSocket text frame into a message. Never raises."""
+def decode(frame: str | bytes, max_size: int | None = None) -> Message:
+    """Turn one WebSocket text frame into a message. Never raises.
+
+    A frame longer than ``max_size`` bytes (characters for ``str``) is a DecodeError unread.
+    """
+    if max_size is not None and len(frame) > max_size:
+        return DecodeError(
+            _text_of(frame), f"frame of {len(frame)} bytes exceeds max_frame_bytes ({max_size})"
+        )
     try:
         msg = orjson.loads(frame)  # the hot path: several times faster than json
     except (ValueError, RecursionError) as exc:

@@ -24,7 +24,7 @@ from websockets.typing import Subprotocol
 from .. import __version__
 from ..config import StreamSettings
 from ..core import protocol
-from ..core.close_policy import Action, ClosePolicy, Decision
+from ..core.close_policy import OVERSIZED_FACTOR, Action, ClosePolicy, Decision
 from ..core.liveness import Liveness
 from ..core.protocol import (
     Complete,
@@ -130,7 +130,7 @@ class StreamRunner:
                 self._url,
                 subprotocols=[Subprotocol(protocol.SUBPROTOCOL)],
                 compression=None,
-                max_size=c.max_frame_bytes,
+                max_size=c.max_frame_bytes * OVERSIZED_FACTOR,
                 max_queue=64,
                 # Liveness is graphql-ws ping/pong + data (burst-aware); protocol-level pings
                 # would time out whenever our own backpressure stops reading.
@@ -223,9 +223,10 @@ class StreamRunner:
         stats = self.stats
         decode = protocol.decode
         monotonic = time.monotonic
+        limit = self.settings.connection.max_frame_bytes
         while True:
             # Bytes: orjson parses them directly, skipping a UTF-8 decode per frame.
-            msg = decode(await ws.recv(decode=False))
+            msg = decode(await ws.recv(decode=False), limit)
             now = monotonic()
             if type(msg) is Next:
                 liveness.activity(now)
@@ -312,4 +313,10 @@ class StreamRunner:
             return Decision(Action.RECONNECT, self.settings.connection.resubscribe_gap_s, why)
         if self._dead:
             return self.policy.on_close(None, "liveness deadline passed")
+        if exc.sent is not None and not exc.rcvd_then_sent:  # we closed first
+            ours = self.policy.on_closed_by_us(
+                exc.sent.code, self.settings.connection.max_frame_bytes
+            )
+            if ours is not None:
+                return ours
         return self.policy.on_close(rcvd.code if rcvd else None, rcvd.reason if rcvd else "")

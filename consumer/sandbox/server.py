@@ -77,6 +77,7 @@ class SandboxOptions:
     close_every: int = 0  # close with one of close_codes after about N events
     close_codes: tuple[int, ...] = (1001, 1000, 4500, 4504)
     malformed_every: int = 0  # a malformed frame in the log after every N events
+    oversized_bytes: int = 0  # > 0: every 6th malformed frame is a `next` frame this large
     redeliver: int = 0  # a resume from an offset starts this many entries earlier
     ignore_pings: bool = False
     ack_delay_s: float = 0.0
@@ -200,7 +201,9 @@ class SandboxGateway:
         while len(made) < n:
             made += log.generate(min(n - len(made), every - log.count % every))
             if log.count % every == 0:
-                raw = _malformed_frame(len(self.malformed[chain]), self._chaos)
+                raw = _malformed_frame(
+                    len(self.malformed[chain]), self._chaos, self.options.oversized_bytes
+                )
                 self.malformed[chain].append(raw)
                 log.append_malformed(raw)
         return made
@@ -649,8 +652,15 @@ def _parse_input(query: str) -> dict[str, Any]:
     return args
 
 
-def _malformed_frame(n: int, rng: random.Random) -> str:
+def _malformed_frame(n: int, rng: random.Random, oversized: int = 0) -> str:
     """The n-th malformed frame: each kind a consumer must survive, each text unique."""
+    if oversized and n % 6 == 5:
+        padding = "x" * oversized
+        return (
+            '{"id":"x","type":"next","payload":{"data":{"newEvent":{"metadata":{"offset":"1",'
+            f'"uniqueEventId":"big-{n}"}},"detail":[{{"elementName":"Notes","newValue":"{padding}"'
+            "}]}}}}"
+        )
     kinds = (
         '{"id":"x","type":"next","payload":{"data":{"newEvent":{"metadata":{"offset":"',  # cut
         '{"id":"x","type":"next","payload":{"data":{"newEvent":{"eventName":"NO METADATA %d"}}}}',

@@ -53,6 +53,7 @@ async def test_no_fault_loses_or_duplicates_an_event(sandbox_factory, tmp_path: 
         drop_every=max(200, EVENTS // 7),
         close_every=max(200, EVENTS // 5),
         malformed_every=max(50, EVENTS // 25),
+        oversized_bytes=100_000,  # the daemon below processes frames up to 64 KiB
         redeliver=5,
         defer_pongs=True,
         ack_delay_s=0.05,
@@ -60,7 +61,9 @@ async def test_no_fault_loses_or_duplicates_an_event(sandbox_factory, tmp_path: 
         token_ttl_s=3.0,
         ping_interval_s=0.5,
     )
-    config = toml_config(tmp_path, gw.url, connection={"ping_interval_s": 0.02})
+    config = toml_config(
+        tmp_path, gw.url, connection={"ping_interval_s": 0.02, "max_frame_bytes": 65536}
+    )
     sink, log, outage = tmp_path / "events.jsonl", tmp_path / "daemon.log", tmp_path / "outage"
     rng = random.Random(5)
     for run in range(KILLS):
@@ -111,6 +114,7 @@ async def test_no_fault_loses_or_duplicates_an_event(sandbox_factory, tmp_path: 
         await store.close()
     assert {d.payload for d in letters} == set(gw.malformed["DEMO"])
     assert all(d.reason == "malformed" and d.error for d in letters)
+    assert any("exceeds max_frame_bytes" in d.error for d in letters)  # oversized, dead-lettered
 
     # the faults really happened (those whose timing the test controls)
     assert gw.stats.chaos_drops >= 1

@@ -83,3 +83,9 @@ def test_backoff_grows_is_capped_and_resets_after_a_healthy_session():
     p.session_ended(61.0)
     assert p.on_network_error("down").delay_s <= 1.0
     assert p.auth_failures == 0
+
+
+def test_a_frame_too_big_for_us_stops_instead_of_looping():
+    d = policy().on_closed_by_us(1009, 1024)
+    assert d is not None and d.action is Action.STOP and "max_frame_bytes" in d.reason
+    assert policy().on_closed_by_us(1000, 1024) is None

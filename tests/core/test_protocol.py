@@ -215,3 +215,11 @@ def test_valid_events_keep_offset_and_id_verbatim(
     msg = protocol.decode(next_frame(ev))
     assert isinstance(msg, Next)
     assert (msg.event.offset, msg.event.unique_event_id) == (offset, event_id)
+
+
+def test_frames_over_the_size_limit_are_decode_errors_unread():
+    frame = next_frame(EVENT)
+    assert isinstance(protocol.decode(frame, max_size=len(frame)), Next)
+    msg = protocol.decode(frame.encode(), max_size=len(frame) - 1)
+    assert isinstance(msg, DecodeError) and "exceeds max_frame_bytes" in msg.reason
+    assert msg.raw == frame

@@ -119,3 +119,15 @@ async def test_the_upgrade_budget_holds_when_every_attempt_fails(sandbox_factory
     assert len(times) == 13
     for i in range(len(times) - 4):
         assert times[i + 4] - times[i] >= 0.5 - 0.01  # never more than 4 in any 0.5 s
+
+
+async def test_a_frame_beyond_four_times_the_limit_stops_the_stream(
+    sandbox_factory, tmp_path: Path
+):
+    gw = await sandbox_factory(backlog=3)
+    gw.inject_malformed("DEMO", '{"type":"next","x":"' + "y" * 20_000 + '"}')
+    settings = make_settings(tmp_path, gw.url, connection={"max_frame_bytes": 4096})
+    daemon = await Daemon.create(settings)
+    assert await run_to_exit(daemon) == EXIT_CONFIG  # rather than reconnect to it for ever
+    assert "raise max_frame_bytes" in daemon.runners["main"].stats.last_close
+    assert count_lines(tmp_path / "events.jsonl") == 3  # what came before it was delivered

@@ -141,12 +141,14 @@ async def test_second_consumer_gets_4409_and_the_first_keeps_running(
 
 async def test_token_rotation_completes_and_resumes_without_gap(sandbox_factory, tmp_path: Path):
     # 3 s tokens: the session is rotated (complete, server close, new token) half-way.
-    gw = await sandbox_factory(backlog=10, token_ttl_s=3.0, rate=40.0)
+    # stale_hold_s: a session that ended without `complete` would lock the stream (4409).
+    gw = await sandbox_factory(backlog=10, token_ttl_s=3.0, rate=40.0, stale_hold_s=30.0)
     settings = make_settings(tmp_path, gw.url)
     async with running(settings) as daemon:
         await wait_until(lambda: gw.stats.completes_received >= 2, timeout=30)
         assert daemon.runners["main"]._tokens.fetches >= 2
     assert 4401 not in gw.stats.close_codes_sent  # rotated before the server had to refuse
+    assert 4409 not in gw.stats.close_codes_sent  # and always completed first
     ids = sink_ids(tmp_path / "events.jsonl")
     truth = truth_ids(gw.events("DEMO"))
     assert len(ids) == len(set(ids))
@@ -189,6 +191,19 @@ async def test_a_silent_connection_is_declared_dead_and_replaced(sandbox_factory
         await wait_until(lambda: count_lines(sink) >= 70)
         assert "liveness deadline" in daemon.runners["main"].stats.last_close
     assert Counter(sink_ids(sink)) == Counter(truth_ids(gw.events("DEMO")))
+
+
+async def test_a_server_that_never_answers_pings_is_alive_while_events_flow(
+    sandbox_factory, tmp_path: Path
+):
+    gw = await sandbox_factory(backlog=10, rate=50.0, ignore_pings=True, ping_interval_s=0)
+    settings = make_settings(
+        tmp_path, gw.url, connection={"ping_interval_s": 0.1, "liveness_floor_s": 0.5}
+    )
+    async with running(settings) as daemon:
+        await wait_until(lambda: count_lines(tmp_path / "events.jsonl") >= 100, timeout=20)
+        assert gw.stats.pings_received >= 10 and gw.stats.pongs_sent == 0
+        assert daemon.runners["main"].stats.connections == 1
 
 
 async def test_pongs_deferred_during_a_burst_do_not_kill_the_connection(

@@ -243,9 +243,7 @@ def test_subscribe_message_shape() -> None:
     assert payload["extensions"] == {}
     assert payload["operationName"] is None
     query = payload["query"]
-    assert query == (
-        f"subscription {{ newEvent(input: {sub.arguments()}) {{ {SELECTION} }} }}"
-    )
+    assert query == (f"subscription {{ newEvent(input: {sub.arguments()}) {{ {SELECTION} }} }}")
     assert 'offset: "0042"' in query
     for field in ("metadata { offset uniqueEventId }", "primaryKey", "eventName", "detail {"):
         assert field in query
@@ -426,9 +424,7 @@ def test_decode_next_non_string_optional_fields_become_none_or_empty() -> None:
         ),
     ],
 )
-def test_unusable_next_frames_are_decode_errors_with_raw_text(
-    frame: str, reason_part: str
-) -> None:
+def test_unusable_next_frames_are_decode_errors_with_raw_text(frame: str, reason_part: str) -> None:
     msg = decode(frame)
     assert isinstance(msg, DecodeError)
     assert msg.raw == frame
@@ -524,8 +520,9 @@ json_scalars = (
 )
 json_values = st.recursive(
     json_scalars,
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=20,
 )
 
@@ -579,9 +576,7 @@ def test_decode_never_raises_on_any_json_value_as_frame(value: Any) -> None:
     assert isinstance(msg, MESSAGE_TYPES)
 
 
-safe_text = st.text(
-    alphabet=st.characters(exclude_categories=("Cs",)), min_size=1, max_size=40
-)
+safe_text = st.text(alphabet=st.characters(exclude_categories=("Cs",)), min_size=1, max_size=40)
 
 
 @settings(max_examples=300)

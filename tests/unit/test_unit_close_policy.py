@@ -1,0 +1,249 @@
+"""Unit tests for consumer.core.close_policy.ClosePolicy: the close-code table."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from consumer.core.close_policy import Action, ClosePolicy, PolicyConfig
+
+CFG = PolicyConfig(
+    backoff_initial_s=1.0,
+    backoff_max_s=16.0,
+    abnormal_min_s=4.0,
+    lockout_s=120.0,
+    lockout_jitter_s=30.0,
+    rate_limited_s=120.0,
+    max_auth_failures=3,
+    healthy_after_s=60.0,
+)
+
+
+def policy(seed: int = 1, cfg: PolicyConfig = CFG) -> ClosePolicy:
+    return ClosePolicy(cfg, random.Random(seed))
+
+
+@pytest.mark.parametrize("code", [1000, 1001, 4500, 4504, 1011, 4408, 4429])
+def test_transient_codes_reconnect_with_first_backoff(code: int) -> None:
+    d = policy().on_close(code)
+    assert d.action is Action.RECONNECT
+    assert CFG.backoff_initial_s / 2 <= d.delay_s <= CFG.backoff_initial_s
+    assert str(code) in d.reason
+
+
+@pytest.mark.parametrize("code", [1006, None])
+def test_abnormal_closure_waits_at_least_the_minimum(code: int | None) -> None:
+    for seed in range(20):
+        p = policy(seed)
+        d = p.on_close(code)
+        assert d.action is Action.RECONNECT
+        assert d.delay_s >= CFG.abnormal_min_s
+        assert "1006" in d.reason
+
+
+def test_abnormal_closure_still_backs_off_beyond_the_minimum() -> None:
+    p = policy()
+    delays = [p.on_close(None).delay_s for _ in range(8)]
+    assert all(d >= 4.0 for d in delays)
+    assert all(d <= CFG.backoff_max_s for d in delays)
+    assert max(delays) >= CFG.backoff_max_s / 2  # the cap's half is reached eventually
+
+
+@pytest.mark.parametrize(
+    ("code", "hints"),
+    [
+        (4400, ["4400", "chain_code", "offset", "hotel_codes"]),
+        (4403, ["4403", "approved"]),
+        (4406, ["4406", "graphql-transport-ws", "gateway_url"]),
+    ],
+)
+def test_permanent_codes_stop_and_say_what_to_check(code: int, hints: list[str]) -> None:
+    p = policy()
+    d = p.on_close(code, "Value for offset is invalid")
+    assert d.action is Action.STOP
+    assert d.delay_s == 0.0
+    for hint in hints:
+        assert hint in d.reason
+    assert "Value for offset is invalid" in d.reason  # the server's reason is kept
+
+
+def test_4401_refreshes_the_token_then_stops_after_max_failures() -> None:
+    p = policy()
+    first = p.on_close(4401, "Invalid Auth Token")
+    assert first.action is Action.REFRESH_TOKEN
+    assert first.delay_s > 0
+    assert "4401" in first.reason
+    assert "Invalid Auth Token" in first.reason
+    assert p.on_close(4401).action is Action.REFRESH_TOKEN
+    third = p.on_close(4401)
+    assert third.action is Action.STOP
+    for hint in ("app_key", "client_id", "client_secret", "3 times"):
+        assert hint in third.reason
+
+
+def test_4401_limit_follows_config() -> None:
+    cfg = PolicyConfig(max_auth_failures=1)
+    assert policy(cfg=cfg).on_close(4401).action is Action.STOP
+
+
+def test_auth_failures_reset_after_a_healthy_session() -> None:
+    p = policy()
+    p.on_close(4401)
+    p.on_close(4401)
+    p.session_ended(CFG.healthy_after_s)
+    assert p.on_close(4401).action is Action.REFRESH_TOKEN
+    assert p.on_close(4401).action is Action.REFRESH_TOKEN
+    assert p.on_close(4401).action is Action.STOP
+
+
+def test_short_session_does_not_reset_auth_failures() -> None:
+    p = policy()
+    p.on_close(4401)
+    p.on_close(4401)
+    p.session_ended(CFG.healthy_after_s - 0.1)
+    assert p.on_close(4401).action is Action.STOP
+
+
+def test_4409_waits_out_the_lockout_with_jitter() -> None:
+    delays = []
+    for seed in range(50):
+        d = policy(seed).on_close(4409)
+        assert d.action is Action.RECONNECT
+        assert CFG.lockout_s <= d.delay_s <= CFG.lockout_s + CFG.lockout_jitter_s
+        assert "4409" in d.reason
+        delays.append(d.delay_s)
+    assert len(set(delays)) > 1  # jittered
+
+
+def test_4409_repeated_never_drops_below_the_lockout() -> None:
+    p = policy()
+    for _ in range(10):
+        assert p.on_close(4409).delay_s >= CFG.lockout_s
+
+
+@pytest.mark.parametrize("code", [4500, 4504])
+def test_server_error_codes_back_off_growing(code: int) -> None:
+    p = policy()
+    delays = [p.on_close(code).delay_s for _ in range(5)]
+    for k, d in enumerate(delays):
+        ceiling = min(CFG.backoff_max_s, CFG.backoff_initial_s * 2**k)
+        assert ceiling / 2 <= d <= ceiling
+    assert all(p.on_close(code).action is Action.RECONNECT for _ in range(3))
+
+
+def test_http_400_stops_and_says_what_to_check() -> None:
+    d = policy().on_handshake_status(400)
+    assert d.action is Action.STOP
+    assert d.delay_s == 0.0
+    for hint in ("400", "app_key", "SHA-256", "gateway_url", "approved", "Streaming Enabled"):
+        assert hint in d.reason
+
+
+def test_http_403_stops() -> None:
+    d = policy().on_handshake_status(403)
+    assert d.action is Action.STOP
+    assert "403" in d.reason
+    assert "approved" in d.reason
+
+
+def test_http_401_refreshes_then_stops() -> None:
+    p = policy()
+    assert p.on_handshake_status(401).action is Action.REFRESH_TOKEN
+    assert p.on_handshake_status(401).action is Action.REFRESH_TOKEN
+    stop = p.on_handshake_status(401)
+    assert stop.action is Action.STOP
+    assert "401" in stop.reason
+
+
+def test_http_401_and_4401_count_together() -> None:
+    p = policy()
+    p.on_handshake_status(401)
+    p.on_close(4401)
+    assert p.on_handshake_status(401).action is Action.STOP
+
+
+def test_http_429_waits_the_rate_limit() -> None:
+    for seed in range(30):
+        d = policy(seed).on_handshake_status(429)
+        assert d.action is Action.RECONNECT
+        assert CFG.rate_limited_s <= d.delay_s <= CFG.rate_limited_s + CFG.backoff_initial_s
+        assert "429" in d.reason
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504, 599])
+def test_http_5xx_reconnects_with_backoff(status: int) -> None:
+    p = policy()
+    d = p.on_handshake_status(status)
+    assert d.action is Action.RECONNECT
+    assert CFG.backoff_initial_s / 2 <= d.delay_s <= CFG.backoff_initial_s
+    assert str(status) in d.reason
+    d2 = p.on_handshake_status(status)
+    assert CFG.backoff_initial_s <= d2.delay_s <= 2 * CFG.backoff_initial_s
+
+
+def test_network_error_reconnects_with_backoff() -> None:
+    d = policy().on_network_error("connection refused")
+    assert d.action is Action.RECONNECT
+    assert d.reason == "connection refused"
+    assert 0 < d.delay_s <= CFG.backoff_initial_s
+
+
+def test_backoff_grows_and_is_capped() -> None:
+    p = policy(seed=7)
+    delays = [p.on_close(1000).delay_s for _ in range(40)]
+    for k, d in enumerate(delays):
+        ceiling = min(CFG.backoff_max_s, CFG.backoff_initial_s * 2**k)
+        assert ceiling / 2 <= d <= ceiling, (k, d)
+    assert max(delays) <= CFG.backoff_max_s
+    capped = delays[5:]  # 2**4 = 16 reached
+    assert all(d >= CFG.backoff_max_s / 2 for d in capped)
+    assert len(set(capped)) > 1  # jittered, not a constant
+
+
+def test_backoff_is_deterministic_for_a_seed_and_differs_across_seeds() -> None:
+    def run(seed: int) -> list[float]:
+        p = policy(seed)
+        return [p.on_close(1001).delay_s for _ in range(6)]
+
+    assert run(3) == run(3)
+    assert run(3) != run(4)
+
+
+def test_backoff_survives_many_failures_without_overflow() -> None:
+    p = policy()
+    for _ in range(2000):
+        d = p.on_network_error("x")
+    assert CFG.backoff_max_s / 2 <= d.delay_s <= CFG.backoff_max_s
+
+
+def test_long_session_resets_backoff() -> None:
+    p = policy()
+    for _ in range(6):
+        p.on_close(1001)
+    assert p.on_close(1001).delay_s >= CFG.backoff_max_s / 2
+    p.session_ended(CFG.healthy_after_s + 1)
+    d = p.on_close(1001)
+    assert CFG.backoff_initial_s / 2 <= d.delay_s <= CFG.backoff_initial_s
+
+
+def test_short_session_keeps_backoff() -> None:
+    p = policy()
+    for _ in range(6):
+        p.on_close(1001)
+    p.session_ended(1.0)
+    assert p.on_close(1001).delay_s >= CFG.backoff_max_s / 2
+
+
+def test_stop_codes_do_not_consume_backoff() -> None:
+    p = policy()
+    p.on_close(4400)
+    p.on_handshake_status(400)
+    d = p.on_close(1000)
+    assert CFG.backoff_initial_s / 2 <= d.delay_s <= CFG.backoff_initial_s
+
+
+def test_default_rng_is_used_without_one() -> None:
+    p = ClosePolicy(PolicyConfig())
+    d = p.on_close(1000)
+    assert 0.5 <= d.delay_s <= 1.0

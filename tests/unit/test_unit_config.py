@@ -1,0 +1,328 @@
+"""Unit tests for consumer.config.load_settings with real TOML files in tmp_path."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+import consumer.config as config_module
+from consumer.config import effective, load_settings
+from consumer.errors import ConfigError
+
+APP_KEY = "app-key-VERY-SECRET-0001"
+CLIENT_SECRET = "client-secret-VERY-SECRET-0002"
+PASSWORD = "password-VERY-SECRET-0003"
+FILE_SECRET = "file-secret-VERY-SECRET-0004"
+
+BASE = f"""
+[streams.main]
+gateway_url = "https://gw.example.com/"
+chain_code = "CHAIN1"
+app_key = "{APP_KEY}"
+
+[streams.main.auth]
+client_id = "cid"
+client_secret = "{CLIENT_SECRET}"
+"""
+
+
+@pytest.fixture(autouse=True)
+def hermetic(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for key in list(os.environ):
+        if key.startswith("OPERA_CONSUMER_") or key == "CREDENTIALS_DIRECTORY":
+            monkeypatch.delenv(key)
+    monkeypatch.setattr(config_module, "SECRET_DIRS", ())
+    monkeypatch.setattr(config_module, "DEFAULT_CONFIG_PATHS", (Path("config.toml"),))
+    monkeypatch.chdir(tmp_path)
+
+
+def write(tmp_path: Path, text: str, name: str = "config.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def config_error(path: Path | None) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    return str(info.value)
+
+
+def test_minimal_valid_config(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, BASE))
+    stream = settings.streams["main"]
+    assert stream.gateway_url == "https://gw.example.com"  # trailing slash dropped
+    assert stream.chain_code == "CHAIN1"
+    assert stream.app_key.get_secret_value() == APP_KEY
+    assert stream.auth.client_id == "cid"
+    assert stream.auth.client_secret.get_secret_value() == CLIENT_SECRET
+    assert stream.auth.grant == "client_credentials"
+    assert stream.subscription.start == "persisted"
+    assert stream.subscription.offset is None
+    assert stream.token_url == "https://gw.example.com/oauth/v1/tokens"
+    assert settings.pipeline.workers >= 1
+
+
+def test_config_toml_in_the_working_directory_is_found(tmp_path: Path) -> None:
+    write(tmp_path, BASE)
+    assert load_settings(None).streams["main"].chain_code == "CHAIN1"
+
+
+def test_env_overrides_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPERA_CONSUMER_STREAMS__MAIN__CHAIN_CODE", "ENVCHAIN")
+    stream = load_settings(write(tmp_path, BASE)).streams["main"]
+    assert stream.chain_code == "ENVCHAIN"
+    # the rest of the stream still comes from the file
+    assert stream.gateway_url == "https://gw.example.com"
+    assert stream.auth.client_secret.get_secret_value() == CLIENT_SECRET
+
+
+def test_env_override_of_a_nested_number(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPERA_CONSUMER_STREAMS__MAIN__CONNECTION__PING_INTERVAL_S", "7.5")
+    assert load_settings(write(tmp_path, BASE)).streams["main"].connection.ping_interval_s == 7.5
+
+
+def test_env_value_is_validated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPERA_CONSUMER_STREAMS__MAIN__CHAIN_CODE", "BAD!CHAIN")
+    text = config_error(write(tmp_path, BASE))
+    assert "chainCode" in text
+    assert "BAD!CHAIN" in text
+
+
+def test_secret_from_credentials_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "streams__main__auth__client_secret").write_text(FILE_SECRET + "\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    without_secret = BASE.replace(f'client_secret = "{CLIENT_SECRET}"\n', "")
+    assert "client_secret" not in without_secret
+    stream = load_settings(write(tmp_path, without_secret)).streams["main"]
+    assert stream.auth.client_secret.get_secret_value() == FILE_SECRET
+
+
+def test_app_key_from_credentials_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "streams__main__app_key").write_text(FILE_SECRET)
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    without_key = BASE.replace(f'app_key = "{APP_KEY}"\n', "")
+    stream = load_settings(write(tmp_path, without_key)).streams["main"]
+    assert stream.app_key.get_secret_value() == FILE_SECRET
+
+
+def test_missing_credentials_directory_is_ignored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path / "does-not-exist"))
+    assert load_settings(write(tmp_path, BASE)).streams["main"].chain_code == "CHAIN1"
+
+
+@pytest.mark.parametrize(
+    ("table", "dotted"),
+    [
+        ("[streams.main.auth]\nclient_secrt = 'x'\n", "streams.main.auth.client_secrt"),
+        ("[streams.main.connection]\nping_intervall_s = 3\n", "streams.main.connection.ping_intervall_s"),
+        ("[streams.main.subscription]\nhotels = []\n", "streams.main.subscription.hotels"),
+        ("[pipeline]\nworkerz = 2\n", "pipeline.workerz"),
+        ("[bogus]\nx = 1\n", "bogus"),
+    ],
+)
+def test_unknown_key_is_an_error_naming_the_dotted_key(
+    tmp_path: Path, table: str, dotted: str
+) -> None:
+    text = BASE
+    if table.startswith("[streams.main.auth]"):
+        text = BASE + table.split("\n", 1)[1]  # add to the existing auth table
+    else:
+        text = BASE + table
+    message = config_error(write(tmp_path, text))
+    assert dotted in message
+    assert "unknown key" in message
+
+
+@pytest.mark.parametrize(
+    ("line", "dotted", "env"),
+    [
+        (
+            f'client_secret = "{CLIENT_SECRET}"\n',
+            "streams.main.auth.client_secret",
+            "OPERA_CONSUMER_STREAMS__MAIN__AUTH__CLIENT_SECRET",
+        ),
+        ('chain_code = "CHAIN1"\n', "streams.main.chain_code", "OPERA_CONSUMER_STREAMS__MAIN__CHAIN_CODE"),
+        (
+            'gateway_url = "https://gw.example.com/"\n',
+            "streams.main.gateway_url",
+            "OPERA_CONSUMER_STREAMS__MAIN__GATEWAY_URL",
+        ),
+    ],
+)
+def test_missing_required_key_names_key_and_env_var(
+    tmp_path: Path, line: str, dotted: str, env: str
+) -> None:
+    assert line in BASE
+    message = config_error(write(tmp_path, BASE.replace(line, "")))
+    assert dotted in message
+    assert env in message
+
+
+def test_no_config_file_at_all_is_an_error_saying_where_it_looked(tmp_path: Path) -> None:
+    message = config_error(None)
+    assert "no config file found" in message
+    assert "streams" in message
+
+
+def test_config_path_that_does_not_exist(tmp_path: Path) -> None:
+    missing = tmp_path / "nope" / "config.toml"
+    message = config_error(missing)
+    assert str(missing) in message
+
+
+def test_config_path_that_is_a_directory(tmp_path: Path) -> None:
+    config_error(tmp_path)
+
+
+def test_toml_syntax_error_is_a_config_error(tmp_path: Path) -> None:
+    message = config_error(write(tmp_path, BASE + "\nthis is = = not toml\n"))
+    assert "config.toml" in message
+
+
+@pytest.mark.parametrize("offset", ["12a", "", "-1", "1" * 21, "0x10"])
+def test_bad_offset_is_rejected(tmp_path: Path, offset: str) -> None:
+    text = BASE + f'\n[streams.main.subscription]\noffset = "{offset}"\n'
+    message = config_error(write(tmp_path, text))
+    assert "offset" in message
+
+
+def test_leading_zero_offset_is_kept(tmp_path: Path) -> None:
+    text = BASE + '\n[streams.main.subscription]\nstart = "offset"\noffset = "0007"\n'
+    assert load_settings(write(tmp_path, text)).streams["main"].subscription.offset == "0007"
+
+
+@pytest.mark.parametrize("chain", ["CH!", "", "A" * 21, "A,B", 'A\\"B'])
+def test_bad_chain_code_is_rejected(tmp_path: Path, chain: str) -> None:
+    message = config_error(write(tmp_path, BASE.replace('"CHAIN1"', f'"{chain}"')))
+    assert "chainCode" in message
+
+
+def test_bad_hotel_code_is_rejected(tmp_path: Path) -> None:
+    text = BASE + '\n[streams.main.subscription]\nhotel_codes = ["H1", "H;2"]\n'
+    assert "hotelCode" in config_error(write(tmp_path, text))
+
+
+def test_gateway_url_must_be_http(tmp_path: Path) -> None:
+    text = BASE.replace("https://gw.example.com/", "gw.example.com")
+    message = config_error(write(tmp_path, text))
+    assert "streams.main.gateway_url" in message
+
+
+def test_bad_stream_name_is_rejected(tmp_path: Path) -> None:
+    text = BASE.replace("streams.main", 'streams."bad name"')
+    assert "bad name" in config_error(write(tmp_path, text))
+
+
+def test_password_grant_without_username_is_an_error(tmp_path: Path) -> None:
+    text = BASE + f'grant = "password"\npassword = "{PASSWORD}"\n'
+    message = config_error(write(tmp_path, text))
+    assert "username" in message
+    assert PASSWORD not in message
+
+
+def test_password_grant_without_password_is_an_error(tmp_path: Path) -> None:
+    text = BASE + 'grant = "password"\nusername = "INTEG"\n'
+    assert "password" in config_error(write(tmp_path, text))
+
+
+def test_password_grant_with_both(tmp_path: Path) -> None:
+    text = BASE + f'grant = "password"\nusername = "INTEG"\npassword = "{PASSWORD}"\n'
+    auth = load_settings(write(tmp_path, text)).streams["main"].auth
+    assert auth.username == "INTEG"
+    assert auth.password is not None
+    assert auth.password.get_secret_value() == PASSWORD
+
+
+def test_unknown_grant_is_an_error(tmp_path: Path) -> None:
+    assert "grant" in config_error(write(tmp_path, BASE + 'grant = "implicit"\n'))
+
+
+def test_start_offset_without_offset_is_an_error(tmp_path: Path) -> None:
+    text = BASE + '\n[streams.main.subscription]\nstart = "offset"\n'
+    message = config_error(write(tmp_path, text))
+    assert "offset" in message
+
+
+def test_start_highest_needs_no_offset(tmp_path: Path) -> None:
+    text = BASE + '\n[streams.main.subscription]\nstart = "highest"\n'
+    assert load_settings(write(tmp_path, text)).streams["main"].subscription.start == "highest"
+
+
+def test_out_of_range_number_is_an_error(tmp_path: Path) -> None:
+    message = config_error(write(tmp_path, BASE + "\n[pipeline]\nworkers = 0\n"))
+    assert "pipeline.workers" in message
+
+
+SECRETS = (APP_KEY, CLIENT_SECRET, PASSWORD)
+
+
+def secret_config() -> str:
+    return BASE + f'grant = "password"\nusername = "INTEG"\npassword = "{PASSWORD}"\n'
+
+
+def test_secrets_are_masked_in_effective(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, secret_config()))
+    data = effective(settings)
+    stream = data["streams"]["main"]
+    assert stream["app_key"] != APP_KEY
+    assert stream["auth"]["client_secret"] != CLIENT_SECRET
+    assert stream["auth"]["password"] != PASSWORD
+    assert set(stream["app_key"]) == {"*"}
+    dumped = json.dumps(data)  # plain data, printable as JSON
+    for secret in SECRETS:
+        assert secret not in dumped
+    assert stream["chain_code"] == "CHAIN1"  # non-secrets are shown
+
+
+def test_secrets_are_masked_in_repr_and_str(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, secret_config()))
+    for text in (repr(settings), str(settings), repr(settings.streams), str(settings.streams)):
+        for secret in SECRETS:
+            assert secret not in text
+    assert "CHAIN1" in repr(settings)
+
+
+def test_secret_file_value_is_masked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "streams__main__auth__client_secret").write_text(FILE_SECRET)
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    settings = load_settings(write(tmp_path, BASE.replace(f'client_secret = "{CLIENT_SECRET}"\n', "")))
+    assert FILE_SECRET not in repr(settings)
+    assert FILE_SECRET not in json.dumps(effective(settings))
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        f'clientsecret = "{CLIENT_SECRET}"\n',  # a typo'd key carrying the secret
+        'grant = "password"\n',  # password grant without user: model-level error
+        "timeout_s = -1\n",  # out of range
+    ],
+)
+def test_secrets_never_appear_in_config_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra: str
+) -> None:
+    monkeypatch.setenv("OPERA_CONSUMER_STREAMS__MAIN__AUTH__PASSWORD", PASSWORD)
+    message = config_error(write(tmp_path, BASE + extra))
+    for secret in SECRETS:
+        assert secret not in message
+
+
+def test_secret_with_wrong_type_is_not_echoed(tmp_path: Path) -> None:
+    text = BASE.replace(f'app_key = "{APP_KEY}"', "app_key = 918273645546372819")
+    message = config_error(write(tmp_path, text))
+    assert "streams.main.app_key" in message
+    assert "918273645546372819" not in message

@@ -1,0 +1,180 @@
+"""Unit tests for consumer.core.watermark.Watermark."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from consumer.core.watermark import Position, Watermark
+
+
+def pos(i: int) -> Position:
+    return Position(f"{i:04d}", f"uid-{i}")
+
+
+def test_empty_watermark() -> None:
+    wm = Watermark()
+    assert wm.position is None
+    assert wm.advance() is None
+    assert wm.in_flight == 0
+
+
+def test_add_returns_consecutive_sequence_numbers_across_completions() -> None:
+    wm = Watermark()
+    assert [wm.add(pos(i)) for i in range(3)] == [0, 1, 2]
+    wm.done(0)
+    wm.done(1)
+    assert wm.add(pos(3)) == 3
+    assert wm.in_flight == 2
+
+
+def test_position_waits_for_the_oldest_unfinished_frame() -> None:
+    wm = Watermark()
+    seqs = [wm.add(pos(i)) for i in range(4)]
+    wm.done(seqs[2])
+    wm.done(seqs[1])
+    assert wm.position is None  # frame 0 is not done
+    assert wm.in_flight == 4
+    wm.done(seqs[0])
+    assert wm.position == pos(2)
+    assert wm.in_flight == 1
+    wm.done(seqs[3])
+    assert wm.position == pos(3)
+    assert wm.in_flight == 0
+
+
+def test_frames_without_position_take_a_slot() -> None:
+    wm = Watermark()
+    a = wm.add(pos(1))
+    b = wm.add(None)
+    c = wm.add(pos(3))
+    wm.done(c)
+    wm.done(a)
+    assert wm.position == pos(1)  # b (malformed) holds the line
+    wm.done(b)
+    assert wm.position == pos(3)
+
+
+def test_a_done_prefix_of_only_none_frames_has_no_position() -> None:
+    wm = Watermark()
+    wm.done(wm.add(None))
+    assert wm.position is None
+    assert wm.advance() is None
+    wm.done(wm.add(pos(5)))
+    assert wm.position == pos(5)
+    wm.done(wm.add(None))
+    assert wm.position == pos(5)  # a trailing None frame keeps the last real position
+
+
+def test_advance_reports_only_moves() -> None:
+    wm = Watermark()
+    s0, s1 = wm.add(pos(0)), wm.add(pos(1))
+    assert wm.advance() is None
+    wm.done(s1)
+    assert wm.advance() is None  # s0 still pending: nothing moved
+    wm.done(s0)
+    assert wm.advance() == pos(1)
+    assert wm.advance() is None
+    wm.done(wm.add(None))
+    assert wm.advance() is None  # a None frame does not move the position
+    wm.done(wm.add(pos(2)))
+    assert wm.advance() == pos(2)
+    assert wm.advance() is None
+
+
+def test_rewind_offers_the_position_again() -> None:
+    wm = Watermark()
+    wm.done(wm.add(pos(0)))
+    assert wm.advance() == pos(0)
+    assert wm.advance() is None
+    wm.rewind()
+    assert wm.advance() == pos(0)
+    assert wm.advance() is None
+
+
+def test_rewind_before_any_position_offers_nothing() -> None:
+    wm = Watermark()
+    wm.rewind()
+    assert wm.advance() is None
+
+
+@pytest.mark.parametrize("bad", [-1, 3, 100])
+def test_done_of_an_unknown_sequence_raises(bad: int) -> None:
+    wm = Watermark()
+    for i in range(3):
+        wm.add(pos(i))
+    with pytest.raises(ValueError, match="not pending"):
+        wm.done(bad)
+
+
+def test_done_of_an_already_retired_sequence_raises() -> None:
+    wm = Watermark()
+    s = wm.add(pos(0))
+    wm.add(pos(1))
+    wm.done(s)
+    with pytest.raises(ValueError):
+        wm.done(s)
+
+
+def test_done_on_empty_watermark_raises() -> None:
+    with pytest.raises(ValueError):
+        Watermark().done(0)
+
+
+def test_cancel_only_the_newest_frame() -> None:
+    wm = Watermark()
+    a = wm.add(pos(0))
+    b = wm.add(pos(1))
+    with pytest.raises(ValueError):
+        wm.cancel(a)
+    wm.cancel(b)
+    assert wm.in_flight == 1
+    # the slot is reused: the next frame gets the cancelled sequence number
+    assert wm.add(pos(2)) == b
+    wm.done(a)
+    wm.done(b)
+    assert wm.position == pos(2)
+
+
+@st.composite
+def frames_and_order(draw: st.DrawFn) -> tuple[list[bool], list[int]]:
+    has_pos = draw(st.lists(st.booleans(), min_size=0, max_size=40))
+    order = draw(st.permutations(range(len(has_pos))))
+    return has_pos, list(order)
+
+
+@given(frames_and_order())
+def test_any_completion_order_never_passes_an_unfinished_frame(
+    case: tuple[list[bool], list[int]],
+) -> None:
+    has_pos, order = case
+    wm = Watermark()
+    positions = [pos(i) if p else None for i, p in enumerate(has_pos)]
+    seqs = [wm.add(p) for p in positions]
+    assert seqs == list(range(len(positions)))
+    assert wm.in_flight == len(positions)
+
+    done: set[int] = set()
+    last_advanced: Position | None = None
+    for seq in order:
+        wm.done(seq)
+        done.add(seq)
+        prefix = 0
+        while prefix in done:
+            prefix += 1
+        expected = next((p for p in reversed(positions[:prefix]) if p is not None), None)
+        assert wm.position == expected
+        assert wm.in_flight == len(positions) - prefix
+        adv = wm.advance()
+        if expected is not None and expected != last_advanced:
+            assert adv == expected
+            last_advanced = adv
+        else:
+            assert adv is None
+        if wm.position is not None:
+            # never beyond an unfinished frame
+            idx = positions.index(wm.position)
+            assert all(i in done for i in range(idx + 1))
+    assert wm.in_flight == 0
+    assert wm.position == next((p for p in reversed(positions) if p is not None), None)
