@@ -218,10 +218,12 @@ def _decode_other(frame: str | bytes, msg: object) -> Message:
         return ConnectionAck(payload if isinstance(payload, dict) else None)
     if kind == "error":
         errors = msg.get("payload")
-        return ErrorMessage(str(msg.get("id")), errors if isinstance(errors, list) else [errors])
+        return ErrorMessage(_id(msg), errors if isinstance(errors, list) else [errors])
     if kind == "complete":
-        return Complete(str(msg.get("id")))
-    return DecodeError(raw, f"unknown message type {kind!r}")
+        return Complete(_id(msg))
+    # Never repr() or str() a value from the wire: a deeply nested one would overflow.
+    shown = repr(kind[:50]) if isinstance(kind, str) else f"of JSON type {type(kind).__name__}"
+    return DecodeError(raw, f"unknown message type {shown}")
 
 
 def _decode_next(frame: str | bytes, msg: dict[str, Any]) -> Message:
@@ -238,7 +240,7 @@ def _decode_next(frame: str | bytes, msg: dict[str, Any]) -> Message:
     hotel_id = ev.get("hotelId")
     timestamp = ev.get("timestamp")
     return Next(
-        str(msg.get("id")),
+        _id(msg),
         Event(
             offset=offset,
             unique_event_id=event_id,
@@ -270,6 +272,14 @@ def _malformed_next(frame: str | bytes, msg: dict[str, Any]) -> DecodeError:
     if not isinstance(event_id, str) or not event_id:
         return DecodeError(_text_of(frame), "event without a string metadata.uniqueEventId")
     return DecodeError(_text_of(frame), "unusable next frame")
+
+
+def _id(msg: dict[str, Any]) -> str:
+    """The message id as text; a container (never ours) becomes "" rather than str() of it."""
+    value = msg.get("id")
+    if isinstance(value, str):
+        return value
+    return str(value) if isinstance(value, int) else ""
 
 
 def _text(value: object) -> str:

@@ -191,18 +191,21 @@ class StreamPipeline:
 
     async def _isolate(self, items: list[_Item], exc: PermanentSinkError) -> None:
         """A batch with a poison event: dead-letter the culprit, deliver the rest."""
-        culprit = exc.unique_event_id
-        if len(items) == 1 or culprit is not None:
-            rest = [it for it in items if it[1].unique_event_id != culprit] if culprit else []
-            bad = [it for it in items if it not in rest]
-            for seq, ev in bad:
-                self._dead_letter(ev, exc)
-                self.watermark.done(seq)
-            if rest:
-                await self._deliver(rest)
+        if len(items) == 1:
+            bad, rest = items, []
+        else:
+            # A culprit the sink names but that is not in this batch counts as unknown.
+            bad = [it for it in items if it[1].unique_event_id == exc.unique_event_id]
+            rest = [it for it in items if it[1].unique_event_id != exc.unique_event_id]
+        if not bad:
+            for item in items:  # unknown culprit: one at a time
+                await self._deliver([item])
             return
-        for item in items:  # unknown culprit: one at a time
-            await self._deliver([item])
+        for seq, ev in bad:
+            self._dead_letter(ev, exc)
+            self.watermark.done(seq)
+        if rest:
+            await self._deliver(rest)
 
     def _dead_letter(self, ev: Event, exc: Exception) -> None:
         self.dead_lettered += 1

@@ -247,3 +247,9 @@ def test_default_rng_is_used_without_one() -> None:
     p = ClosePolicy(PolicyConfig())
     d = p.on_close(1000)
     assert 0.5 <= d.delay_s <= 1.0
+
+
+def test_a_frame_too_big_for_us_stops_instead_of_looping() -> None:
+    d = policy().on_closed_by_us(1009, 1024)
+    assert d is not None and d.action is Action.STOP and "max_frame_bytes" in d.reason
+    assert policy().on_closed_by_us(1000, 1024) is None

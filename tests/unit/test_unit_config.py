@@ -126,7 +126,10 @@ def test_missing_credentials_directory_is_ignored(
     ("table", "dotted"),
     [
         ("[streams.main.auth]\nclient_secrt = 'x'\n", "streams.main.auth.client_secrt"),
-        ("[streams.main.connection]\nping_intervall_s = 3\n", "streams.main.connection.ping_intervall_s"),
+        (
+            "[streams.main.connection]\nping_intervall_s = 3\n",
+            "streams.main.connection.ping_intervall_s",
+        ),
         ("[streams.main.subscription]\nhotels = []\n", "streams.main.subscription.hotels"),
         ("[pipeline]\nworkerz = 2\n", "pipeline.workerz"),
         ("[bogus]\nx = 1\n", "bogus"),
@@ -153,7 +156,11 @@ def test_unknown_key_is_an_error_naming_the_dotted_key(
             "streams.main.auth.client_secret",
             "OPERA_CONSUMER_STREAMS__MAIN__AUTH__CLIENT_SECRET",
         ),
-        ('chain_code = "CHAIN1"\n', "streams.main.chain_code", "OPERA_CONSUMER_STREAMS__MAIN__CHAIN_CODE"),
+        (
+            'chain_code = "CHAIN1"\n',
+            "streams.main.chain_code",
+            "OPERA_CONSUMER_STREAMS__MAIN__CHAIN_CODE",
+        ),
         (
             'gateway_url = "https://gw.example.com/"\n',
             "streams.main.gateway_url",
@@ -299,7 +306,9 @@ def test_secret_file_value_is_masked(tmp_path: Path, monkeypatch: pytest.MonkeyP
     creds.mkdir()
     (creds / "streams__main__auth__client_secret").write_text(FILE_SECRET)
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
-    settings = load_settings(write(tmp_path, BASE.replace(f'client_secret = "{CLIENT_SECRET}"\n', "")))
+    settings = load_settings(
+        write(tmp_path, BASE.replace(f'client_secret = "{CLIENT_SECRET}"\n', ""))
+    )
     assert FILE_SECRET not in repr(settings)
     assert FILE_SECRET not in json.dumps(effective(settings))
 
@@ -326,3 +335,8 @@ def test_secret_with_wrong_type_is_not_echoed(tmp_path: Path) -> None:
     message = config_error(write(tmp_path, text))
     assert "streams.main.app_key" in message
     assert "918273645546372819" not in message
+
+
+def test_the_example_config_is_valid() -> None:
+    settings = load_settings(Path(__file__).parents[2] / "config.example.toml")
+    assert list(settings.streams) == ["main"]

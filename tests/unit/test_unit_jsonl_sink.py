@@ -1,0 +1,257 @@
+"""Unit tests for consumer.sinks.jsonl.JsonlSink on real files in tmp_path."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from consumer.core.events import Event
+from consumer.errors import TransientSinkError
+from consumer.sinks.jsonl import JsonlSink
+
+
+def event(i: int, **extra: Any) -> Event:
+    raw = {
+        "metadata": {"offset": f"{i:04d}", "uniqueEventId": f"u{i}"},
+        "eventName": "UPDATE RESERVATION",
+        "primaryKey": f"pk{i % 3}",
+        "detail": [{"elementName": "Name", "newValue": f"Zoë «{i}»", "oldValue": None}],
+        **extra,
+    }
+    return Event(
+        f"{i:04d}", f"u{i}", "UPDATE RESERVATION", "Reservation", f"pk{i % 3}", None, None, raw
+    )
+
+
+def line_bytes(ev: Event) -> bytes:
+    return orjson.dumps(ev.raw) + b"\n"
+
+
+def read_lines(path: Path) -> list[dict[str, Any]]:
+    data = path.read_bytes()
+    assert data == b"" or data.endswith(b"\n")
+    return [json.loads(line) for line in data.decode().splitlines()]
+
+
+@pytest.fixture
+async def sink(tmp_path: Path) -> AsyncIterator[JsonlSink]:
+    s = JsonlSink(tmp_path / "out" / "events.jsonl", fsync=True)
+    await s.open(None)
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+async def test_open_creates_the_file_and_starts_at_zero(sink: JsonlSink) -> None:
+    assert sink.path.is_file()
+    assert sink.path.stat().st_size == 0
+    assert sink.position() == "0"
+    assert sink.name == "jsonl"
+    assert sink.transactional is True
+
+
+async def test_lines_are_the_raw_event_json_one_per_line(sink: JsonlSink) -> None:
+    events = [event(i) for i in range(5)]
+    await sink.write(events[:2])
+    await sink.write(events[2:])
+    await sink.sync(sink.position())
+    assert read_lines(sink.path) == [e.raw for e in events]
+    assert sink.path.read_bytes() == b"".join(line_bytes(e) for e in events)
+
+
+async def test_nothing_reaches_the_file_before_sync(sink: JsonlSink) -> None:
+    await sink.write([event(1)])
+    assert sink.path.stat().st_size == 0
+    assert sink.position() == str(len(line_bytes(event(1))))
+
+
+async def test_position_covers_exactly_the_writes_that_returned(sink: JsonlSink) -> None:
+    sizes = [0]
+    for i in range(4):
+        await sink.write([event(i)])
+        sizes.append(sizes[-1] + len(line_bytes(event(i))))
+        assert sink.position() == str(sizes[-1])
+    await sink.write([])
+    assert sink.position() == str(sizes[-1])
+    await sink.sync(sink.position())
+    assert sink.path.stat().st_size == sizes[-1]
+    assert sink.position() == str(sizes[-1])
+
+
+async def test_sync_is_idempotent(sink: JsonlSink) -> None:
+    await sink.write([event(1), event(2)])
+    token = sink.position()
+    await sink.sync(token)
+    content = sink.path.read_bytes()
+    await sink.sync(token)
+    await sink.sync(None)
+    await sink.sync("0")
+    assert sink.path.read_bytes() == content
+    assert sink.position() == token
+
+
+async def test_sync_none_writes_everything(sink: JsonlSink) -> None:
+    await sink.write([event(1)])
+    await sink.sync(None)
+    assert read_lines(sink.path) == [event(1).raw]
+
+
+async def test_later_syncs_append(sink: JsonlSink) -> None:
+    await sink.write([event(1)])
+    await sink.sync(sink.position())
+    await sink.write([event(2)])
+    await sink.sync(sink.position())
+    assert read_lines(sink.path) == [event(1).raw, event(2).raw]
+
+
+async def test_token_of_an_earlier_write_restores_exactly_that_prefix(tmp_path: Path) -> None:
+    path = tmp_path / "e.jsonl"
+    s = JsonlSink(path, fsync=False)
+    await s.open(None)
+    await s.write([event(1)])
+    token = s.position()
+    await s.write([event(2), event(3)])
+    await s.sync(token)  # may write more than the token covers...
+    await s.close()
+    again = JsonlSink(path, fsync=False)
+    await again.open(token)  # ...but restoring the token cuts back to it
+    try:
+        assert read_lines(path) == [event(1).raw]
+        assert again.position() == token
+    finally:
+        await again.close()
+
+
+async def test_open_cuts_a_longer_file_back_to_the_committed_length(tmp_path: Path) -> None:
+    path = tmp_path / "e.jsonl"
+    first = line_bytes(event(1))
+    path.write_bytes(first + line_bytes(event(2)) + b'{"partial')
+    s = JsonlSink(path)
+    await s.open(str(len(first)))
+    try:
+        assert path.read_bytes() == first
+        assert s.position() == str(len(first))
+        await s.write([event(3)])
+        await s.sync(s.position())
+        assert read_lines(path) == [event(1).raw, event(3).raw]
+    finally:
+        await s.close()
+
+
+async def test_open_without_committed_length_empties_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "e.jsonl"
+    path.write_bytes(line_bytes(event(1)))
+    s = JsonlSink(path)
+    await s.open(None)
+    try:
+        assert path.read_bytes() == b""
+        assert s.position() == "0"
+    finally:
+        await s.close()
+
+
+async def test_open_with_the_exact_length_keeps_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "e.jsonl"
+    content = line_bytes(event(1)) + line_bytes(event(2))
+    path.write_bytes(content)
+    s = JsonlSink(path)
+    await s.open(str(len(content)))
+    try:
+        assert path.read_bytes() == content
+        assert s.position() == str(len(content))
+    finally:
+        await s.close()
+
+
+async def test_a_file_shorter_than_committed_is_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "e.jsonl"
+    content = line_bytes(event(1))
+    path.write_bytes(content)
+    s = JsonlSink(path)
+    await s.open(str(len(content) + 1000))  # rotated or truncated: a warning, not an error
+    try:
+        assert path.read_bytes() == content
+        assert s.position() == str(len(content))
+        await s.write([event(2)])
+        await s.sync(s.position())
+        # appended right after the existing data: no hole of zero bytes
+        assert b"\x00" not in path.read_bytes()
+        assert read_lines(path) == [event(1).raw, event(2).raw]
+    finally:
+        await s.close()
+
+
+async def test_a_missing_file_with_a_committed_length_is_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "gone.jsonl"
+    s = JsonlSink(path)
+    await s.open("500")
+    try:
+        assert s.position() == "0"
+    finally:
+        await s.close()
+
+
+async def test_failed_write_to_disk_is_transient_and_retried(
+    sink: JsonlSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = os.pwrite
+    failures = [OSError(28, "No space left on device")]
+
+    def flaky(fd: int, data: Any, offset: int) -> int:
+        if failures:
+            raise failures.pop()
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", flaky)
+    await sink.write([event(1)])
+    token = sink.position()
+    with pytest.raises(TransientSinkError):
+        await sink.sync(token)
+    assert sink.position() == token  # the buffer is kept
+    await sink.sync(token)
+    assert read_lines(sink.path) == [event(1).raw]
+
+
+async def test_a_write_during_sync_is_kept_for_the_next_sync(sink: JsonlSink) -> None:
+    entered = threading.Event()
+    release = threading.Event()
+    real_append = sink._append
+
+    def blocking_append(at: int, data: bytes) -> None:
+        entered.set()
+        assert release.wait(5)
+        real_append(at, data)
+
+    sink._append = blocking_append  # type: ignore[method-assign]
+    await sink.write([event(1)])
+    first = sink.position()
+    task = asyncio.create_task(sink.sync(first))
+    async with asyncio.timeout(5):
+        while not entered.is_set():
+            await asyncio.sleep(0.005)
+    await sink.write([event(2)])  # arrives while the first sync is on disk
+    second = sink.position()
+    assert second is not None
+    assert int(second) == len(line_bytes(event(1))) + len(line_bytes(event(2)))
+    release.set()
+    async with asyncio.timeout(5):
+        await task
+    assert sink.position() == second
+    await sink.sync(second)
+    assert read_lines(sink.path) == [event(1).raw, event(2).raw]
+
+
+async def test_close_is_idempotent(tmp_path: Path) -> None:
+    s = JsonlSink(tmp_path / "e.jsonl")
+    await s.open(None)
+    await s.close()
+    await s.close()

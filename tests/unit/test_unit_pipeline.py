@@ -1,0 +1,583 @@
+"""Unit tests for consumer.runtime.pipeline + consumer.runtime.committer.
+
+A real Store and a real JsonlSink in tmp_path; a small fake sink where failures are needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import sqlite3
+from collections import Counter
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from consumer.core.events import Event
+from consumer.errors import PermanentSinkError, TransientSinkError
+from consumer.runtime.committer import Committer
+from consumer.runtime.pipeline import StreamPipeline
+from consumer.runtime.store import CommitBatch, Store
+from consumer.sinks.jsonl import JsonlSink
+
+STREAM = "main"
+WAIT_S = 5.0
+
+
+def ev(i: int, key: str | None = None) -> Event:
+    key = key if key is not None else f"pk{i % 7}"
+    offset = f"{i:05d}"
+    uid = f"u{i}"
+    raw = {
+        "metadata": {"offset": offset, "uniqueEventId": uid},
+        "moduleName": "Reservation",
+        "eventName": "UPDATE RESERVATION",
+        "primaryKey": key,
+        "hotelId": "H1",
+        "timestamp": "28-APR-24 06.18.59.028027 AM",
+        "detail": [{"elementName": "Seq", "newValue": str(i), "oldValue": ""}],
+    }
+    return Event(
+        offset=offset,
+        unique_event_id=uid,
+        event_name="UPDATE RESERVATION",
+        module_name="Reservation",
+        primary_key=key,
+        hotel_id="H1",
+        timestamp="28-APR-24 06.18.59.028027 AM",
+        raw=raw,
+    )
+
+
+class FakeSink:
+    """Records delivered events; can interleave, fail transiently, or reject a poison event."""
+
+    name = "fake"
+    transactional = False
+
+    def __init__(
+        self,
+        *,
+        transient_failures: int = 0,
+        poison: set[str] | None = None,
+        name_culprit: bool = True,
+        culprit_override: str | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.delivered: list[Event] = []
+        self.calls = 0
+        self.transient_left = transient_failures
+        self.poison = poison or set()
+        self.name_culprit = name_culprit
+        self.culprit_override = culprit_override
+        self.rng = rng
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.hold: dict[str, asyncio.Event] = {}  # primaryKey -> gate for that key only
+
+    async def open(self, committed: str | None) -> None:
+        return None
+
+    async def write(self, events: Sequence[Event]) -> None:
+        self.calls += 1
+        await self.gate.wait()
+        for e in events:
+            if e.primary_key in self.hold:
+                await self.hold[e.primary_key].wait()
+        if self.rng is not None:
+            for _ in range(self.rng.randrange(4)):
+                await asyncio.sleep(0)
+        if self.transient_left > 0:
+            self.transient_left -= 1
+            raise TransientSinkError("backend busy")
+        for e in events:
+            if e.unique_event_id in self.poison:
+                culprit = self.culprit_override or e.unique_event_id
+                raise PermanentSinkError(
+                    f"rejected {e.unique_event_id}",
+                    unique_event_id=culprit if self.name_culprit else None,
+                )
+        self.delivered.extend(events)  # all or nothing
+
+    def position(self) -> str | None:
+        return None
+
+    async def sync(self, position: str | None) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+@asynccontextmanager
+async def harness(
+    tmp_path: Path,
+    sink: Any,
+    *,
+    workers: int = 4,
+    queue_size: int = 1000,
+    batch_max: int = 50,
+    max_events: int = 10_000,
+    interval_s: float = 3600.0,
+    start: bool = True,
+) -> AsyncIterator[tuple[Store, Committer, StreamPipeline]]:
+    store = await Store.open(tmp_path / "state.db")
+    await sink.open(await store.sink_state(sink.name))
+    committer = Committer(store, sink, max_events=max_events, interval_s=interval_s)
+    pipeline = StreamPipeline(
+        STREAM,
+        store=store,
+        sink=sink,
+        committer=committer,
+        workers=workers,
+        queue_size=queue_size,
+        batch_max=batch_max,
+        retry_initial_s=0.01,
+        retry_max_s=0.02,
+    )
+    if start:
+        pipeline.start()
+    try:
+        yield store, committer, pipeline
+    finally:
+        await pipeline.stop()
+        await sink.close()
+        await store.close()
+
+
+async def drained(pipeline: StreamPipeline) -> None:
+    async with asyncio.timeout(WAIT_S):
+        await pipeline.drained()
+
+
+def jsonl_lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def uid_of(line: dict[str, Any]) -> str:
+    return str(line["metadata"]["uniqueEventId"])
+
+
+# --- ordering ----------------------------------------------------------------------------------
+
+
+async def test_same_primary_key_keeps_arrival_order_across_workers(tmp_path: Path) -> None:
+    sink = FakeSink(rng=random.Random(42))
+    events = [ev(i, key=f"pk{(i * 7) % 11}") for i in range(300)]
+    async with harness(tmp_path, sink, workers=4, batch_max=3) as (_, _, pipeline):
+        for e in events:
+            await pipeline.put(e)
+        await drained(pipeline)
+    assert sorted(e.unique_event_id for e in sink.delivered) == sorted(
+        e.unique_event_id for e in events
+    )
+    for key in {e.primary_key for e in events}:
+        expected = [e.unique_event_id for e in events if e.primary_key == key]
+        got = [e.unique_event_id for e in sink.delivered if e.primary_key == key]
+        assert got == expected, key
+    # several workers really ran in parallel: delivery is not the global arrival order
+    assert [e.unique_event_id for e in sink.delivered] != [e.unique_event_id for e in events]
+
+
+async def test_jsonl_file_keeps_per_key_order(tmp_path: Path) -> None:
+    sink = JsonlSink(tmp_path / "events.jsonl", fsync=False)
+    events = [ev(i, key=f"pk{i % 5}") for i in range(200)]
+    async with harness(tmp_path, sink, workers=3, batch_max=4) as (_, committer, pipeline):
+        for e in events:
+            await pipeline.put(e)
+        await drained(pipeline)
+        assert await committer.flush()
+    lines = jsonl_lines(sink.path)
+    assert Counter(uid_of(x) for x in lines) == Counter(e.unique_event_id for e in events)
+    for key in {e.primary_key for e in events}:
+        expected = [e.raw for e in events if e.primary_key == key]
+        assert [x for x in lines if x["primaryKey"] == key] == expected
+
+
+# --- duplicates --------------------------------------------------------------------------------
+
+
+async def test_duplicates_are_delivered_once(tmp_path: Path) -> None:
+    sink = JsonlSink(tmp_path / "events.jsonl", fsync=False)
+    async with harness(tmp_path, sink, workers=3, start=False) as (store, committer, pipeline):
+        # committed in an earlier run
+        await store.commit(CommitBatch(processed={STREAM: ["u0"]}))
+        # twice in one batch (the workers are not started yet: one queue, one batch)
+        for e in [ev(0, "a"), ev(1, "a"), ev(1, "a"), ev(2, "a")]:
+            await pipeline.put(e)
+        pipeline.start()
+        await drained(pipeline)
+        assert pipeline.duplicates == 2
+        # processed but not yet committed (pending)
+        await pipeline.put(ev(2, "a"))
+        await drained(pipeline)
+        assert pipeline.duplicates == 3
+        assert await committer.flush()
+        # committed now
+        await pipeline.put(ev(1, "a"))
+        await drained(pipeline)
+        assert pipeline.duplicates == 4
+        assert pipeline.delivered == 2
+        await committer.flush()
+        cp = await store.checkpoint(STREAM)
+    assert [uid_of(x) for x in jsonl_lines(sink.path)] == ["u1", "u2"]
+    assert cp is not None
+    # offsets are opaque: the position is that of the newest frame in arrival order (the
+    # replayed u1), not the "highest" offset
+    assert cp.offset == ev(1).offset
+    assert cp.processed_count == 2
+
+
+async def test_duplicate_during_an_unfinished_commit_is_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sink = FakeSink()
+    async with harness(tmp_path, sink, workers=2) as (store, committer, pipeline):
+        await pipeline.put(ev(1))
+        await drained(pipeline)
+        gate = asyncio.Event()
+        entered = asyncio.Event()
+        real_commit = store.commit
+
+        async def slow_commit(batch: CommitBatch, now: float | None = None) -> None:
+            entered.set()
+            await gate.wait()
+            await real_commit(batch, now)
+
+        monkeypatch.setattr(store, "commit", slow_commit)
+        flush = asyncio.create_task(committer.flush())
+        async with asyncio.timeout(WAIT_S):
+            await entered.wait()
+        await pipeline.put(ev(1))  # neither pending nor in the store yet: being committed
+        await drained(pipeline)
+        gate.set()
+        async with asyncio.timeout(WAIT_S):
+            assert await flush
+        await pipeline.put(ev(1))  # and after the commit: in the store
+        await drained(pipeline)
+    assert [e.unique_event_id for e in sink.delivered] == ["u1"]
+    assert pipeline.duplicates == 2
+
+
+async def test_failed_commit_keeps_ids_pending_and_retries_everything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sink = FakeSink()
+    async with harness(tmp_path, sink, workers=2) as (store, committer, pipeline):
+        for i in range(5):
+            await pipeline.put(ev(i))
+        await drained(pipeline)
+        real_commit = store.commit
+        failures = [sqlite3.OperationalError("database is locked")]
+
+        async def flaky(batch: CommitBatch, now: float | None = None) -> None:
+            if failures:
+                raise failures.pop()
+            await real_commit(batch, now)
+
+        monkeypatch.setattr(store, "commit", flaky)
+        with pytest.raises(sqlite3.OperationalError):
+            await committer.flush()
+        assert await store.checkpoint(STREAM) is None
+        # ids of the failed commit are still known: a replay is skipped
+        await pipeline.put(ev(3))
+        await drained(pipeline)
+        await pipeline.put(ev(5))
+        await drained(pipeline)
+        assert await committer.flush()
+        cp = await store.checkpoint(STREAM)
+        seen = store.seen(STREAM, [f"u{i}" for i in range(6)])
+    assert [e.unique_event_id for e in sink.delivered] == [f"u{i}" for i in range(6)]
+    assert pipeline.duplicates == 1
+    assert seen == {f"u{i}" for i in range(6)}
+    assert cp is not None
+    assert (cp.offset, cp.unique_event_id) == (ev(5).offset, "u5")
+    assert cp.processed_count == 6
+
+
+# --- failures ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name_culprit", [True, False])
+async def test_permanent_error_dead_letters_only_that_event(
+    tmp_path: Path, name_culprit: bool
+) -> None:
+    sink = FakeSink(poison={"u3"}, name_culprit=name_culprit)
+    events = [ev(i, key="same") for i in range(8)]
+    async with harness(tmp_path, sink, workers=2, start=False) as (store, committer, pipeline):
+        for e in events:  # one queue, one batch with the poison event inside
+            await pipeline.put(e)
+        pipeline.start()
+        await drained(pipeline)
+        await committer.flush()
+        letters = await store.dead_letters(STREAM)
+        cp = await store.checkpoint(STREAM)
+        seen = store.seen(STREAM, [e.unique_event_id for e in events])
+    assert [e.unique_event_id for e in sink.delivered] == [
+        e.unique_event_id for e in events if e.unique_event_id != "u3"
+    ]
+    assert len(letters) == 1
+    dl = letters[0]
+    poison = events[3]
+    assert (dl.unique_event_id, dl.offset, dl.event_name) == (
+        "u3",
+        poison.offset,
+        poison.event_name,
+    )
+    assert dl.reason == "sink_rejected"
+    assert "rejected u3" in dl.error
+    assert json.loads(dl.payload) == poison.raw
+    assert dl.attempts == 1
+    assert pipeline.dead_lettered == 1
+    assert "u3" not in seen  # dead-lettered, not processed
+    assert cp is not None
+    assert cp.offset == events[-1].offset  # the checkpoint moves past the dead letter
+
+
+async def test_permanent_error_naming_an_unknown_event_still_isolates(tmp_path: Path) -> None:
+    sink = FakeSink(poison={"u1"}, culprit_override="not-in-this-batch")
+    async with harness(tmp_path, sink, workers=1) as (store, committer, pipeline):
+        await pipeline.put(ev(0, "k"))
+        await drained(pipeline)
+        await pipeline.put(ev(1, "k"))
+        async with asyncio.timeout(WAIT_S):
+            while pipeline.in_flight and not any(t.done() for t in pipeline.tasks):
+                await asyncio.sleep(0.01)
+        assert not any(t.done() for t in pipeline.tasks), "a worker died"
+        await drained(pipeline)
+        await committer.flush()
+        letters = await store.dead_letters(STREAM)
+    assert [d.unique_event_id for d in letters] == ["u1"]
+
+
+async def test_transient_error_is_retried_and_nothing_is_dead_lettered(tmp_path: Path) -> None:
+    sink = FakeSink(transient_failures=3)
+    events = [ev(i) for i in range(10)]
+    async with harness(tmp_path, sink, workers=1, start=False) as (store, committer, pipeline):
+        for e in events:
+            await pipeline.put(e)
+        pipeline.start()
+        await drained(pipeline)
+        await committer.flush()
+        letters = await store.dead_letters()
+        cp = await store.checkpoint(STREAM)
+    assert letters == []
+    assert [e.unique_event_id for e in sink.delivered] == [e.unique_event_id for e in events]
+    assert sink.calls == 4  # one batch: three failures, then success
+    assert pipeline.dead_lettered == 0
+    assert pipeline.delivered == 10
+    assert cp is not None and cp.offset == events[-1].offset
+
+
+async def test_transient_errors_with_several_workers(tmp_path: Path) -> None:
+    sink = FakeSink(transient_failures=5, rng=random.Random(1))
+    events = [ev(i) for i in range(60)]
+    async with harness(tmp_path, sink, workers=3, batch_max=5) as (store, committer, pipeline):
+        for e in events:
+            await pipeline.put(e)
+        await drained(pipeline)
+        await committer.flush()
+        assert await store.dead_letters() == []
+    assert Counter(e.unique_event_id for e in sink.delivered) == Counter(
+        e.unique_event_id for e in events
+    )
+
+
+# --- checkpoints, sink state, malformed frames -------------------------------------------------
+
+
+async def test_flush_commits_checkpoint_equal_to_the_watermark(tmp_path: Path) -> None:
+    sink = JsonlSink(tmp_path / "events.jsonl", fsync=True)
+    events = [ev(i) for i in range(40)]
+    async with harness(tmp_path, sink, workers=4) as (store, committer, pipeline):
+        assert not await committer.flush()  # nothing to commit yet
+        for e in events:
+            await pipeline.put(e)
+        await drained(pipeline)
+        assert await committer.flush()
+        position = pipeline.watermark.position
+        cp = await store.checkpoint(STREAM)
+        state = await store.sink_state("jsonl")
+        seen = store.seen(STREAM, [e.unique_event_id for e in events])
+        assert not await committer.flush()  # nothing new
+    assert position is not None
+    assert cp is not None
+    assert (cp.offset, cp.unique_event_id) == (position.offset, position.unique_event_id)
+    assert (cp.offset, cp.unique_event_id) == (events[-1].offset, events[-1].unique_event_id)
+    assert cp.processed_count == len(events)
+    assert state == str(sink.path.stat().st_size)
+    assert seen == {e.unique_event_id for e in events}
+    assert len(jsonl_lines(sink.path)) == len(events)
+
+
+async def test_checkpoint_never_passes_an_unfinished_event(tmp_path: Path) -> None:
+    sink = FakeSink()
+    release = asyncio.Event()
+    sink.hold["slow"] = release
+    async with harness(tmp_path, sink, workers=4) as (store, committer, pipeline):
+        await pipeline.put(ev(0, "fast0"))
+        await drained(pipeline)
+        slow = ev(1, "slow")
+        await pipeline.put(slow)  # blocks in the sink
+        # later events for resources on other workers (one worker serves a key in order)
+        candidates = (ev(i, f"fast{i}") for i in range(2, 100))
+        others = [e for e in candidates if pipeline._queue_for(e) is not pipeline._queue_for(slow)]
+        others = others[:7]
+        assert others
+        for e in others:
+            await pipeline.put(e)
+        async with asyncio.timeout(WAIT_S):
+            while pipeline.delivered < 1 + len(others):  # all but the slow one finish
+                await asyncio.sleep(0.005)
+        # frames behind the unfinished one stay in flight until it is done
+        assert pipeline.in_flight == 1 + len(others)
+        assert await committer.flush()
+        cp = await store.checkpoint(STREAM)
+        assert cp is not None
+        assert cp.offset == ev(0).offset  # u1 is not done: the checkpoint stays before it
+        assert cp.processed_count == 1 + len(others)
+        release.set()
+        await drained(pipeline)
+        assert await committer.flush()
+        cp = await store.checkpoint(STREAM)
+    assert cp is not None and cp.offset == others[-1].offset
+    assert [e.unique_event_id for e in sink.delivered][-1] == "u1"
+
+
+async def test_malformed_frames_are_dead_lettered_with_raw_text(tmp_path: Path) -> None:
+    sink = JsonlSink(tmp_path / "events.jsonl", fsync=False)
+    async with harness(tmp_path, sink, workers=2) as (store, committer, pipeline):
+        await pipeline.put(ev(1))
+        pipeline.put_malformed('{"type":"next","payload":', "invalid JSON: truncated")
+        pipeline.put_malformed("[1]", "frame is not a JSON object")
+        await pipeline.put(ev(2))
+        await drained(pipeline)
+        await committer.flush()
+        letters = await store.dead_letters(STREAM)
+        cp = await store.checkpoint(STREAM)
+    assert [(d.reason, d.payload, d.error) for d in letters] == [
+        ("malformed", '{"type":"next","payload":', "invalid JSON: truncated"),
+        ("malformed", "[1]", "frame is not a JSON object"),
+    ]
+    assert all(d.offset is None and d.unique_event_id is None for d in letters)
+    assert pipeline.dead_lettered == 2
+    assert cp is not None and cp.offset == ev(2).offset
+    assert [uid_of(x) for x in jsonl_lines(sink.path)] == ["u1", "u2"]
+
+
+async def test_malformed_frame_alone_commits_a_dead_letter_without_checkpoint(
+    tmp_path: Path,
+) -> None:
+    sink = FakeSink()
+    async with harness(tmp_path, sink) as (store, committer, pipeline):
+        pipeline.put_malformed("garbage", "invalid JSON")
+        assert pipeline.in_flight == 0
+        assert await committer.flush()
+        assert [d.payload for d in await store.dead_letters()] == ["garbage"]
+        assert await store.checkpoint(STREAM) is None
+
+
+async def test_run_commits_in_the_background(tmp_path: Path) -> None:
+    sink = JsonlSink(tmp_path / "events.jsonl", fsync=False)
+    store = await Store.open(tmp_path / "state.db")
+    await sink.open(None)
+    committer = Committer(store, sink, max_events=5, interval_s=0.02)
+    pipeline = StreamPipeline(
+        STREAM,
+        store=store,
+        sink=sink,
+        committer=committer,
+        workers=2,
+        queue_size=100,
+        batch_max=10,
+        retry_initial_s=0.01,
+        retry_max_s=0.02,
+    )
+    pipeline.start()
+    runner = asyncio.create_task(committer.run())
+    try:
+        for i in range(12):
+            await pipeline.put(ev(i))
+        await drained(pipeline)
+        async with asyncio.timeout(WAIT_S):
+            while True:
+                cp = await store.checkpoint(STREAM)
+                if cp is not None and cp.offset == ev(11).offset:
+                    break
+                await asyncio.sleep(0.01)
+        assert committer.commits >= 1
+        assert await store.sink_state("jsonl") == str(sink.path.stat().st_size)
+    finally:
+        runner.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await runner
+        await pipeline.stop()
+        await sink.close()
+        await store.close()
+
+
+async def test_restart_after_uncommitted_writes_delivers_each_event_once(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    events = [ev(i) for i in range(30)]
+    sink = JsonlSink(path, fsync=False)
+    async with harness(tmp_path, sink, workers=3) as (_, committer, pipeline):
+        for e in events[:10]:
+            await pipeline.put(e)
+        await drained(pipeline)
+        await committer.flush()
+        for e in events[10:20]:  # written to the file but never committed: a crash follows
+            await pipeline.put(e)
+        await drained(pipeline)
+        await sink.sync(None)
+    assert len(jsonl_lines(path)) == 20
+    sink2 = JsonlSink(path, fsync=False)
+    async with harness(tmp_path, sink2, workers=3) as (store, committer, pipeline):
+        assert len(jsonl_lines(path)) == 10  # cut back to the committed length
+        for e in events:  # the gateway replays from an older offset
+            await pipeline.put(e)
+        await drained(pipeline)
+        await committer.flush()
+        assert pipeline.duplicates == 10
+        cp = await store.checkpoint(STREAM)
+    assert Counter(uid_of(x) for x in jsonl_lines(path)) == Counter(
+        e.unique_event_id for e in events
+    )
+    assert cp is not None and cp.offset == events[-1].offset
+
+
+async def test_run_retries_a_failed_sink_sync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_pwrite = os.pwrite
+    failures = [OSError(5, "I/O error")]
+
+    def flaky(fd: int, data: Any, offset: int) -> int:
+        if failures:
+            raise failures.pop()
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", flaky)
+    sink = JsonlSink(tmp_path / "events.jsonl", fsync=False)
+    async with harness(tmp_path, sink, workers=2, interval_s=0.01) as (store, committer, pipeline):
+        for i in range(5):
+            await pipeline.put(ev(i))
+        await drained(pipeline)
+        runner = asyncio.create_task(committer.run())
+        try:
+            async with asyncio.timeout(WAIT_S):
+                while (cp := await store.checkpoint(STREAM)) is None:
+                    await asyncio.sleep(0.01)
+        finally:
+            runner.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await runner
+        assert not failures  # the failure happened, and was retried
+        assert cp.offset == ev(4).offset
+        assert cp.processed_count == 5
+        assert await store.sink_state("jsonl") == str(sink.path.stat().st_size)
+    assert [uid_of(x) for x in jsonl_lines(sink.path)] == [f"u{i}" for i in range(5)]
