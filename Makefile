@@ -23,7 +23,7 @@ test: $(STAMP)
 
 # The chaos suite at full size (make test runs it reduced).
 chaos: $(STAMP)
-	CHAOS_EVENTS=100000 CHAOS_KILLS=10 $(BIN)/python -m pytest -q tests/chaos
+	CHAOS_EVENTS=100000 CHAOS_KILLS=10 $(BIN)/python -m pytest -q -o timeout=900 tests/chaos
 
 lint: $(STAMP)
 	$(BIN)/ruff check consumer tests bench
