@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sqlite3
 import sys
 import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+
+from catchup import processed  # bench/ is on sys.path when this runs as a script
 
 from consumer.sandbox import SandboxGateway, SandboxOptions, launcher
 
@@ -31,15 +32,6 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
-
-
-def processed(db: Path) -> int:
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as conn:
-            row = conn.execute("SELECT processed_count FROM checkpoints").fetchone()
-    except sqlite3.Error:
-        return 0
-    return int(row[0]) if row else 0
 
 
 async def run(seconds: float, rate: int, work: Path) -> dict[str, float]:

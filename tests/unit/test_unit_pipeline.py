@@ -581,3 +581,26 @@ async def test_run_retries_a_failed_sink_sync(
         assert cp.processed_count == 5
         assert await store.sink_state("jsonl") == str(sink.path.stat().st_size)
     assert [uid_of(x) for x in jsonl_lines(sink.path)] == [f"u{i}" for i in range(5)]
+
+
+async def test_queues_are_bounded_and_a_cancelled_put_is_forgotten(tmp_path: Path) -> None:
+    sink = FakeSink()
+    async with harness(tmp_path, sink, workers=3, queue_size=30) as (_, _, pipeline):
+        sink.gate.clear()  # the sink blocks: nothing drains
+        await pipeline.put(ev(0, key="same"))
+        await asyncio.sleep(0.02)  # its worker takes it and waits in the sink
+        accepted = 1
+        while pipeline.try_put(ev(accepted, key="same")):
+            accepted += 1
+            assert accepted < 100, "the queue must be bounded"
+        put = asyncio.create_task(pipeline.put(ev(999, key="same")))
+        await asyncio.sleep(0.05)
+        assert not put.done()  # the reader waits: backpressure, nothing dropped
+        in_flight = pipeline.in_flight
+        put.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await put
+        assert pipeline.in_flight == in_flight - 1  # never queued: replayed, not lost
+        sink.gate.set()
+        await drained(pipeline)
+    assert len(sink.delivered) == accepted
