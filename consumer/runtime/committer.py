@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import time
 
 import structlog
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
@@ -48,6 +49,7 @@ class Committer:
         self._committed = asyncio.Event()
         self._lock = asyncio.Lock()
         self.commits = 0
+        self.busy_since: float | None = None  # monotonic start of the commit under way
 
     def register(self, stream: str, watermark: Watermark) -> None:
         self._watermarks[stream] = watermark
@@ -113,12 +115,15 @@ class Committer:
             batch = self._snapshot()
             if not batch:
                 return False
+            self.busy_since = time.monotonic()
             try:
                 await self._sink.sync(batch.sink_state[1] if batch.sink_state else None)
                 await self._store.commit(batch)
             except BaseException:
                 self._restore(batch)
                 raise
+            finally:
+                self.busy_since = None
             for stream, ids in batch.processed.items():
                 self._committing[stream].difference_update(ids)
             self.commits += 1

@@ -29,6 +29,7 @@ from ..errors import StreamStopped
 from ..logs import REDACTOR
 from ..sinks.base import Sink
 from ..sinks.jsonl import JsonlSink
+from . import systemd
 from .auth import TokenProvider
 from .committer import Committer
 from .pipeline import StreamPipeline
@@ -162,6 +163,7 @@ class Daemon:
                     self._tasks.add(t)
                     t.add_done_callback(self._task_done)
                 self._stream_tasks.append(self._spawn(self.runners[name].run(), f"stream-{name}"))
+            self._spawn(self._report_to_systemd(), "systemd")
             log.info("opera-consumer running", version=__version__, streams=list(self.runners))
             await self._stop.wait()
         finally:
@@ -185,6 +187,7 @@ class Daemon:
             return
         self._closed = True
         self._stop.set()
+        systemd.notify("STOPPING=1", "STATUS=draining")
         p = self.settings.pipeline
         streams = [t for t in self._stream_tasks if not t.done()]
         for r in self.runners.values():
@@ -223,6 +226,29 @@ class Daemon:
             delivered={n: p.delivered for n, p in self.pipelines.items()},
             exit_code=self.exit_code,
         )
+
+    def status_line(self) -> str:
+        parts = []
+        for name, runner in self.runners.items():
+            done = self.pipelines[name].watermark.position
+            offset = done.offset if done else "-"
+            parts.append(f"{name}: {runner.state}, offset {offset}")
+        return "; ".join(parts)
+
+    async def _report_to_systemd(self) -> None:
+        """READY=1 once local set-up is done (never waiting for OHIP: an outage must not
+        become a restart loop); then STATUS= and, under WatchdogSec=, WATCHDOG=1 from this
+        loop, so a blocked loop gets the process restarted."""
+        systemd.notify("READY=1", f"STATUS={self.status_line()}")
+        period = systemd.watchdog_period()
+        while True:
+            await asyncio.sleep(period or 5.0)
+            # Local health only (the upstream being down is no reason to restart): this loop
+            # runs, and no commit has been stuck for a minute.
+            busy = self.committer.busy_since
+            healthy = busy is None or time.monotonic() - busy < 60.0
+            beats = ["WATCHDOG=1"] if period and healthy else []
+            systemd.notify(*beats, f"STATUS={self.status_line()}")
 
     async def _prune_forever(self) -> None:
         st = self.settings.state

@@ -1,0 +1,37 @@
+"""sd_notify without libsystemd: one datagram per notification to ``$NOTIFY_SOCKET``.
+
+The protocol is stable and tiny (``KEY=VALUE`` lines; a name starting with ``@`` is an abstract
+socket). Outside systemd (no ``$NOTIFY_SOCKET``, e.g. Docker) every call is a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+
+def notify(*assignments: str) -> bool:
+    """Send e.g. ``notify("READY=1", "STATUS=...")``; best effort, never blocks or raises."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address[0] == "@":
+        address = "\0" + address[1:]
+    elif address[0] != "/":
+        return False  # vsock and others: not for a service on the host
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        s.setblocking(False)
+        try:
+            s.connect(address)
+            s.send("\n".join(assignments).encode())
+        except OSError:
+            return False
+    return True
+
+
+def watchdog_period() -> float | None:
+    """Seconds between ``WATCHDOG=1`` pings (half of ``WatchdogSec``), or None when unset."""
+    usec, pid = os.environ.get("WATCHDOG_USEC"), os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and int(pid) != os.getpid()):
+        return None
+    return int(usec) / 2e6
