@@ -97,6 +97,8 @@ path = "{work}/events.jsonl"
 fsync = true
 [pipeline]
 workers = {workers}
+[metrics]
+port = 0
 [log]
 format = "json"
 level = "warning"

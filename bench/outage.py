@@ -41,7 +41,7 @@ async def run(seconds: float, rate: int, work: Path) -> dict[str, float]:
     config.write_text(
         launcher.stream_config(gw.url)
         + f'\n[state]\npath = "{work}/state.db"\n[sink]\npath = "{work}/events.jsonl"\n'
-        '[log]\nlevel = "warning"\nformat = "json"\n'
+        '[metrics]\nport = 0\n[log]\nlevel = "warning"\nformat = "json"\n'
     )
     outage = work / "outage"
     log = (work / "daemon.log").open("ab")

@@ -111,7 +111,11 @@ def _run(settings: Settings) -> int:
     from .runtime import daemon
 
     configure(settings.log.level, settings.log.format)
-    return asyncio.run(daemon.run(settings))
+    try:
+        return asyncio.run(daemon.run(settings))
+    except ConfigError as exc:
+        print(f"opera-consumer: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
 
 
 async def _status(settings: Settings, *, as_json: bool) -> int:

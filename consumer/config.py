@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     BaseModel,
@@ -183,6 +184,22 @@ class PipelineSettings(_Model):
     sink_retry_max_s: float = Field(default=30.0, gt=0)
 
 
+class MetricsSettings(_Model):
+    enabled: bool = True
+    address: str = "127.0.0.1"  # loopback by default: expose deliberately
+    port: int = Field(default=9464, ge=0, le=65535)  # 0: any free port
+    event_timezone: str = "UTC"  # zone of the events' timestamps (undocumented by Oracle)
+
+    @field_validator("event_timezone")
+    @classmethod
+    def _zone(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {v!r}: use an IANA name like 'UTC'") from None
+        return v
+
+
 class LogSettings(_Model):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -200,6 +217,7 @@ class Settings(BaseSettings):
     state: StateSettings = StateSettings()
     sink: JsonlSinkSettings = JsonlSinkSettings()
     pipeline: PipelineSettings = PipelineSettings()
+    metrics: MetricsSettings = MetricsSettings()
     log: LogSettings = LogSettings()
 
     @field_validator("streams")

@@ -34,6 +34,9 @@ path = "{dir}/state.db"
 [sink]
 path = "{dir}/events.jsonl"
 
+[metrics]
+port = {metrics_port}
+
 [log]
 format = "console"
 """
@@ -70,7 +73,9 @@ def main() -> int:
     )
     print(f"1. sandbox gateway on {url}: {BACKLOG} events waiting, {RATE:g}/s more")
     config = DEMO / "config.toml"
-    config.write_text(CONFIG.format(streams=launcher.stream_config(url, stream="demo"), dir=DEMO))
+    metrics_port = launcher.free_port()
+    streams = launcher.stream_config(url, stream="demo")
+    config.write_text(CONFIG.format(streams=streams, dir=DEMO, metrics_port=metrics_port))
     sink = DEMO / "events.jsonl"
     consumer: subprocess.Popen[bytes] | None = None
     try:
@@ -109,6 +114,7 @@ def main() -> int:
             f"{len(ids) - len(set(ids))} duplicates"
         )
         print("   try: .venv/bin/opera-consumer status --config .demo/config.toml")
+        print(f"   (while it runs, metrics are on http://127.0.0.1:{metrics_port}/metrics)")
         return 0 if ids and len(ids) == len(set(ids)) else 1
     finally:
         if consumer is not None:

@@ -56,6 +56,7 @@ def make_settings(
         state={"path": tmp_path / "state.db", "commit_interval_ms": 20, **(state or {})},  # type: ignore[arg-type]
         sink={"path": tmp_path / "events.jsonl"},  # type: ignore[arg-type]
         pipeline={"workers": 4, "drain_timeout_s": 10.0, **(pipeline or {})},  # type: ignore[arg-type]
+        metrics={"port": 0},  # type: ignore[arg-type]
     )
 
 
@@ -78,6 +79,8 @@ commit_interval_ms = {commit_interval_ms}
 commit_max_events = {500 if commit_interval_ms < 1000 else 10_000_000}
 [sink]
 path = "{tmp_path / "events.jsonl"}"
+[metrics]
+port = 0
 [log]
 format = "json"
 level = "debug"

@@ -24,6 +24,8 @@ class Decision:
     action: Action
     delay_s: float
     reason: str
+    code: str = ""  # "4409", "1006", "http_429", "network"...: a metric label
+    deliberate: bool = False  # a wait the protocol asks for (lockout, rate limit), not a fault
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -89,10 +91,11 @@ class ClosePolicy:
         """The server closed the WebSocket (``code`` None: no close frame, i.e. 1006)."""
         code = ABNORMAL_CLOSURE if code is None else code
         said = f": {reason}" if reason else ""
+        label = str(code)
         if code in _STOP_CODES:
-            return Decision(Action.STOP, 0.0, _STOP_CODES[code] + said)
+            return Decision(Action.STOP, 0.0, _STOP_CODES[code] + said, label)
         if code == UNAUTHORIZED:
-            return self._auth_failed(f"credentials rejected (4401){said}")
+            return self._auth_failed(f"credentials rejected (4401){said}", label)
         if code == SUBSCRIBER_EXISTS:
             self.failures += 1
             c = self.config
@@ -102,13 +105,20 @@ class ClosePolicy:
                 delay,
                 f"another consumer holds this stream or it was not completed (4409){said}; "
                 f"waiting out the lockout",
+                label,
+                deliberate=True,
             )
         if code == ABNORMAL_CLOSURE:
             delay = self._backoff(self.config.abnormal_min_s)
             return Decision(
-                Action.RECONNECT, delay, f"connection lost without a close frame (1006){said}"
+                Action.RECONNECT,
+                delay,
+                f"connection lost without a close frame (1006){said}",
+                label,
             )
-        return Decision(Action.RECONNECT, self._backoff(), f"closed by server ({code}){said}")
+        return Decision(
+            Action.RECONNECT, self._backoff(), f"closed by server ({code}){said}", label
+        )
 
     def on_closed_by_us(self, code: int, max_frame_bytes: int) -> Decision | None:
         """We closed the connection ourselves (websockets did, on our limits)."""
@@ -119,29 +129,32 @@ class ClosePolicy:
                 0.0,
                 f"a frame larger than {max_frame_bytes * OVERSIZED_FACTOR} bytes arrived (1009): "
                 f"raise max_frame_bytes (now {max_frame_bytes}) and restart",
+                "1009",
             )
         return None
 
     def on_handshake_status(self, status: int) -> Decision:
         """The HTTP upgrade was refused with ``status``."""
+        label = f"http_{status}"
         if status == 400:
-            return Decision(
-                Action.STOP, 0.0, f"upgrade refused: incorrect key or URL (HTTP 400); {_CHECK_KEY}"
-            )
+            reason = f"upgrade refused: incorrect key or URL (HTTP 400); {_CHECK_KEY}"
+            return Decision(Action.STOP, 0.0, reason, label)
         if status == 401:
-            return self._auth_failed("upgrade refused (HTTP 401)")
+            return self._auth_failed("upgrade refused (HTTP 401)", label)
         if status == 403:
-            return Decision(Action.STOP, 0.0, f"upgrade forbidden (HTTP 403); {_CHECK_KEY}")
+            return Decision(Action.STOP, 0.0, f"upgrade forbidden (HTTP 403); {_CHECK_KEY}", label)
         if status == 429:
             self.failures += 1
             delay = self.config.rate_limited_s + self._rng.uniform(0, self.config.backoff_initial_s)
-            return Decision(Action.RECONNECT, delay, "too many upgrade requests (HTTP 429)")
-        return Decision(Action.RECONNECT, self._backoff(), f"upgrade refused (HTTP {status})")
+            reason = "too many upgrade requests (HTTP 429)"
+            return Decision(Action.RECONNECT, delay, reason, label, deliberate=True)
+        reason = f"upgrade refused (HTTP {status})"
+        return Decision(Action.RECONNECT, self._backoff(), reason, label)
 
     def on_network_error(self, what: str) -> Decision:
-        return Decision(Action.RECONNECT, self._backoff(), what)
+        return Decision(Action.RECONNECT, self._backoff(), what, "network")
 
-    def _auth_failed(self, reason: str) -> Decision:
+    def _auth_failed(self, reason: str, label: str) -> Decision:
         self.auth_failures += 1
         if self.auth_failures >= self.config.max_auth_failures:
             return Decision(
@@ -149,5 +162,6 @@ class ClosePolicy:
                 0.0,
                 f"{reason}, {self.auth_failures} times in a row: check app_key (raw key, not its "
                 f"hash), client_id/client_secret and the grant's user or scope",
+                label,
             )
-        return Decision(Action.REFRESH_TOKEN, self._backoff(), reason)
+        return Decision(Action.REFRESH_TOKEN, self._backoff(), reason, label)

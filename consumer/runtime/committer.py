@@ -50,6 +50,7 @@ class Committer:
         self._lock = asyncio.Lock()
         self.commits = 0
         self.busy_since: float | None = None  # monotonic start of the commit under way
+        self.checkpointed_at: dict[str, float] = {}  # stream -> monotonic time it last moved
 
     def register(self, stream: str, watermark: Watermark) -> None:
         self._watermarks[stream] = watermark
@@ -126,6 +127,9 @@ class Committer:
                 self.busy_since = None
             for stream, ids in batch.processed.items():
                 self._committing[stream].difference_update(ids)
+            now = time.monotonic()
+            for stream in batch.checkpoints:
+                self.checkpointed_at[stream] = now
             self.commits += 1
             self._committed.set()
             return True

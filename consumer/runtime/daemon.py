@@ -25,13 +25,14 @@ from .. import __version__
 from ..config import Settings
 from ..core import protocol
 from ..core.upgrade_budget import UpgradeBudget
-from ..errors import StreamStopped
+from ..errors import ConfigError, StreamStopped
 from ..logs import REDACTOR
 from ..sinks.base import Sink
 from ..sinks.jsonl import JsonlSink
 from . import systemd
 from .auth import TokenProvider
 from .committer import Committer
+from .metrics import Metrics, MetricsServer
 from .pipeline import StreamPipeline
 from .store import Store
 from .stream import StreamRunner
@@ -69,6 +70,7 @@ class Daemon:
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _closed: bool = False
     exit_code: int = EXIT_OK
+    metrics_server: MetricsServer | None = None
 
     @classmethod
     async def create(cls, settings: Settings, *, sink: Sink | None = None) -> Daemon:
@@ -121,6 +123,21 @@ class Daemon:
                 store=store,
                 budget=budget,
             )
+        m = settings.metrics
+        if m.enabled:
+            metrics = Metrics(self, event_timezone=m.event_timezone)
+            for name, pipeline in self.pipelines.items():
+                pipeline.on_write = metrics.observer(name)
+            server = MetricsServer(self, metrics, m.address, m.port)
+            try:
+                await server.start()
+            except OSError as exc:
+                await self.close()
+                raise ConfigError(
+                    f"cannot listen for metrics on {m.address}:{m.port} ({exc}): set [metrics] "
+                    "address and port, or enabled = false"
+                ) from None
+            self.metrics_server = server
         return self
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
@@ -218,6 +235,8 @@ class Daemon:
             await self.committer.flush()
         except Exception:
             log.exception("final commit failed; uncommitted events are replayed on the next start")
+        if self.metrics_server is not None:
+            await self.metrics_server.close()
         await self.sink.close()
         await self.store.close()
         await self.http.aclose()

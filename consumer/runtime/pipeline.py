@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import structlog
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
@@ -61,6 +62,8 @@ class StreamPipeline:
         self._tasks: list[asyncio.Task[None]] = []
         self.delivered = 0
         self.duplicates = 0
+        # Called after each successful sink write: (seconds it took, newest event written).
+        self.on_write: Callable[[float, Event], None] | None = None
         self.dead_lettered = 0
         committer.register(stream, self.watermark)
 
@@ -246,4 +249,7 @@ class StreamPipeline:
             reraise=True,
         ):
             with attempt:
+                started = time.perf_counter()
                 await self._sink.write(events)
+        if self.on_write is not None:
+            self.on_write(time.perf_counter() - started, events[-1])

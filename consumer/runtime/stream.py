@@ -14,7 +14,8 @@ import contextlib
 import random
 import time
 import uuid
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 import structlog
 from websockets.asyncio.client import ClientConnection, connect
@@ -51,6 +52,11 @@ class StreamStats:
     events_received: int = 0
     malformed: int = 0
     last_close: str = ""
+    closes: Counter[str] = field(default_factory=Counter)  # by code: "4409", "http_429"...
+    last_event: float | None = None  # monotonic
+
+
+READY_STATES = frozenset({"streaming", "completing", "lockout"})
 
 
 class StreamRunner:
@@ -80,8 +86,13 @@ class StreamRunner:
         self._paused = False
         self._completing: str | None = None
         self._dead = False
-        self.state = "starting"
+        self.state = "starting"  # connecting, streaming, completing, lockout, backoff, stopped
         self.stats = StreamStats()
+        self.liveness: Liveness | None = None
+
+    @property
+    def token_fetches(self) -> int:
+        return self._tokens.fetches
 
     def request_stop(self) -> None:
         """Graceful: the current session sends ``complete`` and waits for the server to close."""
@@ -93,6 +104,8 @@ class StreamRunner:
             while not self._stop.is_set():
                 decision = await self._attempt()
                 self.stats.last_close = decision.reason
+                if decision.code:
+                    self.stats.closes[decision.code] += 1
                 if self._stop.is_set():
                     break
                 if decision.action is Action.STOP:
@@ -101,7 +114,7 @@ class StreamRunner:
                     raise StreamStopped(f"stream {self.name}: {decision.reason}")
                 if decision.action is Action.REFRESH_TOKEN:
                     self._tokens.invalidate()
-                self.state = "waiting"
+                self.state = "lockout" if decision.deliberate else "backoff"
                 log.info("reconnecting", delay_s=round(decision.delay_s, 2), reason=decision.reason)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), decision.delay_s)
@@ -118,6 +131,7 @@ class StreamRunner:
         c = self.settings.connection
         wait = self._budget.reserve(time.monotonic())
         if wait > 0:
+            self.state = "lockout"
             log.warning("upgrade budget spent: waiting", delay_s=round(wait, 1))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), wait)
@@ -201,7 +215,7 @@ class StreamRunner:
             delta=sub.delta,
             hotel_codes=",".join(sub.hotel_codes) or None,
         )
-        liveness = Liveness(
+        liveness = self.liveness = Liveness(
             time.monotonic(), floor_s=c.liveness_floor_s, multiplier=c.liveness_multiplier
         )
         helpers = [
@@ -233,6 +247,7 @@ class StreamRunner:
                 if msg.id != sub_id:
                     continue
                 stats.events_received += 1
+                stats.last_event = now
                 event = msg.event
                 if not self._anchored:
                     # The gateway moves its own position as it sends: record where this
@@ -310,7 +325,8 @@ class StreamRunner:
         why = self._completing
         if why is not None:
             self._completing = None
-            return Decision(Action.RECONNECT, self.settings.connection.resubscribe_gap_s, why)
+            gap = self.settings.connection.resubscribe_gap_s
+            return Decision(Action.RECONNECT, gap, why, deliberate=True)
         if self._dead:
             return self.policy.on_close(None, "liveness deadline passed")
         if exc.sent is not None and not exc.rcvd_then_sent:  # we closed first

@@ -37,6 +37,7 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
+from ..http11 import respond
 from .eventlog import ChainLog
 
 SUBPROTOCOL = Subprotocol("graphql-transport-ws")
@@ -263,12 +264,12 @@ class SandboxGateway:
             if request.method == b"POST" and path == "/oauth/v1/tokens":
                 await self._token_endpoint(conn, request, reader, writer)
             elif request.method == b"GET" and path == "/healthz":
-                _respond(conn, writer, 200, b"ok\n", content_type="text/plain")
+                respond(conn, writer, 200, b"ok\n", content_type="text/plain")
             elif request.method == b"GET" and path == "/subscriptions":
                 self.stats.connections += 1
                 await self._websocket(head, target, reader, writer)
             else:
-                _respond(conn, writer, 404, b"not found\n", content_type="text/plain")
+                respond(conn, writer, 404, b"not found\n", content_type="text/plain")
             await writer.drain()
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, h11.RemoteProtocolError):
             pass
@@ -291,14 +292,14 @@ class SandboxGateway:
         if self._token_failures:
             status, retry_after = self._token_failures.pop(0)
             extra = {"Retry-After": f"{retry_after:g}"} if retry_after is not None else {}
-            _respond(conn, writer, status, _problem(status, "injected failure"), extra=extra)
+            respond(conn, writer, status, _problem(status, "injected failure"), extra=extra)
             return
         form = {k: v[0] for k, v in parse_qs(body.decode()).items()}
         self.token_requests.append((headers, form))
         o = self.options
         grant = form.get("grant_type")
         if grant not in ("client_credentials", "password"):
-            _respond(
+            respond(
                 conn,
                 writer,
                 400,
@@ -314,7 +315,7 @@ class SandboxGateway:
                 and (form.get("username"), form.get("password")) != (o.username, o.password)
             )
         ):
-            _respond(conn, writer, 401, _problem(401, "invalid client, app key, user or scope"))
+            respond(conn, writer, 401, _problem(401, "invalid client, app key, user or scope"))
             return
         token = secrets.token_urlsafe(32)
         self._tokens[token] = time.monotonic() + o.token_ttl_s
@@ -325,7 +326,7 @@ class SandboxGateway:
             "token_type": "Bearer",
             "oracle_tk_context": "user_assertion",
         }
-        _respond(conn, writer, 200, json.dumps(payload).encode())
+        respond(conn, writer, 200, json.dumps(payload).encode())
 
     # --- WebSocket --------------------------------------------------------------------------
 
@@ -679,26 +680,6 @@ def _flush(proto: ServerProtocol, writer: asyncio.StreamWriter) -> None:
             writer.write(chunk)
         elif writer.can_write_eof():
             writer.write_eof()
-
-
-def _respond(
-    conn: h11.Connection,
-    writer: asyncio.StreamWriter,
-    status: int,
-    body: bytes,
-    *,
-    content_type: str = "application/json",
-    extra: dict[str, str] | None = None,
-) -> None:
-    headers = [
-        ("Content-Type", content_type),
-        ("Content-Length", str(len(body))),
-        ("Connection", "close"),
-        *(extra or {}).items(),
-    ]
-    writer.write(conn.send(h11.Response(status_code=status, headers=headers)) or b"")
-    writer.write(conn.send(h11.Data(data=body)) or b"")
-    writer.write(conn.send(h11.EndOfMessage()) or b"")
 
 
 def _problem(status: int, detail: str) -> bytes:

@@ -6,6 +6,7 @@ import asyncio
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 from collections import Counter
@@ -227,3 +228,23 @@ def test_every_command_has_help():
             check=False,
         )
         assert proc.returncode == 0 and "exit status" in proc.stdout
+
+
+def test_a_busy_metrics_port_is_a_configuration_error(tmp_path: Path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        config = toml_config(tmp_path, "http://127.0.0.1:9")
+        config.write_text(
+            config.read_text().replace("[metrics]\nport = 0", f"[metrics]\nport = {port}")
+        )
+        proc = subprocess.run(
+            [sys.executable, "-m", "consumer", "run", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    assert proc.returncode == 78
+    assert "cannot listen for metrics" in proc.stderr and "[metrics]" in proc.stderr

@@ -1,0 +1,197 @@
+"""Prometheus metrics, /healthz and /readyz, served from the daemon's own event loop.
+
+Served on the loop on purpose: a blocked loop stops answering, and the health check fails.
+Counters that the pipeline already keeps are read at scrape time (nothing added to the
+per-event path); only the two latency histograms are observed, once per sink write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo
+
+import h11
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from ..core.events import Event
+from ..http11 import respond
+from .stream import READY_STATES
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+_E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600, 86400)
+_ORACLE_TS = "%d-%b-%y %I.%M.%S.%f %p"  # "28-APR-24 06.18.59.028027 AM"
+
+
+def event_time(timestamp: str | None, zone: ZoneInfo) -> float | None:
+    """Epoch seconds of an OPERA event timestamp, or None when it is not in Oracle's format."""
+    if not timestamp:
+        return None
+    try:
+        return datetime.strptime(timestamp, _ORACLE_TS).replace(tzinfo=zone).timestamp()
+    except ValueError:
+        return None
+
+
+class Metrics:
+    def __init__(self, daemon: Daemon, *, event_timezone: str = "UTC") -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_DaemonCollector(daemon))
+        self._zone = ZoneInfo(event_timezone)
+        self.sink_seconds = Histogram(
+            "opera_consumer_sink_write_seconds",
+            "Time to hand a batch to the sink.",
+            ["stream"],
+            registry=self.registry,
+        )
+        self.end_to_end = Histogram(
+            "opera_consumer_end_to_end_seconds",
+            "From the event's timestamp to its delivery to the sink (newest of each batch).",
+            ["stream"],
+            buckets=_E2E_BUCKETS,
+            registry=self.registry,
+        )
+
+    def observer(self, stream: str) -> Callable[[float, Event], None]:
+        sink = self.sink_seconds.labels(stream)
+        e2e = self.end_to_end.labels(stream)
+        zone = self._zone
+
+        def observe(seconds: float, newest: Event) -> None:
+            sink.observe(seconds)
+            produced = event_time(newest.timestamp, zone)
+            if produced is not None:
+                e2e.observe(max(0.0, time.time() - produced))  # clocks may disagree
+
+        return observe
+
+    def scrape(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _DaemonCollector(Collector):
+    def __init__(self, daemon: Daemon) -> None:
+        self._d = daemon
+
+    def collect(self) -> Iterator[Metric]:
+        d, now = self._d, time.monotonic()
+        label = ["stream"]
+
+        def counter(name: str, doc: str) -> CounterMetricFamily:
+            return CounterMetricFamily(f"opera_consumer_{name}", doc, labels=label)
+
+        def gauge(name: str, doc: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"opera_consumer_{name}", doc, labels=label)
+
+        received = counter("events_received", "Events read from the stream.")
+        processed = counter("events_processed", "Events delivered to the sink.")
+        dedup = counter("events_deduplicated", "Events already processed, skipped.")
+        dead = counter("events_dead_lettered", "Events and frames sent to the DLQ.")
+        connections = counter("connections", "WebSocket connections opened.")
+        tokens = counter("token_refreshes", "OAuth tokens fetched.")
+        closes = CounterMetricFamily(
+            "opera_consumer_closes", "Sessions ended, by close code.", labels=["stream", "code"]
+        )
+        depth = gauge("queue_depth", "Events read and not yet done.")
+        connected = gauge("connected", "1 while subscribed.")
+        ready = gauge("ready", "1 while streaming or in a deliberate wait.")
+        age = gauge("checkpoint_age_seconds", "Since the checkpoint last moved.")
+        quiet = gauge("seconds_since_last_event", "Since the last event arrived.")
+        srtt = gauge("srtt_seconds", "Smoothed ping round-trip time.")
+        for name, runner in d.runners.items():
+            pipeline, stats = d.pipelines[name], runner.stats
+            received.add_metric([name], stats.events_received)
+            processed.add_metric([name], pipeline.delivered)
+            dedup.add_metric([name], pipeline.duplicates)
+            dead.add_metric([name], pipeline.dead_lettered)
+            connections.add_metric([name], stats.connections)
+            tokens.add_metric([name], runner.token_fetches)
+            for code, n in stats.closes.items():
+                closes.add_metric([name, code], n)
+            depth.add_metric([name], pipeline.in_flight)
+            connected.add_metric([name], 1.0 if runner.state == "streaming" else 0.0)
+            ready.add_metric([name], 1.0 if runner.state in READY_STATES else 0.0)
+            moved = d.committer.checkpointed_at.get(name)
+            if moved is not None:
+                age.add_metric([name], now - moved)
+            if stats.last_event is not None:
+                quiet.add_metric([name], now - stats.last_event)
+            if runner.liveness is not None and runner.liveness.srtt is not None:
+                srtt.add_metric([name], runner.liveness.srtt)
+        yield from (received, processed, dedup, dead, connections, tokens, closes)
+        yield from (depth, connected, ready, age, quiet, srtt)
+
+
+def readiness(daemon: Daemon) -> tuple[bool, dict[str, Any]]:
+    streams = {
+        name: {
+            "state": r.state,
+            "ready": r.state in READY_STATES,
+            "last_close": r.stats.last_close or None,
+        }
+        for name, r in daemon.runners.items()
+    }
+    return all(s["ready"] for s in streams.values()), {"streams": streams}
+
+
+class MetricsServer:
+    """``/metrics``, ``/healthz`` (the loop answers) and ``/readyz`` (every stream is
+    streaming or in a deliberate wait) on one loopback port by default."""
+
+    def __init__(self, daemon: Daemon, metrics: Metrics, host: str, port: int) -> None:
+        self._daemon = daemon
+        self._metrics = metrics
+        self._host, self._port = host, port
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, self._host, self._port)
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None, "start() first"
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+            await server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(10):
+                head = await reader.readuntil(b"\r\n\r\n")
+            conn = h11.Connection(h11.SERVER)
+            conn.receive_data(head)
+            request = conn.next_event()
+            if not isinstance(request, h11.Request):
+                return
+            path = urlsplit(request.target.decode()).path
+            if path == "/metrics":
+                body = self._metrics.scrape()
+                respond(conn, writer, 200, body, content_type=CONTENT_TYPE_LATEST)
+            elif path == "/healthz":
+                respond(conn, writer, 200, b'{"status": "ok"}')
+            elif path == "/readyz":
+                ok, detail = readiness(self._daemon)
+                body = json.dumps({"ready": ok, **detail}).encode()
+                respond(conn, writer, 200 if ok else 503, body)
+            else:
+                respond(conn, writer, 404, b'{"error": "not found"}')
+            await writer.drain()
+        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
+            pass
+        except (asyncio.LimitOverrunError, h11.RemoteProtocolError):
+            pass
+        finally:
+            writer.close()

@@ -1,0 +1,72 @@
+"""/metrics, /healthz and /readyz scraped from a running daemon."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+from support import count_lines, make_settings, running, wait_until
+
+from consumer.runtime.metrics import event_time
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    return samples(text)[(name, tuple(sorted({"stream": "main", **labels}.items())))]
+
+
+async def test_metrics_follow_the_events_and_readiness_follows_the_stream(
+    sandbox_factory, tmp_path: Path
+):
+    gw = await sandbox_factory(backlog=300)
+    gw.inject_malformed("DEMO", "{oops")
+    sink = tmp_path / "events.jsonl"
+    async with running(make_settings(tmp_path, gw.url)) as daemon:
+        assert daemon.metrics_server is not None
+        base = f"http://127.0.0.1:{daemon.metrics_server.port}"
+        async with httpx.AsyncClient(base_url=base) as http:
+            await wait_until(lambda: count_lines(sink) >= 300)
+            text = (await http.get("/metrics")).text
+            assert value(text, "opera_consumer_events_processed_total") == 300
+            assert value(text, "opera_consumer_events_received_total") == 300
+            assert value(text, "opera_consumer_events_dead_lettered_total") == 1
+            assert value(text, "opera_consumer_connected") == 1
+            assert value(text, "opera_consumer_end_to_end_seconds_count") >= 1
+            assert value(text, "opera_consumer_sink_write_seconds_count") >= 1
+            gw.append("DEMO", 20)
+            await wait_until(lambda: count_lines(sink) >= 320)
+            text = (await http.get("/metrics")).text
+            assert value(text, "opera_consumer_events_processed_total") == 320
+            assert (await http.get("/healthz")).status_code == 200
+            ready = await http.get("/readyz")
+            assert ready.status_code == 200 and ready.json()["ready"] is True
+            await gw.close()  # the gateway goes away
+            await wait_until(lambda: daemon.runners["main"].state == "backoff", timeout=10)
+            ready = await http.get("/readyz")
+            assert ready.status_code == 503
+            assert ready.json()["streams"]["main"]["state"] == "backoff"
+            assert (await http.get("/healthz")).status_code == 200  # alive all the same
+            text = (await http.get("/metrics")).text
+            assert value(text, "opera_consumer_connected") == 0
+            assert (
+                sum(v for (n, _), v in samples(text).items() if n == "opera_consumer_closes_total")
+                >= 1
+            )
+
+
+def test_event_time_parses_oracle_timestamps():
+    from zoneinfo import ZoneInfo
+
+    utc = ZoneInfo("UTC")
+    assert event_time("28-APR-24 06.18.59.028027 AM", utc) == 1714285139.028027
+    assert event_time("28-APR-24 12.00.00.000000 AM", utc) == 1714262400.0  # midnight
+    assert event_time("not a timestamp", utc) is None
+    assert event_time(None, utc) is None
