@@ -71,7 +71,12 @@ def _parser() -> argparse.ArgumentParser:
         help="run a local OHIP gateway emulator on 127.0.0.1 (for demos and tests)",
         epilog=_EPILOG,
     )
-    sb.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (0: any free port)")
+    sb.add_argument("--port", type=int, default=8765, help="port to listen on (0: any free port)")
+    sb.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default loopback; 0.0.0.0 only inside a container network)",
+    )
     sb.add_argument("--chains", default="DEMO", help="comma-separated chain codes")
     sb.add_argument("--backlog", type=int, default=1000, help="events already waiting per chain")
     sb.add_argument("--rate", type=float, default=5.0, help="new events per second per chain")
@@ -167,6 +172,7 @@ def _sandbox(args: argparse.Namespace) -> int:
     from .sandbox import SandboxOptions, run_sandbox
 
     options = SandboxOptions(
+        host=args.host,
         port=args.port,
         chains=tuple(c.strip() for c in args.chains.split(",") if c.strip()),
         backlog=args.backlog,

@@ -38,6 +38,7 @@ ENV_PREFIX = "OPERA_CONSUMER_"
 DEFAULT_CONFIG_PATHS = (Path("config.toml"), Path("/etc/opera-consumer/config.toml"))
 SECRET_DIRS = ("/run/secrets",)  # $CREDENTIALS_DIRECTORY is added at load time
 DEFAULT_SCOPE = "urn:opc:hgbu:ws:__myscopes__"
+_SECRET_FIELDS = frozenset({"app_key", "client_secret", "password"})
 
 
 class _Model(BaseModel):
@@ -296,6 +297,12 @@ def explain(exc: ValidationError, source: Path | None) -> str:
         env = ENV_PREFIX + "__".join(part.upper() for part in loc)
         if err["type"] == "missing":
             fix = f"set {key} in the config file or the environment variable {env}"
+            if loc[-1] in _SECRET_FIELDS:
+                secret_file = "__".join(loc)
+                fix += (
+                    f", or put it in a file named {secret_file} in $CREDENTIALS_DIRECTORY "
+                    "or /run/secrets"
+                )
         elif err["type"] == "extra_forbidden":
             fix = "unknown key (a typo?): remove or rename it; config.example.toml lists every key"
         else:

@@ -135,9 +135,10 @@ async def test_second_signal_exits_at_once_and_state_stays_consistent(
     assert Counter(sink_ids(sink)) == truth(gw)
 
 
-async def test_logs_never_show_a_secret(sandbox_factory, tmp_path: Path):
-    # Token rotation, a reconnect after a dropped connection and a refused token all happen.
-    gw = await sandbox_factory(backlog=50, token_ttl_s=2.0, rate=20.0)
+async def test_logs_never_show_a_secret_or_event_detail(sandbox_factory, tmp_path: Path):
+    # Token rotation, a reconnect after a dropped connection, a refused token, malformed frames
+    # and a dead-lettered event all happen, with debug logging on.
+    gw = await sandbox_factory(backlog=50, token_ttl_s=2.0, rate=20.0, malformed_every=20)
     gw.fail_token_requests([503], retry_after=0.1)
     proc = spawn(toml_config(tmp_path, gw.url), tmp_path / "daemon.log")
     try:
@@ -155,6 +156,18 @@ async def test_logs_never_show_a_secret(sandbox_factory, tmp_path: Path):
     for secret in secrets:
         assert secret not in log
     assert len(gw.issued_tokens) >= 3
+    assert "malformed frame dead-lettered" in log
+    # Detail values are guest data (PII): none may reach a log line. Short or numeric values
+    # (Y/N flags, room numbers) could match by chance, so look for the distinctive ones.
+    values = {
+        d["newValue"]
+        for e in gw.events("DEMO")
+        for d in e["detail"]
+        if len(d["newValue"]) >= 5 and any(c.isalpha() for c in d["newValue"])
+    }
+    assert values, "the test needs distinctive detail values"
+    leaked = [v for v in values if v in log]
+    assert leaked == []
 
 
 def test_bad_config_names_the_key_and_exits_78(tmp_path: Path):
