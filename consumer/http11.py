@@ -6,6 +6,17 @@ import asyncio
 
 import h11
 
+Request = tuple[bytes, h11.Connection, h11.Request]  # the raw head too (for an upgrade)
+
+
+async def read_request(reader: asyncio.StreamReader) -> Request | None:
+    """Read and parse a request head; None if it is not a request."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(head)
+    request = conn.next_event()
+    return (head, conn, request) if isinstance(request, h11.Request) else None
+
 
 def respond(
     conn: h11.Connection,

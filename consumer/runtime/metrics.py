@@ -22,7 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from ..core.events import Event
-from ..http11 import respond
+from ..http11 import read_request, respond
 from .stream import READY_STATES
 
 if TYPE_CHECKING:
@@ -170,12 +170,10 @@ class MetricsServer:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             async with asyncio.timeout(10):
-                head = await reader.readuntil(b"\r\n\r\n")
-            conn = h11.Connection(h11.SERVER)
-            conn.receive_data(head)
-            request = conn.next_event()
-            if not isinstance(request, h11.Request):
+                parsed = await read_request(reader)
+            if parsed is None:
                 return
+            _, conn, request = parsed
             path = urlsplit(request.target.decode()).path
             if path == "/metrics":
                 body = self._metrics.scrape()

@@ -37,7 +37,7 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
-from ..http11 import respond
+from ..http11 import read_request, respond
 from .eventlog import ChainLog
 
 SUBPROTOCOL = Subprotocol("graphql-transport-ws")
@@ -253,12 +253,10 @@ class SandboxGateway:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
         try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            conn = h11.Connection(h11.SERVER)
-            conn.receive_data(head)
-            request = conn.next_event()
-            if not isinstance(request, h11.Request):
+            parsed = await read_request(reader)
+            if parsed is None:
                 return
+            head, conn, request = parsed
             target = request.target.decode()
             path = urlsplit(target).path
             if request.method == b"POST" and path == "/oauth/v1/tokens":

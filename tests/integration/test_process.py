@@ -18,6 +18,17 @@ from consumer.core.protocol import key_hash
 from consumer.sandbox import SandboxGateway, SandboxOptions
 
 
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "consumer", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        env=env,
+    )
+
+
 def spawn(config: Path, log: Path) -> subprocess.Popen[bytes]:
     out = log.open("ab")
     try:
@@ -177,13 +188,7 @@ def test_bad_config_names_the_key_and_exits_78(tmp_path: Path):
         'app_key = "k"\n[streams.main.auth]\nclient_id = "id"\nclient_secret = "hunter22"\n'
         '[streams.main.subscription]\nofset = "12"\n'
     )
-    proc = subprocess.run(
-        [sys.executable, "-m", "consumer", "run", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    proc = cli("run", "--config", str(config))
     assert proc.returncode == 78
     assert "streams.main.subscription.ofset" in proc.stderr
     assert "hunter22" not in proc.stderr + proc.stdout
@@ -192,14 +197,7 @@ def test_bad_config_names_the_key_and_exits_78(tmp_path: Path):
 def test_check_config_prints_masked_settings(tmp_path: Path):
     config = toml_config(tmp_path, "http://127.0.0.1:9")
     env = {**os.environ, "OPERA_CONSUMER_PIPELINE__WORKERS": "3"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "consumer", "check-config", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-        env=env,
-    )
+    proc = cli("check-config", "--config", str(config), env=env)
     assert proc.returncode == 0, proc.stderr
     assert '"workers": 3' in proc.stdout
     assert SandboxOptions().client_secret not in proc.stdout
@@ -233,13 +231,7 @@ async def test_status_reports_the_checkpoint(sandbox_factory, tmp_path: Path):
 
 def test_every_command_has_help():
     for args in ([], ["run"], ["check-config"], ["status"], ["sandbox"]):
-        proc = subprocess.run(
-            [sys.executable, "-m", "consumer", *args, "--help"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
+        proc = cli(*args, "--help")
         assert proc.returncode == 0 and "exit status" in proc.stdout
 
 
@@ -252,12 +244,6 @@ def test_a_busy_metrics_port_is_a_configuration_error(tmp_path: Path):
         config.write_text(
             config.read_text().replace("[metrics]\nport = 0", f"[metrics]\nport = {port}")
         )
-        proc = subprocess.run(
-            [sys.executable, "-m", "consumer", "run", "--config", str(config)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
+        proc = cli("run", "--config", str(config))
     assert proc.returncode == 78
     assert "cannot listen for metrics" in proc.stderr and "[metrics]" in proc.stderr
