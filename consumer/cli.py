@@ -124,6 +124,7 @@ def _run(settings: Settings) -> int:
 
 
 async def _status(settings: Settings, *, as_json: bool) -> int:
+    from .runtime.metrics import live_status
     from .runtime.store import Store
 
     path = settings.state.path
@@ -136,6 +137,8 @@ async def _status(settings: Settings, *, as_json: bool) -> int:
         dlq = await store.dead_letter_counts()
     finally:
         await store.close()
+    m = settings.metrics
+    live = await live_status(m.address, m.port) if m.enabled else None
     rows: list[dict[str, Any]] = []
     for name in sorted(set(settings.streams) | set(checkpoints) | set(dlq)):
         cp = checkpoints.get(name)
@@ -149,17 +152,26 @@ async def _status(settings: Settings, *, as_json: bool) -> int:
                 "checkpoint_at": _iso(cp.updated_at) if cp else None,
                 "processed": cp.processed_count if cp else 0,
                 "dead_letters": dlq.get(name, 0),
+                # from the running daemon, when it answers
+                "state": live[name]["state"] if live and name in live else "not running",
+                "events_per_s": live[name]["events_per_s"] if live and name in live else None,
+                "lag_s": live[name]["lag_s"] if live and name in live else None,
             }
         )
     if as_json:
         print(json.dumps(rows, indent=2))
     else:
-        cols = ["stream", "offset", "last_event_at", "processed", "dead_letters"]
-        table = [cols] + [[str(r[c] if r[c] is not None else "-") for c in cols] for r in rows]
+        cols = ["stream", "state", "offset", "last_event_at", "processed", "dead_letters"]
+        cols += ["events_per_s", "lag_s"]
+        table = [cols] + [[_cell(r[c]) for c in cols] for r in rows]
         widths = [max(len(line[i]) for line in table) for i in range(len(cols))]
         for line in table:
             print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
     return 0
+
+
+def _cell(value: Any) -> str:
+    return "-" if value is None else str(value).replace(" ", "_")
 
 
 def _iso(ts: float | None) -> str | None:

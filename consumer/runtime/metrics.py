@@ -17,8 +17,10 @@ from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
 import h11
+import httpx
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from ..core.events import Event
@@ -45,7 +47,8 @@ def event_time(timestamp: str | None, zone: ZoneInfo) -> float | None:
 class Metrics:
     def __init__(self, daemon: Daemon, *, event_timezone: str = "UTC") -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_DaemonCollector(daemon))
+        self.newest: dict[str, float] = {}  # stream -> event time of the newest delivered event
+        self.registry.register(_DaemonCollector(daemon, self.newest))
         self._zone = ZoneInfo(event_timezone)
         self.sink_seconds = Histogram(
             "opera_consumer_sink_write_seconds",
@@ -71,6 +74,7 @@ class Metrics:
             produced = event_time(newest.timestamp, zone)
             if produced is not None:
                 e2e.observe(max(0.0, time.time() - produced))  # clocks may disagree
+                self.newest[stream] = max(produced, self.newest.get(stream, produced))
 
         return observe
 
@@ -79,8 +83,9 @@ class Metrics:
 
 
 class _DaemonCollector(Collector):
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: Daemon, newest: dict[str, float]) -> None:
         self._d = daemon
+        self._newest = newest
 
     def collect(self) -> Iterator[Metric]:
         d, now = self._d, time.monotonic()
@@ -107,6 +112,7 @@ class _DaemonCollector(Collector):
         age = gauge("checkpoint_age_seconds", "Since the checkpoint last moved.")
         quiet = gauge("seconds_since_last_event", "Since the last event arrived.")
         srtt = gauge("srtt_seconds", "Smoothed ping round-trip time.")
+        lag = gauge("lag_seconds", "Now minus the newest delivered event's timestamp.")
         for name, runner in d.runners.items():
             pipeline, stats = d.pipelines[name], runner.stats
             received.add_metric([name], stats.events_received)
@@ -127,8 +133,10 @@ class _DaemonCollector(Collector):
                 quiet.add_metric([name], now - stats.last_event)
             if runner.liveness is not None and runner.liveness.srtt is not None:
                 srtt.add_metric([name], runner.liveness.srtt)
+            if name in self._newest:
+                lag.add_metric([name], max(0.0, time.time() - self._newest[name]))
         yield from (received, processed, dedup, dead, connections, tokens, closes)
-        yield from (depth, connected, ready, age, quiet, srtt)
+        yield from (depth, connected, ready, age, quiet, srtt, lag)
 
 
 def readiness(daemon: Daemon) -> tuple[bool, dict[str, Any]]:
@@ -193,3 +201,39 @@ class MetricsServer:
             pass
         finally:
             writer.close()
+
+
+async def live_status(host: str, port: int, *, interval_s: float = 1.0) -> dict[str, Any] | None:
+    """State, events/s and lag per stream from a running daemon's listener (None: not running).
+
+    Two scrapes ``interval_s`` apart give the rate.
+    """
+
+    def per_stream(text: str, name: str) -> dict[str, float]:
+        return {
+            s.labels["stream"]: s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == name
+        }
+
+    host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    try:
+        async with httpx.AsyncClient(base_url=f"http://{host}:{port}", timeout=2.0) as http:
+            ready = (await http.get("/readyz")).json()
+            first = (await http.get("/metrics")).text
+            await asyncio.sleep(interval_s)
+            second = (await http.get("/metrics")).text
+    except (httpx.HTTPError, ValueError):
+        return None
+    count = "opera_consumer_events_processed_total"
+    before, after = per_stream(first, count), per_stream(second, count)
+    lag = per_stream(second, "opera_consumer_lag_seconds")
+    return {
+        name: {
+            "state": info["state"],
+            "events_per_s": round((after.get(name, 0) - before.get(name, 0)) / interval_s, 1),
+            "lag_s": round(lag[name], 1) if name in lag else None,
+        }
+        for name, info in ready.get("streams", {}).items()
+    }

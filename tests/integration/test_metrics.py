@@ -70,3 +70,23 @@ def test_event_time_parses_oracle_timestamps():
     assert event_time("28-APR-24 12.00.00.000000 AM", utc) == 1714262400.0  # midnight
     assert event_time("not a timestamp", utc) is None
     assert event_time(None, utc) is None
+
+
+async def test_the_grafana_dashboard_only_uses_metrics_that_exist(sandbox_factory, tmp_path: Path):
+    import json
+    import re
+
+    dashboard = json.loads(
+        (Path(__file__).parents[2] / "deploy" / "grafana" / "opera-consumer.json").read_text()
+    )
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {n for e in exprs for n in re.findall(r"opera_consumer_[a-z_]+", e)}
+    gw = await sandbox_factory(backlog=20)
+    async with running(make_settings(tmp_path, gw.url)) as daemon:
+        await wait_until(lambda: count_lines(tmp_path / "events.jsonl") >= 20)
+        assert daemon.metrics_server is not None
+        async with httpx.AsyncClient() as http:
+            text = (await http.get(f"http://127.0.0.1:{daemon.metrics_server.port}/metrics")).text
+    # families declared (even before their first sample: no close yet, no pong yet) and samples
+    exposed = {s_name for (s_name, _) in samples(text)} | set(re.findall(r"# TYPE (\S+)", text))
+    assert used and used <= exposed, used - exposed

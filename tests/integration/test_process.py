@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import signal
@@ -12,10 +13,10 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from support import count_lines, sink_ids, toml_config, wait_until
+from support import count_lines, read_sink, sink_ids, toml_config, wait_until
 
 from consumer.core.protocol import key_hash
-from consumer.sandbox import SandboxGateway, SandboxOptions
+from consumer.sandbox import SandboxGateway, SandboxOptions, launcher
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -204,29 +205,41 @@ def test_check_config_prints_masked_settings(tmp_path: Path):
     assert '"client_secret": "**********"' in proc.stdout
 
 
-async def test_status_reports_the_checkpoint(sandbox_factory, tmp_path: Path):
-    gw = await sandbox_factory(backlog=40)
+async def test_status_reports_checkpoints_and_the_live_state(sandbox_factory, tmp_path: Path):
+    gw = await sandbox_factory(backlog=40, rate=50.0)
     config = toml_config(tmp_path, gw.url)
-    await run_until(config, tmp_path / "daemon.log", tmp_path / "events.jsonl", 40)
-    done = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "consumer", "status", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
+    port = launcher.free_port()
+    config.write_text(
+        config.read_text().replace("[metrics]\nport = 0", f"[metrics]\nport = {port}")
     )
-    out = done.stdout
-    last = gw.events("DEMO")[-1]["metadata"]["offset"]
-    assert out.splitlines()[0].split() == [
+    sink = tmp_path / "events.jsonl"
+    proc = spawn(config, tmp_path / "daemon.log")
+    try:
+        await wait_until(lambda: count_lines(sink) >= 60)
+        live = await asyncio.to_thread(cli, "status", "--config", str(config), "--json")
+        row = json.loads(live.stdout)[0]
+        assert row["stream"] == "main" and row["state"] == "streaming"
+        assert row["events_per_s"] > 0 and row["lag_s"] is not None and row["dead_letters"] == 0
+        proc.send_signal(signal.SIGTERM)
+        assert await wait_exit(proc) == 0
+    finally:
+        proc.kill()
+    out = (await asyncio.to_thread(cli, "status", "--config", str(config))).stdout.splitlines()
+    assert out[0].split() == [
         "stream",
+        "state",
         "offset",
         "last_event_at",
         "processed",
         "dead_letters",
+        "events_per_s",
+        "lag_s",
     ]
-    row = out.splitlines()[1].split()
-    assert row[0] == "main" and row[1] == last and row[3] == "40" and row[4] == "0"
+    row = out[1].split()
+    lines = read_sink(sink)
+    delivered = {e["metadata"]["offset"] for e in lines}
+    assert row[:2] == ["main", "not_running"]
+    assert row[2] in delivered and row[4] == str(len(lines)) and row[5] == "0"
 
 
 def test_every_command_has_help():
