@@ -1,6 +1,7 @@
-"""Command line: ``opera-consumer run | check-config | status | sandbox``.
+"""Command line: ``opera-consumer run | check-config | status | preflight | sandbox``.
 
-Exit status: 0 success; 1 a runtime failure (e.g. the state store cannot be read); 2 bad
+Exit status: 0 success; 1 a runtime failure (e.g. the state store cannot be read, or a
+preflight check failed); 2 bad
 command-line usage; 70 an unexpected internal error; 78 a configuration error, or every stream
 stopped on something only an operator can fix (systemd: ``RestartPreventExitStatus=78``);
 130 a second SIGINT/SIGTERM cut the drain short.
@@ -24,7 +25,7 @@ from .errors import ConfigError
 EXIT_RUNTIME = 1
 EXIT_CONFIG = 78
 
-_EPILOG = """exit status: 0 ok, 1 runtime failure, 2 usage, 70 internal error,
+_EPILOG = """exit status: 0 ok, 1 runtime failure or failed check, 2 usage, 70 internal error,
 78 configuration error (or every stream stopped for a reason an operator must fix),
 130 interrupted by a second signal."""
 
@@ -65,6 +66,13 @@ def _parser() -> argparse.ArgumentParser:
         )
     )
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    with_config(
+        sub.add_parser(
+            "preflight",
+            help="walk the pre-go-live checklist per stream (never subscribes); 1 on a failure",
+            epilog=_EPILOG,
+        )
+    )
 
     sb = sub.add_parser(
         "sandbox",
@@ -108,6 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if command == "status":
         return asyncio.run(_status(settings, as_json=args.json))
+    if command == "preflight":
+        return _preflight(settings)
     return _run(settings)
 
 
@@ -168,6 +178,20 @@ async def _status(settings: Settings, *, as_json: bool) -> int:
         for line in table:
             print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
     return 0
+
+
+def _preflight(settings: Settings) -> int:
+    from . import preflight
+    from .logs import configure
+
+    configure("warning", settings.log.format)  # the checklist is the output; logs only if wrong
+
+    def show(item: preflight.Item) -> None:
+        print(f"{item.level:<5} {item.stream:<12} {item.what:<18} {item.detail}", flush=True)
+
+    ok = asyncio.run(preflight.run(settings, show))
+    print("all checks passed" if ok else "some checks FAILED: see the lines above", file=sys.stderr)
+    return 0 if ok else EXIT_RUNTIME
 
 
 def _cell(value: Any) -> str:

@@ -44,6 +44,7 @@ SUBPROTOCOL = Subprotocol("graphql-transport-ws")
 _HEAD_LIMIT = 64 * 1024
 
 _ARG = re.compile(r'\s*(\w+)\s*:\s*("(?:[^"\\]|\\.)*"|true|false|[0-9]+)\s*,?')
+_CONNECTION_QUERY = re.compile(r"^\s*(query\b[^{]*)?\{\s*connection\s*\{")
 _INPUT = re.compile(r"newEvent\s*\(\s*input\s*:\s*\{(?P<args>[^{}]*)\}\s*\)")
 _RULES: dict[str, tuple[str, int]] = {
     "chainCode": (r"^[A-Za-z0-9 _%#$&-]+$", 20),
@@ -511,6 +512,13 @@ class _WsSession:
         query = payload.get("query") if isinstance(payload, dict) else None
         if not isinstance(sub_id, str) or not sub_id or not isinstance(query, str):
             raise _Close(4400, "Invalid subscribe message")
+        if _CONNECTION_QUERY.search(query):
+            # Query.connection: is a consumer subscribed (Active)? One next, then complete.
+            status = "Active" if any(gw._active.values()) else "Inactive"
+            data = {"data": {"connection": {"id": str(id(self)), "status": status}}}
+            self.send(json.dumps({"id": sub_id, "type": "next", "payload": data}))
+            self.send(json.dumps({"id": sub_id, "type": "complete"}))
+            return
         if self.sub_id is not None:
             raise _Close(4409, f"Subscriber for {sub_id} already exists")
         args = _parse_input(query)

@@ -243,7 +243,7 @@ async def test_status_reports_checkpoints_and_the_live_state(sandbox_factory, tm
 
 
 def test_every_command_has_help():
-    for args in ([], ["run"], ["check-config"], ["status"], ["sandbox"]):
+    for args in ([], ["run"], ["check-config"], ["status"], ["preflight"], ["sandbox"]):
         proc = cli(*args, "--help")
         assert proc.returncode == 0 and "exit status" in proc.stdout
 

@@ -1,0 +1,192 @@
+"""``opera-consumer preflight``: the pre-go-live checklist, one line per item with its fix.
+
+It authenticates and opens the WebSocket like the daemon, but never subscribes to events, so it
+cannot take the stream from a running consumer (it sends only ``connection_init``, pings and the
+``query { connection { status } }`` query).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import httpx
+import orjson
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidStatus, WebSocketException
+from websockets.typing import Subprotocol
+
+from .config import Settings, StreamSettings
+from .core import protocol
+from .errors import AuthError
+from .logs import REDACTOR
+from .runtime.auth import TokenProvider
+from .runtime.daemon import register_secrets
+from .runtime.store import Store
+
+HEADER_LIMIT = 8 * 1024  # the gateway's request header limit
+SLOW_RTT_S = 0.5
+
+
+@dataclass(frozen=True)
+class Item:
+    level: str  # PASS, WARN, FAIL
+    stream: str
+    what: str
+    detail: str
+
+
+class _Checks:
+    def __init__(self, emit: Callable[[Item], None]) -> None:
+        self._emit = emit
+        self.failed = False
+
+    def add(self, level: str, stream: str, what: str, detail: str) -> None:
+        self.failed |= level == "FAIL"
+        self._emit(Item(level, stream, what, REDACTOR.scrub(detail)))
+
+
+async def run(settings: Settings, emit: Callable[[Item], None]) -> bool:
+    """Run every check; returns True when none failed."""
+    register_secrets(settings)
+    checks = _Checks(emit)
+    async with httpx.AsyncClient(timeout=15.0) as http:
+        for name, stream in settings.streams.items():
+            await _stream(checks, name, stream, http)
+    await _local(checks, settings)
+    return not checks.failed
+
+
+async def _stream(checks: _Checks, name: str, s: StreamSettings, http: httpx.AsyncClient) -> None:
+    add = checks.add
+    tokens = TokenProvider(http, s)
+    try:
+        token = await tokens.token()
+    except AuthError as exc:
+        add("FAIL", name, "token", str(exc))
+        return
+    add("PASS", name, "token", f"obtained, valid for {token.lifetime_s:.0f} s")
+    c = s.connection
+    try:
+        async with connect(
+            protocol.subscription_url(s.gateway_url, s.app_key.get_secret_value()),
+            subprotocols=[Subprotocol(protocol.SUBPROTOCOL)],
+            open_timeout=c.open_timeout_s,
+            ping_interval=None,
+            proxy=c.proxy,
+            compression=None,
+        ) as ws:
+            headers = len(ws.request.serialize()) if ws.request is not None else 0
+            add(
+                "PASS" if headers < HEADER_LIMIT else "FAIL",
+                name,
+                "request headers",
+                f"{headers} bytes (gateway limit {HEADER_LIMIT})",
+            )
+            if ws.subprotocol != protocol.SUBPROTOCOL:
+                add("FAIL", name, "gateway", "graphql-transport-ws refused: check gateway_url")
+                return
+            add("PASS", name, "gateway", "reachable; the hashed application key was accepted")
+            await _session(checks, name, s, ws, token.value)
+    except InvalidStatus as exc:
+        code = exc.response.status_code
+        fix = "check app_key, gateway_url, approval, Streaming Enabled" if code == 400 else ""
+        add("FAIL", name, "gateway", f"upgrade refused with HTTP {code}. {fix}".strip())
+    except (OSError, TimeoutError, WebSocketException) as exc:
+        add("FAIL", name, "gateway", f"unreachable: {type(exc).__name__}: {exc}; check gateway_url")
+    sub = s.subscription
+    filters = f"delta={'on' if sub.delta else 'off'}, hotels={','.join(sub.hotel_codes) or 'all'}"
+    add(
+        "PASS" if not sub.hotel_codes else "WARN",
+        name,
+        "subscription",
+        filters
+        + ("" if not sub.hotel_codes else ": Oracle recommends hotel filters only for replays"),
+    )
+
+
+async def _session(
+    checks: _Checks, name: str, s: StreamSettings, ws: ClientConnection, token: str
+) -> None:
+    add = checks.add
+    await ws.send(protocol.connection_init(token, s.app_key.get_secret_value()))
+    try:
+        async with asyncio.timeout(s.connection.ack_timeout_s):
+            while not isinstance(protocol.decode(await ws.recv()), protocol.ConnectionAck):
+                pass
+    except (TimeoutError, WebSocketException) as exc:
+        add("FAIL", name, "authentication", f"no connection_ack ({exc}): check app_key and token")
+        return
+    add("PASS", name, "authentication", "connection_ack received")
+    rtts = []
+    for _ in range(3):
+        started = time.monotonic()
+        await ws.send(protocol.PING)
+        async with asyncio.timeout(10):
+            while not isinstance(protocol.decode(await ws.recv()), protocol.Pong):
+                pass
+        rtts.append(time.monotonic() - started)
+    rtt = min(rtts)
+    if rtt > SLOW_RTT_S:
+        add("WARN", name, "round trip", f"{rtt * 1000:.0f} ms: deploy closer to the OPERA region")
+    else:
+        add("PASS", name, "round trip", f"{rtt * 1000:.0f} ms")
+    query_id = str(uuid.uuid4())
+    await ws.send(
+        orjson.dumps(
+            {
+                "id": query_id,
+                "type": "subscribe",
+                "payload": {"query": "query { connection { id status } }"},
+            }
+        ).decode()
+    )
+    status = None
+    try:
+        async with asyncio.timeout(10):
+            while status is None:
+                msg = orjson.loads(await ws.recv())
+                if msg.get("id") == query_id and msg.get("type") == "next":
+                    status = msg["payload"]["data"]["connection"]["status"]
+                elif msg.get("id") == query_id:
+                    break
+    except (TimeoutError, ValueError, KeyError, TypeError, WebSocketException) as exc:
+        add("WARN", name, "connection status", f"query not answered ({type(exc).__name__})")
+        return
+    if status == "Active":
+        add("WARN", name, "connection status", "Active: another consumer holds this stream (4409)")
+    else:
+        add("PASS", name, "connection status", str(status))
+
+
+async def _local(checks: _Checks, settings: Settings) -> None:
+    add = checks.add
+    try:
+        store = await Store.open(settings.state.path, synchronous=settings.state.synchronous)
+        await store.close()
+        add("PASS", "-", "state store", f"{settings.state.path} writable")
+    except (OSError, RuntimeError) as exc:
+        add("FAIL", "-", "state store", f"{settings.state.path}: {exc}")
+    folder = settings.sink.path.resolve().parent
+    if os.access(folder, os.W_OK):
+        add("PASS", "-", "sink", f"{settings.sink.path} writable")
+    else:
+        add("FAIL", "-", "sink", f"cannot write in {folder}")
+    m = settings.metrics
+    if m.enabled:
+        with socket.socket() as probe:
+            try:
+                probe.bind((m.address, m.port))
+                add("PASS", "-", "metrics address", f"{m.address}:{m.port} free")
+            except OSError:
+                add(
+                    "WARN",
+                    "-",
+                    "metrics address",
+                    f"{m.address}:{m.port} in use (a running daemon?)",
+                )

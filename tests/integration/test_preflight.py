@@ -1,0 +1,82 @@
+"""opera-consumer preflight against the sandbox."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+from support import count_lines, make_settings, running, toml_config, wait_until
+
+from consumer.sandbox import SandboxOptions
+
+
+def preflight(config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "consumer", "preflight", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def levels(out: str) -> dict[str, str]:
+    return {
+        line[19:37].strip(): line[:5].strip()
+        for line in out.splitlines()
+        if line[:4] in ("PASS", "WARN", "FAIL")
+    }
+
+
+async def test_every_item_passes_against_a_healthy_gateway(sandbox_factory, tmp_path: Path):
+    gw = await sandbox_factory(backlog=5)
+    done = await asyncio.to_thread(preflight, toml_config(tmp_path, gw.url))
+    assert done.returncode == 0, done.stdout + done.stderr
+    got = levels(done.stdout)
+    for item in (
+        "token",
+        "request headers",
+        "gateway",
+        "authentication",
+        "round trip",
+        "connection status",
+        "subscription",
+        "state store",
+        "sink",
+    ):
+        assert got[item] == "PASS", (item, done.stdout)
+    assert "Inactive" in done.stdout
+    assert gw.stats.subscribes == [] or all("chainCode" not in s for s in gw.stats.subscribes)
+    opts = SandboxOptions()
+    for secret in (opts.app_key, opts.client_secret, *gw.issued_tokens):
+        assert secret not in done.stdout + done.stderr
+
+
+async def test_a_running_consumer_is_reported_and_left_alone(sandbox_factory, tmp_path: Path):
+    gw = await sandbox_factory(backlog=5)
+    daemon_dir = tmp_path / "daemon"
+    daemon_dir.mkdir()
+    async with running(make_settings(daemon_dir, gw.url)) as daemon:
+        await wait_until(lambda: count_lines(daemon_dir / "events.jsonl") >= 5)
+        done = await asyncio.to_thread(preflight, toml_config(tmp_path, gw.url))
+        assert levels(done.stdout)["connection status"] == "WARN"
+        assert "another consumer" in done.stdout
+        gw.append("DEMO", 3)
+        await wait_until(lambda: count_lines(daemon_dir / "events.jsonl") >= 8)
+        assert daemon.runners["main"].stats.connections == 1  # never disturbed
+    assert done.returncode == 0
+
+
+async def test_refused_credentials_fail_with_the_fix(sandbox_factory, tmp_path: Path):
+    gw = await sandbox_factory()
+    config = toml_config(tmp_path, gw.url)
+    config.write_text(
+        config.read_text().replace(
+            'client_secret = "sandbox-secret"', 'client_secret = "nope-nope"'
+        )
+    )
+    done = await asyncio.to_thread(preflight, config)
+    assert done.returncode == 1
+    assert levels(done.stdout)["token"] == "FAIL" and "client_id/client_secret" in done.stdout
