@@ -80,6 +80,7 @@ def main() -> int:
     consumer: subprocess.Popen[bytes] | None = None
     try:
         print(f"2. opera-consumer run --config {config}   (log: {DEMO}/consumer.log)")
+        print(f"   metrics while it runs: curl http://127.0.0.1:{metrics_port}/metrics")
         consumer = launcher.spawn(["run", "--config", str(config)], DEMO / "consumer.log")
         shown = 0
         started = time.monotonic()
@@ -114,7 +115,6 @@ def main() -> int:
             f"{len(ids) - len(set(ids))} duplicates"
         )
         print("   try: .venv/bin/opera-consumer status --config .demo/config.toml")
-        print(f"   (while it runs, metrics are on http://127.0.0.1:{metrics_port}/metrics)")
         return 0 if ids and len(ids) == len(set(ids)) else 1
     finally:
         if consumer is not None:
