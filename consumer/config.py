@@ -8,16 +8,20 @@ Every model forbids unknown keys: a typo is an error, not a silently ignored set
 
 from __future__ import annotations
 
+import importlib
 import os
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     SecretStr,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -38,7 +42,8 @@ ENV_PREFIX = "OPERA_CONSUMER_"
 DEFAULT_CONFIG_PATHS = (Path("config.toml"), Path("/etc/opera-consumer/config.toml"))
 SECRET_DIRS = ("/run/secrets",)  # $CREDENTIALS_DIRECTORY is added at load time
 DEFAULT_SCOPE = "urn:opc:hgbu:ws:__myscopes__"
-_SECRET_FIELDS = frozenset({"app_key", "client_secret", "password"})
+_SECRET_FIELDS = frozenset({"app_key", "client_secret", "password", "token", "dsn"})
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 
 class _Model(BaseModel):
@@ -128,6 +133,10 @@ class StreamSettings(_Model):
     auth: AuthSettings
     subscription: SubscriptionSettings = SubscriptionSettings()
     connection: ConnectionSettings = ConnectionSettings()
+    # A permanent sink failure: "dead-letter" the event and go on with later events of the
+    # same primaryKey, or "park-key": dead-letter the later ones too (reason "parked") until
+    # the DLQ entries of that key are replayed or purged, so a resource never goes out of order.
+    on_permanent_failure: Literal["dead-letter", "park-key"] = "dead-letter"
 
     @field_validator("gateway_url")
     @classmethod
@@ -176,6 +185,173 @@ class JsonlSinkSettings(_Model):
     fsync: bool = True  # off: a power loss may lose lines the checkpoint already covers
 
 
+def _http_url(v: str) -> str:
+    if not v.startswith(("https://", "http://")):
+        raise ValueError("must be an http:// or https:// URL")
+    return v
+
+
+class WebhookSinkSettings(_Model):
+    type: Literal["webhook"]
+    url: str
+    batch_size: int = Field(default=1, ge=1, le=1000)  # 1: one event per POST; more: JSON array
+    headers: dict[str, str] = {}
+    auth: Literal["none", "bearer", "basic"] = "none"
+    token: SecretStr | None = None  # bearer
+    username: str | None = None  # basic
+    password: SecretStr | None = None  # basic
+    timeout_s: float = Field(default=10.0, gt=0)
+
+    _url = field_validator("url")(_http_url)
+
+    @model_validator(mode="after")
+    def _auth_fields(self) -> WebhookSinkSettings:
+        if self.auth == "bearer" and self.token is None:
+            raise ValueError("auth = 'bearer' needs token (a secret)")
+        if self.auth == "basic" and (not self.username or self.password is None):
+            raise ValueError("auth = 'basic' needs username and password (a secret)")
+        return self
+
+
+def _identifier(v: str) -> str:
+    if not _IDENTIFIER.match(v):
+        raise ValueError("use letters, digits and '_' (an SQL identifier), e.g. 'opera_events'")
+    return v
+
+
+class SqliteSinkSettings(_Model):
+    type: Literal["sqlite"]
+    # Default: the state store's own file, so event rows and the checkpoint commit in one
+    # transaction. Another file gets idempotent upserts (a replay rewrites the same rows).
+    path: Path | None = None
+    table: str = "opera_events"
+
+    _table = field_validator("table")(_identifier)
+
+
+class PostgresSinkSettings(_Model):
+    type: Literal["postgres"]
+    dsn: SecretStr  # postgresql://user:password@host:5432/db (a secret: it may hold a password)
+    table: str = "opera_events"
+    pool_min: int = Field(default=1, ge=1)
+    pool_max: int = Field(default=4, ge=1)
+    timeout_s: float = Field(default=10.0, gt=0)
+
+    _table = field_validator("table")(_identifier)
+
+
+class PythonSinkSettings(_Model):
+    type: Literal["python"]
+    target: str  # "package.module:function", an async function taking (stream, events)
+    # Exception types (dotted names) that mean "retry later"; ConnectionError, TimeoutError
+    # and opera-consumer's TransientSinkError always do, as does an exception whose
+    # `transient` attribute is True. Anything else is permanent: the event is dead-lettered.
+    transient_exceptions: tuple[str, ...] = ()
+
+    @field_validator("target")
+    @classmethod
+    def _target(cls, v: str) -> str:
+        resolve(v)
+        return v
+
+    @field_validator("transient_exceptions")
+    @classmethod
+    def _exceptions(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for name in v:
+            mod, _, attr = name.rpartition(".")
+            obj = resolve(f"{mod or 'builtins'}:{attr}")
+            if not (isinstance(obj, type) and issubclass(obj, BaseException)):
+                raise ValueError(f"{name} is not an exception class")
+        return v
+
+
+def resolve(target: str) -> Any:
+    """Import ``module:attribute``; ValueError saying what is wrong."""
+    mod, sep, attr = target.partition(":")
+    if not sep or not mod or not attr:
+        raise ValueError(f"{target!r}: use 'package.module:function'")
+    try:
+        obj: Any = importlib.import_module(mod)
+    except ImportError as exc:
+        raise ValueError(f"cannot import module {mod!r}: {exc}") from None
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ValueError(f"module {mod!r} has no attribute {attr!r}") from None
+    return obj
+
+
+def _sink_type(v: Any) -> str:
+    # A [sink] table without `type` is the jsonl sink (as before there was a choice).
+    t = v.get("type", "jsonl") if isinstance(v, dict) else getattr(v, "type", "jsonl")
+    return str(t)
+
+
+SinkSettings = Annotated[
+    Annotated[JsonlSinkSettings, Tag("jsonl")]
+    | Annotated[WebhookSinkSettings, Tag("webhook")]
+    | Annotated[SqliteSinkSettings, Tag("sqlite")]
+    | Annotated[PostgresSinkSettings, Tag("postgres")]
+    | Annotated[PythonSinkSettings, Tag("python")],
+    Discriminator(
+        _sink_type,
+        custom_error_type="sink_type",
+        custom_error_message="type must be one of jsonl, webhook, sqlite, postgres, python",
+    ),
+]
+
+
+class HttpSettings(_Model):
+    """The one pooled HTTP client of the process: tokens, webhook, orchestration."""
+
+    max_connections: int = Field(default=20, ge=1)
+    max_keepalive_connections: int = Field(default=10, ge=0)
+    keepalive_expiry_s: float = Field(default=30.0, ge=0)
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    timeout_s: float = Field(default=15.0, gt=0)
+    http2: bool = False
+
+
+class OrchestrationSettings(_Model):
+    """Fetch the resource an event is about from the OHIP REST API before the sink."""
+
+    enabled: bool = False
+    # Event name (or module name) -> URL template; placeholders: {primaryKey}, {hotelId},
+    # {chainCode}, {eventName}, {moduleName}. A relative template is joined to base_url.
+    resources: dict[str, str] = {}
+    base_url: str | None = None  # default: the stream's gateway_url
+    rate_per_s: float = Field(default=5.0, gt=0)  # token bucket shared by every stream
+    burst: int = Field(default=10, ge=1)
+    coalesce_ms: float = Field(default=500.0, ge=0)  # same URL within this window: one GET
+    max_attempts: int = Field(default=6, ge=1)  # then the batch is retried as a sink failure
+    retry_max_s: float = Field(default=30.0, gt=0)
+    # 404 (the resource is gone, e.g. purged): attach null and deliver, or dead-letter
+    on_not_found: Literal["attach-null", "dead-letter"] = "attach-null"
+
+    @field_validator("base_url")
+    @classmethod
+    def _base(cls, v: str | None) -> str | None:
+        return None if v is None else _http_url(v).rstrip("/")
+
+    @model_validator(mode="after")
+    def _templates(self) -> OrchestrationSettings:
+        if self.enabled and not self.resources:
+            raise ValueError(
+                "enabled = true needs [orchestration.resources], e.g. "
+                '"NEW RESERVATION" = "/rsv/v1/hotels/{hotelId}/reservations/{primaryKey}"'
+            )
+        allowed = {"primaryKey", "hotelId", "chainCode", "eventName", "moduleName"}
+        for name, template in self.resources.items():
+            fields = set(re.findall(r"{(\w*)}", template))
+            if fields - allowed:
+                raise ValueError(
+                    f"resources[{name!r}]: unknown placeholder(s) {sorted(fields - allowed)}; "
+                    f"use {sorted(allowed)}"
+                )
+        return self
+
+
 class PipelineSettings(_Model):
     workers: int = Field(default=4, ge=1, le=256)
     queue_size: int = Field(default=2000, ge=1)  # per stream, events read but not yet done
@@ -216,8 +392,10 @@ class Settings(BaseSettings):
 
     streams: dict[str, StreamSettings] = Field(min_length=1)
     state: StateSettings = StateSettings()
-    sink: JsonlSinkSettings = JsonlSinkSettings()
+    sink: SinkSettings = JsonlSinkSettings()
     pipeline: PipelineSettings = PipelineSettings()
+    http: HttpSettings = HttpSettings()
+    orchestration: OrchestrationSettings = OrchestrationSettings()
     metrics: MetricsSettings = MetricsSettings()
     log: LogSettings = LogSettings()
 

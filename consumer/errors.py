@@ -36,7 +36,13 @@ class SinkError(OperaConsumerError):
 
 
 class TransientSinkError(SinkError):
+    """``retry_after``: seconds the far end asked us to wait (``Retry-After``), if it did."""
+
     retriable = True
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class PermanentSinkError(SinkError):

@@ -24,10 +24,10 @@ class SwitchableSink(JsonlSink):
         super().__init__(path)
         self.outage = outage
 
-    async def write(self, events: Sequence[Event]) -> None:
+    async def write(self, stream: str, events: Sequence[Event]) -> None:
         if self.outage.exists():
             raise TransientSinkError("sink down (chaos)")
-        await super().write(events)
+        await super().write(stream, events)
 
 
 async def main(config: Path, outage: Path) -> int:

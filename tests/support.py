@@ -49,12 +49,13 @@ def make_settings(
     streams: dict[str, dict[str, Any]] | None = None,
     pipeline: dict[str, Any] | None = None,
     state: dict[str, Any] | None = None,
+    sink: dict[str, Any] | None = None,
     **stream_overrides: Any,
 ) -> Settings:
     return Settings(
         streams=streams or {"main": stream_config(url, **stream_overrides)},  # type: ignore[arg-type]
         state={"path": tmp_path / "state.db", "commit_interval_ms": 20, **(state or {})},  # type: ignore[arg-type]
-        sink={"path": tmp_path / "events.jsonl"},  # type: ignore[arg-type]
+        sink=sink or {"type": "jsonl", "path": tmp_path / "events.jsonl"},  # type: ignore[arg-type]
         pipeline={"workers": 4, "drain_timeout_s": 10.0, **(pipeline or {})},  # type: ignore[arg-type]
         metrics={"port": 0},  # type: ignore[arg-type]
     )

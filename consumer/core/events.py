@@ -51,6 +51,14 @@ class Event(NamedTuple):
     hotel_id: str | None
     timestamp: str | None
     raw: dict[str, Any]
+    # The resource fetched by the orchestration stage (the REST API's JSON), when configured.
+    resource: Any = None
+
+    def document(self) -> dict[str, Any]:
+        """What a sink stores: the ``newEvent`` as received, plus ``resource`` when fetched."""
+        if self.resource is None:
+            return self.raw
+        return {**self.raw, "resource": self.resource}
 
 
 # Every EventHeader and EventDetail field of Oracle's published schema: asking for all of them

@@ -228,30 +228,37 @@ def _decode_other(frame: str | bytes, msg: object) -> Message:
 
 def _decode_next(frame: str | bytes, msg: dict[str, Any]) -> Message:
     try:  # the usual, well-formed case first: plain indexing is the cheapest check
-        ev = msg["payload"]["data"]["newEvent"]
+        event = event_from_raw(msg["payload"]["data"]["newEvent"])
+    except (KeyError, TypeError):
+        event = None
+    if event is None:
+        return _malformed_next(frame, msg)
+    return Next(_id(msg), event)
+
+
+def event_from_raw(ev: Any) -> Event | None:
+    """The :class:`Event` of a ``newEvent`` object, or None when it lacks usable metadata."""
+    try:
         meta = ev["metadata"]
         offset = meta["offset"]
         event_id = meta["uniqueEventId"]
     except (KeyError, TypeError):
-        return _malformed_next(frame, msg)
+        return None
     if type(offset) is not str or type(event_id) is not str or not offset or not event_id:
-        return _malformed_next(frame, msg)
+        return None
     primary_key = ev.get("primaryKey")
     hotel_id = ev.get("hotelId")
     timestamp = ev.get("timestamp")
-    return Next(
-        _id(msg),
-        Event(
-            offset=offset,
-            unique_event_id=event_id,
-            event_name=_text(ev.get("eventName")),
-            module_name=_text(ev.get("moduleName")),
-            # Events without a primary key still need a partition: their id keeps them apart.
-            primary_key=primary_key if type(primary_key) is str and primary_key else event_id,
-            hotel_id=hotel_id if type(hotel_id) is str else None,
-            timestamp=timestamp if type(timestamp) is str else None,
-            raw=ev,
-        ),
+    return Event(
+        offset=offset,
+        unique_event_id=event_id,
+        event_name=_text(ev.get("eventName")),
+        module_name=_text(ev.get("moduleName")),
+        # Events without a primary key still need a partition: their id keeps them apart.
+        primary_key=primary_key if type(primary_key) is str and primary_key else event_id,
+        hotel_id=hotel_id if type(hotel_id) is str else None,
+        timestamp=timestamp if type(timestamp) is str else None,
+        raw=ev,
     )
 
 

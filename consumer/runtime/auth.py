@@ -8,17 +8,14 @@ honouring ``Retry-After``; 400/401/403 fail at once with what to check.
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
 import httpx
 import structlog
 from tenacity import (
     AsyncRetrying,
-    RetryCallState,
     retry_if_exception,
     stop_before_delay,
     wait_exponential_jitter,
@@ -27,6 +24,7 @@ from tenacity import (
 from ..config import StreamSettings
 from ..errors import AuthError
 from ..logs import REDACTOR
+from .retry import WaitRetryAfter, retry_after_seconds
 
 log = structlog.get_logger(__name__)
 
@@ -51,32 +49,6 @@ class _Retryable(Exception):
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
-
-
-def retry_after_seconds(value: str | None, *, cap: float = 300.0) -> float | None:
-    """Parse ``Retry-After`` (delta-seconds or HTTP-date)."""
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        seconds = (when - datetime.now(UTC)).total_seconds()
-    return min(max(seconds, 0.0), cap)
-
-
-class _WaitRetryAfter:
-    def __init__(self, fallback: Callable[[RetryCallState], float]) -> None:
-        self._fallback = fallback
-
-    def __call__(self, rs: RetryCallState) -> float:
-        exc = rs.outcome.exception() if rs.outcome else None
-        if isinstance(exc, _Retryable) and exc.retry_after is not None:
-            return exc.retry_after
-        return self._fallback(rs)
 
 
 class TokenProvider:
@@ -118,7 +90,7 @@ class TokenProvider:
                 retry=retry_if_exception(
                     lambda e: isinstance(e, (_Retryable, httpx.TransportError))
                 ),
-                wait=_WaitRetryAfter(wait_exponential_jitter(multiplier=0.5, max=30.0, jitter=0.5)),
+                wait=WaitRetryAfter(wait_exponential_jitter(multiplier=0.5, max=30.0, jitter=0.5)),
                 stop=stop_before_delay(auth.retry_max_s),
                 before_sleep=lambda rs: log.warning(
                     "token request failed; retrying",

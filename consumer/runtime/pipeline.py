@@ -250,6 +250,6 @@ class StreamPipeline:
         ):
             with attempt:
                 started = time.perf_counter()
-                await self._sink.write(events)
+                await self._sink.write(self.stream, events)
         if self.on_write is not None:
             self.on_write(time.perf_counter() - started, events[-1])

@@ -56,9 +56,9 @@ class JsonlSink:
         self._fd = fd
         self._durable = length
 
-    async def write(self, events: Sequence[Event]) -> None:
+    async def write(self, stream: str, events: Sequence[Event]) -> None:
         # No await here: the position() snapshot must cover exactly the writes that returned.
-        data = b"".join([orjson.dumps(ev.raw, option=orjson.OPT_APPEND_NEWLINE) for ev in events])
+        data = b"".join([orjson.dumps(ev.document(), option=orjson.OPT_APPEND_NEWLINE) for ev in events])
         self._buffer.append(data)
         self._buffered += len(data)
 

@@ -9,7 +9,8 @@ import pytest
 
 from consumer.config import StreamSettings
 from consumer.errors import AuthError
-from consumer.runtime.auth import TokenProvider, retry_after_seconds
+from consumer.runtime.auth import TokenProvider
+from consumer.runtime.retry import retry_after_seconds
 from consumer.sandbox import SandboxOptions
 
 

@@ -264,14 +264,14 @@ class FlakySink:
     async def open(self, committed: str | None) -> None:
         await self.inner.open(committed)
 
-    async def write(self, events: Sequence[Event]) -> None:
+    async def write(self, stream: str, events: Sequence[Event]) -> None:
         self.calls += 1
         if self.transient_failures > 0:
             self.transient_failures -= 1
             raise TransientSinkError("backend unavailable")
         if any(e.unique_event_id == self.poison for e in events):
             raise PermanentSinkError("rejected: bad data", unique_event_id=self.poison)
-        await self.inner.write(events)
+        await self.inner.write(stream, events)
 
     def position(self) -> str | None:
         return self.inner.position()

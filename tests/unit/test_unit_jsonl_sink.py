@@ -61,15 +61,15 @@ async def test_open_creates_the_file_and_starts_at_zero(sink: JsonlSink) -> None
 
 async def test_lines_are_the_raw_event_json_one_per_line(sink: JsonlSink) -> None:
     events = [event(i) for i in range(5)]
-    await sink.write(events[:2])
-    await sink.write(events[2:])
+    await sink.write("main", events[:2])
+    await sink.write("main", events[2:])
     await sink.sync(sink.position())
     assert read_lines(sink.path) == [e.raw for e in events]
     assert sink.path.read_bytes() == b"".join(line_bytes(e) for e in events)
 
 
 async def test_nothing_reaches_the_file_before_sync(sink: JsonlSink) -> None:
-    await sink.write([event(1)])
+    await sink.write("main", [event(1)])
     assert sink.path.stat().st_size == 0
     assert sink.position() == str(len(line_bytes(event(1))))
 
@@ -77,10 +77,10 @@ async def test_nothing_reaches_the_file_before_sync(sink: JsonlSink) -> None:
 async def test_position_covers_exactly_the_writes_that_returned(sink: JsonlSink) -> None:
     sizes = [0]
     for i in range(4):
-        await sink.write([event(i)])
+        await sink.write("main", [event(i)])
         sizes.append(sizes[-1] + len(line_bytes(event(i))))
         assert sink.position() == str(sizes[-1])
-    await sink.write([])
+    await sink.write("main", [])
     assert sink.position() == str(sizes[-1])
     await sink.sync(sink.position())
     assert sink.path.stat().st_size == sizes[-1]
@@ -88,7 +88,7 @@ async def test_position_covers_exactly_the_writes_that_returned(sink: JsonlSink)
 
 
 async def test_sync_is_idempotent(sink: JsonlSink) -> None:
-    await sink.write([event(1), event(2)])
+    await sink.write("main", [event(1), event(2)])
     token = sink.position()
     await sink.sync(token)
     content = sink.path.read_bytes()
@@ -100,15 +100,15 @@ async def test_sync_is_idempotent(sink: JsonlSink) -> None:
 
 
 async def test_sync_none_writes_everything(sink: JsonlSink) -> None:
-    await sink.write([event(1)])
+    await sink.write("main", [event(1)])
     await sink.sync(None)
     assert read_lines(sink.path) == [event(1).raw]
 
 
 async def test_later_syncs_append(sink: JsonlSink) -> None:
-    await sink.write([event(1)])
+    await sink.write("main", [event(1)])
     await sink.sync(sink.position())
-    await sink.write([event(2)])
+    await sink.write("main", [event(2)])
     await sink.sync(sink.position())
     assert read_lines(sink.path) == [event(1).raw, event(2).raw]
 
@@ -117,9 +117,9 @@ async def test_token_of_an_earlier_write_restores_exactly_that_prefix(tmp_path: 
     path = tmp_path / "e.jsonl"
     s = JsonlSink(path, fsync=False)
     await s.open(None)
-    await s.write([event(1)])
+    await s.write("main", [event(1)])
     token = s.position()
-    await s.write([event(2), event(3)])
+    await s.write("main", [event(2), event(3)])
     await s.sync(token)  # may write more than the token covers...
     await s.close()
     again = JsonlSink(path, fsync=False)
@@ -140,7 +140,7 @@ async def test_open_cuts_a_longer_file_back_to_the_committed_length(tmp_path: Pa
     try:
         assert path.read_bytes() == first
         assert s.position() == str(len(first))
-        await s.write([event(3)])
+        await s.write("main", [event(3)])
         await s.sync(s.position())
         assert read_lines(path) == [event(1).raw, event(3).raw]
     finally:
@@ -181,7 +181,7 @@ async def test_a_file_shorter_than_committed_is_accepted(tmp_path: Path) -> None
     try:
         assert path.read_bytes() == content
         assert s.position() == str(len(content))
-        await s.write([event(2)])
+        await s.write("main", [event(2)])
         await s.sync(s.position())
         # appended right after the existing data: no hole of zero bytes
         assert b"\x00" not in path.read_bytes()
@@ -212,7 +212,7 @@ async def test_failed_write_to_disk_is_transient_and_retried(
         return real(fd, data, offset)
 
     monkeypatch.setattr(os, "pwrite", flaky)
-    await sink.write([event(1)])
+    await sink.write("main", [event(1)])
     token = sink.position()
     with pytest.raises(TransientSinkError):
         await sink.sync(token)
@@ -232,13 +232,13 @@ async def test_a_write_during_sync_is_kept_for_the_next_sync(sink: JsonlSink) ->
         real_append(at, data)
 
     sink._append = blocking_append  # type: ignore[method-assign]
-    await sink.write([event(1)])
+    await sink.write("main", [event(1)])
     first = sink.position()
     task = asyncio.create_task(sink.sync(first))
     async with asyncio.timeout(5):
         while not entered.is_set():
             await asyncio.sleep(0.005)
-    await sink.write([event(2)])  # arrives while the first sync is on disk
+    await sink.write("main", [event(2)])  # arrives while the first sync is on disk
     second = sink.position()
     assert second is not None
     assert int(second) == len(line_bytes(event(1))) + len(line_bytes(event(2)))

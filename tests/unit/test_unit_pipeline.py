@@ -83,7 +83,7 @@ class FakeSink:
     async def open(self, committed: str | None) -> None:
         return None
 
-    async def write(self, events: Sequence[Event]) -> None:
+    async def write(self, stream: str, events: Sequence[Event]) -> None:
         self.calls += 1
         await self.gate.wait()
         for e in events:
