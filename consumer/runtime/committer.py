@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import sqlite3
 import time
+from collections.abc import Callable
 
 import structlog
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
@@ -19,6 +20,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_ji
 from ..core.watermark import Position, Watermark
 from ..errors import TransientSinkError
 from ..sinks.base import Sink
+from ..sinks.sqlite import StoreTableSink
 from .store import CommitBatch, DeadLetter, Store
 
 log = structlog.get_logger(__name__)
@@ -36,6 +38,8 @@ class Committer:
     ) -> None:
         self._store = store
         self._sink = sink
+        # A sink whose table lives in the store: its rows go into our transaction.
+        self._table_sink = sink if isinstance(sink, StoreTableSink) else None
         self._max_events = max_events
         self._interval = interval_s
         self._max_pending = max_pending or max_events * 20
@@ -51,6 +55,8 @@ class Committer:
         self.commits = 0
         self.busy_since: float | None = None  # monotonic start of the commit under way
         self.checkpointed_at: dict[str, float] = {}  # stream -> monotonic time it last moved
+        # Called with each batch once it is durable (park-key learns its dead letters are).
+        self.on_commit: list[Callable[[CommitBatch], None]] = []
 
     def register(self, stream: str, watermark: Watermark) -> None:
         self._watermarks[stream] = watermark
@@ -61,8 +67,14 @@ class Committer:
 
     def processed(self, stream: str, event_ids: list[str]) -> None:
         self._batch.processed.setdefault(stream, []).extend(event_ids)
-        self._pending_ids[stream].update(event_ids)
+        self._pending_ids.setdefault(stream, set()).update(event_ids)
+        self._committing.setdefault(stream, set())
         self._count(stream, len(event_ids))
+
+    def resolved(self, dead_letter_id: int) -> None:
+        """A dead letter delivered by a replay: removed in the same transaction."""
+        self._batch.resolved.append(dead_letter_id)
+        self._pending += 1
 
     def skipped(self, stream: str, n: int) -> None:
         """Duplicates: nothing to record, but the watermark moved."""
@@ -131,6 +143,8 @@ class Committer:
             for stream in batch.checkpoints:
                 self.checkpointed_at[stream] = now
             self.commits += 1
+            for hook in self.on_commit:
+                hook(batch)
             self._committed.set()
             return True
 
@@ -154,6 +168,9 @@ class Committer:
         for stream, ids in batch.processed.items():
             self._committing[stream].update(ids)
             self._pending_ids[stream].difference_update(ids)
+        if self._table_sink is not None:
+            batch.sink_table = self._table_sink.table
+            batch.sink_rows = self._table_sink.take()
         if batch:
             position = self._sink.position()
             if position is not None:
@@ -168,6 +185,8 @@ class Committer:
         for stream, n in newer.done_counts.items():
             batch.done_counts[stream] = batch.done_counts.get(stream, 0) + n
         batch.dead_letters.extend(newer.dead_letters)
+        batch.sink_rows.extend(newer.sink_rows)
+        batch.resolved.extend(newer.resolved)
         for stream, ids in batch.processed.items():
             self._committing[stream].difference_update(ids)
             self._pending_ids[stream].update(ids)
@@ -176,4 +195,8 @@ class Committer:
             self._watermarks[stream].rewind()
         batch.checkpoints.clear()
         batch.sink_state = None
-        self._pending = sum(len(v) for v in batch.processed.values()) + len(batch.dead_letters)
+        self._pending = (
+            sum(len(v) for v in batch.processed.values())
+            + len(batch.dead_letters)
+            + len(batch.resolved)
+        )

@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 import structlog
+from pydantic import SecretStr
 
 from .. import __version__
 from ..config import Settings
@@ -28,10 +29,11 @@ from ..core.upgrade_budget import UpgradeBudget
 from ..errors import ConfigError, StreamStopped
 from ..logs import REDACTOR
 from ..sinks.base import Sink
-from ..sinks.jsonl import JsonlSink
+from ..sinks.factory import build_sink
 from . import systemd
 from .auth import TokenProvider
 from .committer import Committer
+from .lease import Lease
 from .metrics import Metrics, MetricsServer
 from .pipeline import StreamPipeline
 from .store import Store
@@ -54,6 +56,25 @@ def register_secrets(settings: Settings) -> None:
             s.auth.client_secret.get_secret_value(),
             s.auth.password.get_secret_value() if s.auth.password else None,
         )
+    for name in ("token", "password", "dsn"):
+        secret = getattr(settings.sink, name, None)
+        if isinstance(secret, SecretStr):
+            REDACTOR.add(secret.get_secret_value())
+
+
+def http_client(settings: Settings) -> httpx.AsyncClient:
+    """The process's one pooled client: tokens, webhook, orchestration share its connections."""
+    h = settings.http
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(h.timeout_s, connect=h.connect_timeout_s),
+        limits=httpx.Limits(
+            max_connections=h.max_connections,
+            max_keepalive_connections=h.max_keepalive_connections,
+            keepalive_expiry=h.keepalive_expiry_s,
+        ),
+        http2=h.http2,
+        headers={"User-Agent": f"opera-consumer/{__version__}"},
+    )
 
 
 @dataclass
@@ -63,6 +84,7 @@ class Daemon:
     sink: Sink
     committer: Committer
     http: httpx.AsyncClient
+    lease: Lease
     pipelines: dict[str, StreamPipeline] = field(default_factory=dict)
     runners: dict[str, StreamRunner] = field(default_factory=dict)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -75,26 +97,33 @@ class Daemon:
     @classmethod
     async def create(cls, settings: Settings, *, sink: Sink | None = None) -> Daemon:
         """Open the state store and the sink (``sink`` replaces the configured one)."""
+        parked: dict[str, set[str]] = {}  # park-key streams: resources with dead letters
         st = settings.state
-        store = await Store.open(st.path, synchronous=st.synchronous)
-        if sink is None:
-            sink = JsonlSink(settings.sink.path, fsync=settings.sink.fsync)
+        # One daemon per state store: a second one would fight over the checkpoints (and
+        # OHIP would lock one of them out with 4409 anyway).
+        lease = Lease.acquire(st.path, settings.streams)
         try:
-            await sink.open(await store.sink_state(sink.name))
+            store = await Store.open(st.path, synchronous=st.synchronous)
         except BaseException:
+            lease.release()
+            raise
+        http = http_client(settings)
+        try:
+            if sink is None:
+                sink = build_sink(settings, http)
+            await sink.open(await store.sink_state(sink.name))
+            for name, stream in settings.streams.items():
+                if stream.on_permanent_failure == "park-key":
+                    parked[name] = await store.parked_keys(name)
+        except BaseException:
+            await http.aclose()
             await store.close()
+            lease.release()
             raise
         committer = Committer(
             store, sink, max_events=st.commit_max_events, interval_s=st.commit_interval_ms / 1000
         )
-        http = httpx.AsyncClient(
-            timeout=httpx.Timeout(15.0, connect=5.0),
-            limits=httpx.Limits(
-                max_connections=20, max_keepalive_connections=10, keepalive_expiry=30
-            ),
-            headers={"User-Agent": f"opera-consumer/{__version__}"},
-        )
-        self = cls(settings, store, sink, committer, http)
+        self = cls(settings, store, sink, committer, http, lease)
         p = settings.pipeline
         budgets: dict[str, UpgradeBudget] = {}  # one per application key
         for name, stream in settings.streams.items():
@@ -113,6 +142,7 @@ class Daemon:
                 batch_max=p.batch_max,
                 retry_initial_s=p.sink_retry_initial_s,
                 retry_max_s=p.sink_retry_max_s,
+                parked=parked.get(name),
             )
             self.pipelines[name] = pipeline
             self.runners[name] = StreamRunner(
@@ -240,6 +270,7 @@ class Daemon:
         await self.sink.close()
         await self.store.close()
         await self.http.aclose()
+        self.lease.release()
         log.info(
             "stopped",
             delivered={n: p.delivered for n, p in self.pipelines.items()},

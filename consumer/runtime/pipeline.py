@@ -24,7 +24,8 @@ from ..core.watermark import Position, Watermark
 from ..errors import PermanentSinkError, TransientSinkError
 from ..sinks.base import Sink
 from .committer import Committer
-from .store import DeadLetter, Store
+from .retry import WaitRetryAfter
+from .store import CommitBatch, DeadLetter, Store
 
 log = structlog.get_logger(__name__)
 
@@ -44,7 +45,9 @@ class StreamPipeline:
         batch_max: int,
         retry_initial_s: float,
         retry_max_s: float,
+        parked: set[str] | None = None,
     ) -> None:
+        """``parked``: given for a park-key stream, the resources that have dead letters."""
         self.stream = stream
         self.watermark = Watermark()
         self._store = store
@@ -65,7 +68,13 @@ class StreamPipeline:
         # Called after each successful sink write: (seconds it took, newest event written).
         self.on_write: Callable[[float, Event], None] | None = None
         self.dead_lettered = 0
+        # park-key: primaryKey -> whether its dead letter is committed yet (only then may its
+        # absence from the store mean an operator replayed or purged it).
+        self._park = parked is not None
+        self._parked: dict[str, bool] = dict.fromkeys(parked or (), True)
         committer.register(stream, self.watermark)
+        if self._park:
+            committer.on_commit.append(self._confirm_parked)
 
     def start(self) -> None:
         if self._tasks:
@@ -178,6 +187,10 @@ class StreamPipeline:
             await self._deliver(fresh)
 
     async def _deliver(self, items: list[_Item]) -> None:
+        if self._parked:
+            items = self._hold_parked(items)
+            if not items:
+                return
         events = [ev for _, ev in items]
         try:
             await self._write(events)
@@ -193,42 +206,74 @@ class StreamPipeline:
             self.watermark.done(seq)
 
     async def _isolate(self, items: list[_Item], exc: PermanentSinkError) -> None:
-        """A batch with a poison event: dead-letter the culprit, deliver the rest."""
-        if len(items) == 1:
-            bad, rest = items, []
-        else:
-            # A culprit the sink names but that is not in this batch counts as unknown.
-            bad = [it for it in items if it[1].unique_event_id == exc.unique_event_id]
-            rest = [it for it in items if it[1].unique_event_id != exc.unique_event_id]
-        if not bad:
-            for item in items:  # unknown culprit: one at a time
+        """A batch with a poison event: dead-letter the culprit, deliver the rest in order."""
+        culprit = exc.unique_event_id if len(items) > 1 else items[0][1].unique_event_id
+        at = next((i for i, it in enumerate(items) if it[1].unique_event_id == culprit), None)
+        if at is None:  # a culprit the sink does not name (or not in this batch): one by one
+            for item in items:
                 await self._deliver([item])
             return
-        for seq, ev in bad:
-            self._dead_letter(ev, exc)
-            self.watermark.done(seq)
-        if rest:
-            await self._deliver(rest)
+        # Those before the culprit first: with park-key, those after it of the same resource
+        # are then held back (its dead letter parks the key).
+        if at:
+            await self._deliver(items[:at])
+        seq, ev = items[at]
+        self._dead_letter(ev, exc)
+        self.watermark.done(seq)
+        if at + 1 < len(items):
+            await self._deliver(items[at + 1 :])
 
-    def _dead_letter(self, ev: Event, exc: Exception) -> None:
+    def _hold_parked(self, items: list[_Item]) -> list[_Item]:
+        """park-key: dead-letter the events of parked resources; return the others."""
+        free: list[_Item] = []
+        checked: set[str] = set()
+        for seq, ev in items:
+            key = ev.primary_key
+            if key in self._parked and key not in checked:
+                checked.add(key)
+                if self._parked[key] and not self._store.has_dead_letters(self.stream, key):
+                    del self._parked[key]  # replayed or purged by an operator: flow again
+                    log.info("resource unparked", stream=self.stream, primary_key=key)
+            if key in self._parked:
+                self._dead_letter(ev, None)
+                self.watermark.done(seq)
+            else:
+                free.append((seq, ev))
+        return free
+
+    def _confirm_parked(self, batch: CommitBatch) -> None:
+        for d in batch.dead_letters:
+            if d.stream == self.stream and d.primary_key in self._parked:
+                self._parked[d.primary_key] = True
+
+    def _dead_letter(self, ev: Event, exc: Exception | None) -> None:
+        """``exc`` None: held back because the resource is parked."""
         self.dead_lettered += 1
+        if exc is None:
+            reason, error = "parked", f"primaryKey {ev.primary_key} is parked after a failure"
+        else:
+            reason, error = "sink_rejected", str(exc)
+            if self._park:
+                self._parked.setdefault(ev.primary_key, False)
         log.warning(
             "event dead-lettered",
             stream=self.stream,
             offset=ev.offset,
             unique_event_id=ev.unique_event_id,
             event_name=ev.event_name,
-            error=str(exc),
+            reason=reason,
+            error=error,
         )
         self._committer.dead_letter(
             DeadLetter(
                 stream=self.stream,
-                reason="sink_rejected",
-                error=str(exc),
+                reason=reason,
+                error=error,
                 payload=json.dumps(ev.raw, ensure_ascii=False),
                 offset=ev.offset,
                 unique_event_id=ev.unique_event_id,
                 event_name=ev.event_name,
+                primary_key=ev.primary_key,
             )
         )
 
@@ -237,8 +282,11 @@ class StreamPipeline:
         # meanwhile this worker's queue fills and the reader stops reading.
         async for attempt in AsyncRetrying(
             retry=retry_if_exception_type(TransientSinkError),
-            wait=wait_exponential_jitter(
-                multiplier=self._retry_initial, max=self._retry_max, jitter=self._retry_initial
+            # A sink that says when to come back (Retry-After) is taken at its word.
+            wait=WaitRetryAfter(
+                wait_exponential_jitter(
+                    multiplier=self._retry_initial, max=self._retry_max, jitter=self._retry_initial
+                )
             ),
             before_sleep=lambda rs: log.warning(
                 "sink write failed; retrying",

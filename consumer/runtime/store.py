@@ -26,6 +26,7 @@ import aiosqlite
 import orjson
 
 from ..core.watermark import Position
+from ..sinks.sqlite import upsert_sql
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: the initial schema
@@ -66,6 +67,16 @@ MIGRATIONS: tuple[str, ...] = (
         updated_at REAL NOT NULL
     );
     """,
+    # 2: the resource a dead letter is about (park-key), and operator-requested start positions
+    """
+    ALTER TABLE dead_letters ADD COLUMN primary_key TEXT;
+    CREATE INDEX dead_letters_key ON dead_letters (stream, primary_key);
+    CREATE TABLE start_overrides (
+        stream TEXT PRIMARY KEY,
+        mode   TEXT NOT NULL CHECK (mode IN ('highest')),
+        set_at REAL NOT NULL
+    );
+    """,
 )
 
 _PRUNE_CHUNK = 10_000
@@ -90,6 +101,7 @@ class DeadLetter:
     offset: str | None = None
     unique_event_id: str | None = None
     event_name: str | None = None
+    primary_key: str | None = None
 
     @property
     def dedup_key(self) -> str:
@@ -104,9 +116,20 @@ class CommitBatch:
     done_counts: dict[str, int] = field(default_factory=dict)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     sink_state: tuple[str, str] | None = None
+    # A sink table in this file (StoreTableSink): its rows commit with the checkpoint.
+    sink_table: str | None = None
+    sink_rows: list[tuple[Any, ...]] = field(default_factory=list)
+    resolved: list[int] = field(default_factory=list)  # dead letters delivered by a replay
 
     def __bool__(self) -> bool:
-        return bool(self.checkpoints or self.processed or self.dead_letters or self.sink_state)
+        return bool(
+            self.checkpoints
+            or self.processed
+            or self.dead_letters
+            or self.sink_state
+            or self.sink_rows
+            or self.resolved
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +139,7 @@ class DeadLetterRow:
     offset: str | None
     unique_event_id: str | None
     event_name: str | None
+    primary_key: str | None
     reason: str
     error: str
     payload: str
@@ -206,17 +230,58 @@ class Store:
         ) as cur:
             return {str(s): int(n) for s, n in await cur.fetchall()}
 
-    async def dead_letters(self, stream: str | None = None) -> list[DeadLetterRow]:
+    async def dead_letters(
+        self,
+        stream: str | None = None,
+        *,
+        reason: str | None = None,
+        since: float | None = None,
+        before: float | None = None,
+        ids: Sequence[int] | None = None,
+    ) -> list[DeadLetterRow]:
+        """Dead letters in arrival order, filtered by every argument given."""
         sql = (
-            "SELECT id, stream, offset, unique_event_id, event_name, reason, error, payload, "
-            "attempts, first_at, last_at FROM dead_letters"
+            "SELECT id, stream, offset, unique_event_id, event_name, primary_key, reason, error, "
+            "payload, attempts, first_at, last_at FROM dead_letters WHERE 1"
         )
-        args: tuple[Any, ...] = ()
-        if stream is not None:
-            sql += " WHERE stream = ?"
-            args = (stream,)
+        args: list[Any] = []
+        for clause, value in (
+            (" AND stream = ?", stream),
+            (" AND reason = ?", reason),
+            (" AND last_at >= ?", since),
+            (" AND last_at < ?", before),
+        ):
+            if value is not None:
+                sql += clause
+                args.append(value)
+        if ids is not None:
+            sql += f" AND id IN ({','.join('?' * len(ids))})"
+            args.extend(ids)
         async with self._r.execute(sql + " ORDER BY id", args) as cur:
             return [DeadLetterRow(*row) for row in await cur.fetchall()]
+
+    async def parked_keys(self, stream: str) -> set[str]:
+        async with self._r.execute(
+            "SELECT DISTINCT primary_key FROM dead_letters "
+            "WHERE stream = ? AND primary_key IS NOT NULL",
+            (stream,),
+        ) as cur:
+            return {str(r[0]) for r in await cur.fetchall()}
+
+    def has_dead_letters(self, stream: str, primary_key: str) -> bool:
+        """Does this resource still have dead letters? (sync, like :meth:`seen`)"""
+        row = self._lookup.execute(
+            "SELECT 1 FROM dead_letters WHERE stream = ? AND primary_key = ? LIMIT 1",
+            (stream, primary_key),
+        ).fetchone()
+        return row is not None
+
+    async def start_override(self, stream: str) -> str | None:
+        async with self._r.execute(
+            "SELECT mode FROM start_overrides WHERE stream = ?", (stream,)
+        ) as cur:
+            row = await cur.fetchone()
+        return str(row[0]) if row else None
 
     # --- writes ---------------------------------------------------------------------------
 
@@ -237,8 +302,8 @@ class Store:
             if batch.dead_letters:
                 await db.executemany(
                     "INSERT INTO dead_letters (stream, dedup_key, offset, unique_event_id, "
-                    "event_name, reason, error, payload, first_at, last_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "event_name, primary_key, reason, error, payload, first_at, last_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                     "ON CONFLICT (stream, dedup_key) DO UPDATE SET attempts = attempts + 1, "
                     "last_at = excluded.last_at, error = excluded.error, reason = excluded.reason",
                     [_dl_row(d, now) for d in batch.dead_letters],
@@ -264,6 +329,19 @@ class Store:
                         "WHERE stream = ?",
                         (count, stream),
                     )
+            if batch.resolved:
+                marks = ",".join("?" * len(batch.resolved))
+                await db.execute(f"DELETE FROM dead_letters WHERE id IN ({marks})", batch.resolved)
+            if batch.checkpoints:
+                # A checkpoint written by the stream supersedes an operator's pending reset.
+                marks = ",".join("?" * len(batch.checkpoints))
+                await db.execute(
+                    f"DELETE FROM start_overrides WHERE stream IN ({marks})",
+                    list(batch.checkpoints),
+                )
+            if batch.sink_rows:
+                assert batch.sink_table is not None
+                await db.executemany(upsert_sql(batch.sink_table), batch.sink_rows)
             if batch.sink_state is not None:
                 await db.execute(
                     "INSERT INTO sink_state (sink, state, updated_at) VALUES (?, ?, ?) "
@@ -278,11 +356,67 @@ class Store:
             raise
 
     async def anchor(self, stream: str, position: Position) -> None:
+        await self._w.execute("BEGIN IMMEDIATE")
+        try:
+            # After an operator's reset the stream has a checkpoint row, which the first
+            # event of the new session replaces.
+            reset = await self._w.execute(
+                "DELETE FROM start_overrides WHERE stream = ?", (stream,)
+            )
+            conflict = "DO NOTHING"
+            if reset.rowcount:
+                conflict = (
+                    "DO UPDATE SET offset = excluded.offset, "
+                    "unique_event_id = excluded.unique_event_id, updated_at = excluded.updated_at"
+                )
+            await self._w.execute(
+                "INSERT INTO checkpoints (stream, offset, unique_event_id, updated_at) "
+                f"VALUES (?, ?, ?, ?) ON CONFLICT (stream) {conflict}",
+                (stream, position.offset, position.unique_event_id, time.time()),
+            )
+            await self._w.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                await self._w.execute("ROLLBACK")
+            raise
+
+    # --- operator changes (the CLI, while no daemon holds the stream) ------------------------
+
+    async def set_offset(self, stream: str, offset: str) -> None:
+        """The next session resumes at ``offset`` (inclusive); clears a pending reset."""
+        db = self._w
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            await db.execute("DELETE FROM start_overrides WHERE stream = ?", (stream,))
+            await db.execute(
+                "INSERT INTO checkpoints (stream, offset, unique_event_id, updated_at) "
+                "VALUES (?, ?, '', ?) ON CONFLICT (stream) DO UPDATE SET "
+                "offset = excluded.offset, unique_event_id = '', updated_at = excluded.updated_at",
+                (stream, offset, time.time()),
+            )
+            await db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                await db.execute("ROLLBACK")
+            raise
+
+    async def reset_to_highest(self, stream: str) -> None:
+        """The next session subscribes with ``offsetType: highest`` (skipping the backlog)."""
         await self._w.execute(
-            "INSERT INTO checkpoints (stream, offset, unique_event_id, updated_at) "
-            "VALUES (?, ?, ?, ?) ON CONFLICT (stream) DO NOTHING",
-            (stream, position.offset, position.unique_event_id, time.time()),
+            "INSERT INTO start_overrides (stream, mode, set_at) VALUES (?, 'highest', ?) "
+            "ON CONFLICT (stream) DO UPDATE SET mode = excluded.mode, set_at = excluded.set_at",
+            (stream, time.time()),
         )
+
+    async def purge_dead_letters(self, ids: Sequence[int]) -> int:
+        if not ids:
+            return 0
+        cur = await self._w.execute(
+            f"DELETE FROM dead_letters WHERE id IN ({','.join('?' * len(ids))})", list(ids)
+        )
+        n = cur.rowcount
+        await cur.close()
+        return max(n, 0)
 
     async def prune_processed(self, older_than: float) -> int:
         """Delete processed ids older than ``older_than`` (epoch seconds) in short transactions."""
@@ -308,6 +442,7 @@ def _dl_row(d: DeadLetter, now: float) -> tuple[Any, ...]:
         d.offset,
         d.unique_event_id,
         d.event_name,
+        d.primary_key,
         d.reason,
         d.error,
         d.payload,

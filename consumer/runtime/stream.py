@@ -183,6 +183,10 @@ class StreamRunner:
         done = self._pipeline.watermark.position
         if done is not None:
             return s.subscribe_input(done.offset)
+        if await self._store.start_override(self.name) == "highest":
+            # `opera-consumer offset reset --highest`: the first event re-anchors the stream.
+            self._anchored = False
+            return s.subscribe_input(None, highest=True)
         cp = await self._store.checkpoint(self.name)
         self._anchored = cp is not None
         if cp is not None:

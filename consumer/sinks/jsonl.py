@@ -58,7 +58,8 @@ class JsonlSink:
 
     async def write(self, stream: str, events: Sequence[Event]) -> None:
         # No await here: the position() snapshot must cover exactly the writes that returned.
-        data = b"".join([orjson.dumps(ev.document(), option=orjson.OPT_APPEND_NEWLINE) for ev in events])
+        line = orjson.OPT_APPEND_NEWLINE
+        data = b"".join([orjson.dumps(ev.document(), option=line) for ev in events])
         self._buffer.append(data)
         self._buffered += len(data)
 

@@ -1,0 +1,80 @@
+"""The daemon's lease on its state store: an exclusive ``flock`` on ``<state>.lock``.
+
+The kernel drops the lock when the process dies (even by ``kill -9``), so a stale lease is
+impossible. The file names the holder (pid, streams) for the CLI, which refuses to change
+offsets of a stream a running daemon holds, and takes the lease itself while it changes them.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from ..errors import OperaConsumerError
+
+
+class LeaseHeld(OperaConsumerError):
+    def __init__(self, path: Path, holder: dict[str, Any] | None) -> None:
+        who = f"pid {holder.get('pid')}" if holder else "another process"
+        super().__init__(
+            f"{who} holds the state store {path.with_suffix('')} ({path} is locked): "
+            "stop that opera-consumer first, or give this one its own [state] path"
+        )
+        self.holder = holder
+
+
+def lock_path(state_path: Path) -> Path:
+    return state_path.with_name(state_path.name + ".lock")
+
+
+class Lease:
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd: int | None = fd
+
+    @classmethod
+    def acquire(cls, state_path: Path, streams: Iterable[str], *, role: str = "daemon") -> Lease:
+        path = lock_path(state_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise LeaseHeld(path, holder(state_path)) from None
+        info = {"pid": os.getpid(), "role": role, "streams": sorted(streams), "since": time.time()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        return cls(path, fd)
+
+    def release(self) -> None:
+        """Idempotent. The file stays (removing it would race with the next acquirer)."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+
+def holder(state_path: Path) -> dict[str, Any] | None:
+    """Who holds the lease now (pid, role, streams), or None when nobody does."""
+    path = lock_path(state_path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                info: dict[str, Any] = json.loads(os.pread(fd, 4096, 0) or b"{}")
+            except ValueError:
+                info = {}
+            return info
+        return None  # we got it: nobody holds it
+    finally:
+        os.close(fd)

@@ -1,0 +1,143 @@
+"""SQLite sinks: one row per event (see :mod:`.rows`), upserted by ``uniqueEventId``.
+
+Two placements:
+
+* :class:`StoreTableSink`, the default: a table in the state store's own file. ``write`` only
+  buffers rows; the committer puts them in the same SQLite transaction as the checkpoint and
+  the processed ids, so no crash can separate an event's row from its checkpoint.
+* :class:`SqliteSink`: a table in another file. Each ``write`` is its own transaction; a crash
+  before the checkpoint commits replays those events, and the upsert rewrites the same rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from ..core.events import Event
+from ..errors import PermanentSinkError, TransientSinkError
+from .rows import COLUMNS, row
+
+
+def create_table_sql(table: str) -> str:
+    return (
+        f'CREATE TABLE IF NOT EXISTS "{table}" ('
+        "unique_event_id TEXT PRIMARY KEY, stream TEXT NOT NULL, offset TEXT NOT NULL, "
+        "event_name TEXT, module_name TEXT, primary_key TEXT, hotel_id TEXT, "
+        "event_timestamp TEXT, detail TEXT NOT NULL, resource TEXT, written_at REAL NOT NULL"
+        f') WITHOUT ROWID; CREATE INDEX IF NOT EXISTS "{table}_key" ON "{table}" '
+        "(stream, primary_key);"
+    )
+
+
+def upsert_sql(table: str) -> str:
+    cols = ", ".join(COLUMNS)
+    marks = ", ".join("?" * len(COLUMNS))
+    updates = ", ".join(f"{c} = excluded.{c}" for c in COLUMNS[1:])
+    return (
+        f'INSERT INTO "{table}" ({cols}) VALUES ({marks}) '
+        f"ON CONFLICT (unique_event_id) DO UPDATE SET {updates}"
+    )
+
+
+class StoreTableSink:
+    """Rows in the state store's file, committed with the checkpoint (see the module doc)."""
+
+    name = "sqlite"
+    transactional = True
+
+    def __init__(self, state_path: Path, table: str) -> None:
+        self.path = state_path
+        self.table = table
+        self._rows: list[tuple[Any, ...]] = []
+
+    async def open(self, committed: str | None) -> None:
+        # The store has created the file; the table is ours. A short-lived connection keeps
+        # the DDL out of the store's writer (it runs before the first commit).
+        with contextlib.closing(sqlite3.connect(self.path, isolation_level=None)) as db:
+            db.execute("PRAGMA busy_timeout=5000")
+            db.executescript(create_table_sql(self.table))
+
+    async def write(self, stream: str, events: Sequence[Event]) -> None:
+        # No await: what the committer takes is exactly the writes that returned.
+        now = time.time()
+        self._rows.extend(row(stream, ev, now) for ev in events)
+
+    def take(self) -> list[tuple[Any, ...]]:
+        """The rows written since the last call, for the committer's transaction."""
+        rows, self._rows = self._rows, []
+        return rows
+
+    def position(self) -> str | None:
+        return None
+
+    async def sync(self, position: str | None) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+class SqliteSink:
+    """Rows in a file of their own, one transaction per write."""
+
+    name = "sqlite"
+    transactional = False
+
+    def __init__(self, path: Path, table: str) -> None:
+        self.path = path
+        self.table = table
+        self._db: aiosqlite.Connection | None = None
+        self._upsert = upsert_sql(table)
+
+    async def open(self, committed: str | None) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = await aiosqlite.connect(self.path, isolation_level=None)
+        try:
+            await db.executescript(
+                "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout=5000;"
+                + create_table_sql(self.table)
+            )
+        except BaseException:
+            await db.close()
+            raise
+        self._db = db
+
+    async def write(self, stream: str, events: Sequence[Event]) -> None:
+        db = self._db
+        assert db is not None, "sink not open"
+        now = time.time()
+        rows = [row(stream, ev, now) for ev in events]
+        try:
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                await db.executemany(self._upsert, rows)
+                await db.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    await db.execute("ROLLBACK")
+                raise
+        except sqlite3.OperationalError as exc:  # locked, disk full, I/O: may clear
+            raise TransientSinkError(f"sqlite sink {self.path}: {exc}") from exc
+        except sqlite3.Error as exc:
+            only = events[0].unique_event_id if len(events) == 1 else None
+            raise PermanentSinkError(
+                f"sqlite sink {self.path}: {exc}", unique_event_id=only
+            ) from exc
+
+    def position(self) -> str | None:
+        return None
+
+    async def sync(self, position: str | None) -> None:
+        return None
+
+    async def close(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            await db.close()
