@@ -32,7 +32,7 @@ def build_sink(settings: Settings, http: httpx.AsyncClient) -> Sink:
     if isinstance(s, WebhookSinkSettings):
         return WebhookSink(s, http)
     if isinstance(s, PostgresSinkSettings):
-        from .postgres import PostgresSink  # noqa: PLC0415  # asyncpg only when configured
+        from .postgres import PostgresSink  # asyncpg is imported only when configured
 
         return PostgresSink(s)
     if isinstance(s, PythonSinkSettings):

@@ -1,0 +1,179 @@
+"""``opera-consumer dlq list | show | replay | purge``: the dead-letter queue, by hand.
+
+Safe while the daemon runs (SQLite WAL; every change is one short transaction). A replay goes
+through the configured sink (and orchestration): each event delivered is removed from the DLQ
+and recorded as processed in the same transaction, so the stream will skip it if OHIP sends
+it again. Events of one primaryKey are replayed in arrival order; after one fails, the later
+ones of that resource are left in place. The jsonl sink has a single writer: replaying into it
+needs the daemon stopped.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+from .config import JsonlSinkSettings, Settings
+from .core.protocol import event_from_raw
+from .errors import OperaConsumerError, PermanentSinkError, TransientSinkError
+from .output import iso
+from .runtime.committer import Committer
+from .runtime.daemon import http_client
+from .runtime.lease import Lease, holder
+from .runtime.retry import WaitRetryAfter
+from .runtime.store import DeadLetterRow, Store
+from .sinks.factory import build_sink
+
+log = structlog.get_logger(__name__)
+
+LIST_COLUMNS = ("id", "stream", "reason", "event_name", "primary_key", "offset", "attempts")
+_EXCERPT = 60
+
+
+class ReplayRefused(OperaConsumerError):
+    pass
+
+
+def summary(row: DeadLetterRow) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "stream": row.stream,
+        "reason": row.reason,
+        "event_name": row.event_name,
+        "primary_key": row.primary_key,
+        "offset": row.offset,
+        "unique_event_id": row.unique_event_id,
+        "attempts": row.attempts,
+        "first_at": iso(row.first_at),
+        "last_at": iso(row.last_at),
+        "error": row.error if len(row.error) <= _EXCERPT else row.error[:_EXCERPT] + "…",
+    }
+
+
+def detail(row: DeadLetterRow) -> dict[str, Any]:
+    out = summary(row)
+    out["error"] = row.error
+    try:
+        out["payload"] = json.loads(row.payload)
+    except ValueError:
+        out["payload"] = row.payload  # a malformed frame: its raw text
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    id: int
+    stream: str
+    unique_event_id: str | None
+    primary_key: str | None
+    result: str  # delivered | would deliver | failed | skipped
+    detail: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "stream": self.stream,
+            "unique_event_id": self.unique_event_id,
+            "primary_key": self.primary_key,
+            "result": self.result,
+            "detail": self.detail,
+        }
+
+
+async def replay(
+    settings: Settings, rows: Sequence[DeadLetterRow], *, dry_run: bool, attempts: int = 3
+) -> list[Outcome]:
+    """Re-deliver ``rows`` (in id order) through the configured sink."""
+    st = settings.state
+    running = holder(st.path)
+    if not dry_run and running is not None and isinstance(settings.sink, JsonlSinkSettings):
+        raise ReplayRefused(
+            f"the jsonl sink has one writer and a daemon (pid {running.get('pid')}) is running: "
+            "stop it, replay, start it again (or use --dry-run to see the plan)"
+        )
+    outcomes: list[Outcome] = []
+    failed_keys: set[tuple[str, str]] = set()
+    if dry_run:
+        for row in rows:
+            event = _event(row)
+            outcomes.append(
+                _outcome(row, "would deliver")
+                if event is not None
+                else _outcome(row, "skipped", "a malformed frame cannot be replayed: purge it")
+            )
+        return outcomes
+    # While we replay into a single-writer sink, keep a daemon from starting.
+    lease = Lease.acquire(st.path, (), role="dlq-replay") if running is None else None
+    try:
+        store = await Store.open(st.path, synchronous=st.synchronous)
+        http = http_client(settings)
+        try:
+            sink = build_sink(settings, http)
+            await sink.open(await store.sink_state(sink.name))
+            committer = Committer(store, sink, max_events=1_000_000, interval_s=1.0)
+            try:
+                for row in rows:
+                    outcomes.append(await _one(row, sink, committer, failed_keys, attempts))
+                await committer.flush()
+            finally:
+                await sink.close()
+        finally:
+            await http.aclose()
+            await store.close()
+    finally:
+        if lease is not None:
+            lease.release()
+    return outcomes
+
+
+async def _one(
+    row: DeadLetterRow,
+    sink: Any,
+    committer: Committer,
+    failed_keys: set[tuple[str, str]],
+    attempts: int,
+) -> Outcome:
+    event = _event(row)
+    if event is None:
+        return _outcome(row, "skipped", "a malformed frame cannot be replayed: purge it")
+    key = (row.stream, event.primary_key)
+    if key in failed_keys:
+        return _outcome(row, "skipped", "an earlier event of this primaryKey failed")
+    try:
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(TransientSinkError),
+            stop=stop_after_attempt(attempts),
+            wait=WaitRetryAfter(wait_exponential_jitter(initial=0.5, max=10.0)),
+            reraise=True,
+        ):
+            with attempt:
+                await sink.write(row.stream, [event])
+    except (PermanentSinkError, TransientSinkError) as exc:
+        failed_keys.add(key)
+        return _outcome(row, "failed", str(exc))
+    committer.processed(row.stream, [event.unique_event_id])
+    committer.resolved(row.id)
+    return _outcome(row, "delivered")
+
+
+def _event(row: DeadLetterRow) -> Any:
+    if row.reason == "malformed":
+        return None
+    try:
+        return event_from_raw(json.loads(row.payload))
+    except ValueError:
+        return None
+
+
+def _outcome(row: DeadLetterRow, result: str, why: str = "") -> Outcome:
+    return Outcome(row.id, row.stream, row.unique_event_id, row.primary_key, result, why)

@@ -1,0 +1,117 @@
+"""``opera-consumer offset show | set | reset``: move a stream's resume position by hand.
+
+Like ``kafka-consumer-groups --reset-offsets``: the command prints the plan (current → new)
+and changes nothing without ``--execute``; it is refused while a running daemon holds the
+stream, and holds the lease itself while it writes, so no daemon starts half-way.
+
+* ``set STREAM OFFSET``: the next session resumes at OFFSET (OHIP's replay is inclusive).
+  Events already processed within ``processed_retention_days`` are still skipped by the
+  deduplication.
+* ``reset STREAM --highest``: the next session subscribes with ``offsetType: highest``: only
+  the newest event, then new ones. The backlog in between is skipped for good.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .config import Settings
+from .core.protocol import InvalidInput, SubscribeInput
+from .errors import OperaConsumerError
+from .output import iso
+from .runtime.lease import Lease, holder
+from .runtime.store import Store
+
+
+class OffsetRefused(OperaConsumerError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    stream: str
+    current: str | None
+    new: str  # an offset, or "highest"
+    note: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"stream": self.stream, "current": self.current, "new": self.new, "note": self.note}
+
+
+async def show(settings: Settings) -> list[dict[str, Any]]:
+    store = await Store.open(settings.state.path, synchronous=settings.state.synchronous)
+    try:
+        cps = {c.stream: c for c in await store.checkpoints()}
+        rows = []
+        for name in sorted(set(settings.streams) | set(cps)):
+            cp = cps.get(name)
+            override = await store.start_override(name)
+            rows.append(
+                {
+                    "stream": name,
+                    "offset": cp.offset if cp else None,
+                    "unique_event_id": (cp.unique_event_id or None) if cp else None,
+                    "checkpoint_at": iso(cp.updated_at) if cp else None,
+                    "next_start": override
+                    or (f"offset {cp.offset}" if cp else settings_start(settings, name)),
+                }
+            )
+        return rows
+    finally:
+        await store.close()
+
+
+def settings_start(settings: Settings, name: str) -> str:
+    s = settings.streams.get(name)
+    if s is None:
+        return "-"
+    sub = s.subscription
+    if sub.start == "highest":
+        return "highest"
+    return f"offset {sub.offset}" if sub.offset is not None else "gateway's position"
+
+
+async def plan(settings: Settings, stream: str, new: str) -> Plan:
+    """``new``: an offset (digits) or "highest". Raises OffsetRefused saying why not."""
+    if stream not in settings.streams:
+        raise OffsetRefused(
+            f"unknown stream {stream!r}: configured streams are {', '.join(settings.streams)}"
+        )
+    if new != "highest":
+        try:
+            SubscribeInput(chain_code="X", offset=new).validate()
+        except InvalidInput as exc:
+            raise OffsetRefused(f"offset {new!r}: {exc}") from None
+    running = holder(settings.state.path)
+    if running is not None and stream in running.get("streams", [stream]):
+        raise OffsetRefused(
+            f"a running opera-consumer (pid {running.get('pid')}) holds stream {stream}: "
+            "stop it first (its in-memory position would overwrite the change)"
+        )
+    store = await Store.open(settings.state.path, synchronous=settings.state.synchronous)
+    try:
+        cp = await store.checkpoint(stream)
+    finally:
+        await store.close()
+    note = (
+        "the backlog up to the newest event is skipped"
+        if new == "highest"
+        else "resume there (inclusive); events already processed are skipped"
+    )
+    return Plan(stream, cp.offset if cp else None, new, note)
+
+
+async def execute(settings: Settings, p: Plan) -> None:
+    lease = Lease.acquire(settings.state.path, (p.stream,), role="offset")
+    try:
+        store = await Store.open(settings.state.path, synchronous=settings.state.synchronous)
+        try:
+            if p.new == "highest":
+                await store.reset_to_highest(p.stream)
+            else:
+                await store.set_offset(p.stream, p.new)
+        finally:
+            await store.close()
+    finally:
+        lease.release()

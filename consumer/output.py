@@ -1,0 +1,52 @@
+"""What the CLI prints: aligned tables for people, JSON for scripts, UTC timestamps."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def emit(rows: Sequence[dict[str, Any]], cols: Sequence[str], *, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(list(rows), indent=2))
+        return
+    table = [list(cols)] + [[cell(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(cols))]
+    for line in table:
+        print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
+
+
+def cell(value: Any) -> str:
+    return "-" if value is None else str(value).replace(" ", "_")
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def parse_when(text: str, *, now: float | None = None) -> float:
+    """``2026-11-30``, ``2026-11-30T10:00:00`` (UTC unless it says otherwise) or an age like
+    ``30m``, ``6h``, ``7d`` (that long ago). ValueError with the accepted forms."""
+    now = time.time() if now is None else now
+    m = _DURATION.match(text.strip())
+    if m:
+        return now - float(m.group(1)) * _UNITS[m.group(2)]
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(
+            f"{text!r}: use an ISO date/time (2026-11-30T10:00:00, UTC by default) "
+            "or an age (30m, 6h, 7d)"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
