@@ -1,0 +1,161 @@
+"""HTTP webhook sink: POST events as JSON to a URL, through the process's pooled client.
+
+Not transactional: delivery is at-least-once and every request carries an ``Idempotency-Key``
+for the receiver to drop repeats with.
+
+* ``batch_size = 1``: one POST per event; the body is the event's document (the ``newEvent``
+  object as received, plus ``resource`` when orchestration fetched one) and
+  ``Idempotency-Key`` is its ``metadata.uniqueEventId``.
+* ``batch_size > 1``: the events of a write go in chunks of up to ``batch_size``, each a JSON
+  array of documents, in order; ``Idempotency-Key`` is ``"batch-"`` followed by the hex SHA-256
+  of the chunk's ``uniqueEventId`` values joined by ``"\\n"`` (UTF-8). The key names the
+  chunk, not its events: after a restart or a one-at-a-time re-delivery the same event may
+  come in a chunk with another key, so a receiver that must not see an event twice should
+  also deduplicate on each document's ``metadata.uniqueEventId``.
+
+Every request: ``Content-Type: application/json``, ``X-Opera-Stream: <stream name>``, the
+configured ``headers`` (ours win on a clash), the configured auth, a timeout of ``timeout_s``
+and no redirects.
+
+Responses: 2xx is done. 408, 425, 429, 5xx and transport failures (refused, reset, timed out)
+raise :class:`~consumer.errors.TransientSinkError`, with ``retry_after`` from ``Retry-After``:
+the pipeline retries the whole write, so chunks already accepted may be POSTed again (hence
+the key). Any other status (4xx, and 3xx as redirects are not followed) raises
+:class:`~consumer.errors.PermanentSinkError` with the status and the start of the body; the
+pipeline then re-delivers a failed batch one event at a time so that only the culprit is
+dead-lettered. Error texts never hold the token, the password or the ``Authorization`` header.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from collections.abc import Iterator, Sequence
+
+import httpx
+import orjson
+
+from ..config import WebhookSinkSettings
+from ..core.events import Event
+from ..errors import PermanentSinkError, TransientSinkError
+from ..logs import MASK, REDACTOR
+from ..runtime.retry import retry_after_seconds
+
+TRANSIENT_STATUSES = frozenset({408, 425, 429})
+EXCERPT_CHARS = 300
+# Configured headers whose values are registered as secrets (masked in logs and errors).
+_SECRET_HEADER_WORDS = ("authorization", "cookie", "token", "secret", "key", "password")
+
+
+def batch_idempotency_key(unique_event_ids: Sequence[str]) -> str:
+    """The ``Idempotency-Key`` of a batch request (``batch_size > 1``)."""
+    digest = hashlib.sha256("\n".join(unique_event_ids).encode("utf-8")).hexdigest()
+    return f"batch-{digest}"
+
+
+class WebhookSink:
+    name = "webhook"
+    transactional = False
+
+    def __init__(self, settings: WebhookSinkSettings, client: httpx.AsyncClient) -> None:
+        # ``client`` is shared by the whole process, which closes it; this sink never does.
+        self.settings = settings
+        self._client = client
+        self._url = settings.url
+        self._timeout = httpx.Timeout(settings.timeout_s)
+        self._headers = httpx.Headers(settings.headers)
+        self._headers["Content-Type"] = "application/json"
+        self._auth: httpx.BasicAuth | None = None
+        secrets: list[str] = []
+        if settings.auth == "bearer" and settings.token is not None:
+            token = settings.token.get_secret_value()
+            self._headers["Authorization"] = f"Bearer {token}"
+            secrets += [token, f"Bearer {token}"]
+        elif settings.auth == "basic" and settings.password is not None:
+            user, password = settings.username or "", settings.password.get_secret_value()
+            self._auth = httpx.BasicAuth(user, password)
+            basic = base64.b64encode(f"{user}:{password}".encode()).decode()
+            secrets += [password, basic, f"Basic {basic}"]
+        for header, value in settings.headers.items():
+            if any(word in header.lower() for word in _SECRET_HEADER_WORDS):
+                secrets.append(value)
+        url = httpx.URL(settings.url)
+        if url.password:
+            secrets.append(url.password)
+        # Longest first, so that a secret containing another is masked whole.
+        self._secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+        # For error texts: no user information, no query string (either may hold a secret).
+        port = f":{url.port}" if url.port is not None else ""
+        self._where = f"{url.scheme}://{url.host}{port}{url.path}"
+
+    async def open(self, committed: str | None) -> None:
+        REDACTOR.add(*self._secrets)
+
+    async def write(self, stream: str, events: Sequence[Event]) -> None:
+        size = self.settings.batch_size
+        if size == 1:
+            for ev in events:
+                await self._post(stream, orjson.dumps(ev.document()), ev.unique_event_id, [ev])
+            return
+        for chunk in _chunks(events, size):
+            body = orjson.dumps([ev.document() for ev in chunk])
+            key = batch_idempotency_key([ev.unique_event_id for ev in chunk])
+            await self._post(stream, body, key, chunk)
+
+    def position(self) -> str | None:
+        return None
+
+    async def sync(self, position: str | None) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None  # the shared client belongs to the daemon
+
+    async def _post(self, stream: str, body: bytes, key: str, events: Sequence[Event]) -> None:
+        headers = self._headers.copy()
+        headers["X-Opera-Stream"] = stream
+        headers["Idempotency-Key"] = key
+        what = f"webhook POST {self._where}"
+        if len(events) > 1:
+            what += f" ({len(events)} events)"
+        try:
+            response = await self._client.post(
+                self._url,
+                content=body,
+                headers=headers,
+                auth=self._auth if self._auth is not None else httpx.USE_CLIENT_DEFAULT,
+                timeout=self._timeout,
+                follow_redirects=False,
+            )
+        except httpx.RequestError as exc:  # transport failures: refused, reset, timed out
+            detail = self._scrub(str(exc)) or "no detail"
+            raise TransientSinkError(f"{what}: {type(exc).__name__}: {detail}") from exc
+        status = response.status_code
+        if 200 <= status < 300:
+            return
+        reason = f"{what}: HTTP {status}"
+        if response.reason_phrase:
+            reason += f" {response.reason_phrase}"
+        # The receiver may echo the request (an Authorization header, say): scrub the excerpt.
+        # Scrub before cutting, so that no part of a secret survives at the cut.
+        text = response.content[:65536].decode("utf-8", errors="replace")
+        excerpt = self._scrub(text)[:EXCERPT_CHARS]
+        if excerpt:
+            reason += f": {excerpt}"
+        if status in TRANSIENT_STATUSES or status >= 500:
+            raise TransientSinkError(
+                reason, retry_after=retry_after_seconds(response.headers.get("Retry-After"))
+            )
+        raise PermanentSinkError(
+            reason, unique_event_id=events[0].unique_event_id if len(events) == 1 else None
+        )
+
+    def _scrub(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, MASK)
+        return text
+
+
+def _chunks(events: Sequence[Event], size: int) -> Iterator[Sequence[Event]]:
+    for start in range(0, len(events), size):
+        yield events[start : start + size]

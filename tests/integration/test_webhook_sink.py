@@ -1,0 +1,442 @@
+"""The webhook sink against a real HTTP/1.1 receiver on loopback (tests/receiver.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from receiver import Received, Receiver, Reply, refusing_port
+from support import make_settings, running, truth_ids, wait_until
+
+from consumer.config import WebhookSinkSettings
+from consumer.core.events import Event
+from consumer.errors import PermanentSinkError, TransientSinkError
+from consumer.logs import MASK, REDACTOR
+from consumer.runtime.store import Store
+from consumer.sinks.webhook import WebhookSink, batch_idempotency_key
+
+TOKEN = "tok-Zx81-very-secret-bearer"
+PASSWORD = "pw-Qq93-very-secret-basic"
+
+
+def event(i: int, writer: int = 0) -> Event:
+    uid = f"w{writer}-u{i}"
+    raw = {
+        "metadata": {"offset": f"{writer}:{i:05d}", "uniqueEventId": uid},
+        "eventName": "UPDATE RESERVATION",
+        "moduleName": "Reservation",
+        "primaryKey": f"pk{i % 7}",
+        "hotelId": "HOTEL1",
+        "detail": [{"elementName": "Name", "newValue": f"Zoë «{i}»", "oldValue": None}],
+    }
+    return Event(
+        f"{writer}:{i:05d}",
+        uid,
+        "UPDATE RESERVATION",
+        "Reservation",
+        f"pk{i % 7}",
+        "HOTEL1",
+        None,
+        raw,
+    )
+
+
+def settings(url: str, **overrides: Any) -> WebhookSinkSettings:
+    return WebhookSinkSettings.model_validate({"type": "webhook", "url": url, **overrides})
+
+
+@pytest.fixture
+def rx() -> Iterator[Receiver]:
+    with Receiver() as receiver:
+        yield receiver
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    # As the daemon's one pooled client.
+    async with httpx.AsyncClient(
+        timeout=httpx.Timeout(15.0, connect=5.0),
+        limits=httpx.Limits(max_connections=20, max_keepalive_connections=10),
+    ) as c:
+        yield c
+
+
+async def opened(cfg: WebhookSinkSettings, client: httpx.AsyncClient) -> WebhookSink:
+    sink = WebhookSink(cfg, client)
+    await sink.open(None)
+    return sink
+
+
+# --- delivery -----------------------------------------------------------------------------------
+
+
+async def test_a_thousand_single_event_writes_reuse_a_few_connections(
+    rx: Receiver, client: httpx.AsyncClient
+):
+    sink = await opened(settings(rx.url), client)
+    writers, per_writer = 10, 100
+
+    async def writer(w: int) -> None:
+        for i in range(per_writer):
+            await sink.write("main", [event(i, w)])
+
+    async with asyncio.timeout(30):
+        await asyncio.gather(*(writer(w) for w in range(writers)))
+
+    requests = rx.requests
+    assert len(requests) == writers * per_writer
+    events = [event(i, w) for w in range(writers) for i in range(per_writer)]
+    expected = {ev.unique_event_id: ev.document() for ev in events}
+    keys = Counter(r.header("Idempotency-Key") for r in requests)
+    assert keys == Counter(dict.fromkeys(expected, 1))
+    for r in requests:
+        assert r.method == "POST"
+        assert r.path == "/hook"
+        assert r.header("Content-Type") == "application/json"
+        assert r.header("X-Opera-Stream") == "main"
+        body = r.json()
+        assert body == expected[r.header("Idempotency-Key")]
+    # Each writer's events arrive in its order.
+    bodies = [r.json()["metadata"] for r in requests]
+    for w in range(writers):
+        mine = [m["offset"] for m in bodies if m["uniqueEventId"].startswith(f"w{w}-")]
+        assert mine == [f"{w}:{i:05d}" for i in range(per_writer)]
+    print(f"\n{len(requests)} POSTs over {rx.connections} TCP connection(s)")
+    assert rx.connections <= 20, f"{rx.connections} connections: the pool is not reused"
+    await sink.close()
+    assert not client.is_closed  # the shared client is not the sink's to close
+
+
+async def test_batch_mode_posts_arrays_in_chunks_with_a_batch_key(
+    rx: Receiver, client: httpx.AsyncClient
+):
+    sink = await opened(settings(rx.url, batch_size=4), client)
+    events = [event(i) for i in range(10)]
+    await sink.write("orders", events)
+
+    requests = rx.requests
+    assert [len(r.json()) for r in requests] == [4, 4, 2]
+    chunks = [events[0:4], events[4:8], events[8:10]]
+    for r, chunk in zip(requests, chunks, strict=True):
+        ids = [ev.unique_event_id for ev in chunk]
+        assert r.json() == [ev.document() for ev in chunk]
+        assert [d["metadata"]["uniqueEventId"] for d in r.json()] == ids
+        digest = hashlib.sha256("\n".join(ids).encode()).hexdigest()
+        assert r.header("Idempotency-Key") == f"batch-{digest}" == batch_idempotency_key(ids)
+        assert r.header("Content-Type") == "application/json"
+        assert r.header("X-Opera-Stream") == "orders"
+    # A chunk of one is still an array (one format for the receiver).
+    rx.clear()
+    await sink.write("orders", [events[0]])
+    (single,) = rx.requests
+    assert single.json() == [events[0].document()]
+    assert single.header("Idempotency-Key") == batch_idempotency_key([events[0].unique_event_id])
+
+
+async def test_the_document_includes_a_fetched_resource(rx: Receiver, client: httpx.AsyncClient):
+    sink = await opened(settings(rx.url), client)
+    ev = event(1)._replace(resource={"reservationId": "R1", "guest": "Zoë"})
+    await sink.write("main", [ev])
+    (r,) = rx.requests
+    assert r.json() == {**ev.raw, "resource": {"reservationId": "R1", "guest": "Zoë"}}
+
+
+# --- headers and auth ---------------------------------------------------------------------------
+
+
+async def test_bearer_auth_and_custom_headers_arrive(rx: Receiver, client: httpx.AsyncClient):
+    cfg = settings(
+        rx.url,
+        auth="bearer",
+        token=TOKEN,
+        headers={"X-Tenant": "acme", "X-Opera-Stream": "not-this", "content-type": "text/plain"},
+    )
+    sink = await opened(cfg, client)
+    await sink.write("billing", [event(1)])
+    (r,) = rx.requests
+    assert r.header("Authorization") == f"Bearer {TOKEN}"
+    assert r.header("X-Tenant") == "acme"
+    assert r.header("X-Opera-Stream") == "billing"  # ours win over a configured clash
+    assert r.header("Content-Type") == "application/json"
+    assert r.header("Idempotency-Key") == "w0-u1"
+    # open() registered the token with the log redactor.
+    assert REDACTOR.scrub(f"token is {TOKEN}") == f"token is {MASK}"
+
+
+async def test_basic_auth_arrives(rx: Receiver, client: httpx.AsyncClient):
+    cfg = settings(rx.url, auth="basic", username="opera", password=PASSWORD)
+    sink = await opened(cfg, client)
+    await sink.write("main", [event(1)])
+    (r,) = rx.requests
+    expected = base64.b64encode(f"opera:{PASSWORD}".encode()).decode()
+    assert r.header("Authorization") == f"Basic {expected}"
+    assert REDACTOR.scrub(PASSWORD) == MASK
+
+
+async def test_no_auth_sends_no_authorization_header(rx: Receiver, client: httpx.AsyncClient):
+    sink = await opened(settings(rx.url), client)
+    await sink.write("main", [event(1)])
+    (r,) = rx.requests
+    assert r.header("Authorization") is None
+
+
+# --- transient failures -------------------------------------------------------------------------
+
+
+async def test_503_with_retry_after_is_transient_with_its_delay(
+    rx: Receiver, client: httpx.AsyncClient
+):
+    sink = await opened(settings(rx.url), client)
+    rx.script(Reply(503, {"Retry-After": "2"}, b"down for maintenance"))
+    with pytest.raises(TransientSinkError) as info:
+        await sink.write("main", [event(1)])
+    assert info.value.retry_after == 2.0
+    assert "503" in str(info.value)
+    # The retry (the pipeline's) goes through, with the same key.
+    await sink.write("main", [event(1)])
+    assert [r.header("Idempotency-Key") for r in rx.requests] == ["w0-u1", "w0-u1"]
+
+
+@pytest.mark.parametrize("status", [408, 425, 429, 500, 502, 504])
+async def test_retryable_statuses_are_transient(
+    rx: Receiver, client: httpx.AsyncClient, status: int
+):
+    sink = await opened(settings(rx.url), client)
+    rx.script(Reply(status))
+    with pytest.raises(TransientSinkError) as info:
+        await sink.write("main", [event(1)])
+    assert f"HTTP {status}" in str(info.value)
+    assert info.value.retry_after is None  # none was given
+
+
+async def test_a_failed_chunk_stops_the_write(rx: Receiver, client: httpx.AsyncClient):
+    sink = await opened(settings(rx.url, batch_size=2), client)
+    rx.script(Reply(200), Reply(429, {"Retry-After": "1"}))
+    with pytest.raises(TransientSinkError) as info:
+        await sink.write("main", [event(i) for i in range(6)])
+    assert info.value.retry_after == 1.0
+    assert len(rx.requests) == 2  # the third chunk was not sent
+
+
+async def test_connection_refused_is_transient(client: httpx.AsyncClient):
+    with refusing_port() as port:
+        sink = await opened(settings(f"http://127.0.0.1:{port}/hook"), client)
+        with pytest.raises(TransientSinkError) as info:
+            await sink.write("main", [event(1)])
+    assert "ConnectError" in str(info.value)
+
+
+async def test_a_slow_receiver_times_out_transiently(rx: Receiver, client: httpx.AsyncClient):
+    sink = await opened(settings(rx.url, timeout_s=0.2), client)
+    rx.script(Reply(200, delay_s=2.0))
+    started = time.monotonic()
+    with pytest.raises(TransientSinkError) as info:
+        await sink.write("main", [event(1)])
+    assert time.monotonic() - started < 1.5
+    assert "Timeout" in str(info.value)
+    # The pool recovers: the next write gets a fresh connection and goes through.
+    await sink.write("main", [event(2)])
+    assert [r.header("Idempotency-Key") for r in rx.requests] == ["w0-u1", "w0-u2"]
+
+
+# --- permanent failures -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [400, 422])
+async def test_client_errors_are_permanent_with_status_and_excerpt(
+    rx: Receiver, client: httpx.AsyncClient, status: int
+):
+    sink = await opened(settings(rx.url), client)
+    body = ("reservation rejected: " + "é" * 400).encode()
+    rx.script(Reply(status, {"Content-Type": "text/plain"}, body))
+    with pytest.raises(PermanentSinkError) as info:
+        await sink.write("main", [event(7)])
+    text = str(info.value)
+    assert f"HTTP {status}" in text
+    excerpt = body.decode()[:300]
+    assert text.endswith(excerpt)
+    assert body.decode()[:301] not in text
+    assert info.value.unique_event_id == "w0-u7"
+
+
+async def test_a_rejected_batch_names_no_single_culprit(rx: Receiver, client: httpx.AsyncClient):
+    sink = await opened(settings(rx.url, batch_size=10), client)
+    rx.script(Reply(400, body=b"bad item"))
+    with pytest.raises(PermanentSinkError) as info:
+        await sink.write("main", [event(i) for i in range(3)])
+    assert info.value.unique_event_id is None
+    rx.script(Reply(400, body=b"bad item"))
+    with pytest.raises(PermanentSinkError) as info:
+        await sink.write("main", [event(9)])  # a request of one event names it
+    assert info.value.unique_event_id == "w0-u9"
+
+
+async def test_a_redirect_is_not_followed_and_is_permanent(rx: Receiver, client: httpx.AsyncClient):
+    sink = await opened(settings(rx.url), client)
+    rx.script(Reply(307, {"Location": rx.url + "/elsewhere"}))
+    with pytest.raises(PermanentSinkError) as info:
+        await sink.write("main", [event(1)])
+    assert "HTTP 307" in str(info.value)
+    assert len(rx.requests) == 1
+
+
+def _echo(request: Received) -> Reply:
+    """A receiver that echoes the request's headers back in its error body."""
+    echoed = "; ".join(f"{k}: {v}" for k, v in request.headers.items())
+    return Reply(401, body=f"unauthorized, you sent {echoed}".encode())
+
+
+@pytest.mark.parametrize("auth", ["bearer", "basic"])
+async def test_no_secret_in_any_error_text(rx: Receiver, client: httpx.AsyncClient, auth: str):
+    cfg = settings(
+        rx.url,
+        auth=auth,
+        token=TOKEN if auth == "bearer" else None,
+        username="opera",
+        password=PASSWORD if auth == "basic" else None,
+    )
+    basic = base64.b64encode(f"opera:{PASSWORD}".encode()).decode()
+    secrets = [TOKEN, PASSWORD, basic, "Bearer", "Basic "]
+    sink = await opened(cfg, client)
+    texts: list[str] = []
+    rx.responder = _echo
+    with pytest.raises(PermanentSinkError) as perm:
+        await sink.write("main", [event(1)])
+    texts.append(str(perm.value))
+    assert "authorization: ***" in texts[0]  # the echo was there, masked
+    rx.responder = lambda r: Reply(503, body=_echo(r).body)
+    with pytest.raises(TransientSinkError) as trans:
+        await sink.write("main", [event(1)])
+    texts.append(str(trans.value))
+    rx.responder = None
+    rx.script(Reply(200, delay_s=2.0))
+    slow = await opened(cfg.model_copy(update={"timeout_s": 0.2}), client)
+    with pytest.raises(TransientSinkError) as timeout:
+        await slow.write("main", [event(1)])
+    texts.append(str(timeout.value))
+    with refusing_port() as port:
+        gone = await opened(cfg.model_copy(update={"url": f"http://127.0.0.1:{port}/"}), client)
+        with pytest.raises(TransientSinkError) as refused:
+            await gone.write("main", [event(1)])
+    texts.append(str(refused.value))
+    for text in texts:
+        for secret in secrets:
+            assert secret not in text, (secret, text)
+
+
+async def test_credentials_in_the_url_stay_out_of_error_texts(
+    rx: Receiver, client: httpx.AsyncClient
+):
+    url = f"http://opera:{PASSWORD}@127.0.0.1:{rx.port}/hook?api_key=k-123456"
+    sink = await opened(settings(url), client)
+    rx.script(Reply(400, body=b"no"))
+    with pytest.raises(PermanentSinkError) as info:
+        await sink.write("main", [event(1)])
+    assert PASSWORD not in str(info.value)
+    assert "k-123456" not in str(info.value)
+    assert f"127.0.0.1:{rx.port}/hook" in str(info.value)
+
+
+# --- the daemon with a webhook sink ---------------------------------------------------------------
+
+
+def _webhook_settings(tmp_path: Path, gw_url: str, rx: Receiver, **sink: Any) -> Any:
+    s = make_settings(
+        tmp_path,
+        gw_url,
+        sink={"type": "webhook", "url": rx.url, **sink},
+        pipeline={"sink_retry_initial_s": 0.05, "sink_retry_max_s": 0.2},
+    )
+    assert isinstance(s.sink, WebhookSinkSettings)
+    return s
+
+
+def _delivered_ids(rx: Receiver) -> list[str]:
+    """The uniqueEventIds the receiver accepted (2xx), repeats included."""
+    ids: list[str] = []
+    for r, reply in rx.exchanges:
+        if 200 <= reply.status < 300:
+            body = r.json()
+            docs = body if isinstance(body, list) else [body]
+            ids += [d["metadata"]["uniqueEventId"] for d in docs]
+    return ids
+
+
+async def test_daemon_delivers_every_sandbox_event_exactly_once(
+    sandbox_factory, tmp_path: Path, rx: Receiver, client: httpx.AsyncClient
+):
+    gw = await sandbox_factory(backlog=300)
+    s = _webhook_settings(tmp_path, gw.url, rx)
+    truth = truth_ids(gw.events("DEMO"))
+    async with running(s, sink=WebhookSink(s.sink, client)) as daemon:
+        await wait_until(lambda: len(rx.requests) >= len(truth))
+    assert daemon.exit_code == 0
+    keys = [r.header("Idempotency-Key") for r in rx.requests]
+    assert Counter(keys) == Counter(truth)
+    assert all(v == 1 for v in Counter(keys).values())
+    by_id = {e["metadata"]["uniqueEventId"]: e for e in gw.events("DEMO")}
+    for r in rx.requests:
+        assert r.json() == by_id[r.header("Idempotency-Key")]
+        assert r.header("X-Opera-Stream") == "main"
+    assert rx.connections <= 20
+    assert not client.is_closed
+
+
+async def test_daemon_in_batch_mode_delivers_every_event_once(
+    sandbox_factory, tmp_path: Path, rx: Receiver, client: httpx.AsyncClient
+):
+    gw = await sandbox_factory(backlog=300)
+    s = _webhook_settings(tmp_path, gw.url, rx, batch_size=25)
+    truth = truth_ids(gw.events("DEMO"))
+    async with running(s, sink=WebhookSink(s.sink, client)):
+        await wait_until(lambda: len(_delivered_ids(rx)) >= len(truth))
+    assert Counter(_delivered_ids(rx)) == Counter(truth)
+    for r in rx.requests:
+        assert isinstance(r.json(), list)
+        assert 1 <= len(r.json()) <= 25
+        ids = [d["metadata"]["uniqueEventId"] for d in r.json()]
+        assert r.header("Idempotency-Key") == batch_idempotency_key(ids)
+
+
+@pytest.mark.parametrize("batch_size", [1, 20])
+async def test_daemon_dead_letters_the_event_the_receiver_rejects(
+    sandbox_factory, tmp_path: Path, rx: Receiver, client: httpx.AsyncClient, batch_size: int
+):
+    gw = await sandbox_factory(backlog=200)
+    truth = truth_ids(gw.events("DEMO"))
+    culprit = truth[137]
+
+    def reject_culprit(r: Received) -> Reply:
+        body = r.json()
+        docs = body if isinstance(body, list) else [body]
+        if any(d["metadata"]["uniqueEventId"] == culprit for d in docs):
+            return Reply(422, body=f'{{"error": "cannot store {culprit}"}}'.encode())
+        return Reply(200)
+
+    rx.responder = reject_culprit
+    s = _webhook_settings(tmp_path, gw.url, rx, batch_size=batch_size)
+    others = set(truth) - {culprit}
+    async with running(s, sink=WebhookSink(s.sink, client)) as daemon:
+        pipeline = daemon.pipelines["main"]
+        await wait_until(lambda: pipeline.dead_lettered >= 1 and others <= set(_delivered_ids(rx)))
+        await asyncio.sleep(0.1)  # nothing else is rejected meanwhile
+        assert pipeline.dead_lettered == 1
+    delivered = _delivered_ids(rx)
+    assert set(delivered) == others  # every other event arrived, the culprit never did
+    store = await Store.open(tmp_path / "state.db")
+    try:
+        dead = await store.dead_letters()
+    finally:
+        await store.close()
+    assert [d.unique_event_id for d in dead] == [culprit]
+    assert dead[0].reason == "sink_rejected"
+    assert "HTTP 422" in dead[0].error
+    assert culprit in dead[0].error  # the body excerpt
