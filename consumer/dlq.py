@@ -153,7 +153,7 @@ async def _one(
         async for attempt in AsyncRetrying(
             retry=retry_if_exception_type(TransientSinkError),
             stop=stop_after_attempt(attempts),
-            wait=WaitRetryAfter(wait_exponential_jitter(initial=0.5, max=10.0)),
+            wait=WaitRetryAfter(wait_exponential_jitter(multiplier=0.5, max=10.0, jitter=0.5)),
             reraise=True,
         ):
             with attempt:

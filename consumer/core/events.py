@@ -51,12 +51,13 @@ class Event(NamedTuple):
     hotel_id: str | None
     timestamp: str | None
     raw: dict[str, Any]
-    # The resource fetched by the orchestration stage (the REST API's JSON), when configured.
+    # Set by the orchestration stage: the REST API's JSON (None: not found, when attached).
     resource: Any = None
+    fetched: bool = False
 
     def document(self) -> dict[str, Any]:
         """What a sink stores: the ``newEvent`` as received, plus ``resource`` when fetched."""
-        if self.resource is None:
+        if not self.fetched:
             return self.raw
         return {**self.raw, "resource": self.resource}
 

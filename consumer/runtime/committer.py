@@ -39,7 +39,8 @@ class Committer:
         self._store = store
         self._sink = sink
         # A sink whose table lives in the store: its rows go into our transaction.
-        self._table_sink = sink if isinstance(sink, StoreTableSink) else None
+        inner = getattr(sink, "inner", sink)  # under orchestration
+        self._table_sink = inner if isinstance(inner, StoreTableSink) else None
         self._max_events = max_events
         self._interval = interval_s
         self._max_pending = max_pending or max_events * 20

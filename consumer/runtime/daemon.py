@@ -108,9 +108,10 @@ class Daemon:
             lease.release()
             raise
         http = http_client(settings)
+        tokens = {name: TokenProvider(http, stream) for name, stream in settings.streams.items()}
         try:
             if sink is None:
-                sink = build_sink(settings, http)
+                sink = build_sink(settings, http, tokens)
             await sink.open(await store.sink_state(sink.name))
             for name, stream in settings.streams.items():
                 if stream.on_permanent_failure == "park-key":
@@ -148,7 +149,7 @@ class Daemon:
             self.runners[name] = StreamRunner(
                 name,
                 stream,
-                tokens=TokenProvider(http, stream),
+                tokens=tokens[name],
                 pipeline=pipeline,
                 store=store,
                 budget=budget,

@@ -1,0 +1,234 @@
+"""Orchestration: fetch the resource an event is about from the OHIP REST API, before the sink.
+
+OHIP's streaming events say *that* a reservation changed, with the changed elements; many
+integrations then GET the reservation itself. For the configured event (or module) names,
+:class:`OrchestratingSink` builds the URL from a template and the event (``primaryKey``,
+``hotelId``...), GETs it with the stream's token, ``x-app-key`` and ``x-hotelid``, and hands the
+event to the real sink with the JSON attached (``Event.resource``).
+
+* One token bucket for the process (``rate_per_s``, ``burst``); a 429's ``Retry-After`` holds
+  it for every caller.
+* 408/429/5xx and transport errors are retried (``max_attempts``, ``Retry-After`` honoured),
+  then the batch fails as a transient sink error (the pipeline retries it, intake pauses).
+* 401: the token is dropped and fetched again once. 404: ``on_not_found`` decides. Other 4xx:
+  the event is dead-lettered.
+* Coalescing: requests for one URL in flight are shared, and a resource fetched less than
+  ``coalesce_ms`` ago is reused, so a burst of updates to one reservation costs one GET (its
+  state may then predate the newest of those events by at most that window).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import structlog
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+from ..config import OrchestrationSettings, StreamSettings
+from ..core.events import Event
+from ..core.token_bucket import TokenBucket
+from ..errors import PermanentSinkError, TransientSinkError
+from ..sinks.base import Sink
+from .auth import TokenProvider
+from .retry import WaitRetryAfter, retry_after_seconds
+
+log = structlog.get_logger(__name__)
+
+_RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+class _NotFound(Exception):
+    pass
+
+
+class Orchestrator:
+    def __init__(
+        self,
+        settings: OrchestrationSettings,
+        http: httpx.AsyncClient,
+        streams: Mapping[str, tuple[StreamSettings, TokenProvider]],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self._http = http
+        self._streams = streams
+        self._clock = clock
+        self._bucket = TokenBucket(settings.rate_per_s, settings.burst, clock())
+        # URL -> (the fetch, monotonic time it finished or None while in flight)
+        self._recent: dict[str, tuple[asyncio.Future[Any], float | None]] = {}
+        self.requests = 0  # GETs sent (retries included)
+        self.coalesced = 0  # fetches answered by another one's GET
+        self.throttled = 0  # 429 answers
+
+    def url_for(self, stream: str, ev: Event) -> str | None:
+        s = self.settings
+        template = s.resources.get(ev.event_name) or s.resources.get(ev.module_name)
+        if template is None:
+            return None
+        st = self._streams[stream][0]
+        values = {
+            "primaryKey": ev.primary_key,
+            "hotelId": ev.hotel_id or "",
+            "chainCode": st.chain_code,
+            "eventName": ev.event_name,
+            "moduleName": ev.module_name,
+        }
+        path = template.format_map({k: quote(v, safe="") for k, v in values.items()})
+        if path.startswith(("http://", "https://")):
+            return path
+        return (s.base_url or st.gateway_url) + "/" + path.lstrip("/")
+
+    async def enrich(self, stream: str, events: Sequence[Event]) -> list[Event]:
+        urls = [self.url_for(stream, ev) for ev in events]
+        wanted = {u: ev.hotel_id for u, ev in zip(urls, events, strict=True) if u is not None}
+        if not wanted:
+            return list(events)
+        results = await asyncio.gather(
+            *(self.fetch(stream, url, hotel) for url, hotel in wanted.items()),
+            return_exceptions=True,
+        )
+        found: dict[str, Any] = {}
+        for url, result in zip(wanted, results, strict=True):
+            if isinstance(result, _NotFound):
+                found[url] = result
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                found[url] = result
+        out: list[Event] = []
+        for maybe_url, ev in zip(urls, events, strict=True):
+            if maybe_url is None:
+                out.append(ev)
+                continue
+            resource = found[maybe_url]
+            if isinstance(resource, _NotFound):
+                if self.settings.on_not_found == "dead-letter":
+                    raise PermanentSinkError(
+                        f"orchestration: {resource}", unique_event_id=ev.unique_event_id
+                    )
+                resource = None
+            out.append(ev._replace(resource=resource, fetched=True))
+        return out
+
+    async def fetch(self, stream: str, url: str, hotel_id: str | None) -> Any:
+        now = self._clock()
+        window = self.settings.coalesce_ms / 1000
+        hit = self._recent.get(url)
+        if hit is not None:
+            fut, done_at = hit
+            if done_at is None or now - done_at < window:
+                self.coalesced += 1
+                return await asyncio.shield(fut)
+        fut = asyncio.get_running_loop().create_future()
+        self._recent[url] = (fut, None)
+        try:
+            value = await self._get(stream, url, hotel_id)
+        except BaseException as exc:
+            self._recent.pop(url, None)
+            if not fut.done():
+                fut.set_exception(exc if isinstance(exc, Exception) else asyncio.CancelledError())
+                fut.exception()  # retrieved: waiters re-raise it, nobody else must log it
+            raise
+        fut.set_result(value)
+        self._recent[url] = (fut, self._clock())
+        self._forget_old()
+        return value
+
+    def _forget_old(self) -> None:
+        if len(self._recent) < 1024:
+            return
+        cutoff = self._clock() - self.settings.coalesce_ms / 1000
+        for url, (_, done_at) in list(self._recent.items()):
+            if done_at is not None and done_at < cutoff:
+                del self._recent[url]
+
+    async def _get(self, stream: str, url: str, hotel_id: str | None) -> Any:
+        s = self.settings
+        try:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type((TransientSinkError, httpx.TransportError)),
+                stop=stop_after_attempt(s.max_attempts),
+                wait=WaitRetryAfter(wait_exponential_jitter(multiplier=0.2, max=s.retry_max_s, jitter=0.2)),
+                before_sleep=lambda rs: log.warning(
+                    "orchestration GET failed; retrying",
+                    url=url,
+                    attempt=rs.attempt_number,
+                    error=str(rs.outcome.exception() if rs.outcome else ""),
+                ),
+                reraise=True,
+            ):
+                with attempt:
+                    return await self._request(stream, url, hotel_id)
+        except httpx.TransportError as exc:
+            raise TransientSinkError(f"orchestration GET {url}: {type(exc).__name__}") from exc
+        raise AssertionError("unreachable: AsyncRetrying either returns or raises")
+
+    async def _request(self, stream: str, url: str, hotel_id: str | None) -> Any:
+        settings, tokens = self._streams[stream]
+        # The bucket is arithmetic on the clock: nothing would set an Event, so we sleep.
+        while (wait := self._bucket.take(self._clock())) > 0:  # noqa: ASYNC110
+            await asyncio.sleep(wait)
+        token = await tokens.token()
+        headers = {
+            "Authorization": f"Bearer {token.value}",
+            "x-app-key": settings.app_key.get_secret_value(),
+            "Accept": "application/json",
+        }
+        if hotel_id:
+            headers["x-hotelid"] = hotel_id
+        self.requests += 1
+        resp = await self._http.get(url, headers=headers)
+        status = resp.status_code
+        if 200 <= status < 300:
+            try:
+                return resp.json()
+            except ValueError:
+                raise PermanentSinkError(f"orchestration GET {url}: not JSON") from None
+        if status == 401:
+            tokens.invalidate()  # rejected early (revoked?): the next attempt gets a new one
+            raise TransientSinkError(f"orchestration GET {url}: HTTP 401")
+        if status in _RETRY_STATUSES:
+            after = retry_after_seconds(resp.headers.get("Retry-After"))
+            if status == 429:
+                self.throttled += 1
+                self._bucket.hold(self._clock(), after if after is not None else 1.0)
+            raise TransientSinkError(f"orchestration GET {url}: HTTP {status}", retry_after=after)
+        if status == 404:
+            raise _NotFound(f"GET {url}: HTTP 404")
+        raise PermanentSinkError(f"orchestration GET {url}: HTTP {status}: {resp.text[:300]}")
+
+
+class OrchestratingSink:
+    """The configured sink, with each event's resource fetched first."""
+
+    def __init__(self, inner: Sink, orchestrator: Orchestrator) -> None:
+        self.inner = inner
+        self.orchestrator = orchestrator
+        self.name = inner.name
+        self.transactional = inner.transactional
+
+    async def open(self, committed: str | None) -> None:
+        await self.inner.open(committed)
+
+    async def write(self, stream: str, events: Sequence[Event]) -> None:
+        await self.inner.write(stream, await self.orchestrator.enrich(stream, events))
+
+    def position(self) -> str | None:
+        return self.inner.position()
+
+    async def sync(self, position: str | None) -> None:
+        await self.inner.sync(position)
+
+    async def close(self) -> None:
+        await self.inner.close()
