@@ -21,6 +21,7 @@ from typing import Any
 from . import __version__
 from .config import Settings, effective, load_settings
 from .errors import ConfigError
+from .runtime.lease import LeaseHeld
 
 EXIT_RUNTIME = 1
 EXIT_CONFIG = 78
@@ -97,6 +98,13 @@ def _parser() -> argparse.ArgumentParser:
         default=0.0,
         help="seconds a stream stays locked (4409) after a connection drops without complete",
     )
+    sb.add_argument(
+        "--rest-rate",
+        type=float,
+        default=0.0,
+        help="REST resource requests per second before 429 (0: unlimited)",
+    )
+    sb.add_argument("--rest-burst", type=int, default=5, help="REST requests allowed at once")
     return parser
 
 
@@ -128,7 +136,7 @@ def _run(settings: Settings) -> int:
     configure(settings.log.level, settings.log.format)
     try:
         return asyncio.run(daemon.run(settings))
-    except ConfigError as exc:
+    except (ConfigError, LeaseHeld) as exc:
         print(f"opera-consumer: {exc}", file=sys.stderr)
         return EXIT_CONFIG
 
@@ -217,6 +225,8 @@ def _sandbox(args: argparse.Namespace) -> int:
         token_ttl_s=args.token_ttl,
         ping_interval_s=args.ping_interval,
         stale_hold_s=args.stale_hold,
+        rest_rate=args.rest_rate,
+        rest_burst=args.rest_burst,
     )
     try:
         asyncio.run(run_sandbox(options))

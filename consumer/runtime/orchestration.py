@@ -47,8 +47,14 @@ log = structlog.get_logger(__name__)
 _RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
-class _NotFound(Exception):
-    pass
+class _NotFound:
+    """A 404, kept like a resource so the coalescing window applies to it too."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __str__(self) -> str:
+        return self.what
 
 
 class Orchestrator:
@@ -100,12 +106,9 @@ class Orchestrator:
         )
         found: dict[str, Any] = {}
         for url, result in zip(wanted, results, strict=True):
-            if isinstance(result, _NotFound):
-                found[url] = result
-            elif isinstance(result, BaseException):
+            if isinstance(result, BaseException):
                 raise result
-            else:
-                found[url] = result
+            found[url] = result
         out: list[Event] = []
         for maybe_url, ev in zip(urls, events, strict=True):
             if maybe_url is None:
@@ -205,7 +208,7 @@ class Orchestrator:
                 self._bucket.hold(self._clock(), after if after is not None else 1.0)
             raise TransientSinkError(f"orchestration GET {url}: HTTP {status}", retry_after=after)
         if status == 404:
-            raise _NotFound(f"GET {url}: HTTP 404")
+            return _NotFound(f"GET {url}: HTTP 404")
         raise PermanentSinkError(f"orchestration GET {url}: HTTP {status}: {resp.text[:300]}")
 
 

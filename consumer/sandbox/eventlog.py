@@ -71,11 +71,17 @@ class Entry:
 
 
 @dataclass(slots=True)
-class _Resource:
+class Resource:
+    """A reservation, profile or posting as of the latest event in the log: what the sandbox's
+    REST routes serve (``values``: element name -> latest ``newValue``)."""
+
     key: str
     module: str
     hotel: str
     values: dict[str, str]
+    version: int = 0  # events of this key in the log
+    last_event: str = ""
+    last_offset: str = ""
 
 
 def _dumps(doc: Any) -> str:
@@ -91,7 +97,8 @@ class ChainLog:
     _rng: random.Random = field(init=False)
     _offset: int = field(init=False)
     _clock: datetime = field(init=False)
-    _resources: list[_Resource] = field(default_factory=list)
+    _resources: list[Resource] = field(default_factory=list)  # recent, for follow-ups
+    _by_key: dict[str, Resource] = field(default_factory=dict)  # every resource ever made
     _next_key: int = field(init=False)
     _changed: asyncio.Event | None = None
     _count: int = 0
@@ -123,6 +130,10 @@ class ChainLog:
         return [
             json.loads(e.payload)["data"]["newEvent"] for e in self.entries if e.offset is not None
         ]
+
+    def resource(self, key: str) -> Resource | None:
+        """The resource with this primaryKey (keys are unique within a chain)."""
+        return self._by_key.get(key)
 
     def changed(self) -> asyncio.Event:
         """An event set at the next append (capture it before checking the length)."""
@@ -167,15 +178,19 @@ class ChainLog:
         else:
             module = rng.choices(("Reservation", "Profile", "Financial"), (6, 3, 2))[0]
             self._next_key += rng.randint(1, 9)
-            res = _Resource(str(self._next_key), module, rng.choice(HOTELS), {})
+            res = Resource(str(self._next_key), module, rng.choice(HOTELS), {})
             self._resources.append(res)
+            self._by_key[res.key] = res
             if len(self._resources) > 5000:
                 del self._resources[:1000]
             event_name = _MODULES[module][0]
             detail = self._changes(res, new=True)
+        # generate() appends at once, so the resource never runs ahead of the log.
+        res.version += 1
+        res.last_event, res.last_offset = event_name, str(self._offset)
         return {
             "metadata": {
-                "offset": str(self._offset),
+                "offset": res.last_offset,
                 "uniqueEventId": str(uuid.UUID(int=rng.getrandbits(128), version=4)),
             },
             "moduleName": res.module,
@@ -188,7 +203,7 @@ class ChainLog:
             "detail": detail,
         }
 
-    def _changes(self, res: _Resource, *, new: bool) -> list[dict[str, Any]]:
+    def _changes(self, res: Resource, *, new: bool) -> list[dict[str, Any]]:
         rng = self._rng
         names = _ELEMENTS[res.module]
         picked = names[:4] if new else rng.sample(names, rng.randint(1, 3))

@@ -1,14 +1,16 @@
 """The sandbox gateway: a local OHIP Streaming emulator on loopback.
 
-One port serves ``POST /oauth/v1/tokens`` (HTTP parsed with h11), ``GET /healthz`` and the
-``/subscriptions`` WebSocket, which runs on websockets' sans-I/O :class:`ServerProtocol` so the
-sandbox controls every byte (dropping a TCP connection without a close frame, for instance) and
-streams pre-encoded frames with TCP backpressure.
+One port serves ``POST /oauth/v1/tokens`` (HTTP parsed with h11), ``GET /healthz``, three REST
+resources built from the event log (see :meth:`SandboxGateway._rest`) and the ``/subscriptions``
+WebSocket, which runs on websockets' sans-I/O :class:`ServerProtocol` so the sandbox controls
+every byte (dropping a TCP connection without a close frame, for instance) and streams
+pre-encoded frames with TCP backpressure.
 
 Rules it enforces, as OHIP does: the hashed application key in the URL (else HTTP 400), the
 ``graphql-transport-ws`` subprotocol (else 4406), ``connection_init`` with a valid token and the
 raw key (else 4401), one active subscription per chain (else 4409), schema patterns of the
-``newEvent`` input (else 4400), known chains (else 4403), token expiry (4401).
+``newEvent`` input (else 4400), known chains (else 4403), token expiry (4401). On REST: a valid
+token and the raw key (else 401), ``x-hotelid`` on hotel routes (else 400), a rate limit (429).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import h11
 from websockets.frames import Frame, Opcode
@@ -38,7 +40,7 @@ from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
 from ..http11 import read_request, respond
-from .eventlog import ChainLog
+from .eventlog import ChainLog, Resource
 
 SUBPROTOCOL = Subprotocol("graphql-transport-ws")
 _HEAD_LIMIT = 64 * 1024
@@ -52,6 +54,20 @@ _RULES: dict[str, tuple[str, int]] = {
     "offsetType": (r"^(highest)$", 8),
     "hotelCode": (r"^[A-Za-z0-9 _%#$&,-]+$", 50),
 }
+# REST resources: path (hotel-scoped routes capture the hotel), event module, id field name.
+_REST_ROUTES: tuple[tuple[re.Pattern[str], str, str], ...] = (
+    (
+        re.compile(r"/rsv/v1/hotels/(?P<hotel>[^/]+)/reservations/(?P<id>[^/]+)"),
+        "Reservation",
+        "reservationId",
+    ),
+    (re.compile(r"/crm/v1/profiles/(?P<id>[^/]+)"), "Profile", "profileId"),
+    (
+        re.compile(r"/csh/v1/hotels/(?P<hotel>[^/]+)/transactions/(?P<id>[^/]+)"),
+        "Financial",
+        "transactionId",
+    ),
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,6 +100,8 @@ class SandboxOptions:
     ignore_pings: bool = False
     ack_delay_s: float = 0.0
     send_batch: int = 256
+    rest_rate: float = 0.0  # REST requests per second, all routes together; 0: unlimited
+    rest_burst: int = 5  # token-bucket size for rest_rate
 
 
 @dataclass
@@ -101,6 +119,9 @@ class SandboxStats:
     chaos_drops: int = 0
     upgrades: list[float] = field(default_factory=list)  # monotonic times of upgrade requests
     active_subscriptions: dict[str, int] = field(default_factory=dict)
+    rest_requests: int = 0  # every REST GET, throttled and failed ones included
+    rest_throttled: int = 0  # 429s of the rate limit (not injected ones)
+    rest_paths: dict[str, int] = field(default_factory=dict)  # 200 responses per request path
 
 
 class _Close(Exception):
@@ -118,6 +139,9 @@ class SandboxGateway:
         self.issued_tokens: list[str] = []
         self.token_requests: list[tuple[dict[str, str], dict[str, str]]] = []  # headers, form
         self._token_failures: list[tuple[int, float | None]] = []
+        self._rest_failures: list[tuple[int, float | None]] = []
+        self._bucket = float(max(1, self.options.rest_burst))  # starts full
+        self._bucket_at = time.monotonic()
         self._upgrade_failures: list[int] = []
         self._close_on: dict[str, list[int]] = {}
         self._active: dict[str, _WsSession] = {}
@@ -242,6 +266,10 @@ class SandboxGateway:
     def fail_token_requests(self, statuses: list[int], retry_after: float | None = None) -> None:
         self._token_failures.extend((s, retry_after) for s in statuses)
 
+    def fail_rest(self, statuses: list[int], retry_after: float | None = None) -> None:
+        """The next REST requests answer these statuses, before auth and the rate limit."""
+        self._rest_failures.extend((s, retry_after) for s in statuses)
+
     async def _live(self) -> None:
         period = 1.0 / self.options.rate
         while True:
@@ -267,6 +295,8 @@ class SandboxGateway:
             elif request.method == b"GET" and path == "/subscriptions":
                 self.stats.connections += 1
                 await self._websocket(head, target, reader, writer)
+            elif request.method == b"GET" and (route := _rest_route(path)) is not None:
+                self._rest(conn, request, writer, route)
             else:
                 respond(conn, writer, 404, b"not found\n", content_type="text/plain")
             await writer.drain()
@@ -326,6 +356,89 @@ class SandboxGateway:
             "oracle_tk_context": "user_assertion",
         }
         respond(conn, writer, 200, json.dumps(payload).encode())
+
+    def _rest(
+        self,
+        conn: h11.Connection,
+        request: h11.Request,
+        writer: asyncio.StreamWriter,
+        route: tuple[re.Match[str], str, str],
+    ) -> None:
+        """GET one resource as of the latest event of its primaryKey, in any chain.
+
+        Body: ``{<id_name>: primaryKey, "hotelId", "chainCode", "version": events of the key so
+        far, "lastEventName", "lastOffset", "fields": {elementName: latest newValue}}`` with
+        ``id_name`` ``reservationId``, ``profileId`` or ``transactionId``. Checked in order:
+        injected failures, the rate limit (429), token and app key (401), ``x-hotelid`` (400),
+        existence at the path's hotel (404).
+        """
+        match, module, id_name = route
+        self.stats.rest_requests += 1
+        if self._rest_failures:
+            status, retry_after = self._rest_failures.pop(0)
+            extra = {"Retry-After": f"{retry_after:g}"} if retry_after is not None else {}
+            respond(conn, writer, status, _problem(status, "injected failure"), extra=extra)
+            return
+        wait = self._rest_admit()
+        if wait is not None:
+            self.stats.rest_throttled += 1
+            body = _problem(429, f"rate limit of {self.options.rest_rate:g} requests/s exceeded")
+            respond(conn, writer, 429, body, extra={"Retry-After": str(wait)})
+            return
+        headers = {k.decode().lower(): v.decode("latin-1") for k, v in request.headers}
+        auth = headers.get("authorization", "")
+        token = auth.removeprefix("Bearer ") if auth.startswith("Bearer ") else ""
+        if self._token_expiry(token) is None or headers.get("x-app-key") != self.options.app_key:
+            body = _problem(401, "Unauthorised - Invalid credentials")
+            respond(conn, writer, 401, body, extra={"WWW-Authenticate": "Bearer"})
+            return
+        scoped = match.groupdict().get("hotel")
+        hotel = unquote(scoped) if scoped is not None else None
+        if hotel is not None and headers.get("x-hotelid") != hotel:
+            respond(conn, writer, 400, _problem(400, "x-hotelid must match the hotel in the path"))
+            return
+        key = unquote(match["id"])
+        found = self._find(module, key, hotel)
+        if found is None:
+            where = f" at hotel {hotel}" if hotel is not None else ""
+            respond(conn, writer, 404, _problem(404, f"{module} {key} not found{where}"))
+            return
+        chain, res = found
+        payload = {
+            id_name: res.key,
+            "hotelId": res.hotel,
+            "chainCode": chain,
+            "version": res.version,
+            "lastEventName": res.last_event,
+            "lastOffset": res.last_offset,
+            "fields": res.values,
+        }
+        respond(conn, writer, 200, json.dumps(payload).encode())
+        path = match.string
+        self.stats.rest_paths[path] = self.stats.rest_paths.get(path, 0) + 1
+
+    def _rest_admit(self) -> int | None:
+        """Take a token from the REST bucket: None if admitted, else whole seconds to wait."""
+        rate = self.options.rest_rate
+        if rate <= 0:
+            return None
+        now = time.monotonic()
+        size = max(1, self.options.rest_burst)  # a burst below 1 could never admit anything
+        self._bucket = min(size, self._bucket + (now - self._bucket_at) * rate)
+        self._bucket_at = now
+        if self._bucket >= 1:
+            self._bucket -= 1
+            return None
+        return max(1, math.ceil((1 - self._bucket) / rate))
+
+    def _find(self, module: str, key: str, hotel: str | None) -> tuple[str, Resource] | None:
+        """The first chain's resource with this key and module (and hotel, when scoped):
+        chains number their keys independently, so two chains may share one."""
+        for chain, log in self._logs.items():
+            res = log.resource(key)
+            if res is not None and res.module == module and hotel in (None, res.hotel):
+                return chain, res
+        return None
 
     # --- WebSocket --------------------------------------------------------------------------
 
@@ -688,6 +801,13 @@ def _flush(proto: ServerProtocol, writer: asyncio.StreamWriter) -> None:
             writer.write_eof()
 
 
+def _rest_route(path: str) -> tuple[re.Match[str], str, str] | None:
+    for pattern, module, id_name in _REST_ROUTES:
+        if (m := pattern.fullmatch(path)) is not None:
+            return m, module, id_name
+    return None
+
+
 def _problem(status: int, detail: str) -> bytes:
     return json.dumps({"title": h11_reason(status), "status": status, "detail": detail}).encode()
 
@@ -718,6 +838,7 @@ async def run_sandbox(options: SandboxOptions, *, announce: Callable[[str], None
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     o = options
+    rest = f"{o.rest_rate:g} requests/s, burst {o.rest_burst}" if o.rest_rate > 0 else "no limit"
     announce(
         f"sandbox gateway listening on {gw.url}\n"
         f'  gateway_url   = "{gw.url}"\n'
@@ -725,6 +846,7 @@ async def run_sandbox(options: SandboxOptions, *, announce: Callable[[str], None
         f'  client_id     = "{o.client_id}"  client_secret = "{o.client_secret}"\n'
         f"  chains        = {', '.join(o.chains)}  ({o.backlog} events waiting each, "
         f"{o.rate:g} new/s)\n"
+        f"  REST          = /rsv/v1, /crm/v1, /csh/v1  ({rest})\n"
         "Ctrl-C to stop."
     )
     try:
