@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test chaos lint typecheck bench clean
+.PHONY: demo test chaos lint typecheck bench clean postgres-server
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11 ...'"; exit 1; }
@@ -16,10 +16,23 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m consumer.demo
 
-test: $(STAMP)
+test: $(STAMP) postgres-server
 	$(BIN)/ruff check consumer tests bench
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
+
+# A PostgreSQL server for the PostgreSQL sink's tests (tests/pg.py starts a throwaway one on
+# loopback). Installed with apt-get where we are root on Debian (CI); otherwise a note, and
+# those tests skip. Silent when the server binaries are already there.
+postgres-server:
+	@if command -v postgres >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "installing the PostgreSQL server for the tests (apt-get install postgresql)"; \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; } \
+			|| echo "note: installing postgresql failed; the PostgreSQL sink tests will skip"; \
+	else \
+		echo "note: no PostgreSQL server (apt-get install postgresql); the PostgreSQL sink tests will skip"; \
+	fi
 
 # The chaos suite at full size (make test runs it reduced).
 chaos: $(STAMP)

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+from pg import postgres_dsn, postgres_server  # noqa: F401  # fixtures: a PostgreSQL server
 
 from consumer.sandbox import SandboxGateway, SandboxOptions
 
