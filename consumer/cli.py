@@ -20,7 +20,7 @@ from typing import Any
 
 from . import __version__
 from .config import Settings, effective, load_settings
-from .errors import ConfigError
+from .errors import ConfigError, SinkError
 from .runtime.lease import LeaseHeld
 
 EXIT_RUNTIME = 1
@@ -139,6 +139,9 @@ def _run(settings: Settings) -> int:
     except (ConfigError, LeaseHeld) as exc:
         print(f"opera-consumer: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except SinkError as exc:  # e.g. the database is down at start: let the supervisor retry
+        print(f"opera-consumer: cannot open the sink: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
 
 
 async def _status(settings: Settings, *, as_json: bool) -> int:

@@ -21,13 +21,20 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus, WebSocketException
 from websockets.typing import Subprotocol
 
-from .config import Settings, StreamSettings
+from .config import (
+    JsonlSinkSettings,
+    PostgresSinkSettings,
+    Settings,
+    SqliteSinkSettings,
+    StreamSettings,
+)
 from .core import protocol
 from .errors import AuthError
 from .logs import REDACTOR
 from .runtime.auth import TokenProvider
 from .runtime.daemon import register_secrets
 from .runtime.store import Store
+from .sinks.postgres import PostgresSink
 
 HEADER_LIMIT = 8 * 1024  # the gateway's request header limit
 SLOW_RTT_S = 0.5
@@ -172,11 +179,7 @@ async def _local(checks: _Checks, settings: Settings) -> None:
         add("PASS", "-", "state store", f"{settings.state.path} writable")
     except (OSError, RuntimeError) as exc:
         add("FAIL", "-", "state store", f"{settings.state.path}: {exc}")
-    folder = settings.sink.path.resolve().parent
-    if os.access(folder, os.W_OK):
-        add("PASS", "-", "sink", f"{settings.sink.path} writable")
-    else:
-        add("FAIL", "-", "sink", f"cannot write in {folder}")
+    await _sink(checks, settings)
     m = settings.metrics
     if m.enabled:
         with socket.socket() as probe:
@@ -190,3 +193,27 @@ async def _local(checks: _Checks, settings: Settings) -> None:
                     "metrics address",
                     f"{m.address}:{m.port} in use (a running daemon?)",
                 )
+
+
+async def _sink(checks: _Checks, settings: Settings) -> None:
+    """What can be checked without delivering anything."""
+    add = checks.add
+    s = settings.sink
+    if isinstance(s, JsonlSinkSettings | SqliteSinkSettings):
+        path = s.path or settings.state.path
+        folder = path.resolve().parent
+        if os.access(folder, os.W_OK):
+            add("PASS", "-", "sink", f"{s.type}: {path} writable")
+        else:
+            add("FAIL", "-", "sink", f"{s.type}: cannot write in {folder}")
+    elif isinstance(s, PostgresSinkSettings):
+        sink = PostgresSink(s)
+        try:
+            await sink.open(None)  # connects and creates the table if missing
+            add("PASS", "-", "sink", f"postgres: connected, table {s.table} ready")
+        except Exception as exc:
+            add("FAIL", "-", "sink", f"postgres: {exc}")
+        finally:
+            await sink.close()
+    else:  # webhook, python: nothing to try without delivering an event
+        add("PASS", "-", "sink", f"{s.type}: configured")

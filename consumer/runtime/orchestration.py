@@ -162,7 +162,9 @@ class Orchestrator:
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception_type((TransientSinkError, httpx.TransportError)),
                 stop=stop_after_attempt(s.max_attempts),
-                wait=WaitRetryAfter(wait_exponential_jitter(multiplier=0.2, max=s.retry_max_s, jitter=0.2)),
+                wait=WaitRetryAfter(
+                    wait_exponential_jitter(multiplier=0.2, max=s.retry_max_s, jitter=0.2)
+                ),
                 before_sleep=lambda rs: log.warning(
                     "orchestration GET failed; retrying",
                     url=url,
