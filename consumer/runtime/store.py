@@ -360,9 +360,7 @@ class Store:
         try:
             # After an operator's reset the stream has a checkpoint row, which the first
             # event of the new session replaces.
-            reset = await self._w.execute(
-                "DELETE FROM start_overrides WHERE stream = ?", (stream,)
-            )
+            reset = await self._w.execute("DELETE FROM start_overrides WHERE stream = ?", (stream,))
             conflict = "DO NOTHING"
             if reset.rowcount:
                 conflict = (

@@ -82,9 +82,7 @@ async def test_a_burst_for_one_resource_costs_one_get(sandbox_factory, tmp_path:
             settings.orchestration, http, {"main": (stream, TokenProvider(http, stream))}
         )
         url = f"{gw.url}/rsv/v1/hotels/{ev['hotelId']}/reservations/{ev['primaryKey']}"
-        results = await asyncio.gather(
-            *(orch.fetch("main", url, ev["hotelId"]) for _ in range(10))
-        )
+        results = await asyncio.gather(*(orch.fetch("main", url, ev["hotelId"]) for _ in range(10)))
         again = await orch.fetch("main", url, ev["hotelId"])  # within the window: reused
     assert all(r == results[0] for r in results)
     assert again == results[0]
