@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import json
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 from . import __version__
 from .config import Settings, effective, load_settings
 from .errors import ConfigError, SinkError
+from .output import emit, iso, parse_when
 from .runtime.lease import LeaseHeld
 
 EXIT_RUNTIME = 1
@@ -75,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
         )
     )
 
+    _dlq_parser(sub, with_config)
+    _offset_parser(sub, with_config)
+
     sb = sub.add_parser(
         "sandbox",
         help="run a local OHIP gateway emulator on 127.0.0.1 (for demos and tests)",
@@ -108,6 +111,56 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _dlq_parser(sub: Any, with_config: Any) -> None:
+    dlq = sub.add_parser("dlq", help="the dead-letter queue: list, show, replay, purge")
+    cmds = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
+
+    def filters(p: argparse.ArgumentParser, *, when: str) -> argparse.ArgumentParser:
+        p.add_argument("--stream", help="only this stream")
+        p.add_argument("--reason", help="only this reason (malformed, sink_rejected, parked, ...)")
+        if when == "since":
+            p.add_argument("--since", help="only since: ISO date/time (UTC) or an age: 30m, 6h, 7d")
+        else:
+            p.add_argument(
+                "--before", help="only older than: ISO date/time (UTC) or an age: 30m, 6h, 7d"
+            )
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        return p
+
+    filters(with_config(cmds.add_parser("list", help="dead letters, oldest first")), when="since")
+    show = with_config(cmds.add_parser("show", help="one dead letter: error and raw payload"))
+    show.add_argument("id", type=int)
+    show.add_argument("--json", action="store_true", help="machine-readable output")
+    for name, verb in (("replay", "re-deliver through the sink"), ("purge", "delete")):
+        p = filters(
+            with_config(cmds.add_parser(name, help=f"{verb} dead letters (IDs, or --all)")),
+            when="since" if name == "replay" else "before",
+        )
+        p.add_argument("ids", type=int, nargs="*", metavar="ID")
+        p.add_argument("--all", action="store_true", help="every dead letter the filters match")
+        p.add_argument("--dry-run", action="store_true", help="show what would happen, do nothing")
+
+
+def _offset_parser(sub: Any, with_config: Any) -> None:
+    off = sub.add_parser(
+        "offset", help="a stream's resume position: show, set, reset (plan unless --execute)"
+    )
+    cmds = off.add_subparsers(dest="offset_command", required=True, metavar="ACTION")
+    show = with_config(cmds.add_parser("show", help="checkpoints and pending resets"))
+    show.add_argument("--json", action="store_true", help="machine-readable output")
+    set_ = with_config(cmds.add_parser("set", help="resume STREAM at OFFSET (inclusive)"))
+    set_.add_argument("stream")
+    set_.add_argument("offset")
+    reset = with_config(cmds.add_parser("reset", help="skip STREAM's backlog: --highest"))
+    reset.add_argument("stream")
+    reset.add_argument(
+        "--highest", action="store_true", required=True, help="resume at the newest event"
+    )
+    for p in (set_, reset):
+        p.add_argument("--execute", action="store_true", help="apply the plan (default: print it)")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     command: str = args.command
@@ -126,7 +179,110 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(_status(settings, as_json=args.json))
     if command == "preflight":
         return _preflight(settings)
+    if command == "dlq":
+        return asyncio.run(_dlq(settings, args))
+    if command == "offset":
+        return asyncio.run(_offset(settings, args))
     return _run(settings)
+
+
+def _no_store(settings: Settings) -> bool:
+    if settings.state.path.exists():
+        return False
+    print(f"no state store at {settings.state.path} yet: the daemon has not run", file=sys.stderr)
+    return True
+
+
+async def _dlq(settings: Settings, args: argparse.Namespace) -> int:
+    from . import dlq  # the daemon's modules: imported only for this command
+    from .logs import configure
+    from .runtime.store import Store
+
+    configure("warning", settings.log.format)
+    if _no_store(settings):
+        return EXIT_RUNTIME
+    action: str = args.dlq_command
+    try:
+        since = parse_when(args.since) if getattr(args, "since", None) else None
+        before = parse_when(args.before) if getattr(args, "before", None) else None
+    except ValueError as exc:
+        print(f"opera-consumer: {exc}", file=sys.stderr)
+        return 2
+    if action in ("replay", "purge") and not args.ids and not args.all:
+        print(f"opera-consumer dlq {action}: name IDs, or --all (with filters)", file=sys.stderr)
+        return 2
+    store = await Store.open(settings.state.path, synchronous=settings.state.synchronous)
+    try:
+        rows = await store.dead_letters(
+            getattr(args, "stream", None),
+            reason=getattr(args, "reason", None),
+            since=since,
+            before=before,
+            ids=[args.id] if action == "show" else (getattr(args, "ids", None) or None),
+        )
+        if action == "purge" and not args.dry_run:
+            n = await store.purge_dead_letters([r.id for r in rows])
+    finally:
+        await store.close()
+    if action == "list":
+        emit([dlq.summary(r) for r in rows], dlq.LIST_COLUMNS, as_json=args.json)
+        return 0
+    if action == "show":
+        if not rows:
+            print(f"no dead letter with id {args.id}", file=sys.stderr)
+            return EXIT_RUNTIME
+        print(json.dumps(dlq.detail(rows[0]), indent=2, ensure_ascii=False))
+        return 0
+    missing = sorted(set(args.ids) - {r.id for r in rows})
+    if missing:
+        print(f"no dead letter with id {', '.join(map(str, missing))}", file=sys.stderr)
+    if action == "purge":
+        if args.dry_run:
+            emit([dlq.summary(r) for r in rows], dlq.LIST_COLUMNS, as_json=args.json)
+            print(f"would purge {len(rows)} dead letter(s)", file=sys.stderr)
+        else:
+            print(f"purged {n} dead letter(s)", file=sys.stderr)
+        return EXIT_RUNTIME if missing else 0
+    try:
+        outcomes = await dlq.replay(settings, rows, dry_run=args.dry_run)
+    except (dlq.ReplayRefused, LeaseHeld) as exc:
+        print(f"opera-consumer: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    emit(
+        [o.as_dict() for o in outcomes],
+        ("id", "stream", "unique_event_id", "result", "detail"),
+        as_json=args.json,
+    )
+    failed = [o for o in outcomes if o.result in ("failed", "skipped")]
+    return EXIT_RUNTIME if failed or missing else 0
+
+
+async def _offset(settings: Settings, args: argparse.Namespace) -> int:
+    from . import offsets
+
+    if _no_store(settings):
+        return EXIT_RUNTIME
+    if args.offset_command == "show":
+        emit(
+            await offsets.show(settings),
+            ("stream", "offset", "checkpoint_at", "next_start"),
+            as_json=args.json,
+        )
+        return 0
+    new = "highest" if args.offset_command == "reset" else args.offset
+    try:
+        plan = await offsets.plan(settings, args.stream, new)
+        if args.execute:
+            await offsets.execute(settings, plan)
+    except (offsets.OffsetRefused, LeaseHeld) as exc:
+        print(f"opera-consumer: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    emit([plan.as_dict()], ("stream", "current", "new", "note"), as_json=args.json)
+    if not args.execute:
+        print("plan only: nothing changed (add --execute to apply it)", file=sys.stderr)
+    else:
+        print(f"done: {plan.stream} resumes at {plan.new} when the daemon starts", file=sys.stderr)
+    return 0
 
 
 def _run(settings: Settings) -> int:
@@ -169,8 +325,8 @@ async def _status(settings: Settings, *, as_json: bool) -> int:
                 "configured": name in settings.streams,
                 "offset": cp.offset if cp else None,
                 "unique_event_id": cp.unique_event_id if cp else None,
-                "last_event_at": _iso(cp.last_event_at) if cp else None,
-                "checkpoint_at": _iso(cp.updated_at) if cp else None,
+                "last_event_at": iso(cp.last_event_at) if cp else None,
+                "checkpoint_at": iso(cp.updated_at) if cp else None,
                 "processed": cp.processed_count if cp else 0,
                 "dead_letters": dlq.get(name, 0),
                 # from the running daemon, when it answers
@@ -179,15 +335,8 @@ async def _status(settings: Settings, *, as_json: bool) -> int:
                 "lag_s": live[name]["lag_s"] if live and name in live else None,
             }
         )
-    if as_json:
-        print(json.dumps(rows, indent=2))
-    else:
-        cols = ["stream", "state", "offset", "last_event_at", "processed", "dead_letters"]
-        cols += ["events_per_s", "lag_s"]
-        table = [cols] + [[_cell(r[c]) for c in cols] for r in rows]
-        widths = [max(len(line[i]) for line in table) for i in range(len(cols))]
-        for line in table:
-            print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+    cols = ["stream", "state", "offset", "last_event_at", "processed", "dead_letters"]
+    emit(rows, [*cols, "events_per_s", "lag_s"], as_json=as_json)
     return 0
 
 
@@ -203,16 +352,6 @@ def _preflight(settings: Settings) -> int:
     ok = asyncio.run(preflight.run(settings, show))
     print("all checks passed" if ok else "some checks FAILED: see the lines above", file=sys.stderr)
     return 0 if ok else EXIT_RUNTIME
-
-
-def _cell(value: Any) -> str:
-    return "-" if value is None else str(value).replace(" ", "_")
-
-
-def _iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 def _sandbox(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -41,6 +42,7 @@ class Received:
     headers: dict[str, str]  # names in lower case
     body: bytes
     connection: int  # which accepted TCP connection (1-based) carried it
+    received_at: float = 0.0  # time.monotonic() when its body was read
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name.lower())
@@ -93,6 +95,7 @@ class _Handler(BaseHTTPRequestHandler):
             headers={k.lower(): v for k, v in self.headers.items()},
             body=body,
             connection=rx._connection_of(self.connection),
+            received_at=time.monotonic(),
         )
         reply = rx._record(request)
         if reply.delay_s and rx._stopping.wait(reply.delay_s):

@@ -97,7 +97,7 @@ class Daemon:
     @classmethod
     async def create(cls, settings: Settings, *, sink: Sink | None = None) -> Daemon:
         """Open the state store and the sink (``sink`` replaces the configured one)."""
-        parked: dict[str, set[str]] = {}  # park-key streams: resources with dead letters
+        parked: dict[str, dict[str, str]] = {}  # park-key streams: resources with dead letters
         st = settings.state
         # One daemon per state store: a second one would fight over the checkpoints (and
         # OHIP would lock one of them out with 4409 anyway).

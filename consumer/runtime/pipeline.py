@@ -45,9 +45,10 @@ class StreamPipeline:
         batch_max: int,
         retry_initial_s: float,
         retry_max_s: float,
-        parked: set[str] | None = None,
+        parked: dict[str, str] | None = None,
     ) -> None:
-        """``parked``: given for a park-key stream, the resources that have dead letters."""
+        """``parked``: given for a park-key stream, the resources that have dead letters
+        (primaryKey -> the uniqueEventId they are parked behind)."""
         self.stream = stream
         self.watermark = Watermark()
         self._store = store
@@ -68,10 +69,12 @@ class StreamPipeline:
         # Called after each successful sink write: (seconds it took, newest event written).
         self.on_write: Callable[[float, Event], None] | None = None
         self.dead_lettered = 0
-        # park-key: primaryKey -> whether its dead letter is committed yet (only then may its
-        # absence from the store mean an operator replayed or purged it).
+        # park-key: primaryKey -> the event it is parked behind. A key whose dead letter is not
+        # committed yet stays parked whatever the store says: only after the commit may its
+        # absence there mean that an operator replayed or purged it.
         self._park = parked is not None
-        self._parked: dict[str, bool] = dict.fromkeys(parked or (), True)
+        self._parked: dict[str, str] = dict(parked or {})
+        self._uncommitted: set[str] = set()
         committer.register(stream, self.watermark)
         if self._park:
             committer.on_commit.append(self._confirm_parked)
@@ -231,7 +234,9 @@ class StreamPipeline:
             key = ev.primary_key
             if key in self._parked and key not in checked:
                 checked.add(key)
-                if self._parked[key] and not self._store.has_dead_letters(self.stream, key):
+                if key not in self._uncommitted and not self._store.has_dead_letters(
+                    self.stream, key
+                ):
                     del self._parked[key]  # replayed or purged by an operator: flow again
                     log.info("resource unparked", stream=self.stream, primary_key=key)
             if key in self._parked:
@@ -243,18 +248,20 @@ class StreamPipeline:
 
     def _confirm_parked(self, batch: CommitBatch) -> None:
         for d in batch.dead_letters:
-            if d.stream == self.stream and d.primary_key in self._parked:
-                self._parked[d.primary_key] = True
+            if d.stream == self.stream and d.primary_key is not None:
+                self._uncommitted.discard(d.primary_key)
 
     def _dead_letter(self, ev: Event, exc: Exception | None) -> None:
         """``exc`` None: held back because the resource is parked."""
         self.dead_lettered += 1
         if exc is None:
-            reason, error = "parked", f"primaryKey {ev.primary_key} is parked after a failure"
+            behind = self._parked[ev.primary_key]
+            reason, error = "parked", f"primaryKey {ev.primary_key} is parked behind {behind}"
         else:
             reason, error = "sink_rejected", str(exc)
-            if self._park:
-                self._parked.setdefault(ev.primary_key, False)
+            if self._park and ev.primary_key not in self._parked:
+                self._parked[ev.primary_key] = ev.unique_event_id
+                self._uncommitted.add(ev.primary_key)
         log.warning(
             "event dead-lettered",
             stream=self.stream,

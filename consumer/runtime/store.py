@@ -260,13 +260,15 @@ class Store:
         async with self._r.execute(sql + " ORDER BY id", args) as cur:
             return [DeadLetterRow(*row) for row in await cur.fetchall()]
 
-    async def parked_keys(self, stream: str) -> set[str]:
+    async def parked_keys(self, stream: str) -> dict[str, str]:
+        """Resources with dead letters -> the uniqueEventId (or dedup key) of the oldest."""
         async with self._r.execute(
-            "SELECT DISTINCT primary_key FROM dead_letters "
-            "WHERE stream = ? AND primary_key IS NOT NULL",
+            "SELECT primary_key, COALESCE(unique_event_id, dedup_key) FROM dead_letters "
+            "WHERE id IN (SELECT MIN(id) FROM dead_letters WHERE stream = ? "
+            "AND primary_key IS NOT NULL GROUP BY primary_key)",
             (stream,),
         ) as cur:
-            return {str(r[0]) for r in await cur.fetchall()}
+            return {str(k): str(v) for k, v in await cur.fetchall()}
 
     def has_dead_letters(self, stream: str, primary_key: str) -> bool:
         """Does this resource still have dead letters? (sync, like :meth:`seen`)"""
