@@ -143,7 +143,7 @@ async def test_batch_mode_posts_arrays_in_chunks_with_a_batch_key(
 
 async def test_the_document_includes_a_fetched_resource(rx: Receiver, client: httpx.AsyncClient):
     sink = await opened(settings(rx.url), client)
-    ev = event(1)._replace(resource={"reservationId": "R1", "guest": "Zoë"})
+    ev = event(1)._replace(resource={"reservationId": "R1", "guest": "Zoë"}, fetched=True)
     await sink.write("main", [ev])
     (r,) = rx.requests
     assert r.json() == {**ev.raw, "resource": {"reservationId": "R1", "guest": "Zoë"}}
