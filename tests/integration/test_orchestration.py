@@ -57,19 +57,38 @@ async def test_each_event_carries_its_current_resource(sandbox_factory, tmp_path
 async def test_the_rate_limit_and_429s_slow_it_down_without_loss(
     sandbox_factory, tmp_path: Path
 ) -> None:
-    # The sandbox allows 20 GETs/s; the consumer is configured to ask faster, meets 429 +
+    # The sandbox allows 30 GETs/s; the consumer is configured to ask faster, meets 429 +
     # Retry-After, holds its bucket, and still delivers every event with its resource.
-    gw = await sandbox_factory(backlog=120, rest_rate=20.0, rest_burst=2)
+    gw = await sandbox_factory(backlog=60, rest_rate=30.0, rest_burst=3)
     settings = with_orchestration(
-        make_settings(tmp_path, gw.url), rate_per_s=200, burst=20, max_attempts=20
+        make_settings(tmp_path, gw.url), rate_per_s=500, burst=50, max_attempts=20
     )
     sink = tmp_path / "events.jsonl"
     async with running(settings):
-        await wait_until(lambda: len(read_sink(sink)) >= 120, timeout=60)
+        await wait_until(lambda: len(read_sink(sink)) >= 60, timeout=60)
     lines = read_sink(sink)
-    assert len(lines) == 120
+    assert len(lines) == 60
     assert gw.stats.rest_throttled > 0
     assert all(e["resource"] is not None for e in lines if e["moduleName"] in RESOURCES)
+
+
+async def test_the_configured_rate_keeps_under_the_servers_limit(
+    sandbox_factory, tmp_path: Path
+) -> None:
+    # Configured at 10/s with no burst against a server allowing 20/s: not a single 429,
+    # and one GET per resource (events of one reservation in a batch share it).
+    gw = await sandbox_factory(backlog=60, rest_rate=20.0, rest_burst=1)
+    settings = with_orchestration(
+        make_settings(tmp_path, gw.url), rate_per_s=10, burst=1, coalesce_ms=60_000.0
+    )
+    sink = tmp_path / "events.jsonl"
+    async with running(settings):
+        await wait_until(lambda: len(read_sink(sink)) >= 60, timeout=60)
+    lines = read_sink(sink)
+    resources = {(e["moduleName"], e["primaryKey"]) for e in lines if e["moduleName"] in RESOURCES}
+    assert gw.stats.rest_throttled == 0
+    assert gw.stats.rest_requests == len(resources)
+    assert sum(gw.stats.rest_paths.values()) == len(resources)
 
 
 async def test_a_burst_for_one_resource_costs_one_get(sandbox_factory, tmp_path: Path) -> None:
@@ -116,7 +135,7 @@ async def test_not_found_attaches_null_or_dead_letters(
     }
     assert reservations
     settings = with_orchestration(
-        make_settings(tmp_path, gw.url), resources=wrong, on_not_found=mode
+        make_settings(tmp_path, gw.url), resources=wrong, on_not_found=mode, rate_per_s=1000
     )
     sink = tmp_path / "events.jsonl"
     async with running(settings) as daemon:
