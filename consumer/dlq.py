@@ -24,6 +24,7 @@ from tenacity import (
 )
 
 from .config import JsonlSinkSettings, Settings
+from .core.events import Event
 from .core.protocol import event_from_raw
 from .errors import OperaConsumerError, PermanentSinkError, TransientSinkError
 from .output import iso
@@ -32,12 +33,14 @@ from .runtime.daemon import http_client
 from .runtime.lease import Lease, holder
 from .runtime.retry import WaitRetryAfter
 from .runtime.store import DeadLetterRow, Store
+from .sinks.base import Sink
 from .sinks.factory import build_sink
 
 log = structlog.get_logger(__name__)
 
 LIST_COLUMNS = ("id", "stream", "reason", "event_name", "primary_key", "offset", "attempts")
 _EXCERPT = 60
+_COMMIT_EVERY = 100
 
 
 class ReplayRefused(OperaConsumerError):
@@ -122,8 +125,10 @@ async def replay(
             await sink.open(await store.sink_state(sink.name))
             committer = Committer(store, sink, max_events=1_000_000, interval_s=1.0)
             try:
-                for row in rows:
+                for i, row in enumerate(rows, 1):
                     outcomes.append(await _one(row, sink, committer, failed_keys, attempts))
+                    if i % _COMMIT_EVERY == 0:  # bound what a crash here would re-deliver
+                        await committer.flush()
                 await committer.flush()
             finally:
                 await sink.close()
@@ -138,7 +143,7 @@ async def replay(
 
 async def _one(
     row: DeadLetterRow,
-    sink: Any,
+    sink: Sink,
     committer: Committer,
     failed_keys: set[tuple[str, str]],
     attempts: int,
@@ -166,7 +171,7 @@ async def _one(
     return _outcome(row, "delivered")
 
 
-def _event(row: DeadLetterRow) -> Any:
+def _event(row: DeadLetterRow) -> Event | None:
     if row.reason == "malformed":
         return None
     try:
