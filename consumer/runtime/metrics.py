@@ -25,6 +25,7 @@ from prometheus_client.registry import Collector
 
 from ..core.events import Event
 from ..http11 import read_request, respond
+from .orchestration import OrchestratingSink
 from .stream import READY_STATES
 
 if TYPE_CHECKING:
@@ -137,6 +138,16 @@ class _DaemonCollector(Collector):
                 lag.add_metric([name], max(0.0, time.time() - self._newest[name]))
         yield from (received, processed, dedup, dead, connections, tokens, closes)
         yield from (depth, connected, ready, age, quiet, srtt, lag)
+        if isinstance(d.sink, OrchestratingSink):
+            o = d.sink.orchestrator
+            for name, value, doc in (
+                ("requests", o.requests, "GETs sent to the OHIP REST API (retries included)."),
+                ("coalesced", o.coalesced, "Resource fetches answered by another one's GET."),
+                ("throttled", o.throttled, "429 answers from the OHIP REST API."),
+            ):
+                family = CounterMetricFamily(f"opera_consumer_orchestration_{name}", doc)
+                family.add_metric([], value)
+                yield family
 
 
 def readiness(daemon: Daemon) -> tuple[bool, dict[str, Any]]:

@@ -64,11 +64,18 @@ async def test_the_rate_limit_and_429s_slow_it_down_without_loss(
         make_settings(tmp_path, gw.url), rate_per_s=500, burst=50, max_attempts=20
     )
     sink = tmp_path / "events.jsonl"
-    async with running(settings):
+    async with running(settings) as daemon:
         await wait_until(lambda: len(read_sink(sink)) >= 60, timeout=60)
+        assert daemon.metrics_server is not None
+        async with httpx.AsyncClient() as http:
+            url = f"http://127.0.0.1:{daemon.metrics_server.port}/metrics"
+            text = (await http.get(url)).text
     lines = read_sink(sink)
     assert len(lines) == 60
     assert gw.stats.rest_throttled > 0
+    # Every 429 the sandbox sent is counted by the consumer's metrics.
+    assert f"opera_consumer_orchestration_throttled_total {gw.stats.rest_throttled:.1f}" in text
+    assert "opera_consumer_orchestration_requests_total" in text
     assert all(e["resource"] is not None for e in lines if e["moduleName"] in RESOURCES)
 
 
