@@ -128,6 +128,10 @@ class Committer:
         async with self._lock:
             batch = self._snapshot()
             if not batch:
+                # Only duplicates since the last commit: the snapshot freed their capacity,
+                # so workers waiting in wait_capacity() may go on (else they wait forever
+                # when one of them holds the event the checkpoint waits for).
+                self._committed.set()
                 return False
             self.busy_since = time.monotonic()
             try:

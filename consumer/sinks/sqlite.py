@@ -11,6 +11,7 @@ Two placements:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sqlite3
 import time
@@ -95,6 +96,7 @@ class SqliteSink:
         self.table = table
         self._db: aiosqlite.Connection | None = None
         self._upsert = upsert_sql(table)
+        self._lock = asyncio.Lock()  # workers share the connection: one transaction at a time
 
     async def open(self, committed: str | None) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -115,14 +117,15 @@ class SqliteSink:
         now = time.time()
         rows = [row(stream, ev, now) for ev in events]
         try:
-            await db.execute("BEGIN IMMEDIATE")
-            try:
-                await db.executemany(self._upsert, rows)
-                await db.execute("COMMIT")
-            except BaseException:
-                with contextlib.suppress(sqlite3.Error):
-                    await db.execute("ROLLBACK")
-                raise
+            async with self._lock:
+                await db.execute("BEGIN IMMEDIATE")
+                try:
+                    await db.executemany(self._upsert, rows)
+                    await db.execute("COMMIT")
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error):
+                        await db.execute("ROLLBACK")
+                    raise
         except sqlite3.OperationalError as exc:  # locked, disk full, I/O: may clear
             raise TransientSinkError(f"sqlite sink {self.path}: {exc}") from exc
         except sqlite3.Error as exc:

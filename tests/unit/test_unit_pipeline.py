@@ -604,3 +604,24 @@ async def test_queues_are_bounded_and_a_cancelled_put_is_forgotten(tmp_path: Pat
         sink.gate.set()
         await drained(pipeline)
     assert len(sink.delivered) == accepted
+
+
+async def test_a_commit_of_only_duplicates_releases_waiting_workers(tmp_path: Path) -> None:
+    # Duplicates count against the committer's capacity but leave nothing to commit; the
+    # empty snapshot must still wake the workers waiting for capacity (it used not to, and a
+    # resume over many processed events then stalled for good).
+    store = await Store.open(tmp_path / "state.db")
+    sink = JsonlSink(tmp_path / "events.jsonl")
+    await sink.open(None)
+    committer = Committer(store, sink, max_events=1, interval_s=60.0, max_pending=2)
+    try:
+        committer.skipped("main", 5)
+        waiter = asyncio.create_task(committer.wait_capacity())
+        await asyncio.sleep(0)
+        assert not waiter.done()
+        assert await committer.flush() is False  # nothing to write...
+        async with asyncio.timeout(5):
+            await waiter  # ...and the worker may go on
+    finally:
+        await sink.close()
+        await store.close()
