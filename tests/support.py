@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from consumer.config import Settings
 from consumer.runtime.daemon import Daemon
-from consumer.sandbox import SandboxOptions, launcher
+from consumer.sandbox import SandboxGateway, SandboxOptions, launcher
 
 # Protocol timers scaled for tests: the behaviour is the same, only faster.
 FAST_CONNECTION: dict[str, Any] = {
@@ -132,3 +135,29 @@ async def running(settings: Settings, **kwargs: Any) -> AsyncIterator[Daemon]:
 
 def truth_ids(events: Sequence[dict[str, Any]]) -> list[str]:
     return [e["metadata"]["uniqueEventId"] for e in events]
+
+
+async def sandbox_token(gw: SandboxGateway) -> str:
+    """A token from the sandbox's token endpoint, with its credentials."""
+    opts = SandboxOptions()
+    async with httpx.AsyncClient() as http:
+        r = await http.post(
+            f"{gw.url}/oauth/v1/tokens",
+            data={"grant_type": "client_credentials", "scope": "s"},
+            auth=(opts.client_id, opts.client_secret),
+            headers={"x-app-key": opts.app_key},
+        )
+    r.raise_for_status()
+    return str(r.json()["access_token"])
+
+
+def spawn_daemon(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    """``opera-consumer run --config CONFIG`` as a process, its output appended to ``log``."""
+    return launcher.spawn(["run", "--config", str(config)], log)
+
+
+async def wait_exit(proc: subprocess.Popen[bytes], seconds: float = 60.0) -> int:
+    async with asyncio.timeout(seconds):
+        while proc.poll() is None:
+            await asyncio.sleep(0.02)
+    return proc.returncode

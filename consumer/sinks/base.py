@@ -36,3 +36,22 @@ class Sink(Protocol):
     async def sync(self, position: str | None) -> None: ...
 
     async def close(self) -> None: ...
+
+
+class PlainSink:
+    """Defaults for a sink that is not part of the checkpoint (idempotent on uniqueEventId):
+    no position to record, nothing to sync, nothing to open or close unless overridden."""
+
+    transactional = False
+
+    async def open(self, committed: str | None) -> None:
+        return None
+
+    def position(self) -> str | None:
+        return None
+
+    async def sync(self, position: str | None) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None

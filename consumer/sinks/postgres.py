@@ -37,6 +37,7 @@ import structlog
 from ..config import PostgresSinkSettings
 from ..core.events import Event
 from ..errors import ConfigError, PermanentSinkError, TransientSinkError
+from .base import PlainSink
 from .rows import COLUMNS, row
 
 log = structlog.get_logger(__name__)
@@ -132,9 +133,8 @@ class _Target:
         return text
 
 
-class PostgresSink:
+class PostgresSink(PlainSink):
     name = "postgres"
-    transactional = False
 
     def __init__(self, settings: PostgresSinkSettings) -> None:
         self.settings = settings
@@ -301,12 +301,6 @@ class PostgresSink:
                 unique_event_id=only,
             )
         return TransientSinkError(f"postgres sink at {where}: {self._describe(exc)}")
-
-    def position(self) -> str | None:
-        return None
-
-    async def sync(self, position: str | None) -> None:
-        return None
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None

@@ -24,13 +24,13 @@ from typing import Any
 from ..config import PythonSinkSettings, resolve
 from ..core.events import Event
 from ..errors import ConfigError, PermanentSinkError, SinkError, TransientSinkError
+from .base import PlainSink
 
 Handler = Callable[[str, list[Event]], Awaitable[None]]
 
 
-class PythonSink:
+class PythonSink(PlainSink):
     name = "python"
-    transactional = False
 
     def __init__(self, settings: PythonSinkSettings) -> None:
         fn = resolve(settings.target)
@@ -45,9 +45,6 @@ class PythonSink:
             mod, _, attr = name.rpartition(".")
             transient.append(getattr(importlib.import_module(mod or "builtins"), attr))
         self._transient = tuple(transient)
-
-    async def open(self, committed: str | None) -> None:
-        return None
 
     async def write(self, stream: str, events: Sequence[Event]) -> None:
         try:
@@ -69,12 +66,3 @@ class PythonSink:
         if not isinstance(culprit, str):
             culprit = events[0].unique_event_id if len(events) == 1 else None
         return PermanentSinkError(what, unique_event_id=culprit)
-
-    def position(self) -> str | None:
-        return None
-
-    async def sync(self, position: str | None) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None

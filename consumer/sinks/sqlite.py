@@ -23,6 +23,7 @@ import aiosqlite
 
 from ..core.events import Event
 from ..errors import PermanentSinkError, TransientSinkError
+from .base import PlainSink
 from .rows import COLUMNS, row
 
 
@@ -47,7 +48,7 @@ def upsert_sql(table: str) -> str:
     )
 
 
-class StoreTableSink:
+class StoreTableSink(PlainSink):
     """Rows in the state store's file, committed with the checkpoint (see the module doc)."""
 
     name = "sqlite"
@@ -75,21 +76,11 @@ class StoreTableSink:
         rows, self._rows = self._rows, []
         return rows
 
-    def position(self) -> str | None:
-        return None
 
-    async def sync(self, position: str | None) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None
-
-
-class SqliteSink:
+class SqliteSink(PlainSink):
     """Rows in a file of their own, one transaction per write."""
 
     name = "sqlite"
-    transactional = False
 
     def __init__(self, path: Path, table: str) -> None:
         self.path = path
@@ -133,12 +124,6 @@ class SqliteSink:
             raise PermanentSinkError(
                 f"sqlite sink {self.path}: {exc}", unique_event_id=only
             ) from exc
-
-    def position(self) -> str | None:
-        return None
-
-    async def sync(self, position: str | None) -> None:
-        return None
 
     async def close(self) -> None:
         db, self._db = self._db, None

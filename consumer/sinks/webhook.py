@@ -40,6 +40,7 @@ from ..core.events import Event
 from ..errors import PermanentSinkError, TransientSinkError
 from ..logs import MASK, REDACTOR
 from ..runtime.retry import retry_after_seconds
+from .base import PlainSink
 
 TRANSIENT_STATUSES = frozenset({408, 425, 429})
 EXCERPT_CHARS = 300
@@ -53,9 +54,8 @@ def batch_idempotency_key(unique_event_ids: Sequence[str]) -> str:
     return f"batch-{digest}"
 
 
-class WebhookSink:
+class WebhookSink(PlainSink):
     name = "webhook"
-    transactional = False
 
     def __init__(self, settings: WebhookSinkSettings, client: httpx.AsyncClient) -> None:
         # ``client`` is shared by the whole process, which closes it; this sink never does.
@@ -101,15 +101,6 @@ class WebhookSink:
             body = orjson.dumps([ev.document() for ev in chunk])
             key = batch_idempotency_key([ev.unique_event_id for ev in chunk])
             await self._post(stream, body, key, chunk)
-
-    def position(self) -> str | None:
-        return None
-
-    async def sync(self, position: str | None) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None  # the shared client belongs to the daemon
 
     async def _post(self, stream: str, body: bytes, key: str, events: Sequence[Event]) -> None:
         headers = self._headers.copy()

@@ -28,7 +28,15 @@ from typing import Any
 import pysink
 import pytest
 import structlog
-from support import FAST_CONNECTION, make_settings, running, truth_ids, wait_until
+from support import (
+    FAST_CONNECTION,
+    make_settings,
+    running,
+    spawn_daemon,
+    truth_ids,
+    wait_exit,
+    wait_until,
+)
 
 import consumer.logs
 from consumer.cli import main
@@ -914,25 +922,11 @@ async def test_sqlite_sink_rows_and_checkpoint_survive_kill_9_together(
     state, log = tmp_path / "state.db", tmp_path / "daemon.log"
     truth = truth_ids(gw.events("DEMO"))
 
-    def spawn() -> subprocess.Popen[bytes]:
-        with log.open("ab") as out:
-            return subprocess.Popen(
-                [sys.executable, "-m", "consumer", "run", "--config", str(config)],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-
-    async def wait_exit(proc: subprocess.Popen[bytes], seconds: float = 30.0) -> int:
-        async with asyncio.timeout(seconds):
-            while proc.poll() is None:
-                await asyncio.sleep(0.02)
-        return proc.returncode
-
     rng = random.Random(3)
     kills_mid_work = 0
     for _ in range(3):
         before = table_count(state)
-        proc = spawn()
+        proc = spawn_daemon(config, log)
         try:
             target = before + rng.randint(250, 900)
             await wait_until(
@@ -956,7 +950,7 @@ async def test_sqlite_sink_rows_and_checkpoint_survive_kill_9_together(
     assert kills_mid_work >= 2, "the daemon finished before it could be killed"
 
     subscribed = len(gw.stats.subscribes)
-    proc = spawn()
+    proc = spawn_daemon(config, log)
     try:
         await wait_until(lambda: len(gw.stats.subscribes) > subscribed, timeout=30)
         await wait_until(lambda: table_count(state) >= total, timeout=60)

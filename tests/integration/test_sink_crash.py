@@ -17,7 +17,7 @@ from pathlib import Path
 
 import asyncpg
 from receiver import Received, Receiver, Reply
-from support import toml_config, truth_ids, wait_until
+from support import spawn_daemon, toml_config, truth_ids, wait_exit, wait_until
 
 BACKLOG = 400
 
@@ -30,21 +30,9 @@ def config(tmp_path: Path, url: str, sink: str, *, commit_interval_ms: int) -> P
     return path
 
 
-def spawn(cfg: Path, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "consumer", "run", "--config", str(cfg)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-
-
 async def stop(proc: subprocess.Popen[bytes], sig: int) -> int:
     proc.send_signal(sig)
-    async with asyncio.timeout(60):
-        while proc.poll() is None:
-            await asyncio.sleep(0.05)
-    return proc.returncode
+    return await wait_exit(proc)
 
 
 def checkpoint(state: Path) -> tuple[str, str] | None:
@@ -73,7 +61,7 @@ async def test_postgres_kill_between_write_and_checkpoint(
         # First run: a commit interval of a minute, so rows land in PostgreSQL while the
         # checkpoint does not move; then SIGKILL.
         cfg = config(tmp_path, gw.url, sink, commit_interval_ms=60_000)
-        proc = spawn(cfg, tmp_path / "daemon.log")
+        proc = spawn_daemon(cfg, tmp_path / "daemon.log")
         async with asyncio.timeout(60):
             while len(await rows()) < BACKLOG // 2:
                 assert proc.poll() is None, (tmp_path / "daemon.log").read_text()[-3000:]
@@ -88,7 +76,7 @@ async def test_postgres_kill_between_write_and_checkpoint(
         # Restart with normal commits: the stream replays from the anchor; upserts make the
         # replayed rows no second row, and nothing is missing.
         cfg = config(tmp_path, gw.url, sink, commit_interval_ms=20)
-        proc = spawn(cfg, tmp_path / "daemon.log")
+        proc = spawn_daemon(cfg, tmp_path / "daemon.log")
         try:
             async with asyncio.timeout(60):
                 while len(await rows()) < BACKLOG or checkpoint(tmp_path / "state.db") != (
@@ -126,7 +114,7 @@ async def test_sqlite_kill_before_the_commit_leaves_rows_and_checkpoint_together
         return rows, done
 
     cfg = config(tmp_path, gw.url, sink, commit_interval_ms=60_000)
-    proc = spawn(cfg, tmp_path / "daemon.log")
+    proc = spawn_daemon(cfg, tmp_path / "daemon.log")
     # Every event is handed to the sink (the sandbox sent the whole backlog), none committed.
     await wait_until(lambda: gw.stats.events_sent >= BACKLOG, timeout=60)
     await asyncio.sleep(0.5)  # the workers write the last batches
@@ -135,7 +123,7 @@ async def test_sqlite_kill_before_the_commit_leaves_rows_and_checkpoint_together
     assert rows == done == set()  # written, not committed: nothing of it survives, together
 
     cfg = config(tmp_path, gw.url, sink, commit_interval_ms=20)
-    proc = spawn(cfg, tmp_path / "daemon.log")
+    proc = spawn_daemon(cfg, tmp_path / "daemon.log")
     try:
         await wait_until(lambda: len(table()[0]) >= BACKLOG, timeout=60)
     finally:
@@ -165,7 +153,7 @@ async def test_webhook_503s_then_success_and_429_retry_after_are_honoured(
             Reply(503), Reply(503), Reply(503, headers={"Retry-After": "0"}),
             Reply(429, headers={"Retry-After": "1"}),
         )  # fmt: skip
-        proc = spawn(webhook_config(tmp_path, gw.url, rx), tmp_path / "daemon.log")
+        proc = spawn_daemon(webhook_config(tmp_path, gw.url, rx), tmp_path / "daemon.log")
         try:
             await wait_until(lambda: set(truth) <= set(delivered(rx)), timeout=60)
         finally:
@@ -198,7 +186,7 @@ async def test_dlq_replay_round_trip_through_a_fixed_webhook(
 
     with Receiver(respond) as rx:
         cfg = webhook_config(tmp_path, gw.url, rx)
-        proc = spawn(cfg, tmp_path / "daemon.log")
+        proc = spawn_daemon(cfg, tmp_path / "daemon.log")
         try:
             await wait_until(lambda: set(delivered(rx)) == set(truth) - {culprit}, timeout=60)
             await wait_until(lambda: _dead_letters(tmp_path) == [culprit], timeout=60)

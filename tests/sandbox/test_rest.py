@@ -8,6 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
+from support import sandbox_token
 
 from consumer import cli
 from consumer.sandbox import SandboxGateway, SandboxOptions
@@ -21,16 +22,7 @@ ROUTES = {
 _KEEP = object()
 
 
-async def token(gw: SandboxGateway) -> str:
-    async with httpx.AsyncClient() as http:
-        r = await http.post(
-            f"{gw.url}/oauth/v1/tokens",
-            data={"grant_type": "client_credentials", "scope": "s"},
-            auth=(OPTS.client_id, OPTS.client_secret),
-            headers={"x-app-key": OPTS.app_key},
-        )
-    r.raise_for_status()
-    return str(r.json()["access_token"])
+token = sandbox_token
 
 
 def truth(gw: SandboxGateway, chain: str) -> dict[tuple[str, str], dict[str, Any]]:

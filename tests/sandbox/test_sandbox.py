@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+from support import sandbox_token
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -20,16 +21,7 @@ from consumer.sandbox import SandboxGateway, SandboxOptions
 OPTS = SandboxOptions()
 
 
-async def token(gw: SandboxGateway) -> str:
-    async with httpx.AsyncClient() as http:
-        r = await http.post(
-            f"{gw.url}/oauth/v1/tokens",
-            data={"grant_type": "client_credentials", "scope": "s"},
-            auth=(OPTS.client_id, OPTS.client_secret),
-            headers={"x-app-key": OPTS.app_key},
-        )
-    r.raise_for_status()
-    return str(r.json()["access_token"])
+token = sandbox_token
 
 
 @asynccontextmanager
