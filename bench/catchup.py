@@ -1,13 +1,15 @@
-"""Catch-up benchmark: events/s from a sandbox backlog into the jsonl sink, and peak RSS.
+"""Catch-up benchmark: events/s from a sandbox backlog into a sink, and peak RSS.
 
     .venv/bin/python bench/catchup.py [--events 200000] [--workers 4]
+        [--sink jsonl|sqlite|postgres] [--dsn postgresql://...]
 
 1. Starts the sandbox gateway in its own process with a backlog on two chains.
 2. Measures the sandbox's own ceiling with a bare receive-only client (connect, subscribe,
    json.loads each frame, nothing else) on chain BARE.
 3. Runs `opera-consumer run` as a process on chain BENCH with durable checkpoints (jsonl sink
-   with fsync, SQLite synchronous=FULL, group commit) and times the catch-up until the
-   checkpoint covers every event; peak RSS is the daemon's VmHWM from /proc.
+   with fsync, or the sqlite sink in the state store, or the postgres sink at --dsn; SQLite
+   synchronous=FULL, group commit) and times the catch-up until the checkpoint covers every
+   event; peak RSS is the daemon's VmHWM from /proc.
 Results go to stdout and bench/results/catchup.json. Loopback only; every wait is bounded.
 """
 
@@ -22,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import asyncpg
 import httpx
 from websockets.asyncio.client import connect
 from websockets.typing import Subprotocol
@@ -82,7 +85,35 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def run_daemon(url: str, n: int, workers: int, work: Path) -> dict[str, float]:
+SINKS = {
+    "jsonl": '[sink]\npath = "{work}/events.jsonl"\nfsync = true\n',
+    "sqlite": '[sink]\ntype = "sqlite"\n',
+    "postgres": '[sink]\ntype = "postgres"\ndsn = "{dsn}"\ntable = "bench_{stamp}"\n',
+}
+
+
+def delivered(sink: str, work: Path, dsn: str | None, stamp: str) -> int:
+    """What the sink holds at the end (every event once is the pass condition)."""
+    if sink == "jsonl":
+        return sum(1 for _ in (work / "events.jsonl").open("rb"))
+    if sink == "sqlite":
+        with sqlite3.connect(work / "state.db") as db:
+            return int(db.execute("SELECT count(*) FROM opera_events").fetchone()[0])
+
+    async def count() -> int:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return int(await conn.fetchval(f"SELECT count(*) FROM bench_{stamp}"))
+        finally:
+            await conn.close()
+
+    return asyncio.run(count())
+
+
+def run_daemon(
+    url: str, n: int, workers: int, work: Path, *, sink: str, dsn: str | None
+) -> dict[str, float]:
+    stamp = str(int(time.time()))
     config = work / "config.toml"
     config.write_text(
         launcher.stream_config(url, stream="bench", chain="BENCH")
@@ -92,9 +123,7 @@ offset = "0"
 [state]
 path = "{work}/state.db"
 synchronous = "full"
-[sink]
-path = "{work}/events.jsonl"
-fsync = true
+{SINKS[sink].format(work=work, dsn=dsn, stamp=stamp)}
 [pipeline]
 workers = {workers}
 [metrics]
@@ -117,7 +146,7 @@ level = "warning"
         rss = peak_rss_mb(proc.pid)
     finally:
         launcher.stop(proc, 60)
-    lines = sum(1 for _ in (work / "events.jsonl").open("rb"))
+    lines = delivered(sink, work, dsn, stamp)
     return {"seconds": elapsed, "events_per_s": n / elapsed, "peak_rss_mb": rss, "lines": lines}
 
 
@@ -125,19 +154,26 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--sink", choices=sorted(SINKS), default="jsonl")
+    parser.add_argument("--dsn", help="PostgreSQL DSN for --sink postgres")
     args = parser.parse_args()
+    if args.sink == "postgres" and not args.dsn:
+        parser.error("--sink postgres needs --dsn")
     sandbox, url = launcher.start(
         ["--rate", "0", "--chains", "BARE,BENCH", "--backlog", str(args.events)]
     )
     try:
         ceiling = asyncio.run(bare_client(url, "BARE", args.events))
         with tempfile.TemporaryDirectory(prefix="opera-bench-") as tmp:
-            result = run_daemon(url, args.events, args.workers, Path(tmp))
+            result = run_daemon(
+                url, args.events, args.workers, Path(tmp), sink=args.sink, dsn=args.dsn
+            )
     finally:
         launcher.stop(sandbox, 30)
     report = {
         "events": args.events,
         "workers": args.workers,
+        "sink": args.sink,
         "sandbox_ceiling_events_per_s": round(ceiling),
         "consumer_events_per_s": round(result["events_per_s"]),
         "consumer_seconds": round(result["seconds"], 2),
@@ -146,7 +182,7 @@ def main() -> int:
     }
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "catchup.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / f"catchup-{args.sink}.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
     return 0 if report["sink_lines"] == args.events else 1
 

@@ -33,7 +33,7 @@ def create_table_sql(table: str) -> str:
         "unique_event_id TEXT PRIMARY KEY, stream TEXT NOT NULL, offset TEXT NOT NULL, "
         "event_name TEXT, module_name TEXT, primary_key TEXT, hotel_id TEXT, "
         "event_timestamp TEXT, detail TEXT NOT NULL, resource TEXT, written_at REAL NOT NULL"
-        f') WITHOUT ROWID; CREATE INDEX IF NOT EXISTS "{table}_key" ON "{table}" '
+        f'); CREATE INDEX IF NOT EXISTS "{table}_key" ON "{table}" '
         "(stream, primary_key);"
     )
 
