@@ -80,3 +80,21 @@ async def test_refused_credentials_fail_with_the_fix(sandbox_factory, tmp_path: 
     done = await asyncio.to_thread(preflight, config)
     assert done.returncode == 1
     assert levels(done.stdout)["token"] == "FAIL" and "client_id/client_secret" in done.stdout
+
+
+async def test_the_postgres_sink_is_connected_and_a_bad_password_fails(
+    sandbox_factory, tmp_path: Path, postgres_server
+):
+    gw = await sandbox_factory(backlog=5)
+    for password, expected in ((None, "PASS"), ("wrong-password", "FAIL")):
+        dsn = postgres_server.dsn(password=password)
+        config = toml_config(tmp_path, gw.url)
+        text = config.read_text().replace(
+            f'[sink]\npath = "{tmp_path / "events.jsonl"}"\n',
+            f'[sink]\ntype = "postgres"\ndsn = "{dsn}"\ntable = "preflight_events"\n',
+        )
+        config.write_text(text)
+        done = await asyncio.to_thread(preflight, config)
+        assert levels(done.stdout)["sink"] == expected, done.stdout
+        assert (done.returncode == 0) == (expected == "PASS")
+        assert "wrong-password" not in done.stdout + done.stderr
