@@ -282,6 +282,9 @@ def resolve(target: str) -> Any:
     return obj
 
 
+_SINK_TYPES = ("jsonl", "webhook", "sqlite", "postgres", "python")
+
+
 def _sink_type(v: Any) -> str:
     # A [sink] table without `type` is the jsonl sink (as before there was a choice).
     t = v.get("type", "jsonl") if isinstance(v, dict) else getattr(v, "type", "jsonl")
@@ -297,7 +300,7 @@ SinkSettings = Annotated[
     Discriminator(
         _sink_type,
         custom_error_type="sink_type",
-        custom_error_message="type must be one of jsonl, webhook, sqlite, postgres, python",
+        custom_error_message=f"type must be one of {', '.join(_SINK_TYPES)}",
     ),
 ]
 
@@ -471,6 +474,8 @@ def explain(exc: ValidationError, source: Path | None) -> str:
     lines = [f"invalid configuration {where}:"]
     for err in exc.errors(include_url=False, include_input=False):
         loc = [str(part) for part in err["loc"]]
+        if loc[:1] == ["sink"] and len(loc) > 1 and loc[1] in _SINK_TYPES:
+            del loc[1]  # pydantic names the union member; the key is sink.<field>
         key = ".".join(loc) or "(top level)"
         env = ENV_PREFIX + "__".join(part.upper() for part in loc)
         if err["type"] == "missing":

@@ -340,3 +340,68 @@ def test_secret_with_wrong_type_is_not_echoed(tmp_path: Path) -> None:
 def test_the_example_config_is_valid() -> None:
     settings = load_settings(Path(__file__).parents[2] / "config.example.toml")
     assert list(settings.streams) == ["main"]
+
+
+# --- sinks, orchestration ------------------------------------------------------------------
+
+
+def test_a_sink_table_without_type_is_jsonl(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, BASE + '[sink]\npath = "out.jsonl"\n'))
+    assert settings.sink.type == "jsonl"
+
+
+@pytest.mark.parametrize(
+    ("sink", "key", "says"),
+    [
+        ('type = "kafka"', "sink", "jsonl, webhook, sqlite, postgres, python"),
+        ('type = "webhook"\nurl = "ftp://x"', "sink.url", "http"),
+        ('type = "webhook"\nurl = "https://x"\nauth = "bearer"', "sink", "token"),
+        ('type = "webhook"\nurl = "https://x"\nauth = "basic"\nusername = "u"', "sink", "password"),
+        ('type = "sqlite"\ntable = "bad name; drop"', "sink.table", "identifier"),
+        ('type = "postgres"', "sink.dsn", "OPERA_CONSUMER_SINK__DSN, or put it in a file"),
+        ('type = "python"\ntarget = "no_such_module_xyz:handle"', "sink.target", "cannot import"),
+        ('type = "python"\ntarget = "json:no_such_function"', "sink.target", "no attribute"),
+        ('type = "python"\ntarget = "json.dumps"', "sink.target", "package.module:function"),
+        ('type = "python"\ntarget = "json:dumps"\ntransient_exceptions = ["json.dumps"]',
+         "sink.transient_exceptions", "not an exception class"),
+    ],
+)  # fmt: skip
+def test_bad_sink_settings_name_the_key_and_the_fix(
+    tmp_path: Path, sink: str, key: str, says: str
+) -> None:
+    message = config_error(write(tmp_path, BASE + f"[sink]\n{sink}\n"))
+    assert key in message
+    assert says in message
+
+
+def test_sink_secrets_are_masked(tmp_path: Path) -> None:
+    text = (
+        BASE
+        + '[sink]\ntype = "webhook"\nurl = "https://x"\nauth = "bearer"\ntoken = "TOK-SECRET"\n'
+    )
+    settings = load_settings(write(tmp_path, text))
+    assert "TOK-SECRET" not in repr(settings)
+    assert "TOK-SECRET" not in json.dumps(effective(settings))
+
+
+@pytest.mark.parametrize(
+    ("orchestration", "says"),
+    [
+        ("enabled = true", "[orchestration.resources]"),
+        ('enabled = true\nresources = { "R" = "/r/{reservationId}" }', "unknown placeholder"),
+        ('base_url = "gw.example.com"', "http"),
+        ("rate_per_s = 0", "greater than 0"),
+    ],
+)  # fmt: skip
+def test_bad_orchestration_settings(tmp_path: Path, orchestration: str, says: str) -> None:
+    message = config_error(write(tmp_path, BASE + f"[orchestration]\n{orchestration}\n"))
+    assert "orchestration" in message
+    assert says in message
+
+
+def test_on_permanent_failure_is_checked(tmp_path: Path) -> None:
+    text = BASE.replace(
+        'chain_code = "CHAIN1"', 'chain_code = "CHAIN1"\non_permanent_failure = "skip"'
+    )
+    message = config_error(write(tmp_path, text))
+    assert "streams.main.on_permanent_failure" in message
