@@ -13,7 +13,15 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from support import count_lines, read_sink, sink_ids, toml_config, wait_until
+from support import (
+    count_lines,
+    read_sink,
+    sink_ids,
+    spawn_daemon,
+    toml_config,
+    wait_exit,
+    wait_until,
+)
 
 from consumer.core.protocol import key_hash
 from consumer.sandbox import SandboxGateway, SandboxOptions, launcher
@@ -30,23 +38,7 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     )
 
 
-def spawn(config: Path, log: Path) -> subprocess.Popen[bytes]:
-    out = log.open("ab")
-    try:
-        return subprocess.Popen(
-            [sys.executable, "-m", "consumer", "run", "--config", str(config)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    finally:
-        out.close()
-
-
-async def wait_exit(proc: subprocess.Popen[bytes], seconds: float = 30.0) -> int:
-    async with asyncio.timeout(seconds):
-        while proc.poll() is None:
-            await asyncio.sleep(0.05)
-    return proc.returncode
+spawn = spawn_daemon
 
 
 async def run_until(config: Path, log: Path, sink: Path, lines: int) -> None:
