@@ -231,7 +231,16 @@ async def _dlq(settings: Settings, args: argparse.Namespace) -> int:
         if not rows:
             print(f"no dead letter with id {args.id}", file=sys.stderr)
             return EXIT_RUNTIME
-        print(json.dumps(dlq.detail(rows[0]), indent=2, ensure_ascii=False))
+        detail = dlq.detail(rows[0])
+        if args.json:
+            print(json.dumps(detail, indent=2, ensure_ascii=False))
+            return 0
+        payload = detail.pop("payload")
+        width = max(len(k) for k in detail)
+        for key, value in detail.items():
+            print(f"{key.ljust(width)}  {'-' if value is None else value}")
+        print("payload:")
+        print(payload if isinstance(payload, str) else json.dumps(payload, indent=2))
         return 0
     missing = sorted(set(args.ids) - {r.id for r in rows})
     if missing:

@@ -521,18 +521,24 @@ async def test_dlq_commands(sandbox_factory, tmp_path: Path, capsys: pytest.Capt
 
     # show: the whole error and the payload
     code, out, err = await cli(
-        capsys, "dlq", "show", str(by_uid[uid(r10)].id), "--config", str(py_cfg)
+        capsys, "dlq", "show", str(by_uid[uid(r10)].id), "--json", "--config", str(py_cfg)
     )
     assert code == 0, err
     shown = json.loads(out)
     assert shown["payload"] == r10
     assert shown["error"] == f"Rejected: rejected by the test sink: {uid(r10)}"
     assert (shown["reason"], shown["stream"]) == ("sink_rejected", "main")
-    code, out, err = await cli(capsys, "dlq", "show", str(m2.id), "--config", str(py_cfg))
+    code, out, err = await cli(capsys, "dlq", "show", str(m2.id), "--json", "--config", str(py_cfg))
     assert code == 0, err
     shown = json.loads(out)
     assert shown["payload"] == MALFORMED[1]  # not JSON: its raw text
     assert shown["reason"] == "malformed" and shown["error"]
+    # for people: one "key  value" line each, then the payload as received
+    code, out, err = await cli(capsys, "dlq", "show", str(m2.id), "--config", str(py_cfg))
+    assert code == 0, err
+    lines = out.splitlines()
+    assert any(line.split() == ["reason", "malformed"] for line in lines)
+    assert lines[lines.index("payload:") + 1 :] == MALFORMED[1].splitlines()
     code, _, err = await cli(capsys, "dlq", "show", "999999", "--config", str(py_cfg))
     assert code == 1 and "999999" in err
 
