@@ -8,6 +8,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 from support import count_lines, make_settings, running, wait_until
 
+from consumer.config import OrchestrationSettings
 from consumer.runtime.metrics import event_time
 
 
@@ -82,7 +83,13 @@ async def test_the_grafana_dashboard_only_uses_metrics_that_exist(sandbox_factor
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     used = {n for e in exprs for n in re.findall(r"opera_consumer_[a-z_]+", e)}
     gw = await sandbox_factory(backlog=20)
-    async with running(make_settings(tmp_path, gw.url)) as daemon:
+    settings = make_settings(tmp_path, gw.url)
+    # With orchestration on, so that its metrics (in the dashboard too) are exposed.
+    orchestration = OrchestrationSettings(
+        enabled=True, resources={"Profile": "/crm/v1/profiles/{primaryKey}"}
+    )
+    settings = settings.model_copy(update={"orchestration": orchestration})
+    async with running(settings) as daemon:
         await wait_until(lambda: count_lines(tmp_path / "events.jsonl") >= 20)
         assert daemon.metrics_server is not None
         async with httpx.AsyncClient() as http:
