@@ -1,13 +1,14 @@
 """Catch-up benchmark: events/s from a sandbox backlog into a sink, and peak RSS.
 
     .venv/bin/python bench/catchup.py [--events 200000] [--workers 4]
-        [--sink jsonl|sqlite|postgres] [--dsn postgresql://...]
+        [--sink jsonl|sqlite|postgres|webhook] [--dsn postgresql://...] [--batch-size N]
 
 1. Starts the sandbox gateway in its own process with a backlog on two chains.
 2. Measures the sandbox's own ceiling with a bare receive-only client (connect, subscribe,
    json.loads each frame, nothing else) on chain BARE.
 3. Runs `opera-consumer run` as a process on chain BENCH with durable checkpoints (jsonl sink
-   with fsync, or the sqlite sink in the state store, or the postgres sink at --dsn; SQLite
+   with fsync, or the sqlite sink in the state store, or the postgres sink at --dsn, or the
+   webhook sink POSTing to a keep-alive HTTP/1.1 receiver in this process; SQLite
    synchronous=FULL, group commit) and times the catch-up until the checkpoint covers every
    event; peak RSS is the daemon's VmHWM from /proc.
 Results go to stdout and bench/results/catchup.json. Loopback only; every wait is bounded.
@@ -21,7 +22,9 @@ import json
 import sqlite3
 import sys
 import tempfile
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import asyncpg
@@ -89,11 +92,44 @@ SINKS = {
     "jsonl": '[sink]\npath = "{work}/events.jsonl"\nfsync = true\n',
     "sqlite": '[sink]\ntype = "sqlite"\n',
     "postgres": '[sink]\ntype = "postgres"\ndsn = "{dsn}"\ntable = "bench_{stamp}"\n',
+    "webhook": '[sink]\ntype = "webhook"\nurl = "{url}"\nbatch_size = {batch_size}\n',
 }
 
 
-def delivered(sink: str, work: Path, dsn: str | None, stamp: str) -> int:
+class _Receiver(ThreadingHTTPServer):
+    """Counts the distinct events POSTed to it (an array or a single event per request)."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.ids: set[str] = set()
+        self.lock = threading.Lock()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Receiver
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        docs = body if isinstance(body, list) else [body]
+        with self.server.lock:
+            self.server.ids.update(d["metadata"]["uniqueEventId"] for d in docs)
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def delivered(
+    sink: str, work: Path, dsn: str | None, stamp: str, receiver: _Receiver | None
+) -> int:
     """What the sink holds at the end (every event once is the pass condition)."""
+    if receiver is not None:
+        return len(receiver.ids)
     if sink == "jsonl":
         return sum(1 for _ in (work / "events.jsonl").open("rb"))
     if sink == "sqlite":
@@ -111,9 +147,20 @@ def delivered(sink: str, work: Path, dsn: str | None, stamp: str) -> int:
 
 
 def run_daemon(
-    url: str, n: int, workers: int, work: Path, *, sink: str, dsn: str | None
+    url: str,
+    n: int,
+    workers: int,
+    work: Path,
+    *,
+    sink: str,
+    dsn: str | None,
+    batch_size: int,
 ) -> dict[str, float]:
     stamp = str(int(time.time()))
+    receiver = _Receiver() if sink == "webhook" else None
+    if receiver is not None:
+        threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    hook = f"http://127.0.0.1:{receiver.server_address[1]}/events" if receiver else ""
     config = work / "config.toml"
     config.write_text(
         launcher.stream_config(url, stream="bench", chain="BENCH")
@@ -123,7 +170,7 @@ offset = "0"
 [state]
 path = "{work}/state.db"
 synchronous = "full"
-{SINKS[sink].format(work=work, dsn=dsn, stamp=stamp)}
+{SINKS[sink].format(work=work, dsn=dsn, stamp=stamp, url=hook, batch_size=batch_size)}
 [pipeline]
 workers = {workers}
 [metrics]
@@ -146,7 +193,9 @@ level = "warning"
         rss = peak_rss_mb(proc.pid)
     finally:
         launcher.stop(proc, 60)
-    lines = delivered(sink, work, dsn, stamp)
+    lines = delivered(sink, work, dsn, stamp, receiver)
+    if receiver is not None:
+        receiver.shutdown()
     return {"seconds": elapsed, "events_per_s": n / elapsed, "peak_rss_mb": rss, "lines": lines}
 
 
@@ -156,6 +205,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--sink", choices=sorted(SINKS), default="jsonl")
     parser.add_argument("--dsn", help="PostgreSQL DSN for --sink postgres")
+    parser.add_argument("--batch-size", type=int, default=1, help="events per POST (webhook)")
     args = parser.parse_args()
     if args.sink == "postgres" and not args.dsn:
         parser.error("--sink postgres needs --dsn")
@@ -166,7 +216,13 @@ def main() -> int:
         ceiling = asyncio.run(bare_client(url, "BARE", args.events))
         with tempfile.TemporaryDirectory(prefix="opera-bench-") as tmp:
             result = run_daemon(
-                url, args.events, args.workers, Path(tmp), sink=args.sink, dsn=args.dsn
+                url,
+                args.events,
+                args.workers,
+                Path(tmp),
+                sink=args.sink,
+                dsn=args.dsn,
+                batch_size=args.batch_size,
             )
     finally:
         launcher.stop(sandbox, 30)
@@ -174,6 +230,7 @@ def main() -> int:
         "events": args.events,
         "workers": args.workers,
         "sink": args.sink,
+        "batch_size": args.batch_size if args.sink == "webhook" else None,
         "sandbox_ceiling_events_per_s": round(ceiling),
         "consumer_events_per_s": round(result["events_per_s"]),
         "consumer_seconds": round(result["seconds"], 2),
