@@ -24,11 +24,9 @@ from tenacity import (
 from ..config import StreamSettings
 from ..errors import AuthError
 from ..logs import REDACTOR
-from .retry import WaitRetryAfter, retry_after_seconds
+from .retry import RETRY_STATUSES, WaitRetryAfter, retry_after_seconds
 
 log = structlog.get_logger(__name__)
-
-_RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +125,7 @@ class TokenProvider:
             auth=(auth.client_id, auth.client_secret.get_secret_value()),
             timeout=auth.timeout_s,
         )
-        if resp.status_code in _RETRY_STATUSES:
+        if resp.status_code in RETRY_STATUSES:
             raise _Retryable(
                 f"token endpoint answered HTTP {resp.status_code}",
                 retry_after_seconds(resp.headers.get("Retry-After")),

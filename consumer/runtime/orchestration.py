@@ -40,11 +40,9 @@ from ..core.token_bucket import TokenBucket
 from ..errors import PermanentSinkError, TransientSinkError
 from ..sinks.base import Sink
 from .auth import TokenProvider
-from .retry import WaitRetryAfter, retry_after_seconds
+from .retry import RETRY_STATUSES, WaitRetryAfter, retry_after_seconds
 
 log = structlog.get_logger(__name__)
-
-_RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
 class _NotFound:
@@ -203,7 +201,7 @@ class Orchestrator:
         if status == 401:
             tokens.invalidate()  # rejected early (revoked?): the next attempt gets a new one
             raise TransientSinkError(f"orchestration GET {url}: HTTP 401")
-        if status in _RETRY_STATUSES:
+        if status in RETRY_STATUSES:
             after = retry_after_seconds(resp.headers.get("Retry-After"))
             if status == 429:
                 self.throttled += 1

@@ -13,6 +13,9 @@ from datetime import UTC, datetime
 
 from tenacity import RetryCallState
 
+# HTTP answers worth another try (OHIP's token endpoint and REST API).
+RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+
 
 def retry_after_seconds(value: str | None, *, cap: float = 300.0) -> float | None:
     """Parse ``Retry-After`` (delta-seconds or HTTP-date), capped at ``cap``."""
