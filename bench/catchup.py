@@ -28,7 +28,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import asyncpg
-import httpx
 from websockets.asyncio.client import connect
 from websockets.typing import Subprotocol
 
@@ -41,14 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 async def bare_client(url: str, chain: str, n: int) -> float:
     """Events/s a client that only receives and parses can take from the sandbox."""
     opts = SandboxOptions()
-    async with httpx.AsyncClient() as http:
-        resp = await http.post(
-            f"{url}/oauth/v1/tokens",
-            data={"grant_type": "client_credentials", "scope": "x"},
-            auth=(opts.client_id, opts.client_secret),
-            headers={"x-app-key": opts.app_key},
-        )
-        token = resp.json()["access_token"]
+    token = await launcher.token(url)
     ws_url = protocol.subscription_url(url, opts.app_key)
     subprotocols = [Subprotocol(protocol.SUBPROTOCOL)]
     async with connect(ws_url, subprotocols=subprotocols, compression=None, max_size=2**24) as ws:

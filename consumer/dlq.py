@@ -29,7 +29,7 @@ from .core.protocol import event_from_raw
 from .errors import OperaConsumerError, PermanentSinkError, TransientSinkError
 from .output import iso
 from .runtime.committer import Committer
-from .runtime.daemon import http_client
+from .runtime.daemon import http_client, register_secrets
 from .runtime.lease import Lease, holder
 from .runtime.retry import WaitRetryAfter
 from .runtime.store import DeadLetterRow, Store
@@ -41,6 +41,7 @@ log = structlog.get_logger(__name__)
 LIST_COLUMNS = ("id", "stream", "reason", "event_name", "primary_key", "offset", "attempts")
 _EXCERPT = 60
 _COMMIT_EVERY = 100
+_MALFORMED = "a malformed frame cannot be replayed: purge it"
 
 
 class ReplayRefused(OperaConsumerError):
@@ -104,17 +105,14 @@ async def replay(
             f"the jsonl sink has one writer and a daemon (pid {running.get('pid')}) is running: "
             "stop it, replay, start it again (or use --dry-run to see the plan)"
         )
+    if dry_run:
+        return [
+            _outcome(row, "would deliver") if _event(row) else _outcome(row, "skipped", _MALFORMED)
+            for row in rows
+        ]
+    register_secrets(settings)  # as the daemon does: nothing we log may show one
     outcomes: list[Outcome] = []
     failed_keys: set[tuple[str, str]] = set()
-    if dry_run:
-        for row in rows:
-            event = _event(row)
-            outcomes.append(
-                _outcome(row, "would deliver")
-                if event is not None
-                else _outcome(row, "skipped", "a malformed frame cannot be replayed: purge it")
-            )
-        return outcomes
     # While we replay into a single-writer sink, keep a daemon from starting.
     lease = Lease.acquire(st.path, (), role="dlq-replay") if running is None else None
     try:
@@ -150,7 +148,7 @@ async def _one(
 ) -> Outcome:
     event = _event(row)
     if event is None:
-        return _outcome(row, "skipped", "a malformed frame cannot be replayed: purge it")
+        return _outcome(row, "skipped", _MALFORMED)
     key = (row.stream, event.primary_key)
     if key in failed_keys:
         return _outcome(row, "skipped", "an earlier event of this primaryKey failed")

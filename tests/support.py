@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import subprocess
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
-
-import httpx
 
 from consumer.config import Settings
 from consumer.runtime.daemon import Daemon
@@ -71,8 +70,10 @@ def toml_config(
     *,
     commit_interval_ms: int = 20,
     connection: dict[str, Any] | None = None,
+    sink: str | None = None,
 ) -> Path:
-    """The same test settings as a TOML file, for the daemon run as a process."""
+    """The same test settings as a TOML file, for the daemon run as a process. ``sink``: the
+    whole ``[sink]`` table (default: the jsonl file)."""
     conn = "\n".join(f"{k} = {v}" for k, v in {**FAST_CONNECTION, **(connection or {})}.items())
     text = f"""{launcher.stream_config(url)}
 [streams.main.connection]
@@ -81,8 +82,7 @@ def toml_config(
 path = "{tmp_path / "state.db"}"
 commit_interval_ms = {commit_interval_ms}
 commit_max_events = {500 if commit_interval_ms < 1000 else 10_000_000}
-[sink]
-path = "{tmp_path / "events.jsonl"}"
+{sink or f'[sink]{chr(10)}path = "{tmp_path / "events.jsonl"}"'}
 [metrics]
 port = 0
 [log]
@@ -138,17 +138,7 @@ def truth_ids(events: Sequence[dict[str, Any]]) -> list[str]:
 
 
 async def sandbox_token(gw: SandboxGateway) -> str:
-    """A token from the sandbox's token endpoint, with its credentials."""
-    opts = SandboxOptions()
-    async with httpx.AsyncClient() as http:
-        r = await http.post(
-            f"{gw.url}/oauth/v1/tokens",
-            data={"grant_type": "client_credentials", "scope": "s"},
-            auth=(opts.client_id, opts.client_secret),
-            headers={"x-app-key": opts.app_key},
-        )
-    r.raise_for_status()
-    return str(r.json()["access_token"])
+    return await launcher.token(gw.url)
 
 
 def spawn_daemon(config: Path, log: Path) -> subprocess.Popen[bytes]:
@@ -161,3 +151,12 @@ async def wait_exit(proc: subprocess.Popen[bytes], seconds: float = 60.0) -> int
         while proc.poll() is None:
             await asyncio.sleep(0.02)
     return proc.returncode
+
+
+def checkpoint(state: Path, stream: str = "main") -> tuple[str, str] | None:
+    """(offset, uniqueEventId) of the stream's checkpoint in the state store, if any."""
+    with sqlite3.connect(state, timeout=10) as db:
+        row = db.execute(
+            "SELECT offset, unique_event_id FROM checkpoints WHERE stream = ?", (stream,)
+        ).fetchone()
+    return None if row is None else (row[0], row[1])

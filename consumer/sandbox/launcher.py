@@ -11,6 +11,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import httpx
+
 from .server import SandboxOptions
 
 
@@ -79,3 +81,17 @@ def stream_config(url: str, *, stream: str = "main", chain: str = "DEMO") -> str
         f'app_key = "{o.app_key}"\n\n[streams.{stream}.auth]\nclient_id = "{o.client_id}"\n'
         f'client_secret = "{o.client_secret}"\n'
     )
+
+
+async def token(url: str) -> str:
+    """An access token from the sandbox at ``url``, with the sandbox's credentials."""
+    o = SandboxOptions()
+    async with httpx.AsyncClient() as http:
+        r = await http.post(
+            f"{url}/oauth/v1/tokens",
+            data={"grant_type": "client_credentials", "scope": "s"},
+            auth=(o.client_id, o.client_secret),
+            headers={"x-app-key": o.app_key},
+        )
+    r.raise_for_status()
+    return str(r.json()["access_token"])

@@ -318,10 +318,7 @@ class SandboxGateway:
         self.stats.token_requests += 1
         headers = {k.decode().lower(): v.decode() for k, v in request.headers}
         body = await reader.readexactly(int(headers.get("content-length", "0")))
-        if self._token_failures:
-            status, retry_after = self._token_failures.pop(0)
-            extra = {"Retry-After": f"{retry_after:g}"} if retry_after is not None else {}
-            respond(conn, writer, status, _problem(status, "injected failure"), extra=extra)
+        if _injected(self._token_failures, conn, writer):
             return
         form = {k: v[0] for k, v in parse_qs(body.decode()).items()}
         self.token_requests.append((headers, form))
@@ -374,10 +371,7 @@ class SandboxGateway:
         """
         match, module, id_name = route
         self.stats.rest_requests += 1
-        if self._rest_failures:
-            status, retry_after = self._rest_failures.pop(0)
-            extra = {"Retry-After": f"{retry_after:g}"} if retry_after is not None else {}
-            respond(conn, writer, status, _problem(status, "injected failure"), extra=extra)
+        if _injected(self._rest_failures, conn, writer):
             return
         wait = self._rest_admit()
         if wait is not None:
@@ -806,6 +800,18 @@ def _rest_route(path: str) -> tuple[re.Match[str], str, str] | None:
         if (m := pattern.fullmatch(path)) is not None:
             return m, module, id_name
     return None
+
+
+def _injected(
+    failures: list[tuple[int, float | None]], conn: h11.Connection, writer: asyncio.StreamWriter
+) -> bool:
+    """Answer with the next injected failure, if one is queued."""
+    if not failures:
+        return False
+    status, retry_after = failures.pop(0)
+    extra = {"Retry-After": f"{retry_after:g}"} if retry_after is not None else {}
+    respond(conn, writer, status, _problem(status, "injected failure"), extra=extra)
+    return True
 
 
 def _problem(status: int, detail: str) -> bytes:

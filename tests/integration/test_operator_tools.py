@@ -30,6 +30,7 @@ import pytest
 import structlog
 from support import (
     FAST_CONNECTION,
+    checkpoint,
     make_settings,
     running,
     spawn_daemon,
@@ -199,13 +200,6 @@ def processed_ids(state: Path, stream: str = "main") -> set[str]:
         r[0]
         for r in query(state, "SELECT event_id FROM processed_events WHERE stream = ?", (stream,))
     }
-
-
-def checkpoint(state: Path, stream: str = "main") -> tuple[str, str] | None:
-    rows = query(
-        state, "SELECT offset, unique_event_id FROM checkpoints WHERE stream = ?", (stream,)
-    )
-    return (rows[0][0], rows[0][1]) if rows else None
 
 
 def table_count(db: Path, table: str = "opera_events") -> int:

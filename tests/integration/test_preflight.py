@@ -88,12 +88,8 @@ async def test_the_postgres_sink_is_connected_and_a_bad_password_fails(
     gw = await sandbox_factory(backlog=5)
     for password, expected in ((None, "PASS"), ("wrong-password", "FAIL")):
         dsn = postgres_server.dsn(password=password)
-        config = toml_config(tmp_path, gw.url)
-        text = config.read_text().replace(
-            f'[sink]\npath = "{tmp_path / "events.jsonl"}"\n',
-            f'[sink]\ntype = "postgres"\ndsn = "{dsn}"\ntable = "preflight_events"\n',
-        )
-        config.write_text(text)
+        sink = f'[sink]\ntype = "postgres"\ndsn = "{dsn}"\ntable = "preflight_events"\n'
+        config = toml_config(tmp_path, gw.url, sink=sink)
         done = await asyncio.to_thread(preflight, config)
         assert levels(done.stdout)["sink"] == expected, done.stdout
         assert (done.returncode == 0) == (expected == "PASS")

@@ -17,28 +17,14 @@ from pathlib import Path
 
 import asyncpg
 from receiver import Received, Receiver, Reply
-from support import spawn_daemon, toml_config, truth_ids, wait_exit, wait_until
+from support import checkpoint, spawn_daemon, toml_config, truth_ids, wait_exit, wait_until
 
 BACKLOG = 400
-
-
-def config(tmp_path: Path, url: str, sink: str, *, commit_interval_ms: int) -> Path:
-    path = toml_config(tmp_path, url, commit_interval_ms=commit_interval_ms)
-    text = path.read_text().replace(f'[sink]\npath = "{tmp_path / "events.jsonl"}"\n', sink)
-    assert sink in text
-    path.write_text(text)
-    return path
 
 
 async def stop(proc: subprocess.Popen[bytes], sig: int) -> int:
     proc.send_signal(sig)
     return await wait_exit(proc)
-
-
-def checkpoint(state: Path) -> tuple[str, str] | None:
-    with sqlite3.connect(state) as db:
-        row = db.execute("SELECT offset, unique_event_id FROM checkpoints").fetchone()
-    return None if row is None else (row[0], row[1])
 
 
 async def test_postgres_kill_between_write_and_checkpoint(
@@ -60,7 +46,7 @@ async def test_postgres_kill_between_write_and_checkpoint(
 
         # First run: a commit interval of a minute, so rows land in PostgreSQL while the
         # checkpoint does not move; then SIGKILL.
-        cfg = config(tmp_path, gw.url, sink, commit_interval_ms=60_000)
+        cfg = toml_config(tmp_path, gw.url, sink=sink, commit_interval_ms=60_000)
         proc = spawn_daemon(cfg, tmp_path / "daemon.log")
         async with asyncio.timeout(60):
             while len(await rows()) < BACKLOG // 2:
@@ -75,7 +61,7 @@ async def test_postgres_kill_between_write_and_checkpoint(
 
         # Restart with normal commits: the stream replays from the anchor; upserts make the
         # replayed rows no second row, and nothing is missing.
-        cfg = config(tmp_path, gw.url, sink, commit_interval_ms=20)
+        cfg = toml_config(tmp_path, gw.url, sink=sink, commit_interval_ms=20)
         proc = spawn_daemon(cfg, tmp_path / "daemon.log")
         try:
             async with asyncio.timeout(60):
@@ -113,7 +99,7 @@ async def test_sqlite_kill_before_the_commit_leaves_rows_and_checkpoint_together
             done = {r[0] for r in db.execute("SELECT event_id FROM processed_events")}
         return rows, done
 
-    cfg = config(tmp_path, gw.url, sink, commit_interval_ms=60_000)
+    cfg = toml_config(tmp_path, gw.url, sink=sink, commit_interval_ms=60_000)
     proc = spawn_daemon(cfg, tmp_path / "daemon.log")
     # Every event is handed to the sink (the sandbox sent the whole backlog), none committed.
     await wait_until(lambda: gw.stats.events_sent >= BACKLOG, timeout=60)
@@ -122,7 +108,7 @@ async def test_sqlite_kill_before_the_commit_leaves_rows_and_checkpoint_together
     rows, done = table()
     assert rows == done == set()  # written, not committed: nothing of it survives, together
 
-    cfg = config(tmp_path, gw.url, sink, commit_interval_ms=20)
+    cfg = toml_config(tmp_path, gw.url, sink=sink, commit_interval_ms=20)
     proc = spawn_daemon(cfg, tmp_path / "daemon.log")
     try:
         await wait_until(lambda: len(table()[0]) >= BACKLOG, timeout=60)
@@ -136,7 +122,7 @@ async def test_sqlite_kill_before_the_commit_leaves_rows_and_checkpoint_together
 
 def webhook_config(tmp_path: Path, url: str, rx: Receiver) -> Path:
     sink = f'[sink]\ntype = "webhook"\nurl = "{rx.url}/events"\n'
-    return config(tmp_path, url, sink, commit_interval_ms=20)
+    return toml_config(tmp_path, url, sink=sink, commit_interval_ms=20)
 
 
 def delivered(rx: Receiver) -> list[str]:

@@ -23,6 +23,7 @@ from consumer.errors import PermanentSinkError, TransientSinkError
 from consumer.runtime.committer import Committer
 from consumer.runtime.pipeline import StreamPipeline
 from consumer.runtime.store import CommitBatch, Store
+from consumer.sinks.base import PlainSink
 from consumer.sinks.jsonl import JsonlSink
 
 STREAM = "main"
@@ -54,11 +55,10 @@ def ev(i: int, key: str | None = None) -> Event:
     )
 
 
-class FakeSink:
+class FakeSink(PlainSink):
     """Records delivered events; can interleave, fail transiently, or reject a poison event."""
 
     name = "fake"
-    transactional = False
 
     def __init__(
         self,
@@ -80,9 +80,6 @@ class FakeSink:
         self.gate.set()
         self.hold: dict[str, asyncio.Event] = {}  # primaryKey -> gate for that key only
 
-    async def open(self, committed: str | None) -> None:
-        return None
-
     async def write(self, stream: str, events: Sequence[Event]) -> None:
         self.calls += 1
         await self.gate.wait()
@@ -103,15 +100,6 @@ class FakeSink:
                     unique_event_id=culprit if self.name_culprit else None,
                 )
         self.delivered.extend(events)  # all or nothing
-
-    def position(self) -> str | None:
-        return None
-
-    async def sync(self, position: str | None) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None
 
 
 @asynccontextmanager
