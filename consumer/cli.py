@@ -19,7 +19,7 @@ from typing import Any
 
 from . import __version__
 from .config import Settings, effective, load_settings
-from .errors import ConfigError, SinkError
+from .errors import ConfigError, SinkError, SinkUnusable, StoreError
 from .output import emit, iso, parse_when
 from .runtime.lease import LeaseHeld
 
@@ -77,6 +77,17 @@ def _parser() -> argparse.ArgumentParser:
 
     _dlq_parser(sub, with_config)
     _offset_parser(sub, with_config)
+    sink = sub.add_parser("sink", help="the sink's own data: adopt an existing jsonl file")
+    sink_cmds = sink.add_subparsers(dest="sink_command", required=True, metavar="ACTION")
+    adopt = with_config(
+        sink_cmds.add_parser(
+            "adopt",
+            help="record the jsonl file's current length as committed (after a new or "
+            "replaced state store); plan unless --execute",
+            epilog=_EPILOG,
+        )
+    )
+    adopt.add_argument("--execute", action="store_true", help="apply it (default: print it)")
 
     sb = sub.add_parser(
         "sandbox",
@@ -175,14 +186,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(effective(settings), indent=2))
         print("configuration OK", file=sys.stderr)
         return 0
-    if command == "status":
-        return asyncio.run(_status(settings, as_json=args.json))
     if command == "preflight":
         return _preflight(settings)
-    if command == "dlq":
-        return asyncio.run(_dlq(settings, args))
-    if command == "offset":
-        return asyncio.run(_offset(settings, args))
+    try:
+        if command == "offset":
+            return asyncio.run(_offset(settings, args))
+        if command == "sink":
+            return asyncio.run(_sink_adopt(settings, execute=args.execute))
+        if command == "status":
+            return asyncio.run(_status(settings, as_json=args.json))
+        if command == "dlq":
+            return asyncio.run(_dlq(settings, args))
+    except StoreError as exc:
+        print(f"opera-consumer: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME if exc.retriable else EXIT_CONFIG
     return _run(settings)
 
 
@@ -211,7 +228,9 @@ async def _dlq(settings: Settings, args: argparse.Namespace) -> int:
     if action in ("replay", "purge") and not args.ids and not args.all:
         print(f"opera-consumer dlq {action}: name IDs, or --all (with filters)", file=sys.stderr)
         return 2
-    store = await Store.open(settings.state.path, synchronous=settings.state.synchronous)
+    store = await Store.open(
+        settings.state.path, synchronous=settings.state.synchronous, create=False
+    )
     try:
         rows = await store.dead_letters(
             getattr(args, "stream", None),
@@ -301,12 +320,49 @@ def _run(settings: Settings) -> int:
     configure(settings.log.level, settings.log.format)
     try:
         return asyncio.run(daemon.run(settings))
-    except (ConfigError, LeaseHeld) as exc:
+    except (ConfigError, LeaseHeld, SinkUnusable) as exc:
         print(f"opera-consumer: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except StoreError as exc:  # one line naming the path and the fix
+        print(f"opera-consumer: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME if exc.retriable else EXIT_CONFIG
     except SinkError as exc:  # e.g. the database is down at start: let the supervisor retry
         print(f"opera-consumer: cannot open the sink: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
+
+
+async def _sink_adopt(settings: Settings, *, execute: bool) -> int:
+    """Record the jsonl file's current length as committed: the operator vouches that every
+    byte in it is wanted (events in it that the stream sends again are then written twice,
+    unless the store already knows them as processed)."""
+    from .config import JsonlSinkSettings
+    from .runtime.lease import Lease
+    from .runtime.store import Store
+
+    if not isinstance(settings.sink, JsonlSinkSettings):
+        print("opera-consumer sink adopt: only the jsonl sink has a file to adopt", file=sys.stderr)
+        return 2
+    path, state = settings.sink.path, settings.state.path
+    size = path.stat().st_size if path.exists() else 0
+    print(f"{path}: {size} bytes to record as committed in {state}")
+    if not execute:
+        print("plan only: nothing changed (add --execute to apply it)", file=sys.stderr)
+        return 0
+    try:
+        lease = Lease.acquire(state, (), role="sink-adopt")
+    except LeaseHeld as exc:
+        print(f"opera-consumer: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    try:
+        store = await Store.open(state, synchronous=settings.state.synchronous)
+        try:
+            await store.set_sink_state("jsonl", str(size))
+        finally:
+            await store.close()
+    finally:
+        lease.release()
+    print(f"done: the daemon resumes appending to {path} at byte {size}", file=sys.stderr)
+    return 0
 
 
 async def _status(settings: Settings, *, as_json: bool) -> int:
@@ -317,7 +373,7 @@ async def _status(settings: Settings, *, as_json: bool) -> int:
     if not path.exists():
         print(f"no state store at {path} yet: the daemon has not run", file=sys.stderr)
         return EXIT_RUNTIME
-    store = await Store.open(path, synchronous=settings.state.synchronous)
+    store = await Store.open(path, synchronous=settings.state.synchronous, create=False)
     try:
         checkpoints = {c.stream: c for c in await store.checkpoints()}
         dlq = await store.dead_letter_counts()

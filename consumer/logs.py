@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections import deque
 from collections.abc import MutableMapping
 from typing import Any, TextIO
@@ -52,6 +53,46 @@ class Redactor:
 
 
 REDACTOR = Redactor()
+
+
+class RateLimitedLogger:
+    """At most ``per_s`` lines a second per message (a token bucket of ``burst``), so that a
+    flood (bad frames, failing writes, hostile clients) cannot flood the journal; the next line
+    that passes carries ``suppressed``: how many of that message were dropped before it."""
+
+    def __init__(self, logger: Any, *, per_s: float = 5.0, burst: int = 20) -> None:
+        self._logger = logger
+        self._per_s = per_s
+        self._burst = float(burst)
+        self._buckets: dict[str, tuple[float, float, int]] = {}  # event -> tokens, at, dropped
+
+    def _allow(self, event: str) -> int | None:
+        """None: drop this line; else the number of lines dropped before it."""
+        now = time.monotonic()
+        tokens, at, dropped = self._buckets.get(event, (self._burst, now, 0))
+        tokens = min(self._burst, tokens + (now - at) * self._per_s)
+        if tokens < 1.0:
+            self._buckets[event] = (tokens, now, dropped + 1)
+            return None
+        self._buckets[event] = (tokens - 1.0, now, 0)
+        return dropped
+
+    def _log(self, level: str, event: str, kw: dict[str, Any]) -> None:
+        dropped = self._allow(event)
+        if dropped is None:
+            return
+        if dropped:
+            kw["suppressed"] = dropped
+        getattr(self._logger, level)(event, **kw)
+
+    def warning(self, event: str, **kw: Any) -> None:
+        self._log("warning", event, kw)
+
+    def error(self, event: str, **kw: Any) -> None:
+        self._log("error", event, kw)
+
+    def info(self, event: str, **kw: Any) -> None:
+        self._log("info", event, kw)
 
 
 def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:

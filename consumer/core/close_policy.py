@@ -74,9 +74,12 @@ class ClosePolicy:
         self.failures = 0
         self.auth_failures = 0
 
-    def session_ended(self, duration_s: float) -> None:
-        """Call when a subscribed session ends; a long healthy one resets the backoff."""
-        if duration_s >= self.config.healthy_after_s:
+    def session_ended(self, duration_s: float, delivered: int = 0) -> None:
+        """Call when a subscribed session ends. One that delivered events made progress, and
+        a long quiet one was healthy: either resets the backoff (a catch-up over a flaky link
+        must not wait longer after every productive session). The floors that the protocol
+        asks for (1006, 4409, 429) still apply to the next decision."""
+        if delivered > 0 or duration_s >= self.config.healthy_after_s:
             self.failures = 0
             self.auth_failures = 0
 
@@ -123,12 +126,16 @@ class ClosePolicy:
     def on_closed_by_us(self, code: int, max_frame_bytes: int) -> Decision | None:
         """We closed the connection ourselves (websockets did, on our limits)."""
         if code == MESSAGE_TOO_BIG:
-            # The frame comes back on every replay: reconnecting would loop for ever.
+            # The frame comes back on every replay until it is raised or OHIP's retention
+            # drops it: keep trying at the slowest pace, never stop the stream for good.
+            self.failures += 1
+            c = self.config
             return Decision(
-                Action.STOP,
-                0.0,
-                f"a frame larger than {max_frame_bytes * OVERSIZED_FACTOR} bytes arrived (1009): "
-                f"raise max_frame_bytes (now {max_frame_bytes}) and restart",
+                Action.RECONNECT,
+                c.backoff_max_s + self._rng.uniform(0, c.backoff_initial_s),
+                f"a frame larger than {max_frame_bytes * OVERSIZED_FACTOR} bytes arrived (1009) "
+                f"and is replayed at every resume: raise max_frame_bytes (now {max_frame_bytes}) "
+                "and restart",
                 "1009",
             )
         return None

@@ -51,6 +51,9 @@ class Event(NamedTuple):
     hotel_id: str | None
     timestamp: str | None
     raw: dict[str, Any]
+    # The frame it arrived in, as received: what a dead letter keeps when ``raw`` cannot be
+    # written back out (nested deeper than a JSON writer goes).
+    frame: bytes | str = b""
     # Set by the orchestration stage: the REST API's JSON (None: not found, when attached).
     resource: Any = None
     fetched: bool = False

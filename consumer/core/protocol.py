@@ -17,6 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 import orjson
 
 from .events import SELECTION, Event
+from .evidence import Evidence, evidence, prefix, shown
 
 SUBPROTOCOL: Final = "graphql-transport-ws"
 
@@ -151,6 +152,7 @@ class Next:
 class ErrorMessage:
     id: str
     errors: list[Any]
+    text: str = ""  # the start of the frame, for a log line (never show ``errors`` whole)
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,10 +172,15 @@ class Pong:
 
 @dataclass(frozen=True, slots=True)
 class DecodeError:
-    """A frame we cannot use. ``raw`` is the frame text as received (bytes decoded lossily)."""
+    """A frame we cannot use: a bounded copy of it (``evidence``) and why."""
 
-    raw: str
+    evidence: Evidence
     reason: str
+
+    @property
+    def raw(self) -> str:
+        """The start of the frame text as received (bytes decoded lossily)."""
+        return self.evidence.text
 
 
 Message = ConnectionAck | Next | ErrorMessage | Complete | Ping | Pong | DecodeError
@@ -188,26 +195,23 @@ def decode(frame: str | bytes, max_size: int | None = None) -> Message:
     A frame longer than ``max_size`` bytes (characters for ``str``) is a DecodeError unread.
     """
     if max_size is not None and len(frame) > max_size:
-        return DecodeError(
-            _text_of(frame), f"frame of {len(frame)} bytes exceeds max_frame_bytes ({max_size})"
-        )
+        return _bad(frame, f"frame of {len(frame)} bytes exceeds max_frame_bytes ({max_size})")
     try:
         msg = orjson.loads(frame)  # the hot path: several times faster than json
     except (ValueError, RecursionError) as exc:
-        return DecodeError(_text_of(frame), f"invalid JSON: {exc}")
+        return _bad(frame, f"invalid JSON: {prefix(str(exc))}")
     if type(msg) is dict and msg.get("type") == "next":
         return _decode_next(frame, msg)
     return _decode_other(frame, msg)
 
 
-def _text_of(frame: str | bytes) -> str:
-    return frame if isinstance(frame, str) else frame.decode("utf-8", "replace")
+def _bad(frame: str | bytes, reason: str) -> DecodeError:
+    return DecodeError(evidence(frame), reason)
 
 
 def _decode_other(frame: str | bytes, msg: object) -> Message:
-    raw = _text_of(frame)
     if not isinstance(msg, dict):
-        return DecodeError(raw, "frame is not a JSON object")
+        return _bad(frame, "frame is not a JSON object")
     kind = msg.get("type")
     if kind == "ping":
         return _PING
@@ -218,76 +222,108 @@ def _decode_other(frame: str | bytes, msg: object) -> Message:
         return ConnectionAck(payload if isinstance(payload, dict) else None)
     if kind == "error":
         errors = msg.get("payload")
-        return ErrorMessage(_id(msg), errors if isinstance(errors, list) else [errors])
+        return ErrorMessage(
+            _id(msg), errors if isinstance(errors, list) else [errors], prefix(frame, 500)
+        )
     if kind == "complete":
         return Complete(_id(msg))
     # Never repr() or str() a value from the wire: a deeply nested one would overflow.
-    shown = repr(kind[:50]) if isinstance(kind, str) else f"of JSON type {type(kind).__name__}"
-    return DecodeError(raw, f"unknown message type {shown}")
+    what = repr(kind[:50]) if isinstance(kind, str) else f"of JSON type {type(kind).__name__}"
+    return _bad(frame, f"unknown message type {what}")
 
 
 def _decode_next(frame: str | bytes, msg: dict[str, Any]) -> Message:
     try:  # the usual, well-formed case first: plain indexing is the cheapest check
-        event = event_from_raw(msg["payload"]["data"]["newEvent"])
+        event = event_from_raw(msg["payload"]["data"]["newEvent"], frame)
     except (KeyError, TypeError):
         event = None
     if event is None:
-        return _malformed_next(frame, msg)
+        return _bad(frame, _what_is_wrong(msg))
     return Next(_id(msg), event)
 
 
-def event_from_raw(ev: Any) -> Event | None:
-    """The :class:`Event` of a ``newEvent`` object, or None when it lacks usable metadata."""
+# Longest text accepted in an event's header fields: OHIP's are ids, names and timestamps of
+# a few dozen characters. A longer one is an absurd frame, not an event.
+MAX_FIELD_CHARS: Final = 1024
+_HEADER_FIELDS: Final = ("eventName", "moduleName", "primaryKey", "hotelId", "timestamp")
+
+
+def valid_offset(offset: object) -> bool:
+    """An offset the subscription input accepts back (``^[0-9]{1,20}$``, ASCII digits)."""
+    return type(offset) is str and 0 < len(offset) <= 20 and offset.isascii() and offset.isdigit()
+
+
+def event_from_raw(ev: Any, frame: bytes | str = b"") -> Event | None:
+    """The :class:`Event` of a ``newEvent`` object, or None when it is not a usable event:
+    metadata missing or of the wrong type, an offset the subscription would refuse as a resume
+    point, or an absurdly long header field."""
     try:
         meta = ev["metadata"]
         offset = meta["offset"]
         event_id = meta["uniqueEventId"]
     except (KeyError, TypeError):
         return None
-    if type(offset) is not str or type(event_id) is not str or not offset or not event_id:
+    if (
+        not valid_offset(offset)
+        or type(event_id) is not str
+        or not event_id
+        or len(event_id) > MAX_FIELD_CHARS
+    ):
         return None
     primary_key = ev.get("primaryKey")
     hotel_id = ev.get("hotelId")
     timestamp = ev.get("timestamp")
+    event_name = ev.get("eventName")
+    module_name = ev.get("moduleName")
+    for value in (primary_key, hotel_id, timestamp, event_name, module_name):
+        if type(value) is str and len(value) > MAX_FIELD_CHARS:
+            return None
     return Event(
         offset=offset,
         unique_event_id=event_id,
-        event_name=_text(ev.get("eventName")),
-        module_name=_text(ev.get("moduleName")),
+        event_name=event_name if type(event_name) is str else "",
+        module_name=module_name if type(module_name) is str else "",
         # Events without a primary key still need a partition: their id keeps them apart.
         primary_key=primary_key if type(primary_key) is str and primary_key else event_id,
         hotel_id=hotel_id if type(hotel_id) is str else None,
         timestamp=timestamp if type(timestamp) is str else None,
         raw=ev,
+        frame=frame,
     )
 
 
-def _malformed_next(frame: str | bytes, msg: dict[str, Any]) -> DecodeError:
+def _what_is_wrong(msg: dict[str, Any]) -> str:
     """Say precisely what is wrong with a ``next`` frame that is not a usable event."""
     payload = msg.get("payload")
     data = payload.get("data") if isinstance(payload, dict) else None
     ev = data.get("newEvent") if isinstance(data, dict) else None
     if not isinstance(ev, dict):
-        return DecodeError(_text_of(frame), "next frame without payload.data.newEvent object")
+        return "next frame without payload.data.newEvent object"
     meta = ev.get("metadata")
     if not isinstance(meta, dict):
-        return DecodeError(_text_of(frame), "event without metadata")
+        return "event without metadata"
     offset = meta.get("offset")
     event_id = meta.get("uniqueEventId")
     if not isinstance(offset, str) or not offset:
-        return DecodeError(_text_of(frame), "event without a string metadata.offset")
+        return "event without a string metadata.offset"
+    if not valid_offset(offset):
+        return (
+            f"metadata.offset {shown(offset, 40)!r} is not 1-20 digits: the subscription "
+            "could never resume from it"
+        )
     if not isinstance(event_id, str) or not event_id:
-        return DecodeError(_text_of(frame), "event without a string metadata.uniqueEventId")
-    return DecodeError(_text_of(frame), "unusable next frame")
+        return "event without a string metadata.uniqueEventId"
+    for name, value in (("metadata.uniqueEventId", event_id), *_header_items(ev)):
+        if isinstance(value, str) and len(value) > MAX_FIELD_CHARS:
+            return f"{name} is {len(value)} characters long (at most {MAX_FIELD_CHARS})"
+    return "unusable next frame"
+
+
+def _header_items(ev: dict[str, Any]) -> list[tuple[str, Any]]:
+    return [(name, ev.get(name)) for name in _HEADER_FIELDS]
 
 
 def _id(msg: dict[str, Any]) -> str:
-    """The message id as text; a container (never ours) becomes "" rather than str() of it."""
+    """The message id as text; anything but a string (never ours) becomes ""."""
     value = msg.get("id")
-    if isinstance(value, str):
-        return value
-    return str(value) if isinstance(value, int) else ""
-
-
-def _text(value: object) -> str:
     return value if isinstance(value, str) else ""

@@ -48,6 +48,10 @@ class Watermark:
                 self._position = pos
             self._base += 1
 
+    def is_pending(self, seq: int) -> bool:
+        """Registered and not done yet."""
+        return self._base <= seq < self._base + len(self._pending) and seq not in self._done
+
     def cancel(self, seq: int) -> None:
         """Forget the newest frame: it was never handed to a worker (shutdown)."""
         if seq != self._base + len(self._pending) - 1:

@@ -15,10 +15,11 @@ import time
 from collections.abc import Callable
 
 import structlog
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
 
+from ..core.evidence import prefix
 from ..core.watermark import Position, Watermark
-from ..errors import TransientSinkError
+from ..errors import StoreError, TransientSinkError
 from ..sinks.base import Sink
 from ..sinks.sqlite import StoreTableSink
 from .store import CommitBatch, DeadLetter, Store
@@ -35,6 +36,7 @@ class Committer:
         max_events: int,
         interval_s: float,
         max_pending: int | None = None,
+        max_pending_bytes: int = 16 * 1024 * 1024,
     ) -> None:
         self._store = store
         self._sink = sink
@@ -44,6 +46,10 @@ class Committer:
         self._max_events = max_events
         self._interval = interval_s
         self._max_pending = max_pending or max_events * 20
+        # Dead letters carry payloads (each bounded): their bytes count against capacity too,
+        # so a flood of large malformed frames waits for commits like events do.
+        self._max_pending_bytes = max_pending_bytes
+        self._pending_bytes = 0
         self._watermarks: dict[str, Watermark] = {}
         self._batch = CommitBatch()
         self._pending = 0
@@ -55,6 +61,8 @@ class Committer:
         self._lock = asyncio.Lock()
         self.commits = 0
         self.busy_since: float | None = None  # monotonic start of the commit under way
+        self.failing_since: float | None = None  # monotonic time of the first failed commit
+        self.failures = 0  # consecutive failed commits
         self.checkpointed_at: dict[str, float] = {}  # stream -> monotonic time it last moved
         # Called with each batch once it is durable (park-key learns its dead letters are).
         self.on_commit: list[Callable[[CommitBatch], None]] = []
@@ -83,6 +91,9 @@ class Committer:
 
     def dead_letter(self, letter: DeadLetter) -> None:
         self._batch.dead_letters.append(letter)
+        self._pending_bytes += len(letter.payload) + len(letter.error)
+        if self._pending_bytes >= self._max_pending_bytes // 4:
+            self._wake.set()  # large dead letters: commit early rather than hold them
         self._count(letter.stream, 0, 1)
 
     def _count(self, stream: str, done: int, other: int = 0) -> None:
@@ -97,9 +108,14 @@ class Committer:
         pending, committing = self._pending_ids[stream], self._committing[stream]
         return {e for e in event_ids if e in pending or e in committing}
 
+    @property
+    def full(self) -> bool:
+        return self._pending >= self._max_pending or self._pending_bytes >= self._max_pending_bytes
+
     async def wait_capacity(self) -> None:
-        """Backpressure when commits fail or fall behind: workers wait here."""
-        while self._pending >= self._max_pending:
+        """Backpressure when commits fail or fall behind: workers (and the reader, before a
+        dead letter) wait here."""
+        while self.full:
             self._committed.clear()
             self._wake.set()
             await self._committed.wait()
@@ -109,10 +125,14 @@ class Committer:
     async def run(self) -> None:
         """Commit forever; cancel to stop (then call :meth:`flush` once more)."""
         async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type((TransientSinkError, sqlite3.OperationalError)),
+            # Anything that may clear by itself (a locked or full disk, a sink that is down);
+            # anything else (a corrupt store, a sink file replaced underneath) ends the daemon.
+            retry=retry_if_exception(_may_clear),
             wait=wait_exponential_jitter(multiplier=0.2, max=30.0, jitter=0.2),
             before_sleep=lambda rs: log.warning(
-                "commit failed; retrying", error=str(rs.outcome.exception() if rs.outcome else "")
+                "commit failed; retrying",
+                failures=self.failures,
+                error=prefix(str(rs.outcome.exception() if rs.outcome else ""), 500),
             ),
         ):
             with attempt:
@@ -137,11 +157,17 @@ class Committer:
             try:
                 await self._sink.sync(batch.sink_state[1] if batch.sink_state else None)
                 await self._store.commit(batch)
-            except BaseException:
+            except BaseException as exc:
                 self._restore(batch)
+                if not isinstance(exc, asyncio.CancelledError):
+                    self.failures += 1
+                    if self.failing_since is None:
+                        self.failing_since = time.monotonic()
                 raise
             finally:
                 self.busy_since = None
+            self.failures = 0
+            self.failing_since = None
             for stream, ids in batch.processed.items():
                 self._committing[stream].difference_update(ids)
             now = time.monotonic()
@@ -166,6 +192,7 @@ class Committer:
     def _snapshot(self) -> CommitBatch:
         batch, self._batch = self._batch, CommitBatch()
         self._pending = 0
+        self._pending_bytes = 0
         for stream, wm in self._watermarks.items():
             pos = wm.advance()
             if pos is not None:
@@ -205,3 +232,10 @@ class Committer:
             + len(batch.dead_letters)
             + len(batch.resolved)
         )
+        self._pending_bytes = sum(len(d.payload) + len(d.error) for d in batch.dead_letters)
+
+
+def _may_clear(exc: BaseException) -> bool:
+    if isinstance(exc, TransientSinkError | sqlite3.OperationalError | OSError):
+        return True
+    return isinstance(exc, StoreError) and exc.retriable

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sqlite3
 import sys
 import time
 from collections.abc import Coroutine
@@ -25,8 +26,9 @@ from pydantic import SecretStr
 from .. import __version__
 from ..config import Settings
 from ..core import protocol
+from ..core.evidence import describe, shown
 from ..core.upgrade_budget import UpgradeBudget
-from ..errors import ConfigError, StreamStopped
+from ..errors import ConfigError, SinkUnusable, StoreError, StreamStopped
 from ..logs import REDACTOR
 from ..sinks.base import Sink
 from ..sinks.factory import build_sink
@@ -42,6 +44,7 @@ from .stream import StreamRunner
 log = structlog.get_logger(__name__)
 
 EXIT_OK = 0
+EXIT_RUNTIME = 1  # a failure that a restart may cure (a final commit failed; SIGHUP)
 EXIT_SOFTWARE = 70  # an unexpected error (a bug): let systemd restart us
 EXIT_CONFIG = 78  # EX_CONFIG: every stream stopped on something only a human can fix
 EXIT_INTERRUPTED = 130
@@ -110,9 +113,13 @@ class Daemon:
         http = http_client(settings)
         tokens = {name: TokenProvider(http, stream) for name, stream in settings.streams.items()}
         try:
+            await _check_checkpoints(store, settings)
             if sink is None:
                 sink = build_sink(settings, http, tokens)
-            await sink.open(await store.sink_state(sink.name))
+            try:
+                await sink.open(await store.sink_state(sink.name))
+            except SinkUnusable as exc:
+                raise SinkUnusable(f"{exc} (state store: {st.path})") from None
             for name, stream in settings.streams.items():
                 if stream.on_permanent_failure == "park-key":
                     parked[name] = await store.parked_keys(name)
@@ -190,8 +197,14 @@ class Daemon:
                 self.exit_code = EXIT_CONFIG
                 self._stop.set()
             return
-        log.error("task failed; shutting down", task=task.get_name(), exc_info=exc)
-        self.exit_code = EXIT_SOFTWARE
+        if isinstance(exc, SinkUnusable | StoreError | sqlite3.DatabaseError):
+            # Writing on could lose data, and a restart cannot help: an operator must look.
+            what = "sink" if isinstance(exc, SinkUnusable) else "state store"
+            log.error(f"{what} unusable; stopping", error=describe(exc), exit_code=EXIT_CONFIG)
+            self.exit_code = EXIT_CONFIG
+        else:
+            log.error("task failed; shutting down", task=task.get_name(), exc_info=exc)
+            self.exit_code = EXIT_SOFTWARE
         self._stop.set()
 
     def request_stop(self) -> None:
@@ -199,7 +212,9 @@ class Daemon:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        signals = (signal.SIGTERM, signal.SIGINT)
+        # SIGHUP too: a hang-up must not kill us undrained (exit 129 looks clean to systemd);
+        # it drains and exits 1, so Restart=on-failure starts us again with the config re-read.
+        signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         for sig in signals:
             loop.add_signal_handler(sig, self._on_signal, sig)
         try:
@@ -227,6 +242,8 @@ class Daemon:
             sys.stderr.flush()
             os._exit(EXIT_INTERRUPTED)
         log.info("signal received: draining", signal=sig.name)
+        if sig == signal.SIGHUP:
+            self.exit_code = EXIT_RUNTIME
         self._stop.set()
 
     async def close(self) -> None:
@@ -264,8 +281,13 @@ class Daemon:
         await asyncio.gather(*rest, return_exceptions=True)
         try:
             await self.committer.flush()
-        except Exception:
-            log.exception("final commit failed; uncommitted events are replayed on the next start")
+        except Exception as exc:
+            log.error(
+                "final commit failed; uncommitted events are replayed on the next start",
+                error=describe(exc),
+            )
+            if self.exit_code == EXIT_OK:
+                self.exit_code = EXIT_RUNTIME
         if self.metrics_server is not None:
             await self.metrics_server.close()
         await self.sink.close()
@@ -313,6 +335,19 @@ class Daemon:
                 if n:
                     log.info("pruned processed event ids", rows=n)
             await asyncio.sleep(st.prune_interval_s)
+
+
+async def _check_checkpoints(store: Store, settings: Settings) -> None:
+    """A stored offset the subscription would refuse could never be resumed from: say so now."""
+    for name in settings.streams:
+        cp = await store.checkpoint(name)
+        if cp is not None and not protocol.valid_offset(cp.offset):
+            raise ConfigError(
+                f"stream {name}: the stored checkpoint offset {shown(cp.offset, 40)!r} is not "
+                f"1-20 digits, so no subscription can resume from it: run `opera-consumer "
+                f"offset set {name} <offset> --execute` (or `offset reset {name} --highest "
+                f"--execute`)"
+            )
 
 
 async def _wait(tasks: list[asyncio.Task[None]], seconds: float) -> None:

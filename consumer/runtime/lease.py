@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import OperaConsumerError
+from .store import store_error
 
 
 class LeaseHeld(OperaConsumerError):
@@ -40,8 +41,11 @@ class Lease:
     @classmethod
     def acquire(cls, state_path: Path, streams: Iterable[str], *, role: str = "daemon") -> Lease:
         path = lock_path(state_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise store_error(state_path, exc) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

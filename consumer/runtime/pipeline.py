@@ -11,7 +11,7 @@ watermark.
 from __future__ import annotations
 
 import asyncio
-import json
+import sqlite3
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -20,8 +20,11 @@ import structlog
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
 from ..core.events import Event
+from ..core.evidence import describe, event_evidence
+from ..core.protocol import DecodeError
 from ..core.watermark import Position, Watermark
-from ..errors import PermanentSinkError, TransientSinkError
+from ..errors import PermanentSinkError, SinkUnusable, TransientSinkError
+from ..logs import RateLimitedLogger
 from ..sinks.base import Sink
 from .committer import Committer
 from .retry import WaitRetryAfter
@@ -75,6 +78,8 @@ class StreamPipeline:
         self._park = parked is not None
         self._parked: dict[str, str] = dict(parked or {})
         self._uncommitted: set[str] = set()
+        # A flood of bad frames or failing writes: a few lines a second, and a count of the rest.
+        self._log = RateLimitedLogger(log, per_s=5.0)
         committer.register(stream, self.watermark)
         if self._park:
             committer.on_commit.append(self._confirm_parked)
@@ -114,16 +119,30 @@ class StreamPipeline:
             self._maybe_idle()
             raise
 
-    def put_malformed(self, raw: str, reason: str) -> None:
-        """A frame that cannot be decoded: dead-letter its raw text, in its place in line."""
+    def malformed_fits(self) -> bool:
+        """Can a malformed frame be dead-lettered now (else await :meth:`put_malformed`)?"""
+        return not self._committer.full
+
+    async def put_malformed(self, error: DecodeError) -> None:
+        """A frame that cannot be decoded: dead-letter a bounded copy of it, in its place in
+        line. Waits for capacity like an event does: a flood of bad frames is backpressure,
+        not memory."""
+        await self._committer.wait_capacity()
         seq = self.watermark.add(None)
         self._committer.dead_letter(
-            DeadLetter(stream=self.stream, reason="malformed", error=reason, payload=raw)
+            DeadLetter.of(
+                error.evidence, stream=self.stream, reason="malformed", error=error.reason
+            )
         )
         self.dead_lettered += 1
         self.watermark.done(seq)
         self._maybe_idle()
-        log.warning("malformed frame dead-lettered", stream=self.stream, error=reason)
+        self._log.warning(
+            "malformed frame dead-lettered",
+            stream=self.stream,
+            error=error.reason,
+            bytes=error.evidence.size,
+        )
 
     async def anchor(self, event: Event) -> None:
         """Persist ``event`` as the checkpoint of a stream that has none (its first event)."""
@@ -160,8 +179,25 @@ class StreamPipeline:
             while len(batch) < self._batch_max and not queue.empty():
                 batch.append(queue.get_nowait())
             await self._committer.wait_capacity()
-            await self._process(batch)
+            try:
+                await self._process(batch)
+            except Exception as exc:  # a bug: never a dead worker, never a lost event
+                self._rescue(batch, exc)
             self._maybe_idle()
+
+    def _rescue(self, batch: list[_Item], exc: Exception) -> None:
+        """Last resort: dead-letter what of the batch is not done yet, so that the stream goes
+        on and nothing is lost (the DLQ can replay it once the cause is fixed)."""
+        log.error(
+            "unexpected error while handling events; dead-lettering them",
+            stream=self.stream,
+            error=describe(exc),
+            exc_info=exc,
+        )
+        for seq, ev in batch:
+            if self.watermark.is_pending(seq):
+                self._dead_letter(ev, exc, reason="internal_error")
+                self.watermark.done(seq)
 
     def _maybe_idle(self) -> None:
         if not self.watermark.in_flight:
@@ -172,7 +208,7 @@ class StreamPipeline:
         ids = [ev.unique_event_id for _, ev in batch]
         # Pending ids first, then the store: an id cannot slip between the two checks.
         seen = self._committer.pending_ids(stream, ids)
-        seen |= self._store.seen(stream, [i for i in ids if i not in seen])
+        seen |= await self._retrying("deduplication lookup", self._store.seen, stream, ids, seen)
         fresh: list[_Item] = []
         dup_seqs: list[int] = []
         for seq, ev in batch:
@@ -200,6 +236,13 @@ class StreamPipeline:
         except PermanentSinkError as exc:
             await self._isolate(items, exc)
             return
+        except (TransientSinkError, SinkUnusable):
+            raise  # transient ones are retried inside _write until they clear
+        except Exception as exc:
+            # Anything else the sink raised (an event it cannot serialize, a bug in a user's
+            # handler): permanent for the event at fault, found by delivering one by one.
+            await self._isolate(items, PermanentSinkError(describe(exc)), reason="unprocessable")
+            return
         self._done(items)
 
     def _done(self, items: Sequence[_Item]) -> None:
@@ -208,7 +251,9 @@ class StreamPipeline:
         for seq, _ in items:
             self.watermark.done(seq)
 
-    async def _isolate(self, items: list[_Item], exc: PermanentSinkError) -> None:
+    async def _isolate(
+        self, items: list[_Item], exc: PermanentSinkError, *, reason: str = "sink_rejected"
+    ) -> None:
         """A batch with a poison event: dead-letter the culprit, deliver the rest in order."""
         culprit = exc.unique_event_id if len(items) > 1 else items[0][1].unique_event_id
         at = next((i for i, it in enumerate(items) if it[1].unique_event_id == culprit), None)
@@ -221,7 +266,7 @@ class StreamPipeline:
         if at:
             await self._deliver(items[:at])
         seq, ev = items[at]
-        self._dead_letter(ev, exc)
+        self._dead_letter(ev, exc, reason=reason)
         self.watermark.done(seq)
         if at + 1 < len(items):
             await self._deliver(items[at + 1 :])
@@ -234,9 +279,7 @@ class StreamPipeline:
             key = ev.primary_key
             if key in self._parked and key not in checked:
                 checked.add(key)
-                if key not in self._uncommitted and not self._store.has_dead_letters(
-                    self.stream, key
-                ):
+                if key not in self._uncommitted and not self._has_dead_letters(key):
                     del self._parked[key]  # replayed or purged by an operator: flow again
                     log.info("resource unparked", stream=self.stream, primary_key=key)
             if key in self._parked:
@@ -251,18 +294,24 @@ class StreamPipeline:
             if d.stream == self.stream and d.primary_key is not None:
                 self._uncommitted.discard(d.primary_key)
 
-    def _dead_letter(self, ev: Event, exc: Exception | None) -> None:
+    def _has_dead_letters(self, key: str) -> bool:
+        try:
+            return self._store.has_dead_letters(self.stream, key)
+        except sqlite3.Error:
+            return True  # unknown: stay parked (order first); the next batch asks again
+
+    def _dead_letter(self, ev: Event, exc: Exception | None, *, reason: str = "") -> None:
         """``exc`` None: held back because the resource is parked."""
         self.dead_lettered += 1
         if exc is None:
             behind = self._parked[ev.primary_key]
             reason, error = "parked", f"primaryKey {ev.primary_key} is parked behind {behind}"
         else:
-            reason, error = "sink_rejected", str(exc)
+            reason, error = reason or "sink_rejected", describe(exc)
             if self._park and ev.primary_key not in self._parked:
                 self._parked[ev.primary_key] = ev.unique_event_id
                 self._uncommitted.add(ev.primary_key)
-        log.warning(
+        self._log.warning(
             "event dead-lettered",
             stream=self.stream,
             offset=ev.offset,
@@ -272,17 +321,37 @@ class StreamPipeline:
             error=error,
         )
         self._committer.dead_letter(
-            DeadLetter(
+            DeadLetter.of(
+                event_evidence(ev),
                 stream=self.stream,
                 reason=reason,
                 error=error,
-                payload=json.dumps(ev.raw, ensure_ascii=False),
                 offset=ev.offset,
                 unique_event_id=ev.unique_event_id,
                 event_name=ev.event_name,
                 primary_key=ev.primary_key,
             )
         )
+
+    async def _retrying(
+        self,
+        what: str,
+        lookup: Callable[[str, list[str]], set[str]],
+        stream: str,
+        ids: list[str],
+        known: set[str],
+    ) -> set[str]:
+        """A store lookup that may fail for a while (locked, I/O error): retried with backoff
+        until it answers, the batch waiting meanwhile (no event is guessed new)."""
+        todo = [i for i in ids if i not in known]
+        delay = self._retry_initial
+        while True:
+            try:
+                return lookup(stream, todo)
+            except sqlite3.Error as exc:
+                self._log.warning(f"{what} failed; retrying", stream=stream, error=describe(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._retry_max)
 
     async def _write(self, events: list[Event]) -> None:
         # A transient failure is retried until it clears (or we are cancelled at shutdown);
@@ -295,11 +364,11 @@ class StreamPipeline:
                     multiplier=self._retry_initial, max=self._retry_max, jitter=self._retry_initial
                 )
             ),
-            before_sleep=lambda rs: log.warning(
+            before_sleep=lambda rs: self._log.warning(
                 "sink write failed; retrying",
                 stream=self.stream,
                 attempt=rs.attempt_number,
-                error=str(rs.outcome.exception() if rs.outcome else ""),
+                error=describe(rs.outcome.exception() if rs.outcome else None),
             ),
             reraise=True,
         ):

@@ -13,6 +13,7 @@ takes about 50 µs, while a hop to aiosqlite's thread costs 10 ms or more once t
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import sqlite3
@@ -25,7 +26,9 @@ from typing import Any
 import aiosqlite
 import orjson
 
+from ..core.evidence import Evidence
 from ..core.watermark import Position
+from ..errors import SchemaTooNew, StoreError
 from ..sinks.sqlite import upsert_sql
 
 MIGRATIONS: tuple[str, ...] = (
@@ -77,6 +80,11 @@ MIGRATIONS: tuple[str, ...] = (
         set_at REAL NOT NULL
     );
     """,
+    # 3: a dead letter keeps a bounded prefix of its payload, with the size and hash of the whole
+    """
+    ALTER TABLE dead_letters ADD COLUMN payload_size INTEGER;
+    ALTER TABLE dead_letters ADD COLUMN payload_sha256 TEXT;
+    """,
 )
 
 _PRUNE_CHUNK = 10_000
@@ -97,16 +105,29 @@ class DeadLetter:
     stream: str
     reason: str  # a short class: "malformed", "sink_rejected", ...
     error: str
-    payload: str  # the raw frame text or the event JSON
+    payload: str  # the raw frame text or the event JSON: at most PAYLOAD_LIMIT characters
     offset: str | None = None
     unique_event_id: str | None = None
     event_name: str | None = None
     primary_key: str | None = None
+    # Of the complete original, of which ``payload`` may be a prefix (None: payload is whole).
+    payload_size: int | None = None
+    payload_sha256: str | None = None
+
+    @classmethod
+    def of(cls, evidence: Evidence, **fields: Any) -> DeadLetter:
+        return cls(
+            payload=evidence.text,
+            payload_size=evidence.size,
+            payload_sha256=evidence.sha256,
+            **fields,
+        )
 
     @property
     def dedup_key(self) -> str:
         # The same event (or the same malformed frame, replayed) counts as another attempt.
-        return self.unique_event_id or "sha256:" + hashlib.sha256(self.payload.encode()).hexdigest()
+        digest = self.payload_sha256 or hashlib.sha256(self.payload.encode()).hexdigest()
+        return self.unique_event_id or "sha256:" + digest
 
 
 @dataclass(slots=True)
@@ -146,6 +167,8 @@ class DeadLetterRow:
     attempts: int
     first_at: float
     last_at: float
+    payload_size: int | None
+    payload_sha256: str | None
 
 
 class Store:
@@ -158,10 +181,23 @@ class Store:
         self._closed = False
 
     @classmethod
-    async def open(cls, path: Path, *, synchronous: str = "full") -> Store:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Create it 0600 before SQLite does (SQLite gives -wal/-shm the same mode).
-        os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+    async def open(cls, path: Path, *, synchronous: str = "full", create: bool = True) -> Store:
+        """Open (``create``: or create) the store; :class:`StoreError` names the path and fix."""
+        try:
+            return await cls._open(path, synchronous, create)
+        except StoreError as exc:
+            raise type(exc)(f"state store {path}: {exc}", retriable=exc.retriable) from None
+        except (sqlite3.Error, OSError) as exc:
+            raise store_error(path, exc) from None
+
+    @classmethod
+    async def _open(cls, path: Path, synchronous: str, create: bool) -> Store:
+        if create:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Create it 0600 before SQLite does (SQLite gives -wal/-shm the same mode).
+            os.close(os.open(path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600))
+        else:  # FileNotFoundError when it does not exist: SQLite would create it
+            os.close(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
         writer = await _connect(path, synchronous)
         try:
             await _migrate(writer)
@@ -242,7 +278,8 @@ class Store:
         """Dead letters in arrival order, filtered by every argument given."""
         sql = (
             "SELECT id, stream, offset, unique_event_id, event_name, primary_key, reason, error, "
-            "payload, attempts, first_at, last_at FROM dead_letters WHERE 1"
+            "payload, attempts, first_at, last_at, payload_size, payload_sha256 "
+            "FROM dead_letters WHERE 1"
         )
         args: list[Any] = []
         for clause, value in (
@@ -304,8 +341,8 @@ class Store:
             if batch.dead_letters:
                 await db.executemany(
                     "INSERT INTO dead_letters (stream, dedup_key, offset, unique_event_id, "
-                    "event_name, primary_key, reason, error, payload, first_at, last_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "event_name, primary_key, reason, error, payload, first_at, last_at, "
+                    "payload_size, payload_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                     "ON CONFLICT (stream, dedup_key) DO UPDATE SET attempts = attempts + 1, "
                     "last_at = excluded.last_at, error = excluded.error, reason = excluded.reason",
                     [_dl_row(d, now) for d in batch.dead_letters],
@@ -408,6 +445,15 @@ class Store:
             (stream, time.time()),
         )
 
+    async def set_sink_state(self, sink: str, state: str) -> None:
+        """An operator's ``sink adopt``: the sink's committed position, set by hand."""
+        await self._w.execute(
+            "INSERT INTO sink_state (sink, state, updated_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (sink) DO UPDATE SET state = excluded.state, "
+            "updated_at = excluded.updated_at",
+            (sink, state, time.time()),
+        )
+
     async def purge_dead_letters(self, ids: Sequence[int]) -> int:
         if not ids:
             return 0
@@ -448,6 +494,8 @@ def _dl_row(d: DeadLetter, now: float) -> tuple[Any, ...]:
         d.payload,
         now,
         now,
+        d.payload_size,
+        d.payload_sha256,
     )
 
 
@@ -474,12 +522,54 @@ async def _migrate(db: aiosqlite.Connection) -> None:
         row = await cur.fetchone()
     version = int(row[0]) if row else 0
     if version > len(MIGRATIONS):
-        raise RuntimeError(
-            f"state store schema version {version} is newer than this opera-consumer "
-            f"({len(MIGRATIONS)}): upgrade opera-consumer"
+        raise SchemaTooNew(
+            f"schema version {version} was written by a newer opera-consumer (this one knows "
+            f"{len(MIGRATIONS)}): upgrade opera-consumer, or point [state] path at another file"
         )
     for target, script in enumerate(MIGRATIONS[version:], start=version + 1):
         # executescript commits first; the whole migration and its version bump are atomic.
         await db.executescript(
             f"BEGIN IMMEDIATE; {script}; PRAGMA user_version = {target}; COMMIT;"
         )
+
+
+# sqlite3 messages that mean "try again later" rather than "an operator must act".
+_TRANSIENT_SQLITE = ("locked", "busy", "disk i/o error", "database or disk is full")
+
+
+def store_error(path: Path, exc: sqlite3.Error | OSError) -> StoreError:
+    """One line naming the path, what is wrong and the fix, for a failure to use the store."""
+    text = str(exc).lower()
+    if isinstance(exc, OSError):
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return StoreError(
+                f"state store {path}: cannot write there ({exc.strerror}): make its directory "
+                "writable by the daemon's user, or set [state] path to a writable place"
+            )
+        if exc.errno == errno.ENOENT:
+            return StoreError(
+                f"state store {path} does not exist: the daemon has not run with this config"
+            )
+        if exc.errno in (errno.ENOSPC, errno.EIO, errno.EAGAIN):
+            return StoreError(
+                f"state store {path}: {exc.strerror}: free disk space or fix the device",
+                retriable=True,
+            )
+        return StoreError(
+            f"state store {path}: {exc.strerror or exc}: set [state] path to a file in a "
+            "writable directory"
+        )
+    if "readonly" in text or "read-only" in text or "unable to open" in text:
+        return StoreError(
+            f"state store {path}: cannot open it for writing ({exc}): check the permissions of "
+            "the file, its -wal/-shm files and its directory, or set [state] path"
+        )
+    if any(word in text for word in _TRANSIENT_SQLITE):
+        return StoreError(f"state store {path}: {exc}: retry later", retriable=True)
+    if isinstance(exc, sqlite3.DatabaseError):
+        return StoreError(
+            f"state store {path} is not a usable SQLite database ({exc}): restore it from a "
+            "backup, or move it aside to start a new one (the streams then resume from their "
+            "configured start, and a jsonl sink file must be adopted or moved too)"
+        )
+    return StoreError(f"state store {path}: {exc}")

@@ -26,6 +26,7 @@ from .. import __version__
 from ..config import StreamSettings
 from ..core import protocol
 from ..core.close_policy import OVERSIZED_FACTOR, Action, ClosePolicy, Decision
+from ..core.evidence import describe, prefix
 from ..core.liveness import Liveness
 from ..core.protocol import (
     Complete,
@@ -51,6 +52,7 @@ class StreamStats:
     connections: int = 0
     events_received: int = 0
     malformed: int = 0
+    ignored: int = 0  # frames for a subscription id that is not ours
     last_close: str = ""
     closes: Counter[str] = field(default_factory=Counter)  # by code: "4409", "http_429"...
     last_event: float | None = None  # monotonic
@@ -86,6 +88,9 @@ class StreamRunner:
         self._paused = False
         self._completing: str | None = None
         self._dead = False
+        self._ignored_logged = False
+        self._delivered_before = 0
+        self._session_started = 0.0
         self.state = "starting"  # connecting, streaming, completing, lockout, backoff, stopped
         self.stats = StreamStats()
         self.liveness: Liveness | None = None
@@ -102,7 +107,11 @@ class StreamRunner:
         """Consume until :meth:`request_stop`; raises :class:`StreamStopped` for good."""
         with structlog.contextvars.bound_contextvars(stream=self.name):
             while not self._stop.is_set():
-                decision = await self._attempt()
+                try:
+                    decision = await self._attempt()
+                except Exception as exc:  # a bug: reconnect with backoff, never a dead stream
+                    log.error("unexpected error in the stream; reconnecting", exc_info=exc)
+                    decision = self.policy.on_network_error(f"unexpected error: {describe(exc)}")
                 self.stats.last_close = decision.reason
                 if decision.code:
                     self.stats.closes[decision.code] += 1
@@ -174,7 +183,7 @@ class StreamRunner:
                 "timed out opening the connection or waiting for connection_ack"
             )
         except (OSError, InvalidHandshake) as exc:
-            return self.policy.on_network_error(f"cannot connect: {type(exc).__name__}: {exc}")
+            return self.policy.on_network_error(f"cannot connect: {describe(exc)}")
 
     async def _subscribe_input(self) -> SubscribeInput:
         """Always resume from what is done (inclusive replay, deduplicated); the configured
@@ -208,6 +217,7 @@ class StreamRunner:
                 if isinstance(msg, Ping):
                     await ws.send(protocol.PONG)
         sub_id = str(uuid.uuid4())
+        self._ignored_logged = False
         await ws.send(protocol.subscribe(sub_id, sub))
         self.state = "streaming"
         self._completing = None
@@ -222,6 +232,8 @@ class StreamRunner:
         liveness = self.liveness = Liveness(
             time.monotonic(), floor_s=c.liveness_floor_s, multiplier=c.liveness_multiplier
         )
+        self._delivered_before = self._pipeline.delivered
+        self._session_started = time.monotonic()
         helpers = [
             asyncio.create_task(self._keepalive(ws, liveness), name=f"keepalive-{self.name}"),
             asyncio.create_task(self._completer(ws, sub_id, token), name=f"complete-{self.name}"),
@@ -249,6 +261,7 @@ class StreamRunner:
             if type(msg) is Next:
                 liveness.activity(now)
                 if msg.id != sub_id:
+                    self._ignore("next", msg.id)
                     continue
                 stats.events_received += 1
                 stats.last_event = now
@@ -273,13 +286,40 @@ class StreamRunner:
             elif isinstance(msg, DecodeError):
                 liveness.activity(now)
                 stats.malformed += 1
-                pipeline.put_malformed(msg.raw, msg.reason)
+                if pipeline.malformed_fits():
+                    await pipeline.put_malformed(msg)
+                else:
+                    self._paused = True
+                    try:
+                        await pipeline.put_malformed(msg)
+                    finally:
+                        self._paused = False
+                    liveness.activity(monotonic())
             elif isinstance(msg, ErrorMessage | Complete):
+                liveness.activity(now)
+                if msg.id != sub_id:
+                    self._ignore(msg.__class__.__name__.lower(), msg.id)
+                    continue
                 # The server ended our subscription; a fresh session resumes from the checkpoint.
-                detail = msg.errors if isinstance(msg, ErrorMessage) else "complete"
-                log.warning("subscription ended by the server", detail=str(detail)[:500])
+                # Never str() the payload: only the start of the frame is shown.
+                detail = msg.text if isinstance(msg, ErrorMessage) else "complete"
+                log.warning("subscription ended by the server", detail=detail)
                 await ws.close(1000)
-                return self.policy.on_network_error(f"subscription ended by the server: {detail}")
+                self._session_ended(self._session_started)
+                return self.policy.on_network_error(
+                    f"subscription ended by the server: {prefix(detail, 200)}"
+                )
+
+    def _ignore(self, kind: str, sub_id: str) -> None:
+        """A frame for another subscription (we have one): counted, logged once a session."""
+        self.stats.ignored += 1
+        if not self._ignored_logged:
+            self._ignored_logged = True
+            log.warning(
+                "frame for an unknown subscription id ignored (logged once per session)",
+                type=kind,
+                id=prefix(sub_id, 64),
+            )
 
     async def _keepalive(self, ws: ClientConnection, liveness: Liveness) -> None:
         interval = self.settings.connection.ping_interval_s
@@ -322,9 +362,13 @@ class StreamRunner:
         log.warning("server did not close after complete; closing")
         await ws.close(1000)
 
+    def _session_ended(self, started: float) -> None:
+        delivered = self._pipeline.delivered - self._delivered_before
+        self.policy.session_ended(time.monotonic() - started, delivered)
+
     def _after_close(self, exc: ConnectionClosed, started: float | None) -> Decision:
         if started is not None:
-            self.policy.session_ended(time.monotonic() - started)
+            self._session_ended(started)
         rcvd = exc.rcvd
         why = self._completing
         if why is not None:

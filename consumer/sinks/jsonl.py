@@ -4,6 +4,12 @@ Exactly-once across ``kill -9``: lines are appended to an in-memory buffer; the 
 writes and fsyncs the buffer, then records the file length in the same SQLite transaction as
 the checkpoint. On start the file is cut back to the committed length, which removes lines the
 checkpoint does not cover (those events are replayed).
+
+It never cuts bytes it cannot prove uncommitted: a non-empty file that the state store has no
+length for (a new or replaced state store) stops the start (:class:`~consumer.errors.SinkUnusable`, exit 78) until an operator moves the file
+aside or adopts it (``opera-consumer sink adopt``). While running, each sync checks that the
+path still names the open file and that it did not shrink, so a file rotated, truncated or
+removed underneath stops the daemon instead of writing NUL bytes or into a deleted file.
 """
 
 from __future__ import annotations
@@ -17,9 +23,14 @@ import orjson
 import structlog
 
 from ..core.events import Event
-from ..errors import TransientSinkError
+from ..errors import SinkUnusable, TransientSinkError
 
 log = structlog.get_logger(__name__)
+
+ADOPT_HINT = (
+    "move the file aside (the stream then replays into a new one), or run "
+    "`opera-consumer sink adopt` to record its current length as committed"
+)
 
 
 class JsonlSink:
@@ -30,6 +41,7 @@ class JsonlSink:
         self.path = path
         self._fsync = fsync
         self._fd: int | None = None
+        self._identity = (0, 0)
         self._durable = 0  # bytes on disk that a checkpoint may cover
         self._buffer: list[bytes] = []
         self._buffered = 0
@@ -38,23 +50,71 @@ class JsonlSink:
     async def open(self, committed: str | None) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
-        size = os.fstat(fd).st_size
-        length = int(committed) if committed else 0
+        try:
+            size = os.fstat(fd).st_size
+            length = self._committed_length(committed, size)
+            if size > length:
+                # Lines written after the last checkpoint: their events will be replayed.
+                os.ftruncate(fd, length)
+                os.fsync(fd)
+                log.info(
+                    "cut uncommitted tail of jsonl file", path=str(self.path), bytes=size - length
+                )
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        self._identity = _identity(os.fstat(fd))
+        self._durable = length
+
+    def _committed_length(self, committed: str | None, size: int) -> int:
+        if committed is None:
+            if size:
+                raise SinkUnusable(
+                    f"jsonl file {self.path} holds {size} bytes, but the state store has no "
+                    f"committed length for it, so none of them can be proven uncommitted: "
+                    f"{ADOPT_HINT}"
+                )
+            return 0
+        try:
+            length = int(committed)
+        except ValueError:
+            raise SinkUnusable(
+                f"jsonl file {self.path}: the state store's committed length is not a number: "
+                f"{ADOPT_HINT}"
+            ) from None
         if size < length:
+            # Shortened or removed between runs (shipped away by hand, say): nothing of ours
+            # to cut; append after what is there.
             log.warning(
-                "jsonl file is shorter than the committed length; was it rotated or truncated?",
+                "jsonl file is shorter than the committed length; was it moved or truncated?",
                 path=str(self.path),
                 size=size,
                 committed=length,
             )
-            length = size
-        elif size > length:
-            # Lines written after the last checkpoint: their events will be replayed.
-            os.ftruncate(fd, length)
-            os.fsync(fd)
-            log.info("cut uncommitted tail of jsonl file", path=str(self.path), bytes=size - length)
-        self._fd = fd
-        self._durable = length
+            return size
+        return length
+
+    def check(self) -> None:
+        """Raise :class:`SinkUnusable` unless the path still names our file, unshrunk."""
+        assert self._fd is not None, "sink not open"
+        mine = os.fstat(self._fd)
+        try:
+            named = os.stat(self.path)
+        except FileNotFoundError:
+            named = None
+        if named is None or _identity(named) != self._identity or mine.st_nlink == 0:
+            raise SinkUnusable(
+                f"jsonl file {self.path} was removed or replaced while the daemon wrote to it "
+                "(external rotation is not supported): restart the daemon; events not yet "
+                "committed are replayed into the file the path names then"
+            )
+        if mine.st_size < self._durable:
+            raise SinkUnusable(
+                f"jsonl file {self.path} shrank to {mine.st_size} bytes below the "
+                f"{self._durable} committed while the daemon wrote to it: restore it, or "
+                f"{ADOPT_HINT}, then restart"
+            )
 
     async def write(self, stream: str, events: Sequence[Event]) -> None:
         # No await here: the position() snapshot must cover exactly the writes that returned.
@@ -76,7 +136,7 @@ class JsonlSink:
             try:
                 await asyncio.to_thread(self._append, self._durable, data)
             except OSError as exc:
-                raise TransientSinkError(f"writing {self.path}: {exc}") from exc
+                raise TransientSinkError(f"writing {self.path}: {exc.strerror}") from exc
             # Only now drop the buffer: after a failure or a cancellation the next sync writes
             # the same bytes again at the same position (pwrite), which is harmless.
             del self._buffer[:parts]
@@ -85,6 +145,7 @@ class JsonlSink:
 
     def _append(self, at: int, data: bytes) -> None:
         assert self._fd is not None, "sink not open"
+        self.check()
         view = memoryview(data)
         while view:
             written = os.pwrite(self._fd, view, at)
@@ -97,3 +158,12 @@ class JsonlSink:
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)
+
+
+def _identity(st: os.stat_result) -> tuple[int, int]:
+    return (st.st_dev, st.st_ino)
+
+
+def adopt(path: Path) -> int:
+    """The length to record as committed for an existing file: its size now."""
+    return path.stat().st_size if path.exists() else 0

@@ -23,6 +23,7 @@ from typing import Any
 
 from ..config import PythonSinkSettings, resolve
 from ..core.events import Event
+from ..core.retry_after import clamp_retry_after
 from ..errors import ConfigError, PermanentSinkError, SinkError, TransientSinkError
 from .base import PlainSink
 
@@ -55,12 +56,11 @@ class PythonSink(PlainSink):
             raise self._classify(exc, events) from exc
 
     def _classify(self, exc: Exception, events: Sequence[Event]) -> SinkError:
-        what = f"{type(exc).__name__}: {exc}"
+        what = f"{type(exc).__name__}: {str(exc)[:1000]}"
         flag: Any = getattr(exc, "transient", None)
         if flag is True or (flag is None and isinstance(exc, self._transient)):
-            after = getattr(exc, "retry_after", None)
             return TransientSinkError(
-                what, retry_after=float(after) if isinstance(after, (int, float)) else None
+                what, retry_after=clamp_retry_after(getattr(exc, "retry_after", None))
             )
         culprit = getattr(exc, "unique_event_id", None)
         if not isinstance(culprit, str):

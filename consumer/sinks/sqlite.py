@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -69,7 +70,8 @@ class StoreTableSink(PlainSink):
     async def write(self, stream: str, events: Sequence[Event]) -> None:
         # No await: what the committer takes is exactly the writes that returned.
         now = time.time()
-        self._rows.extend(row(stream, ev, now) for ev in events)
+        rows = [row(stream, ev, now) for ev in events]  # all or none: one may not serialize
+        self._rows.extend(rows)
 
     def take(self) -> list[tuple[Any, ...]]:
         """The rows written since the last call, for the committer's transaction."""
@@ -91,6 +93,8 @@ class SqliteSink(PlainSink):
 
     async def open(self, committed: str | None) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Created 0600 before SQLite does, like the state store (-wal/-shm take its mode).
+        os.close(os.open(self.path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600))
         db = await aiosqlite.connect(self.path, isolation_level=None)
         try:
             await db.executescript(

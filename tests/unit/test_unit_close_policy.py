@@ -249,7 +249,30 @@ def test_default_rng_is_used_without_one() -> None:
     assert 0.5 <= d.delay_s <= 1.0
 
 
-def test_a_frame_too_big_for_us_stops_instead_of_looping() -> None:
-    d = policy().on_closed_by_us(1009, 1024)
-    assert d is not None and d.action is Action.STOP and "max_frame_bytes" in d.reason
+def test_a_frame_too_big_for_us_waits_at_the_slowest_pace_but_never_stops() -> None:
+    """Issue #9: no frame stops a stream for good. OHIP's retention drops the frame in the end,
+    or the operator raises max_frame_bytes; meanwhile retry at backoff_max_s."""
+    p = policy()
+    for _ in range(5):
+        d = p.on_closed_by_us(1009, 1024)
+        assert d is not None and d.action is Action.RECONNECT and "max_frame_bytes" in d.reason
+        assert d.delay_s >= CFG.backoff_max_s
     assert policy().on_closed_by_us(1000, 1024) is None
+
+
+def test_a_session_that_delivered_resets_the_backoff() -> None:
+    """Issue #9 item 10: each session of a catch-up over a flaky link delivers thousands of
+    events in seconds; the waits between them must not grow to the backoff ceiling."""
+    p = policy()
+    for _ in range(8):
+        p.session_ended(2.0, delivered=8000)
+        d = p.on_close(4500)
+        assert CFG.backoff_initial_s / 2 <= d.delay_s <= CFG.backoff_initial_s
+    # 1006 keeps its floor, and a session that delivered nothing still backs off.
+    p.session_ended(2.0, delivered=8000)
+    assert p.on_close(None).delay_s >= CFG.abnormal_min_s
+    delays = []
+    for _ in range(6):
+        p.session_ended(2.0, delivered=0)
+        delays.append(p.on_close(4500).delay_s)
+    assert delays[-1] > CFG.backoff_initial_s

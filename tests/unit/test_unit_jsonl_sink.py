@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from consumer.core.events import Event
-from consumer.errors import TransientSinkError
+from consumer.errors import SinkUnusable, TransientSinkError
 from consumer.sinks.jsonl import JsonlSink
 
 
@@ -147,14 +147,78 @@ async def test_open_cuts_a_longer_file_back_to_the_committed_length(tmp_path: Pa
         await s.close()
 
 
-async def test_open_without_committed_length_empties_the_file(tmp_path: Path) -> None:
+async def test_open_without_committed_length_refuses_a_non_empty_file(tmp_path: Path) -> None:
+    """Issue #9 item 1: with no committed length (a new or replaced state store) no byte of
+    the file can be proven uncommitted: refuse, naming the file and the way out, cut nothing."""
     path = tmp_path / "e.jsonl"
-    path.write_bytes(line_bytes(event(1)))
+    content = line_bytes(event(1)) + line_bytes(event(2))
+    path.write_bytes(content)
+    s = JsonlSink(path)
+    with pytest.raises(SinkUnusable) as raised:
+        await s.open(None)
+    assert str(path) in str(raised.value)
+    assert "sink adopt" in str(raised.value) and "move the file aside" in str(raised.value)
+    assert path.read_bytes() == content
+
+
+async def test_open_without_committed_length_takes_an_empty_file(tmp_path: Path) -> None:
+    path = tmp_path / "e.jsonl"
+    path.write_bytes(b"")
     s = JsonlSink(path)
     await s.open(None)
     try:
-        assert path.read_bytes() == b""
         assert s.position() == "0"
+    finally:
+        await s.close()
+
+
+async def test_a_file_replaced_while_running_stops_the_sink(tmp_path: Path) -> None:
+    """Issue #9 item 1: rotated away underneath (renamed, a new file at the path): writing on
+    would put committed lines in a file nobody reads. Stop with a clear error instead."""
+    path = tmp_path / "e.jsonl"
+    s = JsonlSink(path)
+    await s.open(None)
+    try:
+        await s.write("main", [event(1)])
+        await s.sync(s.position())
+        path.rename(tmp_path / "e.jsonl.1")
+        path.write_bytes(b"")
+        await s.write("main", [event(2)])
+        with pytest.raises(SinkUnusable, match="removed or replaced"):
+            await s.sync(s.position())
+        assert path.read_bytes() == b""
+        assert read_lines(tmp_path / "e.jsonl.1") == [event(1).raw]
+    finally:
+        await s.close()
+
+
+async def test_a_file_removed_while_running_stops_the_sink(tmp_path: Path) -> None:
+    """Issue #9 item 1: writing into a deleted file loses every line."""
+    path = tmp_path / "e.jsonl"
+    s = JsonlSink(path)
+    await s.open(None)
+    try:
+        path.unlink()
+        await s.write("main", [event(1)])
+        with pytest.raises(SinkUnusable, match="removed or replaced"):
+            await s.sync(s.position())
+    finally:
+        await s.close()
+
+
+async def test_a_file_truncated_while_running_stops_the_sink(tmp_path: Path) -> None:
+    """Issue #9 item 1: a pwrite past the end of a truncated file leaves a hole of NUL bytes."""
+    path = tmp_path / "e.jsonl"
+    s = JsonlSink(path)
+    await s.open(None)
+    try:
+        await s.write("main", [event(1), event(2)])
+        await s.sync(s.position())
+        os.truncate(path, 0)
+        await s.write("main", [event(3)])
+        with pytest.raises(SinkUnusable, match="shrank"):
+            await s.sync(s.position())
+        assert b"\x00" not in path.read_bytes()
     finally:
         await s.close()
 

@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 
 from consumer.core.events import Event
+from consumer.core.evidence import evidence
+from consumer.core.protocol import DecodeError
 from consumer.errors import PermanentSinkError, TransientSinkError
 from consumer.runtime.committer import Committer
 from consumer.runtime.pipeline import StreamPipeline
@@ -29,6 +31,10 @@ from consumer.sinks.jsonl import JsonlSink
 STREAM = "main"
 WAIT_S = 5.0
 
+
+
+def bad(text: str, reason: str) -> DecodeError:
+    return DecodeError(evidence(text), reason)
 
 def ev(i: int, key: str | None = None) -> Event:
     key = key if key is not None else f"pk{i % 7}"
@@ -441,8 +447,8 @@ async def test_malformed_frames_are_dead_lettered_with_raw_text(tmp_path: Path) 
     sink = JsonlSink(tmp_path / "events.jsonl", fsync=False)
     async with harness(tmp_path, sink, workers=2) as (store, committer, pipeline):
         await pipeline.put(ev(1))
-        pipeline.put_malformed('{"type":"next","payload":', "invalid JSON: truncated")
-        pipeline.put_malformed("[1]", "frame is not a JSON object")
+        await pipeline.put_malformed(bad('{"type":"next","payload":', "invalid JSON: truncated"))
+        await pipeline.put_malformed(bad("[1]", "frame is not a JSON object"))
         await pipeline.put(ev(2))
         await drained(pipeline)
         await committer.flush()
@@ -463,7 +469,7 @@ async def test_malformed_frame_alone_commits_a_dead_letter_without_checkpoint(
 ) -> None:
     sink = FakeSink()
     async with harness(tmp_path, sink) as (store, committer, pipeline):
-        pipeline.put_malformed("garbage", "invalid JSON")
+        await pipeline.put_malformed(bad("garbage", "invalid JSON"))
         assert pipeline.in_flight == 0
         assert await committer.flush()
         assert [d.payload for d in await store.dead_letters()] == ["garbage"]

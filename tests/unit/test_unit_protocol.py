@@ -288,14 +288,16 @@ def test_decode_connection_ack() -> None:
 
 def test_decode_error_message() -> None:
     msg = decode('{"id":"s1","type":"error","payload":[{"message":"bad"},{"message":"worse"}]}')
-    assert msg == ErrorMessage("s1", [{"message": "bad"}, {"message": "worse"}])
+    assert msg == ErrorMessage("s1", [{"message": "bad"}, {"message": "worse"}], msg.text)
+    assert msg.text.startswith('{"id":"s1","type":"error"')
     single = decode('{"id":"s1","type":"error","payload":{"message":"bad"}}')
-    assert single == ErrorMessage("s1", [{"message": "bad"}])
+    assert isinstance(single, ErrorMessage) and single.errors == [{"message": "bad"}]
 
 
 def test_decode_complete() -> None:
     assert decode('{"id":"s1","type":"complete"}') == Complete("s1")
-    assert decode('{"id":7,"type":"complete"}') == Complete("7")
+    # Not a string: never our subscription's id (and never str() of a value from the wire).
+    assert decode('{"id":7,"type":"complete"}') == Complete("")
 
 
 # --- decode: next ------------------------------------------------------------------------------
@@ -303,7 +305,8 @@ def test_decode_complete() -> None:
 
 def test_decode_next_builds_the_event() -> None:
     ev = full_event()
-    msg = decode(next_frame(ev))
+    frame = next_frame(ev)
+    msg = decode(frame)
     assert isinstance(msg, Next)
     assert msg.id == "sub-1"
     assert msg.event == Event(
@@ -315,6 +318,7 @@ def test_decode_next_builds_the_event() -> None:
         hotel_id="HOTEL1",
         timestamp="28-APR-24 06.18.59.028027 AM",
         raw=ev,
+        frame=frame,  # kept for a dead letter when the event cannot be written back out
     )
     assert msg.event.raw == ev  # the newEvent object as received, unknown fields included
 
@@ -449,7 +453,8 @@ def test_invalid_json_is_a_decode_error_with_raw_text(frame: str) -> None:
 @pytest.mark.parametrize("frame", ["[]", "[1,2]", "1", '"ping"', "null", "true", "1.5"])
 def test_non_object_json_is_a_decode_error(frame: str) -> None:
     msg = decode(frame)
-    assert msg == DecodeError(frame, "frame is not a JSON object")
+    assert isinstance(msg, DecodeError)
+    assert (msg.raw, msg.reason) == (frame, "frame is not a JSON object")
 
 
 @pytest.mark.parametrize(
@@ -471,7 +476,9 @@ def test_invalid_utf8_bytes_are_decoded_lossily_into_raw() -> None:
 
 
 def test_bytes_non_object_keeps_text() -> None:
-    assert decode(b"[1]") == DecodeError("[1]", "frame is not a JSON object")
+    msg = decode(b"[1]")
+    assert isinstance(msg, DecodeError)
+    assert (msg.raw, msg.reason) == ("[1]", "frame is not a JSON object")
 
 
 def test_nesting_beyond_the_parser_limit_is_a_decode_error() -> None:

@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 
+from consumer.errors import SchemaTooNew
+
 import consumer.runtime.store as store_module
 from consumer.core.watermark import Position
 from consumer.runtime.store import MIGRATIONS, CommitBatch, DeadLetter, Store
@@ -94,8 +96,9 @@ async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     con.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
     con.commit()
     con.close()
-    with pytest.raises(RuntimeError, match="newer"):
+    with pytest.raises(SchemaTooNew, match="newer") as raised:
         await Store.open(path)
+    assert str(path) in str(raised.value) and "upgrade opera-consumer" in str(raised.value)
     # the refused file is untouched
     assert raw_query(path, "PRAGMA user_version") == [(len(MIGRATIONS) + 1,)]
 

@@ -1,0 +1,53 @@
+"""``Retry-After`` and any other wait a far end asks for, parsed and bounded in one place.
+
+Every HTTP client of the process (token endpoint, REST API, webhook) and the python sink's
+exceptions go through here: NaN, infinity, negative or unparseable values fall back to the
+caller's normal backoff, and the rest is clamped so that "0" is no tight loop and "1e9" no hang.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import math
+from datetime import UTC, datetime
+from typing import Final
+
+# Bounds on any wait a far end asks for: "0" must not become a tight loop, nor "1e9" a hang.
+RETRY_AFTER_MIN_S: Final = 0.5
+RETRY_AFTER_MAX_S: Final = 300.0
+
+
+def clamp_retry_after(seconds: object) -> float | None:
+    """A wait the far end asked for, made safe: None (use the normal backoff) unless it is a
+    finite, non-negative number; then clamped to [RETRY_AFTER_MIN_S, RETRY_AFTER_MAX_S]."""
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+        return None
+    try:
+        value = float(seconds)
+    except OverflowError:  # an integer beyond any float
+        return None
+    if not math.isfinite(value) or value < 0:
+        return None
+    return min(max(value, RETRY_AFTER_MIN_S), RETRY_AFTER_MAX_S)
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """Parse ``Retry-After`` (delta-seconds or HTTP-date) once, for every HTTP client.
+
+    Unparseable, negative, NaN or infinite: None (the caller's normal backoff applies). A date
+    in the past means "now", i.e. the minimum.
+    """
+    if not value or len(value) > 64:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = max(0.0, (when - datetime.now(UTC)).total_seconds())
+    return clamp_retry_after(seconds)
