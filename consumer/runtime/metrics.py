@@ -13,18 +13,19 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
 import h11
 import httpx
+import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from ..core.events import Event
-from ..http11 import read_request, respond
+from ..http11 import read_request, reject, request_path, respond
+from ..logs import RateLimitedLogger
 from .orchestration import OrchestratingSink
 from .stream import READY_STATES
 
@@ -162,18 +163,47 @@ def readiness(daemon: Daemon) -> tuple[bool, dict[str, Any]]:
     return all(s["ready"] for s in streams.values()), {"streams": streams}
 
 
+_MAX_CONNECTIONS = 64  # handled at once; a connection beyond them is closed at once
+_HEAD_LIMIT = 8 * 1024  # bytes of request head (a scraper sends a few hundred)
+_HEAD_TIMEOUT_S = 5.0  # to send the request head
+_WRITE_TIMEOUT_S = 10.0  # to take the response
+_LOG_EVERY_S = 60.0  # one line per kind of trouble at most, with a count of the ones held back
+_ALLOW = {"Allow": "GET, HEAD"}
+# What clients do to a listener: quietly closed (OSError covers resets and broken pipes).
+_CLIENT_TROUBLE = (
+    TimeoutError,
+    OSError,
+    UnicodeError,
+    asyncio.IncompleteReadError,
+    asyncio.LimitOverrunError,
+    h11.RemoteProtocolError,
+)
+
+_log = structlog.get_logger(__name__)
+
+
 class MetricsServer:
     """``/metrics``, ``/healthz`` (the loop answers) and ``/readyz`` (every stream is
-    streaming or in a deliberate wait) on one loopback port by default."""
+    streaming or in a deliberate wait) on one loopback port by default.
+
+    GET and HEAD only (405 otherwise). Hostile clients get an answer or a close and never a
+    traceback: at most ``_MAX_CONNECTIONS`` at once, a bounded head sent within
+    ``_HEAD_TIMEOUT_S``, 400 for a head or target that does not parse; anything unexpected is
+    logged once a minute at most."""
 
     def __init__(self, daemon: Daemon, metrics: Metrics, host: str, port: int) -> None:
         self._daemon = daemon
         self._metrics = metrics
         self._host, self._port = host, port
         self._server: asyncio.Server | None = None
+        self._handlers: set[asyncio.Task[Any]] = set()
+        # One line per kind of trouble a minute at most, counting the ones held back.
+        self._log = RateLimitedLogger(_log, per_s=1 / _LOG_EVERY_S, burst=1)
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, self._host, self._port)
+        self._server = await asyncio.start_server(
+            self._handle, self._host, self._port, limit=_HEAD_LIMIT
+        )
 
     @property
     def port(self) -> int:
@@ -184,34 +214,77 @@ class MetricsServer:
         server, self._server = self._server, None
         if server is not None:
             server.close()
+            handlers = list(self._handlers)
+            for task in handlers:
+                task.cancel()
+            await asyncio.gather(*handlers, return_exceptions=True)
             await server.wait_closed()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One connection. Nothing leaves it: an exception here would reach the loop's
+        exception handler (a traceback per connection)."""
+        task = asyncio.current_task()
+        if task is None or len(self._handlers) >= _MAX_CONNECTIONS:
+            self._log.warning(
+                "metrics listener full: connections closed at once", limit=_MAX_CONNECTIONS
+            )
+            writer.close()
+            return
+        self._handlers.add(task)
         try:
-            async with asyncio.timeout(10):
+            await self._serve(reader, writer)
+        except _CLIENT_TROUBLE:
+            pass
+        except asyncio.CancelledError:
+            pass  # close(): nobody awaits this task, and a cancelled one would be reported
+        except Exception as exc:  # a bug of ours (h11.LocalProtocolError, a collector...)
+            self._log.warning("metrics listener: a request failed", exc_info=exc)
+        finally:
+            self._handlers.discard(task)
+            writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(_HEAD_TIMEOUT_S):
                 parsed = await read_request(reader)
+        except asyncio.LimitOverrunError:
+            reject(writer, 431, b'{"error": "request head too large"}')
+        except h11.RemoteProtocolError as exc:  # not HTTP/1.1, or not ASCII
+            reject(writer, exc.error_status_hint, b'{"error": "bad request"}')
+        else:
             if parsed is None:
-                return
-            _, conn, request = parsed
-            path = urlsplit(request.target.decode()).path
+                reject(writer, 400, b'{"error": "bad request"}')
+            else:
+                _, conn, request = parsed
+                status, body, content_type, extra = self._answer(request)
+                head = request.method == b"HEAD"
+                respond(
+                    conn, writer, status, body, content_type=content_type, extra=extra, head=head
+                )
+        async with asyncio.timeout(_WRITE_TIMEOUT_S):
+            await writer.drain()
+
+    def _answer(self, request: h11.Request) -> tuple[int, bytes, str, dict[str, str]]:
+        """Status, body, content type and extra headers for a parsed request."""
+        json_type = "application/json"
+        path = request_path(request.target)
+        if path is None:
+            return 400, b'{"error": "bad request target"}', json_type, {}
+        if request.method not in (b"GET", b"HEAD"):
+            return 405, b'{"error": "method not allowed"}', json_type, _ALLOW
+        try:
             if path == "/metrics":
-                body = self._metrics.scrape()
-                respond(conn, writer, 200, body, content_type=CONTENT_TYPE_LATEST)
-            elif path == "/healthz":
-                respond(conn, writer, 200, b'{"status": "ok"}')
-            elif path == "/readyz":
+                return 200, self._metrics.scrape(), CONTENT_TYPE_LATEST, {}
+            if path == "/healthz":
+                return 200, b'{"status": "ok"}', json_type, {}
+            if path == "/readyz":
                 ok, detail = readiness(self._daemon)
                 body = json.dumps({"ready": ok, **detail}).encode()
-                respond(conn, writer, 200 if ok else 503, body)
-            else:
-                respond(conn, writer, 404, b'{"error": "not found"}')
-            await writer.drain()
-        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
-            pass
-        except (asyncio.LimitOverrunError, h11.RemoteProtocolError):
-            pass
-        finally:
-            writer.close()
+                return 200 if ok else 503, body, json_type, {}
+        except Exception as exc:
+            self._log.warning("metrics listener: a request failed", exc_info=exc, path=path)
+            return 500, b'{"error": "internal error"}', json_type, {}
+        return 404, b'{"error": "not found"}', json_type, {}
 
 
 async def live_status(host: str, port: int, *, interval_s: float = 1.0) -> dict[str, Any] | None:
