@@ -23,19 +23,22 @@ the pipeline retries the whole write, so chunks already accepted may be POSTed a
 the key). Any other status (4xx, and 3xx as redirects are not followed) raises
 :class:`~consumer.errors.PermanentSinkError` with the status and the start of the body; the
 pipeline then re-delivers a failed batch one event at a time so that only the culprit is
-dead-lettered. Error texts never hold the token, the password or the ``Authorization`` header.
+dead-lettered. Error texts never hold a secret: the token, the password, the ``Authorization``
+header, secret-looking configured headers, nor the URL's password or query values (in any form
+we know they travel in: raw, percent-encoded or decoded, base64 for Basic auth), even when the
+receiver echoes the request; :meth:`WebhookSink.open` registers them all with the log redactor.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 from collections.abc import Iterator, Sequence
+from urllib.parse import urlsplit
 
 import httpx
 import orjson
 
-from ..config import WebhookSinkSettings
+from ..config import WebhookSinkSettings, query_secret_values, webhook_secret_values
 from ..core.events import Event
 from ..errors import PermanentSinkError, TransientSinkError
 from ..logs import MASK, REDACTOR
@@ -44,8 +47,9 @@ from .base import PlainSink
 
 TRANSIENT_STATUSES = frozenset({408, 425, 429})
 EXCERPT_CHARS = 300
-# Configured headers whose values are registered as secrets (masked in logs and errors).
-_SECRET_HEADER_WORDS = ("authorization", "cookie", "token", "secret", "key", "password")
+# Query values are all treated as secrets, but a short one ("?v=1") is most likely none and
+# would mask half of every text: as the log redactor, those are left alone.
+MIN_QUERY_SECRET_CHARS = 4
 
 
 def batch_idempotency_key(unique_event_ids: Sequence[str]) -> str:
@@ -61,29 +65,29 @@ class WebhookSink(PlainSink):
         # ``client`` is shared by the whole process, which closes it; this sink never does.
         self.settings = settings
         self._client = client
-        self._url = settings.url
+        self._url = str(settings.url)
         self._timeout = httpx.Timeout(settings.timeout_s)
         self._headers = httpx.Headers(settings.headers)
         self._headers["Content-Type"] = "application/json"
         self._auth: httpx.BasicAuth | None = None
-        secrets: list[str] = []
         if settings.auth == "bearer" and settings.token is not None:
-            token = settings.token.get_secret_value()
-            self._headers["Authorization"] = f"Bearer {token}"
-            secrets += [token, f"Bearer {token}"]
+            self._headers["Authorization"] = f"Bearer {settings.token.get_secret_value()}"
         elif settings.auth == "basic" and settings.password is not None:
             user, password = settings.username or "", settings.password.get_secret_value()
             self._auth = httpx.BasicAuth(user, password)
-            basic = base64.b64encode(f"{user}:{password}".encode()).decode()
-            secrets += [password, basic, f"Basic {basic}"]
-        for header, value in settings.headers.items():
-            if any(word in header.lower() for word in _SECRET_HEADER_WORDS):
-                secrets.append(value)
-        url = httpx.URL(settings.url)
-        if url.password:
-            secrets.append(url.password)
+        url = httpx.URL(str(settings.url))
+        # Every secret in every form we know (config.webhook_secret_values), plus the query
+        # values as httpx puts them on the request line (its own percent-encoding).
+        wire_query = url.query.decode("ascii", "replace")
+        secrets = webhook_secret_values(settings) + query_secret_values(wire_query)
+        query = set(query_secret_values(wire_query, url.fragment))
+        query.update(query_secret_values(urlsplit(str(settings.url)).query))
         # Longest first, so that a secret containing another is masked whole.
-        self._secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+        self._secrets = sorted(
+            {s for s in secrets if s not in query or len(s) >= MIN_QUERY_SECRET_CHARS},
+            key=len,
+            reverse=True,
+        )
         # For error texts: no user information, no query string (either may hold a secret).
         port = f":{url.port}" if url.port is not None else ""
         self._where = f"{url.scheme}://{url.host}{port}{url.path}"
@@ -125,8 +129,8 @@ class WebhookSink(PlainSink):
         if 200 <= status < 300:
             return
         reason = f"{what}: HTTP {status}"
-        if response.reason_phrase:
-            reason += f" {response.reason_phrase}"
+        if response.reason_phrase:  # the receiver's words too: it may echo a secret there
+            reason += f" {self._scrub(response.reason_phrase)}"
         # The receiver may echo the request (an Authorization header, say): scrub the excerpt.
         # Scrub before cutting, so that no part of a secret survives at the cut.
         text = response.content[:65536].decode("utf-8", errors="replace")

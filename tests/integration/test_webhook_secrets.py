@@ -1,0 +1,133 @@
+"""Webhook secrets against a hostile receiver (issue #9 "Poison-proof", item 5).
+
+The receiver (tests/receiver.py, on loopback) answers 400 and echoes everything it got: the
+request line (as sent and percent-decoded), every header, and the decoded Basic credentials.
+The daemon, fed by the sandbox, dead-letters every event; neither the DLQ rows nor any log line
+may hold a secret of the webhook's configuration, in any form.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, unquote
+
+import pytest
+import structlog
+from receiver import Received, Receiver, Reply
+from support import make_settings, running, truth_ids, wait_until
+
+import consumer.logs
+from consumer.config import WebhookSinkSettings
+
+PASSWORD = "Pw-s3cr3t-91"
+TOKEN = "tok-Q-7731"
+SIGNATURE = "s1g+v4l/ue=9"  # percent-encoding changes it: the URL holds the encoded form
+HEADER = "hdr-K3y-4402"
+BASIC = base64.b64encode(f"user:{PASSWORD}".encode()).decode()
+
+
+def forms(secret: str) -> set[str]:
+    return {secret, quote(secret, safe=""), base64.b64encode(secret.encode()).decode()}
+
+
+SECRETS = {BASIC, *forms(PASSWORD), *forms(TOKEN), *forms(SIGNATURE), *forms(HEADER)}
+
+
+def echo(request: Received) -> Reply:
+    """400, with the request echoed back: a receiver that reflects what it was sent."""
+    lines = [f"{request.method} {request.path} HTTP/1.1", f"decoded: {unquote(request.path)}"]
+    auth = request.header("Authorization") or ""
+    if auth.startswith("Basic "):
+        lines.append("credentials: " + base64.b64decode(auth[6:]).decode())
+    # The interesting headers first: the DLQ keeps the first 300 characters.
+    first = ("authorization", "x-api-key", "x-source")
+    names = [*first, *(n for n in request.headers if n not in first)]
+    lines += [f"{name}: {request.headers[name]}" for name in names if name in request.headers]
+    return Reply(400, {"Content-Type": "text/plain"}, "\n".join(lines).encode())
+
+
+@pytest.fixture
+def logs() -> Iterator[io.StringIO]:
+    """Every log line of the process (JSON), into a buffer; logging put back afterwards."""
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    buffer = io.StringIO()
+    consumer.logs.configure("debug", "json", stream=buffer)
+    structlog.configure(cache_logger_on_first_use=False)
+    try:
+        yield buffer
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        structlog.configure(**saved)
+
+
+@pytest.mark.parametrize("batch_size", [1, 5])
+async def test_no_webhook_secret_reaches_the_dlq_or_the_logs(
+    sandbox_factory: Any, tmp_path: Path, logs: io.StringIO, batch_size: int
+) -> None:
+    """Issue #9 item 5: with the password in the URL, secrets in its query string and a secret
+    header, a receiver echoing the request made the DLQ error and the "event dead-lettered"
+    line carry ?token=..., the Basic credentials and the header value. Now every form of every
+    secret is masked, while the echo itself (and the events) still land in the DLQ."""
+    gw = await sandbox_factory(backlog=12)
+    truth = truth_ids(gw.events("DEMO"))
+    with Receiver(echo) as rx:
+        port = rx.port
+        url = (
+            f"http://user:{PASSWORD}@127.0.0.1:{port}/in"
+            f"?token={TOKEN}&sig={quote(SIGNATURE, safe='')}"
+        )
+        s = make_settings(
+            tmp_path,
+            gw.url,
+            sink={
+                "type": "webhook",
+                "url": url,
+                "auth": "none",
+                "headers": {"X-Api-Key": HEADER, "X-Source": "opera"},
+                "batch_size": batch_size,
+            },
+            pipeline={"sink_retry_initial_s": 0.05, "sink_retry_max_s": 0.2},
+        )
+        assert isinstance(s.sink, WebhookSinkSettings)
+        async with running(s) as daemon:
+            pipeline = daemon.pipelines["main"]
+            await wait_until(lambda: pipeline.dead_lettered >= len(truth))
+        requests = rx.requests
+    # The secrets were really sent (and so echoed back)...
+    assert requests
+    first = requests[0]
+    assert first.header("Authorization") == f"Basic {BASIC}"
+    assert first.header("X-Api-Key") == HEADER
+    assert f"token={TOKEN}" in first.path
+    assert quote(SIGNATURE, safe="") in first.path
+    # ...every event is in the DLQ with the receiver's answer...
+    with sqlite3.connect(tmp_path / "state.db") as db:
+        db.row_factory = sqlite3.Row
+        rows = [dict(r) for r in db.execute("SELECT * FROM dead_letters")]
+    assert sorted(r["unique_event_id"] for r in rows) == sorted(truth)
+    for row in rows:
+        assert row["reason"] == "sink_rejected"
+        assert "HTTP 400" in row["error"]
+        assert "x-source: opera" in row["error"]  # the echo is there, only its secrets masked
+        assert "authorization: Basic ***" in row["error"]
+        assert "credentials: user:***" in row["error"]
+        assert "x-api-key: ***" in row["error"]
+        assert f"127.0.0.1:{port}/in" in row["error"]
+        for column, value in row.items():
+            for secret in SECRETS:
+                assert secret not in str(value), (column, secret, value)
+    # ...and no log line holds a secret either.
+    text = logs.getvalue()
+    assert text.count('"event dead-lettered"') >= len(truth)
+    for line in text.splitlines():
+        for secret in SECRETS:
+            assert secret not in line, (secret, line)
