@@ -21,10 +21,9 @@ from typing import Any
 
 import httpx
 import structlog
-from pydantic import SecretStr
 
 from .. import __version__
-from ..config import Settings
+from ..config import Settings, secret_values
 from ..core import protocol
 from ..core.evidence import describe, shown
 from ..core.upgrade_budget import UpgradeBudget
@@ -51,18 +50,9 @@ EXIT_INTERRUPTED = 130
 
 
 def register_secrets(settings: Settings) -> None:
-    for s in settings.streams.values():
-        key = s.app_key.get_secret_value()
-        REDACTOR.add(
-            key,
-            protocol.key_hash(key),
-            s.auth.client_secret.get_secret_value(),
-            s.auth.password.get_secret_value() if s.auth.password else None,
-        )
-    for name in ("token", "password", "dsn"):
-        secret = getattr(settings.sink, name, None)
-        if isinstance(secret, SecretStr):
-            REDACTOR.add(secret.get_secret_value())
+    """Every secret the settings hold, in every form it may appear in (hashed, base64,
+    percent-encoded...), is masked in every log line from now on."""
+    REDACTOR.add(*secret_values(settings))
 
 
 def http_client(settings: Settings) -> httpx.AsyncClient:
@@ -227,6 +217,11 @@ class Daemon:
                     t.add_done_callback(self._task_done)
                 self._stream_tasks.append(self._spawn(self.runners[name].run(), f"stream-{name}"))
             self._spawn(self._report_to_systemd(), "systemd")
+            if self.settings.allow_insecure_http:
+                log.warning(
+                    "allow_insecure_http = true: credentials and events may travel over plain "
+                    "http:// to hosts other than loopback; use it on a trusted test network only"
+                )
             log.info("opera-consumer running", version=__version__, streams=list(self.runners))
             await self._stop.wait()
         finally:

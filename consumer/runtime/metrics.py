@@ -103,6 +103,7 @@ class _DaemonCollector(Collector):
         processed = counter("events_processed", "Events delivered to the sink.")
         dedup = counter("events_deduplicated", "Events already processed, skipped.")
         dead = counter("events_dead_lettered", "Events and frames sent to the DLQ.")
+        ignored = counter("frames_ignored", "Frames for a subscription id that is not ours.")
         connections = counter("connections", "WebSocket connections opened.")
         tokens = counter("token_refreshes", "OAuth tokens fetched.")
         closes = CounterMetricFamily(
@@ -121,6 +122,7 @@ class _DaemonCollector(Collector):
             processed.add_metric([name], pipeline.delivered)
             dedup.add_metric([name], pipeline.duplicates)
             dead.add_metric([name], pipeline.dead_lettered)
+            ignored.add_metric([name], stats.ignored)
             connections.add_metric([name], stats.connections)
             tokens.add_metric([name], runner.token_fetches)
             for code, n in stats.closes.items():
@@ -137,7 +139,12 @@ class _DaemonCollector(Collector):
                 srtt.add_metric([name], runner.liveness.srtt)
             if name in self._newest:
                 lag.add_metric([name], max(0.0, time.time() - self._newest[name]))
-        yield from (received, processed, dedup, dead, connections, tokens, closes)
+        yield from (received, processed, dedup, dead, ignored, connections, tokens, closes)
+        failures = GaugeMetricFamily(
+            "opera_consumer_commit_failures", "Consecutive failed commits of the state store."
+        )
+        failures.add_metric([], d.committer.failures)
+        yield failures
         yield from (depth, connected, ready, age, quiet, srtt, lag)
         if isinstance(d.sink, OrchestratingSink):
             o = d.sink.orchestrator
@@ -160,7 +167,11 @@ def readiness(daemon: Daemon) -> tuple[bool, dict[str, Any]]:
         }
         for name, r in daemon.runners.items()
     }
-    return all(s["ready"] for s in streams.values()), {"streams": streams}
+    # Commits that keep failing: nothing is being made durable, whatever the streams say.
+    failing = daemon.committer.failing_since
+    commits = {"ok": failing is None, "failures": daemon.committer.failures}
+    ready = failing is None and all(s["ready"] for s in streams.values())
+    return ready, {"streams": streams, "commits": commits}
 
 
 _MAX_CONNECTIONS = 64  # handled at once; a connection beyond them is closed at once

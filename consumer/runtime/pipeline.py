@@ -20,10 +20,10 @@ import structlog
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
 from ..core.events import Event
-from ..core.evidence import describe, event_evidence
+from ..core.evidence import describe, event_evidence, prefix
 from ..core.protocol import DecodeError
 from ..core.watermark import Position, Watermark
-from ..errors import PermanentSinkError, SinkUnusable, TransientSinkError
+from ..errors import PermanentSinkError, SinkError, SinkUnusable, TransientSinkError
 from ..logs import RateLimitedLogger
 from ..sinks.base import Sink
 from .committer import Committer
@@ -307,7 +307,9 @@ class StreamPipeline:
             behind = self._parked[ev.primary_key]
             reason, error = "parked", f"primaryKey {ev.primary_key} is parked behind {behind}"
         else:
-            reason, error = reason or "sink_rejected", describe(exc)
+            # A sink's own error says what it means; anything else is named by its type.
+            text = prefix(str(exc), 1000) if isinstance(exc, SinkError) else describe(exc)
+            reason, error = reason or "sink_rejected", text
             if self._park and ev.primary_key not in self._parked:
                 self._parked[ev.primary_key] = ev.unique_event_id
                 self._uncommitted.add(ev.primary_key)

@@ -55,7 +55,7 @@ _NAMES = ("Smith", "Garcia", "Müller", "Rossi", "Dupont", "Tanaka", "O'Brien", 
 @dataclass(slots=True)
 class Entry:
     key: int  # numeric offset (malformed entries: the previous event's)
-    offset: str | None  # None: a raw malformed frame
+    offset: str | None  # None: a raw malformed frame; "": an injected event (not generated)
     hotel: str | None
     payload: str  # events: JSON of {"data":{"newEvent":...}}; malformed: the frame itself
     _delta: str | None = None
@@ -128,7 +128,7 @@ class ChainLog:
 
     def events(self) -> list[dict[str, Any]]:
         return [
-            json.loads(e.payload)["data"]["newEvent"] for e in self.entries if e.offset is not None
+            json.loads(e.payload)["data"]["newEvent"] for e in self.entries if e.offset
         ]
 
     def resource(self, key: str) -> Resource | None:
@@ -151,6 +151,14 @@ class ChainLog:
     def append_malformed(self, raw: str) -> None:
         key = self._keys[-1] if self._keys else 0
         self.entries.append(Entry(key, None, None, raw))
+        self._keys.append(key)
+        self._notify()
+
+    def append_raw_event(self, new_event_json: str) -> None:
+        """An event given as text, wrapped in ``next`` when sent; replayed from the previous
+        event's offset (its own may be anything)."""
+        key = self._keys[-1] if self._keys else 0
+        self.entries.append(Entry(key, "", None, '{"data":{"newEvent":' + new_event_json + "}}"))
         self._keys.append(key)
         self._notify()
 

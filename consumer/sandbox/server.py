@@ -39,7 +39,7 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
-from ..http11 import read_request, respond
+from ..http11 import read_request, request_path, respond
 from .eventlog import ChainLog, Resource
 
 SUBPROTOCOL = Subprotocol("graphql-transport-ws")
@@ -238,6 +238,12 @@ class SandboxGateway:
         """Append a frame sent verbatim (not wrapped in ``next``) at this point of the log."""
         self._logs[chain].append_malformed(raw_text)
 
+    def inject_event(self, chain: str, new_event_json: str) -> None:
+        """Append a ``newEvent`` given as JSON text, sent in a ``next`` frame of the session's
+        subscription like any event: for absurd events (bad offsets, deep nesting) that the
+        generator never makes. Not part of :meth:`events` (the ground truth of valid ones)."""
+        self._logs[chain].append_raw_event(new_event_json)
+
     async def disconnect_all(self, code: int | None = None, reason: str = "") -> None:
         """Close every WebSocket with ``code``, or drop its TCP connection (``None``)."""
         for session in list(self._sessions):
@@ -286,9 +292,14 @@ class SandboxGateway:
             if parsed is None:
                 return
             head, conn, request = parsed
-            target = request.target.decode()
-            path = urlsplit(target).path
-            if request.method == b"POST" and path == "/oauth/v1/tokens":
+            target = request.target.decode("ascii", "replace")
+            path = request_path(request.target)
+            if path is None:
+                respond(conn, writer, 400, b"bad request target\n", content_type="text/plain")
+            elif request.method == b"HEAD":
+                status = 200 if path == "/healthz" else 404
+                respond(conn, writer, status, b"", content_type="text/plain", head=True)
+            elif request.method == b"POST" and path == "/oauth/v1/tokens":
                 await self._token_endpoint(conn, request, reader, writer)
             elif request.method == b"GET" and path == "/healthz":
                 respond(conn, writer, 200, b"ok\n", content_type="text/plain")

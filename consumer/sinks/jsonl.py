@@ -6,8 +6,9 @@ the checkpoint. On start the file is cut back to the committed length, which rem
 checkpoint does not cover (those events are replayed).
 
 It never cuts bytes it cannot prove uncommitted: a non-empty file that the state store has no
-length for (a new or replaced state store) stops the start (:class:`~consumer.errors.SinkUnusable`, exit 78) until an operator moves the file
-aside or adopts it (``opera-consumer sink adopt``). While running, each sync checks that the
+length for (a new or replaced state store) stops the start (:class:`~consumer.errors.
+SinkUnusable`, exit 78) until an operator moves the file aside or adopts it
+(``opera-consumer sink adopt``). While running, each sync checks that the
 path still names the open file and that it did not shrink, so a file rotated, truncated or
 removed underneath stops the daemon instead of writing NUL bytes or into a deleted file.
 """

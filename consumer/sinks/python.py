@@ -17,11 +17,10 @@ Events that the function saw before a crash of the daemon may be handed to it ag
 from __future__ import annotations
 
 import importlib
-import inspect
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from ..config import PythonSinkSettings, resolve
+from ..config import PythonSinkSettings, is_async_callable, resolve
 from ..core.events import Event
 from ..core.retry_after import clamp_retry_after
 from ..errors import ConfigError, PermanentSinkError, SinkError, TransientSinkError
@@ -35,7 +34,7 @@ class PythonSink(PlainSink):
 
     def __init__(self, settings: PythonSinkSettings) -> None:
         fn = resolve(settings.target)
-        if not inspect.iscoroutinefunction(fn):
+        if not is_async_callable(fn):
             raise ConfigError(
                 f"sink.target: {settings.target} must be an async function "
                 "(async def handle(stream, events))"

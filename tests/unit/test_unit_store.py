@@ -12,10 +12,9 @@ from typing import Any
 
 import pytest
 
-from consumer.errors import SchemaTooNew
-
 import consumer.runtime.store as store_module
 from consumer.core.watermark import Position
+from consumer.errors import SchemaTooNew
 from consumer.runtime.store import MIGRATIONS, CommitBatch, DeadLetter, Store
 
 
