@@ -181,6 +181,8 @@ class StreamPipeline:
             await self._committer.wait_capacity()
             try:
                 await self._process(batch)
+            except SinkUnusable:
+                raise  # writing on could lose data: the daemon stops (exit 78)
             except Exception as exc:  # a bug: never a dead worker, never a lost event
                 self._rescue(batch, exc)
             self._maybe_idle()
