@@ -32,7 +32,7 @@ receiver echoes the request; :meth:`WebhookSink.open` registers them all with th
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 import httpx
@@ -96,13 +96,18 @@ class WebhookSink(PlainSink):
         REDACTOR.add(*self._secrets)
 
     async def write(self, stream: str, events: Sequence[Event]) -> None:
+        # Every body is made before the first POST: an event that cannot be serialized is
+        # named at once, and the events before it are not POSTed twice when the pipeline
+        # re-delivers around it.
+        docs = [_serialize(ev) for ev in events]
         size = self.settings.batch_size
         if size == 1:
-            for ev in events:
-                await self._post(stream, orjson.dumps(ev.document()), ev.unique_event_id, [ev])
+            for ev, doc in zip(events, docs, strict=True):
+                await self._post(stream, doc, ev.unique_event_id, [ev])
             return
-        for chunk in _chunks(events, size):
-            body = orjson.dumps([ev.document() for ev in chunk])
+        for start in range(0, len(events), size):
+            chunk = events[start : start + size]
+            body = b"[" + b",".join(docs[start : start + size]) + b"]"
             key = batch_idempotency_key([ev.unique_event_id for ev in chunk])
             await self._post(stream, body, key, chunk)
 
@@ -151,6 +156,10 @@ class WebhookSink(PlainSink):
         return text
 
 
-def _chunks(events: Sequence[Event], size: int) -> Iterator[Sequence[Event]]:
-    for start in range(0, len(events), size):
-        yield events[start : start + size]
+def _serialize(ev: Event) -> bytes:
+    try:
+        return orjson.dumps(ev.document())
+    except TypeError as exc:  # nested deeper than orjson writes, an integer beyond 64 bits
+        raise PermanentSinkError(
+            f"event cannot be serialized as JSON: {exc}", unique_event_id=ev.unique_event_id
+        ) from None
