@@ -11,12 +11,10 @@ import asyncio
 import os
 import socket
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
-import orjson
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus, WebSocketException
 from websockets.typing import Subprotocol
@@ -29,6 +27,14 @@ from .config import (
     StreamSettings,
 )
 from .core import protocol
+from .core.session import (
+    ClientSession,
+    ConnectionStatus,
+    Outcome,
+    PongReceived,
+    Reply,
+    SessionState,
+)
 from .errors import AuthError
 from .logs import REDACTOR
 from .runtime.auth import TokenProvider
@@ -121,11 +127,14 @@ async def _session(
     checks: _Checks, name: str, s: StreamSettings, ws: ClientConnection, token: str
 ) -> None:
     add = checks.add
-    await ws.send(protocol.connection_init(token, s.app_key.get_secret_value()))
+    session = ClientSession(max_frame_bytes=s.connection.max_frame_bytes)
+    await ws.send(session.connection_init(token, s.app_key.get_secret_value()))
     try:
         async with asyncio.timeout(s.connection.ack_timeout_s):
-            while not isinstance(protocol.decode(await ws.recv()), protocol.ConnectionAck):
-                pass
+            while session.state is SessionState.INITIALIZING:
+                out = session.receive(await ws.recv(decode=False))
+                if isinstance(out, Reply):
+                    await ws.send(out.text)
     except (TimeoutError, WebSocketException) as exc:
         add("FAIL", name, "authentication", f"no connection_ack ({exc}): check app_key and token")
         return
@@ -133,9 +142,9 @@ async def _session(
     rtts = []
     for _ in range(3):
         started = time.monotonic()
-        await ws.send(protocol.PING)
+        await ws.send(session.ping())
         async with asyncio.timeout(10):
-            while not isinstance(protocol.decode(await ws.recv()), protocol.Pong):
+            while not isinstance(await _answer(ws, session), PongReceived):
                 pass
         rtts.append(time.monotonic() - started)
     rtt = min(rtts)
@@ -143,32 +152,28 @@ async def _session(
         add("WARN", name, "round trip", f"{rtt * 1000:.0f} ms: deploy closer to the OPERA region")
     else:
         add("PASS", name, "round trip", f"{rtt * 1000:.0f} ms")
-    query_id = str(uuid.uuid4())
-    await ws.send(
-        orjson.dumps(
-            {
-                "id": query_id,
-                "type": "subscribe",
-                "payload": {"query": "query { connection { id status } }"},
-            }
-        ).decode()
-    )
-    status = None
+    await ws.send(session.query_connection())
     try:
         async with asyncio.timeout(10):
-            while status is None:
-                msg = orjson.loads(await ws.recv())
-                if msg.get("id") == query_id and msg.get("type") == "next":
-                    status = msg["payload"]["data"]["connection"]["status"]
-                elif msg.get("id") == query_id:
-                    break
-    except (TimeoutError, ValueError, KeyError, TypeError, WebSocketException) as exc:
+            while not isinstance(answer := await _answer(ws, session), ConnectionStatus):
+                pass
+    except (TimeoutError, WebSocketException) as exc:
         add("WARN", name, "connection status", f"query not answered ({type(exc).__name__})")
         return
-    if status == "Active":
+    if answer.status is None:
+        add("WARN", name, "connection status", f"query not answered: {answer.problem}")
+    elif answer.status == "Active":
         add("WARN", name, "connection status", "Active: another consumer holds this stream (4409)")
     else:
-        add("PASS", name, "connection status", str(status))
+        add("PASS", name, "connection status", answer.status)
+
+
+async def _answer(ws: ClientConnection, session: ClientSession) -> Outcome:
+    """The next outcome, answering the server's pings on the way."""
+    out = session.receive(await ws.recv(decode=False))
+    if isinstance(out, Reply):
+        await ws.send(out.text)
+    return out
 
 
 async def _local(checks: _Checks, settings: Settings) -> None:

@@ -38,7 +38,7 @@ from .lease import Lease
 from .metrics import Metrics, MetricsServer
 from .pipeline import StreamPipeline
 from .store import Store
-from .stream import StreamRunner
+from .stream import StreamRunner, StreamState
 
 log = structlog.get_logger(__name__)
 
@@ -182,7 +182,7 @@ class Daemon:
         if exc is None:
             return
         if isinstance(exc, StreamStopped):
-            if all(r.state == "stopped" for r in self.runners.values()):
+            if all(r.state is StreamState.STOPPED for r in self.runners.values()):
                 log.error("every stream has stopped; exiting", exit_code=EXIT_CONFIG)
                 self.exit_code = EXIT_CONFIG
                 self._stop.set()
@@ -300,7 +300,7 @@ class Daemon:
         for name, runner in self.runners.items():
             done = self.pipelines[name].watermark.position
             offset = done.offset if done else "-"
-            parts.append(f"{name}: {runner.state}, offset {offset}")
+            parts.append(f"{name}: {runner.state.value}, offset {offset}")
         return "; ".join(parts)
 
     async def _report_to_systemd(self) -> None:

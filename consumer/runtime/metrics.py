@@ -27,7 +27,7 @@ from ..core.events import Event
 from ..http11 import read_request, reject, request_path, respond
 from ..logs import RateLimitedLogger
 from .orchestration import OrchestratingSink
-from .stream import READY_STATES
+from .stream import StreamState
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -128,8 +128,8 @@ class _DaemonCollector(Collector):
             for code, n in stats.closes.items():
                 closes.add_metric([name, code], n)
             depth.add_metric([name], pipeline.in_flight)
-            connected.add_metric([name], 1.0 if runner.state == "streaming" else 0.0)
-            ready.add_metric([name], 1.0 if runner.state in READY_STATES else 0.0)
+            connected.add_metric([name], 1.0 if runner.state is StreamState.STREAMING else 0.0)
+            ready.add_metric([name], 1.0 if runner.state.ready else 0.0)
             moved = d.committer.checkpointed_at.get(name)
             if moved is not None:
                 age.add_metric([name], now - moved)
@@ -161,8 +161,8 @@ class _DaemonCollector(Collector):
 def readiness(daemon: Daemon) -> tuple[bool, dict[str, Any]]:
     streams = {
         name: {
-            "state": r.state,
-            "ready": r.state in READY_STATES,
+            "state": r.state.value,
+            "ready": r.state.ready,
             "last_close": r.stats.last_close or None,
         }
         for name, r in daemon.runners.items()

@@ -198,6 +198,10 @@ class Store:
             os.close(os.open(path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600))
         else:  # FileNotFoundError when it does not exist: SQLite would create it
             os.close(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+        # A plain probe first: a file SQLite cannot open or read (a directory, a corrupt file)
+        # fails here, before aiosqlite starts a thread that would outlive the failure.
+        with contextlib.closing(sqlite3.connect(path, timeout=5)) as probe:
+            probe.execute("PRAGMA user_version").fetchone()
         writer = await _connect(path, synchronous)
         try:
             await _migrate(writer)

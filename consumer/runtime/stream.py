@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import random
 import time
-import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -28,15 +28,14 @@ from ..core import protocol
 from ..core.close_policy import OVERSIZED_FACTOR, Action, ClosePolicy, Decision
 from ..core.evidence import describe, prefix
 from ..core.liveness import Liveness
-from ..core.protocol import (
-    Complete,
-    ConnectionAck,
-    DecodeError,
-    ErrorMessage,
-    Next,
-    Ping,
-    Pong,
-    SubscribeInput,
+from ..core.protocol import DecodeError, Next, SubscribeInput
+from ..core.session import (
+    ClientSession,
+    Ended,
+    Ignored,
+    PongReceived,
+    Reply,
+    SessionState,
 )
 from ..core.upgrade_budget import UpgradeBudget
 from ..errors import AuthError, StreamStopped
@@ -58,7 +57,22 @@ class StreamStats:
     last_event: float | None = None  # monotonic
 
 
-READY_STATES = frozenset({"streaming", "completing", "lockout"})
+class StreamState(enum.StrEnum):
+    STARTING = "starting"
+    CONNECTING = "connecting"
+    STREAMING = "streaming"
+    COMPLETING = "completing"
+    LOCKOUT = "lockout"  # a wait the protocol asks for (4409, 429, the gap after a rotation)
+    BACKOFF = "backoff"  # after a failure
+    STOPPED = "stopped"
+
+    @property
+    def ready(self) -> bool:
+        """Streaming, or in a deliberate wait: nothing an operator needs to look at."""
+        return self in _READY
+
+
+_READY = frozenset({StreamState.STREAMING, StreamState.COMPLETING, StreamState.LOCKOUT})
 
 
 class StreamRunner:
@@ -91,7 +105,7 @@ class StreamRunner:
         self._ignored_logged = False
         self._delivered_before = 0
         self._session_started = 0.0
-        self.state = "starting"  # connecting, streaming, completing, lockout, backoff, stopped
+        self.state = StreamState.STARTING
         self.stats = StreamStats()
         self.liveness: Liveness | None = None
 
@@ -118,16 +132,16 @@ class StreamRunner:
                 if self._stop.is_set():
                     break
                 if decision.action is Action.STOP:
-                    self.state = "stopped"
+                    self.state = StreamState.STOPPED
                     log.error("stream stopped", reason=decision.reason)
                     raise StreamStopped(f"stream {self.name}: {decision.reason}")
                 if decision.action is Action.REFRESH_TOKEN:
                     self._tokens.invalidate()
-                self.state = "lockout" if decision.deliberate else "backoff"
+                self.state = StreamState.LOCKOUT if decision.deliberate else StreamState.BACKOFF
                 log.info("reconnecting", delay_s=round(decision.delay_s, 2), reason=decision.reason)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), decision.delay_s)
-            self.state = "stopped"
+            self.state = StreamState.STOPPED
 
     async def _attempt(self) -> Decision:
         try:
@@ -140,13 +154,13 @@ class StreamRunner:
         c = self.settings.connection
         wait = self._budget.reserve(time.monotonic())
         if wait > 0:
-            self.state = "lockout"
+            self.state = StreamState.LOCKOUT
             log.warning("upgrade budget spent: waiting", delay_s=round(wait, 1))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), wait)
             if self._stop.is_set():
                 return Decision(Action.RECONNECT, 0.0, "stopping")
-        self.state = "connecting"
+        self.state = StreamState.CONNECTING
         started: float | None = None
         try:
             async with connect(
@@ -206,20 +220,18 @@ class StreamRunner:
 
     async def _session(self, ws: ClientConnection, token: Token, sub: SubscribeInput) -> Decision:
         c = self.settings.connection
+        session = ClientSession(max_frame_bytes=c.max_frame_bytes)
         await ws.send(
-            protocol.connection_init(token.value, self.settings.app_key.get_secret_value())
+            session.connection_init(token.value, self.settings.app_key.get_secret_value())
         )
         async with asyncio.timeout(c.ack_timeout_s):
-            while True:
-                msg = protocol.decode(await ws.recv())
-                if isinstance(msg, ConnectionAck):
-                    break
-                if isinstance(msg, Ping):
-                    await ws.send(protocol.PONG)
-        sub_id = str(uuid.uuid4())
+            while session.state is SessionState.INITIALIZING:
+                out = session.receive(await ws.recv(decode=False))
+                if isinstance(out, Reply):
+                    await ws.send(out.text)
         self._ignored_logged = False
-        await ws.send(protocol.subscribe(sub_id, sub))
-        self.state = "streaming"
+        await ws.send(session.subscribe(sub))
+        self.state = StreamState.STREAMING
         self._completing = None
         self._dead = False
         log.info(
@@ -236,11 +248,11 @@ class StreamRunner:
         self._session_started = time.monotonic()
         helpers = [
             asyncio.create_task(self._keepalive(ws, liveness), name=f"keepalive-{self.name}"),
-            asyncio.create_task(self._completer(ws, sub_id, token), name=f"complete-{self.name}"),
+            asyncio.create_task(self._completer(ws, session, token), name=f"complete-{self.name}"),
         ]
         started = time.monotonic()
         try:
-            return await self._read(ws, liveness, sub_id)
+            return await self._read(ws, liveness, session)
         except ConnectionClosed as exc:
             return self._after_close(exc, started)
         finally:
@@ -248,24 +260,23 @@ class StreamRunner:
                 t.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
 
-    async def _read(self, ws: ClientConnection, liveness: Liveness, sub_id: str) -> Decision:
+    async def _read(
+        self, ws: ClientConnection, liveness: Liveness, session: ClientSession
+    ) -> Decision:
         pipeline = self._pipeline
         stats = self.stats
-        decode = protocol.decode
+        receive = session.receive
         monotonic = time.monotonic
-        limit = self.settings.connection.max_frame_bytes
         while True:
-            # Bytes: orjson parses them directly, skipping a UTF-8 decode per frame.
-            msg = decode(await ws.recv(decode=False), limit)
+            # Bytes: orjson parses them directly, skipping a UTF-8 decode per frame (and a
+            # text frame that is not UTF-8 is a dead letter, not a 1007 close and a replay loop).
+            out = receive(await ws.recv(decode=False))
             now = monotonic()
-            if type(msg) is Next:
+            if type(out) is Next:
                 liveness.activity(now)
-                if msg.id != sub_id:
-                    self._ignore("next", msg.id)
-                    continue
                 stats.events_received += 1
                 stats.last_event = now
-                event = msg.event
+                event = out.event
                 if not self._anchored:
                     # The gateway moves its own position as it sends: record where this
                     # stream began before anything else, or a crash now would skip events.
@@ -278,47 +289,44 @@ class StreamRunner:
                     finally:
                         self._paused = False
                     liveness.activity(monotonic())
-            elif type(msg) is Ping:
+            elif type(out) is Reply:
                 liveness.activity(now)
-                await ws.send(protocol.PONG)
-            elif type(msg) is Pong:
+                await ws.send(out.text)
+            elif type(out) is PongReceived:
                 liveness.pong(now)
-            elif isinstance(msg, DecodeError):
+            elif isinstance(out, DecodeError):
                 liveness.activity(now)
                 stats.malformed += 1
                 if pipeline.malformed_fits():
-                    await pipeline.put_malformed(msg)
+                    await pipeline.put_malformed(out)
                 else:
                     self._paused = True
                     try:
-                        await pipeline.put_malformed(msg)
+                        await pipeline.put_malformed(out)
                     finally:
                         self._paused = False
                     liveness.activity(monotonic())
-            elif isinstance(msg, ErrorMessage | Complete):
+            elif isinstance(out, Ignored):
                 liveness.activity(now)
-                if msg.id != sub_id:
-                    self._ignore(msg.__class__.__name__.lower(), msg.id)
-                    continue
+                self._ignore(out)
+            elif isinstance(out, Ended):
                 # The server ended our subscription; a fresh session resumes from the checkpoint.
-                # Never str() the payload: only the start of the frame is shown.
-                detail = msg.text if isinstance(msg, ErrorMessage) else "complete"
-                log.warning("subscription ended by the server", detail=detail)
+                log.warning("subscription ended by the server", detail=out.reason)
                 await ws.close(1000)
                 self._session_ended(self._session_started)
                 return self.policy.on_network_error(
-                    f"subscription ended by the server: {prefix(detail, 200)}"
+                    f"subscription ended by the server: {prefix(out.reason, 200)}"
                 )
 
-    def _ignore(self, kind: str, sub_id: str) -> None:
+    def _ignore(self, out: Ignored) -> None:
         """A frame for another subscription (we have one): counted, logged once a session."""
         self.stats.ignored += 1
         if not self._ignored_logged:
             self._ignored_logged = True
             log.warning(
                 "frame for an unknown subscription id ignored (logged once per session)",
-                type=kind,
-                id=prefix(sub_id, 64),
+                type=out.kind,
+                id=out.id,
             )
 
     async def _keepalive(self, ws: ClientConnection, liveness: Liveness) -> None:
@@ -343,9 +351,9 @@ class StreamRunner:
                 ws.transport.abort()
                 return
             liveness.ping_sent(now)
-            await ws.send(protocol.PING)
+            await ws.send(ClientSession.ping())
 
-    async def _completer(self, ws: ClientConnection, sub_id: str, token: Token) -> None:
+    async def _completer(self, ws: ClientConnection, session: ClientSession, token: Token) -> None:
         margin = self.settings.auth.refresh_margin_s
         try:
             await asyncio.wait_for(
@@ -355,8 +363,10 @@ class StreamRunner:
         except TimeoutError:
             self._completing = "token rotation"
         log.info("completing subscription", why=self._completing)
-        self.state = "completing"
-        await ws.send(protocol.complete(sub_id))
+        self.state = StreamState.COMPLETING
+        text = session.complete()
+        if text is not None:
+            await ws.send(text)
         # Keep reading what is in flight; the server closes the socket when it is done.
         await asyncio.sleep(self.settings.connection.complete_timeout_s)
         log.warning("server did not close after complete; closing")

@@ -1,0 +1,149 @@
+"""The sans-I/O graphql-transport-ws client session: bytes in, outcomes out (issue #10).
+
+As websockets tests its protocol: no socket, the frames a gateway would send are fed to
+``receive`` and what the session asks to send is compared byte for byte."""
+
+from __future__ import annotations
+
+import json
+from itertools import count
+
+import pytest
+
+from consumer.core.protocol import DecodeError, Next, SubscribeInput
+from consumer.core.session import (
+    CONNECTION_QUERY,
+    Acknowledged,
+    ClientSession,
+    ConnectionStatus,
+    Ended,
+    Ignored,
+    PongReceived,
+    Reply,
+    SessionError,
+    SessionState,
+)
+
+EVENT = {"metadata": {"offset": "10", "uniqueEventId": "u10"}, "primaryKey": "pk"}
+
+
+def ids() -> ClientSession:
+    n = count(1)
+    return ClientSession(max_frame_bytes=1 << 20, new_id=lambda: f"id-{next(n)}")
+
+
+def next_frame(sub_id: object, event: object = EVENT) -> bytes:
+    return json.dumps(
+        {"id": sub_id, "type": "next", "payload": {"data": {"newEvent": event}}}
+    ).encode()
+
+
+def subscribed() -> ClientSession:
+    s = ids()
+    s.connection_init("tok", "key")
+    assert s.receive(b'{"type":"connection_ack"}') == Acknowledged()
+    s.subscribe(SubscribeInput(chain_code="CH", offset="10"))
+    return s
+
+
+def test_handshake_then_subscribe_bytes() -> None:
+    s = ids()
+    init = json.loads(s.connection_init("tok", "raw-key"))
+    assert init == {
+        "type": "connection_init",
+        "payload": {"Authorization": "Bearer tok", "x-app-key": "raw-key"},
+    }
+    assert s.state is SessionState.INITIALIZING
+    assert s.receive(b'{"type":"ping"}') == Reply('{"type":"pong"}')
+    assert s.receive(b'{"type":"connection_ack","payload":{}}') == Acknowledged()
+    assert s.state is SessionState.READY
+    sub = json.loads(s.subscribe(SubscribeInput(chain_code="CH", offset="10")))
+    assert sub["id"] == "id-1" and sub["type"] == "subscribe"
+    assert 'offset: "10"' in sub["payload"]["query"]
+    assert s.state is SessionState.SUBSCRIBED and s.subscription_id == "id-1"
+
+
+def test_our_events_are_delivered_others_ignored() -> None:
+    s = subscribed()
+    out = s.receive(next_frame("id-1"))
+    assert isinstance(out, Next) and out.event.unique_event_id == "u10"
+    assert s.receive(next_frame("someone-else")) == Ignored("next", "someone-else")
+    assert s.receive(next_frame(7)) == Ignored("next", "")
+
+
+def test_error_or_complete_for_another_id_never_ends_our_session() -> None:
+    s = subscribed()
+    assert s.receive(b'{"id":"x","type":"complete"}') == Ignored("complete", "x")
+    assert s.receive(b'{"id":"x","type":"error","payload":[]}') == Ignored("error", "x")
+    assert s.state is SessionState.SUBSCRIBED
+
+
+def test_a_deeply_nested_error_for_us_ends_the_session_bounded() -> None:
+    s = subscribed()
+    frame = '{"id":"id-1","type":"error","payload":' + "[" * 1000 + "]" * 1000 + "}"
+    out = s.receive(frame.encode())
+    assert isinstance(out, Ended) and len(out.reason) <= 500
+    assert s.state is SessionState.ENDED
+
+
+def test_complete_is_sent_once_and_in_flight_events_still_count() -> None:
+    s = subscribed()
+    assert json.loads(s.complete() or "") == {"id": "id-1", "type": "complete"}
+    assert s.complete() is None
+    assert isinstance(s.receive(next_frame("id-1")), Next)
+    assert s.receive(b'{"id":"id-1","type":"complete"}') == Ended("complete")
+
+
+def test_malformed_frames_come_out_as_decode_errors() -> None:
+    s = subscribed()
+    out = s.receive(b"\xff\xfe not json")
+    assert isinstance(out, DecodeError) and out.evidence.size == 11
+    bad_offset = next_frame("id-1", {"metadata": {"offset": "abc", "uniqueEventId": "u"}})
+    out = s.receive(bad_offset)
+    assert isinstance(out, DecodeError) and "1-20 digits" in out.reason
+
+
+def test_pong_and_stray_ack() -> None:
+    s = subscribed()
+    assert s.receive(b'{"type":"pong"}') == PongReceived()
+    assert s.receive(b'{"type":"connection_ack"}') == Ignored("connection_ack", "")
+
+
+def test_connection_query_answered_active_or_inactive() -> None:
+    s = ids()
+    s.connection_init("tok", "key")
+    s.receive(b'{"type":"connection_ack"}')
+    q = json.loads(s.query_connection())
+    assert q == {"id": "id-1", "type": "subscribe", "payload": {"query": CONNECTION_QUERY}}
+    answer = {
+        "id": "id-1",
+        "type": "next",
+        "payload": {"data": {"connection": {"id": "c9", "status": "Active"}}},
+    }
+    assert s.receive(json.dumps(answer).encode()) == ConnectionStatus("Active", "c9")
+    s.query_connection()
+    out = s.receive(b'{"id":"id-2","type":"error","payload":[{"message":"no"}]}')
+    assert isinstance(out, ConnectionStatus) and out.status is None and "no" in out.problem
+    # Still free to subscribe afterwards.
+    s.subscribe(SubscribeInput(chain_code="CH"))
+    assert s.subscription_id == "id-3"
+
+
+def test_a_query_answer_without_status_is_a_problem_not_a_crash() -> None:
+    s = ids()
+    s.connection_init("tok", "key")
+    s.receive(b'{"type":"connection_ack"}')
+    s.query_connection()
+    deep = '{"id":"id-1","type":"next","payload":{"data":' + "[" * 900 + "]" * 900 + "}}"
+    out = s.receive(deep.encode())
+    assert isinstance(out, ConnectionStatus) and out.status is None
+    assert len(out.problem) < 300
+
+
+def test_out_of_order_calls_are_our_bugs() -> None:
+    s = ids()
+    with pytest.raises(SessionError):
+        s.subscribe(SubscribeInput(chain_code="CH"))
+    s.connection_init("t", "k")
+    with pytest.raises(SessionError):
+        s.connection_init("t", "k")
