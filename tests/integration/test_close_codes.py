@@ -7,13 +7,21 @@ import itertools
 from collections import Counter
 from pathlib import Path
 
-from support import count_lines, make_settings, running, sink_ids, truth_ids, wait_until
+from support import (
+    FAST_CONNECTION,
+    count_lines,
+    make_settings,
+    running,
+    sink_ids,
+    truth_ids,
+    wait_until,
+)
 
 from consumer.runtime.daemon import EXIT_CONFIG, Daemon
 
 
 async def run_to_exit(daemon: Daemon) -> int:
-    async with asyncio.timeout(30):
+    async with asyncio.timeout(60):
         return await daemon.run()
 
 
@@ -101,6 +109,9 @@ async def test_4409_waits_out_the_lockout(sandbox_factory, tmp_path: Path):
 
 
 async def test_the_upgrade_budget_holds_when_every_attempt_fails(sandbox_factory, tmp_path: Path):
+    """Issue #9 item 12: the gaps are measured where the sandbox receives the upgrades, after
+    the daemon booked them; an attempt that sleeps past its booked time on a loaded machine
+    narrows a measured window by that much, so the bound leaves half the window for it."""
     gw = await sandbox_factory(backlog=5)
     gw.fail_upgrades([503] * 12)
     settings = make_settings(
@@ -118,18 +129,26 @@ async def test_the_upgrade_budget_holds_when_every_attempt_fails(sandbox_factory
     times = gw.stats.upgrades
     assert len(times) == 13
     for i in range(len(times) - 4):
-        # never more than 4 in any 0.5 s (arrival times jitter a little on a busy machine;
-        # without the budget all 13 would arrive within a few milliseconds)
-        assert times[i + 4] - times[i] >= 0.4
+        # never more than 4 in any 0.5 s (arrival times are late by as much as the loop is
+        # busy; without the budget all 13 would arrive within a few milliseconds)
+        assert times[i + 4] - times[i] >= 0.25
 
 
-async def test_a_frame_beyond_four_times_the_limit_stops_the_stream(
+async def test_a_frame_beyond_four_times_the_limit_holds_the_stream_at_the_slowest_pace(
     sandbox_factory, tmp_path: Path
 ):
+    """No frame stops a stream for good (issue #9; the close policy changed): OHIP's retention
+    drops the frame in the end, or the operator raises max_frame_bytes. Meanwhile the daemon
+    retries at backoff_max_s and says what to raise. (This test used to expect exit 78.)"""
     gw = await sandbox_factory(backlog=3)
     gw.inject_malformed("DEMO", '{"type":"next","x":"' + "y" * 20_000 + '"}')
     settings = make_settings(tmp_path, gw.url, connection={"max_frame_bytes": 4096})
-    daemon = await Daemon.create(settings)
-    assert await run_to_exit(daemon) == EXIT_CONFIG  # rather than reconnect to it for ever
-    assert "raise max_frame_bytes" in daemon.runners["main"].stats.last_close
+    async with running(settings) as daemon:
+        await wait_until(lambda: len(gw.stats.upgrades) >= 3, timeout=60)
+        runner = daemon.runners["main"]
+        assert "raise max_frame_bytes" in runner.stats.last_close
+        assert runner.state != "stopped"
+    assert daemon.exit_code == 0  # stopped by us, not by the frame
+    # Each retry came backoff_max_s or more after the attempt that met the frame.
+    assert all(g >= FAST_CONNECTION["backoff_max_s"] for g in gaps(gw.stats.upgrades))
     assert count_lines(tmp_path / "events.jsonl") == 3  # what came before it was delivered

@@ -84,7 +84,7 @@ async def test_ready_watchdog_and_stopping_in_order(sandbox_factory, tmp_path: P
             await wait_until(lambda: count_lines(tmp_path / "events.jsonl") >= 20)
             await wait_until(lambda: (drain(), sum("WATCHDOG=1" in m for m in messages) >= 3)[1])
             proc.send_signal(signal.SIGTERM)
-            async with asyncio.timeout(30):
+            async with asyncio.timeout(60):
                 while proc.poll() is None:
                     await asyncio.sleep(0.05)
             assert proc.returncode == 0

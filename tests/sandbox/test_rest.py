@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
@@ -11,7 +10,7 @@ import pytest
 from support import sandbox_token
 
 from consumer import cli
-from consumer.sandbox import SandboxGateway, SandboxOptions
+from consumer.sandbox import SandboxGateway, SandboxOptions, server
 
 OPTS = SandboxOptions()
 ROUTES = {
@@ -23,6 +22,31 @@ _KEEP = object()
 
 
 token = sandbox_token
+
+
+class FrozenClock:
+    """The sandbox's ``time`` module, its clock moved only by the test: rate-limit refills and
+    token expiry without sleeping, whatever the load on the machine (issue #9 item 12)."""
+
+    def __init__(self) -> None:
+        self.now = time.monotonic()
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FrozenClock:
+    """Freeze the sandbox's clock (before the gateway is created: its bucket starts full)."""
+    frozen = FrozenClock()
+    monkeypatch.setattr(server, "time", frozen)
+    return frozen
 
 
 def truth(gw: SandboxGateway, chain: str) -> dict[tuple[str, str], dict[str, Any]]:
@@ -59,7 +83,6 @@ async def get(
     hotel: str | None = None,
     app_key: str | None = OPTS.app_key,
     auth: object = _KEEP,
-    http: httpx.AsyncClient | None = None,
 ) -> httpx.Response:
     headers = {}
     if tok is not None:
@@ -70,8 +93,6 @@ async def get(
         headers["x-app-key"] = app_key
     if hotel is not None:
         headers["x-hotelid"] = hotel
-    if http is not None:
-        return await http.get(f"{gw.url}{url_path}", headers=headers)
     async with httpx.AsyncClient() as fresh:
         return await fresh.get(f"{gw.url}{url_path}", headers=headers)
 
@@ -140,7 +161,9 @@ async def test_unknown_ids_wrong_hotel_and_wrong_module_are_404(sandbox_factory)
     assert gw.stats.rest_requests == 5  # unknown paths are not REST requests
 
 
-async def test_token_and_app_key_are_required(sandbox_factory):
+async def test_token_and_app_key_are_required(sandbox_factory, clock: FrozenClock):
+    """Issue #9 item 12: the token expires when the test moves the clock, not after a sleep
+    that a slow request could outlast."""
     gw = await sandbox_factory(backlog=100, token_ttl_s=0.5)
     tok = await token(gw)
     (module, key), res = next(iter(truth(gw, "DEMO").items()))
@@ -157,7 +180,7 @@ async def test_token_and_app_key_are_required(sandbox_factory):
     for r in refused:
         assert r.status_code == 401 and r.json()["status"] == 401
         assert r.headers["www-authenticate"] == "Bearer"
-    await asyncio.sleep(0.6)
+    clock.advance(0.6)
     expired = await get(gw, url_path, tok, hotel=hotel)
     assert expired.status_code == 401
     assert (await get(gw, url_path, await token(gw), hotel=hotel)).status_code == 200
@@ -179,7 +202,11 @@ async def test_hotel_routes_need_a_matching_x_hotelid(sandbox_factory):
     assert (await get(gw, path("Profile", key), tok)).status_code == 200  # not hotel-scoped
 
 
-async def test_rate_limit_answers_429_with_retry_after_then_recovers(sandbox_factory):
+async def test_rate_limit_answers_429_with_retry_after_then_recovers(
+    sandbox_factory, clock: FrozenClock
+):
+    """Issue #9 item 12: on a frozen clock the bucket refills only when the test says, so
+    slow requests cannot earn a token early."""
     gw = await sandbox_factory(backlog=100, rest_rate=1.0, rest_burst=2)
     tok = await token(gw)
     (module, key), res = next(iter(truth(gw, "DEMO").items()))
@@ -193,7 +220,7 @@ async def test_rate_limit_answers_429_with_retry_after_then_recovers(sandbox_fac
     assert wait == 1  # whole seconds, at least one: 1/s refills one token within a second
     # Throttling comes before auth: an unauthenticated request is throttled too.
     assert (await get(gw, url_path, None)).status_code == 429
-    await asyncio.sleep(wait)
+    clock.advance(wait)
     again = await get(gw, url_path, tok, hotel=hotel)
     assert again.status_code == 200 and again.json() == res
     assert gw.stats.rest_requests == 5
@@ -201,15 +228,14 @@ async def test_rate_limit_answers_429_with_retry_after_then_recovers(sandbox_fac
     assert gw.stats.rest_paths == {url_path: 3}
 
 
-async def test_idle_time_saves_at_most_a_burst(sandbox_factory):
+async def test_idle_time_saves_at_most_a_burst(sandbox_factory, clock: FrozenClock):
+    """Issue #9 item 12: the three requests come at one instant of a frozen clock; the test
+    no longer needs them to take less than 1/4 s of real time."""
     gw = await sandbox_factory(backlog=50, rest_rate=4.0, rest_burst=2)
     tok = await token(gw)
     (_, key), _res = next((k, v) for k, v in truth(gw, "DEMO").items() if k[0] == "Profile")
-    await asyncio.sleep(0.75)  # 3 tokens' worth of refill on a full bucket: still only 2
-    async with httpx.AsyncClient() as http:  # one client: the 3 requests within 1/4 s
-        t0 = time.monotonic()
-        got = [await get(gw, path("Profile", key), tok, http=http) for _ in range(3)]
-        assert time.monotonic() - t0 < 0.25
+    clock.advance(0.75)  # 3 tokens' worth of refill on a full bucket: still only 2
+    got = [await get(gw, path("Profile", key), tok) for _ in range(3)]  # no refill between
     statuses = [r.status_code for r in got]
     assert statuses == [200, 200, 429]
 

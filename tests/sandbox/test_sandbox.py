@@ -212,7 +212,9 @@ async def test_pings_both_ways_and_init_rules(sandbox_factory):
 
 
 async def test_token_expiry_closes_4401(sandbox_factory):
-    gw = await sandbox_factory(token_ttl_s=0.3)
+    """Issue #9 item 12: a 2 s token, so that connecting and connection_init (which need it
+    valid) fit in its life on a loaded machine; it then expires during the subscription."""
+    gw = await sandbox_factory(token_ttl_s=2.0)
     async with ws(gw) as conn:
         await conn.send(protocol.subscribe("a", SubscribeInput(chain_code="DEMO", offset="0")))
         assert await close_code(conn) == 4401
