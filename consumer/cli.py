@@ -19,12 +19,16 @@ from typing import Any
 
 from . import __version__
 from .config import Settings, effective, load_settings
-from .errors import ConfigError, SinkError, SinkUnusable, StoreError
+from .errors import (
+    ExitCode,
+    LeaseHeld,
+    OperaConsumerError,
+    OperatorRefused,
+    SinkError,
+    SinkUnusable,
+    exit_code_for,
+)
 from .output import emit, iso, parse_when
-from .runtime.lease import LeaseHeld
-
-EXIT_RUNTIME = 1
-EXIT_CONFIG = 78
 
 _EPILOG = """exit status: 0 ok, 1 runtime failure or failed check, 2 usage, 70 internal error,
 78 configuration error (or every stream stopped for a reason an operator must fix),
@@ -174,32 +178,32 @@ def _offset_parser(sub: Any, with_config: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    try:
+        return _command(args)
+    except OperaConsumerError as exc:  # one line, saying what is wrong and the fix
+        print(f"opera-consumer: {exc}", file=sys.stderr)
+        return exit_code_for(exc)
+
+
+def _command(args: argparse.Namespace) -> int:
     command: str = args.command
     if command == "sandbox":
         return _sandbox(args)
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as exc:
-        print(f"opera-consumer: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+    settings = load_settings(args.config)
     if command == "check-config":
         print(json.dumps(effective(settings), indent=2))
         print("configuration OK", file=sys.stderr)
-        return 0
+        return ExitCode.OK
     if command == "preflight":
         return _preflight(settings)
-    try:
-        if command == "offset":
-            return asyncio.run(_offset(settings, args))
-        if command == "sink":
-            return asyncio.run(_sink_adopt(settings, execute=args.execute))
-        if command == "status":
-            return asyncio.run(_status(settings, as_json=args.json))
-        if command == "dlq":
-            return asyncio.run(_dlq(settings, args))
-    except StoreError as exc:
-        print(f"opera-consumer: {exc}", file=sys.stderr)
-        return EXIT_RUNTIME if exc.retriable else EXIT_CONFIG
+    if command == "offset":
+        return asyncio.run(_offset(settings, args))
+    if command == "sink":
+        return asyncio.run(_sink_adopt(settings, execute=args.execute))
+    if command == "status":
+        return asyncio.run(_status(settings, as_json=args.json))
+    if command == "dlq":
+        return asyncio.run(_dlq(settings, args))
     return _run(settings)
 
 
@@ -217,17 +221,17 @@ async def _dlq(settings: Settings, args: argparse.Namespace) -> int:
 
     configure("warning", settings.log.format)
     if _no_store(settings):
-        return EXIT_RUNTIME
+        return ExitCode.RUNTIME
     action: str = args.dlq_command
     try:
         since = parse_when(args.since) if getattr(args, "since", None) else None
         before = parse_when(args.before) if getattr(args, "before", None) else None
     except ValueError as exc:
         print(f"opera-consumer: {exc}", file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
     if action in ("replay", "purge") and not args.ids and not args.all:
         print(f"opera-consumer dlq {action}: name IDs, or --all (with filters)", file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
     store = await Store.open(
         settings.state.path, synchronous=settings.state.synchronous, create=False
     )
@@ -249,7 +253,7 @@ async def _dlq(settings: Settings, args: argparse.Namespace) -> int:
     if action == "show":
         if not rows:
             print(f"no dead letter with id {args.id}", file=sys.stderr)
-            return EXIT_RUNTIME
+            return ExitCode.RUNTIME
         detail = dlq.detail(rows[0])
         if args.json:
             print(json.dumps(detail, indent=2, ensure_ascii=False))
@@ -270,26 +274,25 @@ async def _dlq(settings: Settings, args: argparse.Namespace) -> int:
             print(f"would purge {len(rows)} dead letter(s)", file=sys.stderr)
         else:
             print(f"purged {n} dead letter(s)", file=sys.stderr)
-        return EXIT_RUNTIME if missing else 0
+        return ExitCode.RUNTIME if missing else 0
     try:
         outcomes = await dlq.replay(settings, rows, dry_run=args.dry_run)
-    except (dlq.ReplayRefused, LeaseHeld) as exc:
-        print(f"opera-consumer: {exc}", file=sys.stderr)
-        return EXIT_RUNTIME
+    except LeaseHeld as exc:  # refused, like any operator command that would do harm now
+        raise OperatorRefused(str(exc)) from None
     emit(
         [o.as_dict() for o in outcomes],
         ("id", "stream", "unique_event_id", "result", "detail"),
         as_json=args.json,
     )
     failed = [o for o in outcomes if o.result in ("failed", "skipped")]
-    return EXIT_RUNTIME if failed or missing else 0
+    return ExitCode.RUNTIME if failed or missing else 0
 
 
 async def _offset(settings: Settings, args: argparse.Namespace) -> int:
     from . import offsets
 
     if _no_store(settings):
-        return EXIT_RUNTIME
+        return ExitCode.RUNTIME
     if args.offset_command == "show":
         emit(
             await offsets.show(settings),
@@ -302,9 +305,8 @@ async def _offset(settings: Settings, args: argparse.Namespace) -> int:
         plan = await offsets.plan(settings, args.stream, new)
         if args.execute:
             await offsets.execute(settings, plan)
-    except (offsets.OffsetRefused, LeaseHeld) as exc:
-        print(f"opera-consumer: {exc}", file=sys.stderr)
-        return EXIT_RUNTIME
+    except LeaseHeld as exc:  # refused, like any operator command that would do harm now
+        raise OperatorRefused(str(exc)) from None
     emit([plan.as_dict()], ("stream", "current", "new", "note"), as_json=args.json)
     if not args.execute:
         print("plan only: nothing changed (add --execute to apply it)", file=sys.stderr)
@@ -320,15 +322,11 @@ def _run(settings: Settings) -> int:
     configure(settings.log.level, settings.log.format)
     try:
         return asyncio.run(daemon.run(settings))
-    except (ConfigError, LeaseHeld, SinkUnusable) as exc:
-        print(f"opera-consumer: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except StoreError as exc:  # one line naming the path and the fix
-        print(f"opera-consumer: {exc}", file=sys.stderr)
-        return EXIT_RUNTIME if exc.retriable else EXIT_CONFIG
+    except SinkUnusable:
+        raise  # the sink's data is not what was committed: 78, one line
     except SinkError as exc:  # e.g. the database is down at start: let the supervisor retry
         print(f"opera-consumer: cannot open the sink: {exc}", file=sys.stderr)
-        return EXIT_RUNTIME
+        return ExitCode.RUNTIME
 
 
 async def _sink_adopt(settings: Settings, *, execute: bool) -> int:
@@ -341,7 +339,7 @@ async def _sink_adopt(settings: Settings, *, execute: bool) -> int:
 
     if not isinstance(settings.sink, JsonlSinkSettings):
         print("opera-consumer sink adopt: only the jsonl sink has a file to adopt", file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
     path, state = settings.sink.path, settings.state.path
     size = path.stat().st_size if path.exists() else 0
     print(f"{path}: {size} bytes to record as committed in {state}")
@@ -351,8 +349,7 @@ async def _sink_adopt(settings: Settings, *, execute: bool) -> int:
     try:
         lease = Lease.acquire(state, (), role="sink-adopt")
     except LeaseHeld as exc:
-        print(f"opera-consumer: {exc}", file=sys.stderr)
-        return EXIT_RUNTIME
+        raise OperatorRefused(str(exc)) from None
     try:
         store = await Store.open(state, synchronous=settings.state.synchronous)
         try:
@@ -372,7 +369,7 @@ async def _status(settings: Settings, *, as_json: bool) -> int:
     path = settings.state.path
     if not path.exists():
         print(f"no state store at {path} yet: the daemon has not run", file=sys.stderr)
-        return EXIT_RUNTIME
+        return ExitCode.RUNTIME
     store = await Store.open(path, synchronous=settings.state.synchronous, create=False)
     try:
         checkpoints = {c.stream: c for c in await store.checkpoints()}
@@ -416,7 +413,7 @@ def _preflight(settings: Settings) -> int:
 
     ok = asyncio.run(preflight.run(settings, show))
     print("all checks passed" if ok else "some checks FAILED: see the lines above", file=sys.stderr)
-    return 0 if ok else EXIT_RUNTIME
+    return 0 if ok else ExitCode.RUNTIME
 
 
 def _sandbox(args: argparse.Namespace) -> int:
@@ -439,5 +436,5 @@ def _sandbox(args: argparse.Namespace) -> int:
         asyncio.run(run_sandbox(options))
     except OSError as exc:
         print(f"opera-consumer sandbox: {exc}", file=sys.stderr)
-        return EXIT_RUNTIME
+        return ExitCode.RUNTIME
     return 0

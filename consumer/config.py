@@ -50,8 +50,8 @@ from pydantic_settings import (
 )
 
 from .core.close_policy import PolicyConfig
-from .core.protocol import InvalidInput, SubscribeInput, key_hash
-from .errors import ConfigError
+from .core.protocol import SubscribeInput, key_hash
+from .errors import ConfigError, InvalidInput
 from .logs import MASK
 
 ENV_PREFIX = "OPERA_CONSUMER_"

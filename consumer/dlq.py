@@ -26,7 +26,7 @@ from tenacity import (
 from .config import JsonlSinkSettings, Settings
 from .core.events import Event
 from .core.protocol import event_from_raw
-from .errors import OperaConsumerError, PermanentSinkError, TransientSinkError
+from .errors import PermanentSinkError, ReplayRefused, TransientSinkError
 from .output import iso
 from .runtime.committer import Committer
 from .runtime.daemon import http_client, register_secrets
@@ -42,10 +42,6 @@ LIST_COLUMNS = ("id", "stream", "reason", "event_name", "primary_key", "offset",
 _EXCERPT = 60
 _COMMIT_EVERY = 100
 _MALFORMED = "a malformed frame cannot be replayed: purge it"
-
-
-class ReplayRefused(OperaConsumerError):
-    pass
 
 
 def summary(row: DeadLetterRow) -> dict[str, Any]:

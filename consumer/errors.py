@@ -1,20 +1,44 @@
-"""Exceptions of opera-consumer.
+"""Exceptions of opera-consumer, and the one table of exit statuses.
 
 OperaConsumerError
-├── ConfigError          bad configuration; exit status 78 (EX_CONFIG) so systemd won't loop
+├── ConfigError          bad configuration: exit 78 (EX_CONFIG), so systemd won't loop
+├── InvalidInput         a subscription argument the schema refuses (also a ValueError)
 ├── AuthError            the token endpoint refused us
-│   └── (retriable=False for 400/401/403, True for exhausted transient failures)
+│                        (retriable=False for 400/401/403, True for exhausted transient failures)
 ├── StreamStopped        a stream ended for good (4400, 4403, HTTP 400, repeated 4401)
+├── SessionError         a graphql-transport-ws call out of order (a bug of ours)
+├── LeaseHeld            another process holds the state store: exit 78
 ├── StoreError           the state store cannot be used (the message names the path and fix)
 │   └── SchemaTooNew     written by a newer opera-consumer
+├── OperatorRefused      an operator command that would do harm now: exit 1
+│   ├── OffsetRefused    `offset set/reset` (unknown stream, bad offset, a daemon holds it)
+│   └── ReplayRefused    `dlq replay` (the jsonl sink's one writer is running)
 └── SinkError
     ├── TransientSinkError   retried with backoff; intake pauses meanwhile
     ├── PermanentSinkError   this event cannot be delivered: dead-letter it
     └── SinkUnusable         the sink's own data is not what was committed (a file truncated,
                              replaced or unknown to the state store): stop, exit 78
+
+Errors of the libraries underneath (``sqlite3``, ``asyncpg``, ``httpx``, ``websockets``) are
+translated into these where they enter: the state store, the sinks, the token provider.
 """
 
 from __future__ import annotations
+
+import enum
+from pathlib import Path
+from typing import Any
+
+
+class ExitCode(enum.IntEnum):
+    """What the process's exit status means (README "Commands and exit status")."""
+
+    OK = 0  # stopped on request, drained and checkpointed
+    RUNTIME = 1  # a failure a restart may cure; a failed check or a refused operator command
+    USAGE = 2  # command-line usage
+    SOFTWARE = 70  # EX_SOFTWARE: an unexpected error (a bug); safe to restart
+    CONFIG = 78  # EX_CONFIG: only an operator can fix it; systemd: RestartPreventExitStatus=78
+    INTERRUPTED = 130  # a second signal cut the drain short (state still consistent)
 
 
 class OperaConsumerError(Exception):
@@ -23,6 +47,10 @@ class OperaConsumerError(Exception):
 
 class ConfigError(OperaConsumerError):
     pass
+
+
+class InvalidInput(OperaConsumerError, ValueError):
+    """A subscription argument does not match the schema; the message names the field."""
 
 
 class AuthError(OperaConsumerError):
@@ -35,6 +63,21 @@ class StreamStopped(OperaConsumerError):
     pass
 
 
+class SessionError(OperaConsumerError):
+    """A graphql-transport-ws call the session's state does not allow (a bug of ours, not
+    the server's)."""
+
+
+class LeaseHeld(OperaConsumerError):
+    def __init__(self, path: Path, holder: dict[str, Any] | None) -> None:
+        who = f"pid {holder.get('pid')}" if holder else "another process"
+        super().__init__(
+            f"{who} holds the state store {path.with_suffix('')} ({path} is locked): "
+            "stop that opera-consumer first, or give this one its own [state] path"
+        )
+        self.holder = holder
+
+
 class StoreError(OperaConsumerError):
     """``retriable``: may clear by itself (disk full, locked, I/O error), so a supervisor's
     restart can help; otherwise an operator must act (corrupt file, permissions, schema)."""
@@ -45,6 +88,18 @@ class StoreError(OperaConsumerError):
 
 
 class SchemaTooNew(StoreError):
+    pass
+
+
+class OperatorRefused(OperaConsumerError):
+    """An operator command refused because doing it now would do harm; says why."""
+
+
+class OffsetRefused(OperatorRefused):
+    pass
+
+
+class ReplayRefused(OperatorRefused):
     pass
 
 
@@ -71,4 +126,15 @@ class PermanentSinkError(SinkError):
 
 
 class SinkUnusable(SinkError):
-    """Writing on would lose or corrupt data: an operator must look (exit status 78)."""
+    """Writing on could lose or corrupt data: an operator must look (exit status 78)."""
+
+
+def exit_code_for(exc: BaseException) -> ExitCode:
+    """The exit status for an error that ends a command or the daemon."""
+    if isinstance(exc, ConfigError | LeaseHeld | SinkUnusable | InvalidInput):
+        return ExitCode.CONFIG
+    if isinstance(exc, StoreError):
+        return ExitCode.RUNTIME if exc.retriable else ExitCode.CONFIG
+    if isinstance(exc, OperatorRefused | SinkError | AuthError):
+        return ExitCode.RUNTIME
+    return ExitCode.SOFTWARE

@@ -17,15 +17,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import Settings
-from .core.protocol import InvalidInput, SubscribeInput
-from .errors import OperaConsumerError
+from .core.protocol import SubscribeInput
+from .errors import InvalidInput, OffsetRefused
 from .output import iso
 from .runtime.lease import Lease, holder
 from .runtime.store import Store
-
-
-class OffsetRefused(OperaConsumerError):
-    pass
 
 
 @dataclass(frozen=True, slots=True)

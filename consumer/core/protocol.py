@@ -16,6 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 
+from ..errors import InvalidInput
 from .events import SELECTION, Event
 from .evidence import Evidence, evidence, prefix, shown
 
@@ -28,10 +29,6 @@ _PATTERNS: Final[dict[str, tuple[re.Pattern[str], int]]] = {
     "offset": (re.compile(r"[0-9]+"), 20),
     "hotelCode": (re.compile(r"[A-Za-z0-9 _%#$&,-]+"), 50),
 }
-
-
-class InvalidInput(ValueError):
-    """A subscription argument does not match the schema; the message names the field."""
 
 
 def key_hash(app_key: str) -> str:
@@ -48,7 +45,7 @@ def subscription_url(gateway_url: str, app_key: str) -> str:
     parts = urlsplit(gateway_url)
     scheme = {"https": "wss", "http": "ws", "wss": "wss", "ws": "ws"}.get(parts.scheme)
     if scheme is None or not parts.netloc:
-        raise InvalidInput(f"gateway URL must be http(s)://host[/path], got {gateway_url!r}")
+        raise InvalidInput("gateway URL must be http(s)://host[/path]")
     path = parts.path.rstrip("/")
     path = path.removesuffix("/subscriptions")
     return urlunsplit(

@@ -28,6 +28,7 @@ from typing import Any, Final
 
 import orjson
 
+from ..errors import SessionError
 from . import protocol
 from .evidence import prefix, shown
 from .protocol import (
@@ -51,11 +52,6 @@ class SessionState(enum.Enum):
     SUBSCRIBED = "subscribed"
     COMPLETING = "completing"  # complete sent; what is in flight is still read
     ENDED = "ended"  # the server ended our subscription
-
-
-class SessionError(Exception):
-    """The caller asked for something the state does not allow (a bug of ours, not the
-    server's)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -106,10 +106,16 @@ class Daemon:
             await _check_checkpoints(store, settings)
             if sink is None:
                 sink = build_sink(settings, http, tokens)
+            committed = await store.sink_state(sink.name)
             try:
-                await sink.open(await store.sink_state(sink.name))
+                await sink.open(committed)
             except SinkUnusable as exc:
                 raise SinkUnusable(f"{exc} (state store: {st.path})") from None
+            if committed is None and (position := sink.position()) is not None:
+                # Record where the sink starts before its first write: a crash between that
+                # write and the first commit must find a length to cut back to, not a file
+                # the store knows nothing of.
+                await store.set_sink_state(sink.name, position)
             for name, stream in settings.streams.items():
                 if stream.on_permanent_failure == "park-key":
                     parked[name] = await store.parked_keys(name)

@@ -15,18 +15,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ..errors import OperaConsumerError
+from ..errors import LeaseHeld
 from .store import store_error
-
-
-class LeaseHeld(OperaConsumerError):
-    def __init__(self, path: Path, holder: dict[str, Any] | None) -> None:
-        who = f"pid {holder.get('pid')}" if holder else "another process"
-        super().__init__(
-            f"{who} holds the state store {path.with_suffix('')} ({path} is locked): "
-            "stop that opera-consumer first, or give this one its own [state] path"
-        )
-        self.holder = holder
 
 
 def lock_path(state_path: Path) -> Path:

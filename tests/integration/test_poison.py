@@ -35,6 +35,7 @@ from support import (
 )
 
 from consumer.core.evidence import PAYLOAD_LIMIT
+from consumer.runtime.daemon import Daemon
 from consumer.runtime.store import Store
 
 
@@ -97,6 +98,22 @@ async def test_item1_a_jsonl_file_unknown_to_the_store_is_never_cut(sandbox_fact
 def sink_ids_after(path: Path, skip: int) -> list[str]:
     lines = path.read_text().splitlines()[skip:]
     return [json.loads(line)["metadata"]["uniqueEventId"] for line in lines]
+
+
+async def test_item1_the_starting_length_is_committed_before_the_first_write(
+    sandbox_factory, tmp_path
+):
+    """Item 1 (found by the deflaking work): a kill between the very first sync and the first
+    commit left a file the store had no length for, which the next start then refused. The
+    store now records where the sink starts before anything is written."""
+    gw = await sandbox_factory(backlog=5)
+    daemon = await Daemon.create(make_settings(tmp_path, gw.url))
+    try:
+        with sqlite3.connect(tmp_path / "state.db") as db:
+            row = db.execute("SELECT state FROM sink_state WHERE sink = 'jsonl'").fetchone()
+        assert row == ("0",)
+    finally:
+        await daemon.close()
 
 
 async def test_item1_deleting_the_file_while_running_stops_instead_of_writing_into_it(
