@@ -127,9 +127,7 @@ class ChainLog:
         return self._count
 
     def events(self) -> list[dict[str, Any]]:
-        return [
-            json.loads(e.payload)["data"]["newEvent"] for e in self.entries if e.offset
-        ]
+        return [json.loads(e.payload)["data"]["newEvent"] for e in self.entries if e.offset]
 
     def resource(self, key: str) -> Resource | None:
         """The resource with this primaryKey (keys are unique within a chain)."""

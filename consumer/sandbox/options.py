@@ -1,0 +1,61 @@
+"""The sandbox's options (:class:`SandboxOptions`: credentials, the event logs, timings, the
+chaos knobs) and the counters its parts keep for the tests (:class:`SandboxStats`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, kw_only=True)
+class SandboxOptions:
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: any free port
+    app_key: str = "sandbox-app-key"
+    client_id: str = "sandbox-client"
+    client_secret: str = "sandbox-secret"
+    username: str = "sandbox-user"
+    password: str = "sandbox-password"
+    chains: tuple[str, ...] = ("DEMO",)
+    backlog: int = 1000  # events generated per chain at start
+    rate: float = 0.0  # new events per second per chain
+    seed: int = 1
+    token_ttl_s: float = 3600.0
+    ping_interval_s: float = 15.0  # server pings; 0 disables
+    init_timeout_s: float = 10.0  # connection_init deadline (4408)
+    stale_hold_s: float = 0.0  # 4409 for this long after a subscriber drops without complete
+    complete_close_delay_s: float = 0.0  # after a client's complete, wait before closing
+    defer_pongs: bool = False  # as OHIP in burst mode: no pong until the backlog is sent
+    # Chaos (deterministic for a given chaos_seed); 0 / False disables each.
+    chaos_seed: int = 0
+    drop_every: int = 0  # drop the TCP connection (no close frame) after about N events
+    close_every: int = 0  # close with one of close_codes after about N events
+    close_codes: tuple[int, ...] = (1001, 1000, 4500, 4504)
+    malformed_every: int = 0  # a malformed frame in the log after every N events
+    oversized_bytes: int = 0  # > 0: every 6th malformed frame is a `next` frame this large
+    redeliver: int = 0  # a resume from an offset starts this many entries earlier
+    ignore_pings: bool = False
+    ack_delay_s: float = 0.0
+    send_batch: int = 256
+    rest_rate: float = 0.0  # REST requests per second, all routes together; 0: unlimited
+    rest_burst: int = 5  # token-bucket size for rest_rate
+
+
+@dataclass
+class SandboxStats:
+    token_requests: int = 0
+    connections: int = 0
+    events_sent: int = 0
+    pings_received: int = 0
+    pongs_received: int = 0
+    pongs_sent: int = 0
+    max_deferred_pongs: int = 0
+    completes_received: int = 0
+    subscribes: list[dict[str, Any]] = field(default_factory=list)  # parsed inputs, in order
+    close_codes_sent: list[int] = field(default_factory=list)
+    chaos_drops: int = 0
+    upgrades: list[float] = field(default_factory=list)  # monotonic times of upgrade requests
+    active_subscriptions: dict[str, int] = field(default_factory=dict)
+    rest_requests: int = 0  # every REST GET, throttled and failed ones included
+    rest_throttled: int = 0  # 429s of the rate limit (not injected ones)
+    rest_paths: dict[str, int] = field(default_factory=dict)  # 200 responses per request path

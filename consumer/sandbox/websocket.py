@@ -1,0 +1,318 @@
+"""The ``/subscriptions`` WebSocket after its upgrade: a :class:`WsSession` per connection on
+websockets' sans-I/O :class:`ServerProtocol`, so the sandbox controls every byte.
+
+A session enforces ``graphql-transport-ws`` (4406), ``connection_init`` within the deadline
+(4408) with a valid token and the raw app key (4401, again when the token expires), one
+``connection_init`` (4429), valid ``subscribe`` messages (4400, 4403) and one subscriber per
+chain (4409, see :class:`Subscriptions`); it streams the chain's log in pre-encoded batches
+with TCP backpressure, pings and answers pings, and closes after a client's ``complete``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from websockets.frames import Frame, Opcode
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+from websockets.typing import Subprotocol
+
+from .eventlog import ChainLog
+from .faults import Chaos, PongPolicy
+from .graphql import Close, is_connection_query, parse_input
+from .options import SandboxOptions, SandboxStats
+from .subscriptions import Subscriptions
+from .tokens import bearer
+
+SUBPROTOCOL = Subprotocol("graphql-transport-ws")
+
+
+def flush(proto: ServerProtocol, writer: asyncio.StreamWriter) -> None:
+    """Write what the protocol has to send (an empty chunk: half-close the connection)."""
+    for chunk in proto.data_to_send():
+        if chunk:
+            writer.write(chunk)
+        elif writer.can_write_eof():
+            writer.write_eof()
+
+
+@dataclass(frozen=True)
+class SessionContext:
+    """What the gateway hands its sessions."""
+
+    options: SandboxOptions
+    stats: SandboxStats
+    logs: Mapping[str, ChainLog]
+    token_expiry: Callable[[str], float | None]
+    subscriptions: Subscriptions
+    chaos: Chaos
+    clock: Callable[[], float]
+
+
+async def run_session(
+    ctx: SessionContext,
+    proto: ServerProtocol,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+) -> None:
+    """Run a session on an accepted upgrade until its connection ends."""
+    session = WsSession(ctx, proto, reader, writer)
+    ctx.subscriptions.sessions.add(session)
+    try:
+        await session.run()
+    finally:
+        ctx.subscriptions.sessions.discard(session)
+        session.ended()
+
+
+class WsSession:
+    def __init__(
+        self,
+        ctx: SessionContext,
+        proto: ServerProtocol,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        self._ctx = ctx
+        self._proto = proto
+        self._reader = reader
+        self._writer = writer
+        self._acked = False
+        self._sub_id: str | None = None
+        self._chain: str | None = None
+        self._completed = False
+        self._silent = False
+        self._init_seen = False
+        self._bursting = False
+        self._pongs = PongPolicy(ctx.options, ctx.stats)
+        self._sender: asyncio.Task[None] | None = None
+        self._helpers: list[asyncio.Task[None]] = []
+
+    async def run(self) -> None:
+        o = self._ctx.options
+        if self._proto.subprotocol != SUBPROTOCOL:
+            self.close(4406, "Subprotocol not acceptable")
+        else:
+            self._helpers.append(asyncio.create_task(self._init_deadline(o.init_timeout_s)))
+        try:
+            while self._proto.state is not State.CLOSED:
+                data = await self._reader.read(65536)
+                if data:
+                    self._proto.receive_data(data)
+                else:
+                    self._proto.receive_eof()
+                for frame in self._proto.events_received():
+                    if self._silent:
+                        continue
+                    if isinstance(frame, Frame) and frame.opcode is Opcode.TEXT:
+                        self._on_text(bytes(frame.data))
+                flush(self._proto, self._writer)
+                if not data:
+                    break
+        finally:
+            for t in [*self._helpers, *([self._sender] if self._sender else [])]:
+                t.cancel()
+            await asyncio.gather(*self._helpers, return_exceptions=True)
+            if self._sender is not None:
+                await asyncio.gather(self._sender, return_exceptions=True)
+
+    def ended(self) -> None:
+        if self._chain is not None:
+            self._ctx.subscriptions.release(self._chain, self, completed=self._completed)
+
+    def close(self, code: int, reason: str) -> None:
+        if self._proto.state is not State.OPEN:
+            return
+        self._ctx.stats.close_codes_sent.append(code)
+        self._proto.send_close(code, reason.encode()[:123].decode(errors="ignore"))
+        flush(self._proto, self._writer)
+        if self._sender is not None:
+            self._sender.cancel()
+
+    def drop(self) -> None:
+        """Drop the TCP connection, without a close frame."""
+        self._writer.transport.abort()
+
+    def silence(self) -> None:
+        """Go quiet with TCP still open: no more events, no pongs, client messages ignored."""
+        self._silent = True
+        if self._sender is not None:
+            self._sender.cancel()
+
+    def send(self, text: str) -> None:
+        if self._proto.state is State.OPEN and not self._silent:
+            self._proto.send_text(text.encode())
+            flush(self._proto, self._writer)
+
+    def _pong(self) -> None:
+        self._ctx.stats.pongs_sent += 1
+        self.send('{"type":"pong"}')
+
+    def _on_text(self, data: bytes) -> None:
+        try:
+            msg = json.loads(data)
+            if not isinstance(msg, dict):
+                raise Close(4400, "Message must be a JSON object")
+            self._dispatch(msg)
+        except Close as exc:
+            self.close(exc.code, exc.reason)
+        except ValueError:
+            self.close(4400, "Invalid message received")
+
+    def _dispatch(self, msg: dict[str, Any]) -> None:
+        ctx = self._ctx
+        kind = msg.get("type")
+        injected = ctx.chaos.close_for(str(kind))
+        if injected is not None:
+            raise Close(injected, "injected")
+        if kind == "ping":
+            ctx.stats.pings_received += 1
+            if self._pongs.answer_now(bursting=self._bursting):
+                self._pong()
+        elif kind == "pong":
+            ctx.stats.pongs_received += 1
+        elif kind == "connection_init":
+            self._init(msg.get("payload"))
+        elif kind == "subscribe":
+            self._subscribe(msg)
+        elif kind == "complete":
+            if msg.get("id") == self._sub_id and self._sub_id is not None:
+                ctx.stats.completes_received += 1
+                self._completed = True
+                if self._sender is not None:
+                    self._sender.cancel()
+                self._helpers.append(asyncio.create_task(self._close_later()))
+        else:
+            raise Close(4400, f"Invalid message type {kind!r}")
+
+    def _init(self, payload: object) -> None:
+        o = self._ctx.options
+        if self._acked or self._init_seen:
+            raise Close(4429, "Too many initialisation requests")
+        self._init_seen = True
+        p = payload if isinstance(payload, dict) else {}
+        expiry = self._ctx.token_expiry(bearer(str(p.get("Authorization", ""))))
+        if expiry is None or p.get("x-app-key") != o.app_key:
+            raise Close(4401, "Unauthorised - Invalid credentials")
+        self._helpers.append(asyncio.create_task(self._ack(o.ack_delay_s)))
+        self._helpers.append(asyncio.create_task(self._expire(expiry)))
+        if o.ping_interval_s > 0:
+            self._helpers.append(asyncio.create_task(self._pinger()))
+
+    def _subscribe(self, msg: dict[str, Any]) -> None:
+        ctx = self._ctx
+        if not self._acked:
+            raise Close(4401, "Unauthorized")
+        sub_id = msg.get("id")
+        payload = msg.get("payload")
+        query = payload.get("query") if isinstance(payload, dict) else None
+        if not isinstance(sub_id, str) or not sub_id or not isinstance(query, str):
+            raise Close(4400, "Invalid subscribe message")
+        if is_connection_query(query):
+            # Query.connection: is a consumer subscribed (Active)? One next, then complete.
+            status = "Active" if ctx.subscriptions.any_active() else "Inactive"
+            data = {"data": {"connection": {"id": str(id(self)), "status": status}}}
+            self.send(json.dumps({"id": sub_id, "type": "next", "payload": data}))
+            self.send(json.dumps({"id": sub_id, "type": "complete"}))
+            return
+        if self._sub_id is not None:
+            raise Close(4409, f"Subscriber for {sub_id} already exists")
+        args = parse_input(query)
+        ctx.stats.subscribes.append(args)
+        chain = args.get("chainCode")
+        if not isinstance(chain, str):
+            raise Close(4400, "Value for chainCode is required")
+        log = ctx.logs.get(chain)
+        if log is None:
+            raise Close(4403, "Forbidden")
+        if not ctx.subscriptions.claim(chain, self):
+            raise Close(4409, "Subscriber already exists")
+        self._sub_id, self._chain = sub_id, chain
+        highest = args.get("offsetType") == "highest"
+        offset = args.get("offset")
+        if offset is None and not highest:
+            start = ctx.subscriptions.resume_index(chain)
+        else:
+            start = log.start_index(offset if isinstance(offset, str) else None, highest=highest)
+            if offset is not None:
+                start = ctx.chaos.rewind(start)  # duplicates to deduplicate
+        hotels = args.get("hotelCode")
+        hotel_set = frozenset(str(hotels).split(",")) if hotels else None
+        self._sender = asyncio.create_task(
+            self._stream(log, start, delta=args.get("delta") is True, hotels=hotel_set)
+        )
+
+    async def _stream(
+        self, log: ChainLog, index: int, *, delta: bool, hotels: frozenset[str] | None
+    ) -> None:
+        ctx = self._ctx
+        assert self._sub_id is not None and self._chain is not None
+        prefix = '{"id":' + json.dumps(self._sub_id) + ',"type":"next","payload":'
+        batch = ctx.options.send_batch
+        proto, writer = self._proto, self._writer
+        drop_at = ctx.chaos.fault_point(ctx.options.drop_every)
+        close_at = ctx.chaos.fault_point(ctx.options.close_every)
+        total = 0
+        while proto.state is State.OPEN:
+            entries = log.entries
+            self._bursting = index < len(entries)
+            if not self._bursting:
+                for _ in range(self._pongs.release()):
+                    self._pong()
+                changed = log.changed()
+                if index >= len(log.entries):
+                    await changed.wait()
+                continue
+            room = min(drop_at, close_at) - total  # stop exactly at a fault point
+            end = min(len(entries), index + batch, index + max(1, int(min(room, batch))))
+            sent = 0
+            for entry in entries[index:end]:
+                if entry.offset is None:
+                    text = entry.payload
+                elif hotels is not None and entry.hotel not in hotels:
+                    continue
+                else:
+                    text = prefix + (entry.delta_payload() if delta else entry.payload) + "}"
+                proto.send_text(text.encode())
+                sent += 1
+            index = end
+            ctx.subscriptions.delivered(self._chain, index)
+            ctx.stats.events_sent += sent
+            total += sent
+            flush(proto, writer)
+            await writer.drain()
+            if total >= drop_at:
+                ctx.stats.chaos_drops += 1
+                writer.transport.abort()
+                return
+            if total >= close_at:
+                self.close(ctx.chaos.close_code(), "chaos")
+                return
+
+    async def _ack(self, delay: float) -> None:
+        if delay:
+            await asyncio.sleep(delay)
+        self._acked = True
+        self.send('{"type":"connection_ack","payload":{"applicationName":"sandbox"}}')
+
+    async def _close_later(self) -> None:
+        await asyncio.sleep(self._ctx.options.complete_close_delay_s)
+        self.close(1000, "Normal Closure")
+
+    async def _init_deadline(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        if not self._acked:
+            self.close(4408, "Connection initialisation timeout")
+
+    async def _expire(self, expiry: float) -> None:
+        await asyncio.sleep(max(0.0, expiry - self._ctx.clock()))
+        self.close(4401, "Token expired")
+
+    async def _pinger(self) -> None:
+        while True:
+            await asyncio.sleep(self._ctx.options.ping_interval_s)
+            self.send('{"type":"ping"}')
