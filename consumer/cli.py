@@ -21,14 +21,11 @@ from . import __version__
 from .config import Settings, effective, load_settings
 from .errors import (
     ExitCode,
-    LeaseHeld,
     OperaConsumerError,
-    OperatorRefused,
     SinkError,
     SinkUnusable,
     exit_code_for,
 )
-from .output import emit, iso, parse_when
 
 _EPILOG = """exit status: 0 ok, 1 runtime failure or failed check, 2 usage, 70 internal error,
 78 configuration error (or every stream stopped for a reason an operator must fix),
@@ -197,122 +194,22 @@ def _command(args: argparse.Namespace) -> int:
     if command == "preflight":
         return _preflight(settings)
     if command == "offset":
-        return asyncio.run(_offset(settings, args))
+        from .commands import offsets
+
+        return asyncio.run(offsets.command(settings, args))
     if command == "sink":
-        return asyncio.run(_sink_adopt(settings, execute=args.execute))
+        from .commands.sink import adopt
+
+        return asyncio.run(adopt(settings, execute=args.execute))
     if command == "status":
-        return asyncio.run(_status(settings, as_json=args.json))
+        from .commands.status import status
+
+        return asyncio.run(status(settings, as_json=args.json))
     if command == "dlq":
-        return asyncio.run(_dlq(settings, args))
+        from .commands import dlq  # the daemon's modules: imported only for this command
+
+        return asyncio.run(dlq.command(settings, args))
     return _run(settings)
-
-
-def _no_store(settings: Settings) -> bool:
-    if settings.state.path.exists():
-        return False
-    print(f"no state store at {settings.state.path} yet: the daemon has not run", file=sys.stderr)
-    return True
-
-
-async def _dlq(settings: Settings, args: argparse.Namespace) -> int:
-    from . import dlq  # the daemon's modules: imported only for this command
-    from .logs import configure
-    from .runtime.store import Store
-
-    configure("warning", settings.log.format)
-    if _no_store(settings):
-        return ExitCode.RUNTIME
-    action: str = args.dlq_command
-    try:
-        since = parse_when(args.since) if getattr(args, "since", None) else None
-        before = parse_when(args.before) if getattr(args, "before", None) else None
-    except ValueError as exc:
-        print(f"opera-consumer: {exc}", file=sys.stderr)
-        return ExitCode.USAGE
-    if action in ("replay", "purge") and not args.ids and not args.all:
-        print(f"opera-consumer dlq {action}: name IDs, or --all (with filters)", file=sys.stderr)
-        return ExitCode.USAGE
-    store = await Store.open(
-        settings.state.path, synchronous=settings.state.synchronous, create=False
-    )
-    try:
-        rows = await store.dead_letters(
-            getattr(args, "stream", None),
-            reason=getattr(args, "reason", None),
-            since=since,
-            before=before,
-            ids=[args.id] if action == "show" else (getattr(args, "ids", None) or None),
-        )
-        if action == "purge" and not args.dry_run:
-            n = await store.purge_dead_letters([r.id for r in rows])
-    finally:
-        await store.close()
-    if action == "list":
-        emit([dlq.summary(r) for r in rows], dlq.LIST_COLUMNS, as_json=args.json)
-        return 0
-    if action == "show":
-        if not rows:
-            print(f"no dead letter with id {args.id}", file=sys.stderr)
-            return ExitCode.RUNTIME
-        detail = dlq.detail(rows[0])
-        if args.json:
-            print(json.dumps(detail, indent=2, ensure_ascii=False))
-            return 0
-        payload = detail.pop("payload")
-        width = max(len(k) for k in detail)
-        for key, value in detail.items():
-            print(f"{key.ljust(width)}  {'-' if value is None else value}")
-        print("payload:")
-        print(payload if isinstance(payload, str) else json.dumps(payload, indent=2))
-        return 0
-    missing = sorted(set(args.ids) - {r.id for r in rows})
-    if missing:
-        print(f"no dead letter with id {', '.join(map(str, missing))}", file=sys.stderr)
-    if action == "purge":
-        if args.dry_run:
-            emit([dlq.summary(r) for r in rows], dlq.LIST_COLUMNS, as_json=args.json)
-            print(f"would purge {len(rows)} dead letter(s)", file=sys.stderr)
-        else:
-            print(f"purged {n} dead letter(s)", file=sys.stderr)
-        return ExitCode.RUNTIME if missing else 0
-    try:
-        outcomes = await dlq.replay(settings, rows, dry_run=args.dry_run)
-    except LeaseHeld as exc:  # refused, like any operator command that would do harm now
-        raise OperatorRefused(str(exc)) from None
-    emit(
-        [o.as_dict() for o in outcomes],
-        ("id", "stream", "unique_event_id", "result", "detail"),
-        as_json=args.json,
-    )
-    failed = [o for o in outcomes if o.result in ("failed", "skipped")]
-    return ExitCode.RUNTIME if failed or missing else 0
-
-
-async def _offset(settings: Settings, args: argparse.Namespace) -> int:
-    from . import offsets
-
-    if _no_store(settings):
-        return ExitCode.RUNTIME
-    if args.offset_command == "show":
-        emit(
-            await offsets.show(settings),
-            ("stream", "offset", "checkpoint_at", "next_start"),
-            as_json=args.json,
-        )
-        return 0
-    new = "highest" if args.offset_command == "reset" else args.offset
-    try:
-        plan = await offsets.plan(settings, args.stream, new)
-        if args.execute:
-            await offsets.execute(settings, plan)
-    except LeaseHeld as exc:  # refused, like any operator command that would do harm now
-        raise OperatorRefused(str(exc)) from None
-    emit([plan.as_dict()], ("stream", "current", "new", "note"), as_json=args.json)
-    if not args.execute:
-        print("plan only: nothing changed (add --execute to apply it)", file=sys.stderr)
-    else:
-        print(f"done: {plan.stream} resumes at {plan.new} when the daemon starts", file=sys.stderr)
-    return 0
 
 
 def _run(settings: Settings) -> int:
@@ -329,81 +226,8 @@ def _run(settings: Settings) -> int:
         return ExitCode.RUNTIME
 
 
-async def _sink_adopt(settings: Settings, *, execute: bool) -> int:
-    """Record the jsonl file's current length as committed: the operator vouches that every
-    byte in it is wanted (events in it that the stream sends again are then written twice,
-    unless the store already knows them as processed)."""
-    from .config import JsonlSinkSettings
-    from .runtime.lease import Lease
-    from .runtime.store import Store
-
-    if not isinstance(settings.sink, JsonlSinkSettings):
-        print("opera-consumer sink adopt: only the jsonl sink has a file to adopt", file=sys.stderr)
-        return ExitCode.USAGE
-    path, state = settings.sink.path, settings.state.path
-    size = path.stat().st_size if path.exists() else 0
-    print(f"{path}: {size} bytes to record as committed in {state}")
-    if not execute:
-        print("plan only: nothing changed (add --execute to apply it)", file=sys.stderr)
-        return 0
-    try:
-        lease = Lease.acquire(state, (), role="sink-adopt")
-    except LeaseHeld as exc:
-        raise OperatorRefused(str(exc)) from None
-    try:
-        store = await Store.open(state, synchronous=settings.state.synchronous)
-        try:
-            await store.set_sink_state("jsonl", str(size))
-        finally:
-            await store.close()
-    finally:
-        lease.release()
-    print(f"done: the daemon resumes appending to {path} at byte {size}", file=sys.stderr)
-    return 0
-
-
-async def _status(settings: Settings, *, as_json: bool) -> int:
-    from .runtime.metrics import live_status
-    from .runtime.store import Store
-
-    path = settings.state.path
-    if not path.exists():
-        print(f"no state store at {path} yet: the daemon has not run", file=sys.stderr)
-        return ExitCode.RUNTIME
-    store = await Store.open(path, synchronous=settings.state.synchronous, create=False)
-    try:
-        checkpoints = {c.stream: c for c in await store.checkpoints()}
-        dlq = await store.dead_letter_counts()
-    finally:
-        await store.close()
-    m = settings.metrics
-    live = await live_status(m.address, m.port) if m.enabled else None
-    rows: list[dict[str, Any]] = []
-    for name in sorted(set(settings.streams) | set(checkpoints) | set(dlq)):
-        cp = checkpoints.get(name)
-        rows.append(
-            {
-                "stream": name,
-                "configured": name in settings.streams,
-                "offset": cp.offset if cp else None,
-                "unique_event_id": cp.unique_event_id if cp else None,
-                "last_event_at": iso(cp.last_event_at) if cp else None,
-                "checkpoint_at": iso(cp.updated_at) if cp else None,
-                "processed": cp.processed_count if cp else 0,
-                "dead_letters": dlq.get(name, 0),
-                # from the running daemon, when it answers
-                "state": live[name]["state"] if live and name in live else "not running",
-                "events_per_s": live[name]["events_per_s"] if live and name in live else None,
-                "lag_s": live[name]["lag_s"] if live and name in live else None,
-            }
-        )
-    cols = ["stream", "state", "offset", "last_event_at", "processed", "dead_letters"]
-    emit(rows, [*cols, "events_per_s", "lag_s"], as_json=as_json)
-    return 0
-
-
 def _preflight(settings: Settings) -> int:
-    from . import preflight
+    from .commands import preflight
     from .logs import configure
 
     configure("warning", settings.log.format)  # the checklist is the output; logs only if wrong

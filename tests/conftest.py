@@ -1,15 +1,27 @@
-"""Fixtures: a clean environment and the sandbox gateway on loopback."""
+"""Fixtures: a clean environment and the sandbox gateway on loopback. And the hypothesis
+profile every test runs under: no per-example deadline and no "too slow" health check, since
+the machine may be loaded (issue #9 item 12); a test may still ask for more examples."""
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
+import pysink
 import pytest
+import structlog
+from hypothesis import HealthCheck, settings
 from pg import postgres_dsn, postgres_server  # noqa: F401  # fixtures: a PostgreSQL server
 
+import consumer.logs
 from consumer.sandbox import SandboxGateway, SandboxOptions
+
+settings.register_profile(
+    "loaded-machine", deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile("loaded-machine")
 
 
 @pytest.fixture(autouse=True)
@@ -33,3 +45,39 @@ async def sandbox_factory() -> AsyncIterator[Callable[..., Awaitable[SandboxGate
     yield start
     for gw in started:
         await gw.close()
+
+
+@pytest.fixture
+def fresh_pysink() -> Iterator[None]:
+    """An empty tests/pysink.py record (the Python sink target) before and after the test."""
+    pysink.reset()
+    yield
+    pysink.reset()
+
+
+@pytest.fixture
+def contained_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """For tests that run the commands in-process (tests/operator_support.py ``cli``): the
+    commands configure logging for the whole process: JSON on stderr (stdout stays for
+    their output), and no structlog logger cached for good. Pytest's own handlers are kept,
+    and everything is put back afterwards."""
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    root_level = root.level
+    ours: list[logging.Handler] = []
+    real = consumer.logs.configure
+
+    def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
+        others = [h for h in root.handlers if h not in ours]
+        real(level, "json", stream)  # replaces every handler of the root logger with its own
+        ours.extend(root.handlers)
+        root.handlers[:] = [*others, *root.handlers]
+        structlog.configure(cache_logger_on_first_use=False)
+
+    monkeypatch.setattr(consumer.logs, "configure", configure)
+    configure("warning")
+    yield
+    for handler in ours:
+        root.removeHandler(handler)
+    root.setLevel(root_level)
+    structlog.configure(**saved)

@@ -10,7 +10,9 @@ needs the daemon stopped.
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,18 +25,25 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from .config import JsonlSinkSettings, Settings
-from .core.events import Event
-from .core.protocol import event_from_raw
-from .errors import PermanentSinkError, ReplayRefused, TransientSinkError
-from .output import iso
-from .runtime.committer import Committer
-from .runtime.daemon import http_client, register_secrets
-from .runtime.lease import Lease, holder
-from .runtime.retry import WaitRetryAfter
-from .runtime.store import DeadLetterRow, Store
-from .sinks.base import Sink
-from .sinks.factory import build_sink
+from ..config import JsonlSinkSettings, Settings
+from ..core.events import Event
+from ..core.protocol import event_from_raw
+from ..core.records import DeadLetterRow
+from ..core.retry_after import WaitRetryAfter
+from ..errors import (
+    ExitCode,
+    LeaseHeld,
+    OperatorRefused,
+    PermanentSinkError,
+    ReplayRefused,
+    TransientSinkError,
+)
+from ..logs import configure
+from ..runtime.assembly import build_sink, http_client, register_secrets
+from ..runtime.committer import Committer
+from ..sinks.base import Sink
+from ..state import Lease, holder, open_store
+from .output import emit, iso, no_store, parse_when
 
 log = structlog.get_logger(__name__)
 
@@ -112,7 +121,7 @@ async def replay(
     # While we replay into a single-writer sink, keep a daemon from starting.
     lease = Lease.acquire(st.path, (), role="dlq-replay") if running is None else None
     try:
-        store = await Store.open(st.path, synchronous=st.synchronous)
+        store = await open_store(st)
         http = http_client(settings)
         try:
             sink = build_sink(settings, http)
@@ -176,3 +185,72 @@ def _event(row: DeadLetterRow) -> Event | None:
 
 def _outcome(row: DeadLetterRow, result: str, why: str = "") -> Outcome:
     return Outcome(row.id, row.stream, row.unique_event_id, row.primary_key, result, why)
+
+
+async def command(settings: Settings, args: argparse.Namespace) -> int:
+    """`dlq list|show|replay|purge`, with the arguments the CLI parsed."""
+    configure("warning", settings.log.format)
+    if no_store(settings):
+        return ExitCode.RUNTIME
+    action: str = args.dlq_command
+    try:
+        since = parse_when(args.since) if getattr(args, "since", None) else None
+        before = parse_when(args.before) if getattr(args, "before", None) else None
+    except ValueError as exc:
+        print(f"opera-consumer: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    if action in ("replay", "purge") and not args.ids and not args.all:
+        print(f"opera-consumer dlq {action}: name IDs, or --all (with filters)", file=sys.stderr)
+        return ExitCode.USAGE
+    store = await open_store(settings.state, create=False)
+    try:
+        rows = await store.dead_letters(
+            getattr(args, "stream", None),
+            reason=getattr(args, "reason", None),
+            since=since,
+            before=before,
+            ids=[args.id] if action == "show" else (getattr(args, "ids", None) or None),
+        )
+        if action == "purge" and not args.dry_run:
+            n = await store.purge_dead_letters([r.id for r in rows])
+    finally:
+        await store.close()
+    if action == "list":
+        emit([summary(r) for r in rows], LIST_COLUMNS, as_json=args.json)
+        return ExitCode.OK
+    if action == "show":
+        if not rows:
+            print(f"no dead letter with id {args.id}", file=sys.stderr)
+            return ExitCode.RUNTIME
+        shown = detail(rows[0])
+        if args.json:
+            print(json.dumps(shown, indent=2, ensure_ascii=False))
+            return ExitCode.OK
+        payload = shown.pop("payload")
+        width = max(len(k) for k in shown)
+        for key, value in shown.items():
+            print(f"{key.ljust(width)}  {'-' if value is None else value}")
+        print("payload:")
+        print(payload if isinstance(payload, str) else json.dumps(payload, indent=2))
+        return ExitCode.OK
+    missing = sorted(set(args.ids) - {r.id for r in rows})
+    if missing:
+        print(f"no dead letter with id {', '.join(map(str, missing))}", file=sys.stderr)
+    if action == "purge":
+        if args.dry_run:
+            emit([summary(r) for r in rows], LIST_COLUMNS, as_json=args.json)
+            print(f"would purge {len(rows)} dead letter(s)", file=sys.stderr)
+        else:
+            print(f"purged {n} dead letter(s)", file=sys.stderr)
+        return ExitCode.RUNTIME if missing else ExitCode.OK
+    try:
+        outcomes = await replay(settings, rows, dry_run=args.dry_run)
+    except LeaseHeld as exc:  # refused, like any operator command that would do harm now
+        raise OperatorRefused(str(exc)) from None
+    emit(
+        [o.as_dict() for o in outcomes],
+        ("id", "stream", "unique_event_id", "result", "detail"),
+        as_json=args.json,
+    )
+    failed = [o for o in outcomes if o.result in ("failed", "skipped")]
+    return ExitCode.RUNTIME if failed or missing else ExitCode.OK

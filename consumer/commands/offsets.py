@@ -13,15 +13,16 @@ stream, and holds the lease itself while it writes, so no daemon starts half-way
 
 from __future__ import annotations
 
+import argparse
+import sys
 from dataclasses import dataclass
 from typing import Any
 
-from .config import Settings
-from .core.protocol import SubscribeInput
-from .errors import InvalidInput, OffsetRefused
-from .output import iso
-from .runtime.lease import Lease, holder
-from .runtime.store import Store
+from ..config import Settings
+from ..core.protocol import SubscribeInput
+from ..errors import ExitCode, InvalidInput, LeaseHeld, OffsetRefused, OperatorRefused
+from ..state import Lease, holder, open_store
+from .output import emit, iso, no_store
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +37,7 @@ class Plan:
 
 
 async def show(settings: Settings) -> list[dict[str, Any]]:
-    store = await Store.open(settings.state.path, synchronous=settings.state.synchronous)
+    store = await open_store(settings.state)
     try:
         cps = {c.stream: c for c in await store.checkpoints()}
         rows = []
@@ -85,7 +86,7 @@ async def plan(settings: Settings, stream: str, new: str) -> Plan:
             f"a running opera-consumer (pid {running.get('pid')}) holds stream {stream}: "
             "stop it first (its in-memory position would overwrite the change)"
         )
-    store = await Store.open(settings.state.path, synchronous=settings.state.synchronous)
+    store = await open_store(settings.state)
     try:
         cp = await store.checkpoint(stream)
     finally:
@@ -101,7 +102,7 @@ async def plan(settings: Settings, stream: str, new: str) -> Plan:
 async def execute(settings: Settings, p: Plan) -> None:
     lease = Lease.acquire(settings.state.path, (p.stream,), role="offset")
     try:
-        store = await Store.open(settings.state.path, synchronous=settings.state.synchronous)
+        store = await open_store(settings.state)
         try:
             if p.new == "highest":
                 await store.reset_to_highest(p.stream)
@@ -111,3 +112,30 @@ async def execute(settings: Settings, p: Plan) -> None:
             await store.close()
     finally:
         lease.release()
+
+
+async def command(settings: Settings, args: argparse.Namespace) -> int:
+    """`offset show|set|reset`, with the arguments the CLI parsed."""
+    if no_store(settings):
+        return ExitCode.RUNTIME
+    if args.offset_command == "show":
+        emit(
+            await show(settings),
+            ("stream", "offset", "checkpoint_at", "next_start"),
+            as_json=args.json,
+        )
+        return ExitCode.OK
+    new = "highest" if args.offset_command == "reset" else args.offset
+    try:
+        change = await plan(settings, args.stream, new)
+        if args.execute:
+            await execute(settings, change)
+    except LeaseHeld as exc:  # refused, like any operator command that would do harm now
+        raise OperatorRefused(str(exc)) from None
+    emit([change.as_dict()], ("stream", "current", "new", "note"), as_json=args.json)
+    if not args.execute:
+        print("plan only: nothing changed (add --execute to apply it)", file=sys.stderr)
+    else:
+        when = f"done: {change.stream} resumes at {change.new} when the daemon starts"
+        print(when, file=sys.stderr)
+    return ExitCode.OK

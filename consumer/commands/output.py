@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
+
+from ..config import Settings
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -50,3 +53,11 @@ def parse_when(text: str, *, now: float | None = None) -> float:
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return when.timestamp()
+
+
+def no_store(settings: Settings) -> bool:
+    """True (and says so) when the daemon has never created its state store."""
+    if settings.state.path.exists():
+        return False
+    print(f"no state store at {settings.state.path} yet: the daemon has not run", file=sys.stderr)
+    return True

@@ -19,15 +19,15 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus, WebSocketException
 from websockets.typing import Subprotocol
 
-from .config import (
+from ..config import (
     JsonlSinkSettings,
     PostgresSinkSettings,
     Settings,
     SqliteSinkSettings,
     StreamSettings,
 )
-from .core import protocol
-from .core.session import (
+from ..core import protocol
+from ..core.session import (
     ClientSession,
     ConnectionStatus,
     Outcome,
@@ -35,12 +35,12 @@ from .core.session import (
     Reply,
     SessionState,
 )
-from .errors import AuthError
-from .logs import REDACTOR
-from .runtime.auth import TokenProvider
-from .runtime.daemon import register_secrets
-from .runtime.store import Store
-from .sinks.postgres import PostgresSink
+from ..errors import AuthError, StoreError
+from ..logs import REDACTOR
+from ..runtime.assembly import register_secrets
+from ..runtime.auth import TokenProvider
+from ..sinks.postgres import PostgresSink
+from ..state import open_store
 
 HEADER_LIMIT = 8 * 1024  # the gateway's request header limit
 SLOW_RTT_S = 0.5
@@ -179,11 +179,11 @@ async def _answer(ws: ClientConnection, session: ClientSession) -> Outcome:
 async def _local(checks: _Checks, settings: Settings) -> None:
     add = checks.add
     try:
-        store = await Store.open(settings.state.path, synchronous=settings.state.synchronous)
+        store = await open_store(settings.state)
         await store.close()
         add("PASS", "-", "state store", f"{settings.state.path} writable")
-    except (OSError, RuntimeError) as exc:
-        add("FAIL", "-", "state store", f"{settings.state.path}: {exc}")
+    except StoreError as exc:
+        add("FAIL", "-", "state store", str(exc))
     await _sink(checks, settings)
     m = settings.metrics
     if m.enabled:

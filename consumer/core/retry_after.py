@@ -9,8 +9,14 @@ from __future__ import annotations
 
 import email.utils
 import math
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Final
+
+from tenacity import RetryCallState
+
+# HTTP answers worth another try (OHIP's token endpoint and REST API).
+RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 # Bounds on any wait a far end asks for: "0" must not become a tight loop, nor "1e9" a hang.
 RETRY_AFTER_MIN_S: Final = 0.5
@@ -51,3 +57,18 @@ def retry_after_seconds(value: str | None) -> float | None:
             when = when.replace(tzinfo=UTC)
         seconds = max(0.0, (when - datetime.now(UTC)).total_seconds())
     return clamp_retry_after(seconds)
+
+
+class WaitRetryAfter:
+    """A tenacity ``wait``: the failed attempt's ``retry_after`` if it has a sane one, else
+    the fallback."""
+
+    def __init__(self, fallback: Callable[[RetryCallState], float]) -> None:
+        self._fallback = fallback
+
+    def __call__(self, rs: RetryCallState) -> float:
+        exc = rs.outcome.exception() if rs.outcome else None
+        after = clamp_retry_after(getattr(exc, "retry_after", None))
+        if after is not None:
+            return after
+        return self._fallback(rs)

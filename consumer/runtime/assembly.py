@@ -1,4 +1,5 @@
-"""The configured sink, built from ``[sink]``."""
+"""Assembling a daemon: the process's one HTTP client, its secrets registered with the log
+redactor, and the configured sink (with orchestration around it when enabled)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections.abc import Mapping
 
 import httpx
 
+from .. import __version__
 from ..config import (
     JsonlSinkSettings,
     PostgresSinkSettings,
@@ -13,15 +15,38 @@ from ..config import (
     Settings,
     SqliteSinkSettings,
     WebhookSinkSettings,
+    secret_values,
 )
-from ..runtime.auth import TokenProvider
-from ..runtime.orchestration import OrchestratingSink, Orchestrator
-from .base import Sink
-from .jsonl import JsonlSink
-from .postgres import PostgresSink
-from .python import PythonSink
-from .sqlite import SqliteSink, StoreTableSink
-from .webhook import WebhookSink
+from ..logs import REDACTOR
+from ..sinks.base import Sink
+from ..sinks.jsonl import JsonlSink
+from ..sinks.orchestration import OrchestratingSink, Orchestrator
+from ..sinks.postgres import PostgresSink
+from ..sinks.python import PythonSink
+from ..sinks.sqlite import SqliteSink, StoreTableSink
+from ..sinks.webhook import WebhookSink
+from .auth import TokenProvider
+
+
+def register_secrets(settings: Settings) -> None:
+    """Every secret the settings hold, in every form it may appear in (hashed, base64,
+    percent-encoded...), is masked in every log line from now on."""
+    REDACTOR.add(*secret_values(settings))
+
+
+def http_client(settings: Settings) -> httpx.AsyncClient:
+    """The process's one pooled client: tokens, webhook, orchestration share its connections."""
+    h = settings.http
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(h.timeout_s, connect=h.connect_timeout_s),
+        limits=httpx.Limits(
+            max_connections=h.max_connections,
+            max_keepalive_connections=h.max_keepalive_connections,
+            keepalive_expiry=h.keepalive_expiry_s,
+        ),
+        http2=h.http2,
+        headers={"User-Agent": f"opera-consumer/{__version__}"},
+    )
 
 
 def build_sink(

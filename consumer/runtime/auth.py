@@ -22,9 +22,9 @@ from tenacity import (
 )
 
 from ..config import StreamSettings
+from ..core.retry_after import RETRY_STATUSES, WaitRetryAfter, retry_after_seconds
 from ..errors import AuthError
 from ..logs import REDACTOR
-from .retry import RETRY_STATUSES, WaitRetryAfter, retry_after_seconds
 
 log = structlog.get_logger(__name__)
 
@@ -71,6 +71,10 @@ class TokenProvider:
 
     def expires_in(self) -> float | None:
         return None if self._token is None else self._token.expires_at - self._clock()
+
+    async def access_token(self) -> str:
+        """The current token's value (orchestration's view of this provider)."""
+        return (await self.token()).value
 
     async def token(self) -> Token:
         """A token valid for at least ``refresh_margin_s`` more, fetched only when needed."""

@@ -1,36 +1,55 @@
-"""Group commit: processed ids, dead letters, sink position and checkpoints, in one transaction.
+"""The one owner of completion: per stream, what arrived, what is done, what is durable.
 
-Workers report finished events here without any I/O; a single task commits at most every
-``commit_max_events`` events or ``commit_interval_ms``, whichever comes first. The snapshot of
-what to commit is taken without awaiting, so the checkpoint, the processed ids and the sink
-position always describe the same instant.
+The pipeline tells the committer what happens to each frame (arrived, processed, a duplicate,
+dead-lettered) and asks it what was seen before; nothing else writes a checkpoint. Per stream
+the committer keeps the low watermark over arrival order (offsets are opaque: order comes from
+arrival), the ids processed but not yet durable, and the dead letters not yet durable.
+
+Group commit: a single task commits at most every ``commit_max_events`` events or
+``commit_interval_ms``, whichever comes first; the snapshot of what to commit is taken without
+awaiting, so the checkpoint, the processed ids, the dead letters, the rows a sink staged and
+the sink's position always describe the same instant, and go into the store in one
+transaction.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import sqlite3
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import structlog
 from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
 
 from ..core.evidence import prefix
+from ..core.records import CommitBatch, DeadLetter
 from ..core.watermark import Position, Watermark
 from ..errors import StoreError, TransientSinkError
 from ..sinks.base import Sink
-from ..sinks.sqlite import StoreTableSink
-from .store import CommitBatch, DeadLetter, Store
+from ..state.base import StateStore
 
 log = structlog.get_logger(__name__)
+
+
+@dataclass(slots=True)
+class _Ledger:
+    """One stream's completion state."""
+
+    watermark: Watermark = field(default_factory=Watermark)
+    pending_ids: set[str] = field(default_factory=set)  # processed, not in a commit yet
+    committing_ids: set[str] = field(default_factory=set)  # in the commit under way
+    # primaryKey -> dead letters of it not durable yet (park-key must not trust the store)
+    letters_not_durable: Counter[str] = field(default_factory=Counter)
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class Committer:
     def __init__(
         self,
-        store: Store,
+        store: StateStore,
         sink: Sink,
         *,
         max_events: int,
@@ -40,9 +59,6 @@ class Committer:
     ) -> None:
         self._store = store
         self._sink = sink
-        # A sink whose table lives in the store: its rows go into our transaction.
-        inner = getattr(sink, "inner", sink)  # under orchestration
-        self._table_sink = inner if isinstance(inner, StoreTableSink) else None
         self._max_events = max_events
         self._interval = interval_s
         self._max_pending = max_pending or max_events * 20
@@ -50,12 +66,9 @@ class Committer:
         # so a flood of large malformed frames waits for commits like events do.
         self._max_pending_bytes = max_pending_bytes
         self._pending_bytes = 0
-        self._watermarks: dict[str, Watermark] = {}
+        self._ledgers: dict[str, _Ledger] = {}
         self._batch = CommitBatch()
         self._pending = 0
-        # Ids in a commit that has not finished yet: still "seen" for deduplication.
-        self._committing: dict[str, set[str]] = {}
-        self._pending_ids: dict[str, set[str]] = {}
         self._wake = asyncio.Event()
         self._committed = asyncio.Event()
         self._lock = asyncio.Lock()
@@ -64,49 +77,107 @@ class Committer:
         self.failing_since: float | None = None  # monotonic time of the first failed commit
         self.failures = 0  # consecutive failed commits
         self.checkpointed_at: dict[str, float] = {}  # stream -> monotonic time it last moved
-        # Called with each batch once it is durable (park-key learns its dead letters are).
-        self.on_commit: list[Callable[[CommitBatch], None]] = []
 
-    def register(self, stream: str, watermark: Watermark) -> None:
-        self._watermarks[stream] = watermark
-        self._pending_ids[stream] = set()
-        self._committing[stream] = set()
+    def _ledger(self, stream: str) -> _Ledger:
+        ledger = self._ledgers.get(stream)
+        if ledger is None:
+            ledger = self._ledgers[stream] = _Ledger()
+            ledger.idle.set()
+        return ledger
 
-    # --- called by workers, no I/O ----------------------------------------------------------
+    # --- what happens to each frame (the pipeline; no I/O) ------------------------------------
 
-    def processed(self, stream: str, event_ids: list[str]) -> None:
+    def arrived(self, stream: str, position: Position | None) -> int:
+        """A frame was read: its place in line (``position`` None: a malformed frame)."""
+        ledger = self._ledger(stream)
+        ledger.idle.clear()
+        return ledger.watermark.add(position)
+
+    def withdraw(self, stream: str, seq: int) -> None:
+        """The newest frame was never handed to a worker (shutdown): it will be replayed."""
+        ledger = self._ledger(stream)
+        ledger.watermark.cancel(seq)
+        self._maybe_idle(ledger)
+
+    def processed(self, stream: str, event_ids: Sequence[str], seqs: Sequence[int] = ()) -> None:
+        """Delivered to the sink: recorded as processed in the next commit."""
+        ledger = self._ledger(stream)
         self._batch.processed.setdefault(stream, []).extend(event_ids)
-        self._pending_ids.setdefault(stream, set()).update(event_ids)
-        self._committing.setdefault(stream, set())
-        self._count(stream, len(event_ids))
+        ledger.pending_ids.update(event_ids)
+        self._done(stream, ledger, seqs, len(event_ids))
+
+    def skipped(self, stream: str, seqs: Sequence[int]) -> None:
+        """Duplicates: nothing to record, but the watermark moves past them."""
+        self._done(stream, self._ledger(stream), seqs, 0, other=len(seqs))
+
+    def dead_letter(self, letter: DeadLetter, seq: int | None = None) -> None:
+        ledger = self._ledger(letter.stream)
+        self._batch.dead_letters.append(letter)
+        if letter.primary_key is not None:
+            ledger.letters_not_durable[letter.primary_key] += 1
+        self._pending_bytes += len(letter.payload) + len(letter.error)
+        if self._pending_bytes >= self._max_pending_bytes // 4:
+            self._wake.set()  # large dead letters: commit early rather than hold them
+        self._done(letter.stream, ledger, () if seq is None else (seq,), 0, other=1)
 
     def resolved(self, dead_letter_id: int) -> None:
         """A dead letter delivered by a replay: removed in the same transaction."""
         self._batch.resolved.append(dead_letter_id)
         self._pending += 1
 
-    def skipped(self, stream: str, n: int) -> None:
-        """Duplicates: nothing to record, but the watermark moved."""
-        self._count(stream, 0, n)
-
-    def dead_letter(self, letter: DeadLetter) -> None:
-        self._batch.dead_letters.append(letter)
-        self._pending_bytes += len(letter.payload) + len(letter.error)
-        if self._pending_bytes >= self._max_pending_bytes // 4:
-            self._wake.set()  # large dead letters: commit early rather than hold them
-        self._count(letter.stream, 0, 1)
-
-    def _count(self, stream: str, done: int, other: int = 0) -> None:
+    def _done(
+        self, stream: str, ledger: _Ledger, seqs: Sequence[int], done: int, other: int = 0
+    ) -> None:
+        for seq in seqs:
+            ledger.watermark.done(seq)
         if done:
             counts = self._batch.done_counts
             counts[stream] = counts.get(stream, 0) + done
         self._pending += done + other
         if self._pending >= self._max_events:
             self._wake.set()
+        self._maybe_idle(ledger)
 
-    def pending_ids(self, stream: str, event_ids: list[str]) -> set[str]:
-        pending, committing = self._pending_ids[stream], self._committing[stream]
-        return {e for e in event_ids if e in pending or e in committing}
+    @staticmethod
+    def _maybe_idle(ledger: _Ledger) -> None:
+        if not ledger.watermark.in_flight:
+            ledger.idle.set()
+
+    # --- what the pipeline asks -----------------------------------------------------------------
+
+    def position(self, stream: str) -> Position | None:
+        """Newest position whose whole prefix is done: where a new session resumes."""
+        return self._ledger(stream).watermark.position
+
+    def in_flight(self, stream: str) -> int:
+        return self._ledger(stream).watermark.in_flight
+
+    def is_pending(self, stream: str, seq: int) -> bool:
+        return self._ledger(stream).watermark.is_pending(seq)
+
+    async def drained(self, stream: str) -> None:
+        """Returns when every frame of the stream that arrived is done."""
+        ledger = self._ledger(stream)
+        while ledger.watermark.in_flight:
+            ledger.idle.clear()
+            await ledger.idle.wait()
+
+    async def seen(self, stream: str, event_ids: Sequence[str]) -> set[str]:
+        """Which of these ids were processed before: in a commit to come, under way, or done.
+        Pending ids first, then the store: an id cannot slip between the two checks."""
+        ledger = self._ledger(stream)
+        pending, committing = ledger.pending_ids, ledger.committing_ids
+        found = {e for e in event_ids if e in pending or e in committing}
+        rest = [e for e in event_ids if e not in found]
+        if rest:
+            found |= await self._store.seen(stream, rest)
+        return found
+
+    async def has_dead_letters(self, stream: str, primary_key: str) -> bool:
+        """Does this resource have dead letters, durable or not? (park-key)"""
+        if self._ledger(stream).letters_not_durable[primary_key]:
+            return True
+        return await self._store.has_dead_letters(stream, primary_key)
 
     @property
     def full(self) -> bool:
@@ -120,7 +191,7 @@ class Committer:
             self._wake.set()
             await self._committed.wait()
 
-    # --- the commit task --------------------------------------------------------------------
+    # --- the commit task ------------------------------------------------------------------------
 
     async def run(self) -> None:
         """Commit forever; cancel to stop (then call :meth:`flush` once more)."""
@@ -168,14 +239,8 @@ class Committer:
                 self.busy_since = None
             self.failures = 0
             self.failing_since = None
-            for stream, ids in batch.processed.items():
-                self._committing[stream].difference_update(ids)
-            now = time.monotonic()
-            for stream in batch.checkpoints:
-                self.checkpointed_at[stream] = now
+            self._durable(batch)
             self.commits += 1
-            for hook in self.on_commit:
-                hook(batch)
             self._committed.set()
             return True
 
@@ -193,21 +258,32 @@ class Committer:
         batch, self._batch = self._batch, CommitBatch()
         self._pending = 0
         self._pending_bytes = 0
-        for stream, wm in self._watermarks.items():
-            pos = wm.advance()
+        for stream, ledger in self._ledgers.items():
+            pos = ledger.watermark.advance()
             if pos is not None:
                 batch.checkpoints[stream] = pos
         for stream, ids in batch.processed.items():
-            self._committing[stream].update(ids)
-            self._pending_ids[stream].difference_update(ids)
-        if self._table_sink is not None:
-            batch.sink_table = self._table_sink.table
-            batch.sink_rows = self._table_sink.take()
+            ledger = self._ledgers[stream]
+            ledger.committing_ids.update(ids)
+            ledger.pending_ids.difference_update(ids)
+        staged = self._sink.staged()
+        if staged is not None:
+            batch.staged.append(staged)
         if batch:
             position = self._sink.position()
             if position is not None:
                 batch.sink_state = (self._sink.name, position)
         return batch
+
+    def _durable(self, batch: CommitBatch) -> None:
+        now = time.monotonic()
+        for stream, ids in batch.processed.items():
+            self._ledgers[stream].committing_ids.difference_update(ids)
+        for letter in batch.dead_letters:
+            if letter.primary_key is not None:
+                self._ledger(letter.stream).letters_not_durable[letter.primary_key] -= 1
+        for stream in batch.checkpoints:
+            self.checkpointed_at[stream] = now
 
     def _restore(self, batch: CommitBatch) -> None:
         """A failed commit: put its content back in front of what came since."""
@@ -217,14 +293,15 @@ class Committer:
         for stream, n in newer.done_counts.items():
             batch.done_counts[stream] = batch.done_counts.get(stream, 0) + n
         batch.dead_letters.extend(newer.dead_letters)
-        batch.sink_rows.extend(newer.sink_rows)
+        batch.staged.extend(newer.staged)
         batch.resolved.extend(newer.resolved)
         for stream, ids in batch.processed.items():
-            self._committing[stream].difference_update(ids)
-            self._pending_ids[stream].update(ids)
+            ledger = self._ledger(stream)
+            ledger.committing_ids.difference_update(ids)
+            ledger.pending_ids.update(ids)
         # Checkpoints: the watermark re-offers its current position at the next snapshot.
         for stream in batch.checkpoints:
-            self._watermarks[stream].rewind()
+            self._ledgers[stream].watermark.rewind()
         batch.checkpoints.clear()
         batch.sink_state = None
         self._pending = (
@@ -236,6 +313,6 @@ class Committer:
 
 
 def _may_clear(exc: BaseException) -> bool:
-    if isinstance(exc, TransientSinkError | sqlite3.OperationalError | OSError):
+    if isinstance(exc, TransientSinkError | OSError):
         return True
     return isinstance(exc, StoreError) and exc.retriable

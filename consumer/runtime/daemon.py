@@ -1,133 +1,96 @@
 """The daemon: wires store, sink, committer, pipelines and streams, and shuts them down.
 
-Shutdown is one fixed, idempotent sequence (first SIGTERM/SIGINT): streams send ``complete``
-and wait for the server to close → pipelines drain within ``drain_timeout_s`` → workers are
-cancelled → a final commit → sink, store and HTTP client close. A second signal exits at once;
-the state on disk stays consistent because every commit is one SQLite transaction and the jsonl
-sink is cut back to the committed length on the next start.
+Shutdown is one fixed, idempotent sequence (first SIGTERM/SIGINT/SIGHUP): streams send
+``complete`` and wait for the server to close → pipelines drain within ``drain_timeout_s`` →
+workers are cancelled → a final commit → the resources opened at start (metrics listener, sink,
+HTTP client, state store, lease) close in reverse order, each even if another fails. A second
+signal exits at once; the state on disk stays consistent because every commit is one
+transaction and the jsonl sink is cut back to the committed length on the next start.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
-import sqlite3
 import sys
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 import structlog
 
 from .. import __version__
-from ..config import Settings, secret_values
+from ..config import Settings
 from ..core import protocol
 from ..core.evidence import describe, shown
 from ..core.upgrade_budget import UpgradeBudget
-from ..errors import ConfigError, SinkUnusable, StoreError, StreamStopped
-from ..logs import REDACTOR
+from ..errors import ConfigError, ExitCode, SinkUnusable, StoreError, StreamStopped
 from ..sinks.base import Sink
-from ..sinks.factory import build_sink
+from ..state import Lease, open_store
+from ..state.base import StateStore
 from . import systemd
+from .assembly import build_sink, http_client, register_secrets
 from .auth import TokenProvider
 from .committer import Committer
-from .lease import Lease
 from .metrics import Metrics, MetricsServer
 from .pipeline import StreamPipeline
-from .store import Store
+from .status import CommitStatus, StreamStatus
 from .stream import StreamRunner, StreamState
 
 log = structlog.get_logger(__name__)
-
-EXIT_OK = 0
-EXIT_RUNTIME = 1  # a failure that a restart may cure (a final commit failed; SIGHUP)
-EXIT_SOFTWARE = 70  # an unexpected error (a bug): let systemd restart us
-EXIT_CONFIG = 78  # EX_CONFIG: every stream stopped on something only a human can fix
-EXIT_INTERRUPTED = 130
-
-
-def register_secrets(settings: Settings) -> None:
-    """Every secret the settings hold, in every form it may appear in (hashed, base64,
-    percent-encoded...), is masked in every log line from now on."""
-    REDACTOR.add(*secret_values(settings))
-
-
-def http_client(settings: Settings) -> httpx.AsyncClient:
-    """The process's one pooled client: tokens, webhook, orchestration share its connections."""
-    h = settings.http
-    return httpx.AsyncClient(
-        timeout=httpx.Timeout(h.timeout_s, connect=h.connect_timeout_s),
-        limits=httpx.Limits(
-            max_connections=h.max_connections,
-            max_keepalive_connections=h.max_keepalive_connections,
-            keepalive_expiry=h.keepalive_expiry_s,
-        ),
-        http2=h.http2,
-        headers={"User-Agent": f"opera-consumer/{__version__}"},
-    )
 
 
 @dataclass
 class Daemon:
     settings: Settings
-    store: Store
+    store: StateStore
     sink: Sink
     committer: Committer
-    http: httpx.AsyncClient
-    lease: Lease
+    _resources: contextlib.AsyncExitStack
     pipelines: dict[str, StreamPipeline] = field(default_factory=dict)
     runners: dict[str, StreamRunner] = field(default_factory=dict)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _stream_tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _closed: bool = False
-    exit_code: int = EXIT_OK
+    exit_code: int = ExitCode.OK
     metrics_server: MetricsServer | None = None
 
     @classmethod
     async def create(cls, settings: Settings, *, sink: Sink | None = None) -> Daemon:
         """Open the state store and the sink (``sink`` replaces the configured one)."""
-        parked: dict[str, dict[str, str]] = {}  # park-key streams: resources with dead letters
+        resources = contextlib.AsyncExitStack()
+        try:
+            return await cls._create(settings, sink, resources)
+        except BaseException:
+            await resources.aclose()
+            raise
+
+    @classmethod
+    async def _create(
+        cls, settings: Settings, sink: Sink | None, resources: contextlib.AsyncExitStack
+    ) -> Daemon:
         st = settings.state
         # One daemon per state store: a second one would fight over the checkpoints (and
         # OHIP would lock one of them out with 4409 anyway).
-        lease = Lease.acquire(st.path, settings.streams)
-        try:
-            store = await Store.open(st.path, synchronous=st.synchronous)
-        except BaseException:
-            lease.release()
-            raise
+        resources.callback(Lease.acquire(st.path, settings.streams).release)
+        store = await open_store(st)
+        resources.push_async_callback(store.close)
         http = http_client(settings)
+        resources.push_async_callback(http.aclose)
         tokens = {name: TokenProvider(http, stream) for name, stream in settings.streams.items()}
-        try:
-            await _check_checkpoints(store, settings)
-            if sink is None:
-                sink = build_sink(settings, http, tokens)
-            committed = await store.sink_state(sink.name)
-            try:
-                await sink.open(committed)
-            except SinkUnusable as exc:
-                raise SinkUnusable(f"{exc} (state store: {st.path})") from None
-            if committed is None and (position := sink.position()) is not None:
-                # Record where the sink starts before its first write: a crash between that
-                # write and the first commit must find a length to cut back to, not a file
-                # the store knows nothing of.
-                await store.set_sink_state(sink.name, position)
-            for name, stream in settings.streams.items():
-                if stream.on_permanent_failure == "park-key":
-                    parked[name] = await store.parked_keys(name)
-        except BaseException:
-            await http.aclose()
-            await store.close()
-            lease.release()
-            raise
+        await _check_checkpoints(store, settings)
+        if sink is None:
+            sink = build_sink(settings, http, tokens)
+        await _open_sink(sink, store, st.path)
+        resources.push_async_callback(sink.close)
         committer = Committer(
             store, sink, max_events=st.commit_max_events, interval_s=st.commit_interval_ms / 1000
         )
-        self = cls(settings, store, sink, committer, http, lease)
+        self = cls(settings, store, sink, committer, resources)
         p = settings.pipeline
         budgets: dict[str, UpgradeBudget] = {}  # one per application key
         for name, stream in settings.streams.items():
@@ -136,9 +99,11 @@ class Daemon:
                 protocol.key_hash(stream.app_key.get_secret_value()),
                 UpgradeBudget(c.upgrade_limit, c.upgrade_window_s),
             )
+            parked = None
+            if stream.on_permanent_failure == "park-key":
+                parked = await store.parked_keys(name)  # resources with dead letters
             pipeline = StreamPipeline(
                 name,
-                store=store,
                 sink=sink,
                 committer=committer,
                 workers=p.workers,
@@ -146,16 +111,11 @@ class Daemon:
                 batch_max=p.batch_max,
                 retry_initial_s=p.sink_retry_initial_s,
                 retry_max_s=p.sink_retry_max_s,
-                parked=parked.get(name),
+                parked=parked,
             )
             self.pipelines[name] = pipeline
             self.runners[name] = StreamRunner(
-                name,
-                stream,
-                tokens=tokens[name],
-                pipeline=pipeline,
-                store=store,
-                budget=budget,
+                name, stream, tokens=tokens[name], pipeline=pipeline, store=store, budget=budget
             )
         m = settings.metrics
         if m.enabled:
@@ -166,13 +126,50 @@ class Daemon:
             try:
                 await server.start()
             except OSError as exc:
-                await self.close()
                 raise ConfigError(
                     f"cannot listen for metrics on {m.address}:{m.port} ({exc}): set [metrics] "
                     "address and port, or enabled = false"
                 ) from None
+            resources.push_async_callback(server.close)
             self.metrics_server = server
         return self
+
+    # --- the read-only view (metrics, readiness, systemd) -----------------------------------
+
+    def stream_statuses(self) -> list[StreamStatus]:
+        out = []
+        for name, runner in self.runners.items():
+            pipeline, stats = self.pipelines[name], runner.stats
+            liveness = runner.liveness
+            out.append(
+                StreamStatus(
+                    name=name,
+                    state=runner.state,
+                    last_close=stats.last_close,
+                    received=stats.events_received,
+                    delivered=pipeline.delivered,
+                    duplicates=pipeline.duplicates,
+                    dead_lettered=pipeline.dead_lettered,
+                    ignored=stats.ignored,
+                    malformed=stats.malformed,
+                    connections=stats.connections,
+                    token_fetches=runner.token_fetches,
+                    closes=dict(stats.closes),
+                    in_flight=pipeline.in_flight,
+                    position=pipeline.position,
+                    checkpoint_moved_at=self.committer.checkpointed_at.get(name),
+                    last_event_at=stats.last_event,
+                    srtt_s=None if liveness is None else liveness.srtt,
+                )
+            )
+        return out
+
+    def commit_status(self) -> CommitStatus:
+        c = self.committer
+        return CommitStatus(c.failures, c.failing_since, c.busy_since)
+
+    def sink_counters(self) -> dict[str, float]:
+        return self.sink.counters()
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         task = asyncio.create_task(coro, name=name)
@@ -189,18 +186,21 @@ class Daemon:
             return
         if isinstance(exc, StreamStopped):
             if all(r.state is StreamState.STOPPED for r in self.runners.values()):
-                log.error("every stream has stopped; exiting", exit_code=EXIT_CONFIG)
-                self.exit_code = EXIT_CONFIG
+                log.error("every stream has stopped; exiting", exit_code=int(ExitCode.CONFIG))
+                self.exit_code = ExitCode.CONFIG
                 self._stop.set()
             return
-        if isinstance(exc, SinkUnusable | StoreError | sqlite3.DatabaseError):
+        if isinstance(exc, SinkUnusable | StoreError):
             # Writing on could lose data, and a restart cannot help: an operator must look.
             what = "sink" if isinstance(exc, SinkUnusable) else "state store"
-            log.error(f"{what} unusable; stopping", error=describe(exc), exit_code=EXIT_CONFIG)
-            self.exit_code = EXIT_CONFIG
+            code = ExitCode.CONFIG
+            if isinstance(exc, StoreError) and exc.retriable:
+                code = ExitCode.RUNTIME
+            log.error(f"{what} unusable; stopping", error=describe(exc), exit_code=int(code))
+            self.exit_code = code
         else:
             log.error("task failed; shutting down", task=task.get_name(), exc_info=exc)
-            self.exit_code = EXIT_SOFTWARE
+            self.exit_code = ExitCode.SOFTWARE
         self._stop.set()
 
     def request_stop(self) -> None:
@@ -241,10 +241,10 @@ class Daemon:
             log.warning("second signal: exiting now", signal=sig.name)
             # The store is transactional and the jsonl tail is cut on restart: nothing to save.
             sys.stderr.flush()
-            os._exit(EXIT_INTERRUPTED)
+            os._exit(ExitCode.INTERRUPTED)
         log.info("signal received: draining", signal=sig.name)
         if sig == signal.SIGHUP:
-            self.exit_code = EXIT_RUNTIME
+            self.exit_code = ExitCode.RUNTIME
         self._stop.set()
 
     async def close(self) -> None:
@@ -287,14 +287,12 @@ class Daemon:
                 "final commit failed; uncommitted events are replayed on the next start",
                 error=describe(exc),
             )
-            if self.exit_code == EXIT_OK:
-                self.exit_code = EXIT_RUNTIME
-        if self.metrics_server is not None:
-            await self.metrics_server.close()
-        await self.sink.close()
-        await self.store.close()
-        await self.http.aclose()
-        self.lease.release()
+            if self.exit_code == ExitCode.OK:
+                self.exit_code = ExitCode.RUNTIME
+        try:
+            await self._resources.aclose()  # each closes even if another fails
+        except Exception as exc:
+            log.error("closing failed", error=describe(exc))
         log.info(
             "stopped",
             delivered={n: p.delivered for n, p in self.pipelines.items()},
@@ -304,7 +302,7 @@ class Daemon:
     def status_line(self) -> str:
         parts = []
         for name, runner in self.runners.items():
-            done = self.pipelines[name].watermark.position
+            done = self.pipelines[name].position
             offset = done.offset if done else "-"
             parts.append(f"{name}: {runner.state.value}, offset {offset}")
         return "; ".join(parts)
@@ -338,7 +336,7 @@ class Daemon:
             await asyncio.sleep(st.prune_interval_s)
 
 
-async def _check_checkpoints(store: Store, settings: Settings) -> None:
+async def _check_checkpoints(store: StateStore, settings: Settings) -> None:
     """A stored offset the subscription would refuse could never be resumed from: say so now."""
     for name in settings.streams:
         cp = await store.checkpoint(name)
@@ -354,6 +352,19 @@ async def _check_checkpoints(store: Store, settings: Settings) -> None:
 async def _wait(tasks: list[asyncio.Task[None]], seconds: float) -> None:
     if tasks:
         await asyncio.wait(tasks, timeout=seconds)
+
+
+async def _open_sink(sink: Sink, store: StateStore, state_path: object) -> None:
+    committed = await store.sink_state(sink.name)
+    try:
+        await sink.open(committed)
+    except SinkUnusable as exc:
+        raise SinkUnusable(f"{exc} (state store: {state_path})") from None
+    if committed is None and (position := sink.position()) is not None:
+        # Record where the sink starts before its first write: a crash between that write
+        # and the first commit must find a length to cut back to, not a file the store
+        # knows nothing of.
+        await store.set_sink_state(sink.name, position)
 
 
 async def run(settings: Settings) -> int:

@@ -12,7 +12,7 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import h11
@@ -26,11 +26,8 @@ from prometheus_client.registry import Collector
 from ..core.events import Event
 from ..http11 import read_request, reject, request_path, respond
 from ..logs import RateLimitedLogger
-from .orchestration import OrchestratingSink
+from .status import StatusSource
 from .stream import StreamState
-
-if TYPE_CHECKING:
-    from .daemon import Daemon
 
 _E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600, 86400)
 _ORACLE_TS = "%d-%b-%y %I.%M.%S.%f %p"  # "28-APR-24 06.18.59.028027 AM"
@@ -47,10 +44,10 @@ def event_time(timestamp: str | None, zone: ZoneInfo) -> float | None:
 
 
 class Metrics:
-    def __init__(self, daemon: Daemon, *, event_timezone: str = "UTC") -> None:
+    def __init__(self, source: StatusSource, *, event_timezone: str = "UTC") -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.newest: dict[str, float] = {}  # stream -> event time of the newest delivered event
-        self.registry.register(_DaemonCollector(daemon, self.newest))
+        self.registry.register(_StatusCollector(source, self.newest))
         self._zone = ZoneInfo(event_timezone)
         self.sink_seconds = Histogram(
             "opera_consumer_sink_write_seconds",
@@ -84,13 +81,13 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-class _DaemonCollector(Collector):
-    def __init__(self, daemon: Daemon, newest: dict[str, float]) -> None:
-        self._d = daemon
+class _StatusCollector(Collector):
+    def __init__(self, source: StatusSource, newest: dict[str, float]) -> None:
+        self._source = source
         self._newest = newest
 
     def collect(self) -> Iterator[Metric]:
-        d, now = self._d, time.monotonic()
+        now = time.monotonic()
         label = ["stream"]
 
         def counter(name: str, doc: str) -> CounterMetricFamily:
@@ -116,61 +113,63 @@ class _DaemonCollector(Collector):
         quiet = gauge("seconds_since_last_event", "Since the last event arrived.")
         srtt = gauge("srtt_seconds", "Smoothed ping round-trip time.")
         lag = gauge("lag_seconds", "Now minus the newest delivered event's timestamp.")
-        for name, runner in d.runners.items():
-            pipeline, stats = d.pipelines[name], runner.stats
-            received.add_metric([name], stats.events_received)
-            processed.add_metric([name], pipeline.delivered)
-            dedup.add_metric([name], pipeline.duplicates)
-            dead.add_metric([name], pipeline.dead_lettered)
-            ignored.add_metric([name], stats.ignored)
-            connections.add_metric([name], stats.connections)
-            tokens.add_metric([name], runner.token_fetches)
-            for code, n in stats.closes.items():
-                closes.add_metric([name, code], n)
-            depth.add_metric([name], pipeline.in_flight)
-            connected.add_metric([name], 1.0 if runner.state is StreamState.STREAMING else 0.0)
-            ready.add_metric([name], 1.0 if runner.state.ready else 0.0)
-            moved = d.committer.checkpointed_at.get(name)
-            if moved is not None:
-                age.add_metric([name], now - moved)
-            if stats.last_event is not None:
-                quiet.add_metric([name], now - stats.last_event)
-            if runner.liveness is not None and runner.liveness.srtt is not None:
-                srtt.add_metric([name], runner.liveness.srtt)
-            if name in self._newest:
-                lag.add_metric([name], max(0.0, time.time() - self._newest[name]))
+        for st in self._source.stream_statuses():
+            name = [st.name]
+            received.add_metric(name, st.received)
+            processed.add_metric(name, st.delivered)
+            dedup.add_metric(name, st.duplicates)
+            dead.add_metric(name, st.dead_lettered)
+            ignored.add_metric(name, st.ignored)
+            connections.add_metric(name, st.connections)
+            tokens.add_metric(name, st.token_fetches)
+            for code, n in st.closes.items():
+                closes.add_metric([st.name, code], n)
+            depth.add_metric(name, st.in_flight)
+            connected.add_metric(name, 1.0 if st.state is StreamState.STREAMING else 0.0)
+            ready.add_metric(name, 1.0 if st.state.ready else 0.0)
+            if st.checkpoint_moved_at is not None:
+                age.add_metric(name, now - st.checkpoint_moved_at)
+            if st.last_event_at is not None:
+                quiet.add_metric(name, now - st.last_event_at)
+            if st.srtt_s is not None:
+                srtt.add_metric(name, st.srtt_s)
+            if st.name in self._newest:
+                lag.add_metric(name, max(0.0, time.time() - self._newest[st.name]))
         yield from (received, processed, dedup, dead, ignored, connections, tokens, closes)
         failures = GaugeMetricFamily(
             "opera_consumer_commit_failures", "Consecutive failed commits of the state store."
         )
-        failures.add_metric([], d.committer.failures)
+        failures.add_metric([], self._source.commit_status().failures)
         yield failures
         yield from (depth, connected, ready, age, quiet, srtt, lag)
-        if isinstance(d.sink, OrchestratingSink):
-            o = d.sink.orchestrator
-            for name, value, doc in (
-                ("requests", o.requests, "GETs sent to the OHIP REST API (retries included)."),
-                ("coalesced", o.coalesced, "Resource fetches answered by another one's GET."),
-                ("throttled", o.throttled, "429 answers from the OHIP REST API."),
-            ):
-                family = CounterMetricFamily(f"opera_consumer_orchestration_{name}", doc)
-                family.add_metric([], value)
-                yield family
+        for key, value in self._source.sink_counters().items():
+            family = CounterMetricFamily(
+                f"opera_consumer_{key}", _SINK_COUNTERS.get(key, "A figure of the sink's own.")
+            )
+            family.add_metric([], value)
+            yield family
 
 
-def readiness(daemon: Daemon) -> tuple[bool, dict[str, Any]]:
+_SINK_COUNTERS = {
+    "orchestration_requests": "GETs sent to the OHIP REST API (retries included).",
+    "orchestration_coalesced": "Resource fetches answered by another one's GET.",
+    "orchestration_throttled": "429 answers from the OHIP REST API.",
+}
+
+
+def readiness(source: StatusSource) -> tuple[bool, dict[str, Any]]:
     streams = {
-        name: {
-            "state": r.state.value,
-            "ready": r.state.ready,
-            "last_close": r.stats.last_close or None,
+        st.name: {
+            "state": st.state.value,
+            "ready": st.state.ready,
+            "last_close": st.last_close or None,
         }
-        for name, r in daemon.runners.items()
+        for st in source.stream_statuses()
     }
     # Commits that keep failing: nothing is being made durable, whatever the streams say.
-    failing = daemon.committer.failing_since
-    commits = {"ok": failing is None, "failures": daemon.committer.failures}
-    ready = failing is None and all(s["ready"] for s in streams.values())
+    commit = source.commit_status()
+    commits = {"ok": commit.failing_since is None, "failures": commit.failures}
+    ready = commit.failing_since is None and all(s["ready"] for s in streams.values())
     return ready, {"streams": streams, "commits": commits}
 
 
@@ -202,8 +201,8 @@ class MetricsServer:
     ``_HEAD_TIMEOUT_S``, 400 for a head or target that does not parse; anything unexpected is
     logged once a minute at most."""
 
-    def __init__(self, daemon: Daemon, metrics: Metrics, host: str, port: int) -> None:
-        self._daemon = daemon
+    def __init__(self, source: StatusSource, metrics: Metrics, host: str, port: int) -> None:
+        self._source = source
         self._metrics = metrics
         self._host, self._port = host, port
         self._server: asyncio.Server | None = None
@@ -289,7 +288,7 @@ class MetricsServer:
             if path == "/healthz":
                 return 200, b'{"status": "ok"}', json_type, {}
             if path == "/readyz":
-                ok, detail = readiness(self._daemon)
+                ok, detail = readiness(self._source)
                 body = json.dumps({"ready": ok, **detail}).encode()
                 return 200 if ok else 503, body, json_type, {}
         except Exception as exc:

@@ -15,6 +15,7 @@ import enum
 import random
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import structlog
@@ -39,9 +40,9 @@ from ..core.session import (
 )
 from ..core.upgrade_budget import UpgradeBudget
 from ..errors import AuthError, StreamStopped
+from ..state.base import StateStore
 from .auth import Token, TokenProvider
 from .pipeline import StreamPipeline
-from .store import Store
 
 log = structlog.get_logger(__name__)
 
@@ -83,7 +84,7 @@ class StreamRunner:
         *,
         tokens: TokenProvider,
         pipeline: StreamPipeline,
-        store: Store,
+        store: StateStore,
         budget: UpgradeBudget,
         rng: random.Random | None = None,
     ) -> None:
@@ -203,7 +204,7 @@ class StreamRunner:
         """Always resume from what is done (inclusive replay, deduplicated); the configured
         start position only applies to a stream that has no checkpoint yet."""
         s = self.settings
-        done = self._pipeline.watermark.position
+        done = self._pipeline.position
         if done is not None:
             return s.subscribe_input(done.offset)
         if await self._store.start_override(self.name) == "highest":
@@ -283,12 +284,8 @@ class StreamRunner:
                     await pipeline.anchor(event)
                     self._anchored = True
                 if not pipeline.try_put(event):
-                    self._paused = True
-                    try:
+                    async with self._backpressure(liveness):
                         await pipeline.put(event)
-                    finally:
-                        self._paused = False
-                    liveness.activity(monotonic())
             elif type(out) is Reply:
                 liveness.activity(now)
                 await ws.send(out.text)
@@ -297,15 +294,8 @@ class StreamRunner:
             elif isinstance(out, DecodeError):
                 liveness.activity(now)
                 stats.malformed += 1
-                if pipeline.malformed_fits():
+                async with self._backpressure(liveness):
                     await pipeline.put_malformed(out)
-                else:
-                    self._paused = True
-                    try:
-                        await pipeline.put_malformed(out)
-                    finally:
-                        self._paused = False
-                    liveness.activity(monotonic())
             elif isinstance(out, Ignored):
                 liveness.activity(now)
                 self._ignore(out)
@@ -317,6 +307,17 @@ class StreamRunner:
                 return self.policy.on_network_error(
                     f"subscription ended by the server: {prefix(out.reason, 200)}"
                 )
+
+    @contextlib.asynccontextmanager
+    async def _backpressure(self, liveness: Liveness) -> AsyncIterator[None]:
+        """While we wait for room downstream we stop reading: our own doing, not the server's
+        silence, so the liveness clock starts afresh afterwards."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
+            liveness.activity(time.monotonic())
 
     def _ignore(self, out: Ignored) -> None:
         """A frame for another subscription (we have one): counted, logged once a session."""

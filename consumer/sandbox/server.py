@@ -34,7 +34,7 @@ from .rest import RestResources
 from .router import Router
 from .subscriptions import Subscriptions
 from .tokens import TokenEndpoint
-from .websocket import SessionContext
+from .websocket import SessionContext, WsSession
 
 __all__ = ["SandboxGateway", "SandboxOptions", "SandboxStats", "run_sandbox"]
 
@@ -63,7 +63,9 @@ class SandboxGateway:
             token_expiry=self._tokens.expiry,
             clock=_monotonic,
         )
-        self._subscriptions = Subscriptions(o.stale_hold_s, self.stats, _monotonic)
+        self._subscriptions: Subscriptions[WsSession] = Subscriptions(
+            o.stale_hold_s, self.stats, _monotonic
+        )
         sessions = SessionContext(
             options=o,
             stats=self.stats,

@@ -6,32 +6,31 @@ without an offset resumes there), and the set of open sessions."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Generic, TypeVar
 
 from .options import SandboxStats
 
-if TYPE_CHECKING:
-    from .websocket import WsSession
+Session = TypeVar("Session")  # a WebSocket session: only its identity matters here
 
 
-class Subscriptions:
+class Subscriptions(Generic[Session]):
     """Shared by the sessions of one gateway."""
 
     def __init__(
         self, stale_hold_s: float, stats: SandboxStats, clock: Callable[[], float]
     ) -> None:
-        self.sessions: set[WsSession] = set()
+        self.sessions: set[Session] = set()
         self._stale_hold_s = stale_hold_s
         self._stats = stats
         self._clock = clock
-        self._active: dict[str, WsSession] = {}
+        self._active: dict[str, Session] = {}
         self._stale_until: dict[str, float] = {}
         self._delivered: dict[str, int] = {}
 
     def any_active(self) -> bool:
         return bool(self._active)
 
-    def claim(self, chain: str, session: WsSession) -> bool:
+    def claim(self, chain: str, session: Session) -> bool:
         """Make ``session`` the chain's subscriber; False if another one (or the hold of a
         dropped one) has it."""
         holder = self._active.get(chain)
@@ -42,7 +41,7 @@ class Subscriptions:
         self._stats.active_subscriptions[chain] = self._stats.active_subscriptions.get(chain, 0) + 1
         return True
 
-    def release(self, chain: str, session: WsSession, *, completed: bool) -> None:
+    def release(self, chain: str, session: Session, *, completed: bool) -> None:
         if self._active.get(chain) is session:
             del self._active[chain]
             self._stats.active_subscriptions[chain] -= 1

@@ -48,7 +48,7 @@ class SessionContext:
     stats: SandboxStats
     logs: Mapping[str, ChainLog]
     token_expiry: Callable[[str], float | None]
-    subscriptions: Subscriptions
+    subscriptions: Subscriptions[WsSession]
     chaos: Chaos
     clock: Callable[[], float]
 

@@ -10,6 +10,9 @@ committer that makes delivery exactly-once in effect:
   the sink to the committed token, undoing any write the checkpoint does not cover.
 * A sink that cannot do that gets each event's ``uniqueEventId`` to use as an idempotency key;
   after a crash it may see an event again.
+* A sink whose rows live in the state store's own database returns them from ``staged()``:
+  the committer writes them in the checkpoint's transaction (nothing to ``sync``).
+* ``counters()``: figures of its own for the metrics (e.g. the orchestration's GETs).
 * Errors: raise :class:`~consumer.errors.TransientSinkError` to have the batch retried with
   backoff (intake pauses meanwhile), or :class:`~consumer.errors.PermanentSinkError` when an
   event can never be delivered (it is dead-lettered; give ``unique_event_id`` when known).
@@ -21,6 +24,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from ..core.events import Event
+from ..core.records import Staged
 
 
 class Sink(Protocol):
@@ -34,6 +38,10 @@ class Sink(Protocol):
     def position(self) -> str | None: ...
 
     async def sync(self, position: str | None) -> None: ...
+
+    def staged(self) -> Staged | None: ...
+
+    def counters(self) -> dict[str, float]: ...
 
     async def close(self) -> None: ...
 
@@ -52,6 +60,12 @@ class PlainSink:
 
     async def sync(self, position: str | None) -> None:
         return None
+
+    def staged(self) -> Staged | None:
+        return None
+
+    def counters(self) -> dict[str, float]:
+        return {}
 
     async def close(self) -> None:
         return None

@@ -24,6 +24,7 @@ import orjson
 import structlog
 
 from ..core.events import Event
+from ..core.records import Staged
 from ..errors import SinkUnusable, TransientSinkError
 
 log = structlog.get_logger(__name__)
@@ -154,6 +155,12 @@ class JsonlSink:
             view = view[written:]
         if self._fsync:
             os.fsync(self._fd)
+
+    def staged(self) -> Staged | None:
+        return None  # its bytes are made durable by sync(), its length is the position
+
+    def counters(self) -> dict[str, float]:
+        return {}
 
     async def close(self) -> None:
         fd, self._fd = self._fd, None

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote
 
 import httpx
@@ -36,13 +36,22 @@ from tenacity import (
 
 from ..config import OrchestrationSettings, StreamSettings
 from ..core.events import Event
+from ..core.records import Staged
+from ..core.retry_after import RETRY_STATUSES, WaitRetryAfter, retry_after_seconds
 from ..core.token_bucket import TokenBucket
 from ..errors import PermanentSinkError, TransientSinkError
-from ..sinks.base import Sink
-from .auth import TokenProvider
-from .retry import RETRY_STATUSES, WaitRetryAfter, retry_after_seconds
+from .base import Sink
 
 log = structlog.get_logger(__name__)
+
+
+class AccessTokens(Protocol):
+    """A stream's OAuth tokens (the runtime's token provider): the current one, or a new one
+    after :meth:`invalidate`."""
+
+    async def access_token(self) -> str: ...
+
+    def invalidate(self) -> None: ...
 
 
 class _NotFound:
@@ -60,7 +69,7 @@ class Orchestrator:
         self,
         settings: OrchestrationSettings,
         http: httpx.AsyncClient,
-        streams: Mapping[str, tuple[StreamSettings, TokenProvider]],
+        streams: Mapping[str, tuple[StreamSettings, AccessTokens]],
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -182,9 +191,9 @@ class Orchestrator:
         # The bucket is arithmetic on the clock: nothing would set an Event, so we sleep.
         while (wait := self._bucket.take(self._clock())) > 0:  # noqa: ASYNC110
             await asyncio.sleep(wait)
-        token = await tokens.token()
+        token = await tokens.access_token()
         headers = {
-            "Authorization": f"Bearer {token.value}",
+            "Authorization": f"Bearer {token}",
             "x-app-key": settings.app_key.get_secret_value(),
             "Accept": "application/json",
         }
@@ -232,6 +241,18 @@ class OrchestratingSink:
 
     async def sync(self, position: str | None) -> None:
         await self.inner.sync(position)
+
+    def staged(self) -> Staged | None:
+        return self.inner.staged()
+
+    def counters(self) -> dict[str, float]:
+        o = self.orchestrator
+        mine = {
+            "orchestration_requests": float(o.requests),
+            "orchestration_coalesced": float(o.coalesced),
+            "orchestration_throttled": float(o.throttled),
+        }
+        return {**self.inner.counters(), **mine}
 
     async def close(self) -> None:
         await self.inner.close()

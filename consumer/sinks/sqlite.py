@@ -23,7 +23,9 @@ from typing import Any
 import aiosqlite
 
 from ..core.events import Event
+from ..core.records import Staged
 from ..errors import PermanentSinkError, TransientSinkError
+from ..sqlite_tx import transaction
 from .base import PlainSink
 from .rows import COLUMNS, row
 
@@ -58,6 +60,7 @@ class StoreTableSink(PlainSink):
     def __init__(self, state_path: Path, table: str) -> None:
         self.path = state_path
         self.table = table
+        self._upsert = upsert_sql(table)
         self._rows: list[tuple[Any, ...]] = []
 
     async def open(self, committed: str | None) -> None:
@@ -73,10 +76,12 @@ class StoreTableSink(PlainSink):
         rows = [row(stream, ev, now) for ev in events]  # all or none: one may not serialize
         self._rows.extend(rows)
 
-    def take(self) -> list[tuple[Any, ...]]:
+    def staged(self) -> Staged | None:
         """The rows written since the last call, for the committer's transaction."""
+        if not self._rows:
+            return None
         rows, self._rows = self._rows, []
-        return rows
+        return Staged(self._upsert, rows)
 
 
 class SqliteSink(PlainSink):
@@ -112,15 +117,8 @@ class SqliteSink(PlainSink):
         now = time.time()
         rows = [row(stream, ev, now) for ev in events]
         try:
-            async with self._lock:
-                await db.execute("BEGIN IMMEDIATE")
-                try:
-                    await db.executemany(self._upsert, rows)
-                    await db.execute("COMMIT")
-                except BaseException:
-                    with contextlib.suppress(sqlite3.Error):
-                        await db.execute("ROLLBACK")
-                    raise
+            async with self._lock, transaction(db):
+                await db.executemany(self._upsert, rows)
         except sqlite3.OperationalError as exc:  # locked, disk full, I/O: may clear
             raise TransientSinkError(f"sqlite sink {self.path}: {exc}") from exc
         except sqlite3.Error as exc:

@@ -40,9 +40,9 @@ import orjson
 
 from ..config import WebhookSinkSettings, query_secret_values, webhook_secret_values
 from ..core.events import Event
+from ..core.retry_after import retry_after_seconds
 from ..errors import PermanentSinkError, TransientSinkError
 from ..logs import MASK, REDACTOR
-from ..runtime.retry import retry_after_seconds
 from .base import PlainSink
 
 TRANSIENT_STATUSES = frozenset({408, 425, 429})

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LeaseHeld
-from .store import store_error
+from .sqlite import store_error
 
 
 def lock_path(state_path: Path) -> Path:

@@ -1,10 +1,11 @@
-"""The state store: checkpoints, processed event ids, dead letters and sink state in SQLite.
+"""The SQLite state store (the default): checkpoints, processed event ids, dead letters and
+sink state in one file beside the daemon.
 
 WAL mode, schema versioned with ``PRAGMA user_version``, file created mode 0600. Writes go
 through one aiosqlite connection in ``BEGIN IMMEDIATE`` transactions (group commit); other reads
 use a second one, which WAL lets run concurrently with a commit.
 
-The deduplication lookup (:meth:`Store.seen`) is the exception: it runs on the event loop's
+The deduplication lookup (:meth:`SqliteStore.seen`) is the exception: it runs on the event loop's
 thread through a third, query-only ``sqlite3`` connection. Measured here: the lookup of a batch
 takes about 50 µs, while a hop to aiosqlite's thread costs 10 ms or more once the loop is busy
 (the worker thread waits for the GIL), which capped catch-up throughput.
@@ -14,22 +15,21 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
+import functools
 import os
 import sqlite3
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import aiosqlite
 import orjson
 
-from ..core.evidence import Evidence
+from ..core.records import Checkpoint, CommitBatch, DeadLetter, DeadLetterRow
 from ..core.watermark import Position
 from ..errors import SchemaTooNew, StoreError
-from ..sinks.sqlite import upsert_sql
+from ..sqlite_tx import transaction
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: the initial schema
@@ -90,98 +90,43 @@ MIGRATIONS: tuple[str, ...] = (
 _PRUNE_CHUNK = 10_000
 
 
-@dataclass(frozen=True, slots=True)
-class Checkpoint:
-    stream: str
-    offset: str
-    unique_event_id: str
-    updated_at: float
-    processed_count: int
-    last_event_at: float | None
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DeadLetter:
-    stream: str
-    reason: str  # a short class: "malformed", "sink_rejected", ...
-    error: str
-    payload: str  # the raw frame text or the event JSON: at most PAYLOAD_LIMIT characters
-    offset: str | None = None
-    unique_event_id: str | None = None
-    event_name: str | None = None
-    primary_key: str | None = None
-    # Of the complete original, of which ``payload`` may be a prefix (None: payload is whole).
-    payload_size: int | None = None
-    payload_sha256: str | None = None
+def _translated(
+    method: Callable[Concatenate[SqliteStore, _P], Coroutine[Any, Any, _R]],
+) -> Callable[Concatenate[SqliteStore, _P], Coroutine[Any, Any, _R]]:
+    """sqlite3's errors become :class:`StoreError` where they enter (path, what, fix)."""
 
-    @classmethod
-    def of(cls, evidence: Evidence, **fields: Any) -> DeadLetter:
-        return cls(
-            payload=evidence.text,
-            payload_size=evidence.size,
-            payload_sha256=evidence.sha256,
-            **fields,
-        )
+    @functools.wraps(method)
+    async def translated(store: SqliteStore, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return await method(store, *args, **kwargs)
+        except sqlite3.Error as exc:
+            raise store_error(store.path, exc) from None
 
-    @property
-    def dedup_key(self) -> str:
-        # The same event (or the same malformed frame, replayed) counts as another attempt.
-        digest = self.payload_sha256 or hashlib.sha256(self.payload.encode()).hexdigest()
-        return self.unique_event_id or "sha256:" + digest
+    return translated
 
 
-@dataclass(slots=True)
-class CommitBatch:
-    checkpoints: dict[str, Position] = field(default_factory=dict)
-    processed: dict[str, list[str]] = field(default_factory=dict)  # stream -> event ids
-    done_counts: dict[str, int] = field(default_factory=dict)
-    dead_letters: list[DeadLetter] = field(default_factory=list)
-    sink_state: tuple[str, str] | None = None
-    # A sink table in this file (StoreTableSink): its rows commit with the checkpoint.
-    sink_table: str | None = None
-    sink_rows: list[tuple[Any, ...]] = field(default_factory=list)
-    resolved: list[int] = field(default_factory=list)  # dead letters delivered by a replay
-
-    def __bool__(self) -> bool:
-        return bool(
-            self.checkpoints
-            or self.processed
-            or self.dead_letters
-            or self.sink_state
-            or self.sink_rows
-            or self.resolved
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetterRow:
-    id: int
-    stream: str
-    offset: str | None
-    unique_event_id: str | None
-    event_name: str | None
-    primary_key: str | None
-    reason: str
-    error: str
-    payload: str
-    attempts: int
-    first_at: float
-    last_at: float
-    payload_size: int | None
-    payload_sha256: str | None
-
-
-class Store:
+class SqliteStore:
     def __init__(
-        self, writer: aiosqlite.Connection, reader: aiosqlite.Connection, lookup: sqlite3.Connection
+        self,
+        path: Path,
+        writer: aiosqlite.Connection,
+        reader: aiosqlite.Connection,
+        lookup: sqlite3.Connection,
     ) -> None:
+        self.path = path
         self._w = writer
         self._r = reader
         self._lookup = lookup
         self._closed = False
 
     @classmethod
-    async def open(cls, path: Path, *, synchronous: str = "full", create: bool = True) -> Store:
+    async def open(
+        cls, path: Path, *, synchronous: str = "full", create: bool = True
+    ) -> SqliteStore:
         """Open (``create``: or create) the store; :class:`StoreError` names the path and fix."""
         try:
             return await cls._open(path, synchronous, create)
@@ -191,7 +136,7 @@ class Store:
             raise store_error(path, exc) from None
 
     @classmethod
-    async def _open(cls, path: Path, synchronous: str, create: bool) -> Store:
+    async def _open(cls, path: Path, synchronous: str, create: bool) -> SqliteStore:
         if create:
             path.parent.mkdir(parents=True, exist_ok=True)
             # Create it 0600 before SQLite does (SQLite gives -wal/-shm the same mode).
@@ -212,7 +157,7 @@ class Store:
         lookup = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         lookup.execute("PRAGMA query_only=ON")
         lookup.execute("PRAGMA busy_timeout=5000")
-        return cls(writer, reader, lookup)
+        return cls(path, writer, reader, lookup)
 
     async def close(self) -> None:
         if self._closed:
@@ -227,6 +172,7 @@ class Store:
 
     # --- reads ----------------------------------------------------------------------------
 
+    @_translated
     async def checkpoint(self, stream: str) -> Checkpoint | None:
         async with self._r.execute(
             "SELECT stream, offset, unique_event_id, updated_at, processed_count, last_event_at "
@@ -236,6 +182,7 @@ class Store:
             row = await cur.fetchone()
         return Checkpoint(*row) if row else None
 
+    @_translated
     async def checkpoints(self) -> list[Checkpoint]:
         async with self._r.execute(
             "SELECT stream, offset, unique_event_id, updated_at, processed_count, last_event_at "
@@ -243,10 +190,11 @@ class Store:
         ) as cur:
             return [Checkpoint(*row) for row in await cur.fetchall()]
 
-    def seen(self, stream: str, event_ids: Sequence[str]) -> set[str]:
+    @_translated
+    async def seen(self, stream: str, event_ids: Sequence[str]) -> set[str]:
         """Which of these ids were already processed (committed) for this stream.
 
-        Synchronous on purpose: see the module docstring.
+        Answered on the loop's thread, without awaiting: see the module docstring.
         """
         found: set[str] = set()
         for i in range(0, len(event_ids), 900):
@@ -259,17 +207,20 @@ class Store:
             found.update(row[0] for row in rows)
         return found
 
+    @_translated
     async def sink_state(self, sink: str) -> str | None:
         async with self._r.execute("SELECT state FROM sink_state WHERE sink = ?", (sink,)) as cur:
             row = await cur.fetchone()
         return str(row[0]) if row else None
 
+    @_translated
     async def dead_letter_counts(self) -> dict[str, int]:
         async with self._r.execute(
             "SELECT stream, COUNT(*) FROM dead_letters GROUP BY stream"
         ) as cur:
             return {str(s): int(n) for s, n in await cur.fetchall()}
 
+    @_translated
     async def dead_letters(
         self,
         stream: str | None = None,
@@ -301,6 +252,7 @@ class Store:
         async with self._r.execute(sql + " ORDER BY id", args) as cur:
             return [DeadLetterRow(*row) for row in await cur.fetchall()]
 
+    @_translated
     async def parked_keys(self, stream: str) -> dict[str, str]:
         """Resources with dead letters -> the uniqueEventId (or dedup key) of the oldest."""
         async with self._r.execute(
@@ -311,14 +263,16 @@ class Store:
         ) as cur:
             return {str(k): str(v) for k, v in await cur.fetchall()}
 
-    def has_dead_letters(self, stream: str, primary_key: str) -> bool:
-        """Does this resource still have dead letters? (sync, like :meth:`seen`)"""
+    @_translated
+    async def has_dead_letters(self, stream: str, primary_key: str) -> bool:
+        """Does this resource still have dead letters? (on the loop's thread, like seen)"""
         row = self._lookup.execute(
             "SELECT 1 FROM dead_letters WHERE stream = ? AND primary_key = ? LIMIT 1",
             (stream, primary_key),
         ).fetchone()
         return row is not None
 
+    @_translated
     async def start_override(self, stream: str) -> str | None:
         async with self._r.execute(
             "SELECT mode FROM start_overrides WHERE stream = ?", (stream,)
@@ -328,12 +282,13 @@ class Store:
 
     # --- writes ---------------------------------------------------------------------------
 
+    @_translated
     async def commit(self, batch: CommitBatch, now: float | None = None) -> None:
         """Everything in ``batch`` becomes durable together, or not at all."""
-        now = time.time() if now is None else now
-        db = self._w
-        await db.execute("BEGIN IMMEDIATE")
-        try:
+        await self._commit(batch, time.time() if now is None else now)
+
+    async def _commit(self, batch: CommitBatch, now: float) -> None:
+        async with transaction(self._w) as db:
             for stream, ids in batch.processed.items():
                 # One statement for the whole batch: sqlite3 releases the GIL once for it,
                 # where executemany hands it back and forth for every row.
@@ -351,8 +306,7 @@ class Store:
                     "last_at = excluded.last_at, error = excluded.error, reason = excluded.reason",
                     [_dl_row(d, now) for d in batch.dead_letters],
                 )
-            streams = set(batch.checkpoints) | set(batch.done_counts)
-            for stream in streams:
+            for stream in set(batch.checkpoints) | set(batch.done_counts):
                 pos = batch.checkpoints.get(stream)
                 count = batch.done_counts.get(stream, 0)
                 if pos is not None:
@@ -382,52 +336,44 @@ class Store:
                     f"DELETE FROM start_overrides WHERE stream IN ({marks})",
                     list(batch.checkpoints),
                 )
-            if batch.sink_rows:
-                assert batch.sink_table is not None
-                await db.executemany(upsert_sql(batch.sink_table), batch.sink_rows)
+            for staged in batch.staged:
+                await db.executemany(staged.statement, staged.rows)
             if batch.sink_state is not None:
-                await db.execute(
-                    "INSERT INTO sink_state (sink, state, updated_at) VALUES (?, ?, ?) "
-                    "ON CONFLICT (sink) DO UPDATE SET state = excluded.state, "
-                    "updated_at = excluded.updated_at",
-                    (*batch.sink_state, now),
-                )
-            await db.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                await db.execute("ROLLBACK")
-            raise
+                await self._put_sink_state(db, *batch.sink_state, now)
 
+    @_translated
     async def anchor(self, stream: str, position: Position) -> None:
-        await self._w.execute("BEGIN IMMEDIATE")
-        try:
+        async with transaction(self._w) as db:
             # After an operator's reset the stream has a checkpoint row, which the first
             # event of the new session replaces.
-            reset = await self._w.execute("DELETE FROM start_overrides WHERE stream = ?", (stream,))
+            reset = await db.execute("DELETE FROM start_overrides WHERE stream = ?", (stream,))
             conflict = "DO NOTHING"
             if reset.rowcount:
                 conflict = (
                     "DO UPDATE SET offset = excluded.offset, "
                     "unique_event_id = excluded.unique_event_id, updated_at = excluded.updated_at"
                 )
-            await self._w.execute(
+            await db.execute(
                 "INSERT INTO checkpoints (stream, offset, unique_event_id, updated_at) "
                 f"VALUES (?, ?, ?, ?) ON CONFLICT (stream) {conflict}",
                 (stream, position.offset, position.unique_event_id, time.time()),
             )
-            await self._w.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                await self._w.execute("ROLLBACK")
-            raise
+
+    @staticmethod
+    async def _put_sink_state(db: aiosqlite.Connection, sink: str, state: str, now: float) -> None:
+        await db.execute(
+            "INSERT INTO sink_state (sink, state, updated_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (sink) DO UPDATE SET state = excluded.state, "
+            "updated_at = excluded.updated_at",
+            (sink, state, now),
+        )
 
     # --- operator changes (the CLI, while no daemon holds the stream) ------------------------
 
+    @_translated
     async def set_offset(self, stream: str, offset: str) -> None:
         """The next session resumes at ``offset`` (inclusive); clears a pending reset."""
-        db = self._w
-        await db.execute("BEGIN IMMEDIATE")
-        try:
+        async with transaction(self._w) as db:
             await db.execute("DELETE FROM start_overrides WHERE stream = ?", (stream,))
             await db.execute(
                 "INSERT INTO checkpoints (stream, offset, unique_event_id, updated_at) "
@@ -435,12 +381,8 @@ class Store:
                 "offset = excluded.offset, unique_event_id = '', updated_at = excluded.updated_at",
                 (stream, offset, time.time()),
             )
-            await db.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                await db.execute("ROLLBACK")
-            raise
 
+    @_translated
     async def reset_to_highest(self, stream: str) -> None:
         """The next session subscribes with ``offsetType: highest`` (skipping the backlog)."""
         await self._w.execute(
@@ -449,15 +391,13 @@ class Store:
             (stream, time.time()),
         )
 
+    @_translated
     async def set_sink_state(self, sink: str, state: str) -> None:
-        """An operator's ``sink adopt``: the sink's committed position, set by hand."""
-        await self._w.execute(
-            "INSERT INTO sink_state (sink, state, updated_at) VALUES (?, ?, ?) "
-            "ON CONFLICT (sink) DO UPDATE SET state = excluded.state, "
-            "updated_at = excluded.updated_at",
-            (sink, state, time.time()),
-        )
+        """The sink's committed position, recorded before its first write or by an
+        operator's ``sink adopt``."""
+        await self._put_sink_state(self._w, sink, state, time.time())
 
+    @_translated
     async def purge_dead_letters(self, ids: Sequence[int]) -> int:
         if not ids:
             return 0
@@ -468,6 +408,7 @@ class Store:
         await cur.close()
         return max(n, 0)
 
+    @_translated
     async def prune_processed(self, older_than: float) -> int:
         """Delete processed ids older than ``older_than`` (epoch seconds) in short transactions."""
         total = 0
@@ -570,7 +511,7 @@ def store_error(path: Path, exc: sqlite3.Error | OSError) -> StoreError:
         )
     if any(word in text for word in _TRANSIENT_SQLITE):
         return StoreError(f"state store {path}: {exc}: retry later", retriable=True)
-    if isinstance(exc, sqlite3.DatabaseError):
+    if type(exc) is sqlite3.DatabaseError or "malformed" in text or "not a database" in text:
         return StoreError(
             f"state store {path} is not a usable SQLite database ({exc}): restore it from a "
             "backup, or move it aside to start a new one (the streams then resume from their "

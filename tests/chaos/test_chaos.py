@@ -22,11 +22,20 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
-from harness import committed, newest_offset, sink_failures, tail
-from support import count_lines, read_sink, toml_config, wait_exit, wait_until
+from support import (
+    committed,
+    count_lines,
+    newest_offset,
+    read_sink,
+    sink_failures,
+    tail,
+    toml_config,
+    wait_exit,
+    wait_until,
+)
 
 from consumer.core.evidence import PAYLOAD_LIMIT
-from consumer.runtime.store import Store
+from consumer.state import SqliteStore as Store
 
 EVENTS = int(os.environ.get("CHAOS_EVENTS", "20000"))
 KILLS = int(os.environ.get("CHAOS_KILLS", "4"))

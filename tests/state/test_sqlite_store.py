@@ -1,4 +1,4 @@
-"""Unit tests for consumer.runtime.store.Store on real SQLite files in tmp_path."""
+"""Unit tests for the SQLite state store (consumer.state.sqlite) on real files in tmp_path."""
 
 from __future__ import annotations
 
@@ -12,10 +12,12 @@ from typing import Any
 
 import pytest
 
-import consumer.runtime.store as store_module
+import consumer.state.sqlite as store_module
+from consumer.core.records import CommitBatch, DeadLetter
 from consumer.core.watermark import Position
-from consumer.errors import SchemaTooNew
-from consumer.runtime.store import MIGRATIONS, CommitBatch, DeadLetter, Store
+from consumer.errors import SchemaTooNew, StoreError
+from consumer.state.sqlite import MIGRATIONS
+from consumer.state.sqlite import SqliteStore as Store
 
 
 @pytest.fixture
@@ -81,7 +83,7 @@ async def test_reopen_is_idempotent_and_keeps_data(tmp_path: Path) -> None:
             cp = await s.checkpoint("s")
             assert cp is not None
             assert (cp.offset, cp.unique_event_id) == ("0007", "u7")
-            assert s.seen("s", ["u7"]) == {"u7"}
+            assert await s.seen("s", ["u7"]) == {"u7"}
         finally:
             await s.close()
     assert raw_query(path, "PRAGMA user_version") == [(len(MIGRATIONS),)]
@@ -106,21 +108,21 @@ async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
 
 
 async def test_seen_returns_exactly_the_committed_ids(store: Store) -> None:
-    assert store.seen("s", ["a", "b"]) == set()
+    assert await store.seen("s", ["a", "b"]) == set()
     await store.commit(CommitBatch(processed={"s": ["a", "b"], "t": ["c"]}))
-    assert store.seen("s", ["a", "b", "c", "d"]) == {"a", "b"}
-    assert store.seen("t", ["a", "b", "c"]) == {"c"}
-    assert store.seen("s", []) == set()
+    assert await store.seen("s", ["a", "b", "c", "d"]) == {"a", "b"}
+    assert await store.seen("t", ["a", "b", "c"]) == {"c"}
+    assert await store.seen("s", []) == set()
 
 
 async def test_seen_with_more_than_900_ids(store: Store) -> None:
     committed = [f"id-{i}" for i in range(2500)]
     await store.commit(CommitBatch(processed={"s": committed}))
     query = [f"id-{i}" for i in range(0, 4000, 1)]  # 1500 unknown ones too
-    assert store.seen("s", query) == set(committed)
+    assert await store.seen("s", query) == set(committed)
     # a chunk boundary exactly at 900
-    assert store.seen("s", committed[:900]) == set(committed[:900])
-    assert store.seen("s", committed[:901]) == set(committed[:901])
+    assert await store.seen("s", committed[:900]) == set(committed[:900])
+    assert await store.seen("s", committed[:901]) == set(committed[:901])
 
 
 async def test_committing_an_id_twice_keeps_one_row(store: Store, tmp_path: Path) -> None:
@@ -135,8 +137,8 @@ async def test_prune_deletes_only_old_rows(store: Store) -> None:
     await store.commit(CommitBatch(processed={"s": ["new1"], "t": ["new2"]}), now=5_000.0)
     assert await store.prune_processed(older_than=1_000.0) == 0  # strictly older
     assert await store.prune_processed(older_than=4_999.0) == 2
-    assert store.seen("s", ["old1", "old2", "new1"]) == {"new1"}
-    assert store.seen("t", ["new2"]) == {"new2"}
+    assert await store.seen("s", ["old1", "old2", "new1"]) == {"new1"}
+    assert await store.seen("t", ["new2"]) == {"new2"}
     assert await store.prune_processed(older_than=4_999.0) == 0
 
 
@@ -145,7 +147,7 @@ async def test_prune_more_than_one_chunk(store: Store, monkeypatch: pytest.Monke
     await store.commit(CommitBatch(processed={"s": [f"o{i}" for i in range(30)]}), now=10.0)
     await store.commit(CommitBatch(processed={"s": ["keep"]}), now=100.0)
     assert await store.prune_processed(older_than=50.0) == 30
-    assert store.seen("s", [f"o{i}" for i in range(30)] + ["keep"]) == {"keep"}
+    assert await store.seen("s", [f"o{i}" for i in range(30)] + ["keep"]) == {"keep"}
 
 
 # --- commit: checkpoints -----------------------------------------------------------------------
@@ -266,7 +268,7 @@ def full_batch() -> CommitBatch:
 
 
 async def assert_empty(store: Store) -> None:
-    assert store.seen("s", ["u8", "u9"]) == set()
+    assert await store.seen("s", ["u8", "u9"]) == set()
     assert await store.checkpoint("s") is None
     assert await store.dead_letters() == []
     assert await store.sink_state("jsonl") is None
@@ -286,15 +288,16 @@ async def test_a_commit_failing_midway_leaves_nothing(
     # the store is still usable, and a retry commits everything
     monkeypatch.undo()
     await store.commit(full_batch())
-    assert store.seen("s", ["u8", "u9"]) == {"u8", "u9"}
+    assert await store.seen("s", ["u8", "u9"]) == {"u8", "u9"}
     assert await store.sink_state("jsonl") == "999"
 
 
 async def test_a_commit_failing_at_the_last_statement_leaves_nothing(store: Store) -> None:
     batch = full_batch()
     batch.sink_state = ("jsonl", object())  # type: ignore[assignment]  # unbindable: fails last
-    with pytest.raises(sqlite3.Error):
+    with pytest.raises(StoreError, match="binding") as raised:  # sqlite3's, translated
         await store.commit(batch)
+    assert not raised.value.retriable
     await assert_empty(store)
 
 

@@ -13,12 +13,14 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from harness import committed, newest_offset, tail
 from support import (
+    committed,
     count_lines,
+    newest_offset,
     read_sink,
     sink_ids,
     spawn_daemon,
+    tail,
     toml_config,
     wait_exit,
     wait_until,

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-import consumer.config as config_module
+import consumer.config.loading as config_loading
+import consumer.config.settings as config_settings
 from consumer.config import effective, load_settings
 from consumer.errors import ConfigError
 
@@ -34,8 +35,8 @@ def hermetic(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for key in list(os.environ):
         if key.startswith("OPERA_CONSUMER_") or key == "CREDENTIALS_DIRECTORY":
             monkeypatch.delenv(key)
-    monkeypatch.setattr(config_module, "SECRET_DIRS", ())
-    monkeypatch.setattr(config_module, "DEFAULT_CONFIG_PATHS", (Path("config.toml"),))
+    monkeypatch.setattr(config_settings, "SECRET_DIRS", ())
+    monkeypatch.setattr(config_loading, "DEFAULT_CONFIG_PATHS", (Path("config.toml"),))
     monkeypatch.chdir(tmp_path)
 
 

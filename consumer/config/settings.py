@@ -1,43 +1,29 @@
-"""Configuration: a TOML file, overridden by ``OPERA_CONSUMER_…`` environment variables
-(``__`` between nested keys), with secrets also readable from files in
-``$CREDENTIALS_DIRECTORY`` (systemd) or ``/run/secrets`` (Docker), named like the environment
-variable without its prefix, e.g. ``streams__main__auth__client_secret``.
+"""The settings: one model per table of the config file, every unknown key an error.
 
-Every model forbids unknown keys: a typo is an error, not a silently ignored setting.
-
-Every byte of the configuration is treated as hostile: URLs must parse (http/https, a host, no
-whitespace or control characters), header names must be HTTP tokens and header values free of
-CR/LF/control characters, and plain ``http://`` is refused wherever it would carry credentials
-to a host other than loopback (unless ``allow_insecure_http = true``). Secrets never show in
-``repr``, in :func:`effective` or in error messages: URL passwords and query values, and the
-values of secret-looking headers, are masked like the ``SecretStr`` fields.
-:func:`secret_values` lists every secret the settings hold, in every form it may travel in.
+``Settings`` reads, in order of precedence, the ``OPERA_CONSUMER_…`` environment variables
+(``__`` between nested keys), secret files in ``$CREDENTIALS_DIRECTORY`` (systemd) or
+``/run/secrets`` (Docker) named like the variable without its prefix (e.g.
+``streams__main__auth__client_secret``), then the TOML file.
 """
 
 from __future__ import annotations
 
-import base64
 import importlib
 import inspect
-import ipaddress
 import os
 import re
-import unicodedata
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import SplitResult, quote, quote_plus, unquote, unquote_plus, urlsplit
+from urllib.parse import unquote_plus, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
-    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
     Field,
-    PlainSerializer,
     SecretStr,
     Tag,
-    ValidationError,
     field_validator,
     model_validator,
 )
@@ -49,263 +35,29 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from .core.close_policy import PolicyConfig
-from .core.protocol import SubscribeInput, key_hash
-from .errors import ConfigError, InvalidInput
-from .logs import MASK
+from ..core.close_policy import PolicyConfig
+from ..core.protocol import SubscribeInput
+from ..errors import InvalidInput
+from .fields import (
+    ABSOLUTE,
+    INSECURE_FIX,
+    BaseUrl,
+    GatewayUrl,
+    Headers,
+    HttpUrl,
+    Problem,
+    ProxyUrl,
+    bad_url_char,
+    http_url,
+    is_loopback,
+    is_secret_name,
+    no_controls,
+)
 
 ENV_PREFIX = "OPERA_CONSUMER_"
-DEFAULT_CONFIG_PATHS = (Path("config.toml"), Path("/etc/opera-consumer/config.toml"))
 SECRET_DIRS = ("/run/secrets",)  # $CREDENTIALS_DIRECTORY is added at load time
 DEFAULT_SCOPE = "urn:opc:hgbu:ws:__myscopes__"
-_SECRET_FIELDS = frozenset({"app_key", "client_secret", "password", "token", "dsn"})
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")  # fullmatch: no trailing newline
-
-# Words that make a header (or a query parameter) name look like it carries a credential: its
-# value is masked in repr, check-config and logs, and it counts as credentials for the
-# plain-http rule.
-SECRET_NAME_WORDS = (
-    "auth",
-    "cookie",
-    "token",
-    "secret",
-    "key",
-    "pass",
-    "signature",
-    "credential",
-    "session",
-)
-# RFC 9110 section 5.6.2: a field name is a token.
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_HTTP_SCHEMES = ("http", "https")
-_ABSOLUTE = ("http://", "https://")  # an orchestration template that is a URL of its own
-_PROXY_SCHEMES = ("http", "https", "socks5", "socks5h", "socks4", "socks4a")  # as websockets
-_CHAR_NAMES = {"\r": "CR", "\n": "LF", "\t": "TAB", "\0": "NUL", " ": "a space", "\x7f": "DEL"}
-INSECURE_FIX = (
-    "use https://, or (for a trusted test network only) set allow_insecure_http = true "
-    "at the top level of the config"
-)
-
-
-class _Problem(ValueError):
-    """A configuration error naming its key and its fix.
-
-    ``items``: (key, problem, fix); the key is relative to where pydantic reports the error
-    ("" for that place itself, e.g. a field). :func:`explain` prints one line per item. No
-    message ever holds the offending value: it may be a secret.
-    """
-
-    def __init__(self, *items: tuple[str, str, str]) -> None:
-        self.items = items
-        super().__init__("; ".join(f"{(k + ': ') if k else ''}{m} -> {f}" for k, m, f in items))
-
-
-def _char_name(c: str) -> str:
-    return _CHAR_NAMES.get(c) or f"U+{ord(c):04X}"
-
-
-def _bad_url_char(text: str) -> str | None:
-    """Where the first whitespace or control (or format) character is, if any."""
-    for i, c in enumerate(text):
-        if c.isspace() or unicodedata.category(c) in ("Cc", "Cf", "Zs", "Zl", "Zp"):
-            return f"{_char_name(c)} at position {i}"
-    return None
-
-
-def _bad_field_char(text: str) -> str | None:
-    """Where the first character not allowed in an HTTP field value is (visible ASCII and
-    space only: CR/LF would inject headers, and httpx cannot encode the rest), if any."""
-    for i, c in enumerate(text):
-        if not " " <= c <= "~":
-            return f"{_char_name(c)} at position {i}"
-    return None
-
-
-def is_secret_name(name: str) -> bool:
-    """A header or query parameter name that looks like it carries a credential."""
-    lowered = name.lower()
-    return any(word in lowered for word in SECRET_NAME_WORDS)
-
-
-def is_loopback(host: str | None) -> bool:
-    """``localhost``, 127.0.0.0/8 or ::1."""
-    if not host:
-        return False
-    host = host.lower().rstrip(".")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-class MaskedUrl(str):
-    """A URL from the configuration. ``str()`` is the URL itself, for the code that uses it;
-    ``repr()`` (and ``check-config``, through the serializer below) masks the password of its
-    user information and every query value: either may be a secret."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return repr(mask_url(self))
-
-
-class MaskedValue(str):
-    """A secret-looking header value: ``str()`` is the value, ``repr()`` is ``'***'``."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return repr(MASK)
-
-
-def _mask_params(part: str) -> str:
-    pieces = []
-    for piece in part.split("&"):
-        name, eq, _ = piece.partition("=")
-        pieces.append(f"{name}={MASK}" if eq else (MASK if piece else ""))
-    return "&".join(pieces)
-
-
-def mask_url(url: str) -> str:
-    """``url`` with the password of its user information (a lone user name, which may be a
-    token, too) and every query and fragment value replaced by ``***``."""
-    try:
-        parts = urlsplit(str(url))
-    except ValueError:
-        return MASK
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostport = netloc.rpartition("@")
-        user, colon, _ = userinfo.partition(":")
-        netloc = f"{user}:{MASK}@{hostport}" if colon else f"{MASK}@{hostport}"
-    return SplitResult(
-        parts.scheme,
-        netloc,
-        parts.path,
-        _mask_params(parts.query),
-        _mask_params(parts.fragment),
-    ).geturl()
-
-
-def _dump_url(url: str) -> str:
-    return mask_url(url)
-
-
-def _dump_headers(headers: dict[str, str]) -> dict[str, str]:
-    return {k: MASK if is_secret_name(k) else str(v) for k, v in headers.items()}
-
-
-def _parse_url(v: str, schemes: tuple[str, ...], wrong_scheme: str) -> SplitResult:
-    bad = _bad_url_char(v)
-    if bad:
-        raise _Problem(
-            (
-                "",
-                f"contains {bad}: no whitespace or control characters are allowed in a URL",
-                "remove it (percent-encode it if it is really part of the URL)",
-            )
-        )
-    try:
-        parts = urlsplit(v)
-        parts.port  # noqa: B018  # raises ValueError for a bad port
-    except ValueError:
-        raise _Problem(("", "is not a valid URL", "use scheme://host[:port][/path]")) from None
-    if parts.scheme not in schemes or not v.lower().startswith(parts.scheme + "://"):
-        raise ValueError(wrong_scheme)
-    if not parts.hostname:
-        raise _Problem(("", "has no host", "use scheme://host[:port][/path]"))
-    return parts
-
-
-def _http_url(v: str) -> str:
-    _parse_url(v, _HTTP_SCHEMES, "must be an http:// or https:// URL")
-    return MaskedUrl(v)
-
-
-def _base_url(v: str) -> str:
-    return MaskedUrl(_http_url(v).rstrip("/"))
-
-
-def _gateway_url(v: str) -> str:
-    _parse_url(
-        v,
-        _HTTP_SCHEMES,
-        "must start with https:// (the gateway URL of the portal's environment card)",
-    )
-    return MaskedUrl(v.rstrip("/"))
-
-
-def _proxy_url(v: str) -> str:
-    parts = _parse_url(
-        v,
-        _PROXY_SCHEMES,
-        "must be a proxy URL: http://, https://, socks5://, socks5h://, socks4:// or socks4a://",
-    )
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise _Problem(("", "a proxy URL has no path, query or fragment", "use scheme://host:port"))
-    if parts.username is not None and parts.password is None:
-        raise _Problem(
-            ("", "a user name without a password", "use scheme://user:password@host:port")
-        )
-    return MaskedUrl(v)
-
-
-def _check_headers(headers: dict[str, str]) -> dict[str, str]:
-    checked: dict[str, str] = {}
-    for name, value in headers.items():
-        if not _TOKEN.fullmatch(name):
-            raise _Problem(
-                (
-                    "",
-                    f"header name {name!a} is not an HTTP field name",
-                    "use letters, digits and !#$%&'*+-.^_`|~ only (RFC 9110 token)",
-                )
-            )
-        bad = _bad_field_char(value)
-        if bad:
-            raise _Problem(
-                (
-                    "",
-                    f"the value of header {name!r} contains {bad}",
-                    "remove it: a header value is visible ASCII and spaces only, "
-                    "never CR, LF, NUL or other control characters",
-                )
-            )
-        checked[name] = MaskedValue(value) if is_secret_name(name) else value
-    return checked
-
-
-def _no_controls(v: SecretStr | str | None) -> Any:
-    """For values sent in an HTTP header (app key, bearer token, enterpriseId)."""
-    if v is None:
-        return v
-    text = v.get_secret_value() if isinstance(v, SecretStr) else v
-    bad = _bad_field_char(text)
-    if bad:
-        raise _Problem(
-            (
-                "",
-                f"contains {bad}",
-                "remove it: it travels in an HTTP header (visible ASCII and spaces only)",
-            )
-        )
-    return v
-
-
-_URL_DUMP = PlainSerializer(_dump_url, return_type=str, when_used="json")
-# str() of these is the URL; repr() and check-config mask passwords and query values.
-HttpUrl = Annotated[str, AfterValidator(_http_url), _URL_DUMP]
-BaseUrl = Annotated[str, AfterValidator(_base_url), _URL_DUMP]  # trailing "/" dropped
-GatewayUrl = Annotated[str, AfterValidator(_gateway_url), _URL_DUMP]  # trailing "/" dropped
-ProxyUrl = Annotated[str, AfterValidator(_proxy_url), _URL_DUMP]
-# Configured HTTP headers: checked names and values; secret-looking values masked.
-Headers = Annotated[
-    dict[str, str],
-    AfterValidator(_check_headers),
-    PlainSerializer(_dump_headers, return_type=dict[str, str], when_used="json"),
-]
 
 
 class _Model(BaseModel):
@@ -325,7 +77,7 @@ class AuthSettings(_Model):
     timeout_s: float = Field(default=15.0, gt=0)
     retry_max_s: float = Field(default=120.0, gt=0)
 
-    _enterprise_id = field_validator("enterprise_id")(_no_controls)  # the enterpriseId header
+    _enterprise_id = field_validator("enterprise_id")(no_controls)  # the enterpriseId header
 
     @model_validator(mode="after")
     def _grant_fields(self) -> AuthSettings:
@@ -402,7 +154,7 @@ class StreamSettings(_Model):
     # the DLQ entries of that key are replayed or purged, so a resource never goes out of order.
     on_permanent_failure: Literal["dead-letter", "park-key"] = "dead-letter"
 
-    _app_key = field_validator("app_key")(_no_controls)  # the x-app-key header
+    _app_key = field_validator("app_key")(no_controls)  # the x-app-key header
 
     @model_validator(mode="after")
     def _input(self) -> StreamSettings:
@@ -453,7 +205,7 @@ class WebhookSinkSettings(_Model):
     password: SecretStr | None = None  # basic
     timeout_s: float = Field(default=10.0, gt=0)
 
-    _token = field_validator("token")(_no_controls)  # the Authorization header
+    _token = field_validator("token")(no_controls)  # the Authorization header
 
     @model_validator(mode="after")
     def _auth_fields(self) -> WebhookSinkSettings:
@@ -463,7 +215,7 @@ class WebhookSinkSettings(_Model):
             raise ValueError("auth = 'basic' needs username and password (a secret)")
         if self.auth != "none" and "@" in urlsplit(self.url).netloc:
             # httpx would send the URL's user:password as Basic auth instead of the token.
-            raise _Problem(
+            raise Problem(
                 (
                     "url",
                     f"holds user information (user:password@) while auth = {self.auth!r}: "
@@ -530,7 +282,7 @@ class PythonSinkSettings(_Model):
     @classmethod
     def _target(cls, v: str) -> str:
         if not is_async_callable(resolve(v)):
-            raise _Problem(
+            raise Problem(
                 (
                     "",
                     f"{v} is not an async function",
@@ -577,7 +329,7 @@ def resolve(target: str) -> Any:
     return obj
 
 
-_SINK_TYPES = ("jsonl", "webhook", "sqlite", "postgres", "python")
+SINK_TYPES = ("jsonl", "webhook", "sqlite", "postgres", "python")
 
 
 def _sink_type(v: Any) -> str:
@@ -595,7 +347,7 @@ SinkSettings = Annotated[
     Discriminator(
         _sink_type,
         custom_error_type="sink_type",
-        custom_error_message=f"type must be one of {', '.join(_SINK_TYPES)}",
+        custom_error_message=f"type must be one of {', '.join(SINK_TYPES)}",
     ),
 ]
 
@@ -636,19 +388,19 @@ class OrchestrationSettings(_Model):
             )
         allowed = {"primaryKey", "hotelId", "chainCode", "eventName", "moduleName"}
         for name, template in self.resources.items():
-            if template.startswith(_ABSOLUTE):
+            if template.startswith(ABSOLUTE):
                 try:
-                    _http_url(template)
-                except _Problem as exc:
+                    http_url(template)
+                except Problem as exc:
                     items = ((f"resources[{name!r}]", m, f) for _, m, f in exc.items)
-                    raise _Problem(*items) from None
+                    raise Problem(*items) from None
                 except ValueError as exc:
                     raise ValueError(f"resources[{name!r}]: {exc}") from None
-            elif _bad_url_char(template):
-                raise _Problem(
+            elif bad_url_char(template):
+                raise Problem(
                     (
                         f"resources[{name!r}]",
-                        f"contains {_bad_url_char(template)}",
+                        f"contains {bad_url_char(template)}",
                         "no whitespace or control characters in a URL template",
                     )
                 )
@@ -748,14 +500,14 @@ class Settings(BaseSettings):
         o = self.orchestration
         check("orchestration.base_url", o.base_url, "the access token and application key")
         for name, template in o.resources.items():
-            if template.startswith(_ABSOLUTE):
+            if template.startswith(ABSOLUTE):
                 check(f"orchestration.resources[{name!r}]", template, "the access token")
         if isinstance(self.sink, WebhookSinkSettings):
             carries = self.sink.credentials()
             if carries is not None:
                 check("sink.url", self.sink.url, f"its credentials ({carries})")
         if problems:
-            raise _Problem(*problems)
+            raise Problem(*problems)
         return self
 
     @classmethod
@@ -786,179 +538,3 @@ class Settings(BaseSettings):
             )
         sources.append(TomlConfigSettingsSource(settings_cls))
         return tuple(sources)
-
-
-def find_config(path: Path | None) -> Path | None:
-    if path is not None:
-        if not path.is_file():
-            raise ConfigError(f"config file {path} not found: pass an existing file to --config")
-        return path
-    return next((p for p in DEFAULT_CONFIG_PATHS if p.is_file()), None)
-
-
-def load_settings(path: Path | None = None) -> Settings:
-    """Load and validate; raises :class:`ConfigError` naming each bad key and its fix."""
-    found = find_config(path)
-
-    class _FileSettings(Settings):
-        model_config = SettingsConfigDict(toml_file=found)
-
-    try:
-        return _FileSettings()  # type: ignore[call-arg]  # fields come from the sources
-    except ValidationError as exc:
-        raise ConfigError(explain(exc, found)) from None
-    except ValueError as exc:  # e.g. TOML syntax
-        raise ConfigError(f"{found}: {exc}") from None
-
-
-def explain(exc: ValidationError, source: Path | None) -> str:
-    where = (
-        f"in {source}"
-        if source
-        else "(no config file found; looked for "
-        + ", ".join(str(p) for p in DEFAULT_CONFIG_PATHS)
-        + ")"
-    )
-    lines = [f"invalid configuration {where}:"]
-    for err in exc.errors(include_url=False, include_input=False):
-        loc = [str(part) for part in err["loc"]]
-        if loc[:1] == ["sink"] and len(loc) > 1 and loc[1] in _SINK_TYPES:
-            del loc[1]  # pydantic names the union member; the key is sink.<field>
-        problem = (err.get("ctx") or {}).get("error")
-        if isinstance(problem, _Problem):  # names its key (relative to loc) and its fix
-            for rel, what, fix in problem.items:
-                key = ".".join([*loc, rel] if rel else loc) or "(top level)"
-                lines.append(f"  {key}: {what} -> {fix}")
-            continue
-        key = ".".join(loc) or "(top level)"
-        env = ENV_PREFIX + "__".join(part.upper() for part in loc)
-        if err["type"] == "missing":
-            fix = f"set {key} in the config file or the environment variable {env}"
-            if loc[-1] in _SECRET_FIELDS:
-                secret_file = "__".join(loc)
-                fix += (
-                    f", or put it in a file named {secret_file} in $CREDENTIALS_DIRECTORY "
-                    "or /run/secrets"
-                )
-        elif err["type"] == "extra_forbidden":
-            fix = "unknown key (a typo?): remove or rename it; config.example.toml lists every key"
-        else:
-            fix = "fix the value (see config.example.toml)"
-        lines.append(f"  {key}: {err['msg']} -> {fix}")
-    return "\n".join(lines)
-
-
-def effective(settings: Settings) -> dict[str, Any]:
-    """The settings as plain data, secrets masked: what ``check-config`` prints."""
-    return settings.model_dump(mode="json")
-
-
-def _b64(text: str) -> str:
-    return base64.b64encode(text.encode()).decode()
-
-
-def _forms(raw: str) -> list[str]:
-    """``raw`` (as written in a URL) and its percent-decoded and percent-encoded forms."""
-    decoded, plus_decoded = unquote(raw), unquote_plus(raw)
-    return [
-        raw,
-        decoded,
-        plus_decoded,
-        quote(decoded, safe=""),
-        quote_plus(plus_decoded, safe=""),
-        quote(decoded, safe="!$&'()*+,;=:@/?~"),  # as a URL keeps it
-    ]
-
-
-def _params(part: str) -> list[str]:
-    """The values of ``a=1&b=2`` (and a bare ``token``), as written."""
-    values = []
-    for piece in part.split("&"):
-        name, eq, value = piece.partition("=")
-        values.append(value if eq else name)
-    return [v for v in values if v]
-
-
-def query_secret_values(*parts: str) -> list[str]:
-    """Every value of query strings (or fragments) like ``a=1&b=2``, in every form."""
-    return [form for part in parts for raw in _params(part) for form in _forms(raw)]
-
-
-def url_secret_values(url: str) -> list[str]:
-    """The secrets a URL may hold, in every form they may travel in: the password of its user
-    information (or a lone user name) raw, percent-decoded and re-encoded, the base64 of
-    ``user:password`` (Basic auth, as httpx and websockets send URL credentials), and every
-    query and fragment value."""
-    try:
-        parts = urlsplit(str(url))
-    except ValueError:
-        return [str(url)]
-    values: list[str] = []
-    if "@" in parts.netloc:
-        userinfo = parts.netloc.rpartition("@")[0]
-        raw_user, colon, raw_password = userinfo.partition(":")
-        values += _forms(raw_password if colon else raw_user)
-        values.append(_b64(f"{unquote(raw_user)}:{unquote(raw_password)}"))
-    return values + query_secret_values(parts.query, parts.fragment)
-
-
-def webhook_secret_values(sink: WebhookSinkSettings) -> list[str]:
-    """Every secret a webhook sink sends: the bearer token (and ``Bearer <token>``), the basic
-    password and its base64 form, secret-looking header values, and the URL's secrets."""
-    values: list[str] = []
-    if sink.token is not None:
-        token = sink.token.get_secret_value()
-        values += [token, f"Bearer {token}"]
-    if sink.password is not None:
-        password = sink.password.get_secret_value()
-        basic = _b64(f"{sink.username or ''}:{password}")
-        values += [password, basic, f"Basic {basic}"]
-    values += [str(v) for k, v in sink.headers.items() if is_secret_name(k)]
-    values += url_secret_values(sink.url)
-    return _unique(values)
-
-
-_DSN_PASSWORD = re.compile(r"""password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)""", re.IGNORECASE)
-
-
-def _dsn_secret_values(dsn: str) -> list[str]:
-    values = [dsn, *url_secret_values(dsn)] if "://" in dsn else [dsn]
-    for match in _DSN_PASSWORD.finditer(dsn):  # key=value form, or ?password= in a URL
-        raw = match.group(1)
-        values += [raw, raw.strip("'").replace("\\'", "'")]
-    return values
-
-
-def _unique(values: list[str]) -> list[str]:
-    return list(dict.fromkeys(v for v in values if v))
-
-
-def secret_values(settings: Settings) -> list[str]:
-    """Every secret string the settings hold, in every form we know it may appear in (for the
-    log redactor): app keys and their SHA-256 hex, client secrets and the base64 of
-    ``client_id:client_secret`` (Basic auth to the token endpoint), passwords (also
-    form-encoded), the secrets of every URL (:func:`url_secret_values`), the webhook's token,
-    password and secret headers, the PostgreSQL DSN and its password."""
-    values: list[str] = []
-    for s in settings.streams.values():
-        key = s.app_key.get_secret_value()
-        values += [key, key_hash(key)]
-        auth = s.auth
-        secret = auth.client_secret.get_secret_value()
-        values += [secret, _b64(f"{auth.client_id}:{secret}")]
-        if auth.password is not None:
-            password = auth.password.get_secret_value()
-            values += [password, quote_plus(password, safe=""), quote(password, safe="")]
-        for url in (s.gateway_url, s.auth.token_url, s.connection.proxy):
-            if url is not None:
-                values += url_secret_values(url)
-    # (Not the orchestration templates: their query values are API parameters, which the
-    # redactor would then mask in every log line.)
-    if settings.orchestration.base_url is not None:
-        values += url_secret_values(settings.orchestration.base_url)
-    sink = settings.sink
-    if isinstance(sink, WebhookSinkSettings):
-        values += webhook_secret_values(sink)
-    elif isinstance(sink, PostgresSinkSettings):
-        values += _dsn_secret_values(sink.dsn.get_secret_value())
-    return _unique(values)

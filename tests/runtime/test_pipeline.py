@@ -21,20 +21,21 @@ import pytest
 from consumer.core.events import Event
 from consumer.core.evidence import evidence
 from consumer.core.protocol import DecodeError
+from consumer.core.records import CommitBatch
 from consumer.errors import PermanentSinkError, TransientSinkError
 from consumer.runtime.committer import Committer
 from consumer.runtime.pipeline import StreamPipeline
-from consumer.runtime.store import CommitBatch, Store
 from consumer.sinks.base import PlainSink
 from consumer.sinks.jsonl import JsonlSink
+from consumer.state.sqlite import SqliteStore as Store
 
 STREAM = "main"
 WAIT_S = 5.0
 
 
-
 def bad(text: str, reason: str) -> DecodeError:
     return DecodeError(evidence(text), reason)
+
 
 def ev(i: int, key: str | None = None) -> Event:
     key = key if key is not None else f"pk{i % 7}"
@@ -125,7 +126,6 @@ async def harness(
     committer = Committer(store, sink, max_events=max_events, interval_s=interval_s)
     pipeline = StreamPipeline(
         STREAM,
-        store=store,
         sink=sink,
         committer=committer,
         workers=workers,
@@ -285,7 +285,7 @@ async def test_failed_commit_keeps_ids_pending_and_retries_everything(
         await drained(pipeline)
         assert await committer.flush()
         cp = await store.checkpoint(STREAM)
-        seen = store.seen(STREAM, [f"u{i}" for i in range(6)])
+        seen = await store.seen(STREAM, [f"u{i}" for i in range(6)])
     assert [e.unique_event_id for e in sink.delivered] == [f"u{i}" for i in range(6)]
     assert pipeline.duplicates == 1
     assert seen == {f"u{i}" for i in range(6)}
@@ -311,7 +311,7 @@ async def test_permanent_error_dead_letters_only_that_event(
         await committer.flush()
         letters = await store.dead_letters(STREAM)
         cp = await store.checkpoint(STREAM)
-        seen = store.seen(STREAM, [e.unique_event_id for e in events])
+        seen = await store.seen(STREAM, [e.unique_event_id for e in events])
     assert [e.unique_event_id for e in sink.delivered] == [
         e.unique_event_id for e in events if e.unique_event_id != "u3"
     ]
@@ -394,10 +394,10 @@ async def test_flush_commits_checkpoint_equal_to_the_watermark(tmp_path: Path) -
             await pipeline.put(e)
         await drained(pipeline)
         assert await committer.flush()
-        position = pipeline.watermark.position
+        position = pipeline.position
         cp = await store.checkpoint(STREAM)
         state = await store.sink_state("jsonl")
-        seen = store.seen(STREAM, [e.unique_event_id for e in events])
+        seen = await store.seen(STREAM, [e.unique_event_id for e in events])
         assert not await committer.flush()  # nothing new
     assert position is not None
     assert cp is not None
@@ -483,7 +483,6 @@ async def test_run_commits_in_the_background(tmp_path: Path) -> None:
     committer = Committer(store, sink, max_events=5, interval_s=0.02)
     pipeline = StreamPipeline(
         STREAM,
-        store=store,
         sink=sink,
         committer=committer,
         workers=2,
@@ -609,7 +608,7 @@ async def test_a_commit_of_only_duplicates_releases_waiting_workers(tmp_path: Pa
     await sink.open(None)
     committer = Committer(store, sink, max_events=1, interval_s=60.0, max_pending=2)
     try:
-        committer.skipped("main", 5)
+        committer.skipped("main", [committer.arrived("main", None) for _ in range(5)])
         waiter = asyncio.create_task(committer.wait_capacity())
         await asyncio.sleep(0)
         assert not waiter.done()

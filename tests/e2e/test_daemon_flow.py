@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import committed
 from support import (
+    committed,
     count_lines,
     make_settings,
     read_sink,
@@ -23,10 +23,11 @@ from support import (
 )
 
 from consumer.core.events import Event
-from consumer.errors import PermanentSinkError, TransientSinkError
-from consumer.runtime.daemon import EXIT_CONFIG, Daemon
-from consumer.runtime.store import Store
+from consumer.core.records import Staged
+from consumer.errors import ExitCode, PermanentSinkError, TransientSinkError
+from consumer.runtime.daemon import Daemon
 from consumer.sinks.jsonl import JsonlSink
+from consumer.state import SqliteStore as Store
 
 
 async def test_backlog_then_live_events_reach_the_sink_once(sandbox_factory, tmp_path: Path):
@@ -234,7 +235,7 @@ async def test_wrong_app_key_stops_the_stream_with_exit_78(sandbox_factory, tmp_
     daemon = await Daemon.create(settings)
     async with asyncio.timeout(60):
         code = await daemon.run()
-    assert code == EXIT_CONFIG
+    assert code == ExitCode.CONFIG
     assert "client_id/client_secret" in daemon.runners["main"].stats.last_close or (
         "key" in daemon.runners["main"].stats.last_close
     )
@@ -283,6 +284,12 @@ class FlakySink:
 
     async def sync(self, position: str | None) -> None:
         await self.inner.sync(position)
+
+    def staged(self) -> Staged | None:
+        return self.inner.staged()
+
+    def counters(self) -> dict[str, float]:
+        return self.inner.counters()
 
     async def close(self) -> None:
         await self.inner.close()

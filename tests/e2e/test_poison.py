@@ -36,7 +36,7 @@ from support import (
 
 from consumer.core.evidence import PAYLOAD_LIMIT
 from consumer.runtime.daemon import Daemon
-from consumer.runtime.store import Store
+from consumer.state import SqliteStore as Store
 
 
 def dead_letters(state: Path) -> list[dict[str, Any]]:
@@ -313,15 +313,15 @@ async def test_item9_readyz_is_503_while_commits_fail_and_a_failed_final_commit_
     could not be made."""
     gw = await sandbox_factory(backlog=20)
     settings = make_settings(tmp_path, gw.url)
-    real_commit = Store.commit
+    real_commit = Store._commit
     broken = {"on": False}
 
-    async def commit(self: Store, batch: Any, now: float | None = None) -> None:
-        if broken["on"]:
+    async def commit(self: Store, batch: Any, now: float) -> None:
+        if broken["on"]:  # as SQLite says it when the disk fails under it
             raise sqlite3.OperationalError("disk I/O error")
         await real_commit(self, batch, now)
 
-    monkeypatch.setattr(Store, "commit", commit)
+    monkeypatch.setattr(Store, "_commit", commit)
     async with running(settings) as daemon:
         assert daemon.metrics_server is not None
         url = f"http://127.0.0.1:{daemon.metrics_server.port}/readyz"

@@ -10,6 +10,7 @@ import io
 import logging
 import socket
 import struct
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -74,11 +75,12 @@ def port_of(daemon: Daemon) -> int:
 
 async def exchange(port: int, data: bytes, *, eof: bool = False) -> bytes:
     """Send ``data`` on a raw connection (then a FIN if ``eof``) and read until the server
-    closes; b"" if it closed (or reset) without a byte."""
+    closes; b"" if it closed (or reset) without a byte. Bounded by 60 s, ample on a loaded
+    machine (issue #9 item 12)."""
     reader, writer = await asyncio.open_connection(HOST, port)
     received = b""
     try:
-        async with asyncio.timeout(20):
+        async with asyncio.timeout(60):
             with contextlib.suppress(ConnectionError):
                 writer.write(data)
                 await writer.drain()
@@ -123,7 +125,9 @@ async def test_head_is_answered_without_a_body_and_other_methods_get_405(
 ) -> None:
     """Issue #9 item 11: a HEAD /healthz raised h11.LocalProtocolError in the handler (a body
     sent for HEAD), which reached the loop's exception handler. HEAD gets the GET's status
-    and headers, no body, on every path; another method gets 405 with ``Allow``."""
+    and headers, no body, on every path; another method gets 405 with ``Allow``.
+
+    Issue #9 item 12: each raw exchange may take up to 60 s (not 20) on a loaded machine."""
     async with await streaming(tmp_path, sandbox_factory) as daemon:
         port = port_of(daemon)
         raw = await exchange(port, b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -152,7 +156,9 @@ async def test_malformed_heads_get_400_or_a_close_without_a_traceback(
 ) -> None:
     """Issue #9 item 11: a request target that does not parse (absolute-form garbage) logged a
     traceback per request. Malformed targets get 400; garbage gets 400 or a close; nothing is
-    logged as a crash and the listener keeps answering."""
+    logged as a crash and the listener keeps answering.
+
+    Issue #9 item 12: each raw exchange may take up to 60 s (not 20) on a loaded machine."""
     async with await streaming(tmp_path, sandbox_factory) as daemon:
         port = port_of(daemon)
         for target in (
@@ -213,7 +219,10 @@ async def test_a_thousand_hostile_connections_leave_a_few_lines_and_a_working_li
     """Issue #9 item 11: 1,100 connections to the metrics port logged thousands of lines (a
     traceback per connection). Connections beyond the cap are closed at once; 1,100 hostile
     ones (silent, reset, garbage, HEAD, bad targets) leave at most a handful of log lines,
-    nothing reaches the loop's exception handler, and /healthz and /metrics answer after."""
+    nothing reaches the loop's exception handler, and /healthz and /metrics answer after.
+
+    Issue #9 item 12: the waits (the closes over the cap, each raw exchange, the listener
+    answering again) are bounded by 60 s, not 20 or 10, so that a loaded machine passes."""
     async with await streaming(tmp_path, sandbox_factory) as daemon:
         await wait_until(lambda: daemon.runners["main"].state == "streaming")
         port = port_of(daemon)
@@ -224,7 +233,7 @@ async def test_a_thousand_hostile_connections_leave_a_few_lines_and_a_working_li
         held = [await asyncio.open_connection(HOST, port) for _ in range(100)]
         closed = [asyncio.create_task(reader.read()) for reader, _ in held]
         try:
-            await wait_until(lambda: sum(t.done() for t in closed) >= 100 - 64, timeout=20)
+            await wait_until(lambda: sum(t.done() for t in closed) >= 100 - 64, timeout=60)
             assert sum(t.done() for t in closed) < 100  # the listener kept some of them
         finally:
             for _, writer in held:
@@ -240,7 +249,8 @@ async def test_a_thousand_hostile_connections_leave_a_few_lines_and_a_working_li
         async with httpx.AsyncClient(base_url=f"http://{HOST}:{port}") as http:
 
             async def answers(path: str) -> int:
-                for _ in range(200):  # slots free as the server sees the last closes
+                deadline = time.monotonic() + 60  # slots free as the server sees the last closes
+                while time.monotonic() < deadline:
                     with contextlib.suppress(httpx.TransportError):
                         return (await http.get(path)).status_code
                     await asyncio.sleep(0.05)

@@ -13,7 +13,7 @@ from support import make_settings, read_sink, running, truth_ids, wait_until
 
 from consumer.config import OrchestrationSettings, Settings
 from consumer.runtime.auth import TokenProvider
-from consumer.runtime.orchestration import Orchestrator
+from consumer.sinks.orchestration import Orchestrator
 
 RESOURCES = {
     "Reservation": "/rsv/v1/hotels/{hotelId}/reservations/{primaryKey}",
@@ -151,7 +151,7 @@ async def test_not_found_attaches_null_or_dead_letters(
     async with running(settings) as daemon:
         want = 60 if mode == "attach-null" else 60 - len(reservations)
         await wait_until(lambda: len(read_sink(sink)) >= want)
-        await wait_until(lambda: daemon.pipelines["main"].watermark.in_flight == 0)
+        await wait_until(lambda: daemon.pipelines["main"].in_flight == 0)
         await daemon.committer.flush()
         dead = await daemon.store.dead_letters()
     lines = read_sink(sink)

@@ -17,7 +17,8 @@ from support import (
     wait_until,
 )
 
-from consumer.runtime.daemon import EXIT_CONFIG, Daemon
+from consumer.errors import ExitCode
+from consumer.runtime.daemon import Daemon
 
 
 async def run_to_exit(daemon: Daemon) -> int:
@@ -33,7 +34,7 @@ async def test_http_400_on_the_upgrade_stops_with_what_to_check(sandbox_factory,
     gw = await sandbox_factory()
     gw.fail_upgrades([400])
     daemon = await Daemon.create(make_settings(tmp_path, gw.url))
-    assert await run_to_exit(daemon) == EXIT_CONFIG
+    assert await run_to_exit(daemon) == ExitCode.CONFIG
     reason = daemon.runners["main"].stats.last_close
     assert "HTTP 400" in reason and "SHA-256" in reason and "Streaming Enabled" in reason
 
@@ -60,7 +61,7 @@ async def test_repeated_4401_stops_the_stream(sandbox_factory, tmp_path: Path):
     gw = await sandbox_factory()
     gw.close_on("connection_init", [4401] * 10)
     daemon = await Daemon.create(make_settings(tmp_path, gw.url))
-    assert await run_to_exit(daemon) == EXIT_CONFIG
+    assert await run_to_exit(daemon) == ExitCode.CONFIG
     reason = daemon.runners["main"].stats.last_close
     assert "3 times in a row" in reason and "app_key" in reason
     assert gw.stats.token_requests == 3
@@ -70,7 +71,7 @@ async def test_4400_stops_the_stream(sandbox_factory, tmp_path: Path):
     gw = await sandbox_factory()
     gw.close_on("subscribe", [4400])
     daemon = await Daemon.create(make_settings(tmp_path, gw.url))
-    assert await run_to_exit(daemon) == EXIT_CONFIG
+    assert await run_to_exit(daemon) == ExitCode.CONFIG
     assert "chain_code, offset and hotel_codes" in daemon.runners["main"].stats.last_close
 
 

@@ -16,8 +16,20 @@ import sys
 from pathlib import Path
 
 import asyncpg
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
 from receiver import Received, Receiver, Reply
-from support import checkpoint, spawn_daemon, toml_config, truth_ids, wait_exit, wait_until
+from support import (
+    checkpoint,
+    spawn_daemon,
+    tail,
+    toml_config,
+    truth_ids,
+    wait_exit,
+    wait_until,
+)
+
+from consumer.sandbox import launcher
 
 BACKLOG = 400
 
@@ -25,6 +37,22 @@ BACKLOG = 400
 async def stop(proc: subprocess.Popen[bytes], sig: int) -> int:
     proc.send_signal(sig)
     return await wait_exit(proc)
+
+
+async def events_processed(http: httpx.AsyncClient, stream: str = "main") -> float:
+    """The daemon's count of the stream's events written to the sink, from its /metrics;
+    0 while the listener is not up yet."""
+    try:
+        text = (await http.get("/metrics")).text
+    except httpx.TransportError:
+        return 0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "opera_consumer_events_processed_total" and sample.labels == {
+                "stream": stream
+            }:
+                return sample.value
+    return 0
 
 
 async def test_postgres_kill_between_write_and_checkpoint(
@@ -85,6 +113,9 @@ async def test_postgres_kill_between_write_and_checkpoint(
 async def test_sqlite_kill_before_the_commit_leaves_rows_and_checkpoint_together(
     sandbox_factory, tmp_path: Path
 ) -> None:
+    """Issue #9 item 12: the kill waits for the daemon's own count of events written to the
+    sink (its /metrics) to reach the backlog, not a sleep: the test cannot pass for writes
+    that had not happened yet."""
     gw = await sandbox_factory(backlog=BACKLOG)
     truth = truth_ids(gw.events("DEMO"))
     sink = '[sink]\ntype = "sqlite"\n'
@@ -100,10 +131,17 @@ async def test_sqlite_kill_before_the_commit_leaves_rows_and_checkpoint_together
         return rows, done
 
     cfg = toml_config(tmp_path, gw.url, sink=sink, commit_interval_ms=60_000)
+    port = launcher.free_port()
+    cfg.write_text(cfg.read_text().replace("[metrics]\nport = 0", f"[metrics]\nport = {port}"))
     proc = spawn_daemon(cfg, tmp_path / "daemon.log")
     # Every event is handed to the sink (the sandbox sent the whole backlog), none committed.
     await wait_until(lambda: gw.stats.events_sent >= BACKLOG, timeout=60)
-    await asyncio.sleep(0.5)  # the workers write the last batches
+    # ... and written: the workers wrote the last batches.
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+        async with asyncio.timeout(60):
+            while await events_processed(http) < BACKLOG:
+                assert proc.poll() is None, tail(tmp_path / "daemon.log")
+                await asyncio.sleep(0.05)
     assert await stop(proc, signal.SIGKILL) == -signal.SIGKILL
     rows, done = table()
     assert rows == done == set()  # written, not committed: nothing of it survives, together

@@ -8,10 +8,9 @@ import httpx
 import pytest
 
 from consumer.config import StreamSettings
-from consumer.core.retry_after import RETRY_AFTER_MIN_S
+from consumer.core.retry_after import RETRY_AFTER_MIN_S, retry_after_seconds
 from consumer.errors import AuthError
 from consumer.runtime.auth import TokenProvider
-from consumer.runtime.retry import retry_after_seconds
 from consumer.sandbox import SandboxOptions
 
 

@@ -27,6 +27,8 @@ def value(text: str, name: str, **labels: str) -> float:
 async def test_metrics_follow_the_events_and_readiness_follows_the_stream(
     sandbox_factory, tmp_path: Path
 ):
+    """Issue #9 item 12: 60 s (not 10) for the daemon to notice the gateway has gone, so
+    that a loaded machine does not fail it."""
     gw = await sandbox_factory(backlog=300)
     gw.inject_malformed("DEMO", "{oops")
     sink = tmp_path / "events.jsonl"
@@ -50,7 +52,7 @@ async def test_metrics_follow_the_events_and_readiness_follows_the_stream(
             ready = await http.get("/readyz")
             assert ready.status_code == 200 and ready.json()["ready"] is True
             await gw.close()  # the gateway goes away
-            await wait_until(lambda: daemon.runners["main"].state == "backoff", timeout=10)
+            await wait_until(lambda: daemon.runners["main"].state == "backoff", timeout=60)
             ready = await http.get("/readyz")
             assert ready.status_code == 503
             assert ready.json()["streams"]["main"]["state"] == "backoff"

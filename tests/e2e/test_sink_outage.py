@@ -9,7 +9,7 @@ from pathlib import Path
 from harness import SwitchableSink
 from support import count_lines, make_settings, running, sink_ids, truth_ids, wait_until
 
-from consumer.runtime.store import Store
+from consumer.state import SqliteStore as Store
 
 
 async def test_intake_pauses_while_the_sink_is_down(sandbox_factory, tmp_path: Path):

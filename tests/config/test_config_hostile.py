@@ -14,7 +14,8 @@ from urllib.parse import quote, quote_plus
 
 import pytest
 
-import consumer.config as config_module
+import consumer.config.loading as config_loading
+import consumer.config.settings as config_settings
 from consumer.cli import main
 from consumer.config import (
     Settings,
@@ -74,8 +75,8 @@ def hermetic(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for key in list(os.environ):
         if key.startswith("OPERA_CONSUMER_") or key == "CREDENTIALS_DIRECTORY":
             monkeypatch.delenv(key)
-    monkeypatch.setattr(config_module, "SECRET_DIRS", ())
-    monkeypatch.setattr(config_module, "DEFAULT_CONFIG_PATHS", (Path("config.toml"),))
+    monkeypatch.setattr(config_settings, "SECRET_DIRS", ())
+    monkeypatch.setattr(config_loading, "DEFAULT_CONFIG_PATHS", (Path("config.toml"),))
     monkeypatch.chdir(tmp_path)
 
 

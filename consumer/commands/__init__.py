@@ -1,0 +1,2 @@
+"""The operator's commands (everything but ``run`` and ``sandbox``): what they do, apart from
+the argument parsing in :mod:`consumer.cli`."""

@@ -1,0 +1,264 @@
+"""Values of the configuration treated as hostile: URLs and HTTP headers are checked (no
+whitespace or control characters, a parseable URL with a host, header names that are tokens)
+and masked wherever they are shown (``repr``, ``check-config``): URL passwords and query
+values, and the values of secret-looking headers, may be secrets. ``str()`` of a URL is the
+URL itself, for the code that uses it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import unicodedata
+from typing import Annotated, Any
+from urllib.parse import SplitResult, urlsplit
+
+from pydantic import AfterValidator, PlainSerializer, SecretStr
+
+from ..logs import MASK
+
+# Words that make a header (or a query parameter) name look like it carries a credential: its
+# value is masked in repr, check-config and logs, and it counts as credentials for the
+# plain-http rule.
+SECRET_NAME_WORDS = (
+    "auth",
+    "cookie",
+    "token",
+    "secret",
+    "key",
+    "pass",
+    "signature",
+    "credential",
+    "session",
+)
+# RFC 9110 section 5.6.2: a field name is a token.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HTTP_SCHEMES = ("http", "https")
+ABSOLUTE = ("http://", "https://")  # an orchestration template that is a URL of its own
+_PROXY_SCHEMES = ("http", "https", "socks5", "socks5h", "socks4", "socks4a")  # as websockets
+_CHAR_NAMES = {"\r": "CR", "\n": "LF", "\t": "TAB", "\0": "NUL", " ": "a space", "\x7f": "DEL"}
+INSECURE_FIX = (
+    "use https://, or (for a trusted test network only) set allow_insecure_http = true "
+    "at the top level of the config"
+)
+
+
+class Problem(ValueError):
+    """A configuration error naming its key and its fix.
+
+    ``items``: (key, problem, fix); the key is relative to where pydantic reports the error
+    ("" for that place itself, e.g. a field). :func:`explain` prints one line per item. No
+    message ever holds the offending value: it may be a secret.
+    """
+
+    def __init__(self, *items: tuple[str, str, str]) -> None:
+        self.items = items
+        super().__init__("; ".join(f"{(k + ': ') if k else ''}{m} -> {f}" for k, m, f in items))
+
+
+def _char_name(c: str) -> str:
+    return _CHAR_NAMES.get(c) or f"U+{ord(c):04X}"
+
+
+def bad_url_char(text: str) -> str | None:
+    """Where the first whitespace or control (or format) character is, if any."""
+    for i, c in enumerate(text):
+        if c.isspace() or unicodedata.category(c) in ("Cc", "Cf", "Zs", "Zl", "Zp"):
+            return f"{_char_name(c)} at position {i}"
+    return None
+
+
+def _bad_field_char(text: str) -> str | None:
+    """Where the first character not allowed in an HTTP field value is (visible ASCII and
+    space only: CR/LF would inject headers, and httpx cannot encode the rest), if any."""
+    for i, c in enumerate(text):
+        if not " " <= c <= "~":
+            return f"{_char_name(c)} at position {i}"
+    return None
+
+
+def is_secret_name(name: str) -> bool:
+    """A header or query parameter name that looks like it carries a credential."""
+    lowered = name.lower()
+    return any(word in lowered for word in SECRET_NAME_WORDS)
+
+
+def is_loopback(host: str | None) -> bool:
+    """``localhost``, 127.0.0.0/8 or ::1."""
+    if not host:
+        return False
+    host = host.lower().rstrip(".")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class MaskedUrl(str):
+    """A URL from the configuration. ``str()`` is the URL itself, for the code that uses it;
+    ``repr()`` (and ``check-config``, through the serializer below) masks the password of its
+    user information and every query value: either may be a secret."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return repr(mask_url(self))
+
+
+class MaskedValue(str):
+    """A secret-looking header value: ``str()`` is the value, ``repr()`` is ``'***'``."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return repr(MASK)
+
+
+def _mask_params(part: str) -> str:
+    pieces = []
+    for piece in part.split("&"):
+        name, eq, _ = piece.partition("=")
+        pieces.append(f"{name}={MASK}" if eq else (MASK if piece else ""))
+    return "&".join(pieces)
+
+
+def mask_url(url: str) -> str:
+    """``url`` with the password of its user information (a lone user name, which may be a
+    token, too) and every query and fragment value replaced by ``***``."""
+    try:
+        parts = urlsplit(str(url))
+    except ValueError:
+        return MASK
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        netloc = f"{user}:{MASK}@{hostport}" if colon else f"{MASK}@{hostport}"
+    return SplitResult(
+        parts.scheme,
+        netloc,
+        parts.path,
+        _mask_params(parts.query),
+        _mask_params(parts.fragment),
+    ).geturl()
+
+
+def _dump_url(url: str) -> str:
+    return mask_url(url)
+
+
+def _dump_headers(headers: dict[str, str]) -> dict[str, str]:
+    return {k: MASK if is_secret_name(k) else str(v) for k, v in headers.items()}
+
+
+def _parse_url(v: str, schemes: tuple[str, ...], wrong_scheme: str) -> SplitResult:
+    bad = bad_url_char(v)
+    if bad:
+        raise Problem(
+            (
+                "",
+                f"contains {bad}: no whitespace or control characters are allowed in a URL",
+                "remove it (percent-encode it if it is really part of the URL)",
+            )
+        )
+    try:
+        parts = urlsplit(v)
+        parts.port  # noqa: B018  # raises ValueError for a bad port
+    except ValueError:
+        raise Problem(("", "is not a valid URL", "use scheme://host[:port][/path]")) from None
+    if parts.scheme not in schemes or not v.lower().startswith(parts.scheme + "://"):
+        raise ValueError(wrong_scheme)
+    if not parts.hostname:
+        raise Problem(("", "has no host", "use scheme://host[:port][/path]"))
+    return parts
+
+
+def http_url(v: str) -> str:
+    _parse_url(v, _HTTP_SCHEMES, "must be an http:// or https:// URL")
+    return MaskedUrl(v)
+
+
+def _base_url(v: str) -> str:
+    return MaskedUrl(http_url(v).rstrip("/"))
+
+
+def _gateway_url(v: str) -> str:
+    _parse_url(
+        v,
+        _HTTP_SCHEMES,
+        "must start with https:// (the gateway URL of the portal's environment card)",
+    )
+    return MaskedUrl(v.rstrip("/"))
+
+
+def _proxy_url(v: str) -> str:
+    parts = _parse_url(
+        v,
+        _PROXY_SCHEMES,
+        "must be a proxy URL: http://, https://, socks5://, socks5h://, socks4:// or socks4a://",
+    )
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise Problem(("", "a proxy URL has no path, query or fragment", "use scheme://host:port"))
+    if parts.username is not None and parts.password is None:
+        raise Problem(
+            ("", "a user name without a password", "use scheme://user:password@host:port")
+        )
+    return MaskedUrl(v)
+
+
+def _check_headers(headers: dict[str, str]) -> dict[str, str]:
+    checked: dict[str, str] = {}
+    for name, value in headers.items():
+        if not _TOKEN.fullmatch(name):
+            raise Problem(
+                (
+                    "",
+                    f"header name {name!a} is not an HTTP field name",
+                    "use letters, digits and !#$%&'*+-.^_`|~ only (RFC 9110 token)",
+                )
+            )
+        bad = _bad_field_char(value)
+        if bad:
+            raise Problem(
+                (
+                    "",
+                    f"the value of header {name!r} contains {bad}",
+                    "remove it: a header value is visible ASCII and spaces only, "
+                    "never CR, LF, NUL or other control characters",
+                )
+            )
+        checked[name] = MaskedValue(value) if is_secret_name(name) else value
+    return checked
+
+
+def no_controls(v: SecretStr | str | None) -> Any:
+    """For values sent in an HTTP header (app key, bearer token, enterpriseId)."""
+    if v is None:
+        return v
+    text = v.get_secret_value() if isinstance(v, SecretStr) else v
+    bad = _bad_field_char(text)
+    if bad:
+        raise Problem(
+            (
+                "",
+                f"contains {bad}",
+                "remove it: it travels in an HTTP header (visible ASCII and spaces only)",
+            )
+        )
+    return v
+
+
+_URL_DUMP = PlainSerializer(_dump_url, return_type=str, when_used="json")
+# str() of these is the URL; repr() and check-config mask passwords and query values.
+HttpUrl = Annotated[str, AfterValidator(http_url), _URL_DUMP]
+BaseUrl = Annotated[str, AfterValidator(_base_url), _URL_DUMP]  # trailing "/" dropped
+GatewayUrl = Annotated[str, AfterValidator(_gateway_url), _URL_DUMP]  # trailing "/" dropped
+ProxyUrl = Annotated[str, AfterValidator(_proxy_url), _URL_DUMP]
+# Configured HTTP headers: checked names and values; secret-looking values masked.
+Headers = Annotated[
+    dict[str, str],
+    AfterValidator(_check_headers),
+    PlainSerializer(_dump_headers, return_type=dict[str, str], when_used="json"),
+]

@@ -1,0 +1,123 @@
+"""Every secret the settings hold, in every form it may travel in (raw, hashed, base64 of
+Basic credentials, percent-encoded): what the log redactor and the webhook sink mask."""
+
+from __future__ import annotations
+
+import base64
+import re
+from urllib.parse import quote, quote_plus, unquote, unquote_plus, urlsplit
+
+from ..core.protocol import key_hash
+from .fields import is_secret_name
+from .settings import PostgresSinkSettings, Settings, WebhookSinkSettings
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def _forms(raw: str) -> list[str]:
+    """``raw`` (as written in a URL) and its percent-decoded and percent-encoded forms."""
+    decoded, plus_decoded = unquote(raw), unquote_plus(raw)
+    return [
+        raw,
+        decoded,
+        plus_decoded,
+        quote(decoded, safe=""),
+        quote_plus(plus_decoded, safe=""),
+        quote(decoded, safe="!$&'()*+,;=:@/?~"),  # as a URL keeps it
+    ]
+
+
+def _params(part: str) -> list[str]:
+    """The values of ``a=1&b=2`` (and a bare ``token``), as written."""
+    values = []
+    for piece in part.split("&"):
+        name, eq, value = piece.partition("=")
+        values.append(value if eq else name)
+    return [v for v in values if v]
+
+
+def query_secret_values(*parts: str) -> list[str]:
+    """Every value of query strings (or fragments) like ``a=1&b=2``, in every form."""
+    return [form for part in parts for raw in _params(part) for form in _forms(raw)]
+
+
+def url_secret_values(url: str) -> list[str]:
+    """The secrets a URL may hold, in every form they may travel in: the password of its user
+    information (or a lone user name) raw, percent-decoded and re-encoded, the base64 of
+    ``user:password`` (Basic auth, as httpx and websockets send URL credentials), and every
+    query and fragment value."""
+    try:
+        parts = urlsplit(str(url))
+    except ValueError:
+        return [str(url)]
+    values: list[str] = []
+    if "@" in parts.netloc:
+        userinfo = parts.netloc.rpartition("@")[0]
+        raw_user, colon, raw_password = userinfo.partition(":")
+        values += _forms(raw_password if colon else raw_user)
+        values.append(_b64(f"{unquote(raw_user)}:{unquote(raw_password)}"))
+    return values + query_secret_values(parts.query, parts.fragment)
+
+
+def webhook_secret_values(sink: WebhookSinkSettings) -> list[str]:
+    """Every secret a webhook sink sends: the bearer token (and ``Bearer <token>``), the basic
+    password and its base64 form, secret-looking header values, and the URL's secrets."""
+    values: list[str] = []
+    if sink.token is not None:
+        token = sink.token.get_secret_value()
+        values += [token, f"Bearer {token}"]
+    if sink.password is not None:
+        password = sink.password.get_secret_value()
+        basic = _b64(f"{sink.username or ''}:{password}")
+        values += [password, basic, f"Basic {basic}"]
+    values += [str(v) for k, v in sink.headers.items() if is_secret_name(k)]
+    values += url_secret_values(sink.url)
+    return _unique(values)
+
+
+_DSN_PASSWORD = re.compile(r"""password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)""", re.IGNORECASE)
+
+
+def _dsn_secret_values(dsn: str) -> list[str]:
+    values = [dsn, *url_secret_values(dsn)] if "://" in dsn else [dsn]
+    for match in _DSN_PASSWORD.finditer(dsn):  # key=value form, or ?password= in a URL
+        raw = match.group(1)
+        values += [raw, raw.strip("'").replace("\\'", "'")]
+    return values
+
+
+def _unique(values: list[str]) -> list[str]:
+    return list(dict.fromkeys(v for v in values if v))
+
+
+def secret_values(settings: Settings) -> list[str]:
+    """Every secret string the settings hold, in every form we know it may appear in (for the
+    log redactor): app keys and their SHA-256 hex, client secrets and the base64 of
+    ``client_id:client_secret`` (Basic auth to the token endpoint), passwords (also
+    form-encoded), the secrets of every URL (:func:`url_secret_values`), the webhook's token,
+    password and secret headers, the PostgreSQL DSN and its password."""
+    values: list[str] = []
+    for s in settings.streams.values():
+        key = s.app_key.get_secret_value()
+        values += [key, key_hash(key)]
+        auth = s.auth
+        secret = auth.client_secret.get_secret_value()
+        values += [secret, _b64(f"{auth.client_id}:{secret}")]
+        if auth.password is not None:
+            password = auth.password.get_secret_value()
+            values += [password, quote_plus(password, safe=""), quote(password, safe="")]
+        for url in (s.gateway_url, s.auth.token_url, s.connection.proxy):
+            if url is not None:
+                values += url_secret_values(url)
+    # (Not the orchestration templates: their query values are API parameters, which the
+    # redactor would then mask in every log line.)
+    if settings.orchestration.base_url is not None:
+        values += url_secret_values(settings.orchestration.base_url)
+    sink = settings.sink
+    if isinstance(sink, WebhookSinkSettings):
+        values += webhook_secret_values(sink)
+    elif isinstance(sink, PostgresSinkSettings):
+        values += _dsn_secret_values(sink.dsn.get_secret_value())
+    return _unique(values)

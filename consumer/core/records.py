@@ -1,0 +1,104 @@
+"""The records of the state store: what a commit carries and what the store hands back.
+
+Plain values, shared by the pipeline and the committer that make them, the state stores that
+persist them (SQLite, PostgreSQL), the sinks that stage rows into a commit, and the operator
+commands that read them back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from .evidence import Evidence
+from .watermark import Position
+
+
+@dataclass(frozen=True, slots=True)
+class Staged:
+    """Rows a sink asks to be written inside the checkpoint's own transaction (a table in the
+    state store's database): ``statement`` in that database's dialect, run once per row."""
+
+    statement: str
+    rows: list[tuple[Any, ...]]
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    stream: str
+    offset: str
+    unique_event_id: str
+    updated_at: float
+    processed_count: int
+    last_event_at: float | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeadLetter:
+    stream: str
+    reason: str  # a short class: "malformed", "sink_rejected", ...
+    error: str
+    payload: str  # the raw frame text or the event JSON: at most PAYLOAD_LIMIT characters
+    offset: str | None = None
+    unique_event_id: str | None = None
+    event_name: str | None = None
+    primary_key: str | None = None
+    # Of the complete original, of which ``payload`` may be a prefix (None: payload is whole).
+    payload_size: int | None = None
+    payload_sha256: str | None = None
+
+    @classmethod
+    def of(cls, evidence: Evidence, **fields: Any) -> DeadLetter:
+        return cls(
+            payload=evidence.text,
+            payload_size=evidence.size,
+            payload_sha256=evidence.sha256,
+            **fields,
+        )
+
+    @property
+    def dedup_key(self) -> str:
+        # The same event (or the same malformed frame, replayed) counts as another attempt.
+        digest = self.payload_sha256 or hashlib.sha256(self.payload.encode()).hexdigest()
+        return self.unique_event_id or "sha256:" + digest
+
+
+@dataclass(slots=True)
+class CommitBatch:
+    checkpoints: dict[str, Position] = field(default_factory=dict)
+    processed: dict[str, list[str]] = field(default_factory=dict)  # stream -> event ids
+    done_counts: dict[str, int] = field(default_factory=dict)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    sink_state: tuple[str, str] | None = None
+    # Rows a sink wants written in this very transaction (see Sink.staged).
+    staged: list[Staged] = field(default_factory=list)
+    resolved: list[int] = field(default_factory=list)  # dead letters delivered by a replay
+
+    def __bool__(self) -> bool:
+        return bool(
+            self.checkpoints
+            or self.processed
+            or self.dead_letters
+            or self.sink_state
+            or self.staged
+            or self.resolved
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterRow:
+    id: int
+    stream: str
+    offset: str | None
+    unique_event_id: str | None
+    event_name: str | None
+    primary_key: str | None
+    reason: str
+    error: str
+    payload: str
+    attempts: int
+    first_at: float
+    last_at: float
+    payload_size: int | None
+    payload_sha256: str | None

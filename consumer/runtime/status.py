@@ -1,0 +1,49 @@
+"""A read-only view of a running daemon, for whoever reports on it (metrics, readiness,
+systemd's STATUS=): snapshots taken on the event loop, so they never see a half-made change."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..core.watermark import Position
+from .stream import StreamState
+
+
+@dataclass(frozen=True, slots=True)
+class StreamStatus:
+    name: str
+    state: StreamState
+    last_close: str
+    received: int
+    delivered: int
+    duplicates: int
+    dead_lettered: int
+    ignored: int
+    malformed: int
+    connections: int
+    token_fetches: int
+    closes: Mapping[str, int]  # close code ("4409", "http_429"...) -> sessions ended so
+    in_flight: int
+    position: Position | None  # newest done: where a new session resumes
+    checkpoint_moved_at: float | None  # monotonic
+    last_event_at: float | None  # monotonic
+    srtt_s: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class CommitStatus:
+    failures: int  # consecutive failed commits
+    failing_since: float | None  # monotonic
+    busy_since: float | None  # monotonic start of the commit under way
+
+
+class StatusSource(Protocol):
+    def stream_statuses(self) -> list[StreamStatus]: ...
+
+    def commit_status(self) -> CommitStatus: ...
+
+    def sink_counters(self) -> dict[str, float]:
+        """The sink's own figures (e.g. orchestration GETs), by metric name."""
+        ...

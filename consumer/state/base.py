@@ -1,0 +1,76 @@
+"""The state store's interface: what the daemon, the committer and the operator commands need
+of whatever keeps checkpoints, processed ids, dead letters and sink state.
+
+Async throughout, so that a network database (PostgreSQL, for a fleet) fits behind it; the
+SQLite store answers the two hot lookups (``seen``, ``has_dead_letters``) without leaving the
+event loop's thread. Failures are :class:`~consumer.errors.StoreError` (``retriable`` when
+they may clear by themselves); the backends translate their drivers' errors where they enter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from ..core.records import Checkpoint, CommitBatch, DeadLetterRow
+from ..core.watermark import Position
+
+
+class StateStore(Protocol):
+    # --- the daemon's reads --------------------------------------------------------------------
+
+    async def checkpoint(self, stream: str) -> Checkpoint | None: ...
+
+    async def start_override(self, stream: str) -> str | None:
+        """ "highest" when an operator asked the stream to skip its backlog, else None."""
+        ...
+
+    async def sink_state(self, sink: str) -> str | None: ...
+
+    async def seen(self, stream: str, event_ids: Sequence[str]) -> set[str]:
+        """Which of these ids were already processed (committed) for this stream."""
+        ...
+
+    async def parked_keys(self, stream: str) -> dict[str, str]:
+        """Resources with dead letters -> the id of the oldest (park-key)."""
+        ...
+
+    async def has_dead_letters(self, stream: str, primary_key: str) -> bool: ...
+
+    # --- the committer's writes ----------------------------------------------------------------
+
+    async def commit(self, batch: CommitBatch, now: float | None = None) -> None:
+        """Everything in ``batch`` becomes durable together, or not at all."""
+        ...
+
+    async def anchor(self, stream: str, position: Position) -> None:
+        """Create the stream's checkpoint if it has none (never moves an existing one)."""
+        ...
+
+    async def prune_processed(self, older_than: float) -> int: ...
+
+    # --- operators (status, dlq, offset, sink adopt) -------------------------------------------
+
+    async def checkpoints(self) -> list[Checkpoint]: ...
+
+    async def dead_letter_counts(self) -> dict[str, int]: ...
+
+    async def dead_letters(
+        self,
+        stream: str | None = None,
+        *,
+        reason: str | None = None,
+        since: float | None = None,
+        before: float | None = None,
+        ids: Sequence[int] | None = None,
+    ) -> list[DeadLetterRow]: ...
+
+    async def purge_dead_letters(self, ids: Sequence[int]) -> int: ...
+
+    async def set_offset(self, stream: str, offset: str) -> None: ...
+
+    async def reset_to_highest(self, stream: str) -> None: ...
+
+    async def set_sink_state(self, sink: str, state: str) -> None: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,233 @@
+"""The ``dlq list | show | replay | purge`` commands against a real state store, and a replay
+while a daemon holds its lease (Issue #10 item 7: split out of test_operator_tools.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import pysink
+import pytest
+from operator_support import (
+    PYSINK,
+    cli,
+    dead_letters,
+    off,
+    processed_ids,
+    settled,
+    uid,
+    write_config,
+)
+from support import running, wait_until
+
+from consumer.commands.dlq import LIST_COLUMNS
+from consumer.config import load_settings
+from consumer.state import Lease, holder
+
+pytestmark = pytest.mark.usefixtures("fresh_pysink", "contained_logging")
+MALFORMED = (
+    '{"type":"next","id":"x","payload":{"data":{"newEvent":{"moduleName":"R"}}}}',
+    "{not json",
+)
+
+
+async def test_dlq_commands(sandbox_factory, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    gw = await sandbox_factory(backlog=100, chains=("DEMO", "OTHER"))
+    demo, other = gw.events("DEMO"), gw.events("OTHER")
+    for raw in MALFORMED:
+        gw.inject_malformed("DEMO", raw)
+    r10, r40, o20 = demo[10], demo[40], other[20]
+    pysink.REJECT_IDS.update({uid(r10), uid(r40), uid(o20)})
+    streams = {"main": "DEMO", "other": "OTHER"}
+    py_cfg = write_config(tmp_path, gw.url, sink=PYSINK, streams=streams)
+    jsonl = tmp_path / "events.jsonl"
+    jsonl_cfg = write_config(
+        tmp_path, gw.url, sink={"type": "jsonl", "path": jsonl}, streams=streams, name="j.toml"
+    )
+    state = tmp_path / "state.db"
+    async with running(load_settings(py_cfg)) as daemon:
+        await wait_until(settled(daemon, "main", len(demo) + len(MALFORMED)))
+        await wait_until(settled(daemon, "other", len(other)))
+
+    rows = await dead_letters(state)
+    assert len(rows) == 5
+    by_uid = {r.unique_event_id: r for r in rows if r.unique_event_id}
+    malformed = {r.payload: r for r in rows if r.reason == "malformed"}
+    assert set(by_uid) == {uid(r10), uid(r40), uid(o20)}
+    assert set(malformed) == set(MALFORMED)
+    m1, m2 = malformed[MALFORMED[0]], malformed[MALFORMED[1]]
+    all_ids = {r.id for r in rows}
+
+    async def listed(*args: str) -> list[dict[str, Any]]:
+        code, out, err = await cli(capsys, "dlq", "list", "--json", *args, "--config", str(py_cfg))
+        assert code == 0, err
+        result: list[dict[str, Any]] = json.loads(out)
+        return result
+
+    # list: a table for people
+    code, out, err = await cli(capsys, "dlq", "list", "--config", str(py_cfg))
+    assert code == 0, err
+    header, *lines = out.splitlines()
+    assert header.split() == list(LIST_COLUMNS)
+    cells = [line.split() for line in lines]
+    assert all(len(c) == len(LIST_COLUMNS) for c in cells)
+    assert {int(c[0]) for c in cells} == all_ids
+    row10 = next(c for c in cells if int(c[0]) == by_uid[uid(r10)].id)
+    assert row10[1:7] == [
+        "main",
+        "sink_rejected",
+        r10["eventName"].replace(" ", "_"),
+        r10["primaryKey"],
+        off(r10),
+        "1",
+    ]
+    # list --json and the filters
+    everything = await listed()
+    assert [d["id"] for d in everything] == sorted(all_ids)  # oldest first
+    d10 = next(d for d in everything if d["unique_event_id"] == uid(r10))
+    assert d10["stream"] == "main" and d10["reason"] == "sink_rejected"
+    assert (d10["primary_key"], d10["offset"], d10["attempts"]) == (r10["primaryKey"], off(r10), 1)
+    assert d10["first_at"] and d10["last_at"]
+    assert [d["unique_event_id"] for d in await listed("--stream", "other")] == [uid(o20)]
+    assert {d["id"] for d in await listed("--reason", "malformed")} == {m1.id, m2.id}
+    assert {
+        d["unique_event_id"] for d in await listed("--stream", "main", "--reason", "sink_rejected")
+    } == {uid(r10), uid(r40)}
+    assert await listed("--stream", "nope") == []
+
+    # show: the whole error and the payload
+    code, out, err = await cli(
+        capsys, "dlq", "show", str(by_uid[uid(r10)].id), "--json", "--config", str(py_cfg)
+    )
+    assert code == 0, err
+    shown = json.loads(out)
+    assert shown["payload"] == r10
+    assert shown["error"] == f"Rejected: rejected by the test sink: {uid(r10)}"
+    assert (shown["reason"], shown["stream"]) == ("sink_rejected", "main")
+    code, out, err = await cli(capsys, "dlq", "show", str(m2.id), "--json", "--config", str(py_cfg))
+    assert code == 0, err
+    shown = json.loads(out)
+    assert shown["payload"] == MALFORMED[1]  # not JSON: its raw text
+    assert shown["reason"] == "malformed" and shown["error"]
+    # for people: one "key  value" line each, then the payload as received
+    code, out, err = await cli(capsys, "dlq", "show", str(m2.id), "--config", str(py_cfg))
+    assert code == 0, err
+    lines = out.splitlines()
+    assert any(line.split() == ["reason", "malformed"] for line in lines)
+    assert lines[lines.index("payload:") + 1 :] == MALFORMED[1].splitlines()
+    code, _, err = await cli(capsys, "dlq", "show", "999999", "--config", str(py_cfg))
+    assert code == 1 and "999999" in err
+
+    # --since, with one dead letter two days old
+    old = time.time() - 2 * 86400
+    with contextlib.closing(sqlite3.connect(state)) as conn, conn:
+        conn.execute(
+            "UPDATE dead_letters SET first_at = ?, last_at = ? WHERE id = ?", (old, old, m1.id)
+        )
+    assert {d["id"] for d in await listed("--since", "1d")} == all_ids - {m1.id}
+    assert {d["id"] for d in await listed("--since", "2000-01-01")} == all_ids
+    assert await listed("--since", "2099-01-01") == []
+    code, _, err = await cli(capsys, "dlq", "list", "--since", "soon", "--config", str(py_cfg))
+    assert code == 2 and "soon" in err
+
+    # a malformed frame cannot be replayed (the dry run says so, and fails)
+    code, out, err = await cli(
+        capsys, "dlq", "replay", str(m2.id), "--dry-run", "--json", "--config", str(py_cfg)
+    )
+    assert code == 1
+    [planned] = json.loads(out)
+    assert (planned["id"], planned["result"]) == (m2.id, "skipped")
+    assert "malformed" in planned["detail"]
+
+    # replay / purge need IDs or --all
+    for action in ("purge", "replay"):
+        code, _, err = await cli(capsys, "dlq", action, "--config", str(py_cfg))
+        assert code == 2 and "--all" in err
+    assert {r.id for r in await dead_letters(state)} == all_ids
+
+    # purge --dry-run, then purge by age, then by ID
+    code, out, err = await cli(
+        capsys,
+        "dlq",
+        "purge",
+        "--before",
+        "1d",
+        "--all",
+        "--dry-run",
+        "--json",
+        "--config",
+        str(py_cfg),
+    )
+    assert code == 0, err
+    assert [d["id"] for d in json.loads(out)] == [m1.id]
+    assert "would purge 1" in err
+    assert {r.id for r in await dead_letters(state)} == all_ids
+    code, _, err = await cli(
+        capsys, "dlq", "purge", "--before", "1d", "--all", "--config", str(py_cfg)
+    )
+    assert code == 0, err
+    assert "purged 1" in err
+    assert {r.id for r in await dead_letters(state)} == all_ids - {m1.id}
+    code, _, err = await cli(capsys, "dlq", "purge", str(m2.id), "999999", "--config", str(py_cfg))
+    assert code == 1  # one of the IDs does not exist; the other is purged
+    assert "999999" in err and "purged 1" in err
+    left = {by_uid[uid(r10)].id, by_uid[uid(r40)].id, by_uid[uid(o20)].id}
+    assert {r.id for r in await dead_letters(state)} == left
+
+    # replay --dry-run: the plan, nothing changes
+    snapshot = [(r.id, r.attempts, r.last_at) for r in await dead_letters(state)]
+    processed = processed_ids(state) | processed_ids(state, "other")
+    code, out, err = await cli(
+        capsys, "dlq", "replay", "--all", "--dry-run", "--json", "--config", str(jsonl_cfg)
+    )
+    assert code == 0, err
+    assert {(o["id"], o["result"]) for o in json.loads(out)} == {(i, "would deliver") for i in left}
+    assert [(r.id, r.attempts, r.last_at) for r in await dead_letters(state)] == snapshot
+    assert processed_ids(state) | processed_ids(state, "other") == processed
+    assert not jsonl.exists() or jsonl.stat().st_size == 0
+
+    # While a daemon holds the state store: the jsonl sink (one writer) is refused...
+    pysink.REJECT_IDS.clear()
+    lease = Lease.acquire(state, ["main"])
+    try:
+        code, _, err = await cli(
+            capsys, "dlq", "replay", "--all", "--stream", "main", "--config", str(jsonl_cfg)
+        )
+        assert code == 1
+        assert f"pid {os.getpid()}" in err and "jsonl" in err
+        assert [(r.id, r.attempts, r.last_at) for r in await dead_letters(state)] == snapshot
+        assert not jsonl.exists() or jsonl.stat().st_size == 0
+        # ... a dry run is not, nor is a sink with many writers (python).
+        code, _, err = await cli(
+            capsys, "dlq", "replay", "--all", "--dry-run", "--config", str(jsonl_cfg)
+        )
+        assert code == 0, err
+        code, out, err = await cli(
+            capsys, "dlq", "replay", str(by_uid[uid(o20)].id), "--json", "--config", str(py_cfg)
+        )
+        assert code == 0, err
+        assert [o["result"] for o in json.loads(out)] == ["delivered"]
+        assert pysink.DELIVERED[-1] == ("other", uid(o20), o20["primaryKey"])
+    finally:
+        lease.release()
+
+    # ... and works once nobody holds it.
+    code, out, err = await cli(
+        capsys, "dlq", "replay", "--all", "--json", "--config", str(jsonl_cfg)
+    )
+    assert code == 0, err
+    assert {(o["unique_event_id"], o["result"]) for o in json.loads(out)} == {
+        (uid(r10), "delivered"),
+        (uid(r40), "delivered"),
+    }
+    lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert sorted(lines, key=off) == [r10, r40]
+    assert await dead_letters(state) == []
+    assert {uid(r10), uid(r40)} <= processed_ids(state)
+    assert uid(o20) in processed_ids(state, "other")
+    assert holder(state) is None  # the replay's own lease is gone
