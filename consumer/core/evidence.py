@@ -30,10 +30,6 @@ class Evidence:
     size: int  # bytes of the complete original
     sha256: str  # hex digest of the complete original bytes
 
-    @property
-    def truncated(self) -> bool:
-        return len(self.text.encode("utf-8", "surrogatepass")) < self.size
-
 
 def to_bytes(data: bytes | str) -> bytes:
     return data if isinstance(data, bytes) else data.encode("utf-8", "surrogatepass")

@@ -267,12 +267,8 @@ def event_from_raw(ev: Any, frame: bytes | str = b"") -> Event | None:
         or len(event_id) > MAX_FIELD_CHARS
     ):
         return None
-    primary_key = ev.get("primaryKey")
-    hotel_id = ev.get("hotelId")
-    timestamp = ev.get("timestamp")
-    event_name = ev.get("eventName")
-    module_name = ev.get("moduleName")
-    for value in (primary_key, hotel_id, timestamp, event_name, module_name):
+    event_name, module_name, primary_key, hotel_id, timestamp = (ev.get(f) for f in _HEADER_FIELDS)
+    for value in (event_name, module_name, primary_key, hotel_id, timestamp):
         if type(value) is str and len(value) > MAX_FIELD_CHARS:
             return None
     return Event(
@@ -310,14 +306,11 @@ def _what_is_wrong(msg: dict[str, Any]) -> str:
         )
     if not isinstance(event_id, str) or not event_id:
         return "event without a string metadata.uniqueEventId"
-    for name, value in (("metadata.uniqueEventId", event_id), *_header_items(ev)):
+    fields = [("metadata.uniqueEventId", event_id), *((f, ev.get(f)) for f in _HEADER_FIELDS)]
+    for name, value in fields:
         if isinstance(value, str) and len(value) > MAX_FIELD_CHARS:
             return f"{name} is {len(value)} characters long (at most {MAX_FIELD_CHARS})"
     return "unusable next frame"
-
-
-def _header_items(ev: dict[str, Any]) -> list[tuple[str, Any]]:
-    return [(name, ev.get(name)) for name in _HEADER_FIELDS]
 
 
 def _id(msg: dict[str, Any]) -> str:

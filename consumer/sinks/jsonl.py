@@ -170,8 +170,3 @@ class JsonlSink:
 
 def _identity(st: os.stat_result) -> tuple[int, int]:
     return (st.st_dev, st.st_ino)
-
-
-def adopt(path: Path) -> int:
-    """The length to record as committed for an existing file: its size now."""
-    return path.stat().st_size if path.exists() else 0
