@@ -26,7 +26,6 @@ translated into these where they enter: the state store, the sinks, the token pr
 from __future__ import annotations
 
 import enum
-from pathlib import Path
 from typing import Any
 
 
@@ -69,11 +68,17 @@ class SessionError(OperaConsumerError):
 
 
 class LeaseHeld(OperaConsumerError):
-    def __init__(self, path: Path, holder: dict[str, Any] | None) -> None:
-        who = f"pid {holder.get('pid')}" if holder else "another process"
+    """``where``: the state store as the operator knows it (a file, or a schema on a server)."""
+
+    def __init__(self, where: str, holder: dict[str, Any] | None) -> None:
+        who = "another process"
+        if holder:
+            who = f"pid {holder.get('pid')}"
+            if holder.get("host"):
+                who += f" on {holder['host']}"
         super().__init__(
-            f"{who} holds the state store {path.with_suffix('')} ({path} is locked): "
-            "stop that opera-consumer first, or give this one its own [state] path"
+            f"{who} holds the state store {where}: stop that opera-consumer first, or give "
+            "this one its own state store ([state] path, or schema)"
         )
         self.holder = holder
 

@@ -42,7 +42,7 @@ from ..logs import configure
 from ..runtime.assembly import build_sink, http_client, register_secrets
 from ..runtime.committer import Committer
 from ..sinks.base import Sink
-from ..state import Lease, holder, open_store
+from ..state import acquire, current_holder, open_store
 from .output import emit, iso, no_store, parse_when
 
 log = structlog.get_logger(__name__)
@@ -104,7 +104,7 @@ async def replay(
 ) -> list[Outcome]:
     """Re-deliver ``rows`` (in id order) through the configured sink."""
     st = settings.state
-    running = holder(st.path)
+    running = await current_holder(st)
     if not dry_run and running is not None and isinstance(settings.sink, JsonlSinkSettings):
         raise ReplayRefused(
             f"the jsonl sink has one writer and a daemon (pid {running.get('pid')}) is running: "
@@ -119,7 +119,7 @@ async def replay(
     outcomes: list[Outcome] = []
     failed_keys: set[tuple[str, str]] = set()
     # While we replay into a single-writer sink, keep a daemon from starting.
-    lease = Lease.acquire(st.path, (), role="dlq-replay") if running is None else None
+    held = await acquire(st, (), role="dlq-replay") if running is None else None
     try:
         store = await open_store(st)
         http = http_client(settings)
@@ -139,8 +139,8 @@ async def replay(
             await http.aclose()
             await store.close()
     finally:
-        if lease is not None:
-            lease.release()
+        if held is not None:
+            await held.release()
     return outcomes
 
 

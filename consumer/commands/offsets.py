@@ -21,7 +21,7 @@ from typing import Any
 from ..config import Settings
 from ..core.protocol import SubscribeInput
 from ..errors import ExitCode, InvalidInput, LeaseHeld, OffsetRefused, OperatorRefused
-from ..state import Lease, holder, open_store
+from ..state import acquire, current_holder, open_store
 from .output import emit, iso, no_store
 
 
@@ -80,7 +80,7 @@ async def plan(settings: Settings, stream: str, new: str) -> Plan:
             SubscribeInput(chain_code="X", offset=new).validate()
         except InvalidInput as exc:
             raise OffsetRefused(f"offset {new!r}: {exc}") from None
-    running = holder(settings.state.path)
+    running = await current_holder(settings.state)
     if running is not None and stream in running.get("streams", [stream]):
         raise OffsetRefused(
             f"a running opera-consumer (pid {running.get('pid')}) holds stream {stream}: "
@@ -100,7 +100,7 @@ async def plan(settings: Settings, stream: str, new: str) -> Plan:
 
 
 async def execute(settings: Settings, p: Plan) -> None:
-    lease = Lease.acquire(settings.state.path, (p.stream,), role="offset")
+    held = await acquire(settings.state, (p.stream,), role="offset")
     try:
         store = await open_store(settings.state)
         try:
@@ -111,7 +111,7 @@ async def execute(settings: Settings, p: Plan) -> None:
         finally:
             await store.close()
     finally:
-        lease.release()
+        await held.release()
 
 
 async def command(settings: Settings, args: argparse.Namespace) -> int:

@@ -181,7 +181,13 @@ async def _local(checks: _Checks, settings: Settings) -> None:
     try:
         store = await open_store(settings.state)
         await store.close()
-        add("PASS", "-", "state store", f"{settings.state.path} writable")
+        st = settings.state
+        where = (
+            f"{st.path} writable"
+            if st.backend == "sqlite"
+            else "PostgreSQL reachable, schema ready"
+        )
+        add("PASS", "-", "state store", where)
     except StoreError as exc:
         add("FAIL", "-", "state store", str(exc))
     await _sink(checks, settings)

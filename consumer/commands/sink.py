@@ -12,7 +12,7 @@ import sys
 
 from ..config import JsonlSinkSettings, Settings
 from ..errors import ExitCode, LeaseHeld, OperatorRefused
-from ..state import Lease, open_store
+from ..state import acquire, open_store
 
 
 async def adopt(settings: Settings, *, execute: bool) -> int:
@@ -26,7 +26,7 @@ async def adopt(settings: Settings, *, execute: bool) -> int:
         print("plan only: nothing changed (add --execute to apply it)", file=sys.stderr)
         return ExitCode.OK
     try:
-        lease = Lease.acquire(state, (), role="sink-adopt")
+        held = await acquire(settings.state, (), role="sink-adopt")
     except LeaseHeld as exc:
         raise OperatorRefused(str(exc)) from None
     try:
@@ -36,6 +36,6 @@ async def adopt(settings: Settings, *, execute: bool) -> int:
         finally:
             await store.close()
     finally:
-        lease.release()
+        await held.release()
     print(f"done: the daemon resumes appending to {path} at byte {size}", file=sys.stderr)
     return ExitCode.OK

@@ -97,7 +97,8 @@ def secret_values(settings: Settings) -> list[str]:
     log redactor): app keys and their SHA-256 hex, client secrets and the base64 of
     ``client_id:client_secret`` (Basic auth to the token endpoint), passwords (also
     form-encoded), the secrets of every URL (:func:`url_secret_values`), the webhook's token,
-    password and secret headers, the PostgreSQL DSN and its password."""
+    password and secret headers, the PostgreSQL DSNs (the sink's, the state store's) and their
+    passwords."""
     values: list[str] = []
     for s in settings.streams.values():
         key = s.app_key.get_secret_value()
@@ -120,4 +121,6 @@ def secret_values(settings: Settings) -> list[str]:
         values += webhook_secret_values(sink)
     elif isinstance(sink, PostgresSinkSettings):
         values += _dsn_secret_values(sink.dsn.get_secret_value())
+    if settings.state.dsn is not None:  # the PostgreSQL state store's
+        values += _dsn_secret_values(settings.state.dsn.get_secret_value())
     return _unique(values)

@@ -179,13 +179,90 @@ class StreamSettings(_Model):
 
 
 class StateSettings(_Model):
+    # ``schema`` is a (deprecated) method of pydantic's BaseModel: the field is ``schema_``,
+    # read and shown as ``schema``.
+    model_config = ConfigDict(extra="forbid", frozen=True, serialize_by_alias=True)
+
+    # Where the state lives: "sqlite" (a file beside the daemon, the default) or "postgres"
+    # (a schema in a PostgreSQL database; dsn required).
+    backend: Literal["sqlite", "postgres"] = "sqlite"
+    # The SQLite file; with backend = "postgres" still the place of the lease (``<path>.lock``).
     path: Path = Path("opera-consumer.db")
-    # FULL survives power loss; NORMAL survives any process crash and is a bit faster.
+    # FULL survives power loss; NORMAL survives any process crash and is a bit faster (SQLite).
     synchronous: Literal["normal", "full"] = "full"
     commit_max_events: int = Field(default=500, ge=1)
     commit_interval_ms: int = Field(default=100, ge=1)
     processed_retention_days: float = Field(default=8.0, gt=0)  # OHIP keeps 7 days; +1 margin
     prune_interval_s: float = Field(default=3600.0, gt=0)
+    # PostgreSQL only. dsn: postgresql://user:password@host:5432/db (a secret: it may hold a
+    # password; OPERA_CONSUMER_STATE__DSN or a secret file state__dsn).
+    dsn: SecretStr | None = None
+    schema_: str = Field(default="opera_consumer", alias="schema")  # created if missing
+    pool_min: int = Field(default=1, ge=1)
+    pool_max: int = Field(default=4, ge=1)
+    timeout_s: float = Field(default=10.0, gt=0)  # connect, and each statement
+
+    @field_validator("schema_")
+    @classmethod
+    def _schema(cls, v: str) -> str:
+        if not _IDENTIFIER.fullmatch(v):
+            raise Problem(
+                (
+                    "",
+                    "is not an SQL identifier",
+                    "use letters, digits and '_' (at most 63), e.g. 'opera_consumer'",
+                )
+            )
+        if v.lower().startswith("pg_"):
+            raise Problem(
+                ("", "names starting with 'pg_' are reserved by PostgreSQL", "choose another")
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _backend_fields(self) -> StateSettings:
+        if self.backend == "postgres":
+            problems: list[tuple[str, str, str]] = []
+            if self.dsn is None:
+                problems.append(
+                    (
+                        "dsn",
+                        "backend = 'postgres' needs dsn (a secret)",
+                        "set OPERA_CONSUMER_STATE__DSN, or put it in a file named state__dsn "
+                        "in $CREDENTIALS_DIRECTORY or /run/secrets, or set dsn in [state] "
+                        '(postgresql://user:password@host:5432/db), or use backend = "sqlite"',
+                    )
+                )
+            if self.pool_min > self.pool_max:
+                problems.append(
+                    (
+                        "pool_min",
+                        f"is above pool_max ({self.pool_min} > {self.pool_max})",
+                        "lower pool_min or raise pool_max",
+                    )
+                )
+            if problems:
+                raise Problem(*problems)
+            return self
+        # Keys of the PostgreSQL store with the SQLite one: a forgotten backend = "postgres"
+        # would otherwise keep the state in a local file without a word.
+        ignored = sorted(
+            ("schema" if name == "schema_" else name)
+            for name in self.model_fields_set
+            & {"dsn", "schema_", "pool_min", "pool_max", "timeout_s"}
+        )
+        if ignored:
+            raise Problem(
+                *(
+                    (
+                        name,
+                        "applies to backend = 'postgres' only, and backend is 'sqlite'",
+                        f'set backend = "postgres" to use it, or remove {name}',
+                    )
+                    for name in ignored
+                )
+            )
+        return self
 
 
 class JsonlSinkSettings(_Model):
@@ -471,6 +548,26 @@ class Settings(BaseSettings):
             if not name or not all(c.isalnum() or c in "-_" for c in name):
                 raise ValueError(f"stream name {name!r}: use letters, digits, '-' and '_'")
         return v
+
+    @model_validator(mode="after")
+    def _sink_in_the_store(self) -> Settings:
+        """A sqlite sink without a file of its own writes into the state store's SQLite file:
+        there is none when the state lives in PostgreSQL."""
+        sink = self.sink
+        if (
+            isinstance(sink, SqliteSinkSettings)
+            and self.state.backend == "postgres"
+            and (sink.path is None or sink.path == self.state.path)
+        ):
+            raise Problem(
+                (
+                    "sink.path",
+                    "a sqlite sink without a file of its own writes into the state store, "
+                    "which is PostgreSQL here",
+                    'set sink.path to a file for the events, or use type = "postgres"',
+                )
+            )
+        return self
 
     @model_validator(mode="after")
     def _transport(self) -> Settings:

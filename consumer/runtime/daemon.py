@@ -29,7 +29,7 @@ from ..core.evidence import describe, shown
 from ..core.upgrade_budget import UpgradeBudget
 from ..errors import ConfigError, ExitCode, SinkUnusable, StoreError, StreamStopped
 from ..sinks.base import Sink
-from ..state import Lease, open_store
+from ..state import lease, open_store
 from ..state.base import StateStore
 from . import systemd
 from .assembly import build_sink, http_client, register_secrets
@@ -76,7 +76,7 @@ class Daemon:
         st = settings.state
         # One daemon per state store: a second one would fight over the checkpoints (and
         # OHIP would lock one of them out with 4409 anyway).
-        resources.callback(Lease.acquire(st.path, settings.streams).release)
+        resources.push_async_callback((await lease.acquire(st, settings.streams)).release)
         store = await open_store(st)
         resources.push_async_callback(store.close)
         http = http_client(settings)

@@ -29,7 +29,6 @@ import hashlib
 import time
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import parse_qsl, unquote
 
 import asyncpg
 import structlog
@@ -37,6 +36,7 @@ import structlog
 from ..config import PostgresSinkSettings
 from ..core.events import Event
 from ..errors import ConfigError, PermanentSinkError, TransientSinkError
+from ..pg_target import Target
 from .base import PlainSink
 from .rows import COLUMNS, row
 
@@ -57,7 +57,6 @@ _TYPES: dict[str, str] = {
     "written_at": "DOUBLE PRECISION NOT NULL",
 }
 _JSON = frozenset({"detail", "resource"})
-_MAX_MESSAGE = 300  # of a server's error text in our messages (it may quote event data)
 
 # SQLSTATE classes that concern one event's data: 22 data exception, 23 integrity violation.
 _PERMANENT_CLASSES = ("22", "23")
@@ -103,43 +102,13 @@ def upsert_sql(table: str) -> str:
     )
 
 
-class _Target:
-    """What may be said about a DSN: host, port, database; and what must never be."""
-
-    def __init__(self, dsn: str) -> None:
-        self.secrets = {dsn}
-        rest = dsn.partition("://")[2]
-        # The last '@' ends the user info even if a password holds '/', '?' or '#'.
-        userinfo, at, hostpart = rest.rpartition("@")
-        if not at:
-            hostpart = rest
-        password = userinfo.partition(":")[2]
-        hostpart, _, query = hostpart.partition("?")
-        netloc, _, database = hostpart.partition("/")
-        params = dict(parse_qsl(query, keep_blank_values=True))
-        for pw in (password, params.get("password", "")):
-            if pw:
-                self.secrets |= {pw, unquote(pw)}
-        # host[:port] as written (no user info), or the libpq-style ?host= parameter.
-        server = netloc or params.get("host", "")
-        if not netloc and params.get("port"):
-            server += f":{params['port']}"
-        self.where = f"{server or 'localhost'}/{unquote(database) or '?'}"
-
-    def scrub(self, text: str) -> str:
-        for secret in sorted(self.secrets, key=len, reverse=True):
-            if len(secret) >= 3:
-                text = text.replace(secret, "***")
-        return text
-
-
 class PostgresSink(PlainSink):
     name = "postgres"
 
     def __init__(self, settings: PostgresSinkSettings) -> None:
         self.settings = settings
         self.table = settings.table
-        self._target = _Target(settings.dsn.get_secret_value())
+        self._target = Target(settings.dsn.get_secret_value())
         self._pool: Any = None  # asyncpg.Pool (untyped)
         self._upsert = upsert_sql(self.table)
 
@@ -147,10 +116,7 @@ class PostgresSink(PlainSink):
         return f"PostgresSink(table={self.table!r}, server={self._target.where!r})"
 
     def _describe(self, exc: BaseException) -> str:
-        text = str(exc).strip() or type(exc).__name__
-        if len(text) > _MAX_MESSAGE:
-            text = text[:_MAX_MESSAGE] + "…"
-        return self._target.scrub(f"{text} ({type(exc).__name__})")
+        return self._target.describe(exc)
 
     async def open(self, committed: str | None) -> None:
         s = self.settings

@@ -1,8 +1,10 @@
-"""The daemon's lease on its state store: an exclusive ``flock`` on ``<state>.lock``.
+"""The daemon's lease on its state store: one process at a time.
 
-The kernel drops the lock when the process dies (even by ``kill -9``), so a stale lease is
-impossible. The file names the holder (pid, streams) for the CLI, which refuses to change
-offsets of a stream a running daemon holds, and takes the lease itself while it changes them.
+SQLite: an exclusive ``flock`` on ``<state>.lock``. The kernel drops the lock when the process
+dies (even by ``kill -9``), so a stale lease is impossible. The file names the holder (pid,
+streams) for the CLI, which refuses to change offsets of a stream a running daemon holds, and
+takes the lease itself while it changes them. PostgreSQL: a session advisory lock (see
+:class:`~consumer.state.postgres.PostgresLease`), which the server drops with the connection.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from ..config import StateSettings
 from ..errors import LeaseHeld
+from .postgres import PostgresLease
 from .sqlite import store_error
 
 
@@ -40,7 +44,7 @@ class Lease:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise LeaseHeld(path, holder(state_path)) from None
+            raise LeaseHeld(f"{state_path} ({path} is locked)", holder(state_path)) from None
         info = {"pid": os.getpid(), "role": role, "streams": sorted(streams), "since": time.time()}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
@@ -72,3 +76,34 @@ def holder(state_path: Path) -> dict[str, Any] | None:
         return None  # we got it: nobody holds it
     finally:
         os.close(fd)
+
+
+# --- the lease of either backend -----------------------------------------------------------------
+
+
+class Held(Protocol):
+    async def release(self) -> None: ...
+
+
+class _FileHeld:
+    def __init__(self, lease: Lease) -> None:
+        self._lease = lease
+
+    async def release(self) -> None:
+        self._lease.release()
+
+
+async def acquire(settings: StateSettings, streams: Iterable[str], *, role: str = "daemon") -> Held:
+    """Hold the state store for this process: the ``flock`` beside an SQLite file, or a
+    session advisory lock in PostgreSQL (held by a connection of its own, dropped by the server
+    when the process dies). :class:`LeaseHeld` names the holder."""
+    if settings.backend == "postgres":
+        return await PostgresLease.acquire(settings, streams, role=role)
+    return _FileHeld(Lease.acquire(settings.path, streams, role=role))
+
+
+async def current_holder(settings: StateSettings) -> dict[str, Any] | None:
+    """Who holds the state store now (pid, role, host or streams), or None."""
+    if settings.backend == "postgres":
+        return await PostgresLease.holder(settings)
+    return holder(settings.path)

@@ -364,7 +364,7 @@ async def test_the_daemon_writes_each_sandbox_event_once(
             "db.example:5433/events",
         ),
         ("postgres://opera:pa/ss@word@db:5432/ev?sslmode=require", "pa/ss@word", "db:5432/ev"),
-        ("postgresql://opera:p%40ssw0rd@db/ev", "p@ssw0rd", "db/ev"),
+        ("postgresql://opera:p%40ssw0rd@db/ev", "p@ssw0rd", "db:5432/ev"),  # default port named
         ("postgresql:///ev?host=/run/pg&password=qwerty123", "qwerty123", "/run/pg/ev"),
     ],
 )

@@ -1,0 +1,690 @@
+"""The PostgreSQL state store: the same tables and semantics as the SQLite store, in a schema of
+its own (``[state] schema``, default ``opera_consumer``) of a PostgreSQL database, through an
+asyncpg pool.
+
+* Every table is named with its schema (no ``search_path``, which a pooler may not keep).
+  Times are epoch seconds (``DOUBLE PRECISION``), as in SQLite.
+* Migrations are versioned in ``<schema>.schema_version`` (one row per applied version, its
+  own series: not SQLite's ``user_version``), and applied in one transaction under a
+  transaction-scoped advisory lock, so two daemons starting together do not race: the second
+  waits, then finds the schema current. A version above this code's is :class:`SchemaTooNew`.
+* :meth:`PostgresStore.commit` is one transaction: processed ids (one ``INSERT … SELECT FROM
+  unnest($2::text[])`` per stream), dead letters, checkpoints, resolved dead letters, the
+  rows a sink staged (each :class:`~consumer.core.records.Staged` statement is in PostgreSQL's
+  dialect, ``$1…``, run with ``executemany``) and the sink's position.
+* The two hot lookups (``seen``, ``has_dead_letters``) are one query each; ``seen`` passes
+  the ids as one array (``event_id = ANY($2::text[])``).
+* :meth:`PostgresStore.prune_processed` deletes by age in statements of at most
+  ``_PRUNE_CHUNK`` rows, each its own transaction: a busy stream adds millions of ids a day,
+  and one huge DELETE would hold its locks and WAL for minutes.
+
+Errors are translated where they enter (:func:`store_error`): a lost or refused connection,
+a timeout, a serialization failure or deadlock, too many connections, a server starting or
+stopping are retriable :class:`StoreError`; refused credentials, an unknown database, a
+missing privilege or anything else are not. The DSN is a secret: messages name the server
+(``host:port/database``) and the schema, never the DSN or its password.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hashlib
+import os
+import time
+from collections.abc import Callable, Coroutine, Iterable, Sequence
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+import asyncpg
+
+from ..config import StateSettings
+from ..core.records import Checkpoint, CommitBatch, DeadLetter, DeadLetterRow
+from ..core.watermark import Position
+from ..errors import LeaseHeld, SchemaTooNew, StoreError
+from ..pg_target import Target
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the schema of the SQLite store's version 3 (the PostgreSQL store began there)
+    """
+    CREATE TABLE {s}.checkpoints (
+        stream          TEXT PRIMARY KEY,
+        "offset"        TEXT NOT NULL,
+        unique_event_id TEXT NOT NULL,
+        updated_at      DOUBLE PRECISION NOT NULL,
+        processed_count BIGINT NOT NULL DEFAULT 0,
+        last_event_at   DOUBLE PRECISION
+    );
+    CREATE TABLE {s}.processed_events (
+        stream       TEXT NOT NULL,
+        event_id     TEXT NOT NULL,
+        processed_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (stream, event_id)
+    );
+    CREATE INDEX processed_events_at ON {s}.processed_events (processed_at);
+    CREATE TABLE {s}.dead_letters (
+        id              BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        stream          TEXT NOT NULL,
+        dedup_key       TEXT NOT NULL,
+        "offset"        TEXT,
+        unique_event_id TEXT,
+        event_name      TEXT,
+        primary_key     TEXT,
+        reason          TEXT NOT NULL,
+        error           TEXT NOT NULL,
+        payload         TEXT NOT NULL,
+        attempts        INTEGER NOT NULL DEFAULT 1,
+        first_at        DOUBLE PRECISION NOT NULL,
+        last_at         DOUBLE PRECISION NOT NULL,
+        payload_size    BIGINT,
+        payload_sha256  TEXT,
+        UNIQUE (stream, dedup_key)
+    );
+    CREATE INDEX dead_letters_key ON {s}.dead_letters (stream, primary_key);
+    CREATE TABLE {s}.sink_state (
+        sink       TEXT PRIMARY KEY,
+        state      TEXT NOT NULL,
+        updated_at DOUBLE PRECISION NOT NULL
+    );
+    CREATE TABLE {s}.start_overrides (
+        stream TEXT PRIMARY KEY,
+        mode   TEXT NOT NULL CHECK (mode IN ('highest')),
+        set_at DOUBLE PRECISION NOT NULL
+    );
+    """,
+)
+
+_PRUNE_CHUNK = 10_000  # rows per DELETE statement (and transaction) of prune_processed
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def quote_ident(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+def migration_lock_key(schema: str) -> int:
+    """The advisory lock (a signed 64-bit key) the migrations of ``schema`` run under."""
+    digest = hashlib.sha256(f"opera-consumer:state:{schema}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+# Server errors that may clear by themselves: connection (08), serialization failure and
+# deadlock (40), too many connections or out of resources (53), shutdown, "cannot connect
+# now" and cancelled statements (57), I/O errors (58).
+_RETRIABLE_SERVER = (
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.TransactionRollbackError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.PostgresSystemError,
+)
+# What asyncpg and the network raise: translated by store_error.
+DRIVER_ERRORS = (
+    asyncpg.exceptions.PostgresError,
+    asyncpg.exceptions.InterfaceError,  # connection closed or lost; client-side bad data
+    asyncpg.exceptions.InternalClientError,  # e.g. a cached statement gone stale
+    OSError,
+    TimeoutError,  # connect or command timeout, no connection free in time
+)
+
+
+def store_error(target: Target, schema: str, exc: BaseException, doing: str) -> StoreError:
+    """One line naming the server, the schema, what is wrong and the fix."""
+    where = f"state store PostgreSQL {target.where} (schema {schema})"
+    text = target.describe(exc)
+    if isinstance(exc, asyncpg.exceptions.PostgresError):
+        state = exc.sqlstate or ""
+        if state.startswith("28"):
+            return StoreError(
+                f"{where}: the server refused our credentials: {text}: fix the user or "
+                "password in [state] dsn"
+            )
+        if state.startswith("3D"):
+            return StoreError(
+                f"{where}: no such database: {text}: create it, or fix the database in [state] dsn"
+            )
+        if isinstance(exc, asyncpg.exceptions.InsufficientPrivilegeError):
+            return StoreError(
+                f"{where}: {doing}: missing privilege: {text}: let the user own the schema "
+                "(or grant it CREATE on the database, to create it), or set [state] schema"
+            )
+        if isinstance(exc, _RETRIABLE_SERVER):
+            return StoreError(f"{where}: {doing}: {text}: retry later", retriable=True)
+        if state.startswith("22"):  # also asyncpg's own, for a value it cannot encode
+            return StoreError(f"{where}: {doing}: invalid data: {text}")
+        return StoreError(f"{where}: {doing}: {text}")
+    if isinstance(exc, asyncpg.exceptions._base.DataError):  # a value asyncpg cannot send
+        return StoreError(f"{where}: {doing}: invalid data: {text}")
+    if isinstance(exc, asyncpg.exceptions.ClientConfigurationError | ValueError):
+        return StoreError(f"{where}: invalid [state] dsn: {text}")
+    return StoreError(
+        f"{where}: {doing}: cannot reach the server or lost it: {text}: retry later",
+        retriable=True,
+    )
+
+
+def _translated(
+    doing: str,
+) -> Callable[
+    [Callable[Concatenate[PostgresStore, _P], Coroutine[Any, Any, _R]]],
+    Callable[Concatenate[PostgresStore, _P], Coroutine[Any, Any, _R]],
+]:
+    """asyncpg's and the network's errors become :class:`StoreError` where they enter."""
+
+    def wrap(
+        method: Callable[Concatenate[PostgresStore, _P], Coroutine[Any, Any, _R]],
+    ) -> Callable[Concatenate[PostgresStore, _P], Coroutine[Any, Any, _R]]:
+        @functools.wraps(method)
+        async def translated(store: PostgresStore, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+            try:
+                return await method(store, *args, **kwargs)
+            except DRIVER_ERRORS as exc:
+                raise store_error(store.target, store.schema, exc, doing) from None
+
+        return translated
+
+    return wrap
+
+
+def _count(status: str) -> int:
+    """The row count of a command status (``DELETE 3``)."""
+    try:
+        return int(status.rsplit(" ", 1)[-1])
+    except ValueError:
+        return 0
+
+
+class PostgresStore:
+    def __init__(self, pool: Any, target: Target, schema: str, timeout_s: float) -> None:
+        self._pool = pool  # asyncpg.Pool (untyped)
+        self.target = target
+        self.schema = schema
+        self._s = quote_ident(schema)
+        self._timeout = timeout_s
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"PostgresStore(server={self.target.where!r}, schema={self.schema!r})"
+
+    @property
+    def where(self) -> str:
+        return f"PostgreSQL {self.target.where} (schema {self.schema})"
+
+    @classmethod
+    async def open(
+        cls,
+        dsn: str,
+        *,
+        schema: str = "opera_consumer",
+        pool_min: int = 1,
+        pool_max: int = 4,
+        timeout_s: float = 10.0,
+        create: bool = True,
+    ) -> PostgresStore:
+        """Connect and migrate (``create``: create the schema if missing, else refuse a
+        database without one); :class:`StoreError` names the server, the schema and the fix."""
+        target = Target(dsn)
+        try:
+            pool = await asyncpg.create_pool(
+                dsn,
+                min_size=min(pool_min, pool_max),
+                max_size=pool_max,
+                timeout=timeout_s,  # connect
+                command_timeout=timeout_s,
+                server_settings={"application_name": "opera-consumer"},
+            )
+        except (*DRIVER_ERRORS, ValueError) as exc:
+            raise store_error(target, schema, exc, "connecting") from None
+        store = cls(pool, target, schema, timeout_s)
+        try:
+            await store._migrate(create)
+        except BaseException:
+            pool.terminate()
+            raise
+        return store
+
+    @_translated("preparing the schema")
+    async def _migrate(self, create: bool) -> None:
+        s, schema = self._s, self.schema
+        where = f"state store PostgreSQL {self.target.where}"
+        async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+            # Held to the end of the transaction: a second daemon waits here, then finds
+            # the schema current. Nothing is looked at before it is held.
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", migration_lock_key(schema))
+            has_schema = await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)", schema
+            )
+            has_table = bool(has_schema) and await conn.fetchval(
+                "SELECT to_regclass($1) IS NOT NULL", f"{s}.schema_version"
+            )
+            if not has_table and not create:
+                raise StoreError(
+                    f"{where} has no state in schema {schema}: the daemon has not run with "
+                    "this config (or [state] schema names another schema)"
+                )
+            # Created only when missing: CREATE … IF NOT EXISTS needs the privilege even
+            # when there is nothing to create.
+            if not has_schema:
+                await conn.execute(f"CREATE SCHEMA {s}")
+            if not has_table:
+                await conn.execute(
+                    f"CREATE TABLE {s}.schema_version (version INTEGER PRIMARY KEY, "
+                    "applied_at DOUBLE PRECISION NOT NULL)"
+                )
+            version = int(
+                await conn.fetchval(f"SELECT COALESCE(MAX(version), 0) FROM {s}.schema_version")
+            )
+            if version > len(MIGRATIONS):
+                raise SchemaTooNew(
+                    f"{where}: schema {schema} is at version {version}, written by a newer "
+                    f"opera-consumer (this one knows {len(MIGRATIONS)}): upgrade "
+                    "opera-consumer, or set [state] schema to another schema"
+                )
+            for target, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                await conn.execute(script.format(s=s))
+                await conn.execute(
+                    f"INSERT INTO {s}.schema_version (version, applied_at) VALUES ($1, $2)",
+                    target,
+                    time.time(),
+                )
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await asyncio.wait_for(self._pool.close(), timeout=self._timeout)
+        except (TimeoutError, OSError, asyncpg.exceptions.InterfaceError):
+            self._pool.terminate()
+
+    # --- reads ----------------------------------------------------------------------------
+
+    @_translated("reading a checkpoint")
+    async def checkpoint(self, stream: str) -> Checkpoint | None:
+        row = await self._pool.fetchrow(
+            'SELECT stream, "offset", unique_event_id, updated_at, processed_count, '
+            f"last_event_at FROM {self._s}.checkpoints WHERE stream = $1",
+            stream,
+        )
+        return Checkpoint(*row) if row else None
+
+    @_translated("reading the checkpoints")
+    async def checkpoints(self) -> list[Checkpoint]:
+        rows = await self._pool.fetch(
+            'SELECT stream, "offset", unique_event_id, updated_at, processed_count, '
+            f"last_event_at FROM {self._s}.checkpoints ORDER BY stream"
+        )
+        return [Checkpoint(*row) for row in rows]
+
+    @_translated("looking up processed ids")
+    async def seen(self, stream: str, event_ids: Sequence[str]) -> set[str]:
+        """Which of these ids were already processed (committed) for this stream: one query."""
+        if not event_ids:
+            return set()
+        rows = await self._pool.fetch(
+            f"SELECT event_id FROM {self._s}.processed_events "
+            "WHERE stream = $1 AND event_id = ANY($2::text[])",
+            stream,
+            list(event_ids),
+        )
+        return {str(row[0]) for row in rows}
+
+    @_translated("reading the sink state")
+    async def sink_state(self, sink: str) -> str | None:
+        value = await self._pool.fetchval(
+            f"SELECT state FROM {self._s}.sink_state WHERE sink = $1", sink
+        )
+        return None if value is None else str(value)
+
+    @_translated("counting dead letters")
+    async def dead_letter_counts(self) -> dict[str, int]:
+        rows = await self._pool.fetch(
+            f"SELECT stream, COUNT(*) FROM {self._s}.dead_letters GROUP BY stream"
+        )
+        return {str(s): int(n) for s, n in rows}
+
+    @_translated("reading dead letters")
+    async def dead_letters(
+        self,
+        stream: str | None = None,
+        *,
+        reason: str | None = None,
+        since: float | None = None,
+        before: float | None = None,
+        ids: Sequence[int] | None = None,
+    ) -> list[DeadLetterRow]:
+        """Dead letters in arrival order, filtered by every argument given."""
+        sql = (
+            'SELECT id, stream, "offset", unique_event_id, event_name, primary_key, reason, '
+            "error, payload, attempts, first_at, last_at, payload_size, payload_sha256 "
+            f"FROM {self._s}.dead_letters WHERE TRUE"
+        )
+        args: list[Any] = []
+        for clause, value in (
+            (" AND stream = ${}", stream),
+            (" AND reason = ${}", reason),
+            (" AND last_at >= ${}::float8", since),
+            (" AND last_at < ${}::float8", before),
+            (" AND id = ANY(${}::bigint[])", None if ids is None else list(ids)),
+        ):
+            if value is not None:
+                args.append(value)
+                sql += clause.format(len(args))
+        rows = await self._pool.fetch(sql + " ORDER BY id", *args)
+        return [DeadLetterRow(*row) for row in rows]
+
+    @_translated("reading parked keys")
+    async def parked_keys(self, stream: str) -> dict[str, str]:
+        """Resources with dead letters -> the uniqueEventId (or dedup key) of the oldest."""
+        rows = await self._pool.fetch(
+            f"SELECT primary_key, COALESCE(unique_event_id, dedup_key) FROM {self._s}.dead_letters "
+            f"WHERE id IN (SELECT MIN(id) FROM {self._s}.dead_letters WHERE stream = $1 "
+            "AND primary_key IS NOT NULL GROUP BY primary_key)",
+            stream,
+        )
+        return {str(k): str(v) for k, v in rows}
+
+    @_translated("looking up dead letters")
+    async def has_dead_letters(self, stream: str, primary_key: str) -> bool:
+        """Does this resource still have dead letters? (one query, on the index)"""
+        return bool(
+            await self._pool.fetchval(
+                f"SELECT EXISTS (SELECT 1 FROM {self._s}.dead_letters "
+                "WHERE stream = $1 AND primary_key = $2)",
+                stream,
+                primary_key,
+            )
+        )
+
+    @_translated("reading a start override")
+    async def start_override(self, stream: str) -> str | None:
+        value = await self._pool.fetchval(
+            f"SELECT mode FROM {self._s}.start_overrides WHERE stream = $1", stream
+        )
+        return None if value is None else str(value)
+
+    # --- writes ---------------------------------------------------------------------------
+
+    @_translated("committing")
+    async def commit(self, batch: CommitBatch, now: float | None = None) -> None:
+        """Everything in ``batch`` becomes durable together, or not at all."""
+        await self._commit(batch, time.time() if now is None else now)
+
+    async def _commit(self, batch: CommitBatch, now: float) -> None:
+        s = self._s
+        async with self._pool.acquire(timeout=self._timeout) as db, db.transaction():
+            for stream, ids in batch.processed.items():
+                # One statement for the whole batch, the ids as one array.
+                await db.execute(
+                    f"INSERT INTO {s}.processed_events (stream, event_id, processed_at) "
+                    "SELECT $1, e, $3 FROM unnest($2::text[]) AS e "
+                    "ON CONFLICT (stream, event_id) DO NOTHING",
+                    stream,
+                    list(dict.fromkeys(ids)),
+                    now,
+                )
+            if batch.dead_letters:
+                # One execution per letter: the same letter twice in a batch is two attempts.
+                await db.executemany(
+                    f'INSERT INTO {s}.dead_letters AS d (stream, dedup_key, "offset", '
+                    "unique_event_id, event_name, primary_key, reason, error, payload, first_at, "
+                    "last_at, payload_size, payload_sha256) VALUES ($1, $2, $3, $4, $5, $6, $7, "
+                    "$8, $9, $10, $11, $12, $13) "
+                    "ON CONFLICT (stream, dedup_key) DO UPDATE SET attempts = d.attempts + 1, "
+                    "last_at = EXCLUDED.last_at, error = EXCLUDED.error, "
+                    "reason = EXCLUDED.reason",
+                    [_dl_row(d, now) for d in batch.dead_letters],
+                )
+            moved: list[tuple[Any, ...]] = []
+            counted: list[tuple[Any, ...]] = []
+            for stream in set(batch.checkpoints) | set(batch.done_counts):
+                pos = batch.checkpoints.get(stream)
+                count = batch.done_counts.get(stream, 0)
+                if pos is not None:
+                    moved.append((stream, pos.offset, pos.unique_event_id, now, count, now))
+                elif count:
+                    counted.append((count, stream))
+            if moved:
+                await db.executemany(
+                    f'INSERT INTO {s}.checkpoints AS c (stream, "offset", unique_event_id, '
+                    "updated_at, processed_count, last_event_at) VALUES ($1, $2, $3, $4, $5, $6) "
+                    'ON CONFLICT (stream) DO UPDATE SET "offset" = EXCLUDED."offset", '
+                    "unique_event_id = EXCLUDED.unique_event_id, "
+                    "updated_at = EXCLUDED.updated_at, "
+                    "processed_count = c.processed_count + EXCLUDED.processed_count, "
+                    "last_event_at = EXCLUDED.last_event_at",
+                    moved,
+                )
+            if counted:
+                await db.executemany(
+                    f"UPDATE {s}.checkpoints SET processed_count = processed_count + $1 "
+                    "WHERE stream = $2",
+                    counted,
+                )
+            if batch.resolved:
+                await db.execute(
+                    f"DELETE FROM {s}.dead_letters WHERE id = ANY($1::bigint[])",
+                    list(batch.resolved),
+                )
+            if batch.checkpoints:
+                # A checkpoint written by the stream supersedes an operator's pending reset.
+                await db.execute(
+                    f"DELETE FROM {s}.start_overrides WHERE stream = ANY($1::text[])",
+                    list(batch.checkpoints),
+                )
+            for staged in batch.staged:
+                if staged.rows:
+                    await db.executemany(staged.statement, staged.rows)
+            if batch.sink_state is not None:
+                await self._put_sink_state(db, *batch.sink_state, now)
+
+    @_translated("anchoring a checkpoint")
+    async def anchor(self, stream: str, position: Position) -> None:
+        s = self._s
+        async with self._pool.acquire(timeout=self._timeout) as db, db.transaction():
+            # After an operator's reset the stream has a checkpoint row, which the first
+            # event of the new session replaces.
+            reset = await db.execute(f"DELETE FROM {s}.start_overrides WHERE stream = $1", stream)
+            conflict = "DO NOTHING"
+            if _count(reset):
+                conflict = (
+                    'DO UPDATE SET "offset" = EXCLUDED."offset", '
+                    "unique_event_id = EXCLUDED.unique_event_id, updated_at = EXCLUDED.updated_at"
+                )
+            await db.execute(
+                f'INSERT INTO {s}.checkpoints (stream, "offset", unique_event_id, updated_at) '
+                f"VALUES ($1, $2, $3, $4) ON CONFLICT (stream) {conflict}",
+                stream,
+                position.offset,
+                position.unique_event_id,
+                time.time(),
+            )
+
+    async def _put_sink_state(self, db: Any, sink: str, state: str, now: float) -> None:
+        await db.execute(
+            f"INSERT INTO {self._s}.sink_state (sink, state, updated_at) VALUES ($1, $2, $3) "
+            "ON CONFLICT (sink) DO UPDATE SET state = EXCLUDED.state, "
+            "updated_at = EXCLUDED.updated_at",
+            sink,
+            state,
+            now,
+        )
+
+    # --- operator changes (the CLI, while no daemon holds the stream) ------------------------
+
+    @_translated("setting an offset")
+    async def set_offset(self, stream: str, offset: str) -> None:
+        """The next session resumes at ``offset`` (inclusive); clears a pending reset."""
+        s = self._s
+        async with self._pool.acquire(timeout=self._timeout) as db, db.transaction():
+            await db.execute(f"DELETE FROM {s}.start_overrides WHERE stream = $1", stream)
+            await db.execute(
+                f'INSERT INTO {s}.checkpoints (stream, "offset", unique_event_id, updated_at) '
+                "VALUES ($1, $2, '', $3) ON CONFLICT (stream) DO UPDATE SET "
+                '"offset" = EXCLUDED."offset", unique_event_id = \'\', '
+                "updated_at = EXCLUDED.updated_at",
+                stream,
+                offset,
+                time.time(),
+            )
+
+    @_translated("resetting to the highest offset")
+    async def reset_to_highest(self, stream: str) -> None:
+        """The next session subscribes with ``offsetType: highest`` (skipping the backlog)."""
+        await self._pool.execute(
+            f"INSERT INTO {self._s}.start_overrides (stream, mode, set_at) "
+            "VALUES ($1, 'highest', $2) "
+            "ON CONFLICT (stream) DO UPDATE SET mode = EXCLUDED.mode, set_at = EXCLUDED.set_at",
+            stream,
+            time.time(),
+        )
+
+    @_translated("writing the sink state")
+    async def set_sink_state(self, sink: str, state: str) -> None:
+        """The sink's committed position, recorded before its first write or by an
+        operator's ``sink adopt``."""
+        await self._put_sink_state(self._pool, sink, state, time.time())
+
+    @_translated("purging dead letters")
+    async def purge_dead_letters(self, ids: Sequence[int]) -> int:
+        if not ids:
+            return 0
+        status = await self._pool.execute(
+            f"DELETE FROM {self._s}.dead_letters WHERE id = ANY($1::bigint[])", list(ids)
+        )
+        return _count(status)
+
+    @_translated("pruning processed ids")
+    async def prune_processed(self, older_than: float) -> int:
+        """Delete processed ids older than ``older_than`` (epoch seconds): statements of at
+        most ``_PRUNE_CHUNK`` rows, each its own short transaction."""
+        total = 0
+        while True:
+            chunk = _PRUNE_CHUNK
+            status = await self._pool.execute(
+                f"DELETE FROM {self._s}.processed_events WHERE (stream, event_id) IN ("
+                f"SELECT stream, event_id FROM {self._s}.processed_events "
+                "WHERE processed_at < $1 LIMIT $2)",
+                older_than,
+                chunk,
+            )
+            deleted = _count(status)
+            total += deleted
+            if deleted < chunk:
+                return total
+
+
+def _dl_row(d: DeadLetter, now: float) -> tuple[Any, ...]:
+    return (
+        d.stream,
+        d.dedup_key,
+        d.offset,
+        d.unique_event_id,
+        d.event_name,
+        d.primary_key,
+        d.reason,
+        d.error,
+        d.payload,
+        now,
+        now,
+        d.payload_size,
+        d.payload_sha256,
+    )
+
+
+# --- the lease --------------------------------------------------------------------------------
+
+# pg_try_advisory_lock(int4, int4): this constant, and a hash of the schema.
+_LEASE_CLASS = 0x4F504552  # "OPER"
+
+
+def _lease_key(schema: str) -> int:
+    digest = hashlib.sha256(f"opera-consumer:lease:{schema}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+class PostgresLease:
+    """One daemon per schema, whatever host it runs on: a session advisory lock, held by a
+    connection of its own for as long as the daemon runs. The server drops it when that
+    connection ends (the process died, the host went away), so a stale lease clears itself
+    once TCP notices. The connection's ``application_name`` says who holds it (pid, role);
+    ``pg_stat_activity`` adds the host. (A fleet's leases, with epochs that fence a member
+    that lost its lease, are issue #11's next step; this is the single-daemon guard.)"""
+
+    def __init__(self, conn: Any, target: Target, schema: str) -> None:
+        self._conn = conn
+        self._target = target
+        self._schema = schema
+
+    @classmethod
+    async def acquire(
+        cls, settings: StateSettings, streams: Iterable[str], *, role: str = "daemon"
+    ) -> PostgresLease:
+        assert settings.dsn is not None, "checked by StateSettings"
+        target, schema = Target(settings.dsn.get_secret_value()), settings.schema_
+        name = f"opera-consumer lease pid={os.getpid()} role={role}"[:63]
+        try:
+            conn = await asyncpg.connect(
+                settings.dsn.get_secret_value(),
+                timeout=settings.timeout_s,
+                command_timeout=settings.timeout_s,
+                server_settings={"application_name": name},
+            )
+        except (*DRIVER_ERRORS, ValueError) as exc:
+            raise store_error(target, schema, exc, "taking the lease") from None
+        try:
+            got = await conn.fetchval(
+                "SELECT pg_try_advisory_lock($1, $2)", _LEASE_CLASS, _lease_key(schema)
+            )
+        except BaseException as exc:
+            await conn.close()
+            if isinstance(exc, DRIVER_ERRORS):
+                raise store_error(target, schema, exc, "taking the lease") from None
+            raise
+        if not got:
+            await conn.close()
+            where = f"schema {schema} at {target.where}"
+            raise LeaseHeld(where, await cls.holder(settings))
+        return cls(conn, target, schema)
+
+    async def release(self) -> None:
+        """Idempotent: closing the connection drops the lock."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(*DRIVER_ERRORS):
+                await conn.close(timeout=5)
+
+    @staticmethod
+    async def holder(settings: StateSettings) -> dict[str, Any] | None:
+        """Who holds the schema's lease (pid and role as it said, its host), or None."""
+        assert settings.dsn is not None, "checked by StateSettings"
+        target, schema = Target(settings.dsn.get_secret_value()), settings.schema_
+        try:
+            conn = await asyncpg.connect(
+                settings.dsn.get_secret_value(), timeout=settings.timeout_s
+            )
+        except (*DRIVER_ERRORS, ValueError) as exc:
+            raise store_error(target, schema, exc, "asking who holds the lease") from None
+        try:
+            row = await conn.fetchrow(
+                "SELECT a.application_name, host(a.client_addr) AS host FROM pg_locks l "
+                "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' "
+                "AND l.granted AND l.classid = $1::oid AND l.objid = $2::oid AND l.objsubid = 2",
+                _LEASE_CLASS,
+                _lease_key(schema),
+            )
+        except DRIVER_ERRORS as exc:
+            raise store_error(target, schema, exc, "asking who holds the lease") from None
+        finally:
+            await conn.close()
+        if row is None:
+            return None
+        said = dict(
+            part.split("=", 1) for part in str(row["application_name"]).split() if "=" in part
+        )
+        info: dict[str, Any] = {"pid": said.get("pid"), "role": said.get("role")}
+        if row["host"]:
+            info["host"] = row["host"]
+        return info
