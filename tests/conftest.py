@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pysink
@@ -15,6 +16,8 @@ import structlog
 from hypothesis import HealthCheck, settings
 from pg import postgres_dsn, postgres_server  # noqa: F401  # fixtures: a PostgreSQL server
 
+import consumer.config.loading as config_loading
+import consumer.config.settings as config_settings
 import consumer.logs
 from consumer.sandbox import SandboxGateway, SandboxOptions
 
@@ -29,6 +32,16 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for key in list(os.environ):
         if key.startswith("OPERA_CONSUMER_") or key == "CREDENTIALS_DIRECTORY":
             monkeypatch.delenv(key)
+
+
+@pytest.fixture
+def hermetic_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Config loading that sees only what the test writes: no secret directories, no
+    /etc/opera-consumer, and tmp_path as the working directory (the environment is already
+    clean, see _clean_env)."""
+    monkeypatch.setattr(config_settings, "SECRET_DIRS", ())
+    monkeypatch.setattr(config_loading, "DEFAULT_CONFIG_PATHS", (Path("config.toml"),))
+    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture

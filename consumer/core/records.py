@@ -102,3 +102,24 @@ class DeadLetterRow:
     last_at: float
     payload_size: int | None
     payload_sha256: str | None
+
+
+def dead_letter_row(d: DeadLetter, now: float) -> tuple[Any, ...]:
+    """A dead letter as the stores insert it: stream, dedup_key, offset, unique_event_id,
+    event_name, primary_key, reason, error, payload, first_at, last_at, payload_size,
+    payload_sha256 (both stores' column order)."""
+    return (
+        d.stream,
+        d.dedup_key,
+        d.offset,
+        d.unique_event_id,
+        d.event_name,
+        d.primary_key,
+        d.reason,
+        d.error,
+        d.payload,
+        now,
+        now,
+        d.payload_size,
+        d.payload_sha256,
+    )

@@ -184,12 +184,10 @@ class StreamPipeline:
             await self._committer.wait_capacity()
             try:
                 await self._process(batch, retrying)
-            except SinkUnusable:
-                raise  # writing on could lose data: the daemon stops (exit 78)
-            except StoreError as exc:
-                if not exc.retriable:
-                    raise  # the state store is unusable: the daemon stops (exit 78)
-                self._rescue(batch, exc)
+            except (SinkUnusable, StoreError):
+                # Writing on could lose data, or the store fails beyond what _lookup retries:
+                # not the events' fault, so no dead letters; the daemon stops (78, or 1).
+                raise
             except Exception as exc:  # a bug: never a dead worker, never a lost event
                 self._rescue(batch, exc)
 

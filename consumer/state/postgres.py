@@ -39,7 +39,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import asyncpg
 
 from ..config import StateSettings
-from ..core.records import Checkpoint, CommitBatch, DeadLetter, DeadLetterRow
+from ..core.records import Checkpoint, CommitBatch, DeadLetterRow, dead_letter_row
 from ..core.watermark import Position
 from ..errors import LeaseHeld, SchemaTooNew, StoreError
 from ..pg_target import Target
@@ -435,7 +435,7 @@ class PostgresStore:
                     "ON CONFLICT (stream, dedup_key) DO UPDATE SET attempts = d.attempts + 1, "
                     "last_at = EXCLUDED.last_at, error = EXCLUDED.error, "
                     "reason = EXCLUDED.reason",
-                    [_dl_row(d, now) for d in batch.dead_letters],
+                    [dead_letter_row(d, now) for d in batch.dead_letters],
                 )
             moved: list[tuple[Any, ...]] = []
             counted: list[tuple[Any, ...]] = []
@@ -574,24 +574,6 @@ class PostgresStore:
             total += deleted
             if deleted < chunk:
                 return total
-
-
-def _dl_row(d: DeadLetter, now: float) -> tuple[Any, ...]:
-    return (
-        d.stream,
-        d.dedup_key,
-        d.offset,
-        d.unique_event_id,
-        d.event_name,
-        d.primary_key,
-        d.reason,
-        d.error,
-        d.payload,
-        now,
-        now,
-        d.payload_size,
-        d.payload_sha256,
-    )
 
 
 # --- the lease --------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import aiosqlite
 import orjson
 
-from ..core.records import Checkpoint, CommitBatch, DeadLetter, DeadLetterRow
+from ..core.records import Checkpoint, CommitBatch, DeadLetterRow, dead_letter_row
 from ..core.watermark import Position
 from ..errors import SchemaTooNew, StoreError
 from ..sqlite_tx import transaction
@@ -304,7 +304,7 @@ class SqliteStore:
                     "payload_size, payload_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                     "ON CONFLICT (stream, dedup_key) DO UPDATE SET attempts = attempts + 1, "
                     "last_at = excluded.last_at, error = excluded.error, reason = excluded.reason",
-                    [_dl_row(d, now) for d in batch.dead_letters],
+                    [dead_letter_row(d, now) for d in batch.dead_letters],
                 )
             for stream in set(batch.checkpoints) | set(batch.done_counts):
                 pos = batch.checkpoints.get(stream)
@@ -424,24 +424,6 @@ class SqliteStore:
             total += max(deleted, 0)
             if deleted < _PRUNE_CHUNK:
                 return total
-
-
-def _dl_row(d: DeadLetter, now: float) -> tuple[Any, ...]:
-    return (
-        d.stream,
-        d.dedup_key,
-        d.offset,
-        d.unique_event_id,
-        d.event_name,
-        d.primary_key,
-        d.reason,
-        d.error,
-        d.payload,
-        now,
-        now,
-        d.payload_size,
-        d.payload_sha256,
-    )
 
 
 async def _connect(path: Path, synchronous: str) -> aiosqlite.Connection:

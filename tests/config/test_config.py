@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
-import consumer.config.loading as config_loading
-import consumer.config.settings as config_settings
 from consumer.config import effective, load_settings
 from consumer.errors import ConfigError
 
@@ -30,14 +27,7 @@ client_secret = "{CLIENT_SECRET}"
 """
 
 
-@pytest.fixture(autouse=True)
-def hermetic(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for key in list(os.environ):
-        if key.startswith("OPERA_CONSUMER_") or key == "CREDENTIALS_DIRECTORY":
-            monkeypatch.delenv(key)
-    monkeypatch.setattr(config_settings, "SECRET_DIRS", ())
-    monkeypatch.setattr(config_loading, "DEFAULT_CONFIG_PATHS", (Path("config.toml"),))
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("hermetic_config")
 
 
 def write(tmp_path: Path, text: str, name: str = "config.toml") -> Path:

@@ -7,15 +7,12 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, quote_plus
 
 import pytest
 
-import consumer.config.loading as config_loading
-import consumer.config.settings as config_settings
 from consumer.cli import main
 from consumer.config import (
     Settings,
@@ -70,14 +67,7 @@ def forms(secret: str) -> set[str]:
 HOOK_URL = f"https://user:{enc(HOOK_PASSWORD)}@hook.example.com/in?token={enc(HOOK_QUERY)}&x=1"
 
 
-@pytest.fixture(autouse=True)
-def hermetic(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for key in list(os.environ):
-        if key.startswith("OPERA_CONSUMER_") or key == "CREDENTIALS_DIRECTORY":
-            monkeypatch.delenv(key)
-    monkeypatch.setattr(config_settings, "SECRET_DIRS", ())
-    monkeypatch.setattr(config_loading, "DEFAULT_CONFIG_PATHS", (Path("config.toml"),))
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("hermetic_config")
 
 
 def write(tmp_path: Path, text: str) -> Path:

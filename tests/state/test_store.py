@@ -476,7 +476,7 @@ async def test_a_commit_failing_midway_leaves_nothing(
         raise RuntimeError("disk on fire")
 
     # processed ids are inserted before the dead letters are built: the failure is mid-way
-    monkeypatch.setattr(backend.module, "_dl_row", explode)
+    monkeypatch.setattr(backend.module, "dead_letter_row", explode)
     with pytest.raises(RuntimeError, match="disk on fire"):
         await store.commit(full_batch())
     await assert_empty(store)
@@ -516,7 +516,7 @@ async def test_a_cancelled_commit_leaves_nothing(
         started.set()
         raise asyncio.CancelledError
 
-    monkeypatch.setattr(backend.module, "_dl_row", slow)
+    monkeypatch.setattr(backend.module, "dead_letter_row", slow)
     with pytest.raises(asyncio.CancelledError):
         await store.commit(full_batch())
     assert started.is_set()
