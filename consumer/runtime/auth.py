@@ -8,6 +8,7 @@ honouring ``Retry-After``; 400/401/403 fail at once with what to check.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,11 +23,14 @@ from tenacity import (
 )
 
 from ..config import StreamSettings
+from ..core.evidence import describe
 from ..core.retry_after import RETRY_STATUSES, WaitRetryAfter, retry_after_seconds
 from ..errors import AuthError
 from ..logs import REDACTOR
 
 log = structlog.get_logger(__name__)
+
+_MAX_LIFETIME_S = 86400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,12 +152,15 @@ class TokenProvider:
             body = resp.json()
             value = body["access_token"]
             lifetime = float(body.get("expires_in", 3600))
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
             raise AuthError(
-                f"token endpoint sent an unusable response: {exc}", retriable=True
+                f"token endpoint sent an unusable response: {describe(exc)}", retriable=True
             ) from None
         if not isinstance(value, str) or not value:
             raise AuthError("token endpoint sent no access_token", retriable=True)
+        if not math.isfinite(lifetime) or lifetime <= 0:
+            raise AuthError("token endpoint sent an unusable expires_in", retriable=True)
+        lifetime = min(lifetime, _MAX_LIFETIME_S)  # refreshed at least daily, whatever it says
         REDACTOR.add_token(value)
         log.info("token obtained", lifetime_s=lifetime)
         return Token(value, started + lifetime, lifetime)

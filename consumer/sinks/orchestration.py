@@ -36,6 +36,7 @@ from tenacity import (
 
 from ..config import OrchestrationSettings, StreamSettings
 from ..core.events import Event
+from ..core.evidence import prefix
 from ..core.records import Staged
 from ..core.retry_after import RETRY_STATUSES, WaitRetryAfter, retry_after_seconds
 from ..core.token_bucket import TokenBucket
@@ -205,7 +206,7 @@ class Orchestrator:
         if 200 <= status < 300:
             try:
                 return resp.json()
-            except ValueError:
+            except (ValueError, RecursionError):  # nested deeper than a parser goes, too
                 raise PermanentSinkError(f"orchestration GET {url}: not JSON") from None
         if status == 401:
             tokens.invalidate()  # rejected early (revoked?): the next attempt gets a new one
@@ -218,7 +219,10 @@ class Orchestrator:
             raise TransientSinkError(f"orchestration GET {url}: HTTP {status}", retry_after=after)
         if status == 404:
             return _NotFound(f"GET {url}: HTTP 404")
-        raise PermanentSinkError(f"orchestration GET {url}: HTTP {status}: {resp.text[:300]}")
+        # The body is the far end's: only its start, decoded lossily, goes into the error.
+        raise PermanentSinkError(
+            f"orchestration GET {url}: HTTP {status}: {prefix(resp.content, 300)}"
+        )
 
 
 class OrchestratingSink:

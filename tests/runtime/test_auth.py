@@ -113,3 +113,22 @@ def test_retry_after_forms():
     # In the past: at once, i.e. the shortest wait honoured (never a tight loop).
     assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT") == RETRY_AFTER_MIN_S
     assert retry_after_seconds("100000") == 300.0  # capped
+
+
+@pytest.mark.parametrize("ttl", [float("nan"), -5.0, 0.0])
+async def test_an_absurd_expires_in_is_an_unusable_answer(sandbox_factory, ttl: float):
+    """A lifetime from the wire is bounded like any other value from it: NaN, infinity or
+    nothing left would otherwise set refresh timers that fire never or at once."""
+    gw = await sandbox_factory(token_ttl_s=ttl)
+    async with httpx.AsyncClient() as http:
+        tokens = TokenProvider(http, stream(gw.url, retry_max_s=0.5))
+        with pytest.raises(AuthError, match="expires_in") as failed:
+            await tokens._request()
+    assert failed.value.retriable
+
+
+async def test_a_lifetime_of_years_is_refreshed_at_least_daily(sandbox_factory):
+    gw = await sandbox_factory(token_ttl_s=10 * 365 * 86400.0)
+    async with httpx.AsyncClient() as http:
+        token = await TokenProvider(http, stream(gw.url)).token()
+    assert token.lifetime_s == 86400.0
