@@ -56,8 +56,9 @@ def parse_when(text: str, *, now: float | None = None) -> float:
 
 
 def no_store(settings: Settings) -> bool:
-    """True (and says so) when the daemon has never created its state store."""
-    if settings.state.path.exists():
+    """True (and says so) when the daemon has never created its SQLite state store. (A
+    PostgreSQL one is opened without creating it; a missing schema is reported there.)"""
+    if settings.state.backend != "sqlite" or settings.state.path.exists():
         return False
     print(f"no state store at {settings.state.path} yet: the daemon has not run", file=sys.stderr)
     return True

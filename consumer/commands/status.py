@@ -3,20 +3,17 @@ dead letters) and what the running daemon's listener says (state, events/s, lag)
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 from ..config import Settings
 from ..errors import ExitCode
 from ..runtime.metrics import live_status
 from ..state import open_store
-from .output import emit, iso
+from .output import emit, iso, no_store
 
 
 async def status(settings: Settings, *, as_json: bool) -> int:
-    path = settings.state.path
-    if not path.exists():
-        print(f"no state store at {path} yet: the daemon has not run", file=sys.stderr)
+    if no_store(settings):
         return ExitCode.RUNTIME
     store = await open_store(settings.state, create=False)
     try:

@@ -20,6 +20,7 @@ from store_backends import PostgresBackend
 from structlog.testing import capture_logs
 
 import consumer.state.postgres as store_module
+from consumer.cli import main
 from consumer.config import StateSettings
 from consumer.core.records import CommitBatch
 from consumer.core.watermark import Position
@@ -411,3 +412,38 @@ async def test_a_daemon_runs_on_a_postgres_state_store(
         assert await store.sink_state("jsonl") == str(sink.stat().st_size)
     finally:
         await store.close()
+
+
+async def test_the_operator_commands_read_a_postgres_state_store(
+    backend: PostgresBackend, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """status and offset look for no SQLite file when the state lives in PostgreSQL."""
+    store = await backend.open()
+    try:
+        await store.anchor("main", Position("4711", "u4711"))
+    finally:
+        await store.close()
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f"""[streams.main]
+gateway_url = "http://127.0.0.1:9"
+chain_code = "DEMO"
+app_key = "key-0001"
+[streams.main.auth]
+client_id = "cid"
+client_secret = "secret-0002"
+[state]
+backend = "postgres"
+dsn = "{backend.dsn}"
+schema = "{backend.schema}"
+path = "{tmp_path / "absent.db"}"
+[metrics]
+enabled = false
+"""
+    )
+    for command in (["offset", "show"], ["status"]):
+        code = await asyncio.to_thread(main, [*command, "--json", "--config", str(config)])
+        assert code == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert out.count('"4711"') == 2
+    assert not (tmp_path / "absent.db").exists()
