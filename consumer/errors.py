@@ -83,6 +83,15 @@ class LeaseHeld(OperaConsumerError):
         self.holder = holder
 
 
+class Fenced(OperaConsumerError):
+    """A fleet commit refused: another member holds these streams' leases now (a newer
+    epoch), so this member's work on them since its last commit must not become durable."""
+
+    def __init__(self, streams: frozenset[str]) -> None:
+        super().__init__(f"lease lost for {', '.join(sorted(streams))}: commit refused")
+        self.streams = streams
+
+
 class StoreError(OperaConsumerError):
     """``retriable``: may clear by itself (disk full, locked, I/O error), so a supervisor's
     restart can help; otherwise an operator must act (corrupt file, permissions, schema)."""

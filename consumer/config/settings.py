@@ -128,6 +128,15 @@ class ConnectionSettings(_Model):
     upgrade_limit: int = Field(default=140, ge=1)
     upgrade_window_s: float = Field(default=120.0, gt=0)
     proxy: ProxyUrl | None = None  # None: no proxy, even if the environment names one
+    # Oracle's active/passive check: after connection_ack, ask `query { connection { id
+    # status } }` and subscribe only when the gateway says "Inactive" (else poll every
+    # status_poll_s). "auto": on in fleet mode. What the gateway scopes the answer to (the
+    # application key, or the chain) is unconfirmed: turn it off when several chains share
+    # one key and the gateway answers "Active" for all of them.
+    status_check: Literal["auto", "on", "off"] = "auto"
+    status_poll_s: float = Field(default=30.0, gt=0)
+    # A short random wait after "Inactive", before subscribing (Oracle: a randomized delay).
+    takeover_jitter_s: float = Field(default=2.0, ge=0)
 
     def policy(self) -> PolicyConfig:
         return PolicyConfig(
@@ -263,6 +272,41 @@ class StateSettings(_Model):
                 )
             )
         return self
+
+
+class FleetSettings(_Model):
+    """Fleet mode: identical daemons sharing the PostgreSQL state store split the streams
+    between them, each holding leases (with epochs that fence a member that lost one)."""
+
+    enabled: bool = False
+    # This member's name in `fleet status` and the lease rows; "" = "<host>:<pid>".
+    member: str = Field(default="", max_length=200)
+    # Share of the streams, relative to the other members' weights (0: hold none).
+    weight: float = Field(default=1.0, ge=0)
+    # A lease not renewed for this long may be taken by another member.
+    lease_ttl_s: float = Field(default=30.0, gt=0)
+    # Heartbeat, lease renewal and rebalancing, once per tick (one statement renews all).
+    renew_interval_s: float = Field(default=5.0, gt=0)
+
+    @model_validator(mode="after")
+    def _timers(self) -> FleetSettings:
+        if self.renew_interval_s * 4 > self.lease_ttl_s:
+            raise Problem(
+                (
+                    "renew_interval_s",
+                    f"leaves too little time to renew ({self.renew_interval_s} s ticks, a "
+                    f"{self.lease_ttl_s} s lease): a member stops its streams "
+                    "lease_ttl_s - 2 x renew_interval_s after its last renewal",
+                    "keep renew_interval_s at most a quarter of lease_ttl_s",
+                )
+            )
+        return self
+
+    @property
+    def self_fence_after_s(self) -> float:
+        """Without a renewal for this long a member stops its streams (before anyone may
+        take them: the lease lasts lease_ttl_s from the renewal's start)."""
+        return self.lease_ttl_s - 2 * self.renew_interval_s
 
 
 class JsonlSinkSettings(_Model):
@@ -540,6 +584,7 @@ class Settings(BaseSettings):
     orchestration: OrchestrationSettings = OrchestrationSettings()
     metrics: MetricsSettings = MetricsSettings()
     log: LogSettings = LogSettings()
+    fleet: FleetSettings = FleetSettings()
 
     @field_validator("streams")
     @classmethod
@@ -567,6 +612,35 @@ class Settings(BaseSettings):
                     'set sink.path to a file for the events, or use type = "postgres"',
                 )
             )
+        return self
+
+    @model_validator(mode="after")
+    def _fleet(self) -> Settings:
+        """A fleet shares its state in PostgreSQL, and its sink must be one every member
+        reaches: not a file on one host."""
+        if not self.fleet.enabled:
+            return self
+        problems: list[tuple[str, str, str]] = []
+        if self.state.backend != "postgres":
+            problems.append(
+                (
+                    "state.backend",
+                    "fleet mode keeps the members' shared state in PostgreSQL",
+                    'set [state] backend = "postgres" and dsn, or [fleet] enabled = false',
+                )
+            )
+        if self.sink.type in ("jsonl", "sqlite"):
+            problems.append(
+                (
+                    "sink.type",
+                    f"a {self.sink.type} sink is a file on one host: a stream taken over by "
+                    "another member would continue in another file",
+                    'use type = "postgres" (on the state database: rows commit with the '
+                    'checkpoint), "webhook" or "python"',
+                )
+            )
+        if problems:
+            raise Problem(*problems)
         return self
 
     @model_validator(mode="after")

@@ -18,10 +18,26 @@ from .watermark import Position
 @dataclass(frozen=True, slots=True)
 class Staged:
     """Rows a sink asks to be written inside the checkpoint's own transaction (a table in the
-    state store's database): ``statement`` in that database's dialect, run once per row."""
+    state store's database): ``statement`` in that database's dialect, run once per row.
+    Column ``STREAM_COLUMN`` of each row is its stream (the fence drops a fenced stream's)."""
 
     statement: str
     rows: list[tuple[Any, ...]]
+
+    STREAM_COLUMN = 1  # as in consumer.sinks.rows.row
+
+    def without(self, streams: frozenset[str]) -> Staged:
+        col = self.STREAM_COLUMN
+        return Staged(self.statement, [r for r in self.rows if r[col] not in streams])
+
+
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """A fleet member's claim on the streams of a commit: the commit goes through only if
+    the member still holds each stream's lease at this epoch (checked in the transaction)."""
+
+    member: str
+    epochs: dict[str, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +90,29 @@ class CommitBatch:
     # Rows a sink wants written in this very transaction (see Sink.staged).
     staged: list[Staged] = field(default_factory=list)
     resolved: list[int] = field(default_factory=list)  # dead letters delivered by a replay
+    fence: Fence | None = None  # fleet mode: the leases this commit needs
+
+    def streams(self) -> set[str]:
+        """Every stream this batch writes for."""
+        out = set(self.checkpoints) | set(self.processed) | set(self.done_counts)
+        out.update(d.stream for d in self.dead_letters)
+        col = Staged.STREAM_COLUMN
+        for staged in self.staged:
+            out.update(str(r[col]) for r in staged.rows)
+        return out
+
+    def without(self, streams: frozenset[str]) -> CommitBatch:
+        """This batch minus everything of ``streams`` (fenced: another member owns them)."""
+        return CommitBatch(
+            checkpoints={s: p for s, p in self.checkpoints.items() if s not in streams},
+            processed={s: i for s, i in self.processed.items() if s not in streams},
+            done_counts={s: n for s, n in self.done_counts.items() if s not in streams},
+            dead_letters=[d for d in self.dead_letters if d.stream not in streams],
+            sink_state=self.sink_state,
+            staged=[s.without(streams) for s in self.staged],
+            resolved=list(self.resolved),
+            fence=self.fence,
+        )
 
     def __bool__(self) -> bool:
         return bool(

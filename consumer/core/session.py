@@ -13,6 +13,7 @@ Outcomes of :meth:`ClientSession.receive`:
 * :class:`Reply`: send ``text`` now (the answer to a server ``ping``);
 * :class:`Acknowledged`, :class:`PongReceived`;
 * :class:`ConnectionStatus`: the answer to :meth:`ClientSession.query_connection`;
+* :class:`QueryDone`: the server's ``complete`` after a query's answer (nothing to do);
 * :class:`Ended`: the server ended our subscription (``error`` or ``complete`` for our id);
 * :class:`Ignored`: a frame for another subscription id, or one that means nothing in this
   state (count it, do not act on it).
@@ -79,6 +80,11 @@ class ConnectionStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class QueryDone:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
 class Ended:
     reason: str  # bounded: the start of the frame, never the payload whole
 
@@ -90,12 +96,21 @@ class Ignored:
 
 
 Outcome = (
-    Next | DecodeError | Reply | Acknowledged | PongReceived | ConnectionStatus | Ended | Ignored
+    Next
+    | DecodeError
+    | Reply
+    | Acknowledged
+    | PongReceived
+    | ConnectionStatus
+    | QueryDone
+    | Ended
+    | Ignored
 )
 
 _PONG_REPLY: Final = Reply(protocol.PONG)
 _PONG: Final = PongReceived()
 _ACK: Final = Acknowledged()
+_QUERY_DONE: Final = QueryDone()
 
 
 class ClientSession:
@@ -105,6 +120,7 @@ class ClientSession:
         self.state = SessionState.NEW
         self.subscription_id: str | None = None
         self._queries: set[str] = set()
+        self._answered: set[str] = set()  # queries answered, whose complete may follow
 
     # --- what to send --------------------------------------------------------------------------
 
@@ -174,6 +190,9 @@ class ClientSession:
 
     def _end(self, msg: ErrorMessage | Complete) -> Outcome:
         name = "error" if isinstance(msg, ErrorMessage) else "complete"
+        if isinstance(msg, Complete) and msg.id in self._answered:
+            self._answered.discard(msg.id)
+            return _QUERY_DONE
         if msg.id in self._queries:
             self._queries.discard(msg.id)
             what = msg.text if isinstance(msg, ErrorMessage) else "complete without an answer"
@@ -203,6 +222,8 @@ class ClientSession:
 
     def _query_answer(self, query_id: str, data: Any) -> ConnectionStatus:
         self._queries.discard(query_id)
+        if len(self._answered) < 16:  # a server that never completes cannot grow this
+            self._answered.add(query_id)
         conn = data.get("connection") if isinstance(data, dict) else None
         status = conn.get("status") if isinstance(conn, dict) else None
         ident = conn.get("id") if isinstance(conn, dict) else None

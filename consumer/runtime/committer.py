@@ -18,16 +18,16 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import structlog
 from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
 
 from ..core.evidence import prefix
-from ..core.records import CommitBatch, DeadLetter
+from ..core.records import CommitBatch, DeadLetter, Fence
 from ..core.watermark import Position, Watermark
-from ..errors import StoreError, TransientSinkError
+from ..errors import Fenced, StoreError, TransientSinkError
 from ..sinks.base import Sink
 from ..state.base import StateStore
 
@@ -65,6 +65,12 @@ class Committer:
         # Dead letters carry payloads (each bounded): their bytes count against capacity too,
         # so a flood of large malformed frames waits for commits like events do.
         self._max_pending_bytes = max_pending_bytes
+        # Fleet mode: the leases every commit needs, and whom to tell when the store refuses
+        # them; what a fenced stream did since its last commit is dropped, never retried.
+        self._fence: Callable[[], Fence | None] = lambda: None
+        self._on_fenced: Callable[[frozenset[str]], None] = lambda streams: None
+        self._fenced: set[str] = set()
+        self.fencing_rejections = 0
         self._pending_bytes = 0
         self._ledgers: dict[str, _Ledger] = {}
         self._batch = CommitBatch()
@@ -77,6 +83,13 @@ class Committer:
         self.failing_since: float | None = None  # monotonic time of the first failed commit
         self.failures = 0  # consecutive failed commits
         self.checkpointed_at: dict[str, float] = {}  # stream -> monotonic time it last moved
+
+    def configure_fence(
+        self, fence: Callable[[], Fence | None], on_fenced: Callable[[frozenset[str]], None]
+    ) -> None:
+        """Fleet mode: ``fence()`` gives the leases each commit needs; ``on_fenced`` hears of
+        the streams the store refused."""
+        self._fence, self._on_fenced = fence, on_fenced
 
     def _ledger(self, stream: str) -> _Ledger:
         ledger = self._ledgers.get(stream)
@@ -227,7 +240,7 @@ class Committer:
             self.busy_since = time.monotonic()
             try:
                 await self._sink.sync(batch.sink_state[1] if batch.sink_state else None)
-                await self._store.commit(batch)
+                batch = await self._commit_fenced(batch)
             except BaseException as exc:
                 self._restore(batch)
                 if not isinstance(exc, asyncio.CancelledError):
@@ -244,10 +257,61 @@ class Committer:
             self._committed.set()
             return True
 
+    async def _commit_fenced(self, batch: CommitBatch) -> CommitBatch:
+        """Commit; when the store refuses streams whose lease is gone, drop their part and
+        commit the rest (each round drops at least one stream). Returns what was committed."""
+        while True:
+            batch.fence = self._fence()
+            try:
+                await self._store.commit(batch)
+                return batch
+            except Fenced as exc:
+                self.fencing_rejections += 1
+                log.warning(
+                    "commit refused: another member holds the lease now; dropping this "
+                    "member's uncommitted work on the stream (the new holder replays it)",
+                    streams=sorted(exc.streams),
+                )
+                self.fence_out(exc.streams)
+                self._forget_in_flight(batch, exc.streams)
+                batch = batch.without(exc.streams)
+                if not batch:
+                    return batch
+
+    def fence_out(self, streams: frozenset[str]) -> None:
+        """These streams' leases are gone: nothing of theirs is committed from now on (until
+        :meth:`forget`), and whoever runs them is told to stop."""
+        new = streams - self._fenced
+        self._fenced.update(streams)
+        if new:
+            self._on_fenced(frozenset(new))
+
+    def _forget_in_flight(self, batch: CommitBatch, streams: frozenset[str]) -> None:
+        for stream in streams:
+            ledger = self._ledgers.get(stream)
+            if ledger is not None:
+                ledger.committing_ids.difference_update(batch.processed.get(stream, ()))
+        for letter in batch.dead_letters:
+            if letter.stream in streams and letter.primary_key is not None:
+                self._ledger(letter.stream).letters_not_durable[letter.primary_key] -= 1
+
+    def forget(self, stream: str) -> None:
+        """The stream stopped here (released or lost): drop its completion state, so that a
+        later lease starts from the store's checkpoint."""
+        self._ledgers.pop(stream, None)
+        self._fenced.discard(stream)
+        self.checkpointed_at.pop(stream, None)
+        self._batch = self._batch.without(frozenset({stream}))
+
     async def anchor(self, stream: str, position: Position) -> None:
         """Create the stream's checkpoint if it has none (never moves an existing one)."""
         async with self._lock:
-            await self._store.anchor(stream, position)
+            try:
+                await self._store.anchor(stream, position, self._fence())
+            except Fenced as exc:
+                self.fencing_rejections += 1
+                self.fence_out(exc.streams)
+                raise
 
     async def prune(self, older_than: float) -> int:
         """Prune processed ids between commits (both use the one writer connection)."""
@@ -258,7 +322,12 @@ class Committer:
         batch, self._batch = self._batch, CommitBatch()
         self._pending = 0
         self._pending_bytes = 0
+        fenced = frozenset(self._fenced)
+        if fenced:
+            batch = batch.without(fenced)
         for stream, ledger in self._ledgers.items():
+            if stream in fenced:
+                continue
             pos = ledger.watermark.advance()
             if pos is not None:
                 batch.checkpoints[stream] = pos
@@ -268,7 +337,7 @@ class Committer:
             ledger.pending_ids.difference_update(ids)
         staged = self._sink.staged()
         if staged is not None:
-            batch.staged.append(staged)
+            batch.staged.append(staged.without(fenced) if fenced else staged)
         if batch:
             position = self._sink.position()
             if position is not None:

@@ -35,6 +35,7 @@ from . import systemd
 from .assembly import build_sink, http_client, register_secrets
 from .auth import TokenProvider
 from .committer import Committer
+from .fleet import Fleet
 from .metrics import Metrics, MetricsServer
 from .pipeline import StreamPipeline
 from .status import CommitStatus, StreamStatus
@@ -53,11 +54,15 @@ class Daemon:
     pipelines: dict[str, StreamPipeline] = field(default_factory=dict)
     runners: dict[str, StreamRunner] = field(default_factory=dict)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
-    _stream_tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _closed: bool = False
     exit_code: int = ExitCode.OK
     metrics_server: MetricsServer | None = None
+    metrics: Metrics | None = None
+    fleet: Fleet | None = None
+    _tokens: dict[str, TokenProvider] = field(default_factory=dict)
+    _budgets: dict[str, UpgradeBudget] = field(default_factory=dict)  # one per app key
+    _stream_tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
 
     @classmethod
     async def create(cls, settings: Settings, *, sink: Sink | None = None) -> Daemon:
@@ -74,9 +79,11 @@ class Daemon:
         cls, settings: Settings, sink: Sink | None, resources: contextlib.AsyncExitStack
     ) -> Daemon:
         st = settings.state
-        # One daemon per state store: a second one would fight over the checkpoints (and
-        # OHIP would lock one of them out with 4409 anyway).
-        resources.push_async_callback((await lease.acquire(st, settings.streams)).release)
+        if not settings.fleet.enabled:
+            # One daemon per state store: a second one would fight over the checkpoints (and
+            # OHIP would lock one of them out with 4409 anyway). A fleet shares it, with a
+            # lease per stream instead (runtime.fleet).
+            resources.push_async_callback((await lease.acquire(st, settings.streams)).release)
         store = await open_store(st)
         resources.push_async_callback(store.close)
         http = http_client(settings)
@@ -91,35 +98,21 @@ class Daemon:
             store, sink, max_events=st.commit_max_events, interval_s=st.commit_interval_ms / 1000
         )
         self = cls(settings, store, sink, committer, resources)
-        p = settings.pipeline
-        budgets: dict[str, UpgradeBudget] = {}  # one per application key
-        for name, stream in settings.streams.items():
-            c = stream.connection
-            budget = budgets.setdefault(
-                protocol.key_hash(stream.app_key.get_secret_value()),
-                UpgradeBudget(c.upgrade_limit, c.upgrade_window_s),
+        self._tokens = tokens
+        if settings.fleet.enabled:
+            fleet = self.fleet = Fleet(
+                settings,
+                start_stream=self.start_stream,
+                stop_stream=self.stop_stream,
+                spawn=self._spawn,
             )
-            parked = None
-            if stream.on_permanent_failure == "park-key":
-                parked = await store.parked_keys(name)  # resources with dead letters
-            pipeline = StreamPipeline(
-                name,
-                sink=sink,
-                committer=committer,
-                workers=p.workers,
-                queue_size=p.queue_size,
-                batch_max=p.batch_max,
-                retry_initial_s=p.sink_retry_initial_s,
-                retry_max_s=p.sink_retry_max_s,
-                parked=parked,
-            )
-            self.pipelines[name] = pipeline
-            self.runners[name] = StreamRunner(
-                name, stream, tokens=tokens[name], pipeline=pipeline, store=store, budget=budget
-            )
+            committer.configure_fence(fleet.fence, fleet.lost)
+        else:
+            for name in settings.streams:
+                await self._build_stream(name)
         m = settings.metrics
         if m.enabled:
-            metrics = Metrics(self, event_timezone=m.event_timezone)
+            metrics = self.metrics = Metrics(self, event_timezone=m.event_timezone)
             for name, pipeline in self.pipelines.items():
                 pipeline.on_write = metrics.observer(name)
             server = MetricsServer(self, metrics, m.address, m.port)
@@ -133,6 +126,89 @@ class Daemon:
             resources.push_async_callback(server.close)
             self.metrics_server = server
         return self
+
+    # --- streams: all of them, or (fleet mode) those whose lease this member holds --------
+
+    async def start_stream(self, name: str) -> None:
+        await self._build_stream(name)
+        self._launch(name)
+
+    async def _build_stream(self, name: str) -> None:
+        settings = self.settings
+        stream = settings.streams[name]
+        c, p = stream.connection, settings.pipeline
+        budget = self._budgets.setdefault(
+            protocol.key_hash(stream.app_key.get_secret_value()),
+            UpgradeBudget(c.upgrade_limit, c.upgrade_window_s),
+        )
+        parked = None
+        if stream.on_permanent_failure == "park-key":
+            parked = await self.store.parked_keys(name)  # resources with dead letters
+        pipeline = StreamPipeline(
+            name,
+            sink=self.sink,
+            committer=self.committer,
+            workers=p.workers,
+            queue_size=p.queue_size,
+            batch_max=p.batch_max,
+            retry_initial_s=p.sink_retry_initial_s,
+            retry_max_s=p.sink_retry_max_s,
+            parked=parked,
+        )
+        if self.metrics is not None:
+            pipeline.on_write = self.metrics.observer(name)
+        check = c.status_check == "on" or (c.status_check == "auto" and settings.fleet.enabled)
+        runner = StreamRunner(
+            name,
+            stream,
+            tokens=self._tokens[name],
+            pipeline=pipeline,
+            store=self.store,
+            budget=budget,
+            status_check=check,
+        )
+        self.pipelines[name], self.runners[name] = pipeline, runner
+
+    def _launch(self, name: str) -> None:
+        pipeline, runner = self.pipelines[name], self.runners[name]
+        pipeline.start()
+        for t in pipeline.tasks:
+            self._tasks.add(t)
+            t.add_done_callback(self._task_done)
+        self._stream_tasks[name] = self._spawn(runner.run(), f"stream-{name}")
+
+    async def stop_stream(self, name: str, lost: bool) -> None:
+        """Stop one stream (fleet mode). Handed over (``lost`` False): ``complete``, drain,
+        commit, as at shutdown. Lost (another member holds it, or we cannot renew): stop
+        reading at once; what is done is offered to one more commit, which the epoch lets
+        through only if no one took the stream meanwhile."""
+        runner, pipeline = self.runners.get(name), self.pipelines.get(name)
+        task = self._stream_tasks.pop(name, None)
+        if runner is None or pipeline is None:
+            return
+        runner.request_stop()
+        c = self.settings.streams[name].connection
+        grace = c.complete_timeout_s + 2
+        if lost and self.fleet is not None:
+            grace = min(grace, self.fleet.settings.renew_interval_s)
+        if task is not None:
+            await _wait([task], grace)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if not lost:
+            try:
+                await asyncio.wait_for(pipeline.drained(), self.settings.pipeline.drain_timeout_s)
+            except TimeoutError:
+                log.warning("drain deadline passed; the next holder replays the rest", stream=name)
+        await pipeline.stop()
+        try:
+            await asyncio.wait_for(self.committer.flush(), grace)
+        except Exception as exc:
+            log.warning("commit before handing over failed", stream=name, error=describe(exc))
+        self.committer.forget(name)
+        self.runners.pop(name, None)
+        self.pipelines.pop(name, None)
+        log.info("stream stopped here", stream=name, lost=lost)
 
     # --- the read-only view (metrics, readiness, systemd) -----------------------------------
 
@@ -216,19 +292,23 @@ class Daemon:
         try:
             self._spawn(self.committer.run(), "committer")
             self._spawn(self._prune_forever(), "pruner")
-            for name, pipeline in self.pipelines.items():
-                pipeline.start()
-                for t in pipeline.tasks:
-                    self._tasks.add(t)
-                    t.add_done_callback(self._task_done)
-                self._stream_tasks.append(self._spawn(self.runners[name].run(), f"stream-{name}"))
+            if self.fleet is None:
+                for name in self.runners:
+                    self._launch(name)
+            else:
+                self._spawn(self.fleet.run(), "fleet")
             self._spawn(self._report_to_systemd(), "systemd")
             if self.settings.allow_insecure_http:
                 log.warning(
                     "allow_insecure_http = true: credentials and events may travel over plain "
                     "http:// to hosts other than loopback; use it on a trusted test network only"
                 )
-            log.info("opera-consumer running", version=__version__, streams=list(self.runners))
+            log.info(
+                "opera-consumer running",
+                version=__version__,
+                streams=list(self.runners),
+                fleet_member=None if self.fleet is None else self.fleet.member,
+            )
             await self._stop.wait()
         finally:
             await self.close()
@@ -255,7 +335,9 @@ class Daemon:
         self._stop.set()
         systemd.notify("STOPPING=1", "STATUS=draining")
         p = self.settings.pipeline
-        streams = [t for t in self._stream_tasks if not t.done()]
+        if self.fleet is not None:
+            self.fleet.stop_acquiring()
+        streams = [t for t in self._stream_tasks.values() if not t.done()]
         for r in self.runners.values():
             r.request_stop()
         grace = max(s.connection.complete_timeout_s for s in self.settings.streams.values()) + 2
@@ -289,6 +371,8 @@ class Daemon:
             )
             if self.exit_code == ExitCode.OK:
                 self.exit_code = ExitCode.RUNTIME
+        if self.fleet is not None:
+            await self.fleet.hand_over()  # committed: the next members may take over now
         try:
             await self._resources.aclose()  # each closes even if another fails
         except Exception as exc:

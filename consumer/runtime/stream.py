@@ -32,9 +32,11 @@ from ..core.liveness import Liveness
 from ..core.protocol import DecodeError, Next, SubscribeInput
 from ..core.session import (
     ClientSession,
+    ConnectionStatus,
     Ended,
     Ignored,
     PongReceived,
+    QueryDone,
     Reply,
     SessionState,
 )
@@ -86,9 +88,12 @@ class StreamRunner:
         pipeline: StreamPipeline,
         store: StateStore,
         budget: UpgradeBudget,
+        status_check: bool = False,
         rng: random.Random | None = None,
     ) -> None:
         self.name = name
+        self._status_check = status_check
+        self._rng = rng or random.Random()
         self.settings = settings
         self._tokens = tokens
         self._pipeline = pipeline
@@ -231,6 +236,10 @@ class StreamRunner:
                 if isinstance(out, Reply):
                     await ws.send(out.text)
         self._ignored_logged = False
+        if self._status_check:
+            wait = await self._check_status(ws, session)
+            if wait is not None:
+                return wait
         await ws.send(session.subscribe(sub))
         self.state = StreamState.STREAMING
         self._completing = None
@@ -260,6 +269,42 @@ class StreamRunner:
             for t in helpers:
                 t.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
+
+    async def _check_status(self, ws: ClientConnection, session: ClientSession) -> Decision | None:
+        """Oracle's active/passive check: subscribe only when the gateway says no consumer is
+        active on this stream; else close and ask again later (never fight for it: a second
+        subscriber would get 4409 and the lockout). None: go ahead and subscribe."""
+        c = self.settings.connection
+        await ws.send(session.query_connection())
+        async with asyncio.timeout(c.ack_timeout_s):
+            while True:
+                out = session.receive(await ws.recv(decode=False))
+                if isinstance(out, Reply):
+                    await ws.send(out.text)
+                elif isinstance(out, ConnectionStatus):
+                    break
+        if out.status is None:
+            # No usable answer (a gateway without the query?): subscribe, 4409 still guards.
+            log.warning("connection status query unanswered; subscribing", problem=out.problem)
+        elif out.status.lower() != "inactive":
+            await ws.close(1000)
+            delay = c.status_poll_s + self._rng.uniform(0, c.takeover_jitter_s)
+            return Decision(
+                Action.RECONNECT,
+                delay,
+                f"the gateway says another consumer is {out.status} on this stream; asking "
+                "again later",
+                code="status_active",
+                deliberate=True,
+            )
+        jitter = self._rng.uniform(0, c.takeover_jitter_s)
+        if jitter > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), jitter)
+            if self._stop.is_set():
+                await ws.close(1000)
+                return Decision(Action.RECONNECT, 0.0, "stopping")
+        return None
 
     async def _read(
         self, ws: ClientConnection, liveness: Liveness, session: ClientSession
@@ -299,6 +344,8 @@ class StreamRunner:
             elif isinstance(out, Ignored):
                 liveness.activity(now)
                 self._ignore(out)
+            elif type(out) is QueryDone:
+                liveness.activity(now)
             elif isinstance(out, Ended):
                 # The server ended our subscription; a fresh session resumes from the checkpoint.
                 log.warning("subscription ended by the server", detail=out.reason)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from ..core.records import Checkpoint, CommitBatch, DeadLetterRow
+from ..core.records import Checkpoint, CommitBatch, DeadLetterRow, Fence
 from ..core.watermark import Position
 
 
@@ -43,8 +43,11 @@ class StateStore(Protocol):
         """Everything in ``batch`` becomes durable together, or not at all."""
         ...
 
-    async def anchor(self, stream: str, position: Position) -> None:
-        """Create the stream's checkpoint if it has none (never moves an existing one)."""
+    async def anchor(self, stream: str, position: Position, fence: Fence | None = None) -> None:
+        """Create the stream's checkpoint if it has none (never moves an existing one).
+        ``fence`` (and :attr:`CommitBatch.fence`): a store with fleet leases refuses the
+        write with :class:`~consumer.errors.Fenced` unless the member holds them; a store
+        without (SQLite: no fleet) ignores it."""
         ...
 
     async def prune_processed(self, older_than: float) -> int: ...

@@ -39,9 +39,9 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import asyncpg
 
 from ..config import StateSettings
-from ..core.records import Checkpoint, CommitBatch, DeadLetterRow, dead_letter_row
+from ..core.records import Checkpoint, CommitBatch, DeadLetterRow, Fence, dead_letter_row
 from ..core.watermark import Position
-from ..errors import LeaseHeld, SchemaTooNew, StoreError
+from ..errors import Fenced, LeaseHeld, SchemaTooNew, StoreError
 from ..pg_target import Target
 
 MIGRATIONS: tuple[str, ...] = (
@@ -91,6 +91,28 @@ MIGRATIONS: tuple[str, ...] = (
         mode   TEXT NOT NULL CHECK (mode IN ('highest')),
         set_at DOUBLE PRECISION NOT NULL
     );
+    """,
+    # 2: fleet mode (see consumer.state.fleet): members and their stream leases. Times are
+    # the database's clock (epoch seconds), so the members' clocks never matter.
+    """
+    CREATE TABLE {s}.fleet_members (
+        member       TEXT PRIMARY KEY,
+        host         TEXT NOT NULL,
+        pid          INTEGER NOT NULL,
+        weight       DOUBLE PRECISION NOT NULL,
+        started_at   DOUBLE PRECISION NOT NULL,
+        heartbeat_at DOUBLE PRECISION NOT NULL,
+        expires_at   DOUBLE PRECISION NOT NULL,
+        draining     BOOLEAN NOT NULL DEFAULT FALSE
+    );
+    CREATE TABLE {s}.stream_leases (
+        stream      TEXT PRIMARY KEY,
+        holder      TEXT,
+        epoch       BIGINT NOT NULL DEFAULT 0,
+        acquired_at DOUBLE PRECISION NOT NULL DEFAULT 0,
+        expires_at  DOUBLE PRECISION NOT NULL DEFAULT 0
+    );
+    CREATE INDEX stream_leases_holder ON {s}.stream_leases (holder);
     """,
 )
 
@@ -211,6 +233,19 @@ class PostgresStore:
     @property
     def where(self) -> str:
         return f"PostgreSQL {self.target.where} (schema {self.schema})"
+
+    @property
+    def pool(self) -> Any:
+        """The asyncpg pool (for the fleet's lease table, :mod:`consumer.state.fleet`)."""
+        return self._pool
+
+    @property
+    def qualified_schema(self) -> str:
+        return self._s
+
+    @property
+    def timeout_s(self) -> float:
+        return self._timeout
 
     @classmethod
     async def open(
@@ -415,6 +450,8 @@ class PostgresStore:
     async def _commit(self, batch: CommitBatch, now: float) -> None:
         s = self._s
         async with self._pool.acquire(timeout=self._timeout) as db, db.transaction():
+            if batch.fence is not None:
+                await self._check_fence(db, batch.fence, batch.streams())
             for stream, ids in batch.processed.items():
                 # One statement for the whole batch, the ids as one array.
                 await db.execute(
@@ -480,10 +517,33 @@ class PostgresStore:
             if batch.sink_state is not None:
                 await self._put_sink_state(db, *batch.sink_state, now)
 
+    async def _check_fence(self, db: Any, fence: Fence, streams: set[str]) -> None:
+        """Fleet mode: raise :class:`Fenced` (rolling the transaction back) unless this member
+        holds every stream's lease at its epoch. ``FOR SHARE`` keeps a takeover (an UPDATE
+        of the lease row) waiting until this transaction ends, so the new holder reads the
+        checkpoint this commit writes."""
+        if not streams:
+            return
+        rows = await db.fetch(
+            f"SELECT stream, holder, epoch FROM {self._s}.stream_leases "
+            "WHERE stream = ANY($1::text[]) ORDER BY stream FOR SHARE",
+            sorted(streams),
+        )
+        held = {
+            str(r["stream"])
+            for r in rows
+            if r["holder"] == fence.member and fence.epochs.get(r["stream"]) == r["epoch"]
+        }
+        lost = frozenset(streams - held)
+        if lost:
+            raise Fenced(lost)
+
     @_translated("anchoring a checkpoint")
-    async def anchor(self, stream: str, position: Position) -> None:
+    async def anchor(self, stream: str, position: Position, fence: Fence | None = None) -> None:
         s = self._s
         async with self._pool.acquire(timeout=self._timeout) as db, db.transaction():
+            if fence is not None:
+                await self._check_fence(db, fence, {stream})
             # After an operator's reset the stream has a checkpoint row, which the first
             # event of the new session replaces.
             reset = await db.execute(f"DELETE FROM {s}.start_overrides WHERE stream = $1", stream)

@@ -26,7 +26,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import aiosqlite
 import orjson
 
-from ..core.records import Checkpoint, CommitBatch, DeadLetterRow, dead_letter_row
+from ..core.records import Checkpoint, CommitBatch, DeadLetterRow, Fence, dead_letter_row
 from ..core.watermark import Position
 from ..errors import SchemaTooNew, StoreError
 from ..sqlite_tx import transaction
@@ -342,7 +342,8 @@ class SqliteStore:
                 await self._put_sink_state(db, *batch.sink_state, now)
 
     @_translated
-    async def anchor(self, stream: str, position: Position) -> None:
+    async def anchor(self, stream: str, position: Position, fence: Fence | None = None) -> None:
+        # ``fence``: no fleet on SQLite (the settings refuse it), so there are no leases.
         async with transaction(self._w) as db:
             # After an operator's reset the stream has a checkpoint row, which the first
             # event of the new session replaces.

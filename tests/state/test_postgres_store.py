@@ -74,10 +74,12 @@ async def test_the_schema_and_its_version(backend: PostgresBackend) -> None:
     assert [r[0] for r in rows] == [
         "checkpoints",
         "dead_letters",
+        "fleet_members",
         "processed_events",
         "schema_version",
         "sink_state",
         "start_overrides",
+        "stream_leases",
     ]
     versions = await backend.fetch(f"SELECT version FROM {backend.q}.schema_version")
     assert [r[0] for r in versions] == list(range(1, len(MIGRATIONS) + 1))

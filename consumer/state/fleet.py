@@ -1,0 +1,283 @@
+"""The fleet's coordination tables in the PostgreSQL state store (schema version 2).
+
+``fleet_members``: one row per member (host, pid, weight, heartbeat and expiry on the
+database's clock, ``draining`` set by ``opera-consumer fleet drain``). ``stream_leases``: one
+row per stream (holder, epoch, expiry). A member takes a free or expired lease by bumping its
+epoch; every commit checks the epoch in its own transaction
+(:meth:`~consumer.state.postgres.PostgresStore.commit`), so a member that lost a lease cannot
+make anything durable for that stream.
+
+The member talks to these tables over a connection of its own, outside the store's pool, and
+bounds every call: a renewal stuck behind a commit, or a connection stuck on a dead network,
+would let the leases run out unnoticed. :meth:`FleetTable.tick` is one statement per tick
+whatever the number of streams: heartbeat and renewal of every lease held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from ..config import StateSettings
+from ..core.assignment import LeaseView, Member
+from ..pg_target import Target
+from .postgres import DRIVER_ERRORS, quote_ident, store_error
+
+NOW = "EXTRACT(EPOCH FROM clock_timestamp())::float8"
+
+
+@dataclass(frozen=True, slots=True)
+class MemberRow:
+    member: str
+    host: str
+    pid: int
+    weight: float
+    started_at: float
+    heartbeat_at: float
+    expires_at: float
+    draining: bool
+
+    def as_member(self) -> Member:
+        return Member(self.member, self.weight, self.draining)
+
+
+@dataclass(frozen=True, slots=True)
+class FleetView:
+    now: float  # the database's clock
+    members: list[MemberRow]  # every row, live or not
+    leases: dict[str, LeaseView]
+
+    def live(self) -> list[MemberRow]:
+        return [m for m in self.members if m.expires_at > self.now]
+
+
+@dataclass(frozen=True, slots=True)
+class Renewal:
+    renewed: frozenset[str]
+    draining: bool
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class Acquired:
+    stream: str
+    epoch: int
+    previous: str | None  # the holder before us (None: free)
+
+
+class FleetTable:
+    """One member's view of the coordination tables, over one dedicated connection."""
+
+    def __init__(
+        self,
+        settings: StateSettings,
+        member: str,
+        *,
+        host: str,
+        pid: int,
+        weight: float,
+        started_at: float,
+        lease_ttl_s: float,
+    ) -> None:
+        assert settings.dsn is not None, "checked by StateSettings"
+        self._dsn = settings.dsn.get_secret_value()
+        self._target = Target(self._dsn)
+        self._schema = settings.schema_
+        self._s = quote_ident(settings.schema_)
+        self._connect_timeout = settings.timeout_s
+        self.member = member
+        self._host = host
+        self._pid = pid
+        self._weight = weight
+        self._started_at = started_at
+        self._ttl = lease_ttl_s
+        self._conn: Any = None
+
+    def __repr__(self) -> str:
+        return f"FleetTable(member={self.member!r}, server={self._target.where!r})"
+
+    async def _call(self, doing: str, timeout_s: float, fn: str, sql: str, *args: Any) -> Any:
+        """Run one statement within ``timeout_s`` (connecting first if need be). A failure
+        drops the connection (the next call makes a new one) and raises StoreError."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                if self._conn is None or self._conn.is_closed():
+                    self._conn = await asyncpg.connect(
+                        self._dsn,
+                        timeout=min(timeout_s, self._connect_timeout),
+                        server_settings={
+                            "application_name": f"opera-consumer fleet {self.member}"[:63]
+                        },
+                    )
+                return await getattr(self._conn, fn)(sql, *args)
+        except (*DRIVER_ERRORS, ValueError) as exc:
+            self._drop()
+            raise store_error(self._target, self._schema, exc, doing) from None
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.terminate()  # never waits on a dead network
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                await asyncio.wait_for(conn.close(), 2.0)
+            except (*DRIVER_ERRORS, asyncio.CancelledError):
+                conn.terminate()
+
+    # --- the member's own calls -----------------------------------------------------------
+
+    async def join(self, streams: Iterable[str], timeout_s: float) -> None:
+        """A lease row for every configured stream (members agree on the streams; rows of
+        streams no longer configured stay, unheld, until an operator removes them)."""
+        await self._call(
+            "joining the fleet",
+            timeout_s,
+            "execute",
+            f"INSERT INTO {self._s}.stream_leases (stream) SELECT unnest($1::text[]) "
+            "ON CONFLICT (stream) DO NOTHING",
+            sorted(streams),
+        )
+
+    async def tick(self, held: Mapping[str, int], timeout_s: float) -> Renewal:
+        """Heartbeat, and renew every lease held at its epoch: one statement. A stream missing
+        from ``renewed`` is lost (another member took it after it expired)."""
+        s = self._s
+        streams = list(held)
+        row = await self._call(
+            "renewing leases",
+            timeout_s,
+            "fetchrow",
+            f"WITH t AS (SELECT {NOW} AS now), "
+            f"hb AS (INSERT INTO {s}.fleet_members AS m (member, host, pid, weight, started_at, "
+            "heartbeat_at, expires_at) SELECT $1, $2, $3, $4, $5, t.now, t.now + $6 FROM t "
+            "ON CONFLICT (member) DO UPDATE SET host = EXCLUDED.host, pid = EXCLUDED.pid, "
+            "weight = EXCLUDED.weight, heartbeat_at = EXCLUDED.heartbeat_at, "
+            "expires_at = EXCLUDED.expires_at, started_at = CASE WHEN m.pid = EXCLUDED.pid "
+            "THEN m.started_at ELSE EXCLUDED.started_at END RETURNING m.draining), "
+            f"renewed AS (UPDATE {s}.stream_leases l SET expires_at = t.now + $6 "
+            "FROM t, unnest($7::text[], $8::bigint[]) AS h(stream, epoch) "
+            "WHERE l.stream = h.stream AND l.epoch = h.epoch AND l.holder = $1 "
+            "RETURNING l.stream) "
+            "SELECT (SELECT draining FROM hb) AS draining, "
+            "ARRAY(SELECT stream FROM renewed) AS renewed, (SELECT now FROM t) AS now",
+            self.member,
+            self._host,
+            self._pid,
+            self._weight,
+            self._started_at,
+            self._ttl,
+            streams,
+            [held[x] for x in streams],
+        )
+        return Renewal(frozenset(row["renewed"]), bool(row["draining"]), float(row["now"]))
+
+    async def acquire(self, streams: Iterable[str], timeout_s: float) -> list[Acquired]:
+        """Take these streams' leases where they are free, released, expired or already in
+        our name (a new epoch each time): one statement; the database settles races."""
+        s = self._s
+        rows = await self._call(
+            "taking leases",
+            timeout_s,
+            "fetch",
+            f"WITH t AS (SELECT {NOW} AS now), "
+            f"old AS (SELECT stream, holder FROM {s}.stream_leases, t "
+            "WHERE stream = ANY($1::text[]) AND (holder IS NULL OR holder = $2 "
+            "OR expires_at <= t.now) FOR UPDATE SKIP LOCKED) "
+            f"UPDATE {s}.stream_leases l SET holder = $2, epoch = l.epoch + 1, "
+            "acquired_at = t.now, expires_at = t.now + $3 FROM old, t "
+            "WHERE l.stream = old.stream RETURNING l.stream, l.epoch, old.holder",
+            sorted(streams),
+            self.member,
+            self._ttl,
+        )
+        return [Acquired(str(r[0]), int(r[1]), r[2]) for r in rows]
+
+    async def release(self, held: Mapping[str, int], timeout_s: float) -> None:
+        """Give these leases up at once (graceful: the stream's work is committed), so the
+        next member takes them at its next tick instead of waiting for expiry."""
+        if not held:
+            return
+        streams = list(held)
+        await self._call(
+            "releasing leases",
+            timeout_s,
+            "execute",
+            f"UPDATE {self._s}.stream_leases l SET holder = NULL, expires_at = 0 "
+            "FROM unnest($1::text[], $2::bigint[]) AS h(stream, epoch) "
+            "WHERE l.stream = h.stream AND l.epoch = h.epoch AND l.holder = $3",
+            streams,
+            [held[x] for x in streams],
+            self.member,
+        )
+
+    async def leave(self, timeout_s: float) -> None:
+        await self._call(
+            "leaving the fleet",
+            timeout_s,
+            "execute",
+            f"DELETE FROM {self._s}.fleet_members WHERE member = $1",
+            self.member,
+        )
+
+    async def view(self, timeout_s: float) -> FleetView:
+        """Members and leases as the database has them now (two statements, whatever the
+        number of streams)."""
+        call, s = self._call, self._s
+        members = await call(
+        "reading the fleet",
+        timeout_s,
+        "fetch",
+        f"SELECT member, host, pid, weight, started_at, heartbeat_at, expires_at, draining, "
+        f"{NOW} AS now FROM {s}.fleet_members ORDER BY member",
+    )
+        leases = await call(
+            "reading the leases",
+            timeout_s,
+            "fetch",
+            f"SELECT stream, holder, epoch, expires_at, {NOW} AS now FROM {s}.stream_leases "
+            "ORDER BY stream",
+        )
+        rows = members or leases
+        return FleetView(
+            float(rows[0]["now"]) if rows else 0.0,
+            [MemberRow(*r[:8]) for r in members],
+            {str(r[0]): LeaseView(str(r[0]), r[1], int(r[2]), float(r[3])) for r in leases},
+        )
+
+    # --- operators (opera-consumer fleet ...) ---------------------------------------------
+
+    @classmethod
+    def for_operator(cls, settings: StateSettings) -> FleetTable:
+        """For a CLI command: a name of its own, never a member (it never ticks)."""
+        host = socket.gethostname()
+        return cls(
+            settings,
+            f"cli:{host}:{os.getpid()}",
+            host=host,
+            pid=os.getpid(),
+            weight=0.0,
+            started_at=0.0,
+            lease_ttl_s=0.0,
+        )
+
+    async def set_draining(self, member: str, draining: bool, timeout_s: float) -> bool:
+        """Mark a member draining (its share becomes 0: it hands its streams over
+        gracefully), or not; False when there is no such member."""
+        status = await self._call(
+            "draining a member",
+            timeout_s,
+            "execute",
+            f"UPDATE {self._s}.fleet_members SET draining = $2 WHERE member = $1",
+            member,
+            draining,
+        )
+        return str(status).rsplit(" ", 1)[-1] != "0"
