@@ -1,4 +1,4 @@
-"""Command line: ``opera-consumer run | check-config | status | preflight | sandbox``.
+"""Command line: ``opera-consumer run | check-config | status | preflight | fleet | sandbox``.
 
 Exit status: 0 success; 1 a runtime failure (e.g. the state store cannot be read, or a
 preflight check failed); 2 bad
@@ -78,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
 
     _dlq_parser(sub, with_config)
     _offset_parser(sub, with_config)
+    _fleet_parser(sub, with_config)
     sink = sub.add_parser("sink", help="the sink's own data: adopt an existing jsonl file")
     sink_cmds = sink.add_subparsers(dest="sink_command", required=True, metavar="ACTION")
     adopt = with_config(
@@ -173,6 +174,32 @@ def _offset_parser(sub: Any, with_config: Any) -> None:
         p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
+def _fleet_parser(sub: Any, with_config: Any) -> None:
+    fleet = sub.add_parser(
+        "fleet", help="fleet mode ([fleet] enabled): members and stream leases; drain a member"
+    )
+    cmds = fleet.add_subparsers(dest="fleet_command", required=True, metavar="ACTION")
+    status = with_config(
+        cmds.add_parser(
+            "status",
+            help="members (live, draining, gone; share, streams held) and streams (holder, "
+            "lease expiry, checkpoint, lag)",
+            epilog=_EPILOG,
+        )
+    )
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    drain = with_config(
+        cmds.add_parser(
+            "drain",
+            help="mark MEMBER draining: its share becomes 0, it hands its streams over "
+            "gracefully at its next tick and the others take them (--undo: clear it)",
+            epilog=_EPILOG,
+        )
+    )
+    drain.add_argument("member", help="the member's name, as `fleet status` shows it")
+    drain.add_argument("--undo", action="store_true", help="clear the flag: a share again")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -201,6 +228,12 @@ def _command(args: argparse.Namespace) -> int:
         from .commands.sink import adopt
 
         return asyncio.run(adopt(settings, execute=args.execute))
+    if command == "fleet":
+        from .commands import fleet
+
+        if args.fleet_command == "drain":
+            return asyncio.run(fleet.drain(settings, args.member, undo=args.undo))
+        return asyncio.run(fleet.status(settings, as_json=args.json))
     if command == "status":
         from .commands.status import status
 

@@ -80,7 +80,7 @@ async def plan(settings: Settings, stream: str, new: str) -> Plan:
             SubscribeInput(chain_code="X", offset=new).validate()
         except InvalidInput as exc:
             raise OffsetRefused(f"offset {new!r}: {exc}") from None
-    running = await current_holder(settings.state)
+    running = await current_holder(settings.state, fleet=settings.fleet.enabled)
     if running is not None and stream in running.get("streams", [stream]):
         raise OffsetRefused(
             f"a running opera-consumer (pid {running.get('pid')}) holds stream {stream}: "
@@ -100,7 +100,7 @@ async def plan(settings: Settings, stream: str, new: str) -> Plan:
 
 
 async def execute(settings: Settings, p: Plan) -> None:
-    held = await acquire(settings.state, (p.stream,), role="offset")
+    held = await acquire(settings.state, (p.stream,), role="offset", fleet=settings.fleet.enabled)
     try:
         store = await open_store(settings.state)
         try:

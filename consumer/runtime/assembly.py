@@ -76,7 +76,15 @@ def _plain(settings: Settings, http: httpx.AsyncClient) -> Sink:
     if isinstance(s, WebhookSinkSettings):
         return WebhookSink(s, http)
     if isinstance(s, PostgresSinkSettings):
-        return PostgresSink(s)
+        # The state in PostgreSQL on the very same DSN: the rows commit in the state store's
+        # transaction, with the checkpoint (else the sink upserts on its own pool).
+        st = settings.state
+        same = (
+            st.backend == "postgres"
+            and st.dsn is not None
+            and st.dsn.get_secret_value() == s.dsn.get_secret_value()
+        )
+        return PostgresSink(s, in_state_transaction=same)
     if isinstance(s, PythonSinkSettings):
         return PythonSink(s)
     raise AssertionError(f"unknown sink settings {type(s).__name__}")

@@ -69,7 +69,10 @@ class Committer:
         # them; what a fenced stream did since its last commit is dropped, never retried.
         self._fence: Callable[[], Fence | None] = lambda: None
         self._on_fenced: Callable[[frozenset[str]], None] = lambda streams: None
-        self._fenced: set[str] = set()
+        # stream -> the epoch at which the store refused it (None: not held then). A stream
+        # taken again later has a new epoch and is not fenced by the old refusal.
+        self._fenced: dict[str, int | None] = {}
+        self._forgotten_in_flight: set[str] = set()  # forgotten while a commit was under way
         self.fencing_rejections = 0
         self._pending_bytes = 0
         self._ledgers: dict[str, _Ledger] = {}
@@ -242,7 +245,9 @@ class Committer:
                 await self._sink.sync(batch.sink_state[1] if batch.sink_state else None)
                 batch = await self._commit_fenced(batch)
             except BaseException as exc:
-                self._restore(batch)
+                # Work of a stream forgotten meanwhile belongs to a lease that is gone.
+                gone = frozenset(self._forgotten_in_flight)
+                self._restore(batch.without(gone) if gone else batch)
                 if not isinstance(exc, asyncio.CancelledError):
                     self.failures += 1
                     if self.failing_since is None:
@@ -250,11 +255,14 @@ class Committer:
                 raise
             finally:
                 self.busy_since = None
+                self._forgotten_in_flight.clear()
             self.failures = 0
             self.failing_since = None
+            self._committed.set()
+            if not batch:  # every stream in it was fenced
+                return False
             self._durable(batch)
             self.commits += 1
-            self._committed.set()
             return True
 
     async def _commit_fenced(self, batch: CommitBatch) -> CommitBatch:
@@ -272,19 +280,30 @@ class Committer:
                     "member's uncommitted work on the stream (the new holder replays it)",
                     streams=sorted(exc.streams),
                 )
-                self.fence_out(exc.streams)
+                epochs = batch.fence.epochs if batch.fence is not None else {}
+                self.fence_out(exc.streams - self._forgotten_in_flight, epochs)
                 self._forget_in_flight(batch, exc.streams)
                 batch = batch.without(exc.streams)
                 if not batch:
                     return batch
 
-    def fence_out(self, streams: frozenset[str]) -> None:
-        """These streams' leases are gone: nothing of theirs is committed from now on (until
-        :meth:`forget`), and whoever runs them is told to stop."""
-        new = streams - self._fenced
-        self._fenced.update(streams)
+    def fence_out(self, streams: frozenset[str], epochs: dict[str, int]) -> None:
+        """The store refused these streams at these epochs: nothing of theirs is committed
+        from now on (until :meth:`forget`, or a new epoch), and whoever runs them is told."""
+        new = frozenset(s for s in streams if s not in self._fenced)
+        for s in streams:
+            self._fenced[s] = epochs.get(s)
         if new:
-            self._on_fenced(frozenset(new))
+            self._on_fenced(new)
+
+    def _fenced_now(self) -> frozenset[str]:
+        if not self._fenced:
+            return frozenset()
+        fence = self._fence()
+        current = fence.epochs if fence is not None else {}
+        for s in [s for s, e in self._fenced.items() if e is not None and current.get(s) != e]:
+            del self._fenced[s]  # taken again since: a new epoch
+        return frozenset(self._fenced)
 
     def _forget_in_flight(self, batch: CommitBatch, streams: frozenset[str]) -> None:
         for stream in streams:
@@ -296,12 +315,20 @@ class Committer:
                 self._ledger(letter.stream).letters_not_durable[letter.primary_key] -= 1
 
     def forget(self, stream: str) -> None:
-        """The stream stopped here (released or lost): drop its completion state, so that a
-        later lease starts from the store's checkpoint."""
+        """The stream stopped here (released or lost; its workers are stopped): drop its
+        completion state and its uncommitted work, wherever it waits (the batch, the sink's
+        staged rows, a commit under way), so that a later lease starts from the store's
+        checkpoint with nothing of the old one."""
+        gone = frozenset({stream})
         self._ledgers.pop(stream, None)
-        self._fenced.discard(stream)
+        self._fenced.pop(stream, None)
         self.checkpointed_at.pop(stream, None)
-        self._batch = self._batch.without(frozenset({stream}))
+        self._batch = self._batch.without(gone)
+        staged = self._sink.staged()  # the other streams' rows wait in the batch instead
+        if staged is not None:
+            self._batch.staged.append(staged.without(gone))
+        if self.busy_since is not None:
+            self._forgotten_in_flight.add(stream)
 
     async def anchor(self, stream: str, position: Position) -> None:
         """Create the stream's checkpoint if it has none (never moves an existing one)."""
@@ -310,7 +337,8 @@ class Committer:
                 await self._store.anchor(stream, position, self._fence())
             except Fenced as exc:
                 self.fencing_rejections += 1
-                self.fence_out(exc.streams)
+                fence = self._fence()
+                self.fence_out(exc.streams, fence.epochs if fence is not None else {})
                 raise
 
     async def prune(self, older_than: float) -> int:
@@ -322,7 +350,7 @@ class Committer:
         batch, self._batch = self._batch, CommitBatch()
         self._pending = 0
         self._pending_bytes = 0
-        fenced = frozenset(self._fenced)
+        fenced = self._fenced_now()
         if fenced:
             batch = batch.without(fenced)
         for stream, ledger in self._ledgers.items():

@@ -27,7 +27,7 @@ from ..config import Settings
 from ..core import protocol
 from ..core.evidence import describe, shown
 from ..core.upgrade_budget import UpgradeBudget
-from ..errors import ConfigError, ExitCode, SinkUnusable, StoreError, StreamStopped
+from ..errors import ConfigError, ExitCode, LeaseHeld, SinkUnusable, StoreError, StreamStopped
 from ..sinks.base import Sink
 from ..state import lease, open_store
 from ..state.base import StateStore
@@ -38,7 +38,7 @@ from .committer import Committer
 from .fleet import Fleet
 from .metrics import Metrics, MetricsServer
 from .pipeline import StreamPipeline
-from .status import CommitStatus, StreamStatus
+from .status import CommitStatus, FleetStatus, StreamStatus
 from .stream import StreamRunner, StreamState
 
 log = structlog.get_logger(__name__)
@@ -79,7 +79,12 @@ class Daemon:
         cls, settings: Settings, sink: Sink | None, resources: contextlib.AsyncExitStack
     ) -> Daemon:
         st = settings.state
-        if not settings.fleet.enabled:
+        if settings.fleet.enabled:
+            # A single daemon on the same schema would consume every stream beside the fleet.
+            single = await lease.current_holder(st)
+            if single is not None:
+                raise LeaseHeld(f"schema {st.schema_} (a daemon outside the fleet)", single)
+        else:
             # One daemon per state store: a second one would fight over the checkpoints (and
             # OHIP would lock one of them out with 4409 anyway). A fleet shares it, with a
             # lease per stream instead (runtime.fleet).
@@ -246,6 +251,21 @@ class Daemon:
 
     def sink_counters(self) -> dict[str, float]:
         return self.sink.counters()
+
+    def fleet_status(self) -> FleetStatus | None:
+        f = self.fleet
+        if f is None:
+            return None
+        c = f.counters
+        return FleetStatus(
+            member=f.member,
+            leases_held=f.leases_held,
+            members_live=f.members_live,
+            takeovers=c.takeovers,
+            lost=c.lost,
+            fencing_rejections=self.committer.fencing_rejections,
+            self_fenced=c.self_fenced,
+        )
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         task = asyncio.create_task(coro, name=name)

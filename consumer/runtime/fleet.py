@@ -101,6 +101,8 @@ class Fleet:
                 await self._tick(started)
             except StoreError as exc:
                 log.warning("fleet tick failed; retrying", error=describe(exc))
+            except Exception:  # a bug: the leases must keep being renewed or fenced
+                log.exception("fleet tick failed unexpectedly; retrying")
             self._self_fence_if_due(time.monotonic())
             await asyncio.sleep(max(0.0, f.renew_interval_s - (time.monotonic() - started)))
 
@@ -141,16 +143,15 @@ class Fleet:
         for stream in decision.release:
             log.info("handing a stream over", stream=stream, share=decision.share)
             self._move(stream, lost=False)
-        if decision.acquire and not self._closing:
-            got = await self.table.acquire(decision.acquire, timeout)
+        wanted = [s for s in decision.acquire if s not in self._moving]  # not until stopped
+        if wanted and not self._closing:
+            got = await self.table.acquire(wanted, timeout)
             for a in got:
                 self.epochs[a.stream] = a.epoch
                 self.counters.acquired += 1
                 if a.previous is not None and a.previous != self.member:
                     self.counters.takeovers += 1
-                log.info(
-                    "lease taken", stream=a.stream, epoch=a.epoch, previous=a.previous or "-"
-                )
+                log.info("lease taken", stream=a.stream, epoch=a.epoch, previous=a.previous or "-")
                 await self._start(a.stream)
 
     def _self_fence_if_due(self, now: float) -> None:

@@ -26,7 +26,7 @@ from prometheus_client.registry import Collector
 from ..core.events import Event
 from ..http11 import read_request, reject, request_path, respond
 from ..logs import RateLimitedLogger
-from .status import StatusSource
+from .status import FleetStatus, StatusSource
 from .stream import StreamState
 
 _E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600, 86400)
@@ -148,6 +148,36 @@ class _StatusCollector(Collector):
             )
             family.add_metric([], value)
             yield family
+        fleet = self._source.fleet_status()
+        if fleet is not None:
+            yield from fleet_families(fleet)
+
+
+def fleet_families(f: FleetStatus) -> Iterator[Metric]:
+    for name, doc, value in (
+        ("fleet_leases_held", "Stream leases this member holds.", f.leases_held),
+        ("fleet_members_live", "Fleet members with a live heartbeat.", f.members_live),
+    ):
+        g = GaugeMetricFamily(f"opera_consumer_{name}", doc, labels=["member"])
+        g.add_metric([f.member], value)
+        yield g
+    for name, doc, value in (
+        ("fleet_takeovers", "Leases taken from another member.", f.takeovers),
+        ("fleet_leases_lost", "Leases found taken by another member.", f.lost),
+        (
+            "fleet_fencing_rejections",
+            "Commits the store refused: the lease's epoch had moved on.",
+            f.fencing_rejections,
+        ),
+        (
+            "fleet_self_fenced",
+            "Times every stream was stopped for want of a lease renewal.",
+            f.self_fenced,
+        ),
+    ):
+        c = CounterMetricFamily(f"opera_consumer_{name}", doc, labels=["member"])
+        c.add_metric([f.member], value)
+        yield c
 
 
 _SINK_COUNTERS = {

@@ -39,6 +39,17 @@ class CommitStatus:
     busy_since: float | None  # monotonic start of the commit under way
 
 
+@dataclass(frozen=True, slots=True)
+class FleetStatus:
+    member: str
+    leases_held: int
+    members_live: int
+    takeovers: int
+    lost: int
+    fencing_rejections: int
+    self_fenced: int
+
+
 class StatusSource(Protocol):
     def stream_statuses(self) -> list[StreamStatus]: ...
 
@@ -46,4 +57,8 @@ class StatusSource(Protocol):
 
     def sink_counters(self) -> dict[str, float]:
         """The sink's own figures (e.g. orchestration GETs), by metric name."""
+        ...
+
+    def fleet_status(self) -> FleetStatus | None:
+        """Fleet mode: this member's leases and what happened to them; else None."""
         ...

@@ -98,6 +98,7 @@ class FleetTable:
         self._started_at = started_at
         self._ttl = lease_ttl_s
         self._conn: Any = None
+        self._lock = asyncio.Lock()  # one statement at a time on the one connection
 
     def __repr__(self) -> str:
         return f"FleetTable(member={self.member!r}, server={self._target.where!r})"
@@ -106,7 +107,7 @@ class FleetTable:
         """Run one statement within ``timeout_s`` (connecting first if need be). A failure
         drops the connection (the next call makes a new one) and raises StoreError."""
         try:
-            async with asyncio.timeout(timeout_s):
+            async with asyncio.timeout(timeout_s), self._lock:
                 if self._conn is None or self._conn.is_closed():
                     self._conn = await asyncpg.connect(
                         self._dsn,
@@ -233,12 +234,12 @@ class FleetTable:
         number of streams)."""
         call, s = self._call, self._s
         members = await call(
-        "reading the fleet",
-        timeout_s,
-        "fetch",
-        f"SELECT member, host, pid, weight, started_at, heartbeat_at, expires_at, draining, "
-        f"{NOW} AS now FROM {s}.fleet_members ORDER BY member",
-    )
+            "reading the fleet",
+            timeout_s,
+            "fetch",
+            f"SELECT member, host, pid, weight, started_at, heartbeat_at, expires_at, draining, "
+            f"{NOW} AS now FROM {s}.fleet_members ORDER BY member",
+        )
         leases = await call(
             "reading the leases",
             timeout_s,
@@ -256,7 +257,7 @@ class FleetTable:
     # --- operators (opera-consumer fleet ...) ---------------------------------------------
 
     @classmethod
-    def for_operator(cls, settings: StateSettings) -> FleetTable:
+    def for_operator(cls, settings: StateSettings, *, lease_ttl_s: float = 0.0) -> FleetTable:
         """For a CLI command: a name of its own, never a member (it never ticks)."""
         host = socket.gethostname()
         return cls(
@@ -266,7 +267,7 @@ class FleetTable:
             pid=os.getpid(),
             weight=0.0,
             started_at=0.0,
-            lease_ttl_s=0.0,
+            lease_ttl_s=lease_ttl_s,
         )
 
     async def set_draining(self, member: str, draining: bool, timeout_s: float) -> bool:

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from ..config import StateSettings
 from ..errors import LeaseHeld
+from .fleet import FleetTable
 from .postgres import PostgresLease
 from .sqlite import store_error
 
@@ -93,17 +94,76 @@ class _FileHeld:
         self._lease.release()
 
 
-async def acquire(settings: StateSettings, streams: Iterable[str], *, role: str = "daemon") -> Held:
+class _FleetHeld:
+    """An operator command's hold on fleet streams: their lease rows in its own name (a new
+    epoch, so a member that had them can commit nothing more), given back at the end."""
+
+    def __init__(self, table: FleetTable, epochs: dict[str, int]) -> None:
+        self._table = table
+        self._epochs = epochs
+
+    @classmethod
+    async def take(cls, settings: StateSettings, streams: Iterable[str]) -> _FleetHeld:
+        table = FleetTable.for_operator(settings, lease_ttl_s=_OPERATOR_LEASE_S)
+        wanted = sorted(set(streams))
+        try:
+            got = {a.stream: a.epoch for a in await table.acquire(wanted, settings.timeout_s)}
+            if set(got) != set(wanted):
+                await table.release(got, settings.timeout_s)
+                view = await table.view(settings.timeout_s)
+                busy = [s for s in wanted if s not in got]
+                holders = sorted({str(view.leases[s].holder) for s in busy if s in view.leases})
+                raise LeaseHeld(
+                    f"(fleet member {', '.join(holders)} holds {', '.join(busy)})",
+                    {"pid": ", ".join(holders)},
+                )
+        except BaseException:
+            await table.close()
+            raise
+        return cls(table, got)
+
+    async def release(self) -> None:
+        epochs, self._epochs = self._epochs, {}
+        try:
+            await self._table.release(epochs, 10.0)
+        finally:
+            await self._table.close()
+
+
+_OPERATOR_LEASE_S = 300.0  # an operator command's hold on a fleet stream, at most
+
+
+async def acquire(
+    settings: StateSettings, streams: Iterable[str], *, role: str = "daemon", fleet: bool = False
+) -> Held:
     """Hold the state store for this process: the ``flock`` beside an SQLite file, or a
     session advisory lock in PostgreSQL (held by a connection of its own, dropped by the server
-    when the process dies). :class:`LeaseHeld` names the holder."""
+    when the process dies). ``fleet``: the leases of ``streams`` instead (the members share
+    the store). :class:`LeaseHeld` names the holder."""
+    if fleet:
+        return await _FleetHeld.take(settings, streams)
     if settings.backend == "postgres":
         return await PostgresLease.acquire(settings, streams, role=role)
     return _FileHeld(Lease.acquire(settings.path, streams, role=role))
 
 
-async def current_holder(settings: StateSettings) -> dict[str, Any] | None:
-    """Who holds the state store now (pid, role, host or streams), or None."""
+async def current_holder(settings: StateSettings, *, fleet: bool = False) -> dict[str, Any] | None:
+    """Who holds the state store now (pid, role, host or streams), or None. ``fleet``: the
+    members holding live leases, and their streams."""
+    if fleet:
+        table = FleetTable.for_operator(settings, lease_ttl_s=0.0)
+        try:
+            view = await table.view(settings.timeout_s)
+        finally:
+            await table.close()
+        held = {
+            s: lv.holder
+            for s, lv in view.leases.items()
+            if lv.holder is not None and lv.expires_at > view.now
+        }
+        if not held:
+            return None
+        return {"pid": ", ".join(sorted({str(h) for h in held.values()})), "streams": sorted(held)}
     if settings.backend == "postgres":
         return await PostgresLease.holder(settings)
     return holder(settings.path)

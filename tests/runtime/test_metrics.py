@@ -9,7 +9,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from support import count_lines, make_settings, running, wait_until
 
 from consumer.config import OrchestrationSettings
-from consumer.runtime.metrics import event_time
+from consumer.runtime.metrics import event_time, fleet_families
+from consumer.runtime.status import FleetStatus
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -98,4 +99,7 @@ async def test_the_grafana_dashboard_only_uses_metrics_that_exist(sandbox_factor
             text = (await http.get(f"http://127.0.0.1:{daemon.metrics_server.port}/metrics")).text
     # families declared (even before their first sample: no close yet, no pong yet) and samples
     exposed = {s_name for (s_name, _) in samples(text)} | set(re.findall(r"# TYPE (\S+)", text))
+    # A fleet member's own families (a daemon outside a fleet has none).
+    fleet = FleetStatus("m1", 1, 2, 3, 4, 5, 6)
+    exposed |= {f"{m.name}_total" if m.type == "counter" else m.name for m in fleet_families(fleet)}
     assert used and used <= exposed, used - exposed

@@ -1,0 +1,270 @@
+"""``opera-consumer fleet status | drain``: the fleet's members and stream leases, as the
+coordination tables in the PostgreSQL state store have them (:mod:`consumer.state.fleet`).
+
+* ``status``: every member row (live, draining, or gone: its heartbeat expired) with its fair
+  share and the leases it holds; every stream with its lease, checkpoint and lag.
+* ``drain MEMBER``: mark a member draining: its fair share becomes 0, so at its next tick it
+  hands its streams over gracefully (``complete``, drain, commit, release) and the other
+  members take them at theirs. ``--undo`` gives it a share again. The member keeps running.
+
+Every time shown is measured against the database's clock (the members' clocks never
+matter); the command never joins the fleet (it reads and flips one flag, nothing else).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import Settings
+from ..core.assignment import LeaseView, fair_share
+from ..core.records import Checkpoint
+from ..errors import ConfigError, ExitCode, OperatorRefused
+from ..state import open_store
+from ..state.fleet import FleetTable, FleetView, MemberRow
+from .output import emit, iso
+
+MEMBER_COLUMNS = (
+    "member",
+    "host",
+    "pid",
+    "weight",
+    "state",
+    "share",
+    "streams_held",
+    "heartbeat_age_s",
+    "started_at",
+)
+STREAM_COLUMNS = ("stream", "lease", "holder", "epoch", "expires_in_s", "offset", "lag_s")
+
+
+def require_fleet(settings: Settings) -> None:
+    """The fleet commands read the members' rows in PostgreSQL: refuse a config without
+    them (exit 78, naming the key and the fix)."""
+    if settings.state.backend != "postgres":
+        raise ConfigError(
+            "state.backend: the fleet's members and leases live in the PostgreSQL state store, "
+            'and backend is "sqlite" -> run the command with the fleet members\' config '
+            '([state] backend = "postgres" and dsn)'
+        )
+    if not settings.fleet.enabled:
+        raise ConfigError(
+            "fleet.enabled: fleet mode is off in this configuration -> run the command with the "
+            "fleet members' config ([fleet] enabled = true, on the PostgreSQL state store)"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Read:
+    view: FleetView
+    now: float  # the database's clock (this host's when the tables are empty)
+    checkpoints: dict[str, Checkpoint]
+
+
+async def _read(settings: Settings) -> _Read:
+    """The checkpoints and the fleet's tables. Opening the store first refuses a database
+    the daemon never ran on, with the fix (exit 78), before the fleet's tables are read."""
+    store = await open_store(settings.state, create=False)
+    try:
+        checkpoints = {c.stream: c for c in await store.checkpoints()}
+    finally:
+        await store.close()
+    table = FleetTable.for_operator(settings.state)
+    try:
+        view = await table.view(settings.state.timeout_s)
+    finally:
+        await table.close()
+    now = view.now if (view.members or view.leases) else time.time()
+    return _Read(view, now, checkpoints)
+
+
+def _held(lease: LeaseView | None, now: float) -> bool:
+    return lease is not None and lease.holder is not None and lease.expires_at > now
+
+
+def _member_state(m: MemberRow, now: float) -> str:
+    if m.expires_at <= now:
+        return "gone"
+    return "draining" if m.draining else "live"
+
+
+def _age(now: float, then: float | None) -> float | None:
+    return None if then is None else round(now - then, 1)
+
+
+def member_rows(settings: Settings, view: FleetView, now: float) -> list[dict[str, Any]]:
+    live = [m.as_member() for m in view.members if m.expires_at > now]
+    streams = len(settings.streams)
+    rows: list[dict[str, Any]] = []
+    for m in view.members:
+        state = _member_state(m, now)
+        held = sum(
+            1 for lease in view.leases.values() if lease.holder == m.member and _held(lease, now)
+        )
+        rows.append(
+            {
+                "member": m.member,
+                "host": m.host,
+                "pid": m.pid,
+                "weight": m.weight,
+                "state": state,
+                "draining": m.draining,
+                # What the member aims at (consumer.core.assignment): None when gone.
+                "share": None if state == "gone" else fair_share(m.as_member(), live, streams),
+                "streams_held": held,
+                "heartbeat_age_s": _age(now, m.heartbeat_at),
+                "started_at": iso(m.started_at),
+            }
+        )
+    return rows
+
+
+def stream_rows(
+    settings: Settings, view: FleetView, now: float, checkpoints: dict[str, Checkpoint]
+) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for name in sorted(set(settings.streams) | set(view.leases)):
+        lease = view.leases.get(name)
+        cp = checkpoints.get(name)
+        if lease is None or lease.holder is None:
+            state = "free"
+        else:
+            state = "held" if _held(lease, now) else "expired"
+        rows.append(
+            {
+                "stream": name,
+                "configured": name in settings.streams,
+                "lease": state,
+                "holder": lease.holder if lease else None,
+                "epoch": lease.epoch if lease else None,
+                # negative: expired that long ago (a free lease has no expiry)
+                "expires_in_s": (
+                    round(lease.expires_at - now, 1) if lease and lease.holder else None
+                ),
+                "offset": cp.offset if cp else None,
+                "lag_s": _age(now, cp.last_event_at) if cp else None,
+            }
+        )
+    return rows
+
+
+def summary(
+    settings: Settings, members: list[dict[str, Any]], streams: list[dict[str, Any]]
+) -> str:
+    live = [m for m in members if m["state"] != "gone"]
+    draining = sum(1 for m in live if m["state"] == "draining")
+    configured = [s for s in streams if s["configured"]]
+    held = [s for s in configured if s["lease"] == "held"]
+    unheld = [s["stream"] for s in configured if s["lease"] != "held"]
+    line = f"{len(live)} member{'' if len(live) == 1 else 's'} live"
+    if draining:
+        line += f" ({draining} draining)"
+    line += f", {len(held)}/{len(configured)} streams held"
+    if unheld:
+        line += f"; unheld: {', '.join(unheld)}"
+    f = settings.fleet
+    return f"{line} (leases last {f.lease_ttl_s:g} s, renewed every {f.renew_interval_s:g} s)"
+
+
+async def status(settings: Settings, *, as_json: bool) -> int:
+    require_fleet(settings)
+    read = await _read(settings)
+    members = member_rows(settings, read.view, read.now)
+    streams = stream_rows(settings, read.view, read.now, read.checkpoints)
+    if as_json:
+        print(json.dumps({"members": members, "streams": streams}, indent=2))
+        return ExitCode.OK
+    if members:
+        emit(members, MEMBER_COLUMNS, as_json=False)
+    else:
+        print("no fleet members: no daemon has joined the fleet (or every one has left)")
+    print()
+    emit(streams, STREAM_COLUMNS, as_json=False)
+    print()
+    print(summary(settings, members, streams))
+    return ExitCode.OK
+
+
+async def drain(settings: Settings, member: str, *, undo: bool) -> int:
+    """Set (or, ``undo``, clear) a member's draining flag and say what follows."""
+    require_fleet(settings)
+    read = await _read(settings)  # also refuses a database the fleet never ran on
+    view, now = read.view, read.now
+    table = FleetTable.for_operator(settings.state)
+    try:
+        found = await table.set_draining(member, not undo, settings.state.timeout_s)
+    finally:
+        await table.close()
+    if not found:
+        known = ", ".join(m.member for m in view.members) or "none"
+        raise OperatorRefused(
+            f"no fleet member {member!r} (members: {known}): `opera-consumer fleet status` "
+            "lists them"
+        )
+    row = next((m for m in view.members if m.member == member), None)
+    for line in _drain_story(settings, view, now, member, row, undo=undo):
+        print(line)
+    return ExitCode.OK
+
+
+def _drain_story(
+    settings: Settings,
+    view: FleetView,
+    now: float,
+    member: str,
+    row: MemberRow | None,
+    *,
+    undo: bool,
+) -> list[str]:
+    tick = f"{settings.fleet.renew_interval_s:g} s"
+    held = sorted(
+        s for s, lease in view.leases.items() if lease.holder == member and _held(lease, now)
+    )
+    others = [m for m in view.live() if m.member != member and not m.draining and m.weight > 0]
+    names = ", ".join(m.member for m in others)
+    lines: list[str] = []
+    if undo:
+        was = row is not None and row.draining
+        lines.append(
+            f"member {member} is no longer draining: its fair share is back"
+            + ("" if was else " (it was not draining: nothing changes)")
+        )
+        if was:
+            lines.append(
+                "members over their share hand streams over to it at their next ticks "
+                f"(every {tick}); it takes free ones at its own"
+            )
+    else:
+        was = row is not None and row.draining
+        lines.append(
+            f"member {member} is draining: its fair share is 0"
+            + (" (it already was)" if was else "")
+        )
+        if held:
+            lines.append(
+                f"at its next tick (every {tick}) it hands its {len(held)} stream"
+                f"{'' if len(held) == 1 else 's'} over gracefully (complete, drain, commit, "
+                f"release): {', '.join(held)}"
+            )
+            if others:
+                lines.append(f"the other live members take them at their next ticks: {names}")
+            else:
+                lines.append(
+                    "WARNING: no other live member that is not draining: the streams stay "
+                    "unheld until one joins (or until `fleet drain "
+                    f"{member} --undo`)"
+                )
+        else:
+            lines.append("it holds no stream: nothing moves")
+        lines.append(
+            "it keeps running and heartbeating; "
+            f"`opera-consumer fleet drain {member} --undo` gives it a share again"
+        )
+    if row is not None and row.expires_at <= now:
+        lines.append(
+            f"note: member {member} has no live heartbeat (last {now - row.heartbeat_at:.0f} s "
+            "ago): the flag applies if it comes back under this name"
+        )
+    return lines

@@ -1,0 +1,381 @@
+"""``opera-consumer fleet status | drain`` against the coordination tables of a real PostgreSQL
+state store (tests/pg.py: the tests skip without the server binaries), with member and lease
+rows written through :class:`FleetTable` for members that exist only in the test.
+
+The fleet used by most tests, on streams a, b, c and d (and the lease row of a stream "old"
+no longer configured):
+
+* m1 (weight 1) holds a and b; m2 (weight 2) holds c;
+* m3 held d, and its heartbeat and lease ran out: m3 is gone, d's lease expired;
+* stream a has a checkpoint at offset 4711, committed 100 s ago.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import pytest
+from operator_support import cli
+
+from consumer.config import StateSettings
+from consumer.core.records import CommitBatch
+from consumer.core.watermark import Position
+from consumer.state import open_store
+from consumer.state.fleet import FleetTable
+
+pytestmark = pytest.mark.usefixtures("hermetic_config")
+
+STREAMS = ("a", "b", "c", "d")
+
+
+def write_config(
+    tmp_path: Path,
+    *,
+    dsn: str,
+    schema: str,
+    backend: str = "postgres",
+    fleet: bool = True,
+    name: str = "config.toml",
+) -> Path:
+    lines: list[str] = []
+    for stream in STREAMS:
+        lines += [
+            f"[streams.{stream}]",
+            'gateway_url = "http://127.0.0.1:9"',
+            f'chain_code = "CH{stream.upper()}"',
+            'app_key = "key-0001"',
+            f"[streams.{stream}.auth]",
+            'client_id = "cid"',
+            'client_secret = "secret-0002"',
+        ]
+    lines += ["[state]", f'backend = "{backend}"']
+    if backend == "postgres":
+        lines += [f'dsn = "{dsn}"', f'schema = "{schema}"']
+    lines += [
+        f'path = "{tmp_path / "absent.db"}"',
+        "[sink]",
+        'type = "webhook"',
+        'url = "http://127.0.0.1:9/hook"',
+        "[metrics]",
+        "enabled = false",
+    ]
+    if fleet:
+        lines += ["[fleet]", "enabled = true", "lease_ttl_s = 30", "renew_interval_s = 5"]
+    path = tmp_path / name
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def member(
+    state: StateSettings, name: str, *, weight: float = 1.0, ttl: float = 30.0
+) -> FleetTable:
+    return FleetTable(
+        state,
+        name,
+        host=f"host-{name}",
+        pid=1000 + int(name[1:]),
+        weight=weight,
+        started_at=time.time() - 3600,
+        lease_ttl_s=ttl,
+    )
+
+
+@dataclass
+class Fleet:
+    config: Path
+    state: StateSettings
+    dsn: str
+    schema: str
+
+    async def flags(self) -> dict[str, bool]:
+        conn = await asyncpg.connect(self.dsn, timeout=10)
+        try:
+            rows = await conn.fetch(f'SELECT member, draining FROM "{self.schema}".fleet_members')
+        finally:
+            await conn.close()
+        return {str(r[0]): bool(r[1]) for r in rows}
+
+
+@pytest.fixture
+async def empty_fleet(postgres_dsn: str, tmp_path: Path) -> AsyncIterator[Fleet]:
+    """A fleet config on a schema of its own, created as the daemon creates it."""
+    schema = f"t_{uuid.uuid4().hex[:16]}"
+    state = StateSettings(backend="postgres", dsn=postgres_dsn, schema=schema)
+    store = await open_store(state)
+    await store.close()
+    try:
+        yield Fleet(
+            write_config(tmp_path, dsn=postgres_dsn, schema=schema), state, postgres_dsn, schema
+        )
+    finally:
+        conn = await asyncpg.connect(postgres_dsn, timeout=10)
+        try:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        finally:
+            await conn.close()
+
+
+@pytest.fixture
+async def fleet(empty_fleet: Fleet) -> AsyncIterator[Fleet]:
+    state = empty_fleet.state
+    store = await open_store(state, create=False)
+    try:
+        batch = CommitBatch(checkpoints={"a": Position("4711", "u4711")})
+        await store.commit(batch, now=time.time() - 100)
+    finally:
+        await store.close()
+    m1, m2 = member(state, "m1"), member(state, "m2", weight=2.0)
+    m3 = member(state, "m3", ttl=0.2)
+    try:
+        await m1.join([*STREAMS, "old"], 10)
+        for m in (m1, m2, m3):
+            await m.tick({}, 10)
+        assert [a.stream for a in await m1.acquire(["a", "b"], 10)] == ["a", "b"]
+        assert [a.stream for a in await m2.acquire(["c"], 10)] == ["c"]
+        assert [a.stream for a in await m3.acquire(["d"], 10)] == ["d"]
+        await asyncio.sleep(0.3)  # m3's heartbeat and lease run out
+        yield empty_fleet
+    finally:
+        for m in (m1, m2, m3):
+            await m.close()
+
+
+def columns(line: str) -> list[str]:
+    return line.split()
+
+
+# --- status -----------------------------------------------------------------------------------
+
+
+async def test_fleet_status_table(fleet: Fleet, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = await cli(capsys, "fleet", "status", "--config", str(fleet.config))
+    assert code == 0, err
+    members, streams, summary = out.strip("\n").split("\n\n")
+
+    header, *rows = members.splitlines()
+    assert columns(header) == [
+        "member",
+        "host",
+        "pid",
+        "weight",
+        "state",
+        "share",
+        "streams_held",
+        "heartbeat_age_s",
+        "started_at",
+    ]
+    by_member = {columns(r)[0]: columns(r) for r in rows}
+    assert sorted(by_member) == ["m1", "m2", "m3"]
+    # 4 streams over weights 1 and 2: shares ceil(4/3) = 2 and ceil(8/3) = 3
+    assert by_member["m1"][1:7] == ["host-m1", "1001", "1.0", "live", "2", "2"]
+    assert by_member["m2"][1:7] == ["host-m2", "1002", "2.0", "live", "3", "1"]
+    assert by_member["m3"][1:7] == ["host-m3", "1003", "1.0", "gone", "-", "0"]
+    assert 0 <= float(by_member["m1"][7]) < 10
+    assert float(by_member["m3"][7]) > 0.2  # its last heartbeat: before the 0.3 s sleep
+    assert by_member["m1"][8].endswith("Z")
+
+    header, *rows = streams.splitlines()
+    assert columns(header) == [
+        "stream",
+        "lease",
+        "holder",
+        "epoch",
+        "expires_in_s",
+        "offset",
+        "lag_s",
+    ]
+    by_stream = {columns(r)[0]: columns(r) for r in rows}
+    assert sorted(by_stream) == ["a", "b", "c", "d", "old"]
+    assert by_stream["a"][1:4] == ["held", "m1", "1"]
+    assert 20 < float(by_stream["a"][4]) <= 30
+    assert by_stream["a"][5] == "4711"
+    assert 99 <= float(by_stream["a"][6]) < 130
+    assert by_stream["b"][1:4] + by_stream["b"][5:] == ["held", "m1", "1", "-", "-"]
+    assert by_stream["c"][1:3] == ["held", "m2"]
+    assert by_stream["d"][1:3] == ["expired", "m3"] and float(by_stream["d"][4]) < 0
+    assert by_stream["old"][1:] == ["free", "-", "0", "-", "-", "-"]
+
+    assert summary == (
+        "2 members live, 3/4 streams held; unheld: d (leases last 30 s, renewed every 5 s)"
+    )
+
+
+async def test_fleet_status_json(fleet: Fleet, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = await cli(capsys, "fleet", "status", "--json", "--config", str(fleet.config))
+    assert code == 0, err
+    doc = json.loads(out)
+    assert sorted(doc) == ["members", "streams"]
+    members = {m["member"]: m for m in doc["members"]}
+    m1 = members["m1"]
+    assert {k: m1[k] for k in ("host", "pid", "weight", "state", "draining", "share")} == {
+        "host": "host-m1",
+        "pid": 1001,
+        "weight": 1.0,
+        "state": "live",
+        "draining": False,
+        "share": 2,
+    }
+    assert m1["streams_held"] == 2 and isinstance(m1["heartbeat_age_s"], float)
+    assert m1["started_at"].endswith("Z")
+    assert (members["m3"]["state"], members["m3"]["share"]) == ("gone", None)
+
+    streams = {s["stream"]: s for s in doc["streams"]}
+    a = streams["a"]
+    assert (a["lease"], a["holder"], a["epoch"], a["offset"], a["configured"]) == (
+        "held",
+        "m1",
+        1,
+        "4711",
+        True,
+    )
+    assert 20 < a["expires_in_s"] <= 30 and 99 <= a["lag_s"] < 130
+    assert (streams["d"]["lease"], streams["d"]["holder"]) == ("expired", "m3")
+    assert streams["d"]["expires_in_s"] < 0
+    old = streams["old"]
+    assert (old["lease"], old["holder"], old["expires_in_s"], old["configured"]) == (
+        "free",
+        None,
+        None,
+        False,
+    )
+
+
+async def test_fleet_status_before_any_member_joined(
+    empty_fleet: Fleet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = await cli(capsys, "fleet", "status", "--config", str(empty_fleet.config))
+    assert code == 0, err
+    assert out.startswith("no fleet members")
+    assert "0 members live, 0/4 streams held; unheld: a, b, c, d" in out
+    code, out, err = await cli(
+        capsys, "fleet", "status", "--json", "--config", str(empty_fleet.config)
+    )
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["members"] == []
+    assert [(s["stream"], s["lease"], s["epoch"]) for s in doc["streams"]] == [
+        (s, "free", None) for s in STREAMS
+    ]
+
+
+async def test_fleet_status_on_a_database_the_fleet_never_ran_on(
+    postgres_dsn: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A missing schema is refused (78, with the fix), not created."""
+    schema = f"t_{uuid.uuid4().hex[:16]}"
+    config = write_config(tmp_path, dsn=postgres_dsn, schema=schema)
+    for command in (("status",), ("drain", "m1")):
+        code, _, err = await cli(capsys, "fleet", *command, "--config", str(config))
+        assert code == 78
+        assert f"no state in schema {schema}" in err
+    conn = await asyncpg.connect(postgres_dsn, timeout=10)
+    try:
+        assert not await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)", schema
+        )
+    finally:
+        await conn.close()
+
+
+# --- drain ------------------------------------------------------------------------------------
+
+
+async def test_fleet_drain_and_undo(fleet: Fleet, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = ("--config", str(fleet.config))
+    assert await fleet.flags() == {"m1": False, "m2": False, "m3": False}
+
+    code, out, err = await cli(capsys, "fleet", "drain", "m1", *cfg)
+    assert code == 0, err
+    assert await fleet.flags() == {"m1": True, "m2": False, "m3": False}
+    assert "member m1 is draining: its fair share is 0" in out
+    assert "hands its 2 streams over gracefully" in out and "a, b" in out
+    assert "the other live members take them at their next ticks: m2" in out
+    assert "fleet drain m1 --undo" in out
+
+    code, out, err = await cli(capsys, "fleet", "status", "--json", *cfg)
+    assert code == 0, err
+    members = {m["member"]: m for m in json.loads(out)["members"]}
+    assert (members["m1"]["state"], members["m1"]["draining"], members["m1"]["share"]) == (
+        "draining",
+        True,
+        0,
+    )
+    assert members["m2"]["share"] == 4  # every stream: the only member not draining
+    code, out, err = await cli(capsys, "fleet", "status", *cfg)
+    assert "2 members live (1 draining), 3/4 streams held" in out
+
+    # Draining the last member that is not: nobody is left to take the streams.
+    code, out, err = await cli(capsys, "fleet", "drain", "m2", *cfg)
+    assert code == 0, err
+    assert "WARNING: no other live member that is not draining" in out
+
+    code, out, err = await cli(capsys, "fleet", "drain", "m1", "--undo", *cfg)
+    assert code == 0, err
+    assert await fleet.flags() == {"m1": False, "m2": True, "m3": False}
+    assert "member m1 is no longer draining" in out
+    code, out, err = await cli(capsys, "fleet", "drain", "m1", "--undo", *cfg)
+    assert code == 0, err
+    assert "it was not draining: nothing changes" in out
+
+    # A member that is gone keeps the flag for when it comes back under its name.
+    code, out, err = await cli(capsys, "fleet", "drain", "m3", *cfg)
+    assert code == 0, err
+    assert "it holds no stream: nothing moves" in out
+    assert "member m3 has no live heartbeat" in out
+    assert (await fleet.flags())["m3"] is True
+
+
+async def test_fleet_drain_unknown_member(fleet: Fleet, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = await cli(capsys, "fleet", "drain", "nope", "--config", str(fleet.config))
+    assert code == 1
+    assert out == ""
+    assert "no fleet member 'nope'" in err and "m1, m2, m3" in err
+    assert "opera-consumer fleet status" in err
+    assert await fleet.flags() == {"m1": False, "m2": False, "m3": False}
+    code, _, err = await cli(
+        capsys, "fleet", "drain", "nope", "--undo", "--config", str(fleet.config)
+    )
+    assert code == 1 and "fleet status" in err
+
+
+# --- refused without fleet mode (no server needed) --------------------------------------------
+
+
+@pytest.mark.parametrize("command", [("status",), ("status", "--json"), ("drain", "m1")])
+async def test_fleet_commands_need_fleet_mode(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: tuple[str, ...]
+) -> None:
+    """Refused before anything connects (the DSN points at a closed port)."""
+    dsn = "postgresql://u:pw-0003@127.0.0.1:9/db"
+    no_fleet = write_config(tmp_path, dsn=dsn, schema="opera_consumer", fleet=False)
+    code, out, err = await cli(capsys, "fleet", *command, "--config", str(no_fleet))
+    assert code == 78
+    assert out == ""
+    assert "fleet.enabled" in err and "[fleet] enabled = true" in err
+    assert "pw-0003" not in err
+
+    sqlite = write_config(
+        tmp_path, dsn=dsn, schema="x", backend="sqlite", fleet=False, name="s.toml"
+    )
+    code, out, err = await cli(capsys, "fleet", *command, "--config", str(sqlite))
+    assert code == 78
+    assert "state.backend" in err and 'backend = "postgres"' in err
+    assert not (tmp_path / "absent.db").exists()
+
+
+async def test_fleet_help_names_the_actions(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = await cli(capsys, "fleet", "--help")
+    assert code == 0
+    assert "status" in out and "drain" in out
+    code, out, _ = await cli(capsys, "fleet", "drain", "--help")
+    assert code == 0
+    assert "--undo" in out and "exit status" in out
+    code, _, err = await cli(capsys, "fleet", "drain")
+    assert code == 2 and "member" in err

@@ -1,0 +1,462 @@
+"""consumer.state.fleet.FleetTable against a real PostgreSQL server (tests/pg.py), and the
+fence the PostgreSQL store checks in every commit: a member that lost a stream's lease makes
+nothing of that stream durable.
+
+Each test has a schema of its own, created by opening the store (the migrations run), dropped
+at the end."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import pytest
+from pg import PostgresServer
+from pydantic import SecretStr
+
+import consumer.state.fleet as fleet_module
+from consumer.config import StateSettings
+from consumer.core.records import CommitBatch, DeadLetter, Fence
+from consumer.core.watermark import Position
+from consumer.errors import Fenced
+from consumer.state import StateStore, open_store
+from consumer.state.fleet import Acquired, FleetTable, FleetView
+
+T = 10.0  # the timeout of each FleetTable call
+
+
+@dataclass
+class Env:
+    settings: StateSettings
+    store: StateStore
+    dsn: str
+    schema: str
+    tables: list[FleetTable] = field(default_factory=list)
+
+    @property
+    def q(self) -> str:
+        return f'"{self.schema}"'
+
+    def member(self, name: str, *, ttl: float = 30.0, weight: float = 1.0) -> FleetTable:
+        table = FleetTable(
+            self.settings,
+            name,
+            host="test-host",
+            pid=4242,
+            weight=weight,
+            started_at=time.time(),
+            lease_ttl_s=ttl,
+        )
+        self.tables.append(table)
+        return table
+
+    async def fetch(self, sql: str, *args: Any) -> list[Any]:
+        conn = await asyncpg.connect(self.dsn, timeout=10)
+        try:
+            return list(await conn.fetch(sql, *args))
+        finally:
+            await conn.close()
+
+    async def execute(self, sql: str, *args: Any) -> str:
+        conn = await asyncpg.connect(self.dsn, timeout=10)
+        try:
+            return str(await conn.execute(sql, *args))
+        finally:
+            await conn.close()
+
+    async def count(self, table: str, stream: str | None = None) -> int:
+        if stream is None:
+            rows = await self.fetch(f"SELECT COUNT(*) FROM {self.q}.{table}")
+        else:
+            rows = await self.fetch(
+                f"SELECT COUNT(*) FROM {self.q}.{table} WHERE stream = $1", stream
+            )
+        return int(rows[0][0])
+
+
+@pytest.fixture
+async def env(postgres_server: PostgresServer) -> AsyncIterator[Env]:
+    dsn = postgres_server.dsn()
+    schema = f"t_{uuid.uuid4().hex[:16]}"
+    settings = StateSettings(backend="postgres", dsn=SecretStr(dsn), schema=schema)
+    store = await open_store(settings)
+    e = Env(settings, store, dsn, schema)
+    try:
+        yield e
+    finally:
+        for table in e.tables:
+            await table.close()
+        await store.close()
+        await e.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+async def until(condition: Callable[[], Awaitable[bool]], timeout: float = 30.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not await condition():
+            await asyncio.sleep(0.02)
+
+
+async def until_expired(table: FleetTable, stream: str) -> None:
+    """Until the database's clock is past the stream's lease (a positive condition, never a
+    fixed sleep)."""
+
+    async def expired() -> bool:
+        view = await table.view(T)
+        return view.now > view.leases[stream].expires_at
+
+    await until(expired)
+
+
+def pos(stream: str, i: int) -> Position:
+    return Position(f"{i:06d}", f"{stream}-u{i}")
+
+
+def batch_for(stream: str, i: int, fence: Fence | None) -> CommitBatch:
+    return CommitBatch(
+        checkpoints={stream: pos(stream, i)},
+        processed={stream: [f"{stream}-u{i}", f"{stream}-v{i}"]},
+        done_counts={stream: 2},
+        dead_letters=[
+            DeadLetter(
+                stream=stream,
+                reason="malformed",
+                error="bad frame",
+                payload=f"{{{i}",
+                primary_key=f"pk-{stream}",
+            )
+        ],
+        fence=fence,
+    )
+
+
+# --- join, acquire, tick, release, leave -------------------------------------------------------
+
+
+async def test_join_creates_a_free_lease_row_per_stream(env: Env) -> None:
+    a = env.member("a")
+    await a.join(["s2", "s1"], T)
+    view = await a.view(T)
+    assert sorted(view.leases) == ["s1", "s2"]
+    for stream, lease in view.leases.items():
+        assert (lease.stream, lease.holder, lease.epoch, lease.expires_at) == (stream, None, 0, 0)
+    assert view.members == []  # joining is not a heartbeat
+    assert view.now > 0
+
+    # joining again (another member, more streams) keeps the rows there are
+    got = await a.acquire(["s1"], T)
+    b = env.member("b")
+    await b.join(["s1", "s2", "s3"], T)
+    view = await b.view(T)
+    assert sorted(view.leases) == ["s1", "s2", "s3"]
+    assert view.leases["s1"].holder == "a"
+    assert view.leases["s1"].epoch == got[0].epoch == 1
+
+
+async def test_acquire_bumps_the_epoch_and_names_the_previous_holder(env: Env) -> None:
+    a = env.member("a")
+    await a.join(["s1", "s2"], T)
+    got = await a.acquire(["s1", "s2"], T)
+    assert sorted(got, key=lambda x: x.stream) == [
+        Acquired("s1", 1, None),
+        Acquired("s2", 1, None),
+    ]
+    view = await a.view(T)
+    lease = view.leases["s1"]
+    assert lease.holder == "a"
+    assert view.now < lease.expires_at <= view.now + 30.0
+
+    # a lease in its own name (a restart under the same name) is taken again: a new epoch
+    assert await a.acquire(["s1"], T) == [Acquired("s1", 2, "a")]
+    # a stream without a row is not taken (join first)
+    assert await a.acquire(["nope"], T) == []
+
+
+async def test_a_live_lease_is_not_taken_an_expired_one_is(env: Env) -> None:
+    a = env.member("a", ttl=0.3)
+    b = env.member("b", ttl=30.0)
+    await a.join(["s"], T)
+    assert await a.acquire(["s"], T) == [Acquired("s", 1, None)]
+    assert await b.acquire(["s"], T) == []
+    view = await b.view(T)
+    assert (view.leases["s"].holder, view.leases["s"].epoch) == ("a", 1)
+
+    await until_expired(b, "s")
+    assert await b.acquire(["s"], T) == [Acquired("s", 2, "a")]
+    view = await b.view(T)
+    assert (view.leases["s"].holder, view.leases["s"].epoch) == ("b", 2)
+    assert view.leases["s"].expires_at > view.now + 20
+    # and now a cannot take it back
+    assert await a.acquire(["s"], T) == []
+
+
+async def test_tick_heartbeats_and_renews_the_leases_held_at_their_epoch(env: Env) -> None:
+    a = env.member("a", ttl=5.0, weight=2.5)
+    await a.join(["s1", "s2", "s3"], T)
+    got = {x.stream: x.epoch for x in await a.acquire(["s1", "s2"], T)}
+    before = await a.view(T)
+
+    async def clock_moved() -> bool:
+        return (await a.view(T)).now > before.now + 0.05
+
+    await until(clock_moved)
+    renewal = await a.tick(got, T)
+    assert renewal.renewed == frozenset({"s1", "s2"})
+    assert renewal.draining is False
+    after = await a.view(T)
+    assert before.now < renewal.now <= after.now
+    for s in ("s1", "s2"):
+        assert after.leases[s].expires_at == pytest.approx(renewal.now + 5.0)
+        assert after.leases[s].expires_at > before.leases[s].expires_at
+    assert after.leases["s3"].holder is None  # not held: untouched
+
+    # the heartbeat: a member row on the database's clock
+    [row] = after.members
+    assert (row.member, row.host, row.pid, row.weight, row.draining) == (
+        "a",
+        "test-host",
+        4242,
+        2.5,
+        False,
+    )
+    assert row.heartbeat_at == pytest.approx(renewal.now)
+    assert row.expires_at == pytest.approx(renewal.now + 5.0)
+    assert [m.member for m in after.live()] == ["a"]
+    assert row.as_member().id == "a" and row.as_member().weight == 2.5
+
+
+async def test_tick_renews_only_at_the_given_epoch(env: Env) -> None:
+    a = env.member("a")
+    await a.join(["s1", "s2"], T)
+    await a.acquire(["s1", "s2"], T)  # epoch 1 each
+    renewal = await a.tick({"s1": 1, "s2": 0, "unknown": 1}, T)
+    assert renewal.renewed == frozenset({"s1"})
+    # a stream it never took is not renewed either
+    b = env.member("b")
+    assert (await b.tick({"s1": 1}, T)).renewed == frozenset()
+    assert (await b.tick({}, T)).renewed == frozenset()
+
+
+async def test_tick_drops_a_stream_another_member_took(env: Env) -> None:
+    a = env.member("a", ttl=0.3)
+    b = env.member("b")
+    await a.join(["s1", "s2"], T)
+    held = {x.stream: x.epoch for x in await a.acquire(["s1", "s2"], T)}
+    await until_expired(b, "s1")
+    assert await b.acquire(["s1"], T) == [Acquired("s1", 2, "a")]
+    b_expiry = (await b.view(T)).leases["s1"].expires_at
+
+    renewal = await a.tick(held, T)
+    assert renewal.renewed == frozenset({"s2"})  # s2 expired too, but nobody took it
+    view = await a.view(T)
+    assert (view.leases["s1"].holder, view.leases["s1"].epoch) == ("b", 2)
+    assert view.leases["s1"].expires_at == b_expiry  # a's tick did not touch b's lease
+    assert view.leases["s2"].holder == "a"
+    assert view.leases["s2"].expires_at > view.now
+
+
+async def test_release_frees_a_lease_at_once(env: Env) -> None:
+    a = env.member("a")
+    b = env.member("b")
+    await a.join(["s1", "s2"], T)
+    held = {x.stream: x.epoch for x in await a.acquire(["s1", "s2"], T)}
+    assert await b.acquire(["s1"], T) == []
+
+    await a.release({"s1": held["s1"]}, T)
+    view = await b.view(T)
+    assert (view.leases["s1"].holder, view.leases["s1"].expires_at) == (None, 0)
+    assert view.leases["s1"].epoch == held["s1"]  # kept: the next holder bumps it
+    assert view.leases["s2"].holder == "a"
+    assert await b.acquire(["s1"], T) == [Acquired("s1", held["s1"] + 1, None)]
+
+    # a release at a stale epoch, or by a member that does not hold it, does nothing
+    await a.release({"s1": held["s1"]}, T)
+    await b.release({"s2": held["s2"]}, T)
+    await a.release({}, T)
+    view = await a.view(T)
+    assert view.leases["s1"].holder == "b"
+    assert view.leases["s2"].holder == "a"
+
+
+async def test_leave_deletes_the_member_row(env: Env) -> None:
+    a = env.member("a")
+    b = env.member("b")
+    await a.join(["s"], T)
+    held = {x.stream: x.epoch for x in await a.acquire(["s"], T)}
+    await a.tick(held, T)
+    await b.tick({}, T)
+    assert [m.member for m in (await a.view(T)).members] == ["a", "b"]
+    await a.leave(T)
+    view = await b.view(T)
+    assert [m.member for m in view.members] == ["b"]
+    assert view.leases["s"].holder == "a"  # leases are released (or expire) on their own
+    await a.leave(T)  # twice: nothing to delete
+
+
+async def test_set_draining_marks_a_member_and_its_tick_says_so(env: Env) -> None:
+    a = env.member("a")
+    await a.tick({}, T)
+    operator = FleetTable.for_operator(env.settings)
+    env.tables.append(operator)
+    assert operator.member.startswith("cli:")
+
+    assert await operator.set_draining("a", True, T) is True
+    assert (await a.tick({}, T)).draining is True
+    [row] = (await operator.view(T)).members
+    assert row.draining is True and row.as_member().draining is True
+
+    # the heartbeat does not undo it
+    assert (await a.tick({}, T)).draining is True
+    assert await operator.set_draining("a", False, T) is True
+    assert (await a.tick({}, T)).draining is False
+
+    assert await operator.set_draining("nobody", True, T) is False
+    assert [m.member for m in (await operator.view(T)).members] == ["a"]  # operator: no row
+
+
+async def test_a_tick_is_one_statement_for_many_streams(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scale property: heartbeat and every lease held renewed in one statement."""
+    streams = [f"stream-{i:04d}" for i in range(500)]
+    a = env.member("a")
+    await a.join(streams, T)
+    held = {x.stream: x.epoch for x in await a.acquire(streams, T)}
+    assert sorted(held) == streams
+    assert set(held.values()) == {1}
+
+    calls: list[str] = []
+    real_call = FleetTable._call
+
+    async def counting(self: FleetTable, doing: str, *args: Any) -> Any:
+        calls.append(doing)
+        return await real_call(self, doing, *args)
+
+    monkeypatch.setattr(fleet_module.FleetTable, "_call", counting)
+    renewal = await a.tick(held, T)
+    assert calls == ["renewing leases"]
+    assert renewal.renewed == frozenset(streams)
+
+    calls.clear()
+    view: FleetView = await a.view(T)
+    assert len(calls) == 2  # the view too: two statements whatever the number of streams
+    assert all(
+        lease.holder == "a" and lease.expires_at == pytest.approx(renewal.now + 30.0)
+        for lease in view.leases.values()
+    )
+
+
+# --- the fence in the store's commit -----------------------------------------------------------
+
+
+async def test_a_commit_under_a_held_lease_goes_through(env: Env) -> None:
+    a = env.member("a")
+    await a.join(["s"], T)
+    [got] = await a.acquire(["s"], T)
+    await env.store.commit(batch_for("s", 1, Fence("a", {"s": got.epoch})))
+    cp = await env.store.checkpoint("s")
+    assert cp is not None and (cp.offset, cp.unique_event_id) == ("000001", "s-u1")
+    assert await env.store.seen("s", ["s-u1", "s-v1"]) == {"s-u1", "s-v1"}
+    assert await env.count("dead_letters", "s") == 1
+
+
+async def test_a_commit_with_a_stale_fence_writes_nothing(env: Env) -> None:
+    a = env.member("a", ttl=0.3)
+    b = env.member("b")
+    await a.join(["s"], T)
+    [got] = await a.acquire(["s"], T)
+    fence = Fence("a", {"s": got.epoch})
+    await env.store.commit(batch_for("s", 1, fence))
+
+    await until_expired(b, "s")
+    assert await b.acquire(["s"], T) == [Acquired("s", got.epoch + 1, "a")]
+    with pytest.raises(Fenced) as caught:
+        await env.store.commit(batch_for("s", 2, fence))
+    assert caught.value.streams == frozenset({"s"})
+    assert "s" in str(caught.value)
+
+    cp = await env.store.checkpoint("s")
+    assert cp is not None
+    assert (cp.offset, cp.processed_count) == ("000001", 2)  # unchanged
+    assert await env.store.seen("s", ["s-u2", "s-v2"]) == set()
+    assert await env.count("dead_letters", "s") == 1  # the first batch's only
+    assert await env.count("processed_events") == 2
+
+    # the new holder commits with its own fence; a's epoch with b's name is refused too
+    await env.store.commit(batch_for("s", 3, Fence("b", {"s": got.epoch + 1})))
+    with pytest.raises(Fenced):
+        await env.store.commit(batch_for("s", 4, Fence("b", {"s": got.epoch})))
+    with pytest.raises(Fenced):
+        await env.store.commit(batch_for("s", 4, Fence("a", {"s": got.epoch + 1})))
+    cp = await env.store.checkpoint("s")
+    assert cp is not None and cp.offset == "000003"
+
+
+async def test_a_batch_with_one_fenced_stream_is_refused_whole(env: Env) -> None:
+    a = env.member("a")
+    await a.join(["x", "y"], T)
+    epochs = {g.stream: g.epoch for g in await a.acquire(["x", "y"], T)}
+    # another member takes y (as after an expiry)
+    await env.execute(
+        f"UPDATE {env.q}.stream_leases SET holder = 'other', epoch = epoch + 1 WHERE stream = 'y'"
+    )
+    both = batch_for("x", 1, Fence("a", epochs))
+    y = batch_for("y", 1, None)
+    both.checkpoints.update(y.checkpoints)
+    both.processed.update(y.processed)
+    both.done_counts.update(y.done_counts)
+    both.dead_letters += y.dead_letters
+    with pytest.raises(Fenced) as caught:
+        await env.store.commit(both)
+    assert caught.value.streams == frozenset({"y"})
+    for stream in ("x", "y"):
+        assert await env.store.checkpoint(stream) is None
+        assert await env.store.seen(stream, [f"{stream}-u1"]) == set()
+    assert await env.count("dead_letters") == 0
+
+    # without y's part (what the committer does) it goes through
+    await env.store.commit(both.without(frozenset({"y"})))
+    assert await env.store.checkpoint("x") is not None
+    assert await env.store.checkpoint("y") is None
+
+
+async def test_a_fence_without_the_stream_or_without_its_row_is_refused(env: Env) -> None:
+    a = env.member("a")
+    await a.join(["s"], T)
+    [got] = await a.acquire(["s"], T)
+    with pytest.raises(Fenced) as caught:
+        await env.store.commit(batch_for("s", 1, Fence("a", {})))
+    assert caught.value.streams == frozenset({"s"})
+    with pytest.raises(Fenced) as caught:
+        await env.store.commit(batch_for("no-row", 1, Fence("a", {"no-row": 1})))
+    assert caught.value.streams == frozenset({"no-row"})
+    assert await env.count("checkpoints") == 0
+    # a dead letter alone is a write for its stream: fenced as well
+    letter_only = CommitBatch(
+        dead_letters=batch_for("s", 1, None).dead_letters, fence=Fence("a", {"s": 99})
+    )
+    with pytest.raises(Fenced):
+        await env.store.commit(letter_only)
+    assert await env.count("dead_letters") == 0
+    await env.store.commit(batch_for("s", 1, Fence("a", {"s": got.epoch})))
+
+
+async def test_anchor_with_a_stale_fence_creates_no_checkpoint(env: Env) -> None:
+    a = env.member("a")
+    await a.join(["s", "t"], T)
+    epochs = {g.stream: g.epoch for g in await a.acquire(["s", "t"], T)}
+    await env.execute(
+        f"UPDATE {env.q}.stream_leases SET holder = 'other', epoch = epoch + 1 WHERE stream = 's'"
+    )
+    with pytest.raises(Fenced) as caught:
+        await env.store.anchor("s", pos("s", 7), Fence("a", epochs))
+    assert caught.value.streams == frozenset({"s"})
+    assert await env.store.checkpoint("s") is None
+
+    await env.store.anchor("t", pos("t", 7), Fence("a", epochs))
+    cp = await env.store.checkpoint("t")
+    assert cp is not None and cp.offset == "000007"
