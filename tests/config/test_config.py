@@ -333,6 +333,41 @@ def test_the_example_config_is_valid() -> None:
     assert list(settings.streams) == ["main"]
 
 
+def test_the_fleet_compose_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
+    dsn = "postgresql://opera:pw@postgres:5432/opera"
+    monkeypatch.setenv("OPERA_CONSUMER_STATE__DSN", dsn)
+    monkeypatch.setenv("OPERA_CONSUMER_SINK__DSN", dsn)
+    root = Path(__file__).parents[2]
+    settings = load_settings(root / "deploy" / "docker" / "config.fleet.toml")
+    assert settings.fleet.enabled and len(settings.streams) == 4
+    assert settings.sink.type == "postgres" and settings.state.backend == "postgres"
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        ('[state]\nbackend = "sqlite"\n', "state.backend"),
+        ('[sink]\ntype = "jsonl"\npath = "e.jsonl"\n', "sink.type"),
+    ],
+)
+def test_fleet_mode_refuses_what_one_host_owns(tmp_path: Path, change: str, key: str) -> None:
+    base = BASE + "[fleet]\nenabled = true\n"
+    if "[state]" not in change:
+        base += '[state]\nbackend = "postgres"\ndsn = "postgresql://u:p@h/d"\n'
+    message = config_error(write(tmp_path, base + change))
+    assert key in message
+
+
+def test_fleet_timers_leave_room_to_renew(tmp_path: Path) -> None:
+    text = BASE + (
+        '[state]\nbackend = "postgres"\ndsn = "postgresql://u:p@h/d"\n'
+        '[sink]\ntype = "webhook"\nurl = "https://example.com/x"\n'
+        "[fleet]\nenabled = true\nlease_ttl_s = 10\nrenew_interval_s = 5\n"
+    )
+    message = config_error(write(tmp_path, text))
+    assert "fleet.renew_interval_s" in message and "quarter" in message
+
+
 # --- sinks, orchestration ------------------------------------------------------------------
 
 
