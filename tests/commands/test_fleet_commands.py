@@ -379,3 +379,47 @@ async def test_fleet_help_names_the_actions(capsys: pytest.CaptureFixture[str]) 
     assert "--undo" in out and "exit status" in out
     code, _, err = await cli(capsys, "fleet", "drain")
     assert code == 2 and "member" in err
+
+
+# --- offset set / reset in a fleet --------------------------------------------------------------
+
+
+async def test_offset_set_is_refused_while_a_live_member_holds_the_stream(
+    fleet: Fleet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = await cli(
+        capsys, "offset", "set", "a", "5000", "--execute", "--config", str(fleet.config)
+    )
+    assert code != 0
+    assert "m1" in err and "a" in err
+    store = await open_store(fleet.state, create=False)
+    try:
+        cp = await store.checkpoint("a")
+    finally:
+        await store.close()
+    assert cp is not None and cp.offset == "4711"  # unchanged
+
+
+async def test_offset_set_on_an_expired_lease_fences_its_old_holder(
+    fleet: Fleet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """d's holder (m3) is gone and its lease expired: the change goes through under a lease
+    of the command's own, whose new epoch refuses m3's late commits; the lease is free after."""
+    code, _, err = await cli(
+        capsys, "offset", "set", "d", "777", "--execute", "--config", str(fleet.config)
+    )
+    assert code == 0, err
+    store = await open_store(fleet.state, create=False)
+    try:
+        cp = await store.checkpoint("d")
+    finally:
+        await store.close()
+    assert cp is not None and cp.offset == "777"
+    conn = await asyncpg.connect(fleet.dsn, timeout=10)
+    try:
+        row = await conn.fetchrow(
+            f'SELECT holder, epoch FROM "{fleet.schema}".stream_leases WHERE stream = $1', "d"
+        )
+    finally:
+        await conn.close()
+    assert row is not None and row["holder"] is None and row["epoch"] == 2
