@@ -91,6 +91,13 @@ class Daemon:
             resources.push_async_callback((await lease.acquire(st, settings.streams)).release)
         store = await open_store(st)
         resources.push_async_callback(store.close)
+        if st.backend == "postgres" and not settings.fleet.enabled:
+            # ...and a fleet on this schema would share the streams with us: refuse both ways.
+            members = await lease.current_holder(st, fleet=True)
+            if members is not None:
+                raise LeaseHeld(
+                    f"schema {st.schema_} (fleet members; set [fleet] enabled)", members
+                )
         http = http_client(settings)
         resources.push_async_callback(http.aclose)
         tokens = {name: TokenProvider(http, stream) for name, stream in settings.streams.items()}

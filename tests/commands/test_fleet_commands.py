@@ -423,3 +423,15 @@ async def test_offset_set_on_an_expired_lease_fences_its_old_holder(
     finally:
         await conn.close()
     assert row is not None and row["holder"] is None and row["epoch"] == 2
+
+
+async def test_a_daemon_outside_the_fleet_refuses_its_schema(fleet: Fleet, tmp_path: Path) -> None:
+    """Forgetting [fleet] enabled on one host must not make it consume every stream beside
+    the fleet: it refuses to start, naming the members."""
+    from consumer.config import load_settings
+    from consumer.errors import LeaseHeld
+    from consumer.runtime.daemon import Daemon
+
+    config = write_config(tmp_path, dsn=fleet.dsn, schema=fleet.schema, fleet=False, name="x.toml")
+    with pytest.raises(LeaseHeld, match="m1"):
+        await Daemon.create(load_settings(config))
