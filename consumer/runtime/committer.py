@@ -224,8 +224,11 @@ class Committer:
         ):
             with attempt:
                 while True:
+                    # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
+                    # cancel that lands in the same step as the wake, and shutdown then hangs.
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), self._interval)
+                        async with asyncio.timeout(self._interval):
+                            await self._wake.wait()
                     self._wake.clear()
                     # A commit under way finishes even if we are cancelled meanwhile.
                     await asyncio.shield(self.flush())

@@ -119,6 +119,13 @@ class StreamRunner:
     def token_fetches(self) -> int:
         return self._tokens.fetches
 
+    async def _wait_or_stop(self, seconds: float) -> None:
+        """Wait ``seconds``, or less if asked to stop (asyncio.timeout: on Python 3.11
+        wait_for may swallow a cancel that lands as the event is set)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._stop.wait()
+
     def request_stop(self) -> None:
         """Graceful: the current session sends ``complete`` and waits for the server to close."""
         self._stop.set()
@@ -145,8 +152,7 @@ class StreamRunner:
                     self._tokens.invalidate()
                 self.state = StreamState.LOCKOUT if decision.deliberate else StreamState.BACKOFF
                 log.info("reconnecting", delay_s=round(decision.delay_s, 2), reason=decision.reason)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), decision.delay_s)
+                await self._wait_or_stop(decision.delay_s)
             self.state = StreamState.STOPPED
 
     async def _attempt(self) -> Decision:
@@ -162,8 +168,7 @@ class StreamRunner:
         if wait > 0:
             self.state = StreamState.LOCKOUT
             log.warning("upgrade budget spent: waiting", delay_s=round(wait, 1))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), wait)
+            await self._wait_or_stop(wait)
             if self._stop.is_set():
                 return Decision(Action.RECONNECT, 0.0, "stopping")
         self.state = StreamState.CONNECTING
@@ -299,8 +304,7 @@ class StreamRunner:
             )
         jitter = self._rng.uniform(0, c.takeover_jitter_s)
         if jitter > 0:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), jitter)
+            await self._wait_or_stop(jitter)
             if self._stop.is_set():
                 await ws.close(1000)
                 return Decision(Action.RECONNECT, 0.0, "stopping")

@@ -1,23 +1,35 @@
 """PostgreSQL sink: one row per event (see :mod:`.rows`), upserted by ``uniqueEventId``.
 
-Exactly-once in effect, without being part of the checkpoint: each ``write`` is one statement,
-so one transaction, and it returns only once PostgreSQL has committed it. The daemon commits its
-checkpoint (in its SQLite state store) after the sink write returns, so a crash between the two
-replays those events after the restart; ``unique_event_id`` is the primary key and the write is
-an upsert (``INSERT … ON CONFLICT (unique_event_id) DO UPDATE``), so the replay rewrites the same
-rows instead of adding new ones. Readers never see an event twice; ``written_at`` tells the
-latest write.
+Two modes, chosen when the daemon is assembled (:func:`consumer.runtime.assembly.build_sink`):
 
-A batch is sent as one ``INSERT … SELECT FROM unnest(…)`` with one array per column: one round
-trip whatever the batch size.
+* **In the state transaction** (``[state] backend = "postgres"`` and the sink's ``dsn`` the very
+  same string as ``[state] dsn``): the rows commit in the state store's own transaction, with
+  the checkpoint and the processed ids, as the SQLite sink does in the SQLite state store.
+  ``open`` creates and checks the table through a pool of one connection (closed before it
+  returns); ``write`` only buffers rows (no I/O, no await) after checking that PostgreSQL can
+  store them, and :meth:`PostgresSink.staged` hands them to the committer, whose
+  ``PostgresStore.commit`` runs the per-row upsert in its transaction. No crash can separate a
+  row from its checkpoint, and a failed commit leaves neither. A database whose encoding cannot
+  hold every character (neither UTF8 nor SQL_ASCII) falls back to the other mode: a row the
+  server refused would otherwise fail every commit.
+* **On its own pool** (any other configuration): exactly-once in effect without being part of
+  the checkpoint. Each ``write`` is one statement, so one transaction, and it returns only once
+  PostgreSQL has committed it. The daemon commits its checkpoint after the sink write returns,
+  so a crash between the two replays those events after the restart; ``unique_event_id`` is the
+  primary key and the write is an upsert (``INSERT … ON CONFLICT (unique_event_id) DO
+  UPDATE``), so the replay rewrites the same rows instead of adding new ones. Readers never see
+  an event twice; ``written_at`` tells the latest write. A batch is sent as one ``INSERT …
+  SELECT FROM unnest(…)`` with one array per column: one round trip whatever the batch size.
 
-Errors: a broken connection, a timeout, a server that is starting, stopping, out of resources
-or of connections, a serialization failure or a deadlock are :class:`TransientSinkError` (the
-batch is retried with backoff). Data the server rejects (a ``\\u0000`` in JSON text, invalid
-text) is :class:`PermanentSinkError`, naming the event when the batch holds one: the pipeline
-then writes the batch's events one at a time to find the culprit. Other server errors (a table
-altered or dropped under us, a missing privilege) concern every event, not one: they are
-transient too, so nothing is dead-lettered while an operator fixes the database.
+Errors (own pool): a broken connection, a timeout, a server that is starting, stopping, out of
+resources or of connections, a serialization failure or a deadlock are
+:class:`TransientSinkError` (the batch is retried with backoff). Data the server rejects (a
+``\\u0000`` in JSON text, invalid text) is :class:`PermanentSinkError`, naming the event when the
+batch holds one: the pipeline then writes the batch's events one at a time to find the culprit.
+Other server errors (a table altered or dropped under us, a missing privilege) concern every
+event, not one: they are transient too, so nothing is dead-lettered while an operator fixes the
+database. In the state transaction the same data checks run in ``write`` (a NUL character, a
+``\\u0000`` in JSON, text that is not Unicode): :class:`PermanentSinkError` naming the event.
 
 The DSN is a secret (it may hold a password): messages name the host, port and database only.
 """
@@ -26,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -35,6 +48,7 @@ import structlog
 
 from ..config import PostgresSinkSettings
 from ..core.events import Event
+from ..core.records import Staged
 from ..errors import ConfigError, PermanentSinkError, TransientSinkError
 from ..pg_target import Target
 from .base import PlainSink
@@ -62,6 +76,13 @@ _JSON = frozenset({"detail", "resource"})
 _PERMANENT_CLASSES = ("22", "23")
 # Classes that mean the server cannot accept our credentials or database.
 _CONFIG_STATES = ("28", "3D")
+# Database encodings that store any text without a NUL (asyncpg always sends UTF-8): the
+# condition for staging rows into the state transaction, where no row may fail on the server.
+_ANY_TEXT_ENCODINGS = frozenset({"UTF8", "SQL_ASCII"})
+# A ``\u0000`` escape in JSON text (not an escaped backslash, then "u0000"): jsonb refuses it.
+_JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+STATE_TRANSACTION = "state-transaction"
+OWN_POOL = "own-pool"
 
 
 def _q(identifier: str) -> str:
@@ -102,15 +123,63 @@ def upsert_sql(table: str) -> str:
     )
 
 
+def staged_upsert_sql(schema: str, table: str) -> str:
+    """One row per execution (``executemany`` in the state store's commit): parameter ``$i``
+    is column ``i`` of :func:`.rows.row`. The table is named with the schema it was found in at
+    open, so the statement does not depend on the store's connections' ``search_path``."""
+    cols = ", ".join(_q(c) for c in COLUMNS)
+    marks = ", ".join(f"${i}::jsonb" if c in _JSON else f"${i}" for i, c in enumerate(COLUMNS, 1))
+    updates = ", ".join(f"{_q(c)} = EXCLUDED.{_q(c)}" for c in COLUMNS[1:])
+    return (
+        f"INSERT INTO {_q(schema)}.{_q(table)} ({cols}) VALUES ({marks}) "
+        f"ON CONFLICT (unique_event_id) DO UPDATE SET {updates}"
+    )
+
+
+def unstorable(values: tuple[Any, ...]) -> str | None:
+    """Why PostgreSQL (a UTF8 or SQL_ASCII database) would refuse this row, or None. A row
+    staged into the state transaction must not fail there: it would fail the checkpoint too."""
+    for column, value in zip(COLUMNS, values, strict=True):
+        if value is None or isinstance(value, float):
+            continue
+        if not isinstance(value, str):
+            return f"{column}: a {type(value).__name__}, not text"
+        if "\x00" in value:
+            return f"{column}: a NUL character (PostgreSQL text cannot hold one)"
+        if column in _JSON and _JSON_NUL.search(value):
+            return f"{column}: \\u0000 in JSON (PostgreSQL jsonb cannot hold it)"
+        if not value.isascii():
+            try:
+                value.encode()
+            except UnicodeEncodeError:
+                return f"{column}: not valid Unicode (a lone surrogate)"
+    return None
+
+
 class PostgresSink(PlainSink):
+    """``in_state_transaction``: the state store is PostgreSQL on this very DSN, so the rows go
+    into its commit (see the module doc); the assembly decides."""
+
     name = "postgres"
 
-    def __init__(self, settings: PostgresSinkSettings) -> None:
+    def __init__(
+        self, settings: PostgresSinkSettings, *, in_state_transaction: bool = False
+    ) -> None:
         self.settings = settings
         self.table = settings.table
         self._target = Target(settings.dsn.get_secret_value())
         self._pool: Any = None  # asyncpg.Pool (untyped)
         self._upsert = upsert_sql(self.table)
+        # The mode: may fall back to the own pool at open (a database encoding, see there).
+        self.in_state_transaction = in_state_transaction
+        self.transactional = in_state_transaction
+        self._staged_upsert: str | None = None  # set by open, in the state transaction
+        self._rows: list[tuple[Any, ...]] = []  # written, not yet taken by staged()
+        self._opened = False  # in the state transaction (the own pool has _pool)
+
+    @property
+    def mode(self) -> str:
+        return STATE_TRANSACTION if self.in_state_transaction else OWN_POOL
 
     def __repr__(self) -> str:
         return f"PostgresSink(table={self.table!r}, server={self._target.where!r})"
@@ -123,11 +192,56 @@ class PostgresSink(PlainSink):
         where = self._target.where
         if s.pool_min > s.pool_max:
             raise ConfigError(f"sink.pool_min ({s.pool_min}) is above sink.pool_max ({s.pool_max})")
+        if self.in_state_transaction:
+            # The table is ours to create and check; the rows go through the store's pool.
+            pool = await self._create_pool(1, 1)
+            try:
+                schema, encoding = await self._prepare_table(pool, staging=True)
+            except BaseException:
+                pool.terminate()
+                raise
+            await self._close_pool(pool)
+            if encoding in _ANY_TEXT_ENCODINGS:
+                self._staged_upsert = staged_upsert_sql(schema, self.table)
+                self._opened = True
+                log.info(
+                    "postgres sink open",
+                    server=where,
+                    table=self.table,
+                    mode=self.mode,
+                    writes="rows commit in the state store's transaction, with the checkpoint",
+                )
+                return
+            log.warning(
+                "postgres sink: the database encoding cannot hold every character; "
+                "writing through the sink's own pool (upsert), not in the state transaction",
+                server=where,
+                encoding=encoding,
+            )
+            self.in_state_transaction = self.transactional = False
+        pool = await self._create_pool(s.pool_min, s.pool_max)
         try:
-            pool = await asyncpg.create_pool(
+            await self._prepare_table(pool)
+        except BaseException:
+            pool.terminate()
+            raise
+        self._pool = pool
+        log.info(
+            "postgres sink open",
+            server=where,
+            table=self.table,
+            mode=self.mode,
+            writes="each batch is its own transaction (upsert; a replay rewrites its rows)",
+        )
+
+    async def _create_pool(self, min_size: int, max_size: int) -> Any:
+        s = self.settings
+        where = self._target.where
+        try:
+            return await asyncpg.create_pool(
                 s.dsn.get_secret_value(),
-                min_size=s.pool_min,
-                max_size=s.pool_max,
+                min_size=min_size,
+                max_size=max_size,
                 command_timeout=s.timeout_s,
                 timeout=s.timeout_s,  # connect
             )
@@ -146,15 +260,9 @@ class PostgresSink(PlainSink):
             raise TransientSinkError(
                 f"sink.dsn: cannot connect to PostgreSQL at {where}: {self._describe(exc)}"
             ) from None
-        try:
-            await self._prepare_table(pool)
-        except BaseException:
-            pool.terminate()
-            raise
-        self._pool = pool
-        log.info("postgres sink open", server=where, table=self.table)
 
-    async def _prepare_table(self, pool: Any) -> None:
+    async def _prepare_table(self, pool: Any, *, staging: bool = False) -> tuple[str, str]:
+        """Create or check the table; with ``staging``: (its schema, the database encoding)."""
         where, table = self._target.where, self.table
         try:
             async with pool.acquire(timeout=self.settings.timeout_s) as conn, conn.transaction():
@@ -191,6 +299,16 @@ class PostgresSink(PlainSink):
                         "unique_event_id alone (the upsert needs one); use another table name"
                     )
                 await conn.execute(create_index_sql(table))
+                if not staging:
+                    return "", ""
+                found = await conn.fetchrow(
+                    "SELECT n.nspname, current_setting('server_encoding') FROM pg_class c "
+                    "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass($1)",
+                    _q(table),
+                )
+                if found is None:  # cannot be: the table was just created or found
+                    raise TransientSinkError(f"postgres sink at {where}: table {table!r} vanished")
+                return str(found[0]), str(found[1])
         except asyncpg.exceptions.InsufficientPrivilegeError as exc:
             raise ConfigError(
                 f"sink.table: cannot create or read table {table!r} in {where}: "
@@ -207,6 +325,11 @@ class PostgresSink(PlainSink):
             ) from None
 
     async def write(self, stream: str, events: Sequence[Event]) -> None:
+        if self.in_state_transaction:
+            # No await: what the committer takes is exactly the writes that returned (the
+            # pipeline marks them processed before it next suspends).
+            self._stage(stream, events)
+            return
         pool = self._pool
         if pool is None:
             raise TransientSinkError("postgres sink is not open")
@@ -235,6 +358,36 @@ class PostgresSink(PlainSink):
             TimeoutError,  # command_timeout, or no connection free in time
         ) as exc:
             raise self._classify(exc, events) from exc
+
+    def _stage(self, stream: str, events: Sequence[Event]) -> None:
+        if not self._opened:
+            raise TransientSinkError("postgres sink is not open")
+        now = time.time()
+        rows: list[tuple[Any, ...]] = []  # all or none: a later event may be refused
+        for ev in events:
+            try:
+                values = row(stream, ev, now)  # column 1 is the stream (the committer's filter)
+            except (TypeError, ValueError) as exc:  # not JSON-serializable (orjson)
+                raise PermanentSinkError(
+                    f"postgres sink: event {ev.unique_event_id}: {self._describe(exc)}",
+                    unique_event_id=ev.unique_event_id,
+                ) from exc
+            problem = unstorable(values)
+            if problem is not None:
+                raise PermanentSinkError(
+                    f"postgres sink: event {ev.unique_event_id}: PostgreSQL cannot store {problem}",
+                    unique_event_id=ev.unique_event_id,
+                )
+            rows.append(values)
+        self._rows.extend(rows)
+
+    def staged(self) -> Staged | None:
+        """In the state transaction: the rows written since the last call, for the
+        committer's transaction (its ``PostgresStore.commit`` runs them)."""
+        if not self._rows or self._staged_upsert is None:
+            return None
+        rows, self._rows = self._rows, []
+        return Staged(self._staged_upsert, rows)
 
     def _classify(self, exc: Exception, events: Sequence[Event]) -> Exception:
         where = self._target.where
@@ -269,9 +422,13 @@ class PostgresSink(PlainSink):
         return TransientSinkError(f"postgres sink at {where}: {self._describe(exc)}")
 
     async def close(self) -> None:
+        # Rows still buffered stay for a last staged() (the daemon's final commit).
+        self._opened = False
         pool, self._pool = self._pool, None
-        if pool is None:
-            return
+        if pool is not None:
+            await self._close_pool(pool)
+
+    async def _close_pool(self, pool: Any) -> None:
         try:
             await asyncio.wait_for(pool.close(), timeout=self.settings.timeout_s)
         except (TimeoutError, OSError, asyncpg.exceptions.InterfaceError):
