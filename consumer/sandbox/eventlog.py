@@ -59,6 +59,8 @@ class Entry:
     hotel: str | None
     payload: str  # events: JSON of {"data":{"newEvent":...}}; malformed: the frame itself
     _delta: str | None = None
+    unique_id: str = ""  # generated events: metadata.uniqueEventId
+    primary_key: str | None = None  # generated events: primaryKey
 
     def delta_payload(self) -> str:
         """The payload with unchanged detail elements removed (encoded once, on first use)."""
@@ -129,6 +131,11 @@ class ChainLog:
     def events(self) -> list[dict[str, Any]]:
         return [json.loads(e.payload)["data"]["newEvent"] for e in self.entries if e.offset]
 
+    def event_keys(self) -> list[tuple[str, str, str | None]]:
+        """(uniqueEventId, offset, primaryKey) of :meth:`events`, in the same order, without
+        decoding any payload."""
+        return [(e.unique_id, e.offset, e.primary_key) for e in self.entries if e.offset]
+
     def resource(self, key: str) -> Resource | None:
         """The resource with this primaryKey (keys are unique within a chain)."""
         return self._by_key.get(key)
@@ -166,7 +173,9 @@ class ChainLog:
             offset = ev["metadata"]["offset"]
             key = int(offset)
             payload = _dumps({"data": {"newEvent": ev}})
-            self.entries.append(Entry(key, offset, ev["hotelId"], payload))
+            uid, primary = ev["metadata"]["uniqueEventId"], ev["primaryKey"]
+            entry = Entry(key, offset, ev["hotelId"], payload, unique_id=uid, primary_key=primary)
+            self.entries.append(entry)
             self._keys.append(key)
         self._count += len(made)
         self._notify()

@@ -12,6 +12,7 @@ class SandboxOptions:
     host: str = "127.0.0.1"
     port: int = 0  # 0: any free port
     app_key: str = "sandbox-app-key"
+    app_keys: tuple[str, ...] = ()  # more application keys accepted besides app_key
     client_id: str = "sandbox-client"
     client_secret: str = "sandbox-secret"
     username: str = "sandbox-user"
@@ -26,6 +27,9 @@ class SandboxOptions:
     stale_hold_s: float = 0.0  # 4409 for this long after a subscriber drops without complete
     complete_close_delay_s: float = 0.0  # after a client's complete, wait before closing
     defer_pongs: bool = False  # as OHIP in burst mode: no pong until the backlog is sent
+    # > 0: a session from which no frame at all arrived for this long is dropped (TCP aborted,
+    # no close handshake; its subscription released as a drop, so stale_hold_s applies).
+    client_timeout_s: float = 0.0
     # Chaos (deterministic for a given chaos_seed); 0 / False disables each.
     chaos_seed: int = 0
     drop_every: int = 0  # drop the TCP connection (no close frame) after about N events
@@ -40,6 +44,15 @@ class SandboxOptions:
     rest_rate: float = 0.0  # REST requests per second, all routes together; 0: unlimited
     rest_burst: int = 5  # token-bucket size for rest_rate
 
+    def accepts_app_key(self, key: object) -> bool:
+        """Whether ``key`` is the raw ``app_key`` or one of ``app_keys``."""
+        return isinstance(key, str) and (key == self.app_key or key in self.app_keys)
+
+    @property
+    def all_app_keys(self) -> tuple[str, ...]:
+        """``app_key`` first, then ``app_keys``."""
+        return (self.app_key, *self.app_keys)
+
 
 @dataclass
 class SandboxStats:
@@ -53,6 +66,12 @@ class SandboxStats:
     completes_received: int = 0
     subscribes: list[dict[str, Any]] = field(default_factory=list)  # parsed inputs, in order
     close_codes_sent: list[int] = field(default_factory=list)
+    # Why 4409s were sent: another live session holds the chain's subscription; the hold after
+    # a subscriber dropped without complete (stale_hold_s); a second subscribe on a session.
+    subscriber_conflicts: int = 0
+    stale_refusals: int = 0
+    duplicate_subscribe_ids: int = 0
+    client_timeouts: int = 0  # sessions dropped after client_timeout_s without a frame
     chaos_drops: int = 0
     upgrades: list[float] = field(default_factory=list)  # monotonic times of upgrade requests
     active_subscriptions: dict[str, int] = field(default_factory=dict)

@@ -115,7 +115,9 @@ class RestResources:
             return
         headers = {k.decode().lower(): v.decode("latin-1") for k, v in request.headers}
         token = bearer(headers.get("authorization", ""))
-        if self._token_expiry(token) is None or headers.get("x-app-key") != self._options.app_key:
+        if self._token_expiry(token) is None or not self._options.accepts_app_key(
+            headers.get("x-app-key")
+        ):
             body = problem(401, "Unauthorised - Invalid credentials")
             respond(conn, writer, 401, body, extra={"WWW-Authenticate": "Bearer"})
             return

@@ -1,8 +1,8 @@
 """The one port's HTTP: each connection's request head (parsed with h11) is routed to the token
 endpoint (``POST /oauth/v1/tokens``), ``/healthz`` (``GET`` and ``HEAD``), a REST route, or
-the ``/subscriptions`` upgrade, which this module answers (the hashed app key in the URL, else
-400; queued failures) before handing the connection to a WebSocket session. Anything else is
-404, a request target that does not parse 400."""
+the ``/subscriptions`` upgrade, which this module answers (the hash of an accepted app key in
+the URL, else 400; queued failures) before handing the connection to a WebSocket session.
+Anything else is 404, a request target that does not parse 400."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ class Router:
         self,
         *,
         stats: SandboxStats,
-        key_hash: str,
+        key_hashes: frozenset[str],
         clock: Callable[[], float],
         tokens: TokenEndpoint,
         rest: RestResources,
@@ -37,7 +37,7 @@ class Router:
         sessions: SessionContext,
     ) -> None:
         self._stats = stats
-        self._key_hash = key_hash
+        self._key_hashes = key_hashes  # of every accepted application key
         self._clock = clock
         self._tokens = tokens
         self._rest = rest
@@ -96,7 +96,7 @@ class Router:
             return
         key = parse_qs(urlsplit(target).query).get("key", [""])[0]
         self._stats.upgrades.append(self._clock())
-        if key != self._key_hash:
+        if key not in self._key_hashes:
             response = proto.reject(400, "Incorrect key or URL\n")
         elif (status := self._chaos.upgrade_failure()) is not None:
             response = proto.reject(status, "injected failure\n")

@@ -13,6 +13,9 @@ Rules it enforces, as OHIP does: the hashed application key in the URL (else HTT
 raw key (else 4401), one active subscription per chain (else 4409), schema patterns of the
 ``newEvent`` input (else 4400), known chains (else 4403), token expiry (4401). On REST: a valid
 token and the raw key (else 401), ``x-hotelid`` on hotel routes (else 400), a rate limit (429).
+"The key" is ``app_key`` or any of ``app_keys``: several applications may share the gateway
+(each session remembers its key; the ``connection`` query answers per key). With
+``client_timeout_s``, a session silent that long is dropped, as a gateway drops a dead consumer.
 
 Every part reads the time through :func:`_monotonic`, which looks ``time`` up in this module:
 a test freezes the whole sandbox's clock by replacing ``server.time``.
@@ -44,11 +47,15 @@ def _monotonic() -> float:
     return time.monotonic()
 
 
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 class SandboxGateway:
     def __init__(self, options: SandboxOptions | None = None) -> None:
         self.options = o = options or SandboxOptions()
         self.stats = SandboxStats()
-        self.key_hash = hashlib.sha256(o.app_key.encode()).hexdigest()
+        self.key_hash = _sha256(o.app_key)  # of app_key; the URL may carry any accepted key's
         self._logs = {c: ChainLog(c, o.seed) for c in o.chains}
         self._chaos = Chaos(o)
         self.malformed: dict[str, list[str]] = self._chaos.malformed  # per chain, in log order
@@ -77,7 +84,7 @@ class SandboxGateway:
         )
         self._router = Router(
             stats=self.stats,
-            key_hash=self.key_hash,
+            key_hashes=frozenset(_sha256(k) for k in o.all_app_keys),
             clock=_monotonic,
             tokens=self._tokens,
             rest=rest,
@@ -150,6 +157,11 @@ class SandboxGateway:
     def events(self, chain: str) -> list[dict[str, Any]]:
         """Ground truth: every valid event of the chain, in log order."""
         return self._logs[chain].events()
+
+    def event_keys(self, chain: str) -> list[tuple[str, str, str | None]]:
+        """Ground truth, lighter: ``(uniqueEventId, offset, primaryKey)`` of every valid event
+        of the chain, in log order (those of :meth:`events`, without decoding them)."""
+        return self._logs[chain].event_keys()
 
     def append(self, chain: str, n: int) -> list[dict[str, Any]]:
         """Generate ``n`` events (with malformed frames if ``malformed_every`` asks for them)."""

@@ -1,16 +1,19 @@
 """The single-consumer rule of the ``/subscriptions`` WebSocket: which session holds each
 chain's subscription (a second subscriber gets 4409), the hold after a subscriber dropped
 without ``complete`` (``stale_hold_s``), where each chain's last stream stopped (a subscribe
-without an offset resumes there), and the set of open sessions."""
+without an offset resumes there), the application key each subscription was made with (for
+the ``connection`` query), and the set of open sessions."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Generic, Literal, TypeVar
 
 from .options import SandboxStats
 
 Session = TypeVar("Session")  # a WebSocket session: only its identity matters here
+
+Refusal = Literal["held", "stale"]  # another live session holds the chain; the stale hold
 
 
 class Subscriptions(Generic[Session]):
@@ -23,26 +26,32 @@ class Subscriptions(Generic[Session]):
         self._stale_hold_s = stale_hold_s
         self._stats = stats
         self._clock = clock
-        self._active: dict[str, Session] = {}
+        self._active: dict[str, tuple[Session, str]] = {}  # chain -> holder, its app key
         self._stale_until: dict[str, float] = {}
         self._delivered: dict[str, int] = {}
 
     def any_active(self) -> bool:
         return bool(self._active)
 
-    def claim(self, chain: str, session: Session) -> bool:
-        """Make ``session`` the chain's subscriber; False if another one (or the hold of a
-        dropped one) has it."""
-        holder = self._active.get(chain)
-        stale = self._stale_until.get(chain, 0.0) > self._clock()
-        if (holder is not None and holder is not session) or stale:
-            return False
-        self._active[chain] = session
+    def active_for(self, app_key: str) -> bool:
+        """Whether some chain is subscribed by a session initialized with ``app_key``."""
+        return any(key == app_key for _, key in self._active.values())
+
+    def claim(self, chain: str, session: Session, app_key: str = "") -> Refusal | None:
+        """Make ``session`` (initialized with ``app_key``) the chain's subscriber; else why
+        not: another live session holds it ("held"), or the hold of a dropped one ("stale")."""
+        held = self._active.get(chain)
+        if held is not None and held[0] is not session:
+            return "held"
+        if self._stale_until.get(chain, 0.0) > self._clock():
+            return "stale"
+        self._active[chain] = (session, app_key)
         self._stats.active_subscriptions[chain] = self._stats.active_subscriptions.get(chain, 0) + 1
-        return True
+        return None
 
     def release(self, chain: str, session: Session, *, completed: bool) -> None:
-        if self._active.get(chain) is session:
+        held = self._active.get(chain)
+        if held is not None and held[0] is session:
             del self._active[chain]
             self._stats.active_subscriptions[chain] -= 1
             if not completed and self._stale_hold_s > 0:

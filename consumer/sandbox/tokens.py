@@ -1,7 +1,8 @@
 """The OAuth token endpoint (``POST /oauth/v1/tokens``): both grants (``client_credentials``
 with a scope, ``password`` with the user's credentials), HTTP Basic client authentication and
-the ``x-app-key`` header; the tokens it issues and their expiry, which the REST resources and
-the WebSocket's ``connection_init`` check through :meth:`TokenEndpoint.expiry`."""
+the ``x-app-key`` header (any accepted application key: a token is not bound to one); the
+tokens it issues and their expiry, which the REST resources and the WebSocket's
+``connection_init`` check through :meth:`TokenEndpoint.expiry`."""
 
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ class TokenEndpoint:
             return
         if (
             _basic(headers.get("authorization")) != (o.client_id, o.client_secret)
-            or headers.get("x-app-key") != o.app_key
+            or not o.accepts_app_key(headers.get("x-app-key"))
             or (grant == "client_credentials" and not form.get("scope"))
             or (
                 grant == "password"

@@ -2,10 +2,12 @@
 websockets' sans-I/O :class:`ServerProtocol`, so the sandbox controls every byte.
 
 A session enforces ``graphql-transport-ws`` (4406), ``connection_init`` within the deadline
-(4408) with a valid token and the raw app key (4401, again when the token expires), one
+(4408) with a valid token and an accepted raw app key (4401, again when the token expires), one
 ``connection_init`` (4429), valid ``subscribe`` messages (4400, 4403) and one subscriber per
 chain (4409, see :class:`Subscriptions`); it streams the chain's log in pre-encoded batches
-with TCP backpressure, pings and answers pings, and closes after a client's ``complete``.
+with TCP backpressure, pings and answers pings, and closes after a client's ``complete``. With
+``client_timeout_s``, a session from which no frame arrived for that long is dropped (TCP
+aborted, no close handshake: the client may be frozen).
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ class WsSession:
         self._writer = writer
         self._acked = False
         self._sub_id: str | None = None
+        self.app_key: str | None = None  # the key of its accepted connection_init
         self._chain: str | None = None
         self._completed = False
         self._silent = False
@@ -91,6 +94,7 @@ class WsSession:
         self._pongs = PongPolicy(ctx.options, ctx.stats)
         self._sender: asyncio.Task[None] | None = None
         self._helpers: list[asyncio.Task[None]] = []
+        self._last_frame = ctx.clock()  # when the last frame arrived (or the session began)
 
     async def run(self) -> None:
         o = self._ctx.options
@@ -98,6 +102,8 @@ class WsSession:
             self.close(4406, "Subprotocol not acceptable")
         else:
             self._helpers.append(asyncio.create_task(self._init_deadline(o.init_timeout_s)))
+        if o.client_timeout_s > 0:
+            self._helpers.append(asyncio.create_task(self._client_deadline(o.client_timeout_s)))
         try:
             while self._proto.state is not State.CLOSED:
                 data = await self._reader.read(65536)
@@ -105,7 +111,10 @@ class WsSession:
                     self._proto.receive_data(data)
                 else:
                     self._proto.receive_eof()
-                for frame in self._proto.events_received():
+                frames = self._proto.events_received()
+                if frames:
+                    self._last_frame = self._ctx.clock()
+                for frame in frames:
                     if self._silent:
                         continue
                     if isinstance(frame, Frame) and frame.opcode is Opcode.TEXT:
@@ -121,6 +130,8 @@ class WsSession:
                 await asyncio.gather(self._sender, return_exceptions=True)
 
     def ended(self) -> None:
+        """Release the subscription: as a drop (the stale hold applies) unless the client sent
+        ``complete``, whoever ended the connection (a client timeout included)."""
         if self._chain is not None:
             self._ctx.subscriptions.release(self._chain, self, completed=self._completed)
 
@@ -196,8 +207,10 @@ class WsSession:
         self._init_seen = True
         p = payload if isinstance(payload, dict) else {}
         expiry = self._ctx.token_expiry(bearer(str(p.get("Authorization", ""))))
-        if expiry is None or p.get("x-app-key") != o.app_key:
+        key = p.get("x-app-key")
+        if expiry is None or not isinstance(key, str) or not o.accepts_app_key(key):
             raise Close(4401, "Unauthorised - Invalid credentials")
+        self.app_key = key
         self._helpers.append(asyncio.create_task(self._ack(o.ack_delay_s)))
         self._helpers.append(asyncio.create_task(self._expire(expiry)))
         if o.ping_interval_s > 0:
@@ -214,12 +227,18 @@ class WsSession:
             raise Close(4400, "Invalid subscribe message")
         if is_connection_query(query):
             # Query.connection: is a consumer subscribed (Active)? One next, then complete.
-            status = "Active" if ctx.subscriptions.any_active() else "Inactive"
+            # OHIP's stream is app key + gateway + chain, but the query comes before any
+            # subscribe, so the chain is unknown: the sandbox scopes the answer to the asking
+            # session's app key (Active iff a session initialized with the same key holds the
+            # subscription of some chain).
+            assert self.app_key is not None  # acked
+            status = "Active" if ctx.subscriptions.active_for(self.app_key) else "Inactive"
             data = {"data": {"connection": {"id": str(id(self)), "status": status}}}
             self.send(json.dumps({"id": sub_id, "type": "next", "payload": data}))
             self.send(json.dumps({"id": sub_id, "type": "complete"}))
             return
         if self._sub_id is not None:
+            ctx.stats.duplicate_subscribe_ids += 1
             raise Close(4409, f"Subscriber for {sub_id} already exists")
         args = parse_input(query)
         ctx.stats.subscribes.append(args)
@@ -229,7 +248,13 @@ class WsSession:
         log = ctx.logs.get(chain)
         if log is None:
             raise Close(4403, "Forbidden")
-        if not ctx.subscriptions.claim(chain, self):
+        assert self.app_key is not None  # acked
+        refusal = ctx.subscriptions.claim(chain, self, self.app_key)
+        if refusal is not None:
+            if refusal == "held":
+                ctx.stats.subscriber_conflicts += 1
+            else:
+                ctx.stats.stale_refusals += 1
             raise Close(4409, "Subscriber already exists")
         self._sub_id, self._chain = sub_id, chain
         highest = args.get("offsetType") == "highest"
@@ -307,6 +332,26 @@ class WsSession:
         await asyncio.sleep(seconds)
         if not self._acked:
             self.close(4408, "Connection initialisation timeout")
+
+    async def _client_deadline(self, limit: float) -> None:
+        """Drop the connection once no frame arrived for ``limit`` seconds: abort the TCP
+        transport, no close handshake (a frozen client would never answer one).
+
+        At the deadline, a few loop iterations first read what is already in the socket: after
+        a stall of the sandbox's own loop (a test blocking it), a frame may be waiting there,
+        and the client is not the silent one."""
+        while True:
+            left = self._last_frame + limit - self._ctx.clock()
+            if left > 0:
+                await asyncio.sleep(left)  # until the deadline of the last frame: <= limit
+                continue
+            seen = self._last_frame
+            for _ in range(5):
+                await asyncio.sleep(0)
+            if self._last_frame == seen:
+                break
+        self._ctx.stats.client_timeouts += 1
+        self.drop()
 
     async def _expire(self, expiry: float) -> None:
         await asyncio.sleep(max(0.0, expiry - self._ctx.clock()))
