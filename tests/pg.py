@@ -76,6 +76,16 @@ def _run_sync(coro: Any) -> Any:
         return pool.submit(asyncio.run, coro).result()
 
 
+async def sql(dsn: str, method: str, statement: str, *args: Any) -> Any:
+    """One statement on a connection of its own: ``method`` is asyncpg's (``fetch``,
+    ``fetchval``, ``fetchrow``, ``execute``)."""
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        return await getattr(conn, method)(statement, *args)
+    finally:
+        await conn.close()
+
+
 class PostgresServer:
     """One cluster; ``start``/``stop`` may be called again (same port, same data)."""
 

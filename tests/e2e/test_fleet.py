@@ -32,6 +32,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
+from pg import sql
 from support import FAST_CONNECTION, spawn_daemon, wait_until
 from tcp_proxy import TcpProxy
 
@@ -132,12 +133,10 @@ class Fleet:
         m.start()
         return m
 
-    async def query(self, sql: str, *args: Any) -> list[asyncpg.Record]:
-        conn = await asyncpg.connect(self.dsn)
-        try:
-            return list(await conn.fetch(sql.replace("{s}", f'"{self.schema}"'), *args))
-        finally:
-            await conn.close()
+    async def query(self, statement: str, *args: Any) -> list[asyncpg.Record]:
+        return list(
+            await sql(self.dsn, "fetch", statement.replace("{s}", f'"{self.schema}"'), *args)
+        )
 
     async def holders(self) -> dict[str, str | None]:
         """stream -> the member holding a live lease on it (None: nobody)."""

@@ -10,9 +10,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import asyncpg
 import pytest
-from pg import PostgresServer
+from pg import PostgresServer, sql
 from pydantic import SecretStr
 
 from consumer.config import StateSettings
@@ -51,19 +50,11 @@ class Env:
     def q(self) -> str:
         return f'"{self.schema}"'
 
-    async def execute(self, sql: str, *args: Any) -> str:
-        conn = await asyncpg.connect(self.dsn, timeout=10)
-        try:
-            return str(await conn.execute(sql, *args))
-        finally:
-            await conn.close()
+    async def execute(self, statement: str, *args: Any) -> str:
+        return str(await sql(self.dsn, "execute", statement, *args))
 
-    async def fetchval(self, sql: str, *args: Any) -> Any:
-        conn = await asyncpg.connect(self.dsn, timeout=10)
-        try:
-            return await conn.fetchval(sql, *args)
-        finally:
-            await conn.close()
+    async def fetchval(self, statement: str, *args: Any) -> Any:
+        return await sql(self.dsn, "fetchval", statement, *args)
 
     def event(self, stream: str) -> str:
         """One event of the stream arrives and is delivered: its id."""
@@ -125,11 +116,7 @@ async def env(postgres_server: PostgresServer) -> AsyncIterator[Env]:
     finally:
         await fleet.close()
         await store.close()
-        conn = await asyncpg.connect(dsn, timeout=10)
-        try:
-            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        finally:
-            await conn.close()
+        await sql(dsn, "execute", f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
 async def test_both_streams_commit_while_the_leases_are_held(env: Env) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import asyncpg
+from pg import sql
 
 import consumer.state.postgres as postgres_module
 import consumer.state.sqlite as sqlite_module
@@ -81,19 +81,11 @@ class PostgresBackend:
             self.dsn, schema=self.schema, create=create, timeout_s=10.0, **kwargs
         )
 
-    async def fetch(self, sql: str, *args: Any) -> list[Any]:
-        conn = await asyncpg.connect(self.dsn, timeout=10)
-        try:
-            return list(await conn.fetch(sql, *args))
-        finally:
-            await conn.close()
+    async def fetch(self, statement: str, *args: Any) -> list[Any]:
+        return list(await sql(self.dsn, "fetch", statement, *args))
 
-    async def execute(self, sql: str, *args: Any) -> None:
-        conn = await asyncpg.connect(self.dsn, timeout=10)
-        try:
-            await conn.execute(sql, *args)
-        finally:
-            await conn.close()
+    async def execute(self, statement: str, *args: Any) -> None:
+        await sql(self.dsn, "execute", statement, *args)
 
     async def count(self, table: str) -> int:
         return int((await self.fetch(f"SELECT COUNT(*) FROM {self.q}.{table}"))[0][0])

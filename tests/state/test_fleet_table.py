@@ -14,9 +14,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import asyncpg
 import pytest
-from pg import PostgresServer
+from pg import PostgresServer, sql
 from pydantic import SecretStr
 
 import consumer.state.fleet as fleet_module
@@ -55,19 +54,11 @@ class Env:
         self.tables.append(table)
         return table
 
-    async def fetch(self, sql: str, *args: Any) -> list[Any]:
-        conn = await asyncpg.connect(self.dsn, timeout=10)
-        try:
-            return list(await conn.fetch(sql, *args))
-        finally:
-            await conn.close()
+    async def fetch(self, statement: str, *args: Any) -> list[Any]:
+        return list(await sql(self.dsn, "fetch", statement, *args))
 
-    async def execute(self, sql: str, *args: Any) -> str:
-        conn = await asyncpg.connect(self.dsn, timeout=10)
-        try:
-            return str(await conn.execute(sql, *args))
-        finally:
-            await conn.close()
+    async def execute(self, statement: str, *args: Any) -> str:
+        return str(await sql(self.dsn, "execute", statement, *args))
 
     async def count(self, table: str, stream: str | None = None) -> int:
         if stream is None:
