@@ -307,11 +307,28 @@ async def test_a_fleet_survives_kill_pause_partition_and_a_join(
     pg_proxy.restore()
     await f.wait_holders(balanced({"m2", "m3", "m4"}), 60)
 
+    # --- a graceful stop hands the streams over: released, not left to expire ----------------
+    m4 = f.members["m4"]
+    handed = {s for s, h in (await f.holders()).items() if h == "m4"}
+    assert handed
+    m4.signal(signal.SIGTERM)
+    await f.wait_holders(balanced({"m2", "m3"}), 60)
+    assert m4.proc is not None and m4.proc.wait(30) == 0
+    takings = sorted(
+        (line["timestamp"], line["stream"], line["previous"])
+        for m in (f.members["m2"], f.members["m3"])
+        for line in m.lines()
+        if line.get("event") == "lease taken" and line.get("stream") in handed
+    )
+    taken = {stream: previous for _, stream, previous in takings}
+    # The last taking of each: from a released lease ("-"), never from m4's expired one.
+    assert set(taken) == handed and set(taken.values()) == {"-"}, taken
+
     # --- the end: everything once, in order, and no second subscriber ever ---------------------
     snapshot = {i: gw.event_keys(chain(i)) for i in range(STREAMS)}
     await f.wait_caught_up(60)
     f.stop_all()
-    for name in ("m2", "m3", "m4"):
+    for name in ("m2", "m3"):
         proc = f.members[name].proc
         assert proc is not None and proc.returncode == 0, (name, proc and proc.returncode)
     audit = await f.query("SELECT uid, stream FROM fleet_audit ORDER BY id")
