@@ -30,6 +30,14 @@ from ..pg_target import Target
 from .postgres import DRIVER_ERRORS, quote_ident, store_error
 
 NOW = "EXTRACT(EPOCH FROM clock_timestamp())::float8"
+# The lease rows a member holds at these epochs, locked in stream order: the order a commit's
+# fence check locks them in (ORDER BY stream FOR SHARE), so the two never deadlock.
+_LOCKED = (
+    "locked AS (SELECT l.stream FROM {s}.stream_leases l "
+    "JOIN unnest({streams}::text[], {epochs}::bigint[]) AS h(stream, epoch) "
+    "ON l.stream = h.stream AND l.epoch = h.epoch WHERE l.holder = {holder} "
+    "ORDER BY l.stream FOR NO KEY UPDATE OF l)"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +160,7 @@ class FleetTable:
         """Heartbeat, and renew every lease held at its epoch: one statement. A stream missing
         from ``renewed`` is lost (another member took it after it expired)."""
         s = self._s
-        streams = list(held)
+        streams = sorted(held)
         row = await self._call(
             "renewing leases",
             timeout_s,
@@ -164,10 +172,9 @@ class FleetTable:
             "weight = EXCLUDED.weight, heartbeat_at = EXCLUDED.heartbeat_at, "
             "expires_at = EXCLUDED.expires_at, started_at = CASE WHEN m.pid = EXCLUDED.pid "
             "THEN m.started_at ELSE EXCLUDED.started_at END RETURNING m.draining), "
+            f"{_LOCKED.format(s=s, streams='$7', epochs='$8', holder='$1')}, "
             f"renewed AS (UPDATE {s}.stream_leases l SET expires_at = t.now + $6 "
-            "FROM t, unnest($7::text[], $8::bigint[]) AS h(stream, epoch) "
-            "WHERE l.stream = h.stream AND l.epoch = h.epoch AND l.holder = $1 "
-            "RETURNING l.stream) "
+            "FROM t, locked WHERE l.stream = locked.stream RETURNING l.stream) "
             "SELECT (SELECT draining FROM hb) AS draining, "
             "ARRAY(SELECT stream FROM renewed) AS renewed, (SELECT now FROM t) AS now",
             self.member,
@@ -207,14 +214,14 @@ class FleetTable:
         next member takes them at its next tick instead of waiting for expiry."""
         if not held:
             return
-        streams = list(held)
+        streams = sorted(held)
         await self._call(
             "releasing leases",
             timeout_s,
             "execute",
+            f"WITH {_LOCKED.format(s=self._s, streams='$1', epochs='$2', holder='$3')} "
             f"UPDATE {self._s}.stream_leases l SET holder = NULL, expires_at = 0 "
-            "FROM unnest($1::text[], $2::bigint[]) AS h(stream, epoch) "
-            "WHERE l.stream = h.stream AND l.epoch = h.epoch AND l.holder = $3",
+            "FROM locked WHERE l.stream = locked.stream",
             streams,
             [held[x] for x in streams],
             self.member,
