@@ -54,6 +54,7 @@ import asyncpg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+from fleet_support import chain, member_config, sandbox_options  # noqa: E402  (tests/)
 from pg import PostgresServer, find_bindir  # noqa: E402  (tests/pg.py)
 
 from consumer.sandbox import SandboxGateway, SandboxOptions, launcher  # noqa: E402
@@ -73,18 +74,6 @@ CONNECTION = {
     "lockout_jitter_s": 0.5,
 }
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def chain(i: int) -> str:
-    return f"C{i:04d}"
-
-
-def stream(i: int) -> str:
-    return f"s{i:04d}"
-
-
-def app_key(i: int) -> str:
-    return f"fleet-key-{i:04d}"
 
 
 # --- /proc ----------------------------------------------------------------------------------
@@ -220,28 +209,20 @@ class Bench:
     subscribed_at: dict[str, float] = field(default_factory=dict)  # chain -> monotonic
 
     def write_config(self, name: str) -> Path:
-        o = self.gw.options
-        conn_toml = "\n".join(f"{k} = {v}" for k, v in CONNECTION.items())
-        parts = []
-        for i in range(self.streams):
-            parts.append(
-                f'[streams.{stream(i)}]\ngateway_url = "{self.gw.url}"\n'
-                f'chain_code = "{chain(i)}"\napp_key = "{app_key(i)}"\n'
-                f'[streams.{stream(i)}.auth]\nclient_id = "{o.client_id}"\n'
-                f'client_secret = "{o.client_secret}"\n'
-                f"[streams.{stream(i)}.connection]\n{conn_toml}\n"
-            )
-        parts.append(
-            f'[state]\nbackend = "postgres"\ndsn = "{self.dsn}"\nschema = "{SCHEMA}"\n'
-            f'[sink]\ntype = "postgres"\ndsn = "{self.dsn}"\ntable = "{TABLE}"\n'
-            f'[fleet]\nenabled = true\nmember = "{name}"\nlease_ttl_s = {TTL_S}\n'
-            f"renew_interval_s = {RENEW_S}\n"
-            "[pipeline]\nworkers = 1\n"
-            '[metrics]\nport = 0\n[log]\nformat = "json"\n'
-            f'level = "{self.log_level}"\n'
+        text = member_config(
+            self.gw,
+            member=name,
+            streams=self.streams,
+            dsn=self.dsn,
+            schema=SCHEMA,
+            table=TABLE,
+            connection=CONNECTION,
+            fleet={"lease_ttl_s": TTL_S, "renew_interval_s": RENEW_S},
+            pipeline={"workers": 1},
+            log_level=self.log_level,
         )
         path = self.work / f"{name}.toml"
-        path.write_text("\n".join(parts))
+        path.write_text(text)
         return path
 
     def add(self, name: str) -> Member:
@@ -545,8 +526,7 @@ async def run(
     n = args.streams
     gw = SandboxGateway(
         SandboxOptions(
-            chains=tuple(chain(i) for i in range(n)),
-            app_keys=tuple(app_key(i) for i in range(n)),
+            **sandbox_options(n),
             backlog=args.backlog,
             rate=0.0,  # the trickle below spreads the events over time instead
             ping_interval_s=PING_S,

@@ -32,6 +32,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
+from fleet_support import chain, member_config, sandbox_options, stream
 from pg import sql
 from support import FAST_CONNECTION, spawn_daemon, wait_until
 from tcp_proxy import TcpProxy
@@ -48,18 +49,6 @@ LOCKOUT_S = 0.5
 # poll and the lockout; the rest is the processes' and the database's own pace on a loaded
 # machine (a positive condition bounds each wait, never a sleep).
 RESUME_BOUND_S = TTL_S + TICK_S + 1.0 + LOCKOUT_S + 20.0
-
-
-def chain(i: int) -> str:
-    return f"C{i:02d}"
-
-
-def stream(i: int) -> str:
-    return f"s{i:02d}"
-
-
-def app_key(i: int) -> str:
-    return f"fleet-key-{i:02d}"
 
 
 @dataclass
@@ -96,35 +85,27 @@ class Fleet:
     members: dict[str, Member] = field(default_factory=dict)
 
     def config(self, name: str, dsn: str) -> Path:
-        o = self.gw.options
-        conn = {
+        connection = {
             **FAST_CONNECTION,
             "complete_timeout_s": 1.0,
             "status_poll_s": 0.3,
             "takeover_jitter_s": 0.1,
             "lockout_s": LOCKOUT_S,
         }
-        conn_toml = "\n".join(f"{k} = {v}" for k, v in conn.items())
-        parts = []
-        for i in range(STREAMS):
-            parts.append(
-                f'[streams.{stream(i)}]\ngateway_url = "{self.gw.url}"\n'
-                f'chain_code = "{chain(i)}"\napp_key = "{app_key(i)}"\n'
-                f'[streams.{stream(i)}.auth]\nclient_id = "{o.client_id}"\n'
-                f'client_secret = "{o.client_secret}"\n'
-                f"[streams.{stream(i)}.connection]\n{conn_toml}\n"
-            )
-        parts.append(
-            f'[state]\nbackend = "postgres"\ndsn = "{dsn}"\nschema = "{self.schema}"\n'
-            "commit_interval_ms = 300\ntimeout_s = 3.0\n"
-            f'[sink]\ntype = "postgres"\ndsn = "{dsn}"\ntable = "{TABLE}"\n'
-            f'[fleet]\nenabled = true\nmember = "{name}"\nlease_ttl_s = {TTL_S}\n'
-            f"renew_interval_s = {TICK_S}\n"
-            "[pipeline]\ndrain_timeout_s = 2.0\n"
-            '[metrics]\nport = 0\n[log]\nformat = "json"\nlevel = "info"\n'
+        text = member_config(
+            self.gw,
+            member=name,
+            streams=STREAMS,
+            dsn=dsn,
+            schema=self.schema,
+            table=TABLE,
+            connection=connection,
+            fleet={"lease_ttl_s": TTL_S, "renew_interval_s": TICK_S},
+            state={"commit_interval_ms": 300, "timeout_s": 3.0},
+            pipeline={"drain_timeout_s": 2.0},
         )
         path = self.tmp / f"{name}.toml"
-        path.write_text("\n".join(parts))
+        path.write_text(text)
         return path
 
     def add(self, name: str, dsn: str | None = None) -> Member:
@@ -215,8 +196,7 @@ def balanced(names: set[str]) -> Any:
 @pytest.fixture
 async def fleet(sandbox_factory: Any, postgres_dsn: str, tmp_path: Path) -> AsyncIterator[Fleet]:
     gw = await sandbox_factory(
-        chains=tuple(chain(i) for i in range(STREAMS)),
-        app_keys=tuple(app_key(i) for i in range(STREAMS)),
+        **sandbox_options(STREAMS),
         backlog=40,
         rate=4.0,  # new events per second per chain: 120/s over the fleet
         client_timeout_s=2.0,  # the gateway drops a frozen consumer
