@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test chaos lint typecheck bench clean postgres-server
+.PHONY: demo test chaos lint typecheck bench clean postgres-server bus-servers
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11 ...'"; exit 1; }
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m consumer.demo
 
-test: $(STAMP) postgres-server
+test: $(STAMP) postgres-server bus-servers
 	$(BIN)/ruff check consumer tests bench
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
@@ -32,6 +32,21 @@ postgres-server:
 			|| echo "note: installing postgresql failed; the PostgreSQL sink tests will skip"; \
 	else \
 		echo "note: no PostgreSQL server (apt-get install postgresql); the PostgreSQL sink tests will skip"; \
+	fi
+
+# The message buses for the nats and redis sinks' tests (started on loopback by the tests):
+# Debian's nats-server and redis-server, installed as the PostgreSQL server is.
+bus-servers:
+	@missing=""; \
+	command -v nats-server >/dev/null 2>&1 || missing="$$missing nats-server"; \
+	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
+	if [ -z "$$missing" ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "installing the message buses for the tests (apt-get install$$missing)"; \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; } \
+			|| echo "note: installing$$missing failed; their sink tests will skip"; \
+	else \
+		echo "note: no$$missing (apt-get install$$missing); their sink tests will skip"; \
 	fi
 
 # The chaos suite at full size (make test runs it reduced).

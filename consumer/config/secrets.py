@@ -9,7 +9,13 @@ from urllib.parse import quote, quote_plus, unquote, unquote_plus, urlsplit
 
 from ..core.protocol import key_hash
 from .fields import is_secret_name
-from .settings import PostgresSinkSettings, Settings, WebhookSinkSettings
+from .settings import (
+    NatsSinkSettings,
+    PostgresSinkSettings,
+    RedisSinkSettings,
+    Settings,
+    WebhookSinkSettings,
+)
 
 
 def _b64(text: str) -> str:
@@ -92,6 +98,11 @@ def _unique(values: list[str]) -> list[str]:
     return list(dict.fromkeys(v for v in values if v))
 
 
+def _password_forms(password: str) -> list[str]:
+    """A password as given, and form- and percent-encoded."""
+    return [password, quote_plus(password, safe=""), quote(password, safe="")]
+
+
 def secret_values(settings: Settings) -> list[str]:
     """Every secret string the settings hold, in every form we know it may appear in (for the
     log redactor): app keys and their SHA-256 hex, client secrets and the base64 of
@@ -107,8 +118,7 @@ def secret_values(settings: Settings) -> list[str]:
         secret = auth.client_secret.get_secret_value()
         values += [secret, _b64(f"{auth.client_id}:{secret}")]
         if auth.password is not None:
-            password = auth.password.get_secret_value()
-            values += [password, quote_plus(password, safe=""), quote(password, safe="")]
+            values += _password_forms(auth.password.get_secret_value())
         for url in (s.gateway_url, s.auth.token_url, s.connection.proxy):
             if url is not None:
                 values += url_secret_values(url)
@@ -121,6 +131,16 @@ def secret_values(settings: Settings) -> list[str]:
         values += webhook_secret_values(sink)
     elif isinstance(sink, PostgresSinkSettings):
         values += _dsn_secret_values(sink.dsn.get_secret_value())
+    elif isinstance(sink, NatsSinkSettings):
+        for given in (sink.password, sink.token, sink.nkey_seed):
+            if given is not None:
+                values += _password_forms(given.get_secret_value())
+        for server in sink.servers:
+            values += url_secret_values(server)
+    elif isinstance(sink, RedisSinkSettings):
+        values += _dsn_secret_values(sink.url.get_secret_value())
+        if sink.password is not None:
+            values += _password_forms(sink.password.get_secret_value())
     if settings.state.dsn is not None:  # the PostgreSQL state store's
         values += _dsn_secret_values(settings.state.dsn.get_secret_value())
     return _unique(values)

@@ -450,7 +450,51 @@ def resolve(target: str) -> Any:
     return obj
 
 
-SINK_TYPES = ("jsonl", "webhook", "sqlite", "postgres", "python")
+class NatsSinkSettings(_Model):
+    """NATS JetStream: each event published to a subject from ``subject`` and acknowledged by
+    the stream, with ``Nats-Msg-Id`` = uniqueEventId (JetStream's duplicate window drops a
+    replay within ``duplicate_window_s``)."""
+
+    type: Literal["nats"]
+    servers: tuple[str, ...] = ("nats://127.0.0.1:4222",)  # nats:// or tls://
+    # Tokens: {chainCode} (the stream's), {hotelId}, {eventName}, {moduleName}, {stream};
+    # each value sanitised to a subject token ('.', '*', '>' and spaces become '_').
+    subject: str = "opera.{chainCode}.{hotelId}.{eventName}"
+    stream: str = "OPERA"  # the JetStream stream
+    stream_subjects: tuple[str, ...] = ("opera.>",)  # when it creates the stream
+    on_start: Literal["create", "must-exist"] = "create"  # the stream: create or check it
+    # Must exceed the longest a replay can come after its publish (a crash, then a restart):
+    # JetStream forgets message ids after it.
+    duplicate_window_s: float = Field(default=86400.0, gt=0)
+    user: str | None = None
+    password: SecretStr | None = None
+    token: SecretStr | None = None
+    nkey_seed: SecretStr | None = None
+    creds_file: Path | None = None
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    timeout_s: float = Field(default=10.0, gt=0)
+
+
+class RedisSinkSettings(_Model):
+    """Redis Streams: ``XADD`` to a key from ``stream_key``, guarded by uniqueEventId in the
+    same atomic script (a replay adds nothing while the guard lives)."""
+
+    type: Literal["redis"]
+    url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")  # redis:// or rediss:// (TLS)
+    # Tokens as for NATS subjects: {chainCode}, {hotelId}, {eventName}, {moduleName}, {stream}.
+    stream_key: str = "opera:{chainCode}"
+    maxlen: int | None = Field(default=None, ge=1)  # XADD MAXLEN ~ this (None: no trimming)
+    # How long a uniqueEventId's guard lives (OHIP keeps 7 days of events; +1).
+    guard_ttl_s: float = Field(default=8 * 86400.0, gt=0)
+    username: str | None = None  # ACL user (or in the url)
+    password: SecretStr | None = None
+    tls_ca_file: Path | None = None
+    timeout_s: float = Field(default=10.0, gt=0)
+
+
+SINK_TYPES = ("jsonl", "webhook", "sqlite", "postgres", "python", "nats", "redis")
 
 
 def _sink_type(v: Any) -> str:
@@ -464,13 +508,28 @@ SinkSettings = Annotated[
     | Annotated[WebhookSinkSettings, Tag("webhook")]
     | Annotated[SqliteSinkSettings, Tag("sqlite")]
     | Annotated[PostgresSinkSettings, Tag("postgres")]
-    | Annotated[PythonSinkSettings, Tag("python")],
+    | Annotated[PythonSinkSettings, Tag("python")]
+    | Annotated[NatsSinkSettings, Tag("nats")]
+    | Annotated[RedisSinkSettings, Tag("redis")],
     Discriminator(
         _sink_type,
         custom_error_type="sink_type",
         custom_error_message=f"type must be one of {', '.join(SINK_TYPES)}",
     ),
 ]
+
+
+class FilterSettings(_Model):
+    """Which events reach the sink: each list holds exact names or glob patterns (``*``,
+    ``?``, ``[...]``); an empty include list lets everything through. An event filtered out
+    still advances the checkpoint, is counted by reason, and is never dead-lettered."""
+
+    event_names: tuple[str, ...] = ()
+    exclude_event_names: tuple[str, ...] = ()
+    module_names: tuple[str, ...] = ()
+    exclude_module_names: tuple[str, ...] = ()
+    hotel_ids: tuple[str, ...] = ()
+    exclude_hotel_ids: tuple[str, ...] = ()
 
 
 class HttpSettings(_Model):
@@ -585,6 +644,7 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = MetricsSettings()
     log: LogSettings = LogSettings()
     fleet: FleetSettings = FleetSettings()
+    filter: FilterSettings = FilterSettings()
 
     @field_validator("streams")
     @classmethod

@@ -26,6 +26,7 @@ from .. import __version__
 from ..config import Settings
 from ..core import protocol
 from ..core.evidence import describe, shown
+from ..core.filters import EventFilter
 from ..core.upgrade_budget import UpgradeBudget
 from ..errors import ConfigError, ExitCode, LeaseHeld, SinkUnusable, StoreError, StreamStopped
 from ..sinks.base import Sink
@@ -63,6 +64,7 @@ class Daemon:
     _tokens: dict[str, TokenProvider] = field(default_factory=dict)
     _budgets: dict[str, UpgradeBudget] = field(default_factory=dict)  # one per app key
     _stream_tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    _filter: EventFilter | None = None  # [filter]: one for every stream
 
     @classmethod
     async def create(cls, settings: Settings, *, sink: Sink | None = None) -> Daemon:
@@ -111,6 +113,7 @@ class Daemon:
         )
         self = cls(settings, store, sink, committer, resources)
         self._tokens = tokens
+        self._filter = EventFilter.from_settings(settings.filter)
         if settings.fleet.enabled:
             fleet = self.fleet = Fleet(
                 settings,
@@ -166,6 +169,7 @@ class Daemon:
             retry_initial_s=p.sink_retry_initial_s,
             retry_max_s=p.sink_retry_max_s,
             parked=parked,
+            event_filter=self._filter,
         )
         if self.metrics is not None:
             pipeline.on_write = self.metrics.observer(name)
@@ -243,6 +247,7 @@ class Daemon:
                     connections=stats.connections,
                     token_fetches=runner.token_fetches,
                     closes=dict(stats.closes),
+                    filtered=dict(pipeline.filtered),
                     in_flight=pipeline.in_flight,
                     position=pipeline.position,
                     checkpoint_moved_at=self.committer.checkpointed_at.get(name),

@@ -106,6 +106,11 @@ class _StatusCollector(Collector):
         closes = CounterMetricFamily(
             "opera_consumer_closes", "Sessions ended, by close code.", labels=["stream", "code"]
         )
+        filtered = CounterMetricFamily(
+            "opera_consumer_events_filtered",
+            "Events the [filter] kept from the sink (checkpointed all the same), by reason.",
+            labels=["stream", "reason"],
+        )
         depth = gauge("queue_depth", "Events read and not yet done.")
         connected = gauge("connected", "1 while subscribed.")
         ready = gauge("ready", "1 while streaming or in a deliberate wait.")
@@ -124,6 +129,8 @@ class _StatusCollector(Collector):
             tokens.add_metric(name, st.token_fetches)
             for code, n in st.closes.items():
                 closes.add_metric([st.name, code], n)
+            for reason, n in st.filtered.items():
+                filtered.add_metric([st.name, reason], n)
             depth.add_metric(name, st.in_flight)
             connected.add_metric(name, 1.0 if st.state is StreamState.STREAMING else 0.0)
             ready.add_metric(name, 1.0 if st.state.ready else 0.0)
@@ -135,7 +142,17 @@ class _StatusCollector(Collector):
                 srtt.add_metric(name, st.srtt_s)
             if st.name in self._newest:
                 lag.add_metric(name, max(0.0, time.time() - self._newest[st.name]))
-        yield from (received, processed, dedup, dead, ignored, connections, tokens, closes)
+        yield from (
+            received,
+            processed,
+            dedup,
+            filtered,
+            dead,
+            ignored,
+            connections,
+            tokens,
+            closes,
+        )
         failures = GaugeMetricFamily(
             "opera_consumer_commit_failures", "Consecutive failed commits of the state store."
         )

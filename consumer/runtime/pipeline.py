@@ -3,9 +3,9 @@
 The reader calls :meth:`StreamPipeline.put` for each event (it waits when the worker's queue is
 full, so backpressure reaches the server through TCP; nothing is dropped). Events of one
 resource always go to the same worker, so they are processed in arrival order while different
-resources run in parallel. Each worker takes what is queued as a batch: skip ids already
-processed, write the rest to the sink, and tell the committer (the one owner of completion)
-what became of each.
+resources run in parallel. Each worker takes what is queued as a batch: drop what the event
+filter leaves out, skip ids already processed, write the rest to the sink, and tell the
+committer (the one owner of completion) what became of each.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 import zlib
+from collections import Counter
 from collections.abc import Callable, Sequence
 
 import structlog
@@ -20,6 +21,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_ji
 
 from ..core.events import Event
 from ..core.evidence import describe, event_evidence, prefix
+from ..core.filters import EventFilter
 from ..core.protocol import DecodeError
 from ..core.records import DeadLetter
 from ..core.retry_after import WaitRetryAfter
@@ -48,9 +50,11 @@ class StreamPipeline:
         retry_initial_s: float,
         retry_max_s: float,
         parked: dict[str, str] | None = None,
+        event_filter: EventFilter | None = None,
     ) -> None:
         """``parked``: given for a park-key stream, the resources that have dead letters
-        (primaryKey -> the uniqueEventId they are parked behind)."""
+        (primaryKey -> the uniqueEventId they are parked behind). ``event_filter``: the events
+        it filters out are done without reaching the sink (see :meth:`_drop_filtered`)."""
         self.stream = stream
         self._sink = sink
         self._committer = committer
@@ -63,9 +67,12 @@ class StreamPipeline:
         ]
         self._tasks: list[asyncio.Task[None]] = []
         self._parking = None if parked is None else ParkedKeys(stream, committer, parked)
+        # None when nothing is filtered: the per-batch cost is then this one attribute check.
+        self._filter = None if event_filter is None or event_filter.passes_all else event_filter
         self.delivered = 0
         self.duplicates = 0
         self.dead_lettered = 0
+        self.filtered: Counter[str] = Counter()  # events filtered out, by reason
         # Called after each successful sink write: (seconds it took, newest event written).
         self.on_write: Callable[[float, Event], None] | None = None
         # A flood of bad frames or failing writes: a few lines a second, and a count of the rest.
@@ -205,6 +212,10 @@ class StreamPipeline:
                 self._dead_letter(seq, ev, exc, reason="internal_error")
 
     async def _process(self, batch: list[_Item], retrying: AsyncRetrying) -> None:
+        if self._filter is not None:
+            batch = self._drop_filtered(batch, self._filter)
+            if not batch:
+                return
         seen = await self._lookup([ev.unique_event_id for _, ev in batch])
         fresh: list[_Item] = []
         dup_seqs: list[int] = []
@@ -219,6 +230,27 @@ class StreamPipeline:
             self._committer.skipped(self.stream, dup_seqs)
         if fresh:
             await self._deliver(fresh, retrying)
+
+    def _drop_filtered(self, batch: list[_Item], event_filter: EventFilter) -> list[_Item]:
+        """The events the filter lets through; the others are done at once, like duplicates:
+        before the duplicate lookup and the sink, never dead-lettered, and the watermark (so the
+        checkpoint) moves past them. Also for a parked resource (park-key): a filtered event
+        would never reach the sink anyway, so it is not held back behind the dead letter.
+        Dropping an event changes nothing in the order of the others of its resource."""
+        reason = event_filter.reason
+        kept: list[_Item] = []
+        dropped: list[int] = []
+        counts = self.filtered
+        for item in batch:
+            why = reason(item[1])
+            if why is None:
+                kept.append(item)
+            else:
+                dropped.append(item[0])
+                counts[why] += 1
+        if dropped:
+            self._committer.skipped(self.stream, dropped)
+        return kept
 
     async def _lookup(self, ids: list[str]) -> set[str]:
         """The deduplication lookup; a store failing for a while (locked, an I/O error) is

@@ -4,7 +4,7 @@ systemd's STATUS=): snapshots taken on the event loop, so they never see a half-
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..core.watermark import Position
@@ -30,6 +30,7 @@ class StreamStatus:
     checkpoint_moved_at: float | None  # monotonic
     last_event_at: float | None  # monotonic
     srtt_s: float | None
+    filtered: Mapping[str, int] = field(default_factory=dict)  # reason -> events filtered out
 
 
 @dataclass(frozen=True, slots=True)
