@@ -340,6 +340,9 @@ class Daemon:
                 version=__version__,
                 streams=list(self.runners),
                 fleet_member=None if self.fleet is None else self.fleet.member,
+                filter=None
+                if self._filter is None or self._filter.passes_all
+                else repr(self._filter),
             )
             await self._stop.wait()
         finally:
