@@ -29,7 +29,7 @@ from ..core.records import CommitBatch, DeadLetter, Fence
 from ..core.watermark import Position, Watermark
 from ..errors import Fenced, StoreError, TransientSinkError
 from ..sinks.base import Sink
-from ..state.base import StateStore
+from ..state.base import PRUNE_CHUNK, StateStore
 
 log = structlog.get_logger(__name__)
 
@@ -344,10 +344,18 @@ class Committer:
                 self.fence_out(exc.streams, fence.epochs if fence is not None else {})
                 raise
 
-    async def prune(self, older_than: float) -> int:
-        """Prune processed ids between commits (both use the one writer connection)."""
-        async with self._lock:
-            return await self._store.prune_processed(older_than)
+    async def prune(self, older_than: float, streams: Sequence[str] | None = None) -> int:
+        """Prune processed ids (of ``streams`` when given) a bounded statement at a time,
+        each between two commits (SQLite: both use the one writer connection), so a large
+        prune never holds commits back."""
+        total = 0
+        while True:
+            async with self._lock:
+                n = await self._store.prune_processed(older_than, streams=streams, once=True)
+            total += n
+            if n < PRUNE_CHUNK:
+                return total
+            await asyncio.sleep(0)
 
     def _snapshot(self) -> CommitBatch:
         batch, self._batch = self._batch, CommitBatch()

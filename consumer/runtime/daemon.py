@@ -445,8 +445,10 @@ class Daemon:
         st = self.settings.state
         while True:
             cutoff = time.time() - st.processed_retention_days * 86400
+            # A fleet member prunes the streams it holds: the members share the work.
+            streams = None if self.fleet is None else sorted(self.fleet.epochs)
             try:
-                n = await self.committer.prune(cutoff)
+                n = 0 if streams == [] else await self.committer.prune(cutoff, streams)
             except Exception:
                 log.exception("pruning processed event ids failed; retrying later")
             else:

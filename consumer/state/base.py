@@ -15,6 +15,8 @@ from typing import Protocol
 from ..core.records import Checkpoint, CommitBatch, DeadLetterRow, Fence
 from ..core.watermark import Position
 
+PRUNE_CHUNK = 10_000  # rows per DELETE statement (and transaction) of prune_processed
+
 
 class StateStore(Protocol):
     # --- the daemon's reads --------------------------------------------------------------------
@@ -50,7 +52,12 @@ class StateStore(Protocol):
         without (SQLite: no fleet) ignores it."""
         ...
 
-    async def prune_processed(self, older_than: float) -> int: ...
+    async def prune_processed(
+        self, older_than: float, *, streams: Sequence[str] | None = None, once: bool = False
+    ) -> int:
+        """Delete processed ids older than ``older_than``, of ``streams`` when given, in
+        bounded statements (``once``: just one of them); how many went."""
+        ...
 
     # --- operators (status, dlq, offset, sink adopt) -------------------------------------------
 

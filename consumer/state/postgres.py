@@ -15,7 +15,7 @@ asyncpg pool.
 * The two hot lookups (``seen``, ``has_dead_letters``) are one query each; ``seen`` passes
   the ids as one array (``event_id = ANY($2::text[])``).
 * :meth:`PostgresStore.prune_processed` deletes by age in statements of at most
-  ``_PRUNE_CHUNK`` rows, each its own transaction: a busy stream adds millions of ids a day,
+  ``PRUNE_CHUNK`` rows, each its own transaction: a busy stream adds millions of ids a day,
   and one huge DELETE would hold its locks and WAL for minutes.
 
 Errors are translated where they enter (:func:`store_error`): a lost or refused connection,
@@ -43,6 +43,7 @@ from ..core.records import Checkpoint, CommitBatch, DeadLetterRow, Fence, dead_l
 from ..core.watermark import Position
 from ..errors import Fenced, LeaseHeld, SchemaTooNew, StoreError
 from ..pg_target import Target
+from .base import PRUNE_CHUNK
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: the schema of the SQLite store's version 3 (the PostgreSQL store began there)
@@ -116,7 +117,6 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 
-_PRUNE_CHUNK = 10_000  # rows per DELETE statement (and transaction) of prune_processed
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -617,22 +617,27 @@ class PostgresStore:
         return _count(status)
 
     @_translated("pruning processed ids")
-    async def prune_processed(self, older_than: float) -> int:
-        """Delete processed ids older than ``older_than`` (epoch seconds): statements of at
-        most ``_PRUNE_CHUNK`` rows, each its own short transaction."""
+    async def prune_processed(
+        self, older_than: float, *, streams: Sequence[str] | None = None, once: bool = False
+    ) -> int:
+        """Delete processed ids older than ``older_than`` (epoch seconds), of ``streams``
+        only when given: statements of at most ``PRUNE_CHUNK`` rows, each its own short
+        transaction (``once``: one of them)."""
         total = 0
         while True:
-            chunk = _PRUNE_CHUNK
+            chunk = PRUNE_CHUNK
             status = await self._pool.execute(
                 f"DELETE FROM {self._s}.processed_events WHERE (stream, event_id) IN ("
                 f"SELECT stream, event_id FROM {self._s}.processed_events "
-                "WHERE processed_at < $1 LIMIT $2)",
+                "WHERE processed_at < $1 AND ($3::text[] IS NULL OR stream = ANY($3::text[])) "
+                "LIMIT $2)",
                 older_than,
                 chunk,
+                None if streams is None else list(streams),
             )
             deleted = _count(status)
             total += deleted
-            if deleted < chunk:
+            if deleted < chunk or once:
                 return total
 
 

@@ -30,6 +30,7 @@ from ..core.records import Checkpoint, CommitBatch, DeadLetterRow, Fence, dead_l
 from ..core.watermark import Position
 from ..errors import SchemaTooNew, StoreError
 from ..sqlite_tx import transaction
+from .base import PRUNE_CHUNK
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: the initial schema
@@ -86,8 +87,6 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE dead_letters ADD COLUMN payload_sha256 TEXT;
     """,
 )
-
-_PRUNE_CHUNK = 10_000
 
 
 _P = ParamSpec("_P")
@@ -410,20 +409,24 @@ class SqliteStore:
         return max(n, 0)
 
     @_translated
-    async def prune_processed(self, older_than: float) -> int:
-        """Delete processed ids older than ``older_than`` (epoch seconds) in short transactions."""
+    async def prune_processed(
+        self, older_than: float, *, streams: Sequence[str] | None = None, once: bool = False
+    ) -> int:
+        """Delete processed ids older than ``older_than`` (epoch seconds), of ``streams`` only
+        when given, in short transactions of at most ``PRUNE_CHUNK`` rows (``once``: one)."""
+        only = "" if streams is None else f" AND stream IN ({','.join('?' * len(streams))})"
         total = 0
         while True:
             cur = await self._w.execute(
                 "DELETE FROM processed_events WHERE (stream, event_id) IN (SELECT stream, "
-                "event_id FROM processed_events WHERE processed_at < ? ORDER BY processed_at "
-                "LIMIT ?)",
-                (older_than, _PRUNE_CHUNK),
+                f"event_id FROM processed_events WHERE processed_at < ?{only} "
+                "ORDER BY processed_at LIMIT ?)",
+                (older_than, *(streams or ()), PRUNE_CHUNK),
             )
             deleted = cur.rowcount
             await cur.close()
             total += max(deleted, 0)
-            if deleted < _PRUNE_CHUNK:
+            if deleted < PRUNE_CHUNK or once:
                 return total
 
 

@@ -172,7 +172,7 @@ async def test_prune_deletes_in_bounded_statements(
     backend: PostgresBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A statement-level trigger records how many rows each DELETE removed."""
-    monkeypatch.setattr(store_module, "_PRUNE_CHUNK", 100)
+    monkeypatch.setattr(store_module, "PRUNE_CHUNK", 100)
     store = await backend.open()
     try:
         await store.commit(CommitBatch(processed={"s": [f"a{i}" for i in range(1050)]}), now=10.0)

@@ -181,7 +181,7 @@ async def test_prune_deletes_only_old_rows(store: Store) -> None:
 async def test_prune_more_than_one_chunk(
     store: Store, backend: Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(backend.module, "_PRUNE_CHUNK", 7)
+    monkeypatch.setattr(backend.module, "PRUNE_CHUNK", 7)
     await store.commit(CommitBatch(processed={"s": [f"o{i}" for i in range(30)]}), now=10.0)
     await store.commit(CommitBatch(processed={"s": ["keep"]}), now=100.0)
     assert await store.prune_processed(older_than=50.0) == 30
@@ -189,6 +189,19 @@ async def test_prune_more_than_one_chunk(
     # exactly a multiple of the chunk: the last statement deletes nothing
     await store.commit(CommitBatch(processed={"s": [f"p{i}" for i in range(14)]}), now=20.0)
     assert await store.prune_processed(older_than=50.0) == 14
+
+
+async def test_prune_one_chunk_of_some_streams(
+    store: Store, backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a fleet member prunes: the streams it holds, a statement at a time."""
+    monkeypatch.setattr(backend.module, "PRUNE_CHUNK", 7)
+    old = {s: [f"{s}{i}" for i in range(10)] for s in ("a", "b", "c")}
+    await store.commit(CommitBatch(processed=old), now=10.0)
+    assert await store.prune_processed(older_than=50.0, streams=["a", "b"], once=True) == 7
+    assert await store.prune_processed(older_than=50.0, streams=["a", "b"]) == 13
+    assert await store.seen("c", old["c"]) == set(old["c"])  # not one of ours
+    assert await store.seen("a", old["a"]) == set() and await store.seen("b", old["b"]) == set()
 
 
 # --- commit: checkpoints -----------------------------------------------------------------------
