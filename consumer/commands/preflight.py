@@ -13,6 +13,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import httpx
 from websockets.asyncio.client import ClientConnection, connect
@@ -21,12 +22,15 @@ from websockets.typing import Subprotocol
 
 from ..config import (
     JsonlSinkSettings,
+    NatsSinkSettings,
     PostgresSinkSettings,
+    RedisSinkSettings,
     Settings,
     SqliteSinkSettings,
     StreamSettings,
 )
 from ..core import protocol
+from ..core.evidence import describe
 from ..core.session import (
     ClientSession,
     ConnectionStatus,
@@ -35,12 +39,16 @@ from ..core.session import (
     Reply,
     SessionState,
 )
-from ..errors import AuthError, StoreError
+from ..errors import AuthError, ConfigError, SinkError, StoreError
 from ..logs import REDACTOR
 from ..runtime.assembly import register_secrets
 from ..runtime.auth import TokenProvider
 from ..sinks.postgres import PostgresSink
 from ..state import open_store
+
+if TYPE_CHECKING:
+    from ..sinks.nats import NatsSink
+    from ..sinks.redis import RedisSink
 
 HEADER_LIMIT = 8 * 1024  # the gateway's request header limit
 SLOW_RTT_S = 0.5
@@ -226,5 +234,26 @@ async def _sink(checks: _Checks, settings: Settings) -> None:
             add("FAIL", "-", "sink", f"postgres: {exc}")
         finally:
             await sink.close()
+    elif isinstance(s, NatsSinkSettings | RedisSinkSettings):
+        # Connect, authenticate, check the stream or key and the permissions: nothing sent.
+        try:
+            said = await _bus_sink(settings, s).preflight()
+        except (SinkError, ConfigError) as exc:  # their messages say it all
+            add("FAIL", "-", "sink", f"{s.type}: {exc}")
+        except Exception as exc:
+            add("FAIL", "-", "sink", f"{s.type}: {describe(exc)}")
+        else:
+            add("WARN" if "; WARNING: " in said else "PASS", "-", "sink", f"{s.type}: {said}")
     else:  # webhook, python: nothing to try without delivering an event
         add("PASS", "-", "sink", f"{s.type}: configured")
+
+
+def _bus_sink(settings: Settings, s: NatsSinkSettings | RedisSinkSettings) -> NatsSink | RedisSink:
+    chains = {name: stream.chain_code for name, stream in settings.streams.items()}
+    if isinstance(s, NatsSinkSettings):
+        from ..sinks.nats import NatsSink  # noqa: PLC0415  # only where configured
+
+        return NatsSink(s, chains)
+    from ..sinks.redis import RedisSink  # noqa: PLC0415  # only where configured
+
+    return RedisSink(s, chains)

@@ -10,8 +10,10 @@ import httpx
 from .. import __version__
 from ..config import (
     JsonlSinkSettings,
+    NatsSinkSettings,
     PostgresSinkSettings,
     PythonSinkSettings,
+    RedisSinkSettings,
     Settings,
     SqliteSinkSettings,
     WebhookSinkSettings,
@@ -87,4 +89,13 @@ def _plain(settings: Settings, http: httpx.AsyncClient) -> Sink:
         return PostgresSink(s, in_state_transaction=same)
     if isinstance(s, PythonSinkSettings):
         return PythonSink(s)
+    chains = {name: stream.chain_code for name, stream in settings.streams.items()}
+    if isinstance(s, NatsSinkSettings):
+        from ..sinks.nats import NatsSink  # noqa: PLC0415  # nats-py only where configured
+
+        return NatsSink(s, chains)
+    if isinstance(s, RedisSinkSettings):
+        from ..sinks.redis import RedisSink  # noqa: PLC0415  # redis only where configured
+
+        return RedisSink(s, chains)
     raise AssertionError(f"unknown sink settings {type(s).__name__}")

@@ -201,6 +201,11 @@ _SINK_COUNTERS = {
     "orchestration_requests": "GETs sent to the OHIP REST API (retries included).",
     "orchestration_coalesced": "Resource fetches answered by another one's GET.",
     "orchestration_throttled": "429 answers from the OHIP REST API.",
+    "nats_published": "Events the NATS stream stored (first copies).",
+    "nats_duplicates": "Publishes the NATS stream acknowledged as duplicates (replays).",
+    "nats_reconnects": "Reconnections of the NATS sink's connection.",
+    "redis_added": "Events added to the Redis stream (first copies).",
+    "redis_duplicates": "Events the Redis guard found already added (replays).",
 }
 
 

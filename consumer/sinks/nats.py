@@ -1,0 +1,948 @@
+"""NATS JetStream sink: each event published to a subject and acknowledged by the stream.
+
+Not transactional: exactly-once in effect through JetStream's message deduplication. Every
+message carries ``Nats-Msg-Id`` = the event's ``uniqueEventId``; the stream drops a message
+whose id it has stored within its duplicate window (``duplicate_window_s``) and acknowledges
+it as a duplicate. A crash between a publish and the checkpoint replays those events after
+the restart: the stream keeps the first copy only. The window must therefore exceed the
+longest time a replay can come after its publish (a crash, then a restart; the default is a
+day). Ids not made of visible ASCII (never OHIP's) are sent as ``sha256:<hex>`` of the id.
+
+The message: the subject rendered from ``subject`` with the tokens ``{chainCode}`` (the
+configured stream's chain), ``{hotelId}``, ``{eventName}``, ``{moduleName}`` and ``{stream}``,
+each value made a valid subject token (``.``, ``*``, ``>``, whitespace and control characters
+become ``_``, an empty or missing value is ``_``, a value over 128 characters is cut and ends
+with a hash of the whole); the body is the event's document as JSON (as the jsonl and webhook
+sinks write it: the ``newEvent`` as received, plus ``resource`` when orchestration fetched
+one); headers ``Nats-Msg-Id``, ``Nats-Expected-Stream`` (the stream refuses a subject that
+another stream captures) and ``Opera-Stream`` (the configured stream's name). ``write``
+returns once the stream has acknowledged every event of the batch.
+
+Order: the events of one ``primaryKey`` are published in the order they were written, one
+at a time (the next only once the stream has acknowledged the previous one), so a reader of
+the stream sees each resource's events in sequence order. Different keys of a batch are in
+flight concurrently. A failed batch is retried whole: what was already stored comes back as a
+duplicate, and a key's later events were never sent ahead of the one that failed.
+
+Errors:
+
+* :class:`~consumer.errors.TransientSinkError` (retried with backoff; intake pauses): the
+  connection lost or reconnecting, no acknowledgement within ``timeout_s``, JetStream
+  answering 5xx, the stream full (discard-new limits), "no responders" while the stream exists
+  and captures the subject (JetStream momentarily without a leader).
+* :class:`~consumer.errors.PermanentSinkError` (that event is dead-lettered): a message larger
+  than the server's ``max_payload`` or the stream's ``max_msg_size``, a document that cannot
+  be written as JSON.
+* :class:`~consumer.errors.SinkUnusable` (the daemon stops, exit 78): what an operator must
+  fix, where dead-lettering would only fill the DLQ with every event that follows: credentials
+  refused (at open or when reconnecting), no permission to publish to a subject or to use the
+  JetStream API, a subject that the stream does not capture ("no responders": no stream
+  listens there) or that another stream captures, the stream deleted while running, JetStream
+  not enabled for the account, ``must-exist`` without the stream. Nothing is lost: the
+  events are not checkpointed and are published after the fix and a restart.
+
+Secrets (password, token, nkey seed, a URL's password) never appear in a message or a log
+line: servers are named ``scheme://host:port``; the log redactor masks them besides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import importlib.util
+import re
+import ssl
+import string
+from collections.abc import Awaitable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar
+from urllib.parse import urlsplit
+
+import nats.errors
+import nats.js.errors
+import orjson
+import structlog
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.api import PubAck, StorageType, StreamConfig, StreamInfo
+
+from ..config import NatsSinkSettings
+from ..core.events import Event
+from ..core.evidence import describe, prefix, shown
+from ..errors import ConfigError, PermanentSinkError, SinkUnusable, TransientSinkError
+from ..logs import REDACTOR, RateLimitedLogger
+from .base import PlainSink
+
+log = structlog.get_logger(__name__)
+
+TOKENS: Final = ("chainCode", "hotelId", "eventName", "moduleName", "stream")
+TOKEN_MAX_CHARS: Final = 128  # a longer value: cut, with a hash of the whole at its end
+_TOKEN_HASH_CHARS: Final = 16
+MSG_ID_HEADER: Final = "Nats-Msg-Id"
+STREAM_HEADER: Final = "Opera-Stream"
+# What a header adds to a message besides the body: the server's max_payload counts both.
+_HEADER_OVERHEAD: Final = 128
+RECONNECT_WAIT_S: Final = 1.0
+PING_INTERVAL_S: Final = 20
+MAX_OUTSTANDING_PINGS: Final = 3
+_NAME_FORBIDDEN: Final = frozenset(">*. /\\\t\r\n")
+# JetStream API error codes (nats-server's errors.json).
+_ERR_STREAM_NOT_FOUND: Final = 10059
+_ERR_MESSAGE_TOO_LARGE: Final = 10054
+_ERR_STREAM_MISMATCH: Final = 10060  # Nats-Expected-Stream names another stream
+_ERR_STREAM_NAME_IN_USE: Final = 10058
+_ERR_JETSTREAM_OFF: Final = (10039, 10076)  # not enabled for the account; not enabled
+_PERMISSION = re.compile(r'permissions violation for (publish|subscription) to "([^"]*)"', re.I)
+_AUTH_MARKERS: Final = (
+    "authorization violation",
+    "authorization failed",
+    "authentication expired",
+    "authentication revoked",
+)
+_MAX_VIOLATIONS: Final = 100
+
+_T = TypeVar("_T")
+
+
+# --- subjects -----------------------------------------------------------------------------
+
+
+def subject_token(value: str | None) -> str:
+    """``value`` as one subject token: ``.``, ``*``, ``>``, whitespace, control characters
+    and lone surrogates become ``_``; empty (or None) is ``_``; over ``TOKEN_MAX_CHARS``
+    characters it is cut and ends with ``~`` and a hash of the whole (distinct values stay
+    distinct, and no subject outgrows the server's control line)."""
+    if not value:
+        return "_"
+    if len(value) > TOKEN_MAX_CHARS:
+        digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
+        keep = TOKEN_MAX_CHARS - _TOKEN_HASH_CHARS - 1
+        return subject_token(value[:keep]) + "~" + digest[:_TOKEN_HASH_CHARS]
+    if value.isascii() and value.isprintable() and not any(c in value for c in ".*> "):
+        return value  # the common case: nothing to replace
+    return "".join("_" if _bad_subject_char(c) else c for c in value)
+
+
+def _bad_subject_char(c: str) -> bool:
+    code = ord(c)
+    return (
+        c in ".*>"
+        or c.isspace()
+        or code < 0x20
+        or 0x7F <= code <= 0x9F
+        or 0xD800 <= code <= 0xDFFF  # a lone surrogate cannot be sent as UTF-8
+    )
+
+
+def msg_id(unique_event_id: str) -> str:
+    """The ``Nats-Msg-Id`` of an event: its uniqueEventId when that is visible ASCII (every
+    OHIP id), else ``sha256:`` and the hex digest of it (the same for every replay)."""
+    if unique_event_id.isascii() and unique_event_id.isprintable() and " " not in unique_event_id:
+        return unique_event_id
+    raw = unique_event_id.encode("utf-8", "surrogatepass")
+    return "sha256:" + hashlib.sha256(raw).hexdigest()
+
+
+class SubjectTemplate:
+    """A subject with ``{token}`` fields (:data:`TOKENS`); the literal parts must make a
+    valid subject (no empty token, no wildcard, no whitespace)."""
+
+    def __init__(self, template: str) -> None:
+        self.template = template
+        self._parts: list[tuple[str, str | None]] = []
+        try:
+            parsed = list(string.Formatter().parse(template))
+        except ValueError as exc:
+            raise ValueError(f"{exc} (a literal brace is not allowed)") from None
+        for literal, field, spec, conversion in parsed:
+            if field is not None and (spec or conversion or field not in TOKENS):
+                raise ValueError(
+                    f"unknown field {{{shown(field, 40)}}}: the fields are "
+                    + ", ".join(f"{{{t}}}" for t in TOKENS)
+                )
+            self._parts.append((literal, field))
+        sample = self.render(dict.fromkeys(TOKENS, "x"))
+        tokens = sample.split(".")
+        if any(not t for t in tokens):
+            raise ValueError("an empty subject token (a leading, trailing or doubled '.')")
+        if any(_bad_subject_char(c) for c in sample.replace(".", "")):
+            raise ValueError("'*', '>', whitespace or a control character in the literal text")
+
+    def render(self, values: Mapping[str, str]) -> str:
+        """The subject for these (already sanitised) token values."""
+        return "".join(lit + (values[f] if f is not None else "") for lit, f in self._parts)
+
+    def pattern(self, known: Mapping[str, str]) -> str:
+        """The subjects this template can produce, given only the ``known`` tokens: every
+        subject token holding an unknown field becomes ``*``."""
+        marker = "\x00"
+        values = {t: known.get(t, marker) for t in TOKENS}
+        return ".".join("*" if marker in t else t for t in self.render(values).split("."))
+
+
+def covers(filter_: str, pattern: str) -> bool:
+    """Whether the subject filter (wildcards ``*`` and ``>``) matches every subject that
+    ``pattern`` (literal tokens and ``*``) can stand for."""
+    f, p = filter_.split("."), pattern.split(".")
+    for i, ft in enumerate(f):
+        if ft == ">":
+            return len(p) > i
+        if i >= len(p):
+            return False
+        if ft != "*" and ft != p[i]:
+            return False
+    return len(f) == len(p)
+
+
+def overlaps(filter_: str, pattern: str) -> bool:
+    """Whether some subject matches both the filter and ``pattern``."""
+    f, p = filter_.split("."), pattern.split(".")
+    for i, ft in enumerate(f):
+        if ft == ">":
+            return len(p) > i
+        if i >= len(p):
+            return False
+        if ft != "*" and p[i] != "*" and ft != p[i]:
+            return False
+    return len(f) == len(p)
+
+
+def where(servers: Sequence[str]) -> str:
+    """The servers as ``scheme://host:port``, without user information or anything after."""
+    shown_servers = []
+    for server in servers:
+        url = server if "://" in server else f"nats://{server}"
+        try:
+            parts = urlsplit(url)
+            host = parts.hostname or "?"
+            port = f":{parts.port}" if parts.port is not None else ""
+        except ValueError:
+            shown_servers.append("<an invalid server URL>")
+            continue
+        if ":" in host:
+            host = f"[{host}]"
+        shown_servers.append(f"{parts.scheme}://{host}{port}")
+    return ", ".join(shown_servers)
+
+
+def _server_problem(server: str) -> str | None:
+    """What is wrong with a server URL, or None (``host:port`` alone means ``nats://``)."""
+    url = server if "://" in server else f"nats://{server}"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  # raises ValueError for a port that is not a number
+    except ValueError:
+        return "not a URL (nats://host:port or tls://host:port)"
+    if parts.scheme not in ("nats", "tls"):
+        return f"scheme {parts.scheme!r} (nats:// or tls://)"
+    if not parts.hostname:
+        return "no host (nats://host:port)"
+    return None
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 86400 and seconds % 3600 == 0:
+        return f"{seconds / 86400:g} d"
+    if seconds >= 3600 and seconds % 60 == 0:
+        return f"{seconds / 3600:g} h"
+    return f"{seconds:g} s"
+
+
+@dataclass(slots=True)
+class _Message:
+    event: Event
+    subject: str
+    body: bytes
+    msg_id: str
+
+
+# --- the sink -----------------------------------------------------------------------------
+
+
+class NatsSink(PlainSink):
+    """``chains``: configured stream name -> its chain code (``{chainCode}``)."""
+
+    name = "nats"
+
+    def __init__(self, settings: NatsSinkSettings, chains: Mapping[str, str]) -> None:
+        self.settings = settings
+        self._chains = dict(chains)
+        self.where = where(settings.servers)
+        try:
+            self.template = SubjectTemplate(settings.subject)
+        except ValueError as exc:
+            raise ConfigError(f"sink.subject {shown(settings.subject, 200)!r}: {exc}") from None
+        stream = settings.stream
+        if not stream or any(c in _NAME_FORBIDDEN for c in stream):
+            raise ConfigError(
+                f"sink.stream {shown(stream, 100)!r} is not a JetStream stream name "
+                "(no '.', '*', '>', '/', '\\' or whitespace)"
+            )
+        if not settings.servers:
+            raise ConfigError("sink.servers is empty: give at least one nats:// or tls:// URL")
+        for i, server in enumerate(settings.servers):
+            problem = _server_problem(server)
+            if problem is not None:
+                raise ConfigError(f"sink.servers[{i}] ({where([server])}): {problem}")
+        self._timeout = settings.timeout_s
+        self._nc: Client | None = None
+        self._js: JetStreamContext | None = None
+        self._connecting: asyncio.Lock | None = None
+        self._auth_failed: asyncio.Future[str] | None = None  # set while connecting
+        self._auth_error: str | None = None  # the last reconnect refused our credentials
+        self._violations: dict[tuple[str, str], str] = {}  # (publish|subscription, subject)
+        self._last_connect_error: list[str] = []  # while connecting: the latest error
+        self._log = RateLimitedLogger(log, per_s=1.0, burst=5)
+        self.published = 0
+        self.duplicates = 0
+        self.reconnects = 0
+
+    def __repr__(self) -> str:
+        return f"NatsSink(servers={self.where!r}, stream={self.settings.stream!r})"
+
+    # --- connecting -----------------------------------------------------------------------
+
+    def _secrets(self) -> list[str]:
+        s = self.settings
+        return [v.get_secret_value() for v in (s.password, s.token, s.nkey_seed) if v is not None]
+
+    def _options(self) -> dict[str, Any]:
+        """nats-py's connect options (auth, TLS, timers), checking the files they name."""
+        s = self.settings
+        options: dict[str, Any] = {
+            "servers": list(s.servers),
+            "name": "opera-consumer",
+            "connect_timeout": s.timeout_s,
+            "allow_reconnect": True,
+            "max_reconnect_attempts": -1,  # never give up: a write waits for the server
+            "reconnect_time_wait": RECONNECT_WAIT_S,
+            "ping_interval": PING_INTERVAL_S,
+            "max_outstanding_pings": MAX_OUTSTANDING_PINGS,
+            "drain_timeout": max(1, round(s.timeout_s)),
+            "error_cb": self._on_error,
+            "disconnected_cb": self._on_disconnected,
+            "reconnected_cb": self._on_reconnected,
+        }
+        if s.user is not None:
+            options["user"] = s.user
+        if s.password is not None:
+            options["password"] = s.password.get_secret_value()
+        if s.token is not None:
+            options["token"] = s.token.get_secret_value()
+        if s.nkey_seed is not None or s.creds_file is not None:
+            if importlib.util.find_spec("nkeys") is None:
+                field = "nkey_seed" if s.nkey_seed is not None else "creds_file"
+                raise SinkUnusable(
+                    f"sink.{field} needs the nkeys package, which is not installed: "
+                    "pip install 'nats-py[nkeys]' (or use user/password or a token)"
+                )
+            if s.nkey_seed is not None:
+                options["nkeys_seed_str"] = s.nkey_seed.get_secret_value()
+            if s.creds_file is not None:
+                try:
+                    with s.creds_file.open("rb") as f:
+                        f.read(1)
+                except OSError as exc:
+                    raise SinkUnusable(
+                        f"sink.creds_file {s.creds_file}: cannot read it: {exc.strerror}"
+                    ) from None
+                options["user_credentials"] = str(s.creds_file)
+        tls = self._tls_context()
+        if tls is not None:
+            options["tls"] = tls
+        return options
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        s = self.settings
+        wanted = any(server.startswith("tls://") for server in s.servers)
+        if not (wanted or s.tls_ca_file or s.tls_cert_file or s.tls_key_file):
+            return None
+        if s.tls_key_file is not None and s.tls_cert_file is None:
+            raise SinkUnusable("sink.tls_key_file is set without sink.tls_cert_file")
+        try:
+            context = ssl.create_default_context(
+                cafile=str(s.tls_ca_file) if s.tls_ca_file is not None else None
+            )
+        except (OSError, ssl.SSLError) as exc:
+            raise SinkUnusable(
+                f"sink.tls_ca_file {s.tls_ca_file}: cannot load it: {describe(exc)}"
+            ) from None
+        if s.tls_cert_file is not None:
+            try:
+                context.load_cert_chain(
+                    str(s.tls_cert_file),
+                    str(s.tls_key_file) if s.tls_key_file is not None else None,
+                )
+            except (OSError, ssl.SSLError) as exc:
+                raise SinkUnusable(
+                    f"sink.tls_cert_file {s.tls_cert_file} / sink.tls_key_file "
+                    f"{s.tls_key_file}: cannot load the client certificate: {describe(exc)}"
+                ) from None
+        return context
+
+    async def _connect(self) -> Client:
+        """A new connection, or: :class:`SinkUnusable` when the server refuses our
+        credentials, :class:`TransientSinkError` when none answers within ``timeout_s``."""
+        REDACTOR.add(*self._secrets())
+        options = self._options()
+        nc = Client()
+        loop = asyncio.get_running_loop()
+        failed: asyncio.Future[str] = loop.create_future()
+        self._auth_failed = failed
+        self._auth_error = None
+        last = self._last_connect_error = []
+        connecting = asyncio.ensure_future(nc.connect(**options))
+        try:
+            waiting: set[asyncio.Future[Any]] = {connecting, failed}
+            done, _ = await asyncio.wait(
+                waiting,
+                timeout=self._timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if connecting in done:
+                try:
+                    connecting.result()
+                except (nats.errors.Error, OSError, TimeoutError) as exc:
+                    raise self._connect_failed(describe(exc)) from None
+                return nc
+            connecting.cancel()
+            await asyncio.gather(connecting, return_exceptions=True)
+            await _shut(nc, self._timeout)
+            if failed.done():
+                raise self._refused(failed.result())
+            detail = last[-1] if last else "no answer"
+            raise TransientSinkError(
+                f"nats sink: cannot connect to {self.where} within {self._timeout:g} s: {detail}"
+            )
+        except BaseException:
+            if not connecting.done():
+                connecting.cancel()
+                await asyncio.gather(connecting, return_exceptions=True)
+            if not nc.is_closed:
+                await _shut(nc, self._timeout)
+            raise
+        finally:
+            self._auth_failed = None
+
+    def _connect_failed(self, detail: str) -> Exception:
+        if _is_auth_error(detail):
+            return self._refused(detail)
+        return TransientSinkError(f"nats sink: cannot connect to {self.where}: {detail}")
+
+    def _refused(self, detail: str) -> SinkUnusable:
+        s = self.settings
+        if s.creds_file is not None:
+            how = f"the credentials file {s.creds_file}"
+        elif s.nkey_seed is not None:
+            how = "sink.nkey_seed"
+        elif s.token is not None:
+            how = "sink.token"
+        elif s.user is not None or s.password is not None:
+            how = f"sink.user ({s.user!r}) and sink.password"
+        else:
+            how = "no credentials (the server requires some: set sink.user and sink.password, "
+            how += "sink.token, sink.nkey_seed or sink.creds_file)"
+        return SinkUnusable(
+            f"nats sink: {self.where} refused the credentials ({prefix(detail, 200)}): check {how}"
+        )
+
+    async def _on_error(self, exc: Exception) -> None:
+        text = describe(exc)
+        if _is_auth_error(text):
+            self._auth_error = text
+            if self._auth_failed is not None and not self._auth_failed.done():
+                self._auth_failed.set_result(text)
+        match = _PERMISSION.search(str(exc)[:2000])
+        if match is not None:
+            if len(self._violations) >= _MAX_VIOLATIONS:
+                self._violations.pop(next(iter(self._violations)))
+            # (nats-py lowercases the server's error line, subject included.)
+            self._violations[(match.group(1).lower(), match.group(2).lower())] = text
+        if self._auth_failed is not None:  # connecting: _connect reports it
+            self._last_connect_error.append(text)
+            del self._last_connect_error[:-1]
+            return
+        self._log.warning("nats connection error", server=self.where, error=text)
+
+    async def _on_disconnected(self) -> None:
+        if self._nc is not None and not self._nc.is_closed:
+            self._log.warning("nats disconnected; reconnecting", server=self.where)
+
+    async def _on_reconnected(self) -> None:
+        self.reconnects += 1
+        self._auth_error = None
+        self._log.info("nats reconnected", server=self.where)
+
+    async def _connection(self) -> tuple[Client, JetStreamContext]:
+        """The open connection, or a new one when it was closed (by the server, say)."""
+        nc, js = self._nc, self._js
+        if nc is not None and js is not None and not nc.is_closed:
+            return nc, js
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:
+            nc, js = self._nc, self._js
+            if nc is not None and js is not None and not nc.is_closed:
+                return nc, js
+            nc = await self._connect()
+            js = nc.jetstream(timeout=self._timeout)
+            self._nc, self._js = nc, js
+            return nc, js
+
+    # --- the stream -----------------------------------------------------------------------
+
+    async def open(self, committed: str | None) -> None:
+        await self.close()  # (opened again: a new connection)
+        nc = await self._connect()
+        try:
+            js = nc.jetstream(timeout=self._timeout)
+            info, notes = await self._inspect(js)
+            if info is None:
+                info = await self._create(js)
+                notes = self._check(info)
+            for note in notes:
+                log.warning(
+                    "nats sink: check the stream",
+                    server=self.where,
+                    stream=self.settings.stream,
+                    warning=note,
+                )
+        except BaseException:
+            await _shut(nc, self._timeout)
+            raise
+        self._nc, self._js = nc, js
+        log.info(
+            "nats sink open",
+            server=self.where,
+            stream=self.settings.stream,
+            subject=self.settings.subject,
+            duplicate_window_s=info.config.duplicate_window,
+        )
+
+    async def _inspect(self, js: JetStreamContext) -> tuple[StreamInfo | None, list[str]]:
+        """The stream's info and what to warn about, or None when it does not exist and
+        ``on_start`` is ``create``; :class:`SinkUnusable` for what makes it unusable."""
+        s = self.settings
+        info = await self._api("reading the stream", js.stream_info(s.stream), missing_ok=True)
+        if info is not None:
+            return info, self._check(info)
+        if s.on_start == "must-exist":
+            raise SinkUnusable(
+                f"nats sink: JetStream stream {s.stream!r} does not exist on {self.where} "
+                f'(sink.on_start = "must-exist"): create it, capturing the subjects of '
+                f"sink.subject and with a duplicate window of at least "
+                f"{_duration(s.duplicate_window_s)} (e.g. `nats stream add {s.stream} "
+                f"--subjects '{s.stream_subjects[0] if s.stream_subjects else 'opera.>'}' "
+                f"--dupe-window {round(s.duplicate_window_s)}s`), "
+                f'or set sink.on_start = "create"'
+            )
+        return None, self._check_subjects(list(s.stream_subjects), "sink.stream_subjects")
+
+    async def _create(self, js: JetStreamContext) -> StreamInfo:
+        s = self.settings
+        config = StreamConfig(
+            name=s.stream,
+            subjects=list(s.stream_subjects),
+            duplicate_window=s.duplicate_window_s,
+            storage=StorageType.FILE,
+        )
+        try:
+            info = await self._api("creating the stream", js.add_stream(config))
+        except _AlreadyThere:
+            # Another daemon created it meanwhile: check what it made.
+            found = await self._api("reading the stream", js.stream_info(s.stream))
+            assert found is not None
+            return found
+        assert info is not None
+        log.info(
+            "nats sink: created the JetStream stream",
+            server=self.where,
+            stream=s.stream,
+            subjects=list(s.stream_subjects),
+            duplicate_window_s=s.duplicate_window_s,
+        )
+        return info
+
+    def _check(self, info: StreamInfo) -> list[str]:
+        """Raise :class:`SinkUnusable` for a stream we cannot publish to; the warnings."""
+        s, config = self.settings, info.config
+        name = s.stream
+        if config.sealed:
+            raise SinkUnusable(f"nats sink: JetStream stream {name!r} is sealed: it takes no more")
+        if config.mirror is not None:
+            raise SinkUnusable(
+                f"nats sink: JetStream stream {name!r} is a mirror: it takes no publishes"
+            )
+        if config.no_ack:
+            raise SinkUnusable(
+                f"nats sink: JetStream stream {name!r} has no_ack set: without acknowledgements "
+                "no publish can be confirmed; unset it"
+            )
+        notes = self._check_subjects(list(config.subjects or []), f"stream {name!r}'s subjects")
+        window = config.duplicate_window or 0.0
+        if window + 1e-6 < s.duplicate_window_s:
+            notes.append(
+                f"the stream's duplicate window ({_duration(window)}) is shorter than "
+                f"sink.duplicate_window_s ({_duration(s.duplicate_window_s)}): an event "
+                "replayed later than that after its publish (a crash, then a late restart) "
+                "is stored twice; raise it (`nats stream edit "
+                f"{name} --dupe-window {round(s.duplicate_window_s)}s`)"
+            )
+        return notes
+
+    def _patterns(self) -> list[str]:
+        """The subjects the template can produce, one pattern per configured stream."""
+        if not self._chains:
+            return [self.template.pattern({})]
+        return list(
+            dict.fromkeys(
+                self.template.pattern(
+                    {"chainCode": subject_token(chain), "stream": subject_token(stream)}
+                )
+                for stream, chain in self._chains.items()
+            )
+        )
+
+    def _check_subjects(self, filters: list[str], what: str) -> list[str]:
+        """SinkUnusable when no subject of the template can be captured; warnings when only
+        some can."""
+        notes: list[str] = []
+        for pattern in self._patterns():
+            if any(covers(f, pattern) for f in filters):
+                continue
+            shown_filters = ", ".join(filters) or "none"
+            if any(overlaps(f, pattern) for f in filters):
+                notes.append(
+                    f"{what} ({shown_filters}) capture only some of the subjects {pattern} "
+                    "of sink.subject: an event published outside them stops the daemon"
+                )
+                continue
+            raise SinkUnusable(
+                f"nats sink: {what} ({shown_filters}) capture none of the subjects {pattern} "
+                f"of sink.subject {self.settings.subject!r}: make sink.subject and the "
+                "stream's subjects agree"
+            )
+        return notes
+
+    async def _api(self, doing: str, call: Awaitable[_T], *, missing_ok: bool = False) -> _T | None:
+        """A JetStream API call, its failures classified."""
+        try:
+            return await call
+        except nats.js.errors.NotFoundError as exc:
+            if missing_ok and exc.err_code == _ERR_STREAM_NOT_FOUND:
+                return None
+            raise SinkUnusable(
+                f"nats sink: {doing} {self.settings.stream!r} on {self.where}: {_api_text(exc)}"
+            ) from None
+        except nats.js.errors.ServiceUnavailableError as exc:
+            # No responders at all (nobody serves the JetStream API), or it says it is off.
+            if exc.code is None or exc.err_code in _ERR_JETSTREAM_OFF:
+                raise SinkUnusable(
+                    f"nats sink: JetStream does not answer on {self.where} (no responders "
+                    "to its API): enable JetStream on the server (nats-server -js) and for "
+                    "this account"
+                ) from None
+            raise TransientSinkError(
+                f"nats sink: {doing} on {self.where}: {_api_text(exc)}"
+            ) from None
+        except nats.js.errors.APIError as exc:
+            if exc.err_code == _ERR_STREAM_NAME_IN_USE:
+                raise _AlreadyThere() from None
+            if exc.code is not None and 400 <= exc.code < 500:
+                raise SinkUnusable(
+                    f"nats sink: {doing} {self.settings.stream!r} on {self.where}: {_api_text(exc)}"
+                ) from None
+            raise TransientSinkError(
+                f"nats sink: {doing} on {self.where}: {_api_text(exc)}"
+            ) from None
+        except (nats.errors.TimeoutError, TimeoutError) as exc:
+            denied = self._denied(api=True)
+            if denied is not None:
+                raise SinkUnusable(
+                    f"nats sink: {doing} on {self.where}: permission denied ({denied}): the "
+                    "user needs publish permission on $JS.API.> and subscribe permission on "
+                    "_INBOX.>"
+                ) from None
+            raise TransientSinkError(
+                f"nats sink: {doing} on {self.where}: no answer within {self._timeout:g} s "
+                f"({describe(exc)})"
+            ) from None
+        except (nats.errors.Error, OSError) as exc:
+            raise TransientSinkError(
+                f"nats sink: {doing} on {self.where}: {describe(exc)}"
+            ) from None
+
+    def _denied(self, subject: str | None = None, *, api: bool = False) -> str | None:
+        """A permission violation the server reported: for a subscription (the only one is
+        the reply inbox), a publish to ``subject``, or (``api``) to the JetStream API."""
+        wanted = subject.lower() if subject is not None else None
+        for (kind, denied), text in self._violations.items():
+            if kind == "subscription" or denied == wanted:
+                return text
+            if api and denied.startswith("$js.api."):
+                return text
+        return None
+
+    # --- writing --------------------------------------------------------------------------
+
+    def subject(self, stream: str, ev: Event) -> str:
+        return self.template.render(
+            {
+                "chainCode": subject_token(self._chains.get(stream)),
+                "hotelId": subject_token(ev.hotel_id),
+                "eventName": subject_token(ev.event_name),
+                "moduleName": subject_token(ev.module_name),
+                "stream": subject_token(stream),
+            }
+        )
+
+    def _message(self, stream: str, ev: Event, limit: int) -> _Message:
+        try:
+            body = orjson.dumps(ev.document())
+        except TypeError as exc:  # nested deeper than orjson writes, an integer beyond 64 bits
+            raise PermanentSinkError(
+                f"event cannot be serialized as JSON: {exc}", unique_event_id=ev.unique_event_id
+            ) from None
+        mid = msg_id(ev.unique_event_id)
+        size = len(body) + len(mid) + len(stream) + len(self.settings.stream) + _HEADER_OVERHEAD
+        if size > limit:
+            raise PermanentSinkError(
+                f"nats sink: event of {len(body)} bytes (with headers about {size}) exceeds "
+                f"the server's max_payload of {limit} bytes on {self.where}",
+                unique_event_id=ev.unique_event_id,
+            )
+        return _Message(ev, self.subject(stream, ev), body, mid)
+
+    async def write(self, stream: str, events: Sequence[Event]) -> None:
+        if not events:
+            return
+        nc, js = await self._connection()
+        limit = nc.max_payload
+        # Every message is made before the first publish: an event that cannot be sent is
+        # named at once.
+        chains: dict[str, list[_Message]] = {}
+        for ev in events:
+            chains.setdefault(ev.primary_key, []).append(self._message(stream, ev, limit))
+        if len(chains) == 1:
+            await self._publish_chain(js, stream, next(iter(chains.values())))
+            return
+        results = await asyncio.gather(
+            *(self._publish_chain(js, stream, chain) for chain in chains.values()),
+            return_exceptions=True,
+        )
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            order = {ev.unique_event_id: i for i, ev in enumerate(events)}
+            raise _most_severe(failures, order)
+
+    async def _publish_chain(
+        self, js: JetStreamContext, stream: str, chain: list[_Message]
+    ) -> None:
+        """One key's events in order, each only once the previous one is acknowledged."""
+        for message in chain:
+            await self._publish(js, stream, message)
+
+    async def _publish(self, js: JetStreamContext, stream: str, m: _Message) -> None:
+        s = self.settings
+        headers = {MSG_ID_HEADER: m.msg_id, STREAM_HEADER: stream}
+        try:
+            ack: PubAck = await js.publish(
+                m.subject, m.body, timeout=self._timeout, stream=s.stream, headers=headers
+            )
+        except nats.js.errors.NoStreamResponseError:
+            raise await self._no_responders(js, m) from None
+        except nats.js.errors.APIError as exc:
+            raise self._rejected(exc, m) from None
+        except nats.errors.BadSubjectError:  # cannot be: subjects are sanitised
+            raise PermanentSinkError(
+                f"nats sink: invalid subject {prefix(m.subject, 300)}",
+                unique_event_id=m.event.unique_event_id,
+            ) from None
+        except nats.errors.MaxPayloadError:
+            raise PermanentSinkError(
+                f"nats sink: event of {len(m.body)} bytes exceeds the server's max_payload "
+                f"on {self.where}",
+                unique_event_id=m.event.unique_event_id,
+            ) from None
+        except (nats.errors.TimeoutError, TimeoutError) as exc:
+            raise self._timed_out(m, exc) from None
+        except (ValueError, KeyError, TypeError) as exc:  # a reply that is no PubAck
+            raise SinkUnusable(
+                f"nats sink: the answer to a publish to {prefix(m.subject, 300)} on "
+                f"{self.where} is not a JetStream acknowledgement ({describe(exc)}): does "
+                f"something other than stream {s.stream!r} answer requests on that subject?"
+            ) from None
+        except (nats.errors.Error, OSError) as exc:
+            raise self._unreachable(exc) from None
+        if ack.duplicate:
+            self.duplicates += 1
+        else:
+            self.published += 1
+
+    def _unreachable(self, exc: BaseException) -> Exception:
+        if self._auth_error is not None:
+            return self._refused(self._auth_error)
+        return TransientSinkError(f"nats sink: publishing to {self.where}: {describe(exc)}")
+
+    def _timed_out(self, m: _Message, exc: BaseException) -> Exception:
+        denied = self._denied(m.subject)
+        if denied is not None:
+            return SinkUnusable(
+                f"nats sink: permission denied on {self.where}: no acknowledgement for "
+                f"{prefix(m.subject, 300)} after the server reported: {denied}; grant the "
+                f"user publish permission on the subjects of sink.subject "
+                f"({', '.join(self._patterns())}) and subscribe permission on _INBOX.>"
+            )
+        if self._auth_error is not None:
+            return self._refused(self._auth_error)
+        return TransientSinkError(
+            f"nats sink: no acknowledgement from stream {self.settings.stream!r} on "
+            f"{self.where} within {self._timeout:g} s ({describe(exc)})"
+        )
+
+    def _rejected(self, exc: nats.js.errors.APIError, m: _Message) -> Exception:
+        s = self.settings
+        text = _api_text(exc)
+        if exc.err_code == _ERR_MESSAGE_TOO_LARGE:
+            return PermanentSinkError(
+                f"nats sink: stream {s.stream!r} refused the event of {len(m.body)} bytes: {text}",
+                unique_event_id=m.event.unique_event_id,
+            )
+        if exc.err_code == _ERR_STREAM_MISMATCH:
+            return SinkUnusable(
+                f"nats sink: subject {prefix(m.subject, 300)} is captured by another stream "
+                f"than {s.stream!r} on {self.where}: make sink.subject and the streams' "
+                "subjects agree"
+            )
+        if exc.err_code == _ERR_STREAM_NOT_FOUND:
+            return self._stream_gone()
+        return TransientSinkError(
+            f"nats sink: stream {s.stream!r} on {self.where} refused a publish: {text}"
+        )
+
+    def _stream_gone(self) -> SinkUnusable:
+        s = self.settings
+        return SinkUnusable(
+            f"nats sink: JetStream stream {s.stream!r} no longer exists on {self.where} "
+            "(deleted while the daemon ran?): events not yet checkpointed are published "
+            "again after a restart; recreate it, or restart with "
+            'sink.on_start = "create"'
+        )
+
+    async def _no_responders(self, js: JetStreamContext, m: _Message) -> Exception:
+        """No stream listens on the subject: the stream is gone, does not capture the
+        subject (SinkUnusable), or is momentarily without a leader (transient)."""
+        s = self.settings
+        try:
+            info = await js.stream_info(s.stream)
+        except nats.js.errors.NotFoundError:
+            return self._stream_gone()
+        except (nats.errors.Error, OSError, TimeoutError) as exc:
+            return TransientSinkError(
+                f"nats sink: no responders for {prefix(m.subject, 300)} on {self.where}, and "
+                f"the stream's info is unavailable: {describe(exc)}"
+            )
+        filters = list(info.config.subjects or [])
+        if not any(covers(f, m.subject) for f in filters):
+            return SinkUnusable(
+                f"nats sink: stream {s.stream!r} on {self.where} does not capture subject "
+                f"{prefix(m.subject, 300)} (its subjects: {', '.join(filters) or 'none'}): "
+                "make sink.subject and the stream's subjects agree"
+            )
+        return TransientSinkError(
+            f"nats sink: no responders for {prefix(m.subject, 300)} on {self.where}: "
+            f"stream {s.stream!r} is temporarily unavailable"
+        )
+
+    # --- the rest -------------------------------------------------------------------------
+
+    def counters(self) -> dict[str, float]:
+        return {
+            "nats_published": float(self.published),
+            "nats_duplicates": float(self.duplicates),
+            "nats_reconnects": float(self.reconnects),
+        }
+
+    async def close(self) -> None:
+        nc, self._nc, self._js = self._nc, None, None
+        if nc is not None:
+            await _shut(nc, self._timeout)
+
+    async def preflight(self) -> str:
+        """Connect, authenticate and check the stream (it exists, or can be created, and
+        captures the subjects of ``subject``) without publishing anything; a one-line
+        description, or :class:`SinkUnusable` saying what is wrong."""
+        s = self.settings
+        try:
+            nc = await self._connect()
+        except TransientSinkError as exc:
+            raise SinkUnusable(str(exc)) from None
+        try:
+            js = nc.jetstream(timeout=self._timeout)
+            try:
+                account = await self._api("reading the JetStream account", js.account_info())
+                info, notes = await self._inspect(js)
+            except TransientSinkError as exc:
+                raise SinkUnusable(str(exc)) from None
+        finally:
+            await _shut(nc, self._timeout)
+        assert account is not None
+        subjects = ", ".join(self._patterns())
+        if info is None:
+            line = (
+                f"{self.where}: JetStream available ({account.streams} streams); stream "
+                f"{s.stream!r} does not exist yet and is created at start (subjects "
+                f"{', '.join(s.stream_subjects)}, duplicate window "
+                f"{_duration(s.duplicate_window_s)}); publishes to {subjects}"
+            )
+        else:
+            line = (
+                f"{self.where}: stream {s.stream!r} exists ({info.state.messages} messages, "
+                f"subjects {', '.join(info.config.subjects or [])}, duplicate window "
+                f"{_duration(info.config.duplicate_window or 0.0)}); publishes to {subjects}"
+            )
+        if notes:
+            line += "; WARNING: " + "; ".join(notes)
+        return line
+
+
+class _AlreadyThere(Exception):
+    """The stream was created by someone else between our look and our create."""
+
+
+def _is_auth_error(text: str) -> bool:
+    lowered = text.lower()
+    return any(marker in lowered for marker in _AUTH_MARKERS)
+
+
+def _api_text(exc: nats.js.errors.APIError) -> str:
+    return prefix(
+        f"code {exc.code}, err_code {exc.err_code}: {exc.description or 'no description'}", 300
+    )
+
+
+def _most_severe(failures: list[BaseException], order: Mapping[str, int]) -> BaseException:
+    """The error to raise for a batch whose keys failed in several ways: what stops the
+    daemon, then what retries the batch, then the event that comes first in the batch."""
+    for kind in (SinkUnusable, TransientSinkError):
+        for exc in failures:
+            if isinstance(exc, kind):
+                return exc
+    for exc in failures:
+        if not isinstance(exc, Exception):  # a cancellation
+            return exc
+    permanent = [e for e in failures if isinstance(e, PermanentSinkError)]
+    if permanent:
+        return min(permanent, key=lambda e: order.get(e.unique_event_id or "", len(order)))
+    return failures[0]
+
+
+async def _shut(nc: Client, seconds: float) -> None:
+    """Drain the connection (what is buffered is sent), then close it; bounded."""
+    if nc.is_connected and not nc.is_draining:
+        with contextlib.suppress(nats.errors.Error, OSError, TimeoutError):
+            await asyncio.wait_for(nc.drain(), seconds)
+    if not nc.is_closed:
+        with contextlib.suppress(nats.errors.Error, OSError, TimeoutError):
+            await asyncio.wait_for(nc.close(), seconds)

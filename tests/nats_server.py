@@ -1,0 +1,342 @@
+"""A throwaway NATS server with JetStream on 127.0.0.1, for the nats sink's tests.
+
+``nats_server`` is a fresh server for the test (``nats-server -js -a 127.0.0.1 -p PORT -sd
+DIR``), stopped and removed at its end; ``nats_factory`` starts more of them, optionally with
+users (a configuration file with an ``authorization`` block, for the wrong-credentials tests),
+with per-user permissions, without JetStream, with a smaller ``max_payload``, or with TLS and
+client certificates (:func:`make_certificates`).
+:meth:`NatsServer.stop` and :meth:`NatsServer.start` stop and start the same server again (same
+port, same store directory: the streams and their messages survive), for outage tests.
+
+Without the ``nats-server`` binary the tests skip; `make test` installs it where it can
+(Debian's ``nats-server`` package). The fixtures here are for tests/conftest.py to import (as
+it does tests/pg.py's); a test module may instead define its own from :func:`servers`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nats
+import nats.js.errors
+import pytest
+from nats.js.api import RawStreamMsg
+
+NOT_INSTALLED = "nats-server not installed: apt-get install nats-server, or run make test"
+START_TIMEOUT_S = 20.0
+
+
+def find_binary() -> str | None:
+    return shutil.which("nats-server") or shutil.which("nats-server", path="/usr/sbin:/usr/bin")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _quote(text: str) -> str:
+    return json.dumps(text)  # a double-quoted string the server's configuration reads
+
+
+class NatsServer:
+    """One server; ``start``/``stop`` may be called again (same port, same store).
+
+    ``users``: name -> password (then every client must log in), and ``permissions``: name ->
+    the server's permissions block for that user, as a dict (``{"publish": {"allow": [...]}}``).
+    """
+
+    def __init__(
+        self,
+        binary: str,
+        *,
+        users: Mapping[str, str] | None = None,
+        permissions: Mapping[str, Mapping[str, Any]] | None = None,
+        jetstream: bool = True,
+        max_payload: int | None = None,
+        tls: Certificates | None = None,
+    ) -> None:
+        self.binary = binary
+        self.host = "127.0.0.1"
+        self.port = 0
+        self.users = dict(users or {})
+        self._permissions = dict(permissions or {})
+        self.jetstream = jetstream
+        self.max_payload = max_payload
+        self.tls = tls  # TLS required, client certificates verified
+        self._base = Path(tempfile.mkdtemp(prefix="opera-nats-"))
+        self.store = self._base / "store"
+        self.config = self._base / "nats.conf"
+        self.logfile = self._base / "nats.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"{'tls' if self.tls else 'nats'}://{self.host}:{self.port}"
+
+    def _write_config(self) -> None:
+        lines = []
+        if self.max_payload is not None:
+            lines.append(f"max_payload: {self.max_payload}")
+        if self.users:
+            entries = []
+            for user, password in self.users.items():
+                entry = f"{{user: {_quote(user)}, password: {_quote(password)}"
+                if user in self._permissions:
+                    entry += f", permissions: {json.dumps(self._permissions[user])}"
+                entries.append(entry + "}")
+            lines.append("authorization {\n  users = [\n    " + ",\n    ".join(entries))
+            lines.append("  ]\n}")
+        if self.tls is not None:
+            t = self.tls
+            lines.append(
+                f"tls {{\n  cert_file: {_quote(str(t.server_cert))}\n"
+                f"  key_file: {_quote(str(t.server_key))}\n  ca_file: {_quote(str(t.ca))}\n"
+                "  verify: true\n  timeout: 5\n}"
+            )
+        self.config.write_text("\n".join(lines) + "\n")
+
+    def start(self) -> None:
+        assert self._proc is None, "already running"
+        self._write_config()
+        for attempt in range(3):
+            if not self.port or attempt:
+                self.port = _free_port()
+            args = [self.binary, "-c", str(self.config), "-a", self.host, "-p", str(self.port)]
+            if self.jetstream:
+                args += ["-js", "-sd", str(self.store)]
+            with self.logfile.open("ab") as log:
+                self._proc = subprocess.Popen(  # our own arguments
+                    args, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=self._base
+                )
+            if self._wait_ready():
+                return
+            self._reap()
+        raise RuntimeError(f"nats-server did not start; its log:\n{self.log_tail()}")
+
+    def _wait_ready(self) -> bool:
+        """Until the server greets a client with its INFO (JetStream on, when asked for);
+        False if the process died (the port taken meanwhile, say)."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            assert self._proc is not None
+            if self._proc.poll() is not None:
+                return False
+            info = self._info()
+            if info is not None and (info.get("jetstream") or not self.jetstream):
+                return True
+            time.sleep(0.02)
+        raise RuntimeError(f"nats-server not ready in {START_TIMEOUT_S}s:\n{self.log_tail()}")
+
+    def _info(self) -> dict[str, Any] | None:
+        try:
+            with socket.create_connection((self.host, self.port), timeout=1) as s:
+                line = s.makefile("rb").readline(65536)
+        except OSError:
+            return None
+        if not line.startswith(b"INFO "):
+            return None
+        try:
+            info = json.loads(line[5:])
+        except ValueError:
+            return None
+        return info if isinstance(info, dict) else None
+
+    def stop(self) -> None:
+        """A clean shutdown (SIGTERM: JetStream flushes its store); clients see the
+        connection close."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def _reap(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.logfile.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self._base, ignore_errors=True)
+
+    # --- reading the bus (for assertions) -------------------------------------------------
+
+    def _credentials(self) -> dict[str, Any]:
+        """connect() options for the helpers below: the first user, the client certificate."""
+        options: dict[str, Any] = {}
+        if self.users:
+            user, password = next(iter(self.users.items()))
+            options.update(user=user, password=password)
+        if self.tls is not None:
+            context = ssl.create_default_context(cafile=str(self.tls.ca))
+            context.load_cert_chain(str(self.tls.client_cert), str(self.tls.client_key))
+            options["tls"] = context
+        return options
+
+    async def stream_messages(self, stream: str = "OPERA") -> list[RawStreamMsg]:
+        """Every message of the stream, in sequence order ([] while it does not exist)."""
+        nc = await nats.connect(self.url, allow_reconnect=False, **self._credentials())
+        try:
+            js = nc.jetstream(timeout=10)
+            try:
+                info = await js.stream_info(stream)
+            except nats.js.errors.NotFoundError:
+                return []
+            found = []
+            for seq in range(info.state.first_seq, info.state.last_seq + 1):
+                if info.state.messages == 0:
+                    break
+                try:
+                    found.append(await js.get_msg(stream, seq))
+                except nats.js.errors.NotFoundError:  # deleted
+                    continue
+            return found
+        finally:
+            await nc.close()
+
+    async def message_count(self, stream: str = "OPERA") -> int:
+        """The stream's message count; 0 while it does not exist or the server is down."""
+        try:
+            nc = await nats.connect(
+                self.url, allow_reconnect=False, connect_timeout=2, **self._credentials()
+            )
+        except (nats.errors.Error, OSError, TimeoutError):
+            return 0
+        try:
+            info = await nc.jetstream(timeout=5).stream_info(stream)
+            return int(info.state.messages)
+        except (nats.errors.Error, OSError, TimeoutError):
+            return 0
+        finally:
+            await nc.close()
+
+    async def stream_info(self, stream: str = "OPERA") -> Any:
+        nc = await nats.connect(self.url, allow_reconnect=False, **self._credentials())
+        try:
+            return await nc.jetstream(timeout=10).stream_info(stream)
+        finally:
+            await nc.close()
+
+    async def add_stream(self, name: str, subjects: Sequence[str], **config: Any) -> None:
+        nc = await nats.connect(self.url, allow_reconnect=False, **self._credentials())
+        try:
+            await nc.jetstream(timeout=10).add_stream(name=name, subjects=list(subjects), **config)
+        finally:
+            await nc.close()
+
+
+@dataclass(frozen=True)
+class Certificates:
+    """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def make_certificates(directory: Path) -> Certificates:
+    """Made with the openssl command (the test skips without it)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl not installed: apt-get install openssl")
+    d = directory
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], cwd=d, check=True, capture_output=True, timeout=60)
+
+    subj = ["-subj"]
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-keyout", "ca.key",
+        "-out", "ca.pem", *subj, "/CN=opera-test-ca")  # fmt: skip
+    (d / "san.ext").write_text("subjectAltName = IP:127.0.0.1\n")
+    for name, ext in (("server", ["-extfile", "san.ext"]), ("client", [])):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
+            f"{name}.csr", *subj, f"/CN=opera-test-{name}")  # fmt: skip
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-days", "2", "-out", f"{name}.pem", *ext)  # fmt: skip
+    return Certificates(
+        d / "ca.pem", d / "server.pem", d / "server.key", d / "client.pem", d / "client.key"
+    )
+
+
+def event_ids(messages: Sequence[RawStreamMsg]) -> list[str]:
+    """The uniqueEventId of each message's body, in sequence order."""
+    return [json.loads(m.data or b"{}")["metadata"]["uniqueEventId"] for m in messages]
+
+
+def order_by_key(messages: Sequence[RawStreamMsg]) -> dict[str, list[str]]:
+    """primaryKey -> the uniqueEventIds of its messages, in sequence order."""
+    keys: dict[str, list[str]] = {}
+    for m in sorted(messages, key=lambda m: m.seq or 0):
+        doc = json.loads(m.data or b"{}")
+        key = doc.get("primaryKey") or doc["metadata"]["uniqueEventId"]
+        keys.setdefault(key, []).append(doc["metadata"]["uniqueEventId"])
+    return keys
+
+
+def servers() -> Iterator[Callable[..., NatsServer]]:
+    """The body of a ``nats_factory`` fixture (``yield from servers()``): ``start(**options)``
+    gives a running :class:`NatsServer` (see its options), removed at the end of the test.
+    Skips the test when nats-server is not installed."""
+    binary = find_binary()
+    if binary is None or not os.access(binary, os.X_OK):
+        pytest.skip(NOT_INSTALLED)
+    started: list[NatsServer] = []
+
+    def start(**options: Any) -> NatsServer:
+        assert binary is not None
+        server = NatsServer(binary, **options)
+        started.append(server)
+        server.start()
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.remove()
+
+
+@pytest.fixture
+def nats_factory() -> Iterator[Callable[..., NatsServer]]:
+    """``start(**options)``: a running :class:`NatsServer`, removed at the end of the test."""
+    yield from servers()
+
+
+@pytest.fixture
+def nats_server(nats_factory: Callable[..., NatsServer]) -> NatsServer:
+    """A running server with JetStream and no authentication, for this test."""
+    return nats_factory()
