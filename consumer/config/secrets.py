@@ -138,7 +138,7 @@ def secret_values(settings: Settings) -> list[str]:
         for server in sink.servers:
             values += url_secret_values(server)
     elif isinstance(sink, RedisSinkSettings):
-        values += _dsn_secret_values(sink.url.get_secret_value())
+        values += url_secret_values(sink.url.get_secret_value())  # its password, not its host
         if sink.password is not None:
             values += _password_forms(sink.password.get_secret_value())
     if settings.state.dsn is not None:  # the PostgreSQL state store's

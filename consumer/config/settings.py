@@ -483,12 +483,13 @@ class RedisSinkSettings(_Model):
 
     type: Literal["redis"]
     url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")  # redis:// or rediss:// (TLS)
-    # Tokens as for NATS subjects: {chainCode}, {hotelId}, {eventName}, {moduleName}, {stream}.
+    # Tokens as for NATS subjects: {chainCode}, {hotelId}, {eventName}, {moduleName}, {stream};
+    # a literal brace is {{ or }} (a Redis Cluster hash tag: "opera:{{{chainCode}}}").
     stream_key: str = "opera:{chainCode}"
     maxlen: int | None = Field(default=None, ge=1)  # XADD MAXLEN ~ this (None: no trimming)
     # How long a uniqueEventId's guard lives (OHIP keeps 7 days of events; +1).
     guard_ttl_s: float = Field(default=8 * 86400.0, gt=0)
-    username: str | None = None  # ACL user (or in the url)
+    username: str | None = None  # ACL user (or in the url; these two win over the url's)
     password: SecretStr | None = None
     tls_ca_file: Path | None = None
     timeout_s: float = Field(default=10.0, gt=0)

@@ -1,0 +1,761 @@
+"""Redis Streams sink: each event ``XADD``-ed to a stream key at most once, by a Lua script.
+
+Not transactional: exactly-once in effect comes from a **guard** per event. One script call per
+event does, atomically (a script runs whole, nothing interleaves)::
+
+    if EXISTS <guard>: return nil                      -- written before: nothing to do
+    XADD <stream key> [MAXLEN ~ n] * <fields>           -- the entry
+    SET <guard> <entry id> PX <guard_ttl_s * 1000>      -- remembered
+
+so a replay (after a crash between the write and the checkpoint, a retried batch, a DLQ
+replay) adds nothing while the guard lives (``guard_ttl_s``, 8 days: OHIP keeps 7 days of
+events). Nothing can fail between the ``XADD`` and the ``SET``: the script first checks that
+the user may ``SET`` the guard (``redis.acl_check_cmd``, Redis >= 7; on older servers ``open``
+probes it), a script's first write is the only one Redis checks against ``maxmemory``
+(``OOM``), a replica's ``READONLY`` or a failed disk (``MISCONF``), and a wrong type of the
+guard key cannot stop ``SET``. So a guard never exists without its entry; an ``XADD`` that
+fails leaves neither.
+
+**Keys.** The stream key comes from ``stream_key`` with the tokens ``{chainCode}`` (of the
+consumer's stream), ``{hotelId}``, ``{eventName}``, ``{moduleName}`` and ``{stream}`` (the
+consumer's stream name). Braces are written ``{{`` and ``}}`` (as in Python's ``str.format``),
+so ``"opera:{{{chainCode}}}"`` makes ``opera:{DEMO}``; any other ``{name}`` is refused. Each
+value is sanitised: whitespace, control characters and braces become ``_``, an empty or
+missing value is ``_``, and one longer than 128 characters is cut and ends with a hash of it.
+The guard key of event ``U`` written to stream key ``K``:
+
+* ``K`` holds a Redis Cluster hash tag (``{...}``, non-empty): ``K:guard:U``, which has the
+  same tag (its first ``{`` and the ``}`` closing it are ``K``'s);
+* ``K`` holds no brace: ``K:guard:{K}:U``, whose tag is ``K`` itself, which is what a key
+  without a tag hashes to;
+* any other brace in ``K`` (a ``}`` outside a tag, an empty ``{}``): refused, the guard could
+  not share its slot.
+
+Either way the guard and its stream hash to the same cluster slot (a script's keys must) and
+both start with ``K``: an ACL key pattern ``~opera:*`` covers the sink's every key. (The sink
+speaks to one server, not to a Redis Cluster: a ``MOVED`` reply stops it.)
+
+**Entries.** Fields: ``event`` (the JSON document, as the jsonl sink writes a line:
+:meth:`~consumer.core.events.Event.document`), ``uniqueEventId``, ``offset``, ``stream``,
+``chainCode``, ``hotelId``, ``eventName``, ``moduleName``, ``primaryKey`` and ``timestamp``
+(empty when absent). A batch is one pipeline (one round trip per 8 MiB of events): the scripts
+run in the order written, so each primaryKey's events are in the stream in arrival order.
+Scripts are loaded at ``open`` (``SCRIPT LOAD``) and called by ``EVALSHA``; after ``NOSCRIPT``
+(a server restarted or flushed its scripts) the script is loaded again and the batch goes
+again from the first call that was refused (the guards make the calls that did run no-ops).
+
+**Errors.** Refused connections, timeouts, ``LOADING``, ``BUSY``, ``READONLY`` (a failover),
+``MASTERDOWN``, ``MISCONF``, ``OOM`` (``maxmemory``: it may clear) and any other server error
+are :class:`TransientSinkError`: the batch is retried with backoff, intake pauses, nothing is
+dead-lettered. :class:`SinkUnusable` (exit 78: only an operator can fix it, and writing on
+would dead-letter events for a fault of the configuration) when the server refuses our
+credentials (``WRONGPASS``, ``NOAUTH``), its ACL refuses a command or a key (``NOPERM``), the
+stream key holds another type (``WRONGTYPE``), the server is a Redis Cluster node
+(``MOVED``/``ASK``) or does not know a command (no ``XADD`` before Redis 5). A write that
+fails so has written nothing of that event, and events after it in the batch that were
+written are guarded: after the fix and a restart, the replay adds exactly what is missing.
+:class:`PermanentSinkError` naming the event (it is dead-lettered) when it cannot be sent:
+larger than the server's ``proto-max-bulk-len`` (read at ``open`` when ``CONFIG GET`` is
+allowed, else Redis's default of 512 MiB; the server would drop the connection otherwise), or
+not serializable as JSON. Nothing is sent for a batch before every event of it passed those
+checks.
+
+The URL and the password are secrets: messages name ``host:port/db`` only, and every text of
+the server's or the client's is scrubbed of them and cut short.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import re
+import ssl
+import string
+from collections.abc import Awaitable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, NamedTuple, TypeVar
+from urllib.parse import quote, quote_plus, unquote
+
+import orjson
+import structlog
+from redis.asyncio import Redis
+from redis.asyncio.connection import parse_url
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import (
+    AskError,
+    AuthenticationError,
+    AuthorizationError,
+    BusyLoadingError,
+    ClusterCrossSlotError,
+    ClusterDownError,
+    MasterDownError,
+    MovedError,
+    NoPermissionError,
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
+
+from ..config import RedisSinkSettings
+from ..core.events import Event
+from ..core.evidence import prefix
+from ..errors import ConfigError, PermanentSinkError, SinkError, SinkUnusable, TransientSinkError
+from ..logs import RateLimitedLogger
+from .base import PlainSink
+
+log = structlog.get_logger(__name__)
+_limited = RateLimitedLogger(log, per_s=1.0, burst=5)  # an unknown error, at every retry
+T = TypeVar("T")
+
+TOKENS: Final = frozenset({"chainCode", "hotelId", "eventName", "moduleName", "stream"})
+# Tokens known only once an event arrives: a key made with them differs per event.
+EVENT_TOKENS: Final = frozenset({"hotelId", "eventName", "moduleName"})
+TOKEN_MAX_CHARS: Final = 128
+DEFAULT_PORT: Final = 6379
+# Redis's default proto-max-bulk-len: the largest argument it accepts.
+DEFAULT_MAX_BULK: Final = 512 * 1024 * 1024
+CHUNK_BYTES: Final = 8 * 1024 * 1024  # at most this much per round trip (the first event aside)
+CHUNK_CALLS: Final = 1000
+NOSCRIPT_ATTEMPTS: Final = 3
+TEXT_LIMIT: Final = 300  # of a server's or client's error text in our messages
+MIN_SECRET_CHARS: Final = 3
+GRANT: Final = "+ping +script|load +evalsha +exists +type +xadd +set"
+
+# KEYS[1] the stream, KEYS[2] the event's guard. ARGV[1] the guard's lifetime (ms), ARGV[2]
+# MAXLEN ~ (empty: no trimming), ARGV[3..] the entry's field/value pairs. Returns the entry's
+# id, or nil when the guard exists (a replay). See the module doc for why the SET cannot fail
+# once the XADD is done.
+ADD_SCRIPT: Final = """\
+-- opera-consumer redis sink: add an event to a stream at most once
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  return false
+end
+if redis.acl_check_cmd and not redis.acl_check_cmd('SET', KEYS[2], '0-0', 'PX', ARGV[1]) then
+  return redis.error_reply('NOPERM this user has no permission to SET the guard key')
+end
+local id
+if ARGV[2] == '' then
+  id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
+else
+  id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))
+end
+redis.call('SET', KEYS[2], id, 'PX', ARGV[1])
+return id
+"""
+
+# Writes nothing: asks what the add script would need. XADD with MAXLEN -1 and SET with PX 0
+# are refused by their argument checks, which run only after the ACL (NOPERM) and the
+# OOM/READONLY checks: the error says which of them stands in the way.
+PROBE_SCRIPT: Final = """\
+-- opera-consumer redis sink: may this user write here? (writes nothing)
+local function said(r)
+  if type(r) == 'table' and r['err'] then return r['err'] end
+  return 'accepted'
+end
+local kind = redis.call('TYPE', KEYS[1])['ok']
+local length = -1
+if kind == 'stream' then
+  local n = redis.pcall('XLEN', KEYS[1])
+  if type(n) == 'number' then length = n end
+end
+return {kind, length,
+  said(redis.pcall('XADD', KEYS[1], 'MAXLEN', '-1', '*', 'f', 'v')),
+  said(redis.pcall('SET', KEYS[2], 'x', 'PX', '0')),
+  said(redis.pcall('EXISTS', KEYS[2]))}
+"""
+
+_UNSAFE = re.compile(r"[\s{}]")
+# Error texts (upper-cased) by what they mean. redis-py takes the code off the errors it has
+# a class for (NoPermissionError...), so the classes are checked too; a script's error keeps
+# its code in the text (Redis 7) or quotes it (Redis 6: "ERR Error running script...").
+NOPERM_MARKS: Final = ("NOPERM", "NO PERMISSION", "CAN'T RUN THIS COMMAND")
+CLUSTER_MARKS: Final = ("CROSSSLOT", "NON LOCAL KEY")
+# Conditions that clear by themselves (or by a failover) while we retry.
+TRANSIENT_MARKS: Final = (
+    "OOM",
+    "BUSY",
+    "LOADING",
+    "READONLY",
+    "MASTERDOWN",
+    "MISCONF",
+    "TRYAGAIN",
+    "CLUSTERDOWN",
+    "NOREPLICAS",
+)
+TRANSIENT_REPLIES: Final = (
+    OutOfMemoryError,
+    ReadOnlyError,
+    BusyLoadingError,
+    MasterDownError,
+    TryAgainError,
+    ClusterDownError,
+)
+
+
+@functools.lru_cache(maxsize=4096)  # few distinct values (hotels, event names), many events
+def token_value(value: str | None) -> str:
+    """A token's value as it goes into a key: whitespace, control characters and braces
+    become ``_`` (no value can add or move a hash tag); empty or missing is ``_``; longer than
+    TOKEN_MAX_CHARS, it is cut and ends with a hash of the whole (two values stay apart)."""
+    if not value:
+        return "_"
+    if not value.isprintable() or _UNSAFE.search(value):
+        value = "".join(
+            "_" if c.isspace() or not c.isprintable() or c in "{}" else c for c in value
+        )
+    if len(value) > TOKEN_MAX_CHARS:
+        digest = hashlib.sha256(value.encode("utf-8", "replace")).hexdigest()[:16]
+        value = f"{value[: TOKEN_MAX_CHARS - 17]}~{digest}"
+    return value
+
+
+def hash_tag(key: str) -> str | None:
+    """The Redis Cluster hash tag of ``key``: what is between its first ``{`` and the next
+    ``}`` when that is not empty; None when the whole key is hashed."""
+    start = key.find("{")
+    if start < 0:
+        return None
+    end = key.find("}", start + 1)
+    if end < 0 or end == start + 1:
+        return None
+    return key[start + 1 : end]
+
+
+def guard_key(stream_key: str, unique_event_id: str) -> str:
+    """The guard of an event in ``stream_key``: same cluster slot, same prefix (module doc)."""
+    if hash_tag(stream_key) is not None:
+        return f"{stream_key}:guard:{unique_event_id}"
+    return f"{stream_key}:guard:{{{stream_key}}}:{unique_event_id}"
+
+
+class KeyTemplate:
+    """``stream_key`` parsed once: literal text and tokens (``{{``/``}}`` are braces)."""
+
+    def __init__(self, template: str) -> None:
+        if not template:
+            raise ConfigError('sink.stream_key is empty: e.g. stream_key = "opera:{chainCode}"')
+        parts: list[tuple[str, str | None]] = []
+        try:
+            parsed = list(string.Formatter().parse(template))
+        except ValueError as exc:  # a lone "{" or "}"
+            raise ConfigError(
+                f"sink.stream_key {template!r}: {exc}; write a brace as {{{{ or }}}}, tokens "
+                f"as {{chainCode}} ({', '.join(sorted(TOKENS))})"
+            ) from None
+        for literal, field, spec, conversion in parsed:
+            if field is not None and (field not in TOKENS or spec or conversion):
+                raise ConfigError(
+                    f"sink.stream_key {template!r}: unknown token {{{field}}}; use "
+                    f"{', '.join('{' + t + '}' for t in sorted(TOKENS))} (a brace: {{{{ or }}}})"
+                )
+            parts.append((literal, field))
+        self.template = template
+        self._parts = parts
+        self.tokens = frozenset(f for _, f in parts if f is not None)
+        # Values hold no brace, so the braces of every key are the template's: check once.
+        sample = self.render({t: "x" for t in TOKENS})
+        if hash_tag(sample) is None and ("{" in sample or "}" in sample):
+            raise ConfigError(
+                f"sink.stream_key {template!r}: its braces make no Redis Cluster hash tag "
+                "(a non-empty {...} first in the key), so an event's guard could not share the "
+                'stream\'s slot: use no braces, or one hash tag such as "opera:{{{chainCode}}}" '
+                "(which makes opera:{DEMO})"
+            )
+
+    @property
+    def per_event(self) -> bool:
+        """Whether the key depends on the event (not only on the consumer's stream)."""
+        return bool(self.tokens & EVENT_TOKENS)
+
+    def render(self, values: Mapping[str, str]) -> str:
+        return "".join(lit + (values[f] if f is not None else "") for lit, f in self._parts)
+
+
+@dataclass(frozen=True, slots=True)
+class Server:
+    """Where the sink connects, and what may be said about it (never the URL itself)."""
+
+    kwargs: dict[str, Any]  # for redis.asyncio.Redis
+    where: str  # host:port/db (and "(TLS)"), for messages
+    secrets: tuple[str, ...]  # longest first
+
+
+def server(settings: RedisSinkSettings) -> Server:
+    """The connection arguments from ``url`` and the fields (which win over the URL's user
+    information); ConfigError for a URL we cannot use, saying nothing of its secrets."""
+    url = settings.url.get_secret_value()
+    secrets: set[str] = {url}
+    password = settings.password.get_secret_value() if settings.password is not None else None
+    raw_password = url.partition("://")[2].rpartition("@")[0].partition(":")[2]
+    for pw in (raw_password, unquote(raw_password), password or ""):
+        if pw:
+            secrets |= {pw, quote(pw, safe=""), quote_plus(pw, safe="")}
+    try:
+        parsed: dict[str, Any] = dict(parse_url(url))
+    except ValueError:
+        raise ConfigError(
+            "sink.url: not a Redis URL we can use: redis://[user:password@]host[:port][/db] "
+            "(rediss:// for TLS)"
+        ) from None
+    unknown = sorted(set(parsed) - {"host", "port", "db", "username", "password", "path",
+                                    "connection_class"})  # fmt: skip
+    if unknown:
+        raise ConfigError(
+            f"sink.url: query option(s) {', '.join(unknown)} not supported: use the [sink] "
+            "fields (username, password, tls_ca_file, timeout_s)"
+        )
+    scheme = url.partition("://")[0].lower()
+    tls = scheme == "rediss"
+    if settings.tls_ca_file is not None and not tls:
+        raise ConfigError("sink.tls_ca_file is set but sink.url is not rediss:// (TLS)")
+    db = int(parsed.get("db") or 0)
+    kwargs: dict[str, Any] = {
+        "db": db,
+        "username": settings.username or parsed.get("username"),
+        "password": password or parsed.get("password"),
+        "socket_timeout": settings.timeout_s,
+        "socket_connect_timeout": settings.timeout_s,
+        # One immediate retry of a dead pooled connection; the pipeline's backoff does the rest.
+        "retry": Retry(NoBackoff(), 1),
+    }
+    if scheme == "unix":
+        path = str(parsed.get("path") or "")
+        kwargs["unix_socket_path"] = path
+        where = f"unix:{path}/{db}"
+    else:
+        host = str(parsed.get("host") or "localhost")
+        port = int(parsed.get("port") or DEFAULT_PORT)
+        kwargs |= {"host": host, "port": port}
+        if tls:
+            kwargs |= {"ssl": True, "ssl_cert_reqs": "required", "ssl_check_hostname": True}
+            if settings.tls_ca_file is not None:
+                kwargs["ssl_ca_certs"] = str(settings.tls_ca_file)
+        shown_host = f"[{host}]" if ":" in host else host
+        # Not the URL's form: the log redactor masks the configured URL wherever it appears.
+        where = f"{shown_host}:{port}/{db}{' (TLS)' if tls else ''}"
+    ordered = sorted((s for s in secrets if len(s) >= MIN_SECRET_CHARS), key=len, reverse=True)
+    return Server(kwargs, where, tuple(ordered))
+
+
+class _Call(NamedTuple):
+    event: Event
+    key: str  # the stream key
+    args: tuple[bytes, ...]  # KEYS and ARGV of the add script
+    size: int  # bytes of its arguments
+
+
+class _Probe(NamedTuple):
+    kind: str  # TYPE of the stream key
+    length: int  # its XLEN, -1 if not a stream (or not allowed)
+    xadd: str  # the refusal of the no-op XADD: NOPERM, OOM, READONLY... or an argument error
+    set: str
+    exists: str
+
+
+class RedisSink(PlainSink):
+    name = "redis"
+
+    def __init__(self, settings: RedisSinkSettings, chains: Mapping[str, str]) -> None:
+        """``chains``: the consumer's stream name -> its chain code (the ``{chainCode}``)."""
+        self.settings = settings
+        self.chains = dict(chains)
+        self.template = KeyTemplate(settings.stream_key)
+        self.server = server(settings)
+        self.where = self.server.where
+        self._ttl_ms = str(max(1, round(settings.guard_ttl_s * 1000)))
+        self._maxlen = "" if settings.maxlen is None else str(settings.maxlen)
+        self._client: Redis | None = None
+        self._sha = ""
+        self._max_bulk = DEFAULT_MAX_BULK
+        self._added = 0
+        self._duplicates = 0
+
+    def __repr__(self) -> str:
+        return f"RedisSink(server={self.where!r}, stream_key={self.template.template!r})"
+
+    # --- open, close, counters ----------------------------------------------------------------
+
+    async def open(self, committed: str | None) -> None:
+        client = Redis(**self.server.kwargs)
+        try:
+            await self._call("PING", client.ping())
+            self._sha = await self._load(client)
+            self._max_bulk = await self._bulk_limit(client)
+            if not self.template.per_event:  # the keys are known now: check them
+                for key in self._static_keys():
+                    self._judge(key, await self._probe(client, key), opening=True)
+        except BaseException:
+            await _close(client, self.settings.timeout_s)
+            raise
+        self._client = client
+        log.info(
+            "redis sink open",
+            server=self.where,
+            stream_key=self.template.template,
+            maxlen=self.settings.maxlen,
+            guard_ttl_s=self.settings.guard_ttl_s,
+            writes="one script per event: XADD and its guard together (a replay adds nothing)",
+        )
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await _close(client, self.settings.timeout_s)
+
+    def counters(self) -> dict[str, float]:
+        return {"redis_added": self._added, "redis_duplicates": self._duplicates}
+
+    # --- write --------------------------------------------------------------------------------
+
+    async def write(self, stream: str, events: Sequence[Event]) -> None:
+        client = self._client
+        if client is None:
+            raise TransientSinkError(f"redis sink at {self.where} is not open")
+        if not events:
+            return
+        # Every call is made (and checked) before the first is sent: an event that cannot be
+        # sent is named at once, and none of the batch is written twice around it.
+        calls = [self._make_call(stream, ev) for ev in events]
+        start = 0
+        while start < len(calls):
+            end, size = start + 1, calls[start].size
+            while end < len(calls) and end - start < CHUNK_CALLS:
+                if size + calls[end].size > CHUNK_BYTES:
+                    break
+                size += calls[end].size
+                end += 1
+            await self._run(client, calls[start:end])
+            start = end
+
+    def _make_call(self, stream: str, ev: Event) -> _Call:
+        try:
+            document = orjson.dumps(ev.document())
+        except TypeError as exc:  # nested deeper than orjson writes, an integer beyond 64 bits
+            raise PermanentSinkError(
+                f"redis sink: event cannot be serialized as JSON: {prefix(str(exc))}",
+                unique_event_id=ev.unique_event_id,
+            ) from None
+        chain = self.chains.get(stream)
+        key = self.template.render(
+            {
+                "chainCode": token_value(chain),
+                "hotelId": token_value(ev.hotel_id),
+                "eventName": token_value(ev.event_name),
+                "moduleName": token_value(ev.module_name),
+                "stream": token_value(stream),
+            }
+        )
+        fields = (
+            "event", document,
+            "uniqueEventId", ev.unique_event_id,
+            "offset", ev.offset,
+            "stream", stream,
+            "chainCode", chain or "",
+            "hotelId", ev.hotel_id or "",
+            "eventName", ev.event_name,
+            "moduleName", ev.module_name,
+            "primaryKey", ev.primary_key,
+            "timestamp", ev.timestamp or "",
+        )  # fmt: skip
+        head = (key, guard_key(key, ev.unique_event_id), self._ttl_ms, self._maxlen)
+        # Bytes, made here: redis-py would raise on a lone surrogate (none survives orjson in
+        # the document, whose fields these are; "replace" is for the impossible case).
+        args = tuple(a if isinstance(a, bytes) else a.encode("utf-8", "replace")
+                     for a in (*head, *fields))  # fmt: skip
+        largest = max(len(a) for a in args)
+        if largest > self._max_bulk:
+            raise PermanentSinkError(
+                f"redis sink: event of {len(document)} bytes (an argument of {largest}) is "
+                f"larger than {self.where} accepts (proto-max-bulk-len {self._max_bulk})",
+                unique_event_id=ev.unique_event_id,
+            )
+        return _Call(ev, key, args, sum(len(a) for a in args))
+
+    async def _run(self, client: Redis, calls: Sequence[_Call]) -> None:
+        """One pipeline of add-script calls, in order. After NOSCRIPT the script is loaded
+        again and the calls go again from the first refused one (those that ran are no-ops)."""
+        counted: set[int] = set()  # calls whose outcome (added, duplicate) is counted
+        first = 0
+        for _ in range(NOSCRIPT_ATTEMPTS):
+            try:
+                async with client.pipeline(transaction=False) as pipe:
+                    for call in calls[first:]:
+                        pipe.execute_command("EVALSHA", self._sha, 2, *call.args)
+                    results = await pipe.execute(raise_on_error=False)
+            except (TimeoutError, RedisError, OSError) as exc:
+                raise self._failure(exc, "EVALSHA (XADD)", calls[first].key) from None
+            refused: int | None = None
+            errors: list[tuple[_Call, ResponseError]] = []
+            for i, result in enumerate(results, first):
+                if isinstance(result, NoScriptError):
+                    refused = i if refused is None else refused
+                elif isinstance(result, ResponseError):
+                    errors.append((calls[i], result))
+                elif i not in counted:
+                    counted.add(i)
+                    if result is None:
+                        self._duplicates += 1
+                    else:
+                        self._added += 1
+            if errors:
+                raise self._worst(errors)
+            if refused is None:
+                return
+            log.info("redis sink: the server lost its scripts; loading again", server=self.where)
+            self._sha = await self._load(client)
+            first = refused
+        raise TransientSinkError(
+            f"redis sink at {self.where}: the server keeps forgetting the script (NOSCRIPT)"
+        )
+
+    def _worst(self, errors: Sequence[tuple[_Call, ResponseError]]) -> SinkError:
+        """The error a failed pipeline raises: one that needs an operator wins."""
+        judged = [self._refusal(exc, "EVALSHA (XADD)", call.key) for call, exc in errors]
+        for e in judged:
+            if isinstance(e, SinkUnusable):
+                return e
+        return judged[0]
+
+    # --- errors -------------------------------------------------------------------------------
+
+    def _scrub(self, text: str) -> str:
+        """No secret, and short (a secret is masked before the cut, so none survives it)."""
+        text = text[: TEXT_LIMIT * 8]
+        for secret in self.server.secrets:
+            text = text.replace(secret, "***")
+        return prefix(text, TEXT_LIMIT)
+
+    def _text(self, exc: BaseException) -> str:
+        try:
+            text = str(exc)
+        except Exception:  # a __str__ that fails on what it holds
+            text = ""
+        return self._scrub(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
+
+    def _refusal(self, exc: ResponseError, doing: str, key: str = "") -> SinkError:
+        """What a server's error reply means (``doing``: the command; ``key``: the stream key
+        it was for, if any)."""
+        text = self._text(exc)
+        upper = text.upper()
+        shown_key = prefix(key, 200)
+        if isinstance(exc, NoPermissionError) or any(m in upper for m in NOPERM_MARKS):
+            on = f" for {shown_key!r} or its guard" if key else ""
+            return SinkUnusable(
+                f"redis sink at {self.where}: the server's ACL refuses {doing}{on} ({text}): "
+                f"grant the user `{GRANT}` on the keys "
+                f"(e.g. ~{_key_prefix(self.template.template)}*), then restart"
+            )
+        if "WRONGTYPE" in upper:
+            return SinkUnusable(
+                f"redis sink at {self.where}: key {shown_key!r} holds another type than a "
+                f"stream (WRONGTYPE): rename or delete it, or change sink.stream_key, then "
+                f"restart (the event was not written; it is replayed)"
+            )
+        if isinstance(exc, MovedError | AskError | ClusterCrossSlotError) or any(
+            m in upper for m in CLUSTER_MARKS
+        ):
+            return SinkUnusable(
+                f"redis sink at {self.where}: the server is a Redis Cluster node ({text}); "
+                "this sink speaks to one server: point sink.url at a standalone Redis or a "
+                "primary"
+            )
+        if "UNKNOWN COMMAND" in upper:
+            return SinkUnusable(
+                f"redis sink at {self.where}: the server does not know a command we need "
+                f"({text}): Redis >= 5 with scripting (EVALSHA, XADD) is required"
+            )
+        if not isinstance(exc, TRANSIENT_REPLIES) and not any(m in upper for m in TRANSIENT_MARKS):
+            _limited.error("redis sink: server error, retrying", server=self.where, error=text)
+        return TransientSinkError(f"redis sink at {self.where}: {doing}: {text}")
+
+    def _failure(self, exc: BaseException, doing: str, key: str = "") -> SinkError:
+        """An error while ``doing`` (a command's name): the connection's, the client's, or
+        the server's reply."""
+        if isinstance(exc, AuthenticationError | AuthorizationError):
+            return SinkUnusable(
+                f"redis sink at {self.where}: the server refused our credentials "
+                f"({self._text(exc)}): set sink.username and sink.password (or the url's "
+                "user:password) to a user of that server, then restart"
+            )
+        if isinstance(exc, ResponseError):
+            return self._refusal(exc, doing, key)
+        if _tls_untrusted(exc):
+            return SinkUnusable(
+                f"redis sink at {self.where}: the server's TLS certificate is not trusted "
+                f"({self._text(exc)}): set sink.tls_ca_file to the CA that signed it"
+            )
+        return TransientSinkError(f"redis sink at {self.where}: {doing}: {self._text(exc)}")
+
+    async def _call(self, doing: str, awaitable: Awaitable[T], key: str = "") -> T:
+        try:
+            return await awaitable
+        except (TimeoutError, RedisError, OSError) as exc:
+            raise self._failure(exc, doing, key) from None
+
+    # --- scripts and checks -------------------------------------------------------------------
+
+    async def _load(self, client: Redis) -> str:
+        sha = await self._call("SCRIPT LOAD", client.script_load(ADD_SCRIPT))
+        return sha.decode() if isinstance(sha, bytes) else str(sha)
+
+    async def _bulk_limit(self, client: Redis) -> int:
+        """The server's proto-max-bulk-len when CONFIG GET is allowed, else Redis's default."""
+        try:
+            found = await client.config_get("proto-max-bulk-len")
+        except ResponseError:
+            return DEFAULT_MAX_BULK  # a user without CONFIG (as it should be), a managed server
+        except (TimeoutError, RedisError, OSError) as exc:
+            raise self._failure(exc, "CONFIG GET") from None
+        for value in found.values():
+            try:
+                return int(value or 0) or DEFAULT_MAX_BULK
+            except ValueError:
+                break
+        return DEFAULT_MAX_BULK
+
+    def _static_keys(self) -> list[str]:
+        """The stream keys of the consumer's streams, tokens from events shown as ``_``."""
+        keys = {
+            self.template.render(
+                {
+                    "chainCode": token_value(chain),
+                    "stream": token_value(stream),
+                    **{t: "_" for t in EVENT_TOKENS},
+                }
+            )
+            for stream, chain in self.chains.items()
+        }
+        return sorted(keys) or [self.template.render(dict.fromkeys(TOKENS, "_"))]
+
+    async def _probe(self, client: Redis, key: str) -> _Probe:
+        sha = await self._call("SCRIPT LOAD", client.script_load(PROBE_SCRIPT))
+        probe = client.evalsha(sha, 2, key, guard_key(key, "preflight"))
+        reply: list[Any] = await self._call("EVALSHA", probe, key)
+        kind, length, xadd, set_, exists = (
+            v.decode("utf-8", "replace") if isinstance(v, bytes) else v for v in reply
+        )
+        return _Probe(str(kind), int(length), str(xadd), str(set_), str(exists))
+
+    def _judge(self, key: str, probe: _Probe, *, opening: bool = False) -> str | None:
+        """Raise SinkUnusable for what an operator must fix; return a transient condition's
+        refusal (OOM, READONLY...) to report, or None when a write would go through."""
+        if probe.kind not in ("stream", "none"):
+            raise SinkUnusable(
+                f"redis sink at {self.where}: key {prefix(key, 200)!r} holds a "
+                f"{prefix(probe.kind, 40)}, not a stream: rename or delete it, or change "
+                "sink.stream_key"
+            )
+        for command, said in (("XADD", probe.xadd), ("SET", probe.set), ("EXISTS", probe.exists)):
+            upper = said.upper()
+            if any(m.upper() in upper for m in NOPERM_MARKS):
+                raise SinkUnusable(
+                    f"redis sink at {self.where}: the server's ACL refuses {command} on "
+                    f"{prefix(key, 200)!r} or its guard ({self._scrub(said)}): grant the user "
+                    f"`{GRANT}` on the keys (e.g. ~{_key_prefix(self.template.template)}*)"
+                )
+        for said in (probe.xadd, probe.set):
+            if said == "accepted":  # cannot be: both are refused by their argument checks
+                raise SinkUnusable(f"redis sink at {self.where}: unexpected reply to a probe")
+            if any(said.upper().startswith(m) for m in TRANSIENT_MARKS):
+                if opening:
+                    log.warning(
+                        "redis sink: the server refuses writes for now; retrying when events come",
+                        server=self.where,
+                        error=self._scrub(said),
+                    )
+                return self._scrub(said)
+        return None
+
+    # --- preflight ----------------------------------------------------------------------------
+
+    async def preflight(self) -> str:
+        """Connect, authenticate and check, without writing anything, that the add script
+        could write each stream key (ACL, the key's type, maxmemory, a read-only replica).
+        Returns one line; raises :class:`SinkUnusable` (or TransientSinkError when the server
+        cannot be reached) saying what is wrong and the fix."""
+        client = Redis(**self.server.kwargs)
+        try:
+            await self._call("PING", client.ping())
+            await self._load(client)  # SCRIPT LOAD stores a script, not data
+            facts = await self._facts(client)
+            keys = self._static_keys()
+            states = []
+            for key in keys:
+                probe = await self._probe(client, key)
+                refused = self._judge(key, probe)
+                if refused is not None:
+                    raise SinkUnusable(
+                        f"redis sink at {self.where}: writes to {prefix(key, 200)!r} are "
+                        f"refused now: {refused}"
+                    )
+                state = f"{probe.length} entries" if probe.kind == "stream" else "new"
+                states.append(f"{prefix(key, 200)} ({state})")
+        finally:
+            await _close(client, self.settings.timeout_s)
+        policy = facts.get("maxmemory_policy", "")
+        limited = facts.get("maxmemory", "0") not in ("", "0")
+        if limited and policy.startswith("allkeys"):
+            raise SinkUnusable(
+                f"redis sink at {self.where}: maxmemory-policy {policy} may evict the streams "
+                "themselves: use noeviction (or volatile-* if losing a guard, a possible "
+                "duplicate, is acceptable)"
+            )
+        sample = " (tokens from events as _)" if self.template.per_event else ""
+        version = f" {facts['redis_version']}" if "redis_version" in facts else ""
+        user = facts.get("user") or prefix(self.server.kwargs.get("username") or "default", 64)
+        line = f"redis{version} at {self.where} as {user}: may XADD to {', '.join(states)}{sample}"
+        if "maxmemory" not in facts:
+            line += "; maxmemory-policy unknown (this user may not run INFO)"
+        elif limited:
+            line += f"; maxmemory {facts['maxmemory']} ({policy or '?'})"
+            if policy.startswith("volatile"):
+                line += ": guards may be evicted under memory pressure (a replay could repeat)"
+        return line
+
+    async def _facts(self, client: Redis) -> dict[str, str]:
+        """What the server tells a user that may ask (each fact is optional)."""
+        facts: dict[str, str] = {}
+        try:
+            who = await client.acl_whoami()
+            facts["user"] = prefix(who.decode() if isinstance(who, bytes) else str(who), 64)
+        except RedisError:  # Redis < 6, or not allowed
+            pass
+        for section in ("server", "memory"):
+            try:
+                info = await client.info(section)
+            except RedisError:
+                continue
+            for name in ("redis_version", "maxmemory", "maxmemory_policy"):
+                if name in info:
+                    facts[name] = prefix(str(info[name]), 40)
+        return facts
+
+
+def _key_prefix(template: str) -> str:
+    """The literal start of the key template, for an ACL pattern in a message."""
+    return template.split("{", 1)[0]
+
+
+def _tls_untrusted(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            return False
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return "CERTIFICATE_VERIFY_FAILED" in str(exc)
+
+
+async def _close(client: Redis, seconds: float) -> None:
+    """Close the client's connections, bounded; a connection that will not close is dropped."""
+    try:
+        async with asyncio.timeout(seconds):
+            await client.aclose()
+    except (RedisError, OSError, TimeoutError) as exc:
+        log.warning("redis sink: closing the connections failed", error=type(exc).__name__)

@@ -1,0 +1,296 @@
+"""A throwaway Redis server on 127.0.0.1, for the redis sink's tests.
+
+``redis_server`` is a fresh server for the test (``redis-server --port PORT --bind 127.0.0.1
+--save "" --appendonly no --dir DIR``), stopped and removed at its end; ``redis_factory``
+starts more of them: with ACL users (``users``: name -> (password, rules); the default user
+is then off, for the wrong-credentials tests), with persistence (``appendonly``: an AOF with
+``appendfsync always``, so what the server answered survives a stop, even a kill), with TLS
+only (``tls``: a throwaway CA and a certificate for 127.0.0.1 made with ``openssl``; the URL
+is ``rediss://``, :attr:`RedisServer.ca_file` the CA), or with any other ``redis-server``
+option (``options``).
+:meth:`RedisServer.stop` and :meth:`RedisServer.start` stop and start the same server again
+(same port, same directory: with ``appendonly`` the data survives), for outage tests.
+
+Without the ``redis-server`` binary the tests skip; `make test` installs it where it can
+(Debian's ``redis-server`` package). Import the fixtures into a test module (they are named
+``redis_factory`` and ``redis_server``; the functions have other names, so that a test's
+argument does not shadow an import): ``from redis_server import redis_factory_fixture,
+redis_server_fixture  # noqa: F401``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from redis.asyncio import Redis as AsyncRedis
+
+NOT_INSTALLED = "redis-server not installed: apt-get install redis-server, or run make test"
+START_TIMEOUT_S = 20.0
+ADMIN = "admin"
+ADMIN_PASSWORD = "redis-Admin-5b2f-test-secret"  # the tests' own user on an ACL server
+
+
+def find_binary() -> str | None:
+    return shutil.which("redis-server") or shutil.which(
+        "redis-server", path="/usr/bin:/usr/sbin:/usr/local/bin"
+    )
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """One server; ``start``/``stop`` may be called again (same port, same directory).
+
+    ``users``: name -> (password, ACL rules such as ``"~opera:* +@all"``). With users, the
+    default user is off and the tests read and write as ``admin`` (every right); without,
+    everyone is the default user, without a password.
+    """
+
+    def __init__(
+        self,
+        binary: str,
+        *,
+        users: Mapping[str, tuple[str, str]] | None = None,
+        appendonly: bool = False,
+        tls: bool = False,
+        options: Sequence[str] = (),
+    ) -> None:
+        self.binary = binary
+        self.host = "127.0.0.1"
+        self.port = 0
+        self.users = dict(users or {})
+        self.appendonly = appendonly
+        self.options = list(options)
+        self.tls = tls
+        self._base = Path(tempfile.mkdtemp(prefix="opera-redis-"))
+        self.logfile = self._base / "redis.log"
+        self.ca_file = self._base / "ca.crt"
+        self._proc: subprocess.Popen[bytes] | None = None
+        if tls:
+            self._make_certificates()
+
+    def _make_certificates(self) -> None:
+        """A CA, and a certificate it signed for 127.0.0.1 (EC keys: quick to make)."""
+        openssl = shutil.which("openssl")
+        if openssl is None:
+            shutil.rmtree(self._base, ignore_errors=True)
+            pytest.skip("openssl not installed: apt-get install openssl")
+        (self._base / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+        ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+        for args in (
+            ["req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
+             "-subj", "/CN=opera-consumer test CA"],
+            ["req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"],
+            ["x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+             "-CAcreateserial", "-out", "server.crt", "-days", "2", "-extfile", "san.ext"],
+        ):  # fmt: skip
+            subprocess.run(
+                [openssl, *args], cwd=self._base, check=True, capture_output=True, timeout=60
+            )
+
+    def url(self, *, user: str | None = None, password: str | None = None, db: int = 0) -> str:
+        auth = ""
+        if user is not None or password is not None:
+            auth = f"{user or ''}:{password or ''}@"
+        return f"{'rediss' if self.tls else 'redis'}://{auth}{self.host}:{self.port}/{db}"
+
+    def _args(self) -> list[str]:
+        port = ["--port", str(self.port)]
+        if self.tls:
+            port = ["--port", "0", "--tls-port", str(self.port),
+                    "--tls-cert-file", "server.crt", "--tls-key-file", "server.key",
+                    "--tls-ca-cert-file", "ca.crt", "--tls-auth-clients", "no"]  # fmt: skip
+        args = [
+            self.binary,
+            *port,
+            "--bind", self.host,
+            "--save", "",
+            "--dir", str(self._base),
+            "--logfile", str(self.logfile),
+            "--daemonize", "no",
+        ]  # fmt: skip
+        if self.appendonly:
+            args += ["--appendonly", "yes", "--appendfsync", "always"]
+        else:
+            args += ["--appendonly", "no"]
+        if self.users:
+            args += ["--user", "default", "off"]
+            users = {ADMIN: (ADMIN_PASSWORD, "~* &* +@all"), **self.users}
+            for name, (password, rules) in users.items():
+                # Each word of the rules a separate argument: redis-server joins them into
+                # one "user" line of its configuration.
+                args += ["--user", name, "on", f">{password}", "resetkeys", *rules.split()]
+        return args + self.options
+
+    def start(self) -> None:
+        assert self._proc is None, "already running"
+        for attempt in range(3):
+            if not self.port or attempt:
+                self.port = _free_port()
+            self._proc = subprocess.Popen(  # our own arguments
+                self._args(),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                cwd=self._base,
+            )
+            if self._wait_ready():
+                return
+            self._reap()
+        raise RuntimeError(f"redis-server did not start; its log:\n{self.log_tail()}")
+
+    def _credentials(self) -> dict[str, Any]:
+        """How the tests' own clients log in (and trust the server, with TLS)."""
+        found: dict[str, Any] = {}
+        if self.users:
+            found |= {"username": ADMIN, "password": ADMIN_PASSWORD}
+        if self.tls:
+            found |= {"ssl": True, "ssl_ca_certs": str(self.ca_file)}
+        return found
+
+    def _wait_ready(self) -> bool:
+        """Until the server answers PING (and has loaded its data); False if the process
+        died (the port taken meanwhile, say)."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            assert self._proc is not None
+            if self._proc.poll() is not None:
+                return False
+            try:
+                with redis.Redis(
+                    host=self.host,
+                    port=self.port,
+                    socket_timeout=2,
+                    socket_connect_timeout=2,
+                    **self._credentials(),
+                ) as client:
+                    if client.ping():
+                        return True
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+                pass  # not listening yet, or still loading (BusyLoadingError)
+            time.sleep(0.02)
+        raise RuntimeError(f"redis-server not ready in {START_TIMEOUT_S}s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        """A clean shutdown (SIGTERM: the AOF is flushed); clients see the connection
+        close."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def kill(self) -> None:
+        """SIGKILL: what the server answered survives only with ``appendonly``."""
+        self._reap()
+
+    def _reap(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.logfile.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self._base, ignore_errors=True)
+
+    # --- reading and preparing the data (for assertions) ----------------------------------
+
+    def client(self) -> AsyncRedis:
+        """An asyncio client with every right (close it: ``async with server.client() as r``)."""
+        return AsyncRedis(
+            host=self.host,
+            port=self.port,
+            socket_timeout=10,
+            socket_connect_timeout=10,
+            **self._credentials(),
+        )
+
+    def sync_client(self) -> redis.Redis:
+        """A blocking client with every right, for the process tests' polling (close it)."""
+        return redis.Redis(
+            host=self.host,
+            port=self.port,
+            socket_timeout=10,
+            socket_connect_timeout=10,
+            **self._credentials(),
+        )
+
+    def entries(self, key: str) -> list[tuple[str, dict[str, bytes]]]:
+        """Every entry of the stream ``key`` as (id, fields), in stream order ([] while
+        the key does not exist)."""
+        with self.sync_client() as r:
+            found: list[tuple[bytes, dict[bytes, bytes]]] = r.xrange(key)
+        return [(i.decode(), {k.decode(): v for k, v in f.items()}) for i, f in found]
+
+    def length(self, key: str) -> int:
+        """XLEN of ``key``; 0 while it does not exist or the server is down."""
+        try:
+            with self.sync_client() as r:
+                return int(r.xlen(key))
+        except redis.exceptions.RedisError:
+            return 0
+
+
+def event_ids(entries: Sequence[tuple[str, Mapping[str, bytes]]]) -> list[str]:
+    """The ``uniqueEventId`` field of each entry, in stream order."""
+    return [fields["uniqueEventId"].decode() for _, fields in entries]
+
+
+@pytest.fixture(name="redis_factory")
+def redis_factory_fixture() -> Iterator[Callable[..., RedisServer]]:
+    """``redis_factory(users=..., appendonly=..., options=[...])``: a started server,
+    removed at the end of the test."""
+    binary = find_binary()
+    if binary is None:
+        pytest.skip(NOT_INSTALLED)
+    started: list[RedisServer] = []
+
+    def start(**kwargs: Any) -> RedisServer:
+        server = RedisServer(binary, **kwargs)
+        started.append(server)
+        server.start()
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.remove()
+
+
+@pytest.fixture(name="redis_server")
+def redis_server_fixture(redis_factory: Callable[..., RedisServer]) -> RedisServer:
+    """A fresh server for the test, without users or persistence."""
+    return redis_factory()
