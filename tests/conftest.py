@@ -14,7 +14,9 @@ import pysink
 import pytest
 import structlog
 from hypothesis import HealthCheck, settings
+from nats_server import nats_factory, nats_server  # noqa: F401  # fixtures: NATS
 from pg import postgres_dsn, postgres_server  # noqa: F401  # fixtures: a PostgreSQL server
+from redis_server import redis_factory_fixture, redis_server_fixture  # noqa: F401  # Redis
 
 import consumer.config.loading as config_loading
 import consumer.config.settings as config_settings

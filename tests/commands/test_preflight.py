@@ -94,3 +94,31 @@ async def test_the_postgres_sink_is_connected_and_a_bad_password_fails(
         assert levels(done.stdout)["sink"] == expected, done.stdout
         assert (done.returncode == 0) == (expected == "PASS")
         assert "wrong-password" not in done.stdout + done.stderr
+
+
+async def test_the_nats_sink_is_checked_without_publishing(
+    sandbox_factory, tmp_path: Path, nats_server
+):
+    gw = await sandbox_factory(backlog=5)
+    for on_start, expected in (("create", "PASS"), ("must-exist", "FAIL")):
+        sink = f'[sink]\ntype = "nats"\nservers = ["{nats_server.url}"]\non_start = "{on_start}"\n'
+        done = await asyncio.to_thread(preflight, toml_config(tmp_path, gw.url, sink=sink))
+        assert levels(done.stdout)["sink"] == expected, done.stdout
+        assert "OPERA" in done.stdout  # the stream, named either way
+    # Nothing was created or published: a must-exist check still finds no stream.
+    sink = f'[sink]\ntype = "nats"\nservers = ["{nats_server.url}"]\non_start = "must-exist"\n'
+    done = await asyncio.to_thread(preflight, toml_config(tmp_path, gw.url, sink=sink))
+    assert levels(done.stdout)["sink"] == "FAIL"
+
+
+async def test_the_redis_sink_is_checked_and_a_bad_password_fails(
+    sandbox_factory, tmp_path: Path, redis_factory
+):
+    gw = await sandbox_factory(backlog=5)
+    server = redis_factory(users={"opera": ("redis-pw-5e1f", "~opera:* +@all")})
+    for password, expected in (("redis-pw-5e1f", "PASS"), ("wrong-password", "FAIL")):
+        url = server.url(user="opera", password=password)
+        sink = f'[sink]\ntype = "redis"\nurl = "{url}"\n'
+        done = await asyncio.to_thread(preflight, toml_config(tmp_path, gw.url, sink=sink))
+        assert levels(done.stdout)["sink"] == expected, done.stdout
+        assert password not in done.stdout + done.stderr
