@@ -1,14 +1,17 @@
 """Catch-up benchmark: events/s from a sandbox backlog into a sink, and peak RSS.
 
     .venv/bin/python bench/catchup.py [--events 200000] [--workers 4]
-        [--sink jsonl|sqlite|postgres|webhook] [--dsn postgresql://...] [--batch-size N]
+        [--sink jsonl|sqlite|postgres|webhook|nats|redis] [--dsn postgresql://...]
+        [--batch-size N]
 
 1. Starts the sandbox gateway in its own process with a backlog on two chains.
 2. Measures the sandbox's own ceiling with a bare receive-only client (connect, subscribe,
    json.loads each frame, nothing else) on chain BARE.
 3. Runs `opera-consumer run` as a process on chain BENCH with durable checkpoints (jsonl sink
    with fsync, or the sqlite sink in the state store, or the postgres sink at --dsn, or the
-   webhook sink POSTing to a keep-alive HTTP/1.1 receiver in this process; SQLite
+   webhook sink POSTing to a keep-alive HTTP/1.1 receiver in this process, or the nats or
+   redis sink to a server this bench starts on loopback (tests/nats_server.py,
+   tests/redis_server.py: Debian's nats-server and redis-server); SQLite
    synchronous=FULL, group commit) and times the catch-up until the checkpoint covers every
    event; peak RSS is the daemon's VmHWM from /proc.
 Results go to stdout and bench/results/catchup.json. Loopback only; every wait is bounded.
@@ -18,12 +21,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sqlite3
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -85,6 +90,8 @@ SINKS = {
     "sqlite": '[sink]\ntype = "sqlite"\n',
     "postgres": '[sink]\ntype = "postgres"\ndsn = "{dsn}"\ntable = "bench_{stamp}"\n',
     "webhook": '[sink]\ntype = "webhook"\nurl = "{url}"\nbatch_size = {batch_size}\n',
+    "nats": '[sink]\ntype = "nats"\nservers = ["{bus}"]\nstream = "BENCH"\n',
+    "redis": '[sink]\ntype = "redis"\nurl = "{bus}"\n',
 }
 
 
@@ -117,11 +124,19 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def delivered(
-    sink: str, work: Path, dsn: str | None, stamp: str, receiver: _Receiver | None
+    sink: str,
+    work: Path,
+    dsn: str | None,
+    stamp: str,
+    receiver: _Receiver | None,
+    *,
+    bus: str = "",
 ) -> int:
     """What the sink holds at the end (every event once is the pass condition)."""
     if receiver is not None:
         return len(receiver.ids)
+    if sink in ("nats", "redis"):
+        return asyncio.run(_bus_count(sink, bus))
     if sink == "jsonl":
         return sum(1 for _ in (work / "events.jsonl").open("rb"))
     if sink == "sqlite":
@@ -138,6 +153,50 @@ def delivered(
     return asyncio.run(count())
 
 
+async def _bus_count(sink: str, bus: str) -> int:
+    if sink == "nats":
+        import nats  # only for this sink
+
+        nc = await nats.connect(bus)
+        try:
+            info = await nc.jetstream().stream_info("BENCH")
+            return int(info.state.messages)
+        finally:
+            await nc.close()
+    from redis.asyncio import Redis  # only for this sink
+
+    client = Redis.from_url(bus)
+    try:
+        return int(await client.xlen("opera:BENCH"))
+    finally:
+        await client.aclose()
+
+
+@contextlib.contextmanager
+def bus_server(sink: str) -> Iterator[str]:
+    """A nats-server (JetStream) or redis-server on loopback for the run: its URL."""
+    if sink not in ("nats", "redis"):
+        yield ""
+        return
+    sys.path.insert(0, str(ROOT / "tests"))
+    if sink == "nats":
+        import nats_server  # tests/nats_server.py
+
+        binary, make = nats_server.find_binary(), nats_server.NatsServer
+    else:
+        import redis_server  # tests/redis_server.py
+
+        binary, make = redis_server.find_binary(), redis_server.RedisServer
+    if binary is None:
+        raise SystemExit(f"{sink}: server not installed (make bus-servers)")
+    server = make(binary)
+    server.start()
+    try:
+        yield server.url if sink == "nats" else server.url()
+    finally:
+        server.remove()
+
+
 def run_daemon(
     url: str,
     n: int,
@@ -147,6 +206,7 @@ def run_daemon(
     sink: str,
     dsn: str | None,
     batch_size: int,
+    bus: str = "",
 ) -> dict[str, float]:
     stamp = str(int(time.time()))
     receiver = _Receiver() if sink == "webhook" else None
@@ -162,7 +222,7 @@ offset = "0"
 [state]
 path = "{work}/state.db"
 synchronous = "full"
-{SINKS[sink].format(work=work, dsn=dsn, stamp=stamp, url=hook, batch_size=batch_size)}
+{SINKS[sink].format(work=work, dsn=dsn, stamp=stamp, url=hook, batch_size=batch_size, bus=bus)}
 [pipeline]
 workers = {workers}
 [metrics]
@@ -185,7 +245,7 @@ level = "warning"
         rss = peak_rss_mb(proc.pid)
     finally:
         launcher.stop(proc, 60)
-    lines = delivered(sink, work, dsn, stamp, receiver)
+    lines = delivered(sink, work, dsn, stamp, receiver, bus=bus)
     if receiver is not None:
         receiver.shutdown()
     return {"seconds": elapsed, "events_per_s": n / elapsed, "peak_rss_mb": rss, "lines": lines}
@@ -206,7 +266,10 @@ def main() -> int:
     )
     try:
         ceiling = asyncio.run(bare_client(url, "BARE", args.events))
-        with tempfile.TemporaryDirectory(prefix="opera-bench-") as tmp:
+        with (
+            tempfile.TemporaryDirectory(prefix="opera-bench-") as tmp,
+            bus_server(args.sink) as bus,
+        ):
             result = run_daemon(
                 url,
                 args.events,
@@ -215,6 +278,7 @@ def main() -> int:
                 sink=args.sink,
                 dsn=args.dsn,
                 batch_size=args.batch_size,
+                bus=bus,
             )
     finally:
         launcher.stop(sandbox, 30)
