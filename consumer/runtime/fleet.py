@@ -46,8 +46,6 @@ def member_name(configured: str) -> str:
 @dataclass(slots=True)
 class FleetCounters:
     takeovers: int = 0  # leases taken from another member (expired, or handed over)
-    acquired: int = 0
-    released: int = 0  # handed over gracefully
     lost: int = 0  # found taken by another member at a renewal
     self_fenced: int = 0  # times every stream was stopped for want of a renewal
 
@@ -78,7 +76,6 @@ class Fleet:
         self._moving: set[str] = set()  # being stopped (released or lost)
         self._start, self._stop_stream, self._spawn = start_stream, stop_stream, spawn
         self.counters = FleetCounters()
-        self.draining = False
         self.members_live = 0
         self._renewed_at: float | None = None  # monotonic start of the last good renewal
         self._joined_at: float | None = None
@@ -95,7 +92,7 @@ class Fleet:
 
     async def run(self) -> None:
         f = self.settings
-        while not self._closing:
+        while True:  # cancelled by the daemon's shutdown, after the drain: renewing till then
             started = time.monotonic()
             try:
                 await self._tick(started)
@@ -125,7 +122,8 @@ class Fleet:
                 epoch=held[stream],
             )
             self._move(stream, lost=True)
-        self.draining = renewal.draining
+        if self._closing:
+            return  # draining for shutdown: keep the leases, take and move nothing
         view = await self.table.view(timeout)
         live = [m.as_member() for m in view.live()]
         self.members_live = len(live)
@@ -144,11 +142,10 @@ class Fleet:
             log.info("handing a stream over", stream=stream, share=decision.share)
             self._move(stream, lost=False)
         wanted = [s for s in decision.acquire if s not in self._moving]  # not until stopped
-        if wanted and not self._closing:
+        if wanted:
             got = await self.table.acquire(wanted, timeout)
             for a in got:
                 self.epochs[a.stream] = a.epoch
-                self.counters.acquired += 1
                 if a.previous is not None and a.previous != self.member:
                     self.counters.takeovers += 1
                 log.info("lease taken", stream=a.stream, epoch=a.epoch, previous=a.previous or "-")
@@ -189,7 +186,6 @@ class Fleet:
             if not lost and epoch is not None:
                 try:
                     await self.table.release({stream: epoch}, self.settings.renew_interval_s)
-                    self.counters.released += 1
                 except StoreError as exc:  # it expires by itself
                     log.warning("releasing a lease failed", stream=stream, error=describe(exc))
         finally:
@@ -199,6 +195,7 @@ class Fleet:
     # --- shutdown -----------------------------------------------------------------------------
 
     def stop_acquiring(self) -> None:
+        """Shutdown: keep renewing what is held (the drain may take a while), move nothing."""
         self._closing = True
 
     async def hand_over(self) -> None:
@@ -207,7 +204,6 @@ class Fleet:
         timeout = self.settings.renew_interval_s
         with contextlib.suppress(StoreError):
             await self.table.release(dict(self.epochs), timeout)
-            self.counters.released += len(self.epochs)
             self.epochs.clear()
         with contextlib.suppress(StoreError):
             await self.table.leave(timeout)
