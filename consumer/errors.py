@@ -72,7 +72,9 @@ class LeaseHeld(OperaConsumerError):
 
     def __init__(self, where: str, holder: dict[str, Any] | None) -> None:
         who = "another process"
-        if holder:
+        if holder and holder.get("member"):
+            who = f"fleet member {holder['member']}"
+        elif holder:
             who = f"pid {holder.get('pid')}"
             if holder.get("host"):
                 who += f" on {holder['host']}"

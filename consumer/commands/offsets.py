@@ -69,6 +69,12 @@ def settings_start(settings: Settings, name: str) -> str:
     return f"offset {sub.offset}" if sub.offset is not None else "gateway's position"
 
 
+def _who(holder: dict[str, Any]) -> str:
+    if holder.get("member"):
+        return f"fleet member {holder['member']}"
+    return f"pid {holder.get('pid')}"
+
+
 async def plan(settings: Settings, stream: str, new: str) -> Plan:
     """``new``: an offset (digits) or "highest". Raises OffsetRefused saying why not."""
     if stream not in settings.streams:
@@ -83,7 +89,7 @@ async def plan(settings: Settings, stream: str, new: str) -> Plan:
     running = await current_holder(settings.state, fleet=settings.fleet.enabled)
     if running is not None and stream in running.get("streams", [stream]):
         raise OffsetRefused(
-            f"a running opera-consumer (pid {running.get('pid')}) holds stream {stream}: "
+            f"a running opera-consumer ({_who(running)}) holds stream {stream}: "
             "stop it first (its in-memory position would overwrite the change)"
         )
     store = await open_store(settings.state)

@@ -113,10 +113,7 @@ class _FleetHeld:
                 view = await table.view(settings.timeout_s)
                 busy = [s for s in wanted if s not in got]
                 holders = sorted({str(view.leases[s].holder) for s in busy if s in view.leases})
-                raise LeaseHeld(
-                    f"(fleet member {', '.join(holders)} holds {', '.join(busy)})",
-                    {"pid": ", ".join(holders)},
-                )
+                raise LeaseHeld(f"(streams {', '.join(busy)})", {"member": ", ".join(holders)})
         except BaseException:
             await table.close()
             raise
@@ -163,7 +160,8 @@ async def current_holder(settings: StateSettings, *, fleet: bool = False) -> dic
         }
         if not held:
             return None
-        return {"pid": ", ".join(sorted({str(h) for h in held.values()})), "streams": sorted(held)}
+        members = ", ".join(sorted({str(h) for h in held.values()}))
+        return {"member": members, "streams": sorted(held)}
     if settings.backend == "postgres":
         return await PostgresLease.holder(settings)
     return holder(settings.path)
