@@ -15,16 +15,13 @@ it does tests/pg.py's); a test module may instead define its own from :func:`ser
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import json
 import os
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
-import tempfile
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +31,7 @@ import nats
 import nats.js.errors
 import pytest
 from nats.js.api import RawStreamMsg
+from server_process import ServerProcess, started
 
 NOT_INSTALLED = "nats-server not installed: apt-get install nats-server, or run make test"
 START_TIMEOUT_S = 20.0
@@ -43,22 +41,20 @@ def find_binary() -> str | None:
     return shutil.which("nats-server") or shutil.which("nats-server", path="/usr/sbin:/usr/bin")
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _quote(text: str) -> str:
     return json.dumps(text)  # a double-quoted string the server's configuration reads
 
 
-class NatsServer:
+class NatsServer(ServerProcess):
     """One server; ``start``/``stop`` may be called again (same port, same store).
 
     ``users``: name -> password (then every client must log in), and ``permissions``: name ->
     the server's permissions block for that user, as a dict (``{"publish": {"allow": [...]}}``).
+    Stopped with SIGTERM: JetStream flushes its store.
     """
+
+    name = "nats-server"
+    start_timeout_s = START_TIMEOUT_S
 
     def __init__(
         self,
@@ -70,19 +66,15 @@ class NatsServer:
         max_payload: int | None = None,
         tls: Certificates | None = None,
     ) -> None:
+        super().__init__("opera-nats-", "nats.log")
         self.binary = binary
-        self.host = "127.0.0.1"
-        self.port = 0
         self.users = dict(users or {})
         self._permissions = dict(permissions or {})
         self.jetstream = jetstream
         self.max_payload = max_payload
         self.tls = tls  # TLS required, client certificates verified
-        self._base = Path(tempfile.mkdtemp(prefix="opera-nats-"))
         self.store = self._base / "store"
         self.config = self._base / "nats.conf"
-        self.logfile = self._base / "nats.log"
-        self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -111,36 +103,22 @@ class NatsServer:
         self.config.write_text("\n".join(lines) + "\n")
 
     def start(self) -> None:
-        assert self._proc is None, "already running"
         self._write_config()
-        for attempt in range(3):
-            if not self.port or attempt:
-                self.port = _free_port()
-            args = [self.binary, "-c", str(self.config), "-a", self.host, "-p", str(self.port)]
-            if self.jetstream:
-                args += ["-js", "-sd", str(self.store)]
-            with self.logfile.open("ab") as log:
-                self._proc = subprocess.Popen(  # our own arguments
-                    args, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=self._base
-                )
-            if self._wait_ready():
-                return
-            self._reap()
-        raise RuntimeError(f"nats-server did not start; its log:\n{self.log_tail()}")
+        super().start()
 
-    def _wait_ready(self) -> bool:
-        """Until the server greets a client with its INFO (JetStream on, when asked for);
-        False if the process died (the port taken meanwhile, say)."""
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            assert self._proc is not None
-            if self._proc.poll() is not None:
-                return False
-            info = self._info()
-            if info is not None and (info.get("jetstream") or not self.jetstream):
-                return True
-            time.sleep(0.02)
-        raise RuntimeError(f"nats-server not ready in {START_TIMEOUT_S}s:\n{self.log_tail()}")
+    def _launch(self) -> subprocess.Popen[bytes]:
+        args = [self.binary, "-c", str(self.config), "-a", self.host, "-p", str(self.port)]
+        if self.jetstream:
+            args += ["-js", "-sd", str(self.store)]
+        with self.logfile.open("ab") as log:
+            return subprocess.Popen(  # our own arguments
+                args, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=self._base
+            )
+
+    def _ready(self) -> bool:
+        """Whether the server greets a client with its INFO (JetStream on, when asked for)."""
+        info = self._info()
+        return info is not None and bool(info.get("jetstream") or not self.jetstream)
 
     def _info(self) -> dict[str, Any] | None:
         try:
@@ -155,41 +133,6 @@ class NatsServer:
         except ValueError:
             return None
         return info if isinstance(info, dict) else None
-
-    def stop(self) -> None:
-        """A clean shutdown (SIGTERM: JetStream flushes its store); clients see the
-        connection close."""
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-    def _reap(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is not None:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.logfile.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-    def remove(self) -> None:
-        self.stop()
-        shutil.rmtree(self._base, ignore_errors=True)
 
     # --- reading the bus (for assertions) -------------------------------------------------
 
@@ -314,20 +257,7 @@ def servers() -> Iterator[Callable[..., NatsServer]]:
     binary = find_binary()
     if binary is None or not os.access(binary, os.X_OK):
         pytest.skip(NOT_INSTALLED)
-    started: list[NatsServer] = []
-
-    def start(**options: Any) -> NatsServer:
-        assert binary is not None
-        server = NatsServer(binary, **options)
-        started.append(server)
-        server.start()
-        return server
-
-    try:
-        yield start
-    finally:
-        for server in started:
-            server.remove()
+    yield from started(functools.partial(NatsServer, binary))
 
 
 @pytest.fixture

@@ -15,22 +15,19 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import glob
 import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
-import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
+from server_process import ServerProcess
 
 USER = "opera"
 PASSWORD = "pg-test-secret-7f3a"  # the throwaway cluster's superuser password
@@ -64,12 +61,6 @@ def _version(name: str) -> tuple[int, ...]:
         return (0,)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _run_sync(coro: Any) -> Any:
     """Run a coroutine to completion from sync code, whatever loop this thread has."""
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -86,22 +77,23 @@ async def sql(dsn: str, method: str, statement: str, *args: Any) -> Any:
         await conn.close()
 
 
-class PostgresServer:
+class PostgresServer(ServerProcess):
     """One cluster; ``start``/``stop`` may be called again (same port, same data)."""
 
+    name = "PostgreSQL"
+    start_timeout_s = START_TIMEOUT_S
+    ready_pause_s = 0.05
+    stop_signal = signal.SIGINT  # fast shutdown: clients are disconnected, the port closes
+
     def __init__(self, bindir: Path) -> None:
-        self.bindir = bindir
-        self.host = "127.0.0.1"
-        self.port = 0
-        self.user = USER
-        self.password = PASSWORD
         # As root, somewhere the postgres user can reach ($TMPDIR may be private to root).
         root = os.geteuid() == 0 and os.path.isdir("/tmp")
-        self._base = Path(tempfile.mkdtemp(prefix="opera-pg-", dir="/tmp" if root else None))
+        super().__init__("opera-pg-", "postgres.log", directory="/tmp" if root else None)
+        self.bindir = bindir
+        self.user = USER
+        self.password = PASSWORD
         self.data = self._base / "data"
         self.sockets = self._base / "sock"
-        self.logfile = self._base / "postgres.log"
-        self._proc: subprocess.Popen[bytes] | None = None
         self._as: dict[str, Any] = {}
         if os.geteuid() == 0:
             try:
@@ -161,54 +153,40 @@ class PostgresServer:
                 f"initdb failed ({proc.returncode}):\n{out.decode(errors='replace')}"
             )
 
-    def start(self) -> None:
-        assert self._proc is None, "already running"
-        for attempt in range(3):
-            if not self.port or attempt:
-                self.port = _free_port()
-            with self.logfile.open("ab") as log:
-                self._proc = self._spawn(
-                    [
-                        str(self.bindir / "postgres"),
-                        "-D",
-                        str(self.data),
-                        "-k",
-                        str(self.sockets),
-                        "-h",
-                        self.host,
-                        "-p",
-                        str(self.port),
-                        "-F",  # fsync off: a test server
-                        "-c",
-                        "max_connections=50",
-                        "-c",
-                        "shared_buffers=16MB",
-                        "-c",
-                        "full_page_writes=off",
-                        "-c",
-                        "synchronous_commit=off",
-                    ],
-                    stdout=log,
-                    stderr=log,
-                )
-            if self._wait_ready():
-                return
-            self._reap()
-        raise RuntimeError(f"PostgreSQL did not start; its log:\n{self.log_tail()}")
+    def _launch(self) -> subprocess.Popen[bytes]:
+        with self.logfile.open("ab") as log:
+            return self._spawn(
+                [
+                    str(self.bindir / "postgres"),
+                    "-D",
+                    str(self.data),
+                    "-k",
+                    str(self.sockets),
+                    "-h",
+                    self.host,
+                    "-p",
+                    str(self.port),
+                    "-F",  # fsync off: a test server
+                    "-c",
+                    "max_connections=50",
+                    "-c",
+                    "shared_buffers=16MB",
+                    "-c",
+                    "full_page_writes=off",
+                    "-c",
+                    "synchronous_commit=off",
+                ],
+                stdout=log,
+                stderr=log,
+            )
 
-    def _wait_ready(self) -> bool:
-        """Until the server accepts a login (bounded); False if the process died."""
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            assert self._proc is not None
-            if self._proc.poll() is not None:
-                return False  # e.g. the port was taken meanwhile: try another
-            try:
-                _run_sync(self._ping())
-                return True
-            except (OSError, asyncpg.exceptions.CannotConnectNowError, TimeoutError):
-                time.sleep(0.05)
-        raise RuntimeError(f"PostgreSQL not ready in {START_TIMEOUT_S}s:\n{self.log_tail()}")
+    def _ready(self) -> bool:
+        """Whether the server accepts a login."""
+        try:
+            _run_sync(self._ping())
+            return True
+        except (OSError, asyncpg.exceptions.CannotConnectNowError, TimeoutError):
+            return False
 
     async def _ping(self) -> None:
         conn = await asyncpg.connect(self.dsn("postgres"), timeout=2)
@@ -223,40 +201,6 @@ class PostgresServer:
                 await conn.close()
 
         _run_sync(run())
-
-    def stop(self) -> None:
-        """Fast shutdown (SIGINT): clients are disconnected, the port closes."""
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-    def _reap(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is not None:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.logfile.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-    def remove(self) -> None:
-        self.stop()
-        shutil.rmtree(self._base, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -12,28 +12,23 @@ option (``options``).
 (same port, same directory: with ``appendonly`` the data survives), for outage tests.
 
 Without the ``redis-server`` binary the tests skip; `make test` installs it where it can
-(Debian's ``redis-server`` package). Import the fixtures into a test module (they are named
+(Debian's ``redis-server`` package). tests/conftest.py imports the fixtures (they are named
 ``redis_factory`` and ``redis_server``; the functions have other names, so that a test's
-argument does not shadow an import): ``from redis_server import redis_factory_fixture,
-redis_server_fixture  # noqa: F401``.
+argument does not shadow an import).
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import shutil
-import signal
-import socket
 import subprocess
-import tempfile
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 from redis.asyncio import Redis as AsyncRedis
+from server_process import ServerProcess, started
 
 NOT_INSTALLED = "redis-server not installed: apt-get install redis-server, or run make test"
 START_TIMEOUT_S = 20.0
@@ -47,19 +42,17 @@ def find_binary() -> str | None:
     )
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class RedisServer:
+class RedisServer(ServerProcess):
     """One server; ``start``/``stop`` may be called again (same port, same directory).
 
     ``users``: name -> (password, ACL rules such as ``"~opera:* +@all"``). With users, the
     default user is off and the tests read and write as ``admin`` (every right); without,
-    everyone is the default user, without a password.
+    everyone is the default user, without a password. Stopped with SIGTERM (the AOF is
+    flushed).
     """
+
+    name = "redis-server"
+    start_timeout_s = START_TIMEOUT_S
 
     def __init__(
         self,
@@ -70,17 +63,13 @@ class RedisServer:
         tls: bool = False,
         options: Sequence[str] = (),
     ) -> None:
+        super().__init__("opera-redis-", "redis.log")
         self.binary = binary
-        self.host = "127.0.0.1"
-        self.port = 0
         self.users = dict(users or {})
         self.appendonly = appendonly
         self.options = list(options)
         self.tls = tls
-        self._base = Path(tempfile.mkdtemp(prefix="opera-redis-"))
-        self.logfile = self._base / "redis.log"
         self.ca_file = self._base / "ca.crt"
-        self._proc: subprocess.Popen[bytes] | None = None
         if tls:
             self._make_certificates()
 
@@ -137,22 +126,14 @@ class RedisServer:
                 args += ["--user", name, "on", f">{password}", "resetkeys", *rules.split()]
         return args + self.options
 
-    def start(self) -> None:
-        assert self._proc is None, "already running"
-        for attempt in range(3):
-            if not self.port or attempt:
-                self.port = _free_port()
-            self._proc = subprocess.Popen(  # our own arguments
-                self._args(),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                cwd=self._base,
-            )
-            if self._wait_ready():
-                return
-            self._reap()
-        raise RuntimeError(f"redis-server did not start; its log:\n{self.log_tail()}")
+    def _launch(self) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(  # our own arguments
+            self._args(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=self._base,
+        )
 
     def _credentials(self) -> dict[str, Any]:
         """How the tests' own clients log in (and trust the server, with TLS)."""
@@ -163,67 +144,23 @@ class RedisServer:
             found |= {"ssl": True, "ssl_ca_certs": str(self.ca_file)}
         return found
 
-    def _wait_ready(self) -> bool:
-        """Until the server answers PING (and has loaded its data); False if the process
-        died (the port taken meanwhile, say)."""
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            assert self._proc is not None
-            if self._proc.poll() is not None:
-                return False
-            try:
-                with redis.Redis(
-                    host=self.host,
-                    port=self.port,
-                    socket_timeout=2,
-                    socket_connect_timeout=2,
-                    **self._credentials(),
-                ) as client:
-                    if client.ping():
-                        return True
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
-                pass  # not listening yet, or still loading (BusyLoadingError)
-            time.sleep(0.02)
-        raise RuntimeError(f"redis-server not ready in {START_TIMEOUT_S}s:\n{self.log_tail()}")
-
-    def stop(self) -> None:
-        """A clean shutdown (SIGTERM: the AOF is flushed); clients see the connection
-        close."""
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
+    def _ready(self) -> bool:
+        """Whether the server answers PING (and has loaded its data)."""
         try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            with redis.Redis(
+                host=self.host,
+                port=self.port,
+                socket_timeout=2,
+                socket_connect_timeout=2,
+                **self._credentials(),
+            ) as client:
+                return bool(client.ping())
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+            return False  # not listening yet, or still loading (BusyLoadingError)
 
     def kill(self) -> None:
         """SIGKILL: what the server answered survives only with ``appendonly``."""
         self._reap()
-
-    def _reap(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is not None:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.logfile.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-    def remove(self) -> None:
-        self.stop()
-        shutil.rmtree(self._base, ignore_errors=True)
 
     # --- reading and preparing the data (for assertions) ----------------------------------
 
@@ -275,19 +212,7 @@ def redis_factory_fixture() -> Iterator[Callable[..., RedisServer]]:
     binary = find_binary()
     if binary is None:
         pytest.skip(NOT_INSTALLED)
-    started: list[RedisServer] = []
-
-    def start(**kwargs: Any) -> RedisServer:
-        server = RedisServer(binary, **kwargs)
-        started.append(server)
-        server.start()
-        return server
-
-    try:
-        yield start
-    finally:
-        for server in started:
-            server.remove()
+    yield from started(functools.partial(RedisServer, binary))
 
 
 @pytest.fixture(name="redis_server")

@@ -6,19 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
-from nats_server import (
-    NatsServer,
-    event_ids,
-    make_certificates,
-    order_by_key,
-    servers,
-)
+from bus_events import event, opening, write_until_through
+from nats_server import NatsServer, event_ids, make_certificates, order_by_key
 
 from consumer.config import NatsSinkSettings
 from consumer.core.events import Event
@@ -33,43 +28,9 @@ from consumer.sinks.nats import (
     subject_token,
 )
 
-
-@pytest.fixture
-def nats_factory() -> Iterator[Callable[..., NatsServer]]:
-    """``start(**options)``: a throwaway nats-server (tests/nats_server.py)."""
-    yield from servers()
-
-
-@pytest.fixture
-def nats_server(nats_factory: Callable[..., NatsServer]) -> NatsServer:
-    return nats_factory()
-
-
 CHAINS = {"main": "DEMO"}
 PASSWORD = "nats-Pw-8c1e-very-secret"
 WRONG = "nats-Wrong-77d2-also-secret"
-
-
-def event(
-    i: int,
-    *,
-    key: str | None = None,
-    hotel: str | None = "HOTEL1",
-    name: str = "UPDATE RESERVATION",
-    detail: Any = None,
-    uid: str | None = None,
-) -> Event:
-    uid = uid or f"u{i:05d}"
-    key = key or f"pk{i % 7}"
-    raw: dict[str, Any] = {
-        "metadata": {"offset": f"{i}", "uniqueEventId": uid},
-        "eventName": name,
-        "moduleName": "Reservation",
-        "primaryKey": key,
-        "hotelId": hotel,
-        "detail": detail if detail is not None else [{"elementName": "Name", "newValue": "Zoë"}],
-    }
-    return Event(f"{i}", uid, name, "Reservation", key, hotel, None, raw)
 
 
 def settings(server: NatsServer, **overrides: Any) -> NatsSinkSettings:
@@ -87,30 +48,12 @@ def settings(server: NatsServer, **overrides: Any) -> NatsSinkSettings:
 async def opened(nats_server: NatsServer) -> AsyncIterator[Callable[..., Any]]:
     """``await open_sink(**overrides)``: an open NatsSink on the test's server, closed at
     the end."""
-    sinks: list[NatsSink] = []
 
-    async def open_sink(server: NatsServer | None = None, **overrides: Any) -> NatsSink:
-        sink = NatsSink(settings(server or nats_server, **overrides), CHAINS)
-        await sink.open(None)
-        sinks.append(sink)
-        return sink
+    def make(server: NatsServer | None = None, **overrides: Any) -> NatsSink:
+        return NatsSink(settings(server or nats_server, **overrides), CHAINS)
 
-    yield open_sink
-    for sink in sinks:
-        await sink.close()
-
-
-async def write_until_through(sink: NatsSink, events: list[Event], seconds: float = 30) -> int:
-    """Write as the pipeline does (retrying transient failures); the failures met."""
-    failures = 0
-    async with asyncio.timeout(seconds):
-        while True:
-            try:
-                await sink.write("main", events)
-                return failures
-            except TransientSinkError:
-                failures += 1
-                await asyncio.sleep(0.1)
+    async with opening(make) as open_sink:
+        yield open_sink
 
 
 # --- subjects, ids and templates ------------------------------------------------------------

@@ -12,13 +12,10 @@ from typing import Any
 
 import orjson
 import pytest
+from bus_events import event as make_event
+from bus_events import opening, write_until_through
 from redis.crc import key_slot
-from redis_server import (  # noqa: F401  # fixtures
-    RedisServer,
-    event_ids,
-    redis_factory_fixture,
-    redis_server_fixture,
-)
+from redis_server import RedisServer, event_ids
 
 from consumer.config import RedisSinkSettings
 from consumer.core.events import Event
@@ -38,29 +35,12 @@ PASSWORD = "redis-Pw-3d9a-very-secret"
 WRONG = "redis-Wrong-61fe-also-secret"
 # Every right the sink needs, nothing more, on the sink's keys.
 SINK_RULES = "~opera:* -@all +ping +script|load +evalsha +exists +type +xadd +set +xlen"
+TIMESTAMP = "2026-01-02T03:04:05.000Z"
 
 
-def event(
-    i: int,
-    *,
-    key: str | None = None,
-    hotel: str | None = "HOTEL1",
-    name: str = "UPDATE RESERVATION",
-    uid: str | None = None,
-    detail: Any = None,
-) -> Event:
-    uid = uid or f"u{i:05d}"
-    key = key or f"pk{i % 7}"
-    raw: dict[str, Any] = {
-        "metadata": {"offset": f"{i}", "uniqueEventId": uid},
-        "eventName": name,
-        "moduleName": "Reservation",
-        "primaryKey": key,
-        "hotelId": hotel,
-        "timestamp": "2026-01-02T03:04:05.000Z",
-        "detail": detail if detail is not None else [{"elementName": "Name", "newValue": "Zoë"}],
-    }
-    return Event(f"{i}", uid, name, "Reservation", key, hotel, raw["timestamp"], raw)
+def event(i: int, **fields: Any) -> Event:
+    """tests/bus_events.py's event, with a timestamp (the sink adds it as a field)."""
+    return make_event(i, timestamp=TIMESTAMP, **fields)
 
 
 def settings(url: str, **overrides: Any) -> RedisSinkSettings:
@@ -73,31 +53,13 @@ def settings(url: str, **overrides: Any) -> RedisSinkSettings:
 async def opened(redis_server: RedisServer) -> AsyncIterator[Callable[..., Any]]:
     """``await open_sink(server=None, **overrides)``: an open RedisSink on the test's server,
     closed at the end."""
-    sinks: list[RedisSink] = []
 
-    async def open_sink(server: RedisServer | None = None, **overrides: Any) -> RedisSink:
+    def make(server: RedisServer | None = None, **overrides: Any) -> RedisSink:
         url = overrides.pop("url", None) or (server or redis_server).url()
-        sink = RedisSink(settings(url, **overrides), CHAINS)
-        await sink.open(None)
-        sinks.append(sink)
-        return sink
+        return RedisSink(settings(url, **overrides), CHAINS)
 
-    yield open_sink
-    for sink in sinks:
-        await sink.close()
-
-
-async def write_until_through(sink: RedisSink, events: list[Event], seconds: float = 30) -> int:
-    """Write as the pipeline does (retrying transient failures); the failures met."""
-    failures = 0
-    async with asyncio.timeout(seconds):
-        while True:
-            try:
-                await sink.write("main", events)
-                return failures
-            except TransientSinkError:
-                failures += 1
-                await asyncio.sleep(0.05)
+    async with opening(make) as open_sink:
+        yield open_sink
 
 
 async def guards(server: RedisServer, pattern: str = "*:guard:*") -> dict[str, str]:
@@ -194,7 +156,7 @@ async def test_adds_entries_with_the_document_and_fields_and_a_replay_adds_nothi
         assert fields["eventName"] == b"UPDATE RESERVATION"
         assert fields["moduleName"] == b"Reservation"
         assert fields["primaryKey"] == ev.primary_key.encode()
-        assert fields["timestamp"] == b"2026-01-02T03:04:05.000Z"
+        assert fields["timestamp"] == TIMESTAMP.encode()
         async with redis_server.client() as r:
             guard = guard_key(KEY, ev.unique_event_id)
             assert (await r.get(guard)) == entry_id.encode()  # the guard names its entry
@@ -333,7 +295,7 @@ async def test_the_server_killed_midway_through_a_batch_leaves_no_guard_without_
         assert await assert_every_guard_has_its_entry(server) == survived
         async with server.client() as r:
             await r.config_set("appendfsync", "no")  # the rest is not killed: faster
-        await write_until_through(sink, events)  # the pipeline's retry
+        await write_until_through(sink, events, pause=0.05)  # the pipeline's retry
         assert event_ids(server.entries(KEY)) == [e.unique_event_id for e in events]
         assert sink.counters()["redis_duplicates"] >= survived
     finally:
@@ -412,7 +374,7 @@ async def test_server_stopped_is_transient_and_writes_resume_after_it_returns(
         with pytest.raises(TransientSinkError, match=rf"127\.0\.0\.1:{server.port}/0"):
             await sink.write("main", [event(i) for i in range(10, 20)])
         server.start()  # same port, same data
-        assert await write_until_through(sink, [event(i) for i in range(5, 20)]) == 0
+        assert await write_until_through(sink, [event(i) for i in range(5, 20)], pause=0.05) == 0
         assert event_ids(server.entries(KEY)) == [f"u{i:05d}" for i in range(20)]
     finally:
         await sink.close()
