@@ -12,6 +12,7 @@ import importlib
 import inspect
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import unquote_plus, urlsplit
@@ -37,7 +38,8 @@ from pydantic_settings import (
 
 from ..core.close_policy import PolicyConfig
 from ..core.protocol import SubscribeInput
-from ..errors import InvalidInput
+from ..core.templates import Template, TemplateError, check_key, check_stream_name, check_subject
+from ..errors import ConfigError, InvalidInput
 from .fields import (
     ABSOLUTE,
     INSECURE_FIX,
@@ -450,6 +452,22 @@ def resolve(target: str) -> Any:
     return obj
 
 
+def _destination(key: str, check: Callable[[str], None]) -> Callable[[str], str]:
+    """A validator of a sink's destination template (or name): checked as the sink will
+    check it, so that check-config refuses it before anything connects. It raises a
+    ConfigError, not a Problem: pydantic lets that through as it is, so sink settings built
+    in code fail as the sink's constructor did before."""
+
+    def validate(v: str) -> str:
+        try:
+            check(v)
+        except TemplateError as exc:
+            raise ConfigError(exc.at(key, v)) from None
+        return v
+
+    return validate
+
+
 class NatsSinkSettings(_Model):
     """NATS JetStream: each event published to a subject from ``subject`` and acknowledged by
     the stream, with ``Nats-Msg-Id`` = uniqueEventId (JetStream's duplicate window drops a
@@ -476,6 +494,11 @@ class NatsSinkSettings(_Model):
     tls_key_file: Path | None = None
     timeout_s: float = Field(default=10.0, gt=0)
 
+    _subject = field_validator("subject")(
+        _destination("sink.subject", lambda v: check_subject(Template(v)))
+    )
+    _stream = field_validator("stream")(_destination("sink.stream", check_stream_name))
+
 
 class RedisSinkSettings(_Model):
     """Redis Streams: ``XADD`` to a key from ``stream_key``, guarded by uniqueEventId in the
@@ -493,6 +516,10 @@ class RedisSinkSettings(_Model):
     password: SecretStr | None = None
     tls_ca_file: Path | None = None
     timeout_s: float = Field(default=10.0, gt=0)
+
+    _stream_key = field_validator("stream_key")(
+        _destination("sink.stream_key", lambda v: check_key(Template(v)))
+    )
 
 
 SINK_TYPES = ("jsonl", "webhook", "sqlite", "postgres", "python", "nats", "redis")

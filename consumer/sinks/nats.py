@@ -53,7 +53,6 @@ import hashlib
 import importlib.util
 import re
 import ssl
-import string
 from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
@@ -69,16 +68,23 @@ from nats.js.api import PubAck, StorageType, StreamConfig, StreamInfo
 
 from ..config import NatsSinkSettings
 from ..core.events import Event
-from ..core.evidence import describe, prefix, shown
+from ..core.evidence import describe, prefix
+from ..core.templates import (
+    SUBJECT_UNSAFE,
+    TOKEN_MAX_CHARS,  # noqa: F401  # re-exported: the sink's token limit
+    TOKENS,
+    Template,
+    TemplateError,
+    check_stream_name,
+    check_subject,
+    sanitise,
+)
 from ..errors import ConfigError, PermanentSinkError, SinkUnusable, TransientSinkError
 from ..logs import REDACTOR, RateLimitedLogger
 from .base import PlainSink
 
 log = structlog.get_logger(__name__)
 
-TOKENS: Final = ("chainCode", "hotelId", "eventName", "moduleName", "stream")
-TOKEN_MAX_CHARS: Final = 128  # a longer value: cut, with a hash of the whole at its end
-_TOKEN_HASH_CHARS: Final = 16
 MSG_ID_HEADER: Final = "Nats-Msg-Id"
 STREAM_HEADER: Final = "Opera-Stream"
 # What a header adds to a message besides the body: the server's max_payload counts both.
@@ -86,7 +92,6 @@ _HEADER_OVERHEAD: Final = 128
 RECONNECT_WAIT_S: Final = 1.0
 PING_INTERVAL_S: Final = 20
 MAX_OUTSTANDING_PINGS: Final = 3
-_NAME_FORBIDDEN: Final = frozenset(">*. /\\\t\r\n")
 # JetStream API error codes (nats-server's errors.json).
 _ERR_STREAM_NOT_FOUND: Final = 10059
 _ERR_MESSAGE_TOO_LARGE: Final = 10054
@@ -113,26 +118,7 @@ def subject_token(value: str | None) -> str:
     and lone surrogates become ``_``; empty (or None) is ``_``; over ``TOKEN_MAX_CHARS``
     characters it is cut and ends with ``~`` and a hash of the whole (distinct values stay
     distinct, and no subject outgrows the server's control line)."""
-    if not value:
-        return "_"
-    if len(value) > TOKEN_MAX_CHARS:
-        digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
-        keep = TOKEN_MAX_CHARS - _TOKEN_HASH_CHARS - 1
-        return subject_token(value[:keep]) + "~" + digest[:_TOKEN_HASH_CHARS]
-    if value.isascii() and value.isprintable() and not any(c in value for c in ".*> "):
-        return value  # the common case: nothing to replace
-    return "".join("_" if _bad_subject_char(c) else c for c in value)
-
-
-def _bad_subject_char(c: str) -> bool:
-    code = ord(c)
-    return (
-        c in ".*>"
-        or c.isspace()
-        or code < 0x20
-        or 0x7F <= code <= 0x9F
-        or 0xD800 <= code <= 0xDFFF  # a lone surrogate cannot be sent as UTF-8
-    )
+    return sanitise(value, SUBJECT_UNSAFE, hash_raw=True)
 
 
 def msg_id(unique_event_id: str) -> str:
@@ -144,34 +130,15 @@ def msg_id(unique_event_id: str) -> str:
     return "sha256:" + hashlib.sha256(raw).hexdigest()
 
 
-class SubjectTemplate:
+class SubjectTemplate(Template):
     """A subject with ``{token}`` fields (:data:`TOKENS`); the literal parts must make a
-    valid subject (no empty token, no wildcard, no whitespace)."""
+    valid subject (no empty token, no wildcard, no whitespace): a :class:`TemplateError`."""
+
+    __slots__ = ()
 
     def __init__(self, template: str) -> None:
-        self.template = template
-        self._parts: list[tuple[str, str | None]] = []
-        try:
-            parsed = list(string.Formatter().parse(template))
-        except ValueError as exc:
-            raise ValueError(f"{exc} (a literal brace is not allowed)") from None
-        for literal, field, spec, conversion in parsed:
-            if field is not None and (spec or conversion or field not in TOKENS):
-                raise ValueError(
-                    f"unknown field {{{shown(field, 40)}}}: the fields are "
-                    + ", ".join(f"{{{t}}}" for t in TOKENS)
-                )
-            self._parts.append((literal, field))
-        sample = self.render(dict.fromkeys(TOKENS, "x"))
-        tokens = sample.split(".")
-        if any(not t for t in tokens):
-            raise ValueError("an empty subject token (a leading, trailing or doubled '.')")
-        if any(_bad_subject_char(c) for c in sample.replace(".", "")):
-            raise ValueError("'*', '>', whitespace or a control character in the literal text")
-
-    def render(self, values: Mapping[str, str]) -> str:
-        """The subject for these (already sanitised) token values."""
-        return "".join(lit + (values[f] if f is not None else "") for lit, f in self._parts)
+        super().__init__(template)
+        check_subject(self)
 
     def pattern(self, known: Mapping[str, str]) -> str:
         """The subjects this template can produce, given only the ``known`` tokens: every
@@ -184,26 +151,24 @@ class SubjectTemplate:
 def covers(filter_: str, pattern: str) -> bool:
     """Whether the subject filter (wildcards ``*`` and ``>``) matches every subject that
     ``pattern`` (literal tokens and ``*``) can stand for."""
-    f, p = filter_.split("."), pattern.split(".")
-    for i, ft in enumerate(f):
-        if ft == ">":
-            return len(p) > i
-        if i >= len(p):
-            return False
-        if ft != "*" and ft != p[i]:
-            return False
-    return len(f) == len(p)
+    return _matches(filter_, pattern, some=False)
 
 
 def overlaps(filter_: str, pattern: str) -> bool:
     """Whether some subject matches both the filter and ``pattern``."""
+    return _matches(filter_, pattern, some=True)
+
+
+def _matches(filter_: str, pattern: str, *, some: bool) -> bool:
+    """``some``: a ``*`` of the pattern matches any token of the filter (some subject of
+    the pattern matches), else only the filter's wildcards match (every subject does)."""
     f, p = filter_.split("."), pattern.split(".")
     for i, ft in enumerate(f):
         if ft == ">":
             return len(p) > i
         if i >= len(p):
             return False
-        if ft != "*" and p[i] != "*" and ft != p[i]:
+        if ft != "*" and ft != p[i] and not (some and p[i] == "*"):
             return False
     return len(f) == len(p)
 
@@ -271,14 +236,12 @@ class NatsSink(PlainSink):
         self.where = where(settings.servers)
         try:
             self.template = SubjectTemplate(settings.subject)
-        except ValueError as exc:
-            raise ConfigError(f"sink.subject {shown(settings.subject, 200)!r}: {exc}") from None
-        stream = settings.stream
-        if not stream or any(c in _NAME_FORBIDDEN for c in stream):
-            raise ConfigError(
-                f"sink.stream {shown(stream, 100)!r} is not a JetStream stream name "
-                "(no '.', '*', '>', '/', '\\' or whitespace)"
-            )
+        except TemplateError as exc:
+            raise ConfigError(exc.at("sink.subject", settings.subject)) from None
+        try:
+            check_stream_name(settings.stream)
+        except TemplateError as exc:
+            raise ConfigError(exc.at("sink.stream", settings.stream)) from None
         if not settings.servers:
             raise ConfigError("sink.servers is empty: give at least one nats:// or tls:// URL")
         for i, server in enumerate(settings.servers):

@@ -68,10 +68,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
-import re
 import ssl
-import string
 from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple, TypeVar
@@ -104,6 +101,17 @@ from redis.exceptions import (
 from ..config import RedisSinkSettings
 from ..core.events import Event
 from ..core.evidence import prefix
+from ..core.templates import (
+    EVENT_TOKENS,
+    KEY_UNSAFE,
+    TOKEN_MAX_CHARS,  # noqa: F401  # re-exported: the sink's token limit
+    TOKENS,
+    Template,
+    TemplateError,
+    check_key,
+    hash_tag,
+    sanitise,
+)
 from ..errors import ConfigError, PermanentSinkError, SinkError, SinkUnusable, TransientSinkError
 from ..logs import RateLimitedLogger
 from .base import PlainSink
@@ -112,10 +120,6 @@ log = structlog.get_logger(__name__)
 _limited = RateLimitedLogger(log, per_s=1.0, burst=5)  # an unknown error, at every retry
 T = TypeVar("T")
 
-TOKENS: Final = frozenset({"chainCode", "hotelId", "eventName", "moduleName", "stream"})
-# Tokens known only once an event arrives: a key made with them differs per event.
-EVENT_TOKENS: Final = frozenset({"hotelId", "eventName", "moduleName"})
-TOKEN_MAX_CHARS: Final = 128
 DEFAULT_PORT: Final = 6379
 # Redis's default proto-max-bulk-len: the largest argument it accepts.
 DEFAULT_MAX_BULK: Final = 512 * 1024 * 1024
@@ -169,7 +173,6 @@ return {kind, length,
   said(redis.pcall('EXISTS', KEYS[2]))}
 """
 
-_UNSAFE = re.compile(r"[\s{}]")
 # Error texts (upper-cased) by what they mean. redis-py takes the code off the errors it has
 # a class for (NoPermissionError...), so the classes are checked too; a script's error keeps
 # its code in the text (Redis 7) or quotes it (Redis 6: "ERR Error running script...").
@@ -202,28 +205,7 @@ def token_value(value: str | None) -> str:
     """A token's value as it goes into a key: whitespace, control characters and braces
     become ``_`` (no value can add or move a hash tag); empty or missing is ``_``; longer than
     TOKEN_MAX_CHARS, it is cut and ends with a hash of the whole (two values stay apart)."""
-    if not value:
-        return "_"
-    if not value.isprintable() or _UNSAFE.search(value):
-        value = "".join(
-            "_" if c.isspace() or not c.isprintable() or c in "{}" else c for c in value
-        )
-    if len(value) > TOKEN_MAX_CHARS:
-        digest = hashlib.sha256(value.encode("utf-8", "replace")).hexdigest()[:16]
-        value = f"{value[: TOKEN_MAX_CHARS - 17]}~{digest}"
-    return value
-
-
-def hash_tag(key: str) -> str | None:
-    """The Redis Cluster hash tag of ``key``: what is between its first ``{`` and the next
-    ``}`` when that is not empty; None when the whole key is hashed."""
-    start = key.find("{")
-    if start < 0:
-        return None
-    end = key.find("}", start + 1)
-    if end < 0 or end == start + 1:
-        return None
-    return key[start + 1 : end]
+    return sanitise(value, KEY_UNSAFE, hash_raw=False)
 
 
 def guard_key(stream_key: str, unique_event_id: str) -> str:
@@ -233,47 +215,22 @@ def guard_key(stream_key: str, unique_event_id: str) -> str:
     return f"{stream_key}:guard:{{{stream_key}}}:{unique_event_id}"
 
 
-class KeyTemplate:
+class KeyTemplate(Template):
     """``stream_key`` parsed once: literal text and tokens (``{{``/``}}`` are braces)."""
 
+    __slots__ = ()
+
     def __init__(self, template: str) -> None:
-        if not template:
-            raise ConfigError('sink.stream_key is empty: e.g. stream_key = "opera:{chainCode}"')
-        parts: list[tuple[str, str | None]] = []
         try:
-            parsed = list(string.Formatter().parse(template))
-        except ValueError as exc:  # a lone "{" or "}"
-            raise ConfigError(
-                f"sink.stream_key {template!r}: {exc}; write a brace as {{{{ or }}}}, tokens "
-                f"as {{chainCode}} ({', '.join(sorted(TOKENS))})"
-            ) from None
-        for literal, field, spec, conversion in parsed:
-            if field is not None and (field not in TOKENS or spec or conversion):
-                raise ConfigError(
-                    f"sink.stream_key {template!r}: unknown token {{{field}}}; use "
-                    f"{', '.join('{' + t + '}' for t in sorted(TOKENS))} (a brace: {{{{ or }}}})"
-                )
-            parts.append((literal, field))
-        self.template = template
-        self._parts = parts
-        self.tokens = frozenset(f for _, f in parts if f is not None)
-        # Values hold no brace, so the braces of every key are the template's: check once.
-        sample = self.render({t: "x" for t in TOKENS})
-        if hash_tag(sample) is None and ("{" in sample or "}" in sample):
-            raise ConfigError(
-                f"sink.stream_key {template!r}: its braces make no Redis Cluster hash tag "
-                "(a non-empty {...} first in the key), so an event's guard could not share the "
-                'stream\'s slot: use no braces, or one hash tag such as "opera:{{{chainCode}}}" '
-                "(which makes opera:{DEMO})"
-            )
+            super().__init__(template)
+            check_key(self)
+        except TemplateError as exc:
+            raise ConfigError(exc.at("sink.stream_key", template)) from None
 
     @property
     def per_event(self) -> bool:
         """Whether the key depends on the event (not only on the consumer's stream)."""
         return bool(self.tokens & EVENT_TOKENS)
-
-    def render(self, values: Mapping[str, str]) -> str:
-        return "".join(lit + (values[f] if f is not None else "") for lit, f in self._parts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,7 +333,7 @@ class RedisSink(PlainSink):
         self._duplicates = 0
 
     def __repr__(self) -> str:
-        return f"RedisSink(server={self.where!r}, stream_key={self.template.template!r})"
+        return f"RedisSink(server={self.where!r}, stream_key={self.template.text!r})"
 
     # --- open, close, counters ----------------------------------------------------------------
 
@@ -396,7 +353,7 @@ class RedisSink(PlainSink):
         log.info(
             "redis sink open",
             server=self.where,
-            stream_key=self.template.template,
+            stream_key=self.template.text,
             maxlen=self.settings.maxlen,
             guard_ttl_s=self.settings.guard_ttl_s,
             writes="one script per event: XADD and its guard together (a replay adds nothing)",
@@ -548,7 +505,7 @@ class RedisSink(PlainSink):
             return SinkUnusable(
                 f"redis sink at {self.where}: the server's ACL refuses {doing}{on} ({text}): "
                 f"grant the user `{GRANT}` on the keys "
-                f"(e.g. ~{_key_prefix(self.template.template)}*), then restart"
+                f"(e.g. ~{_key_prefix(self.template.text)}*), then restart"
             )
         if "WRONGTYPE" in upper:
             return SinkUnusable(
@@ -656,7 +613,7 @@ class RedisSink(PlainSink):
                 raise SinkUnusable(
                     f"redis sink at {self.where}: the server's ACL refuses {command} on "
                     f"{prefix(key, 200)!r} or its guard ({self._scrub(said)}): grant the user "
-                    f"`{GRANT}` on the keys (e.g. ~{_key_prefix(self.template.template)}*)"
+                    f"`{GRANT}` on the keys (e.g. ~{_key_prefix(self.template.text)}*)"
                 )
         for said in (probe.xadd, probe.set):
             if said == "accepted":  # cannot be: both are refused by their argument checks

@@ -431,3 +431,34 @@ def test_on_permanent_failure_is_checked(tmp_path: Path) -> None:
     )
     message = config_error(write(tmp_path, text))
     assert "streams.main.on_permanent_failure" in message
+
+
+@pytest.mark.parametrize(
+    ("sink", "key", "says"),
+    [
+        ('type = "nats"\nsubject = "opera.{hotel}"', "sink.subject", "unknown token {hotel}"),
+        ('type = "nats"\nsubject = "opera..{hotelId}"', "sink.subject", "empty subject token"),
+        ('type = "nats"\nsubject = "opera.*.{hotelId}"', "sink.subject", "'*', '>'"),
+        ('type = "nats"\nstream = "A.B"', "sink.stream", "not a JetStream stream name"),
+        ('type = "redis"\nstream_key = "opera:{"', "sink.stream_key", "{{ or }}"),
+        ('type = "redis"\nstream_key = "opera:{hotelId!r}"', "sink.stream_key", "unknown token"),
+        ('type = "redis"\nstream_key = "opera:}}{chainCode}"', "sink.stream_key", "hash tag"),
+        ('type = "redis"\nstream_key = ""', "sink.stream_key", "empty"),
+    ],
+)  # fmt: skip
+def test_bad_sink_destinations_are_refused_at_load(
+    tmp_path: Path, sink: str, key: str, says: str
+) -> None:
+    """check-config refuses a template the sink could not use, before anything connects,
+    naming the key and the fix."""
+    message = config_error(write(tmp_path, BASE + f"[sink]\n{sink}\n"))
+    assert message.startswith(f"{key} ")
+    assert says in message
+    assert " -> " in message  # the fix
+
+
+def test_good_sink_destinations_load(tmp_path: Path) -> None:
+    nats = 'type = "nats"\nsubject = "opera.{chainCode}.{{x}}.{hotelId}"\nstream = "OPERA"'
+    assert load_settings(write(tmp_path, BASE + f"[sink]\n{nats}\n")).sink.type == "nats"
+    redis = 'type = "redis"\nstream_key = "opera:{{{chainCode}}}:{hotelId}"'
+    assert load_settings(write(tmp_path, BASE + f"[sink]\n{redis}\n")).sink.type == "redis"
