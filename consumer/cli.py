@@ -121,6 +121,18 @@ def _parser() -> argparse.ArgumentParser:
         help="REST resource requests per second before 429 (0: unlimited)",
     )
     sb.add_argument("--rest-burst", type=int, default=5, help="REST requests allowed at once")
+    sb.add_argument(
+        "--fast-backlog",
+        action="store_true",
+        help="benchmarks: events made from templates (microseconds each) and the backlog sent "
+        "as WebSocket frames built once, so a client, not the sandbox, is the bottleneck",
+    )
+    sb.add_argument(
+        "--live-timestamps",
+        action="store_true",
+        help="benchmarks: events made after the start (--rate) carry the current time (UTC, "
+        "microseconds) as their timestamp, for end-to-end latency",
+    )
     return parser
 
 
@@ -288,6 +300,8 @@ def _sandbox(args: argparse.Namespace) -> int:
         stale_hold_s=args.stale_hold,
         rest_rate=args.rest_rate,
         rest_burst=args.rest_burst,
+        fast_backlog=args.fast_backlog,
+        live_timestamps=args.live_timestamps,
     )
     try:
         asyncio.run(run_sandbox(options))

@@ -3,6 +3,12 @@
 Each event is encoded once, when it enters the log; a send only concatenates strings. Offsets
 are digit strings with gaps (the consumer must not assume ``+1``); inside the sandbox they are
 compared as numbers to position an inclusive replay.
+
+With ``templated`` (the ``fast_backlog`` option, :mod:`.templated`), every event of the log is
+made from templates instead, and the backlog (:meth:`ChainLog.add_backlog`) is a prefix of
+``backlog`` events that are never held as entries: :attr:`ChainLog.entries` are the ones after
+it, and indexes count from the prefix's start. With ``stamp_now``, new events carry the wall
+clock's time (UTC) as their ``timestamp``, for latency measurements.
 """
 
 from __future__ import annotations
@@ -13,8 +19,11 @@ import json
 import random
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .templated import TemplatedEvents
 
 HOTELS = ("HOTEL1", "HOTEL2", "HOTEL3", "RESORT4")
 
@@ -86,6 +95,11 @@ class Resource:
     last_offset: str = ""
 
 
+def _now_timestamp() -> str:
+    """The wall clock (UTC) in Oracle's timestamp format, to the microsecond."""
+    return datetime.now(UTC).strftime("%d-%b-%y %I.%M.%S.%f %p").upper()
+
+
 def _dumps(doc: Any) -> str:
     return json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
 
@@ -94,7 +108,10 @@ def _dumps(doc: Any) -> str:
 class ChainLog:
     chain: str
     seed: int
-    entries: list[Entry] = field(default_factory=list)
+    templated: TemplatedEvents | None = None  # events made from templates (fast_backlog)
+    stamp_now: bool = False  # new events' timestamp: the wall clock's (live_timestamps)
+    entries: list[Entry] = field(default_factory=list)  # after the templated backlog, if any
+    backlog: int = 0  # events of the templated backlog: indexes 0..backlog-1
     _keys: list[int] = field(default_factory=list)
     _rng: random.Random = field(init=False)
     _offset: int = field(init=False)
@@ -114,14 +131,33 @@ class ChainLog:
     # --- reading ------------------------------------------------------------------------------
 
     def start_index(self, offset: str | None, *, highest: bool) -> int:
+        tail = self.backlog
         if highest:
             for i in range(len(self.entries) - 1, -1, -1):
                 if self.entries[i].offset is not None:
-                    return i
-            return len(self.entries)
+                    return tail + i
+            return tail - 1 if tail else len(self.entries)
         if offset is None:
             return 0
-        return bisect.bisect_left(self._keys, int(offset))
+        wanted = int(offset)
+        if self.templated is not None and tail:
+            found = self.templated.start_index(tail, wanted)
+            if found < tail:
+                return found
+        return tail + bisect.bisect_left(self._keys, wanted)
+
+    @property
+    def size(self) -> int:
+        """Entries in the log, the templated backlog's included: the end of its indexes."""
+        return self.backlog + len(self.entries)
+
+    def between(self, start: int, end: int) -> list[Entry]:
+        """The entries at indexes ``start..end-1`` (those of the templated backlog made now)."""
+        made: list[Entry] = []
+        if start < self.backlog:
+            assert self.templated is not None
+            made = [self.templated.entry(j) for j in range(start, min(end, self.backlog))]
+        return made + self.entries[max(0, start - self.backlog) : max(0, end - self.backlog)]
 
     @property
     def count(self) -> int:
@@ -129,12 +165,24 @@ class ChainLog:
         return self._count
 
     def events(self) -> list[dict[str, Any]]:
-        return [json.loads(e.payload)["data"]["newEvent"] for e in self.entries if e.offset]
+        made = self.templated
+        backlog = [made.payload(j) for j in range(self.backlog)] if made is not None else []
+        payloads = backlog + [e.payload for e in self.entries if e.offset]
+        return [json.loads(p)["data"]["newEvent"] for p in payloads]
 
     def event_keys(self) -> list[tuple[str, str, str | None]]:
         """(uniqueEventId, offset, primaryKey) of :meth:`events`, in the same order, without
         decoding any payload."""
-        return [(e.unique_id, e.offset, e.primary_key) for e in self.entries if e.offset]
+        made = self.templated
+        backlog: list[tuple[str, str, str | None]] = (
+            [
+                (made.unique_id(j), str(made.key(j)), made.primary_key(j))
+                for j in range(self.backlog)
+            ]
+            if made is not None
+            else []
+        )
+        return backlog + [(e.unique_id, e.offset, e.primary_key) for e in self.entries if e.offset]
 
     def resource(self, key: str) -> Resource | None:
         """The resource with this primaryKey (keys are unique within a chain)."""
@@ -167,7 +215,18 @@ class ChainLog:
         self._keys.append(key)
         self._notify()
 
-    def generate(self, n: int) -> list[dict[str, Any]]:
+    def add_backlog(self, n: int) -> None:
+        """The templated backlog: ``n`` events, first in an empty templated log."""
+        assert self.templated is not None and not self.entries and not self.backlog
+        self.backlog = n
+        self._count = n
+        self._notify()
+
+    def generate(self, n: int, *, decoded: bool = True) -> list[dict[str, Any]]:
+        """Append ``n`` new events; returns them (decoded: a templated log returns [] unless
+        ``decoded``)."""
+        if self.templated is not None:
+            return self._generate_templated(self.templated, n, decoded=decoded)
         made = [self._one() for _ in range(n)]
         for ev in made:
             offset = ev["metadata"]["offset"]
@@ -180,6 +239,17 @@ class ChainLog:
         self._count += len(made)
         self._notify()
         return made
+
+    def _generate_templated(
+        self, made: TemplatedEvents, n: int, *, decoded: bool
+    ) -> list[dict[str, Any]]:
+        stamp = _now_timestamp() if self.stamp_now else None
+        new = [made.entry(j, stamp) for j in range(self._count, self._count + n)]
+        self.entries += new
+        self._keys += (e.key for e in new)
+        self._count += n
+        self._notify()
+        return [json.loads(e.payload)["data"]["newEvent"] for e in new] if decoded else []
 
     def _one(self) -> dict[str, Any]:
         rng = self._rng
@@ -211,7 +281,11 @@ class ChainLog:
             "moduleName": res.module,
             "eventName": event_name,
             "primaryKey": res.key,
-            "timestamp": self._clock.strftime("%d-%b-%y %I.%M.%S.%f %p").upper(),
+            "timestamp": (
+                _now_timestamp()
+                if self.stamp_now
+                else self._clock.strftime("%d-%b-%y %I.%M.%S.%f %p").upper()
+            ),
             "hotelId": res.hotel,
             "publisherId": f"OPERA-{res.hotel}",
             "actionInstanceId": str(rng.randrange(10**9, 10**10)),

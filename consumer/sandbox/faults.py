@@ -55,15 +55,19 @@ class Chaos:
         self._upgrade_failures: list[int] = []
         self._close_on: dict[str, list[int]] = {}
 
-    def grow(self, log: ChainLog, n: int) -> list[dict[str, Any]]:
-        """Generate ``n`` events, with a malformed frame every ``malformed_every`` if asked."""
+    def grow(self, log: ChainLog, n: int, *, decoded: bool = True) -> list[dict[str, Any]]:
+        """Generate ``n`` events, with a malformed frame every ``malformed_every`` if asked
+        (not ``decoded``: a templated log need not return them)."""
         every = self._options.malformed_every
         if not every:
-            return log.generate(n)
+            return log.generate(n, decoded=decoded)
         malformed = self.malformed[log.chain]
         made: list[dict[str, Any]] = []
-        while len(made) < n:
-            made += log.generate(min(n - len(made), every - log.count % every))
+        done = 0
+        while done < n:
+            step = min(n - done, every - log.count % every)
+            made += log.generate(step, decoded=decoded)
+            done += step
             if log.count % every == 0:
                 raw = malformed_frame(len(malformed), self._rng, self._options.oversized_bytes)
                 malformed.append(raw)

@@ -21,6 +21,14 @@ class SandboxOptions:
     backlog: int = 1000  # events generated per chain at start
     rate: float = 0.0  # new events per second per chain
     seed: int = 1
+    # Benchmarks. fast_backlog: every event made from templates (a few microseconds each, see
+    # templated.py) and the backlog sent as WebSocket frames built once, in large chunks, so
+    # a client reading it is the bottleneck, not the sandbox; its events have no REST
+    # resources and no malformed frames (malformed_every is refused). live_timestamps: events
+    # generated after the start (the rate's, append()'s) carry the wall clock's time (UTC, to
+    # the microsecond) as their timestamp: a caught-up subscriber gets them at that moment.
+    fast_backlog: bool = False
+    live_timestamps: bool = False
     token_ttl_s: float = 3600.0
     ping_interval_s: float = 15.0  # server pings; 0 disables
     init_timeout_s: float = 10.0  # connection_init deadline (4408)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import signal
 import time
 from collections.abc import Callable, Coroutine
@@ -36,10 +37,14 @@ from .options import SandboxOptions, SandboxStats
 from .rest import RestResources
 from .router import Router
 from .subscriptions import Subscriptions
+from .templated import TemplatedEvents
 from .tokens import TokenEndpoint
 from .websocket import SessionContext, WsSession
 
 __all__ = ["SandboxGateway", "SandboxOptions", "SandboxStats", "run_sandbox"]
+
+
+UUID_JSON_BYTES = 38  # len(json.dumps(str(uuid.uuid4())))
 
 
 def _monotonic() -> float:
@@ -56,7 +61,12 @@ class SandboxGateway:
         self.options = o = options or SandboxOptions()
         self.stats = SandboxStats()
         self.key_hash = _sha256(o.app_key)  # of app_key; the URL may carry any accepted key's
-        self._logs = {c: ChainLog(c, o.seed) for c in o.chains}
+        if o.fast_backlog and o.malformed_every:
+            raise ValueError("fast_backlog makes no malformed frames: unset malformed_every")
+        self._logs = {
+            c: ChainLog(c, o.seed, TemplatedEvents(c, o.seed) if o.fast_backlog else None)
+            for c in o.chains
+        }
         self._chaos = Chaos(o)
         self.malformed: dict[str, list[str]] = self._chaos.malformed  # per chain, in log order
         self._tokens = TokenEndpoint(o, self.stats, self._chaos.token_failures, _monotonic)
@@ -98,8 +108,15 @@ class SandboxGateway:
     # --- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
+        o = self.options
         for log in self._logs.values():
-            self._chaos.grow(log, self.options.backlog)
+            if log.templated is not None:
+                log.add_backlog(o.backlog)
+                # Every consumer's subscription id is a UUID: its JSON is 38 bytes.
+                log.templated.prebuild(UUID_JSON_BYTES, o.backlog)
+            else:
+                self._chaos.grow(log, o.backlog, decoded=False)
+            log.stamp_now = o.live_timestamps
         self._server = await self._router.listen(self.options.host, self.options.port)
         if self.options.rate > 0:
             self._spawn(self._live())
@@ -146,11 +163,25 @@ class SandboxGateway:
         return f"http://{self.options.host}:{self.port}"
 
     async def _live(self) -> None:
-        period = 1.0 / self.options.rate
+        """``rate`` new events per second per chain, on the loop's clock: each wake-up makes
+        the events due by then (wake-ups at least 1 ms apart), so a high rate is kept, not
+        only attempted; a debt of more than a second (a stalled loop) is forgiven."""
+        rate = self.options.rate
+        loop = asyncio.get_running_loop()
+        started, made = loop.time(), 0
+        most = max(1, math.ceil(rate / 100))  # per wake-up: at most 10 ms worth
         while True:
-            await asyncio.sleep(period)
+            await asyncio.sleep(max(started + (made + 1) / rate - loop.time(), 0.001))
+            now = loop.time()
+            due = int((now - started) * rate) - made
+            if due > rate + most:
+                started, due = now - made / rate, 1
+            n = min(due, most)
+            if n <= 0:
+                continue
             for log in self._logs.values():
-                self._chaos.grow(log, 1)
+                self._chaos.grow(log, n, decoded=False)
+            made += n
 
     # --- test and demo hooks ----------------------------------------------------------------
 
@@ -224,7 +255,8 @@ async def run_sandbox(options: SandboxOptions, *, announce: Callable[[str], None
         f'  app_key       = "{o.app_key}"\n'
         f'  client_id     = "{o.client_id}"  client_secret = "{o.client_secret}"\n'
         f"  chains        = {', '.join(o.chains)}  ({o.backlog} events waiting each, "
-        f"{o.rate:g} new/s)\n"
+        f"{o.rate:g} new/s{', fast backlog' if o.fast_backlog else ''}"
+        f"{', live timestamps' if o.live_timestamps else ''})\n"
         f"  REST          = /rsv/v1, /crm/v1, /csh/v1  ({rest})\n"
         "Ctrl-C to stop."
     )

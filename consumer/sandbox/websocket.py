@@ -8,6 +8,11 @@ chain (4409, see :class:`Subscriptions`); it streams the chain's log in pre-enco
 with TCP backpressure, pings and answers pings, and closes after a client's ``complete``. With
 ``client_timeout_s``, a session from which no frame arrived for that long is dropped (TCP
 aborted, no close handshake: the client may be frozen).
+
+With ``fast_backlog`` (a templated log, see :mod:`.templated`), the backlog goes out as
+pre-encoded chunks of frames (one ``bytes.replace`` of the subscription id and one write per
+chunk), and later events as frames encoded here in one piece per batch: no per-frame work in
+websockets' protocol. A ``delta`` or ``hotelCode`` subscription takes the ordinary path.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from .faults import Chaos, PongPolicy
 from .graphql import Close, is_connection_query, parse_input
 from .options import SandboxOptions, SandboxStats
 from .subscriptions import Subscriptions
+from .templated import text_frames
 from .tokens import bearer
 
 SUBPROTOCOL = Subprotocol("graphql-transport-ws")
@@ -276,35 +282,54 @@ class WsSession:
     ) -> None:
         ctx = self._ctx
         assert self._sub_id is not None and self._chain is not None
-        prefix = '{"id":' + json.dumps(self._sub_id) + ',"type":"next","payload":'
+        sub_json = json.dumps(self._sub_id)
+        prefix = '{"id":' + sub_json + ',"type":"next","payload":'
         batch = ctx.options.send_batch
         proto, writer = self._proto, self._writer
         drop_at = ctx.chaos.fault_point(ctx.options.drop_every)
         close_at = ctx.chaos.fault_point(ctx.options.close_every)
+        # The templated backlog goes out as pre-encoded frames (unless filtered or in delta).
+        wire = log.templated if not delta and hotels is None else None
+        id_bytes = sub_json.encode()
         total = 0
         while proto.state is State.OPEN:
-            entries = log.entries
-            self._bursting = index < len(entries)
+            size = log.size
+            self._bursting = index < size
             if not self._bursting:
                 for _ in range(self._pongs.release()):
                     self._pong()
                 changed = log.changed()
-                if index >= len(log.entries):
+                if index >= log.size:
                     await changed.wait()
                 continue
             room = min(drop_at, close_at) - total  # stop exactly at a fault point
-            end = min(len(entries), index + batch, index + max(1, int(min(room, batch))))
-            sent = 0
-            for entry in entries[index:end]:
-                if entry.offset is None:
-                    text = entry.payload
-                elif hotels is not None and entry.hotel not in hotels:
-                    continue
+            if wire is not None and index < log.backlog:
+                end = min(log.backlog, wire.chunk_end(index))
+                if room < end - index:
+                    end = index + max(1, int(room))
+                frames = wire.wire(len(id_bytes), log.backlog, index, end)
+                flush(proto, writer)  # nothing pending may follow these frames
+                writer.write(frames.replace(wire.placeholder(len(id_bytes)), b'{"id":' + id_bytes))
+                sent = end - index
+                index = end
+            else:
+                end = min(size, index + batch, index + max(1, int(min(room, batch))))
+                texts: list[str] = []
+                for entry in log.between(index, end):
+                    if entry.offset is None:
+                        texts.append(entry.payload)
+                    elif hotels is None or entry.hotel in hotels:
+                        texts.append(
+                            prefix + (entry.delta_payload() if delta else entry.payload) + "}"
+                        )
+                if wire is not None:  # fast_backlog: live events pre-encoded too
+                    flush(proto, writer)
+                    writer.write(text_frames(texts))
                 else:
-                    text = prefix + (entry.delta_payload() if delta else entry.payload) + "}"
-                proto.send_text(text.encode())
-                sent += 1
-            index = end
+                    for text in texts:
+                        proto.send_text(text.encode())
+                sent = len(texts)
+                index = end
             ctx.subscriptions.delivered(self._chain, index)
             ctx.stats.events_sent += sent
             total += sent

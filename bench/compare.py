@@ -1,0 +1,553 @@
+"""Throughput of the daemon per sink against the floor: a bare client on the same backlog.
+
+    .venv/bin/python bench/compare.py [--events 300000] [--rounds 3]
+        [--sinks jsonl,sqlite,postgres,webhook,webhook50] [--workers 4]
+
+1. The sandbox gateway runs in its own process (`opera-consumer sandbox --fast-backlog`): one
+   chain, a backlog of --events templated events sent as pre-encoded frames, so the readers
+   below are the bottleneck, not the sandbox.
+2. Each round, in turn:
+   * the floor: a bare client in this process (websockets with graphql-transport-ws,
+     connection_init, subscribe from offset 0, `orjson.loads` of each frame, nothing else)
+     until it has every event;
+   * the daemon (`python -m consumer run`, a fresh state directory each time, durable
+     checkpoints: SQLite synchronous=FULL) with each sink, until its checkpoint is the
+     backlog's last offset. Sinks: jsonl (fsync), sqlite (in the state store), postgres (a
+     throwaway server from tests/pg.py; skipped with a note without the server binaries),
+     webhook (batch_size 1) and webhook50 (batch_size 50) against a keep-alive HTTP/1.1
+     receiver in its own process, 4 workers (--workers).
+   events/s is measured from the subscription (the floor: its subscribe message sent; the
+   daemon: its "subscribed" log record) to the last event (the floor: received; the daemon:
+   the checkpoint covering it seen in the state store, polled every 10 ms); "wall" is from
+   the daemon's process start, start-up included. Peak RSS: VmRSS sampled every 100 ms from
+   /proc (and the kernel's VmHWM at the end, whichever is larger). After each run the sink is
+   counted: every event once is the pass condition.
+3. A table on stdout (per sink: events/s over the rounds min-max, ratio to the same round's
+   floor min-max, wall events/s, peak RSS) and bench/results/compare.json, with the machine's
+   core count and load average at start and end.
+
+Loopback only; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+from websockets.asyncio.client import connect
+from websockets.typing import Subprotocol
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # tests/pg.py: a throwaway PostgreSQL server
+
+from consumer.core import protocol  # noqa: E402
+from consumer.sandbox import SandboxOptions, launcher  # noqa: E402
+from consumer.sandbox.templated import TemplatedEvents  # noqa: E402
+
+CHAIN = "DEMO"
+SEED = 1
+STREAM = "bench"
+SINKS = ("jsonl", "sqlite", "postgres", "webhook", "webhook50")
+
+
+# --- the machine ----------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cores": os.cpu_count(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "python": platform.python_version(),
+        "at": datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+
+
+def proc_status(pid: int, field: str) -> float:
+    """A ``kB`` line of /proc/PID/status in MB (0 once the process is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# --- the floor: a bare client ----------------------------------------------------------------
+
+
+async def bare_client(url: str, n: int) -> dict[str, Any]:
+    """Receive ``n`` events and parse each frame, nothing else; events/s from the subscribe
+    message to the last event."""
+    opts = SandboxOptions()
+    token = await launcher.token(url)
+    ws_url = protocol.subscription_url(url, opts.app_key)
+    sub_id = str(uuid.uuid4())  # as the daemon's: the sandbox's frames are built for its length
+    async with connect(
+        ws_url,
+        subprotocols=[Subprotocol(protocol.SUBPROTOCOL)],
+        compression=None,
+        max_size=2**24,
+        ping_interval=None,
+    ) as ws:
+        await ws.send(protocol.connection_init(token, opts.app_key))
+        await ws.recv()
+        sub = protocol.SubscribeInput(chain_code=CHAIN, offset="0")
+        cpu0 = time.process_time()
+        started = time.perf_counter()
+        await ws.send(protocol.subscribe(sub_id, sub))
+        got = 0
+        last: Any = None
+        async with asyncio.timeout(60 + n / 1000):
+            async for frame in ws:
+                msg = orjson.loads(frame)
+                if msg["type"] == "next":
+                    got += 1
+                    if got == n:
+                        last = msg
+                        break
+        elapsed = time.perf_counter() - started
+        cpu = time.process_time() - cpu0
+        await ws.send(protocol.complete(sub_id))
+    return {
+        "seconds": round(elapsed, 3),
+        "events_per_s": round(n / elapsed),
+        "client_cpu_s": round(cpu, 2),
+        "last_offset": last["payload"]["data"]["newEvent"]["metadata"]["offset"],
+    }
+
+
+# --- the webhook receiver (its own process) ---------------------------------------------------
+
+
+async def _receiver(port: int) -> None:
+    """HTTP/1.1 keep-alive: 200 to every POST at once; ``GET /count``: distinct events seen."""
+    ids: set[bytes] = set()
+    posts = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal posts
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                chunked = False
+                for line in head.split(b"\r\n")[1:]:
+                    name, _, value = line.partition(b":")
+                    name = name.strip().lower()
+                    if name == b"content-length":
+                        length = int(value)
+                    elif name == b"transfer-encoding" and b"chunked" in value.lower():
+                        chunked = True
+                if chunked:
+                    parts = []
+                    while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
+                        parts.append(await reader.readexactly(size))
+                        await reader.readexactly(2)
+                    await reader.readuntil(b"\r\n")
+                    body = b"".join(parts)
+                else:
+                    body = await reader.readexactly(length)
+                if head.startswith(b"GET /count"):
+                    out = json.dumps({"events": len(ids), "posts": posts}).encode()
+                    writer.write(
+                        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: %d\r\n\r\n%s" % (len(out), out)
+                    )
+                else:
+                    posts += 1
+                    doc = orjson.loads(body)
+                    for d in doc if isinstance(doc, list) else [doc]:
+                        ids.add(d["metadata"]["uniqueEventId"].encode())
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", port, limit=2**20)
+    print("ready", flush=True)
+    async with server:
+        await server.serve_forever()
+
+
+class Receiver:
+    """The receiver as a process on a free port."""
+
+    def __init__(self) -> None:
+        self.port = launcher.free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--receiver", str(self.port)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline().strip() != b"ready":
+            raise RuntimeError("the webhook receiver did not start")
+        self.url = f"http://127.0.0.1:{self.port}/events"
+
+    def count(self) -> int:
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/count", timeout=10) as r:
+            return int(json.loads(r.read())["events"])
+
+    def stop(self) -> None:
+        launcher.stop(self.proc, 5)
+
+
+# --- PostgreSQL (a throwaway server from tests/pg.py) ----------------------------------------
+
+
+class Postgres:
+    def __init__(self) -> None:
+        import pg
+        import pytest
+
+        bindir = pg.find_bindir()
+        if bindir is None:
+            raise RuntimeError(pg.NOT_INSTALLED)
+        try:
+            self.server = pg.PostgresServer(bindir)
+        except pytest.skip.Exception as exc:  # root without a postgres user
+            raise RuntimeError(str(exc)) from None
+        try:
+            self.server.init()
+            self.server.start()
+            self.server.execute(f'CREATE DATABASE "{pg.DATABASE}"')
+        except BaseException:
+            self.server.remove()
+            raise
+        self.dsn = self.server.dsn()
+
+    def count(self, table: str) -> int:
+        """The table's rows; then it is dropped (the next rounds need no room for it)."""
+        import pg
+
+        rows = int(asyncio.run(pg.sql(self.dsn, "fetchval", f"SELECT count(*) FROM {table}")))
+        asyncio.run(pg.sql(self.dsn, "execute", f"DROP TABLE {table}"))
+        return rows
+
+    def remove(self) -> None:
+        self.server.remove()
+
+
+# --- the daemon -------------------------------------------------------------------------------
+
+
+def checkpoint(conn: sqlite3.Connection) -> int | None:
+    """The stream's checkpoint offset (fetchall: no read transaction stays open)."""
+    rows = conn.execute("SELECT offset FROM checkpoints WHERE stream = ?", (STREAM,)).fetchall()
+    return int(rows[0][0]) if rows else None
+
+
+def open_state(db: Path) -> sqlite3.Connection | None:
+    if not db.exists():
+        return None
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1, check_same_thread=False)
+        conn.execute("SELECT 1 FROM checkpoints LIMIT 1").fetchall()
+    except sqlite3.Error:
+        return None
+    return conn
+
+
+def subscribed_at(log: Path) -> float | None:
+    """When the daemon subscribed (epoch s): its first "subscribed" record."""
+    with log.open(errors="replace") as f:
+        for line in f:
+            if '"subscribed"' not in line:
+                continue
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if record.get("event") == "subscribed":
+                    return datetime.fromisoformat(record["timestamp"]).timestamp()
+    return None
+
+
+def sink_table(sink: str, work: Path, *, hook: str, dsn: str, table: str) -> str:
+    if sink == "jsonl":
+        return f'[sink]\npath = "{work}/events.jsonl"\nfsync = true\n'
+    if sink == "sqlite":
+        return '[sink]\ntype = "sqlite"\n'
+    if sink == "postgres":
+        return f'[sink]\ntype = "postgres"\ndsn = "{dsn}"\ntable = "{table}"\n'
+    batch = 50 if sink == "webhook50" else 1
+    return f'[sink]\ntype = "webhook"\nurl = "{hook}"\nbatch_size = {batch}\n'
+
+
+def run_daemon(
+    url: str,
+    n: int,
+    last_offset: int,
+    work: Path,
+    *,
+    sink: str,
+    workers: int,
+    counter: Callable[[], int],
+    hook: str = "",
+    dsn: str = "",
+    table: str = "",
+) -> dict[str, Any]:
+    work.mkdir(parents=True)
+    config = work / "config.toml"
+    config.write_text(
+        launcher.stream_config(url, stream=STREAM, chain=CHAIN)
+        + f"""
+[streams.{STREAM}.subscription]
+offset = "0"
+[state]
+path = "{work}/state.db"
+synchronous = "full"
+{sink_table(sink, work, hook=hook, dsn=dsn, table=table)}
+[pipeline]
+workers = {workers}
+[metrics]
+port = 0
+[log]
+format = "json"
+level = "info"
+"""
+    )
+    db = work / "state.db"
+    log = work / "daemon.log"
+    spawned = time.time()
+    proc = launcher.spawn(["run", "--config", str(config)], log)
+    peak = 0.0
+    conn: sqlite3.Connection | None = None
+    try:
+        deadline = time.monotonic() + 60 + n / 200
+        polls = 0
+        while True:
+            if polls % 10 == 0:
+                peak = max(peak, proc_status(proc.pid, "VmRSS"))
+            polls += 1
+            if conn is None:
+                conn = open_state(db)
+            cp = checkpoint(conn) if conn is not None else None
+            if cp is not None and cp >= last_offset:
+                done = time.time()
+                break
+            if proc.poll() is not None:
+                raise RuntimeError(f"the daemon exited ({proc.returncode}); see {log}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the daemon did not finish in time; see {log}")
+            time.sleep(0.01)
+        peak = max(peak, proc_status(proc.pid, "VmRSS"), proc_status(proc.pid, "VmHWM"))
+        cpu = cpu_seconds(proc.pid)
+    finally:
+        if conn is not None:
+            conn.close()
+        launcher.stop(proc, 60)
+    start = subscribed_at(log)
+    if start is None:
+        raise RuntimeError(f"no 'subscribed' record in {log}")
+    delivered = counter()
+    return {
+        "events_per_s": round(n / (done - start)),
+        "seconds": round(done - start, 3),
+        "wall_events_per_s": round(n / (done - spawned)),
+        "wall_seconds": round(done - spawned, 3),
+        "startup_seconds": round(start - spawned, 3),
+        "peak_rss_mb": round(peak, 1),
+        "daemon_cpu_s": round(cpu, 2),
+        "delivered": delivered,
+        "ok": delivered == n,
+    }
+
+
+def jsonl_lines(path: Path) -> int:
+    with path.open("rb") as f:
+        return sum(1 for _ in f)
+
+
+def sqlite_rows(db: Path) -> int:
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        return int(conn.execute("SELECT count(*) FROM opera_events").fetchone()[0])
+
+
+# --- the report -------------------------------------------------------------------------------
+
+
+def span(values: list[float], fmt: str) -> str:
+    if not values:
+        return "-"
+    lo, hi = min(values), max(values)
+    return fmt.format(lo) if lo == hi else f"{fmt.format(lo)}-{fmt.format(hi)}"
+
+
+def table(rounds: list[dict[str, Any]], sinks: list[str], notes: dict[str, str]) -> str:
+    floor = [r["floor"]["events_per_s"] for r in rounds]
+    lines = [
+        "| sink | events/s (subscribe to durable) | ratio to floor | events/s wall "
+        "(incl. start-up) | peak RSS MB | sink check |",
+        "|---|---|---|---|---|---|",
+        f"| floor (bare client) | {span(floor, '{:,.0f}')} | 1 | - | - | - |",
+    ]
+    for sink in sinks:
+        runs = [(r["floor"], r["sinks"].get(sink)) for r in rounds]
+        good = [(f, s) for f, s in runs if s and "error" not in s]
+        if not good:
+            why = notes.get(sink) or next((s["error"] for _, s in runs if s), "not run")
+            lines.append(f"| {sink} | skipped: {why} | | | | |")
+            continue
+        rates = [s["events_per_s"] for _, s in good]
+        ratios = [s["events_per_s"] / f["events_per_s"] for f, s in good]
+        walls = [s["wall_events_per_s"] for _, s in good]
+        rss = max(s["peak_rss_mb"] for _, s in good)
+        ok = all(s["ok"] for _, s in good) and len(good) == len(runs)
+        check = "every event once" if ok else "FAILED (see json)"
+        lines.append(
+            f"| {sink} | {span(rates, '{:,.0f}')} | {span(ratios, '{:.2f}')} | "
+            f"{span(walls, '{:,.0f}')} | {rss:.0f} | {check} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=300_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--sinks", default=",".join(SINKS), help=f"of {','.join(SINKS)}")
+    parser.add_argument("--workers", type=int, default=4, help="the daemon's pipeline workers")
+    parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "compare.json")
+    parser.add_argument("--receiver", type=int, help=argparse.SUPPRESS)  # internal
+    args = parser.parse_args()
+    if args.receiver is not None:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(_receiver(args.receiver))
+        return 0
+    sinks = [s.strip() for s in args.sinks.split(",") if s.strip()]
+    unknown = set(sinks) - set(SINKS)
+    if unknown:
+        parser.error(f"unknown sinks: {', '.join(sorted(unknown))}")
+    n = args.events
+    started = machine()
+    print(f"machine: {started['cores']} cores, load average {started['load_average']}", flush=True)
+    expected_last = TemplatedEvents(CHAIN, SEED).key(n - 1)
+    notes: dict[str, str] = {}
+    postgres: Postgres | None = None
+    if "postgres" in sinks:
+        try:
+            postgres = Postgres()
+        except Exception as exc:
+            notes["postgres"] = f"no PostgreSQL server ({exc})"
+            print(f"postgres: skipped: {exc}", flush=True)
+    t = time.perf_counter()
+    backlog = ["--chains", CHAIN, "--backlog", str(n), "--seed", str(SEED), "--fast-backlog"]
+    sandbox, url = launcher.start(["--rate", "0", *backlog])
+    print(f"sandbox ready in {time.perf_counter() - t:.1f} s ({n:,} events)", flush=True)
+    rounds: list[dict[str, Any]] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="opera-compare-") as tmp:
+            for r in range(1, args.rounds + 1):
+                sandbox_cpu = cpu_seconds(sandbox.pid)
+                floor = asyncio.run(bare_client(url, n))
+                floor["sandbox_cpu_s"] = round(cpu_seconds(sandbox.pid) - sandbox_cpu, 2)
+                if int(floor["last_offset"]) != expected_last:
+                    raise RuntimeError(f"the backlog ends at {floor['last_offset']}")
+                print(f"round {r}: floor {floor['events_per_s']:,} events/s", flush=True)
+                result: dict[str, Any] = {"round": r, "floor": floor, "sinks": {}}
+                for sink in sinks:
+                    if sink in notes:
+                        continue
+                    work = Path(tmp) / f"r{r}-{sink}"
+                    receiver = Receiver() if sink.startswith("webhook") else None
+                    name = f"bench_r{r}_{os.getpid()}"
+                    counters: dict[str, Callable[[], int]] = {
+                        "jsonl": lambda w=work: jsonl_lines(w / "events.jsonl"),
+                        "sqlite": lambda w=work: sqlite_rows(w / "state.db"),
+                        "postgres": lambda t=name: postgres.count(t) if postgres else 0,
+                    }
+                    try:
+                        sandbox_cpu = cpu_seconds(sandbox.pid)
+                        run = run_daemon(
+                            url,
+                            n,
+                            expected_last,
+                            work,
+                            sink=sink,
+                            workers=args.workers,
+                            counter=receiver.count if receiver else counters[sink],
+                            hook=receiver.url if receiver else "",
+                            dsn=postgres.dsn if postgres else "",
+                            table=name,
+                        )
+                        run["sandbox_cpu_s"] = round(cpu_seconds(sandbox.pid) - sandbox_cpu, 2)
+                        if receiver is not None:
+                            run["receiver_cpu_s"] = round(cpu_seconds(receiver.proc.pid), 2)
+                    except Exception as exc:
+                        run = {"error": str(exc)}
+                    finally:
+                        if receiver is not None:
+                            receiver.stop()
+                    result["sinks"][sink] = run
+                    if "error" not in run and run["ok"]:
+                        shutil.rmtree(work)  # hundreds of MB; a failed run's stays until the end
+                    if "error" in run:
+                        print(f"round {r}: {sink}: ERROR {run['error']}", flush=True)
+                    else:
+                        print(
+                            f"round {r}: {sink} {run['events_per_s']:,} events/s "
+                            f"({run['events_per_s'] / floor['events_per_s']:.2f} of the floor), "
+                            f"wall {run['wall_seconds']} s, peak RSS {run['peak_rss_mb']} MB, "
+                            f"delivered {run['delivered']:,}",
+                            flush=True,
+                        )
+                rounds.append(result)
+    finally:
+        launcher.stop(sandbox, 30)
+        if postgres is not None:
+            postgres.remove()
+    ended = machine()
+    report = {
+        "events": n,
+        "rounds": args.rounds,
+        "workers": args.workers,
+        "sandbox": f"opera-consumer sandbox --fast-backlog --backlog {n} (one chain)",
+        "measured": "events/s: from the subscription (floor: subscribe sent; daemon: its "
+        "'subscribed' log record) to the last event (floor: received; daemon: the checkpoint "
+        "covering it seen in the state store, 10 ms polls); wall: from the daemon's process "
+        "start. Peak RSS: VmRSS every 100 ms and VmHWM at the end.",
+        "machine_at_start": started,
+        "machine_at_end": ended,
+        "notes": notes,
+        "results": rounds,
+        "table": table(rounds, sinks, notes),
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    print()
+    print(report["table"])
+    print(f"\nload average at start {started['load_average']}, at end {ended['load_average']}")
+    failed = any("error" in s or not s["ok"] for r in rounds for s in r["sinks"].values())
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

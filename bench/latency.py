@@ -1,0 +1,243 @@
+"""End-to-end latency: from an event's timestamp to the moment it is durable in the daemon.
+
+    .venv/bin/python bench/latency.py [--rates 100,1000,5000] [--seconds 20] [--warmup 5]
+        [--poll-ms 2] [--drain 5] [--commit-interval-ms N]
+
+For each rate (events per second, one chain):
+1. The sandbox gateway runs in its own process (`opera-consumer sandbox --fast-backlog
+   --live-timestamps --rate R --backlog 0`): every event carries the wall clock's time (UTC,
+   microseconds) at which it entered the gateway's log; a caught-up subscriber is sent it at
+   that moment. The sandbox and this process read the same host clock.
+2. The daemon (`python -m consumer run`, fresh state directory) consumes it into the jsonl
+   sink with fsync and durable checkpoints (SQLite synchronous=FULL; the daemon's default
+   commit interval and size unless --commit-interval-ms).
+3. This process polls the stream's checkpoint in the state store (a read-only connection,
+   every --poll-ms) and records when each advance became visible. A visible checkpoint is
+   durable: SQLite makes a commit visible after its fsync, and the checkpoint only covers
+   events the sink has written and fsynced. So an event is durable at the first poll that saw
+   a checkpoint at or past its offset (an overestimate of at most one poll interval).
+4. After --warmup seconds of events (connection, catch-up of the first events), the events
+   whose timestamps fall in the next --seconds are measured: durable instant - timestamp,
+   for every event (read back from the jsonl file; polls go on --drain seconds after the
+   window, and an event still not durable then is counted, and fails the run). p50, p90,
+   p99 and max per rate go to stdout and bench/results/latency.json, with the achieved rate,
+   the daemon's CPU and the load average.
+
+Loopback only; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import orjson
+from compare import cpu_seconds, machine, open_state, proc_status  # bench/ is on sys.path
+
+from consumer.runtime.metrics import event_time
+from consumer.sandbox import launcher
+
+ROOT = Path(__file__).resolve().parent.parent
+CHAIN = "DEMO"
+STREAM = "latency"
+UTC = ZoneInfo("UTC")
+
+
+def checkpoint(conn: sqlite3.Connection) -> int | None:
+    rows = conn.execute("SELECT offset FROM checkpoints WHERE stream = ?", (STREAM,)).fetchall()
+    return int(rows[0][0]) if rows else None
+
+
+def percentile(sorted_values: list[float], p: float) -> float:
+    """Nearest-rank percentile of sorted values."""
+    k = max(0, min(len(sorted_values) - 1, round(p / 100 * len(sorted_values) + 0.5) - 1))
+    return sorted_values[k]
+
+
+def run_rate(rate: float, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    live = ["--rate", f"{rate:g}", "--fast-backlog", "--live-timestamps"]
+    sandbox, url = launcher.start([*live, "--chains", CHAIN, "--backlog", "0"])
+    commit = f"commit_interval_ms = {args.commit_interval_ms}\n" if args.commit_interval_ms else ""
+    config = work / "config.toml"
+    config.write_text(
+        launcher.stream_config(url, stream=STREAM, chain=CHAIN)
+        + f"""
+[state]
+path = "{work}/state.db"
+synchronous = "full"
+{commit}[sink]
+path = "{work}/events.jsonl"
+fsync = true
+[metrics]
+port = 0
+[log]
+format = "json"
+level = "warning"
+"""
+    )
+    sink = work / "events.jsonl"
+    log = work / "daemon.log"
+    proc = launcher.spawn(["run", "--config", str(config)], log)
+    advances: list[tuple[int, float]] = []  # (checkpoint offset, when first seen)
+    poll = args.poll_ms / 1000
+    peak = 0.0
+    conn: sqlite3.Connection | None = None
+    try:
+        # Until the first checkpoint: the daemon is up and streaming.
+        deadline = time.monotonic() + 60
+        while conn is None or checkpoint(conn) is None:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the daemon did not start streaming; see {log}")
+            conn = conn or open_state(work / "state.db")
+            time.sleep(0.05)
+        streaming = time.time()
+        measure_from = streaming + args.warmup
+        measure_to = measure_from + args.seconds
+        cpu_at: dict[str, float] = {}
+        sandbox_cpu_at: dict[str, float] = {}
+        last = -1
+        polls = 0
+        # Polls go on for --drain seconds after the window: its last events become durable.
+        next_poll = time.monotonic()
+        while (now := time.time()) < measure_to + args.drain:
+            cp = checkpoint(conn)
+            if cp is not None and cp > last:
+                advances.append((cp, now))
+                last = cp
+            if "start" not in cpu_at and now >= measure_from:
+                cpu_at["start"] = cpu_seconds(proc.pid)
+                sandbox_cpu_at["start"] = cpu_seconds(sandbox.pid)
+            if "end" not in cpu_at and now >= measure_to:
+                cpu_at["end"] = cpu_seconds(proc.pid)
+                sandbox_cpu_at["end"] = cpu_seconds(sandbox.pid)
+            polls += 1
+            if polls % max(1, round(0.1 / poll)) == 0:
+                peak = max(peak, proc_status(proc.pid, "VmRSS"))
+                if proc.poll() is not None:
+                    raise RuntimeError(f"the daemon exited ({proc.returncode}); see {log}")
+            next_poll += poll
+            time.sleep(max(0.0, next_poll - time.monotonic()))
+        peak = max(peak, proc_status(proc.pid, "VmHWM"))
+    finally:
+        if conn is not None:
+            conn.close()
+        launcher.stop(proc, 30)
+        launcher.stop(sandbox, 30)
+    offsets = [a[0] for a in advances]
+    latencies: list[float] = []
+    events_in_window = 0
+    undurable = 0
+    with sink.open("rb") as f:
+        for line in f:
+            ev = orjson.loads(line)
+            stamp = event_time(ev.get("timestamp"), UTC)
+            if stamp is None or not measure_from <= stamp < measure_to:
+                continue
+            events_in_window += 1
+            i = bisect.bisect_left(offsets, int(ev["metadata"]["offset"]))
+            if i == len(offsets):
+                undurable += 1
+                continue
+            latencies.append(advances[i][1] - stamp)
+    latencies.sort()
+    if not latencies:
+        raise RuntimeError("no event measured")
+    ms = [x * 1000 for x in latencies]
+    window = args.seconds
+    return {
+        "rate": rate,
+        "achieved_rate": round(events_in_window / window, 1),
+        "events_measured": len(latencies),
+        "events_not_durable_in_time": undurable,
+        "p50_ms": round(percentile(ms, 50), 1),
+        "p90_ms": round(percentile(ms, 90), 1),
+        "p99_ms": round(percentile(ms, 99), 1),
+        "max_ms": round(ms[-1], 1),
+        "min_ms": round(ms[0], 1),
+        "mean_ms": round(statistics.fmean(ms), 1),
+        "checkpoint_advances_per_s": round(
+            sum(1 for _, t in advances if measure_from <= t < measure_to) / window, 1
+        ),
+        "daemon_cpu_percent": round(100 * (cpu_at["end"] - cpu_at["start"]) / window, 1),
+        "sandbox_cpu_percent": round(
+            100 * (sandbox_cpu_at["end"] - sandbox_cpu_at["start"]) / window, 1
+        ),
+        "daemon_peak_rss_mb": round(peak, 1),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rates", default="100,1000,5000", help="events/s, comma-separated")
+    parser.add_argument("--seconds", type=float, default=20.0, help="measured window per rate")
+    parser.add_argument("--warmup", type=float, default=5.0, help="seconds ignored first")
+    parser.add_argument("--poll-ms", type=float, default=2.0, help="checkpoint poll interval")
+    parser.add_argument(
+        "--drain", type=float, default=5.0, help="seconds of polls after the window"
+    )
+    parser.add_argument(
+        "--commit-interval-ms", type=int, default=0, help="the daemon's (0: its default)"
+    )
+    parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "latency.json")
+    args = parser.parse_args()
+    rates = [float(r) for r in args.rates.split(",") if r.strip()]
+    started = machine()
+    print(f"machine: {started['cores']} cores, load average {started['load_average']}", flush=True)
+    results = []
+    for rate in rates:
+        with tempfile.TemporaryDirectory(prefix="opera-latency-") as tmp:
+            result = run_rate(rate, args, Path(tmp))
+        results.append(result)
+        print(
+            f"rate {rate:g}/s (achieved {result['achieved_rate']:g}): "
+            f"p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms, max {result['max_ms']} ms "
+            f"over {result['events_measured']:,} events; daemon CPU "
+            f"{result['daemon_cpu_percent']}%",
+            flush=True,
+        )
+    ended = machine()
+    lines = [
+        "| rate (events/s) | achieved | events | p50 ms | p90 ms | p99 ms | max ms | "
+        "daemon CPU % |",
+        "|---|---|---|---|---|---|---|---|",
+        *(
+            f"| {r['rate']:g} | {r['achieved_rate']:g} | {r['events_measured']:,} | "
+            f"{r['p50_ms']} | {r['p90_ms']} | {r['p99_ms']} | {r['max_ms']} | "
+            f"{r['daemon_cpu_percent']} |"
+            for r in results
+        ),
+    ]
+    report = {
+        "seconds": args.seconds,
+        "warmup_seconds": args.warmup,
+        "poll_ms": args.poll_ms,
+        "drain_seconds": args.drain,
+        "commit_interval_ms": args.commit_interval_ms or "daemon default",
+        "sink": "jsonl, fsync = true; state: SQLite synchronous = FULL",
+        "measured": "per event: the first checkpoint poll (every poll_ms, read-only) that saw "
+        "the checkpoint at or past its offset, minus its timestamp (the sandbox's wall clock "
+        "when it entered the gateway's log); events timestamped in the window after warm-up",
+        "machine_at_start": started,
+        "machine_at_end": ended,
+        "results": results,
+        "table": "\n".join(lines),
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    print()
+    print(report["table"])
+    print(f"\nload average at start {started['load_average']}, at end {ended['load_average']}")
+    return 0 if all(r["events_not_durable_in_time"] == 0 for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
