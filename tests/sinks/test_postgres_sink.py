@@ -13,7 +13,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from pg import PostgresServer
+from pg import PostgresServer, sql
 from structlog.testing import capture_logs
 from support import make_settings, running, truth_ids, wait_until
 
@@ -56,12 +56,8 @@ def settings(dsn: str, table: str, **kw: Any) -> PostgresSinkSettings:
     return PostgresSinkSettings(type="postgres", dsn=dsn, table=table, timeout_s=5.0, **kw)  # type: ignore[arg-type]
 
 
-async def fetch(dsn: str, sql: str, *args: Any) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(dsn, timeout=5)
-    try:
-        return list(await conn.fetch(sql, *args))
-    finally:
-        await conn.close()
+async def fetch(dsn: str, statement: str, *args: Any) -> list[asyncpg.Record]:
+    return list(await sql(dsn, "fetch", statement, *args))
 
 
 async def rows(dsn: str, table: str) -> dict[str, asyncpg.Record]:
