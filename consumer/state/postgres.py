@@ -268,7 +268,13 @@ class PostgresStore:
                 max_size=pool_max,
                 timeout=timeout_s,  # connect
                 command_timeout=timeout_s,
-                server_settings={"application_name": "opera-consumer"},
+                server_settings={
+                    "application_name": "opera-consumer",
+                    # A member frozen (SIGSTOP, a VM pause) inside a commit would hold its
+                    # lease rows' locks for as long as it sleeps, and no member could take
+                    # those streams over: the server ends such a transaction instead.
+                    "idle_in_transaction_session_timeout": str(int(timeout_s * 1000)),
+                },
             )
         except (*DRIVER_ERRORS, ValueError) as exc:
             raise store_error(target, schema, exc, "connecting") from None
