@@ -149,7 +149,13 @@ class Fleet:
                 if a.previous is not None and a.previous != self.member:
                     self.counters.takeovers += 1
                 log.info("lease taken", stream=a.stream, epoch=a.epoch, previous=a.previous or "-")
-                await self._start(a.stream)
+                try:
+                    await self._start(a.stream)
+                except Exception as exc:  # e.g. the store failed: give the lease back
+                    log.warning("starting a stream failed", stream=a.stream, error=describe(exc))
+                    self.epochs.pop(a.stream, None)
+                    with contextlib.suppress(StoreError):
+                        await self.table.release({a.stream: a.epoch}, timeout)
 
     def _self_fence_if_due(self, now: float) -> None:
         f = self.settings
