@@ -301,6 +301,18 @@ def sink_table(sink: str, work: Path, *, hook: str, dsn: str, table: str) -> str
     return f'[sink]\ntype = "webhook"\nurl = "{hook}"\nbatch_size = {batch}\n'
 
 
+def profile(pid: int, out: Path) -> subprocess.Popen[bytes] | None:
+    """BENCH_PROFILE=DIR: sample the daemon with py-spy (folded stacks, written when it exits;
+    the profile's own cost slows the run a little)."""
+    where = os.environ.get("BENCH_PROFILE")
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not where or not Path(spy).exists():
+        return None
+    dest = Path(where) / out.name
+    cmd = [spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "250", "-o", str(dest)]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def run_daemon(
     url: str,
     n: int,
@@ -338,6 +350,7 @@ level = "info"
     log = work / "daemon.log"
     spawned = time.time()
     proc = launcher.spawn(["run", "--config", str(config)], log)
+    profiler = profile(proc.pid, work.parent / f"profile-{work.name}.txt")
     peak = 0.0
     conn: sqlite3.Connection | None = None
     try:
@@ -364,6 +377,8 @@ level = "info"
         if conn is not None:
             conn.close()
         launcher.stop(proc, 60)
+        if profiler is not None:
+            profiler.wait(60)
     start = subscribed_at(log)
     if start is None:
         raise RuntimeError(f"no 'subscribed' record in {log}")

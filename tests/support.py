@@ -88,6 +88,7 @@ def toml_config(
 path = "{tmp_path / "state.db"}"
 commit_interval_ms = {commit_interval_ms}
 commit_max_events = {500 if commit_interval_ms < 1000 else 10_000_000}
+commit_mode = "{"adaptive" if commit_interval_ms < 1000 else "interval"}"
 {sink or f'[sink]{chr(10)}path = "{tmp_path / "events.jsonl"}"'}
 [metrics]
 port = 0

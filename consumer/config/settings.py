@@ -201,6 +201,10 @@ class StateSettings(_Model):
     path: Path = Path("opera-consumer.db")
     # FULL survives power loss; NORMAL survives any process crash and is a bit faster (SQLite).
     synchronous: Literal["normal", "full"] = "full"
+    # "adaptive": commit as soon as the previous commit is done (an event on a quiet stream is
+    # durable within one commit's time; under load a commit takes whatever gathered meanwhile).
+    # "interval": commit every commit_max_events events or commit_interval_ms, whichever first.
+    commit_mode: Literal["adaptive", "interval"] = "adaptive"
     commit_max_events: int = Field(default=500, ge=1)
     commit_interval_ms: int = Field(default=100, ge=1)
     processed_retention_days: float = Field(default=8.0, gt=0)  # OHIP keeps 7 days; +1 margin

@@ -5,8 +5,11 @@ dead-lettered) and asks it what was seen before; nothing else writes a checkpoin
 the committer keeps the low watermark over arrival order (offsets are opaque: order comes from
 arrival), the ids processed but not yet durable, and the dead letters not yet durable.
 
-Group commit: a single task commits at most every ``commit_max_events`` events or
-``commit_interval_ms``, whichever comes first; the snapshot of what to commit is taken without
+Group commit: a single task commits; adaptive (the default), it commits as soon as something
+is done and the previous commit has finished, so a quiet stream's event is durable within one
+commit's time while under load each commit takes everything that was done during the one
+before (batches grow with the load, the number of commits does not); otherwise at most every
+``commit_max_events`` events or ``commit_interval_ms``, whichever comes first. The snapshot of what to commit is taken without
 awaiting, so the checkpoint, the processed ids, the dead letters, the rows a sink staged and
 the sink's position always describe the same instant, and go into the store in one
 transaction.
@@ -56,11 +59,14 @@ class Committer:
         interval_s: float,
         max_pending: int | None = None,
         max_pending_bytes: int = 16 * 1024 * 1024,
+        adaptive: bool = False,
     ) -> None:
         self._store = store
         self._sink = sink
-        self._max_events = max_events
+        # Adaptive: any work done wakes the commit task (max_events and interval unused).
+        self._max_events = 1 if adaptive else max_events
         self._interval = interval_s
+        self._adaptive = adaptive
         self._max_pending = max_pending or max_events * 20
         # Dead letters carry payloads (each bounded): their bytes count against capacity too,
         # so a flood of large malformed frames waits for commits like events do.
@@ -140,6 +146,8 @@ class Committer:
         """A dead letter delivered by a replay: removed in the same transaction."""
         self._batch.resolved.append(dead_letter_id)
         self._pending += 1
+        if self._pending >= self._max_events:
+            self._wake.set()
 
     def _done(
         self, stream: str, ledger: _Ledger, seqs: Sequence[int], done: int, other: int = 0
@@ -227,7 +235,7 @@ class Committer:
                     # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
                     # cancel that lands in the same step as the wake, and shutdown then hangs.
                     with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(self._interval):
+                        async with asyncio.timeout(None if self._adaptive else self._interval):
                             await self._wake.wait()
                     self._wake.clear()
                     # A commit under way finishes even if we are cancelled meanwhile.

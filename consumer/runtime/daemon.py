@@ -11,6 +11,7 @@ transaction and the jsonl sink is cut back to the committed length on the next s
 from __future__ import annotations
 
 import asyncio
+import gc
 import contextlib
 import os
 import signal
@@ -109,7 +110,11 @@ class Daemon:
         await _open_sink(sink, store, st.path)
         resources.push_async_callback(sink.close)
         committer = Committer(
-            store, sink, max_events=st.commit_max_events, interval_s=st.commit_interval_ms / 1000
+            store,
+            sink,
+            max_events=st.commit_max_events,
+            interval_s=st.commit_interval_ms / 1000,
+            adaptive=st.commit_mode == "adaptive",
         )
         self = cls(settings, store, sink, committer, resources)
         self._tokens = tokens
@@ -491,4 +496,16 @@ async def _open_sink(sink: Sink, store: StateStore, state_path: object) -> None:
 async def run(settings: Settings) -> int:
     register_secrets(settings)
     daemon = await Daemon.create(settings)
+    tune_gc()
     return await daemon.run()
+
+
+def tune_gc() -> None:
+    """Every parsed event is a tree of dicts that reference counting frees; the cyclic
+    collector only finds nothing in them, yet at its default threshold (700 allocations) it ran
+    thousands of times a second in a catch-up and walked every queued event each time (~20% of
+    the CPU per event, measured). What start-up built is frozen out of its walks, and it runs
+    a hundred times less often (a few MB more between collections)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(70_000, 20, 100)
