@@ -29,7 +29,7 @@ import orjson
 from ..core.records import Checkpoint, CommitBatch, DeadLetterRow, Fence, dead_letter_row
 from ..core.watermark import Position
 from ..errors import SchemaTooNew, StoreError
-from ..sqlite_tx import transaction
+from ..sqlite_tx import in_thread, sync_transaction, transaction
 from .base import PRUNE_CHUNK
 
 MIGRATIONS: tuple[str, ...] = (
@@ -106,6 +106,12 @@ def _translated(
             raise store_error(store.path, exc) from None
 
     return translated
+
+
+_PUT_SINK_STATE = (
+    "INSERT INTO sink_state (sink, state, updated_at) VALUES (?, ?, ?) "
+    "ON CONFLICT (sink) DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at"
+)
 
 
 class SqliteStore:
@@ -287,17 +293,23 @@ class SqliteStore:
         await self._commit(batch, time.time() if now is None else now)
 
     async def _commit(self, batch: CommitBatch, now: float) -> None:
-        async with transaction(self._w) as db:
+        # One call into the writer's thread for the whole transaction: one statement per
+        # await would take one turn of a loop busy with a catch-up each (measured: most of a
+        # commit's time), and the thread's work is all native.
+        await in_thread(self._w, lambda db: self._commit_now(db, batch, now))
+
+    def _commit_now(self, db: sqlite3.Connection, batch: CommitBatch, now: float) -> None:
+        with sync_transaction(db):
             for stream, ids in batch.processed.items():
                 # One statement for the whole batch: sqlite3 releases the GIL once for it,
                 # where executemany hands it back and forth for every row.
-                await db.execute(
+                db.execute(
                     "INSERT OR IGNORE INTO processed_events (stream, event_id, processed_at) "
                     "SELECT ?, value, ? FROM json_each(?)",
                     (stream, now, orjson.dumps(ids).decode()),
                 )
             if batch.dead_letters:
-                await db.executemany(
+                db.executemany(
                     "INSERT INTO dead_letters (stream, dedup_key, offset, unique_event_id, "
                     "event_name, primary_key, reason, error, payload, first_at, last_at, "
                     "payload_size, payload_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
@@ -309,7 +321,7 @@ class SqliteStore:
                 pos = batch.checkpoints.get(stream)
                 count = batch.done_counts.get(stream, 0)
                 if pos is not None:
-                    await db.execute(
+                    db.execute(
                         "INSERT INTO checkpoints (stream, offset, unique_event_id, updated_at, "
                         "processed_count, last_event_at) VALUES (?, ?, ?, ?, ?, ?) "
                         "ON CONFLICT (stream) DO UPDATE SET offset = excluded.offset, "
@@ -320,25 +332,25 @@ class SqliteStore:
                         (stream, pos.offset, pos.unique_event_id, now, count, now),
                     )
                 elif count:
-                    await db.execute(
+                    db.execute(
                         "UPDATE checkpoints SET processed_count = processed_count + ? "
                         "WHERE stream = ?",
                         (count, stream),
                     )
             if batch.resolved:
                 marks = ",".join("?" * len(batch.resolved))
-                await db.execute(f"DELETE FROM dead_letters WHERE id IN ({marks})", batch.resolved)
+                db.execute(f"DELETE FROM dead_letters WHERE id IN ({marks})", batch.resolved)
             if batch.checkpoints:
                 # A checkpoint written by the stream supersedes an operator's pending reset.
                 marks = ",".join("?" * len(batch.checkpoints))
-                await db.execute(
+                db.execute(
                     f"DELETE FROM start_overrides WHERE stream IN ({marks})",
                     list(batch.checkpoints),
                 )
             for staged in batch.staged:
-                await db.executemany(staged.statement, staged.rows)
+                db.executemany(staged.statement, staged.rows)
             if batch.sink_state is not None:
-                await self._put_sink_state(db, *batch.sink_state, now)
+                db.execute(_PUT_SINK_STATE, (*batch.sink_state, now))
 
     @_translated
     async def anchor(self, stream: str, position: Position, fence: Fence | None = None) -> None:
@@ -361,12 +373,7 @@ class SqliteStore:
 
     @staticmethod
     async def _put_sink_state(db: aiosqlite.Connection, sink: str, state: str, now: float) -> None:
-        await db.execute(
-            "INSERT INTO sink_state (sink, state, updated_at) VALUES (?, ?, ?) "
-            "ON CONFLICT (sink) DO UPDATE SET state = excluded.state, "
-            "updated_at = excluded.updated_at",
-            (sink, state, now),
-        )
+        await db.execute(_PUT_SINK_STATE, (sink, state, now))
 
     # --- operator changes (the CLI, while no daemon holds the stream) ------------------------
 
