@@ -6,12 +6,32 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test chaos lint typecheck bench clean postgres-server bus-servers
 
-$(STAMP): pyproject.toml
+# Every package at the version and hash requirements/lock.txt pins (no resolver at install
+# time), then the project itself, editable, without deps (the lock holds them all).
+$(STAMP): pyproject.toml requirements/lock.txt
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11 ...'"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet --require-hashes -r requirements/lock.txt
+	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
+
+# Regenerate the lock files from pyproject.toml with uv (installed into the venv on demand;
+# it is a tool, not a dependency): requirements/lock.txt, everything `make` installs (runtime,
+# every extra, test tools), and requirements/image.txt, what the container image installs
+# (runtime and every extra), held to the same versions. For CPython 3.11 on Linux x86_64;
+# every file of a pinned release is hashed, so other platforms install from them too.
+# Kept pins stay unless asked: make lock LOCK_FLAGS=--upgrade (or --upgrade-package NAME).
+UV         := uv==0.13.9
+LOCK_FLAGS ?=
+LOCK       := $(BIN)/uv pip compile pyproject.toml --quiet --generate-hashes --python-version 3.11 \
+	--python-platform x86_64-unknown-linux-gnu --custom-compile-command 'make lock' $(LOCK_FLAGS)
+
+.PHONY: lock
+lock:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet '$(UV)'
+	$(LOCK) --extra postgres --extra http2 --extra test -o requirements/lock.txt
+	$(LOCK) --extra postgres --extra http2 -c requirements/lock.txt -o requirements/image.txt
 
 demo: $(STAMP)
 	$(BIN)/python -m consumer.demo

@@ -16,15 +16,17 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import Settings
 from ..core.assignment import LeaseView, fair_share
 from ..core.records import Checkpoint
 from ..errors import ConfigError, ExitCode, OperatorRefused
 from ..state import open_store
-from ..state.fleet import FleetTable, FleetView, MemberRow
 from .output import emit, iso
+
+if TYPE_CHECKING:
+    from ..state.fleet import FleetView, MemberRow
 
 MEMBER_COLUMNS = (
     "member",
@@ -71,6 +73,8 @@ async def _read(settings: Settings) -> _Read:
         checkpoints = {c.stream: c for c in await store.checkpoints()}
     finally:
         await store.close()
+    from ..state.fleet import FleetTable  # noqa: PLC0415  # asyncpg: an extra
+
     table = FleetTable.for_operator(settings.state)
     try:
         view = await table.view(settings.state.timeout_s)
@@ -192,6 +196,8 @@ async def drain(settings: Settings, member: str, *, undo: bool) -> int:
     require_fleet(settings)
     read = await _read(settings)  # also refuses a database the fleet never ran on
     view, now = read.view, read.now
+    from ..state.fleet import FleetTable  # noqa: PLC0415  # asyncpg: an extra
+
     table = FleetTable.for_operator(settings.state)
     try:
         found = await table.set_draining(member, not undo, settings.state.timeout_s)

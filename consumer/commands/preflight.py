@@ -43,7 +43,6 @@ from ..errors import AuthError, ConfigError, SinkError, StoreError
 from ..logs import REDACTOR
 from ..runtime.assembly import register_secrets
 from ..runtime.auth import TokenProvider
-from ..sinks.postgres import PostgresSink
 from ..state import open_store
 
 if TYPE_CHECKING:
@@ -226,6 +225,8 @@ async def _sink(checks: _Checks, settings: Settings) -> None:
         else:
             add("FAIL", "-", "sink", f"{s.type}: cannot write in {folder}")
     elif isinstance(s, PostgresSinkSettings):
+        from ..sinks.postgres import PostgresSink  # noqa: PLC0415  # asyncpg: an extra
+
         sink = PostgresSink(s)
         try:
             await sink.open(None)  # connects and creates the table if missing

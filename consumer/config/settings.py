@@ -40,6 +40,7 @@ from ..core.close_policy import PolicyConfig
 from ..core.protocol import SubscribeInput
 from ..core.templates import Template, TemplateError, check_key, check_stream_name, check_subject
 from ..errors import ConfigError, InvalidInput
+from .extras import missing_extras
 from .fields import (
     ABSOLUTE,
     INSECURE_FIX,
@@ -770,6 +771,13 @@ class Settings(BaseSettings):
             if carries is not None:
                 check("sink.url", self.sink.url, f"its credentials ({carries})")
         if problems:
+            raise Problem(*problems)
+        return self
+
+    @model_validator(mode="after")
+    def _extras(self) -> Settings:
+        """A configured feature whose optional dependency (an extra) is not installed."""
+        if problems := missing_extras(self):
             raise Problem(*problems)
         return self
 

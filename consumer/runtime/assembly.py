@@ -23,7 +23,6 @@ from ..logs import REDACTOR
 from ..sinks.base import Sink
 from ..sinks.jsonl import JsonlSink
 from ..sinks.orchestration import OrchestratingSink, Orchestrator
-from ..sinks.postgres import PostgresSink
 from ..sinks.python import PythonSink
 from ..sinks.sqlite import SqliteSink, StoreTableSink
 from ..sinks.webhook import WebhookSink
@@ -78,6 +77,8 @@ def _plain(settings: Settings, http: httpx.AsyncClient) -> Sink:
     if isinstance(s, WebhookSinkSettings):
         return WebhookSink(s, http)
     if isinstance(s, PostgresSinkSettings):
+        from ..sinks.postgres import PostgresSink  # noqa: PLC0415  # asyncpg: an extra
+
         # The state in PostgreSQL on the very same DSN: the rows commit in the state store's
         # transaction, with the checkpoint (else the sink upserts on its own pool).
         st = settings.state

@@ -31,7 +31,6 @@ from ..core.assignment import Member, plan
 from ..core.evidence import describe
 from ..core.records import Fence
 from ..errors import StoreError
-from ..state.fleet import FleetTable
 
 log = structlog.get_logger(__name__)
 
@@ -59,6 +58,8 @@ class Fleet:
         stop_stream: StopStream,
         spawn: Callable[[Coroutine[Any, Any, None], str], asyncio.Task[None]],
     ) -> None:
+        from ..state.fleet import FleetTable  # noqa: PLC0415  # asyncpg: an extra
+
         f = settings.fleet
         self.settings = f
         self.member = member_name(f.member)

@@ -15,13 +15,14 @@ import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..config import StateSettings
 from ..errors import LeaseHeld
-from .fleet import FleetTable
-from .postgres import PostgresLease
 from .sqlite import store_error
+
+if TYPE_CHECKING:
+    from .fleet import FleetTable
 
 
 def lock_path(state_path: Path) -> Path:
@@ -104,6 +105,8 @@ class _FleetHeld:
 
     @classmethod
     async def take(cls, settings: StateSettings, streams: Iterable[str]) -> _FleetHeld:
+        from .fleet import FleetTable  # noqa: PLC0415  # asyncpg: an extra
+
         table = FleetTable.for_operator(settings, lease_ttl_s=_OPERATOR_LEASE_S)
         wanted = sorted(set(streams))
         try:
@@ -140,6 +143,8 @@ async def acquire(
     if fleet:
         return await _FleetHeld.take(settings, streams)
     if settings.backend == "postgres":
+        from .postgres import PostgresLease  # noqa: PLC0415  # asyncpg: an extra
+
         return await PostgresLease.acquire(settings, streams, role=role)
     return _FileHeld(Lease.acquire(settings.path, streams, role=role))
 
@@ -148,6 +153,8 @@ async def current_holder(settings: StateSettings, *, fleet: bool = False) -> dic
     """Who holds the state store now (pid, role, host or streams), or None. ``fleet``: the
     members holding live leases, and their streams."""
     if fleet:
+        from .fleet import FleetTable  # noqa: PLC0415  # asyncpg: an extra
+
         table = FleetTable.for_operator(settings, lease_ttl_s=0.0)
         try:
             view = await table.view(settings.timeout_s)
@@ -163,5 +170,7 @@ async def current_holder(settings: StateSettings, *, fleet: bool = False) -> dic
         members = ", ".join(sorted({str(h) for h in held.values()}))
         return {"member": members, "streams": sorted(held)}
     if settings.backend == "postgres":
+        from .postgres import PostgresLease  # noqa: PLC0415  # asyncpg: an extra
+
         return await PostgresLease.holder(settings)
     return holder(settings.path)

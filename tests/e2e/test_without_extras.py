@@ -1,0 +1,61 @@
+"""``pip install opera-consumer`` without extras: the daemon runs a jsonl deployment without
+ever importing asyncpg or h2 (tests/without_extras.py makes both unimportable in the
+process), and refuses a PostgreSQL configuration at check-config with the fix."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from support import committed, newest_offset, sink_ids, tail, toml_config, wait_exit, wait_until
+
+RUNNER = Path(__file__).parents[1] / "without_extras.py"
+
+
+def spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, str(RUNNER), *args], stdout=out, stderr=subprocess.STDOUT
+        )
+
+
+async def test_a_jsonl_daemon_runs_without_the_extras(sandbox_factory, tmp_path: Path):
+    gw = await sandbox_factory(backlog=50)
+    config = toml_config(tmp_path, gw.url)
+    newest, state, log = newest_offset(gw), tmp_path / "state.db", tmp_path / "daemon.log"
+    proc = spawn(["run", "--config", str(config)], log)
+    try:
+        await wait_until(
+            lambda: committed(state, newest) or proc.poll() is not None, timeout=120, interval=0.1
+        )
+        assert proc.poll() is None, tail(log)
+        proc.send_signal(signal.SIGTERM)
+        assert await wait_exit(proc) == 0, tail(log)
+    finally:
+        proc.kill()
+        await wait_exit(proc)
+    truth = [e["metadata"]["uniqueEventId"] for e in gw.events("DEMO")]
+    assert sorted(sink_ids(tmp_path / "events.jsonl")) == sorted(truth)
+
+
+def test_a_postgres_configuration_is_refused_with_the_fix(tmp_path: Path):
+    config = tmp_path / "config.toml"
+    config.write_text(
+        '[streams.main]\ngateway_url = "https://gw.example.com"\nchain_code = "DEMO"\n'
+        'app_key = "k"\nauth = { client_id = "c", client_secret = "s" }\n'
+        '[state]\nbackend = "postgres"\ndsn = "postgresql://opera:pw@127.0.0.1:1/opera"\n'
+    )
+    done = subprocess.run(
+        [sys.executable, str(RUNNER), "check-config", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 78, done.stdout + done.stderr
+    assert done.stdout == ""
+    assert 'state.backend: backend = "postgres" needs the Python package asyncpg' in done.stderr
+    assert "pip install 'opera-consumer[postgres]'" in done.stderr
+    assert "pw@" not in done.stderr

@@ -1,0 +1,17 @@
+"""``opera-consumer ARGS`` in a Python where the packages of the optional extras (asyncpg for
+``postgres``, h2 for ``http2``) cannot be imported, as after a plain ``pip install
+opera-consumer``:
+
+    python tests/without_extras.py run --config CONFIG
+"""
+
+from __future__ import annotations
+
+import sys
+
+for module in ("asyncpg", "h2"):
+    sys.modules[module] = None  # type: ignore[assignment]  # import: ImportError; find_spec: None
+
+from consumer.cli import main  # noqa: E402  # after the block above
+
+sys.exit(main())
