@@ -133,7 +133,7 @@ class _StatusCollector(Collector):
         dead = counter("events_dead_lettered", "Events and frames sent to the DLQ.")
         ignored = counter("frames_ignored", "Frames for a subscription id that is not ours.")
         connections = counter("connections", "WebSocket connections opened.")
-        tokens = counter("token_refreshes", "OAuth tokens fetched.")
+        tokens = counter("token_refreshes", "OAuth token requests sent (retries included).")
         closes = CounterMetricFamily(
             "opera_consumer_closes", "Sessions ended, by close code.", labels=["stream", "code"]
         )
