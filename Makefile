@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test chaos lint typecheck bench clean postgres-server bus-servers
+.PHONY: demo test chaos lint typecheck bench clean postgres-server bus-servers promtool
 
 # Every package at the version and hash requirements/lock.txt pins (no resolver at install
 # time), then the project itself, editable, without deps (the lock holds them all).
@@ -36,7 +36,7 @@ lock:
 demo: $(STAMP)
 	$(BIN)/python -m consumer.demo
 
-test: $(STAMP) postgres-server bus-servers
+test: $(STAMP) postgres-server bus-servers promtool
 	$(BIN)/ruff check consumer tests bench
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
@@ -67,6 +67,18 @@ bus-servers:
 			|| echo "note: installing$$missing failed; their sink tests will skip"; \
 	else \
 		echo "note: no$$missing (apt-get install$$missing); their sink tests will skip"; \
+	fi
+
+# promtool, for the alert rules' checks and unit tests (tests/deploy/test_alert_rules.py):
+# it comes with Debian's prometheus package, installed as the PostgreSQL server is.
+promtool:
+	@if command -v promtool >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "installing promtool for the tests (apt-get install prometheus)"; \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } \
+			|| echo "note: installing prometheus failed; the alert rule tests will skip"; \
+	else \
+		echo "note: no promtool (apt-get install prometheus); the alert rule tests will skip"; \
 	fi
 
 # The chaos suite at full size (make test runs it reduced).

@@ -8,7 +8,9 @@ per-event path); only the two latency histograms are observed, once per sink wri
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
+import platform
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -18,11 +20,22 @@ from zoneinfo import ZoneInfo
 import h11
 import httpx
 import structlog
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    GCCollector,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import gzip_accepted
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
+from .. import __version__
 from ..core.events import Event
 from ..http11 import read_request, reject, request_path, respond
 from ..logs import RateLimitedLogger
@@ -48,6 +61,14 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=False)
         self.newest: dict[str, float] = {}  # stream -> event time of the newest delivered event
         self.registry.register(_StatusCollector(source, self.newest))
+        # What the default registry would carry: process_* (CPU, memory, fds, start time),
+        # python_info and python_gc_*; and which build is running, as the usual _info gauge.
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+        Info("opera_consumer_build", "The running build.", registry=self.registry).info(
+            {"version": __version__, "python": platform.python_version()}
+        )
         self._zone = ZoneInfo(event_timezone)
         self.sink_seconds = Histogram(
             "opera_consumer_sink_write_seconds",
@@ -80,6 +101,14 @@ class Metrics:
     def scrape(self) -> bytes:
         return generate_latest(self.registry)
 
+    def exposition(self, accept_encoding: str) -> tuple[bytes, dict[str, str]]:
+        """The scrape and its extra headers: gzipped when the client accepts it (Prometheus
+        does), as prometheus-client's own servers do."""
+        body = self.scrape()
+        if not gzip_accepted(accept_encoding):
+            return body, {"Vary": "Accept-Encoding"}
+        return gzip.compress(body), {"Content-Encoding": "gzip", "Vary": "Accept-Encoding"}
+
 
 class _StatusCollector(Collector):
     def __init__(self, source: StatusSource, newest: dict[str, float]) -> None:
@@ -87,7 +116,9 @@ class _StatusCollector(Collector):
         self._newest = newest
 
     def collect(self) -> Iterator[Metric]:
-        now = time.monotonic()
+        # The runtime keeps monotonic times; exported as Unix time (Prometheus practice:
+        # timestamps, not "seconds since", so that `time() - x` works after any scrape gap).
+        to_wall = time.time() - time.monotonic()
         label = ["stream"]
 
         def counter(name: str, doc: str) -> CounterMetricFamily:
@@ -102,7 +133,7 @@ class _StatusCollector(Collector):
         dead = counter("events_dead_lettered", "Events and frames sent to the DLQ.")
         ignored = counter("frames_ignored", "Frames for a subscription id that is not ours.")
         connections = counter("connections", "WebSocket connections opened.")
-        tokens = counter("token_refreshes", "OAuth tokens fetched.")
+        tokens = counter("token_refreshes", "OAuth token requests sent (retries included).")
         closes = CounterMetricFamily(
             "opera_consumer_closes", "Sessions ended, by close code.", labels=["stream", "code"]
         )
@@ -114,8 +145,8 @@ class _StatusCollector(Collector):
         depth = gauge("queue_depth", "Events read and not yet done.")
         connected = gauge("connected", "1 while subscribed.")
         ready = gauge("ready", "1 while streaming or in a deliberate wait.")
-        age = gauge("checkpoint_age_seconds", "Since the checkpoint last moved.")
-        quiet = gauge("seconds_since_last_event", "Since the last event arrived.")
+        moved = gauge("checkpoint_timestamp_seconds", "Unix time the checkpoint last moved.")
+        last = gauge("last_event_timestamp_seconds", "Unix time the last event arrived.")
         srtt = gauge("srtt_seconds", "Smoothed ping round-trip time.")
         lag = gauge("lag_seconds", "Now minus the newest delivered event's timestamp.")
         for st in self._source.stream_statuses():
@@ -135,9 +166,9 @@ class _StatusCollector(Collector):
             connected.add_metric(name, 1.0 if st.state is StreamState.STREAMING else 0.0)
             ready.add_metric(name, 1.0 if st.state.ready else 0.0)
             if st.checkpoint_moved_at is not None:
-                age.add_metric(name, now - st.checkpoint_moved_at)
+                moved.add_metric(name, st.checkpoint_moved_at + to_wall)
             if st.last_event_at is not None:
-                quiet.add_metric(name, now - st.last_event_at)
+                last.add_metric(name, st.last_event_at + to_wall)
             if st.srtt_s is not None:
                 srtt.add_metric(name, st.srtt_s)
             if st.name in self._newest:
@@ -156,9 +187,17 @@ class _StatusCollector(Collector):
         failures = GaugeMetricFamily(
             "opera_consumer_commit_failures", "Consecutive failed commits of the state store."
         )
-        failures.add_metric([], self._source.commit_status().failures)
+        commit = self._source.commit_status()
+        failures.add_metric([], commit.failures)
         yield failures
-        yield from (depth, connected, ready, age, quiet, srtt, lag)
+        started = GaugeMetricFamily(
+            "opera_consumer_commit_started_timestamp_seconds",
+            "Unix time the commit under way started (no sample between commits).",
+        )
+        if commit.busy_since is not None:
+            started.add_metric([], commit.busy_since + to_wall)
+        yield started
+        yield from (depth, connected, ready, moved, last, srtt, lag)
         for key, value in self._source.sink_counters().items():
             family = CounterMetricFamily(
                 f"opera_consumer_{key}", _SINK_COUNTERS.get(key, "A figure of the sink's own.")
@@ -336,7 +375,9 @@ class MetricsServer:
             return 405, b'{"error": "method not allowed"}', json_type, _ALLOW
         try:
             if path == "/metrics":
-                return 200, self._metrics.scrape(), CONTENT_TYPE_LATEST, {}
+                accept = b", ".join(v for k, v in request.headers if k == b"accept-encoding")
+                body, headers = self._metrics.exposition(accept.decode("latin-1"))
+                return 200, body, CONTENT_TYPE_LATEST, headers
             if path == "/healthz":
                 return 200, b'{"status": "ok"}', json_type, {}
             if path == "/readyz":

@@ -77,14 +77,16 @@ def test_event_time_parses_oracle_timestamps():
 
 
 async def test_the_grafana_dashboard_only_uses_metrics_that_exist(sandbox_factory, tmp_path: Path):
+    """And so do the alert rules (deploy/prometheus/alerts.yaml)."""
     import json
     import re
 
-    dashboard = json.loads(
-        (Path(__file__).parents[2] / "deploy" / "grafana" / "opera-consumer.json").read_text()
-    )
+    deploy = Path(__file__).parents[2] / "deploy"
+    dashboard = json.loads((deploy / "grafana" / "opera-consumer.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
-    used = {n for e in exprs for n in re.findall(r"opera_consumer_[a-z_]+", e)}
+    exprs.append((deploy / "prometheus" / "alerts.yaml").read_text())
+    names = r"\b(?:opera_consumer|process|python)_[a-z_]+"
+    used = {n for e in exprs for n in re.findall(names, e)}
     gw = await sandbox_factory(backlog=20)
     settings = make_settings(tmp_path, gw.url)
     # With orchestration on, so that its metrics (in the dashboard too) are exposed.
