@@ -75,7 +75,8 @@ promtool:
 	@if command -v promtool >/dev/null 2>&1; then :; \
 	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 		echo "installing promtool for the tests (apt-get install prometheus)"; \
-		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null \
+			&& { systemctl disable --now prometheus >/dev/null 2>&1 || service prometheus stop >/dev/null 2>&1 || true; }; } \
 			|| echo "note: installing prometheus failed; the alert rule tests will skip"; \
 	else \
 		echo "note: no promtool (apt-get install prometheus); the alert rule tests will skip"; \

@@ -11,8 +11,8 @@ transaction and the jsonl sink is cut back to the committed length on the next s
 from __future__ import annotations
 
 import asyncio
-import gc
 import contextlib
+import gc
 import os
 import signal
 import sys
