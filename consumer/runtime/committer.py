@@ -10,9 +10,9 @@ is done and the previous commit has finished, so a quiet stream's event is durab
 commit's time while under load each commit takes everything that was done during the one
 before (batches grow with the load, the number of commits does not); otherwise at most every
 ``commit_max_events`` events or ``commit_interval_ms``, whichever comes first. The snapshot
-of what to commit is taken without awaiting, so the checkpoint, the processed ids, the dead letters, the rows a sink staged and
-the sink's position always describe the same instant, and go into the store in one
-transaction.
+of what to commit is taken without awaiting, so the checkpoint, the processed ids, the dead
+letters, the rows a sink staged and the sink's position always describe the same instant, and
+go into the store in one transaction.
 """
 
 from __future__ import annotations

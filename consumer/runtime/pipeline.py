@@ -368,7 +368,7 @@ class StreamPipeline:
                 with attempt:
                     if first is not None:  # tenacity's attempt 1: its wait honours Retry-After
                         failed, first = first, None
-                        raise failed
+                        raise failed from None
                     started = time.perf_counter()
                     await self._sink.write(self.stream, events)
         if self.on_write is not None:
