@@ -20,10 +20,12 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from zoneinfo import ZoneInfo
 
 import structlog
 from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
 
+from ..core.events import event_time
 from ..core.evidence import prefix
 from ..core.records import CommitBatch, DeadLetter, Fence
 from ..core.watermark import Position, Watermark
@@ -56,8 +58,10 @@ class Committer:
         interval_s: float,
         max_pending: int | None = None,
         max_pending_bytes: int = 16 * 1024 * 1024,
+        event_timezone: str = "UTC",
     ) -> None:
         self._store = store
+        self._zone = ZoneInfo(event_timezone)  # of the events' timestamps (checkpoint event time)
         self._sink = sink
         self._max_events = max_events
         self._interval = interval_s
@@ -370,6 +374,9 @@ class Committer:
             pos = ledger.watermark.advance()
             if pos is not None:
                 batch.checkpoints[stream] = pos
+                at = event_time(pos.timestamp, self._zone)  # once per stream and commit
+                if at is not None:
+                    batch.event_at[stream] = at
         for stream, ids in batch.processed.items():
             ledger = self._ledgers[stream]
             ledger.committing_ids.update(ids)
@@ -411,6 +418,7 @@ class Committer:
         for stream in batch.checkpoints:
             self._ledgers[stream].watermark.rewind()
         batch.checkpoints.clear()
+        batch.event_at.clear()
         batch.sink_state = None
         self._pending = (
             sum(len(v) for v in batch.processed.values())
