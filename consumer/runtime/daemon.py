@@ -39,6 +39,7 @@ from .committer import Committer
 from .fleet import Fleet
 from .metrics import Metrics, MetricsServer
 from .pipeline import StreamPipeline
+from .progress import ProgressLog
 from .status import CommitStatus, FleetStatus, StreamStatus
 from .stream import StreamRunner, StreamState
 
@@ -109,7 +110,11 @@ class Daemon:
         await _open_sink(sink, store, st.path)
         resources.push_async_callback(sink.close)
         committer = Committer(
-            store, sink, max_events=st.commit_max_events, interval_s=st.commit_interval_ms / 1000
+            store,
+            sink,
+            max_events=st.commit_max_events,
+            interval_s=st.commit_interval_ms / 1000,
+            event_timezone=settings.metrics.event_timezone,
         )
         self = cls(settings, store, sink, committer, resources)
         self._tokens = tokens
@@ -324,6 +329,14 @@ class Daemon:
         try:
             self._spawn(self.committer.run(), "committer")
             self._spawn(self._prune_forever(), "pruner")
+            if (lg := self.settings.log).progress_interval_s > 0:
+                progress = ProgressLog(
+                    self,
+                    interval_s=lg.progress_interval_s,
+                    caught_up_s=lg.progress_caught_up_s,
+                    event_timezone=self.settings.metrics.event_timezone,
+                )
+                self._spawn(progress.run(), "progress")
             if self.fleet is None:
                 for name in self.runners:
                     self._launch(name)
