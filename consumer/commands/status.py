@@ -2,11 +2,12 @@
 the checkpoint's event time and the time it was committed, processed, dead letters) and what
 the running daemon's listener says (state, events/s, event-time lag, the time to catch up).
 
-Lag is event time: now minus the own timestamp of the newest event the daemon delivered, or,
-when no daemon answers, of the checkpoint's event. The time to catch up (``eta``) is
-:mod:`consumer.core.progress`'s estimate over the listener's scrapes: "caught up" within
-``[log] progress_caught_up_s``, "idle" when nothing arrives, "unknown" when the lag does not
-shrink.
+Lag is event time: now minus the own timestamp of the newest event the daemon delivered (how
+fresh the sink is), or, when no daemon answers, of the checkpoint's event (``event_at``: where
+a restart resumes, behind the newest delivered by what is not committed yet). The time to
+catch up (``eta``) is :mod:`consumer.core.progress`'s estimate over the listener's scrapes:
+"caught up" within ``[log] progress_caught_up_s``, "idle" when nothing arrives, "unknown"
+when the lag does not shrink.
 
 ``--watch`` refreshes every ``--interval`` seconds: in place on a terminal (like ``top``),
 otherwise one table after another with a blank line between them (``--json``: one JSON array a
@@ -123,17 +124,20 @@ async def snapshot(
     settings: Settings, store: StateStore, live: LiveView | None, first_interval_s: float
 ) -> list[dict[str, Any]]:
     """One row per stream (configured, checkpointed or with dead letters)."""
+    # The daemon first: its first look takes a while, and the store's figures are then fresher.
+    running = await live.poll(first_interval_s) if live is not None else None
     checkpoints = {c.stream: c for c in await store.checkpoints()}
     dlq = await store.dead_letter_counts()
-    running = await live.poll(first_interval_s) if live is not None else None
     now = time.time()
     rows: list[dict[str, Any]] = []
     for name in sorted(set(settings.streams) | set(checkpoints) | set(dlq)):
         cp = checkpoints.get(name)
         figures = running.get(name) if running else None
+        # What the sink has is as fresh as the newest delivered event (the daemon's figure);
+        # without one, the checkpoint's event (a commit or so behind it) says it.
         lag = figures["lag_s"] if figures else None
         if lag is None and cp is not None and cp.event_at is not None:
-            lag = round(max(0.0, now - cp.event_at), 1)  # the checkpoint's: no newer figure
+            lag = round(max(0.0, now - cp.event_at), 1)
         row = {
             "stream": name,
             "configured": name in settings.streams,
@@ -206,6 +210,7 @@ async def _watch(
     shown = 0
     try:
         while not stop.is_set():
+            next_at = loop.time() + interval_s  # a refresh every interval, however long it takes
             rows = await snapshot(settings, store, live, min(1.0, interval_s))
             if as_json:
                 print(json.dumps(rows), flush=True)  # one document a line
@@ -221,7 +226,7 @@ async def _watch(
             if count is not None and shown >= count:
                 break
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(interval_s):
+                async with asyncio.timeout_at(max(next_at, loop.time())):
                     await stop.wait()
     except BrokenPipeError:  # `status --watch | head`: the reader is gone
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit

@@ -25,6 +25,7 @@ from support import committed, newest_offset, spawn_daemon, tail, toml_config, w
 
 from consumer.commands.status import COLUMNS, duration, eta_text
 from consumer.core.events import event_time
+from consumer.runtime.metrics import live_status
 from consumer.sandbox import launcher
 from consumer.state import SqliteStore
 
@@ -207,3 +208,49 @@ def test_lag_and_eta_in_words() -> None:
     assert eta_text({**row, "progress": "live", "eta_s": 0.0}) == "caught up"
     assert eta_text({**row, "progress": "idle", "eta_s": 0.0}) == "idle"
     assert eta_text({**row, "progress": None, "eta_s": None}) is None
+
+
+@pytest.mark.parametrize(
+    ("readyz", "metrics"),
+    [
+        (b"not json", b""),
+        (b"[1, 2]", b""),
+        (b'{"streams": [1]}', b""),
+        (b'{"streams": {"main": "streaming"}}', b""),
+        (b'{"streams": {"main": {"state": "streaming"}}}', b"opera_consumer_lag_seconds{"),
+    ],
+)
+async def test_a_listener_that_answers_garbage_is_not_a_running_daemon(
+    readyz: bytes, metrics: bytes
+) -> None:
+    """What answers on the metrics port is a peer like any other: no traceback, no figures."""
+
+    def answer(request: Any) -> Reply:
+        return Reply(body=readyz if request.path == "/readyz" else metrics)
+
+    with Receiver(answer) as rx:
+        assert await live_status("127.0.0.1", rx.port) is None
+
+
+async def test_a_listener_figure_that_is_not_finite_is_left_out() -> None:
+    text = (
+        b'opera_consumer_events_processed_total{stream="main"} 12\n'
+        b'opera_consumer_lag_seconds{stream="main"} NaN\n'
+        b'opera_consumer_queue_depth{stream="main"} +Inf\n'
+    )
+
+    def answer(request: Any) -> Reply:
+        if request.path == "/readyz":
+            return Reply(body=b'{"streams": {"main": {"state": "streaming"}}}')
+        return Reply(body=text)
+
+    with Receiver(answer) as rx:
+        look = await live_status("127.0.0.1", rx.port)
+    assert look is not None
+    main = look["main"]
+    assert (main["state"], main["processed"], main["lag_s"], main["waiting"]) == (
+        "streaming",
+        12,
+        None,
+        0,
+    )
