@@ -8,8 +8,9 @@ the wall clock moves on by one: the lag shrinks by ``speed - 1`` a second, and t
 the time to catch up is ``lag / (speed - 1)`` (the rest of the backlog assumed as dense in
 events as the part read over the window). Unknown when the lag does not shrink.
 
-The samples are the caller's (the daemon's progress lines, the ``status`` command's scrapes);
-the rates are over the last ``window`` of them.
+The samples are the caller's (the daemon's progress lines, the ``status`` command's scrapes):
+events/s is over the last interval between two, the speed (so the estimate) over the last
+``window`` of them, steadier.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class Sample:
 class Progress:
     phase: Phase
     lag_s: float | None  # None: no event done yet
-    events_per_s: float | None  # None: one sample so far
+    events_per_s: float | None  # over the last interval (None: one sample so far)
     speed: float | None  # seconds of event time gone through per second (None: not known yet)
     eta_s: float | None  # to catch up: 0.0 when live or idle, None when unknown
 
@@ -69,7 +70,8 @@ class Estimator:
         lag = None if last.event_at is None else max(0.0, last.at - last.event_at)
         rate = speed = None
         if len(self._samples) > 1:
-            rate = (last.done - first.done) / (last.at - first.at)
+            before = self._samples[-2]  # the rate now: a catch-up's end shows at once
+            rate = (last.done - before.done) / (last.at - before.at)
             timed = [(s.at, s.event_at) for s in self._samples if s.event_at is not None]
             if len(timed) > 1:
                 (t0, e0), (t1, e1) = timed[0], timed[-1]

@@ -53,8 +53,14 @@ def test_the_estimate_follows_the_last_window_of_samples():
     # The sink slows down: 10x from t=3 on. Once the window holds only slow samples, so
     # does the estimate.
     lag3 = 86400.0 - 99 * 3
-    for t in range(4, 6):
-        after = est.add(Sample(T0 + t, 1500 + 50 * (t - 3), T0 - lag3 + 3 + 10 * (t - 3), 9))
+    slower = [
+        est.add(Sample(T0 + t, 1500 + 50 * (t - 3), T0 - lag3 + 3 + 10 * (t - 3), 9))
+        for t in (4, 5)
+    ]
+    # events/s is the last interval's at once; the speed (the estimate) is the window's
+    assert slower[0].events_per_s == pytest.approx(50.0)
+    assert slower[0].speed == pytest.approx((100 + 10) / 2)
+    after = slower[1]
     assert after.speed == pytest.approx(10.0) and after.events_per_s == pytest.approx(50.0)
     assert after.eta_s == pytest.approx((lag3 - 9 * 2) / 9)
 
