@@ -63,11 +63,21 @@ def _parser() -> argparse.ArgumentParser:
     status = with_config(
         sub.add_parser(
             "status",
-            help="per stream: checkpoint offset, last event time, processed and DLQ counts",
+            help="per stream: checkpoint offset, its event and commit times, processed and DLQ "
+            "counts; the running daemon's state, events/s, lag and time to catch up",
             epilog=_EPILOG,
         )
     )
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument(
+        "--watch", action="store_true", help="refresh in place until Ctrl-C (like top)"
+    )
+    status.add_argument(
+        "--interval", type=_positive, default=2.0, help="seconds between refreshes (--watch)"
+    )
+    status.add_argument(
+        "--count", type=_positive_int, help="stop after this many refreshes (--watch)"
+    )
     with_config(
         sub.add_parser(
             "preflight",
@@ -130,10 +140,32 @@ def _parser() -> argparse.ArgumentParser:
     sb.add_argument(
         "--live-timestamps",
         action="store_true",
-        help="benchmarks: events made after the start (--rate) carry the current time (UTC, "
-        "microseconds) as their timestamp, for end-to-end latency",
+        default=True,
+        help="the default: the backlog ends at the start and new events (--rate) carry the "
+        "current time (UTC, microseconds), so a consumer's lag and end-to-end latency are true",
+    )
+    sb.add_argument(
+        "--fixed-timestamps",
+        dest="live_timestamps",
+        action="store_false",
+        help="every event's timestamp from a clock starting on a day of 2024 (the same events "
+        "at every start)",
     )
     return parser
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:  # also NaN
+        raise argparse.ArgumentTypeError(f"{text}: a number of seconds above 0")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: at least 1")
+    return value
 
 
 def _dlq_parser(sub: Any, with_config: Any) -> None:
@@ -249,7 +281,15 @@ def _command(args: argparse.Namespace) -> int:
     if command == "status":
         from .commands.status import status
 
-        return asyncio.run(status(settings, as_json=args.json))
+        return asyncio.run(
+            status(
+                settings,
+                as_json=args.json,
+                watch=args.watch,
+                interval_s=args.interval,
+                count=args.count,
+            )
+        )
     if command == "dlq":
         from .commands import dlq  # the daemon's modules: imported only for this command
 

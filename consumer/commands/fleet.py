@@ -148,7 +148,7 @@ def stream_rows(
                     round(lease.expires_at - now, 1) if lease and lease.holder else None
                 ),
                 "offset": cp.offset if cp else None,
-                "lag_s": _age(now, cp.last_event_at) if cp else None,
+                "lag_s": _age(now, cp.event_at) if cp else None,
             }
         )
     return rows

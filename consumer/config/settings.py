@@ -654,6 +654,10 @@ class MetricsSettings(_Model):
 class LogSettings(_Model):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
+    # A progress line per stream this often while it is behind (events/s, lag, ETA); 0: none.
+    progress_interval_s: float = Field(default=10.0, ge=0)
+    # Event-time lag up to this is caught up (no progress lines; `status` says "caught up").
+    progress_caught_up_s: float = Field(default=60.0, gt=0)
 
 
 class Settings(BaseSettings):

@@ -6,6 +6,7 @@ write it verbatim; the typed attributes are the few fields the pipeline itself n
 
 from __future__ import annotations
 
+from datetime import datetime, tzinfo
 from typing import Any, NamedTuple, NotRequired, TypedDict
 
 
@@ -72,3 +73,18 @@ SELECTION = (
     "publisherId actionInstanceId detail { elementName elementType elementSequence elementRole "
     "newValue oldValue scopeFrom scopeTo }"
 )
+
+
+ORACLE_TIMESTAMP = "%d-%b-%y %I.%M.%S.%f %p"  # "28-APR-24 06.18.59.028027 AM"
+
+
+def event_time(timestamp: str | None, zone: tzinfo) -> float | None:
+    """Epoch seconds of an event's ``timestamp`` (Oracle's format, in ``zone``: Oracle does not
+    document it), or None when it is missing or not in that format. About 10 µs: call it per
+    batch or per sample, not per event."""
+    if not timestamp:
+        return None
+    try:
+        return datetime.strptime(timestamp, ORACLE_TIMESTAMP).replace(tzinfo=zone).timestamp()
+    except ValueError:
+        return None

@@ -45,9 +45,11 @@ class Checkpoint:
     stream: str
     offset: str
     unique_event_id: str
-    updated_at: float
+    updated_at: float  # checkpoint time: when it was last written (committed, anchored, set)
     processed_count: int
-    last_event_at: float | None
+    # Event time: the own timestamp of the checkpoint's event (epoch seconds), from its last
+    # commit; None when unknown (anchored or set by an operator, or not in Oracle's format).
+    event_at: float | None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -83,6 +85,7 @@ class DeadLetter:
 @dataclass(slots=True)
 class CommitBatch:
     checkpoints: dict[str, Position] = field(default_factory=dict)
+    event_at: dict[str, float] = field(default_factory=dict)  # of a checkpoint, when known
     processed: dict[str, list[str]] = field(default_factory=dict)  # stream -> event ids
     done_counts: dict[str, int] = field(default_factory=dict)
     dead_letters: list[DeadLetter] = field(default_factory=list)
@@ -105,6 +108,7 @@ class CommitBatch:
         """This batch minus everything of ``streams`` (fenced: another member owns them)."""
         return CommitBatch(
             checkpoints={s: p for s, p in self.checkpoints.items() if s not in streams},
+            event_at={s: t for s, t in self.event_at.items() if s not in streams},
             processed={s: i for s, i in self.processed.items() if s not in streams},
             done_counts={s: n for s, n in self.done_counts.items() if s not in streams},
             dead_letters=[d for d in self.dead_letters if d.stream not in streams],

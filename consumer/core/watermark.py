@@ -17,6 +17,9 @@ from dataclasses import dataclass
 class Position:
     offset: str
     unique_event_id: str
+    # The event's own timestamp, as received (parsed once per commit, not per event): what
+    # the checkpoint's event time is made of. None: unknown (operator-set, or not given).
+    timestamp: str | None = None
 
 
 class Watermark:

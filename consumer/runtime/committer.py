@@ -23,10 +23,12 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from zoneinfo import ZoneInfo
 
 import structlog
 from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
 
+from ..core.events import event_time
 from ..core.evidence import prefix
 from ..core.records import CommitBatch, DeadLetter, Fence
 from ..core.watermark import Position, Watermark
@@ -60,8 +62,10 @@ class Committer:
         max_pending: int | None = None,
         max_pending_bytes: int = 16 * 1024 * 1024,
         adaptive: bool = False,
+        event_timezone: str = "UTC",
     ) -> None:
         self._store = store
+        self._zone = ZoneInfo(event_timezone)  # of the events' timestamps (checkpoint event time)
         self._sink = sink
         # Adaptive: any work done wakes the commit task (max_events and interval unused).
         self._max_events = 1 if adaptive else max_events
@@ -378,6 +382,9 @@ class Committer:
             pos = ledger.watermark.advance()
             if pos is not None:
                 batch.checkpoints[stream] = pos
+                at = event_time(pos.timestamp, self._zone)  # once per stream and commit
+                if at is not None:
+                    batch.event_at[stream] = at
         for stream, ids in batch.processed.items():
             ledger = self._ledgers[stream]
             ledger.committing_ids.update(ids)
@@ -419,6 +426,7 @@ class Committer:
         for stream in batch.checkpoints:
             self._ledgers[stream].watermark.rewind()
         batch.checkpoints.clear()
+        batch.event_at.clear()
         batch.sink_state = None
         self._pending = (
             sum(len(v) for v in batch.processed.values())

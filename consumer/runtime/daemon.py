@@ -40,6 +40,7 @@ from .committer import Committer
 from .fleet import Fleet
 from .metrics import Metrics, MetricsServer
 from .pipeline import StreamPipeline
+from .progress import ProgressLog
 from .status import CommitStatus, FleetStatus, StreamStatus
 from .stream import StreamRunner, StreamState
 
@@ -115,6 +116,7 @@ class Daemon:
             max_events=st.commit_max_events,
             interval_s=st.commit_interval_ms / 1000,
             adaptive=st.commit_mode == "adaptive",
+            event_timezone=settings.metrics.event_timezone,
         )
         self = cls(settings, store, sink, committer, resources)
         self._tokens = tokens
@@ -329,6 +331,14 @@ class Daemon:
         try:
             self._spawn(self.committer.run(), "committer")
             self._spawn(self._prune_forever(), "pruner")
+            if (lg := self.settings.log).progress_interval_s > 0:
+                progress = ProgressLog(
+                    self,
+                    interval_s=lg.progress_interval_s,
+                    caught_up_s=lg.progress_caught_up_s,
+                    event_timezone=self.settings.metrics.event_timezone,
+                )
+                self._spawn(progress.run(), "progress")
             if self.fleet is None:
                 for name in self.runners:
                     self._launch(name)

@@ -390,37 +390,41 @@ class MetricsServer:
         return 404, b'{"error": "not found"}', json_type, {}
 
 
-async def live_status(host: str, port: int, *, interval_s: float = 1.0) -> dict[str, Any] | None:
-    """State, events/s and lag per stream from a running daemon's listener (None: not running).
+async def live_status(host: str, port: int) -> dict[str, dict[str, Any]] | None:
+    """One look at a running daemon through its listener (None: no daemon answers): per
+    stream, ``state`` (/readyz), and from /metrics ``processed`` (a counter), ``lag_s`` and
+    ``waiting`` (None when not exposed), with ``at``: the wall clock of the scrape. The rates
+    are the caller's, from two looks (``status``: :mod:`consumer.core.progress`).
 
-    Two scrapes ``interval_s`` apart give the rate.
+    Its answers are checked like any peer's: one not shaped like our listener's gives None too.
     """
-
-    def per_stream(text: str, name: str) -> dict[str, float]:
-        return {
-            s.labels["stream"]: s.value
-            for family in text_string_to_metric_families(text)
-            for s in family.samples
-            if s.name == name
-        }
-
     host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    wanted = {
+        "opera_consumer_events_processed_total": "processed",
+        "opera_consumer_lag_seconds": "lag_s",
+        "opera_consumer_queue_depth": "waiting",
+    }
     try:
         async with httpx.AsyncClient(base_url=f"http://{host}:{port}", timeout=2.0) as http:
             ready = (await http.get("/readyz")).json()
-            first = (await http.get("/metrics")).text
-            await asyncio.sleep(interval_s)
-            second = (await http.get("/metrics")).text
-    except (httpx.HTTPError, ValueError):
-        return None
-    count = "opera_consumer_events_processed_total"
-    before, after = per_stream(first, count), per_stream(second, count)
-    lag = per_stream(second, "opera_consumer_lag_seconds")
-    return {
-        name: {
-            "state": info["state"],
-            "events_per_s": round((after.get(name, 0) - before.get(name, 0)) / interval_s, 1),
-            "lag_s": round(lag[name], 1) if name in lag else None,
+            text = (await http.get("/metrics")).text
+        at = time.time()
+        figures: dict[str, dict[str, float]] = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                key = wanted.get(s.name)
+                if key is not None and "stream" in s.labels and abs(s.value) < float("inf"):
+                    figures.setdefault(s.labels["stream"], {})[key] = s.value
+        streams = ready["streams"]
+        return {
+            str(name): {
+                "state": str(info["state"]),
+                "at": at,
+                "processed": int(figures.get(name, {}).get("processed", 0)),
+                "lag_s": figures.get(name, {}).get("lag_s"),
+                "waiting": int(figures.get(name, {}).get("waiting", 0)),
+            }
+            for name, info in streams.items()
         }
-        for name, info in ready.get("streams", {}).items()
-    }
+    except (httpx.HTTPError, ValueError, TypeError, KeyError, AttributeError):
+        return None

@@ -117,13 +117,17 @@ class StreamPipeline:
         queue = self._queue_for(event)
         if queue.full():
             return False
-        seq = self._committer.arrived(self.stream, Position(event.offset, event.unique_event_id))
+        seq = self._committer.arrived(
+            self.stream, Position(event.offset, event.unique_event_id, event.timestamp)
+        )
         queue.put_nowait((seq, event))
         return True
 
     async def put(self, event: Event) -> None:
         """Queue the event, waiting while its worker's queue is full."""
-        seq = self._committer.arrived(self.stream, Position(event.offset, event.unique_event_id))
+        seq = self._committer.arrived(
+            self.stream, Position(event.offset, event.unique_event_id, event.timestamp)
+        )
         try:
             await self._queue_for(event).put((seq, event))
         except asyncio.CancelledError:

@@ -7,8 +7,11 @@ compared as numbers to position an inclusive replay.
 With ``templated`` (the ``fast_backlog`` option, :mod:`.templated`), every event of the log is
 made from templates instead, and the backlog (:meth:`ChainLog.add_backlog`) is a prefix of
 ``backlog`` events that are never held as entries: :attr:`ChainLog.entries` are the ones after
-it, and indexes count from the prefix's start. With ``stamp_now``, new events carry the wall
-clock's time (UTC) as their ``timestamp``, for latency measurements.
+it, and indexes count from the prefix's start. Live timestamps (the ``live_timestamps`` option,
+the default): :meth:`ChainLog.end_backlog_at` stamps the backlog so that it ends at the start,
+its events evenly spaced back from there (what happened before the start), and with
+``stamp_now`` events made later carry the wall clock's time (UTC): a consumer's event-time lag
+is then true. Without, every event carries a clock that starts on a day of 2024.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ if TYPE_CHECKING:
     from .templated import TemplatedEvents
 
 HOTELS = ("HOTEL1", "HOTEL2", "HOTEL3", "RESORT4")
+BACKLOG_STEP_US = 1_500_000  # live timestamps: the generator's backlog events this far apart
 
 # module -> (creation event, follow-up events, detail elements: name -> value maker)
 _MODULES: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -100,6 +104,14 @@ def _now_timestamp() -> str:
     return datetime.now(UTC).strftime("%d-%b-%y %I.%M.%S.%f %p").upper()
 
 
+def _epoch_timestamp(epoch_us: int) -> str:
+    """Epoch microseconds (UTC) in Oracle's timestamp format."""
+    when = datetime.fromtimestamp(epoch_us // 1_000_000, UTC).replace(
+        microsecond=epoch_us % 1_000_000
+    )
+    return when.strftime("%d-%b-%y %I.%M.%S.%f %p").upper()
+
+
 def _dumps(doc: Any) -> str:
     return json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
 
@@ -121,6 +133,9 @@ class ChainLog:
     _next_key: int = field(init=False)
     _changed: asyncio.Event | None = None
     _count: int = 0
+    # Live timestamps: generated event i (from 0) stamped at _first_us + i * BACKLOG_STEP_US.
+    _first_us: int | None = None
+    _made: int = 0
 
     def __post_init__(self) -> None:
         self._rng = random.Random(f"{self.seed}:{self.chain}")
@@ -215,6 +230,14 @@ class ChainLog:
         self._keys.append(key)
         self._notify()
 
+    def end_backlog_at(self, end_us: int, n: int) -> None:
+        """Live timestamps: the backlog's ``n`` events, made next, end at ``end_us`` (epoch
+        microseconds: the start), evenly spaced back from there."""
+        if self.templated is not None:
+            self.templated.end_at(end_us, n)
+        else:
+            self._first_us = end_us - max(0, n - 1) * BACKLOG_STEP_US
+
     def add_backlog(self, n: int) -> None:
         """The templated backlog: ``n`` events, first in an empty templated log."""
         assert self.templated is not None and not self.entries and not self.backlog
@@ -281,16 +304,20 @@ class ChainLog:
             "moduleName": res.module,
             "eventName": event_name,
             "primaryKey": res.key,
-            "timestamp": (
-                _now_timestamp()
-                if self.stamp_now
-                else self._clock.strftime("%d-%b-%y %I.%M.%S.%f %p").upper()
-            ),
+            "timestamp": self._timestamp(),
             "hotelId": res.hotel,
             "publisherId": f"OPERA-{res.hotel}",
             "actionInstanceId": str(rng.randrange(10**9, 10**10)),
             "detail": detail,
         }
+
+    def _timestamp(self) -> str:
+        made, self._made = self._made, self._made + 1
+        if self.stamp_now:
+            return _now_timestamp()
+        if self._first_us is not None:
+            return _epoch_timestamp(self._first_us + made * BACKLOG_STEP_US)
+        return self._clock.strftime("%d-%b-%y %I.%M.%S.%f %p").upper()
 
     def _changes(self, res: Resource, *, new: bool) -> list[dict[str, Any]]:
         rng = self._rng

@@ -24,11 +24,13 @@ class SandboxOptions:
     # Benchmarks. fast_backlog: every event made from templates (a few microseconds each, see
     # templated.py) and the backlog sent as WebSocket frames built once, in large chunks, so
     # a client reading it is the bottleneck, not the sandbox; its events have no REST
-    # resources and no malformed frames (malformed_every is refused). live_timestamps: events
-    # generated after the start (the rate's, append()'s) carry the wall clock's time (UTC, to
-    # the microsecond) as their timestamp: a caught-up subscriber gets them at that moment.
+    # resources and no malformed frames (malformed_every is refused). live_timestamps: the
+    # backlog ends at the start (its events evenly spaced before it) and events generated
+    # after the start (the rate's, append()'s) carry the wall clock's time (UTC, to the
+    # microsecond): a consumer's event-time lag is true. False: every timestamp comes from a
+    # clock that starts on a day of 2024 (the same events at every start).
     fast_backlog: bool = False
-    live_timestamps: bool = False
+    live_timestamps: bool = True
     token_ttl_s: float = 3600.0
     ping_interval_s: float = 15.0  # server pings; 0 disables
     init_timeout_s: float = 10.0  # connection_init deadline (4408)

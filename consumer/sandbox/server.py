@@ -110,6 +110,8 @@ class SandboxGateway:
     async def start(self) -> None:
         o = self.options
         for log in self._logs.values():
+            if o.live_timestamps:  # the backlog is what happened before the start
+                log.end_backlog_at(int(time.time() * 1_000_000), o.backlog)
             if log.templated is not None:
                 log.add_backlog(o.backlog)
                 # Every consumer's subscription id is a UUID: its JSON is 38 bytes.
@@ -256,7 +258,7 @@ async def run_sandbox(options: SandboxOptions, *, announce: Callable[[str], None
         f'  client_id     = "{o.client_id}"  client_secret = "{o.client_secret}"\n'
         f"  chains        = {', '.join(o.chains)}  ({o.backlog} events waiting each, "
         f"{o.rate:g} new/s{', fast backlog' if o.fast_backlog else ''}"
-        f"{', live timestamps' if o.live_timestamps else ''})\n"
+        f"{'' if o.live_timestamps else ', fixed timestamps'})\n"
         f"  REST          = /rsv/v1, /crm/v1, /csh/v1  ({rest})\n"
         "Ctrl-C to stop."
     )

@@ -7,8 +7,9 @@ The generator of :mod:`.eventlog` spends about 0.1-0.2 ms on an event; 300,000 t
 template's JSON text: ``metadata.offset`` (increasing, with gaps of 1-3), ``metadata.
 uniqueEventId`` (UUID-shaped, unique per chain, seed and ``j``), ``primaryKey`` (the template's
 key, shifted per cycle of templates, so a key gets several events as with the generator) and
-``timestamp`` (Oracle's format; the generator's clock, or the wall clock in UTC at generation
-with ``live_timestamps``). Every event has the generator's shape and passes the consumer's
+``timestamp`` (Oracle's format, :data:`STEP_US` apart: from a day in 2024, or with
+``live_timestamps`` ending at the start (:meth:`TemplatedEvents.end_at`), and the wall clock in
+UTC for events made later). Every event has the generator's shape and passes the consumer's
 decoding; a few microseconds each.
 
 The backlog (the first ``n`` events of a chain) is never held as :class:`~.eventlog.Entry`
@@ -98,8 +99,14 @@ class TemplatedEvents:
     def hotel(self, j: int) -> str:
         return self._hotels[j % TEMPLATES]
 
+    def end_at(self, end_us: int, n: int) -> None:
+        """Live timestamps: event ``n - 1`` (the backlog's last) at ``end_us`` (epoch µs), the
+        earlier ones :data:`STEP_US` apart before it. Before the backlog's frames are built."""
+        assert not self._wire, "the backlog's frames are built already"
+        self._clock_us = end_us - max(0, n - 1) * STEP_US
+
     def timestamp_us(self, j: int) -> int:
-        """The event's time in the backlog's clock (the generator's: from a day in 2024)."""
+        """The event's time in the backlog's clock (from a day in 2024, or :meth:`end_at`)."""
         return self._clock_us + j * STEP_US
 
     def payload(self, j: int, timestamp: str | None = None) -> str:

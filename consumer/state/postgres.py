@@ -115,6 +115,12 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX stream_leases_holder ON {s}.stream_leases (holder);
     """,
+    # 3: the checkpoint's event time (its event's own timestamp) under its own name; the old
+    # column held the commit time (as updated_at does), so no value of it is kept
+    """
+    ALTER TABLE {s}.checkpoints RENAME COLUMN last_event_at TO event_at;
+    UPDATE {s}.checkpoints SET event_at = NULL;
+    """,
 )
 
 
@@ -346,7 +352,7 @@ class PostgresStore:
     async def checkpoint(self, stream: str) -> Checkpoint | None:
         row = await self._pool.fetchrow(
             'SELECT stream, "offset", unique_event_id, updated_at, processed_count, '
-            f"last_event_at FROM {self._s}.checkpoints WHERE stream = $1",
+            f"event_at FROM {self._s}.checkpoints WHERE stream = $1",
             stream,
         )
         return Checkpoint(*row) if row else None
@@ -355,7 +361,7 @@ class PostgresStore:
     async def checkpoints(self) -> list[Checkpoint]:
         rows = await self._pool.fetch(
             'SELECT stream, "offset", unique_event_id, updated_at, processed_count, '
-            f"last_event_at FROM {self._s}.checkpoints ORDER BY stream"
+            f"event_at FROM {self._s}.checkpoints ORDER BY stream"
         )
         return [Checkpoint(*row) for row in rows]
 
@@ -486,18 +492,19 @@ class PostgresStore:
                 pos = batch.checkpoints.get(stream)
                 count = batch.done_counts.get(stream, 0)
                 if pos is not None:
-                    moved.append((stream, pos.offset, pos.unique_event_id, now, count, now))
+                    at = batch.event_at.get(stream)
+                    moved.append((stream, pos.offset, pos.unique_event_id, now, count, at))
                 elif count:
                     counted.append((count, stream))
             if moved:
                 await db.executemany(
                     f'INSERT INTO {s}.checkpoints AS c (stream, "offset", unique_event_id, '
-                    "updated_at, processed_count, last_event_at) VALUES ($1, $2, $3, $4, $5, $6) "
+                    "updated_at, processed_count, event_at) VALUES ($1, $2, $3, $4, $5, $6) "
                     'ON CONFLICT (stream) DO UPDATE SET "offset" = EXCLUDED."offset", '
                     "unique_event_id = EXCLUDED.unique_event_id, "
                     "updated_at = EXCLUDED.updated_at, "
                     "processed_count = c.processed_count + EXCLUDED.processed_count, "
-                    "last_event_at = EXCLUDED.last_event_at",
+                    "event_at = EXCLUDED.event_at",
                     moved,
                 )
             if counted:
@@ -557,7 +564,8 @@ class PostgresStore:
             if _count(reset):
                 conflict = (
                     'DO UPDATE SET "offset" = EXCLUDED."offset", '
-                    "unique_event_id = EXCLUDED.unique_event_id, updated_at = EXCLUDED.updated_at"
+                    "unique_event_id = EXCLUDED.unique_event_id, updated_at = EXCLUDED.updated_at, "
+                    "event_at = NULL"
                 )
             await db.execute(
                 f'INSERT INTO {s}.checkpoints (stream, "offset", unique_event_id, updated_at) '
@@ -590,7 +598,7 @@ class PostgresStore:
                 f'INSERT INTO {s}.checkpoints (stream, "offset", unique_event_id, updated_at) '
                 "VALUES ($1, $2, '', $3) ON CONFLICT (stream) DO UPDATE SET "
                 '"offset" = EXCLUDED."offset", unique_event_id = \'\', '
-                "updated_at = EXCLUDED.updated_at",
+                "updated_at = EXCLUDED.updated_at, event_at = NULL",
                 stream,
                 offset,
                 time.time(),

@@ -86,6 +86,12 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE dead_letters ADD COLUMN payload_size INTEGER;
     ALTER TABLE dead_letters ADD COLUMN payload_sha256 TEXT;
     """,
+    # 4: the checkpoint's event time (its event's own timestamp) under its own name; the old
+    # column held the commit time (as updated_at does), so no value of it is kept
+    """
+    ALTER TABLE checkpoints RENAME COLUMN last_event_at TO event_at;
+    UPDATE checkpoints SET event_at = NULL;
+    """,
 )
 
 
@@ -180,7 +186,7 @@ class SqliteStore:
     @_translated
     async def checkpoint(self, stream: str) -> Checkpoint | None:
         async with self._r.execute(
-            "SELECT stream, offset, unique_event_id, updated_at, processed_count, last_event_at "
+            "SELECT stream, offset, unique_event_id, updated_at, processed_count, event_at "
             "FROM checkpoints WHERE stream = ?",
             (stream,),
         ) as cur:
@@ -190,7 +196,7 @@ class SqliteStore:
     @_translated
     async def checkpoints(self) -> list[Checkpoint]:
         async with self._r.execute(
-            "SELECT stream, offset, unique_event_id, updated_at, processed_count, last_event_at "
+            "SELECT stream, offset, unique_event_id, updated_at, processed_count, event_at "
             "FROM checkpoints ORDER BY stream"
         ) as cur:
             return [Checkpoint(*row) for row in await cur.fetchall()]
@@ -320,16 +326,17 @@ class SqliteStore:
             for stream in set(batch.checkpoints) | set(batch.done_counts):
                 pos = batch.checkpoints.get(stream)
                 count = batch.done_counts.get(stream, 0)
+                at = batch.event_at.get(stream)
                 if pos is not None:
                     db.execute(
                         "INSERT INTO checkpoints (stream, offset, unique_event_id, updated_at, "
-                        "processed_count, last_event_at) VALUES (?, ?, ?, ?, ?, ?) "
+                        "processed_count, event_at) VALUES (?, ?, ?, ?, ?, ?) "
                         "ON CONFLICT (stream) DO UPDATE SET offset = excluded.offset, "
                         "unique_event_id = excluded.unique_event_id, "
                         "updated_at = excluded.updated_at, "
                         "processed_count = processed_count + excluded.processed_count, "
-                        "last_event_at = excluded.last_event_at",
-                        (stream, pos.offset, pos.unique_event_id, now, count, now),
+                        "event_at = excluded.event_at",
+                        (stream, pos.offset, pos.unique_event_id, now, count, at),
                     )
                 elif count:
                     db.execute(
@@ -363,7 +370,8 @@ class SqliteStore:
             if reset.rowcount:
                 conflict = (
                     "DO UPDATE SET offset = excluded.offset, "
-                    "unique_event_id = excluded.unique_event_id, updated_at = excluded.updated_at"
+                    "unique_event_id = excluded.unique_event_id, updated_at = excluded.updated_at, "
+                    "event_at = NULL"
                 )
             await db.execute(
                 "INSERT INTO checkpoints (stream, offset, unique_event_id, updated_at) "
@@ -385,7 +393,8 @@ class SqliteStore:
             await db.execute(
                 "INSERT INTO checkpoints (stream, offset, unique_event_id, updated_at) "
                 "VALUES (?, ?, '', ?) ON CONFLICT (stream) DO UPDATE SET "
-                "offset = excluded.offset, unique_event_id = '', updated_at = excluded.updated_at",
+                "offset = excluded.offset, unique_event_id = '', updated_at = excluded.updated_at, "
+                "event_at = NULL",
                 (stream, offset, time.time()),
             )
 

@@ -128,7 +128,8 @@ async def fleet(empty_fleet: Fleet) -> AsyncIterator[Fleet]:
     store = await open_store(state, create=False)
     try:
         batch = CommitBatch(checkpoints={"a": Position("4711", "u4711")})
-        await store.commit(batch, now=time.time() - 100)
+        batch.event_at["a"] = time.time() - 100  # its event's time: the lag
+        await store.commit(batch, now=time.time() - 1)
     finally:
         await store.close()
     m1, m2 = member(state, "m1"), member(state, "m2", weight=2.0)

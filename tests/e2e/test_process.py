@@ -248,17 +248,19 @@ async def test_status_reports_checkpoints_and_the_live_state(sandbox_factory, tm
         "stream",
         "state",
         "offset",
-        "last_event_at",
+        "event_at",
+        "checkpoint_at",
         "processed",
         "dead_letters",
         "events_per_s",
-        "lag_s",
+        "lag",
+        "eta",
     ]
     row = out[1].split()
     lines = read_sink(sink)
     delivered = {e["metadata"]["offset"] for e in lines}
     assert row[:2] == ["main", "not_running"]
-    assert row[2] in delivered and row[4] == str(len(lines)) and row[5] == "0"
+    assert row[2] in delivered and row[5] == str(len(lines)) and row[6] == "0"
 
 
 def test_every_command_has_help():

@@ -1,5 +1,6 @@
 """The sandbox's benchmark modes: ``fast_backlog`` (templated events, the backlog sent as
-pre-encoded frames) and ``live_timestamps`` (new events stamped with the wall clock), driven
+pre-encoded frames) and ``live_timestamps`` (the backlog ending at the start, new events
+stamped with the wall clock; the default) or fixed ones (from 2024), driven
 by a bare websockets client, and the daemon consuming a fast backlog."""
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from consumer.core import protocol
 from consumer.core.protocol import Next, SubscribeInput
 from consumer.runtime.metrics import event_time
 from consumer.sandbox import SandboxGateway, SandboxOptions
-from consumer.sandbox.templated import CHUNK
+from consumer.sandbox.eventlog import BACKLOG_STEP_US
+from consumer.sandbox.templated import CHUNK, STEP_US
 
 OPTS = SandboxOptions()
 UTC = ZoneInfo("UTC")
@@ -148,9 +150,16 @@ async def test_fast_backlog_refuses_malformed_frames():
 
 @pytest.mark.parametrize("fast", [True, False])
 async def test_live_timestamps_are_the_wall_clock(sandbox_factory, fast: bool):
-    gw = await sandbox_factory(backlog=100, rate=200.0, live_timestamps=True, fast_backlog=fast)
-    backlog = gw.events("DEMO")[:100]
-    assert all(event_time(e["timestamp"], UTC) < time.time() - 86400 for e in backlog)
+    """The default: the backlog ends at the start, evenly spaced before it (a true lag); the
+    events made later carry the wall clock."""
+    started = time.time()
+    gw = await sandbox_factory(backlog=100, rate=200.0, fast_backlog=fast)
+    backlog = [event_time(e["timestamp"], UTC) for e in gw.events("DEMO")[:100]]
+    assert None not in backlog
+    times: list[float] = backlog  # type: ignore[assignment]
+    step = (STEP_US if fast else BACKLOG_STEP_US) / 1e6
+    assert started - 1.0 < times[-1] <= time.time()  # the start (a second's slack: rounding)
+    assert all(b - a == pytest.approx(step, abs=1e-5) for a, b in itertools.pairwise(times))
     async with ws(gw) as conn:
         await conn.send(protocol.subscribe("a", SubscribeInput(chain_code="DEMO", highest=True)))
         await receive(conn, 1, "a")
@@ -177,11 +186,24 @@ async def test_a_high_rate_is_kept(sandbox_factory):
     assert made <= 1.2 * rate * elapsed + 20, (made, elapsed)
 
 
+@pytest.mark.parametrize("fast", [True, False])
+async def test_fixed_timestamps_come_from_2024(sandbox_factory, fast: bool):
+    """The old behaviour, kept: every timestamp from the generator's clock, the same events at
+    every start."""
+    gw = await sandbox_factory(backlog=50, rate=200.0, live_timestamps=False, fast_backlog=fast)
+    await wait_until(lambda: len(gw.event_keys("DEMO")) >= 60)
+    stamps = [event_time(e["timestamp"], UTC) for e in gw.events("DEMO")]
+    assert all(s is not None and s < time.time() - 86400 for s in stamps)
+    again = await sandbox_factory(backlog=50, live_timestamps=False, fast_backlog=fast)
+    assert again.events("DEMO") == gw.events("DEMO")[:50]
+
+
 def test_the_sandbox_command_has_the_benchmark_flags():
     args = _parser().parse_args(["sandbox", "--fast-backlog", "--live-timestamps"])
     assert args.fast_backlog and args.live_timestamps
     args = _parser().parse_args(["sandbox"])
-    assert not args.fast_backlog and not args.live_timestamps
+    assert not args.fast_backlog and args.live_timestamps  # live timestamps by default
+    assert not _parser().parse_args(["sandbox", "--fixed-timestamps"]).live_timestamps
 
 
 async def test_the_daemon_consumes_a_fast_backlog(sandbox_factory, tmp_path: Path):

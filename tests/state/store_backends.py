@@ -49,6 +49,20 @@ class SqliteBackend:
     async def set_version(self, version: int) -> None:
         self._query(f"PRAGMA user_version = {version}")
 
+    async def create_at(self, version: int) -> None:
+        """The schema as this version of the migrations left it, as an older release did."""
+        scripts = "".join(f"{m};" for m in self.module.MIGRATIONS[:version])
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with closing(sqlite3.connect(self.path)) as con:
+            con.executescript(f"{scripts} PRAGMA user_version = {version};")
+
+    def table(self, name: str) -> str:
+        """A table of the store as a statement names it."""
+        return name
+
+    async def raw(self, statement: str) -> None:
+        self._query(statement)
+
     # A table of a sink's own in the store (what Staged rows are written to).
     async def create_table(self, table: str) -> None:
         self._query(f"CREATE TABLE {table} (k TEXT PRIMARY KEY, v INTEGER NOT NULL)")
@@ -98,6 +112,24 @@ class PostgresBackend:
         await self.execute(
             f"INSERT INTO {self.q}.schema_version (version, applied_at) VALUES ($1, 0)", version
         )
+
+    async def create_at(self, version: int) -> None:
+        """The schema as this version of the migrations left it, as an older release did."""
+        await self.execute(f"CREATE SCHEMA {self.q}")
+        await self.execute(
+            f"CREATE TABLE {self.q}.schema_version (version INTEGER PRIMARY KEY, "
+            "applied_at DOUBLE PRECISION NOT NULL)"
+        )
+        for v, script in enumerate(self.module.MIGRATIONS[:version], start=1):
+            await self.execute(script.format(s=self.q))
+            await self.set_version(v)
+
+    def table(self, name: str) -> str:
+        """A table of the store as a statement names it."""
+        return f"{self.q}.{name}"
+
+    async def raw(self, statement: str) -> None:
+        await self.execute(statement)
 
     async def create_table(self, table: str) -> None:
         await self.execute(

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from store_backends import Backend, PostgresBackend, SqliteBackend
 
-from consumer.core.records import CommitBatch, DeadLetter, Staged
+from consumer.core.records import Checkpoint, CommitBatch, DeadLetter, Staged
 from consumer.core.watermark import Position
 from consumer.errors import SchemaTooNew, StoreError
 from consumer.state import StateStore as Store
@@ -209,18 +209,68 @@ async def test_prune_one_chunk_of_some_streams(
 
 async def test_checkpoint_is_written_and_processed_count_accumulates(store: Store) -> None:
     assert await store.checkpoint("s") is None
-    await store.commit(
-        CommitBatch(checkpoints={"s": Position("0001", "u1")}, done_counts={"s": 3}), now=100.0
-    )
-    await store.commit(
-        CommitBatch(checkpoints={"s": Position("0005", "u5")}, done_counts={"s": 4}), now=200.0
-    )
+    first = CommitBatch(checkpoints={"s": Position("0001", "u1")}, done_counts={"s": 3})
+    first.event_at["s"] = 40.0
+    await store.commit(first, now=100.0)
+    second = CommitBatch(checkpoints={"s": Position("0005", "u5")}, done_counts={"s": 4})
+    second.event_at["s"] = 150.5
+    await store.commit(second, now=200.0)
     cp = await store.checkpoint("s")
     assert cp is not None
     assert (cp.stream, cp.offset, cp.unique_event_id) == ("s", "0005", "u5")
     assert cp.processed_count == 7
-    assert cp.updated_at == 200.0
-    assert cp.last_event_at == 200.0
+    assert cp.updated_at == 200.0  # checkpoint time: when it was committed
+    assert cp.event_at == 150.5  # event time: the own timestamp of the checkpoint's event
+
+
+async def test_the_event_time_belongs_to_the_checkpoint_it_came_with(store: Store) -> None:
+    """A checkpoint whose event has no known time has none: never the previous one's."""
+    batch = CommitBatch(checkpoints={"s": Position("1", "u1")}, event_at={"s": 50.0})
+    await store.commit(batch, now=100.0)
+    await store.commit(CommitBatch(processed={"s": ["x"]}, done_counts={"s": 1}), now=150.0)
+    cp = await store.checkpoint("s")
+    assert cp is not None and (cp.event_at, cp.updated_at) == (50.0, 100.0)  # did not move
+    await store.commit(CommitBatch(checkpoints={"s": Position("2", "u2")}), now=200.0)
+    cp = await store.checkpoint("s")
+    assert cp is not None and (cp.offset, cp.event_at, cp.updated_at) == ("2", None, 200.0)
+    # An operator's offset, or a reset's first anchor: a position without an event time.
+    await store.commit(CommitBatch(checkpoints={"s": Position("3", "u3")}, event_at={"s": 60.0}))
+    await store.set_offset("s", "0001")
+    cp = await store.checkpoint("s")
+    assert cp is not None and (cp.offset, cp.event_at) == ("0001", None)
+    await store.commit(CommitBatch(checkpoints={"s": Position("4", "u4")}, event_at={"s": 70.0}))
+    await store.reset_to_highest("s")
+    await store.anchor("s", Position("9000", "u9000"))
+    cp = await store.checkpoint("s")
+    assert cp is not None and (cp.offset, cp.event_at) == ("9000", None)
+
+
+async def test_the_migration_renames_the_old_commit_time_column(backend: Backend) -> None:
+    """Before this version, ``last_event_at`` held the commit time (as updated_at does): the
+    column becomes ``event_at``, emptied (no event time is known), and nothing else changes."""
+    old = len(backend.module.MIGRATIONS) - 1
+    await backend.create_at(old)
+    await backend.raw(
+        f'INSERT INTO {backend.table("checkpoints")} (stream, "offset", unique_event_id, '
+        "updated_at, processed_count, last_event_at) VALUES ('s', '0042', 'u42', 123.0, 7, 123.0)"
+    )
+    s = await backend.open()
+    try:
+        cp = await s.checkpoint("s")
+        assert cp is not None
+        assert (cp.offset, cp.unique_event_id, cp.updated_at, cp.processed_count) == (
+            "0042",
+            "u42",
+            123.0,
+            7,
+        )
+        assert cp.event_at is None
+        batch = CommitBatch(checkpoints={"s": Position("0043", "u43")}, event_at={"s": 99.0})
+        await s.commit(batch, now=200.0)
+        assert await s.checkpoint("s") == Checkpoint("s", "0043", "u43", 200.0, 7, 99.0)
+    finally:
+        await s.close()
+    assert await backend.version() == len(backend.module.MIGRATIONS)
 
 
 async def test_count_without_a_new_position_still_accumulates(store: Store) -> None:
@@ -247,7 +297,7 @@ async def test_anchor_creates_but_never_moves_a_checkpoint(store: Store) -> None
     await store.anchor("s", Position("5", "u5"))
     cp = await store.checkpoint("s")
     assert cp is not None
-    assert (cp.offset, cp.unique_event_id, cp.processed_count, cp.last_event_at) == (
+    assert (cp.offset, cp.unique_event_id, cp.processed_count, cp.event_at) == (
         "5",
         "u5",
         0,
