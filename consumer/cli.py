@@ -32,7 +32,7 @@ from .errors import (
 _EPILOG = """exit status: 0 ok, 1 runtime failure or failed check, 2 usage, 70 internal error,
 78 configuration error (or every stream stopped for a reason an operator must fix),
 130 interrupted by a second signal, 141 the output's reader went away (e.g. | head)."""
-# A shell reports a process killed by SIGPIPE as 128 + 13; we end as quietly, on purpose.
+# What a shell shows for a filter killed by SIGPIPE (128 + 13): `| head` is no failure of ours.
 _EXIT_PIPE = 128 + signal.SIGPIPE
 
 
