@@ -4,7 +4,7 @@ Exit status: 0 success; 1 a runtime failure (e.g. the state store cannot be read
 preflight check failed); 2 bad
 command-line usage; 70 an unexpected internal error; 78 a configuration error, or every stream
 stopped on something only an operator can fix (systemd: ``RestartPreventExitStatus=78``);
-130 a second SIGINT/SIGTERM cut the drain short.
+130 a second SIGINT/SIGTERM cut the drain short; 141 the output's reader went away (``| head``).
 """
 
 from __future__ import annotations
@@ -12,13 +12,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import Settings, effective, load_settings
+from .config import Settings, effective, find_config, load_settings
 from .errors import (
     ExitCode,
     OperaConsumerError,
@@ -29,7 +31,36 @@ from .errors import (
 
 _EPILOG = """exit status: 0 ok, 1 runtime failure or failed check, 2 usage, 70 internal error,
 78 configuration error (or every stream stopped for a reason an operator must fix),
-130 interrupted by a second signal."""
+130 interrupted by a second signal, 141 the output's reader went away (e.g. | head)."""
+# What a shell shows for a filter killed by SIGPIPE (128 + 13): `| head` is no failure of ours.
+_EXIT_PIPE = 128 + signal.SIGPIPE
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """The epilog as written, and every option's default where there is one to show (not
+    None, not a flag's False, not one its help already states)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            action.option_strings
+            and "default" not in text
+            and default is not None
+            and default is not False
+            and default is not argparse.SUPPRESS
+        ):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _add(sub: Any, name: str, text: str) -> argparse.ArgumentParser:
+    """A command (or an action of a command group) with its help, the exit-status footer and
+    the defaults shown."""
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name, help=text, description=text, epilog=_EPILOG, formatter_class=_Help
+    )
+    return parser
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,9 +68,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="opera-consumer",
         description="Consume OPERA Cloud business events from the OHIP Streaming API.",
         epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_Help,
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-V", "--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -52,20 +83,21 @@ def _parser() -> argparse.ArgumentParser:
         )
         return p
 
-    with_config(sub.add_parser("run", help="run the daemon until SIGTERM/SIGINT", epilog=_EPILOG))
+    with_config(_add(sub, "run", "run the daemon until SIGTERM/SIGINT"))
     with_config(
-        sub.add_parser(
+        _add(
+            sub,
             "check-config",
-            help="validate the configuration without connecting; print it with secrets masked",
-            epilog=_EPILOG,
+            "validate the configuration without connecting; print it with secrets masked and "
+            "relative paths resolved against the config file's directory",
         )
     )
     status = with_config(
-        sub.add_parser(
+        _add(
+            sub,
             "status",
-            help="per stream: checkpoint offset, its event and commit times, processed and DLQ "
+            "per stream: checkpoint offset, its event and commit times, processed and DLQ "
             "counts; the running daemon's state, events/s, lag and time to catch up",
-            epilog=_EPILOG,
         )
     )
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -79,38 +111,37 @@ def _parser() -> argparse.ArgumentParser:
         "--count", type=_positive_int, help="stop after this many refreshes (--watch)"
     )
     with_config(
-        sub.add_parser(
+        _add(
+            sub,
             "preflight",
-            help="walk the pre-go-live checklist per stream (never subscribes); 1 on a failure",
-            epilog=_EPILOG,
+            "walk the pre-go-live checklist per stream (never subscribes, changes nothing); "
+            "1 on a failure",
         )
     )
 
     _dlq_parser(sub, with_config)
     _offset_parser(sub, with_config)
     _fleet_parser(sub, with_config)
-    sink = sub.add_parser("sink", help="the sink's own data: adopt an existing jsonl file")
+    sink = _add(sub, "sink", "the sink's own data: adopt an existing jsonl file")
     sink_cmds = sink.add_subparsers(dest="sink_command", required=True, metavar="ACTION")
     adopt = with_config(
-        sink_cmds.add_parser(
+        _add(
+            sink_cmds,
             "adopt",
-            help="record the jsonl file's current length as committed (after a new or "
+            "record the jsonl file's current length as committed (after a new or "
             "replaced state store); plan unless --execute",
-            epilog=_EPILOG,
         )
     )
     adopt.add_argument("--execute", action="store_true", help="apply it (default: print it)")
 
-    sb = sub.add_parser(
-        "sandbox",
-        help="run a local OHIP gateway emulator on 127.0.0.1 (for demos and tests)",
-        epilog=_EPILOG,
+    sb = _add(
+        sub, "sandbox", "run a local OHIP gateway emulator on 127.0.0.1 (for demos and tests)"
     )
     sb.add_argument("--port", type=int, default=8765, help="port to listen on (0: any free port)")
     sb.add_argument(
         "--host",
         default="127.0.0.1",
-        help="address to listen on (default loopback; 0.0.0.0 only inside a container network)",
+        help="address to listen on (0.0.0.0 only inside a container network)",
     )
     sb.add_argument("--chains", default="DEMO", help="comma-separated chain codes")
     sb.add_argument("--backlog", type=int, default=1000, help="events already waiting per chain")
@@ -169,7 +200,7 @@ def _positive_int(text: str) -> int:
 
 
 def _dlq_parser(sub: Any, with_config: Any) -> None:
-    dlq = sub.add_parser("dlq", help="the dead-letter queue: list, show, replay, purge")
+    dlq = _add(sub, "dlq", "the dead-letter queue: list, show, replay, purge")
     cmds = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
 
     def filters(p: argparse.ArgumentParser, *, when: str) -> argparse.ArgumentParser:
@@ -184,13 +215,13 @@ def _dlq_parser(sub: Any, with_config: Any) -> None:
         p.add_argument("--json", action="store_true", help="machine-readable output")
         return p
 
-    filters(with_config(cmds.add_parser("list", help="dead letters, oldest first")), when="since")
-    show = with_config(cmds.add_parser("show", help="one dead letter: error and raw payload"))
+    filters(with_config(_add(cmds, "list", "dead letters, oldest first")), when="since")
+    show = with_config(_add(cmds, "show", "one dead letter: error and raw payload"))
     show.add_argument("id", type=int)
     show.add_argument("--json", action="store_true", help="machine-readable output")
     for name, verb in (("replay", "re-deliver through the sink"), ("purge", "delete")):
         p = filters(
-            with_config(cmds.add_parser(name, help=f"{verb} dead letters (IDs, or --all)")),
+            with_config(_add(cmds, name, f"{verb} dead letters (IDs, or --all)")),
             when="since" if name == "replay" else "before",
         )
         p.add_argument("ids", type=int, nargs="*", metavar="ID")
@@ -199,16 +230,16 @@ def _dlq_parser(sub: Any, with_config: Any) -> None:
 
 
 def _offset_parser(sub: Any, with_config: Any) -> None:
-    off = sub.add_parser(
-        "offset", help="a stream's resume position: show, set, reset (plan unless --execute)"
+    off = _add(
+        sub, "offset", "a stream's resume position: show, set, reset (plan unless --execute)"
     )
     cmds = off.add_subparsers(dest="offset_command", required=True, metavar="ACTION")
-    show = with_config(cmds.add_parser("show", help="checkpoints and pending resets"))
+    show = with_config(_add(cmds, "show", "checkpoints and pending resets"))
     show.add_argument("--json", action="store_true", help="machine-readable output")
-    set_ = with_config(cmds.add_parser("set", help="resume STREAM at OFFSET (inclusive)"))
+    set_ = with_config(_add(cmds, "set", "resume STREAM at OFFSET (inclusive)"))
     set_.add_argument("stream")
     set_.add_argument("offset")
-    reset = with_config(cmds.add_parser("reset", help="skip STREAM's backlog: --highest"))
+    reset = with_config(_add(cmds, "reset", "skip STREAM's backlog: --highest"))
     reset.add_argument("stream")
     reset.add_argument(
         "--highest", action="store_true", required=True, help="resume at the newest event"
@@ -219,25 +250,25 @@ def _offset_parser(sub: Any, with_config: Any) -> None:
 
 
 def _fleet_parser(sub: Any, with_config: Any) -> None:
-    fleet = sub.add_parser(
-        "fleet", help="fleet mode ([fleet] enabled): members and stream leases; drain a member"
+    fleet = _add(
+        sub, "fleet", "fleet mode ([fleet] enabled): members and stream leases; drain a member"
     )
     cmds = fleet.add_subparsers(dest="fleet_command", required=True, metavar="ACTION")
     status = with_config(
-        cmds.add_parser(
+        _add(
+            cmds,
             "status",
-            help="members (live, draining, gone; share, streams held) and streams (holder, "
+            "members (live, draining, gone; share, streams held) and streams (holder, "
             "lease expiry, checkpoint, lag)",
-            epilog=_EPILOG,
         )
     )
     status.add_argument("--json", action="store_true", help="machine-readable output")
     drain = with_config(
-        cmds.add_parser(
+        _add(
+            cmds,
             "drain",
-            help="mark MEMBER draining: its share becomes 0, it hands its streams over "
+            "mark MEMBER draining: its share becomes 0, it hands its streams over "
             "gracefully at its next tick and the others take them (--undo: clear it)",
-            epilog=_EPILOG,
         )
     )
     drain.add_argument("member", help="the member's name, as `fleet status` shows it")
@@ -251,6 +282,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OperaConsumerError as exc:  # one line, saying what is wrong and the fix
         print(f"opera-consumer: {exc}", file=sys.stderr)
         return exit_code_for(exc)
+    except BrokenPipeError:
+        # The reader of our output went away (`preflight | head -1`): nothing is wrong
+        # with us, so no traceback. Point stdout at /dev/null, or the interpreter's final
+        # flush of what is still buffered would fail again.
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), sys.stdout.fileno())
+        return _EXIT_PIPE
 
 
 def _command(args: argparse.Namespace) -> int:
@@ -260,7 +298,13 @@ def _command(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     if command == "check-config":
         print(json.dumps(effective(settings), indent=2))
-        print("configuration OK", file=sys.stderr)
+        found = find_config(args.config)
+        source = str(found.resolve()) if found else "no config file, the environment only"
+        print(
+            f"configuration OK ({source}; relative paths are resolved against "
+            f"{'its directory' if found else 'the current directory'})",
+            file=sys.stderr,
+        )
         return ExitCode.OK
     if command == "preflight":
         return _preflight(settings)

@@ -225,3 +225,16 @@ def sink_failures(log: Path) -> list[dict[str, Any]]:
         if isinstance(record, dict) and record.get("event") == SINK_FAILED:
             found.append(record)
     return found
+
+
+def read_table(text: str) -> list[dict[str, str]]:
+    """The rows of a table the commands print (consumer/commands/output.py ``emit``), by
+    column: a cell may hold spaces, so each column is cut where its header begins."""
+    header, *lines = text.splitlines()
+    starts = [i for i, c in enumerate(header) if c != " " and (i == 0 or header[i - 1] == " ")]
+    names = header.split()
+    bounds = [*starts[1:], None]
+    return [
+        {name: line[a:b].strip() for name, a, b in zip(names, starts, bounds, strict=True)}
+        for line in lines
+    ]

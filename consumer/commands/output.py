@@ -1,4 +1,10 @@
-"""What the CLI prints: aligned tables for people, JSON for scripts, UTC timestamps."""
+"""What the CLI prints: aligned tables for people, JSON for scripts, UTC timestamps.
+
+A table shows each value as it is (``CHECK OUT``, not ``CHECK_OUT``), its columns aligned;
+values come from the wire, so each cell is bounded and its control characters escaped (a
+terminal escape sequence in an event name must not reach the operator's terminal). Scripts
+read ``--json``, which keeps every value whole.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +17,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ..config import Settings
+from ..core.printable import printable
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+CELL_LIMIT = 80  # characters of one value in a table (--json has them all)
 
 
 def emit(rows: Sequence[dict[str, Any]], cols: Sequence[str], *, as_json: bool) -> None:
@@ -27,7 +35,12 @@ def emit(rows: Sequence[dict[str, Any]], cols: Sequence[str], *, as_json: bool) 
 
 
 def cell(value: Any) -> str:
-    return "-" if value is None else str(value).replace(" ", "_")
+    """A value for a table: "-" for none, "" quoted (it would otherwise be invisible)."""
+    if value is None:
+        return "-"
+    if value == "":
+        return '""'
+    return printable(value, CELL_LIMIT)
 
 
 def iso(ts: float | None) -> str | None:

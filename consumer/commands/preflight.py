@@ -2,18 +2,26 @@
 
 It authenticates and opens the WebSocket like the daemon, but never subscribes to events, so it
 cannot take the stream from a running consumer (it sends only ``connection_init``, pings and the
-``query { connection { status } }`` query).
+``query { connection { status } }`` query). Each item answers within its own timeouts (one
+token request, no retries) and a failure names the URL and the reason.
+
+It changes nothing: files and directories the daemon would create are only looked at, SQLite
+files are read with ``immutable=1``, and the PostgreSQL set-up (schema, table) runs in a
+transaction that is rolled back, so its privileges are really tried.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
+import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from websockets.asyncio.client import ClientConnection, connect
@@ -28,6 +36,7 @@ from ..config import (
     Settings,
     SqliteSinkSettings,
     StreamSettings,
+    mask_url,
 )
 from ..core import protocol
 from ..core.evidence import describe
@@ -39,11 +48,13 @@ from ..core.session import (
     Reply,
     SessionState,
 )
+from ..core.unreachable import reason
 from ..errors import AuthError, ConfigError, SinkError, StoreError
 from ..logs import REDACTOR
-from ..runtime.assembly import register_secrets
+from ..pg_target import Target
+from ..runtime.assembly import http_client, register_secrets
 from ..runtime.auth import TokenProvider
-from ..state import open_store
+from ..state import sqlite
 
 if TYPE_CHECKING:
     from ..sinks.nats import NatsSink
@@ -75,7 +86,7 @@ async def run(settings: Settings, emit: Callable[[Item], None]) -> bool:
     """Run every check; returns True when none failed."""
     register_secrets(settings)
     checks = _Checks(emit)
-    async with httpx.AsyncClient(timeout=15.0) as http:
+    async with http_client(settings) as http:
         for name, stream in settings.streams.items():
             await _stream(checks, name, stream, http)
     await _local(checks, settings)
@@ -86,7 +97,7 @@ async def _stream(checks: _Checks, name: str, s: StreamSettings, http: httpx.Asy
     add = checks.add
     tokens = TokenProvider(http, s)
     try:
-        token = await tokens.token()
+        token = await tokens.token(retry=False)
     except AuthError as exc:
         add("FAIL", name, "token", str(exc))
         return
@@ -116,9 +127,11 @@ async def _stream(checks: _Checks, name: str, s: StreamSettings, http: httpx.Asy
     except InvalidStatus as exc:
         code = exc.response.status_code
         fix = "check app_key, gateway_url, approval, Streaming Enabled" if code == 400 else ""
-        add("FAIL", name, "gateway", f"upgrade refused with HTTP {code}. {fix}".strip())
+        url = mask_url(s.gateway_url)
+        add("FAIL", name, "gateway", f"{url}: upgrade refused with HTTP {code}. {fix}".strip())
     except (OSError, TimeoutError, WebSocketException) as exc:
-        add("FAIL", name, "gateway", f"unreachable: {type(exc).__name__}: {exc}; check gateway_url")
+        where = mask_url(s.gateway_url)
+        add("FAIL", name, "gateway", f"{where} unreachable: {reason(exc)}; check gateway_url")
     sub = s.subscription
     filters = f"delta={'on' if sub.delta else 'off'}, hotels={','.join(sub.hotel_codes) or 'all'}"
     add(
@@ -186,15 +199,10 @@ async def _answer(ws: ClientConnection, session: ClientSession) -> Outcome:
 async def _local(checks: _Checks, settings: Settings) -> None:
     add = checks.add
     try:
-        store = await open_store(settings.state)
-        await store.close()
-        st = settings.state
-        where = (
-            f"{st.path} writable"
-            if st.backend == "sqlite"
-            else "PostgreSQL reachable, schema ready"
-        )
-        add("PASS", "-", "state store", where)
+        if settings.state.backend == "sqlite":
+            add(*_sqlite_file("state store", settings.state.path))
+        else:
+            add("PASS", "-", "state store", await _postgres_state(settings))
     except StoreError as exc:
         add("FAIL", "-", "state store", str(exc))
     await _sink(checks, settings)
@@ -213,28 +221,104 @@ async def _local(checks: _Checks, settings: Settings) -> None:
                 )
 
 
+def _sqlite_file(what: str, path: Path) -> tuple[str, str, str, str]:
+    """(level, "-", what, detail) for a SQLite file the daemon writes, looked at without
+    creating or changing it (SQLite itself would create a missing file, or its -wal/-shm)."""
+    if not path.exists():
+        return _creatable(what, path)
+    try:
+        uri = f"{path.resolve().as_uri()}?mode=ro&immutable=1"
+        with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=5)) as db:
+            version = int(db.execute("PRAGMA user_version").fetchone()[0])
+    except sqlite3.Error as exc:
+        return "FAIL", "-", what, str(sqlite.store_error(path, exc))
+    if version > len(sqlite.MIGRATIONS):
+        return "FAIL", "-", what, f"{path}: written by a newer opera-consumer: upgrade it"
+    if not (os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)):
+        fix = "make it and its directory writable by the daemon's user, or set another path"
+        return "FAIL", "-", what, f"{path} is not writable: {fix}"
+    return "PASS", "-", what, f"{path} writable"
+
+
+def _creatable(what: str, path: Path) -> tuple[str, str, str, str]:
+    """A file the daemon creates (with its missing directories) at its first start."""
+    folder = path.absolute().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if folder.is_dir() and os.access(folder, os.W_OK | os.X_OK):
+        return "PASS", "-", what, f"{path} does not exist yet: the daemon creates it"
+    return "FAIL", "-", what, f"{path} cannot be created: {folder} is not writable"
+
+
+class _RolledBack:
+    """Stands in for an asyncpg pool: every ``acquire`` gets the one connection, inside a
+    transaction the caller rolls back. So the daemon's own set-up (privileges, locks, DDL:
+    PostgreSQL's DDL is transactional) is really tried, and leaves nothing behind."""
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+
+    @contextlib.asynccontextmanager
+    async def acquire(self, **_: Any) -> AsyncIterator[Any]:  # timeout=: nothing to wait for
+        yield self._conn
+
+
+@contextlib.asynccontextmanager
+async def _rolled_back(conn: Any) -> AsyncIterator[_RolledBack]:
+    tx = conn.transaction()
+    await tx.start()
+    try:
+        yield _RolledBack(conn)
+    finally:
+        await tx.rollback()
+
+
+async def _postgres_state(settings: Settings) -> str:
+    import asyncpg  # noqa: PLC0415  # an extra: only where PostgreSQL is configured
+
+    from ..state import postgres  # noqa: PLC0415
+
+    st = settings.state
+    assert st.dsn is not None  # the settings refuse postgres without one
+    target = Target(st.dsn.get_secret_value())
+    try:
+        conn = await asyncpg.connect(st.dsn.get_secret_value(), timeout=st.timeout_s)
+    except (*postgres.DRIVER_ERRORS, ValueError) as exc:
+        raise postgres.store_error(target, st.schema_, exc, "connecting") from None
+    try:
+        async with _rolled_back(conn) as pool:
+            await postgres.PostgresStore(pool, target, st.schema_, st.timeout_s)._migrate(
+                create=True
+            )
+    finally:
+        await conn.close(timeout=st.timeout_s)
+    return f"PostgreSQL {target.where} reachable, schema {st.schema_} ready or creatable"
+
+
 async def _sink(checks: _Checks, settings: Settings) -> None:
     """What can be checked without delivering anything."""
     add = checks.add
     s = settings.sink
-    if isinstance(s, JsonlSinkSettings | SqliteSinkSettings):
-        path = s.path or settings.state.path
-        folder = path.resolve().parent
-        if os.access(folder, os.W_OK):
-            add("PASS", "-", "sink", f"{s.type}: {path} writable")
+    if isinstance(s, SqliteSinkSettings):
+        if s.path is None:
+            add("PASS", "-", "sink", f"sqlite: rows go into the state store {settings.state.path}")
         else:
-            add("FAIL", "-", "sink", f"{s.type}: cannot write in {folder}")
+            level, _, _, detail = _sqlite_file("sink", s.path)
+            add(level, "-", "sink", f"sqlite: {detail}")
+    elif isinstance(s, JsonlSinkSettings):
+        if not s.path.exists():
+            level, _, _, detail = _creatable("sink", s.path)
+        elif s.path.is_file() and os.access(s.path, os.W_OK):
+            level, detail = "PASS", f"{s.path} writable"
+        else:
+            level, detail = "FAIL", f"{s.path} is not a writable file"
+        add(level, "-", "sink", f"jsonl: {detail}")
     elif isinstance(s, PostgresSinkSettings):
-        from ..sinks.postgres import PostgresSink  # noqa: PLC0415  # asyncpg: an extra
-
-        sink = PostgresSink(s)
         try:
-            await sink.open(None)  # connects and creates the table if missing
-            add("PASS", "-", "sink", f"postgres: connected, table {s.table} ready")
+            await _postgres_sink(s)
+            add("PASS", "-", "sink", f"postgres: connected, table {s.table} ready or creatable")
         except Exception as exc:
             add("FAIL", "-", "sink", f"postgres: {exc}")
-        finally:
-            await sink.close()
     elif isinstance(s, NatsSinkSettings | RedisSinkSettings):
         # Connect, authenticate, check the stream or key and the permissions: nothing sent.
         try:
@@ -247,6 +331,19 @@ async def _sink(checks: _Checks, settings: Settings) -> None:
             add("WARN" if "; WARNING: " in said else "PASS", "-", "sink", f"{s.type}: {said}")
     else:  # webhook, python: nothing to try without delivering an event
         add("PASS", "-", "sink", f"{s.type}: configured")
+
+
+async def _postgres_sink(s: PostgresSinkSettings) -> None:
+    """The sink's own table set-up, rolled back."""
+    from ..sinks.postgres import PostgresSink  # noqa: PLC0415  # asyncpg: an extra
+
+    sink = PostgresSink(s)
+    pool = await sink._create_pool(1, 1)  # its errors say what to fix
+    try:
+        async with pool.acquire(timeout=s.timeout_s) as conn, _rolled_back(conn) as once:
+            await sink._prepare_table(once)
+    finally:
+        await sink._close_pool(pool)
 
 
 def _bus_sink(settings: Settings, s: NatsSinkSettings | RedisSinkSettings) -> NatsSink | RedisSink:

@@ -1,21 +1,31 @@
 """Finding, loading and explaining the configuration: :func:`load_settings` raises a
-:class:`~consumer.errors.ConfigError` that names each bad key (as written in the file, and as
-its environment variable) and its fix, never the value (it may be a secret)."""
+:class:`~consumer.errors.ConfigError` that names each bad key (as written in the file, or the
+environment variable or secret file that set it) and its fix, never the value (it may be a
+secret).
+
+Relative paths (state store, sink files, TLS and credentials files) are made absolute against
+the config file's directory, so every command reads the same files wherever it is started
+from; a python sink's module is also looked for there. Without a config file they resolve
+against the current directory, as before, and are made absolute too.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from pydantic_settings import SettingsConfigDict
 
 from ..errors import ConfigError
+from . import settings as settings_module
 from .fields import Problem
-from .settings import ENV_PREFIX, SINK_TYPES, Settings
+from .settings import CONFIG_DIR, ENV_PREFIX, SINK_TYPES, Settings
 
 DEFAULT_CONFIG_PATHS = (Path("config.toml"), Path("/etc/opera-consumer/config.toml"))
 _SECRET_FIELDS = frozenset({"app_key", "client_secret", "password", "token", "dsn"})
+_M = TypeVar("_M", bound=BaseModel)
 
 
 def find_config(path: Path | None) -> Path | None:
@@ -29,25 +39,101 @@ def find_config(path: Path | None) -> Path | None:
 def load_settings(path: Path | None = None) -> Settings:
     """Load and validate; raises :class:`ConfigError` naming each bad key and its fix."""
     found = find_config(path)
+    unknown = _unknown_variables()
+    if unknown:
+        raise ConfigError("\n".join(["invalid configuration in the environment:", *unknown]))
+    if found is None and not _env_variables():
+        raise ConfigError(
+            f"no config file: looked for {_looked_for()}. Copy config.example.toml (every key, "
+            "with its default and what it does) to ./config.toml and edit it, or pass --config "
+            "FILE"
+        )
+    # resolve(): a lexical ".." would go wrong where a directory is a symlink.
+    base = (found.parent if found else Path.cwd()).resolve()
 
     class _FileSettings(Settings):
         model_config = SettingsConfigDict(toml_file=found)
 
+    where = CONFIG_DIR.set(base)
     try:
-        return _FileSettings()  # type: ignore[call-arg]  # fields come from the sources
+        loaded = _FileSettings()  # type: ignore[call-arg]  # fields come from the sources
     except ValidationError as exc:
         raise ConfigError(explain(exc, found)) from None
     except ValueError as exc:  # e.g. TOML syntax
         raise ConfigError(f"{found}: {exc}") from None
+    finally:
+        CONFIG_DIR.reset(where)
+    return anchored(loaded, base)
+
+
+def anchored(model: _M, base: Path) -> _M:
+    """``model`` with every relative path in it (at any depth) made absolute against
+    ``base``; the models are frozen, so changed ones are copies."""
+    update: dict[str, Any] = {}
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, Path):
+            if not value.is_absolute():
+                update[name] = base / value
+        elif isinstance(value, BaseModel):
+            if (inner := anchored(value, base)) is not value:
+                update[name] = inner
+        elif isinstance(value, dict):
+            items = {
+                k: anchored(v, base) if isinstance(v, BaseModel) else v for k, v in value.items()
+            }
+            if any(items[k] is not value[k] for k in value):
+                update[name] = items
+    return model.model_copy(update=update) if update else model
+
+
+def _looked_for() -> str:
+    return " and ".join(str(p) for p in DEFAULT_CONFIG_PATHS)
+
+
+def _env_variables() -> list[str]:
+    # pydantic-settings matches the names case-insensitively.
+    return [name for name in os.environ if name.upper().startswith(ENV_PREFIX)]
+
+
+def _unknown_variables() -> list[str]:
+    """Variables with our prefix that name no top-level key: pydantic-settings would ignore
+    them without a word (``OPERA_CONSUMER_STATE_PATH``, one ``_`` short, sets nothing)."""
+    known = set(Settings.model_fields)
+    return [
+        f"  {name}: names no key (a typo? '__' separates the levels, e.g. "
+        f"{ENV_PREFIX}STATE__PATH) -> unset or rename it; config.example.toml lists every key"
+        for name in sorted(_env_variables())
+        if name[len(ENV_PREFIX) :].lower().split("__")[0] not in known
+    ]
+
+
+def _set_by(loc: list[str]) -> str | None:
+    """The environment variable, or else the secret file, that set ``loc`` (or a table
+    holding it), when one did: a key that is not in the file is not named as if it were."""
+    names = {name.upper(): name for name in _env_variables()}
+    dirs = [
+        d
+        for d in (*settings_module.SECRET_DIRS, os.environ.get("CREDENTIALS_DIRECTORY"))
+        if d and os.path.isdir(d)
+    ]
+    for end in range(len(loc), 0, -1):
+        var = ENV_PREFIX + "__".join(loc[:end]).upper()
+        if var in names:
+            return f"environment variable {names[var]}"
+        for d in dirs:
+            secret = Path(d) / "__".join(loc[:end])
+            if secret.is_file():
+                return f"secret file {secret}"
+    return None
 
 
 def explain(exc: ValidationError, source: Path | None) -> str:
     where = (
         f"in {source}"
         if source
-        else "(no config file found; looked for "
-        + ", ".join(str(p) for p in DEFAULT_CONFIG_PATHS)
-        + ")"
+        else f"(no config file: looked for {_looked_for()}; copy config.example.toml to "
+        "./config.toml, or pass --config FILE)"
     )
     lines = [f"invalid configuration {where}:"]
     for err in exc.errors(include_url=False, include_input=False):
@@ -57,13 +143,13 @@ def explain(exc: ValidationError, source: Path | None) -> str:
         problem = (err.get("ctx") or {}).get("error")
         if isinstance(problem, Problem):  # names its key (relative to loc) and its fix
             for rel, what, fix in problem.items:
-                key = ".".join([*loc, rel] if rel else loc) or "(top level)"
-                lines.append(f"  {key}: {what} -> {fix}")
+                full = [*loc, *rel.split(".")] if rel else loc
+                lines.append(f"  {_key(full)}: {what} -> {fix}")
             continue
-        key = ".".join(loc) or "(top level)"
         env = ENV_PREFIX + "__".join(part.upper() for part in loc)
+        setter = _set_by(loc)
         if err["type"] == "missing":
-            fix = f"set {key} in the config file or the environment variable {env}"
+            fix = f"set {'.'.join(loc)} in the config file or the environment variable {env}"
             if loc[-1] in _SECRET_FIELDS:
                 secret_file = "__".join(loc)
                 fix += (
@@ -71,11 +157,19 @@ def explain(exc: ValidationError, source: Path | None) -> str:
                     "or /run/secrets"
                 )
         elif err["type"] == "extra_forbidden":
-            fix = "unknown key (a typo?): remove or rename it; config.example.toml lists every key"
+            undo = "unset or rename it" if setter else "remove or rename it"
+            fix = f"unknown key (a typo?): {undo}; config.example.toml lists every key"
         else:
             fix = "fix the value (see config.example.toml)"
-        lines.append(f"  {key}: {err['msg']} -> {fix}")
+        lines.append(f"  {_key(loc)}: {err['msg']} -> {fix}")
     return "\n".join(lines)
+
+
+def _key(loc: list[str]) -> str:
+    """The dotted key, and where it was set when that is not the file."""
+    key = ".".join(loc) or "(top level)"
+    setter = _set_by(loc) if loc else None
+    return f"{key} (from the {setter})" if setter else key
 
 
 def effective(settings: Settings) -> dict[str, Any]:

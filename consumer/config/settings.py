@@ -12,7 +12,9 @@ import importlib
 import inspect
 import os
 import re
+import sys
 from collections.abc import Callable
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import unquote_plus, urlsplit
@@ -61,6 +63,20 @@ ENV_PREFIX = "OPERA_CONSUMER_"
 SECRET_DIRS = ("/run/secrets",)  # $CREDENTIALS_DIRECTORY is added at load time
 DEFAULT_SCOPE = "urn:opc:hgbu:ws:__myscopes__"
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")  # fullmatch: no trailing newline
+# The config file's directory while it loads (loading.load_settings): a python sink's module
+# is also looked for there, as relative paths are resolved against it.
+CONFIG_DIR: ContextVar[Path | None] = ContextVar("CONFIG_DIR", default=None)
+
+
+def _required(what: str) -> Callable[[SecretStr], SecretStr]:
+    """A secret that must not be empty (an empty one is refused only later, by the far end)."""
+
+    def check(v: SecretStr) -> SecretStr:
+        if not v.get_secret_value().strip():
+            raise Problem(("", "is empty", f"set it to {what}"))
+        return v
+
+    return check
 
 
 class _Model(BaseModel):
@@ -81,6 +97,7 @@ class AuthSettings(_Model):
     retry_max_s: float = Field(default=120.0, gt=0)
 
     _enterprise_id = field_validator("enterprise_id")(no_controls)  # the enterpriseId header
+    _client_secret = field_validator("client_secret")(_required("the OAuth client's secret"))
 
     @model_validator(mode="after")
     def _grant_fields(self) -> AuthSettings:
@@ -167,6 +184,9 @@ class StreamSettings(_Model):
     on_permanent_failure: Literal["dead-letter", "park-key"] = "dead-letter"
 
     _app_key = field_validator("app_key")(no_controls)  # the x-app-key header
+    _app_key_set = field_validator("app_key")(
+        _required("the application key from the developer portal (the key, not its hash)")
+    )
 
     @model_validator(mode="after")
     def _input(self) -> StreamSettings:
@@ -445,6 +465,10 @@ def resolve(target: str) -> Any:
     mod, sep, attr = target.partition(":")
     if not sep or not mod or not attr:
         raise ValueError(f"{target!r}: use 'package.module:function'")
+    beside = CONFIG_DIR.get()
+    if beside is not None and str(beside) not in sys.path:
+        # After the installed packages: a module named like one of them cannot shadow it.
+        sys.path.append(str(beside))
     try:
         obj: Any = importlib.import_module(mod)
     except ImportError as exc:

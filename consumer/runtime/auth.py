@@ -2,7 +2,9 @@
 
 Both grants: ``client_credentials`` (scope, ``enterpriseId`` header) and ``password`` (the
 integration user). Transient failures (transport errors, 5xx, 429) are retried with backoff
-honouring ``Retry-After``; 400/401/403 fail at once with what to check.
+honouring ``Retry-After``; 400/401/403 fail at once with what to check. Every message names the
+endpoint (its URL masked) and the reason (connection refused, TLS error, DNS failure, timeout);
+while a failing endpoint is retried, :meth:`TokenProvider.waiting` says so, for status lines.
 """
 
 from __future__ import annotations
@@ -17,14 +19,17 @@ import httpx
 import structlog
 from tenacity import (
     AsyncRetrying,
+    RetryCallState,
     retry_if_exception,
+    stop_after_attempt,
     stop_before_delay,
     wait_exponential_jitter,
 )
 
-from ..config import StreamSettings
+from ..config import StreamSettings, mask_url
 from ..core.evidence import describe
 from ..core.retry_after import RETRY_STATUSES, WaitRetryAfter, retry_after_seconds
+from ..core.unreachable import reason
 from ..errors import AuthError
 from ..logs import REDACTOR
 
@@ -69,6 +74,8 @@ class TokenProvider:
         self._token: Token | None = None
         self._lock = asyncio.Lock()
         self.fetches = 0
+        self.url = mask_url(settings.token_url)
+        self._wait: tuple[str, float] | None = None  # last failure, next attempt (monotonic)
 
     def invalidate(self) -> None:
         self._token = None
@@ -80,16 +87,36 @@ class TokenProvider:
         """The current token's value (orchestration's view of this provider)."""
         return (await self.token()).value
 
-    async def token(self) -> Token:
-        """A token valid for at least ``refresh_margin_s`` more, fetched only when needed."""
+    def waiting(self) -> str | None:
+        """While a failing endpoint is retried: what for, and when the next attempt is."""
+        if self._wait is None:
+            return None
+        why, at = self._wait
+        return f"waiting for token ({why}), retry in {max(0.0, at - self._clock()):.0f} s"
+
+    async def token(self, *, retry: bool = True) -> Token:
+        """A token valid for at least ``refresh_margin_s`` more, fetched only when needed.
+        ``retry=False``: one attempt (preflight answers at once, it does not wait it out)."""
         async with self._lock:
             margin = self._settings.auth.refresh_margin_s
             tok = self._token
             if tok is None or self._clock() >= tok.refresh_at(margin):
-                self._token = tok = await self._fetch()
+                self._token = tok = await self._fetch(retry)
             return tok
 
-    async def _fetch(self) -> Token:
+    def _failed(self, rs: RetryCallState) -> None:
+        exc = rs.outcome.exception() if rs.outcome else None
+        why = self._why(exc)
+        delay = rs.next_action.sleep if rs.next_action else 0.0
+        self._wait = (why, self._clock() + delay)
+        log.warning("token request failed; retrying", error=why, attempt=rs.attempt_number)
+
+    def _why(self, exc: BaseException | None) -> str:
+        if isinstance(exc, httpx.TransportError):
+            return f"{self.url}: {reason(exc)}"
+        return f"{self.url}: {exc}"  # _Retryable: our own words
+
+    async def _fetch(self, retry: bool) -> Token:
         auth = self._settings.auth
         try:
             async for attempt in AsyncRetrying(
@@ -97,18 +124,16 @@ class TokenProvider:
                     lambda e: isinstance(e, (_Retryable, httpx.TransportError))
                 ),
                 wait=WaitRetryAfter(wait_exponential_jitter(multiplier=0.5, max=30.0, jitter=0.5)),
-                stop=stop_before_delay(auth.retry_max_s),
-                before_sleep=lambda rs: log.warning(
-                    "token request failed; retrying",
-                    error=str(rs.outcome.exception() if rs.outcome else ""),
-                    attempt=rs.attempt_number,
-                ),
+                stop=stop_before_delay(auth.retry_max_s) if retry else stop_after_attempt(1),
+                before_sleep=self._failed,
                 reraise=True,
             ):
                 with attempt:
                     return await self._request()
         except (_Retryable, httpx.TransportError) as exc:
-            raise AuthError(f"token endpoint unavailable: {exc}", retriable=True) from exc
+            raise AuthError(f"token endpoint {self._why(exc)}", retriable=True) from exc
+        finally:
+            self._wait = None
         raise AssertionError("unreachable: AsyncRetrying either returns or raises")
 
     async def _request(self) -> Token:
@@ -126,16 +151,18 @@ class TokenProvider:
             headers["enterpriseId"] = auth.enterprise_id
         self.fetches += 1
         started = self._clock()
+        # The client's connect timeout still applies: a dead address fails in seconds.
+        connect = self._client.timeout.connect
         resp = await self._client.post(
             s.token_url,
             data=form,
             headers=headers,
             auth=(auth.client_id, auth.client_secret.get_secret_value()),
-            timeout=auth.timeout_s,
+            timeout=httpx.Timeout(auth.timeout_s, connect=min(connect or math.inf, auth.timeout_s)),
         )
         if resp.status_code in RETRY_STATUSES:
             raise _Retryable(
-                f"token endpoint answered HTTP {resp.status_code}",
+                f"answered HTTP {resp.status_code}",
                 retry_after_seconds(resp.headers.get("Retry-After")),
             )
         if resp.status_code in (400, 401, 403):
@@ -143,23 +170,29 @@ class TokenProvider:
                 "scope/enterprise_id" if auth.grant == "client_credentials" else "username/password"
             )
             raise AuthError(
-                f"token endpoint refused the credentials (HTTP {resp.status_code}): check "
-                f"client_id/client_secret, app_key, the grant ({auth.grant}) and its {grant_fields}"
+                f"token endpoint {self.url} refused the credentials (HTTP {resp.status_code}): "
+                f"check client_id/client_secret, app_key, the grant ({auth.grant}) and its "
+                f"{grant_fields}"
             )
         if resp.status_code != 200:
-            raise AuthError(f"token endpoint answered HTTP {resp.status_code}", retriable=True)
+            raise AuthError(
+                f"token endpoint {self.url} answered HTTP {resp.status_code}", retriable=True
+            )
         try:
             body = resp.json()
             value = body["access_token"]
             lifetime = float(body.get("expires_in", 3600))
         except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
             raise AuthError(
-                f"token endpoint sent an unusable response: {describe(exc)}", retriable=True
+                f"token endpoint {self.url} sent an unusable response: {describe(exc)}",
+                retriable=True,
             ) from None
         if not isinstance(value, str) or not value:
-            raise AuthError("token endpoint sent no access_token", retriable=True)
+            raise AuthError(f"token endpoint {self.url} sent no access_token", retriable=True)
         if not math.isfinite(lifetime) or lifetime <= 0:
-            raise AuthError("token endpoint sent an unusable expires_in", retriable=True)
+            raise AuthError(
+                f"token endpoint {self.url} sent an unusable expires_in", retriable=True
+            )
         lifetime = min(lifetime, _MAX_LIFETIME_S)  # refreshed at least daily, whatever it says
         REDACTOR.add_token(value)
         log.info("token obtained", lifetime_s=lifetime)

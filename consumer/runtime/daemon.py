@@ -260,6 +260,7 @@ class Daemon:
                     checkpoint_moved_at=self.committer.checkpointed_at.get(name),
                     last_event_at=stats.last_event,
                     srtt_s=None if liveness is None else liveness.srtt,
+                    waiting=runner.waiting_for(),
                 )
             )
         return out
@@ -438,7 +439,11 @@ class Daemon:
         for name, runner in self.runners.items():
             done = self.pipelines[name].position
             offset = done.offset if done else "-"
-            parts.append(f"{name}: {runner.state.value}, offset {offset}")
+            waiting = runner.waiting_for()
+            parts.append(
+                f"{name}: {runner.state.value}, offset {offset}"
+                + (f" ({waiting})" if waiting else "")
+            )
         return "; ".join(parts)
 
     async def _report_to_systemd(self) -> None:

@@ -254,6 +254,7 @@ def readiness(source: StatusSource) -> tuple[bool, dict[str, Any]]:
             "state": st.state.value,
             "ready": st.state.ready,
             "last_close": st.last_close or None,
+            "waiting": st.waiting or None,
         }
         for st in source.stream_statuses()
     }

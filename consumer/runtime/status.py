@@ -31,6 +31,7 @@ class StreamStatus:
     last_event_at: float | None  # monotonic
     srtt_s: float | None
     filtered: Mapping[str, int] = field(default_factory=dict)  # reason -> events filtered out
+    waiting: str = ""  # what it waits for (e.g. a token endpoint that fails), for a person
 
 
 @dataclass(frozen=True, slots=True)

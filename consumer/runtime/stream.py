@@ -15,8 +15,9 @@ import enum
 import random
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import structlog
 from websockets.asyncio.client import ClientConnection, connect
@@ -29,6 +30,7 @@ from ..core import protocol
 from ..core.close_policy import OVERSIZED_FACTOR, Action, ClosePolicy, Decision
 from ..core.evidence import describe, prefix
 from ..core.liveness import Liveness
+from ..core.printable import printable
 from ..core.protocol import DecodeError, Next, SubscribeInput
 from ..core.session import (
     ClientSession,
@@ -47,6 +49,7 @@ from .auth import Token, TokenProvider
 from .pipeline import StreamPipeline
 
 log = structlog.get_logger(__name__)
+_T = TypeVar("_T")
 
 
 @dataclass(slots=True)
@@ -114,6 +117,7 @@ class StreamRunner:
         self.state = StreamState.STARTING
         self.stats = StreamStats()
         self.liveness: Liveness | None = None
+        self._waiting: tuple[str, float] | None = None  # a backoff or lockout: why, until
 
     @property
     def token_fetches(self) -> int:
@@ -125,6 +129,31 @@ class StreamRunner:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
                 await self._stop.wait()
+
+    async def _until_stopped(self, work: Awaitable[_T]) -> _T | None:
+        """``work``'s result, or None (``work`` cancelled) as soon as a stop is requested: a
+        failing token endpoint is retried for minutes, and shutdown must not wait for it."""
+        task = asyncio.ensure_future(work)
+        stopping = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait((task, stopping), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            task.cancel()  # a no-op once it is done
+        if task.done():
+            return task.result()
+        await asyncio.wait((task,))  # let it unwind (close its request)
+        return None
+
+    def waiting_for(self) -> str:
+        """What the stream waits for, for a person (systemd's STATUS=, /readyz); "" if
+        nothing."""
+        if self.state is StreamState.CONNECTING:
+            return self._tokens.waiting() or ""
+        if self._waiting is not None and self.state in (StreamState.BACKOFF, StreamState.LOCKOUT):
+            why, until = self._waiting
+            return f"{why}, retry in {max(0.0, until - time.monotonic()):.0f} s"
+        return ""
 
     def request_stop(self) -> None:
         """Graceful: the current session sends ``complete`` and waits for the server to close."""
@@ -152,21 +181,26 @@ class StreamRunner:
                     self._tokens.invalidate()
                 self.state = StreamState.LOCKOUT if decision.deliberate else StreamState.BACKOFF
                 log.info("reconnecting", delay_s=round(decision.delay_s, 2), reason=decision.reason)
+                self._waiting = (printable(decision.reason), time.monotonic() + decision.delay_s)
                 await self._wait_or_stop(decision.delay_s)
             self.state = StreamState.STOPPED
 
     async def _attempt(self) -> Decision:
+        self.state = StreamState.CONNECTING
         try:
-            token = await self._tokens.token()
+            token = await self._until_stopped(self._tokens.token())
         except AuthError as exc:
             if not exc.retriable:
                 return Decision(Action.STOP, 0.0, str(exc))
             return self.policy.on_network_error(str(exc))
+        if token is None:
+            return Decision(Action.RECONNECT, 0.0, "stopping")
         sub = await self._subscribe_input()
         c = self.settings.connection
         wait = self._budget.reserve(time.monotonic())
         if wait > 0:
             self.state = StreamState.LOCKOUT
+            self._waiting = ("upgrade budget of the application key spent", time.monotonic() + wait)
             log.warning("upgrade budget spent: waiting", delay_s=round(wait, 1))
             await self._wait_or_stop(wait)
             if self._stop.is_set():

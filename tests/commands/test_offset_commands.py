@@ -11,7 +11,15 @@ from pathlib import Path
 import pysink
 import pytest
 from operator_support import PYSINK, cli, off, query, settled, uid, write_config
-from support import checkpoint, committed, newest_offset, running, truth_ids, wait_until
+from support import (
+    checkpoint,
+    committed,
+    newest_offset,
+    read_table,
+    running,
+    truth_ids,
+    wait_until,
+)
 
 from consumer.config import load_settings
 from consumer.state import Lease, holder
@@ -47,16 +55,18 @@ async def test_offset_set(sandbox_factory, tmp_path: Path, capsys: pytest.Captur
     assert shown["next_start"] == f"offset {off(last)}" and shown["checkpoint_at"]
     code, out, err = await cli(capsys, "offset", "show", *cfg)
     assert code == 0, err
-    header, row = out.splitlines()
-    assert header.split() == ["stream", "offset", "checkpoint_at", "next_start"]
-    assert row.split()[:2] == ["main", off(last)]
+    [row] = read_table(out)
+    assert list(row) == ["stream", "offset", "checkpoint_at", "next_start"]
+    assert (row["stream"], row["offset"]) == ("main", off(last))
+    assert row["next_start"] == f"offset {off(last)}"  # as it is, not offset_<n>
 
     # set without --execute: the plan, nothing changes
     code, out, err = await cli(capsys, "offset", "set", "main", "123", *cfg)
     assert code == 0, err
-    header, row = out.splitlines()
-    assert header.split() == ["stream", "current", "new", "note"]
-    assert row.split()[:3] == ["main", off(last), "123"]
+    [row] = read_table(out)
+    assert list(row) == ["stream", "current", "new", "note"]
+    assert [row["stream"], row["current"], row["new"]] == ["main", off(last), "123"]
+    assert row["note"] == "resume there (inclusive); events already processed are skipped"
     assert "plan only" in err
     code, out, err = await cli(capsys, "offset", "set", "main", "123", "--json", *cfg)
     assert code == 0, err

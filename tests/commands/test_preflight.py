@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import subprocess
 import sys
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import pytest
+from pg import sql
 from support import count_lines, make_settings, running, toml_config, wait_until
 
+from consumer.config import load_settings
 from consumer.sandbox import SandboxOptions
 
 
@@ -122,3 +129,129 @@ async def test_the_redis_sink_is_checked_and_a_bad_password_fails(
         done = await asyncio.to_thread(preflight, toml_config(tmp_path, gw.url, sink=sink))
         assert levels(done.stdout)["sink"] == expected, done.stdout
         assert password not in done.stdout + done.stderr
+
+
+def tree(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file and directory under ``root``: (size, mtime in ns)."""
+    return {
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+    }
+
+
+def refused_port() -> int:
+    """A loopback port nothing listens on (bound, then closed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_a_refused_port_fails_at_once_naming_the_url(tmp_path: Path):
+    """Issue #13: a wrong port made preflight retry for 1 min 33 s without naming the URL."""
+    port = refused_port()
+    config = toml_config(tmp_path, f"http://127.0.0.1:{port}")
+    started = time.monotonic()
+    done = await asyncio.to_thread(preflight, config)
+    took = time.monotonic() - started
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert levels(done.stdout)["token"] == "FAIL"
+    token = next(line for line in done.stdout.splitlines() if line[19:37].strip() == "token")
+    assert f"http://127.0.0.1:{port}/oauth/v1/tokens" in token and "connection refused" in token
+    assert "Traceback" not in done.stderr
+    assert took < 10, f"{took:.1f} s: one attempt, no retry loop"  # the issue's bound
+
+
+@contextlib.asynccontextmanager
+async def plain_http_server() -> AsyncIterator[int]:
+    """A server that answers anything with a plain HTTP 400, as a web server does to a TLS
+    ClientHello; yields its port."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1024)
+        writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        with contextlib.suppress(OSError):
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize("server", ["sandbox", "answers-400"])
+async def test_https_against_a_plain_http_server_names_a_tls_error(
+    sandbox_factory, tmp_path: Path, server: str
+):
+    """Issue #13: it took 1 min 47 s and ended with an empty reason. The sandbox waits for a
+    request line that never comes (the handshake times out); a web server answers 400."""
+    async with contextlib.AsyncExitStack() as stack:
+        if server == "sandbox":
+            url = (await sandbox_factory()).url.replace("http://", "https://")
+        else:
+            url = f"https://127.0.0.1:{await stack.enter_async_context(plain_http_server())}"
+        config = toml_config(tmp_path, url, "[http]\nconnect_timeout_s = 2.0")
+        done = await asyncio.to_thread(preflight, config)
+    assert done.returncode == 1
+    token = next(line for line in done.stdout.splitlines() if line[19:37].strip() == "token")
+    assert token.startswith("FAIL") and f"{url}/oauth/v1/tokens" in token, done.stdout
+    assert "TLS error" in token and "plain-HTTP" in token, token
+
+
+async def test_preflight_creates_and_changes_nothing(sandbox_factory, tmp_path: Path):
+    """Issue #13: it created the state directory and database. Nothing is created before the
+    first run (the items say the daemon will create them), nor touched after it."""
+    gw = await sandbox_factory(backlog=5)
+    config = toml_config(
+        tmp_path,
+        gw.url,
+        sink='[sink]\npath = "out/events.jsonl"',
+    )
+    text = config.read_text().replace(f'path = "{tmp_path / "state.db"}"', 'path = "var/state.db"')
+    config.write_text(text)
+    before = tree(tmp_path)
+    done = await asyncio.to_thread(preflight, config)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert tree(tmp_path) == before
+    got = levels(done.stdout)
+    assert got["state store"] == got["sink"] == "PASS"
+    assert f"{tmp_path / 'var' / 'state.db'} does not exist yet" in done.stdout
+    assert f"{tmp_path / 'out' / 'events.jsonl'} does not exist yet" in done.stdout
+
+    # After a run: the store, its directory and the sink are there, and stay as they are.
+    async with running(load_settings(config)):
+        await wait_until(lambda: count_lines(tmp_path / "out" / "events.jsonl") >= 5)
+    before = tree(tmp_path)
+    done = await asyncio.to_thread(preflight, config)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"{tmp_path / 'var' / 'state.db'} writable" in done.stdout
+    assert tree(tmp_path) == before  # no -wal/-shm, no new mtime
+
+
+async def test_postgres_state_and_sink_are_tried_and_rolled_back(
+    sandbox_factory, tmp_path: Path, postgres_server
+):
+    """The schema and the table the daemon would create are created in a transaction that
+    is rolled back: their privileges are tried, and nothing is left behind."""
+    gw = await sandbox_factory(backlog=5)
+    dsn = postgres_server.dsn()
+    sink = f'[sink]\ntype = "postgres"\ndsn = "{dsn}"\ntable = "rolled_back_events"\n'
+    config = toml_config(tmp_path, gw.url, sink=sink)
+    text = config.read_text().replace(
+        f'path = "{tmp_path / "state.db"}"',
+        f'backend = "postgres"\ndsn = "{dsn}"\nschema = "preflight_untouched"',
+    )
+    config.write_text(text.replace("commit_max_events = 500\n", ""))
+    done = await asyncio.to_thread(preflight, config)
+    assert done.returncode == 0, done.stdout + done.stderr
+    got = levels(done.stdout)
+    assert got["state store"] == got["sink"] == "PASS", done.stdout
+    assert not await sql(
+        dsn,
+        "fetchval",
+        "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
+        "preflight_untouched",
+    )
+    assert await sql(dsn, "fetchval", "SELECT to_regclass('rolled_back_events')") is None

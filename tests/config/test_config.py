@@ -169,9 +169,20 @@ def test_missing_required_key_names_key_and_env_var(
 
 
 def test_no_config_file_at_all_is_an_error_saying_where_it_looked(tmp_path: Path) -> None:
+    """Issue #13: it suggested an environment variable; the fix is a config file."""
     message = config_error(None)
-    assert "no config file found" in message
-    assert "streams" in message
+    assert "no config file: looked for config.toml" in message
+    assert "Copy config.example.toml" in message and "--config" in message
+    assert "OPERA_CONSUMER_" not in message
+
+
+def test_no_config_file_with_environment_variables_explains_what_is_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPERA_CONSUMER_STREAMS__MAIN__CHAIN_CODE", "CHAIN1")
+    message = config_error(None)
+    assert "no config file" in message and "config.example.toml" in message
+    assert "streams.main.gateway_url" in message
 
 
 def test_config_path_that_does_not_exist(tmp_path: Path) -> None:

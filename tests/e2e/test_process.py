@@ -18,6 +18,7 @@ from support import (
     count_lines,
     newest_offset,
     read_sink,
+    read_table,
     sink_ids,
     spawn_daemon,
     tail,
@@ -243,8 +244,9 @@ async def test_status_reports_checkpoints_and_the_live_state(sandbox_factory, tm
         assert await wait_exit(proc) == 0
     finally:
         proc.kill()
-    out = (await asyncio.to_thread(cli, "status", "--config", str(config))).stdout.splitlines()
-    assert out[0].split() == [
+    out = (await asyncio.to_thread(cli, "status", "--config", str(config))).stdout
+    [row] = read_table(out)
+    assert list(row) == [
         "stream",
         "state",
         "offset",
@@ -256,11 +258,11 @@ async def test_status_reports_checkpoints_and_the_live_state(sandbox_factory, tm
         "lag",
         "eta",
     ]
-    row = out[1].split()
     lines = read_sink(sink)
     delivered = {e["metadata"]["offset"] for e in lines}
-    assert row[:2] == ["main", "not_running"]
-    assert row[2] in delivered and row[5] == str(len(lines)) and row[6] == "0"
+    assert (row["stream"], row["state"]) == ("main", "not running")
+    assert row["offset"] in delivered and row["processed"] == str(len(lines))
+    assert row["dead_letters"] == "0"
 
 
 def test_every_command_has_help():

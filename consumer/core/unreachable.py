@@ -1,0 +1,66 @@
+"""Why a connection failed, in the words an operator looks for: ``connection refused``,
+``TLS error: …``, ``DNS failure: …``, ``timeout``. httpx and websockets wrap the socket's
+error (``ConnectError("All connection attempts failed")``, or one with no message at all), so
+the whole chain of causes is read, not only the outer exception."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from collections.abc import Iterator
+
+from .printable import printable
+
+_CHAIN_LIMIT = 16  # causes looked at (a chain may loop)
+# What a client sees when it speaks TLS to a server that does not.
+_NOT_TLS = ("WRONG_VERSION_NUMBER", "UNEXPECTED_EOF", "RECORD_LAYER_FAILURE", "HTTP_REQUEST")
+_PLAIN_HINT = "the server does not speak TLS (a plain-HTTP server? then use http:// or ws://)"
+
+
+def reason(exc: BaseException) -> str:
+    """One short line (control characters escaped): the most telling cause in the chain."""
+    chain = list(_causes(exc))
+    for e in chain:
+        if isinstance(e, ssl.SSLCertVerificationError):
+            return f"TLS error: certificate not accepted ({printable(e.verify_message)})"
+    for e in chain:
+        if isinstance(e, ssl.SSLError) and not isinstance(
+            e, ssl.SSLWantReadError | ssl.SSLWantWriteError
+        ):
+            code = str(e.reason or type(e).__name__)
+            if any(sign in code.upper() for sign in _NOT_TLS) or isinstance(e, ssl.SSLEOFError):
+                return f"TLS error: {_PLAIN_HINT} [{printable(code)}]"
+            return f"TLS error: {printable(code)}"
+    for e in chain:
+        if isinstance(e, socket.gaierror):
+            return f"DNS failure: {printable(e.strerror or e)}"
+    if any(isinstance(e, ConnectionRefusedError) for e in chain):
+        return "connection refused"
+    if any(isinstance(e, TimeoutError) for e in chain):
+        if any(isinstance(e, ssl.SSLWantReadError) for e in chain):  # stuck in the handshake
+            return f"TLS error: no answer to the TLS handshake (timeout): {_PLAIN_HINT}"
+        return "timeout"
+    if any(isinstance(e, ConnectionResetError) for e in chain):
+        return "connection reset by the server"
+    for e in chain:
+        if isinstance(e, OSError) and e.strerror:
+            return printable(e.strerror)
+    # Nothing recognised: the first cause that says something, with its type.
+    said = next((e for e in chain if _text(e)), exc)
+    return printable(f"{type(said).__name__}: {_text(said)}".rstrip(": "))
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen and len(seen) < _CHAIN_LIMIT:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _text(exc: BaseException) -> str:
+    try:
+        return str(exc).strip()
+    except Exception:  # a __str__ that fails on what it holds
+        return ""

@@ -1,0 +1,147 @@
+"""The command line itself (issue #13): -V, defaults and the exit-status footer in every
+help, tables that show values as they are, and a reader that goes away (`| head -1`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from support import read_table, toml_config
+
+from consumer import __version__
+from consumer.cli import _parser, main
+from consumer.commands.output import CELL_LIMIT, emit
+
+FOOTER = "exit status: 0 ok, 1 runtime failure"
+
+
+def parsers(
+    parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    """Every command, command group and action, with its path of names."""
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from parsers(sub, (*path, name))
+
+
+@pytest.mark.parametrize("flag", ["-V", "--version"])
+def test_the_version(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        main([flag])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"opera-consumer {__version__}"
+
+
+def test_every_command_group_and_action_has_the_exit_status_footer() -> None:
+    found = dict(parsers(_parser()))
+    assert {("dlq",), ("dlq", "replay"), ("offset",), ("offset", "set"), ("sink", "adopt")} <= set(
+        found
+    )
+    for path, parser in found.items():
+        assert FOOTER in parser.format_help(), " ".join(path)
+
+
+def test_help_shows_the_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["sandbox", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "(default: 8765)" in text and "(default: 127.0.0.1)" in text
+    assert "(default: DEMO)" in text and "(default: 0.0)" in text  # 0.0 is shown too
+    assert "(default: False)" not in text and "(default: None)" not in text
+    with pytest.raises(SystemExit):
+        main(["preflight", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: ./config.toml" in text  # said by its help, not repeated
+    assert "(default: None)" not in text
+
+
+def test_a_table_keeps_values_as_they_are(capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue #13: CHECK OUT was shown as CHECK_OUT, "offset 104190" as offset_104190."""
+    rows = [
+        {"event": "CHECK OUT", "next": "offset 104190", "n": 1, "none": None, "empty": ""},
+        {"event": "NEW RESERVATION", "next": "highest", "n": 22, "none": None, "empty": ""},
+    ]
+    emit(rows, ["event", "next", "n", "none", "empty"], as_json=False)
+    out = capsys.readouterr().out
+    assert read_table(out) == [
+        {"event": "CHECK OUT", "next": "offset 104190", "n": "1", "none": "-", "empty": '""'},
+        {"event": "NEW RESERVATION", "next": "highest", "n": "22", "none": "-", "empty": '""'},
+    ]
+    header, first, second = out.splitlines()
+    assert header.index("next") == first.index("offset") == second.index("highest")  # aligned
+
+
+def test_a_table_neutralises_hostile_values(capsys: pytest.CaptureFixture[str]) -> None:
+    """Values come from the wire: a terminal escape, a newline or a bidi override must not
+    reach the terminal, and a huge one is cut (--json keeps it whole)."""
+    hostile = "EVIL\x1b[2J\x1b]0;owned\x07\nNEXT\u202eLINE"
+    emit([{"name": hostile, "big": "x" * 10_000}], ["name", "big"], as_json=False)
+    out = capsys.readouterr().out
+    _, row = out.splitlines()  # the newline did not start a row
+    assert "\x1b" not in out and "\x07" not in out and "\u202e" not in out
+    assert "EVIL\\x1b[2J\\x1b]0;owned\\x07\\nNEXT\\u202eLINE" in row
+    assert row.endswith("x" * CELL_LIMIT + "…")
+    emit([{"name": hostile}], ["name"], as_json=True)
+    assert '"EVIL\\u001b[2J' in capsys.readouterr().out  # JSON: escaped, and whole
+
+
+@contextlib.asynccontextmanager
+async def silent_server() -> AsyncIterator[int]:
+    """Accepts connections and never answers: a gateway that hangs the WebSocket opening."""
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+
+
+def first_line_then_close(config: Path) -> tuple[str, str, int]:
+    """``opera-consumer preflight | head -1``: read one line, close the pipe, and return
+    that line, stderr and the exit status."""
+    with subprocess.Popen(
+        [sys.executable, "-m", "consumer", "preflight", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        try:
+            line = proc.stdout.readline()
+            proc.stdout.close()
+            err = proc.stderr.read()
+            return line, err, proc.wait(timeout=60)
+        finally:
+            proc.kill()
+
+
+async def test_a_reader_that_goes_away_gets_no_traceback(sandbox_factory, tmp_path: Path):
+    """Issue #13: `preflight | head -1` ended in a BrokenPipeError traceback. The token comes
+    from the sandbox (the first line, at once); the gateway hangs its opening for 2 s, so
+    the next line is written after the reader has gone."""
+    gw = await sandbox_factory()
+    async with silent_server() as port:
+        config = toml_config(
+            tmp_path, f"http://127.0.0.1:{port}", connection={"open_timeout_s": 2.0}
+        )
+        text = config.read_text()
+        auth = "[streams.main.auth]\n"
+        assert auth in text
+        config.write_text(text.replace(auth, f'{auth}token_url = "{gw.url}/oauth/v1/tokens"\n'))
+        line, err, code = await asyncio.to_thread(first_line_then_close, config)
+    assert line.startswith("PASS") and "token" in line
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+    assert "Exception ignored" not in err, err
+    assert code == 141  # 128 + SIGPIPE, as a shell reports a filter killed by it
