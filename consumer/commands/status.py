@@ -74,6 +74,7 @@ class LiveView:
         for name, progress in self._add(look).items():
             out[name] = {
                 "state": look[name]["state"],
+                "waiting_for": look[name]["waiting_for"],
                 "events_per_s": _round(progress.events_per_s),
                 "lag_s": _round(progress.lag_s),
                 "eta_s": _round(progress.eta_s),
@@ -149,6 +150,7 @@ async def snapshot(
             "dead_letters": dlq.get(name, 0),
             # from the running daemon, when it answers
             "state": figures["state"] if figures else "not running",
+            "waiting_for": figures["waiting_for"] if figures else None,
             "events_per_s": figures["events_per_s"] if figures else None,
             "lag_s": lag,
             "eta_s": figures["eta_s"] if figures else None,
@@ -159,8 +161,17 @@ async def snapshot(
 
 
 def for_people(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The rows with ``lag`` and ``eta`` in words, for the table."""
-    return [{**r, "lag": duration(r["lag_s"]), "eta": eta_text(r)} for r in rows]
+    """The rows with ``lag`` and ``eta`` in words, and what a stream waits for beside its
+    state, for the table."""
+    return [
+        {
+            **r,
+            "state": f"{r['state']}: {r['waiting_for']}" if r["waiting_for"] else r["state"],
+            "lag": duration(r["lag_s"]),
+            "eta": eta_text(r),
+        }
+        for r in rows
+    ]
 
 
 def eta_text(row: dict[str, Any]) -> str | None:

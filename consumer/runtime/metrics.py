@@ -420,6 +420,8 @@ async def live_status(host: str, port: int) -> dict[str, dict[str, Any]] | None:
         return {
             str(name): {
                 "state": str(info["state"]),
+                # what it waits for (a token endpoint that fails, a backoff): bounded there
+                "waiting_for": str(info.get("waiting") or "")[:300] or None,
                 "at": at,
                 "processed": int(figures.get(name, {}).get("processed", 0)),
                 "lag_s": figures.get(name, {}).get("lag_s"),

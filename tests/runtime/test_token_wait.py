@@ -5,8 +5,11 @@ once: the token wait gives way to a stop, as every other wait of the stream does
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -17,6 +20,16 @@ from consumer.sandbox import launcher
 
 DRAIN_S = 10.0  # the drain deadline the stop must meet
 GRACE_S = 60.0  # complete_timeout_s: what a stream in a session may take to end (far longer)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "consumer", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def refused_port() -> int:
@@ -89,6 +102,13 @@ async def test_sigterm_during_the_token_wait_stops_within_the_drain_deadline(
         assert state == "connecting"
         assert what.startswith(f"waiting for token (http://127.0.0.1:{port}/oauth/v1/tokens: ")
         assert "connection refused), retry in " in what
+        # `status` says it too, beside the state
+        out = await asyncio.to_thread(cli, "status", "--config", str(config), "--json")
+        [row] = json.loads(out.stdout)
+        assert row["state"] == "connecting", row
+        assert row["waiting_for"].startswith("waiting for token (http://127.0.0.1:"), row
+        table = (await asyncio.to_thread(cli, "status", "--config", str(config))).stdout
+        assert "connecting: waiting for token (" in table, table
         proc.send_signal(signal.SIGTERM)
         assert await wait_exit(proc, DRAIN_S) == 0, tail(log)
     finally:
