@@ -98,6 +98,7 @@ class JsonlSink:
         # recorded (file, length), so a file numbered after it is always provably newer.
         self._hold = False
         self._retained: tuple[int, float] = (-1, 0.0)  # (committed seq, time) of the last run
+        self._retaining: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._io = threading.Lock()  # one sync's file work at a time, even after a cancel
 
@@ -126,7 +127,7 @@ class JsonlSink:
         self._tail = head
         self._next_seq = max(self._next_seq, head.seq + 1)
         if self._rotation is not None and self._rotation.retains:
-            self._retain(self._clock())
+            self._retain(self._clock(), head.seq)
 
     def _open_rotated(self, rot: Rotation, c: _Committed | None) -> _File:
         ours = _scan(self._dir, rot)
@@ -278,9 +279,27 @@ class JsonlSink:
         if self._rotation is None:
             return
         c = _parse(position, self.path)
-        if c is not None and c.file is not None:
-            self._hold = False
-            self._committed_seq = max(self._committed_seq, c.seq)
+        if c is None or c.file is None:
+            return
+        self._hold = False
+        self._committed_seq = max(self._committed_seq, c.seq)
+        last_seq, last_at = self._retained
+        if not self._rotation.retains or (self._retaining and not self._retaining.done()):
+            return
+        if self._committed_seq != last_seq or self._clock() - last_at >= _RETAIN_EVERY_S:
+            self._retaining = asyncio.get_running_loop().create_task(self._retain_soon())
+
+    async def _retain_soon(self) -> None:
+        """Retention off the event loop and off the write path: syncs go on meanwhile (they
+        never touch a file numbered below the committed one, the only ones it deletes)."""
+        try:
+            while self._files:
+                current = self._files[0].seq  # on disk: the files before it are finished
+                await asyncio.to_thread(self._retain, self._clock(), current)
+                if self._committed_seq == self._retained[0]:
+                    return  # else it moved on meanwhile: once more
+        except Exception:
+            log.exception("jsonl retention failed; trying again after the next commit")
 
     async def sync(self, position: str | None) -> None:
         async with self._lock:
@@ -318,12 +337,6 @@ class JsonlSink:
                     self._write_file(f, path, data)
                 except OSError as exc:
                     raise TransientSinkError(f"writing {path}: {exc.strerror}") from exc
-            rot = self._rotation
-            if rot is not None and rot.retains:
-                now = self._clock()
-                last_seq, last_at = self._retained
-                if self._committed_seq != last_seq or now - last_at >= _RETAIN_EVERY_S:
-                    self._retain(now)
 
     def _write_file(self, f: _File, path: Path, data: bytes) -> None:
         if f.fd is None:
@@ -350,12 +363,12 @@ class JsonlSink:
         if self._fsync:
             os.fsync(f.fd)
 
-    def _retain(self, now: float) -> None:
-        """Delete the rotated files the policy lets go: whole, fully committed ones only."""
+    def _retain(self, now: float, current: int) -> None:
+        """Delete the rotated files the policy lets go: whole, fully committed ones only
+        (``current``: the newest file on disk; the files before it are finished)."""
         rot = self._rotation
         assert rot is not None
         self._retained = (self._committed_seq, now)
-        current = max(f.seq for f in list(self._files) if f.fd is not None)  # the newest on disk
         try:
             finished = []
             for seq, name in _scan(self._dir, rot):
@@ -374,6 +387,8 @@ class JsonlSink:
         return {}
 
     async def close(self) -> None:
+        if self._retaining is not None:
+            await self._retaining  # a few unlinks at most; it logs its own failures
         files, self._files = self._files, []
         for f in files:
             if f.fd is not None:

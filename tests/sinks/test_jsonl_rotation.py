@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 import pytest
+from support import committed, make_settings, newest_offset, running, truth_ids, wait_until
 
 from consumer.commands.sink import adopt
 from consumer.config import load_settings
@@ -224,6 +225,8 @@ async def deliver(
         assert token is not None
         store.position, store.done = token, upto
         sink.committed(token)
+        if sink._retaining is not None:
+            await sink._retaining  # retention after the commit, as it runs in the daemon
 
 
 async def crashed_run(path: Path, rot: Rotation, store: Store, calls: int | None) -> bool:
@@ -466,23 +469,23 @@ async def test_retention_keeps_n_files_and_deletes_only_committed_ones(tmp_path:
     sink = JsonlSink(path, rotation=rot, clock=Clock())
     await sink.open(None)
     try:
-        await deliver(sink, store, 20)  # 10 files of 2 lines
-        await deliver(sink, store, 22)  # a sync after the commit: retention runs
-        seqs = [rot.seq_of(f.name) for f in rotated_files(path, rot)]
-        assert seqs == [9, 10, 11]  # the current one, and the two newest before it
+        await deliver(sink, store, 20)  # 10 files of 2 lines, committed in file 10
+        assert [rot.seq_of(f.name) for f in rotated_files(path, rot)] == [8, 9, 10]
+        await deliver(sink, store, 22)
+        # The current file, and the two newest before it.
+        assert [rot.seq_of(f.name) for f in rotated_files(path, rot)] == [9, 10, 11]
         assert ids(path, rot) == truth(22)[-6:]
-        # Written, not committed (the commit lags): 11 is the committed file, 12 and 13 are
-        # finished but not committed: all three stay, though past the two newest.
+        # Written, not committed (the commit lags): nothing goes, though past the two newest.
         await deliver(sink, store, 30, commit=False)
         seqs = [rot.seq_of(f.name) for f in rotated_files(path, rot)]
-        assert seqs == [11, 12, 13, 14, 15]
+        assert seqs == [9, 10, 11, 12, 13, 14, 15]
     finally:
         await sink.close()
     # A crash: the restart deletes 12-15, goes on in 11, and the replay refills.
     await recover(path, rot, store, 44)
     got = ids(path, rot)
     assert got == truth(44)[-len(got) :]
-    assert rot.seq_of(rotated_files(path, rot)[0].name) == 11
+    assert len(rotated_files(path, rot)) == 3
 
 
 async def test_retention_by_age_uses_the_clock_and_the_last_write(tmp_path: Path) -> None:
@@ -624,3 +627,42 @@ async def test_the_adopt_command_with_rotation(tmp_path: Path, capsys: Any) -> N
     finally:
         await store.close()
     assert (state["file"], state["seq"], state["length"]) == (rot.name(2, int(T0)), 2, 2)
+
+
+async def test_the_daemon_rotates_and_retains_from_its_configuration(
+    sandbox_factory: Any, tmp_path: Path
+) -> None:
+    """The whole chain: settings -> sink -> committer -> retention. Every event reaches the
+    files in order; retention leaves the newest files, which end with the newest events."""
+    gw = await sandbox_factory(backlog=400)
+    path = tmp_path / "events.jsonl"
+    settings = make_settings(
+        tmp_path,
+        gw.url,
+        sink={"type": "jsonl", "path": path, "rotate_bytes": 4096, "keep_files": 2},
+        pipeline={"batch_max": 4},
+    )
+    rot = settings.sink.rotation()  # type: ignore[union-attr]
+    assert rot is not None
+    newest = newest_offset(gw)
+    seen: set[int] = set()
+
+    def done() -> bool:
+        seen.update(rot.seq_of(f.name) or 0 for f in rotated_files(path, rot))
+        return committed(tmp_path / "state.db", newest)
+
+    async with running(settings):
+        await wait_until(done, timeout=60)
+    files = rotated_files(path, rot)
+    assert len(seen) >= 20 and len(files) < len(seen)  # many files, the oldest deleted
+    assert rot.seq_of(files[0].name) != 1
+    # The newest events of each primaryKey, once each, in order (the workers interleave the
+    # keys, so the files hold the newest per key, not the newest overall).
+    lines = [e for f in files for e in map(json.loads, f.read_bytes().splitlines())]
+    got = [e["metadata"]["uniqueEventId"] for e in lines]
+    truth_events = gw.events("DEMO")
+    assert got and len(set(got)) == len(got) and set(got) <= set(truth_ids(truth_events))
+    for key in {e["primaryKey"] for e in lines}:
+        mine = [e["metadata"]["uniqueEventId"] for e in lines if e["primaryKey"] == key]
+        theirs = [e["metadata"]["uniqueEventId"] for e in truth_events if e["primaryKey"] == key]
+        assert mine == theirs[-len(mine) :]
