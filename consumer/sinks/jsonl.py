@@ -19,8 +19,9 @@ new file due starts it in the buffer; the sync creates it (``O_EXCL``) and fsync
 before writing into it, so no byte of a file is committed before the file itself is durable.
 On start, the committed file is cut to the committed length and every file numbered after it
 is deleted: the sink numbers each file it creates, so those were created after the last
-commit and hold nothing it covers. Retention deletes whole files numbered before the committed
-one only (fully committed), never the current or the committed file.
+commit and hold nothing it covers. Retention (at start, and after each commit that passes a
+file, off the write path) deletes whole files numbered before the committed one only (fully
+committed), never the current or the committed file.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import structlog
 
 from ..core.events import Event
 from ..core.records import Staged
-from ..core.rotation import Rotation
+from ..core.rotation import SEQ_DIGITS, Rotation
 from ..errors import SinkUnusable, TransientSinkError
 
 log = structlog.get_logger(__name__)
@@ -158,6 +159,13 @@ class JsonlSink:
             seq = self._next_seq
             started = rot.started_at(now)
             return self._open_file(rot.name(seq, started), seq, started, 0)
+        if not _numbered(c.file, c.seq, self.path):
+            # Never cut a file the series does not name (the state store's copy is not
+            # trusted): the path itself is file 0, any other carries its number.
+            raise SinkUnusable(
+                f"jsonl file {self._dir / c.file}: the state store's committed position names "
+                f"a file that is not one of the series (number {c.seq}): {ADOPT_HINT}"
+            )
         newer = sorted(((s, n) for s, n in ours if s > c.seq and n != c.file), reverse=True)
         for _, name in newer:
             # Numbered after the committed file: created after the last commit.
@@ -368,13 +376,14 @@ class JsonlSink:
         (``current``: the newest file on disk; the files before it are finished)."""
         rot = self._rotation
         assert rot is not None
-        self._retained = (self._committed_seq, now)
+        committed = self._committed_seq  # it only grows meanwhile
+        self._retained = (committed, now)
         try:
             finished = []
             for seq, name in _scan(self._dir, rot):
                 if seq < current:
                     finished.append((seq, name, os.stat(self._dir / name).st_mtime))
-            for name in rot.expired(finished, self._committed_seq, now):
+            for name in rot.expired(finished, committed, now):
                 os.unlink(self._dir / name)
                 log.info("removed rotated jsonl file (retention)", file=name)
         except OSError as exc:
@@ -462,6 +471,14 @@ def _parse(committed: str | None, path: Path) -> _Committed | None:
     ):
         raise refused
     return _Committed(name, seq, length, started)
+
+
+def _numbered(name: str, seq: int, path: Path) -> bool:
+    """Whether ``name`` is the path (file 0) or carries ``seq`` as a rotated file does (as the
+    last dot-separated part before the suffix: any rotate_name it was made with)."""
+    if name == path.name:
+        return seq == 0
+    return f"{seq:0{SEQ_DIGITS}d}" in name.split(".")[1:][-2:]
 
 
 def _count(v: object) -> TypeGuard[int]:

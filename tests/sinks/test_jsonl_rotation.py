@@ -666,3 +666,25 @@ async def test_the_daemon_rotates_and_retains_from_its_configuration(
         mine = [e["metadata"]["uniqueEventId"] for e in lines if e["primaryKey"] == key]
         theirs = [e["metadata"]["uniqueEventId"] for e in truth_events if e["primaryKey"] == key]
         assert mine == theirs[-len(mine) :]
+
+
+async def test_a_committed_position_naming_a_file_outside_the_series_is_refused(
+    tmp_path: Path,
+) -> None:
+    """The state store's copy is not trusted to name what gets cut: a file that is neither
+    the path (file 0) nor numbered as the series numbers its files is never touched."""
+    (tmp_path / "state.db").write_bytes(b"precious")
+    for name, seq in (("state.db", 3), ("events.jsonl", 2), ("events-x.000004.jsonl", 3)):
+        committed = json.dumps({"file": name, "seq": seq, "length": 0})
+        with pytest.raises(SinkUnusable, match="not one of the series"):
+            await JsonlSink(tmp_path / "events.jsonl", rotation=rotation()).open(committed)
+    assert (tmp_path / "state.db").read_bytes() == b"precious"
+    # A file of the series made with another rotate_name is still the committed one.
+    old = tmp_path / "old-name.000003.jsonl"
+    old.write_bytes(b"x\nyz")
+    sink = JsonlSink(tmp_path / "events.jsonl", rotation=rotation(), clock=Clock())
+    await sink.open(json.dumps({"file": old.name, "seq": 3, "length": 2}))
+    try:
+        assert sink.current == old and old.read_bytes() == b"x\n"
+    finally:
+        await sink.close()
