@@ -9,9 +9,11 @@ stream sends again are written twice, unless the store already knows them as pro
 from __future__ import annotations
 
 import sys
+import time
 
 from ..config import JsonlSinkSettings, Settings
 from ..errors import ExitCode, LeaseHeld, OperatorRefused
+from ..sinks.jsonl import adopt_position
 from ..state import acquire, open_store
 
 
@@ -19,8 +21,9 @@ async def adopt(settings: Settings, *, execute: bool) -> int:
     if not isinstance(settings.sink, JsonlSinkSettings):
         print("opera-consumer sink adopt: only the jsonl sink has a file to adopt", file=sys.stderr)
         return ExitCode.USAGE
-    path, state = settings.sink.path, settings.state.path
-    size = path.stat().st_size if path.exists() else 0
+    state = settings.state.path
+    # With rotation: the newest rotated file (the older ones are vouched for with it).
+    path, size, position = adopt_position(settings.sink.path, settings.sink.rotation(), time.time())
     print(f"{path}: {size} bytes to record as committed in {state}")
     if not execute:
         print("plan only: nothing changed (add --execute to apply it)", file=sys.stderr)
@@ -32,7 +35,7 @@ async def adopt(settings: Settings, *, execute: bool) -> int:
     try:
         store = await open_store(settings.state)
         try:
-            await store.set_sink_state("jsonl", str(size))
+            await store.set_sink_state("jsonl", position)
         finally:
             await store.close()
     finally:

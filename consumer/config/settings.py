@@ -40,6 +40,7 @@ from pydantic_settings import (
 
 from ..core.close_policy import PolicyConfig
 from ..core.protocol import SubscribeInput
+from ..core.rotation import PatternError, Rotation, check_pattern, default_pattern, distinguishes
 from ..core.templates import Template, TemplateError, check_key, check_stream_name, check_subject
 from ..errors import ConfigError, InvalidInput
 from .extras import missing_extras
@@ -340,6 +341,58 @@ class JsonlSinkSettings(_Model):
     type: Literal["jsonl"] = "jsonl"
     path: Path = Path("events.jsonl")
     fsync: bool = True  # off: a power loss may lose lines the checkpoint already covers
+    # Rotation (README "jsonl"): none unless rotate_bytes or rotate_interval_s is set.
+    rotate_bytes: int | None = Field(default=None, gt=0)
+    rotate_interval_s: int | None = Field(default=None, gt=0)
+    rotate_name: str | None = None  # strftime pattern (UTC); default <stem>-%Y%m%dT%H%M%SZ.jsonl
+    keep_files: int | None = Field(default=None, gt=0)  # rotated files kept besides the current
+    keep_days: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _rotation(self) -> JsonlSinkSettings:
+        rotating = self.rotate_bytes is not None or self.rotate_interval_s is not None
+        problems: list[tuple[str, str, str]] = []
+        for key in ("rotate_name", "keep_files", "keep_days"):
+            if getattr(self, key) is not None and not rotating:
+                problems.append(
+                    (
+                        key,
+                        "has no effect: no rotation is configured",
+                        f"set rotate_bytes and/or rotate_interval_s, or remove {key}",
+                    )
+                )
+        pattern = self.rotate_name or default_pattern(self.path)
+        if rotating or self.rotate_name is not None:
+            try:
+                check_pattern(pattern)
+            except PatternError as exc:
+                key = "rotate_name" if self.rotate_name is not None else "path"
+                problems.append((key, exc.what, exc.fix))
+        if problems:
+            raise Problem(*problems)
+        interval = self.rotate_interval_s
+        if interval is not None and not distinguishes(pattern, interval):
+            raise Problem(
+                (
+                    "rotate_name",
+                    f"does not tell successive {interval} s intervals apart (their files' "
+                    "names would differ only by their sequence numbers)",
+                    "add strftime fields as fine as the interval (e.g. %Y%m%d for days, %H "
+                    "for hours, %M for minutes), or leave rotate_name out for the default",
+                )
+            )
+        return self
+
+    def rotation(self) -> Rotation | None:
+        if self.rotate_bytes is None and self.rotate_interval_s is None:
+            return None
+        return Rotation(
+            self.rotate_name or default_pattern(self.path),
+            max_bytes=self.rotate_bytes,
+            interval_s=self.rotate_interval_s,
+            keep_files=self.keep_files,
+            keep_days=self.keep_days,
+        )
 
 
 class WebhookSinkSettings(_Model):

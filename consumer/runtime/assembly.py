@@ -68,7 +68,7 @@ def build_sink(
 def _plain(settings: Settings, http: httpx.AsyncClient) -> Sink:
     s = settings.sink
     if isinstance(s, JsonlSinkSettings):
-        return JsonlSink(s.path, fsync=s.fsync)
+        return JsonlSink(s.path, fsync=s.fsync, rotation=s.rotation())
     if isinstance(s, SqliteSinkSettings):
         state = settings.state.path
         if s.path is None or s.path.resolve() == state.resolve():

@@ -277,6 +277,8 @@ class Committer:
             if not batch:  # every stream in it was fenced
                 return False
             self._durable(batch)
+            if batch.sink_state is not None:
+                self._sink.committed(batch.sink_state[1])
             self.commits += 1
             return True
 

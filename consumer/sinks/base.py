@@ -7,7 +7,9 @@ committer that makes delivery exactly-once in effect:
   the checkpoint (``transactional``) must not suspend inside ``write`` and reports, through
   ``position()``, a token covering exactly the writes that returned; ``sync(token)`` makes them
   durable and the token is committed with the checkpoint. On start, ``open(token)`` restores
-  the sink to the committed token, undoing any write the checkpoint does not cover.
+  the sink to the committed token, undoing any write the checkpoint does not cover;
+  ``committed(token)`` hears of each token the store committed (after a crash, ``open`` gets
+  that one or a later one), e.g. to delete files the checkpoint has gone past.
 * A sink that cannot do that gets each event's ``uniqueEventId`` to use as an idempotency key;
   after a crash it may see an event again.
 * A sink whose rows live in the state store's own database returns them from ``staged()``:
@@ -39,6 +41,8 @@ class Sink(Protocol):
 
     async def sync(self, position: str | None) -> None: ...
 
+    def committed(self, position: str) -> None: ...
+
     def staged(self) -> Staged | None: ...
 
     def counters(self) -> dict[str, float]: ...
@@ -59,6 +63,9 @@ class PlainSink:
         return None
 
     async def sync(self, position: str | None) -> None:
+        return None
+
+    def committed(self, position: str) -> None:
         return None
 
     def staged(self) -> Staged | None:

@@ -11,20 +11,36 @@ SinkUnusable`, exit 78) until an operator moves the file aside or adopts it
 (``opera-consumer sink adopt``). While running, each sync checks that the
 path still names the open file and that it did not shrink, so a file rotated, truncated or
 removed underneath stops the daemon instead of writing NUL bytes or into a deleted file.
+
+Rotation (optional, :mod:`consumer.core.rotation` names the files): the position becomes
+(file, length) as JSON, ``{"file", "seq", "length", "started"}``; a plain number is the
+configured path's length (the format without rotation, and before it). A write that makes a
+new file due starts it in the buffer; the sync creates it (``O_EXCL``) and fsyncs the directory
+before writing into it, so no byte of a file is committed before the file itself is durable.
+On start, the committed file is cut to the committed length and every file numbered after it
+is deleted: the sink numbers each file it creates, so those were created after the last
+commit and hold nothing it covers. Retention (at start, and after each commit that passes a
+file, off the write path) deletes whole files numbered before the committed one only (fully
+committed), never the current or the committed file.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NamedTuple, TypeGuard
 
 import orjson
 import structlog
 
 from ..core.events import Event
 from ..core.records import Staged
+from ..core.rotation import SEQ_DIGITS, Rotation
 from ..errors import SinkUnusable, TransientSinkError
 
 log = structlog.get_logger(__name__)
@@ -33,88 +49,205 @@ ADOPT_HINT = (
     "move the file aside (the stream then replays into a new one), or run "
     "`opera-consumer sink adopt` to record its current length as committed"
 )
+_RETAIN_EVERY_S = 3600.0  # keep_days: looked at again this often even without a rotation
+
+
+class _Committed(NamedTuple):
+    file: str | None  # None: a plain length, of the configured path
+    seq: int
+    length: int
+    started: int | None
+
+
+@dataclass(slots=True, eq=False)
+class _File:
+    """A file of the sink: the open one, or one a rotation started (created by the sync)."""
+
+    name: str
+    seq: int
+    started: int
+    durable: int = 0  # bytes on disk that a checkpoint may cover
+    parts: list[bytes] = field(default_factory=list)  # buffered, not written yet
+    buffered: int = 0
+    fd: int | None = None
+    identity: tuple[int, int] = (0, 0)
+    dir_synced: bool = True  # False: created (or to be) and its directory entry not fsynced
 
 
 class JsonlSink:
     name = "jsonl"
     transactional = True
 
-    def __init__(self, path: Path, *, fsync: bool = True) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        fsync: bool = True,
+        rotation: Rotation | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.path = path
+        self._dir = path.parent
         self._fsync = fsync
-        self._fd: int | None = None
-        self._identity = (0, 0)
-        self._durable = 0  # bytes on disk that a checkpoint may cover
-        self._buffer: list[bytes] = []
-        self._buffered = 0
+        self._rotation = rotation
+        self._clock = clock
+        self._files: list[_File] = []  # [0]: written to; after it, files a rotation started
+        self._tail = _File(path.name, 0, 0)  # where the next write goes (the last of _files)
+        self._next_seq = 1
+        self._committed_seq = 0  # files numbered below it are fully committed
+        # A plain committed length (from before rotation): no rotation until a commit has
+        # recorded (file, length), so a file numbered after it is always provably newer.
+        self._hold = False
+        self._retained: tuple[int, float] = (-1, 0.0)  # (committed seq, time) of the last run
+        self._retaining: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        self._io = threading.Lock()  # one sync's file work at a time, even after a cancel
+
+    @property
+    def current(self) -> Path:
+        """The file the sink writes to now."""
+        return self._dir / (self._files[0].name if self._files else self.path.name)
+
+    # --- start: restore the committed position ------------------------------------------------
 
     async def open(self, committed: str | None) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        self._dir.mkdir(parents=True, exist_ok=True)
+        c = _parse(committed, self.path)
+        if self._rotation is None:
+            if c is not None and c.file is not None and c.file != self.path.name:
+                raise SinkUnusable(
+                    f"the state store's committed position is in the rotated jsonl file "
+                    f"{self._dir / c.file}, but no rotation is configured: set the rotation "
+                    "keys again, or (after a clean stop) run `opera-consumer sink adopt` "
+                    f"without them to continue in {self.path}"
+                )
+            head = self._open_file(self.path.name, 0, 0, None if c is None else c.length)
+        else:
+            head = self._open_rotated(self._rotation, c)
+        self._files = [head]
+        self._tail = head
+        self._next_seq = max(self._next_seq, head.seq + 1)
+        if self._rotation is not None and self._rotation.retains:
+            self._retain(self._clock(), head.seq)
+
+    def _open_rotated(self, rot: Rotation, c: _Committed | None) -> _File:
+        ours = _scan(self._dir, rot)
+        now = self._clock()
+        if c is None or c.file is None:
+            # No position of a rotated file: none of them can be proven uncommitted.
+            full = [n for _, n in ours if _size(self._dir / n)]
+            if c is None and _size(self.path):
+                full.insert(0, self.path.name)
+            if full:
+                what = (
+                    "the state store has no committed position for them"
+                    if c is None
+                    else f"the state store's committed position is a length of {self.path} "
+                    "alone, from before them"
+                )
+                raise SinkUnusable(
+                    f"jsonl files in {self._dir} hold bytes ({', '.join(full[:3])}"
+                    f"{', ...' if len(full) > 3 else ''}), but {what}, so none of them can be "
+                    f"proven uncommitted: move them aside (the stream then replays into new "
+                    f"files), or run `opera-consumer sink adopt` to record the newest as "
+                    "committed"
+                )
+            self._next_seq = max((s for s, _ in ours), default=0) + 1
+            if c is not None:  # the configured path goes on as file 0 until a commit
+                self._hold = True
+                return self._open_file(self.path.name, 0, rot.started_at(now), c.length)
+            seq = self._next_seq
+            started = rot.started_at(now)
+            return self._open_file(rot.name(seq, started), seq, started, 0)
+        if not _numbered(c.file, c.seq, self.path):
+            # Never cut a file the series does not name (the state store's copy is not
+            # trusted): the path itself is file 0, any other carries its number.
+            raise SinkUnusable(
+                f"jsonl file {self._dir / c.file}: the state store's committed position names "
+                f"a file that is not one of the series (number {c.seq}): {ADOPT_HINT}"
+            )
+        newer = sorted(((s, n) for s, n in ours if s > c.seq and n != c.file), reverse=True)
+        for _, name in newer:
+            # Numbered after the committed file: created after the last commit.
+            size = _size(self._dir / name)
+            os.unlink(self._dir / name)
+            log.info("removed uncommitted rotated jsonl file", file=name, bytes=size)
+        if newer and self._fsync:
+            _fsync_dir(self._dir)
+        self._committed_seq = c.seq
+        started = c.started if c.started is not None else rot.started_at(now)
+        return self._open_file(c.file, c.seq, started, c.length)
+
+    def _open_file(self, name: str, seq: int, started: int, committed: int | None) -> _File:
+        path = self._dir / name
+        created = False
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+            created = True
         try:
             size = os.fstat(fd).st_size
-            length = self._committed_length(committed, size)
+            length = self._committed_length(path, committed, size)
             if size > length:
                 # Lines written after the last checkpoint: their events will be replayed.
                 os.ftruncate(fd, length)
                 os.fsync(fd)
-                log.info(
-                    "cut uncommitted tail of jsonl file", path=str(self.path), bytes=size - length
-                )
+                log.info("cut uncommitted tail of jsonl file", path=str(path), bytes=size - length)
+            if created and self._fsync:
+                _fsync_dir(self._dir)  # a position naming it is recorded before any write
         except BaseException:
             os.close(fd)
             raise
-        self._fd = fd
-        self._identity = _identity(os.fstat(fd))
-        self._durable = length
+        return _File(name, seq, started, durable=length, fd=fd, identity=_identity(os.fstat(fd)))
 
-    def _committed_length(self, committed: str | None, size: int) -> int:
+    @staticmethod
+    def _committed_length(path: Path, committed: int | None, size: int) -> int:
         if committed is None:
             if size:
                 raise SinkUnusable(
-                    f"jsonl file {self.path} holds {size} bytes, but the state store has no "
+                    f"jsonl file {path} holds {size} bytes, but the state store has no "
                     f"committed length for it, so none of them can be proven uncommitted: "
                     f"{ADOPT_HINT}"
                 )
             return 0
-        try:
-            length = int(committed)
-        except ValueError:
-            raise SinkUnusable(
-                f"jsonl file {self.path}: the state store's committed length is not a number: "
-                f"{ADOPT_HINT}"
-            ) from None
-        if size < length:
+        if size < committed:
             # Shortened or removed between runs (shipped away by hand, say): nothing of ours
             # to cut; append after what is there.
             log.warning(
                 "jsonl file is shorter than the committed length; was it moved or truncated?",
-                path=str(self.path),
+                path=str(path),
                 size=size,
-                committed=length,
+                committed=committed,
             )
             return size
-        return length
+        return committed
+
+    # --- running --------------------------------------------------------------------------------
 
     def check(self) -> None:
         """Raise :class:`SinkUnusable` unless the path still names our file, unshrunk."""
-        assert self._fd is not None, "sink not open"
-        mine = os.fstat(self._fd)
+        assert self._files and self._files[0].fd is not None, "sink not open"
+        self._check(self._files[0])
+
+    def _check(self, f: _File) -> None:
+        assert f.fd is not None
+        path = self._dir / f.name
+        mine = os.fstat(f.fd)
         try:
-            named = os.stat(self.path)
+            named = os.stat(path)
         except FileNotFoundError:
             named = None
-        if named is None or _identity(named) != self._identity or mine.st_nlink == 0:
+        if named is None or _identity(named) != f.identity or mine.st_nlink == 0:
             raise SinkUnusable(
-                f"jsonl file {self.path} was removed or replaced while the daemon wrote to it "
-                "(external rotation is not supported): restart the daemon; events not yet "
-                "committed are replayed into the file the path names then"
+                f"jsonl file {path} was removed or replaced while the daemon wrote to it "
+                "(external rotation is not supported: see the rotate_* keys): restart the "
+                "daemon; events not yet committed are replayed into the file the path names then"
             )
-        if mine.st_size < self._durable:
+        if mine.st_size < f.durable:
             raise SinkUnusable(
-                f"jsonl file {self.path} shrank to {mine.st_size} bytes below the "
-                f"{self._durable} committed while the daemon wrote to it: restore it, or "
+                f"jsonl file {path} shrank to {mine.st_size} bytes below the "
+                f"{f.durable} committed while the daemon wrote to it: restore it, or "
                 f"{ADOPT_HINT}, then restart"
             )
 
@@ -122,39 +255,139 @@ class JsonlSink:
         # No await here: the position() snapshot must cover exactly the writes that returned.
         line = orjson.OPT_APPEND_NEWLINE
         data = b"".join([orjson.dumps(ev.document(), option=line) for ev in events])
-        self._buffer.append(data)
-        self._buffered += len(data)
+        tail = self._tail
+        if self._rotation is not None and data and not self._hold:
+            started = self._rotation.due(
+                tail.durable + tail.buffered, len(data), tail.started, self._clock
+            )
+            if started is not None:
+                tail = self._start_file(self._rotation, started)
+        tail.parts.append(data)
+        tail.buffered += len(data)
+
+    def _start_file(self, rot: Rotation, started: int) -> _File:
+        """The next file, in the buffer only: the sync creates it before writing into it."""
+        seq = self._next_seq
+        self._next_seq += 1
+        f = _File(rot.name(seq, started), seq, started, dir_synced=False)
+        self._files.append(f)
+        self._tail = f
+        return f
 
     def position(self) -> str | None:
-        return str(self._durable + self._buffered)
+        tail = self._tail
+        length = tail.durable + tail.buffered
+        if self._rotation is None:
+            return str(length)
+        return orjson.dumps(
+            {"file": tail.name, "seq": tail.seq, "length": length, "started": tail.started}
+        ).decode()
+
+    def committed(self, position: str) -> None:
+        if self._rotation is None:
+            return
+        c = _parse(position, self.path)
+        if c is None or c.file is None:
+            return
+        self._hold = False
+        self._committed_seq = max(self._committed_seq, c.seq)
+        last_seq, last_at = self._retained
+        if not self._rotation.retains or (self._retaining and not self._retaining.done()):
+            return
+        if self._committed_seq != last_seq or self._clock() - last_at >= _RETAIN_EVERY_S:
+            self._retaining = asyncio.get_running_loop().create_task(self._retain_soon())
+
+    async def _retain_soon(self) -> None:
+        """Retention off the event loop and off the write path: syncs go on meanwhile (they
+        never touch a file numbered below the committed one, the only ones it deletes)."""
+        try:
+            while self._files:
+                current = self._files[0].seq  # on disk: the files before it are finished
+                await asyncio.to_thread(self._retain, self._clock(), current)
+                if self._committed_seq == self._retained[0]:
+                    return  # else it moved on meanwhile: once more
+        except Exception:
+            log.exception("jsonl retention failed; trying again after the next commit")
 
     async def sync(self, position: str | None) -> None:
         async with self._lock:
-            target = int(position) if position is not None else self._durable + self._buffered
-            if target <= self._durable:
+            if position is not None and self._covered(position):
                 return
-            parts = len(self._buffer)
-            data = b"".join(self._buffer)
-            try:
-                await asyncio.to_thread(self._append, self._durable, data)
-            except OSError as exc:
-                raise TransientSinkError(f"writing {self.path}: {exc.strerror}") from exc
-            # Only now drop the buffer: after a failure or a cancellation the next sync writes
-            # the same bytes again at the same position (pwrite), which is harmless.
-            del self._buffer[:parts]
-            self._buffered -= len(data)
-            self._durable += len(data)
+            plan = [(f, len(f.parts), b"".join(f.parts)) for f in self._files]
+            if not any(data or f.fd is None for f, _, data in plan):
+                return
+            await asyncio.to_thread(self._flush, plan)
+            # Only now drop the buffers: after a failure or a cancellation the next sync writes
+            # the same bytes again at the same positions (pwrite), which is harmless.
+            for f, parts, data in plan:
+                del f.parts[:parts]
+                f.buffered -= len(data)
+                f.durable += len(data)
+            while len(self._files) > 1 and self._files[1].fd is not None:
+                done = self._files.pop(0)  # a newer file exists on disk: nothing more goes here
+                assert done.fd is not None
+                os.close(done.fd)
 
-    def _append(self, at: int, data: bytes) -> None:
-        assert self._fd is not None, "sink not open"
-        self.check()
-        view = memoryview(data)
+    def _covered(self, position: str) -> bool:
+        """Whether a position is on disk already (then nothing needs writing)."""
+        head = self._files[0]
+        if self._rotation is None:
+            return int(position) <= head.durable
+        c = _parse(position, self.path)
+        assert c is not None
+        return c.seq < head.seq or (c.seq == head.seq and c.length <= head.durable)
+
+    def _flush(self, plan: Sequence[tuple[_File, int, bytes]]) -> None:
+        with self._io:
+            for f, _, data in plan:
+                path = self._dir / f.name
+                try:
+                    self._write_file(f, path, data)
+                except OSError as exc:
+                    raise TransientSinkError(f"writing {path}: {exc.strerror}") from exc
+
+    def _write_file(self, f: _File, path: Path, data: bytes) -> None:
+        if f.fd is None:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+            except FileExistsError:
+                raise SinkUnusable(
+                    f"jsonl file {path} exists already, but the sink was about to create it "
+                    "as its next rotated file: move it aside, then restart"
+                ) from None
+            f.fd, f.identity = fd, _identity(os.fstat(fd))
+        if not f.dir_synced:
+            if self._fsync:
+                _fsync_dir(self._dir)  # the file is durable before any byte of it is committed
+            f.dir_synced = True
+        if not data:
+            return
+        self._check(f)
+        view, at = memoryview(data), f.durable
         while view:
-            written = os.pwrite(self._fd, view, at)
+            written = os.pwrite(f.fd, view, at)
             at += written
             view = view[written:]
         if self._fsync:
-            os.fsync(self._fd)
+            os.fsync(f.fd)
+
+    def _retain(self, now: float, current: int) -> None:
+        """Delete the rotated files the policy lets go: whole, fully committed ones only
+        (``current``: the newest file on disk; the files before it are finished)."""
+        rot = self._rotation
+        assert rot is not None
+        committed = self._committed_seq  # it only grows meanwhile
+        self._retained = (committed, now)
+        try:
+            finished = []
+            for seq, name in _scan(self._dir, rot):
+                if seq < current:
+                    finished.append((seq, name, os.stat(self._dir / name).st_mtime))
+            for name in rot.expired(finished, committed, now):
+                os.unlink(self._dir / name)
+                log.info("removed rotated jsonl file (retention)", file=name)
+        except OSError as exc:
+            log.warning("jsonl retention failed; trying again later", error=exc.strerror)
 
     def staged(self) -> Staged | None:
         return None  # its bytes are made durable by sync(), its length is the position
@@ -163,9 +396,108 @@ class JsonlSink:
         return {}
 
     async def close(self) -> None:
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)
+        if self._retaining is not None:
+            await self._retaining  # a few unlinks at most; it logs its own failures
+        files, self._files = self._files, []
+        for f in files:
+            if f.fd is not None:
+                os.close(f.fd)
+
+
+def adopt_position(path: Path, rotation: Rotation | None, now: float) -> tuple[Path, int, str]:
+    """What ``sink adopt`` records: the newest file of the sink, its size as committed."""
+    if rotation is not None and (ours := _scan(path.parent, rotation)):
+        seq, name = max(ours)
+        newest = path.parent / name
+        st = newest.stat()
+        started = rotation.started_at(st.st_mtime)
+        return newest, st.st_size, _encode(name, seq, st.st_size, started)
+    size = _size(path)
+    if rotation is None:
+        return path, size, str(size)
+    return path, size, _encode(path.name, 0, size, rotation.started_at(now))
+
+
+def rotated_files(path: Path, rotation: Rotation) -> list[Path]:
+    """The rotated files beside ``path``, in the order they were written."""
+    return [path.parent / name for _, name in sorted(_scan(path.parent, rotation))]
+
+
+def _scan(folder: Path, rot: Rotation) -> list[tuple[int, str]]:
+    """(seq, name) of the regular files in ``folder`` named as the rotation names its files."""
+    found = []
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                seq = rot.seq_of(entry.name)
+                if seq is not None and entry.is_file(follow_symlinks=False):
+                    found.append((seq, entry.name))
+    except FileNotFoundError:
+        return []
+    return found
+
+
+def _encode(name: str, seq: int, length: int, started: int) -> str:
+    return orjson.dumps({"file": name, "seq": seq, "length": length, "started": started}).decode()
+
+
+def _parse(committed: str | None, path: Path) -> _Committed | None:
+    """A committed position from the state store (hostile: checked, never trusted)."""
+    if committed is None:
+        return None
+    refused = SinkUnusable(
+        f"jsonl file {path}: the state store's committed position is not one this sink "
+        f"writes: {ADOPT_HINT}"
+    )
+    text = committed.strip()
+    if text.isascii() and text.isdigit():
+        return _Committed(None, 0, int(text), None)
+    try:
+        doc: Any = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        raise refused from None
+    if not isinstance(doc, dict):
+        raise refused
+    name, seq, length, started = (doc.get(k) for k in ("file", "seq", "length", "started"))
+    if not (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and len(name.encode(errors="surrogateescape")) <= 255
+        and "/" not in name
+        and "\0" not in name
+        and _count(seq)
+        and _count(length)
+        and (started is None or _count(started))
+    ):
+        raise refused
+    return _Committed(name, seq, length, started)
+
+
+def _numbered(name: str, seq: int, path: Path) -> bool:
+    """Whether ``name`` is the path (file 0) or carries ``seq`` as a rotated file does (as the
+    last dot-separated part before the suffix: any rotate_name it was made with)."""
+    if name == path.name:
+        return seq == 0
+    return f"{seq:0{SEQ_DIGITS}d}" in name.split(".")[1:][-2:]
+
+
+def _count(v: object) -> TypeGuard[int]:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _identity(st: os.stat_result) -> tuple[int, int]:

@@ -285,6 +285,9 @@ class FlakySink:
     async def sync(self, position: str | None) -> None:
         await self.inner.sync(position)
 
+    def committed(self, position: str) -> None:
+        self.inner.committed(position)
+
     def staged(self) -> Staged | None:
         return self.inner.staged()
 

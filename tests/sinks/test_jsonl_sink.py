@@ -288,14 +288,14 @@ async def test_failed_write_to_disk_is_transient_and_retried(
 async def test_a_write_during_sync_is_kept_for_the_next_sync(sink: JsonlSink) -> None:
     entered = threading.Event()
     release = threading.Event()
-    real_append = sink._append
+    real_flush = sink._flush
 
-    def blocking_append(at: int, data: bytes) -> None:
+    def blocking_flush(plan: Any) -> None:
         entered.set()
         assert release.wait(5)
-        real_append(at, data)
+        real_flush(plan)
 
-    sink._append = blocking_append  # type: ignore[method-assign]
+    sink._flush = blocking_flush  # type: ignore[method-assign]
     await sink.write("main", [event(1)])
     first = sink.position()
     task = asyncio.create_task(sink.sync(first))
