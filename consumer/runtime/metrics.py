@@ -13,7 +13,6 @@ import json
 import platform
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -36,24 +35,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from .. import __version__
-from ..core.events import Event
+from ..core.events import Event, event_time
 from ..http11 import read_request, reject, request_path, respond
 from ..logs import RateLimitedLogger
 from .status import FleetStatus, StatusSource
 from .stream import StreamState
 
 _E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600, 86400)
-_ORACLE_TS = "%d-%b-%y %I.%M.%S.%f %p"  # "28-APR-24 06.18.59.028027 AM"
-
-
-def event_time(timestamp: str | None, zone: ZoneInfo) -> float | None:
-    """Epoch seconds of an OPERA event timestamp, or None when it is not in Oracle's format."""
-    if not timestamp:
-        return None
-    try:
-        return datetime.strptime(timestamp, _ORACLE_TS).replace(tzinfo=zone).timestamp()
-    except ValueError:
-        return None
 
 
 class Metrics:

@@ -9,7 +9,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from support import count_lines, make_settings, running, wait_until
 
 from consumer.config import OrchestrationSettings
-from consumer.runtime.metrics import event_time, fleet_families
+from consumer.core.events import event_time
+from consumer.runtime.metrics import fleet_families
 from consumer.runtime.status import FleetStatus
 
 

@@ -23,8 +23,8 @@ from websockets.exceptions import ConnectionClosed
 
 from consumer.cli import _parser
 from consumer.core import protocol
+from consumer.core.events import event_time
 from consumer.core.protocol import Next, SubscribeInput
-from consumer.runtime.metrics import event_time
 from consumer.sandbox import SandboxGateway, SandboxOptions
 from consumer.sandbox.eventlog import BACKLOG_STEP_US
 from consumer.sandbox.templated import CHUNK, STEP_US
