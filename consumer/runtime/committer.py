@@ -7,12 +7,13 @@ arrival), the ids processed but not yet durable, and the dead letters not yet du
 
 Group commit: a single task commits; adaptive (the default), it commits as soon as something
 is done and the previous commit has finished, so a quiet stream's event is durable within one
-commit's time while under load each commit takes everything that was done during the one
-before (batches grow with the load, the number of commits does not); otherwise at most every
-``commit_max_events`` events or ``commit_interval_ms``, whichever comes first. The snapshot
-of what to commit is taken without awaiting, so the checkpoint, the processed ids, the dead
-letters, the rows a sink staged and the sink's position always describe the same instant, and
-go into the store in one transaction.
+commit's time (commits start at most every ``commit_min_interval_ms``) while under load each
+commit takes everything that was done during the one before (batches grow with the load, the
+number of commits does not); otherwise at most every ``commit_max_events`` events or
+``commit_interval_ms``, whichever comes first. The snapshot of what to commit is taken without
+awaiting, so the checkpoint, the processed ids, the dead letters, the rows a sink staged and
+the sink's position always describe the same instant, and go into the store in one
+transaction.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class Committer:
         max_pending: int | None = None,
         max_pending_bytes: int = 16 * 1024 * 1024,
         adaptive: bool = False,
+        min_interval_s: float = 0.0,
         event_timezone: str = "UTC",
     ) -> None:
         self._store = store
@@ -71,6 +73,8 @@ class Committer:
         self._max_events = 1 if adaptive else max_events
         self._interval = interval_s
         self._adaptive = adaptive
+        self._min_interval = min_interval_s if adaptive else 0.0
+        self._last_start = -1e9  # monotonic start of the last commit
         self._max_pending = max_pending or max_events * 20
         # Dead letters carry payloads (each bounded): their bytes count against capacity too,
         # so a flood of large malformed frames waits for commits like events do.
@@ -242,6 +246,10 @@ class Committer:
                         async with asyncio.timeout(None if self._adaptive else self._interval):
                             await self._wake.wait()
                     self._wake.clear()
+                    rest = self._last_start + self._min_interval - time.monotonic()
+                    if rest > 0:  # adaptive: what is done meanwhile joins this commit
+                        await asyncio.sleep(rest)
+                    self._last_start = time.monotonic()
                     # A commit under way finishes even if we are cancelled meanwhile.
                     await asyncio.shield(self.flush())
 

@@ -116,6 +116,7 @@ class Daemon:
             max_events=st.commit_max_events,
             interval_s=st.commit_interval_ms / 1000,
             adaptive=st.commit_mode == "adaptive",
+            min_interval_s=st.commit_min_interval_ms / 1000,
             event_timezone=settings.metrics.event_timezone,
         )
         self = cls(settings, store, sink, committer, resources)

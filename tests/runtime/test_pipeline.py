@@ -22,6 +22,7 @@ from consumer.core.events import Event
 from consumer.core.evidence import evidence
 from consumer.core.protocol import DecodeError
 from consumer.core.records import CommitBatch
+from consumer.core.watermark import Position
 from consumer.errors import PermanentSinkError, TransientSinkError
 from consumer.runtime.committer import Committer
 from consumer.runtime.pipeline import StreamPipeline
@@ -616,5 +617,31 @@ async def test_a_commit_of_only_duplicates_releases_waiting_workers(tmp_path: Pa
         async with asyncio.timeout(5):
             await waiter  # ...and the worker may go on
     finally:
+        await sink.close()
+        await store.close()
+
+
+async def test_adaptive_commit_does_not_wait_for_the_interval(tmp_path: Path) -> None:
+    """Adaptive: a done event wakes the commit task at once, however long the interval (an hour
+    here), and each commit takes what was done meanwhile."""
+    store = await Store.open(tmp_path / "state.db")
+    sink = JsonlSink(tmp_path / "events.jsonl")
+    await sink.open(None)
+    committer = Committer(
+        store, sink, max_events=1000, interval_s=3600.0, adaptive=True, min_interval_s=0.01
+    )
+    task = asyncio.create_task(committer.run())
+    try:
+        for n in range(1, 4):
+            seq = committer.arrived("main", Position(str(n), f"u{n}"))
+            committer.processed("main", [f"u{n}"], [seq])
+            async with asyncio.timeout(10):
+                while (cp := await store.checkpoint("main")) is None or cp.offset != str(n):
+                    await asyncio.sleep(0.005)
+        assert await store.seen("main", ["u1", "u2", "u3"]) == {"u1", "u2", "u3"}
+        assert committer.commits == 3
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
         await sink.close()
         await store.close()
