@@ -75,7 +75,7 @@ def main() -> int:
     config = DEMO / "config.toml"
     metrics_port = launcher.free_port()
     streams = launcher.stream_config(url, stream="demo")
-    config.write_text(CONFIG.format(streams=streams, dir=DEMO, metrics_port=metrics_port))
+    config.write_text(CONFIG.format(streams=streams, dir=DEMO.resolve(), metrics_port=metrics_port))
     sink = DEMO / "events.jsonl"
     consumer: subprocess.Popen[bytes] | None = None
     try:
