@@ -253,7 +253,8 @@ def valid_offset(offset: object) -> bool:
 def event_from_raw(ev: Any, frame: bytes | str = b"") -> Event | None:
     """The :class:`Event` of a ``newEvent`` object, or None when it is not a usable event:
     metadata missing or of the wrong type, an offset the subscription would refuse as a resume
-    point, or an absurdly long header field."""
+    point, or an absurdly long header field. (Once per event: written out flat, it costs less
+    than half of a loop over the fields.)"""
     try:
         meta = ev["metadata"]
         offset = meta["offset"]
@@ -267,22 +268,24 @@ def event_from_raw(ev: Any, frame: bytes | str = b"") -> Event | None:
         or len(event_id) > MAX_FIELD_CHARS
     ):
         return None
-    event_name, module_name, primary_key, hotel_id, timestamp = (ev.get(f) for f in _HEADER_FIELDS)
-    for value in (event_name, module_name, primary_key, hotel_id, timestamp):
-        if type(value) is str and len(value) > MAX_FIELD_CHARS:
-            return None
-    return Event(
-        offset=offset,
-        unique_event_id=event_id,
-        event_name=event_name if type(event_name) is str else "",
-        module_name=module_name if type(module_name) is str else "",
-        # Events without a primary key still need a partition: their id keeps them apart.
-        primary_key=primary_key if type(primary_key) is str and primary_key else event_id,
-        hotel_id=hotel_id if type(hotel_id) is str else None,
-        timestamp=timestamp if type(timestamp) is str else None,
-        raw=ev,
-        frame=frame,
-    )
+    get = ev.get
+    name, module, key = get("eventName"), get("moduleName"), get("primaryKey")
+    hotel, timestamp = get("hotelId"), get("timestamp")
+    name = name if type(name) is str else ""
+    module = module if type(module) is str else ""
+    # Events without a primary key still need a partition: their id keeps them apart.
+    key = key if type(key) is str and key else event_id
+    hotel = hotel if type(hotel) is str else None
+    timestamp = timestamp if type(timestamp) is str else None
+    if (
+        len(name) > MAX_FIELD_CHARS
+        or len(module) > MAX_FIELD_CHARS
+        or len(key) > MAX_FIELD_CHARS
+        or (hotel is not None and len(hotel) > MAX_FIELD_CHARS)
+        or (timestamp is not None and len(timestamp) > MAX_FIELD_CHARS)
+    ):
+        return None
+    return Event(offset, event_id, name, module, key, hotel, timestamp, ev, frame)
 
 
 def _what_is_wrong(msg: dict[str, Any]) -> str:

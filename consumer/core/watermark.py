@@ -10,11 +10,13 @@ one whose dead-letter row is not yet written.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True, slots=True)
-class Position:
+class Position(NamedTuple):
+    """Where a stream is: one per event on the hot path (a NamedTuple: a third of the cost of
+    building a frozen dataclass)."""
+
     offset: str
     unique_event_id: str
     # The event's own timestamp, as received (parsed once per commit, not per event): what
