@@ -12,6 +12,7 @@ import asyncio
 import json
 import sqlite3
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager, closing
 from pathlib import Path
@@ -146,6 +147,18 @@ def truth_ids(events: Sequence[dict[str, Any]]) -> list[str]:
 
 async def sandbox_token(gw: SandboxGateway) -> str:
     return await launcher.token(gw.url)
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -m consumer ARGS`` to its end, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "consumer", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env=env,
+    )
 
 
 def spawn_daemon(config: Path, log: Path) -> subprocess.Popen[bytes]:

@@ -8,12 +8,11 @@ import os
 import random
 import signal
 import socket
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 from support import (
+    cli,
     committed,
     count_lines,
     newest_offset,
@@ -29,18 +28,6 @@ from support import (
 
 from consumer.core.protocol import key_hash
 from consumer.sandbox import SandboxGateway, SandboxOptions, launcher
-
-
-def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "consumer", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env=env,
-    )
-
 
 spawn = spawn_daemon
 

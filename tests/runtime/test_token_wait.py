@@ -8,28 +8,16 @@ import asyncio
 import json
 import signal
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
-from support import make_settings, spawn_daemon, tail, toml_config, wait_exit, wait_until
+from support import cli, make_settings, spawn_daemon, tail, toml_config, wait_exit, wait_until
 
 from consumer.runtime.daemon import Daemon
 from consumer.sandbox import launcher
 
 DRAIN_S = 10.0  # the drain deadline the stop must meet
 GRACE_S = 60.0  # complete_timeout_s: what a stream in a session may take to end (far longer)
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "consumer", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 def refused_port() -> int:
