@@ -8,8 +8,8 @@ arrival), the ids processed but not yet durable, and the dead letters not yet du
 Group commit: a single task commits; adaptive (the default), it commits as soon as something
 is done and the previous commit has finished, so a quiet stream's event is durable within one
 commit's time (commits start at most every ``commit_min_interval_ms``) while under load each
-commit takes everything that was done during the one before (batches grow with the load, the
-number of commits does not); otherwise at most every ``commit_max_events`` events or
+commit takes everything that was done during the one before (batches grow with the load);
+otherwise at most every ``commit_max_events`` events or
 ``commit_interval_ms``, whichever comes first. The snapshot of what to commit is taken without
 awaiting, so the checkpoint, the processed ids, the dead letters, the rows a sink staged and
 the sink's position always describe the same instant, and go into the store in one
