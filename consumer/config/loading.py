@@ -31,7 +31,10 @@ _M = TypeVar("_M", bound=BaseModel)
 def find_config(path: Path | None) -> Path | None:
     if path is not None:
         if not path.is_file():
-            raise ConfigError(f"config file {path} not found: pass an existing file to --config")
+            raise ConfigError(
+                f"config file {path} not found: pass an existing file to --config, or copy "
+                "config.example.toml there and edit it"
+            )
         return path
     return next((p for p in DEFAULT_CONFIG_PATHS if p.is_file()), None)
 

@@ -188,7 +188,7 @@ def test_no_config_file_with_environment_variables_explains_what_is_missing(
 def test_config_path_that_does_not_exist(tmp_path: Path) -> None:
     missing = tmp_path / "nope" / "config.toml"
     message = config_error(missing)
-    assert str(missing) in message
+    assert str(missing) in message and "config.example.toml" in message
 
 
 def test_config_path_that_is_a_directory(tmp_path: Path) -> None:
