@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -216,6 +217,25 @@ def committed_sink_length(state: Path, sink: str = "jsonl") -> int:
     except sqlite3.OperationalError:  # no table yet
         return 0
     return int(row[0]) if row is not None else 0
+
+
+async def stop_when_committed(
+    proc: subprocess.Popen[bytes], state: Path, offset: str, log: Path, timeout: float = 180.0
+) -> None:
+    """Wait until the checkpoint covers ``offset`` (every event written, none in flight), then
+    SIGTERM: the daemon must still be running then and exit 0. Killed whatever happens."""
+    try:
+        await wait_until(
+            lambda: committed(state, offset) or proc.poll() is not None,
+            timeout=timeout,
+            interval=0.1,
+        )
+        assert proc.poll() is None, tail(log)
+        proc.send_signal(signal.SIGTERM)
+        assert await wait_exit(proc) == 0, tail(log)
+    finally:
+        proc.kill()
+        await wait_exit(proc)
 
 
 def tail(log: Path, chars: int = 3000) -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import signal
 import subprocess
 import sys
 from collections import Counter, defaultdict
@@ -23,11 +22,11 @@ from pathlib import Path
 
 import pytest
 from support import (
-    committed,
     count_lines,
     newest_offset,
     read_sink,
     sink_failures,
+    stop_when_committed,
     tail,
     toml_config,
     wait_exit,
@@ -116,19 +115,8 @@ async def test_no_fault_loses_or_duplicates_an_event(sandbox_factory, tmp_path: 
     newest = newest_offset(gw)
     state = tmp_path / "state.db"
     proc = spawn(config, outage, log)
-    try:
-        # Everything committed (every event written, none in flight): then stop and count.
-        await wait_until(
-            lambda: committed(state, newest) or proc.poll() is not None,
-            timeout=300 + EVENTS // 200,
-            interval=0.1,
-        )
-        assert proc.poll() is None, tail(log)
-        proc.send_signal(signal.SIGTERM)
-        assert await wait_exit(proc) == 0, tail(log)
-    finally:
-        proc.kill()
-        await wait_exit(proc)
+    # Everything committed (every event written, none in flight): then stop and count.
+    await stop_when_committed(proc, state, newest, log, timeout=300 + EVENTS // 200)
 
     truth = gw.events("DEMO")
     lines = read_sink(sink)

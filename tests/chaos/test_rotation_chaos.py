@@ -17,7 +17,6 @@ import asyncio
 import json
 import os
 import random
-import signal
 import sqlite3
 import subprocess
 from collections import Counter, defaultdict
@@ -25,7 +24,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import committed, newest_offset, spawn_daemon, tail, toml_config, wait_exit, wait_until
+from support import (
+    committed,
+    newest_offset,
+    spawn_daemon,
+    stop_when_committed,
+    tail,
+    toml_config,
+    wait_exit,
+    wait_until,
+)
 
 from consumer.config import load_settings
 from consumer.core.rotation import Rotation
@@ -135,17 +143,7 @@ async def test_kill_9_around_rotations_leaves_every_event_once(sandbox_factory, 
     assert uncovered, "the locked run left no uncommitted rotated file"
 
     proc = spawn_daemon(config, log)
-    try:
-        await wait_until(
-            lambda: committed(state, newest) or proc.poll() is not None,
-            timeout=300 + EVENTS // 200,
-            interval=0.1,
-        )
-        assert proc.poll() is None, tail(log)
-        proc.send_signal(signal.SIGTERM)
-        assert await wait_exit(proc) == 0, tail(log)
-    finally:
-        await kill(proc)
+    await stop_when_committed(proc, state, newest, log, timeout=300 + EVENTS // 200)
 
     truth = gw.events("DEMO")
     lines = read_files(path, rot)

@@ -20,6 +20,7 @@ from support import (
     read_table,
     sink_ids,
     spawn_daemon,
+    stop_when_committed,
     tail,
     toml_config,
     wait_exit,
@@ -38,16 +39,7 @@ async def run_until(config: Path, log: Path, gw: SandboxGateway) -> None:
     flight: a duplicate would be there already (no fixed sleep to wait for one)."""
     newest, state = newest_offset(gw), config.parent / "state.db"
     proc = spawn(config, log)
-    try:
-        await wait_until(
-            lambda: committed(state, newest) or proc.poll() is not None, timeout=180, interval=0.1
-        )
-        assert proc.poll() is None, tail(log)
-        proc.send_signal(signal.SIGTERM)
-        assert await wait_exit(proc) == 0, tail(log)
-    finally:
-        proc.kill()
-        await wait_exit(proc)
+    await stop_when_committed(proc, state, newest, log)
 
 
 def truth(gw: SandboxGateway) -> Counter[str]:

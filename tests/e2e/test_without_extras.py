@@ -4,12 +4,16 @@ process), and refuses a PostgreSQL configuration at check-config with the fix.""
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from support import committed, newest_offset, sink_ids, tail, toml_config, wait_exit, wait_until
+from support import (
+    newest_offset,
+    sink_ids,
+    stop_when_committed,
+    toml_config,
+)
 
 RUNNER = Path(__file__).parents[1] / "without_extras.py"
 
@@ -26,16 +30,7 @@ async def test_a_jsonl_daemon_runs_without_the_extras(sandbox_factory, tmp_path:
     config = toml_config(tmp_path, gw.url)
     newest, state, log = newest_offset(gw), tmp_path / "state.db", tmp_path / "daemon.log"
     proc = spawn(["run", "--config", str(config)], log)
-    try:
-        await wait_until(
-            lambda: committed(state, newest) or proc.poll() is not None, timeout=120, interval=0.1
-        )
-        assert proc.poll() is None, tail(log)
-        proc.send_signal(signal.SIGTERM)
-        assert await wait_exit(proc) == 0, tail(log)
-    finally:
-        proc.kill()
-        await wait_exit(proc)
+    await stop_when_committed(proc, state, newest, log, timeout=120)
     truth = [e["metadata"]["uniqueEventId"] for e in gw.events("DEMO")]
     assert sorted(sink_ids(tmp_path / "events.jsonl")) == sorted(truth)
 
