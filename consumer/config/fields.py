@@ -256,6 +256,8 @@ HttpUrl = Annotated[str, AfterValidator(http_url), _URL_DUMP]
 BaseUrl = Annotated[str, AfterValidator(_base_url), _URL_DUMP]  # trailing "/" dropped
 GatewayUrl = Annotated[str, AfterValidator(_gateway_url), _URL_DUMP]  # trailing "/" dropped
 ProxyUrl = Annotated[str, AfterValidator(_proxy_url), _URL_DUMP]
+# A URL whose checks are its user's (e.g. the nats sink's servers): only masked here.
+AnyUrl = Annotated[str, AfterValidator(MaskedUrl), _URL_DUMP]
 # Configured HTTP headers: checked names and values; secret-looking values masked.
 Headers = Annotated[
     dict[str, str],

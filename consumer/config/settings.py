@@ -47,6 +47,7 @@ from .extras import missing_extras
 from .fields import (
     ABSOLUTE,
     INSECURE_FIX,
+    AnyUrl,
     BaseUrl,
     GatewayUrl,
     Headers,
@@ -559,7 +560,7 @@ class NatsSinkSettings(_Model):
     replay within ``duplicate_window_s``)."""
 
     type: Literal["nats"]
-    servers: tuple[str, ...] = ("nats://127.0.0.1:4222",)  # nats:// or tls://
+    servers: tuple[AnyUrl, ...] = ("nats://127.0.0.1:4222",)  # nats:// or tls://
     # Tokens: {chainCode} (the stream's), {hotelId}, {eventName}, {moduleName}, {stream};
     # each value sanitised to a subject token ('.', '*', '>' and spaces become '_').
     subject: str = "opera.{chainCode}.{hotelId}.{eventName}"

@@ -421,6 +421,14 @@ def test_sink_secrets_are_masked(tmp_path: Path) -> None:
     assert "TOK-SECRET" not in json.dumps(effective(settings))
 
 
+def test_a_nats_server_password_is_masked(tmp_path: Path) -> None:
+    text = BASE + '[sink]\ntype = "nats"\nservers = ["nats://user:NATS-SECRET@h:4222"]\n'
+    settings = load_settings(write(tmp_path, text))
+    assert "NATS-SECRET" not in repr(settings)
+    assert "NATS-SECRET" not in json.dumps(effective(settings))
+    assert str(settings.sink.servers[0]) == "nats://user:NATS-SECRET@h:4222"  # type: ignore[union-attr]
+
+
 @pytest.mark.parametrize(
     ("orchestration", "says"),
     [
