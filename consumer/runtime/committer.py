@@ -69,12 +69,13 @@ class Committer:
         self._store = store
         self._zone = ZoneInfo(event_timezone)  # of the events' timestamps (checkpoint event time)
         self._sink = sink
-        # Adaptive: any work done wakes the commit task (max_events and interval unused).
-        self._max_events = 1 if adaptive else max_events
+        self._max_events = max_events
         self._interval = interval_s
+        # Adaptive: any work done wakes the commit task, which waits for no interval, only
+        # for min_interval_s since the start of the commit before.
         self._adaptive = adaptive
-        self._min_interval = min_interval_s if adaptive else 0.0
-        self._last_start = -1e9  # monotonic start of the last commit
+        self._min_interval = min_interval_s
+        self._last_start = -1e9  # monotonic start of the last commit (adaptive)
         self._max_pending = max_pending or max_events * 20
         # Dead letters carry payloads (each bounded): their bytes count against capacity too,
         # so a flood of large malformed frames waits for commits like events do.
@@ -154,7 +155,7 @@ class Committer:
         """A dead letter delivered by a replay: removed in the same transaction."""
         self._batch.resolved.append(dead_letter_id)
         self._pending += 1
-        if self._pending >= self._max_events:
+        if self._adaptive or self._pending >= self._max_events:
             self._wake.set()
 
     def _done(
@@ -166,7 +167,7 @@ class Committer:
             counts = self._batch.done_counts
             counts[stream] = counts.get(stream, 0) + done
         self._pending += done + other
-        if self._pending >= self._max_events:
+        if self._adaptive or self._pending >= self._max_events:
             self._wake.set()
         self._maybe_idle(ledger)
 
@@ -240,16 +241,19 @@ class Committer:
         ):
             with attempt:
                 while True:
-                    # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
-                    # cancel that lands in the same step as the wake, and shutdown then hangs.
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(None if self._adaptive else self._interval):
-                            await self._wake.wait()
+                    if self._adaptive:
+                        await self._wake.wait()
+                        rest = self._last_start + self._min_interval - time.monotonic()
+                        if rest > 0:  # what is done meanwhile joins this commit
+                            await asyncio.sleep(rest)
+                        self._last_start = time.monotonic()
+                    else:
+                        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow
+                        # a cancel landing in the same step as the wake; shutdown then hangs.
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(self._interval):
+                                await self._wake.wait()
                     self._wake.clear()
-                    rest = self._last_start + self._min_interval - time.monotonic()
-                    if rest > 0:  # adaptive: what is done meanwhile joins this commit
-                        await asyncio.sleep(rest)
-                    self._last_start = time.monotonic()
                     # A commit under way finishes even if we are cancelled meanwhile.
                     await asyncio.shield(self.flush())
 
@@ -444,6 +448,8 @@ class Committer:
             + len(batch.resolved)
         )
         self._pending_bytes = sum(len(d.payload) + len(d.error) for d in batch.dead_letters)
+        if self._adaptive:
+            self._wake.set()  # no interval comes to retry it: the next round does
 
 
 def _may_clear(exc: BaseException) -> bool:

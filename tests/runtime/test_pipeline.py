@@ -23,7 +23,7 @@ from consumer.core.evidence import evidence
 from consumer.core.protocol import DecodeError
 from consumer.core.records import CommitBatch
 from consumer.core.watermark import Position
-from consumer.errors import PermanentSinkError, TransientSinkError
+from consumer.errors import PermanentSinkError, StoreError, TransientSinkError
 from consumer.runtime.committer import Committer
 from consumer.runtime.pipeline import StreamPipeline
 from consumer.sinks.base import PlainSink
@@ -640,6 +640,39 @@ async def test_adaptive_commit_does_not_wait_for_the_interval(tmp_path: Path) ->
                     await asyncio.sleep(0.005)
         assert await store.seen("main", ["u1", "u2", "u3"]) == {"u1", "u2", "u3"}
         assert committer.commits == 3
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await sink.close()
+        await store.close()
+
+
+async def test_an_adaptive_commit_that_failed_is_retried_without_new_events(
+    tmp_path: Path,
+) -> None:
+    """No interval wakes an adaptive committer: a failed commit must wake it again itself, or a
+    quiet stream's checkpoint waits for the next event."""
+    store = await Store.open(tmp_path / "state.db")
+    sink = JsonlSink(tmp_path / "events.jsonl")
+    await sink.open(None)
+    failures = [StoreError("disk full (test)", retriable=True)]
+    commit = store.commit
+
+    async def failing_once(batch: CommitBatch, now: float | None = None) -> None:
+        if failures:
+            raise failures.pop()
+        await commit(batch, now)
+
+    store.commit = failing_once  # type: ignore[method-assign]
+    committer = Committer(store, sink, max_events=1000, interval_s=3600.0, adaptive=True)
+    task = asyncio.create_task(committer.run())
+    try:
+        seq = committer.arrived("main", Position("1", "u1"))
+        committer.processed("main", ["u1"], [seq])
+        async with asyncio.timeout(20):
+            while (cp := await store.checkpoint("main")) is None or cp.offset != "1":
+                await asyncio.sleep(0.01)
+        assert not failures and committer.commits == 1
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
