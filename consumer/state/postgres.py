@@ -115,11 +115,12 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX stream_leases_holder ON {s}.stream_leases (holder);
     """,
-    # 3: the checkpoint's event time (its event's own timestamp) under its own name; the old
-    # column held the commit time (as updated_at does), so no value of it is kept
+    # 3: the checkpoint's event time (its event's own timestamp) under its own name. The old
+    # column held the commit time (as updated_at does), so none of it is carried over; it
+    # stays, unused, because fleet members of the version before may still be committing
+    # (they write it) while the others upgrade.
     """
-    ALTER TABLE {s}.checkpoints RENAME COLUMN last_event_at TO event_at;
-    UPDATE {s}.checkpoints SET event_at = NULL;
+    ALTER TABLE {s}.checkpoints ADD COLUMN event_at DOUBLE PRECISION;
     """,
 )
 

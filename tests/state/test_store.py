@@ -247,7 +247,8 @@ async def test_the_event_time_belongs_to_the_checkpoint_it_came_with(store: Stor
 
 async def test_the_migration_renames_the_old_commit_time_column(backend: Backend) -> None:
     """Before this version, ``last_event_at`` held the commit time (as updated_at does): the
-    column becomes ``event_at``, emptied (no event time is known), and nothing else changes."""
+    event time is ``event_at``, empty (no event time is known), and nothing else changes.
+    (PostgreSQL keeps the old column for a fleet's members still on the version before.)"""
     old = len(backend.module.MIGRATIONS) - 1
     await backend.create_at(old)
     await backend.raw(
