@@ -18,6 +18,7 @@ from zoneinfo import ZoneInfo
 
 import h11
 import httpx
+import orjson
 import structlog
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -36,6 +37,7 @@ from prometheus_client.registry import Collector
 
 from .. import __version__
 from ..core.events import Event, event_time
+from ..core.evidence import shown
 from ..http11 import read_request, reject, request_path, respond
 from ..logs import RateLimitedLogger
 from .status import FleetStatus, StatusSource
@@ -395,7 +397,8 @@ async def live_status(host: str, port: int) -> dict[str, dict[str, Any]] | None:
     }
     try:
         async with httpx.AsyncClient(base_url=f"http://{host}:{port}", timeout=2.0) as http:
-            ready = (await http.get("/readyz")).json()
+            # orjson: a nesting too deep for it is a ValueError, where json recurses.
+            ready = orjson.loads((await http.get("/readyz")).content)
             text = (await http.get("/metrics")).text
         at = time.time()
         figures: dict[str, dict[str, float]] = {}
@@ -406,10 +409,10 @@ async def live_status(host: str, port: int) -> dict[str, dict[str, Any]] | None:
                     figures.setdefault(s.labels["stream"], {})[key] = s.value
         streams = ready["streams"]
         return {
-            str(name): {
-                "state": str(info["state"]),
-                # what it waits for (a token endpoint that fails, a backoff): bounded there
-                "waiting_for": str(info.get("waiting") or "")[:300] or None,
+            shown(name, 200): {
+                "state": shown(info["state"], 100),
+                # what it waits for (a token endpoint that fails, a backoff)
+                "waiting_for": shown(info.get("waiting") or "", 300) or None,
                 "at": at,
                 "processed": int(figures.get(name, {}).get("processed", 0)),
                 "lag_s": figures.get(name, {}).get("lag_s"),

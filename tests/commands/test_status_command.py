@@ -218,6 +218,9 @@ def test_lag_and_eta_in_words() -> None:
         (b'{"streams": [1]}', b""),
         (b'{"streams": {"main": "streaming"}}', b""),
         (b'{"streams": {"main": {"state": "streaming"}}}', b"opera_consumer_lag_seconds{"),
+        # nested beyond any parser's depth (json's recursion used to escape the except)
+        (b'{"streams": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", b""),
+        (b'{"streams": {"main": {"state": ' + b"[" * 100_000 + b"]" * 100_000 + b"}}}", b""),
     ],
 )
 async def test_a_listener_that_answers_garbage_is_not_a_running_daemon(
