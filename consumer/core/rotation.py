@@ -127,6 +127,11 @@ class Rotation:
         self._regex = re.compile(_regex(self._stem), re.DOTALL)
 
     @property
+    def suffix(self) -> str:
+        """What every file name of the series ends with (``.jsonl``), after its number."""
+        return self._suffix
+
+    @property
     def retains(self) -> bool:
         return self.keep_files is not None or self.keep_days is not None
 

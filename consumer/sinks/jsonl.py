@@ -39,6 +39,7 @@ import orjson
 import structlog
 
 from ..core.events import Event
+from ..core.printable import printable
 from ..core.records import Staged
 from ..core.rotation import SEQ_DIGITS, Rotation
 from ..errors import SinkUnusable, TransientSinkError
@@ -117,8 +118,8 @@ class JsonlSink:
             if c is not None and c.file is not None and c.file != self.path.name:
                 raise SinkUnusable(
                     f"the state store's committed position is in the rotated jsonl file "
-                    f"{self._dir / c.file}, but no rotation is configured: set the rotation "
-                    "keys again, or (after a clean stop) run `opera-consumer sink adopt` "
+                    f"{printable(self._dir / c.file)}, but no rotation is configured: set the "
+                    "rotation keys again, or (after a clean stop) run `opera-consumer sink adopt` "
                     f"without them to continue in {self.path}"
                 )
             head = self._open_file(self.path.name, 0, 0, None if c is None else c.length)
@@ -159,12 +160,13 @@ class JsonlSink:
             seq = self._next_seq
             started = rot.started_at(now)
             return self._open_file(rot.name(seq, started), seq, started, 0)
-        if not _numbered(c.file, c.seq, self.path):
+        if not _numbered(c.file, c.seq, self.path, rot.suffix):
             # Never cut a file the series does not name (the state store's copy is not
             # trusted): the path itself is file 0, any other carries its number.
             raise SinkUnusable(
-                f"jsonl file {self._dir / c.file}: the state store's committed position names "
-                f"a file that is not one of the series (number {c.seq}): {ADOPT_HINT}"
+                f"jsonl file {printable(self._dir / c.file)}: the state store's committed "
+                f"position names a file that is not one of the series (number {c.seq}): "
+                f"{ADOPT_HINT}"
             )
         newer = sorted(((s, n) for s, n in ours if s > c.seq and n != c.file), reverse=True)
         for _, name in newer:
@@ -473,12 +475,13 @@ def _parse(committed: str | None, path: Path) -> _Committed | None:
     return _Committed(name, seq, length, started)
 
 
-def _numbered(name: str, seq: int, path: Path) -> bool:
-    """Whether ``name`` is the path (file 0) or carries ``seq`` as a rotated file does (as the
-    last dot-separated part before the suffix: any rotate_name it was made with)."""
+def _numbered(name: str, seq: int, path: Path, suffix: str) -> bool:
+    """Whether ``name`` is the path (file 0) or carries ``seq`` as a rotated file does: the
+    number right before the series' suffix (whatever rotate_name made the rest)."""
     if name == path.name:
         return seq == 0
-    return f"{seq:0{SEQ_DIGITS}d}" in name.split(".")[1:][-2:]
+    tail = f".{seq:0{SEQ_DIGITS}d}{suffix}"
+    return name.endswith(tail) and len(name) > len(tail)
 
 
 def _count(v: object) -> TypeGuard[int]:

@@ -674,11 +674,19 @@ async def test_a_committed_position_naming_a_file_outside_the_series_is_refused(
     """The state store's copy is not trusted to name what gets cut: a file that is neither
     the path (file 0) nor numbered as the series numbers its files is never touched."""
     (tmp_path / "state.db").write_bytes(b"precious")
-    for name, seq in (("state.db", 3), ("events.jsonl", 2), ("events-x.000004.jsonl", 3)):
+    (tmp_path / "backup.000003.tar").write_bytes(b"precious")
+    cases = (
+        ("state.db", 3),
+        ("events.jsonl", 2),
+        ("events-x.000004.jsonl", 3),
+        ("backup.000003.tar", 3),  # the number, but not before the series' suffix
+    )
+    for name, seq in cases:
         committed = json.dumps({"file": name, "seq": seq, "length": 0})
         with pytest.raises(SinkUnusable, match="not one of the series"):
             await JsonlSink(tmp_path / "events.jsonl", rotation=rotation()).open(committed)
     assert (tmp_path / "state.db").read_bytes() == b"precious"
+    assert (tmp_path / "backup.000003.tar").read_bytes() == b"precious"
     # A file of the series made with another rotate_name is still the committed one.
     old = tmp_path / "old-name.000003.jsonl"
     old.write_bytes(b"x\nyz")
