@@ -25,8 +25,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+import orjson
+
 from ..core.events import Event
+from ..core.evidence import prefix
 from ..core.records import Staged
+from ..errors import PermanentSinkError
 
 
 class Sink(Protocol):
@@ -76,3 +80,16 @@ class PlainSink:
 
     async def close(self) -> None:
         return None
+
+
+def serialized(ev: Event, sink: str = "") -> bytes:
+    """The event's document as JSON. One that no JSON writer takes (nested deeper than orjson
+    writes, an integer beyond 64 bits) is that event's fault: a dead letter, the rest go on."""
+    try:
+        return orjson.dumps(ev.document())
+    except TypeError as exc:
+        raise PermanentSinkError(
+            f"{sink + ' sink: ' if sink else ''}event cannot be serialized as JSON: "
+            f"{prefix(str(exc))}",
+            unique_event_id=ev.unique_event_id,
+        ) from None

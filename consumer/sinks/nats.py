@@ -60,7 +60,6 @@ from urllib.parse import urlsplit
 
 import nats.errors
 import nats.js.errors
-import orjson
 import structlog
 from nats.aio.client import Client
 from nats.js import JetStreamContext
@@ -81,7 +80,7 @@ from ..core.templates import (
 )
 from ..errors import ConfigError, PermanentSinkError, SinkUnusable, TransientSinkError
 from ..logs import REDACTOR, RateLimitedLogger
-from .base import PlainSink
+from .base import PlainSink, serialized
 
 log = structlog.get_logger(__name__)
 
@@ -661,12 +660,7 @@ class NatsSink(PlainSink):
         )
 
     def _message(self, stream: str, ev: Event, limit: int) -> _Message:
-        try:
-            body = orjson.dumps(ev.document())
-        except TypeError as exc:  # nested deeper than orjson writes, an integer beyond 64 bits
-            raise PermanentSinkError(
-                f"event cannot be serialized as JSON: {exc}", unique_event_id=ev.unique_event_id
-            ) from None
+        body = serialized(ev)
         mid = msg_id(ev.unique_event_id)
         size = len(body) + len(mid) + len(stream) + len(self.settings.stream) + _HEADER_OVERHEAD
         if size > limit:

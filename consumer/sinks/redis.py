@@ -74,7 +74,6 @@ from dataclasses import dataclass
 from typing import Any, Final, NamedTuple, TypeVar
 from urllib.parse import quote, quote_plus, unquote
 
-import orjson
 import structlog
 from redis.asyncio import Redis
 from redis.asyncio.connection import parse_url
@@ -114,7 +113,7 @@ from ..core.templates import (
 )
 from ..errors import ConfigError, PermanentSinkError, SinkError, SinkUnusable, TransientSinkError
 from ..logs import RateLimitedLogger
-from .base import PlainSink
+from .base import PlainSink, serialized
 
 log = structlog.get_logger(__name__)
 _limited = RateLimitedLogger(log, per_s=1.0, burst=5)  # an unknown error, at every retry
@@ -390,13 +389,7 @@ class RedisSink(PlainSink):
             start = end
 
     def _make_call(self, stream: str, ev: Event) -> _Call:
-        try:
-            document = orjson.dumps(ev.document())
-        except TypeError as exc:  # nested deeper than orjson writes, an integer beyond 64 bits
-            raise PermanentSinkError(
-                f"redis sink: event cannot be serialized as JSON: {prefix(str(exc))}",
-                unique_event_id=ev.unique_event_id,
-            ) from None
+        document = serialized(ev, "redis")
         chain = self.chains.get(stream)
         key = self.template.render(
             {
@@ -488,6 +481,7 @@ class RedisSink(PlainSink):
         return prefix(text, TEXT_LIMIT)
 
     def _text(self, exc: BaseException) -> str:
+        # Not evidence.describe: that cuts first, and a secret cut in two would escape _scrub.
         try:
             text = str(exc)
         except Exception:  # a __str__ that fails on what it holds

@@ -36,14 +36,13 @@ from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 import httpx
-import orjson
 
 from ..config import WebhookSinkSettings, query_secret_values, webhook_secret_values
 from ..core.events import Event
 from ..core.retry_after import retry_after_seconds
 from ..errors import PermanentSinkError, TransientSinkError
 from ..logs import MASK, REDACTOR
-from .base import PlainSink
+from .base import PlainSink, serialized
 
 TRANSIENT_STATUSES = frozenset({408, 425, 429})
 EXCERPT_CHARS = 300
@@ -99,7 +98,7 @@ class WebhookSink(PlainSink):
         # Every body is made before the first POST: an event that cannot be serialized is
         # named at once, and the events before it are not POSTed twice when the pipeline
         # re-delivers around it.
-        docs = [_serialize(ev) for ev in events]
+        docs = [serialized(ev) for ev in events]
         size = self.settings.batch_size
         if size == 1:
             for ev, doc in zip(events, docs, strict=True):
@@ -154,12 +153,3 @@ class WebhookSink(PlainSink):
         for secret in self._secrets:
             text = text.replace(secret, MASK)
         return text
-
-
-def _serialize(ev: Event) -> bytes:
-    try:
-        return orjson.dumps(ev.document())
-    except TypeError as exc:  # nested deeper than orjson writes, an integer beyond 64 bits
-        raise PermanentSinkError(
-            f"event cannot be serialized as JSON: {exc}", unique_event_id=ev.unique_event_id
-        ) from None
