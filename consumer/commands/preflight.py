@@ -52,13 +52,12 @@ from ..core.unreachable import reason
 from ..errors import AuthError, ConfigError, SinkError, StoreError
 from ..logs import REDACTOR
 from ..pg_target import Target
-from ..runtime.assembly import http_client, register_secrets
+from ..runtime.assembly import bus_sink, http_client, register_secrets
 from ..runtime.auth import TokenProvider
 from ..state import sqlite
 
 if TYPE_CHECKING:
-    from ..sinks.nats import NatsSink
-    from ..sinks.redis import RedisSink
+    pass
 
 HEADER_LIMIT = 8 * 1024  # the gateway's request header limit
 SLOW_RTT_S = 0.5
@@ -317,12 +316,14 @@ async def _sink(checks: _Checks, settings: Settings) -> None:
         try:
             await _postgres_sink(s)
             add("PASS", "-", "sink", f"postgres: connected, table {s.table} ready or creatable")
-        except Exception as exc:
+        except (SinkError, StoreError, ConfigError) as exc:  # their messages say what to fix
             add("FAIL", "-", "sink", f"postgres: {exc}")
+        except Exception as exc:  # the server's or the driver's own: bounded
+            add("FAIL", "-", "sink", f"postgres: {describe(exc)}")
     elif isinstance(s, NatsSinkSettings | RedisSinkSettings):
         # Connect, authenticate, check the stream or key and the permissions: nothing sent.
         try:
-            said = await _bus_sink(settings, s).preflight()
+            said = await bus_sink(settings, s).preflight()
         except (SinkError, ConfigError) as exc:  # their messages say it all
             add("FAIL", "-", "sink", f"{s.type}: {exc}")
         except Exception as exc:
@@ -344,14 +345,3 @@ async def _postgres_sink(s: PostgresSinkSettings) -> None:
             await sink._prepare_table(once)
     finally:
         await sink._close_pool(pool)
-
-
-def _bus_sink(settings: Settings, s: NatsSinkSettings | RedisSinkSettings) -> NatsSink | RedisSink:
-    chains = {name: stream.chain_code for name, stream in settings.streams.items()}
-    if isinstance(s, NatsSinkSettings):
-        from ..sinks.nats import NatsSink  # noqa: PLC0415  # only where configured
-
-        return NatsSink(s, chains)
-    from ..sinks.redis import RedisSink  # noqa: PLC0415  # only where configured
-
-    return RedisSink(s, chains)

@@ -4,6 +4,7 @@ redactor, and the configured sink (with orchestration around it when enabled).""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import httpx
 
@@ -27,6 +28,10 @@ from ..sinks.python import PythonSink
 from ..sinks.sqlite import SqliteSink, StoreTableSink
 from ..sinks.webhook import WebhookSink
 from .auth import TokenProvider
+
+if TYPE_CHECKING:
+    from ..sinks.nats import NatsSink
+    from ..sinks.redis import RedisSink
 
 
 def register_secrets(settings: Settings) -> None:
@@ -90,13 +95,18 @@ def _plain(settings: Settings, http: httpx.AsyncClient) -> Sink:
         return PostgresSink(s, in_state_transaction=same)
     if isinstance(s, PythonSinkSettings):
         return PythonSink(s)
+    if isinstance(s, NatsSinkSettings | RedisSinkSettings):
+        return bus_sink(settings, s)
+    raise AssertionError(f"unknown sink settings {type(s).__name__}")
+
+
+def bus_sink(settings: Settings, s: NatsSinkSettings | RedisSinkSettings) -> NatsSink | RedisSink:
+    """The nats or redis sink (for the daemon, and for preflight's checks)."""
     chains = {name: stream.chain_code for name, stream in settings.streams.items()}
     if isinstance(s, NatsSinkSettings):
         from ..sinks.nats import NatsSink  # noqa: PLC0415  # nats-py only where configured
 
         return NatsSink(s, chains)
-    if isinstance(s, RedisSinkSettings):
-        from ..sinks.redis import RedisSink  # noqa: PLC0415  # redis only where configured
+    from ..sinks.redis import RedisSink  # noqa: PLC0415  # redis only where configured
 
-        return RedisSink(s, chains)
-    raise AssertionError(f"unknown sink settings {type(s).__name__}")
+    return RedisSink(s, chains)
