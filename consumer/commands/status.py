@@ -26,7 +26,7 @@ import time
 from typing import Any
 
 from ..config import Settings
-from ..core.progress import Estimator, Phase, Progress, Sample
+from ..core.progress import Estimator, Phase, Progress, Sample, rounded
 from ..errors import ExitCode
 from ..runtime.metrics import live_status
 from ..state import open_store
@@ -75,9 +75,9 @@ class LiveView:
             out[name] = {
                 "state": look[name]["state"],
                 "waiting_for": look[name]["waiting_for"],
-                "events_per_s": _round(progress.events_per_s),
-                "lag_s": _round(progress.lag_s),
-                "eta_s": _round(progress.eta_s),
+                "events_per_s": rounded(progress.events_per_s),
+                "lag_s": rounded(progress.lag_s),
+                "eta_s": rounded(progress.eta_s),
                 "progress": progress.phase.value,
             }
         return out
@@ -245,7 +245,3 @@ async def _watch(
         for sig in handled:
             loop.remove_signal_handler(sig)
     return ExitCode.OK
-
-
-def _round(value: float | None) -> float | None:
-    return None if value is None else round(value, 1)

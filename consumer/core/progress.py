@@ -83,3 +83,8 @@ class Estimator:
         if lag is not None and speed is not None and speed > 1.0:
             return Progress(Phase.CATCHING_UP, lag, rate, speed, lag / (speed - 1.0))
         return Progress(Phase.BEHIND, lag, rate, speed, None)
+
+
+def rounded(value: float | None) -> float | None:
+    """A figure for a person or a log line: one decimal."""
+    return None if value is None else round(value, 1)

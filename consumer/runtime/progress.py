@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo
 import structlog
 
 from ..core.events import event_time
-from ..core.progress import Estimator, Progress, Sample
+from ..core.progress import Estimator, Progress, Sample, rounded
 from .status import StatusSource, StreamStatus
 
 log = structlog.get_logger(__name__)
@@ -61,14 +61,14 @@ class ProgressLog:
                     stream=st.name,
                     phase=p.phase.value,
                     events_per_s=round(p.events_per_s or 0.0, 1),
-                    lag_s=_round(p.lag_s),
-                    speed=_round(p.speed),  # seconds of event time gone through a second
-                    eta_s=_round(p.eta_s),
+                    lag_s=rounded(p.lag_s),
+                    speed=rounded(p.speed),  # seconds of event time gone through a second
+                    eta_s=rounded(p.eta_s),
                     waiting=st.in_flight,
                     offset=st.position.offset if st.position else None,
                 )
             elif was_behind and not p.behind:
-                log.info("caught up", stream=st.name, lag_s=_round(p.lag_s), phase=p.phase.value)
+                log.info("caught up", stream=st.name, lag_s=rounded(p.lag_s), phase=p.phase.value)
             self._streams[st.name] = (estimator, behind or (was_behind and p.behind))
         for gone in set(self._streams) - set(out):  # stopped here (fleet): its counters too
             del self._streams[gone]
@@ -81,7 +81,3 @@ class ProgressLog:
 
     def _estimator(self) -> Estimator:
         return Estimator(window=WINDOW, caught_up_s=self._caught_up_s)
-
-
-def _round(value: float | None) -> float | None:
-    return None if value is None else round(value, 1)

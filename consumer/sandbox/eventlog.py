@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from ..core.events import ORACLE_TIMESTAMP
+
 if TYPE_CHECKING:
     from .templated import TemplatedEvents
 
@@ -99,9 +101,14 @@ class Resource:
     last_offset: str = ""
 
 
+def _oracle(when: datetime) -> str:
+    """``28-APR-24 06.18.59.028027 AM``: Oracle's timestamp format, as the consumer reads it."""
+    return when.strftime(ORACLE_TIMESTAMP).upper()
+
+
 def _now_timestamp() -> str:
     """The wall clock (UTC) in Oracle's timestamp format, to the microsecond."""
-    return datetime.now(UTC).strftime("%d-%b-%y %I.%M.%S.%f %p").upper()
+    return _oracle(datetime.now(UTC))
 
 
 def _epoch_timestamp(epoch_us: int) -> str:
@@ -109,7 +116,7 @@ def _epoch_timestamp(epoch_us: int) -> str:
     when = datetime.fromtimestamp(epoch_us // 1_000_000, UTC).replace(
         microsecond=epoch_us % 1_000_000
     )
-    return when.strftime("%d-%b-%y %I.%M.%S.%f %p").upper()
+    return _oracle(when)
 
 
 def _dumps(doc: Any) -> str:
@@ -317,7 +324,7 @@ class ChainLog:
             return _now_timestamp()
         if self._first_us is not None:
             return _epoch_timestamp(self._first_us + made * BACKLOG_STEP_US)
-        return self._clock.strftime("%d-%b-%y %I.%M.%S.%f %p").upper()
+        return _oracle(self._clock)
 
     def _changes(self, res: Resource, *, new: bool) -> list[dict[str, Any]]:
         rng = self._rng

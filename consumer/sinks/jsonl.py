@@ -281,9 +281,7 @@ class JsonlSink:
         length = tail.durable + tail.buffered
         if self._rotation is None:
             return str(length)
-        return orjson.dumps(
-            {"file": tail.name, "seq": tail.seq, "length": length, "started": tail.started}
-        ).decode()
+        return _encode(tail.name, tail.seq, length, tail.started)
 
     def committed(self, position: str) -> None:
         if self._rotation is None:

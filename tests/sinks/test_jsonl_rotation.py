@@ -9,6 +9,7 @@ ftruncate, unlink) every call raises, the sink is abandoned and a new one opens 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from collections.abc import Iterator
@@ -525,7 +526,10 @@ async def test_the_committer_tells_the_sink_what_is_committed(tmp_path: Path) ->
             assert await committer.flush()
         state = json.loads(await store.sink_state("jsonl") or "")
         assert state == position(sink)
-        assert [rot.seq_of(f.name) for f in rotated_files(path, rot)] == [5, 6]
+        # Retention runs in a task of its own after the commit: wait for what it must leave.
+        async with asyncio.timeout(10):
+            while [rot.seq_of(f.name) for f in rotated_files(path, rot)] != [5, 6]:
+                await asyncio.sleep(0.01)
     finally:
         await sink.close()
         await store.close()
