@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import re
@@ -112,6 +113,7 @@ _T = TypeVar("_T")
 # --- subjects -----------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=4096)  # few distinct values (hotels, event names), many events
 def subject_token(value: str | None) -> str:
     """``value`` as one subject token: ``.``, ``*``, ``>``, whitespace, control characters
     and lone surrogates become ``_``; empty (or None) is ``_``; over ``TOKEN_MAX_CHARS``
