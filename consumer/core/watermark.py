@@ -9,13 +9,12 @@ one whose dead-letter row is not yet written.
 
 from __future__ import annotations
 
-from collections import deque
-from typing import NamedTuple
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple, Protocol
 
 
 class Position(NamedTuple):
-    """Where a stream is: one per event on the hot path (a NamedTuple: a third of the cost of
-    building a frozen dataclass)."""
+    """Where a stream is."""
 
     offset: str
     unique_event_id: str
@@ -24,60 +23,105 @@ class Position(NamedTuple):
     timestamp: str | None = None
 
 
-class Watermark:
-    """Not thread-safe; one per stream, driven from one event loop."""
+class Positioned(Protocol):
+    """What a frame's slot holds: a :class:`Position`, or an event (read as one only when
+    the watermark's position is asked for, not once per event)."""
 
-    __slots__ = ("_base", "_done", "_last", "_pending", "_position")
+    @property
+    def offset(self) -> str: ...
+    @property
+    def unique_event_id(self) -> str: ...
+    @property
+    def timestamp(self) -> str | None: ...
+
+
+def _position(p: Positioned | None) -> Position | None:
+    if p is None or type(p) is Position:
+        return p
+    return Position(p.offset, p.unique_event_id, p.timestamp)
+
+
+class Watermark:
+    """Not thread-safe; one per stream, driven from one event loop.
+
+    The frames in flight are ``_slots[_head:]``, the first with sequence number ``_base``; done
+    ones wait in ``_done`` until the prefix before them is done. Completions come in batches
+    (a worker's), so the prefix is advanced once per batch, not once per frame."""
+
+    __slots__ = ("_base", "_done", "_head", "_last", "_position", "_slots")
 
     def __init__(self) -> None:
-        self._base = 0  # sequence number of _pending[0]
-        self._pending: deque[Position | None] = deque()
+        self._base = 0  # sequence number of _slots[_head]
+        self._head = 0
+        self._slots: list[Positioned | None] = []
         self._done: set[int] = set()
-        self._position: Position | None = None  # newest position of the done prefix
-        self._last: Position | None = None  # last position handed out by advance()
+        self._position: Positioned | None = None  # newest position of the done prefix
+        self._last: Positioned | None = None  # last position handed out by advance()
 
-    def add(self, position: Position | None) -> int:
+    def add(self, position: Positioned | None) -> int:
         """Register a frame in arrival order; returns its sequence number."""
-        self._pending.append(position)
-        return self._base + len(self._pending) - 1
+        self._slots.append(position)
+        return self._base + len(self._slots) - self._head - 1
+
+    def add_all(self, positions: Sequence[Positioned | None]) -> int:
+        """Register frames in arrival order; returns the first one's sequence number (the
+        others follow it)."""
+        first = self._base + len(self._slots) - self._head
+        self._slots.extend(positions)
+        return first
 
     def done(self, seq: int) -> None:
-        if seq < self._base or seq >= self._base + len(self._pending):
-            raise ValueError(f"sequence {seq} is not pending")
-        self._done.add(seq)
-        pending, done = self._pending, self._done
-        while pending and self._base in done:
-            done.discard(self._base)
-            pos = pending.popleft()
-            if pos is not None:
-                self._position = pos
-            self._base += 1
+        self.done_all((seq,))
+
+    def done_all(self, seqs: Iterable[int]) -> None:
+        """Mark frames done (any order); a sequence number not in flight is a ValueError."""
+        seqs = seqs if isinstance(seqs, Sequence) else tuple(seqs)
+        if not seqs:
+            return
+        base, done = self._base, self._done
+        if min(seqs) < base or max(seqs) >= base + len(self._slots) - self._head:
+            bad = next(s for s in seqs if not base <= s < base + len(self._slots) - self._head)
+            raise ValueError(f"sequence {bad} is not pending")
+        done.update(seqs)
+        if base not in done:
+            return
+        end = base + 1
+        while end in done:
+            end += 1
+        done.difference_update(range(base, end))
+        slots, head = self._slots, self._head
+        stop = head + end - base
+        for i in range(stop - 1, head - 1, -1):  # newest frame with a position
+            if slots[i] is not None:
+                self._position = slots[i]
+                break
+        self._base = end
+        if stop >= 1024 and stop * 2 >= len(slots):
+            del slots[:stop]  # amortised: the done prefix is dropped in bulk
+            self._head = 0
+        else:
+            slots[head:stop] = [None] * (stop - head)  # let the done events go
+            self._head = stop
 
     def is_pending(self, seq: int) -> bool:
         """Registered and not done yet."""
-        return self._base <= seq < self._base + len(self._pending) and seq not in self._done
-
-    def cancel(self, seq: int) -> None:
-        """Forget the newest frame: it was never handed to a worker (shutdown)."""
-        if seq != self._base + len(self._pending) - 1:
-            raise ValueError(f"only the newest frame can be cancelled, not {seq}")
-        self._pending.pop()
+        return self._base <= seq < self._base + self.in_flight and seq not in self._done
 
     @property
     def in_flight(self) -> int:
-        return len(self._pending)
+        return len(self._slots) - self._head
 
     @property
     def position(self) -> Position | None:
         """Newest position whose whole prefix is done (None until one is)."""
-        return self._position
+        return _position(self._position)
 
     def advance(self) -> Position | None:
         """The position to persist if it moved since the last call, else None."""
         if self._position is None or self._position is self._last:
             return None
         self._last = self._position
-        return self._position
+        return _position(self._position)
 
     def rewind(self) -> None:
         """The last advance() was not persisted: offer the position again."""

@@ -32,7 +32,7 @@ from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
 from ..core.events import event_time
 from ..core.evidence import prefix
 from ..core.records import CommitBatch, DeadLetter, Fence
-from ..core.watermark import Position, Watermark
+from ..core.watermark import Position, Positioned, Watermark
 from ..errors import Fenced, StoreError, TransientSinkError
 from ..sinks.base import Sink
 from ..state.base import PRUNE_CHUNK, StateStore
@@ -118,17 +118,18 @@ class Committer:
 
     # --- what happens to each frame (the pipeline; no I/O) ------------------------------------
 
-    def arrived(self, stream: str, position: Position | None) -> int:
+    def arrived(self, stream: str, position: Positioned | None) -> int:
         """A frame was read: its place in line (``position`` None: a malformed frame)."""
         ledger = self._ledger(stream)
         ledger.idle.clear()
         return ledger.watermark.add(position)
 
-    def withdraw(self, stream: str, seq: int) -> None:
-        """The newest frame was never handed to a worker (shutdown): it will be replayed."""
+    def arrived_all(self, stream: str, events: Sequence[Positioned]) -> int:
+        """Frames were read, in this order: the first one's place in line (the others follow
+        it). An event is its own position (read as one only when the position is asked for)."""
         ledger = self._ledger(stream)
-        ledger.watermark.cancel(seq)
-        self._maybe_idle(ledger)
+        ledger.idle.clear()
+        return ledger.watermark.add_all(events)
 
     def processed(self, stream: str, event_ids: Sequence[str], seqs: Sequence[int] = ()) -> None:
         """Delivered to the sink: recorded as processed in the next commit."""
@@ -161,8 +162,7 @@ class Committer:
     def _done(
         self, stream: str, ledger: _Ledger, seqs: Sequence[int], done: int, other: int = 0
     ) -> None:
-        for seq in seqs:
-            ledger.watermark.done(seq)
+        ledger.watermark.done_all(seqs)
         if done:
             counts = self._batch.done_counts
             counts[stream] = counts.get(stream, 0) + done

@@ -1,11 +1,15 @@
-"""Per-stream pipeline: bounded per-worker queues, partitioned by ``primaryKey``.
+"""Per-stream pipeline: per-worker queues, partitioned by ``primaryKey``, bounded together.
 
-The reader calls :meth:`StreamPipeline.put` for each event (it waits when the worker's queue is
-full, so backpressure reaches the server through TCP; nothing is dropped). Events of one
-resource always go to the same worker, so they are processed in arrival order while different
-resources run in parallel. Each worker takes what is queued as a batch: drop what the event
-filter leaves out, skip ids already processed, write the rest to the sink, and tell the
-committer (the one owner of completion) what became of each.
+The reader calls :meth:`StreamPipeline.add` for each event, which never waits. The events read
+in one go (until the reader waits for the socket) are handed over together: registered with
+the committer in one call, then partitioned into the workers' queues, so the per-event cost is
+a list append, not a queue operation, a wake-up and a watermark step each. When the queues hold
+``queue_size`` events, ``add`` says so and the reader waits in :meth:`room`, so backpressure
+reaches the server through TCP; nothing is dropped. Events of one resource always go to the
+same worker, so they are processed in arrival order while different resources run in parallel.
+Each worker takes what is queued as a batch: drop what the event filter leaves out, skip ids
+already processed, write the rest to the sink, and tell the committer (the one owner of
+completion) what became of each.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 import zlib
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 
 import structlog
@@ -61,10 +65,13 @@ class StreamPipeline:
         self._batch_max = batch_max
         self._retry_initial = retry_initial_s
         self._retry_max = retry_max_s
-        per_worker = max(1, queue_size // workers)
-        self._queues: list[asyncio.Queue[_Item]] = [
-            asyncio.Queue(per_worker) for _ in range(workers)
-        ]
+        self._capacity = max(1, queue_size)
+        self._queues: list[deque[_Item]] = [deque() for _ in range(workers)]
+        self._ready = [asyncio.Event() for _ in range(workers)]  # its queue has events
+        self._queued = 0  # events in the queues, not yet taken by a worker
+        self._room = asyncio.Event()  # set when _queued drops below capacity
+        self._chunk: list[Event] = []  # read, not yet handed to the workers
+        self._flush_soon: asyncio.Handle | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._parking = None if parked is None else ParkedKeys(stream, committer, parked)
         # None when nothing is filtered: the per-batch cost is then this one attribute check.
@@ -102,8 +109,8 @@ class StreamPipeline:
         if self._tasks:
             return
         self._tasks = [
-            asyncio.create_task(self._worker(q), name=f"worker-{self.stream}-{i}")
-            for i, q in enumerate(self._queues)
+            asyncio.create_task(self._worker(i), name=f"worker-{self.stream}-{i}")
+            for i in range(len(self._queues))
         ]
 
     @property
@@ -112,32 +119,59 @@ class StreamPipeline:
 
     # --- intake (called by the reader) ------------------------------------------------------
 
-    def try_put(self, event: Event) -> bool:
-        """Queue the event unless its worker's queue is full (then call :meth:`put`)."""
-        queue = self._queue_for(event)
-        if queue.full():
-            return False
-        seq = self._committer.arrived(
-            self.stream, Position(event.offset, event.unique_event_id, event.timestamp)
-        )
-        queue.put_nowait((seq, event))
-        return True
+    def add(self, event: Event) -> bool:
+        """Take the event (never waits); it reaches its worker once the reader next waits.
+        False: the pipeline is full, await :meth:`room` before adding more."""
+        chunk = self._chunk
+        chunk.append(event)
+        if len(chunk) == 1:
+            self._flush_soon = asyncio.get_running_loop().call_soon(self._flush)
+        return self._queued + len(chunk) < self._capacity
+
+    async def room(self) -> None:
+        """Hand over what was added, and wait until the queues have room again."""
+        self._flush()
+        while self._queued >= self._capacity:
+            self._room.clear()
+            await self._room.wait()
 
     async def put(self, event: Event) -> None:
-        """Queue the event, waiting while its worker's queue is full."""
-        seq = self._committer.arrived(
-            self.stream, Position(event.offset, event.unique_event_id, event.timestamp)
-        )
-        try:
-            await self._queue_for(event).put((seq, event))
-        except asyncio.CancelledError:
-            self._committer.withdraw(self.stream, seq)  # never queued: it will be replayed
-            raise
+        """:meth:`add`, waiting for room when the pipeline is full."""
+        if not self.add(event):
+            await self.room()
+
+    def _flush(self) -> None:
+        """Register the events added since the last flush, in arrival order, and queue each
+        for its resource's worker. Until then they are in no watermark: a stop before it
+        leaves them to the replay, like frames never read."""
+        if self._flush_soon is not None:
+            self._flush_soon.cancel()
+            self._flush_soon = None
+        chunk = self._chunk
+        if not chunk:
+            return
+        self._chunk = []
+        first = self._committer.arrived_all(self.stream, chunk)
+        queues = self._queues
+        if len(queues) == 1:
+            queues[0].extend(enumerate(chunk, first))
+        else:
+            worker_of = self._worker_of
+            for item in enumerate(chunk, first):
+                queues[worker_of(item[1])].append(item)
+        self._queued += len(chunk)
+        for queue, ready in zip(queues, self._ready, strict=True):
+            if queue:
+                ready.set()
+
+    def _worker_of(self, event: Event) -> int:
+        return zlib.crc32(event.primary_key.encode()) % len(self._queues)
 
     async def put_malformed(self, error: DecodeError) -> None:
         """A frame that cannot be decoded: dead-letter a bounded copy of it, in its place in
         line. Waits for capacity like an event does: a flood of bad frames is backpressure,
         not memory."""
+        self._flush()  # the events read before it come first
         await self._committer.wait_capacity()
         seq = self._committer.arrived(self.stream, None)
         self._committer.dead_letter(
@@ -158,10 +192,6 @@ class StreamPipeline:
         """Persist ``event`` as the checkpoint of a stream that has none (its first event)."""
         await self._committer.anchor(self.stream, Position(event.offset, event.unique_event_id))
 
-    def _queue_for(self, event: Event) -> asyncio.Queue[_Item]:
-        queues = self._queues
-        return queues[zlib.crc32(event.primary_key.encode()) % len(queues)]
-
     # --- position and drain -----------------------------------------------------------------
 
     @property
@@ -171,14 +201,19 @@ class StreamPipeline:
 
     @property
     def in_flight(self) -> int:
-        return self._committer.in_flight(self.stream)
+        return self._committer.in_flight(self.stream) + len(self._chunk)
 
     async def drained(self) -> None:
-        """Returns when every event handed to :meth:`put` is done."""
+        """Returns when every event handed to :meth:`add` is done."""
+        self._flush()
         await self._committer.drained(self.stream)
 
     async def stop(self) -> None:
         """Cancel the workers (idempotent). Events not done are replayed at the next start."""
+        if self._flush_soon is not None:
+            self._flush_soon.cancel()
+            self._flush_soon = None
+        self._chunk = []
         tasks, self._tasks = self._tasks, []
         for t in tasks:
             t.cancel()
@@ -186,12 +221,17 @@ class StreamPipeline:
 
     # --- workers ----------------------------------------------------------------------------
 
-    async def _worker(self, queue: asyncio.Queue[_Item]) -> None:
+    async def _worker(self, index: int) -> None:
+        queue, ready = self._queues[index], self._ready[index]
         retrying = self._retrying()
         while True:
-            batch = [await queue.get()]
-            while len(batch) < self._batch_max and not queue.empty():
-                batch.append(queue.get_nowait())
+            while not queue:
+                ready.clear()
+                await ready.wait()
+            batch = [queue.popleft() for _ in range(min(len(queue), self._batch_max))]
+            self._queued -= len(batch)
+            if self._queued < self._capacity:
+                self._room.set()
             await self._committer.wait_capacity()
             try:
                 await self._process(batch, retrying)

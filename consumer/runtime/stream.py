@@ -366,9 +366,9 @@ class StreamRunner:
                     # stream began before anything else, or a crash now would skip events.
                     await pipeline.anchor(event)
                     self._anchored = True
-                if not pipeline.try_put(event):
+                if not pipeline.add(event):
                     async with self._backpressure(liveness):
-                        await pipeline.put(event)
+                        await pipeline.room()
             elif type(out) is Reply:
                 liveness.activity(now)
                 await ws.send(out.text)

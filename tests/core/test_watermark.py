@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -122,21 +124,6 @@ def test_done_on_empty_watermark_raises() -> None:
         Watermark().done(0)
 
 
-def test_cancel_only_the_newest_frame() -> None:
-    wm = Watermark()
-    a = wm.add(pos(0))
-    b = wm.add(pos(1))
-    with pytest.raises(ValueError):
-        wm.cancel(a)
-    wm.cancel(b)
-    assert wm.in_flight == 1
-    # the slot is reused: the next frame gets the cancelled sequence number
-    assert wm.add(pos(2)) == b
-    wm.done(a)
-    wm.done(b)
-    assert wm.position == pos(2)
-
-
 @st.composite
 def frames_and_order(draw: st.DrawFn) -> tuple[list[bool], list[int]]:
     has_pos = draw(st.lists(st.booleans(), min_size=0, max_size=40))
@@ -178,3 +165,55 @@ def test_any_completion_order_never_passes_an_unfinished_frame(
             assert all(i in done for i in range(idx + 1))
     assert wm.in_flight == 0
     assert wm.position == next((p for p in reversed(positions) if p is not None), None)
+
+
+@st.composite
+def batched_completions(draw: st.DrawFn) -> tuple[list[int], list[list[int]]]:
+    """Chunks of frames registered together, and completions in batches of any order."""
+    sizes = draw(st.lists(st.integers(1, 400), min_size=1, max_size=8))
+    order = draw(st.permutations(range(sum(sizes))))
+    cuts = sorted(draw(st.sets(st.integers(1, max(1, len(order) - 1)), max_size=20)))
+    batches = [list(order[a:b]) for a, b in zip([0, *cuts], [*cuts, len(order)], strict=True)]
+    return sizes, [b for b in batches if b]
+
+
+@given(batched_completions())
+def test_chunks_and_batched_completions_match_one_at_a_time(
+    case: tuple[list[int], list[list[int]]],
+) -> None:
+    """add_all/done_all (the pipeline's path) give the same positions as add/done, across
+    the compaction of the done prefix (more than 1,024 frames)."""
+    sizes, batches = case
+    positions = [pos(i) if i % 7 else None for i in range(sum(sizes))]
+    batched, single = Watermark(), Watermark()
+    at = 0
+    for n in sizes:
+        assert batched.add_all(positions[at : at + n]) == at
+        at += n
+    assert [single.add(p) for p in positions] == list(range(len(positions)))
+    for batch in batches:
+        batched.done_all(batch)
+        for seq in batch:
+            single.done(seq)
+        assert batched.position == single.position
+        assert batched.in_flight == single.in_flight
+        assert all(batched.is_pending(s) == single.is_pending(s) for s in batch[:5])
+    assert batched.in_flight == 0
+    with pytest.raises(ValueError):
+        batched.done_all([0])  # done already: not pending
+
+
+def test_an_event_is_its_own_position_read_as_a_position() -> None:
+    """The pipeline registers events themselves; the position read back is a Position."""
+
+    class Ev(NamedTuple):
+        offset: str
+        unique_event_id: str
+        timestamp: str | None
+        raw: dict[str, str]
+
+    wm = Watermark()
+    seq = wm.add_all([Ev("12", "u12", "2026-11-30 10:00:00.000", {"big": "payload"})])
+    wm.done_all([seq])
+    assert wm.position == Position("12", "u12", "2026-11-30 10:00:00.000")
+    assert type(wm.position) is Position and type(wm.advance()) is Position

@@ -421,7 +421,7 @@ async def test_checkpoint_never_passes_an_unfinished_event(tmp_path: Path) -> No
         await pipeline.put(slow)  # blocks in the sink
         # later events for resources on other workers (one worker serves a key in order)
         candidates = (ev(i, f"fast{i}") for i in range(2, 100))
-        others = [e for e in candidates if pipeline._queue_for(e) is not pipeline._queue_for(slow)]
+        others = [e for e in candidates if pipeline._worker_of(e) != pipeline._worker_of(slow)]
         others = others[:7]
         assert others
         for e in others:
@@ -577,27 +577,56 @@ async def test_run_retries_a_failed_sink_sync(
     assert [uid_of(x) for x in jsonl_lines(sink.path)] == [f"u{i}" for i in range(5)]
 
 
-async def test_queues_are_bounded_and_a_cancelled_put_is_forgotten(tmp_path: Path) -> None:
+async def test_the_queues_are_bounded_and_the_reader_waits_for_room(tmp_path: Path) -> None:
     sink = FakeSink()
-    async with harness(tmp_path, sink, workers=3, queue_size=30) as (_, _, pipeline):
-        sink.gate.clear()  # the sink blocks: nothing drains
-        await pipeline.put(ev(0, key="same"))
-        await asyncio.sleep(0.02)  # its worker takes it and waits in the sink
-        accepted = 1
-        while pipeline.try_put(ev(accepted, key="same")):
-            accepted += 1
-            assert accepted < 100, "the queue must be bounded"
-        put = asyncio.create_task(pipeline.put(ev(999, key="same")))
-        await asyncio.sleep(0.05)
-        assert not put.done()  # the reader waits: backpressure, nothing dropped
-        in_flight = pipeline.in_flight
-        put.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await put
-        assert pipeline.in_flight == in_flight - 1  # never queued: replayed, not lost
+    async with harness(tmp_path, sink, workers=3, queue_size=30, batch_max=10) as (
+        _,
+        _,
+        pipeline,
+    ):
+        sink.gate.clear()  # the sink blocks: its worker holds one batch, nothing else drains
+        added = 0
+        while True:
+            added += 1
+            if not pipeline.add(ev(added, key="same")):
+                break
+            assert added < 100, "the queues must be bounded"
+        assert added == 30  # queue_size events read and not yet taken by a worker
+        await pipeline.room()  # the worker took a batch (10) into the blocked sink
+        assert sink.calls == 1
+        while pipeline.add(ev(added + 1, key="same")):
+            added += 1
+        added += 1
+        assert added == 40
+        room = asyncio.create_task(pipeline.room())
+        for _ in range(20):  # the worker is stuck in the sink: no room can come
+            await asyncio.sleep(0)
+        assert not room.done()  # the reader waits: backpressure, nothing dropped
+        assert pipeline.in_flight == 40
         sink.gate.set()
+        async with asyncio.timeout(WAIT_S):
+            await room
         await drained(pipeline)
-    assert len(sink.delivered) == accepted
+    assert [e.unique_event_id for e in sink.delivered] == [f"u{i}" for i in range(1, 41)]
+
+
+async def test_events_added_in_one_go_reach_the_workers_once_the_reader_waits(
+    tmp_path: Path,
+) -> None:
+    """Handed over together: nothing is registered until the reader yields, then all of it,
+    in arrival order (a stop before that leaves them to the replay)."""
+    sink = FakeSink()
+    async with harness(tmp_path, sink, workers=2) as (_, committer, pipeline):
+        for i in range(5):
+            assert pipeline.add(ev(i, key=f"k{i}"))
+        assert committer.in_flight(STREAM) == 0 and pipeline.in_flight == 5
+        await drained(pipeline)
+        assert sorted(e.unique_event_id for e in sink.delivered) == [f"u{i}" for i in range(5)]
+        position = pipeline.position
+        assert position is not None and position.offset == ev(4).offset
+        assert pipeline.add(ev(5))
+        await pipeline.stop()  # before the hand-over: never registered, never in flight
+        assert committer.in_flight(STREAM) == 0 and pipeline.in_flight == 0
 
 
 async def test_a_commit_of_only_duplicates_releases_waiting_workers(tmp_path: Path) -> None:
