@@ -139,7 +139,7 @@ class ConnectionAck:
     payload: dict[str, Any] | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built once per event, and frozen costs 3x to build
 class Next:
     id: str
     event: Event

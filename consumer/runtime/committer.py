@@ -199,11 +199,10 @@ class Committer:
         """Which of these ids were processed before: in a commit to come, under way, or done.
         Pending ids first, then the store: an id cannot slip between the two checks."""
         ledger = self._ledger(stream)
-        pending, committing = ledger.pending_ids, ledger.committing_ids
-        found = {e for e in event_ids if e in pending or e in committing}
-        rest = [e for e in event_ids if e not in found]
-        if rest:
-            found |= await self._store.seen(stream, rest)
+        ids = set(event_ids)  # set operations: no Python step per id
+        found = (ids & ledger.pending_ids) | (ids & ledger.committing_ids)
+        if len(found) < len(ids):
+            found |= await self._store.seen(stream, list(ids - found))
         return found
 
     async def has_dead_letters(self, stream: str, primary_key: str) -> bool:

@@ -260,7 +260,11 @@ class StreamPipeline:
             batch = self._drop_filtered(batch, self._filter)
             if not batch:
                 return
-        seen = await self._lookup([ev.unique_event_id for _, ev in batch])
+        ids = [ev.unique_event_id for _, ev in batch]
+        seen = await self._lookup(ids)
+        if not seen and len(set(ids)) == len(ids):  # the usual case: all of them new
+            await self._deliver(batch, retrying)
+            return
         fresh: list[_Item] = []
         dup_seqs: list[int] = []
         for seq, ev in batch:
