@@ -42,3 +42,20 @@ def row(stream: str, ev: Event, now: float) -> tuple[Any, ...]:
         None if ev.resource is None else orjson.dumps(ev.resource).decode(),
         now,
     )
+
+
+def json_row(stream: str, ev: Event, now: float) -> list[Any]:
+    """:func:`row` for a JSON document of rows: ``detail`` and ``resource`` as JSON values."""
+    return [
+        ev.unique_event_id,
+        stream,
+        ev.offset,
+        ev.event_name,
+        ev.module_name,
+        ev.primary_key,
+        ev.hotel_id,
+        ev.timestamp,
+        ev.raw.get("detail") or [],
+        ev.resource,
+        now,
+    ]

@@ -372,3 +372,17 @@ def test_messages_name_the_server_never_the_password(dsn: str, password: str, wh
     described = sink._describe(RuntimeError(f"cannot use {dsn} with {password}"))
     assert password not in described
     assert dsn not in described
+
+
+async def test_an_event_no_json_writer_takes_is_named_in_a_batch(
+    sink: PostgresSink, postgres_dsn, table
+):
+    """The batch travels as one JSON document: an event that cannot be written as JSON (a lone
+    surrogate) is named, so the pipeline dead-letters it alone."""
+    poison = event(2, eventName="BAD\ud800NAME")
+    with pytest.raises(PermanentSinkError) as info:
+        await sink.write("main", [event(1), poison, event(3)])
+    assert info.value.unique_event_id == "u2"
+    assert await rows(postgres_dsn, table) == {}
+    await sink.write("main", [event(1), event(3)])
+    assert set(await rows(postgres_dsn, table)) == {"u1", "u3"}
