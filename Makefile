@@ -30,8 +30,8 @@ LOCK       := $(BIN)/uv pip compile pyproject.toml --quiet --generate-hashes --p
 lock:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet '$(UV)'
-	$(LOCK) --extra postgres --extra http2 --extra test -o requirements/lock.txt
-	$(LOCK) --extra postgres --extra http2 -c requirements/lock.txt -o requirements/image.txt
+	$(LOCK) --extra postgres --extra test -o requirements/lock.txt
+	$(LOCK) --extra postgres -c requirements/lock.txt -o requirements/image.txt
 
 demo: $(STAMP)
 	$(BIN)/python -m consumer.demo

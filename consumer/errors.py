@@ -19,7 +19,7 @@ OperaConsumerError
     └── SinkUnusable         the sink's own data is not what was committed (a file truncated,
                              replaced or unknown to the state store): stop, exit 78
 
-Errors of the libraries underneath (``sqlite3``, ``asyncpg``, ``httpx``, ``websockets``) are
+Errors of the libraries underneath (``sqlite3``, ``asyncpg``, ``aiohttp``, ``websockets``) are
 translated into these where they enter: the state store, the sinks, the token provider.
 """
 

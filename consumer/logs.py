@@ -1,6 +1,6 @@
 """structlog set-up: JSON lines when not on a terminal, readable output on one.
 
-Every line, ours and the libraries' (websockets, httpx via the stdlib bridge), passes through
+Every line, ours and the libraries' (websockets, aiohttp via the stdlib bridge), passes through
 :class:`Redactor`, which masks any registered secret (app keys and their hashes, client
 secrets, passwords, access tokens) wherever it appears, exception text included.
 """
@@ -129,6 +129,6 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("httpx", "httpcore", "aiosqlite"):
+    for noisy in ("aiohttp", "aiosqlite"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("websockets").setLevel(logging.INFO if level == "debug" else logging.WARNING)

@@ -136,7 +136,7 @@ async def replay(
             finally:
                 await sink.close()
         finally:
-            await http.aclose()
+            await http.close()
             await store.close()
     finally:
         if held is not None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import httpx
+import aiohttp
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus, WebSocketException
 from websockets.typing import Subprotocol
@@ -92,7 +92,9 @@ async def run(settings: Settings, emit: Callable[[Item], None]) -> bool:
     return not checks.failed
 
 
-async def _stream(checks: _Checks, name: str, s: StreamSettings, http: httpx.AsyncClient) -> None:
+async def _stream(
+    checks: _Checks, name: str, s: StreamSettings, http: aiohttp.ClientSession
+) -> None:
     add = checks.add
     tokens = TokenProvider(http, s)
     try:

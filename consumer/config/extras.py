@@ -1,10 +1,10 @@
 """The optional dependencies (the package's extras) that configured features need.
 
 ``pip install opera-consumer`` leaves out asyncpg (the ``postgres`` extra: the PostgreSQL state
-store, sink and fleets) and h2 (``http2``: HTTP/2 of the pooled client). The settings check
-here that what the configuration uses is installed, so a missing extra is a configuration error
-naming the key and the fix (exit 78, at ``check-config`` already), not an ImportError when the
-daemon first reaches the feature. ``find_spec`` only looks the module up: nothing is imported.
+store, sink and fleets). The settings check here that what the configuration uses is
+installed, so a missing extra is a configuration error naming the key and the fix (exit 78, at
+``check-config`` already), not an ImportError when the daemon first reaches the feature.
+``find_spec`` only looks the module up: nothing is imported.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from .settings import Settings
 
 # extra -> the module it installs
-MODULES = {"postgres": "asyncpg", "http2": "h2"}
+MODULES = {"postgres": "asyncpg"}
 
 
 def installed(module: str) -> bool:
@@ -31,8 +31,6 @@ def _uses(settings: Settings) -> list[tuple[str, str, str, str]]:
         uses.append(("state.backend", 'backend = "postgres"', "postgres", 'backend = "sqlite"'))
     if settings.sink.type == "postgres":
         uses.append(("sink.type", 'type = "postgres"', "postgres", "another sink type"))
-    if settings.http.http2:
-        uses.append(("http.http2", "http2 = true", "http2", "http2 = false"))
     return uses
 
 

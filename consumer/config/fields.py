@@ -70,7 +70,7 @@ def bad_url_char(text: str) -> str | None:
 
 def _bad_field_char(text: str) -> str | None:
     """Where the first character not allowed in an HTTP field value is (visible ASCII and
-    space only: CR/LF would inject headers, and httpx cannot encode the rest), if any."""
+    space only: CR/LF would inject headers, and HTTP clients cannot encode the rest), if any."""
     for i, c in enumerate(text):
         if not " " <= c <= "~":
             return f"{_char_name(c)} at position {i}"

@@ -52,8 +52,8 @@ def query_secret_values(*parts: str) -> list[str]:
 def url_secret_values(url: str) -> list[str]:
     """The secrets a URL may hold, in every form they may travel in: the password of its user
     information (or a lone user name) raw, percent-decoded and re-encoded, the base64 of
-    ``user:password`` (Basic auth, as httpx and websockets send URL credentials), and every
-    query and fragment value."""
+    ``user:password`` (Basic auth, as our HTTP client and websockets send URL credentials), and
+    every query and fragment value."""
     try:
         parts = urlsplit(str(url))
     except ValueError:

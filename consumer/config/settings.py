@@ -419,7 +419,7 @@ class WebhookSinkSettings(_Model):
         if self.auth == "basic" and (not self.username or self.password is None):
             raise ValueError("auth = 'basic' needs username and password (a secret)")
         if self.auth != "none" and "@" in urlsplit(self.url).netloc:
-            # httpx would send the URL's user:password as Basic auth instead of the token.
+            # One request has one Authorization header: the URL's user:password or the token.
             raise Problem(
                 (
                     "url",
@@ -654,7 +654,21 @@ class HttpSettings(_Model):
     keepalive_expiry_s: float = Field(default=30.0, ge=0)
     connect_timeout_s: float = Field(default=5.0, gt=0)
     timeout_s: float = Field(default=15.0, gt=0)
-    http2: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_http2(cls, data: Any) -> Any:
+        # The client is aiohttp, HTTP/1.1 only: a config from before says so, not "unknown key".
+        if isinstance(data, dict) and "http2" in data:
+            raise Problem(
+                (
+                    "http2",
+                    "HTTP/2 is no longer supported (the HTTP client speaks HTTP/1.1 with "
+                    "keep-alive)",
+                    "remove the key",
+                )
+            )
+        return data
 
 
 class OrchestrationSettings(_Model):

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-import httpx
+import aiohttp
 
 from .. import __version__
 from ..config import (
@@ -40,24 +40,34 @@ def register_secrets(settings: Settings) -> None:
     REDACTOR.add(*secret_values(settings))
 
 
-def http_client(settings: Settings) -> httpx.AsyncClient:
-    """The process's one pooled client: tokens, webhook, orchestration share its connections."""
+def http_client(settings: Settings) -> aiohttp.ClientSession:
+    """The process's one pooled client: tokens, webhook, orchestration share its connections.
+    Made inside the running event loop (aiohttp's session belongs to it)."""
     h = settings.http
-    return httpx.AsyncClient(
-        timeout=httpx.Timeout(h.timeout_s, connect=h.connect_timeout_s),
-        limits=httpx.Limits(
-            max_connections=h.max_connections,
-            max_keepalive_connections=h.max_keepalive_connections,
-            keepalive_expiry=h.keepalive_expiry_s,
+    # aiohttp keeps every idle connection (up to the limit) for keepalive_expiry_s; none at
+    # all for max_keepalive_connections = 0 or keepalive_expiry_s = 0.
+    if h.max_keepalive_connections == 0 or h.keepalive_expiry_s == 0:
+        connector = aiohttp.TCPConnector(limit=h.max_connections, force_close=True)
+    else:
+        connector = aiohttp.TCPConnector(
+            limit=h.max_connections, keepalive_timeout=h.keepalive_expiry_s
+        )
+    return aiohttp.ClientSession(
+        connector=connector,
+        # connect: waiting for a free connection in the pool, then opening one
+        timeout=aiohttp.ClientTimeout(
+            total=None,
+            connect=h.timeout_s + h.connect_timeout_s,
+            sock_connect=h.connect_timeout_s,
+            sock_read=h.timeout_s,
         ),
-        http2=h.http2,
         headers={"User-Agent": f"opera-consumer/{__version__}"},
     )
 
 
 def build_sink(
     settings: Settings,
-    http: httpx.AsyncClient,
+    http: aiohttp.ClientSession,
     tokens: Mapping[str, TokenProvider] | None = None,
 ) -> Sink:
     """``http`` is the process's pooled client (webhook and orchestration share it);
@@ -70,7 +80,7 @@ def build_sink(
     return OrchestratingSink(sink, Orchestrator(settings.orchestration, http, streams))
 
 
-def _plain(settings: Settings, http: httpx.AsyncClient) -> Sink:
+def _plain(settings: Settings, http: aiohttp.ClientSession) -> Sink:
     s = settings.sink
     if isinstance(s, JsonlSinkSettings):
         return JsonlSink(s.path, fsync=s.fsync, rotation=s.rotation())

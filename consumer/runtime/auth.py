@@ -10,12 +10,13 @@ while a failing endpoint is retried, :meth:`TokenProvider.waiting` says so, for 
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import httpx
+import aiohttp
 import structlog
 from tenacity import (
     AsyncRetrying,
@@ -28,6 +29,7 @@ from tenacity import (
 
 from ..config import StreamSettings, mask_url
 from ..core.evidence import describe
+from ..core.http import TRANSPORT_ERRORS, basic_auth, wire_url
 from ..core.retry_after import RETRY_STATUSES, WaitRetryAfter, retry_after_seconds
 from ..core.unreachable import reason
 from ..errors import AuthError
@@ -58,12 +60,15 @@ class _Retryable(Exception):
         self.retry_after = retry_after
 
 
+_RETRIED: tuple[type[BaseException], ...] = (_Retryable, *TRANSPORT_ERRORS)
+
+
 class TokenProvider:
-    """One per stream; shares the process's pooled ``httpx.AsyncClient``."""
+    """One per stream; shares the process's pooled ``aiohttp.ClientSession``."""
 
     def __init__(
         self,
-        client: httpx.AsyncClient,
+        client: aiohttp.ClientSession,
         settings: StreamSettings,
         *,
         clock: Callable[[], float] = time.monotonic,
@@ -112,7 +117,7 @@ class TokenProvider:
         log.warning("token request failed; retrying", error=why, attempt=rs.attempt_number)
 
     def _why(self, exc: BaseException | None) -> str:
-        if isinstance(exc, httpx.TransportError):
+        if isinstance(exc, TRANSPORT_ERRORS):
             return f"{self.url}: {reason(exc)}"
         return f"{self.url}: {exc}"  # _Retryable: our own words
 
@@ -120,9 +125,7 @@ class TokenProvider:
         auth = self._settings.auth
         try:
             async for attempt in AsyncRetrying(
-                retry=retry_if_exception(
-                    lambda e: isinstance(e, (_Retryable, httpx.TransportError))
-                ),
+                retry=retry_if_exception(lambda e: isinstance(e, _RETRIED)),
                 wait=WaitRetryAfter(wait_exponential_jitter(multiplier=0.5, max=30.0, jitter=0.5)),
                 stop=stop_before_delay(auth.retry_max_s) if retry else stop_after_attempt(1),
                 before_sleep=self._failed,
@@ -130,7 +133,7 @@ class TokenProvider:
             ):
                 with attempt:
                     return await self._request()
-        except (_Retryable, httpx.TransportError) as exc:
+        except _RETRIED as exc:
             raise AuthError(f"token endpoint {self._why(exc)}", retriable=True) from exc
         finally:
             self._wait = None
@@ -149,37 +152,40 @@ class TokenProvider:
         headers = {"x-app-key": s.app_key.get_secret_value(), "Accept": "application/json"}
         if auth.enterprise_id:
             headers["enterpriseId"] = auth.enterprise_id
+        # The client's credentials authenticate, not user information in the URL.
+        headers["Authorization"] = basic_auth(auth.client_id, auth.client_secret.get_secret_value())
         self.fetches += 1
         started = self._clock()
         # The client's connect timeout still applies: a dead address fails in seconds.
-        connect = self._client.timeout.connect
-        resp = await self._client.post(
-            s.token_url,
+        connect = min(self._client.timeout.sock_connect or math.inf, auth.timeout_s)
+        timeout = aiohttp.ClientTimeout(
+            total=None, connect=auth.timeout_s, sock_connect=connect, sock_read=auth.timeout_s
+        )
+        async with self._client.post(
+            wire_url(s.token_url)[0],
             data=form,
             headers=headers,
-            auth=(auth.client_id, auth.client_secret.get_secret_value()),
-            timeout=httpx.Timeout(auth.timeout_s, connect=min(connect or math.inf, auth.timeout_s)),
-        )
-        if resp.status_code in RETRY_STATUSES:
-            raise _Retryable(
-                f"answered HTTP {resp.status_code}",
-                retry_after_seconds(resp.headers.get("Retry-After")),
-            )
-        if resp.status_code in (400, 401, 403):
+            timeout=timeout,
+            allow_redirects=False,
+        ) as resp:
+            status = resp.status
+            content = await resp.read()
+            retry_after = resp.headers.get("Retry-After")
+        if status in RETRY_STATUSES:
+            raise _Retryable(f"answered HTTP {status}", retry_after_seconds(retry_after))
+        if status in (400, 401, 403):
             grant_fields = (
                 "scope/enterprise_id" if auth.grant == "client_credentials" else "username/password"
             )
             raise AuthError(
-                f"token endpoint {self.url} refused the credentials (HTTP {resp.status_code}): "
+                f"token endpoint {self.url} refused the credentials (HTTP {status}): "
                 f"check client_id/client_secret, app_key, the grant ({auth.grant}) and its "
                 f"{grant_fields}"
             )
-        if resp.status_code != 200:
-            raise AuthError(
-                f"token endpoint {self.url} answered HTTP {resp.status_code}", retriable=True
-            )
+        if status != 200:
+            raise AuthError(f"token endpoint {self.url} answered HTTP {status}", retriable=True)
         try:
-            body = resp.json()
+            body = json.loads(content)
             value = body["access_token"]
             lifetime = float(body.get("expires_in", 3600))
         except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:

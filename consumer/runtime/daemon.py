@@ -103,7 +103,7 @@ class Daemon:
                     f"schema {st.schema_} (fleet members; set [fleet] enabled)", members
                 )
         http = http_client(settings)
-        resources.push_async_callback(http.aclose)
+        resources.push_async_callback(http.close)
         tokens = {name: TokenProvider(http, stream) for name, stream in settings.streams.items()}
         await _check_checkpoints(store, settings)
         if sink is None:
@@ -522,7 +522,7 @@ def tune_gc() -> None:
     thousands of times a second in a catch-up and walked every queued event each time (~20% of
     the CPU per event, measured). What start-up built is frozen out of its walks, and the
     youngest generation is collected a hundred times less often; the older ones keep their
-    default ratios, so cycles that outlive a collection (httpx makes some per request) are
+    default ratios, so cycles that outlive a collection (an HTTP client makes some per request) are
     still freed within seconds."""
     gc.collect()
     gc.freeze()

@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import aiohttp
 import h11
-import httpx
 import orjson
 import structlog
 from prometheus_client import (
@@ -396,10 +396,14 @@ async def live_status(host: str, port: int) -> dict[str, dict[str, Any]] | None:
         "opera_consumer_queue_depth": "waiting",
     }
     try:
-        async with httpx.AsyncClient(base_url=f"http://{host}:{port}", timeout=2.0) as http:
-            # orjson: a nesting too deep for it is a ValueError, where json recurses.
-            ready = orjson.loads((await http.get("/readyz")).content)
-            text = (await http.get("/metrics")).text
+        base = f"http://{host}:{port}"
+        timeout = aiohttp.ClientTimeout(total=2.0)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            async with http.get(f"{base}/readyz", allow_redirects=False) as r:
+                # orjson: a nesting too deep for it is a ValueError, where json recurses.
+                ready = orjson.loads(await r.read())
+            async with http.get(f"{base}/metrics", allow_redirects=False) as r:
+                text = await r.text(errors="replace")
         at = time.time()
         figures: dict[str, dict[str, float]] = {}
         for family in text_string_to_metric_families(text):
@@ -420,5 +424,5 @@ async def live_status(host: str, port: int) -> dict[str, dict[str, Any]] | None:
             }
             for name, info in streams.items()
         }
-    except (httpx.HTTPError, ValueError, TypeError, KeyError, AttributeError):
+    except (aiohttp.ClientError, TimeoutError, ValueError, TypeError, KeyError, AttributeError):
         return None

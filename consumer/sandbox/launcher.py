@@ -11,8 +11,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-import httpx
+import aiohttp
 
+from ..core.http import basic_auth
 from .server import SandboxOptions
 
 
@@ -86,12 +87,15 @@ def stream_config(url: str, *, stream: str = "main", chain: str = "DEMO") -> str
 async def token(url: str) -> str:
     """An access token from the sandbox at ``url``, with the sandbox's credentials."""
     o = SandboxOptions()
-    async with httpx.AsyncClient() as http:
-        r = await http.post(
+    async with (
+        aiohttp.ClientSession(raise_for_status=True) as http,
+        http.post(
             f"{url}/oauth/v1/tokens",
             data={"grant_type": "client_credentials", "scope": "s"},
-            auth=(o.client_id, o.client_secret),
-            headers={"x-app-key": o.app_key},
-        )
-    r.raise_for_status()
-    return str(r.json()["access_token"])
+            headers={
+                "x-app-key": o.app_key,
+                "Authorization": basic_auth(o.client_id, o.client_secret),
+            },
+        ) as r,
+    ):
+        return str((await r.json())["access_token"])

@@ -20,12 +20,13 @@ event to the real sink with the JSON attached (``Event.resource``).
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 from urllib.parse import quote
 
-import httpx
+import aiohttp
 import structlog
 from tenacity import (
     AsyncRetrying,
@@ -37,6 +38,7 @@ from tenacity import (
 from ..config import OrchestrationSettings, StreamSettings
 from ..core.events import Event
 from ..core.evidence import prefix
+from ..core.http import TRANSPORT_ERRORS, failure_name, wire_url
 from ..core.records import Staged
 from ..core.retry_after import RETRY_STATUSES, WaitRetryAfter, retry_after_seconds
 from ..core.token_bucket import TokenBucket
@@ -69,7 +71,7 @@ class Orchestrator:
     def __init__(
         self,
         settings: OrchestrationSettings,
-        http: httpx.AsyncClient,
+        http: aiohttp.ClientSession,
         streams: Mapping[str, tuple[StreamSettings, AccessTokens]],
         *,
         clock: Callable[[], float] = time.monotonic,
@@ -168,7 +170,7 @@ class Orchestrator:
         s = self.settings
         try:
             async for attempt in AsyncRetrying(
-                retry=retry_if_exception_type((TransientSinkError, httpx.TransportError)),
+                retry=retry_if_exception_type((TransientSinkError, *TRANSPORT_ERRORS)),
                 stop=stop_after_attempt(s.max_attempts),
                 wait=WaitRetryAfter(
                     wait_exponential_jitter(multiplier=0.2, max=s.retry_max_s, jitter=0.2)
@@ -183,8 +185,8 @@ class Orchestrator:
             ):
                 with attempt:
                     return await self._request(stream, url, hotel_id)
-        except httpx.TransportError as exc:
-            raise TransientSinkError(f"orchestration GET {url}: {type(exc).__name__}") from exc
+        except TRANSPORT_ERRORS as exc:
+            raise TransientSinkError(f"orchestration GET {url}: {failure_name(exc)}") from exc
         raise AssertionError("unreachable: AsyncRetrying either returns or raises")
 
     async def _request(self, stream: str, url: str, hotel_id: str | None) -> Any:
@@ -201,18 +203,21 @@ class Orchestrator:
         if hotel_id:
             headers["x-hotelid"] = hotel_id
         self.requests += 1
-        resp = await self._http.get(url, headers=headers)
-        status = resp.status_code
+        # The bearer token authenticates; user information in the URL does not travel.
+        async with self._http.get(wire_url(url)[0], headers=headers, allow_redirects=False) as resp:
+            status = resp.status
+            content = await resp.read()
+            retry_after = resp.headers.get("Retry-After")
         if 200 <= status < 300:
             try:
-                return resp.json()
+                return json.loads(content)
             except (ValueError, RecursionError):  # nested deeper than a parser goes, too
                 raise PermanentSinkError(f"orchestration GET {url}: not JSON") from None
         if status == 401:
             tokens.invalidate()  # rejected early (revoked?): the next attempt gets a new one
             raise TransientSinkError(f"orchestration GET {url}: HTTP 401")
         if status in RETRY_STATUSES:
-            after = retry_after_seconds(resp.headers.get("Retry-After"))
+            after = retry_after_seconds(retry_after)
             if status == 429:
                 self.throttled += 1
                 self._bucket.hold(self._clock(), after if after is not None else 1.0)
@@ -220,9 +225,7 @@ class Orchestrator:
         if status == 404:
             return _NotFound(f"GET {url}: HTTP 404")
         # The body is the far end's: only its start, decoded lossily, goes into the error.
-        raise PermanentSinkError(
-            f"orchestration GET {url}: HTTP {status}: {prefix(resp.content, 300)}"
-        )
+        raise PermanentSinkError(f"orchestration GET {url}: HTTP {status}: {prefix(content, 300)}")
 
 
 class OrchestratingSink:

@@ -35,17 +35,21 @@ import hashlib
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
-import httpx
+import aiohttp
+from multidict import CIMultiDict
 
 from ..config import WebhookSinkSettings, query_secret_values, webhook_secret_values
 from ..core.events import Event
+from ..core.http import TRANSPORT_ERRORS, basic_auth, failure_name, read_at_most, wire_url
 from ..core.retry_after import retry_after_seconds
+from ..core.unreachable import reason
 from ..errors import PermanentSinkError, TransientSinkError
 from ..logs import MASK, REDACTOR
 from .base import PlainSink, serialized
 
 TRANSIENT_STATUSES = frozenset({408, 425, 429})
 EXCERPT_CHARS = 300
+EXCERPT_BYTES = 65536  # of an answer's body: what is scrubbed, then cut to EXCERPT_CHARS
 # Query values are all treated as secrets, but a short one ("?v=1") is most likely none and
 # would mask half of every text: as the log redactor, those are left alone.
 MIN_QUERY_SECRET_CHARS = 4
@@ -60,27 +64,32 @@ def batch_idempotency_key(unique_event_ids: Sequence[str]) -> str:
 class WebhookSink(PlainSink):
     name = "webhook"
 
-    def __init__(self, settings: WebhookSinkSettings, client: httpx.AsyncClient) -> None:
+    def __init__(self, settings: WebhookSinkSettings, client: aiohttp.ClientSession) -> None:
         # ``client`` is shared by the whole process, which closes it; this sink never does.
         self.settings = settings
         self._client = client
-        self._url = str(settings.url)
-        self._timeout = httpx.Timeout(settings.timeout_s)
-        self._headers = httpx.Headers(settings.headers)
+        t = settings.timeout_s
+        self._timeout = aiohttp.ClientTimeout(total=None, connect=t, sock_connect=t, sock_read=t)
+        # The URL's user information travels as Basic auth, as configured auth would.
+        url, url_auth = wire_url(str(settings.url))
+        self._url = url
+        # Case-insensitive: ours replace a configured header of the same name.
+        self._headers: CIMultiDict[str] = CIMultiDict(settings.headers)
         self._headers["Content-Type"] = "application/json"
-        self._auth: httpx.BasicAuth | None = None
+        if url_auth is not None:
+            self._headers["Authorization"] = url_auth
         if settings.auth == "bearer" and settings.token is not None:
             self._headers["Authorization"] = f"Bearer {settings.token.get_secret_value()}"
         elif settings.auth == "basic" and settings.password is not None:
             user, password = settings.username or "", settings.password.get_secret_value()
-            self._auth = httpx.BasicAuth(user, password)
-        url = httpx.URL(str(settings.url))
+            self._headers["Authorization"] = basic_auth(user, password)
         # Every secret in every form we know (config.webhook_secret_values), plus the query
-        # values as httpx puts them on the request line (its own percent-encoding).
-        wire_query = url.query.decode("ascii", "replace")
+        # values as they go on the request line (wire_url's percent-encoding).
+        wire_query = url.raw_query_string
+        written = urlsplit(str(settings.url))
         secrets = webhook_secret_values(settings) + query_secret_values(wire_query)
-        query = set(query_secret_values(wire_query, url.fragment))
-        query.update(query_secret_values(urlsplit(str(settings.url)).query))
+        query = set(query_secret_values(wire_query, written.fragment))
+        query.update(query_secret_values(written.query))
         # Longest first, so that a secret containing another is masked whole.
         self._secrets = sorted(
             {s for s in secrets if s not in query or len(s) >= MIN_QUERY_SECRET_CHARS},
@@ -88,8 +97,8 @@ class WebhookSink(PlainSink):
             reverse=True,
         )
         # For error texts: no user information, no query string (either may hold a secret).
-        port = f":{url.port}" if url.port is not None else ""
-        self._where = f"{url.scheme}://{url.host}{port}{url.path}"
+        port = f":{url.explicit_port}" if url.explicit_port is not None else ""
+        self._where = f"{url.scheme}://{url.raw_host}{port}{url.raw_path}"
 
     async def open(self, committed: str | None) -> None:
         REDACTOR.add(*self._secrets)
@@ -114,40 +123,43 @@ class WebhookSink(PlainSink):
         headers = self._headers.copy()
         headers["X-Opera-Stream"] = stream
         headers["Idempotency-Key"] = key
-        what = f"webhook POST {self._where}"
-        if len(events) > 1:
-            what += f" ({len(events)} events)"
         try:
-            response = await self._client.post(
+            async with self._client.post(
                 self._url,
-                content=body,
+                data=body,
                 headers=headers,
-                auth=self._auth if self._auth is not None else httpx.USE_CLIENT_DEFAULT,
                 timeout=self._timeout,
-                follow_redirects=False,
-            )
-        except httpx.RequestError as exc:  # transport failures: refused, reset, timed out
-            detail = self._scrub(str(exc)) or "no detail"
-            raise TransientSinkError(f"{what}: {type(exc).__name__}: {detail}") from exc
-        status = response.status_code
+                allow_redirects=False,
+            ) as response:
+                status = response.status
+                # The body is the receiver's: only its start is read (a 2xx one to its end
+                # usually, so that the connection is kept).
+                content = await read_at_most(response, EXCERPT_BYTES)
+                reason_phrase = response.reason
+                retry_after = response.headers.get("Retry-After")
+        except TRANSPORT_ERRORS as exc:  # refused, reset, timed out
+            raise TransientSinkError(
+                f"{self._what(events)}: {failure_name(exc)}: {self._scrub(reason(exc))}"
+            ) from exc
         if 200 <= status < 300:
             return
-        reason = f"{what}: HTTP {status}"
-        if response.reason_phrase:  # the receiver's words too: it may echo a secret there
-            reason += f" {self._scrub(response.reason_phrase)}"
+        reason_text = f"{self._what(events)}: HTTP {status}"
+        if reason_phrase:  # the receiver's words too: it may echo a secret there
+            reason_text += f" {self._scrub(reason_phrase)}"
         # The receiver may echo the request (an Authorization header, say): scrub the excerpt.
         # Scrub before cutting, so that no part of a secret survives at the cut.
-        text = response.content[:65536].decode("utf-8", errors="replace")
-        excerpt = self._scrub(text)[:EXCERPT_CHARS]
+        excerpt = self._scrub(content.decode("utf-8", errors="replace"))[:EXCERPT_CHARS]
         if excerpt:
-            reason += f": {excerpt}"
+            reason_text += f": {excerpt}"
         if status in TRANSIENT_STATUSES or status >= 500:
-            raise TransientSinkError(
-                reason, retry_after=retry_after_seconds(response.headers.get("Retry-After"))
-            )
+            raise TransientSinkError(reason_text, retry_after=retry_after_seconds(retry_after))
         raise PermanentSinkError(
-            reason, unique_event_id=events[0].unique_event_id if len(events) == 1 else None
+            reason_text, unique_event_id=events[0].unique_event_id if len(events) == 1 else None
         )
+
+    def _what(self, events: Sequence[Event]) -> str:
+        what = f"webhook POST {self._where}"
+        return what + (f" ({len(events)} events)" if len(events) > 1 else "")
 
     def _scrub(self, text: str) -> str:
         for secret in self._secrets:

@@ -34,10 +34,6 @@ POSTGRES_SINK = """
 type = "postgres"
 dsn = "postgresql://opera:pw@127.0.0.1:5432/opera"
 """
-HTTP2 = """
-[http]
-http2 = true
-"""
 
 pytestmark = pytest.mark.usefixtures("hermetic_config")
 
@@ -52,7 +48,6 @@ def config(tmp_path: Path, *tables: str) -> Path:
 CASES = [
     ((POSTGRES_STATE,), "asyncpg", "state.backend", "postgres"),
     ((POSTGRES_SINK,), "asyncpg", "sink.type", "postgres"),
-    ((HTTP2,), "h2", "http.http2", "http2"),
 ]
 
 
@@ -79,11 +74,10 @@ def test_every_missing_extra_is_named_at_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(sys.modules, "asyncpg", None)  # type: ignore[arg-type]
-    monkeypatch.setitem(sys.modules, "h2", None)  # type: ignore[arg-type]
     with pytest.raises(ConfigError) as info:
-        load_settings(config(tmp_path, POSTGRES_STATE, POSTGRES_SINK, HTTP2))
+        load_settings(config(tmp_path, POSTGRES_STATE, POSTGRES_SINK))
     keys = [line.split(":")[0].strip() for line in str(info.value).splitlines()[1:]]
-    assert keys == ["state.backend", "sink.type", "http.http2"]
+    assert keys == ["state.backend", "sink.type"]
 
 
 def test_installed_extras_and_unused_ones_pass(
@@ -91,9 +85,22 @@ def test_installed_extras_and_unused_ones_pass(
 ) -> None:
     """The suite's environment has every extra: the same configuration loads. Without them, a
     configuration that uses none of them loads too."""
-    settings = load_settings(config(tmp_path, POSTGRES_STATE, POSTGRES_SINK, HTTP2))
+    settings = load_settings(config(tmp_path, POSTGRES_STATE, POSTGRES_SINK))
     assert settings.state.backend == "postgres"
-    assert settings.http.http2
     monkeypatch.setitem(sys.modules, "asyncpg", None)  # type: ignore[arg-type]
-    monkeypatch.setitem(sys.modules, "h2", None)  # type: ignore[arg-type]
     assert load_settings(config(tmp_path)).sink.type == "jsonl"
+
+
+@pytest.mark.parametrize("value", ["true", "false"])
+async def test_the_former_http2_key_is_refused_naming_it_and_the_fix(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    """The HTTP client is aiohttp (HTTP/1.1): a configuration that still sets [http] http2,
+    even to false, is told so, rather than "unknown key (a typo?)"."""
+    path = config(tmp_path, f"\n[http]\nhttp2 = {value}\n")
+    code, out, err = await cli(capsys, "check-config", "--config", str(path))
+    assert code == 78, err
+    assert out == ""
+    line = next(line for line in err.splitlines() if line.strip().startswith("http.http2:"))
+    assert "HTTP/2 is no longer supported" in line and "remove the key" in line
+    assert "typo" not in line

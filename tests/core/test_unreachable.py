@@ -1,4 +1,4 @@
-"""consumer.core.unreachable: the reason a real httpx or websockets connection failed, read
+"""consumer.core.unreachable: the reason a real aiohttp or websockets connection failed, read
 from the whole chain of causes (the outer exception often says nothing)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import contextlib
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-import httpx
+import aiohttp
 import pytest
 from websockets.asyncio.client import connect
 
@@ -24,7 +24,8 @@ async def failure(attempt: Awaitable[object]) -> BaseException:
 
 
 async def http_post(url: str) -> BaseException:
-    async with httpx.AsyncClient(timeout=1.0) as http:
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=1.0, sock_read=1.0)
+    async with aiohttp.ClientSession(timeout=timeout) as http:
         return await failure(http.post(url))
 
 
@@ -83,7 +84,7 @@ async def test_connection_refused(client: str) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     exc = await CLIENTS[client](f"{client}://127.0.0.1:{port}/")
-    assert reason(exc) == "connection refused"  # httpx: "All connection attempts failed"
+    assert reason(exc) == "connection refused"  # aiohttp: "Cannot connect to host ..."
 
 
 @pytest.mark.parametrize("client", ["http", "ws"])
@@ -98,8 +99,9 @@ async def test_no_answer_is_a_timeout(client: str) -> None:
 )
 async def test_tls_to_a_plain_server_is_a_tls_error(client: str, handle: Handler) -> None:
     """A plain server answers a ClientHello with 400, or waits for a request line that never
-    comes; httpx shows that wait inside the handshake. (websockets does not: a silent server
-    is a "timeout" there, as it is for any server that does not answer.)"""
+    comes: aiohttp's connect timeout then cancels asyncio's wait for the handshake of a
+    connected socket. (websockets shows no such sign: a silent server is a "timeout" there, as
+    it is for any server that does not answer.)"""
     async with server(handle) as port:
         exc = await CLIENTS[client](f"{client}s://127.0.0.1:{port}/")
     said = reason(exc)
@@ -122,8 +124,8 @@ def test_an_empty_outer_message_falls_back_to_a_cause_that_says_something() -> N
         try:
             raise EOFError("stream ended after 0 bytes")
         except EOFError as inner:
-            raise httpx.ConnectError("") from inner
-    except httpx.ConnectError as exc:
+            raise aiohttp.ClientConnectionError("") from inner
+    except aiohttp.ClientConnectionError as exc:
         assert reason(exc) == "EOFError: stream ended after 0 bytes"
     bare = RuntimeError()
     assert reason(bare) == "RuntimeError"

@@ -135,7 +135,7 @@ def run(*args: str) -> str:
 
 # Run in the image: every extra is there, no installer is.
 IMAGE_PROBE = """
-import importlib.util, asyncpg, h2, consumer.cli
+import importlib.util, asyncpg, aiohttp, consumer.cli
 print([m for m in ("pip", "setuptools", "wheel") if importlib.util.find_spec(m)])
 """
 

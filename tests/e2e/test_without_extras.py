@@ -1,6 +1,6 @@
 """``pip install opera-consumer`` without extras: the daemon runs a jsonl deployment without
-ever importing asyncpg or h2 (tests/without_extras.py makes both unimportable in the
-process), and refuses a PostgreSQL configuration at check-config with the fix."""
+ever importing asyncpg (tests/without_extras.py makes it unimportable in the process), and
+refuses a PostgreSQL configuration at check-config with the fix."""
 
 from __future__ import annotations
 

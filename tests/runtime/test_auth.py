@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import ssl
+from pathlib import Path
 from typing import Any
 
-import httpx
+import aiohttp
 import pytest
+from nats_server import make_certificates
+from support import make_settings
 
 from consumer.config import StreamSettings
 from consumer.core.retry_after import RETRY_AFTER_MIN_S, retry_after_seconds
 from consumer.errors import AuthError
+from consumer.runtime.assembly import http_client
 from consumer.runtime.auth import TokenProvider
 from consumer.sandbox import SandboxOptions
 
@@ -29,7 +35,7 @@ def stream(url: str, **auth: Any) -> StreamSettings:
 async def test_client_credentials_token_is_cached_until_near_expiry(sandbox_factory):
     gw = await sandbox_factory(token_ttl_s=3600)
     now = [1000.0]
-    async with httpx.AsyncClient() as http:
+    async with aiohttp.ClientSession() as http:
         tokens = TokenProvider(http, stream(gw.url), clock=lambda: now[0])
         first = await tokens.token()
         assert await tokens.token() is first  # never fetched per request
@@ -46,7 +52,7 @@ async def test_client_credentials_token_is_cached_until_near_expiry(sandbox_fact
 async def test_password_grant(sandbox_factory):
     gw = await sandbox_factory()
     o = SandboxOptions()
-    async with httpx.AsyncClient() as http:
+    async with aiohttp.ClientSession() as http:
         settings = stream(gw.url, grant="password", username=o.username, password=o.password)
         token = await TokenProvider(http, settings).token()
     assert token.value in gw.issued_tokens
@@ -61,7 +67,7 @@ async def test_password_grant(sandbox_factory):
 )
 async def test_refused_credentials_fail_fast_and_say_what_to_check(sandbox_factory, auth):
     gw = await sandbox_factory()
-    async with httpx.AsyncClient() as http:
+    async with aiohttp.ClientSession() as http:
         tokens = TokenProvider(http, stream(gw.url, **auth))
         with pytest.raises(AuthError) as info:
             await tokens.token()
@@ -74,7 +80,7 @@ async def test_refused_credentials_fail_fast_and_say_what_to_check(sandbox_facto
 async def test_transient_failures_are_retried_honouring_retry_after(sandbox_factory):
     gw = await sandbox_factory()
     gw.fail_token_requests([503, 429, 502], retry_after=0.05)
-    async with httpx.AsyncClient() as http:
+    async with aiohttp.ClientSession() as http:
         token = await TokenProvider(http, stream(gw.url)).token()
     assert token.value in gw.issued_tokens
     assert gw.stats.token_requests == 4
@@ -86,7 +92,7 @@ async def test_a_token_endpoint_that_keeps_failing_gives_a_retriable_error(sandb
     most 4 requests fit whatever the speed, far from the 50 failures queued."""
     gw = await sandbox_factory()
     gw.fail_token_requests([503] * 50, retry_after=RETRY_AFTER_MIN_S)
-    async with httpx.AsyncClient() as http:
+    async with aiohttp.ClientSession() as http:
         tokens = TokenProvider(http, stream(gw.url, retry_max_s=4 * RETRY_AFTER_MIN_S))
         with pytest.raises(AuthError) as info:
             await tokens.token()
@@ -96,7 +102,7 @@ async def test_a_token_endpoint_that_keeps_failing_gives_a_retriable_error(sandb
 
 async def test_enterprise_id_header_and_scope_are_sent(sandbox_factory):
     gw = await sandbox_factory()
-    async with httpx.AsyncClient() as http:
+    async with aiohttp.ClientSession() as http:
         settings = stream(gw.url, enterprise_id="ENT1", scope="urn:x")
         await TokenProvider(http, settings).token()
     headers, form = gw.token_requests[-1]
@@ -120,7 +126,7 @@ async def test_an_absurd_expires_in_is_an_unusable_answer(sandbox_factory, ttl: 
     """A lifetime from the wire is bounded like any other value from it: NaN, infinity or
     nothing left would otherwise set refresh timers that fire never or at once."""
     gw = await sandbox_factory(token_ttl_s=ttl)
-    async with httpx.AsyncClient() as http:
+    async with aiohttp.ClientSession() as http:
         tokens = TokenProvider(http, stream(gw.url, retry_max_s=0.5))
         with pytest.raises(AuthError, match="expires_in") as failed:
             await tokens._request()
@@ -129,6 +135,30 @@ async def test_an_absurd_expires_in_is_an_unusable_answer(sandbox_factory, ttl: 
 
 async def test_a_lifetime_of_years_is_refreshed_at_least_daily(sandbox_factory):
     gw = await sandbox_factory(token_ttl_s=10 * 365 * 86400.0)
-    async with httpx.AsyncClient() as http:
+    async with aiohttp.ClientSession() as http:
         token = await TokenProvider(http, stream(gw.url)).token()
     assert token.lifetime_s == 86400.0
+
+
+async def test_the_token_endpoints_certificate_is_verified(tmp_path: Path):
+    """The client secret goes only to a verified endpoint: against a certificate no trusted CA
+    signed, the request fails in the handshake, and the error says why."""
+    certs = make_certificates(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certs.server_cert, certs.server_key)
+    requests: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        requests.append(await reader.read(65536))  # only after a completed handshake
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=context)
+    async with server:
+        url = f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        settings = make_settings(tmp_path, url)
+        async with http_client(settings) as http:
+            with pytest.raises(AuthError) as info:
+                await TokenProvider(http, settings.streams["main"]).token(retry=False)
+    assert "TLS error: certificate not accepted" in str(info.value), str(info.value)
+    assert f"{url}/oauth/v1/tokens" in str(info.value)
+    assert requests == []

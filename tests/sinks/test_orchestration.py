@@ -7,7 +7,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-import httpx
+import aiohttp
 import pytest
 from support import make_settings, read_sink, running, truth_ids, wait_until
 
@@ -67,9 +67,9 @@ async def test_the_rate_limit_and_429s_slow_it_down_without_loss(
     async with running(settings) as daemon:
         await wait_until(lambda: len(read_sink(sink)) >= 60, timeout=60)
         assert daemon.metrics_server is not None
-        async with httpx.AsyncClient() as http:
-            url = f"http://127.0.0.1:{daemon.metrics_server.port}/metrics"
-            text = (await http.get(url)).text
+        url = f"http://127.0.0.1:{daemon.metrics_server.port}/metrics"
+        async with aiohttp.ClientSession() as http, http.get(url) as response:
+            text = await response.text()
     lines = read_sink(sink)
     assert len(lines) == 60
     assert gw.stats.rest_throttled > 0
@@ -105,7 +105,7 @@ async def test_a_burst_for_one_resource_costs_one_get(sandbox_factory, tmp_path:
     gw = await sandbox_factory(backlog=50)
     settings = with_orchestration(make_settings(tmp_path, gw.url), coalesce_ms=5000.0)
     ev = next(e for e in gw.events("DEMO") if e["moduleName"] == "Reservation")
-    async with httpx.AsyncClient() as http:
+    async with aiohttp.ClientSession() as http:
         stream = settings.streams["main"]
         orch = Orchestrator(
             settings.orchestration, http, {"main": (stream, TokenProvider(http, stream))}

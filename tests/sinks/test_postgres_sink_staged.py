@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
-import httpx
 import pytest
 from pg import PostgresServer, sql
 from structlog.testing import capture_logs
@@ -124,7 +124,7 @@ async def test_the_assembly_stages_only_on_the_state_dsn(
     cfg = make_settings(
         tmp_path, "http://127.0.0.1:9", state=state, sink={"type": "postgres", "dsn": sink_dsn}
     )
-    async with httpx.AsyncClient() as http:
+    async with aiohttp.ClientSession() as http:
         sink = build_sink(cfg, http)
         assert isinstance(sink, PostgresSink)
         assert sink.in_state_transaction is staged

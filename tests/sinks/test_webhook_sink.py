@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import ssl
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
+import aiohttp
 import pytest
+from nats_server import make_certificates
 from receiver import Received, Receiver, Reply, refusing_port
 from support import committed, make_settings, newest_offset, running, truth_ids, wait_until
 
@@ -20,6 +22,7 @@ from consumer.config import WebhookSinkSettings
 from consumer.core.events import Event
 from consumer.errors import PermanentSinkError, TransientSinkError
 from consumer.logs import MASK, REDACTOR
+from consumer.runtime.assembly import http_client
 from consumer.sinks.webhook import WebhookSink, batch_idempotency_key
 from consumer.state import SqliteStore as Store
 
@@ -60,16 +63,13 @@ def rx() -> Iterator[Receiver]:
 
 
 @pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    # As the daemon's one pooled client.
-    async with httpx.AsyncClient(
-        timeout=httpx.Timeout(15.0, connect=5.0),
-        limits=httpx.Limits(max_connections=20, max_keepalive_connections=10),
-    ) as c:
+async def client(tmp_path: Path) -> AsyncIterator[aiohttp.ClientSession]:
+    # The daemon's one pooled client, as the default [http] settings make it.
+    async with http_client(make_settings(tmp_path, "http://127.0.0.1:9")) as c:
         yield c
 
 
-async def opened(cfg: WebhookSinkSettings, client: httpx.AsyncClient) -> WebhookSink:
+async def opened(cfg: WebhookSinkSettings, client: aiohttp.ClientSession) -> WebhookSink:
     sink = WebhookSink(cfg, client)
     await sink.open(None)
     return sink
@@ -79,7 +79,7 @@ async def opened(cfg: WebhookSinkSettings, client: httpx.AsyncClient) -> Webhook
 
 
 async def test_a_thousand_single_event_writes_reuse_a_few_connections(
-    rx: Receiver, client: httpx.AsyncClient
+    rx: Receiver, client: aiohttp.ClientSession
 ):
     sink = await opened(settings(rx.url), client)
     writers, per_writer = 10, 100
@@ -112,11 +112,11 @@ async def test_a_thousand_single_event_writes_reuse_a_few_connections(
     print(f"\n{len(requests)} POSTs over {rx.connections} TCP connection(s)")
     assert rx.connections <= 20, f"{rx.connections} connections: the pool is not reused"
     await sink.close()
-    assert not client.is_closed  # the shared client is not the sink's to close
+    assert not client.closed  # the shared client is not the sink's to close
 
 
 async def test_batch_mode_posts_arrays_in_chunks_with_a_batch_key(
-    rx: Receiver, client: httpx.AsyncClient
+    rx: Receiver, client: aiohttp.ClientSession
 ):
     sink = await opened(settings(rx.url, batch_size=4), client)
     events = [event(i) for i in range(10)]
@@ -141,7 +141,9 @@ async def test_batch_mode_posts_arrays_in_chunks_with_a_batch_key(
     assert single.header("Idempotency-Key") == batch_idempotency_key([events[0].unique_event_id])
 
 
-async def test_the_document_includes_a_fetched_resource(rx: Receiver, client: httpx.AsyncClient):
+async def test_the_document_includes_a_fetched_resource(
+    rx: Receiver, client: aiohttp.ClientSession
+):
     sink = await opened(settings(rx.url), client)
     ev = event(1)._replace(resource={"reservationId": "R1", "guest": "Zoë"}, fetched=True)
     await sink.write("main", [ev])
@@ -152,7 +154,7 @@ async def test_the_document_includes_a_fetched_resource(rx: Receiver, client: ht
 # --- headers and auth ---------------------------------------------------------------------------
 
 
-async def test_bearer_auth_and_custom_headers_arrive(rx: Receiver, client: httpx.AsyncClient):
+async def test_bearer_auth_and_custom_headers_arrive(rx: Receiver, client: aiohttp.ClientSession):
     cfg = settings(
         rx.url,
         auth="bearer",
@@ -171,7 +173,7 @@ async def test_bearer_auth_and_custom_headers_arrive(rx: Receiver, client: httpx
     assert REDACTOR.scrub(f"token is {TOKEN}") == f"token is {MASK}"
 
 
-async def test_basic_auth_arrives(rx: Receiver, client: httpx.AsyncClient):
+async def test_basic_auth_arrives(rx: Receiver, client: aiohttp.ClientSession):
     cfg = settings(rx.url, auth="basic", username="opera", password=PASSWORD)
     sink = await opened(cfg, client)
     await sink.write("main", [event(1)])
@@ -181,7 +183,7 @@ async def test_basic_auth_arrives(rx: Receiver, client: httpx.AsyncClient):
     assert REDACTOR.scrub(PASSWORD) == MASK
 
 
-async def test_no_auth_sends_no_authorization_header(rx: Receiver, client: httpx.AsyncClient):
+async def test_no_auth_sends_no_authorization_header(rx: Receiver, client: aiohttp.ClientSession):
     sink = await opened(settings(rx.url), client)
     await sink.write("main", [event(1)])
     (r,) = rx.requests
@@ -192,7 +194,7 @@ async def test_no_auth_sends_no_authorization_header(rx: Receiver, client: httpx
 
 
 async def test_503_with_retry_after_is_transient_with_its_delay(
-    rx: Receiver, client: httpx.AsyncClient
+    rx: Receiver, client: aiohttp.ClientSession
 ):
     sink = await opened(settings(rx.url), client)
     rx.script(Reply(503, {"Retry-After": "2"}, b"down for maintenance"))
@@ -207,7 +209,7 @@ async def test_503_with_retry_after_is_transient_with_its_delay(
 
 @pytest.mark.parametrize("status", [408, 425, 429, 500, 502, 504])
 async def test_retryable_statuses_are_transient(
-    rx: Receiver, client: httpx.AsyncClient, status: int
+    rx: Receiver, client: aiohttp.ClientSession, status: int
 ):
     sink = await opened(settings(rx.url), client)
     rx.script(Reply(status))
@@ -217,7 +219,7 @@ async def test_retryable_statuses_are_transient(
     assert info.value.retry_after is None  # none was given
 
 
-async def test_a_failed_chunk_stops_the_write(rx: Receiver, client: httpx.AsyncClient):
+async def test_a_failed_chunk_stops_the_write(rx: Receiver, client: aiohttp.ClientSession):
     sink = await opened(settings(rx.url, batch_size=2), client)
     rx.script(Reply(200), Reply(429, {"Retry-After": "1"}))
     with pytest.raises(TransientSinkError) as info:
@@ -226,7 +228,7 @@ async def test_a_failed_chunk_stops_the_write(rx: Receiver, client: httpx.AsyncC
     assert len(rx.requests) == 2  # the third chunk was not sent
 
 
-async def test_connection_refused_is_transient(client: httpx.AsyncClient):
+async def test_connection_refused_is_transient(client: aiohttp.ClientSession):
     with refusing_port() as port:
         sink = await opened(settings(f"http://127.0.0.1:{port}/hook"), client)
         with pytest.raises(TransientSinkError) as info:
@@ -234,7 +236,7 @@ async def test_connection_refused_is_transient(client: httpx.AsyncClient):
     assert "ConnectError" in str(info.value)
 
 
-async def test_a_slow_receiver_times_out_transiently(rx: Receiver, client: httpx.AsyncClient):
+async def test_a_slow_receiver_times_out_transiently(rx: Receiver, client: aiohttp.ClientSession):
     """Issue #9 item 12: the receiver would answer after 30 s; the write gives up on its own
     timeout, long before (the bound is generous: it proves the answer was not waited for, it
     is no speed measurement)."""
@@ -250,12 +252,36 @@ async def test_a_slow_receiver_times_out_transiently(rx: Receiver, client: httpx
     assert [r.header("Idempotency-Key") for r in rx.requests] == ["w0-u1", "w0-u2"]
 
 
+async def test_the_receivers_certificate_is_verified_by_default(
+    tmp_path: Path, client: aiohttp.ClientSession
+):
+    """A receiver whose certificate no trusted CA signed gets nothing: the handshake fails,
+    transiently, and the error says why."""
+    certs = make_certificates(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certs.server_cert, certs.server_key)
+    requests: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        requests.append(await reader.read(65536))  # only after a completed handshake
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=context)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        sink = await opened(settings(f"https://127.0.0.1:{port}/hook"), client)
+        with pytest.raises(TransientSinkError) as info:
+            await sink.write("main", [event(1)])
+    assert "TLS error: certificate not accepted" in str(info.value), str(info.value)
+    assert requests == []
+
+
 # --- permanent failures -------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("status", [400, 422])
 async def test_client_errors_are_permanent_with_status_and_excerpt(
-    rx: Receiver, client: httpx.AsyncClient, status: int
+    rx: Receiver, client: aiohttp.ClientSession, status: int
 ):
     sink = await opened(settings(rx.url), client)
     body = ("reservation rejected: " + "é" * 400).encode()
@@ -270,7 +296,9 @@ async def test_client_errors_are_permanent_with_status_and_excerpt(
     assert info.value.unique_event_id == "w0-u7"
 
 
-async def test_a_rejected_batch_names_no_single_culprit(rx: Receiver, client: httpx.AsyncClient):
+async def test_a_rejected_batch_names_no_single_culprit(
+    rx: Receiver, client: aiohttp.ClientSession
+):
     sink = await opened(settings(rx.url, batch_size=10), client)
     rx.script(Reply(400, body=b"bad item"))
     with pytest.raises(PermanentSinkError) as info:
@@ -282,7 +310,9 @@ async def test_a_rejected_batch_names_no_single_culprit(rx: Receiver, client: ht
     assert info.value.unique_event_id == "w0-u9"
 
 
-async def test_a_redirect_is_not_followed_and_is_permanent(rx: Receiver, client: httpx.AsyncClient):
+async def test_a_redirect_is_not_followed_and_is_permanent(
+    rx: Receiver, client: aiohttp.ClientSession
+):
     sink = await opened(settings(rx.url), client)
     rx.script(Reply(307, {"Location": rx.url + "/elsewhere"}))
     with pytest.raises(PermanentSinkError) as info:
@@ -298,7 +328,7 @@ def _echo(request: Received) -> Reply:
 
 
 @pytest.mark.parametrize("auth", ["bearer", "basic"])
-async def test_no_secret_in_any_error_text(rx: Receiver, client: httpx.AsyncClient, auth: str):
+async def test_no_secret_in_any_error_text(rx: Receiver, client: aiohttp.ClientSession, auth: str):
     cfg = settings(
         rx.url,
         auth=auth,
@@ -336,7 +366,7 @@ async def test_no_secret_in_any_error_text(rx: Receiver, client: httpx.AsyncClie
 
 
 async def test_credentials_in_the_url_stay_out_of_error_texts(
-    rx: Receiver, client: httpx.AsyncClient
+    rx: Receiver, client: aiohttp.ClientSession
 ):
     url = f"http://opera:{PASSWORD}@127.0.0.1:{rx.port}/hook?api_key=k-123456"
     sink = await opened(settings(url), client)
@@ -374,7 +404,7 @@ def _delivered_ids(rx: Receiver) -> list[str]:
 
 
 async def test_daemon_delivers_every_sandbox_event_exactly_once(
-    sandbox_factory, tmp_path: Path, rx: Receiver, client: httpx.AsyncClient
+    sandbox_factory, tmp_path: Path, rx: Receiver, client: aiohttp.ClientSession
 ):
     gw = await sandbox_factory(backlog=300)
     s = _webhook_settings(tmp_path, gw.url, rx)
@@ -390,11 +420,11 @@ async def test_daemon_delivers_every_sandbox_event_exactly_once(
         assert r.json() == by_id[r.header("Idempotency-Key")]
         assert r.header("X-Opera-Stream") == "main"
     assert rx.connections <= 20
-    assert not client.is_closed
+    assert not client.closed
 
 
 async def test_daemon_in_batch_mode_delivers_every_event_once(
-    sandbox_factory, tmp_path: Path, rx: Receiver, client: httpx.AsyncClient
+    sandbox_factory, tmp_path: Path, rx: Receiver, client: aiohttp.ClientSession
 ):
     gw = await sandbox_factory(backlog=300)
     s = _webhook_settings(tmp_path, gw.url, rx, batch_size=25)
@@ -411,7 +441,7 @@ async def test_daemon_in_batch_mode_delivers_every_event_once(
 
 @pytest.mark.parametrize("batch_size", [1, 20])
 async def test_daemon_dead_letters_the_event_the_receiver_rejects(
-    sandbox_factory, tmp_path: Path, rx: Receiver, client: httpx.AsyncClient, batch_size: int
+    sandbox_factory, tmp_path: Path, rx: Receiver, client: aiohttp.ClientSession, batch_size: int
 ):
     """Issue #9 item 12: the dead-letter count is checked once the committed checkpoint is the
     gateway's newest event (every event done, none in flight), not after a sleep."""

@@ -1,0 +1,80 @@
+"""What every user of the process's HTTP client (an ``aiohttp.ClientSession``: tokens, webhook,
+orchestration) needs around it: the URL as written, Basic credentials, the transport failures
+and their names.
+
+aiohttp follows redirects unless told otherwise: every request passes ``allow_redirects=False``.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from urllib.parse import quote, unquote, urlsplit
+
+import aiohttp
+from yarl import URL
+
+# Transport failures: refused, reset, timed out, TLS, DNS, an answer that is not HTTP. A timeout
+# is a TimeoutError (aiohttp's own are both: ConnectionTimeoutError, SocketTimeoutError).
+TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (aiohttp.ClientError, TimeoutError)
+
+# Left as written: reserved characters (they mean something where they are) and escapes.
+_KEEP = "!#$&'()*+,/:;=?@[]~%"
+_STRAY_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
+def wire_url(url: str) -> tuple[URL, str | None]:
+    """The URL to send, and the ``Authorization`` value of its user information (None: none).
+
+    yarl would re-encode the path and query (``%2F`` in a query becomes ``/``, a signature
+    changes): they go as written, with only what cannot travel percent-encoded (UTF-8, as a
+    browser does). The host is IDNA-encoded. The user information is taken out of the URL: it
+    travels as Basic auth, and aiohttp refuses a request with both it and an ``Authorization``
+    header, so the caller decides which wins.
+    """
+    parts = urlsplit(url)
+    origin = URL.build(scheme=parts.scheme, host=parts.hostname or "", port=parts.port)
+    rest = parts.path + (f"?{parts.query}" if parts.query else "")
+    rest = quote(_STRAY_PERCENT.sub("%25", rest), safe=_KEEP)
+    auth = None
+    if parts.username is not None:
+        auth = basic_auth(unquote(parts.username), unquote(parts.password or ""))
+    return URL(str(origin) + rest, encoded=True), auth
+
+
+def basic_auth(user: str, password: str) -> str:
+    """The ``Authorization`` value of HTTP Basic auth, UTF-8 as websockets sends it. (aiohttp's
+    ``encode_basic_auth`` raises ValueError for a user name with a colon, which a configured
+    client id or URL user name may hold: the request would fail with no word of why.)"""
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+
+
+def failure_name(exc: BaseException) -> str:
+    """A transport failure's kind, in the words our messages have always used (httpx's)."""
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return "ConnectTimeout"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return "ConnectError"
+    if isinstance(exc, TimeoutError):
+        return "ReadTimeout"
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
+        return "RemoteProtocolError"
+    if isinstance(exc, aiohttp.ClientResponseError):  # an answer aiohttp could not parse
+        return "RemoteProtocolError"
+    if isinstance(exc, aiohttp.ClientOSError):
+        return "NetworkError"
+    return type(exc).__name__
+
+
+async def read_at_most(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The start of a body (the far end's: it may be endless). A body read to its end lets the
+    connection go back to the pool; one cut short closes it."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = await response.content.read(limit - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)

@@ -1,0 +1,40 @@
+"""consumer.core.http: the URL as written goes on the request line; URL credentials become
+Basic auth the caller places."""
+
+from __future__ import annotations
+
+import base64
+
+from consumer.core.http import basic_auth, wire_url
+
+
+def test_escapes_and_reserved_characters_stay_as_written() -> None:
+    """yarl alone would turn %2F in a query into "/" and %7e into "~": a signed URL breaks."""
+    url, auth = wire_url("https://h.example.com/a%2Fb/c?sig=s1g%2Bv4l%2Fue%3D9&x=%7e&y=a+b")
+    assert url.raw_path_qs == "/a%2Fb/c?sig=s1g%2Bv4l%2Fue%3D9&x=%7e&y=a+b"
+    assert auth is None
+
+
+def test_what_cannot_travel_is_percent_encoded() -> None:
+    url, _ = wire_url("http://127.0.0.1:8080/zoë/?q=«1»&p=50%&r=%zz#frag")
+    assert url.raw_path_qs == "/zo%C3%AB/?q=%C2%AB1%C2%BB&p=50%25&r=%25zz"
+    assert url.raw_fragment == ""  # a fragment is not sent
+    assert url.port == 8080
+
+
+def test_the_host_is_idna_encoded_and_the_default_port_implied() -> None:
+    url, _ = wire_url("https://Bücher.example/x")
+    assert str(url) == "https://xn--bcher-kva.example/x"
+    assert url.port == 443
+
+
+def test_user_information_leaves_the_url_as_basic_auth() -> None:
+    url, auth = wire_url("https://op%40era:p%3Ass%20w@h.example.com/hook?k=v")
+    assert str(url) == "https://h.example.com/hook?k=v"
+    assert auth == basic_auth("op@era", "p:ss w")
+    assert auth == "Basic " + base64.b64encode(b"op@era:p:ss w").decode()
+
+
+def test_basic_auth_is_utf8_and_takes_any_user_name() -> None:
+    """aiohttp's encode_basic_auth refuses a colon in the user name (httpx sent it)."""
+    assert basic_auth("a:b", "pé") == "Basic " + base64.b64encode("a:b:pé".encode()).decode()
