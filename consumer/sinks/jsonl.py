@@ -50,6 +50,7 @@ ADOPT_HINT = (
     "move the file aside (the stream then replays into a new one), or run "
     "`opera-consumer sink adopt` to record its current length as committed"
 )
+_IOV_MAX = os.sysconf("SC_IOV_MAX")  # buffers per pwritev call
 _RETAIN_EVERY_S = 3600.0  # keep_days: looked at again this often even without a rotation
 
 
@@ -313,16 +314,18 @@ class JsonlSink:
         async with self._lock:
             if position is not None and self._covered(position):
                 return
-            plan = [(f, len(f.parts), b"".join(f.parts)) for f in self._files]
-            if not any(data or f.fd is None for f, _, data in plan):
+            # The parts as they are, not joined: a copy of the whole buffer (megabytes in a
+            # catch-up) at each commit was the largest transient allocation of a jsonl daemon.
+            plan = [(f, f.parts[:], f.buffered) for f in self._files]
+            if not any(size or f.fd is None for f, _, size in plan):
                 return
             await asyncio.to_thread(self._flush, plan)
             # Only now drop the buffers: after a failure or a cancellation the next sync writes
-            # the same bytes again at the same positions (pwrite), which is harmless.
-            for f, parts, data in plan:
-                del f.parts[:parts]
-                f.buffered -= len(data)
-                f.durable += len(data)
+            # the same bytes again at the same positions (pwritev), which is harmless.
+            for f, parts, size in plan:
+                del f.parts[: len(parts)]
+                f.buffered -= size
+                f.durable += size
             while len(self._files) > 1 and self._files[1].fd is not None:
                 done = self._files.pop(0)  # a newer file exists on disk: nothing more goes here
                 assert done.fd is not None
@@ -337,16 +340,16 @@ class JsonlSink:
         assert c is not None
         return c.seq < head.seq or (c.seq == head.seq and c.length <= head.durable)
 
-    def _flush(self, plan: Sequence[tuple[_File, int, bytes]]) -> None:
+    def _flush(self, plan: Sequence[tuple[_File, list[bytes], int]]) -> None:
         with self._io:
-            for f, _, data in plan:
+            for f, parts, _ in plan:
                 path = self._dir / f.name
                 try:
-                    self._write_file(f, path, data)
+                    self._write_file(f, path, parts)
                 except OSError as exc:
                     raise TransientSinkError(f"writing {path}: {exc.strerror}") from exc
 
-    def _write_file(self, f: _File, path: Path, data: bytes) -> None:
+    def _write_file(self, f: _File, path: Path, parts: list[bytes]) -> None:
         if f.fd is None:
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
@@ -360,14 +363,10 @@ class JsonlSink:
             if self._fsync:
                 _fsync_dir(self._dir)  # the file is durable before any byte of it is committed
             f.dir_synced = True
-        if not data:
+        if not any(parts):
             return
         self._check(f)
-        view, at = memoryview(data), f.durable
-        while view:
-            written = os.pwrite(f.fd, view, at)
-            at += written
-            view = view[written:]
+        _pwrite_all(f.fd, parts, f.durable)
         if self._fsync:
             os.fsync(f.fd)
 
@@ -491,6 +490,21 @@ def _size(path: Path) -> int:
         return path.stat().st_size
     except FileNotFoundError:
         return 0
+
+
+def _pwrite_all(fd: int, parts: list[bytes], at: int) -> None:
+    """Write ``parts`` one after another from offset ``at``: pwritev, at most IOV_MAX buffers
+    a call, going on after a short write."""
+    views = [memoryview(p) for p in parts]
+    i = 0
+    while i < len(views):
+        written = os.pwritev(fd, views[i : i + _IOV_MAX], at)
+        at += written
+        while i < len(views) and written >= len(views[i]):
+            written -= len(views[i])
+            i += 1
+        if written:
+            views[i] = views[i][written:]
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -168,6 +168,7 @@ class SqliteStore:
         lookup = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         lookup.execute("PRAGMA query_only=ON")
         lookup.execute("PRAGMA busy_timeout=5000")
+        lookup.execute(_CACHE_SIZE)
         return cls(path, writer, reader, lookup)
 
     async def close(self) -> None:
@@ -446,6 +447,14 @@ class SqliteStore:
                 return total
 
 
+# Each connection's page cache: 512 KiB, not SQLite's 2 MiB. The writer filled its 2 MiB in
+# any catch-up though ids in order need only the B-trees' right edges (and random ones miss
+# a cache of either size: the same commit times, measured with 200,000 random ids, 1,000 a
+# transaction, synchronous=FULL); the readers' cache is emptied whenever another connection
+# commits (WAL). Measured: -3 MB peak RSS of a jsonl daemon in a 200,000-event catch-up.
+_CACHE_SIZE = "PRAGMA cache_size=-512"
+
+
 async def _connect(path: Path, synchronous: str) -> aiosqlite.Connection:
     # isolation_level=None: we issue BEGIN IMMEDIATE/COMMIT ourselves.
     db = await aiosqlite.connect(path, isolation_level=None)
@@ -457,6 +466,7 @@ async def _connect(path: Path, synchronous: str) -> aiosqlite.Connection:
             "PRAGMA foreign_keys=ON;"
             "PRAGMA journal_size_limit=67108864;"
             "PRAGMA temp_store=MEMORY;"
+            f"{_CACHE_SIZE};"
         )
     except BaseException:
         await db.close()

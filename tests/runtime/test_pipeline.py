@@ -547,15 +547,15 @@ async def test_restart_after_uncommitted_writes_delivers_each_event_once(tmp_pat
 async def test_run_retries_a_failed_sink_sync(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_pwrite = os.pwrite
+    real_pwritev = os.pwritev
     failures = [OSError(5, "I/O error")]
 
-    def flaky(fd: int, data: Any, offset: int) -> int:
+    def flaky(fd: int, buffers: Any, offset: int) -> int:
         if failures:
             raise failures.pop()
-        return real_pwrite(fd, data, offset)
+        return real_pwritev(fd, buffers, offset)
 
-    monkeypatch.setattr(os, "pwrite", flaky)
+    monkeypatch.setattr(os, "pwritev", flaky)
     sink = JsonlSink(tmp_path / "events.jsonl", fsync=False)
     async with harness(tmp_path, sink, workers=2, interval_s=0.01) as (store, committer, pipeline):
         for i in range(5):

@@ -2,7 +2,7 @@
 (file, length), recovery after a crash at every step of a rotating sync and of the recovery
 itself, retention, and what the state store must hold before a file can be trusted.
 
-A crash is simulated in-process: from the N-th file-system call on (open, pwrite, fsync,
+A crash is simulated in-process: from the N-th file-system call on (open, pwritev, fsync,
 ftruncate, unlink) every call raises, the sink is abandoned and a new one opens with what the
 "state store" (a variable here) last committed, as after ``kill -9``.
 """
@@ -184,7 +184,7 @@ def crash_after(calls: int | None) -> Iterator[list[int]]:
     """From the ``calls``-th file-system call on, every one raises :class:`Crash` (None: no
     crash). Yields the count of calls made."""
     made = [0]
-    saved = {n: getattr(os, n) for n in ("open", "pwrite", "fsync", "ftruncate", "unlink")}
+    saved = {n: getattr(os, n) for n in ("open", "pwritev", "fsync", "ftruncate", "unlink")}
 
     def wrap(real: Any) -> Any:
         def call(*args: Any, **kwargs: Any) -> Any:

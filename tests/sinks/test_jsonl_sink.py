@@ -267,15 +267,15 @@ async def test_a_missing_file_with_a_committed_length_is_accepted(tmp_path: Path
 async def test_failed_write_to_disk_is_transient_and_retried(
     sink: JsonlSink, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = os.pwrite
+    real = os.pwritev
     failures = [OSError(28, "No space left on device")]
 
-    def flaky(fd: int, data: Any, offset: int) -> int:
+    def flaky(fd: int, buffers: Any, offset: int) -> int:
         if failures:
             raise failures.pop()
-        return real(fd, data, offset)
+        return real(fd, buffers, offset)
 
-    monkeypatch.setattr(os, "pwrite", flaky)
+    monkeypatch.setattr(os, "pwritev", flaky)
     await sink.write("main", [event(1)])
     token = sink.position()
     with pytest.raises(TransientSinkError):
@@ -283,6 +283,35 @@ async def test_failed_write_to_disk_is_transient_and_retried(
     assert sink.position() == token  # the buffer is kept
     await sink.sync(token)
     assert read_lines(sink.path) == [event(1).raw]
+
+
+async def test_a_sync_of_more_parts_than_one_pwritev_takes_writes_them_all(
+    sink: JsonlSink,
+) -> None:
+    n = os.sysconf("SC_IOV_MAX") * 2 + 3  # one write() a part: the kernel refuses more at once
+    for i in range(n):
+        await sink.write("main", [event(i)])
+    await sink.sync(sink.position())
+    assert read_lines(sink.path) == [event(i).raw for i in range(n)]
+    assert sink.position() == str(sink.path.stat().st_size)
+
+
+async def test_a_short_write_goes_on_where_it_stopped(
+    sink: JsonlSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = os.pwritev
+    calls = []
+
+    def short(fd: int, buffers: Any, offset: int) -> int:
+        calls.append(offset)
+        return real(fd, [bytes(buffers[0])[:7]], offset)  # 7 bytes at most, mid-line
+
+    monkeypatch.setattr(os, "pwritev", short)
+    await sink.write("main", [event(1), event(2)])
+    await sink.write("main", [event(3)])
+    await sink.sync(sink.position())
+    assert read_lines(sink.path) == [event(i).raw for i in (1, 2, 3)]
+    assert len(calls) > 3 and calls == sorted(set(calls))  # each call after the last one
 
 
 async def test_a_write_during_sync_is_kept_for_the_next_sync(sink: JsonlSink) -> None:
