@@ -389,9 +389,6 @@ async def live_status(host: str, port: int) -> dict[str, dict[str, Any]] | None:
 
     Its answers are checked like any peer's: one not shaped like our listener's gives None too.
     """
-    # Here, not at the top: the daemon imports this module and needs no httpx of its own.
-    import httpx  # noqa: PLC0415
-
     host = "127.0.0.1" if host in ("0.0.0.0", "") else host
     wanted = {
         "opera_consumer_events_processed_total": "processed",
