@@ -210,7 +210,11 @@ class SqliteStore:
         """
         found: set[str] = set()
         for i in range(0, len(event_ids), 900):
-            chunk = event_ids[i : i + 900]
+            chunk = list(event_ids[i : i + 900])
+            # Padded to a multiple of 50 (a repeated id changes no answer): 18 statement
+            # shapes, all kept prepared, instead of one per batch length (each prepared anew
+            # at ~100 µs, and cached at ~35 KB).
+            chunk += chunk[-1:] * (-len(chunk) % 50)
             marks = ",".join("?" * len(chunk))
             rows = self._lookup.execute(
                 f"SELECT event_id FROM processed_events WHERE stream = ? AND event_id IN ({marks})",
