@@ -723,7 +723,7 @@ class OrchestrationSettings(_Model):
 
 class PipelineSettings(_Model):
     workers: int = Field(default=4, ge=1, le=256)
-    queue_size: int = Field(default=2000, ge=1)  # per stream, events read but not yet done
+    queue_size: int = Field(default=2000, ge=1)  # per stream: read, not yet taken by a worker
     batch_max: int = Field(default=200, ge=1)
     drain_timeout_s: float = Field(default=20.0, ge=0)
     sink_retry_initial_s: float = Field(default=0.5, gt=0)
