@@ -271,3 +271,25 @@ def read_table(text: str) -> list[dict[str, str]]:
         {name: line[a:b].strip() for name, a, b in zip(names, starts, bounds, strict=True)}
         for line in lines
     ]
+
+
+@asynccontextmanager
+async def untrusted_tls_server(directory: Path) -> AsyncIterator[tuple[int, list[bytes]]]:
+    """A TLS server on 127.0.0.1 whose certificate no trusted CA signed: yields its port and
+    the requests it got, which stay empty unless a client completed the handshake anyway."""
+    import ssl
+
+    from nats_server import make_certificates
+
+    certs = make_certificates(directory)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certs.server_cert, certs.server_key)
+    requests: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        requests.append(await reader.read(65536))  # only after a completed handshake
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=context)
+    async with server:
+        yield server.sockets[0].getsockname()[1], requests

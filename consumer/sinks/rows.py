@@ -28,24 +28,9 @@ COLUMNS: tuple[str, ...] = (
 )
 
 
-def row(stream: str, ev: Event, now: float) -> tuple[Any, ...]:
-    return (
-        ev.unique_event_id,
-        stream,
-        ev.offset,
-        ev.event_name,
-        ev.module_name,
-        ev.primary_key,
-        ev.hotel_id,
-        ev.timestamp,
-        orjson.dumps(ev.raw.get("detail") or []).decode(),
-        None if ev.resource is None else orjson.dumps(ev.resource).decode(),
-        now,
-    )
-
-
 def json_row(stream: str, ev: Event, now: float) -> list[Any]:
-    """:func:`row` for a JSON document of rows: ``detail`` and ``resource`` as JSON values."""
+    """The row as JSON values (``detail`` and ``resource`` not yet text): what the PostgreSQL
+    sink sends as one document per batch."""
     return [
         ev.unique_event_id,
         stream,
@@ -59,3 +44,11 @@ def json_row(stream: str, ev: Event, now: float) -> list[Any]:
         ev.resource,
         now,
     ]
+
+
+def row(stream: str, ev: Event, now: float) -> tuple[Any, ...]:
+    """The row as SQL parameters: ``detail`` and ``resource`` as JSON text."""
+    values = json_row(stream, ev, now)
+    values[8] = orjson.dumps(values[8]).decode()
+    values[9] = None if values[9] is None else orjson.dumps(values[9]).decode()
+    return tuple(values)

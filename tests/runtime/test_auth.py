@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-import ssl
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from nats_server import make_certificates
-from support import make_settings
+from support import make_settings, untrusted_tls_server
 
 from consumer.config import StreamSettings
 from consumer.core.retry_after import RETRY_AFTER_MIN_S, retry_after_seconds
@@ -143,18 +140,8 @@ async def test_a_lifetime_of_years_is_refreshed_at_least_daily(sandbox_factory):
 async def test_the_token_endpoints_certificate_is_verified(tmp_path: Path):
     """The client secret goes only to a verified endpoint: against a certificate no trusted CA
     signed, the request fails in the handshake, and the error says why."""
-    certs = make_certificates(tmp_path)
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(certs.server_cert, certs.server_key)
-    requests: list[bytes] = []
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        requests.append(await reader.read(65536))  # only after a completed handshake
-        writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=context)
-    async with server:
-        url = f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    async with untrusted_tls_server(tmp_path) as (port, requests):
+        url = f"https://127.0.0.1:{port}"
         settings = make_settings(tmp_path, url)
         async with http_client(settings) as http:
             with pytest.raises(AuthError) as info:

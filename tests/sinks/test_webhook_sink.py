@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import ssl
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -14,9 +13,16 @@ from typing import Any
 
 import aiohttp
 import pytest
-from nats_server import make_certificates
 from receiver import Received, Receiver, Reply, refusing_port
-from support import committed, make_settings, newest_offset, running, truth_ids, wait_until
+from support import (
+    committed,
+    make_settings,
+    newest_offset,
+    running,
+    truth_ids,
+    untrusted_tls_server,
+    wait_until,
+)
 
 from consumer.config import WebhookSinkSettings
 from consumer.core.events import Event
@@ -257,18 +263,7 @@ async def test_the_receivers_certificate_is_verified_by_default(
 ):
     """A receiver whose certificate no trusted CA signed gets nothing: the handshake fails,
     transiently, and the error says why."""
-    certs = make_certificates(tmp_path)
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(certs.server_cert, certs.server_key)
-    requests: list[bytes] = []
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        requests.append(await reader.read(65536))  # only after a completed handshake
-        writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=context)
-    async with server:
-        port = server.sockets[0].getsockname()[1]
+    async with untrusted_tls_server(tmp_path) as (port, requests):
         sink = await opened(settings(f"https://127.0.0.1:{port}/hook"), client)
         with pytest.raises(TransientSinkError) as info:
             await sink.write("main", [event(1)])
