@@ -29,10 +29,10 @@ from tenacity import (
 
 from ..config import StreamSettings, mask_url
 from ..core.evidence import describe
-from ..core.http import TRANSPORT_ERRORS, basic_auth, wire_url
 from ..core.retry_after import RETRY_STATUSES, WaitRetryAfter, retry_after_seconds
 from ..core.unreachable import reason
 from ..errors import AuthError
+from ..http_client import TRANSPORT_ERRORS, basic_auth, wire_url
 from ..logs import REDACTOR
 
 log = structlog.get_logger(__name__)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import aiohttp
 
-from ..core.http import basic_auth
+from ..http_client import basic_auth
 from .server import SandboxOptions
 
 

@@ -38,11 +38,11 @@ from tenacity import (
 from ..config import OrchestrationSettings, StreamSettings
 from ..core.events import Event
 from ..core.evidence import prefix
-from ..core.http import TRANSPORT_ERRORS, failure_name, wire_url
 from ..core.records import Staged
 from ..core.retry_after import RETRY_STATUSES, WaitRetryAfter, retry_after_seconds
 from ..core.token_bucket import TokenBucket
 from ..errors import PermanentSinkError, TransientSinkError
+from ..http_client import TRANSPORT_ERRORS, failure_name, wire_url
 from .base import Sink
 
 log = structlog.get_logger(__name__)

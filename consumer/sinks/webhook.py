@@ -40,10 +40,10 @@ from multidict import CIMultiDict
 
 from ..config import WebhookSinkSettings, query_secret_values, webhook_secret_values
 from ..core.events import Event
-from ..core.http import TRANSPORT_ERRORS, basic_auth, failure_name, read_at_most, wire_url
 from ..core.retry_after import retry_after_seconds
 from ..core.unreachable import reason
 from ..errors import PermanentSinkError, TransientSinkError
+from ..http_client import TRANSPORT_ERRORS, basic_auth, failure_name, read_at_most, wire_url
 from ..logs import MASK, REDACTOR
 from .base import PlainSink, serialized
 

@@ -1,11 +1,11 @@
-"""consumer.core.http: the URL as written goes on the request line; URL credentials become
+"""consumer.http_client: the URL as written goes on the request line; URL credentials become
 Basic auth the caller places."""
 
 from __future__ import annotations
 
 import base64
 
-from consumer.core.http import basic_auth, wire_url
+from consumer.http_client import basic_auth, wire_url
 
 
 def test_escapes_and_reserved_characters_stay_as_written() -> None:
