@@ -21,6 +21,8 @@ from typing import Any
 
 from consumer.config import Settings
 from consumer.runtime.daemon import Daemon
+from consumer.runtime.status import StreamStatus
+from consumer.runtime.stream import StreamState
 from consumer.sandbox import SandboxGateway, SandboxOptions, launcher
 
 # Protocol timers scaled for tests: the behaviour is the same, only faster.
@@ -293,3 +295,48 @@ async def untrusted_tls_server(directory: Path) -> AsyncIterator[tuple[int, list
     server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=context)
     async with server:
         yield server.sockets[0].getsockname()[1], requests
+
+
+def assert_each_once_in_order(
+    lines: Sequence[dict[str, Any]], truth: Sequence[dict[str, Any]]
+) -> None:
+    """The sink's events (``lines``) are the gateway's (``truth``), each exactly once, and each
+    resource's (primaryKey's) in the gateway's order."""
+    from collections import Counter
+
+    def uid(e: dict[str, Any]) -> str:
+        return str(e["metadata"]["uniqueEventId"])
+
+    assert Counter(map(uid, lines)) == Counter(map(uid, truth))  # once, all
+    order_truth: dict[str, list[str]] = {}
+    for e in truth:
+        order_truth.setdefault(e["primaryKey"], []).append(uid(e))
+    order_sink: dict[str, list[str]] = {}
+    for e in lines:
+        order_sink.setdefault(e["primaryKey"], []).append(uid(e))
+    assert order_sink == order_truth
+
+
+def stream_status(**fields: Any) -> StreamStatus:
+    """A stream's status as the daemon reports it: one session, streaming, nothing counted;
+    ``fields`` say what differs."""
+    base: dict[str, Any] = {
+        "name": "main",
+        "state": StreamState.STREAMING,
+        "last_close": "",
+        "received": 0,
+        "delivered": 0,
+        "duplicates": 0,
+        "dead_lettered": 0,
+        "ignored": 0,
+        "malformed": 0,
+        "connections": 1,
+        "token_fetches": 1,
+        "closes": {},
+        "in_flight": 0,
+        "position": None,
+        "checkpoint_moved_at": None,
+        "last_event_at": None,
+        "srtt_s": None,
+    }
+    return StreamStatus(**(base | fields))

@@ -17,11 +17,12 @@ import os
 import random
 import subprocess
 import sys
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 import pytest
 from support import (
+    assert_each_once_in_order,
     count_lines,
     newest_offset,
     read_sink,
@@ -120,15 +121,7 @@ async def test_no_fault_loses_or_duplicates_an_event(sandbox_factory, tmp_path: 
 
     truth = gw.events("DEMO")
     lines = read_sink(sink)
-    counts = Counter(e["metadata"]["uniqueEventId"] for e in lines)
-    assert counts == Counter(e["metadata"]["uniqueEventId"] for e in truth)  # once, all
-    order_truth: dict[str, list[str]] = defaultdict(list)
-    for e in truth:
-        order_truth[e["primaryKey"]].append(e["metadata"]["uniqueEventId"])
-    order_sink: dict[str, list[str]] = defaultdict(list)
-    for e in lines:
-        order_sink[e["primaryKey"]].append(e["metadata"]["uniqueEventId"])
-    assert order_sink == order_truth
+    assert_each_once_in_order(lines, truth)
 
     store = await Store.open(tmp_path / "state.db")
     try:

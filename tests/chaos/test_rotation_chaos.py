@@ -19,12 +19,12 @@ import os
 import random
 import sqlite3
 import subprocess
-from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
 import pytest
 from support import (
+    assert_each_once_in_order,
     committed,
     newest_offset,
     spawn_daemon,
@@ -147,15 +147,7 @@ async def test_kill_9_around_rotations_leaves_every_event_once(sandbox_factory, 
 
     truth = gw.events("DEMO")
     lines = read_files(path, rot)
-    counts = Counter(e["metadata"]["uniqueEventId"] for e in lines)
-    assert counts == Counter(e["metadata"]["uniqueEventId"] for e in truth)  # once, all
-    order_truth: dict[str, list[str]] = defaultdict(list)
-    for e in truth:
-        order_truth[e["primaryKey"]].append(e["metadata"]["uniqueEventId"])
-    order_files: dict[str, list[str]] = defaultdict(list)
-    for e in lines:
-        order_files[e["primaryKey"]].append(e["metadata"]["uniqueEventId"])
-    assert order_files == order_truth
+    assert_each_once_in_order(lines, truth)
 
     # The rotations and the crash windows really happened.
     files = rotated_files(path, rot)

@@ -11,13 +11,12 @@ from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
-from support import count_lines, make_settings, running, wait_until
+from support import count_lines, make_settings, running, stream_status, wait_until
 
 from consumer import __version__
 from consumer.runtime.daemon import Daemon
 from consumer.runtime.metrics import Metrics
 from consumer.runtime.status import CommitStatus, FleetStatus, StreamStatus
-from consumer.runtime.stream import StreamState
 
 Key = tuple[str, tuple[tuple[str, str], ...]]
 
@@ -120,24 +119,8 @@ class Frozen:
 
     def stream_statuses(self) -> list[StreamStatus]:
         return [
-            StreamStatus(
-                name="main",
-                state=StreamState.STREAMING,
-                last_close="",
-                received=1,
-                delivered=1,
-                duplicates=0,
-                dead_lettered=0,
-                ignored=0,
-                malformed=0,
-                connections=1,
-                token_fetches=1,
-                closes={},
-                in_flight=0,
-                position=None,
-                checkpoint_moved_at=self.at,
-                last_event_at=self.at,
-                srtt_s=None,
+            stream_status(
+                received=1, delivered=1, checkpoint_moved_at=self.at, last_event_at=self.at
             )
         ]
 

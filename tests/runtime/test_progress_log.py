@@ -10,12 +10,11 @@ from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
-from support import wait_until
+from support import stream_status, wait_until
 
 from consumer.core.watermark import Position
 from consumer.runtime.progress import ProgressLog
 from consumer.runtime.status import CommitStatus, FleetStatus, StreamStatus
-from consumer.runtime.stream import StreamState
 from consumer.sandbox.templated import oracle_timestamp
 
 T0 = 1_800_000_000.0
@@ -23,24 +22,12 @@ T0 = 1_800_000_000.0
 
 def stream(name: str, done: int, event_at: float | None, waiting: int = 0) -> StreamStatus:
     stamp = None if event_at is None else oracle_timestamp(int(event_at * 1_000_000))
-    return StreamStatus(
+    return stream_status(
         name=name,
-        state=StreamState.STREAMING,
-        last_close="",
         received=done + waiting,
         delivered=done,
-        duplicates=0,
-        dead_lettered=0,
-        ignored=0,
-        malformed=0,
-        connections=1,
-        token_fetches=1,
-        closes={},
         in_flight=waiting,
         position=Position(str(done), f"u{done}", stamp),
-        checkpoint_moved_at=None,
-        last_event_at=None,
-        srtt_s=None,
     )
 
 
