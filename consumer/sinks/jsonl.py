@@ -27,6 +27,7 @@ committed), never the current or the committed file.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import threading
 import time
@@ -50,7 +51,7 @@ ADOPT_HINT = (
     "move the file aside (the stream then replays into a new one), or run "
     "`opera-consumer sink adopt` to record its current length as committed"
 )
-_IOV_MAX = os.sysconf("SC_IOV_MAX")  # buffers per pwritev call
+_IOV_MAX = max(16, os.sysconf("SC_IOV_MAX"))  # buffers per pwritev call (-1: no limit said)
 _RETAIN_EVERY_S = 3600.0  # keep_days: looked at again this often even without a rotation
 
 
@@ -160,7 +161,8 @@ class JsonlSink:
                 return self._open_file(self.path.name, 0, rot.started_at(now), c.length)
             seq = self._next_seq
             started = rot.started_at(now)
-            return self._open_file(rot.name(seq, started), seq, started, 0)
+            # None: a file of that name made by anyone else stops the start, it is not emptied.
+            return self._open_file(rot.name(seq, started), seq, started, None)
         if not _numbered(c.file, c.seq, self.path, rot.suffix):
             # Never cut a file the series does not name (the state store's copy is not
             # trusted): the path itself is file 0, any other carries its number.
@@ -185,9 +187,12 @@ class JsonlSink:
         path = self._dir / name
         created = False
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            # O_NOFOLLOW: never cut the target of a link someone put there
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
         except FileNotFoundError:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+            fd = os.open(
+                path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o640
+            )
             created = True
         try:
             size = os.fstat(fd).st_size
@@ -227,11 +232,6 @@ class JsonlSink:
         return committed
 
     # --- running --------------------------------------------------------------------------------
-
-    def check(self) -> None:
-        """Raise :class:`SinkUnusable` unless the path still names our file, unshrunk."""
-        assert self._files and self._files[0].fd is not None, "sink not open"
-        self._check(self._files[0])
 
     def _check(self, f: _File) -> None:
         assert f.fd is not None
@@ -398,9 +398,15 @@ class JsonlSink:
         if self._retaining is not None:
             await self._retaining  # a few unlinks at most; it logs its own failures
         files, self._files = self._files, []
-        for f in files:
-            if f.fd is not None:
-                os.close(f.fd)
+        # A sync cancelled meanwhile may still be writing in its thread: the descriptors are
+        # its until it is done (a number reused at once would get its bytes).
+        await asyncio.to_thread(self._io.acquire)
+        try:
+            for f in files:
+                if f.fd is not None:
+                    os.close(f.fd)
+        finally:
+            self._io.release()
 
 
 def adopt_position(path: Path, rotation: Rotation | None, now: float) -> tuple[Path, int, str]:
@@ -450,6 +456,8 @@ def _parse(committed: str | None, path: Path) -> _Committed | None:
     )
     text = committed.strip()
     if text.isascii() and text.isdigit():
+        if len(text) > 20:  # no file is that long (and int() refuses beyond 4,300 digits)
+            raise refused
         return _Committed(None, 0, int(text), None)
     try:
         doc: Any = orjson.loads(text)
@@ -474,11 +482,12 @@ def _parse(committed: str | None, path: Path) -> _Committed | None:
 
 def _numbered(name: str, seq: int, path: Path, suffix: str) -> bool:
     """Whether ``name`` is the path (file 0) or carries ``seq`` as a rotated file does: the
-    number right before the series' suffix (whatever rotate_name made the rest)."""
+    number right before the series' suffix (whatever rotate_name made the rest, which may have
+    changed since), in a name without control characters."""
     if name == path.name:
         return seq == 0
     tail = f".{seq:0{SEQ_DIGITS}d}{suffix}"
-    return name.endswith(tail) and len(name) > len(tail)
+    return name.endswith(tail) and len(name) > len(tail) and name.isprintable()
 
 
 def _count(v: object) -> TypeGuard[int]:
@@ -495,10 +504,12 @@ def _size(path: Path) -> int:
 def _pwrite_all(fd: int, parts: list[bytes], at: int) -> None:
     """Write ``parts`` one after another from offset ``at``: pwritev, at most IOV_MAX buffers
     a call, going on after a short write."""
-    views = [memoryview(p) for p in parts]
+    views = [memoryview(p) for p in parts if p]
     i = 0
     while i < len(views):
         written = os.pwritev(fd, views[i : i + _IOV_MAX], at)
+        if not written:  # nothing written of a non-empty buffer: it would loop for ever
+            raise OSError(errno.EIO, "pwritev wrote nothing")
         at += written
         while i < len(views) and written >= len(views[i]):
             written -= len(views[i])
