@@ -9,7 +9,7 @@ one whose dead-letter row is not yet written.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
 
@@ -60,8 +60,7 @@ class Watermark:
 
     def add(self, position: Positioned | None) -> int:
         """Register a frame in arrival order; returns its sequence number."""
-        self._slots.append(position)
-        return self._base + len(self._slots) - self._head - 1
+        return self.add_all((position,))
 
     def add_all(self, positions: Sequence[Positioned | None]) -> int:
         """Register frames in arrival order; returns the first one's sequence number (the
@@ -73,9 +72,8 @@ class Watermark:
     def done(self, seq: int) -> None:
         self.done_all((seq,))
 
-    def done_all(self, seqs: Iterable[int]) -> None:
+    def done_all(self, seqs: Sequence[int]) -> None:
         """Mark frames done (any order); a sequence number not in flight is a ValueError."""
-        seqs = seqs if isinstance(seqs, Sequence) else tuple(seqs)
         if not seqs:
             return
         base, done = self._base, self._done

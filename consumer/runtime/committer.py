@@ -120,11 +120,9 @@ class Committer:
 
     def arrived(self, stream: str, position: Positioned | None) -> int:
         """A frame was read: its place in line (``position`` None: a malformed frame)."""
-        ledger = self._ledger(stream)
-        ledger.idle.clear()
-        return ledger.watermark.add(position)
+        return self.arrived_all(stream, (position,))
 
-    def arrived_all(self, stream: str, events: Sequence[Positioned]) -> int:
+    def arrived_all(self, stream: str, events: Sequence[Positioned | None]) -> int:
         """Frames were read, in this order: the first one's place in line (the others follow
         it). An event is its own position (read as one only when the position is asked for)."""
         ledger = self._ledger(stream)

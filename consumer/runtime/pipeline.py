@@ -1,12 +1,13 @@
-"""Per-stream pipeline: per-worker queues, partitioned by ``primaryKey``, bounded together.
+"""Per-stream pipeline: per-worker queues, partitioned by ``primaryKey``, bounded.
 
 The reader calls :meth:`StreamPipeline.add` for each event, which never waits. The events read
 in one go (until the reader waits for the socket) are handed over together: registered with
 the committer in one call, then partitioned into the workers' queues, so the per-event cost is
 a list append, not a queue operation, a wake-up and a watermark step each. When the queues hold
-``queue_size`` events, ``add`` says so and the reader waits in :meth:`room`, so backpressure
-reaches the server through TCP; nothing is dropped. Events of one resource always go to the
-same worker, so they are processed in arrival order while different resources run in parallel.
+``queue_size`` events, or one worker's queue its share of them, ``add`` says so and the reader
+waits in :meth:`room`, so backpressure reaches the server through TCP; nothing is dropped.
+Events of one resource always go to the same worker, so they are processed in arrival order
+while different resources run in parallel.
 Each worker takes what is queued as a batch: drop what the event filter leaves out, skip ids
 already processed, write the rest to the sink, and tell the committer (the one owner of
 completion) what became of each.
@@ -66,7 +67,11 @@ class StreamPipeline:
         self._retry_initial = retry_initial_s
         self._retry_max = retry_max_s
         self._capacity = max(1, queue_size)
+        # A worker's share too: one stuck worker (a Retry-After backoff) must stop the reader
+        # after about queue_size reads, not after workers x queue_size while the others drain.
+        self._share = max(1, queue_size // workers)
         self._queues: list[deque[_Item]] = [deque() for _ in range(workers)]
+        self._full = False  # a worker's queue holds its share (seen at the last hand-over)
         self._ready = [asyncio.Event() for _ in range(workers)]  # its queue has events
         self._queued = 0  # events in the queues, not yet taken by a worker
         self._room = asyncio.Event()  # set when _queued drops below capacity
@@ -126,12 +131,12 @@ class StreamPipeline:
         chunk.append(event)
         if len(chunk) == 1:
             self._flush_soon = asyncio.get_running_loop().call_soon(self._flush)
-        return self._queued + len(chunk) < self._capacity
+        return not self._full and self._queued + len(chunk) < self._capacity
 
     async def room(self) -> None:
         """Hand over what was added, and wait until the queues have room again."""
         self._flush()
-        while self._queued >= self._capacity:
+        while self._full or self._queued >= self._capacity:
             self._room.clear()
             await self._room.wait()
 
@@ -160,9 +165,12 @@ class StreamPipeline:
             for item in enumerate(chunk, first):
                 queues[worker_of(item[1])].append(item)
         self._queued += len(chunk)
+        share = self._share
         for queue, ready in zip(queues, self._ready, strict=True):
             if queue:
                 ready.set()
+                if len(queue) >= share:
+                    self._full = True
 
     def _worker_of(self, event: Event) -> int:
         return zlib.crc32(event.primary_key.encode()) % len(self._queues)
@@ -230,7 +238,9 @@ class StreamPipeline:
                 await ready.wait()
             batch = [queue.popleft() for _ in range(min(len(queue), self._batch_max))]
             self._queued -= len(batch)
-            if self._queued < self._capacity:
+            if self._full:
+                self._full = any(len(q) >= self._share for q in self._queues)
+            if not self._full and self._queued < self._capacity:
                 self._room.set()
             await self._committer.wait_capacity()
             try:

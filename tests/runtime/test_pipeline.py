@@ -591,23 +591,54 @@ async def test_the_queues_are_bounded_and_the_reader_waits_for_room(tmp_path: Pa
             if not pipeline.add(ev(added, key="same")):
                 break
             assert added < 100, "the queues must be bounded"
-        assert added == 30  # queue_size events read and not yet taken by a worker
-        await pipeline.room()  # the worker took a batch (10) into the blocked sink
-        assert sink.calls == 1
-        while pipeline.add(ev(added + 1, key="same")):
-            added += 1
-        added += 1
-        assert added == 40
+        assert added == 30  # queue_size events read in one go, not yet handed over
         room = asyncio.create_task(pipeline.room())
-        for _ in range(20):  # the worker is stuck in the sink: no room can come
+        async with asyncio.timeout(WAIT_S):
+            while sink.calls < 1:  # the worker took a batch (10) into the blocked sink
+                await asyncio.sleep(0.001)
+        for _ in range(20):  # 20 still queued for it, over its share of 10: no room
             await asyncio.sleep(0)
         assert not room.done()  # the reader waits: backpressure, nothing dropped
-        assert pipeline.in_flight == 40
+        assert pipeline.in_flight == 30
         sink.gate.set()
         async with asyncio.timeout(WAIT_S):
             await room
         await drained(pipeline)
-    assert [e.unique_event_id for e in sink.delivered] == [f"u{i}" for i in range(1, 41)]
+    assert [e.unique_event_id for e in sink.delivered] == [f"u{i}" for i in range(1, 31)]
+
+
+async def test_one_stuck_worker_stops_the_reader_at_its_share(tmp_path: Path) -> None:
+    """While the other workers drain theirs, the queue of a worker stuck in its sink holds at
+    most its share (queue_size / workers, here 10) before the reader waits: about queue_size
+    events read, not workers x queue_size."""
+    sink = FakeSink()
+    sink.hold["slow"] = asyncio.Event()
+    async with harness(tmp_path, sink, workers=3, queue_size=30, batch_max=10) as (
+        _,
+        _,
+        pipeline,
+    ):
+        reads = 0
+        while True:
+            reads += 1
+            if not pipeline.add(ev(reads, key="slow" if reads % 2 else f"k{reads}")):
+                break
+            await asyncio.sleep(0)  # the hand-over; the other workers take theirs
+            assert reads < 200, "a stuck worker must stop the reader"
+        assert reads <= 2 * (10 + 10) + 2  # its share queued, plus a batch held in the sink
+        room = asyncio.create_task(pipeline.room())
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not room.done()
+        sink.hold["slow"].set()
+        async with asyncio.timeout(WAIT_S):
+            await room
+        await drained(pipeline)
+    assert sorted(e.unique_event_id for e in sink.delivered) == sorted(
+        f"u{i}" for i in range(1, reads + 1)
+    )
+    slow = [e.unique_event_id for e in sink.delivered if e.primary_key == "slow"]
+    assert slow == [f"u{i}" for i in range(1, reads + 1, 2)]  # in order
 
 
 async def test_events_added_in_one_go_reach_the_workers_once_the_reader_waits(
