@@ -36,16 +36,19 @@ from tenacity import (
 )
 
 from ..config import OrchestrationSettings, StreamSettings
+from ..config.fields import mask_url
 from ..core.events import Event
 from ..core.evidence import prefix
 from ..core.records import Staged
 from ..core.retry_after import RETRY_STATUSES, WaitRetryAfter, retry_after_seconds
 from ..core.token_bucket import TokenBucket
-from ..errors import PermanentSinkError, TransientSinkError
-from ..http_client import TRANSPORT_ERRORS, failure_name, wire_url
+from ..errors import AuthError, PermanentSinkError, TransientSinkError
+from ..http_client import TRANSPORT_ERRORS, failure_name, read_at_most, wire_url
 from .base import Sink
 
 log = structlog.get_logger(__name__)
+
+MAX_RESOURCE_BYTES = 16 * 1024 * 1024  # a REST resource larger than this is not one
 
 
 class AccessTokens(Protocol):
@@ -107,6 +110,14 @@ class Orchestrator:
 
     async def enrich(self, stream: str, events: Sequence[Event]) -> list[Event]:
         urls = [self.url_for(stream, ev) for ev in events]
+        for u, ev in zip(urls, events, strict=True):
+            hotel = ev.hotel_id
+            if u is not None and hotel and not (hotel.isascii() and hotel.isprintable()):
+                raise PermanentSinkError(  # aiohttp would refuse the header (a ValueError)
+                    "orchestration: hotelId cannot travel in the x-hotelid header (not "
+                    "printable ASCII)",
+                    unique_event_id=ev.unique_event_id,
+                )
         wanted = {u: ev.hotel_id for u, ev in zip(urls, events, strict=True) if u is not None}
         if not wanted:
             return list(events)
@@ -168,6 +179,7 @@ class Orchestrator:
 
     async def _get(self, stream: str, url: str, hotel_id: str | None) -> Any:
         s = self.settings
+        shown = mask_url(url)  # what messages, logs and dead letters say: no secret of the URL
         try:
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception_type((TransientSinkError, *TRANSPORT_ERRORS)),
@@ -177,24 +189,27 @@ class Orchestrator:
                 ),
                 before_sleep=lambda rs: log.warning(
                     "orchestration GET failed; retrying",
-                    url=url,
+                    url=shown,
                     attempt=rs.attempt_number,
                     error=str(rs.outcome.exception() if rs.outcome else ""),
                 ),
                 reraise=True,
             ):
                 with attempt:
-                    return await self._request(stream, url, hotel_id)
+                    return await self._request(stream, url, shown, hotel_id)
         except TRANSPORT_ERRORS as exc:
-            raise TransientSinkError(f"orchestration GET {url}: {failure_name(exc)}") from exc
+            raise TransientSinkError(f"orchestration GET {shown}: {failure_name(exc)}") from exc
         raise AssertionError("unreachable: AsyncRetrying either returns or raises")
 
-    async def _request(self, stream: str, url: str, hotel_id: str | None) -> Any:
+    async def _request(self, stream: str, url: str, shown: str, hotel_id: str | None) -> Any:
         settings, tokens = self._streams[stream]
         # The bucket is arithmetic on the clock: nothing would set an Event, so we sleep.
         while (wait := self._bucket.take(self._clock())) > 0:  # noqa: ASYNC110
             await asyncio.sleep(wait)
-        token = await tokens.access_token()
+        try:
+            token = await tokens.access_token()
+        except AuthError as exc:  # our credentials, not the event: retried, never dead-lettered
+            raise TransientSinkError(f"orchestration: {exc}") from exc
         headers = {
             "Authorization": f"Bearer {token}",
             "x-app-key": settings.app_key.get_secret_value(),
@@ -206,26 +221,34 @@ class Orchestrator:
         # The bearer token authenticates; user information in the URL does not travel.
         async with self._http.get(wire_url(url)[0], headers=headers, allow_redirects=False) as resp:
             status = resp.status
-            content = await resp.read()
+            ok = 200 <= status < 300
+            # The far end's body: a resource up to MAX_RESOURCE_BYTES, else only its start.
+            content = await read_at_most(resp, MAX_RESOURCE_BYTES + 1 if ok else 1024)
             retry_after = resp.headers.get("Retry-After")
-        if 200 <= status < 300:
+        if ok:
+            if len(content) > MAX_RESOURCE_BYTES:
+                raise PermanentSinkError(
+                    f"orchestration GET {shown}: resource larger than {MAX_RESOURCE_BYTES} bytes"
+                )
             try:
                 return json.loads(content)
             except (ValueError, RecursionError):  # nested deeper than a parser goes, too
-                raise PermanentSinkError(f"orchestration GET {url}: not JSON") from None
+                raise PermanentSinkError(f"orchestration GET {shown}: not JSON") from None
         if status == 401:
             tokens.invalidate()  # rejected early (revoked?): the next attempt gets a new one
-            raise TransientSinkError(f"orchestration GET {url}: HTTP 401")
+            raise TransientSinkError(f"orchestration GET {shown}: HTTP 401")
         if status in RETRY_STATUSES:
             after = retry_after_seconds(retry_after)
             if status == 429:
                 self.throttled += 1
                 self._bucket.hold(self._clock(), after if after is not None else 1.0)
-            raise TransientSinkError(f"orchestration GET {url}: HTTP {status}", retry_after=after)
+            raise TransientSinkError(f"orchestration GET {shown}: HTTP {status}", retry_after=after)
         if status == 404:
-            return _NotFound(f"GET {url}: HTTP 404")
+            return _NotFound(f"GET {shown}: HTTP 404")
         # The body is the far end's: only its start, decoded lossily, goes into the error.
-        raise PermanentSinkError(f"orchestration GET {url}: HTTP {status}: {prefix(content, 300)}")
+        raise PermanentSinkError(
+            f"orchestration GET {shown}: HTTP {status}: {prefix(content, 300)}"
+        )
 
 
 class OrchestratingSink:

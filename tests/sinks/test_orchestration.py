@@ -9,9 +9,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+from bus_events import event
 from support import make_settings, read_sink, running, truth_ids, wait_until
 
 from consumer.config import OrchestrationSettings, Settings
+from consumer.errors import AuthError, PermanentSinkError, TransientSinkError
 from consumer.runtime.auth import TokenProvider
 from consumer.sinks.orchestration import Orchestrator
 
@@ -163,3 +165,75 @@ async def test_not_found_attaches_null_or_dead_letters(
         assert {d.unique_event_id for d in dead} == reservations
         assert all("404" in d.error and d.reason == "sink_rejected" for d in dead)
         assert not {e["metadata"]["uniqueEventId"] for e in lines} & reservations
+
+
+class _Tokens:
+    """AccessTokens for the unit tests below: a fixed token, or the AuthError given."""
+
+    def __init__(self, error: AuthError | None = None) -> None:
+        self.error = error
+
+    async def access_token(self) -> str:
+        if self.error is not None:
+            raise self.error
+        return "tok"
+
+    def invalidate(self) -> None:
+        pass
+
+
+def _orchestrator(
+    tmp_path: Path, http: aiohttp.ClientSession, tokens: _Tokens, base_url: str
+) -> Orchestrator:
+    settings = make_settings(tmp_path, "http://127.0.0.1:9")
+    orch = OrchestrationSettings(
+        enabled=True,
+        resources=RESOURCES,
+        coalesce_ms=0.0,
+        base_url=base_url,
+        max_attempts=1,
+        rate_per_s=1000,
+    )
+    return Orchestrator(orch, http, {"main": (settings.streams["main"], tokens)})
+
+
+async def test_a_token_outage_is_transient_never_the_events_fault(tmp_path: Path) -> None:
+    async with aiohttp.ClientSession() as http:
+        orch = _orchestrator(
+            tmp_path, http, _Tokens(AuthError("token endpoint down")), "http://127.0.0.1:9"
+        )
+        with pytest.raises(TransientSinkError, match="token endpoint down"):
+            await orch.enrich("main", [event(1)])
+
+
+async def test_a_hotel_id_no_header_can_carry_is_that_events_dead_letter(tmp_path: Path) -> None:
+    async with aiohttp.ClientSession() as http:
+        orch = _orchestrator(tmp_path, http, _Tokens(), "http://127.0.0.1:9")
+        with pytest.raises(PermanentSinkError, match="hotelId") as info:
+            await orch.enrich("main", [event(1), event(2, hotel="H\r\nX-Evil: 1")])
+    assert info.value.unique_event_id == "u00002"
+    assert orch.requests == 0
+
+
+async def test_errors_name_the_resource_url_without_its_secrets(tmp_path: Path) -> None:
+    """A dead letter's error keeps no password or query value of the configured base_url, and
+    only the start of a large error body is read."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        body = b"x" * 1_000_000
+        writer.write(b"HTTP/1.1 400 Oops\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    async with server, aiohttp.ClientSession() as http:
+        port = server.sockets[0].getsockname()[1]
+        base = f"http://user:s3cret@127.0.0.1:{port}/api?sig=k3y"
+        orch = _orchestrator(tmp_path, http, _Tokens(), base)
+        with pytest.raises(PermanentSinkError) as info:
+            await orch.enrich("main", [event(1)])
+    text = str(info.value)
+    assert "HTTP 400" in text and "***" in text
+    assert "s3cret" not in text and "k3y" not in text
+    assert len(text) < 1000
