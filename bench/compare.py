@@ -378,7 +378,11 @@ level = "info"
             conn.close()
         launcher.stop(proc, 60)
         if profiler is not None:
-            profiler.wait(60)
+            try:
+                profiler.wait(60)
+            except subprocess.TimeoutExpired:  # never hide the run's own error behind it
+                profiler.kill()
+                profiler.wait()
     start = subscribed_at(log)
     if start is None:
         raise RuntimeError(f"no 'subscribed' record in {log}")

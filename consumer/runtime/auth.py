@@ -32,10 +32,12 @@ from ..core.evidence import describe
 from ..core.retry_after import RETRY_STATUSES, WaitRetryAfter, retry_after_seconds
 from ..core.unreachable import reason
 from ..errors import AuthError
-from ..http_client import TRANSPORT_ERRORS, basic_auth, wire_url
+from ..http_client import TRANSPORT_ERRORS, basic_auth, read_at_most, wire_url
 from ..logs import REDACTOR
 
 log = structlog.get_logger(__name__)
+
+MAX_TOKEN_RESPONSE = 1024 * 1024  # a token answer (a JWT or two) is a few KB
 
 _MAX_LIFETIME_S = 86400.0
 
@@ -169,7 +171,8 @@ class TokenProvider:
             allow_redirects=False,
         ) as resp:
             status = resp.status
-            content = await resp.read()
+            # The far end's body: only a 200's is used, and a token answer is small.
+            content = await read_at_most(resp, MAX_TOKEN_RESPONSE) if status == 200 else b""
             retry_after = resp.headers.get("Retry-After")
         if status in RETRY_STATUSES:
             raise _Retryable(f"answered HTTP {status}", retry_after_seconds(retry_after))

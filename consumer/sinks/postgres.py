@@ -352,16 +352,18 @@ class PostgresSink(PlainSink):
         rows = {ev.unique_event_id: json_row(stream, ev, now) for ev in events}
         try:
             doc = orjson.dumps(list(rows.values())).decode()
-        except TypeError:  # not JSON-serializable (orjson): name the event
+        except TypeError as batch_error:  # not JSON-serializable (orjson): name the event
             for ev in events:
                 try:
-                    orjson.dumps(json_row(stream, ev, now))
+                    orjson.dumps([json_row(stream, ev, now)])  # at its depth in the batch
                 except TypeError as exc:
                     raise PermanentSinkError(
                         f"postgres sink: event {ev.unique_event_id}: {self._describe(exc)}",
                         unique_event_id=ev.unique_event_id,
                     ) from exc
-            raise
+            raise PermanentSinkError(  # not expected: then the pipeline finds it one by one
+                f"postgres sink: batch cannot be written as JSON: {self._describe(batch_error)}"
+            ) from batch_error
         try:
             async with pool.acquire(timeout=self.settings.timeout_s) as conn:
                 await conn.execute(self._upsert, doc)

@@ -28,6 +28,9 @@ COLUMNS: tuple[str, ...] = (
 )
 
 
+_DETAIL, _RESOURCE = COLUMNS.index("detail"), COLUMNS.index("resource")
+
+
 def json_row(stream: str, ev: Event, now: float) -> list[Any]:
     """The row as JSON values (``detail`` and ``resource`` not yet text): what the PostgreSQL
     sink sends as one document per batch."""
@@ -49,6 +52,7 @@ def json_row(stream: str, ev: Event, now: float) -> list[Any]:
 def row(stream: str, ev: Event, now: float) -> tuple[Any, ...]:
     """The row as SQL parameters: ``detail`` and ``resource`` as JSON text."""
     values = json_row(stream, ev, now)
-    values[8] = orjson.dumps(values[8]).decode()
-    values[9] = None if values[9] is None else orjson.dumps(values[9]).decode()
+    values[_DETAIL] = orjson.dumps(values[_DETAIL]).decode()
+    resource = values[_RESOURCE]
+    values[_RESOURCE] = None if resource is None else orjson.dumps(resource).decode()
     return tuple(values)

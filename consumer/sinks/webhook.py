@@ -40,6 +40,7 @@ from multidict import CIMultiDict
 
 from ..config import WebhookSinkSettings, query_secret_values, webhook_secret_values
 from ..core.events import Event
+from ..core.printable import printable
 from ..core.retry_after import retry_after_seconds
 from ..core.unreachable import reason
 from ..errors import PermanentSinkError, TransientSinkError
@@ -145,7 +146,7 @@ class WebhookSink(PlainSink):
             return
         reason_text = f"{self._what(events)}: HTTP {status}"
         if reason_phrase:  # the receiver's words too: it may echo a secret there
-            reason_text += f" {self._scrub(reason_phrase)}"
+            reason_text += f" {printable(self._scrub(reason_phrase), 100)}"
         # The receiver may echo the request (an Authorization header, say): scrub the excerpt.
         # Scrub before cutting, so that no part of a secret survives at the cut.
         excerpt = self._scrub(content.decode("utf-8", errors="replace"))[:EXCERPT_CHARS]
