@@ -3,12 +3,10 @@ systemd's ``STATUS=`` (where a newline would start another assignment)."""
 
 from __future__ import annotations
 
-from typing import Final
-
-LINE_LIMIT: Final = 200  # characters of a value shown on one line
+from .evidence import SHOWN_LIMIT
 
 
-def printable(value: object, limit: int = LINE_LIMIT) -> str:
+def printable(value: object, limit: int = SHOWN_LIMIT) -> str:
     """At most ``limit`` characters of ``value`` (then "…"), each character that
     :meth:`str.isprintable` refuses (controls, line separators, bidi overrides, lone
     surrogates) written as its escape (``\\x1b``, ``\\n``, ``\\u202e``). Never raises."""

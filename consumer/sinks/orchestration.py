@@ -42,6 +42,7 @@ from ..core.evidence import prefix
 from ..core.records import Staged
 from ..core.retry_after import RETRY_STATUSES, WaitRetryAfter, retry_after_seconds
 from ..core.token_bucket import TokenBucket
+from ..core.unreachable import reason
 from ..errors import AuthError, PermanentSinkError, TransientSinkError
 from ..http_client import TRANSPORT_ERRORS, failure_name, read_at_most, wire_url
 from .base import Sink
@@ -198,7 +199,9 @@ class Orchestrator:
                 with attempt:
                     return await self._request(stream, url, shown, hotel_id)
         except TRANSPORT_ERRORS as exc:
-            raise TransientSinkError(f"orchestration GET {shown}: {failure_name(exc)}") from exc
+            raise TransientSinkError(
+                f"orchestration GET {shown}: {failure_name(exc)}: {reason(exc)}"
+            ) from exc
         raise AssertionError("unreachable: AsyncRetrying either returns or raises")
 
     async def _request(self, stream: str, url: str, shown: str, hotel_id: str | None) -> Any:
