@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from consumer.config import Settings
+from consumer.core.events import Event
+from consumer.core.protocol import Next, decode
 from consumer.runtime.daemon import Daemon
 from consumer.runtime.status import StreamStatus
 from consumer.runtime.stream import StreamState
@@ -340,3 +342,14 @@ def stream_status(**fields: Any) -> StreamStatus:
         "srtt_s": None,
     }
     return StreamStatus(**(base | fields))
+
+
+def as_received(newevent: dict[str, Any] | bytes) -> Event:
+    """The event the daemon builds from a compact ``next`` frame of this ``newEvent`` (an
+    object, or its JSON text): kept as its text, not parsed."""
+    text = newevent if isinstance(newevent, bytes) else json.dumps(newevent, separators=(",", ":"))
+    if isinstance(text, str):
+        text = text.encode()
+    msg = decode(b'{"id":"s","type":"next","payload":{"data":{"newEvent":' + text + b"}}}")
+    assert isinstance(msg, Next) and msg.event.text == text, msg
+    return msg.event

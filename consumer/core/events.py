@@ -1,13 +1,15 @@
 """Typed events of the OHIP stream, following the schema's ``EventHeader``/``EventDetail``.
 
-An :class:`Event` keeps the ``newEvent`` object exactly as received (``raw``), so sinks can
-write it verbatim; the typed attributes are the few fields the pipeline itself needs.
+An :class:`Event` keeps the ``newEvent`` object as received, so sinks can write it verbatim;
+the typed attributes are the few fields the pipeline itself needs.
 """
 
 from __future__ import annotations
 
 from datetime import datetime, tzinfo
 from typing import Any, NamedTuple, NotRequired, TypedDict
+
+import orjson
 
 
 class Metadata(TypedDict):
@@ -42,6 +44,9 @@ class Event(NamedTuple):
     """One business event. ``offset`` is opaque: compare it for equality, never for order.
 
     A NamedTuple rather than a frozen dataclass: one is built per event on the hot path.
+    The ``newEvent`` object is kept as its JSON text as received (``text``) when the frame
+    was well-formed and compact (the usual case), else as the parsed object (``parsed``);
+    :attr:`raw` gives the object either way.
     """
 
     offset: str
@@ -51,19 +56,39 @@ class Event(NamedTuple):
     primary_key: str
     hotel_id: str | None
     timestamp: str | None
-    raw: dict[str, Any]
-    # The frame it arrived in, as received: what a dead letter keeps when ``raw`` cannot be
-    # written back out (nested deeper than a JSON writer goes).
+    parsed: dict[str, Any] | None
+    # The frame it arrived in, as received: what a dead letter keeps when ``parsed`` cannot
+    # be written back out (nested deeper than a JSON writer goes). Empty with ``text``.
     frame: bytes | str = b""
     # Set by the orchestration stage: the REST API's JSON (None: not found, when attached).
     resource: Any = None
     fetched: bool = False
+    # The newEvent object's JSON text as the gateway sent it (UTF-8, one line), and its
+    # ``detail`` array's ("[]" when absent or null).
+    text: bytes | None = None
+    detail_text: bytes | None = None
+
+    @property
+    def raw(self) -> dict[str, Any]:
+        """The ``newEvent`` object (parsed from ``text`` on each call when kept as text)."""
+        if self.parsed is not None:
+            return self.parsed
+        assert self.text is not None, "an event has its object or its text"
+        raw: dict[str, Any] = orjson.loads(self.text)
+        return raw
 
     def document(self) -> dict[str, Any]:
         """What a sink stores: the ``newEvent`` as received, plus ``resource`` when fetched."""
         if not self.fetched:
             return self.raw
         return {**self.raw, "resource": self.resource}
+
+    def document_json(self) -> bytes:
+        """:meth:`document` as JSON: the text as received when there is one and nothing was
+        added. Raises TypeError or ValueError for an object no JSON writer takes."""
+        if self.text is not None and not self.fetched:
+            return self.text
+        return orjson.dumps(self.document())
 
 
 # Every EventHeader and EventDetail field of Oracle's published schema: asking for all of them

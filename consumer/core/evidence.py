@@ -73,6 +73,8 @@ def describe(exc: BaseException | None) -> str:
 def event_evidence(ev: Event) -> Evidence:
     """What a dead letter keeps of an event: its JSON, or, when it cannot be written back out
     (nested deeper than a JSON writer goes), the frame it came in."""
+    if ev.text is not None:
+        return evidence(ev.text)
     try:
         return evidence(orjson.dumps(ev.raw))
     except TypeError:

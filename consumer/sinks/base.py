@@ -25,8 +25,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-import orjson
-
 from ..core.events import Event
 from ..core.evidence import prefix
 from ..core.records import Staged
@@ -83,11 +81,13 @@ class PlainSink:
 
 
 def serialized(ev: Event, sink: str = "") -> bytes:
-    """The event's document as JSON. One that no JSON writer takes (nested deeper than orjson
-    writes, an integer beyond 64 bits) is that event's fault: a dead letter, the rest go on."""
+    """The event's document as JSON (the text as received when nothing was added). One that
+    no JSON writer takes (nested deeper than orjson writes, an integer beyond 64 bits, a
+    number beyond a double's range to parse) is that event's fault: a dead letter, the rest
+    go on."""
     try:
-        return orjson.dumps(ev.document())
-    except TypeError as exc:
+        return ev.document_json()
+    except (TypeError, ValueError) as exc:
         raise PermanentSinkError(
             f"{sink + ' sink: ' if sink else ''}event cannot be serialized as JSON: "
             f"{prefix(str(exc))}",

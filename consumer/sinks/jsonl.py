@@ -44,6 +44,7 @@ from ..core.printable import printable
 from ..core.records import Staged
 from ..core.rotation import SEQ_DIGITS, Rotation
 from ..errors import SinkUnusable, TransientSinkError
+from .base import serialized
 
 log = structlog.get_logger(__name__)
 
@@ -256,8 +257,8 @@ class JsonlSink:
 
     async def write(self, stream: str, events: Sequence[Event]) -> None:
         # No await here: the position() snapshot must cover exactly the writes that returned.
-        line = orjson.OPT_APPEND_NEWLINE
-        data = b"".join([orjson.dumps(ev.document(), option=line) for ev in events])
+        # One line each: the text as received is (protocol's fast path), and orjson's is.
+        data = b"\n".join([serialized(ev, "jsonl") for ev in events]) + b"\n" if events else b""
         tail = self._tail
         if self._rotation is not None and data and not self._hold:
             started = self._rotation.due(

@@ -43,7 +43,10 @@ def json_row(stream: str, ev: Event, now: float) -> list[Any]:
         ev.primary_key,
         ev.hotel_id,
         ev.timestamp,
-        ev.raw.get("detail") or [],
+        # As received when the event came as text (a list: protocol checked it).
+        orjson.Fragment(ev.detail_text)
+        if ev.detail_text is not None
+        else ev.raw.get("detail") or [],
         ev.resource,
         now,
     ]

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from consumer.core.events import SELECTION, Event
 from consumer.core.protocol import (
+    MAX_FAST_BRACKETS,
     PING,
     PONG,
     Complete,
@@ -317,10 +320,157 @@ def test_decode_next_builds_the_event() -> None:
         primary_key="987654",
         hotel_id="HOTEL1",
         timestamp="28-APR-24 06.18.59.028027 AM",
-        raw=ev,
+        parsed=ev,
         frame=frame,  # kept for a dead letter when the event cannot be written back out
     )
     assert msg.event.raw == ev  # the newEvent object as received, unknown fields included
+
+
+def test_decode_next_from_compact_bytes_keeps_the_text_as_received() -> None:
+    # What the daemon reads (bytes): the header fields typed, the newEvent as its own text,
+    # escapes and all, with nothing to build or re-serialize.
+    ev = full_event(uid="ü-id") | {"hotelId": "HÖTEL"}
+    text = json.dumps(ev, separators=(",", ":"), ensure_ascii=False).encode()
+    text = text.replace("HÖTEL".encode(), b"H\\u00d6TEL")  # escaped in the text itself
+    assert b"\\u00d6" in text
+    frame = b'{"id":"sub-1","type":"next","payload":{"data":{"newEvent":' + text + b"}}}"
+    msg = decode(frame)
+    assert isinstance(msg, Next)
+    assert msg.id == "sub-1"
+    assert msg.event.parsed is None
+    assert msg.event.text == text
+    assert msg.event.raw == json.loads(text)
+    assert msg.event.detail_text is not None
+    assert json.loads(msg.event.detail_text) == ev["detail"]
+    assert (msg.event.unique_event_id, msg.event.hotel_id) == ("ü-id", "HÖTEL")
+    assert msg.event.document_json() == text
+
+
+@pytest.mark.parametrize("detail", [None, "absent"])
+def test_decode_next_fast_detail_text_of_no_detail_is_an_empty_list(detail: Any) -> None:
+    ev: dict[str, Any] = {"metadata": {"offset": "1", "uniqueEventId": "u"}}
+    if detail != "absent":
+        ev["detail"] = detail
+    msg = decode(next_frame(ev).encode())
+    assert isinstance(msg, Next)
+    assert msg.event.detail_text == b"[]"
+
+
+def test_decode_next_with_line_breaks_is_decoded_the_general_way() -> None:
+    # A JSONL line cannot hold the text as received: the event is parsed and written anew.
+    ev = full_event()
+    frame = json.dumps(
+        {"id": "sub-1", "type": "next", "payload": {"data": {"newEvent": ev}}}, indent=2
+    ).encode()
+    msg = decode(frame)
+    assert isinstance(msg, Next)
+    assert msg.event.text is None
+    assert msg.event.raw == ev
+    assert b"\n" not in msg.event.document_json()
+
+
+def test_decode_next_with_many_brackets_is_decoded_the_general_way() -> None:
+    ev = full_event() | {"detail": [{"elementName": f"e{i}"} for i in range(MAX_FAST_BRACKETS)]}
+    msg = decode(next_frame(ev).encode())
+    assert isinstance(msg, Next)
+    assert msg.event.text is None and msg.event.raw == ev
+
+
+def test_decode_depth_limit_does_not_follow_the_recursion_limit() -> None:
+    # The typed decoder would go as deep as Python's recursion limit allows: a frame deeper
+    # than the general way reads is refused whatever that limit is.
+    ev = full_event() | {"detail": "@@"}
+    frame = next_frame(ev).encode().replace(b'"@@"', b"[" * 1100 + b"]" * 1100)
+    before = sys.getrecursionlimit()
+    sys.setrecursionlimit(20_000)
+    try:
+        msg = decode(frame)
+    finally:
+        sys.setrecursionlimit(before)
+    assert isinstance(msg, DecodeError)
+    assert "depth" in msg.reason
+
+
+def test_decode_next_with_invalid_utf8_in_a_skipped_string_is_a_decode_error() -> None:
+    # The typed decoder only checks the syntax of what it skips: UTF-8 is checked first.
+    frame = next_frame(full_event()).encode().replace(b"New", b"N\xffw")
+    msg = decode(frame)
+    assert isinstance(msg, DecodeError)
+    assert "UTF-8" in msg.reason
+
+
+_json_leaf = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=6)
+)
+_json = st.recursive(
+    _json_leaf,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=12,
+)
+_text = st.text(max_size=8)
+_header = st.none() | st.text(max_size=8) | st.integers() | st.just("x" * 1025) | _json
+
+
+def _event_dicts(offset: Any, uid: Any, header: Any, detail: Any) -> Any:
+    return st.fixed_dictionaries(
+        {"metadata": st.fixed_dictionaries({"offset": offset, "uniqueEventId": uid})},
+        optional={
+            **{
+                f: header for f in ("eventName", "moduleName", "primaryKey", "hotelId", "timestamp")
+            },
+            "detail": detail,
+            "publisherId": _json,
+        },
+    )
+
+
+# Half well-formed events (the fast way's), half anything (mostly the general way's).
+_events = _event_dicts(
+    st.from_regex(r"[0-9]{1,20}", fullmatch=True),
+    st.text(min_size=1, max_size=8),
+    st.none() | _text,
+    st.none() | st.lists(st.dictionaries(_text, st.none() | _text, max_size=4), max_size=3),
+) | _event_dicts(
+    st.from_regex(r"[0-9]{1,21}", fullmatch=True) | _header,
+    _text | _header,
+    _header,
+    st.none() | st.lists(_json, max_size=3) | _json,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    ev=_events,
+    sub_id=st.text(max_size=4) | st.just(1),
+    ascii_only=st.booleans(),
+    compact=st.booleans(),
+)
+def test_decode_fast_and_general_ways_agree(
+    ev: dict[str, Any], sub_id: Any, ascii_only: bool, compact: bool
+) -> None:
+    # The typed (bytes) and general (str) ways give the same message for any event.
+    message = {"id": sub_id, "type": "next", "payload": {"data": {"newEvent": ev}}}
+    separators = (",", ":") if compact else (", ", ": ")
+    text = json.dumps(message, ensure_ascii=ascii_only, separators=separators)
+    fast, general = decode(text.encode()), decode(text)
+    assert type(fast) is type(general)
+    if isinstance(general, DecodeError):
+        assert isinstance(fast, DecodeError)
+        assert fast.reason == general.reason
+        return
+    assert isinstance(fast, Next) and isinstance(general, Next)
+    assert fast.id == general.id
+    assert fast.event[:7] == general.event[:7]  # offset .. timestamp
+    assert fast.event.raw == general.event.raw == ev
+    assert orjson.loads(fast.event.document_json()) == ev
+    if fast.event.detail_text is not None:
+        assert orjson.loads(fast.event.detail_text) == (ev.get("detail") or [])
 
 
 def test_decode_next_keeps_unknown_fields_in_raw() -> None:

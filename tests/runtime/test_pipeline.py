@@ -59,7 +59,7 @@ def ev(i: int, key: str | None = None) -> Event:
         primary_key=key,
         hotel_id="H1",
         timestamp="28-APR-24 06.18.59.028027 AM",
-        raw=raw,
+        parsed=raw,
     )
 
 

@@ -12,9 +12,10 @@ from typing import Any
 
 import orjson
 import pytest
+from support import as_received
 
 from consumer.core.events import Event
-from consumer.errors import SinkUnusable, TransientSinkError
+from consumer.errors import PermanentSinkError, SinkUnusable, TransientSinkError
 from consumer.sinks.jsonl import JsonlSink
 
 
@@ -348,3 +349,27 @@ async def test_close_is_idempotent(tmp_path: Path) -> None:
     await s.open(None)
     await s.close()
     await s.close()
+
+
+async def test_a_line_is_the_event_textas_received(sink: JsonlSink) -> None:
+    # Escapes and a number no double holds stay as the gateway wrote them: nothing re-encoded.
+    text = (
+        b'{"metadata":{"offset":"7","uniqueEventId":"u7"},"hotelId":"H\\u00d6TEL",'
+        b'"detail":[{"newValue":"Zo\\u00eb","n":1e999}]}'
+    )
+    await sink.write("main", [as_received(text)])
+    await sink.sync(sink.position())
+    assert sink.path.read_bytes() == text + b"\n"
+
+
+async def test_an_event_text_that_cannot_be_parsed_with_a_resource_is_that_events_fault(
+    sink: JsonlSink,
+) -> None:
+    # With a fetched resource the document is rebuilt: a number beyond a double cannot be.
+    text = b'{"metadata":{"offset":"7","uniqueEventId":"u7"},"detail":[{"n":1e999}]}'
+    ev = as_received(text)._replace(resource={"id": 1}, fetched=True)
+    with pytest.raises(PermanentSinkError) as err:
+        await sink.write("main", [ev])
+    assert err.value.unique_event_id == "u7"
+    assert "cannot be serialized" in str(err.value)
+    assert sink.position() == "0"

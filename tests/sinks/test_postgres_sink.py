@@ -15,7 +15,7 @@ import asyncpg
 import pytest
 from pg import PostgresServer, sql
 from structlog.testing import capture_logs
-from support import make_settings, running, truth_ids, wait_until
+from support import as_received, make_settings, running, truth_ids, wait_until
 
 from consumer.config import PostgresSinkSettings
 from consumer.core.events import Event
@@ -122,10 +122,18 @@ async def test_open_creates_the_table_with_its_index(sink: PostgresSink, postgre
     assert set(await rows(postgres_dsn, table)) == {"u1"}
 
 
-async def test_rows_hold_every_column(sink: PostgresSink, postgres_dsn, table):
+@pytest.mark.parametrize("kept_as", ["parsed", "text"])
+async def test_rows_hold_every_column(sink: PostgresSink, postgres_dsn, table, kept_as):
     plain = event(1)
     fetched = event(2, resource={"reservation": {"id": 42, "guest": "Zoë"}})
     bare = Event("000003", "u3", "NEW PROFILE", "Profile", "p3", None, None, {"metadata": {}})
+    if kept_as == "text":  # as the daemon reads them: the header typed, the rest as text
+        plain, fetched = (
+            as_received(plain.raw),
+            as_received(fetched.raw)._replace(resource=fetched.resource, fetched=True),
+        )
+        bare = as_received({"metadata": {"offset": "000003", "uniqueEventId": "u3"}})
+        bare = bare._replace(event_name="NEW PROFILE", module_name="Profile", primary_key="p3")
     before = time.time()
     await sink.write("main", [plain, fetched])
     await sink.write("other", [bare])
