@@ -16,6 +16,9 @@
      throwaway server from tests/pg.py; skipped with a note without the server binaries),
      webhook (batch_size 1) and webhook50 (batch_size 50) against a keep-alive HTTP/1.1
      receiver in its own process, 4 workers (--workers).
+   With webhook in --sinks, also the webhook floor: aiohttp alone, as the sink uses it with
+   batch_size 1 (--workers tasks POSTing the backlog's documents one at a time over one
+   keep-alive pool to a fresh receiver): what the HTTP client itself manages on this machine.
    events/s is measured from the subscription (the floor: its subscribe message sent; the
    daemon: its "subscribed" log record) to the last event (the floor: received; the daemon:
    the checkpoint covering it seen in the state store, polled every 10 ms); "wall" is from
@@ -49,6 +52,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 from websockets.asyncio.client import connect
 from websockets.typing import Subprotocol
@@ -139,6 +143,54 @@ async def bare_client(url: str, n: int) -> dict[str, Any]:
         "events_per_s": round(n / elapsed),
         "client_cpu_s": round(cpu, 2),
         "last_offset": last["payload"]["data"]["newEvent"]["metadata"]["offset"],
+    }
+
+
+# --- the webhook floor: the HTTP client alone -----------------------------------------------
+
+
+async def bare_webhook(url: str, n: int, workers: int) -> dict[str, Any]:
+    """aiohttp as the webhook sink uses it with batch_size 1, nothing else: ``workers`` tasks
+    each POST one document at a time (the backlog's ``newEvent`` objects, sliced from the
+    sandbox's templates), over one keep-alive pool as the daemon's (20 connections), with the
+    sink's headers, timeouts and bounded read of the answer. events/s from the first POST to
+    the last answer; client_cpu_s is this process's CPU over that time."""
+    events = TemplatedEvents(CHAIN, SEED)
+    head = '{"data":{"newEvent":'
+    timeout = aiohttp.ClientTimeout(total=None, connect=15, sock_connect=15, sock_read=15)
+    connector = aiohttp.TCPConnector(limit=20, keepalive_timeout=30)
+    todo = iter(range(n))
+    async with aiohttp.ClientSession(connector=connector) as http:
+
+        async def post() -> None:
+            for j in todo:
+                text = events.payload(j)
+                assert text.startswith(head)
+                headers = {
+                    "Content-Type": "application/json",
+                    "X-Opera-Stream": STREAM,
+                    "Idempotency-Key": events.unique_id(j),
+                }
+                async with http.post(
+                    url,
+                    data=text[len(head) : -2].encode(),
+                    headers=headers,
+                    timeout=timeout,
+                    allow_redirects=False,
+                ) as response:
+                    await response.content.read(65536)
+                    if response.status != 200:
+                        raise RuntimeError(f"the receiver answered {response.status}")
+
+        cpu0 = time.process_time()
+        started = time.perf_counter()
+        await asyncio.gather(*(post() for _ in range(workers)))
+        elapsed = time.perf_counter() - started
+        cpu = time.process_time() - cpu0
+    return {
+        "events_per_s": round(n / elapsed),
+        "seconds": round(elapsed, 3),
+        "client_cpu_s": round(cpu, 2),
     }
 
 
@@ -420,7 +472,9 @@ def span(values: list[float], fmt: str) -> str:
     return fmt.format(lo) if lo == hi else f"{fmt.format(lo)}-{fmt.format(hi)}"
 
 
-def table(rounds: list[dict[str, Any]], sinks: list[str], notes: dict[str, str]) -> str:
+def table(
+    rounds: list[dict[str, Any]], sinks: list[str], notes: dict[str, str], workers: int
+) -> str:
     floor = [r["floor"]["events_per_s"] for r in rounds]
     lines = [
         "| sink | events/s (subscribe to durable) | ratio to floor | events/s wall "
@@ -428,6 +482,16 @@ def table(rounds: list[dict[str, Any]], sinks: list[str], notes: dict[str, str])
         "|---|---|---|---|---|---|",
         f"| floor (bare client) | {span(floor, '{:,.0f}')} | 1 | - | - | - |",
     ]
+    hooks = [(r["floor"], r["webhook_floor"]) for r in rounds if "webhook_floor" in r]
+    if hooks:
+        rates = [h["events_per_s"] for _, h in hooks]
+        ratios = [h["events_per_s"] / f["events_per_s"] for f, h in hooks]
+        ok = all(h["ok"] for _, h in hooks)
+        lines.append(
+            f"| webhook floor (bare aiohttp, {workers} POSTs in flight) | "
+            f"{span(rates, '{:,.0f}')} | {span(ratios, '{:.2f}')} | - | - | "
+            f"{'every event once' if ok else 'FAILED (see json)'} |"
+        )
     for sink in sinks:
         runs = [(r["floor"], r["sinks"].get(sink)) for r in rounds]
         good = [(f, s) for f, s in runs if s and "error" not in s]
@@ -492,6 +556,20 @@ def main() -> int:
                     raise RuntimeError(f"the backlog ends at {floor['last_offset']}")
                 print(f"round {r}: floor {floor['events_per_s']:,} events/s", flush=True)
                 result: dict[str, Any] = {"round": r, "floor": floor, "sinks": {}}
+                if "webhook" in sinks:
+                    hook_rx = Receiver()
+                    try:
+                        hook = asyncio.run(bare_webhook(hook_rx.url, n, args.workers))
+                        hook["receiver_cpu_s"] = round(cpu_seconds(hook_rx.proc.pid), 2)
+                        hook["ok"] = hook_rx.count() == n
+                    finally:
+                        hook_rx.stop()
+                    result["webhook_floor"] = hook
+                    print(
+                        f"round {r}: webhook floor (bare aiohttp) {hook['events_per_s']:,} "
+                        f"events/s, {hook['client_cpu_s'] / n * 1e6:.0f} us of CPU per POST",
+                        flush=True,
+                    )
                 for sink in sinks:
                     if sink in notes:
                         continue
@@ -531,9 +609,17 @@ def main() -> int:
                     if "error" in run:
                         print(f"round {r}: {sink}: ERROR {run['error']}", flush=True)
                     else:
+                        hook_floor = result.get("webhook_floor") if sink == "webhook" else None
+                        of_hook = (
+                            f", {run['events_per_s'] / hook_floor['events_per_s']:.2f} of the "
+                            "webhook floor"
+                            if hook_floor
+                            else ""
+                        )
                         print(
                             f"round {r}: {sink} {run['events_per_s']:,} events/s "
-                            f"({run['events_per_s'] / floor['events_per_s']:.2f} of the floor), "
+                            f"({run['events_per_s'] / floor['events_per_s']:.2f} of the floor"
+                            f"{of_hook}), "
                             f"wall {run['wall_seconds']} s, peak RSS {run['peak_rss_mb']} MB, "
                             f"delivered {run['delivered']:,}",
                             flush=True,
@@ -557,7 +643,7 @@ def main() -> int:
         "machine_at_end": ended,
         "notes": notes,
         "results": rounds,
-        "table": table(rounds, sinks, notes),
+        "table": table(rounds, sinks, notes, args.workers),
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
@@ -565,6 +651,7 @@ def main() -> int:
     print(report["table"])
     print(f"\nload average at start {started['load_average']}, at end {ended['load_average']}")
     failed = any("error" in s or not s["ok"] for r in rounds for s in r["sinks"].values())
+    failed = failed or any(not r["webhook_floor"]["ok"] for r in rounds if "webhook_floor" in r)
     return 1 if failed else 0
 
 
