@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 from receiver import Received, Receiver, Reply, refusing_port
 from support import (
+    as_received,
     committed,
     make_settings,
     newest_offset,
@@ -155,6 +156,18 @@ async def test_the_document_includes_a_fetched_resource(
     await sink.write("main", [ev])
     (r,) = rx.requests
     assert r.json() == {**ev.raw, "resource": {"reservationId": "R1", "guest": "Zoë"}}
+
+
+async def test_bodies_are_the_event_text_as_received(rx: Receiver, client: aiohttp.ClientSession):
+    # Escapes kept: the bytes the gateway sent, alone or in a batch's array.
+    texts = [
+        b'{"metadata":{"offset":"%d","uniqueEventId":"t%d"},"hotelId":"H\\u00d6TEL"}' % (i, i)
+        for i in range(3)
+    ]
+    events = [as_received(t) for t in texts]
+    await (await opened(settings(rx.url), client)).write("main", events[:1])
+    await (await opened(settings(rx.url, batch_size=2), client)).write("main", events[1:])
+    assert [r.body for r in rx.requests] == [texts[0], b"[" + texts[1] + b"," + texts[2] + b"]"]
 
 
 # --- headers and auth ---------------------------------------------------------------------------
