@@ -342,6 +342,10 @@ def _command(args: argparse.Namespace) -> int:
 
 
 def _run(settings: Settings) -> int:
+    # frozenlist (aiohttp's, for its tracing signals: lists built once, never on a request's
+    # path) in pure Python: its C extension is C++ and maps libstdc++, about 1 MB of the
+    # daemon's resident memory for nothing (issue #12). Before anything imports aiohttp.
+    os.environ.setdefault("FROZENLIST_NO_EXTENSIONS", "1")
     from .logs import configure
     from .runtime import daemon
 
