@@ -25,7 +25,7 @@ from consumer.core.records import CommitBatch
 from consumer.core.watermark import Position
 from consumer.errors import PermanentSinkError, StoreError, TransientSinkError
 from consumer.runtime.committer import Committer
-from consumer.runtime.pipeline import StreamPipeline
+from consumer.runtime.pipeline import HANDOVER, StreamPipeline
 from consumer.sinks.base import PlainSink
 from consumer.sinks.jsonl import JsonlSink
 from consumer.state.sqlite import SqliteStore as Store
@@ -605,6 +605,24 @@ async def test_the_queues_are_bounded_and_the_reader_waits_for_room(tmp_path: Pa
             await room
         await drained(pipeline)
     assert [e.unique_event_id for e in sink.delivered] == [f"u{i}" for i in range(1, 31)]
+
+
+async def test_a_long_read_is_handed_over_every_handover_events(tmp_path: Path) -> None:
+    """A catch-up read brings hundreds of frames: after HANDOVER of them the reader lets the
+    workers take them before it decodes more, though the queues have room."""
+    sink = FakeSink()
+    async with harness(tmp_path, sink, workers=2, queue_size=10 * HANDOVER) as (_, _, pipeline):
+        added = 1
+        while pipeline.add(ev(added, key=f"k{added % 7}")):
+            added += 1
+            assert added < 10 * HANDOVER, "a long read must be handed over"
+        assert added == HANDOVER
+        await pipeline.room()
+        assert sink.delivered  # the workers ran before the reader reads on
+        await drained(pipeline)
+    assert sorted(e.unique_event_id for e in sink.delivered) == sorted(
+        f"u{i}" for i in range(1, HANDOVER + 1)
+    )
 
 
 async def test_one_stuck_worker_stops_the_reader_at_its_share(tmp_path: Path) -> None:
