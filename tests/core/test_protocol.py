@@ -399,22 +399,22 @@ def test_decode_next_with_invalid_utf8_in_a_skipped_string_is_a_decode_error() -
     assert "UTF-8" in msg.reason
 
 
-_json_leaf = (
+json_scalars = (
     st.none()
     | st.booleans()
-    | st.integers(-(2**63), 2**63 - 1)
+    | st.integers(min_value=-(2**63), max_value=2**63 - 1)
     | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=6)
+    | st.text(max_size=20)
 )
-_json = st.recursive(
-    _json_leaf,
-    lambda inner: (
-        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+json_values = st.recursive(
+    json_scalars,
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
     ),
-    max_leaves=12,
+    max_leaves=20,
 )
 _text = st.text(max_size=8)
-_header = st.none() | st.text(max_size=8) | st.integers() | st.just("x" * 1025) | _json
+_header = st.none() | st.text(max_size=8) | st.integers() | st.just("x" * 1025) | json_values
 
 
 def _event_dicts(offset: Any, uid: Any, header: Any, detail: Any) -> Any:
@@ -425,7 +425,7 @@ def _event_dicts(offset: Any, uid: Any, header: Any, detail: Any) -> Any:
                 f: header for f in ("eventName", "moduleName", "primaryKey", "hotelId", "timestamp")
             },
             "detail": detail,
-            "publisherId": _json,
+            "publisherId": json_values,
         },
     )
 
@@ -440,7 +440,7 @@ _events = _event_dicts(
     st.from_regex(r"[0-9]{1,21}", fullmatch=True) | _header,
     _text | _header,
     _header,
-    st.none() | st.lists(_json, max_size=3) | _json,
+    st.none() | st.lists(json_values, max_size=3) | json_values,
 )
 
 
@@ -655,21 +655,6 @@ def test_decode_never_raises_on_deeply_nested_id() -> None:
 
 
 # --- properties --------------------------------------------------------------------------------
-
-json_scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(2**63), max_value=2**63 - 1)
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=20)
-)
-json_values = st.recursive(
-    json_scalars,
-    lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
-    ),
-    max_leaves=20,
-)
 
 
 @settings(max_examples=300)
