@@ -287,11 +287,7 @@ def _fast_next(frame: bytes) -> Next | None:
         not valid_offset(offset)
         or not event_id
         or len(event_id) > MAX_FIELD_CHARS
-        or len(name) > MAX_FIELD_CHARS
-        or len(module) > MAX_FIELD_CHARS
-        or len(key) > MAX_FIELD_CHARS
-        or (hotel is not None and len(hotel) > MAX_FIELD_CHARS)
-        or (timestamp is not None and len(timestamp) > MAX_FIELD_CHARS)
+        or not _short(name, module, key, hotel, timestamp)
     ):
         return None
     event = Event(
@@ -387,15 +383,20 @@ def event_from_raw(ev: Any, frame: bytes | str = b"") -> Event | None:
     key = key if type(key) is str and key else event_id
     hotel = hotel if type(hotel) is str else None
     timestamp = timestamp if type(timestamp) is str else None
-    if (
-        len(name) > MAX_FIELD_CHARS
-        or len(module) > MAX_FIELD_CHARS
-        or len(key) > MAX_FIELD_CHARS
-        or (hotel is not None and len(hotel) > MAX_FIELD_CHARS)
-        or (timestamp is not None and len(timestamp) > MAX_FIELD_CHARS)
-    ):
+    if not _short(name, module, key, hotel, timestamp):
         return None
     return Event(offset, event_id, name, module, key, hotel, timestamp, ev, frame)
+
+
+def _short(name: str, module: str, key: str, hotel: str | None, timestamp: str | None) -> bool:
+    """No header field over MAX_FIELD_CHARS (written out: once per event)."""
+    return (
+        len(name) <= MAX_FIELD_CHARS
+        and len(module) <= MAX_FIELD_CHARS
+        and len(key) <= MAX_FIELD_CHARS
+        and (hotel is None or len(hotel) <= MAX_FIELD_CHARS)
+        and (timestamp is None or len(timestamp) <= MAX_FIELD_CHARS)
+    )
 
 
 def _what_is_wrong(msg: dict[str, Any]) -> str:
