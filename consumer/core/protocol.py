@@ -286,8 +286,7 @@ def _fast_next(frame: bytes) -> Next | None:
     if (
         not valid_offset(offset)
         or not event_id
-        or len(event_id) > MAX_FIELD_CHARS
-        or not _short(name, module, key, hotel, timestamp)
+        or not _short(event_id, name, module, key, hotel=hotel, timestamp=timestamp)
     ):
         return None
     event = Event(
@@ -367,12 +366,7 @@ def event_from_raw(ev: Any, frame: bytes | str = b"") -> Event | None:
         event_id = meta["uniqueEventId"]
     except (KeyError, TypeError):
         return None
-    if (
-        not valid_offset(offset)
-        or type(event_id) is not str
-        or not event_id
-        or len(event_id) > MAX_FIELD_CHARS
-    ):
+    if not valid_offset(offset) or type(event_id) is not str or not event_id:
         return None
     get = ev.get
     name, module, key = get("eventName"), get("moduleName"), get("primaryKey")
@@ -383,15 +377,18 @@ def event_from_raw(ev: Any, frame: bytes | str = b"") -> Event | None:
     key = key if type(key) is str and key else event_id
     hotel = hotel if type(hotel) is str else None
     timestamp = timestamp if type(timestamp) is str else None
-    if not _short(name, module, key, hotel, timestamp):
+    if not _short(event_id, name, module, key, hotel=hotel, timestamp=timestamp):
         return None
     return Event(offset, event_id, name, module, key, hotel, timestamp, ev, frame)
 
 
-def _short(name: str, module: str, key: str, hotel: str | None, timestamp: str | None) -> bool:
+def _short(
+    event_id: str, name: str, module: str, key: str, *, hotel: str | None, timestamp: str | None
+) -> bool:
     """No header field over MAX_FIELD_CHARS (written out: once per event)."""
     return (
-        len(name) <= MAX_FIELD_CHARS
+        len(event_id) <= MAX_FIELD_CHARS
+        and len(name) <= MAX_FIELD_CHARS
         and len(module) <= MAX_FIELD_CHARS
         and len(key) <= MAX_FIELD_CHARS
         and (hotel is None or len(hotel) <= MAX_FIELD_CHARS)
