@@ -258,7 +258,9 @@ class JsonlSink:
     async def write(self, stream: str, events: Sequence[Event]) -> None:
         # No await here: the position() snapshot must cover exactly the writes that returned.
         # One line each: the text as received is (protocol's fast path), and orjson's is.
-        data = b"\n".join([serialized(ev, "jsonl") for ev in events]) + b"\n" if events else b""
+        lines = [serialized(ev, "jsonl") for ev in events]
+        lines.append(b"")  # the last line's newline, in the one copy join makes
+        data = b"\n".join(lines)
         tail = self._tail
         if self._rotation is not None and data and not self._hold:
             started = self._rotation.due(
@@ -400,14 +402,15 @@ class JsonlSink:
             await self._retaining  # a few unlinks at most; it logs its own failures
         files, self._files = self._files, []
         # A sync cancelled meanwhile may still be writing in its thread: the descriptors are
-        # its until it is done (a number reused at once would get its bytes).
-        await asyncio.to_thread(self._io.acquire)
-        try:
+        # its until it is done (a number reused at once would get its bytes). Lock, close and
+        # release all in the thread, so that a cancelled close still finishes them.
+        await asyncio.to_thread(self._close_files, files)
+
+    def _close_files(self, files: list[_File]) -> None:
+        with self._io:
             for f in files:
                 if f.fd is not None:
                     os.close(f.fd)
-        finally:
-            self._io.release()
 
 
 def adopt_position(path: Path, rotation: Rotation | None, now: float) -> tuple[Path, int, str]:

@@ -353,13 +353,13 @@ class PostgresSink(PlainSink):
         try:
             doc = orjson.dumps(list(rows.values())).decode()
         except TypeError as batch_error:  # not JSON-serializable (orjson): name the event
-            for ev in events:
+            for uid, r in rows.items():
                 try:
-                    orjson.dumps([json_row(stream, ev, now)])  # at its depth in the batch
+                    orjson.dumps([r])  # at its depth in the batch
                 except TypeError as exc:
                     raise PermanentSinkError(
-                        f"postgres sink: event {ev.unique_event_id}: {self._describe(exc)}",
-                        unique_event_id=ev.unique_event_id,
+                        f"postgres sink: event {uid}: {self._describe(exc)}",
+                        unique_event_id=uid,
                     ) from exc
             raise PermanentSinkError(  # not expected: then the pipeline finds it one by one
                 f"postgres sink: batch cannot be written as JSON: {self._describe(batch_error)}"

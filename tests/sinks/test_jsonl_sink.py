@@ -344,6 +344,34 @@ async def test_a_write_during_sync_is_kept_for_the_next_sync(sink: JsonlSink) ->
     assert read_lines(sink.path) == [event(1).raw, event(2).raw]
 
 
+async def test_a_cancelled_close_still_closes_once_the_sync_thread_is_done(
+    sink: JsonlSink,
+) -> None:
+    # The close waits for a sync's thread; cancelled meanwhile, it must not leave the lock
+    # taken (a later close would hang) nor the descriptors open.
+    fds = [f.fd for f in sink._files if f.fd is not None]
+    assert fds
+    sink._io.acquire()  # a cancelled sync, still in its thread
+    closing = asyncio.create_task(sink.close())
+    await asyncio.sleep(0)
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    sink._io.release()
+    async with asyncio.timeout(5):
+        await sink.close()
+        while any(_is_open(fd) for fd in fds):
+            await asyncio.sleep(0.005)
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
 async def test_close_is_idempotent(tmp_path: Path) -> None:
     s = JsonlSink(tmp_path / "e.jsonl")
     await s.open(None)
@@ -351,7 +379,7 @@ async def test_close_is_idempotent(tmp_path: Path) -> None:
     await s.close()
 
 
-async def test_a_line_is_the_event_textas_received(sink: JsonlSink) -> None:
+async def test_a_line_is_the_event_text_as_received(sink: JsonlSink) -> None:
     # Escapes and a number no double holds stay as the gateway wrote them: nothing re-encoded.
     text = (
         b'{"metadata":{"offset":"7","uniqueEventId":"u7"},"hotelId":"H\\u00d6TEL",'
