@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import socket
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from .printable import printable
 
@@ -17,8 +17,14 @@ _NOT_TLS = ("WRONG_VERSION_NUMBER", "UNEXPECTED_EOF", "RECORD_LAYER_FAILURE", "H
 _PLAIN_HINT = "the server does not speak TLS (a plain-HTTP server? then use http:// or ws://)"
 
 
-def reason(exc: BaseException) -> str:
-    """One short line (control characters escaped): the most telling cause in the chain."""
+def _as_is(text: str) -> str:
+    return text
+
+
+def reason(exc: BaseException, scrub: Callable[[str], str] = _as_is) -> str:
+    """One short line (control characters escaped): the most telling cause in the chain.
+    ``scrub`` masks the caller's secrets in a cause's own text before the line is cut, so
+    that no piece of one survives at the cut (aiohttp's errors carry the request's URL)."""
     chain = list(_causes(exc))
     # aiohttp's wrappers are SSL errors too, without the ssl module's details: those come from
     # the one it wraps.
@@ -50,10 +56,10 @@ def reason(exc: BaseException) -> str:
         return "connection reset by the server"
     for e in chain:
         if isinstance(e, OSError) and e.strerror:
-            return printable(e.strerror)
+            return printable(scrub(e.strerror))
     # Nothing recognised: the first cause that says something, with its type.
     said = next((e for e in chain if _text(e)), exc)
-    return printable(f"{type(said).__name__}: {_text(said)}".rstrip(": "))
+    return printable(scrub(f"{type(said).__name__}: {_text(said)}".rstrip(": ")))
 
 
 def _in_tls_handshake(exc: BaseException) -> bool:

@@ -199,8 +199,13 @@ class Orchestrator:
                 with attempt:
                     return await self._request(stream, url, shown, hotel_id)
         except TRANSPORT_ERRORS as exc:
+            wire = str(wire_url(url)[0])  # as aiohttp's errors write it
+
+            def masked(text: str) -> str:
+                return text.replace(wire, shown).replace(url, shown)
+
             raise TransientSinkError(
-                f"orchestration GET {shown}: {failure_name(exc)}: {reason(exc)}"
+                f"orchestration GET {shown}: {failure_name(exc)}: {reason(exc, masked)}"
             ) from exc
         raise AssertionError("unreachable: AsyncRetrying either returns or raises")
 

@@ -140,7 +140,7 @@ class WebhookSink(PlainSink):
                 retry_after = response.headers.get("Retry-After")
         except TRANSPORT_ERRORS as exc:  # refused, reset, timed out
             raise TransientSinkError(
-                f"{self._what(events)}: {failure_name(exc)}: {self._scrub(reason(exc))}"
+                f"{self._what(events)}: {failure_name(exc)}: {reason(exc, self._scrub)}"
             ) from exc
         if 200 <= status < 300:
             return
