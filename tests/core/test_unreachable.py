@@ -142,7 +142,7 @@ def test_secrets_are_scrubbed_before_the_line_is_cut() -> None:
     # aiohttp's errors end with the request's URL: a cut inside a secret would leave a piece
     # of it that no mask matches any more.
     secret = "S3CRETS3CRETS3CRETS3CRET"
-    for pad in range(150, 230, 7):
+    for pad in range(100, 150, 3):
         exc = ValueError(f"400, message='{'x' * pad}', url='https://h/hook?api_key={secret}'")
         text = reason(exc, lambda t: t.replace(secret, "***"))
         assert "S3C" not in text and "RET" not in text, (pad, text)
