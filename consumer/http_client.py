@@ -57,9 +57,11 @@ def failure_name(exc: BaseException) -> str:
         return "ConnectError"
     if isinstance(exc, TimeoutError):
         return "ReadTimeout"
-    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
-        return "RemoteProtocolError"
-    if isinstance(exc, aiohttp.ClientResponseError):  # an answer aiohttp could not parse
+    # Cut off, or an answer aiohttp could not parse (ClientResponseError).
+    if isinstance(
+        exc,
+        aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError | aiohttp.ClientResponseError,
+    ):
         return "RemoteProtocolError"
     if isinstance(exc, aiohttp.ClientOSError):
         return "NetworkError"

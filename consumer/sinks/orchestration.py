@@ -111,15 +111,18 @@ class Orchestrator:
 
     async def enrich(self, stream: str, events: Sequence[Event]) -> list[Event]:
         urls = [self.url_for(stream, ev) for ev in events]
+        wanted: dict[str, str | None] = {}
         for u, ev in zip(urls, events, strict=True):
+            if u is None:
+                continue
             hotel = ev.hotel_id
-            if u is not None and hotel and not (hotel.isascii() and hotel.isprintable()):
+            if hotel and not (hotel.isascii() and hotel.isprintable()):
                 raise PermanentSinkError(  # aiohttp would refuse the header (a ValueError)
                     "orchestration: hotelId cannot travel in the x-hotelid header (not "
                     "printable ASCII)",
                     unique_event_id=ev.unique_event_id,
                 )
-        wanted = {u: ev.hotel_id for u, ev in zip(urls, events, strict=True) if u is not None}
+            wanted[u] = hotel
         if not wanted:
             return list(events)
         results = await asyncio.gather(
