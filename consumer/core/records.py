@@ -8,6 +8,7 @@ commands that read them back.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,16 +20,20 @@ from .watermark import Position
 class Staged:
     """Rows a sink asks to be written inside the checkpoint's own transaction (a table in the
     state store's database): ``statement`` in that database's dialect, run once per row.
+    ``many(n)``, where given, is the same statement for ``n`` rows at once (SQLite runs those:
+    see :func:`consumer.sqlite_tx.write_rows`).
     Column ``STREAM_COLUMN`` of each row is its stream (the fence drops a fenced stream's)."""
 
     statement: str
     rows: list[tuple[Any, ...]]
+    many: Callable[[int], str] | None = None
 
     STREAM_COLUMN = 1  # as in consumer.sinks.rows.row
 
     def without(self, streams: frozenset[str]) -> Staged:
         col = self.STREAM_COLUMN
-        return Staged(self.statement, [r for r in self.rows if r[col] not in streams])
+        rows = [r for r in self.rows if r[col] not in streams]
+        return Staged(self.statement, rows, self.many)
 
 
 @dataclass(frozen=True, slots=True)

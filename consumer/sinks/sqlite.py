@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import sqlite3
 import time
@@ -25,7 +26,7 @@ import aiosqlite
 from ..core.events import Event
 from ..core.records import Staged
 from ..errors import PermanentSinkError, TransientSinkError
-from ..sqlite_tx import transaction
+from ..sqlite_tx import in_thread, sync_transaction, write_rows
 from .base import PlainSink
 from .rows import COLUMNS, row
 
@@ -41,12 +42,14 @@ def create_table_sql(table: str) -> str:
     )
 
 
-def upsert_sql(table: str) -> str:
+def upsert_sql(table: str, rows: int = 1) -> str:
+    """The upsert of ``rows`` rows in one statement (a later row of the same id wins, as one
+    statement per row would)."""
     cols = ", ".join(COLUMNS)
-    marks = ", ".join("?" * len(COLUMNS))
+    marks = "(" + ", ".join("?" * len(COLUMNS)) + ")"
     updates = ", ".join(f"{c} = excluded.{c}" for c in COLUMNS[1:])
     return (
-        f'INSERT INTO "{table}" ({cols}) VALUES ({marks}) '
+        f'INSERT INTO "{table}" ({cols}) VALUES {", ".join([marks] * rows)} '
         f"ON CONFLICT (unique_event_id) DO UPDATE SET {updates}"
     )
 
@@ -61,6 +64,7 @@ class StoreTableSink(PlainSink):
         self.path = state_path
         self.table = table
         self._upsert = upsert_sql(table)
+        self._many = functools.partial(upsert_sql, table)
         self._rows: list[tuple[Any, ...]] = []
 
     async def open(self, committed: str | None) -> None:
@@ -81,7 +85,7 @@ class StoreTableSink(PlainSink):
         if not self._rows:
             return None
         rows, self._rows = self._rows, []
-        return Staged(self._upsert, rows)
+        return Staged(self._upsert, rows, self._many)
 
 
 class SqliteSink(PlainSink):
@@ -94,6 +98,7 @@ class SqliteSink(PlainSink):
         self.table = table
         self._db: aiosqlite.Connection | None = None
         self._upsert = upsert_sql(table)
+        self._many = functools.partial(upsert_sql, table)
         self._lock = asyncio.Lock()  # workers share the connection: one transaction at a time
 
     async def open(self, committed: str | None) -> None:
@@ -117,8 +122,8 @@ class SqliteSink(PlainSink):
         now = time.time()
         rows = [row(stream, ev, now) for ev in events]
         try:
-            async with self._lock, transaction(db):
-                await db.executemany(self._upsert, rows)
+            async with self._lock:
+                await in_thread(db, lambda conn: self._write_now(conn, rows))
         except sqlite3.OperationalError as exc:  # locked, disk full, I/O: may clear
             raise TransientSinkError(f"sqlite sink {self.path}: {exc}") from exc
         except sqlite3.Error as exc:
@@ -126,6 +131,10 @@ class SqliteSink(PlainSink):
             raise PermanentSinkError(
                 f"sqlite sink {self.path}: {exc}", unique_event_id=only
             ) from exc
+
+    def _write_now(self, db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+        with sync_transaction(db):
+            write_rows(db, self._upsert, rows, self._many)
 
     async def close(self) -> None:
         db, self._db = self._db, None

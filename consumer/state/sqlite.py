@@ -29,7 +29,7 @@ import orjson
 from ..core.records import Checkpoint, CommitBatch, DeadLetterRow, Fence, dead_letter_row
 from ..core.watermark import Position
 from ..errors import SchemaTooNew, StoreError
-from ..sqlite_tx import in_thread, sync_transaction, transaction
+from ..sqlite_tx import in_thread, sync_transaction, transaction, write_rows
 from .base import PRUNE_CHUNK
 
 MIGRATIONS: tuple[str, ...] = (
@@ -360,7 +360,7 @@ class SqliteStore:
                     list(batch.checkpoints),
                 )
             for staged in batch.staged:
-                db.executemany(staged.statement, staged.rows)
+                write_rows(db, staged.statement, staged.rows, staged.many)
             if batch.sink_state is not None:
                 db.execute(_PUT_SINK_STATE, (*batch.sink_state, now))
 
