@@ -142,7 +142,3 @@ def event_time(timestamp: str | None, zone: tzinfo) -> float | None:
         return when.replace(tzinfo=zone).timestamp()
     except ValueError:
         return None
-    try:
-        return datetime.strptime(timestamp, ORACLE_TIMESTAMP).replace(tzinfo=zone).timestamp()
-    except ValueError:
-        return None
