@@ -39,6 +39,7 @@ from .. import __version__
 from ..core.events import Event, event_time
 from ..core.evidence import shown
 from ..http11 import read_request, reject, request_path, respond
+from ..http_client import read_at_most
 from ..logs import RateLimitedLogger
 from .status import FleetStatus, StatusSource
 from .stream import StreamState
@@ -381,6 +382,18 @@ class MetricsServer:
         return 404, b'{"error": "not found"}', json_type, {}
 
 
+# Of an answer to live_status: a daemon's /metrics is about 2 KB a stream. A longer one is
+# not our listener (and is not read to its end).
+LIVE_BODY_BYTES = 8 * 2**20
+
+
+async def _body(response: aiohttp.ClientResponse) -> bytes:
+    body = await read_at_most(response, LIVE_BODY_BYTES + 1)
+    if len(body) > LIVE_BODY_BYTES:
+        raise ValueError("answer too long")
+    return body
+
+
 async def live_status(host: str, port: int) -> dict[str, dict[str, Any]] | None:
     """One look at a running daemon through its listener (None: no daemon answers): per
     stream, ``state`` (/readyz), and from /metrics ``processed`` (a counter), ``lag_s`` and
@@ -401,9 +414,9 @@ async def live_status(host: str, port: int) -> dict[str, dict[str, Any]] | None:
         async with aiohttp.ClientSession(timeout=timeout) as http:
             async with http.get(f"{base}/readyz", allow_redirects=False) as r:
                 # orjson: a nesting too deep for it is a ValueError, where json recurses.
-                ready = orjson.loads(await r.read())
+                ready = orjson.loads(await _body(r))
             async with http.get(f"{base}/metrics", allow_redirects=False) as r:
-                text = await r.text(errors="replace")
+                text = (await _body(r)).decode("utf-8", errors="replace")
         at = time.time()
         figures: dict[str, dict[str, float]] = {}
         for family in text_string_to_metric_families(text):

@@ -25,7 +25,7 @@ from support import committed, newest_offset, spawn_daemon, tail, toml_config, w
 
 from consumer.commands.status import COLUMNS, duration, eta_text
 from consumer.core.events import event_time
-from consumer.runtime.metrics import live_status
+from consumer.runtime.metrics import LIVE_BODY_BYTES, live_status
 from consumer.sandbox import launcher
 from consumer.state import SqliteStore
 
@@ -221,6 +221,9 @@ def test_lag_and_eta_in_words() -> None:
         # nested beyond any parser's depth (json's recursion used to escape the except)
         (b'{"streams": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", b""),
         (b'{"streams": {"main": {"state": ' + b"[" * 100_000 + b"]" * 100_000 + b"}}}", b""),
+        # well formed, but longer than any daemon's answer: not read to its end
+        (b'{"streams": {}}' + b" " * LIVE_BODY_BYTES, b""),
+        (b'{"streams": {}}', b"#" * (LIVE_BODY_BYTES + 1)),
     ],
 )
 async def test_a_listener_that_answers_garbage_is_not_a_running_daemon(
