@@ -201,6 +201,10 @@ class Orchestrator:
             ):
                 with attempt:
                     return await self._request(stream, url, shown, hotel_id)
+        except AuthError as exc:
+            # Our credentials, not the event: retried by the pipeline, never dead-lettered. Not
+            # here: the token provider has already retried for as long as it is configured to.
+            raise TransientSinkError(f"orchestration: {exc}") from exc
         except TRANSPORT_ERRORS as exc:
             wire = str(wire_url(url)[0])  # as aiohttp's errors write it
 
@@ -217,10 +221,7 @@ class Orchestrator:
         # The bucket is arithmetic on the clock: nothing would set an Event, so we sleep.
         while (wait := self._bucket.take(self._clock())) > 0:  # noqa: ASYNC110
             await asyncio.sleep(wait)
-        try:
-            token = await tokens.access_token()
-        except AuthError as exc:  # our credentials, not the event: retried, never dead-lettered
-            raise TransientSinkError(f"orchestration: {exc}") from exc
+        token = await tokens.access_token()  # an AuthError: see _get
         headers = {
             "Authorization": f"Bearer {token}",
             "x-app-key": settings.app_key.get_secret_value(),

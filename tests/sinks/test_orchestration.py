@@ -172,8 +172,10 @@ class _Tokens:
 
     def __init__(self, error: AuthError | None = None) -> None:
         self.error = error
+        self.calls = 0
 
     async def access_token(self) -> str:
+        self.calls += 1
         if self.error is not None:
             raise self.error
         return "tok"
@@ -183,7 +185,7 @@ class _Tokens:
 
 
 def _orchestrator(
-    tmp_path: Path, http: aiohttp.ClientSession, tokens: _Tokens, base_url: str
+    tmp_path: Path, http: aiohttp.ClientSession, tokens: _Tokens, base_url: str, attempts: int = 1
 ) -> Orchestrator:
     settings = make_settings(tmp_path, "http://127.0.0.1:9")
     orch = OrchestrationSettings(
@@ -191,19 +193,21 @@ def _orchestrator(
         resources=RESOURCES,
         coalesce_ms=0.0,
         base_url=base_url,
-        max_attempts=1,
+        max_attempts=attempts,
         rate_per_s=1000,
     )
     return Orchestrator(orch, http, {"main": (settings.streams["main"], tokens)})
 
 
 async def test_a_token_outage_is_transient_never_the_events_fault(tmp_path: Path) -> None:
+    """Not asked again here either: the token provider retried for its own configured time,
+    and the pipeline retries the write."""
+    tokens = _Tokens(AuthError("token endpoint down", retriable=True))
     async with aiohttp.ClientSession() as http:
-        orch = _orchestrator(
-            tmp_path, http, _Tokens(AuthError("token endpoint down")), "http://127.0.0.1:9"
-        )
+        orch = _orchestrator(tmp_path, http, tokens, "http://127.0.0.1:9", attempts=3)
         with pytest.raises(TransientSinkError, match="token endpoint down"):
             await orch.enrich("main", [event(1)])
+    assert tokens.calls == 1
 
 
 async def test_a_hotel_id_no_header_can_carry_is_that_events_dead_letter(tmp_path: Path) -> None:
