@@ -52,6 +52,7 @@ from ..core.unreachable import reason
 from ..errors import AuthError, ConfigError, SinkError, StoreError
 from ..logs import REDACTOR
 from ..pg_target import Target
+from ..runtime import tls
 from ..runtime.assembly import bus_sink, http_client, register_secrets
 from ..runtime.auth import TokenProvider
 from ..state import sqlite
@@ -101,14 +102,16 @@ async def _stream(
         return
     add("PASS", name, "token", f"obtained, valid for {token.lifetime_s:.0f} s")
     c = s.connection
+    url = protocol.subscription_url(s.gateway_url, s.app_key.get_secret_value())
     try:
         async with connect(
-            protocol.subscription_url(s.gateway_url, s.app_key.get_secret_value()),
+            url,
             subprotocols=[Subprotocol(protocol.SUBPROTOCOL)],
             open_timeout=c.open_timeout_s,
             ping_interval=None,
             proxy=c.proxy,
             compression=None,
+            **tls.connect_options(url),
         ) as ws:
             headers = len(ws.request.serialize()) if ws.request is not None else 0
             add(

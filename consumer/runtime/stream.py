@@ -45,6 +45,7 @@ from ..core.session import (
 from ..core.upgrade_budget import UpgradeBudget
 from ..errors import AuthError, StreamStopped
 from ..state.base import StateStore
+from . import tls
 from .auth import Token, TokenProvider
 from .pipeline import StreamPipeline
 
@@ -221,6 +222,7 @@ class StreamRunner:
                 close_timeout=max(c.complete_timeout_s, 1.0),
                 proxy=c.proxy,
                 user_agent_header=f"opera-consumer/{__version__}",
+                **tls.connect_options(self._url),
             ) as ws:
                 self.stats.connections += 1
                 if ws.subprotocol != protocol.SUBPROTOCOL:
