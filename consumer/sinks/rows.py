@@ -28,12 +28,8 @@ COLUMNS: tuple[str, ...] = (
 )
 
 
-_DETAIL, _RESOURCE = COLUMNS.index("detail"), COLUMNS.index("resource")
-
-
-def json_row(stream: str, ev: Event, now: float) -> list[Any]:
-    """The row as JSON values (``detail`` and ``resource`` not yet text): what the PostgreSQL
-    sink sends as one document per batch."""
+def _values(stream: str, ev: Event, now: float, detail: Any, resource: Any) -> list[Any]:
+    """The one place of :data:`COLUMNS`' order."""
     return [
         ev.unique_event_id,
         stream,
@@ -43,19 +39,32 @@ def json_row(stream: str, ev: Event, now: float) -> list[Any]:
         ev.primary_key,
         ev.hotel_id,
         ev.timestamp,
-        # As received when the event came as text (a list: protocol checked it).
-        orjson.Fragment(ev.detail_text)
-        if ev.detail_text is not None
-        else ev.raw.get("detail") or [],
-        ev.resource,
+        detail,
+        resource,
         now,
     ]
 
 
+def json_row(stream: str, ev: Event, now: float) -> list[Any]:
+    """The row as JSON values (``detail`` and ``resource`` not yet text): what the PostgreSQL
+    sink sends as one document per batch."""
+    # As received when the event came as text (a list: protocol checked it).
+    detail = (
+        orjson.Fragment(ev.detail_text)
+        if ev.detail_text is not None
+        else ev.raw.get("detail") or []
+    )
+    return _values(stream, ev, now, detail, ev.resource)
+
+
 def row(stream: str, ev: Event, now: float) -> tuple[Any, ...]:
     """The row as SQL parameters: ``detail`` and ``resource`` as JSON text."""
-    values = json_row(stream, ev, now)
-    values[_DETAIL] = orjson.dumps(values[_DETAIL]).decode()
-    resource = values[_RESOURCE]
-    values[_RESOURCE] = None if resource is None else orjson.dumps(resource).decode()
-    return tuple(values)
+    # The text as received, decoded (protocol checked it is UTF-8): no list, no Fragment, no
+    # dumps per event on the event loop's thread.
+    detail = (
+        ev.detail_text.decode()
+        if ev.detail_text is not None
+        else orjson.dumps(ev.raw.get("detail") or []).decode()
+    )
+    resource = None if ev.resource is None else orjson.dumps(ev.resource).decode()
+    return tuple(_values(stream, ev, now, detail, resource))
