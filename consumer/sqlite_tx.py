@@ -68,8 +68,9 @@ def write_rows(
     with that thread idle).
 
     Every ``n`` is a power of two: sqlite3 keeps each prepared statement in its cache, and a
-    statement of hundreds of rows is a large program (one per remainder size cost the daemon
-    25 MB of RSS); at most ten sizes are ever prepared."""
+    statement of hundreds of rows is a large program; at most ten sizes are ever prepared.
+    (With one statement per remainder size the daemon's peak RSS was 104-111 MB in
+    bench/compare.py's sqlite runs; with powers of two, 63.)"""
     if many is None or not rows:
         db.executemany(statement, rows)
         return
