@@ -60,6 +60,7 @@ from websockets.typing import Subprotocol
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # tests/pg.py: a throwaway PostgreSQL server
 
+from consumer.config import HttpSettings, WebhookSinkSettings  # noqa: E402
 from consumer.core import protocol  # noqa: E402
 from consumer.sandbox import SandboxOptions, launcher  # noqa: E402
 from consumer.sandbox.templated import TemplatedEvents  # noqa: E402
@@ -153,13 +154,19 @@ async def bare_client(url: str, n: int) -> dict[str, Any]:
 async def bare_webhook(url: str, n: int, workers: int) -> dict[str, Any]:
     """aiohttp as the webhook sink uses it with batch_size 1, nothing else: ``workers`` tasks
     each POST one document at a time (the backlog's ``newEvent`` objects, sliced from the
-    sandbox's templates), over one keep-alive pool as the daemon's (20 connections), with the
+    sandbox's templates), over one keep-alive pool as the daemon's ([http] defaults), with the
     sink's headers, timeouts and bounded read of the answer. events/s from the first POST to
     the last answer; client_cpu_s is this process's CPU over that time."""
     events = TemplatedEvents(CHAIN, SEED)
     head = '{"data":{"newEvent":'
-    timeout = aiohttp.ClientTimeout(total=None, connect=15, sock_connect=15, sock_read=15)
-    connector = aiohttp.TCPConnector(limit=20, keepalive_timeout=30)
+    # The defaults the daemon runs with: the pool as runtime.assembly.http_client makes it,
+    # the timeout as WebhookSink makes it.
+    pool = HttpSettings()
+    t = WebhookSinkSettings.model_fields["timeout_s"].default
+    timeout = aiohttp.ClientTimeout(total=None, connect=t, sock_connect=t, sock_read=t)
+    connector = aiohttp.TCPConnector(
+        limit=pool.max_connections, keepalive_timeout=pool.keepalive_expiry_s
+    )
     todo = iter(range(n))
     async with aiohttp.ClientSession(connector=connector) as http:
 

@@ -347,9 +347,11 @@ def stream_status(**fields: Any) -> StreamStatus:
 def as_received(newevent: dict[str, Any] | bytes) -> Event:
     """The event the daemon builds from a compact ``next`` frame of this ``newEvent`` (an
     object, or its JSON text): kept as its text, not parsed."""
-    text = newevent if isinstance(newevent, bytes) else json.dumps(newevent, separators=(",", ":"))
-    if isinstance(text, str):
-        text = text.encode()
+    text = (
+        newevent
+        if isinstance(newevent, bytes)
+        else json.dumps(newevent, separators=(",", ":")).encode()
+    )
     msg = decode(b'{"id":"s","type":"next","payload":{"data":{"newEvent":' + text + b"}}}")
     assert isinstance(msg, Next) and msg.event.text == text, msg
     return msg.event

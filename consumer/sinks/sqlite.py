@@ -63,8 +63,8 @@ class StoreTableSink(PlainSink):
     def __init__(self, state_path: Path, table: str) -> None:
         self.path = state_path
         self.table = table
-        self._upsert = upsert_sql(table)
         self._many = functools.partial(upsert_sql, table)
+        self._upsert = self._many(1)
         self._rows: list[tuple[Any, ...]] = []
 
     async def open(self, committed: str | None) -> None:
@@ -97,8 +97,8 @@ class SqliteSink(PlainSink):
         self.path = path
         self.table = table
         self._db: aiosqlite.Connection | None = None
-        self._upsert = upsert_sql(table)
         self._many = functools.partial(upsert_sql, table)
+        self._upsert = self._many(1)
         self._lock = asyncio.Lock()  # workers share the connection: one transaction at a time
 
     async def open(self, committed: str | None) -> None:
