@@ -27,6 +27,7 @@ from tenacity import (
 
 from ..config import JsonlSinkSettings, Settings
 from ..core.events import Event
+from ..core.printable import printable
 from ..core.protocol import event_from_raw
 from ..core.records import DeadLetterRow
 from ..core.retry_after import WaitRetryAfter
@@ -43,7 +44,7 @@ from ..runtime.assembly import build_sink, http_client, register_secrets
 from ..runtime.committer import Committer
 from ..sinks.base import Sink
 from ..state import acquire, current_holder, open_store
-from .output import emit, iso, no_store, parse_when
+from .output import emit, escaped, iso, no_store, parse_when
 
 log = structlog.get_logger(__name__)
 
@@ -223,15 +224,21 @@ async def command(settings: Settings, args: argparse.Namespace) -> int:
             print(f"no dead letter with id {args.id}", file=sys.stderr)
             return ExitCode.RUNTIME
         shown = detail(rows[0])
-        if args.json:
-            print(json.dumps(shown, indent=2, ensure_ascii=False))
+        if args.json:  # \u escapes: the same values, and no control reaches a terminal
+            print(json.dumps(shown, indent=2))
             return ExitCode.OK
         payload = shown.pop("payload")
         width = max(len(k) for k in shown)
         for key, value in shown.items():
-            print(f"{key.ljust(width)}  {'-' if value is None else value}")
-        print("payload:")
-        print(payload if isinstance(payload, str) else json.dumps(payload, indent=2))
+            text = "-" if value is None else str(value)
+            print(f"{key.ljust(width)}  {printable(text, len(text))}")
+        print("payload:")  # as received, its lines kept, any other control escaped
+        text = (
+            payload
+            if isinstance(payload, str)
+            else json.dumps(payload, indent=2, ensure_ascii=False)
+        )
+        print(escaped(text))
         return ExitCode.OK
     missing = sorted(set(args.ids) - {r.id for r in rows})
     if missing:

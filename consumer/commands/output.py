@@ -43,6 +43,12 @@ def cell(value: Any) -> str:
     return printable(value, CELL_LIMIT)
 
 
+def escaped(text: str) -> str:
+    """Whole ``text`` for a terminal, line by line: every character but the line breaks that
+    :func:`printable` would escape is escaped (a dead letter's payload is the wire's text)."""
+    return "\n".join(printable(line, len(line)) for line in text.split("\n"))
+
+
 def iso(ts: float | None) -> str | None:
     if ts is None:
         return None

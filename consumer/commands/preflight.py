@@ -40,6 +40,7 @@ from ..config import (
 )
 from ..core import protocol
 from ..core.evidence import describe
+from ..core.printable import printable
 from ..core.session import (
     ClientSession,
     ConnectionStatus,
@@ -59,6 +60,7 @@ from ..state import sqlite
 
 HEADER_LIMIT = 8 * 1024  # the gateway's request header limit
 SLOW_RTT_S = 0.5
+DETAIL_LIMIT = 1000  # characters of one line's detail: a server's words are in some
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,8 @@ class _Checks:
 
     def add(self, level: str, stream: str, what: str, detail: str) -> None:
         self.failed |= level == "FAIL"
-        self._emit(Item(level, stream, what, REDACTOR.scrub(detail)))
+        # One line each, whatever a server said (a close reason, a status): controls escaped.
+        self._emit(Item(level, stream, what, printable(REDACTOR.scrub(detail), DETAIL_LIMIT)))
 
 
 async def run(settings: Settings, emit: Callable[[Item], None]) -> bool:

@@ -27,7 +27,9 @@ from support import read_table, running, wait_until
 
 from consumer.commands.dlq import LIST_COLUMNS
 from consumer.config import load_settings
+from consumer.core.records import CommitBatch, DeadLetter
 from consumer.state import Lease, holder
+from consumer.state.sqlite import SqliteStore
 
 pytestmark = pytest.mark.usefixtures("fresh_pysink", "contained_logging")
 MALFORMED = (
@@ -229,3 +231,63 @@ async def test_dlq_commands(sandbox_factory, tmp_path: Path, capsys: pytest.Capt
     assert {uid(r10), uid(r40)} <= processed_ids(state)
     assert uid(o20) in processed_ids(state, "other")
     assert holder(state) is None  # the replay's own lease is gone
+
+
+async def test_show_escapes_what_came_from_the_wire(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    """Every value ``dlq show`` prints came from the wire: a terminal escape in an event name
+    or a malformed frame must not reach the operator's terminal, as text or as JSON."""
+    hostile = "\x1b]0;pwned\x07\x1b[2J\x9b31m\u202e"
+    event = {"eventName": f"CHECK{hostile}OUT", "primaryKey": f"k{hostile}", "name": "Müller"}
+    frame = f"line one\nline two{hostile}"
+    store = await SqliteStore.open(tmp_path / "state.db")
+    try:
+        await store.commit(
+            CommitBatch(
+                dead_letters=[
+                    DeadLetter(
+                        stream="main",
+                        reason="sink_rejected",
+                        error=f"rejected: {hostile}",
+                        payload=json.dumps(event),
+                        offset=f"7{hostile}",
+                        unique_event_id=f"u{hostile}",
+                        event_name=event["eventName"],
+                        primary_key=event["primaryKey"],
+                    ),
+                    DeadLetter(stream="main", reason="malformed", error="bad", payload=frame),
+                ]
+            )
+        )
+    finally:
+        await store.close()
+    config = str(write_config(tmp_path, "http://127.0.0.1:9", sink=PYSINK))
+    controls = ("\x1b", "\x07", "\x9b", "\u202e")
+
+    code, out, err = await cli(capsys, "dlq", "show", "1", "--config", config)
+    assert code == 0, err
+    assert not any(c in out for c in controls), out
+    lines = out.splitlines()
+    assert any(
+        line.split() == ["event_name", "CHECK\\x1b]0;pwned\\x07\\x1b[2J\\x9b31m\\u202eOUT"]
+        for line in lines
+    )
+    payload = "\n".join(lines[lines.index("payload:") + 1 :])
+    # JSON's own escapes stay as they are; printable's \x9b is the one JSON does not know
+    assert json.loads(payload.replace("\\x9b", "\\u009b")) == event
+    assert "Müller" in payload  # readable: only what a terminal would act on is escaped
+
+    code, out, err = await cli(capsys, "dlq", "show", "2", "--config", config)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[lines.index("payload:") + 1 :] == [
+        "line one",
+        "line two\\x1b]0;pwned\\x07\\x1b[2J\\x9b31m\\u202e",
+    ]
+
+    for row_id, whole in (("1", event), ("2", frame)):
+        code, out, err = await cli(capsys, "dlq", "show", row_id, "--json", "--config", config)
+        assert code == 0, err
+        assert out.isascii(), out  # \u escapes
+        assert json.loads(out)["payload"] == whole  # and every value exactly as stored

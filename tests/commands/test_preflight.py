@@ -255,3 +255,18 @@ async def test_postgres_state_and_sink_are_tried_and_rolled_back(
         "preflight_untouched",
     )
     assert await sql(dsn, "fetchval", "SELECT to_regclass('rolled_back_events')") is None
+
+
+def test_a_servers_words_are_one_bounded_line_without_controls():
+    """A detail carries a server's words (a close reason, a connection status): the checklist
+    prints each on one line, bounded, with no control reaching the terminal."""
+    from consumer.commands.preflight import DETAIL_LIMIT, Item, _Checks
+
+    items: list[Item] = []
+    checks = _Checks(items.append)
+    said = "Active\n\x1b[2J\x9b\u202e"
+    checks.add("WARN", "main", "connection status", said + "x" * 5000)
+    (item,) = items
+    shown = "Active\\n\\x1b[2J\\x9b\\u202e" + "x" * (DETAIL_LIMIT - len(said)) + "…"
+    assert item.detail == shown and shown.isprintable()
+    assert not checks.failed
