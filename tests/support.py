@@ -334,6 +334,7 @@ def stream_status(**fields: Any) -> StreamStatus:
         "malformed": 0,
         "connections": 1,
         "token_fetches": 1,
+        "token_failures": 0,
         "closes": {},
         "in_flight": 0,
         "position": None,

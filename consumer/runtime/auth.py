@@ -81,6 +81,7 @@ class TokenProvider:
         self._token: Token | None = None
         self._lock = asyncio.Lock()
         self.fetches = 0
+        self.failures = 0  # requests refused, unanswered or answered with no usable token
         self.url = mask_url(settings.token_url)
         self._wait: tuple[str, float] | None = None  # last failure, next attempt (monotonic)
 
@@ -134,7 +135,11 @@ class TokenProvider:
                 reraise=True,
             ):
                 with attempt:
-                    return await self._request()
+                    try:
+                        return await self._request()
+                    except Exception:
+                        self.failures += 1
+                        raise
         except _RETRIED as exc:
             raise AuthError(f"token endpoint {self._why(exc)}", retriable=True) from exc
         finally:

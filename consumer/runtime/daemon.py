@@ -254,6 +254,7 @@ class Daemon:
                     malformed=stats.malformed,
                     connections=stats.connections,
                     token_fetches=runner.token_fetches,
+                    token_failures=runner.token_failures,
                     closes=dict(stats.closes),
                     filtered=dict(pipeline.filtered),
                     in_flight=pipeline.in_flight,

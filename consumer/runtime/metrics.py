@@ -125,6 +125,9 @@ class _StatusCollector(Collector):
         ignored = counter("frames_ignored", "Frames for a subscription id that is not ours.")
         connections = counter("connections", "WebSocket connections opened.")
         tokens = counter("token_refreshes", "OAuth token requests sent (retries included).")
+        token_failures = counter(
+            "token_failures", "OAuth token requests refused, unanswered or without a token."
+        )
         closes = CounterMetricFamily(
             "opera_consumer_closes", "Sessions ended, by close code.", labels=["stream", "code"]
         )
@@ -149,6 +152,7 @@ class _StatusCollector(Collector):
             ignored.add_metric(name, st.ignored)
             connections.add_metric(name, st.connections)
             tokens.add_metric(name, st.token_fetches)
+            token_failures.add_metric(name, st.token_failures)
             for code, n in st.closes.items():
                 closes.add_metric([st.name, code], n)
             for reason, n in st.filtered.items():
@@ -173,6 +177,7 @@ class _StatusCollector(Collector):
             ignored,
             connections,
             tokens,
+            token_failures,
             closes,
         )
         failures = GaugeMetricFamily(

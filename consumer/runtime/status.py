@@ -24,6 +24,7 @@ class StreamStatus:
     malformed: int
     connections: int
     token_fetches: int
+    token_failures: int
     closes: Mapping[str, int]  # close code ("4409", "http_429"...) -> sessions ended so
     in_flight: int
     position: Position | None  # newest done: where a new session resumes

@@ -124,6 +124,10 @@ class StreamRunner:
     def token_fetches(self) -> int:
         return self._tokens.fetches
 
+    @property
+    def token_failures(self) -> int:
+        return self._tokens.failures
+
     async def _wait_or_stop(self, seconds: float) -> None:
         """Wait ``seconds``, or less if asked to stop (asyncio.timeout: on Python 3.11
         wait_for may swallow a cancel that lands as the event is set)."""

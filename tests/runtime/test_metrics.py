@@ -67,6 +67,18 @@ async def test_metrics_follow_the_events_and_readiness_follows_the_stream(
             )
 
 
+async def test_token_failures_are_counted_apart_from_requests(sandbox_factory, tmp_path: Path):
+    gw = await sandbox_factory(backlog=5)
+    gw.fail_token_requests([503, 500], retry_after=0.05)
+    async with running(make_settings(tmp_path, gw.url)) as daemon:
+        assert daemon.metrics_server is not None
+        await wait_until(lambda: count_lines(tmp_path / "events.jsonl") >= 5)
+        async with httpx.AsyncClient() as http:
+            text = (await http.get(f"http://127.0.0.1:{daemon.metrics_server.port}/metrics")).text
+    assert value(text, "opera_consumer_token_failures_total") == 2
+    assert value(text, "opera_consumer_token_refreshes_total") == 3  # the third one answered
+
+
 def test_event_time_parses_oracle_timestamps():
     from zoneinfo import ZoneInfo
 
