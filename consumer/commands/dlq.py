@@ -52,6 +52,10 @@ LIST_COLUMNS = ("id", "stream", "reason", "event_name", "primary_key", "offset",
 _EXCERPT = 60
 _COMMIT_EVERY = 100
 _MALFORMED = "a malformed frame cannot be replayed: purge it"
+_NOT_AN_EVENT = (
+    "its payload is not a whole event (cut short, nested deeper than a parser goes, or "
+    "without usable metadata): it cannot be replayed; purge it"
+)
 
 
 def summary(row: DeadLetterRow) -> dict[str, Any]:
@@ -75,8 +79,9 @@ def detail(row: DeadLetterRow) -> dict[str, Any]:
     out["error"] = row.error
     try:
         out["payload"] = json.loads(row.payload)
-    except ValueError:
-        out["payload"] = row.payload  # a malformed frame: its raw text
+        json.dumps(out["payload"], indent=2)  # as show prints it: Python code, recursive
+    except (ValueError, RecursionError):
+        out["payload"] = row.payload  # a malformed frame (or one too deep): its raw text
     return out
 
 
@@ -113,7 +118,9 @@ async def replay(
         )
     if dry_run:
         return [
-            _outcome(row, "would deliver") if _event(row) else _outcome(row, "skipped", _MALFORMED)
+            _outcome(row, "would deliver")
+            if isinstance(event := _event(row), Event)
+            else _outcome(row, "skipped", event)
             for row in rows
         ]
     register_secrets(settings)  # as the daemon does: nothing we log may show one
@@ -153,8 +160,8 @@ async def _one(
     attempts: int,
 ) -> Outcome:
     event = _event(row)
-    if event is None:
-        return _outcome(row, "skipped", _MALFORMED)
+    if not isinstance(event, Event):
+        return _outcome(row, "skipped", event)
     key = (row.stream, event.primary_key)
     if key in failed_keys:
         return _outcome(row, "skipped", "an earlier event of this primaryKey failed")
@@ -175,13 +182,14 @@ async def _one(
     return _outcome(row, "delivered")
 
 
-def _event(row: DeadLetterRow) -> Event | None:
+def _event(row: DeadLetterRow) -> Event | str:
+    """The dead letter's event, or why it cannot be replayed."""
     if row.reason == "malformed":
-        return None
+        return _MALFORMED
     try:
-        return event_from_raw(json.loads(row.payload))
-    except ValueError:
-        return None
+        return event_from_raw(json.loads(row.payload)) or _NOT_AN_EVENT
+    except (ValueError, RecursionError):  # json's depth limit is Python's recursion limit
+        return _NOT_AN_EVENT
 
 
 def _outcome(row: DeadLetterRow, result: str, why: str = "") -> Outcome:

@@ -291,3 +291,41 @@ async def test_show_escapes_what_came_from_the_wire(
         assert code == 0, err
         assert out.isascii(), out  # \u escapes
         assert json.loads(out)["payload"] == whole  # and every value exactly as stored
+
+
+async def test_deep_payloads_are_shown_as_text_and_skipped_by_a_replay(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    """A payload nested deeper than Python's json goes (RecursionError, not ValueError) is
+    shown as its text, and a replay skips it, saying why, and goes on with the others."""
+
+    def event(n: int, detail: Any = ()) -> dict[str, Any]:
+        meta = {"offset": str(n), "uniqueEventId": f"deep-{n}"}
+        return {"metadata": meta, "eventName": "E", "primaryKey": f"k{n}", "detail": detail}
+
+    # An event whose detail is 5,000 lists deep, as text (no encoder goes that deep).
+    nested = json.dumps(event(1, "DEEP")).replace('"DEEP"', "[" * 5000 + "]" * 5000)
+    letters = [
+        DeadLetter(stream="main", reason="malformed", error="bad", payload="[" * 5000),
+        DeadLetter(stream="main", reason="sink_rejected", error="no", payload=nested),
+        DeadLetter(stream="main", reason="sink_rejected", error="no", payload=json.dumps(event(2))),
+    ]
+    store = await SqliteStore.open(tmp_path / "state.db")
+    try:
+        await store.commit(CommitBatch(dead_letters=letters))
+    finally:
+        await store.close()
+    config = str(write_config(tmp_path, "http://127.0.0.1:9", sink=PYSINK))
+
+    for row_id in ("1", "2"):
+        for fmt in ((), ("--json",)):
+            code, out, err = await cli(capsys, "dlq", "show", row_id, *fmt, "--config", config)
+            assert code == 0, err
+            assert "[[[[" in out  # the text as stored
+    code, out, err = await cli(capsys, "dlq", "replay", "--all", "--json", "--config", config)
+    assert code == 1, err  # not everything could be replayed
+    results = {o["id"]: (o["result"], o["detail"]) for o in json.loads(out)}
+    assert results[1][0] == results[2][0] == "skipped"
+    assert "malformed" in results[1][1] and "not a whole event" in results[2][1]
+    assert results[3] == ("delivered", "")
+    assert pysink.DELIVERED == [("main", "deep-2", "k2")]
