@@ -214,10 +214,13 @@ class ClientSession:
             msg = orjson.loads(frame)
         except ValueError:
             return error
-        if isinstance(msg, dict) and msg.get("type") == "next" and msg.get("id") in self._queries:
+        if not isinstance(msg, dict) or msg.get("type") != "next":
+            return error
+        query_id = msg.get("id")  # from the wire: a list or an object is not hashable
+        if isinstance(query_id, str) and query_id in self._queries:
             payload = msg.get("payload")
             data = payload.get("data") if isinstance(payload, dict) else None
-            return self._query_answer(str(msg["id"]), data)
+            return self._query_answer(query_id, data)
         return error
 
     def _query_answer(self, query_id: str, data: Any) -> ConnectionStatus:

@@ -37,6 +37,7 @@ from ..core.session import (
     ConnectionStatus,
     Ended,
     Ignored,
+    Outcome,
     PongReceived,
     QueryDone,
     Reply,
@@ -275,12 +276,10 @@ class StreamRunner:
         await ws.send(
             session.connection_init(token.value, self.settings.app_key.get_secret_value())
         )
+        self._ignored_logged = False
         async with asyncio.timeout(c.ack_timeout_s):
             while session.state is SessionState.INITIALIZING:
-                out = session.receive(await ws.recv(decode=False))
-                if isinstance(out, Reply):
-                    await ws.send(out.text)
-        self._ignored_logged = False
+                await self._before_subscribing(ws, session.receive(await ws.recv(decode=False)))
         if self._status_check:
             wait = await self._check_status(ws, session)
             if wait is not None:
@@ -324,10 +323,9 @@ class StreamRunner:
         async with asyncio.timeout(c.ack_timeout_s):
             while True:
                 out = session.receive(await ws.recv(decode=False))
-                if isinstance(out, Reply):
-                    await ws.send(out.text)
-                elif isinstance(out, ConnectionStatus):
+                if isinstance(out, ConnectionStatus):
                     break
+                await self._before_subscribing(ws, out)
         if out.status is None:
             # No usable answer (a gateway without the query?): subscribe, 4409 still guards.
             log.warning("connection status query unanswered; subscribing", problem=out.problem)
@@ -398,6 +396,17 @@ class StreamRunner:
                 return self.policy.on_network_error(
                     f"subscription ended by the server: {prefix(out.reason, 200)}"
                 )
+
+    async def _before_subscribing(self, ws: ClientConnection, out: Outcome) -> None:
+        """A frame before our subscription: answered, counted and dead-lettered as later on
+        (a malformed one carries no event of ours, but the operator sees what came)."""
+        if isinstance(out, Reply):
+            await ws.send(out.text)
+        elif isinstance(out, DecodeError):
+            self.stats.malformed += 1
+            await self._pipeline.put_malformed(out)
+        elif isinstance(out, Ignored):
+            self._ignore(out)
 
     @contextlib.asynccontextmanager
     async def _backpressure(self, liveness: Liveness) -> AsyncIterator[None]:

@@ -54,6 +54,7 @@ class Chaos:
         self.rest_failures = FailureQueue()
         self._upgrade_failures: list[int] = []
         self._close_on: dict[str, list[int]] = {}
+        self.greetings: list[str] = []  # sent before every answer that precedes a subscription
 
     def grow(self, log: ChainLog, n: int, *, decoded: bool = True) -> list[dict[str, Any]]:
         """Generate ``n`` events, with a malformed frame every ``malformed_every`` if asked

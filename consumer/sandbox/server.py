@@ -233,6 +233,11 @@ class SandboxGateway:
         """Close the next ``connection_init`` or ``subscribe`` messages with these codes."""
         self._chaos.close_on(message, codes)
 
+    def greet_with(self, frames: list[str]) -> None:
+        """Send these frames (any text) before each connection_ack and each answer to the
+        connection query: what a client sees before it has subscribed."""
+        self._chaos.greetings.extend(frames)
+
     def fail_token_requests(self, statuses: list[int], retry_after: float | None = None) -> None:
         self._chaos.token_failures.extend(statuses, retry_after)
 

@@ -240,6 +240,7 @@ class WsSession:
             assert self.app_key is not None  # acked
             status = "Active" if ctx.subscriptions.active_for(self.app_key) else "Inactive"
             data = {"data": {"connection": {"id": str(id(self)), "status": status}}}
+            self._greet()
             self.send(json.dumps({"id": sub_id, "type": "next", "payload": data}))
             self.send(json.dumps({"id": sub_id, "type": "complete"}))
             return
@@ -347,7 +348,12 @@ class WsSession:
         if delay:
             await asyncio.sleep(delay)
         self._acked = True
+        self._greet()
         self.send('{"type":"connection_ack","payload":{"applicationName":"sandbox"}}')
+
+    def _greet(self) -> None:
+        for frame in self._ctx.chaos.greetings:
+            self.send(frame)
 
     async def _close_later(self) -> None:
         await asyncio.sleep(self._ctx.options.complete_close_delay_s)

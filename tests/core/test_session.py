@@ -140,6 +140,20 @@ def test_a_query_answer_without_status_is_a_problem_not_a_crash() -> None:
     assert len(out.problem) < 300
 
 
+@pytest.mark.parametrize("bad_id", [["id-1"], {"id": "id-1"}, 1, None, True, 1.5])
+def test_a_next_with_an_id_of_another_json_type_while_a_query_waits(bad_id: object) -> None:
+    """receive never raises: a list or an object is not hashable, so it must not reach the
+    lookup of our queries' ids. The frame is malformed; the query is still answered."""
+    s = ids()
+    s.connection_init("tok", "key")
+    s.receive(b'{"type":"connection_ack"}')
+    s.query_connection()
+    out = s.receive(next_frame(bad_id, {"connection": {"status": "Active"}}))
+    assert isinstance(out, DecodeError)
+    answer = {"id": "id-1", "type": "next", "payload": {"data": {"connection": {"status": "X"}}}}
+    assert s.receive(json.dumps(answer).encode()) == ConnectionStatus("X", None)
+
+
 def test_out_of_order_calls_are_our_bugs() -> None:
     s = ids()
     with pytest.raises(SessionError):
