@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import re
+from collections.abc import Callable
 from urllib.parse import quote, unquote, urlsplit
 
 import aiohttp
@@ -21,6 +22,9 @@ TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (aiohttp.ClientError, Timeou
 # Left as written: reserved characters (they mean something where they are) and escapes.
 _KEEP = "!#$&'()*+,/:;=?@[]~%"
 _STRAY_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+# Of an error answer's body: what is read and scrubbed whole, before the excerpt is cut from it
+# (a JWT is often longer than 1 KB: read less, and a cut could leave part of one unmasked).
+ERROR_BODY_BYTES = 65536
 
 
 def wire_url(url: str) -> tuple[URL, str | None]:
@@ -80,3 +84,10 @@ async def read_at_most(response: aiohttp.ClientResponse, limit: int) -> bytes:
         chunks.append(chunk)
         size += len(chunk)
     return b"".join(chunks)
+
+
+def error_excerpt(body: bytes, scrub: Callable[[str], str], chars: int) -> str:
+    """The start of an error answer's body, for a message or a dead letter. The far end may
+    echo the request, credentials and all: the text is scrubbed before it is cut, so that no
+    part of a secret survives at the cut. ``body``: up to :data:`ERROR_BODY_BYTES` of it."""
+    return scrub(body.decode("utf-8", errors="replace"))[:chars]

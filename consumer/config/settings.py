@@ -190,6 +190,24 @@ class StreamSettings(_Model):
         _required("the application key from the developer portal (the key, not its hash)")
     )
 
+    @field_validator("gateway_url")
+    @classmethod
+    def _no_user_info(cls, v: str) -> str:
+        """OHIP's gateway takes no credentials in the URL (the app key and the OAuth client
+        authenticate); websockets refuses one with a user name but no password, and its
+        error quotes the whole subscription URL, the key's hash with it."""
+        if "@" in urlsplit(v).netloc:
+            raise Problem(
+                (
+                    "",
+                    "holds user information (user@ or user:password@): the gateway takes no "
+                    "credentials in the URL",
+                    "remove the user@ part from gateway_url (credentials go in app_key and "
+                    "[streams.<name>.auth])",
+                )
+            )
+        return v
+
     @model_validator(mode="after")
     def _input(self) -> StreamSettings:
         try:

@@ -28,8 +28,10 @@ from ..config import Settings
 from ..core import protocol
 from ..core.evidence import describe, shown
 from ..core.filters import EventFilter
+from ..core.printable import printable
 from ..core.upgrade_budget import UpgradeBudget
 from ..errors import ConfigError, ExitCode, LeaseHeld, SinkUnusable, StoreError, StreamStopped
+from ..logs import REDACTOR
 from ..sinks.base import Sink
 from ..state import lease, open_store
 from ..state.base import StateStore
@@ -45,6 +47,16 @@ from .status import CommitStatus, FleetStatus, StreamStatus
 from .stream import StreamRunner, StreamState
 
 log = structlog.get_logger(__name__)
+
+SHOWN_STATUS_CHARS = 500  # of a stream's last close or wait, in /readyz, STATUS= and `status`
+
+
+def for_a_person(text: str) -> str:
+    """A stream's last close or what it waits for, as every view shows it (/readyz, systemd's
+    STATUS=, ``status``): exception text may hold a secret (websockets' InvalidURI quotes the
+    subscription URL and its ``key=``) and a newline (STATUS= would take it for another
+    assignment). Masked before it is cut, so no piece of a secret survives at the cut."""
+    return printable(REDACTOR.scrub(text), SHOWN_STATUS_CHARS)
 
 
 @dataclass
@@ -245,7 +257,7 @@ class Daemon:
                 StreamStatus(
                     name=name,
                     state=runner.state,
-                    last_close=stats.last_close,
+                    last_close=for_a_person(stats.last_close),
                     received=stats.events_received,
                     delivered=pipeline.delivered,
                     duplicates=pipeline.duplicates,
@@ -262,7 +274,7 @@ class Daemon:
                     checkpoint_moved_at=self.committer.checkpointed_at.get(name),
                     last_event_at=stats.last_event,
                     srtt_s=None if liveness is None else liveness.srtt,
-                    waiting=runner.waiting_for(),
+                    waiting=for_a_person(runner.waiting_for()),
                 )
             )
         return out
@@ -441,7 +453,7 @@ class Daemon:
         for name, runner in self.runners.items():
             done = self.pipelines[name].position
             offset = done.offset if done else "-"
-            waiting = runner.waiting_for()
+            waiting = for_a_person(runner.waiting_for())
             parts.append(
                 f"{name}: {runner.state.value}, offset {offset}"
                 + (f" ({waiting})" if waiting else "")

@@ -45,6 +45,10 @@ from .status import FleetStatus, StatusSource
 from .stream import StreamState
 
 _E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600, 86400)
+# How far ahead of our clock an event's timestamp may be and still count for the lag (the
+# gateway's clock and ours may disagree a little). One within it holds the lag at 0 until
+# our clock passes it, at most this long.
+FUTURE_SLACK_S = 60.0
 
 
 class Metrics:
@@ -84,8 +88,12 @@ class Metrics:
             sink.observe(seconds)
             produced = event_time(newest.timestamp, zone)
             if produced is not None:
-                e2e.observe(max(0.0, time.time() - produced))  # clocks may disagree
-                self.newest[stream] = max(produced, self.newest.get(stream, produced))
+                now = time.time()
+                e2e.observe(max(0.0, now - produced))  # clocks may disagree
+                # A timestamp further ahead than clocks disagree is no sign of being caught
+                # up: kept, one such event would hold the lag at 0 for good (the max).
+                if produced <= now + FUTURE_SLACK_S:
+                    self.newest[stream] = max(produced, self.newest.get(stream, produced))
 
         return observe
 

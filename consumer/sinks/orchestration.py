@@ -11,7 +11,8 @@ event to the real sink with the JSON attached (``Event.resource``).
 * 408/429/5xx and transport errors are retried (``max_attempts``, ``Retry-After`` honoured),
   then the batch fails as a transient sink error (the pipeline retries it, intake pauses).
 * 401: the token is dropped and fetched again once. 404: ``on_not_found`` decides. Other 4xx:
-  the event is dead-lettered.
+  the event is dead-lettered, with the start of the answer's body scrubbed of the token, the
+  app key and every secret the log redactor knows (a server may echo the request).
 * Coalescing: requests for one URL in flight are shared, and a resource fetched less than
   ``coalesce_ms`` ago is reused, so a burst of updates to one reservation costs one GET (its
   state may then predate the newest of those events by at most that window).
@@ -38,18 +39,26 @@ from tenacity import (
 from ..config import OrchestrationSettings, StreamSettings
 from ..config.fields import mask_url
 from ..core.events import Event
-from ..core.evidence import prefix
 from ..core.records import Staged
 from ..core.retry_after import RETRY_STATUSES, WaitRetryAfter, retry_after_seconds
 from ..core.token_bucket import TokenBucket
 from ..core.unreachable import reason
 from ..errors import AuthError, PermanentSinkError, TransientSinkError
-from ..http_client import TRANSPORT_ERRORS, failure_name, read_at_most, wire_url
+from ..http_client import (
+    ERROR_BODY_BYTES,
+    TRANSPORT_ERRORS,
+    error_excerpt,
+    failure_name,
+    read_at_most,
+    wire_url,
+)
+from ..logs import MASK, REDACTOR
 from .base import Sink
 
 log = structlog.get_logger(__name__)
 
 MAX_RESOURCE_BYTES = 16 * 1024 * 1024  # a REST resource larger than this is not one
+EXCERPT_CHARS = 300  # of an error answer's body, in the error (and so the dead letter)
 
 
 class AccessTokens(Protocol):
@@ -222,9 +231,10 @@ class Orchestrator:
         while (wait := self._bucket.take(self._clock())) > 0:  # noqa: ASYNC110
             await asyncio.sleep(wait)
         token = await tokens.access_token()  # an AuthError: see _get
+        app_key = settings.app_key.get_secret_value()
         headers = {
             "Authorization": f"Bearer {token}",
-            "x-app-key": settings.app_key.get_secret_value(),
+            "x-app-key": app_key,
             "Accept": "application/json",
         }
         if hotel_id:
@@ -235,7 +245,7 @@ class Orchestrator:
             status = resp.status
             ok = 200 <= status < 300
             # The far end's body: a resource up to MAX_RESOURCE_BYTES, else only its start.
-            content = await read_at_most(resp, MAX_RESOURCE_BYTES + 1 if ok else 1024)
+            content = await read_at_most(resp, MAX_RESOURCE_BYTES + 1 if ok else ERROR_BODY_BYTES)
             retry_after = resp.headers.get("Retry-After")
         if ok:
             if len(content) > MAX_RESOURCE_BYTES:
@@ -257,10 +267,17 @@ class Orchestrator:
             raise TransientSinkError(f"orchestration GET {shown}: HTTP {status}", retry_after=after)
         if status == 404:
             return _NotFound(f"GET {shown}: HTTP 404")
-        # The body is the far end's: only its start, decoded lossily, goes into the error.
-        raise PermanentSinkError(
-            f"orchestration GET {shown}: HTTP {status}: {prefix(content, 300)}"
-        )
+
+        # The body is the far end's, and it may echo the request: only its start, decoded
+        # lossily and scrubbed of this request's credentials and every registered secret.
+        def scrub(text: str) -> str:
+            for secret in sorted((token, app_key), key=len, reverse=True):
+                if len(secret) >= 4:  # as the redactor: a shorter one would mask half the text
+                    text = text.replace(secret, MASK)
+            return str(REDACTOR.scrub(text))
+
+        excerpt = error_excerpt(content, scrub, EXCERPT_CHARS)
+        raise PermanentSinkError(f"orchestration GET {shown}: HTTP {status}: {excerpt}")
 
 
 class OrchestratingSink:

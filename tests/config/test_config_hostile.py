@@ -5,6 +5,7 @@ error texts, in any encoding (raw, percent-encoded or decoded, base64)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 from urllib.parse import quote, quote_plus
 
 import pytest
+from support import spawn_daemon, tail, toml_config, wait_until
 
 from consumer.cli import main
 from consumer.config import (
@@ -22,7 +24,7 @@ from consumer.config import (
     url_secret_values,
 )
 from consumer.core.protocol import key_hash
-from consumer.errors import ConfigError
+from consumer.errors import ConfigError, ExitCode
 
 APP_KEY = "app-key-H0stile-0001"
 CLIENT_SECRET = "client-secret-H0stile-0002"
@@ -132,9 +134,9 @@ def test_url_credentials_with_bearer_or_basic_auth_are_refused(tmp_path: Path, a
 
 
 def full_config() -> str:
-    """Every URL field holding a password and a query value, and a secret header."""
+    """Every URL field that may hold one holding a password and a query value (the gateway
+    takes neither: the app key and OAuth client authenticate), and a secret header."""
     return toml(
-        gateway=f"https://opera:{GW_PASSWORD}@gw.example.com/",
         auth=f'token_url = "https://tok.example.com/t?signature={TOKEN_QUERY}"\n',
         connection=f'proxy = "http://pu:{PROXY_PASSWORD}@proxy.example.com:3128"',
         sink=(
@@ -145,7 +147,7 @@ def full_config() -> str:
     )
 
 
-ALL_URL_SECRETS = (GW_PASSWORD, PROXY_PASSWORD, TOKEN_QUERY, REST_QUERY, HEADER_VALUE)
+ALL_URL_SECRETS = (PROXY_PASSWORD, TOKEN_QUERY, REST_QUERY, HEADER_VALUE)
 
 
 def test_effective_and_repr_mask_url_passwords_query_values_and_secret_headers(
@@ -159,7 +161,6 @@ def test_effective_and_repr_mask_url_passwords_query_values_and_secret_headers(
     texts = [dumped, repr(settings), str(settings), repr(settings.sink), repr(settings.streams)]
     basics = [
         b64(f"user:{HOOK_PASSWORD}"),
-        b64(f"opera:{GW_PASSWORD}"),
         b64(f"pu:{PROXY_PASSWORD}"),
     ]
     for text in texts:
@@ -170,7 +171,7 @@ def test_effective_and_repr_mask_url_passwords_query_values_and_secret_headers(
     assert sink["url"] == "https://user:***@hook.example.com/in?token=***&x=***"
     assert sink["headers"] == {"X-Api-Key": "***", "X-Source": "opera"}  # others are shown
     stream = data["streams"]["main"]
-    assert stream["gateway_url"] == "https://opera:***@gw.example.com"
+    assert stream["gateway_url"] == "https://gw.example.com"
     assert stream["auth"]["token_url"] == "https://tok.example.com/t?signature=***"
     assert stream["connection"]["proxy"] == "http://pu:***@proxy.example.com:3128"
     assert data["orchestration"]["base_url"] == "https://rest.example.com/api?key=***"
@@ -179,9 +180,7 @@ def test_effective_and_repr_mask_url_passwords_query_values_and_secret_headers(
     # The code that uses them gets the real values.
     assert str(settings.sink.url) == HOOK_URL  # type: ignore[union-attr]
     assert settings.sink.headers["X-Api-Key"] == HEADER_VALUE  # type: ignore[union-attr]
-    assert (
-        str(settings.streams["main"].gateway_url) == f"https://opera:{GW_PASSWORD}@gw.example.com"
-    )
+    assert str(settings.streams["main"].auth.token_url).endswith(f"?signature={TOKEN_QUERY}")
 
 
 def test_check_config_prints_no_secret(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -206,8 +205,6 @@ def test_secret_values_covers_every_form(tmp_path: Path) -> None:
         b64(f"cid:{CLIENT_SECRET}"),  # Basic auth to the token endpoint
         GRANT_PASSWORD,
         quote_plus(GRANT_PASSWORD),  # form-encoded in the token request
-        GW_PASSWORD,
-        b64(f"opera:{GW_PASSWORD}"),
         PROXY_PASSWORD,
         b64(f"pu:{PROXY_PASSWORD}"),  # Proxy-Authorization
         TOKEN_QUERY,
@@ -365,6 +362,47 @@ def test_a_proxy_may_be_socks_but_not_a_path_or_half_credentials(tmp_path: Path)
     for bad in ("gopher://p:1080", "http://p:3128/path", "http://p:3128?q=1", "http://user@p:3128"):
         message = config_error(write(tmp_path, url_config("streams.main.connection.proxy", bad)))
         assert "streams.main.connection.proxy" in message
+
+
+@pytest.mark.parametrize("userinfo", ["T0KENUSER@", f"opera:{GW_PASSWORD}@", "@"])
+def test_user_information_in_the_gateway_url_is_refused(tmp_path: Path, userinfo: str) -> None:
+    """The gateway takes no URL credentials; with a user name only, websockets raised an
+    InvalidURI quoting the subscription URL and its key= (into /readyz). Refused at load,
+    naming the key and the fix, without the value."""
+    text = url_config("streams.main.gateway_url", f"https://{userinfo}gw.example.com/")
+    message = config_error(write(tmp_path, text))
+    assert "streams.main.gateway_url: holds user information" in message
+    assert "remove the user@ part from gateway_url" in message
+    assert "T0KENUSER" not in message
+    assert_no_secret(message, GW_PASSWORD)
+
+
+async def test_run_with_user_information_in_the_gateway_url_exits_78_before_connecting(
+    tmp_path: Path,
+) -> None:
+    """``opera-consumer run`` stops at the config (EX_CONFIG, naming gateway_url) and never
+    reaches the gateway: a listener there sees no connection."""
+    connections: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(b"")
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        config = toml_config(tmp_path, f"http://T0KENUSER@127.0.0.1:{port}")
+        log = tmp_path / "daemon.log"
+        proc = spawn_daemon(config, log)
+        try:
+            await wait_until(lambda: proc.poll() is not None or bool(connections), timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    assert connections == []
+    assert proc.returncode == ExitCode.CONFIG, tail(log)
+    assert "streams.main.gateway_url: holds user information" in log.read_text()
 
 
 PLAIN_HTTP = [

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 from support import count_lines, make_settings, running, wait_until
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.typing import Subprotocol
 
 from consumer.config import OrchestrationSettings
 from consumer.core.events import event_time
+from consumer.core.protocol import SUBPROTOCOL
+from consumer.runtime.assembly import register_secrets
 from consumer.runtime.metrics import fleet_families
 from consumer.runtime.status import FleetStatus
+from consumer.sandbox import SandboxOptions
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -118,3 +124,47 @@ async def test_the_grafana_dashboard_only_uses_metrics_that_exist(sandbox_factor
     fleet = FleetStatus("m1", 1, 2, 3, 4, 5, 6)
     exposed |= {f"{m.name}_total" if m.type == "counter" else m.name for m in fleet_families(fleet)}
     assert used and used <= exposed, used - exposed
+
+
+async def test_a_close_reason_holding_a_secret_and_a_newline_is_shown_masked_on_one_line(
+    sandbox_factory, tmp_path: Path
+) -> None:
+    """A gateway whose close reason carries the key's hash (a registered secret) and a
+    newline: /readyz (last_close, waiting) and systemd's STATUS= line show it masked, with the
+    newline escaped (STATUS= would take a raw one for another assignment)."""
+    tokens = await sandbox_factory(backlog=0)  # the token endpoint
+    hashes: list[str] = []
+
+    async def close_at_once(ws: ServerConnection) -> None:
+        assert ws.request is not None
+        key = parse_qs(urlsplit(ws.request.path).query)["key"][0]
+        hashes.append(key)
+        await ws.close(4000, f"go away\nkey={key}")
+
+    protocols = [Subprotocol(SUBPROTOCOL)]
+    async with serve(close_at_once, "127.0.0.1", 0, subprotocols=protocols) as server:
+        port = server.sockets[0].getsockname()[1]
+        o = SandboxOptions()
+        auth = {
+            "client_id": o.client_id,
+            "client_secret": o.client_secret,
+            "token_url": f"{tokens.url}/oauth/v1/tokens",
+        }
+        # A backoff long enough for the wait to be seen.
+        slow = {"backoff_initial_s": 20.0, "backoff_max_s": 20.0}
+        settings = make_settings(tmp_path, f"http://127.0.0.1:{port}", auth=auth, connection=slow)
+        register_secrets(settings)  # as daemon.run does: the key's hash among them
+        async with running(settings) as daemon:
+            await wait_until(lambda: "retry in" in daemon.status_line())
+            line = daemon.status_line()
+            assert daemon.metrics_server is not None
+            url = f"http://127.0.0.1:{daemon.metrics_server.port}/readyz"
+            async with httpx.AsyncClient() as http:
+                main = (await http.get(url)).json()["streams"]["main"]
+    [key] = set(hashes)
+    shown = [line, main["last_close"], main["waiting"]]
+    assert main["last_close"] == "closed by server (4000): go away\\nkey=***"
+    for text in shown:
+        assert key not in text and key[:12] not in text, text
+        assert "go away\\nkey=***" in text, text
+        assert "\n" not in text and "\r" not in text, text

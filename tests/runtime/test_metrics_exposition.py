@@ -6,14 +6,16 @@ from __future__ import annotations
 import gzip
 import platform
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
-from support import count_lines, make_settings, running, stream_status, wait_until
+from support import as_received, count_lines, make_settings, running, stream_status, wait_until
 
 from consumer import __version__
+from consumer.core.events import ORACLE_TIMESTAMP
 from consumer.runtime.daemon import Daemon
 from consumer.runtime.metrics import Metrics
 from consumer.runtime.status import CommitStatus, FleetStatus, StreamStatus
@@ -148,3 +150,33 @@ def test_monotonic_times_are_exported_as_unix_time():
         ("opera_consumer_commit_started_timestamp_seconds", ()),
     ):
         assert before - 3600 - slack <= got[key] <= after - 3600 + slack, key
+
+
+def oracle_time(unix: float) -> str:
+    """Unix time in the timestamp format of OHIP's events (UTC: the default event_timezone)."""
+    return datetime.fromtimestamp(unix, UTC).strftime(ORACLE_TIMESTAMP).upper()
+
+
+def test_a_timestamp_from_the_future_does_not_hold_the_lag_at_zero():
+    """One event dated 2068 used to make the lag 0 for the life of the process (the newest
+    time ever delivered): now a timestamp far ahead of our clock is not taken for being caught
+    up, and the lag goes on following the events; one a few seconds ahead (clocks disagree)
+    still counts."""
+    metrics = Metrics(Frozen(ago=0.0))
+    observe = metrics.observer("main")
+    main = (("stream", "main"),)
+
+    def lag_after(uid: str, timestamp: str) -> float:
+        meta = {"offset": "1", "uniqueEventId": uid}
+        observe(0.01, as_received({"metadata": meta, "timestamp": timestamp}))
+        return samples(metrics.scrape().decode())[("opera_consumer_lag_seconds", main)]
+
+    day = 86400.0
+    start = time.time()
+    assert lag_after("a", oracle_time(start - 30 * day)) >= 30 * day
+    assert lag_after("b", "01-JAN-68 12.00.00.000000 AM") >= 30 * day  # 2068: ignored
+    assert lag_after("c", oracle_time(start + 1000 * day)) >= 30 * day  # ignored too
+    # the next events move it on, as before
+    assert 10 * day <= lag_after("d", oracle_time(start - 10 * day)) < 11 * day
+    # a few seconds ahead, as two clocks may be: caught up
+    assert lag_after("e", oracle_time(time.time() + 20)) == 0.0

@@ -5,17 +5,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
+import sqlite3
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from bus_events import event
-from support import make_settings, read_sink, running, truth_ids, wait_until
+from support import (
+    cli,
+    make_settings,
+    read_sink,
+    running,
+    spawn_daemon,
+    tail,
+    toml_config,
+    truth_ids,
+    wait_exit,
+    wait_until,
+)
 
 from consumer.config import OrchestrationSettings, Settings
+from consumer.core.protocol import key_hash
 from consumer.errors import AuthError, PermanentSinkError, TransientSinkError
 from consumer.runtime.auth import TokenProvider
+from consumer.sandbox import SandboxOptions
 from consumer.sinks.orchestration import Orchestrator
 
 RESOURCES = {
@@ -171,15 +186,16 @@ async def test_not_found_attaches_null_or_dead_letters(
 class _Tokens:
     """AccessTokens for the unit tests below: a fixed token, or the AuthError given."""
 
-    def __init__(self, error: AuthError | None = None) -> None:
+    def __init__(self, error: AuthError | None = None, token: str = "tok") -> None:
         self.error = error
+        self.token = token
         self.calls = 0
 
     async def access_token(self) -> str:
         self.calls += 1
         if self.error is not None:
             raise self.error
-        return "tok"
+        return self.token
 
     def invalidate(self) -> None:
         pass
@@ -246,3 +262,100 @@ async def test_errors_name_the_resource_url_without_its_secrets(tmp_path: Path) 
     assert "HTTP 400" in text and "***" in text
     assert "s3cret" not in text and "k3y" not in text
     assert len(text) < 1000
+
+
+def pieces(secret: str, size: int = 12) -> list[str]:
+    """Every ``size``-character piece of ``secret``: none may show, not even cut short."""
+    return [secret[i : i + size] for i in range(len(secret) - size + 1)]
+
+
+async def echo_server(seen: list[bytes], before: bytes = b"", after: bytes = b"") -> asyncio.Server:
+    """A REST server that answers every request 400 and echoes its head (credentials and
+    all) in the body, between ``before`` and ``after``; each head goes into ``seen``."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            head = await reader.readuntil(b"\r\n\r\n")
+            seen.append(head)
+            body = before + b"you sent: " + head + after
+            writer.write(b"HTTP/1.1 400 Bad\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+async def test_an_echoed_token_and_app_key_are_masked_even_where_the_excerpt_ends(
+    tmp_path: Path,
+) -> None:
+    """A server that echoes the request: the error keeps neither the bearer token nor the
+    x-app-key, not even a piece of a JWT longer than the excerpt (scrubbed, then cut)."""
+    jwt = "eyJhbGciOiJSUzI1NiJ9." + "QUJD" * 500 + ".c2ln"  # about 2 KB, as OHIP's are
+    seen: list[bytes] = []
+    server = await echo_server(seen, before=b"x" * 150)
+    async with server, aiohttp.ClientSession() as http:
+        port = server.sockets[0].getsockname()[1]
+        orch = _orchestrator(tmp_path, http, _Tokens(token=jwt), f"http://127.0.0.1:{port}")
+        with pytest.raises(PermanentSinkError) as info:
+            await orch.enrich("main", [event(1)])
+    assert jwt.encode() in seen[0]  # it was sent, and echoed
+    text = str(info.value)
+    assert "HTTP 400" in text and "Bearer ***" in text
+    app_key = SandboxOptions().app_key
+    for piece in pieces(jwt) + pieces(app_key):
+        assert piece not in text, text
+
+
+async def test_an_echoing_rest_server_leaves_no_credential_in_the_dlq_or_the_log(
+    sandbox_factory, tmp_path: Path
+) -> None:
+    """The daemon against the sandbox, orchestration against a server that answers 400 with
+    the request head (and the app key's hash) in the body: the dead letter's error, ``dlq
+    show`` and the daemon's log hold neither the access token, nor the app key, nor its hash."""
+    app_key = SandboxOptions().app_key
+    seen: list[bytes] = []
+    server = await echo_server(seen, after=b" key=" + key_hash(app_key).encode())
+    gw = await sandbox_factory(backlog=30)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        extra = (
+            f'[orchestration]\nenabled = true\nbase_url = "http://127.0.0.1:{port}"\n'
+            "max_attempts = 1\nrate_per_s = 1000\n"
+            '[orchestration.resources]\nReservation = "/rsv/{primaryKey}"\n'
+        )
+        config = toml_config(tmp_path, gw.url, extra)
+        state, log = tmp_path / "state.db", tmp_path / "daemon.log"
+
+        def dead() -> list[tuple[int, str]]:
+            if not state.exists():
+                return []
+            with contextlib.closing(sqlite3.connect(state, timeout=10)) as db:
+                try:
+                    return db.execute("SELECT id, error FROM dead_letters").fetchall()
+                except sqlite3.OperationalError:  # the schema is not there yet
+                    return []
+
+        proc = spawn_daemon(config, log)
+        try:
+            await wait_until(lambda: bool(dead()) or proc.poll() is not None, timeout=60)
+            assert proc.poll() is None, tail(log)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert await wait_exit(proc) == 0, tail(log)
+    rows = dead()
+    assert rows and all("HTTP 400" in error for _, error in rows)
+    shown = await asyncio.to_thread(cli, "dlq", "show", str(rows[0][0]), "--config", str(config))
+    assert shown.returncode == 0, shown.stderr
+    assert "you sent" in shown.stdout  # the excerpt is there, masked
+    tokens = {
+        line.split(b" ", 2)[2].strip().decode()
+        for head in seen
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"authorization: bearer ")
+    }
+    assert tokens
+    texts = [error for _, error in rows] + [shown.stdout, shown.stderr, log.read_text()]
+    for secret in [*tokens, app_key, key_hash(app_key)]:
+        for piece in pieces(secret):
+            for text in texts:
+                assert piece not in text, (secret, text[-3000:])
