@@ -4,6 +4,9 @@ The pipeline tells the committer what happens to each frame (arrived, processed,
 dead-lettered) and asks it what was seen before; nothing else writes a checkpoint. Per stream
 the committer keeps the low watermark over arrival order (offsets are opaque: order comes from
 arrival), the ids processed but not yet durable, and the dead letters not yet durable.
+A dead-lettered event counts as handled: its id is recorded with the processed ids, so a copy
+sent again (the inclusive resume after a restart or a reconnect) is a duplicate, never a second
+try; the DLQ row stays its one copy, with its first reason, until ``dlq replay`` delivers it.
 
 Group commit: a single task commits; adaptive (the default), it commits as soon as something
 is done and the previous commit has finished, so a quiet stream's event is durable within one
@@ -141,8 +144,13 @@ class Committer:
         self._done(stream, self._ledger(stream), seqs, 0, other=len(seqs))
 
     def dead_letter(self, letter: DeadLetter, seq: int | None = None) -> None:
+        """Set aside: the letter in the next commit and, for an event, its id as handled
+        (see the module's doc; a malformed frame has no id, it counts attempts by its hash)."""
         ledger = self._ledger(letter.stream)
         self._batch.dead_letters.append(letter)
+        if letter.unique_event_id is not None:
+            self._batch.processed.setdefault(letter.stream, []).append(letter.unique_event_id)
+            ledger.pending_ids.add(letter.unique_event_id)
         if letter.primary_key is not None:
             ledger.letters_not_durable[letter.primary_key] += 1
         self._pending_bytes += len(letter.payload) + len(letter.error)
@@ -462,7 +470,7 @@ class Committer:
         batch.sink_state = None
         self._pending = (
             sum(len(v) for v in batch.processed.values())
-            + len(batch.dead_letters)
+            + sum(d.unique_event_id is None for d in batch.dead_letters)  # else an id above
             + len(batch.resolved)
         )
         self._pending_bytes = sum(len(d.payload) + len(d.error) for d in batch.dead_letters)
