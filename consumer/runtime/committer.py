@@ -4,6 +4,9 @@ The pipeline tells the committer what happens to each frame (arrived, processed,
 dead-lettered) and asks it what was seen before; nothing else writes a checkpoint. Per stream
 the committer keeps the low watermark over arrival order (offsets are opaque: order comes from
 arrival), the ids processed but not yet durable, and the dead letters not yet durable.
+A dead-lettered event counts as handled: its id is recorded with the processed ids, so a copy
+sent again (the inclusive resume after a restart or a reconnect) is a duplicate, never a second
+try; the DLQ row stays its one copy, with its first reason, until ``dlq replay`` delivers it.
 
 Group commit: a single task commits; adaptive (the default), it commits as soon as something
 is done and the previous commit has finished, so a quiet stream's event is durable within one
@@ -141,8 +144,13 @@ class Committer:
         self._done(stream, self._ledger(stream), seqs, 0, other=len(seqs))
 
     def dead_letter(self, letter: DeadLetter, seq: int | None = None) -> None:
+        """Set aside: the letter in the next commit and, for an event, its id as handled
+        (see the module's doc; a malformed frame has no id, it counts attempts by its hash)."""
         ledger = self._ledger(letter.stream)
         self._batch.dead_letters.append(letter)
+        if letter.unique_event_id is not None:
+            self._batch.processed.setdefault(letter.stream, []).append(letter.unique_event_id)
+            ledger.pending_ids.add(letter.unique_event_id)
         if letter.primary_key is not None:
             ledger.letters_not_durable[letter.primary_key] += 1
         self._pending_bytes += len(letter.payload) + len(letter.error)
@@ -270,26 +278,38 @@ class Committer:
                 batch = await self._commit_fenced(batch)
             except BaseException as exc:
                 # Work of a stream forgotten meanwhile belongs to a lease that is gone.
-                gone = frozenset(self._forgotten_in_flight)
+                gone = self._end_in_flight()
                 self._restore(batch.without(gone) if gone else batch)
                 if not isinstance(exc, asyncio.CancelledError):
                     self.failures += 1
                     if self.failing_since is None:
                         self.failing_since = time.monotonic()
                 raise
-            finally:
-                self.busy_since = None
-                self._forgotten_in_flight.clear()
+            gone = self._end_in_flight()
             self.failures = 0
             self.failing_since = None
             self._committed.set()
             if not batch:  # every stream in it was fenced
                 return False
-            self._durable(batch)
+            self._durable(batch, gone)
             if batch.sink_state is not None:
                 self._sink.committed(batch.sink_state[1])
             self.commits += 1
             return True
+
+    def _end_in_flight(self) -> frozenset[str]:
+        """The commit is over: the streams forgotten while it was under way. Their ledgers
+        are gone, or belong to a new lease by now: nothing of this commit is theirs to settle."""
+        self.busy_since = None
+        gone = frozenset(self._forgotten_in_flight)
+        self._forgotten_in_flight.clear()
+        return gone
+
+    def _live(self, stream: str, gone: frozenset[str]) -> _Ledger | None:
+        """The stream's ledger, unless the stream was forgotten (never recreated here: a
+        ledger made for a forgotten stream's letters would hold a negative count, a false
+        park if the stream is taken again)."""
+        return None if stream in gone else self._ledgers.get(stream)
 
     async def _commit_fenced(self, batch: CommitBatch) -> CommitBatch:
         """Commit; when the store refuses streams whose lease is gone, drop their part and
@@ -332,13 +352,16 @@ class Committer:
         return frozenset(self._fenced)
 
     def _forget_in_flight(self, batch: CommitBatch, streams: frozenset[str]) -> None:
+        gone = frozenset(self._forgotten_in_flight)
         for stream in streams:
-            ledger = self._ledgers.get(stream)
+            ledger = self._live(stream, gone)
             if ledger is not None:
                 ledger.committing_ids.difference_update(batch.processed.get(stream, ()))
         for letter in batch.dead_letters:
             if letter.stream in streams and letter.primary_key is not None:
-                self._ledger(letter.stream).letters_not_durable[letter.primary_key] -= 1
+                ledger = self._live(letter.stream, gone)
+                if ledger is not None:
+                    ledger.letters_not_durable[letter.primary_key] -= 1
 
     def forget(self, stream: str) -> None:
         """The stream stopped here (released or lost; its workers are stopped): drop its
@@ -409,15 +432,21 @@ class Committer:
                 batch.sink_state = (self._sink.name, position)
         return batch
 
-    def _durable(self, batch: CommitBatch) -> None:
+    def _durable(self, batch: CommitBatch, gone: frozenset[str]) -> None:
+        """The commit is durable: settle it in the ledgers (not those of ``gone``)."""
         now = time.monotonic()
         for stream, ids in batch.processed.items():
-            self._ledgers[stream].committing_ids.difference_update(ids)
+            ledger = self._live(stream, gone)
+            if ledger is not None:
+                ledger.committing_ids.difference_update(ids)
         for letter in batch.dead_letters:
             if letter.primary_key is not None:
-                self._ledger(letter.stream).letters_not_durable[letter.primary_key] -= 1
+                ledger = self._live(letter.stream, gone)
+                if ledger is not None:
+                    ledger.letters_not_durable[letter.primary_key] -= 1
         for stream in batch.checkpoints:
-            self.checkpointed_at[stream] = now
+            if self._live(stream, gone) is not None:
+                self.checkpointed_at[stream] = now
 
     def _restore(self, batch: CommitBatch) -> None:
         """A failed commit: put its content back in front of what came since."""
@@ -441,7 +470,7 @@ class Committer:
         batch.sink_state = None
         self._pending = (
             sum(len(v) for v in batch.processed.values())
-            + len(batch.dead_letters)
+            + sum(d.unique_event_id is None for d in batch.dead_letters)  # else an id above
             + len(batch.resolved)
         )
         self._pending_bytes = sum(len(d.payload) + len(d.error) for d in batch.dead_letters)
