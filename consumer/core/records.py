@@ -82,7 +82,8 @@ class DeadLetter:
 
     @property
     def dedup_key(self) -> str:
-        # The same event (or the same malformed frame, replayed) counts as another attempt.
+        # The same malformed frame, sent again, counts as another attempt. (An event sent again
+        # is a duplicate before it gets here: its id was recorded as handled; see committer.)
         digest = self.payload_sha256 or hashlib.sha256(self.payload.encode()).hexdigest()
         return self.unique_event_id or "sha256:" + digest
 
