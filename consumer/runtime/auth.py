@@ -208,6 +208,6 @@ class TokenProvider:
                 f"token endpoint {self.url} sent an unusable expires_in", retriable=True
             )
         lifetime = min(lifetime, _MAX_LIFETIME_S)  # refreshed at least daily, whatever it says
-        REDACTOR.add_token(value)
+        REDACTOR.add_token(value, lifetime)
         log.info("token obtained", lifetime_s=lifetime)
         return Token(value, started + lifetime, lifetime)
