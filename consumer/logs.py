@@ -2,39 +2,92 @@
 
 Every line, ours and the libraries' (websockets, aiohttp via the stdlib bridge), passes through
 :class:`Redactor`, which masks any registered secret (app keys and their hashes, client
-secrets, passwords, access tokens) wherever it appears, exception text included.
+secrets, passwords, access tokens) wherever it appears, exception text included, also as a
+JSON string escapes it (a receiver or endpoint echoing a request as JSON). On a terminal,
+text from outside is escaped before it is printed (:func:`escape_for_console`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
-from collections import deque
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any, TextIO
 
 import structlog
 
+from .core.printable import printable
+
 MASK = "***"
+MIN_SECRET_CHARS = 4  # a 1-3 character "secret" would mask half the log
+# An access token is masked until this long after it expires: a line about a request made
+# with it may come later (a retry's error, a slow answer).
+TOKEN_GRACE_S = 3600.0
+# At most this many tokens are remembered (the soonest to expire are forgotten first): far
+# more than the live ones of hundreds of streams, but bounded whatever the endpoint does.
+MAX_TOKENS = 4096
+
+
+def json_escaped_forms(secret: str) -> list[str]:
+    """``secret`` and how a JSON encoder may write it inside a string: with non-ASCII as
+    ``\\uXXXX`` or as is, ``/`` as ``\\/`` (PHP's default) or as is, ``<>&`` as ``\\u003c``
+    and so on (Go's default), and ``"``, ``\\`` and controls escaped. Without duplicates."""
+    forms = [secret]
+    for ascii_only in (True, False):
+        escaped = json.dumps(secret, ensure_ascii=ascii_only)[1:-1]
+        html = escaped.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+        for form in (escaped, html):
+            forms += [form, form.replace("/", "\\/")]
+    return list(dict.fromkeys(forms))
 
 
 class Redactor:
-    def __init__(self) -> None:
-        self._static: set[str] = set()
-        self._recent: deque[str] = deque(maxlen=32)  # access tokens rotate; keep the latest
+    """Masks every registered secret, longest first (a secret inside another is never masked
+    alone, which would leave the rest of the longer one visible). Lines are logged from other
+    threads too: what :meth:`scrub` reads is replaced, never changed in place."""
+
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, max_tokens: int = MAX_TOKENS
+    ) -> None:
+        self._clock = clock
+        self._max_tokens = max_tokens
+        self._static: frozenset[str] = frozenset()  # every form of every secret
+        # access token -> when to forget it (monotonic), and its forms
+        self._tokens: dict[str, tuple[float, list[str]]] = {}
+        self._ordered: tuple[str, ...] = ()  # all of them, longest first
 
     def add(self, *values: str | None) -> None:
-        for v in values:
-            if v and len(v) >= 4:  # a 1-3 character "secret" would mask half the log
-                self._static.add(v)
+        forms = [
+            f for v in values if v and len(v) >= MIN_SECRET_CHARS for f in json_escaped_forms(v)
+        ]
+        self._static = self._static.union(forms)
+        self._order()
 
-    def add_token(self, value: str) -> None:
-        self._recent.append(value)
+    def add_token(self, value: str, lifetime_s: float) -> None:
+        """An access token, masked until ``lifetime_s`` plus :data:`TOKEN_GRACE_S` from now:
+        by time, not by count, so that the tokens of many streams are all remembered."""
+        if len(value) < MIN_SECRET_CHARS:
+            return
+        now = self._clock()
+        forget_at = now + max(0.0, lifetime_s) + TOKEN_GRACE_S
+        tokens = {t: kept for t, kept in self._tokens.items() if kept[0] > now}
+        if value in tokens:
+            forget_at = max(forget_at, tokens[value][0])
+        tokens[value] = (forget_at, json_escaped_forms(value))
+        while len(tokens) > self._max_tokens:
+            del tokens[min(tokens, key=lambda t: tokens[t][0])]
+        self._tokens = tokens
+        self._order()
+
+    def _order(self) -> None:
+        tokens = (form for _, forms in self._tokens.values() for form in forms)
+        self._ordered = tuple(sorted({*self._static, *tokens}, key=len, reverse=True))
 
     def scrub(self, value: Any) -> Any:
         if isinstance(value, str):
-            for secret in (*self._static, *self._recent):
+            for secret in self._ordered:
                 if secret in value:
                     value = value.replace(secret, MASK)
             return value
@@ -53,6 +106,29 @@ class Redactor:
 
 
 REDACTOR = Redactor()
+
+CONSOLE_VALUE_CHARS = 2000  # of one value on a terminal: enough for any message of ours
+_MULTILINE = ("exception", "stack")  # tracebacks: kept on their lines, each line escaped
+
+
+def escape_for_console(
+    logger: Any, method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """Every value as one bounded line with its control, C1 and bidi characters escaped
+    (:func:`~consumer.core.printable.printable`): frame ids, close reasons and errors come
+    from the wire, and written raw to a terminal they would be obeyed (retitle it, clear it).
+    The console renderer writes strings as they are and anything else as its ``repr``."""
+    return {printable(key, 100): _console_value(key, v) for key, v in event_dict.items()}
+
+
+def _console_value(key: str, value: Any) -> Any:
+    if isinstance(value, str) and key in _MULTILINE:
+        return "\n".join(printable(line, CONSOLE_VALUE_CHARS) for line in value.split("\n"))
+    if isinstance(value, str):
+        return printable(value, CONSOLE_VALUE_CHARS)
+    if isinstance(value, int | float | bool | None):
+        return value
+    return printable(repr(value), CONSOLE_VALUE_CHARS)
 
 
 class RateLimitedLogger:
@@ -115,12 +191,18 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,
     )
+    # JSON escapes every control and non-ASCII character itself; a terminal needs us to.
+    render: list[Any] = (
+        [escape_for_console, structlog.dev.ConsoleRenderer()]
+        if console
+        else [structlog.processors.JSONRenderer()]
+    )
     # Tracebacks as plain text, never with local variables (they may hold tokens); then scrub.
     final: list[Any] = [
         structlog.stdlib.ProcessorFormatter.remove_processors_meta,
         structlog.processors.format_exc_info,
         REDACTOR,
-        structlog.dev.ConsoleRenderer() if console else structlog.processors.JSONRenderer(),
+        *render,
     ]
     handler = logging.StreamHandler(out)
     handler.setFormatter(

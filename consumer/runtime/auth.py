@@ -27,19 +27,24 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from ..config import StreamSettings, mask_url
+from ..config import StreamSettings, mask_url, url_secret_values
 from ..core.evidence import describe
+from ..core.printable import printable
 from ..core.retry_after import RETRY_STATUSES, WaitRetryAfter, retry_after_seconds
 from ..core.unreachable import reason
 from ..errors import AuthError
 from ..http_client import TRANSPORT_ERRORS, basic_auth, read_at_most, wire_url
-from ..logs import REDACTOR
+from ..logs import MASK, MIN_SECRET_CHARS, REDACTOR
 
 log = structlog.get_logger(__name__)
 
 MAX_TOKEN_RESPONSE = 1024 * 1024  # a token answer (a JWT or two) is a few KB
 
 _MAX_LIFETIME_S = 86400.0
+# What an access token may be: it goes in an Authorization header (no CR/LF, no controls) and
+# is masked in every log line (a token of "e" would mask every "e"). RFC 6750's b64token is
+# narrower; this refuses only what cannot work.
+TOKEN_CHARS = (8, 16384)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +88,12 @@ class TokenProvider:
         self.fetches = 0
         self.failures = 0  # requests refused, unanswered or answered with no usable token
         self.url = mask_url(settings.token_url)
+        # aiohttp's error texts carry the request's URL: its query values, user information.
+        self._url_secrets = sorted(
+            {v for v in url_secret_values(settings.token_url) if len(v) >= MIN_SECRET_CHARS},
+            key=len,
+            reverse=True,
+        )
         self._wait: tuple[str, float] | None = None  # last failure, next attempt (monotonic)
 
     def invalidate(self) -> None:
@@ -100,7 +111,8 @@ class TokenProvider:
         if self._wait is None:
             return None
         why, at = self._wait
-        return f"waiting for token ({why}), retry in {max(0.0, at - self._clock()):.0f} s"
+        line = f"waiting for token ({why}), retry in {max(0.0, at - self._clock()):.0f} s"
+        return printable(line, len(line))  # one line: it goes to systemd's STATUS= as well
 
     async def token(self, *, retry: bool = True) -> Token:
         """A token valid for at least ``refresh_margin_s`` more, fetched only when needed.
@@ -121,8 +133,14 @@ class TokenProvider:
 
     def _why(self, exc: BaseException | None) -> str:
         if isinstance(exc, TRANSPORT_ERRORS):
-            return f"{self.url}: {reason(exc)}"
+            return f"{self.url}: {reason(exc, self._scrub)}"
         return f"{self.url}: {exc}"  # _Retryable: our own words
+
+    def _scrub(self, text: str) -> str:
+        for secret in self._url_secrets:
+            text = text.replace(secret, MASK)
+        scrubbed: str = REDACTOR.scrub(text)  # the other secrets of the process too
+        return scrubbed
 
     async def _fetch(self, retry: bool) -> Token:
         auth = self._settings.auth
@@ -203,11 +221,27 @@ class TokenProvider:
             ) from None
         if not isinstance(value, str) or not value:
             raise AuthError(f"token endpoint {self.url} sent no access_token", retriable=True)
+        if unusable := _unusable(value):
+            # Never quoted: it may be a real token with one bad character.
+            raise AuthError(
+                f"token endpoint {self.url} sent an unusable access_token ({unusable})",
+                retriable=True,
+            )
         if not math.isfinite(lifetime) or lifetime <= 0:
             raise AuthError(
                 f"token endpoint {self.url} sent an unusable expires_in", retriable=True
             )
         lifetime = min(lifetime, _MAX_LIFETIME_S)  # refreshed at least daily, whatever it says
-        REDACTOR.add_token(value)
+        REDACTOR.add_token(value, lifetime)
         log.info("token obtained", lifetime_s=lifetime)
         return Token(value, started + lifetime, lifetime)
+
+
+def _unusable(token: str) -> str | None:
+    """Why ``token`` cannot be used (without quoting it), or None."""
+    low, high = TOKEN_CHARS
+    if not low <= len(token) <= high:
+        return f"length {len(token)}, not {low} to {high}"
+    if not (token.isascii() and token.isprintable()) or " " in token:
+        return "a space, control or non-ASCII character in it"
+    return None

@@ -25,8 +25,9 @@ the key). Any other status (4xx, and 3xx as redirects are not followed) raises
 pipeline then re-delivers a failed batch one event at a time so that only the culprit is
 dead-lettered. Error texts never hold a secret: the token, the password, the ``Authorization``
 header, secret-looking configured headers, nor the URL's password or query values (in any form
-we know they travel in: raw, percent-encoded or decoded, base64 for Basic auth), even when the
-receiver echoes the request; :meth:`WebhookSink.open` registers them all with the log redactor.
+we know they travel in: raw, percent-encoded or decoded, base64 for Basic auth, and each as
+JSON escapes it), even when the receiver echoes the request; :meth:`WebhookSink.open`
+registers them all with the log redactor.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from ..core.retry_after import retry_after_seconds
 from ..core.unreachable import reason
 from ..errors import PermanentSinkError, TransientSinkError
 from ..http_client import TRANSPORT_ERRORS, basic_auth, failure_name, read_at_most, wire_url
-from ..logs import MASK, REDACTOR
+from ..logs import MASK, REDACTOR, json_escaped_forms
 from .base import PlainSink, serialized
 
 TRANSIENT_STATUSES = frozenset({408, 425, 429})
@@ -91,9 +92,13 @@ class WebhookSink(PlainSink):
         secrets = webhook_secret_values(settings) + query_secret_values(wire_query)
         query = set(query_secret_values(wire_query, written.fragment))
         query.update(query_secret_values(written.query))
-        # Longest first, so that a secret containing another is masked whole.
+        self._registered = [
+            s for s in dict.fromkeys(secrets) if s not in query or len(s) >= MIN_QUERY_SECRET_CHARS
+        ]
+        # Also as a JSON string holds them (a receiver echoing the request as JSON, "\/" and
+        # all); longest first, so that a secret containing another is masked whole.
         self._secrets = sorted(
-            {s for s in secrets if s not in query or len(s) >= MIN_QUERY_SECRET_CHARS},
+            {form for s in self._registered for form in json_escaped_forms(s)},
             key=len,
             reverse=True,
         )
@@ -102,7 +107,7 @@ class WebhookSink(PlainSink):
         self._where = f"{url.scheme}://{url.raw_host}{port}{url.raw_path}"
 
     async def open(self, committed: str | None) -> None:
-        REDACTOR.add(*self._secrets)
+        REDACTOR.add(*self._registered)  # which adds their JSON forms itself
 
     async def write(self, stream: str, events: Sequence[Event]) -> None:
         # Every body is made before the first POST: an event that cannot be serialized is

@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+import uuid
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from support import make_settings, untrusted_tls_server
+from log_capture import captured_logs
+from receiver import Receiver, Reply
+from support import (
+    make_settings,
+    running,
+    sandbox_token,
+    untrusted_tls_server,
+    wait_until,
+)
 
 from consumer.config import StreamSettings
 from consumer.core.retry_after import RETRY_AFTER_MIN_S, retry_after_seconds
 from consumer.errors import AuthError
+from consumer.logs import REDACTOR
 from consumer.runtime.assembly import http_client
 from consumer.runtime.auth import TokenProvider
 from consumer.sandbox import SandboxOptions
@@ -149,3 +162,99 @@ async def test_the_token_endpoints_certificate_is_verified(tmp_path: Path):
     assert "TLS error: certificate not accepted" in str(info.value), str(info.value)
     assert f"{url}/oauth/v1/tokens" in str(info.value)
     assert requests == []
+
+
+UNUSABLE_TOKENS = {
+    "one letter": "e",  # registered, the redactor would mask every "e" of every line
+    "CR/LF": "tok-4f9a\r\nX-Injected: 1",  # aiohttp refuses it in every request made with it
+    "a space": "tok 4f9a 77e1 b2c0",
+    "a control": "tok-4f9a\x1b[2J-77e1",
+    "non-ASCII": "tok-4f9a-\u00e9\u00e9-77e1",
+    "endless": "t" * 16385,
+}
+
+
+def token_reply(value: str) -> Reply:
+    body = json.dumps({"access_token": value, "expires_in": 3600}).encode()
+    return Reply(200, {"Content-Type": "application/json"}, body)
+
+
+@pytest.mark.parametrize("value", UNUSABLE_TOKENS.values(), ids=UNUSABLE_TOKENS.keys())
+async def test_an_unusable_access_token_is_refused_unquoted(value: str) -> None:
+    """Issue: the access_token was trusted as is. "e" made the redactor mask every "e"; one
+    with CR/LF made every orchestration GET raise, and every event was dead-lettered."""
+    with Receiver(lambda request: token_reply(value)) as endpoint:
+        token_url = f"http://127.0.0.1:{endpoint.port}/oauth/v1/tokens"
+        settings = stream(token_url, token_url=token_url)
+        async with aiohttp.ClientSession() as http:
+            with pytest.raises(AuthError) as info:
+                await TokenProvider(http, settings).token(retry=False)
+    message = str(info.value)
+    assert info.value.retriable
+    assert f"{token_url} sent an unusable access_token (" in message
+    assert (
+        (len(value) < 4 or value not in message) and "\r" not in message and "\x1b" not in message
+    )
+    assert REDACTOR.scrub("state=streaming, token obtained") == "state=streaming, token obtained"
+
+
+async def test_the_daemon_does_not_stream_with_an_unusable_token_and_says_why(
+    sandbox_factory: Any, tmp_path: Path
+) -> None:
+    gw = await sandbox_factory(backlog=5)
+    good = await sandbox_token(gw)
+    with Receiver(lambda request: token_reply(good)) as endpoint:
+        bad = [UNUSABLE_TOKENS[k] for k in ("one letter", "CR/LF", "a space")]
+        endpoint.script(*(token_reply(v) for v in bad))
+        settings = make_settings(
+            tmp_path,
+            gw.url,
+            auth={
+                "client_id": "c",  # (the endpoint is ours: it takes any credentials)
+                "client_secret": "s",
+                "token_url": f"http://127.0.0.1:{endpoint.port}/oauth/v1/tokens",
+            },
+        )
+        with captured_logs() as logs:
+            async with running(settings) as daemon:
+                await wait_until(lambda: "unusable access_token" in logs.getvalue())
+                assert gw.stats.connections == 0  # no session with the bad token
+                # It retries: the fourth answer is good, and the stream runs with it.
+                await wait_until(lambda: daemon.pipelines["main"].delivered >= 5)
+    assert len(endpoint.requests) >= 4
+    lines = [json.loads(line) for line in logs.getvalue().splitlines()]
+    refused = [x for x in lines if "unusable access_token" in str(x)]
+    assert refused and all(v not in str(x) for x in refused for v in bad if len(v) > 1)
+    assert any(x["event"] == "token obtained" for x in lines)  # never "tok***n obtain***d"
+    assert [x for x in gw.stats.subscribes if x]  # it subscribed, with the good token
+
+
+async def test_the_wait_for_a_token_shows_no_secret_of_its_url_and_is_one_line() -> None:
+    """aiohttp's error text holds the request's URL with its query: the status line (/readyz,
+    systemd's STATUS=, `status`) showed ?client_assertion=... in clear, over several lines."""
+    secret = uuid.uuid4().hex  # unknown to the process's redactor
+
+    async def not_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"NOT HTTP AT ALL\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(not_http, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    url = f"http://127.0.0.1:{port}/oauth/v1/tokens?client_assertion={secret}"
+    async with server, aiohttp.ClientSession() as http:
+        tokens = TokenProvider(http, stream(url, token_url=url, retry_max_s=600.0))
+        task = asyncio.create_task(tokens.token())
+        try:
+            await wait_until(lambda: tokens.waiting() is not None)
+            waiting = tokens.waiting()
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    assert waiting is not None
+    assert waiting.startswith(f"waiting for token (http://127.0.0.1:{port}/oauth/v1/tokens?")
+    assert "Bad status line" in waiting, waiting  # the reason is there, only masked
+    # (The text is cut at 200 characters: not even the start of the secret may be there.)
+    assert secret[:8] not in waiting and "\n" not in waiting and waiting.isprintable(), waiting

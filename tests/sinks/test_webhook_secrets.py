@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import logging
+import re
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -131,3 +133,71 @@ async def test_no_webhook_secret_reaches_the_dlq_or_the_logs(
     for line in text.splitlines():
         for secret in SECRETS:
             assert secret not in line, (secret, line)
+
+
+def php_json(value: Any) -> bytes:
+    """As PHP's json_encode writes by default: non-ASCII as \\uXXXX and "/" as "\\/"."""
+    return json.dumps(value).replace("/", "\\/").encode()
+
+
+# A password with a quote, a slash and non-ASCII, and whose Basic credentials' base64 holds a
+# "/": every one of them is escaped in PHP's JSON, which no raw form matches.
+JSON_PASSWORD = next(
+    p
+    for p in (f'Pw"/\u00e9-s3cr3t-{i}?' for i in range(1000))
+    if "/" in base64.b64encode(f"user:{p}".encode()).decode()
+)
+JSON_BASIC = base64.b64encode(f"user:{JSON_PASSWORD}".encode()).decode()
+
+
+def php_echo(request: Received) -> Reply:
+    """400, with the request's headers and credentials echoed back as PHP writes JSON."""
+    auth = request.header("Authorization") or ""
+    credentials = base64.b64decode(auth.removeprefix("Basic ")).decode()
+    echoed = {"authorization": auth, "credentials": credentials, **request.headers}
+    return Reply(400, {"Content-Type": "application/json"}, php_json({"echo": echoed}))
+
+
+async def test_secrets_echoed_as_php_json_reach_neither_the_dlq_nor_the_logs(
+    sandbox_factory: Any, tmp_path: Path, logs: io.StringIO
+) -> None:
+    """A receiver echoing the request as JSON wrote ``Basic dXNl…\\/…``: no raw form of the
+    secret matched it, and the DLQ error and the log lines held the credentials."""
+    gw = await sandbox_factory(backlog=3)
+    truth = truth_ids(gw.events("DEMO"))
+    with Receiver(php_echo) as rx:
+        s = make_settings(
+            tmp_path,
+            gw.url,
+            sink={
+                "type": "webhook",
+                "url": rx.url,
+                "auth": "basic",
+                "username": "user",
+                "password": JSON_PASSWORD,
+            },
+            pipeline={"sink_retry_initial_s": 0.05, "sink_retry_max_s": 0.2},
+        )
+        async with running(s) as daemon:
+            pipeline = daemon.pipelines["main"]
+            await wait_until(lambda: pipeline.dead_lettered >= len(truth))
+        requests = rx.requests
+    assert requests[0].header("Authorization") == f"Basic {JSON_BASIC}"
+    escaped = php_json({"echo": f"Basic {JSON_BASIC}", "credentials": JSON_PASSWORD}).decode()
+    assert "\\/" in escaped and "\\u00e9" in escaped and '\\"' in escaped  # what is echoed
+    # Any piece of them between what JSON escapes, at least 6 characters long, is a leak.
+    both = f"{JSON_PASSWORD} {JSON_BASIC}"
+    pieces = {p for p in re.split(r'[/"\u00e9 ]', both) if len(p) >= 6}
+    assert "-s3cr3t-" in str(pieces)
+    with sqlite3.connect(tmp_path / "state.db") as db:
+        errors = [row[0] for row in db.execute("SELECT error FROM dead_letters")]
+    assert len(errors) == len(truth)
+    for error in errors:
+        assert '"authorization": "***"' in error and '"credentials": "user:***"' in error, error
+        assert "x-opera-stream" in error.lower()  # the rest of the echo is there
+        for piece in pieces:
+            assert piece not in error, (piece, error)
+    text = logs.getvalue()
+    assert text.count('"event dead-lettered"') >= len(truth)
+    for piece in pieces:
+        assert piece not in text, piece
