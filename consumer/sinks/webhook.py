@@ -45,13 +45,20 @@ from ..core.printable import printable
 from ..core.retry_after import retry_after_seconds
 from ..core.unreachable import reason
 from ..errors import PermanentSinkError, TransientSinkError
-from ..http_client import TRANSPORT_ERRORS, basic_auth, failure_name, read_at_most, wire_url
+from ..http_client import (
+    ERROR_BODY_BYTES,
+    TRANSPORT_ERRORS,
+    basic_auth,
+    error_excerpt,
+    failure_name,
+    read_at_most,
+    wire_url,
+)
 from ..logs import MASK, REDACTOR, json_escaped_forms
 from .base import PlainSink, serialized
 
 TRANSIENT_STATUSES = frozenset({408, 425, 429})
-EXCERPT_CHARS = 300
-EXCERPT_BYTES = 65536  # of an answer's body: what is scrubbed, then cut to EXCERPT_CHARS
+EXCERPT_CHARS = 300  # of an answer's body, in the error (scrubbed first: error_excerpt)
 # Query values are all treated as secrets, but a short one ("?v=1") is most likely none and
 # would mask half of every text: as the log redactor, those are left alone.
 MIN_QUERY_SECRET_CHARS = 4
@@ -140,7 +147,7 @@ class WebhookSink(PlainSink):
                 status = response.status
                 # The body is the receiver's: only its start is read (a 2xx one to its end
                 # usually, so that the connection is kept).
-                content = await read_at_most(response, EXCERPT_BYTES)
+                content = await read_at_most(response, ERROR_BODY_BYTES)
                 reason_phrase = response.reason
                 retry_after = response.headers.get("Retry-After")
         except TRANSPORT_ERRORS as exc:  # refused, reset, timed out
@@ -152,9 +159,8 @@ class WebhookSink(PlainSink):
         reason_text = f"{self._what(events)}: HTTP {status}"
         if reason_phrase:  # the receiver's words too: it may echo a secret there
             reason_text += f" {printable(self._scrub(reason_phrase), 100)}"
-        # The receiver may echo the request (an Authorization header, say): scrub the excerpt.
-        # Scrub before cutting, so that no part of a secret survives at the cut.
-        excerpt = self._scrub(content.decode("utf-8", errors="replace"))[:EXCERPT_CHARS]
+        # The receiver may echo the request (an Authorization header, say).
+        excerpt = error_excerpt(content, self._scrub, EXCERPT_CHARS)
         if excerpt:
             reason_text += f": {excerpt}"
         if status in TRANSIENT_STATUSES or status >= 500:
