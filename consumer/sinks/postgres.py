@@ -52,6 +52,7 @@ from ..core.events import Event
 from ..core.records import Staged
 from ..errors import ConfigError, PermanentSinkError, TransientSinkError
 from ..pg_target import Target
+from ..pg_text import unstorable_char
 from .base import PlainSink
 from .rows import COLUMNS, json_row, row
 
@@ -156,15 +157,11 @@ def unstorable(values: tuple[Any, ...]) -> str | None:
             continue
         if not isinstance(value, str):
             return f"{column}: a {type(value).__name__}, not text"
-        if "\x00" in value:
-            return f"{column}: a NUL character (PostgreSQL text cannot hold one)"
+        problem = unstorable_char(value)
+        if problem is not None:
+            return f"{column}: {problem}"
         if column in _JSON and _JSON_NUL.search(value):
             return f"{column}: \\u0000 in JSON (PostgreSQL jsonb cannot hold it)"
-        if not value.isascii():
-            try:
-                value.encode()
-            except UnicodeEncodeError:
-                return f"{column}: not valid Unicode (a lone surrogate)"
     return None
 
 
