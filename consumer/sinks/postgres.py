@@ -248,14 +248,17 @@ class PostgresSink(PlainSink):
         where = self._target.where
         try:
             return await asyncpg.create_pool(
-                s.dsn.get_secret_value(),
+                self._target.dsn(),
                 min_size=min_size,
                 max_size=max_size,
                 command_timeout=s.timeout_s,
                 timeout=s.timeout_s,  # connect
             )
-        except (asyncpg.exceptions.ClientConfigurationError, ValueError) as exc:
-            raise ConfigError(f"sink.dsn: invalid PostgreSQL DSN: {self._describe(exc)}") from None
+        except (asyncpg.exceptions.ClientConfigurationError, ValueError):
+            # The driver's parse errors quote the DSN's pieces (a password's too): never shown.
+            raise ConfigError(
+                f"postgres sink at {where}: {Target.unparsable('sink.dsn')}"
+            ) from None
         except asyncpg.exceptions.PostgresError as exc:
             state = exc.sqlstate or ""
             if state.startswith(_CONFIG_STATES):

@@ -193,7 +193,8 @@ def store_error(target: Target, schema: str, exc: BaseException, doing: str) -> 
     if isinstance(exc, asyncpg.exceptions._base.DataError):  # a value asyncpg cannot send
         return StoreError(f"{where}: {doing}: invalid data: {text}")
     if isinstance(exc, asyncpg.exceptions.ClientConfigurationError | ValueError):
-        return StoreError(f"{where}: invalid [state] dsn: {text}")
+        # The driver's parse errors quote the DSN's pieces (a password's too): never shown.
+        return StoreError(f"{where}: {target.unparsable('[state] dsn')}")
     return StoreError(
         f"{where}: {doing}: cannot reach the server or lost it: {text}: retry later",
         retriable=True,
@@ -295,7 +296,7 @@ class PostgresStore:
         target = Target(dsn)
         try:
             pool = await asyncpg.create_pool(
-                dsn,
+                target.dsn(),
                 min_size=min(pool_min, pool_max),
                 max_size=pool_max,
                 timeout=timeout_s,  # connect
@@ -716,7 +717,7 @@ class PostgresLease:
         name = f"opera-consumer lease pid={os.getpid()} role={role}"[:63]
         try:
             conn = await asyncpg.connect(
-                settings.dsn.get_secret_value(),
+                target.dsn(),
                 timeout=settings.timeout_s,
                 command_timeout=settings.timeout_s,
                 server_settings={"application_name": name},
@@ -751,9 +752,7 @@ class PostgresLease:
         assert settings.dsn is not None, "checked by StateSettings"
         target, schema = Target(settings.dsn.get_secret_value()), settings.schema_
         try:
-            conn = await asyncpg.connect(
-                settings.dsn.get_secret_value(), timeout=settings.timeout_s
-            )
+            conn = await asyncpg.connect(target.dsn(), timeout=settings.timeout_s)
         except (*DRIVER_ERRORS, ValueError) as exc:
             raise store_error(target, schema, exc, "asking who holds the lease") from None
         try:
