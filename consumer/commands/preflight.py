@@ -286,7 +286,7 @@ async def _postgres_state(settings: Settings) -> str:
     assert st.dsn is not None  # the settings refuse postgres without one
     target = Target(st.dsn.get_secret_value())
     try:
-        conn = await asyncpg.connect(st.dsn.get_secret_value(), timeout=st.timeout_s)
+        conn = await asyncpg.connect(target.dsn(), timeout=st.timeout_s)
     except (*postgres.DRIVER_ERRORS, ValueError) as exc:
         raise postgres.store_error(target, st.schema_, exc, "connecting") from None
     try:

@@ -88,6 +88,12 @@ _DSN_PASSWORD = re.compile(r"""password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)""", re.IGN
 
 def _dsn_secret_values(dsn: str) -> list[str]:
     values = [dsn, *url_secret_values(dsn)] if "://" in dsn else [dsn]
+    # A password holding a raw '#', '/', '?' or '@' ends urlsplit's netloc early (no '@' left
+    # in it): it is the text between "//user:" and the last '@' of the whole DSN.
+    userinfo, at, _ = dsn.partition("://")[2].rpartition("@")
+    password = userinfo.partition(":")[2]
+    if at and password:
+        values += _forms(password)
     for match in _DSN_PASSWORD.finditer(dsn):  # key=value form, or ?password= in a URL
         raw = match.group(1)
         values += [raw, raw.strip("'").replace("\\'", "'")]

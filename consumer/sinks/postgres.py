@@ -52,6 +52,7 @@ from ..core.events import Event
 from ..core.records import Staged
 from ..errors import ConfigError, PermanentSinkError, TransientSinkError
 from ..pg_target import Target
+from ..pg_text import unstorable_char
 from .base import PlainSink
 from .rows import COLUMNS, json_row, row
 
@@ -156,15 +157,11 @@ def unstorable(values: tuple[Any, ...]) -> str | None:
             continue
         if not isinstance(value, str):
             return f"{column}: a {type(value).__name__}, not text"
-        if "\x00" in value:
-            return f"{column}: a NUL character (PostgreSQL text cannot hold one)"
+        problem = unstorable_char(value)
+        if problem is not None:
+            return f"{column}: {problem}"
         if column in _JSON and _JSON_NUL.search(value):
             return f"{column}: \\u0000 in JSON (PostgreSQL jsonb cannot hold it)"
-        if not value.isascii():
-            try:
-                value.encode()
-            except UnicodeEncodeError:
-                return f"{column}: not valid Unicode (a lone surrogate)"
     return None
 
 
@@ -251,14 +248,17 @@ class PostgresSink(PlainSink):
         where = self._target.where
         try:
             return await asyncpg.create_pool(
-                s.dsn.get_secret_value(),
+                self._target.dsn(),
                 min_size=min_size,
                 max_size=max_size,
                 command_timeout=s.timeout_s,
                 timeout=s.timeout_s,  # connect
             )
-        except (asyncpg.exceptions.ClientConfigurationError, ValueError) as exc:
-            raise ConfigError(f"sink.dsn: invalid PostgreSQL DSN: {self._describe(exc)}") from None
+        except (asyncpg.exceptions.ClientConfigurationError, ValueError):
+            # The driver's parse errors quote the DSN's pieces (a password's too): never shown.
+            raise ConfigError(
+                f"postgres sink at {where}: {Target.unparsable('sink.dsn')}"
+            ) from None
         except asyncpg.exceptions.PostgresError as exc:
             state = exc.sqlstate or ""
             if state.startswith(_CONFIG_STATES):

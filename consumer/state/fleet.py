@@ -94,8 +94,7 @@ class FleetTable:
         lease_ttl_s: float,
     ) -> None:
         assert settings.dsn is not None, "checked by StateSettings"
-        self._dsn = settings.dsn.get_secret_value()
-        self._target = Target(self._dsn)
+        self._target = Target(settings.dsn.get_secret_value())
         self._schema = settings.schema_
         self._s = quote_ident(settings.schema_)
         self._connect_timeout = settings.timeout_s
@@ -118,7 +117,7 @@ class FleetTable:
             async with asyncio.timeout(timeout_s), self._lock:
                 if self._conn is None or self._conn.is_closed():
                     self._conn = await asyncpg.connect(
-                        self._dsn,
+                        self._target.dsn(),
                         timeout=min(timeout_s, self._connect_timeout),
                         server_settings={
                             "application_name": f"opera-consumer fleet {self.member}"[:63]

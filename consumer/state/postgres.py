@@ -14,6 +14,11 @@ asyncpg pool.
   dialect, ``$1…``, run with ``executemany``) and the sink's position.
 * The two hot lookups (``seen``, ``has_dead_letters``) are one query each; ``seen`` passes
   the ids as one array (``event_id = ANY($2::text[])``).
+* Text from the wire (ids, offsets, names, keys, a dead letter's payload and error) may hold a
+  NUL, which PostgreSQL text cannot: every such column is written through
+  :func:`consumer.pg_text.to_text` (an injective, reversible escape of the rare value that
+  needs it) and read back through :func:`~consumer.pg_text.from_text`, so a NUL-bearing frame
+  is dead-lettered and the stream goes on, and dedup stays exact.
 * :meth:`PostgresStore.prune_processed` deletes by age in statements of at most
   ``PRUNE_CHUNK`` rows, each its own transaction: a busy stream adds millions of ids a day,
   and one huge DELETE would hold its locks and WAL for minutes.
@@ -43,6 +48,7 @@ from ..core.records import Checkpoint, CommitBatch, DeadLetterRow, Fence, dead_l
 from ..core.watermark import Position
 from ..errors import Fenced, LeaseHeld, SchemaTooNew, StoreError
 from ..pg_target import Target
+from ..pg_text import from_text, from_text_or_none, to_text, to_text_or_none
 from .base import PRUNE_CHUNK
 
 MIGRATIONS: tuple[str, ...] = (
@@ -187,7 +193,8 @@ def store_error(target: Target, schema: str, exc: BaseException, doing: str) -> 
     if isinstance(exc, asyncpg.exceptions._base.DataError):  # a value asyncpg cannot send
         return StoreError(f"{where}: {doing}: invalid data: {text}")
     if isinstance(exc, asyncpg.exceptions.ClientConfigurationError | ValueError):
-        return StoreError(f"{where}: invalid [state] dsn: {text}")
+        # The driver's parse errors quote the DSN's pieces (a password's too): never shown.
+        return StoreError(f"{where}: {target.unparsable('[state] dsn')}")
     return StoreError(
         f"{where}: {doing}: cannot reach the server or lost it: {text}: retry later",
         retriable=True,
@@ -215,6 +222,25 @@ def _translated(
         return translated
 
     return wrap
+
+
+def _checkpoint(row: Any) -> Checkpoint:
+    stream, offset, unique_event_id, updated_at, processed_count, event_at = row
+    return Checkpoint(
+        stream, from_text(offset), from_text(unique_event_id), updated_at, processed_count, event_at
+    )
+
+
+def _stored_letter(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A :func:`dead_letter_row` with its text from the wire (dedup_key to payload) as
+    PostgreSQL can hold it."""
+    return (row[0], *(to_text_or_none(v) for v in row[1:9]), *row[9:])
+
+
+def _dead_letter(row: Any) -> DeadLetterRow:
+    values = list(row)
+    values[2:9] = [from_text_or_none(v) for v in values[2:9]]  # offset to payload
+    return DeadLetterRow(*values)
 
 
 def _count(status: str) -> int:
@@ -270,7 +296,7 @@ class PostgresStore:
         target = Target(dsn)
         try:
             pool = await asyncpg.create_pool(
-                dsn,
+                target.dsn(),
                 min_size=min(pool_min, pool_max),
                 max_size=pool_max,
                 timeout=timeout_s,  # connect
@@ -356,7 +382,7 @@ class PostgresStore:
             f"event_at FROM {self._s}.checkpoints WHERE stream = $1",
             stream,
         )
-        return Checkpoint(*row) if row else None
+        return _checkpoint(row) if row else None
 
     @_translated("reading the checkpoints")
     async def checkpoints(self) -> list[Checkpoint]:
@@ -364,20 +390,21 @@ class PostgresStore:
             'SELECT stream, "offset", unique_event_id, updated_at, processed_count, '
             f"event_at FROM {self._s}.checkpoints ORDER BY stream"
         )
-        return [Checkpoint(*row) for row in rows]
+        return [_checkpoint(row) for row in rows]
 
     @_translated("looking up processed ids")
     async def seen(self, stream: str, event_ids: Sequence[str]) -> set[str]:
         """Which of these ids were already processed (committed) for this stream: one query."""
         if not event_ids:
             return set()
+        stored = {to_text(i): i for i in event_ids}
         rows = await self._pool.fetch(
             f"SELECT event_id FROM {self._s}.processed_events "
             "WHERE stream = $1 AND event_id = ANY($2::text[])",
             stream,
-            list(event_ids),
+            list(stored),
         )
-        return {str(row[0]) for row in rows}
+        return {stored[row[0]] for row in rows}
 
     @_translated("reading the sink state")
     async def sink_state(self, sink: str) -> str | None:
@@ -412,7 +439,7 @@ class PostgresStore:
         args: list[Any] = []
         for clause, value in (
             (" AND stream = ${}", stream),
-            (" AND reason = ${}", reason),
+            (" AND reason = ${}", to_text_or_none(reason)),
             (" AND last_at >= ${}::float8", since),
             (" AND last_at < ${}::float8", before),
             (" AND id = ANY(${}::bigint[])", None if ids is None else list(ids)),
@@ -421,7 +448,7 @@ class PostgresStore:
                 args.append(value)
                 sql += clause.format(len(args))
         rows = await self._pool.fetch(sql + " ORDER BY id", *args)
-        return [DeadLetterRow(*row) for row in rows]
+        return [_dead_letter(row) for row in rows]
 
     @_translated("reading parked keys")
     async def parked_keys(self, stream: str) -> dict[str, str]:
@@ -432,7 +459,7 @@ class PostgresStore:
             "AND primary_key IS NOT NULL GROUP BY primary_key)",
             stream,
         )
-        return {str(k): str(v) for k, v in rows}
+        return {from_text(k): from_text(v) for k, v in rows}
 
     @_translated("looking up dead letters")
     async def has_dead_letters(self, stream: str, primary_key: str) -> bool:
@@ -442,7 +469,7 @@ class PostgresStore:
                 f"SELECT EXISTS (SELECT 1 FROM {self._s}.dead_letters "
                 "WHERE stream = $1 AND primary_key = $2)",
                 stream,
-                primary_key,
+                to_text(primary_key),
             )
         )
 
@@ -472,7 +499,7 @@ class PostgresStore:
                     "SELECT $1, e, $3 FROM unnest($2::text[]) AS e "
                     "ON CONFLICT (stream, event_id) DO NOTHING",
                     stream,
-                    list(dict.fromkeys(ids)),
+                    list(dict.fromkeys(map(to_text, ids))),
                     now,
                 )
             if batch.dead_letters:
@@ -485,7 +512,7 @@ class PostgresStore:
                     "ON CONFLICT (stream, dedup_key) DO UPDATE SET attempts = d.attempts + 1, "
                     "last_at = EXCLUDED.last_at, error = EXCLUDED.error, "
                     "reason = EXCLUDED.reason",
-                    [dead_letter_row(d, now) for d in batch.dead_letters],
+                    [_stored_letter(dead_letter_row(d, now)) for d in batch.dead_letters],
                 )
             moved: list[tuple[Any, ...]] = []
             counted: list[tuple[Any, ...]] = []
@@ -494,7 +521,8 @@ class PostgresStore:
                 count = batch.done_counts.get(stream, 0)
                 if pos is not None:
                     at = batch.event_at.get(stream)
-                    moved.append((stream, pos.offset, pos.unique_event_id, now, count, at))
+                    offset, uid = to_text(pos.offset), to_text(pos.unique_event_id)
+                    moved.append((stream, offset, uid, now, count, at))
                 elif count:
                     counted.append((count, stream))
             if moved:
@@ -572,8 +600,8 @@ class PostgresStore:
                 f'INSERT INTO {s}.checkpoints (stream, "offset", unique_event_id, updated_at) '
                 f"VALUES ($1, $2, $3, $4) ON CONFLICT (stream) {conflict}",
                 stream,
-                position.offset,
-                position.unique_event_id,
+                to_text(position.offset),
+                to_text(position.unique_event_id),
                 time.time(),
             )
 
@@ -601,7 +629,7 @@ class PostgresStore:
                 '"offset" = EXCLUDED."offset", unique_event_id = \'\', '
                 "updated_at = EXCLUDED.updated_at, event_at = NULL",
                 stream,
-                offset,
+                to_text(offset),
                 time.time(),
             )
 
@@ -689,7 +717,7 @@ class PostgresLease:
         name = f"opera-consumer lease pid={os.getpid()} role={role}"[:63]
         try:
             conn = await asyncpg.connect(
-                settings.dsn.get_secret_value(),
+                target.dsn(),
                 timeout=settings.timeout_s,
                 command_timeout=settings.timeout_s,
                 server_settings={"application_name": name},
@@ -724,9 +752,7 @@ class PostgresLease:
         assert settings.dsn is not None, "checked by StateSettings"
         target, schema = Target(settings.dsn.get_secret_value()), settings.schema_
         try:
-            conn = await asyncpg.connect(
-                settings.dsn.get_secret_value(), timeout=settings.timeout_s
-            )
+            conn = await asyncpg.connect(target.dsn(), timeout=settings.timeout_s)
         except (*DRIVER_ERRORS, ValueError) as exc:
             raise store_error(target, schema, exc, "asking who holds the lease") from None
         try:

@@ -1,0 +1,151 @@
+"""A PostgreSQL password with a raw ``#``, ``/``, ``?`` or ``@`` in its DSN: asyncpg split the URL
+otherwise than we do and raised ``invalid literal for int() with base 10: '<piece of the
+password>'``, which ``run``, ``status``, ``preflight`` and ``dlq list`` printed; the log
+redactor missed it too (urlsplit leaves the '@' outside the netloc). Now such a DSN never reaches
+the driver, a driver's parse error is never shown, the message names the key and the fix, and
+the redactor knows the password by the last '@'.
+
+The commands run as a new user runs them: ``run`` as a process (``python -m consumer``), the
+others in-process (tests/operator_support.py ``cli``), against the sandbox gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+from operator_support import cli
+
+from consumer.config import load_settings, secret_values
+from consumer.pg_target import UNKNOWN_SERVER, Target, UnparsableDsn
+from consumer.sandbox import launcher
+
+pytestmark = pytest.mark.usefixtures("contained_logging")
+
+SERVER = "127.0.0.1:5432/events"
+# Each password holds what the driver splits at; every piece between them is long enough to
+# be recognised (>= 4 characters) if any part of the output quoted it.
+DSNS = {
+    "hash": ("Kx7Qsecret#9zWq", f"postgresql://app:Kx7Qsecret#9zWq@{SERVER}"),
+    "slash": ("Lm3pWord/Rt8vQ", f"postgresql://app:Lm3pWord/Rt8vQ@{SERVER}"),
+    "question": ("Yh2sPass?Pq5wZ", f"postgresql://app:Yh2sPass?Pq5wZ@{SERVER}"),
+    "at": ("Gh4kPass@Jn6tQ", f"postgresql://app:Gh4kPass@Jn6tQ@{SERVER}"),
+    "all": (
+        "Zq9wRest:Tr4eX#Mn7bY/Uo2iV?Ep8rW@Fs1dQ",
+        f"postgresql://app:Zq9wRest:Tr4eX#Mn7bY/Uo2iV?Ep8rW@Fs1dQ@{SERVER}",
+    ),
+    # The password in the query: what follows the last '@' may be its tail, so no server.
+    "query": ("Wd3rPass@Cx5vQ", f"postgresql://app@{SERVER}?password=Wd3rPass@Cx5vQ"),
+}
+
+
+def pieces(password: str) -> list[str]:
+    """The password and every piece of it between the characters a URL splits at."""
+    return [password, *(p for p in re.split(r"[#/?@:]", password) if len(p) >= 4)]
+
+
+def assert_kept(text: str, password: str) -> None:
+    for piece in pieces(password):
+        assert piece not in text, f"{piece!r} (of the password) in: {text}"
+        assert quote(piece, safe="") not in text
+
+
+@pytest.mark.parametrize("case", list(DSNS))
+def test_the_driver_never_gets_a_dsn_it_would_misread(case: str) -> None:
+    password, dsn = DSNS[case]
+    target = Target(dsn)
+    assert not target.parsable
+    with pytest.raises(UnparsableDsn) as refused:
+        target.dsn()
+    assert_kept(str(refused.value), password)
+    assert target.where == (UNKNOWN_SERVER if case == "query" else SERVER)
+    assert_kept(target.where, password)
+    assert password in target.secrets
+    message = Target.unparsable("[state] dsn")
+    assert "[state] dsn" in message and "percent-encode" in message
+
+
+def test_a_dsn_the_driver_reads_as_we_do_is_passed_on() -> None:
+    for dsn in (
+        f"postgresql://app:{quote('Kx7Q#9z/?@:', safe='')}@{SERVER}?sslmode=disable",
+        "postgres://app:pw:with:colons@db:6432/hotel",
+        "postgresql:///ev?host=/run/pg&password=qwerty123",
+        "postgresql://[::1]/x",
+    ):
+        assert Target(dsn).dsn() == dsn
+    assert not Target("host=db password=x").parsable  # asyncpg takes URLs only
+
+
+@pytest.mark.parametrize("case", ["hash", "all"])
+def test_the_redactor_knows_the_password_by_the_last_at(tmp_path: Path, case: str) -> None:
+    password, dsn = DSNS[case]
+    for table in (
+        f'[state]\nbackend = "postgres"\ndsn = "{dsn}"\n',
+        f'[state]\npath = "{tmp_path / "s.db"}"\n[sink]\ntype = "postgres"\ndsn = "{dsn}"\n',
+    ):
+        config = tmp_path / "config.toml"
+        config.write_text(launcher.stream_config("http://127.0.0.1:9") + table)
+        values = set(secret_values(load_settings(config)))
+        assert {dsn, password, quote(password, safe="")} <= values
+
+
+def config(tmp_path: Path, url: str, dsn: str, where: str) -> Path:
+    """``where``: "state" (the PostgreSQL state store) or "sink" (the PostgreSQL sink)."""
+    if where == "state":
+        tables = f'[state]\nbackend = "postgres"\ndsn = "{dsn}"\n'
+    else:
+        tables = f'[state]\npath = "{tmp_path / "state.db"}"\n[sink]\ntype = "postgres"\n'
+        tables += f'dsn = "{dsn}"\n'
+    path = tmp_path / f"{where}.toml"
+    path.write_text(
+        launcher.stream_config(url)
+        + tables
+        + '[metrics]\nenabled = false\n[log]\nlevel = "debug"\n'
+    )
+    return path
+
+
+def run(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "consumer", "run", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    "scenario", [(c, w) for c in DSNS for w in ("state", "sink")], ids="-".join
+)
+async def test_the_commands_name_the_key_and_never_a_piece_of_the_password(
+    sandbox_factory: Any,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    scenario: tuple[str, str],
+) -> None:
+    """``where``: the DSN is the state store's ("state") or the PostgreSQL sink's ("sink")."""
+    case, where = scenario
+    password, dsn = DSNS[case]
+    key = "[state] dsn" if where == "state" else "sink.dsn"
+    gw = await sandbox_factory(backlog=3)
+    path = config(tmp_path, gw.url, dsn, where)
+    ran = await asyncio.to_thread(run, path)
+    assert ran.returncode == 78, ran.stderr
+    assert key in ran.stderr and "percent-encode" in ran.stderr
+    assert "Traceback" not in ran.stderr
+    assert_kept(ran.stdout + ran.stderr, password)
+    assert gw.stats.connections == 0  # refused before it subscribed
+    commands = [["status"], ["preflight"], ["dlq", "list"]]
+    for command in commands:
+        code, out, err = await cli(capsys, *command, "--config", str(path))
+        assert_kept(out + err + caplog.text, password)
+        if where == "state" or command == ["preflight"]:  # status and dlq never open the sink
+            assert code != 0, (command, out, err)
+            assert key in out + err, (command, out, err)
