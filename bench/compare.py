@@ -62,9 +62,9 @@ sys.path.insert(0, str(ROOT / "tests"))  # tests/pg.py: a throwaway PostgreSQL s
 
 from consumer.config import HttpSettings, WebhookSinkSettings  # noqa: E402
 from consumer.core import protocol  # noqa: E402
+from consumer.http_client import ERROR_BODY_BYTES  # noqa: E402
 from consumer.sandbox import SandboxOptions, launcher  # noqa: E402
 from consumer.sandbox.templated import TemplatedEvents  # noqa: E402
-from consumer.sinks.webhook import EXCERPT_BYTES  # noqa: E402
 
 CHAIN = "DEMO"
 SEED = 1
@@ -186,7 +186,7 @@ async def bare_webhook(url: str, n: int, workers: int) -> dict[str, Any]:
                     timeout=timeout,
                     allow_redirects=False,
                 ) as response:
-                    await response.content.read(EXCERPT_BYTES)
+                    await response.content.read(ERROR_BODY_BYTES)
                     if response.status != 200:
                         raise RuntimeError(f"the receiver answered {response.status}")
 

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import aiosqlite
-import orjson
 
 from ..core.records import Checkpoint, CommitBatch, DeadLetterRow, Fence, dead_letter_row
 from ..core.watermark import Position
@@ -112,6 +111,13 @@ def _translated(
             raise store_error(store.path, exc) from None
 
     return translated
+
+
+@functools.cache
+def _processed_sql(rows: int) -> str:
+    return "INSERT OR IGNORE INTO processed_events (stream, event_id, processed_at) VALUES " + (
+        ", ".join(["(?, ?, ?)"] * rows)
+    )
 
 
 _PUT_SINK_STATE = (
@@ -312,13 +318,9 @@ class SqliteStore:
     def _commit_now(self, db: sqlite3.Connection, batch: CommitBatch, now: float) -> None:
         with sync_transaction(db):
             for stream, ids in batch.processed.items():
-                # One statement for the whole batch: sqlite3 releases the GIL once for it,
-                # where executemany hands it back and forth for every row.
-                db.execute(
-                    "INSERT OR IGNORE INTO processed_events (stream, event_id, processed_at) "
-                    "SELECT ?, value, ? FROM json_each(?)",
-                    (stream, now, orjson.dumps(ids).decode()),
-                )
+                # Bound as parameters (JSON through json_each cut an id at a NUL from the
+                # wire), in statements of many rows (see write_rows).
+                write_rows(db, _processed_sql(1), [(stream, i, now) for i in ids], _processed_sql)
             if batch.dead_letters:
                 db.executemany(
                     "INSERT INTO dead_letters (stream, dedup_key, offset, unique_event_id, "

@@ -152,6 +152,14 @@ async def test_seen_returns_exactly_the_committed_ids(store: Store) -> None:
     assert await store.seen("s", []) == set()
 
 
+async def test_ids_with_a_nul_are_ids_of_their_own(store: Store) -> None:
+    """Ids come from the wire: one with a NUL is neither cut at it (then "a" would be taken for
+    a duplicate and never delivered) nor lost (then its copy would be delivered again)."""
+    await store.commit(CommitBatch(processed={"s": ["a\x00b", "c\x00"]}))
+    asked = ["a", "a\x00b", "a\x00c", "c", "c\x00", "c\x00\x00"]
+    assert await store.seen("s", asked) == {"a\x00b", "c\x00"}
+
+
 async def test_seen_with_more_than_900_ids(store: Store) -> None:
     committed = [f"id-{i}" for i in range(2500)]
     await store.commit(CommitBatch(processed={"s": committed}))
