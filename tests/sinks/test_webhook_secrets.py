@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import logging
 import re
 import sqlite3
 from collections.abc import Iterator
@@ -20,11 +19,10 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 import pytest
-import structlog
+from log_capture import captured_logs
 from receiver import Received, Receiver, Reply
 from support import make_settings, running, truth_ids, wait_until
 
-import consumer.logs
 from consumer.config import WebhookSinkSettings
 
 PASSWORD = "Pw-s3cr3t-91"
@@ -57,18 +55,8 @@ def echo(request: Received) -> Reply:
 @pytest.fixture
 def logs() -> Iterator[io.StringIO]:
     """Every log line of the process (JSON), into a buffer; logging put back afterwards."""
-    saved = structlog.get_config()
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    buffer = io.StringIO()
-    consumer.logs.configure("debug", "json", stream=buffer)
-    structlog.configure(cache_logger_on_first_use=False)
-    try:
+    with captured_logs() as buffer:
         yield buffer
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
-        structlog.configure(**saved)
 
 
 @pytest.mark.parametrize("batch_size", [1, 5])

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from operator_support import cli, settled, write_config
-from pg import DATABASE, PostgresServer
 from store_backends import PostgresBackend
 from support import count_lines, running, sink_ids, truth_ids, wait_until
 
@@ -56,18 +54,7 @@ def test_text_postgres_can_hold_is_stored_as_it_is() -> None:
     assert to_text("a\x00b") == "\x01a\\0b"
 
 
-@pytest.fixture
-async def backend(postgres_server: PostgresServer) -> AsyncIterator[PostgresBackend]:
-    b = PostgresBackend(
-        postgres_server.dsn(), f"{postgres_server.host}:{postgres_server.port}/{DATABASE}"
-    )
-    try:
-        yield b
-    finally:
-        await b.drop()
-
-
-async def test_the_store_keeps_text_from_the_wire_as_it_came(backend: PostgresBackend) -> None:
+async def test_the_store_keeps_text_from_the_wire_as_it_came(pg_backend: PostgresBackend) -> None:
     """Every text column fed from the wire takes a NUL; an id with one and an id that looks
     like its escape stay two ids (dedup stays exact)."""
     nul = DeadLetter(
@@ -88,7 +75,7 @@ async def test_the_store_keeps_text_from_the_wire_as_it_came(backend: PostgresBa
         unique_event_id="n\\0",
         primary_key="k\\0",
     )
-    store = await backend.open()
+    store = await pg_backend.open()
     try:
         await store.commit(
             CommitBatch(
@@ -128,8 +115,8 @@ async def test_the_store_keeps_text_from_the_wire_as_it_came(backend: PostgresBa
     finally:
         await store.close()
     # As stored: escaped, so PostgreSQL took it; nothing else changed.
-    rows = await backend.fetch(
-        f"SELECT event_id FROM {backend.q}.processed_events ORDER BY event_id"
+    rows = await pg_backend.fetch(
+        f"SELECT event_id FROM {pg_backend.q}.processed_events ORDER BY event_id"
     )
     assert "\x01a\\0b" in [r[0] for r in rows] and "a\\0b" in [r[0] for r in rows]
 
@@ -140,7 +127,7 @@ def raw_event(offset: str, uid: str, **fields: Any) -> str:
 
 
 async def test_a_nul_from_the_wire_is_dead_lettered_or_delivered_and_the_stream_goes_on(
-    backend: PostgresBackend,
+    pg_backend: PostgresBackend,
     sandbox_factory: Any,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
@@ -164,12 +151,12 @@ async def test_a_nul_from_the_wire_is_dead_lettered_or_delivered_and_the_stream_
     events = gw.events("DEMO")
     last = events[-1]["metadata"]
     sink = tmp_path / "events.jsonl"
-    state = {"backend": "postgres", "dsn": backend.dsn, "schema": backend.schema}
+    state = {"backend": "postgres", "dsn": pg_backend.dsn, "schema": pg_backend.schema}
     config = write_config(tmp_path, gw.url, sink={"type": "jsonl", "path": sink}, state=state)
     entries = len(events) + len(nul_ids) + 2  # + the frame and the deep event
 
     async def at_last() -> bool:
-        store = await PostgresStore.open(backend.dsn, schema=backend.schema, create=False)
+        store = await PostgresStore.open(pg_backend.dsn, schema=pg_backend.schema, create=False)
         try:
             cp = await store.checkpoint("main")
         finally:

@@ -9,7 +9,7 @@ import asyncio
 import os
 import socket
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +27,6 @@ from consumer.core.watermark import Position
 from consumer.errors import LeaseHeld, StoreError
 from consumer.state import PostgresStore, SqliteStore, acquire, current_holder, open_store
 from consumer.state.postgres import MIGRATIONS, Target, migration_lock_key
-
-
-@pytest.fixture
-async def backend(postgres_server: PostgresServer) -> AsyncIterator[PostgresBackend]:
-    b = PostgresBackend(
-        postgres_server.dsn(), f"{postgres_server.host}:{postgres_server.port}/{DATABASE}"
-    )
-    try:
-        yield b
-    finally:
-        await b.drop()
 
 
 async def until(condition: Callable[[], Awaitable[bool]], timeout: float = 30.0) -> None:
@@ -63,13 +52,13 @@ def assert_secret_kept(exc: BaseException, *secrets: str) -> None:
 # --- migrations --------------------------------------------------------------------------------
 
 
-async def test_the_schema_and_its_version(backend: PostgresBackend) -> None:
-    s = await backend.open()
+async def test_the_schema_and_its_version(pg_backend: PostgresBackend) -> None:
+    s = await pg_backend.open()
     await s.close()
-    rows = await backend.fetch(
+    rows = await pg_backend.fetch(
         "SELECT table_name FROM information_schema.tables WHERE table_schema = $1 "
         "ORDER BY table_name",
-        backend.schema,
+        pg_backend.schema,
     )
     assert [r[0] for r in rows] == [
         "checkpoints",
@@ -81,13 +70,13 @@ async def test_the_schema_and_its_version(backend: PostgresBackend) -> None:
         "start_overrides",
         "stream_leases",
     ]
-    versions = await backend.fetch(f"SELECT version FROM {backend.q}.schema_version")
+    versions = await pg_backend.fetch(f"SELECT version FROM {pg_backend.q}.schema_version")
     assert [r[0] for r in versions] == list(range(1, len(MIGRATIONS) + 1))
     # the hot lookups are on indexes
     indexes = {
         r[0]
-        for r in await backend.fetch(
-            "SELECT indexdef FROM pg_indexes WHERE schemaname = $1", backend.schema
+        for r in await pg_backend.fetch(
+            "SELECT indexdef FROM pg_indexes WHERE schemaname = $1", pg_backend.schema
         )
     }
     assert any("processed_events" in d and "(stream, event_id)" in d for d in indexes)
@@ -97,15 +86,15 @@ async def test_the_schema_and_its_version(backend: PostgresBackend) -> None:
 
 
 async def test_two_daemons_migrating_at_once_wait_for_each_other(
-    backend: PostgresBackend,
+    pg_backend: PostgresBackend,
 ) -> None:
     """Both reach the migration lock while a third session holds it; released, one migrates
     and the other finds the schema current."""
-    key = migration_lock_key(backend.schema)
-    holder = await asyncpg.connect(backend.dsn, timeout=10)
+    key = migration_lock_key(pg_backend.schema)
+    holder = await asyncpg.connect(pg_backend.dsn, timeout=10)
     try:
         await holder.execute("SELECT pg_advisory_lock($1)", key)
-        opening = [asyncio.create_task(backend.open()) for _ in range(2)]
+        opening = [asyncio.create_task(pg_backend.open()) for _ in range(2)]
 
         async def both_waiting() -> bool:
             waiting = await holder.fetchval(
@@ -122,7 +111,7 @@ async def test_two_daemons_migrating_at_once_wait_for_each_other(
     finally:
         await holder.close()
     try:
-        versions = await backend.fetch(f"SELECT version FROM {backend.q}.schema_version")
+        versions = await pg_backend.fetch(f"SELECT version FROM {pg_backend.q}.schema_version")
         assert sorted(r[0] for r in versions) == list(range(1, len(MIGRATIONS) + 1))
         await stores[0].commit(CommitBatch(processed={"s": ["a"]}))
         assert await stores[1].seen("s", ["a"]) == {"a"}
@@ -131,22 +120,24 @@ async def test_two_daemons_migrating_at_once_wait_for_each_other(
             await s.close()
 
 
-async def test_many_daemons_starting_at_once_on_a_fresh_schema(backend: PostgresBackend) -> None:
-    stores = await asyncio.gather(*(backend.open() for _ in range(5)))
+async def test_many_daemons_starting_at_once_on_a_fresh_schema(pg_backend: PostgresBackend) -> None:
+    stores = await asyncio.gather(*(pg_backend.open() for _ in range(5)))
     try:
-        assert await backend.version() == len(MIGRATIONS)
-        assert await backend.count("schema_version") == len(MIGRATIONS)
+        assert await pg_backend.version() == len(MIGRATIONS)
+        assert await pg_backend.count("schema_version") == len(MIGRATIONS)
     finally:
         for s in stores:
             await s.close()
 
 
-async def test_without_create_an_empty_database_gets_no_schema(backend: PostgresBackend) -> None:
+async def test_without_create_an_empty_database_gets_no_schema(pg_backend: PostgresBackend) -> None:
     with pytest.raises(StoreError, match="has no state") as raised:
-        await backend.open(create=False)
-    assert backend.where in str(raised.value)
-    assert backend.schema in str(raised.value)
-    rows = await backend.fetch("SELECT 1 FROM pg_namespace WHERE nspname = $1", backend.schema)
+        await pg_backend.open(create=False)
+    assert pg_backend.where in str(raised.value)
+    assert pg_backend.schema in str(raised.value)
+    rows = await pg_backend.fetch(
+        "SELECT 1 FROM pg_namespace WHERE nspname = $1", pg_backend.schema
+    )
     assert rows == []
 
 
@@ -169,17 +160,17 @@ async def test_a_schema_name_with_capitals_is_its_own_schema(postgres_server) ->
 
 
 async def test_prune_deletes_in_bounded_statements(
-    backend: PostgresBackend, monkeypatch: pytest.MonkeyPatch
+    pg_backend: PostgresBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A statement-level trigger records how many rows each DELETE removed."""
     monkeypatch.setattr(store_module, "PRUNE_CHUNK", 100)
-    store = await backend.open()
+    store = await pg_backend.open()
     try:
         await store.commit(CommitBatch(processed={"s": [f"a{i}" for i in range(1050)]}), now=10.0)
         await store.commit(CommitBatch(processed={"t": [f"b{i}" for i in range(20)]}), now=10.0)
         await store.commit(CommitBatch(processed={"s": [f"k{i}" for i in range(30)]}), now=99.0)
-        q = backend.q
-        await backend.execute(
+        q = pg_backend.q
+        await pg_backend.execute(
             f"CREATE TABLE {q}.prune_log (n BIGINT NOT NULL);"
             f"CREATE FUNCTION {q}.log_prune() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
             f"INSERT INTO {q}.prune_log SELECT COUNT(*) FROM gone; RETURN NULL; END $$;"
@@ -187,11 +178,11 @@ async def test_prune_deletes_in_bounded_statements(
             f"REFERENCING OLD TABLE AS gone FOR EACH STATEMENT EXECUTE FUNCTION {q}.log_prune()"
         )
         assert await store.prune_processed(older_than=50.0) == 1070
-        counts = [int(r[0]) for r in await backend.fetch(f"SELECT n FROM {q}.prune_log")]
+        counts = [int(r[0]) for r in await pg_backend.fetch(f"SELECT n FROM {q}.prune_log")]
         assert max(counts) == 100
         assert sum(counts) == 1070
         assert len(counts) == 11  # ten full statements and one of 70
-        assert await backend.count("processed_events") == 30
+        assert await pg_backend.count("processed_events") == 30
         assert await store.seen("s", ["a0", "k0"]) == {"k0"}
     finally:
         await store.close()
@@ -215,9 +206,9 @@ async def test_an_unreachable_server_is_retriable_and_names_host_and_port() -> N
 
 
 async def test_a_server_stopping_under_the_store_is_retriable_and_it_recovers(
-    postgres_server: PostgresServer, backend: PostgresBackend
+    postgres_server: PostgresServer, pg_backend: PostgresBackend
 ) -> None:
-    store = await backend.open()
+    store = await pg_backend.open()
     try:
         await store.commit(CommitBatch(processed={"s": ["before"]}))
         postgres_server.stop()
@@ -225,7 +216,7 @@ async def test_a_server_stopping_under_the_store_is_retriable_and_it_recovers(
             with pytest.raises(StoreError) as raised:
                 await store.commit(CommitBatch(processed={"s": ["during"]}))
             assert raised.value.retriable
-            assert backend.where in str(raised.value)
+            assert pg_backend.where in str(raised.value)
             assert_secret_kept(raised.value, postgres_server.password)
         finally:
             postgres_server.start()
@@ -262,32 +253,32 @@ async def test_an_unknown_database_is_not_retriable(postgres_server: PostgresSer
 
 
 async def test_a_user_without_privileges_is_not_retriable(
-    postgres_server: PostgresServer, backend: PostgresBackend
+    postgres_server: PostgresServer, pg_backend: PostgresBackend
 ) -> None:
     """A user without CREATE on the database cannot make the schema (not retriable); given
     a schema of its own, made by an administrator, it needs nothing more."""
     role, password = f"r_{uuid.uuid4().hex[:12]}", "limited-Secret-42"
-    await backend.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+    await pg_backend.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
     try:
         dsn = (
             f"postgresql://{role}:{password}@{postgres_server.host}:{postgres_server.port}/"
             f"{DATABASE}"
         )
         with pytest.raises(StoreError, match="missing privilege") as raised:
-            await PostgresStore.open(dsn, schema=backend.schema, timeout_s=5.0)
+            await PostgresStore.open(dsn, schema=pg_backend.schema, timeout_s=5.0)
         assert not raised.value.retriable
         assert "own the schema" in str(raised.value)
         assert_secret_kept(raised.value, password)
-        await backend.execute(f"CREATE SCHEMA {backend.q} AUTHORIZATION {role}")
-        store = await PostgresStore.open(dsn, schema=backend.schema, timeout_s=5.0)
+        await pg_backend.execute(f"CREATE SCHEMA {pg_backend.q} AUTHORIZATION {role}")
+        store = await PostgresStore.open(dsn, schema=pg_backend.schema, timeout_s=5.0)
         try:
             await store.commit(CommitBatch(checkpoints={"s": Position("1", "u1")}))
             assert await store.checkpoint("s") is not None
         finally:
             await store.close()
     finally:
-        await backend.drop()
-        await backend.execute(f"DROP ROLE {role}")
+        await pg_backend.drop()
+        await pg_backend.execute(f"DROP ROLE {role}")
 
 
 @pytest.mark.parametrize(
@@ -319,11 +310,11 @@ def test_messages_name_the_server_never_the_password() -> None:
         assert dsn not in described
 
 
-async def test_repr_names_the_server_and_schema_only(backend: PostgresBackend) -> None:
-    store = await backend.open()
+async def test_repr_names_the_server_and_schema_only(pg_backend: PostgresBackend) -> None:
+    store = await pg_backend.open()
     try:
         assert repr(store) == (
-            f"PostgresStore(server={backend.where!r}, schema={backend.schema!r})"
+            f"PostgresStore(server={pg_backend.where!r}, schema={pg_backend.schema!r})"
         )
         assert "pg-test-secret" not in repr(store)
     finally:
@@ -333,22 +324,22 @@ async def test_repr_names_the_server_and_schema_only(backend: PostgresBackend) -
 # --- open_store picks the backend ---------------------------------------------------------------
 
 
-async def test_open_store_picks_the_backend(backend: PostgresBackend, tmp_path: Path) -> None:
+async def test_open_store_picks_the_backend(pg_backend: PostgresBackend, tmp_path: Path) -> None:
     settings = StateSettings(
         backend="postgres",
-        dsn=backend.dsn,  # type: ignore[arg-type]
-        schema=backend.schema,
+        dsn=pg_backend.dsn,  # type: ignore[arg-type]
+        schema=pg_backend.schema,
         pool_min=1,
         pool_max=2,
     )
     store = await open_store(settings)
     try:
         assert isinstance(store, PostgresStore)
-        assert store.schema == backend.schema
+        assert store.schema == pg_backend.schema
         await store.anchor("s", Position("1", "u1"))
     finally:
         await store.close()
-    assert await backend.count("checkpoints") == 1
+    assert await pg_backend.count("checkpoints") == 1
     sqlite = await open_store(StateSettings(path=tmp_path / "s.db"))
     try:
         assert isinstance(sqlite, SqliteStore)
@@ -359,16 +350,16 @@ async def test_open_store_picks_the_backend(backend: PostgresBackend, tmp_path: 
 # --- the lease: one daemon per schema, whatever its host ------------------------------------------
 
 
-def _state(backend: PostgresBackend) -> StateSettings:
-    return StateSettings(backend="postgres", dsn=backend.dsn, schema=backend.schema)  # type: ignore[arg-type]
+def _state(pg_backend: PostgresBackend) -> StateSettings:
+    return StateSettings(backend="postgres", dsn=pg_backend.dsn, schema=pg_backend.schema)  # type: ignore[arg-type]
 
 
 async def test_a_second_holder_of_the_schema_is_refused_naming_the_first(
-    backend: PostgresBackend,
+    pg_backend: PostgresBackend,
 ) -> None:
     """Two daemons on two hosts share nothing local: the lease lives in PostgreSQL (a session
     advisory lock), names its holder, and is free again once released."""
-    st = _state(backend)
+    st = _state(pg_backend)
     assert await current_holder(st) is None
     first = await acquire(st, ["main"], role="daemon")
     try:
@@ -376,10 +367,11 @@ async def test_a_second_holder_of_the_schema_is_refused_naming_the_first(
         assert who is not None and who["pid"] == str(os.getpid()) and who["role"] == "daemon"
         with pytest.raises(LeaseHeld) as refused:
             await acquire(st, ["main"], role="offset")
-        assert f"pid {os.getpid()}" in str(refused.value) and backend.schema in str(refused.value)
-        assert_secret_kept(refused.value, backend.dsn)
+        said = str(refused.value)
+        assert f"pid {os.getpid()}" in said and pg_backend.schema in said
+        assert_secret_kept(refused.value, pg_backend.dsn)
         # Another schema is another store: its lease is free.
-        other = await acquire(_state(PostgresBackend(backend.dsn, backend.where)), [])
+        other = await acquire(_state(PostgresBackend(pg_backend.dsn, pg_backend.where)), [])
         await other.release()
     finally:
         await first.release()
@@ -390,14 +382,14 @@ async def test_a_second_holder_of_the_schema_is_refused_naming_the_first(
 
 
 async def test_a_daemon_runs_on_a_postgres_state_store(
-    backend: PostgresBackend, sandbox_factory: Any, tmp_path: Path
+    pg_backend: PostgresBackend, sandbox_factory: Any, tmp_path: Path
 ) -> None:
     """Issue #11's building block end to end: checkpoints, processed ids and the jsonl sink's
     position land in PostgreSQL; a restart resumes there and delivers nothing twice."""
     from support import count_lines, make_settings, running, sink_ids, truth_ids, wait_until
 
     gw = await sandbox_factory(backlog=120)
-    state = {"backend": "postgres", "dsn": backend.dsn, "schema": backend.schema}
+    state = {"backend": "postgres", "dsn": pg_backend.dsn, "schema": pg_backend.schema}
     settings = make_settings(tmp_path, gw.url, state=state)
     sink = tmp_path / "events.jsonl"
     async with running(settings):
@@ -407,7 +399,7 @@ async def test_a_daemon_runs_on_a_postgres_state_store(
         await wait_until(lambda: count_lines(sink) >= 150)
         assert daemon.pipelines["main"].duplicates <= 1  # the inclusive replay of the checkpoint
     assert sorted(sink_ids(sink)) == sorted(truth_ids(gw.events("DEMO")))
-    store = await backend.open()
+    store = await pg_backend.open()
     try:
         cp = await store.checkpoint("main")
         assert cp is not None and cp.offset == gw.events("DEMO")[-1]["metadata"]["offset"]
@@ -417,10 +409,10 @@ async def test_a_daemon_runs_on_a_postgres_state_store(
 
 
 async def test_the_operator_commands_read_a_postgres_state_store(
-    backend: PostgresBackend, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    pg_backend: PostgresBackend, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """status and offset look for no SQLite file when the state lives in PostgreSQL."""
-    store = await backend.open()
+    store = await pg_backend.open()
     try:
         await store.anchor("main", Position("4711", "u4711"))
     finally:
@@ -436,8 +428,8 @@ client_id = "cid"
 client_secret = "secret-0002"
 [state]
 backend = "postgres"
-dsn = "{backend.dsn}"
-schema = "{backend.schema}"
+dsn = "{pg_backend.dsn}"
+schema = "{pg_backend.schema}"
 path = "{tmp_path / "absent.db"}"
 [metrics]
 enabled = false
