@@ -59,6 +59,22 @@ async def put(pipeline: StreamPipeline, *events: Event) -> None:
         await pipeline.drained()
 
 
+def one_worker(
+    sink: RejectsOnce, committer: Committer, parked: dict[str, str] | None = None
+) -> StreamPipeline:
+    return StreamPipeline(
+        STREAM,
+        sink=sink,
+        committer=committer,
+        workers=1,
+        queue_size=10,
+        batch_max=10,
+        retry_initial_s=0.01,
+        retry_max_s=0.01,
+        parked=parked,
+    )
+
+
 @pytest.mark.parametrize("mode", ["dead-letter", "park-key"])
 @pytest.mark.parametrize(
     "copy_comes", ["before the commit", "after the commit", "after a failed one"]
@@ -69,17 +85,7 @@ async def test_a_copy_of_a_dead_lettered_event_is_a_duplicate(
     store = await SqliteStore.open(tmp_path / "state.db")
     sink = RejectsOnce({"E"})
     committer = Committer(store, sink, max_events=1000, interval_s=3600)
-    pipeline = StreamPipeline(
-        STREAM,
-        sink=sink,
-        committer=committer,
-        workers=1,
-        queue_size=10,
-        batch_max=10,
-        retry_initial_s=0.01,
-        retry_max_s=0.01,
-        parked={} if mode == "park-key" else None,
-    )
+    pipeline = one_worker(sink, committer, parked={} if mode == "park-key" else None)
     pipeline.start()
     try:
         await put(pipeline, ev(1, "E"))
@@ -120,16 +126,7 @@ async def test_a_malformed_frame_sent_again_is_another_attempt(tmp_path: Path) -
     store = await SqliteStore.open(tmp_path / "state.db")
     sink = RejectsOnce(set())
     committer = Committer(store, sink, max_events=1000, interval_s=3600)
-    pipeline = StreamPipeline(
-        STREAM,
-        sink=sink,
-        committer=committer,
-        workers=1,
-        queue_size=10,
-        batch_max=10,
-        retry_initial_s=0.01,
-        retry_max_s=0.01,
-    )
+    pipeline = one_worker(sink, committer)
     try:
         for _ in range(2):
             await pipeline.put_malformed(DecodeError(evidence('{"broken'), "not JSON"))
