@@ -56,6 +56,7 @@ from ..pg_target import Target
 from ..runtime import tls
 from ..runtime.assembly import bus_sink, http_client, register_secrets
 from ..runtime.auth import TokenProvider
+from ..runtime.origin import redirected_to
 from ..state import sqlite
 
 HEADER_LIMIT = 8 * 1024  # the gateway's request header limit
@@ -123,6 +124,16 @@ async def _stream(
                 "request headers",
                 f"{headers} bytes (gateway limit {HEADER_LIMIT})",
             )
+            moved = redirected_to(ws, url)
+            if moved is not None:
+                add(
+                    "FAIL",
+                    name,
+                    "gateway",
+                    f"redirected to another origin ({moved}): credentials not sent there; "
+                    "if it is the gateway now, set gateway_url to it",
+                )
+                return
             if ws.subprotocol != protocol.SUBPROTOCOL:
                 add("FAIL", name, "gateway", "graphql-transport-ws refused: check gateway_url")
                 return

@@ -48,6 +48,7 @@ from ..errors import AuthError, StreamStopped
 from ..state.base import StateStore
 from . import tls
 from .auth import Token, TokenProvider
+from .origin import redirected_to
 from .pipeline import StreamPipeline
 
 log = structlog.get_logger(__name__)
@@ -230,6 +231,18 @@ class StreamRunner:
                 **tls.connect_options(self._url),
             ) as ws:
                 self.stats.connections += 1
+                moved = redirected_to(ws, self._url)
+                if moved is not None:
+                    # websockets follows redirects, but our credentials go in connection_init,
+                    # which it cannot strip: none is sent to an origin we were not given.
+                    await ws.close(1000)
+                    return Decision(
+                        Action.STOP,
+                        0.0,
+                        f"the gateway redirected to another origin ({moved}); the token and "
+                        "the application key are not sent there: if it is the gateway now, "
+                        "set gateway_url to it",
+                    )
                 if ws.subprotocol != protocol.SUBPROTOCOL:
                     await ws.close(1002, "graphql-transport-ws required")
                     return Decision(

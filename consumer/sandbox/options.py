@@ -67,6 +67,7 @@ class SandboxOptions:
 @dataclass
 class SandboxStats:
     token_requests: int = 0
+    inits: int = 0  # connection_init messages received (credentials presented)
     connections: int = 0
     events_sent: int = 0
     pings_received: int = 0

@@ -211,6 +211,7 @@ class WsSession:
         if self._acked or self._init_seen:
             raise Close(4429, "Too many initialisation requests")
         self._init_seen = True
+        self._ctx.stats.inits += 1
         p = payload if isinstance(payload, dict) else {}
         expiry = self._ctx.token_expiry(bearer(str(p.get("Authorization", ""))))
         key = p.get("x-app-key")
