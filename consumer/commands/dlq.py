@@ -40,7 +40,7 @@ from ..errors import (
     TransientSinkError,
 )
 from ..logs import configure
-from ..runtime.assembly import build_sink, http_client, register_secrets
+from ..runtime.assembly import build_sink, http_client, open_sink, register_secrets
 from ..runtime.committer import Committer
 from ..sinks.base import Sink
 from ..state import acquire, current_holder, open_store
@@ -133,7 +133,7 @@ async def replay(
         http = http_client(settings)
         try:
             sink = build_sink(settings, http)
-            await sink.open(await store.sink_state(sink.name))
+            await open_sink(sink, store, st.path)
             committer = Committer(store, sink, max_events=1_000_000, interval_s=1.0)
             try:
                 for i, row in enumerate(rows, 1):

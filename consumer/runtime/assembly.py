@@ -20,6 +20,7 @@ from ..config import (
     WebhookSinkSettings,
     secret_values,
 )
+from ..errors import SinkUnusable
 from ..logs import REDACTOR
 from ..sinks.base import Sink
 from ..sinks.jsonl import JsonlSink
@@ -27,6 +28,7 @@ from ..sinks.orchestration import OrchestratingSink, Orchestrator
 from ..sinks.python import PythonSink
 from ..sinks.sqlite import SqliteSink, StoreTableSink
 from ..sinks.webhook import WebhookSink
+from ..state.base import StateStore
 from .auth import TokenProvider
 
 if TYPE_CHECKING:
@@ -120,3 +122,18 @@ def bus_sink(settings: Settings, s: NatsSinkSettings | RedisSinkSettings) -> Nat
     from ..sinks.redis import RedisSink  # noqa: PLC0415  # redis only where configured
 
     return RedisSink(s, chains)
+
+
+async def open_sink(sink: Sink, store: StateStore, state_path: object) -> None:
+    """Open ``sink`` at its committed position; a sink with none yet has where it starts
+    recorded before its first write (the daemon, and a `dlq replay`)."""
+    committed = await store.sink_state(sink.name)
+    try:
+        await sink.open(committed)
+    except SinkUnusable as exc:
+        raise SinkUnusable(f"{exc} (state store: {state_path})") from None
+    if committed is None and (position := sink.position()) is not None:
+        # Record where the sink starts before its first write: a crash between that write
+        # and the first commit must find a length to cut back to, not a file the store
+        # knows nothing of.
+        await store.set_sink_state(sink.name, position)

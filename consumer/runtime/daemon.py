@@ -36,7 +36,7 @@ from ..sinks.base import Sink
 from ..state import lease, open_store
 from ..state.base import StateStore
 from . import systemd
-from .assembly import build_sink, http_client, register_secrets
+from .assembly import build_sink, http_client, open_sink, register_secrets
 from .auth import TokenProvider
 from .committer import Committer
 from .fleet import Fleet
@@ -120,7 +120,7 @@ class Daemon:
         await _check_checkpoints(store, settings)
         if sink is None:
             sink = build_sink(settings, http, tokens)
-        await _open_sink(sink, store, st.path)
+        await open_sink(sink, store, st.path)
         resources.push_async_callback(sink.close)
         committer = Committer(
             store,
@@ -507,19 +507,6 @@ async def _check_checkpoints(store: StateStore, settings: Settings) -> None:
 async def _wait(tasks: list[asyncio.Task[None]], seconds: float) -> None:
     if tasks:
         await asyncio.wait(tasks, timeout=seconds)
-
-
-async def _open_sink(sink: Sink, store: StateStore, state_path: object) -> None:
-    committed = await store.sink_state(sink.name)
-    try:
-        await sink.open(committed)
-    except SinkUnusable as exc:
-        raise SinkUnusable(f"{exc} (state store: {state_path})") from None
-    if committed is None and (position := sink.position()) is not None:
-        # Record where the sink starts before its first write: a crash between that write
-        # and the first commit must find a length to cut back to, not a file the store
-        # knows nothing of.
-        await store.set_sink_state(sink.name, position)
 
 
 async def run(settings: Settings) -> int:

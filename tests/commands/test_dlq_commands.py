@@ -23,11 +23,13 @@ from operator_support import (
     uid,
     write_config,
 )
-from support import read_table, running, wait_until
+from support import count_lines, read_table, running, wait_until
 
 from consumer.commands.dlq import LIST_COLUMNS
 from consumer.config import load_settings
 from consumer.core.records import CommitBatch, DeadLetter
+from consumer.errors import StoreError
+from consumer.runtime.daemon import Daemon
 from consumer.state import Lease, holder
 from consumer.state.sqlite import SqliteStore
 
@@ -329,3 +331,44 @@ async def test_deep_payloads_are_shown_as_text_and_skipped_by_a_replay(
     assert "malformed" in results[1][1] and "not a whole event" in results[2][1]
     assert results[3] == ("delivered", "")
     assert pysink.DELIVERED == [("main", "deep-2", "k2")]
+
+
+async def test_a_replay_into_a_new_jsonl_file_records_where_it_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+):
+    """A jsonl file the store has no position for: the replay records where it starts before
+    its first write, as the daemon does. Else a crash between the write and the commit left
+    lines no start could prove uncommitted, and the daemon refused to start."""
+    event = {"metadata": {"offset": "5", "uniqueEventId": "r-1"}, "eventName": "E"}
+    store = await SqliteStore.open(tmp_path / "state.db")
+    try:
+        letter = DeadLetter(
+            stream="main",
+            reason="sink_rejected",
+            error="no",
+            payload=json.dumps(event),
+            offset="5",
+            unique_event_id="r-1",
+        )
+        await store.commit(CommitBatch(dead_letters=[letter]))
+    finally:
+        await store.close()
+    jsonl = tmp_path / "events.jsonl"
+    config = write_config(tmp_path, "http://127.0.0.1:9", sink={"type": "jsonl", "path": jsonl})
+
+    async def crash(self: SqliteStore, batch: CommitBatch, now: float | None = None) -> None:
+        if batch.resolved:  # the replay's commit, after the line was written and synced
+            raise StoreError("disk I/O error (injected)")
+        await committed(self, batch, now)
+
+    committed = SqliteStore.commit
+    monkeypatch.setattr(SqliteStore, "commit", crash)
+    code, _, err = await cli(capsys, "dlq", "replay", "--all", "--config", str(config))
+    assert code != 0 and "injected" in err
+    assert count_lines(jsonl) == 1  # written, never committed: what a crash there leaves
+    monkeypatch.undo()
+
+    daemon = await Daemon.create(load_settings(config))  # refused the file before
+    await daemon.close()
+    assert count_lines(jsonl) == 0  # the uncommitted line cut back; the DLQ still has it
+    assert [r.unique_event_id for r in await dead_letters(tmp_path / "state.db")] == ["r-1"]
