@@ -9,6 +9,7 @@ in-process (``consumer.cli.main``), both append to the same :data:`DELIVERED`.
 * ``REJECT_KEYS``: every event of these primaryKeys rejected with a plain ``ValueError`` that
   names no culprit (the pipeline must find it by re-delivering one event at a time);
 * ``TRANSIENT``: the next ``TRANSIENT[0]`` calls fail with :class:`Busy` (retried).
+* ``STUCK_STREAMS``: writes for these streams never return (a downstream that hangs).
 
 A batch is all or nothing: nothing of it is recorded when an event of it is rejected, so the
 re-delivery of the events before the culprit is not counted twice.
@@ -16,6 +17,7 @@ re-delivery of the events before the culprit is not counted twice.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 from consumer.core.events import Event
@@ -25,6 +27,7 @@ REJECT_IDS: set[str] = set()
 REJECT_KEYS: set[str] = set()
 TRANSIENT: list[int] = [0]  # failures still to raise
 CALLS: list[int] = [0]
+STUCK_STREAMS: set[str] = set()
 
 
 class Rejected(Exception):
@@ -50,6 +53,7 @@ def reset() -> None:
     REJECT_KEYS.clear()
     TRANSIENT[0] = 0
     CALLS[0] = 0
+    STUCK_STREAMS.clear()
 
 
 def delivered_ids(stream: str | None = None) -> list[str]:
@@ -58,6 +62,8 @@ def delivered_ids(stream: str | None = None) -> list[str]:
 
 async def handle(stream: str, events: Sequence[Event]) -> None:
     CALLS[0] += 1
+    if stream in STUCK_STREAMS:
+        await asyncio.Event().wait()  # until cancelled
     if TRANSIENT[0] > 0:
         TRANSIENT[0] -= 1
         raise Busy("test sink busy")

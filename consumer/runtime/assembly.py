@@ -136,4 +136,8 @@ async def open_sink(sink: Sink, store: StateStore, state_path: object) -> None:
         # Record where the sink starts before its first write: a crash between that write
         # and the first commit must find a length to cut back to, not a file the store
         # knows nothing of.
-        await store.set_sink_state(sink.name, position)
+        try:
+            await store.set_sink_state(sink.name, position)
+        except BaseException:
+            await sink.close()  # opened here: the caller only closes a sink that opened
+            raise

@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import structlog
 
@@ -47,6 +47,10 @@ from .status import CommitStatus, FleetStatus, StreamStatus
 from .stream import StreamRunner, StreamState
 
 log = structlog.get_logger(__name__)
+
+# SIGHUP too: a hang-up must not kill us undrained (exit 129 looks clean to systemd); it drains
+# and exits 1, so Restart=on-failure starts us again with the config re-read.
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 SHOWN_STATUS_CHARS = 500  # of a stream's last close or wait, in /readyz, STATUS= and `status`
 
@@ -338,10 +342,7 @@ class Daemon:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        # SIGHUP too: a hang-up must not kill us undrained (exit 129 looks clean to systemd);
-        # it drains and exits 1, so Restart=on-failure starts us again with the config re-read.
-        signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-        for sig in signals:
+        for sig in SIGNALS:
             loop.add_signal_handler(sig, self._on_signal, sig)
         try:
             self._spawn(self.committer.run(), "committer")
@@ -377,16 +378,13 @@ class Daemon:
             await self._stop.wait()
         finally:
             await self.close()
-            for sig in signals:
+            for sig in SIGNALS:
                 loop.remove_signal_handler(sig)
         return self.exit_code
 
     def _on_signal(self, sig: signal.Signals) -> None:
         if self._stop.is_set():
-            log.warning("second signal: exiting now", signal=sig.name)
-            # The store is transactional and the jsonl tail is cut on restart: nothing to save.
-            sys.stderr.flush()
-            os._exit(ExitCode.INTERRUPTED)
+            _exit_now(sig)
         log.info("signal received: draining", signal=sig.name)
         if sig == signal.SIGHUP:
             self.exit_code = ExitCode.RUNTIME
@@ -411,17 +409,19 @@ class Daemon:
             t.cancel()
         await asyncio.gather(*streams, return_exceptions=True)
         started = time.monotonic()
-        for name, pipeline in self.pipelines.items():
+        # Copies: a fleet handover under way may stop a stream (and drop it) meanwhile.
+        for name, pipeline in list(self.pipelines.items()):
             left = max(0.0, p.drain_timeout_s - (time.monotonic() - started))
             try:
                 await asyncio.wait_for(pipeline.drained(), left)
             except TimeoutError:
-                log.warning(
-                    "drain deadline passed; the rest is replayed on the next start",
-                    stream=name,
-                    in_flight=pipeline.in_flight,
-                )
-        for pipeline in self.pipelines.values():
+                if pipeline.in_flight:
+                    log.warning(
+                        "drain deadline passed; the rest is replayed on the next start",
+                        stream=name,
+                        in_flight=pipeline.in_flight,
+                    )
+        for pipeline in list(self.pipelines.values()):
             await pipeline.stop()
         rest = list(self._tasks)
         for t in rest:
@@ -473,7 +473,9 @@ class Daemon:
             busy = self.committer.busy_since
             healthy = busy is None or time.monotonic() - busy < 60.0
             beats = ["WATCHDOG=1"] if period and healthy else []
-            systemd.notify(*beats, f"STATUS={self.status_line()}")
+            # Still beating while we drain (a drain may outlast WatchdogSec), saying so.
+            status = f"draining: {self.status_line()}" if self._closed else self.status_line()
+            systemd.notify(*beats, f"STATUS={status}")
 
     async def _prune_forever(self) -> None:
         st = self.settings.state
@@ -511,9 +513,38 @@ async def _wait(tasks: list[asyncio.Task[None]], seconds: float) -> None:
 
 async def run(settings: Settings) -> int:
     register_secrets(settings)
-    daemon = await Daemon.create(settings)
+    # Signals during start-up (the lease, the store, a sink that is slow to answer): the
+    # default action would kill us by the signal, which systemd takes for a clean exit after
+    # SIGHUP. Noted, and obeyed once started: the daemon then stops at once.
+    loop = asyncio.get_running_loop()
+    early: list[signal.Signals] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        if early:
+            _exit_now(sig)
+        log.info("signal received while starting: stopping once started", signal=sig.name)
+        early.append(sig)
+
+    for sig in SIGNALS:
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        daemon = await Daemon.create(settings)
+    finally:
+        for sig in SIGNALS:
+            loop.remove_signal_handler(sig)
+    if early:
+        if early[0] == signal.SIGHUP:
+            daemon.exit_code = ExitCode.RUNTIME
+        daemon.request_stop()
     tune_gc()
     return await daemon.run()
+
+
+def _exit_now(sig: signal.Signals) -> NoReturn:
+    log.warning("second signal: exiting now", signal=sig.name)
+    # The store is transactional and the jsonl tail is cut on restart: nothing to save.
+    sys.stderr.flush()
+    os._exit(ExitCode.INTERRUPTED)
 
 
 def tune_gc() -> None:

@@ -255,14 +255,38 @@ class StreamPipeline:
             if not self._full and self._queued < self._capacity:
                 self._room.set()
             await self._committer.wait_capacity()
+            await self._handle(batch, retrying)
+
+    async def _handle(self, batch: list[_Item], retrying: AsyncRetrying) -> None:
+        delay = self._retry_initial
+        while True:
             try:
                 await self._process(batch, retrying)
+                return
             except (SinkUnusable, StoreError):
                 # Writing on could lose data, or the store fails beyond what _lookup retries:
                 # not the events' fault, so no dead letters; the daemon stops (78, or 1).
                 raise
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is None or task.cancelling():
+                    raise  # we are being stopped: the rest is replayed at the next start
+                # A CancelledError nobody asked for (a handler's, or a shared fetch whose
+                # owner is being stopped): would end the worker silently. Not the events'
+                # fault either: what is not done yet is tried again.
+                self._log.warning(
+                    "the sink raised CancelledError; trying the batch again", stream=self.stream
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._retry_max)
+                batch = [
+                    (seq, ev) for seq, ev in batch if self._committer.is_pending(self.stream, seq)
+                ]
+                if not batch:
+                    return
             except Exception as exc:  # a bug: never a dead worker, never a lost event
                 self._rescue(batch, exc)
+                return
 
     def _rescue(self, batch: list[_Item], exc: Exception) -> None:
         """Last resort: dead-letter what of the batch is not done yet, so that the stream goes

@@ -369,6 +369,40 @@ async def test_transient_error_is_retried_and_nothing_is_dead_lettered(tmp_path:
     assert cp is not None and cp.offset == events[-1].offset
 
 
+class CancelsOnce(FakeSink):
+    """Raises CancelledError once, without anyone cancelling the worker (a handler's own, or
+    a shared fetch whose owner was stopped)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cancelled = False
+
+    async def write(self, stream: str, events: Sequence[Event]) -> None:
+        if not self.cancelled:
+            self.cancelled = True
+            raise asyncio.CancelledError
+        await super().write(stream, events)
+
+
+async def test_a_cancelled_error_nobody_asked_for_is_retried_not_a_dead_worker(
+    tmp_path: Path,
+) -> None:
+    sink = CancelsOnce()
+    events = [ev(i) for i in range(10)]
+    async with harness(tmp_path, sink, workers=1, start=False) as (store, committer, pipeline):
+        for e in events[:5]:
+            await pipeline.put(e)
+        pipeline.start()
+        await drained(pipeline)
+        for e in events[5:]:  # the worker is still there for more
+            await pipeline.put(e)
+        await drained(pipeline)
+        await committer.flush()
+        letters = await store.dead_letters()
+    assert sink.cancelled and letters == []
+    assert [e.unique_event_id for e in sink.delivered] == [e.unique_event_id for e in events]
+
+
 async def test_transient_errors_with_several_workers(tmp_path: Path) -> None:
     sink = FakeSink(transient_failures=5, rng=random.Random(1))
     events = [ev(i) for i in range(60)]
