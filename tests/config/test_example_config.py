@@ -1,0 +1,106 @@
+"""config.example.toml lists every key of every settings model, as its header and every
+unknown-key error promise: a key added to a model without a line in the example fails here."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, get_args, get_origin
+
+import pytest
+from pydantic import BaseModel
+
+from consumer.config import load_settings
+from consumer.config.settings import SINK_TYPES, Settings
+
+EXAMPLE = Path(__file__).parents[2] / "config.example.toml"
+STREAM = "main"  # the name the example gives its one stream: [streams.main...]
+
+# `[a.b]` or `# [a.b]`, alone on its line but for a trailing comment.
+HEADER = re.compile(r"\s*#?\s*\[([\w.-]+)\]\s*(#.*)?")
+# `key = ...` or `# key = ...`.
+KEY = re.compile(r"\s*#?\s*([\w-]+)\s*=")
+# `type = "nats"` or `# type = "nats"`: which sink a [sink] block is.
+SINK_TYPE = re.compile(r'\s*#?\s*type\s*=\s*"(\w+)"')
+
+
+def models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The settings models an annotation holds, through Optional, unions, Annotated, dict."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [model for arg in get_args(annotation) for model in models_in(arg)]
+
+
+def sink_type(model: type[BaseModel]) -> str:
+    (tag,) = get_args(model.model_fields["type"].annotation)  # Literal["nats"]
+    return str(tag)
+
+
+def model_keys(model: type[BaseModel], table: str = "") -> set[str]:
+    """Every key path of ``model`` and the models nested in it, as the file spells them:
+    ``streams.main.auth.client_id``; one of a union's models (the sink) under
+    ``sink[<type>]``, since each type has its own (commented) [sink] block."""
+    keys: set[str] = set()
+    for name, field in model.model_fields.items():
+        key = f"{table}.{field.alias or name}".lstrip(".")
+        keys.add(key)
+        models = models_in(field.annotation)
+        if get_origin(field.annotation) is dict and models:
+            key = f"{key}.{STREAM}"  # a table per name: [streams.<name>]
+        for nested in models:
+            keys |= model_keys(nested, f"{key}[{sink_type(nested)}]" if len(models) > 1 else key)
+    return keys
+
+
+def mentioned_keys(text: str) -> set[str]:
+    """Every table and key the file names, commented out or not, with its table's path; in
+    a [sink] block, from its `type = "..."` line on, under ``sink[<type>]``."""
+    found: set[str] = set()
+    table = ""
+    for line in text.splitlines():
+        if header := HEADER.fullmatch(line):
+            table = header[1]
+            parts = table.split(".")
+            found |= {".".join(parts[:n]) for n in range(1, len(parts) + 1)}
+        elif key := KEY.match(line):
+            if table == "sink" and (sink := SINK_TYPE.match(line)):
+                table = f"sink[{sink[1]}]"
+            found.add(f"{table}.{key[1]}".lstrip("."))
+    return found
+
+
+def test_every_settings_key_is_in_the_example() -> None:
+    expected = model_keys(Settings)
+    missing = sorted(expected - mentioned_keys(EXAMPLE.read_text()))
+    assert not missing, "config.example.toml does not mention:\n" + "\n".join(missing)
+
+
+def test_the_walks_see_every_table_and_sink_type() -> None:
+    """The two walks could agree by both seeing too little: pin what they must see."""
+    expected = model_keys(Settings)
+    for key in (
+        "streams.main.auth.grant",
+        "streams.main.connection.proxy",
+        "state.schema",  # the alias, as the file spells it, not the field's name schema_
+        "orchestration.resources",
+        "filter.hotel_ids",
+        "sink[nats].servers",
+        "sink[redis].stream_key",
+    ):
+        assert key in expected
+    assert {key.split(".")[0] for key in expected if key.startswith("sink[")} == {
+        f"sink[{t}]" for t in SINK_TYPES
+    }
+    assert mentioned_keys('# [sink]  # a bus\n# type = "nats"\n# servers = []\n') == {
+        "sink",
+        "sink[nats].type",
+        "sink[nats].servers",
+    }
+
+
+@pytest.mark.usefixtures("hermetic_config")
+def test_the_uncommented_example_loads() -> None:
+    """As shipped it needs no environment: its secrets are placeholders in the file."""
+    settings = load_settings(EXAMPLE)
+    assert list(settings.streams) == [STREAM]
+    assert settings.sink.type == "jsonl" and settings.state.backend == "sqlite"
