@@ -8,6 +8,7 @@ Everything here is pure and bounded in time and size by its ``limit``.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -59,14 +60,17 @@ def shown(value: object, limit: int = SHOWN_LIMIT) -> str:
         return f"<{type(value).__name__} too deeply nested to show>"
 
 
-def describe(exc: BaseException | None) -> str:
-    """``Type: message``, bounded, for a log line or a dead letter; never raises."""
+def describe(exc: BaseException | None, scrub: Callable[[str], str] | None = None) -> str:
+    """``Type: message``, bounded, for a log line or a dead letter; never raises. ``scrub``
+    (the log redactor's, say) runs before the cut, so no piece of a secret survives it."""
     if exc is None:
         return ""
     try:
         text = str(exc)
     except Exception:  # a __str__ that fails (or recurses) on what it holds
         text = "<message unavailable>"
+    if scrub is not None:
+        text = scrub(text)
     return prefix(f"{type(exc).__name__}: {text}", 1000)
 
 

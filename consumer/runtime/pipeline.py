@@ -34,7 +34,7 @@ from ..core.records import DeadLetter
 from ..core.retry_after import WaitRetryAfter
 from ..core.watermark import Position
 from ..errors import PermanentSinkError, SinkError, SinkUnusable, StoreError, TransientSinkError
-from ..logs import RateLimitedLogger
+from ..logs import REDACTOR, RateLimitedLogger
 from ..sinks.base import Sink
 from .committer import Committer
 from .parking import ParkedKeys
@@ -113,7 +113,7 @@ class StreamPipeline:
                 "sink write failed; retrying",
                 stream=self.stream,
                 attempt=rs.attempt_number,
-                error=describe(rs.outcome.exception() if rs.outcome else None),
+                error=describe(rs.outcome.exception() if rs.outcome else None, REDACTOR.scrub),
             ),
             reraise=True,
         )
@@ -294,7 +294,7 @@ class StreamPipeline:
         log.error(
             "unexpected error while handling events; dead-lettering them",
             stream=self.stream,
-            error=describe(exc),
+            error=describe(exc, REDACTOR.scrub),
             exc_info=exc,
         )
         for seq, ev in batch:
@@ -383,7 +383,7 @@ class StreamPipeline:
         except Exception as exc:
             # Anything else the sink raised (an event it cannot serialize, a bug in a user's
             # handler): permanent for the event at fault, found by delivering one by one.
-            problem = PermanentSinkError(describe(exc))
+            problem = PermanentSinkError(describe(exc, REDACTOR.scrub))
             await self._isolate(items, problem, retrying, reason="unprocessable")
             return
         self.delivered += len(items)
@@ -422,8 +422,14 @@ class StreamPipeline:
         if exc is None:
             reason, error = "parked", f"primaryKey {ev.primary_key} is parked behind {behind}"
         else:
-            # A sink's own error says what it means; anything else is named by its type.
-            text = prefix(str(exc), 1000) if isinstance(exc, SinkError) else describe(exc)
+            # A sink's own error says what it means; anything else is named by its type. A
+            # handler's words may hold a secret: masked before they are cut.
+            scrub = REDACTOR.scrub
+            text = (
+                prefix(scrub(str(exc)), 1000)
+                if isinstance(exc, SinkError)
+                else describe(exc, scrub)
+            )
             reason, error = reason or "sink_rejected", text
             if self._parking is not None:
                 self._parking.park(ev.primary_key, ev.unique_event_id)

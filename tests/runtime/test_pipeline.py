@@ -10,6 +10,7 @@ import json
 import os
 import random
 import sqlite3
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -24,6 +25,7 @@ from consumer.core.protocol import DecodeError
 from consumer.core.records import CommitBatch
 from consumer.core.watermark import Position
 from consumer.errors import PermanentSinkError, StoreError, TransientSinkError
+from consumer.logs import REDACTOR
 from consumer.runtime.committer import Committer
 from consumer.runtime.pipeline import HANDOVER, StreamPipeline
 from consumer.sinks.base import PlainSink
@@ -401,6 +403,35 @@ async def test_a_cancelled_error_nobody_asked_for_is_retried_not_a_dead_worker(
         letters = await store.dead_letters()
     assert sink.cancelled and letters == []
     assert [e.unique_event_id for e in sink.delivered] == [e.unique_event_id for e in events]
+
+
+class SaysTheSecret(FakeSink):
+    """A handler whose error quotes a secret: at the end of a long text, where the dead
+    letter's cut falls, or in a sink error of its own."""
+
+    def __init__(self, secret: str) -> None:
+        super().__init__()
+        self.secret = secret
+
+    async def write(self, stream: str, events: Sequence[Event]) -> None:
+        if events[0].unique_event_id == "u0":
+            raise RuntimeError("x" * 970 + self.secret)
+        raise PermanentSinkError(f"refused with {self.secret}", unique_event_id="u1")
+
+
+async def test_a_secret_in_a_sink_error_is_masked_in_the_dead_letter(tmp_path: Path) -> None:
+    secret = f"S3CR3T-{uuid.uuid4().hex}"
+    REDACTOR.add(secret)
+    sink = SaysTheSecret(secret)
+    async with harness(tmp_path, sink, workers=1, batch_max=1) as (store, committer, pipeline):
+        for e in (ev(0), ev(1)):
+            await pipeline.put(e)
+        await drained(pipeline)
+        await committer.flush()
+        errors = [d.error for d in await store.dead_letters()]
+    assert len(errors) == 2
+    for error in errors:
+        assert "***" in error and secret[:10] not in error, error
 
 
 async def test_transient_errors_with_several_workers(tmp_path: Path) -> None:
