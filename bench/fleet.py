@@ -72,7 +72,11 @@ CONNECTION = {
     "takeover_jitter_s": 1.0,
     "lockout_s": 0.5,
     "lockout_jitter_s": 0.5,
+    # A handover, 2 x (complete_timeout_s + 2) + drain_timeout_s, fits in the lease minus a
+    # tick (the settings check it): 10 s of 12.
+    "complete_timeout_s": 2.0,
 }
+DRAIN_S = 2.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -218,7 +222,7 @@ class Bench:
             table=TABLE,
             connection=CONNECTION,
             fleet={"lease_ttl_s": TTL_S, "renew_interval_s": RENEW_S},
-            pipeline={"workers": 1},
+            pipeline={"workers": 1, "drain_timeout_s": DRAIN_S},
             log_level=self.log_level,
         )
         path = self.work / f"{name}.toml"
@@ -697,6 +701,7 @@ def main() -> int:
             "server_ping_interval_s": PING_S,
             "connection": CONNECTION,
             "pipeline_workers": 1,
+            "pipeline_drain_timeout_s": DRAIN_S,
             "sink": "postgres (state database)",
             "log_level": args.log_level,
             "sandbox_listen_backlog": args.listen_backlog,

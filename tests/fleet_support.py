@@ -7,7 +7,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from consumer.config import Settings
 from consumer.sandbox import SandboxGateway
+
+# In-process fleet tests: short leases, with the shortest stop the settings allow for them.
+TTL_S = 5.0
+TICK_S = 0.25
 
 
 def chain(i: int) -> str:
@@ -66,6 +71,29 @@ def member_config(
         _table("log", {"format": "json", "level": log_level}),
     ]
     return "\n".join(parts)
+
+
+def fleet_settings(
+    dsn: str, schema: str, member: str, *, streams: tuple[str, ...] = ("a", "b")
+) -> Settings:
+    """A member of a fleet of ``streams`` whose gateway and webhook are nowhere (127.0.0.1:9):
+    for tests of the fleet's own work, with the daemon's or their own streams."""
+    from support import stream_config  # the daemon: not for bench/fleet.py
+
+    fast_stop = {"connection": {"complete_timeout_s": 0.1}}
+    return Settings(
+        streams={s: stream_config("http://127.0.0.1:9", **fast_stop) for s in streams},  # type: ignore[misc]
+        state={"backend": "postgres", "dsn": dsn, "schema": schema},  # type: ignore[arg-type]
+        sink={"type": "webhook", "url": "http://127.0.0.1:9/hook"},  # type: ignore[arg-type]
+        pipeline={"drain_timeout_s": 0.1},  # type: ignore[arg-type]
+        metrics={"enabled": False},  # type: ignore[arg-type]
+        fleet={  # type: ignore[arg-type]
+            "enabled": True,
+            "member": member,
+            "lease_ttl_s": TTL_S,
+            "renew_interval_s": TICK_S,
+        },
+    )
 
 
 def sandbox_options(streams: int) -> dict[str, Any]:

@@ -333,8 +333,9 @@ class FleetSettings(_Model):
     member: str = Field(default="", max_length=200)
     # Share of the streams, relative to the other members' weights (0: hold none).
     weight: float = Field(default=1.0, ge=0)
-    # A lease not renewed for this long may be taken by another member.
-    lease_ttl_s: float = Field(default=30.0, gt=0)
+    # A lease not renewed for this long may be taken by another member. Long enough for a
+    # stream handed over to stop (fleet_handover_s) with a tick to spare: checked.
+    lease_ttl_s: float = Field(default=60.0, gt=0)
     # Heartbeat, lease renewal and rebalancing, once per tick (one statement renews all).
     renew_interval_s: float = Field(default=5.0, gt=0)
 
@@ -357,6 +358,16 @@ class FleetSettings(_Model):
         """Without a renewal for this long a member stops its streams (before anyone may
         take them: the lease lasts lease_ttl_s from the renewal's start)."""
         return self.lease_ttl_s - 2 * self.renew_interval_s
+
+
+# runtime.daemon.stop_stream: a stream handed over has complete_timeout_s + this to close,
+# then drain_timeout_s to drain, then complete_timeout_s + this again for its last commit.
+STOP_GRACE_S = 2.0
+
+
+def fleet_handover_s(connection: ConnectionSettings, pipeline: PipelineSettings) -> float:
+    """The longest a fleet member may take to hand a stream over (stop it gracefully)."""
+    return 2 * (connection.complete_timeout_s + STOP_GRACE_S) + pipeline.drain_timeout_s
 
 
 class JsonlSinkSettings(_Model):
@@ -847,6 +858,29 @@ class Settings(BaseSettings):
                     "another member would continue in another file",
                     'use type = "postgres" (on the state database: rows commit with the '
                     'checkpoint), "webhook" or "python"',
+                )
+            )
+        # A stream handed over stays renewed while it stops, but renewing may fail meanwhile:
+        # the stop must end within what the last renewal guarantees, or another member could
+        # take the stream while this one still delivers (and refuse its last commit).
+        f, p = self.fleet, self.pipeline
+        name, slowest = max(
+            self.streams.items(), key=lambda item: item[1].connection.complete_timeout_s
+        )
+        stop, room = fleet_handover_s(slowest.connection, p), f.lease_ttl_s - f.renew_interval_s
+        if stop > room:
+            c = slowest.connection.complete_timeout_s
+            problems.append(
+                (
+                    "fleet.lease_ttl_s",
+                    f"a stream handed over may take {stop:g} s to stop (twice streams.{name}."
+                    f"connection.complete_timeout_s {c:g} s + {STOP_GRACE_S:g} s: to close it, "
+                    f"and for its last commit; and pipeline.drain_timeout_s {p.drain_timeout_s:g}"
+                    f" s), more than a lease surely lasts after a renewal ({room:g} s: "
+                    "lease_ttl_s - renew_interval_s): if renewing failed meanwhile, another "
+                    "member could take the stream while this one still delivers",
+                    f"raise fleet.lease_ttl_s to at least {stop + f.renew_interval_s:g}, or "
+                    "lower pipeline.drain_timeout_s or connection.complete_timeout_s",
                 )
             )
         if problems:

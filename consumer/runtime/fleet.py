@@ -10,7 +10,19 @@ surplus over gracefully (``complete``, drain, commit, release) when others need 
 Self-fencing: a lease lasts ``lease_ttl_s`` from the renewal that set it. A member that has
 not renewed for ``lease_ttl_s - 2 x renew_interval_s`` (measured on its own monotonic clock
 from the *start* of its last successful renewal) stops every stream before anyone may take
-them over: two members never consume one stream.
+them over: two members never consume one stream. A timer of its own checks this, so nothing
+the tick waits for (a slow database) can hold it up; streams start in tasks of their own for
+the same reason (a start reads the store), and the tick goes on renewing meanwhile.
+
+A stream handed over keeps its lease renewed until it is released (stopping it gracefully may
+outlast the lease); only a lost one is left out. The settings bound such a stop to fit in
+``lease_ttl_s - renew_interval_s``, and a handover starts at most ``renew_interval_s`` after a
+renewal, so it ends before the lease could expire even if no renewal succeeds meanwhile.
+
+A member name is one process's: a member whose heartbeat finds its row held by another live
+process (:class:`DuplicateMember`) stops its streams and ends the fleet task with an error
+(the daemon exits 78). A row left by a process that died (a restart under the same name) is
+waited out: it stops heartbeating, and expires within ``lease_ttl_s``.
 """
 
 from __future__ import annotations
@@ -22,7 +34,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -32,6 +44,9 @@ from ..core.evidence import describe
 from ..core.records import Fence
 from ..errors import StoreError
 
+if TYPE_CHECKING:
+    from ..state.fleet import Renewal, RowHolder
+
 log = structlog.get_logger(__name__)
 
 StartStream = Callable[[str], Awaitable[None]]
@@ -40,6 +55,21 @@ StopStream = Callable[[str, bool], Awaitable[None]]  # (stream, lost)
 
 def member_name(configured: str) -> str:
     return configured or f"{socket.gethostname()}:{os.getpid()}"
+
+
+class DuplicateMember(StoreError):
+    """Another live process runs under this fleet member's name. A :class:`StoreError`
+    (not retriable), so the daemon stops with exit status 78: a restart cannot fix it."""
+
+    def __init__(self, member: str, other: RowHolder | None) -> None:
+        who = "another process" if other is None else f"pid {other.pid} on {other.host}"
+        super().__init__(
+            f"fleet member name {member!r} is in use by another live opera-consumer ({who}): "
+            "the two would take each other's streams. Give every member a name of its own: "
+            "set [fleet] member (OPERA_CONSUMER_FLEET__MEMBER) differently on each, or leave "
+            "it empty for <hostname>:<pid> where those differ (containers often share pid 1)"
+        )
+        self.member = member
 
 
 @dataclass(slots=True)
@@ -74,7 +104,9 @@ class Fleet:
         )
         self.streams = sorted(settings.streams)
         self.epochs: dict[str, int] = {}  # streams held (running or starting) -> epoch
-        self._moving: set[str] = set()  # being stopped (released or lost)
+        self._moving: dict[str, bool] = {}  # being stopped -> lost (else handed over)
+        self._starting: dict[str, asyncio.Task[None]] = {}
+        self._other: RowHolder | None = None  # another process's row of our name, waited out
         self._start, self._stop_stream, self._spawn = start_stream, stop_stream, spawn
         self.counters = FleetCounters()
         self.members_live = 0
@@ -92,37 +124,61 @@ class Fleet:
     # --- the loop ---------------------------------------------------------------------------
 
     async def run(self) -> None:
+        """Tick until cancelled (by the daemon's shutdown, after the drain: renewing till
+        then); raises :class:`DuplicateMember`. The self-fence timer runs as long as this."""
         f = self.settings
-        while True:  # cancelled by the daemon's shutdown, after the drain: renewing till then
-            started = time.monotonic()
-            try:
-                await self._tick(started)
-            except StoreError as exc:
-                log.warning("fleet tick failed; retrying", error=describe(exc))
-            except Exception:  # a bug: the leases must keep being renewed or fenced
-                log.exception("fleet tick failed unexpectedly; retrying")
-            self._self_fence_if_due(time.monotonic())
-            await asyncio.sleep(max(0.0, f.renew_interval_s - (time.monotonic() - started)))
+        fence = asyncio.create_task(self._fence_on_time(), name=f"fleet-fence-{self.member}")
+        try:
+            while True:
+                started = time.monotonic()
+                try:
+                    await self._tick(started)
+                except DuplicateMember:
+                    raise
+                except StoreError as exc:
+                    log.warning("fleet tick failed; retrying", error=describe(exc))
+                except Exception:  # a bug: the leases must keep being renewed or fenced
+                    log.exception("fleet tick failed unexpectedly; retrying")
+                await asyncio.sleep(max(0.0, f.renew_interval_s - (time.monotonic() - started)))
+        finally:
+            fence.cancel()
+            await asyncio.gather(fence, return_exceptions=True)
+
+    async def _fence_on_time(self) -> None:
+        """Sleep until the self-fence is due (it moves with every renewal), then fence."""
+        f = self.settings
+        while True:
+            now, since = time.monotonic(), self._renewed_at
+            if since is not None and now - since >= f.self_fence_after_s:
+                try:
+                    self._self_fence_if_due(now)
+                except Exception:  # a bug: never let the timer die
+                    log.exception("self-fencing failed unexpectedly")
+                wait = f.renew_interval_s  # overdue: again in a while, for what starts later
+            elif since is None:
+                wait = f.renew_interval_s
+            else:
+                wait = since + f.self_fence_after_s - now
+            await asyncio.sleep(wait)
 
     async def _tick(self, started: float) -> None:
         f = self.settings
         timeout = f.renew_interval_s
         if self._joined_at is None:
             await self.table.join(self.streams, timeout)
-        held = {s: e for s, e in self.epochs.items() if s not in self._moving}
+        # Streams being handed over stay renewed till released; lost ones are not ours.
+        held = {s: e for s, e in self.epochs.items() if not self._moving.get(s, False)}
         renewal = await self.table.tick(held, timeout)
+        if not renewal.owned:
+            self._name_taken(renewal)
+            return
         self._renewed_at = started
         if self._joined_at is None:
             self._joined_at = started
             log.info("joined the fleet", member=self.member, streams=len(self.streams))
         for stream in sorted(set(held) - renewal.renewed):
-            self.counters.lost += 1
-            log.error(
-                "lease lost: another member took this stream; stopping it here",
-                stream=stream,
-                epoch=held[stream],
-            )
-            self._move(stream, lost=True)
+            if self.epochs.get(stream) == held[stream]:  # else gone meanwhile
+                self._lose(stream, "lease lost: another member took this stream")
         if self._closing:
             return  # draining for shutdown: keep the leases, take and move nothing
         view = await self.table.view(timeout)
@@ -139,7 +195,11 @@ class Fleet:
             held=[s for s in self.epochs if s not in self._moving],
             now=view.now,
         )
-        for stream in decision.release:
+        # A handover must end before the lease could expire with no renewal after this
+        # tick's (the settings bound a stop to lease_ttl_s - renew_interval_s): not when
+        # reading the fleet took longer than that.
+        late = time.monotonic() - started > f.renew_interval_s
+        for stream in () if late else decision.release:
             log.info("handing a stream over", stream=stream, share=decision.share)
             self._move(stream, lost=False)
         wanted = [s for s in decision.acquire if s not in self._moving]  # not until stopped
@@ -150,13 +210,45 @@ class Fleet:
                 if a.previous is not None and a.previous != self.member:
                     self.counters.takeovers += 1
                 log.info("lease taken", stream=a.stream, epoch=a.epoch, previous=a.previous or "-")
-                try:
-                    await self._start(a.stream)
-                except Exception as exc:  # e.g. the store failed: give the lease back
-                    log.warning("starting a stream failed", stream=a.stream, error=describe(exc))
-                    self.epochs.pop(a.stream, None)
-                    with contextlib.suppress(StoreError):
-                        await self.table.release({a.stream: a.epoch}, timeout)
+                # Started aside: a start reads the store, and must not hold up renewals.
+                self._starting[a.stream] = self._spawn(
+                    self._started(a.stream, a.epoch), f"fleet-start-{a.stream}"
+                )
+
+    async def _started(self, stream: str, epoch: int) -> None:
+        try:
+            if not self._closing:
+                await self._start(stream)
+        except Exception as exc:  # e.g. the store failed: give the lease back
+            log.warning("starting a stream failed", stream=stream, error=describe(exc))
+            if self.epochs.get(stream) == epoch and stream not in self._moving:
+                self.epochs.pop(stream, None)
+                with contextlib.suppress(StoreError):
+                    await self.table.release({stream: epoch}, self.settings.renew_interval_s)
+        finally:
+            self._starting.pop(stream, None)
+
+    def _name_taken(self, renewal: Renewal) -> None:
+        """Another process holds our member row. One that stopped heartbeating (our name's
+        previous process, dead) is waited out till it expires; one that heartbeats, or a row
+        taken from us, is a second live process under our name: stop, and say so."""
+        other = renewal.holder
+        if self._joined_at is None and (self._other is None or self._other == other):
+            if self._other is None:
+                log.warning(
+                    "this member's name has a live row of another process: waiting for it to "
+                    "expire (a previous run that died), or to heartbeat (a duplicate name)",
+                    member=self.member,
+                    host=None if other is None else other.host,
+                    pid=None if other is None else other.pid,
+                )
+            self._other = other
+            return
+        error = DuplicateMember(self.member, other)
+        log.error(str(error), member=self.member)
+        for stream in list(self.epochs):
+            self._move(stream, lost=True)
+        raise error
 
     def _self_fence_if_due(self, now: float) -> None:
         f = self.settings
@@ -178,32 +270,53 @@ class Fleet:
     def lost(self, streams: frozenset[str]) -> None:
         """The store refused a commit for these streams (their epoch is old): stop them."""
         for stream in sorted(streams):
-            if stream in self.epochs and stream not in self._moving:
-                self.counters.lost += 1
-                self._move(stream, lost=True)
+            if stream in self.epochs:
+                self._lose(stream, None)  # the committer said so already
+
+    def _lose(self, stream: str, why: str | None) -> None:
+        """Another member holds this stream now: stop it here, once (a refused commit and a
+        renewal may both find it lost)."""
+        if self._moving.get(stream, False):
+            return  # known lost already
+        self.counters.lost += 1
+        if why is not None:
+            log.error(f"{why}; stopping it here", stream=stream, epoch=self.epochs.get(stream))
+        if stream in self._moving:  # being handed over: its stop goes on, nothing to release
+            self._moving[stream] = True
+        else:
+            self._move(stream, lost=True)
 
     def _move(self, stream: str, *, lost: bool) -> None:
-        self._moving.add(stream)
+        if stream in self._moving:
+            return  # one stop per stream
+        self._moving[stream] = lost
         self._spawn(self._moved(stream, lost), f"fleet-{'lose' if lost else 'release'}-{stream}")
 
     async def _moved(self, stream: str, lost: bool) -> None:
         try:
+            starting = self._starting.get(stream)
+            if starting is not None:  # not started yet: the start is cancelled, then stopped
+                starting.cancel()
+                await asyncio.wait([starting])
             await self._stop_stream(stream, lost)
             epoch = self.epochs.get(stream)
-            if not lost and epoch is not None:
+            if not self._moving.get(stream, lost) and epoch is not None:
                 try:
                     await self.table.release({stream: epoch}, self.settings.renew_interval_s)
                 except StoreError as exc:  # it expires by itself
                     log.warning("releasing a lease failed", stream=stream, error=describe(exc))
         finally:
             self.epochs.pop(stream, None)
-            self._moving.discard(stream)
+            self._moving.pop(stream, None)
 
     # --- shutdown -----------------------------------------------------------------------------
 
     def stop_acquiring(self) -> None:
-        """Shutdown: keep renewing what is held (the drain may take a while), move nothing."""
+        """Shutdown: keep renewing what is held (the drain may take a while), move nothing,
+        start nothing more (the leases of streams not started are released at the end)."""
         self._closing = True
+        for task in list(self._starting.values()):
+            task.cancel()
 
     async def hand_over(self) -> None:
         """After the daemon stopped and committed every stream: release what is still ours

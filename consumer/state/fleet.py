@@ -11,6 +11,11 @@ The member talks to these tables over a connection of its own, outside the store
 bounds every call: a renewal stuck behind a commit, or a connection stuck on a dead network,
 would let the leases run out unnoticed. :meth:`FleetTable.tick` is one statement per tick
 whatever the number of streams: heartbeat and renewal of every lease held.
+
+A member's row is its process's alone: the heartbeat writes it only where the row carries the
+same ``instance`` (a random id per process) or has expired. A second live process under the
+same name finds the row held and is told so (:attr:`Renewal.owned` false), instead of both
+renewing and taking the streams in one name.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -66,10 +72,22 @@ class FleetView:
 
 
 @dataclass(frozen=True, slots=True)
+class RowHolder:
+    """Who holds a member's row, as the heartbeat found it (another process, or ours)."""
+
+    instance: str | None  # None: a member of the version before, or no row
+    host: str
+    pid: int
+    heartbeat_at: float
+
+
+@dataclass(frozen=True, slots=True)
 class Renewal:
     renewed: frozenset[str]
     draining: bool
     now: float
+    owned: bool = True  # False: another live process holds this member name's row
+    holder: RowHolder | None = None  # the row as it was before this heartbeat
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +110,7 @@ class FleetTable:
         weight: float,
         started_at: float,
         lease_ttl_s: float,
+        instance: str | None = None,
     ) -> None:
         assert settings.dsn is not None, "checked by StateSettings"
         self._target = Target(settings.dsn.get_secret_value())
@@ -104,6 +123,7 @@ class FleetTable:
         self._weight = weight
         self._started_at = started_at
         self._ttl = lease_ttl_s
+        self.instance = instance or uuid.uuid4().hex
         self._conn: Any = None
         self._lock = asyncio.Lock()  # one statement at a time on the one connection
 
@@ -157,7 +177,9 @@ class FleetTable:
 
     async def tick(self, held: Mapping[str, int], timeout_s: float) -> Renewal:
         """Heartbeat, and renew every lease held at its epoch: one statement. A stream missing
-        from ``renewed`` is lost (another member took it after it expired)."""
+        from ``renewed`` is lost (another member took it after it expired). When another live
+        process holds this member name's row, nothing is written (``owned`` false) and
+        ``holder`` says who."""
         s = self._s
         streams = sorted(held)
         row = await self._call(
@@ -165,17 +187,25 @@ class FleetTable:
             timeout_s,
             "fetchrow",
             f"WITH t AS (SELECT {NOW} AS now), "
+            f"prev AS (SELECT instance, host, pid, heartbeat_at FROM {s}.fleet_members "
+            "WHERE member = $1), "
             f"hb AS (INSERT INTO {s}.fleet_members AS m (member, host, pid, weight, started_at, "
-            "heartbeat_at, expires_at) SELECT $1, $2, $3, $4, $5, t.now, t.now + $6 FROM t "
+            "heartbeat_at, expires_at, instance) "
+            "SELECT $1, $2, $3, $4, $5, t.now, t.now + $6, $9 FROM t "
             "ON CONFLICT (member) DO UPDATE SET host = EXCLUDED.host, pid = EXCLUDED.pid, "
             "weight = EXCLUDED.weight, heartbeat_at = EXCLUDED.heartbeat_at, "
-            "expires_at = EXCLUDED.expires_at, started_at = CASE WHEN m.pid = EXCLUDED.pid "
-            "THEN m.started_at ELSE EXCLUDED.started_at END RETURNING m.draining), "
+            "expires_at = EXCLUDED.expires_at, started_at = EXCLUDED.started_at, "
+            "instance = EXCLUDED.instance "
+            "WHERE m.instance IS NOT DISTINCT FROM EXCLUDED.instance "
+            "OR m.expires_at <= EXCLUDED.heartbeat_at RETURNING m.draining), "
             f"{_LOCKED.format(s=s, streams='$7', epochs='$8', holder='$1')}, "
             f"renewed AS (UPDATE {s}.stream_leases l SET expires_at = t.now + $6 "
-            "FROM t, locked WHERE l.stream = locked.stream RETURNING l.stream) "
-            "SELECT (SELECT draining FROM hb) AS draining, "
-            "ARRAY(SELECT stream FROM renewed) AS renewed, (SELECT now FROM t) AS now",
+            "FROM t, locked WHERE l.stream = locked.stream AND EXISTS (SELECT 1 FROM hb) "
+            "RETURNING l.stream) "
+            "SELECT EXISTS (SELECT 1 FROM hb) AS owned, (SELECT draining FROM hb) AS draining, "
+            "ARRAY(SELECT stream FROM renewed) AS renewed, (SELECT now FROM t) AS now, "
+            "p.instance, p.host, p.pid, p.heartbeat_at FROM (SELECT 1) AS one "
+            "LEFT JOIN prev p ON TRUE",
             self.member,
             self._host,
             self._pid,
@@ -184,8 +214,20 @@ class FleetTable:
             self._ttl,
             streams,
             [held[x] for x in streams],
+            self.instance,
         )
-        return Renewal(frozenset(row["renewed"]), bool(row["draining"]), float(row["now"]))
+        holder = None
+        if row["heartbeat_at"] is not None:
+            holder = RowHolder(
+                row["instance"], str(row["host"]), int(row["pid"]), float(row["heartbeat_at"])
+            )
+        return Renewal(
+            frozenset(row["renewed"]),
+            bool(row["draining"]),
+            float(row["now"]),
+            owned=bool(row["owned"]),
+            holder=holder,
+        )
 
     async def acquire(self, streams: Iterable[str], timeout_s: float) -> list[Acquired]:
         """Take these streams' leases where they are free, released, expired or already in
@@ -227,12 +269,14 @@ class FleetTable:
         )
 
     async def leave(self, timeout_s: float) -> None:
+        """Remove this process's row (never the row of another process of the same name)."""
         await self._call(
             "leaving the fleet",
             timeout_s,
             "execute",
-            f"DELETE FROM {self._s}.fleet_members WHERE member = $1",
+            f"DELETE FROM {self._s}.fleet_members WHERE member = $1 AND instance = $2",
             self.member,
+            self.instance,
         )
 
     async def view(self, timeout_s: float) -> FleetView:

@@ -151,7 +151,8 @@ async def acquire(
 
 async def current_holder(settings: StateSettings, *, fleet: bool = False) -> dict[str, Any] | None:
     """Who holds the state store now (pid, role, host or streams), or None. ``fleet``: the
-    members holding live leases, and their streams."""
+    live members (holding leases or not yet: a member just joined, or drained, takes streams
+    at any tick) and holders of live leases, and the streams leased."""
     if fleet:
         from .fleet import FleetTable  # noqa: PLC0415  # asyncpg: an extra
 
@@ -165,10 +166,10 @@ async def current_holder(settings: StateSettings, *, fleet: bool = False) -> dic
             for s, lv in view.leases.items()
             if lv.holder is not None and lv.expires_at > view.now
         }
-        if not held:
+        names = {str(h) for h in held.values()} | {m.member for m in view.live()}
+        if not names:
             return None
-        members = ", ".join(sorted({str(h) for h in held.values()}))
-        return {"member": members, "streams": sorted(held)}
+        return {"member": ", ".join(sorted(names)), "streams": sorted(held)}
     if settings.backend == "postgres":
         from .postgres import PostgresLease  # noqa: PLC0415  # asyncpg: an extra
 

@@ -128,6 +128,12 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE {s}.checkpoints ADD COLUMN event_at DOUBLE PRECISION;
     """,
+    # 4: a fleet member's instance (random, one per process): two processes given the same
+    # member name notice each other instead of taking each other's streams tick after tick.
+    # Members of the version before leave it NULL (their rows are theirs alone by name).
+    """
+    ALTER TABLE {s}.fleet_members ADD COLUMN instance TEXT;
+    """,
 )
 
 

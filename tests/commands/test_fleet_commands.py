@@ -68,6 +68,10 @@ def write_config(
     ]
     if fleet:
         lines += ["[fleet]", "enabled = true", "lease_ttl_s = 30", "renew_interval_s = 5"]
+        # A handover, 2 x (complete + 2) + drain, fits in the 30 s lease minus a tick.
+        lines += ["[pipeline]", "drain_timeout_s = 1"]
+        for stream in STREAMS:
+            lines += [f"[streams.{stream}.connection]", "complete_timeout_s = 1"]
     path = tmp_path / name
     path.write_text("\n".join(lines) + "\n")
     return path

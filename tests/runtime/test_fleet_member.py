@@ -1,65 +1,308 @@
 """A fleet member's tick (runtime/fleet.py) against a real PostgreSQL state store, with the
-daemon's start and stop of streams replaced by the test's own."""
+daemon's start and stop of streams replaced by the test's own, which record what ran where.
+
+Timers are short (5 s leases, 0.25 s ticks) with the shortest stop the settings allow for
+them; every wait is for a positive condition, and what is asserted is an order of events
+(who ran which stream when), never a duration."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
+import pytest
+from fleet_support import TTL_S, fleet_settings
 from pg import sql
-from support import stream_config, wait_until
+from support import wait_until
+from tcp_proxy import TcpProxy
 
-from consumer.config import Settings
 from consumer.errors import StoreError
-from consumer.runtime.fleet import Fleet
+from consumer.runtime.fleet import DuplicateMember, Fleet
 from consumer.state import open_store
 
 
-async def test_a_stream_that_fails_to_start_gives_its_lease_back(postgres_dsn: str) -> None:
+@dataclass
+class Env:
+    dsn: str
+    schema: str
+    log: list[tuple[str, str, str]] = field(default_factory=list)  # (member, what, stream)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    fleets: list[Fleet] = field(default_factory=list)
+
+    def member(
+        self,
+        name: str,
+        *,
+        dsn: str | None = None,
+        start: Callable[[str], Awaitable[None]] | None = None,
+        stop: Callable[[str, bool], Awaitable[None]] | None = None,
+        label: str | None = None,
+    ) -> Fleet:
+        """A member whose starts and stops are logged under ``label`` (default: its name),
+        ``start``/``stop`` say what else they do; ``started``/``stopped`` once they return."""
+        who = label or name
+
+        async def on_start(stream: str) -> None:
+            self.log.append((who, "start", stream))
+            if start is not None:
+                await start(stream)
+            self.log.append((who, "started", stream))
+
+        async def on_stop(stream: str, lost: bool) -> None:
+            self.log.append((who, "stop-lost" if lost else "stop", stream))
+            if stop is not None:
+                await stop(stream, lost)
+            self.log.append((who, "stopped", stream))
+
+        def spawn(coro: Any, task_name: str) -> asyncio.Task[None]:
+            self.tasks.append(asyncio.create_task(coro, name=task_name))
+            return self.tasks[-1]
+
+        settings = fleet_settings(dsn or self.dsn, self.schema, name)
+        fleet = Fleet(settings, start_stream=on_start, stop_stream=on_stop, spawn=spawn)
+        self.fleets.append(fleet)
+        return fleet
+
+    def run(self, fleet: Fleet) -> asyncio.Task[None]:
+        self.tasks.append(asyncio.create_task(fleet.run(), name=f"run-{fleet.member}"))
+        return self.tasks[-1]
+
+    def before(self, first: tuple[str, str, str], then: tuple[str, str, str]) -> bool:
+        """Both happened, ``first`` before ``then``."""
+        return first in self.log and then in self.log[self.log.index(first) :]
+
+    def has(self, member: str, what: str, stream: str | None = None) -> bool:
+        return any(m == member and w == what and stream in (None, s) for m, w, s in self.log)
+
+    def count(self, what: str) -> int:
+        return sum(1 for _, w, _ in self.log if w == what)
+
+    async def leases(self) -> list[tuple[str, str | None, int]]:
+        q = f'SELECT stream, holder, epoch FROM "{self.schema}".stream_leases ORDER BY stream'
+        return [tuple(r) for r in await sql(self.dsn, "fetch", q)]
+
+
+@pytest.fixture
+async def env(postgres_dsn: str) -> AsyncIterator[Env]:
+    schema = f"t_{uuid.uuid4().hex[:16]}"
+    await (await open_store(fleet_settings(postgres_dsn, schema, "x").state)).close()
+    e = Env(postgres_dsn, schema)
+    try:
+        yield e
+    finally:
+        for t in e.tasks:
+            t.cancel()
+        await asyncio.gather(*e.tasks, return_exceptions=True)
+        for f in e.fleets:
+            await f.table.close()
+        await sql(postgres_dsn, "execute", f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+@pytest.fixture
+def pg_proxy(postgres_dsn: str) -> Iterator[TcpProxy]:
+    parts = urlsplit(postgres_dsn)
+    assert parts.hostname is not None and parts.port is not None
+    with TcpProxy(parts.hostname, parts.port) as proxy:
+        yield proxy
+
+
+def proxied(dsn: str, port: int) -> str:
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit(":", 1)[0] + f":{port}"))
+
+
+def hang_after_the_first() -> tuple[Callable[[str], Awaitable[None]], list[str]]:
+    """A start that returns for the first stream and hangs for the others (a start reading a
+    stalled store), noting the starts cancelled."""
+    cancelled: list[str] = []
+    first: list[str] = []
+
+    async def start(stream: str) -> None:
+        if not first:
+            first.append(stream)
+            return
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.append(stream)
+            raise
+
+    return start, cancelled
+
+
+async def test_a_stream_that_fails_to_start_gives_its_lease_back(env: Env) -> None:
     """A lease taken for a stream the member could not start (the store failed, say) must not
     stay in its name, renewed forever with nothing consuming: it is released at once, and
     taken again (a new epoch) at a later tick, when the start succeeds."""
-    schema = f"t_{uuid.uuid4().hex[:16]}"
-    settings = Settings(
-        streams={
-            "a": stream_config("http://127.0.0.1:9"),
-            "b": stream_config("http://127.0.0.1:9"),
-        },  # type: ignore[dict-item]
-        state={"backend": "postgres", "dsn": postgres_dsn, "schema": schema},  # type: ignore[arg-type]
-        sink={"type": "webhook", "url": "http://127.0.0.1:9/hook"},  # type: ignore[arg-type]
-        fleet={"enabled": True, "member": "m1", "lease_ttl_s": 4.0, "renew_interval_s": 0.05},  # type: ignore[arg-type]
-    )
-    await (await open_store(settings.state)).close()  # the schema, as the daemon creates it
-    started: list[str] = []
     failed: list[str] = []
 
     async def start(stream: str) -> None:
         if stream == "b" and not failed:
             failed.append(stream)
             raise StoreError("state store unreachable (test)", retriable=True)
-        started.append(stream)
 
-    async def stop(stream: str, lost: bool) -> None:
-        raise AssertionError(f"nothing to stop: {stream}")
+    fleet = env.member("m1", start=start)
+    env.run(fleet)
+    await wait_until(lambda: env.has("m1", "started", "a") and env.has("m1", "started", "b"))
+    # b: taken (epoch 1), given back when its start failed, taken again (epoch 2).
+    assert await env.leases() == [("a", "m1", 1), ("b", "m1", 2)]
+    assert failed == ["b"] and fleet.epochs == {"a": 1, "b": 2}
 
-    tasks: list[asyncio.Task[None]] = []
 
-    def spawn(coro: Any, name: str) -> asyncio.Task[None]:
-        tasks.append(asyncio.create_task(coro, name=name))
-        return tasks[-1]
+async def test_a_start_that_hangs_does_not_hold_up_the_renewals(env: Env) -> None:
+    """Starting a stream reads the store; while one start hangs (a stalled store), the
+    member's running streams must go on being renewed, or their leases would expire under
+    them."""
+    start, _ = hang_after_the_first()
+    fleet = env.member("m1", start=start)
+    env.run(fleet)
+    await wait_until(lambda: env.count("started") == 1 and env.count("start") == 2)
+    running = next(s for m, w, s in env.log if w == "started")
+    q = (
+        "SELECT expires_at, EXTRACT(EPOCH FROM clock_timestamp()) AS now "
+        f'FROM "{env.schema}".stream_leases WHERE stream = $1'
+    )
+    hung_at = float((await sql(env.dsn, "fetchrow", q, running))["expires_at"])
 
-    fleet = Fleet(settings, start_stream=start, stop_stream=stop, spawn=spawn)
-    try:
-        runner = asyncio.create_task(fleet.run())
-        await wait_until(lambda: sorted(started) == ["a", "b"], timeout=30)
-        q = f'SELECT stream, holder, epoch FROM "{schema}".stream_leases ORDER BY stream'
-        rows = [tuple(r) for r in await sql(postgres_dsn, "fetch", q)]
-        # b: taken (epoch 1), given back when its start failed, taken again (epoch 2).
-        assert rows == [("a", "m1", 1), ("b", "m1", 2)]
-        assert failed == ["b"] and fleet.epochs == {"a": 1, "b": 2}
-    finally:
-        runner.cancel()
-        await asyncio.gather(runner, *tasks, return_exceptions=True)
-        await fleet.table.close()
-        await sql(postgres_dsn, "execute", f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    async def renewed_past_its_lease() -> bool:
+        row = await sql(env.dsn, "fetchrow", q, running)
+        return float(row["now"]) > hung_at and float(row["expires_at"]) > float(row["now"])
+
+    # Positive condition: the database's clock is past the lease the stream had when the
+    # start hung, and the lease is still live (renewed meanwhile). Without renewals it expires.
+    async with asyncio.timeout(3 * TTL_S):
+        while not await renewed_past_its_lease():
+            await asyncio.sleep(0.05)
+    assert not env.has("m1", "stop-lost") and fleet.counters.self_fenced == 0
+
+
+async def test_the_self_fence_does_not_wait_for_a_start_that_hangs(
+    env: Env, pg_proxy: TcpProxy
+) -> None:
+    """Cut off from PostgreSQL while a start hangs, a member must still stop its running
+    streams before their leases can expire: another member takes them only afterwards, and
+    the start that hung is abandoned."""
+    start, cancelled = hang_after_the_first()
+    a = env.member("A", dsn=proxied(env.dsn, pg_proxy.port), start=start)
+    env.run(a)
+    await wait_until(lambda: env.count("started") == 1 and env.count("start") == 2)
+    running = next(s for m, w, s in env.log if w == "started")
+    hung = next(s for m, w, s in env.log if w == "start" and s != running)
+    pg_proxy.blackhole()
+    b = env.member("B")
+    env.run(b)
+    await wait_until(lambda: env.has("B", "started", running), timeout=6 * TTL_S)
+    # A stopped the stream it ran before B started it, and gave up the start that hung.
+    assert env.before(("A", "stopped", running), ("B", "start", running))
+    assert cancelled == [hung] and not env.has("A", "started", hung)
+    assert a.counters.self_fenced == 1
+
+
+async def test_a_stream_handed_over_stays_renewed_until_released(env: Env) -> None:
+    """A graceful handover (complete, drain, commit) may take longer than the lease: the
+    stream's lease is renewed until it is released, so the member taking it over does so from
+    the release, never from an expired lease while the first still delivers."""
+    stopping_s = TTL_S + 1.5  # a slow drain, past the lease
+
+    async def slow_stop(stream: str, lost: bool) -> None:
+        await asyncio.sleep(stopping_s)
+
+    a = env.member("A", stop=slow_stop)
+    env.run(a)
+    await wait_until(lambda: env.count("started") == 2)
+    b = env.member("B")
+    env.run(b)
+    await wait_until(lambda: any(m == "B" and w == "started" for m, w, _ in env.log), timeout=30)
+    moved = next(s for m, w, s in env.log if m == "B" and w == "started")
+    assert env.before(("A", "stopped", moved), ("B", "start", moved))
+    assert not env.has("A", "stop-lost")
+    assert b.counters.takeovers == 0  # taken from a released lease, not an expired one
+    assert a.counters.lost == 0
+
+
+async def test_a_stream_found_lost_twice_is_stopped_once(env: Env) -> None:
+    """A commit refused while the renewal that finds the same stream lost is under way: one
+    stop of the stream, not two."""
+    fleet = env.member("m1")
+    env.run(fleet)
+    await wait_until(lambda: env.has("m1", "started", "a") and env.has("m1", "started", "b"))
+    renew = fleet.table.tick
+    renewals: list[frozenset[str]] = []
+
+    async def tick_with_a_refused_commit(held: Any, timeout_s: float) -> Any:
+        if not renewals:
+            # Another member took "a" (as after our lease expired: a new epoch in its name),
+            # and our commit is refused while this renewal, which finds it lost, is under way.
+            await sql(
+                env.dsn,
+                "execute",
+                f'UPDATE "{env.schema}".stream_leases SET holder = $1, epoch = epoch + 1 '
+                "WHERE stream = $2",
+                "other",
+                "a",
+            )
+            fleet.lost(frozenset({"a"}))
+        renewal = await renew(held, timeout_s)
+        renewals.append(frozenset(held) - renewal.renewed)
+        return renewal
+
+    fleet.table.tick = tick_with_a_refused_commit  # type: ignore[method-assign]
+    # Till the stream is gone, and two renewals after: a second stop would have begun.
+    await wait_until(lambda: "a" not in fleet.epochs and renewals[-2:] == [frozenset()] * 2)
+    fleet.table.tick = renew  # type: ignore[method-assign]
+    assert renewals[0] == frozenset({"a"})  # the renewal found it lost too
+    assert [e for e in env.log if e[2] == "a" and e[1].startswith("stop")] == [
+        ("m1", "stop-lost", "a"),
+        ("m1", "stopped", "a"),
+    ]
+    assert fleet.counters.lost == 1
+
+
+# --- one member name, one process ------------------------------------------------------------
+
+
+async def test_two_processes_under_one_member_name_refuse(env: Env) -> None:
+    """A second process given the same member name (a shared config, or <hostname>:<pid>
+    colliding across containers) would renew and take the streams in the same name: it finds
+    the name's row held by a live process and stops with an error naming the name and the
+    fix; the first goes on undisturbed."""
+    first = env.member("x", label="first")
+    env.run(first)
+    await wait_until(lambda: env.count("started") == 2)
+    second = env.member("x", label="second")
+    run = env.run(second)
+    await wait_until(run.done, timeout=30)
+    error = run.exception()
+    assert isinstance(error, DuplicateMember)
+    assert "'x'" in str(error) and "[fleet] member" in str(error)
+    assert isinstance(error, StoreError) and not error.retriable  # the daemon exits 78
+    # The first is undisturbed: it runs both streams, nothing was stopped or taken from it.
+    assert not env.has("second", "start") and not any(w.startswith("stop") for _, w, _ in env.log)
+    assert sorted(first.epochs) == ["a", "b"] and first.counters.lost == 0
+    assert await env.leases() == [("a", "x", first.epochs["a"]), ("b", "x", first.epochs["b"])]
+    await second.table.leave(10.0)  # what its shutdown does: never the first's row
+    q = f'SELECT instance FROM "{env.schema}".fleet_members WHERE member = $1'
+    assert await sql(env.dsn, "fetchval", q, "x") == first.table.instance
+
+
+async def test_a_restart_under_the_same_name_waits_out_the_dead_process_row(env: Env) -> None:
+    """The row a process that died left under our name (a restart after a crash) is not a
+    second live process: it does not heartbeat, and once it expires the member joins."""
+    q = f'"{env.schema}".fleet_members'
+    await sql(
+        env.dsn,
+        "execute",
+        f"INSERT INTO {q} (member, host, pid, weight, started_at, heartbeat_at, expires_at, "
+        "instance) SELECT 'x', 'h', 7, 1, 0, n, n + 1.5, 'dead' "
+        "FROM (SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8 AS n) t",
+    )
+    fleet = env.member("x")
+    run = env.run(fleet)
+    await wait_until(lambda: env.count("started") == 2, timeout=30)
+    assert not run.done()
+    instance = await sql(env.dsn, "fetchval", f"SELECT instance FROM {q} WHERE member = 'x'")
+    assert instance == fleet.table.instance

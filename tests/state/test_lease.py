@@ -8,16 +8,21 @@ import asyncio
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
+from fleet_support import fleet_settings
 from operator_support import settled, write_config
+from pg import sql
 from support import running, wait_until
 
 from consumer.config import load_settings
+from consumer.config.settings import FleetSettings
 from consumer.errors import LeaseHeld
 from consumer.runtime.daemon import Daemon
-from consumer.state import holder
+from consumer.state import holder, open_store
+from consumer.state.fleet import FleetTable
 
 pytestmark = pytest.mark.usefixtures("fresh_pysink", "contained_logging")
 
@@ -52,3 +57,31 @@ async def test_a_second_daemon_on_the_same_state_store_is_refused(sandbox_factor
     assert first.exit_code == 0
     async with running(settings) as again:  # released at the stop: a new daemon may start
         await wait_until(lambda: again.runners["main"].state == "streaming")
+
+
+async def test_a_daemon_outside_the_fleet_is_refused_beside_a_member_holding_no_lease(
+    postgres_dsn: str, tmp_path: Path
+) -> None:
+    """A fleet member that holds no lease yet (its first tick, or drained) takes streams at
+    any tick: a single daemon started beside it on the same schema would consume them too,
+    so it is refused as beside a member holding leases."""
+    schema = f"t_{uuid.uuid4().hex[:16]}"
+    fleet = fleet_settings(postgres_dsn, schema, "m1")
+    store = await open_store(fleet.state)
+    await store.close()
+    member = FleetTable(
+        fleet.state, "m1", host="h", pid=1, weight=1.0, started_at=0.0, lease_ttl_s=60.0
+    )
+    try:
+        await member.join(fleet.streams, 10.0)
+        renewal = await member.tick({}, 10.0)  # a heartbeat, no lease
+        assert renewal.owned and renewal.renewed == frozenset()
+        single = fleet.model_copy(update={"fleet": FleetSettings()})
+        with pytest.raises(LeaseHeld, match="fleet member m1 holds the state store"):
+            await Daemon.create(single)
+        await member.leave(10.0)
+        async with running(single) as alone:  # the member left: nothing in the way
+            assert alone.fleet is None
+    finally:
+        await member.close()
+        await sql(postgres_dsn, "execute", f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')

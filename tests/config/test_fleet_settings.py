@@ -1,0 +1,75 @@
+"""[fleet] settings: a stream handed over must be able to stop within what a lease surely
+lasts after a renewal (lease_ttl_s - renew_interval_s), and the defaults allow it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from consumer.config import load_settings
+from consumer.config.settings import fleet_handover_s
+from consumer.errors import ConfigError
+
+FLEET = """
+[streams.main]
+gateway_url = "https://gw.example.com/"
+chain_code = "CHAIN1"
+app_key = "key"
+[streams.main.auth]
+client_id = "cid"
+client_secret = "secret"
+[state]
+backend = "postgres"
+dsn = "postgresql://u:p@h/d"
+[sink]
+type = "webhook"
+url = "https://example.com/x"
+[fleet]
+enabled = true
+"""
+
+
+def test_the_defaults_leave_a_handover_room_in_the_lease(tmp_path: Path) -> None:
+    settings = load_settings(_write(tmp_path, FLEET))
+    f = settings.fleet
+    stop = fleet_handover_s(settings.streams["main"].connection, settings.pipeline)
+    assert stop == 44.0  # 2 x (10 + 2) + 20: close, drain, last commit
+    assert stop <= f.lease_ttl_s - f.renew_interval_s
+
+
+def test_a_lease_too_short_for_a_handover_is_refused_naming_the_keys(tmp_path: Path) -> None:
+    text = FLEET + "lease_ttl_s = 30\nrenew_interval_s = 5\n"
+    with pytest.raises(ConfigError) as refused:
+        load_settings(_write(tmp_path, text))
+    message = str(refused.value)
+    for key in (
+        "fleet.lease_ttl_s",
+        "streams.main.connection.complete_timeout_s",
+        "pipeline.drain_timeout_s",
+        "at least 49",
+    ):
+        assert key in message, message
+
+
+def test_a_short_lease_passes_with_short_stops(tmp_path: Path) -> None:
+    text = FLEET.replace("[fleet]", "[pipeline]\ndrain_timeout_s = 1\n[fleet]") + (
+        "lease_ttl_s = 8\nrenew_interval_s = 1\n"
+    )
+    text = text.replace(
+        'client_secret = "secret"',
+        'client_secret = "secret"\n[streams.main.connection]\ncomplete_timeout_s = 1',
+    )
+    settings = load_settings(_write(tmp_path, text))
+    assert settings.fleet.lease_ttl_s == 8.0  # 2 x (1 + 2) + 1 = 7 <= 8 - 1
+
+
+def test_without_fleet_mode_nothing_is_checked(tmp_path: Path) -> None:
+    text = FLEET.replace("enabled = true", "enabled = false") + "lease_ttl_s = 20\n"
+    assert not load_settings(_write(tmp_path, text)).fleet.enabled
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return path
