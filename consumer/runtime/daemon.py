@@ -25,6 +25,7 @@ import structlog
 
 from .. import __version__
 from ..config import Settings
+from ..config.settings import STOP_GRACE_S
 from ..core import protocol
 from ..core.evidence import describe, shown
 from ..core.filters import EventFilter
@@ -39,7 +40,7 @@ from . import systemd
 from .assembly import build_sink, http_client, open_sink, register_secrets
 from .auth import TokenProvider
 from .committer import Committer
-from .fleet import Fleet
+from .fleet import DuplicateMember, Fleet
 from .metrics import Metrics, MetricsServer
 from .pipeline import StreamPipeline
 from .progress import ProgressLog
@@ -228,7 +229,7 @@ class Daemon:
             return
         runner.request_stop()
         c = self.settings.streams[name].connection
-        grace = c.complete_timeout_s + 2
+        grace = c.complete_timeout_s + STOP_GRACE_S  # the settings check counts on it
         if lost and self.fleet is not None:
             grace = min(grace, self.fleet.settings.renew_interval_s)
         if task is not None:
@@ -324,7 +325,14 @@ class Daemon:
                 self.exit_code = ExitCode.CONFIG
                 self._stop.set()
             return
-        if isinstance(exc, SinkUnusable | StoreError):
+        if isinstance(exc, DuplicateMember):
+            log.error(
+                "fleet member name in use; stopping",
+                error=describe(exc),
+                exit_code=int(ExitCode.CONFIG),
+            )
+            self.exit_code = ExitCode.CONFIG
+        elif isinstance(exc, SinkUnusable | StoreError):
             # Writing on could lose data, and a restart cannot help: an operator must look.
             what = "sink" if isinstance(exc, SinkUnusable) else "state store"
             code = ExitCode.CONFIG

@@ -29,7 +29,7 @@ async def test_a_handover_during_the_shutdown(sandbox_factory, postgres_dsn, tmp
         state={"backend": "postgres", "dsn": postgres_dsn, "schema": schema},  # type: ignore[arg-type]
         sink={"type": "python", "target": "pysink:handle"},  # type: ignore[arg-type]
         pipeline={"workers": 1, "drain_timeout_s": 3.0},  # type: ignore[arg-type]
-        fleet={"enabled": True, "member": "m1", "lease_ttl_s": 10.0, "renew_interval_s": 0.2},  # type: ignore[arg-type]
+        fleet={"enabled": True, "member": "m1", "lease_ttl_s": 20.0, "renew_interval_s": 0.2},  # type: ignore[arg-type]
         metrics={"port": 0},  # type: ignore[arg-type]
     )
     pysink.STUCK_STREAMS.add("a")  # a's downstream hangs: its handover takes the drain time
