@@ -289,6 +289,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(os.devnull, "wb") as null:
             os.dup2(null.fileno(), sys.stdout.fileno())
         return _EXIT_PIPE
+    except Exception as exc:  # a bug of ours: one line and EX_SOFTWARE, not a traceback
+        return _internal_error(exc)
+
+
+def _internal_error(exc: Exception) -> int:
+    """One line on stderr (scrubbed of the registered secrets, escaped, bounded); the
+    traceback in the log where the command logs (``run``, ``preflight``: through the redactor),
+    as the daemon logs a failed task."""
+    import structlog
+
+    from .core.printable import printable
+    from .logs import REDACTOR
+
+    if structlog.is_configured():  # by logs.configure: the log takes the traceback
+        structlog.get_logger(__name__).error("unexpected internal error", exc_info=exc)
+    what = printable(REDACTOR.scrub(f"{type(exc).__name__}: {exc}"), 300)
+    print(
+        f"opera-consumer: unexpected internal error ({what}): a bug; please report it "
+        "(safe to restart: the state stays consistent)",
+        file=sys.stderr,
+    )
+    return ExitCode.SOFTWARE
 
 
 def _command(args: argparse.Namespace) -> int:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import ipaddress
 import re
 import unicodedata
+from pathlib import PurePath
 from typing import Annotated, Any
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import SplitResult, unquote_plus, urlsplit
 
 from pydantic import AfterValidator, PlainSerializer, SecretStr
 
@@ -124,13 +125,53 @@ def _mask_params(part: str) -> str:
     return "&".join(pieces)
 
 
+def user_information(url: str) -> str | None:
+    """The user information of ``url`` as written: from ``//`` to the last ``@`` (the DSN rule
+    of :mod:`consumer.pg_target`), or None without an ``@``. urlsplit ends the authority at the
+    first ``/``, ``?`` or ``#``, so a raw one in a password ends its user information early, or
+    hides it (no ``@`` left in its netloc) and shows the password as a path or query."""
+    info, at, _ = str(url).partition("//")[2].rpartition("@")
+    return info if at else None
+
+
+def misread_user_information(url: str) -> bool:
+    """urlsplit (and so every client) reads another user information than
+    :func:`user_information`: a raw ``/``, ``?``, ``#`` (or ``@``) in the user name or
+    password, or an ``@`` after the authority."""
+    netloc = urlsplit(str(url)).netloc
+    return user_information(url) != (netloc.rpartition("@")[0] if "@" in netloc else None)
+
+
+def misread_problem(fix: str) -> Problem:
+    return Problem(
+        (
+            "",
+            "has an '@' after a '/', '?' or '#': read as user information, a raw '/', '?' or "
+            "'#' in the user name or password would end it early and send a piece of it as the "
+            "host, path or query",
+            fix,
+        )
+    )
+
+
+PERCENT_ENCODE_FIX = (
+    "percent-encode '/', '?', '#' and '@' in the user name and password (%2F %3F %23 %40), "
+    "and write any other '@' as %40"
+)
+
+
 def mask_url(url: str) -> str:
     """``url`` with the password of its user information (a lone user name, which may be a
-    token, too) and every query and fragment value replaced by ``***``."""
+    token, too) and every query and fragment value replaced by ``***``. User information that
+    urlsplit would misread (:func:`misread_user_information`) is masked whole."""
     try:
         parts = urlsplit(str(url))
+        misread = misread_user_information(url)
     except ValueError:
         return MASK
+    if misread:
+        head, _, rest = str(url).partition("//")
+        return mask_url(f"{head}//{rest.rpartition('@')[2]}").replace("//", f"//{MASK}@", 1)
     netloc = parts.netloc
     if "@" in netloc:
         userinfo, _, hostport = netloc.rpartition("@")
@@ -168,6 +209,8 @@ def _parse_url(v: str, schemes: tuple[str, ...], wrong_scheme: str) -> SplitResu
         parts.port  # noqa: B018  # raises ValueError for a bad port
     except ValueError:
         raise Problem(("", "is not a valid URL", "use scheme://host[:port][/path]")) from None
+    if misread_user_information(v):
+        raise misread_problem(PERCENT_ENCODE_FIX)
     if parts.scheme not in schemes or not v.lower().startswith(parts.scheme + "://"):
         raise ValueError(wrong_scheme)
     if not parts.hostname:
@@ -250,6 +293,89 @@ def no_controls(v: SecretStr | str | None) -> Any:
     return v
 
 
+def _any_url(v: str) -> str:
+    try:
+        misread = misread_user_information(v)
+    except ValueError:
+        misread = False  # the user's checks name it (e.g. the nats sink's servers)
+    if misread:
+        # nats-py does not percent-decode a URL's credentials: they go in the sink's fields.
+        raise misread_problem(
+            "move the user name and password out of the URL into the sink's user and password "
+            "settings, and write any other '@' as %40"
+        )
+    return MaskedUrl(v)
+
+
+def _mask_secret_params(part: str) -> str:
+    pieces = []
+    for piece in part.split("&"):
+        name, eq, _ = piece.partition("=")
+        pieces.append(f"{name}={MASK}" if eq and is_secret_name(unquote_plus(name)) else piece)
+    return "&".join(pieces)
+
+
+def mask_template(template: str) -> str:
+    """An orchestration URL template with the values of its secret-looking query (and
+    fragment) parameters masked (:func:`is_secret_name`: ``apikey``, ``token``...); the others
+    are the API's parameters, shown as they are."""
+    rest, hash_, fragment = str(template).partition("#")
+    path, question, query = rest.partition("?")
+    return path + question + _mask_secret_params(query) + hash_ + _mask_secret_params(fragment)
+
+
+class MaskedTemplate(str):
+    """An orchestration URL template: ``str()`` is the template, ``repr()`` masks the values
+    of its secret-looking query parameters."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return repr(mask_template(self))
+
+
+def _templates(templates: dict[str, str]) -> dict[str, str]:
+    return {name: MaskedTemplate(t) for name, t in templates.items()}
+
+
+def _dump_templates(templates: dict[str, str]) -> dict[str, str]:
+    return {name: mask_template(t) for name, t in templates.items()}
+
+
+def _undecodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # a lone surrogate: bytes os.environ could not decode
+        return True
+    return False
+
+
+def undecodable(data: Any, key: str = "") -> list[tuple[str, str, str]]:
+    """Problems naming each string in ``data`` (settings as loaded: dicts, lists, strings) that
+    holds a lone surrogate: Python's form of bytes that are not UTF-8 in an environment
+    variable. Such a value cannot be encoded again (a header, a log line, the redactor)."""
+    fix = "set it again as UTF-8 text (check the encoding of what sets it)"
+    if isinstance(data, SecretStr):
+        data = data.get_secret_value()
+    elif isinstance(data, PurePath):
+        data = str(data)
+    if isinstance(data, str):
+        return [(key, "holds bytes that are not UTF-8 text", fix)] if _undecodable(data) else []
+    problems: list[tuple[str, str, str]] = []
+    if isinstance(data, dict):
+        for k, v in data.items():
+            if isinstance(k, str) and _undecodable(k):
+                problems.append((key, "a key in it holds bytes that are not UTF-8 text", fix))
+                continue
+            problems += undecodable(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(data, list | tuple | set | frozenset):
+        for item in data:
+            found = undecodable(item, key)
+            if found:  # the list's key: an index would not name the variable
+                return found[:1]
+    return problems
+
+
 _URL_DUMP = PlainSerializer(_dump_url, return_type=str, when_used="json")
 # str() of these is the URL; repr() and check-config mask passwords and query values.
 HttpUrl = Annotated[str, AfterValidator(http_url), _URL_DUMP]
@@ -257,7 +383,13 @@ BaseUrl = Annotated[str, AfterValidator(_base_url), _URL_DUMP]  # trailing "/" d
 GatewayUrl = Annotated[str, AfterValidator(_gateway_url), _URL_DUMP]  # trailing "/" dropped
 ProxyUrl = Annotated[str, AfterValidator(_proxy_url), _URL_DUMP]
 # A URL whose checks are its user's (e.g. the nats sink's servers): only masked here.
-AnyUrl = Annotated[str, AfterValidator(MaskedUrl), _URL_DUMP]
+AnyUrl = Annotated[str, AfterValidator(_any_url), _URL_DUMP]
+# Orchestration URL templates: secret-looking query values masked in repr and check-config.
+UrlTemplates = Annotated[
+    dict[str, str],
+    AfterValidator(_templates),
+    PlainSerializer(_dump_templates, return_type=dict[str, str], when_used="json"),
+]
 # Configured HTTP headers: checked names and values; secret-looking values masked.
 Headers = Annotated[
     dict[str, str],

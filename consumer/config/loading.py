@@ -12,12 +12,20 @@ against the current directory, as before, and are made absolute too.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
-from pydantic_settings import SettingsConfigDict
+from pydantic_settings import (
+    EnvSettingsSource,
+    NestedSecretsSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
+from ..core.printable import printable
 from ..errors import ConfigError
 from . import settings as settings_module
 from .fields import Problem
@@ -30,7 +38,14 @@ _M = TypeVar("_M", bound=BaseModel)
 
 def find_config(path: Path | None) -> Path | None:
     if path is not None:
-        if not path.is_file():
+        try:
+            found = path.is_file()
+        except OSError as exc:  # e.g. a name too long for the file system
+            raise ConfigError(
+                f"config file {printable(path)}: {exc.strerror or exc}: pass an existing file "
+                "to --config"
+            ) from None
+        if not found:
             raise ConfigError(
                 f"config file {path} not found: pass an existing file to --config, or copy "
                 "config.example.toml there and edit it"
@@ -54,19 +69,122 @@ def load_settings(path: Path | None = None) -> Settings:
     # resolve(): a lexical ".." would go wrong where a directory is a symlink.
     base = (found.parent if found else Path.cwd()).resolve()
 
+    sources: list[PydanticBaseSettingsSource] = []
+
     class _FileSettings(Settings):
         model_config = SettingsConfigDict(toml_file=found)
+
+        @classmethod
+        def settings_customise_sources(
+            cls, *args: Any, **kwargs: Any
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            made = super().settings_customise_sources(*args, **kwargs)
+            sources[:] = made  # for _source_error: which variable or file it could not parse
+            return made
 
     where = CONFIG_DIR.set(base)
     try:
         loaded = _FileSettings()  # type: ignore[call-arg]  # fields come from the sources
     except ValidationError as exc:
         raise ConfigError(explain(exc, found)) from None
+    except SettingsError as exc:
+        raise ConfigError(_source_error(exc, sources, found)) from None
+    except UnicodeDecodeError:  # the file's or a secret file's bytes (no name in it)
+        raise ConfigError(_undecodable_file(found)) from None
     except ValueError as exc:  # e.g. TOML syntax
         raise ConfigError(f"{found}: {exc}") from None
+    except OSError as exc:  # e.g. a secret file the daemon's user may not read
+        name = printable(exc.filename) if exc.filename else (found or "a file")
+        raise ConfigError(
+            f"cannot read {name}: {exc.strerror or exc} -> make it readable by the user "
+            "opera-consumer runs as (or remove it)"
+        ) from None
+    except RecursionError:
+        raise ConfigError(
+            f"{found or 'the configuration'}: values nested too deeply (arrays or tables "
+            "inside each other, in the file or in a JSON value of an OPERA_CONSUMER_ "
+            "variable) -> flatten them; no key of opera-consumer nests more than a few levels"
+        ) from None
     finally:
         CONFIG_DIR.reset(where)
     return anchored(loaded, base)
+
+
+def _secret_files() -> list[Path]:
+    """The files in the secret directories, as the secrets source reads them (top level)."""
+    dirs = [
+        d
+        for d in (*settings_module.SECRET_DIRS, os.environ.get("CREDENTIALS_DIRECTORY"))
+        if d and os.path.isdir(d)
+    ]
+    try:
+        return [p for d in dirs for p in sorted(Path(d).iterdir()) if p.is_file()]
+    except OSError:
+        return []
+
+
+def _undecodable_file(found: Path | None) -> str:
+    """Which file is not UTF-8 text: the config file, or a secret file."""
+    for path in [*([found] if found else []), *_secret_files()]:
+        try:
+            path.read_bytes().decode()
+        except UnicodeDecodeError as exc:
+            what = "config file" if path == found else "secret file"
+            return (
+                f"{what} {path} is not UTF-8 text (byte {exc.start}) -> save it as UTF-8 "
+                "(its bytes are not shown: it may hold a secret)"
+            )
+        except OSError:
+            continue
+    return f"{found or 'the configuration'}: a value is not UTF-8 text -> save it as UTF-8"
+
+
+_SOURCE_FIELD = re.compile(r'for field "(\w+)" from source "(\w+)"')
+_JSON_FIX = (
+    "a list or table set from the environment or a secret file is written in JSON, e.g. "
+    '\'["H1","H2"]\' for a list, \'{"X-Source":"opera"}\' for a table; or set it in the '
+    "config file"
+)
+
+
+def _source_error(
+    exc: SettingsError, sources: list[PydanticBaseSettingsSource], found: Path | None
+) -> str:
+    """A value pydantic-settings could not parse, naming the variable or secret file that set
+    it (the source is tried with each of its values alone) and the fix."""
+    match = _SOURCE_FIELD.search(str(exc))
+    if match is None:  # e.g. the secret directory too large
+        return f"cannot read the configuration: {exc}"
+    field, source_name = match.groups()
+    source = next((s for s in sources if type(s).__name__ == source_name), None)
+    if not isinstance(source, EnvSettingsSource):
+        return f"{found}: {field}: {exc}"
+    bad = _unparsable(source)
+    is_env = not isinstance(source, NestedSecretsSettingsSource)
+    env_names = {name.lower(): name for name in os.environ}
+    files = {p.name.lower(): p for p in _secret_files()}
+    lines = [f"invalid configuration in {'the environment' if is_env else 'a secret file'}:"]
+    for name in bad or [field]:
+        shown = env_names.get(name, name) if is_env else files.get(name, name)
+        what = "environment variable" if is_env else "secret file"
+        lines.append(f"  {what} {shown}: is not valid JSON -> {_JSON_FIX}")
+    return "\n".join(lines)
+
+
+def _unparsable(source: EnvSettingsSource) -> list[str]:
+    """The names of the source's values that it cannot parse alone."""
+    everything = source.env_vars
+    bad = []
+    try:
+        for name, value in everything.items():
+            source.env_vars = {name: value}
+            try:
+                source()
+            except Exception:  # SettingsError, or what it did not wrap
+                bad.append(name)
+    finally:
+        source.env_vars = everything
+    return bad
 
 
 def anchored(model: _M, base: Path) -> _M:
@@ -159,6 +277,8 @@ def explain(exc: ValidationError, source: Path | None) -> str:
                     f", or put it in a file named {secret_file} in $CREDENTIALS_DIRECTORY "
                     "or /run/secrets"
                 )
+        elif err["type"] == "finite_number":
+            fix = "use a finite number (inf and nan are not allowed)"
         elif err["type"] == "extra_forbidden":
             undo = "unset or rename it" if setter else "remove or rename it"
             fix = f"unknown key (a typo?): {undo}; config.example.toml lists every key"

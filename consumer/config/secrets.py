@@ -8,7 +8,7 @@ import re
 from urllib.parse import quote, quote_plus, unquote, unquote_plus, urlsplit
 
 from ..core.protocol import key_hash
-from .fields import is_secret_name
+from .fields import is_secret_name, user_information
 from .settings import (
     NatsSinkSettings,
     PostgresSinkSettings,
@@ -59,12 +59,31 @@ def url_secret_values(url: str) -> list[str]:
     except ValueError:
         return [str(url)]
     values: list[str] = []
-    if "@" in parts.netloc:
-        userinfo = parts.netloc.rpartition("@")[0]
+    infos = {parts.netloc.rpartition("@")[0]} if "@" in parts.netloc else set()
+    if (wide := user_information(url)) is not None:
+        # A raw '/', '?' or '#' in a password ends urlsplit's netloc early: its whole
+        # user information too (the settings refuse such a URL; this is for any other).
+        infos.add(wide)
+    for userinfo in sorted(infos):
         raw_user, colon, raw_password = userinfo.partition(":")
         values += _forms(raw_password if colon else raw_user)
         values.append(_b64(f"{unquote(raw_user)}:{unquote(raw_password)}"))
     return values + query_secret_values(parts.query, parts.fragment)
+
+
+def template_secret_values(template: str) -> list[str]:
+    """The values of an orchestration URL template's secret-looking query (and fragment)
+    parameters (:func:`~consumer.config.fields.is_secret_name`), in every form; not the
+    others: they are API parameters, which the redactor would mask in every log line. A
+    value with a placeholder is filled per event: not a secret of the settings."""
+    rest, _, fragment = template.partition("#")
+    values = []
+    for part in (rest.partition("?")[2], fragment):
+        for piece in part.split("&"):
+            name, eq, value = piece.partition("=")
+            if eq and value and "{" not in value and is_secret_name(unquote_plus(name)):
+                values += _forms(value)
+    return values
 
 
 def webhook_secret_values(sink: WebhookSinkSettings) -> list[str]:
@@ -114,7 +133,8 @@ def secret_values(settings: Settings) -> list[str]:
     log redactor): app keys and their SHA-256 hex, client secrets and the base64 of
     ``client_id:client_secret`` (Basic auth to the token endpoint), passwords (also
     form-encoded), the secrets of every URL (:func:`url_secret_values`), the webhook's token,
-    password and secret headers, the PostgreSQL DSNs (the sink's, the state store's) and their
+    password and secret headers, the secret-looking query values of the orchestration URL
+    templates, the PostgreSQL DSNs (the sink's, the state store's) and their
     passwords."""
     values: list[str] = []
     for s in settings.streams.values():
@@ -128,8 +148,8 @@ def secret_values(settings: Settings) -> list[str]:
         for url in (s.gateway_url, s.auth.token_url, s.connection.proxy):
             if url is not None:
                 values += url_secret_values(url)
-    # (Not the orchestration templates: their query values are API parameters, which the
-    # redactor would then mask in every log line.)
+    for template in settings.orchestration.resources.values():
+        values += template_secret_values(template)
     if settings.orchestration.base_url is not None:
         values += url_secret_values(settings.orchestration.base_url)
     sink = settings.sink

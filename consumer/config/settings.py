@@ -22,6 +22,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -39,6 +40,7 @@ from pydantic_settings import (
 )
 
 from ..core.close_policy import PolicyConfig
+from ..core.printable import printable
 from ..core.protocol import SubscribeInput
 from ..core.rotation import PatternError, Rotation, check_pattern, default_pattern, distinguishes
 from ..core.templates import Template, TemplateError, check_key, check_stream_name, check_subject
@@ -47,6 +49,7 @@ from .extras import missing_extras
 from .fields import (
     ABSOLUTE,
     INSECURE_FIX,
+    PERCENT_ENCODE_FIX,
     AnyUrl,
     BaseUrl,
     GatewayUrl,
@@ -54,11 +57,16 @@ from .fields import (
     HttpUrl,
     Problem,
     ProxyUrl,
+    UrlTemplates,
     bad_url_char,
     http_url,
     is_loopback,
     is_secret_name,
+    misread_problem,
+    misread_user_information,
     no_controls,
+    undecodable,
+    user_information,
 )
 
 ENV_PREFIX = "OPERA_CONSUMER_"
@@ -68,6 +76,27 @@ _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")  # fullmatch: no traili
 # The config file's directory while it loads (loading.load_settings): a python sink's module
 # is also looked for there, as relative paths are resolved against it.
 CONFIG_DIR: ContextVar[Path | None] = ContextVar("CONFIG_DIR", default=None)
+
+
+def _file(example: str) -> Callable[[Any], Any]:
+    """A path that must name a file: not empty, not ending in '/', not an existing directory
+    (the daemon would fail to open it only at run, after check-config said OK)."""
+
+    def check(v: Any) -> Any:
+        fix = f"set it to a file (e.g. {example}), not a directory"
+        if isinstance(v, str | Path) and (not str(v).strip() or str(v).endswith(("/", os.sep))):
+            raise Problem(("", "is empty or names a directory", fix))
+        if isinstance(v, str | Path):
+            base = CONFIG_DIR.get()
+            try:
+                directory = (Path(v) if base is None else base / v).is_dir()
+            except (OSError, ValueError):
+                directory = False  # opening it says what is wrong, naming the path
+            if directory:
+                raise Problem(("", "names an existing directory", fix))
+        return v
+
+    return check
 
 
 def _required(what: str) -> Callable[[SecretStr], SecretStr]:
@@ -82,7 +111,8 @@ def _required(what: str) -> Callable[[SecretStr], SecretStr]:
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan: TOML's inf and nan are floats, and a timeout of inf overflows aiohttp's.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class AuthSettings(_Model):
@@ -233,13 +263,15 @@ class StreamSettings(_Model):
 class StateSettings(_Model):
     # ``schema`` is a (deprecated) method of pydantic's BaseModel: the field is ``schema_``,
     # read and shown as ``schema``.
-    model_config = ConfigDict(extra="forbid", frozen=True, serialize_by_alias=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, serialize_by_alias=True, allow_inf_nan=False
+    )
 
     # Where the state lives: "sqlite" (a file beside the daemon, the default) or "postgres"
     # (a schema in a PostgreSQL database; dsn required).
     backend: Literal["sqlite", "postgres"] = "sqlite"
     # The SQLite file; with backend = "postgres" still the place of the lease (``<path>.lock``).
-    path: Path = Path("opera-consumer.db")
+    path: Annotated[Path, BeforeValidator(_file("opera-consumer.db"))] = Path("opera-consumer.db")
     # FULL survives power loss; NORMAL survives any process crash and is a bit faster (SQLite).
     synchronous: Literal["normal", "full"] = "full"
     # "adaptive": commit as soon as the previous commit is done (an event on a quiet stream is
@@ -372,7 +404,7 @@ def fleet_handover_s(connection: ConnectionSettings, pipeline: PipelineSettings)
 
 class JsonlSinkSettings(_Model):
     type: Literal["jsonl"] = "jsonl"
-    path: Path = Path("events.jsonl")
+    path: Annotated[Path, BeforeValidator(_file("events.jsonl"))] = Path("events.jsonl")
     fsync: bool = True  # off: a power loss may lose lines the checkpoint already covers
     # Rotation (README "jsonl"): none unless rotate_bytes or rotate_interval_s is set.
     rotate_bytes: int | None = Field(default=None, gt=0)
@@ -487,7 +519,7 @@ class SqliteSinkSettings(_Model):
     type: Literal["sqlite"]
     # Default: the state store's own file, so event rows and the checkpoint commit in one
     # transaction. Another file gets idempotent upserts (a replay rewrites the same rows).
-    path: Path | None = None
+    path: Annotated[Path, BeforeValidator(_file("events.db"))] | None = None
     table: str = "opera_events"
 
     _table = field_validator("table")(_identifier)
@@ -559,6 +591,14 @@ def resolve(target: str) -> Any:
         obj: Any = importlib.import_module(mod)
     except ImportError as exc:
         raise ValueError(f"cannot import module {mod!r}: {exc}") from None
+    except Exception as exc:  # its code failed: a SyntaxError, or what it raised
+        raise Problem(
+            (
+                "",
+                f"importing module {mod!r} failed: {type(exc).__name__}: {printable(exc, 300)}",
+                f"fix the module (python -c 'import {mod}' shows the traceback)",
+            )
+        ) from None
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
@@ -636,6 +676,18 @@ class RedisSinkSettings(_Model):
         _destination("sink.stream_key", lambda v: check_key(Template(v)))
     )
 
+    @field_validator("url")
+    @classmethod
+    def _url_credentials(cls, v: SecretStr) -> SecretStr:
+        # redis-py reads the URL as urlsplit does: a raw '/' in a password ends it early.
+        try:
+            misread = misread_user_information(v.get_secret_value())
+        except ValueError:
+            misread = False  # the sink's own check says what is wrong, without the URL
+        if misread:
+            raise misread_problem(PERCENT_ENCODE_FIX)
+        return v
+
 
 SINK_TYPES = ("jsonl", "webhook", "sqlite", "postgres", "python", "nats", "redis")
 
@@ -706,7 +758,7 @@ class OrchestrationSettings(_Model):
     enabled: bool = False
     # Event name (or module name) -> URL template; placeholders: {primaryKey}, {hotelId},
     # {chainCode}, {eventName}, {moduleName}. A relative template is joined to base_url.
-    resources: dict[str, str] = {}
+    resources: UrlTemplates = {}
     base_url: BaseUrl | None = None  # default: the stream's gateway_url
     rate_per_s: float = Field(default=5.0, gt=0)  # token bucket shared by every stream
     burst: int = Field(default=10, ge=1)
@@ -726,6 +778,16 @@ class OrchestrationSettings(_Model):
         allowed = {"primaryKey", "hotelId", "chainCode", "eventName", "moduleName"}
         for name, template in self.resources.items():
             if template.startswith(ABSOLUTE):
+                if user_information(template) is not None:
+                    raise Problem(
+                        (
+                            f"resources[{name!r}]",
+                            "holds user information (user@ or user:password@), or an '@' "
+                            "that would be read as its end",
+                            "remove the user@ part: the REST API takes the stream's token and "
+                            "application key; write a literal '@' as %40",
+                        )
+                    )
                 try:
                     http_url(template)
                 except Problem as exc:
@@ -790,6 +852,7 @@ class Settings(BaseSettings):
         env_nested_delimiter="__",
         extra="forbid",
         frozen=True,
+        allow_inf_nan=False,
     )
 
     streams: dict[str, StreamSettings] = Field(min_length=1)
@@ -806,6 +869,15 @@ class Settings(BaseSettings):
     log: LogSettings = LogSettings()
     fleet: FleetSettings = FleetSettings()
     filter: FilterSettings = FilterSettings()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _utf8(cls, data: Any) -> Any:
+        """Bytes that are not UTF-8 in an environment variable become lone surrogates in
+        Python: refused here, naming the key, not where the value is first encoded again."""
+        if problems := undecodable(data):
+            raise Problem(*problems)
+        return data
 
     @field_validator("streams")
     @classmethod

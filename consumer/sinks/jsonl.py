@@ -115,6 +115,16 @@ class JsonlSink:
     # --- start: restore the committed position ------------------------------------------------
 
     async def open(self, committed: str | None) -> None:
+        try:
+            await self._open(committed)
+        except OSError as exc:  # a directory where the file is, no permission, a read-only disk
+            raise SinkUnusable(
+                f"jsonl sink: cannot open {printable(exc.filename or self.path)}: "
+                f"{exc.strerror or exc} -> check sink.path ({printable(self.path)}): a file "
+                "whose directory the daemon's user may create and write to"
+            ) from None
+
+    async def _open(self, committed: str | None) -> None:
         self._dir.mkdir(parents=True, exist_ok=True)
         c = _parse(committed, self.path)
         if self._rotation is None:

@@ -33,7 +33,10 @@ class PythonSink(PlainSink):
     name = "python"
 
     def __init__(self, settings: PythonSinkSettings) -> None:
-        fn = resolve(settings.target)
+        try:
+            fn = resolve(settings.target)
+        except ValueError as exc:  # the module's import failed (settings built in code)
+            raise ConfigError(f"sink.target: {exc}") from None
         if not is_async_callable(fn):
             raise ConfigError(
                 f"sink.target: {settings.target} must be an async function "

@@ -145,3 +145,34 @@ async def test_a_reader_that_goes_away_gets_no_traceback(sandbox_factory, tmp_pa
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
     assert "Exception ignored" not in err, err
     assert code == 141  # 128 + SIGPIPE, as a shell reports a filter killed by it
+
+
+def test_an_unexpected_error_is_one_line_and_exit_70(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """README "Commands and exit status": 70 for an unexpected internal error (a bug). It was
+    a traceback and exit 1. The line names the error, scrubbed of the registered secrets; the
+    traceback goes to the log, through the redactor."""
+    from log_capture import captured_logs
+
+    from consumer import cli as cli_module
+    from consumer.logs import REDACTOR
+
+    secret = "internal-S3cret-0001"
+    REDACTOR.add(secret)
+
+    def broken(path: Path | None) -> None:
+        raise RuntimeError(f"a bug holding {secret}\nand a second line")
+
+    monkeypatch.setattr(cli_module, "load_settings", broken)
+    with captured_logs() as log:
+        assert main(["check-config"]) == 70
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1, err
+    assert err.startswith("opera-consumer: unexpected internal error (RuntimeError: a bug")
+    assert "Traceback" not in err and secret not in err
+    assert "\\n" in err  # the message's newline escaped: one line
+    logged = log.getvalue()
+    assert "unexpected internal error" in logged and "Traceback" in logged
+    assert secret not in logged
