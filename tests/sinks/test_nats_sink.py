@@ -361,7 +361,9 @@ async def test_an_answer_that_is_not_our_streams_acknowledgement_is_unusable(
             await msg.respond(reply)
 
         await impostor.subscribe("opera.DEMO.HOTEL2.>", cb=answer)
-        await impostor.flush()
+        # Its interest is registered once it answers itself (a flush alone can be satisfied
+        # by a PONG left over from connecting).
+        await impostor.request("opera.DEMO.HOTEL2.probe", b"", timeout=10)
         with pytest.raises(SinkUnusable, match="answer requests on that subject") as caught:
             await sink.write("main", [event(1, hotel="HOTEL2")])
     finally:
