@@ -1,6 +1,6 @@
 """What every user of the process's HTTP client (an ``aiohttp.ClientSession``: tokens, webhook,
 orchestration) needs around it: the URL as written, Basic credentials, the transport failures
-and their names.
+and their names, and a deadline for a whole request.
 
 aiohttp follows redirects unless told otherwise: every request passes ``allow_redirects=False``.
 """
@@ -25,6 +25,19 @@ _STRAY_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 # Of an error answer's body: what is read and scrubbed whole, before the excerpt is cut from it
 # (a JWT is often longer than 1 KB: read less, and a cut could leave part of one unmasked).
 ERROR_BODY_BYTES = 65536
+
+
+def deadline_s(timeout: aiohttp.ClientTimeout) -> float | None:
+    """The most a whole request may take (connecting, sending, the answer to its last byte):
+    its connect bound plus twice its read bound, or its ``total`` if shorter. aiohttp's
+    ``sock_read`` bounds each silence only, so a far end that trickles its answer a byte at a
+    time would otherwise hold the caller for ever. None: no read bound to scale."""
+    read = timeout.sock_read
+    if read is None:
+        return timeout.total
+    connect = timeout.connect or timeout.sock_connect or read
+    whole = connect + 2 * read
+    return whole if timeout.total is None else min(whole, timeout.total)
 
 
 def wire_url(url: str) -> tuple[URL, str | None]:

@@ -17,6 +17,17 @@ from tenacity import RetryCallState
 
 # HTTP answers worth another try (OHIP's token endpoint and REST API).
 RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+# Besides every 5xx: the far end's timeout, "too early", throttling.
+_TRANSIENT_4XX = frozenset({408, 425, 429})
+
+
+def transient_status(status: int) -> bool:
+    """Whether an answer to a sink's request (webhook POST, orchestration GET) is the far
+    end's passing trouble rather than the event's fault: 408, 425, 429 and every status from
+    500 up. An outage answers what its proxy or CDN likes (501, 507, 520-530...): taking
+    those as the event's fault would dead-letter every event of the outage."""
+    return status >= 500 or status in _TRANSIENT_4XX
+
 
 # Bounds on any wait a far end asks for: "0" must not become a tight loop, nor "1e9" a hang.
 RETRY_AFTER_MIN_S: Final = 0.5

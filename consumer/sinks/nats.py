@@ -38,8 +38,10 @@ Errors:
   refused (at open or when reconnecting), no permission to publish to a subject or to use the
   JetStream API, a subject that the stream does not capture ("no responders": no stream
   listens there) or that another stream captures, the stream deleted while running, JetStream
-  not enabled for the account, ``must-exist`` without the stream. Nothing is lost: the
-  events are not checkpointed and are published after the fix and a restart.
+  not enabled for the account, ``must-exist`` without the stream, an answer to a publish that
+  is no acknowledgement by the configured stream (another stream's, or without a sequence
+  number: something else answers on the subject). Nothing is lost: the events are not
+  checkpointed and are published after the fix and a restart.
 
 Secrets (password, token, nkey seed, a URL's password) never appear in a message or a log
 line: servers are named ``scheme://host:port``; the log redactor masks them besides.
@@ -68,7 +70,7 @@ from nats.js.api import PubAck, StorageType, StreamConfig, StreamInfo
 
 from ..config import NatsSinkSettings
 from ..core.events import Event
-from ..core.evidence import describe, prefix
+from ..core.evidence import describe, prefix, shown
 from ..core.templates import (
     SUBJECT_UNSAFE,
     TOKEN_MAX_CHARS,  # noqa: F401  # re-exported: the sink's token limit
@@ -734,6 +736,17 @@ class NatsSink(PlainSink):
             ) from None
         except (nats.errors.Error, OSError) as exc:
             raise self._unreachable(exc) from None
+        # nats-py takes any JSON object with these names as an acknowledgement: one from
+        # another stream, or without a sequence, is not our stream storing the event, and
+        # returning would checkpoint an event that is nowhere.
+        seq_ok = isinstance(ack.seq, int) and not isinstance(ack.seq, bool) and ack.seq > 0
+        if ack.stream != s.stream or not seq_ok:
+            raise SinkUnusable(
+                f"nats sink: the answer to a publish to {prefix(m.subject, 300)} on "
+                f"{self.where} is not an acknowledgement by stream {s.stream!r} "
+                f"({shown({'stream': ack.stream, 'seq': ack.seq}, 120)}): does something "
+                "else answer requests on that subject?"
+            )
         if ack.duplicate:
             self.duplicates += 1
         else:

@@ -8,8 +8,13 @@ event to the real sink with the JSON attached (``Event.resource``).
 
 * One token bucket for the process (``rate_per_s``, ``burst``); a 429's ``Retry-After`` holds
   it for every caller.
-* 408/429/5xx and transport errors are retried (``max_attempts``, ``Retry-After`` honoured),
-  then the batch fails as a transient sink error (the pipeline retries it, intake pauses).
+* 408/425/429, every status from 500 up, a 2xx that is not JSON (a maintenance page) and
+  transport errors are retried (``max_attempts``, ``Retry-After`` honoured), then the batch
+  fails as a transient sink error (the pipeline retries it, intake pauses): an outage is
+  never the event's fault, whatever it answers.
+* Each GET has a deadline (:func:`~consumer.http_client.deadline_s` of the client's timeouts:
+  its connect bound plus twice its read bound), so a server trickling its answer a byte at a
+  time cannot hold the stream.
 * 401: the token is dropped and fetched again once. 404: ``on_not_found`` decides. Other 4xx:
   the event is dead-lettered, with the start of the answer's body scrubbed of the token, the
   app key and every secret the log redactor knows (a server may echo the request).
@@ -40,13 +45,14 @@ from ..config import OrchestrationSettings, StreamSettings
 from ..config.fields import mask_url
 from ..core.events import Event
 from ..core.records import Staged
-from ..core.retry_after import RETRY_STATUSES, WaitRetryAfter, retry_after_seconds
+from ..core.retry_after import WaitRetryAfter, retry_after_seconds, transient_status
 from ..core.token_bucket import TokenBucket
 from ..core.unreachable import reason
 from ..errors import AuthError, PermanentSinkError, TransientSinkError
 from ..http_client import (
     ERROR_BODY_BYTES,
     TRANSPORT_ERRORS,
+    deadline_s,
     error_excerpt,
     failure_name,
     read_at_most,
@@ -94,6 +100,7 @@ class Orchestrator:
         self._streams = streams
         self._clock = clock
         self._bucket = TokenBucket(settings.rate_per_s, settings.burst, clock())
+        self._deadline = deadline_s(http.timeout)  # of one GET, its answer included
         # URL -> (the fetch, monotonic time it finished or None while in flight)
         self._recent: dict[str, tuple[asyncio.Future[Any], float | None]] = {}
         self.requests = 0  # GETs sent (retries included)
@@ -240,13 +247,25 @@ class Orchestrator:
         if hotel_id:
             headers["x-hotelid"] = hotel_id
         self.requests += 1
-        # The bearer token authenticates; user information in the URL does not travel.
-        async with self._http.get(wire_url(url)[0], headers=headers, allow_redirects=False) as resp:
-            status = resp.status
-            ok = 200 <= status < 300
-            # The far end's body: a resource up to MAX_RESOURCE_BYTES, else only its start.
-            content = await read_at_most(resp, MAX_RESOURCE_BYTES + 1 if ok else ERROR_BODY_BYTES)
-            retry_after = resp.headers.get("Retry-After")
+        deadline = asyncio.timeout(self._deadline)
+        try:
+            # The bearer token authenticates; user information in the URL does not travel.
+            async with (
+                deadline,
+                self._http.get(wire_url(url)[0], headers=headers, allow_redirects=False) as resp,
+            ):
+                status = resp.status
+                ok = 200 <= status < 300
+                # The far end's body: a resource up to MAX_RESOURCE_BYTES, else only its start.
+                limit = MAX_RESOURCE_BYTES + 1 if ok else ERROR_BODY_BYTES
+                content = await read_at_most(resp, limit)
+                retry_after = resp.headers.get("Retry-After")
+        except TimeoutError:
+            if not deadline.expired():
+                raise  # aiohttp's own timeouts: a transport error (see _get)
+            raise TransientSinkError(
+                f"orchestration GET {shown}: no complete answer within {self._deadline:g} s"
+            ) from None
         if ok:
             if len(content) > MAX_RESOURCE_BYTES:
                 raise PermanentSinkError(
@@ -254,12 +273,18 @@ class Orchestrator:
                 )
             try:
                 return json.loads(content)
-            except (ValueError, RecursionError):  # nested deeper than a parser goes, too
-                raise PermanentSinkError(f"orchestration GET {shown}: not JSON") from None
+            except RecursionError:  # this resource's own: nested deeper than a parser goes
+                raise PermanentSinkError(
+                    f"orchestration GET {shown}: resource nested too deep to read"
+                ) from None
+            except ValueError:
+                # An HTML maintenance page or a proxy's answer served as 2xx: the server's
+                # state, not the event's (dead-lettering would take every event of the outage).
+                raise TransientSinkError(f"orchestration GET {shown}: answer is not JSON") from None
         if status == 401:
             tokens.invalidate()  # rejected early (revoked?): the next attempt gets a new one
             raise TransientSinkError(f"orchestration GET {shown}: HTTP 401")
-        if status in RETRY_STATUSES:
+        if transient_status(status):
             after = retry_after_seconds(retry_after)
             if status == 429:
                 self.throttled += 1

@@ -39,10 +39,17 @@ speaks to one server, not to a Redis Cluster: a ``MOVED`` reply stops it.)
 :meth:`~consumer.core.events.Event.document`), ``uniqueEventId``, ``offset``, ``stream``,
 ``chainCode``, ``hotelId``, ``eventName``, ``moduleName``, ``primaryKey`` and ``timestamp``
 (empty when absent). A batch is one pipeline (one round trip per 8 MiB of events): the scripts
-run in the order written, so each primaryKey's events are in the stream in arrival order.
+run in the order written, so each primaryKey's events are in the stream in arrival order. A
+call can be refused while the later ones of the pipeline run (``BUSY`` while another client's
+script runs, ``OOM``, ``NOSCRIPT``...): each call of an event therefore names the guard of the
+event before it of the same primaryKey and stream key, and adds nothing (answer 0, "held
+back") unless that guard exists. A refused event's later events of its resource are never
+added ahead of it; the retry adds them after it. (A guard gone within a batch, evicted or
+outlived by a tiny ``guard_ttl_s``, holds back its successor too: those calls go again.)
 Scripts are loaded at ``open`` (``SCRIPT LOAD``) and called by ``EVALSHA``; after ``NOSCRIPT``
 (a server restarted or flushed its scripts) the script is loaded again and the batch goes
-again from the first call that was refused (the guards make the calls that did run no-ops).
+again from the first call that was refused or held back (the guards make the calls that did
+run no-ops).
 
 **Errors.** Refused connections, timeouts, ``LOADING``, ``BUSY``, ``READONLY`` (a failover),
 ``MASTERDOWN``, ``MISCONF``, ``OOM`` (``maxmemory``: it may clear) and any other server error
@@ -52,8 +59,9 @@ would dead-letter events for a fault of the configuration) when the server refus
 credentials (``WRONGPASS``, ``NOAUTH``), its ACL refuses a command or a key (``NOPERM``), the
 stream key holds another type (``WRONGTYPE``), the server is a Redis Cluster node
 (``MOVED``/``ASK``) or does not know a command (no ``XADD`` before Redis 5). A write that
-fails so has written nothing of that event, and events after it in the batch that were
-written are guarded: after the fix and a restart, the replay adds exactly what is missing.
+fails so has written nothing of that event nor of the later events of its primaryKey (held
+back), and the events of other resources that were written are guarded: after the fix and a
+restart, the replay adds exactly what is missing, in order.
 :class:`PermanentSinkError` naming the event (it is dead-lettered) when it cannot be sent:
 larger than the server's ``proto-max-bulk-len`` (read at ``open`` when ``CONFIG GET`` is
 allowed, else Redis's default of 512 MiB; the server would drop the connection otherwise), or
@@ -129,14 +137,19 @@ TEXT_LIMIT: Final = 300  # of a server's or client's error text in our messages
 MIN_SECRET_CHARS: Final = 3
 GRANT: Final = "+ping +script|load +evalsha +exists +type +xadd +set"
 
-# KEYS[1] the stream, KEYS[2] the event's guard. ARGV[1] the guard's lifetime (ms), ARGV[2]
-# MAXLEN ~ (empty: no trimming), ARGV[3..] the entry's field/value pairs. Returns the entry's
-# id, or nil when the guard exists (a replay). See the module doc for why the SET cannot fail
-# once the XADD is done.
+# KEYS[1] the stream, KEYS[2] the event's guard, KEYS[3] (optional) the guard of the event
+# before it of the same primaryKey and stream key, in the same pipeline. ARGV[1] the guard's
+# lifetime (ms), ARGV[2] MAXLEN ~ (empty: no trimming), ARGV[3..] the entry's field/value
+# pairs. Returns the entry's id, nil when the guard exists (a replay), or 0 when the event
+# before it is not written (held back: never added ahead of it). See the module doc for why
+# the SET cannot fail once the XADD is done.
 ADD_SCRIPT: Final = """\
--- opera-consumer redis sink: add an event to a stream at most once
+-- opera-consumer redis sink: add an event to a stream at most once, after the one before it
 if redis.call('EXISTS', KEYS[2]) == 1 then
   return false
+end
+if KEYS[3] and redis.call('EXISTS', KEYS[3]) == 0 then
+  return 0
 end
 if redis.acl_check_cmd and not redis.acl_check_cmd('SET', KEYS[2], '0-0', 'PX', ARGV[1]) then
   return redis.error_reply('NOPERM this user has no permission to SET the guard key')
@@ -427,25 +440,31 @@ class RedisSink(PlainSink):
         return _Call(ev, key, args, sum(len(a) for a in args))
 
     async def _run(self, client: Redis, calls: Sequence[_Call]) -> None:
-        """One pipeline of add-script calls, in order. After NOSCRIPT the script is loaded
-        again and the calls go again from the first refused one (those that ran are no-ops)."""
+        """One pipeline of add-script calls, in order, each held back unless the one before it
+        of its resource is written (module doc). After NOSCRIPT the script is loaded again, and
+        the calls go again from the first one refused or held back (those that ran are no-ops;
+        the first call sent is never held back, so every round makes progress)."""
         counted: set[int] = set()  # calls whose outcome (added, duplicate) is counted
         first = 0
-        for _ in range(NOSCRIPT_ATTEMPTS):
+        reloads = 0
+        while True:
             try:
                 async with client.pipeline(transaction=False) as pipe:
-                    for call in calls[first:]:
-                        pipe.execute_command("EVALSHA", self._sha, 2, *call.args)
+                    for command in self._commands(calls[first:]):
+                        pipe.execute_command(*command)
                     results = await pipe.execute(raise_on_error=False)
             except (TimeoutError, RedisError, OSError) as exc:
                 raise self._failure(exc, "EVALSHA (XADD)", calls[first].key) from None
             refused: int | None = None
+            held: int | None = None
             errors: list[tuple[_Call, ResponseError]] = []
             for i, result in enumerate(results, first):
                 if isinstance(result, NoScriptError):
                     refused = i if refused is None else refused
                 elif isinstance(result, ResponseError):
                     errors.append((calls[i], result))
+                elif isinstance(result, int):  # held back: the one before it is not written
+                    held = i if held is None else held
                 elif i not in counted:
                     counted.add(i)
                     if result is None:
@@ -453,15 +472,41 @@ class RedisSink(PlainSink):
                     else:
                         self._added += 1
             if errors:
-                raise self._worst(errors)
-            if refused is None:
+                raise self._worst(errors)  # what was held back is added after them, on retry
+            if refused is None and held is None:
                 return
-            log.info("redis sink: the server lost its scripts; loading again", server=self.where)
-            self._sha = await self._load(client)
-            first = refused
-        raise TransientSinkError(
-            f"redis sink at {self.where}: the server keeps forgetting the script (NOSCRIPT)"
-        )
+            if refused is not None:
+                reloads += 1
+                if reloads >= NOSCRIPT_ATTEMPTS:
+                    raise TransientSinkError(
+                        f"redis sink at {self.where}: the server keeps forgetting the script "
+                        "(NOSCRIPT)"
+                    )
+                log.info(
+                    "redis sink: the server lost its scripts; loading again", server=self.where
+                )
+                self._sha = await self._load(client)
+            else:  # held back after one that was written: its guard is gone already
+                _limited.warning(
+                    "redis sink: a guard vanished within a batch (evicted, or guard_ttl_s too "
+                    "short?); sending the rest again",
+                    server=self.where,
+                )
+            first = min(i for i in (refused, held) if i is not None)
+
+    def _commands(self, calls: Sequence[_Call]) -> list[tuple[bytes | str | int, ...]]:
+        """The EVALSHA of each call; from the second call of a (stream key, primaryKey) on,
+        with the guard of the one before it as KEYS[3]."""
+        before: dict[tuple[str, str], bytes] = {}
+        commands: list[tuple[bytes | str | int, ...]] = []
+        for call in calls:
+            stream_key, guard, *argv = call.args
+            chain = (call.key, call.event.primary_key)
+            previous = before.get(chain)
+            before[chain] = guard
+            keys = (stream_key, guard) if previous is None else (stream_key, guard, previous)
+            commands.append(("EVALSHA", self._sha, len(keys), *keys, *argv))
+        return commands
 
     def _worst(self, errors: Sequence[tuple[_Call, ResponseError]]) -> SinkError:
         """The error a failed pipeline raises: one that needs an operator wins."""

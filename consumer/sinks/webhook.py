@@ -14,24 +14,27 @@ for the receiver to drop repeats with.
   also deduplicate on each document's ``metadata.uniqueEventId``.
 
 Every request: ``Content-Type: application/json``, ``X-Opera-Stream: <stream name>``, the
-configured ``headers`` (ours win on a clash), the configured auth, a timeout of ``timeout_s``
-and no redirects.
+configured ``headers`` (ours win on a clash), the configured auth and no redirects.
+Timeouts: ``timeout_s`` to connect (a free pooled connection included) and for each silence of
+the receiver, and at most 3 * ``timeout_s`` for the whole request, answer included, so that a
+receiver trickling its answer a byte at a time cannot hold a worker.
 
-Responses: 2xx is done. 408, 425, 429, 5xx and transport failures (refused, reset, timed out)
-raise :class:`~consumer.errors.TransientSinkError`, with ``retry_after`` from ``Retry-After``:
-the pipeline retries the whole write, so chunks already accepted may be POSTed again (hence
-the key). Any other status (4xx, and 3xx as redirects are not followed) raises
-:class:`~consumer.errors.PermanentSinkError` with the status and the start of the body; the
-pipeline then re-delivers a failed batch one event at a time so that only the culprit is
-dead-lettered. Error texts never hold a secret: the token, the password, the ``Authorization``
-header, secret-looking configured headers, nor the URL's password or query values (in any form
-we know they travel in: raw, percent-encoded or decoded, base64 for Basic auth, and each as
-JSON escapes it), even when the receiver echoes the request; :meth:`WebhookSink.open`
-registers them all with the log redactor.
+Responses: 2xx is done. 408, 425, 429, every status from 500 up and transport failures
+(refused, reset, timed out) raise :class:`~consumer.errors.TransientSinkError`, with
+``retry_after`` from ``Retry-After``: the pipeline retries the whole write, so chunks already
+accepted may be POSTed again (hence the key). Any other status (4xx, and 3xx as redirects are
+not followed) raises :class:`~consumer.errors.PermanentSinkError` with the status and the start
+of the body; the pipeline then re-delivers a failed batch one event at a time so that only the
+culprit is dead-lettered. Error texts never hold a secret: the token, the password, the
+``Authorization`` header, secret-looking configured headers, nor the URL's password or query
+values (in any form we know they travel in: raw, percent-encoded or decoded, base64 for Basic
+auth, and each as JSON escapes it), even when the receiver echoes the request;
+:meth:`WebhookSink.open` registers them all with the log redactor.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Sequence
 from urllib.parse import urlsplit
@@ -42,7 +45,7 @@ from multidict import CIMultiDict
 from ..config import WebhookSinkSettings, query_secret_values, webhook_secret_values
 from ..core.events import Event
 from ..core.printable import printable
-from ..core.retry_after import retry_after_seconds
+from ..core.retry_after import retry_after_seconds, transient_status
 from ..core.unreachable import reason
 from ..errors import PermanentSinkError, TransientSinkError
 from ..http_client import (
@@ -57,7 +60,6 @@ from ..http_client import (
 from ..logs import MASK, REDACTOR, json_escaped_forms
 from .base import PlainSink, serialized
 
-TRANSIENT_STATUSES = frozenset({408, 425, 429})
 EXCERPT_CHARS = 300  # of an answer's body, in the error (scrubbed first: error_excerpt)
 # Query values are all treated as secrets, but a short one ("?v=1") is most likely none and
 # would mask half of every text: as the log redactor, those are left alone.
@@ -79,6 +81,8 @@ class WebhookSink(PlainSink):
         self._client = client
         t = settings.timeout_s
         self._timeout = aiohttp.ClientTimeout(total=None, connect=t, sock_connect=t, sock_read=t)
+        # The whole request (http_client.deadline_s): connecting, then twice a silence.
+        self._deadline = 3 * t
         # The URL's user information travels as Basic auth, as configured auth would.
         url, url_auth = wire_url(str(settings.url))
         self._url = url
@@ -136,14 +140,18 @@ class WebhookSink(PlainSink):
         headers = self._headers.copy()
         headers["X-Opera-Stream"] = stream
         headers["Idempotency-Key"] = key
+        deadline = asyncio.timeout(self._deadline)
         try:
-            async with self._client.post(
-                self._url,
-                data=body,
-                headers=headers,
-                timeout=self._timeout,
-                allow_redirects=False,
-            ) as response:
+            async with (
+                deadline,
+                self._client.post(
+                    self._url,
+                    data=body,
+                    headers=headers,
+                    timeout=self._timeout,
+                    allow_redirects=False,
+                ) as response,
+            ):
                 status = response.status
                 # The body is the receiver's: only its start is read (a 2xx one to its end
                 # usually, so that the connection is kept).
@@ -151,6 +159,11 @@ class WebhookSink(PlainSink):
                 reason_phrase = response.reason
                 retry_after = response.headers.get("Retry-After")
         except TRANSPORT_ERRORS as exc:  # refused, reset, timed out
+            if deadline.expired():
+                raise TransientSinkError(
+                    f"{self._what(events)}: no complete answer within {self._deadline:g} s "
+                    "(3 * timeout_s)"
+                ) from exc
             raise TransientSinkError(
                 f"{self._what(events)}: {failure_name(exc)}: {reason(exc, self._scrub)}"
             ) from exc
@@ -163,7 +176,7 @@ class WebhookSink(PlainSink):
         excerpt = error_excerpt(content, self._scrub, EXCERPT_CHARS)
         if excerpt:
             reason_text += f": {excerpt}"
-        if status in TRANSIENT_STATUSES or status >= 500:
+        if transient_status(status):
             raise TransientSinkError(reason_text, retry_after=retry_after_seconds(retry_after))
         raise PermanentSinkError(
             reason_text, unique_event_id=events[0].unique_event_id if len(events) == 1 else None

@@ -333,6 +333,46 @@ async def test_a_subject_the_stream_does_not_capture(
     assert await nats_server.message_count("THEIRS") == 0
 
 
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b'{"stream": "SOMEONE_ELSE", "seq": 1}',
+        b'{"stream": "OPERA", "seq": "abc"}',
+        b'{"stream": "OPERA", "seq": true}',
+        b'{"stream": "OPERA", "seq": 0}',
+        b'{"stream": "OPERA", "seq": null, "duplicate": true}',
+        b'{"stream": null, "seq": 1}',
+        b'{"stream": "OPERA"}',
+    ],
+)
+async def test_an_answer_that_is_not_our_streams_acknowledgement_is_unusable(
+    nats_server: NatsServer, opened: Callable[..., Any], reply: bytes
+) -> None:
+    """Something else answers on a subject our stream does not capture: its reply is no proof
+    that the event is stored, and returning would checkpoint an event that is nowhere."""
+    import nats
+
+    await nats_server.add_stream("OPERA", ["opera.DEMO.HOTEL1.>"], duplicate_window=86400)
+    sink = await opened()
+    impostor = await nats.connect(nats_server.url)
+    try:
+
+        async def answer(msg: Any) -> None:
+            await msg.respond(reply)
+
+        await impostor.subscribe("opera.DEMO.HOTEL2.>", cb=answer)
+        # Its interest is registered once it answers itself (a flush alone can be satisfied
+        # by a PONG left over from connecting).
+        await impostor.request("opera.DEMO.HOTEL2.probe", b"", timeout=10)
+        with pytest.raises(SinkUnusable, match="answer requests on that subject") as caught:
+            await sink.write("main", [event(1, hotel="HOTEL2")])
+    finally:
+        await impostor.close()
+    assert "'OPERA'" in str(caught.value)
+    assert sink.counters()["nats_published"] == 0
+    assert sink.counters()["nats_duplicates"] == 0
+
+
 async def test_the_stream_deleted_while_running_is_unusable(
     nats_server: NatsServer, opened: Callable[..., Any]
 ) -> None:

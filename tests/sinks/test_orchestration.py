@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 from bus_events import event
+from receiver import Receiver, Reply
 from support import (
     cli,
     make_settings,
@@ -25,10 +26,12 @@ from support import (
     wait_exit,
     wait_until,
 )
+from trickle_server import trickling_server
 
 from consumer.config import OrchestrationSettings, Settings
 from consumer.core.protocol import key_hash
 from consumer.errors import AuthError, PermanentSinkError, TransientSinkError
+from consumer.runtime.assembly import http_client
 from consumer.runtime.auth import TokenProvider
 from consumer.sandbox import SandboxOptions
 from consumer.sinks.orchestration import Orchestrator
@@ -359,3 +362,74 @@ async def test_an_echoing_rest_server_leaves_no_credential_in_the_dlq_or_the_log
         for piece in pieces(secret):
             for text in texts:
                 assert piece not in text, (secret, text[-3000:])
+
+
+# --- an outage is never the event's fault ---------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [501, 505, 507, 520, 524, 530, 599])
+async def test_every_5xx_is_transient(tmp_path: Path, status: int) -> None:
+    """A CDN or proxy in front of the REST API answers an outage with what it likes: taking
+    507 or 520 as the event's fault would dead-letter every event of the outage."""
+    with Receiver() as rx:
+        rx.script(Reply(status, {"Retry-After": "1"}, b"<html>origin unreachable</html>"))
+        async with aiohttp.ClientSession() as http:
+            orch = _orchestrator(tmp_path, http, _Tokens(), rx.url)
+            with pytest.raises(TransientSinkError, match=f"HTTP {status}") as info:
+                await orch.enrich("main", [event(1)])
+            assert info.value.retry_after == 1.0
+            # The next attempt, once the outage is over, gets the resource.
+            rx.script(Reply(200, body=b'{"reservation": 1}'))
+            [done] = await orch.enrich("main", [event(1)])
+    assert done.resource == {"reservation": 1}
+
+
+@pytest.mark.parametrize("body", [b"<html>down for maintenance</html>", b""])
+async def test_a_2xx_that_is_not_json_is_transient(tmp_path: Path, body: bytes) -> None:
+    """A maintenance page served as 200 says the server is not itself, not that the event is
+    wrong: retried within max_attempts, then the batch waits (nothing dead-lettered)."""
+    with Receiver() as rx:
+        rx.script(Reply(200, {"Content-Type": "text/html"}, body), Reply(200, body=b"[1, 2]"))
+        async with aiohttp.ClientSession() as http:
+            orch = _orchestrator(tmp_path, http, _Tokens(), rx.url, attempts=2)
+            [done] = await orch.enrich("main", [event(1)])
+            assert done.resource == [1, 2]
+            assert orch.requests == 2
+            rx.script(Reply(200, body=body))
+            orch = _orchestrator(tmp_path, http, _Tokens(), rx.url)
+            with pytest.raises(TransientSinkError, match="not JSON"):
+                await orch.enrich("main", [event(2)])
+
+
+async def test_a_5xx_outage_of_the_rest_api_dead_letters_nothing(
+    sandbox_factory, tmp_path: Path
+) -> None:
+    gw = await sandbox_factory(backlog=30)
+    gw.fail_rest([507, 520, 501, 530] * 3, retry_after=0.1)
+    settings = with_orchestration(make_settings(tmp_path, gw.url), max_attempts=2)
+    sink = tmp_path / "events.jsonl"
+    async with running(settings) as daemon:
+        await wait_until(lambda: len(read_sink(sink)) >= 30)
+        await daemon.committer.flush()
+        dead = await daemon.store.dead_letters()
+    assert dead == []
+    assert all(e["resource"] is not None for e in read_sink(sink) if e["moduleName"] in RESOURCES)
+
+
+@pytest.mark.parametrize("body", [False, True], ids=["header", "body"])
+async def test_a_server_trickling_its_answer_meets_the_get_deadline(
+    tmp_path: Path, body: bool
+) -> None:
+    """aiohttp's read timeout bounds each silence only: a server sending a byte every 0.1 s
+    would hold the GET (and the stream) for ever. The GET's deadline is the client's connect
+    bound plus twice its read bound ([http] connect_timeout_s + 3 * timeout_s)."""
+    settings = make_settings(tmp_path, "http://127.0.0.1:9")
+    fast = settings.http.model_copy(update={"timeout_s": 0.5, "connect_timeout_s": 0.5})
+    async with (
+        trickling_server(body=body) as port,
+        http_client(settings.model_copy(update={"http": fast})) as http,
+    ):
+        orch = _orchestrator(tmp_path, http, _Tokens(), f"http://127.0.0.1:{port}")
+        with pytest.raises(TransientSinkError, match=r"no complete answer within 2 s"):
+            async with asyncio.timeout(30):  # the old behaviour: for ever
+                await orch.enrich("main", [event(1)])

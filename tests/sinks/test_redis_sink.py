@@ -6,6 +6,7 @@ is classified, and preflight."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -15,7 +16,9 @@ import pytest
 from bus_events import event as make_event
 from bus_events import opening, write_until_through
 from redis.crc import key_slot
+from redis.exceptions import ResponseError
 from redis_server import RedisServer, event_ids
+from support import wait_until
 
 from consumer.config import RedisSinkSettings
 from consumer.core.events import Event
@@ -300,6 +303,192 @@ async def test_the_server_killed_midway_through_a_batch_leaves_no_guard_without_
         assert sink.counters()["redis_duplicates"] >= survived
     finally:
         await sink.close()
+
+
+# --- per-key order when part of a pipeline is refused -------------------------------------
+
+
+def order_by_key(server: RedisServer, key: str = KEY) -> dict[str, list[str]]:
+    """primaryKey -> its events' uniqueEventIds in stream order."""
+    seen: dict[str, list[str]] = {}
+    for _, fields in server.entries(key):
+        seen.setdefault(fields["primaryKey"].decode(), []).append(fields["uniqueEventId"].decode())
+    return seen
+
+
+def arrival_by_key(events: list[Event]) -> dict[str, list[str]]:
+    wanted: dict[str, list[str]] = {}
+    for ev in events:
+        wanted.setdefault(ev.primary_key, []).append(ev.unique_event_id)
+    return wanted
+
+
+async def test_a_refused_event_holds_back_the_later_events_of_its_key(
+    redis_factory: Callable[..., RedisServer],
+) -> None:
+    """The ACL lets the user read every key but not write u00002's guard: that call fails
+    (NOPERM) while the rest of the pipeline runs. The later events of its key must not go
+    ahead of it: after the fix, the replay adds it, and the stream has each key in arrival
+    order. Other keys are not held back."""
+    rules = SINK_RULES.replace(
+        "~opera:*", "%R~opera:* %RW~opera:DEMO %RW~opera:DEMO:guard:*[^2]"
+    )  # Redis 7 selectors: the guard of u00002 (only) is read-only
+    server = redis_factory(users={"opera": (PASSWORD, rules)})
+    sink = RedisSink(settings(server.url(), username="opera", password=PASSWORD), CHAINS)
+    await sink.open(None)
+    try:
+        events = [event(i, key="AB"[i in (1, 4, 7)]) for i in range(9)]
+        with pytest.raises(SinkUnusable, match="ACL refuses"):
+            await sink.write("main", events)
+        # Key A: u00000 only (u00002 refused, the rest held back); key B whole.
+        assert order_by_key(server) == {"A": ["u00000"], "B": ["u00001", "u00004", "u00007"]}
+        assert await assert_every_guard_has_its_entry(server) == 4
+        async with server.client() as admin:  # the operator's fix
+            await admin.acl_setuser("opera", keys=["~opera:*"], reset_keys=True)
+        await sink.write("main", events)  # the replay after the restart
+        assert order_by_key(server) == arrival_by_key(events)
+        assert sink.counters() == {"redis_added": 9, "redis_duplicates": 4}
+    finally:
+        await sink.close()
+
+
+def whole_commands(data: bytes | bytearray) -> list[int]:
+    """Where each whole RESP command (an array of bulk strings, as redis-py sends them) at the
+    start of ``data`` ends."""
+    ends: list[int] = []
+    at = 0
+    while data[at : at + 1] == b"*":
+        line = data.find(b"\r\n", at)
+        if line < 0:
+            break
+        count, at = int(data[at + 1 : line]), line + 2
+        for _ in range(count):
+            head = data.find(b"\r\n", at)
+            if head < 0:
+                return ends
+            at = head + 2 + int(data[at + 1 : head]) + 2
+        if at > len(data):
+            break
+        ends.append(at)
+    return ends
+
+
+class GatedProxy:
+    """A TCP proxy to a Redis server that can hold a client's commands back: after
+    :meth:`hold_after` ``(n)`` it forwards the next ``n`` whole commands and keeps the rest
+    until :meth:`release`. It counts the ``-BUSY`` replies coming back."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.target = host, port
+        self.allowance: int | None = None  # None: forward everything
+        self.released = asyncio.Event()
+        self.busy_replies = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> GatedProxy:
+        self._server = await asyncio.start_server(self._connected, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        self.released.set()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    def hold_after(self, commands: int) -> None:
+        self.allowance = commands
+
+    def release(self) -> None:
+        self.released.set()
+
+    async def _connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(self.host, self.target)
+        for pump in (self._commands(reader, up_writer), self._replies(up_reader, writer)):
+            task = asyncio.create_task(pump)
+            self._tasks.add(task)
+
+    async def _commands(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        pending = bytearray()
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                pending += data
+                if self.allowance is None or self.released.is_set():
+                    writer.write(pending)
+                    pending.clear()
+                else:
+                    ends = whole_commands(pending)[: self.allowance]
+                    if ends:
+                        writer.write(pending[: ends[-1]])
+                        del pending[: ends[-1]]
+                        self.allowance -= len(ends)
+                    if self.allowance == 0:  # the rest waits for release()
+                        await self.released.wait()
+                        writer.write(pending)
+                        pending.clear()
+                await writer.drain()
+        writer.close()
+
+    async def _replies(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                self.busy_replies += data.count(b"-BUSY ")
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+
+async def test_busy_replies_to_part_of_a_pipeline_keep_each_keys_order(
+    redis_server: RedisServer,
+) -> None:
+    """Another client's slow script: Redis answers BUSY to the first commands of the
+    pipeline, and runs the ones that arrive once the script is over. Those later events
+    must be held back, so that the retry adds every key's events in arrival order."""
+    async with redis_server.client() as admin:
+        await admin.config_set("busy-reply-threshold", 10)  # ms; the default is 5 s
+    events = [event(i, key="AB"[i % 2]) for i in range(40)]
+    async with GatedProxy(redis_server.host, redis_server.port) as proxy:
+        sink = RedisSink(settings(f"redis://127.0.0.1:{proxy.port}/0", timeout_s=30.0), CHAINS)
+        await sink.open(None)
+        spinner, watcher = redis_server.client(), redis_server.client()
+        try:
+            await watcher.ping()  # connected before the server is busy
+            spin = asyncio.create_task(spinner.eval("while true do end", 0))
+
+            async def busy() -> bool:
+                try:
+                    await watcher.exists("x")
+                except ResponseError as exc:
+                    return "BUSY" in str(exc)
+                return False
+
+            async with asyncio.timeout(30):
+                while not await busy():
+                    await asyncio.sleep(0.01)
+            proxy.hold_after(10)  # of the pipeline: 10 calls (5 of each key) meet BUSY
+            write = asyncio.create_task(sink.write("main", events))
+            await wait_until(lambda: proxy.busy_replies >= 10)
+            await watcher.script_kill()  # the script has written nothing: it may be killed
+            with pytest.raises(ResponseError, match="killed"):
+                await spin
+            proxy.release()  # the other 30 calls arrive at a server that runs them
+            with pytest.raises(TransientSinkError, match="BUSY"):
+                await write
+            assert redis_server.length(KEY) == 0  # all held back behind the refused ones
+            await write_until_through(sink, events)
+        finally:
+            await sink.close()
+            await spinner.aclose()
+            await watcher.aclose()
+    assert order_by_key(redis_server) == arrival_by_key(events)
+    assert sink.counters() == {"redis_added": 40, "redis_duplicates": 0}
 
 
 # --- failures -------------------------------------------------------------------------------

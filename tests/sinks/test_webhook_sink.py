@@ -24,6 +24,7 @@ from support import (
     untrusted_tls_server,
     wait_until,
 )
+from trickle_server import trickling_server
 
 from consumer.config import WebhookSinkSettings
 from consumer.core.events import Event
@@ -226,7 +227,7 @@ async def test_503_with_retry_after_is_transient_with_its_delay(
     assert [r.header("Idempotency-Key") for r in rx.requests] == ["w0-u1", "w0-u1"]
 
 
-@pytest.mark.parametrize("status", [408, 425, 429, 500, 502, 504])
+@pytest.mark.parametrize("status", [408, 425, 429, 500, 502, 504, 507, 520, 599])
 async def test_retryable_statuses_are_transient(
     rx: Receiver, client: aiohttp.ClientSession, status: int
 ):
@@ -269,6 +270,20 @@ async def test_a_slow_receiver_times_out_transiently(rx: Receiver, client: aioht
     # The pool recovers: the next write gets a fresh connection and goes through.
     await sink.write("main", [event(2)])
     assert [r.header("Idempotency-Key") for r in rx.requests] == ["w0-u1", "w0-u2"]
+
+
+@pytest.mark.parametrize("body", [False, True], ids=["header", "body"])
+async def test_a_receiver_trickling_its_answer_meets_the_deadline(
+    client: aiohttp.ClientSession, body: bool
+):
+    """A byte every 0.1 s never trips the read timeout (it bounds each silence): the whole
+    request has 3 * timeout_s, after which the write fails transiently instead of holding
+    the worker for ever."""
+    async with trickling_server(body=body) as port:
+        sink = await opened(settings(f"http://127.0.0.1:{port}/hook", timeout_s=0.5), client)
+        with pytest.raises(TransientSinkError, match=r"no complete answer within 1\.5 s"):
+            async with asyncio.timeout(30):  # the old behaviour: for ever
+                await sink.write("main", [event(1)])
 
 
 async def test_the_receivers_certificate_is_verified_by_default(
