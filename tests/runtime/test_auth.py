@@ -20,6 +20,7 @@ from support import (
     untrusted_tls_server,
     wait_until,
 )
+from trickle_server import trickling_server
 
 from consumer.config import StreamSettings
 from consumer.core.retry_after import RETRY_AFTER_MIN_S, retry_after_seconds
@@ -162,6 +163,17 @@ async def test_the_token_endpoints_certificate_is_verified(tmp_path: Path):
     assert "TLS error: certificate not accepted" in str(info.value), str(info.value)
     assert f"{url}/oauth/v1/tokens" in str(info.value)
     assert requests == []
+
+
+@pytest.mark.parametrize("body", [False, True], ids=["header", "body"])
+async def test_a_token_endpoint_trickling_its_answer_meets_a_deadline(body: bool) -> None:
+    """Each byte comes within timeout_s, so only a bound on the whole request ends it."""
+    async with trickling_server(body=body) as port, aiohttp.ClientSession() as http:
+        tokens = TokenProvider(http, stream(f"http://127.0.0.1:{port}", timeout_s=0.5))
+        async with asyncio.timeout(30):  # the test's own guard: the deadline is ~1.5 s
+            with pytest.raises(AuthError) as info:
+                await tokens.token(retry=False)
+    assert "timed out" in str(info.value).lower() or "timeout" in str(info.value).lower()
 
 
 UNUSABLE_TOKENS = {
