@@ -25,7 +25,7 @@ import structlog
 
 from .. import __version__
 from ..config import Settings
-from ..config.settings import STOP_GRACE_S
+from ..config.settings import STOP_GRACE_S, fleet_handover_s
 from ..core import protocol
 from ..core.evidence import describe, shown
 from ..core.filters import EventFilter
@@ -52,6 +52,7 @@ log = structlog.get_logger(__name__)
 # SIGHUP too: a hang-up must not kill us undrained (exit 129 looks clean to systemd); it drains
 # and exits 1, so Restart=on-failure starts us again with the config re-read.
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_MOVES = ("fleet-release-", "fleet-lose-")  # the names of the fleet's handover tasks
 
 SHOWN_STATUS_CHARS = 500  # of a stream's last close or wait, in /readyz, STATUS= and `status`
 
@@ -103,7 +104,7 @@ class Daemon:
         if settings.fleet.enabled:
             # A single daemon on the same schema would consume every stream beside the fleet.
             single = await lease.current_holder(st)
-            if single is not None:
+            if single is not None and single.get("role") == "daemon":  # not a `dlq replay`
                 raise LeaseHeld(f"schema {st.schema_} (a daemon outside the fleet)", single)
         else:
             # One daemon per state store: a second one would fight over the checkpoints (and
@@ -431,6 +432,15 @@ class Daemon:
                     )
         for pipeline in list(self.pipelines.values()):
             await pipeline.stop()
+        # A handover under way ends as it would have (drained, committed, released): cancelled,
+        # its stream would be dropped before hand_over() releases it (held until the lease ran
+        # out) and its last commit refused. Each is bounded by the time the settings allow it.
+        moving = [t for t in self._tasks if t.get_name().startswith(_MOVES)]
+        if moving and self.fleet is not None:
+            await _wait(
+                moving,
+                max(fleet_handover_s(s.connection, p) for s in self.settings.streams.values()),
+            )
         rest = list(self._tasks)
         for t in rest:
             t.cancel()

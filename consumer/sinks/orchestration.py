@@ -260,6 +260,7 @@ class Orchestrator:
                 limit = MAX_RESOURCE_BYTES + 1 if ok else ERROR_BODY_BYTES
                 content = await read_at_most(resp, limit)
                 retry_after = resp.headers.get("Retry-After")
+                says_json = "json" in resp.headers.get("Content-Type", "").lower()
         except TimeoutError:
             if not deadline.expired():
                 raise  # aiohttp's own timeouts: a transport error (see _get)
@@ -278,6 +279,10 @@ class Orchestrator:
                     f"orchestration GET {shown}: resource nested too deep to read"
                 ) from None
             except ValueError:
+                if says_json:  # this resource's own JSON is broken: retrying cannot mend it
+                    raise PermanentSinkError(
+                        f"orchestration GET {shown}: the resource is not valid JSON"
+                    ) from None
                 # An HTML maintenance page or a proxy's answer served as 2xx: the server's
                 # state, not the event's (dead-lettering would take every event of the outage).
                 raise TransientSinkError(f"orchestration GET {shown}: answer is not JSON") from None

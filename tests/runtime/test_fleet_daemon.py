@@ -15,6 +15,7 @@ from support import running, wait_until
 
 from consumer.errors import ExitCode
 from consumer.runtime.daemon import Daemon
+from consumer.state import lease
 
 pytestmark = pytest.mark.usefixtures("contained_logging")
 
@@ -51,3 +52,18 @@ async def test_a_second_daemon_under_a_member_name_in_use_exits_78(
             s: ("x", e) for s, e in epochs.items()
         }
     assert first.exit_code == ExitCode.OK
+
+
+async def test_a_member_starts_while_a_dlq_replay_holds_the_store(
+    postgres_dsn: str, schema: str
+) -> None:
+    """A `dlq replay` takes the schema's lock for its run; a member (re)starting meanwhile is
+    no daemon outside the fleet, and must not be refused (exit 78 keeps systemd from
+    restarting it)."""
+    settings = fleet_settings(postgres_dsn, schema, "m1")
+    replay = await lease.acquire(settings.state, (), role="dlq-replay")
+    try:
+        daemon = await Daemon.create(settings)
+        await daemon.close()
+    finally:
+        await replay.release()

@@ -395,10 +395,24 @@ async def test_a_2xx_that_is_not_json_is_transient(tmp_path: Path, body: bytes) 
             [done] = await orch.enrich("main", [event(1)])
             assert done.resource == [1, 2]
             assert orch.requests == 2
-            rx.script(Reply(200, body=body))
+            rx.script(Reply(200, {"Content-Type": "text/html"}, body))
             orch = _orchestrator(tmp_path, http, _Tokens(), rx.url)
             with pytest.raises(TransientSinkError, match="not JSON"):
                 await orch.enrich("main", [event(2)])
+
+
+@pytest.mark.parametrize("body", [b'{"name": "Caf\xe9"}', b'{"a": 1}garbage'])
+async def test_a_resource_whose_json_is_broken_is_that_events_problem(
+    tmp_path: Path, body: bytes
+) -> None:
+    """Said to be JSON and not JSON: retrying cannot mend this resource (dead-lettered), where
+    a maintenance page waits the outage out."""
+    with Receiver() as rx:
+        rx.script(Reply(200, {"Content-Type": "application/json"}, body))
+        async with aiohttp.ClientSession() as http:
+            orch = _orchestrator(tmp_path, http, _Tokens(), rx.url)
+            with pytest.raises(PermanentSinkError, match="not valid JSON"):
+                await orch.enrich("main", [event(3)])
 
 
 async def test_a_5xx_outage_of_the_rest_api_dead_letters_nothing(
