@@ -40,6 +40,17 @@ def deadline_s(timeout: aiohttp.ClientTimeout) -> float | None:
     return whole if timeout.total is None else min(whole, timeout.total)
 
 
+def with_deadline(timeout: aiohttp.ClientTimeout) -> aiohttp.ClientTimeout:
+    """``timeout`` with its :func:`deadline_s` as the ``total`` of a request."""
+    return aiohttp.ClientTimeout(
+        total=deadline_s(timeout),
+        connect=timeout.connect,
+        sock_read=timeout.sock_read,
+        sock_connect=timeout.sock_connect,
+        ceil_threshold=timeout.ceil_threshold,
+    )
+
+
 def wire_url(url: str) -> tuple[URL, str | None]:
     """The URL to send, and the ``Authorization`` value of its user information (None: none).
 

@@ -33,7 +33,7 @@ from ..core.printable import printable
 from ..core.retry_after import RETRY_STATUSES, WaitRetryAfter, retry_after_seconds
 from ..core.unreachable import reason
 from ..errors import AuthError
-from ..http_client import TRANSPORT_ERRORS, basic_auth, deadline_s, read_at_most, wire_url
+from ..http_client import TRANSPORT_ERRORS, basic_auth, read_at_most, wire_url, with_deadline
 from ..logs import MASK, MIN_SECRET_CHARS, REDACTOR
 
 log = structlog.get_logger(__name__)
@@ -183,16 +183,12 @@ class TokenProvider:
         started = self._clock()
         # The client's connect timeout still applies: a dead address fails in seconds.
         connect = min(self._client.timeout.sock_connect or math.inf, auth.timeout_s)
-        gaps = aiohttp.ClientTimeout(
-            total=None, connect=auth.timeout_s, sock_connect=connect, sock_read=auth.timeout_s
-        )
         # sock_read bounds each silence only: an endpoint trickling its answer a byte at a
         # time would hold the stream for ever. The whole request gets a deadline too.
-        timeout = aiohttp.ClientTimeout(
-            total=deadline_s(gaps),
-            connect=auth.timeout_s,
-            sock_connect=connect,
-            sock_read=auth.timeout_s,
+        timeout = with_deadline(
+            aiohttp.ClientTimeout(
+                total=None, connect=auth.timeout_s, sock_connect=connect, sock_read=auth.timeout_s
+            )
         )
         async with self._client.post(
             wire_url(s.token_url)[0],

@@ -52,6 +52,7 @@ from ..http_client import (
     ERROR_BODY_BYTES,
     TRANSPORT_ERRORS,
     basic_auth,
+    deadline_s,
     error_excerpt,
     failure_name,
     read_at_most,
@@ -81,8 +82,7 @@ class WebhookSink(PlainSink):
         self._client = client
         t = settings.timeout_s
         self._timeout = aiohttp.ClientTimeout(total=None, connect=t, sock_connect=t, sock_read=t)
-        # The whole request (http_client.deadline_s): connecting, then twice a silence.
-        self._deadline = 3 * t
+        self._deadline = deadline_s(self._timeout)  # the whole request: 3 * timeout_s
         # The URL's user information travels as Basic auth, as configured auth would.
         url, url_auth = wire_url(str(settings.url))
         self._url = url

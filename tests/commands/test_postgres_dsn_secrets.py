@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import pytest
 from operator_support import cli
+from support import cli as process
 
 from consumer.config import load_settings, secret_values
 from consumer.pg_target import UNKNOWN_SERVER, Target, UnparsableDsn
@@ -110,16 +109,6 @@ def config(tmp_path: Path, url: str, dsn: str, where: str) -> Path:
     return path
 
 
-def run(path: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "consumer", "run", "--config", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
 @pytest.mark.parametrize(
     "scenario", [(c, w) for c in DSNS for w in ("state", "sink")], ids="-".join
 )
@@ -136,7 +125,7 @@ async def test_the_commands_name_the_key_and_never_a_piece_of_the_password(
     key = "[state] dsn" if where == "state" else "sink.dsn"
     gw = await sandbox_factory(backlog=3)
     path = config(tmp_path, gw.url, dsn, where)
-    ran = await asyncio.to_thread(run, path)
+    ran = await asyncio.to_thread(process, "run", "--config", str(path))
     assert ran.returncode == 78, ran.stderr
     assert key in ran.stderr and "percent-encode" in ran.stderr
     assert "Traceback" not in ran.stderr

@@ -256,16 +256,22 @@ def without_read_permission(*args: str) -> list[str]:
     return [*drop, *command]
 
 
-def test_an_unreadable_config_file_is_named(tmp_path: Path) -> None:
-    config = write(tmp_path, base())
-    config.chmod(0)
-    result = subprocess.run(
+def check_config_unprivileged(config: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """``check-config`` without the capabilities that let root read any file."""
+    return subprocess.run(
         without_read_permission("check-config", "--config", str(config)),
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
+        env={**os.environ, **env},
     )
+
+
+def test_an_unreadable_config_file_is_named(tmp_path: Path) -> None:
+    config = write(tmp_path, base())
+    config.chmod(0)
+    result = check_config_unprivileged(config)
     assert result.returncode == ExitCode.CONFIG, result.stderr
     assert "Traceback" not in result.stderr
     assert f"cannot read {config}: Permission denied -> make it readable" in result.stderr
@@ -278,14 +284,7 @@ def test_an_unreadable_secret_file_is_named(tmp_path: Path) -> None:
     secret = creds / "streams__main__auth__client_secret"
     secret.write_text(SECRET)
     secret.chmod(0)
-    result = subprocess.run(
-        without_read_permission("check-config", "--config", str(config)),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env={**os.environ, "CREDENTIALS_DIRECTORY": str(creds)},
-    )
+    result = check_config_unprivileged(config, CREDENTIALS_DIRECTORY=str(creds))
     assert result.returncode == ExitCode.CONFIG, result.stderr
     assert "Traceback" not in result.stderr
     assert f"cannot read {secret}: Permission denied" in result.stderr
