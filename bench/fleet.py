@@ -72,6 +72,7 @@ CONNECTION = {
     "takeover_jitter_s": 1.0,
     "lockout_s": 0.5,
     "lockout_jitter_s": 0.5,
+    "lockout_max_s": 2.0,
     # A handover, 2 x (complete_timeout_s + 2) + drain_timeout_s, fits in the lease minus a
     # tick (the settings check it): 10 s of 12.
     "complete_timeout_s": 2.0,

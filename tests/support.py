@@ -38,6 +38,7 @@ FAST_CONNECTION: dict[str, Any] = {
     "abnormal_min_s": 0.1,
     "lockout_s": 0.5,
     "lockout_jitter_s": 0.1,
+    "lockout_max_s": 2.0,
     "rate_limited_s": 0.5,
 }
 

@@ -157,11 +157,14 @@ class SubscriptionSettings(_Model):
 
 
 class ConnectionSettings(_Model):
-    ping_interval_s: float = Field(default=15.0, gt=0)
+    # Oracle: a ping at least every 15 s; 10 leaves room for a busy loop and the time to
+    # subscribe (the first ping goes out one interval after the subscription).
+    ping_interval_s: float = Field(default=10.0, gt=0, le=15)
     open_timeout_s: float = Field(default=15.0, gt=0)
     ack_timeout_s: float = Field(default=10.0, gt=0)
     liveness_floor_s: float = Field(default=180.0, gt=0)
     liveness_multiplier: float = Field(default=4.0, gt=0)
+    liveness_max_s: float = Field(default=600.0, gt=0)  # the deadline never grows past this
     # Largest frame processed; up to 4x larger ones are dead-lettered; beyond that the
     # stream stops (1009) until the limit is raised.
     max_frame_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
@@ -172,6 +175,7 @@ class ConnectionSettings(_Model):
     abnormal_min_s: float = Field(default=4.0, ge=0)
     lockout_s: float = Field(default=120.0, ge=0)
     lockout_jitter_s: float = Field(default=30.0, ge=0)
+    lockout_max_s: float = Field(default=480.0, ge=0)  # consecutive 4409s double the wait
     rate_limited_s: float = Field(default=120.0, ge=0)
     max_auth_failures: int = Field(default=3, ge=1)
     healthy_after_s: float = Field(default=60.0, ge=0)
@@ -197,6 +201,7 @@ class ConnectionSettings(_Model):
             abnormal_min_s=self.abnormal_min_s,
             lockout_s=self.lockout_s,
             lockout_jitter_s=self.lockout_jitter_s,
+            lockout_max_s=self.lockout_max_s,
             rate_limited_s=self.rate_limited_s,
             max_auth_failures=self.max_auth_failures,
             healthy_after_s=self.healthy_after_s,

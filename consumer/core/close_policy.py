@@ -35,6 +35,9 @@ class PolicyConfig:
     abnormal_min_s: float = 4.0  # Oracle: wait 4 s after 1006
     lockout_s: float = 120.0  # 4409: length unconfirmed, so configurable
     lockout_jitter_s: float = 30.0
+    # Consecutive 4409s double the wait up to this: whether an attempt during the lockout
+    # extends it is unconfirmed, and a fixed wait shorter than the real one never gets out.
+    lockout_max_s: float = 480.0
     rate_limited_s: float = 120.0  # HTTP 429 on the upgrade: "retry after 2 minutes"
     max_auth_failures: int = 3
     healthy_after_s: float = 60.0  # a session this long resets the backoff
@@ -73,6 +76,7 @@ class ClosePolicy:
         self._rng = rng or random.Random()
         self.failures = 0
         self.auth_failures = 0
+        self.lockouts = 0  # consecutive 4409s
 
     def session_ended(self, duration_s: float, delivered: int = 0) -> None:
         """Call when a subscribed session ends. One that delivered events made progress, and
@@ -82,6 +86,7 @@ class ClosePolicy:
         if delivered > 0 or duration_s >= self.config.healthy_after_s:
             self.failures = 0
             self.auth_failures = 0
+            self.lockouts = 0
 
     def _backoff(self, floor: float = 0.0) -> float:
         c = self.config
@@ -102,12 +107,14 @@ class ClosePolicy:
         if code == SUBSCRIBER_EXISTS:
             self.failures += 1
             c = self.config
-            delay = c.lockout_s + self._rng.uniform(0, c.lockout_jitter_s)
+            wait = min(c.lockout_max_s, c.lockout_s * 2.0 ** min(self.lockouts, 30))
+            self.lockouts += 1
+            again = f", {self.lockouts} in a row" if self.lockouts > 1 else ""
             return Decision(
                 Action.RECONNECT,
-                delay,
+                max(wait, c.lockout_s) + self._rng.uniform(0, c.lockout_jitter_s),
                 f"another consumer holds this stream or it was not completed (4409){said}; "
-                f"waiting out the lockout",
+                f"waiting out the lockout{again}",
                 label,
                 deliberate=True,
             )

@@ -2,7 +2,10 @@
 
 OHIP defers pongs while it sends a burst, so a missing pong alone proves nothing: the link is
 declared dead only when neither a pong nor a ``next`` frame has arrived within
-``max(floor, multiplier * SRTT + 4 * RTTVAR)``.
+``max(floor, multiplier * SRTT + 4 * RTTVAR)``, at most ``ceiling``. A pong that came after
+data frames may have waited for the burst to end: it measures the burst, not the link, so it
+is proof of life but no round-trip sample (else one long burst would stretch the deadline for
+many minutes after it).
 """
 
 from __future__ import annotations
@@ -14,12 +17,30 @@ _BETA = 1 / 4
 
 
 class Liveness:
-    __slots__ = ("_floor", "_last_alive", "_multiplier", "_pings", "rttvar", "srtt")
+    __slots__ = (
+        "_ceiling",
+        "_floor",
+        "_last_alive",
+        "_last_data",
+        "_multiplier",
+        "_pings",
+        "rttvar",
+        "srtt",
+    )
 
-    def __init__(self, now: float, *, floor_s: float, multiplier: float = 4.0) -> None:
+    def __init__(
+        self,
+        now: float,
+        *,
+        floor_s: float,
+        multiplier: float = 4.0,
+        ceiling_s: float = float("inf"),
+    ) -> None:
         self._floor = floor_s
+        self._ceiling = max(ceiling_s, floor_s)
         self._multiplier = multiplier
         self._last_alive = now
+        self._last_data = now
         self._pings: deque[float] = deque(maxlen=64)
         self.srtt: float | None = None
         self.rttvar: float | None = None
@@ -30,12 +51,14 @@ class Liveness:
     def pong(self, now: float) -> None:
         # graphql-transport-ws pongs carry no id; they answer pings in order.
         if self._pings:
-            self._sample(now - self._pings.popleft())
+            sent = self._pings.popleft()
+            if self._last_data <= sent:  # nothing came between: the pong was not held back
+                self._sample(now - sent)
         self._last_alive = now
 
     def activity(self, now: float) -> None:
         """Any data frame is proof of life."""
-        self._last_alive = now
+        self._last_alive = self._last_data = now
 
     def unobserved(self, seconds: float) -> None:
         """Nothing could be read for ``seconds`` (the event loop was busy): don't count them."""
@@ -53,7 +76,7 @@ class Liveness:
     def timeout(self) -> float:
         if self.srtt is None or self.rttvar is None:
             return self._floor
-        return max(self._floor, self._multiplier * self.srtt + 4 * self.rttvar)
+        return min(self._ceiling, max(self._floor, self._multiplier * self.srtt + 4 * self.rttvar))
 
     def deadline(self) -> float:
         return self._last_alive + self.timeout

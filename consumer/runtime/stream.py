@@ -114,6 +114,7 @@ class StreamRunner:
         self._paused = False
         self._completing: str | None = None
         self._dead = False
+        self._ended = ""  # why the server ended the current subscription, if it did
         self._ignored_logged = False
         self._delivered_before = 0
         self._session_started = 0.0
@@ -309,7 +310,10 @@ class StreamRunner:
             hotel_codes=",".join(sub.hotel_codes) or None,
         )
         liveness = self.liveness = Liveness(
-            time.monotonic(), floor_s=c.liveness_floor_s, multiplier=c.liveness_multiplier
+            time.monotonic(),
+            floor_s=c.liveness_floor_s,
+            multiplier=c.liveness_multiplier,
+            ceiling_s=c.liveness_max_s,
         )
         self._delivered_before = self._pipeline.delivered
         self._session_started = time.monotonic()
@@ -402,17 +406,32 @@ class StreamRunner:
             elif type(out) is QueryDone:
                 liveness.activity(now)
             elif isinstance(out, Ended):
-                # The server ended our subscription; a fresh session resumes from the checkpoint.
+                # The server ended our subscription (an `error`, or `complete`: the answer to
+                # ours too). It closes the socket next, and its close code says what to do
+                # (4400 stop, 4401 new token...), so wait for it rather than close first.
                 log.warning("subscription ended by the server", detail=out.reason)
-                await ws.close(1000)
+                self._ended = f"subscription ended by the server: {prefix(out.reason, 200)}"
+                await self._until_server_closes(ws, session)  # raises ConnectionClosed
                 self._session_ended(self._session_started)
-                return self.policy.on_network_error(
-                    f"subscription ended by the server: {prefix(out.reason, 200)}"
-                )
+                ended, self._ended = self._ended, ""
+                return self._completed() or self.policy.on_network_error(ended)
+
+    async def _until_server_closes(self, ws: ClientConnection, session: ClientSession) -> None:
+        """Read on until the server closes (ConnectionClosed), at most ``complete_timeout_s``;
+        then close ourselves. Our subscription has ended: pings are answered and malformed
+        frames dead-lettered as before; an event now is replayed by the next session."""
+        try:
+            async with asyncio.timeout(self.settings.connection.complete_timeout_s):
+                while True:
+                    await self._before_subscribing(ws, session.receive(await ws.recv(decode=False)))
+        except TimeoutError:
+            log.warning("server did not close after ending the subscription; closing")
+        await ws.close(1000)
 
     async def _before_subscribing(self, ws: ClientConnection, out: Outcome) -> None:
-        """A frame before our subscription: answered, counted and dead-lettered as later on
-        (a malformed one carries no event of ours, but the operator sees what came)."""
+        """A frame before our subscription (or after it ended): answered, counted and
+        dead-lettered as during it (a malformed one carries no event of ours, but the operator
+        sees what came)."""
         if isinstance(out, Reply):
             await ws.send(out.text)
         elif isinstance(out, DecodeError):
@@ -490,15 +509,23 @@ class StreamRunner:
         delivered = self._pipeline.delivered - self._delivered_before
         self.policy.session_ended(time.monotonic() - started, delivered)
 
+    def _completed(self) -> Decision | None:
+        """After a session we completed (shutdown, token rotation): the gap OHIP asks for
+        before the next subscribe, whatever the close looked like."""
+        why, self._completing = self._completing, None
+        if why is None:
+            return None
+        return Decision(
+            Action.RECONNECT, self.settings.connection.resubscribe_gap_s, why, deliberate=True
+        )
+
     def _after_close(self, exc: ConnectionClosed, started: float | None) -> Decision:
         if started is not None:
             self._session_ended(started)
         rcvd = exc.rcvd
-        why = self._completing
-        if why is not None:
-            self._completing = None
-            gap = self.settings.connection.resubscribe_gap_s
-            return Decision(Action.RECONNECT, gap, why, deliberate=True)
+        completed = self._completed()
+        if completed is not None:
+            return completed
         if self._dead:
             return self.policy.on_close(None, "liveness deadline passed")
         if exc.sent is not None and not exc.rcvd_then_sent:  # we closed first
@@ -507,4 +534,6 @@ class StreamRunner:
             )
             if ours is not None:
                 return ours
-        return self.policy.on_close(rcvd.code if rcvd else None, rcvd.reason if rcvd else "")
+        ended, self._ended = self._ended, ""
+        said = rcvd.reason if rcvd is not None and rcvd.reason else ended
+        return self.policy.on_close(rcvd.code if rcvd else None, said)

@@ -37,6 +37,9 @@ class SandboxOptions:
     stale_hold_s: float = 0.0  # 4409 for this long after a subscriber drops without complete
     complete_close_delay_s: float = 0.0  # after a client's complete, wait before closing
     defer_pongs: bool = False  # as OHIP in burst mode: no pong until the backlog is sent
+    # As graphql-ws servers (whether OHIP does is unconfirmed): an `error` for the operation
+    # before a close refusing a subscribe, and `complete` in answer to a client's complete.
+    end_frames: bool = False
     # > 0: a session from which no frame at all arrived for this long is dropped (TCP aborted,
     # no close handshake; its subscription released as a drop, so stale_hold_s applies).
     client_timeout_s: float = 0.0

@@ -170,12 +170,18 @@ class WsSession:
         self.send('{"type":"pong"}')
 
     def _on_text(self, data: bytes) -> None:
+        msg: Any = None
         try:
             msg = json.loads(data)
             if not isinstance(msg, dict):
                 raise Close(4400, "Message must be a JSON object")
             self._dispatch(msg)
         except Close as exc:
+            sub_id = msg.get("id") if isinstance(msg, dict) else None
+            if sub_id and self._ctx.options.end_frames and msg.get("type") == "subscribe":
+                # as graphql-ws servers do: the operation's error, then the close
+                error = [{"message": exc.reason, "extensions": {"code": exc.code}}]
+                self.send(json.dumps({"id": sub_id, "type": "error", "payload": error}))
             self.close(exc.code, exc.reason)
         except ValueError:
             self.close(4400, "Invalid message received")
@@ -202,6 +208,8 @@ class WsSession:
                 self._completed = True
                 if self._sender is not None:
                     self._sender.cancel()
+                if ctx.options.end_frames:  # the operation is done: said, as graphql-ws does
+                    self.send(json.dumps({"id": self._sub_id, "type": "complete"}))
                 self._helpers.append(asyncio.create_task(self._close_later()))
         else:
             raise Close(4400, f"Invalid message type {kind!r}")

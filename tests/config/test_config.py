@@ -274,6 +274,14 @@ def test_out_of_range_number_is_an_error(tmp_path: Path) -> None:
     assert "pipeline.workers" in message
 
 
+def test_a_ping_interval_over_oracles_15_seconds_is_refused(tmp_path: Path) -> None:
+    text = BASE + "\n[streams.main.connection]\nping_interval_s = 20\n"
+    message = config_error(write(tmp_path, text))
+    assert "streams.main.connection.ping_interval_s" in message
+    assert "15" in message
+    assert load_settings(write(tmp_path, BASE)).streams["main"].connection.ping_interval_s == 10
+
+
 SECRETS = (APP_KEY, CLIENT_SECRET, PASSWORD)
 
 

@@ -122,6 +122,28 @@ def test_4409_repeated_never_drops_below_the_lockout() -> None:
         assert p.on_close(4409).delay_s >= CFG.lockout_s
 
 
+def test_consecutive_4409s_double_the_wait_up_to_the_cap() -> None:
+    # Whether an attempt during the lockout extends it is unconfirmed: a fixed wait shorter
+    # than the real lockout would retry inside it for ever.
+    p = policy()
+    waits = [p.on_close(4409).delay_s for _ in range(6)]
+    floors = [120.0, 240.0, 480.0, 480.0, 480.0, 480.0]  # lockout_max_s 480 by default
+    for wait, floor in zip(waits, floors, strict=True):
+        assert floor <= wait <= floor + CFG.lockout_jitter_s
+    assert "7 in a row" in p.on_close(4409).reason
+
+
+def test_a_productive_session_ends_the_4409_escalation() -> None:
+    p = policy()
+    p.on_close(4409)
+    p.on_close(4409)
+    p.session_ended(1.0, delivered=5)
+    assert p.on_close(4409).delay_s <= CFG.lockout_s + CFG.lockout_jitter_s
+    p.on_close(4409)
+    p.session_ended(1.0, delivered=0)  # a short session without events: still locked out
+    assert p.on_close(4409).delay_s >= 4 * CFG.lockout_s
+
+
 @pytest.mark.parametrize("code", [4500, 4504])
 def test_server_error_codes_back_off_growing(code: int) -> None:
     p = policy()

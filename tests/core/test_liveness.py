@@ -133,10 +133,11 @@ def test_deferred_pong_during_a_burst_never_kills() -> None:
             lv.ping_sent(t)
         assert not lv.is_dead(t)
         assert not lv.is_dead(t + 0.89)
-    # the burst ends and the deferred pong arrives: still alive, and the sample is large
+    # the burst ends and the deferred pong arrives: still alive, and it measured the burst,
+    # not the link, so the round-trip estimate stays as it was
     lv.pong(t + 0.5)
     assert not lv.is_dead(t + 0.5)
-    assert lv.srtt is not None and lv.srtt > 0.1
+    assert lv.srtt == pytest.approx(0.1)
 
 
 def test_silence_past_the_deadline_is_dead() -> None:
@@ -169,3 +170,32 @@ def test_negative_rtt_is_clamped() -> None:
     lv.pong(9.0)  # clock oddity
     assert lv.srtt == 0.0
     assert lv.rttvar == 0.0
+
+
+def test_a_pong_held_back_by_a_burst_is_no_round_trip_sample() -> None:
+    # OHIP defers pongs until a burst ends: a ping sent at the start of a 300 s burst is
+    # answered at its end. Counting that as a round trip made the deadline ~800 s for minutes.
+    lv = Liveness(0.0, floor_s=180.0)
+    feed(lv, 0.0, [0.05, 0.05])
+    lv.ping_sent(10.0)
+    for t in range(11, 310):
+        lv.activity(float(t))  # the burst's events
+    lv.pong(310.0)
+    assert lv.srtt == pytest.approx(0.05)
+    assert lv.timeout == 180.0
+    assert lv.is_dead(310.0 + 180.0)
+
+
+def test_a_quiet_link_still_samples_its_pongs() -> None:
+    lv = Liveness(0.0, floor_s=0.001)
+    lv.activity(1.0)
+    lv.ping_sent(2.0)  # the event came before the ping: this pong measures the link
+    lv.pong(5.0)
+    assert lv.srtt == pytest.approx(3.0)
+
+
+def test_the_deadline_never_grows_past_the_ceiling() -> None:
+    lv = Liveness(0.0, floor_s=180.0, ceiling_s=600.0)
+    feed(lv, 0.0, [400.0])  # a genuinely slow round trip: 4*400 + 4*200
+    assert lv.timeout == 600.0
+    assert Liveness(0.0, floor_s=180.0, ceiling_s=60.0).timeout == 180.0  # floor wins

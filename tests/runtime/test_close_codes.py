@@ -75,6 +75,40 @@ async def test_4400_stops_the_stream(sandbox_factory, tmp_path: Path):
     assert "chain_code, offset and hotel_codes" in daemon.runners["main"].stats.last_close
 
 
+async def test_an_error_frame_before_4400_still_stops_the_stream(sandbox_factory, tmp_path: Path):
+    # A server that says `error` for the subscription before closing (graphql-ws servers do;
+    # OHIP unconfirmed): the close code that follows decides, not the error frame.
+    gw = await sandbox_factory(end_frames=True)
+    gw.close_on("subscribe", [4400] * 20)
+    daemon = await Daemon.create(make_settings(tmp_path, gw.url))
+    assert await run_to_exit(daemon) == ExitCode.CONFIG
+    assert "chain_code, offset and hotel_codes" in daemon.runners["main"].stats.last_close
+    assert gw.stats.close_codes_sent == [4400]
+
+
+async def test_an_error_frame_before_4401_gets_a_new_token(sandbox_factory, tmp_path: Path):
+    gw = await sandbox_factory(backlog=10, end_frames=True)
+    gw.close_on("subscribe", [4401])
+    async with running(make_settings(tmp_path, gw.url)) as daemon:
+        await wait_until(lambda: count_lines(tmp_path / "events.jsonl") >= 10)
+        assert daemon.runners["main"].stats.closes["4401"] == 1
+    assert gw.stats.token_requests == 2
+
+
+async def test_a_rotation_answered_with_complete_waits_the_resubscribe_gap(
+    sandbox_factory, tmp_path: Path
+):
+    # The server answers our `complete` with its own, then closes: still our rotation, so the
+    # next subscribe waits resubscribe_gap_s (OHIP refuses one too soon with 4409).
+    gw = await sandbox_factory(backlog=10, token_ttl_s=3.0, end_frames=True)
+    settings = make_settings(tmp_path, gw.url, connection={"resubscribe_gap_s": 1.0})
+    async with running(settings) as daemon:
+        await wait_until(lambda: len(gw.stats.upgrades) >= 2, timeout=60)
+        assert daemon.runners["main"].stats.last_close == "token rotation"
+    assert gw.stats.completes_received >= 1
+    assert gaps(gw.stats.upgrades)[0] >= 1.0
+
+
 async def test_server_errors_and_maintenance_reconnect_and_resume(sandbox_factory, tmp_path: Path):
     gw = await sandbox_factory(backlog=40)
     sink = tmp_path / "events.jsonl"
