@@ -43,6 +43,7 @@ from ..core.close_policy import PolicyConfig
 from ..core.printable import printable
 from ..core.protocol import SubscribeInput
 from ..core.rotation import PatternError, Rotation, check_pattern, default_pattern, distinguishes
+from ..core.subscribe_timing import SUBSCRIBE_MARGIN_S
 from ..core.templates import Template, TemplateError, check_key, check_stream_name, check_subject
 from ..errors import ConfigError, InvalidInput
 from .extras import missing_extras
@@ -160,6 +161,10 @@ class ConnectionSettings(_Model):
     ping_interval_s: float = Field(default=15.0, gt=0)
     open_timeout_s: float = Field(default=15.0, gt=0)
     ack_timeout_s: float = Field(default=10.0, gt=0)
+    # From connection_init to subscribe, at most (OHIP: "within 10 seconds"; UNCONFIRMED what
+    # the gateway does when it passes). Bounds the ack wait, the status answer and the
+    # takeover jitter together; when it cannot be met: close 1000, reconnect with backoff.
+    subscribe_deadline_s: float = Field(default=10.0, gt=SUBSCRIBE_MARGIN_S)
     liveness_floor_s: float = Field(default=180.0, gt=0)
     liveness_multiplier: float = Field(default=4.0, gt=0)
     # Largest frame processed; up to 4x larger ones are dead-lettered; beyond that the

@@ -198,6 +198,40 @@ async def test_stale_hold_after_a_drop_without_complete(sandbox_factory):
         assert await close_code(conn) == 4409
 
 
+async def test_the_gap_after_a_completed_subscription(sandbox_factory):
+    """With resubscribe_gap_s, a subscribe to a chain whose subscription was just completed
+    (and closed) is refused with 4409, as OHIP does; another chain is not held up."""
+    gw = await sandbox_factory(backlog=1, chains=("DEMO", "OTHER"), resubscribe_gap_s=30)
+    async with ws(gw) as conn:
+        await conn.send(protocol.subscribe("a", SubscribeInput(chain_code="DEMO")))
+        await events(conn, 1)
+        await conn.send(protocol.complete("a"))
+        assert await close_code(conn) == 1000
+    async with ws(gw) as conn:
+        await conn.send(protocol.subscribe("b", SubscribeInput(chain_code="DEMO")))
+        assert await close_code(conn) == 4409
+    async with ws(gw) as conn:
+        await conn.send(protocol.subscribe("c", SubscribeInput(chain_code="OTHER")))
+        await events(conn, 1)
+    assert (gw.stats.gap_refusals, gw.stats.stale_refusals, gw.stats.subscriber_conflicts) == (
+        1,
+        0,
+        0,
+    )
+
+
+async def test_subscribe_deadline_after_connection_init(sandbox_factory):
+    """With subscribe_deadline_s, a connection that has not subscribed that long after its
+    connection_init is closed with 4408; one that subscribes in time streams."""
+    gw = await sandbox_factory(backlog=1, subscribe_deadline_s=0.3)
+    async with ws(gw) as conn:  # acked, never subscribes
+        assert await close_code(conn) == 4408
+    async with ws(gw) as conn:
+        await conn.send(protocol.subscribe("a", SubscribeInput(chain_code="DEMO")))
+        await events(conn, 1)
+    assert gw.stats.subscribe_timeouts == 1
+
+
 async def test_pings_both_ways_and_init_rules(sandbox_factory):
     gw = await sandbox_factory(ping_interval_s=0.05)
     async with ws(gw) as conn:
