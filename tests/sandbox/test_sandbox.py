@@ -16,7 +16,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from consumer.core import protocol
 from consumer.core.protocol import SubscribeInput
-from consumer.sandbox import SandboxGateway, SandboxOptions
+from consumer.sandbox import SandboxGateway, SandboxOptions, launcher
 
 OPTS = SandboxOptions()
 
@@ -230,6 +230,33 @@ async def test_subscribe_deadline_after_connection_init(sandbox_factory):
         await conn.send(protocol.subscribe("a", SubscribeInput(chain_code="DEMO")))
         await events(conn, 1)
     assert gw.stats.subscribe_timeouts == 1
+
+
+async def test_the_sandbox_command_enforces_the_timing_rules(tmp_path) -> None:
+    """`opera-consumer sandbox --subscribe-deadline 0.3 --resubscribe-gap 30`, as a process: a
+    connection that does not subscribe in time is closed 4408; a subscribe right after a
+    completed one gets 4409."""
+    proc, url = launcher.start(
+        ["--backlog", "1", "--rate", "0", "--subscribe-deadline", "0.3", "--resubscribe-gap", "30"],
+        tmp_path / "sandbox.log",
+    )
+    try:
+        ws_url = protocol.subscription_url(url, OPTS.app_key)
+        init = protocol.connection_init(await launcher.token(url), OPTS.app_key)
+        async with connect(ws_url, subprotocols=["graphql-transport-ws"]) as conn:  # type: ignore[list-item]
+            await conn.send(init)
+            assert await close_code(conn) == 4408
+        for sub_id, code in (("a", 1000), ("b", 4409)):
+            async with connect(ws_url, subprotocols=["graphql-transport-ws"]) as conn:  # type: ignore[list-item]
+                await conn.send(init)
+                assert json.loads(await conn.recv())["type"] == "connection_ack"
+                await conn.send(protocol.subscribe(sub_id, SubscribeInput(chain_code="DEMO")))
+                if code == 1000:
+                    await events(conn, 1)
+                    await conn.send(protocol.complete(sub_id))
+                assert await close_code(conn) == code
+    finally:
+        launcher.stop(proc)
 
 
 async def test_pings_both_ways_and_init_rules(sandbox_factory):
