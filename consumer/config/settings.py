@@ -161,10 +161,6 @@ class ConnectionSettings(_Model):
     ping_interval_s: float = Field(default=15.0, gt=0)
     open_timeout_s: float = Field(default=15.0, gt=0)
     ack_timeout_s: float = Field(default=10.0, gt=0)
-    # From connection_init to subscribe, at most (OHIP: "within 10 seconds"; UNCONFIRMED what
-    # the gateway does when it passes). Bounds the ack wait, the status answer and the
-    # takeover jitter together; when it cannot be met: close 1000, reconnect with backoff.
-    subscribe_deadline_s: float = Field(default=10.0, gt=SUBSCRIBE_MARGIN_S)
     liveness_floor_s: float = Field(default=180.0, gt=0)
     liveness_multiplier: float = Field(default=4.0, gt=0)
     # Largest frame processed; up to 4x larger ones are dead-lettered; beyond that the
@@ -194,6 +190,10 @@ class ConnectionSettings(_Model):
     status_poll_s: float = Field(default=30.0, gt=0)
     # A short random wait after "Inactive", before subscribing (Oracle: a randomized delay).
     takeover_jitter_s: float = Field(default=2.0, ge=0)
+    # From connection_init to subscribe, at most (OHIP: "within 10 seconds"; UNCONFIRMED what
+    # the gateway does when it passes). Bounds the ack wait, the status answer and the
+    # takeover jitter together; when it cannot be met: close 1000, reconnect with backoff.
+    subscribe_deadline_s: float = Field(default=10.0, gt=SUBSCRIBE_MARGIN_S)
 
     def policy(self) -> PolicyConfig:
         return PolicyConfig(
