@@ -156,6 +156,20 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds a stream stays locked (4409) after a connection drops without complete",
     )
     sb.add_argument(
+        "--resubscribe-gap",
+        type=float,
+        default=0.0,
+        help="seconds after a subscription was completed and closed during which a new "
+        "subscribe to its chain gets 4409 (OHIP's gap; 0: none)",
+    )
+    sb.add_argument(
+        "--subscribe-deadline",
+        type=float,
+        default=0.0,
+        help="close with 4408 a connection that has not subscribed this many seconds after "
+        "connection_init (OHIP: 10; 0: never)",
+    )
+    sb.add_argument(
         "--rest-rate",
         type=float,
         default=0.0,
@@ -408,6 +422,8 @@ def _sandbox(args: argparse.Namespace) -> int:
         token_ttl_s=args.token_ttl,
         ping_interval_s=args.ping_interval,
         stale_hold_s=args.stale_hold,
+        resubscribe_gap_s=args.resubscribe_gap,
+        subscribe_deadline_s=args.subscribe_deadline,
         rest_rate=args.rest_rate,
         rest_burst=args.rest_burst,
         fast_backlog=args.fast_backlog,

@@ -43,6 +43,7 @@ from ..core.close_policy import PolicyConfig
 from ..core.printable import printable
 from ..core.protocol import SubscribeInput
 from ..core.rotation import PatternError, Rotation, check_pattern, default_pattern, distinguishes
+from ..core.subscribe_timing import SUBSCRIBE_MARGIN_S
 from ..core.templates import Template, TemplateError, check_key, check_stream_name, check_subject
 from ..errors import ConfigError, InvalidInput
 from .extras import missing_extras
@@ -193,6 +194,10 @@ class ConnectionSettings(_Model):
     status_poll_s: float = Field(default=30.0, gt=0)
     # A short random wait after "Inactive", before subscribing (Oracle: a randomized delay).
     takeover_jitter_s: float = Field(default=2.0, ge=0)
+    # From connection_init to subscribe, at most (OHIP: "within 10 seconds"; UNCONFIRMED what
+    # the gateway does when it passes). Bounds the ack wait, the status answer and the
+    # takeover jitter together; when it cannot be met: close 1000, reconnect with backoff.
+    subscribe_deadline_s: float = Field(default=10.0, gt=SUBSCRIBE_MARGIN_S)
 
     def policy(self) -> PolicyConfig:
         return PolicyConfig(

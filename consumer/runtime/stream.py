@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import random
 import time
@@ -43,8 +44,9 @@ from ..core.session import (
     Reply,
     SessionState,
 )
+from ..core.subscribe_timing import SubscribeDeadline, gap_left
 from ..core.upgrade_budget import UpgradeBudget
-from ..errors import AuthError, StreamStopped
+from ..errors import AuthError, StoreError, StreamStopped
 from ..state.base import StateStore
 from . import tls
 from .auth import Token, TokenProvider
@@ -170,6 +172,7 @@ class StreamRunner:
     async def run(self) -> None:
         """Consume until :meth:`request_stop`; raises :class:`StreamStopped` for good."""
         with structlog.contextvars.bound_contextvars(stream=self.name):
+            await self._wait_out_gap()
             while not self._stop.is_set():
                 try:
                     decision = await self._attempt()
@@ -290,14 +293,26 @@ class StreamRunner:
         await ws.send(
             session.connection_init(token.value, self.settings.app_key.get_secret_value())
         )
+        deadline = SubscribeDeadline.after_init(time.monotonic(), c.subscribe_deadline_s)
         self._ignored_logged = False
-        async with asyncio.timeout(c.ack_timeout_s):
-            while session.state is SessionState.INITIALIZING:
-                await self._before_subscribing(ws, session.receive(await ws.recv(decode=False)))
+        limit, binding = deadline.bound(c.ack_timeout_s, time.monotonic())
+        try:
+            async with asyncio.timeout(limit):
+                while session.state is SessionState.INITIALIZING:
+                    out = session.receive(await ws.recv(decode=False))
+                    await self._before_subscribing(ws, out)
+        except TimeoutError:
+            if not binding:
+                raise  # ack_timeout_s: as a connection that does not answer
+            return await self._too_late(ws, "connection_ack")
         if self._status_check:
-            wait = await self._check_status(ws, session)
+            wait = await self._check_status(ws, session, deadline)
             if wait is not None:
                 return wait
+        if deadline.passed(time.monotonic()):
+            return await self._too_late(
+                ws, "the connection status" if self._status_check else "connection_ack"
+            )
         await ws.send(session.subscribe(sub))
         self.state = StreamState.STREAMING
         self._completing = None
@@ -330,19 +345,31 @@ class StreamRunner:
             for t in helpers:
                 t.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
+            # Complete sent (_after_close forgets _completing; the server may also end it).
+            if session.state is SessionState.COMPLETING or self._completing is not None:
+                await self._record_completed()
 
-    async def _check_status(self, ws: ClientConnection, session: ClientSession) -> Decision | None:
+    async def _check_status(
+        self, ws: ClientConnection, session: ClientSession, deadline: SubscribeDeadline
+    ) -> Decision | None:
         """Oracle's active/passive check: subscribe only when the gateway says no consumer is
         active on this stream; else close and ask again later (never fight for it: a second
-        subscriber would get 4409 and the lockout). None: go ahead and subscribe."""
+        subscriber would get 4409 and the lockout). None: go ahead and subscribe. The answer
+        and the jitter fit in what ``deadline`` leaves."""
         c = self.settings.connection
         await ws.send(session.query_connection())
-        async with asyncio.timeout(c.ack_timeout_s):
-            while True:
-                out = session.receive(await ws.recv(decode=False))
-                if isinstance(out, ConnectionStatus):
-                    break
-                await self._before_subscribing(ws, out)
+        limit, binding = deadline.bound(c.ack_timeout_s, time.monotonic())
+        try:
+            async with asyncio.timeout(limit):
+                while True:
+                    out = session.receive(await ws.recv(decode=False))
+                    if isinstance(out, ConnectionStatus):
+                        break
+                    await self._before_subscribing(ws, out)
+        except TimeoutError:
+            if not binding:
+                raise
+            return await self._too_late(ws, "the connection status")
         if out.status is None:
             # No usable answer (a gateway without the query?): subscribe, 4409 still guards.
             log.warning("connection status query unanswered; subscribing", problem=out.problem)
@@ -357,13 +384,56 @@ class StreamRunner:
                 code="status_active",
                 deliberate=True,
             )
-        jitter = self._rng.uniform(0, c.takeover_jitter_s)
+        # Capped: a jitter that ran past the deadline would make us subscribe late.
+        jitter = min(self._rng.uniform(0, c.takeover_jitter_s), deadline.left(time.monotonic()))
         if jitter > 0:
             await self._wait_or_stop(jitter)
             if self._stop.is_set():
                 await ws.close(1000)
                 return Decision(Action.RECONNECT, 0.0, "stopping")
         return None
+
+    async def _too_late(self, ws: ClientConnection, waited_for: str) -> Decision:
+        """Waiting for ``waited_for`` left no time to subscribe within subscribe_deadline_s of
+        connection_init: never subscribe late (the gateway may refuse it); close, and try a
+        fresh connection after a backoff."""
+        await ws.close(1000)
+        limit = self.settings.connection.subscribe_deadline_s
+        log.warning("no time left to subscribe; reconnecting", waited_for=waited_for, limit_s=limit)
+        decision = self.policy.on_network_error(
+            f"waiting for {waited_for} left no time to subscribe within {limit:g} s of "
+            "connection_init"
+        )
+        return dataclasses.replace(decision, code="subscribe_deadline")
+
+    async def _wait_out_gap(self) -> None:
+        """Before this process's first subscribe of the stream (a start, a fleet takeover):
+        OHIP refuses a subscribe too soon after the previous subscription was completed and
+        closed (4409, and minutes of lockout), whichever process completed it. Waits what is
+        left of resubscribe_gap_s since that close, as the state store recorded it."""
+        gap = self.settings.connection.resubscribe_gap_s
+        if gap <= 0:
+            return
+        try:
+            closed_at = await self._store.completed_closed_at(self.name)
+        except StoreError as exc:  # a state store that fails: the whole gap, to be safe
+            log.warning("cannot read when the last subscription closed", error=describe(exc))
+            closed_at = time.time()
+        wait = gap_left(closed_at, time.time(), gap)
+        if wait <= 0:
+            return
+        self.state = StreamState.LOCKOUT
+        self._waiting = ("the gap after the previous subscription closed", time.monotonic() + wait)
+        log.info("waiting out the gap after the previous subscription", delay_s=round(wait, 2))
+        await self._wait_or_stop(wait)
+
+    async def _record_completed(self) -> None:
+        """A subscription we completed is closed (by the server, or by us after
+        complete_timeout_s): remember when, for whichever process subscribes next."""
+        try:
+            await self._store.set_completed_closed_at(self.name, time.time())
+        except StoreError as exc:  # the next subscriber then risks a 4409: no reason to fail
+            log.warning("cannot record when the subscription closed", error=describe(exc))
 
     async def _read(
         self, ws: ClientConnection, liveness: Liveness, session: ClientSession

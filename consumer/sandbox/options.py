@@ -35,6 +35,12 @@ class SandboxOptions:
     ping_interval_s: float = 15.0  # server pings; 0 disables
     init_timeout_s: float = 10.0  # connection_init deadline (4408)
     stale_hold_s: float = 0.0  # 4409 for this long after a subscriber drops without complete
+    # > 0: 4409 for a subscribe this soon after the chain's previous subscription was
+    # completed and closed (OHIP's gap, 0.5 to 10 s: unconfirmed).
+    resubscribe_gap_s: float = 0.0
+    # > 0: a session that has not subscribed this long after its connection_init is closed
+    # with 4408 (OHIP: "within 10 seconds"; its close code is unknown, this is graphql-ws's).
+    subscribe_deadline_s: float = 0.0
     complete_close_delay_s: float = 0.0  # after a client's complete, wait before closing
     defer_pongs: bool = False  # as OHIP in burst mode: no pong until the backlog is sent
     # As graphql-ws servers (whether OHIP does is unconfirmed): an `error` for the operation
@@ -84,6 +90,8 @@ class SandboxStats:
     # a subscriber dropped without complete (stale_hold_s); a second subscribe on a session.
     subscriber_conflicts: int = 0
     stale_refusals: int = 0
+    gap_refusals: int = 0  # a subscribe within resubscribe_gap_s of a completed one's close
+    subscribe_timeouts: int = 0  # no subscribe within subscribe_deadline_s of connection_init
     duplicate_subscribe_ids: int = 0
     client_timeouts: int = 0  # sessions dropped after client_timeout_s without a frame
     chaos_drops: int = 0

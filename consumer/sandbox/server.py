@@ -81,7 +81,7 @@ class SandboxGateway:
             clock=_monotonic,
         )
         self._subscriptions: Subscriptions[WsSession] = Subscriptions(
-            o.stale_hold_s, self.stats, _monotonic
+            o.stale_hold_s, self.stats, _monotonic, gap_s=o.resubscribe_gap_s
         )
         sessions = SessionContext(
             options=o,

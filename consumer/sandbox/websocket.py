@@ -3,8 +3,10 @@ websockets' sans-I/O :class:`ServerProtocol`, so the sandbox controls every byte
 
 A session enforces ``graphql-transport-ws`` (4406), ``connection_init`` within the deadline
 (4408) with a valid token and an accepted raw app key (4401, again when the token expires), one
-``connection_init`` (4429), valid ``subscribe`` messages (4400, 4403) and one subscriber per
-chain (4409, see :class:`Subscriptions`); it streams the chain's log in pre-encoded batches
+``connection_init`` (4429), valid ``subscribe`` messages (4400, 4403), with
+``subscribe_deadline_s`` a ``subscribe`` within that long of ``connection_init`` (4408), and one
+subscriber per chain (4409, see :class:`Subscriptions`; with ``resubscribe_gap_s``, none too
+soon after a completed one either); it streams the chain's log in pre-encoded batches
 with TCP backpressure, pings and answers pings, and closes after a client's ``complete``. With
 ``client_timeout_s``, a session from which no frame arrived for that long is dropped (TCP
 aborted, no close handshake: the client may be frozen).
@@ -96,6 +98,7 @@ class WsSession:
         self._completed = False
         self._silent = False
         self._init_seen = False
+        self._init_at = 0.0  # when the accepted connection_init arrived
         self._bursting = False
         self._pongs = PongPolicy(ctx.options, ctx.stats)
         self._sender: asyncio.Task[None] | None = None
@@ -226,7 +229,10 @@ class WsSession:
         if expiry is None or not isinstance(key, str) or not o.accepts_app_key(key):
             raise Close(4401, "Unauthorised - Invalid credentials")
         self.app_key = key
+        self._init_at = self._ctx.clock()
         self._helpers.append(asyncio.create_task(self._ack(o.ack_delay_s)))
+        if o.subscribe_deadline_s > 0:
+            self._helpers.append(asyncio.create_task(self._subscribe_deadline()))
         self._helpers.append(asyncio.create_task(self._expire(expiry)))
         if o.ping_interval_s > 0:
             self._helpers.append(asyncio.create_task(self._pinger()))
@@ -256,6 +262,10 @@ class WsSession:
         if self._sub_id is not None:
             ctx.stats.duplicate_subscribe_ids += 1
             raise Close(4409, f"Subscriber for {sub_id} already exists")
+        limit = ctx.options.subscribe_deadline_s
+        if limit > 0 and ctx.clock() - self._init_at > limit:  # before the timer noticed
+            ctx.stats.subscribe_timeouts += 1
+            raise Close(4408, "Subscribe timeout")
         args = parse_input(query)
         ctx.stats.subscribes.append(args)
         chain = args.get("chainCode")
@@ -269,6 +279,8 @@ class WsSession:
         if refusal is not None:
             if refusal == "held":
                 ctx.stats.subscriber_conflicts += 1
+            elif refusal == "gap":
+                ctx.stats.gap_refusals += 1
             else:
                 ctx.stats.stale_refusals += 1
             raise Close(4409, "Subscriber already exists")
@@ -372,6 +384,13 @@ class WsSession:
         await asyncio.sleep(seconds)
         if not self._acked:
             self.close(4408, "Connection initialisation timeout")
+
+    async def _subscribe_deadline(self) -> None:
+        """No subscription within ``subscribe_deadline_s`` of connection_init: 4408."""
+        await asyncio.sleep(self._ctx.options.subscribe_deadline_s)
+        if self._sub_id is None and self._proto.state is State.OPEN:
+            self._ctx.stats.subscribe_timeouts += 1
+            self.close(4408, "Subscribe timeout")
 
     async def _client_deadline(self, limit: float) -> None:
         """Drop the connection once no frame arrived for ``limit`` seconds: abort the TCP

@@ -27,6 +27,11 @@ class StateStore(Protocol):
         """ "highest" when an operator asked the stream to skip its backlog, else None."""
         ...
 
+    async def completed_closed_at(self, stream: str) -> float | None:
+        """When (wall clock) the stream's last subscription that we completed was closed by
+        the server (or we stopped waiting for that); None if never recorded."""
+        ...
+
     async def sink_state(self, sink: str) -> str | None: ...
 
     async def seen(self, stream: str, event_ids: Sequence[str]) -> set[str]:
@@ -50,6 +55,10 @@ class StateStore(Protocol):
         ``fence`` (and :attr:`CommitBatch.fence`): a store with fleet leases refuses the
         write with :class:`~consumer.errors.Fenced` unless the member holds them; a store
         without (SQLite: no fleet) ignores it."""
+        ...
+
+    async def set_completed_closed_at(self, stream: str, at: float) -> None:
+        """Record :meth:`completed_closed_at` (not fenced: it only lengthens a bounded wait)."""
         ...
 
     async def prune_processed(

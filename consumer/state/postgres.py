@@ -134,6 +134,16 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE {s}.fleet_members ADD COLUMN instance TEXT;
     """,
+    # 5: when the stream's last subscription that we completed was closed (wall clock): the
+    # next member or process to subscribe it waits out the rest of resubscribe_gap_s (OHIP:
+    # else 4409). Written by whoever completed it, fenced or not: a late write only makes
+    # the next wait longer, and that wait is bounded by the gap.
+    """
+    CREATE TABLE {s}.completed_subscriptions (
+        stream    TEXT PRIMARY KEY,
+        closed_at DOUBLE PRECISION NOT NULL
+    );
+    """,
 )
 
 
@@ -486,6 +496,13 @@ class PostgresStore:
         )
         return None if value is None else str(value)
 
+    @_translated("reading when a subscription was completed")
+    async def completed_closed_at(self, stream: str) -> float | None:
+        value = await self._pool.fetchval(
+            f"SELECT closed_at FROM {self._s}.completed_subscriptions WHERE stream = $1", stream
+        )
+        return None if value is None else float(value)
+
     # --- writes ---------------------------------------------------------------------------
 
     @_translated("committing")
@@ -610,6 +627,15 @@ class PostgresStore:
                 to_text(position.unique_event_id),
                 time.time(),
             )
+
+    @_translated("recording when a subscription was completed")
+    async def set_completed_closed_at(self, stream: str, at: float) -> None:
+        await self._pool.execute(
+            f"INSERT INTO {self._s}.completed_subscriptions (stream, closed_at) VALUES ($1, $2) "
+            "ON CONFLICT (stream) DO UPDATE SET closed_at = EXCLUDED.closed_at",
+            stream,
+            at,
+        )
 
     async def _put_sink_state(self, db: Any, sink: str, state: str, now: float) -> None:
         await db.execute(

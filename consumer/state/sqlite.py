@@ -91,6 +91,14 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE checkpoints RENAME COLUMN last_event_at TO event_at;
     UPDATE checkpoints SET event_at = NULL;
     """,
+    # 5: when the stream's last subscription that we completed was closed (wall clock): the
+    # next process to subscribe it waits out the rest of resubscribe_gap_s (OHIP: else 4409)
+    """
+    CREATE TABLE completed_subscriptions (
+        stream    TEXT PRIMARY KEY,
+        closed_at REAL NOT NULL
+    );
+    """,
 )
 
 
@@ -302,6 +310,14 @@ class SqliteStore:
             row = await cur.fetchone()
         return str(row[0]) if row else None
 
+    @_translated
+    async def completed_closed_at(self, stream: str) -> float | None:
+        async with self._r.execute(
+            "SELECT closed_at FROM completed_subscriptions WHERE stream = ?", (stream,)
+        ) as cur:
+            row = await cur.fetchone()
+        return float(row[0]) if row else None
+
     # --- writes ---------------------------------------------------------------------------
 
     @_translated
@@ -385,6 +401,14 @@ class SqliteStore:
                 f"VALUES (?, ?, ?, ?) ON CONFLICT (stream) {conflict}",
                 (stream, position.offset, position.unique_event_id, time.time()),
             )
+
+    @_translated
+    async def set_completed_closed_at(self, stream: str, at: float) -> None:
+        await self._w.execute(
+            "INSERT INTO completed_subscriptions (stream, closed_at) VALUES (?, ?) "
+            "ON CONFLICT (stream) DO UPDATE SET closed_at = excluded.closed_at",
+            (stream, at),
+        )
 
     @staticmethod
     async def _put_sink_state(db: aiosqlite.Connection, sink: str, state: str, now: float) -> None:

@@ -16,7 +16,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from consumer.core import protocol
 from consumer.core.protocol import SubscribeInput
-from consumer.sandbox import SandboxGateway, SandboxOptions
+from consumer.sandbox import SandboxGateway, SandboxOptions, launcher
 
 OPTS = SandboxOptions()
 
@@ -196,6 +196,67 @@ async def test_stale_hold_after_a_drop_without_complete(sandbox_factory):
     async with ws(gw) as conn:  # the first one never sent complete
         await conn.send(protocol.subscribe("b", SubscribeInput(chain_code="DEMO")))
         assert await close_code(conn) == 4409
+
+
+async def test_the_gap_after_a_completed_subscription(sandbox_factory):
+    """With resubscribe_gap_s, a subscribe to a chain whose subscription was just completed
+    (and closed) is refused with 4409, as OHIP does; another chain is not held up."""
+    gw = await sandbox_factory(backlog=1, chains=("DEMO", "OTHER"), resubscribe_gap_s=30)
+    async with ws(gw) as conn:
+        await conn.send(protocol.subscribe("a", SubscribeInput(chain_code="DEMO")))
+        await events(conn, 1)
+        await conn.send(protocol.complete("a"))
+        assert await close_code(conn) == 1000
+    async with ws(gw) as conn:
+        await conn.send(protocol.subscribe("b", SubscribeInput(chain_code="DEMO")))
+        assert await close_code(conn) == 4409
+    async with ws(gw) as conn:
+        await conn.send(protocol.subscribe("c", SubscribeInput(chain_code="OTHER")))
+        await events(conn, 1)
+    assert (gw.stats.gap_refusals, gw.stats.stale_refusals, gw.stats.subscriber_conflicts) == (
+        1,
+        0,
+        0,
+    )
+
+
+async def test_subscribe_deadline_after_connection_init(sandbox_factory):
+    """With subscribe_deadline_s, a connection that has not subscribed that long after its
+    connection_init is closed with 4408; one that subscribes in time streams."""
+    gw = await sandbox_factory(backlog=1, subscribe_deadline_s=0.3)
+    async with ws(gw) as conn:  # acked, never subscribes
+        assert await close_code(conn) == 4408
+    async with ws(gw) as conn:
+        await conn.send(protocol.subscribe("a", SubscribeInput(chain_code="DEMO")))
+        await events(conn, 1)
+    assert gw.stats.subscribe_timeouts == 1
+
+
+async def test_the_sandbox_command_enforces_the_timing_rules(tmp_path) -> None:
+    """`opera-consumer sandbox --subscribe-deadline 0.3 --resubscribe-gap 30`, as a process: a
+    connection that does not subscribe in time is closed 4408; a subscribe right after a
+    completed one gets 4409."""
+    proc, url = launcher.start(
+        ["--backlog", "1", "--rate", "0", "--subscribe-deadline", "0.3", "--resubscribe-gap", "30"],
+        tmp_path / "sandbox.log",
+    )
+    try:
+        ws_url = protocol.subscription_url(url, OPTS.app_key)
+        init = protocol.connection_init(await launcher.token(url), OPTS.app_key)
+        async with connect(ws_url, subprotocols=["graphql-transport-ws"]) as conn:  # type: ignore[list-item]
+            await conn.send(init)
+            assert await close_code(conn) == 4408
+        for sub_id, code in (("a", 1000), ("b", 4409)):
+            async with connect(ws_url, subprotocols=["graphql-transport-ws"]) as conn:  # type: ignore[list-item]
+                await conn.send(init)
+                assert json.loads(await conn.recv())["type"] == "connection_ack"
+                await conn.send(protocol.subscribe(sub_id, SubscribeInput(chain_code="DEMO")))
+                if code == 1000:
+                    await events(conn, 1)
+                    await conn.send(protocol.complete(sub_id))
+                assert await close_code(conn) == code
+    finally:
+        launcher.stop(proc)
 
 
 async def test_pings_both_ways_and_init_rules(sandbox_factory):

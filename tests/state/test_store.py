@@ -257,7 +257,7 @@ async def test_the_migration_renames_the_old_commit_time_column(backend: Backend
     """Before this version, ``last_event_at`` held the commit time (as updated_at does): the
     event time is ``event_at``, empty (no event time is known), and nothing else changes.
     (PostgreSQL keeps the old column for a fleet's members still on the version before.)"""
-    old = len(backend.module.MIGRATIONS) - 1
+    old = {"sqlite": 3, "postgres": 2}[backend.name]  # the version before the rename
     await backend.create_at(old)
     await backend.raw(
         f'INSERT INTO {backend.table("checkpoints")} (stream, "offset", unique_event_id, '
@@ -280,6 +280,34 @@ async def test_the_migration_renames_the_old_commit_time_column(backend: Backend
     finally:
         await s.close()
     assert await backend.version() == len(backend.module.MIGRATIONS)
+
+
+async def test_when_a_completed_subscription_closed(store: Store) -> None:
+    """Per stream, the last time recorded (the next subscriber waits out the gap from it)."""
+    assert await store.completed_closed_at("s") is None
+    await store.set_completed_closed_at("s", 1000.5)
+    await store.set_completed_closed_at("t", 5.0)
+    await store.set_completed_closed_at("s", 2000.25)
+    assert await store.completed_closed_at("s") == 2000.25
+    assert await store.completed_closed_at("t") == 5.0
+    assert await store.completed_closed_at("u") is None
+
+
+async def test_the_migration_adds_the_completed_close_time(backend: Backend) -> None:
+    """A store of the version before: nothing recorded, then kept across a reopen."""
+    await backend.create_at(len(backend.module.MIGRATIONS) - 1)
+    s = await backend.open()
+    try:
+        assert await s.completed_closed_at("s") is None
+        await s.set_completed_closed_at("s", 1234.5)
+    finally:
+        await s.close()
+    assert await backend.version() == len(backend.module.MIGRATIONS)
+    s = await backend.open()
+    try:
+        assert await s.completed_closed_at("s") == 1234.5
+    finally:
+        await s.close()
 
 
 async def test_count_without_a_new_position_still_accumulates(store: Store) -> None:

@@ -1,0 +1,154 @@
+"""OHIP's two timing rules around ``subscribe``, against a sandbox that enforces them:
+
+* the gap after a completed subscription (4409 otherwise): a restarted daemon, or a fleet
+  member taking over a stream another one just handed over, waits out what is left of
+  ``resubscribe_gap_s`` since the close the state store recorded;
+* ``subscribe`` within ``subscribe_deadline_s`` of ``connection_init``: a slow ack or a long
+  takeover jitter never makes the daemon subscribe late.
+
+The sandbox's counters of refusals are what is asserted, never how long something took.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from pathlib import Path
+
+import pysink
+import pytest
+from pg import sql
+from support import count_lines, make_settings, running, stream_config, wait_until
+
+from consumer.config import Settings
+from consumer.runtime.daemon import Daemon
+from consumer.runtime.stream import StreamState
+from consumer.state import SqliteStore
+
+SANDBOX_GAP_S = 1.0
+DAEMON_GAP_S = 3.0  # above the sandbox's: the two clocks start a moment apart
+
+
+async def closed_at(state: Path, stream: str = "main") -> float | None:
+    store = await SqliteStore.open(state)
+    try:
+        return await store.completed_closed_at(stream)
+    finally:
+        await store.close()
+
+
+async def test_a_restarted_daemon_waits_out_the_gap(sandbox_factory, tmp_path: Path) -> None:
+    """systemctl restart: the old process completes, the server closes, it exits; the new one
+    must not subscribe within the gap (4409 and minutes of lockout)."""
+    gw = await sandbox_factory(backlog=5, resubscribe_gap_s=SANDBOX_GAP_S)
+    sink = tmp_path / "events.jsonl"
+    settings = make_settings(tmp_path, gw.url, connection={"resubscribe_gap_s": DAEMON_GAP_S})
+    async with running(settings):
+        await wait_until(lambda: count_lines(sink) >= 5)
+    assert gw.stats.completes_received == 1
+    gw.append("DEMO", 3)
+    async with running(settings) as daemon:
+        runner = daemon.runners["main"]
+        await wait_until(lambda: "gap after the previous subscription" in runner.waiting_for())
+        await wait_until(lambda: count_lines(sink) >= 8)
+    assert (gw.stats.gap_refusals, gw.stats.stale_refusals, gw.stats.subscriber_conflicts) == (
+        0,
+        0,
+        0,
+    )
+    assert len(gw.stats.subscribes) == 2
+    assert await closed_at(tmp_path / "state.db") is not None
+
+
+async def test_the_gap_wait_is_bounded_and_ends_on_stop(sandbox_factory, tmp_path: Path) -> None:
+    """A close recorded "in the future" (the clock jumped back since) waits the gap at most;
+    a stop request ends the wait at once, without connecting."""
+    gw = await sandbox_factory(backlog=1)
+    settings = make_settings(tmp_path, gw.url, connection={"resubscribe_gap_s": 600.0})
+    store = await SqliteStore.open(tmp_path / "state.db")
+    await store.set_completed_closed_at("main", time.time() + 3600.0)
+    await store.close()
+    daemon = await Daemon.create(settings)
+    task = asyncio.create_task(daemon.run())
+    runner = daemon.runners["main"]
+    await wait_until(lambda: runner.state is StreamState.LOCKOUT)
+    shown = re.search(r"retry in (\d+) s", runner.waiting_for())
+    assert shown is not None and 0 < int(shown.group(1)) <= 600, runner.waiting_for()
+    daemon.request_stop()
+    async with asyncio.timeout(30):
+        assert await task == 0
+    assert gw.stats.upgrades == []
+
+
+async def test_a_slow_ack_never_makes_a_late_subscribe(sandbox_factory, tmp_path: Path) -> None:
+    """The ack comes after the deadline: the daemon closes and reconnects with backoff; it
+    never sends the subscribe the gateway would refuse."""
+    gw = await sandbox_factory(backlog=1, ack_delay_s=2.5, subscribe_deadline_s=2.0)
+    settings = make_settings(tmp_path, gw.url, connection={"subscribe_deadline_s": 2.0})
+    async with running(settings) as daemon:
+        runner = daemon.runners["main"]
+        await wait_until(lambda: runner.stats.closes["subscribe_deadline"] >= 2)
+        assert "within 2 s of connection_init" in runner.stats.last_close
+        assert runner.state in (StreamState.BACKOFF, StreamState.CONNECTING)
+    assert gw.stats.subscribes == []
+    assert gw.stats.subscribe_timeouts == 0 and 4408 not in gw.stats.close_codes_sent
+
+
+async def test_the_takeover_jitter_fits_in_the_deadline(sandbox_factory, tmp_path: Path) -> None:
+    """A takeover jitter far longer than the deadline is cut to what the deadline leaves after
+    the ack and the status answer: the daemon subscribes in time and streams."""
+    gw = await sandbox_factory(backlog=5, subscribe_deadline_s=2.0)
+    connection = {"status_check": "on", "takeover_jitter_s": 1000.0, "subscribe_deadline_s": 2.0}
+    settings = make_settings(tmp_path, gw.url, connection=connection)
+    async with running(settings):
+        await wait_until(lambda: count_lines(tmp_path / "events.jsonl") >= 5)
+    assert gw.stats.subscribe_timeouts == 0 and 4408 not in gw.stats.close_codes_sent
+    assert len(gw.stats.subscribes) == 1
+
+
+@pytest.mark.usefixtures("fresh_pysink", "contained_logging")
+async def test_a_fleet_handover_waits_out_the_gap(sandbox_factory, postgres_dsn, tmp_path) -> None:
+    """A second member joins: the first hands one stream over (complete, the server's close,
+    commit, release); the second must not subscribe it within the gap."""
+    gap = {"resubscribe_gap_s": 3.0, "takeover_jitter_s": 0.0}
+    gw = await sandbox_factory(
+        backlog=2, chains=("DEMO", "OTHER"), app_keys=("key2",), resubscribe_gap_s=2.0
+    )
+    schema = f"t_{uuid.uuid4().hex[:16]}"
+
+    def member(name: str) -> Settings:
+        return Settings(
+            streams={  # type: ignore[arg-type]
+                "a": stream_config(gw.url, connection=gap),
+                "b": stream_config(gw.url, chain_code="OTHER", app_key="key2", connection=gap),
+            },
+            state={"backend": "postgres", "dsn": postgres_dsn, "schema": schema},  # type: ignore[arg-type]
+            sink={"type": "python", "target": "pysink:handle"},  # type: ignore[arg-type]
+            pipeline={"workers": 1, "drain_timeout_s": 1.0},  # type: ignore[arg-type]
+            fleet={"enabled": True, "member": name, "lease_ttl_s": 20.0, "renew_interval_s": 0.2},  # type: ignore[arg-type]
+            metrics={"enabled": False},  # type: ignore[arg-type]
+        )
+
+    try:
+        async with running(member("m1")) as m1:
+            await wait_until(lambda: len(pysink.delivered_ids("a")) == 2)
+            await wait_until(lambda: len(pysink.delivered_ids("b")) == 2)
+            async with running(member("m2")) as m2:
+                await wait_until(lambda: len(m1.runners) == 1 and len(m2.runners) == 1)
+                moved = next(iter(m2.runners))
+                runner = m2.runners[moved]
+                await wait_until(lambda: runner.state is StreamState.STREAMING, timeout=60)
+                gw.append("DEMO", 2)
+                gw.append("OTHER", 2)
+                await wait_until(lambda: len(pysink.delivered_ids("a")) >= 4)
+                await wait_until(lambda: len(pysink.delivered_ids("b")) >= 4)
+    finally:
+        await sql(postgres_dsn, "execute", f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    assert gw.stats.completes_received >= 1  # the handover completed its subscription
+    assert (gw.stats.gap_refusals, gw.stats.stale_refusals, gw.stats.subscriber_conflicts) == (
+        0,
+        0,
+        0,
+    )
