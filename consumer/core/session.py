@@ -119,6 +119,7 @@ class ClientSession:
         self._new_id = new_id or (lambda: str(uuid.uuid4()))
         self.state = SessionState.NEW
         self.subscription_id: str | None = None
+        self.completed = False  # we sent `complete` (whatever came back)
         self._queries: set[str] = set()
         self._answered: set[str] = set()  # queries answered, whose complete may follow
 
@@ -153,6 +154,7 @@ class ClientSession:
         if self.state is not SessionState.SUBSCRIBED or self.subscription_id is None:
             return None
         self.state = SessionState.COMPLETING
+        self.completed = True
         return protocol.complete(self.subscription_id)
 
     @staticmethod

@@ -345,8 +345,7 @@ class StreamRunner:
             for t in helpers:
                 t.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
-            # Complete sent (_after_close forgets _completing; the server may also end it).
-            if session.state is SessionState.COMPLETING or self._completing is not None:
+            if session.completed:  # closed now, however the server answered
                 await self._record_completed()
 
     async def _check_status(

@@ -19,6 +19,7 @@ from support import (
 
 from consumer.errors import ExitCode
 from consumer.runtime.daemon import Daemon
+from consumer.state import SqliteStore
 
 
 async def run_to_exit(daemon: Daemon) -> int:
@@ -105,6 +106,12 @@ async def test_a_rotation_answered_with_complete_waits_the_resubscribe_gap(
     async with running(settings) as daemon:
         await wait_until(lambda: len(gw.stats.upgrades) >= 2, timeout=60)
         assert daemon.runners["main"].stats.last_close == "token rotation"
+        # and the close is recorded for a process that subscribes next (restart, takeover)
+        store = await SqliteStore.open(settings.state.path)
+        try:
+            assert await store.completed_closed_at("main") is not None
+        finally:
+            await store.close()
     assert gw.stats.completes_received >= 1
     assert gaps(gw.stats.upgrades)[0] >= 1.0
 
