@@ -10,17 +10,15 @@ stopped on something only an operator can fix (systemd: ``RestartPreventExitStat
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import __version__
-from .config import Settings, effective, find_config, load_settings
+from . import early_signals
 from .errors import (
     ExitCode,
     OperaConsumerError,
@@ -28,6 +26,9 @@ from .errors import (
     SinkUnusable,
     exit_code_for,
 )
+
+if TYPE_CHECKING:  # imported where used: a signal is held before they are (early_signals)
+    from .config import Settings
 
 _EPILOG = """exit status: 0 ok, 1 runtime failure or failed check, 2 usage, 70 internal error,
 78 configuration error (or every stream stopped for a reason an operator must fix),
@@ -64,6 +65,8 @@ def _add(sub: Any, name: str, text: str) -> argparse.ArgumentParser:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(
         prog="opera-consumer",
         description="Consume OPERA Cloud business events from the OHIP Streaming API.",
@@ -193,6 +196,7 @@ def _parser() -> argparse.ArgumentParser:
         "--fixed-timestamps",
         dest="live_timestamps",
         action="store_false",
+        default=argparse.SUPPRESS,  # not "(default: True)": the default is --live-timestamps
         help="every event's timestamp from a clock starting on a day of 2024 (the same events "
         "at every start)",
     )
@@ -290,7 +294,17 @@ def _fleet_parser(sub: Any, with_config: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    early_signals.hold()  # first: a signal while the daemon's dependencies load must not kill it
+    try:
+        args = _parser().parse_args(argv)
+        if args.command != "run":
+            early_signals.release()  # not the daemon: a signal acts as it always has
+        return _main(args)
+    finally:
+        early_signals.release(deliver=False)  # the daemon took it, or ended without starting
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         return _command(args)
     except OperaConsumerError as exc:  # one line, saying what is wrong and the fix
@@ -331,6 +345,10 @@ def _command(args: argparse.Namespace) -> int:
     command: str = args.command
     if command == "sandbox":
         return _sandbox(args)
+    import asyncio
+
+    from .config import effective, find_config, load_settings
+
     settings = load_settings(args.config)
     if command == "check-config":
         print(json.dumps(effective(settings), indent=2))
@@ -382,6 +400,8 @@ def _run(settings: Settings) -> int:
     # path) in pure Python: its C extension is C++ and maps libstdc++, about 1 MB of the
     # daemon's resident memory for nothing (issue #12). Before anything imports aiohttp.
     os.environ.setdefault("FROZENLIST_NO_EXTENSIONS", "1")
+    import asyncio
+
     from .logs import configure
     from .runtime import daemon
 
@@ -396,6 +416,8 @@ def _run(settings: Settings) -> int:
 
 
 def _preflight(settings: Settings) -> int:
+    import asyncio
+
     from .commands import preflight
     from .logs import configure
 
@@ -410,6 +432,8 @@ def _preflight(settings: Settings) -> int:
 
 
 def _sandbox(args: argparse.Namespace) -> int:
+    import asyncio
+
     from .sandbox import SandboxOptions, run_sandbox
 
     options = SandboxOptions(

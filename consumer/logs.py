@@ -193,8 +193,8 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
         cache_logger_on_first_use=True,
     )
     # JSON escapes every control and non-ASCII character itself; a terminal needs us to.
-    render: list[Any] = (
-        [escape_for_console, structlog.dev.ConsoleRenderer()]
+    render: list[Any] = (  # colours only for a terminal: escapes in a file are noise
+        [escape_for_console, structlog.dev.ConsoleRenderer(colors=out.isatty())]
         if console
         else [structlog.processors.JSONRenderer()]
     )

@@ -11,7 +11,8 @@ when the lag does not shrink.
 
 ``--watch`` refreshes every ``--interval`` seconds: in place on a terminal (like ``top``),
 otherwise one table after another with a blank line between them (``--json``: one JSON array a
-line); Ctrl-C ends it with exit status 0, as does ``--count N`` after N refreshes.
+line); Ctrl-C ends it with exit status 0, as does ``--count N`` after N refreshes; a reader
+that goes away (``| head -1``) with 141, as for every command.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
 import sys
 import time
@@ -223,6 +223,8 @@ async def _watch(
         while not stop.is_set():
             next_at = loop.time() + interval_s  # a refresh every interval, however long it takes
             rows = await snapshot(settings, store, live, min(1.0, interval_s))
+            if loop.time() >= next_at:  # it took the interval (a first look at the daemon
+                next_at = loop.time() + interval_s  # scrapes twice): the next rate spans one
             if as_json:
                 print(json.dumps(rows), flush=True)  # one document a line
             else:
@@ -239,9 +241,7 @@ async def _watch(
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout_at(max(next_at, loop.time())):
                     await stop.wait()
-    except BrokenPipeError:  # `status --watch | head`: the reader is gone
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
-    finally:
+    finally:  # `status --watch | head`: a BrokenPipeError is the command line's (141)
         for sig in handled:
             loop.remove_signal_handler(sig)
     return ExitCode.OK

@@ -45,6 +45,11 @@ def find_config(path: Path | None) -> Path | None:
                 f"config file {printable(path)}: {exc.strerror or exc}: pass an existing file "
                 "to --config"
             ) from None
+        if not found and path.is_dir():
+            raise ConfigError(
+                f"config file {printable(path)} is a directory: pass the TOML file to --config, "
+                f"e.g. {printable(path / 'config.toml')}"
+            )
         if not found:
             raise ConfigError(
                 f"config file {path} not found: pass an existing file to --config, or copy "

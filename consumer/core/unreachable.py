@@ -14,7 +14,7 @@ from .printable import printable
 _CHAIN_LIMIT = 16  # causes looked at (a chain may loop)
 # What a client sees when it speaks TLS to a server that does not.
 _NOT_TLS = ("WRONG_VERSION_NUMBER", "UNEXPECTED_EOF", "RECORD_LAYER_FAILURE", "HTTP_REQUEST")
-_PLAIN_HINT = "the server does not speak TLS (a plain-HTTP server? then use http:// or ws://)"
+_PLAIN_HINT = "the server does not speak TLS (a plain-HTTP server? then use http://)"
 
 
 def _as_is(text: str) -> str:

@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 
 import structlog
 
-from .. import __version__
+from .. import __version__, early_signals
 from ..config import Settings
 from ..config.settings import STOP_GRACE_S, fleet_handover_s
 from ..core import protocol
@@ -49,9 +49,7 @@ from .stream import StreamRunner, StreamState
 
 log = structlog.get_logger(__name__)
 
-# SIGHUP too: a hang-up must not kill us undrained (exit 129 looks clean to systemd); it drains
-# and exits 1, so Restart=on-failure starts us again with the config re-read.
-SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+SIGNALS = early_signals.SIGNALS  # SIGHUP too: see there
 _MOVES = ("fleet-release-", "fleet-lose-")  # the names of the fleet's handover tasks
 
 SHOWN_STATUS_CHARS = 500  # of a stream's last close or wait, in /readyz, STATUS= and `status`
@@ -466,11 +464,13 @@ class Daemon:
             exit_code=self.exit_code,
         )
 
-    def status_line(self) -> str:
+    def status_line(self, stored: dict[str, str] | None = None) -> str:
+        """Per stream: its state, offset and what it waits for; ``stored``: the checkpoints on
+        disk, the offset of a stream that has done nothing yet in this run."""
         parts = []
         for name, runner in self.runners.items():
             done = self.pipelines[name].position
-            offset = done.offset if done else "-"
+            offset = done.offset if done else (stored or {}).get(name, "-")
             waiting = for_a_person(runner.waiting_for())
             parts.append(
                 f"{name}: {runner.state.value}, offset {offset}"
@@ -482,8 +482,9 @@ class Daemon:
         """READY=1 once local set-up is done (never waiting for OHIP: an outage must not
         become a restart loop); then STATUS= and, under WatchdogSec=, WATCHDOG=1 from this
         loop, so a blocked loop gets the process restarted."""
-        systemd.notify("READY=1", f"STATUS={self.status_line()}")
         period = systemd.watchdog_period()
+        stored = await self._stored_offsets(period)
+        systemd.notify("READY=1", f"STATUS={self.status_line(stored)}")
         while True:
             await asyncio.sleep(period or 5.0)
             # Local health only (the upstream being down is no reason to restart): this loop
@@ -492,8 +493,19 @@ class Daemon:
             healthy = busy is None or time.monotonic() - busy < 60.0
             beats = ["WATCHDOG=1"] if period and healthy else []
             # Still beating while we drain (a drain may outlast WatchdogSec), saying so.
-            status = f"draining: {self.status_line()}" if self._closed else self.status_line()
-            systemd.notify(*beats, f"STATUS={status}")
+            line = self.status_line(await self._stored_offsets(period))
+            systemd.notify(*beats, f"STATUS={'draining: ' if self._closed else ''}{line}")
+
+    async def _stored_offsets(self, period: float | None) -> dict[str, str]:
+        """The checkpoints on disk while a stream has done nothing in this run (connecting,
+        waiting for a token): where it resumes, as ``status`` shows it, not "-"."""
+        if all(p.position is not None for p in self.pipelines.values()):
+            return {}
+        try:  # a status line: never holding up the watchdog's beat for long
+            async with asyncio.timeout(min(1.0, (period or 2.0) / 2)):
+                return {c.stream: printable(c.offset, 40) for c in await self.store.checkpoints()}
+        except (StoreError, TimeoutError):  # the committer reports the store's troubles
+            return {}
 
     async def _prune_forever(self) -> None:
         st = self.settings.state
@@ -545,6 +557,8 @@ async def run(settings: Settings) -> int:
 
     for sig in SIGNALS:
         loop.add_signal_handler(sig, on_signal, sig)
+    if (noted := early_signals.take()) is not None:  # one before this loop handled them
+        on_signal(noted)
     try:
         daemon = await Daemon.create(settings)
     finally:

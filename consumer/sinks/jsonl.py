@@ -50,7 +50,7 @@ log = structlog.get_logger(__name__)
 
 ADOPT_HINT = (
     "move the file aside (the stream then replays into a new one), or run "
-    "`opera-consumer sink adopt` to record its current length as committed"
+    "`opera-consumer sink adopt --execute` to record its current length as committed"
 )
 _IOV_MAX = max(16, os.sysconf("SC_IOV_MAX"))  # buffers per pwritev call (-1: no limit said)
 _RETAIN_EVERY_S = 3600.0  # keep_days: looked at again this often even without a rotation

@@ -155,7 +155,7 @@ def test_an_unexpected_error_is_one_line_and_exit_70(
     traceback goes to the log, through the redactor."""
     from log_capture import captured_logs
 
-    from consumer import cli as cli_module
+    from consumer import config
     from consumer.logs import REDACTOR
 
     secret = "internal-S3cret-0001"
@@ -164,7 +164,7 @@ def test_an_unexpected_error_is_one_line_and_exit_70(
     def broken(path: Path | None) -> None:
         raise RuntimeError(f"a bug holding {secret}\nand a second line")
 
-    monkeypatch.setattr(cli_module, "load_settings", broken)
+    monkeypatch.setattr(config, "load_settings", broken)  # the command line imports it late
     with captured_logs() as log:
         assert main(["check-config"]) == 70
     out, err = capsys.readouterr()

@@ -106,6 +106,7 @@ async def test_tls_to_a_plain_server_is_a_tls_error(client: str, handle: Handler
         exc = await CLIENTS[client](f"{client}s://127.0.0.1:{port}/")
     said = reason(exc)
     assert said.startswith("TLS error: ") and "plain-HTTP server?" in said, said
+    assert "then use http://)" in said  # not ws://: gateway_url takes http(s):// only
 
 
 async def test_a_name_that_does_not_resolve_is_a_dns_failure() -> None:

@@ -5,6 +5,8 @@ another, and wire text with terminal escapes written raw to a terminal."""
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
 
 import aiohttp
@@ -18,6 +20,7 @@ from consumer.logs import (
     REDACTOR,
     TOKEN_GRACE_S,
     Redactor,
+    configure,
     json_escaped_forms,
 )
 from consumer.runtime.auth import TokenProvider
@@ -144,3 +147,30 @@ def test_the_process_redactor_is_the_one_configured() -> None:
     with captured_logs("console") as out:
         structlog.get_logger("t").warning("x", value="process-wide-secret-7")
     assert "process-wide-secret-7" not in out.getvalue() and MASK in out.getvalue()
+
+
+def test_console_lines_have_colours_on_a_terminal_only() -> None:
+    """The demo logs `format = "console"` to a file: it was full of colour escapes. A file
+    (here a buffer) gets none; a terminal (a real pseudo-terminal) still gets them."""
+    with captured_logs("console") as out:
+        structlog.get_logger("t").warning("to a file", n=3)
+    assert "to a file" in out.getvalue() and "\x1b" not in out.getvalue(), out.getvalue()
+
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    reader, writer = os.openpty()
+    try:
+        with os.fdopen(writer, "w", closefd=False) as tty:
+            configure("debug", "console", stream=tty)
+            structlog.configure(cache_logger_on_first_use=False)
+            structlog.get_logger("t").warning("to a terminal", n=3)
+            tty.flush()
+        shown = os.read(reader, 65536).decode(errors="replace")
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        structlog.configure(**saved)
+        os.close(reader)
+        os.close(writer)
+    assert "to a terminal" in shown and re.search(r"\x1b\[[0-9;]*m", shown), shown

@@ -10,9 +10,10 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
-from support import toml_config
+from support import spawn_daemon, tail, toml_config, wait_exit, wait_until
 
 # The daemon as `opera-consumer run` starts it, with its start-up made to take a signal
 # midway (Daemon.create is where a slow lease, store or sink keeps it).
@@ -51,3 +52,55 @@ async def test_a_signal_while_starting_stops_it_once_started(
     assert done.returncode == status, (done.returncode, done.stderr[-2000:])
     assert "signal received while starting" in done.stdout + done.stderr
     assert done.returncode != -getattr(signal, sig)
+
+
+# The real command line. A signal can be obeyed from the moment a handler exists: /proc says
+# when (SigCgt). One sent sooner, while the interpreter itself starts (a few tens of ms, before
+# any of our code runs), takes the default action whatever a program does, so "right after
+# spawn" is no test of ours; these are the earliest points that are.
+PROC = Path("/proc/self/status")
+
+
+def caught(pid: int, sig: signal.Signals) -> bool:
+    """Whether the process has a handler for ``sig`` (its SigCgt mask, in /proc)."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = next((line.split()[1] for line in text.splitlines() if line.startswith("SigCgt:")), "0")
+    return bool(int(mask, 16) >> (sig - 1) & 1)
+
+
+def loading(pid: int) -> bool:
+    """Whether the process is loading the configuration's dependencies (pydantic's compiled
+    core mapped), long before its event loop runs."""
+    try:
+        return "pydantic_core" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not PROC.exists(), reason="needs /proc (Linux) to see when a handler exists")
+@pytest.mark.parametrize("when", ["handler installed", "dependencies loading"])
+@pytest.mark.parametrize(
+    ("sig", "status"), [(signal.SIGTERM, 0), (signal.SIGHUP, 1)], ids=["SIGTERM", "SIGHUP"]
+)
+async def test_a_signal_as_the_command_starts_stops_it_once_started(
+    sandbox_factory: Any, tmp_path: Path, sig: signal.Signals, status: int, when: str
+) -> None:
+    gw = await sandbox_factory(backlog=5)
+    config = toml_config(tmp_path, gw.url)
+    log = tmp_path / "daemon.log"
+    proc = spawn_daemon(config, log)
+    try:
+
+        def now() -> bool:
+            return caught(proc.pid, sig) if when == "handler installed" else loading(proc.pid)
+
+        await wait_until(lambda: now() or proc.poll() is not None, interval=0.001)
+        assert proc.poll() is None, tail(log)
+        proc.send_signal(sig)
+        assert await wait_exit(proc) == status, tail(log)
+    finally:
+        proc.kill()
+    assert "signal received while starting" in log.read_text(errors="replace"), tail(log)
