@@ -18,6 +18,15 @@ DEFAULT_PORT = 5432
 _MAX_MESSAGE = 300  # of a server's error text in our messages (it may quote event data)
 _SCHEMES = ("postgresql", "postgres")
 UNKNOWN_SERVER = "(server not shown: the DSN does not parse)"
+# What :meth:`Target.unparsable` says, in two parts (the settings name the key themselves).
+UNPARSABLE = (
+    "it cannot be parsed as postgresql://user:password@host:port/database (the driver's "
+    "message is not shown: it may quote the password)"
+)
+UNPARSABLE_FIX = (
+    "percent-encode any # / ? @ : in the user name and password (%23 %2F %3F %40 %3A), and "
+    "check the port and query parameters"
+)
 
 
 class UnparsableDsn(ValueError):
@@ -74,12 +83,7 @@ class Target:
     def unparsable(key: str) -> str:
         """What to say of a DSN the driver cannot parse (never the driver's own words: they
         may quote a piece of the password)."""
-        return (
-            f"invalid {key}: it cannot be parsed as postgresql://user:password@host:port/database"
-            " (the driver's message is not shown: it may quote the password): percent-encode"
-            " any # / ? @ : in the user name and password (%23 %2F %3F %40 %3A), and check the"
-            " port and query parameters"
-        )
+        return f"invalid {key}: {UNPARSABLE}: {UNPARSABLE_FIX}"
 
     def scrub(self, text: str) -> str:
         for secret in sorted(self.secrets, key=len, reverse=True):

@@ -18,6 +18,7 @@ from typing import Any
 
 from ..config import Settings
 from ..core.printable import printable
+from ..state.sqlite import store_error
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -77,7 +78,12 @@ def parse_when(text: str, *, now: float | None = None) -> float:
 def no_store(settings: Settings) -> bool:
     """True (and says so) when the daemon has never created its SQLite state store. (A
     PostgreSQL one is opened without creating it; a missing schema is reported there.)"""
-    if settings.state.backend != "sqlite" or settings.state.path.exists():
+    if settings.state.backend != "sqlite":
         return False
+    try:
+        if settings.state.path.exists():
+            return False
+    except OSError as exc:  # a directory this user cannot enter: name it and the fix
+        raise store_error(settings.state.path, exc) from None
     print(f"no state store at {settings.state.path} yet: the daemon has not run", file=sys.stderr)
     return True

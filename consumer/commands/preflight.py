@@ -50,13 +50,14 @@ from ..core.session import (
     SessionState,
 )
 from ..core.unreachable import reason
-from ..errors import AuthError, ConfigError, SinkError, StoreError
+from ..errors import AuthError, ConfigError, SinkError, SinkUnusable, StoreError
 from ..logs import REDACTOR
 from ..pg_target import Target
 from ..runtime import tls
 from ..runtime.assembly import bus_sink, http_client, register_secrets
 from ..runtime.auth import TokenProvider
 from ..runtime.origin import redirected_to
+from ..sinks.jsonl import JsonlSink
 from ..state import sqlite
 
 HEADER_LIMIT = 8 * 1024  # the gateway's request header limit
@@ -213,14 +214,19 @@ async def _answer(ws: ClientConnection, session: ClientSession) -> Outcome:
 
 async def _local(checks: _Checks, settings: Settings) -> None:
     add = checks.add
+    sink_state: str | _Unknown | None = _UNKNOWN  # the sink's committed position
     try:
         if settings.state.backend == "sqlite":
-            add(*_sqlite_file("state store", settings.state.path))
+            item = _sqlite_file("state store", settings.state.path)
+            add(*item)
+            if item[0] == "PASS":
+                sink_state = _sqlite_sink_state(settings.state.path, settings.sink.type)
         else:
-            add("PASS", "-", "state store", await _postgres_state(settings))
+            detail, sink_state = await _postgres_state(settings)
+            add("PASS", "-", "state store", detail)
     except StoreError as exc:
         add("FAIL", "-", "state store", str(exc))
-    await _sink(checks, settings)
+    await _sink(checks, settings, sink_state)
     m = settings.metrics
     if m.enabled:
         with socket.socket() as probe:
@@ -239,8 +245,11 @@ async def _local(checks: _Checks, settings: Settings) -> None:
 def _sqlite_file(what: str, path: Path) -> tuple[str, str, str, str]:
     """(level, "-", what, detail) for a SQLite file the daemon writes, looked at without
     creating or changing it (SQLite itself would create a missing file, or its -wal/-shm)."""
-    if not path.exists():
-        return _creatable(what, path)
+    try:
+        if not path.exists():
+            return _creatable(what, path)
+    except OSError as exc:  # a directory this user cannot enter: name it and the fix
+        return "FAIL", "-", what, f"{path}: {sqlite.access_fault(path) or exc.strerror}"
     try:
         uri = f"{path.resolve().as_uri()}?mode=ro&immutable=1"
         with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=5)) as db:
@@ -253,6 +262,31 @@ def _sqlite_file(what: str, path: Path) -> tuple[str, str, str, str]:
         fix = "make it and its directory writable by the daemon's user, or set another path"
         return "FAIL", "-", what, f"{path} is not writable: {fix}"
     return "PASS", "-", what, f"{path} writable"
+
+
+class _Unknown:
+    """The sink's committed position could not be read (the state store's line says why)."""
+
+
+_UNKNOWN = _Unknown()
+
+
+def _sqlite_sink_state(path: Path, sink: str) -> str | None:
+    """The sink's committed position in the SQLite store, read without changing it. Read
+    as immutable unless a -wal is there (a running or crashed daemon's commits may be in it
+    alone); read-only either way."""
+    if not path.exists():
+        return None
+    wal = path.with_name(path.name + "-wal").exists()
+    uri = f"{path.resolve().as_uri()}?mode=ro{'' if wal else '&immutable=1'}"
+    try:
+        with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=5)) as db:
+            if not int(db.execute("PRAGMA user_version").fetchone()[0]):
+                return None  # an empty file: no tables yet
+            row = db.execute("SELECT state FROM sink_state WHERE sink = ?", (sink,)).fetchone()
+    except sqlite3.Error as exc:
+        raise sqlite.store_error(path, exc) from None
+    return None if row is None else str(row[0])
 
 
 def _creatable(what: str, path: Path) -> tuple[str, str, str, str]:
@@ -277,6 +311,9 @@ class _RolledBack:
     async def acquire(self, **_: Any) -> AsyncIterator[Any]:  # timeout=: nothing to wait for
         yield self._conn
 
+    async def fetchval(self, *args: Any, **kwargs: Any) -> Any:  # the store's one-row reads
+        return await self._conn.fetchval(*args, **kwargs)
+
 
 @contextlib.asynccontextmanager
 async def _rolled_back(conn: Any) -> AsyncIterator[_RolledBack]:
@@ -288,7 +325,8 @@ async def _rolled_back(conn: Any) -> AsyncIterator[_RolledBack]:
         await tx.rollback()
 
 
-async def _postgres_state(settings: Settings) -> str:
+async def _postgres_state(settings: Settings) -> tuple[str, str | None]:
+    """What to say of the store, and the sink's committed position in it."""
     import asyncpg  # noqa: PLC0415  # an extra: only where PostgreSQL is configured
 
     from ..state import postgres  # noqa: PLC0415
@@ -302,16 +340,19 @@ async def _postgres_state(settings: Settings) -> str:
         raise postgres.store_error(target, st.schema_, exc, "connecting") from None
     try:
         async with _rolled_back(conn) as pool:
-            await postgres.PostgresStore(pool, target, st.schema_, st.timeout_s)._migrate(
-                create=True
-            )
+            store = postgres.PostgresStore(pool, target, st.schema_, st.timeout_s)
+            await store._migrate(create=True)
+            sink_state = await store.sink_state(settings.sink.type)
     finally:
         await conn.close(timeout=st.timeout_s)
-    return f"PostgreSQL {target.where} reachable, schema {st.schema_} ready or creatable"
+    return f"PostgreSQL {target.where} reachable, schema {st.schema_} ready or creatable", (
+        sink_state
+    )
 
 
-async def _sink(checks: _Checks, settings: Settings) -> None:
-    """What can be checked without delivering anything."""
+async def _sink(checks: _Checks, settings: Settings, committed: str | _Unknown | None) -> None:
+    """What can be checked without delivering anything. ``committed``: the sink's position
+    in the state store."""
     add = checks.add
     s = settings.sink
     if isinstance(s, SqliteSinkSettings):
@@ -321,12 +362,21 @@ async def _sink(checks: _Checks, settings: Settings) -> None:
             level, _, _, detail = _sqlite_file("sink", s.path)
             add(level, "-", "sink", f"sqlite: {detail}")
     elif isinstance(s, JsonlSinkSettings):
-        if not s.path.exists():
-            level, _, _, detail = _creatable("sink", s.path)
-        elif s.path.is_file() and os.access(s.path, os.W_OK):
-            level, detail = "PASS", f"{s.path} writable"
-        else:
-            level, detail = "FAIL", f"{s.path} is not a writable file"
+        try:
+            if not s.path.exists():
+                level, _, _, detail = _creatable("sink", s.path)
+            elif s.path.is_file() and os.access(s.path, os.W_OK):
+                level, detail = "PASS", f"{s.path} writable"
+            else:
+                level, detail = "FAIL", f"{s.path} is not a writable file"
+        except OSError as exc:  # a directory this user cannot enter
+            level, detail = "FAIL", f"{s.path}: {exc.strerror}: check sink.path"
+        if level != "FAIL" and not isinstance(committed, _Unknown):
+            # The sink's own start-up decisions (a file the state store has no length for...)
+            try:
+                await JsonlSink(s.path, rotation=s.rotation()).check(committed)
+            except SinkUnusable as exc:
+                level, detail = "FAIL", str(exc)
         add(level, "-", "sink", f"jsonl: {detail}")
     elif isinstance(s, PostgresSinkSettings):
         try:

@@ -46,6 +46,7 @@ from ..core.rotation import PatternError, Rotation, check_pattern, default_patte
 from ..core.subscribe_timing import SUBSCRIBE_MARGIN_S
 from ..core.templates import Template, TemplateError, check_key, check_stream_name, check_subject
 from ..errors import ConfigError, InvalidInput
+from ..pg_target import UNPARSABLE, UNPARSABLE_FIX, Target
 from .extras import missing_extras
 from .fields import (
     ABSOLUTE,
@@ -270,6 +271,14 @@ class StreamSettings(_Model):
         return self.auth.token_url or f"{self.gateway_url}/oauth/v1/tokens"
 
 
+def _parsable_dsn(v: SecretStr | None) -> SecretStr | None:
+    """A DSN the driver would misread is refused here, as ``run`` would refuse it (so
+    check-config and every command say so too), never quoting it."""
+    if v is not None and not Target(v.get_secret_value()).parsable:
+        raise Problem(("", UNPARSABLE, UNPARSABLE_FIX))
+    return v
+
+
 class StateSettings(_Model):
     # ``schema`` is a (deprecated) method of pydantic's BaseModel: the field is ``schema_``,
     # read and shown as ``schema``.
@@ -302,6 +311,8 @@ class StateSettings(_Model):
     pool_min: int = Field(default=1, ge=1)
     pool_max: int = Field(default=4, ge=1)
     timeout_s: float = Field(default=10.0, gt=0)  # connect, and each statement
+
+    _dsn = field_validator("dsn")(_parsable_dsn)
 
     @field_validator("schema_")
     @classmethod
@@ -544,6 +555,7 @@ class PostgresSinkSettings(_Model):
     timeout_s: float = Field(default=10.0, gt=0)
 
     _table = field_validator("table")(_identifier)
+    _dsn = field_validator("dsn")(_parsable_dsn)
 
 
 class PythonSinkSettings(_Model):

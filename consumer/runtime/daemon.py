@@ -36,7 +36,7 @@ from ..logs import REDACTOR
 from ..sinks.base import Sink
 from ..state import lease, open_store
 from ..state.base import StateStore
-from . import systemd
+from . import store_wait, systemd
 from .assembly import build_sink, http_client, open_sink, register_secrets
 from .auth import TokenProvider
 from .committer import Committer
@@ -548,19 +548,25 @@ async def run(settings: Settings) -> int:
     # SIGHUP. Noted, and obeyed once started: the daemon then stops at once.
     loop = asyncio.get_running_loop()
     early: list[signal.Signals] = []
+    stopping = asyncio.Event()  # ends a wait for the state store at once
 
     def on_signal(sig: signal.Signals) -> None:
         if early:
             _exit_now(sig)
         log.info("signal received while starting: stopping once started", signal=sig.name)
         early.append(sig)
+        stopping.set()
 
     for sig in SIGNALS:
         loop.add_signal_handler(sig, on_signal, sig)
     if (noted := early_signals.take()) is not None:  # one before this loop handled them
         on_signal(noted)
     try:
-        daemon = await Daemon.create(settings)
+        daemon = await store_wait.when_reachable(
+            settings, lambda: Daemon.create(settings), stopping
+        )
+    except store_wait.Stopped:  # nothing started, nothing to drain
+        return ExitCode.RUNTIME if early[0] == signal.SIGHUP else ExitCode.OK
     finally:
         for sig in SIGNALS:
             loop.remove_signal_handler(sig)

@@ -106,6 +106,7 @@ class JsonlSink:
         self._retaining: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._io = threading.Lock()  # one sync's file work at a time, even after a cancel
+        self._dry = False  # check(): open's decisions only, nothing created, cut or removed
 
     @property
     def current(self) -> Path:
@@ -124,8 +125,16 @@ class JsonlSink:
                 "whose directory the daemon's user may create and write to"
             ) from None
 
+    async def check(self, committed: str | None) -> None:
+        """What :meth:`open` would refuse (:class:`SinkUnusable`), deciding as it does but
+        changing nothing: no file or directory created, cut or removed (for preflight). The
+        sink is not usable afterwards."""
+        self._dry = True
+        await self.open(committed)
+
     async def _open(self, committed: str | None) -> None:
-        self._dir.mkdir(parents=True, exist_ok=True)
+        if not self._dry:
+            self._dir.mkdir(parents=True, exist_ok=True)
         c = _parse(committed, self.path)
         if self._rotation is None:
             if c is not None and c.file is not None and c.file != self.path.name:
@@ -141,7 +150,7 @@ class JsonlSink:
         self._files = [head]
         self._tail = head
         self._next_seq = max(self._next_seq, head.seq + 1)
-        if self._rotation is not None and self._rotation.retains:
+        if self._rotation is not None and self._rotation.retains and not self._dry:
             self._retain(self._clock(), head.seq)
 
     def _open_rotated(self, rot: Rotation, c: _Committed | None) -> _File:
@@ -183,12 +192,12 @@ class JsonlSink:
                 f"{ADOPT_HINT}"
             )
         newer = sorted(((s, n) for s, n in ours if s > c.seq and n != c.file), reverse=True)
-        for _, name in newer:
+        for _, name in [] if self._dry else newer:
             # Numbered after the committed file: created after the last commit.
             size = _size(self._dir / name)
             os.unlink(self._dir / name)
             log.info("removed uncommitted rotated jsonl file", file=name, bytes=size)
-        if newer and self._fsync:
+        if newer and self._fsync and not self._dry:
             _fsync_dir(self._dir)
         self._committed_seq = c.seq
         started = c.started if c.started is not None else rot.started_at(now)
@@ -196,6 +205,8 @@ class JsonlSink:
 
     def _open_file(self, name: str, seq: int, started: int, committed: int | None) -> _File:
         path = self._dir / name
+        if self._dry:
+            return _File(name, seq, started, self._committed_length(path, committed, _size(path)))
         created = False
         try:
             # O_NOFOLLOW: never cut the target of a link someone put there

@@ -66,6 +66,8 @@ def holder(state_path: Path) -> dict[str, Any] | None:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
+    except OSError as exc:  # e.g. a directory this user cannot enter: name it and the fix
+        raise store_error(state_path, exc) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)

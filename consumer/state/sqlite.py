@@ -527,6 +527,11 @@ _TRANSIENT_SQLITE = ("locked", "busy", "disk i/o error", "database or disk is fu
 def store_error(path: Path, exc: sqlite3.Error | OSError) -> StoreError:
     """One line naming the path, what is wrong and the fix, for a failure to use the store."""
     text = str(exc).lower()
+    # Permissions: name the directory or file actually at fault, when one is.
+    denied = isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM)
+    denied |= any(word in text for word in ("readonly", "read-only", "unable to open"))
+    if denied and (fault := access_fault(path)) is not None:
+        return StoreError(f"state store {path}: {fault}")
     if isinstance(exc, OSError):
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             return StoreError(
@@ -560,3 +565,33 @@ def store_error(path: Path, exc: sqlite3.Error | OSError) -> StoreError:
             "configured start, and a jsonl sink file must be adopted or moved too)"
         )
     return StoreError(f"state store {path}: {exc}")
+
+
+def access_fault(path: Path) -> str | None:
+    """What keeps this process's user out of the SQLite file ``path``: the directory it
+    cannot enter or write, or the file (or its -wal, -shm, .lock) it cannot read and write,
+    and the fix; None when nothing does (now)."""
+    user = f"the daemon's user (uid {os.geteuid()})"
+    folder = path.absolute().parent
+    for d in (*reversed(folder.parents), folder):
+        if not os.path.isdir(d):  # created at the first start: its parent must let us
+            if not os.access(d.parent, os.W_OK | os.X_OK, effective_ids=True):
+                return f"cannot create directory {d}: make {d.parent} writable by {user}"
+            return None
+        if not os.access(d, os.X_OK, effective_ids=True):
+            return (
+                f"cannot enter directory {d}: let {user} search it (chmod/chown), or set "
+                "[state] path elsewhere"
+            )
+    for f in (path, *(path.with_name(path.name + end) for end in ("-wal", "-shm", ".lock"))):
+        if f.exists() and not os.access(f, os.R_OK | os.W_OK, effective_ids=True):
+            return (
+                f"{'it' if f == path else f} is not readable and writable by {user}: chown it "
+                "to that user, or set [state] path elsewhere"
+            )
+    if not os.access(folder, os.W_OK, effective_ids=True):
+        return (
+            f"cannot create files in directory {folder} (SQLite keeps its -wal and -shm files "
+            f"beside the store): make it writable by {user}, or set [state] path elsewhere"
+        )
+    return None

@@ -11,6 +11,7 @@ others in-process (tests/operator_support.py ``cli``), against the sandbox gatew
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from operator_support import cli
 from support import cli as process
 
 from consumer.config import load_settings, secret_values
+from consumer.errors import ConfigError
 from consumer.pg_target import UNKNOWN_SERVER, Target, UnparsableDsn
 from consumer.sandbox import launcher
 
@@ -81,7 +83,11 @@ def test_a_dsn_the_driver_reads_as_we_do_is_passed_on() -> None:
 
 
 @pytest.mark.parametrize("case", ["hash", "all"])
-def test_the_redactor_knows_the_password_by_the_last_at(tmp_path: Path, case: str) -> None:
+def test_the_settings_refuse_it_and_the_redactor_knows_the_password(
+    tmp_path: Path, case: str
+) -> None:
+    """Refused by the settings now (their message never quotes it); the redactor still knows
+    a password by the last '@' (Target.secrets), for a DSN that parses."""
     password, dsn = DSNS[case]
     for table in (
         f'[state]\nbackend = "postgres"\ndsn = "{dsn}"\n',
@@ -89,8 +95,19 @@ def test_the_redactor_knows_the_password_by_the_last_at(tmp_path: Path, case: st
     ):
         config = tmp_path / "config.toml"
         config.write_text(launcher.stream_config("http://127.0.0.1:9") + table)
-        values = set(secret_values(load_settings(config)))
-        assert {dsn, password, quote(password, safe="")} <= values
+        with pytest.raises(ConfigError) as refused:
+            load_settings(config)
+        assert "percent-encode" in str(refused.value)
+        assert_kept(str(refused.value), password)
+    encoded = f"postgresql://app:{quote(password, safe='')}@{SERVER}"
+    config = tmp_path / "config.toml"
+    config.write_text(
+        launcher.stream_config("http://127.0.0.1:9")
+        + f'[state]\nbackend = "postgres"\ndsn = "{encoded}"\n'
+    )
+    assert {encoded, password, quote(password, safe="")} <= set(
+        secret_values(load_settings(config))
+    )
 
 
 def config(tmp_path: Path, url: str, dsn: str, where: str) -> Path:
@@ -122,7 +139,7 @@ async def test_the_commands_name_the_key_and_never_a_piece_of_the_password(
     """``where``: the DSN is the state store's ("state") or the PostgreSQL sink's ("sink")."""
     case, where = scenario
     password, dsn = DSNS[case]
-    key = "[state] dsn" if where == "state" else "sink.dsn"
+    key = "state.dsn" if where == "state" else "sink.dsn"  # the settings refuse it
     gw = await sandbox_factory(backlog=3)
     path = config(tmp_path, gw.url, dsn, where)
     ran = await asyncio.to_thread(process, "run", "--config", str(path))
@@ -138,3 +155,29 @@ async def test_the_commands_name_the_key_and_never_a_piece_of_the_password(
         if where == "state" or command == ["preflight"]:  # status and dlq never open the sink
             assert code != 0, (command, out, err)
             assert key in out + err, (command, out, err)
+
+
+@pytest.mark.parametrize(
+    "scenario", [(c, w) for c in DSNS for w in ("state", "sink")], ids="-".join
+)
+def test_check_config_refuses_a_dsn_the_driver_would_misread(
+    tmp_path: Path, scenario: tuple[str, str]
+) -> None:
+    """check-config said "configuration OK" (exit 0) for what ``run`` refuses with 78: the
+    settings check the DSN as the state store and the sink do, from the file or the
+    environment, naming the key and never a piece of the password."""
+    case, where = scenario
+    password, dsn = DSNS[case]
+    from_file = config(tmp_path, "http://127.0.0.1:9", dsn, where)
+    variable = "OPERA_CONSUMER_STATE__DSN" if where == "state" else "OPERA_CONSUMER_SINK__DSN"
+    good = f"postgresql://app:{quote(password, safe='')}@{SERVER}"
+    (tmp_path / "env").mkdir()
+    from_env = config(tmp_path / "env", "http://127.0.0.1:9", good, where)
+    for path, env in ((from_file, None), (from_env, {**os.environ, variable: dsn})):
+        result = process("check-config", "--config", str(path), env=env)
+        assert result.returncode == 78, result.stderr
+        assert f"{where}.dsn" in result.stderr and "percent-encode" in result.stderr
+        assert "Traceback" not in result.stderr
+        assert_kept(result.stdout + result.stderr, password)
+    accepted = process("check-config", "--config", str(from_env))  # percent-encoded: fine
+    assert accepted.returncode == 0, accepted.stderr

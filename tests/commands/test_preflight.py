@@ -270,3 +270,80 @@ def test_a_servers_words_are_one_bounded_line_without_controls():
     shown = "Active\\n\\x1b[2J\\x9b\\u202e" + "x" * (DETAIL_LIMIT - len(said)) + "…"
     assert item.detail == shown and shown.isprintable()
     assert not checks.failed
+
+
+def run_once(config: Path) -> subprocess.CompletedProcess[str]:
+    """``run`` as a process; here it refuses to start, so it ends by itself."""
+    return subprocess.run(
+        [sys.executable, "-m", "consumer", "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def adopt(config: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "consumer", "sink", "adopt", "--execute", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+NO_LENGTH = "holds 10 bytes, but the state store has no committed length for it"
+
+
+async def test_a_jsonl_file_the_state_store_has_no_length_for_fails_as_run_refuses_it(
+    sandbox_factory, tmp_path: Path
+):
+    """preflight said PASS where run refused (exit 78): a new state store beside a non-empty
+    events.jsonl. It asks the sink itself now, and FAILs with run's words and fix."""
+    gw = await sandbox_factory(backlog=5)
+    config = toml_config(tmp_path, gw.url)
+    (tmp_path / "events.jsonl").write_text('{"old":1}\n')
+    before = tree(tmp_path)
+    done = await asyncio.to_thread(preflight, config)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert levels(done.stdout)["sink"] == "FAIL", done.stdout
+    assert NO_LENGTH in done.stdout and "sink adopt" in done.stdout
+    assert tree(tmp_path) == before  # nothing created, nothing cut
+    ran = await asyncio.to_thread(run_once, config)
+    assert ran.returncode == 78, ran.stderr
+    assert NO_LENGTH in ran.stderr and "sink adopt" in ran.stderr
+    # The store run created has no length either; once adopted, both go on.
+    done = await asyncio.to_thread(preflight, config)
+    assert levels(done.stdout)["sink"] == "FAIL", done.stdout
+    await asyncio.to_thread(adopt, config)
+    done = await asyncio.to_thread(preflight, config)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert levels(done.stdout)["sink"] == "PASS", done.stdout
+
+
+async def test_the_jsonl_length_is_read_from_a_postgres_state_store(
+    sandbox_factory, tmp_path: Path, postgres_server
+):
+    """The same with the PostgreSQL state store: its committed length is read in the
+    rolled-back transaction."""
+    gw = await sandbox_factory(backlog=5)
+    dsn = postgres_server.dsn()
+    config = toml_config(tmp_path, gw.url)
+    text = config.read_text().replace(
+        f'path = "{tmp_path / "state.db"}"',
+        f'backend = "postgres"\ndsn = "{dsn}"\nschema = "preflight_jsonl"',
+    )
+    config.write_text(text.replace("commit_max_events = 500\n", ""))
+    (tmp_path / "events.jsonl").write_text('{"old":1}\n')
+    try:
+        done = await asyncio.to_thread(preflight, config)
+        assert levels(done.stdout).get("sink") == "FAIL", done.stdout + done.stderr
+        assert NO_LENGTH in done.stdout
+        await asyncio.to_thread(adopt, config)
+        done = await asyncio.to_thread(preflight, config)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert levels(done.stdout)["state store"] == levels(done.stdout)["sink"] == "PASS"
+    finally:
+        await sql(dsn, "execute", "DROP SCHEMA IF EXISTS preflight_jsonl CASCADE")

@@ -242,11 +242,11 @@ def test_secret_values_of_the_bearer_basic_and_postgres_sinks(tmp_path: Path) ->
     pg = toml(sink=f'type = "postgres"\ndsn = "{dsn}"')
     values = secret_values(load_settings(write(tmp_path, pg)))
     assert {dsn, DSN_PASSWORD, enc(DSN_PASSWORD), "sslpw-H0stile"} <= set(values)
+    # A key=value DSN: asyncpg takes URLs only, so the settings refuse it, never quoting it.
     kv = "host=db user=app password='kv pw H0stile'"
-    values = secret_values(
+    with pytest.raises(ConfigError) as refused:
         load_settings(write(tmp_path, toml(sink=f'type = "postgres"\ndsn = "{kv}"')))
-    )
-    assert {kv, "kv pw H0stile"} <= set(values)
+    assert "sink.dsn" in str(refused.value) and "H0stile" not in str(refused.value)
 
 
 def test_url_secret_values_of_a_lone_user_name() -> None:

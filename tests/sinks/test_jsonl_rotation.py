@@ -314,6 +314,26 @@ async def test_the_restart_deletes_exactly_the_files_after_the_committed_one(
     assert ids(path, rot) == truth(30)
 
 
+def sizes(folder: Path) -> dict[str, int]:
+    return {f.name: f.stat().st_size for f in folder.iterdir()}
+
+
+async def test_check_decides_as_open_does_and_changes_nothing(tmp_path: Path) -> None:
+    """preflight's question (``check``): what open would refuse, with no file cut, removed
+    or created; open then does it all."""
+    path, rot, store = tmp_path / "events.jsonl", rotation(), Store()
+    assert not await crashed_run(path, rot, store, None)  # files after the committed one
+    before = sizes(tmp_path)
+    await JsonlSink(path, rotation=rot, clock=Clock()).check(store.position)
+    with pytest.raises(SinkUnusable, match="sink adopt"):  # as open(None) would
+        await JsonlSink(path, rotation=rot, clock=Clock()).check(None)
+    assert sizes(tmp_path) == before
+    sink = JsonlSink(path, rotation=rot, clock=Clock())
+    await sink.open(store.position)
+    await sink.close()
+    assert sizes(tmp_path) != before
+
+
 async def test_a_crash_during_the_recovery_is_recovered_from_too(tmp_path: Path) -> None:
     rot = rotation()
     steps = 0
