@@ -565,16 +565,19 @@ async def run(settings: Settings) -> int:
         daemon = await store_wait.when_reachable(
             settings, lambda: Daemon.create(settings), stopping
         )
-    except store_wait.Stopped:  # nothing started, nothing to drain
-        return ExitCode.RUNTIME if early[0] == signal.SIGHUP else ExitCode.OK
-    finally:
+    except BaseException as exc:
         for sig in SIGNALS:
             loop.remove_signal_handler(sig)
+        if isinstance(exc, store_wait.Stopped):  # nothing started, nothing to drain
+            return ExitCode.RUNTIME if early[0] == signal.SIGHUP else ExitCode.OK
+        raise
     if early:
         if early[0] == signal.SIGHUP:
             daemon.exit_code = ExitCode.RUNTIME
         daemon.request_stop()
     tune_gc()
+    # Our handlers stay until Daemon.run replaces them (no await between): a signal in
+    # between is delivered to its handler, never to the default action that would kill us.
     return await daemon.run()
 
 
