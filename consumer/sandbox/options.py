@@ -85,6 +85,9 @@ class SandboxStats:
     max_deferred_pongs: int = 0
     completes_received: int = 0
     subscribes: list[dict[str, Any]] = field(default_factory=list)  # parsed inputs, in order
+    # The log index each subscribe without an offset (nor highest) started at: the gateway's
+    # own position, where the chain's last stream stopped sending.
+    position_starts: list[int] = field(default_factory=list)
     close_codes_sent: list[int] = field(default_factory=list)
     # Why 4409s were sent: another live session holds the chain's subscription; the hold after
     # a subscriber dropped without complete (stale_hold_s); a second subscribe on a session.

@@ -219,6 +219,12 @@ class SandboxGateway:
                 session.close(code, reason)
         await asyncio.sleep(0)
 
+    def unsent_bytes(self) -> int:
+        """Bytes of frames the WebSocket sessions have written (their events counted as sent,
+        and as the chain's position) that still wait in the sandbox's own buffers because the
+        peer is not reading: a drop (``disconnect_all(None)``) loses them."""
+        return sum(s.unsent_bytes() for s in self._subscriptions.sessions)
+
     def silence_connections(self) -> None:
         """Current connections go quiet, TCP still open: no events, no pongs (a half-open
         link as the client sees it). New connections are served normally."""

@@ -153,6 +153,10 @@ class WsSession:
         if self._sender is not None:
             self._sender.cancel()
 
+    def unsent_bytes(self) -> int:
+        """What the transport holds, not yet taken by the kernel (whose buffers are full)."""
+        return self._writer.transport.get_write_buffer_size()
+
     def drop(self) -> None:
         """Drop the TCP connection, without a close frame."""
         self._writer.transport.abort()
@@ -289,6 +293,7 @@ class WsSession:
         offset = args.get("offset")
         if offset is None and not highest:
             start = ctx.subscriptions.resume_index(chain)
+            ctx.stats.position_starts.append(start)
         else:
             start = log.start_index(offset if isinstance(offset, str) else None, highest=highest)
             if offset is not None:

@@ -134,6 +134,13 @@ async def test_no_fault_loses_or_duplicates_an_event(sandbox_factory, tmp_path: 
     assert all(d.reason == "malformed" and d.error for d in letters)
     assert any("exceeds max_frame_bytes" in d.error for d in letters)  # oversized, dead-lettered
 
+    # Where the sessions resumed: at the gateway's own position only while nothing was sent
+    # (the first, no checkpoint yet); every later one (reconnects, rotations, restarts) at an
+    # offset the consumer had finished, never where the gateway had got to (after a drop,
+    # past frames lost on the way).
+    assert gw.stats.position_starts and set(gw.stats.position_starts) == {0}
+    assert len(gw.stats.subscribes) > KILLS + 1  # in-process reconnects too
+
     # the faults really happened (those whose timing the test controls)
     assert gw.stats.chaos_drops >= 1
     assert {1000, 1001, 4500, 4504} & set(gw.stats.close_codes_sent)

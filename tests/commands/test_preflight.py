@@ -7,7 +7,6 @@ import contextlib
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -150,15 +149,14 @@ async def test_a_refused_port_fails_at_once_naming_the_url(tmp_path: Path):
     """Issue #13: a wrong port made preflight retry for 1 min 33 s without naming the URL."""
     port = refused_port()
     config = toml_config(tmp_path, f"http://127.0.0.1:{port}")
-    started = time.monotonic()
     done = await asyncio.to_thread(preflight, config)
-    took = time.monotonic() - started
     assert done.returncode == 1, done.stdout + done.stderr
     assert levels(done.stdout)["token"] == "FAIL"
     token = next(line for line in done.stdout.splitlines() if line[19:37].strip() == "token")
     assert f"http://127.0.0.1:{port}/oauth/v1/tokens" in token and "connection refused" in token
     assert "Traceback" not in done.stderr
-    assert took < 10, f"{took:.1f} s: one attempt, no retry loop"  # the issue's bound
+    # One attempt, no retry loop (a retry logs this before each wait; the daemon retries).
+    assert "token request failed; retrying" not in done.stderr, done.stderr
 
 
 @contextlib.asynccontextmanager

@@ -14,6 +14,7 @@ from support import (
     committed,
     count_lines,
     make_settings,
+    newest_offset,
     read_sink,
     running,
     sink_ids,
@@ -26,6 +27,7 @@ from consumer.core.events import Event
 from consumer.core.records import Staged
 from consumer.errors import ExitCode, PermanentSinkError, TransientSinkError
 from consumer.runtime.daemon import Daemon
+from consumer.runtime.pipeline import StreamPipeline
 from consumer.sinks.jsonl import JsonlSink
 from consumer.state import SqliteStore as Store
 
@@ -142,38 +144,86 @@ async def test_second_consumer_gets_4409_and_the_first_keeps_running(
 
 
 async def test_token_rotation_completes_and_resumes_without_gap(sandbox_factory, tmp_path: Path):
-    # 3 s tokens: the session is rotated (complete, server close, new token) half-way.
+    """3 s tokens: the session is rotated (complete, server close, new token) every few
+    seconds, and each new session resumes at the last event finished (inclusive). Events
+    are added before each rotation and finished before it begins, so that position is
+    known."""
     # stale_hold_s: a session that ended without `complete` would lock the stream (4409).
-    gw = await sandbox_factory(backlog=10, token_ttl_s=3.0, rate=40.0, stale_hold_s=30.0)
+    gw = await sandbox_factory(backlog=10, token_ttl_s=3.0, stale_hold_s=30.0)
     settings = make_settings(tmp_path, gw.url)
     async with running(settings) as daemon:
-        await wait_until(lambda: gw.stats.completes_received >= 2, timeout=60)
+        pipeline = daemon.pipelines["main"]
+        for _ in range(2):
+            gw.append("DEMO", 20)
+            newest = newest_offset(gw)
+            # All finished, and each rotation so far has its new subscribe (none is between
+            # its complete and its subscribe): the next subscribe is made after this point.
+            await wait_until(
+                lambda n=newest: (
+                    done_offset(pipeline) == n
+                    and len(gw.stats.subscribes) == gw.stats.completes_received + 1
+                ),
+                timeout=60,
+            )
+            seen = len(gw.stats.subscribes)
+            await wait_until(lambda n=seen: len(gw.stats.subscribes) > n, timeout=60)
+            assert gw.stats.subscribes[seen].get("offset") == newest
+        assert gw.stats.completes_received >= 2
         assert daemon.runners["main"]._tokens.fetches >= 2
     assert 4401 not in gw.stats.close_codes_sent  # rotated before the server had to refuse
     assert 4409 not in gw.stats.close_codes_sent  # and always completed first
-    ids = sink_ids(tmp_path / "events.jsonl")
-    truth = truth_ids(gw.events("DEMO"))
-    assert len(ids) == len(set(ids))
-    # Everything up to the last event taken in is there: no gap across the rotations.
-    assert set(ids) == set(truth[: len(ids)])
+    assert Counter(sink_ids(tmp_path / "events.jsonl")) == Counter(truth_ids(gw.events("DEMO")))
 
 
 async def test_connection_loss_without_close_frame_reconnects_and_resumes(
     sandbox_factory, tmp_path: Path
 ):
+    """Each new session resumes at the last finished event (inclusive), never at the gateway's
+    own position. The drop without a close frame comes while the consumer is behind the
+    gateway: its sink held, its reader waiting for room, frames the gateway counted as sent
+    still on the way. Resuming at the gateway's position would lose those."""
     gw = await sandbox_factory(backlog=100)
-    settings = make_settings(tmp_path, gw.url)
-    sink = tmp_path / "events.jsonl"
-    async with running(settings) as daemon:
-        await wait_until(lambda: count_lines(sink) >= 100)
-        await gw.disconnect_all(code=None)
-        gw.append("DEMO", 25)
-        await wait_until(lambda: count_lines(sink) >= 125)
+    settings = make_settings(tmp_path, gw.url, pipeline={"queue_size": 40})
+    sink = HeldSink(tmp_path / "events.jsonl")
+    async with running(settings, sink=sink) as daemon:
+        runner, pipeline = daemon.runners["main"], daemon.pipelines["main"]
+        newest = newest_offset(gw)
+        await wait_until(lambda: done_offset(pipeline) == newest)
+        # A close while nothing moves: the next session starts at the last event, done.
         await gw.disconnect_all(code=1001, reason="maintenance")
+        await wait_until(lambda: len(gw.stats.subscribes) == 2)
+        assert gw.stats.subscribes[-1].get("offset") == newest
         gw.append("DEMO", 25)
-        await wait_until(lambda: count_lines(sink) >= 150)
-        assert daemon.runners["main"].stats.connections >= 3
-    assert Counter(sink_ids(sink)) == Counter(truth_ids(gw.events("DEMO")))
+        newest = newest_offset(gw)
+        await wait_until(lambda: done_offset(pipeline) == newest)
+
+        sink.gate.clear()  # the sink hangs: nothing more is finished
+        # Behind: the reader waits for room, the socket's buffers are full, and the gateway
+        # holds frames it counts as sent (its position is past them). Events are added until
+        # then (how much the socket's buffers hold depends on the machine).
+        sent, size = gw.stats.events_sent, len(gw.event_keys("DEMO"))  # all sent so far
+        added = 0
+        async with asyncio.timeout(120):
+            while gw.unsent_bytes() == 0:
+                added += len(gw.append("DEMO", 2000))
+                # until the gateway holds some back, or has sent them all (add more then)
+                await wait_until(
+                    lambda n=added: gw.unsent_bytes() > 0 or gw.stats.events_sent == sent + n
+                )
+        assert len(gw.event_keys("DEMO")) == size + added
+        assert done_offset(pipeline) == newest
+        await gw.disconnect_all(code=None)  # those frames are lost with the connection
+        sink.gate.set()
+        await wait_until(lambda: len(gw.stats.subscribes) == 3)
+        resumed = gw.stats.subscribes[-1].get("offset")
+        # Where the consumer was: at least the last event finished before the drop, at most
+        # what it had finished by the time the gateway saw the subscribe.
+        finished = {e["metadata"]["offset"] for e in read_sink(tmp_path / "events.jsonl")}
+        assert resumed is not None and int(resumed) >= int(newest) and resumed in finished
+        last = newest_offset(gw)
+        await wait_until(lambda: committed(tmp_path / "state.db", last), timeout=60)
+        assert runner.stats.connections == 3
+    assert Counter(sink_ids(tmp_path / "events.jsonl")) == Counter(truth_ids(gw.events("DEMO")))
 
 
 async def test_a_silent_connection_is_declared_dead_and_replaced(sandbox_factory, tmp_path: Path):
@@ -187,11 +237,16 @@ async def test_a_silent_connection_is_declared_dead_and_replaced(sandbox_factory
     async with running(settings) as daemon:
         await wait_until(lambda: count_lines(sink) >= 50)
         await wait_until(lambda: gw.stats.pongs_sent > 3)  # pings flow and are answered
+        newest = newest_offset(gw)
+        await wait_until(lambda: done_offset(daemon.pipelines["main"]) == newest)
         gw.silence_connections()  # no pong, no event, no close: only the deadline can tell
         gw.append("DEMO", 20)
         await wait_until(lambda: daemon.runners["main"].stats.connections >= 2, timeout=60)
         await wait_until(lambda: count_lines(sink) >= 70)
         assert "liveness deadline" in daemon.runners["main"].stats.last_close
+        # The new session resumed at the last event finished (nothing finished since the
+        # silence), not where the gateway had got to.
+        assert [s.get("offset") for s in gw.stats.subscribes] == [None, newest]
     assert Counter(sink_ids(sink)) == Counter(truth_ids(gw.events("DEMO")))
 
 
@@ -253,6 +308,26 @@ async def test_one_bad_stream_stops_alone(sandbox_factory, tmp_path: Path):
         await wait_until(lambda: count_lines(tmp_path / "events.jsonl") >= 30)
         assert daemon.runners["good"].state == "streaming"
         assert "4403" in daemon.runners["bad"].stats.last_close
+
+
+def done_offset(pipeline: StreamPipeline) -> str | None:
+    """The offset of the newest event whose whole prefix is finished: where a new session
+    resumes."""
+    done = pipeline.position
+    return None if done is None else done.offset
+
+
+class HeldSink(JsonlSink):
+    """The jsonl sink, whose writes wait while ``gate`` is clear (a downstream that hangs)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def write(self, stream: str, events: Sequence[Event]) -> None:
+        await self.gate.wait()
+        await super().write(stream, events)
 
 
 class FlakySink:

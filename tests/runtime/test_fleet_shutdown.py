@@ -18,17 +18,33 @@ from consumer.runtime.daemon import Daemon
 pytestmark = pytest.mark.usefixtures("fresh_pysink", "contained_logging")
 
 
+def handing_over(stream: str) -> bool:
+    """Whether the fleet's handover task of ``stream`` is running."""
+    return any(
+        t.get_name() == f"fleet-release-{stream}" and not t.done() for t in asyncio.all_tasks()
+    )
+
+
 async def test_a_handover_during_the_shutdown(sandbox_factory, postgres_dsn, tmp_path) -> None:
-    gw = await sandbox_factory(backlog=0, chains=("DEMO", "OTHER"), app_keys=("key2",))
+    """The handover outlasts the shutdown's own drain: the gateway never closes after a
+    ``complete`` (so each session ends on its ``complete_timeout_s``: a's 4 s, b's 0.5 s) and
+    a's sink hangs. The shutdown is past its drain (b stopped, a's drain deadline of 1 s gone)
+    while a's handover still waits for its session to end; it must let the handover finish
+    (release a itself) rather than cancel it."""
+    gw = await sandbox_factory(
+        backlog=0, chains=("DEMO", "OTHER"), app_keys=("key2",), complete_close_delay_s=60.0
+    )
     schema = f"t_{uuid.uuid4().hex[:16]}"
     settings = Settings(
         streams={  # type: ignore[arg-type]
-            "a": stream_config(gw.url),
-            "b": stream_config(gw.url, chain_code="OTHER", app_key="key2"),
+            "a": stream_config(gw.url, connection={"complete_timeout_s": 4.0}),
+            "b": stream_config(
+                gw.url, chain_code="OTHER", app_key="key2", connection={"complete_timeout_s": 0.5}
+            ),
         },
         state={"backend": "postgres", "dsn": postgres_dsn, "schema": schema},  # type: ignore[arg-type]
         sink={"type": "python", "target": "pysink:handle"},  # type: ignore[arg-type]
-        pipeline={"workers": 1, "drain_timeout_s": 3.0},  # type: ignore[arg-type]
+        pipeline={"workers": 1, "drain_timeout_s": 1.0},  # type: ignore[arg-type]
         fleet={"enabled": True, "member": "m1", "lease_ttl_s": 20.0, "renew_interval_s": 0.2},  # type: ignore[arg-type]
         metrics={"port": 0},  # type: ignore[arg-type]
     )
@@ -43,11 +59,15 @@ async def test_a_handover_during_the_shutdown(sandbox_factory, postgres_dsn, tmp
     await wait_until(lambda: len(pysink.delivered_ids("b")) == 3)
     assert daemon.fleet is not None
     daemon.fleet._move("a", lost=False)  # what a tick does when another member needs its share
-    await asyncio.sleep(0.2)  # the handover is under way
+    # The handover is under way: its task runs and a's session has sent `complete`.
+    await wait_until(lambda: handing_over("a") and daemon.runners["a"].state.value == "completing")
     daemon.request_stop()  # and SIGTERM meanwhile
     async with asyncio.timeout(60):
         assert await task == 0
+    assert not handing_over("a")
     rows = await sql(postgres_dsn, "fetch", f'SELECT stream, holder FROM "{schema}".stream_leases')
-    assert {r[0]: r[1] for r in rows} == {"a": None, "b": None}  # both handed over
+    # Both handed over; a by its handover (cancelled, it would leave a held by m1 until the
+    # lease ran out: the shutdown releases only what the handovers did not take charge of).
+    assert {r[0]: r[1] for r in rows} == {"a": None, "b": None}
     members = await sql(postgres_dsn, "fetch", f'SELECT member FROM "{schema}".fleet_members')
     assert members == []  # left the fleet

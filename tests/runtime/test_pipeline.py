@@ -152,6 +152,18 @@ async def drained(pipeline: StreamPipeline) -> None:
         await pipeline.drained()
 
 
+async def still_pending(task: asyncio.Task[Any], seconds: float = 0.3) -> None:
+    """The loop turns until its clock has moved ``seconds`` on (the positive condition), and
+    ``task`` (a wait for room that has none) is pending all along: a wait that gave up after a
+    timeout shorter than that, rather than waiting for room, fails here."""
+    loop = asyncio.get_running_loop()
+    until = loop.time() + seconds
+    while loop.time() < until:
+        assert not task.done(), "the wait for room returned while there was none"
+        await asyncio.sleep(0.01)
+    assert not task.done(), "the wait for room returned while there was none"
+
+
 def jsonl_lines(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -661,10 +673,17 @@ async def test_the_queues_are_bounded_and_the_reader_waits_for_room(tmp_path: Pa
         async with asyncio.timeout(WAIT_S):
             while sink.calls < 1:  # the worker took a batch (10) into the blocked sink
                 await asyncio.sleep(0.001)
-        for _ in range(20):  # 20 still queued for it, over its share of 10: no room
-            await asyncio.sleep(0)
-        assert not room.done()  # the reader waits: backpressure, nothing dropped
+        # 20 still queued for it, over its share of 10: no room, however long it waits.
+        await still_pending(room)  # the reader waits: backpressure, nothing dropped
         assert pipeline.in_flight == 30
+        # One batch through: the worker takes the next 10, which leaves its queue at its share.
+        sink.gate.set()
+        sink.gate.clear()  # (the write waiting now goes on, the next one blocks)
+        async with asyncio.timeout(WAIT_S):
+            while sink.calls < 2:  # the next write started: the queue went down to 10
+                await asyncio.sleep(0.001)
+        await still_pending(room)
+        assert pipeline.in_flight == 20 and len(sink.delivered) == 10
         sink.gate.set()
         async with asyncio.timeout(WAIT_S):
             await room
@@ -710,9 +729,14 @@ async def test_one_stuck_worker_stops_the_reader_at_its_share(tmp_path: Path) ->
             assert reads < 200, "a stuck worker must stop the reader"
         assert reads <= 2 * (10 + 10) + 2  # its share queued, plus a batch held in the sink
         room = asyncio.create_task(pipeline.room())
-        for _ in range(20):
-            await asyncio.sleep(0)
-        assert not room.done()
+        stuck = pipeline._worker_of(ev(1, key="slow"))
+        read = [ev(i, key="slow" if i % 2 else f"k{i}") for i in range(1, reads + 1)]
+        others = {e.unique_event_id for e in read if pipeline._worker_of(e) != stuck}
+        async with asyncio.timeout(WAIT_S):  # the other workers drained theirs...
+            while not others <= {e.unique_event_id for e in sink.delivered}:
+                await asyncio.sleep(0.001)
+        await still_pending(room)  # ...and the reader still waits for the stuck one
+        assert pipeline.in_flight == reads <= 30  # read (and not committed): within queue_size
         sink.hold["slow"].set()
         async with asyncio.timeout(WAIT_S):
             await room

@@ -59,12 +59,14 @@ async def ws(
         yield conn
 
 
-async def recv(conn: ClientConnection, kind: str) -> dict[str, Any]:
-    """The next message of this type (others skipped: pings, events)."""
-    while True:
-        msg = json.loads(await conn.recv())
-        if msg["type"] == kind:
-            return msg  # type: ignore[no-any-return]
+async def recv(conn: ClientConnection, kind: str, timeout: float = 30.0) -> dict[str, Any]:
+    """The next message of this type (others skipped: pings, events), within ``timeout``: a
+    server that sends only other types (pings) must fail the test, not hang it."""
+    async with asyncio.timeout(timeout):
+        while True:
+            msg = json.loads(await conn.recv())
+            if msg["type"] == kind:
+                return msg  # type: ignore[no-any-return]
 
 
 async def status(conn: ClientConnection, query_id: str = "q") -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -257,16 +256,15 @@ async def test_connection_refused_is_transient(client: aiohttp.ClientSession):
 
 
 async def test_a_slow_receiver_times_out_transiently(rx: Receiver, client: aiohttp.ClientSession):
-    """Issue #9 item 12: the receiver would answer after 30 s; the write gives up on its own
-    timeout, long before (the bound is generous: it proves the answer was not waited for, it
-    is no speed measurement)."""
+    """Issue #9 item 12: the receiver would answer after 30 s (with a 200, so a write that
+    waited for it would succeed); the write gives up on its own timeout instead: one
+    request, failed as a timeout."""
     sink = await opened(settings(rx.url, timeout_s=0.2), client)
     rx.script(Reply(200, delay_s=30.0))  # cut short when the receiver stops
-    started = time.monotonic()
     with pytest.raises(TransientSinkError) as info:
         await sink.write("main", [event(1)])
-    assert time.monotonic() - started < 15
     assert "Timeout" in str(info.value)
+    assert [r.header("Idempotency-Key") for r in rx.requests] == ["w0-u1"]  # one attempt
     # The pool recovers: the next write gets a fresh connection and goes through.
     await sink.write("main", [event(2)])
     assert [r.header("Idempotency-Key") for r in rx.requests] == ["w0-u1", "w0-u2"]

@@ -14,13 +14,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import asyncpg
 import pytest
 from pg import PostgresServer, sql
 from pydantic import SecretStr
 
 import consumer.state.fleet as fleet_module
 from consumer.config import StateSettings
-from consumer.core.records import CommitBatch, DeadLetter, Fence
+from consumer.core.records import CommitBatch, DeadLetter, Fence, Staged
 from consumer.core.watermark import Position
 from consumer.errors import Fenced
 from consumer.state import StateStore, open_store
@@ -434,6 +435,52 @@ async def test_a_fence_without_the_stream_or_without_its_row_is_refused(env: Env
         await env.store.commit(letter_only)
     assert await env.count("dead_letters") == 0
     await env.store.commit(batch_for("s", 1, Fence("a", {"s": got.epoch})))
+
+
+async def test_a_takeover_leaves_the_lease_alone_while_its_holder_commits(env: Env) -> None:
+    """The fence check locks the lease row (FOR SHARE) until the commit ends: a member taking
+    the stream over meanwhile (its lease expired) leaves the row alone (SKIP LOCKED), and takes
+    it at its next try, after the commit, reading the checkpoint that commit wrote. Without
+    the lock the takeover would read the checkpoint before it and resume behind the commit.
+
+    The commit is held open at a known point from the test: its last statement (rows a sink
+    stages in the transaction) waits for an advisory lock the test holds."""
+    a, b = env.member("a", ttl=0.3), env.member("b")
+    await a.join(["s"], T)
+    [got] = await a.acquire(["s"], T)
+    fence = Fence("a", {"s": got.epoch})
+    await env.store.commit(batch_for("s", 1, fence))
+    await until_expired(b, "s")  # b may take it over now
+
+    key = 0x0F1EE7
+    held = await asyncpg.connect(env.dsn, timeout=T)
+    try:
+        await held.execute("SELECT pg_advisory_lock($1)", key)
+        batch = batch_for("s", 2, fence)
+        batch.staged.append(Staged("SELECT pg_advisory_xact_lock($1), $2::text", [(key, "s")]))
+        commit = asyncio.create_task(env.store.commit(batch))
+
+        async def waiting() -> bool:  # the commit is past its fence check, at the lock
+            assert not commit.done(), commit
+            rows = await env.fetch(
+                "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            )
+            return int(rows[0][0]) == 1
+
+        await until(waiting)
+        assert await b.acquire(["s"], T) == []  # not from under the commit
+        cp = await env.store.checkpoint("s")
+        assert cp is not None and cp.offset == "000001"  # (what b would have resumed at)
+        await held.execute("SELECT pg_advisory_unlock($1)", key)
+        async with asyncio.timeout(T):
+            await commit
+    finally:
+        await held.close()
+    assert await b.acquire(["s"], T) == [Acquired("s", got.epoch + 1, "a")]
+    cp = await env.store.checkpoint("s")
+    assert cp is not None and cp.offset == "000002"  # the new holder resumes after the commit
+    with pytest.raises(Fenced):
+        await env.store.commit(batch_for("s", 3, fence))
 
 
 async def test_anchor_with_a_stale_fence_creates_no_checkpoint(env: Env) -> None:
