@@ -584,9 +584,10 @@ class PostgresStore:
 
     async def _check_fence(self, db: Any, fence: Fence, streams: set[str]) -> None:
         """Fleet mode: raise :class:`Fenced` (rolling the transaction back) unless this member
-        holds every stream's lease at its epoch. ``FOR SHARE`` keeps a takeover (an UPDATE
-        of the lease row) waiting until this transaction ends, so the new holder reads the
-        checkpoint this commit writes."""
+        holds every stream's lease at its epoch. ``FOR SHARE`` locks the lease rows until this
+        transaction ends: a takeover (``FOR UPDATE SKIP LOCKED``) skips a row so locked and
+        takes it on a later try, after this commit, so the new holder reads the checkpoint
+        this commit writes."""
         if not streams:
             return
         rows = await db.fetch(
