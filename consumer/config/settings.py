@@ -114,7 +114,11 @@ def _required(what: str) -> Callable[[SecretStr], SecretStr]:
 
 class _Model(BaseModel):
     # allow_inf_nan: TOML's inf and nan are floats, and a timeout of inf overflows aiohttp's.
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    # hide_input_in_errors: a ValidationError's text quotes the value otherwise, and a DSN or
+    # a secret refused by a validator would be in it.
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, allow_inf_nan=False, hide_input_in_errors=True
+    )
 
 
 class AuthSettings(_Model):
@@ -283,7 +287,11 @@ class StateSettings(_Model):
     # ``schema`` is a (deprecated) method of pydantic's BaseModel: the field is ``schema_``,
     # read and shown as ``schema``.
     model_config = ConfigDict(
-        extra="forbid", frozen=True, serialize_by_alias=True, allow_inf_nan=False
+        extra="forbid",
+        frozen=True,
+        serialize_by_alias=True,
+        allow_inf_nan=False,
+        hide_input_in_errors=True,
     )
 
     # Where the state lives: "sqlite" (a file beside the daemon, the default) or "postgres"
@@ -875,6 +883,7 @@ class Settings(BaseSettings):
         extra="forbid",
         frozen=True,
         allow_inf_nan=False,
+        hide_input_in_errors=True,
     )
 
     streams: dict[str, StreamSettings] = Field(min_length=1)
