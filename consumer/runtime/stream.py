@@ -317,6 +317,7 @@ class StreamRunner:
         self.state = StreamState.STREAMING
         self._completing = None
         self._dead = False
+        self._ended = ""
         log.info(
             "subscribed",
             offset=sub.offset,

@@ -27,6 +27,7 @@ committed), never the current or the committed file.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import threading
@@ -206,6 +207,8 @@ class JsonlSink:
     def _open_file(self, name: str, seq: int, started: int, committed: int | None) -> _File:
         path = self._dir / name
         if self._dry:
+            with contextlib.suppress(FileNotFoundError):  # refused as below (a link: ELOOP)
+                os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW))
             return _File(name, seq, started, self._committed_length(path, committed, _size(path)))
         created = False
         try:

@@ -116,6 +116,20 @@ async def test_a_rotation_answered_with_complete_waits_the_resubscribe_gap(
     assert gaps(gw.stats.upgrades)[0] >= 1.0
 
 
+async def test_a_later_close_is_not_reported_with_an_old_end_of_subscription(
+    sandbox_factory, tmp_path: Path
+):
+    gw = await sandbox_factory(backlog=10, token_ttl_s=3.0, end_frames=True)
+    async with running(make_settings(tmp_path, gw.url)) as daemon:
+        runner = daemon.runners["main"]
+        await wait_until(lambda: len(gw.stats.subscribes) >= 2, timeout=60)
+        assert runner.stats.last_close == "token rotation"  # answered with `complete`
+        await gw.disconnect_all(code=None)  # then a plain TCP drop: no reason of its own
+        await wait_until(lambda: runner.stats.closes["1006"] >= 1, timeout=60)
+        assert "ended by the server" not in runner.stats.last_close
+        assert "1006" in runner.stats.last_close
+
+
 async def test_server_errors_and_maintenance_reconnect_and_resume(sandbox_factory, tmp_path: Path):
     gw = await sandbox_factory(backlog=40)
     sink = tmp_path / "events.jsonl"

@@ -54,6 +54,49 @@ async def test_a_signal_while_starting_stops_it_once_started(
     assert done.returncode != -getattr(signal, sig)
 
 
+# The signal arrives just as start-up ends: the loop reads it in the same iteration that
+# resumes `run` after Daemon.create, so the start-up handler is dispatched only after the
+# daemon installed its own. It must still stop the daemon, not be noted where nobody looks.
+LATE_STARTER = """
+import asyncio, os, signal, sys
+from pathlib import Path
+from consumer.config import load_settings
+from consumer.runtime import daemon
+
+real = daemon.Daemon.create.__func__
+
+async def create(cls, settings, **kw):
+    made = await real(cls, settings, **kw)
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def kill():
+        os.kill(os.getpid(), signal.SIGTERM)  # its C handler writes the loop's wakeup pipe
+        loop.call_soon(done.set_result, made)  # run() resumes before the pipe is read
+
+    loop.call_soon(kill)
+    return await done
+
+daemon.Daemon.create = classmethod(create)
+sys.exit(asyncio.run(daemon.run(load_settings(Path({config!r})))))
+"""
+
+
+async def test_a_signal_as_start_up_ends_still_stops_the_daemon(sandbox_factory, tmp_path: Path):
+    gw = await sandbox_factory(backlog=5)
+    config = toml_config(tmp_path, gw.url)
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", LATE_STARTER.format(config=str(config))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert "signal received: draining" in done.stdout + done.stderr
+
+
 # The real command line. A signal can be obeyed from the moment a handler exists: /proc says
 # when (SigCgt). One sent sooner, while the interpreter itself starts (a few tens of ms, before
 # any of our code runs), takes the default action whatever a program does, so "right after

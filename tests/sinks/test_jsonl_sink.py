@@ -402,3 +402,18 @@ async def test_an_event_text_that_cannot_be_parsed_with_a_resource_is_that_event
     assert err.value.unique_event_id == "u7"
     assert "cannot be serialized" in str(err.value)
     assert sink.position() == "0"
+
+
+async def test_the_preflight_check_refuses_a_link_as_open_does(tmp_path: Path) -> None:
+    # open() never writes through a symbolic link (O_NOFOLLOW); check() said it would do.
+    target = tmp_path / "elsewhere.jsonl"
+    target.write_bytes(b"")
+    link = tmp_path / "events.jsonl"
+    link.symlink_to(target)
+    with pytest.raises(SinkUnusable) as opened:
+        await JsonlSink(link).open(None)
+    with pytest.raises(SinkUnusable) as checked:
+        await JsonlSink(link).check(None)
+    assert str(checked.value) == str(opened.value)
+    await JsonlSink(tmp_path / "new.jsonl").check(None)  # a missing file is fine
+    assert not (tmp_path / "new.jsonl").exists()
