@@ -248,21 +248,26 @@ def tail(log: Path, chars: int = 3000) -> str:
     return log.read_text(errors="replace")[-chars:] if log.exists() else "(no log)"
 
 
-def sink_failures(log: Path) -> list[dict[str, Any]]:
-    """The daemon's "sink write failed; retrying" records in a JSON log (other lines skipped)."""
+def log_records(log: Path, event: str) -> list[dict[str, Any]]:
+    """The daemon's records of ``event`` in a JSON log (other lines skipped)."""
     if not log.exists():
         return []
     found = []
     for line in log.read_text(errors="replace").splitlines():
-        if SINK_FAILED not in line:
+        if f'"{event}"' not in line:
             continue
         try:
             record = json.loads(line)
         except ValueError:
             continue
-        if isinstance(record, dict) and record.get("event") == SINK_FAILED:
+        if isinstance(record, dict) and record.get("event") == event:
             found.append(record)
     return found
+
+
+def sink_failures(log: Path) -> list[dict[str, Any]]:
+    """The daemon's "sink write failed; retrying" records in a JSON log."""
+    return log_records(log, SINK_FAILED)
 
 
 def read_table(text: str) -> list[dict[str, str]]:
@@ -357,3 +362,17 @@ def as_received(newevent: dict[str, Any] | bytes) -> Event:
     msg = decode(b'{"id":"s","type":"next","payload":{"data":{"newEvent":' + text + b"}}}")
     assert isinstance(msg, Next) and msg.event.text == text, msg
     return msg.event
+
+
+def first_line_then_close(argv: list[str]) -> tuple[str, str, int]:
+    """``argv | head -1``: read one line of its output, close the pipe; that line, stderr
+    and the exit status."""
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        try:
+            line = proc.stdout.readline()
+            proc.stdout.close()
+            err = proc.stderr.read()
+            return line, err, proc.wait(timeout=60)
+        finally:
+            proc.kill()

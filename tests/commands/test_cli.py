@@ -6,13 +6,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from support import read_table, toml_config
+from support import first_line_then_close, read_table, toml_config
 
 from consumer import __version__
 from consumer.cli import _parser, main
@@ -108,25 +107,6 @@ async def silent_server() -> AsyncIterator[int]:
         server.close()
 
 
-def first_line_then_close(config: Path) -> tuple[str, str, int]:
-    """``opera-consumer preflight | head -1``: read one line, close the pipe, and return
-    that line, stderr and the exit status."""
-    with subprocess.Popen(
-        [sys.executable, "-m", "consumer", "preflight", "--config", str(config)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    ) as proc:
-        assert proc.stdout is not None and proc.stderr is not None
-        try:
-            line = proc.stdout.readline()
-            proc.stdout.close()
-            err = proc.stderr.read()
-            return line, err, proc.wait(timeout=60)
-        finally:
-            proc.kill()
-
-
 async def test_a_reader_that_goes_away_gets_no_traceback(sandbox_factory, tmp_path: Path):
     """Issue #13: `preflight | head -1` ended in a BrokenPipeError traceback. The token comes
     from the sandbox (the first line, at once); the gateway hangs its opening for 2 s, so
@@ -140,7 +120,8 @@ async def test_a_reader_that_goes_away_gets_no_traceback(sandbox_factory, tmp_pa
         auth = "[streams.main.auth]\n"
         assert auth in text
         config.write_text(text.replace(auth, f'{auth}token_url = "{gw.url}/oauth/v1/tokens"\n'))
-        line, err, code = await asyncio.to_thread(first_line_then_close, config)
+        preflight = [sys.executable, "-m", "consumer", "preflight", "--config", str(config)]
+        line, err, code = await asyncio.to_thread(first_line_then_close, preflight)
     assert line.startswith("PASS") and "token" in line
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
     assert "Exception ignored" not in err, err

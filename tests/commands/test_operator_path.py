@@ -20,6 +20,7 @@ import pytest
 from support import (
     checkpoint,
     committed,
+    first_line_then_close,
     make_settings,
     newest_offset,
     running,
@@ -39,29 +40,14 @@ def status(config: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "consumer", "status", "--config", str(config), *args]
 
 
-def watch_first_line_then_close(config: Path) -> tuple[str, str, int]:
-    """``opera-consumer status --watch | head -1``: one line read, the pipe closed."""
-    with subprocess.Popen(
-        status(config, "--watch", "--interval", "0.1"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    ) as proc:
-        assert proc.stdout is not None and proc.stderr is not None
-        try:
-            line = proc.stdout.readline()
-            proc.stdout.close()
-            return line, proc.stderr.read(), proc.wait(timeout=60)
-        finally:
-            proc.kill()
-
-
 async def test_a_watch_whose_reader_goes_away_ends_with_141(tmp_path: Path) -> None:
     """README: 141 when the reader of a command's output goes away; `status --watch | head -1`
     ended with 0 (it caught the broken pipe itself), unlike `preflight | head -1`."""
     config = toml_config(tmp_path, "http://127.0.0.1:9")
     await (await SqliteStore.open(tmp_path / "state.db")).close()  # as a daemon left it
-    line, err, code = await asyncio.to_thread(watch_first_line_then_close, config)
+    line, err, code = await asyncio.to_thread(
+        first_line_then_close, status(config, "--watch", "--interval", "0.1")
+    )
     assert line.split()[:2] == ["stream", "state"], line
     assert "Traceback" not in err and "Exception ignored" not in err, err
     assert code == 141, err

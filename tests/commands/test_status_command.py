@@ -21,7 +21,16 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from receiver import Receiver, Reply
-from support import committed, newest_offset, spawn_daemon, tail, toml_config, wait_exit, wait_until
+from support import (
+    committed,
+    log_records,
+    newest_offset,
+    spawn_daemon,
+    tail,
+    toml_config,
+    wait_exit,
+    wait_until,
+)
 
 from consumer.commands.status import COLUMNS, duration, eta_text
 from consumer.core.events import event_time
@@ -51,23 +60,8 @@ async def status_json(config: Path) -> dict[str, Any]:
     return dict(rows[0])
 
 
-def log_lines(log: Path, event: str) -> list[dict[str, Any]]:
-    """The daemon's JSON log records of ``event``."""
-    found = []
-    for line in log.read_text(errors="replace").splitlines():
-        if f'"{event}"' not in line:
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and record.get("event") == event:
-            found.append(record)
-    return found
-
-
 def catching_up(log: Path) -> list[dict[str, Any]]:
-    return [r for r in log_lines(log, "progress") if r["phase"] == "catching up"]
+    return [r for r in log_records(log, "progress") if r["phase"] == "catching up"]
 
 
 def tables(text: str) -> list[list[str]]:
@@ -138,11 +132,11 @@ async def test_status_and_progress_lines_on_a_live_catch_up(
         # --- the receiver at full speed: the backlog goes, and a "caught up" line says so
         receiver.responder = None
         await wait_until(lambda: committed(tmp_path / "state.db", newest), timeout=120)
-        await wait_until(lambda: bool(log_lines(log, "caught up")))
-        done = log_lines(log, "caught up")[0]
+        await wait_until(lambda: bool(log_records(log, "caught up")))
+        done = log_records(log, "caught up")[0]
         assert done["stream"] == "main" and done["lag_s"] <= 600
         # only while behind: more than 600 s (or no event done yet, with events waiting)
-        for r in log_lines(log, "progress"):
+        for r in log_records(log, "progress"):
             assert r["lag_s"] > 600 if r["lag_s"] is not None else r["waiting"] > 0, r
         row = await status_json(config)
         assert (row["offset"], row["processed"]) == (newest, BACKLOG)

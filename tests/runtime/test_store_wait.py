@@ -10,7 +10,6 @@ the daemon as a process against the sandbox, under a notify socket of the test's
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import socket
@@ -24,7 +23,7 @@ import aiohttp
 import pytest
 from pg import PostgresServer, find_bindir
 from server_process import free_port
-from support import count_lines, tail, toml_config, wait_exit, wait_until
+from support import count_lines, log_records, tail, toml_config, wait_exit, wait_until
 
 from consumer.errors import ExitCode
 
@@ -66,18 +65,6 @@ def start(config: Path, log: Path, notify: str) -> subprocess.Popen[bytes]:
             stderr=subprocess.STDOUT,
             env={**os.environ, "NOTIFY_SOCKET": notify},
         )
-
-
-def records(log: Path, event: str) -> list[dict[str, Any]]:
-    found = []
-    for line in log.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and record.get("event") == event:
-            found.append(record)
-    return found
 
 
 class Notifications:
@@ -125,9 +112,9 @@ async def test_the_daemon_waits_for_postgres_and_goes_on_when_it_answers(
     notify = Notifications(tmp_path / "notify.sock")
     proc = start(config, log, notify.path)
     try:
-        await wait_until(lambda: len(records(log, RETRYING)) >= 2, timeout=60)
+        await wait_until(lambda: len(log_records(log, RETRYING)) >= 2, timeout=60)
         assert proc.poll() is None, tail(log)
-        first = records(log, RETRYING)[0]
+        first = log_records(log, RETRYING)[0]
         assert "cannot reach the server" in first["error"]
         assert stopped_server.password not in log.read_text()  # the DSN's secret: never
         await wait_until(lambda: notify.has(f"STATUS={WAITING}"), timeout=60)
@@ -172,7 +159,7 @@ async def test_a_signal_ends_the_wait(
     notify = Notifications(tmp_path / "notify.sock")
     proc = start(config, log, notify.path)
     try:
-        await wait_until(lambda: len(records(log, RETRYING)) >= 1, timeout=60)
+        await wait_until(lambda: len(log_records(log, RETRYING)) >= 1, timeout=60)
         proc.send_signal(signal.SIGTERM)
         assert await wait_exit(proc) == ExitCode.OK, tail(log)
         assert not notify.has("READY=1")
@@ -198,5 +185,5 @@ async def test_refused_credentials_still_end_the_start_at_once(
         if proc.poll() is None:
             proc.kill()
         notify.close()
-    assert records(log, RETRYING) == []
+    assert log_records(log, RETRYING) == []
     assert "refused our credentials" in log.read_text()
