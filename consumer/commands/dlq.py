@@ -105,10 +105,34 @@ class Outcome:
         }
 
 
+def older_outside(
+    rows: Sequence[DeadLetterRow], every: Sequence[DeadLetterRow]
+) -> dict[tuple[str, str], int]:
+    """Per (stream, primaryKey): the oldest dead letter of ``every`` that is not in ``rows``.
+    A row of that key after it must wait for it: replaying it first would apply a resource's
+    later change before its earlier one (in park-key mode the later ones are parked)."""
+    chosen = {row.id for row in rows}
+    oldest: dict[tuple[str, str], int] = {}
+    for row in every:
+        if row.primary_key and row.id not in chosen:
+            key = (row.stream, row.primary_key)
+            oldest[key] = min(row.id, oldest.get(key, row.id))
+    return oldest
+
+
 async def replay(
-    settings: Settings, rows: Sequence[DeadLetterRow], *, dry_run: bool, attempts: int = 3
+    settings: Settings,
+    rows: Sequence[DeadLetterRow],
+    *,
+    dry_run: bool,
+    attempts: int = 3,
+    waiting_for: dict[tuple[str, str], int] | None = None,
 ) -> list[Outcome]:
-    """Re-deliver ``rows`` (in id order) through the configured sink."""
+    """Re-deliver ``rows`` (in id order) through the configured sink. A row whose key has an
+    older dead letter in ``waiting_for`` (see :func:`older_outside`), or an earlier row in
+    this replay that was not delivered, is skipped: a key's events keep their order."""
+    failed_keys: set[tuple[str, str]] = set()
+    held_back = waiting_for or {}
     st = settings.state
     running = await current_holder(st)
     if not dry_run and running is not None and isinstance(settings.sink, JsonlSinkSettings):
@@ -117,15 +141,19 @@ async def replay(
             "stop it, replay, start it again (or use --dry-run to see the plan)"
         )
     if dry_run:
-        return [
-            _outcome(row, "would deliver")
-            if isinstance(event := _event(row), Event)
-            else _outcome(row, "skipped", event)
-            for row in rows
-        ]
+        plan = []
+        for row in rows:
+            wait = _waiting(row, held_back, failed_keys)
+            event = _event(row)
+            if wait is None and isinstance(event, Event):
+                plan.append(_outcome(row, "would deliver"))
+                continue
+            if row.primary_key:
+                failed_keys.add((row.stream, row.primary_key))
+            plan.append(_outcome(row, "skipped", wait or str(event)))
+        return plan
     register_secrets(settings)  # as the daemon does: nothing we log may show one
     outcomes: list[Outcome] = []
-    failed_keys: set[tuple[str, str]] = set()
     # While we replay into a single-writer sink, keep a daemon from starting.
     held = await acquire(st, (), role="dlq-replay") if running is None else None
     try:
@@ -137,6 +165,11 @@ async def replay(
             committer = Committer(store, sink, max_events=1_000_000, interval_s=1.0)
             try:
                 for i, row in enumerate(rows, 1):
+                    wait = _waiting(row, held_back, failed_keys)
+                    if wait is not None:
+                        failed_keys.add((row.stream, row.primary_key or ""))
+                        outcomes.append(_outcome(row, "skipped", wait))
+                        continue
                     outcomes.append(await _one(row, sink, committer, failed_keys, attempts))
                     if i % _COMMIT_EVERY == 0:  # bound what a crash here would re-deliver
                         await committer.flush()
@@ -161,10 +194,10 @@ async def _one(
 ) -> Outcome:
     event = _event(row)
     if not isinstance(event, Event):
+        if row.primary_key:  # its key's later events wait for it
+            failed_keys.add((row.stream, row.primary_key))
         return _outcome(row, "skipped", event)
     key = (row.stream, event.primary_key)
-    if key in failed_keys:
-        return _outcome(row, "skipped", "an earlier event of this primaryKey failed")
     try:
         async for attempt in AsyncRetrying(
             retry=retry_if_exception_type(TransientSinkError),
@@ -180,6 +213,25 @@ async def _one(
     committer.processed(row.stream, [event.unique_event_id])
     committer.resolved(row.id)
     return _outcome(row, "delivered")
+
+
+def _waiting(
+    row: DeadLetterRow, held_back: dict[tuple[str, str], int], failed: set[tuple[str, str]]
+) -> str | None:
+    """Why ``row`` must not be delivered now (an older event of its key is not delivered),
+    or None."""
+    if not row.primary_key:
+        return None
+    key = (row.stream, row.primary_key)
+    if key in failed:
+        return "an earlier event of this primaryKey was not delivered"
+    older = held_back.get(key)
+    if older is not None and older < row.id:
+        return (
+            f"dead letter {older} of this primaryKey is older and not in this replay: "
+            "replay it first, or with this one"
+        )
+    return None
 
 
 def _event(row: DeadLetterRow) -> Event | str:
@@ -222,6 +274,8 @@ async def command(settings: Settings, args: argparse.Namespace) -> int:
         )
         if action == "purge" and not args.dry_run:
             n = await store.purge_dead_letters([r.id for r in rows])
+        if action == "replay":  # what the chosen rows' keys wait for
+            waiting_for = older_outside(rows, await store.dead_letters(None))
     finally:
         await store.close()
     if action == "list":
@@ -259,7 +313,7 @@ async def command(settings: Settings, args: argparse.Namespace) -> int:
             print(f"purged {n} dead letter(s)", file=sys.stderr)
         return ExitCode.RUNTIME if missing else ExitCode.OK
     try:
-        outcomes = await replay(settings, rows, dry_run=args.dry_run)
+        outcomes = await replay(settings, rows, dry_run=args.dry_run, waiting_for=waiting_for)
     except LeaseHeld as exc:  # refused, like any operator command that would do harm now
         raise OperatorRefused(str(exc)) from None
     emit(

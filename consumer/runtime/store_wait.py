@@ -1,5 +1,6 @@
-"""Start-up while the PostgreSQL state store cannot be reached (still booting, say): the start
-is retried in-process with capped backoff. Exiting 1 at once made systemd restart us 5 s later,
+"""Start-up while the state store cannot be used yet (a PostgreSQL server still booting, a
+`dlq replay` holding the store for its run): the start is retried in-process with capped
+backoff. Exiting 1 at once made systemd restart us 5 s later,
 and its start limit (5 starts in 10 minutes) left the unit failed for good after some 30 s.
 
 Only what may clear by itself is waited out (a retriable :class:`~consumer.errors.StoreError`:
@@ -23,7 +24,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exp
 
 from ..config import Settings
 from ..core.printable import printable
-from ..errors import StoreError
+from ..errors import LeaseHeld, StoreError
 from ..logs import REDACTOR
 from . import systemd
 from .metrics import Metrics, MetricsServer
@@ -46,6 +47,11 @@ class Stopped(Exception):
 
 
 def _unreachable(exc: BaseException) -> bool:
+    """What clears by itself: a server that cannot be reached now, or an operator's
+    `dlq replay` holding the store for its run (a daemon refused then, exit 78, would not be
+    restarted by systemd: the stream would stay down after the replay)."""
+    if isinstance(exc, LeaseHeld):
+        return exc.holder is not None and exc.holder.get("role") == "dlq-replay"
     return isinstance(exc, StoreError) and exc.retriable
 
 
@@ -54,8 +60,6 @@ async def when_reachable(
 ) -> _T:
     """``start()``, again while it fails for a state store that cannot be reached now;
     :class:`Stopped` when ``stopping`` is set meanwhile."""
-    if settings.state.backend != "postgres":  # a local file: nothing to wait for
-        return await start()
     waiting = _Waiting(settings)
 
     async def sleep(seconds: float) -> None:

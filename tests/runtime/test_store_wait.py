@@ -23,9 +23,19 @@ import aiohttp
 import pytest
 from pg import PostgresServer, find_bindir
 from server_process import free_port
-from support import count_lines, log_records, tail, toml_config, wait_exit, wait_until
+from support import (
+    count_lines,
+    log_records,
+    spawn_daemon,
+    tail,
+    toml_config,
+    wait_exit,
+    wait_until,
+)
 
+from consumer.config import load_settings
 from consumer.errors import ExitCode
+from consumer.state import lease
 
 RETRYING = "state store unreachable at start; retrying"
 WAITING = "waiting for the state store"
@@ -187,3 +197,30 @@ async def test_refused_credentials_still_end_the_start_at_once(
         notify.close()
     assert log_records(log, RETRYING) == []
     assert "refused our credentials" in log.read_text()
+
+
+async def test_a_daemon_started_during_a_dlq_replay_waits_for_it(
+    sandbox_factory: Any, tmp_path: Path
+) -> None:
+    """A `dlq replay` holds the store for its run: a daemon (re)started meanwhile used to exit
+    78, which systemd does not restart (RestartPreventExitStatus): the stream stayed down."""
+    gw = await sandbox_factory(backlog=5)
+    config = toml_config(tmp_path, gw.url)
+    settings = load_settings(config)
+    log = tmp_path / "daemon.log"
+    replay = await lease.acquire(settings.state, (), role="dlq-replay")
+    released = False
+    proc = spawn_daemon(config, log)
+    try:
+        await wait_until(lambda: len(log_records(log, RETRYING)) >= 1, timeout=60)
+        assert proc.poll() is None
+        await replay.release()
+        released = True
+        await wait_until(lambda: count_lines(tmp_path / "events.jsonl") >= 5, timeout=60)
+        proc.send_signal(signal.SIGTERM)
+        assert await wait_exit(proc) == ExitCode.OK, tail(log)
+    finally:
+        if not released:
+            await replay.release()
+        if proc.poll() is None:
+            proc.kill()
