@@ -16,8 +16,8 @@ import orjson
 
 from .events import Event
 
-# The most of a dead letter's original text the DLQ keeps; its full length and SHA-256 go
-# beside it, so an operator can still tell two large payloads apart.
+# The most of a malformed frame's text the DLQ keeps (an event is kept whole); its full length
+# and SHA-256 go beside it, so an operator can still tell two large payloads apart.
 PAYLOAD_LIMIT: Final = 65536
 # The most of a wire value a log line or an error message shows.
 SHOWN_LIMIT: Final = 200
@@ -75,11 +75,17 @@ def describe(exc: BaseException | None, scrub: Callable[[str], str] | None = Non
 
 
 def event_evidence(ev: Event) -> Evidence:
-    """What a dead letter keeps of an event: its JSON, or, when it cannot be written back out
-    (nested deeper than a JSON writer goes), the frame it came in."""
+    """What a dead letter keeps of an event: all of it, so that ``dlq replay`` can deliver it
+    (an event is at most ``max_frame_bytes``: a larger frame is a malformed one, cut). Its
+    JSON, or, when it cannot be written back out (nested deeper than a JSON writer goes), the
+    frame it came in."""
     if ev.text is not None:
-        return evidence(ev.text)
+        return _whole(ev.text)
     try:
-        return evidence(orjson.dumps(ev.raw))
+        return _whole(orjson.dumps(ev.raw))
     except TypeError:
-        return evidence(ev.frame or b"<event that cannot be serialized>")
+        return _whole(ev.frame or b"<event that cannot be serialized>")
+
+
+def _whole(data: bytes | str) -> Evidence:
+    return evidence(data, len(data))

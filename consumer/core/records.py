@@ -62,7 +62,7 @@ class DeadLetter:
     stream: str
     reason: str  # a short class: "malformed", "sink_rejected", ...
     error: str
-    payload: str  # the raw frame text or the event JSON: at most PAYLOAD_LIMIT characters
+    payload: str  # the event JSON (whole), or a malformed frame's first PAYLOAD_LIMIT characters
     offset: str | None = None
     unique_event_id: str | None = None
     event_name: str | None = None

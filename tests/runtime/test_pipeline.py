@@ -312,6 +312,21 @@ async def test_failed_commit_keeps_ids_pending_and_retries_everything(
 # --- failures ----------------------------------------------------------------------------------
 
 
+async def test_a_large_rejected_event_is_kept_whole_for_its_replay(tmp_path: Path) -> None:
+    # The DLQ kept 64 KiB of it, so `dlq replay` could never deliver a valid 100 KB event (and
+    # its id counts as handled): every event is at most max_frame_bytes, so it is kept whole.
+    big = ev(1)
+    big.raw["detail"] = [{"elementName": "Note", "newValue": "x" * 100_000, "oldValue": ""}]
+    sink = FakeSink(poison={"u1"})
+    async with harness(tmp_path, sink, workers=1) as (store, committer, pipeline):
+        await pipeline.put(big)
+        await drained(pipeline)
+        await committer.flush()
+        (letter,) = await store.dead_letters(STREAM)
+    assert json.loads(letter.payload) == big.raw
+    assert letter.payload_size == len(letter.payload.encode())
+
+
 @pytest.mark.parametrize("name_culprit", [True, False])
 async def test_permanent_error_dead_letters_only_that_event(
     tmp_path: Path, name_culprit: bool
