@@ -29,6 +29,7 @@ from .. import __version__
 from ..config import StreamSettings
 from ..core import protocol
 from ..core.close_policy import OVERSIZED_FACTOR, Action, ClosePolicy, Decision
+from ..core.events import Event
 from ..core.evidence import describe, prefix
 from ..core.liveness import Liveness
 from ..core.printable import printable
@@ -455,7 +456,8 @@ class StreamRunner:
                 if not self._anchored:
                     # The gateway moves its own position as it sends: record where this
                     # stream began before anything else, or a crash now would skip events.
-                    await pipeline.anchor(event)
+                    async with self._backpressure(liveness):
+                        await self._anchor(event)
                     self._anchored = True
                 if not pipeline.add(event):
                     async with self._backpressure(liveness):
@@ -485,6 +487,26 @@ class StreamRunner:
                 self._session_ended(self._session_started)
                 ended, self._ended = self._ended, ""
                 return self._completed() or self.policy.on_network_error(ended)
+
+    async def _anchor(self, event: Event) -> None:
+        """Persist the stream's first event as its checkpoint, waiting for a store that fails
+        now (a full disk, a lock) with the read held: a fresh session would subscribe without
+        an offset, from the gateway's position, after everything it already sent."""
+        delay = 0.5
+        while True:
+            try:
+                await self._pipeline.anchor(event)
+                return
+            except StoreError as exc:
+                if self._stop.is_set():
+                    raise
+                log.warning(
+                    "cannot record where the stream begins; retrying",
+                    error=describe(exc),
+                    retry_in_s=delay,
+                )
+                await self._wait_or_stop(delay)
+                delay = min(delay * 2, 30.0)
 
     async def _until_server_closes(self, ws: ClientConnection, session: ClientSession) -> None:
         """Read on until the server closes (ConnectionClosed), at most ``complete_timeout_s``;

@@ -35,6 +35,7 @@ from support import (
 )
 
 from consumer.core.evidence import PAYLOAD_LIMIT
+from consumer.errors import StoreError
 from consumer.runtime.daemon import Daemon
 from consumer.state import SqliteStore as Store
 
@@ -419,3 +420,26 @@ async def test_item11_a_separate_sqlite_sink_file_is_private(sandbox_factory, tm
     async with running(settings):
         await wait_until(path.exists)
     assert path.stat().st_mode & 0o077 == 0
+
+
+async def test_a_failing_anchor_is_waited_for_not_resubscribed_past(
+    sandbox_factory, tmp_path, monkeypatch: pytest.MonkeyPatch
+):
+    """A new stream's first event is its checkpoint. When the store fails to take it (a full
+    disk), the stream used to reconnect without an offset, from the gateway's position: after
+    everything already sent, so the backlog was lost. It now waits with the read held."""
+    gw = await sandbox_factory(backlog=30)
+    failures = [StoreError("database or disk is full", retriable=True)] * 2
+    real = Store.anchor
+
+    async def failing(self: Store, *args: Any, **kwargs: Any) -> None:
+        if failures:
+            raise failures.pop()
+        await real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Store, "anchor", failing)
+    async with running(make_settings(tmp_path, gw.url)):
+        await wait_until(lambda: count_lines(tmp_path / "events.jsonl") >= 30)
+    assert failures == []
+    assert len(gw.stats.subscribes) == 1  # one session: never subscribed again past the backlog
+    assert Counter(sink_ids(tmp_path / "events.jsonl")) == Counter(truth_ids(gw.events("DEMO")))
