@@ -30,6 +30,7 @@ from ..core import protocol
 from ..core.evidence import describe, shown
 from ..core.filters import EventFilter
 from ..core.printable import printable
+from ..core.retention import PruneCutoff
 from ..core.upgrade_budget import UpgradeBudget
 from ..errors import ConfigError, ExitCode, LeaseHeld, SinkUnusable, StoreError, StreamStopped
 from ..logs import REDACTOR
@@ -509,8 +510,9 @@ class Daemon:
 
     async def _prune_forever(self) -> None:
         st = self.settings.state
+        cutoffs = PruneCutoff(st.processed_retention_days * 86400)
         while True:
-            cutoff = time.time() - st.processed_retention_days * 86400
+            cutoff = cutoffs.next(time.time(), time.monotonic())
             # A fleet member prunes the streams it holds: the members share the work.
             streams = None if self.fleet is None else sorted(self.fleet.epochs)
             try:

@@ -1,0 +1,30 @@
+"""Up to when processed ids may be pruned: the retention behind the wall clock, advancing no
+faster than the monotonic clock while the daemon runs.
+
+Processed ids are stamped with the wall clock, and pruning deletes those older than the
+retention. A wall clock stepped forward by more than the retention (NTP correcting a host that
+booted with a stale clock) would make every id look old, ids of events seconds old included:
+their copies, sent again at the next inclusive resume, would be delivered twice. So after the
+first cutoff, each one moves at most as far as the monotonic clock did since the one before.
+"""
+
+from __future__ import annotations
+
+
+class PruneCutoff:
+    __slots__ = ("_cutoff", "_retention_s", "_since")
+
+    def __init__(self, retention_s: float) -> None:
+        self._retention_s = retention_s
+        self._cutoff: float | None = None
+        self._since = 0.0
+
+    def next(self, wall_now: float, monotonic_now: float) -> float:
+        """The cutoff (wall-clock seconds) for a prune now: ids stamped before it may go."""
+        wall = wall_now - self._retention_s
+        if self._cutoff is None:
+            cutoff = wall
+        else:
+            cutoff = min(wall, self._cutoff + max(0.0, monotonic_now - self._since))
+        self._cutoff, self._since = cutoff, monotonic_now
+        return cutoff
