@@ -11,6 +11,7 @@ transaction and the jsonl sink is cut back to the committed length on the next s
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures.thread  # noqa: F401  (see below)
 import contextlib
 import gc
 import os
@@ -48,6 +49,8 @@ from .progress import ProgressLog
 from .status import CommitStatus, FleetStatus, StreamStatus
 from .stream import StreamRunner, StreamState
 
+# concurrent.futures.thread above: the default executor's module, which asyncio.to_thread would
+# import at the first commit. Out of file descriptors then, every commit failed on the import.
 log = structlog.get_logger(__name__)
 
 SIGNALS = early_signals.SIGNALS  # SIGHUP too: see there

@@ -174,16 +174,25 @@ class SqliteStore:
         with contextlib.closing(sqlite3.connect(path, timeout=5)) as probe:
             probe.execute("PRAGMA user_version").fetchone()
         writer = await _connect(path, synchronous)
+        reader: aiosqlite.Connection | None = None
         try:
             await _migrate(writer)
             reader = await _connect(path, synchronous)
+            # Inside the try too: a lookup connection that fails (out of file descriptors)
+            # left the aiosqlite threads running, and the process never exited.
+            lookup = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            try:
+                lookup.execute("PRAGMA query_only=ON")
+                lookup.execute("PRAGMA busy_timeout=5000")
+                lookup.execute(_CACHE_SIZE)
+            except BaseException:
+                lookup.close()
+                raise
         except BaseException:
+            if reader is not None:
+                await reader.close()
             await writer.close()
             raise
-        lookup = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        lookup.execute("PRAGMA query_only=ON")
-        lookup.execute("PRAGMA busy_timeout=5000")
-        lookup.execute(_CACHE_SIZE)
         return cls(path, writer, reader, lookup)
 
     async def close(self) -> None:
