@@ -393,9 +393,17 @@ class JsonlSink:
         if not any(parts):
             return
         self._check(f)
-        _pwrite_all(f.fd, parts, f.durable)
-        if self._fsync:
-            os.fsync(f.fd)
+        try:
+            _pwrite_all(f.fd, parts, f.durable)
+            if self._fsync:
+                os.fsync(f.fd)
+        except OSError:
+            # What this write left past `durable` (half a line on a full disk) is provably
+            # uncommitted: no checkpoint covers more. Cut it now, not at the next start, so a
+            # reader of the file never sees half a line (the retry writes it again).
+            with contextlib.suppress(OSError):
+                os.ftruncate(f.fd, f.durable)
+            raise
 
     def _retain(self, now: float, current: int) -> None:
         """Delete the rotated files the policy lets go: whole, fully committed ones only

@@ -417,3 +417,29 @@ async def test_the_preflight_check_refuses_a_link_as_open_does(tmp_path: Path) -
     assert str(checked.value) == str(opened.value)
     await JsonlSink(tmp_path / "new.jsonl").check(None)  # a missing file is fine
     assert not (tmp_path / "new.jsonl").exists()
+
+
+async def test_a_failed_sync_leaves_no_half_line_behind(
+    sink: JsonlSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A full disk: the write went out, its fsync failed. The file used to keep those bytes
+    # (maybe half a line) until the next start cut them; a reader saw a broken last line.
+    await sink.write("main", [event(1)])
+    await sink.sync(sink.position())
+    durable = sink.path.stat().st_size
+    real = os.fsync
+    target = os.stat(sink.path).st_ino
+
+    def failing(fd: int) -> None:
+        if os.fstat(fd).st_ino == target:
+            raise OSError(28, "No space left on device")
+        real(fd)
+
+    await sink.write("main", [event(2), event(3)])
+    monkeypatch.setattr(os, "fsync", failing)
+    with pytest.raises(TransientSinkError, match="No space left"):
+        await sink.sync(sink.position())
+    assert sink.path.stat().st_size == durable  # cut back to what is durable
+    monkeypatch.undo()
+    await sink.sync(sink.position())  # the retry writes them again
+    assert read_lines(sink.path) == [e.raw for e in (event(1), event(2), event(3))]
