@@ -143,14 +143,10 @@ async def replay(
     if dry_run:
         plan = []
         for row in rows:
-            wait = _waiting(row, held_back, failed_keys)
-            event = _event(row)
-            if wait is None and isinstance(event, Event):
-                plan.append(_outcome(row, "would deliver"))
-                continue
-            if row.primary_key:
-                failed_keys.add((row.stream, row.primary_key))
-            plan.append(_outcome(row, "skipped", wait or str(event)))
+            skip = _held(row, held_back, failed_keys)
+            if skip is None and not isinstance(event := _event(row), Event):
+                skip = _unusable(row, event, failed_keys)
+            plan.append(skip or _outcome(row, "would deliver"))
         return plan
     register_secrets(settings)  # as the daemon does: nothing we log may show one
     outcomes: list[Outcome] = []
@@ -165,12 +161,8 @@ async def replay(
             committer = Committer(store, sink, max_events=1_000_000, interval_s=1.0)
             try:
                 for i, row in enumerate(rows, 1):
-                    wait = _waiting(row, held_back, failed_keys)
-                    if wait is not None:
-                        failed_keys.add((row.stream, row.primary_key or ""))
-                        outcomes.append(_outcome(row, "skipped", wait))
-                        continue
-                    outcomes.append(await _one(row, sink, committer, failed_keys, attempts))
+                    skip = _held(row, held_back, failed_keys)
+                    outcomes.append(skip or await _one(row, sink, committer, failed_keys, attempts))
                     if i % _COMMIT_EVERY == 0:  # bound what a crash here would re-deliver
                         await committer.flush()
                 await committer.flush()
@@ -194,9 +186,7 @@ async def _one(
 ) -> Outcome:
     event = _event(row)
     if not isinstance(event, Event):
-        if row.primary_key:  # its key's later events wait for it
-            failed_keys.add((row.stream, row.primary_key))
-        return _outcome(row, "skipped", event)
+        return _unusable(row, event, failed_keys)
     key = (row.stream, event.primary_key)
     try:
         async for attempt in AsyncRetrying(
@@ -215,23 +205,29 @@ async def _one(
     return _outcome(row, "delivered")
 
 
-def _waiting(
+def _held(
     row: DeadLetterRow, held_back: dict[tuple[str, str], int], failed: set[tuple[str, str]]
-) -> str | None:
-    """Why ``row`` must not be delivered now (an older event of its key is not delivered),
-    or None."""
+) -> Outcome | None:
+    """``row`` skipped when an older event of its key is not delivered (its key then holds
+    back the later ones too), else None."""
     if not row.primary_key:
         return None
     key = (row.stream, row.primary_key)
     if key in failed:
-        return "an earlier event of this primaryKey was not delivered"
+        return _outcome(row, "skipped", "an earlier event of this primaryKey was not delivered")
     older = held_back.get(key)
-    if older is not None and older < row.id:
-        return (
-            f"dead letter {older} of this primaryKey is older and not in this replay: "
-            "replay it first, or with this one"
-        )
-    return None
+    if older is None or older > row.id:
+        return None
+    failed.add(key)
+    why = f"dead letter {older} of this primaryKey is older and not in this replay: "
+    return _outcome(row, "skipped", why + "replay it first, or with this one")
+
+
+def _unusable(row: DeadLetterRow, why: str, failed: set[tuple[str, str]]) -> Outcome:
+    """``row`` skipped: no event to deliver (``why``); its key's later events wait for it."""
+    if row.primary_key:
+        failed.add((row.stream, row.primary_key))
+    return _outcome(row, "skipped", why)
 
 
 def _event(row: DeadLetterRow) -> Event | str:
