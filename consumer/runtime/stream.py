@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 import structlog
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.typing import Subprotocol
@@ -492,21 +493,26 @@ class StreamRunner:
         """Persist the stream's first event as its checkpoint, waiting for a store that fails
         now (a full disk, a lock) with the read held: a fresh session would subscribe without
         an offset, from the gateway's position, after everything it already sent."""
-        delay = 0.5
-        while True:
-            try:
+
+        def failed(rs: RetryCallState) -> None:
+            exc = rs.outcome.exception() if rs.outcome else None
+            delay = rs.next_action.sleep if rs.next_action else 0.0
+            log.warning(
+                "cannot record where the stream begins; retrying",
+                error=describe(exc),
+                retry_in_s=round(delay, 1),
+            )
+
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(StoreError),
+            wait=wait_exponential(multiplier=0.5, max=30.0),
+            stop=lambda _: self._stop.is_set(),
+            sleep=self._wait_or_stop,
+            before_sleep=failed,
+            reraise=True,
+        ):
+            with attempt:
                 await self._pipeline.anchor(event)
-                return
-            except StoreError as exc:
-                if self._stop.is_set():
-                    raise
-                log.warning(
-                    "cannot record where the stream begins; retrying",
-                    error=describe(exc),
-                    retry_in_s=delay,
-                )
-                await self._wait_or_stop(delay)
-                delay = min(delay * 2, 30.0)
 
     async def _until_server_closes(self, ws: ClientConnection, session: ClientSession) -> None:
         """Read on until the server closes (ConnectionClosed), at most ``complete_timeout_s``;
