@@ -554,11 +554,11 @@ async def run(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     early: list[signal.Signals] = []
     stopping = asyncio.Event()  # ends a wait for the state store at once
-    created: list[Daemon] = []
+    daemon: Daemon | None = None
 
     def on_signal(sig: signal.Signals) -> None:
-        if created:  # dispatched late, after the check below: the daemon's own handling
-            created[0]._on_signal(sig)
+        if daemon is not None:  # dispatched late, after the check below: the daemon's own
+            daemon._on_signal(sig)
             return
         if early:
             _exit_now(sig)
@@ -580,7 +580,6 @@ async def run(settings: Settings) -> int:
         if isinstance(exc, store_wait.Stopped):  # nothing started, nothing to drain
             return ExitCode.RUNTIME if early[0] == signal.SIGHUP else ExitCode.OK
         raise
-    created.append(daemon)
     if early:
         if early[0] == signal.SIGHUP:
             daemon.exit_code = ExitCode.RUNTIME
