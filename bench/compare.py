@@ -23,7 +23,9 @@
    daemon: its "subscribed" log record) to the last event (the floor: received; the daemon:
    the checkpoint covering it seen in the state store, polled every 10 ms); "wall" is from
    the daemon's process start, start-up included. Peak RSS: VmRSS sampled every 100 ms from
-   /proc (and the kernel's VmHWM at the end, whichever is larger). After each run the sink is
+   /proc (and the kernel's VmHWM at the end, whichever is larger). The event loop's thread's
+   CPU per event (from the first checkpoint seen; per round, and in the JSON) says where a
+   change went when the machine's speed moves between runs. After each run the sink is
    counted: every event once is the pass condition.
 3. A table on stdout (per sink: events/s over the rounds min-max, ratio to the same round's
    floor min-max, wall events/s, peak RSS) and bench/results/compare.json, with the machine's
@@ -95,10 +97,11 @@ def proc_status(pid: int, field: str) -> float:
     return 0.0
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (0 once it is gone)."""
+def cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """User + system CPU time of a process so far, or of its thread ``tid`` (0 once gone)."""
+    where = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = Path(where).read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -413,6 +416,7 @@ level = "info"
     profiler = profile(proc.pid, work.parent / f"profile-{work.name}.txt")
     peak = 0.0
     conn: sqlite3.Connection | None = None
+    first: float | None = None  # the loop thread's CPU at the first checkpoint seen
     try:
         deadline = time.monotonic() + 60 + n / 200
         polls = 0
@@ -423,6 +427,8 @@ level = "info"
             if conn is None:
                 conn = open_state(db)
             cp = checkpoint(conn) if conn is not None else None
+            if cp is not None and first is None:  # the loop thread's CPU from here on
+                first = cpu_seconds(proc.pid, proc.pid)
             if cp is not None and cp >= last_offset:
                 done = time.time()
                 break
@@ -433,6 +439,9 @@ level = "info"
             time.sleep(0.01)
         peak = max(peak, proc_status(proc.pid, "VmRSS"), proc_status(proc.pid, "VmHWM"))
         cpu = cpu_seconds(proc.pid)
+        # Over the whole backlog (the sandbox's offsets are not one per event, so they cannot
+        # say how many were done before the first poll): a slight underestimate.
+        loop_us = None if first is None else (cpu_seconds(proc.pid, proc.pid) - first) / n * 1e6
     finally:
         if conn is not None:
             conn.close()
@@ -455,6 +464,8 @@ level = "info"
         "startup_seconds": round(start - spawned, 3),
         "peak_rss_mb": round(peak, 1),
         "daemon_cpu_s": round(cpu, 2),
+        # The event loop's thread (what bounds the rate): CPU per event after the first commit.
+        "loop_cpu_us_per_event": None if loop_us is None else round(loop_us, 1),
         "delivered": delivered,
         "ok": delivered == n,
     }
@@ -562,7 +573,12 @@ def main() -> int:
                 floor["sandbox_cpu_s"] = round(cpu_seconds(sandbox.pid) - sandbox_cpu, 2)
                 if int(floor["last_offset"]) != expected_last:
                     raise RuntimeError(f"the backlog ends at {floor['last_offset']}")
-                print(f"round {r}: floor {floor['events_per_s']:,} events/s", flush=True)
+                floor_us = floor["client_cpu_s"] / args.events * 1e6
+                print(
+                    f"round {r}: floor {floor['events_per_s']:,} events/s, "
+                    f"{floor_us:.1f} µs CPU/event",
+                    flush=True,
+                )
                 result: dict[str, Any] = {"round": r, "floor": floor, "sinks": {}}
                 if "webhook" in sinks:
                     hook_rx = Receiver()
@@ -629,6 +645,7 @@ def main() -> int:
                             f"({run['events_per_s'] / floor['events_per_s']:.2f} of the floor"
                             f"{of_hook}), "
                             f"wall {run['wall_seconds']} s, peak RSS {run['peak_rss_mb']} MB, "
+                            f"loop thread {run['loop_cpu_us_per_event']} µs CPU/event, "
                             f"delivered {run['delivered']:,}",
                             flush=True,
                         )
