@@ -217,6 +217,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text}: 0 or more")
+    return value
+
+
+# `dlq list` shows this many unless told otherwise: a queue of 100,000 rows took 280 MB to list.
+LIST_LIMIT = 1000
+
+
 def _dlq_parser(sub: Any, with_config: Any) -> None:
     dlq = _add(sub, "dlq", "the dead-letter queue: list, show, replay, purge")
     cmds = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
@@ -233,7 +244,13 @@ def _dlq_parser(sub: Any, with_config: Any) -> None:
         p.add_argument("--json", action="store_true", help="machine-readable output")
         return p
 
-    filters(with_config(_add(cmds, "list", "dead letters, oldest first")), when="since")
+    listing = filters(with_config(_add(cmds, "list", "dead letters, oldest first")), when="since")
+    listing.add_argument(
+        "--limit",
+        type=_count,
+        default=LIST_LIMIT,
+        help=f"at most this many (default {LIST_LIMIT}; 0: all of them)",
+    )
     show = with_config(_add(cmds, "show", "one dead letter: error and raw payload"))
     show.add_argument("id", type=int)
     show.add_argument("--json", action="store_true", help="machine-readable output")

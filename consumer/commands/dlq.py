@@ -267,15 +267,26 @@ async def command(settings: Settings, args: argparse.Namespace) -> int:
             since=since,
             before=before,
             ids=[args.id] if action == "show" else (getattr(args, "ids", None) or None),
+            payloads=action in ("show", "replay"),  # list and purge show summaries only
+            # one more than shown: whether there are more to say so
+            limit=args.limit + 1 if action == "list" and args.limit else None,
         )
         if action == "purge" and not args.dry_run:
             n = await store.purge_dead_letters([r.id for r in rows])
         if action == "replay":  # what the chosen rows' keys wait for
-            waiting_for = older_outside(rows, await store.dead_letters(None))
+            every = await store.dead_letters(None, payloads=False)
+            waiting_for = older_outside(rows, every)
     finally:
         await store.close()
     if action == "list":
-        emit([summary(r) for r in rows], LIST_COLUMNS, as_json=args.json)
+        more = bool(args.limit) and len(rows) > args.limit
+        emit([summary(r) for r in rows[: args.limit or None]], LIST_COLUMNS, as_json=args.json)
+        if more:
+            print(
+                f"only the oldest {args.limit} shown: more dead letters match (--limit N, "
+                "0 for all, or narrow with --stream, --reason, --since)",
+                file=sys.stderr,
+            )
         return ExitCode.OK
     if action == "show":
         if not rows:

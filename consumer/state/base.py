@@ -82,7 +82,13 @@ class StateStore(Protocol):
         since: float | None = None,
         before: float | None = None,
         ids: Sequence[int] | None = None,
-    ) -> list[DeadLetterRow]: ...
+        payloads: bool = True,
+        limit: int | None = None,
+    ) -> list[DeadLetterRow]:
+        """Dead letters in arrival order, filtered by every argument given, the first ``limit``
+        of them. ``payloads`` False: each row's ``payload`` is empty (a listing, or the
+        replay's ordering check over the whole queue)."""
+        ...
 
     async def purge_dead_letters(self, ids: Sequence[int]) -> int: ...
 

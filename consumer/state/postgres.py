@@ -445,12 +445,15 @@ class PostgresStore:
         since: float | None = None,
         before: float | None = None,
         ids: Sequence[int] | None = None,
+        payloads: bool = True,
+        limit: int | None = None,
     ) -> list[DeadLetterRow]:
-        """Dead letters in arrival order, filtered by every argument given."""
+        """Dead letters in arrival order, filtered by every argument given (see StateStore)."""
+        payload = "payload" if payloads else "''"  # an empty text in its place
         sql = (
             'SELECT id, stream, "offset", unique_event_id, event_name, primary_key, reason, '
-            "error, payload, attempts, first_at, last_at, payload_size, payload_sha256 "
-            f"FROM {self._s}.dead_letters WHERE TRUE"
+            f"error, {payload}, attempts, first_at, last_at, "
+            f"payload_size, payload_sha256 FROM {self._s}.dead_letters WHERE TRUE"
         )
         args: list[Any] = []
         for clause, value in (
@@ -463,7 +466,11 @@ class PostgresStore:
             if value is not None:
                 args.append(value)
                 sql += clause.format(len(args))
-        rows = await self._pool.fetch(sql + " ORDER BY id", *args)
+        sql += " ORDER BY id"
+        if limit is not None:
+            args.append(limit)
+            sql += f" LIMIT ${len(args)}::bigint"
+        rows = await self._pool.fetch(sql, *args)
         return [_dead_letter(row) for row in rows]
 
     @_translated("reading parked keys")

@@ -269,12 +269,15 @@ class SqliteStore:
         since: float | None = None,
         before: float | None = None,
         ids: Sequence[int] | None = None,
+        payloads: bool = True,
+        limit: int | None = None,
     ) -> list[DeadLetterRow]:
-        """Dead letters in arrival order, filtered by every argument given."""
+        """Dead letters in arrival order, filtered by every argument given (see StateStore)."""
+        payload = "payload" if payloads else "''"  # an empty text in its place
         sql = (
             "SELECT id, stream, offset, unique_event_id, event_name, primary_key, reason, error, "
-            "payload, attempts, first_at, last_at, payload_size, payload_sha256 "
-            "FROM dead_letters WHERE 1"
+            f"{payload}, attempts, first_at, last_at, "
+            "payload_size, payload_sha256 FROM dead_letters WHERE 1"
         )
         args: list[Any] = []
         for clause, value in (
@@ -289,7 +292,11 @@ class SqliteStore:
         if ids is not None:
             sql += f" AND id IN ({','.join('?' * len(ids))})"
             args.extend(ids)
-        async with self._r.execute(sql + " ORDER BY id", args) as cur:
+        sql += " ORDER BY id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        async with self._r.execute(sql, args) as cur:
             return [DeadLetterRow(*row) for row in await cur.fetchall()]
 
     @_translated

@@ -101,6 +101,19 @@ async def test_dlq_commands(sandbox_factory, tmp_path: Path, capsys: pytest.Capt
         d["unique_event_id"] for d in await listed("--stream", "main", "--reason", "sink_rejected")
     } == {uid(r10), uid(r40)}
     assert await listed("--stream", "nope") == []
+    # --limit: the oldest N, and a word on stderr that more match
+    code, out, err = await cli(
+        capsys, "dlq", "list", "--json", "--limit", "2", "--config", str(py_cfg)
+    )
+    assert code == 0, err
+    assert [d["id"] for d in json.loads(out)] == sorted(all_ids)[:2]
+    assert "only the oldest 2 shown" in err
+    code, out, err = await cli(capsys, "dlq", "list", "--limit", "5", "--config", str(py_cfg))
+    assert code == 0 and "oldest" not in err, err  # exactly as many as match: nothing more
+    assert {int(c["id"]) for c in read_table(out)} == all_ids
+    assert [d["id"] for d in await listed("--limit", "0")] == sorted(all_ids)  # 0: all
+    code, _, err = await cli(capsys, "dlq", "list", "--limit", "-1", "--config", str(py_cfg))
+    assert code == 2 and "-1" in err
 
     # show: the whole error and the payload
     code, out, err = await cli(

@@ -11,6 +11,7 @@ test_postgres_store.py.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import sqlite3
 import stat
@@ -480,7 +481,23 @@ async def test_dead_letter_filters(store: Store) -> None:
     assert await uids(ids=[ids["u3"], ids["u1"]]) == ["u1", "u3"]
     assert await uids("t", ids=[ids["u1"]]) == []
     assert await uids(ids=[]) == []
+    assert await uids(limit=2) == ["u1", "u2"]  # the oldest
+    assert await uids("s", limit=1) == ["u1"]
+    assert await uids(since=20.0, limit=5) == ["u2", "u3"]
     assert await store.dead_letter_counts() == {"s": 2, "t": 1}
+
+
+async def test_dead_letters_without_their_payloads(store: Store) -> None:
+    """A listing (dlq list, purge, the replay's ordering check over the whole queue) leaves the
+    payloads in the store: the same rows and filters, each payload empty."""
+    big = letter("u2", payload="x" * 1_000_000)
+    await store.commit(CommitBatch(dead_letters=[letter("u1"), big]), now=10.0)
+    whole = await store.dead_letters("s")
+    listed = await store.dead_letters("s", payloads=False)
+    assert [r.payload for r in whole] == ['{"a":1}', "x" * 1_000_000]
+    assert [r.payload for r in listed] == ["", ""]
+    assert [dataclasses.replace(r, payload="") for r in whole] == listed
+    assert [r.unique_event_id for r in await store.dead_letters(reason="x", payloads=False)] == []
 
 
 async def test_purge_and_resolve_remove_dead_letters(store: Store) -> None:
