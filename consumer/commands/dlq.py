@@ -274,8 +274,7 @@ async def command(settings: Settings, args: argparse.Namespace) -> int:
         if action == "purge" and not args.dry_run:
             n = await store.purge_dead_letters([r.id for r in rows])
         if action == "replay":  # what the chosen rows' keys wait for
-            every = await store.dead_letters(None, payloads=False)
-            waiting_for = older_outside(rows, every)
+            waiting_for = older_outside(rows, await store.dead_letters(None, payloads=False))
     finally:
         await store.close()
     if action == "list":
