@@ -89,6 +89,10 @@ class StreamPipeline:
         self._parking = None if parked is None else ParkedKeys(stream, committer, parked)
         # None when nothing is filtered: the per-batch cost is then this one attribute check.
         self._filter = None if event_filter is None or event_filter.passes_all else event_filter
+        # The ids the workers are deciding on or writing now (from the lookup to the outcome),
+        # and a wake-up when some are let go: see _claim.
+        self._writing: set[str] = set()
+        self._let_go = asyncio.Event()
         self.delivered = 0
         self.duplicates = 0
         self.dead_lettered = 0
@@ -307,6 +311,27 @@ class StreamPipeline:
             if not batch:
                 return
         ids = [ev.unique_event_id for _, ev in batch]
+        await self._claim(ids)
+        try:
+            await self._decide(batch, ids, retrying)
+        finally:
+            self._writing.difference_update(ids)
+            self._let_go.set()
+
+    async def _claim(self, ids: list[str]) -> None:
+        """Wait while another worker is deciding on or writing one of these ids, then hold
+        them. One uniqueEventId under two primaryKeys (a gateway should never send that, but
+        every byte from outside is hostile) goes to two workers: the second would find the id
+        neither processed nor pending while the first's write awaits its sink, and write it
+        too. After the wait, the lookup finds it (processed, or dead-lettered: handled)."""
+        writing = self._writing
+        while not writing.isdisjoint(ids):
+            self._let_go.clear()
+            await self._let_go.wait()
+        writing.update(ids)
+
+    async def _decide(self, batch: list[_Item], ids: list[str], retrying: AsyncRetrying) -> None:
+        """Skip the ids already processed; deliver the others."""
         seen = await self._lookup(ids)
         if not seen and len(set(ids)) == len(ids):  # the usual case: all of them new
             await self._deliver(batch, retrying)

@@ -860,3 +860,39 @@ async def test_an_adaptive_commit_that_failed_is_retried_without_new_events(
         await asyncio.gather(task, return_exceptions=True)
         await sink.close()
         await store.close()
+
+
+@pytest.mark.parametrize("outcome", ["delivered", "rejected"])
+async def test_one_event_id_under_two_resources_reaches_the_sink_once(
+    tmp_path: Path, outcome: str
+) -> None:
+    """A gateway that sends one uniqueEventId under two primaryKeys (it should not; the wire
+    is hostile): the two go to different workers. The second waits for the first's outcome,
+    then is a duplicate, whether the first was written or dead-lettered. Before, it found the
+    id neither processed nor pending while the first write awaited its sink, and wrote it too."""
+    sink = FakeSink(poison={"u1"} if outcome == "rejected" else None)
+    sink.hold["k-a"] = asyncio.Event()
+    async with harness(tmp_path, sink, workers=2) as (_, _, pipeline):
+        first = ev(1, key="k-a")
+        other = next(
+            k for k in (f"k-{i}" for i in range(100)) if pipeline._worker_of(ev(2, key=k)) == 1
+        )
+        assert pipeline._worker_of(first) == 0, "the test needs the two on different workers"
+        again = ev(2, key=other)._replace(unique_event_id="u1")
+        pipeline.add(first)
+        pipeline.add(again)
+        await pipeline.room()
+        await wait_until_called(sink, 1)  # the first write is under way, held by its sink
+        for _ in range(20):  # the other worker takes its copy meanwhile
+            await asyncio.sleep(0)
+        sink.hold["k-a"].set()
+        await drained(pipeline)
+    assert [e.offset for e in sink.delivered] == ([first.offset] if outcome == "delivered" else [])
+    assert pipeline.duplicates == 1
+    assert pipeline.dead_lettered == (1 if outcome == "rejected" else 0)
+
+
+async def wait_until_called(sink: FakeSink, calls: int) -> None:
+    async with asyncio.timeout(WAIT_S):
+        while sink.calls < calls:
+            await asyncio.sleep(0)
