@@ -14,7 +14,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -111,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
         "--interval", type=_positive, default=2.0, help="seconds between refreshes (--watch)"
     )
     status.add_argument(
-        "--count", type=_positive_int, help="stop after this many refreshes (--watch)"
+        "--count", type=_int_from(1), help="stop after this many refreshes (--watch)"
     )
     with_config(
         _add(
@@ -210,18 +210,17 @@ def _positive(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text}: at least 1")
-    return value
+def _int_from(low: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``low``."""
 
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text}: at least {low}")
+        return value
 
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text}: 0 or more")
-    return value
+    parse.__name__ = "int"  # argparse names the type in "invalid int value: 'x'"
+    return parse
 
 
 # `dlq list` shows this many unless told otherwise: a queue of 100,000 rows took 280 MB to list.
@@ -247,7 +246,7 @@ def _dlq_parser(sub: Any, with_config: Any) -> None:
     listing = filters(with_config(_add(cmds, "list", "dead letters, oldest first")), when="since")
     listing.add_argument(
         "--limit",
-        type=_count,
+        type=_int_from(0),
         default=LIST_LIMIT,
         help=f"at most this many (default {LIST_LIMIT}; 0: all of them)",
     )
