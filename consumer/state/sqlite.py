@@ -122,6 +122,15 @@ def _translated(
     return translated
 
 
+# Dead-letter ids as one JSON parameter, not one variable each: a DLQ of 10^5 rows is past
+# SQLite's variable limit (32,766 in a default build), and `purge --all` failed whole.
+_IDS = "(SELECT value FROM json_each(?))"
+
+
+def _ids(ids: Sequence[int]) -> str:
+    return json.dumps([int(i) for i in ids])
+
+
 @functools.cache
 def _processed_sql(rows: int) -> str:
     return "INSERT OR IGNORE INTO processed_events (stream, event_id, processed_at) VALUES " + (
@@ -290,8 +299,8 @@ class SqliteStore:
                 sql += clause
                 args.append(value)
         if ids is not None:
-            sql += f" AND id IN ({','.join('?' * len(ids))})"
-            args.extend(ids)
+            sql += f" AND id IN {_IDS}"
+            args.append(_ids(ids))
         sql += " ORDER BY id"
         if limit is not None:
             sql += " LIMIT ?"
@@ -465,12 +474,7 @@ class SqliteStore:
     async def purge_dead_letters(self, ids: Sequence[int]) -> int:
         if not ids:
             return 0
-        # One JSON parameter, not one per id: a DLQ of 10^5 rows is past SQLite's variable
-        # limit (32,766 in a default build), and `purge --all` failed whole.
-        cur = await self._w.execute(
-            "DELETE FROM dead_letters WHERE id IN (SELECT value FROM json_each(?))",
-            (json.dumps([int(i) for i in ids]),),
-        )
+        cur = await self._w.execute(f"DELETE FROM dead_letters WHERE id IN {_IDS}", (_ids(ids),))
         n = cur.rowcount
         await cur.close()
         return max(n, 0)
