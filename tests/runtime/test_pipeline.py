@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import wait_until
 
 from consumer.core.events import Event
 from consumer.core.evidence import evidence
@@ -882,17 +883,12 @@ async def test_one_event_id_under_two_resources_reaches_the_sink_once(
         pipeline.add(first)
         pipeline.add(again)
         await pipeline.room()
-        await wait_until_called(sink, 1)  # the first write is under way, held by its sink
-        for _ in range(20):  # the other worker takes its copy meanwhile
-            await asyncio.sleep(0)
+        await wait_until(lambda: sink.calls >= 1, timeout=WAIT_S)  # the first write, held
+        # The other worker took its copy: from there it runs to its decision without a pause
+        # (no lookup or write here awaits), so it has decided before the first write ends.
+        await wait_until(lambda: pipeline._queued == 0, timeout=WAIT_S)
         sink.hold["k-a"].set()
         await drained(pipeline)
     assert [e.offset for e in sink.delivered] == ([first.offset] if outcome == "delivered" else [])
     assert pipeline.duplicates == 1
     assert pipeline.dead_lettered == (1 if outcome == "rejected" else 0)
-
-
-async def wait_until_called(sink: FakeSink, calls: int) -> None:
-    async with asyncio.timeout(WAIT_S):
-        while sink.calls < calls:
-            await asyncio.sleep(0)
