@@ -224,14 +224,29 @@ def committed_sink_length(state: Path, sink: str = "jsonl") -> int:
     return int(row[0]) if row is not None else 0
 
 
+def caught(pid: int, sig: signal.Signals) -> bool:
+    """Whether the process has a handler for ``sig`` (its SigCgt mask, in /proc)."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = next((line.split()[1] for line in text.splitlines() if line.startswith("SigCgt:")), "0")
+    return bool(int(mask, 16) >> (sig - 1) & 1)
+
+
 async def stop_when_committed(
     proc: subprocess.Popen[bytes], state: Path, offset: str, log: Path, timeout: float = 180.0
 ) -> None:
-    """Wait until the checkpoint covers ``offset`` (every event written, none in flight), then
-    SIGTERM: the daemon must still be running then and exit 0. Killed whatever happens."""
+    """Wait until the checkpoint covers ``offset`` (every event written, none in flight) and
+    the daemon handles SIGTERM, then SIGTERM: the daemon must still be running then and exit 0.
+    Killed whatever happens. (A checkpoint that covered it before the spawn would have the
+    signal sent while the interpreter starts, when it takes its default action.)"""
     try:
         await wait_until(
-            lambda: committed(state, offset) or proc.poll() is not None,
+            lambda: (
+                (committed(state, offset) and caught(proc.pid, signal.SIGTERM))
+                or proc.poll() is not None
+            ),
             timeout=timeout,
             interval=0.1,
         )

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import spawn_daemon, tail, toml_config, wait_exit, wait_until
+from support import caught, spawn_daemon, tail, toml_config, wait_exit, wait_until
 
 # The daemon as `opera-consumer run` starts it, with its start-up made to take a signal
 # midway (Daemon.create is where a slow lease, store or sink keeps it).
@@ -102,16 +102,6 @@ async def test_a_signal_as_start_up_ends_still_stops_the_daemon(sandbox_factory,
 # any of our code runs), takes the default action whatever a program does, so "right after
 # spawn" is no test of ours; these are the earliest points that are.
 PROC = Path("/proc/self/status")
-
-
-def caught(pid: int, sig: signal.Signals) -> bool:
-    """Whether the process has a handler for ``sig`` (its SigCgt mask, in /proc)."""
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return False
-    mask = next((line.split()[1] for line in text.splitlines() if line.startswith("SigCgt:")), "0")
-    return bool(int(mask, 16) >> (sig - 1) & 1)
 
 
 def loading(pid: int) -> bool:
