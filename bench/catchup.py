@@ -1,6 +1,6 @@
 """Catch-up benchmark: events/s from a sandbox backlog into a sink, and peak RSS.
 
-    .venv/bin/python bench/catchup.py [--events 200000] [--workers 4]
+    .venv/bin/python bench/catchup.py [--events 200000] [--workers N]
         [--sink jsonl|sqlite|postgres|webhook|nats|redis] [--dsn postgresql://...]
         [--batch-size N]
 
@@ -200,7 +200,7 @@ def bus_server(sink: str) -> Iterator[str]:
 def run_daemon(
     url: str,
     n: int,
-    workers: int,
+    workers: int | None,
     work: Path,
     *,
     sink: str,
@@ -223,8 +223,7 @@ offset = "0"
 path = "{work}/state.db"
 synchronous = "full"
 {SINKS[sink].format(work=work, dsn=dsn, stamp=stamp, url=hook, batch_size=batch_size, bus=bus)}
-[pipeline]
-workers = {workers}
+{"" if workers is None else f"[pipeline]{chr(10)}workers = {workers}"}
 [metrics]
 port = 0
 [log]
@@ -254,7 +253,7 @@ level = "warning"
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=200_000)
-    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=None, help="default: the sink's own")
     parser.add_argument("--sink", choices=sorted(SINKS), default="jsonl")
     parser.add_argument("--dsn", help="PostgreSQL DSN for --sink postgres")
     parser.add_argument("--batch-size", type=int, default=1, help="events per POST (webhook)")

@@ -1,7 +1,7 @@
 """Throughput of the daemon per sink against the floor: a bare client on the same backlog.
 
     .venv/bin/python bench/compare.py [--events 300000] [--rounds 3]
-        [--sinks jsonl,sqlite,postgres,webhook,webhook50] [--workers 4]
+        [--sinks jsonl,sqlite,postgres,webhook,webhook50] [--workers N]
 
 1. The sandbox gateway runs in its own process (`opera-consumer sandbox --fast-backlog`): one
    chain, a backlog of --events templated events sent as pre-encoded frames, so the readers
@@ -15,9 +15,11 @@
      backlog's last offset. Sinks: jsonl (fsync), sqlite (in the state store), postgres (a
      throwaway server from tests/pg.py; skipped with a note without the server binaries),
      webhook (batch_size 1) and webhook50 (batch_size 50) against a keep-alive HTTP/1.1
-     receiver in its own process, 4 workers (--workers).
+     receiver in its own process. Pipeline workers: the sink's default (one for jsonl and
+     sqlite, whose writes never wait; four for postgres, here on a pool of its own, and
+     webhook), or --workers.
    With webhook in --sinks, also the webhook floor: aiohttp alone, as the sink uses it with
-   batch_size 1 (--workers tasks POSTing the backlog's documents one at a time over one
+   batch_size 1 (--workers tasks, default 4, POSTing the backlog's documents one at a time over one
    keep-alive pool to a fresh receiver): what the HTTP client itself manages on this machine.
    events/s is measured from the subscription (the floor: its subscribe message sent; the
    daemon: its "subscribed" log record) to the last event (the floor: received; the daemon:
@@ -65,6 +67,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # tests/pg.py: a throwaway PostgreSQL s
 from consumer.config import HttpSettings, WebhookSinkSettings  # noqa: E402
 from consumer.core import protocol  # noqa: E402
 from consumer.http_client import ERROR_BODY_BYTES  # noqa: E402
+from consumer.runtime.pipeline import WAITING_SINK_WORKERS  # noqa: E402
 from consumer.sandbox import SandboxOptions, launcher  # noqa: E402
 from consumer.sandbox.templated import TemplatedEvents  # noqa: E402
 
@@ -383,7 +386,7 @@ def run_daemon(
     work: Path,
     *,
     sink: str,
-    workers: int,
+    workers: int | None,
     counter: Callable[[], int],
     hook: str = "",
     dsn: str = "",
@@ -400,8 +403,7 @@ offset = "0"
 path = "{work}/state.db"
 synchronous = "full"
 {sink_table(sink, work, hook=hook, dsn=dsn, table=table)}
-[pipeline]
-workers = {workers}
+{"" if workers is None else f"[pipeline]{chr(10)}workers = {workers}"}
 [metrics]
 port = 0
 [log]
@@ -536,10 +538,17 @@ def main() -> int:
     parser.add_argument("--events", type=int, default=300_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sinks", default=",".join(SINKS), help=f"of {','.join(SINKS)}")
-    parser.add_argument("--workers", type=int, default=4, help="the daemon's pipeline workers")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="the daemon's pipeline workers (default: the sink's own, as the daemon's; the "
+        f"webhook floor's POSTs in flight: {WAITING_SINK_WORKERS})",
+    )
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "compare.json")
     parser.add_argument("--receiver", type=int, help=argparse.SUPPRESS)  # internal
     args = parser.parse_args()
+    in_flight = args.workers or WAITING_SINK_WORKERS  # the webhook floor: as the webhook sink
     if args.receiver is not None:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(_receiver(args.receiver))
@@ -583,7 +592,7 @@ def main() -> int:
                 if "webhook" in sinks:
                     hook_rx = Receiver()
                     try:
-                        hook = asyncio.run(bare_webhook(hook_rx.url, n, args.workers))
+                        hook = asyncio.run(bare_webhook(hook_rx.url, n, in_flight))
                         hook["receiver_cpu_s"] = round(cpu_seconds(hook_rx.proc.pid), 2)
                         hook["ok"] = hook_rx.count() == n
                     finally:
@@ -668,7 +677,7 @@ def main() -> int:
         "machine_at_end": ended,
         "notes": notes,
         "results": rounds,
-        "table": table(rounds, sinks, notes, args.workers),
+        "table": table(rounds, sinks, notes, in_flight),
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")

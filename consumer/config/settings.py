@@ -843,7 +843,9 @@ class OrchestrationSettings(_Model):
 
 
 class PipelineSettings(_Model):
-    workers: int = Field(default=4, ge=1, le=256)
+    # None: the sink's own default (runtime.pipeline.default_workers): 1 where its write never
+    # waits (jsonl, sqlite in the state's file, postgres on the state's dsn), 4 elsewhere.
+    workers: int | None = Field(default=None, ge=1, le=256)
     queue_size: int = Field(default=2000, ge=1)  # per stream: read, not yet taken by a worker
     batch_max: int = Field(default=200, ge=1)
     drain_timeout_s: float = Field(default=20.0, ge=0)

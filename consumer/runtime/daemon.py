@@ -44,7 +44,7 @@ from .auth import TokenProvider
 from .committer import Committer
 from .fleet import DuplicateMember, Fleet
 from .metrics import Metrics, MetricsServer
-from .pipeline import StreamPipeline
+from .pipeline import StreamPipeline, default_workers
 from .progress import ProgressLog
 from .status import CommitStatus, FleetStatus, StreamStatus
 from .stream import StreamRunner, StreamState
@@ -191,7 +191,7 @@ class Daemon:
             name,
             sink=self.sink,
             committer=self.committer,
-            workers=p.workers,
+            workers=p.workers or default_workers(self.sink),
             queue_size=p.queue_size,
             batch_max=p.batch_max,
             retry_initial_s=p.sink_retry_initial_s,

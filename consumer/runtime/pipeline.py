@@ -49,6 +49,19 @@ _Item = tuple[int, Event]
 # same events/s (jsonl, sqlite); at 64 fewer.
 HANDOVER = 128
 
+# Workers when [pipeline] workers is not set, for a sink whose write waits on I/O: four
+# requests (or handler calls) in flight at once.
+WAITING_SINK_WORKERS = 4
+
+
+def default_workers(sink: Sink) -> int:
+    """One worker for a sink whose write never suspends (``Sink.waits``): nothing of its
+    writes could overlap, and more workers only cut each hand-over into smaller batches, each
+    with its own lookup, write call and metrics. Measured on a catch-up (issue #12): the
+    event loop's CPU per event 17.3 µs with one worker against 20.1 µs with four (jsonl), and
+    18.3 against 20.7 (sqlite)."""
+    return WAITING_SINK_WORKERS if sink.waits else 1
+
 
 class StreamPipeline:
     def __init__(

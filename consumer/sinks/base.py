@@ -14,6 +14,9 @@ committer that makes delivery exactly-once in effect:
   after a crash it may see an event again.
 * A sink whose rows live in the state store's own database returns them from ``staged()``:
   the committer writes them in the checkpoint's transaction (nothing to ``sync``).
+* ``waits``: whether ``write`` may suspend on I/O (the network, another thread). Several
+  workers overlap those waits; for a sink whose write never suspends (every transactional
+  one) a second worker only splits the batches, so the pipeline runs one unless told.
 * ``counters()``: figures of its own for the metrics (e.g. the orchestration's GETs).
 * Errors: raise :class:`~consumer.errors.TransientSinkError` to have the batch retried with
   backoff (intake pauses meanwhile), or :class:`~consumer.errors.PermanentSinkError` when an
@@ -34,6 +37,7 @@ from ..errors import PermanentSinkError
 class Sink(Protocol):
     name: str
     transactional: bool
+    waits: bool
 
     async def open(self, committed: str | None) -> None: ...
 
@@ -57,6 +61,7 @@ class PlainSink:
     no position to record, nothing to sync, nothing to open or close unless overridden."""
 
     transactional = False
+    waits = True
 
     async def open(self, committed: str | None) -> None:
         return None

@@ -82,6 +82,7 @@ class _File:
 class JsonlSink:
     name = "jsonl"
     transactional = True
+    waits = False
 
     def __init__(
         self,

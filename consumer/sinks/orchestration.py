@@ -318,6 +318,7 @@ class OrchestratingSink:
         self.orchestrator = orchestrator
         self.name = inner.name
         self.transactional = inner.transactional
+        self.waits = True  # the resource's GET, whatever the inner sink
 
     async def open(self, committed: str | None) -> None:
         await self.inner.open(committed)

@@ -59,6 +59,7 @@ class StoreTableSink(PlainSink):
 
     name = "sqlite"
     transactional = True
+    waits = False
 
     def __init__(self, state_path: Path, table: str) -> None:
         self.path = state_path

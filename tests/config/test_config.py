@@ -54,7 +54,7 @@ def test_minimal_valid_config(tmp_path: Path) -> None:
     assert stream.subscription.start == "persisted"
     assert stream.subscription.offset is None
     assert stream.token_url == "https://gw.example.com/oauth/v1/tokens"
-    assert settings.pipeline.workers >= 1
+    assert settings.pipeline.workers is None  # the sink's default: runtime.pipeline.default_workers
 
 
 def test_config_toml_in_the_working_directory_is_found(tmp_path: Path) -> None:

@@ -335,6 +335,7 @@ class FlakySink:
 
     name = "jsonl"
     transactional = True
+    waits = False  # as the jsonl sink it wraps: its write never suspends
 
     def __init__(self, path: Path, *, transient_failures: int, poison: str | None) -> None:
         self.inner = JsonlSink(path)

@@ -1,0 +1,78 @@
+"""``[pipeline] workers`` unset: one worker for a sink whose write never suspends (more would
+only cut each hand-over into smaller batches), four where writes wait on I/O; set, obeyed."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from support import make_settings, running, wait_until
+
+from consumer.config import Settings
+from consumer.runtime.assembly import build_sink
+from consumer.runtime.pipeline import WAITING_SINK_WORKERS, default_workers
+from consumer.sandbox import SandboxGateway
+
+GATEWAY = "http://127.0.0.1:9"  # never connected to: only the sinks are built
+
+
+def settings(tmp_path: Path, sink: dict[str, Any], **extra: Any) -> Settings:
+    s = make_settings(tmp_path, GATEWAY, sink=sink)
+    return s.model_copy(update=extra) if extra else s
+
+
+@pytest.mark.parametrize(
+    ("sink", "orchestrated", "workers"),
+    [
+        ({"type": "jsonl"}, False, 1),
+        ({"type": "sqlite"}, False, 1),  # rows in the state store's commit
+        ({"type": "sqlite", "path": "other.db"}, False, WAITING_SINK_WORKERS),  # aiosqlite
+        ({"type": "webhook", "url": "http://127.0.0.1:9/hook"}, False, WAITING_SINK_WORKERS),
+        ({"type": "python", "target": "pysink:handle"}, False, WAITING_SINK_WORKERS),
+        ({"type": "jsonl"}, True, WAITING_SINK_WORKERS),  # the resource's GET first
+    ],
+    ids=["jsonl", "sqlite-in-store", "sqlite-own-file", "webhook", "python", "orchestrated-jsonl"],
+)
+async def test_the_default_follows_whether_the_sink_waits(
+    tmp_path: Path, sink: dict[str, Any], orchestrated: bool, workers: int
+) -> None:
+    if sink["type"] in ("jsonl", "sqlite") and "path" in sink:
+        sink = {**sink, "path": tmp_path / sink["path"]}
+    elif sink["type"] == "jsonl":
+        sink = {**sink, "path": tmp_path / "events.jsonl"}
+    s = settings(tmp_path, sink)
+    if orchestrated:
+        s = s.model_copy(
+            update={"orchestration": s.orchestration.model_copy(update={"enabled": True})}
+        )
+    async with aiohttp.ClientSession() as http:
+        assert default_workers(build_sink(s, http)) == workers
+
+
+async def test_postgres_waits_unless_its_rows_go_in_the_state_transaction(tmp_path: Path) -> None:
+    pytest.importorskip("asyncpg", reason="the postgres extra is not installed")
+    from consumer.sinks.postgres import PostgresSink
+
+    s = settings(tmp_path, {"type": "postgres", "dsn": "postgresql://u:p@127.0.0.1:9/db"})
+    assert s.sink.type == "postgres"
+    assert default_workers(PostgresSink(s.sink, in_state_transaction=True)) == 1  # type: ignore[arg-type]
+    assert default_workers(PostgresSink(s.sink)) == WAITING_SINK_WORKERS  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("configured", "started"), [(None, 1), (3, 3)], ids=["unset", "three"])
+async def test_the_daemon_starts_that_many_workers(
+    sandbox_factory: Callable[..., Awaitable[SandboxGateway]],
+    tmp_path: Path,
+    configured: int | None,
+    started: int,
+) -> None:
+    gw = await sandbox_factory(backlog=20)
+    s = make_settings(tmp_path, gw.url, pipeline={"workers": configured})
+    async with running(s) as daemon:
+        await wait_until(
+            lambda: "main" in daemon.pipelines and daemon.pipelines["main"].delivered == 20
+        )
+        assert len(daemon.pipelines["main"].tasks) == started
