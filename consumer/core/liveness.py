@@ -16,6 +16,14 @@ _ALPHA = 1 / 8  # RFC 6298 gains
 _BETA = 1 / 4
 
 
+def first_ping_due(init_sent_at: float, interval_s: float, now: float) -> float:
+    """When a connection's first ``ping`` is due: ``interval_s`` after its ``connection_init``
+    went out, not after the subscribe. OHIP wants a ping at least every 15 s and the waits
+    before subscribing (the ack, the connection status, the takeover jitter) may take most of
+    that. ``now`` when that time has passed already."""
+    return max(init_sent_at + interval_s, now)
+
+
 class Liveness:
     __slots__ = (
         "_ceiling",

@@ -2,9 +2,10 @@
 
 The reader only moves frames: decode, hand events to the pipeline (waiting when it is full),
 answer pings. Two helper tasks per session own the timers: ``_keepalive`` sends a ping every
-``ping_interval_s`` and replaces a connection that shows no pong and no event within the
-liveness deadline; ``_completer`` ends the session gracefully (``complete``, then wait for the
-server to close) at shutdown or before the token expires.
+``ping_interval_s`` (the first that long after ``connection_init``) and replaces a connection
+that shows no pong and no event within the liveness deadline; ``_completer`` ends the session
+gracefully (``complete``, then wait for the server to close) at shutdown or before the token
+expires.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from ..core import protocol
 from ..core.close_policy import OVERSIZED_FACTOR, Action, ClosePolicy, Decision
 from ..core.events import Event
 from ..core.evidence import describe, prefix
-from ..core.liveness import Liveness
+from ..core.liveness import Liveness, first_ping_due
 from ..core.printable import printable
 from ..core.protocol import DecodeError, Next, SubscribeInput
 from ..core.session import (
@@ -295,7 +296,8 @@ class StreamRunner:
         await ws.send(
             session.connection_init(token.value, self.settings.app_key.get_secret_value())
         )
-        deadline = SubscribeDeadline.after_init(time.monotonic(), c.subscribe_deadline_s)
+        init_sent_at = time.monotonic()
+        deadline = SubscribeDeadline.after_init(init_sent_at, c.subscribe_deadline_s)
         self._ignored_logged = False
         limit, binding = deadline.bound(c.ack_timeout_s, time.monotonic())
         try:
@@ -336,7 +338,9 @@ class StreamRunner:
         self._delivered_before = self._pipeline.delivered
         self._session_started = time.monotonic()
         helpers = [
-            asyncio.create_task(self._keepalive(ws, liveness), name=f"keepalive-{self.name}"),
+            asyncio.create_task(
+                self._keepalive(ws, liveness, init_sent_at), name=f"keepalive-{self.name}"
+            ),
             asyncio.create_task(self._completer(ws, session, token), name=f"complete-{self.name}"),
         ]
         started = time.monotonic()
@@ -560,11 +564,14 @@ class StreamRunner:
                 id=out.id,
             )
 
-    async def _keepalive(self, ws: ClientConnection, liveness: Liveness) -> None:
+    async def _keepalive(
+        self, ws: ClientConnection, liveness: Liveness, init_sent_at: float
+    ) -> None:
         interval = self.settings.connection.ping_interval_s
-        tick = time.monotonic()
+        # Each wake-up is due at tick + interval; the first one counts from connection_init.
+        tick = first_ping_due(init_sent_at, interval, time.monotonic()) - interval
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(max(0.0, tick + interval - time.monotonic()))
             now = time.monotonic()
             # Woken late: the loop was busy and frames may be waiting unread; that is no
             # evidence against the server.

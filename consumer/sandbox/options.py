@@ -80,6 +80,8 @@ class SandboxStats:
     connections: int = 0
     events_sent: int = 0
     pings_received: int = 0
+    # Per session that pinged: seconds from its connection_init to its first ping.
+    first_ping_after_init_s: list[float] = field(default_factory=list)
     pongs_received: int = 0
     pongs_sent: int = 0
     max_deferred_pongs: int = 0

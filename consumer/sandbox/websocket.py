@@ -99,6 +99,7 @@ class WsSession:
         self._silent = False
         self._init_seen = False
         self._init_at = 0.0  # when the accepted connection_init arrived
+        self._pinged = False  # a ping came on this session
         self._bursting = False
         self._pongs = PongPolicy(ctx.options, ctx.stats)
         self._sender: asyncio.Task[None] | None = None
@@ -201,6 +202,9 @@ class WsSession:
             raise Close(injected, "injected")
         if kind == "ping":
             ctx.stats.pings_received += 1
+            if self._init_seen and not self._pinged:
+                self._pinged = True
+                ctx.stats.first_ping_after_init_s.append(ctx.clock() - self._init_at)
             if self._pongs.answer_now(bursting=self._bursting):
                 self._pong()
         elif kind == "pong":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from consumer.core.liveness import Liveness
+from consumer.core.liveness import Liveness, first_ping_due
 
 
 def feed(lv: Liveness, start: float, rtts: list[float]) -> float:
@@ -199,3 +199,10 @@ def test_the_deadline_never_grows_past_the_ceiling() -> None:
     feed(lv, 0.0, [400.0])  # a genuinely slow round trip: 4*400 + 4*200
     assert lv.timeout == 600.0
     assert Liveness(0.0, floor_s=180.0, ceiling_s=60.0).timeout == 180.0  # floor wins
+
+
+def test_the_first_ping_counts_from_connection_init() -> None:
+    # init at 100, pings every 10 s: the first is due at 110 whenever subscribe went out...
+    assert first_ping_due(100.0, 10.0, now=104.0) == 110.0
+    # ...and at once when the waits before subscribing took longer than that
+    assert first_ping_due(100.0, 10.0, now=112.5) == 112.5

@@ -226,6 +226,20 @@ async def test_connection_loss_without_close_frame_reconnects_and_resumes(
     assert Counter(sink_ids(tmp_path / "events.jsonl")) == Counter(truth_ids(gw.events("DEMO")))
 
 
+async def test_the_first_ping_is_due_an_interval_after_connection_init(
+    sandbox_factory, tmp_path: Path
+):
+    """OHIP wants a ping at least every 15 s. The waits before subscribing (here a slow
+    connection_ack) come out of that: the first ping goes out ping_interval_s after
+    connection_init (3 s here), not that long after the subscribe (5 s)."""
+    gw = await sandbox_factory(backlog=5, ping_interval_s=0, ack_delay_s=2.0)
+    settings = make_settings(tmp_path, gw.url, connection={"ping_interval_s": 3.0})
+    async with running(settings):
+        await wait_until(lambda: bool(gw.stats.first_ping_after_init_s), timeout=30)
+    (first, *_) = gw.stats.first_ping_after_init_s
+    assert first < 4.0, first  # due at 3.0, seen by the gateway a little before
+
+
 async def test_a_silent_connection_is_declared_dead_and_replaced(sandbox_factory, tmp_path: Path):
     gw = await sandbox_factory(backlog=50, ping_interval_s=0)
     settings = make_settings(
