@@ -19,35 +19,33 @@ from consumer.sandbox import SandboxGateway
 GATEWAY = "http://127.0.0.1:9"  # never connected to: only the sinks are built
 
 
-def settings(tmp_path: Path, sink: dict[str, Any], **extra: Any) -> Settings:
+def settings(tmp_path: Path, sink: dict[str, Any], *, orchestrated: bool = False) -> Settings:
+    """Settings with this sink (a ``path`` in it: a file name in ``tmp_path``)."""
+    if "path" in sink:
+        sink = {**sink, "path": tmp_path / sink["path"]}
     s = make_settings(tmp_path, GATEWAY, sink=sink)
-    return s.model_copy(update=extra) if extra else s
+    if orchestrated:
+        on = s.orchestration.model_copy(update={"enabled": True})
+        s = s.model_copy(update={"orchestration": on})
+    return s
 
 
 @pytest.mark.parametrize(
     ("sink", "orchestrated", "workers"),
     [
-        ({"type": "jsonl"}, False, 1),
+        ({"type": "jsonl", "path": "events.jsonl"}, False, 1),
         ({"type": "sqlite"}, False, 1),  # rows in the state store's commit
         ({"type": "sqlite", "path": "other.db"}, False, WAITING_SINK_WORKERS),  # aiosqlite
         ({"type": "webhook", "url": "http://127.0.0.1:9/hook"}, False, WAITING_SINK_WORKERS),
         ({"type": "python", "target": "pysink:handle"}, False, WAITING_SINK_WORKERS),
-        ({"type": "jsonl"}, True, WAITING_SINK_WORKERS),  # the resource's GET first
+        ({"type": "jsonl", "path": "events.jsonl"}, True, WAITING_SINK_WORKERS),  # GET first
     ],
     ids=["jsonl", "sqlite-in-store", "sqlite-own-file", "webhook", "python", "orchestrated-jsonl"],
 )
 async def test_the_default_follows_whether_the_sink_waits(
     tmp_path: Path, sink: dict[str, Any], orchestrated: bool, workers: int
 ) -> None:
-    if sink["type"] in ("jsonl", "sqlite") and "path" in sink:
-        sink = {**sink, "path": tmp_path / sink["path"]}
-    elif sink["type"] == "jsonl":
-        sink = {**sink, "path": tmp_path / "events.jsonl"}
-    s = settings(tmp_path, sink)
-    if orchestrated:
-        s = s.model_copy(
-            update={"orchestration": s.orchestration.model_copy(update={"enabled": True})}
-        )
+    s = settings(tmp_path, sink, orchestrated=orchestrated)
     async with aiohttp.ClientSession() as http:
         assert default_workers(build_sink(s, http)) == workers
 
