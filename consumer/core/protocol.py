@@ -283,10 +283,17 @@ def _fast_next(frame: bytes) -> Next | None:
         return None  # off the schema: the general way keeps it as it is
     name, module = ev.eventName or "", ev.moduleName or ""
     key, hotel, timestamp = ev.primaryKey or event_id, ev.hotelId, ev.timestamp
+    raw = bytes(text)
+    # valid_offset written out (msgspec made it a str), and _short skipped for an event text
+    # of at most MAX_FIELD_CHARS bytes: no field in it can be longer (a JSON string takes at
+    # least one byte per character it decodes to).
     if (
-        not valid_offset(offset)
+        not (0 < len(offset) <= 20 and offset.isascii() and offset.isdigit())
         or not event_id
-        or not _short(event_id, name, module, key, hotel=hotel, timestamp=timestamp)
+        or (
+            len(raw) > MAX_FIELD_CHARS
+            and not _short(event_id, name, module, key, hotel=hotel, timestamp=timestamp)
+        )
     ):
         return None
     event = Event(
@@ -301,7 +308,7 @@ def _fast_next(frame: bytes) -> Next | None:
         b"",
         None,
         False,
-        bytes(text),
+        raw,
         detail,
     )
     return Next(msg.id, event)
