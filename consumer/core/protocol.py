@@ -245,6 +245,7 @@ class _Frame(msgspec.Struct):
 
 
 MAX_FAST_BRACKETS: Final = 250  # below the nesting orjson writes back out (254)
+_new_tuple: Final = tuple.__new__
 _FRAME: Final = msgspec.json.Decoder(_Frame)
 _NEW_EVENT: Final = msgspec.json.Decoder(_NewEvent)
 
@@ -296,22 +297,13 @@ def _fast_next(frame: bytes) -> Next | None:
         )
     ):
         return None
-    event = Event(
-        offset,
-        event_id,
-        name,
-        module,
-        key,
-        hotel,
-        timestamp,
-        None,
-        b"",
-        None,
-        False,
-        raw,
-        detail,
-    )
-    return Next(msg.id, event)
+    # Every field in Event's order (offset .. timestamp, parsed, frame, resource, fetched,
+    # text, detail_text), through tuple.__new__: the NamedTuple's own __new__ is a Python
+    # function around the same call (0.43 against 0.17 µs an event).
+    fields = (
+        offset, event_id, name, module, key, hotel, timestamp, None, b"", None, False, raw, detail
+    )  # fmt: skip
+    return Next(msg.id, _new_tuple(Event, fields))
 
 
 def _bad(frame: str | bytes, reason: str) -> DecodeError:
