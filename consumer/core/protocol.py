@@ -285,11 +285,10 @@ def _fast_next(frame: bytes) -> Next | None:
     name, module = ev.eventName or "", ev.moduleName or ""
     key, hotel, timestamp = ev.primaryKey or event_id, ev.hotelId, ev.timestamp
     raw = bytes(text)
-    # valid_offset written out (msgspec made it a str), and _short skipped for an event text
-    # of at most MAX_FIELD_CHARS bytes: no field in it can be longer (a JSON string takes at
-    # least one byte per character it decodes to).
+    # _short skipped for an event text of at most MAX_FIELD_CHARS bytes: no field in it can be
+    # longer (a JSON string takes at least one byte per character it decodes to).
     if (
-        not (0 < len(offset) <= 20 and offset.isascii() and offset.isdigit())
+        not valid_offset(offset)
         or not event_id
         or (
             len(raw) > MAX_FIELD_CHARS
