@@ -103,8 +103,9 @@ class StreamPipeline:
         # None when nothing is filtered: the per-batch cost is then this one attribute check.
         self._filter = None if event_filter is None or event_filter.passes_all else event_filter
         # The ids the workers are deciding on or writing now (from the lookup to the outcome),
-        # and a wake-up when some are let go: see _claim.
-        self._writing: set[str] = set()
+        # and a wake-up when some are let go: see _claim. None with one worker: no other
+        # worker can hold an id, and holding them is two set operations per event.
+        self._writing: set[str] | None = set() if workers > 1 else None
         self._let_go = asyncio.Event()
         self.delivered = 0
         self.duplicates = 0
@@ -324,20 +325,23 @@ class StreamPipeline:
             if not batch:
                 return
         ids = [ev.unique_event_id for _, ev in batch]
-        await self._claim(ids)
+        writing = self._writing
+        if writing is None:
+            await self._decide(batch, ids, retrying)
+            return
+        await self._claim(writing, ids)
         try:
             await self._decide(batch, ids, retrying)
         finally:
-            self._writing.difference_update(ids)
+            writing.difference_update(ids)
             self._let_go.set()
 
-    async def _claim(self, ids: list[str]) -> None:
+    async def _claim(self, writing: set[str], ids: list[str]) -> None:
         """Wait while another worker is deciding on or writing one of these ids, then hold
         them. One uniqueEventId under two primaryKeys (a gateway should never send that, but
         every byte from outside is hostile) goes to two workers: the second would find the id
         neither processed nor pending while the first's write awaits its sink, and write it
         too. After the wait, the lookup finds it (processed, or dead-lettered: handled)."""
-        writing = self._writing
         while not writing.isdisjoint(ids):
             self._let_go.clear()
             await self._let_go.wait()
