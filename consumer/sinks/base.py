@@ -37,7 +37,9 @@ from ..errors import PermanentSinkError
 class Sink(Protocol):
     name: str
     transactional: bool
-    waits: bool
+
+    @property
+    def waits(self) -> bool: ...
 
     async def open(self, committed: str | None) -> None: ...
 
@@ -61,7 +63,10 @@ class PlainSink:
     no position to record, nothing to sync, nothing to open or close unless overridden."""
 
     transactional = False
-    waits = True
+
+    @property
+    def waits(self) -> bool:
+        return True
 
     async def open(self, committed: str | None) -> None:
         return None

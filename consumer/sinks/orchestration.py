@@ -313,12 +313,13 @@ class Orchestrator:
 class OrchestratingSink:
     """The configured sink, with each event's resource fetched first."""
 
+    waits = True  # the resource's GET, whatever the inner sink
+
     def __init__(self, inner: Sink, orchestrator: Orchestrator) -> None:
         self.inner = inner
         self.orchestrator = orchestrator
         self.name = inner.name
         self.transactional = inner.transactional
-        self.waits = True  # the resource's GET, whatever the inner sink
 
     async def open(self, committed: str | None) -> None:
         await self.inner.open(committed)

@@ -182,10 +182,13 @@ class PostgresSink(PlainSink):
         # The mode: may fall back to the own pool at open (a database encoding, see there).
         self.in_state_transaction = in_state_transaction
         self.transactional = in_state_transaction
-        self.waits = not in_state_transaction  # staged rows: write only appends to a list
         self._staged_upsert: str | None = None  # set by open, in the state transaction
         self._rows: list[tuple[Any, ...]] = []  # written, not yet taken by staged()
         self._opened = False  # in the state transaction (the own pool has _pool)
+
+    @property
+    def waits(self) -> bool:
+        return not self.in_state_transaction  # staged rows: write only appends to a list
 
     @property
     def mode(self) -> str:
@@ -229,7 +232,6 @@ class PostgresSink(PlainSink):
                 encoding=encoding,
             )
             self.in_state_transaction = self.transactional = False
-            self.waits = True
         pool = await self._create_pool(s.pool_min, s.pool_max)
         try:
             await self._prepare_table(pool)
