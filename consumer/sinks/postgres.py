@@ -87,6 +87,13 @@ STATE_TRANSACTION = "state-transaction"
 OWN_POOL = "own-pool"
 
 
+async def _keep_session(conn: Any) -> None:
+    """The pool's reset on release (after asyncpg's own: an open transaction rolled back,
+    listeners dropped): nothing. The sink sets no session state (no SET, LISTEN, cursor or
+    session advisory lock), and the default ``RESET ALL; UNLISTEN *; …`` was a round trip
+    after every batch."""
+
+
 def _q(identifier: str) -> str:
     return '"' + identifier.replace('"', '""') + '"'
 
@@ -257,6 +264,7 @@ class PostgresSink(PlainSink):
                 max_size=max_size,
                 command_timeout=s.timeout_s,
                 timeout=s.timeout_s,  # connect
+                reset=_keep_session,
             )
         except (asyncpg.exceptions.ClientConfigurationError, ValueError):
             # The driver's parse errors quote the DSN's pieces (a password's too): never shown.

@@ -203,6 +203,29 @@ async def test_a_batch_of_1000_events_in_one_call(sink: PostgresSink, postgres_d
     assert tx["n"] == 1
 
 
+async def test_a_batch_is_one_round_trip_with_no_session_reset_after_it(
+    postgres_dsn: str, table: str
+) -> None:
+    """The pool's default release (``RESET ALL; UNLISTEN *; …``) was a second round trip after
+    every batch. The sink keeps no session state, so its connection's last statement is the
+    upsert itself, idle, with no transaction left open."""
+    sink = PostgresSink(settings(postgres_dsn, table, pool_min=1, pool_max=1))
+    await sink.open(None)
+    try:
+        for start in (0, 10, 20):
+            await sink.write("main", [event(i) for i in range(start, start + 10)])
+        after = await fetch(
+            postgres_dsn,
+            "SELECT query, state FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
+            "AND query LIKE $1",
+            f'INSERT INTO "{table}"%',
+        )
+        assert [r["state"] for r in after] == ["idle"]
+        assert len(await rows(postgres_dsn, table)) == 30
+    finally:
+        await sink.close()
+
+
 async def test_a_nul_in_json_text_is_a_permanent_error(sink: PostgresSink, postgres_dsn, table):
     poison = event(2, detail=[{"elementName": "Comment", "newValue": "a\u0000b"}])
     batch = [event(1), poison, event(3)]
