@@ -10,14 +10,14 @@
    * the floor: a bare client in this process (websockets with graphql-transport-ws,
      connection_init, subscribe from offset 0, `orjson.loads` of each frame, nothing else)
      until it has every event;
-   * the daemon (`python -m consumer run`, a fresh state directory each time, durable
-     checkpoints: SQLite synchronous=FULL) with each sink, until its checkpoint is the
-     backlog's last offset. Sinks: jsonl (fsync), sqlite (in the state store), postgres (a
-     throwaway server from tests/pg.py; skipped with a note without the server binaries),
-     webhook (batch_size 1) and webhook50 (batch_size 50) against a keep-alive HTTP/1.1
-     receiver in its own process. Pipeline workers: the sink's default (one for jsonl and
-     sqlite, whose writes never wait; four for postgres, here on a pool of its own, and
-     webhook), or --workers.
+   * the daemon (`python -OO -m consumer run`, as the unit and the image run it; a fresh state
+     directory each time, durable checkpoints: SQLite synchronous=FULL) with each sink, until its
+     checkpoint is the backlog's last offset. Sinks: jsonl (fsync), sqlite (in the state store),
+     postgres (a throwaway server from tests/pg.py; skipped with a note without the server
+     binaries), webhook (batch_size 1) and webhook50 (batch_size 50) against a keep-alive HTTP/1.1
+     receiver in its own process. Pipeline workers: the sink's default (one for jsonl and sqlite,
+     whose writes never wait; four for postgres, here on a pool of its own, and webhook), or
+     --workers.
    With webhook in --sinks, also the webhook floor: aiohttp alone, as the sink uses it with
    batch_size 1 (--workers tasks, default 4, POSTing the backlog's documents one at a time over one
    keep-alive pool to a fresh receiver): what the HTTP client itself manages on this machine.

@@ -9,7 +9,7 @@ and how long a dead member's streams take to resume elsewhere.
    with one chain and one application key per stream, a small backlog, server pings every
    15 s and, from this process, `rate` new events per second per chain spread evenly over time
    (a steady trickle, not one burst on every chain at once).
-2. Starts `members` daemons as processes (`python -m consumer run`), fleet mode on the state
+2. Starts `members` daemons as processes (`python -OO -m consumer run`), fleet mode on the state
    database, sink `postgres` on that database (rows commit with the checkpoint), and waits
    until every stream has a live lease and an active subscription at the sandbox.
 3. Steady state for `seconds`: each member's CPU time (utime + stime from /proc/PID/stat)

@@ -8,7 +8,7 @@ For each rate (events per second, one chain):
    --live-timestamps --rate R --backlog 0`): every event carries the wall clock's time (UTC,
    microseconds) at which it entered the gateway's log; a caught-up subscriber is sent it at
    that moment. The sandbox and this process read the same host clock.
-2. The daemon (`python -m consumer run`, fresh state directory) consumes it into the jsonl
+2. The daemon (`python -OO -m consumer run`, fresh state directory) consumes it into the jsonl
    sink with fsync and durable checkpoints (SQLite synchronous=FULL; the daemon's default
    commit interval and size unless --commit-interval-ms).
 3. This process polls the stream's checkpoint in the state store (a read-only connection,
