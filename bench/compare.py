@@ -30,8 +30,8 @@
    change went when the machine's speed moves between runs. After each run the sink is
    counted: every event once is the pass condition.
 3. A table on stdout (per sink: events/s over the rounds min-max, ratio to the same round's
-   floor min-max, wall events/s, peak RSS) and bench/results/compare.json, with the machine's
-   core count and load average at start and end.
+   floor min-max, wall events/s, peak RSS min-max) and bench/results/compare.json, with the
+   machine's core count and load average at start and end.
 
 Loopback only; every wait is bounded.
 """
@@ -489,8 +489,8 @@ def sqlite_rows(db: Path) -> int:
 def span(values: list[float], fmt: str) -> str:
     if not values:
         return "-"
-    lo, hi = min(values), max(values)
-    return fmt.format(lo) if lo == hi else f"{fmt.format(lo)}-{fmt.format(hi)}"
+    lo, hi = fmt.format(min(values)), fmt.format(max(values))
+    return lo if lo == hi else f"{lo}-{hi}"
 
 
 def table(
@@ -523,12 +523,12 @@ def table(
         rates = [s["events_per_s"] for _, s in good]
         ratios = [s["events_per_s"] / f["events_per_s"] for f, s in good]
         walls = [s["wall_events_per_s"] for _, s in good]
-        rss = max(s["peak_rss_mb"] for _, s in good)
+        rss = [s["peak_rss_mb"] for _, s in good]
         ok = all(s["ok"] for _, s in good) and len(good) == len(runs)
         check = "every event once" if ok else "FAILED (see json)"
         lines.append(
             f"| {sink} | {span(rates, '{:,.0f}')} | {span(ratios, '{:.2f}')} | "
-            f"{span(walls, '{:,.0f}')} | {rss:.0f} | {check} |"
+            f"{span(walls, '{:,.0f}')} | {span(rss, '{:.1f}')} | {check} |"
         )
     return "\n".join(lines)
 
