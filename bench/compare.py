@@ -6,10 +6,11 @@
 1. The sandbox gateway runs in its own process (`opera-consumer sandbox --fast-backlog`): one
    chain, a backlog of --events templated events sent as pre-encoded frames, so the readers
    below are the bottleneck, not the sandbox.
-2. Each round, in turn:
+2. Each round, for each sink in turn:
    * the floor: a bare client in this process (websockets with graphql-transport-ws,
      connection_init, subscribe from offset 0, `orjson.loads` of each frame, nothing else)
-     until it has every event;
+     until it has every event. Run again just before each sink, which is compared with the
+     floor run next to it: the machine's speed moves within a round;
    * the daemon (`python -OO -m consumer run`, as the unit and the image run it; a fresh state
      directory each time, durable checkpoints: SQLite synchronous=FULL) with each sink, until its
      checkpoint is the backlog's last offset. Sinks: jsonl (fsync), sqlite (in the state store),
@@ -18,7 +19,7 @@
      receiver in its own process. Pipeline workers: the sink's default (one for jsonl and sqlite,
      whose writes never wait; four for postgres, here on a pool of its own, and webhook), or
      --workers.
-   With webhook in --sinks, also the webhook floor: aiohttp alone, as the sink uses it with
+   Just before the webhook sink, also the webhook floor: aiohttp alone, as the sink uses it with
    batch_size 1 (--workers tasks, default 4, POSTing the backlog's documents one at a time over one
    keep-alive pool to a fresh receiver): what the HTTP client itself manages on this machine.
    events/s is measured from the subscription (the floor: its subscribe message sent; the
@@ -29,8 +30,8 @@
    CPU per event (from the first checkpoint seen; per round, and in the JSON) says where a
    change went when the machine's speed moves between runs. After each run the sink is
    counted: every event once is the pass condition.
-3. A table on stdout (per sink: events/s over the rounds min-max, ratio to the same round's
-   floor min-max, wall events/s, peak RSS min-max) and bench/results/compare.json, with the
+3. A table on stdout (per sink: events/s over the rounds min-max, ratio to the floor run
+   just before it min-max, wall events/s, peak RSS min-max) and bench/results/compare.json, with the
    machine's core count and load average at start and end.
 
 Loopback only; every wait is bounded.
@@ -379,6 +380,16 @@ def profile(pid: int, out: Path) -> subprocess.Popen[bytes] | None:
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def floor_run(url: str, n: int, last_offset: int, sandbox_pid: int) -> dict[str, Any]:
+    """One run of the bare client over the whole backlog (and the sandbox's CPU meanwhile)."""
+    sandbox_cpu = cpu_seconds(sandbox_pid)
+    floor = asyncio.run(bare_client(url, n))
+    floor["sandbox_cpu_s"] = round(cpu_seconds(sandbox_pid) - sandbox_cpu, 2)
+    if int(floor["last_offset"]) != last_offset:
+        raise RuntimeError(f"the backlog ends at {floor['last_offset']}")
+    return floor
+
+
 def run_daemon(
     url: str,
     n: int,
@@ -496,35 +507,35 @@ def span(values: list[float], fmt: str) -> str:
 def table(
     rounds: list[dict[str, Any]], sinks: list[str], notes: dict[str, str], workers: int
 ) -> str:
-    floor = [r["floor"]["events_per_s"] for r in rounds]
+    floor = [f["events_per_s"] for r in rounds for f in r["floors"]]
     lines = [
         "| sink | events/s (subscribe to durable) | ratio to floor | events/s wall "
         "(incl. start-up) | peak RSS MB | sink check |",
         "|---|---|---|---|---|---|",
         f"| floor (bare client) | {span(floor, '{:,.0f}')} | 1 | - | - | - |",
     ]
-    hooks = [(r["floor"], r["webhook_floor"]) for r in rounds if "webhook_floor" in r]
+    hooks = [r["webhook_floor"] for r in rounds if "webhook_floor" in r]
     if hooks:
-        rates = [h["events_per_s"] for _, h in hooks]
-        ratios = [h["events_per_s"] / f["events_per_s"] for f, h in hooks]
-        ok = all(h["ok"] for _, h in hooks)
+        rates = [h["events_per_s"] for h in hooks]
+        ratios = [h["events_per_s"] / h["floor_events_per_s"] for h in hooks]
+        ok = all(h["ok"] for h in hooks)
         lines.append(
             f"| webhook floor (bare aiohttp, {workers} POSTs in flight) | "
             f"{span(rates, '{:,.0f}')} | {span(ratios, '{:.2f}')} | - | - | "
             f"{'every event once' if ok else 'FAILED (see json)'} |"
         )
     for sink in sinks:
-        runs = [(r["floor"], r["sinks"].get(sink)) for r in rounds]
-        good = [(f, s) for f, s in runs if s and "error" not in s]
+        runs = [r["sinks"].get(sink) for r in rounds]
+        good = [s for s in runs if s and "error" not in s]
         if not good:
-            why = notes.get(sink) or next((s["error"] for _, s in runs if s), "not run")
+            why = notes.get(sink) or next((s["error"] for s in runs if s), "not run")
             lines.append(f"| {sink} | skipped: {why} | | | | |")
             continue
-        rates = [s["events_per_s"] for _, s in good]
-        ratios = [s["events_per_s"] / f["events_per_s"] for f, s in good]
-        walls = [s["wall_events_per_s"] for _, s in good]
-        rss = [s["peak_rss_mb"] for _, s in good]
-        ok = all(s["ok"] for _, s in good) and len(good) == len(runs)
+        rates = [s["events_per_s"] for s in good]
+        ratios = [s["events_per_s"] / s["floor_events_per_s"] for s in good]
+        walls = [s["wall_events_per_s"] for s in good]
+        rss = [s["peak_rss_mb"] for s in good]
+        ok = all(s["ok"] for s in good) and len(good) == len(runs)
         check = "every event once" if ok else "FAILED (see json)"
         lines.append(
             f"| {sink} | {span(rates, '{:,.0f}')} | {span(ratios, '{:.2f}')} | "
@@ -577,35 +588,35 @@ def main() -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="opera-compare-") as tmp:
             for r in range(1, args.rounds + 1):
-                sandbox_cpu = cpu_seconds(sandbox.pid)
-                floor = asyncio.run(bare_client(url, n))
-                floor["sandbox_cpu_s"] = round(cpu_seconds(sandbox.pid) - sandbox_cpu, 2)
-                if int(floor["last_offset"]) != expected_last:
-                    raise RuntimeError(f"the backlog ends at {floor['last_offset']}")
-                floor_us = floor["client_cpu_s"] / args.events * 1e6
-                print(
-                    f"round {r}: floor {floor['events_per_s']:,} events/s, "
-                    f"{floor_us:.1f} µs CPU/event",
-                    flush=True,
-                )
-                result: dict[str, Any] = {"round": r, "floor": floor, "sinks": {}}
-                if "webhook" in sinks:
-                    hook_rx = Receiver()
-                    try:
-                        hook = asyncio.run(bare_webhook(hook_rx.url, n, in_flight))
-                        hook["receiver_cpu_s"] = round(cpu_seconds(hook_rx.proc.pid), 2)
-                        hook["ok"] = hook_rx.count() == n
-                    finally:
-                        hook_rx.stop()
-                    result["webhook_floor"] = hook
-                    print(
-                        f"round {r}: webhook floor (bare aiohttp) {hook['events_per_s']:,} "
-                        f"events/s, {hook['client_cpu_s'] / n * 1e6:.0f} us of CPU per POST",
-                        flush=True,
-                    )
+                result: dict[str, Any] = {"round": r, "floors": [], "sinks": {}}
                 for sink in sinks:
                     if sink in notes:
                         continue
+                    # The floor again just before each sink: the machine's speed moves within
+                    # a round (2x within one run on some days), and a ratio to a floor measured
+                    # minutes before measures that too.
+                    floor = floor_run(url, n, expected_last, sandbox.pid)
+                    print(
+                        f"round {r}: floor {floor['events_per_s']:,} events/s, "
+                        f"{floor['client_cpu_s'] / n * 1e6:.1f} µs CPU/event",
+                        flush=True,
+                    )
+                    result["floors"].append(floor)
+                    if sink == "webhook":
+                        hook_rx = Receiver()
+                        try:
+                            hook = asyncio.run(bare_webhook(hook_rx.url, n, in_flight))
+                            hook["receiver_cpu_s"] = round(cpu_seconds(hook_rx.proc.pid), 2)
+                            hook["ok"] = hook_rx.count() == n
+                        finally:
+                            hook_rx.stop()
+                        hook["floor_events_per_s"] = floor["events_per_s"]
+                        result["webhook_floor"] = hook
+                        print(
+                            f"round {r}: webhook floor (bare aiohttp) {hook['events_per_s']:,} "
+                            f"events/s, {hook['client_cpu_s'] / n * 1e6:.0f} us of CPU per POST",
+                            flush=True,
+                        )
                     work = Path(tmp) / f"r{r}-{sink}"
                     receiver = Receiver() if sink.startswith("webhook") else None
                     name = f"bench_r{r}_{os.getpid()}"
@@ -636,6 +647,7 @@ def main() -> int:
                     finally:
                         if receiver is not None:
                             receiver.stop()
+                    run["floor_events_per_s"] = floor["events_per_s"]
                     result["sinks"][sink] = run
                     if "error" not in run and run["ok"]:
                         shutil.rmtree(work)  # hundreds of MB; a failed run's stays until the end
