@@ -30,9 +30,9 @@
    CPU per event (from the first checkpoint seen; per round, and in the JSON) says where a
    change went when the machine's speed moves between runs. After each run the sink is
    counted: every event once is the pass condition.
-3. A table on stdout (per sink: events/s over the rounds min-max, ratio to the floor run
-   just before it min-max, wall events/s, peak RSS min-max) and bench/results/compare.json, with the
-   machine's core count and load average at start and end.
+3. A table on stdout (per sink, min-max over the rounds: events/s, ratio to the floor run
+   just before it, wall events/s, peak RSS) and bench/results/compare.json, with the machine's
+   core count and load average at start and end.
 
 Loopback only; every wait is bounded.
 """
