@@ -568,15 +568,14 @@ class StreamRunner:
         self, ws: ClientConnection, liveness: Liveness, init_sent_at: float
     ) -> None:
         interval = self.settings.connection.ping_interval_s
-        # Each wake-up is due at tick + interval; the first one counts from connection_init.
-        tick = first_ping_due(init_sent_at, interval, time.monotonic()) - interval
+        due = first_ping_due(init_sent_at, interval, time.monotonic())
         while True:
-            await asyncio.sleep(max(0.0, tick + interval - time.monotonic()))
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
             now = time.monotonic()
             # Woken late: the loop was busy and frames may be waiting unread; that is no
             # evidence against the server.
-            liveness.unobserved(now - tick - interval)
-            tick = now
+            liveness.unobserved(now - due)
+            due = now + interval
             if self._paused:
                 liveness.activity(now)  # our own backpressure, not the server's silence
             elif liveness.is_dead(now):
