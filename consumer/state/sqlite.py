@@ -122,8 +122,9 @@ def _translated(
     return translated
 
 
-# Dead-letter ids as one JSON parameter, not one variable each: a DLQ of 10^5 rows is past
-# SQLite's variable limit (32,766 in a default build), and `purge --all` failed whole.
+# Dead-letter ids (listed, purged, or resolved by a replay's commit) as one JSON parameter, not
+# one variable each: a DLQ of 10^5 rows is past SQLite's variable limit (32,766 in a default
+# build), and `purge --all` failed whole.
 _IDS = "(SELECT value FROM json_each(?))"
 
 
@@ -394,8 +395,7 @@ class SqliteStore:
                         (count, stream),
                     )
             if batch.resolved:
-                marks = ",".join("?" * len(batch.resolved))
-                db.execute(f"DELETE FROM dead_letters WHERE id IN ({marks})", batch.resolved)
+                db.execute(f"DELETE FROM dead_letters WHERE id IN {_IDS}", (_ids(batch.resolved),))
             if batch.checkpoints:
                 # A checkpoint written by the stream supersedes an operator's pending reset.
                 marks = ",".join("?" * len(batch.checkpoints))
