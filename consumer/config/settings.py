@@ -847,6 +847,9 @@ class PipelineSettings(_Model):
     # waits (jsonl, sqlite in the state's file, postgres on the state's dsn), 4 elsewhere.
     workers: int | None = Field(default=None, ge=1, le=256)
     queue_size: int = Field(default=2000, ge=1)  # per stream: read, not yet taken by a worker
+    # The same events' size, as received: the reader waits at either bound (a single event
+    # larger than this still goes through, alone).
+    queue_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     batch_max: int = Field(default=200, ge=1)
     drain_timeout_s: float = Field(default=20.0, ge=0)
     sink_retry_initial_s: float = Field(default=0.5, gt=0)

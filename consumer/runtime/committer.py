@@ -80,8 +80,9 @@ class Committer:
         self._min_interval = min_interval_s
         self._last_start = -1e9  # monotonic start of the last commit (adaptive)
         self._max_pending = max_pending or max_events * 20
-        # Dead letters carry payloads (each bounded): their bytes count against capacity too,
-        # so a flood of large malformed frames waits for commits like events do.
+        # Dead letters carry payloads (each bounded), and a sink may hold the events it was
+        # given until the commit: their bytes count against capacity too, so a flood of large
+        # frames waits for commits however few they are.
         self._max_pending_bytes = max_pending_bytes
         # Fleet mode: the leases every commit needs, and whom to tell when the store refuses
         # them; what a fenced stream did since its last commit is dropped, never retried.
@@ -132,9 +133,18 @@ class Committer:
         ledger.idle.clear()
         return ledger.watermark.add_all(events)
 
-    def processed(self, stream: str, event_ids: Sequence[str], seqs: Sequence[int] = ()) -> None:
-        """Delivered to the sink: recorded as processed in the next commit."""
+    def processed(
+        self, stream: str, event_ids: Sequence[str], seqs: Sequence[int] = (), nbytes: int = 0
+    ) -> None:
+        """Delivered to the sink: recorded as processed in the next commit. ``nbytes``: the
+        events' size, which a sink may hold until the commit (the jsonl buffer, staged rows):
+        counted against the capacity like dead letters, so large events commit early rather
+        than pile up."""
         ledger = self._ledger(stream)
+        if nbytes:
+            self._pending_bytes += nbytes
+            if self._pending_bytes >= self._max_pending_bytes // 4:
+                self._wake.set()
         self._batch.processed.setdefault(stream, []).extend(event_ids)
         ledger.pending_ids.update(event_ids)
         self._done(stream, ledger, seqs, len(event_ids))
@@ -265,6 +275,7 @@ class Committer:
     async def flush(self) -> bool:
         """Commit what is done now. Returns True when something was committed."""
         async with self._lock:
+            held = self._pending_bytes  # what the snapshot takes (restored if it fails)
             batch = self._snapshot()
             if not batch:
                 # Only duplicates since the last commit: the snapshot freed their capacity,
@@ -279,7 +290,7 @@ class Committer:
             except BaseException as exc:
                 # Work of a stream forgotten meanwhile belongs to a lease that is gone.
                 gone = self._end_in_flight()
-                self._restore(batch.without(gone) if gone else batch)
+                self._restore(batch.without(gone) if gone else batch, held)
                 if not isinstance(exc, asyncio.CancelledError):
                     self.failures += 1
                     if self.failing_since is None:
@@ -448,8 +459,9 @@ class Committer:
             if self._live(stream, gone) is not None:
                 self.checkpointed_at[stream] = now
 
-    def _restore(self, batch: CommitBatch) -> None:
-        """A failed commit: put its content back in front of what came since."""
+    def _restore(self, batch: CommitBatch, held: int) -> None:
+        """A failed commit: put its content back in front of what came since (``held``: its
+        bytes counted against capacity)."""
         newer, self._batch = self._batch, batch
         for stream, ids in newer.processed.items():
             batch.processed.setdefault(stream, []).extend(ids)
@@ -473,7 +485,7 @@ class Committer:
             + sum(d.unique_event_id is None for d in batch.dead_letters)  # else an id above
             + len(batch.resolved)
         )
-        self._pending_bytes = sum(len(d.payload) + len(d.error) for d in batch.dead_letters)
+        self._pending_bytes += held
         if self._adaptive:
             self._wake.set()  # no interval comes to retry it: the next round does
 

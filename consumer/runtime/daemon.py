@@ -193,6 +193,7 @@ class Daemon:
             committer=self.committer,
             workers=p.workers or default_workers(self.sink),
             queue_size=p.queue_size,
+            queue_max_bytes=p.queue_max_bytes,
             batch_max=p.batch_max,
             retry_initial_s=p.sink_retry_initial_s,
             retry_max_s=p.sink_retry_max_s,

@@ -4,8 +4,9 @@ The reader calls :meth:`StreamPipeline.add` for each event, which never waits. T
 in one go (until the reader waits for the socket) are handed over together: registered with
 the committer in one call, then partitioned into the workers' queues, so the per-event cost is
 a list append, not a queue operation, a wake-up and a watermark step each. When the queues hold
-``queue_size`` events, or one worker's queue its share of them, ``add`` says so and the reader
-waits in :meth:`room`, so backpressure reaches the server through TCP; nothing is dropped.
+``queue_size`` events or ``queue_max_bytes`` of them (an event alone may be larger), or one
+worker's queue its share of them, ``add`` says so and the reader waits in :meth:`room`, so
+backpressure reaches the server through TCP; nothing is dropped.
 ``add`` also says so after :data:`HANDOVER` events read in one go: in a catch-up one socket read
 brings some 300 frames, and the workers write (and free) the first before the rest are decoded.
 Events of one resource always go to the same worker, so they are processed in arrival order
@@ -54,6 +55,12 @@ HANDOVER = 128
 WAITING_SINK_WORKERS = 4
 
 
+def _size(event: Event) -> int:
+    """An event's size as counted against the byte bounds: its text as received, or the frame
+    it came in when it was kept parsed."""
+    return len(event.text or event.frame)
+
+
 def default_workers(sink: Sink) -> int:
     """One worker for a sink whose write never suspends (``Sink.waits``): nothing of its
     writes could overlap, and more workers only cut each hand-over into smaller batches, each
@@ -73,6 +80,7 @@ class StreamPipeline:
         workers: int,
         queue_size: int,
         batch_max: int,
+        queue_max_bytes: int = 16 * 1024 * 1024,
         retry_initial_s: float,
         retry_max_s: float,
         parked: dict[str, str] | None = None,
@@ -95,6 +103,8 @@ class StreamPipeline:
         self._full = False  # a worker's queue holds its share (seen at the last hand-over)
         self._ready = [asyncio.Event() for _ in range(workers)]  # its queue has events
         self._queued = 0  # events in the queues, not yet taken by a worker
+        self._max_bytes = max(1, queue_max_bytes)
+        self._queued_bytes = 0  # their size (see _size), and that of the chunk read meanwhile
         self._room = asyncio.Event()  # set when _queued drops below capacity
         self._chunk: list[Event] = []  # read, not yet handed to the workers
         self._flush_soon: asyncio.Handle | None = None
@@ -159,14 +169,20 @@ class StreamPipeline:
         if len(chunk) == 1:
             self._flush_soon = asyncio.get_running_loop().call_soon(self._flush)
         n = len(chunk)
-        return n < HANDOVER and not self._full and self._queued + n < self._capacity
+        self._queued_bytes += len(event.text or event.frame)  # _size, inline: once per event
+        return (
+            n < HANDOVER
+            and not self._full
+            and self._queued + n < self._capacity
+            and self._queued_bytes < self._max_bytes
+        )
 
     async def room(self) -> None:
         """Hand over what was added, let the workers take it, and wait until the queues have
         room again."""
         self._flush()
         await asyncio.sleep(0)  # the woken workers run before the reader reads on
-        while self._full or self._queued >= self._capacity:
+        while self._full or self._queued >= self._capacity or self._queued_bytes >= self._max_bytes:
             self._room.clear()
             await self._room.wait()
 
@@ -251,6 +267,7 @@ class StreamPipeline:
         if self._flush_soon is not None:
             self._flush_soon.cancel()
             self._flush_soon = None
+        self._queued_bytes -= sum([_size(ev) for ev in self._chunk])
         self._chunk = []
         tasks, self._tasks = self._tasks, []
         for t in tasks:
@@ -268,9 +285,14 @@ class StreamPipeline:
                 await ready.wait()
             batch = [queue.popleft() for _ in range(min(len(queue), self._batch_max))]
             self._queued -= len(batch)
+            self._queued_bytes -= sum([_size(ev) for _, ev in batch])
             if self._full:
                 self._full = any(len(q) >= self._share for q in self._queues)
-            if not self._full and self._queued < self._capacity:
+            if (
+                not self._full
+                and self._queued < self._capacity
+                and self._queued_bytes < self._max_bytes
+            ):
                 self._room.set()
             await self._committer.wait_capacity()
             await self._handle(batch, retrying)
@@ -430,7 +452,10 @@ class StreamPipeline:
             return
         self.delivered += len(items)
         self._committer.processed(
-            self.stream, [ev.unique_event_id for _, ev in items], [seq for seq, _ in items]
+            self.stream,
+            [ev.unique_event_id for _, ev in items],
+            [seq for seq, _ in items],
+            sum([_size(ev) for _, ev in items]),
         )
 
     async def _isolate(

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import re
 import signal
 import socket
@@ -47,10 +48,14 @@ from hostile_frames import (
     EVENT,
     IGNORED,
     MALFORMED,
+    PAD,
     UNDELIVERABLE,
     Frame,
+    RandomDraw,
     build_script,
     flood,
+    new_event,
+    next_frame,
     summary,
 )
 from hostile_gateway import HostileGateway
@@ -74,6 +79,12 @@ SINKS = ("jsonl", "sqlite", "webhook", "python", "postgres")
 PROC_MAX_FRAME = 1 << 20
 PROC_FLOOD = 250
 RSS_LIMIT = 250 * 2**20  # the daemon runs in about 90 MB; an unbounded one holds gigabytes
+# Valid events of about 1 MiB, all in one commit's reach: what the pipeline holds is bounded in
+# bytes (16 MiB each for the queue and for what awaits the commit; websockets' own queue holds up
+# to 64 frames more): 220-245 MB measured. A daemon bounded by event counts only holds what it
+# reads until the commit interval has passed: here the whole backlog.
+LARGE_EVENTS = 500
+LARGE_RSS_LIMIT = 300 * 2**20
 
 
 # --- where the events went ---------------------------------------------------------------------
@@ -753,3 +764,94 @@ level = "debug"
     f.report(
         f"process, script {summary(script)}, {len(gw.sessions)} sessions, {bad_bytes} bad bytes"
     )
+
+
+def large_events(seed: int, count: int, size: int) -> list[Frame]:
+    """``count`` valid events of just under ``size`` bytes each (a long ``newValue``)."""
+    rng = random.Random(seed)
+    d = RandomDraw(rng)
+    frames = []
+    for i in range(1, count + 1):
+        uid, key = f"large-{i}", f"key-{i % 5}"
+        ev = new_event(d, offset=str(i), uid=uid, primary_key=key)
+        ev["detail"] = [{"elementName": "Notes", "newValue": PAD.decode()}]
+        target = size - rng.randint(0, 4096)
+        frames.append(
+            Frame(
+                EVENT, "large", next_frame(ev), target_len=target, uid=uid, offset=str(i),
+                primary_key=key,
+            )
+        )  # fmt: skip
+    return frames
+
+
+async def test_large_valid_events_held_for_a_commit_stay_bounded_in_bytes(
+    sandbox_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    """Valid events of about 1 MiB each, with commits far apart (interval mode, 5 s or 100,000
+    events; the backlog is read in less): what is written and not yet committed is bounded in
+    bytes, not only in events, so the jsonl sink's buffer cannot grow to the whole backlog; a
+    commit comes early instead (the last few MiB wait for the interval). Every event is in the
+    file once and peak RSS stays well under what was sent."""
+    script = large_events(11, LARGE_EVENTS, PROC_MAX_FRAME)
+    sb = await sandbox_factory(backlog=0)
+    gw = await HostileGateway(script).start()
+    probe = JsonlProbe(tmp_path)
+    state, log = tmp_path / "state.db", tmp_path / "daemon.log"
+    auth = token_auth(sb)
+    connection = {**FAST_CONNECTION, "max_frame_bytes": PROC_MAX_FRAME}
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f"""[streams.main]
+gateway_url = "{gw.url}"
+chain_code = "DEMO"
+app_key = "{SandboxOptions().app_key}"
+
+[streams.main.auth]
+client_id = "{auth["client_id"]}"
+client_secret = "{auth["client_secret"]}"
+token_url = "{auth["token_url"]}"
+
+[streams.main.connection]
+{chr(10).join(f"{k} = {v}" for k, v in connection.items())}
+
+[state]
+path = "{state}"
+commit_mode = "interval"
+commit_interval_ms = 5000
+commit_max_events = 100000
+
+[sink]
+type = "jsonl"
+path = "{probe.path}"
+
+[metrics]
+port = 0
+
+[log]
+format = "json"
+"""
+    )
+    proc = spawn_daemon(config, log)
+    try:
+        outcome = await settle(gw, probe, state, script, lambda: proc.poll() is None)
+        peak = peak_rss(proc.pid) if proc.poll() is None else None
+        assert outcome == "settled", (
+            f"waiting for the script to be consumed: {outcome} (peak RSS {peak} bytes); "
+            "the log ends: " + log.read_text(errors="replace")[-1500:]
+        )
+        proc.send_signal(signal.SIGTERM)
+        assert await wait_exit(proc, 60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            await wait_exit(proc)
+        await gw.close()
+    sent = gw.sent_bytes(exclude=MALFORMED)  # every frame here is an event
+    print(f"peak RSS {peak} bytes after {sent} bytes of events")  # shown on failure
+    assert sent >= 1.5 * LARGE_RSS_LIMIT, f"only {sent} bytes sent: raise LARGE_EVENTS"
+    assert peak is not None and peak <= LARGE_RSS_LIMIT, (
+        f"peak RSS (VmHWM) {peak} bytes, bound {LARGE_RSS_LIMIT}, after {sent} bytes of events"
+    )
+    delivered = await probe.delivered()
+    assert Counter(delivered) == Counter(f.uid for f in script)

@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from support import wait_until
 
@@ -120,20 +121,29 @@ async def harness(
     *,
     workers: int = 4,
     queue_size: int = 1000,
+    queue_max_bytes: int = 16 * 1024 * 1024,
     batch_max: int = 50,
     max_events: int = 10_000,
+    max_pending_bytes: int = 16 * 1024 * 1024,
     interval_s: float = 3600.0,
     start: bool = True,
 ) -> AsyncIterator[tuple[Store, Committer, StreamPipeline]]:
     store = await Store.open(tmp_path / "state.db")
     await sink.open(await store.sink_state(sink.name))
-    committer = Committer(store, sink, max_events=max_events, interval_s=interval_s)
+    committer = Committer(
+        store,
+        sink,
+        max_events=max_events,
+        interval_s=interval_s,
+        max_pending_bytes=max_pending_bytes,
+    )
     pipeline = StreamPipeline(
         STREAM,
         sink=sink,
         committer=committer,
         workers=workers,
         queue_size=queue_size,
+        queue_max_bytes=queue_max_bytes,
         batch_max=batch_max,
         retry_initial_s=0.01,
         retry_max_s=0.02,
@@ -163,6 +173,16 @@ async def still_pending(task: asyncio.Task[Any], seconds: float = 0.3) -> None:
         assert not task.done(), "the wait for room returned while there was none"
         await asyncio.sleep(0.01)
     assert not task.done(), "the wait for room returned while there was none"
+
+
+def large(i: int, size: int) -> Event:
+    """``ev(i)`` kept as its JSON text as received (as the fast decode keeps it), padded to
+    ``size`` bytes."""
+    e = ev(i, key="same")
+    text = orjson.dumps({**e.raw, "pad": ""})
+    text = text[:-3] + b'"' + b"x" * (size - len(text)) + b'"}'
+    assert len(text) == size
+    return e._replace(parsed=None, text=text)
 
 
 def jsonl_lines(path: Path) -> list[dict[str, Any]]:
@@ -308,6 +328,39 @@ async def test_failed_commit_keeps_ids_pending_and_retries_everything(
     assert cp is not None
     assert (cp.offset, cp.unique_event_id) == (ev(5).offset, "u5")
     assert cp.processed_count == 6
+
+
+async def test_events_held_for_a_commit_count_in_bytes_until_it_succeeds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sink may hold what it was given until the commit (the jsonl buffer): the events' size
+    counts against the committer's capacity, and a failed commit gives it back."""
+    sink = FakeSink()
+    async with harness(tmp_path, sink, workers=1, max_pending_bytes=8000) as (
+        store,
+        committer,
+        pipeline,
+    ):
+        await pipeline.put(large(1, 3000))
+        await drained(pipeline)
+        assert not committer.full
+        await pipeline.put(large(2, 5000))
+        await drained(pipeline)
+        assert committer.full  # 8,000 bytes held: workers wait for a commit
+        real_commit = store.commit
+        failures = [sqlite3.OperationalError("database is locked")]
+
+        async def flaky(batch: CommitBatch, now: float | None = None) -> None:
+            if failures:
+                raise failures.pop()
+            await real_commit(batch, now)
+
+        monkeypatch.setattr(store, "commit", flaky)
+        with pytest.raises(sqlite3.OperationalError):
+            await committer.flush()
+        assert committer.full  # still held
+        assert await committer.flush()
+        assert not committer.full
 
 
 # --- failures ----------------------------------------------------------------------------------
@@ -705,6 +758,34 @@ async def test_the_queues_are_bounded_and_the_reader_waits_for_room(tmp_path: Pa
             await room
         await drained(pipeline)
     assert [e.unique_event_id for e in sink.delivered] == [f"u{i}" for i in range(1, 31)]
+
+
+async def test_the_queues_are_bounded_in_bytes_too(tmp_path: Path) -> None:
+    """Large events: the reader waits once queue_max_bytes of them are queued, however few
+    they are; an event larger than the bound still goes through, alone."""
+    sink = FakeSink()
+    async with harness(tmp_path, sink, workers=1, queue_max_bytes=6000, batch_max=1) as (
+        _,
+        _,
+        pipeline,
+    ):
+        sink.gate.clear()  # the sink blocks
+        assert pipeline.add(large(1, 3000))
+        await pipeline.room()  # the worker took it into the blocked sink: the queue is empty
+        async with asyncio.timeout(WAIT_S):
+            while sink.calls < 1:
+                await asyncio.sleep(0.001)
+        assert pipeline.add(large(2, 3000))  # 3,000 bytes queued
+        assert not pipeline.add(large(3, 3000))  # 6,000: at the bound, two events only
+        room = asyncio.create_task(pipeline.room())
+        await still_pending(room)  # the reader waits while the sink holds the first
+        sink.gate.set()  # the worker goes on and takes the next: 3,000 bytes left queued
+        async with asyncio.timeout(WAIT_S):
+            await room
+        assert not pipeline.add(large(4, 20_000))  # over the bound alone
+        await pipeline.room()  # taken once the queue is empty
+        await drained(pipeline)
+    assert [e.unique_event_id for e in sink.delivered] == ["u1", "u2", "u3", "u4"]
 
 
 async def test_a_long_read_is_handed_over_every_handover_events(tmp_path: Path) -> None:
