@@ -59,7 +59,7 @@ from hostile_frames import (
     summary,
 )
 from hostile_gateway import HostileGateway
-from receiver import Receiver
+from receiver import Receiver, Reply
 from support import FAST_CONNECTION, make_settings, spawn_daemon, wait_exit
 
 from consumer.runtime.daemon import Daemon
@@ -85,6 +85,9 @@ RSS_LIMIT = 250 * 2**20  # the daemon runs in about 90 MB; an unbounded one hold
 # reads until the commit interval has passed: here the whole backlog.
 LARGE_EVENTS = 500
 LARGE_RSS_LIMIT = 300 * 2**20
+# Frames read ahead by websockets while the reader waits: as many of the largest (4 MiB here)
+# as fit in 16 MiB, not 64 of them (256 MiB).
+AHEAD_RSS_LIMIT = 200 * 2**20
 
 
 # --- where the events went ---------------------------------------------------------------------
@@ -766,20 +769,23 @@ level = "debug"
     )
 
 
-def large_events(seed: int, count: int, size: int) -> list[Frame]:
-    """``count`` valid events of just under ``size`` bytes each (a long ``newValue``)."""
+def large_events(
+    seed: int, count: int, size: int, first: int = 1, key: str | None = None
+) -> list[Frame]:
+    """``count`` valid events of just under ``size`` bytes each (a long ``newValue``), offsets
+    from ``first`` on, of five resources (or of ``key``)."""
     rng = random.Random(seed)
     d = RandomDraw(rng)
     frames = []
-    for i in range(1, count + 1):
-        uid, key = f"large-{i}", f"key-{i % 5}"
-        ev = new_event(d, offset=str(i), uid=uid, primary_key=key)
+    for i in range(first, first + count):
+        uid, pk = f"large-{i}", key or f"key-{i % 5}"
+        ev = new_event(d, offset=str(i), uid=uid, primary_key=pk)
         ev["detail"] = [{"elementName": "Notes", "newValue": PAD.decode()}]
         target = size - rng.randint(0, 4096)
         frames.append(
             Frame(
                 EVENT, "large", next_frame(ev), target_len=target, uid=uid, offset=str(i),
-                primary_key=key,
+                primary_key=pk,
             )
         )  # fmt: skip
     return frames
@@ -855,3 +861,78 @@ format = "json"
     )
     delivered = await probe.delivered()
     assert Counter(delivered) == Counter(f.uid for f in script)
+
+
+async def test_frames_read_ahead_while_the_sink_waits_stay_bounded_in_bytes(
+    sandbox_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    """The webhook receiver answers the first POST with 503 and Retry-After: 4: while the sink
+    waits, the pipeline fills (16 MiB of 1 MiB events) and the reader stops; frames of just under
+    4 MiB keep coming. What websockets reads ahead for the waiting reader is bounded in bytes (as
+    many of the largest frames as fit in 16 MiB), not 64 frames of any size. Afterwards every
+    event is delivered and every flood frame is in the DLQ."""
+    script = [
+        *large_events(12, 40, PROC_MAX_FRAME, key="one"),  # one worker's: it waits
+        *flood(13, 100, PROC_MAX_FRAME, tag="ahead"),
+        *large_events(14, 10, 8192, first=1000),  # delivered once the flood is read
+    ]
+    sb = await sandbox_factory(backlog=0)
+    gw = await HostileGateway(script).start()
+    probe = WebhookProbe()
+    probe.rx.script(Reply(503, {"Retry-After": "4"}))
+    state, log = tmp_path / "state.db", tmp_path / "daemon.log"
+    auth = token_auth(sb)
+    connection = {**FAST_CONNECTION, "max_frame_bytes": PROC_MAX_FRAME}
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f"""[streams.main]
+gateway_url = "{gw.url}"
+chain_code = "DEMO"
+app_key = "{SandboxOptions().app_key}"
+
+[streams.main.auth]
+client_id = "{auth["client_id"]}"
+client_secret = "{auth["client_secret"]}"
+token_url = "{auth["token_url"]}"
+
+[streams.main.connection]
+{chr(10).join(f"{k} = {v}" for k, v in connection.items())}
+
+[state]
+path = "{state}"
+
+[sink]
+type = "webhook"
+url = "{probe.rx.url}"
+
+[metrics]
+port = 0
+
+[log]
+format = "json"
+"""
+    )
+    proc = spawn_daemon(config, log)
+    try:
+        outcome = await settle(gw, probe, state, script, lambda: proc.poll() is None)
+        peak = peak_rss(proc.pid) if proc.poll() is None else None
+        assert outcome == "settled", (
+            f"waiting for the script to be consumed: {outcome} (peak RSS {peak} bytes); "
+            "the log ends: " + log.read_text(errors="replace")[-1500:]
+        )
+        proc.send_signal(signal.SIGTERM)
+        assert await wait_exit(proc, 60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            await wait_exit(proc)
+        await gw.close()
+        await probe.close()
+    flood_bytes = gw.sent_bytes()  # the malformed frames (events excluded)
+    print(f"peak RSS {peak} bytes; {flood_bytes} bytes of flood frames")  # shown on failure
+    assert probe.rx.exchanges[0][1].status == 503  # the sink did wait
+    assert flood_bytes >= 1.5 * AHEAD_RSS_LIMIT, f"only {flood_bytes} bytes: raise the flood"
+    assert peak is not None and peak <= AHEAD_RSS_LIMIT, (
+        f"peak RSS (VmHWM) {peak} bytes, bound {AHEAD_RSS_LIMIT}, while the sink waited"
+    )
+    assert Counter(await probe.delivered()) == Counter(f.uid for f in script if f.expect == EVENT)
