@@ -91,13 +91,13 @@ _READY = frozenset({StreamState.STREAMING, StreamState.COMPLETING, StreamState.L
 # websockets' own queue of frames received and not yet taken by the reader counts frames, not
 # bytes: while the reader waits (the pipeline is full), 64 frames of the largest size read
 # (4 x max_frame_bytes: 64 MiB by default) would be 4 GiB. So as many of those as fit in
-# READ_AHEAD_BYTES, within [2, 64]: 2 by default, 64 with max_frame_bytes up to 64 KiB.
-READ_AHEAD_BYTES = 16 * 1024 * 1024
+# _READ_AHEAD_BYTES, within [2, 64]: 2 by default, 64 with max_frame_bytes up to 64 KiB.
+_READ_AHEAD_BYTES = 16 * 1024 * 1024
 
 
-def read_ahead_frames(max_size: int) -> int:
+def _read_ahead_frames(max_size: int) -> int:
     """websockets' ``max_queue`` for frames of at most ``max_size`` bytes."""
-    return max(2, min(64, READ_AHEAD_BYTES // max_size))
+    return max(2, min(64, _READ_AHEAD_BYTES // max_size))
 
 
 class StreamRunner:
@@ -238,7 +238,7 @@ class StreamRunner:
                 subprotocols=[Subprotocol(protocol.SUBPROTOCOL)],
                 compression=None,
                 max_size=c.max_frame_bytes * OVERSIZED_FACTOR,
-                max_queue=read_ahead_frames(c.max_frame_bytes * OVERSIZED_FACTOR),
+                max_queue=_read_ahead_frames(c.max_frame_bytes * OVERSIZED_FACTOR),
                 # Liveness is graphql-ws ping/pong + data (burst-aware); protocol-level pings
                 # would time out whenever our own backpressure stops reading.
                 ping_interval=None,
