@@ -662,20 +662,11 @@ async def test_hostile_gateway_every_sink(
     f.report(f"{sink_kind} sink, script {summary(script)}, {len(gw.sessions)} sessions")
 
 
-async def test_hostile_gateway_process_memory_state_and_logs(
-    sandbox_factory: Callable[..., Any], tmp_path: Path
-) -> None:
-    """The jsonl case as a process, frames up to 1 MiB, ~1 GB of oversized frames going by:
-    peak RSS, the state file and every log line stay bounded; SIGTERM stops it with 0."""
-    big = flood(7, PROC_FLOOD, PROC_MAX_FRAME)
-    script = build_script(
-        99, events=500, bad=150, max_frame_bytes=PROC_MAX_FRAME, tag="proc", extra_bad=big
-    )
-    sb = await sandbox_factory(backlog=0)
-    gw = await HostileGateway(script).start()
-    probe = JsonlProbe(tmp_path)
-    state, log = tmp_path / "state.db", tmp_path / "daemon.log"
-    port = free_port()
+def process_config(
+    tmp_path: Path, gw: HostileGateway, sb: SandboxGateway, *, state: str, sink: str, rest: str
+) -> Path:
+    """The config of a daemon process reading ``gw`` (frames up to PROC_MAX_FRAME; tokens
+    from the sandbox), with the given ``[state]`` lines, ``[sink]`` lines and the rest."""
     auth = token_auth(sb)
     connection = {**FAST_CONNECTION, "max_frame_bytes": PROC_MAX_FRAME}
     config = tmp_path / "config.toml"
@@ -694,20 +685,65 @@ token_url = "{auth["token_url"]}"
 {chr(10).join(f"{k} = {v}" for k, v in connection.items())}
 
 [state]
-path = "{state}"
-commit_interval_ms = 500
+{state}
 
 [sink]
-type = "jsonl"
-path = "{probe.path}"
+{sink}
 
-[metrics]
-port = {port}
-
-[log]
-format = "json"
-level = "debug"
+{rest}
 """
+    )
+    return config
+
+
+def log_tail(log: Path) -> str:
+    return log.read_text(errors="replace")[-1500:]
+
+
+async def settled_peak(
+    config: Path, log: Path, gw: HostileGateway, probe: Probe, *, state: Path, script: list[Frame]
+) -> int:
+    """Run the daemon until it has read the whole script, and its peak RSS then; SIGTERM
+    stops it with 0."""
+    proc = spawn_daemon(config, log)
+    try:
+        outcome = await settle(gw, probe, state, script, lambda: proc.poll() is None)
+        peak = peak_rss(proc.pid) if proc.poll() is None else None
+        assert outcome == "settled", (
+            f"waiting for the script to be consumed: {outcome} (peak RSS {peak} bytes); "
+            "the log ends: " + log_tail(log)
+        )
+        assert peak is not None
+        proc.send_signal(signal.SIGTERM)
+        assert await wait_exit(proc, 60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            await wait_exit(proc)
+    return peak
+
+
+async def test_hostile_gateway_process_memory_state_and_logs(
+    sandbox_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    """The jsonl case as a process, frames up to 1 MiB, ~1 GB of oversized frames going by:
+    peak RSS, the state file and every log line stay bounded; SIGTERM stops it with 0."""
+    big = flood(7, PROC_FLOOD, PROC_MAX_FRAME)
+    script = build_script(
+        99, events=500, bad=150, max_frame_bytes=PROC_MAX_FRAME, tag="proc", extra_bad=big
+    )
+    sb = await sandbox_factory(backlog=0)
+    gw = await HostileGateway(script).start()
+    probe = JsonlProbe(tmp_path)
+    state, log = tmp_path / "state.db", tmp_path / "daemon.log"
+    port = free_port()
+    config = process_config(
+        tmp_path,
+        gw,
+        sb,
+        state=f'path = "{state}"\ncommit_interval_ms = 500',
+        sink=f'type = "jsonl"\npath = "{probe.path}"',
+        rest=f'[metrics]\nport = {port}\n\n[log]\nformat = "json"\nlevel = "debug"',
     )
     f = Failures()
     proc = spawn_daemon(config, log)
@@ -722,7 +758,7 @@ level = "debug"
             proc.poll() is None,
             lambda: (
                 f"the daemon exited by itself with status {proc.returncode}; its log ends: "
-                + log.read_text(errors="replace")[-1500:]
+                + log_tail(log)
             ),
         )
         if proc.poll() is None:
@@ -804,59 +840,23 @@ async def test_large_valid_events_held_for_a_commit_stay_bounded_in_bytes(
     gw = await HostileGateway(script).start()
     probe = JsonlProbe(tmp_path)
     state, log = tmp_path / "state.db", tmp_path / "daemon.log"
-    auth = token_auth(sb)
-    connection = {**FAST_CONNECTION, "max_frame_bytes": PROC_MAX_FRAME}
-    config = tmp_path / "config.toml"
-    config.write_text(
-        f"""[streams.main]
-gateway_url = "{gw.url}"
-chain_code = "DEMO"
-app_key = "{SandboxOptions().app_key}"
-
-[streams.main.auth]
-client_id = "{auth["client_id"]}"
-client_secret = "{auth["client_secret"]}"
-token_url = "{auth["token_url"]}"
-
-[streams.main.connection]
-{chr(10).join(f"{k} = {v}" for k, v in connection.items())}
-
-[state]
-path = "{state}"
-commit_mode = "interval"
-commit_interval_ms = 5000
-commit_max_events = 100000
-
-[sink]
-type = "jsonl"
-path = "{probe.path}"
-
-[metrics]
-port = 0
-
-[log]
-format = "json"
-"""
+    config = process_config(
+        tmp_path,
+        gw,
+        sb,
+        state=f'path = "{state}"\ncommit_mode = "interval"\ncommit_interval_ms = 5000\n'
+        "commit_max_events = 100000",
+        sink=f'type = "jsonl"\npath = "{probe.path}"',
+        rest='[metrics]\nport = 0\n\n[log]\nformat = "json"',
     )
-    proc = spawn_daemon(config, log)
     try:
-        outcome = await settle(gw, probe, state, script, lambda: proc.poll() is None)
-        peak = peak_rss(proc.pid) if proc.poll() is None else None
-        assert outcome == "settled", (
-            f"waiting for the script to be consumed: {outcome} (peak RSS {peak} bytes); "
-            "the log ends: " + log.read_text(errors="replace")[-1500:]
-        )
-        proc.send_signal(signal.SIGTERM)
-        assert await wait_exit(proc, 60) == 0
+        peak = await settled_peak(config, log, gw, probe, state=state, script=script)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            await wait_exit(proc)
         await gw.close()
     sent = gw.sent_bytes(exclude=MALFORMED)  # every frame here is an event
     print(f"peak RSS {peak} bytes after {sent} bytes of events")  # shown on failure
     assert sent >= 1.5 * LARGE_RSS_LIMIT, f"only {sent} bytes sent: raise LARGE_EVENTS"
-    assert peak is not None and peak <= LARGE_RSS_LIMIT, (
+    assert peak <= LARGE_RSS_LIMIT, (
         f"peak RSS (VmHWM) {peak} bytes, bound {LARGE_RSS_LIMIT}, after {sent} bytes of events"
     )
     delivered = await probe.delivered()
@@ -881,58 +881,24 @@ async def test_frames_read_ahead_while_the_sink_waits_stay_bounded_in_bytes(
     probe = WebhookProbe()
     probe.rx.script(Reply(503, {"Retry-After": "4"}))
     state, log = tmp_path / "state.db", tmp_path / "daemon.log"
-    auth = token_auth(sb)
-    connection = {**FAST_CONNECTION, "max_frame_bytes": PROC_MAX_FRAME}
-    config = tmp_path / "config.toml"
-    config.write_text(
-        f"""[streams.main]
-gateway_url = "{gw.url}"
-chain_code = "DEMO"
-app_key = "{SandboxOptions().app_key}"
-
-[streams.main.auth]
-client_id = "{auth["client_id"]}"
-client_secret = "{auth["client_secret"]}"
-token_url = "{auth["token_url"]}"
-
-[streams.main.connection]
-{chr(10).join(f"{k} = {v}" for k, v in connection.items())}
-
-[state]
-path = "{state}"
-
-[sink]
-type = "webhook"
-url = "{probe.rx.url}"
-
-[metrics]
-port = 0
-
-[log]
-format = "json"
-"""
+    config = process_config(
+        tmp_path,
+        gw,
+        sb,
+        state=f'path = "{state}"',
+        sink=f'type = "webhook"\nurl = "{probe.rx.url}"',
+        rest='[metrics]\nport = 0\n\n[log]\nformat = "json"',
     )
-    proc = spawn_daemon(config, log)
     try:
-        outcome = await settle(gw, probe, state, script, lambda: proc.poll() is None)
-        peak = peak_rss(proc.pid) if proc.poll() is None else None
-        assert outcome == "settled", (
-            f"waiting for the script to be consumed: {outcome} (peak RSS {peak} bytes); "
-            "the log ends: " + log.read_text(errors="replace")[-1500:]
-        )
-        proc.send_signal(signal.SIGTERM)
-        assert await wait_exit(proc, 60) == 0
+        peak = await settled_peak(config, log, gw, probe, state=state, script=script)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            await wait_exit(proc)
         await gw.close()
         await probe.close()
     flood_bytes = gw.sent_bytes()  # the malformed frames (events excluded)
     print(f"peak RSS {peak} bytes; {flood_bytes} bytes of flood frames")  # shown on failure
     assert probe.rx.exchanges[0][1].status == 503  # the sink did wait
     assert flood_bytes >= 1.5 * AHEAD_RSS_LIMIT, f"only {flood_bytes} bytes: raise the flood"
-    assert peak is not None and peak <= AHEAD_RSS_LIMIT, (
+    assert peak <= AHEAD_RSS_LIMIT, (
         f"peak RSS (VmHWM) {peak} bytes, bound {AHEAD_RSS_LIMIT}, while the sink waited"
     )
     assert Counter(await probe.delivered()) == Counter(f.uid for f in script if f.expect == EVENT)

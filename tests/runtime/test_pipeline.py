@@ -185,6 +185,19 @@ def large(i: int, size: int) -> Event:
     return e._replace(parsed=None, text=text)
 
 
+def fail_next_commit(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store's next commit fails as a locked database does; the ones after it go through."""
+    real_commit = store.commit
+    failures = [sqlite3.OperationalError("database is locked")]
+
+    async def flaky(batch: CommitBatch, now: float | None = None) -> None:
+        if failures:
+            raise failures.pop()
+        await real_commit(batch, now)
+
+    monkeypatch.setattr(store, "commit", flaky)
+
+
 def jsonl_lines(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -302,15 +315,7 @@ async def test_failed_commit_keeps_ids_pending_and_retries_everything(
         for i in range(5):
             await pipeline.put(ev(i))
         await drained(pipeline)
-        real_commit = store.commit
-        failures = [sqlite3.OperationalError("database is locked")]
-
-        async def flaky(batch: CommitBatch, now: float | None = None) -> None:
-            if failures:
-                raise failures.pop()
-            await real_commit(batch, now)
-
-        monkeypatch.setattr(store, "commit", flaky)
+        fail_next_commit(store, monkeypatch)
         with pytest.raises(sqlite3.OperationalError):
             await committer.flush()
         assert await store.checkpoint(STREAM) is None
@@ -347,15 +352,7 @@ async def test_events_held_for_a_commit_count_in_bytes_until_it_succeeds(
         await pipeline.put(large(2, 5000))
         await drained(pipeline)
         assert committer.full  # 8,000 bytes held: workers wait for a commit
-        real_commit = store.commit
-        failures = [sqlite3.OperationalError("database is locked")]
-
-        async def flaky(batch: CommitBatch, now: float | None = None) -> None:
-            if failures:
-                raise failures.pop()
-            await real_commit(batch, now)
-
-        monkeypatch.setattr(store, "commit", flaky)
+        fail_next_commit(store, monkeypatch)
         with pytest.raises(sqlite3.OperationalError):
             await committer.flush()
         assert committer.full  # still held
