@@ -80,9 +80,9 @@ PROC_MAX_FRAME = 1 << 20
 PROC_FLOOD = 250
 RSS_LIMIT = 250 * 2**20  # the daemon runs in about 90 MB; an unbounded one holds gigabytes
 # Valid events of about 1 MiB, all in one commit's reach: what the pipeline holds is bounded in
-# bytes (16 MiB each for the queue and for what awaits the commit; websockets' own queue holds up
-# to 64 frames more): 220-245 MB measured. A daemon bounded by event counts only holds what it
-# reads until the commit interval has passed: here the whole backlog.
+# bytes (16 MiB each for the queue, for what awaits the commit and for websockets' read-ahead):
+# 144-162 MB measured (220-245 with 64 frames read ahead). A daemon bounded by event counts only
+# holds what it reads until the commit interval has passed: here the whole backlog (619 MB).
 LARGE_EVENTS = 500
 LARGE_RSS_LIMIT = 300 * 2**20
 # Frames read ahead by websockets while the reader waits: as many of the largest (4 MiB here)
