@@ -129,31 +129,33 @@ async def harness(
     start: bool = True,
 ) -> AsyncIterator[tuple[Store, Committer, StreamPipeline]]:
     store = await Store.open(tmp_path / "state.db")
-    await sink.open(await store.sink_state(sink.name))
-    committer = Committer(
-        store,
-        sink,
-        max_events=max_events,
-        interval_s=interval_s,
-        max_pending_bytes=max_pending_bytes,
-    )
-    pipeline = StreamPipeline(
-        STREAM,
-        sink=sink,
-        committer=committer,
-        workers=workers,
-        queue_size=queue_size,
-        queue_max_bytes=queue_max_bytes,
-        batch_max=batch_max,
-        retry_initial_s=0.01,
-        retry_max_s=0.02,
-    )
-    if start:
-        pipeline.start()
-    try:
+    pipeline: StreamPipeline | None = None
+    try:  # closed whatever fails (an open aiosqlite thread keeps pytest from exiting)
+        await sink.open(await store.sink_state(sink.name))
+        committer = Committer(
+            store,
+            sink,
+            max_events=max_events,
+            interval_s=interval_s,
+            max_pending_bytes=max_pending_bytes,
+        )
+        pipeline = StreamPipeline(
+            STREAM,
+            sink=sink,
+            committer=committer,
+            workers=workers,
+            queue_size=queue_size,
+            queue_max_bytes=queue_max_bytes,
+            batch_max=batch_max,
+            retry_initial_s=0.01,
+            retry_max_s=0.02,
+        )
+        if start:
+            pipeline.start()
         yield store, committer, pipeline
     finally:
-        await pipeline.stop()
+        if pipeline is not None:
+            await pipeline.stop()
         await sink.close()
         await store.close()
 
