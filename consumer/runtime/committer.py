@@ -141,10 +141,7 @@ class Committer:
         counted against the capacity like dead letters, so large events commit early rather
         than pile up."""
         ledger = self._ledger(stream)
-        if nbytes:
-            self._pending_bytes += nbytes
-            if self._pending_bytes >= self._max_pending_bytes // 4:
-                self._wake.set()
+        self._hold(nbytes)
         self._batch.processed.setdefault(stream, []).extend(event_ids)
         ledger.pending_ids.update(event_ids)
         self._done(stream, ledger, seqs, len(event_ids))
@@ -163,10 +160,15 @@ class Committer:
             ledger.pending_ids.add(letter.unique_event_id)
         if letter.primary_key is not None:
             ledger.letters_not_durable[letter.primary_key] += 1
-        self._pending_bytes += len(letter.payload) + len(letter.error)
-        if self._pending_bytes >= self._max_pending_bytes // 4:
-            self._wake.set()  # large dead letters: commit early rather than hold them
+        self._hold(len(letter.payload) + len(letter.error))
         self._done(letter.stream, ledger, () if seq is None else (seq,), 0, other=1)
+
+    def _hold(self, nbytes: int) -> None:
+        """Bytes held until the next commit (events a sink buffers, dead letters): past a
+        quarter of the capacity a commit starts early rather than hold more."""
+        self._pending_bytes += nbytes
+        if self._pending_bytes >= self._max_pending_bytes // 4:
+            self._wake.set()
 
     def resolved(self, dead_letter_id: int) -> None:
         """A dead letter delivered by a replay: removed in the same transaction."""

@@ -232,13 +232,14 @@ class StreamRunner:
                 return Decision(Action.RECONNECT, 0.0, "stopping")
         self.state = StreamState.CONNECTING
         started: float | None = None
+        max_size = c.max_frame_bytes * OVERSIZED_FACTOR  # larger frames close with 1009
         try:
             async with connect(
                 self._url,
                 subprotocols=[Subprotocol(protocol.SUBPROTOCOL)],
                 compression=None,
-                max_size=c.max_frame_bytes * OVERSIZED_FACTOR,
-                max_queue=_read_ahead_frames(c.max_frame_bytes * OVERSIZED_FACTOR),
+                max_size=max_size,
+                max_queue=_read_ahead_frames(max_size),
                 # Liveness is graphql-ws ping/pong + data (burst-aware); protocol-level pings
                 # would time out whenever our own backpressure stops reading.
                 ping_interval=None,
