@@ -111,6 +111,48 @@ def cpu_seconds(pid: int, tid: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command's name (state first), or None."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def children(pid: int) -> list[int]:
+    """The live (or not yet reaped) children of a process."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = _stat(int(entry.name))
+            if fields is not None and int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _client(pid: int) -> bool:
+    """Whether a PostgreSQL child serves a TCP client (its title names the client's address;
+    the background workers' do not)."""
+    try:
+        return b"127.0.0.1(" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of a server and its children so far, the reaped ones included (a PostgreSQL
+    cluster: the postmaster, a backend per connection, its background workers)."""
+    total = 0
+    for child in children(pid):  # before the parent: a child reaped meanwhile is in cutime
+        fields = _stat(child)
+        if fields is not None:
+            total += int(fields[11]) + int(fields[12])
+    fields = _stat(pid)
+    if fields is not None:
+        total += sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 # --- the floor: a bare client ----------------------------------------------------------------
 
 
@@ -312,6 +354,16 @@ class Postgres:
             raise
         self.dsn = self.server.dsn()
 
+    def cpu_seconds(self) -> float:
+        """The cluster's CPU so far, once the backends of the connections closed before the
+        call are gone (bounded wait): one exiting meanwhile could count twice."""
+        pid = self.server.pid
+        assert pid is not None
+        deadline = time.monotonic() + 5
+        while any(_client(c) for c in children(pid)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return tree_cpu_seconds(pid)
+
     def count(self, table: str) -> int:
         """The table's rows; then it is dropped (the next rounds need no room for it)."""
         import pg
@@ -402,6 +454,7 @@ def run_daemon(
     hook: str = "",
     dsn: str = "",
     table: str = "",
+    server_cpu: Callable[[], float] | None = None,
 ) -> dict[str, Any]:
     work.mkdir(parents=True)
     config = work / "config.toml"
@@ -424,6 +477,7 @@ level = "info"
     )
     db = work / "state.db"
     log = work / "daemon.log"
+    server_before = None if server_cpu is None else server_cpu()
     spawned = time.time()
     proc = launcher.spawn(["run", "--config", str(config)], log)
     profiler = profile(proc.pid, work.parent / f"profile-{work.name}.txt")
@@ -468,6 +522,7 @@ level = "info"
     start = subscribed_at(log)
     if start is None:
         raise RuntimeError(f"no 'subscribed' record in {log}")
+    server_s = None if server_cpu is None else server_cpu() - (server_before or 0.0)
     delivered = counter()
     return {
         "events_per_s": round(n / (done - start)),
@@ -479,6 +534,8 @@ level = "info"
         "daemon_cpu_s": round(cpu, 2),
         # The event loop's thread (what bounds the rate): CPU per event after the first commit.
         "loop_cpu_us_per_event": None if loop_us is None else round(loop_us, 1),
+        # The sink's server (PostgreSQL: every process of the cluster), start-up included.
+        "server_cpu_us_per_event": None if server_s is None else round(server_s / n * 1e6, 1),
         "delivered": delivered,
         "ok": delivered == n,
     }
@@ -638,6 +695,9 @@ def main() -> int:
                             hook=receiver.url if receiver else "",
                             dsn=postgres.dsn if postgres else "",
                             table=name,
+                            server_cpu=postgres.cpu_seconds
+                            if postgres and sink == "postgres"
+                            else None,
                         )
                         run["sandbox_cpu_s"] = round(cpu_seconds(sandbox.pid) - sandbox_cpu, 2)
                         if receiver is not None:
@@ -667,7 +727,12 @@ def main() -> int:
                             f"{of_hook}), "
                             f"wall {run['wall_seconds']} s, peak RSS {run['peak_rss_mb']} MB, "
                             f"loop thread {run['loop_cpu_us_per_event']} µs CPU/event, "
-                            f"delivered {run['delivered']:,}",
+                            + (
+                                f"server {run['server_cpu_us_per_event']} µs CPU/event, "
+                                if run.get("server_cpu_us_per_event") is not None
+                                else ""
+                            )
+                            + f"delivered {run['delivered']:,}",
                             flush=True,
                         )
                 rounds.append(result)

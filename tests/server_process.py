@@ -98,6 +98,11 @@ class ServerProcess:
             proc.wait()
 
     @property
+    def pid(self) -> int | None:
+        """The server's own process (its children are its workers, for PostgreSQL)."""
+        return None if self._proc is None else self._proc.pid
+
+    @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
