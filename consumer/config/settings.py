@@ -846,7 +846,9 @@ class PipelineSettings(_Model):
     # None: the sink's own default (runtime.pipeline.default_workers): 1 where its write never
     # waits (jsonl, sqlite in the state's file, postgres on the state's dsn), 4 elsewhere.
     workers: int | None = Field(default=None, ge=1, le=256)
-    queue_size: int = Field(default=2000, ge=1)  # per stream: read, not yet taken by a worker
+    # Per stream: read, not yet taken by a worker. None: 500 per worker
+    # (runtime.pipeline.default_queue_size).
+    queue_size: int | None = Field(default=None, ge=1)
     # The same events' size, as received: the reader waits at either bound (a single event
     # larger than this still goes through, alone).
     queue_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)

@@ -44,7 +44,7 @@ from .auth import TokenProvider
 from .committer import Committer
 from .fleet import DuplicateMember, Fleet
 from .metrics import Metrics, MetricsServer
-from .pipeline import StreamPipeline, default_workers
+from .pipeline import StreamPipeline, default_queue_size, default_workers
 from .progress import ProgressLog
 from .status import CommitStatus, FleetStatus, StreamStatus
 from .stream import StreamRunner, StreamState
@@ -187,12 +187,13 @@ class Daemon:
         parked = None
         if stream.on_permanent_failure == "park-key":
             parked = await self.store.parked_keys(name)  # resources with dead letters
+        workers = p.workers or default_workers(self.sink)
         pipeline = StreamPipeline(
             name,
             sink=self.sink,
             committer=self.committer,
-            workers=p.workers or default_workers(self.sink),
-            queue_size=p.queue_size,
+            workers=workers,
+            queue_size=p.queue_size or default_queue_size(workers),
             queue_max_bytes=p.queue_max_bytes,
             batch_max=p.batch_max,
             retry_initial_s=p.sink_retry_initial_s,

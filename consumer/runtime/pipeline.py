@@ -54,11 +54,21 @@ HANDOVER = 128
 # requests (or handler calls) in flight at once.
 WAITING_SINK_WORKERS = 4
 
+# Events read and not yet taken, per worker, when [pipeline] queue_size is not set. One worker
+# (jsonl, sqlite) never filled 500 in a catch-up whose commits keep up; while a commit waits on
+# the disk the queue fills, and 2,000 held some 3 MB more at the peak (issue #12). Four workers
+# keep the 2,000 their batches grow in while the sink answers.
+QUEUE_PER_WORKER = 500
+
 
 def _size(event: Event) -> int:
     """An event's size as counted against the byte bounds: its text as received, or the frame
     it came in when it was kept parsed."""
     return len(event.text or event.frame)
+
+
+def default_queue_size(workers: int) -> int:
+    return QUEUE_PER_WORKER * workers
 
 
 def default_workers(sink: Sink) -> int:
@@ -157,6 +167,11 @@ class StreamPipeline:
     @property
     def tasks(self) -> list[asyncio.Task[None]]:
         return self._tasks
+
+    @property
+    def queue_size(self) -> int:
+        """Events read and not yet taken by a worker, at most (the reader waits there)."""
+        return self._capacity
 
     # --- intake (called by the reader) ------------------------------------------------------
 

@@ -13,7 +13,7 @@ from support import make_settings, running, wait_until
 
 from consumer.config import Settings
 from consumer.runtime.assembly import build_sink
-from consumer.runtime.pipeline import WAITING_SINK_WORKERS, default_workers
+from consumer.runtime.pipeline import QUEUE_PER_WORKER, WAITING_SINK_WORKERS, default_workers
 from consumer.sandbox import SandboxGateway
 
 GATEWAY = "http://127.0.0.1:9"  # never connected to: only the sinks are built
@@ -60,17 +60,29 @@ async def test_postgres_waits_unless_its_rows_go_in_the_state_transaction(tmp_pa
     assert default_workers(PostgresSink(s.sink)) == WAITING_SINK_WORKERS  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("configured", "started"), [(None, 1), (3, 3)], ids=["unset", "three"])
-async def test_the_daemon_starts_that_many_workers(
+@pytest.mark.parametrize(
+    ("pipeline", "started", "queued"),
+    [
+        ({}, 1, QUEUE_PER_WORKER),
+        ({"workers": 3}, 3, 3 * QUEUE_PER_WORKER),
+        ({"workers": 3, "queue_size": 40}, 3, 40),
+    ],
+    ids=["unset", "three", "three-queue-set"],
+)
+async def test_the_daemon_starts_that_many_workers_with_a_queue_to_match(
     sandbox_factory: Callable[..., Awaitable[SandboxGateway]],
     tmp_path: Path,
-    configured: int | None,
+    pipeline: dict[str, int],
     started: int,
+    queued: int,
 ) -> None:
+    """``queue_size`` unset: 500 per worker (one worker never fills more in a catch-up; a
+    slow commit fills it, and more held megabytes more at the peak)."""
     gw = await sandbox_factory(backlog=20)
-    s = make_settings(tmp_path, gw.url, pipeline={"workers": configured})
+    s = make_settings(tmp_path, gw.url, pipeline={"workers": None, **pipeline})
     async with running(s) as daemon:
         await wait_until(
             lambda: "main" in daemon.pipelines and daemon.pipelines["main"].delivered == 20
         )
         assert len(daemon.pipelines["main"].tasks) == started
+        assert daemon.pipelines["main"].queue_size == queued

@@ -884,6 +884,29 @@ async def test_a_commit_of_only_duplicates_releases_waiting_workers(tmp_path: Pa
         await store.close()
 
 
+async def test_events_done_and_not_durable_are_bounded_at_ten_commits_worth(
+    tmp_path: Path,
+) -> None:
+    """What waits for a commit held up by the disk (the jsonl buffer, the ids) is bounded at
+    10 x ``commit_max_events`` unless set: 20 x held 3-4 MB more at the peak of a catch-up
+    while a commit waited (issue #12); 10 x was never reached while commits kept up."""
+    store = await Store.open(tmp_path / "state.db")
+    sink = JsonlSink(tmp_path / "events.jsonl")
+    await sink.open(None)
+    committer = Committer(store, sink, max_events=3, interval_s=3600.0)
+    try:
+        for n in range(1, 31):
+            assert not committer.full
+            seq = committer.arrived("main", Position(str(n), f"u{n}"))
+            committer.processed("main", [f"u{n}"], [seq])
+        assert committer.full  # 30 done: the workers wait for the commit
+        assert await committer.flush()
+        assert not committer.full
+    finally:
+        await sink.close()
+        await store.close()
+
+
 async def test_adaptive_commit_does_not_wait_for_the_interval(tmp_path: Path) -> None:
     """Adaptive: a done event wakes the commit task at once, however long the interval (an hour
     here), and each commit takes what was done meanwhile."""
