@@ -101,22 +101,20 @@ def proc_status(pid: int, field: str) -> float:
     return 0.0
 
 
-def cpu_seconds(pid: int, tid: int | None = None) -> float:
-    """User + system CPU time of a process so far, or of its thread ``tid`` (0 once gone)."""
-    where = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+def _stat(where: str) -> list[str] | None:
+    """The fields of a /proc stat file after the command's name (state first), or None."""
     try:
-        fields = Path(where).read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _stat(pid: int) -> list[str] | None:
-    """The fields of /proc/PID/stat after the command's name (state first), or None."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return Path(where).read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
+
+
+def cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """User + system CPU time of a process so far, or of its thread ``tid`` (0 once gone)."""
+    fields = _stat(f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat")
+    if fields is None:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def children(pid: int) -> list[int]:
@@ -124,7 +122,7 @@ def children(pid: int) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
-            fields = _stat(int(entry.name))
+            fields = _stat(f"/proc/{entry.name}/stat")
             if fields is not None and int(fields[1]) == pid:
                 found.append(int(entry.name))
     return found
@@ -144,10 +142,10 @@ def tree_cpu_seconds(pid: int) -> float:
     cluster: the postmaster, a backend per connection, its background workers)."""
     total = 0
     for child in children(pid):  # before the parent: a child reaped meanwhile is in cutime
-        fields = _stat(child)
+        fields = _stat(f"/proc/{child}/stat")
         if fields is not None:
             total += int(fields[11]) + int(fields[12])
-    fields = _stat(pid)
+    fields = _stat(f"/proc/{pid}/stat")
     if fields is not None:
         total += sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
     return total / os.sysconf("SC_CLK_TCK")

@@ -847,7 +847,7 @@ class PipelineSettings(_Model):
     # waits (jsonl, sqlite in the state's file, postgres on the state's dsn), 4 elsewhere.
     workers: int | None = Field(default=None, ge=1, le=256)
     # Per stream: read, not yet taken by a worker. None: 500 per worker
-    # (runtime.pipeline.default_queue_size).
+    # (runtime.pipeline.QUEUE_PER_WORKER).
     queue_size: int | None = Field(default=None, ge=1)
     # The same events' size, as received: the reader waits at either bound (a single event
     # larger than this still goes through, alone).

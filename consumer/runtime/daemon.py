@@ -44,7 +44,7 @@ from .auth import TokenProvider
 from .committer import Committer
 from .fleet import DuplicateMember, Fleet
 from .metrics import Metrics, MetricsServer
-from .pipeline import StreamPipeline, default_queue_size, default_workers
+from .pipeline import QUEUE_PER_WORKER, StreamPipeline, default_workers
 from .progress import ProgressLog
 from .status import CommitStatus, FleetStatus, StreamStatus
 from .stream import StreamRunner, StreamState
@@ -193,7 +193,7 @@ class Daemon:
             sink=self.sink,
             committer=self.committer,
             workers=workers,
-            queue_size=p.queue_size or default_queue_size(workers),
+            queue_size=p.queue_size or QUEUE_PER_WORKER * workers,
             queue_max_bytes=p.queue_max_bytes,
             batch_max=p.batch_max,
             retry_initial_s=p.sink_retry_initial_s,

@@ -67,10 +67,6 @@ def _size(event: Event) -> int:
     return len(event.text or event.frame)
 
 
-def default_queue_size(workers: int) -> int:
-    return QUEUE_PER_WORKER * workers
-
-
 def default_workers(sink: Sink) -> int:
     """One worker for a sink whose write never suspends (``Sink.waits``): nothing of its
     writes could overlap, and more workers only cut each hand-over into smaller batches, each

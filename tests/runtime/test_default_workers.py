@@ -76,8 +76,8 @@ async def test_the_daemon_starts_that_many_workers_with_a_queue_to_match(
     started: int,
     queued: int,
 ) -> None:
-    """``queue_size`` unset: 500 per worker (one worker never fills more in a catch-up; a
-    slow commit fills it, and more held megabytes more at the peak)."""
+    """``queue_size`` unset: 500 per worker (one worker's queue never filled 500 while commits
+    kept up; a larger one only held more megabytes while a commit waited on the disk)."""
     gw = await sandbox_factory(backlog=20)
     s = make_settings(tmp_path, gw.url, pipeline={"workers": None, **pipeline})
     async with running(s) as daemon:
