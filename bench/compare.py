@@ -117,14 +117,14 @@ def cpu_seconds(pid: int, tid: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def children(pid: int) -> list[int]:
-    """The live (or not yet reaped) children of a process."""
-    found = []
+def children(pid: int) -> dict[int, list[str]]:
+    """The live (or not yet reaped) children of a process, with their /proc stat fields."""
+    found = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             fields = _stat(f"/proc/{entry.name}/stat")
             if fields is not None and int(fields[1]) == pid:
-                found.append(int(entry.name))
+                found[int(entry.name)] = fields
     return found
 
 
@@ -140,11 +140,8 @@ def _client(pid: int) -> bool:
 def tree_cpu_seconds(pid: int) -> float:
     """CPU time of a server and its children so far, the reaped ones included (a PostgreSQL
     cluster: the postmaster, a backend per connection, its background workers)."""
-    total = 0
-    for child in children(pid):  # before the parent: a child reaped meanwhile is in cutime
-        fields = _stat(f"/proc/{child}/stat")
-        if fields is not None:
-            total += int(fields[11]) + int(fields[12])
+    # The children before the parent: a child reaped meanwhile is in the parent's cutime.
+    total = sum(int(f[11]) + int(f[12]) for f in children(pid).values())
     fields = _stat(f"/proc/{pid}/stat")
     if fields is not None:
         total += sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime

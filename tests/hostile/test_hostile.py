@@ -663,10 +663,17 @@ async def test_hostile_gateway_every_sink(
 
 
 def process_config(
-    tmp_path: Path, gw: HostileGateway, sb: SandboxGateway, *, state: str, sink: str, rest: str
+    tmp_path: Path,
+    gw: HostileGateway,
+    sb: SandboxGateway,
+    *,
+    state: str,
+    sink: str,
+    rest: str = '[metrics]\nport = 0\n\n[log]\nformat = "json"',
 ) -> Path:
     """The config of a daemon process reading ``gw`` (frames up to PROC_MAX_FRAME; tokens
-    from the sandbox), with the given ``[state]`` lines, ``[sink]`` lines and the rest."""
+    from the sandbox), with the given ``[state]`` lines, ``[sink]`` lines and the rest (by
+    default: metrics on a free port, JSON logs)."""
     auth = token_auth(sb)
     connection = {**FAST_CONNECTION, "max_frame_bytes": PROC_MAX_FRAME}
     config = tmp_path / "config.toml"
@@ -847,7 +854,6 @@ async def test_large_valid_events_held_for_a_commit_stay_bounded_in_bytes(
         state=f'path = "{state}"\ncommit_mode = "interval"\ncommit_interval_ms = 5000\n'
         "commit_max_events = 100000",
         sink=f'type = "jsonl"\npath = "{probe.path}"',
-        rest='[metrics]\nport = 0\n\n[log]\nformat = "json"',
     )
     try:
         peak = await settled_peak(config, log, gw, probe, state=state, script=script)
@@ -887,7 +893,6 @@ async def test_frames_read_ahead_while_the_sink_waits_stay_bounded_in_bytes(
         sb,
         state=f'path = "{state}"',
         sink=f'type = "webhook"\nurl = "{probe.rx.url}"',
-        rest='[metrics]\nport = 0\n\n[log]\nformat = "json"',
     )
     try:
         peak = await settled_peak(config, log, gw, probe, state=state, script=script)

@@ -771,9 +771,7 @@ async def test_the_queues_are_bounded_in_bytes_too(tmp_path: Path) -> None:
         sink.gate.clear()  # the sink blocks
         assert pipeline.add(large(1, 3000))
         await pipeline.room()  # the worker took it into the blocked sink: the queue is empty
-        async with asyncio.timeout(WAIT_S):
-            while sink.calls < 1:
-                await asyncio.sleep(0.001)
+        await wait_until(lambda: sink.calls >= 1, timeout=WAIT_S)
         assert pipeline.add(large(2, 3000))  # 3,000 bytes queued
         assert not pipeline.add(large(3, 3000))  # 6,000: at the bound, two events only
         room = asyncio.create_task(pipeline.room())
@@ -890,21 +888,15 @@ async def test_events_done_and_not_durable_are_bounded_at_ten_commits_worth(
     """What waits for a commit held up by the disk (the jsonl buffer, the ids) is bounded at
     10 x ``commit_max_events`` unless set: 20 x held 3-4 MB more at the peak of a catch-up
     while a commit waited (issue #12); 10 x was never reached while commits kept up."""
-    store = await Store.open(tmp_path / "state.db")
     sink = JsonlSink(tmp_path / "events.jsonl")
-    await sink.open(None)
-    committer = Committer(store, sink, max_events=3, interval_s=3600.0)
-    try:
+    async with harness(tmp_path, sink, max_events=3, start=False) as (_, committer, _):
         for n in range(1, 31):
             assert not committer.full
-            seq = committer.arrived("main", Position(str(n), f"u{n}"))
-            committer.processed("main", [f"u{n}"], [seq])
+            seq = committer.arrived(STREAM, Position(str(n), f"u{n}"))
+            committer.processed(STREAM, [f"u{n}"], [seq])
         assert committer.full  # 30 done: the workers wait for the commit
         assert await committer.flush()
         assert not committer.full
-    finally:
-        await sink.close()
-        await store.close()
 
 
 async def test_adaptive_commit_does_not_wait_for_the_interval(tmp_path: Path) -> None:
