@@ -16,8 +16,10 @@ OperaConsumerError
 └── SinkError
     ├── TransientSinkError   retried with backoff; intake pauses meanwhile
     ├── PermanentSinkError   this event cannot be delivered: dead-letter it
-    └── SinkUnusable         the sink's own data is not what was committed (a file truncated,
-                             replaced or unknown to the state store): stop, exit 78
+    ├── SinkUnusable         the sink's own data is not what was committed (a file truncated,
+    │                        replaced or unknown to the state store): stop, exit 78
+    └── SinkLost             bytes handed to the OS cannot be proven on disk nor written again
+                             (a failed fsync): stop, exit 1; the restart replays them
 
 Errors of the libraries underneath (``sqlite3``, ``asyncpg``, ``aiohttp``, ``websockets``) are
 translated into these where they enter: the state store, the sinks, the token provider.
@@ -143,6 +145,12 @@ class PermanentSinkError(SinkError):
 
 class SinkUnusable(SinkError):
     """Writing on could lose or corrupt data: an operator must look (exit status 78)."""
+
+
+class SinkLost(SinkError):
+    """Writes since the last commit can be neither proven durable nor done again in this
+    process (a failed fsync): only a restart, which replays them from the checkpoint, goes on
+    (exit status 1)."""
 
 
 def exit_code_for(exc: BaseException) -> ExitCode:

@@ -33,7 +33,16 @@ from ..core.filters import EventFilter
 from ..core.printable import printable
 from ..core.retention import PruneCutoff
 from ..core.upgrade_budget import UpgradeBudget
-from ..errors import ConfigError, ExitCode, LeaseHeld, SinkUnusable, StoreError, StreamStopped
+from ..errors import (
+    ConfigError,
+    ExitCode,
+    LeaseHeld,
+    SinkLost,
+    SinkUnusable,
+    StoreError,
+    StreamStopped,
+    exit_code_for,
+)
 from ..logs import REDACTOR
 from ..sinks.base import Sink
 from ..state import lease, open_store
@@ -337,12 +346,11 @@ class Daemon:
                 exit_code=int(ExitCode.CONFIG),
             )
             self.exit_code = ExitCode.CONFIG
-        elif isinstance(exc, SinkUnusable | StoreError):
-            # Writing on could lose data, and a restart cannot help: an operator must look.
-            what = "sink" if isinstance(exc, SinkUnusable) else "state store"
-            code = ExitCode.CONFIG
-            if isinstance(exc, StoreError) and exc.retriable:
-                code = ExitCode.RUNTIME
+        elif isinstance(exc, SinkUnusable | SinkLost | StoreError):
+            # Writing on could lose data: an operator must look (exit 78), unless a restart
+            # helps (a state store that may clear, a sink's lost writes replayed: exit 1).
+            what = "state store" if isinstance(exc, StoreError) else "sink"
+            code = exit_code_for(exc)
             log.error(f"{what} unusable; stopping", error=describe(exc), exit_code=int(code))
             self.exit_code = code
         else:

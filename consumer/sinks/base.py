@@ -15,8 +15,9 @@ committer that makes delivery exactly-once in effect:
 * A sink whose rows live in the state store's own database returns them from ``staged()``:
   the committer writes them in the checkpoint's transaction (nothing to ``sync``).
 * ``waits``: whether ``write`` may suspend on I/O (the network, another thread). Several
-  workers overlap those waits; for a sink whose write never suspends (every transactional
-  one) a second worker only splits the batches, so the pipeline runs one unless told.
+  workers overlap those waits; for a sink whose write does not suspend (every transactional
+  one: jsonl only when the disk is behind its write-outs) a second worker only splits the
+  batches, so the pipeline runs one unless told.
 * ``counters()``: figures of its own for the metrics (e.g. the orchestration's GETs).
 * Errors: raise :class:`~consumer.errors.TransientSinkError` to have the batch retried with
   backoff (intake pauses meanwhile), or :class:`~consumer.errors.PermanentSinkError` when an

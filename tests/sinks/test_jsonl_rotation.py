@@ -29,7 +29,7 @@ from consumer.core.rotation import Rotation
 from consumer.core.watermark import Position
 from consumer.errors import ConfigError, SinkUnusable
 from consumer.runtime.committer import Committer
-from consumer.sinks.jsonl import JsonlSink, adopt_position, rotated_files
+from consumer.sinks.jsonl import WRITE_OUT_BYTES, JsonlSink, adopt_position, rotated_files
 from consumer.state.sqlite import SqliteStore
 
 PATTERN = "events-%Y%m%dT%H%M%SZ.jsonl"
@@ -117,6 +117,28 @@ async def test_rotation_by_size_keeps_files_under_the_limit_in_numbered_order(
         "length": 2 * LINE,
         "started": int(T0) + 4,
     }
+
+
+async def test_rotation_by_size_counts_the_lines_written_out_before_the_commit(
+    tmp_path: Path,
+) -> None:
+    # Past WRITE_OUT_BYTES the lines go to the file before the next commit: the file's size is
+    # what was written plus what is buffered, not what is durable plus what is buffered.
+    batch = 1200  # events: about 230 KB, so a write-out starts every few batches
+    path, rot = tmp_path / "events.jsonl", rotation(max_bytes=6 * batch * LINE)
+    sink = JsonlSink(path, fsync=False, rotation=rot, clock=Clock())
+    await sink.open(None)
+    try:
+        for i in range(0, 8 * batch, batch):
+            await sink.write("main", [event(j) for j in range(i, i + batch)])
+            await wait_until(lambda: sink._writer is None)  # a write-out started: landed
+        assert sum(f.stat().st_size for f in rotated_files(path, rot)) >= WRITE_OUT_BYTES
+        await sink.sync(sink.position())
+    finally:
+        await sink.close()
+    files = rotated_files(path, rot)
+    assert [f.stat().st_size for f in files] == [6 * batch * LINE, 2 * batch * LINE]
+    assert ids(path, rot) == truth(8 * batch)
 
 
 async def test_a_batch_larger_than_the_limit_is_never_split(tmp_path: Path) -> None:

@@ -12,11 +12,11 @@ from typing import Any
 
 import orjson
 import pytest
-from support import as_received
+from support import as_received, wait_until
 
 from consumer.core.events import Event
-from consumer.errors import PermanentSinkError, SinkUnusable, TransientSinkError
-from consumer.sinks.jsonl import JsonlSink
+from consumer.errors import PermanentSinkError, SinkLost, SinkUnusable, TransientSinkError
+from consumer.sinks.jsonl import WRITE_OUT_BYTES, JsonlSink
 
 
 def event(i: int, **extra: Any) -> Event:
@@ -319,14 +319,14 @@ async def test_a_short_write_goes_on_where_it_stopped(
 async def test_a_write_during_sync_is_kept_for_the_next_sync(sink: JsonlSink) -> None:
     entered = threading.Event()
     release = threading.Event()
-    real_flush = sink._flush
+    real_write = sink._write
 
-    def blocking_flush(plan: Any) -> None:
+    def blocking_write(plan: Any) -> None:
         entered.set()
         assert release.wait(5)
-        real_flush(plan)
+        real_write(plan)
 
-    sink._flush = blocking_flush  # type: ignore[method-assign]
+    sink._write = blocking_write  # type: ignore[method-assign]
     await sink.write("main", [event(1)])
     first = sink.position()
     task = asyncio.create_task(sink.sync(first))
@@ -419,27 +419,166 @@ async def test_the_preflight_check_refuses_a_link_as_open_does(tmp_path: Path) -
     assert not (tmp_path / "new.jsonl").exists()
 
 
-async def test_a_failed_sync_leaves_no_half_line_behind(
+async def test_a_failed_write_leaves_no_half_line_behind_and_is_retried(
     sink: JsonlSink, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A full disk: the write went out, its fsync failed. The file used to keep those bytes
-    # (maybe half a line) until the next start cut them; a reader saw a broken last line.
+    # A full disk: the write got half a line out. The file used to keep those bytes until the
+    # next start cut them; a reader saw a broken last line.
     await sink.write("main", [event(1)])
     await sink.sync(sink.position())
     durable = sink.path.stat().st_size
-    real = os.fsync
-    target = os.stat(sink.path).st_ino
+    real = os.pwritev
 
-    def failing(fd: int) -> None:
-        if os.fstat(fd).st_ino == target:
-            raise OSError(28, "No space left on device")
-        real(fd)
+    def half_then_full(fd: int, buffers: Any, offset: int) -> int:
+        real(fd, [bytes(buffers[0])[:9]], offset)
+        raise OSError(28, "No space left on device")
 
     await sink.write("main", [event(2), event(3)])
-    monkeypatch.setattr(os, "fsync", failing)
+    monkeypatch.setattr(os, "pwritev", half_then_full)
     with pytest.raises(TransientSinkError, match="No space left"):
         await sink.sync(sink.position())
     assert sink.path.stat().st_size == durable  # cut back to what is durable
     monkeypatch.undo()
-    await sink.sync(sink.position())  # the retry writes them again
+    await sink.sync(sink.position())  # the retry writes them again, from memory
     assert read_lines(sink.path) == [e.raw for e in (event(1), event(2), event(3))]
+
+
+async def test_a_failed_fsync_cuts_what_it_wrote_and_stops_for_a_replay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The lines went to the OS and left the heap; the fsync failed: the kernel may have
+    # dropped them, and they are not in memory to write again. A restart replays them.
+    path = tmp_path / "events.jsonl"
+    sink = JsonlSink(path, fsync=True)
+    await sink.open(None)
+    await sink.write("main", [event(1)])
+    committed = sink.position()
+    await sink.sync(committed)
+    assert committed is not None
+    real = os.fsync
+    target = os.stat(path).st_ino
+
+    def failing(fd: int) -> None:
+        if os.fstat(fd).st_ino == target:
+            raise OSError(5, "Input/output error")
+        real(fd)
+
+    await sink.write("main", [event(2), event(3)])
+    monkeypatch.setattr(os, "fsync", failing)
+    with pytest.raises(
+        SinkLost, match=r"fsync of jsonl file .*events\.jsonl failed \(Input/output"
+    ):
+        await sink.sync(sink.position())
+    monkeypatch.undo()
+    assert path.stat().st_size == int(committed)  # a reader sees the committed lines only
+    await sink.write("main", [event(4)])
+    with pytest.raises(SinkLost):  # never again in this process: the bytes are gone
+        await sink.sync(sink.position())
+    assert path.stat().st_size == int(committed)
+    await sink.close()
+    # The restart: from the committed position, the stream replays 2 and 3 (and 4).
+    again = JsonlSink(path, fsync=True)
+    await again.open(committed)
+    await again.write("main", [event(2), event(3), event(4)])
+    await again.sync(again.position())
+    await again.close()
+    assert read_lines(path) == [event(i).raw for i in (1, 2, 3, 4)]
+
+
+async def test_lines_waiting_for_a_slow_commit_go_to_the_file_not_the_heap(
+    sink: JsonlSink,
+) -> None:
+    # A commit waits on the disk while events go on: their lines used to stay in memory until
+    # the next commit (megabytes in a catch-up). Past WRITE_OUT_BYTES they are written out.
+    in_fsync = threading.Event()
+    release = threading.Event()
+    real_fsync = sink._fsync_files
+
+    def slow_fsync(files: Any) -> None:
+        in_fsync.set()
+        assert release.wait(10)
+        real_fsync(files)
+
+    sink._fsync_files = slow_fsync  # type: ignore[method-assign]
+    await sink.write("main", [event(0)])
+    first = sink.position()
+    commit = asyncio.create_task(sink.sync(first))
+    try:
+        async with asyncio.timeout(10):
+            while not in_fsync.is_set():
+                await asyncio.sleep(0.005)
+        events = [event(i, pad="x" * 1000) for i in range(1, 3001)]  # about 3 MB of lines
+        for i in range(0, len(events), 100):
+            await sink.write("main", events[i : i + 100])
+        position = sink.position()
+        assert position is not None
+
+        def held() -> int:
+            return sum(len(p) for f in sink._files for p in f.parts)
+
+        # The write-outs reach the file while the fsync waits: the heap keeps less than one.
+        await wait_until(lambda: held() < WRITE_OUT_BYTES and sink._writer is None)
+        assert sink.path.stat().st_size == int(position) - held()
+        assert not commit.done()
+    finally:
+        release.set()
+    async with asyncio.timeout(10):
+        await commit
+    await sink.sync(position)
+    assert read_lines(sink.path) == [e.raw for e in [event(0), *events]]
+
+
+async def test_a_write_waits_while_the_disk_is_a_write_out_behind(sink: JsonlSink) -> None:
+    # A write-out that the disk holds up: one more write-out's worth may gather behind it,
+    # then the writes wait for it (what the disk cannot take stays unread, not in the heap).
+    entered = threading.Event()
+    release = threading.Event()
+    landed = threading.Event()
+    real_write = sink._write
+
+    def slow_write(plan: Any) -> None:
+        entered.set()
+        assert release.wait(10)
+        real_write(plan)
+        landed.set()
+
+    sink._write = slow_write  # type: ignore[method-assign]
+
+    # Batches of 0.6 x WRITE_OUT_BYTES: the second starts a write-out (held), two more
+    # gather behind it (1.2 x, short of a write-out's worth more), the fifth waits.
+    n = int(0.6 * WRITE_OUT_BYTES) // len(line_bytes(event(0, pad="x" * 1000)))
+
+    def batch(k: int) -> list[Event]:
+        return [event(i, pad="x" * 1000) for i in range(k * n, (k + 1) * n)]
+
+    try:
+        for k in (0, 1):
+            await sink.write("main", batch(k))
+        async with asyncio.timeout(10):
+            while not entered.is_set():
+                await asyncio.sleep(0.005)
+        await sink.write("main", batch(2))
+        await sink.write("main", batch(3))
+
+        async def third() -> bool:
+            await sink.write("main", batch(4))
+            return landed.is_set()
+
+        waiting = asyncio.create_task(third())
+    finally:
+        release.set()
+    async with asyncio.timeout(10):
+        assert await waiting  # it went on only once the held write-out had landed
+    await sink.sync(sink.position())
+    assert read_lines(sink.path) == [e.raw for k in range(5) for e in batch(k)]
+
+
+async def test_close_waits_for_a_write_out_under_way(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    sink = JsonlSink(path, fsync=False)
+    await sink.open(None)
+    await sink.write("main", [event(i, pad="x" * 2000) for i in range(600)])  # > 1 MiB
+    size = int(sink.position() or 0)
+    assert size >= WRITE_OUT_BYTES
+    await sink.close()  # no sync: the write-out started by write() finished, nothing leaked
+    assert path.stat().st_size == size
