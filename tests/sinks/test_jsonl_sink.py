@@ -42,6 +42,26 @@ def read_lines(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in data.decode().splitlines()]
 
 
+class Held:
+    """One of the sink's thread steps (``_write``, ``_fsync_files``) held until ``release``,
+    as by a disk that does not answer; ``done`` once the held call has finished."""
+
+    def __init__(self, sink: JsonlSink, step: str) -> None:
+        self.entered, self.release, self.done = (threading.Event() for _ in range(3))
+        real = getattr(sink, step)
+
+        def held(arg: Any) -> None:
+            self.entered.set()
+            assert self.release.wait(10)
+            real(arg)
+            self.done.set()
+
+        setattr(sink, step, held)
+
+    async def reached(self) -> None:
+        await wait_until(self.entered.is_set, timeout=10)
+
+
 @pytest.fixture
 async def sink(tmp_path: Path) -> AsyncIterator[JsonlSink]:
     s = JsonlSink(tmp_path / "out" / "events.jsonl", fsync=True)
@@ -317,27 +337,16 @@ async def test_a_short_write_goes_on_where_it_stopped(
 
 
 async def test_a_write_during_sync_is_kept_for_the_next_sync(sink: JsonlSink) -> None:
-    entered = threading.Event()
-    release = threading.Event()
-    real_write = sink._write
-
-    def blocking_write(plan: Any) -> None:
-        entered.set()
-        assert release.wait(5)
-        real_write(plan)
-
-    sink._write = blocking_write  # type: ignore[method-assign]
+    held = Held(sink, "_write")
     await sink.write("main", [event(1)])
     first = sink.position()
     task = asyncio.create_task(sink.sync(first))
-    async with asyncio.timeout(5):
-        while not entered.is_set():
-            await asyncio.sleep(0.005)
+    await held.reached()
     await sink.write("main", [event(2)])  # arrives while the first sync is on disk
     second = sink.position()
     assert second is not None
     assert int(second) == len(line_bytes(event(1))) + len(line_bytes(event(2)))
-    release.set()
+    held.release.set()
     async with asyncio.timeout(5):
         await task
     assert sink.position() == second
@@ -490,23 +499,12 @@ async def test_lines_waiting_for_a_slow_commit_go_to_the_file_not_the_heap(
 ) -> None:
     # A commit waits on the disk while events go on: their lines used to stay in memory until
     # the next commit (megabytes in a catch-up). Past WRITE_OUT_BYTES they are written out.
-    in_fsync = threading.Event()
-    release = threading.Event()
-    real_fsync = sink._fsync_files
-
-    def slow_fsync(files: Any) -> None:
-        in_fsync.set()
-        assert release.wait(10)
-        real_fsync(files)
-
-    sink._fsync_files = slow_fsync  # type: ignore[method-assign]
+    fsync = Held(sink, "_fsync_files")
     await sink.write("main", [event(0)])
     first = sink.position()
     commit = asyncio.create_task(sink.sync(first))
     try:
-        async with asyncio.timeout(10):
-            while not in_fsync.is_set():
-                await asyncio.sleep(0.005)
+        await fsync.reached()
         events = [event(i, pad="x" * 1000) for i in range(1, 3001)]  # about 3 MB of lines
         for i in range(0, len(events), 100):
             await sink.write("main", events[i : i + 100])
@@ -521,7 +519,7 @@ async def test_lines_waiting_for_a_slow_commit_go_to_the_file_not_the_heap(
         assert sink.path.stat().st_size == int(position) - held()
         assert not commit.done()
     finally:
-        release.set()
+        fsync.release.set()
     async with asyncio.timeout(10):
         await commit
     await sink.sync(position)
@@ -531,18 +529,7 @@ async def test_lines_waiting_for_a_slow_commit_go_to_the_file_not_the_heap(
 async def test_a_write_waits_while_the_disk_is_a_write_out_behind(sink: JsonlSink) -> None:
     # A write-out that the disk holds up: one more write-out's worth may gather behind it,
     # then the writes wait for it (what the disk cannot take stays unread, not in the heap).
-    entered = threading.Event()
-    release = threading.Event()
-    landed = threading.Event()
-    real_write = sink._write
-
-    def slow_write(plan: Any) -> None:
-        entered.set()
-        assert release.wait(10)
-        real_write(plan)
-        landed.set()
-
-    sink._write = slow_write  # type: ignore[method-assign]
+    held = Held(sink, "_write")
 
     # Batches of 0.6 x WRITE_OUT_BYTES: the second starts a write-out (held), two more
     # gather behind it (1.2 x, short of a write-out's worth more), the fifth waits.
@@ -554,19 +541,17 @@ async def test_a_write_waits_while_the_disk_is_a_write_out_behind(sink: JsonlSin
     try:
         for k in (0, 1):
             await sink.write("main", batch(k))
-        async with asyncio.timeout(10):
-            while not entered.is_set():
-                await asyncio.sleep(0.005)
+        await held.reached()
         await sink.write("main", batch(2))
         await sink.write("main", batch(3))
 
         async def third() -> bool:
             await sink.write("main", batch(4))
-            return landed.is_set()
+            return held.done.is_set()
 
         waiting = asyncio.create_task(third())
     finally:
-        release.set()
+        held.release.set()
     async with asyncio.timeout(10):
         assert await waiting  # it went on only once the held write-out had landed
     await sink.sync(sink.position())
