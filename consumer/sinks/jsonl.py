@@ -538,7 +538,7 @@ class JsonlSink:
         if self._retaining is not None:
             await self._retaining  # a few unlinks at most; it logs its own failures
         if self._writer is not None:
-            await self._writer  # one write-out; it logs its own failure
+            await asyncio.wait([self._writer])  # one write-out; it logs its own failure
         files, self._files = self._files, []
         # A sync cancelled meanwhile may still be writing in its thread: the descriptors are
         # its until it is done (a number reused at once would get its bytes). Lock, close and
