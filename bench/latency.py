@@ -22,6 +22,11 @@ For each rate (events per second, one chain):
    window, and an event still not durable then is counted, and fails the run). p50, p90,
    p99 and max per rate go to stdout and bench/results/latency.json, with the achieved rate,
    the daemon's CPU and the load average.
+5. Just before the daemon, against a sandbox of its own at the same rate, the **floor**: a bare
+   loop in this process (websockets, ``orjson.loads`` per frame) that appends each event's line
+   to a file in the same directory and fsyncs it, a batch at a time (whatever arrived while the
+   last fsync ran); an event is durable when its fsync returns. The same window and percentiles:
+   a p99 the floor misses too is the disk's (a stall), not the daemon's.
 
 Loopback only; every wait is bounded.
 """
@@ -29,22 +34,28 @@ Loopback only; every wait is bounded.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import bisect
 import json
+import os
 import sqlite3
 import statistics
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import orjson
 from compare import cpu_seconds, machine, open_state, proc_status  # bench/ is on sys.path
+from websockets.asyncio.client import connect
+from websockets.typing import Subprotocol
 
+from consumer.core import protocol
 from consumer.runtime.metrics import event_time
-from consumer.sandbox import launcher
+from consumer.sandbox import SandboxOptions, launcher
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAIN = "DEMO"
@@ -63,9 +74,99 @@ def percentile(sorted_values: list[float], p: float) -> float:
     return sorted_values[k]
 
 
-def run_rate(rate: float, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def start_sandbox(rate: float) -> tuple[Any, str]:
     live = ["--rate", f"{rate:g}", "--fast-backlog", "--live-timestamps"]
-    sandbox, url = launcher.start([*live, "--chains", CHAIN, "--backlog", "0"])
+    return launcher.start([*live, "--chains", CHAIN, "--backlog", "0"])
+
+
+def summary(latencies: list[float]) -> dict[str, float]:
+    if not latencies:
+        raise RuntimeError("no event measured")
+    ms = sorted(x * 1000 for x in latencies)
+    return {
+        "p50_ms": round(percentile(ms, 50), 1),
+        "p90_ms": round(percentile(ms, 90), 1),
+        "p99_ms": round(percentile(ms, 99), 1),
+        "max_ms": round(ms[-1], 1),
+        "min_ms": round(ms[0], 1),
+        "mean_ms": round(statistics.fmean(ms), 1),
+    }
+
+
+async def durable_floor(url: str, args: argparse.Namespace, path: Path) -> list[float]:
+    """The floor (5. above): per event timestamped in the window, its fsync's return minus its
+    timestamp. Every wait is bounded."""
+    opts = SandboxOptions()
+    token = await launcher.token(url)
+    stamps: list[float | None] = []  # of the lines not yet written, in order
+    lines: list[bytes] = []
+    latencies: list[float] = []
+    window: list[float] = []  # [measure_from, measure_to] once the first event arrived
+    wake = asyncio.Event()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+
+    def write(data: bytes) -> None:
+        os.write(fd, data)
+        os.fsync(fd)
+
+    async def writer() -> None:
+        while True:
+            await wake.wait()
+            wake.clear()
+            batch, data = stamps[:], b"".join(lines)
+            del stamps[:], lines[:]
+            await asyncio.to_thread(write, data)
+            now = time.time()
+            latencies.extend(now - t for t in batch if t is not None and window[0] <= t < window[1])
+
+    try:
+        async with connect(
+            protocol.subscription_url(url, opts.app_key),
+            subprotocols=[Subprotocol(protocol.SUBPROTOCOL)],
+            compression=None,
+            max_size=2**24,
+        ) as ws:
+            await ws.send(protocol.connection_init(token, opts.app_key))
+            await ws.recv()
+            sub_id = str(uuid.uuid4())  # as the daemon's: the sandbox's frames are built for it
+            await ws.send(protocol.subscribe(sub_id, protocol.SubscribeInput(chain_code=CHAIN)))
+            task = asyncio.create_task(writer())
+            try:
+                async with asyncio.timeout(60 + args.warmup + args.seconds + args.drain):
+                    async for frame in ws:
+                        msg = orjson.loads(frame)
+                        if msg["type"] == "ping":
+                            await ws.send(protocol.PONG)
+                        if msg["type"] != "next":
+                            continue
+                        ev = msg["payload"]["data"]["newEvent"]
+                        if not window:
+                            start = time.time() + args.warmup
+                            window[:] = [start, start + args.seconds]
+                        stamps.append(event_time(ev.get("timestamp"), UTC))
+                        lines.append(orjson.dumps(ev) + b"\n")
+                        wake.set()
+                        if time.time() >= window[1] + args.drain:
+                            break
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+    finally:
+        os.close(fd)
+    return latencies
+
+
+def run_floor(rate: float, args: argparse.Namespace, work: Path) -> dict[str, float]:
+    sandbox, url = start_sandbox(rate)
+    try:
+        latencies = asyncio.run(durable_floor(url, args, work / "floor.jsonl"))
+    finally:
+        launcher.stop(sandbox, 30)
+    return {f"floor_{k}": v for k, v in summary(latencies).items()}
+
+
+def run_rate(rate: float, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    sandbox, url = start_sandbox(rate)
     commit = f"commit_interval_ms = {args.commit_interval_ms}\n" if args.commit_interval_ms else ""
     config = work / "config.toml"
     config.write_text(
@@ -148,22 +249,13 @@ level = "warning"
                 undurable += 1
                 continue
             latencies.append(advances[i][1] - stamp)
-    latencies.sort()
-    if not latencies:
-        raise RuntimeError("no event measured")
-    ms = [x * 1000 for x in latencies]
     window = args.seconds
     return {
         "rate": rate,
         "achieved_rate": round(events_in_window / window, 1),
         "events_measured": len(latencies),
         "events_not_durable_in_time": undurable,
-        "p50_ms": round(percentile(ms, 50), 1),
-        "p90_ms": round(percentile(ms, 90), 1),
-        "p99_ms": round(percentile(ms, 99), 1),
-        "max_ms": round(ms[-1], 1),
-        "min_ms": round(ms[0], 1),
-        "mean_ms": round(statistics.fmean(ms), 1),
+        **summary(latencies),
         "checkpoint_advances_per_s": round(
             sum(1 for _, t in advances if measure_from <= t < measure_to) / window, 1
         ),
@@ -195,24 +287,28 @@ def main() -> int:
     results = []
     for rate in rates:
         with tempfile.TemporaryDirectory(prefix="opera-latency-") as tmp:
-            result = run_rate(rate, args, Path(tmp))
+            floor = run_floor(rate, args, Path(tmp))
+            result = {**run_rate(rate, args, Path(tmp)), **floor}
         results.append(result)
         print(
             f"rate {rate:g}/s (achieved {result['achieved_rate']:g}): "
             f"p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms, max {result['max_ms']} ms "
             f"over {result['events_measured']:,} events; daemon CPU "
-            f"{result['daemon_cpu_percent']}%",
+            f"{result['daemon_cpu_percent']}%; the floor just before: p50 "
+            f"{floor['floor_p50_ms']} ms, p99 {floor['floor_p99_ms']} ms, max "
+            f"{floor['floor_max_ms']} ms",
             flush=True,
         )
     ended = machine()
     lines = [
         "| rate (events/s) | achieved | events | p50 ms | p90 ms | p99 ms | max ms | "
-        "daemon CPU % |",
-        "|---|---|---|---|---|---|---|---|",
+        "daemon CPU % | floor p50 / p99 / max ms |",
+        "|---|---|---|---|---|---|---|---|---|",
         *(
             f"| {r['rate']:g} | {r['achieved_rate']:g} | {r['events_measured']:,} | "
             f"{r['p50_ms']} | {r['p90_ms']} | {r['p99_ms']} | {r['max_ms']} | "
-            f"{r['daemon_cpu_percent']} |"
+            f"{r['daemon_cpu_percent']} | {r['floor_p50_ms']} / {r['floor_p99_ms']} / "
+            f"{r['floor_max_ms']} |"
             for r in results
         ),
     ]
@@ -223,6 +319,10 @@ def main() -> int:
         "drain_seconds": args.drain,
         "commit_interval_ms": args.commit_interval_ms or "daemon default",
         "sink": "jsonl, fsync = true; state: SQLite synchronous = FULL",
+        "floor": "a bare loop in the bench: websockets, orjson.loads per frame, each event's "
+        "line appended to a file and fsynced a batch at a time (group commit), against its own "
+        "sandbox at the same rate just before the daemon; per event, its fsync's return minus "
+        "its timestamp, same window",
         "measured": "per event: the first checkpoint poll (every poll_ms, read-only) that saw "
         "the checkpoint at or past its offset, minus its timestamp (the sandbox's wall clock "
         "when it entered the gateway's log); events timestamped in the window after warm-up",
