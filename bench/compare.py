@@ -52,14 +52,14 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.typing import Subprotocol
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,15 +151,14 @@ def tree_cpu_seconds(pid: int) -> float:
 # --- the floor: a bare client ----------------------------------------------------------------
 
 
-async def bare_client(url: str, n: int) -> dict[str, Any]:
-    """Receive ``n`` events and parse each frame, nothing else; events/s from the subscribe
-    message to the last event."""
+@contextlib.asynccontextmanager
+async def acknowledged(url: str) -> AsyncIterator[ClientConnection]:
+    """A bare graphql-transport-ws connection to the sandbox (websockets alone, no pings of
+    ours), its ``connection_init`` acknowledged."""
     opts = SandboxOptions()
     token = await launcher.token(url)
-    ws_url = protocol.subscription_url(url, opts.app_key)
-    sub_id = str(uuid.uuid4())  # as the daemon's: the sandbox's frames are built for its length
     async with connect(
-        ws_url,
+        protocol.subscription_url(url, opts.app_key),
         subprotocols=[Subprotocol(protocol.SUBPROTOCOL)],
         compression=None,
         max_size=2**24,
@@ -167,6 +166,14 @@ async def bare_client(url: str, n: int) -> dict[str, Any]:
     ) as ws:
         await ws.send(protocol.connection_init(token, opts.app_key))
         await ws.recv()
+        yield ws
+
+
+async def bare_client(url: str, n: int) -> dict[str, Any]:
+    """Receive ``n`` events and parse each frame, nothing else; events/s from the subscribe
+    message to the last event."""
+    sub_id = str(uuid.uuid4())  # as the daemon's: the sandbox's frames are built for its length
+    async with acknowledged(url) as ws:
         sub = protocol.SubscribeInput(chain_code=CHAIN, offset="0")
         cpu0 = time.process_time()
         started = time.perf_counter()

@@ -49,13 +49,17 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import orjson
-from compare import cpu_seconds, machine, open_state, proc_status  # bench/ is on sys.path
-from websockets.asyncio.client import connect
-from websockets.typing import Subprotocol
+from compare import (  # bench/ is on sys.path
+    acknowledged,
+    cpu_seconds,
+    machine,
+    open_state,
+    proc_status,
+)
 
 from consumer.core import protocol
 from consumer.runtime.metrics import event_time
-from consumer.sandbox import SandboxOptions, launcher
+from consumer.sandbox import launcher
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAIN = "DEMO"
@@ -96,8 +100,6 @@ def summary(latencies: list[float]) -> dict[str, float]:
 async def durable_floor(url: str, args: argparse.Namespace, path: Path) -> list[float]:
     """The floor (5. above): per event timestamped in the window, its fsync's return minus its
     timestamp. Every wait is bounded."""
-    opts = SandboxOptions()
-    token = await launcher.token(url)
     stamps: list[float | None] = []  # of the lines not yet written, in order
     lines: list[bytes] = []
     latencies: list[float] = []
@@ -120,14 +122,7 @@ async def durable_floor(url: str, args: argparse.Namespace, path: Path) -> list[
             latencies.extend(now - t for t in batch if t is not None and window[0] <= t < window[1])
 
     try:
-        async with connect(
-            protocol.subscription_url(url, opts.app_key),
-            subprotocols=[Subprotocol(protocol.SUBPROTOCOL)],
-            compression=None,
-            max_size=2**24,
-        ) as ws:
-            await ws.send(protocol.connection_init(token, opts.app_key))
-            await ws.recv()
+        async with acknowledged(url) as ws:
             sub_id = str(uuid.uuid4())  # as the daemon's: the sandbox's frames are built for it
             await ws.send(protocol.subscribe(sub_id, protocol.SubscribeInput(chain_code=CHAIN)))
             task = asyncio.create_task(writer())
