@@ -40,6 +40,7 @@ import json
 import os
 import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -78,7 +79,7 @@ def percentile(sorted_values: list[float], p: float) -> float:
     return sorted_values[k]
 
 
-def start_sandbox(rate: float) -> tuple[Any, str]:
+def start_sandbox(rate: float) -> tuple[subprocess.Popen[bytes], str]:
     live = ["--rate", f"{rate:g}", "--fast-backlog", "--live-timestamps"]
     return launcher.start([*live, "--chains", CHAIN, "--backlog", "0"])
 

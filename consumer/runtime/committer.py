@@ -79,9 +79,10 @@ class Committer:
         self._adaptive = adaptive
         self._min_interval = min_interval_s
         self._last_start = -1e9  # monotonic start of the last commit (adaptive)
-        # Done and not yet durable: what a commit held up by the disk lets wait (the jsonl
-        # buffer, the ids). 5,000 by default: never reached in a catch-up whose commits keep
-        # up (jsonl, sqlite, postgres); 20 x let a slow commit hold 3-4 MB more (issue #12).
+        # Done and not yet durable: what a commit held up by the disk lets wait (the ids,
+        # a sink's staged rows). 5,000 by default: never reached in a catch-up whose commits
+        # keep up (jsonl, sqlite, postgres); 20 x let a slow commit hold 3-4 MB more (issue
+        # #12, before the jsonl lines went to the file ahead of the commit).
         self._max_pending = max_pending or max_events * 10
         # Dead letters carry payloads (each bounded), and a sink may hold the events it was
         # given until the commit: their bytes count against capacity too, so a flood of large

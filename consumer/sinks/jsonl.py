@@ -337,7 +337,7 @@ class JsonlSink:
             self._writer = asyncio.get_running_loop().create_task(self._write_out_between())
 
     def _start_file(self, rot: Rotation, started: int) -> _File:
-        """The next file, in the buffer only: the sync creates it before writing into it."""
+        """The next file, in the buffer only: a write-out creates it before writing into it."""
         seq = self._next_seq
         self._next_seq += 1
         f = _File(rot.name(seq, started), seq, started, dir_synced=False)
