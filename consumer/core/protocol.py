@@ -255,7 +255,9 @@ def _fast_next(frame: bytes) -> Next | None:
     general way. Skipped values are checked for JSON syntax only, so the frame is checked to
     be UTF-8 here; a line break (JSON whitespace, never inside a string) keeps the text from
     being one JSONL line, so such frames take the general way too."""
-    if b"\n" in frame or b"\r" in frame:
+    # By byte value: memchr. A bytes operand is tried as an int first, and the TypeError
+    # raised and cleared on the way costs ten times the search (0.15 against 0.02 µs).
+    if 10 in frame or 13 in frame:  # \n, \r
         return None
     # The typed decoder's depth limit follows Python's recursion limit: a frame with few
     # brackets cannot be deep, whatever that limit is. The others (an event with hundreds of

@@ -356,17 +356,19 @@ def test_decode_next_fast_detail_text_of_no_detail_is_an_empty_list(detail: Any)
     assert msg.event.detail_text == b"[]"
 
 
-def test_decode_next_with_line_breaks_is_decoded_the_general_way() -> None:
+@pytest.mark.parametrize("line_break", [b"\n", b"\r\n", b"\r"])
+def test_decode_next_with_line_breaks_is_decoded_the_general_way(line_break: bytes) -> None:
     # A JSONL line cannot hold the text as received: the event is parsed and written anew.
     ev = full_event()
     frame = json.dumps(
         {"id": "sub-1", "type": "next", "payload": {"data": {"newEvent": ev}}}, indent=2
     ).encode()
-    msg = decode(frame)
+    msg = decode(frame.replace(b"\n", line_break))
     assert isinstance(msg, Next)
     assert msg.event.text is None
     assert msg.event.raw == ev
-    assert b"\n" not in msg.event.document_json()
+    line = msg.event.document_json()
+    assert b"\n" not in line and b"\r" not in line
 
 
 def test_decode_next_with_many_brackets_is_decoded_the_general_way() -> None:
