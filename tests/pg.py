@@ -85,11 +85,12 @@ class PostgresServer(ServerProcess):
     ready_pause_s = 0.05
     stop_signal = signal.SIGINT  # fast shutdown: clients are disconnected, the port closes
 
-    def __init__(self, bindir: Path) -> None:
+    def __init__(self, bindir: Path, *, shared_buffers: str = "16MB") -> None:
         # As root, somewhere the postgres user can reach ($TMPDIR may be private to root).
         root = os.geteuid() == 0 and os.path.isdir("/tmp")
         super().__init__("opera-pg-", "postgres.log", directory="/tmp" if root else None)
         self.bindir = bindir
+        self.shared_buffers = shared_buffers  # small for the suite's servers
         self.user = USER
         self.password = PASSWORD
         self.data = self._base / "data"
@@ -170,7 +171,7 @@ class PostgresServer(ServerProcess):
                     "-c",
                     "max_connections=50",
                     "-c",
-                    "shared_buffers=16MB",
+                    f"shared_buffers={self.shared_buffers}",
                     "-c",
                     "full_page_writes=off",
                     "-c",
