@@ -27,6 +27,9 @@ For each rate (events per second, one chain):
    to a file in the same directory and fsyncs it, a batch at a time (whatever arrived while the
    last fsync ran); an event is durable when its fsync returns. The same window and percentiles:
    a p99 the floor misses too is the disk's (a stall), not the daemon's.
+6. For both windows, the share of the time some task on the machine was stalled on I/O
+   (``/proc/pressure/io``, its ``some`` total; blank without PSI): a disk that stalls shows
+   there. Machine-wide, so the measured process's own fsyncs count too.
 
 Loopback only; every wait is bounded.
 """
@@ -73,6 +76,23 @@ def checkpoint(conn: sqlite3.Connection) -> int | None:
     return int(rows[0][0]) if rows else None
 
 
+def io_stalled_s() -> float | None:
+    """Seconds some task on this machine spent stalled on I/O since boot (``/proc/pressure/io``,
+    the ``some`` line's total; None without PSI). Machine-wide: the fsyncs of the process
+    measured count too, so compare the floor's window with the daemon's."""
+    try:
+        with open("/proc/pressure/io") as f:
+            some = f.readline().split()
+    except OSError:
+        return None
+    total = dict(field.split("=", 1) for field in some[1:]).get("total")
+    return int(total) / 1e6 if total is not None else None
+
+
+def stalled_percent(start: float | None, end: float | None, seconds: float) -> float | None:
+    return None if start is None or end is None else round(100 * (end - start) / seconds, 1)
+
+
 def percentile(sorted_values: list[float], p: float) -> float:
     """Nearest-rank percentile of sorted values."""
     k = max(0, min(len(sorted_values) - 1, round(p / 100 * len(sorted_values) + 0.5) - 1))
@@ -98,13 +118,17 @@ def summary(latencies: list[float]) -> dict[str, float]:
     }
 
 
-async def durable_floor(url: str, args: argparse.Namespace, path: Path) -> list[float]:
+async def durable_floor(
+    url: str, args: argparse.Namespace, path: Path
+) -> tuple[list[float], float | None]:
     """The floor (5. above): per event timestamped in the window, its fsync's return minus its
-    timestamp. Every wait is bounded."""
+    timestamp; and the share of the window the machine was stalled on I/O. Every wait is
+    bounded."""
     stamps: list[float | None] = []  # of the lines not yet written, in order
     lines: list[bytes] = []
     latencies: list[float] = []
     window: list[float] = []  # [measure_from, measure_to] once the first event arrived
+    stalled: dict[str, float | None] = {}  # io_stalled_s() at the window's start and end
     wake = asyncio.Event()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
 
@@ -142,23 +166,31 @@ async def durable_floor(url: str, args: argparse.Namespace, path: Path) -> list[
                         stamps.append(event_time(ev.get("timestamp"), UTC))
                         lines.append(orjson.dumps(ev) + b"\n")
                         wake.set()
-                        if time.time() >= window[1] + args.drain:
+                        now = time.time()
+                        if "start" not in stalled and now >= window[0]:
+                            stalled["start"] = io_stalled_s()
+                        if "end" not in stalled and now >= window[1]:
+                            stalled["end"] = io_stalled_s()
+                        if now >= window[1] + args.drain:
                             break
             finally:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
     finally:
         os.close(fd)
-    return latencies
+    return latencies, stalled_percent(stalled.get("start"), stalled.get("end"), args.seconds)
 
 
-def run_floor(rate: float, args: argparse.Namespace, work: Path) -> dict[str, float]:
+def run_floor(rate: float, args: argparse.Namespace, work: Path) -> dict[str, float | None]:
     sandbox, url = start_sandbox(rate)
     try:
-        latencies = asyncio.run(durable_floor(url, args, work / "floor.jsonl"))
+        latencies, stalled = asyncio.run(durable_floor(url, args, work / "floor.jsonl"))
     finally:
         launcher.stop(sandbox, 30)
-    return {f"floor_{k}": v for k, v in summary(latencies).items()}
+    return {
+        **{f"floor_{k}": v for k, v in summary(latencies).items()},
+        "floor_io_stalled_percent": stalled,
+    }
 
 
 def run_rate(rate: float, args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -201,6 +233,7 @@ level = "warning"
         measure_to = measure_from + args.seconds
         cpu_at: dict[str, float] = {}
         sandbox_cpu_at: dict[str, float] = {}
+        stalled: dict[str, float | None] = {}
         last = -1
         polls = 0
         # Polls go on for --drain seconds after the window: its last events become durable.
@@ -213,9 +246,11 @@ level = "warning"
             if "start" not in cpu_at and now >= measure_from:
                 cpu_at["start"] = cpu_seconds(proc.pid)
                 sandbox_cpu_at["start"] = cpu_seconds(sandbox.pid)
+                stalled["start"] = io_stalled_s()
             if "end" not in cpu_at and now >= measure_to:
                 cpu_at["end"] = cpu_seconds(proc.pid)
                 sandbox_cpu_at["end"] = cpu_seconds(sandbox.pid)
+                stalled["end"] = io_stalled_s()
             polls += 1
             if polls % max(1, round(0.1 / poll)) == 0:
                 peak = max(peak, proc_status(proc.pid, "VmRSS"))
@@ -260,6 +295,7 @@ level = "warning"
             100 * (sandbox_cpu_at["end"] - sandbox_cpu_at["start"]) / window, 1
         ),
         "daemon_peak_rss_mb": round(peak, 1),
+        "io_stalled_percent": stalled_percent(stalled["start"], stalled["end"], window),
     }
 
 
@@ -290,21 +326,23 @@ def main() -> int:
             f"rate {rate:g}/s (achieved {result['achieved_rate']:g}): "
             f"p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms, max {result['max_ms']} ms "
             f"over {result['events_measured']:,} events; daemon CPU "
-            f"{result['daemon_cpu_percent']}%; the floor just before: p50 "
-            f"{floor['floor_p50_ms']} ms, p99 {floor['floor_p99_ms']} ms, max "
-            f"{floor['floor_max_ms']} ms",
+            f"{result['daemon_cpu_percent']}%, I/O stalled {result['io_stalled_percent']}%; "
+            f"the floor just before: p50 {floor['floor_p50_ms']} ms, p99 "
+            f"{floor['floor_p99_ms']} ms, max {floor['floor_max_ms']} ms, I/O stalled "
+            f"{floor['floor_io_stalled_percent']}%",
             flush=True,
         )
     ended = machine()
     lines = [
         "| rate (events/s) | achieved | events | p50 ms | p90 ms | p99 ms | max ms | "
-        "daemon CPU % | floor p50 / p99 / max ms |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "daemon CPU % | floor p50 / p99 / max ms | I/O stalled %, daemon / floor |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         *(
             f"| {r['rate']:g} | {r['achieved_rate']:g} | {r['events_measured']:,} | "
             f"{r['p50_ms']} | {r['p90_ms']} | {r['p99_ms']} | {r['max_ms']} | "
             f"{r['daemon_cpu_percent']} | {r['floor_p50_ms']} / {r['floor_p99_ms']} / "
-            f"{r['floor_max_ms']} |"
+            f"{r['floor_max_ms']} | {r['io_stalled_percent']} / "
+            f"{r['floor_io_stalled_percent']} |"
             for r in results
         ),
     ]
@@ -322,6 +360,8 @@ def main() -> int:
         "measured": "per event: the first checkpoint poll (every poll_ms, read-only) that saw "
         "the checkpoint at or past its offset, minus its timestamp (the sandbox's wall clock "
         "when it entered the gateway's log); events timestamped in the window after warm-up",
+        "io_stalled": "the share of the window in which some task on the machine was stalled "
+        "on I/O (/proc/pressure/io, 'some'; the measured process's own fsyncs included)",
         "machine_at_start": started,
         "machine_at_end": ended,
         "results": results,
