@@ -28,7 +28,7 @@ For each rate (events per second, one chain):
    last fsync ran); an event is durable when its fsync returns. The same window and percentiles:
    a p99 the floor misses too is the disk's (a stall), not the daemon's.
 6. For both windows, the share of the time some task on the machine was stalled on I/O
-   (``/proc/pressure/io``, its ``some`` total; blank without PSI): a disk that stalls shows
+   (``/proc/pressure/io``, its ``some`` total; None without PSI): a disk that stalls shows
    there. Machine-wide, so the measured process's own fsyncs count too.
 
 Loopback only; every wait is bounded.
