@@ -14,6 +14,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager, closing
 from pathlib import Path
@@ -133,6 +134,29 @@ async def wait_until(
     async with asyncio.timeout(timeout):
         while not predicate():
             await asyncio.sleep(interval)
+
+
+class Held:
+    """One of an object's thread steps (a method that takes one argument, as the jsonl sink's
+    ``_write`` and ``_fsync_files``) held until ``release``, as by a disk that does not
+    answer; ``done`` once the held call has returned or raised."""
+
+    def __init__(self, owner: Any, step: str) -> None:
+        self.entered, self.release, self.done = (threading.Event() for _ in range(3))
+        real = getattr(owner, step)
+
+        def held(arg: Any) -> None:
+            self.entered.set()
+            assert self.release.wait(10)
+            try:
+                real(arg)
+            finally:
+                self.done.set()
+
+        setattr(owner, step, held)
+
+    async def reached(self) -> None:
+        await wait_until(self.entered.is_set, timeout=10)
 
 
 @asynccontextmanager

@@ -10,9 +10,12 @@ replayed).
 
 A failed write leaves its bytes in the buffer (the file is cut back, the commit is retried). A
 failed fsync cannot be retried: the bytes written since the last one are no longer in memory,
-and after such a failure the kernel may have dropped them from its cache too. The file is cut to
-the durable length and :class:`~consumer.errors.SinkLost` ends the daemon (exit 1): the restart
-replays those events from the checkpoint.
+and after such a failure the kernel may have dropped them from its cache too (and reports it
+once: a second fsync returns 0). The file is cut to the durable length and
+:class:`~consumer.errors.SinkLost` ends the daemon (exit 1): the restart replays those events
+from the checkpoint. The failure is recorded by the thread that met it, so a sync cancelled
+meanwhile (a stream stopped within its grace) cannot drop it; a rotated file's failed directory
+fsync is final the same way.
 
 It never cuts bytes it cannot prove uncommitted: a non-empty file that the state store has no
 length for (a new or replaced state store) stops the start (:class:`~consumer.errors.
@@ -127,6 +130,7 @@ class JsonlSink:
         self._writing_out = 0  # bytes of the write-out under way (still buffered until done)
         self._write_failed = False  # no write-out between commits until a sync succeeds
         self._lost: str | None = None  # why written bytes can no longer be committed
+        self._closed = False  # set by close(), read under _io
         # The threads' file work: writes (and creating, cutting, closing files) under _io,
         # fsyncs under _fsync_io, each held even after a cancel; a close takes both.
         self._io = threading.Lock()
@@ -381,17 +385,20 @@ class JsonlSink:
     async def sync(self, position: str | None) -> None:
         async with self._lock:
             if self._lost is not None:
-                raise SinkLost(self._lost)
+                await self._lose()
             if position is not None and self._covered(position):
                 return
-            await self._write_out()
+            try:
+                await self._write_out()
+            except SinkLost:  # a rotated file's directory entry not provably on disk
+                await self._lose()
             # Everything written is fsynced (maybe more than the position covers: harmless).
             plan = [(f, f.written) for f in self._files if f.written > f.durable]
             if self._fsync and plan:
                 try:
                     await asyncio.to_thread(self._fsync_files, [f for f, _ in plan])
-                except OSError as exc:
-                    await self._lose(exc)
+                except SinkLost:
+                    await self._lose()
             for f, written in plan:
                 f.durable = written
             self._write_failed = False
@@ -434,18 +441,15 @@ class JsonlSink:
                 f.buffered -= size
                 f.written += size
 
-    async def _lose(self, exc: OSError) -> NoReturn:
-        """A failed fsync: what was written since the last one is neither provably on disk
-        nor in memory to write again. Cut it (a reader never sees what no checkpoint will
-        cover) and stop for good: the restart replays those events."""
-        self._lost = (
-            f"fsync of jsonl file {printable(self._dir / str(exc.filename))} failed "
-            f"({exc.strerror or exc}): the lines written since the last commit cannot be "
-            "proven on disk; the daemon stops and its restart replays them from the checkpoint"
-        )
+    async def _lose(self) -> NoReturn:
+        """After a failed fsync (``_lost``): what was written since the last one is neither
+        provably on disk nor in memory to write again. Cut it (a reader never sees what no
+        checkpoint will cover; again at each call, harmless) and stop for good: the restart
+        replays those events."""
+        assert self._lost is not None
         self._write_failed = True
         await asyncio.to_thread(self._cut, list(self._files))
-        raise SinkLost(self._lost) from None
+        raise SinkLost(self._lost)
 
     def _covered(self, position: str) -> bool:
         """Whether a position is on disk already (then nothing needs writing)."""
@@ -458,6 +462,8 @@ class JsonlSink:
 
     def _write(self, plan: Sequence[tuple[_File, list[bytes], int]]) -> None:
         with self._io:
+            if self._closed:  # a cancelled sync's thread that waited past the close
+                return
             if self._lost is not None:  # cut meanwhile: nothing goes past the cut
                 raise SinkLost(self._lost)
             for f, parts, _ in plan:
@@ -479,7 +485,13 @@ class JsonlSink:
             f.fd, f.identity = fd, _identity(os.fstat(fd))
         if not f.dir_synced:
             if self._fsync:
-                _fsync_dir(self._dir)  # the file is durable before any byte of it is committed
+                # The file is durable before any byte of it is committed. A failure is final,
+                # as a file's is (see _fsync_files): a retry's fsync would return 0.
+                try:
+                    _fsync_dir(self._dir)
+                except OSError as exc:
+                    self._lost = _lost_reason(f"fsync of directory {printable(self._dir)}", exc)
+                    raise SinkLost(self._lost) from None
             f.dir_synced = True
         if not any(parts):
             return
@@ -497,11 +509,20 @@ class JsonlSink:
     def _fsync_files(self, files: Sequence[_File]) -> None:
         with self._fsync_io:
             for f in files:
+                # A failure is recorded here, in the thread, not by the sync awaiting it: a
+                # sync cancelled meanwhile (a stream stopped within its grace) drops the error
+                # with its future, and a second fsync of the file returns 0 once the kernel has
+                # reported the error and marked the pages clean. Nothing may follow it.
+                if self._lost is not None:
+                    raise SinkLost(self._lost)
                 assert f.fd is not None
                 try:
                     os.fsync(f.fd)
                 except OSError as exc:
-                    raise OSError(exc.errno, exc.strerror, f.name) from None
+                    self._lost = _lost_reason(
+                        f"fsync of jsonl file {printable(self._dir / f.name)}", exc
+                    )
+                    raise SinkLost(self._lost) from None
 
     def _cut(self, files: Sequence[_File]) -> None:
         with self._io:
@@ -540,6 +561,7 @@ class JsonlSink:
         if self._writer is not None:
             await asyncio.wait([self._writer])  # one write-out; it logs its own failure
         files, self._files = self._files, []
+        self._closed = True  # a write-out thread still waiting for _io writes nothing then
         # A sync cancelled meanwhile may still be writing in its thread: the descriptors are
         # its until it is done (a number reused at once would get its bytes). Lock, close and
         # release all in the thread, so that a cancelled close still finishes them.
@@ -660,6 +682,14 @@ def _pwrite_all(fd: int, parts: list[bytes], at: int) -> None:
             i += 1
         if written:
             views[i] = views[i][written:]
+
+
+def _lost_reason(what: str, exc: OSError) -> str:
+    return (
+        f"{what} failed ({exc.strerror or exc}): the lines written since the last commit "
+        "cannot be proven on disk; the daemon stops and its restart replays them from the "
+        "checkpoint"
+    )
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,14 +21,22 @@ from typing import Any
 
 import orjson
 import pytest
-from support import committed, make_settings, newest_offset, running, truth_ids, wait_until
+from support import (
+    Held,
+    committed,
+    make_settings,
+    newest_offset,
+    running,
+    truth_ids,
+    wait_until,
+)
 
 from consumer.commands.sink import adopt
 from consumer.config import load_settings
 from consumer.core.events import Event
 from consumer.core.rotation import Rotation
 from consumer.core.watermark import Position
-from consumer.errors import ConfigError, SinkUnusable
+from consumer.errors import ConfigError, SinkLost, SinkUnusable
 from consumer.runtime.committer import Committer
 from consumer.sinks.jsonl import WRITE_OUT_BYTES, JsonlSink, adopt_position, rotated_files
 from consumer.state.sqlite import SqliteStore
@@ -192,6 +201,62 @@ async def test_a_rotated_file_is_created_by_the_sync_not_by_the_write(tmp_path: 
         await sink.sync(json.dumps({**token, "seq": 1}))
     finally:
         await sink.close()
+
+
+async def test_a_failed_fsync_of_a_rotated_files_directory_stops_the_sink(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The new file's directory entry is not provably on disk, and a second fsync of the
+    # directory would return 0: as after a file's failed fsync, the sink stops for a replay
+    # rather than commit lines into a file a power cut may take away.
+    path, rot = tmp_path / "events.jsonl", rotation(max_bytes=LINE)
+    sink = JsonlSink(path, rotation=rot, clock=Clock())
+    await sink.open(None)
+    try:
+        await sink.write("main", [event(0)])
+        await sink.sync(sink.position())
+        await sink.write("main", [event(1)])  # due: file 2, created by the next write-out
+        real, failed = os.fsync, []
+
+        def fsync(fd: int) -> None:
+            if not failed and stat.S_ISDIR(os.fstat(fd).st_mode):
+                failed.append(fd)
+                raise OSError(5, "Input/output error")
+            real(fd)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        with pytest.raises(SinkLost, match=r"fsync of directory .* failed \(Input/output"):
+            await sink.sync(sink.position())
+        assert failed
+        with pytest.raises(SinkLost):  # never again in this process: the restart replays
+            await sink.sync(sink.position())
+    finally:
+        await sink.close()
+
+
+async def test_a_write_out_thread_that_waited_past_the_close_writes_nothing(
+    tmp_path: Path,
+) -> None:
+    # A sync cancelled while its write-out waited to start (the thread is beyond reach): once
+    # the sink is closed, that thread must not create the next file nor write into it.
+    path, rot = tmp_path / "events.jsonl", rotation(max_bytes=LINE)
+    sink = JsonlSink(path, rotation=rot, clock=Clock())
+    await sink.open(None)
+    await sink.write("main", [event(0)])
+    await sink.sync(sink.position())
+    await sink.write("main", [event(1)])  # due: file 2, created by the next write-out
+    token = position(sink)
+    held = Held(sink, "_write")
+    syncing = asyncio.create_task(sink.sync(sink.position()))
+    await held.reached()
+    syncing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await syncing
+    await sink.close()
+    held.release.set()
+    await wait_until(held.done.is_set, timeout=10)
+    assert not (tmp_path / token["file"]).exists()
+    assert ids(path, rot) == truth(1)
 
 
 # --- a crash at every step ---------------------------------------------------------------------

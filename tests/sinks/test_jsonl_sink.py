@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 import pytest
-from support import as_received, wait_until
+from support import Held, as_received, wait_until
 
 from consumer.core.events import Event
 from consumer.errors import PermanentSinkError, SinkLost, SinkUnusable, TransientSinkError
@@ -40,26 +40,6 @@ def read_lines(path: Path) -> list[dict[str, Any]]:
     data = path.read_bytes()
     assert data == b"" or data.endswith(b"\n")
     return [json.loads(line) for line in data.decode().splitlines()]
-
-
-class Held:
-    """One of the sink's thread steps (``_write``, ``_fsync_files``) held until ``release``,
-    as by a disk that does not answer; ``done`` once the held call has finished."""
-
-    def __init__(self, sink: JsonlSink, step: str) -> None:
-        self.entered, self.release, self.done = (threading.Event() for _ in range(3))
-        real = getattr(sink, step)
-
-        def held(arg: Any) -> None:
-            self.entered.set()
-            assert self.release.wait(10)
-            real(arg)
-            self.done.set()
-
-        setattr(sink, step, held)
-
-    async def reached(self) -> None:
-        await wait_until(self.entered.is_set, timeout=10)
 
 
 @pytest.fixture
@@ -492,6 +472,81 @@ async def test_a_failed_fsync_cuts_what_it_wrote_and_stops_for_a_replay(
     await again.sync(again.position())
     await again.close()
     assert read_lines(path) == [event(i).raw for i in (1, 2, 3, 4)]
+
+
+def fsync_failing_once(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """os.fsync fails the first time it is called, once ``release`` (returned) is set; then
+    succeeds: Linux reports a writeback error once per open file and marks the pages clean."""
+    release, real, calls = threading.Event(), os.fsync, []
+
+    def fsync(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 1:
+            assert release.wait(10)
+            raise OSError(5, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return release
+
+
+async def committed_then_more(path: Path) -> tuple[JsonlSink, str]:
+    sink = JsonlSink(path, fsync=True)
+    await sink.open(None)
+    await sink.write("main", [event(1)])
+    committed = sink.position()
+    assert committed is not None
+    await sink.sync(committed)
+    await sink.write("main", [event(2), event(3)])
+    return sink, committed
+
+
+async def test_an_fsync_failing_after_its_sync_was_cancelled_still_stops_the_sink(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A sync cancelled while its fsync runs (a stream stopped within its grace) drops the
+    # error with its future, and the next fsync of the file returns 0: the next sync must not
+    # call the lines written since the commit durable.
+    path = tmp_path / "events.jsonl"
+    sink, committed = await committed_then_more(path)
+    release = fsync_failing_once(monkeypatch)
+    held = Held(sink, "_fsync_files")
+    first = asyncio.create_task(sink.sync(sink.position()))
+    await held.reached()
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    release.set()
+    held.release.set()
+    await wait_until(held.done.is_set, timeout=10)  # the fsync failed, unawaited
+    with pytest.raises(SinkLost, match=r"fsync of jsonl file .*events\.jsonl failed"):
+        await sink.sync(sink.position())
+    assert path.stat().st_size == int(committed)
+    await sink.close()
+
+
+async def test_a_sync_queued_behind_a_failing_fsync_stops_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The same, with the next sync already waiting for the fsync lock when the cancelled
+    # one's fsync fails: its own fsync would return 0.
+    path = tmp_path / "events.jsonl"
+    sink, committed = await committed_then_more(path)
+    release = fsync_failing_once(monkeypatch)
+    held = Held(sink, "_fsync_files")
+    first = asyncio.create_task(sink.sync(sink.position()))
+    await held.reached()
+    held.release.set()  # into the fsync, which waits for `release`
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    second = asyncio.create_task(sink.sync(sink.position()))
+    release.set()
+    with pytest.raises(SinkLost):
+        async with asyncio.timeout(10):
+            await second
+    assert path.stat().st_size == int(committed)
+    await sink.close()
 
 
 async def test_lines_waiting_for_a_slow_commit_go_to_the_file_not_the_heap(
