@@ -249,7 +249,11 @@ class Committer:
 
     async def run(self) -> None:
         """Commit forever; cancel to stop (then call :meth:`flush` once more)."""
-        async for attempt in AsyncRetrying(
+        # One retry policy, begun afresh by each failure (every `async for` over it starts at
+        # attempt 1): the backoff starts over once a commit succeeds. Around the whole loop,
+        # as it was, its attempt count grew with every failure of the daemon's life, and
+        # after eight of them any blip stopped the commits for 30 s.
+        retrying = AsyncRetrying(
             # Anything that may clear by itself (a locked or full disk, a sink that is down);
             # anything else (a corrupt store, a sink file replaced underneath) ends the daemon.
             retry=retry_if_exception(_may_clear),
@@ -257,26 +261,47 @@ class Committer:
             before_sleep=lambda rs: log.warning(
                 "commit failed; retrying",
                 failures=self.failures,
+                retry_in_s=round(rs.next_action.sleep, 2) if rs.next_action else None,
                 error=prefix(str(rs.outcome.exception() if rs.outcome else ""), 500),
             ),
-        ):
+        )
+        while True:
+            await self._due()
+            try:
+                # A commit under way finishes even if we are cancelled meanwhile.
+                await asyncio.shield(self.flush())
+            except Exception as exc:
+                if not _may_clear(exc):
+                    raise
+                await self._until_committed(retrying, exc)
+
+    async def _due(self) -> None:
+        """Until the next commit is due: adaptive, once woken (at most every min interval);
+        else woken or at the interval."""
+        if self._adaptive:
+            await self._wake.wait()
+            rest = self._last_start + self._min_interval - time.monotonic()
+            if rest > 0:  # what is done meanwhile joins this commit
+                await asyncio.sleep(rest)
+            self._last_start = time.monotonic()
+        else:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancel
+            # landing in the same step as the wake; shutdown then hangs.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._interval):
+                    await self._wake.wait()
+        self._wake.clear()
+
+    async def _until_committed(self, retrying: AsyncRetrying, failed: BaseException) -> None:
+        """Commit again, with backoff, until a commit succeeds (the failed one is tenacity's
+        first attempt); what was done meanwhile goes with it."""
+        first: BaseException | None = failed
+        async for attempt in retrying:
             with attempt:
-                while True:
-                    if self._adaptive:
-                        await self._wake.wait()
-                        rest = self._last_start + self._min_interval - time.monotonic()
-                        if rest > 0:  # what is done meanwhile joins this commit
-                            await asyncio.sleep(rest)
-                        self._last_start = time.monotonic()
-                    else:
-                        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow
-                        # a cancel landing in the same step as the wake; shutdown then hangs.
-                        with contextlib.suppress(TimeoutError):
-                            async with asyncio.timeout(self._interval):
-                                await self._wake.wait()
-                    self._wake.clear()
-                    # A commit under way finishes even if we are cancelled meanwhile.
-                    await asyncio.shield(self.flush())
+                if first is not None:
+                    failure, first = first, None
+                    raise failure
+                await asyncio.shield(self.flush())
 
     async def flush(self) -> bool:
         """Commit what is done now. Returns True when something was committed."""

@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 import pytest
+from log_capture import captured_logs
 from support import wait_until
 
 from consumer.core.events import Event
@@ -956,6 +957,43 @@ async def test_an_adaptive_commit_that_failed_is_retried_without_new_events(
         await asyncio.gather(task, return_exceptions=True)
         await sink.close()
         await store.close()
+
+
+async def test_the_commit_backoff_starts_over_once_a_commit_succeeds(tmp_path: Path) -> None:
+    """Failures far apart each wait the first step of the backoff. The retry state used to
+    span the committer's life: its wait doubled with every failure the daemon ever met, and
+    from the eighth on any blip stopped the commits for 30 s."""
+    store = await Store.open(tmp_path / "state.db")
+    sink = JsonlSink(tmp_path / "events.jsonl")
+    await sink.open(None)
+    commit, calls = store.commit, [0]
+
+    async def every_other_fails(batch: CommitBatch, now: float | None = None) -> None:
+        calls[0] += 1
+        if calls[0] % 2:
+            raise StoreError("database is locked (test)", retriable=True)
+        await commit(batch, now)
+
+    store.commit = every_other_fails  # type: ignore[method-assign]
+    committer = Committer(store, sink, max_events=1000, interval_s=3600.0, adaptive=True)
+    with captured_logs() as logs:
+        task = asyncio.create_task(committer.run())
+        try:
+            for i in range(1, 7):  # each commit fails once, then succeeds
+                seq = committer.arrived("main", Position(str(i), f"u{i}"))
+                committer.processed("main", [f"u{i}"], [seq])
+                await wait_until(lambda i=i: committer.commits == i, timeout=20)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await sink.close()
+            await store.close()
+    lines = [json.loads(x) for x in logs.getvalue().splitlines()]
+    waits = [x["retry_in_s"] for x in lines if x.get("event") == "commit failed; retrying"]
+    assert len(waits) == 6
+    # wait_exponential_jitter(multiplier=0.2, jitter=0.2): the first wait is 0.2 to 0.4 s,
+    # the third of a growing backoff already 0.8 or more.
+    assert all(0.2 <= w <= 0.4 for w in waits), waits
 
 
 @pytest.mark.parametrize("outcome", ["delivered", "rejected"])
