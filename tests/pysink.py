@@ -10,6 +10,7 @@ in-process (``consumer.cli.main``), both append to the same :data:`DELIVERED`.
   names no culprit (the pipeline must find it by re-delivering one event at a time);
 * ``TRANSIENT``: the next ``TRANSIENT[0]`` calls fail with :class:`Busy` (retried).
 * ``STUCK_STREAMS``: writes for these streams never return (a downstream that hangs).
+* ``GATES``: writes for a stream wait until its event is set.
 
 A batch is all or nothing: nothing of it is recorded when an event of it is rejected, so the
 re-delivery of the events before the culprit is not counted twice.
@@ -28,6 +29,7 @@ REJECT_KEYS: set[str] = set()
 TRANSIENT: list[int] = [0]  # failures still to raise
 CALLS: list[int] = [0]
 STUCK_STREAMS: set[str] = set()
+GATES: dict[str, asyncio.Event] = {}
 
 
 class Rejected(Exception):
@@ -54,6 +56,7 @@ def reset() -> None:
     TRANSIENT[0] = 0
     CALLS[0] = 0
     STUCK_STREAMS.clear()
+    GATES.clear()
 
 
 def delivered_ids(stream: str | None = None) -> list[str]:
@@ -64,6 +67,9 @@ async def handle(stream: str, events: Sequence[Event]) -> None:
     CALLS[0] += 1
     if stream in STUCK_STREAMS:
         await asyncio.Event().wait()  # until cancelled
+    gate = GATES.get(stream)
+    if gate is not None:
+        await gate.wait()
     if TRANSIENT[0] > 0:
         TRANSIENT[0] -= 1
         raise Busy("test sink busy")

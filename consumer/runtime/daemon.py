@@ -235,13 +235,21 @@ class Daemon:
     async def stop_stream(self, name: str, lost: bool) -> None:
         """Stop one stream (fleet mode). Handed over (``lost`` False): ``complete``, drain,
         commit, as at shutdown. Lost (another member holds it, or we cannot renew): stop
-        reading at once; what is done is offered to one more commit, which the epoch lets
-        through only if no one took the stream meanwhile."""
+        delivering and reading at once; what is done is offered to one more commit, which the
+        epoch lets through only if no one took the stream meanwhile."""
         runner, pipeline = self.runners.get(name), self.pipelines.get(name)
         task = self._stream_tasks.pop(name, None)
         if runner is None or pipeline is None:
             return
-        runner.request_stop()
+        if lost:
+            # Another member may be delivering this stream already: every write from here on
+            # could be a second one. The workers go first (what is not done is the next
+            # holder's), then the session, cut rather than completed.
+            if task is not None:
+                task.cancel()
+            await pipeline.stop()
+        else:
+            runner.request_stop()
         c = self.settings.streams[name].connection
         grace = c.complete_timeout_s + STOP_GRACE_S  # the settings check counts on it
         if lost and self.fleet is not None:

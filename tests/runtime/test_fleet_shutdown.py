@@ -71,3 +71,46 @@ async def test_a_handover_during_the_shutdown(sandbox_factory, postgres_dsn, tmp
     assert {r[0]: r[1] for r in rows} == {"a": None, "b": None}
     members = await sql(postgres_dsn, "fetch", f'SELECT member FROM "{schema}".fleet_members')
     assert members == []  # left the fleet
+
+
+async def test_a_lost_stream_stops_delivering_at_once(
+    sandbox_factory, postgres_dsn, tmp_path
+) -> None:
+    """A stream found lost may be another member's already: its workers stop before anything
+    else. They used to go on through the session's grace (here 2 s: the gateway never closes
+    after ``complete``), delivering what was queued."""
+    gw = await sandbox_factory(backlog=0, complete_close_delay_s=60.0)
+    schema = f"t_{uuid.uuid4().hex[:16]}"
+    settings = Settings(
+        streams={"a": stream_config(gw.url, connection={"complete_timeout_s": 4.0})},  # type: ignore[arg-type]
+        state={"backend": "postgres", "dsn": postgres_dsn, "schema": schema},  # type: ignore[arg-type]
+        sink={"type": "python", "target": "pysink:handle"},  # type: ignore[arg-type]
+        pipeline={"workers": 1, "batch_max": 5, "drain_timeout_s": 1.0},  # type: ignore[arg-type]
+        fleet={"enabled": True, "member": "m1", "lease_ttl_s": 20.0, "renew_interval_s": 2.0},  # type: ignore[arg-type]
+        metrics={"port": 0},  # type: ignore[arg-type]
+    )
+    pysink.GATES["a"] = gate = asyncio.Event()  # the downstream holds the first write
+    daemon = await Daemon.create(settings)
+    task = asyncio.create_task(daemon.run())
+    try:
+        await wait_until(lambda: "a" in daemon.runners)
+        await wait_until(lambda: daemon.runners["a"].state.value == "streaming")
+        gw.append("DEMO", 20)
+        await wait_until(lambda: pysink.CALLS[0] == 1 and daemon.pipelines["a"].in_flight == 20)
+        assert daemon.fleet is not None
+        delivered_when_stopped: list[int] = []
+        stop = daemon.fleet._stop_stream
+
+        async def recorded(stream: str, lost: bool) -> None:
+            await stop(stream, lost)
+            delivered_when_stopped.append(len(pysink.delivered_ids("a")))
+
+        daemon.fleet._stop_stream = recorded  # type: ignore[method-assign]
+        daemon.fleet._move("a", lost=True)  # what a renewal that leaves it out does
+        gate.set()  # the held write could end now: nothing may be delivered after the loss
+        await wait_until(lambda: bool(delivered_when_stopped))
+        assert delivered_when_stopped == [0]
+    finally:
+        daemon.request_stop()
+        async with asyncio.timeout(60):
+            await task
