@@ -231,7 +231,6 @@ class StreamRunner:
             if self._stop.is_set():
                 return Decision(Action.RECONNECT, 0.0, "stopping")
         self.state = StreamState.CONNECTING
-        started: float | None = None
         max_size = c.max_frame_bytes * OVERSIZED_FACTOR  # larger frames close with 1009
         try:
             async with connect(
@@ -270,12 +269,13 @@ class StreamRunner:
                         "the gateway did not accept the graphql-transport-ws subprotocol: "
                         "check gateway_url",
                     )
-                started = time.monotonic()
                 return await self._session(ws, token, sub)
         except InvalidStatus as exc:
             return self.policy.on_handshake_status(exc.response.status_code)
         except ConnectionClosed as exc:
-            return self._after_close(exc, started)
+            # Closed before we subscribed (a subscribed session handles its own close): no
+            # session ended, so nothing it delivered may reset the backoff.
+            return self._after_close(exc, None)
         except TimeoutError:
             return self.policy.on_network_error(
                 "timed out opening the connection or waiting for connection_ack"
@@ -304,6 +304,12 @@ class StreamRunner:
 
     async def _session(self, ws: ClientConnection, token: Token, sub: SubscribeInput) -> Decision:
         c = self.settings.connection
+        # What the last session left (declared dead, completing, ended by the server) must not
+        # explain a close of this one: here, not at the subscribe, since the server may close
+        # before it (4401 at connection_init after a session the liveness deadline ended).
+        self._completing = None
+        self._dead = False
+        self._ended = ""
         session = ClientSession(max_frame_bytes=c.max_frame_bytes)
         await ws.send(
             session.connection_init(token.value, self.settings.app_key.get_secret_value())
@@ -331,9 +337,6 @@ class StreamRunner:
             )
         await ws.send(session.subscribe(sub))
         self.state = StreamState.STREAMING
-        self._completing = None
-        self._dead = False
-        self._ended = ""
         log.info(
             "subscribed",
             offset=sub.offset,

@@ -68,6 +68,49 @@ async def test_repeated_4401_stops_the_stream(sandbox_factory, tmp_path: Path):
     assert gw.stats.token_requests == 3
 
 
+async def test_4401_at_connection_init_after_a_good_session_still_stops_the_stream(
+    sandbox_factory, tmp_path: Path
+):
+    """What a session delivered counts for that session: the connections refused after it (a
+    key revoked meanwhile) never subscribed, so they must not reset the 4401 count. They did,
+    each time: a token and an upgrade a second, for ever."""
+    gw = await sandbox_factory(backlog=10)
+    daemon = await Daemon.create(make_settings(tmp_path, gw.url))
+    task = asyncio.create_task(daemon.run())
+    try:
+        await wait_until(lambda: count_lines(tmp_path / "events.jsonl") >= 10)
+        gw.close_on("connection_init", [4401] * 10)
+        await gw.disconnect_all(code=None)
+        async with asyncio.timeout(60):
+            assert await task == ExitCode.CONFIG
+    finally:
+        daemon.request_stop()
+        await asyncio.gather(task, return_exceptions=True)
+    assert "3 times in a row" in daemon.runners["main"].stats.last_close
+
+
+async def test_a_close_after_a_session_declared_dead_is_read_for_its_code(
+    sandbox_factory, tmp_path: Path
+):
+    """The liveness deadline ended a session; the next connection is refused with 4403 before
+    it subscribes. That is a stop (the subscription is not approved), not another silent
+    link: the dead flag was the last session's, and it made every later close read as 1006."""
+    gw = await sandbox_factory(backlog=5, ping_interval_s=0)
+    connection = {"ping_interval_s": 0.1, "liveness_floor_s": 1.0, "liveness_multiplier": 4.0}
+    daemon = await Daemon.create(make_settings(tmp_path, gw.url, connection=connection))
+    task = asyncio.create_task(daemon.run())
+    try:
+        await wait_until(lambda: count_lines(tmp_path / "events.jsonl") >= 5)
+        gw.close_on("connection_init", [4403] * 10)
+        gw.silence_connections()  # no pong, no event, no close: only the deadline can tell
+        async with asyncio.timeout(60):
+            assert await task == ExitCode.CONFIG
+    finally:
+        daemon.request_stop()
+        await asyncio.gather(task, return_exceptions=True)
+    assert "forbidden (4403)" in daemon.runners["main"].stats.last_close
+
+
 async def test_4400_stops_the_stream(sandbox_factory, tmp_path: Path):
     gw = await sandbox_factory()
     gw.close_on("subscribe", [4400])
