@@ -61,6 +61,15 @@ WAITING_SINK_WORKERS = 4
 QUEUE_PER_WORKER = 500
 
 
+def _stop_if_asked() -> None:
+    """A worker that was asked to stop writes nothing more, even when the sink turned the
+    CancelledError into an error of its own (a handler that catches everything): that error
+    must not send the batch on to be re-delivered one by one."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 def _size(event: Event) -> int:
     """An event's size as counted against the byte bounds: its text as received, or the frame
     it came in when it was kept parsed."""
@@ -438,36 +447,44 @@ class StreamPipeline:
                 delay = min(delay * 2, self._retry_max)
 
     async def _deliver(self, items: list[_Item], retrying: AsyncRetrying) -> None:
-        if self._parking:
-            free = await self._parking.split(items)
-            if len(free) < len(items):
-                for seq, ev in items:
-                    if self._parking.behind(ev.primary_key) is not None:
-                        self._dead_letter(seq, ev, None)
-                items = free
-            if not items:
-                return
-        events = [ev for _, ev in items]
-        try:
-            await self._write(events, retrying)
-        except PermanentSinkError as exc:
-            await self._isolate(items, exc, retrying)
+        """Write the items in order; a poison event among them is dead-lettered and those
+        after it written on. A loop over what remains after each culprit: one nested call per
+        culprit reached Python's recursion limit in a batch of hundreds of rejected events,
+        and the last resort dead-lettered the good ones left."""
+        while items:
+            if self._parking:
+                free = await self._parking.split(items)
+                if len(free) < len(items):
+                    for seq, ev in items:
+                        if self._parking.behind(ev.primary_key) is not None:
+                            self._dead_letter(seq, ev, None)
+                    items = free
+                if not items:
+                    return
+            events = [ev for _, ev in items]
+            try:
+                await self._write(events, retrying)
+            except PermanentSinkError as exc:
+                _stop_if_asked()
+                items = await self._isolate(items, exc, retrying)
+                continue
+            except (TransientSinkError, SinkUnusable):
+                raise  # transient ones are retried inside _write until they clear
+            except Exception as exc:
+                _stop_if_asked()
+                # Anything else the sink raised (an event it cannot serialize, a bug in a
+                # user's handler): permanent for the event at fault, found one by one.
+                problem = PermanentSinkError(describe(exc, REDACTOR.scrub))
+                items = await self._isolate(items, problem, retrying, reason="unprocessable")
+                continue
+            self.delivered += len(items)
+            self._committer.processed(
+                self.stream,
+                [ev.unique_event_id for _, ev in items],
+                [seq for seq, _ in items],
+                sum([_size(ev) for _, ev in items]),
+            )
             return
-        except (TransientSinkError, SinkUnusable):
-            raise  # transient ones are retried inside _write until they clear
-        except Exception as exc:
-            # Anything else the sink raised (an event it cannot serialize, a bug in a user's
-            # handler): permanent for the event at fault, found by delivering one by one.
-            problem = PermanentSinkError(describe(exc, REDACTOR.scrub))
-            await self._isolate(items, problem, retrying, reason="unprocessable")
-            return
-        self.delivered += len(items)
-        self._committer.processed(
-            self.stream,
-            [ev.unique_event_id for _, ev in items],
-            [seq for seq, _ in items],
-            sum([_size(ev) for _, ev in items]),
-        )
 
     async def _isolate(
         self,
@@ -476,22 +493,22 @@ class StreamPipeline:
         retrying: AsyncRetrying,
         *,
         reason: str = "sink_rejected",
-    ) -> None:
-        """A batch with a poison event: dead-letter the culprit, deliver the rest in order."""
+    ) -> list[_Item]:
+        """A batch with a poison event: deliver those before the culprit, dead-letter it, and
+        return those after it, still to deliver (by the caller, in order)."""
         culprit = exc.unique_event_id if len(items) > 1 else items[0][1].unique_event_id
         at = next((i for i, it in enumerate(items) if it[1].unique_event_id == culprit), None)
         if at is None:  # a culprit the sink does not name (or not in this batch): one by one
             for item in items:
                 await self._deliver([item], retrying)
-            return
+            return []
         # Those before the culprit first: with park-key, those after it of the same resource
         # are then held back (its dead letter parks the key).
         if at:
             await self._deliver(items[:at], retrying)
         seq, ev = items[at]
         self._dead_letter(seq, ev, exc, reason=reason)
-        if at + 1 < len(items):
-            await self._deliver(items[at + 1 :], retrying)
+        return items[at + 1 :]
 
     def _dead_letter(self, seq: int, ev: Event, exc: Exception | None, *, reason: str = "") -> None:
         """``exc`` None: held back because the resource is parked."""
@@ -535,6 +552,7 @@ class StreamPipeline:
         )
 
     async def _write(self, events: Sequence[Event], retrying: AsyncRetrying) -> None:
+        _stop_if_asked()
         started = time.perf_counter()
         try:
             # The first try without tenacity: setting up its state costs more than the
@@ -547,6 +565,7 @@ class StreamPipeline:
                     if first is not None:  # tenacity's attempt 1: its wait honours Retry-After
                         failed, first = first, None
                         raise failed from None
+                    _stop_if_asked()
                     started = time.perf_counter()
                     await self._sink.write(self.stream, events)
         if self.on_write is not None:

@@ -417,6 +417,57 @@ async def test_permanent_error_dead_letters_only_that_event(
     assert cp.offset == events[-1].offset  # the checkpoint moves past the dead letter
 
 
+async def test_a_batch_of_hundreds_of_rejected_events_is_set_aside_one_culprit_at_a_time(
+    tmp_path: Path,
+) -> None:
+    """Each culprit the sink named used to nest one more call: past Python's recursion limit
+    the last resort dead-lettered the rest as internal errors, good events among them."""
+    n = 1200
+    poison = {f"u{i}" for i in range(n) if i % 100 != 99}  # 12 good events among them
+    sink = FakeSink(poison=poison)
+    events = [ev(i, key="same") for i in range(n)]
+    async with harness(
+        tmp_path, sink, workers=1, queue_size=2 * n, batch_max=n, max_events=2 * n, start=False
+    ) as (store, committer, pipeline):
+        for e in events:  # one queue, one batch
+            await pipeline.put(e)
+        pipeline.start()
+        await drained(pipeline)
+        await committer.flush()
+        letters = await store.dead_letters(STREAM, limit=None)
+    assert [e.unique_event_id for e in sink.delivered] == [f"u{i}" for i in range(99, n, 100)]
+    assert {d.reason for d in letters} == {"sink_rejected"}
+    assert {d.unique_event_id for d in letters} == poison
+
+
+class SwallowingSink(FakeSink):
+    """A careless handler: whatever happens, it raises an error of its own."""
+
+    async def write(self, stream: str, events: Sequence[Event]) -> None:
+        try:
+            await super().write(stream, events)
+        except asyncio.CancelledError:
+            raise ValueError("handler failed") from None
+
+
+async def test_a_sink_that_turns_the_stop_into_an_error_writes_nothing_more(
+    tmp_path: Path,
+) -> None:
+    """Stopping the workers cancels a write under way; a sink that turns the CancelledError
+    into an error of its own sent the batch to be delivered one by one: the worker wrote on
+    after the stop (a lost lease's stream too), and the stop waited for it."""
+    sink = SwallowingSink()
+    sink.gate.clear()  # the first write waits
+    async with harness(tmp_path, sink, workers=1) as (_, _, pipeline):
+        for i in range(3):
+            await pipeline.put(ev(i, key="k"))
+        await wait_until(lambda: sink.calls == 1, timeout=WAIT_S)
+        async with asyncio.timeout(WAIT_S):
+            await pipeline.stop()
+        sink.gate.set()
+        assert sink.calls == 1 and not sink.delivered and pipeline.dead_lettered == 0
+
+
 async def test_permanent_error_naming_an_unknown_event_still_isolates(tmp_path: Path) -> None:
     sink = FakeSink(poison={"u1"}, culprit_override="not-in-this-batch")
     async with harness(tmp_path, sink, workers=1) as (store, committer, pipeline):
