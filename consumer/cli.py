@@ -324,7 +324,7 @@ def _main(args: argparse.Namespace) -> int:
     try:
         return _command(args)
     except OperaConsumerError as exc:  # one line, saying what is wrong and the fix
-        print(f"opera-consumer: {exc}", file=sys.stderr)
+        print(f"opera-consumer: {_said(exc)}", file=sys.stderr)
         return exit_code_for(exc)
     except BrokenPipeError:
         # The reader of our output went away (`preflight | head -1`): nothing is wrong
@@ -335,6 +335,18 @@ def _main(args: argparse.Namespace) -> int:
         return _EXIT_PIPE
     except Exception as exc:  # a bug of ours: one line and EX_SOFTWARE, not a traceback
         return _internal_error(exc)
+
+
+def _said(exc: Exception, limit: int = 4000) -> str:
+    """An error's own words for stderr: the registered secrets masked, each line escaped (a
+    server's text may hold terminal escapes), the whole bounded. Our messages carry only
+    bounded pieces of what servers say; this holds whatever a library put in them."""
+    from .core.printable import printable
+    from .logs import REDACTOR
+
+    text = REDACTOR.scrub(str(exc)[: limit * 2])
+    lines = text[:limit].split("\n")
+    return "\n".join(printable(line, limit) for line in lines) + ("…" if len(text) > limit else "")
 
 
 def _internal_error(exc: Exception) -> int:
@@ -427,7 +439,7 @@ def _run(settings: Settings) -> int:
     except SinkUnusable:
         raise  # the sink's data is not what was committed: 78, one line
     except SinkError as exc:  # e.g. the database is down at start: let the supervisor retry
-        print(f"opera-consumer: cannot open the sink: {exc}", file=sys.stderr)
+        print(f"opera-consumer: cannot open the sink: {_said(exc)}", file=sys.stderr)
         return ExitCode.RUNTIME
 
 

@@ -92,7 +92,8 @@ class Target:
         return text
 
     def describe(self, exc: BaseException) -> str:
-        text = str(exc).strip() or type(exc).__name__
+        # Masked before the cut: a secret cut in two would escape the mask.
+        text = self.scrub(str(exc).strip()[: _MAX_MESSAGE * 8]) or type(exc).__name__
         if len(text) > _MAX_MESSAGE:
             text = text[:_MAX_MESSAGE] + "…"
-        return self.scrub(f"{text} ({type(exc).__name__})")
+        return f"{text} ({type(exc).__name__})"

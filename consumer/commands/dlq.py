@@ -39,7 +39,7 @@ from ..errors import (
     ReplayRefused,
     TransientSinkError,
 )
-from ..logs import configure
+from ..logs import REDACTOR, configure
 from ..runtime.assembly import build_sink, http_client, open_sink, register_secrets
 from ..runtime.committer import Committer
 from ..sinks.base import Sink
@@ -199,7 +199,8 @@ async def _one(
                 await sink.write(row.stream, [event])
     except (PermanentSinkError, TransientSinkError) as exc:
         failed_keys.add(key)
-        return _outcome(row, "failed", str(exc))
+        # As the daemon words it: a handler's words may hold a secret; masked, then cut.
+        return _outcome(row, "failed", printable(REDACTOR.scrub(str(exc)[:8000]), 1000))
     committer.processed(row.stream, [event.unique_event_id])
     committer.resolved(row.id)
     return _outcome(row, "delivered")

@@ -71,6 +71,7 @@ from nats.js.api import PubAck, StorageType, StreamConfig, StreamInfo
 from ..config import NatsSinkSettings
 from ..core.events import Event
 from ..core.evidence import describe, prefix, shown
+from ..core.printable import printable
 from ..core.templates import (
     SUBJECT_UNSAFE,
     TOKEN_MAX_CHARS,  # noqa: F401  # re-exported: the sink's token limit
@@ -577,7 +578,7 @@ class NatsSink(PlainSink):
         for pattern in self._patterns():
             if any(covers(f, pattern) for f in filters):
                 continue
-            shown_filters = ", ".join(filters) or "none"
+            shown_filters = printable(", ".join(filters), 300) or "none"  # the server's list
             if any(overlaps(f, pattern) for f in filters):
                 notes.append(
                     f"{what} ({shown_filters}) capture only some of the subjects {pattern} "
@@ -819,7 +820,8 @@ class NatsSink(PlainSink):
         if not any(covers(f, m.subject) for f in filters):
             return SinkUnusable(
                 f"nats sink: stream {s.stream!r} on {self.where} does not capture subject "
-                f"{prefix(m.subject, 300)} (its subjects: {', '.join(filters) or 'none'}): "
+                f"{prefix(m.subject, 300)} (its subjects: "
+                f"{printable(', '.join(filters), 300) or 'none'}): "
                 "make sink.subject and the stream's subjects agree"
             )
         return TransientSinkError(

@@ -36,6 +36,7 @@ import aiohttp
 import structlog
 from tenacity import (
     AsyncRetrying,
+    RetryCallState,
     retry_if_exception_type,
     stop_after_attempt,
     wait_exponential_jitter,
@@ -200,6 +201,21 @@ class Orchestrator:
     async def _get(self, stream: str, url: str, hotel_id: str | None) -> Any:
         s = self.settings
         shown = mask_url(url)  # what messages, logs and dead letters say: no secret of the URL
+        wire = str(wire_url(url)[0])  # as aiohttp's errors write it
+
+        def masked(text: str) -> str:
+            return text.replace(wire, shown).replace(url, shown)
+
+        def retrying_note(rs: RetryCallState) -> None:
+            failed = rs.outcome.exception() if rs.outcome else None
+            log.warning(
+                "orchestration GET failed; retrying",
+                url=shown,
+                attempt=rs.attempt_number,
+                # aiohttp's errors carry the URL and may quote the reply: as the final error.
+                error=reason(failed, masked) if failed is not None else "",
+            )
+
         try:
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception_type((TransientSinkError, *TRANSPORT_ERRORS)),
@@ -207,12 +223,7 @@ class Orchestrator:
                 wait=WaitRetryAfter(
                     wait_exponential_jitter(multiplier=0.2, max=s.retry_max_s, jitter=0.2)
                 ),
-                before_sleep=lambda rs: log.warning(
-                    "orchestration GET failed; retrying",
-                    url=shown,
-                    attempt=rs.attempt_number,
-                    error=str(rs.outcome.exception() if rs.outcome else ""),
-                ),
+                before_sleep=retrying_note,
                 reraise=True,
             ):
                 with attempt:
@@ -222,11 +233,6 @@ class Orchestrator:
             # here: the token provider has already retried for as long as it is configured to.
             raise TransientSinkError(f"orchestration: {exc}") from exc
         except TRANSPORT_ERRORS as exc:
-            wire = str(wire_url(url)[0])  # as aiohttp's errors write it
-
-            def masked(text: str) -> str:
-                return text.replace(wire, shown).replace(url, shown)
-
             raise TransientSinkError(
                 f"orchestration GET {shown}: {failure_name(exc)}: {reason(exc, masked)}"
             ) from exc

@@ -24,6 +24,7 @@ from ..config import PythonSinkSettings, is_async_callable, resolve
 from ..core.events import Event
 from ..core.retry_after import clamp_retry_after
 from ..errors import ConfigError, PermanentSinkError, SinkError, TransientSinkError
+from ..logs import REDACTOR
 from .base import PlainSink
 
 Handler = Callable[[str, list[Event]], Awaitable[None]]
@@ -58,7 +59,8 @@ class PythonSink(PlainSink):
             raise self._classify(exc, events) from exc
 
     def _classify(self, exc: Exception, events: Sequence[Event]) -> SinkError:
-        what = f"{type(exc).__name__}: {str(exc)[:1000]}"
+        # Masked before the cut (a secret cut in two would escape the mask), then bounded.
+        what = f"{type(exc).__name__}: {REDACTOR.scrub(str(exc)[:8000])[:1000]}"
         flag: Any = getattr(exc, "transient", None)
         if flag is True or (flag is None and isinstance(exc, self._transient)):
             return TransientSinkError(

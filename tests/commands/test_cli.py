@@ -157,3 +157,27 @@ def test_an_unexpected_error_is_one_line_and_exit_70(
     logged = log.getvalue()
     assert "unexpected internal error" in logged and "Traceback" in logged
     assert secret not in logged
+
+
+def test_an_error_that_holds_text_from_a_server_is_masked_escaped_and_bounded(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A refusal (exit 78 and the like) says what is wrong in our words, but a library's or a
+    server's text can be part of them: a registered secret is masked, a terminal escape
+    written out, the whole bounded; the lines of a config error stay lines."""
+    from consumer import config
+    from consumer.errors import ConfigError
+    from consumer.logs import REDACTOR
+
+    secret = "refusal-S3cret-0002"
+    REDACTOR.add(secret)
+
+    def refused(path: Path | None) -> None:
+        raise ConfigError(f"the server said \x1b[2J{secret}\nsubjects: " + "s." * 50_000)
+
+    monkeypatch.setattr(config, "load_settings", refused)
+    assert main(["check-config"]) == 78
+    _, err = capsys.readouterr()
+    assert secret not in err and "\x1b" not in err and "\\x1b[2J" in err
+    assert err.count("\n") == 2  # its two lines, then the end of the message
+    assert len(err) < 5_000

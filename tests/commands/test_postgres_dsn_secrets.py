@@ -181,3 +181,13 @@ def test_check_config_refuses_a_dsn_the_driver_would_misread(
         assert_kept(result.stdout + result.stderr, password)
     accepted = process("check-config", "--config", str(from_env))  # percent-encoded: fine
     assert accepted.returncode == 0, accepted.stderr
+
+
+def test_a_password_across_the_cut_of_a_server_message_is_masked_whole() -> None:
+    """The server's text is masked before it is cut: cut first, a password straddling the cut
+    left its first half to read."""
+    password = "Kx7Q-straddles-the-cut-9z"
+    target = Target(f"postgresql://app:{quote(password, safe='')}@{SERVER}")
+    at = 300 - len(password) // 2  # across the 300 characters kept of a server's message
+    text = target.describe(RuntimeError("x" * at + password + " and more"))
+    assert password[:6] not in text and "***" in text

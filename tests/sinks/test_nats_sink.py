@@ -58,6 +58,17 @@ async def opened(nats_server: NatsServer) -> AsyncIterator[Callable[..., Any]]:
 # --- subjects, ids and templates ------------------------------------------------------------
 
 
+def test_a_servers_subject_list_is_bounded_in_the_refusal(nats_server: NatsServer) -> None:
+    """The stream's subjects come from the server: thousands of them (or a hostile reply) must
+    not make a message of any length, nor carry a terminal escape to the operator's screen."""
+    sink = NatsSink(settings(nats_server), CHAINS)
+    subjects = [f"other.\x1b[2J{i:05d}" for i in range(5_000)]
+    with pytest.raises(SinkUnusable) as refused:
+        sink._check_subjects(subjects, "the stream's subjects")
+    text = str(refused.value)
+    assert len(text) < 1_000 and "\x1b" not in text and "capture none" in text
+
+
 def test_subject_tokens_are_sanitised() -> None:
     assert subject_token("HOTEL1") == "HOTEL1"
     assert subject_token("a.b*c>d e\tf\ng") == "a_b_c_d_e_f_g"
