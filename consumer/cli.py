@@ -379,6 +379,9 @@ def _command(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config)
     if command == "check-config":
+        from .runtime.assembly import check_sink
+
+        check_sink(settings)  # what the sink's client library refuses, without connecting
         print(json.dumps(effective(settings), indent=2))
         found = find_config(args.config)
         source = str(found.resolve()) if found else "no config file, the environment only"

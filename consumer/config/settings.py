@@ -565,6 +565,15 @@ class PostgresSinkSettings(_Model):
     _table = field_validator("table")(_identifier)
     _dsn = field_validator("dsn")(_parsable_dsn)
 
+    @model_validator(mode="after")
+    def _pool(self) -> PostgresSinkSettings:
+        if self.pool_min > self.pool_max:
+            raise ValueError(
+                f"pool_min ({self.pool_min}) is above pool_max ({self.pool_max}): lower "
+                "pool_min or raise pool_max"
+            )
+        return self
+
 
 class PythonSinkSettings(_Model):
     type: Literal["python"]

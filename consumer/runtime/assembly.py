@@ -67,6 +67,21 @@ def http_client(settings: Settings) -> aiohttp.ClientSession:
     )
 
 
+def check_sink(settings: Settings) -> None:
+    """ConfigError for sink settings the sink would refuse, found without connecting: what
+    `check-config` reports, and what `run` refuses before it opens the state store. (The
+    settings' own validation cannot: these checks are the client libraries'.)"""
+    s = settings.sink
+    if isinstance(s, NatsSinkSettings):
+        from ..sinks.nats import check_settings  # noqa: PLC0415  # nats-py: an extra
+
+        check_settings(s)
+    elif isinstance(s, RedisSinkSettings):
+        from ..sinks.redis import server  # noqa: PLC0415  # redis-py: an extra
+
+        server(s)
+
+
 def build_sink(
     settings: Settings,
     http: aiohttp.ClientSession,

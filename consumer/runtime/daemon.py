@@ -48,7 +48,7 @@ from ..sinks.base import Sink
 from ..state import lease, open_store
 from ..state.base import StateStore
 from . import store_wait, systemd
-from .assembly import build_sink, http_client, open_sink, register_secrets
+from .assembly import build_sink, check_sink, http_client, open_sink, register_secrets
 from .auth import TokenProvider
 from .committer import Committer
 from .fleet import DuplicateMember, Fleet
@@ -111,6 +111,8 @@ class Daemon:
     async def _create(
         cls, settings: Settings, sink: Sink | None, resources: contextlib.AsyncExitStack
     ) -> Daemon:
+        if sink is None:
+            check_sink(settings)  # before anything connects
         st = settings.state
         if settings.fleet.enabled:
             # A single daemon on the same schema would consume every stream beside the fleet.

@@ -195,6 +195,26 @@ def where(servers: Sequence[str]) -> str:
     return ", ".join(shown_servers)
 
 
+def check_settings(settings: NatsSinkSettings) -> SubjectTemplate:
+    """ConfigError for settings the sink cannot use (without connecting); the subject's
+    template otherwise."""
+    try:
+        template = SubjectTemplate(settings.subject)
+    except TemplateError as exc:
+        raise ConfigError(exc.at("sink.subject", settings.subject)) from None
+    try:
+        check_stream_name(settings.stream)
+    except TemplateError as exc:
+        raise ConfigError(exc.at("sink.stream", settings.stream)) from None
+    if not settings.servers:
+        raise ConfigError("sink.servers is empty: give at least one nats:// or tls:// URL")
+    for i, server in enumerate(settings.servers):
+        problem = _server_problem(server)
+        if problem is not None:
+            raise ConfigError(f"sink.servers[{i}] ({where([server])}): {problem}")
+    return template
+
+
 def _server_problem(server: str) -> str | None:
     """What is wrong with a server URL, or None (``host:port`` alone means ``nats://``)."""
     url = server if "://" in server else f"nats://{server}"
@@ -238,20 +258,7 @@ class NatsSink(PlainSink):
         self.settings = settings
         self._chains = dict(chains)
         self.where = where(settings.servers)
-        try:
-            self.template = SubjectTemplate(settings.subject)
-        except TemplateError as exc:
-            raise ConfigError(exc.at("sink.subject", settings.subject)) from None
-        try:
-            check_stream_name(settings.stream)
-        except TemplateError as exc:
-            raise ConfigError(exc.at("sink.stream", settings.stream)) from None
-        if not settings.servers:
-            raise ConfigError("sink.servers is empty: give at least one nats:// or tls:// URL")
-        for i, server in enumerate(settings.servers):
-            problem = _server_problem(server)
-            if problem is not None:
-                raise ConfigError(f"sink.servers[{i}] ({where([server])}): {problem}")
+        self.template = check_settings(settings)
         self._timeout = settings.timeout_s
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None

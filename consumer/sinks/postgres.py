@@ -210,8 +210,6 @@ class PostgresSink(PlainSink):
     async def open(self, committed: str | None) -> None:
         s = self.settings
         where = self._target.where
-        if s.pool_min > s.pool_max:
-            raise ConfigError(f"sink.pool_min ({s.pool_min}) is above sink.pool_max ({s.pool_max})")
         if self.in_state_transaction:
             # The table is ours to create and check; the rows go through the store's pool.
             pool = await self._create_pool(1, 1)

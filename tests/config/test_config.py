@@ -484,6 +484,39 @@ def test_bad_sink_destinations_are_refused_at_load(
     assert " -> " in message  # the fix
 
 
+@pytest.mark.parametrize(
+    ("sink", "says"),
+    [
+        ('type = "nats"\nservers = ["http://127.0.0.1:4222"]', "sink.servers[0]"),
+        ('type = "nats"\nservers = []', "sink.servers is empty"),
+        ('type = "redis"\nurl = "redis://127.0.0.1/0"\ntls_ca_file = "ca.pem"', "not rediss://"),
+        ('type = "redis"\nurl = "redis://127.0.0.1/0?socket_keepalive=1"', "socket_keepalive"),
+    ],
+)
+def test_what_the_sinks_client_refuses_is_refused_before_anything_connects(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], sink: str, says: str
+) -> None:
+    """check-config said OK to settings only the sink's constructor refused, and `run` found
+    out after it had opened the state store (here a PostgreSQL nobody listens for)."""
+    from consumer.cli import main
+    from consumer.errors import ExitCode
+
+    (tmp_path / "ca.pem").write_text("not read before the sink connects\n")
+    store = '[state]\nbackend = "postgres"\ndsn = "postgresql://u:p@127.0.0.1:9/x"\n'
+    path = write(tmp_path, BASE + store + f"[sink]\n{sink}\n")
+    for command in ("check-config", "run"):
+        assert main([command, "--config", str(path)]) == ExitCode.CONFIG, command
+        err = capsys.readouterr().err
+        assert says in err, (command, err)
+        assert "127.0.0.1:9" not in err  # the store was not tried
+
+
+def test_a_postgres_pool_smaller_than_its_minimum_is_refused_at_load(tmp_path: Path) -> None:
+    sink = '[sink]\ntype = "postgres"\ndsn = "postgresql://u:p@127.0.0.1/x"\n'
+    message = config_error(write(tmp_path, BASE + sink + "pool_min = 5\npool_max = 2\n"))
+    assert "pool_min (5) is above pool_max (2)" in message and "raise pool_max" in message
+
+
 def test_good_sink_destinations_load(tmp_path: Path) -> None:
     nats = 'type = "nats"\nsubject = "opera.{chainCode}.{{x}}.{hotelId}"\nstream = "OPERA"'
     assert load_settings(write(tmp_path, BASE + f"[sink]\n{nats}\n")).sink.type == "nats"
