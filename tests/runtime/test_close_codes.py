@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from support import (
@@ -17,6 +19,7 @@ from support import (
     wait_until,
 )
 
+from consumer.config import Settings
 from consumer.errors import ExitCode
 from consumer.runtime.daemon import Daemon
 from consumer.state import SqliteStore
@@ -25,6 +28,26 @@ from consumer.state import SqliteStore
 async def run_to_exit(daemon: Daemon) -> int:
     async with asyncio.timeout(60):
         return await daemon.run()
+
+
+@asynccontextmanager
+async def started(
+    settings: Settings,
+) -> AsyncIterator[tuple[Daemon, Callable[[], Awaitable[int]]]]:
+    """A running daemon and ``exited()``, its exit status once it stops by itself (within
+    60 s); stopped at the end whatever happened."""
+    daemon = await Daemon.create(settings)
+    task = asyncio.create_task(daemon.run())
+
+    async def exited() -> int:
+        async with asyncio.timeout(60):
+            return await task
+
+    try:
+        yield daemon, exited
+    finally:
+        daemon.request_stop()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 def gaps(times: list[float]) -> list[float]:
@@ -75,17 +98,11 @@ async def test_4401_at_connection_init_after_a_good_session_still_stops_the_stre
     key revoked meanwhile) never subscribed, so they must not reset the 4401 count. They did,
     each time: a token and an upgrade a second, for ever."""
     gw = await sandbox_factory(backlog=10)
-    daemon = await Daemon.create(make_settings(tmp_path, gw.url))
-    task = asyncio.create_task(daemon.run())
-    try:
+    async with started(make_settings(tmp_path, gw.url)) as (daemon, exited):
         await wait_until(lambda: count_lines(tmp_path / "events.jsonl") >= 10)
         gw.close_on("connection_init", [4401] * 10)
         await gw.disconnect_all(code=None)
-        async with asyncio.timeout(60):
-            assert await task == ExitCode.CONFIG
-    finally:
-        daemon.request_stop()
-        await asyncio.gather(task, return_exceptions=True)
+        assert await exited() == ExitCode.CONFIG
     assert "3 times in a row" in daemon.runners["main"].stats.last_close
 
 
@@ -97,17 +114,12 @@ async def test_a_close_after_a_session_declared_dead_is_read_for_its_code(
     link: the dead flag was the last session's, and it made every later close read as 1006."""
     gw = await sandbox_factory(backlog=5, ping_interval_s=0)
     connection = {"ping_interval_s": 0.1, "liveness_floor_s": 1.0, "liveness_multiplier": 4.0}
-    daemon = await Daemon.create(make_settings(tmp_path, gw.url, connection=connection))
-    task = asyncio.create_task(daemon.run())
-    try:
+    settings = make_settings(tmp_path, gw.url, connection=connection)
+    async with started(settings) as (daemon, exited):
         await wait_until(lambda: count_lines(tmp_path / "events.jsonl") >= 5)
         gw.close_on("connection_init", [4403] * 10)
         gw.silence_connections()  # no pong, no event, no close: only the deadline can tell
-        async with asyncio.timeout(60):
-            assert await task == ExitCode.CONFIG
-    finally:
-        daemon.request_stop()
-        await asyncio.gather(task, return_exceptions=True)
+        assert await exited() == ExitCode.CONFIG
     assert "forbidden (4403)" in daemon.runners["main"].stats.last_close
 
 

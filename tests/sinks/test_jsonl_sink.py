@@ -501,35 +501,14 @@ async def committed_then_more(path: Path) -> tuple[JsonlSink, str]:
     return sink, committed
 
 
+@pytest.mark.parametrize("next_sync", ["after it failed", "queued behind it"])
 async def test_an_fsync_failing_after_its_sync_was_cancelled_still_stops_the_sink(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, next_sync: str
 ) -> None:
     # A sync cancelled while its fsync runs (a stream stopped within its grace) drops the
-    # error with its future, and the next fsync of the file returns 0: the next sync must not
-    # call the lines written since the commit durable.
-    path = tmp_path / "events.jsonl"
-    sink, committed = await committed_then_more(path)
-    release = fsync_failing_once(monkeypatch)
-    held = Held(sink, "_fsync_files")
-    first = asyncio.create_task(sink.sync(sink.position()))
-    await held.reached()
-    first.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await first
-    release.set()
-    held.release.set()
-    await wait_until(held.done.is_set, timeout=10)  # the fsync failed, unawaited
-    with pytest.raises(SinkLost, match=r"fsync of jsonl file .*events\.jsonl failed"):
-        await sink.sync(sink.position())
-    assert path.stat().st_size == int(committed)
-    await sink.close()
-
-
-async def test_a_sync_queued_behind_a_failing_fsync_stops_too(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The same, with the next sync already waiting for the fsync lock when the cancelled
-    # one's fsync fails: its own fsync would return 0.
+    # error with its future, and the next fsync of the file returns 0: the next sync, whether
+    # it starts once that fsync has failed or already waits for the fsync lock, must not call
+    # the lines written since the commit durable.
     path = tmp_path / "events.jsonl"
     sink, committed = await committed_then_more(path)
     release = fsync_failing_once(monkeypatch)
@@ -540,9 +519,14 @@ async def test_a_sync_queued_behind_a_failing_fsync_stops_too(
     first.cancel()
     with pytest.raises(asyncio.CancelledError):
         await first
-    second = asyncio.create_task(sink.sync(sink.position()))
-    release.set()
-    with pytest.raises(SinkLost):
+    if next_sync == "queued behind it":
+        second = asyncio.create_task(sink.sync(sink.position()))
+        release.set()
+    else:
+        release.set()
+        await wait_until(held.done.is_set, timeout=10)  # the fsync failed, unawaited
+        second = asyncio.create_task(sink.sync(sink.position()))
+    with pytest.raises(SinkLost, match=r"fsync of jsonl file .*events\.jsonl failed"):
         async with asyncio.timeout(10):
             await second
     assert path.stat().st_size == int(committed)
