@@ -28,7 +28,11 @@ SECRET_NAME_WORDS = (
     "secret",
     "key",
     "pass",
-    "signature",
+    "pwd",
+    "sig",  # signature, X-Hub-Signature, Azure's `sig`
+    "hmac",
+    "jwt",
+    "bearer",
     "credential",
     "session",
 )

@@ -97,7 +97,11 @@ def webhook_secret_values(sink: WebhookSinkSettings) -> list[str]:
         password = sink.password.get_secret_value()
         basic = _b64(f"{sink.username or ''}:{password}")
         values += [password, basic, f"Basic {basic}"]
-    values += [str(v) for k, v in sink.headers.items() if is_secret_name(k)]
+    for k, v in sink.headers.items():
+        if is_secret_name(k):
+            # "<scheme> <credentials>" (Bearer, Basic, a custom scheme): a receiver may echo
+            # the credentials alone.
+            values += [str(v), str(v).partition(" ")[2].strip()]
     values += url_secret_values(sink.url)
     return _unique(values)
 

@@ -221,6 +221,29 @@ def test_secret_values_covers_every_form(tmp_path: Path) -> None:
     assert "cid" not in values
 
 
+def test_signature_and_scheme_headers_are_secrets_and_so_are_their_credentials(
+    tmp_path: Path,
+) -> None:
+    """A webhook's HMAC, signature or JWT header is masked by check-config and registered
+    with the redactor, as an Authorization header is; and the credentials of a
+    "<scheme> <credentials>" value alone too (a receiver may echo just them)."""
+    headers = {
+        "X-Hub-Hmac-Sha256": "hmac-H0stile-value",
+        "X-Sig": "sig-H0stile-value",
+        "X-Jwt": "jwt-H0stile-value",
+        "Authorization": "Token scheme-H0stile-value",
+        "X-Source": "opera",
+    }
+    table = ", ".join(f'"{k}" = "{v}"' for k, v in headers.items())
+    text = toml(sink=f'type = "webhook"\nurl = "https://h.example.com/"\nheaders = {{ {table} }}')
+    settings = load_settings(write(tmp_path, text))
+    values = set(secret_values(settings))
+    assert {v for k, v in headers.items() if k != "X-Source"} <= values
+    assert "scheme-H0stile-value" in values and "opera" not in values
+    shown = effective(settings)["sink"]["headers"]
+    assert shown == {k: "***" if k != "X-Source" else "opera" for k in headers}
+
+
 def test_secret_values_of_the_bearer_basic_and_postgres_sinks(tmp_path: Path) -> None:
     """Issue #9 item 5: token and "Bearer <token>", basic password and its base64 forms, the
     DSN and its password part are listed."""
