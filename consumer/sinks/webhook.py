@@ -62,6 +62,10 @@ from ..logs import MASK, REDACTOR, json_escaped_forms
 from .base import PlainSink, serialized
 
 EXCERPT_CHARS = 300  # of an answer's body, in the error (scrubbed first: error_excerpt)
+# What a receiver that honours Idempotency-Key answers a retry while it still processes the
+# first try of the same key (draft-ietf-httpapi-idempotency-key-header: "MUST reply 409"):
+# ours timed out and the first is still running. Not the event's fault: tried again.
+CONFLICT = 409
 # Query values are all treated as secrets, but a short one ("?v=1") is most likely none and
 # would mask half of every text: as the log redactor, those are left alone.
 MIN_QUERY_SECRET_CHARS = 4
@@ -176,7 +180,7 @@ class WebhookSink(PlainSink):
         excerpt = error_excerpt(content, self._scrub, EXCERPT_CHARS)
         if excerpt:
             reason_text += f": {excerpt}"
-        if transient_status(status):
+        if transient_status(status) or status == CONFLICT:
             raise TransientSinkError(reason_text, retry_after=retry_after_seconds(retry_after))
         raise PermanentSinkError(
             reason_text, unique_event_id=events[0].unique_event_id if len(events) == 1 else None

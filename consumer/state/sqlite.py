@@ -100,6 +100,39 @@ MIGRATIONS: tuple[str, ...] = (
         closed_at REAL NOT NULL
     );
     """,
+    # 6: dead-letter ids are never reused (AUTOINCREMENT). A plain INTEGER PRIMARY KEY gave a
+    # new letter the id of the newest one deleted: a `dlq replay` that read id N, resolving N
+    # after N was purged and reused, deleted another event's only record. The table is
+    # rebuilt (SQLite cannot add AUTOINCREMENT in place); ids and rows are kept.
+    """
+    CREATE TABLE dead_letters_v6 (
+        id              INTEGER PRIMARY KEY AUTOINCREMENT,
+        stream          TEXT NOT NULL,
+        dedup_key       TEXT NOT NULL,
+        offset          TEXT,
+        unique_event_id TEXT,
+        event_name      TEXT,
+        reason          TEXT NOT NULL,
+        error           TEXT NOT NULL,
+        payload         TEXT NOT NULL,
+        attempts        INTEGER NOT NULL DEFAULT 1,
+        first_at        REAL NOT NULL,
+        last_at         REAL NOT NULL,
+        primary_key     TEXT,
+        payload_size    INTEGER,
+        payload_sha256  TEXT,
+        UNIQUE (stream, dedup_key)
+    );
+    INSERT INTO dead_letters_v6 (id, stream, dedup_key, offset, unique_event_id, event_name,
+        reason, error, payload, attempts, first_at, last_at, primary_key, payload_size,
+        payload_sha256)
+    SELECT id, stream, dedup_key, offset, unique_event_id, event_name, reason, error, payload,
+        attempts, first_at, last_at, primary_key, payload_size, payload_sha256
+    FROM dead_letters;
+    DROP TABLE dead_letters;
+    ALTER TABLE dead_letters_v6 RENAME TO dead_letters;
+    CREATE INDEX dead_letters_key ON dead_letters (stream, primary_key);
+    """,
 )
 
 

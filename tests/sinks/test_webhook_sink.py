@@ -226,7 +226,7 @@ async def test_503_with_retry_after_is_transient_with_its_delay(
     assert [r.header("Idempotency-Key") for r in rx.requests] == ["w0-u1", "w0-u1"]
 
 
-@pytest.mark.parametrize("status", [408, 425, 429, 500, 502, 504, 507, 520, 599])
+@pytest.mark.parametrize("status", [408, 409, 425, 429, 500, 502, 504, 507, 520, 599])
 async def test_retryable_statuses_are_transient(
     rx: Receiver, client: aiohttp.ClientSession, status: int
 ):

@@ -296,7 +296,8 @@ async def test_when_a_completed_subscription_closed(store: Store) -> None:
 
 async def test_the_migration_adds_the_completed_close_time(backend: Backend) -> None:
     """A store of the version before: nothing recorded, then kept across a reopen."""
-    await backend.create_at(len(backend.module.MIGRATIONS) - 1)
+    migrations = backend.module.MIGRATIONS
+    await backend.create_at(next(i for i, m in enumerate(migrations) if "completed_" in m))
     s = await backend.open()
     try:
         assert await s.completed_closed_at("s") is None
@@ -498,6 +499,45 @@ async def test_dead_letters_without_their_payloads(store: Store) -> None:
     assert [r.payload for r in listed] == ["", ""]
     assert [dataclasses.replace(r, payload="") for r in whole] == listed
     assert [r.unique_event_id for r in await store.dead_letters(reason="x", payloads=False)] == []
+
+
+async def test_a_dead_letters_id_is_never_given_to_another(store: Store) -> None:
+    """A `dlq replay` resolves the ids it read; one purged and given to a new letter meanwhile
+    would take that letter with it (its event then in neither the sink nor the DLQ)."""
+    await store.commit(CommitBatch(dead_letters=[letter("u1"), letter("u2")]))
+    newest = max(r.id for r in await store.dead_letters())
+    assert await store.purge_dead_letters([newest]) == 1
+    await store.commit(CommitBatch(dead_letters=[letter("u3")]))
+    (fresh,) = [r for r in await store.dead_letters() if r.unique_event_id == "u3"]
+    assert fresh.id > newest
+
+
+@sqlite_only
+async def test_the_migration_keeps_every_dead_letter_and_its_id(backend: Backend) -> None:
+    before = len(SQLITE_MIGRATIONS) - 1
+    await backend.create_at(before)
+    await backend.raw(
+        "INSERT INTO dead_letters (id, stream, dedup_key, offset, unique_event_id, event_name, "
+        "reason, error, payload, attempts, first_at, last_at, primary_key, payload_size, "
+        "payload_sha256) VALUES (7, 's', 'k7', '10', 'u7', 'E', 'sink_rejected', 'boom', "
+        "'{}', 2, 1.0, 2.0, 'pk', 2, 'ab')"
+    )
+    s = await backend.open()
+    try:
+        (kept,) = await s.dead_letters()
+        assert (kept.id, kept.unique_event_id, kept.primary_key, kept.attempts) == (
+            7,
+            "u7",
+            "pk",
+            2,
+        )
+        assert await s.has_dead_letters("s", "pk")  # its index is back
+        assert await s.purge_dead_letters([7]) == 1
+        await s.commit(CommitBatch(dead_letters=[letter("u8")]))
+        assert [r.id for r in await s.dead_letters()] == [8]
+    finally:
+        await s.close()
+    assert await backend.version() == before + 1
 
 
 async def test_purge_and_resolve_remove_dead_letters(store: Store) -> None:
