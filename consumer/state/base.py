@@ -68,6 +68,11 @@ class StateStore(Protocol):
         bounded statements (``once``: just one of them); how many went."""
         ...
 
+    async def newest_processed_at(self) -> float | None:
+        """The newest stamp of a processed id (wall-clock seconds), None when there is none:
+        how far a restart's first prune may go (see :mod:`consumer.core.retention`)."""
+        ...
+
     # --- operators (status, dlq, offset, sink adopt) -------------------------------------------
 
     async def checkpoints(self) -> list[Checkpoint]: ...

@@ -699,6 +699,13 @@ class PostgresStore:
         )
         return _count(status)
 
+    @_translated("reading the newest processed id's time")
+    async def newest_processed_at(self) -> float | None:
+        value = await self._pool.fetchval(
+            f"SELECT MAX(processed_at) FROM {self._s}.processed_events"
+        )
+        return None if value is None else float(value)
+
     @_translated("pruning processed ids")
     async def prune_processed(
         self, older_than: float, *, streams: Sequence[str] | None = None, once: bool = False

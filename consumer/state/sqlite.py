@@ -513,6 +513,12 @@ class SqliteStore:
         return max(n, 0)
 
     @_translated
+    async def newest_processed_at(self) -> float | None:
+        async with self._r.execute("SELECT MAX(processed_at) FROM processed_events") as cur:
+            row = await cur.fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+    @_translated
     async def prune_processed(
         self, older_than: float, *, streams: Sequence[str] | None = None, once: bool = False
     ) -> int:

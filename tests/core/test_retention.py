@@ -31,3 +31,16 @@ def test_a_wall_clock_stepped_back_moves_it_back() -> None:
     cut = PruneCutoff(8 * DAY)
     cut.next(100 * DAY, 0.0)
     assert cut.next(99 * DAY, 60.0) == 91 * DAY  # prunes less, never more
+
+
+def test_the_first_cutoff_of_a_restart_is_held_behind_the_newest_stamp() -> None:
+    """Ids stamped by a clock 14 days slow, then a restart once NTP corrected it: to the
+    corrected clock they all look old. The first cutoff stays the retention behind the newest
+    of them, and moves on only as time passes."""
+    cutoffs = PruneCutoff(8 * DAY)
+    newest = 86 * DAY  # stamped "now" by the slow clock; the corrected one says day 100
+    assert cutoffs.next(100 * DAY, 5.0, newest) == 78 * DAY  # not 92: nothing of theirs goes
+    assert cutoffs.next(100 * DAY + 3600, 5.0 + 3600, newest) == 78 * DAY + 3600
+    # No stamp in the store: the wall clock's, as before; a newer stamp never lowers it.
+    assert PruneCutoff(8 * DAY).next(100 * DAY, 5.0, None) == 92 * DAY
+    assert PruneCutoff(8 * DAY).next(100 * DAY, 5.0, 101 * DAY) == 92 * DAY

@@ -312,6 +312,13 @@ async def test_the_migration_adds_the_completed_close_time(backend: Backend) -> 
         await s.close()
 
 
+async def test_the_newest_processed_stamp_is_known(store: Store) -> None:
+    assert await store.newest_processed_at() is None
+    await store.commit(CommitBatch(processed={"s": ["a"]}), now=100.0)
+    await store.commit(CommitBatch(processed={"t": ["b"]}), now=250.0)
+    assert await store.newest_processed_at() == 250.0
+
+
 async def test_count_without_a_new_position_still_accumulates(store: Store) -> None:
     await store.commit(
         CommitBatch(checkpoints={"s": Position("1", "u1")}, done_counts={"s": 2}), now=100.0
