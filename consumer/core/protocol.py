@@ -287,13 +287,14 @@ def _fast_next(frame: bytes) -> Next | None:
     name, module = ev.eventName or "", ev.moduleName or ""
     key, hotel, timestamp = ev.primaryKey or event_id, ev.hotelId, ev.timestamp
     raw = bytes(text)
-    # _short skipped for an event text of at most MAX_FIELD_CHARS bytes: no field in it can be
-    # longer (a JSON string takes at least one byte per character it decodes to).
+    # _short skipped for an event text of at most MAX_FIELD_BYTES bytes: no field in it can be
+    # longer (a string's UTF-8 is never longer than its JSON text: an escape is longer than
+    # what it stands for).
     if (
         not valid_offset(offset)
         or not event_id
         or (
-            len(raw) > MAX_FIELD_CHARS
+            len(raw) > MAX_FIELD_BYTES
             and not _short(event_id, name, module, key, hotel=hotel, timestamp=timestamp)
         )
     ):
@@ -344,9 +345,12 @@ def _decode_next(frame: str | bytes, msg: dict[str, Any]) -> Message:
     return Next(_id(msg), event)
 
 
-# Longest text accepted in an event's header fields: OHIP's are ids, names and timestamps of
-# a few dozen characters. A longer one is an absurd frame, not an event.
-MAX_FIELD_CHARS: Final = 1024
+# Longest text accepted in an event's header fields, in UTF-8 bytes: OHIP's are ids, names and
+# timestamps of a few dozen characters. A longer one is an absurd frame, not an event. Bytes,
+# not characters: the id and the primary key are index keys in the state store, and 1,024
+# characters of CJK text (3 bytes each) were past PostgreSQL's 2,704-byte index entry: every
+# commit holding the event failed, and the stream stopped at it for good.
+MAX_FIELD_BYTES: Final = 1024
 _HEADER_FIELDS: Final = ("eventName", "moduleName", "primaryKey", "hotelId", "timestamp")
 
 
@@ -385,15 +389,23 @@ def event_from_raw(ev: Any, frame: bytes | str = b"") -> Event | None:
 def _short(
     event_id: str, name: str, module: str, key: str, *, hotel: str | None, timestamp: str | None
 ) -> bool:
-    """No header field over MAX_FIELD_CHARS (written out: once per event)."""
+    """No header field over MAX_FIELD_BYTES (written out: once per event)."""
     return (
-        len(event_id) <= MAX_FIELD_CHARS
-        and len(name) <= MAX_FIELD_CHARS
-        and len(module) <= MAX_FIELD_CHARS
-        and len(key) <= MAX_FIELD_CHARS
-        and (hotel is None or len(hotel) <= MAX_FIELD_CHARS)
-        and (timestamp is None or len(timestamp) <= MAX_FIELD_CHARS)
+        _fits(event_id)
+        and _fits(name)
+        and _fits(module)
+        and _fits(key)
+        and (hotel is None or _fits(hotel))
+        and (timestamp is None or _fits(timestamp))
     )
+
+
+def _fits(text: str) -> bool:
+    return len(text) <= MAX_FIELD_BYTES and (text.isascii() or _utf8_len(text) <= MAX_FIELD_BYTES)
+
+
+def _utf8_len(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 def _what_is_wrong(msg: dict[str, Any]) -> str:
@@ -419,8 +431,8 @@ def _what_is_wrong(msg: dict[str, Any]) -> str:
         return "event without a string metadata.uniqueEventId"
     fields = [("metadata.uniqueEventId", event_id), *((f, ev.get(f)) for f in _HEADER_FIELDS)]
     for name, value in fields:
-        if isinstance(value, str) and len(value) > MAX_FIELD_CHARS:
-            return f"{name} is {len(value)} characters long (at most {MAX_FIELD_CHARS})"
+        if isinstance(value, str) and not _fits(value):
+            return f"{name} is {_utf8_len(value)} bytes long in UTF-8 (at most {MAX_FIELD_BYTES})"
     return "unusable next frame"
 
 

@@ -371,6 +371,26 @@ def test_decode_next_with_line_breaks_is_decoded_the_general_way(line_break: byt
     assert b"\n" not in line and b"\r" not in line
 
 
+@pytest.mark.parametrize("field", ["uniqueEventId", "primaryKey"])
+def test_a_header_field_over_1024_bytes_of_utf8_is_refused_whatever_its_length(field: str) -> None:
+    """400 CJK characters are 1,200 bytes: past what PostgreSQL takes in an index entry with
+    the stream's name (2,704 bytes) if the limit counted characters. Refused like any absurd
+    field: a dead letter of the frame, not a commit that fails for ever."""
+    ev = full_event()
+    if field == "uniqueEventId":
+        ev["metadata"] = {**ev["metadata"], "uniqueEventId": "猫" * 400}
+    else:
+        ev["primaryKey"] = "猫" * 400
+    escaped = next_frame(ev)  # "\\u732b": six bytes a character on the wire
+    raw = json.dumps(json.loads(escaped), ensure_ascii=False, separators=(",", ":"))
+    for frame in (escaped.encode(), raw.encode()):
+        msg = decode(frame)
+        assert isinstance(msg, DecodeError), frame[:80]
+        assert "1200 bytes long in UTF-8 (at most 1024)" in msg.reason
+    ev = full_event() | {"primaryKey": "猫" * 341}  # 1,023 bytes: kept
+    assert isinstance(decode(next_frame(ev).encode()), Next)
+
+
 def test_decode_next_with_many_brackets_is_decoded_the_general_way() -> None:
     ev = full_event() | {"detail": [{"elementName": f"e{i}"} for i in range(MAX_FAST_BRACKETS)]}
     msg = decode(next_frame(ev).encode())
