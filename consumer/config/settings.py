@@ -704,8 +704,10 @@ class RedisSinkSettings(_Model):
     # a literal brace is {{ or }} (a Redis Cluster hash tag: "opera:{{{chainCode}}}").
     stream_key: str = "opera:{chainCode}"
     maxlen: int | None = Field(default=None, ge=1)  # XADD MAXLEN ~ this (None: no trimming)
-    # How long a uniqueEventId's guard lives (OHIP keeps 7 days of events; +1).
-    guard_ttl_s: float = Field(default=8 * 86400.0, gt=0)
+    # How long a uniqueEventId's guard lives (OHIP keeps 7 days of events; +1). At most ten
+    # years: far larger, its PX in milliseconds passes Redis's 64-bit integers, the SET after
+    # the XADD fails in the script, and each retry would add the event again.
+    guard_ttl_s: float = Field(default=8 * 86400.0, gt=0, le=10 * 365 * 86400.0)
     username: str | None = None  # ACL user (or in the url; these two win over the url's)
     password: SecretStr | None = None
     tls_ca_file: Path | None = None

@@ -522,3 +522,11 @@ def test_good_sink_destinations_load(tmp_path: Path) -> None:
     assert load_settings(write(tmp_path, BASE + f"[sink]\n{nats}\n")).sink.type == "nats"
     redis = 'type = "redis"\nstream_key = "opera:{{{chainCode}}}:{hotelId}"'
     assert load_settings(write(tmp_path, BASE + f"[sink]\n{redis}\n")).sink.type == "redis"
+
+
+def test_a_redis_guard_lifetime_redis_cannot_express_is_refused(tmp_path: Path) -> None:
+    """PX 1e20 is past Redis's 64-bit integers: the SET after the XADD would fail in the
+    script, and each retry add the event once more."""
+    sink = '[sink]\ntype = "redis"\nguard_ttl_s = 1e17\n'
+    message = config_error(write(tmp_path, BASE + sink))
+    assert "sink.guard_ttl_s" in message and "315360000" in message
