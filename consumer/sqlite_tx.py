@@ -17,7 +17,16 @@ _T = TypeVar("_T")
 @contextlib.asynccontextmanager
 async def transaction(db: aiosqlite.Connection) -> AsyncIterator[aiosqlite.Connection]:
     """A write transaction on a connection opened with ``isolation_level=None``."""
-    await db.execute("BEGIN IMMEDIATE")
+    try:
+        await db.execute("BEGIN IMMEDIATE")
+    except BaseException:
+        # Cancelled while the BEGIN waited for the lock, aiosqlite still runs it, after we
+        # left: a ROLLBACK queued behind it ends that transaction, or the connection's next
+        # one fails ("cannot start a transaction within a transaction"). An error when no
+        # transaction began.
+        with contextlib.suppress(sqlite3.Error):
+            await db.execute("ROLLBACK")
+        raise
     try:
         yield db
         await db.execute("COMMIT")
