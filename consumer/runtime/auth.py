@@ -96,8 +96,12 @@ class TokenProvider:
         )
         self._wait: tuple[str, float] | None = None  # last failure, next attempt (monotonic)
 
-    def invalidate(self) -> None:
-        self._token = None
+    def invalidate(self, rejected: str | None = None) -> None:
+        """Drop the current token: the next caller fetches a new one. ``rejected``: the token
+        a server refused; a newer one, fetched meanwhile for another caller, is kept (each
+        slow 401 of the old token would otherwise fetch one more)."""
+        if rejected is None or (self._token is not None and self._token.value == rejected):
+            self._token = None
 
     def expires_in(self) -> float | None:
         return None if self._token is None else self._token.expires_at - self._clock()

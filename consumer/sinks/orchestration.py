@@ -74,7 +74,7 @@ class AccessTokens(Protocol):
 
     async def access_token(self) -> str: ...
 
-    def invalidate(self) -> None: ...
+    def invalidate(self, rejected: str | None = None) -> None: ...
 
 
 class _NotFound:
@@ -293,7 +293,9 @@ class Orchestrator:
                 # state, not the event's (dead-lettering would take every event of the outage).
                 raise TransientSinkError(f"orchestration GET {shown}: answer is not JSON") from None
         if status == 401:
-            tokens.invalidate()  # rejected early (revoked?): the next attempt gets a new one
+            # Rejected early (revoked?): the next attempt gets a new one, unless another GET
+            # got one already.
+            tokens.invalidate(token)
             raise TransientSinkError(f"orchestration GET {shown}: HTTP 401")
         if transient_status(status):
             after = retry_after_seconds(retry_after)

@@ -270,3 +270,20 @@ async def test_the_wait_for_a_token_shows_no_secret_of_its_url_and_is_one_line()
     assert "Bad status line" in waiting, waiting  # the reason is there, only masked
     # (The text is cut at 200 characters: not even the start of the secret may be there.)
     assert secret[:8] not in waiting and "\n" not in waiting and waiting.isprintable(), waiting
+
+
+async def test_a_late_refusal_of_an_old_token_keeps_the_new_one(sandbox_factory):
+    """Several REST calls in flight with a token the server revoked: the first 401 gets a new
+    token; the slower 401s of the old one must not throw the new one away (each fetched one
+    more before)."""
+    gw = await sandbox_factory(token_ttl_s=3600)
+    async with aiohttp.ClientSession() as http:
+        tokens = TokenProvider(http, stream(gw.url))
+        old = await tokens.access_token()
+        tokens.invalidate(old)  # the first 401
+        new = await tokens.access_token()
+        tokens.invalidate(old)  # a slower one, of the same old token
+        assert await tokens.access_token() == new != old
+        tokens.invalidate()  # a session refused (4401): whatever token it had
+        assert await tokens.access_token() not in (old, new)
+    assert gw.stats.token_requests == 3
