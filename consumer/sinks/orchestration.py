@@ -65,6 +65,7 @@ from .base import Sink
 log = structlog.get_logger(__name__)
 
 MAX_RESOURCE_BYTES = 16 * 1024 * 1024  # a REST resource larger than this is not one
+UNSENT_MAX = 2_000  # events of failed writes kept as sent, for their retries (see below)
 EXCERPT_CHARS = 300  # of an error answer's body, in the error (and so the dead letter)
 
 
@@ -328,12 +329,36 @@ class OrchestratingSink:
         self.orchestrator = orchestrator
         self.name = inner.name
         self.transactional = inner.transactional
+        # The events of writes that failed, as they were sent: tried again, they go out the
+        # same (a webhook's Idempotency-Key with the same body). Fetched anew, a resource
+        # changed meanwhile made the retry another request under the same key (a receiver
+        # honouring the key refuses that: dead-lettered though delivered), or one the REST
+        # API no longer answers. The newest UNSENT_MAX of them.
+        self._unsent: dict[tuple[str, str], Event] = {}
 
     async def open(self, committed: str | None) -> None:
         await self.inner.open(committed)
 
     async def write(self, stream: str, events: Sequence[Event]) -> None:
-        await self.inner.write(stream, await self.orchestrator.enrich(stream, events))
+        unsent = self._unsent
+        missing = [ev for ev in events if (stream, ev.unique_event_id) not in unsent]
+        fetched = iter(await self.orchestrator.enrich(stream, missing) if missing else ())
+        sent = [
+            kept if (kept := unsent.get((stream, ev.unique_event_id))) is not None
+            else next(fetched)
+            for ev in events
+        ]  # fmt: skip
+        try:
+            await self.inner.write(stream, sent)
+        except BaseException:
+            for ev in sent:
+                unsent[(stream, ev.unique_event_id)] = ev
+            while len(unsent) > UNSENT_MAX:
+                del unsent[next(iter(unsent))]
+            raise
+        if unsent:
+            for ev in events:
+                unsent.pop((stream, ev.unique_event_id), None)
 
     def position(self) -> str | None:
         return self.inner.position()

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import signal
 import sqlite3
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +30,14 @@ from support import (
 from trickle_server import trickling_server
 
 from consumer.config import OrchestrationSettings, Settings
+from consumer.core.events import Event
 from consumer.core.protocol import key_hash
 from consumer.errors import AuthError, PermanentSinkError, TransientSinkError
 from consumer.runtime.assembly import http_client
 from consumer.runtime.auth import TokenProvider
 from consumer.sandbox import SandboxOptions
-from consumer.sinks.orchestration import Orchestrator
+from consumer.sinks.base import PlainSink
+from consumer.sinks.orchestration import OrchestratingSink, Orchestrator
 
 RESOURCES = {
     "Reservation": "/rsv/v1/hotels/{hotelId}/reservations/{primaryKey}",
@@ -447,3 +450,50 @@ async def test_a_server_trickling_its_answer_meets_the_get_deadline(
         with pytest.raises(TransientSinkError, match=r"no complete answer within 2 s"):
             async with asyncio.timeout(30):  # the old behaviour: for ever
                 await orch.enrich("main", [event(1)])
+
+
+class _Changing:
+    """An orchestrator whose resource changes at every fetch (the reservation edited)."""
+
+    def __init__(self) -> None:
+        self.fetches = 0
+
+    async def enrich(self, stream: str, events: Sequence[Event]) -> list[Event]:
+        out = []
+        for ev in events:
+            self.fetches += 1
+            out.append(ev._replace(resource={"version": self.fetches}, fetched=True))
+        return out
+
+
+class _FailingOnce(PlainSink):
+    """A receiver that got the first POST but whose answer never came back (a timeout)."""
+
+    name = "failing-once"
+
+    def __init__(self) -> None:
+        self.sent: list[list[Any]] = []
+
+    async def write(self, stream: str, events: Sequence[Event]) -> None:
+        self.sent.append([ev.resource for ev in events])
+        if len(self.sent) == 1:
+            raise TransientSinkError("timed out waiting for the answer")
+
+
+async def test_a_retried_write_sends_what_the_failed_one_sent() -> None:
+    """Fetched anew for the retry, a resource edited meanwhile made it another request under
+    the same Idempotency-Key (a receiver honouring the key refuses it: the event dead-lettered
+    though delivered), or one the REST API no longer answers."""
+    inner, orchestrator = _FailingOnce(), _Changing()
+    sink = OrchestratingSink(inner, orchestrator)  # type: ignore[arg-type]
+    events = [event(i) for i in (1, 2)]
+    with pytest.raises(TransientSinkError):
+        await sink.write("main", events)
+    await sink.write("main", events)  # the pipeline's retry
+    await sink.write("main", [event(3)])
+    assert inner.sent == [
+        [{"version": 1}, {"version": 2}],
+        [{"version": 1}, {"version": 2}],  # as sent the first time, not fetched again
+        [{"version": 3}],
+    ]
+    assert orchestrator.fetches == 3
