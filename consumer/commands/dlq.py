@@ -27,6 +27,7 @@ from tenacity import (
 
 from ..config import JsonlSinkSettings, Settings
 from ..core.events import Event
+from ..core.evidence import prefix
 from ..core.printable import printable
 from ..core.protocol import event_from_raw
 from ..core.records import DeadLetterRow
@@ -199,8 +200,9 @@ async def _one(
                 await sink.write(row.stream, [event])
     except (PermanentSinkError, TransientSinkError) as exc:
         failed_keys.add(key)
-        # As the daemon words it: a handler's words may hold a secret; masked, then cut.
-        return _outcome(row, "failed", printable(REDACTOR.scrub(str(exc)[:8000]), 1000))
+        # As the daemon words it (pipeline._dead_letter): a handler's words may hold a
+        # secret, masked before the cut; the table's cells and JSON escape the rest.
+        return _outcome(row, "failed", prefix(REDACTOR.scrub(str(exc)), 1000))
     committer.processed(row.stream, [event.unique_event_id])
     committer.resolved(row.id)
     return _outcome(row, "delivered")

@@ -25,6 +25,11 @@ class PruneCutoff:
         self._cutoff: float | None = None
         self._since = 0.0
 
+    @property
+    def first(self) -> bool:
+        """No cutoff yet: the next is bounded by the store's newest stamp (``newest``)."""
+        return self._cutoff is None
+
     def next(self, wall_now: float, monotonic_now: float, newest: float | None = None) -> float:
         """The cutoff (wall-clock seconds) for a prune now: ids stamped before it may go.
         ``newest``: the newest stamp in the store, which bounds the first cutoff."""

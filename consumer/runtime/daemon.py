@@ -534,16 +534,12 @@ class Daemon:
     async def _prune_forever(self) -> None:
         st = self.settings.state
         cutoffs = PruneCutoff(st.processed_retention_days * 86400)
-        newest: float | None = None
-        started = False  # the first cutoff is bounded by the store's newest stamp
         while True:
             # A fleet member prunes the streams it holds: the members share the work.
             streams = None if self.fleet is None else sorted(self.fleet.epochs)
             try:
-                if not started:
-                    newest = await self.store.newest_processed_at()
+                newest = await self.store.newest_processed_at() if cutoffs.first else None
                 cutoff = cutoffs.next(time.time(), time.monotonic(), newest)
-                started = True
                 n = 0 if streams == [] else await self.committer.prune(cutoff, streams)
             except Exception:
                 log.exception("pruning processed event ids failed; retrying later")

@@ -341,13 +341,16 @@ class OrchestratingSink:
 
     async def write(self, stream: str, events: Sequence[Event]) -> None:
         unsent = self._unsent
-        missing = [ev for ev in events if (stream, ev.unique_event_id) not in unsent]
-        fetched = iter(await self.orchestrator.enrich(stream, missing) if missing else ())
-        sent = [
-            kept if (kept := unsent.get((stream, ev.unique_event_id))) is not None
-            else next(fetched)
-            for ev in events
-        ]  # fmt: skip
+        if not unsent:  # the usual case: no failed write to send again
+            sent = await self.orchestrator.enrich(stream, events)
+        else:
+            missing = [ev for ev in events if (stream, ev.unique_event_id) not in unsent]
+            fetched = iter(await self.orchestrator.enrich(stream, missing) if missing else ())
+            sent = [
+                kept if (kept := unsent.get((stream, ev.unique_event_id))) is not None
+                else next(fetched)
+                for ev in events
+            ]  # fmt: skip
         try:
             await self.inner.write(stream, sent)
         except BaseException:

@@ -22,6 +22,7 @@ from typing import Any
 
 from ..config import PythonSinkSettings, is_async_callable, resolve
 from ..core.events import Event
+from ..core.evidence import describe
 from ..core.retry_after import clamp_retry_after
 from ..errors import ConfigError, PermanentSinkError, SinkError, TransientSinkError
 from ..logs import REDACTOR
@@ -59,8 +60,7 @@ class PythonSink(PlainSink):
             raise self._classify(exc, events) from exc
 
     def _classify(self, exc: Exception, events: Sequence[Event]) -> SinkError:
-        # Masked before the cut (a secret cut in two would escape the mask), then bounded.
-        what = f"{type(exc).__name__}: {REDACTOR.scrub(str(exc)[:8000])[:1000]}"
+        what = describe(exc, REDACTOR.scrub)  # masked before it is cut
         flag: Any = getattr(exc, "transient", None)
         if flag is True or (flag is None and isinstance(exc, self._transient)):
             return TransientSinkError(
