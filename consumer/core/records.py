@@ -100,6 +100,10 @@ class CommitBatch:
     staged: list[Staged] = field(default_factory=list)
     resolved: list[int] = field(default_factory=list)  # dead letters delivered by a replay
     fence: Fence | None = None  # fleet mode: the leases this commit needs
+    # (committer, number): the store applies a batch of one committer's at most once, so a
+    # commit whose outcome the client never learnt (cancelled in COMMIT, a connection lost
+    # after it) can be sent again: counts, dead-letter attempts and resolved letters once.
+    mark: tuple[str, int] | None = None
 
     def streams(self) -> set[str]:
         """Every stream this batch writes for."""
@@ -122,6 +126,7 @@ class CommitBatch:
             staged=[s.without(streams) for s in self.staged],
             resolved=list(self.resolved),
             fence=self.fence,
+            mark=self.mark,
         )
 
     def __bool__(self) -> bool:

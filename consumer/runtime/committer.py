@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -100,6 +101,10 @@ class Committer:
         self._pending_bytes = 0
         self._ledgers: dict[str, _Ledger] = {}
         self._batch = CommitBatch()
+        # A failed commit, kept whole, and its bytes: sent again before anything newer.
+        self._unsure: tuple[CommitBatch, int] | None = None
+        self._id = secrets.token_hex(8)  # this committer's batches' marks (CommitBatch.mark)
+        self._seq = 0
         self._pending = 0
         self._wake = asyncio.Event()
         self._committed = asyncio.Event()
@@ -306,6 +311,7 @@ class Committer:
     async def flush(self) -> bool:
         """Commit what is done now. Returns True when something was committed."""
         async with self._lock:
+            unsure = self._unsure is not None and await self._commit_unsure()
             held = self._pending_bytes  # what the snapshot takes (restored if it fails)
             batch = self._snapshot()
             if not batch:
@@ -313,31 +319,45 @@ class Committer:
                 # so workers waiting in wait_capacity() may go on (else they wait forever
                 # when one of them holds the event the checkpoint waits for).
                 self._committed.set()
-                return False
-            self.busy_since = time.monotonic()
-            try:
-                await self._sink.sync(batch.sink_state[1] if batch.sink_state else None)
-                batch = await self._commit_fenced(batch)
-            except BaseException as exc:
-                # Work of a stream forgotten meanwhile belongs to a lease that is gone.
-                gone = self._end_in_flight()
-                self._restore(batch.without(gone) if gone else batch, held)
-                if not isinstance(exc, asyncio.CancelledError):
-                    self.failures += 1
-                    if self.failing_since is None:
-                        self.failing_since = time.monotonic()
-                raise
+                return unsure
+            self._seq += 1
+            batch.mark = (self._id, self._seq)
+            return await self._commit_one(batch, held) or unsure
+
+    async def _commit_unsure(self) -> bool:
+        """A failed commit first, alone and as it was (its mark makes it once at most)."""
+        assert self._unsure is not None
+        batch, held = self._unsure
+        self._unsure = None
+        self._pending_bytes -= held  # taken again by _restore if it fails once more
+        self._pending -= _size(batch)
+        return await self._commit_one(batch, held)
+
+    async def _commit_one(self, batch: CommitBatch, held: int) -> bool:
+        self.busy_since = time.monotonic()
+        try:
+            await self._sink.sync(batch.sink_state[1] if batch.sink_state else None)
+            batch = await self._commit_fenced(batch)
+        except BaseException as exc:
+            # Work of a stream forgotten meanwhile belongs to a lease that is gone.
             gone = self._end_in_flight()
-            self.failures = 0
-            self.failing_since = None
-            self._committed.set()
-            if not batch:  # every stream in it was fenced
-                return False
-            self._durable(batch, gone)
-            if batch.sink_state is not None:
-                self._sink.committed(batch.sink_state[1])
-            self.commits += 1
-            return True
+            self._restore(batch.without(gone) if gone else batch, held)
+            if not isinstance(exc, asyncio.CancelledError):
+                self.failures += 1
+                if self.failing_since is None:
+                    self.failing_since = time.monotonic()
+            raise
+        gone = self._end_in_flight()
+        self.failures = 0
+        self.failing_since = None
+        self._committed.set()
+        if not batch:  # every stream in it was fenced
+            return False
+        self._durable(batch, gone)
+        if batch.sink_state is not None:
+            self._sink.committed(batch.sink_state[1])
+        self.commits += 1
+        return True
 
     def _end_in_flight(self) -> frozenset[str]:
         """The commit is over: the streams forgotten while it was under way. Their ledgers
@@ -359,7 +379,8 @@ class Committer:
         while True:
             batch.fence = self._fence()
             try:
-                await self._store.commit(batch)
+                if not await self._store.commit(batch):
+                    log.info("a commit whose outcome was lost had been applied: not again")
                 return batch
             except Fenced as exc:
                 self.fencing_rejections += 1
@@ -415,6 +436,11 @@ class Committer:
         self._fenced.pop(stream, None)
         self.checkpointed_at.pop(stream, None)
         self._batch = self._batch.without(gone)
+        if self._unsure is not None:
+            unsure, held = self._unsure
+            kept = unsure.without(gone)
+            self._pending -= _size(unsure) - _size(kept)
+            self._unsure = (kept, held) if kept else None
         staged = self._sink.staged()  # the other streams' rows wait in the batch instead
         if staged is not None:
             self._batch.staged.append(staged.without(gone))
@@ -491,34 +517,24 @@ class Committer:
                 self.checkpointed_at[stream] = now
 
     def _restore(self, batch: CommitBatch, held: int) -> None:
-        """A failed commit: put its content back in front of what came since (``held``: its
-        bytes counted against capacity)."""
-        newer, self._batch = self._batch, batch
-        for stream, ids in newer.processed.items():
-            batch.processed.setdefault(stream, []).extend(ids)
-        for stream, n in newer.done_counts.items():
-            batch.done_counts[stream] = batch.done_counts.get(stream, 0) + n
-        batch.dead_letters.extend(newer.dead_letters)
-        batch.staged.extend(newer.staged)
-        batch.resolved.extend(newer.resolved)
-        for stream, ids in batch.processed.items():
-            ledger = self._ledger(stream)
-            ledger.committing_ids.difference_update(ids)
-            ledger.pending_ids.update(ids)
-        # Checkpoints: the watermark re-offers its current position at the next snapshot.
-        for stream in batch.checkpoints:
-            self._ledgers[stream].watermark.rewind()
-        batch.checkpoints.clear()
-        batch.event_at.clear()
-        batch.sink_state = None
-        self._pending = (
-            sum(len(v) for v in batch.processed.values())
-            + sum(d.unique_event_id is None for d in batch.dead_letters)  # else an id above
-            + len(batch.resolved)
-        )
+        """A failed commit: kept as it is, to be sent first and alone at the next flush
+        (``held``: its bytes counted against capacity). Its outcome may be unknown (cancelled
+        during COMMIT, a connection lost after it): merged with newer work, a batch that
+        was in fact applied would be applied again (counts, attempts, resolved letters)."""
+        self._unsure = (batch, held) if batch else None
+        self._pending += _size(batch)
         self._pending_bytes += held
         if self._adaptive:
             self._wake.set()  # no interval comes to retry it: the next round does
+
+
+def _size(batch: CommitBatch) -> int:
+    """A batch's weight against capacity, as the pipeline counted it."""
+    return (
+        sum(len(v) for v in batch.processed.values())
+        + sum(d.unique_event_id is None for d in batch.dead_letters)  # else an id above
+        + len(batch.resolved)
+    )
 
 
 def _may_clear(exc: BaseException) -> bool:

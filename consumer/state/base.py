@@ -46,8 +46,9 @@ class StateStore(Protocol):
 
     # --- the committer's writes ----------------------------------------------------------------
 
-    async def commit(self, batch: CommitBatch, now: float | None = None) -> None:
-        """Everything in ``batch`` becomes durable together, or not at all."""
+    async def commit(self, batch: CommitBatch, now: float | None = None) -> bool:
+        """Everything in ``batch`` becomes durable together, or not at all. False: the
+        batch's :attr:`~CommitBatch.mark` says it was applied before; nothing was done."""
         ...
 
     async def anchor(self, stream: str, position: Position, fence: Fence | None = None) -> None:

@@ -144,6 +144,15 @@ MIGRATIONS: tuple[str, ...] = (
         closed_at DOUBLE PRECISION NOT NULL
     );
     """,
+    # 6: the number of each committer's newest commit (see CommitBatch.mark): a commit sent
+    # again after its outcome was lost is not applied twice
+    """
+    CREATE TABLE {s}.commit_marks (
+        committer TEXT PRIMARY KEY,
+        seq       BIGINT NOT NULL,
+        at        DOUBLE PRECISION NOT NULL
+    );
+    """,
 )
 
 
@@ -513,13 +522,16 @@ class PostgresStore:
     # --- writes ---------------------------------------------------------------------------
 
     @_translated("committing")
-    async def commit(self, batch: CommitBatch, now: float | None = None) -> None:
+    async def commit(self, batch: CommitBatch, now: float | None = None) -> bool:
         """Everything in ``batch`` becomes durable together, or not at all."""
-        await self._commit(batch, time.time() if now is None else now)
+        return await self._commit(batch, time.time() if now is None else now)
 
-    async def _commit(self, batch: CommitBatch, now: float) -> None:
+    async def _commit(self, batch: CommitBatch, now: float) -> bool:
         s = self._s
         async with self._pool.acquire(timeout=self._timeout) as db, db.transaction():
+            # Before the fence: a batch applied while the lease was held stays applied.
+            if batch.mark is not None and not await self._mark(db, batch.mark, now):
+                return False
             if batch.fence is not None:
                 await self._check_fence(db, batch.fence, batch.streams())
             for stream, ids in batch.processed.items():
@@ -588,6 +600,22 @@ class PostgresStore:
                     await db.executemany(staged.statement, staged.rows)
             if batch.sink_state is not None:
                 await self._put_sink_state(db, *batch.sink_state, now)
+        return True
+
+    async def _mark(self, db: Any, mark: tuple[str, int], now: float) -> bool:
+        """Record the batch's number as its committer's newest; False: applied before (a
+        number not past the newest). Two transactions of one mark: the second waits on the
+        row's lock and then sees the first's number."""
+        return (
+            await db.fetchval(
+                f"INSERT INTO {self._s}.commit_marks AS m (committer, seq, at) "
+                "VALUES ($1, $2, $3) ON CONFLICT (committer) DO UPDATE SET seq = EXCLUDED.seq, "
+                "at = EXCLUDED.at WHERE m.seq < EXCLUDED.seq RETURNING TRUE",
+                *mark,
+                now,
+            )
+            is not None
+        )
 
     async def _check_fence(self, db: Any, fence: Fence, streams: set[str]) -> None:
         """Fleet mode: raise :class:`Fenced` (rolling the transaction back) unless this member
@@ -713,6 +741,8 @@ class PostgresStore:
         """Delete processed ids older than ``older_than`` (epoch seconds), of ``streams``
         only when given: statements of at most ``PRUNE_CHUNK`` rows, each its own short
         transaction (``once``: one of them)."""
+        # Marks of committers gone as long (one a process; a live one's moves each commit).
+        await self._pool.execute(f"DELETE FROM {self._s}.commit_marks WHERE at < $1", older_than)
         total = 0
         while True:
             chunk = PRUNE_CHUNK

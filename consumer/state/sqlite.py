@@ -133,6 +133,15 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE dead_letters_v6 RENAME TO dead_letters;
     CREATE INDEX dead_letters_key ON dead_letters (stream, primary_key);
     """,
+    # 7: the number of each committer's newest commit (see CommitBatch.mark): a commit sent
+    # again after its outcome was lost is not applied twice
+    """
+    CREATE TABLE commit_marks (
+        committer TEXT PRIMARY KEY,
+        seq       INTEGER NOT NULL,
+        at        REAL NOT NULL
+    );
+    """,
 )
 
 
@@ -171,6 +180,14 @@ def _processed_sql(rows: int) -> str:
         ", ".join(["(?, ?, ?)"] * rows)
     )
 
+
+# A committer's batch is applied when its number is past the committer's newest (or the
+# committer is new); no row changed: it was applied before.
+_MARK = (
+    "INSERT INTO commit_marks (committer, seq, at) VALUES (?, ?, ?) "
+    "ON CONFLICT (committer) DO UPDATE SET seq = excluded.seq, at = excluded.at "
+    "WHERE seq < excluded.seq"
+)
 
 _PUT_SINK_STATE = (
     "INSERT INTO sink_state (sink, state, updated_at) VALUES (?, ?, ?) "
@@ -381,18 +398,20 @@ class SqliteStore:
     # --- writes ---------------------------------------------------------------------------
 
     @_translated
-    async def commit(self, batch: CommitBatch, now: float | None = None) -> None:
+    async def commit(self, batch: CommitBatch, now: float | None = None) -> bool:
         """Everything in ``batch`` becomes durable together, or not at all."""
-        await self._commit(batch, time.time() if now is None else now)
+        return await self._commit(batch, time.time() if now is None else now)
 
-    async def _commit(self, batch: CommitBatch, now: float) -> None:
+    async def _commit(self, batch: CommitBatch, now: float) -> bool:
         # One call into the writer's thread for the whole transaction: one statement per
         # await would take one turn of a loop busy with a catch-up each (measured: most of a
         # commit's time), and the thread's work is all native.
-        await in_thread(self._w, lambda db: self._commit_now(db, batch, now))
+        return await in_thread(self._w, lambda db: self._commit_now(db, batch, now))
 
-    def _commit_now(self, db: sqlite3.Connection, batch: CommitBatch, now: float) -> None:
+    def _commit_now(self, db: sqlite3.Connection, batch: CommitBatch, now: float) -> bool:
         with sync_transaction(db):
+            if batch.mark is not None and not db.execute(_MARK, (*batch.mark, now)).rowcount:
+                return False  # applied before (see CommitBatch.mark)
             for stream, ids in batch.processed.items():
                 # Bound as parameters (JSON through json_each cut an id at a NUL from the
                 # wire), in statements of many rows (see write_rows).
@@ -440,6 +459,7 @@ class SqliteStore:
                 write_rows(db, staged.statement, staged.rows, staged.many)
             if batch.sink_state is not None:
                 db.execute(_PUT_SINK_STATE, (*batch.sink_state, now))
+        return True
 
     @_translated
     async def anchor(self, stream: str, position: Position, fence: Fence | None = None) -> None:
@@ -525,6 +545,8 @@ class SqliteStore:
         """Delete processed ids older than ``older_than`` (epoch seconds), of ``streams`` only
         when given, in short transactions of at most ``PRUNE_CHUNK`` rows (``once``: one)."""
         only = "" if streams is None else f" AND stream IN ({','.join('?' * len(streams))})"
+        # Marks of committers gone as long (one a process; a live one's moves each commit).
+        await self._w.execute("DELETE FROM commit_marks WHERE at < ?", (older_than,))
         total = 0
         while True:
             cur = await self._w.execute(

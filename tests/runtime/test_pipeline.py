@@ -338,6 +338,47 @@ async def test_failed_commit_keeps_ids_pending_and_retries_everything(
     assert cp.processed_count == 6
 
 
+def applied_then_lost(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store's next commit is applied and then reported failed: the client never learns
+    the outcome (cancelled during COMMIT, a connection lost after it)."""
+    real_commit = store.commit
+    lost = [StoreError("connection lost after COMMIT", retriable=True)]
+
+    async def commit(batch: CommitBatch, now: float | None = None) -> bool:
+        applied = await real_commit(batch, now)
+        if lost:
+            raise lost.pop()
+        return applied
+
+    monkeypatch.setattr(store, "commit", commit)
+
+
+async def test_a_commit_applied_though_reported_failed_is_not_applied_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sent again, alone and as it was, before what was done since: its count, its dead
+    letter's attempts and a letter a replay delivered meanwhile are not applied twice."""
+    sink = FakeSink(poison={"u2"})
+    async with harness(tmp_path, sink, workers=2) as (store, committer, pipeline):
+        for i in range(5):
+            await pipeline.put(ev(i))
+        await drained(pipeline)
+        applied_then_lost(store, monkeypatch)
+        with pytest.raises(StoreError):
+            await committer.flush()
+        [letter] = await store.dead_letters(STREAM)
+        assert await store.purge_dead_letters([letter.id]) == 1  # a replay delivered it
+        await pipeline.put(ev(5))
+        await drained(pipeline)
+        assert await committer.flush()
+        cp = await store.checkpoint(STREAM)
+        letters = await store.dead_letters(STREAM)
+    assert [e.unique_event_id for e in sink.delivered] == ["u0", "u1", "u3", "u4", "u5"]
+    assert cp is not None
+    assert (cp.offset, cp.processed_count) == (ev(5).offset, 5)
+    assert letters == []
+
+
 async def test_events_held_for_a_commit_count_in_bytes_until_it_succeeds(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

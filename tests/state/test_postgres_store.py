@@ -62,6 +62,7 @@ async def test_the_schema_and_its_version(pg_backend: PostgresBackend) -> None:
     )
     assert [r[0] for r in rows] == [
         "checkpoints",
+        "commit_marks",
         "completed_subscriptions",
         "dead_letters",
         "fleet_members",

@@ -508,6 +508,38 @@ async def test_dead_letters_without_their_payloads(store: Store) -> None:
     assert [r.unique_event_id for r in await store.dead_letters(reason="x", payloads=False)] == []
 
 
+async def test_a_batch_sent_again_is_applied_once(store: Store) -> None:
+    """A commit whose outcome the committer never learnt is sent again with its mark: applied
+    once (the count, the letter's attempts, a letter a replay delivered in between)."""
+    batch = CommitBatch(
+        checkpoints={"s": Position("10", "u1")},
+        processed={"s": ["u1", "u2"]},
+        done_counts={"s": 1},
+        dead_letters=[letter("u2")],
+        mark=("c1", 1),
+    )
+    assert await store.commit(batch)
+    [row] = await store.dead_letters("s")
+    assert await store.purge_dead_letters([row.id]) == 1
+    assert not await store.commit(batch)
+    assert not await store.commit(CommitBatch(done_counts={"s": 5}, mark=("c1", 0)))  # older
+    assert await store.dead_letters("s") == []
+    # The committer's next batch is applied, and another committer's first.
+    assert await store.commit(CommitBatch(done_counts={"s": 1}, mark=("c1", 2)))
+    assert await store.commit(CommitBatch(done_counts={"s": 1}, mark=("c2", 1)))
+    cp = await store.checkpoint("s")
+    assert cp is not None
+    assert cp.processed_count == 3
+
+
+async def test_marks_go_with_the_processed_ids_prune(store: Store) -> None:
+    await store.commit(CommitBatch(done_counts={"s": 1}, mark=("old", 1)), now=10.0)
+    await store.commit(CommitBatch(done_counts={"s": 1}, mark=("new", 1)), now=30.0)
+    await store.prune_processed(20.0)
+    assert await store.commit(CommitBatch(done_counts={"s": 1}, mark=("old", 1)), now=40.0)
+    assert not await store.commit(CommitBatch(done_counts={"s": 1}, mark=("new", 1)), now=40.0)
+
+
 async def test_a_dead_letters_id_is_never_given_to_another(store: Store) -> None:
     """A `dlq replay` resolves the ids it read; one purged and given to a new letter meanwhile
     would take that letter with it (its event then in neither the sink nor the DLQ)."""
