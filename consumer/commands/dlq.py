@@ -44,7 +44,7 @@ from ..logs import REDACTOR, configure
 from ..runtime.assembly import build_sink, http_client, open_sink, register_secrets
 from ..runtime.committer import Committer
 from ..sinks.base import Sink
-from ..state import acquire, current_holder, open_store
+from ..state import acquire, acquire_replay, current_holder, open_store
 from .output import emit, escaped, iso, no_store, parse_when
 
 log = structlog.get_logger(__name__)
@@ -53,6 +53,7 @@ LIST_COLUMNS = ("id", "stream", "reason", "event_name", "primary_key", "offset",
 _EXCERPT = 60
 _COMMIT_EVERY = 100
 _MALFORMED = "a malformed frame cannot be replayed: purge it"
+_GONE = "no longer in the DLQ: replayed or purged since it was read"
 _NOT_AN_EVENT = (
     "its payload is not a whole event (cut short, nested deeper than a parser goes, or "
     "without usable metadata): it cannot be replayed; purge it"
@@ -134,13 +135,6 @@ async def replay(
     this replay that was not delivered, is skipped: a key's events keep their order."""
     failed_keys: set[tuple[str, str]] = set()
     held_back = waiting_for or {}
-    st = settings.state
-    running = await current_holder(st)
-    if not dry_run and running is not None and isinstance(settings.sink, JsonlSinkSettings):
-        raise ReplayRefused(
-            f"the jsonl sink has one writer and a daemon (pid {running.get('pid')}) is running: "
-            "stop it, replay, start it again (or use --dry-run to see the plan)"
-        )
     if dry_run:
         plan = []
         for row in rows:
@@ -150,19 +144,55 @@ async def replay(
             plan.append(skip or _outcome(row, "would deliver"))
         return plan
     register_secrets(settings)  # as the daemon does: nothing we log may show one
+    replaying = await acquire_replay(settings.state)
+    try:
+        running = await current_holder(settings.state)
+        if running is not None and isinstance(settings.sink, JsonlSinkSettings):
+            raise ReplayRefused(
+                f"the jsonl sink has one writer and a daemon (pid {running.get('pid')}) is "
+                "running: stop it, replay, start it again (or use --dry-run to see the plan)"
+            )
+        return await _replay(
+            settings,
+            rows,
+            alone=running is None,
+            held_back=held_back,
+            failed_keys=failed_keys,
+            attempts=attempts,
+        )
+    finally:
+        await replaying.release()
+
+
+async def _replay(
+    settings: Settings,
+    rows: Sequence[DeadLetterRow],
+    *,
+    alone: bool,
+    held_back: dict[tuple[str, str], int],
+    failed_keys: set[tuple[str, str]],
+    attempts: int,
+) -> list[Outcome]:
+    """The replay, under its lock (``alone``: no daemon runs; keep one from starting)."""
+    st = settings.state
     outcomes: list[Outcome] = []
     # While we replay into a single-writer sink, keep a daemon from starting.
-    held = await acquire(st, (), role="dlq-replay") if running is None else None
+    held = await acquire(st, (), role="dlq-replay") if alone else None
     try:
         store = await open_store(st)
         http = http_client(settings)
         try:
+            # Read before the lock was ours: a replay that ended meanwhile delivered some.
+            listed = await store.dead_letters(ids=[r.id for r in rows], payloads=False)
+            still = {r.id for r in listed}
             sink = build_sink(settings, http)
             await open_sink(sink, store, st.path)
             committer = Committer(store, sink, max_events=1_000_000, interval_s=1.0)
             try:
                 for i, row in enumerate(rows, 1):
                     skip = _held(row, held_back, failed_keys)
+                    if skip is None and row.id not in still:
+                        skip = _outcome(row, "skipped", _GONE)  # its key may go on
                     outcomes.append(skip or await _one(row, sink, committer, failed_keys, attempts))
                     if i % _COMMIT_EVERY == 0:  # bound what a crash here would re-deliver
                         await committer.flush()

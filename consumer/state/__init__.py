@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from ..config import StateSettings
 from ..errors import ConfigError
 from .base import StateStore
-from .lease import Held, Lease, acquire, current_holder, holder
+from .lease import Held, Lease, acquire, acquire_replay, current_holder, holder
 from .sqlite import SqliteStore
 
 if TYPE_CHECKING:
@@ -33,6 +33,7 @@ __all__ = [
     "SqliteStore",
     "StateStore",
     "acquire",
+    "acquire_replay",
     "current_holder",
     "holder",
     "open_store",

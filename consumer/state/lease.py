@@ -18,15 +18,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..config import StateSettings
-from ..errors import LeaseHeld
+from ..errors import LeaseHeld, ReplayRefused
 from .sqlite import store_error
 
 if TYPE_CHECKING:
     from .fleet import FleetTable
 
 
-def lock_path(state_path: Path) -> Path:
-    return state_path.with_name(state_path.name + ".lock")
+def lock_path(state_path: Path, purpose: str = "") -> Path:
+    """``<state>.lock``; with a purpose, ``<state>.<purpose>.lock`` (a lock of its own)."""
+    return state_path.with_name(f"{state_path.name}{'.' + purpose if purpose else ''}.lock")
 
 
 class Lease:
@@ -35,8 +36,10 @@ class Lease:
         self._fd: int | None = fd
 
     @classmethod
-    def acquire(cls, state_path: Path, streams: Iterable[str], *, role: str = "daemon") -> Lease:
-        path = lock_path(state_path)
+    def acquire(
+        cls, state_path: Path, streams: Iterable[str], *, role: str = "daemon", purpose: str = ""
+    ) -> Lease:
+        path = lock_path(state_path, purpose)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -46,7 +49,9 @@ class Lease:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise LeaseHeld(f"{state_path} ({path} is locked)", holder(state_path)) from None
+            raise LeaseHeld(
+                f"{state_path} ({path} is locked)", holder(state_path, purpose)
+            ) from None
         info = {"pid": os.getpid(), "role": role, "streams": sorted(streams), "since": time.time()}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
@@ -59,9 +64,9 @@ class Lease:
             os.close(fd)
 
 
-def holder(state_path: Path) -> dict[str, Any] | None:
+def holder(state_path: Path, purpose: str = "") -> dict[str, Any] | None:
     """Who holds the lease now (pid, role, streams), or None when nobody does."""
-    path = lock_path(state_path)
+    path = lock_path(state_path, purpose)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -149,6 +154,27 @@ async def acquire(
 
         return await PostgresLease.acquire(settings, streams, role=role)
     return _FileHeld(Lease.acquire(settings.path, streams, role=role))
+
+
+async def acquire_replay(settings: StateSettings) -> Held:
+    """One ``dlq replay`` at a time per state store, whether a daemon runs or not: two would
+    each read the same dead letters and deliver them before either resolved them. A lock of
+    its own (a file beside the store's, or another advisory lock), not the store's lease."""
+    try:
+        if settings.backend == "postgres":
+            from .postgres import PostgresLease  # noqa: PLC0415  # asyncpg: an extra
+
+            return await PostgresLease.acquire(settings, (), role=_REPLAY, purpose=_REPLAY)
+        return _FileHeld(Lease.acquire(settings.path, (), role=_REPLAY, purpose=_REPLAY))
+    except LeaseHeld as exc:
+        pid = (exc.holder or {}).get("pid")
+        raise ReplayRefused(
+            f"another dlq replay{f' (pid {pid})' if pid else ''} is running on this state "
+            "store: wait for it to finish, then replay what it left"
+        ) from None
+
+
+_REPLAY = "dlq-replay"
 
 
 async def current_holder(settings: StateSettings, *, fleet: bool = False) -> dict[str, Any] | None:

@@ -767,8 +767,9 @@ class PostgresStore:
 _LEASE_CLASS = 0x4F504552  # "OPER"
 
 
-def _lease_key(schema: str) -> int:
-    digest = hashlib.sha256(f"opera-consumer:lease:{schema}".encode()).digest()
+def _lease_key(schema: str, purpose: str = "") -> int:
+    """The schema's lease; with a purpose, a lock of its own (``dlq replay``'s)."""
+    digest = hashlib.sha256(f"opera-consumer:{purpose or 'lease'}:{schema}".encode()).digest()
     return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
@@ -787,7 +788,12 @@ class PostgresLease:
 
     @classmethod
     async def acquire(
-        cls, settings: StateSettings, streams: Iterable[str], *, role: str = "daemon"
+        cls,
+        settings: StateSettings,
+        streams: Iterable[str],
+        *,
+        role: str = "daemon",
+        purpose: str = "",
     ) -> PostgresLease:
         assert settings.dsn is not None, "checked by StateSettings"
         target, schema = Target(settings.dsn.get_secret_value()), settings.schema_
@@ -803,7 +809,7 @@ class PostgresLease:
             raise store_error(target, schema, exc, "taking the lease") from None
         try:
             got = await conn.fetchval(
-                "SELECT pg_try_advisory_lock($1, $2)", _LEASE_CLASS, _lease_key(schema)
+                "SELECT pg_try_advisory_lock($1, $2)", _LEASE_CLASS, _lease_key(schema, purpose)
             )
         except BaseException as exc:
             await conn.close()
@@ -813,7 +819,7 @@ class PostgresLease:
         if not got:
             await conn.close()
             where = f"schema {schema} at {target.where}"
-            raise LeaseHeld(where, await cls.holder(settings))
+            raise LeaseHeld(where, await cls.holder(settings, purpose))
         return cls(conn, target, schema)
 
     async def release(self) -> None:
@@ -824,7 +830,7 @@ class PostgresLease:
                 await conn.close(timeout=5)
 
     @staticmethod
-    async def holder(settings: StateSettings) -> dict[str, Any] | None:
+    async def holder(settings: StateSettings, purpose: str = "") -> dict[str, Any] | None:
         """Who holds the schema's lease (pid and role as it said, its host), or None."""
         assert settings.dsn is not None, "checked by StateSettings"
         target, schema = Target(settings.dsn.get_secret_value()), settings.schema_
@@ -838,7 +844,7 @@ class PostgresLease:
                 "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' "
                 "AND l.granted AND l.classid = $1::oid AND l.objid = $2::oid AND l.objsubid = 2",
                 _LEASE_CLASS,
-                _lease_key(schema),
+                _lease_key(schema, purpose),
             )
         except DRIVER_ERRORS as exc:
             raise store_error(target, schema, exc, "asking who holds the lease") from None

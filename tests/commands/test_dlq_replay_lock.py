@@ -1,0 +1,123 @@
+"""One `dlq replay` at a time per state store: two would each read the same dead letters and
+deliver them before either resolved them (a daemon running beside them or not). The replay
+holds a lock of its own, and reads again, under it, which of its rows are still there."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pysink
+import pytest
+from operator_support import PYSINK, write_config
+from support import wait_until
+
+from consumer.commands.dlq import replay
+from consumer.config import load_settings
+from consumer.core.records import CommitBatch, DeadLetter, DeadLetterRow
+from consumer.errors import ReplayRefused
+from consumer.state import acquire, acquire_replay
+from consumer.state.sqlite import SqliteStore
+
+pytestmark = pytest.mark.usefixtures("fresh_pysink", "contained_logging")
+
+
+def letter(n: int) -> DeadLetter:
+    uid = f"u{n}"
+    event = {
+        "metadata": {"offset": str(n), "uniqueEventId": uid},
+        "eventName": "E",
+        "primaryKey": f"k{n}",
+        "detail": [],
+    }
+    return DeadLetter(
+        stream="main",
+        reason="sink_rejected",
+        error="no",
+        payload=json.dumps(event),
+        offset=str(n),
+        unique_event_id=uid,
+        event_name="E",
+        primary_key=f"k{n}",
+    )
+
+
+async def seeded(tmp_path: Path, n: int) -> Path:
+    store = await SqliteStore.open(tmp_path / "state.db")
+    try:
+        await store.commit(CommitBatch(dead_letters=[letter(i) for i in range(n)]))
+    finally:
+        await store.close()
+    return write_config(tmp_path, "http://127.0.0.1:9", sink=PYSINK)
+
+
+async def rows_of(tmp_path: Path) -> list[DeadLetterRow]:
+    store = await SqliteStore.open(tmp_path / "state.db")
+    try:
+        return await store.dead_letters()
+    finally:
+        await store.close()
+
+
+async def test_a_second_replay_is_refused_while_one_delivers(tmp_path: Path) -> None:
+    settings = load_settings(await seeded(tmp_path, 3))
+    rows = await rows_of(tmp_path)
+    gate = pysink.GATES["main"] = asyncio.Event()
+    first = asyncio.create_task(replay(settings, rows, dry_run=False))
+    await wait_until(lambda: pysink.CALLS[0] >= 1)  # the first is in its first write
+    try:
+        async with asyncio.timeout(10):
+            with pytest.raises(ReplayRefused, match="another dlq replay"):
+                await replay(settings, rows, dry_run=False)
+    finally:
+        gate.set()
+    outcomes = await first
+    assert [o.result for o in outcomes] == ["delivered"] * 3
+    assert pysink.delivered_ids() == ["u0", "u1", "u2"]
+    assert await rows_of(tmp_path) == []
+
+
+async def test_rows_a_replay_delivered_since_they_were_read_are_not_delivered_again(
+    tmp_path: Path,
+) -> None:
+    settings = load_settings(await seeded(tmp_path, 3))
+    read_earlier = await rows_of(tmp_path)
+    done = await replay(settings, read_earlier[:2], dry_run=False)  # another replay, meanwhile
+    assert [o.result for o in done] == ["delivered"] * 2
+    outcomes = await replay(settings, read_earlier, dry_run=False)
+    assert [(o.unique_event_id, o.result) for o in outcomes] == [
+        ("u0", "skipped"),
+        ("u1", "skipped"),
+        ("u2", "delivered"),
+    ]
+    assert "no longer in the DLQ" in str(outcomes[0].detail)
+    assert pysink.delivered_ids() == ["u0", "u1", "u2"]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_the_replay_lock_is_the_replays_alone(
+    tmp_path: Path, request: pytest.FixtureRequest, backend: str
+) -> None:
+    """Not the store's lease: a replay takes it beside a daemon holding the store, and a
+    second replay is refused whoever holds the store."""
+    state: dict[str, Any] = {}
+    if backend == "postgres":
+        dsn = request.getfixturevalue("postgres_dsn")  # skips when no server is installed
+        state = {"backend": "postgres", "dsn": dsn, "schema": f"t_{uuid.uuid4().hex[:16]}"}
+    config = write_config(tmp_path, "http://127.0.0.1:9", sink=PYSINK, state=state)
+    st = load_settings(config).state
+    daemon = await acquire(st, ["main"])
+    try:
+        held = await acquire_replay(st)
+        try:
+            with pytest.raises(ReplayRefused, match=f"another dlq replay \\(pid {os.getpid()}\\)"):
+                await acquire_replay(st)
+        finally:
+            await held.release()
+        await (await acquire_replay(st)).release()  # given back
+    finally:
+        await daemon.release()
