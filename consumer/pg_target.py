@@ -18,6 +18,12 @@ DEFAULT_PORT = 5432
 _MAX_MESSAGE = 300  # of a server's error text in our messages (it may quote event data)
 _SCHEMES = ("postgresql", "postgres")
 UNKNOWN_SERVER = "(server not shown: the DSN does not parse)"
+# Startup settings of every pool that writes what we count as done (the state store's, the
+# sink's): an acknowledged commit is on the server's disk. A database or role set to
+# synchronous_commit = off acknowledges before its WAL is flushed, and a crash of the server
+# loses rows whose ids are recorded as processed. "on" never weakens a stricter setting's
+# durability (remote_apply also waits for a synchronous standby's flush, as "on" does).
+DURABLE_COMMITS = {"synchronous_commit": "on"}
 # What :meth:`Target.unparsable` says, in two parts (the settings name the key themselves).
 UNPARSABLE = (
     "it cannot be parsed as postgresql://user:password@host:port/database (the driver's "

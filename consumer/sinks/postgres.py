@@ -10,8 +10,8 @@ Two modes, chosen when the daemon is assembled (:func:`consumer.runtime.assembly
   store them, and :meth:`PostgresSink.staged` hands them to the committer, whose
   ``PostgresStore.commit`` runs the per-row upsert in its transaction. No crash can separate a
   row from its checkpoint, and a failed commit leaves neither. A database whose encoding cannot
-  hold every character (neither UTF8 nor SQL_ASCII) falls back to the other mode: a row the
-  server refused would otherwise fail every commit.
+  hold every character (any but UTF8: SQL_ASCII's jsonb refuses a ``\\u`` escape past ASCII)
+  falls back to the other mode: a row the server refused would otherwise fail every commit.
 * **On its own pool** (any other configuration): exactly-once in effect without being part of
   the checkpoint. Each ``write`` is one statement, so one transaction, and it returns only once
   PostgreSQL has committed it. The daemon commits its checkpoint after the sink write returns,
@@ -51,7 +51,7 @@ from ..config import PostgresSinkSettings
 from ..core.events import Event
 from ..core.records import Staged
 from ..errors import ConfigError, PermanentSinkError, TransientSinkError
-from ..pg_target import Target
+from ..pg_target import DURABLE_COMMITS, Target
 from ..pg_text import unstorable_char
 from .base import PlainSink
 from .rows import COLUMNS, json_row, row
@@ -74,13 +74,16 @@ _TYPES: dict[str, str] = {
 }
 _JSON = frozenset({"detail", "resource"})
 
-# SQLSTATE classes that concern one event's data: 22 data exception, 23 integrity violation.
-_PERMANENT_CLASSES = ("22", "23")
+# SQLSTATEs that concern one event's data: classes 22 data exception and 23 integrity
+# violation, and 0A000 (feature not supported: SQL_ASCII's jsonb given a \u escape past ASCII;
+# the statement is fixed, so only its data can be at fault).
+_PERMANENT_CLASSES = ("22", "23", "0A000")
 # Classes that mean the server cannot accept our credentials or database.
 _CONFIG_STATES = ("28", "3D")
 # Database encodings that store any text without a NUL (asyncpg always sends UTF-8): the
 # condition for staging rows into the state transaction, where no row may fail on the server.
-_ANY_TEXT_ENCODINGS = frozenset({"UTF8", "SQL_ASCII"})
+# Not SQL_ASCII: its text takes any byte, but its jsonb refuses "\u00eb" (0A000).
+_ANY_TEXT_ENCODINGS = frozenset({"UTF8"})
 # A ``\u0000`` escape in JSON text (not an escaped backslash, then "u0000"): jsonb refuses it.
 _JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 STATE_TRANSACTION = "state-transaction"
@@ -157,7 +160,7 @@ def staged_upsert_sql(schema: str, table: str) -> str:
 
 
 def unstorable(values: tuple[Any, ...]) -> str | None:
-    """Why PostgreSQL (a UTF8 or SQL_ASCII database) would refuse this row, or None. A row
+    """Why PostgreSQL (a UTF8 database) would refuse this row, or None. A row
     staged into the state transaction must not fail there: it would fail the checkpoint too."""
     for column, value in zip(COLUMNS, values, strict=True):
         if value is None or isinstance(value, float):
@@ -263,6 +266,7 @@ class PostgresSink(PlainSink):
                 command_timeout=s.timeout_s,
                 timeout=s.timeout_s,  # connect
                 reset=_keep_session,
+                server_settings=DURABLE_COMMITS,
             )
         except (asyncpg.exceptions.ClientConfigurationError, ValueError):
             # The driver's parse errors quote the DSN's pieces (a password's too): never shown.

@@ -47,7 +47,7 @@ from ..config import StateSettings
 from ..core.records import Checkpoint, CommitBatch, DeadLetterRow, Fence, dead_letter_row
 from ..core.watermark import Position
 from ..errors import Fenced, LeaseHeld, SchemaTooNew, StoreError
-from ..pg_target import Target
+from ..pg_target import DURABLE_COMMITS, Target
 from ..pg_text import from_text, from_text_or_none, to_text, to_text_or_none
 from .base import PRUNE_CHUNK
 
@@ -332,6 +332,7 @@ class PostgresStore:
                     # lease rows' locks for as long as it sleeps, and no member could take
                     # those streams over: the server ends such a transaction instead.
                     "idle_in_transaction_session_timeout": str(int(timeout_s * 1000)),
+                    **DURABLE_COMMITS,
                 },
             )
         except (*DRIVER_ERRORS, ValueError) as exc:

@@ -21,6 +21,7 @@ from support import make_settings, newest_offset, running, truth_ids, wait_until
 
 from consumer.config import PostgresSinkSettings
 from consumer.core.events import Event
+from consumer.core.protocol import Next, decode
 from consumer.core.records import CommitBatch
 from consumer.core.watermark import Position
 from consumer.errors import PermanentSinkError, StoreError, TransientSinkError
@@ -279,6 +280,64 @@ async def test_an_encoding_that_cannot_hold_every_character_keeps_the_own_pool(
         with pytest.raises(PermanentSinkError):  # no LATIN1 for it: refused, one event's
             await sink.write("main", [event(2, detail=[{"newValue": "\u4e2d"}])])
     finally:
+        await sink.close()
+
+
+async def test_a_sql_ascii_database_keeps_the_own_pool_and_refuses_escapes_past_ascii(
+    postgres_server: PostgresServer, table
+):
+    """SQL_ASCII text takes any byte, but its jsonb refuses a \\u escape past ASCII (0A000):
+    staged, such an event failed the state commit (the daemon stopped, and met it again at
+    each start); on the own pool 0A000 was retried for ever. Now: the own pool, and the
+    refusal is the event's (dead-lettered)."""
+    db = f"ascii_{uuid.uuid4().hex[:8]}"
+    postgres_server.execute(
+        f"CREATE DATABASE {db} ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' "
+        "TEMPLATE template0"
+    )
+    dsn = postgres_server.dsn(db)
+    sink = PostgresSink(settings(dsn, table), in_state_transaction=True)
+    await sink.open(None)
+    try:
+        assert sink.mode == OWN_POOL
+        await sink.write("main", [event(1, detail=[{"newValue": "Zoe"}])])
+        # As received: the decoder keeps the detail's text, escapes and all.
+        frame = {"id": "1", "type": "next", "payload": {"data": {"newEvent": event(2).raw}}}
+        decoded = decode(json.dumps(frame).encode())  # ensure_ascii: "Zo\\u00eb \\u00ab2\\u00bb"
+        assert isinstance(decoded, Next)
+        escaped = decoded.event
+        assert escaped.detail_text is not None
+        assert b"\\u00eb" in escaped.detail_text
+        with pytest.raises(PermanentSinkError):
+            await sink.write("main", [escaped])
+        assert set(await rows(dsn, table)) == {"u1"}
+    finally:
+        await sink.close()
+
+
+async def test_commits_are_durable_on_a_database_set_to_acknowledge_before_the_disk(
+    postgres_server: PostgresServer, table
+):
+    """synchronous_commit = off (a database's or role's tuning) acknowledges a commit before
+    its WAL is on disk: a crash of the server then loses rows whose ids we recorded as done.
+    The sink's and the store's sessions commit with it on."""
+    db = f"async_{uuid.uuid4().hex[:8]}"
+    postgres_server.execute(f"CREATE DATABASE {db}")
+    postgres_server.execute(f"ALTER DATABASE {db} SET synchronous_commit = off")
+    dsn = postgres_server.dsn(db)
+    assert [r[0] for r in await fetch(dsn, "SHOW synchronous_commit")] == ["off"]
+    sink = PostgresSink(settings(dsn, table), in_state_transaction=False)
+    await sink.open(None)
+    store = await PostgresStore.open(dsn, schema=f"s_{uuid.uuid4().hex[:8]}", timeout_s=5.0)
+    try:
+        async with sink._pool.acquire() as conn:
+            assert await conn.fetchval("SHOW synchronous_commit") == "on"
+        async with store.pool.acquire() as conn:
+            assert await conn.fetchval("SHOW synchronous_commit") == "on"
+            await conn.execute("RESET ALL")  # the pool's reset on release: still on
+            assert await conn.fetchval("SHOW synchronous_commit") == "on"
+    finally:
+        await store.close()
         await sink.close()
 
 
