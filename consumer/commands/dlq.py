@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import structlog
 from tenacity import (
     AsyncRetrying,
@@ -36,8 +37,9 @@ from ..errors import (
     ExitCode,
     LeaseHeld,
     OperatorRefused,
-    PermanentSinkError,
     ReplayRefused,
+    SinkLost,
+    SinkUnusable,
     TransientSinkError,
 )
 from ..logs import REDACTOR, configure
@@ -54,6 +56,7 @@ _EXCERPT = 60
 _COMMIT_EVERY = 100
 _MALFORMED = "a malformed frame cannot be replayed: purge it"
 _GONE = "no longer in the DLQ: replayed or purged since it was read"
+_UNKNOWN_STREAM = "its stream is not in the configuration (the sink may need its settings): add it"
 _NOT_AN_EVENT = (
     "its payload is not a whole event (cut short, nested deeper than a parser goes, or "
     "without usable metadata): it cannot be replayed; purge it"
@@ -80,7 +83,9 @@ def detail(row: DeadLetterRow) -> dict[str, Any]:
     out = summary(row)
     out["error"] = row.error
     try:
-        out["payload"] = json.loads(row.payload)
+        # orjson: no NaN, Infinity or 1e400 read as a float `show --json` would then print
+        # (not JSON); such a frame is shown as its text.
+        out["payload"] = orjson.loads(row.payload)
         json.dumps(out["payload"], indent=2)  # as show prints it: Python code, recursive
     except (ValueError, RecursionError):
         out["payload"] = row.payload  # a malformed frame (or one too deep): its raw text
@@ -193,12 +198,16 @@ async def _replay(
                     skip = _held(row, held_back, failed_keys)
                     if skip is None and row.id not in still:
                         skip = _outcome(row, "skipped", _GONE)  # its key may go on
+                    if skip is None and row.stream not in settings.streams:
+                        skip = _unusable(row, _UNKNOWN_STREAM, failed_keys)
                     outcomes.append(skip or await _one(row, sink, committer, failed_keys, attempts))
                     if i % _COMMIT_EVERY == 0:  # bound what a crash here would re-deliver
                         await committer.flush()
-                await committer.flush()
             finally:
-                await sink.close()
+                try:  # what was delivered is recorded however the loop ended (^C too)
+                    await committer.flush()
+                finally:
+                    await sink.close()
         finally:
             await http.close()
             await store.close()
@@ -228,7 +237,9 @@ async def _one(
         ):
             with attempt:
                 await sink.write(row.stream, [event])
-    except (PermanentSinkError, TransientSinkError) as exc:
+    except (SinkUnusable, SinkLost):  # the sink itself is gone: stop (the rest stays)
+        raise
+    except Exception as exc:  # as in the daemon: a sink's surprise is this event's failure
         failed_keys.add(key)
         # As the daemon words it (pipeline._dead_letter): a handler's words may hold a
         # secret, masked before the cut; the table's cells and JSON escape the rest.

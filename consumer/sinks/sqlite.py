@@ -24,6 +24,7 @@ from typing import Any
 import aiosqlite
 
 from ..core.events import Event
+from ..core.evidence import prefix
 from ..core.records import Staged
 from ..errors import PermanentSinkError, TransientSinkError
 from ..sqlite_tx import in_thread, sync_transaction, write_rows
@@ -54,6 +55,22 @@ def upsert_sql(table: str, rows: int = 1) -> str:
     )
 
 
+def _rows(stream: str, events: Sequence[Event]) -> list[tuple[Any, ...]]:
+    """The events' rows; one that cannot be serialized (orjson: an integer past 64 bits, as
+    Python's json reads a replayed dead letter) is that event's permanent failure."""
+    now = time.time()
+    rows = []
+    for ev in events:
+        try:
+            rows.append(row(stream, ev, now))
+        except (TypeError, ValueError) as exc:
+            raise PermanentSinkError(
+                f"sqlite sink: event {prefix(ev.unique_event_id, 100)}: {prefix(str(exc), 300)}",
+                unique_event_id=ev.unique_event_id,
+            ) from exc
+    return rows
+
+
 class StoreTableSink(PlainSink):
     """Rows in the state store's file, committed with the checkpoint (see the module doc)."""
 
@@ -77,8 +94,7 @@ class StoreTableSink(PlainSink):
 
     async def write(self, stream: str, events: Sequence[Event]) -> None:
         # No await: what the committer takes is exactly the writes that returned.
-        now = time.time()
-        rows = [row(stream, ev, now) for ev in events]  # all or none: one may not serialize
+        rows = _rows(stream, events)  # all or none: one may not serialize
         self._rows.extend(rows)
 
     def staged(self) -> Staged | None:
@@ -120,8 +136,7 @@ class SqliteSink(PlainSink):
     async def write(self, stream: str, events: Sequence[Event]) -> None:
         db = self._db
         assert db is not None, "sink not open"
-        now = time.time()
-        rows = [row(stream, ev, now) for ev in events]
+        rows = _rows(stream, events)
         try:
             async with self._lock:
                 await in_thread(db, lambda conn: self._write_now(conn, rows))

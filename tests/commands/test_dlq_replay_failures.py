@@ -1,0 +1,143 @@
+"""`dlq replay` when something goes wrong part-way: a letter the sink cannot write, a letter
+of a stream no longer configured, a replay interrupted. Each is that row's outcome, the rows
+after it go on, and what was delivered is recorded (left in the DLQ and not recorded, the next
+replay would deliver it again)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pysink
+import pytest
+from operator_support import PYSINK, cli, write_config
+from support import wait_until
+
+from consumer.commands.dlq import replay
+from consumer.config import load_settings
+from consumer.core.records import CommitBatch, DeadLetter, DeadLetterRow
+from consumer.state import open_store
+
+pytestmark = pytest.mark.usefixtures("fresh_pysink", "contained_logging", "hermetic_config")
+
+
+def letter(i: int, *, stream: str = "main", detail: Any = (), name: str = "E") -> DeadLetter:
+    uid = f"uid-{i}"
+    event = {
+        "metadata": {"offset": str(100 + i), "uniqueEventId": uid},
+        "eventName": name,
+        "primaryKey": f"pk-{i}",
+        "detail": list(detail),
+    }
+    return DeadLetter(
+        stream=stream,
+        reason="sink_rejected",
+        error="x",
+        payload=json.dumps(event),
+        offset=str(100 + i),
+        unique_event_id=uid,
+        event_name=name,
+        primary_key=f"pk-{i}",
+    )
+
+
+async def seed(config: Path, letters: list[DeadLetter]) -> None:
+    store = await open_store(load_settings(config).state)
+    try:
+        await store.commit(CommitBatch(dead_letters=letters))
+    finally:
+        await store.close()
+
+
+async def left_and_seen(config: Path, stream: str, ids: list[str]) -> tuple[list[str], set[str]]:
+    store = await open_store(load_settings(config).state)
+    try:
+        left = [str(r.unique_event_id) for r in await store.dead_letters()]
+        return left, await store.seen(stream, ids)
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("own_file", [False, True], ids=["state-file", "own-file"])
+async def test_a_letter_the_sqlite_sink_cannot_write_fails_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], own_file: bool
+) -> None:
+    """An integer past 64 bits is valid JSON (Python's json reads it back from the DLQ), but
+    the row cannot be serialized: that letter fails, the next is delivered (the whole replay
+    ended with exit 70 before)."""
+    sink: dict[str, Any] = {"type": "sqlite"}
+    if own_file:
+        sink["path"] = str(tmp_path / "events.db")
+    config = write_config(tmp_path, "http://127.0.0.1:9", sink=sink)
+    await seed(config, [letter(1, detail=[{"newValue": 2**100}]), letter(2)])
+    code, out, err = await cli(capsys, "dlq", "replay", "--all", "--json", "--config", str(config))
+    assert code == 1, err
+    results = [(o["unique_event_id"], o["result"]) for o in json.loads(out)]
+    assert results == [("uid-1", "failed"), ("uid-2", "delivered")]
+    assert await left_and_seen(config, "main", ["uid-2"]) == (["uid-1"], {"uid-2"})
+
+
+async def test_a_letter_of_a_stream_no_longer_configured_is_skipped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With orchestration, the sink looks the stream's settings up: a KeyError escaped the
+    replay (exit 70), and the row it had delivered stayed in the DLQ, unrecorded."""
+    config = write_config(tmp_path, "http://127.0.0.1:9", sink=PYSINK)
+    with config.open("a") as f:
+        f.write(
+            "[orchestration]\nenabled = true\n[orchestration.resources]\n"
+            '"CHECK IN" = "https://127.0.0.1:9/rsv/{primaryKey}"\n'
+        )
+    await seed(config, [letter(1), letter(2, stream="gone", name="CHECK IN"), letter(3)])
+    code, out, err = await cli(capsys, "dlq", "replay", "--all", "--json", "--config", str(config))
+    assert code == 1, err
+    outcomes = json.loads(out)
+    assert [(o["unique_event_id"], o["result"]) for o in outcomes] == [
+        ("uid-1", "delivered"),
+        ("uid-2", "skipped"),
+        ("uid-3", "delivered"),
+    ]
+    assert "not in the configuration" in outcomes[1]["detail"]
+    assert pysink.delivered_ids() == ["uid-1", "uid-3"]
+    assert await left_and_seen(config, "main", ["uid-1", "uid-3"]) == (
+        ["uid-2"],
+        {"uid-1", "uid-3"},
+    )
+
+
+async def test_an_interrupted_replay_records_what_it_delivered(tmp_path: Path) -> None:
+    """^C (the task cancelled) while a row's write hangs: the rows before it are recorded."""
+    config = write_config(
+        tmp_path, "http://127.0.0.1:9", sink=PYSINK, streams={"main": "DEMO", "b": "B"}
+    )
+    await seed(config, [letter(1), letter(2, stream="b")])
+    settings = load_settings(config)
+    store = await open_store(settings.state)
+    try:
+        rows: list[DeadLetterRow] = await store.dead_letters()
+    finally:
+        await store.close()
+    pysink.GATES["b"] = asyncio.Event()  # never set: the second row's write hangs
+    task = asyncio.create_task(replay(settings, rows, dry_run=False))
+    await wait_until(lambda: pysink.CALLS[0] >= 2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert pysink.delivered_ids() == ["uid-1"]
+    assert await left_and_seen(config, "main", ["uid-1"]) == (["uid-2"], {"uid-1"})
+
+
+@pytest.mark.parametrize("text", ['{"offset":1e400}', '{"x":NaN}', "[Infinity]"])
+async def test_show_json_of_a_frame_no_parser_should_read_is_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str
+) -> None:
+    """The daemon's parser refused these (malformed); Python's json reads them, and wrote
+    Infinity or NaN back out: not JSON. Shown as the text received."""
+    config = write_config(tmp_path, "http://127.0.0.1:9", sink=PYSINK)
+    await seed(config, [DeadLetter(stream="main", reason="malformed", error="no", payload=text)])
+    code, out, err = await cli(capsys, "dlq", "show", "1", "--json", "--config", str(config))
+    assert code == 0, err
+    assert orjson.loads(out)["payload"] == text
