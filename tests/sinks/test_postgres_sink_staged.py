@@ -292,8 +292,7 @@ async def test_a_sql_ascii_database_keeps_the_own_pool_and_refuses_escapes_past_
     refusal is the event's (dead-lettered)."""
     db = f"ascii_{uuid.uuid4().hex[:8]}"
     postgres_server.execute(
-        f"CREATE DATABASE {db} ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' "
-        "TEMPLATE template0"
+        f"CREATE DATABASE {db} ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
     )
     dsn = postgres_server.dsn(db)
     sink = PostgresSink(settings(dsn, table), in_state_transaction=True)
