@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import Settings
 from ..core.assignment import LeaseView, fair_share
+from ..core.printable import printable
 from ..core.records import Checkpoint
 from ..errors import ConfigError, ExitCode, OperatorRefused
 from ..state import open_store
@@ -226,10 +227,14 @@ def _drain_story(
 ) -> list[str]:
     tick = f"{settings.fleet.renew_interval_s:g} s"
     held = sorted(
-        s for s, lease in view.leases.items() if lease.holder == member and _held(lease, now)
+        printable(s, 200)
+        for s, lease in view.leases.items()
+        if lease.holder == member and _held(lease, now)
     )
     others = [m for m in view.live() if m.member != member and not m.draining and m.weight > 0]
-    names = ", ".join(m.member for m in others)
+    # Names as the table has them (other members' configs, hostnames): escaped, as cells are.
+    names = ", ".join(printable(m.member, 200) for m in others)
+    member = printable(member, 200)
     lines: list[str] = []
     if undo:
         was = row is not None and row.draining

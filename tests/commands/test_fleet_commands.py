@@ -440,3 +440,30 @@ async def test_a_daemon_outside_the_fleet_refuses_its_schema(fleet: Fleet, tmp_p
     config = write_config(tmp_path, dsn=fleet.dsn, schema=fleet.schema, fleet=False, name="x.toml")
     with pytest.raises(LeaseHeld, match="m1"):
         await Daemon.create(load_settings(config))
+
+
+async def test_fleet_drain_escapes_the_other_members_names(
+    empty_fleet: Fleet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Names come from other members' configs (or hostnames): an escape sequence in one
+    reaches the operator's terminal as text, as in `fleet status`'s cells."""
+    state = empty_fleet.state
+    m1 = member(state, "m1")
+    evil = FleetTable(
+        state, "m2\x1b]0;pwned\x07\x1b[2J", host="h", pid=2, weight=1.0,
+        started_at=time.time(), lease_ttl_s=30.0,
+    )  # fmt: skip
+    try:
+        await m1.join(list(STREAMS), 10)
+        for m in (m1, evil):
+            await m.tick({}, 10)
+        await m1.acquire(["a"], 10)
+        code, out, err = await cli(
+            capsys, "fleet", "drain", "m1", "--config", str(empty_fleet.config)
+        )
+        assert code == 0, err
+        assert "\x1b" not in out and "\x07" not in out
+        assert "take them at their next ticks: m2\\x1b]0;pwned\\x07\\x1b[2J" in out
+    finally:
+        for m in (m1, evil):
+            await m.close()
