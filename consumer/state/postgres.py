@@ -749,8 +749,11 @@ class PostgresStore:
             chunk = PRUNE_CHUNK
             status = await self._pool.execute(
                 f"DELETE FROM {self._s}.processed_events WHERE (stream, event_id) IN ("
-                f"SELECT stream, event_id FROM {self._s}.processed_events "
+                f"SELECT stream, event_id FROM {self._s}.processed_events p "
                 "WHERE processed_at < $1 AND ($3::text[] IS NULL OR stream = ANY($3::text[])) "
+                # A checkpoint's own event id stays (see the SQLite store's _NOT_A_CHECKPOINT).
+                f"AND NOT EXISTS (SELECT 1 FROM {self._s}.checkpoints c "
+                "WHERE c.stream = p.stream AND c.unique_event_id = p.event_id) "
                 "LIMIT $2)",
                 older_than,
                 chunk,

@@ -189,6 +189,14 @@ _MARK = (
     "WHERE seq < excluded.seq"
 )
 
+# A checkpoint's own event id is never pruned, however old its stamp: the inclusive resume
+# sends that event again, and only its id says it was delivered (stamps of a clock that was
+# slow when they were written look old to the corrected one; see core.retention).
+_NOT_A_CHECKPOINT = (
+    "NOT EXISTS (SELECT 1 FROM checkpoints c "
+    "WHERE c.stream = p.stream AND c.unique_event_id = p.event_id)"
+)
+
 _PUT_SINK_STATE = (
     "INSERT INTO sink_state (sink, state, updated_at) VALUES (?, ?, ?) "
     "ON CONFLICT (sink) DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at"
@@ -551,8 +559,8 @@ class SqliteStore:
         while True:
             cur = await self._w.execute(
                 "DELETE FROM processed_events WHERE (stream, event_id) IN (SELECT stream, "
-                f"event_id FROM processed_events WHERE processed_at < ?{only} "
-                "ORDER BY processed_at LIMIT ?)",
+                f"event_id FROM processed_events p WHERE processed_at < ?{only} "
+                f"AND {_NOT_A_CHECKPOINT} ORDER BY processed_at LIMIT ?)",
                 (older_than, *(streams or ()), PRUNE_CHUNK),
             )
             deleted = cur.rowcount

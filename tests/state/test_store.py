@@ -532,6 +532,22 @@ async def test_a_batch_sent_again_is_applied_once(store: Store) -> None:
     assert cp.processed_count == 3
 
 
+async def test_a_checkpoints_own_event_id_is_never_pruned(store: Store) -> None:
+    """However old its stamp (a clock slow when it was written, corrected since): the
+    inclusive resume sends that event again, and only its id says it was delivered."""
+    await store.commit(
+        CommitBatch(
+            checkpoints={"b": Position("2", "b2"), "a": Position("9", "a9")},
+            processed={"b": ["b1", "b2"], "a": ["a8", "a9"]},
+        ),
+        now=10.0,
+    )
+    await store.commit(CommitBatch(checkpoints={"a": Position("10", "a10")}), now=11.0)
+    assert await store.prune_processed(20.0) == 3  # b1, a8, and a9 (no longer a checkpoint)
+    assert await store.seen("b", ["b1", "b2"]) == {"b2"}
+    assert await store.seen("a", ["a8", "a9"]) == set()
+
+
 async def test_marks_go_with_the_processed_ids_prune(store: Store) -> None:
     await store.commit(CommitBatch(done_counts={"s": 1}, mark=("old", 1)), now=10.0)
     await store.commit(CommitBatch(done_counts={"s": 1}, mark=("new", 1)), now=30.0)
