@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 from ..config import JsonlSinkSettings, Settings
-from ..errors import ExitCode, LeaseHeld, OperatorRefused
-from ..sinks.jsonl import adopt_position, committed_file
+from ..core.printable import printable
+from ..errors import ExitCode, LeaseHeld, OperatorRefused, SinkUnusable
+from ..sinks.jsonl import JsonlSink, adopt_position
 from ..state import acquire, open_store
 
 
@@ -27,7 +27,7 @@ async def adopt(settings: Settings, *, execute: bool) -> int:
     path, size, _ = adopt_position(settings.sink.path, settings.sink.rotation(), time.time())
     print(f"{path}: {size} bytes to record as committed in {state}")
     if not execute:
-        refusal = _refusal(await _committed(settings), settings.sink.path, path)
+        refusal = await _refusal(settings.sink, await _committed(settings))
         if refusal is not None:
             raise OperatorRefused(refusal)
         print("plan only: nothing changed (add --execute to apply it)", file=sys.stderr)
@@ -44,7 +44,7 @@ async def adopt(settings: Settings, *, execute: bool) -> int:
             path, size, position = adopt_position(
                 settings.sink.path, settings.sink.rotation(), time.time()
             )
-            refusal = _refusal(await store.sink_state("jsonl"), settings.sink.path, path)
+            refusal = await _refusal(settings.sink, await store.sink_state("jsonl"))
             if refusal is not None:
                 raise OperatorRefused(refusal)
             await store.set_sink_state("jsonl", position)
@@ -67,17 +67,21 @@ async def _committed(settings: Settings) -> str | None:
         await store.close()
 
 
-def _refusal(committed: str | None, configured: Path, adopted: Path) -> str | None:
-    """A recorded position of the very file to adopt: the store knows its committed length,
-    and the daemon cuts what is past it on start. Adopting would vouch for that tail (a kill
-    -9's: its events come again from the checkpoint, written twice) or move the length back
-    (the next start would cut committed lines). A position of another file (rotation since
-    switched off or renamed) or one this sink cannot read is what adopt is for."""
-    named = None if committed is None else committed_file(committed, configured)
-    if named is None or named[0] != adopted:
+async def _refusal(settings: JsonlSinkSettings, committed: str | None) -> str | None:
+    """Refused when the start would take the recorded position as it is (and cut what is
+    past it itself, or delete rotated files numbered after it): adopting would vouch for that
+    tail (a kill -9's: its events come again from the checkpoint, written twice) or move the
+    committed length back (the next start would cut committed lines). What the start refuses
+    (no position, one of a file this configuration does not name) is what adopt is for."""
+    if committed is None:
+        return None
+    try:
+        await JsonlSink(settings.path, rotation=settings.rotation()).check(committed)
+    except SinkUnusable:
         return None
     return (
-        f"the state store already records {adopted}'s committed length ({named[1]} bytes): "
-        "on start the daemon cuts what is past it itself. Adopt is for a file the store has "
-        "no position for (a new or replaced state store, or rotation switched off)"
+        f"the state store already records the jsonl sink's committed position "
+        f"({printable(committed, 300)}), and the daemon starts from it as it is, cutting "
+        "what is past it. Adopt is for a position the start refuses (none: a new or "
+        "replaced state store; or a file rotation no longer names)"
     )

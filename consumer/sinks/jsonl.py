@@ -589,18 +589,6 @@ def adopt_position(path: Path, rotation: Rotation | None, now: float) -> tuple[P
     return path, size, _encode(path.name, 0, size, rotation.started_at(now))
 
 
-def committed_file(committed: str, path: Path) -> tuple[Path, int] | None:
-    """The file and length a recorded position names (None: not a position this sink
-    reads, which ``sink adopt`` is there to replace)."""
-    try:
-        c = _parse(committed, path)
-    except SinkUnusable:
-        return None
-    if c is None:
-        return None
-    return (path if c.file is None else path.parent / c.file), c.length
-
-
 def rotated_files(path: Path, rotation: Rotation) -> list[Path]:
     """The rotated files beside ``path``, in the order they were written."""
     return [path.parent / name for _, name in sorted(_scan(path.parent, rotation))]

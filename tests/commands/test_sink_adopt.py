@@ -45,7 +45,7 @@ async def test_adopt_over_a_recorded_position_is_refused(
     flags = ["--execute"] if execute else []
     code, _, err = await cli(capsys, "sink", "adopt", *flags, "--config", str(config))
     assert code == 1, err
-    assert f"already records {out}'s committed length (80 bytes)" in err
+    assert "already records the jsonl sink's committed position (80)" in err
     assert await committed(settings) == "80"
 
 
@@ -84,3 +84,27 @@ async def test_adopt_over_a_position_of_another_file_goes_on(
     code, _, err = await cli(capsys, "sink", "adopt", "--execute", "--config", str(config))
     assert code == 0, err
     assert await committed(settings) == "16"
+
+
+async def test_adopt_over_a_recorded_file_of_the_series_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With rotation: the store records file 1 at 80 bytes; a kill -9 left a tail in it and a
+    file 2. The start cuts file 1 and deletes file 2; adopt (of the newest, file 2) would have
+    vouched for both, written again by the replay."""
+    out = tmp_path / "events.jsonl"
+    config = write_config(
+        tmp_path,
+        "http://127.0.0.1:9",
+        sink={"type": "jsonl", "path": str(out), "rotate_bytes": 1000},
+    )
+    settings = load_settings(config)
+    one = tmp_path / "events-20250101T000000Z.000001.jsonl"
+    one.write_bytes(b'{"e":1}\n' * 10 + b'{"e":"tail"}\n')
+    (tmp_path / "events-20250101T000100Z.000002.jsonl").write_bytes(b'{"e":"late"}\n' * 3)
+    recorded = f'{{"file":"{one.name}","seq":1,"length":80,"started":1735689600}}'
+    await committed(settings, recorded)
+    code, _, err = await cli(capsys, "sink", "adopt", "--execute", "--config", str(config))
+    assert code == 1, err
+    assert "already records the jsonl sink's committed position" in err
+    assert await committed(settings) == recorded
