@@ -225,6 +225,12 @@ class Daemon:
             budget=budget,
             status_check=check,
         )
+        # The checkpoint gauge from the start, not from a first commit here (a sink down from
+        # the start would leave the stuck-checkpoint alert no series): when the store last
+        # wrote it, or now for a stream without one.
+        cp = await self.store.checkpoint(name)
+        age = 0.0 if cp is None else max(0.0, time.time() - cp.updated_at)
+        self.committer.checkpointed_at[name] = time.monotonic() - age
         self.pipelines[name], self.runners[name] = pipeline, runner
 
     def _launch(self, name: str) -> None:
