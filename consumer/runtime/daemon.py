@@ -4,8 +4,9 @@ Shutdown is one fixed, idempotent sequence (first SIGTERM/SIGINT/SIGHUP): stream
 ``complete`` and wait for the server to close → pipelines drain within ``drain_timeout_s`` →
 workers are cancelled → a final commit → the resources opened at start (metrics listener, sink,
 HTTP client, state store, lease) close in reverse order, each even if another fails. A second
-signal exits at once; the state on disk stays consistent because every commit is one
-transaction and the jsonl sink is cut back to the committed length on the next start.
+signal exits at once (a stop the daemon began itself counts as no signal); the state on disk
+stays consistent because every commit is one transaction and the jsonl sink is cut back to the
+committed length on the next start.
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ class Daemon:
     runners: dict[str, StreamRunner] = field(default_factory=dict)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _signals: int = 0  # received; a stop of our own (sink unusable...) counts none
     _closed: bool = False
     exit_code: int = ExitCode.OK
     metrics_server: MetricsServer | None = None
@@ -421,11 +423,12 @@ class Daemon:
         return self.exit_code
 
     def _on_signal(self, sig: signal.Signals) -> None:
-        if self._stop.is_set():
+        self._signals += 1
+        if self._signals > 1:
             _exit_now(sig)
         log.info("signal received: draining", signal=sig.name)
-        if sig == signal.SIGHUP:
-            self.exit_code = ExitCode.RUNTIME
+        if sig == signal.SIGHUP and self.exit_code == ExitCode.OK:
+            self.exit_code = ExitCode.RUNTIME  # a status we chose (78: do not restart) stays
         self._stop.set()
 
     async def close(self) -> None:
@@ -636,6 +639,7 @@ async def run(settings: Settings) -> int:
     if early:
         if early[0] == signal.SIGHUP:
             daemon.exit_code = ExitCode.RUNTIME
+        daemon._signals = len(early)  # the next one exits at once
         daemon.request_stop()
     tune_gc()
     # Our handlers stay until Daemon.run replaces them (no await between): a signal in
