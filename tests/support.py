@@ -23,10 +23,12 @@ from typing import Any
 from consumer.config import Settings
 from consumer.core.events import Event
 from consumer.core.protocol import Next, decode
+from consumer.errors import TransientSinkError
 from consumer.runtime.daemon import Daemon
 from consumer.runtime.status import StreamStatus
 from consumer.runtime.stream import StreamState
 from consumer.sandbox import SandboxGateway, SandboxOptions, launcher
+from consumer.sinks.jsonl import JsonlSink
 
 # Protocol timers scaled for tests: the behaviour is the same, only faster.
 FAST_CONNECTION: dict[str, Any] = {
@@ -157,6 +159,13 @@ class Held:
 
     async def reached(self) -> None:
         await wait_until(self.entered.is_set, timeout=10)
+
+
+class DownSink(JsonlSink):
+    """A jsonl sink down from the start: every write fails transiently, and is retried."""
+
+    async def write(self, stream: str, events: Sequence[Event]) -> None:
+        raise TransientSinkError("sink down")
 
 
 @asynccontextmanager

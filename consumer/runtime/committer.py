@@ -113,7 +113,8 @@ class Committer:
         self.busy_since: float | None = None  # monotonic start of the commit under way
         self.failing_since: float | None = None  # monotonic time of the first failed commit
         self.failures = 0  # consecutive failed commits
-        self.checkpointed_at: dict[str, float] = {}  # stream -> monotonic time it last moved
+        # stream -> monotonic time it last moved (the daemon seeds it at the stream's start)
+        self.checkpointed_at: dict[str, float] = {}
 
     def configure_fence(
         self, fence: Callable[[], Fence | None], on_fenced: Callable[[frozenset[str]], None]

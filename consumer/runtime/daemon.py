@@ -4,8 +4,9 @@ Shutdown is one fixed, idempotent sequence (first SIGTERM/SIGINT/SIGHUP): stream
 ``complete`` and wait for the server to close → pipelines drain within ``drain_timeout_s`` →
 workers are cancelled → a final commit → the resources opened at start (metrics listener, sink,
 HTTP client, state store, lease) close in reverse order, each even if another fails. A second
-signal exits at once; the state on disk stays consistent because every commit is one
-transaction and the jsonl sink is cut back to the committed length on the next start.
+signal exits at once (a stop the daemon began itself counts as no signal); the state on disk
+stays consistent because every commit is one transaction and the jsonl sink is cut back to the
+committed length on the next start.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import signal
 import sys
 import time
+from collections import Counter
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
@@ -87,6 +89,7 @@ class Daemon:
     runners: dict[str, StreamRunner] = field(default_factory=dict)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _signals: int = 0  # received; a stop of our own (sink unusable...) counts none
     _closed: bool = False
     exit_code: int = ExitCode.OK
     metrics_server: MetricsServer | None = None
@@ -224,6 +227,12 @@ class Daemon:
             budget=budget,
             status_check=check,
         )
+        # The checkpoint gauge from the start, not from a first commit here (a sink down from
+        # the start would leave the stuck-checkpoint alert no series): when the store last
+        # wrote it, or now for a stream without one.
+        cp = await self.store.checkpoint(name)
+        age = 0.0 if cp is None else max(0.0, time.time() - cp.updated_at)
+        self.committer.checkpointed_at[name] = time.monotonic() - age
         self.pipelines[name], self.runners[name] = pipeline, runner
 
     def _launch(self, name: str) -> None:
@@ -414,11 +423,12 @@ class Daemon:
         return self.exit_code
 
     def _on_signal(self, sig: signal.Signals) -> None:
-        if self._stop.is_set():
+        self._signals += 1
+        if self._signals > 1:
             _exit_now(sig)
         log.info("signal received: draining", signal=sig.name)
-        if sig == signal.SIGHUP:
-            self.exit_code = ExitCode.RUNTIME
+        if sig == signal.SIGHUP and self.exit_code == ExitCode.OK:
+            self.exit_code = ExitCode.RUNTIME  # a status we chose (78: do not restart) stays
         self._stop.set()
 
     async def close(self) -> None:
@@ -427,7 +437,8 @@ class Daemon:
             return
         self._closed = True
         self._stop.set()
-        systemd.notify("STOPPING=1", "STATUS=draining")
+        systemd.notify("STOPPING=1")
+        systemd.status("draining")
         p = self.settings.pipeline
         if self.fleet is not None:
             self.fleet.stop_acquiring()
@@ -488,19 +499,38 @@ class Daemon:
             exit_code=self.exit_code,
         )
 
-    def status_line(self, stored: dict[str, str] | None = None) -> str:
+    def status_line(
+        self, stored: dict[str, str] | None = None, limit: int = systemd.STATUS_MAX_BYTES
+    ) -> str:
         """Per stream: its state, offset and what it waits for; ``stored``: the checkpoints on
-        disk, the offset of a stream that has done nothing yet in this run."""
-        parts = []
+        disk, the offset of a stream that has done nothing yet in this run. Longer than
+        ``limit`` bytes: how many streams are in each state, then as many as fit (those not
+        streaming first) and how many more."""
+        parts = []  # (streaming, its line)
         for name, runner in self.runners.items():
             done = self.pipelines[name].position
             offset = done.offset if done else (stored or {}).get(name, "-")
             waiting = for_a_person(runner.waiting_for())
             parts.append(
-                f"{name}: {runner.state.value}, offset {offset}"
-                + (f" ({waiting})" if waiting else "")
+                (
+                    runner.state is StreamState.STREAMING,
+                    f"{name}: {runner.state.value}, offset {offset}"
+                    + (f" ({waiting})" if waiting else ""),
+                )
             )
-        return "; ".join(parts)
+        line = "; ".join(part for _, part in parts)
+        if len(line.encode()) <= limit:
+            return line
+        states = Counter(r.state.value for r in self.runners.values())
+        head = f"{len(parts)} streams: " + ", ".join(f"{n} {s}" for s, n in states.most_common())
+        room = limit - len(f"{head}; … and {len(parts)} more".encode())
+        shown = []
+        for _, part in sorted(parts, key=lambda p: p[0]):
+            room -= len(part.encode()) + 2
+            if room < 0:
+                break
+            shown.append(part)
+        return "; ".join([head, *shown, f"… and {len(parts) - len(shown)} more"])
 
     async def _report_to_systemd(self) -> None:
         """READY=1 once local set-up is done (never waiting for OHIP: an outage must not
@@ -508,17 +538,22 @@ class Daemon:
         loop, so a blocked loop gets the process restarted."""
         period = systemd.watchdog_period()
         stored = await self._stored_offsets(period)
-        systemd.notify("READY=1", f"STATUS={self.status_line(stored)}")
+        systemd.notify("READY=1")  # alone: a datagram too long for systemd is lost whole
+        systemd.status(self.status_line(stored))
         while True:
             await asyncio.sleep(period or 5.0)
             # Local health only (the upstream being down is no reason to restart): this loop
             # runs, and no commit has been stuck for a minute.
             busy = self.committer.busy_since
             healthy = busy is None or time.monotonic() - busy < 60.0
-            beats = ["WATCHDOG=1"] if period and healthy else []
+            if period and healthy:
+                systemd.notify("WATCHDOG=1")
             # Still beating while we drain (a drain may outlast WatchdogSec), saying so.
-            line = self.status_line(await self._stored_offsets(period))
-            systemd.notify(*beats, f"STATUS={'draining: ' if self._closed else ''}{line}")
+            prefix = "draining: " if self._closed else ""
+            stored = await self._stored_offsets(period)
+            systemd.status(
+                prefix + self.status_line(stored, systemd.STATUS_MAX_BYTES - len(prefix))
+            )
 
     async def _stored_offsets(self, period: float | None) -> dict[str, str]:
         """The checkpoints on disk while a stream has done nothing in this run (connecting,
@@ -604,6 +639,7 @@ async def run(settings: Settings) -> int:
     if early:
         if early[0] == signal.SIGHUP:
             daemon.exit_code = ExitCode.RUNTIME
+        daemon._signals = len(early)  # the next one exits at once
         daemon.request_stop()
     tune_gc()
     # Our handlers stay until Daemon.run replaces them (no await between): a signal in

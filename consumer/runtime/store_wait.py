@@ -79,9 +79,8 @@ async def when_reachable(
             retry_in_s=round(delay, 1),
         )
         waiting.why = f"waiting for the state store ({why}), retry in {delay:.0f} s"
-        systemd.notify(
-            f"STATUS={waiting.why}", f"EXTEND_TIMEOUT_USEC={int((delay + _START_SLACK_S) * 1e6)}"
-        )
+        systemd.notify(f"EXTEND_TIMEOUT_USEC={int((delay + _START_SLACK_S) * 1e6)}")
+        systemd.status(waiting.why)  # apart: an error's text could make it too long
 
     try:
         async for attempt in AsyncRetrying(

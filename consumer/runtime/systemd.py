@@ -9,9 +9,14 @@ from __future__ import annotations
 import os
 import socket
 
+# systemd reads a notification into a PIPE_BUF (4096 byte) buffer and ignores a longer one
+# whole, READY=1 or WATCHDOG=1 in it too: a status goes alone, and well short of that.
+STATUS_MAX_BYTES = 2048
+
 
 def notify(*assignments: str) -> bool:
-    """Send e.g. ``notify("READY=1", "STATUS=...")``; best effort, never blocks or raises."""
+    """Send e.g. ``notify("READY=1")`` (a status: :func:`status`); best effort, never blocks
+    or raises."""
     address = os.environ.get("NOTIFY_SOCKET")
     if not address:
         return False
@@ -27,6 +32,14 @@ def notify(*assignments: str) -> bool:
         except OSError:
             return False
     return True
+
+
+def status(text: str) -> bool:
+    """``STATUS=text`` in a datagram of its own, cut to ``STATUS_MAX_BYTES`` of UTF-8."""
+    data = text.encode()
+    if len(data) > STATUS_MAX_BYTES:
+        text = data[: STATUS_MAX_BYTES - 3].decode(errors="ignore") + "…"
+    return notify(f"STATUS={text}")
 
 
 def watchdog_period() -> float | None:

@@ -141,7 +141,7 @@ async def test_systemd_status_shows_the_stored_checkpoint_before_the_first_event
             await wait_until(waiting)
     status = next(m for m in messages if "waiting for token (" in m)
     assert f"STATUS=main: connecting, offset {newest} (waiting for token (" in status, status
-    assert messages[0].startswith("READY=1\n") and f"offset {newest}" in messages[0], messages
+    assert messages[0] == "READY=1" and f"offset {newest}" in messages[1], messages
 
 
 def test_sandbox_help_says_which_timestamps_are_the_default(

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import sqlite3
+import time
+from contextlib import closing
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support import count_lines, make_settings, running, wait_until
+from support import (
+    DownSink,
+    committed,
+    count_lines,
+    make_settings,
+    newest_offset,
+    running,
+    wait_until,
+)
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.typing import Subprotocol
 
@@ -15,9 +27,11 @@ from consumer.config import OrchestrationSettings
 from consumer.core.events import event_time
 from consumer.core.protocol import SUBPROTOCOL
 from consumer.runtime.assembly import register_secrets
+from consumer.runtime.daemon import Daemon
 from consumer.runtime.metrics import fleet_families
 from consumer.runtime.status import FleetStatus
 from consumer.sandbox import SandboxOptions
+from consumer.sandbox.launcher import free_port
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -83,6 +97,43 @@ async def test_token_failures_are_counted_apart_from_requests(sandbox_factory, t
             text = (await http.get(f"http://127.0.0.1:{daemon.metrics_server.port}/metrics")).text
     assert value(text, "opera_consumer_token_failures_total") == 2
     assert value(text, "opera_consumer_token_refreshes_total") == 3  # the third one answered
+
+
+async def test_the_checkpoint_gauge_is_exported_before_any_commit(sandbox_factory, tmp_path: Path):
+    """With the sink down from the start no commit moves the checkpoint: the gauge (and with it
+    OperaConsumerCheckpointStuck) had no series. It has one from the stream's start: the start
+    itself for a stream without a checkpoint, else when the store last wrote it."""
+    gw = await sandbox_factory(backlog=20)
+    pipeline = {"sink_retry_max_s": 0.2, "drain_timeout_s": 0.5}
+    sink = tmp_path / "events.jsonl"
+
+    async def scrape(daemon: Daemon) -> str:
+        assert daemon.metrics_server is not None
+        async with httpx.AsyncClient() as http:
+            url = f"http://127.0.0.1:{daemon.metrics_server.port}/metrics"
+            return (await http.get(url)).text
+
+    before = time.time()
+    async with running(
+        make_settings(tmp_path, gw.url, pipeline=pipeline), sink=DownSink(sink)
+    ) as d:
+        await wait_until(lambda: d.pipelines["main"].in_flight > 0)  # events wait
+        text = await scrape(d)
+    moved = value(text, "opera_consumer_checkpoint_timestamp_seconds")
+    assert before - 0.01 <= moved <= time.time()
+    # A checkpoint stored by an earlier run; started again with the gateway gone (no event,
+    # so no commit, can come): the time it was stored.
+    async with running(make_settings(tmp_path, gw.url)):
+        await wait_until(lambda: committed(tmp_path / "state.db", newest_offset(gw)))
+    with closing(sqlite3.connect(tmp_path / "state.db")) as db:
+        (stored,) = db.execute(
+            "SELECT updated_at FROM checkpoints WHERE stream = 'main'"
+        ).fetchone()
+    gone = f"http://127.0.0.1:{free_port()}"
+    async with running(make_settings(tmp_path, gone)) as d:
+        text = await scrape(d)
+    moved = value(text, "opera_consumer_checkpoint_timestamp_seconds")
+    assert moved == pytest.approx(stored, abs=0.01)
 
 
 def test_event_time_parses_oracle_timestamps():
