@@ -2,7 +2,9 @@
 
 Like ``kafka-consumer-groups --reset-offsets``: the command prints the plan (current → new)
 and changes nothing without ``--execute``; it is refused while a running daemon holds the
-stream, and holds the lease itself while it writes, so no daemon starts half-way.
+stream, and holds the lease itself while it writes, so no daemon starts half-way. On
+PostgreSQL it looks at, and holds, both a single daemon's lease and the fleet's lease rows,
+whatever this config's ``[fleet]`` says (:func:`~consumer.state.lease.hold_streams`).
 
 * ``set STREAM OFFSET``: the next session resumes at OFFSET (OHIP's replay is inclusive).
   Events already processed within ``processed_retention_days`` are still skipped by the
@@ -21,7 +23,8 @@ from typing import Any
 from ..config import Settings
 from ..core.protocol import SubscribeInput
 from ..errors import ExitCode, InvalidInput, LeaseHeld, OffsetRefused, OperatorRefused
-from ..state import acquire, current_holder, open_store
+from ..state import open_store
+from ..state.lease import hold_streams, in_the_way
 from .output import emit, iso, no_store
 
 
@@ -72,7 +75,11 @@ def settings_start(settings: Settings, name: str) -> str:
 def _who(holder: dict[str, Any]) -> str:
     if holder.get("member"):
         return f"fleet member {holder['member']}"
-    return f"pid {holder.get('pid')}"
+    who = f"pid {holder.get('pid')}"
+    if holder.get("host"):
+        who += f" on {holder['host']}"
+    role = holder.get("role")
+    return who if role in (None, "daemon") else f"{who}, {role}"
 
 
 async def plan(settings: Settings, stream: str, new: str) -> Plan:
@@ -86,12 +93,9 @@ async def plan(settings: Settings, stream: str, new: str) -> Plan:
             SubscribeInput(chain_code="X", offset=new).validate()
         except InvalidInput as exc:
             raise OffsetRefused(f"offset {new!r}: {exc}") from None
-    running = await current_holder(settings.state, fleet=settings.fleet.enabled)
-    if running is not None and stream in running.get("streams", [stream]):
-        raise OffsetRefused(
-            f"a running opera-consumer ({_who(running)}) holds stream {stream}: "
-            "stop it first (its in-memory position would overwrite the change)"
-        )
+    _refuse_beside(
+        await in_the_way(settings.state, (stream,), fleet=settings.fleet.enabled), stream
+    )
     store = await open_store(settings.state)
     try:
         cp = await store.checkpoint(stream)
@@ -105,8 +109,24 @@ async def plan(settings: Settings, stream: str, new: str) -> Plan:
     return Plan(stream, cp.offset if cp else None, new, note)
 
 
+def _refuse_beside(running: dict[str, Any] | None, stream: str) -> None:
+    if running is None:
+        return
+    if running.get("fleet_off"):
+        raise OffsetRefused(
+            f"fleet members ({running['member']}) run on this state store, and this config "
+            "has [fleet] off: set [fleet] enabled = true, as theirs, and try again"
+        )
+    raise OffsetRefused(
+        f"a running opera-consumer ({_who(running)}) holds stream {stream}: "
+        "stop it first (its in-memory position would overwrite the change)"
+    )
+
+
 async def execute(settings: Settings, p: Plan) -> None:
-    held = await acquire(settings.state, (p.stream,), role="offset", fleet=settings.fleet.enabled)
+    held = await hold_streams(
+        settings.state, (p.stream,), role="offset", fleet=settings.fleet.enabled
+    )
     try:
         store = await open_store(settings.state)
         try:

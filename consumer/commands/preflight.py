@@ -321,30 +321,42 @@ async def _rolled_back(conn: Any) -> AsyncIterator[_RolledBack]:
     await tx.start()
     try:
         yield _RolledBack(conn)
-    finally:
+    except asyncio.CancelledError:
+        raise  # a timeout: the caller drops the connection (a ROLLBACK would wait as well)
+    except BaseException:
         await tx.rollback()
+        raise
+    await tx.rollback()
 
 
 async def _postgres_state(settings: Settings) -> tuple[str, str | None]:
-    """What to say of the store, and the sink's committed position in it."""
+    """What to say of the store, and the sink's committed position in it. The connect and
+    every statement (BEGIN, the wait for the migration lock, the reads) within one
+    ``[state] timeout_s``, the goodbye within another: a server that accepts the connection
+    and then goes silent fails the item instead of holding the checklist."""
     import asyncpg  # noqa: PLC0415  # an extra: only where PostgreSQL is configured
 
     from ..state import postgres  # noqa: PLC0415
 
     st = settings.state
     assert st.dsn is not None  # the settings refuse postgres without one
-    target = Target(st.dsn.get_secret_value())
+    target, timeout_s = Target(st.dsn.get_secret_value()), st.timeout_s
+    conn: Any = None
     try:
-        conn = await asyncpg.connect(target.dsn(), timeout=st.timeout_s)
+        async with asyncio.timeout(timeout_s):
+            conn = await asyncpg.connect(target.dsn(), timeout=timeout_s, command_timeout=timeout_s)
+            async with _rolled_back(conn) as pool:
+                store = postgres.PostgresStore(pool, target, st.schema_, timeout_s)
+                await store._migrate(create=True)
+                sink_state = await store.sink_state(settings.sink.type)
+    except TimeoutError:
+        raise postgres.no_answer(target, st.schema_, "trying the set-up", timeout_s) from None
     except (*postgres.DRIVER_ERRORS, ValueError) as exc:
-        raise postgres.store_error(target, st.schema_, exc, "connecting") from None
-    try:
-        async with _rolled_back(conn) as pool:
-            store = postgres.PostgresStore(pool, target, st.schema_, st.timeout_s)
-            await store._migrate(create=True)
-            sink_state = await store.sink_state(settings.sink.type)
+        doing = "connecting" if conn is None else "trying the set-up"
+        raise postgres.store_error(target, st.schema_, exc, doing) from None
     finally:
-        await conn.close(timeout=st.timeout_s)
+        if conn is not None:
+            await postgres.close_bounded(conn, timeout_s)
     return f"PostgreSQL {target.where} reachable, schema {st.schema_} ready or creatable", (
         sink_state
     )

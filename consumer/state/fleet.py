@@ -135,18 +135,20 @@ class FleetTable:
         drops the connection (the next call makes a new one) and raises StoreError."""
         try:
             async with asyncio.timeout(timeout_s), self._lock:
-                if self._conn is None or self._conn.is_closed():
-                    self._conn = await asyncpg.connect(
-                        self._target.dsn(),
-                        timeout=min(timeout_s, self._connect_timeout),
-                        server_settings={
-                            "application_name": f"opera-consumer fleet {self.member}"[:63]
-                        },
-                    )
-                return await getattr(self._conn, fn)(sql, *args)
+                conn = await self._connection(timeout_s)
+                return await getattr(conn, fn)(sql, *args)
         except (*DRIVER_ERRORS, ValueError) as exc:
             self._drop()
             raise store_error(self._target, self._schema, exc, doing) from None
+
+    async def _connection(self, timeout_s: float) -> Any:
+        if self._conn is None or self._conn.is_closed():
+            self._conn = await asyncpg.connect(
+                self._target.dsn(),
+                timeout=min(timeout_s, self._connect_timeout),
+                server_settings={"application_name": f"opera-consumer fleet {self.member}"[:63]},
+            )
+        return self._conn
 
     def _drop(self) -> None:
         conn, self._conn = self._conn, None
@@ -306,6 +308,17 @@ class FleetTable:
 
     # --- operators (opera-consumer fleet ...) ---------------------------------------------
 
+    async def has_tables(self, timeout_s: float) -> bool:
+        """Whether the schema has the fleet's tables (a store of schema version 2 or later)."""
+        found = await self._call(
+            "reading the fleet",
+            timeout_s,
+            "fetchval",
+            "SELECT to_regclass($1) IS NOT NULL",
+            f"{self._s}.stream_leases",
+        )
+        return bool(found)
+
     @classmethod
     def for_operator(cls, settings: StateSettings, *, lease_ttl_s: float = 0.0) -> FleetTable:
         """For a CLI command: a name of its own, never a member (it never ticks)."""
@@ -319,6 +332,54 @@ class FleetTable:
             started_at=0.0,
             lease_ttl_s=lease_ttl_s,
         )
+
+    async def hold_for_change(self, streams: Iterable[str], timeout_s: float) -> dict[str, str]:
+        """Hold these streams' lease rows while an operator changes the streams' state
+        (``offset set/reset``), on a connection of its own, until :meth:`close`. First
+        whoever held a row is fenced (a new epoch, the row left free; committed, so a member
+        frozen past its expiry commits nothing more), then the rows stay locked by an open
+        transaction: a member's takeover (``FOR UPDATE SKIP LOCKED``) passes them by. No
+        lease in the command's name: if it dies, the server ends the transaction and the
+        rows are free at once. A missing row is made (a stream no member joined yet).
+        Returns the rows' live holders instead (stream: member), holding nothing."""
+        s, wanted = self._s, sorted(set(streams))
+        rows = (
+            f"SELECT stream, holder, expires_at > {NOW} AS live FROM {s}.stream_leases "
+            "WHERE stream = ANY($1::text[]) ORDER BY stream FOR UPDATE"
+        )
+        try:
+            async with asyncio.timeout(timeout_s), self._lock:
+                self._drop()  # a connection of its own: the transaction is ours to the end
+                conn = await self._connection(timeout_s)
+                await conn.execute(
+                    f"INSERT INTO {s}.stream_leases (stream) SELECT unnest($1::text[]) "
+                    "ON CONFLICT (stream) DO NOTHING",
+                    wanted,
+                )
+                for fence in (True, False):
+                    tx = conn.transaction()
+                    await tx.start()
+                    live = {
+                        str(r["stream"]): str(r["holder"])
+                        for r in await conn.fetch(rows, wanted)
+                        if r["live"] and r["holder"] is not None
+                    }
+                    if live:
+                        await tx.rollback()
+                        return live
+                    if fence:
+                        await conn.execute(
+                            f"UPDATE {s}.stream_leases SET holder = NULL, "
+                            "epoch = epoch + 1, expires_at = 0 WHERE stream = ANY($1::text[])",
+                            wanted,
+                        )
+                        await tx.commit()
+                return {}  # the second transaction stays open: the rows stay locked
+        except BaseException as exc:
+            self._drop()
+            if isinstance(exc, (*DRIVER_ERRORS, ValueError)):
+                raise store_error(self._target, self._schema, exc, "holding leases") from None
+            raise
 
     async def set_draining(self, member: str, draining: bool, timeout_s: float) -> bool:
         """Mark a member draining (its share becomes 0: it hands its streams over

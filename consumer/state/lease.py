@@ -4,7 +4,10 @@ SQLite: an exclusive ``flock`` on ``<state>.lock``. The kernel drops the lock wh
 dies (even by ``kill -9``), so a stale lease is impossible. The file names the holder (pid,
 streams) for the CLI, which refuses to change offsets of a stream a running daemon holds, and
 takes the lease itself while it changes them. PostgreSQL: a session advisory lock (see
-:class:`~consumer.state.postgres.PostgresLease`), which the server drops with the connection.
+:class:`~consumer.state.postgres.PostgresLease`), which the server drops with the connection;
+a fleet's members take a lease row per stream instead (:mod:`consumer.state.fleet`), and an
+operator's change looks at and holds both, whatever its own ``[fleet]`` says
+(:func:`in_the_way`, :func:`hold_streams`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from ..errors import LeaseHeld, ReplayRefused
 from .sqlite import store_error
 
 if TYPE_CHECKING:
-    from .fleet import FleetTable
+    from .fleet import FleetTable, FleetView
 
 
 def lock_path(state_path: Path, purpose: str = "") -> Path:
@@ -102,53 +105,26 @@ class _FileHeld:
         self._lease.release()
 
 
-class _FleetHeld:
-    """An operator command's hold on fleet streams: their lease rows in its own name (a new
-    epoch, so a member that had them can commit nothing more), given back at the end."""
+class _StreamsHeld:
+    """An operator's hold on PostgreSQL streams: the schema's advisory lease, and their
+    lease rows locked by a transaction of the fleet table's connection."""
 
-    def __init__(self, table: FleetTable, epochs: dict[str, int]) -> None:
+    def __init__(self, single: Held, table: FleetTable) -> None:
+        self._single = single
         self._table = table
-        self._epochs = epochs
-
-    @classmethod
-    async def take(cls, settings: StateSettings, streams: Iterable[str]) -> _FleetHeld:
-        from .fleet import FleetTable  # noqa: PLC0415  # asyncpg: an extra
-
-        table = FleetTable.for_operator(settings, lease_ttl_s=_OPERATOR_LEASE_S)
-        wanted = sorted(set(streams))
-        try:
-            got = {a.stream: a.epoch for a in await table.acquire(wanted, settings.timeout_s)}
-            if set(got) != set(wanted):
-                await table.release(got, settings.timeout_s)
-                view = await table.view(settings.timeout_s)
-                busy = [s for s in wanted if s not in got]
-                holders = sorted({str(view.leases[s].holder) for s in busy if s in view.leases})
-                raise LeaseHeld(f"(streams {', '.join(busy)})", {"member": ", ".join(holders)})
-        except BaseException:
-            await table.close()
-            raise
-        return cls(table, got)
 
     async def release(self) -> None:
-        epochs, self._epochs = self._epochs, {}
         try:
-            await self._table.release(epochs, 10.0)
+            await self._table.close()  # the server ends the transaction: the rows are free
         finally:
-            await self._table.close()
+            await self._single.release()
 
 
-_OPERATOR_LEASE_S = 300.0  # an operator command's hold on a fleet stream, at most
-
-
-async def acquire(
-    settings: StateSettings, streams: Iterable[str], *, role: str = "daemon", fleet: bool = False
-) -> Held:
+async def acquire(settings: StateSettings, streams: Iterable[str], *, role: str = "daemon") -> Held:
     """Hold the state store for this process: the ``flock`` beside an SQLite file, or a
     session advisory lock in PostgreSQL (held by a connection of its own, dropped by the server
-    when the process dies). ``fleet``: the leases of ``streams`` instead (the members share
-    the store). :class:`LeaseHeld` names the holder."""
-    if fleet:
-        return await _FleetHeld.take(settings, streams)
+    when the process dies). A fleet's streams: :func:`hold_streams`. :class:`LeaseHeld` names
+    the holder."""
     if settings.backend == "postgres":
         from .postgres import PostgresLease  # noqa: PLC0415  # asyncpg: an extra
 
@@ -203,3 +179,92 @@ async def current_holder(settings: StateSettings, *, fleet: bool = False) -> dic
 
         return await PostgresLease.holder(settings)
     return holder(settings.path)
+
+
+# --- an operator's change to streams (offset set / reset) ---------------------------------------
+
+
+def _fleet_in_the_way(
+    view: FleetView, streams: Iterable[str], *, fleet: bool
+) -> dict[str, Any] | None:
+    """The live holders of these streams' lease rows; ``fleet`` off (a single daemon's
+    config on a fleet's schema, which the daemon refuses too), any live member or holder."""
+    held = {
+        s: str(lv.holder)
+        for s, lv in view.leases.items()
+        if lv.holder is not None and lv.expires_at > view.now
+    }
+    busy = sorted(set(streams) & set(held))
+    if busy:
+        return {"member": ", ".join(sorted({held[s] for s in busy})), "streams": busy}
+    names = set(held.values()) | {m.member for m in view.live()}
+    if fleet or not names:
+        return None
+    return {"member": ", ".join(sorted(names)), "streams": sorted(held), "fleet_off": True}
+
+
+async def in_the_way(
+    settings: StateSettings, streams: Iterable[str], *, fleet: bool
+) -> dict[str, Any] | None:
+    """Who would write over a change to ``streams`` made now, or None. SQLite: the file
+    lease's holder, when it holds one of them. PostgreSQL, whatever ``fleet`` says: the
+    holder of the schema's advisory lease (a single daemon), then :func:`_fleet_in_the_way`.
+    A schema without the fleet's tables (none yet, or older) has no fleet."""
+    wanted = set(streams)
+    if settings.backend != "postgres":
+        who = holder(settings.path)
+        if who is not None and wanted & set(who.get("streams", wanted)):
+            return who
+        return None
+    from .fleet import FleetTable  # noqa: PLC0415  # asyncpg: an extra
+    from .postgres import PostgresLease  # noqa: PLC0415
+
+    single = await PostgresLease.holder(settings)
+    if single is not None:
+        return single
+    table = FleetTable.for_operator(settings)
+    try:
+        if not await table.has_tables(settings.timeout_s):
+            return None
+        view = await table.view(settings.timeout_s)
+    finally:
+        await table.close()
+    return _fleet_in_the_way(view, wanted, fleet=fleet)
+
+
+async def hold_streams(
+    settings: StateSettings, streams: Iterable[str], *, role: str, fleet: bool
+) -> Held:
+    """Hold ``streams`` against every writer while an operator changes their state.
+    SQLite: the file lease. PostgreSQL, whatever ``fleet`` says: the schema's advisory lease
+    (no single daemon starts meanwhile), then the streams' lease rows
+    (:meth:`~consumer.state.fleet.FleetTable.hold_for_change`: whoever had one is fenced,
+    and no member takes one meanwhile); ``fleet`` off, refused beside live members, as the
+    daemon refuses. :class:`LeaseHeld` names the holder."""
+    wanted = sorted(set(streams))
+    if settings.backend != "postgres":
+        return _FileHeld(Lease.acquire(settings.path, wanted, role=role))
+    from .fleet import FleetTable  # noqa: PLC0415  # asyncpg: an extra
+    from .postgres import PostgresLease  # noqa: PLC0415
+
+    single = await PostgresLease.acquire(settings, wanted, role=role)
+    table = FleetTable.for_operator(settings)
+    try:
+        if not fleet:
+            members = _fleet_in_the_way(await table.view(settings.timeout_s), (), fleet=False)
+            await table.close()  # the hold makes a connection of its own
+            if members is not None:
+                where = f"schema {settings.schema_} (fleet members; set [fleet] enabled)"
+                raise LeaseHeld(where, members)
+        live = await table.hold_for_change(wanted, settings.timeout_s)
+        if live:
+            busy = sorted(live)
+            who = {"member": ", ".join(sorted(set(live.values()))), "streams": busy}
+            raise LeaseHeld(f"schema {settings.schema_} (streams {', '.join(busy)})", who)
+    except BaseException:
+        try:
+            await table.close()
+        finally:
+            await single.release()
+        raise
+    return _StreamsHeld(single, table)

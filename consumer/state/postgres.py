@@ -33,7 +33,6 @@ missing privilege or anything else are not. The DSN is a secret: messages name t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import hashlib
 import os
@@ -777,18 +776,40 @@ def _lease_key(schema: str, purpose: str = "") -> int:
     return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
+def no_answer(target: Target, schema: str, doing: str, timeout_s: float) -> StoreError:
+    """A server that accepted the connection and then went silent (a lock, a frozen host)."""
+    return StoreError(
+        f"state store PostgreSQL {target.where} (schema {schema}): {doing}: no answer within "
+        f"{timeout_s:g} s ([state] timeout_s): retry later",
+        retriable=True,
+    )
+
+
+async def close_bounded(conn: Any, timeout_s: float) -> None:
+    """Close within ``timeout_s``; a server that does not answer the goodbye is cut off."""
+    try:
+        await conn.close(timeout=timeout_s)
+    except DRIVER_ERRORS:
+        conn.terminate()
+
+
 class PostgresLease:
     """One daemon per schema, whatever host it runs on: a session advisory lock, held by a
     connection of its own for as long as the daemon runs. The server drops it when that
     connection ends (the process died, the host went away), so a stale lease clears itself
     once TCP notices. The connection's ``application_name`` says who holds it (pid, role);
-    ``pg_stat_activity`` adds the host. (A fleet's leases, with epochs that fence a member
-    that lost its lease, are issue #11's next step; this is the single-daemon guard.)"""
+    ``pg_stat_activity`` adds the host. A fleet's members take per-stream leases instead
+    (:mod:`consumer.state.fleet`).
 
-    def __init__(self, conn: Any, target: Target, schema: str) -> None:
+    Every call ends within ``[state] timeout_s`` (the connect and its statements together),
+    plus as long again to say goodbye: a server that accepted the connection and then went
+    silent must not hold an operator's command for ever."""
+
+    def __init__(self, conn: Any, target: Target, schema: str, timeout_s: float) -> None:
         self._conn = conn
         self._target = target
         self._schema = schema
+        self._timeout = timeout_s
 
     @classmethod
     async def acquire(
@@ -801,59 +822,70 @@ class PostgresLease:
     ) -> PostgresLease:
         assert settings.dsn is not None, "checked by StateSettings"
         target, schema = Target(settings.dsn.get_secret_value()), settings.schema_
+        timeout_s = settings.timeout_s
         name = f"opera-consumer lease pid={os.getpid()} role={role}"[:63]
+        conn: Any = None
         try:
-            conn = await asyncpg.connect(
-                target.dsn(),
-                timeout=settings.timeout_s,
-                command_timeout=settings.timeout_s,
-                server_settings={"application_name": name},
-            )
-        except (*DRIVER_ERRORS, ValueError) as exc:
-            raise store_error(target, schema, exc, "taking the lease") from None
-        try:
-            got = await conn.fetchval(
-                "SELECT pg_try_advisory_lock($1, $2)", _LEASE_CLASS, _lease_key(schema, purpose)
-            )
+            async with asyncio.timeout(timeout_s):
+                conn = await asyncpg.connect(
+                    target.dsn(),
+                    timeout=timeout_s,
+                    command_timeout=timeout_s,
+                    server_settings={"application_name": name},
+                )
+                got = await conn.fetchval(
+                    "SELECT pg_try_advisory_lock($1, $2)",
+                    _LEASE_CLASS,
+                    _lease_key(schema, purpose),
+                )
         except BaseException as exc:
-            await conn.close()
-            if isinstance(exc, DRIVER_ERRORS):
+            if conn is not None:
+                await close_bounded(conn, timeout_s)
+            if isinstance(exc, TimeoutError):
+                raise no_answer(target, schema, "taking the lease", timeout_s) from None
+            if isinstance(exc, (*DRIVER_ERRORS, ValueError)):
                 raise store_error(target, schema, exc, "taking the lease") from None
             raise
         if not got:
-            await conn.close()
+            await close_bounded(conn, timeout_s)
             where = f"schema {schema} at {target.where}"
             raise LeaseHeld(where, await cls.holder(settings, purpose))
-        return cls(conn, target, schema)
+        return cls(conn, target, schema, timeout_s)
 
     async def release(self) -> None:
         """Idempotent: closing the connection drops the lock."""
         conn, self._conn = self._conn, None
         if conn is not None:
-            with contextlib.suppress(*DRIVER_ERRORS):
-                await conn.close(timeout=5)
+            await close_bounded(conn, self._timeout)
 
     @staticmethod
     async def holder(settings: StateSettings, purpose: str = "") -> dict[str, Any] | None:
         """Who holds the schema's lease (pid and role as it said, its host), or None."""
         assert settings.dsn is not None, "checked by StateSettings"
         target, schema = Target(settings.dsn.get_secret_value()), settings.schema_
+        timeout_s = settings.timeout_s
+        doing = "asking who holds the lease"
+        conn: Any = None
         try:
-            conn = await asyncpg.connect(target.dsn(), timeout=settings.timeout_s)
+            async with asyncio.timeout(timeout_s):
+                conn = await asyncpg.connect(
+                    target.dsn(), timeout=timeout_s, command_timeout=timeout_s
+                )
+                row = await conn.fetchrow(
+                    "SELECT a.application_name, host(a.client_addr) AS host FROM pg_locks l "
+                    "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' "
+                    "AND l.granted AND l.classid = $1::oid AND l.objid = $2::oid "
+                    "AND l.objsubid = 2",
+                    _LEASE_CLASS,
+                    _lease_key(schema, purpose),
+                )
+        except TimeoutError:
+            raise no_answer(target, schema, doing, timeout_s) from None
         except (*DRIVER_ERRORS, ValueError) as exc:
-            raise store_error(target, schema, exc, "asking who holds the lease") from None
-        try:
-            row = await conn.fetchrow(
-                "SELECT a.application_name, host(a.client_addr) AS host FROM pg_locks l "
-                "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' "
-                "AND l.granted AND l.classid = $1::oid AND l.objid = $2::oid AND l.objsubid = 2",
-                _LEASE_CLASS,
-                _lease_key(schema, purpose),
-            )
-        except DRIVER_ERRORS as exc:
-            raise store_error(target, schema, exc, "asking who holds the lease") from None
+            raise store_error(target, schema, exc, doing) from None
         finally:
-            await conn.close()
+            if conn is not None:
+                await close_bounded(conn, timeout_s)
         if row is None:
             return None
         said = dict(

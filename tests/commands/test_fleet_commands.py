@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -22,12 +23,17 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from fleet_support import fleet_settings
 from operator_support import cli
+from support import running, wait_until
 
 from consumer.config import StateSettings
-from consumer.core.records import CommitBatch
+from consumer.config.settings import FleetSettings
+from consumer.core.records import CommitBatch, Fence
 from consumer.core.watermark import Position
-from consumer.state import open_store
+from consumer.errors import Fenced
+from consumer.runtime.daemon import Daemon
+from consumer.state import PostgresStore, open_store
 from consumer.state.fleet import FleetTable
 
 pytestmark = pytest.mark.usefixtures("hermetic_config")
@@ -467,3 +473,146 @@ async def test_fleet_drain_escapes_the_other_members_names(
     finally:
         for m in (m1, evil):
             await m.close()
+
+
+# --- offset set / reset whatever the operator's [fleet] says -------------------------------------
+# The daemon refuses a schema used the other way (a single daemon beside members, or the
+# reverse); an operator's config may still say either. The command looks at, and holds, both.
+
+
+async def _state_of(state: StateSettings, stream: str) -> tuple[str | None, str | None]:
+    """The stream's checkpoint offset and pending start override."""
+    store = await open_store(state, create=False)
+    try:
+        cp = await store.checkpoint(stream)
+        return (cp.offset if cp else None), await store.start_override(stream)
+    finally:
+        await store.close()
+
+
+async def _ran_and_left(dsn: str, schema: str, member: str) -> None:
+    """A real member (streams a and b) runs until it holds its leases, then stops: the
+    schema has the fleet's lease rows, free, and no live member."""
+    async with running(fleet_settings(dsn, schema, member)) as daemon:
+        await wait_until(lambda: daemon.fleet is not None and daemon.fleet.leases_held == 2)
+
+
+def _leased(daemon: Daemon) -> bool:
+    return daemon.fleet is not None and daemon.fleet.leases_held == 2
+
+
+@pytest.mark.usefixtures("contained_logging")
+async def test_offset_with_fleet_off_is_refused_beside_a_running_member(
+    empty_fleet: Fleet, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Member m1 (a daemon) holds a and b. With [fleet] off the command looked at the single
+    daemon's lease alone: it set a under m1, whose next commit writes its own position over
+    it. It is refused, for a stream m1 holds and for one nobody holds yet (m1 may take it at
+    any tick; a reset would be dropped by its first commit), naming m1."""
+    single = write_config(
+        tmp_path, dsn=empty_fleet.dsn, schema=empty_fleet.schema, fleet=False, name="s.toml"
+    )
+    async with running(fleet_settings(empty_fleet.dsn, empty_fleet.schema, "m1")) as m1:
+        await wait_until(lambda: _leased(m1))
+        for args in (("set", "a", "100"), ("reset", "c", "--highest")):
+            for execute in ((), ("--execute",)):
+                code, _, err = await cli(capsys, "offset", *args, *execute, "--config", str(single))
+                assert code == 1, (args, execute, err)
+                assert "m1" in err
+        assert "[fleet] enabled = true" in err  # c: nobody holds it, the config is wrong
+        assert m1.fleet is not None and m1.fleet.counters.lost == 0
+    assert await _state_of(empty_fleet.state, "a") == (None, None)
+    assert await _state_of(empty_fleet.state, "c") == (None, None)
+
+
+@pytest.mark.usefixtures("contained_logging")
+async def test_offset_with_fleet_on_is_refused_beside_a_single_daemon(
+    empty_fleet: Fleet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The other way: a daemon outside the fleet holds the schema's advisory lease, and the
+    lease rows of a fleet that ran before are there, free. With [fleet] on the command
+    looked at the rows alone, took a free one and wrote under the daemon."""
+    await _ran_and_left(empty_fleet.dsn, empty_fleet.schema, "m0")
+    alone = fleet_settings(empty_fleet.dsn, empty_fleet.schema, "m0")
+    alone = alone.model_copy(update={"fleet": FleetSettings()})
+    async with running(alone) as daemon:
+        assert daemon.fleet is None
+        for args in (("set", "a", "100"), ("reset", "b", "--highest")):
+            for execute in ((), ("--execute",)):
+                code, _, err = await cli(
+                    capsys, "offset", *args, *execute, "--config", str(empty_fleet.config)
+                )
+                assert code == 1, (args, execute, err)
+                assert f"pid {os.getpid()}" in err
+    assert await _state_of(empty_fleet.state, "a") == (None, None)
+    assert await _state_of(empty_fleet.state, "b") == (None, None)
+
+
+async def test_offset_with_fleet_off_fences_a_member_past_its_lease(
+    empty_fleet: Fleet, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """m3 held d; its heartbeat and lease ran out (frozen, say), nobody took d. The change
+    goes through, and m3's late commit is refused: the command took d's row at a new epoch,
+    whatever its [fleet] says (with it off, m3 wrote over the change)."""
+    m3 = member(empty_fleet.state, "m3", ttl=0.0)  # expired as soon as written
+    try:
+        await m3.join(STREAMS, 10)
+        await m3.tick({}, 10)
+        [got] = await m3.acquire(["d"], 10)
+        single = write_config(
+            tmp_path, dsn=empty_fleet.dsn, schema=empty_fleet.schema, fleet=False, name="s.toml"
+        )
+        code, _, err = await cli(
+            capsys, "offset", "set", "d", "777", "--execute", "--config", str(single)
+        )
+        assert code == 0, err
+        late = CommitBatch(checkpoints={"d": Position("9000", "u9000")})
+        late.fence = Fence("m3", {"d": got.epoch})
+        store = await open_store(empty_fleet.state, create=False)
+        try:
+            with pytest.raises(Fenced):
+                await store.commit(late)
+        finally:
+            await store.close()
+    finally:
+        await m3.close()
+    assert await _state_of(empty_fleet.state, "d") == ("777", None)
+
+
+@pytest.mark.usefixtures("contained_logging")
+async def test_no_member_takes_the_stream_while_offset_set_changes_it(
+    empty_fleet: Fleet,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A fleet ran on the schema and left; a member starts while the command (its config has
+    [fleet] off) writes. It must not take the stream then (it would read the position the
+    change replaces, and commit over it), and takes it once the command is done."""
+    await _ran_and_left(empty_fleet.dsn, empty_fleet.schema, "m0")
+    taken: list[list[str]] = []
+    write = PostgresStore.set_offset
+
+    async def while_writing(store: PostgresStore, stream: str, offset: str) -> None:
+        newcomer = member(empty_fleet.state, "m1")
+        try:
+            taken.append([a.stream for a in await newcomer.acquire([stream], 10)])
+        finally:
+            await newcomer.close()
+        await write(store, stream, offset)
+
+    monkeypatch.setattr(PostgresStore, "set_offset", while_writing)
+    single = write_config(
+        tmp_path, dsn=empty_fleet.dsn, schema=empty_fleet.schema, fleet=False, name="s.toml"
+    )
+    code, _, err = await cli(
+        capsys, "offset", "set", "a", "100", "--execute", "--config", str(single)
+    )
+    assert code == 0, err
+    assert taken == [[]]
+    assert await _state_of(empty_fleet.state, "a") == ("100", None)
+    newcomer = member(empty_fleet.state, "m1")
+    try:
+        assert [a.stream for a in await newcomer.acquire(["a"], 10)] == ["a"]
+    finally:
+        await newcomer.close()

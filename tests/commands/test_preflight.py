@@ -10,6 +10,7 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 from pg import sql
 from support import count_lines, make_settings, running, toml_config, wait_until
@@ -253,6 +254,40 @@ async def test_postgres_state_and_sink_are_tried_and_rolled_back(
         "preflight_untouched",
     )
     assert await sql(dsn, "fetchval", "SELECT to_regclass('rolled_back_events')") is None
+
+
+async def test_a_postgres_state_store_that_does_not_answer_fails_in_time(
+    sandbox_factory, tmp_path: Path, postgres_server
+):
+    """The set-up waits for the migration lock (a daemon migrating, or stuck, holds it): the
+    item fails within [state] timeout_s, naming the store and the timeout, instead of
+    holding the checklist for ever; and nothing is left behind."""
+    from consumer.state.postgres import migration_lock_key
+
+    gw = await sandbox_factory(backlog=5)
+    dsn = postgres_server.dsn()
+    config = toml_config(tmp_path, gw.url)
+    text = config.read_text().replace(
+        f'path = "{tmp_path / "state.db"}"',
+        f'backend = "postgres"\ndsn = "{dsn}"\nschema = "preflight_locked"\ntimeout_s = 1',
+    )
+    config.write_text(text.replace("commit_max_events = 500\n", ""))
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        await conn.execute("SELECT pg_advisory_lock($1)", migration_lock_key("preflight_locked"))
+        done = await asyncio.to_thread(preflight, config)  # its timeout only catches a hang
+    finally:
+        await conn.close()
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert levels(done.stdout)["state store"] == "FAIL", done.stdout
+    assert f"state store PostgreSQL {postgres_server.host}:{postgres_server.port}/" in done.stdout
+    assert "(schema preflight_locked): trying the set-up: no answer within 1 s" in done.stdout
+    assert not await sql(
+        dsn,
+        "fetchval",
+        "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
+        "preflight_locked",
+    )
 
 
 def test_a_servers_words_are_one_bounded_line_without_controls():

@@ -15,14 +15,16 @@ import pytest
 from fleet_support import fleet_settings
 from operator_support import settled, write_config
 from pg import sql
+from stalled_pg import stalled_postgres
 from support import running, wait_until
 
-from consumer.config import load_settings
+from consumer.config import StateSettings, load_settings
 from consumer.config.settings import FleetSettings
-from consumer.errors import LeaseHeld
+from consumer.errors import LeaseHeld, StoreError
 from consumer.runtime.daemon import Daemon
 from consumer.state import holder, open_store
 from consumer.state.fleet import FleetTable
+from consumer.state.postgres import PostgresLease
 
 pytestmark = pytest.mark.usefixtures("fresh_pysink", "contained_logging")
 
@@ -85,3 +87,29 @@ async def test_a_daemon_outside_the_fleet_is_refused_beside_a_member_holding_no_
     finally:
         await member.close()
         await sql(postgres_dsn, "execute", f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+async def test_the_postgres_lease_ends_in_time_on_a_silent_server() -> None:
+    """A server that accepts the connection and then never answers (tests/stalled_pg.py):
+    asking who holds the lease, and taking it, end with a StoreError naming the store and
+    the timeout. They waited for ever (no statement timeout, an unbounded goodbye). The
+    bound only catches a hang."""
+    async with stalled_postgres() as server:
+        st = StateSettings(
+            backend="postgres",
+            dsn=f"postgresql://opera:pw-0003@127.0.0.1:{server.port}/opera",
+            timeout_s=0.5,
+        )
+        where = f"state store PostgreSQL 127.0.0.1:{server.port}/opera (schema opera_consumer)"
+        async with asyncio.timeout(60):
+            with pytest.raises(StoreError) as asked:
+                await PostgresLease.holder(st)
+            with pytest.raises(StoreError) as taken:
+                await PostgresLease.acquire(st, ["a"])
+        assert server.connections >= 2
+    for exc, doing in (
+        (asked.value, "asking who holds the lease"),
+        (taken.value, "taking the lease"),
+    ):
+        assert str(exc).startswith(f"{where}: {doing}: no answer within 0.5 s ([state] timeout_s)")
+        assert exc.retriable
