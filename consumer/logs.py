@@ -18,6 +18,7 @@ from typing import Any, TextIO
 
 import structlog
 
+from .core.evidence import scrub_with
 from .core.printable import printable
 
 MASK = "***"
@@ -107,6 +108,7 @@ class Redactor:
 
 
 REDACTOR = Redactor()
+scrub_with(REDACTOR.scrub)  # describe() masks before it cuts, wherever it is called
 
 CONSOLE_VALUE_CHARS = 2000  # of one value on a terminal: enough for any message of ours
 _MULTILINE = ("exception", "stack")  # tracebacks: kept on their lines, each line escaped

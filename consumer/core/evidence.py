@@ -62,16 +62,24 @@ def shown(value: object, limit: int = SHOWN_LIMIT) -> str:
 
 def describe(exc: BaseException | None, scrub: Callable[[str], str] | None = None) -> str:
     """``Type: message``, bounded, for a log line or a dead letter; never raises. ``scrub``
-    (the log redactor's, say) runs before the cut, so no piece of a secret survives it."""
+    (by default the one :func:`scrub_with` set: the log redactor's) runs before the cut, so
+    no piece of a secret survives it (the log's own redaction, after the cut, would miss a
+    secret the cut split)."""
     if exc is None:
         return ""
     try:
         text = str(exc)
     except Exception:  # a __str__ that fails (or recurses) on what it holds
         text = "<message unavailable>"
-    if scrub is not None:
-        text = scrub(text)
-    return prefix(f"{type(exc).__name__}: {text}", 1000)
+    return prefix(f"{type(exc).__name__}: {(scrub or _scrub[0])(text)}", 1000)
+
+
+_scrub: list[Callable[[str], str]] = [lambda text: text]
+
+
+def scrub_with(scrub: Callable[[str], str]) -> None:
+    """What :func:`describe` masks by default (the process's redactor; consumer.logs sets it)."""
+    _scrub[0] = scrub
 
 
 def event_evidence(ev: Event) -> Evidence:

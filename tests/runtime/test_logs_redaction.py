@@ -14,6 +14,7 @@ import structlog
 from log_capture import captured_logs
 
 from consumer.config import StreamSettings
+from consumer.core.evidence import describe
 from consumer.logs import (
     MASK,
     MAX_TOKENS,
@@ -147,6 +148,19 @@ def test_the_process_redactor_is_the_one_configured() -> None:
     with captured_logs("console") as out:
         structlog.get_logger("t").warning("x", value="process-wide-secret-7")
     assert "process-wide-secret-7" not in out.getvalue() and MASK in out.getvalue()
+
+
+def test_an_error_cut_for_a_log_line_is_masked_before_the_cut() -> None:
+    """describe() bounds an error at 1,000 characters; a registered secret the cut would split
+    is masked first wherever describe() is called (the log's own redaction, after the cut,
+    finds no whole secret to mask)."""
+    secret = "cut-straddling-secret-0123456789abcdef"
+    REDACTOR.add(secret)
+    error = RuntimeError("x" * 980 + secret)
+    with captured_logs("json") as out:
+        structlog.get_logger("t").warning("failed", error=describe(error))
+    said = json.loads(out.getvalue())["error"]
+    assert secret[:6] not in said and MASK in said
 
 
 def test_console_lines_have_colours_on_a_terminal_only() -> None:
