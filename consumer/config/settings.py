@@ -17,7 +17,7 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import unquote_plus, urlsplit
+from urllib.parse import unquote_plus, urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
@@ -57,6 +57,7 @@ from .fields import (
     GatewayUrl,
     Headers,
     HttpUrl,
+    MaskedUrl,
     Problem,
     ProxyUrl,
     UrlTemplates,
@@ -252,6 +253,20 @@ class StreamSettings(_Model):
                 )
             )
         return v
+
+    @field_validator("gateway_url")
+    @classmethod
+    def _no_subscriptions_path(cls, v: str) -> str:
+        """The WebSocket's URL is the gateway's plus ``/subscriptions``; a gateway_url copied
+        with that path (Oracle's GraphiQL tool takes it so, and strips it) loses it here, or
+        the token endpoint ({gateway_url}/oauth/v1/tokens) and the REST API would be asked
+        under /subscriptions: a 404."""
+        parts = urlsplit(v)
+        path = parts.path.rstrip("/")
+        if not path.endswith("/subscriptions"):
+            return v
+        path = path.removesuffix("/subscriptions")
+        return MaskedUrl(urlunsplit(parts._replace(path=path)).rstrip("/"))
 
     @model_validator(mode="after")
     def _input(self) -> StreamSettings:

@@ -229,6 +229,25 @@ def test_gateway_url_must_be_http(tmp_path: Path) -> None:
     assert "streams.main.gateway_url" in message
 
 
+@pytest.mark.parametrize(
+    ("given", "gateway"),
+    [
+        ("https://gw.example.com/subscriptions", "https://gw.example.com"),
+        ("https://gw.example.com/subscriptions/", "https://gw.example.com"),
+        ("https://gw.example.com/ohip/subscriptions", "https://gw.example.com/ohip"),
+    ],
+)
+def test_a_gateway_url_ending_in_subscriptions_loses_it(
+    tmp_path: Path, given: str, gateway: str
+) -> None:
+    """The WebSocket URL copied as the gateway URL (Oracle's GraphiQL tool takes it so): the
+    token request went to .../subscriptions/oauth/v1/tokens, a 404 retried for ever."""
+    path = write(tmp_path, BASE.replace("https://gw.example.com/", given))
+    stream = load_settings(path).streams["main"]
+    assert stream.gateway_url == gateway
+    assert stream.token_url == f"{gateway}/oauth/v1/tokens"
+
+
 def test_bad_stream_name_is_rejected(tmp_path: Path) -> None:
     text = BASE.replace("streams.main", 'streams."bad name"')
     assert "bad name" in config_error(write(tmp_path, text))
