@@ -289,6 +289,23 @@ class StreamSettings(_Model):
     def token_url(self) -> str:
         return self.auth.token_url or f"{self.gateway_url}/oauth/v1/tokens"
 
+    def warnings(self) -> list[tuple[str, str, str]]:
+        """What is valid but probably wrong, as (key under the stream's table, what, fix):
+        check-config prints it, and the stream logs it when it starts."""
+        found: list[tuple[str, str, str]] = []
+        if self.auth.grant == "client_credentials" and not self.auth.enterprise_id:
+            found.append(
+                (
+                    "auth.enterprise_id",
+                    'not set with grant = "client_credentials": OCIM environments (the '
+                    "client-credentials ones) require the enterpriseId header on the token "
+                    "request, and refuse the credentials without it",
+                    "set enterprise_id to the Enterprise ID of the portal's environment card "
+                    '(or use grant = "password" for an SSD environment)',
+                )
+            )
+        return found
+
 
 def _parsable_dsn(v: SecretStr | None) -> SecretStr | None:
     """A DSN the driver would misread is refused here, as ``run`` would refuse it (so
@@ -933,6 +950,14 @@ class Settings(BaseSettings):
     log: LogSettings = LogSettings()
     fleet: FleetSettings = FleetSettings()
     filter: FilterSettings = FilterSettings()
+
+    def warnings(self) -> list[tuple[str, str, str]]:
+        """Every stream's :meth:`StreamSettings.warnings`, as (dotted key, what, fix)."""
+        return [
+            (f"streams.{name}.{key}", what, fix)
+            for name, stream in self.streams.items()
+            for key, what, fix in stream.warnings()
+        ]
 
     @model_validator(mode="before")
     @classmethod

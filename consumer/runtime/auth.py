@@ -213,10 +213,15 @@ class TokenProvider:
             grant_fields = (
                 "scope/enterprise_id" if auth.grant == "client_credentials" else "username/password"
             )
+            unset = (
+                " (enterprise_id is not set: OCIM environments require it with this grant)"
+                if auth.grant == "client_credentials" and not auth.enterprise_id
+                else ""
+            )
             raise AuthError(
                 f"token endpoint {self.url} refused the credentials (HTTP {status}): "
                 f"check client_id/client_secret, app_key, the grant ({auth.grant}) and its "
-                f"{grant_fields}"
+                f"{grant_fields}{unset}"
             )
         if status == 404 and not self._answered:
             # No token endpoint at that URL: a wrong URL, retried for ever otherwise. Once it

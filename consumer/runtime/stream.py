@@ -138,6 +138,7 @@ class StreamRunner:
         self.stats = StreamStats()
         self.liveness: Liveness | None = None
         self._waiting: tuple[str, float] | None = None  # a backoff or lockout: why, until
+        self._warned = False  # the settings' warnings were logged
 
     @property
     def token_fetches(self) -> int:
@@ -186,6 +187,15 @@ class StreamRunner:
     async def run(self) -> None:
         """Consume until :meth:`request_stop`; raises :class:`StreamStopped` for good."""
         with structlog.contextvars.bound_contextvars(stream=self.name):
+            if not self._warned:  # once: a fleet may run the stream here more than once
+                self._warned = True
+                for key, what, fix in self.settings.warnings():
+                    log.warning(
+                        "configuration warning",
+                        key=f"streams.{self.name}.{key}",
+                        problem=what,
+                        fix=fix,
+                    )
             await self._wait_out_gap()
             while not self._stop.is_set():
                 try:

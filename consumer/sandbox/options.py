@@ -17,6 +17,9 @@ class SandboxOptions:
     client_secret: str = "sandbox-secret"
     username: str = "sandbox-user"
     password: str = "sandbox-password"
+    # Set: a client_credentials token request must carry this enterpriseId header, as OCIM
+    # environments require (else 400); None: the header is not checked.
+    enterprise_id: str | None = None
     chains: tuple[str, ...] = ("DEMO",)
     backlog: int = 1000  # events generated per chain at start
     rate: float = 0.0  # new events per second per chain

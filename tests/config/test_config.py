@@ -248,6 +248,27 @@ def test_a_gateway_url_ending_in_subscriptions_loses_it(
     assert stream.token_url == f"{gateway}/oauth/v1/tokens"
 
 
+def test_client_credentials_without_enterprise_id_is_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """OCIM environments require enterpriseId with client_credentials: check-config said OK,
+    and the token endpoint refused the credentials at the first start. Valid (an environment
+    that does without it is not excluded), so a warning naming the key and the fix."""
+    from consumer.cli import main
+
+    cases = {
+        "": True,  # client_credentials, the default grant, without enterprise_id
+        'enterprise_id = "ENT1"\n': False,
+        f'grant = "password"\nusername = "u"\npassword = "{PASSWORD}"\n': False,
+    }
+    for auth, warned in cases.items():
+        assert main(["check-config", "--config", str(write(tmp_path, BASE + auth))]) == 0
+        err = capsys.readouterr().err
+        key = "warning: streams.main.auth.enterprise_id: not set with grant"
+        assert (key in err and "set enterprise_id to the Enterprise ID" in err) is warned, err
+        assert "configuration OK" in err
+
+
 def test_bad_stream_name_is_rejected(tmp_path: Path) -> None:
     text = BASE.replace("streams.main", 'streams."bad name"')
     assert "bad name" in config_error(write(tmp_path, text))

@@ -163,6 +163,33 @@ async def test_a_gateway_url_with_the_subscriptions_path_streams(sandbox_factory
     assert [path for path in gw.stats.rest_paths if "subscriptions" in path] == []
 
 
+async def test_client_credentials_without_enterprise_id_is_warned_and_refused_with_why(
+    sandbox_factory, tmp_path
+):
+    """An OCIM environment (the sandbox with enterprise_id) refuses client_credentials without
+    the enterpriseId header: the stream warns at start, naming the key and the fix, and the
+    refusal says that enterprise_id is not set. With it, the stream runs."""
+    gw = await sandbox_factory(backlog=5, enterprise_id="ENT1")
+    o = SandboxOptions()
+    auth = {"client_id": o.client_id, "client_secret": o.client_secret}
+    with captured_logs() as logs:
+        daemon = await Daemon.create(make_settings(tmp_path, gw.url, auth=auth))
+        async with asyncio.timeout(60):
+            assert await daemon.run() == ExitCode.CONFIG
+    warned = [
+        line
+        for line in map(json.loads, logs.getvalue().splitlines())
+        if line["event"] == "configuration warning"
+    ]
+    key = "streams.main.auth.enterprise_id"
+    assert [(w["key"], w["stream"]) for w in warned] == [(key, "main")]
+    assert "set enterprise_id" in warned[0]["fix"]
+    assert "enterprise_id is not set" in daemon.runners["main"].stats.last_close
+    settings = make_settings(tmp_path, gw.url, auth={**auth, "enterprise_id": "ENT1"})
+    async with running(settings) as daemon:
+        await wait_until(lambda: daemon.pipelines["main"].delivered >= 5)
+
+
 def test_retry_after_forms():
     assert retry_after_seconds("3") == 3.0
     assert retry_after_seconds(None) is None

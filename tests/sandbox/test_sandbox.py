@@ -75,6 +75,28 @@ async def test_token_endpoint(sandbox_factory):
     assert bad.status_code == 401 and no_grant.status_code == 400
 
 
+async def test_the_token_endpoint_can_require_the_enterprise_id(sandbox_factory):
+    """OCIM: client_credentials needs the enterpriseId header; the password grant does not."""
+    gw = await sandbox_factory(enterprise_id="ENT1")
+
+    async def status(grant: dict[str, str], **headers: str) -> int:
+        async with httpx.AsyncClient() as http:
+            answer = await http.post(
+                f"{gw.url}/oauth/v1/tokens",
+                data=grant,
+                auth=(OPTS.client_id, OPTS.client_secret),
+                headers={"x-app-key": OPTS.app_key, **headers},
+            )
+        return answer.status_code
+
+    credentials = {"grant_type": "client_credentials", "scope": "s"}
+    user = {"grant_type": "password", "username": OPTS.username, "password": OPTS.password}
+    assert await status(credentials) == 400
+    assert await status(credentials, enterpriseId="OTHER") == 400
+    assert await status(credentials, enterpriseId="ENT1") == 200
+    assert await status(user) == 200
+
+
 async def test_backlog_replay_highest_and_filters(sandbox_factory):
     gw = await sandbox_factory(backlog=200)
     truth = gw.events("DEMO")
