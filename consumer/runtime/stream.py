@@ -242,9 +242,13 @@ class StreamRunner:
                 return Decision(Action.RECONNECT, 0.0, "stopping")
         self.state = StreamState.CONNECTING
         max_size = c.max_frame_bytes * OVERSIZED_FACTOR  # larger frames close with 1009
+        # The token on the upgrade as well, if asked (unconfirmed whether OHIP wants it):
+        # websockets drops Authorization on a redirect to another origin.
+        headers = {"Authorization": f"Bearer {token.value}"} if c.upgrade_authorization else None
         try:
             async with connect(
                 self._url,
+                additional_headers=headers,
                 subprotocols=[Subprotocol(protocol.SUBPROTOCOL)],
                 compression=None,
                 max_size=max_size,

@@ -20,6 +20,9 @@ class SandboxOptions:
     # Set: a client_credentials token request must carry this enterpriseId header, as OCIM
     # environments require (else 400); None: the header is not checked.
     enterprise_id: str | None = None
+    # True: the /subscriptions upgrade must carry `Authorization: Bearer <valid token>` (else
+    # HTTP 401). Whether OHIP asks for it is unconfirmed; the token in connection_init is.
+    require_upgrade_authorization: bool = False
     chains: tuple[str, ...] = ("DEMO",)
     backlog: int = 1000  # events generated per chain at start
     rate: float = 0.0  # new events per second per chain
@@ -104,6 +107,8 @@ class SandboxStats:
     client_timeouts: int = 0  # sessions dropped after client_timeout_s without a frame
     chaos_drops: int = 0
     upgrades: list[float] = field(default_factory=list)  # monotonic times of upgrade requests
+    # Per upgrade request (with a key accepted): its bearer token, "" without one.
+    upgrade_tokens: list[str] = field(default_factory=list)
     active_subscriptions: dict[str, int] = field(default_factory=dict)
     rest_requests: int = 0  # every REST GET, throttled and failed ones included
     rest_throttled: int = 0  # 429s of the rate limit (not injected ones)

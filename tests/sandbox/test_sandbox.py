@@ -13,6 +13,7 @@ import pytest
 from support import sandbox_token
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.typing import Subprotocol
 
 from consumer.core import protocol
 from consumer.core.protocol import SubscribeInput
@@ -95,6 +96,22 @@ async def test_the_token_endpoint_can_require_the_enterprise_id(sandbox_factory)
     assert await status(credentials, enterpriseId="OTHER") == 400
     assert await status(credentials, enterpriseId="ENT1") == 200
     assert await status(user) == 200
+
+
+async def test_the_upgrade_can_require_a_bearer_token(sandbox_factory):
+    gw = await sandbox_factory(require_upgrade_authorization=True)
+    url = protocol.subscription_url(gw.url, OPTS.app_key)
+    graphql_ws = [Subprotocol("graphql-transport-ws")]
+    for header in ({}, {"Authorization": "Bearer not-a-token"}):
+        with pytest.raises(InvalidStatus) as info:
+            async with connect(url, subprotocols=graphql_ws, additional_headers=header):
+                pass
+        assert info.value.response.status_code == 401
+    issued = await token(gw)
+    good = {"Authorization": f"Bearer {issued}"}
+    async with connect(url, subprotocols=graphql_ws, additional_headers=good) as conn:
+        assert conn.subprotocol == "graphql-transport-ws"
+    assert gw.stats.upgrade_tokens == ["", "not-a-token", issued]
 
 
 async def test_backlog_replay_highest_and_filters(sandbox_factory):

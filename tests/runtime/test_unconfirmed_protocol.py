@@ -1,0 +1,29 @@
+"""The protocol details the reference marks UNCONFIRMED, made configurable: each default is what
+Oracle's own tools do, and the other choice is what the sandbox, told to insist on it, accepts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from support import make_settings, running, wait_until
+
+
+async def test_the_token_goes_on_the_upgrade_only_when_asked(sandbox_factory, tmp_path: Path):
+    """Reference 1.3: whether the upgrade needs `Authorization: Bearer` is unconfirmed (Oracle's
+    GraphiQL tool and sample send none). upgrade_authorization = true sends each connection's
+    own token: a rotated session presents the new one."""
+    plain = await sandbox_factory(backlog=5)
+    async with running(make_settings(tmp_path, plain.url)) as daemon:
+        await wait_until(lambda: daemon.pipelines["main"].delivered >= 5)
+    assert plain.stats.upgrade_tokens == [""]
+
+    gw = await sandbox_factory(backlog=5, token_ttl_s=3.0, require_upgrade_authorization=True)
+    (tmp_path / "b").mkdir()
+    connection = {"upgrade_authorization": True}
+    async with running(make_settings(tmp_path / "b", gw.url, connection=connection)) as daemon:
+        await wait_until(lambda: len(gw.stats.subscribes) >= 2, timeout=60)  # a rotation
+        runner = daemon.runners["main"]
+        assert runner.stats.last_close == "token rotation"
+    first, second = gw.stats.upgrade_tokens[:2]
+    assert first != second and {first, second} <= set(gw.issued_tokens)
+    assert "http_401" not in runner.stats.closes
