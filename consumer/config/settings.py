@@ -209,6 +209,9 @@ class ConnectionSettings(_Model):
     # connection_init, which is confirmed to work. true: send it on the upgrade too (the token
     # of that connection; never to another origin a redirect names).
     upgrade_authorization: bool = False
+    # UNCONFIRMED whether OHIP reads an enterpriseId in the connection_init payload: Oracle's
+    # sample sends it, its GraphiQL tool does not. true: send auth.enterprise_id there.
+    init_enterprise_id: bool = False
 
     def policy(self) -> PolicyConfig:
         return PolicyConfig(
@@ -272,6 +275,19 @@ class StreamSettings(_Model):
             return v
         path = path.removesuffix("/subscriptions")
         return MaskedUrl(urlunsplit(parts._replace(path=path)).rstrip("/"))
+
+    @model_validator(mode="after")
+    def _init_enterprise_id(self) -> StreamSettings:
+        if self.connection.init_enterprise_id and not self.auth.enterprise_id:
+            raise Problem(
+                (
+                    "connection.init_enterprise_id",
+                    "true sends auth.enterprise_id in connection_init, and it is not set",
+                    "set auth.enterprise_id (the environment card's Enterprise ID), or "
+                    "init_enterprise_id = false",
+                )
+            )
+        return self
 
     @model_validator(mode="after")
     def _input(self) -> StreamSettings:

@@ -325,9 +325,14 @@ class StreamRunner:
         self._dead = False
         self._ended = ""
         session = ClientSession(max_frame_bytes=c.max_frame_bytes)
-        await ws.send(
-            session.connection_init(token.value, self.settings.app_key.get_secret_value())
-        )
+        app_key = self.settings.app_key.get_secret_value()
+        init = session.connection_init(token.value, app_key)
+        enterprise_id = self.settings.auth.enterprise_id
+        if c.init_enterprise_id and enterprise_id:
+            # The same message with enterpriseId (unconfirmed whether OHIP reads it; Oracle's
+            # sample sends it): the session has moved on to waiting for the ack all the same.
+            init = protocol.connection_init(token.value, app_key, enterprise_id)
+        await ws.send(init)
         init_sent_at = time.monotonic()
         deadline = SubscribeDeadline.after_init(init_sent_at, c.subscribe_deadline_s)
         self._ignored_logged = False

@@ -83,6 +83,8 @@ class SandboxOptions:
 class SandboxStats:
     token_requests: int = 0
     inits: int = 0  # connection_init messages received (credentials presented)
+    # Per connection_init: the enterpriseId of its payload (None: not there).
+    init_enterprise_ids: list[object] = field(default_factory=list)
     connections: int = 0
     events_sent: int = 0
     pings_received: int = 0

@@ -232,6 +232,7 @@ class WsSession:
         self._init_seen = True
         self._ctx.stats.inits += 1
         p = payload if isinstance(payload, dict) else {}
+        self._ctx.stats.init_enterprise_ids.append(p.get("enterpriseId"))
         expiry = self._ctx.token_expiry(bearer(str(p.get("Authorization", ""))))
         key = p.get("x-app-key")
         if expiry is None or not isinstance(key, str) or not o.accepts_app_key(key):

@@ -269,6 +269,17 @@ def test_client_credentials_without_enterprise_id_is_a_warning(
         assert "configuration OK" in err
 
 
+def test_the_enterprise_id_in_connection_init_needs_one(tmp_path: Path) -> None:
+    text = BASE + "[streams.main.connection]\ninit_enterprise_id = true\n"
+    message = config_error(write(tmp_path, text))
+    assert "streams.main.connection.init_enterprise_id: true sends auth.enterprise_id" in message
+    assert "set auth.enterprise_id" in message
+    fixed = text.replace(
+        "[streams.main.connection]", 'enterprise_id = "ENT1"\n[streams.main.connection]'
+    )
+    assert load_settings(write(tmp_path, fixed)).streams["main"].connection.init_enterprise_id
+
+
 def test_bad_stream_name_is_rejected(tmp_path: Path) -> None:
     text = BASE.replace("streams.main", 'streams."bad name"')
     assert "bad name" in config_error(write(tmp_path, text))

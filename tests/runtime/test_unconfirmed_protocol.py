@@ -7,6 +7,8 @@ from pathlib import Path
 
 from support import make_settings, running, wait_until
 
+from consumer.sandbox import SandboxOptions
+
 
 async def test_the_token_goes_on_the_upgrade_only_when_asked(sandbox_factory, tmp_path: Path):
     """Reference 1.3: whether the upgrade needs `Authorization: Bearer` is unconfirmed (Oracle's
@@ -27,3 +29,27 @@ async def test_the_token_goes_on_the_upgrade_only_when_asked(sandbox_factory, tm
     first, second = gw.stats.upgrade_tokens[:2]
     assert first != second and {first, second} <= set(gw.issued_tokens)
     assert "http_401" not in runner.stats.closes
+
+
+async def test_the_enterprise_id_goes_in_connection_init_only_when_asked(
+    sandbox_factory, tmp_path: Path
+):
+    """Reference 2.2: Oracle's sample adds enterpriseId to the connection_init payload, its
+    GraphiQL tool does not; whether OHIP reads it is unconfirmed."""
+    gw = await sandbox_factory(backlog=5)
+    auth = {
+        "client_id": SandboxOptions().client_id,
+        "client_secret": SandboxOptions().client_secret,
+        "enterprise_id": "ENT1",
+    }
+    async with running(make_settings(tmp_path, gw.url, auth=auth)) as daemon:
+        await wait_until(lambda: daemon.pipelines["main"].delivered >= 5)
+        await gw.disconnect_all(4500)
+        await wait_until(lambda: gw.stats.inits >= 2)
+    assert gw.stats.init_enterprise_ids == [None, None]
+
+    connection = {"init_enterprise_id": True}
+    settings = make_settings(tmp_path, gw.url, auth=auth, connection=connection)
+    async with running(settings):
+        await wait_until(lambda: gw.stats.inits >= 3)
+    assert gw.stats.init_enterprise_ids[2:] == ["ENT1"]
