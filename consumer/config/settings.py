@@ -39,7 +39,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from ..core.close_policy import PolicyConfig
+from ..core.close_policy import OVERRIDABLE, CloseAction, PolicyConfig
 from ..core.printable import printable
 from ..core.protocol import SubscribeInput
 from ..core.rotation import PatternError, Rotation, check_pattern, default_pattern, distinguishes
@@ -212,6 +212,26 @@ class ConnectionSettings(_Model):
     # UNCONFIRMED whether OHIP reads an enterpriseId in the connection_init payload: Oracle's
     # sample sends it, its GraphiQL tool does not. true: send auth.enterprise_id there.
     init_enterprise_id: bool = False
+    # What a close code whose OHIP meaning is unconfirmed does, instead of the default:
+    # "stop" or "reconnect" (with backoff), e.g. { 4403 = "reconnect" } (graphql-ws clients
+    # retry 4403; the default stops for a human). Codes: 4403 4406 4408 4429 4500 4504.
+    close_actions: dict[str, CloseAction] = {}
+
+    @field_validator("close_actions")
+    @classmethod
+    def _overridable(cls, v: dict[str, CloseAction]) -> dict[str, CloseAction]:
+        allowed = ", ".join(map(str, sorted(OVERRIDABLE)))
+        for code in v:
+            if not (code.isascii() and code.isdigit()) or int(code) not in OVERRIDABLE:
+                raise Problem(
+                    (
+                        code,
+                        "is not a close code whose OHIP meaning is unconfirmed: its action is "
+                        "fixed",
+                        f"use one of {allowed}",
+                    )
+                )
+        return v
 
     def policy(self) -> PolicyConfig:
         return PolicyConfig(
@@ -224,6 +244,7 @@ class ConnectionSettings(_Model):
             rate_limited_s=self.rate_limited_s,
             max_auth_failures=self.max_auth_failures,
             healthy_after_s=self.healthy_after_s,
+            close_actions={int(code): action for code, action in self.close_actions.items()},
         )
 
 

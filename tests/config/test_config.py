@@ -280,6 +280,17 @@ def test_the_enterprise_id_in_connection_init_needs_one(tmp_path: Path) -> None:
     assert load_settings(write(tmp_path, fixed)).streams["main"].connection.init_enterprise_id
 
 
+def test_close_actions_take_only_the_unconfirmed_codes(tmp_path: Path) -> None:
+    table = '[streams.main.connection]\nclose_actions = { 4403 = "reconnect", 4504 = "stop" }\n'
+    policy = load_settings(write(tmp_path, BASE + table)).streams["main"].connection.policy()
+    assert policy.close_actions == {4403: "reconnect", 4504: "stop"}
+    message = config_error(write(tmp_path, BASE + table.replace("4504", "4409")))
+    assert "streams.main.connection.close_actions.4409: is not a close code" in message
+    assert "use one of 4403, 4406, 4408, 4429, 4500, 4504" in message
+    message = config_error(write(tmp_path, BASE + table.replace("stop", "wait")))
+    assert "close_actions.4504: Input should be 'stop' or 'reconnect'" in message
+
+
 def test_bad_stream_name_is_rejected(tmp_path: Path) -> None:
     text = BASE.replace("streams.main", 'streams."bad name"')
     assert "bad name" in config_error(write(tmp_path, text))
