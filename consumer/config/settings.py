@@ -216,6 +216,10 @@ class ConnectionSettings(_Model):
     # "stop" or "reconnect" (with backoff), e.g. { 4403 = "reconnect" } (graphql-ws clients
     # retry 4403; the default stops for a human). Codes: 4403 4406 4408 4429 4500 4504.
     close_actions: dict[str, CloseAction] = {}
+    # The subscription's id: a fresh UUID per connection (unique for the stream's lifetime, as
+    # Oracle asks), or true: one UUID for every connection of the stream in this process, as
+    # Oracle's sample client reuses its id across reconnects.
+    reuse_subscription_id: bool = False
 
     @field_validator("close_actions")
     @classmethod

@@ -16,6 +16,7 @@ import dataclasses
 import enum
 import random
 import time
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
@@ -100,6 +101,20 @@ def _read_ahead_frames(max_size: int) -> int:
     return max(2, min(64, _READ_AHEAD_BYTES // max_size))
 
 
+class _Ids:
+    """A :class:`ClientSession`'s ``new_id``: a fresh UUID for each query, and for the
+    subscription unless ``reused`` is given (set ``subscribing`` just before it subscribes)."""
+
+    def __init__(self, reused: str | None) -> None:
+        self.reused = reused
+        self.subscribing = False
+
+    def __call__(self) -> str:
+        if self.subscribing and self.reused is not None:
+            return self.reused
+        return str(uuid.uuid4())
+
+
 class StreamRunner:
     def __init__(
         self,
@@ -139,6 +154,10 @@ class StreamRunner:
         self.liveness: Liveness | None = None
         self._waiting: tuple[str, float] | None = None  # a backoff or lockout: why, until
         self._warned = False  # the settings' warnings were logged
+        # reuse_subscription_id: the id of every subscription of this stream in this process
+        self._subscription_id = (
+            str(uuid.uuid4()) if settings.connection.reuse_subscription_id else None
+        )
 
     @property
     def token_fetches(self) -> int:
@@ -324,7 +343,8 @@ class StreamRunner:
         self._completing = None
         self._dead = False
         self._ended = ""
-        session = ClientSession(max_frame_bytes=c.max_frame_bytes)
+        ids = _Ids(self._subscription_id)
+        session = ClientSession(max_frame_bytes=c.max_frame_bytes, new_id=ids)
         app_key = self.settings.app_key.get_secret_value()
         init = session.connection_init(token.value, app_key)
         enterprise_id = self.settings.auth.enterprise_id
@@ -354,6 +374,7 @@ class StreamRunner:
             return await self._too_late(
                 ws, "the connection status" if self._status_check else "connection_ack"
             )
+        ids.subscribing = True
         await ws.send(session.subscribe(sub))
         self.state = StreamState.STREAMING
         log.info(

@@ -95,6 +95,8 @@ class SandboxStats:
     max_deferred_pongs: int = 0
     completes_received: int = 0
     subscribes: list[dict[str, Any]] = field(default_factory=list)  # parsed inputs, in order
+    subscription_ids: list[str] = field(default_factory=list)  # of those subscribes, in order
+    query_ids: list[str] = field(default_factory=list)  # of the connection queries, in order
     # The log index each subscribe without an offset (nor highest) started at: the gateway's
     # own position, where the chain's last stream stopped sending.
     position_starts: list[int] = field(default_factory=list)

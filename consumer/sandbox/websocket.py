@@ -262,6 +262,7 @@ class WsSession:
             # session's app key (Active iff a session initialized with the same key holds the
             # subscription of some chain).
             assert self.app_key is not None  # acked
+            ctx.stats.query_ids.append(sub_id)
             status = "Active" if ctx.subscriptions.active_for(self.app_key) else "Inactive"
             data = {"data": {"connection": {"id": str(id(self)), "status": status}}}
             self._greet()
@@ -277,6 +278,7 @@ class WsSession:
             raise Close(4408, "Subscribe timeout")
         args = parse_input(query)
         ctx.stats.subscribes.append(args)
+        ctx.stats.subscription_ids.append(sub_id)
         chain = args.get("chainCode")
         if not isinstance(chain, str):
             raise Close(4400, "Value for chainCode is required")

@@ -53,3 +53,23 @@ async def test_the_enterprise_id_goes_in_connection_init_only_when_asked(
     async with running(settings):
         await wait_until(lambda: gw.stats.inits >= 3)
     assert gw.stats.init_enterprise_ids[2:] == ["ENT1"]
+
+
+async def test_the_subscription_id_is_reused_across_connections_only_when_asked(
+    sandbox_factory, tmp_path: Path
+):
+    """Reference 2.4: the id must be unique for the stream's lifetime; Oracle's sample keeps
+    one across reconnects. Default: a fresh UUID per connection; reuse_subscription_id: one
+    for the stream in this process. The status queries keep ids of their own."""
+    gw = await sandbox_factory(backlog=5)
+    for run, reuse in enumerate((False, True)):
+        connection = {"reuse_subscription_id": reuse, "status_check": "on"}
+        settings = make_settings(tmp_path, gw.url, connection=connection)
+        async with running(settings) as daemon:
+            await wait_until(lambda: daemon.pipelines["main"].delivered >= 5)
+            await gw.disconnect_all(4500)
+            await wait_until(lambda run=run: len(gw.stats.subscribes) >= 2 * run + 2)
+        gw.append("DEMO", 5)
+    ids = gw.stats.subscription_ids
+    assert len(ids) == 4 and len(set(ids[:2])) == 2 and ids[2] == ids[3] != ids[1]
+    assert len(set(gw.stats.query_ids)) == 4 and not set(gw.stats.query_ids) & set(ids)
