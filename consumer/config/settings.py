@@ -198,6 +198,10 @@ class ConnectionSettings(_Model):
     # one key and the gateway answers "Active" for all of them.
     status_check: Literal["auto", "on", "off"] = "auto"
     status_poll_s: float = Field(default=30.0, gt=0)
+    # This many "Active" answers in a row: the stream is no longer ready (/readyz, systemd's
+    # STATUS=) and a warning says so; it keeps asking. 0: never (a passive standby that
+    # should stay ready). An answer other than Active or Inactive counts as none: subscribe.
+    status_active_limit: int = Field(default=10, ge=0)
     # A short random wait after "Inactive", before subscribing (Oracle: a randomized delay).
     takeover_jitter_s: float = Field(default=2.0, ge=0)
     # From connection_init to subscribe, at most (OHIP: "within 10 seconds"; UNCONFIRMED what

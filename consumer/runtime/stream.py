@@ -154,6 +154,7 @@ class StreamRunner:
         self.liveness: Liveness | None = None
         self._waiting: tuple[str, float] | None = None  # a backoff or lockout: why, until
         self._warned = False  # the settings' warnings were logged
+        self._active_answers = 0  # consecutive "Active" answers to the status query
         # reuse_subscription_id: the id of every subscription of this stream in this process
         self._subscription_id = (
             str(uuid.uuid4()) if settings.connection.reuse_subscription_id else None
@@ -431,19 +432,20 @@ class StreamRunner:
             if not binding:
                 raise
             return await self._too_late(ws, "the connection status")
+        said = None if out.status is None else out.status.strip().lower()
+        if said == "active":
+            await ws.close(1000)
+            return self._status_active(out.status or "")
+        self._active_answers = 0
         if out.status is None:
             # No usable answer (a gateway without the query?): subscribe, 4409 still guards.
             log.warning("connection status query unanswered; subscribing", problem=out.problem)
-        elif out.status.lower() != "inactive":
-            await ws.close(1000)
-            delay = c.status_poll_s + self._rng.uniform(0, c.takeover_jitter_s)
-            return Decision(
-                Action.RECONNECT,
-                delay,
-                f"the gateway says another consumer is {out.status} on this stream; asking "
-                "again later",
-                code="status_active",
-                deliberate=True,
+        elif said != "inactive":
+            # The schema says "Active or Inactive"; how the gateway answers is inferred, not
+            # Oracle's word: anything else is no answer (never a wait for ever while ready).
+            log.warning(
+                "unexpected connection status; subscribing as if unanswered",
+                status=printable(out.status, 40),
             )
         # Capped: a jitter that ran past the deadline would make us subscribe late.
         jitter = min(self._rng.uniform(0, c.takeover_jitter_s), deadline.left(time.monotonic()))
@@ -453,6 +455,32 @@ class StreamRunner:
                 await ws.close(1000)
                 return Decision(Action.RECONNECT, 0.0, "stopping")
         return None
+
+    def _status_active(self, status: str) -> Decision:
+        """The gateway says a consumer is active on this stream: ask again later. A deliberate
+        wait (ready) until status_active_limit answers in a row; then not ready, and said."""
+        c = self.settings.connection
+        self._active_answers += 1
+        n, limit = self._active_answers, c.status_active_limit
+        delay = c.status_poll_s + self._rng.uniform(0, c.takeover_jitter_s)
+        stuck = 0 < limit <= n
+        if n == limit:
+            log.warning(
+                "the gateway keeps saying another consumer is active on this stream: check "
+                "for another consumer of this application key and chain (a Postman or "
+                "GraphiQL session, another deployment)",
+                answers=n,
+                status_poll_s=c.status_poll_s,
+            )
+        again = f", {n} times in a row" if stuck else ""
+        return Decision(
+            Action.RECONNECT,
+            delay,
+            f"the gateway says another consumer is {printable(status, 40)} on this stream"
+            f"{again}; asking again later",
+            code="status_active",
+            deliberate=not stuck,
+        )
 
     async def _too_late(self, ws: ClientConnection, waited_for: str) -> Decision:
         """Waiting for ``waited_for`` left no time to subscribe within subscribe_deadline_s of

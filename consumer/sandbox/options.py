@@ -49,6 +49,9 @@ class SandboxOptions:
     subscribe_deadline_s: float = 0.0
     complete_close_delay_s: float = 0.0  # after a client's complete, wait before closing
     defer_pongs: bool = False  # as OHIP in burst mode: no pong until the backlog is sent
+    # Set: every answer to `query { connection { id status } }` says this (an unexpected one,
+    # "", or "Active" for ever); None: Active iff a session of the same key is subscribed.
+    connection_status: str | None = None
     # As graphql-ws servers (whether OHIP does is unconfirmed): an `error` for the operation
     # before a close refusing a subscribe, and `complete` in answer to a client's complete.
     end_frames: bool = False

@@ -264,6 +264,8 @@ class WsSession:
             assert self.app_key is not None  # acked
             ctx.stats.query_ids.append(sub_id)
             status = "Active" if ctx.subscriptions.active_for(self.app_key) else "Inactive"
+            if ctx.options.connection_status is not None:
+                status = ctx.options.connection_status
             data = {"data": {"connection": {"id": str(id(self)), "status": status}}}
             self._greet()
             self.send(json.dumps({"id": sub_id, "type": "next", "payload": data}))
