@@ -146,6 +146,7 @@ class StreamRunner:
         self._completing: str | None = None
         self._dead = False
         self._ended = ""  # why the server ended the current subscription, if it did
+        self._server_ended = False  # the server ended (completed) this session's subscription
         self._ignored_logged = False
         self._delivered_before = 0
         self._session_started = 0.0
@@ -344,6 +345,7 @@ class StreamRunner:
         self._completing = None
         self._dead = False
         self._ended = ""
+        self._server_ended = False
         ids = _Ids(self._subscription_id)
         session = ClientSession(max_frame_bytes=c.max_frame_bytes, new_id=ids)
         app_key = self.settings.app_key.get_secret_value()
@@ -401,15 +403,27 @@ class StreamRunner:
         ]
         started = time.monotonic()
         try:
-            return await self._read(ws, liveness, session)
+            decision = await self._read(ws, liveness, session)
         except ConnectionClosed as exc:
-            return self._after_close(exc, started)
+            decision = self._after_close(exc, started)
         finally:
             for t in helpers:
                 t.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
-            if session.completed:  # closed now, however the server answered
+            # Closed now, however the server answered; or the server ended it (its `complete`
+            # or `error`): a completed subscription either way, and OHIP's gap applies.
+            if session.completed or self._server_ended:
                 await self._record_completed()
+        return self._gap_after_server_end(decision)
+
+    def _gap_after_server_end(self, decision: Decision) -> Decision:
+        """After the server ended our subscription, the next subscribe waits resubscribe_gap_s
+        too (OHIP refuses one too soon after a completed subscription: 4409), whatever the
+        close that followed asks for."""
+        gap = self.settings.connection.resubscribe_gap_s
+        if not self._server_ended or decision.action is Action.STOP or decision.delay_s >= gap:
+            return decision
+        return dataclasses.replace(decision, delay_s=gap)
 
     async def _check_status(
         self, ws: ClientConnection, session: ClientSession, deadline: SubscribeDeadline
@@ -517,8 +531,8 @@ class StreamRunner:
         await self._wait_or_stop(wait)
 
     async def _record_completed(self) -> None:
-        """A subscription we completed is closed (by the server, or by us after
-        complete_timeout_s): remember when, for whichever process subscribes next."""
+        """A completed subscription (by us or by the server) is closed (by the server, or by
+        us after complete_timeout_s): remember when, for whichever process subscribes next."""
         try:
             await self._store.set_completed_closed_at(self.name, time.time())
         except StoreError as exc:  # the next subscriber then risks a 4409: no reason to fail
@@ -571,6 +585,7 @@ class StreamRunner:
                 # (4400 stop, 4401 new token...), so wait for it rather than close first.
                 log.warning("subscription ended by the server", detail=out.reason)
                 self._ended = f"subscription ended by the server: {prefix(out.reason, 200)}"
+                self._server_ended = True
                 await self._until_server_closes(ws, session)  # raises ConnectionClosed
                 self._session_ended(self._session_started)
                 ended, self._ended = self._ended, ""

@@ -154,6 +154,18 @@ class WsSession:
         if self._sender is not None:
             self._sender.cancel()
 
+    def complete_subscription(self) -> None:
+        """The server ends the subscription: ``complete`` for it, then the close (after
+        ``complete_close_delay_s``); the chain's resubscribe gap applies as after a client's
+        ``complete``."""
+        if self._sub_id is None or self._completed or self._proto.state is not State.OPEN:
+            return
+        self._completed = True
+        if self._sender is not None:
+            self._sender.cancel()
+        self.send(json.dumps({"id": self._sub_id, "type": "complete"}))
+        self._helpers.append(asyncio.create_task(self._close_later()))
+
     def unsent_bytes(self) -> int:
         """What the transport holds, not yet taken by the kernel (whose buffers are full)."""
         return self._writer.transport.get_write_buffer_size()
