@@ -50,6 +50,7 @@ from ..core.session import (
 )
 from ..core.subscribe_timing import SubscribeDeadline, gap_left
 from ..core.upgrade_budget import UpgradeBudget
+from ..core.watermark import Position
 from ..errors import AuthError, StoreError, StreamStopped
 from ..state.base import StateStore
 from . import tls
@@ -70,6 +71,9 @@ class StreamStats:
     last_close: str = ""
     closes: Counter[str] = field(default_factory=Counter)  # by code: "4409", "http_429"...
     last_event: float | None = None  # monotonic
+    # Resumes whose replay brought a new event before the checkpoint's own (inclusive replay
+    # starts with it): events between the two were lost, e.g. to OHIP's 7-day retention.
+    resume_gaps: int = 0
 
 
 class StreamState(enum.StrEnum):
@@ -88,6 +92,10 @@ class StreamState(enum.StrEnum):
 
 
 _READY = frozenset({StreamState.STREAMING, StreamState.COMPLETING, StreamState.LOCKOUT})
+
+# A replay that begins with this many events already processed before the checkpoint's own is
+# not checked further for a gap (each is a state store lookup, in the reader).
+RESUME_CHECK_MAX = 1000
 
 # websockets' own queue of frames received and not yet taken by the reader counts frames, not
 # bytes: while the reader waits (the pipeline is full), 64 frames of the largest size read
@@ -142,6 +150,11 @@ class StreamRunner:
         self.policy = ClosePolicy(settings.connection.policy(), rng)
         self._stop = asyncio.Event()
         self._anchored = True  # set by _subscribe_input: does the stream have a checkpoint?
+        # Set by _subscribe_input: the durable checkpoint the subscription resumes from, whose
+        # event the inclusive replay should bring first; the session checks it (_expecting).
+        self._resume: Position | None = None
+        self._expecting: Position | None = None
+        self._examined = 0  # events already processed before the checkpoint's, this session
         self._paused = False
         self._completing: str | None = None
         self._dead = False
@@ -322,8 +335,10 @@ class StreamRunner:
         """Always resume from what is done (inclusive replay, deduplicated); the configured
         start position only applies to a stream that has no checkpoint yet."""
         s = self.settings
+        self._resume = None
         done = self._pipeline.position
         if done is not None:
+            self._resume = await self._durable(done)
             return s.subscribe_input(done.offset)
         if await self._store.start_override(self.name) == "highest":
             # `opera-consumer offset reset --highest`: the first event re-anchors the stream.
@@ -332,10 +347,65 @@ class StreamRunner:
         cp = await self._store.checkpoint(self.name)
         self._anchored = cp is not None
         if cp is not None:
+            if cp.unique_event_id:  # "": set by an operator, no event to expect
+                self._resume = Position(cp.offset, cp.unique_event_id)
             return s.subscribe_input(cp.offset)
         if s.subscription.start == "highest":
             return s.subscribe_input(None, highest=True)
         return s.subscribe_input(s.subscription.offset)  # None: the gateway's position
+
+    async def _durable(self, done: Position) -> Position | None:
+        """``done`` if the state store's checkpoint is that position: then every event up to
+        it is recorded as processed there, and the gap check's lookups are exact. Else (its
+        commit still to come) None: no check this session rather than a false alarm."""
+        try:
+            cp = await self._store.checkpoint(self.name)
+        except StoreError:
+            return None
+        if cp is None or (cp.offset, cp.unique_event_id) != (done.offset, done.unique_event_id):
+            return None
+        return Position(done.offset, done.unique_event_id)
+
+    async def _check_resume(self, event: Event, liveness: Liveness) -> None:
+        """An event of a resumed session before the checkpoint's own: a replay that starts
+        earlier brings events already processed (duplicates), but a new one means the replay
+        began after the checkpoint (an offset older than OHIP's 7-day retention replays from
+        the oldest event retained, without an error): the events between are lost. Said once
+        a session, and counted."""
+        expected = self._expecting
+        assert expected is not None
+        if event.unique_event_id == expected.unique_event_id:
+            self._expecting = None
+            return
+        try:
+            async with self._backpressure(liveness):
+                seen = await self._store.seen(self.name, [event.unique_event_id])
+        except StoreError as exc:
+            self._expecting = None
+            log.warning("cannot check the replay for a gap", error=describe(exc))
+            return
+        if event.unique_event_id in seen:
+            self._examined += 1
+            if self._examined >= RESUME_CHECK_MAX:
+                self._expecting = None
+                log.warning(
+                    "the replay began with many events before the checkpoint's: not checked "
+                    "for a gap further",
+                    events=self._examined,
+                )
+            return
+        self._expecting = None
+        self.stats.resume_gaps += 1
+        log.error(
+            "events may be missing: the replay from the checkpoint brought a new event before "
+            "the checkpoint's own (an offset older than OHIP's retention of 7 days replays from "
+            "the oldest event retained)",
+            checkpoint_offset=expected.offset,
+            checkpoint_event_id=prefix(expected.unique_event_id, 100),
+            first_new_offset=event.offset,
+            first_new_event_id=prefix(event.unique_event_id, 100),
+            duplicates_before=self._examined,
+        )
 
     async def _session(self, ws: ClientConnection, token: Token, sub: SubscribeInput) -> Decision:
         c = self.settings.connection
@@ -379,6 +449,7 @@ class StreamRunner:
             )
         ids.subscribing = True
         await ws.send(session.subscribe(sub))
+        self._expecting, self._examined = self._resume, 0
         self.state = StreamState.STREAMING
         log.info(
             "subscribed",
@@ -555,6 +626,8 @@ class StreamRunner:
                 stats.events_received += 1
                 stats.last_event = now
                 event = out.event
+                if self._expecting is not None:
+                    await self._check_resume(event, liveness)
                 if not self._anchored:
                     # The gateway moves its own position as it sends: record where this
                     # stream began before anything else, or a crash now would skip events.

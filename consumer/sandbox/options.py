@@ -66,6 +66,10 @@ class SandboxOptions:
     malformed_every: int = 0  # a malformed frame in the log after every N events
     oversized_bytes: int = 0  # > 0: every 6th malformed frame is a `next` frame this large
     redeliver: int = 0  # a resume from an offset starts this many entries earlier
+    # > 0: only the newest this many log entries are retained (OHIP keeps 7 days): a resume
+    # from an older offset, or from the gateway's position, starts at the oldest one retained,
+    # without an error, as OHIP's does.
+    retention_events: int = 0
     ignore_pings: bool = False
     ack_delay_s: float = 0.0
     send_batch: int = 256

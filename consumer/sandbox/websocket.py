@@ -319,6 +319,8 @@ class WsSession:
             start = log.start_index(offset if isinstance(offset, str) else None, highest=highest)
             if offset is not None:
                 start = ctx.chaos.rewind(start)  # duplicates to deduplicate
+        if ctx.options.retention_events > 0 and not highest:
+            start = max(start, log.size - ctx.options.retention_events)  # the rest expired
         hotels = args.get("hotelCode")
         hotel_set = frozenset(str(hotels).split(",")) if hotels else None
         self._sender = asyncio.create_task(

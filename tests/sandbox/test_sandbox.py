@@ -149,6 +149,20 @@ async def test_backlog_replay_highest_and_filters(sandbox_factory):
         )
 
 
+async def test_an_offset_older_than_the_retention_replays_from_the_oldest_retained(
+    sandbox_factory,
+):
+    """As OHIP after its 7 days: no error, the replay starts at the oldest event retained."""
+    gw = await sandbox_factory(backlog=10, retention_events=4)
+    truth = gw.events("DEMO")
+    async with ws(gw) as conn:
+        first = truth[0]["metadata"]["offset"]
+        await conn.send(protocol.subscribe("a", SubscribeInput(chain_code="DEMO", offset=first)))
+        assert await events(conn, 4) == truth[6:]
+        await conn.send(protocol.complete("a"))
+        assert await close_code(conn) == 1000
+
+
 async def test_resume_without_offset_continues_after_what_was_sent(sandbox_factory):
     gw = await sandbox_factory(backlog=10, send_batch=4)
     async with ws(gw) as conn:
