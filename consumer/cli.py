@@ -383,6 +383,8 @@ def _command(args: argparse.Namespace) -> int:
 
         check_sink(settings)  # what the sink's client library refuses, without connecting
         print(json.dumps(effective(settings), indent=2))
+        for key, what, fix in settings.warnings():  # valid, but probably wrong
+            print(f"warning: {key}: {what} -> {fix}", file=sys.stderr)
         found = find_config(args.config)
         source = str(found.resolve()) if found else "no config file, the environment only"
         print(

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import unquote_plus, urlsplit
+from urllib.parse import unquote_plus, urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
@@ -39,7 +39,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from ..core.close_policy import PolicyConfig
+from ..core.close_policy import OVERRIDABLE, CloseAction, PolicyConfig
 from ..core.printable import printable
 from ..core.protocol import SubscribeInput
 from ..core.rotation import PatternError, Rotation, check_pattern, default_pattern, distinguishes
@@ -57,6 +57,7 @@ from .fields import (
     GatewayUrl,
     Headers,
     HttpUrl,
+    MaskedUrl,
     Problem,
     ProxyUrl,
     UrlTemplates,
@@ -197,12 +198,48 @@ class ConnectionSettings(_Model):
     # one key and the gateway answers "Active" for all of them.
     status_check: Literal["auto", "on", "off"] = "auto"
     status_poll_s: float = Field(default=30.0, gt=0)
+    # This many "Active" answers in a row: the stream is no longer ready (/readyz, systemd's
+    # STATUS=) and a warning says so; it keeps asking. 0: never (a passive standby that
+    # should stay ready). An answer other than Active or Inactive counts as none: subscribe.
+    status_active_limit: int = Field(default=10, ge=0)
     # A short random wait after "Inactive", before subscribing (Oracle: a randomized delay).
     takeover_jitter_s: float = Field(default=2.0, ge=0)
     # From connection_init to subscribe, at most (OHIP: "within 10 seconds"; UNCONFIRMED what
     # the gateway does when it passes). Bounds the ack wait, the status answer and the
     # takeover jitter together; when it cannot be met: close 1000, reconnect with backoff.
     subscribe_deadline_s: float = Field(default=10.0, gt=SUBSCRIBE_MARGIN_S)
+    # UNCONFIRMED whether OHIP wants (or minds) `Authorization: Bearer <token>` on the HTTP
+    # upgrade as well: Oracle's GraphiQL tool and sample send the token only in
+    # connection_init, which is confirmed to work. true: send it on the upgrade too (the token
+    # of that connection; never to another origin a redirect names).
+    upgrade_authorization: bool = False
+    # UNCONFIRMED whether OHIP reads an enterpriseId in the connection_init payload: Oracle's
+    # sample sends it, its GraphiQL tool does not. true: send auth.enterprise_id there.
+    init_enterprise_id: bool = False
+    # What a close code whose OHIP meaning is unconfirmed does, instead of the default:
+    # "stop" or "reconnect" (with backoff), e.g. { 4403 = "reconnect" } (graphql-ws clients
+    # retry 4403; the default stops for a human). Codes: 4403 4406 4408 4429 4500 4504.
+    close_actions: dict[str, CloseAction] = {}
+    # The subscription's id: a fresh UUID per connection (unique for the stream's lifetime, as
+    # Oracle asks), or true: one UUID for every connection of the stream in this process, as
+    # Oracle's sample client reuses its id across reconnects.
+    reuse_subscription_id: bool = False
+
+    @field_validator("close_actions")
+    @classmethod
+    def _overridable(cls, v: dict[str, CloseAction]) -> dict[str, CloseAction]:
+        allowed = ", ".join(map(str, sorted(OVERRIDABLE)))
+        for code in v:
+            if not (code.isascii() and code.isdigit()) or int(code) not in OVERRIDABLE:
+                raise Problem(
+                    (
+                        code,
+                        "is not a close code whose OHIP meaning is unconfirmed: its action is "
+                        "fixed",
+                        f"use one of {allowed}",
+                    )
+                )
+        return v
 
     def policy(self) -> PolicyConfig:
         return PolicyConfig(
@@ -215,6 +252,7 @@ class ConnectionSettings(_Model):
             rate_limited_s=self.rate_limited_s,
             max_auth_failures=self.max_auth_failures,
             healthy_after_s=self.healthy_after_s,
+            close_actions={int(code): action for code, action in self.close_actions.items()},
         )
 
 
@@ -253,6 +291,33 @@ class StreamSettings(_Model):
             )
         return v
 
+    @field_validator("gateway_url")
+    @classmethod
+    def _no_subscriptions_path(cls, v: str) -> str:
+        """The WebSocket's URL is the gateway's plus ``/subscriptions``; a gateway_url copied
+        with that path (Oracle's GraphiQL tool takes it so, and strips it) loses it here, or
+        the token endpoint ({gateway_url}/oauth/v1/tokens) and the REST API would be asked
+        under /subscriptions: a 404."""
+        parts = urlsplit(v)
+        path = parts.path.rstrip("/")
+        if not path.endswith("/subscriptions"):
+            return v
+        path = path.removesuffix("/subscriptions")
+        return MaskedUrl(urlunsplit(parts._replace(path=path)).rstrip("/"))
+
+    @model_validator(mode="after")
+    def _init_enterprise_id(self) -> StreamSettings:
+        if self.connection.init_enterprise_id and not self.auth.enterprise_id:
+            raise Problem(
+                (
+                    "connection.init_enterprise_id",
+                    "true sends auth.enterprise_id in connection_init, and it is not set",
+                    "set auth.enterprise_id (the environment card's Enterprise ID), or "
+                    "init_enterprise_id = false",
+                )
+            )
+        return self
+
     @model_validator(mode="after")
     def _input(self) -> StreamSettings:
         try:
@@ -273,6 +338,23 @@ class StreamSettings(_Model):
     @property
     def token_url(self) -> str:
         return self.auth.token_url or f"{self.gateway_url}/oauth/v1/tokens"
+
+    def warnings(self) -> list[tuple[str, str, str]]:
+        """What is valid but probably wrong, as (key under the stream's table, what, fix):
+        check-config prints it, and the stream logs it when it starts."""
+        found: list[tuple[str, str, str]] = []
+        if self.auth.grant == "client_credentials" and not self.auth.enterprise_id:
+            found.append(
+                (
+                    "auth.enterprise_id",
+                    'not set with grant = "client_credentials": OCIM environments (the '
+                    "client-credentials ones) require the enterpriseId header on the token "
+                    "request, and refuse the credentials without it",
+                    "set enterprise_id to the Enterprise ID of the portal's environment card "
+                    '(or use grant = "password" for an SSD environment)',
+                )
+            )
+        return found
 
 
 def _parsable_dsn(v: SecretStr | None) -> SecretStr | None:
@@ -918,6 +1000,14 @@ class Settings(BaseSettings):
     log: LogSettings = LogSettings()
     fleet: FleetSettings = FleetSettings()
     filter: FilterSettings = FilterSettings()
+
+    def warnings(self) -> list[tuple[str, str, str]]:
+        """Every stream's :meth:`StreamSettings.warnings`, as (dotted key, what, fix)."""
+        return [
+            (f"streams.{name}.{key}", what, fix)
+            for name, stream in self.streams.items()
+            for key, what, fix in stream.warnings()
+        ]
 
     @model_validator(mode="before")
     @classmethod

@@ -3,14 +3,17 @@
 Section 7.3 of the reference: transient codes reconnect with jittered, capped exponential
 backoff (1006 waits at least 4 s); 4401 asks for a new token and stops the stream when it keeps
 happening; 4409 waits out the single-consumer lockout; 4400, 4403 and HTTP 400 on the upgrade
-need a human, so the stream stops with a message saying what to check.
+need a human, so the stream stops with a message saying what to check. The codes whose OHIP
+meaning is unconfirmed (4403 among them) take another action where ``close_actions`` says so.
 """
 
 from __future__ import annotations
 
 import enum
 import random
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Final, Literal
 
 
 class Action(enum.Enum):
@@ -28,6 +31,13 @@ class Decision:
     deliberate: bool = False  # a wait the protocol asks for (lockout, rate limit), not a fault
 
 
+CloseAction = Literal["stop", "reconnect"]
+# Oracle's readable pages do not say what these mean for OHIP (reference 7.2): graphql-ws's
+# meanings are a guess. 4400 (an invalid subscription), 4401 (credentials) and 4409 (the single
+# consumer) are Oracle's own.
+OVERRIDABLE: Final = frozenset({4403, 4406, 4408, 4429, 4500, 4504})
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PolicyConfig:
     backoff_initial_s: float = 1.0
@@ -41,6 +51,14 @@ class PolicyConfig:
     rate_limited_s: float = 120.0  # HTTP 429 on the upgrade: "retry after 2 minutes"
     max_auth_failures: int = 3
     healthy_after_s: float = 60.0  # a session this long resets the backoff
+    # Close codes whose OHIP meaning is unconfirmed (OVERRIDABLE): what to do instead of the
+    # table's default ("stop": the stream stops; "reconnect": with backoff).
+    close_actions: Mapping[int, CloseAction] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        fixed = sorted(set(self.close_actions) - OVERRIDABLE)
+        if fixed:
+            raise ValueError(f"close_actions: the action of {fixed} is not overridable")
 
 
 _CHECK_KEY = (
@@ -100,6 +118,14 @@ class ClosePolicy:
         code = ABNORMAL_CLOSURE if code is None else code
         said = f": {reason}" if reason else ""
         label = str(code)
+        override = self.config.close_actions.get(code)
+        if override is not None:
+            meaning = _STOP_CODES.get(code, f"closed by server ({code})") + said
+            if override == "stop":
+                return Decision(Action.STOP, 0.0, f"{meaning} (stopped: close_actions)", label)
+            return Decision(
+                Action.RECONNECT, self._backoff(), f"{meaning} (reconnecting: close_actions)", label
+            )
         if code in _STOP_CODES:
             return Decision(Action.STOP, 0.0, _STOP_CODES[code] + said, label)
         if code == UNAUTHORIZED:

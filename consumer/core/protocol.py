@@ -98,14 +98,13 @@ def _check(name: str, value: str) -> None:
 # --- encoding -------------------------------------------------------------------------------
 
 
-def connection_init(token: str, app_key: str) -> str:
-    # The raw key goes here; only the URL carries its hash.
-    return json.dumps(
-        {
-            "type": "connection_init",
-            "payload": {"Authorization": f"Bearer {token}", "x-app-key": app_key},
-        }
-    )
+def connection_init(token: str, app_key: str, enterprise_id: str | None = None) -> str:
+    # The raw key goes here; only the URL carries its hash. enterpriseId: as Oracle's sample
+    # sends it (whether OHIP reads it is unconfirmed; Oracle's GraphiQL tool does not).
+    payload = {"Authorization": f"Bearer {token}", "x-app-key": app_key}
+    if enterprise_id is not None:
+        payload["enterpriseId"] = enterprise_id
+    return json.dumps({"type": "connection_init", "payload": payload})
 
 
 def subscribe(subscription_id: str, sub: SubscribeInput) -> str:

@@ -2,9 +2,10 @@
 
 Both grants: ``client_credentials`` (scope, ``enterpriseId`` header) and ``password`` (the
 integration user). Transient failures (transport errors, 5xx, 429) are retried with backoff
-honouring ``Retry-After``; 400/401/403 fail at once with what to check. Every message names the
-endpoint (its URL masked) and the reason (connection refused, TLS error, DNS failure, timeout);
-while a failing endpoint is retried, :meth:`TokenProvider.waiting` says so, for status lines.
+honouring ``Retry-After``; 400/401/403 fail at once with what to check, as does a 404 before
+the endpoint ever issued a token (a wrong URL). Every message names the endpoint (its URL
+masked) and the reason (connection refused, TLS error, DNS failure, timeout); while a failing
+endpoint is retried, :meth:`TokenProvider.waiting` says so, for status lines.
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ class TokenProvider:
             reverse=True,
         )
         self._wait: tuple[str, float] | None = None  # last failure, next attempt (monotonic)
+        self._answered = False  # the endpoint has issued a token: it exists
 
     def invalidate(self, rejected: str | None = None) -> None:
         """Drop the current token: the next caller fetches a new one. ``rejected``: the token
@@ -211,10 +213,24 @@ class TokenProvider:
             grant_fields = (
                 "scope/enterprise_id" if auth.grant == "client_credentials" else "username/password"
             )
+            unset = (
+                " (enterprise_id is not set: OCIM environments require it with this grant)"
+                if auth.grant == "client_credentials" and not auth.enterprise_id
+                else ""
+            )
             raise AuthError(
                 f"token endpoint {self.url} refused the credentials (HTTP {status}): "
                 f"check client_id/client_secret, app_key, the grant ({auth.grant}) and its "
-                f"{grant_fields}"
+                f"{grant_fields}{unset}"
+            )
+        if status == 404 and not self._answered:
+            # No token endpoint at that URL: a wrong URL, retried for ever otherwise. Once it
+            # has issued a token, a 404 is the gateway's passing trouble, retried as the rest.
+            which = "auth.token_url" if auth.token_url else "gateway_url"
+            raise AuthError(
+                f"token endpoint {self.url} answered HTTP 404 (no such endpoint): check "
+                f"{which} (the gateway URL of the portal's environment card, nothing after the "
+                "host; the token endpoint is {gateway_url}/oauth/v1/tokens)"
             )
         if status != 200:
             raise AuthError(f"token endpoint {self.url} answered HTTP {status}", retriable=True)
@@ -241,6 +257,7 @@ class TokenProvider:
             )
         lifetime = min(lifetime, _MAX_LIFETIME_S)  # refreshed at least daily, whatever it says
         REDACTOR.add_token(value, lifetime)
+        self._answered = True
         log.info("token obtained", lifetime_s=lifetime)
         return Token(value, started + lifetime, lifetime)
 

@@ -16,6 +16,7 @@ import dataclasses
 import enum
 import random
 import time
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ from ..core.session import (
 )
 from ..core.subscribe_timing import SubscribeDeadline, gap_left
 from ..core.upgrade_budget import UpgradeBudget
+from ..core.watermark import Position
 from ..errors import AuthError, StoreError, StreamStopped
 from ..state.base import StateStore
 from . import tls
@@ -69,6 +71,9 @@ class StreamStats:
     last_close: str = ""
     closes: Counter[str] = field(default_factory=Counter)  # by code: "4409", "http_429"...
     last_event: float | None = None  # monotonic
+    # Resumes whose replay brought a new event before the checkpoint's own (inclusive replay
+    # starts with it): events between the two were lost, e.g. to OHIP's 7-day retention.
+    resume_gaps: int = 0
 
 
 class StreamState(enum.StrEnum):
@@ -88,6 +93,10 @@ class StreamState(enum.StrEnum):
 
 _READY = frozenset({StreamState.STREAMING, StreamState.COMPLETING, StreamState.LOCKOUT})
 
+# A replay that begins with this many events already processed before the checkpoint's own is
+# not checked further for a gap (each is a state store lookup, in the reader).
+RESUME_CHECK_MAX = 1000
+
 # websockets' own queue of frames received and not yet taken by the reader counts frames, not
 # bytes: while the reader waits (the pipeline is full), 64 frames of the largest size read
 # (4 x max_frame_bytes: 64 MiB by default) would be 4 GiB. So as many of those as fit in
@@ -98,6 +107,20 @@ _READ_AHEAD_BYTES = 16 * 1024 * 1024
 def _read_ahead_frames(max_size: int) -> int:
     """websockets' ``max_queue`` for frames of at most ``max_size`` bytes."""
     return max(2, min(64, _READ_AHEAD_BYTES // max_size))
+
+
+class _Ids:
+    """A :class:`ClientSession`'s ``new_id``: a fresh UUID for each query, and for the
+    subscription unless ``reused`` is given (set ``subscribing`` just before it subscribes)."""
+
+    def __init__(self, reused: str | None) -> None:
+        self.reused = reused
+        self.subscribing = False
+
+    def __call__(self) -> str:
+        if self.subscribing and self.reused is not None:
+            return self.reused
+        return str(uuid.uuid4())
 
 
 class StreamRunner:
@@ -127,10 +150,16 @@ class StreamRunner:
         self.policy = ClosePolicy(settings.connection.policy(), rng)
         self._stop = asyncio.Event()
         self._anchored = True  # set by _subscribe_input: does the stream have a checkpoint?
+        # Set by _subscribe_input: the durable checkpoint the subscription resumes from, whose
+        # event the inclusive replay should bring first; the session checks it (_expecting).
+        self._resume: Position | None = None
+        self._expecting: Position | None = None
+        self._examined = 0  # events already processed before the checkpoint's, this session
         self._paused = False
         self._completing: str | None = None
         self._dead = False
         self._ended = ""  # why the server ended the current subscription, if it did
+        self._server_ended = False  # the server ended (completed) this session's subscription
         self._ignored_logged = False
         self._delivered_before = 0
         self._session_started = 0.0
@@ -138,6 +167,12 @@ class StreamRunner:
         self.stats = StreamStats()
         self.liveness: Liveness | None = None
         self._waiting: tuple[str, float] | None = None  # a backoff or lockout: why, until
+        self._warned = False  # the settings' warnings were logged
+        self._active_answers = 0  # consecutive "Active" answers to the status query
+        # reuse_subscription_id: the id of every subscription of this stream in this process
+        self._subscription_id = (
+            str(uuid.uuid4()) if settings.connection.reuse_subscription_id else None
+        )
 
     @property
     def token_fetches(self) -> int:
@@ -186,6 +221,15 @@ class StreamRunner:
     async def run(self) -> None:
         """Consume until :meth:`request_stop`; raises :class:`StreamStopped` for good."""
         with structlog.contextvars.bound_contextvars(stream=self.name):
+            if not self._warned:  # once: a fleet may run the stream here more than once
+                self._warned = True
+                for key, what, fix in self.settings.warnings():
+                    log.warning(
+                        "configuration warning",
+                        key=f"streams.{self.name}.{key}",
+                        problem=what,
+                        fix=fix,
+                    )
             await self._wait_out_gap()
             while not self._stop.is_set():
                 try:
@@ -232,9 +276,13 @@ class StreamRunner:
                 return Decision(Action.RECONNECT, 0.0, "stopping")
         self.state = StreamState.CONNECTING
         max_size = c.max_frame_bytes * OVERSIZED_FACTOR  # larger frames close with 1009
+        # The token on the upgrade as well, if asked (unconfirmed whether OHIP wants it):
+        # websockets drops Authorization on a redirect to another origin.
+        headers = {"Authorization": f"Bearer {token.value}"} if c.upgrade_authorization else None
         try:
             async with connect(
                 self._url,
+                additional_headers=headers,
                 subprotocols=[Subprotocol(protocol.SUBPROTOCOL)],
                 compression=None,
                 max_size=max_size,
@@ -287,8 +335,10 @@ class StreamRunner:
         """Always resume from what is done (inclusive replay, deduplicated); the configured
         start position only applies to a stream that has no checkpoint yet."""
         s = self.settings
+        self._resume = None
         done = self._pipeline.position
         if done is not None:
+            self._resume = await self._durable(done)
             return s.subscribe_input(done.offset)
         if await self._store.start_override(self.name) == "highest":
             # `opera-consumer offset reset --highest`: the first event re-anchors the stream.
@@ -297,10 +347,65 @@ class StreamRunner:
         cp = await self._store.checkpoint(self.name)
         self._anchored = cp is not None
         if cp is not None:
+            if cp.unique_event_id:  # "": set by an operator, no event to expect
+                self._resume = Position(cp.offset, cp.unique_event_id)
             return s.subscribe_input(cp.offset)
         if s.subscription.start == "highest":
             return s.subscribe_input(None, highest=True)
         return s.subscribe_input(s.subscription.offset)  # None: the gateway's position
+
+    async def _durable(self, done: Position) -> Position | None:
+        """``done`` if the state store's checkpoint is that position: then every event up to
+        it is recorded as processed there, and the gap check's lookups are exact. Else (its
+        commit still to come) None: no check this session rather than a false alarm."""
+        try:
+            cp = await self._store.checkpoint(self.name)
+        except StoreError:
+            return None
+        if cp is None or (cp.offset, cp.unique_event_id) != (done.offset, done.unique_event_id):
+            return None
+        return Position(done.offset, done.unique_event_id)
+
+    async def _check_resume(self, event: Event, liveness: Liveness) -> None:
+        """An event of a resumed session before the checkpoint's own: a replay that starts
+        earlier brings events already processed (duplicates), but a new one means the replay
+        began after the checkpoint (an offset older than OHIP's 7-day retention replays from
+        the oldest event retained, without an error): the events between are lost. Said once
+        a session, and counted."""
+        expected = self._expecting
+        assert expected is not None
+        if event.unique_event_id == expected.unique_event_id:
+            self._expecting = None
+            return
+        try:
+            async with self._backpressure(liveness):
+                seen = await self._store.seen(self.name, [event.unique_event_id])
+        except StoreError as exc:
+            self._expecting = None
+            log.warning("cannot check the replay for a gap", error=describe(exc))
+            return
+        if event.unique_event_id in seen:
+            self._examined += 1
+            if self._examined >= RESUME_CHECK_MAX:
+                self._expecting = None
+                log.warning(
+                    "the replay began with many events before the checkpoint's: not checked "
+                    "for a gap further",
+                    events=self._examined,
+                )
+            return
+        self._expecting = None
+        self.stats.resume_gaps += 1
+        log.error(
+            "events may be missing: the replay from the checkpoint brought a new event before "
+            "the checkpoint's own (an offset older than OHIP's retention of 7 days replays from "
+            "the oldest event retained)",
+            checkpoint_offset=expected.offset,
+            checkpoint_event_id=prefix(expected.unique_event_id, 100),
+            first_new_offset=event.offset,
+            first_new_event_id=prefix(event.unique_event_id, 100),
+            duplicates_before=self._examined,
+        )
 
     async def _session(self, ws: ClientConnection, token: Token, sub: SubscribeInput) -> Decision:
         c = self.settings.connection
@@ -310,10 +415,17 @@ class StreamRunner:
         self._completing = None
         self._dead = False
         self._ended = ""
-        session = ClientSession(max_frame_bytes=c.max_frame_bytes)
-        await ws.send(
-            session.connection_init(token.value, self.settings.app_key.get_secret_value())
-        )
+        self._server_ended = False
+        ids = _Ids(self._subscription_id)
+        session = ClientSession(max_frame_bytes=c.max_frame_bytes, new_id=ids)
+        app_key = self.settings.app_key.get_secret_value()
+        init = session.connection_init(token.value, app_key)
+        enterprise_id = self.settings.auth.enterprise_id
+        if c.init_enterprise_id and enterprise_id:
+            # The same message with enterpriseId (unconfirmed whether OHIP reads it; Oracle's
+            # sample sends it): the session has moved on to waiting for the ack all the same.
+            init = protocol.connection_init(token.value, app_key, enterprise_id)
+        await ws.send(init)
         init_sent_at = time.monotonic()
         deadline = SubscribeDeadline.after_init(init_sent_at, c.subscribe_deadline_s)
         self._ignored_logged = False
@@ -335,7 +447,9 @@ class StreamRunner:
             return await self._too_late(
                 ws, "the connection status" if self._status_check else "connection_ack"
             )
+        ids.subscribing = True
         await ws.send(session.subscribe(sub))
+        self._expecting, self._examined = self._resume, 0
         self.state = StreamState.STREAMING
         log.info(
             "subscribed",
@@ -360,15 +474,27 @@ class StreamRunner:
         ]
         started = time.monotonic()
         try:
-            return await self._read(ws, liveness, session)
+            decision = await self._read(ws, liveness, session)
         except ConnectionClosed as exc:
-            return self._after_close(exc, started)
+            decision = self._after_close(exc, started)
         finally:
             for t in helpers:
                 t.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
-            if session.completed:  # closed now, however the server answered
+            # Closed now, however the server answered; or the server ended it (its `complete`
+            # or `error`): a completed subscription either way, and OHIP's gap applies.
+            if session.completed or self._server_ended:
                 await self._record_completed()
+        return self._gap_after_server_end(decision)
+
+    def _gap_after_server_end(self, decision: Decision) -> Decision:
+        """After the server ended our subscription, the next subscribe waits resubscribe_gap_s
+        too (OHIP refuses one too soon after a completed subscription: 4409), whatever the
+        close that followed asks for."""
+        gap = self.settings.connection.resubscribe_gap_s
+        if not self._server_ended or decision.action is Action.STOP or decision.delay_s >= gap:
+            return decision
+        return dataclasses.replace(decision, delay_s=gap)
 
     async def _check_status(
         self, ws: ClientConnection, session: ClientSession, deadline: SubscribeDeadline
@@ -391,19 +517,20 @@ class StreamRunner:
             if not binding:
                 raise
             return await self._too_late(ws, "the connection status")
+        said = None if out.status is None else out.status.strip().lower()
+        if said == "active":
+            await ws.close(1000)
+            return self._status_active(out.status or "")
+        self._active_answers = 0
         if out.status is None:
             # No usable answer (a gateway without the query?): subscribe, 4409 still guards.
             log.warning("connection status query unanswered; subscribing", problem=out.problem)
-        elif out.status.lower() != "inactive":
-            await ws.close(1000)
-            delay = c.status_poll_s + self._rng.uniform(0, c.takeover_jitter_s)
-            return Decision(
-                Action.RECONNECT,
-                delay,
-                f"the gateway says another consumer is {out.status} on this stream; asking "
-                "again later",
-                code="status_active",
-                deliberate=True,
+        elif said != "inactive":
+            # The schema says "Active or Inactive"; how the gateway answers is inferred, not
+            # Oracle's word: anything else is no answer (never a wait for ever while ready).
+            log.warning(
+                "unexpected connection status; subscribing as if unanswered",
+                status=printable(out.status, 40),
             )
         # Capped: a jitter that ran past the deadline would make us subscribe late.
         jitter = min(self._rng.uniform(0, c.takeover_jitter_s), deadline.left(time.monotonic()))
@@ -413,6 +540,32 @@ class StreamRunner:
                 await ws.close(1000)
                 return Decision(Action.RECONNECT, 0.0, "stopping")
         return None
+
+    def _status_active(self, status: str) -> Decision:
+        """The gateway says a consumer is active on this stream: ask again later. A deliberate
+        wait (ready) until status_active_limit answers in a row; then not ready, and said."""
+        c = self.settings.connection
+        self._active_answers += 1
+        n, limit = self._active_answers, c.status_active_limit
+        delay = c.status_poll_s + self._rng.uniform(0, c.takeover_jitter_s)
+        stuck = 0 < limit <= n
+        if n == limit:
+            log.warning(
+                "the gateway keeps saying another consumer is active on this stream: check "
+                "for another consumer of this application key and chain (a Postman or "
+                "GraphiQL session, another deployment)",
+                answers=n,
+                status_poll_s=c.status_poll_s,
+            )
+        again = f", {n} times in a row" if stuck else ""
+        return Decision(
+            Action.RECONNECT,
+            delay,
+            f"the gateway says another consumer is {printable(status, 40)} on this stream"
+            f"{again}; asking again later",
+            code="status_active",
+            deliberate=not stuck,
+        )
 
     async def _too_late(self, ws: ClientConnection, waited_for: str) -> Decision:
         """Waiting for ``waited_for`` left no time to subscribe within subscribe_deadline_s of
@@ -449,8 +602,8 @@ class StreamRunner:
         await self._wait_or_stop(wait)
 
     async def _record_completed(self) -> None:
-        """A subscription we completed is closed (by the server, or by us after
-        complete_timeout_s): remember when, for whichever process subscribes next."""
+        """A completed subscription (by us or by the server) is closed (by the server, or by
+        us after complete_timeout_s): remember when, for whichever process subscribes next."""
         try:
             await self._store.set_completed_closed_at(self.name, time.time())
         except StoreError as exc:  # the next subscriber then risks a 4409: no reason to fail
@@ -473,6 +626,8 @@ class StreamRunner:
                 stats.events_received += 1
                 stats.last_event = now
                 event = out.event
+                if self._expecting is not None:
+                    await self._check_resume(event, liveness)
                 if not self._anchored:
                     # The gateway moves its own position as it sends: record where this
                     # stream began before anything else, or a crash now would skip events.
@@ -503,6 +658,7 @@ class StreamRunner:
                 # (4400 stop, 4401 new token...), so wait for it rather than close first.
                 log.warning("subscription ended by the server", detail=out.reason)
                 self._ended = f"subscription ended by the server: {prefix(out.reason, 200)}"
+                self._server_ended = True
                 await self._until_server_closes(ws, session)  # raises ConnectionClosed
                 self._session_ended(self._session_started)
                 ended, self._ended = self._ended, ""

@@ -17,6 +17,12 @@ class SandboxOptions:
     client_secret: str = "sandbox-secret"
     username: str = "sandbox-user"
     password: str = "sandbox-password"
+    # Set: a client_credentials token request must carry this enterpriseId header, as OCIM
+    # environments require (else 400); None: the header is not checked.
+    enterprise_id: str | None = None
+    # True: the /subscriptions upgrade must carry `Authorization: Bearer <valid token>` (else
+    # HTTP 401). Whether OHIP asks for it is unconfirmed; the token in connection_init is.
+    require_upgrade_authorization: bool = False
     chains: tuple[str, ...] = ("DEMO",)
     backlog: int = 1000  # events generated per chain at start
     rate: float = 0.0  # new events per second per chain
@@ -43,6 +49,9 @@ class SandboxOptions:
     subscribe_deadline_s: float = 0.0
     complete_close_delay_s: float = 0.0  # after a client's complete, wait before closing
     defer_pongs: bool = False  # as OHIP in burst mode: no pong until the backlog is sent
+    # Set: every answer to `query { connection { id status } }` says this (an unexpected one,
+    # "", or "Active" for ever); None: Active iff a session of the same key is subscribed.
+    connection_status: str | None = None
     # As graphql-ws servers (whether OHIP does is unconfirmed): an `error` for the operation
     # before a close refusing a subscribe, and `complete` in answer to a client's complete.
     end_frames: bool = False
@@ -57,6 +66,10 @@ class SandboxOptions:
     malformed_every: int = 0  # a malformed frame in the log after every N events
     oversized_bytes: int = 0  # > 0: every 6th malformed frame is a `next` frame this large
     redeliver: int = 0  # a resume from an offset starts this many entries earlier
+    # > 0: only the newest this many log entries are retained (OHIP keeps 7 days): a resume
+    # from an older offset, or from the gateway's position, starts at the oldest one retained,
+    # without an error, as OHIP's does.
+    retention_events: int = 0
     ignore_pings: bool = False
     ack_delay_s: float = 0.0
     send_batch: int = 256
@@ -77,6 +90,8 @@ class SandboxOptions:
 class SandboxStats:
     token_requests: int = 0
     inits: int = 0  # connection_init messages received (credentials presented)
+    # Per connection_init: the enterpriseId of its payload (None: not there).
+    init_enterprise_ids: list[object] = field(default_factory=list)
     connections: int = 0
     events_sent: int = 0
     pings_received: int = 0
@@ -87,6 +102,8 @@ class SandboxStats:
     max_deferred_pongs: int = 0
     completes_received: int = 0
     subscribes: list[dict[str, Any]] = field(default_factory=list)  # parsed inputs, in order
+    subscription_ids: list[str] = field(default_factory=list)  # of those subscribes, in order
+    query_ids: list[str] = field(default_factory=list)  # of the connection queries, in order
     # The log index each subscribe without an offset (nor highest) started at: the gateway's
     # own position, where the chain's last stream stopped sending.
     position_starts: list[int] = field(default_factory=list)
@@ -101,6 +118,8 @@ class SandboxStats:
     client_timeouts: int = 0  # sessions dropped after client_timeout_s without a frame
     chaos_drops: int = 0
     upgrades: list[float] = field(default_factory=list)  # monotonic times of upgrade requests
+    # Per upgrade request (with a key accepted): its bearer token, "" without one.
+    upgrade_tokens: list[str] = field(default_factory=list)
     active_subscriptions: dict[str, int] = field(default_factory=dict)
     rest_requests: int = 0  # every REST GET, throttled and failed ones included
     rest_throttled: int = 0  # 429s of the rate limit (not injected ones)

@@ -1,8 +1,9 @@
 """The one port's HTTP: each connection's request head (parsed with h11) is routed to the token
 endpoint (``POST /oauth/v1/tokens``), ``/healthz`` (``GET`` and ``HEAD``), a REST route, or
 the ``/subscriptions`` upgrade, which this module answers (the hash of an accepted app key in
-the URL, else 400; queued failures) before handing the connection to a WebSocket session.
-Anything else is 404, a request target that does not parse 400."""
+the URL, else 400; queued failures; with ``require_upgrade_authorization`` a valid bearer
+token in its Authorization header, else 401) before handing the connection to a WebSocket
+session. Anything else is 404, a request target that does not parse 400."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from ..http11 import read_request, request_path, respond
 from .faults import Chaos
 from .options import SandboxStats
 from .rest import RestResources, match_route
-from .tokens import TokenEndpoint
+from .tokens import TokenEndpoint, bearer
 from .websocket import SUBPROTOCOL, SessionContext, flush, run_session
 
 HEAD_LIMIT = 64 * 1024
@@ -96,12 +97,18 @@ class Router:
             return
         key = parse_qs(urlsplit(target).query).get("key", [""])[0]
         self._stats.upgrades.append(self._clock())
+        token = bearer(events[0].headers.get("Authorization", ""))
         if key not in self._key_hashes:
             response = proto.reject(400, "Incorrect key or URL\n")
         elif (status := self._chaos.upgrade_failure()) is not None:
             response = proto.reject(status, "injected failure\n")
         else:
-            response = proto.accept(events[0])
+            self._stats.upgrade_tokens.append(token)
+            required = self._sessions.options.require_upgrade_authorization
+            if required and (not token or self._tokens.expiry(token) is None):
+                response = proto.reject(401, "Unauthorized\n")
+            else:
+                response = proto.accept(events[0])
         proto.send_response(response)
         flush(proto, writer)
         if response.status_code != 101:

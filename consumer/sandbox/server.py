@@ -219,6 +219,12 @@ class SandboxGateway:
                 session.close(code, reason)
         await asyncio.sleep(0)
 
+    def complete_subscriptions(self) -> None:
+        """Every subscribed session gets the server's ``complete`` for its subscription, then
+        a close: a completed subscription (``resubscribe_gap_s`` applies to the next)."""
+        for session in list(self._subscriptions.sessions):
+            session.complete_subscription()
+
     def unsent_bytes(self) -> int:
         """Bytes of frames the WebSocket sessions have written (their events counted as sent,
         and as the chain's position) that still wait in the sandbox's own buffers because the

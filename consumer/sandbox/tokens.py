@@ -1,5 +1,6 @@
 """The OAuth token endpoint (``POST /oauth/v1/tokens``): both grants (``client_credentials``
-with a scope, ``password`` with the user's credentials), HTTP Basic client authentication and
+with a scope, and with ``enterprise_id`` set the ``enterpriseId`` header as OCIM requires it;
+``password`` with the user's credentials), HTTP Basic client authentication and
 the ``x-app-key`` header (any accepted application key: a token is not bound to one); the
 tokens it issues and their expiry, which the REST resources and the WebSocket's
 ``connection_init`` check through :meth:`TokenEndpoint.expiry`."""
@@ -60,6 +61,19 @@ class TokenEndpoint:
                 writer,
                 400,
                 problem(400, "grant_type must be password or client_credentials"),
+            )
+            return
+        if (
+            grant == "client_credentials"
+            and o.enterprise_id is not None
+            and headers.get("enterpriseid") != o.enterprise_id
+        ):
+            # OCIM: "Only while using Client Credentials workflow with OCIM environments"
+            respond(
+                conn,
+                writer,
+                400,
+                problem(400, "enterpriseId header missing or unknown for client_credentials"),
             )
             return
         if (

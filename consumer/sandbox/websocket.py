@@ -154,6 +154,18 @@ class WsSession:
         if self._sender is not None:
             self._sender.cancel()
 
+    def complete_subscription(self) -> None:
+        """The server ends the subscription: ``complete`` for it, then the close (after
+        ``complete_close_delay_s``); the chain's resubscribe gap applies as after a client's
+        ``complete``."""
+        if self._sub_id is None or self._completed or self._proto.state is not State.OPEN:
+            return
+        self._completed = True
+        if self._sender is not None:
+            self._sender.cancel()
+        self.send(json.dumps({"id": self._sub_id, "type": "complete"}))
+        self._helpers.append(asyncio.create_task(self._close_later()))
+
     def unsent_bytes(self) -> int:
         """What the transport holds, not yet taken by the kernel (whose buffers are full)."""
         return self._writer.transport.get_write_buffer_size()
@@ -232,6 +244,7 @@ class WsSession:
         self._init_seen = True
         self._ctx.stats.inits += 1
         p = payload if isinstance(payload, dict) else {}
+        self._ctx.stats.init_enterprise_ids.append(p.get("enterpriseId"))
         expiry = self._ctx.token_expiry(bearer(str(p.get("Authorization", ""))))
         key = p.get("x-app-key")
         if expiry is None or not isinstance(key, str) or not o.accepts_app_key(key):
@@ -261,7 +274,10 @@ class WsSession:
             # session's app key (Active iff a session initialized with the same key holds the
             # subscription of some chain).
             assert self.app_key is not None  # acked
+            ctx.stats.query_ids.append(sub_id)
             status = "Active" if ctx.subscriptions.active_for(self.app_key) else "Inactive"
+            if ctx.options.connection_status is not None:
+                status = ctx.options.connection_status
             data = {"data": {"connection": {"id": str(id(self)), "status": status}}}
             self._greet()
             self.send(json.dumps({"id": sub_id, "type": "next", "payload": data}))
@@ -276,6 +292,7 @@ class WsSession:
             raise Close(4408, "Subscribe timeout")
         args = parse_input(query)
         ctx.stats.subscribes.append(args)
+        ctx.stats.subscription_ids.append(sub_id)
         chain = args.get("chainCode")
         if not isinstance(chain, str):
             raise Close(4400, "Value for chainCode is required")
@@ -302,6 +319,8 @@ class WsSession:
             start = log.start_index(offset if isinstance(offset, str) else None, highest=highest)
             if offset is not None:
                 start = ctx.chaos.rewind(start)  # duplicates to deduplicate
+        if ctx.options.retention_events > 0 and not highest:
+            start = max(start, log.size - ctx.options.retention_events)  # the rest expired
         hotels = args.get("hotelCode")
         hotel_set = frozenset(str(hotels).split(",")) if hotels else None
         self._sender = asyncio.create_task(

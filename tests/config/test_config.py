@@ -229,6 +229,68 @@ def test_gateway_url_must_be_http(tmp_path: Path) -> None:
     assert "streams.main.gateway_url" in message
 
 
+@pytest.mark.parametrize(
+    ("given", "gateway"),
+    [
+        ("https://gw.example.com/subscriptions", "https://gw.example.com"),
+        ("https://gw.example.com/subscriptions/", "https://gw.example.com"),
+        ("https://gw.example.com/ohip/subscriptions", "https://gw.example.com/ohip"),
+    ],
+)
+def test_a_gateway_url_ending_in_subscriptions_loses_it(
+    tmp_path: Path, given: str, gateway: str
+) -> None:
+    """The WebSocket URL copied as the gateway URL (Oracle's GraphiQL tool takes it so): the
+    token request went to .../subscriptions/oauth/v1/tokens, a 404 retried for ever."""
+    path = write(tmp_path, BASE.replace("https://gw.example.com/", given))
+    stream = load_settings(path).streams["main"]
+    assert stream.gateway_url == gateway
+    assert stream.token_url == f"{gateway}/oauth/v1/tokens"
+
+
+def test_client_credentials_without_enterprise_id_is_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """OCIM environments require enterpriseId with client_credentials: check-config said OK,
+    and the token endpoint refused the credentials at the first start. Valid (an environment
+    that does without it is not excluded), so a warning naming the key and the fix."""
+    from consumer.cli import main
+
+    cases = {
+        "": True,  # client_credentials, the default grant, without enterprise_id
+        'enterprise_id = "ENT1"\n': False,
+        f'grant = "password"\nusername = "u"\npassword = "{PASSWORD}"\n': False,
+    }
+    for auth, warned in cases.items():
+        assert main(["check-config", "--config", str(write(tmp_path, BASE + auth))]) == 0
+        err = capsys.readouterr().err
+        key = "warning: streams.main.auth.enterprise_id: not set with grant"
+        assert (key in err and "set enterprise_id to the Enterprise ID" in err) is warned, err
+        assert "configuration OK" in err
+
+
+def test_the_enterprise_id_in_connection_init_needs_one(tmp_path: Path) -> None:
+    text = BASE + "[streams.main.connection]\ninit_enterprise_id = true\n"
+    message = config_error(write(tmp_path, text))
+    assert "streams.main.connection.init_enterprise_id: true sends auth.enterprise_id" in message
+    assert "set auth.enterprise_id" in message
+    fixed = text.replace(
+        "[streams.main.connection]", 'enterprise_id = "ENT1"\n[streams.main.connection]'
+    )
+    assert load_settings(write(tmp_path, fixed)).streams["main"].connection.init_enterprise_id
+
+
+def test_close_actions_take_only_the_unconfirmed_codes(tmp_path: Path) -> None:
+    table = '[streams.main.connection]\nclose_actions = { 4403 = "reconnect", 4504 = "stop" }\n'
+    policy = load_settings(write(tmp_path, BASE + table)).streams["main"].connection.policy()
+    assert policy.close_actions == {4403: "reconnect", 4504: "stop"}
+    message = config_error(write(tmp_path, BASE + table.replace("4504", "4409")))
+    assert "streams.main.connection.close_actions.4409: is not a close code" in message
+    assert "use one of 4403, 4406, 4408, 4429, 4500, 4504" in message
+    message = config_error(write(tmp_path, BASE + table.replace("stop", "wait")))
+    assert "close_actions.4504: Input should be 'stop' or 'reconnect'" in message
+
+
 def test_bad_stream_name_is_rejected(tmp_path: Path) -> None:
     text = BASE.replace("streams.main", 'streams."bad name"')
     assert "bad name" in config_error(write(tmp_path, text))

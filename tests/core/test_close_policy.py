@@ -298,3 +298,25 @@ def test_a_session_that_delivered_resets_the_backoff() -> None:
         p.session_ended(2.0, delivered=0)
         delays.append(p.on_close(4500).delay_s)
     assert delays[-1] > CFG.backoff_initial_s
+
+
+def test_close_actions_override_the_codes_whose_meaning_is_unconfirmed() -> None:
+    """Reference 7.2: OHIP's meaning of 4403 (and 4406, 4408, 4429, 4500, 4504) is
+    unconfirmed; graphql-ws clients retry 4403. Each may stop or reconnect instead."""
+    cfg = PolicyConfig(
+        backoff_initial_s=1.0, backoff_max_s=16.0, close_actions={4403: "reconnect", 4504: "stop"}
+    )
+    p = policy(cfg=cfg)
+    delays = []
+    for _ in range(6):
+        d = p.on_close(4403, "Forbidden")
+        assert d.action is Action.RECONNECT and not d.deliberate and d.code == "4403"
+        assert "forbidden (4403)" in d.reason and "Forbidden" in d.reason
+        assert "close_actions" in d.reason
+        delays.append(d.delay_s)
+    assert delays[-1] > delays[0] and max(delays) <= 16.0  # the backoff, growing and capped
+    stopped = p.on_close(4504)
+    assert stopped.action is Action.STOP and "4504" in stopped.reason
+    assert policy().on_close(4403).action is Action.STOP  # the default is unchanged
+    with pytest.raises(ValueError, match="4401"):
+        PolicyConfig(close_actions={4401: "reconnect"})

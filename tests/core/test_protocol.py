@@ -235,6 +235,16 @@ def test_connection_init_carries_bearer_token_and_raw_key() -> None:
     assert key_hash("RAW-KEY") not in json.dumps(msg)
 
 
+def test_connection_init_may_carry_the_enterprise_id() -> None:
+    """As Oracle's sample sends it (whether OHIP reads it is unconfirmed)."""
+    msg = json.loads(connection_init("tok.en", "RAW-KEY", "ENT1"))
+    assert msg["payload"] == {
+        "Authorization": "Bearer tok.en",
+        "x-app-key": "RAW-KEY",
+        "enterpriseId": "ENT1",
+    }
+
+
 def test_subscribe_message_shape() -> None:
     sub = SubscribeInput(chain_code="CHAIN1", offset="0042", delta=True)
     msg = json.loads(subscribe("sub-42", sub))

@@ -24,10 +24,11 @@ from trickle_server import trickling_server
 
 from consumer.config import StreamSettings
 from consumer.core.retry_after import RETRY_AFTER_MIN_S, retry_after_seconds
-from consumer.errors import AuthError
+from consumer.errors import AuthError, ExitCode
 from consumer.logs import REDACTOR
 from consumer.runtime.assembly import http_client
 from consumer.runtime.auth import TokenProvider
+from consumer.runtime.daemon import Daemon
 from consumer.sandbox import SandboxOptions
 
 
@@ -121,6 +122,72 @@ async def test_enterprise_id_header_and_scope_are_sent(sandbox_factory):
     assert headers["x-app-key"] == SandboxOptions().app_key
     assert headers["content-type"] == "application/x-www-form-urlencoded"
     assert form == {"grant_type": "client_credentials", "scope": "urn:x"}
+
+
+async def test_a_404_before_any_token_is_a_configuration_error(sandbox_factory):
+    """No token endpoint at the URL (a wrong gateway_url or token_url): it was retried for
+    ever. Once the endpoint has issued a token, a 404 is passing trouble, retried."""
+    gw = await sandbox_factory()
+    async with aiohttp.ClientSession() as http:
+        wrong = stream(gw.url, token_url=f"{gw.url}/nowhere/oauth/v1/tokens")
+        with pytest.raises(AuthError) as info:
+            await TokenProvider(http, wrong).token()
+        assert not info.value.retriable
+        assert "HTTP 404" in str(info.value) and "check auth.token_url" in str(info.value)
+        tokens = TokenProvider(http, stream(gw.url))
+        await tokens.token()
+        gw.fail_token_requests([404])
+        tokens.invalidate()
+        with pytest.raises(AuthError) as info:
+            await tokens.token()
+        assert info.value.retriable
+        assert (await tokens.token()).value in gw.issued_tokens
+
+
+async def test_the_daemon_stops_on_a_token_url_that_does_not_exist(sandbox_factory, tmp_path):
+    gw = await sandbox_factory()
+    auth = {"client_id": "c", "client_secret": "s", "token_url": f"{gw.url}/x/oauth/v1/tokens"}
+    settings = make_settings(tmp_path, gw.url, auth=auth)
+    daemon = await Daemon.create(settings)
+    async with asyncio.timeout(60):
+        assert await daemon.run() == ExitCode.CONFIG
+    assert "HTTP 404" in daemon.runners["main"].stats.last_close
+    assert gw.stats.connections == 0
+
+
+async def test_a_gateway_url_with_the_subscriptions_path_streams(sandbox_factory, tmp_path):
+    gw = await sandbox_factory(backlog=5)
+    settings = make_settings(tmp_path, f"{gw.url}/subscriptions")
+    async with running(settings) as daemon:
+        await wait_until(lambda: daemon.pipelines["main"].delivered >= 5)
+    assert [path for path in gw.stats.rest_paths if "subscriptions" in path] == []
+
+
+async def test_client_credentials_without_enterprise_id_is_warned_and_refused_with_why(
+    sandbox_factory, tmp_path
+):
+    """An OCIM environment (the sandbox with enterprise_id) refuses client_credentials without
+    the enterpriseId header: the stream warns at start, naming the key and the fix, and the
+    refusal says that enterprise_id is not set. With it, the stream runs."""
+    gw = await sandbox_factory(backlog=5, enterprise_id="ENT1")
+    o = SandboxOptions()
+    auth = {"client_id": o.client_id, "client_secret": o.client_secret}
+    with captured_logs() as logs:
+        daemon = await Daemon.create(make_settings(tmp_path, gw.url, auth=auth))
+        async with asyncio.timeout(60):
+            assert await daemon.run() == ExitCode.CONFIG
+    warned = [
+        line
+        for line in map(json.loads, logs.getvalue().splitlines())
+        if line["event"] == "configuration warning"
+    ]
+    key = "streams.main.auth.enterprise_id"
+    assert [(w["key"], w["stream"]) for w in warned] == [(key, "main")]
+    assert "set enterprise_id" in warned[0]["fix"]
+    assert "enterprise_id is not set" in daemon.runners["main"].stats.last_close
+    settings = make_settings(tmp_path, gw.url, auth={**auth, "enterprise_id": "ENT1"})
+    async with running(settings) as daemon:
+        await wait_until(lambda: daemon.pipelines["main"].delivered >= 5)
 
 
 def test_retry_after_forms():

@@ -123,6 +123,21 @@ async def test_a_close_after_a_session_declared_dead_is_read_for_its_code(
     assert "forbidden (4403)" in daemon.runners["main"].stats.last_close
 
 
+async def test_4403_reconnects_with_backoff_when_close_actions_says_so(
+    sandbox_factory, tmp_path: Path
+):
+    """OHIP's meaning of 4403 is unconfirmed (graphql-ws clients retry it): close_actions
+    turns the default stop into a reconnect with backoff, not ready meanwhile."""
+    gw = await sandbox_factory(backlog=5)
+    gw.close_on("subscribe", [4403, 4403])
+    connection = {"close_actions": {"4403": "reconnect"}}
+    async with running(make_settings(tmp_path, gw.url, connection=connection)) as daemon:
+        await wait_until(lambda: count_lines(tmp_path / "events.jsonl") >= 5)
+        runner = daemon.runners["main"]
+        assert runner.stats.closes["4403"] == 2
+    assert gw.stats.close_codes_sent[:2] == [4403, 4403]
+
+
 async def test_4400_stops_the_stream(sandbox_factory, tmp_path: Path):
     gw = await sandbox_factory()
     gw.close_on("subscribe", [4400])

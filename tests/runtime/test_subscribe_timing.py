@@ -62,6 +62,33 @@ async def test_a_restarted_daemon_waits_out_the_gap(sandbox_factory, tmp_path: P
     assert await closed_at(tmp_path / "state.db") is not None
 
 
+async def test_a_subscription_the_server_completed_waits_out_the_gap(
+    sandbox_factory, tmp_path: Path
+) -> None:
+    """Reference 2.5: the gap runs from a completed subscription's close, whoever completed
+    it. Only our own `complete` applied it: after the server's, the next subscribe came after
+    the close's short backoff (4409, and the lockout), and no close time was recorded for a
+    process subscribing next."""
+    gw = await sandbox_factory(backlog=5, resubscribe_gap_s=SANDBOX_GAP_S)
+    sink = tmp_path / "events.jsonl"
+    settings = make_settings(tmp_path, gw.url, connection={"resubscribe_gap_s": DAEMON_GAP_S})
+    async with running(settings) as daemon:
+        await wait_until(lambda: count_lines(sink) >= 5)
+        gw.complete_subscriptions()
+        runner = daemon.runners["main"]
+        await wait_until(lambda: runner.stats.closes["1000"] == 1)  # the server's, after it
+        assert await closed_at(tmp_path / "state.db") is not None
+        gw.append("DEMO", 3)
+        await wait_until(lambda: count_lines(sink) >= 8)
+    assert gw.stats.completes_received == 1  # ours, at the end; the first was the server's
+    assert (gw.stats.gap_refusals, gw.stats.stale_refusals, gw.stats.subscriber_conflicts) == (
+        0,
+        0,
+        0,
+    )
+    assert len(gw.stats.subscribes) == 2
+
+
 async def test_the_gap_wait_is_bounded_and_ends_on_stop(sandbox_factory, tmp_path: Path) -> None:
     """A close recorded "in the future" (the clock jumped back since) waits the gap at most;
     a stop request ends the wait at once, without connecting."""

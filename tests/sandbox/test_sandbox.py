@@ -13,6 +13,7 @@ import pytest
 from support import sandbox_token
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.typing import Subprotocol
 
 from consumer.core import protocol
 from consumer.core.protocol import SubscribeInput
@@ -75,6 +76,44 @@ async def test_token_endpoint(sandbox_factory):
     assert bad.status_code == 401 and no_grant.status_code == 400
 
 
+async def test_the_token_endpoint_can_require_the_enterprise_id(sandbox_factory):
+    """OCIM: client_credentials needs the enterpriseId header; the password grant does not."""
+    gw = await sandbox_factory(enterprise_id="ENT1")
+
+    async def status(grant: dict[str, str], **headers: str) -> int:
+        async with httpx.AsyncClient() as http:
+            answer = await http.post(
+                f"{gw.url}/oauth/v1/tokens",
+                data=grant,
+                auth=(OPTS.client_id, OPTS.client_secret),
+                headers={"x-app-key": OPTS.app_key, **headers},
+            )
+        return answer.status_code
+
+    credentials = {"grant_type": "client_credentials", "scope": "s"}
+    user = {"grant_type": "password", "username": OPTS.username, "password": OPTS.password}
+    assert await status(credentials) == 400
+    assert await status(credentials, enterpriseId="OTHER") == 400
+    assert await status(credentials, enterpriseId="ENT1") == 200
+    assert await status(user) == 200
+
+
+async def test_the_upgrade_can_require_a_bearer_token(sandbox_factory):
+    gw = await sandbox_factory(require_upgrade_authorization=True)
+    url = protocol.subscription_url(gw.url, OPTS.app_key)
+    graphql_ws = [Subprotocol("graphql-transport-ws")]
+    for header in ({}, {"Authorization": "Bearer not-a-token"}):
+        with pytest.raises(InvalidStatus) as info:
+            async with connect(url, subprotocols=graphql_ws, additional_headers=header):
+                pass
+        assert info.value.response.status_code == 401
+    issued = await token(gw)
+    good = {"Authorization": f"Bearer {issued}"}
+    async with connect(url, subprotocols=graphql_ws, additional_headers=good) as conn:
+        assert conn.subprotocol == "graphql-transport-ws"
+    assert gw.stats.upgrade_tokens == ["", "not-a-token", issued]
+
+
 async def test_backlog_replay_highest_and_filters(sandbox_factory):
     gw = await sandbox_factory(backlog=200)
     truth = gw.events("DEMO")
@@ -108,6 +147,20 @@ async def test_backlog_replay_highest_and_filters(sandbox_factory):
         assert (
             sum(len(w["detail"]) - len(g["detail"]) for g, w in zip(got, wanted, strict=True)) > 0
         )
+
+
+async def test_an_offset_older_than_the_retention_replays_from_the_oldest_retained(
+    sandbox_factory,
+):
+    """As OHIP after its 7 days: no error, the replay starts at the oldest event retained."""
+    gw = await sandbox_factory(backlog=10, retention_events=4)
+    truth = gw.events("DEMO")
+    async with ws(gw) as conn:
+        first = truth[0]["metadata"]["offset"]
+        await conn.send(protocol.subscribe("a", SubscribeInput(chain_code="DEMO", offset=first)))
+        assert await events(conn, 4) == truth[6:]
+        await conn.send(protocol.complete("a"))
+        assert await close_code(conn) == 1000
 
 
 async def test_resume_without_offset_continues_after_what_was_sent(sandbox_factory):
