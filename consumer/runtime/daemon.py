@@ -301,6 +301,7 @@ class Daemon:
                     duplicates=pipeline.duplicates,
                     dead_lettered=pipeline.dead_lettered,
                     ignored=stats.ignored,
+                    resume_gaps=stats.resume_gaps,
                     malformed=stats.malformed,
                     connections=stats.connections,
                     token_fetches=runner.token_fetches,

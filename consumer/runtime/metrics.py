@@ -132,6 +132,11 @@ class _StatusCollector(Collector):
         dead = counter("events_dead_lettered", "Events and frames sent to the DLQ.")
         ignored = counter("frames_ignored", "Frames for a subscription id that is not ours.")
         connections = counter("connections", "WebSocket connections opened.")
+        gaps = counter(
+            "resume_gaps",
+            "Resumes whose replay brought a new event before the checkpoint's own: events "
+            "between them were lost (e.g. to OHIP's 7-day retention).",
+        )
         tokens = counter("token_refreshes", "OAuth token requests sent (retries included).")
         token_failures = counter(
             "token_failures", "OAuth token requests refused, unanswered or without a token."
@@ -159,6 +164,7 @@ class _StatusCollector(Collector):
             dead.add_metric(name, st.dead_lettered)
             ignored.add_metric(name, st.ignored)
             connections.add_metric(name, st.connections)
+            gaps.add_metric(name, st.resume_gaps)
             tokens.add_metric(name, st.token_fetches)
             token_failures.add_metric(name, st.token_failures)
             for code, n in st.closes.items():
@@ -184,6 +190,7 @@ class _StatusCollector(Collector):
             dead,
             ignored,
             connections,
+            gaps,
             tokens,
             token_failures,
             closes,

@@ -33,6 +33,7 @@ class StreamStatus:
     srtt_s: float | None
     filtered: Mapping[str, int] = field(default_factory=dict)  # reason -> events filtered out
     waiting: str = ""  # what it waits for (e.g. a token endpoint that fails), for a person
+    resume_gaps: int = 0  # resumes whose replay skipped past the checkpoint's event
 
 
 @dataclass(frozen=True, slots=True)

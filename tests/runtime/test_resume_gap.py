@@ -9,6 +9,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import httpx
 from log_capture import captured_logs
 from support import make_settings, running, sink_ids, truth_ids, wait_until
 
@@ -41,6 +42,10 @@ async def test_a_resume_past_the_retention_is_reported_and_duplicates_are_not(
             runner = daemon.runners["main"]
             await wait_until(lambda: daemon.pipelines["main"].delivered >= 5)
             assert runner.stats.resume_gaps == 1
+            async with httpx.AsyncClient() as http:
+                port = daemon.metrics_server.port
+                text = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
+            assert 'opera_consumer_resume_gaps_total{stream="main"} 1.0' in text.splitlines()
     truth = gw.events("DEMO")
     checkpoint, first = truth[9], truth[15]  # the 5 between expired unconsumed
     assert Counter(sink_ids(sink)) == Counter(truth_ids(truth[:10] + truth[15:]))
