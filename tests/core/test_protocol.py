@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 import sys
+import tracemalloc
 from typing import Any
 
 import orjson
@@ -13,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from consumer.core.events import SELECTION, Event
+from consumer.core.evidence import event_evidence
 from consumer.core.protocol import (
     MAX_FAST_BRACKETS,
     PING,
@@ -42,8 +45,13 @@ SHA256_EMPTY = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855
 SHA256_ABC_NEWLINE = "edeaaff3f1774ad2888673770c6d64097e391bc362d7d6fb34982ddf0efd18cb"
 
 
-def next_frame(event: Any, sub_id: Any = "sub-1") -> str:
-    return json.dumps({"id": sub_id, "type": "next", "payload": {"data": {"newEvent": event}}})
+def next_message(event: Any, sub_id: Any = "sub-1") -> dict[str, Any]:
+    return {"id": sub_id, "type": "next", "payload": {"data": {"newEvent": event}}}
+
+
+def next_frame(event: Any, sub_id: Any = "sub-1", *, compact: bool = False) -> str:
+    separators = (",", ":") if compact else None
+    return json.dumps(next_message(event, sub_id), separators=separators)
 
 
 def full_event(offset: str = "194", uid: str = "uid-194") -> dict[str, Any]:
@@ -320,8 +328,9 @@ def test_decode_next_builds_the_event() -> None:
         primary_key="987654",
         hotel_id="HOTEL1",
         timestamp="28-APR-24 06.18.59.028027 AM",
-        parsed=ev,
-        frame=frame,  # kept for a dead letter when the event cannot be written back out
+        parsed=None,  # text only: what the pipeline counts is what the event holds
+        text=orjson.dumps(ev),  # a str frame: written anew
+        detail_text=orjson.dumps(ev["detail"]),
     )
     assert msg.event.raw == ev  # the newEvent object as received, unknown fields included
 
@@ -365,7 +374,9 @@ def test_decode_next_with_line_breaks_is_decoded_the_general_way(line_break: byt
     ).encode()
     msg = decode(frame.replace(b"\n", line_break))
     assert isinstance(msg, Next)
-    assert msg.event.text is None
+    assert (msg.event.parsed, msg.event.frame) == (None, b"")
+    assert msg.event.text == orjson.dumps(ev)
+    assert msg.event.detail_text == orjson.dumps(ev["detail"])
     assert msg.event.raw == ev
     line = msg.event.document_json()
     assert b"\n" not in line and b"\r" not in line
@@ -393,9 +404,71 @@ def test_a_header_field_over_1024_bytes_of_utf8_is_refused_whatever_its_length(f
 
 def test_decode_next_with_many_brackets_is_decoded_the_general_way() -> None:
     ev = full_event() | {"detail": [{"elementName": f"e{i}"} for i in range(MAX_FAST_BRACKETS)]}
-    msg = decode(next_frame(ev).encode())
+    frame = next_frame(ev).encode()
+    msg = decode(frame)
     assert isinstance(msg, Next)
-    assert msg.event.text is None and msg.event.raw == ev
+    assert msg.event.parsed is None and msg.event.raw == ev
+    assert msg.event.text == json.dumps(ev).encode()  # one line: as received
+
+
+def _held_by(frame: bytes) -> tuple[Next, int]:
+    """The message ``frame`` decodes to, and the bytes it holds (allocated by decode and
+    alive after it)."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        msg = decode(frame, 16 * 1024 * 1024)
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert isinstance(msg, Next)
+    return msg, held
+
+
+@pytest.mark.parametrize("shape", ["line-breaks", "many-brackets", "spaced"])
+def test_an_event_decoded_the_general_way_holds_about_what_the_pipeline_counts(shape: str) -> None:
+    """The pipeline bounds its memory by the event's text (or frame): the tree of objects parsed
+    from 2 MiB of small detail elements held some 48 MiB. Whatever sent the frame the general
+    way, the event keeps its text (and its detail's), not the tree nor the frame."""
+    ev = {
+        "metadata": {"offset": "1", "uniqueEventId": "u1"},
+        "detail": [{"elementName": "n", "newValue": None}] * 60_000,
+    }
+    sep = {"line-breaks": (",\n", ":"), "many-brackets": (",", ":"), "spaced": (", ", ": ")}
+    frame = json.dumps(next_message(ev), separators=sep[shape]).encode()
+    assert len(frame) > 2_000_000
+    msg, held = _held_by(frame)
+    event = msg.event
+    assert (event.parsed, event.frame) == (None, b"")
+    counted = len(event.text or event.frame)  # pipeline._size
+    assert counted >= len(frame) * 0.9
+    assert held <= 2.5 * counted, f"holds {held / counted:.1f} times what is counted"
+    assert event.raw == ev
+    assert event.detail_text is not None and orjson.loads(event.detail_text) == ev["detail"]
+
+
+def test_an_event_too_deep_to_write_back_out_keeps_only_its_frame() -> None:
+    """No sink can write it (orjson writes 254 levels): a dead letter by id, whose payload is
+    the frame. That frame is all it holds; its object is parsed from it when asked."""
+    ev = full_event() | {"publisherId": "p" * 100_000, "detail": "@@"}
+    frame = next_frame(ev, compact=True).encode().replace(b'"@@"', b"[" * 300 + b"]" * 300)
+    msg, held = _held_by(frame)
+    event = msg.event
+    assert (event.parsed, event.text, event.frame) == (None, None, frame)
+    assert held <= 0.2 * len(frame)  # the frame is the caller's: nothing else is kept
+    assert event.raw["metadata"] == ev["metadata"]
+    assert event_evidence(event).text == frame.decode()
+
+
+@pytest.mark.parametrize("detail", [{"a": 1}, "x", 7])
+def test_a_detail_that_is_no_list_keeps_no_detail_text(detail: Any) -> None:
+    """Off the schema: the SQL sinks take it from the object (``raw``), as it is."""
+    ev = full_event() | {"detail": detail}
+    msg = decode(next_frame(ev, compact=True).encode())
+    assert isinstance(msg, Next)
+    assert msg.event.parsed is None and msg.event.detail_text is None
+    assert msg.event.text == json.dumps(ev, separators=(",", ":")).encode()
+    assert msg.event.raw["detail"] == detail
 
 
 def test_decode_depth_limit_does_not_follow_the_recursion_limit() -> None:
