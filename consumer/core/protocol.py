@@ -11,11 +11,12 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeAlias
 from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 import orjson
+from msgspec import UNSET, UnsetType
 
 from ..errors import InvalidInput
 from .events import SELECTION, Event
@@ -207,91 +208,107 @@ def decode(frame: str | bytes, max_size: int | None = None) -> Message:
     return _decode_other(frame, msg)
 
 
-# --- the fast path: a well-formed ``next`` frame ------------------------------------------
-# Typed decoding builds only the header fields and keeps the newEvent's text as received
-# (``msgspec.Raw``): no tree of dicts to build and free, and nothing to re-serialize for the
-# sinks that store the event unchanged. Whatever these types do not take (another message
-# type, a field of an unexpected type, a frame that is not JSON) goes the general way below,
-# which says what is wrong.
+# --- the fast path: a ``next`` frame exactly as OHIP writes it ------------------------------
+# Typed decoding of every field OHIP sends (the subscription's selection, all strings), then
+# the frame is compared with what an encoder writes of what was decoded: equal, it holds
+# nothing the types did not see. No key twice (the stored text would keep both, and readers
+# disagree on which counts), no number (msgspec skips numbers unchecked: 1e400 passed, which
+# orjson refuses), no whitespace or line break (a JSONL line), no nesting past the types
+# (the depth limit of skipped values follows Python's recursion limit), valid UTF-8 (checked
+# in every string; outside them only JSON syntax). The newEvent's text is then the frame's as
+# received, sliced from it: no tree of dicts to build and free, nothing to re-serialize.
+# Anything else (another message, another key order, escapes written otherwise, a field left
+# out or added) goes the general way below, which says what is wrong or keeps what is right.
 
 
-class _Metadata(msgspec.Struct):
+_Text: TypeAlias = str | UnsetType | None  # UNSET: the key is absent (it stays so encoded)
+
+
+class _Detail(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    elementName: _Text = UNSET
+    elementType: _Text = UNSET
+    elementSequence: _Text = UNSET
+    elementRole: _Text = UNSET
+    newValue: _Text = UNSET
+    oldValue: _Text = UNSET
+    scopeFrom: _Text = UNSET
+    scopeTo: _Text = UNSET
+
+
+class _Metadata(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     offset: str
     uniqueEventId: str
 
 
-class _NewEvent(msgspec.Struct):
+class _NewEvent(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    # SELECTION's order, which GraphQL keeps in its answer.
     metadata: _Metadata
-    eventName: str | None = None
-    moduleName: str | None = None
-    primaryKey: str | None = None
-    hotelId: str | None = None
-    timestamp: str | None = None
-    detail: msgspec.Raw = msgspec.Raw(b"null")
+    moduleName: _Text = UNSET
+    eventName: _Text = UNSET
+    primaryKey: _Text = UNSET
+    timestamp: _Text = UNSET
+    hotelId: _Text = UNSET
+    publisherId: _Text = UNSET
+    actionInstanceId: _Text = UNSET
+    detail: list[_Detail | None] | UnsetType | None = UNSET
 
 
-class _Data(msgspec.Struct):
-    newEvent: msgspec.Raw
+class _Data(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    newEvent: _NewEvent
 
 
-class _Payload(msgspec.Struct):
+class _Payload(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     data: _Data
 
 
-class _Frame(msgspec.Struct):
+class _Frame(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     id: str
     type: str
     payload: _Payload
 
 
-MAX_FAST_BRACKETS: Final = 250  # below the nesting orjson writes back out (254)
 _new_tuple: Final = tuple.__new__
 _FRAME: Final = msgspec.json.Decoder(_Frame)
-_NEW_EVENT: Final = msgspec.json.Decoder(_NewEvent)
+_encode: Final = msgspec.json.Encoder().encode
 
 
 def _fast_next(frame: bytes) -> Next | None:
-    """The :class:`Next` of a well-formed, compact ``next`` frame, or None: decode it the
-    general way. Skipped values are checked for JSON syntax only, so the frame is checked to
-    be UTF-8 here; a line break (JSON whitespace, never inside a string) keeps the text from
-    being one JSONL line, so such frames take the general way too."""
-    # By byte value: memchr. A bytes operand is tried as an int first, and the TypeError
-    # raised and cleared on the way costs ten times the search (0.15 against 0.02 µs).
-    if 10 in frame or 13 in frame:  # \n, \r
-        return None
-    # The typed decoder's depth limit follows Python's recursion limit: a frame with few
-    # brackets cannot be deep, whatever that limit is. The others (an event with hundreds of
-    # detail elements, say) go the general way, whose limits are fixed.
-    if frame.count(b"[") + frame.count(b"{") > MAX_FAST_BRACKETS:
-        return None
-    if not frame.isascii():
-        try:
-            frame.decode()
-        except UnicodeDecodeError:
-            return None
+    """The :class:`Next` of a ``next`` frame written exactly as its fields encode, or None:
+    decode it the general way."""
     try:
         msg = _FRAME.decode(frame)
-        if msg.type != "next":
+    except msgspec.MsgspecError:
+        return None
+    if msg.type != "next":
+        return None
+    ev = msg.payload.data.newEvent
+    encoded = _encode(msg)
+    if encoded == frame:
+        # The newEvent's text runs from its key (the first: an earlier one would be inside
+        # the id, a string, where a quote is escaped) to the frame's last three braces; its
+        # detail's (absent, null or [] is "[]") from the last key, which no string holds.
+        raw = frame[frame.find(b'"newEvent":') + 11 : -3]
+        detail_text = raw[raw.find(b',"detail":[') + 10 : -1] if ev.detail else b"[]"
+    elif len(encoded) == len(frame):
+        # As short as its encoding, so the same keys once each, no space, no longer escape
+        # (each adds bytes): only their order differs. Sliced where msgspec finds them.
+        received = _received(frame, bool(ev.detail))
+        if received is None:
             return None
-        text = msg.payload.data.newEvent
-        ev = _NEW_EVENT.decode(text)
-    except (msgspec.MsgspecError, RecursionError):
+        raw, detail_text = received[0], received[1] or b"[]"
+    else:
         return None
     meta = ev.metadata
     offset, event_id = meta.offset, meta.uniqueEventId
-    detail = bytes(ev.detail)
-    if detail == b"null":
-        detail = b"[]"
-    elif detail[:1] != b"[":
-        return None  # off the schema: the general way keeps it as it is
     name, module = ev.eventName or "", ev.moduleName or ""
-    key, hotel, timestamp = ev.primaryKey or event_id, ev.hotelId, ev.timestamp
-    raw = bytes(text)
+    key = ev.primaryKey or event_id
+    hotel = None if ev.hotelId is UNSET else ev.hotelId
+    timestamp = None if ev.timestamp is UNSET else ev.timestamp
     # _short skipped for an event text of at most MAX_FIELD_BYTES bytes: no field in it can be
     # longer (a string's UTF-8 is never longer than its JSON text: an escape is longer than
     # what it stands for).
     if (
-        not valid_offset(offset)
+        not (len(offset) <= 20 and offset.isdigit() and offset.isascii())  # valid_offset
         or not event_id
         or (
             len(raw) > MAX_FIELD_BYTES
@@ -303,7 +320,8 @@ def _fast_next(frame: bytes) -> Next | None:
     # text, detail_text), through tuple.__new__: the NamedTuple's own __new__ is a Python
     # function around the same call (0.43 against 0.17 µs an event).
     fields = (
-        offset, event_id, name, module, key, hotel, timestamp, None, b"", None, False, raw, detail
+        offset, event_id, name, module, key, hotel, timestamp, None, b"", None, False, raw,
+        detail_text,
     )  # fmt: skip
     return Next(msg.id, _new_tuple(Event, fields))
 
@@ -342,7 +360,95 @@ def _decode_next(frame: str | bytes, msg: dict[str, Any]) -> Message:
         event = None
     if event is None:
         return _bad(frame, _what_is_wrong(msg))
+    data = frame if isinstance(frame, bytes) else frame.encode("utf-8", "surrogatepass")
+    problem = _long_number(data) or _repeated_key(data)
+    if problem:
+        return _bad(frame, problem)
     return Next(_id(msg), _as_text(event, frame))
+
+
+# A number no double holds as written: 20 digits in a row (an integer past 64 bits, a fraction
+# past a double's 17 digits) or a 3-digit exponent (1e400 is none, 1e-400 is 0.0). orjson
+# refuses some (the frame is malformed) and rewrites others (a float for a big integer, 0.0),
+# a text kept as received would keep them (PostgreSQL refuses 1e-16384 in jsonb, failing every
+# commit holding it), and the fast way takes no number at all. No OHIP field is a number: such
+# an event is refused, one answer however its frame was written. Looked for in the frame with
+# its digits as 0, E as e and - as +: bytes operations (a regex over the frame took 40 µs).
+_DIGIT_CLASSES: Final = bytes.maketrans(b"0123456789E-", b"0000000000e+")
+_LONG_NUMBERS: Final = (b"0" * 20, b"0e000", b"0e+000")  # JSON's e comes after a digit
+
+
+def _long_number(frame: bytes) -> str:
+    """Why ``frame`` (valid JSON) is refused for one of its numbers, or ""."""
+    classes = frame.translate(_DIGIT_CLASSES)
+    found = [p for p in _LONG_NUMBERS if p in classes]
+    if not found:
+        return ""
+    if 92 in frame:  # \: escapes out, then every other piece between quotes is no string
+        unquoted = frame.replace(b"\\\\", b"").replace(b'\\"', b"").split(b'"')[::2]
+        outside = b"".join(unquoted).translate(_DIGIT_CLASSES)
+        if not any(p in outside for p in found):
+            return ""
+    elif not any(_outside_strings(frame, classes, p) for p in found):
+        return ""
+    return "a number with 20 digits in a row or a 3-digit exponent: no double holds it"
+
+
+def _outside_strings(frame: bytes, classes: bytes, pattern: bytes) -> bool:
+    """Whether ``pattern`` is in ``classes`` (``frame`` translated) outside the strings of
+    ``frame``, JSON without a backslash: an even number of quotes before it. Each string it is
+    in is skipped whole, and quotes counted once (linear, whatever the frame)."""
+    at, counted, quotes = classes.find(pattern), 0, 0
+    while at >= 0:
+        quotes += frame.count(b'"', counted, at)
+        if quotes % 2 == 0:
+            return True
+        counted = frame.find(b'"', at) + 1  # past the string's end
+        quotes += 1
+        at = classes.find(pattern, counted)
+    return False
+
+
+# The keys of the objects that say what an event is. Twice in one of them, the readers of the
+# stored text disagree on which counts (SQLite's json_extract takes the first, orjson and
+# PostgreSQL the last): the event would be deduplicated, checkpointed and partitioned by one
+# and stored as both. Written otherwise, one has an escaped letter: \u0041 to \u007a.
+_HEADER_KEYS: Final = frozenset(
+    {"id", "type", "payload", "data", "newEvent", "metadata", "offset", "uniqueEventId"}
+    | {"moduleName", "eventName", "primaryKey", "timestamp", "hotelId", "publisherId"}
+    | {"actionInstanceId", "detail"}
+)
+_ESCAPED_LETTERS: Final = (b"\\u004", b"\\u005", b"\\u006", b"\\u007")
+_HEADER_KEY: Final = re.compile(rb'"(' + "|".join(sorted(_HEADER_KEYS)).encode() + rb')"')
+
+
+def _repeated_key(frame: bytes) -> str:
+    """Why ``frame`` (valid JSON) is refused for one of those keys found twice in the frame's
+    object, its payload, data, newEvent or metadata, or "". Parsed again, pair by pair, only
+    when one of those names is twice in it (as a key or a string anywhere) or a letter is
+    escaped."""
+    seen: set[bytes] = set()
+    for name in _HEADER_KEY.finditer(frame):  # stops at the first seen again: bounded memory
+        if name[1] in seen:
+            break
+        seen.add(name[1])
+    else:
+        if not any(e in frame for e in _ESCAPED_LETTERS):
+            return ""
+    try:
+        obj: Any = json.loads(frame, object_pairs_hook=tuple)  # objects as (key, value) pairs
+    except (ValueError, RecursionError):  # deeper than Python's json reads: not told apart
+        return ""
+    for where in ("frame", "payload", "data", "newEvent", "metadata"):
+        if where != "frame":
+            obj = dict(obj).get(where)  # no key twice in the parent: checked
+        if type(obj) is not tuple:
+            return ""
+        keys = [key for key, _ in obj if key in _HEADER_KEYS]
+        if len(set(keys)) != len(keys):
+            twice = next(k for i, k in enumerate(keys) if k in keys[:i])
+            return f"{twice} twice in the {where} object: readers disagree on which counts"
+    return ""
 
 
 class _RawData(msgspec.Struct):

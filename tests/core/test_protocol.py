@@ -17,7 +17,6 @@ from hypothesis import strategies as st
 from consumer.core.events import SELECTION, Event
 from consumer.core.evidence import event_evidence
 from consumer.core.protocol import (
-    MAX_FAST_BRACKETS,
     PING,
     PONG,
     Complete,
@@ -25,10 +24,12 @@ from consumer.core.protocol import (
     DecodeError,
     ErrorMessage,
     InvalidInput,
+    Message,
     Next,
     Ping,
     Pong,
     SubscribeInput,
+    _fast_next,
     complete,
     connection_init,
     decode,
@@ -65,13 +66,13 @@ def full_event(offset: str = "194", uid: str = "uid-194") -> dict[str, Any]:
         "publisherId": "pub",
         "actionInstanceId": "act",
         "detail": [
-            {
+            {  # in the order the subscription asks for them: what OHIP sends
                 "elementName": "First Name",
-                "oldValue": "Old",
-                "newValue": "New",
                 "elementType": None,
                 "elementSequence": None,
                 "elementRole": None,
+                "newValue": "New",
+                "oldValue": "Old",
                 "scopeFrom": None,
                 "scopeTo": None,
             },
@@ -402,13 +403,14 @@ def test_a_header_field_over_1024_bytes_of_utf8_is_refused_whatever_its_length(f
     assert isinstance(decode(next_frame(ev).encode()), Next)
 
 
-def test_decode_next_with_many_brackets_is_decoded_the_general_way() -> None:
-    ev = full_event() | {"detail": [{"elementName": f"e{i}"} for i in range(MAX_FAST_BRACKETS)]}
-    frame = next_frame(ev).encode()
-    msg = decode(frame)
+@pytest.mark.parametrize("compact", [True, False])
+def test_decode_next_with_many_detail_elements_keeps_the_text_as_received(compact: bool) -> None:
+    ev = full_event() | {"detail": [{"elementName": f"e{i}"} for i in range(1000)]}
+    msg = decode(next_frame(ev, compact=compact).encode())
     assert isinstance(msg, Next)
     assert msg.event.parsed is None and msg.event.raw == ev
-    assert msg.event.text == json.dumps(ev).encode()  # one line: as received
+    separators = (",", ":") if compact else None
+    assert msg.event.text == json.dumps(ev, separators=separators).encode()
 
 
 def _held_by(frame: bytes) -> tuple[Next, int]:
@@ -492,6 +494,122 @@ def test_decode_next_with_invalid_utf8_in_a_skipped_string_is_a_decode_error() -
     msg = decode(frame)
     assert isinstance(msg, DecodeError)
     assert "UTF-8" in msg.reason
+
+
+def _ways(frame: bytes) -> tuple[Message, Message]:
+    """What ``frame`` decodes to, and the same message with a line break in it (the fast way
+    never takes one)."""
+    assert frame.startswith(b'{"id":"sub-1",')
+    return decode(frame), decode(frame.replace(b'{"id":"sub-1",', b'{"id":"sub-1",\n', 1))
+
+
+def test_the_fast_way_takes_a_frame_as_ohip_writes_it_however_many_its_detail_elements() -> None:
+    """Typed to the last field, the fast way has no depth to fear: no more bracket count (the
+    frames of events with over 60 detail elements went the general way)."""
+    ev = full_event()
+    ev["detail"] = ev["detail"] * 300
+    frame = next_frame(ev, compact=True).encode()
+    msg = _fast_next(frame)
+    assert isinstance(msg, Next)
+    assert msg.event.text == json.dumps(ev, separators=(",", ":")).encode()
+    assert msg.event.detail_text == json.dumps(ev["detail"], separators=(",", ":")).encode()
+    # Its keys in another order (a server that writes type first, say): kept as received.
+    ev = dict(reversed(ev.items())) | {"metadata": {"uniqueEventId": "uid-194", "offset": "194"}}
+    ev["detail"] = [dict(reversed(e.items())) if e else e for e in ev["detail"]]
+    frame = orjson.dumps({"payload": {"data": {"newEvent": ev}}, "type": "next", "id": "sub-1"})
+    msg = _fast_next(frame)
+    assert isinstance(msg, Next)
+    assert (msg.event.offset, msg.event.unique_event_id) == ("194", "uid-194")
+    assert msg.event.text == orjson.dumps(ev)
+    assert msg.event.detail_text == orjson.dumps(ev["detail"])
+
+
+@pytest.mark.parametrize(
+    "number",
+    [
+        b"1e400",  # orjson: no double, the frame was malformed; msgspec skipped it unchecked
+        b"-1E+400",
+        b"1" + b"0" * 400,
+        b"1e99999999999999999999",
+        b"1e-400",  # orjson: 0.0
+        b"1e-16384",  # PostgreSQL's jsonb: out of range, every commit holding it failed
+        b"0." + b"1" * 17000,
+        b"18446744073709551616",  # 2**64: orjson, a float
+        b"-123456789012345678901234567890",
+    ],
+)
+@pytest.mark.parametrize("where", ["publisherId", "detail", "envelope"])
+def test_a_number_no_double_holds_is_refused_however_the_frame_is_written(
+    number: bytes, where: str
+) -> None:
+    """One answer for one event: the fast way took such numbers as text and the general way
+    refused or rewrote them (2**64 a float, 1e-400 0.0) when the frame had a line break."""
+    ev = full_event() | {"publisherId": "@@"} if where == "publisherId" else full_event()
+    if where == "detail":
+        ev["detail"][0]["newValue"] = "@@"
+    extra = {"marker": "@@"} if where == "envelope" else {}
+    message = next_message(ev) | extra
+    template = json.dumps(message, separators=(",", ":")).encode()
+    escaped = template.replace(b'"HOTEL1"', b'"HOTEL\\"1"')  # a backslash in the frame
+    for frame in (template.replace(b'"@@"', number), escaped.replace(b'"@@"', number)):
+        compact, broken = _ways(frame)
+        assert isinstance(compact, DecodeError) and isinstance(broken, DecodeError)
+        if not compact.reason.startswith("invalid JSON"):  # else orjson's, with a position
+            assert compact.reason == broken.reason
+            assert "20 digits in a row or a 3-digit exponent" in compact.reason
+    # In a string it is no number: kept (with or without a backslash in the frame).
+    for text in (b'"' + number + b'"', b'"\\"' + number + b'\\\\"'):
+        compact, broken = _ways(template.replace(b'"@@"', text))
+        assert isinstance(compact, Next) and isinstance(broken, Next)
+    # What a double holds is kept, however written (a text as received when it is one line).
+    held = b"-1234567890123456789.5e-99"
+    compact, broken = _ways(template.replace(b'"@@"', held))
+    assert isinstance(compact, Next) and isinstance(broken, Next)
+    assert compact.event.raw == broken.event.raw
+    assert (held in (compact.event.text or b"")) is (where != "envelope")
+
+
+@pytest.mark.parametrize(
+    ("where", "twice"),
+    [
+        ("newEvent", b'"metadata":{"offset":"2","uniqueEventId":"u2"},'),
+        ("metadata", b'"offset":"2",'),
+        ("metadata", b'"uniqueEventId":"u2",'),
+        ("newEvent", b'"primaryKey":"other",'),
+        ("newEvent", b'"\\u0070rimaryKey":"other",'),  # escaped: the same key to a reader
+        ("newEvent", b'"detail":[],'),
+        ("newEvent", b'"eventName":"DELETE",'),
+        ("data", b'"newEvent":{"metadata":{"offset":"3","uniqueEventId":"u3"}},'),
+        ("payload", b'"data":null,'),
+        ("frame", b'"type":"complete",'),
+        ("frame", b'"id":"sub-2",'),
+    ],
+)
+def test_a_key_twice_in_an_object_that_says_what_the_event_is_is_refused(
+    where: str, twice: bytes
+) -> None:
+    """Both parsers took the last: the event was deduplicated, checkpointed and partitioned by
+    it, and stored with both (SQLite's json_extract reads the first)."""
+    frame = next_frame(full_event(), compact=True).encode()
+    opening = {
+        "metadata": b'"metadata":{',
+        "newEvent": b'"newEvent":{',
+        "data": b'"data":{',
+        "payload": b'"payload":{',
+        "frame": b'{"id":"sub-1",',
+    }[where]
+    compact, broken = _ways(frame.replace(opening, opening + twice, 1))
+    assert isinstance(compact, DecodeError) and isinstance(broken, DecodeError)
+    assert compact.reason == broken.reason
+    assert f"twice in the {where} object" in compact.reason
+    # Twice in a detail element (what OHIP says changed, no header of the event), or a key of
+    # another name twice: kept as received.
+    for other in (
+        frame.replace(b'"elementName":"First Name"', b'"newValue":"a","elementName":"b"'),
+        frame.replace(b'"newEvent":{', b'"newEvent":{"dataValueMapping":1,"dataValueMapping":2,'),
+    ):
+        msg = decode(other)
+        assert isinstance(msg, Next) and (msg.event.text or b"") in other
 
 
 json_scalars = (
