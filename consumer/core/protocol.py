@@ -20,7 +20,7 @@ from msgspec import UNSET, UnsetType
 
 from ..errors import InvalidInput
 from .events import SELECTION, Event
-from .evidence import Evidence, evidence, prefix, shown
+from .evidence import SHOWN_LIMIT, Evidence, Scrub, evidence, masked
 
 SUBPROTOCOL: Final = "graphql-transport-ws"
 
@@ -188,13 +188,17 @@ _PING = Ping()
 _PONG = Pong()
 
 
-def decode(frame: str | bytes, max_size: int | None = None) -> Message:
+def decode(frame: str | bytes, max_size: int | None = None, scrub: Scrub | None = None) -> Message:
     """Turn one WebSocket text frame into a message. Never raises.
 
     A frame longer than ``max_size`` bytes (characters for ``str``) is a DecodeError unread.
+    What a message keeps of the frame's text (a DecodeError's evidence and reason, an
+    ErrorMessage's text) is masked by ``scrub`` (the log redactor's) before it is cut: a
+    gateway may echo the app key or the token.
     """
     if max_size is not None and len(frame) > max_size:
-        return _bad(frame, f"frame of {len(frame)} bytes exceeds max_frame_bytes ({max_size})")
+        what = f"frame of {len(frame)} bytes exceeds max_frame_bytes ({max_size})"
+        return _bad(frame, what, scrub)
     if type(frame) is bytes:
         fast = _fast_next(frame)
         if fast is not None:
@@ -202,10 +206,10 @@ def decode(frame: str | bytes, max_size: int | None = None) -> Message:
     try:
         msg = orjson.loads(frame)  # the hot path: several times faster than json
     except (ValueError, RecursionError) as exc:
-        return _bad(frame, f"invalid JSON: {prefix(str(exc))}")
+        return _bad(frame, f"invalid JSON: {masked(str(exc), SHOWN_LIMIT, scrub)}", scrub)
     if type(msg) is dict and msg.get("type") == "next":
-        return _decode_next(frame, msg)
-    return _decode_other(frame, msg)
+        return _decode_next(frame, msg, scrub)
+    return _decode_other(frame, msg, scrub)
 
 
 # --- the fast path: a ``next`` frame exactly as OHIP writes it ------------------------------
@@ -326,13 +330,13 @@ def _fast_next(frame: bytes) -> Next | None:
     return Next(msg.id, _new_tuple(Event, fields))
 
 
-def _bad(frame: str | bytes, reason: str) -> DecodeError:
-    return DecodeError(evidence(frame), reason)
+def _bad(frame: str | bytes, reason: str, scrub: Scrub | None) -> DecodeError:
+    return DecodeError(evidence(frame, scrub=scrub), reason)
 
 
-def _decode_other(frame: str | bytes, msg: object) -> Message:
+def _decode_other(frame: str | bytes, msg: object, scrub: Scrub | None) -> Message:
     if not isinstance(msg, dict):
-        return _bad(frame, "frame is not a JSON object")
+        return _bad(frame, "frame is not a JSON object", scrub)
     kind = msg.get("type")
     if kind == "ping":
         return _PING
@@ -344,26 +348,29 @@ def _decode_other(frame: str | bytes, msg: object) -> Message:
     if kind == "error":
         errors = msg.get("payload")
         return ErrorMessage(
-            _id(msg), errors if isinstance(errors, list) else [errors], prefix(frame, 500)
+            _id(msg), errors if isinstance(errors, list) else [errors], masked(frame, 500, scrub)
         )
     if kind == "complete":
         return Complete(_id(msg))
     # Never repr() or str() a value from the wire: a deeply nested one would overflow.
-    what = repr(kind[:50]) if isinstance(kind, str) else f"of JSON type {type(kind).__name__}"
-    return _bad(frame, f"unknown message type {what}")
+    if isinstance(kind, str):
+        what = repr(masked(kind, 50, scrub))
+    else:
+        what = f"of JSON type {type(kind).__name__}"
+    return _bad(frame, f"unknown message type {what}", scrub)
 
 
-def _decode_next(frame: str | bytes, msg: dict[str, Any]) -> Message:
+def _decode_next(frame: str | bytes, msg: dict[str, Any], scrub: Scrub | None) -> Message:
     try:  # the usual, well-formed case first: plain indexing is the cheapest check
         event = event_from_raw(msg["payload"]["data"]["newEvent"])
     except (KeyError, TypeError):
         event = None
     if event is None:
-        return _bad(frame, _what_is_wrong(msg))
+        return _bad(frame, _what_is_wrong(msg, scrub), scrub)
     data = frame if isinstance(frame, bytes) else frame.encode("utf-8", "surrogatepass")
     problem = _long_number(data) or _repeated_key(data)
     if problem:
-        return _bad(frame, problem)
+        return _bad(frame, problem, scrub)
     return Next(_id(msg), _as_text(event, frame))
 
 
@@ -576,7 +583,7 @@ def _utf8_len(text: str) -> int:
     return len(text.encode("utf-8", "surrogatepass"))
 
 
-def _what_is_wrong(msg: dict[str, Any]) -> str:
+def _what_is_wrong(msg: dict[str, Any], scrub: Scrub | None) -> str:
     """Say precisely what is wrong with a ``next`` frame that is not a usable event."""
     payload = msg.get("payload")
     data = payload.get("data") if isinstance(payload, dict) else None
@@ -592,7 +599,7 @@ def _what_is_wrong(msg: dict[str, Any]) -> str:
         return "event without a string metadata.offset"
     if not valid_offset(offset):
         return (
-            f"metadata.offset {shown(offset, 40)!r} is not 1-20 digits: the subscription "
+            f"metadata.offset {masked(offset, 40, scrub)!r} is not 1-20 digits: the subscription "
             "could never resume from it"
         )
     if not isinstance(event_id, str) or not event_id:

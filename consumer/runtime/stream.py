@@ -50,6 +50,7 @@ from ..core.session import (
 from ..core.subscribe_timing import SubscribeDeadline, gap_left
 from ..core.upgrade_budget import UpgradeBudget
 from ..errors import AuthError, StoreError, StreamStopped
+from ..logs import REDACTOR
 from ..state.base import StateStore
 from . import tls
 from .auth import Token, TokenProvider
@@ -310,7 +311,7 @@ class StreamRunner:
         self._completing = None
         self._dead = False
         self._ended = ""
-        session = ClientSession(max_frame_bytes=c.max_frame_bytes)
+        session = ClientSession(max_frame_bytes=c.max_frame_bytes, scrub=REDACTOR.scrub)
         await ws.send(
             session.connection_init(token.value, self.settings.app_key.get_secret_value())
         )
