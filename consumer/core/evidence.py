@@ -73,6 +73,13 @@ def masked(data: bytes | str, limit: int, scrub: Scrub | None) -> str:
         size *= 2  # masking took much out (the text repeats a secret): mask more of it
 
 
+def quoted(text: str, limit: int, scrub: Scrub | None = None) -> str:
+    """``text`` masked and cut (:func:`masked`) as its repr, itself cut to at most ``limit``
+    + 2 characters: repr writes a character it cannot print in up to ten ("\\U000e0001")."""
+    written = repr(masked(text, limit, scrub))
+    return written if len(written) <= limit + 2 else written[: limit + 1] + "…"
+
+
 def shown(value: object, limit: int = SHOWN_LIMIT, scrub: Scrub | None = None) -> str:
     """A short, safe rendering of any decoded JSON value for a log line or an error text,
     masked by ``scrub`` before it is cut."""

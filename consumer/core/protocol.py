@@ -20,7 +20,7 @@ from msgspec import UNSET, UnsetType
 
 from ..errors import InvalidInput
 from .events import SELECTION, Event
-from .evidence import SHOWN_LIMIT, Evidence, Scrub, evidence, masked
+from .evidence import SHOWN_LIMIT, Evidence, Scrub, evidence, masked, quoted
 
 SUBPROTOCOL: Final = "graphql-transport-ws"
 
@@ -354,7 +354,7 @@ def _decode_other(frame: str | bytes, msg: object, scrub: Scrub | None) -> Messa
         return Complete(_id(msg))
     # Never repr() or str() a value from the wire: a deeply nested one would overflow.
     if isinstance(kind, str):
-        what = repr(masked(kind, 50, scrub))
+        what = quoted(kind, 50, scrub)
     else:
         what = f"of JSON type {type(kind).__name__}"
     return _bad(frame, f"unknown message type {what}", scrub)
@@ -599,7 +599,7 @@ def _what_is_wrong(msg: dict[str, Any], scrub: Scrub | None) -> str:
         return "event without a string metadata.offset"
     if not valid_offset(offset):
         return (
-            f"metadata.offset {masked(offset, 40, scrub)!r} is not 1-20 digits: the subscription "
+            f"metadata.offset {quoted(offset, 40, scrub)} is not 1-20 digits: the subscription "
             "could never resume from it"
         )
     if not isinstance(event_id, str) or not event_id:

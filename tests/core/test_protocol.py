@@ -830,6 +830,24 @@ def test_unknown_or_missing_type_is_a_decode_error(frame: str) -> None:
     assert "unknown message type" in msg.reason
 
 
+@pytest.mark.parametrize("char", ["\U000e0001", "\x00", "\u202e", "\u200b"])
+@pytest.mark.parametrize("where", ["type", "offset"])
+def test_a_reason_quoting_a_wire_value_stays_short_whatever_its_characters(
+    char: str, where: str
+) -> None:
+    """repr writes a character it cannot print in up to ten: 50 of them made a reason of 523
+    characters, past what a log line or a dead letter's error is meant to hold (300)."""
+    value = char * 60
+    if where == "type":
+        frame = json.dumps({"type": value})
+    else:
+        frame = next_frame({"metadata": {"offset": value, "uniqueEventId": "u"}})
+    msg = decode(frame)
+    assert isinstance(msg, DecodeError)
+    assert len(msg.reason) <= 160, len(msg.reason)
+    assert repr(value)[:10] in msg.reason
+
+
 def test_invalid_utf8_bytes_are_decoded_lossily_into_raw() -> None:
     frame = b'{"type":"ping","x":"\xff\xfe"}'
     msg = decode(frame)
