@@ -199,16 +199,18 @@ def decode(frame: str | bytes, max_size: int | None = None, scrub: Scrub | None 
     if max_size is not None and len(frame) > max_size:
         what = f"frame of {len(frame)} bytes exceeds max_frame_bytes ({max_size})"
         return _bad(frame, what, scrub)
+    encoded = None
     if type(frame) is bytes:
         fast = _fast_next(frame)
-        if fast is not None:
+        if type(fast) is Next:
             return fast
+        encoded = fast if isinstance(fast, bytes) else None
     try:
         msg = orjson.loads(frame)  # the hot path: several times faster than json
     except (ValueError, RecursionError) as exc:
         return _bad(frame, f"invalid JSON: {masked(str(exc), SHOWN_LIMIT, scrub)}", scrub)
     if type(msg) is dict and msg.get("type") == "next":
-        return _decode_next(frame, msg, scrub)
+        return _decode_next(frame, msg, scrub, encoded)
     return _decode_other(frame, msg, scrub)
 
 
@@ -276,9 +278,10 @@ _FRAME: Final = msgspec.json.Decoder(_Frame)
 _encode: Final = msgspec.json.Encoder().encode
 
 
-def _fast_next(frame: bytes) -> Next | None:
-    """The :class:`Next` of a ``next`` frame written exactly as its fields encode, or None:
-    decode it the general way."""
+def _fast_next(frame: bytes) -> Next | bytes | None:
+    """The :class:`Next` of a ``next`` frame written exactly as its fields encode, else what
+    its fields encode to when they are typed (the general way then knows it holds no number)
+    or None: decode it the general way."""
     try:
         msg = _FRAME.decode(frame)
     except msgspec.MsgspecError:
@@ -301,7 +304,7 @@ def _fast_next(frame: bytes) -> Next | None:
             return None
         raw, detail_text = received[0], received[1] or b"[]"
     else:
-        return None
+        return encoded
     meta = ev.metadata
     offset, event_id = meta.offset, meta.uniqueEventId
     name, module = ev.eventName or "", ev.moduleName or ""
@@ -360,7 +363,9 @@ def _decode_other(frame: str | bytes, msg: object, scrub: Scrub | None) -> Messa
     return _bad(frame, f"unknown message type {what}", scrub)
 
 
-def _decode_next(frame: str | bytes, msg: dict[str, Any], scrub: Scrub | None) -> Message:
+def _decode_next(
+    frame: str | bytes, msg: dict[str, Any], scrub: Scrub | None, encoded: bytes | None
+) -> Message:
     try:  # the usual, well-formed case first: plain indexing is the cheapest check
         event = event_from_raw(msg["payload"]["data"]["newEvent"])
     except (KeyError, TypeError):
@@ -368,10 +373,20 @@ def _decode_next(frame: str | bytes, msg: dict[str, Any], scrub: Scrub | None) -
     if event is None:
         return _bad(frame, _what_is_wrong(msg, scrub), scrub)
     data = frame if isinstance(frame, bytes) else frame.encode("utf-8", "surrogatepass")
-    problem = _long_number(data) or _repeated_key(data)
+    if encoded is None:
+        problem = _long_number(data) or _repeated_key(data)
+    elif 92 in data or _unspaced(data) != _unspaced(encoded):
+        problem = _repeated_key(data)  # typed by the fast way: strings, so no number
+    else:  # no escape: a key twice is all that can make it longer than its encoding, spaces out
+        problem = ""
     if problem:
         return _bad(frame, problem, scrub)
     return Next(_id(msg), _as_text(event, frame))
+
+
+def _unspaced(text: bytes) -> int:
+    """The length of ``text`` without JSON's whitespace (and the strings' spaces with it)."""
+    return len(text.translate(None, b" \t\n\r"))
 
 
 # A number no double holds as written: 20 digits in a row (an integer past 64 bits, a fraction
