@@ -163,7 +163,7 @@ async def _session(
     checks: _Checks, name: str, s: StreamSettings, ws: ClientConnection, token: str
 ) -> None:
     add = checks.add
-    session = ClientSession(max_frame_bytes=s.connection.max_frame_bytes)
+    session = ClientSession(max_frame_bytes=s.connection.max_frame_bytes, scrub=REDACTOR.scrub)
     await ws.send(session.connection_init(token, s.app_key.get_secret_value()))
     try:
         async with asyncio.timeout(s.connection.ack_timeout_s):

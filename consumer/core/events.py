@@ -45,8 +45,10 @@ class Event(NamedTuple):
     """One business event. ``offset`` is opaque: compare it for equality, never for order.
 
     A NamedTuple rather than a frozen dataclass: one is built per event on the hot path.
-    The ``newEvent`` object is kept as its JSON text as received (``text``) when the frame
-    was well-formed and compact (the usual case), else as the parsed object (``parsed``);
+    The decoder keeps the ``newEvent`` object as JSON text (``text``): a tree of parsed
+    objects holds some 20 times the bytes of its text, and the pipeline bounds its memory by
+    the text's length. Only an event too deep to be written back out is kept as the frame it
+    came in. ``parsed`` is for events built from an object (``dlq replay``, tests).
     :attr:`raw` gives the object either way.
     """
 
@@ -58,25 +60,29 @@ class Event(NamedTuple):
     hotel_id: str | None
     timestamp: str | None
     parsed: dict[str, Any] | None
-    # The frame it arrived in, as received: what a dead letter keeps when ``parsed`` cannot
-    # be written back out (nested deeper than a JSON writer goes). Empty with ``text``.
+    # The frame it arrived in, as received, for an event nested deeper than a JSON writer
+    # goes (no text can be written): what its dead letter keeps. Empty with ``text``.
     frame: bytes | str = b""
     # Set by the orchestration stage: the REST API's JSON (None: not found, when attached).
     resource: Any = None
     fetched: bool = False
-    # The newEvent object's JSON text as the gateway sent it (UTF-8, one line), and its
-    # ``detail`` array's ("[]" when absent or null).
+    # The newEvent object's JSON text (UTF-8, one line): as the gateway sent it, or written
+    # anew from a frame with line breaks; and its ``detail`` array's ("[]" when absent or
+    # null; None when ``detail`` is anything but an array).
     text: bytes | None = None
     detail_text: bytes | None = None
 
     @property
     def raw(self) -> dict[str, Any]:
-        """The ``newEvent`` object (parsed from ``text`` on each call when kept as text)."""
+        """The ``newEvent`` object (parsed from ``text``, or ``frame``, on each call)."""
         if self.parsed is not None:
             return self.parsed
-        assert self.text is not None, "an event has its object or its text"
-        raw: dict[str, Any] = orjson.loads(self.text)
-        return raw
+        if self.text is not None:
+            raw: dict[str, Any] = orjson.loads(self.text)
+            return raw
+        assert self.frame, "an event has its object, its text or its frame"
+        deep: dict[str, Any] = orjson.loads(self.frame)["payload"]["data"]["newEvent"]
+        return deep
 
     def document(self) -> dict[str, Any]:
         """What a sink stores: the ``newEvent`` as received, plus ``resource`` when fetched."""

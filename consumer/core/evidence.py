@@ -21,6 +21,11 @@ from .events import Event
 PAYLOAD_LIMIT: Final = 65536
 # The most of a wire value a log line or an error message shows.
 SHOWN_LIMIT: Final = 200
+# How far past a cut the text is masked: more than any secret's length (a JWT access token
+# is 1-2 KB), so that one across the cut is in what is masked whole.
+SCRUB_MARGIN: Final = 8192
+
+Scrub = Callable[[str], str]  # the log redactor's: masks every registered secret in a text
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,9 +41,11 @@ def to_bytes(data: bytes | str) -> bytes:
     return data if isinstance(data, bytes) else data.encode("utf-8", "surrogatepass")
 
 
-def evidence(data: bytes | str, limit: int = PAYLOAD_LIMIT) -> Evidence:
+def evidence(data: bytes | str, limit: int = PAYLOAD_LIMIT, scrub: Scrub | None = None) -> Evidence:
+    """The text masked by ``scrub`` then cut (:func:`masked`); the size and SHA-256 of the
+    original bytes, which tell the frame received (and a repeat of it) apart."""
     raw = to_bytes(data)
-    return Evidence(prefix(raw, limit), len(raw), hashlib.sha256(raw).hexdigest())
+    return Evidence(masked(raw, limit, scrub), len(raw), hashlib.sha256(raw).hexdigest())
 
 
 def prefix(data: bytes | str, limit: int = SHOWN_LIMIT) -> str:
@@ -49,12 +56,37 @@ def prefix(data: bytes | str, limit: int = SHOWN_LIMIT) -> str:
     return data[: limit * 4].decode("utf-8", "replace")[:limit]
 
 
-def shown(value: object, limit: int = SHOWN_LIMIT) -> str:
-    """A short, safe rendering of any decoded JSON value for a log line or an error text."""
+def masked(data: bytes | str, limit: int, scrub: Scrub | None) -> str:
+    """At most ``limit`` characters of ``data`` (bytes decoded lossily), masked by ``scrub``
+    before the cut: a secret across it is masked whole, never cut to a visible prefix. Only
+    the start of the text is masked, as long as it leaves SCRUB_MARGIN characters past the
+    cut: a secret the end of that start cuts in two is then beyond the cut, however much
+    masking shortened what comes before it."""
+    if scrub is None:
+        return prefix(data, limit)
+    size = limit + SCRUB_MARGIN
+    while True:
+        window = prefix(data, size)
+        clean = scrub(window)
+        if len(clean) >= limit + SCRUB_MARGIN or len(window) < size:  # or all of the text
+            return clean[:limit]
+        size *= 2  # masking took much out (the text repeats a secret): mask more of it
+
+
+def quoted(text: str, limit: int, scrub: Scrub | None = None) -> str:
+    """``text`` masked and cut (:func:`masked`) as its repr, itself cut to at most ``limit``
+    + 2 characters: repr writes a character it cannot print in up to ten ("\\U000e0001")."""
+    written = repr(masked(text, limit, scrub))
+    return written if len(written) <= limit + 2 else written[: limit + 1] + "…"
+
+
+def shown(value: object, limit: int = SHOWN_LIMIT, scrub: Scrub | None = None) -> str:
+    """A short, safe rendering of any decoded JSON value for a log line or an error text,
+    masked by ``scrub`` before it is cut."""
     if isinstance(value, str):
-        return value[:limit]
+        return masked(value, limit, scrub)
     try:
-        return prefix(orjson.dumps(value), limit)
+        return masked(orjson.dumps(value), limit, scrub)
     except TypeError:  # orjson.JSONEncodeError
         # Nested deeper than orjson writes (254 levels), an integer beyond 64 bits, or not JSON.
         return f"<{type(value).__name__} too deeply nested to show>"

@@ -31,7 +31,7 @@ import orjson
 
 from ..errors import SessionError
 from . import protocol
-from .evidence import prefix, shown
+from .evidence import Scrub, masked, shown
 from .protocol import (
     Complete,
     ConnectionAck,
@@ -114,9 +114,19 @@ _QUERY_DONE: Final = QueryDone()
 
 
 class ClientSession:
-    def __init__(self, *, max_frame_bytes: int, new_id: Callable[[], str] | None = None) -> None:
+    """``scrub`` (the log redactor's) masks whatever an outcome keeps of a frame's text (a
+    dead letter's copy, an id, an error) before it is cut: a gateway may echo a secret."""
+
+    def __init__(
+        self,
+        *,
+        max_frame_bytes: int,
+        new_id: Callable[[], str] | None = None,
+        scrub: Scrub | None = None,
+    ) -> None:
         self._limit = max_frame_bytes
         self._new_id = new_id or (lambda: str(uuid.uuid4()))
+        self._scrub = scrub
         self.state = SessionState.NEW
         self.subscription_id: str | None = None
         self.completed = False  # we sent `complete` (whatever came back)
@@ -125,10 +135,10 @@ class ClientSession:
 
     # --- what to send --------------------------------------------------------------------------
 
-    def connection_init(self, token: str, app_key: str) -> str:
+    def connection_init(self, token: str, app_key: str, enterprise_id: str | None = None) -> str:
         self._expect(SessionState.NEW, "connection_init")
         self.state = SessionState.INITIALIZING
-        return protocol.connection_init(token, app_key)
+        return protocol.connection_init(token, app_key, enterprise_id)
 
     def subscribe(self, sub: SubscribeInput) -> str:
         """Raises :class:`~consumer.core.protocol.InvalidInput` for arguments the schema
@@ -168,13 +178,13 @@ class ClientSession:
     # --- what was received -----------------------------------------------------------------------
 
     def receive(self, frame: bytes | str) -> Outcome:
-        msg = protocol.decode(frame, self._limit)
+        msg = protocol.decode(frame, self._limit, self._scrub)
         kind = type(msg)
         if kind is Next:
             assert isinstance(msg, Next)
             if msg.id == self.subscription_id:
                 return msg
-            return Ignored("next", prefix(msg.id, 64))
+            return Ignored("next", masked(msg.id, 64, self._scrub))
         if kind is Ping:
             return _PONG_REPLY
         if kind is Pong:
@@ -198,12 +208,12 @@ class ClientSession:
         if msg.id in self._queries:
             self._queries.discard(msg.id)
             what = msg.text if isinstance(msg, ErrorMessage) else "complete without an answer"
-            return ConnectionStatus(None, problem=prefix(what, 200))
+            return ConnectionStatus(None, problem=what[:200])  # msg.text: masked already
         if msg.id != self.subscription_id or self.state not in (
             SessionState.SUBSCRIBED,
             SessionState.COMPLETING,
         ):
-            return Ignored(name, prefix(msg.id, 64))
+            return Ignored(name, masked(msg.id, 64, self._scrub))
         self.state = SessionState.ENDED
         return Ended(msg.text if isinstance(msg, ErrorMessage) else "complete")
 
@@ -232,8 +242,11 @@ class ClientSession:
         conn = data.get("connection") if isinstance(data, dict) else None
         status = conn.get("status") if isinstance(conn, dict) else None
         ident = conn.get("id") if isinstance(conn, dict) else None
+        scrub = self._scrub
         if not isinstance(status, str):
-            return ConnectionStatus(None, problem=f"no connection status in {shown(data)}")
+            return ConnectionStatus(
+                None, problem=f"no connection status in {shown(data, scrub=scrub)}"
+            )
         return ConnectionStatus(
-            prefix(status, 40), prefix(ident, 100) if isinstance(ident, str) else None
+            masked(status, 40, scrub), masked(ident, 100, scrub) if isinstance(ident, str) else None
         )

@@ -244,7 +244,8 @@ class StreamPipeline:
     async def put_malformed(self, error: DecodeError) -> None:
         """A frame that cannot be decoded: dead-letter a bounded copy of it, in its place in
         line. Waits for capacity like an event does: a flood of bad frames is backpressure,
-        not memory."""
+        not memory. Its copy and reason were masked by the session (``scrub``) before they
+        were cut: masked here, a secret across the cut would leave its start."""
         self._flush()  # the events read before it come first
         await self._committer.wait_capacity()
         seq = self._committer.arrived(self.stream, None)

@@ -52,6 +52,7 @@ from ..core.subscribe_timing import SubscribeDeadline, gap_left
 from ..core.upgrade_budget import UpgradeBudget
 from ..core.watermark import Position
 from ..errors import AuthError, StoreError, StreamStopped
+from ..logs import REDACTOR
 from ..state.base import StateStore
 from . import tls
 from .auth import Token, TokenProvider
@@ -417,15 +418,14 @@ class StreamRunner:
         self._ended = ""
         self._server_ended = False
         ids = _Ids(self._subscription_id)
-        session = ClientSession(max_frame_bytes=c.max_frame_bytes, new_id=ids)
-        app_key = self.settings.app_key.get_secret_value()
-        init = session.connection_init(token.value, app_key)
-        enterprise_id = self.settings.auth.enterprise_id
-        if c.init_enterprise_id and enterprise_id:
-            # The same message with enterpriseId (unconfirmed whether OHIP reads it; Oracle's
-            # sample sends it): the session has moved on to waiting for the ack all the same.
-            init = protocol.connection_init(token.value, app_key, enterprise_id)
-        await ws.send(init)
+        session = ClientSession(max_frame_bytes=c.max_frame_bytes, new_id=ids, scrub=REDACTOR.scrub)
+        # enterpriseId: unconfirmed whether OHIP reads it; Oracle's sample sends it.
+        enterprise_id = self.settings.auth.enterprise_id if c.init_enterprise_id else None
+        await ws.send(
+            session.connection_init(
+                token.value, self.settings.app_key.get_secret_value(), enterprise_id
+            )
+        )
         init_sent_at = time.monotonic()
         deadline = SubscribeDeadline.after_init(init_sent_at, c.subscribe_deadline_s)
         self._ignored_logged = False

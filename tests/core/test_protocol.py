@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 import sys
+import tracemalloc
 from typing import Any
 
 import orjson
@@ -13,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from consumer.core.events import SELECTION, Event
+from consumer.core.evidence import event_evidence
 from consumer.core.protocol import (
-    MAX_FAST_BRACKETS,
     PING,
     PONG,
     Complete,
@@ -22,10 +24,12 @@ from consumer.core.protocol import (
     DecodeError,
     ErrorMessage,
     InvalidInput,
+    Message,
     Next,
     Ping,
     Pong,
     SubscribeInput,
+    _fast_next,
     complete,
     connection_init,
     decode,
@@ -42,8 +46,13 @@ SHA256_EMPTY = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855
 SHA256_ABC_NEWLINE = "edeaaff3f1774ad2888673770c6d64097e391bc362d7d6fb34982ddf0efd18cb"
 
 
-def next_frame(event: Any, sub_id: Any = "sub-1") -> str:
-    return json.dumps({"id": sub_id, "type": "next", "payload": {"data": {"newEvent": event}}})
+def next_message(event: Any, sub_id: Any = "sub-1") -> dict[str, Any]:
+    return {"id": sub_id, "type": "next", "payload": {"data": {"newEvent": event}}}
+
+
+def next_frame(event: Any, sub_id: Any = "sub-1", *, compact: bool = False) -> str:
+    separators = (",", ":") if compact else None
+    return json.dumps(next_message(event, sub_id), separators=separators)
 
 
 def full_event(offset: str = "194", uid: str = "uid-194") -> dict[str, Any]:
@@ -57,13 +66,13 @@ def full_event(offset: str = "194", uid: str = "uid-194") -> dict[str, Any]:
         "publisherId": "pub",
         "actionInstanceId": "act",
         "detail": [
-            {
+            {  # in the order the subscription asks for them: what OHIP sends
                 "elementName": "First Name",
-                "oldValue": "Old",
-                "newValue": "New",
                 "elementType": None,
                 "elementSequence": None,
                 "elementRole": None,
+                "newValue": "New",
+                "oldValue": "Old",
                 "scopeFrom": None,
                 "scopeTo": None,
             },
@@ -330,8 +339,9 @@ def test_decode_next_builds_the_event() -> None:
         primary_key="987654",
         hotel_id="HOTEL1",
         timestamp="28-APR-24 06.18.59.028027 AM",
-        parsed=ev,
-        frame=frame,  # kept for a dead letter when the event cannot be written back out
+        parsed=None,  # text only: what the pipeline counts is what the event holds
+        text=orjson.dumps(ev),  # a str frame: written anew
+        detail_text=orjson.dumps(ev["detail"]),
     )
     assert msg.event.raw == ev  # the newEvent object as received, unknown fields included
 
@@ -375,7 +385,9 @@ def test_decode_next_with_line_breaks_is_decoded_the_general_way(line_break: byt
     ).encode()
     msg = decode(frame.replace(b"\n", line_break))
     assert isinstance(msg, Next)
-    assert msg.event.text is None
+    assert (msg.event.parsed, msg.event.frame) == (None, b"")
+    assert msg.event.text == orjson.dumps(ev)
+    assert msg.event.detail_text == orjson.dumps(ev["detail"])
     assert msg.event.raw == ev
     line = msg.event.document_json()
     assert b"\n" not in line and b"\r" not in line
@@ -401,11 +413,74 @@ def test_a_header_field_over_1024_bytes_of_utf8_is_refused_whatever_its_length(f
     assert isinstance(decode(next_frame(ev).encode()), Next)
 
 
-def test_decode_next_with_many_brackets_is_decoded_the_general_way() -> None:
-    ev = full_event() | {"detail": [{"elementName": f"e{i}"} for i in range(MAX_FAST_BRACKETS)]}
-    msg = decode(next_frame(ev).encode())
+@pytest.mark.parametrize("compact", [True, False])
+def test_decode_next_with_many_detail_elements_keeps_the_text_as_received(compact: bool) -> None:
+    ev = full_event() | {"detail": [{"elementName": f"e{i}"} for i in range(1000)]}
+    msg = decode(next_frame(ev, compact=compact).encode())
     assert isinstance(msg, Next)
-    assert msg.event.text is None and msg.event.raw == ev
+    assert msg.event.parsed is None and msg.event.raw == ev
+    separators = (",", ":") if compact else None
+    assert msg.event.text == json.dumps(ev, separators=separators).encode()
+
+
+def _held_by(frame: bytes) -> tuple[Next, int]:
+    """The message ``frame`` decodes to, and the bytes it holds (allocated by decode and
+    alive after it)."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        msg = decode(frame, 16 * 1024 * 1024)
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert isinstance(msg, Next)
+    return msg, held
+
+
+@pytest.mark.parametrize("shape", ["line-breaks", "many-brackets", "spaced"])
+def test_an_event_decoded_the_general_way_holds_about_what_the_pipeline_counts(shape: str) -> None:
+    """The pipeline bounds its memory by the event's text (or frame): the tree of objects parsed
+    from 2 MiB of small detail elements held some 48 MiB. Whatever sent the frame the general
+    way, the event keeps its text (and its detail's), not the tree nor the frame."""
+    ev = {
+        "metadata": {"offset": "1", "uniqueEventId": "u1"},
+        "detail": [{"elementName": "n", "newValue": None}] * 60_000,
+    }
+    sep = {"line-breaks": (",\n", ":"), "many-brackets": (",", ":"), "spaced": (", ", ": ")}
+    frame = json.dumps(next_message(ev), separators=sep[shape]).encode()
+    assert len(frame) > 2_000_000
+    msg, held = _held_by(frame)
+    event = msg.event
+    assert (event.parsed, event.frame) == (None, b"")
+    counted = len(event.text or event.frame)  # pipeline._size
+    assert counted >= len(frame) * 0.9
+    assert held <= 2.5 * counted, f"holds {held / counted:.1f} times what is counted"
+    assert event.raw == ev
+    assert event.detail_text is not None and orjson.loads(event.detail_text) == ev["detail"]
+
+
+def test_an_event_too_deep_to_write_back_out_keeps_only_its_frame() -> None:
+    """No sink can write it (orjson writes 254 levels): a dead letter by id, whose payload is
+    the frame. That frame is all it holds; its object is parsed from it when asked."""
+    ev = full_event() | {"publisherId": "p" * 100_000, "detail": "@@"}
+    frame = next_frame(ev, compact=True).encode().replace(b'"@@"', b"[" * 300 + b"]" * 300)
+    msg, held = _held_by(frame)
+    event = msg.event
+    assert (event.parsed, event.text, event.frame) == (None, None, frame)
+    assert held <= 0.2 * len(frame)  # the frame is the caller's: nothing else is kept
+    assert event.raw["metadata"] == ev["metadata"]
+    assert event_evidence(event).text == frame.decode()
+
+
+@pytest.mark.parametrize("detail", [{"a": 1}, "x", 7])
+def test_a_detail_that_is_no_list_keeps_no_detail_text(detail: Any) -> None:
+    """Off the schema: the SQL sinks take it from the object (``raw``), as it is."""
+    ev = full_event() | {"detail": detail}
+    msg = decode(next_frame(ev, compact=True).encode())
+    assert isinstance(msg, Next)
+    assert msg.event.parsed is None and msg.event.detail_text is None
+    assert msg.event.text == json.dumps(ev, separators=(",", ":")).encode()
+    assert msg.event.raw["detail"] == detail
 
 
 def test_decode_depth_limit_does_not_follow_the_recursion_limit() -> None:
@@ -429,6 +504,122 @@ def test_decode_next_with_invalid_utf8_in_a_skipped_string_is_a_decode_error() -
     msg = decode(frame)
     assert isinstance(msg, DecodeError)
     assert "UTF-8" in msg.reason
+
+
+def _ways(frame: bytes) -> tuple[Message, Message]:
+    """What ``frame`` decodes to, and the same message with a line break in it (the fast way
+    never takes one)."""
+    assert frame.startswith(b'{"id":"sub-1",')
+    return decode(frame), decode(frame.replace(b'{"id":"sub-1",', b'{"id":"sub-1",\n', 1))
+
+
+def test_the_fast_way_takes_a_frame_as_ohip_writes_it_however_many_its_detail_elements() -> None:
+    """Typed to the last field, the fast way has no depth to fear: no more bracket count (the
+    frames of events with over 60 detail elements went the general way)."""
+    ev = full_event()
+    ev["detail"] = ev["detail"] * 300
+    frame = next_frame(ev, compact=True).encode()
+    msg = _fast_next(frame)
+    assert isinstance(msg, Next)
+    assert msg.event.text == json.dumps(ev, separators=(",", ":")).encode()
+    assert msg.event.detail_text == json.dumps(ev["detail"], separators=(",", ":")).encode()
+    # Its keys in another order (a server that writes type first, say): kept as received.
+    ev = dict(reversed(ev.items())) | {"metadata": {"uniqueEventId": "uid-194", "offset": "194"}}
+    ev["detail"] = [dict(reversed(e.items())) if e else e for e in ev["detail"]]
+    frame = orjson.dumps({"payload": {"data": {"newEvent": ev}}, "type": "next", "id": "sub-1"})
+    msg = _fast_next(frame)
+    assert isinstance(msg, Next)
+    assert (msg.event.offset, msg.event.unique_event_id) == ("194", "uid-194")
+    assert msg.event.text == orjson.dumps(ev)
+    assert msg.event.detail_text == orjson.dumps(ev["detail"])
+
+
+@pytest.mark.parametrize(
+    "number",
+    [
+        b"1e400",  # orjson: no double, the frame was malformed; msgspec skipped it unchecked
+        b"-1E+400",
+        b"1" + b"0" * 400,
+        b"1e99999999999999999999",
+        b"1e-400",  # orjson: 0.0
+        b"1e-16384",  # PostgreSQL's jsonb: out of range, every commit holding it failed
+        b"0." + b"1" * 17000,
+        b"18446744073709551616",  # 2**64: orjson, a float
+        b"-123456789012345678901234567890",
+    ],
+)
+@pytest.mark.parametrize("where", ["publisherId", "detail", "envelope"])
+def test_a_number_no_double_holds_is_refused_however_the_frame_is_written(
+    number: bytes, where: str
+) -> None:
+    """One answer for one event: the fast way took such numbers as text and the general way
+    refused or rewrote them (2**64 a float, 1e-400 0.0) when the frame had a line break."""
+    ev = full_event() | {"publisherId": "@@"} if where == "publisherId" else full_event()
+    if where == "detail":
+        ev["detail"][0]["newValue"] = "@@"
+    extra = {"marker": "@@"} if where == "envelope" else {}
+    message = next_message(ev) | extra
+    template = json.dumps(message, separators=(",", ":")).encode()
+    escaped = template.replace(b'"HOTEL1"', b'"HOTEL\\"1"')  # a backslash in the frame
+    for frame in (template.replace(b'"@@"', number), escaped.replace(b'"@@"', number)):
+        compact, broken = _ways(frame)
+        assert isinstance(compact, DecodeError) and isinstance(broken, DecodeError)
+        if not compact.reason.startswith("invalid JSON"):  # else orjson's, with a position
+            assert compact.reason == broken.reason
+            assert "20 digits in a row or a 3-digit exponent" in compact.reason
+    # In a string it is no number: kept (with or without a backslash in the frame).
+    for text in (b'"' + number + b'"', b'"\\"' + number + b'\\\\"'):
+        compact, broken = _ways(template.replace(b'"@@"', text))
+        assert isinstance(compact, Next) and isinstance(broken, Next)
+    # What a double holds is kept, however written (a text as received when it is one line).
+    held = b"-1234567890123456789.5e-99"
+    compact, broken = _ways(template.replace(b'"@@"', held))
+    assert isinstance(compact, Next) and isinstance(broken, Next)
+    assert compact.event.raw == broken.event.raw
+    assert (held in (compact.event.text or b"")) is (where != "envelope")
+
+
+@pytest.mark.parametrize(
+    ("where", "twice"),
+    [
+        ("newEvent", b'"metadata":{"offset":"2","uniqueEventId":"u2"},'),
+        ("metadata", b'"offset":"2",'),
+        ("metadata", b'"uniqueEventId":"u2",'),
+        ("newEvent", b'"primaryKey":"other",'),
+        ("newEvent", b'"\\u0070rimaryKey":"other",'),  # escaped: the same key to a reader
+        ("newEvent", b'"detail":[],'),
+        ("newEvent", b'"eventName":"DELETE",'),
+        ("data", b'"newEvent":{"metadata":{"offset":"3","uniqueEventId":"u3"}},'),
+        ("payload", b'"data":null,'),
+        ("frame", b'"type":"complete",'),
+        ("frame", b'"id":"sub-2",'),
+    ],
+)
+def test_a_key_twice_in_an_object_that_says_what_the_event_is_is_refused(
+    where: str, twice: bytes
+) -> None:
+    """Both parsers took the last: the event was deduplicated, checkpointed and partitioned by
+    it, and stored with both (SQLite's json_extract reads the first)."""
+    frame = next_frame(full_event(), compact=True).encode()
+    opening = {
+        "metadata": b'"metadata":{',
+        "newEvent": b'"newEvent":{',
+        "data": b'"data":{',
+        "payload": b'"payload":{',
+        "frame": b'{"id":"sub-1",',
+    }[where]
+    compact, broken = _ways(frame.replace(opening, opening + twice, 1))
+    assert isinstance(compact, DecodeError) and isinstance(broken, DecodeError)
+    assert compact.reason == broken.reason
+    assert f"twice in the {where} object" in compact.reason
+    # Twice in a detail element (what OHIP says changed, no header of the event), or a key of
+    # another name twice: kept as received.
+    for other in (
+        frame.replace(b'"elementName":"First Name"', b'"newValue":"a","elementName":"b"'),
+        frame.replace(b'"newEvent":{', b'"newEvent":{"dataValueMapping":1,"dataValueMapping":2,'),
+    ):
+        msg = decode(other)
+        assert isinstance(msg, Next) and (msg.event.text or b"") in other
 
 
 json_scalars = (
@@ -647,6 +838,24 @@ def test_unknown_or_missing_type_is_a_decode_error(frame: str) -> None:
     assert isinstance(msg, DecodeError)
     assert msg.raw == frame
     assert "unknown message type" in msg.reason
+
+
+@pytest.mark.parametrize("char", ["\U000e0001", "\x00", "\u202e", "\u200b"])
+@pytest.mark.parametrize("where", ["type", "offset"])
+def test_a_reason_quoting_a_wire_value_stays_short_whatever_its_characters(
+    char: str, where: str
+) -> None:
+    """repr writes a character it cannot print in up to ten: 50 of them made a reason of 523
+    characters, past what a log line or a dead letter's error is meant to hold (300)."""
+    value = char * 60
+    if where == "type":
+        frame = json.dumps({"type": value})
+    else:
+        frame = next_frame({"metadata": {"offset": value, "uniqueEventId": "u"}})
+    msg = decode(frame)
+    assert isinstance(msg, DecodeError)
+    assert len(msg.reason) <= 160, len(msg.reason)
+    assert repr(value)[:10] in msg.reason
 
 
 def test_invalid_utf8_bytes_are_decoded_lossily_into_raw() -> None:

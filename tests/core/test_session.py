@@ -5,6 +5,7 @@ As websockets tests its protocol: no socket, the frames a gateway would send are
 
 from __future__ import annotations
 
+import hashlib
 import json
 from itertools import count
 
@@ -23,6 +24,7 @@ from consumer.core.session import (
     SessionError,
     SessionState,
 )
+from consumer.logs import Redactor
 
 EVENT = {"metadata": {"offset": "10", "uniqueEventId": "u10"}, "primaryKey": "pk"}
 
@@ -161,3 +163,91 @@ def test_out_of_order_calls_are_our_bugs() -> None:
     s.connection_init("t", "k")
     with pytest.raises(SessionError):
         s.connection_init("t", "k")
+
+
+# --- secrets a gateway echoes: masked before any cut ------------------------------------------
+
+KEY = "ak-" + "0123456789abcdef" * 4  # an app key, 67 characters
+
+
+def masking(key: str = KEY) -> ClientSession:
+    redactor = Redactor()
+    redactor.add(key)
+    n = count(1)
+    s = ClientSession(max_frame_bytes=1 << 20, new_id=lambda: f"id-{next(n)}", scrub=redactor.scrub)
+    s.connection_init("tok", key)
+    assert s.receive(b'{"type":"connection_ack"}') == Acknowledged()
+    return s
+
+
+def straddling(before: bytes, cut: int, after: bytes = b'"}]}') -> bytes:
+    """``before``, padding, then the key across character ``cut`` of the frame."""
+    pad = b"x" * (cut - len(before) - 20)
+    return before + pad + KEY.encode() + after
+
+
+def leaked(text: str) -> bool:
+    """Whether some 6 characters of the key (past its "ak-") show in ``text``."""
+    return any(KEY[i : i + 6] in text for i in range(3, len(KEY) - 5))
+
+
+def test_an_error_that_ends_the_session_is_masked_before_it_is_cut() -> None:
+    """Its first 500 characters go to the log line, STATUS= and /readyz: masked there after
+    the cut, a key across it left its first characters."""
+    s = masking()
+    s.subscribe(SubscribeInput(chain_code="CH"))
+    out = s.receive(straddling(b'{"id":"id-1","type":"error","payload":[{"message":"', 500))
+    assert isinstance(out, Ended) and len(out.reason) <= 500
+    assert not leaked(out.reason) and "***" in out.reason
+
+
+def test_ids_and_query_problems_are_masked_before_they_are_cut() -> None:
+    s = masking()
+    frame = straddling(b'{"id":"', 64, b'","type":"complete"}')
+    out = s.receive(frame)
+    assert isinstance(out, Ignored) and not leaked(out.id) and "***" in out.id
+    query_id = json.loads(s.query_connection())["id"]
+    answer = {"data": {"connection": {"id": "c" * 80 + KEY, "status": "s" * 30 + KEY}}}
+    out = s.receive(
+        next_frame(query_id, None).replace(
+            b'{"data": {"newEvent": null}}', json.dumps(answer).encode()
+        )
+    )
+    assert isinstance(out, ConnectionStatus)
+    assert out.status is not None and out.connection_id is not None
+    assert not leaked(out.status) and not leaked(out.connection_id)
+    query_id = json.loads(s.query_connection())["id"]
+    frame = straddling(b'{"id":"' + query_id.encode() + b'","type":"error","payload":[{"m":"', 190)
+    out = s.receive(frame)
+    assert isinstance(out, ConnectionStatus) and not leaked(out.problem)
+    query_id = json.loads(s.query_connection())["id"]
+    no_status = {"data": {"connection": {"note": "n" * 170 + KEY}}}
+    out = s.receive(
+        next_frame(query_id, None).replace(
+            b'{"data": {"newEvent": null}}', json.dumps(no_status).encode()
+        )
+    )
+    assert isinstance(out, ConnectionStatus) and out.status is None
+    assert not leaked(out.problem) and "***" in out.problem
+
+
+def test_a_malformed_frame_is_masked_whole_in_its_dead_letter() -> None:
+    """The frame's copy goes to the DLQ (the first 64 KiB): a gateway's error that echoes the
+    key, say subscriptions-transport-ws' connection_error. Its size and SHA-256 are still the
+    frame's as received: a repeat of it counts as one more attempt."""
+    s = masking()
+    for frame in (
+        json.dumps({"type": "connection_error", "payload": {"message": f"bad key {KEY}"}}).encode(),
+        straddling(b'{"type":"connection_error","payload":"', 65536, b'"}'),
+    ):
+        out = s.receive(frame)
+        assert isinstance(out, DecodeError)
+        assert not leaked(out.evidence.text) and "***" in out.evidence.text
+        assert out.evidence.size == len(frame)
+        assert out.evidence.sha256 == hashlib.sha256(frame).hexdigest()
+    for reasoned in (  # the reason quotes a wire value: cut too (50, 40 characters)
+        straddling(b'{"type":"', 50, b'"}'),
+        next_frame("id-9", {"metadata": {"offset": "o" * 20 + KEY, "uniqueEventId": "u"}}),
+    ):
+        out = s.receive(reasoned)
+        assert isinstance(out, DecodeError) and not leaked(out.reason)

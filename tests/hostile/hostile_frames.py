@@ -27,6 +27,7 @@ import json
 import random
 import re
 import string
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -126,6 +127,58 @@ def usable_event(msg: dict[str, Any]) -> dict[str, Any] | None:
     return ev
 
 
+# Beyond orjson's rules, decode refuses a usable event (a dead letter, "malformed") whose frame
+# holds a number no double holds as written, or a key that says what the event is twice in an
+# object that does (the frame's, payload, data, newEvent, metadata). Checked here another way:
+# Python's json hands over each number's text and each object's pairs.
+LONG_NUMBER = re.compile(r"[0-9]{20}|[eE][-+]?[0-9]{3}")
+HEADER_KEYS = frozenset(
+    {"id", "type", "payload", "data", "newEvent", "metadata", "offset", "uniqueEventId"}
+    | {"moduleName", "eventName", "primaryKey", "timestamp", "hotelId", "publisherId"}
+    | {"actionInstanceId", "detail"}
+)
+
+
+class _Object(dict[str, Any]):
+    twice: frozenset[str] = frozenset()
+
+
+def _object(pairs: list[tuple[str, Any]]) -> _Object:
+    obj = _Object(pairs)
+    keys = [k for k, _ in pairs]
+    obj.twice = frozenset(k for k in keys if keys.count(k) > 1)
+    return obj
+
+
+def refused_event(data: bytes) -> bool:
+    """A frame orjson reads (so at most 1,024 levels deep) that decode refuses all the same.
+    (decode cannot tell a key twice in a frame deeper than its Python json reads, some 1,000
+    levels: no generator writes one.)"""
+    long: list[str] = []
+
+    def number(text: str) -> int:
+        if LONG_NUMBER.search(text):
+            long.append(text)
+        return 0
+
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, 5000))
+    try:
+        msg = json.loads(data, object_pairs_hook=_object, parse_int=number, parse_float=number)
+    finally:
+        sys.setrecursionlimit(limit)
+    if long:
+        return True
+    obj = msg
+    for key in ("payload", "data", "newEvent", "metadata", ""):
+        if not isinstance(obj, _Object):
+            return False
+        if obj.twice & HEADER_KEYS:
+            return True
+        obj = obj.get(key)
+    return False
+
+
 def _serializable(value: Any) -> bool:
     try:
         orjson.dumps(value)
@@ -155,6 +208,8 @@ def classify(data: bytes, sub_id: str, max_size: int, *, binary: bool = False) -
     if type(ident) is not str or not ident:
         raise Ambiguous(f"{kind} with id {ident!r:.40}: the contract does not say")
     ev = usable_event(msg) if kind == "next" else None
+    if ev is not None and refused_event(data):
+        return MALFORMED
     if ident != sub_id:
         if kind == "next" and ev is None:
             raise Ambiguous("a malformed next for another id: the contract does not say")
@@ -769,6 +824,69 @@ def g_trailing(d: Draw, ctx: Context) -> Frame:
     return Frame(MALFORMED, "trailing-garbage", next_frame(ev, marker=ctx.marker()) + tail)
 
 
+LONG_NUMBERS = (
+    "1e400",  # no double: orjson refuses the frame
+    "-1E+400",
+    "1" + "0" * 400,
+    "1e-400",  # orjson: 0.0
+    "1e-16384",  # PostgreSQL's jsonb refuses it
+    "18446744073709551616",  # 2**64: orjson, a float
+    "1" * 25,
+    "0." + "3" * 30,
+    "5e0300",
+)
+
+
+def g_long_number(d: Draw, ctx: Context) -> Frame:
+    """A usable event with a number no double holds as written, anywhere in its frame."""
+    number = d.choice(LONG_NUMBERS)
+    ev = new_event(d, offset=ctx.offset(d), uid=ctx.uid("num"), primary_key="num")
+    where = d.choice(("publisherId", "detail", "envelope"))
+    extra: dict[str, Any] = {"marker": ctx.marker()}
+    if where == "publisherId":
+        ev["publisherId"] = "@@NUM@@"
+    elif where == "detail":
+        ev["detail"] = [{"elementName": "Amount", "newValue": "@@NUM@@"}]
+    else:
+        extra["extensions"] = {"cost": "@@NUM@@"}
+    data = next_frame(ev, ascii_only=d.boolean(), **extra).replace(b'"@@NUM@@"', number.encode())
+    return Frame(MALFORMED, f"long-number:{where}:{number[:12]}", data)
+
+
+def g_repeated_key(d: Draw, ctx: Context) -> Frame:
+    """A usable event with a key that says what it is twice (a reader of the stored text
+    would take the other one)."""
+    ev = new_event(d, offset=ctx.offset(d), uid=ctx.uid("twice"), primary_key="twice")
+    data = next_frame(ev, marker=ctx.marker())
+    other, offset = _js(ctx.uid("other")), _js(ctx.offset(d))
+    which = d.choice(
+        (
+            *("uniqueEventId", "offset", "metadata", "primaryKey", "detail", "newEvent"),
+            *("type", "escaped", "eventName"),
+        )
+    )
+    where, extra = {
+        "uniqueEventId": (b'"metadata": {', b'"uniqueEventId": ' + other + b", "),
+        "offset": (b'"metadata": {', b'"offset": ' + offset + b", "),
+        "metadata": (
+            b'"newEvent": {',
+            b'"metadata": {"offset": ' + offset + b', "uniqueEventId": ' + other + b"}, ",
+        ),
+        "primaryKey": (b'"newEvent": {', b'"primaryKey": "other", '),
+        "escaped": (b'"newEvent": {', b'"\\u0070rimaryKey": "other", '),
+        "eventName": (b'"newEvent": {', b'"eventName": "DELETE", '),
+        "detail": (b'"newEvent": {', b'"detail": [], '),
+        "newEvent": (
+            b'"data": {',
+            b'"newEvent": {"metadata": {"offset": ' + offset + b', "uniqueEventId": ' + other,
+        ),
+        "type": (b"{", b'"type": "complete", '),  # the last one says next
+    }[which]
+    if which == "newEvent":
+        extra += b"}}, "
+    return Frame(MALFORMED, f"repeated-key:{which}", data.replace(where, where + extra, 1))
+
+
 GENERATORS: tuple[tuple[str, Gen], ...] = (
     ("random-json", g_random_json),
     ("deep", g_deep),
@@ -785,6 +903,8 @@ GENERATORS: tuple[tuple[str, Gen], ...] = (
     ("oversized", g_oversized),
     ("truncated", g_truncated),
     ("trailing", g_trailing),
+    ("long-number", g_long_number),
+    ("repeated-key", g_repeated_key),
 )
 
 

@@ -4,10 +4,16 @@ them ends the session."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 from operator_support import dead_letters
 from support import count_lines, make_settings, running, wait_until
+
+from consumer.core.evidence import PAYLOAD_LIMIT
+from consumer.runtime.assembly import register_secrets
+from consumer.sandbox.options import SandboxOptions
 
 GREETINGS = [
     "{oops",
@@ -33,3 +39,28 @@ async def test_frames_before_the_subscription_are_dead_lettered_and_the_stream_g
     assert sorted((r.reason, r.payload, r.attempts) for r in rows) == sorted(
         ("malformed", frame, 2) for frame in GREETINGS
     )
+
+
+async def test_a_frame_that_echoes_the_app_key_is_dead_lettered_masked(
+    sandbox_factory, tmp_path: Path
+):
+    """A gateway's error that quotes the request (subscriptions-transport-ws' connection_error
+    does) went to the DLQ whole, key and all; one longer than the 64 KiB kept had the key cut
+    across the end. Masked, with the size and SHA-256 of the frame as received."""
+    gw = await sandbox_factory(backlog=5)
+    key = SandboxOptions().app_key
+    echo = json.dumps({"type": "connection_error", "payload": {"message": f"bad key {key}"}})
+    head = '{"type":"connection_error","payload":"'
+    across = head + "x" * (PAYLOAD_LIMIT - len(head) - 5) + key + '"}'
+    gw.greet_with([echo, across])
+    settings = make_settings(tmp_path, gw.url)
+    register_secrets(settings)  # as daemon.run does
+    async with running(settings) as daemon:
+        await wait_until(lambda: count_lines(tmp_path / "events.jsonl") >= 5)
+        await wait_until(lambda: daemon.pipelines["main"].dead_lettered >= 2)
+    rows = {r.payload_size: r for r in await dead_letters(tmp_path / "state.db")}
+    for frame in (echo, across):
+        row = rows[len(frame)]
+        assert row.payload_sha256 == hashlib.sha256(frame.encode()).hexdigest()
+        assert "***" in row.payload
+        assert not any(key[i : i + 4] in row.payload for i in range(len(key) - 3))
