@@ -39,7 +39,7 @@ from ..config import (
     mask_url,
 )
 from ..core import protocol
-from ..core.evidence import describe
+from ..core.evidence import describe, quoted
 from ..core.printable import printable
 from ..core.session import (
     ClientSession,
@@ -106,11 +106,16 @@ async def _stream(
         add("FAIL", name, "token", str(exc))
         return
     add("PASS", name, "token", f"obtained, valid for {token.lifetime_s:.0f} s")
+    for key, what, fix in s.warnings():  # valid, but probably wrong (as check-config says)
+        add("WARN", name, key, f"{what}: {fix}")
     c = s.connection
     url = protocol.subscription_url(s.gateway_url, s.app_key.get_secret_value())
+    # As the daemon connects: the token on the upgrade too when asked.
+    upgrade = {"Authorization": f"Bearer {token.value}"} if c.upgrade_authorization else None
     try:
         async with connect(
             url,
+            additional_headers=upgrade,
             subprotocols=[Subprotocol(protocol.SUBPROTOCOL)],
             open_timeout=c.open_timeout_s,
             ping_interval=None,
@@ -164,7 +169,8 @@ async def _session(
 ) -> None:
     add = checks.add
     session = ClientSession(max_frame_bytes=s.connection.max_frame_bytes, scrub=REDACTOR.scrub)
-    await ws.send(session.connection_init(token, s.app_key.get_secret_value()))
+    enterprise_id = s.auth.enterprise_id if s.connection.init_enterprise_id else None
+    await ws.send(session.connection_init(token, s.app_key.get_secret_value(), enterprise_id))
     try:
         async with asyncio.timeout(s.connection.ack_timeout_s):
             while session.state is SessionState.INITIALIZING:
@@ -200,8 +206,10 @@ async def _session(
         add("WARN", name, "connection status", f"query not answered: {answer.problem}")
     elif answer.status == "Active":
         add("WARN", name, "connection status", "Active: another consumer holds this stream (4409)")
-    else:
+    elif answer.status == "Inactive":
         add("PASS", name, "connection status", answer.status)
+    else:  # the daemon takes it as no answer (and subscribes)
+        add("WARN", name, "connection status", f"unexpected answer {quoted(answer.status, 50)}")
 
 
 async def _answer(ws: ClientConnection, session: ClientSession) -> Outcome:

@@ -380,3 +380,28 @@ async def test_the_jsonl_length_is_read_from_a_postgres_state_store(
         assert levels(done.stdout)["state store"] == levels(done.stdout)["sink"] == "PASS"
     finally:
         await sql(dsn, "execute", "DROP SCHEMA IF EXISTS preflight_jsonl CASCADE")
+
+
+async def test_preflight_connects_as_the_daemon_does_with_the_unconfirmed_options(
+    sandbox_factory, tmp_path: Path
+):
+    """upgrade_authorization and init_enterprise_id change what the daemon sends; preflight
+    sends the same (a gateway that wants them would otherwise fail preflight and not the
+    daemon, or the other way round), and says what is valid but probably wrong."""
+    gw = await sandbox_factory(backlog=5, require_upgrade_authorization=True, enterprise_id="E1")
+    connection = {"upgrade_authorization": "true", "init_enterprise_id": "true"}
+    config = toml_config(tmp_path, gw.url, connection=connection)
+    text = config.read_text()
+    secret_line = next(line for line in text.splitlines() if line.startswith("client_secret"))
+    config.write_text(text.replace(secret_line, secret_line + '\nenterprise_id = "E1"', 1))
+    done = await asyncio.to_thread(preflight, config)
+    assert done.returncode == 0, done.stdout + done.stderr
+    got = levels(done.stdout)
+    assert got["gateway"] == got["authentication"] == "PASS", done.stdout
+    assert gw.stats.init_enterprise_ids == ["E1"]
+
+    # Without the enterprise id (client_credentials, the default grant): said, as a warning.
+    gw = await sandbox_factory(backlog=5)
+    done = await asyncio.to_thread(preflight, toml_config(tmp_path, gw.url))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert levels(done.stdout)["auth.enterprise_id"] == "WARN", done.stdout
