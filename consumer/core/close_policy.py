@@ -76,6 +76,25 @@ _STOP_CODES = {
     "check gateway_url",
 }
 
+# Close codes and upgrade statuses a metric label names as they are; any other the server
+# (hostile or not) may send is "other" / "http_4xx": the label's values stay a fixed set.
+_LABELLED_CODES = frozenset(
+    {1000, 1001, 1002, 1003, 1006, 1007, 1008, 1009, 1011, 1012, 1013, 1014}
+    | {4400, 4401, 4403, 4406, 4408, 4409, 4429, 4499, 4500, 4504}
+)
+_LABELLED_STATUSES = frozenset({400, 401, 403, 404, 408, 429, 500, 502, 503, 504})
+
+
+def _code_label(code: int) -> str:
+    return str(code) if code in _LABELLED_CODES else "other"
+
+
+def _status_label(status: int) -> str:
+    if status in _LABELLED_STATUSES:
+        return f"http_{status}"
+    return f"http_{status // 100}xx" if 100 <= status <= 599 else "http_other"
+
+
 NORMAL_CLOSURE = 1000
 MESSAGE_TOO_BIG = 1009
 # Frames up to max_frame_bytes are processed; up to this many times larger they are read and
@@ -117,7 +136,7 @@ class ClosePolicy:
         """The server closed the WebSocket (``code`` None: no close frame, i.e. 1006)."""
         code = ABNORMAL_CLOSURE if code is None else code
         said = f": {reason}" if reason else ""
-        label = str(code)
+        label = _code_label(code)
         override = self.config.close_actions.get(code)
         if override is not None:
             meaning = _STOP_CODES.get(code, f"closed by server ({code})") + said
@@ -175,7 +194,7 @@ class ClosePolicy:
 
     def on_handshake_status(self, status: int) -> Decision:
         """The HTTP upgrade was refused with ``status``."""
-        label = f"http_{status}"
+        label = _status_label(status)
         if status == 400:
             reason = f"upgrade refused: incorrect key or URL (HTTP 400); {_CHECK_KEY}"
             return Decision(Action.STOP, 0.0, reason, label)

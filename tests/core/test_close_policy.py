@@ -320,3 +320,18 @@ def test_close_actions_override_the_codes_whose_meaning_is_unconfirmed() -> None
     assert policy().on_close(4403).action is Action.STOP  # the default is unchanged
     with pytest.raises(ValueError, match="4401"):
         PolicyConfig(close_actions={4401: "reconnect"})
+
+
+def test_the_metric_label_of_a_close_is_one_of_a_fixed_set() -> None:
+    """The code comes from the server: any of some 4,000 close codes and 500 statuses would
+    each make a series of `closes_total`. Known ones keep their name, the rest are bucketed."""
+    policy = ClosePolicy(PolicyConfig())
+    assert policy.on_close(4409).code == "4409"
+    assert policy.on_close(4999).code == policy.on_close(3000).code == "other"
+    assert policy.on_handshake_status(429).code == "http_429"
+    assert policy.on_handshake_status(418).code == "http_4xx"
+    assert policy.on_handshake_status(599).code == "http_5xx"
+    assert policy.on_handshake_status(999).code == "http_other"
+    labels = {policy.on_close(c).code for c in range(1000, 5000)}
+    labels |= {policy.on_handshake_status(s).code for s in range(100, 1000)}
+    assert len(labels) < 40
