@@ -29,6 +29,25 @@ def preflight(config: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+def postgres_config(
+    tmp_path: Path,
+    url: str,
+    dsn: str,
+    schema: str,
+    *,
+    timeout_s: float | None = None,
+    sink: str | None = None,
+) -> Path:
+    """toml_config's settings with the state store in ``schema`` on PostgreSQL."""
+    config = toml_config(tmp_path, url, sink=sink)
+    state = f'backend = "postgres"\ndsn = "{dsn}"\nschema = "{schema}"'
+    if timeout_s is not None:
+        state += f"\ntimeout_s = {timeout_s:g}"
+    text = config.read_text().replace(f'path = "{tmp_path / "state.db"}"', state)
+    config.write_text(text.replace("commit_max_events = 500\n", ""))
+    return config
+
+
 def levels(out: str) -> dict[str, str]:
     return {
         line[19:37].strip(): line[:5].strip()
@@ -237,12 +256,7 @@ async def test_postgres_state_and_sink_are_tried_and_rolled_back(
     gw = await sandbox_factory(backlog=5)
     dsn = postgres_server.dsn()
     sink = f'[sink]\ntype = "postgres"\ndsn = "{dsn}"\ntable = "rolled_back_events"\n'
-    config = toml_config(tmp_path, gw.url, sink=sink)
-    text = config.read_text().replace(
-        f'path = "{tmp_path / "state.db"}"',
-        f'backend = "postgres"\ndsn = "{dsn}"\nschema = "preflight_untouched"',
-    )
-    config.write_text(text.replace("commit_max_events = 500\n", ""))
+    config = postgres_config(tmp_path, gw.url, dsn, "preflight_untouched", sink=sink)
     done = await asyncio.to_thread(preflight, config)
     assert done.returncode == 0, done.stdout + done.stderr
     got = levels(done.stdout)
@@ -266,12 +280,7 @@ async def test_a_postgres_state_store_that_does_not_answer_fails_in_time(
 
     gw = await sandbox_factory(backlog=5)
     dsn = postgres_server.dsn()
-    config = toml_config(tmp_path, gw.url)
-    text = config.read_text().replace(
-        f'path = "{tmp_path / "state.db"}"',
-        f'backend = "postgres"\ndsn = "{dsn}"\nschema = "preflight_locked"\ntimeout_s = 1',
-    )
-    config.write_text(text.replace("commit_max_events = 500\n", ""))
+    config = postgres_config(tmp_path, gw.url, dsn, "preflight_locked", timeout_s=1)
     conn = await asyncpg.connect(dsn, timeout=10)
     try:
         await conn.execute("SELECT pg_advisory_lock($1)", migration_lock_key("preflight_locked"))
@@ -363,12 +372,7 @@ async def test_the_jsonl_length_is_read_from_a_postgres_state_store(
     rolled-back transaction."""
     gw = await sandbox_factory(backlog=5)
     dsn = postgres_server.dsn()
-    config = toml_config(tmp_path, gw.url)
-    text = config.read_text().replace(
-        f'path = "{tmp_path / "state.db"}"',
-        f'backend = "postgres"\ndsn = "{dsn}"\nschema = "preflight_jsonl"',
-    )
-    config.write_text(text.replace("commit_max_events = 500\n", ""))
+    config = postgres_config(tmp_path, gw.url, dsn, "preflight_jsonl")
     (tmp_path / "events.jsonl").write_text('{"old":1}\n')
     try:
         done = await asyncio.to_thread(preflight, config)
