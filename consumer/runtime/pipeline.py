@@ -410,6 +410,10 @@ class StreamPipeline:
         if fresh:
             await self._deliver(fresh, retrying)
 
+    def filters_out(self, event: Event) -> bool:
+        """Whether the [filter] keeps ``event`` from the sink: done without a processed id."""
+        return self._filter is not None and self._filter.reason(event) is not None
+
     def _drop_filtered(self, batch: list[_Item], event_filter: EventFilter) -> list[_Item]:
         """The events the filter lets through; the others are done at once, like duplicates:
         before the duplicate lookup and the sink, never dead-lettered, and the watermark (so the

@@ -13,6 +13,8 @@ import httpx
 from log_capture import captured_logs
 from support import make_settings, running, sink_ids, truth_ids, wait_until
 
+from consumer.config.settings import FilterSettings
+
 
 async def test_a_resume_past_the_retention_is_reported_and_duplicates_are_not(
     sandbox_factory, tmp_path: Path
@@ -59,3 +61,22 @@ async def test_a_resume_past_the_retention_is_reported_and_duplicates_are_not(
     assert errors[0]["checkpoint_event_id"] == checkpoint["metadata"]["uniqueEventId"]
     assert errors[0]["first_new_offset"] == first["metadata"]["offset"]
     assert errors[0]["first_new_event_id"] == first["metadata"]["uniqueEventId"]
+
+
+async def test_events_the_filter_dropped_before_the_checkpoint_are_no_gap(
+    sandbox_factory, tmp_path: Path
+):
+    """A filtered event is done without a processed id: sent again before the checkpoint's
+    own, it is not taken for a new one (a false "events may be missing" and alert)."""
+    gw = await sandbox_factory(backlog=5, redeliver=2)
+    settings = make_settings(tmp_path, gw.url).model_copy(
+        update={"filter": FilterSettings(exclude_module_names=("*",))}  # every event
+    )
+    async with running(settings) as daemon:
+        await wait_until(lambda: sum(daemon.pipelines["main"].filtered.values()) >= 5)
+    gw.append("DEMO", 3)
+    async with running(settings) as daemon:
+        runner = daemon.runners["main"]
+        # the two sent again (one before the checkpoint's), then the three new ones
+        await wait_until(lambda: sum(daemon.pipelines["main"].filtered.values()) >= 5)
+        assert runner.stats.resume_gaps == 0
