@@ -372,15 +372,21 @@ def _decode_next(
     if event is None:
         return _bad(frame, _what_is_wrong(msg, scrub), scrub)
     data = frame if isinstance(frame, bytes) else frame.encode("utf-8", "surrogatepass")
+    once = True  # no key twice in the text kept as received (as far as is known)
     if encoded is None:
         problem = _long_number(data) or _repeated_key(data)
-    elif 92 in data or _unspaced(data) != _unspaced(encoded):
+    elif 92 in data:
         problem = _repeated_key(data)  # typed by the fast way: strings, so no number
-    else:  # no escape: a key twice is all that can make it longer than its encoding, spaces out
+    elif _unspaced(data) != _unspaced(encoded):
+        # No escape: a key twice is all that makes it longer than its encoding, spaces out.
+        # Not one of the header's (refused): one in a detail element, which the text must not
+        # keep twice (SQLite's json_extract reads the first, orjson and PostgreSQL the last).
+        problem, once = _repeated_key(data), False
+    else:
         problem = ""
     if problem:
         return _bad(frame, problem, scrub)
-    return Next(_id(msg), _as_text(event, frame))
+    return Next(_id(msg), _as_text(event, frame, once))
 
 
 def _unspaced(text: bytes) -> int:
@@ -492,11 +498,12 @@ _RAW_FRAME: Final = msgspec.json.Decoder(_RawFrame)
 _RAW_DETAIL: Final = msgspec.json.Decoder(_RawDetail)
 
 
-def _as_text(event: Event, frame: str | bytes) -> Event:
+def _as_text(event: Event, frame: str | bytes, once: bool) -> Event:
     """``event`` (parsed) holding its newEvent as JSON text instead: the tree of objects holds
     some 20 times the bytes of the text, and the pipeline counts the text. As received when the
-    frame is one line of bytes; written anew otherwise. One that no JSON writer takes (nested
-    deeper than orjson writes: no sink can store it) keeps only the frame, for its dead letter.
+    frame is one line of bytes and ``once`` (no key in it twice); written anew otherwise. One
+    that no JSON writer takes (nested deeper than orjson writes: no sink can store it) keeps
+    only the frame, for its dead letter.
     """
     ev = event.parsed
     assert ev is not None
@@ -506,7 +513,7 @@ def _as_text(event: Event, frame: str | bytes) -> Event:
         return event._replace(parsed=None, frame=frame)
     detail = ev.get("detail")
     listed = type(detail) is list
-    received = _received(frame, listed)
+    received = _received(frame, listed) if once else None
     if received is not None:
         text, detail_text = received
     else:
