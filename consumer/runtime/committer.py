@@ -332,7 +332,10 @@ class Committer:
         self._unsure = None
         self._pending_bytes -= held  # taken again by _restore if it fails once more
         self._pending -= _size(batch)
-        return await self._commit_one(batch, held)
+        # Not the streams fenced since (or during the failed try, which narrowed its own copy
+        # of the batch): their part is dropped, as a snapshot drops it, and settled no more.
+        fenced = self._fenced_now()
+        return await self._commit_one(batch.without(fenced) if fenced else batch, held)
 
     async def _commit_one(self, batch: CommitBatch, held: int) -> bool:
         self.busy_since = time.monotonic()
@@ -442,6 +445,8 @@ class Committer:
             kept = unsure.without(gone)
             self._pending -= _size(unsure) - _size(kept)
             self._unsure = (kept, held) if kept else None
+            if not kept:
+                self._pending_bytes -= held
         staged = self._sink.staged()  # the other streams' rows wait in the batch instead
         if staged is not None:
             self._batch.staged.append(staged.without(gone))

@@ -16,9 +16,9 @@ from pydantic import SecretStr
 
 from consumer.config import StateSettings
 from consumer.core.events import Event
-from consumer.core.records import DeadLetter, Fence
+from consumer.core.records import CommitBatch, DeadLetter, Fence
 from consumer.core.watermark import Position
-from consumer.errors import Fenced
+from consumer.errors import Fenced, StoreError
 from consumer.runtime.committer import Committer
 from consumer.sinks.base import PlainSink
 from consumer.state import StateStore, open_store
@@ -172,6 +172,41 @@ async def test_a_stolen_stream_is_dropped_and_the_rest_committed(env: Env) -> No
     env.event("b")
     assert not await c.flush()
     assert c.fencing_rejections == 1
+
+
+async def test_a_commit_failing_after_a_fence_is_sent_again_without_the_fenced_stream(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store refuses b (stolen), then the rest fails (a connection lost): the failed
+    commit kept is the whole batch, b included. Sent again, b's part is dropped as a snapshot
+    drops it: not refused (and counted) twice, its dead letter not settled twice (a count of
+    -1 said the key had dead letters)."""
+    c = env.committer
+    env.event("a")
+    env.event("b")
+    assert await c.flush()
+    await env.steal("b")
+    env.event("a")
+    env.event("b")
+    env.letter("b", "pk-b")
+    real = env.store.commit
+    calls: list[set[str]] = []
+
+    async def commit(batch: CommitBatch, now: float | None = None) -> bool:
+        calls.append(batch.streams())
+        if len(calls) == 2:  # the round after the fence, a's part alone
+            raise StoreError("connection lost", retriable=True)
+        return await real(batch, now)
+
+    monkeypatch.setattr(env.store, "commit", commit)
+    with pytest.raises(StoreError):
+        await c.flush()
+    assert calls == [{"a", "b"}, {"a"}]
+    assert await c.flush()
+    assert calls[2:] == [{"a"}]
+    assert c.fencing_rejections == 1
+    assert not await c.has_dead_letters("b", "pk-b")
+    assert await env.offset("a") == "000003"
 
 
 async def test_forget_lets_a_stream_commit_again_once_its_lease_is_back(env: Env) -> None:
