@@ -97,6 +97,7 @@ class TokenProvider:
         )
         self._wait: tuple[str, float] | None = None  # last failure, next attempt (monotonic)
         self._answered = False  # the endpoint has issued a token: it exists
+        self._not_found_since: float | None = None  # first 404 before any token (clock)
 
     def invalidate(self, rejected: str | None = None) -> None:
         """Drop the current token: the next caller fetches a new one. ``rejected``: the token
@@ -224,13 +225,19 @@ class TokenProvider:
                 f"{grant_fields}{unset}"
             )
         if status == 404 and not self._answered:
-            # No token endpoint at that URL: a wrong URL, retried for ever otherwise. Once it
-            # has issued a token, a 404 is the gateway's passing trouble, retried as the rest.
+            # No token endpoint at that URL: a wrong URL, retried for ever otherwise. Only once
+            # it has lasted the token request's retries (retry_max_s): a gateway's passing 404
+            # just after a restart must not stop the daemon for good (exit 78). Once it has
+            # issued a token, a 404 is passing trouble, retried as the rest.
+            now = self._clock()
+            if self._not_found_since is None:
+                self._not_found_since = now
             which = "auth.token_url" if auth.token_url else "gateway_url"
             raise AuthError(
                 f"token endpoint {self.url} answered HTTP 404 (no such endpoint): check "
                 f"{which} (the gateway URL of the portal's environment card, nothing after the "
-                "host; the token endpoint is {gateway_url}/oauth/v1/tokens)"
+                "host; the token endpoint is {gateway_url}/oauth/v1/tokens)",
+                retriable=now - self._not_found_since < auth.retry_max_s,
             )
         if status != 200:
             raise AuthError(f"token endpoint {self.url} answered HTTP {status}", retriable=True)
@@ -257,7 +264,7 @@ class TokenProvider:
             )
         lifetime = min(lifetime, _MAX_LIFETIME_S)  # refreshed at least daily, whatever it says
         REDACTOR.add_token(value, lifetime)
-        self._answered = True
+        self._answered, self._not_found_since = True, None
         log.info("token obtained", lifetime_s=lifetime)
         return Token(value, started + lifetime, lifetime)
 

@@ -497,7 +497,8 @@ class StreamRunner:
         gap = self.settings.connection.resubscribe_gap_s
         if not self._server_ended or decision.action is Action.STOP or decision.delay_s >= gap:
             return decision
-        return dataclasses.replace(decision, delay_s=gap)
+        # A wait the protocol asks for, as after our own complete: ready meanwhile (LOCKOUT).
+        return dataclasses.replace(decision, delay_s=gap, deliberate=True)
 
     async def _check_status(
         self, ws: ClientConnection, session: ClientSession, deadline: SubscribeDeadline

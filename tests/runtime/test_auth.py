@@ -126,14 +126,26 @@ async def test_enterprise_id_header_and_scope_are_sent(sandbox_factory):
 
 async def test_a_404_before_any_token_is_a_configuration_error(sandbox_factory):
     """No token endpoint at the URL (a wrong gateway_url or token_url): it was retried for
-    ever. Once the endpoint has issued a token, a 404 is passing trouble, retried."""
+    ever. A configuration error once it has lasted the token request's retries (retry_max_s:
+    a gateway's passing 404 just after a restart stopped the daemon for good, exit 78). Once
+    the endpoint has issued a token, a 404 is passing trouble, retried."""
     gw = await sandbox_factory()
+    now = [1000.0]
     async with aiohttp.ClientSession() as http:
-        wrong = stream(gw.url, token_url=f"{gw.url}/nowhere/oauth/v1/tokens")
+        wrong = stream(gw.url, token_url=f"{gw.url}/nowhere/oauth/v1/tokens", retry_max_s=60)
+        provider = TokenProvider(http, wrong, clock=lambda: now[0])
         with pytest.raises(AuthError) as info:
-            await TokenProvider(http, wrong).token()
-        assert not info.value.retriable
+            await provider.token(retry=False)
+        assert info.value.retriable  # passing, for all it knows
         assert "HTTP 404" in str(info.value) and "check auth.token_url" in str(info.value)
+        now[0] += 59
+        with pytest.raises(AuthError) as info:
+            await provider.token(retry=False)
+        assert info.value.retriable
+        now[0] += 1  # 404 for retry_max_s: the URL is wrong
+        with pytest.raises(AuthError) as info:
+            await provider.token(retry=False)
+        assert not info.value.retriable
         tokens = TokenProvider(http, stream(gw.url))
         await tokens.token()
         gw.fail_token_requests([404])
@@ -146,13 +158,28 @@ async def test_a_404_before_any_token_is_a_configuration_error(sandbox_factory):
 
 async def test_the_daemon_stops_on_a_token_url_that_does_not_exist(sandbox_factory, tmp_path):
     gw = await sandbox_factory()
-    auth = {"client_id": "c", "client_secret": "s", "token_url": f"{gw.url}/x/oauth/v1/tokens"}
+    auth = {
+        "client_id": "c",
+        "client_secret": "s",
+        "token_url": f"{gw.url}/x/oauth/v1/tokens",
+        "retry_max_s": 0.5,  # the 404 lasts that long: a wrong URL
+    }
     settings = make_settings(tmp_path, gw.url, auth=auth)
     daemon = await Daemon.create(settings)
     async with asyncio.timeout(60):
         assert await daemon.run() == ExitCode.CONFIG
     assert "HTTP 404" in daemon.runners["main"].stats.last_close
     assert gw.stats.connections == 0
+
+
+async def test_a_passing_404_at_start_is_retried(sandbox_factory, tmp_path):
+    """The gateway answers its token endpoint with a 404 once, just as the daemon starts (no
+    token issued yet in this process): retried, and the stream runs (it stopped for good)."""
+    gw = await sandbox_factory(backlog=5)
+    gw.fail_token_requests([404])
+    async with running(make_settings(tmp_path, gw.url)) as daemon:
+        await wait_until(lambda: daemon.pipelines["main"].delivered >= 5)
+    assert daemon.exit_code == ExitCode.OK
 
 
 async def test_a_gateway_url_with_the_subscriptions_path_streams(sandbox_factory, tmp_path):

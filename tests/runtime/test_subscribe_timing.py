@@ -77,6 +77,8 @@ async def test_a_subscription_the_server_completed_waits_out_the_gap(
         gw.complete_subscriptions()
         runner = daemon.runners["main"]
         await wait_until(lambda: runner.stats.closes["1000"] == 1)  # the server's, after it
+        # A wait the protocol asks for: ready meanwhile (LOCKOUT), not a failure's BACKOFF.
+        assert runner.state is StreamState.LOCKOUT
         assert await closed_at(tmp_path / "state.db") is not None
         gw.append("DEMO", 3)
         await wait_until(lambda: count_lines(sink) >= 8)
