@@ -255,9 +255,27 @@ def _proxy_url(v: str) -> str:
     return MaskedUrl(v)
 
 
+# Headers that frame the request or the connection: the HTTP client's to set. Given by hand,
+# aiohttp keeps a Content-Length and cuts every body to it (a receiver answering 200 to a
+# cut body: every event lost), and a Transfer-Encoding beside its own length makes every
+# request a 400 (every event dead-lettered).
+_FRAMING_HEADERS = frozenset(
+    {"content-length", "transfer-encoding", "host", "connection", "expect", "te", "upgrade"}
+    | {"trailer", "keep-alive", "proxy-connection"}
+)
+
+
 def _check_headers(headers: dict[str, str]) -> dict[str, str]:
     checked: dict[str, str] = {}
     for name, value in headers.items():
+        if name.lower() in _FRAMING_HEADERS:
+            raise Problem(
+                (
+                    "",
+                    f"header {name!a} frames the request: the HTTP client sets it",
+                    "remove it",
+                )
+            )
         if not _TOKEN.fullmatch(name):
             raise Problem(
                 (

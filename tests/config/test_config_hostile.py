@@ -310,6 +310,19 @@ def test_a_header_name_must_be_a_token(tmp_path: Path, name: str) -> None:
     assert "RFC 9110" in message
 
 
+@pytest.mark.parametrize("name", ["Content-Length", "transfer-encoding", "Host", "Connection"])
+def test_a_header_that_frames_the_request_is_refused(tmp_path: Path, name: str) -> None:
+    """aiohttp keeps a configured Content-Length and cuts every body to it (a receiver that
+    answers 200 to the cut body: every event lost); a Transfer-Encoding beside its own length
+    makes every POST a 400 (every event dead-lettered). Refused at load, naming the key."""
+    text = toml(
+        sink=f'type = "webhook"\nurl = "https://h.example.com/"\nheaders = {{ "{name}" = "2" }}'
+    )
+    message = config_error(write(tmp_path, text))
+    assert "sink.headers" in message
+    assert name in message and "the HTTP client sets it" in message and "remove it" in message
+
+
 def url_config(key: str, url: str, top: str = "") -> str:
     """A config with ``url`` at ``key`` (a dotted key of one of the URL fields)."""
     if key == "streams.main.gateway_url":
