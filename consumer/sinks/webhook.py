@@ -5,7 +5,8 @@ for the receiver to drop repeats with.
 
 * ``batch_size = 1``: one POST per event; the body is the event's document (the ``newEvent``
   object as received, plus ``resource`` when orchestration fetched one) and
-  ``Idempotency-Key`` is its ``metadata.uniqueEventId``.
+  ``Idempotency-Key`` is its ``metadata.uniqueEventId`` (one that is not visible ASCII, which
+  an HTTP header cannot carry as it is: ``"id-"`` followed by the hex SHA-256 of it, UTF-8).
 * ``batch_size > 1``: the events of a write go in chunks of up to ``batch_size``, each a JSON
   array of documents, in order; ``Idempotency-Key`` is ``"batch-"`` followed by the hex SHA-256
   of the chunk's ``uniqueEventId`` values joined by ``"\\n"`` (UTF-8). The key names the
@@ -71,6 +72,16 @@ CONFLICT = 409
 MIN_QUERY_SECRET_CHARS = 4
 
 
+def event_idempotency_key(unique_event_id: str) -> str:
+    """The ``Idempotency-Key`` of one event's request (``batch_size = 1``): its id, unless a
+    header cannot carry it (a control character made every try fail in the HTTP client:
+    dead-lettered, and `dlq replay` failed the same way; non-ASCII went as raw bytes)."""
+    uid = unique_event_id
+    if uid.isascii() and uid.isprintable() and uid == uid.strip():
+        return uid
+    return "id-" + hashlib.sha256(uid.encode("utf-8")).hexdigest()
+
+
 def batch_idempotency_key(unique_event_ids: Sequence[str]) -> str:
     """The ``Idempotency-Key`` of a batch request (``batch_size > 1``)."""
     digest = hashlib.sha256("\n".join(unique_event_ids).encode("utf-8")).hexdigest()
@@ -132,7 +143,7 @@ class WebhookSink(PlainSink):
         size = self.settings.batch_size
         if size == 1:
             for ev, doc in zip(events, docs, strict=True):
-                await self._post(stream, doc, ev.unique_event_id, [ev])
+                await self._post(stream, doc, event_idempotency_key(ev.unique_event_id), [ev])
             return
         for start in range(0, len(events), size):
             chunk = events[start : start + size]

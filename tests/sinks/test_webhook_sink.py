@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import json
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -190,6 +191,24 @@ async def test_bearer_auth_and_custom_headers_arrive(rx: Receiver, client: aioht
     assert r.header("Idempotency-Key") == "w0-u1"
     # open() registered the token with the log redactor.
     assert REDACTOR.scrub(f"token is {TOKEN}") == f"token is {MASK}"
+
+
+@pytest.mark.parametrize("uid", ["a\r\nX-Injected: 1", "a\x00b", "zoë-1", " padded "])
+async def test_an_id_a_header_cannot_carry_is_keyed_by_its_hash(
+    rx: Receiver, client: aiohttp.ClientSession, uid: str
+):
+    """A uniqueEventId with a control character made every POST fail in the HTTP client (the
+    event dead-lettered, and `dlq replay` failed the same way); a non-ASCII one went as raw
+    bytes, which strict receivers refuse. Such an id's key is its hash; the body keeps it."""
+    ev = event(1)._replace(unique_event_id=uid)
+    ev.raw["metadata"]["uniqueEventId"] = uid
+    sink = await opened(settings(rx.url), client)
+    await sink.write("main", [ev])
+    (r,) = rx.requests
+    digest = hashlib.sha256(uid.encode()).hexdigest()
+    assert r.header("Idempotency-Key") == f"id-{digest}"
+    assert r.header("X-Injected") is None
+    assert json.loads(r.body)["metadata"]["uniqueEventId"] == uid
 
 
 async def test_basic_auth_arrives(rx: Receiver, client: aiohttp.ClientSession):
