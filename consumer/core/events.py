@@ -6,6 +6,7 @@ the typed attributes are the few fields the pipeline itself needs.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from datetime import datetime, tzinfo
 from typing import Any, NamedTuple, NotRequired, TypedDict
@@ -148,3 +149,13 @@ def event_time(timestamp: str | None, zone: tzinfo) -> float | None:
         return when.replace(tzinfo=zone).timestamp()
     except ValueError:
         return None
+
+
+def header_id(unique_event_id: str) -> str:
+    """An event's id as an HTTP or NATS header can carry it (an idempotency key, a message
+    id): the uniqueEventId when it is visible ASCII without spaces (every OHIP id), else
+    ``sha256:`` and the hex digest of its UTF-8 (the same at every replay)."""
+    uid = unique_event_id
+    if uid.isascii() and uid.isprintable() and " " not in uid:
+        return uid
+    return "sha256:" + hashlib.sha256(uid.encode("utf-8", "surrogatepass")).hexdigest()

@@ -52,7 +52,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hashlib
 import importlib.util
 import re
 import ssl
@@ -69,7 +68,7 @@ from nats.js import JetStreamContext
 from nats.js.api import PubAck, StorageType, StreamConfig, StreamInfo
 
 from ..config import NatsSinkSettings
-from ..core.events import Event
+from ..core.events import Event, header_id
 from ..core.evidence import describe, prefix, shown
 from ..core.printable import printable
 from ..core.templates import (
@@ -125,13 +124,7 @@ def subject_token(value: str | None) -> str:
     return sanitise(value, SUBJECT_UNSAFE, hash_raw=True)
 
 
-def msg_id(unique_event_id: str) -> str:
-    """The ``Nats-Msg-Id`` of an event: its uniqueEventId when that is visible ASCII (every
-    OHIP id), else ``sha256:`` and the hex digest of it (the same for every replay)."""
-    if unique_event_id.isascii() and unique_event_id.isprintable() and " " not in unique_event_id:
-        return unique_event_id
-    raw = unique_event_id.encode("utf-8", "surrogatepass")
-    return "sha256:" + hashlib.sha256(raw).hexdigest()
+msg_id = header_id  # the Nats-Msg-Id of an event
 
 
 class SubjectTemplate(Template):

@@ -6,7 +6,7 @@ for the receiver to drop repeats with.
 * ``batch_size = 1``: one POST per event; the body is the event's document (the ``newEvent``
   object as received, plus ``resource`` when orchestration fetched one) and
   ``Idempotency-Key`` is its ``metadata.uniqueEventId`` (one that is not visible ASCII, which
-  an HTTP header cannot carry as it is: ``"id-"`` followed by the hex SHA-256 of it, UTF-8).
+  an HTTP header cannot carry as it is: ``sha256:`` and the hex digest of it, UTF-8).
 * ``batch_size > 1``: the events of a write go in chunks of up to ``batch_size``, each a JSON
   array of documents, in order; ``Idempotency-Key`` is ``"batch-"`` followed by the hex SHA-256
   of the chunk's ``uniqueEventId`` values joined by ``"\\n"`` (UTF-8). The key names the
@@ -44,7 +44,7 @@ import aiohttp
 from multidict import CIMultiDict
 
 from ..config import WebhookSinkSettings, query_secret_values, webhook_secret_values
-from ..core.events import Event
+from ..core.events import Event, header_id
 from ..core.printable import printable
 from ..core.retry_after import retry_after_seconds, transient_status
 from ..core.unreachable import reason
@@ -70,16 +70,6 @@ CONFLICT = 409
 # Query values are all treated as secrets, but a short one ("?v=1") is most likely none and
 # would mask half of every text: as the log redactor, those are left alone.
 MIN_QUERY_SECRET_CHARS = 4
-
-
-def event_idempotency_key(unique_event_id: str) -> str:
-    """The ``Idempotency-Key`` of one event's request (``batch_size = 1``): its id, unless a
-    header cannot carry it (a control character made every try fail in the HTTP client:
-    dead-lettered, and `dlq replay` failed the same way; non-ASCII went as raw bytes)."""
-    uid = unique_event_id
-    if uid.isascii() and uid.isprintable() and uid == uid.strip():
-        return uid
-    return "id-" + hashlib.sha256(uid.encode("utf-8")).hexdigest()
 
 
 def batch_idempotency_key(unique_event_ids: Sequence[str]) -> str:
@@ -143,7 +133,7 @@ class WebhookSink(PlainSink):
         size = self.settings.batch_size
         if size == 1:
             for ev, doc in zip(events, docs, strict=True):
-                await self._post(stream, doc, event_idempotency_key(ev.unique_event_id), [ev])
+                await self._post(stream, doc, header_id(ev.unique_event_id), [ev])
             return
         for start in range(0, len(events), size):
             chunk = events[start : start + size]

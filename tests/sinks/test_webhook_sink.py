@@ -206,7 +206,7 @@ async def test_an_id_a_header_cannot_carry_is_keyed_by_its_hash(
     await sink.write("main", [ev])
     (r,) = rx.requests
     digest = hashlib.sha256(uid.encode()).hexdigest()
-    assert r.header("Idempotency-Key") == f"id-{digest}"
+    assert r.header("Idempotency-Key") == f"sha256:{digest}"
     assert r.header("X-Injected") is None
     assert json.loads(r.body)["metadata"]["uniqueEventId"] == uid
 
