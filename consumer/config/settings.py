@@ -229,11 +229,14 @@ class ConnectionSettings(_Model):
     @classmethod
     def _overridable(cls, v: dict[str, CloseAction]) -> dict[str, CloseAction]:
         allowed = ", ".join(map(str, sorted(OVERRIDABLE)))
+        canonical = {str(code) for code in OVERRIDABLE}
         for code in v:
-            if not (code.isascii() and code.isdigit()) or int(code) not in OVERRIDABLE:
+            # As written in the list alone: "04403" beside "4403" was the same code twice (the
+            # last won, silently), and 5,000 digits failed int() without a fix.
+            if code not in canonical:
                 raise Problem(
                     (
-                        code,
+                        printable(code, 20),
                         "is not a close code whose OHIP meaning is unconfirmed: its action is "
                         "fixed",
                         f"use one of {allowed}",

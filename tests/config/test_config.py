@@ -289,6 +289,12 @@ def test_close_actions_take_only_the_unconfirmed_codes(tmp_path: Path) -> None:
     assert "use one of 4403, 4406, 4408, 4429, 4500, 4504" in message
     message = config_error(write(tmp_path, BASE + table.replace("stop", "wait")))
     assert "close_actions.4504: Input should be 'stop' or 'reconnect'" in message
+    # One spelling of a code: "04403" beside "4403" was the same code twice, the last winning.
+    twice = table.replace('4504 = "stop"', '"04403" = "stop"')
+    message = config_error(write(tmp_path, BASE + twice))
+    assert "close_actions.04403: is not a close code" in message
+    huge = table.replace("4504", '"' + "4" * 5000 + '"')
+    assert "use one of 4403" in config_error(write(tmp_path, BASE + huge))
 
 
 def test_bad_stream_name_is_rejected(tmp_path: Path) -> None:
