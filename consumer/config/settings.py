@@ -1021,6 +1021,28 @@ class Settings(BaseSettings):
             raise Problem(*problems)
         return data
 
+    @field_validator("streams", mode="before")
+    @classmethod
+    def _one_spelling(cls, v: Any) -> Any:
+        """Environment variables and secret files name a stream in lowercase: for a stream
+        named with capitals in the file, OPERA_CONSUMER_STREAMS__PROD__APP_KEY made a second
+        stream, "prod", and the error asked for the variable that was already set."""
+        if isinstance(v, dict):
+            seen: dict[str, str] = {}
+            for name in v:
+                first = seen.setdefault(str(name).lower(), str(name))
+                if first != name:
+                    raise Problem(
+                        (
+                            "",
+                            f"{printable(first, 64)} and {printable(name, 64)} are one stream "
+                            "spelt twice (environment variables and secret files name streams "
+                            "in lowercase)",
+                            f"name it {printable(first.lower(), 64)} in the config file",
+                        )
+                    )
+        return v
+
     @field_validator("streams")
     @classmethod
     def _names(cls, v: dict[str, StreamSettings]) -> dict[str, StreamSettings]:

@@ -297,6 +297,24 @@ def test_close_actions_take_only_the_unconfirmed_codes(tmp_path: Path) -> None:
     assert "use one of 4403" in config_error(write(tmp_path, BASE + huge))
 
 
+def test_a_stream_named_with_capitals_and_set_from_the_environment_is_one_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pydantic-settings names streams from the environment (and secret files) in lowercase:
+    OPERA_CONSUMER_STREAMS__PROD__APP_KEY made a second stream "prod", whose missing keys
+    were reported, asking for the variable that was set. One line now, with the fix."""
+    text = BASE.replace("streams.main", "streams.PROD").replace(f'app_key = "{APP_KEY}"\n', "")
+    monkeypatch.setenv("OPERA_CONSUMER_STREAMS__PROD__APP_KEY", APP_KEY)
+    message = config_error(write(tmp_path, text))
+    assert "PROD and prod are one stream spelt twice" in message
+    assert "name it prod in the config file" in message
+    assert "Field required" not in message
+    fixed = text.replace("streams.PROD", "streams.prod")
+    assert (
+        load_settings(write(tmp_path, fixed)).streams["prod"].app_key.get_secret_value() == APP_KEY
+    )
+
+
 def test_bad_stream_name_is_rejected(tmp_path: Path) -> None:
     text = BASE.replace("streams.main", 'streams."bad name"')
     assert "bad name" in config_error(write(tmp_path, text))
