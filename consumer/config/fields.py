@@ -194,6 +194,32 @@ def _dump_url(url: str) -> str:
     return mask_url(url)
 
 
+def mask_path(url: str) -> str:
+    """``url`` masked (:func:`mask_url`) and its path too, beyond "/": a webhook's path may be
+    its credential (Slack, Discord, Teams: ``/services/T…/B…/<secret>``)."""
+    masked = mask_url(url)
+    try:
+        parts = urlsplit(masked)
+    except ValueError:
+        return MASK
+    if parts.path in ("", "/"):
+        return masked
+    return SplitResult(parts.scheme, parts.netloc, f"/{MASK}", parts.query, parts.fragment).geturl()
+
+
+class PathMaskedUrl(str):
+    """A webhook URL: as :class:`MaskedUrl`, its path masked too in ``repr()``."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return repr(mask_path(self))
+
+
+def _webhook_url(v: str) -> str:
+    return PathMaskedUrl(http_url(v))
+
+
 def _dump_headers(headers: dict[str, str]) -> dict[str, str]:
     return {k: MASK if is_secret_name(k) else str(v) for k, v in headers.items()}
 
@@ -401,6 +427,12 @@ def undecodable(data: Any, key: str = "") -> list[tuple[str, str, str]]:
 _URL_DUMP = PlainSerializer(_dump_url, return_type=str, when_used="json")
 # str() of these is the URL; repr() and check-config mask passwords and query values.
 HttpUrl = Annotated[str, AfterValidator(http_url), _URL_DUMP]
+# A webhook's URL: its path, which may be the credential, masked as well.
+WebhookUrl = Annotated[
+    str,
+    AfterValidator(_webhook_url),
+    PlainSerializer(mask_path, return_type=str, when_used="json"),
+]
 BaseUrl = Annotated[str, AfterValidator(_base_url), _URL_DUMP]  # trailing "/" dropped
 GatewayUrl = Annotated[str, AfterValidator(_gateway_url), _URL_DUMP]  # trailing "/" dropped
 ProxyUrl = Annotated[str, AfterValidator(_proxy_url), _URL_DUMP]

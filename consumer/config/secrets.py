@@ -103,6 +103,9 @@ def webhook_secret_values(sink: WebhookSinkSettings) -> list[str]:
             # the credentials alone.
             values += [str(v), str(v).partition(" ")[2].strip()]
     values += url_secret_values(sink.url)
+    # The path may be the credential (Slack, Discord, Teams): its long segments, which a
+    # receiver's error page may echo.
+    values += [seg for seg in urlsplit(str(sink.url)).path.split("/") if len(seg) >= 16]
     return _unique(values)
 
 

@@ -61,6 +61,7 @@ from .fields import (
     Problem,
     ProxyUrl,
     UrlTemplates,
+    WebhookUrl,
     bad_url_char,
     http_url,
     is_loopback,
@@ -576,7 +577,7 @@ class JsonlSinkSettings(_Model):
 
 class WebhookSinkSettings(_Model):
     type: Literal["webhook"]
-    url: HttpUrl
+    url: WebhookUrl
     batch_size: int = Field(default=1, ge=1, le=1000)  # 1: one event per POST; more: JSON array
     headers: Headers = {}
     auth: Literal["none", "bearer", "basic"] = "none"

@@ -118,9 +118,11 @@ class WebhookSink(PlainSink):
             key=len,
             reverse=True,
         )
-        # For error texts: no user information, no query string (either may hold a secret).
+        # For error texts: no user information, no query string, no path (each may hold a
+        # secret: Slack's, Discord's and Teams' webhooks carry theirs in the path).
         port = f":{url.explicit_port}" if url.explicit_port is not None else ""
-        self._where = f"{url.scheme}://{url.raw_host}{port}{url.raw_path}"
+        path = "" if url.raw_path in ("", "/") else "/…"
+        self._where = f"{url.scheme}://{url.raw_host}{port}{path}"
 
     async def open(self, committed: str | None) -> None:
         REDACTOR.add(*self._registered)  # which adds their JSON forms itself

@@ -168,7 +168,7 @@ def test_effective_and_repr_mask_url_passwords_query_values_and_secret_headers(
         for basic in basics:
             assert basic not in text
     sink = data["sink"]
-    assert sink["url"] == "https://user:***@hook.example.com/in?token=***&x=***"
+    assert sink["url"] == "https://user:***@hook.example.com/***?token=***&x=***"
     assert sink["headers"] == {"X-Api-Key": "***", "X-Source": "opera"}  # others are shown
     stream = data["streams"]["main"]
     assert stream["gateway_url"] == "https://gw.example.com"

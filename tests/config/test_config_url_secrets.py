@@ -164,7 +164,7 @@ def test_a_percent_encoded_password_loads_and_is_masked(tmp_path: Path) -> None:
     url = f"https://user:Pa55%2F{USER_PASSWORD}@hook.example.com/in"
     code, out, err = check_config(write(tmp_path, f'[sink]\ntype = "webhook"\nurl = "{url}"\n'))
     assert code == 0, err
-    assert json.loads(out)["sink"]["url"] == "https://user:***@hook.example.com/in"
+    assert json.loads(out)["sink"]["url"] == "https://user:***@hook.example.com/***"
     assert USER_PASSWORD not in out + err
 
 

@@ -415,7 +415,26 @@ async def test_credentials_in_the_url_stay_out_of_error_texts(
         await sink.write("main", [event(1)])
     assert PASSWORD not in str(info.value)
     assert "k-123456" not in str(info.value)
-    assert f"127.0.0.1:{rx.port}/hook" in str(info.value)
+    assert f"127.0.0.1:{rx.port}/…:" in str(info.value) and "/hook" not in str(info.value)
+
+
+async def test_a_credential_in_the_url_path_stays_out_of_errors_logs_and_check_config(
+    rx: Receiver, client: aiohttp.ClientSession
+):
+    """Slack, Discord and Teams webhooks carry their credential in the path: it was in every
+    sink error, so every log line and dead letter, and in check-config's output."""
+    secret = "XoXb9Qk2mZ7rT4vW8yA1cE3g"
+    url = f"http://127.0.0.1:{rx.port}/services/T0001/B0002/{secret}"
+    cfg = settings(url)
+    assert secret not in repr(cfg) and secret not in json.dumps(cfg.model_dump(mode="json"))
+    assert cfg.model_dump(mode="json")["url"] == f"http://127.0.0.1:{rx.port}/***"
+    sink = await opened(cfg, client)
+    rx.script(Reply(404, body=f"no hook at /services/T0001/B0002/{secret}".encode()))
+    with pytest.raises(PermanentSinkError) as info:
+        await sink.write("main", [event(1)])
+    assert secret not in REDACTOR.scrub(str(info.value))  # as the dead letter words it
+    assert secret not in str(info.value).partition(": HTTP")[0]  # where it POSTed: no path
+    assert REDACTOR.scrub(f"echoed {secret}") == f"echoed {MASK}"
 
 
 # --- the daemon with a webhook sink ---------------------------------------------------------------
