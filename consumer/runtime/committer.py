@@ -335,12 +335,18 @@ class Committer:
         # Not the streams fenced since (or during the failed try, which narrowed its own copy
         # of the batch): their part is dropped, as a snapshot drops it, and settled no more.
         fenced = self._fenced_now()
-        return await self._commit_one(batch.without(fenced) if fenced else batch, held)
+        # The sink synced to where it is now, as a commit of everything would: its position in
+        # the batch is long synced (a sync to it alone would do nothing), and the lines and
+        # rotated files written since go on to the disk while the commits fail.
+        now = self._sink.position()
+        return await self._commit_one(batch.without(fenced) if fenced else batch, held, now)
 
-    async def _commit_one(self, batch: CommitBatch, held: int) -> bool:
+    async def _commit_one(self, batch: CommitBatch, held: int, sync_to: str | None = None) -> bool:
         self.busy_since = time.monotonic()
         try:
-            await self._sink.sync(batch.sink_state[1] if batch.sink_state else None)
+            if sync_to is None and batch.sink_state is not None:
+                sync_to = batch.sink_state[1]
+            await self._sink.sync(sync_to)
             batch = await self._commit_fenced(batch)
         except BaseException as exc:
             # Work of a stream forgotten meanwhile belongs to a lease that is gone.
