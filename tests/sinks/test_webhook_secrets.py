@@ -111,7 +111,7 @@ async def test_no_webhook_secret_reaches_the_dlq_or_the_logs(
         assert "authorization: Basic ***" in row["error"]
         assert "credentials: user:***" in row["error"]
         assert "x-api-key: ***" in row["error"]
-        assert f"127.0.0.1:{port}/in" in row["error"]
+        assert f"127.0.0.1:{port}/…:" in row["error"]  # where it POSTed, its path left out
         for column, value in row.items():
             for secret in SECRETS:
                 assert secret not in str(value), (column, secret, value)
