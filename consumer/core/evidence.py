@@ -103,7 +103,8 @@ def describe(exc: BaseException | None, scrub: Callable[[str], str] | None = Non
         text = str(exc)
     except Exception:  # a __str__ that fails (or recurses) on what it holds
         text = "<message unavailable>"
-    return prefix(f"{type(exc).__name__}: {(scrub or _scrub[0])(text)}", 1000)
+    # masked: a bounded window of a message that may quote a whole frame is scrubbed, not all.
+    return masked(f"{type(exc).__name__}: {text}", 1000, scrub or _scrub[0])
 
 
 _scrub: list[Callable[[str], str]] = [lambda text: text]

@@ -379,8 +379,8 @@ class StreamRunner:
             self._expecting = None
             return
         # One the [filter] drops left no processed id: no sign of a gap either way.
-        seen: set[str] = set()
-        if not self._pipeline.filters_out(event):
+        known = self._pipeline.filters_out(event)
+        if not known:
             try:
                 async with self._backpressure(liveness):
                     seen = await self._store.seen(self.name, [event.unique_event_id])
@@ -388,7 +388,8 @@ class StreamRunner:
                 self._expecting = None
                 log.warning("cannot check the replay for a gap", error=describe(exc))
                 return
-        if event.unique_event_id in seen or self._pipeline.filters_out(event):
+            known = event.unique_event_id in seen
+        if known:
             self._examined += 1
             if self._examined >= RESUME_CHECK_MAX:
                 self._expecting = None
