@@ -97,9 +97,8 @@ async def test_pings_are_answered_while_the_sink_holds_the_stream(sandbox_factor
         assert 'opera_consumer_paused_pings_answered_total{stream="main"}' in text
         gate.set()
         await wait_until(lambda: committed(state, newest), timeout=20)
-        malformed = len(gw.events("DEMO")) // 10 - 1  # after every 10 events but the last 10
         pipeline = daemon.pipelines["main"]
-        assert pipeline.dead_lettered == runner.stats.malformed >= malformed > 0
+        assert pipeline.dead_lettered == runner.stats.malformed >= 3  # one per 10 events
         assert pipeline.duplicates == 0 and runner.stats.connections == 1
     assert_all_once_in_order(gw)
 
