@@ -225,6 +225,41 @@ class ConnectionSettings(_Model):
     # Oracle asks), or true: one UUID for every connection of the stream in this process, as
     # Oracle's sample client reuses its id across reconnects.
     reuse_subscription_id: bool = False
+    # While the reader waits for room downstream (a sink slow, or down and retried for
+    # minutes), reading stops and the gateway's pings, which OHIP wants answered at once,
+    # wait too. Once a wait has lasted paused_read_ahead_after_s, it reads on: pings answered,
+    # everything else held in order (up to paused_read_ahead_bytes of frames) and handled
+    # first when room comes. 0 bytes: off (reading stops for the whole wait).
+    paused_read_ahead_after_s: float = 1.0
+    paused_read_ahead_bytes: int = 4 * 1024 * 1024
+
+    @field_validator("paused_read_ahead_after_s")
+    @classmethod
+    def _read_ahead_after(cls, v: float) -> float:
+        if v < 0:
+            raise Problem(
+                (
+                    "",
+                    "is negative",
+                    "use 0 to read ahead as soon as the reader waits for room, or how many "
+                    "seconds a wait lasts first (default 1.0: a catch-up's waits are shorter)",
+                )
+            )
+        return v
+
+    @field_validator("paused_read_ahead_bytes")
+    @classmethod
+    def _read_ahead_bytes(cls, v: int) -> int:
+        if v < 0:
+            raise Problem(
+                (
+                    "",
+                    "is negative",
+                    "use 0 to turn the read-ahead off (pings then wait while the reader waits), "
+                    "or the bytes of frames it may hold (default 4194304: 4 MiB)",
+                )
+            )
+        return v
 
     @field_validator("close_actions")
     @classmethod

@@ -302,6 +302,7 @@ class Daemon:
                     dead_lettered=pipeline.dead_lettered,
                     ignored=stats.ignored,
                     resume_gaps=stats.resume_gaps,
+                    paused_pings=stats.paused_pings,
                     malformed=stats.malformed,
                     connections=stats.connections,
                     token_fetches=runner.token_fetches,

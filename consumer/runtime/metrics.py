@@ -137,6 +137,10 @@ class _StatusCollector(Collector):
             "Resumes whose replay brought a new event before the checkpoint's own: events "
             "between them were lost (e.g. to OHIP's 7-day retention).",
         )
+        paused_pings = counter(
+            "paused_pings_answered",
+            "Server pings answered while the reader waited for room downstream (read ahead).",
+        )
         tokens = counter("token_refreshes", "OAuth token requests sent (retries included).")
         token_failures = counter(
             "token_failures", "OAuth token requests refused, unanswered or without a token."
@@ -165,6 +169,7 @@ class _StatusCollector(Collector):
             ignored.add_metric(name, st.ignored)
             connections.add_metric(name, st.connections)
             gaps.add_metric(name, st.resume_gaps)
+            paused_pings.add_metric(name, st.paused_pings)
             tokens.add_metric(name, st.token_fetches)
             token_failures.add_metric(name, st.token_failures)
             for code, n in st.closes.items():
@@ -191,6 +196,7 @@ class _StatusCollector(Collector):
             ignored,
             connections,
             gaps,
+            paused_pings,
             tokens,
             token_failures,
             closes,

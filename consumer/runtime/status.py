@@ -34,6 +34,7 @@ class StreamStatus:
     filtered: Mapping[str, int] = field(default_factory=dict)  # reason -> events filtered out
     waiting: str = ""  # what it waits for (e.g. a token endpoint that fails), for a person
     resume_gaps: int = 0  # resumes whose replay skipped past the checkpoint's event
+    paused_pings: int = 0  # server pings answered while the reader waited for room
 
 
 @dataclass(frozen=True, slots=True)

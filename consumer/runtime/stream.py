@@ -1,11 +1,12 @@
 """One OHIP stream: connect, authenticate, subscribe, read, and reconnect per close code.
 
 The reader only moves frames: decode, hand events to the pipeline (waiting when it is full),
-answer pings. Two helper tasks per session own the timers: ``_keepalive`` sends a ping every
-``ping_interval_s`` (the first that long after ``connection_init``) and replaces a connection
-that shows no pong and no event within the liveness deadline; ``_completer`` ends the session
-gracefully (``complete``, then wait for the server to close) at shutdown or before the token
-expires.
+answer pings. A wait for room that lasts reads on meanwhile (``read_ahead``): pings answered,
+the rest held for the reader, bounded. Two helper tasks per session own the timers:
+``_keepalive`` sends a ping every ``ping_interval_s`` (the first that long after
+``connection_init``) and replaces a connection that shows no pong and no event within the
+liveness deadline; ``_completer`` ends the session gracefully (``complete``, then wait for the
+server to close) at shutdown or before the token expires.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ from . import tls
 from .auth import Token, TokenProvider
 from .origin import redirected_to
 from .pipeline import StreamPipeline
+from .read_ahead import ReadAhead
 
 log = structlog.get_logger(__name__)
 _T = TypeVar("_T")
@@ -75,6 +77,8 @@ class StreamStats:
     # Resumes whose replay brought a new event before the checkpoint's own (inclusive replay
     # starts with it): events between the two were lost, e.g. to OHIP's 7-day retention.
     resume_gaps: int = 0
+    # Server pings answered by the read-ahead while the reader waited for room downstream.
+    paused_pings: int = 0
 
 
 class StreamState(enum.StrEnum):
@@ -157,6 +161,7 @@ class StreamRunner:
         self._expecting: Position | None = None
         self._examined = 0  # events already processed before the checkpoint's, this session
         self._paused = False
+        self._ahead: ReadAhead | None = None  # the session's, while _read runs
         self._completing: str | None = None
         self._dead = False
         self._ended = ""  # why the server ended the current subscription, if it did
@@ -174,6 +179,12 @@ class StreamRunner:
         self._subscription_id = (
             str(uuid.uuid4()) if settings.connection.reuse_subscription_id else None
         )
+
+    @property
+    def read_ahead(self) -> ReadAhead | None:
+        """The current session's read-ahead (what it holds, whether it reads); None between
+        sessions."""
+        return self._ahead
 
     @property
     def token_fetches(self) -> int:
@@ -617,14 +628,34 @@ class StreamRunner:
     async def _read(
         self, ws: ClientConnection, liveness: Liveness, session: ClientSession
     ) -> Decision:
+        c = self.settings.connection
+        ahead = self._ahead = ReadAhead(
+            ws,
+            session,
+            liveness,
+            self.stats,
+            after_s=c.paused_read_ahead_after_s,
+            limit_bytes=c.paused_read_ahead_bytes,
+        )
+        try:
+            return await self._read_on(ws, liveness, session, ahead)
+        finally:
+            self._ahead = None
+            await ahead.close()
+
+    async def _read_on(
+        self, ws: ClientConnection, liveness: Liveness, session: ClientSession, ahead: ReadAhead
+    ) -> Decision:
         pipeline = self._pipeline
         stats = self.stats
         receive = session.receive
         monotonic = time.monotonic
+        held = ahead.held  # filled only while we wait in _backpressure
         while True:
-            # Bytes: orjson parses them directly, skipping a UTF-8 decode per frame (and a
-            # text frame that is not UTF-8 is a dead letter, not a 1007 close and a replay loop).
-            out = receive(await ws.recv(decode=False))
+            # What was read ahead during the last wait first, in arrival order. Bytes: orjson
+            # parses them directly, skipping a UTF-8 decode per frame (and a text frame that
+            # is not UTF-8 is a dead letter, not a 1007 close and a replay loop).
+            out = ahead.take() if held else receive(await ws.recv(decode=False))
             now = monotonic()
             if type(out) is Next:
                 liveness.activity(now)
@@ -662,6 +693,7 @@ class StreamRunner:
                 # ours too). It closes the socket next, and its close code says what to do
                 # (4400 stop, 4401 new token...), so wait for it rather than close first.
                 log.warning("subscription ended by the server", detail=out.reason)
+                assert not held, "read ahead past the end of the subscription"
                 self._ended = f"subscription ended by the server: {prefix(out.reason, 200)}"
                 self._server_ended = True
                 await self._until_server_closes(ws, session)  # raises ConnectionClosed
@@ -720,14 +752,22 @@ class StreamRunner:
 
     @contextlib.asynccontextmanager
     async def _backpressure(self, liveness: Liveness) -> AsyncIterator[None]:
-        """While we wait for room downstream we stop reading: our own doing, not the server's
+        """While we wait for room downstream we stop reading (after paused_read_ahead_after_s,
+        the read-ahead reads on, bounded, and answers pings): our own doing, not the server's
         silence, so the liveness clock starts afresh afterwards."""
         self._paused = True
+        ahead = self._ahead
+        if ahead is not None:
+            ahead.pause()
         try:
             yield
         finally:
-            self._paused = False
-            liveness.activity(time.monotonic())
+            try:
+                if ahead is not None:
+                    await ahead.resume()  # before the reader reads again, however the wait ended
+            finally:
+                self._paused = False
+                liveness.activity(time.monotonic())
 
     def _ignore(self, out: Ignored) -> None:
         """A frame for another subscription (we have one): counted, logged once a session."""

@@ -368,6 +368,31 @@ def test_a_ping_interval_over_oracles_15_seconds_is_refused(tmp_path: Path) -> N
     assert load_settings(write(tmp_path, BASE)).streams["main"].connection.ping_interval_s == 10
 
 
+@pytest.mark.parametrize(
+    ("line", "fix"),
+    [
+        ("paused_read_ahead_after_s = -0.5", "use 0 to read ahead as soon as the reader waits"),
+        ("paused_read_ahead_bytes = -1", "use 0 to turn the read-ahead off"),
+    ],
+)
+def test_a_negative_read_ahead_setting_is_refused_with_its_fix(
+    tmp_path: Path, line: str, fix: str
+) -> None:
+    message = config_error(write(tmp_path, BASE + f"\n[streams.main.connection]\n{line}\n"))
+    key = line.partition(" = ")[0]
+    assert f"streams.main.connection.{key}: is negative -> {fix}" in message
+
+
+def test_the_read_ahead_is_on_by_default_and_zero_is_accepted(tmp_path: Path) -> None:
+    c = load_settings(write(tmp_path, BASE)).streams["main"].connection
+    assert (c.paused_read_ahead_after_s, c.paused_read_ahead_bytes) == (1.0, 4 * 1024 * 1024)
+    text = BASE + (
+        "\n[streams.main.connection]\npaused_read_ahead_after_s = 0\npaused_read_ahead_bytes = 0\n"
+    )
+    c = load_settings(write(tmp_path, text)).streams["main"].connection
+    assert (c.paused_read_ahead_after_s, c.paused_read_ahead_bytes) == (0.0, 0)
+
+
 SECRETS = (APP_KEY, CLIENT_SECRET, PASSWORD)
 
 
