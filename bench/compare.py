@@ -72,6 +72,7 @@ from consumer.http_client import ERROR_BODY_BYTES  # noqa: E402
 from consumer.runtime.pipeline import WAITING_SINK_WORKERS  # noqa: E402
 from consumer.sandbox import SandboxOptions, launcher  # noqa: E402
 from consumer.sandbox.templated import TemplatedEvents  # noqa: E402
+from consumer.state.sqlite import SqliteStore  # noqa: E402
 
 CHAIN = "DEMO"
 SEED = 1
@@ -461,8 +462,11 @@ def run_daemon(
     dsn: str = "",
     table: str = "",
     server_cpu: Callable[[], float] | None = None,
+    history: Path | None = None,
 ) -> dict[str, Any]:
     work.mkdir(parents=True)
+    if history is not None:
+        shutil.copyfile(history, work / "state.db")
     config = work / "config.toml"
     config.write_text(
         launcher.stream_config(url, stream=STREAM, chain=CHAIN)
@@ -547,6 +551,30 @@ level = "info"
     }
 
 
+def history_store(path: Path, ids: int) -> None:
+    """A state store holding ``ids`` processed uniqueEventIds of the bench's stream (random
+    UUIDs, as the sandbox's, stamped now so that no prune takes them): a week of a chain's
+    history, which every commit's random inserts and every lookup go through."""
+
+    async def create() -> None:
+        await (await SqliteStore.open(path)).close()
+
+    asyncio.run(create())
+    now = time.time()
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA synchronous=OFF")
+        conn.execute("BEGIN")
+        conn.executemany(
+            "INSERT INTO processed_events (stream, event_id, processed_at) VALUES (?, ?, ?)",
+            ((STREAM, i, now) for i in sorted(str(uuid.uuid4()) for _ in range(ids))),
+        )
+        conn.execute("COMMIT")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        conn.close()
+
+
 def jsonl_lines(path: Path) -> int:
     with path.open("rb") as f:
         return sum(1 for _ in f)
@@ -619,6 +647,13 @@ def main() -> int:
         help="the daemon's pipeline workers (default: the sink's own, as the daemon's; the "
         f"webhook floor's POSTs in flight: {WAITING_SINK_WORKERS})",
     )
+    parser.add_argument(
+        "--history",
+        type=int,
+        default=0,
+        help="uniqueEventIds already in the state store before each daemon run (a week of a "
+        "chain's history); the state store is SQLite's",
+    )
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "compare.json")
     parser.add_argument("--receiver", type=int, help=argparse.SUPPRESS)  # internal
     args = parser.parse_args()
@@ -650,6 +685,16 @@ def main() -> int:
     rounds: list[dict[str, Any]] = []
     try:
         with tempfile.TemporaryDirectory(prefix="opera-compare-") as tmp:
+            history: Path | None = None
+            if args.history:
+                t = time.perf_counter()
+                history = Path(tmp) / "history.db"
+                history_store(history, args.history)
+                print(
+                    f"state store with {args.history:,} ids of history ready in "
+                    f"{time.perf_counter() - t:.1f} s ({history.stat().st_size / 1e6:.0f} MB)",
+                    flush=True,
+                )
             for r in range(1, args.rounds + 1):
                 result: dict[str, Any] = {"round": r, "floors": [], "sinks": {}}
                 for sink in sinks:
@@ -704,6 +749,7 @@ def main() -> int:
                             server_cpu=postgres.cpu_seconds
                             if postgres and sink == "postgres"
                             else None,
+                            history=history,
                         )
                         run["sandbox_cpu_s"] = round(cpu_seconds(sandbox.pid) - sandbox_cpu, 2)
                         if receiver is not None:
@@ -751,6 +797,7 @@ def main() -> int:
         "events": n,
         "rounds": args.rounds,
         "workers": args.workers,
+        "history_ids": args.history,
         "sandbox": f"opera-consumer sandbox --fast-backlog --backlog {n} (one chain)",
         "measured": "events/s: from the subscription (floor: subscribe sent; daemon: its "
         "'subscribed' log record) to the last event (floor: received; daemon: the checkpoint "

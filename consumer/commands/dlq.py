@@ -30,7 +30,7 @@ from ..config import JsonlSinkSettings, Settings
 from ..core.events import Event
 from ..core.evidence import prefix
 from ..core.printable import printable
-from ..core.protocol import event_from_raw
+from ..core.protocol import DecodeError, Next, decode
 from ..core.records import DeadLetterRow
 from ..core.retry_after import WaitRetryAfter
 from ..errors import (
@@ -57,6 +57,7 @@ _COMMIT_EVERY = 100
 _MALFORMED = "a malformed frame cannot be replayed: purge it"
 _GONE = "no longer in the DLQ: replayed or purged since it was read"
 _UNKNOWN_STREAM = "its stream is not in the configuration (the sink may need its settings): add it"
+_FRAME_HEAD = b'{"id":"dlq","type":"next","payload":{"data":{"newEvent":'
 _NOT_AN_EVENT = (
     "its payload is not a whole event (cut short, nested deeper than a parser goes, or "
     "without usable metadata): it cannot be replayed; purge it"
@@ -278,10 +279,16 @@ def _event(row: DeadLetterRow) -> Event | str:
     """The dead letter's event, or why it cannot be replayed."""
     if row.reason == "malformed":
         return _MALFORMED
-    try:
-        return event_from_raw(json.loads(row.payload)) or _NOT_AN_EVENT
-    except (ValueError, RecursionError):  # json's depth limit is Python's recursion limit
-        return _NOT_AN_EVENT
+    # The payload is the newEvent's JSON: read by the decoder the wire goes through, in a frame
+    # of its own, so that the sink gets what the daemon would have given it (the text as
+    # received; a number no double holds or a key twice refused, as the daemon refuses them
+    # since). Python's json read 1e400 as inf, which the sinks wrote as null.
+    out = decode(_FRAME_HEAD + row.payload.encode("utf-8", "surrogatepass") + b"}}}")
+    if type(out) is Next:
+        return out.event
+    if isinstance(out, DecodeError) and not out.reason.startswith("invalid JSON"):
+        return f"{out.reason}: it cannot be replayed; purge it"  # what is wrong with the event
+    return _NOT_AN_EVENT
 
 
 def _outcome(row: DeadLetterRow, result: str, why: str = "") -> Outcome:

@@ -610,6 +610,14 @@ class JsonlSinkSettings(_Model):
         )
 
 
+# Headers the webhook sink sets on every request itself.
+_WEBHOOK_OWN_HEADERS = {
+    "content-type": "every body is application/json",
+    "idempotency-key": "the event's uniqueEventId (a batch's: batch- and a digest of its ids)",
+    "x-opera-stream": "the stream's name",
+}
+
+
 class WebhookSinkSettings(_Model):
     type: Literal["webhook"]
     url: WebhookUrl
@@ -629,6 +637,34 @@ class WebhookSinkSettings(_Model):
             raise ValueError("auth = 'bearer' needs token (a secret)")
         if self.auth == "basic" and (not self.username or self.password is None):
             raise ValueError("auth = 'basic' needs username and password (a secret)")
+        for name in self.headers:
+            lower = name.lower()
+            if lower in _WEBHOOK_OWN_HEADERS:
+                # Given, it was silently replaced by the sink's own: say so at load instead.
+                raise Problem(
+                    (
+                        "headers",
+                        f"header {name!a} is the sink's own: {_WEBHOOK_OWN_HEADERS[lower]}",
+                        "remove it",
+                    )
+                )
+            if lower == "authorization" and self.auth != "none":
+                raise Problem(
+                    (
+                        "headers",
+                        f"header {name!a} beside auth = {self.auth!r}: one request carries one",
+                        'remove the header, or set auth = "none" to send the header as given',
+                    )
+                )
+            if lower == "authorization" and "@" in urlsplit(self.url).netloc:
+                raise Problem(
+                    (
+                        "headers",
+                        f"header {name!a} beside user information (user:password@) in sink.url: "
+                        "one request carries one",
+                        "remove the header, or the user information from sink.url",
+                    )
+                )
         if self.auth != "none" and "@" in urlsplit(self.url).netloc:
             # One request has one Authorization header: the URL's user:password or the token.
             raise Problem(

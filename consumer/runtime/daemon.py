@@ -91,6 +91,9 @@ class Daemon:
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _signals: int = 0  # received; a stop of our own (sink unusable...) counts none
     _closed: bool = False
+    # The sink or the store became unusable: nothing drains any more (the worker that met it
+    # has ended, and no commit would take the rest), so the stop does not wait for it.
+    _no_drain: bool = False
     exit_code: int = ExitCode.OK
     metrics_server: MetricsServer | None = None
     metrics: Metrics | None = None
@@ -374,6 +377,7 @@ class Daemon:
             code = exit_code_for(exc)
             log.error(f"{what} unusable; stopping", error=describe(exc), exit_code=int(code))
             self.exit_code = code
+            self._no_drain = True
         else:
             log.error("task failed; shutting down", task=task.get_name(), exc_info=exc)
             self.exit_code = ExitCode.SOFTWARE
@@ -453,15 +457,19 @@ class Daemon:
             t.cancel()
         await asyncio.gather(*streams, return_exceptions=True)
         started = time.monotonic()
+        deadline = 0.0 if self._no_drain else p.drain_timeout_s
         # Copies: a fleet handover under way may stop a stream (and drop it) meanwhile.
         for name, pipeline in list(self.pipelines.items()):
-            left = max(0.0, p.drain_timeout_s - (time.monotonic() - started))
+            left = max(0.0, deadline - (time.monotonic() - started))
             try:
                 await asyncio.wait_for(pipeline.drained(), left)
             except TimeoutError:
                 if pipeline.in_flight:
                     log.warning(
-                        "drain deadline passed; the rest is replayed on the next start",
+                        "not drained (the sink or the state store is unusable); the rest is "
+                        "replayed on the next start"
+                        if self._no_drain
+                        else "drain deadline passed; the rest is replayed on the next start",
                         stream=name,
                         in_flight=pipeline.in_flight,
                     )

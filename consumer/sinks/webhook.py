@@ -15,7 +15,8 @@ for the receiver to drop repeats with.
   also deduplicate on each document's ``metadata.uniqueEventId``.
 
 Every request: ``Content-Type: application/json``, ``X-Opera-Stream: <stream name>``, the
-configured ``headers`` (ours win on a clash), the configured auth and no redirects.
+configured ``headers`` (one of those, or an Authorization beside configured auth, is refused at
+load), the configured auth and no redirects.
 Timeouts: ``timeout_s`` to connect (a free pooled connection included) and for each silence of
 the receiver, and at most 3 * ``timeout_s`` for the whole request, answer included, so that a
 receiver trickling its answer a byte at a time cannot hold a worker.
@@ -91,7 +92,7 @@ class WebhookSink(PlainSink):
         # The URL's user information travels as Basic auth, as configured auth would.
         url, url_auth = wire_url(str(settings.url))
         self._url = url
-        # Case-insensitive: ours replace a configured header of the same name.
+        # Case-insensitive (the settings refuse a configured header of the same name).
         self._headers: CIMultiDict[str] = CIMultiDict(settings.headers)
         self._headers["Content-Type"] = "application/json"
         if url_auth is not None:

@@ -6,6 +6,7 @@ replay would deliver it again)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -62,12 +63,13 @@ async def left_and_seen(config: Path, stream: str, ids: list[str]) -> tuple[list
 
 
 @pytest.mark.parametrize("own_file", [False, True], ids=["state-file", "own-file"])
-async def test_a_letter_the_sqlite_sink_cannot_write_fails_alone(
+async def test_a_letter_with_a_number_no_sink_can_store_is_skipped_alone(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], own_file: bool
 ) -> None:
-    """An integer past 64 bits is valid JSON (Python's json reads it back from the DLQ), but
-    the row cannot be serialized: that letter fails, the next is delivered (the whole replay
-    ended with exit 70 before)."""
+    """An integer past 64 bits is valid JSON, but no row can hold it (it ended the whole
+    replay with exit 70 once, then failed in the sink): the replay reads a letter as the
+    daemon reads a frame, which refuses it, so it is skipped with the reason, and the next is
+    delivered."""
     sink: dict[str, Any] = {"type": "sqlite"}
     if own_file:
         sink["path"] = str(tmp_path / "events.db")
@@ -76,8 +78,44 @@ async def test_a_letter_the_sqlite_sink_cannot_write_fails_alone(
     code, out, err = await cli(capsys, "dlq", "replay", "--all", "--json", "--config", str(config))
     assert code == 1, err
     results = [(o["unique_event_id"], o["result"]) for o in json.loads(out)]
-    assert results == [("uid-1", "failed"), ("uid-2", "delivered")]
+    assert results == [("uid-1", "skipped"), ("uid-2", "delivered")]
+    assert "no double holds it" in json.loads(out)[0]["detail"]
     assert await left_and_seen(config, "main", ["uid-2"]) == (["uid-1"], {"uid-2"})
+
+
+@pytest.mark.parametrize("number", ["1e400", "-1e400", "1e-400", "123456789012345678901"])
+async def test_a_replay_never_rewrites_a_number_into_another_value(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], number: str
+) -> None:
+    """Python's json read 1e400 as inf and 1e-400 as 0.0, and the jsonl sink wrote them as
+    null and 0.0: a value the event never had, delivered. Now the letter stays, with why."""
+    config = write_config(tmp_path, "http://127.0.0.1:9", sink={"type": "jsonl"})
+    good = letter(1)
+    payload = good.payload.replace('"detail": []', f'"detail": [{{"newValue": {number}}}]')
+    assert payload != good.payload
+    await seed(config, [dataclasses.replace(good, payload=payload), letter(2)])
+    code, out, err = await cli(capsys, "dlq", "replay", "--all", "--json", "--config", str(config))
+    assert code == 1, err
+    results = [(o["unique_event_id"], o["result"]) for o in json.loads(out)]
+    assert results == [("uid-1", "skipped"), ("uid-2", "delivered")]
+    lines = [orjson.loads(x) for x in (tmp_path / "events.jsonl").read_bytes().splitlines()]
+    assert [x["metadata"]["uniqueEventId"] for x in lines] == ["uid-2"]
+
+
+async def test_a_replayed_event_is_written_as_stored(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The jsonl line of a replayed letter is its payload as the daemon received it (as the
+    daemon writes a line), not a rewrite of it: escapes, key order and spacing kept."""
+    config = write_config(tmp_path, "http://127.0.0.1:9", sink={"type": "jsonl"})
+    payload = (
+        '{"metadata":{"offset":"101","uniqueEventId":"uid-1"},"eventName":"E",'
+        '"primaryKey":"pk-1","detail":[{"newValue":"\\u00d6 and \\u00e9","oldValue":null}]}'
+    )
+    await seed(config, [dataclasses.replace(letter(1), payload=payload)])
+    code, _, err = await cli(capsys, "dlq", "replay", "--all", "--json", "--config", str(config))
+    assert code == 0, err
+    assert (tmp_path / "events.jsonl").read_text().splitlines() == [payload]
 
 
 async def test_a_letter_of_a_stream_no_longer_configured_is_skipped(

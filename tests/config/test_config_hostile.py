@@ -323,6 +323,51 @@ def test_a_header_that_frames_the_request_is_refused(tmp_path: Path, name: str) 
     assert name in message and "the HTTP client sets it" in message and "remove it" in message
 
 
+@pytest.mark.parametrize("name", ["Content-Type", "idempotency-key", "X-Opera-Stream"])
+def test_a_header_the_webhook_sets_itself_is_refused(tmp_path: Path, name: str) -> None:
+    """Given, it was silently replaced by the sink's own on every request (a receiver keyed
+    on a configured Idempotency-Key never saw it): refused at load, naming the key."""
+    text = toml(
+        sink=f'type = "webhook"\nurl = "https://h.example.com/"\nheaders = {{ "{name}" = "x" }}'
+    )
+    message = config_error(write(tmp_path, text))
+    assert "sink.headers" in message
+    assert name in message and "the sink's own" in message and "remove it" in message
+
+
+@pytest.mark.parametrize(
+    ("auth", "url"),
+    [
+        ('auth = "bearer"\ntoken = "t0ken-value-1234"', "https://h.example.com/"),
+        ('auth = "basic"\nusername = "u"\npassword = "pw-value-1234"', "https://h.example.com/"),
+        ("", "https://u:pw-value-1234@h.example.com/"),
+    ],
+    ids=["bearer", "basic", "url-userinfo"],
+)
+def test_an_authorization_header_beside_other_credentials_is_refused(
+    tmp_path: Path, auth: str, url: str
+) -> None:
+    """One request carries one Authorization: the configured auth (or the URL's user
+    information) replaced the header without a word."""
+    text = toml(
+        sink=f'type = "webhook"\nurl = "{url}"\n{auth}\n'
+        'headers = { "Authorization" = "Custom abc" }'
+    )
+    message = config_error(write(tmp_path, text))
+    assert "sink.headers" in message and "'Authorization'" in message
+    assert "one request carries one" in message
+    assert "pw-value-1234" not in message and "t0ken-value-1234" not in message
+
+
+def test_an_authorization_header_alone_is_sent_as_given(tmp_path: Path) -> None:
+    text = toml(
+        sink='type = "webhook"\nurl = "https://h.example.com/"\n'
+        'headers = { "Authorization" = "Custom abc" }'
+    )
+    settings = load_settings(write(tmp_path, text))
+    assert settings.sink.headers == {"Authorization": "Custom abc"}  # type: ignore[union-attr]
+
+
 def url_config(key: str, url: str, top: str = "") -> str:
     """A config with ``url`` at ``key`` (a dotted key of one of the URL fields)."""
     if key == "streams.main.gateway_url":
