@@ -815,8 +815,8 @@ class NatsSink(PlainSink):
 
     async def _publish(self, nc: Client, js: JetStreamContext, stream: str, m: _Message) -> None:
         """JetStream's publish (a request on the subject, the stream's answer), with the answer
-        read here: nats-py's json.loads raises RecursionError for deeply nested bytes (and
-        CPython 3.11 is left unwell by it), which no handler of ours expected."""
+        read here, with orjson: nats-py's json.loads raises RecursionError for deeply nested
+        bytes, which no handler of ours expected (orjson's depth limit is a decode error)."""
         s = self.settings
         headers = {MSG_ID_HEADER: m.msg_id, STREAM_HEADER: stream, Header.EXPECTED_STREAM: s.stream}
         try:

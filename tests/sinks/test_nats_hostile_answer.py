@@ -4,8 +4,8 @@ A deeply nested answer made nats-py's json.loads raise RecursionError, which the
 expect: it left write() as a plain exception, which the pipeline takes for the event's fault,
 so every event answered so was dead-lettered as "unprocessable". Whatever reading the answer
 raises is SinkUnusable, as documented (the daemon stops; nothing is checkpointed). The answer
-is read with orjson, whose depth limit is an error, not a RecursionError (CPython 3.11 is left
-unwell by one: later compiles fail)."""
+is read with orjson, whose depth limit is a decode error, not a RecursionError (which, the
+reviewer found, can also leave CPython 3.11 failing later compiles in the same process)."""
 
 from __future__ import annotations
 
