@@ -38,13 +38,22 @@ Errors:
   refused (at open or when reconnecting), no permission to publish to a subject or to use the
   JetStream API, a subject that the stream does not capture ("no responders": no stream
   listens there) or that another stream captures, the stream deleted while running, JetStream
-  not enabled for the account, ``must-exist`` without the stream, an answer to a publish that
-  is no acknowledgement by the configured stream (another stream's, or without a sequence
-  number: something else answers on the subject). Nothing is lost: the events are not
-  checkpointed and are published after the fix and a restart.
+  not enabled for the account, ``must-exist`` without the stream, a stream with interest
+  retention and no consumer (it drops every event it acknowledges), an answer to a publish
+  that is no acknowledgement by the configured stream (not JSON, another stream's, without a
+  sequence number: something else answers on the subject). Nothing is lost: the events are
+  not checkpointed and are published after the fix and a restart.
 
-Secrets (password, token, nkey seed, a URL's password) never appear in a message or a log
-line: servers are named ``scheme://host:port``; the log redactor masks them besides.
+A stream whose limits remove events read or not (``max_msgs_per_subject``, ``max_msgs`` or
+``max_bytes`` with discard old, ``max_age``, interest retention) is warned about at open and in
+preflight.
+
+Credentials in a server URL (``nats://user:password@host``, ``nats://token@host``) are taken
+out of the URLs and sent to every server (nats-py would send them to that URL only, and log in
+to another without them after a failover); URLs with different ones, or other ones than
+``user``/``password``/``token``, are a ConfigError. Secrets (password, token, nkey seed, a
+URL's password) never appear in a message or a log line: servers are named
+``scheme://host:port``; the log redactor masks them besides.
 """
 
 from __future__ import annotations
@@ -58,16 +67,25 @@ import ssl
 from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import nats.errors
 import nats.js.errors
+import orjson
 import structlog
 from nats.aio.client import Client
 from nats.js import JetStreamContext
-from nats.js.api import PubAck, StorageType, StreamConfig, StreamInfo
+from nats.js.api import (
+    DiscardPolicy,
+    Header,
+    PubAck,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+    StreamInfo,
+)
 
-from ..config import NatsSinkSettings
+from ..config import NatsSinkSettings, url_secret_values
 from ..core.events import Event, header_id
 from ..core.evidence import describe, prefix, shown
 from ..core.printable import printable
@@ -205,7 +223,71 @@ def check_settings(settings: NatsSinkSettings) -> SubjectTemplate:
         problem = _server_problem(server)
         if problem is not None:
             raise ConfigError(f"sink.servers[{i}] ({where([server])}): {problem}")
+    url_credentials(settings)
     return template
+
+
+def _userinfo(server: str) -> tuple[str, str | None] | None:
+    """A server URL's user information, percent-decoded: (user, password), (token, None) for
+    a lone name (as nats-py reads ``nats://token@host``), or None."""
+    url = server if "://" in server else f"nats://{server}"
+    netloc = urlsplit(url).netloc
+    if "@" not in netloc:
+        return None
+    user, colon, password = netloc.rpartition("@")[0].partition(":")
+    if not user and not colon:
+        return None
+    return unquote(user), unquote(password) if colon else None
+
+
+def _without_userinfo(server: str) -> str:
+    """The URL as given, its user information (if any) taken out."""
+    scheme, sep, rest = server.partition("://") if "://" in server else ("", "", server)
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    host = rest[:end].rpartition("@")[2]
+    return f"{scheme}{sep}{host}{rest[end:]}"
+
+
+def url_credentials(settings: NatsSinkSettings) -> tuple[str, str | None] | None:
+    """The credentials the server URLs carry ((user, password) or (token, None)), which the
+    sink sends to every server; ConfigError when they differ from one URL to another or from
+    sink.user / sink.password / sink.token.
+
+    nats-py sends a URL's credentials to that URL only: after a failover to another server
+    (one the cluster announced, or another of the list) it logs in without them and is
+    refused. So they are taken out of the URLs and given as the connection's own."""
+    found: dict[tuple[str, str | None], int] = {}
+    for i, server in enumerate(settings.servers):
+        info = _userinfo(server)
+        if info is not None:
+            found.setdefault(info, i)
+    if not found:
+        return None
+    fix = (
+        "put the credentials once in sink.user and sink.password (or sink.token) and take "
+        "them out of the URLs: the client logs in to every server of the cluster with the same"
+    )
+    if len(found) > 1:
+        first, second = sorted(found.values())[:2]
+        raise ConfigError(
+            f"sink.servers[{first}] and sink.servers[{second}] carry different credentials -> {fix}"
+        )
+    info, i = next(iter(found.items()))
+    s = settings
+    if s.user is not None or s.password is not None or s.token is not None:
+        name, password = info
+        wanted = (name, password, None) if password is not None else (None, None, name)
+        given = (
+            s.user,
+            s.password.get_secret_value() if s.password is not None else None,
+            s.token.get_secret_value() if s.token is not None else None,
+        )
+        if given != wanted:
+            raise ConfigError(
+                f"sink.servers[{i}] ({where([s.servers[i]])}) carries other credentials than "
+                f"sink.user / sink.password / sink.token -> {fix}"
+            )
+    return info
 
 
 def _server_problem(server: str) -> str | None:
@@ -252,6 +334,7 @@ class NatsSink(PlainSink):
         self._chains = dict(chains)
         self.where = where(settings.servers)
         self.template = check_settings(settings)
+        self._url_credentials = url_credentials(settings)  # (the same as the fields, if any)
         self._timeout = settings.timeout_s
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
@@ -272,13 +355,21 @@ class NatsSink(PlainSink):
 
     def _secrets(self) -> list[str]:
         s = self.settings
-        return [v.get_secret_value() for v in (s.password, s.token, s.nkey_seed) if v is not None]
+        found = [v.get_secret_value() for v in (s.password, s.token, s.nkey_seed) if v is not None]
+        for server in s.servers:
+            found += url_secret_values(server)
+        if self._url_credentials is not None:  # decoded, as they are sent
+            name, password = self._url_credentials
+            found.append(password if password is not None else name)
+        return found
 
     def _options(self) -> dict[str, Any]:
         """nats-py's connect options (auth, TLS, timers), checking the files they name."""
         s = self.settings
         options: dict[str, Any] = {
-            "servers": list(s.servers),
+            # Without user information: nats-py would send it to that URL only (see
+            # url_credentials); the credentials go to every server as the options below.
+            "servers": [_without_userinfo(server) for server in s.servers],
             "name": "opera-consumer",
             "connect_timeout": s.timeout_s,
             "allow_reconnect": True,
@@ -297,6 +388,12 @@ class NatsSink(PlainSink):
             options["password"] = s.password.get_secret_value()
         if s.token is not None:
             options["token"] = s.token.get_secret_value()
+        if self._url_credentials is not None:
+            name, password = self._url_credentials
+            if password is None:
+                options["token"] = name
+            else:
+                options |= {"user": name, "password": password}
         if s.nkey_seed is not None or s.creds_file is not None:
             if importlib.util.find_spec("nkeys") is None:
                 field = "nkey_seed" if s.nkey_seed is not None else "creds_file"
@@ -407,6 +504,8 @@ class NatsSink(PlainSink):
             how = "sink.token"
         elif s.user is not None or s.password is not None:
             how = f"sink.user ({s.user!r}) and sink.password"
+        elif self._url_credentials is not None:
+            how = "the credentials in sink.servers' URLs"
         else:
             how = "no credentials (the server requires some: set sink.user and sink.password, "
             how += "sink.token, sink.nkey_seed or sink.creds_file)"
@@ -546,7 +645,16 @@ class NatsSink(PlainSink):
                 f"nats sink: JetStream stream {name!r} has no_ack set: without acknowledgements "
                 "no publish can be confirmed; unset it"
             )
+        if config.retention == RetentionPolicy.INTEREST and not info.state.consumer_count:
+            raise SinkUnusable(
+                f"nats sink: JetStream stream {name!r} has interest retention and no consumer: "
+                "it acknowledges each event, then drops it at once (nobody is interested), so "
+                "events would be checkpointed and lost; create the consumers that read it "
+                f"first (`nats consumer add {name} ...`), or use a stream with limits or "
+                "work-queue retention"
+            )
         notes = self._check_subjects(list(config.subjects or []), f"stream {name!r}'s subjects")
+        notes += _dropping(name, config)
         window = config.duplicate_window or 0.0
         if window + 1e-6 < s.duplicate_window_s:
             notes.append(
@@ -687,10 +795,10 @@ class NatsSink(PlainSink):
         for ev in events:
             chains.setdefault(ev.primary_key, []).append(self._message(stream, ev, limit))
         if len(chains) == 1:
-            await self._publish_chain(js, stream, next(iter(chains.values())))
+            await self._publish_chain(nc, js, stream, next(iter(chains.values())))
             return
         results = await asyncio.gather(
-            *(self._publish_chain(js, stream, chain) for chain in chains.values()),
+            *(self._publish_chain(nc, js, stream, chain) for chain in chains.values()),
             return_exceptions=True,
         )
         failures = [r for r in results if isinstance(r, BaseException)]
@@ -699,20 +807,22 @@ class NatsSink(PlainSink):
             raise _most_severe(failures, order)
 
     async def _publish_chain(
-        self, js: JetStreamContext, stream: str, chain: list[_Message]
+        self, nc: Client, js: JetStreamContext, stream: str, chain: list[_Message]
     ) -> None:
         """One key's events in order, each only once the previous one is acknowledged."""
         for message in chain:
-            await self._publish(js, stream, message)
+            await self._publish(nc, js, stream, message)
 
-    async def _publish(self, js: JetStreamContext, stream: str, m: _Message) -> None:
+    async def _publish(self, nc: Client, js: JetStreamContext, stream: str, m: _Message) -> None:
+        """JetStream's publish (a request on the subject, the stream's answer), with the answer
+        read here, with orjson: nats-py's json.loads raises RecursionError for deeply nested
+        bytes, which no handler of ours expected (orjson's depth limit is a decode error)."""
         s = self.settings
-        headers = {MSG_ID_HEADER: m.msg_id, STREAM_HEADER: stream}
+        headers = {MSG_ID_HEADER: m.msg_id, STREAM_HEADER: stream, Header.EXPECTED_STREAM: s.stream}
         try:
-            ack: PubAck = await js.publish(
-                m.subject, m.body, timeout=self._timeout, stream=s.stream, headers=headers
-            )
-        except nats.js.errors.NoStreamResponseError:
+            reply = await nc.request(m.subject, m.body, timeout=self._timeout, headers=headers)
+            ack = self._acknowledgement(reply.data, m)
+        except nats.errors.NoRespondersError:
             raise await self._no_responders(js, m) from None
         except nats.js.errors.APIError as exc:
             raise self._rejected(exc, m) from None
@@ -729,12 +839,6 @@ class NatsSink(PlainSink):
             ) from None
         except (nats.errors.TimeoutError, TimeoutError) as exc:
             raise self._timed_out(m, exc) from None
-        except (ValueError, KeyError, TypeError) as exc:  # a reply that is no PubAck
-            raise SinkUnusable(
-                f"nats sink: the answer to a publish to {prefix(m.subject, 300)} on "
-                f"{self.where} is not a JetStream acknowledgement ({describe(exc)}): does "
-                f"something other than stream {s.stream!r} answer requests on that subject?"
-            ) from None
         except (nats.errors.Error, OSError) as exc:
             raise self._unreachable(exc) from None
         # nats-py takes any JSON object with these names as an acknowledgement: one from
@@ -752,6 +856,28 @@ class NatsSink(PlainSink):
             self.duplicates += 1
         else:
             self.published += 1
+
+    def _acknowledgement(self, data: bytes, m: _Message) -> PubAck:
+        """The stream's answer to a publish: its acknowledgement, or the APIError it reports
+        (raised); :class:`SinkUnusable` for anything else (not JSON, nested past orjson's
+        limit, no object, an error without its fields): something other than the stream
+        answers on the subject, and whatever reading it raised is no fault of the event."""
+        try:
+            answer = orjson.loads(data)
+            if not isinstance(answer, dict):
+                raise TypeError(f"a JSON {type(answer).__name__}, not an object")
+            if "error" in answer:
+                nats.js.errors.APIError.from_error(answer["error"])  # raises it
+            return PubAck.from_response(answer)
+        except nats.js.errors.APIError:
+            raise
+        except Exception as exc:  # any answer that is no acknowledgement
+            raise SinkUnusable(
+                f"nats sink: the answer to a publish to {prefix(m.subject, 300)} on "
+                f"{self.where} is not a JetStream acknowledgement ({describe(exc)}): does "
+                f"something other than stream {self.settings.stream!r} answer requests on "
+                "that subject?"
+            ) from None
 
     def _unreachable(self, exc: BaseException) -> Exception:
         if self._auth_error is not None:
@@ -881,6 +1007,48 @@ class NatsSink(PlainSink):
         return line
 
 
+def _dropping(name: str, config: StreamConfig) -> list[str]:
+    """What in the stream's configuration removes acknowledged events, read or not (an
+    event the stream acknowledged is checkpointed: gone from the stream, it is gone)."""
+    notes = []
+    if config.retention == RetentionPolicy.INTEREST:
+        notes.append(
+            "the stream has interest retention: an event on a subject that no consumer's "
+            "filter matches is dropped as soon as it is stored; make sure its consumers "
+            "cover every subject of sink.subject (or use limits retention)"
+        )
+    per_subject = config.max_msgs_per_subject or -1
+    if per_subject > 0 and not (
+        config.discard == DiscardPolicy.NEW and config.discard_new_per_subject
+    ):
+        notes.append(
+            f"the stream keeps only the last {per_subject} message(s) of each subject "
+            "(max_msgs_per_subject): older events of a subject (a hotel's event name, with "
+            "the default sink.subject) are removed as new ones come, read or not; remove the "
+            f"limit (`nats stream edit {name} --max-msgs-per-subject=-1`)"
+        )
+    if config.discard != DiscardPolicy.NEW:
+        limits = [
+            f"{what} {value}"
+            for what, value in (("max_msgs", config.max_msgs), ("max_bytes", config.max_bytes))
+            if value is not None and value > 0
+        ]
+        if limits:
+            notes.append(
+                f"the stream removes its oldest events, read or not, once it reaches "
+                f"{' or '.join(limits)} (discard old); use discard new (`nats stream edit "
+                f"{name} --discard new`: a full stream then refuses publishes, which are "
+                "retried until readers make room), or remove the limit"
+            )
+    if config.max_age:
+        notes.append(
+            f"the stream removes events older than {_duration(config.max_age)} (max_age), "
+            "read or not: a reader lagging longer loses them; raise or remove it "
+            f"(`nats stream edit {name} --max-age=0`) unless that is intended"
+        )
+    return notes
+
+
 class _AlreadyThere(Exception):
     """The stream was created by someone else between our look and our create."""
 
@@ -912,11 +1080,46 @@ def _most_severe(failures: list[BaseException], order: Mapping[str, int]) -> Bas
     return failures[0]
 
 
+# Closes given up at their deadline, still winding down: held so that none is collected
+# while it runs (their sockets are aborted, so they end soon).
+_ABANDONED: set[asyncio.Future[None]] = set()
+
+
 async def _shut(nc: Client, seconds: float) -> None:
-    """Drain the connection (what is buffered is sent), then close it; bounded."""
-    if nc.is_connected and not nc.is_draining:
-        with contextlib.suppress(nats.errors.Error, OSError, TimeoutError):
-            await asyncio.wait_for(nc.drain(), seconds)
-    if not nc.is_closed:
-        with contextlib.suppress(nats.errors.Error, OSError, TimeoutError):
-            await asyncio.wait_for(nc.close(), seconds)
+    """Close the connection, within ``seconds``.
+
+    No drain: an event counts as written only once the stream acknowledged it, so nothing
+    still buffered has to go out (it is published again after a restart), and nats-py's
+    drain() swallows a cancellation, then flushes with its own 10 s timeout, so no deadline
+    holds it. A close that does not end in time (a frozen server, the socket's buffer full)
+    is cancelled and its socket aborted."""
+    if nc.is_closed:
+        return
+    closing = asyncio.ensure_future(nc.close())
+    try:
+        await asyncio.wait({closing}, timeout=seconds)
+    finally:
+        if not closing.done():
+            closing.cancel()
+            _abort(nc)
+            _ABANDONED.add(closing)
+            closing.add_done_callback(_forget)
+    if closing.done():
+        _forget(closing)
+
+
+def _forget(closing: asyncio.Future[None]) -> None:
+    """A close that ended: its error (if any) read, so that asyncio does not log it."""
+    _ABANDONED.discard(closing)
+    if not closing.cancelled():
+        closing.exception()
+
+
+def _abort(nc: Client) -> None:
+    """Drop the connection's socket at once (asyncio's close waits for the buffer to drain)."""
+    transport = getattr(nc, "_transport", None)  # nats-py's, no public way
+    writer = getattr(transport, "_io_writer", None)
+    socket = getattr(writer, "transport", None)
+    if socket is not None:
+        with contextlib.suppress(Exception):
+            socket.abort()

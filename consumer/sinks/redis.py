@@ -58,15 +58,19 @@ dead-lettered. :class:`SinkUnusable` (exit 78: only an operator can fix it, and 
 would dead-letter events for a fault of the configuration) when the server refuses our
 credentials (``WRONGPASS``, ``NOAUTH``), its ACL refuses a command or a key (``NOPERM``), the
 stream key holds another type (``WRONGTYPE``), the server is a Redis Cluster node
-(``MOVED``/``ASK``) or does not know a command (no ``XADD`` before Redis 5). A write that
+(``MOVED``/``ASK``), does not know a command (no ``XADD`` before Redis 5) or has no database of
+the URL's number (``DB index is out of range``). A write that
 fails so has written nothing of that event nor of the later events of its primaryKey (held
 back), and the events of other resources that were written are guarded: after the fix and a
 restart, the replay adds exactly what is missing, in order.
 :class:`PermanentSinkError` naming the event (it is dead-lettered) when it cannot be sent:
 larger than the server's ``proto-max-bulk-len`` (read at ``open`` when ``CONFIG GET`` is
-allowed, else Redis's default of 512 MiB; the server would drop the connection otherwise), or
-not serializable as JSON. Nothing is sent for a batch before every event of it passed those
-checks.
+allowed, and then checked before sending), or not serializable as JSON. Nothing is sent for a
+batch before every event of it passed those checks. Without the ``CONFIG`` right (as it should
+be; managed servers), an event with an argument over 1 MiB (Redis's smallest limit) is sent in
+a round trip of its own: a server that answers "invalid bulk length" for it, or drops the
+connection at it (twice: redis-py sends it again once) while it answers a PING, refuses its
+size, and the event is dead-lettered; the others are written.
 
 The URL and the password are secrets: messages name ``host:port/db`` only, and every text of
 the server's or the client's is scrubbed of them and cut short.
@@ -76,11 +80,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
 import ssl
 from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple, TypeVar
-from urllib.parse import quote, quote_plus, unquote
+from urllib.parse import quote, quote_plus, unquote, urlsplit
 
 import structlog
 from redis.asyncio import Redis
@@ -104,6 +109,7 @@ from redis.exceptions import (
     ResponseError,
     TryAgainError,
 )
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from ..config import RedisSinkSettings
 from ..core.events import Event
@@ -128,8 +134,11 @@ _limited = RateLimitedLogger(log, per_s=1.0, burst=5)  # an unknown error, at ev
 T = TypeVar("T")
 
 DEFAULT_PORT: Final = 6379
+_DATABASE: Final = re.compile(r"(/[0-9]+)?/?", re.ASCII)  # a URL's path: the database
 # Redis's default proto-max-bulk-len: the largest argument it accepts.
 DEFAULT_MAX_BULK: Final = 512 * 1024 * 1024
+# The smallest proto-max-bulk-len Redis accepts: no argument up to this size is ever refused.
+MIN_MAX_BULK: Final = 1024 * 1024
 CHUNK_BYTES: Final = 8 * 1024 * 1024  # at most this much per round trip (the first event aside)
 CHUNK_CALLS: Final = 1000
 NOSCRIPT_ATTEMPTS: Final = 3
@@ -190,6 +199,7 @@ return {kind, length,
 # its code in the text (Redis 7) or quotes it (Redis 6: "ERR Error running script...").
 NOPERM_MARKS: Final = ("NOPERM", "NO PERMISSION", "CAN'T RUN THIS COMMAND")
 CLUSTER_MARKS: Final = ("CROSSSLOT", "NON LOCAL KEY")
+DB_INDEX_MARKS: Final = ("DB INDEX IS OUT OF RANGE", "INVALID DB INDEX")
 # Conditions that clear by themselves (or by a failover) while we retry.
 TRANSIENT_MARKS: Final = (
     "OOM",
@@ -280,6 +290,12 @@ def server(settings: RedisSinkSettings) -> Server:
         )
     scheme = url.partition("://")[0].lower()
     tls = scheme == "rediss"
+    if scheme != "unix" and not _DATABASE.fullmatch(urlsplit(url).path):
+        # redis-py reads redis://host/abc as database 0 and redis://host/1/2 as 12.
+        raise ConfigError(
+            "sink.url: the database (the path after host:port) must be a number: "
+            "redis://host:port/0 (or no path, for database 0)"
+        )
     if settings.tls_ca_file is not None and not tls:
         raise ConfigError("sink.tls_ca_file is set but sink.url is not rediss:// (TLS)")
     db = int(parsed.get("db") or 0)
@@ -316,6 +332,7 @@ class _Call(NamedTuple):
     key: str  # the stream key
     args: tuple[bytes, ...]  # KEYS and ARGV of the add script
     size: int  # bytes of its arguments
+    largest: int  # bytes of its largest argument
 
 
 class _Probe(NamedTuple):
@@ -341,6 +358,7 @@ class RedisSink(PlainSink):
         self._client: Redis | None = None
         self._sha = ""
         self._max_bulk = DEFAULT_MAX_BULK
+        self._max_bulk_known = False  # read from the server (CONFIG GET), not assumed
         self._added = 0
         self._duplicates = 0
 
@@ -354,7 +372,8 @@ class RedisSink(PlainSink):
         try:
             await self._call("PING", client.ping())
             self._sha = await self._load(client)
-            self._max_bulk = await self._bulk_limit(client)
+            limit = await self._bulk_limit(client)
+            self._max_bulk, self._max_bulk_known = limit or DEFAULT_MAX_BULK, limit is not None
             if not self.template.per_event:  # the keys are known now: check them
                 for key in self._static_keys():
                     self._judge(key, await self._probe(client, key), opening=True)
@@ -393,8 +412,8 @@ class RedisSink(PlainSink):
         start = 0
         while start < len(calls):
             end, size = start + 1, calls[start].size
-            while end < len(calls) and end - start < CHUNK_CALLS:
-                if size + calls[end].size > CHUNK_BYTES:
+            while end < len(calls) and end - start < CHUNK_CALLS and not self._alone(calls[start]):
+                if size + calls[end].size > CHUNK_BYTES or self._alone(calls[end]):
                     break
                 size += calls[end].size
                 end += 1
@@ -437,7 +456,13 @@ class RedisSink(PlainSink):
                 f"larger than {self.where} accepts (proto-max-bulk-len {self._max_bulk})",
                 unique_event_id=ev.unique_event_id,
             )
-        return _Call(ev, key, args, sum(len(a) for a in args))
+        return _Call(ev, key, args, sum(len(a) for a in args), largest)
+
+    def _alone(self, call: _Call) -> bool:
+        """Whether the call goes in a round trip of its own: an argument the server may find
+        too long (its limit unknown: no CONFIG right) makes it drop the connection, which
+        then tells which event it was (:meth:`_too_long`)."""
+        return not self._max_bulk_known and call.largest > MIN_MAX_BULK
 
     async def _run(self, client: Redis, calls: Sequence[_Call]) -> None:
         """One pipeline of add-script calls, in order, each held back unless the one before it
@@ -454,7 +479,12 @@ class RedisSink(PlainSink):
                         pipe.execute_command(*command)
                     results = await pipe.execute(raise_on_error=False)
             except (TimeoutError, RedisError, OSError) as exc:
-                raise self._failure(exc, "EVALSHA (XADD)", calls[first].key) from None
+                failure = self._failure(exc, "EVALSHA (XADD)", calls[first].key)
+                if isinstance(failure, TransientSinkError) and first == len(calls) - 1:
+                    too_long = await self._too_long(client, calls[first], exc)
+                    if too_long is not None:
+                        raise too_long from None
+                raise failure from None
             refused: int | None = None
             held: int | None = None
             errors: list[tuple[_Call, ResponseError]] = []
@@ -471,6 +501,9 @@ class RedisSink(PlainSink):
                         self._duplicates += 1
                     else:
                         self._added += 1
+            for call, error in errors:
+                if _bulk_refused(error):
+                    raise self._refused_size(call, f"it answered {self._text(error)}")
             if errors:
                 raise self._worst(errors)  # what was held back is added after them, on retry
             if refused is None and held is None:
@@ -516,6 +549,31 @@ class RedisSink(PlainSink):
                 return e
         return judged[0]
 
+    async def _too_long(
+        self, client: Redis, call: _Call, exc: BaseException
+    ) -> PermanentSinkError | None:
+        """The event's fault when the server dropped the connection at a call of its own with
+        an argument over Redis's smallest limit, and answers a PING right after: an argument
+        over its proto-max-bulk-len (or a query over client-query-buffer-limit) makes it close
+        the connection, its "invalid bulk length" mostly lost to the reset. (redis-py sent the
+        call twice: a drop by chance would have to strike both times.) None otherwise."""
+        if not self._alone(call) or not isinstance(exc, RedisConnectionError | OSError):
+            return None
+        try:
+            async with asyncio.timeout(self.settings.timeout_s):
+                await client.ping()
+        except (TimeoutError, RedisError, OSError):
+            return None  # the server is gone, not only this call's connection: retried
+        return self._refused_size(call, f"it dropped the connection ({self._text(exc)}) twice")
+
+    def _refused_size(self, call: _Call, how: str) -> PermanentSinkError:
+        return PermanentSinkError(
+            f"redis sink: {self.where} refuses the event (an argument of {call.largest} "
+            f"bytes): {how}, and answers otherwise; its proto-max-bulk-len (or "
+            "client-query-buffer-limit) is smaller: raise it, then replay the dead letter",
+            unique_event_id=call.event.unique_event_id,
+        )
+
     # --- errors -------------------------------------------------------------------------------
 
     def _scrub(self, text: str) -> str:
@@ -560,6 +618,13 @@ class RedisSink(PlainSink):
                 "this sink speaks to one server: point sink.url at a standalone Redis or a "
                 "primary"
             )
+        if any(m in upper for m in DB_INDEX_MARKS):
+            return SinkUnusable(
+                f"redis sink at {self.where}: the server has no database "
+                f"{self.server.kwargs.get('db', 0)} ({text}): set sink.url's database "
+                "(redis://host:port/N) to one the server has (below its `databases` setting, "
+                "16 by default), then restart"
+            )
         if "UNKNOWN COMMAND" in upper:
             return SinkUnusable(
                 f"redis sink at {self.where}: the server does not know a command we need "
@@ -599,20 +664,20 @@ class RedisSink(PlainSink):
         sha = await self._call("SCRIPT LOAD", client.script_load(ADD_SCRIPT))
         return sha.decode() if isinstance(sha, bytes) else str(sha)
 
-    async def _bulk_limit(self, client: Redis) -> int:
-        """The server's proto-max-bulk-len when CONFIG GET is allowed, else Redis's default."""
+    async def _bulk_limit(self, client: Redis) -> int | None:
+        """The server's proto-max-bulk-len when CONFIG GET is allowed, else None."""
         try:
             found = await client.config_get("proto-max-bulk-len")
         except ResponseError:
-            return DEFAULT_MAX_BULK  # a user without CONFIG (as it should be), a managed server
+            return None  # a user without CONFIG (as it should be), a managed server
         except (TimeoutError, RedisError, OSError) as exc:
             raise self._failure(exc, "CONFIG GET") from None
         for value in found.values():
             try:
-                return int(value or 0) or DEFAULT_MAX_BULK
+                return int(value or 0) or None
             except ValueError:
                 break
-        return DEFAULT_MAX_BULK
+        return None
 
     def _static_keys(self) -> list[str]:
         """The stream keys of the consumer's streams, tokens from events shown as ``_``."""
@@ -730,6 +795,12 @@ class RedisSink(PlainSink):
                 if name in info:
                     facts[name] = prefix(str(info[name]), 40)
         return facts
+
+
+def _bulk_refused(exc: ResponseError) -> bool:
+    """The server's answer to an argument over its proto-max-bulk-len (it then closes)."""
+    text = str(exc).upper()
+    return "PROTOCOL ERROR" in text and "BULK LENGTH" in text
 
 
 def _key_prefix(template: str) -> str:

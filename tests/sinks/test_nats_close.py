@@ -1,0 +1,65 @@
+"""close() against a frozen server (SIGSTOP: the socket stays open, nothing answers) keeps
+its bound. It drained the connection first, and nats-py's drain() swallows the cancellation
+of our deadline, then flushes with its own 10 s timeout: a shutdown took 12 s and more with
+timeout_s = 2. Nothing needs draining (an event counts as written only once acknowledged),
+and a close that does not end in time has its socket aborted."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+import pytest
+from bus_events import event
+from nats_server import NatsServer
+
+from consumer.config import NatsSinkSettings
+from consumer.sinks.nats import NatsSink
+
+TIMEOUT_S = 2.0
+BOUND_S = 2 * TIMEOUT_S + 1.0  # close() is bounded by timeout_s; slack for a loaded machine
+
+
+@contextlib.contextmanager
+def frozen(server: NatsServer) -> Iterator[None]:
+    pid = server.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+@pytest.mark.parametrize("size", [100, 900_000], ids=["small", "buffers-full"])
+async def test_close_on_a_frozen_server_keeps_its_bound(nats_server: NatsServer, size: int) -> None:
+    settings = NatsSinkSettings.model_validate(
+        {"type": "nats", "servers": [nats_server.url], "timeout_s": TIMEOUT_S}
+    )
+    sink = NatsSink(settings, {"main": "DEMO"})
+    await sink.open(None)
+    await sink.write("main", [event(1)])
+    detail = [{"elementName": "x", "newValue": "v" * size}]
+    with frozen(nats_server):
+        # In flight when the daemon stops: many keys at once, so with big events the
+        # socket's buffers fill up (nothing reads them).
+        events = [event(i, key=f"k{i}", detail=detail) for i in range(2, 40)]
+        writing = asyncio.create_task(sink.write("main", events))
+        await asyncio.sleep(0.3)
+        writing.cancel()
+        await asyncio.gather(writing, return_exceptions=True)
+        started = time.monotonic()
+        await sink.close()
+        took = time.monotonic() - started
+    assert took < BOUND_S, took
+    # The server is fine afterwards, and a new sink writes.
+    again = NatsSink(settings, {"main": "DEMO"})
+    await again.open(None)
+    try:
+        await again.write("main", [event(50)])
+    finally:
+        await again.close()
