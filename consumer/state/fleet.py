@@ -36,8 +36,9 @@ from ..pg_target import Target
 from .postgres import DRIVER_ERRORS, quote_ident, store_error
 
 NOW = "EXTRACT(EPOCH FROM clock_timestamp())::float8"
-# The lease rows a member holds at these epochs, locked in stream order: the order a commit's
-# fence check locks them in (ORDER BY stream FOR SHARE), so the two never deadlock.
+# The lease rows a member holds at these epochs, locked in stream order (as an operator's hold
+# and a commit's fence check lock theirs: no deadlock). FOR NO KEY UPDATE, which the UPDATE
+# takes anyway: a commit's fence check (FOR KEY SHARE) holds up neither a renewal nor a release.
 _LOCKED = (
     "locked AS (SELECT l.stream FROM {s}.stream_leases l "
     "JOIN unnest({streams}::text[], {epochs}::bigint[]) AS h(stream, epoch) "

@@ -619,15 +619,19 @@ class PostgresStore:
 
     async def _check_fence(self, db: Any, fence: Fence, streams: set[str]) -> None:
         """Fleet mode: raise :class:`Fenced` (rolling the transaction back) unless this member
-        holds every stream's lease at its epoch. ``FOR SHARE`` locks the lease rows until this
-        transaction ends: a takeover (``FOR UPDATE SKIP LOCKED``) skips a row so locked and
-        takes it on a later try, after this commit, so the new holder reads the checkpoint
-        this commit writes."""
+        holds every stream's lease at its epoch. ``FOR KEY SHARE`` locks the lease rows until
+        this transaction ends: a takeover (``FOR UPDATE SKIP LOCKED``) skips a row so locked
+        and takes it on a later try, after this commit, so the new holder reads the checkpoint
+        this commit writes; an operator's hold (``FOR UPDATE``) waits for it. The weakest lock
+        that does: the member's renewal and release (``FOR NO KEY UPDATE``, changing no key)
+        go through meanwhile, so one slow commit holds up no renewal (``FOR SHARE`` did, and a
+        healthy member fenced itself); the lock stays on the row a release writes, so the
+        takeover still waits for the commit."""
         if not streams:
             return
         rows = await db.fetch(
             f"SELECT stream, holder, epoch FROM {self._s}.stream_leases "
-            "WHERE stream = ANY($1::text[]) ORDER BY stream FOR SHARE",
+            "WHERE stream = ANY($1::text[]) ORDER BY stream FOR KEY SHARE",
             sorted(streams),
         )
         held = {
