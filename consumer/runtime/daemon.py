@@ -53,7 +53,7 @@ from . import store_wait, systemd
 from .assembly import build_sink, check_sink, http_client, open_sink, register_secrets
 from .auth import TokenProvider
 from .committer import Committer
-from .fleet import DuplicateMember, Fleet
+from .fleet import DuplicateMember, Fleet, member_table
 from .metrics import Metrics, MetricsServer
 from .pipeline import QUEUE_PER_WORKER, StreamPipeline, default_workers
 from .progress import ProgressLog
@@ -117,20 +117,30 @@ class Daemon:
         if sink is None:
             check_sink(settings)  # before anything connects
         st = settings.state
+        table = None
         if settings.fleet.enabled:
             # A single daemon on the same schema would consume every stream beside the fleet.
+            # It holds the fleet lock exclusively, and our fleet connection holds it shared,
+            # taken again on every reconnect, for as long as we run. Its lease too (role
+            # "daemon", not a `dlq replay`'s): one of a version before the lock holds only that.
             single = await lease.current_holder(st)
-            if single is not None and single.get("role") == "daemon":  # not a `dlq replay`
+            if single is not None and single.get("role") == "daemon":
                 raise LeaseHeld(f"schema {st.schema_} (a daemon outside the fleet)", single)
+            table = member_table(settings)
+            resources.push_async_callback(table.close)
+            await table.connect(st.timeout_s)
         else:
             # One daemon per state store: a second one would fight over the checkpoints (and
             # OHIP would lock one of them out with 4409 anyway). A fleet shares it, with a
-            # lease per stream instead (runtime.fleet).
-            resources.push_async_callback((await lease.acquire(st, settings.streams)).release)
+            # lease per stream instead (runtime.fleet), and holds the fleet lock we take too.
+            held = await lease.acquire(st, settings.streams, outside_fleet=True)
+            resources.push_async_callback(held.release)
         store = await open_store(st)
         resources.push_async_callback(store.close)
         if st.backend == "postgres" and not settings.fleet.enabled:
             # ...and a fleet on this schema would share the streams with us: refuse both ways.
+            # Members cut off from the server (it restarted) hold no fleet lock until they
+            # reconnect, but have live rows (they stop their streams before those expire).
             members = await lease.current_holder(st, fleet=True)
             if members is not None:
                 raise LeaseHeld(
@@ -162,6 +172,7 @@ class Daemon:
                 start_stream=self.start_stream,
                 stop_stream=self.stop_stream,
                 spawn=self._spawn,
+                table=table,
             )
             committer.configure_fence(fleet.fence, fleet.lost)
         else:
@@ -362,6 +373,13 @@ class Daemon:
         if isinstance(exc, DuplicateMember):
             log.error(
                 "fleet member name in use; stopping",
+                error=describe(exc),
+                exit_code=int(ExitCode.CONFIG),
+            )
+            self.exit_code = ExitCode.CONFIG
+        elif isinstance(exc, LeaseHeld):  # the fleet's: a daemon outside the fleet runs
+            log.error(
+                "a daemon outside the fleet holds the schema; stopping",
                 error=describe(exc),
                 exit_code=int(ExitCode.CONFIG),
             )
