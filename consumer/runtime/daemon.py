@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import time
+from asyncio import FIRST_COMPLETED
 from collections import Counter
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -99,6 +100,7 @@ class Daemon:
     _budgets: dict[str, UpgradeBudget] = field(default_factory=dict)  # one per app key
     _stream_tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     _filter: EventFilter | None = None  # [filter]: one for every stream
+    _handovers: dict[str, _Handover] = field(default_factory=dict)  # fleet: graceful stops
 
     @classmethod
     async def create(cls, settings: Settings, *, sink: Sink | None = None) -> Daemon:
@@ -258,38 +260,58 @@ class Daemon:
         """Stop one stream (fleet mode). Handed over (``lost`` False): ``complete``, drain,
         commit, as at shutdown. Lost (another member holds it, or we cannot renew): stop
         delivering and reading at once; what is done is offered to one more commit, which the
-        epoch lets through only if no one took the stream meanwhile."""
+        epoch lets through only if no one took the stream meanwhile. Lost while its handover
+        is under way: that stop goes on as a lost one's (this call cuts it and returns)."""
         runner, pipeline = self.runners.get(name), self.pipelines.get(name)
+        handover = self._handovers.get(name)
+        if lost and handover is not None:
+            log.warning("stream found lost while handed over: stopping it at once", stream=name)
+            handover.lost.set()
+            if pipeline is not None:
+                await _cut(handover.session, pipeline)
+            return
         task = self._stream_tasks.pop(name, None)
         if runner is None or pipeline is None:
             return
-        if lost:
-            # Another member may be delivering this stream already: every write from here on
-            # could be a second one. The workers go first (what is not done is the next
-            # holder's), then the session, cut rather than completed.
-            if task is not None:
-                task.cancel()
-            await pipeline.stop()
-        else:
-            runner.request_stop()
         c = self.settings.streams[name].connection
         grace = c.complete_timeout_s + STOP_GRACE_S  # the settings check counts on it
-        if lost and self.fleet is not None:
-            grace = min(grace, self.fleet.settings.renew_interval_s)
-        if task is not None:
-            await _wait([task], grace)
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        if not lost:
-            try:
-                await asyncio.wait_for(pipeline.drained(), self.settings.pipeline.drain_timeout_s)
-            except TimeoutError:
-                log.warning("drain deadline passed; the next holder replays the rest", stream=name)
-        await pipeline.stop()
+        lost_grace = (
+            grace if self.fleet is None else min(grace, self.fleet.settings.renew_interval_s)
+        )
+        if lost:
+            await _cut(task, pipeline)
+            await _end(task, lost_grace)
+        else:
+            handover = self._handovers[name] = _Handover(task)
         try:
-            await asyncio.wait_for(self.committer.flush(), grace)
-        except Exception as exc:
-            log.warning("commit before handing over failed", stream=name, error=describe(exc))
+            if handover is not None:
+                runner.request_stop()
+                if task is not None and not await handover.until_lost(task, grace):
+                    await _end(task, lost_grace if handover.lost.is_set() else 0.0)
+                drained = asyncio.ensure_future(pipeline.drained())
+                try:
+                    if (
+                        not await handover.until_lost(
+                            drained, self.settings.pipeline.drain_timeout_s
+                        )
+                        and not handover.lost.is_set()
+                    ):
+                        log.warning(
+                            "drain deadline passed; the next holder replays the rest",
+                            stream=name,
+                        )
+                finally:
+                    drained.cancel()
+                    await asyncio.gather(drained, return_exceptions=True)
+                lost = handover.lost.is_set()
+            grace = lost_grace if lost else grace
+            await pipeline.stop()
+            try:
+                await asyncio.wait_for(self.committer.flush(), grace)
+            except Exception as exc:
+                log.warning("commit before handing over failed", stream=name, error=describe(exc))
+        finally:
+            self._handovers.pop(name, None)
         self.committer.forget(name)
         self.runners.pop(name, None)
         self.pipelines.pop(name, None)
@@ -619,6 +641,42 @@ async def _check_checkpoints(store: StateStore, settings: Settings) -> None:
 async def _wait(tasks: list[asyncio.Task[None]], seconds: float) -> None:
     if tasks:
         await asyncio.wait(tasks, timeout=seconds)
+
+
+async def _end(task: asyncio.Task[None] | None, seconds: float) -> None:
+    """Give a stream's session ``seconds`` more to end, then cancel it."""
+    if task is not None:
+        await _wait([task], seconds)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def _cut(session: asyncio.Task[None] | None, pipeline: StreamPipeline) -> None:
+    """A lost stream: another member may be delivering it already, so every write from here on
+    could be a second one. The workers stop (what is not done is the next holder's), and the
+    session is cut rather than completed."""
+    if session is not None:
+        session.cancel()
+    await pipeline.stop()
+
+
+class _Handover:
+    """A stream's graceful stop under way (fleet mode), which a loss found meanwhile (another
+    member holds the stream now) turns into a lost one's: what it still waits for (the
+    session's close, the drain) would deliver beside the new holder."""
+
+    def __init__(self, session: asyncio.Task[None] | None) -> None:
+        self.session = session
+        self.lost = asyncio.Event()
+
+    async def until_lost(self, waited: asyncio.Future[Any], seconds: float) -> bool:
+        """Wait for ``waited`` within ``seconds``, or till found lost; whether it ended."""
+        lost = asyncio.ensure_future(self.lost.wait())
+        try:
+            await asyncio.wait([waited, lost], timeout=seconds, return_when=FIRST_COMPLETED)
+        finally:
+            lost.cancel()
+        return waited.done()
 
 
 async def run(settings: Settings) -> int:

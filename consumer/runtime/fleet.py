@@ -55,7 +55,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 StartStream = Callable[[str], Awaitable[None]]
-StopStream = Callable[[str, bool], Awaitable[None]]  # (stream, lost)
+# (stream, lost); lost while the stream is being handed over: that stop goes on as lost.
+StopStream = Callable[[str, bool], Awaitable[None]]
 
 
 def member_name(configured: str) -> str:
@@ -272,7 +273,7 @@ class Fleet:
         down): it runs every stream, so ours stop at once, as lost."""
         log.error(str(exc), member=self.member)
         for stream in list(self.epochs):
-            self._move(stream, lost=True)
+            self._stop_lost(stream)
 
     def _self_fence_if_due(self, now: float) -> None:
         f = self.settings
@@ -305,10 +306,24 @@ class Fleet:
         self.counters.lost += 1
         if why is not None:
             log.error(f"{why}; stopping it here", stream=stream, epoch=self.epochs.get(stream))
-        if stream in self._moving:  # being handed over: its stop goes on, nothing to release
+        self._stop_lost(stream)
+
+    def _stop_lost(self, stream: str) -> None:
+        """Stop a stream we may no longer run at once: nothing more of it reaches the sink."""
+        if self._moving.get(stream, False):
+            return
+        if stream in self._moving:
+            # Being handed over: its graceful stop (complete, drain) would go on delivering
+            # beside the new holder. Stopped as lost now (the daemon cuts the stop under way
+            # short); nothing to release.
             self._moving[stream] = True
+            self._spawn(self._cut_short(stream), f"fleet-lose-{stream}")
         else:
             self._move(stream, lost=True)
+
+    async def _cut_short(self, stream: str) -> None:
+        """A stop as lost while the stream's handover runs: the daemon cuts that stop short."""
+        await self._stop_stream(stream, True)
 
     def _move(self, stream: str, *, lost: bool) -> None:
         if stream in self._moving:
