@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import time
+from asyncio import FIRST_COMPLETED
 from collections import Counter
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -53,7 +54,7 @@ from . import store_wait, systemd
 from .assembly import build_sink, check_sink, http_client, open_sink, register_secrets
 from .auth import TokenProvider
 from .committer import Committer
-from .fleet import DuplicateMember, Fleet
+from .fleet import DuplicateMember, Fleet, member_table
 from .metrics import Metrics, MetricsServer
 from .pipeline import QUEUE_PER_WORKER, StreamPipeline, default_workers
 from .progress import ProgressLog
@@ -102,6 +103,7 @@ class Daemon:
     _budgets: dict[str, UpgradeBudget] = field(default_factory=dict)  # one per app key
     _stream_tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     _filter: EventFilter | None = None  # [filter]: one for every stream
+    _handovers: dict[str, _Handover] = field(default_factory=dict)  # fleet: graceful stops
 
     @classmethod
     async def create(cls, settings: Settings, *, sink: Sink | None = None) -> Daemon:
@@ -120,20 +122,30 @@ class Daemon:
         if sink is None:
             check_sink(settings)  # before anything connects
         st = settings.state
+        table = None
         if settings.fleet.enabled:
             # A single daemon on the same schema would consume every stream beside the fleet.
+            # It holds the fleet lock exclusively, and our fleet connection holds it shared,
+            # taken again on every reconnect, for as long as we run. Its lease too (role
+            # "daemon", not a `dlq replay`'s): one of a version before the lock holds only that.
             single = await lease.current_holder(st)
-            if single is not None and single.get("role") == "daemon":  # not a `dlq replay`
+            if single is not None and single.get("role") == "daemon":
                 raise LeaseHeld(f"schema {st.schema_} (a daemon outside the fleet)", single)
+            table = member_table(settings)
+            resources.push_async_callback(table.close)
+            await table.connect(st.timeout_s)
         else:
             # One daemon per state store: a second one would fight over the checkpoints (and
             # OHIP would lock one of them out with 4409 anyway). A fleet shares it, with a
-            # lease per stream instead (runtime.fleet).
-            resources.push_async_callback((await lease.acquire(st, settings.streams)).release)
+            # lease per stream instead (runtime.fleet), and holds the fleet lock we take too.
+            held = await lease.acquire(st, settings.streams, outside_fleet=True)
+            resources.push_async_callback(held.release)
         store = await open_store(st)
         resources.push_async_callback(store.close)
         if st.backend == "postgres" and not settings.fleet.enabled:
             # ...and a fleet on this schema would share the streams with us: refuse both ways.
+            # Members cut off from the server (it restarted) hold no fleet lock until they
+            # reconnect, but have live rows (they stop their streams before those expire).
             members = await lease.current_holder(st, fleet=True)
             if members is not None:
                 raise LeaseHeld(
@@ -165,6 +177,7 @@ class Daemon:
                 start_stream=self.start_stream,
                 stop_stream=self.stop_stream,
                 spawn=self._spawn,
+                table=table,
             )
             committer.configure_fence(fleet.fence, fleet.lost)
         else:
@@ -250,38 +263,58 @@ class Daemon:
         """Stop one stream (fleet mode). Handed over (``lost`` False): ``complete``, drain,
         commit, as at shutdown. Lost (another member holds it, or we cannot renew): stop
         delivering and reading at once; what is done is offered to one more commit, which the
-        epoch lets through only if no one took the stream meanwhile."""
+        epoch lets through only if no one took the stream meanwhile. Lost while its handover
+        is under way: that stop goes on as a lost one's (this call cuts it and returns)."""
         runner, pipeline = self.runners.get(name), self.pipelines.get(name)
+        handover = self._handovers.get(name)
+        if lost and handover is not None:
+            log.warning("stream found lost while handed over: stopping it at once", stream=name)
+            handover.lost.set()
+            if pipeline is not None:
+                await _cut(handover.session, pipeline)
+            return
         task = self._stream_tasks.pop(name, None)
         if runner is None or pipeline is None:
             return
-        if lost:
-            # Another member may be delivering this stream already: every write from here on
-            # could be a second one. The workers go first (what is not done is the next
-            # holder's), then the session, cut rather than completed.
-            if task is not None:
-                task.cancel()
-            await pipeline.stop()
-        else:
-            runner.request_stop()
         c = self.settings.streams[name].connection
         grace = c.complete_timeout_s + STOP_GRACE_S  # the settings check counts on it
-        if lost and self.fleet is not None:
-            grace = min(grace, self.fleet.settings.renew_interval_s)
-        if task is not None:
-            await _wait([task], grace)
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        if not lost:
-            try:
-                await asyncio.wait_for(pipeline.drained(), self.settings.pipeline.drain_timeout_s)
-            except TimeoutError:
-                log.warning("drain deadline passed; the next holder replays the rest", stream=name)
-        await pipeline.stop()
+        lost_grace = (
+            grace if self.fleet is None else min(grace, self.fleet.settings.renew_interval_s)
+        )
+        if lost:
+            await _cut(task, pipeline)
+            await _end(task, lost_grace)
+        else:
+            handover = self._handovers[name] = _Handover(task)
         try:
-            await asyncio.wait_for(self.committer.flush(), grace)
-        except Exception as exc:
-            log.warning("commit before handing over failed", stream=name, error=describe(exc))
+            if handover is not None:
+                runner.request_stop()
+                if task is not None and not await handover.until_lost(task, grace):
+                    await _end(task, lost_grace if handover.lost.is_set() else 0.0)
+                drained = asyncio.ensure_future(pipeline.drained())
+                try:
+                    if (
+                        not await handover.until_lost(
+                            drained, self.settings.pipeline.drain_timeout_s
+                        )
+                        and not handover.lost.is_set()
+                    ):
+                        log.warning(
+                            "drain deadline passed; the next holder replays the rest",
+                            stream=name,
+                        )
+                finally:
+                    drained.cancel()
+                    await asyncio.gather(drained, return_exceptions=True)
+                lost = handover.lost.is_set()
+            grace = lost_grace if lost else grace
+            await pipeline.stop()
+            try:
+                await asyncio.wait_for(self.committer.flush(), grace)
+            except Exception as exc:
+                log.warning("commit before handing over failed", stream=name, error=describe(exc))
+        finally:
+            self._handovers.pop(name, None)
         self.committer.forget(name)
         self.runners.pop(name, None)
         self.pipelines.pop(name, None)
@@ -366,6 +399,13 @@ class Daemon:
         if isinstance(exc, DuplicateMember):
             log.error(
                 "fleet member name in use; stopping",
+                error=describe(exc),
+                exit_code=int(ExitCode.CONFIG),
+            )
+            self.exit_code = ExitCode.CONFIG
+        elif isinstance(exc, LeaseHeld):  # the fleet's: a daemon outside the fleet runs
+            log.error(
+                "a daemon outside the fleet holds the schema; stopping",
                 error=describe(exc),
                 exit_code=int(ExitCode.CONFIG),
             )
@@ -610,6 +650,42 @@ async def _check_checkpoints(store: StateStore, settings: Settings) -> None:
 async def _wait(tasks: list[asyncio.Task[None]], seconds: float) -> None:
     if tasks:
         await asyncio.wait(tasks, timeout=seconds)
+
+
+async def _end(task: asyncio.Task[None] | None, seconds: float) -> None:
+    """Give a stream's session ``seconds`` more to end, then cancel it."""
+    if task is not None:
+        await _wait([task], seconds)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def _cut(session: asyncio.Task[None] | None, pipeline: StreamPipeline) -> None:
+    """A lost stream: another member may be delivering it already, so every write from here on
+    could be a second one. The workers stop (what is not done is the next holder's), and the
+    session is cut rather than completed."""
+    if session is not None:
+        session.cancel()
+    await pipeline.stop()
+
+
+class _Handover:
+    """A stream's graceful stop under way (fleet mode), which a loss found meanwhile (another
+    member holds the stream now) turns into a lost one's: what it still waits for (the
+    session's close, the drain) would deliver beside the new holder."""
+
+    def __init__(self, session: asyncio.Task[None] | None) -> None:
+        self.session = session
+        self.lost = asyncio.Event()
+
+    async def until_lost(self, waited: asyncio.Future[Any], seconds: float) -> bool:
+        """Wait for ``waited`` within ``seconds``, or till found lost; whether it ended."""
+        lost = asyncio.ensure_future(self.lost.wait())
+        try:
+            await asyncio.wait([waited, lost], timeout=seconds, return_when=FIRST_COMPLETED)
+        finally:
+            lost.cancel()
+        return waited.done()
 
 
 async def run(settings: Settings) -> int:

@@ -23,6 +23,11 @@ A member name is one process's: a member whose heartbeat finds its row held by a
 process (:class:`DuplicateMember`) stops its streams and ends the fleet task with an error
 (the daemon exits 78). A row left by a process that died (a restart under the same name) is
 waited out: it stops heartbeating, and expires within ``lease_ttl_s``.
+
+A fleet never runs beside a daemon outside it: the member's connection holds the schema's
+fleet lock shared, taken again on every new connection before anything else, and that
+daemon holds it exclusively for its whole run. A member refused it (:class:`LeaseHeld`, at a
+reconnect: after an outage, say) stops its streams and ends the fleet task with the error.
 """
 
 from __future__ import annotations
@@ -42,15 +47,16 @@ from ..config import Settings
 from ..core.assignment import Member, plan
 from ..core.evidence import describe
 from ..core.records import Fence
-from ..errors import StoreError
+from ..errors import LeaseHeld, StoreError
 
 if TYPE_CHECKING:
-    from ..state.fleet import Renewal, RowHolder
+    from ..state.fleet import FleetTable, Renewal, RowHolder
 
 log = structlog.get_logger(__name__)
 
 StartStream = Callable[[str], Awaitable[None]]
-StopStream = Callable[[str, bool], Awaitable[None]]  # (stream, lost)
+# (stream, lost); lost while the stream is being handed over: that stop goes on as lost.
+StopStream = Callable[[str, bool], Awaitable[None]]
 
 
 def member_name(configured: str) -> str:
@@ -79,6 +85,22 @@ class FleetCounters:
     self_fenced: int = 0  # times every stream was stopped for want of a renewal
 
 
+def member_table(settings: Settings) -> FleetTable:
+    """This process's member of the fleet tables (it connects at its first call)."""
+    from ..state.fleet import FleetTable  # noqa: PLC0415  # asyncpg: an extra
+
+    f = settings.fleet
+    return FleetTable(
+        settings.state,
+        member_name(f.member),
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        weight=f.weight,
+        started_at=time.time(),
+        lease_ttl_s=f.lease_ttl_s,
+    )
+
+
 class Fleet:
     def __init__(
         self,
@@ -87,21 +109,13 @@ class Fleet:
         start_stream: StartStream,
         stop_stream: StopStream,
         spawn: Callable[[Coroutine[Any, Any, None], str], asyncio.Task[None]],
+        table: FleetTable | None = None,
     ) -> None:
-        from ..state.fleet import FleetTable  # noqa: PLC0415  # asyncpg: an extra
-
+        """``table``: :func:`member_table`'s for these settings, connected already."""
         f = settings.fleet
         self.settings = f
-        self.member = member_name(f.member)
-        self.table = FleetTable(
-            settings.state,
-            self.member,
-            host=socket.gethostname(),
-            pid=os.getpid(),
-            weight=f.weight,
-            started_at=time.time(),
-            lease_ttl_s=f.lease_ttl_s,
-        )
+        self.table = table or member_table(settings)
+        self.member = self.table.member
         self.streams = sorted(settings.streams)
         self.epochs: dict[str, int] = {}  # streams held (running or starting) -> epoch
         self._moving: dict[str, bool] = {}  # being stopped -> lost (else handed over)
@@ -125,7 +139,8 @@ class Fleet:
 
     async def run(self) -> None:
         """Tick until cancelled (by the daemon's shutdown, after the drain: renewing till
-        then); raises :class:`DuplicateMember`. The self-fence timer runs as long as this."""
+        then); raises :class:`DuplicateMember`, and :class:`LeaseHeld` beside a daemon
+        outside the fleet. The self-fence timer runs as long as this."""
         f = self.settings
         fence = asyncio.create_task(self._fence_on_time(), name=f"fleet-fence-{self.member}")
         try:
@@ -134,6 +149,9 @@ class Fleet:
                 try:
                     await self._tick(started)
                 except DuplicateMember:
+                    raise
+                except LeaseHeld as exc:
+                    self._outside_daemon(exc)
                     raise
                 except StoreError as exc:
                     log.warning("fleet tick failed; retrying", error=describe(exc))
@@ -223,7 +241,7 @@ class Fleet:
             log.warning("starting a stream failed", stream=stream, error=describe(exc))
             if self.epochs.get(stream) == epoch and stream not in self._moving:
                 self.epochs.pop(stream, None)
-                with contextlib.suppress(StoreError):
+                with contextlib.suppress(StoreError, LeaseHeld):  # the tick says LeaseHeld
                     await self.table.release({stream: epoch}, self.settings.renew_interval_s)
         finally:
             self._starting.pop(stream, None)
@@ -249,6 +267,13 @@ class Fleet:
         for stream in list(self.epochs):
             self._move(stream, lost=True)
         raise error
+
+    def _outside_daemon(self, exc: LeaseHeld) -> None:
+        """A daemon outside the fleet holds the fleet lock (taken while our connection was
+        down): it runs every stream, so ours stop at once, as lost."""
+        log.error(str(exc), member=self.member)
+        for stream in list(self.epochs):
+            self._stop_lost(stream)
 
     def _self_fence_if_due(self, now: float) -> None:
         f = self.settings
@@ -281,10 +306,24 @@ class Fleet:
         self.counters.lost += 1
         if why is not None:
             log.error(f"{why}; stopping it here", stream=stream, epoch=self.epochs.get(stream))
-        if stream in self._moving:  # being handed over: its stop goes on, nothing to release
+        self._stop_lost(stream)
+
+    def _stop_lost(self, stream: str) -> None:
+        """Stop a stream we may no longer run at once: nothing more of it reaches the sink."""
+        if self._moving.get(stream, False):
+            return
+        if stream in self._moving:
+            # Being handed over: its graceful stop (complete, drain) would go on delivering
+            # beside the new holder. Stopped as lost now (the daemon cuts the stop under way
+            # short); nothing to release.
             self._moving[stream] = True
+            self._spawn(self._cut_short(stream), f"fleet-lose-{stream}")
         else:
             self._move(stream, lost=True)
+
+    async def _cut_short(self, stream: str) -> None:
+        """A stop as lost while the stream's handover runs: the daemon cuts that stop short."""
+        await self._stop_stream(stream, True)
 
     def _move(self, stream: str, *, lost: bool) -> None:
         if stream in self._moving:
@@ -303,7 +342,7 @@ class Fleet:
             if not self._moving.get(stream, lost) and epoch is not None:
                 try:
                     await self.table.release({stream: epoch}, self.settings.renew_interval_s)
-                except StoreError as exc:  # it expires by itself
+                except (StoreError, LeaseHeld) as exc:  # it expires by itself
                     log.warning("releasing a lease failed", stream=stream, error=describe(exc))
         finally:
             self.epochs.pop(stream, None)
@@ -322,9 +361,9 @@ class Fleet:
         """After the daemon stopped and committed every stream: release what is still ours
         (the next members take it at their next tick) and leave the fleet."""
         timeout = self.settings.renew_interval_s
-        with contextlib.suppress(StoreError):
+        with contextlib.suppress(StoreError, LeaseHeld):
             await self.table.release(dict(self.epochs), timeout)
             self.epochs.clear()
-        with contextlib.suppress(StoreError):
+        with contextlib.suppress(StoreError, LeaseHeld):
             await self.table.leave(timeout)
         await self.table.close()

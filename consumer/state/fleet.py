@@ -16,6 +16,11 @@ A member's row is its process's alone: the heartbeat writes it only where the ro
 same ``instance`` (a random id per process) or has expired. A second live process under the
 same name finds the row held and is told so (:attr:`Renewal.owned` false), instead of both
 renewing and taking the streams in one name.
+
+A member's connection holds the schema's fleet lock shared (see
+:func:`~consumer.state.postgres.take_fleet_lock`), taken before anything else each time the
+connection is made: beside a daemon outside the fleet, which holds it exclusively, every call
+raises :class:`~consumer.errors.LeaseHeld` naming that daemon.
 """
 
 from __future__ import annotations
@@ -32,12 +37,14 @@ import asyncpg
 
 from ..config import StateSettings
 from ..core.assignment import LeaseView, Member
+from ..errors import LeaseHeld
 from ..pg_target import Target
-from .postgres import DRIVER_ERRORS, quote_ident, store_error
+from .postgres import DRIVER_ERRORS, FLEET_MEMBER_APP, quote_ident, store_error, take_fleet_lock
 
 NOW = "EXTRACT(EPOCH FROM clock_timestamp())::float8"
-# The lease rows a member holds at these epochs, locked in stream order: the order a commit's
-# fence check locks them in (ORDER BY stream FOR SHARE), so the two never deadlock.
+# The lease rows a member holds at these epochs, locked in stream order (as an operator's hold
+# and a commit's fence check lock theirs: no deadlock). FOR NO KEY UPDATE, which the UPDATE
+# takes anyway: a commit's fence check (FOR KEY SHARE) holds up neither a renewal nor a release.
 _LOCKED = (
     "locked AS (SELECT l.stream FROM {s}.stream_leases l "
     "JOIN unnest({streams}::text[], {epochs}::bigint[]) AS h(stream, epoch) "
@@ -111,7 +118,9 @@ class FleetTable:
         started_at: float,
         lease_ttl_s: float,
         instance: str | None = None,
+        fleet_lock: bool = True,
     ) -> None:
+        """``fleet_lock``: hold the fleet lock (a member's); an operator's table holds none."""
         assert settings.dsn is not None, "checked by StateSettings"
         self._target = Target(settings.dsn.get_secret_value())
         self._schema = settings.schema_
@@ -124,6 +133,7 @@ class FleetTable:
         self._started_at = started_at
         self._ttl = lease_ttl_s
         self.instance = instance or uuid.uuid4().hex
+        self._fleet_lock = fleet_lock
         self._conn: Any = None
         self._lock = asyncio.Lock()  # one statement at a time on the one connection
 
@@ -132,7 +142,8 @@ class FleetTable:
 
     async def _call(self, doing: str, timeout_s: float, fn: str, sql: str, *args: Any) -> Any:
         """Run one statement within ``timeout_s`` (connecting first if need be). A failure
-        drops the connection (the next call makes a new one) and raises StoreError."""
+        drops the connection (the next call makes a new one) and raises StoreError;
+        :class:`LeaseHeld`: a daemon outside the fleet holds the fleet lock."""
         try:
             async with asyncio.timeout(timeout_s), self._lock:
                 conn = await self._connection(timeout_s)
@@ -143,12 +154,29 @@ class FleetTable:
 
     async def _connection(self, timeout_s: float) -> Any:
         if self._conn is None or self._conn.is_closed():
-            self._conn = await asyncpg.connect(
+            conn = await asyncpg.connect(
                 self._target.dsn(),
                 timeout=min(timeout_s, self._connect_timeout),
-                server_settings={"application_name": f"opera-consumer fleet {self.member}"[:63]},
+                server_settings={"application_name": f"{FLEET_MEMBER_APP}{self.member}"[:63]},
             )
+            try:
+                single = await take_fleet_lock(conn, self._schema) if self._fleet_lock else None
+            except BaseException:
+                conn.terminate()
+                raise
+            if single is not None:
+                conn.terminate()
+                where = (
+                    f"schema {self._schema} at {self._target.where} (a daemon outside the fleet)"
+                )
+                raise LeaseHeld(where, single)
+            self._conn = conn
         return self._conn
+
+    async def connect(self, timeout_s: float) -> None:
+        """Connect now, holding the fleet lock (the daemon's start):
+        :class:`LeaseHeld` beside a daemon outside the fleet."""
+        await self._call("connecting", timeout_s, "fetchval", "SELECT 1")
 
     def _drop(self) -> None:
         conn, self._conn = self._conn, None
@@ -331,6 +359,7 @@ class FleetTable:
             weight=0.0,
             started_at=0.0,
             lease_ttl_s=lease_ttl_s,
+            fleet_lock=False,
         )
 
     async def hold_for_change(self, streams: Iterable[str], timeout_s: float) -> dict[str, str]:

@@ -5,9 +5,10 @@ dies (even by ``kill -9``), so a stale lease is impossible. The file names the h
 streams) for the CLI, which refuses to change offsets of a stream a running daemon holds, and
 takes the lease itself while it changes them. PostgreSQL: a session advisory lock (see
 :class:`~consumer.state.postgres.PostgresLease`), which the server drops with the connection;
-a fleet's members take a lease row per stream instead (:mod:`consumer.state.fleet`), and an
-operator's change looks at and holds both, whatever its own ``[fleet]`` says
-(:func:`in_the_way`, :func:`hold_streams`).
+a fleet's members take a lease row per stream instead (:mod:`consumer.state.fleet`) and hold
+the schema's fleet lock shared, which that daemon holds exclusively, so the two never run side
+by side. An operator's change looks at and holds the daemon's lease and the streams' rows,
+whatever its own ``[fleet]`` says (:func:`in_the_way`, :func:`hold_streams`).
 """
 
 from __future__ import annotations
@@ -120,15 +121,25 @@ class _StreamsHeld:
             await self._single.release()
 
 
-async def acquire(settings: StateSettings, streams: Iterable[str], *, role: str = "daemon") -> Held:
+async def acquire(
+    settings: StateSettings,
+    streams: Iterable[str],
+    *,
+    role: str = "daemon",
+    outside_fleet: bool = False,
+) -> Held:
     """Hold the state store for this process: the ``flock`` beside an SQLite file, or a
     session advisory lock in PostgreSQL (held by a connection of its own, dropped by the server
-    when the process dies). A fleet's streams: :func:`hold_streams`. :class:`LeaseHeld` names
-    the holder."""
+    when the process dies). ``outside_fleet`` (the daemon without ``[fleet]``): in PostgreSQL
+    the schema's fleet lock too, which every fleet member holds shared: refused beside one,
+    and no member runs beside us. A fleet's streams: :func:`hold_streams`.
+    :class:`LeaseHeld` names the holder."""
     if settings.backend == "postgres":
         from .postgres import PostgresLease  # noqa: PLC0415  # asyncpg: an extra
 
-        return await PostgresLease.acquire(settings, streams, role=role)
+        return await PostgresLease.acquire(
+            settings, streams, role=role, outside_fleet=outside_fleet
+        )
     return _FileHeld(Lease.acquire(settings.path, streams, role=role))
 
 

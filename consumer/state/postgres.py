@@ -619,15 +619,19 @@ class PostgresStore:
 
     async def _check_fence(self, db: Any, fence: Fence, streams: set[str]) -> None:
         """Fleet mode: raise :class:`Fenced` (rolling the transaction back) unless this member
-        holds every stream's lease at its epoch. ``FOR SHARE`` locks the lease rows until this
-        transaction ends: a takeover (``FOR UPDATE SKIP LOCKED``) skips a row so locked and
-        takes it on a later try, after this commit, so the new holder reads the checkpoint
-        this commit writes."""
+        holds every stream's lease at its epoch. ``FOR KEY SHARE`` locks the lease rows until
+        this transaction ends: a takeover (``FOR UPDATE SKIP LOCKED``) skips a row so locked
+        and takes it on a later try, after this commit, so the new holder reads the checkpoint
+        this commit writes; an operator's hold (``FOR UPDATE``) waits for it. The weakest lock
+        that does: the member's renewal and release (``FOR NO KEY UPDATE``, changing no key)
+        go through meanwhile, so one slow commit holds up no renewal (``FOR SHARE`` did, and a
+        healthy member fenced itself); the lock stays on the row a release writes, so the
+        takeover still waits for the commit."""
         if not streams:
             return
         rows = await db.fetch(
             f"SELECT stream, holder, epoch FROM {self._s}.stream_leases "
-            "WHERE stream = ANY($1::text[]) ORDER BY stream FOR SHARE",
+            "WHERE stream = ANY($1::text[]) ORDER BY stream FOR KEY SHARE",
             sorted(streams),
         )
         held = {
@@ -776,6 +780,51 @@ def _lease_key(schema: str, purpose: str = "") -> int:
     return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
+# The schema's fleet lock: a daemon outside the fleet holds it exclusively for its whole run (on
+# its lease's connection), each fleet member shared on its fleet connection, taken again on
+# every new connection before anything else: the two never run side by side, whatever rows
+# the fleet's tables hold (a member's row is written at its first tick, and has expired after
+# an outage longer than a lease). Operators' commands take the lease, not this lock.
+_FLEET_LOCK = "fleet"
+FLEET_MEMBER_APP = "opera-consumer fleet "  # a member's fleet connection: this, then its name
+
+
+def fleet_lock(schema: str) -> tuple[int, int]:
+    """The arguments of ``pg_try_advisory_lock[_shared](int4, int4)`` for the fleet lock."""
+    return _LEASE_CLASS, _lease_key(schema, _FLEET_LOCK)
+
+
+async def _lock_holders(conn: Any, key: tuple[int, int]) -> list[tuple[str, str | None]]:
+    """The other sessions holding an advisory lock: (application_name, client host)."""
+    rows = await conn.fetch(
+        "SELECT a.application_name, host(a.client_addr) AS host FROM pg_locks l "
+        "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' "
+        "AND l.granted AND l.classid = $1::oid AND l.objid = $2::oid AND l.objsubid = 2 "
+        "AND l.pid <> pg_backend_pid() ORDER BY a.application_name",
+        *key,
+    )
+    return [(str(r["application_name"] or ""), r["host"]) for r in rows]
+
+
+def _said(application_name: str, host: str | None) -> dict[str, Any]:
+    """A lease holder as its connection's name says (pid, role), and its host."""
+    said = dict(part.split("=", 1) for part in application_name.split() if "=" in part)
+    info: dict[str, Any] = {"pid": said.get("pid"), "role": said.get("role")}
+    if host:
+        info["host"] = host
+    return info
+
+
+async def take_fleet_lock(conn: Any, schema: str) -> dict[str, Any] | None:
+    """A fleet member's share of the fleet lock, on ``conn``; None when taken, else who holds
+    it exclusively (a daemon outside the fleet: pid, role, host)."""
+    key = fleet_lock(schema)
+    if await conn.fetchval("SELECT pg_try_advisory_lock_shared($1, $2)", *key):
+        return None
+    holders = await _lock_holders(conn, key)
+    return _said(*holders[0]) if holders else {}
+
+
 def no_answer(target: Target, schema: str, doing: str, timeout_s: float) -> StoreError:
     """A server that accepted the connection and then went silent (a lock, a frozen host)."""
     return StoreError(
@@ -819,12 +868,16 @@ class PostgresLease:
         *,
         role: str = "daemon",
         purpose: str = "",
+        outside_fleet: bool = False,
     ) -> PostgresLease:
+        """``outside_fleet``: a daemon not in a fleet, which holds the fleet lock (exclusive)
+        too, on the same connection: refused while a fleet member holds it."""
         assert settings.dsn is not None, "checked by StateSettings"
         target, schema = Target(settings.dsn.get_secret_value()), settings.schema_
         timeout_s = settings.timeout_s
         name = f"opera-consumer lease pid={os.getpid()} role={role}"[:63]
         conn: Any = None
+        members: list[str] | None = None  # holding the fleet lock
         try:
             async with asyncio.timeout(timeout_s):
                 conn = await asyncpg.connect(
@@ -838,6 +891,17 @@ class PostgresLease:
                     _LEASE_CLASS,
                     _lease_key(schema, purpose),
                 )
+                key = fleet_lock(schema)
+                if (
+                    got
+                    and outside_fleet
+                    and not await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", *key)
+                ):
+                    members = [
+                        app.removeprefix(FLEET_MEMBER_APP)
+                        for app, _ in await _lock_holders(conn, key)
+                        if app.startswith(FLEET_MEMBER_APP)
+                    ]
         except BaseException as exc:
             if conn is not None:
                 await close_bounded(conn, timeout_s)
@@ -850,6 +914,10 @@ class PostgresLease:
             await close_bounded(conn, timeout_s)
             where = f"schema {schema} at {target.where}"
             raise LeaseHeld(where, await cls.holder(settings, purpose))
+        if members is not None:
+            await close_bounded(conn, timeout_s)
+            where = f"schema {schema} at {target.where} (fleet members; set [fleet] enabled)"
+            raise LeaseHeld(where, {"member": ", ".join(members)} if members else None)
         return cls(conn, target, schema, timeout_s)
 
     async def release(self) -> None:
@@ -871,14 +939,7 @@ class PostgresLease:
                 conn = await asyncpg.connect(
                     target.dsn(), timeout=timeout_s, command_timeout=timeout_s
                 )
-                row = await conn.fetchrow(
-                    "SELECT a.application_name, host(a.client_addr) AS host FROM pg_locks l "
-                    "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' "
-                    "AND l.granted AND l.classid = $1::oid AND l.objid = $2::oid "
-                    "AND l.objsubid = 2",
-                    _LEASE_CLASS,
-                    _lease_key(schema, purpose),
-                )
+                holders = await _lock_holders(conn, (_LEASE_CLASS, _lease_key(schema, purpose)))
         except TimeoutError:
             raise no_answer(target, schema, doing, timeout_s) from None
         except (*DRIVER_ERRORS, ValueError) as exc:
@@ -886,12 +947,4 @@ class PostgresLease:
         finally:
             if conn is not None:
                 await close_bounded(conn, timeout_s)
-        if row is None:
-            return None
-        said = dict(
-            part.split("=", 1) for part in str(row["application_name"]).split() if "=" in part
-        )
-        info: dict[str, Any] = {"pid": said.get("pid"), "role": said.get("role")}
-        if row["host"]:
-            info["host"] = row["host"]
-        return info
+        return _said(*holders[0]) if holders else None

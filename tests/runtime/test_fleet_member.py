@@ -14,12 +14,15 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
 import pytest
 from fleet_support import TTL_S, fleet_settings
 from pg import sql
 from support import wait_until
 from tcp_proxy import TcpProxy
 
+from consumer.core.records import CommitBatch, Staged
+from consumer.core.watermark import Position
 from consumer.errors import StoreError
 from consumer.runtime.fleet import DuplicateMember, Fleet
 from consumer.state import open_store
@@ -178,6 +181,51 @@ async def test_a_start_that_hangs_does_not_hold_up_the_renewals(env: Env) -> Non
         while not await renewed_past_its_lease():
             await asyncio.sleep(0.05)
     assert not env.has("m1", "stop-lost") and fleet.counters.self_fenced == 0
+
+
+async def test_a_slow_commit_holds_up_no_renewal(env: Env) -> None:
+    """A commit's fence check locks its streams' lease rows till the commit ends; the tick
+    renews every lease in one statement. A commit of one stream held open (a slow sink row, a
+    lock wait) must not hold that statement up: with FOR SHARE it did, the renewals timed out
+    and a healthy member stopped every stream once the commit outlasted the self-fence."""
+    fleet = env.member("m1")
+    env.run(fleet)
+    await wait_until(lambda: env.count("started") == 2)
+    store = await open_store(fleet_settings(env.dsn, env.schema, "m1").state)
+    key = 0x0F1EE9
+    held = await asyncpg.connect(env.dsn, timeout=10)
+    try:
+        await held.execute("SELECT pg_advisory_lock($1)", key)
+        batch = CommitBatch(checkpoints={"a": Position("1", "u1")}, fence=fleet.fence())
+        batch.staged.append(Staged("SELECT pg_advisory_xact_lock($1), $2::text", [(key, "a")]))
+        commit = asyncio.create_task(store.commit(batch))
+        q = f'SELECT stream, expires_at FROM "{env.schema}".stream_leases ORDER BY stream'
+
+        async def at_the_lock() -> bool:  # the commit is past its fence check: rows locked
+            n = "SELECT COUNT(*) FROM pg_locks WHERE NOT granted AND objid = $1"
+            return not commit.done() and int(await sql(env.dsn, "fetchval", n, key)) == 1
+
+        async with asyncio.timeout(TTL_S):
+            while not await at_the_lock():
+                await asyncio.sleep(0.02)
+        locked_at = dict(await sql(env.dsn, "fetch", q))
+
+        async def renewed_since() -> bool:
+            now = dict(await sql(env.dsn, "fetch", q))
+            return all(now[s] > locked_at[s] for s in ("a", "b"))
+
+        # Positive condition: both leases renewed while the commit holds a's row.
+        async with asyncio.timeout(TTL_S):
+            while not await renewed_since():
+                await asyncio.sleep(0.05)
+        assert not commit.done()
+        await held.execute("SELECT pg_advisory_unlock($1)", key)
+        async with asyncio.timeout(10):
+            assert await commit
+    finally:
+        await held.close()
+        await store.close()
+    assert fleet.counters.self_fenced == 0 and not env.has("m1", "stop-lost")
 
 
 async def test_the_self_fence_does_not_wait_for_a_start_that_hangs(

@@ -114,3 +114,54 @@ async def test_a_lost_stream_stops_delivering_at_once(
         daemon.request_stop()
         async with asyncio.timeout(60):
             await task
+
+
+async def test_a_stream_lost_during_its_handover_stops_delivering_at_once(
+    sandbox_factory, postgres_dsn
+) -> None:
+    """A stream being handed over (``complete`` sent, the drain to come) that is found lost
+    meanwhile (another member took it: this one froze past its lease mid-handover) is
+    another member's: its stop goes on as a lost one's. Its workers used to go on delivering
+    the queued events through the session's grace and the drain, beside the new holder."""
+    gw = await sandbox_factory(backlog=0, complete_close_delay_s=60.0)
+    schema = f"t_{uuid.uuid4().hex[:16]}"
+    settings = Settings(
+        streams={"a": stream_config(gw.url, connection={"complete_timeout_s": 4.0})},  # type: ignore[arg-type]
+        state={"backend": "postgres", "dsn": postgres_dsn, "schema": schema},  # type: ignore[arg-type]
+        sink={"type": "python", "target": "pysink:handle"},  # type: ignore[arg-type]
+        pipeline={"workers": 1, "batch_max": 5, "drain_timeout_s": 5.0},  # type: ignore[arg-type]
+        fleet={"enabled": True, "member": "m1", "lease_ttl_s": 20.0, "renew_interval_s": 0.25},  # type: ignore[arg-type]
+        metrics={"port": 0},  # type: ignore[arg-type]
+    )
+    pysink.GATES["a"] = gate = asyncio.Event()  # the downstream holds the first write
+    daemon = await Daemon.create(settings)
+    task = asyncio.create_task(daemon.run())
+    try:
+        await wait_until(lambda: "a" in daemon.runners)
+        await wait_until(lambda: daemon.runners["a"].state.value == "streaming")
+        gw.append("DEMO", 20)
+        await wait_until(lambda: pysink.CALLS[0] == 1 and daemon.pipelines["a"].in_flight == 20)
+        fleet = daemon.fleet
+        assert fleet is not None
+        fleet._move("a", lost=False)  # a tick's handover (a member joined, or a drain)
+        await wait_until(
+            lambda: handing_over("a") and daemon.runners["a"].state.value == "completing"
+        )
+        # Another member takes the lease (as after this member froze past it).
+        await sql(
+            postgres_dsn,
+            "execute",
+            f"UPDATE \"{schema}\".stream_leases SET holder = 'm2', epoch = epoch + 1, "
+            "expires_at = EXTRACT(EPOCH FROM clock_timestamp()) + 60 WHERE stream = 'a'",
+        )
+        await wait_until(lambda: fleet.counters.lost == 1)  # a renewal found it lost
+        gate.set()  # the held write could end now: nothing may be delivered after the loss
+        await wait_until(lambda: not handing_over("a") and "a" not in fleet.epochs, timeout=30)
+        assert pysink.delivered_ids("a") == []
+        rows = await sql(postgres_dsn, "fetch", f'SELECT holder FROM "{schema}".stream_leases')
+        assert [r[0] for r in rows] == ["m2"]  # not released: it is the other member's
+    finally:
+        daemon.request_stop()
+        async with asyncio.timeout(60):
+            await task
+        await sql(postgres_dsn, "execute", f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')

@@ -8,6 +8,7 @@ at the end."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -438,7 +439,7 @@ async def test_a_fence_without_the_stream_or_without_its_row_is_refused(env: Env
 
 
 async def test_a_takeover_leaves_the_lease_alone_while_its_holder_commits(env: Env) -> None:
-    """The fence check locks the lease row (FOR SHARE) until the commit ends: a member taking
+    """The fence check locks the lease row (FOR KEY SHARE) until the commit ends: a member taking
     the stream over meanwhile (its lease expired) leaves the row alone (SKIP LOCKED), and takes
     it at its next try, after the commit, reading the checkpoint that commit wrote. Without
     the lock the takeover would read the checkpoint before it and resume behind the commit.
@@ -481,6 +482,60 @@ async def test_a_takeover_leaves_the_lease_alone_while_its_holder_commits(env: E
     assert cp is not None and cp.offset == "000002"  # the new holder resumes after the commit
     with pytest.raises(Fenced):
         await env.store.commit(batch_for("s", 3, fence))
+
+
+@contextlib.asynccontextmanager
+async def commit_held_open(env: Env, batch: CommitBatch) -> AsyncIterator[asyncio.Task[bool]]:
+    """A commit of ``batch`` held open past its fence check: its last statement (rows a sink
+    stages in the transaction) waits for an advisory lock the test holds till the end."""
+    key = 0x0F1EE8
+    held = await asyncpg.connect(env.dsn, timeout=T)
+    try:
+        await held.execute("SELECT pg_advisory_lock($1)", key)
+        batch.staged.append(Staged("SELECT pg_advisory_xact_lock($1), $2::text", [(key, "s")]))
+        commit = asyncio.create_task(env.store.commit(batch))
+
+        async def waiting() -> bool:  # past its fence check, at the lock
+            assert not commit.done(), commit
+            rows = await env.fetch(
+                "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+                "AND objid = $1",
+                key,
+            )
+            return int(rows[0][0]) == 1
+
+        await until(waiting)
+        yield commit
+        await held.execute("SELECT pg_advisory_unlock($1)", key)
+        async with asyncio.timeout(T):
+            await commit
+    finally:
+        await held.close()
+
+
+async def test_a_commit_holds_up_neither_a_renewal_nor_a_release(env: Env) -> None:
+    """A member renews all of its leases in one statement, once per tick: a commit's fence
+    check on one stream's row must not hold that statement up (FOR SHARE did: one slow commit
+    stopped every renewal, and a healthy member fenced itself). Nor a release, whose row the
+    next member then takes only once the commit has ended: it resumes after the commit."""
+    a, b = env.member("a"), env.member("b")
+    await a.join(["s", "t"], T)
+    epochs = {g.stream: g.epoch for g in await a.acquire(["s", "t"], T)}
+    fence = Fence("a", epochs)
+    await env.store.commit(batch_for("s", 1, fence))
+    async with commit_held_open(env, batch_for("s", 2, fence)) as commit:
+        before = {lv.stream: lv.expires_at for lv in (await b.view(T)).leases.values()}
+        renewal = await a.tick(epochs, 2.0)  # old code: waits for the commit, times out
+        assert renewal.renewed == frozenset({"s", "t"})
+        after = (await b.view(T)).leases
+        assert all(after[x].expires_at > before[x] for x in ("s", "t"))
+        await a.release({"s": epochs["s"]}, 2.0)
+        assert (await b.view(T)).leases["s"].holder is None
+        assert await b.acquire(["s"], T) == []  # the commit still holds the row it released
+        assert not commit.done()
+    assert await b.acquire(["s"], T) == [Acquired("s", epochs["s"] + 1, None)]
+    cp = await env.store.checkpoint("s")
+    assert cp is not None and cp.offset == "000002"  # b resumes after a's last commit
 
 
 async def test_anchor_with_a_stale_fence_creates_no_checkpoint(env: Env) -> None:

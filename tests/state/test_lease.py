@@ -82,6 +82,7 @@ async def test_a_daemon_outside_the_fleet_is_refused_beside_a_member_holding_no_
         with pytest.raises(LeaseHeld, match="fleet member m1 holds the state store"):
             await Daemon.create(single)
         await member.leave(10.0)
+        await member.close()  # as its shutdown does: the fleet lock goes with the connection
         async with running(single) as alone:  # the member left: nothing in the way
             assert alone.fleet is None
     finally:
