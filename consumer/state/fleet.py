@@ -58,7 +58,7 @@ class MemberRow:
     draining: bool
 
     def as_member(self) -> Member:
-        return Member(self.member, self.weight, self.draining)
+        return Member(self.member, self.weight, self.draining, self.started_at)
 
 
 @dataclass(frozen=True, slots=True)
