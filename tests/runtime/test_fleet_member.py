@@ -25,6 +25,7 @@ from tcp_proxy import TcpProxy
 from consumer.errors import StoreError
 from consumer.runtime.fleet import DuplicateMember, Fleet
 from consumer.state import open_store
+from consumer.state.fleet import FleetTable
 
 
 @dataclass
@@ -302,6 +303,45 @@ async def test_a_stream_only_some_members_are_configured_for_is_held(env: Env) -
     assert {"b", "c"} <= set(by["m2"]["held_elsewhere_not_configured_here"]) <= {"b", "c", "d"}
     taken = [x for x in lines if x["event"] == "lease taken" and x.get("beyond_share")]
     assert [x["stream"] for x in taken] == ["d"]
+
+
+async def test_a_drained_member_restarted_cleanly_stays_drained(env: Env) -> None:
+    """An operator drains a member for maintenance and restarts it: it must not take
+    streams again until `fleet drain --undo`, as after a crash. A clean stop deleted its
+    row, and the flag with it."""
+    first = env.member("m1", label="first")
+    first_run = env.run(first)
+    await wait_until(lambda: first.leases_held == 2)
+    operator = FleetTable.for_operator(fleet_settings(env.dsn, env.schema, "x").state)
+    try:
+        assert await operator.set_draining("m1", True, 10.0)  # fleet drain m1
+        await wait_until(lambda: first.leases_held == 0)
+        # The daemon's clean stop: stop acquiring, stop the task, release and leave.
+        first.stop_acquiring()
+        first_run.cancel()
+        await asyncio.gather(first_run, return_exceptions=True)
+        await first.hand_over()
+        again = env.member("m1", label="again")
+        drained: list[bool] = []  # each renewal's flag
+        renew = again.table.tick
+
+        async def tick(held: Any, timeout_s: float) -> Any:
+            renewal = await renew(held, timeout_s)
+            drained.append(renewal.draining)
+            return renewal
+
+        again.table.tick = tick  # type: ignore[method-assign]
+        env.run(again)
+        # Past the tick after which it takes its share: drained, it took nothing. And it
+        # joined at once (the row its first process left is not waited out).
+        await wait_until(lambda: len(drained) >= 6)
+        assert all(drained) and again._other is None
+        assert again.leases_held == 0 and not env.has("again", "start")
+        assert [h for _, h, _ in await env.leases()] == [None, None]
+        assert await operator.set_draining("m1", False, 10.0)  # fleet drain m1 --undo
+        await wait_until(lambda: again.leases_held == 2)
+    finally:
+        await operator.close()
 
 
 # --- one member name, one process ------------------------------------------------------------
