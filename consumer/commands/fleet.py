@@ -5,7 +5,9 @@ coordination tables in the PostgreSQL state store have them (:mod:`consumer.stat
   share and the leases it holds; every stream with its lease, checkpoint and lag.
 * ``drain MEMBER``: mark a member draining: its fair share becomes 0, so at its next tick it
   hands its streams over gracefully (``complete``, drain, commit, release) and the other
-  members take them at theirs. ``--undo`` gives it a share again. The member keeps running.
+  members take them at theirs. ``--undo`` gives it a share again. The member keeps running;
+  the flag belongs to the member's name: a restart under it (after a clean stop or a crash)
+  starts drained, until ``--undo``.
 
 Every time shown is measured against the database's clock (the members' clocks never
 matter); the command never joins the fleet (it reads and flips one flag, nothing else).
@@ -205,7 +207,8 @@ async def drain(settings: Settings, member: str, *, undo: bool) -> int:
     finally:
         await table.close()
     if not found:
-        known = ", ".join(m.member for m in view.members) or "none"
+        # Names as the table has them (other members' configs, hostnames): escaped.
+        known = ", ".join(printable(m.member, 200) for m in view.members) or "none"
         raise OperatorRefused(
             f"no fleet member {member!r} (members: {known}): `opera-consumer fleet status` "
             "lists them"
@@ -270,8 +273,8 @@ def _drain_story(
         else:
             lines.append("it holds no stream: nothing moves")
         lines.append(
-            "it keeps running and heartbeating; "
-            f"`opera-consumer fleet drain {member} --undo` gives it a share again"
+            "it keeps running and heartbeating, and stays drained if restarted under this "
+            f"name; `opera-consumer fleet drain {member} --undo` gives it a share again"
         )
     if row is not None and row.expires_at <= now:
         lines.append(

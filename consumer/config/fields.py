@@ -73,6 +73,15 @@ def bad_url_char(text: str) -> str | None:
     return None
 
 
+def unprintable_char(text: str) -> str | None:
+    """Where the first character :meth:`str.isprintable` refuses (controls, line separators,
+    format characters) is, if any."""
+    for i, c in enumerate(text):
+        if not c.isprintable():
+            return f"{_char_name(c)} at position {i}"
+    return None
+
+
 def _bad_field_char(text: str) -> str | None:
     """Where the first character not allowed in an HTTP field value is (visible ASCII and
     space only: CR/LF would inject headers, and HTTP clients cannot encode the rest), if any."""

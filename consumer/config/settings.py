@@ -70,6 +70,7 @@ from .fields import (
     misread_user_information,
     no_controls,
     undecodable,
+    unprintable_char,
     user_information,
 )
 
@@ -506,6 +507,11 @@ class StateSettings(_Model):
         return self
 
 
+# Weights are relative: 1000 to 1 is more than any fleet needs, and keeps the shares' sums
+# finite (1e308 overflowed to infinity: every tick failed, or every share was 0).
+MAX_FLEET_WEIGHT = 1000.0
+
+
 class FleetSettings(_Model):
     """Fleet mode: identical daemons sharing the PostgreSQL state store split the streams
     between them, each holding leases (with epochs that fence a member that lost one)."""
@@ -520,6 +526,36 @@ class FleetSettings(_Model):
     lease_ttl_s: float = Field(default=60.0, gt=0)
     # Heartbeat, lease renewal and rebalancing, once per tick (one statement renews all).
     renew_interval_s: float = Field(default=5.0, gt=0)
+
+    @field_validator("member")
+    @classmethod
+    def _printable_member(cls, v: str) -> str:
+        bad = unprintable_char(v)
+        if bad:
+            raise Problem(
+                (
+                    "",
+                    f"contains {bad}",
+                    "use printable characters only: the name goes to PostgreSQL (which "
+                    "refuses a NUL in every statement and at connect), the logs and "
+                    "`fleet status`",
+                )
+            )
+        return v
+
+    @field_validator("weight")
+    @classmethod
+    def _bounded_weight(cls, v: float) -> float:
+        if v > MAX_FLEET_WEIGHT:
+            raise Problem(
+                (
+                    "",
+                    f"is above {MAX_FLEET_WEIGHT:g}",
+                    "weights only count relative to each other: scale them down (e.g. 1, 2 "
+                    f"and 4), to at most {MAX_FLEET_WEIGHT:g}",
+                )
+            )
+        return v
 
     @model_validator(mode="after")
     def _timers(self) -> FleetSettings:

@@ -14,6 +14,22 @@ the fleet converges without talking:
 * Each member prefers streams by a hash of (member, stream) (rendezvous hashing): members
   reaching for free streams at once mostly reach for different ones, and a released stream
   goes to whoever ranks it highest among those with room.
+
+Members are meant to share one list of streams, but each computes its share over its own
+(the fleet's tables do not say who is configured for what): during a rolling deploy that adds
+streams, or with an override on one host, a stream only some members know may find all of
+them at their share while the others' shares go unused. So a member remembers, from tick to
+tick (:class:`Memory`), since when each of its streams has been unheld:
+
+* A stream unheld for ``patience`` (the runtime: a lease's TTL, far longer than a handover
+  takes), while the fleet took no other (else members with room may still be racing for
+  them), is *starved*: a member configured for it takes it even beyond its share (an
+  *extra*), unless it is draining or of weight 0.
+* Extras do not count against the share, so they are not handed back at the next tick (which
+  would leave them unheld again, and flap). They count again when a member joins the active
+  fleet (a new process, or one no longer draining): maybe one that knows them, a rolling
+  deploy's next host; a member over its share then hands the surplus over as usual, and
+  should nobody take it, it is starved again after ``patience``.
 """
 
 from __future__ import annotations
@@ -21,7 +37,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +45,7 @@ class Member:
     id: str
     weight: float
     draining: bool = False
+    started_at: float = 0.0  # with ``id``, one process: a restart under the same name is new
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +61,60 @@ class Plan:
     acquire: tuple[str, ...]  # in preference order; the database decides who wins a race
     release: tuple[str, ...]
     share: int
+    extra: tuple[str, ...] = ()  # of ``acquire``: starved ones, taken beyond the share
+
+
+@dataclass(frozen=True, slots=True)
+class Memory:
+    """What a member carries from one tick to the next (see the module's docstring)."""
+
+    unheld_since: Mapping[str, float] = field(default_factory=dict)  # the database's clock
+    extra: frozenset[str] = frozenset()  # held beyond the share: nobody else took them
+    active: frozenset[tuple[str, float]] = frozenset()  # (id, started_at) at the last tick
+    held_most: int = 0  # the most of this member's streams seen held at once
+    rose_at: float = -math.inf  # when that last rose: the fleet still taking streams
+
+    def starved(self, now: float, patience: float) -> frozenset[str]:
+        """Streams unheld for ``patience``, during which the fleet took none more: not just
+        slow to share them out (members with room racing for the same ones)."""
+        if now - self.rose_at < patience:
+            return frozenset()
+        return frozenset(s for s, t in self.unheld_since.items() if now - t >= patience)
+
+    def took(self, streams: Iterable[str]) -> Memory:
+        """These extras were acquired."""
+        return replace(self, extra=self.extra | frozenset(streams))
+
+
+def observe(
+    memory: Memory,
+    members: Iterable[Member],
+    leases: Mapping[str, LeaseView],
+    streams: Iterable[str],
+    *,
+    held: Iterable[str],
+    now: float,
+) -> Memory:
+    """This tick's view, remembered: ``members`` the live ones (``me`` among them or not),
+    ``held`` what this member runs now."""
+    mine, wanted = set(held), set(streams)
+    unheld = {
+        s: memory.unheld_since.get(s, now) for s in wanted - mine if _unheld(leases.get(s), now)
+    }
+    active = frozenset((m.id, m.started_at) for m in members if not m.draining and m.weight > 0)
+    joined = bool(active - memory.active)
+    extra = frozenset() if joined else memory.extra & mine
+    # A stream that fails to start (released, taken again) sets no new high: not progress.
+    count = len(wanted) - len(unheld)
+    most, rose = (count, now) if count > memory.held_most else (memory.held_most, memory.rose_at)
+    return Memory(unheld, extra, active, most, rose)
+
+
+def strangers(leases: Mapping[str, LeaseView], streams: Iterable[str], now: float) -> list[str]:
+    """Streams held by a live lease that are not in ``streams``: some member is configured
+    for streams this one is not (a member only ever takes its own)."""
+    known = set(streams)
+    return sorted(s for s, x in leases.items() if s not in known and not _unheld(x, now))
 
 
 def rank(member: str, stream: str) -> bytes:
@@ -56,8 +127,11 @@ def fair_share(me: Member, members: Iterable[Member], streams: int) -> int:
         return 0
     active = {m.id: m for m in members if not m.draining and m.weight > 0}
     active[me.id] = me
-    total = sum(m.weight for m in active.values())
-    return min(streams, math.ceil(streams * me.weight / total - 1e-9))
+    # Relative to the heaviest: a sum of huge weights (a row of another version's member)
+    # must not overflow to infinity and make every share 0.
+    top = max(m.weight for m in active.values())
+    total = sum(m.weight / top for m in active.values())
+    return min(streams, math.ceil(streams * (me.weight / top) / total - 1e-9))
 
 
 def plan(
@@ -68,25 +142,36 @@ def plan(
     *,
     held: Iterable[str],
     now: float,
+    starved: Iterable[str] = (),
+    extra: Iterable[str] = (),
 ) -> Plan:
     """``members``: the live ones (``me`` may be missing: just joined). ``leases``: by
     stream, as the database has them (a stream without a row is free). ``held``: what this
-    member runs now."""
+    member runs now. ``starved``: streams unheld for long (:meth:`Memory.starved`);
+    ``extra``: held ones taken beyond the share (:attr:`Memory.extra`)."""
     wanted = sorted(set(streams))
-    mine = sorted(set(held) & set(wanted), key=lambda s: rank(me.id, s))
     share = fair_share(me, members, len(wanted))
-    if len(mine) > share:
+    kept = set(extra) if share > 0 else set()  # a draining member keeps nothing
+    mine = sorted(set(held) & set(wanted), key=lambda s: rank(me.id, s))
+    counted = [s for s in mine if s not in kept]
+    if len(counted) > share:
         # Keep the ones this member ranks highest: the same ones tick after tick.
-        return Plan((), tuple(mine[share:]), share)
-    room = share - len(mine)
-    if room <= 0:
-        return Plan((), (), share)
+        return Plan((), tuple(counted[share:]), share)
+    room = share - len(counted)
     free = [s for s in wanted if s not in mine and _free(leases.get(s), me.id, now)]
     free.sort(key=lambda s: rank(me.id, s))
-    return Plan(tuple(free[:room]), (), share)
+    fair = free[:room]
+    hungry = set(starved) if share > 0 else set()
+    beyond = tuple(s for s in free[room:] if s in hungry)
+    return Plan((*fair, *beyond), (), share, beyond)
 
 
 def _free(lease: LeaseView | None, me: str, now: float) -> bool:
     """Takeable by ``me``: a lease in its own name it does not run (a restart under the same
     member name) is too."""
     return lease is None or lease.holder in (None, me) or lease.expires_at <= now
+
+
+def _unheld(lease: LeaseView | None, now: float) -> bool:
+    """No live lease (a stream without a row has none)."""
+    return lease is None or lease.holder is None or lease.expires_at <= now

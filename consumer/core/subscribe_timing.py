@@ -3,8 +3,9 @@ arithmetic the stream runner applies:
 
 * the gap after a completed subscription: a ``subscribe`` too soon after the previous one on
   the same stream was completed and closed gets 4409 (and the lockout). The close time is kept
-  in the state store, so a restarted daemon or a fleet member taking the stream over waits out
-  what remains of it (:func:`gap_left`);
+  in the state store, on the store's clock (the database's in a fleet, never the closing
+  host's), so a restarted daemon or a fleet member taking the stream over waits out what
+  remains of it (:func:`gap_left`);
 * ``subscribe`` within ``subscribe_deadline_s`` of ``connection_init``: the ack wait, the
   connection-status answer and the takeover jitter all come out of one budget
   (:class:`SubscribeDeadline`), and a subscribe that would be late is never sent.
@@ -20,8 +21,9 @@ SUBSCRIBE_MARGIN_S = 0.5
 
 
 def gap_left(closed_at: float | None, now: float, gap_s: float) -> float:
-    """Seconds still to wait before subscribing, given the wall-clock time the previous
-    completed subscription was closed (None: none recorded). Never more than ``gap_s``: a
+    """Seconds still to wait before subscribing, given when the previous completed
+    subscription was closed (None: none recorded) and the time now, both on one clock (the
+    state store's: in a fleet, the database's, never two hosts'). Never more than ``gap_s``: a
     clock that jumped back (a close "in the future") must not stretch the wait."""
     if closed_at is None or gap_s <= 0:
         return 0.0

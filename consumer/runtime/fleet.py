@@ -19,6 +19,10 @@ outlast the lease); only a lost one is left out. The settings bound such a stop 
 ``lease_ttl_s - renew_interval_s``, and a handover starts at most ``renew_interval_s`` after a
 renewal, so it ends before the lease could expire even if no renewal succeeds meanwhile.
 
+Members should share one list of streams; when theirs differ (a rolling deploy that adds
+streams), a stream unheld for ``lease_ttl_s`` is taken by a member configured for it even
+beyond its share (:mod:`consumer.core.assignment`), and the member warns (once in a while).
+
 A member name is one process's: a member whose heartbeat finds its row held by another live
 process (:class:`DuplicateMember`) stops its streams and ends the fleet task with an error
 (the daemon exits 78). A row left by a process that died (a restart under the same name) is
@@ -44,8 +48,9 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from ..config import Settings
-from ..core.assignment import Member, plan
+from ..core.assignment import Member, Memory, observe, plan, strangers
 from ..core.evidence import describe
+from ..core.printable import printable
 from ..core.records import Fence
 from ..errors import LeaseHeld, StoreError
 
@@ -61,6 +66,10 @@ StopStream = Callable[[str, bool], Awaitable[None]]
 
 def member_name(configured: str) -> str:
     return configured or f"{socket.gethostname()}:{os.getpid()}"
+
+
+# A fleet whose members' stream lists differ is warned about at most this often.
+MISMATCH_WARN_EVERY_S = 600.0
 
 
 class DuplicateMember(StoreError):
@@ -127,6 +136,9 @@ class Fleet:
         self._renewed_at: float | None = None  # monotonic start of the last good renewal
         self._joined_at: float | None = None
         self._closing = False
+        self._memory = Memory()
+        self._mismatch: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())  # last warned
+        self._mismatch_at = -MISMATCH_WARN_EVERY_S  # monotonic, when last warned
 
     def fence(self) -> Fence:
         return Fence(self.member, dict(self.epochs))
@@ -193,7 +205,12 @@ class Fleet:
         self._renewed_at = started
         if self._joined_at is None:
             self._joined_at = started
-            log.info("joined the fleet", member=self.member, streams=len(self.streams))
+            log.info(
+                "joined the fleet",
+                member=self.member,
+                streams=len(self.streams),
+                draining=renewal.draining,  # `fleet drain` outlives a restart
+            )
         for stream in sorted(set(held) - renewal.renewed):
             if self.epochs.get(stream) == held[stream]:  # else gone meanwhile
                 self._lose(stream, "lease lost: another member took this stream")
@@ -202,16 +219,23 @@ class Fleet:
         view = await self.table.view(timeout)
         live = [m.as_member() for m in view.live()]
         self.members_live = len(live)
+        running = [s for s in self.epochs if s not in self._moving]
+        memory = observe(self._memory, live, view.leases, self.streams, held=running, now=view.now)
+        self._memory = memory
         if time.monotonic() - self._joined_at < f.renew_interval_s and not self.epochs:
             return  # one tick to see who else is starting with us, then take a share
         me = Member(self.member, f.weight, renewal.draining)
+        starved = memory.starved(view.now, f.lease_ttl_s)
+        self._warn_of_a_mismatch(strangers(view.leases, self.streams, view.now), starved)
         decision = plan(
             me,
             [m for m in live if m.id != self.member],
             view.leases,
             self.streams,
-            held=[s for s in self.epochs if s not in self._moving],
+            held=running,
             now=view.now,
+            starved=starved,
+            extra=memory.extra,
         )
         # A handover must end before the lease could expire with no renewal after this
         # tick's (the settings bound a stop to lease_ttl_s - renew_interval_s): not when
@@ -223,15 +247,45 @@ class Fleet:
         wanted = [s for s in decision.acquire if s not in self._moving]  # not until stopped
         if wanted:
             got = await self.table.acquire(wanted, timeout)
+            self._memory = self._memory.took(a.stream for a in got if a.stream in decision.extra)
             for a in got:
                 self.epochs[a.stream] = a.epoch
                 if a.previous is not None and a.previous != self.member:
                     self.counters.takeovers += 1
-                log.info("lease taken", stream=a.stream, epoch=a.epoch, previous=a.previous or "-")
+                log.info(
+                    "lease taken",
+                    stream=a.stream,
+                    epoch=a.epoch,
+                    previous=a.previous or "-",
+                    **({"beyond_share": True} if a.stream in decision.extra else {}),
+                )
                 # Started aside: a start reads the store, and must not hold up renewals.
                 self._starting[a.stream] = self._spawn(
                     self._started(a.stream, a.epoch), f"fleet-start-{a.stream}"
                 )
+
+    def _warn_of_a_mismatch(self, unknown: list[str], starved: frozenset[str]) -> None:
+        """Members configured with different streams: some hold streams this one does not
+        know, or some of its own went unheld for a lease's TTL (with one list, the shares
+        cover every stream). Said once, then again only if what differs changed, and not
+        more often than every :data:`MISMATCH_WARN_EVERY_S`."""
+        seen = (tuple(unknown), tuple(sorted(starved)))
+        now = time.monotonic()
+        if not unknown and not starved:
+            self._mismatch = seen  # agreed again: the next difference is news
+            return
+        if seen == self._mismatch or now - self._mismatch_at < MISMATCH_WARN_EVERY_S:
+            return
+        self._mismatch, self._mismatch_at = seen, now
+        log.warning(
+            "the fleet's members are configured with different streams: give every member the "
+            "same [streams] (a rolling deploy converges once every member runs the new config); "
+            "meanwhile a stream unheld for lease_ttl_s is taken beyond its share by a member "
+            "configured for it",
+            member=self.member,
+            held_elsewhere_not_configured_here=[printable(x, 200) for x in unknown[:20]],
+            unheld_for_a_lease=sorted(starved)[:20],
+        )
 
     async def _started(self, stream: str, epoch: int) -> None:
         try:

@@ -600,16 +600,17 @@ class StreamRunner:
         """Before this process's first subscribe of the stream (a start, a fleet takeover):
         OHIP refuses a subscribe too soon after the previous subscription was completed and
         closed (4409, and minutes of lockout), whichever process completed it. Waits what is
-        left of resubscribe_gap_s since that close, as the state store recorded it."""
+        left of resubscribe_gap_s since that close, as the state store recorded it, on the
+        store's clock (in a fleet, the database's: another host may have closed it)."""
         gap = self.settings.connection.resubscribe_gap_s
         if gap <= 0:
             return
         try:
-            closed_at = await self._store.completed_closed_at(self.name)
+            closed_at, now = await self._store.completed_close(self.name)
         except StoreError as exc:  # a state store that fails: the whole gap, to be safe
             log.warning("cannot read when the last subscription closed", error=describe(exc))
-            closed_at = time.time()
-        wait = gap_left(closed_at, time.time(), gap)
+            closed_at, now = 0.0, 0.0
+        wait = gap_left(closed_at, now, gap)
         if wait <= 0:
             return
         self.state = StreamState.LOCKOUT
@@ -621,7 +622,7 @@ class StreamRunner:
         """A completed subscription (by us or by the server) is closed (by the server, or by
         us after complete_timeout_s): remember when, for whichever process subscribes next."""
         try:
-            await self._store.set_completed_closed_at(self.name, time.time())
+            await self._store.set_completed_closed_at(self.name)  # on the store's clock
         except StoreError as exc:  # the next subscriber then risks a 4409: no reason to fail
             log.warning("cannot record when the subscription closed", error=describe(exc))
 

@@ -32,6 +32,13 @@ class StateStore(Protocol):
         the server (or we stopped waiting for that); None if never recorded."""
         ...
 
+    async def completed_close(self, stream: str) -> tuple[float | None, float]:
+        """:meth:`completed_closed_at`, and the time now, on one clock: the store's. The
+        PostgreSQL store's is the database's, which every fleet member shares (the member
+        taking a stream over must not hold its own clock against the closing host's); the
+        SQLite store's is this host's (one host)."""
+        ...
+
     async def sink_state(self, sink: str) -> str | None: ...
 
     async def seen(self, stream: str, event_ids: Sequence[str]) -> set[str]:
@@ -58,8 +65,9 @@ class StateStore(Protocol):
         without (SQLite: no fleet) ignores it."""
         ...
 
-    async def set_completed_closed_at(self, stream: str, at: float) -> None:
-        """Record :meth:`completed_closed_at` (not fenced: it only lengthens a bounded wait)."""
+    async def set_completed_closed_at(self, stream: str, at: float | None = None) -> None:
+        """Record :meth:`completed_closed_at`: ``at``, or else now on the store's clock (see
+        :meth:`completed_close`). Not fenced: it only lengthens a bounded wait."""
         ...
 
     async def prune_processed(

@@ -65,7 +65,7 @@ class MemberRow:
     draining: bool
 
     def as_member(self) -> Member:
-        return Member(self.member, self.weight, self.draining)
+        return Member(self.member, self.weight, self.draining, self.started_at)
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,12 +299,18 @@ class FleetTable:
         )
 
     async def leave(self, timeout_s: float) -> None:
-        """Remove this process's row (never the row of another process of the same name)."""
+        """Remove this process's row (never the row of another process of the same name).
+        A draining member's row stays, expired at once: ``fleet drain`` outlives a clean stop
+        as it outlives a crash, so the name's next process starts drained (until ``fleet
+        drain --undo``), and joins without waiting."""
+        s = self._s
         await self._call(
             "leaving the fleet",
             timeout_s,
             "execute",
-            f"DELETE FROM {self._s}.fleet_members WHERE member = $1 AND instance = $2",
+            f"WITH gone AS (DELETE FROM {s}.fleet_members WHERE member = $1 AND instance = $2 "
+            f"AND NOT draining) UPDATE {s}.fleet_members SET expires_at = LEAST(expires_at, "
+            f"{NOW}) WHERE member = $1 AND instance = $2 AND draining",
             self.member,
             self.instance,
         )

@@ -50,6 +50,9 @@ from ..pg_target import DURABLE_COMMITS, Target
 from ..pg_text import from_text, from_text_or_none, to_text, to_text_or_none
 from .base import PRUNE_CHUNK
 
+# The database's clock (epoch seconds): what fleet members on different hosts agree on.
+_DB_NOW = "EXTRACT(EPOCH FROM clock_timestamp())::float8"
+
 MIGRATIONS: tuple[str, ...] = (
     # 1: the schema of the SQLite store's version 3 (the PostgreSQL store began there)
     """
@@ -519,6 +522,16 @@ class PostgresStore:
         )
         return None if value is None else float(value)
 
+    @_translated("reading when a subscription was completed")
+    async def completed_close(self, stream: str) -> tuple[float | None, float]:
+        row = await self._pool.fetchrow(
+            f"SELECT (SELECT closed_at FROM {self._s}.completed_subscriptions WHERE stream = $1) "
+            f"AS closed_at, {_DB_NOW} AS now",
+            stream,
+        )
+        closed_at = row["closed_at"]
+        return (None if closed_at is None else float(closed_at)), float(row["now"])
+
     # --- writes ---------------------------------------------------------------------------
 
     @_translated("committing")
@@ -669,9 +682,10 @@ class PostgresStore:
             )
 
     @_translated("recording when a subscription was completed")
-    async def set_completed_closed_at(self, stream: str, at: float) -> None:
+    async def set_completed_closed_at(self, stream: str, at: float | None = None) -> None:
         await self._pool.execute(
-            f"INSERT INTO {self._s}.completed_subscriptions (stream, closed_at) VALUES ($1, $2) "
+            f"INSERT INTO {self._s}.completed_subscriptions (stream, closed_at) "
+            f"VALUES ($1, COALESCE($2::float8, {_DB_NOW})) "
             "ON CONFLICT (stream) DO UPDATE SET closed_at = EXCLUDED.closed_at",
             stream,
             at,

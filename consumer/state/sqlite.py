@@ -403,6 +403,9 @@ class SqliteStore:
             row = await cur.fetchone()
         return float(row[0]) if row else None
 
+    async def completed_close(self, stream: str) -> tuple[float | None, float]:
+        return await self.completed_closed_at(stream), time.time()  # one host: its clock
+
     # --- writes ---------------------------------------------------------------------------
 
     @_translated
@@ -490,11 +493,11 @@ class SqliteStore:
             )
 
     @_translated
-    async def set_completed_closed_at(self, stream: str, at: float) -> None:
+    async def set_completed_closed_at(self, stream: str, at: float | None = None) -> None:
         await self._w.execute(
             "INSERT INTO completed_subscriptions (stream, closed_at) VALUES (?, ?) "
             "ON CONFLICT (stream) DO UPDATE SET closed_at = excluded.closed_at",
-            (stream, at),
+            (stream, time.time() if at is None else at),
         )
 
     @staticmethod

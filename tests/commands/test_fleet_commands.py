@@ -475,6 +475,36 @@ async def test_fleet_drain_escapes_the_other_members_names(
             await m.close()
 
 
+async def test_fleet_drain_of_an_unknown_member_escapes_the_members_names(
+    empty_fleet: Fleet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The refusal lists the members there are: their names, from other members' configs
+    (or hostnames), are escaped in the error itself, as `fleet status` and the drain's story
+    escape them (not only by the CLI's printing: the error is logged, raised to callers)."""
+    from consumer.commands import fleet as commands
+    from consumer.config import load_settings
+    from consumer.errors import OperatorRefused
+
+    state = empty_fleet.state
+    evil = FleetTable(
+        state, "m2\x1b]0;pwned\x07\x1b[2J", host="h", pid=2, weight=1.0,
+        started_at=time.time(), lease_ttl_s=30.0,
+    )  # fmt: skip
+    escaped = "(members: m2\\x1b]0;pwned\\x07\\x1b[2J)"
+    try:
+        await evil.tick({}, 10)
+        with pytest.raises(OperatorRefused) as refused:
+            await commands.drain(load_settings(empty_fleet.config), "nope", undo=False)
+        assert "\x1b" not in str(refused.value) and escaped in str(refused.value)
+        code, out, err = await cli(
+            capsys, "fleet", "drain", "nope", "--config", str(empty_fleet.config)
+        )
+        assert code == 1 and out == ""
+        assert "\x1b" not in err and "\x07" not in err and escaped in err
+    finally:
+        await evil.close()
+
+
 # --- offset set / reset whatever the operator's [fleet] says -------------------------------------
 # The daemon refuses a schema used the other way (a single daemon beside members, or the
 # reverse); an operator's config may still say either. The command looks at, and holds, both.

@@ -73,3 +73,35 @@ def _write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "config.toml"
     path.write_text(text)
     return path
+
+
+# As TOML escapes: NUL (PostgreSQL refuses it in the startup packet: every tick failed, for
+# ever), LF, ESC (a terminal's escape sequences in `fleet status`), a line separator.
+@pytest.mark.parametrize("bad", ["\\u0000", "\\n", "\\u001b", "\\u2028"])
+def test_a_control_character_in_the_member_name_is_refused(tmp_path: Path, bad: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_settings(_write(tmp_path, FLEET + f'member = "zqx{bad}1"\n'))
+    message = str(refused.value)
+    assert "fleet.member" in message and "at position 3" in message, message
+    assert "printable characters only" in message  # the fix
+    assert "zqx" not in message  # never the value
+
+
+def test_a_printable_member_name_is_kept(tmp_path: Path) -> None:
+    settings = load_settings(_write(tmp_path, FLEET + 'member = "web-1 (rack 2) ü"\n'))
+    assert settings.fleet.member == "web-1 (rack 2) ü"
+
+
+@pytest.mark.parametrize("weight", ["1000.5", "1e308"])
+def test_a_weight_above_the_bound_is_refused(tmp_path: Path, weight: str) -> None:
+    """1e308 overflowed the shares to infinity (every tick failed, `fleet status` crashed);
+    two such weights made every share 0."""
+    with pytest.raises(ConfigError) as refused:
+        load_settings(_write(tmp_path, FLEET + f"weight = {weight}\n"))
+    message = str(refused.value)
+    assert "fleet.weight: is above 1000" in message, message
+    assert "scale them down" in message
+
+
+def test_the_largest_weight_is_kept(tmp_path: Path) -> None:
+    assert load_settings(_write(tmp_path, FLEET + "weight = 1000\n")).fleet.weight == 1000.0

@@ -14,7 +14,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from consumer.core.assignment import LeaseView, Member, fair_share, plan, rank
+from consumer.core.assignment import (
+    LeaseView,
+    Member,
+    Memory,
+    fair_share,
+    observe,
+    plan,
+    rank,
+    strangers,
+)
 
 NOW = 1000.0
 
@@ -92,6 +101,17 @@ def test_float_noise_does_not_round_a_share_up() -> None:
     members = [Member("a", 0.1), Member("b", 0.2)]
     assert fair_share(members[0], members, 3) == 1
     assert fair_share(members[1], members, 3) == 2
+
+
+def test_huge_weights_neither_overflow_nor_zero_every_share() -> None:
+    """The config bounds a weight, but a row may come from a member of another version: one
+    of 1e308 made ceil(inf) raise in every tick, two of them made every share 0."""
+    huge = Member("m1", 1e308)
+    assert fair_share(huge, [], 2) == 2
+    two = [huge, Member("m2", 1e308)]
+    assert [fair_share(m, two, 4) for m in two] == [2, 2]
+    three = [*two, Member("small", 1.0)]
+    assert [fair_share(m, three, 4) for m in three] == [2, 2, 0]  # still covering the 4
 
 
 @given(
@@ -249,6 +269,113 @@ def test_a_just_joined_member_missing_from_the_view_plans_with_itself() -> None:
     assert len(p.acquire) == 4
 
 
+# --- plan: streams nobody else takes (members' stream lists differ) ---------------------------
+
+
+def test_a_starved_stream_is_taken_beyond_the_share() -> None:
+    """A stream unheld for long (no member with room is configured for it) is taken by one
+    at its share that is; marked extra, after what its share allows."""
+    streams = streams_named(4)
+    me = Member("a", 1.0)
+    members = [me, Member("b", 1.0)]  # share 2
+    held = streams[:2]
+    leases = held_by("a", held)
+    p = plan(me, members, leases, streams, held=held, now=NOW)
+    assert (p.acquire, p.release, p.extra) == ((), (), ())  # at its share: nothing
+    p = plan(me, members, leases, streams, held=held, now=NOW, starved=["s003"])
+    assert (p.acquire, p.release, p.extra, p.share) == (("s003",), (), ("s003",), 2)
+    # under its share, a starved stream is taken within it first: not an extra
+    p = plan(me, members, {}, streams, held=streams[:1], now=NOW, starved=["s003"])
+    first = by_rank("a", streams[1:])[0]
+    assert p.acquire == ((first,) if first == "s003" else (first, "s003"))
+    assert p.extra == p.acquire[1:]
+    # a starved stream held by someone live (taken meanwhile) is not taken
+    taken = {**leases, "s003": LeaseView("s003", "c", 1, NOW + 30)}
+    assert plan(me, members, taken, streams, held=held, now=NOW, starved=["s003"]).acquire == ()
+
+
+def test_a_draining_or_weightless_member_takes_no_starved_stream_and_keeps_no_extra() -> None:
+    streams = streams_named(3)
+    for me in (Member("a", 1.0, draining=True), Member("a", 0.0)):
+        members = [me, Member("b", 1.0)]
+        p = plan(me, members, {}, streams, held=[], now=NOW, starved=streams)
+        assert p.acquire == () and p.share == 0
+        p = plan(me, members, held_by("a", streams), streams, held=streams, now=NOW, extra=streams)
+        assert sorted(p.release) == streams
+
+
+def test_extras_do_not_count_against_the_share() -> None:
+    """Handed back at the next tick, an extra would be unheld again, taken again: a flap."""
+    streams = streams_named(4)
+    me = Member("a", 1.0)
+    members = [me, Member("b", 1.0)]  # share 2
+    held = streams[1:]  # 3: one over
+    leases = held_by("a", held)
+    assert len(plan(me, members, leases, streams, held=held, now=NOW).release) == 1
+    p = plan(me, members, leases, streams, held=held, now=NOW, extra=["s003"])
+    assert (p.acquire, p.release) == ((), ())
+    # its share of the others stays its share: with room, it takes more
+    p = plan(me, members, {}, streams, held=["s003"], now=NOW, extra=["s003"])
+    assert len(p.acquire) == 2 and p.extra == ()
+
+
+def test_memory_tracks_since_when_each_stream_is_unheld() -> None:
+    streams = ["a", "b", "c", "d"]
+    leases = {
+        "a": LeaseView("a", "m1", 1, NOW + 30),  # held
+        "b": LeaseView("b", "m2", 1, NOW - 1),  # expired
+        "c": LeaseView("c", None, 1, 0.0),  # released
+        # d: no row
+    }
+    m = observe(Memory(), [], leases, streams, held=[], now=NOW)
+    assert m.unheld_since == {"b": NOW, "c": NOW, "d": NOW}
+    assert m.starved(NOW + 4.9, 5.0) == frozenset()
+    assert m.starved(NOW + 5, 5.0) == frozenset({"b", "c", "d"})
+    # c is taken: its count starts over, and the others' waits with it (the fleet is still
+    # taking streams: those with room may yet take the rest)
+    taken = {**leases, "c": LeaseView("c", "m2", 2, NOW + 33)}
+    m = observe(m, [], taken, streams, held=[], now=NOW + 3)
+    assert m.unheld_since == {"b": NOW, "d": NOW}
+    assert m.starved(NOW + 7.9, 5.0) == frozenset()
+    assert m.starved(NOW + 8, 5.0) == frozenset({"b", "d"})
+    # a stream released and taken again (one that fails to start) is no such progress
+    m = observe(m, [], {**taken, "a": LeaseView("a", None, 1, 0.0)}, streams, held=[], now=NOW + 4)
+    m = observe(
+        m, [], {**taken, "a": LeaseView("a", "m1", 2, NOW + 35)}, streams, held=[], now=NOW + 5
+    )
+    assert m.starved(NOW + 8, 5.0) == frozenset({"b", "d"})
+    # what this member runs is not unheld, whatever the table says (a lease in its own name)
+    assert "d" not in observe(m, [], leases, streams, held=["d"], now=NOW + 6).unheld_since
+
+
+def test_extras_count_again_when_a_member_joins() -> None:
+    """A newcomer (a new process, or one no longer draining or of weight 0) may be the
+    rolling deploy's next host, configured for the streams the others were not."""
+    a, b = Member("a", 1.0, started_at=1.0), Member("b", 1.0, started_at=2.0)
+    m = observe(Memory(), [a, b], {}, ["x"], held=["x"], now=NOW).took(["x"])
+    assert observe(m, [a, b], {}, ["x"], held=["x"], now=NOW).extra == {"x"}
+    assert observe(m, [a], {}, ["x"], held=["x"], now=NOW).extra == {"x"}  # one left
+    assert observe(m, [a, b], {}, ["x"], held=[], now=NOW).extra == frozenset()  # not held
+    for joined in (
+        [a, b, Member("c", 1.0, started_at=3.0)],  # a new member
+        [a, Member("b", 1.0, started_at=9.0)],  # b restarted (maybe with a new config)
+    ):
+        assert observe(m, joined, {}, ["x"], held=["x"], now=NOW).extra == frozenset()
+    drained = observe(m, [a, Member("b", 1.0, True, 2.0)], {}, ["x"], held=["x"], now=NOW)
+    assert drained.extra == {"x"}
+    assert observe(drained, [a, b], {}, ["x"], held=["x"], now=NOW).extra == frozenset()
+
+
+def test_strangers_are_live_leases_on_streams_not_configured_here() -> None:
+    leases = {
+        "a": LeaseView("a", "m1", 1, NOW + 30),
+        "new": LeaseView("new", "m2", 1, NOW + 30),
+        "gone": LeaseView("gone", None, 4, 0.0),  # a row left by an old config: unheld
+        "dead": LeaseView("dead", "m3", 1, NOW - 1),
+    }
+    assert strangers(leases, ["a", "b"], NOW) == ["new"]
+
+
 # --- the fleet, simulated ----------------------------------------------------------------------
 
 LEASE_TTL = 3.0
@@ -257,6 +384,8 @@ ROUND = 1.0
 # After any change the fleet settles within this many rounds: a dead member's leases take
 # LEASE_TTL to expire, then a hand-over or two (6 at worst over thousands of random fleets).
 MAX_ROUNDS = int(LEASE_TTL / ROUND) + 8
+# The runtime's is the lease's TTL: at least 4 ticks (the settings refuse less).
+PATIENCE = 4 * ROUND
 
 
 @dataclass
@@ -273,6 +402,9 @@ class SimMember:
     draining: bool = False
     alive: bool = True
     held: dict[str, int] = field(default_factory=dict)  # stream -> epoch
+    streams: list[str] | None = None  # its config's, when not the fleet's
+    started_at: float = 0.0  # set when it joins
+    memory: Memory = field(default_factory=Memory)
 
 
 @dataclass
@@ -288,20 +420,36 @@ class Fleet:
     member_expiry: dict[str, float] = field(default_factory=dict)
     acquired: int = 0
     released: int = 0
+    extras: int = 0  # acquired beyond a share
 
     def __post_init__(self) -> None:
         self.leases = {s: Lease() for s in self.streams}  # join
 
     def join(self, member: SimMember) -> None:
+        member.started_at = self.now
         self.members[member.id] = member
+
+    def configured(self, m: SimMember) -> list[str]:
+        return self.streams if m.streams is None else m.streams
 
     def kill(self, member_id: str) -> None:
         """It stops heartbeating: no release, its leases run out."""
         self.members[member_id].alive = False
 
+    def stop(self, member_id: str) -> None:
+        """A graceful stop: its leases released, its row gone."""
+        m = self.members[member_id]
+        for stream, epoch in m.held.items():
+            x = self.leases[stream]
+            if x.holder == m.id and x.epoch == epoch:
+                x.holder, x.expires_at = None, 0.0
+        m.held.clear()
+        m.alive = False
+        self.member_expiry.pop(member_id, None)
+
     def live(self) -> list[Member]:
         return [
-            Member(m.id, m.weight, m.draining)
+            Member(m.id, m.weight, m.draining, m.started_at)
             for m in self.members.values()
             if self.member_expiry.get(m.id, 0.0) > self.now
         ]
@@ -326,13 +474,17 @@ class Fleet:
 
     def _act(self, m: SimMember, view: tuple[list[Member], dict[str, LeaseView]]) -> None:
         members, leases = view
+        mine = self.configured(m)
+        m.memory = observe(m.memory, members, leases, mine, held=list(m.held), now=self.now)
         p = plan(
-            Member(m.id, m.weight, m.draining),
+            Member(m.id, m.weight, m.draining, m.started_at),
             members,
             leases,
-            self.streams,
+            mine,
             held=list(m.held),
             now=self.now,
+            starved=m.memory.starved(self.now, PATIENCE),
+            extra=m.memory.extra,
         )
         for stream in p.release:
             x = self.leases[stream]
@@ -346,6 +498,9 @@ class Fleet:
                 x.holder, x.epoch, x.expires_at = m.id, x.epoch + 1, self.now + LEASE_TTL
                 m.held[stream] = x.epoch
                 self.acquired += 1
+                if stream in p.extra:
+                    m.memory = m.memory.took([stream])
+                    self.extras += 1
 
     def round(self) -> None:
         self.now += ROUND
@@ -401,6 +556,41 @@ class Fleet:
             assert self.converged(), self.describe()
         assert (self.acquired, self.released) == moves
         assert {s: (x.holder, x.epoch) for s, x in self.leases.items()} == before
+
+    def covered(self) -> bool:
+        """Every stream some running member (not draining, of weight) is configured for is
+        run by exactly one member configured for it, under a live lease in its name."""
+        alive = [m for m in self.members.values() if m.alive]
+        holders: dict[str, list[SimMember]] = {s: [] for s in self.streams}
+        for m in alive:
+            for stream in m.held:
+                holders[stream].append(m)
+        for stream, who in holders.items():
+            lease = self.leases[stream]
+            if len(who) > 1 or (who and stream not in self.configured(who[0])):
+                return False
+            if who and (lease.holder != who[0].id or lease.expires_at <= self.now):
+                return False
+            wanted = any(
+                stream in self.configured(m) and not m.draining and m.weight > 0 for m in alive
+            )
+            if wanted and not who:
+                return False
+        return True
+
+    def settle_covered(self, quiet: int = int(PATIENCE / ROUND) + 3) -> int:
+        """Rounds until covered and ``quiet`` rounds in a row without a move (fails past a
+        bound: a dead member's leases expire, a stream only some know starves, handovers)."""
+        bound = int((LEASE_TTL + PATIENCE) / ROUND) + 12 + quiet
+        rounds = calm = 0
+        while calm < quiet:
+            if rounds == bound:
+                pytest.fail(f"not covered and quiet after {bound} rounds: {self.describe()}")
+            moves = (self.acquired, self.released)
+            self.round()
+            rounds += 1
+            calm = calm + 1 if self.covered() and (self.acquired, self.released) == moves else 0
+        return rounds
 
     def holding(self) -> dict[str, str | None]:
         return {s: x.holder for s, x in self.leases.items()}
@@ -492,3 +682,75 @@ def test_any_fleet_converges_and_stays_put(
     alive = [m for m in fleet.members.values() if m.alive]
     assert sum(len(m.held) for m in alive) == n
     assert set(fleet.holding().values()) <= {m.id for m in alive}
+    assert fleet.extras == 0  # with one list of streams, never anything beyond a share
+
+
+# --- the fleet, simulated, its members' stream lists differing ---------------------------------
+
+
+def test_a_rolling_deploy_that_adds_streams() -> None:
+    """Three members on six streams restart one by one on a config of eight: the two new
+    streams are held from the first restart on (beyond a share while only some members know
+    them), nothing flaps meanwhile, and once all run the new config the shares are fair."""
+    old, new = streams_named(6), streams_named(8)
+    fleet = Fleet(new, random.Random(7))
+    for i in range(3):
+        fleet.join(SimMember(f"m{i}", 1.0, streams=old))
+    fleet.settle_covered()
+    assert {s for s, h in fleet.holding().items() if h} == set(old)
+    for i in range(3):
+        fleet.stop(f"m{i}")
+        fleet.round()
+        fleet.join(SimMember(f"m{i}", 1.0, streams=new))
+        fleet.settle_covered()
+        assert all(fleet.holding().values())  # every stream, the new ones too
+    fleet.settle()  # one list again: every member within its fair share
+    assert sorted(len(m.held) for m in fleet.members.values()) == [2, 3, 3]
+
+
+def test_a_stream_only_a_member_at_its_share_knows_is_taken_beyond_it() -> None:
+    """The reviewer's case: m2 knows a only and holds it; m1 knows a..d, its share is 2."""
+    fleet = Fleet(["a", "b", "c", "d"], random.Random(1))
+    fleet.join(SimMember("m2", 1.0, streams=["a"]))
+    fleet.settle_covered()
+    fleet.join(SimMember("m1", 1.0))
+    fleet.settle_covered()
+    assert fleet.holding() == {"a": "m2", "b": "m1", "c": "m1", "d": "m1"}
+    assert fleet.extras == 1
+
+
+@settings(max_examples=60)
+@given(
+    configs=st.lists(
+        st.tuples(weights, st.one_of(st.none(), st.sets(st.integers(0, 11))), st.booleans()),
+        min_size=1,
+        max_size=5,
+    ),
+    newcomer=st.tuples(weights, st.one_of(st.none(), st.sets(st.integers(0, 11)))),
+    seed=st.integers(0, 2**32 - 1),
+    stale_views=st.booleans(),
+)
+def test_any_fleet_of_differing_stream_lists_covers_every_stream_and_stays_put(
+    configs: list[tuple[float, set[int] | None, bool]],
+    newcomer: tuple[float, set[int] | None],
+    seed: int,
+    stale_views: bool,
+) -> None:
+    """Whatever each member is configured for, draining or not: every stream a running
+    member knows ends up held by one that knows it, and then nothing moves (settle_covered).
+    The same after a member joins, and after one dies."""
+    streams = streams_named(12)
+
+    def named(picked: set[int] | None) -> list[str] | None:
+        return None if picked is None else [streams[i] for i in sorted(picked)]
+
+    fleet = Fleet(streams, random.Random(seed), stale_views=stale_views)
+    for i, (w, picked, draining) in enumerate(configs):
+        fleet.join(SimMember(f"m{i}", w, draining=draining, streams=named(picked)))
+    fleet.settle_covered()
+    fleet.join(SimMember("late", newcomer[0], streams=named(newcomer[1])))
+    fleet.settle_covered()
+    names = [m for m in fleet.members if fleet.members[m].alive]
+    if len(names) > 1:
+        fleet.kill(random.Random(seed).choice(names))
+        fleet.settle_covered()

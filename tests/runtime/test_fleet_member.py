@@ -8,6 +8,7 @@ them; every wait is for a positive condition, and what is asserted is an order o
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 from fleet_support import TTL_S, fleet_settings
+from log_capture import captured_logs
 from pg import sql
 from support import wait_until
 from tcp_proxy import TcpProxy
@@ -26,6 +28,7 @@ from consumer.core.watermark import Position
 from consumer.errors import StoreError
 from consumer.runtime.fleet import DuplicateMember, Fleet
 from consumer.state import open_store
+from consumer.state.fleet import FleetTable
 
 
 @dataclass
@@ -44,6 +47,7 @@ class Env:
         start: Callable[[str], Awaitable[None]] | None = None,
         stop: Callable[[str, bool], Awaitable[None]] | None = None,
         label: str | None = None,
+        streams: tuple[str, ...] = ("a", "b"),
     ) -> Fleet:
         """A member whose starts and stops are logged under ``label`` (default: its name),
         ``start``/``stop`` say what else they do; ``started``/``stopped`` once they return."""
@@ -65,7 +69,7 @@ class Env:
             self.tasks.append(asyncio.create_task(coro, name=task_name))
             return self.tasks[-1]
 
-        settings = fleet_settings(dsn or self.dsn, self.schema, name)
+        settings = fleet_settings(dsn or self.dsn, self.schema, name, streams=streams)
         fleet = Fleet(settings, start_stream=on_start, stop_stream=on_stop, spawn=spawn)
         self.fleets.append(fleet)
         return fleet
@@ -308,6 +312,84 @@ async def test_a_stream_found_lost_twice_is_stopped_once(env: Env) -> None:
         ("m1", "stopped", "a"),
     ]
     assert fleet.counters.lost == 1
+
+
+async def test_a_stream_only_some_members_are_configured_for_is_held(env: Env) -> None:
+    """A rolling deploy that adds streams: m2 still runs the old config (a), m1 the new one
+    (a..d). Each computes its share over its own list: m1's is 2, m2's 1, and d was held by
+    nobody, for good. Unheld for a lease's TTL, it is taken by m1 beyond its share, and both
+    warn once; when m2 restarts on the new config, the shares are fair again."""
+    everything = ("a", "b", "c", "d")
+    with captured_logs() as logs:
+        old = env.member("m2", streams=("a",), label="m2-old")
+        old_run = env.run(old)
+        await wait_until(lambda: old.leases_held == 1)
+        m1 = env.member("m1", streams=everything)
+        env.run(m1)
+        await wait_until(lambda: sorted(m1.epochs) == ["b", "c", "d"], timeout=6 * TTL_S)
+        assert sorted(old.epochs) == ["a"]
+        # A rolling deploy's next step: m2 stops (handing a over) and starts on the new config.
+        old.stop_acquiring()
+        old_run.cancel()
+        await asyncio.gather(old_run, return_exceptions=True)
+        await old.hand_over()
+        new = env.member("m2", streams=everything, label="m2-new")
+        env.run(new)
+        await wait_until(
+            lambda: len(m1.epochs) == len(new.epochs) == 2 and not m1._moving, timeout=6 * TTL_S
+        )
+    assert sorted([*m1.epochs, *new.epochs]) == list(everything)
+    assert {s: h for s, h, _ in await env.leases()} == {
+        **dict.fromkeys(m1.epochs, "m1"),
+        **dict.fromkeys(new.epochs, "m2"),
+    }
+    lines = [json.loads(line) for line in logs.getvalue().splitlines()]
+    warned = [x for x in lines if "configured with different streams" in x["event"]]
+    assert sorted(x["member"] for x in warned) == ["m1", "m2"], warned  # once each
+    by = {x["member"]: x for x in warned}
+    assert by["m1"]["unheld_for_a_lease"] == ["d"]
+    assert {"b", "c"} <= set(by["m2"]["held_elsewhere_not_configured_here"]) <= {"b", "c", "d"}
+    taken = [x for x in lines if x["event"] == "lease taken" and x.get("beyond_share")]
+    assert [x["stream"] for x in taken] == ["d"]
+
+
+async def test_a_drained_member_restarted_cleanly_stays_drained(env: Env) -> None:
+    """An operator drains a member for maintenance and restarts it: it must not take
+    streams again until `fleet drain --undo`, as after a crash. A clean stop deleted its
+    row, and the flag with it."""
+    first = env.member("m1", label="first")
+    first_run = env.run(first)
+    await wait_until(lambda: first.leases_held == 2)
+    operator = FleetTable.for_operator(fleet_settings(env.dsn, env.schema, "x").state)
+    try:
+        assert await operator.set_draining("m1", True, 10.0)  # fleet drain m1
+        await wait_until(lambda: first.leases_held == 0)
+        # The daemon's clean stop: stop acquiring, stop the task, release and leave.
+        first.stop_acquiring()
+        first_run.cancel()
+        await asyncio.gather(first_run, return_exceptions=True)
+        await first.hand_over()
+        again = env.member("m1", label="again")
+        drained: list[bool] = []  # each renewal's flag
+        renew = again.table.tick
+
+        async def tick(held: Any, timeout_s: float) -> Any:
+            renewal = await renew(held, timeout_s)
+            drained.append(renewal.draining)
+            return renewal
+
+        again.table.tick = tick  # type: ignore[method-assign]
+        env.run(again)
+        # Past the tick after which it takes its share: drained, it took nothing. And it
+        # joined at once (the row its first process left is not waited out).
+        await wait_until(lambda: len(drained) >= 6)
+        assert all(drained) and again._other is None
+        assert again.leases_held == 0 and not env.has("again", "start")
+        assert [h for _, h, _ in await env.leases()] == [None, None]
+        assert await operator.set_draining("m1", False, 10.0)  # fleet drain m1 --undo
+        await wait_until(lambda: again.leases_held == 2)
+    finally:
+        await operator.close()
 
 
 # --- one member name, one process ------------------------------------------------------------

@@ -16,16 +16,18 @@ import re
 import time
 import uuid
 from pathlib import Path
+from unittest import mock
 
 import pysink
 import pytest
+from fleet_support import fleet_settings
 from pg import sql
 from support import count_lines, make_settings, running, stream_config, wait_until
 
 from consumer.config import Settings
 from consumer.runtime.daemon import Daemon
-from consumer.runtime.stream import StreamState
-from consumer.state import SqliteStore
+from consumer.runtime.stream import StreamRunner, StreamState
+from consumer.state import SqliteStore, open_store
 
 SANDBOX_GAP_S = 1.0
 DAEMON_GAP_S = 3.0  # above the sandbox's: the two clocks start a moment apart
@@ -109,6 +111,58 @@ async def test_the_gap_wait_is_bounded_and_ends_on_stop(sandbox_factory, tmp_pat
     async with asyncio.timeout(30):
         assert await task == 0
     assert gw.stats.upgrades == []
+
+
+def gap_runner(store: object, gap_s: float) -> tuple[StreamRunner, list[float]]:
+    """A runner of stream "a" on ``store`` (nothing else of it is used), and the waits it
+    makes before subscribing (recorded, not waited)."""
+    st = stream_config("http://127.0.0.1:9", connection={"resubscribe_gap_s": gap_s})
+    settings = Settings(streams={"a": st}, metrics={"enabled": False})  # type: ignore[arg-type]
+    runner = StreamRunner(
+        "a",
+        settings.streams["a"],
+        tokens=mock.MagicMock(),
+        pipeline=mock.MagicMock(),
+        store=store,  # type: ignore[arg-type]
+        budget=mock.MagicMock(),
+    )
+    waits: list[float] = []
+
+    async def wait(seconds: float) -> None:
+        waits.append(seconds)
+
+    runner._wait_or_stop = wait  # type: ignore[method-assign]
+    return runner, waits
+
+
+@pytest.mark.parametrize("skewed", ["closer behind", "taker ahead"])
+async def test_a_fleet_handover_waits_the_gap_whatever_the_hosts_clocks(
+    postgres_dsn: str, skewed: str
+) -> None:
+    """Fleet: the member that completed the subscription and the one taking the stream over
+    are two hosts. The close was written with the first's wall clock and held against the
+    second's: with the taker's clock 5 s ahead of the closer's (no NTP on one VM), it
+    subscribed at once after a handover (4409, and minutes of lockout). Both ends use the
+    database's clock now."""
+    schema = f"t_{uuid.uuid4().hex[:16]}"
+    store = await open_store(fleet_settings(postgres_dsn, schema, "x").state)
+    try:
+        gap, skew = 3.0, 5.0
+        closer, _ = gap_runner(store, gap)
+        taker, waits = gap_runner(store, gap)
+        real = time.time
+        behind = skew if skewed == "closer behind" else 0.0
+        with mock.patch("consumer.runtime.stream.time.time", lambda: real() - behind):
+            await closer._record_completed()  # closed just now
+        ahead = skew if skewed == "taker ahead" else 0.0
+        with mock.patch("consumer.runtime.stream.time.time", lambda: real() + ahead):
+            await taker._wait_out_gap()  # took the released lease at once
+        assert len(waits) == 1, f"no wait before subscribing, {gap} s after a close: 4409"
+        assert gap - 1.0 <= waits[0] <= gap
+        assert "gap after the previous subscription" in taker.waiting_for()
+    finally:
+        await store.close()
+        await sql(postgres_dsn, "execute", f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
 async def test_a_slow_ack_never_makes_a_late_subscribe(sandbox_factory, tmp_path: Path) -> None:

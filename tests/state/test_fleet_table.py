@@ -290,6 +290,29 @@ async def test_leave_deletes_the_member_row(env: Env) -> None:
     await a.leave(T)  # twice: nothing to delete
 
 
+async def test_a_drained_member_leaving_keeps_its_flag_for_its_next_process(env: Env) -> None:
+    """`fleet drain` outlived a crash (the row stays; the heartbeat never resets the flag)
+    but not a clean stop (leave deleted the row): a member drained for maintenance took
+    streams again when restarted cleanly. Its row now stays, expired at once: the name's
+    next process joins without waiting, drained, until `fleet drain --undo`."""
+    a = env.member("a")
+    await a.tick({}, T)
+    operator = FleetTable.for_operator(env.settings)
+    env.tables.append(operator)
+    assert await operator.set_draining("a", True, T) is True
+    await a.leave(T)
+    view = await operator.view(T)
+    [row] = view.members
+    assert row.draining is True and row.expires_at <= view.now  # gone, and still drained
+    again = env.member("a")  # the same name, another process
+    renewal = await again.tick({}, T)
+    assert renewal.owned and renewal.draining is True  # joined at once, drained
+    assert await operator.set_draining("a", False, T) is True
+    assert (await again.tick({}, T)).draining is False
+    await again.leave(T)  # not draining: its row goes
+    assert (await operator.view(T)).members == []
+
+
 async def test_set_draining_marks_a_member_and_its_tick_says_so(env: Env) -> None:
     a = env.member("a")
     await a.tick({}, T)

@@ -294,6 +294,17 @@ async def test_when_a_completed_subscription_closed(store: Store) -> None:
     assert await store.completed_closed_at("u") is None
 
 
+async def test_a_completed_close_is_recorded_and_read_on_the_stores_clock(store: Store) -> None:
+    """Without a time given, the store's own clock (PostgreSQL: the database's, which the
+    fleet's hosts share); the read gives that clock's now with it."""
+    assert (await store.completed_close("s"))[0] is None
+    await store.set_completed_closed_at("s")
+    closed_at, now = await store.completed_close("s")
+    assert closed_at is not None and 0.0 <= now - closed_at < 10.0
+    await store.set_completed_closed_at("s", 1234.5)
+    assert (await store.completed_close("s"))[0] == 1234.5
+
+
 async def test_the_migration_adds_the_completed_close_time(backend: Backend) -> None:
     """A store of the version before: nothing recorded, then kept across a reopen."""
     migrations = backend.module.MIGRATIONS
