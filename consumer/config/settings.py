@@ -1009,8 +1009,15 @@ class OrchestrationSettings(_Model):
                 "enabled = true needs [orchestration.resources], e.g. "
                 '"NEW RESERVATION" = "/rsv/v1/hotels/{hotelId}/reservations/{primaryKey}"'
             )
-        allowed = {"primaryKey", "hotelId", "chainCode", "eventName", "moduleName"}
+        # As the orchestration sink renders them (consumer.sinks.orchestration.PLACEHOLDERS).
+        allowed = ("primaryKey", "hotelId", "chainCode", "eventName", "moduleName")
         for name, template in self.resources.items():
+            # Parsed as it is rendered: a conversion (!r), a format spec (:.2), an index ([0]),
+            # an attribute (.upper) or a lone brace would fail or render another URL per event.
+            try:
+                Template(template, allowed)
+            except TemplateError as exc:
+                raise Problem((f"resources[{name!r}]", exc.what, exc.fix)) from None
             if template.startswith(ABSOLUTE):
                 if user_information(template) is not None:
                     raise Problem(
@@ -1036,12 +1043,6 @@ class OrchestrationSettings(_Model):
                         f"contains {bad_url_char(template)}",
                         "no whitespace or control characters in a URL template",
                     )
-                )
-            fields = set(re.findall(r"{(\w*)}", template))
-            if fields - allowed:
-                raise ValueError(
-                    f"resources[{name!r}]: unknown placeholder(s) {sorted(fields - allowed)}; "
-                    f"use {sorted(allowed)}"
                 )
         return self
 

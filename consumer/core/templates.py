@@ -46,25 +46,27 @@ class TemplateError(ValueError):
 
 
 class Template:
-    """A template parsed once: ``parts`` are (literal text, token or None)."""
+    """A template parsed once: ``parts`` are (literal text, token or None). ``allowed``: the
+    tokens it may hold (:data:`TOKENS` unless given, e.g. orchestration's URL placeholders)."""
 
     __slots__ = ("parts", "text", "tokens")
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, allowed: tuple[str, ...] = TOKENS) -> None:
+        listed = _TOKEN_LIST if allowed is TOKENS else ", ".join("{" + t + "}" for t in allowed)
         try:
             parsed = list(string.Formatter().parse(text))
         except ValueError as exc:  # a lone "{" or "}"
             raise TemplateError(
-                str(exc), f"write a literal brace as {{{{ or }}}}, a token as one of {_TOKEN_LIST}"
+                str(exc), f"write a literal brace as {{{{ or }}}}, a token as one of {listed}"
             ) from None
         parts: list[tuple[str, str | None]] = []
         for literal, field, spec, conversion in parsed:
-            if field is not None and (field not in TOKENS or spec or conversion):
+            if field is not None and (field not in allowed or spec or conversion):
                 written = field + (f"!{conversion}" if conversion else "")
                 written += f":{spec}" if spec else ""
                 raise TemplateError(
                     f"unknown token {{{written[:40]}}}",
-                    f"use {_TOKEN_LIST} (no conversion or format); a literal brace is {{{{ or }}}}",
+                    f"use {listed} (no conversion or format); a literal brace is {{{{ or }}}}",
                 )
             parts.append((literal, field))
         self.text = text
@@ -77,7 +79,7 @@ class Template:
 
     def sample(self) -> str:
         """Rendered with ``x`` for every token: the literal text's shape."""
-        return self.render(dict.fromkeys(TOKENS, "x"))
+        return self.render(dict.fromkeys(self.tokens, "x"))
 
 
 # --- token values ---------------------------------------------------------------------------

@@ -42,6 +42,8 @@ log = structlog.get_logger(__name__)
 MAX_TOKEN_RESPONSE = 1024 * 1024  # a token answer (a JWT or two) is a few KB
 
 _MAX_LIFETIME_S = 86400.0
+# Shorter is no lifetime (1e-300 passed "> 0"): each caller would fetch a token of its own.
+_MIN_LIFETIME_S = 1.0
 # What an access token may be: it goes in an Authorization header (no CR/LF, no controls) and
 # is masked in every log line (a token of "e" would mask every "e"). RFC 6750's b64token is
 # narrower; this refuses only what cannot work.
@@ -258,7 +260,7 @@ class TokenProvider:
                 f"token endpoint {self.url} sent an unusable access_token ({unusable})",
                 retriable=True,
             )
-        if not math.isfinite(lifetime) or lifetime <= 0:
+        if not math.isfinite(lifetime) or lifetime < _MIN_LIFETIME_S:
             raise AuthError(
                 f"token endpoint {self.url} sent an unusable expires_in", retriable=True
             )

@@ -8,19 +8,31 @@ event to the real sink with the JSON attached (``Event.resource``).
 
 * One token bucket for the process (``rate_per_s``, ``burst``); a 429's ``Retry-After`` holds
   it for every caller.
-* 408/425/429, every status from 500 up, a 2xx that is not JSON (a maintenance page) and
+* 408/425/429, every status from 500 up, a redirect (3xx: maintenance, or ``base_url``
+  pointing elsewhere; never followed), a 2xx that is not JSON (a maintenance page) and
   transport errors are retried (``max_attempts``, ``Retry-After`` honoured), then the batch
   fails as a transient sink error (the pipeline retries it, intake pauses): an outage is
   never the event's fault, whatever it answers.
 * Each GET has a deadline (:func:`~consumer.http_client.deadline_s` of the client's timeouts:
   its connect bound plus twice its read bound), so a server trickling its answer a byte at a
   time cannot hold the stream.
-* 401: the token is dropped and fetched again once. 404: ``on_not_found`` decides. Other 4xx:
-  the event is dead-lettered, with the start of the answer's body scrubbed of the token, the
-  app key and every secret the log redactor knows (a server may echo the request).
-* Coalescing: requests for one URL in flight are shared, and a resource fetched less than
-  ``coalesce_ms`` ago is reused, so a burst of updates to one reservation costs one GET (its
-  state may then predate the newest of those events by at most that window).
+* 401: the token is dropped and fetched again, at most once a :data:`REAUTH_EVERY_S`; a 401
+  of the new one is not the token's age (a hotel outside its scope?): the write fails as
+  transient at once. 403 (the application not entitled to this API or hotel, OHIP's
+  configuration) fails the write as transient too, like the stream's own 4403: a human must
+  act, and dead-lettering would take every event of that API or hotel. 404, 410 and 204:
+  ``on_not_found`` decides. Other 4xx: the event is dead-lettered, with the start of the
+  answer's body scrubbed of the token, the app key and every secret the log redactor knows
+  (a server may echo the request).
+* URL values from the wire are percent-encoded as one path segment each; an empty one, or a
+  dot segment (``.``, ``..``) that would make the GET name another resource, dead-letters
+  that event (refused, not encoded: ``%2E`` is ``.`` to URL normalisers, yarl and gateways).
+* Coalescing: requests for one URL and hotel (``x-hotelid``) in flight are shared, and a
+  resource fetched less than ``coalesce_ms`` ago is reused, so a burst of updates to one
+  reservation costs one GET (its state may then predate the newest of those events by at
+  most that window). What is kept is the answer's bytes, at most :data:`CACHE_MAX_ENTRIES`
+  and :data:`CACHE_MAX_BYTES`, let go once the window has passed; each event gets its own
+  object parsed from them (a handler changing one event's resource changes no other's).
 """
 
 from __future__ import annotations
@@ -28,9 +40,10 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
-from urllib.parse import quote
+from typing import Protocol
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 import structlog
@@ -45,8 +58,10 @@ from tenacity import (
 from ..config import OrchestrationSettings, StreamSettings
 from ..config.fields import mask_url
 from ..core.events import Event
+from ..core.printable import printable
 from ..core.records import Staged
 from ..core.retry_after import WaitRetryAfter, retry_after_seconds, transient_status
+from ..core.templates import Template
 from ..core.token_bucket import TokenBucket
 from ..core.unreachable import reason
 from ..errors import AuthError, PermanentSinkError, TransientSinkError
@@ -67,6 +82,19 @@ log = structlog.get_logger(__name__)
 MAX_RESOURCE_BYTES = 16 * 1024 * 1024  # a REST resource larger than this is not one
 UNSENT_MAX = 2_000  # events of failed writes kept as sent, for their retries (see below)
 EXCERPT_CHARS = 300  # of an error answer's body, in the error (and so the dead letter)
+# Answers kept for coalescing (past the window they are let go at once): at most this many,
+# of at most this many bytes together; the oldest go first.
+CACHE_MAX_ENTRIES = 1024
+CACHE_MAX_BYTES = 64 * 1024 * 1024
+REAUTH_EVERY_S = 60.0  # a 401 drops the token at most this often
+LOCATION_CHARS = 100  # of a redirect's target host, in the error
+# What a URL template may name (the settings check them: OrchestrationSettings).
+PLACEHOLDERS = ("primaryKey", "hotelId", "chainCode", "eventName", "moduleName")
+_NULL = b"null"  # the body of a resource not found, attached as null
+_DOT_SEGMENTS = frozenset({".", ".."})
+
+Body = bytes  # a resource's JSON text, as answered (checked to be JSON)
+_Key = tuple[str, str | None]  # (URL, x-hotelid): what one GET answers
 
 
 class AccessTokens(Protocol):
@@ -79,13 +107,49 @@ class AccessTokens(Protocol):
 
 
 class _NotFound:
-    """A 404, kept like a resource so the coalescing window applies to it too."""
+    """A 404 (410, 204), kept like a resource so the coalescing window applies to it too."""
 
     def __init__(self, what: str) -> None:
         self.what = what
 
     def __str__(self) -> str:
         return self.what
+
+
+class _NotRetried(Exception):
+    """Failed for a reason another GET of this write cannot mend (a 401 of a new token, a
+    403): a transient failure of the write, at once (the pipeline retries it later)."""
+
+
+def _attach(ev: Event, body: Body | None) -> Event:
+    """``ev`` with its own resource parsed from ``body`` (None: not orchestrated)."""
+    if body is None:
+        return ev
+    return ev._replace(resource=json.loads(body), fetched=True)
+
+
+def _dot_segment(value: str) -> bool:
+    """Whether ``value`` is, or holds between slashes (a gateway may decode ``%2F``), a dot
+    segment: the server would resolve it and serve another resource."""
+    if value in _DOT_SEGMENTS:
+        return True
+    return ("/" in value or "\\" in value) and any(
+        part in _DOT_SEGMENTS for part in value.replace("\\", "/").split("/")
+    )
+
+
+def _location_host(location: str | None, scrub: Callable[[str], str]) -> str:
+    """Where a redirect points, for a message: its host only (no user information, path or
+    query), scrubbed and bounded."""
+    if not location:
+        return "nowhere (no Location)"
+    try:
+        host = urlsplit(location.strip()).hostname
+    except ValueError:
+        return "an unreadable Location"
+    if not host:
+        return "a path of the same host"
+    return printable(scrub(host), LOCATION_CHARS)
 
 
 class Orchestrator:
@@ -103,15 +167,25 @@ class Orchestrator:
         self._clock = clock
         self._bucket = TokenBucket(settings.rate_per_s, settings.burst, clock())
         self._deadline = deadline_s(http.timeout)  # of one GET, its answer included
-        # URL -> (the fetch, monotonic time it finished or None while in flight)
-        self._recent: dict[str, tuple[asyncio.Future[Any], float | None]] = {}
+        self._templates = {
+            name: Template(text, PLACEHOLDERS) for name, text in settings.resources.items()
+        }
+        # (URL, x-hotelid): the GETs in flight, and the answers of those done, in the order
+        # they were done (answer, monotonic time, bytes counted) for the coalescing window.
+        self._inflight: dict[_Key, asyncio.Future[Body | _NotFound]] = {}
+        self._recent: OrderedDict[_Key, tuple[Body | _NotFound, float, int]] = OrderedDict()
+        self._recent_bytes = 0
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._reauth_at: float | None = None  # when a 401 last dropped a token
+        self._dropped: str | None = None  # that token
         self.requests = 0  # GETs sent (retries included)
         self.coalesced = 0  # fetches answered by another one's GET
         self.throttled = 0  # 429 answers
 
     def url_for(self, stream: str, ev: Event) -> str | None:
-        s = self.settings
-        template = s.resources.get(ev.event_name) or s.resources.get(ev.module_name)
+        """The URL of ``ev``'s resource; None when no template names it. A value that cannot
+        name the resource (empty, a dot segment) is that event's :class:`PermanentSinkError`."""
+        template = self._templates.get(ev.event_name) or self._templates.get(ev.module_name)
         if template is None:
             return None
         st = self._streams[stream][0]
@@ -122,84 +196,153 @@ class Orchestrator:
             "eventName": ev.event_name,
             "moduleName": ev.module_name,
         }
-        path = template.format_map({k: quote(v, safe="") for k, v in values.items()})
+        quoted: dict[str, str] = {}
+        for name in dict.fromkeys(f for _, f in template.parts if f is not None):
+            value = values[name]
+            if not value:
+                raise PermanentSinkError(
+                    f"orchestration: the event has no {name}, which the URL template needs",
+                    unique_event_id=ev.unique_event_id,
+                )
+            if _dot_segment(value):
+                raise PermanentSinkError(
+                    f"orchestration: the event's {name} {printable(value, 40)!r} is a dot "
+                    "segment: the GET would name another resource",
+                    unique_event_id=ev.unique_event_id,
+                )
+            quoted[name] = quote(value, safe="")
+        path = template.render(quoted)
         if path.startswith(("http://", "https://")):
             return path
-        return (s.base_url or st.gateway_url) + "/" + path.lstrip("/")
+        return (self.settings.base_url or st.gateway_url) + "/" + path.lstrip("/")
 
     async def enrich(self, stream: str, events: Sequence[Event]) -> list[Event]:
-        urls = [self.url_for(stream, ev) for ev in events]
-        wanted: dict[str, str | None] = {}
-        for u, ev in zip(urls, events, strict=True):
+        """``events``, each with its own resource attached where a template names it."""
+        bodies = await self.bodies(stream, events)
+        return [_attach(ev, body) for ev, body in zip(events, bodies, strict=True)]
+
+    async def bodies(self, stream: str, events: Sequence[Event]) -> list[Body | None]:
+        """Each event's resource as JSON text (``null`` when not found and attached as such),
+        or None where no template names it: bytes, which nobody can change."""
+        keys: list[_Key | None] = []
+        for ev in events:
+            u = self.url_for(stream, ev)
             if u is None:
+                keys.append(None)
                 continue
-            hotel = ev.hotel_id
+            hotel = ev.hotel_id or None
             if hotel and not (hotel.isascii() and hotel.isprintable()):
                 raise PermanentSinkError(  # aiohttp would refuse the header (a ValueError)
                     "orchestration: hotelId cannot travel in the x-hotelid header (not "
                     "printable ASCII)",
                     unique_event_id=ev.unique_event_id,
                 )
-            wanted[u] = hotel
+            keys.append((u, hotel))
+        wanted = list(dict.fromkeys(k for k in keys if k is not None))
         if not wanted:
-            return list(events)
+            return [None] * len(events)
         results = await asyncio.gather(
-            *(self.fetch(stream, url, hotel) for url, hotel in wanted.items()),
+            *(self.fetch(stream, url, hotel) for url, hotel in wanted),
             return_exceptions=True,
         )
-        found: dict[str, Any] = {}
-        for url, result in zip(wanted, results, strict=True):
+        found: dict[_Key, Body | _NotFound] = {}
+        for key, result in zip(wanted, results, strict=True):
             if isinstance(result, BaseException):
                 raise result
-            found[url] = result
-        out: list[Event] = []
-        for maybe_url, ev in zip(urls, events, strict=True):
-            if maybe_url is None:
-                out.append(ev)
+            found[key] = result
+        out: list[Body | None] = []
+        for maybe_key, ev in zip(keys, events, strict=True):
+            if maybe_key is None:
+                out.append(None)
                 continue
-            resource = found[maybe_url]
-            if isinstance(resource, _NotFound):
+            body = found[maybe_key]
+            if isinstance(body, _NotFound):
                 if self.settings.on_not_found == "dead-letter":
                     raise PermanentSinkError(
-                        f"orchestration: {resource}", unique_event_id=ev.unique_event_id
+                        f"orchestration: {body}", unique_event_id=ev.unique_event_id
                     )
-                resource = None
-            out.append(ev._replace(resource=resource, fetched=True))
+                body = _NULL
+            out.append(body)
         return out
 
-    async def fetch(self, stream: str, url: str, hotel_id: str | None) -> Any:
-        now = self._clock()
-        window = self.settings.coalesce_ms / 1000
-        hit = self._recent.get(url)
+    async def fetch(self, stream: str, url: str, hotel_id: str | None) -> Body | _NotFound:
+        """The answer for ``url`` in the context of ``hotel_id``: shared with a GET of the
+        same in flight, or one done within the coalescing window."""
+        key = (url, hotel_id)
+        flying = self._inflight.get(key)
+        if flying is not None:
+            self.coalesced += 1
+            return await asyncio.shield(flying)
+        self._expire(self._clock())
+        hit = self._recent.get(key)
         if hit is not None:
-            fut, done_at = hit
-            if done_at is None or now - done_at < window:
-                self.coalesced += 1
-                return await asyncio.shield(fut)
-        fut = asyncio.get_running_loop().create_future()
-        self._recent[url] = (fut, None)
+            self.coalesced += 1
+            return hit[0]
+        fut: asyncio.Future[Body | _NotFound] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = fut
         try:
             value = await self._get(stream, url, hotel_id)
         except BaseException as exc:
-            self._recent.pop(url, None)
+            if self._inflight.get(key) is fut:
+                del self._inflight[key]
             if not fut.done():
                 fut.set_exception(exc if isinstance(exc, Exception) else asyncio.CancelledError())
                 fut.exception()  # retrieved: waiters re-raise it, nobody else must log it
             raise
+        if self._inflight.get(key) is fut:
+            del self._inflight[key]
         fut.set_result(value)
-        self._recent[url] = (fut, self._clock())
-        self._forget_old()
+        self._keep(key, value)
         return value
 
-    def _forget_old(self) -> None:
-        if len(self._recent) < 1024:
+    def _keep(self, key: _Key, value: Body | _NotFound) -> None:
+        """Keep an answer for the coalescing window, within the cache's bounds."""
+        window = self.settings.coalesce_ms / 1000
+        size = (len(value) if isinstance(value, bytes) else 0) + len(key[0]) + 200
+        if window <= 0 or size > CACHE_MAX_BYTES:
             return
-        cutoff = self._clock() - self.settings.coalesce_ms / 1000
-        for url, (_, done_at) in list(self._recent.items()):
-            if done_at is not None and done_at < cutoff:
-                del self._recent[url]
+        now = self._clock()
+        old = self._recent.pop(key, None)
+        if old is not None:
+            self._recent_bytes -= old[2]
+        self._recent[key] = (value, now, size)
+        self._recent_bytes += size
+        while len(self._recent) > CACHE_MAX_ENTRIES or self._recent_bytes > CACHE_MAX_BYTES:
+            self._recent_bytes -= self._recent.popitem(last=False)[1][2]
+        self._expire(now)
+        if self._sweeper is None and self._recent:
+            self._sweeper = asyncio.get_running_loop().call_later(window, self._sweep)
 
-    async def _get(self, stream: str, url: str, hotel_id: str | None) -> Any:
+    def _expire(self, now: float) -> None:
+        """Let go of the answers done a coalescing window ago or more (the oldest first)."""
+        window = self.settings.coalesce_ms / 1000
+        recent = self._recent
+        while recent:
+            key, (_, done_at, size) = next(iter(recent.items()))
+            if now - done_at < window:
+                break
+            del recent[key]
+            self._recent_bytes -= size
+
+    def _sweep(self) -> None:
+        """A timer's: the answers kept expire though no fetch comes to let them go."""
+        self._sweeper = None
+        now = self._clock()
+        self._expire(now)
+        if self._recent:
+            oldest = next(iter(self._recent.values()))[1]
+            delay = max(oldest + self.settings.coalesce_ms / 1000 - now, 0.001)
+            self._sweeper = asyncio.get_running_loop().call_later(delay, self._sweep)
+
+    def close(self) -> None:
+        """Let go of every answer kept (and of the timer that would)."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        self._recent.clear()
+        self._recent_bytes = 0
+
+    async def _get(self, stream: str, url: str, hotel_id: str | None) -> Body | _NotFound:
         s = self.settings
         shown = mask_url(url)  # what messages, logs and dead letters say: no secret of the URL
         wire = str(wire_url(url)[0])  # as aiohttp's errors write it
@@ -229,6 +372,8 @@ class Orchestrator:
             ):
                 with attempt:
                     return await self._request(stream, url, shown, hotel_id)
+        except _NotRetried as exc:
+            raise TransientSinkError(str(exc)) from None
         except AuthError as exc:
             # Our credentials, not the event: retried by the pipeline, never dead-lettered. Not
             # here: the token provider has already retried for as long as it is configured to.
@@ -239,12 +384,15 @@ class Orchestrator:
             ) from exc
         raise AssertionError("unreachable: AsyncRetrying either returns or raises")
 
-    async def _request(self, stream: str, url: str, shown: str, hotel_id: str | None) -> Any:
+    async def _request(
+        self, stream: str, url: str, shown: str, hotel_id: str | None
+    ) -> Body | _NotFound:
         settings, tokens = self._streams[stream]
         # The bucket is arithmetic on the clock: nothing would set an Event, so we sleep.
         while (wait := self._bucket.take(self._clock())) > 0:  # noqa: ASYNC110
             await asyncio.sleep(wait)
         token = await tokens.access_token()  # an AuthError: see _get
+        reissued = token == self._dropped  # a 401 dropped it already, and it came back
         app_key = settings.app_key.get_secret_value()
         headers = {
             "Authorization": f"Bearer {token}",
@@ -267,6 +415,7 @@ class Orchestrator:
                 limit = MAX_RESOURCE_BYTES + 1 if ok else ERROR_BODY_BYTES
                 content = await read_at_most(resp, limit)
                 retry_after = resp.headers.get("Retry-After")
+                location = resp.headers.get("Location")
                 says_json = "json" in resp.headers.get("Content-Type", "").lower()
         except TimeoutError:
             if not deadline.expired():
@@ -274,13 +423,24 @@ class Orchestrator:
             raise TransientSinkError(
                 f"orchestration GET {shown}: no complete answer within {self._deadline:g} s"
             ) from None
+
+        # The body is the far end's, and it may echo the request: only its start, decoded
+        # lossily and scrubbed of this request's credentials and every registered secret.
+        def scrub(text: str) -> str:
+            for secret in sorted((token, app_key), key=len, reverse=True):
+                if len(secret) >= 4:  # as the redactor: a shorter one would mask half the text
+                    text = text.replace(secret, MASK)
+            return str(REDACTOR.scrub(text))
+
+        if status == 204:  # nothing to attach: as a resource gone
+            return _NotFound(f"GET {shown}: HTTP 204 (no content)")
         if ok:
             if len(content) > MAX_RESOURCE_BYTES:
                 raise PermanentSinkError(
                     f"orchestration GET {shown}: resource larger than {MAX_RESOURCE_BYTES} bytes"
                 )
             try:
-                return json.loads(content)
+                json.loads(content)  # checked here; each event parses its own copy
             except RecursionError:  # this resource's own: nested deeper than a parser goes
                 raise PermanentSinkError(
                     f"orchestration GET {shown}: resource nested too deep to read"
@@ -293,30 +453,56 @@ class Orchestrator:
                 # An HTML maintenance page or a proxy's answer served as 2xx: the server's
                 # state, not the event's (dead-lettering would take every event of the outage).
                 raise TransientSinkError(f"orchestration GET {shown}: answer is not JSON") from None
+            return content
         if status == 401:
-            # Rejected early (revoked?): the next attempt gets a new one, unless another GET
-            # got one already.
-            tokens.invalidate(token)
-            raise TransientSinkError(f"orchestration GET {shown}: HTTP 401")
+            self._unauthorised(tokens, token, shown, reissued)
+        if status == 403:
+            # OHIP's gateway: the application is not entitled to this API, or to this hotel.
+            # Configuration, as the stream's 4403 is: not the event's fault, and every event
+            # of that API or hotel would be dead-lettered. The write waits for a human.
+            raise _NotRetried(
+                f"orchestration GET {shown}: HTTP 403: the application is not allowed this "
+                "API or hotel (check its subscription and hotels in the developer portal, or "
+                "the resources/[filter] configured); retried, not dead-lettered"
+            )
+        if 300 <= status < 400:
+            # Not followed (the token must not travel elsewhere): a gateway in maintenance
+            # sending every GET to a status page, or base_url pointing at the wrong place.
+            raise TransientSinkError(
+                f"orchestration GET {shown}: HTTP {status}, a redirect to "
+                f"{_location_host(location, scrub)} (not followed: maintenance, or check "
+                "base_url and the resources' URLs)",
+                retry_after=retry_after_seconds(retry_after),
+            )
         if transient_status(status):
             after = retry_after_seconds(retry_after)
             if status == 429:
                 self.throttled += 1
                 self._bucket.hold(self._clock(), after if after is not None else 1.0)
             raise TransientSinkError(f"orchestration GET {shown}: HTTP {status}", retry_after=after)
-        if status == 404:
-            return _NotFound(f"GET {shown}: HTTP 404")
-
-        # The body is the far end's, and it may echo the request: only its start, decoded
-        # lossily and scrubbed of this request's credentials and every registered secret.
-        def scrub(text: str) -> str:
-            for secret in sorted((token, app_key), key=len, reverse=True):
-                if len(secret) >= 4:  # as the redactor: a shorter one would mask half the text
-                    text = text.replace(secret, MASK)
-            return str(REDACTOR.scrub(text))
-
+        if status in (404, 410):
+            return _NotFound(f"GET {shown}: HTTP {status}")
         excerpt = error_excerpt(content, scrub, EXCERPT_CHARS)
         raise PermanentSinkError(f"orchestration GET {shown}: HTTP {status}: {excerpt}")
+
+    def _unauthorised(self, tokens: AccessTokens, token: str, shown: str, reissued: bool) -> None:
+        """A 401 with ``token``: drop it (the next attempt fetches a new one), unless a 401
+        dropped one less than :data:`REAUTH_EVERY_S` ago: then the token is not stale (this
+        resource or hotel is outside its scope?) and the write fails at once, as transient,
+        without asking the token endpoint for one more at every attempt."""
+        what = f"orchestration GET {shown}: HTTP 401"
+        if token == self._dropped and not reissued:
+            # Dropped while this GET was on its way, for another one: retried with the new one.
+            raise TransientSinkError(what)
+        now = self._clock()
+        if self._reauth_at is not None and now - self._reauth_at < REAUTH_EVERY_S:
+            raise _NotRetried(
+                f"{what} with a token fetched after another 401 (the application may not be "
+                "allowed this resource or hotel); retried, not dead-lettered"
+            )
+        self._reauth_at, self._dropped = now, token
+        tokens.invalidate(token)
+        raise TransientSinkError(f"{what} (the token is dropped: a new one is fetched)")
 
 
 class OrchestratingSink:
@@ -329,12 +515,13 @@ class OrchestratingSink:
         self.orchestrator = orchestrator
         self.name = inner.name
         self.transactional = inner.transactional
-        # The events of writes that failed, as they were sent: tried again, they go out the
-        # same (a webhook's Idempotency-Key with the same body). Fetched anew, a resource
-        # changed meanwhile made the retry another request under the same key (a receiver
-        # honouring the key refuses that: dead-lettered though delivered), or one the REST
-        # API no longer answers. The newest UNSENT_MAX of them.
-        self._unsent: dict[tuple[str, str], Event] = {}
+        # The events of writes that failed, with the resources they were sent, as fetched
+        # (JSON text: the handler may have changed the objects it was given): tried again,
+        # they go out the same (a webhook's Idempotency-Key with the same body). Fetched
+        # anew, a resource changed meanwhile made the retry another request under the same
+        # key (a receiver honouring the key refuses that: dead-lettered though delivered),
+        # or one the REST API no longer answers. The newest UNSENT_MAX of them.
+        self._unsent: dict[tuple[str, str], tuple[Event, Body | None]] = {}
 
     async def open(self, committed: str | None) -> None:
         await self.inner.open(committed)
@@ -342,20 +529,22 @@ class OrchestratingSink:
     async def write(self, stream: str, events: Sequence[Event]) -> None:
         unsent = self._unsent
         if not unsent:  # the usual case: no failed write to send again
-            sent = await self.orchestrator.enrich(stream, events)
+            pairs = list(zip(events, await self.orchestrator.bodies(stream, events), strict=True))
         else:
             missing = [ev for ev in events if (stream, ev.unique_event_id) not in unsent]
-            fetched = iter(await self.orchestrator.enrich(stream, missing) if missing else ())
-            sent = [
+            bodies = await self.orchestrator.bodies(stream, missing) if missing else []
+            fetched = zip(missing, bodies, strict=True)
+            pairs = [
                 kept if (kept := unsent.get((stream, ev.unique_event_id))) is not None
                 else next(fetched)
                 for ev in events
             ]  # fmt: skip
+        sent = [_attach(ev, body) for ev, body in pairs]  # each its own resource object
         try:
             await self.inner.write(stream, sent)
         except BaseException:
-            for ev in sent:
-                unsent[(stream, ev.unique_event_id)] = ev
+            for ev, body in pairs:
+                unsent[(stream, ev.unique_event_id)] = (ev, body)
             while len(unsent) > UNSENT_MAX:
                 del unsent[next(iter(unsent))]
             raise
@@ -385,4 +574,5 @@ class OrchestratingSink:
         return {**self.inner.counters(), **mine}
 
     async def close(self) -> None:
+        self.orchestrator.close()
         await self.inner.close()

@@ -552,7 +552,7 @@ def test_a_nats_server_password_is_masked(tmp_path: Path) -> None:
     ("orchestration", "says"),
     [
         ("enabled = true", "[orchestration.resources]"),
-        ('enabled = true\nresources = { "R" = "/r/{reservationId}" }', "unknown placeholder"),
+        ('enabled = true\nresources = { "R" = "/r/{reservationId}" }', "unknown token"),
         ('base_url = "gw.example.com"', "http"),
         ("rate_per_s = 0", "greater than 0"),
     ],
@@ -561,6 +561,40 @@ def test_bad_orchestration_settings(tmp_path: Path, orchestration: str, says: st
     message = config_error(write(tmp_path, BASE + f"[orchestration]\n{orchestration}\n"))
     assert "orchestration" in message
     assert says in message
+
+
+@pytest.mark.parametrize(
+    ("template", "says"),
+    [
+        ("/rsv/{primaryKey!r}", "unknown token {primaryKey!r}"),
+        ("/rsv/{primaryKey:.2}", "unknown token {primaryKey:.2}"),
+        ("/rsv/{ primaryKey}", "unknown token { primaryKey}"),
+        ("/rsv/{primaryKey[0]}", "unknown token {primaryKey[0]}"),
+        ("/rsv/{primaryKey.upper}", "unknown token {primaryKey.upper}"),
+        ("/rsv/{0}", "unknown token {0}"),
+        ("/rsv/{}", "unknown token {}"),
+        ("/rsv/{primaryKey}?q={", "Single '{'"),
+        ("/rsv/{primaryKey}}", "Single '}'"),
+        ("https://api.example/rsv/{primaryKey!s}", "unknown token {primaryKey!s}"),
+    ],
+)
+def test_an_orchestration_template_is_parsed_as_it_is_rendered(
+    tmp_path: Path, template: str, says: str
+) -> None:
+    """A conversion, a format spec, an index, an attribute or a lone brace passed a regex of
+    ``{name}`` fields: at run time the template raised for every event (each dead-lettered for
+    a configuration error) or rendered another URL. Refused at load, naming the key and fix."""
+    text = BASE + f'[orchestration]\nenabled = true\nresources = {{ "R" = "{template}" }}\n'
+    message = config_error(write(tmp_path, text))
+    assert "resources['R']" in message, message
+    assert says in message, message
+    assert "{primaryKey}, {hotelId}" in message, message  # the fix: the placeholders there are
+
+
+def test_an_orchestration_template_with_a_literal_brace_is_accepted(tmp_path: Path) -> None:
+    text = BASE + '[orchestration]\nenabled = true\nresources = { "R" = "/r/{{x}}/{primaryKey}" }\n'
+    settings = load_settings(write(tmp_path, text))
+    assert settings.orchestration.resources["R"] == "/r/{{x}}/{primaryKey}"
 
 
 def test_on_permanent_failure_is_checked(tmp_path: Path) -> None:

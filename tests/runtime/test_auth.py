@@ -226,10 +226,11 @@ def test_retry_after_forms():
     assert retry_after_seconds("100000") == 300.0  # capped
 
 
-@pytest.mark.parametrize("ttl", [float("nan"), -5.0, 0.0])
+@pytest.mark.parametrize("ttl", [float("nan"), -5.0, 0.0, 1e-300, 0.5])
 async def test_an_absurd_expires_in_is_an_unusable_answer(sandbox_factory, ttl: float):
     """A lifetime from the wire is bounded like any other value from it: NaN, infinity or
-    nothing left would otherwise set refresh timers that fire never or at once."""
+    nothing left (under a second: 1e-300 passed "> 0") would otherwise set refresh timers
+    that fire never or at once, and each caller would fetch a token of its own."""
     gw = await sandbox_factory(token_ttl_s=ttl)
     async with aiohttp.ClientSession() as http:
         tokens = TokenProvider(http, stream(gw.url, retry_max_s=0.5))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 import sqlite3
 from collections.abc import Sequence
@@ -458,12 +459,15 @@ class _Changing:
     def __init__(self) -> None:
         self.fetches = 0
 
-    async def enrich(self, stream: str, events: Sequence[Event]) -> list[Event]:
-        out = []
-        for ev in events:
+    async def bodies(self, stream: str, events: Sequence[Event]) -> list[bytes | None]:
+        out: list[bytes | None] = []
+        for _ in events:
             self.fetches += 1
-            out.append(ev._replace(resource={"version": self.fetches}, fetched=True))
+            out.append(json.dumps({"version": self.fetches}).encode())
         return out
+
+    def close(self) -> None:
+        pass
 
 
 class _FailingOnce(PlainSink):
