@@ -131,8 +131,8 @@ def _parser() -> argparse.ArgumentParser:
         _add(
             sink_cmds,
             "adopt",
-            "record the jsonl file's current length as committed (after a new or "
-            "replaced state store); plan unless --execute",
+            "record the jsonl file's length as committed and its lines' uniqueEventIds as "
+            "processed (after a new or replaced state store); plan unless --execute",
         )
     )
     adopt.add_argument("--execute", action="store_true", help="apply it (default: print it)")

@@ -1,21 +1,47 @@
 """``opera-consumer sink adopt``: take an existing jsonl file as committed.
 
 The jsonl sink never cuts bytes it cannot prove uncommitted, so a non-empty file beside a new
-or replaced state store stops the start. Adopting records the file's current length as the
-committed one: the operator vouches that every byte in it is wanted (events in it that the
-stream sends again are written twice, unless the store already knows them as processed).
+or replaced state store stops the start. Adopting records the file's length as the committed
+one (the operator vouches that every line in it is wanted), and the uniqueEventId of every
+line in it (with rotation: in every file of the series, and the configured path's own) as
+processed, stamped now: a stream that sends those events again (a new store has no
+checkpoint, so the start is the configured one: an offset, or the gateway's position) has
+them skipped as duplicates instead of written twice. A line does not say which stream it
+came from, so its id is recorded for every configured stream.
+
+A last line cut short (a ``kill -9`` in the middle of a write) is left out: the recorded
+length ends before it, so the start cuts it and that event is written whole when it comes
+again. The files are read a line at a time, the ids recorded a chunk at a time, and the
+position last, in the last chunk's transaction: adopt stopped half-way has recorded no
+position, so the start still refuses, and adopt runs again (the ids it recorded are kept).
+No checkpoint is set: which line came last in the stream is not known (with several workers
+the file's order is not the arrival order, and events dead-lettered before it are not in the
+file); what the next start does is said, with the ``offset set`` that would shorten it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
 import sys
 import time
+from pathlib import Path
+from typing import BinaryIO
+
+import orjson
 
 from ..config import JsonlSinkSettings, Settings
+from ..core.events import Event
 from ..core.printable import printable
+from ..core.protocol import event_from_raw
+from ..core.records import CommitBatch
 from ..errors import ExitCode, LeaseHeld, OperatorRefused, SinkUnusable
-from ..sinks.jsonl import JsonlSink, adopt_position
-from ..state import acquire, open_store
+from ..sinks.jsonl import Adoption, JsonlSink, adopt_position, rotated_files
+from ..state import StateStore, acquire, open_store
+from .offsets import settings_start
+
+IDS_PER_COMMIT = 10_000  # ids read, then recorded for each stream in one transaction
+LINE_MAX = 1 << 26  # a longer line is skipped, not held (no event the daemon wrote is)
 
 
 async def adopt(settings: Settings, *, execute: bool) -> int:
@@ -23,9 +49,10 @@ async def adopt(settings: Settings, *, execute: bool) -> int:
         print("opera-consumer sink adopt: only the jsonl sink has a file to adopt", file=sys.stderr)
         return ExitCode.USAGE
     state = settings.state.path
+    streams = sorted(settings.streams)
     # With rotation: the newest rotated file (the older ones are vouched for with it).
-    path, size, _ = adopt_position(settings.sink.path, settings.sink.rotation(), time.time())
-    print(f"{path}: {size} bytes to record as committed in {state}")
+    plan = _measure(settings.sink)
+    _say_plan(settings.sink, plan, streams, state)
     if not execute:
         refusal = await _refusal(settings.sink, await _committed(settings))
         if refusal is not None:
@@ -33,7 +60,7 @@ async def adopt(settings: Settings, *, execute: bool) -> int:
         print("plan only: nothing changed (add --execute to apply it)", file=sys.stderr)
         return ExitCode.OK
     try:
-        held = await acquire(settings.state, (), role="sink-adopt")
+        held = await acquire(settings.state, streams, role="sink-adopt")
     except LeaseHeld as exc:
         raise OperatorRefused(str(exc)) from None
     try:
@@ -41,19 +68,217 @@ async def adopt(settings: Settings, *, execute: bool) -> int:
         # what the store says now (a daemon may have committed since the plan was shown).
         store = await open_store(settings.state)
         try:
-            path, size, position = adopt_position(
-                settings.sink.path, settings.sink.rotation(), time.time()
-            )
+            done = _measure(settings.sink)
             refusal = await _refusal(settings.sink, await store.sink_state("jsonl"))
             if refusal is not None:
                 raise OperatorRefused(refusal)
-            await store.set_sink_state("jsonl", position)
+            lines = _Lines(_files(settings.sink, done))
+            try:
+                await _record(store, lines, streams, done.position)
+            except OSError as exc:
+                raise _refused(exc) from None
+            finally:
+                lines.close()
+            starts = {name: await _next_start(store, name) for name in streams}
         finally:
             await store.close()
     finally:
         await held.release()
-    print(f"done: the daemon resumes appending to {path} at byte {size}", file=sys.stderr)
+    _say_done(settings, done, lines, starts)
     return ExitCode.OK
+
+
+def _measure(sink: JsonlSinkSettings) -> Adoption:
+    try:
+        return adopt_position(sink.path, sink.rotation(), time.time())
+    except OSError as exc:
+        raise _refused(exc) from None
+
+
+def _refused(exc: OSError) -> OperatorRefused:
+    """A file adopt cannot read: nothing it has not read is vouched for (no position)."""
+    return OperatorRefused(
+        f"cannot read {printable(exc.filename or '?')}: {exc.strerror or exc}: adopt reads "
+        "every line it vouches for; make the files readable by this user, then run it again"
+    )
+
+
+def _say_plan(sink: JsonlSinkSettings, plan: Adoption, streams: list[str], state: Path) -> None:
+    print(f"{plan.path}: {plan.length} bytes to record as committed in {state}")
+    if plan.torn:
+        print(
+            f"{plan.path}: the {plan.torn} bytes after its last complete line (a line cut short "
+            "by a kill -9) are left out: the start cuts them, and that event is written when "
+            "it comes again"
+        )
+    where = f"every line of {plan.path}"
+    if sink.rotation() is not None and plan.path != sink.path:
+        where = (
+            f"every line of {sink.path} and of the rotated files beside it (the newest up to there)"
+        )
+    many = " (a line does not say which stream it came from)" if len(streams) > 1 else ""
+    print(
+        f"and the uniqueEventId of {where} as processed for stream{'s' if many else ''} "
+        f"{', '.join(streams)}{many}, stamped now: a stream sending those events again "
+        "has them skipped, not written twice"
+    )
+
+
+def _files(sink: JsonlSinkSettings, adoption: Adoption) -> list[tuple[Path, int | None]]:
+    """The files vouched for, oldest first, each with how much of it (None: the whole)."""
+    rotation = sink.rotation()
+    if rotation is None or adoption.path == sink.path:
+        return [(adoption.path, adoption.length)]
+    # Rotation's files, and the configured path's (written before rotation was): the
+    # daemon never writes into either again.
+    files: list[tuple[Path, int | None]] = [(sink.path, None)]
+    files += [(p, None) for p in rotated_files(sink.path, rotation) if p != adoption.path]
+    files.append((adoption.path, adoption.length))
+    return files
+
+
+class _Lines:
+    """The uniqueEventIds of the files' lines, a chunk at a time (blocking: in a thread).
+    ``unreadable``: lines without a usable event (not JSON, no id, an unfinished last line
+    of a file, too long); ``last_offset``: the offset of the last readable line."""
+
+    def __init__(self, files: list[tuple[Path, int | None]]) -> None:
+        self._todo = list(reversed(files))
+        self._f: BinaryIO | None = None
+        self._left = 0
+        self.lines = 0
+        self.ids = 0
+        self.unreadable = 0
+        self.last_offset: str | None = None
+
+    def chunk(self, n: int) -> list[str]:
+        out: list[str] = []
+        while len(out) < n:
+            line = self._line()
+            if line is None:
+                break
+            self.lines += 1
+            event = _event(line)
+            if event is None:
+                self.unreadable += 1
+                continue
+            out.append(event.unique_event_id)
+            self.last_offset = event.offset
+        self.ids += len(out)
+        return out
+
+    def _line(self) -> bytes | None:
+        """The next complete line (None: no more); an unfinished or too long one as b""."""
+        while True:
+            f = self._f
+            if f is None or not self._left:
+                self.close()
+                if not self._todo:
+                    return None
+                path, limit = self._todo.pop()
+                try:
+                    f = self._f = path.open("rb")
+                except FileNotFoundError:  # the path itself with rotation: never written
+                    continue
+                size = os.fstat(f.fileno()).st_size
+                self._left = size if limit is None else min(limit, size)
+                continue
+            line = f.readline(min(self._left, LINE_MAX))
+            self._left -= len(line)
+            if not line:  # shorter than measured
+                self._left = 0
+                continue
+            if line.endswith(b"\n"):
+                return line
+            while line and not line.endswith(b"\n") and self._left:  # too long: skipped
+                line = f.readline(min(self._left, LINE_MAX))
+                self._left -= len(line)
+            return b""
+
+    def close(self) -> None:
+        f, self._f = self._f, None
+        if f is not None:
+            f.close()
+
+
+def _event(line: bytes) -> Event | None:
+    """The line's event (its ``uniqueEventId``, ``offset``), or None."""
+    try:
+        doc = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+    return event_from_raw(doc) if isinstance(doc, dict) else None
+
+
+async def _record(store: StateStore, lines: _Lines, streams: list[str], position: str) -> None:
+    """Every line's id as processed for each stream, a chunk per transaction; the position
+    in the last one (stopped before it: no position, the start still refuses)."""
+    ids = await asyncio.to_thread(lines.chunk, IDS_PER_COMMIT)
+    while True:
+        more = await asyncio.to_thread(lines.chunk, IDS_PER_COMMIT) if ids else []
+        batch = CommitBatch(processed={s: ids for s in streams} if ids else {})
+        if not more:
+            batch.sink_state = ("jsonl", position)
+        await store.commit(batch)
+        if not more:
+            return
+        ids = more
+
+
+async def _next_start(store: StateStore, stream: str) -> str | None:
+    """Where the stream's next start subscribes, when it has a checkpoint or a reset; None:
+    per its configuration."""
+    if await store.start_override(stream):
+        return "highest (an operator's reset)"
+    cp = await store.checkpoint(stream)
+    return None if cp is None else f"offset {cp.offset} (its checkpoint)"
+
+
+def _say_done(
+    settings: Settings, done: Adoption, lines: _Lines, starts: dict[str, str | None]
+) -> None:
+    say = sys.stderr
+    names = ", ".join(starts)
+    plural = "s" if len(starts) > 1 else ""
+    print(
+        f"recorded {lines.ids} uniqueEventIds as processed for stream{plural} {names} "
+        f"(stamped now: kept {settings.state.processed_retention_days:g} days, "
+        "processed_retention_days)",
+        file=say,
+    )
+    if lines.unreadable:
+        print(
+            f"warning: {lines.unreadable} of {lines.lines} lines hold no event this daemon "
+            "reads (not JSON, no uniqueEventId, or cut short): if the stream sends those "
+            "events again, they are written again",
+            file=say,
+        )
+    for name, start in starts.items():
+        if start is not None:
+            print(f"{name}: the next start resumes at {start}", file=say)
+            continue
+        configured = settings_start(settings, name)
+        if configured == "highest":
+            print(f"{name}: no checkpoint: the next start subscribes at the newest event", file=say)
+            continue
+        print(
+            f"{name}: no checkpoint: the next start subscribes per its configuration "
+            f"({configured}); the file's events it sends again are skipped as duplicates",
+            file=say,
+        )
+        if len(starts) == 1 and lines.last_offset is not None:
+            print(
+                f"{name}: to shorten that replay, `opera-consumer offset set {name} "
+                f"{lines.last_offset} --execute` resumes at the file's last line (inclusive) "
+                "instead, but only if no event before it is missing from the file: with "
+                "several workers the file's order is not the arrival order, and dead letters "
+                "are not in it; an event skipped so is lost",
+                file=say,
+            )
+    print(
+        f"done: the daemon resumes appending to {done.path} at byte {done.length}",
+        file=say,
+    )
 
 
 async def _committed(settings: Settings) -> str | None:

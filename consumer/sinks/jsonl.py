@@ -64,7 +64,8 @@ log = structlog.get_logger(__name__)
 
 ADOPT_HINT = (
     "move the file aside (the stream then replays into a new one), or run "
-    "`opera-consumer sink adopt --execute` to record its current length as committed"
+    "`opera-consumer sink adopt --execute` to record its length as committed and its events' "
+    "uniqueEventIds as processed (a replay of them is skipped)"
 )
 _IOV_MAX = max(16, os.sysconf("SC_IOV_MAX"))  # buffers per pwritev call (-1: no limit said)
 _RETAIN_EVERY_S = 3600.0  # keep_days: looked at again this often even without a rotation
@@ -201,8 +202,9 @@ class JsonlSink:
                     f"jsonl files in {self._dir} hold bytes ({', '.join(full[:3])}"
                     f"{', ...' if len(full) > 3 else ''}), but {what}, so none of them can be "
                     f"proven uncommitted: move them aside (the stream then replays into new "
-                    f"files), or run `opera-consumer sink adopt` to record the newest as "
-                    "committed"
+                    f"files), or run `opera-consumer sink adopt --execute` to record the "
+                    "newest's length as committed and their events' uniqueEventIds as "
+                    "processed (a replay of them is skipped)"
                 )
             self._next_seq = max((s for s, _ in ours), default=0) + 1
             if c is not None:  # the configured path goes on as file 0 until a commit
@@ -575,18 +577,51 @@ class JsonlSink:
                     f.fd = None
 
 
-def adopt_position(path: Path, rotation: Rotation | None, now: float) -> tuple[Path, int, str]:
-    """What ``sink adopt`` records: the newest file of the sink, its size as committed."""
+class Adoption(NamedTuple):
+    """What ``sink adopt`` records: ``position``, ``length`` bytes of ``path`` (the newest
+    file of the sink), and ``torn``: the bytes after its last complete line, a ``kill -9``'s
+    half-written line, left out (the start cuts them; that event comes again)."""
+
+    path: Path
+    length: int
+    position: str
+    torn: int
+
+
+def adopt_position(path: Path, rotation: Rotation | None, now: float) -> Adoption:
+    """What ``sink adopt`` records: the newest file of the sink, up to the end of its last
+    complete line, as committed."""
     if rotation is not None and (ours := _scan(path.parent, rotation)):
         seq, name = max(ours)
         newest = path.parent / name
         st = newest.stat()
+        length = _complete_length(newest, st.st_size)
         started = rotation.started_at(st.st_mtime)
-        return newest, st.st_size, _encode(name, seq, st.st_size, started)
+        return Adoption(newest, length, _encode(name, seq, length, started), st.st_size - length)
     size = _size(path)
+    length = _complete_length(path, size)
     if rotation is None:
-        return path, size, str(size)
-    return path, size, _encode(path.name, 0, size, rotation.started_at(now))
+        return Adoption(path, length, str(length), size - length)
+    position = _encode(path.name, 0, length, rotation.started_at(now))
+    return Adoption(path, length, position, size - length)
+
+
+def _complete_length(path: Path, size: int) -> int:
+    """The length of ``path``'s first ``size`` bytes up to (and with) their last newline,
+    read backwards a block at a time."""
+    if not size:
+        return 0
+    block = 1 << 16
+    with path.open("rb") as f:
+        end = size
+        while end > 0:
+            start = max(0, end - block)
+            f.seek(start)
+            at = f.read(end - start).rfind(b"\n")
+            if at >= 0:
+                return start + at + 1
+            end = start
+    return 0
 
 
 def rotated_files(path: Path, rotation: Rotation) -> list[Path]:

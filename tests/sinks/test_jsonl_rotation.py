@@ -701,14 +701,14 @@ def test_rotation_is_off_unless_configured(tmp_path: Path) -> None:
 
 async def test_adopt_records_the_newest_rotated_file(tmp_path: Path) -> None:
     path, rot = tmp_path / "events.jsonl", rotation()
-    assert adopt_position(path, None, T0) == (path, 0, "0")
+    assert adopt_position(path, None, T0) == (path, 0, "0", 0)
     assert adopt_position(path, rot, T0)[2] == json.dumps(
         {"file": "events.jsonl", "seq": 0, "length": 0, "started": int(T0)}, separators=(",", ":")
     )
     for seq in (3, 12, 7):
         (tmp_path / rot.name(seq, int(T0))).write_bytes(b"x\n" * seq)
-    newest, size, token = adopt_position(path, rot, T0)
-    assert (newest.name, size) == (rot.name(12, int(T0)), 24)
+    newest, size, token, torn = adopt_position(path, rot, T0)
+    assert (newest.name, size, torn) == (rot.name(12, int(T0)), 24, 0)
     # The sink takes that position as it would its own: nothing is cut, nothing deleted.
     sink = JsonlSink(path, rotation=rot, clock=Clock())
     await sink.open(token)
