@@ -19,9 +19,9 @@ event to the real sink with the JSON attached (``Event.resource``).
 * 401: the token is dropped and fetched again, at most once a :data:`REAUTH_EVERY_S`; a 401
   of the new one is not the token's age (a hotel outside its scope?): the write fails as
   transient at once. 403 (the application not entitled to this API or hotel, OHIP's
-  configuration) fails the write as transient too, like the stream's own 4403: a human must
-  act, and dead-lettering would take every event of that API or hotel. 404, 410 and 204:
-  ``on_not_found`` decides. Other 4xx: the event is dead-lettered, with the start of the
+  configuration) dead-letters the event: waiting for a human would stall every hotel of the
+  stream behind one, past OHIP's retention; ``dlq replay`` delivers them once fixed. 404, 410
+  and 204: ``on_not_found`` decides. Other 4xx: the event is dead-lettered, with the start of the
   answer's body scrubbed of the token, the app key and every secret the log redactor knows
   (a server may echo the request).
 * URL values from the wire are percent-encoded as one path segment each; an empty one, or a
@@ -117,8 +117,8 @@ class _NotFound:
 
 
 class _NotRetried(Exception):
-    """Failed for a reason another GET of this write cannot mend (a 401 of a new token, a
-    403): a transient failure of the write, at once (the pipeline retries it later)."""
+    """Failed for a reason another GET of this write cannot mend (a 401 of a new token): a
+    transient failure of the write, at once (the pipeline retries it later)."""
 
 
 def _attach(ev: Event, body: Body | None) -> Event:
@@ -458,12 +458,13 @@ class Orchestrator:
             self._unauthorised(tokens, token, shown, reissued)
         if status == 403:
             # OHIP's gateway: the application is not entitled to this API, or to this hotel.
-            # Configuration, as the stream's 4403 is: not the event's fault, and every event
-            # of that API or hotel would be dead-lettered. The write waits for a human.
-            raise _NotRetried(
+            # Not the event's fault, but waiting for a human would stall every hotel of the
+            # chain behind one, for days (OHIP keeps 7): dead-lettered with why, each event is
+            # kept, and `dlq replay` delivers them once the portal is fixed.
+            raise PermanentSinkError(
                 f"orchestration GET {shown}: HTTP 403: the application is not allowed this "
                 "API or hotel (check its subscription and hotels in the developer portal, or "
-                "the resources/[filter] configured); retried, not dead-lettered"
+                "the resources/[filter] configured; then `dlq replay`)"
             )
         if 300 <= status < 400:
             # Not followed (the token must not travel elsewhere): a gateway in maintenance

@@ -205,14 +205,14 @@ async def test_a_401_of_a_token_issued_again_is_not_retried_at_once(tmp_path: Pa
 # --- 403 --------------------------------------------------------------------------------------
 
 
-async def test_a_403_is_configuration_never_the_events_fault(tmp_path: Path) -> None:
-    """OHIP's 403: the application is not entitled to this API or hotel. Every event of it
-    would be dead-lettered; the write waits (transient) for a human, as for the stream's
-    4403, and is not retried at once (no other GET can mend it)."""
+async def test_a_403_dead_letters_the_event_and_the_stream_goes_on(tmp_path: Path) -> None:
+    """OHIP's 403: the application is not entitled to this API or hotel. Waiting for a human
+    would stall every hotel of the stream behind one, maybe past OHIP's 7 days of retention:
+    the event is dead-lettered with why (``dlq replay`` once the portal is fixed), after one
+    GET (no other attempt can mend it)."""
     with Receiver(lambda r: Reply(403, JSON, b'{"title": "Forbidden"}')) as rx:
         async with aiohttp.ClientSession() as http:
             orch = orchestrator(tmp_path, http, rx, max_attempts=6)
-            assert await outcomes(orch, 3) == ["retried"] * 3
-            with pytest.raises(TransientSinkError, match=r"HTTP 403.*developer portal"):
+            with pytest.raises(PermanentSinkError, match=r"HTTP 403.*developer portal.*dlq replay"):
                 await orch.enrich("main", [event(1)])
-    assert len(rx.requests) == 4  # one GET per write
+    assert len(rx.requests) == 1
