@@ -441,6 +441,21 @@ def _run(settings: Settings) -> int:
     configure(settings.log.level, settings.log.format)
     try:
         return asyncio.run(daemon.run(settings))
+    except (SystemExit, KeyboardInterrupt) as exc:
+        # Out of some task (sys.exit() in a sink library's or a handler's own task; never the
+        # daemon's: its signals are handled, a second one is os._exit): asyncio lets these end
+        # the event loop, which then stopped the daemon as it could. Their code is not ours:
+        # a 0 would tell systemd we stopped on request, and Restart=on-failure would not act.
+        import structlog
+
+        from .core.evidence import describe
+
+        structlog.get_logger(__name__).error(
+            "a task raised this past the daemon; the event loop ended under it",
+            error=describe(exc),
+            exit_code=int(ExitCode.SOFTWARE),
+        )
+        return ExitCode.SOFTWARE
     except SinkUnusable:
         raise  # the sink's data is not what was committed: 78, one line
     except SinkError as exc:  # e.g. the database is down at start: let the supervisor retry

@@ -11,6 +11,9 @@ in-process (``consumer.cli.main``), both append to the same :data:`DELIVERED`.
 * ``TRANSIENT``: the next ``TRANSIENT[0]`` calls fail with :class:`Busy` (retried).
 * ``STUCK_STREAMS``: writes for these streams never return (a downstream that hangs).
 * ``GATES``: writes for a stream wait until its event is set.
+* ``ON_EVENT``: a batch holding one of these uniqueEventIds first awaits its function, which
+  may raise anything (``SystemExit``, ``CancelledError``, a TaskGroup's exception group...).
+* :func:`forgetful`: a handler that returns :func:`handle`'s coroutine without awaiting it.
 
 A batch is all or nothing: nothing of it is recorded when an event of it is rejected, so the
 re-delivery of the events before the culprit is not counted twice.
@@ -19,7 +22,7 @@ re-delivery of the events before the culprit is not counted twice.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from consumer.core.events import Event
 
@@ -30,6 +33,7 @@ TRANSIENT: list[int] = [0]  # failures still to raise
 CALLS: list[int] = [0]
 STUCK_STREAMS: set[str] = set()
 GATES: dict[str, asyncio.Event] = {}
+ON_EVENT: dict[str, Callable[[], Awaitable[None]]] = {}
 
 
 class Rejected(Exception):
@@ -57,6 +61,7 @@ def reset() -> None:
     CALLS[0] = 0
     STUCK_STREAMS.clear()
     GATES.clear()
+    ON_EVENT.clear()
 
 
 def delivered_ids(stream: str | None = None) -> list[str]:
@@ -74,8 +79,16 @@ async def handle(stream: str, events: Sequence[Event]) -> None:
         TRANSIENT[0] -= 1
         raise Busy("test sink busy")
     for ev in events:
+        if (then := ON_EVENT.get(ev.unique_event_id)) is not None:
+            await then()
+    for ev in events:
         if ev.unique_event_id in REJECT_IDS:
             raise Rejected(ev.unique_event_id)
         if ev.primary_key in REJECT_KEYS:
             raise ValueError(f"primaryKey {ev.primary_key} refused by the test sink")
     DELIVERED.extend((stream, ev.unique_event_id, ev.primary_key) for ev in events)
+
+
+async def forgetful(stream: str, events: Sequence[Event]) -> Awaitable[None]:
+    """``return handle(...)``: its await forgotten (the sink must await what it returns)."""
+    return handle(stream, events)

@@ -775,6 +775,10 @@ class PythonSinkSettings(_Model):
     # and opera-consumer's TransientSinkError always do, as does an exception whose
     # `transient` attribute is True. Anything else is permanent: the event is dead-lettered.
     transient_exceptions: tuple[str, ...] = ()
+    # A call that has not returned by then is cancelled and retried (transient): a handler
+    # hung on a dead connection would hold its worker, then the reader, for ever. Generous:
+    # a batch is up to [pipeline] batch_max events, and a slow handler must not loop on it.
+    timeout_s: float = Field(default=300.0, gt=0)
 
     @field_validator("target")
     @classmethod

@@ -345,11 +345,15 @@ class StreamPipeline:
                 ]
                 if not batch:
                     return
-            except Exception as exc:  # a bug: never a dead worker, never a lost event
+            except GeneratorExit:
+                raise  # the coroutine is being closed (the loop is going away)
+            except BaseException as exc:  # a bug: never a dead worker, never a lost event
+                # BaseException: a SystemExit or KeyboardInterrupt out of a task would end the
+                # event loop under the daemon (SIGINT is the daemon's signal, never raised here).
                 self._rescue(batch, exc)
                 return
 
-    def _rescue(self, batch: list[_Item], exc: Exception) -> None:
+    def _rescue(self, batch: list[_Item], exc: BaseException) -> None:
         """Last resort: dead-letter what of the batch is not done yet, so that the stream goes
         on and nothing is lost (the DLQ can replay it once the cause is fixed)."""
         log.error(
@@ -473,12 +477,13 @@ class StreamPipeline:
                 _stop_if_asked()
                 items = await self._isolate(items, exc, retrying)
                 continue
-            except (TransientSinkError, SinkUnusable):
+            except (TransientSinkError, SinkUnusable, asyncio.CancelledError, GeneratorExit):
                 raise  # transient ones are retried inside _write until they clear
-            except Exception as exc:
+            except BaseException as exc:
                 _stop_if_asked()
                 # Anything else the sink raised (an event it cannot serialize, a bug in a
-                # user's handler): permanent for the event at fault, found one by one.
+                # user's handler, a SystemExit of a sink's library): permanent for the event
+                # at fault, found one by one.
                 problem = PermanentSinkError(describe(exc, REDACTOR.scrub))
                 items = await self._isolate(items, problem, retrying, reason="unprocessable")
                 continue
@@ -515,7 +520,9 @@ class StreamPipeline:
         self._dead_letter(seq, ev, exc, reason=reason)
         return items[at + 1 :]
 
-    def _dead_letter(self, seq: int, ev: Event, exc: Exception | None, *, reason: str = "") -> None:
+    def _dead_letter(
+        self, seq: int, ev: Event, exc: BaseException | None, *, reason: str = ""
+    ) -> None:
         """``exc`` None: held back because the resource is parked."""
         self.dead_lettered += 1
         behind = self._parking.behind(ev.primary_key) if self._parking is not None else None

@@ -1,14 +1,22 @@
 """Python callable sink: ``target = "package.module:function"``.
 
 The function is ``async def handle(stream: str, events: list[Event]) -> None``. Returning
-means the batch is delivered. Raising is classified:
+means the batch is delivered (an awaitable it returns, e.g. a coroutine it forgot to await, is
+awaited first). Raising is classified:
 
 * transient (the batch is retried with backoff): ``TransientSinkError``, ``ConnectionError``,
   ``TimeoutError``, the configured ``transient_exceptions``, or any exception whose
-  ``transient`` attribute is True (its ``retry_after``, in seconds, is honoured);
-* permanent (dead-lettered): everything else, or ``transient = False``. A batch failing
-  permanently is re-delivered one event at a time, so only the culprit is dead-lettered; an
-  exception may name it with a ``unique_event_id`` attribute.
+  ``transient`` attribute is True (its ``retry_after``, in seconds, is honoured); an exception
+  group (``asyncio.TaskGroup``) whose every leaf is transient; a ``CancelledError`` the handler
+  raised of its own (the daemon is not stopping); no return within ``timeout_s``;
+* permanent (dead-lettered): everything else, or ``transient = False``, ``SystemExit``
+  (``sys.exit()``) and any other ``BaseException`` too: a handler's exception never ends the
+  daemon. A batch failing permanently is re-delivered one event at a time, so only the
+  culprit is dead-lettered; an exception may name it with a ``unique_event_id`` attribute.
+
+``KeyboardInterrupt`` goes through unchanged (under ``dlq replay`` a second ^C arrives as one,
+and must stop it); the daemon, which takes SIGINT as a signal, dead-letters the event a handler
+raised it for, as for any error no sink names.
 
 Events that the function saw before a crash of the daemon may be handed to it again: use
 ``ev.unique_event_id`` as an idempotency key.
@@ -16,19 +24,24 @@ Events that the function saw before a crash of the daemon may be handed to it ag
 
 from __future__ import annotations
 
+import asyncio
 import importlib
+import inspect
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from ..config import PythonSinkSettings, is_async_callable, resolve
 from ..core.events import Event
-from ..core.evidence import describe
+from ..core.evidence import describe, prefix
 from ..core.retry_after import clamp_retry_after
 from ..errors import ConfigError, PermanentSinkError, SinkError, TransientSinkError
 from ..logs import REDACTOR
 from .base import PlainSink
 
-Handler = Callable[[str, list[Event]], Awaitable[None]]
+Handler = Callable[[str, list[Event]], Awaitable[object]]
+
+# Leaves of an exception group named in the error, at most.
+_LEAVES_SHOWN = 3
 
 
 class PythonSink(PlainSink):
@@ -45,6 +58,7 @@ class PythonSink(PlainSink):
                 "(async def handle(stream, events))"
             )
         self._fn: Handler = fn
+        self._timeout = settings.timeout_s
         transient: list[type[BaseException]] = [ConnectionError, TimeoutError]
         for name in settings.transient_exceptions:
             mod, _, attr = name.rpartition(".")
@@ -52,21 +66,63 @@ class PythonSink(PlainSink):
         self._transient = tuple(transient)
 
     async def write(self, stream: str, events: Sequence[Event]) -> None:
+        timeout = asyncio.timeout(self._timeout)
         try:
-            await self._fn(stream, list(events))
-        except SinkError:
-            raise
-        except Exception as exc:
+            async with timeout:
+                result: object = await self._fn(stream, list(events))
+                while inspect.isawaitable(result):  # `return other(...)`, its await forgotten
+                    result = await result
+        except (KeyboardInterrupt, GeneratorExit):
+            raise  # GeneratorExit: the worker's coroutine is being closed
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                raise  # we are being stopped (the pipeline's cancel, not the handler's)
+            # Its own (a future its client cancelled): not a stop, and not the events' fault.
+            raise TransientSinkError(
+                "the handler raised CancelledError while the daemon is not stopping"
+            ) from None
+        except BaseException as exc:
+            if timeout.expired():  # whatever the handler made of the cancellation
+                raise TransientSinkError(
+                    f"the handler did not return within {self._timeout:g} s (sink.timeout_s)"
+                ) from None
+            if isinstance(exc, SinkError):
+                raise
             raise self._classify(exc, events) from exc
 
-    def _classify(self, exc: Exception, events: Sequence[Event]) -> SinkError:
-        what = describe(exc, REDACTOR.scrub)  # masked before it is cut
+    def _transient_one(self, exc: BaseException) -> bool:
         flag: Any = getattr(exc, "transient", None)
-        if flag is True or (flag is None and isinstance(exc, self._transient)):
-            return TransientSinkError(
-                what, retry_after=clamp_retry_after(getattr(exc, "retry_after", None))
-            )
+        if flag is not None:
+            return flag is True
+        if isinstance(exc, BaseExceptionGroup):  # a TaskGroup's: transient if all its leaves are
+            return all(self._transient_one(e) for e in exc.exceptions)
+        if isinstance(exc, SinkError):
+            return isinstance(exc, TransientSinkError)
+        return isinstance(exc, self._transient)
+
+    def _classify(self, exc: BaseException, events: Sequence[Event]) -> SinkError:
+        scrub = REDACTOR.scrub
+        what = describe(exc, scrub)  # masked before it is cut
+        waits = [clamp_retry_after(getattr(exc, "retry_after", None))]
+        if isinstance(exc, BaseExceptionGroup):
+            leaves = _leaves(exc)
+            shown = "; ".join(describe(e, scrub) for e in leaves[:_LEAVES_SHOWN])
+            more = len(leaves) - _LEAVES_SHOWN
+            what = prefix(f"{what}: {shown}" + (f"; … and {more} more" if more > 0 else ""), 1000)
+            waits += [clamp_retry_after(getattr(e, "retry_after", None)) for e in leaves]
+        if self._transient_one(exc):
+            # A group's: the longest wait any of its exceptions asks for.
+            retry_after = max((w for w in waits if w is not None), default=None)
+            return TransientSinkError(what, retry_after=retry_after)
         culprit = getattr(exc, "unique_event_id", None)
         if not isinstance(culprit, str):
             culprit = events[0].unique_event_id if len(events) == 1 else None
         return PermanentSinkError(what, unique_event_id=culprit)
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for e in group.exceptions:
+        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
+    return out

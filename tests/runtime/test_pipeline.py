@@ -1117,3 +1117,44 @@ async def test_one_event_id_under_two_resources_reaches_the_sink_once(
     assert [e.offset for e in sink.delivered] == ([first.offset] if outcome == "delivered" else [])
     assert pipeline.duplicates == 1
     assert pipeline.dead_lettered == (1 if outcome == "rejected" else 0)
+
+
+class Boom(BaseException):
+    """A library's own BaseException."""
+
+
+class ExitsOnPoison(FakeSink):
+    """A sink (any, not only the python one) raising a BaseException for the poison event."""
+
+    def __init__(self, make: Any) -> None:
+        super().__init__(poison={"u3"})
+        self.make = make
+
+    async def write(self, stream: str, events: Sequence[Event]) -> None:
+        if any(e.unique_event_id in self.poison for e in events):
+            raise self.make()
+        await super().write(stream, events)
+
+
+@pytest.mark.parametrize("make", [lambda: SystemExit(0), lambda: Boom("gave up")])
+async def test_a_base_exception_of_a_sink_dead_letters_its_event_not_the_worker(
+    tmp_path: Path, make: Any
+) -> None:
+    """The workers caught Exception (and CancelledError) only: a SystemExit out of a worker
+    task ends the event loop (the process exits with its code, 0 for sys.exit()), any other
+    BaseException ends the worker and the daemon with it."""
+    sink = ExitsOnPoison(make)
+    events = [ev(i, key="same") for i in range(8)]
+    async with harness(tmp_path, sink, workers=2, start=False) as (store, committer, pipeline):
+        for e in events:
+            await pipeline.put(e)
+        pipeline.start()
+        await drained(pipeline)
+        assert not any(t.done() for t in pipeline.tasks), "a worker died"
+        await committer.flush()
+        letters = await store.dead_letters(STREAM)
+    assert [e.unique_event_id for e in sink.delivered] == [
+        e.unique_event_id for e in events if e.unique_event_id != "u3"
+    ]
+    assert [(d.unique_event_id, d.reason) for d in letters] == [("u3", "unprocessable")]
+    assert letters[0].error == f"{type(make()).__name__}: {make()}"
