@@ -74,6 +74,10 @@ async def test_every_item_passes_against_a_healthy_gateway(sandbox_factory, tmp_
     ):
         assert got[item] == "PASS", (item, done.stdout)
     assert "Inactive" in done.stdout
+    # The bundled sandbox config (launcher.stream_config, as `make demo` writes it) draws no
+    # warning: it gives an enterprise_id, so a newcomer's first preflight is clean.
+    assert [line for line in done.stdout.splitlines() if not line.startswith("PASS")] == []
+    assert "enterprise_id" not in done.stderr
     assert gw.stats.subscribes == [] or all("chainCode" not in s for s in gw.stats.subscribes)
     opts = SandboxOptions()
     for secret in (opts.app_key, opts.client_secret, *gw.issued_tokens):

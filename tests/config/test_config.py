@@ -498,6 +498,18 @@ def test_the_fleet_compose_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> N
     settings = load_settings(root / "deploy" / "docker" / "config.fleet.toml")
     assert settings.fleet.enabled and len(settings.streams) == 4
     assert settings.sink.type == "postgres" and settings.state.backend == "postgres"
+    assert settings.warnings() == []  # the sandbox's: an enterprise_id, no OCIM warning
+
+
+def test_the_sandbox_compose_config_is_valid_and_draws_no_warning(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first thing a newcomer runs: no enterprise_id warning from the bundled sandbox."""
+    monkeypatch.setenv("OPERA_CONSUMER_STREAMS__MAIN__APP_KEY", "sandbox-app-key")
+    monkeypatch.setenv("OPERA_CONSUMER_STREAMS__MAIN__AUTH__CLIENT_SECRET", "sandbox-secret")
+    root = Path(__file__).parents[2]
+    settings = load_settings(root / "deploy" / "docker" / "config.sandbox.toml")
+    assert settings.warnings() == []
 
 
 @pytest.mark.parametrize(
