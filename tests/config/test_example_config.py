@@ -120,4 +120,4 @@ def test_the_examples_paths_are_in_the_deployments_state_directory() -> None:
     unit = (root / "deploy" / "systemd" / "opera-consumer.service").read_text()
     assert "\nStateDirectory=opera-consumer\n" in unit  # /var/lib/opera-consumer
     compose = (root / "deploy" / "docker" / "compose.yaml").read_text()
-    assert f"opera-state:{state_dir}" in compose
+    assert f"source: opera-state\n        target: {state_dir}\n" in compose
