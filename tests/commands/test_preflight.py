@@ -400,8 +400,8 @@ async def test_preflight_connects_as_the_daemon_does_with_the_unconfirmed_option
     connection = {"upgrade_authorization": "true", "init_enterprise_id": "true"}
     config = toml_config(tmp_path, gw.url, connection=connection)
     text = config.read_text()
-    secret_line = next(line for line in text.splitlines() if line.startswith("client_secret"))
-    config.write_text(text.replace(secret_line, secret_line + '\nenterprise_id = "E1"', 1))
+    given = next(line for line in text.splitlines() if line.startswith("enterprise_id"))
+    config.write_text(text.replace(given, 'enterprise_id = "E1"', 1))
     done = await asyncio.to_thread(preflight, config)
     assert done.returncode == 0, done.stdout + done.stderr
     got = levels(done.stdout)
@@ -410,6 +410,10 @@ async def test_preflight_connects_as_the_daemon_does_with_the_unconfirmed_option
 
     # Without the enterprise id (client_credentials, the default grant): said, as a warning.
     gw = await sandbox_factory(backlog=5)
-    done = await asyncio.to_thread(preflight, toml_config(tmp_path, gw.url))
+    config = toml_config(tmp_path, gw.url)
+    text = config.read_text()
+    given = next(line for line in text.splitlines() if line.startswith("enterprise_id"))
+    config.write_text(text.replace(given + "\n", "", 1))  # the sandbox's config gives one
+    done = await asyncio.to_thread(preflight, config)
     assert done.returncode == 0, done.stdout + done.stderr
     assert levels(done.stdout)["auth.enterprise_id"] == "WARN", done.stdout
