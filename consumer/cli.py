@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import early_signals
 from .errors import (
+    ConfigError,
     ExitCode,
     OperaConsumerError,
     SinkError,
@@ -377,8 +378,9 @@ def _command(args: argparse.Namespace) -> int:
 
     from .config import effective, find_config, load_settings
 
-    settings = load_settings(args.config)
+    settings = load_settings(args.config, stream_secrets=_connects(args))
     if command == "check-config":
+        from .config.loading import secret_fix, unset_secrets
         from .runtime.assembly import check_sink
 
         check_sink(settings)  # what the sink's client library refuses, without connecting
@@ -387,6 +389,10 @@ def _command(args: argparse.Namespace) -> int:
             print(f"warning: {key}: {what} -> {fix}", file=sys.stderr)
         found = find_config(args.config)
         source = str(found.resolve()) if found else "no config file, the environment only"
+        if unset := unset_secrets(settings):  # the rest is valid: what `run` would refuse
+            lines = [f"invalid configuration for `run` (the rest is valid; {source}):"]
+            lines += [f"  {key}: not given -> {secret_fix(key.split('.'))}" for key in unset]
+            raise ConfigError("\n".join(lines))
         print(
             f"configuration OK ({source}; relative paths are resolved against "
             f"{'its directory' if found else 'the current directory'})",
@@ -426,6 +432,16 @@ def _command(args: argparse.Namespace) -> int:
 
         return asyncio.run(dlq.command(settings, args))
     return _run(settings)
+
+
+def _connects(args: argparse.Namespace) -> bool:
+    """Whether the command needs the streams' secrets (app_key, client_secret, a password
+    grant's password): only those that talk to OHIP or deliver through a sink that may (an
+    orchestration sink asks the REST API). The others touch the state store alone, and an
+    operator's shell may not hold the secrets (systemd gives them to the service only)."""
+    if args.command == "dlq":
+        return bool(args.dlq_command == "replay" and not args.dry_run)
+    return bool(args.command in ("run", "preflight"))
 
 
 def _run(settings: Settings) -> int:

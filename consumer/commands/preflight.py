@@ -59,6 +59,7 @@ from ..runtime.auth import TokenProvider
 from ..runtime.origin import redirected_to
 from ..sinks.jsonl import JsonlSink
 from ..state import sqlite
+from ..state.lease import REPLAY, current_holder, lock_path
 
 HEADER_LIMIT = 8 * 1024  # the gateway's request header limit
 SLOW_RTT_S = 0.5
@@ -227,6 +228,8 @@ async def _local(checks: _Checks, settings: Settings) -> None:
         if settings.state.backend == "sqlite":
             item = _sqlite_file("state store", settings.state.path)
             add(*item)
+            if item[0] == "PASS" and (replay := _replay_lock(settings.state.path)) is not None:
+                add(*replay)
             if item[0] == "PASS":
                 sink_state = _sqlite_sink_state(settings.state.path, settings.sink.type)
         else:
@@ -237,17 +240,60 @@ async def _local(checks: _Checks, settings: Settings) -> None:
     await _sink(checks, settings, sink_state)
     m = settings.metrics
     if m.enabled:
-        with socket.socket() as probe:
+        await _metrics_address(checks, settings)
+
+
+async def _metrics_address(checks: _Checks, settings: Settings) -> None:
+    """Whether ``run`` can listen on the metrics address: bound as asyncio.start_server binds
+    (SO_REUSEADDR, so a just-stopped daemon's TIME_WAIT connections are no obstacle). Taken:
+    our running daemon's (a WARN, as the connection status says), or something else's, which
+    `run` refuses (exit 78): a FAIL."""
+    m = settings.metrics
+    where = f"{m.address}:{m.port}"
+    try:
+        infos = socket.getaddrinfo(
+            m.address or None, m.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except OSError as exc:
+        checks.add("FAIL", "-", "metrics address", f"{where}: {exc}: fix [metrics] address")
+        return
+    problem = None
+    with contextlib.ExitStack() as probes:  # every address, held together, as the server does
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            probe = probes.enter_context(socket.socket(family, kind, proto))
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             try:
-                probe.bind((m.address, m.port))
-                add("PASS", "-", "metrics address", f"{m.address}:{m.port} free")
-            except OSError:
-                add(
-                    "WARN",
-                    "-",
-                    "metrics address",
-                    f"{m.address}:{m.port} in use (a running daemon?)",
-                )
+                probe.bind(address)
+            except OSError as exc:
+                problem = exc.strerror or str(exc)
+                break
+    if problem is None:
+        checks.add("PASS", "-", "metrics address", f"{where} free")
+        return
+    try:
+        running = await current_holder(settings.state)
+    except Exception:  # the state store's line says why it cannot be read
+        running = None
+    if running is not None:
+        pid = running.get("pid") or running.get("member")
+        checks.add(
+            "WARN",
+            "-",
+            "metrics address",
+            f"{where} in use: the running daemon{f' ({pid})' if pid else ''} holds the state "
+            "store, and most likely this address",
+        )
+        return
+    checks.add(
+        "FAIL",
+        "-",
+        "metrics address",
+        f"{where}: {problem}, and no opera-consumer holds the state store: another program "
+        "has it, and `run` would stop (exit 78): set [metrics] port (or address) to a free "
+        "one, or stop that program",
+    )
 
 
 def _sqlite_file(what: str, path: Path) -> tuple[str, str, str, str]:
@@ -269,7 +315,29 @@ def _sqlite_file(what: str, path: Path) -> tuple[str, str, str, str]:
     if not (os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)):
         fix = "make it and its directory writable by the daemon's user, or set another path"
         return "FAIL", "-", what, f"{path} is not writable: {fix}"
+    # Its -wal, -shm and the daemon's .lock: one left by a command run as root (a dlq replay,
+    # a status) stops the daemon's start while the file itself is fine.
+    if (fault := sqlite.access_fault(path)) is not None:
+        return "FAIL", "-", what, f"{path}: {fault}"
     return "PASS", "-", what, f"{path} writable"
+
+
+def _replay_lock(path: Path) -> tuple[str, str, str, str] | None:
+    """A WARN when ``dlq replay`` could not take its lock beside the store (not `run`'s)."""
+    lock = lock_path(path, REPLAY)
+    try:
+        if not lock.exists() or os.access(lock, os.R_OK | os.W_OK):
+            return None
+    except OSError:
+        return None  # the state store's line says why
+    return (
+        "WARN",
+        "-",
+        "dlq replay lock",
+        f"{lock} is not readable and writable by this user (uid {os.geteuid()}): `dlq "
+        "replay` would fail; chown it to the daemon's user (a replay run as root leaves it "
+        "root's)",
+    )
 
 
 class _Unknown:

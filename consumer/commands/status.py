@@ -23,6 +23,7 @@ import json
 import signal
 import sys
 import time
+from datetime import datetime
 from typing import Any
 
 from ..config import Settings
@@ -79,6 +80,7 @@ class LiveView:
                 "lag_s": rounded(progress.lag_s),
                 "eta_s": rounded(progress.eta_s),
                 "progress": progress.phase.value,
+                "commits": look[name].get("commits"),
             }
         return out
 
@@ -112,7 +114,10 @@ async def status(
         live = LiveView(settings) if settings.metrics.enabled else None
         if not watch:
             rows = await snapshot(settings, store, live, 1.0)
-            emit(rows if as_json else for_people(rows), COLUMNS, as_json=as_json)
+            if as_json:
+                emit(rows, COLUMNS, as_json=True)
+            else:
+                show(rows)
             return ExitCode.OK
         return await _watch(
             settings, store, live, as_json=as_json, interval_s=interval_s, count=count
@@ -155,23 +160,68 @@ async def snapshot(
             "lag_s": lag,
             "eta_s": figures["eta_s"] if figures else None,
             "progress": figures["progress"] if figures else None,
+            # the daemon's commits (one for every stream): failing, nothing becomes durable
+            **_commit_fields(figures.get("commits") if figures else None),
         }
         rows.append(row)
     return rows
 
 
+def _commit_fields(commits: dict[str, Any] | None) -> dict[str, Any]:
+    if commits is None:
+        keys = ("commits_ok", "commits_failing_since", "commit_failures", "commit_error")
+        return dict.fromkeys(keys)
+    return {
+        "commits_ok": commits["ok"],
+        "commits_failing_since": iso(commits["failing_since"]),
+        "commit_failures": commits["failures"] or None,
+        "commit_error": commits["last_error"],
+    }
+
+
+def commits_failing(rows: list[dict[str, Any]], now: float | None = None) -> str | None:
+    """One line for people above the table when the daemon's commits fail: since when, how
+    many, the last error (masked, bounded). The rest of the table (lag, "caught up") is what
+    was delivered, not what is durable."""
+    row = next((r for r in rows if r.get("commits_ok") is False), None)
+    if row is None:
+        return None
+    since = row["commits_failing_since"]
+    count = row["commit_failures"]
+    error = row.get("commit_error")
+    when = ""
+    if since is not None:
+        started = datetime.fromisoformat(since.replace("Z", "+00:00")).timestamp()
+        when = f" since {since} ({duration(max(0.0, (now or time.time()) - started))})"
+    return (
+        f"COMMITS FAILING{when}{f', {count} in a row' if count else ''}: nothing delivered "
+        "since is checkpointed (a restart replays it)" + (f"; last error: {error}" if error else "")
+    )
+
+
 def for_people(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The rows with ``lag`` and ``eta`` in words, and what a stream waits for beside its
-    state, for the table."""
-    return [
-        {
-            **r,
-            "state": f"{r['state']}: {r['waiting_for']}" if r["waiting_for"] else r["state"],
-            "lag": duration(r["lag_s"]),
-            "eta": eta_text(r),
-        }
-        for r in rows
-    ]
+    state, for the table; failing commits in the state, and no "caught up" while they fail."""
+    out = []
+    for r in rows:
+        state = f"{r['state']}: {r['waiting_for']}" if r["waiting_for"] else r["state"]
+        failing = r.get("commits_ok") is False
+        out.append(
+            {
+                **r,
+                "state": f"{state} (COMMITS FAILING)" if failing else state,
+                "lag": duration(r["lag_s"]),
+                "eta": "commits failing" if failing else eta_text(r),
+            }
+        )
+    return out
+
+
+def show(rows: list[dict[str, Any]]) -> None:
+    """The table for people, the failing commits said first."""
+    if (banner := commits_failing(rows)) is not None:
+        print(banner)
+    emit(for_people(rows), COLUMNS, as_json=False)
 
 
 def eta_text(row: dict[str, Any]) -> str | None:
@@ -233,7 +283,7 @@ async def _watch(
                     print(f"opera-consumer status  {iso(time.time())}  every {interval_s:g}s")
                 elif shown:
                     print()
-                emit(for_people(rows), COLUMNS, as_json=False)
+                show(rows)
                 sys.stdout.flush()
             shown += 1
             if count is not None and shown >= count:

@@ -266,11 +266,21 @@ def _base_url(v: str) -> str:
     return MaskedUrl(http_url(v).rstrip("/"))
 
 
+# The WebSocket URL (wss://host/subscriptions, as the portal and Oracle's GraphiQL tool show it)
+# names the same gateway: taken as its https:// form (ws:// as http://, which the plain-http
+# rules then judge as any http:// gateway_url).
+_WEBSOCKET_SCHEMES = {"wss": "https", "ws": "http"}
+
+
 def _gateway_url(v: str) -> str:
+    scheme, sep, rest = v.partition("://")
+    if sep and scheme.lower() in _WEBSOCKET_SCHEMES:
+        v = f"{_WEBSOCKET_SCHEMES[scheme.lower()]}://{rest}"
     _parse_url(
         v,
         _HTTP_SCHEMES,
-        "must start with https:// (the gateway URL of the portal's environment card)",
+        "must start with https:// (the gateway URL of the portal's environment card; its "
+        "wss:// WebSocket URL works too)",
     )
     return MaskedUrl(v.rstrip("/"))
 

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import os
 import re
+import uuid
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, SecretStr, ValidationError
 from pydantic_settings import (
     EnvSettingsSource,
     NestedSecretsSettingsSource,
@@ -59,8 +60,123 @@ def find_config(path: Path | None) -> Path | None:
     return next((p for p in DEFAULT_CONFIG_PATHS if p.is_file()), None)
 
 
-def load_settings(path: Path | None = None) -> Settings:
-    """Load and validate; raises :class:`ConfigError` naming each bad key and its fix."""
+# What a stream's connection to OHIP needs and nothing else does: a command that only reads
+# or changes the state store (status, dlq list, offset, fleet...) is loaded without them. Under
+# systemd they reach the service alone (LoadCredential=), not an operator's shell.
+_PLACEHOLDER = f"opera-consumer-secret-not-given-{uuid.uuid4().hex}"
+
+
+def secret_fix(loc: list[str]) -> str:
+    """Where a secret at ``loc`` may be given: the file, its variable, its secret file."""
+    env = ENV_PREFIX + "__".join(part.upper() for part in loc)
+    name = "__".join(loc)
+    return (
+        f"set {'.'.join(loc)} in the config file or the environment variable {env}, or put it "
+        f"in a file named {name} in $CREDENTIALS_DIRECTORY or /run/secrets (systemd: "
+        f"LoadCredential={name}:/etc/credstore/<file>; a command run from a shell gets "
+        "the unit's credentials only as the README's Deploy section shows)"
+    )
+
+
+class UnsetSecret(SecretStr):
+    """A stream secret that a command which never connects to OHIP was loaded without: it is
+    shown as not given, and asking for its value is a configuration error naming the key."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__("")
+        self.key = key
+
+    def get_secret_value(self) -> str:
+        raise ConfigError(
+            f"invalid configuration: {self.key}: not given to this command, which needs it "
+            f"-> {secret_fix(self.key.split('.'))}"
+        )
+
+    def _display(self) -> str:
+        return "(not given)"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, UnsetSecret) and other.key == self.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+
+class _StreamSecretPlaceholders(PydanticBaseSettingsSource):
+    """The last source: a placeholder for each stream secret no other source gave (app_key,
+    auth.client_secret, and auth.password with the password grant), replaced by an
+    :class:`UnsetSecret` once the settings are valid."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        streams = self.current_state.get("streams")
+        if not isinstance(streams, dict):
+            return {}
+        filled: dict[str, Any] = {}
+        for name, stream in streams.items():
+            if not isinstance(stream, dict):
+                continue
+            fill: dict[str, Any] = {}
+            if "app_key" not in stream:
+                fill["app_key"] = _PLACEHOLDER
+            auth = stream.get("auth")
+            if isinstance(auth, dict):
+                missing = {"client_secret"}
+                if auth.get("grant") == "password":
+                    missing.add("password")
+                if given := {k: _PLACEHOLDER for k in sorted(missing) if k not in auth}:
+                    fill["auth"] = given
+            if fill:
+                filled[name] = fill
+        return {"streams": filled} if filled else {}
+
+
+def _unset_stream_secrets(settings: Settings) -> Settings:
+    """The placeholders of :class:`_StreamSecretPlaceholders` as :class:`UnsetSecret`."""
+
+    def unset(value: SecretStr | None, key: str) -> UnsetSecret | None:
+        if value is not None and value.get_secret_value() == _PLACEHOLDER:
+            return UnsetSecret(key)
+        return None
+
+    streams = dict(settings.streams)
+    for name, s in settings.streams.items():
+        update: dict[str, Any] = {}
+        auth_update: dict[str, Any] = {}
+        if (key := unset(s.app_key, f"streams.{name}.app_key")) is not None:
+            update["app_key"] = key
+        for field in ("client_secret", "password"):
+            value = getattr(s.auth, field)
+            if (secret := unset(value, f"streams.{name}.auth.{field}")) is not None:
+                auth_update[field] = secret
+        if auth_update:
+            update["auth"] = s.auth.model_copy(update=auth_update)
+        if update:
+            streams[name] = s.model_copy(update=update)
+    if streams == settings.streams:
+        return settings
+    return settings.model_copy(update={"streams": streams})
+
+
+def unset_secrets(settings: Settings) -> list[str]:
+    """The keys of the stream secrets these settings were loaded without (see
+    ``load_settings(stream_secrets=False)``): what ``run`` would refuse."""
+    found = []
+    for s in settings.streams.values():
+        for value in (s.app_key, s.auth.client_secret, s.auth.password):
+            if isinstance(value, UnsetSecret):
+                found.append(value.key)
+    return found
+
+
+def load_settings(path: Path | None = None, *, stream_secrets: bool = True) -> Settings:
+    """Load and validate; raises :class:`ConfigError` naming each bad key and its fix.
+
+    ``stream_secrets=False``: for a command that never connects to OHIP, the streams' secrets
+    (app_key, client_secret, a password grant's password) may be missing; each missing one is
+    an :class:`UnsetSecret`, which names its key if it is asked for after all."""
     found = find_config(path)
     unknown = _unknown_variables()
     if unknown:
@@ -84,6 +200,8 @@ def load_settings(path: Path | None = None) -> Settings:
             cls, *args: Any, **kwargs: Any
         ) -> tuple[PydanticBaseSettingsSource, ...]:
             made = super().settings_customise_sources(*args, **kwargs)
+            if not stream_secrets:
+                made = (*made, _StreamSecretPlaceholders(cls))
             sources[:] = made  # for _source_error: which variable or file it could not parse
             return made
 
@@ -112,7 +230,7 @@ def load_settings(path: Path | None = None) -> Settings:
         ) from None
     finally:
         CONFIG_DIR.reset(where)
-    return anchored(loaded, base)
+    return anchored(_unset_stream_secrets(loaded) if not stream_secrets else loaded, base)
 
 
 def _secret_files() -> list[Path]:
@@ -277,11 +395,7 @@ def explain(exc: ValidationError, source: Path | None) -> str:
         if err["type"] == "missing":
             fix = f"set {'.'.join(loc)} in the config file or the environment variable {env}"
             if loc[-1] in _SECRET_FIELDS:
-                secret_file = "__".join(loc)
-                fix += (
-                    f", or put it in a file named {secret_file} in $CREDENTIALS_DIRECTORY "
-                    "or /run/secrets"
-                )
+                fix = secret_fix(loc)
         elif err["type"] == "finite_number":
             fix = "use a finite number (inf and nan are not allowed)"
         elif err["type"] == "extra_forbidden":
@@ -301,5 +415,28 @@ def _key(loc: list[str]) -> str:
 
 
 def effective(settings: Settings) -> dict[str, Any]:
-    """The settings as plain data, secrets masked: what ``check-config`` prints."""
-    return settings.model_dump(mode="json")
+    """The settings as plain data, secrets masked: what ``check-config`` prints (a stream
+    secret it was loaded without as "(not given)")."""
+    unset = unset_secrets(settings)
+    if not unset:
+        return settings.model_dump(mode="json")
+    given = SecretStr("given")  # dumped as the mask, then shown as what it is
+    streams = {}
+    for name, s in settings.streams.items():
+        auth = s.auth.model_copy(
+            update={
+                k: given
+                for k in ("client_secret", "password")
+                if isinstance(getattr(s.auth, k), UnsetSecret)
+            }
+        )
+        app_key = given if isinstance(s.app_key, UnsetSecret) else s.app_key
+        streams[name] = s.model_copy(update={"auth": auth, "app_key": app_key})
+    dumped = settings.model_copy(update={"streams": streams}).model_dump(mode="json")
+    for key in unset:
+        *parents, last = key.split(".")
+        table = dumped
+        for part in parents:
+            table = table[part]
+        table[last] = "(not given)"
+    return dumped

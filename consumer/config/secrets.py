@@ -9,6 +9,7 @@ from urllib.parse import quote, quote_plus, unquote, unquote_plus, urlsplit
 
 from ..core.protocol import key_hash
 from .fields import is_secret_name, user_information
+from .loading import UnsetSecret
 from .settings import (
     NatsSinkSettings,
     PostgresSinkSettings,
@@ -145,12 +146,15 @@ def secret_values(settings: Settings) -> list[str]:
     passwords."""
     values: list[str] = []
     for s in settings.streams.values():
-        key = s.app_key.get_secret_value()
-        values += [key, key_hash(key)]
+        # One a command was loaded without (UnsetSecret) is not there to mask.
+        if not isinstance(s.app_key, UnsetSecret):
+            key = s.app_key.get_secret_value()
+            values += [key, key_hash(key)]
         auth = s.auth
-        secret = auth.client_secret.get_secret_value()
-        values += [secret, _b64(f"{auth.client_id}:{secret}")]
-        if auth.password is not None:
+        if not isinstance(auth.client_secret, UnsetSecret):
+            secret = auth.client_secret.get_secret_value()
+            values += [secret, _b64(f"{auth.client_id}:{secret}")]
+        if auth.password is not None and not isinstance(auth.password, UnsetSecret):
             values += _password_forms(auth.password.get_secret_value())
         for url in (s.gateway_url, s.auth.token_url, s.connection.proxy):
             if url is not None:

@@ -234,11 +234,19 @@ class TokenProvider:
             now = self._clock()
             if self._not_found_since is None:
                 self._not_found_since = now
-            which = "auth.token_url" if auth.token_url else "gateway_url"
+            if auth.token_url:  # a URL with a path of its own: the gateway advice misleads
+                advice = (
+                    "check auth.token_url (the full URL of the token endpoint, path and all; "
+                    "unset it to use {gateway_url}/oauth/v1/tokens)"
+                )
+            else:
+                advice = (
+                    "check gateway_url (the gateway URL of the portal's environment card, "
+                    "nothing after the host; the token endpoint is "
+                    "{gateway_url}/oauth/v1/tokens)"
+                )
             raise AuthError(
-                f"token endpoint {self.url} answered HTTP 404 (no such endpoint): check "
-                f"{which} (the gateway URL of the portal's environment card, nothing after the "
-                "host; the token endpoint is {gateway_url}/oauth/v1/tokens)",
+                f"token endpoint {self.url} answered HTTP 404 (no such endpoint): {advice}",
                 retriable=now - self._not_found_since < auth.retry_max_s,
             )
         if status != 200:

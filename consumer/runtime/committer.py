@@ -113,6 +113,7 @@ class Committer:
         self.busy_since: float | None = None  # monotonic start of the commit under way
         self.failing_since: float | None = None  # monotonic time of the first failed commit
         self.failures = 0  # consecutive failed commits
+        self.last_error = ""  # of the last failed commit while they fail (raw: views mask it)
         # stream -> monotonic time it last moved (the daemon seeds it at the stream's start)
         self.checkpointed_at: dict[str, float] = {}
 
@@ -354,12 +355,14 @@ class Committer:
             self._restore(batch.without(gone) if gone else batch, held)
             if not isinstance(exc, asyncio.CancelledError):
                 self.failures += 1
+                self.last_error = prefix(str(exc) or type(exc).__name__, 2000)
                 if self.failing_since is None:
                     self.failing_since = time.monotonic()
             raise
         gone = self._end_in_flight()
         self.failures = 0
         self.failing_since = None
+        self.last_error = ""
         self._committed.set()
         if not batch:  # every stream in it was fenced
             return False

@@ -357,7 +357,8 @@ class Daemon:
 
     def commit_status(self) -> CommitStatus:
         c = self.committer
-        return CommitStatus(c.failures, c.failing_since, c.busy_since)
+        error = for_a_person(c.last_error) if c.last_error else ""
+        return CommitStatus(c.failures, c.failing_since, c.busy_since, error)
 
     def sink_counters(self) -> dict[str, float]:
         return self.sink.counters()

@@ -277,7 +277,15 @@ def readiness(source: StatusSource) -> tuple[bool, dict[str, Any]]:
     }
     # Commits that keep failing: nothing is being made durable, whatever the streams say.
     commit = source.commit_status()
-    commits = {"ok": commit.failing_since is None, "failures": commit.failures}
+    failing = commit.failing_since
+    commits = {
+        "ok": failing is None,
+        "failures": commit.failures,
+        # how long they have failed (a duration: the monotonic clock is this process's), and
+        # why the last one did (masked, one line, bounded)
+        "failing_for_s": None if failing is None else round(time.monotonic() - failing, 1),
+        "last_error": commit.last_error or None,
+    }
     ready = commit.failing_since is None and all(s["ready"] for s in streams.values())
     return ready, {"streams": streams, "commits": commits}
 
@@ -420,6 +428,26 @@ async def _body(response: aiohttp.ClientResponse) -> bytes:
     return body
 
 
+def _commits(given: Any, at: float) -> dict[str, Any] | None:
+    """/readyz's ``commits``, checked as a peer's answer: None when not there (an older
+    daemon); ``failing_since`` as wall-clock time."""
+    if not isinstance(given, dict) or not isinstance(given.get("ok"), bool):
+        return None
+    failures = given.get("failures")
+    failing_for = given.get("failing_for_s")
+    error = given.get("last_error")
+    return {
+        "ok": given["ok"],
+        "failures": failures if isinstance(failures, int) else None,
+        "failing_since": (
+            at - failing_for
+            if isinstance(failing_for, int | float) and 0 <= failing_for < float("inf")
+            else None
+        ),
+        "last_error": shown(error, 300) if isinstance(error, str) and error else None,
+    }
+
+
 async def live_status(host: str, port: int) -> dict[str, dict[str, Any]] | None:
     """One look at a running daemon through its listener (None: no daemon answers): per
     stream, ``state`` (/readyz), and from /metrics ``processed`` (a counter), ``lag_s`` and
@@ -451,6 +479,7 @@ async def live_status(host: str, port: int) -> dict[str, dict[str, Any]] | None:
                 if key is not None and "stream" in s.labels and abs(s.value) < float("inf"):
                     figures.setdefault(s.labels["stream"], {})[key] = s.value
         streams = ready["streams"]
+        commits = _commits(ready.get("commits"), at)
         return {
             shown(name, 200): {
                 "state": shown(info["state"], 100),
@@ -460,6 +489,7 @@ async def live_status(host: str, port: int) -> dict[str, dict[str, Any]] | None:
                 "processed": int(figures.get(name, {}).get("processed", 0)),
                 "lag_s": figures.get(name, {}).get("lag_s"),
                 "waiting": int(figures.get(name, {}).get("waiting", 0)),
+                "commits": commits,
             }
             for name, info in streams.items()
         }

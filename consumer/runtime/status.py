@@ -42,6 +42,7 @@ class CommitStatus:
     failures: int  # consecutive failed commits
     failing_since: float | None  # monotonic
     busy_since: float | None  # monotonic start of the commit under way
+    last_error: str = ""  # of the last failed commit while they fail, masked, one line
 
 
 @dataclass(frozen=True, slots=True)

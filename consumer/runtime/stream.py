@@ -86,7 +86,10 @@ class StreamState(enum.StrEnum):
     CONNECTING = "connecting"
     STREAMING = "streaming"
     COMPLETING = "completing"
-    LOCKOUT = "lockout"  # a wait the protocol asks for (4409, 429, the gap after a rotation)
+    LOCKOUT = "lockout"  # a wait the protocol asks for (4409, 429, the gateway's "Active")
+    # OHIP's resubscribe gap: after a completed subscription closed (a clean stop and start, a
+    # rotation, the server's complete), before the next subscribe. Routine, not a 4409 lockout.
+    GAP = "gap"
     BACKOFF = "backoff"  # after a failure
     STOPPED = "stopped"
 
@@ -96,7 +99,10 @@ class StreamState(enum.StrEnum):
         return self in _READY
 
 
-_READY = frozenset({StreamState.STREAMING, StreamState.COMPLETING, StreamState.LOCKOUT})
+_READY = frozenset(
+    {StreamState.STREAMING, StreamState.COMPLETING, StreamState.LOCKOUT, StreamState.GAP}
+)
+_GAP_WAIT = "waiting out the resubscribe gap"  # what a GAP waits for, for a person
 
 # A replay that begins with this many events already processed before the checkpoint's own is
 # not checked further for a gap (each is a state store lookup, in the reader).
@@ -173,6 +179,7 @@ class StreamRunner:
         self.stats = StreamStats()
         self.liveness: Liveness | None = None
         self._waiting: tuple[str, float] | None = None  # a backoff or lockout: why, until
+        self._gap: Decision | None = None  # the last resubscribe-gap decision (state GAP)
         self._warned = False  # the settings' warnings were logged
         self._active_answers = 0  # consecutive "Active" answers to the status query
         # reuse_subscription_id: the id of every subscription of this stream in this process
@@ -221,7 +228,8 @@ class StreamRunner:
         nothing."""
         if self.state is StreamState.CONNECTING:
             return self._tokens.waiting() or ""
-        if self._waiting is not None and self.state in (StreamState.BACKOFF, StreamState.LOCKOUT):
+        waits = (StreamState.BACKOFF, StreamState.LOCKOUT, StreamState.GAP)
+        if self._waiting is not None and self.state in waits:
             why, until = self._waiting
             return f"{why}, retry in {max(0.0, until - time.monotonic()):.0f} s"
         return ""
@@ -261,8 +269,11 @@ class StreamRunner:
                 if decision.action is Action.REFRESH_TOKEN:
                     self._tokens.invalidate()
                 self.state = StreamState.LOCKOUT if decision.deliberate else StreamState.BACKOFF
+                why = printable(decision.reason)
+                if decision is self._gap:  # the resubscribe gap, not a lockout
+                    self.state, why = StreamState.GAP, f"{_GAP_WAIT} ({why})"
                 log.info("reconnecting", delay_s=round(decision.delay_s, 2), reason=decision.reason)
-                self._waiting = (printable(decision.reason), time.monotonic() + decision.delay_s)
+                self._waiting = (why, time.monotonic() + decision.delay_s)
                 await self._wait_or_stop(decision.delay_s)
             self.state = StreamState.STOPPED
 
@@ -509,8 +520,9 @@ class StreamRunner:
         gap = self.settings.connection.resubscribe_gap_s
         if not self._server_ended or decision.action is Action.STOP or decision.delay_s >= gap:
             return decision
-        # A wait the protocol asks for, as after our own complete: ready meanwhile (LOCKOUT).
-        return dataclasses.replace(decision, delay_s=gap, deliberate=True)
+        # A wait the protocol asks for, as after our own complete: ready meanwhile (GAP).
+        self._gap = dataclasses.replace(decision, delay_s=gap, deliberate=True)
+        return self._gap
 
     async def _check_status(
         self, ws: ClientConnection, session: ClientSession, deadline: SubscribeDeadline
@@ -613,8 +625,11 @@ class StreamRunner:
         wait = gap_left(closed_at, now, gap)
         if wait <= 0:
             return
-        self.state = StreamState.LOCKOUT
-        self._waiting = ("the gap after the previous subscription closed", time.monotonic() + wait)
+        self.state = StreamState.GAP
+        self._waiting = (
+            f"{_GAP_WAIT} after the previous subscription closed",
+            time.monotonic() + wait,
+        )
         log.info("waiting out the gap after the previous subscription", delay_s=round(wait, 2))
         await self._wait_or_stop(wait)
 
@@ -836,9 +851,10 @@ class StreamRunner:
         why, self._completing = self._completing, None
         if why is None:
             return None
-        return Decision(
+        self._gap = Decision(
             Action.RECONNECT, self.settings.connection.resubscribe_gap_s, why, deliberate=True
         )
+        return self._gap
 
     def _after_close(self, exc: ConnectionClosed, started: float | None) -> Decision:
         if started is not None:

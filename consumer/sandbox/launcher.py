@@ -87,7 +87,7 @@ def stream_config(url: str, *, stream: str = "main", chain: str = "DEMO") -> str
     return (
         f'[streams.{stream}]\ngateway_url = "{url}"\nchain_code = "{chain}"\n'
         f'app_key = "{o.app_key}"\n\n[streams.{stream}.auth]\nclient_id = "{o.client_id}"\n'
-        f'client_secret = "{o.client_secret}"\n'
+        f'client_secret = "{o.client_secret}"\nenterprise_id = "{o.demo_enterprise_id}"\n'
     )
 
 

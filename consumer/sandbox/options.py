@@ -20,6 +20,10 @@ class SandboxOptions:
     # Set: a client_credentials token request must carry this enterpriseId header, as OCIM
     # environments require (else 400); None: the header is not checked.
     enterprise_id: str | None = None
+    # What the bundled configs send as enterprise_id (any is taken while enterprise_id is
+    # None): a client_credentials stream without one draws the OCIM warning of check-config,
+    # preflight and the stream's start, which a newcomer's first try should not.
+    demo_enterprise_id: str = "SANDBOX"
     # True: the /subscriptions upgrade must carry `Authorization: Bearer <valid token>` (else
     # HTTP 401). Whether OHIP asks for it is unconfirmed; the token in connection_init is.
     require_upgrade_authorization: bool = False

@@ -273,6 +273,8 @@ async def run_sandbox(options: SandboxOptions, *, announce: Callable[[str], None
         f'  gateway_url   = "{gw.url}"\n'
         f'  app_key       = "{o.app_key}"\n'
         f'  client_id     = "{o.client_id}"  client_secret = "{o.client_secret}"\n'
+        f'  enterprise_id = "{o.enterprise_id or o.demo_enterprise_id}"'
+        f"{'' if o.enterprise_id else '  (any is taken)'}\n"
         f"  chains        = {', '.join(o.chains)}  ({o.backlog} events waiting each, "
         f"{o.rate:g} new/s{', fast backlog' if o.fast_backlog else ''}"
         f"{'' if o.live_timestamps else ', fixed timestamps'})\n"

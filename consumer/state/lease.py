@@ -48,7 +48,7 @@ class Lease:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
-            raise store_error(state_path, exc) from None
+            raise store_error(state_path, exc, file=path) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -76,7 +76,7 @@ def holder(state_path: Path, purpose: str = "") -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     except OSError as exc:  # e.g. a directory this user cannot enter: name it and the fix
-        raise store_error(state_path, exc) from None
+        raise store_error(state_path, exc, file=path) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -161,7 +161,7 @@ async def acquire_replay(settings: StateSettings) -> Held:
         ) from None
 
 
-_REPLAY = "dlq-replay"
+_REPLAY = REPLAY = "dlq-replay"  # the purpose of the replay's lock: <state>.dlq-replay.lock
 
 
 async def current_holder(settings: StateSettings, *, fleet: bool = False) -> dict[str, Any] | None:

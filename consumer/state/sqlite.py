@@ -620,18 +620,22 @@ async def _migrate(db: aiosqlite.Connection) -> None:
 _TRANSIENT_SQLITE = ("locked", "busy", "disk i/o error", "database or disk is full")
 
 
-def store_error(path: Path, exc: sqlite3.Error | OSError) -> StoreError:
-    """One line naming the path, what is wrong and the fix, for a failure to use the store."""
+def store_error(
+    path: Path, exc: sqlite3.Error | OSError, *, file: Path | None = None
+) -> StoreError:
+    """One line naming the path, what is wrong and the fix, for a failure to use the store.
+    ``file``: the file beside it that was being opened (a lock file), named when at fault."""
     text = str(exc).lower()
     # Permissions: name the directory or file actually at fault, when one is.
     denied = isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM)
     denied |= any(word in text for word in ("readonly", "read-only", "unable to open"))
-    if denied and (fault := access_fault(path)) is not None:
+    if denied and (fault := access_fault(path, *([file] if file else []))) is not None:
         return StoreError(f"state store {path}: {fault}")
     if isinstance(exc, OSError):
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            which = f"cannot open {file}" if file else "cannot write there"
             return StoreError(
-                f"state store {path}: cannot write there ({exc.strerror}): make its directory "
+                f"state store {path}: {which} ({exc.strerror}): make its directory "
                 "writable by the daemon's user, or set [state] path to a writable place"
             )
         if exc.errno == errno.ENOENT:
@@ -663,10 +667,11 @@ def store_error(path: Path, exc: sqlite3.Error | OSError) -> StoreError:
     return StoreError(f"state store {path}: {exc}")
 
 
-def access_fault(path: Path) -> str | None:
+def access_fault(path: Path, *also: Path) -> str | None:
     """What keeps this process's user out of the SQLite file ``path``: the directory it
-    cannot enter or write, or the file (or its -wal, -shm, .lock) it cannot read and write,
-    and the fix; None when nothing does (now)."""
+    cannot enter or write, or the file (or its -wal, -shm, .lock, or one of ``also``, e.g. the
+    ``dlq replay`` lock) it cannot read and write, and the fix; None when nothing does
+    (now)."""
     user = f"the daemon's user (uid {os.geteuid()})"
     folder = path.absolute().parent
     for d in (*reversed(folder.parents), folder):
@@ -679,11 +684,13 @@ def access_fault(path: Path) -> str | None:
                 f"cannot enter directory {d}: let {user} search it (chmod/chown), or set "
                 "[state] path elsewhere"
             )
-    for f in (path, *(path.with_name(path.name + end) for end in ("-wal", "-shm", ".lock"))):
+    beside = [path.with_name(path.name + end) for end in ("-wal", "-shm", ".lock")]
+    for f in dict.fromkeys((path, *beside, *also)):
         if f.exists() and not os.access(f, os.R_OK | os.W_OK, effective_ids=True):
             return (
                 f"{'it' if f == path else f} is not readable and writable by {user}: chown it "
-                "to that user, or set [state] path elsewhere"
+                "to that user (a command run as another user, root say, may have left it), or "
+                "set [state] path elsewhere"
             )
     if not os.access(folder, os.W_OK, effective_ids=True):
         return (

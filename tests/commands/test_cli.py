@@ -142,7 +142,7 @@ def test_an_unexpected_error_is_one_line_and_exit_70(
     secret = "internal-S3cret-0001"
     REDACTOR.add(secret)
 
-    def broken(path: Path | None) -> None:
+    def broken(path: Path | None, **kwargs: object) -> None:
         raise RuntimeError(f"a bug holding {secret}\nand a second line")
 
     monkeypatch.setattr(config, "load_settings", broken)  # the command line imports it late
@@ -172,7 +172,7 @@ def test_an_error_that_holds_text_from_a_server_is_masked_escaped_and_bounded(
     secret = "refusal-S3cret-0002"
     REDACTOR.add(secret)
 
-    def refused(path: Path | None) -> None:
+    def refused(path: Path | None, **kwargs: object) -> None:
         raise ConfigError(f"the server said \x1b[2J{secret}\nsubjects: " + "s." * 50_000)
 
     monkeypatch.setattr(config, "load_settings", refused)

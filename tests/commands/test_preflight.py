@@ -74,6 +74,10 @@ async def test_every_item_passes_against_a_healthy_gateway(sandbox_factory, tmp_
     ):
         assert got[item] == "PASS", (item, done.stdout)
     assert "Inactive" in done.stdout
+    # The bundled sandbox config (launcher.stream_config, as `make demo` writes it) draws no
+    # warning: it gives an enterprise_id, so a newcomer's first preflight is clean.
+    assert [line for line in done.stdout.splitlines() if not line.startswith("PASS")] == []
+    assert "enterprise_id" not in done.stderr
     assert gw.stats.subscribes == [] or all("chainCode" not in s for s in gw.stats.subscribes)
     opts = SandboxOptions()
     for secret in (opts.app_key, opts.client_secret, *gw.issued_tokens):
@@ -396,8 +400,8 @@ async def test_preflight_connects_as_the_daemon_does_with_the_unconfirmed_option
     connection = {"upgrade_authorization": "true", "init_enterprise_id": "true"}
     config = toml_config(tmp_path, gw.url, connection=connection)
     text = config.read_text()
-    secret_line = next(line for line in text.splitlines() if line.startswith("client_secret"))
-    config.write_text(text.replace(secret_line, secret_line + '\nenterprise_id = "E1"', 1))
+    given = next(line for line in text.splitlines() if line.startswith("enterprise_id"))
+    config.write_text(text.replace(given, 'enterprise_id = "E1"', 1))
     done = await asyncio.to_thread(preflight, config)
     assert done.returncode == 0, done.stdout + done.stderr
     got = levels(done.stdout)
@@ -406,6 +410,74 @@ async def test_preflight_connects_as_the_daemon_does_with_the_unconfirmed_option
 
     # Without the enterprise id (client_credentials, the default grant): said, as a warning.
     gw = await sandbox_factory(backlog=5)
-    done = await asyncio.to_thread(preflight, toml_config(tmp_path, gw.url))
+    config = toml_config(tmp_path, gw.url)
+    text = config.read_text()
+    given = next(line for line in text.splitlines() if line.startswith("enterprise_id"))
+    config.write_text(text.replace(given + "\n", "", 1))  # the sandbox's config gives one
+    done = await asyncio.to_thread(preflight, config)
     assert done.returncode == 0, done.stdout + done.stderr
     assert levels(done.stdout)["auth.enterprise_id"] == "WARN", done.stdout
+
+
+def with_metrics_port(config: Path, port: int) -> Path:
+    text = config.read_text()
+    assert "[metrics]\nport = 0\n" in text
+    config.write_text(text.replace("[metrics]\nport = 0\n", f"[metrics]\nport = {port}\n"))
+    return config
+
+
+def port_in_time_wait() -> int:
+    """A loopback port whose listener is gone, a connection it closed first in TIME_WAIT: as
+    after any daemon stop that closed a scrape's connection."""
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = int(server.getsockname()[1])
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            conn, _ = server.accept()
+            conn.close()  # the server's side closes first: its end waits in TIME_WAIT
+            client.recv(1)
+    return port
+
+
+async def test_a_stopped_daemons_metrics_port_is_free(sandbox_factory, tmp_path: Path):
+    """Issue: "in use (a running daemon?)" after every daemon stop, for the TIME_WAIT of its
+    last connections: the probe bound without SO_REUSEADDR, which the daemon's server sets."""
+    gw = await sandbox_factory(backlog=5)
+    port = port_in_time_wait()
+    with socket.socket() as plain, pytest.raises(OSError):
+        plain.bind(("127.0.0.1", port))  # what the old probe did: refused
+    done = await asyncio.to_thread(
+        preflight, with_metrics_port(toml_config(tmp_path, gw.url), port)
+    )
+    line = next(x for x in done.stdout.splitlines() if "metrics address" in x)
+    assert line.startswith("PASS") and f"127.0.0.1:{port} free" in line, done.stdout
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+async def test_a_metrics_port_another_program_holds_fails(sandbox_factory, tmp_path: Path):
+    """`run` exits 78 on a taken metrics port; preflight said WARN and "all checks passed"."""
+    gw = await sandbox_factory(backlog=5)
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = int(other.getsockname()[1])
+        config = with_metrics_port(toml_config(tmp_path, gw.url), port)
+        done = await asyncio.to_thread(preflight, config)
+    line = next(x for x in done.stdout.splitlines() if "metrics address" in x)
+    assert line.startswith("FAIL"), done.stdout
+    assert "no opera-consumer holds the state store" in line and "[metrics] port" in line
+    assert done.returncode == 1 and "all checks passed" not in done.stderr
+
+
+async def test_the_running_daemons_metrics_port_is_a_warning(sandbox_factory, tmp_path: Path):
+    gw = await sandbox_factory(backlog=5)
+    async with running(make_settings(tmp_path, gw.url)) as daemon:
+        await wait_until(lambda: count_lines(tmp_path / "events.jsonl") >= 5)
+        port = daemon.metrics_server.port  # same state store as the config below
+        config = with_metrics_port(toml_config(tmp_path, gw.url), port)
+        done = await asyncio.to_thread(preflight, config)
+    line = next(x for x in done.stdout.splitlines() if "metrics address" in x)
+    assert line.startswith("WARN") and "the running daemon" in line, done.stdout
+    assert done.returncode == 0, done.stdout + done.stderr

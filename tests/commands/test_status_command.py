@@ -254,3 +254,54 @@ async def test_a_listener_figure_that_is_not_finite_is_left_out() -> None:
         None,
         0,
     )
+
+
+async def test_status_says_commits_fail(sandbox_factory: Any, tmp_path: Path, monkeypatch) -> None:
+    """A disk that fills while the daemon streams: `status` said "streaming ... lag 0.1s ...
+    caught up" (only /readyz knew, commits.ok false). It says the commits fail, since when,
+    how many, and the last error (secrets masked), before the table and in the state."""
+    import sqlite3
+
+    from support import count_lines, make_settings, running
+
+    from consumer.runtime.assembly import register_secrets
+
+    gw = await sandbox_factory(backlog=20)
+    settings = make_settings(tmp_path, gw.url)
+    register_secrets(settings)  # as `run` does before it starts the daemon
+    app_key = settings.streams["main"].app_key.get_secret_value()
+    real_commit = SqliteStore._commit
+    full = {"on": False}
+
+    async def commit(self: SqliteStore, batch: Any, now: float) -> None:
+        if full["on"]:  # as SQLite says it, with a registered secret to be masked
+            raise sqlite3.OperationalError(f"database or disk is full (near {app_key})")
+        await real_commit(self, batch, now)
+
+    monkeypatch.setattr(SqliteStore, "_commit", commit)
+    async with running(settings) as daemon:
+        assert daemon.metrics_server is not None
+        await wait_until(lambda: count_lines(tmp_path / "events.jsonl") >= 20)
+        config = toml_config(tmp_path, gw.url)  # the same state store, the daemon's port
+        text = config.read_text().replace(
+            "[metrics]\nport = 0", f"[metrics]\nport = {daemon.metrics_server.port}"
+        )
+        config.write_text(text)
+        healthy = await status_json(config)
+        assert healthy["commits_ok"] is True and healthy["commit_error"] is None
+        full["on"] = True
+        gw.append("DEMO", 5)
+        await wait_until(lambda: daemon.committer.failures >= 1)
+        row = await status_json(config)
+        people = await asyncio.to_thread(status, config)
+    assert row["commits_ok"] is False and row["commit_failures"] >= 1
+    assert row["commits_failing_since"] is not None
+    assert "database or disk is full" in row["commit_error"]
+    assert app_key not in row["commit_error"] and "***" in row["commit_error"]
+    first, header, line = people.stdout.splitlines()[:3]
+    assert first.startswith("COMMITS FAILING since "), people.stdout
+    assert "in a row" in first and "last error: state store " in first
+    assert "database or disk is full (near ***)" in first
+    assert app_key not in people.stdout
+    assert header.split() == list(COLUMNS)
+    assert "(COMMITS FAILING)" in line and "caught up" not in line, people.stdout

@@ -25,8 +25,10 @@ import pytest
 from consumer.errors import ExitCode
 from consumer.sandbox import launcher
 from consumer.state import SqliteStore
+from consumer.state.lease import Lease, lock_path
 
 NOBODY = 65534
+ROOT = Path(__file__).parents[2]
 COMMANDS = (("status",), ("dlq", "list"), ("offset", "show"), ("run",))
 
 
@@ -73,6 +75,8 @@ def as_nobody(base: Path, *args: str) -> subprocess.CompletedProcess[str]:
         timeout=60,
         check=False,
         cwd=base,
+        # This checkout's code, not whatever `consumer` the venv installed (another worktree).
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
 
 
@@ -117,3 +121,43 @@ def test_a_store_file_of_another_user_is_named_not_its_directory(public_dir: Pat
         result = as_nobody(public_dir, *command, "--config", str(config))
         assert_named(result, says)
         assert "make its directory writable" not in result.stderr
+
+
+def test_a_replay_lock_left_by_root_is_named(public_dir: Path) -> None:
+    """A `dlq replay` run as root leaves <state>.dlq-replay.lock root's: the next replay as
+    the daemon's user said "cannot write there ... make its directory writable", of a
+    writable directory. It names the lock file; preflight warns of it."""
+    folder = public_dir / "state"
+    state = folder / "state.db"
+    asyncio.run(make_store(state))
+    folder.chmod(0o777)
+    state.chmod(0o666)
+    Lease.acquire(state, (), purpose="dlq-replay").release()  # as root, 0600
+    lock = lock_path(state, "dlq-replay")
+    config = write_config(public_dir, state)
+    result = as_nobody(public_dir, "dlq", "replay", "--all", "--config", str(config))
+    assert result.returncode == ExitCode.CONFIG, result.stderr
+    assert f"{lock} is not readable and writable by the daemon's user" in result.stderr
+    assert "make its directory writable" not in result.stderr
+    checked = as_nobody(public_dir, "preflight", "--config", str(config))
+    line = next(x for x in checked.stdout.splitlines() if "dlq replay lock" in x)
+    assert line.startswith("WARN") and str(lock) in line, checked.stdout
+
+
+def test_preflight_fails_on_a_lock_file_run_cannot_open(public_dir: Path) -> None:
+    """A root-owned <state>.lock: `run` cannot take its lease (exit 78), and preflight said
+    PASS for the state store (it looked at the file and its directory only)."""
+    folder = public_dir / "state"
+    state = folder / "state.db"
+    asyncio.run(make_store(state))
+    folder.chmod(0o777)
+    state.chmod(0o666)
+    Lease.acquire(state, ()).release()  # as root, 0600
+    config = write_config(public_dir, state)
+    checked = as_nobody(public_dir, "preflight", "--config", str(config))
+    line = next(x for x in checked.stdout.splitlines() if " state store " in x)
+    assert line.startswith("FAIL"), checked.stdout
+    assert f"{lock_path(state)} is not readable and writable" in line
+    assert checked.returncode == ExitCode.RUNTIME
+    ran = as_nobody(public_dir, "run", "--config", str(config))
+    assert_named(ran, f"{lock_path(state)} is not readable and writable by the daemon's user")

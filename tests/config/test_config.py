@@ -248,6 +248,33 @@ def test_a_gateway_url_ending_in_subscriptions_loses_it(
     assert stream.token_url == f"{gateway}/oauth/v1/tokens"
 
 
+@pytest.mark.parametrize(
+    ("given", "gateway"),
+    [
+        ("wss://gw.example.com/subscriptions", "https://gw.example.com"),
+        ("WSS://gw.example.com/ohip/subscriptions/", "https://gw.example.com/ohip"),
+        ("ws://127.0.0.1:8765/subscriptions", "http://127.0.0.1:8765"),  # loopback: allowed
+    ],
+)
+def test_the_websocket_url_is_taken_as_the_gateway_url(
+    tmp_path: Path, given: str, gateway: str
+) -> None:
+    """config.example.toml says the WebSocket URL copied as gateway_url works: wss:// was
+    refused ("must start with https://"). wss:// is the https:// gateway, ws:// the http://."""
+    path = write(tmp_path, BASE.replace("https://gw.example.com/", given))
+    stream = load_settings(path).streams["main"]
+    assert stream.gateway_url == gateway
+    assert stream.token_url == f"{gateway}/oauth/v1/tokens"
+
+
+def test_a_ws_gateway_url_is_held_to_the_plain_http_rules(tmp_path: Path) -> None:
+    path = write(tmp_path, BASE.replace("https://gw.example.com/", "ws://gw.example.com"))
+    message = config_error(path)
+    assert "streams.main.gateway_url" in message and "allow_insecure_http" in message
+    insecure = write(tmp_path, "allow_insecure_http = true\n" + path.read_text())
+    assert load_settings(insecure).streams["main"].gateway_url == "http://gw.example.com"
+
+
 def test_client_credentials_without_enterprise_id_is_a_warning(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -471,6 +498,18 @@ def test_the_fleet_compose_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> N
     settings = load_settings(root / "deploy" / "docker" / "config.fleet.toml")
     assert settings.fleet.enabled and len(settings.streams) == 4
     assert settings.sink.type == "postgres" and settings.state.backend == "postgres"
+    assert settings.warnings() == []  # the sandbox's: an enterprise_id, no OCIM warning
+
+
+def test_the_sandbox_compose_config_is_valid_and_draws_no_warning(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first thing a newcomer runs: no enterprise_id warning from the bundled sandbox."""
+    monkeypatch.setenv("OPERA_CONSUMER_STREAMS__MAIN__APP_KEY", "sandbox-app-key")
+    monkeypatch.setenv("OPERA_CONSUMER_STREAMS__MAIN__AUTH__CLIENT_SECRET", "sandbox-secret")
+    root = Path(__file__).parents[2]
+    settings = load_settings(root / "deploy" / "docker" / "config.sandbox.toml")
+    assert settings.warnings() == []
 
 
 @pytest.mark.parametrize(

@@ -104,3 +104,20 @@ def test_the_uncommented_example_loads() -> None:
     settings = load_settings(EXAMPLE)
     assert list(settings.streams) == [STREAM]
     assert settings.sink.type == "jsonl" and settings.state.backend == "sqlite"
+
+
+@pytest.mark.usefixtures("hermetic_config")
+def test_the_examples_paths_are_in_the_deployments_state_directory() -> None:
+    """Relative paths resolve against the config file's directory: copied to
+    /etc/opera-consumer (systemd, Docker), the example's "opera-consumer.db" and
+    "events.jsonl" were files there, which the daemon cannot write: the start exited 78. They
+    are in the state directory both deployments give the daemon."""
+    settings = load_settings(EXAMPLE)
+    state_dir = Path("/var/lib/opera-consumer")
+    assert settings.state.path.parent == state_dir
+    assert settings.sink.type == "jsonl" and settings.sink.path.parent == state_dir
+    root = EXAMPLE.parent
+    unit = (root / "deploy" / "systemd" / "opera-consumer.service").read_text()
+    assert "\nStateDirectory=opera-consumer\n" in unit  # /var/lib/opera-consumer
+    compose = (root / "deploy" / "docker" / "compose.yaml").read_text()
+    assert f"source: opera-state\n        target: {state_dir}\n" in compose

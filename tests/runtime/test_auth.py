@@ -138,6 +138,14 @@ async def test_a_404_before_any_token_is_a_configuration_error(sandbox_factory):
             await provider.token(retry=False)
         assert info.value.retriable  # passing, for all it knows
         assert "HTTP 404" in str(info.value) and "check auth.token_url" in str(info.value)
+        # A token URL has a path: not the gateway_url advice ("nothing after the host").
+        assert "nothing after the host" not in str(info.value)
+        assert "path and all" in str(info.value)
+        beside = TokenProvider(http, stream(f"{gw.url}/nowhere"), clock=lambda: now[0])
+        with pytest.raises(AuthError) as info:
+            await beside.token(retry=False)
+        assert "check gateway_url" in str(info.value)
+        assert "nothing after the host" in str(info.value)
         now[0] += 59
         with pytest.raises(AuthError) as info:
             await provider.token(retry=False)

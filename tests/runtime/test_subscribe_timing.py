@@ -64,6 +64,38 @@ async def test_a_restarted_daemon_waits_out_the_gap(sandbox_factory, tmp_path: P
     assert await closed_at(tmp_path / "state.db") is not None
 
 
+async def test_a_clean_restart_shows_the_gap_and_a_4409_the_lockout(
+    sandbox_factory, tmp_path: Path
+) -> None:
+    """Every clean restart showed "lockout" for the resubscribe gap in `status` and systemd's
+    STATUS=, as if OHIP had refused the stream (4409): it is the gap, said so; a 4409 is still
+    the lockout."""
+    gw = await sandbox_factory(backlog=5, resubscribe_gap_s=30.0)
+    sink = tmp_path / "events.jsonl"
+    settings = make_settings(tmp_path, gw.url, connection={"resubscribe_gap_s": 30.0})
+    async with running(settings):
+        await wait_until(lambda: count_lines(sink) >= 5)
+    async with running(settings) as daemon:
+        runner = daemon.runners["main"]
+        await wait_until(lambda: runner.state is StreamState.GAP)
+        line = daemon.status_line()
+        assert line.startswith("main: gap, offset ") and "lockout" not in line, line
+        assert "waiting out the resubscribe gap after the previous subscription" in line
+        assert runner.state.ready
+        daemon.request_stop()  # ends the wait at once
+    assert gw.stats.gap_refusals == 0
+
+    # Without the gap here, the sandbox's gap refuses the subscribe: 4409, the lockout.
+    hasty = make_settings(tmp_path, gw.url, connection={"resubscribe_gap_s": 0.0})
+    async with running(hasty) as daemon:
+        runner = daemon.runners["main"]
+        await wait_until(lambda: runner.state is StreamState.LOCKOUT)
+        line = daemon.status_line()
+        assert line.startswith("main: lockout, offset ") and "(4409)" in line, line
+        assert "resubscribe gap" not in line
+    assert gw.stats.gap_refusals >= 1
+
+
 async def test_a_subscription_the_server_completed_waits_out_the_gap(
     sandbox_factory, tmp_path: Path
 ) -> None:
@@ -79,8 +111,10 @@ async def test_a_subscription_the_server_completed_waits_out_the_gap(
         gw.complete_subscriptions()
         runner = daemon.runners["main"]
         await wait_until(lambda: runner.stats.closes["1000"] == 1)  # the server's, after it
-        # A wait the protocol asks for: ready meanwhile (LOCKOUT), not a failure's BACKOFF.
-        assert runner.state is StreamState.LOCKOUT
+        # A wait the protocol asks for: ready meanwhile (GAP: the resubscribe gap, not a 4409
+        # lockout), not a failure's BACKOFF.
+        assert runner.state is StreamState.GAP and runner.state.ready
+        assert "waiting out the resubscribe gap" in runner.waiting_for()
         assert await closed_at(tmp_path / "state.db") is not None
         gw.append("DEMO", 3)
         await wait_until(lambda: count_lines(sink) >= 8)
@@ -104,7 +138,8 @@ async def test_the_gap_wait_is_bounded_and_ends_on_stop(sandbox_factory, tmp_pat
     daemon = await Daemon.create(settings)
     task = asyncio.create_task(daemon.run())
     runner = daemon.runners["main"]
-    await wait_until(lambda: runner.state is StreamState.LOCKOUT)
+    await wait_until(lambda: runner.state is StreamState.GAP)
+    assert "waiting out the resubscribe gap after the previous" in runner.waiting_for()
     shown = re.search(r"retry in (\d+) s", runner.waiting_for())
     assert shown is not None and 0 < int(shown.group(1)) <= 600, runner.waiting_for()
     daemon.request_stop()
