@@ -28,6 +28,7 @@ from pydantic import (
     Field,
     SecretStr,
     Tag,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -234,32 +235,18 @@ class ConnectionSettings(_Model):
     paused_read_ahead_after_s: float = 1.0
     paused_read_ahead_bytes: int = 4 * 1024 * 1024
 
-    @field_validator("paused_read_ahead_after_s")
+    @field_validator("paused_read_ahead_after_s", "paused_read_ahead_bytes")
     @classmethod
-    def _read_ahead_after(cls, v: float) -> float:
+    def _read_ahead(cls, v: float, info: ValidationInfo) -> float:
         if v < 0:
-            raise Problem(
-                (
-                    "",
-                    "is negative",
-                    "use 0 to read ahead as soon as the reader waits for room, or how many "
-                    "seconds a wait lasts first (default 1.0: a catch-up's waits are shorter)",
-                )
+            fix = (
+                "use 0 to read ahead as soon as the reader waits for room, or how many "
+                "seconds a wait lasts first (default 1.0: a catch-up's waits are shorter)"
+                if info.field_name == "paused_read_ahead_after_s"
+                else "use 0 to turn the read-ahead off (pings then wait while the reader "
+                "waits), or the bytes of frames it may hold (default 4194304: 4 MiB)"
             )
-        return v
-
-    @field_validator("paused_read_ahead_bytes")
-    @classmethod
-    def _read_ahead_bytes(cls, v: int) -> int:
-        if v < 0:
-            raise Problem(
-                (
-                    "",
-                    "is negative",
-                    "use 0 to turn the read-ahead off (pings then wait while the reader waits), "
-                    "or the bytes of frames it may hold (default 4194304: 4 MiB)",
-                )
-            )
+            raise Problem(("", "is negative", fix))
         return v
 
     @field_validator("close_actions")

@@ -5,7 +5,10 @@ over and close everything, and exit 0."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pysink
 import pytest
@@ -73,6 +76,40 @@ async def test_a_handover_during_the_shutdown(sandbox_factory, postgres_dsn, tmp
     assert members == []  # left the fleet
 
 
+@contextlib.asynccontextmanager
+async def held_stream(
+    gw: Any, postgres_dsn: str, schema: str, *, drain_timeout_s: float, renew_interval_s: float
+) -> AsyncIterator[tuple[Daemon, asyncio.Event]]:
+    """Member m1 running stream ``a`` into the python sink, whose first write is held (the
+    gate) with 20 events in flight; a ``complete`` the gateway never answers with a close."""
+    settings = Settings(
+        streams={"a": stream_config(gw.url, connection={"complete_timeout_s": 4.0})},  # type: ignore[arg-type]
+        state={"backend": "postgres", "dsn": postgres_dsn, "schema": schema},  # type: ignore[arg-type]
+        sink={"type": "python", "target": "pysink:handle"},  # type: ignore[arg-type]
+        pipeline={"workers": 1, "batch_max": 5, "drain_timeout_s": drain_timeout_s},  # type: ignore[arg-type]
+        fleet={  # type: ignore[arg-type]
+            "enabled": True,
+            "member": "m1",
+            "lease_ttl_s": 20.0,
+            "renew_interval_s": renew_interval_s,
+        },
+        metrics={"port": 0},  # type: ignore[arg-type]
+    )
+    pysink.GATES["a"] = gate = asyncio.Event()
+    daemon = await Daemon.create(settings)
+    task = asyncio.create_task(daemon.run())
+    try:
+        await wait_until(lambda: "a" in daemon.runners)
+        await wait_until(lambda: daemon.runners["a"].state.value == "streaming")
+        gw.append("DEMO", 20)
+        await wait_until(lambda: pysink.CALLS[0] == 1 and daemon.pipelines["a"].in_flight == 20)
+        yield daemon, gate
+    finally:
+        daemon.request_stop()
+        async with asyncio.timeout(60):
+            await task
+
+
 async def test_a_lost_stream_stops_delivering_at_once(
     sandbox_factory, postgres_dsn, tmp_path
 ) -> None:
@@ -81,22 +118,8 @@ async def test_a_lost_stream_stops_delivering_at_once(
     after ``complete``), delivering what was queued."""
     gw = await sandbox_factory(backlog=0, complete_close_delay_s=60.0)
     schema = f"t_{uuid.uuid4().hex[:16]}"
-    settings = Settings(
-        streams={"a": stream_config(gw.url, connection={"complete_timeout_s": 4.0})},  # type: ignore[arg-type]
-        state={"backend": "postgres", "dsn": postgres_dsn, "schema": schema},  # type: ignore[arg-type]
-        sink={"type": "python", "target": "pysink:handle"},  # type: ignore[arg-type]
-        pipeline={"workers": 1, "batch_max": 5, "drain_timeout_s": 1.0},  # type: ignore[arg-type]
-        fleet={"enabled": True, "member": "m1", "lease_ttl_s": 20.0, "renew_interval_s": 2.0},  # type: ignore[arg-type]
-        metrics={"port": 0},  # type: ignore[arg-type]
-    )
-    pysink.GATES["a"] = gate = asyncio.Event()  # the downstream holds the first write
-    daemon = await Daemon.create(settings)
-    task = asyncio.create_task(daemon.run())
-    try:
-        await wait_until(lambda: "a" in daemon.runners)
-        await wait_until(lambda: daemon.runners["a"].state.value == "streaming")
-        gw.append("DEMO", 20)
-        await wait_until(lambda: pysink.CALLS[0] == 1 and daemon.pipelines["a"].in_flight == 20)
+    held = held_stream(gw, postgres_dsn, schema, drain_timeout_s=1.0, renew_interval_s=2.0)
+    async with held as (daemon, gate):
         assert daemon.fleet is not None
         delivered_when_stopped: list[int] = []
         stop = daemon.fleet._stop_stream
@@ -110,10 +133,6 @@ async def test_a_lost_stream_stops_delivering_at_once(
         gate.set()  # the held write could end now: nothing may be delivered after the loss
         await wait_until(lambda: bool(delivered_when_stopped))
         assert delivered_when_stopped == [0]
-    finally:
-        daemon.request_stop()
-        async with asyncio.timeout(60):
-            await task
 
 
 async def test_a_stream_lost_during_its_handover_stops_delivering_at_once(
@@ -125,43 +144,27 @@ async def test_a_stream_lost_during_its_handover_stops_delivering_at_once(
     the queued events through the session's grace and the drain, beside the new holder."""
     gw = await sandbox_factory(backlog=0, complete_close_delay_s=60.0)
     schema = f"t_{uuid.uuid4().hex[:16]}"
-    settings = Settings(
-        streams={"a": stream_config(gw.url, connection={"complete_timeout_s": 4.0})},  # type: ignore[arg-type]
-        state={"backend": "postgres", "dsn": postgres_dsn, "schema": schema},  # type: ignore[arg-type]
-        sink={"type": "python", "target": "pysink:handle"},  # type: ignore[arg-type]
-        pipeline={"workers": 1, "batch_max": 5, "drain_timeout_s": 5.0},  # type: ignore[arg-type]
-        fleet={"enabled": True, "member": "m1", "lease_ttl_s": 20.0, "renew_interval_s": 0.25},  # type: ignore[arg-type]
-        metrics={"port": 0},  # type: ignore[arg-type]
-    )
-    pysink.GATES["a"] = gate = asyncio.Event()  # the downstream holds the first write
-    daemon = await Daemon.create(settings)
-    task = asyncio.create_task(daemon.run())
     try:
-        await wait_until(lambda: "a" in daemon.runners)
-        await wait_until(lambda: daemon.runners["a"].state.value == "streaming")
-        gw.append("DEMO", 20)
-        await wait_until(lambda: pysink.CALLS[0] == 1 and daemon.pipelines["a"].in_flight == 20)
-        fleet = daemon.fleet
-        assert fleet is not None
-        fleet._move("a", lost=False)  # a tick's handover (a member joined, or a drain)
-        await wait_until(
-            lambda: handing_over("a") and daemon.runners["a"].state.value == "completing"
-        )
-        # Another member takes the lease (as after this member froze past it).
-        await sql(
-            postgres_dsn,
-            "execute",
-            f"UPDATE \"{schema}\".stream_leases SET holder = 'm2', epoch = epoch + 1, "
-            "expires_at = EXTRACT(EPOCH FROM clock_timestamp()) + 60 WHERE stream = 'a'",
-        )
-        await wait_until(lambda: fleet.counters.lost == 1)  # a renewal found it lost
-        gate.set()  # the held write could end now: nothing may be delivered after the loss
-        await wait_until(lambda: not handing_over("a") and "a" not in fleet.epochs, timeout=30)
-        assert pysink.delivered_ids("a") == []
-        rows = await sql(postgres_dsn, "fetch", f'SELECT holder FROM "{schema}".stream_leases')
-        assert [r[0] for r in rows] == ["m2"]  # not released: it is the other member's
+        held = held_stream(gw, postgres_dsn, schema, drain_timeout_s=5.0, renew_interval_s=0.25)
+        async with held as (daemon, gate):
+            fleet = daemon.fleet
+            assert fleet is not None
+            fleet._move("a", lost=False)  # a tick's handover (a member joined, or a drain)
+            await wait_until(
+                lambda: handing_over("a") and daemon.runners["a"].state.value == "completing"
+            )
+            # Another member takes the lease (as after this member froze past it).
+            await sql(
+                postgres_dsn,
+                "execute",
+                f"UPDATE \"{schema}\".stream_leases SET holder = 'm2', epoch = epoch + 1, "
+                "expires_at = EXTRACT(EPOCH FROM clock_timestamp()) + 60 WHERE stream = 'a'",
+            )
+            await wait_until(lambda: fleet.counters.lost == 1)  # a renewal found it lost
+            gate.set()  # the held write could end now: nothing may be delivered after the loss
+            await wait_until(lambda: not handing_over("a") and "a" not in fleet.epochs, timeout=30)
+            assert pysink.delivered_ids("a") == []
+            rows = await sql(postgres_dsn, "fetch", f'SELECT holder FROM "{schema}".stream_leases')
+            assert [r[0] for r in rows] == ["m2"]  # not released: it is the other member's
     finally:
-        daemon.request_stop()
-        async with asyncio.timeout(60):
-            await task
         await sql(postgres_dsn, "execute", f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')

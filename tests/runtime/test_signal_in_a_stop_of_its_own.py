@@ -54,8 +54,7 @@ async def test_the_first_signal_in_a_stop_of_its_own_keeps_the_stop_and_its_stat
     sandbox_factory, tmp_path: Path, sig: signal.Signals
 ) -> None:
     gw = await sandbox_factory(backlog=20)
-    # What it read never drains (the worker that met the sink has ended): a short deadline.
-    config = toml_config(tmp_path, gw.url, "[pipeline]\ndrain_timeout_s = 1")
+    config = toml_config(tmp_path, gw.url)
     release, log = tmp_path / "release", tmp_path / "daemon.log"
     proc = start(STARTER.format(release=str(release), config=str(config)), log)
     try:
@@ -75,3 +74,28 @@ async def test_the_first_signal_in_a_stop_of_its_own_keeps_the_stop_and_its_stat
         proc.kill()
     assert not log_records(log, "second signal: exiting now"), tail(log)
     assert [r["exit_code"] for r in log_records(log, "stopped")] == [ExitCode.CONFIG], tail(log)
+
+
+async def test_an_unusable_sink_stops_without_waiting_for_a_drain_that_cannot_come(
+    sandbox_factory, tmp_path: Path
+) -> None:
+    """What it read never drains (the worker that met the sink has ended, and no commit would
+    take it), so waiting out ``drain_timeout_s`` only kept an operator and systemd waiting:
+    the stop goes on at once, and what was read is replayed at the next start."""
+    gw = await sandbox_factory(backlog=200)
+    config = toml_config(tmp_path, gw.url, "[pipeline]\ndrain_timeout_s = 3600")
+    release, log = tmp_path / "release", tmp_path / "daemon.log"
+    release.touch()  # its closing does not wait
+    proc = start(STARTER.format(release=str(release), config=str(config)), log)
+    try:
+        await wait_until(lambda: bool(log_records(log, "sink unusable; stopping")), timeout=60)
+        assert await wait_exit(proc) == ExitCode.CONFIG, tail(log)  # 60 s, far under 3600
+    finally:
+        proc.kill()
+    assert [r["exit_code"] for r in log_records(log, "stopped")] == [ExitCode.CONFIG], tail(log)
+    undrained = log_records(
+        log,
+        "not drained (the sink or the state store is unusable); the rest is replayed on the "
+        "next start",
+    )
+    assert undrained and undrained[0]["in_flight"] > 0, tail(log)
