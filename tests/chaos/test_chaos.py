@@ -119,6 +119,11 @@ async def test_no_fault_loses_or_duplicates_an_event(sandbox_factory, tmp_path: 
     newest = newest_offset(gw)
     state = tmp_path / "state.db"
     proc = spawn(config, outage, log)
+    # A token rotation for sure: the killed runs may each end within one token's life (3 s).
+    await wait_until(
+        lambda: gw.stats.token_requests > KILLS + 1 or proc.poll() is not None, timeout=60
+    )
+    assert proc.poll() is None, tail(log)
     # Everything committed (every event written, none in flight): then stop and count.
     await stop_when_committed(proc, state, newest, log, timeout=300 + EVENTS // 200)
 
