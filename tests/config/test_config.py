@@ -412,7 +412,7 @@ def test_a_negative_read_ahead_setting_is_refused_with_its_fix(
 
 def test_the_read_ahead_is_on_by_default_and_zero_is_accepted(tmp_path: Path) -> None:
     c = load_settings(write(tmp_path, BASE)).streams["main"].connection
-    assert (c.paused_read_ahead_after_s, c.paused_read_ahead_bytes) == (1.0, 4 * 1024 * 1024)
+    assert (c.paused_read_ahead_after_s, c.paused_read_ahead_bytes) == (5.0, 4 * 1024 * 1024)
     text = BASE + (
         "\n[streams.main.connection]\npaused_read_ahead_after_s = 0\npaused_read_ahead_bytes = 0\n"
     )
