@@ -992,7 +992,8 @@ class OrchestrationSettings(_Model):
     coalesce_ms: float = Field(default=500.0, ge=0)  # same URL within this window: one GET
     max_attempts: int = Field(default=6, ge=1)  # then the batch is retried as a sink failure
     retry_max_s: float = Field(default=30.0, gt=0)
-    # 404 (the resource is gone, e.g. purged): attach null and deliver, or dead-letter
+    # 404, 410 or 204 (the resource is gone, e.g. purged): attach null and deliver, or
+    # dead-letter
     on_not_found: Literal["attach-null", "dead-letter"] = "attach-null"
 
     @model_validator(mode="after")
