@@ -274,6 +274,8 @@ async def _metrics_address(checks: _Checks, settings: Settings) -> None:
         return
     try:
         running = await current_holder(settings.state)
+        if running is None and settings.fleet.enabled:  # members hold no single-daemon lease
+            running = await current_holder(settings.state, fleet=True)
     except Exception:  # the state store's line says why it cannot be read
         running = None
     if running is not None:
