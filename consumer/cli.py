@@ -455,9 +455,19 @@ def _run(settings: Settings) -> int:
     from .runtime import daemon
 
     configure(settings.log.level, settings.log.format)
+    finished: list[int] = []  # the daemon's own code, once its run has returned
+
+    async def main() -> int:
+        finished.append(await daemon.run(settings))
+        return finished[0]
+
     try:
-        return asyncio.run(daemon.run(settings))
+        return asyncio.run(main())
     except (SystemExit, KeyboardInterrupt) as exc:
+        if finished:
+            # After the daemon's run (its signal handlers gone, Python's SIGINT one back): a ^C
+            # in asyncio.run's own teardown. The daemon chose its code; a 78 must stay a 78.
+            return finished[0]
         # Out of some task (sys.exit() in a sink library's or a handler's own task; never the
         # daemon's: its signals are handled, a second one is os._exit): asyncio lets these end
         # the event loop, which then stopped the daemon as it could. Their code is not ours:

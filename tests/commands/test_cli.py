@@ -181,3 +181,33 @@ def test_an_error_that_holds_text_from_a_server_is_masked_escaped_and_bounded(
     assert secret not in err and "\x1b" not in err and "\\x1b[2J" in err
     assert err.count("\n") == 2  # its two lines, then the end of the message
     assert len(err) < 5_000
+
+
+@pytest.mark.parametrize("late", [KeyboardInterrupt, SystemExit])
+def test_a_late_interrupt_in_the_loops_teardown_keeps_the_daemons_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, late: type[BaseException]
+) -> None:
+    """Once the daemon's run has returned (its signal handlers removed, Python's SIGINT handler
+    back), a ^C during asyncio.run's own teardown was taken for a task's escape: exit 70 in
+    place of the daemon's 78, and systemd's Restart=on-failure restarted a daemon that had
+    said not to. Here the daemon chooses 78 and a task left behind raises as the loop cancels
+    it, as the late ^C does."""
+    from consumer.cli import _run
+    from consumer.config import load_settings
+    from consumer.errors import ExitCode
+    from consumer.runtime import daemon
+
+    async def run(settings: object) -> int:
+        async def left_behind() -> None:
+            try:
+                await asyncio.Event().wait()
+            finally:
+                raise late()
+
+        asyncio.get_running_loop().create_task(left_behind())
+        await asyncio.sleep(0)
+        return ExitCode.CONFIG
+
+    monkeypatch.setattr(daemon, "run", run)
+    settings = load_settings(toml_config(tmp_path, "http://127.0.0.1:9"))
+    assert _run(settings) == ExitCode.CONFIG
