@@ -92,9 +92,9 @@ class Daemon:
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _signals: int = 0  # received; a stop of our own (sink unusable...) counts none
     _closed: bool = False
-    # The sink or the store became unusable: nothing drains any more (the worker that met it
-    # has ended, and no commit would take the rest), so the stop does not wait for it.
-    _no_drain: bool = False
+    # Set when the sink or the store became unusable: nothing drains any more (the worker that
+    # met it has ended, and no commit would take the rest), so no stop waits for a drain.
+    _undrainable: asyncio.Event = field(default_factory=asyncio.Event)
     exit_code: int = ExitCode.OK
     metrics_server: MetricsServer | None = None
     metrics: Metrics | None = None
@@ -291,7 +291,7 @@ class Daemon:
                 runner.request_stop()
                 if task is not None and not await handover.until_lost(task, grace):
                     await _end(task, lost_grace if handover.lost.is_set() else 0.0)
-                drained = asyncio.ensure_future(pipeline.drained())
+                drained = asyncio.ensure_future(self._drained(pipeline))
                 try:
                     if (
                         not await handover.until_lost(
@@ -319,6 +319,18 @@ class Daemon:
         self.runners.pop(name, None)
         self.pipelines.pop(name, None)
         log.info("stream stopped here", stream=name, lost=lost)
+
+    async def _drained(self, pipeline: StreamPipeline) -> None:
+        """Until ``pipeline`` is drained, or nothing can drain any more (the sink or the store
+        became unusable meanwhile: a handover's drain then ends as the shutdown's does)."""
+        drained = asyncio.ensure_future(pipeline.drained())
+        undrainable = asyncio.ensure_future(self._undrainable.wait())
+        try:
+            await asyncio.wait([drained, undrainable], return_when=FIRST_COMPLETED)
+        finally:
+            for f in (drained, undrainable):
+                f.cancel()
+            await asyncio.gather(drained, undrainable, return_exceptions=True)
 
     # --- the read-only view (metrics, readiness, systemd) -----------------------------------
 
@@ -418,7 +430,7 @@ class Daemon:
             code = exit_code_for(exc)
             log.error(f"{what} unusable; stopping", error=describe(exc), exit_code=int(code))
             self.exit_code = code
-            self._no_drain = True
+            self._undrainable.set()
         else:
             log.error("task failed; shutting down", task=task.get_name(), exc_info=exc)
             self.exit_code = ExitCode.SOFTWARE
@@ -498,22 +510,24 @@ class Daemon:
             t.cancel()
         await asyncio.gather(*streams, return_exceptions=True)
         started = time.monotonic()
-        deadline = 0.0 if self._no_drain else p.drain_timeout_s
+        deadline = 0.0 if self._undrainable.is_set() else p.drain_timeout_s
         # Copies: a fleet handover under way may stop a stream (and drop it) meanwhile.
         for name, pipeline in list(self.pipelines.items()):
             left = max(0.0, deadline - (time.monotonic() - started))
             try:
-                await asyncio.wait_for(pipeline.drained(), left)
+                await asyncio.wait_for(self._drained(pipeline), left)
+                drained = not self._undrainable.is_set()
             except TimeoutError:
-                if pipeline.in_flight:
-                    log.warning(
-                        "not drained (the sink or the state store is unusable); the rest is "
-                        "replayed on the next start"
-                        if self._no_drain
-                        else "drain deadline passed; the rest is replayed on the next start",
-                        stream=name,
-                        in_flight=pipeline.in_flight,
-                    )
+                drained = False
+            if not drained and pipeline.in_flight:
+                log.warning(
+                    "not drained (the sink or the state store is unusable); the rest is "
+                    "replayed on the next start"
+                    if self._undrainable.is_set()
+                    else "drain deadline passed; the rest is replayed on the next start",
+                    stream=name,
+                    in_flight=pipeline.in_flight,
+                )
         for pipeline in list(self.pipelines.values()):
             await pipeline.stop()
         # A handover under way ends as it would have (drained, committed, released): cancelled,

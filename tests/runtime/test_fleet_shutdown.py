@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pysink
 import pytest
+from log_capture import captured_logs
 from pg import sql
 from support import stream_config, wait_until
 
 from consumer.config import Settings
+from consumer.errors import ExitCode, SinkUnusable
 from consumer.runtime.daemon import Daemon
 
 pytestmark = pytest.mark.usefixtures("fresh_pysink", "contained_logging")
@@ -166,5 +169,40 @@ async def test_a_stream_lost_during_its_handover_stops_delivering_at_once(
             assert pysink.delivered_ids("a") == []
             rows = await sql(postgres_dsn, "fetch", f'SELECT holder FROM "{schema}".stream_leases')
             assert [r[0] for r in rows] == ["m2"]  # not released: it is the other member's
+    finally:
+        await sql(postgres_dsn, "execute", f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+async def test_a_sink_found_unusable_during_a_handover_ends_its_drain(
+    sandbox_factory, postgres_dsn
+) -> None:
+    """A handover waits for its stream's drain (up to ``drain_timeout_s``), but a sink found
+    unusable meanwhile ends the worker that met it: the drain can never come. The daemon stops
+    (78) without waiting it out, as its shutdown's drain does."""
+    gw = await sandbox_factory(backlog=0, complete_close_delay_s=60.0)
+    schema = f"t_{uuid.uuid4().hex[:16]}"
+
+    async def unusable() -> None:
+        raise SinkUnusable("the sink's file was replaced underneath us")
+
+    try:
+        # The longest drain a 20 s lease allows (the settings check: 2 x (4 + 2) + 7 < 19.75).
+        held = held_stream(gw, postgres_dsn, schema, drain_timeout_s=7.0, renew_interval_s=0.25)
+        with captured_logs() as logs:
+            async with held as (daemon, gate):
+                fleet = daemon.fleet
+                assert fleet is not None
+                pysink.ON_EVENT[gw.event_keys("DEMO")[0][0]] = unusable  # the held write's
+                fleet._move("a", lost=False)  # a tick's handover (a member joined, a drain)
+                await wait_until(
+                    lambda: handing_over("a") and daemon.runners["a"].state.value == "completing"
+                )
+                gate.set()  # the held write goes on, and meets the unusable sink
+                await wait_until(lambda: daemon.exit_code == ExitCode.CONFIG)
+                await wait_until(lambda: "a" not in daemon.pipelines, timeout=60)
+            said = [json.loads(line)["event"] for line in logs.getvalue().splitlines()]
+        assert "stream stopped here" in said
+        assert "drain deadline passed; the next holder replays the rest" not in said
+        assert pysink.delivered_ids("a") == []
     finally:
         await sql(postgres_dsn, "execute", f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
