@@ -220,7 +220,9 @@ class Committer:
     async def drained(self, stream: str) -> None:
         """Returns when every frame of the stream that arrived is done."""
         ledger = self._ledger(stream)
-        while ledger.watermark.in_flight:
+        # Until forgotten too (the stream lost meanwhile): what it waited for is dropped, and a
+        # shutdown's drain of it would otherwise hold the other streams' drain time.
+        while ledger.watermark.in_flight and self._ledgers.get(stream) is ledger:
             ledger.idle.clear()
             await ledger.idle.wait()
 
@@ -445,7 +447,9 @@ class Committer:
         staged rows, a commit under way), so that a later lease starts from the store's
         checkpoint with nothing of the old one."""
         gone = frozenset({stream})
-        self._ledgers.pop(stream, None)
+        ledger = self._ledgers.pop(stream, None)
+        if ledger is not None:
+            ledger.idle.set()  # a drain waiting for it ends (see drained)
         self._fenced.pop(stream, None)
         self.checkpointed_at.pop(stream, None)
         self._batch = self._batch.without(gone)

@@ -80,3 +80,21 @@ async def test_forgotten_during_its_commit(
         assert not await committer.flush()  # and the next commit has nothing of the old one
     finally:
         await store.close()
+
+
+async def test_a_drain_of_a_stream_forgotten_meanwhile_ends(tmp_path: Path) -> None:
+    """A stream lost while the shutdown drains it is forgotten (its work dropped): the drain
+    waited on for ever, up to the shutdown's deadline, and the streams after it got no drain
+    time at all (replayed at the next start)."""
+    store = await SqliteStore.open(tmp_path / "state.db")
+    committer = Committer(store, NullSink(), max_events=1000, interval_s=3600)
+    try:
+        committer.arrived("b", Position("000001", "b-u1"))  # in flight: never processed
+        drain = asyncio.create_task(committer.drained("b"))
+        await asyncio.sleep(0)
+        assert not drain.done()
+        committer.forget("b")
+        async with asyncio.timeout(WAIT_S):
+            await drain
+    finally:
+        await store.close()
