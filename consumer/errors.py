@@ -126,21 +126,30 @@ class SinkError(OperaConsumerError):
 
 
 class TransientSinkError(SinkError):
-    """``retry_after``: seconds the far end asked us to wait (``Retry-After``), if it did."""
+    """``retry_after``: seconds the far end asked us to wait (``Retry-After``), if it did.
+    ``delivered``: how many of the write's first events the sink took before it failed (a
+    webhook's chunks already answered 2xx): the retry writes only the rest."""
 
     retriable = True
 
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+    def __init__(
+        self, message: str, *, retry_after: float | None = None, delivered: int = 0
+    ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.delivered = delivered
 
 
 class PermanentSinkError(SinkError):
-    """``unique_event_id`` names the event at fault when the sink knows it."""
+    """``unique_event_id`` names the event at fault when the sink knows it. ``delivered``: as
+    for :class:`TransientSinkError`: those events are done, never written again."""
 
-    def __init__(self, message: str, *, unique_event_id: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, unique_event_id: str | None = None, delivered: int = 0
+    ) -> None:
         super().__init__(message)
         self.unique_event_id = unique_event_id
+        self.delivered = delivered
 
 
 class SinkUnusable(SinkError):

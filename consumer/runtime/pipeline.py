@@ -76,6 +76,12 @@ def _size(event: Event) -> int:
     return len(event.text or event.frame)
 
 
+def _taken(exc: TransientSinkError | PermanentSinkError, written: int) -> int:
+    """How many of the ``written`` events the failed write took (a sink's own figure, kept
+    within the write)."""
+    return min(max(0, exc.delivered), written)
+
+
 def default_workers(sink: Sink) -> int:
     """One worker for a sink whose write never suspends (``Sink.waits``): nothing of its
     writes could overlap, and more workers only cut each hand-over into smaller batches, each
@@ -475,6 +481,10 @@ class StreamPipeline:
                 await self._write(events, retrying)
             except PermanentSinkError as exc:
                 _stop_if_asked()
+                taken = _taken(exc, len(items))
+                if taken:  # written before the failure: done, not to be sent again
+                    self._written(items[:taken])
+                    items = items[taken:]
                 items = await self._isolate(items, exc, retrying)
                 continue
             except (TransientSinkError, SinkUnusable, asyncio.CancelledError, GeneratorExit):
@@ -487,14 +497,18 @@ class StreamPipeline:
                 problem = PermanentSinkError(describe(exc, REDACTOR.scrub))
                 items = await self._isolate(items, problem, retrying, reason="unprocessable")
                 continue
-            self.delivered += len(items)
-            self._committer.processed(
-                self.stream,
-                [ev.unique_event_id for _, ev in items],
-                [seq for seq, _ in items],
-                sum([_size(ev) for _, ev in items]),
-            )
+            self._written(items)
             return
+
+    def _written(self, items: list[_Item]) -> None:
+        """The sink took these: processed, in the next commit."""
+        self.delivered += len(items)
+        self._committer.processed(
+            self.stream,
+            [ev.unique_event_id for _, ev in items],
+            [seq for seq, _ in items],
+            sum([_size(ev) for _, ev in items]),
+        )
 
     async def _isolate(
         self,
@@ -572,6 +586,9 @@ class StreamPipeline:
             await self._sink.write(self.stream, events)
         except TransientSinkError as exc:
             first: TransientSinkError | None = exc
+            # What the sink took before it failed is not written again (a receiver keyed
+            # by Idempotency-Key alone would take it twice under another chunk's key).
+            done = _taken(exc, len(events))
             async for attempt in retrying:
                 with attempt:
                     if first is not None:  # tenacity's attempt 1: its wait honours Retry-After
@@ -579,6 +596,11 @@ class StreamPipeline:
                         raise failed from None
                     _stop_if_asked()
                     started = time.perf_counter()
-                    await self._sink.write(self.stream, events)
+                    try:
+                        await self._sink.write(self.stream, events[done:])
+                    except (TransientSinkError, PermanentSinkError) as again:
+                        # counted from the whole batch's start, for _deliver too
+                        done = again.delivered = done + _taken(again, len(events) - done)
+                        raise
         if self.on_write is not None:
             self.on_write(time.perf_counter() - started, events[-1])

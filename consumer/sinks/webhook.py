@@ -134,15 +134,25 @@ class WebhookSink(PlainSink):
         # re-delivers around it.
         docs = [serialized(ev) for ev in events]
         size = self.settings.batch_size
-        if size == 1:
-            for ev, doc in zip(events, docs, strict=True):
-                await self._post(stream, doc, header_id(ev.unique_event_id), [ev])
-            return
-        for start in range(0, len(events), size):
-            chunk = events[start : start + size]
-            body = b"[" + b",".join(docs[start : start + size]) + b"]"
-            key = batch_idempotency_key([ev.unique_event_id for ev in chunk])
-            await self._post(stream, body, key, chunk)
+        done = 0
+        try:
+            if size == 1:
+                for ev, doc in zip(events, docs, strict=True):
+                    await self._post(stream, doc, header_id(ev.unique_event_id), [ev])
+                    done += 1
+                return
+            for start in range(0, len(events), size):
+                chunk = events[start : start + size]
+                body = b"[" + b",".join(docs[start : start + size]) + b"]"
+                key = batch_idempotency_key([ev.unique_event_id for ev in chunk])
+                await self._post(stream, body, key, chunk)
+                done += len(chunk)
+        except (TransientSinkError, PermanentSinkError) as exc:
+            # The requests answered 2xx before this one are the receiver's: the pipeline
+            # sends only the rest again (the same chunks, so the same keys), never those
+            # under another chunk's or an event's key.
+            exc.delivered = done
+            raise
 
     async def _post(self, stream: str, body: bytes, key: str, events: Sequence[Event]) -> None:
         headers = self._headers.copy()

@@ -536,3 +536,72 @@ async def test_daemon_dead_letters_the_event_the_receiver_rejects(
     assert dead[0].reason == "sink_rejected"
     assert "HTTP 422" in dead[0].error
     assert culprit in dead[0].error  # the body excerpt
+
+
+# --- what the receiver took is never sent again --------------------------------------------------
+
+
+def _accepted_once(rx: Receiver) -> Counter[str]:
+    """Each uniqueEventId's count of 2xx answers: a receiver that deduplicates by
+    Idempotency-Key alone takes an event once per key it came under."""
+    counts = Counter(_delivered_ids(rx))
+    twice = {uid: n for uid, n in counts.items() if n > 1}
+    assert not twice, f"taken more than once: {sorted(twice)[:5]}"
+    return counts
+
+
+@pytest.mark.parametrize("batch_size", [1, 20])
+async def test_the_events_taken_before_a_rejected_request_are_not_sent_again(
+    sandbox_factory, tmp_path: Path, rx: Receiver, client: aiohttp.ClientSession, batch_size: int
+):
+    """A 422 for one request of a write: those the receiver answered 2xx before it are done.
+    They were sent again (one by one, under their own keys) while the pipeline found the
+    culprit: twice for a receiver keyed by Idempotency-Key."""
+    gw = await sandbox_factory(backlog=200)
+    truth = truth_ids(gw.events("DEMO"))
+    culprit = truth[137]
+
+    def reject_culprit(r: Received) -> Reply:
+        body = r.json()
+        docs = body if isinstance(body, list) else [body]
+        if any(d["metadata"]["uniqueEventId"] == culprit for d in docs):
+            return Reply(422, body=b'{"error": "cannot store it"}')
+        return Reply(200)
+
+    rx.responder = reject_culprit
+    s = _webhook_settings(tmp_path, gw.url, rx, batch_size=batch_size)
+    async with running(s, sink=WebhookSink(s.sink, client)) as daemon:
+        pipeline = daemon.pipelines["main"]
+        await wait_until(lambda: committed(tmp_path / "state.db", newest_offset(gw)), timeout=60)
+        assert pipeline.dead_lettered == 1
+    assert set(_accepted_once(rx)) == set(truth) - {culprit}
+
+
+@pytest.mark.parametrize("batch_size", [1, 20])
+async def test_a_write_retried_after_a_503_sends_only_what_was_not_taken(
+    sandbox_factory, tmp_path: Path, rx: Receiver, client: aiohttp.ClientSession, batch_size: int
+):
+    """A 503 for one request of a write: the retry starts at that request (the same chunks,
+    so the same keys); the whole write was sent again."""
+    gw = await sandbox_factory(backlog=200)
+    truth = truth_ids(gw.events("DEMO"))
+    flaky = truth[137]
+    refused: list[str] = []
+
+    def unavailable_once(r: Received) -> Reply:
+        body = r.json()
+        docs = body if isinstance(body, list) else [body]
+        if not refused and any(d["metadata"]["uniqueEventId"] == flaky for d in docs):
+            refused.append(flaky)
+            return Reply(503)
+        return Reply(200)
+
+    rx.responder = unavailable_once
+    s = _webhook_settings(tmp_path, gw.url, rx, batch_size=batch_size)
+    async with running(s, sink=WebhookSink(s.sink, client)):
+        await wait_until(lambda: committed(tmp_path / "state.db", newest_offset(gw)), timeout=60)
+    assert refused == [flaky]
+    assert set(_accepted_once(rx)) == set(truth)
+    keys = [r.header("Idempotency-Key") for r, reply in rx.exchanges if reply.status == 503]
+    retried = [r.header("Idempotency-Key") for r, reply in rx.exchanges if reply.status == 200]
+    assert keys[0] in retried  # the refused request again, under its own key
