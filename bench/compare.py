@@ -119,6 +119,16 @@ def cpu_seconds(pid: int, tid: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def run_queue_seconds(pid: int, tid: int) -> float:
+    """How long a thread has waited runnable for a core (schedstat's second field; 0 when the
+    kernel keeps no schedstats or the thread is gone): CPU contention, apart from its own
+    CPU time and from sleeping (the socket, the GIL)."""
+    try:
+        return int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def children(pid: int) -> dict[int, list[str]]:
     """The live (or not yet reaped) children of a process, with their /proc stat fields."""
     found = {}
@@ -494,6 +504,7 @@ level = "info"
     peak = 0.0
     conn: sqlite3.Connection | None = None
     first: float | None = None  # the loop thread's CPU at the first checkpoint seen
+    first_at, first_wait = 0.0, 0.0  # ... and the time, and its wait for a core, then
     try:
         deadline = time.monotonic() + 60 + n / 200
         polls = 0
@@ -506,6 +517,7 @@ level = "info"
             cp = checkpoint(conn) if conn is not None else None
             if cp is not None and first is None:  # the loop thread's CPU from here on
                 first = cpu_seconds(proc.pid, proc.pid)
+                first_at, first_wait = time.monotonic(), run_queue_seconds(proc.pid, proc.pid)
             if cp is not None and cp >= last_offset:
                 done = time.time()
                 break
@@ -519,6 +531,13 @@ level = "info"
         # Over the whole backlog (the sandbox's offsets are not one per event, so they cannot
         # say how many were done before the first poll): a slight underestimate.
         loop_us = None if first is None else (cpu_seconds(proc.pid, proc.pid) - first) / n * 1e6
+        # The loop thread's share of the time since then: on a core, waiting for one, and
+        # the rest asleep (for the socket, for room, for the GIL).
+        span_s = time.monotonic() - first_at
+        busy = None if first is None else (cpu_seconds(proc.pid, proc.pid) - first) / span_s
+        queued = (
+            None if first is None else (run_queue_seconds(proc.pid, proc.pid) - first_wait) / span_s
+        )
     finally:
         if conn is not None:
             conn.close()
@@ -544,6 +563,8 @@ level = "info"
         "daemon_cpu_s": round(cpu, 2),
         # The event loop's thread (what bounds the rate): CPU per event after the first commit.
         "loop_cpu_us_per_event": None if loop_us is None else round(loop_us, 1),
+        "loop_busy": None if busy is None else round(busy, 2),
+        "loop_waiting_for_core": None if queued is None else round(queued, 2),
         # The sink's server (PostgreSQL: every process of the cluster), start-up included.
         "server_cpu_us_per_event": None if server_s is None else round(server_s / n * 1e6, 1),
         "delivered": delivered,
@@ -778,7 +799,9 @@ def main() -> int:
                             f"({run['events_per_s'] / floor['events_per_s']:.2f} of the floor"
                             f"{of_hook}), "
                             f"wall {run['wall_seconds']} s, peak RSS {run['peak_rss_mb']} MB, "
-                            f"loop thread {run['loop_cpu_us_per_event']} µs CPU/event, "
+                            f"loop thread {run['loop_cpu_us_per_event']} µs CPU/event "
+                            f"(busy {run['loop_busy']}, waiting for a core "
+                            f"{run['loop_waiting_for_core']}), "
                             + (
                                 f"server {run['server_cpu_us_per_event']} µs CPU/event, "
                                 if run.get("server_cpu_us_per_event") is not None
