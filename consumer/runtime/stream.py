@@ -830,7 +830,7 @@ class StreamRunner:
             )
             self._completing = "shutdown"
         except TimeoutError:
-            self._completing = "token rotation"
+            self._completing = "token rotation" if await self._next_token() else "shutdown"
         log.info("completing subscription", why=self._completing)
         self.state = StreamState.COMPLETING
         text = session.complete()
@@ -840,6 +840,28 @@ class StreamRunner:
         await asyncio.sleep(self.settings.connection.complete_timeout_s)
         log.warning("server did not close after complete; closing")
         await ws.close(1000)
+
+    async def _next_token(self) -> bool:
+        """The next session's token, before this one is completed: a token endpoint that
+        fails now would otherwise end a healthy stream at every rotation until it answers
+        again (this session's token still has ``refresh_margin_s`` to live, and a server that
+        closes at its expiry is reconnected as any close is). Asked once at a time, then
+        again after 1, 2, 4 ... 30 s. False: a stop came first."""
+        delay = 1.0
+        while not self._stop.is_set():
+            try:
+                await self._tokens.token(retry=False)
+                return True
+            except AuthError as exc:
+                log.warning(
+                    "cannot fetch the next token; streaming on with the current one",
+                    error=str(exc),
+                    expires_in_s=round(self._tokens.expires_in() or 0.0, 1),
+                    retry_in_s=delay,
+                )
+            await self._wait_or_stop(delay)
+            delay = min(delay * 2, 30.0)
+        return False
 
     def _session_ended(self, started: float) -> None:
         delivered = self._pipeline.delivered - self._delivered_before

@@ -35,6 +35,12 @@ class FailureQueue:
     def extend(self, statuses: list[int], retry_after: float | None) -> None:
         self._queue.extend((s, retry_after) for s in statuses)
 
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def clear(self) -> None:
+        self._queue.clear()
+
     def answer(self, conn: h11.Connection, writer: asyncio.StreamWriter) -> bool:
         """Answer with the next injected failure, if one is queued."""
         if not self._queue:

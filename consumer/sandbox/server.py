@@ -253,6 +253,14 @@ class SandboxGateway:
     def fail_token_requests(self, statuses: list[int], retry_after: float | None = None) -> None:
         self._chaos.token_failures.extend(statuses, retry_after)
 
+    @property
+    def token_failures_left(self) -> int:
+        """Injected token failures not answered yet."""
+        return len(self._chaos.token_failures)
+
+    def clear_token_failures(self) -> None:
+        self._chaos.token_failures.clear()
+
     def fail_rest(self, statuses: list[int], retry_after: float | None = None) -> None:
         """The next REST requests answer these statuses, before auth and the rate limit."""
         self._chaos.rest_failures.extend(statuses, retry_after)

@@ -14,9 +14,13 @@ import pytest
 from log_capture import captured_logs
 from receiver import Receiver, Reply
 from support import (
+    committed,
     make_settings,
+    newest_offset,
     running,
     sandbox_token,
+    sink_ids,
+    truth_ids,
     untrusted_tls_server,
     wait_until,
 )
@@ -390,3 +394,29 @@ async def test_a_late_refusal_of_an_old_token_keeps_the_new_one(sandbox_factory)
         tokens.invalidate()  # a session refused (4401): whatever token it had
         assert await tokens.access_token() not in (old, new)
     assert gw.stats.token_requests == 3
+
+
+async def test_a_rotation_waits_for_the_next_token_and_streams_on_meanwhile(
+    sandbox_factory, tmp_path: Path
+):
+    """The token endpoint fails when the session's token is due for rotation: the session
+    was completed first and the new token fetched after, so the stream stopped until the
+    endpoint answered again, while its token still had half its life. Now the session streams
+    on with it (events arrive while the failures last) and rotates once a token comes."""
+    gw = await sandbox_factory(backlog=5, token_ttl_s=8.0, stale_hold_s=30.0)
+    settings = make_settings(tmp_path, gw.url)  # rotation half-way: 4 s in
+    async with running(settings) as daemon:
+        await wait_until(lambda: committed(tmp_path / "state.db", newest_offset(gw)))
+        gw.fail_token_requests([503] * 1000)  # answered to the rotation's requests
+        await wait_until(lambda: gw.token_failures_left < 1000, timeout=30)  # it is due
+        gw.append("DEMO", 10)
+        await wait_until(lambda: committed(tmp_path / "state.db", newest_offset(gw)))
+        assert gw.token_failures_left > 0  # delivered while the endpoint still failed
+        assert gw.stats.completes_received == 0  # the session was never ended for it
+        gw.clear_token_failures()
+        await wait_until(lambda: gw.stats.completes_received >= 1, timeout=30)  # rotated
+        gw.append("DEMO", 10)
+        await wait_until(lambda: committed(tmp_path / "state.db", newest_offset(gw)), timeout=30)
+        assert daemon.runners["main"]._tokens.fetches >= 2
+    assert 4401 not in gw.stats.close_codes_sent
+    assert sorted(sink_ids(tmp_path / "events.jsonl")) == sorted(truth_ids(gw.events("DEMO")))
