@@ -6,8 +6,15 @@ one (the operator vouches that every line in it is wanted), and the uniqueEventI
 line in it (with rotation: in every file of the series, and the configured path's own) as
 processed, stamped now: a stream that sends those events again (a new store has no
 checkpoint, so the start is the configured one: an offset, or the gateway's position) has
-them skipped as duplicates instead of written twice. A line does not say which stream it
-came from, so its id is recorded for every configured stream.
+them skipped as duplicates instead of written twice.
+
+A line is the event as received: it names no stream (nor chain), and a uniqueEventId is unique
+within a stream only. Its id is recorded for the stream it came from: the only one configured,
+or, with several, the only one whose subscription could have sent its hotelId
+(``hotel_codes``). A line that more than one stream could have sent is recorded for none and
+counted: recorded for every stream, another stream's event with the same id would be skipped
+when it comes (lost); not recorded, the line's event is written again if its stream sends it
+again (a duplicate, which a reader can drop).
 
 A last line cut short (a ``kill -9`` in the middle of a write) is left out: the recorded
 length ends before it, so the start cuts it and that event is written whole when it comes
@@ -25,6 +32,8 @@ import asyncio
 import os
 import sys
 import time
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -40,7 +49,7 @@ from ..sinks.jsonl import Adoption, JsonlSink, adopt_position, rotated_files
 from ..state import StateStore, acquire, open_store
 from .offsets import settings_start
 
-IDS_PER_COMMIT = 10_000  # ids read, then recorded for each stream in one transaction
+IDS_PER_COMMIT = 10_000  # ids read, then recorded (each for its stream) in one transaction
 LINE_MAX = 1 << 26  # a longer line is skipped, not held (no event the daemon wrote is)
 
 
@@ -72,9 +81,9 @@ async def adopt(settings: Settings, *, execute: bool) -> int:
             refusal = await _refusal(settings.sink, await store.sink_state("jsonl"))
             if refusal is not None:
                 raise OperatorRefused(refusal)
-            lines = _Lines(_files(settings.sink, done))
+            lines = _Lines(_files(settings.sink, done), _owner(settings))
             try:
-                await _record(store, lines, streams, done.position)
+                await _record(store, lines, done.position)
             except OSError as exc:
                 raise _refused(exc) from None
             finally:
@@ -116,12 +125,45 @@ def _say_plan(sink: JsonlSinkSettings, plan: Adoption, streams: list[str], state
         where = (
             f"every line of {sink.path} and of the rotated files beside it (the newest up to there)"
         )
-    many = " (a line does not say which stream it came from)" if len(streams) > 1 else ""
+    if len(streams) == 1:
+        print(
+            f"and the uniqueEventId of {where} as processed for stream {streams[0]}, stamped "
+            "now: the stream sending those events again has them skipped, not written twice"
+        )
+        return
     print(
-        f"and the uniqueEventId of {where} as processed for stream{'s' if many else ''} "
-        f"{', '.join(streams)}{many}, stamped now: a stream sending those events again "
-        "has them skipped, not written twice"
+        f"and the uniqueEventId of {where} as processed for the stream it came from, stamped "
+        "now: that stream sending the event again has it skipped, not written twice. A line "
+        f"does not name its stream ({', '.join(streams)}): only a hotelId that one stream "
+        "alone subscribes to (subscription.hotel_codes) tells; a line that more than one "
+        "could have sent is recorded for none (ids are unique per stream only: recorded for "
+        "all, another stream's event with the same id would be skipped, lost), and is written "
+        "again if its stream sends it again"
     )
+
+
+def _owner(settings: Settings) -> Callable[[Event], str | None]:
+    """The stream a line's event came from, or None when more than one could have sent it.
+    A line names no stream: with one stream it is that one's; with several, its hotelId
+    tells where the streams' ``hotel_codes`` (a subscription's filter) leave exactly one
+    that could have sent it (no hotel_codes: every hotel of its chain)."""
+    streams = sorted(settings.streams)
+    if len(streams) == 1:
+        only = streams[0]
+        return lambda event: only
+    everywhere = {s for s in streams if not settings.streams[s].subscription.hotel_codes}
+    by_hotel: dict[str, set[str]] = {}
+    for s in streams:
+        for code in settings.streams[s].subscription.hotel_codes:
+            by_hotel.setdefault(code.casefold(), set()).add(s)
+
+    def owner(event: Event) -> str | None:
+        if not event.hotel_id:  # a chain's event: any of them
+            return None
+        could = everywhere | by_hotel.get(event.hotel_id.casefold(), set())
+        return next(iter(could)) if len(could) == 1 else None
+
+    return owner
 
 
 def _files(sink: JsonlSinkSettings, adoption: Adoption) -> list[tuple[Path, int | None]]:
@@ -138,22 +180,29 @@ def _files(sink: JsonlSinkSettings, adoption: Adoption) -> list[tuple[Path, int 
 
 
 class _Lines:
-    """The uniqueEventIds of the files' lines, a chunk at a time (blocking: in a thread).
-    ``unreadable``: lines without a usable event (not JSON, no id, an unfinished last line
-    of a file, too long); ``last_offset``: the offset of the last readable line."""
+    """The uniqueEventIds of the files' lines by the stream each came from (``owner``), a
+    chunk at a time (blocking: in a thread). ``unreadable``: lines without a usable event (not
+    JSON, no id, an unfinished last line of a file, too long); ``unowned``: lines more than one
+    stream could have sent (recorded for none); ``last_offset``: the offset of the last
+    readable line."""
 
-    def __init__(self, files: list[tuple[Path, int | None]]) -> None:
+    def __init__(
+        self, files: list[tuple[Path, int | None]], owner: Callable[[Event], str | None]
+    ) -> None:
         self._todo = list(reversed(files))
+        self._owner = owner
         self._f: BinaryIO | None = None
         self._left = 0
         self.lines = 0
-        self.ids = 0
+        self.ids: Counter[str] = Counter()  # recorded, by stream
         self.unreadable = 0
+        self.unowned = 0
         self.last_offset: str | None = None
 
-    def chunk(self, n: int) -> list[str]:
-        out: list[str] = []
-        while len(out) < n:
+    def chunk(self, n: int) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        taken = 0
+        while taken < n:
             line = self._line()
             if line is None:
                 break
@@ -162,9 +211,14 @@ class _Lines:
             if event is None:
                 self.unreadable += 1
                 continue
-            out.append(event.unique_event_id)
             self.last_offset = event.offset
-        self.ids += len(out)
+            stream = self._owner(event)
+            if stream is None:
+                self.unowned += 1
+                continue
+            out.setdefault(stream, []).append(event.unique_event_id)
+            self.ids[stream] += 1
+            taken += 1
         return out
 
     def _line(self) -> bytes | None:
@@ -210,13 +264,13 @@ def _event(line: bytes) -> Event | None:
     return event_from_raw(doc) if isinstance(doc, dict) else None
 
 
-async def _record(store: StateStore, lines: _Lines, streams: list[str], position: str) -> None:
-    """Every line's id as processed for each stream, a chunk per transaction; the position
+async def _record(store: StateStore, lines: _Lines, position: str) -> None:
+    """Every line's id as processed for its stream, a chunk per transaction; the position
     in the last one (stopped before it: no position, the start still refuses)."""
     ids = await asyncio.to_thread(lines.chunk, IDS_PER_COMMIT)
     while True:
-        more = await asyncio.to_thread(lines.chunk, IDS_PER_COMMIT) if ids else []
-        batch = CommitBatch(processed={s: ids for s in streams} if ids else {})
+        more = await asyncio.to_thread(lines.chunk, IDS_PER_COMMIT) if ids else {}
+        batch = CommitBatch(processed=ids)
         if not more:
             batch.sink_state = ("jsonl", position)
         await store.commit(batch)
@@ -239,13 +293,24 @@ def _say_done(
 ) -> None:
     say = sys.stderr
     names = ", ".join(starts)
-    plural = "s" if len(starts) > 1 else ""
+    counts = ", ".join(f"{name} {lines.ids[name]}" for name in starts)
     print(
-        f"recorded {lines.ids} uniqueEventIds as processed for stream{plural} {names} "
-        f"(stamped now: kept {settings.state.processed_retention_days:g} days, "
-        "processed_retention_days)",
+        f"recorded uniqueEventIds as processed, by stream: {counts} (stamped now: kept "
+        f"{settings.state.processed_retention_days:g} days, processed_retention_days)",
         file=say,
     )
+    if lines.unowned:
+        print(
+            f"warning: {lines.unowned} of {lines.lines} lines could have come from more than "
+            f"one of the streams {names} (a line does not name its stream): their ids are "
+            "recorded for none, since ids are unique per stream only and, recorded for every "
+            "stream, another stream's event with the same id would be skipped (lost). A "
+            "stream that sends those events again writes them again: duplicates of lines "
+            "already in the file, which a reader can drop. If the streams are split by "
+            "hotel, configure each one's subscription.hotel_codes (as they were subscribed) "
+            "and run adopt again: those lines' ids are then recorded for their stream",
+            file=say,
+        )
     if lines.unreadable:
         print(
             f"warning: {lines.unreadable} of {lines.lines} lines hold no event this daemon "

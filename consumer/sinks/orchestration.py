@@ -23,7 +23,9 @@ event to the real sink with the JSON attached (``Event.resource``).
   stream behind one, past OHIP's retention; ``dlq replay`` delivers them once fixed. 404, 410
   and 204: ``on_not_found`` decides. Other 4xx: the event is dead-lettered, with the start of the
   answer's body scrubbed of the token, the app key and every secret the log redactor knows
-  (a server may echo the request).
+  (a server may echo the request). A permanent failure names its event: that one is
+  dead-lettered, and the others of its batch get the answers already fetched for them (held
+  :data:`HELD_S`), not another GET each.
 * URL values from the wire are percent-encoded as one path segment each; an empty one, or a
   dot segment (``.``, ``..``) that would make the GET name another resource, dead-letters
   that event (refused, not encoded: ``%2E`` is ``.`` to URL normalisers, yarl and gateways).
@@ -86,6 +88,11 @@ EXCERPT_CHARS = 300  # of an error answer's body, in the error (and so the dead 
 # of at most this many bytes together; the oldest go first.
 CACHE_MAX_ENTRIES = 1024
 CACHE_MAX_BYTES = 64 * 1024 * 1024
+# What the other events of a batch that failed permanently got, held for the writes of them
+# the pipeline makes at once (see Orchestrator.bodies): this long at most, this much.
+HELD_S = 30.0
+HELD_MAX_ENTRIES = 2_000
+HELD_MAX_BYTES = 64 * 1024 * 1024
 REAUTH_EVERY_S = 60.0  # a 401 drops the token at most this often
 LOCATION_CHARS = 100  # of a redirect's target host, in the error
 # What a URL template may name (the settings check them: OrchestrationSettings).
@@ -95,6 +102,8 @@ _DOT_SEGMENTS = frozenset({".", ".."})
 
 Body = bytes  # a resource's JSON text, as answered (checked to be JSON)
 _Key = tuple[str, str | None]  # (URL, x-hotelid): what one GET answers
+# An event's: its resource, None (no template names it), or why it has none.
+_Outcome = Body | None | BaseException
 
 
 class AccessTokens(Protocol):
@@ -126,6 +135,19 @@ def _attach(ev: Event, body: Body | None) -> Event:
     if body is None:
         return ev
     return ev._replace(resource=json.loads(body), fetched=True)
+
+
+def _failure(outcomes: Sequence[_Outcome]) -> BaseException | None:
+    """What a batch's fetch raises: a cancellation first, then the first permanent failure in
+    the batch's order (named: that event is dead-lettered, the others go on), then any other
+    (an outage: the batch is retried)."""
+    failures = [o for o in outcomes if isinstance(o, BaseException)]
+    if not failures:
+        return None
+    return next(
+        (f for f in failures if not isinstance(f, Exception)),
+        next((f for f in failures if isinstance(f, PermanentSinkError)), failures[0]),
+    )
 
 
 def _dot_segment(value: str) -> bool:
@@ -178,6 +200,10 @@ class Orchestrator:
         self._sweeper: asyncio.TimerHandle | None = None
         self._reauth_at: float | None = None  # when a 401 last dropped a token
         self._dropped: str | None = None  # that token
+        # (stream, uniqueEventId): what the events of a batch that failed permanently got
+        # (answer or failure, monotonic time, bytes counted), for their own writes.
+        self._held: OrderedDict[tuple[str, str], tuple[_Outcome, float, int]] = OrderedDict()
+        self._held_bytes = 0
         self.requests = 0  # GETs sent (retries included)
         self.coalesced = 0  # fetches answered by another one's GET
         self.throttled = 0  # 429 answers
@@ -223,47 +249,125 @@ class Orchestrator:
 
     async def bodies(self, stream: str, events: Sequence[Event]) -> list[Body | None]:
         """Each event's resource as JSON text (``null`` when not found and attached as such),
-        or None where no template names it: bytes, which nobody can change."""
-        keys: list[_Key | None] = []
-        for ev in events:
-            u = self.url_for(stream, ev)
-            if u is None:
-                keys.append(None)
-                continue
-            hotel = ev.hotel_id or None
-            if hotel and not (hotel.isascii() and hotel.isprintable()):
-                raise PermanentSinkError(  # aiohttp would refuse the header (a ValueError)
-                    "orchestration: hotelId cannot travel in the x-hotelid header (not "
-                    "printable ASCII)",
-                    unique_event_id=ev.unique_event_id,
-                )
-            keys.append((u, hotel))
+        or None where no template names it: bytes, which nobody can change.
+
+        A permanent failure names its event (the first in the batch's order): the pipeline
+        dead-letters that one and writes the others on, each part a call of its own. What the
+        others got (their resources, their own permanent failures) is held for those calls
+        (:data:`HELD_S`), so a failure costs no GET again: split one by one, a batch of n
+        events fetched the n - 1 good ones up to n times more (rate limit, cost)."""
+        held = self._held
+        known: dict[int, _Outcome] = {}
+        if held:
+            self._let_go_held(self._clock())
+            for i, ev in enumerate(events):
+                kept = held.get((stream, ev.unique_event_id))
+                if kept is not None:
+                    known[i] = kept[0]
+            for i, outcome in sorted(known.items()):
+                if isinstance(outcome, PermanentSinkError):  # that event's, already named
+                    self._unhold(stream, events[i])
+                    raise outcome
+        missing = [ev for i, ev in enumerate(events) if i not in known]
+        fetched = iter(await self._outcomes(stream, missing) if missing else ())
+        outcomes = [known[i] if i in known else next(fetched) for i in range(len(events))]
+        failed = _failure(outcomes)
+        if failed is None:
+            for i in known:
+                self._unhold(stream, events[i])
+            return [o for o in outcomes if not isinstance(o, BaseException)]
+        if isinstance(failed, PermanentSinkError):
+            self._hold(stream, events, outcomes, failed)
+        raise failed
+
+    async def _outcomes(self, stream: str, events: Sequence[Event]) -> list[_Outcome]:
+        """Each event's resource (as :meth:`bodies`), or why it has none: a permanent failure
+        naming that event, or the fetch's other failure. An event whose URL cannot be made
+        raises its failure at once, before any GET (each of the others is fetched at its own
+        write, once)."""
+        keys = [self._key(stream, ev) for ev in events]
         wanted = list(dict.fromkeys(k for k in keys if k is not None))
-        if not wanted:
-            return [None] * len(events)
-        results = await asyncio.gather(
-            *(self.fetch(stream, url, hotel) for url, hotel in wanted),
-            return_exceptions=True,
-        )
-        found: dict[_Key, Body | _NotFound] = {}
-        for key, result in zip(wanted, results, strict=True):
-            if isinstance(result, BaseException):
-                raise result
-            found[key] = result
-        out: list[Body | None] = []
-        for maybe_key, ev in zip(keys, events, strict=True):
-            if maybe_key is None:
+        found: dict[_Key, Body | _NotFound | BaseException] = {}
+        if wanted:
+            results = await asyncio.gather(
+                *(self.fetch(stream, url, hotel) for url, hotel in wanted),
+                return_exceptions=True,
+            )
+            found = dict(zip(wanted, results, strict=True))
+        out: list[_Outcome] = []
+        for key, ev in zip(keys, events, strict=True):
+            if key is None:  # no template names it
                 out.append(None)
                 continue
-            body = found[maybe_key]
-            if isinstance(body, _NotFound):
+            got = found[key]
+            if isinstance(got, _NotFound):
                 if self.settings.on_not_found == "dead-letter":
-                    raise PermanentSinkError(
-                        f"orchestration: {body}", unique_event_id=ev.unique_event_id
+                    got = PermanentSinkError(
+                        f"orchestration: {got}", unique_event_id=ev.unique_event_id
                     )
-                body = _NULL
-            out.append(body)
+                else:
+                    got = _NULL
+            elif isinstance(got, PermanentSinkError) and got.unique_event_id is None:
+                # The GET's (shared by the events of one resource): each its own, named.
+                got = PermanentSinkError(str(got), unique_event_id=ev.unique_event_id)
+            out.append(got)
         return out
+
+    def _key(self, stream: str, ev: Event) -> _Key | None:
+        """What ``ev``'s GET asks (None: no template names it); a value that cannot travel is
+        that event's :class:`PermanentSinkError`."""
+        u = self.url_for(stream, ev)
+        if u is None:
+            return None
+        hotel = ev.hotel_id or None
+        if hotel and not (hotel.isascii() and hotel.isprintable()):
+            raise PermanentSinkError(  # aiohttp would refuse the header (a ValueError)
+                "orchestration: hotelId cannot travel in the x-hotelid header (not "
+                "printable ASCII)",
+                unique_event_id=ev.unique_event_id,
+            )
+        return (u, hotel)
+
+    def _hold(
+        self,
+        stream: str,
+        events: Sequence[Event],
+        outcomes: Sequence[_Outcome],
+        failed: PermanentSinkError,
+    ) -> None:
+        """Hold what the others of a batch that failed for ``failed`` got, for the writes the
+        pipeline makes of them at once: their resources and their own permanent failures
+        (an outage's are not: it is asked again when retried)."""
+        held, now = self._held, self._clock()
+        for ev, outcome in zip(events, outcomes, strict=True):
+            if outcome is failed or (
+                isinstance(outcome, BaseException) and not isinstance(outcome, PermanentSinkError)
+            ):
+                continue
+            key = (stream, ev.unique_event_id)
+            if key in held:  # held already: as long as it was first
+                continue
+            size = (len(outcome) if isinstance(outcome, bytes) else 0) + 200
+            held[key] = (outcome, now, size)
+            self._held_bytes += size
+        while len(held) > HELD_MAX_ENTRIES or self._held_bytes > HELD_MAX_BYTES:
+            self._held_bytes -= held.popitem(last=False)[1][2]  # fetched again at its write
+
+    def _unhold(self, stream: str, ev: Event) -> None:
+        kept = self._held.pop((stream, ev.unique_event_id), None)
+        if kept is not None:
+            self._held_bytes -= kept[2]
+
+    def _let_go_held(self, now: float) -> None:
+        """Past :data:`HELD_S` (a write that did not come at once: the sink's outage, a stop,
+        a parked resource's event dead-lettered unwritten), fetched anew at its write."""
+        held = self._held
+        while held:
+            key, (_, at, size) = next(iter(held.items()))
+            if now - at < HELD_S:
+                break
+            del held[key]
+            self._held_bytes -= size
 
     async def fetch(self, stream: str, url: str, hotel_id: str | None) -> Body | _NotFound:
         """The answer for ``url`` in the context of ``hotel_id``: shared with a GET of the
@@ -341,6 +445,8 @@ class Orchestrator:
             self._sweeper = None
         self._recent.clear()
         self._recent_bytes = 0
+        self._held.clear()
+        self._held_bytes = 0
 
     async def _get(self, stream: str, url: str, hotel_id: str | None) -> Body | _NotFound:
         s = self.settings

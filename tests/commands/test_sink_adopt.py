@@ -280,12 +280,61 @@ async def test_the_ids_of_the_configured_path_and_every_rotated_file_are_recorde
     assert "no checkpoint" in err and "gateway's position" in err, err
 
 
-async def test_with_several_streams_the_ids_are_recorded_for_each(
+def subscribed(config: Path, **hotel_codes: list[str]) -> None:
+    """Each named stream's subscription.hotel_codes, appended to the config."""
+    with config.open("a") as f:
+        for stream, codes in hotel_codes.items():
+            f.write(f"\n[streams.{stream}.subscription]\nhotel_codes = {json.dumps(codes)}\n")
+
+
+def hotel_line(uid: str, offset: str, hotel: str | None) -> bytes:
+    doc = {"metadata": {"offset": offset, "uniqueEventId": uid}, "eventName": "X"}
+    return json.dumps({**doc, "hotelId": hotel}).encode() + b"\n"
+
+
+async def test_with_several_streams_an_id_is_recorded_for_its_own_stream_only(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A line does not say which stream it came from: its id is recorded for every stream
-    configured (the one sink has them all), and said so; offsets are per stream, so no
-    `offset set` is suggested. A line with no event in it is counted, not recorded."""
+    """A line names no stream, and ids are unique per stream only. Recorded for every stream,
+    an id skipped the other stream's event with that id (lost). A line is its stream's where
+    the streams' hotel_codes leave one stream that could have sent its hotelId; a line more
+    than one could have sent (no hotelId, a hotel no stream names alone) is recorded for none,
+    counted and said. Offsets are per stream, so no `offset set` is suggested."""
+    out = tmp_path / "events.jsonl"
+    config = write_config(
+        tmp_path,
+        "http://127.0.0.1:9",
+        sink={"type": "jsonl", "path": str(out)},
+        streams={"east": "E", "west": "W", "all": "A"},
+    )
+    subscribed(config, east=["H1"], west=["H2", "H3"], all=["H3"])
+    out.write_bytes(
+        hotel_line("a", "1", "H1")
+        + hotel_line("b", "2", "H2")
+        + hotel_line("c", "3", "h1")  # hotel codes are not case-sensitive
+        + hotel_line("d", "4", "H3")  # west's or all's
+        + hotel_line("e", "5", None)  # a chain's event: anyone's
+        + hotel_line("f", "6", "H9")  # no stream subscribes to it: not known whose
+        + b'{"kept": 1}\n'
+    )
+    code, said, err = await cli(capsys, "sink", "adopt", "--execute", "--config", str(config))
+    assert code == 0, err
+    assert "for the stream it came from" in said and "recorded for none" in said
+    state = tmp_path / "state.db"
+    assert processed_ids(state, "east") == {"a", "c"}
+    assert processed_ids(state, "west") == {"b"}
+    assert processed_ids(state, "all") == set()
+    assert "by stream: all 0, east 2, west 1" in err, err
+    assert "3 of 7 lines could have come from more than one of the streams" in err, err
+    assert "1 of 7 lines hold no event" in err
+    assert "offset set" not in err
+
+
+async def test_with_several_streams_and_no_hotel_codes_no_id_is_recorded(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two chains' streams: any line could be either's; the operator is told what follows
+    (written again if sent again) and what to do."""
     out = tmp_path / "events.jsonl"
     config = write_config(
         tmp_path,
@@ -293,14 +342,94 @@ async def test_with_several_streams_the_ids_are_recorded_for_each(
         sink={"type": "jsonl", "path": str(out)},
         streams={"east": "E", "west": "W"},
     )
-    out.write_bytes(line("a", "1") + b'{"kept": 1}\n' + line("b", "2"))
-    code, said, err = await cli(capsys, "sink", "adopt", "--execute", "--config", str(config))
+    out.write_bytes(hotel_line("a", "1", "H1") + hotel_line("b", "2", "H2"))
+    code, _, err = await cli(capsys, "sink", "adopt", "--execute", "--config", str(config))
     assert code == 0, err
-    assert "streams east, west (a line does not say which stream" in said
     for stream in ("east", "west"):
-        assert processed_ids(tmp_path / "state.db", stream) == {"a", "b"}
-    assert "1 of 3 lines hold no event" in err
-    assert "offset set" not in err
+        assert processed_ids(tmp_path / "state.db", stream) == set()
+    assert "2 of 2 lines could have come from more than one of the streams east, west" in err
+    assert "hotel_codes" in err and "writes them again" in err
+    assert await committed(load_settings(config)) == str(out.stat().st_size)
+
+
+SHARED = "same-id-in-two-chains"
+
+
+def shared(offset: str, key: str) -> str:
+    """A valid event whose uniqueEventId another chain's event has too."""
+    return json.dumps(
+        {
+            "metadata": {"offset": offset, "uniqueEventId": SHARED},
+            "moduleName": "Reservation",
+            "eventName": "UPDATE RESERVATION",
+            "primaryKey": key,
+            "hotelId": "HOTEL1",
+            "timestamp": "28-APR-24 06.18.59.028027 AM",
+            "detail": [],
+        }
+    )
+
+
+async def test_adopt_then_run_with_two_streams_loses_no_event_of_a_shared_id(
+    sandbox_factory: Any, tmp_path: Path
+) -> None:
+    """Two chains, one file. East's event with an id that west's next event has too is in
+    the file; the store is lost; adopt recorded that id for west as well, so west's own event
+    with it was skipped as a duplicate: lost. Now no line of the file is recorded (either
+    stream could have sent any): both streams replay into it (duplicates), and west's event
+    is written."""
+    gw = await sandbox_factory(backlog=40, chains=("E", "W"))
+    out, log = tmp_path / "events.jsonl", tmp_path / "daemon.log"
+    config = write_config(
+        tmp_path,
+        gw.url,
+        sink={"type": "jsonl", "path": str(out)},
+        streams={"east": "E", "west": "W"},
+    )
+    with config.open("a") as f:
+        for stream in ("east", "west"):
+            f.write(f'\n[streams.{stream}.subscription]\nstart = "offset"\noffset = "0"\n')
+    east, west = gw.events("E"), gw.events("W")
+    east_last = str(int(east[-1]["metadata"]["offset"]) + 1)
+    gw.inject_event("E", shared(east_last, "EAST-1"))
+    west_last = west[-1]["metadata"]["offset"]
+    state = tmp_path / "state.db"
+
+    async def run_until(state: Path, west_at: str) -> None:
+        proc = spawn_daemon(config, log)
+        try:
+            await wait_until(
+                lambda: (
+                    (
+                        checkpointed(state, east_last, "east")
+                        and checkpointed(state, west_at, "west")
+                    )
+                    or proc.poll() is not None
+                ),
+                timeout=60,
+            )
+            assert proc.poll() is None, tail(log)
+            proc.send_signal(signal.SIGTERM)
+            assert await wait_exit(proc) == 0, tail(log)
+        finally:
+            proc.kill()
+
+    await run_until(state, west_last)
+    first = ids_in([out])
+    assert Counter(first) == Counter([*truth_ids(east), SHARED, *truth_ids(west)])
+    state = lose_the_store(config, tmp_path)
+    west_new = str(int(west_last) + 1)
+    gw.inject_event("W", shared(west_new, "WEST-1"))
+
+    said = await adopt_as_advised(config, out)
+    assert "could have come from more than one of the streams east, west" in said, said
+    await run_until(state, west_new)
+    lines = [json.loads(x) for x in out.read_bytes().splitlines()]
+    keys = [x["primaryKey"] for x in lines if x["metadata"]["uniqueEventId"] == SHARED]
+    assert keys.count("WEST-1") == 1, "west's event with the shared id is written, once"
+    assert keys.count("EAST-1") == 2  # east's: adopted, then written again by the replay
+    # Nothing recorded: every line of the file written again by the replay, then west's new.
+    assert Counter(ids_in([out])) == Counter(first * 2 + [SHARED])
 
 
 async def test_adopt_stopped_half_way_records_no_position_and_runs_again(
@@ -313,9 +442,9 @@ async def test_adopt_stopped_half_way_records_no_position_and_runs_again(
     monkeypatch.setattr(sink_command, "IDS_PER_COMMIT", 2)
     real = sink_command._record
 
-    async def stopped(store: Any, lines: Any, streams: Any, position: str) -> None:
+    async def stopped(store: Any, lines: Any, position: str) -> None:
         ids = await sink_command.asyncio.to_thread(lines.chunk, 2)
-        await store.commit(sink_command.CommitBatch(processed={"main": ids}))
+        await store.commit(sink_command.CommitBatch(processed=ids))
         raise StoreError("database or disk is full", retriable=True)
 
     monkeypatch.setattr(sink_command, "_record", stopped)
