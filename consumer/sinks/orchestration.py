@@ -649,8 +649,12 @@ class OrchestratingSink:
         sent = [_attach(ev, body) for ev, body in pairs]  # each its own resource object
         try:
             await self.inner.write(stream, sent)
-        except BaseException:
-            for ev, body in pairs:
+        except BaseException as exc:
+            # Those the inner sink took before it failed are not sent again (SinkError.delivered)
+            taken = exc.delivered if isinstance(exc, TransientSinkError | PermanentSinkError) else 0
+            for ev, _ in pairs[:taken]:
+                unsent.pop((stream, ev.unique_event_id), None)
+            for ev, body in pairs[taken:]:
                 unsent[(stream, ev.unique_event_id)] = (ev, body)
             while len(unsent) > UNSENT_MAX:
                 del unsent[next(iter(unsent))]
