@@ -6,13 +6,15 @@ dead-lettered, delivered exactly once on the new primary)."""
 
 from __future__ import annotations
 
+import io
+import json
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 from bus_events import event, write_until_through
+from log_capture import captured_logs
 from redis_server import ADMIN, ADMIN_PASSWORD, RedisServer, event_ids
-from structlog.testing import capture_logs
 from tcp_proxy import TcpProxy
 
 from consumer.config import RedisSinkSettings
@@ -32,9 +34,10 @@ def settings(url: str, **overrides: Any) -> RedisSinkSettings:
     return RedisSinkSettings.model_validate(values)
 
 
-def warnings(logs: list[dict[str, Any]]) -> str:
+def warnings(logs: io.StringIO) -> str:
+    lines = [json.loads(x) for x in logs.getvalue().splitlines()]
     return " | ".join(
-        str(e.get("warning", "")) for e in logs if e["event"] == "redis sink: check the server"
+        str(e.get("warning", "")) for e in lines if e["event"] == "redis sink: check the server"
     )
 
 
@@ -72,23 +75,23 @@ async def test_an_evicting_policy_is_refused_at_open_volatile_is_warned_about(
         # volatile-*: only keys with a TTL (the guards, never the streams): a warning.
         await r.config_set("maxmemory-policy", "volatile-lru")
         for sink in (admin, watcher):
-            with capture_logs() as logs:
+            with captured_logs() as logs:
                 await _open_close(sink)
             assert "guards may be evicted" in warnings(logs) and POLICY_FIX in warnings(logs)
         assert await r.ttl(KEY) == -1  # the stream has no TTL: volatile-* cannot evict it
         # A user that may not ask: opens, with a warning that it could not be checked.
         await r.config_set("maxmemory-policy", "allkeys-lru")
-        with capture_logs() as logs:
+        with captured_logs() as logs:
             await _open_close(opera)
         assert "maxmemory-policy unknown" in warnings(logs)
         # allkeys-* without a maxmemory evicts nothing (yet): a warning, not a refusal.
         await r.config_set("maxmemory", 0)
-        with capture_logs() as logs:
+        with captured_logs() as logs:
             await _open_close(admin)
         assert "once a maxmemory is set" in warnings(logs)
         await r.config_set("maxmemory-policy", "noeviction")
         await r.config_set("maxmemory", 100_000_000)
-        with capture_logs() as logs:
+        with captured_logs() as logs:
             await _open_close(admin)
         assert "maxmemory" not in warnings(logs)
 
