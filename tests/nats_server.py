@@ -4,7 +4,8 @@
 DIR``), stopped and removed at its end; ``nats_factory`` starts more of them, optionally with
 users (a configuration file with an ``authorization`` block, for the wrong-credentials tests),
 with per-user permissions, without JetStream, with a smaller ``max_payload``, or with TLS and
-client certificates (:func:`make_certificates`).
+client certificates (:func:`make_certificates`); :func:`start_cluster` starts several as one
+JetStream cluster (``cluster``: a :class:`Cluster`, their route ports on 127.0.0.1).
 :meth:`NatsServer.stop` and :meth:`NatsServer.start` stop and start the same server again (same
 port, same store directory: the streams and their messages survive), for outage tests.
 
@@ -15,6 +16,7 @@ it does tests/pg.py's); a test module may instead define its own from :func:`ser
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import os
@@ -28,10 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import nats
+import nats.errors
 import nats.js.errors
 import pytest
 from nats.js.api import RawStreamMsg
-from server_process import ServerProcess, started
+from server_process import ServerProcess, free_port, started
 
 NOT_INSTALLED = "nats-server not installed: apt-get install nats-server, or run make test"
 START_TIMEOUT_S = 20.0
@@ -65,6 +68,7 @@ class NatsServer(ServerProcess):
         jetstream: bool = True,
         max_payload: int | None = None,
         tls: Certificates | None = None,
+        cluster: Cluster | None = None,
     ) -> None:
         super().__init__("opera-nats-", "nats.log")
         self.binary = binary
@@ -73,6 +77,7 @@ class NatsServer(ServerProcess):
         self.jetstream = jetstream
         self.max_payload = max_payload
         self.tls = tls  # TLS required, client certificates verified
+        self.cluster = cluster  # a member of a JetStream cluster (see start_cluster)
         self.store = self._base / "store"
         self.config = self._base / "nats.conf"
 
@@ -99,6 +104,14 @@ class NatsServer(ServerProcess):
                 f"tls {{\n  cert_file: {_quote(str(t.server_cert))}\n"
                 f"  key_file: {_quote(str(t.server_key))}\n  ca_file: {_quote(str(t.ca))}\n"
                 "  verify: true\n  timeout: 5\n}"
+            )
+        if self.cluster is not None:
+            c = self.cluster
+            routes = ", ".join(_quote(f"nats://{self.host}:{p}") for p in c.route_ports)
+            lines.append(f"server_name: {_quote(c.server_name)}")
+            lines.append(
+                f"cluster {{\n  name: {_quote(c.name)}\n  listen: {_quote(f'{self.host}:{c.port}')}"
+                f"\n  routes: [{routes}]\n}}"
             )
         self.config.write_text("\n".join(lines) + "\n")
 
@@ -209,6 +222,41 @@ class Certificates:
     server_key: Path
     client_cert: Path
     client_key: Path
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """A server's place in a JetStream cluster: its name, its route port, its peers'."""
+
+    server_name: str
+    port: int
+    route_ports: tuple[int, ...]
+    name: str = "opera-test"
+
+
+def start_cluster(factory: Callable[..., NatsServer], size: int = 3) -> list[NatsServer]:
+    """``size`` servers of one JetStream cluster on 127.0.0.1 (``factory``: ``nats_factory``);
+    ``await cluster_ready(servers)`` before using JetStream (a meta leader is elected)."""
+    ports = [free_port() for _ in range(size)]
+    return [
+        factory(cluster=Cluster(f"n{i}", port, tuple(p for p in ports if p != port)))
+        for i, port in enumerate(ports)
+    ]
+
+
+async def cluster_ready(members: Sequence[NatsServer], timeout_s: float = 60.0) -> None:
+    """Until JetStream answers on every member (bounded)."""
+    async with asyncio.timeout(timeout_s):
+        for member in members:
+            while True:
+                nc = await nats.connect(member.url, allow_reconnect=False)
+                try:
+                    await nc.jetstream(timeout=2).account_info()
+                    break
+                except nats.errors.Error:
+                    await asyncio.sleep(0.2)
+                finally:
+                    await nc.close()
 
 
 def make_certificates(directory: Path) -> Certificates:

@@ -864,6 +864,9 @@ class NatsSinkSettings(_Model):
     # Must exceed the longest a replay can come after its publish (a crash, then a restart):
     # JetStream forgets message ids after it.
     duplicate_window_s: float = Field(default=86400.0, gt=0)
+    # Copies of the stream when the daemon creates it (JetStream clustered: up to 5, at most
+    # the cluster's servers). One copy: the loss of its server loses what it acknowledged.
+    replicas: int = Field(default=1, ge=1, le=5)
     user: str | None = None
     password: SecretStr | None = None
     token: SecretStr | None = None

@@ -46,7 +46,10 @@ Errors:
 
 A stream whose limits remove events read or not (``max_msgs_per_subject``, ``max_msgs`` or
 ``max_bytes`` with discard old, ``max_age``, interest retention) is warned about at open and in
-preflight.
+preflight, as is a stream of 1 replica while several servers are configured (the daemon
+creates it with ``replicas`` copies). Those checks, and the refusal of interest retention
+without a consumer, run at open and in preflight only: a consumer deleted while the daemon runs
+is not seen (no extra round trip per event).
 
 Credentials in a server URL (``nats://user:password@host``, ``nats://token@host``) are taken
 out of the URLs and sent to every server (nats-py would send them to that URL only, and log in
@@ -118,6 +121,7 @@ _ERR_MESSAGE_TOO_LARGE: Final = 10054
 _ERR_STREAM_MISMATCH: Final = 10060  # Nats-Expected-Stream names another stream
 _ERR_STREAM_NAME_IN_USE: Final = 10058
 _ERR_JETSTREAM_OFF: Final = (10039, 10076)  # not enabled for the account; not enabled
+_ERR_REPLICAS_UNCLUSTERED: Final = 10074  # replicas > 1 not supported in non-clustered mode
 _PERMISSION = re.compile(r'permissions violation for (publish|subscription) to "([^"]*)"', re.I)
 _AUTH_MARKERS: Final = (
     "authorization violation",
@@ -603,7 +607,9 @@ class NatsSink(PlainSink):
                 f"--dupe-window {round(s.duplicate_window_s)}s`), "
                 f'or set sink.on_start = "create"'
             )
-        return None, self._check_subjects(list(s.stream_subjects), "sink.stream_subjects")
+        planned = StreamConfig(name=s.stream, num_replicas=s.replicas)  # as _create makes it
+        notes = self._check_subjects(list(s.stream_subjects), "sink.stream_subjects")
+        return None, notes + _replication(s.stream, planned, s)
 
     async def _create(self, js: JetStreamContext) -> StreamInfo:
         s = self.settings
@@ -612,9 +618,10 @@ class NatsSink(PlainSink):
             subjects=list(s.stream_subjects),
             duplicate_window=s.duplicate_window_s,
             storage=StorageType.FILE,
+            num_replicas=s.replicas,
         )
         try:
-            info = await self._api("creating the stream", js.add_stream(config))
+            info = await self._api("creating the stream", self._add_stream(js, config))
         except _AlreadyThere:
             # Another daemon created it meanwhile: check what it made.
             found = await self._api("reading the stream", js.stream_info(s.stream))
@@ -627,8 +634,22 @@ class NatsSink(PlainSink):
             stream=s.stream,
             subjects=list(s.stream_subjects),
             duplicate_window_s=s.duplicate_window_s,
+            replicas=s.replicas,
         )
         return info
+
+    async def _add_stream(self, js: JetStreamContext, config: StreamConfig) -> StreamInfo:
+        try:
+            return await js.add_stream(config)
+        except nats.js.errors.APIError as exc:
+            if exc.err_code != _ERR_REPLICAS_UNCLUSTERED:
+                raise  # (classified by _api)
+            raise SinkUnusable(
+                f"nats sink: creating the stream {self.settings.stream!r} on {self.where} with "
+                f"sink.replicas = {self.settings.replicas}: {_api_text(exc)}: the server is "
+                "not part of a JetStream cluster; set sink.replicas = 1, or point sink.servers "
+                "at a cluster"
+            ) from None
 
     def _check(self, info: StreamInfo) -> list[str]:
         """Raise :class:`SinkUnusable` for a stream we cannot publish to; the warnings."""
@@ -655,6 +676,7 @@ class NatsSink(PlainSink):
             )
         notes = self._check_subjects(list(config.subjects or []), f"stream {name!r}'s subjects")
         notes += _dropping(name, config)
+        notes += _replication(name, config, s)
         window = config.duplicate_window or 0.0
         if window + 1e-6 < s.duplicate_window_s:
             notes.append(
@@ -994,13 +1016,15 @@ class NatsSink(PlainSink):
                 f"{self.where}: JetStream available ({account.streams} streams); stream "
                 f"{s.stream!r} does not exist yet and is created at start (subjects "
                 f"{', '.join(s.stream_subjects)}, duplicate window "
-                f"{_duration(s.duplicate_window_s)}); publishes to {subjects}"
+                f"{_duration(s.duplicate_window_s)}, {s.replicas} replica(s)); publishes to "
+                f"{subjects}"
             )
         else:
             line = (
                 f"{self.where}: stream {s.stream!r} exists ({info.state.messages} messages, "
                 f"subjects {', '.join(info.config.subjects or [])}, duplicate window "
-                f"{_duration(info.config.duplicate_window or 0.0)}); publishes to {subjects}"
+                f"{_duration(info.config.duplicate_window or 0.0)}, "
+                f"{info.config.num_replicas or 1} replica(s)); publishes to {subjects}"
             )
         if notes:
             line += "; WARNING: " + "; ".join(notes)
@@ -1047,6 +1071,24 @@ def _dropping(name: str, config: StreamConfig) -> list[str]:
             f"(`nats stream edit {name} --max-age=0`) unless that is intended"
         )
     return notes
+
+
+def _replication(name: str, config: StreamConfig, s: NatsSinkSettings) -> list[str]:
+    """A stream kept on one server while several are configured (a cluster, most likely):
+    losing that server's disk loses every event it acknowledged, which we checkpointed."""
+    replicas = config.num_replicas or 1
+    if replicas > 1 or len(s.servers) < 2:  # one server listed: nothing to say of a cluster
+        return []
+    fix = f"`nats stream edit {name} --replicas 3`"
+    if s.replicas > 1:
+        fix += f" (sink.replicas = {s.replicas} applies only when the daemon creates it)"
+    else:
+        fix += ", or sink.replicas = 3 before the daemon creates it"
+    return [
+        f"the stream has 1 replica while {len(s.servers)} servers are configured: the "
+        "loss of the server that stores it loses the events it acknowledged (checkpointed "
+        f"here); give it replicas: {fix}"
+    ]
 
 
 class _AlreadyThere(Exception):

@@ -54,12 +54,14 @@ run no-ops).
 **Errors.** Refused connections, timeouts, ``LOADING``, ``BUSY``, ``READONLY`` (a failover),
 ``MASTERDOWN``, ``MISCONF``, ``OOM`` (``maxmemory``: it may clear) and any other server error
 are :class:`TransientSinkError`: the batch is retried with backoff, intake pauses, nothing is
-dead-lettered. :class:`SinkUnusable` (exit 78: only an operator can fix it, and writing on
-would dead-letter events for a fault of the configuration) when the server refuses our
-credentials (``WRONGPASS``, ``NOAUTH``), its ACL refuses a command or a key (``NOPERM``), the
-stream key holds another type (``WRONGTYPE``), the server is a Redis Cluster node
-(``MOVED``/``ASK``), does not know a command (no ``XADD`` before Redis 5) or has no database of
-the URL's number (``DB index is out of range``). A write that
+dead-lettered. After ``READONLY`` or ``MASTERDOWN`` (a replica answered: a failover demoted the
+server) the pooled connections are dropped, so the retry connects anew and reaches the new
+primary wherever the URL's host now leads. :class:`SinkUnusable` (exit 78: only an operator can
+fix it, and writing on would dead-letter events for a fault of the configuration) when the
+server refuses our credentials (``WRONGPASS``, ``NOAUTH``), its ACL refuses a command or a key
+(``NOPERM``), the stream key holds another type (``WRONGTYPE``), the server is a Redis Cluster
+node (``MOVED``/``ASK``), does not know a command (no ``XADD`` before Redis 5) or has no
+database of the URL's number (``DB index is out of range``). A write that
 fails so has written nothing of that event nor of the later events of its primaryKey (held
 back), and the events of other resources that were written are guarded: after the fix and a
 restart, the replay adds exactly what is missing, in order.
@@ -71,6 +73,14 @@ be; managed servers), an event with an argument over 1 MiB (Redis's smallest lim
 a round trip of its own: a server that answers "invalid bulk length" for it, or drops the
 connection at it (twice: redis-py sends it again once) while it answers a PING, refuses its
 size, and the event is dead-lettered; the others are written.
+
+**Durability.** ``open`` reads the server's ``maxmemory-policy`` (``CONFIG GET``, else ``INFO
+memory``) and refuses (:class:`SinkUnusable`) an ``allkeys-*`` policy with a ``maxmemory``: it
+may evict a stream, and with it events already checkpointed. ``volatile-*`` evicts only keys
+with a TTL: the guards (a replay could then add an event again), never the streams (the sink
+sets no TTL on them): a warning, as are a policy that could not be read and a server that
+persists nothing (no AOF, no ``save`` rule: its restart loses what we checkpointed).
+Preflight says the same.
 
 The URL and the password are secrets: messages name ``host:port/db`` only, and every text of
 the server's or the client's is scrubbed of them and cut short.
@@ -220,6 +230,73 @@ TRANSIENT_REPLIES: Final = (
     TryAgainError,
     ClusterDownError,
 )
+# What a replica answers a write (READONLY), or a read while it has lost its primary
+# (MASTERDOWN): after a failover our pooled connections may lead to the demoted server.
+REPLICA_MARKS: Final = ("READONLY", "MASTERDOWN")
+NOEVICTION: Final = "noeviction"
+NOEVICTION_FIX: Final = (
+    "set `maxmemory-policy noeviction` (CONFIG SET maxmemory-policy noeviction and in "
+    "redis.conf, or the managed service's parameter group)"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Durability:
+    """What the server says of keeping what it acknowledged; None: it would not say."""
+
+    policy: str | None = None  # maxmemory-policy
+    maxmemory: int | None = None  # bytes; 0: no limit
+    aof: bool | None = None  # appendonly yes
+    rdb: bool | None = None  # a `save` rule
+
+
+def eviction_risk(d: Durability) -> tuple[bool, str] | None:
+    """(refuse, why and the fix) when the server may evict what the sink wrote; None when
+    it cannot. allkeys-* evicts any key, the streams too: an event already checkpointed is
+    gone, silently, so that is refused (a warning in a log is missed; the fix is one
+    setting). volatile-* evicts only keys with a TTL: the streams have none (the sink never
+    sets one), the guards do: an evicted guard lets a replay of its event add it again (a
+    duplicate, nothing lost), so that is a warning."""
+    policy = d.policy
+    if policy is None:
+        return False, (
+            "maxmemory-policy unknown (this user may run neither CONFIG GET nor INFO): make "
+            "sure it is noeviction: another policy may evict the streams (allkeys-*) or the "
+            "guards (volatile-*)"
+        )
+    if policy == NOEVICTION:
+        return None
+    if policy.startswith("allkeys"):
+        if d.maxmemory == 0:  # Redis evicts only above a maxmemory
+            return False, (
+                f"maxmemory-policy {policy} would evict the streams themselves once a "
+                f"maxmemory is set (none is now): {NOEVICTION_FIX}"
+            )
+        return True, (
+            f"maxmemory-policy {policy} may evict the streams themselves, and with them "
+            f"events already checkpointed: {NOEVICTION_FIX}, then restart"
+        )
+    if policy.startswith("volatile"):
+        if d.maxmemory == 0:
+            return None
+        return False, (
+            f"maxmemory-policy {policy}: guards may be evicted under memory pressure (they "
+            "have a TTL; the streams have none), and a replay of such an event adds it again: "
+            f"for exactly-once, {NOEVICTION_FIX}"
+        )
+    return False, f"maxmemory-policy {prefix(policy, 40)} is not known here: {NOEVICTION_FIX}"
+
+
+def persistence_risk(d: Durability) -> str | None:
+    """Why a restart of the server may lose what it acknowledged (and we checkpointed), or
+    None when it keeps it or we cannot tell."""
+    if d.aof is False and d.rdb is False:
+        return (
+            "the server persists nothing (appendonly no, no save rule): a restart of it loses "
+            "every event written (and checkpointed here); set `appendonly yes` (or a `save` "
+            "rule), or accept that"
+        )
+    return None
 
 
 @functools.lru_cache(maxsize=4096)  # few distinct values (hotels, event names), many events
@@ -374,6 +451,7 @@ class RedisSink(PlainSink):
             self._sha = await self._load(client)
             limit = await self._bulk_limit(client)
             self._max_bulk, self._max_bulk_known = limit or DEFAULT_MAX_BULK, limit is not None
+            self._durable(await self._durability(client))
             if not self.template.per_event:  # the keys are known now: check them
                 for key in self._static_keys():
                     self._judge(key, await self._probe(client, key), opening=True)
@@ -505,6 +583,8 @@ class RedisSink(PlainSink):
                 if _bulk_refused(error):
                     raise self._refused_size(call, f"it answered {self._text(error)}")
             if errors:
+                if any(_from_replica(e) for _, e in errors):
+                    await self._reconnect(client)
                 raise self._worst(errors)  # what was held back is added after them, on retry
             if refused is None and held is None:
                 return
@@ -526,6 +606,20 @@ class RedisSink(PlainSink):
                     server=self.where,
                 )
             first = min(i for i in (refused, held) if i is not None)
+
+    async def _reconnect(self, client: Redis) -> None:
+        """After a replica's answer (READONLY, MASTERDOWN: a failover demoted the server our
+        pooled connections lead to), drop them: the retry connects anew, and finds the new
+        primary where the URL's name or address now leads (DNS, a proxy, a virtual IP)."""
+        _limited.warning(
+            "redis sink: the server answers as a replica (a failover?); reconnecting, retrying",
+            server=self.where,
+        )
+        try:
+            async with asyncio.timeout(self.settings.timeout_s):
+                await client.connection_pool.disconnect()
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.warning("redis sink: dropping the connections failed", error=type(exc).__name__)
 
     def _commands(self, calls: Sequence[_Call]) -> list[tuple[bytes | str | int, ...]]:
         """The EVALSHA of each call; from the second call of a (stream key, primaryKey) on,
@@ -679,6 +773,60 @@ class RedisSink(PlainSink):
                 break
         return None
 
+    async def _config(self, client: Redis, name: str) -> str | None:
+        """One CONFIG GET value, or None when it is refused (no CONFIG right; managed)."""
+        try:
+            found = await client.config_get(name)
+        except ResponseError:
+            return None
+        except (TimeoutError, RedisError, OSError) as exc:
+            raise self._failure(exc, "CONFIG GET") from None
+        for value in found.values():
+            return prefix(value.decode("utf-8", "replace") if isinstance(value, bytes)
+                          else str(value), 200)  # fmt: skip
+        return None
+
+    async def _durability(self, client: Redis) -> Durability:
+        """CONFIG GET where allowed, else what INFO tells (each part optional)."""
+        policy = await self._config(client, "maxmemory-policy")
+        if policy is not None:  # CONFIG allowed
+            limit = await self._config(client, "maxmemory")
+            aof = await self._config(client, "appendonly")
+            save = await self._config(client, "save")
+            return Durability(policy, _int(limit), aof == "yes", (save or "").strip() != "")
+        info: dict[str, Any] = {}
+        for section in ("memory", "persistence"):
+            try:
+                info |= await client.info(section)
+            except ResponseError:
+                continue
+            except (TimeoutError, RedisError, OSError) as exc:
+                raise self._failure(exc, "INFO") from None
+        policy = info.get("maxmemory_policy")
+        aof = info.get("aof_enabled")
+        return Durability(
+            policy=None if policy is None else prefix(str(policy), 40),
+            maxmemory=_int(info.get("maxmemory")),
+            aof=None if aof is None else str(aof) == "1",
+        )  # INFO does not tell the save rules
+
+    def _durable(self, d: Durability, *, logged: bool = True) -> list[str]:
+        """SinkUnusable when the server may evict the streams; else the warnings (logged,
+        unless ``logged`` is False: preflight prints them)."""
+        warnings = []
+        risk = eviction_risk(d)
+        if risk is not None:
+            refuse, why = risk
+            if refuse:
+                raise SinkUnusable(f"redis sink at {self.where}: {why}")
+            warnings.append(why)
+        lost = persistence_risk(d)
+        if lost is not None:
+            warnings.append(lost)
+        for why in warnings if logged else ():
+            log.warning("redis sink: check the server", server=self.where, warning=why)
+        return warnings
+
     def _static_keys(self) -> list[str]:
         """The stream keys of the consumer's streams, tokens from events shown as ``_``."""
         keys = {
@@ -744,6 +892,7 @@ class RedisSink(PlainSink):
             await self._call("PING", client.ping())
             await self._load(client)  # SCRIPT LOAD stores a script, not data
             facts = await self._facts(client)
+            durability = await self._durability(client)
             keys = self._static_keys()
             states = []
             for key in keys:
@@ -758,24 +907,15 @@ class RedisSink(PlainSink):
                 states.append(f"{prefix(key, 200)} ({state})")
         finally:
             await _close(client, self.settings.timeout_s)
-        policy = facts.get("maxmemory_policy", "")
-        limited = facts.get("maxmemory", "0") not in ("", "0")
-        if limited and policy.startswith("allkeys"):
-            raise SinkUnusable(
-                f"redis sink at {self.where}: maxmemory-policy {policy} may evict the streams "
-                "themselves: use noeviction (or volatile-* if losing a guard, a possible "
-                "duplicate, is acceptable)"
-            )
+        warnings = self._durable(durability, logged=False)  # SinkUnusable: may evict streams
         sample = " (tokens from events as _)" if self.template.per_event else ""
         version = f" {facts['redis_version']}" if "redis_version" in facts else ""
         user = facts.get("user") or prefix(self.server.kwargs.get("username") or "default", 64)
         line = f"redis{version} at {self.where} as {user}: may XADD to {', '.join(states)}{sample}"
-        if "maxmemory" not in facts:
-            line += "; maxmemory-policy unknown (this user may not run INFO)"
-        elif limited:
-            line += f"; maxmemory {facts['maxmemory']} ({policy or '?'})"
-            if policy.startswith("volatile"):
-                line += ": guards may be evicted under memory pressure (a replay could repeat)"
+        if durability.maxmemory:
+            line += f"; maxmemory {durability.maxmemory} ({durability.policy or '?'})"
+        if warnings:
+            line += "; WARNING: " + "; ".join(warnings)
         return line
 
     async def _facts(self, client: Redis) -> dict[str, str]:
@@ -786,15 +926,27 @@ class RedisSink(PlainSink):
             facts["user"] = prefix(who.decode() if isinstance(who, bytes) else str(who), 64)
         except RedisError:  # Redis < 6, or not allowed
             pass
-        for section in ("server", "memory"):
-            try:
-                info = await client.info(section)
-            except RedisError:
-                continue
-            for name in ("redis_version", "maxmemory", "maxmemory_policy"):
-                if name in info:
-                    facts[name] = prefix(str(info[name]), 40)
+        try:
+            info = await client.info("server")
+        except RedisError:
+            return facts
+        if "redis_version" in info:
+            facts["redis_version"] = prefix(str(info["redis_version"]), 40)
         return facts
+
+
+def _from_replica(exc: ResponseError) -> bool:
+    """A replica's refusal (Redis 6 quotes it inside a script's error: not the class)."""
+    return isinstance(exc, ReadOnlyError | MasterDownError) or any(
+        m in str(exc).upper() for m in REPLICA_MARKS
+    )
+
+
+def _int(value: object) -> int | None:
+    try:
+        return int(str(value))
+    except ValueError:
+        return None
 
 
 def _bulk_refused(exc: ResponseError) -> bool:

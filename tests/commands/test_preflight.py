@@ -145,7 +145,8 @@ async def test_the_redis_sink_is_checked_and_a_bad_password_fails(
     sandbox_factory, tmp_path: Path, redis_factory
 ):
     gw = await sandbox_factory(backlog=5)
-    server = redis_factory(users={"opera": ("redis-pw-5e1f", "~opera:* +@all")})
+    # Persistent: a server that keeps nothing is a WARN (tests/sinks/test_redis_durability.py).
+    server = redis_factory(users={"opera": ("redis-pw-5e1f", "~opera:* +@all")}, appendonly=True)
     for password, expected in (("redis-pw-5e1f", "PASS"), ("wrong-password", "FAIL")):
         url = server.url(user="opera", password=password)
         sink = f'[sink]\ntype = "redis"\nurl = "{url}"\n'
