@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 
 from . import early_signals
 from .errors import (
-    ConfigError,
     ExitCode,
     OperaConsumerError,
     SinkError,
@@ -378,9 +377,16 @@ def _command(args: argparse.Namespace) -> int:
 
     from .config import effective, find_config, load_settings
 
-    settings = load_settings(args.config, stream_secrets=_connects(args))
+    delivers = _delivers(args)
+    settings = load_settings(args.config, stream_secrets=_connects(args), sink_secrets=delivers)
+    if delivers and command == "dlq" and settings.orchestration.enabled:
+        # The replay's orchestration asks the REST API with the streams' credentials.
+        from .config.loading import not_given, unset_secrets
+
+        if unset := unset_secrets(settings):
+            raise not_given(unset, "`dlq replay` with orchestration enabled")
     if command == "check-config":
-        from .config.loading import secret_fix, unset_secrets
+        from .config.loading import not_given, unset_secrets
         from .runtime.assembly import check_sink
 
         check_sink(settings)  # what the sink's client library refuses, without connecting
@@ -390,9 +396,7 @@ def _command(args: argparse.Namespace) -> int:
         found = find_config(args.config)
         source = str(found.resolve()) if found else "no config file, the environment only"
         if unset := unset_secrets(settings):  # the rest is valid: what `run` would refuse
-            lines = [f"invalid configuration for `run` (the rest is valid; {source}):"]
-            lines += [f"  {key}: not given -> {secret_fix(key.split('.'))}" for key in unset]
-            raise ConfigError("\n".join(lines))
+            raise not_given(unset, f"`run` (the rest is valid; {source})")
         print(
             f"configuration OK ({source}; relative paths are resolved against "
             f"{'its directory' if found else 'the current directory'})",
@@ -436,9 +440,16 @@ def _command(args: argparse.Namespace) -> int:
 
 def _connects(args: argparse.Namespace) -> bool:
     """Whether the command needs the streams' secrets (app_key, client_secret, a password
-    grant's password): only those that talk to OHIP or deliver through a sink that may (an
-    orchestration sink asks the REST API). The others touch the state store alone, and an
-    operator's shell may not hold the secrets (systemd gives them to the service only)."""
+    grant's password): only those that talk to OHIP. (A `dlq replay` needs them only when
+    its orchestration asks the REST API: checked once the settings say.) The others touch
+    the state store alone, and an operator's shell may not hold the secrets (systemd gives
+    them to the service only)."""
+    return bool(args.command in ("run", "preflight"))
+
+
+def _delivers(args: argparse.Namespace) -> bool:
+    """Whether the command needs the sink's secrets (a postgres sink's dsn, a webhook's token
+    or password): only those that open the sink. The state store's dsn is needed by all."""
     if args.command == "dlq":
         return bool(args.dlq_command == "replay" and not args.dry_run)
     return bool(args.command in ("run", "preflight"))

@@ -11,6 +11,7 @@ needs the daemon stopped.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 from collections.abc import Sequence
@@ -28,7 +29,7 @@ from tenacity import (
 
 from ..config import JsonlSinkSettings, Settings
 from ..core.events import Event
-from ..core.evidence import prefix
+from ..core.evidence import describe, prefix
 from ..core.printable import printable
 from ..core.protocol import DecodeError, Next, decode
 from ..core.records import DeadLetterRow
@@ -240,11 +241,22 @@ async def _one(
                 await sink.write(row.stream, [event])
     except (SinkUnusable, SinkLost):  # the sink itself is gone: stop (the rest stays)
         raise
-    except Exception as exc:  # as in the daemon: a sink's surprise is this event's failure
+    except (KeyboardInterrupt, asyncio.CancelledError, GeneratorExit):
+        # ^C (the second arrives as KeyboardInterrupt, through a python sink's handler too):
+        # stop; this row stays in the DLQ and what was delivered is recorded (_replay).
+        raise
+    except BaseException as exc:  # as in the daemon: a sink's surprise is this event's failure
+        # BaseException: a SystemExit or a library's own out of a sink would end the replay
+        # with a traceback, the rows after it not tried.
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise asyncio.CancelledError from None  # a stop the sink turned into its own error
         failed_keys.add(key)
         # As the daemon words it (pipeline._dead_letter): a handler's words may hold a
         # secret, masked before the cut; the table's cells and JSON escape the rest.
-        return _outcome(row, "failed", prefix(REDACTOR.scrub(str(exc)), 1000))
+        scrub = REDACTOR.scrub
+        why = prefix(scrub(str(exc)), 1000) if isinstance(exc, Exception) else describe(exc, scrub)
+        return _outcome(row, "failed", why)
     committer.processed(row.stream, [event.unique_event_id])
     committer.resolved(row.id)
     return _outcome(row, "delivered")
@@ -373,6 +385,14 @@ async def command(settings: Settings, args: argparse.Namespace) -> int:
         outcomes = await replay(settings, rows, dry_run=args.dry_run, waiting_for=waiting_for)
     except LeaseHeld as exc:  # refused, like any operator command that would do harm now
         raise OperatorRefused(str(exc)) from None
+    except (KeyboardInterrupt, asyncio.CancelledError):  # ^C, or a sink's KeyboardInterrupt
+        print(
+            "opera-consumer dlq replay: interrupted: the events delivered before it are "
+            "recorded and out of the DLQ; the one being delivered and the rest stay in it "
+            "(dlq list shows them; replay them again)",
+            file=sys.stderr,
+        )
+        return ExitCode.INTERRUPTED
     emit(
         [o.as_dict() for o in outcomes],
         ("id", "stream", "unique_event_id", "result", "detail"),

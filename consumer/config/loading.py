@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,7 +31,7 @@ from ..core.printable import printable
 from ..errors import ConfigError
 from . import settings as settings_module
 from .fields import Problem
-from .settings import CONFIG_DIR, ENV_PREFIX, SINK_TYPES, Settings
+from .settings import CONFIG_DIR, ENV_PREFIX, SINK_TYPES, Settings, secret_fix
 
 DEFAULT_CONFIG_PATHS = (Path("config.toml"), Path("/etc/opera-consumer/config.toml"))
 _SECRET_FIELDS = frozenset({"app_key", "client_secret", "password", "token", "dsn"})
@@ -60,27 +61,19 @@ def find_config(path: Path | None) -> Path | None:
     return next((p for p in DEFAULT_CONFIG_PATHS if p.is_file()), None)
 
 
-# What a stream's connection to OHIP needs and nothing else does: a command that only reads
-# or changes the state store (status, dlq list, offset, fleet...) is loaded without them. Under
-# systemd they reach the service alone (LoadCredential=), not an operator's shell.
+# What a stream's connection to OHIP needs, and what the sink needs to deliver, and nothing
+# else does: a command that only reads or changes the state store (status, dlq list, offset,
+# fleet...) is loaded without them. Under systemd they reach the service alone
+# (LoadCredential=), not an operator's shell. The state store's dsn is never one of them.
 _PLACEHOLDER = f"opera-consumer-secret-not-given-{uuid.uuid4().hex}"
-
-
-def secret_fix(loc: list[str]) -> str:
-    """Where a secret at ``loc`` may be given: the file, its variable, its secret file."""
-    env = ENV_PREFIX + "__".join(part.upper() for part in loc)
-    name = "__".join(loc)
-    return (
-        f"set {'.'.join(loc)} in the config file or the environment variable {env}, or put it "
-        f"in a file named {name} in $CREDENTIALS_DIRECTORY or /run/secrets (systemd: "
-        f"LoadCredential={name}:/etc/credstore/<file>; a command run from a shell gets "
-        "the unit's credentials only as the README's Deploy section shows)"
-    )
+# Where a DSN is parsed as it is given (sink.dsn): one the driver would read.
+_PLACEHOLDER_DSN = f"postgresql://{_PLACEHOLDER}@127.0.0.1/{_PLACEHOLDER}"
 
 
 class UnsetSecret(SecretStr):
-    """A stream secret that a command which never connects to OHIP was loaded without: it is
-    shown as not given, and asking for its value is a configuration error naming the key."""
+    """A secret (a stream's, or the sink's) that a command which never uses it was loaded
+    without: it is shown as not given, and asking for its value is a configuration error
+    naming the key."""
 
     def __init__(self, key: str) -> None:
         super().__init__("")
@@ -102,15 +95,33 @@ class UnsetSecret(SecretStr):
         return hash(self.key)
 
 
-class _StreamSecretPlaceholders(PydanticBaseSettingsSource):
-    """The last source: a placeholder for each stream secret no other source gave (app_key,
-    auth.client_secret, and auth.password with the password grant), replaced by an
-    :class:`UnsetSecret` once the settings are valid."""
+def _missing(table: dict[str, Any], names: list[str], value: str) -> dict[str, str]:
+    return {name: value for name in names if name not in table}
+
+
+class _SecretPlaceholders(PydanticBaseSettingsSource):
+    """The last source: a placeholder for each required secret no other source gave, of the
+    streams (app_key, auth.client_secret, and auth.password with the password grant) and of
+    the sink (a postgres sink's dsn, a webhook's token or password for its auth), replaced by
+    an :class:`UnsetSecret` once the settings are valid. (The others are optional: a nats or
+    redis sink's credentials, absent, are absent for every command alike.)"""
+
+    def __init__(self, settings_cls: type[Settings], *, streams: bool, sink: bool) -> None:
+        super().__init__(settings_cls)
+        self._streams, self._sink = streams, sink
 
     def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
+        filled: dict[str, Any] = {}
+        if self._streams and (streams := self._stream_secrets()):
+            filled["streams"] = streams
+        if self._sink and (sink := self._sink_secrets()):
+            filled["sink"] = sink
+        return filled
+
+    def _stream_secrets(self) -> dict[str, Any]:
         streams = self.current_state.get("streams")
         if not isinstance(streams, dict):
             return {}
@@ -118,65 +129,91 @@ class _StreamSecretPlaceholders(PydanticBaseSettingsSource):
         for name, stream in streams.items():
             if not isinstance(stream, dict):
                 continue
-            fill: dict[str, Any] = {}
-            if "app_key" not in stream:
-                fill["app_key"] = _PLACEHOLDER
+            fill: dict[str, Any] = _missing(stream, ["app_key"], _PLACEHOLDER)
             auth = stream.get("auth")
             if isinstance(auth, dict):
-                missing = {"client_secret"}
-                if auth.get("grant") == "password":
-                    missing.add("password")
-                if given := {k: _PLACEHOLDER for k in sorted(missing) if k not in auth}:
+                wanted = [
+                    "client_secret",
+                    *(["password"] if auth.get("grant") == "password" else []),
+                ]
+                if given := _missing(auth, wanted, _PLACEHOLDER):
                     fill["auth"] = given
             if fill:
                 filled[name] = fill
-        return {"streams": filled} if filled else {}
+        return filled
+
+    def _sink_secrets(self) -> dict[str, str]:
+        sink = self.current_state.get("sink")
+        if not isinstance(sink, dict):
+            return {}
+        kind = sink.get("type")
+        if kind == "postgres":
+            return _missing(sink, ["dsn"], _PLACEHOLDER_DSN)
+        if kind == "webhook":
+            auth = sink.get("auth")
+            wanted = {"bearer": ["token"], "basic": ["password"]}.get(str(auth), [])
+            return _missing(sink, wanted, _PLACEHOLDER)
+        return {}
 
 
-def _unset_stream_secrets(settings: Settings) -> Settings:
-    """The placeholders of :class:`_StreamSecretPlaceholders` as :class:`UnsetSecret`."""
+def _replaced(
+    model: _M, replace: Callable[[SecretStr, str], SecretStr | None], key: str = ""
+) -> _M:
+    """``model`` with each secret in it (at any depth) that ``replace(secret, dotted key)``
+    replaces (None: kept) replaced; the models are frozen, so changed ones are copies."""
+    update: dict[str, Any] = {}
+    for name in type(model).model_fields:
+        value, at = getattr(model, name), f"{key}.{name}" if key else name
+        if isinstance(value, SecretStr):
+            if (secret := replace(value, at)) is not None:
+                update[name] = secret
+        elif isinstance(value, BaseModel):
+            if (inner := _replaced(value, replace, at)) is not value:
+                update[name] = inner
+        elif isinstance(value, dict):
+            items = {
+                k: _replaced(v, replace, f"{at}.{k}") if isinstance(v, BaseModel) else v
+                for k, v in value.items()
+            }
+            if any(items[k] is not value[k] for k in value):
+                update[name] = items
+    return model.model_copy(update=update) if update else model
 
-    def unset(value: SecretStr | None, key: str) -> UnsetSecret | None:
-        if value is not None and value.get_secret_value() == _PLACEHOLDER:
-            return UnsetSecret(key)
+
+def _unset(secret: SecretStr, key: str) -> UnsetSecret | None:
+    """A placeholder of :class:`_SecretPlaceholders` as the :class:`UnsetSecret` of ``key``."""
+    if isinstance(secret, UnsetSecret):
         return None
-
-    streams = dict(settings.streams)
-    for name, s in settings.streams.items():
-        update: dict[str, Any] = {}
-        auth_update: dict[str, Any] = {}
-        if (key := unset(s.app_key, f"streams.{name}.app_key")) is not None:
-            update["app_key"] = key
-        for field in ("client_secret", "password"):
-            value = getattr(s.auth, field)
-            if (secret := unset(value, f"streams.{name}.auth.{field}")) is not None:
-                auth_update[field] = secret
-        if auth_update:
-            update["auth"] = s.auth.model_copy(update=auth_update)
-        if update:
-            streams[name] = s.model_copy(update=update)
-    if streams == settings.streams:
-        return settings
-    return settings.model_copy(update={"streams": streams})
+    return (
+        UnsetSecret(key) if secret.get_secret_value() in (_PLACEHOLDER, _PLACEHOLDER_DSN) else None
+    )
 
 
 def unset_secrets(settings: Settings) -> list[str]:
-    """The keys of the stream secrets these settings were loaded without (see
-    ``load_settings(stream_secrets=False)``): what ``run`` would refuse."""
-    found = []
-    for s in settings.streams.values():
-        for value in (s.app_key, s.auth.client_secret, s.auth.password):
-            if isinstance(value, UnsetSecret):
-                found.append(value.key)
+    """The keys of the secrets these settings were loaded without (see
+    ``load_settings(stream_secrets=False, sink_secrets=False)``): what ``run`` would refuse."""
+    found: list[str] = []
+    _replaced(settings, lambda s, _: found.append(s.key) if isinstance(s, UnsetSecret) else None)
     return found
 
 
-def load_settings(path: Path | None = None, *, stream_secrets: bool = True) -> Settings:
+def not_given(keys: list[str], what: str) -> ConfigError:
+    """The error for secrets ``what`` needs and was not given: each key and where to give it."""
+    lines = [f"invalid configuration for {what}:"]
+    lines += [f"  {key}: not given -> {secret_fix(key.split('.'))}" for key in keys]
+    return ConfigError("\n".join(lines))
+
+
+def load_settings(
+    path: Path | None = None, *, stream_secrets: bool = True, sink_secrets: bool = True
+) -> Settings:
     """Load and validate; raises :class:`ConfigError` naming each bad key and its fix.
 
     ``stream_secrets=False``: for a command that never connects to OHIP, the streams' secrets
-    (app_key, client_secret, a password grant's password) may be missing; each missing one is
-    an :class:`UnsetSecret`, which names its key if it is asked for after all."""
+    (app_key, client_secret, a password grant's password) may be missing; ``sink_secrets=False``:
+    for one that never delivers, the sink's (a postgres sink's dsn, a webhook's token or
+    password). Each missing one is an :class:`UnsetSecret`, which names its key if it is asked
+    for after all. The state store's dsn is always required: every command reads the state."""
     found = find_config(path)
     unknown = _unknown_variables()
     if unknown:
@@ -200,8 +237,11 @@ def load_settings(path: Path | None = None, *, stream_secrets: bool = True) -> S
             cls, *args: Any, **kwargs: Any
         ) -> tuple[PydanticBaseSettingsSource, ...]:
             made = super().settings_customise_sources(*args, **kwargs)
-            if not stream_secrets:
-                made = (*made, _StreamSecretPlaceholders(cls))
+            if not (stream_secrets and sink_secrets):
+                placeholders = _SecretPlaceholders(
+                    cls, streams=not stream_secrets, sink=not sink_secrets
+                )
+                made = (*made, placeholders)
             sources[:] = made  # for _source_error: which variable or file it could not parse
             return made
 
@@ -230,7 +270,7 @@ def load_settings(path: Path | None = None, *, stream_secrets: bool = True) -> S
         ) from None
     finally:
         CONFIG_DIR.reset(where)
-    return anchored(_unset_stream_secrets(loaded) if not stream_secrets else loaded, base)
+    return anchored(loaded if stream_secrets and sink_secrets else _replaced(loaded, _unset), base)
 
 
 def _secret_files() -> list[Path]:
@@ -415,24 +455,14 @@ def _key(loc: list[str]) -> str:
 
 
 def effective(settings: Settings) -> dict[str, Any]:
-    """The settings as plain data, secrets masked: what ``check-config`` prints (a stream
-    secret it was loaded without as "(not given)")."""
+    """The settings as plain data, secrets masked: what ``check-config`` prints (a secret it
+    was loaded without as "(not given)")."""
     unset = unset_secrets(settings)
     if not unset:
         return settings.model_dump(mode="json")
     given = SecretStr("given")  # dumped as the mask, then shown as what it is
-    streams = {}
-    for name, s in settings.streams.items():
-        auth = s.auth.model_copy(
-            update={
-                k: given
-                for k in ("client_secret", "password")
-                if isinstance(getattr(s.auth, k), UnsetSecret)
-            }
-        )
-        app_key = given if isinstance(s.app_key, UnsetSecret) else s.app_key
-        streams[name] = s.model_copy(update={"auth": auth, "app_key": app_key})
-    dumped = settings.model_copy(update={"streams": streams}).model_dump(mode="json")
+    shown = _replaced(settings, lambda s, _: given if isinstance(s, UnsetSecret) else None)
+    dumped = shown.model_dump(mode="json")
     for key in unset:
         *parents, last = key.split(".")
         table = dumped

@@ -7,6 +7,8 @@ import base64
 import re
 from urllib.parse import quote, quote_plus, unquote, unquote_plus, urlsplit
 
+from pydantic import SecretStr
+
 from ..core.protocol import key_hash
 from .fields import is_secret_name, user_information
 from .loading import UnsetSecret
@@ -17,6 +19,14 @@ from .settings import (
     Settings,
     WebhookSinkSettings,
 )
+
+
+def _given(secret: SecretStr | None) -> str | None:
+    """The secret's value; None for none, or one a command was loaded without (an
+    :class:`UnsetSecret`: not there to mask)."""
+    if secret is None or isinstance(secret, UnsetSecret):
+        return None
+    return secret.get_secret_value()
 
 
 def _b64(text: str) -> str:
@@ -91,11 +101,9 @@ def webhook_secret_values(sink: WebhookSinkSettings) -> list[str]:
     """Every secret a webhook sink sends: the bearer token (and ``Bearer <token>``), the basic
     password and its base64 form, secret-looking header values, and the URL's secrets."""
     values: list[str] = []
-    if sink.token is not None:
-        token = sink.token.get_secret_value()
+    if (token := _given(sink.token)) is not None:
         values += [token, f"Bearer {token}"]
-    if sink.password is not None:
-        password = sink.password.get_secret_value()
+    if (password := _given(sink.password)) is not None:
         basic = _b64(f"{sink.username or ''}:{password}")
         values += [password, basic, f"Basic {basic}"]
     for k, v in sink.headers.items():
@@ -146,16 +154,13 @@ def secret_values(settings: Settings) -> list[str]:
     passwords."""
     values: list[str] = []
     for s in settings.streams.values():
-        # One a command was loaded without (UnsetSecret) is not there to mask.
-        if not isinstance(s.app_key, UnsetSecret):
-            key = s.app_key.get_secret_value()
+        if (key := _given(s.app_key)) is not None:
             values += [key, key_hash(key)]
         auth = s.auth
-        if not isinstance(auth.client_secret, UnsetSecret):
-            secret = auth.client_secret.get_secret_value()
+        if (secret := _given(auth.client_secret)) is not None:
             values += [secret, _b64(f"{auth.client_id}:{secret}")]
-        if auth.password is not None and not isinstance(auth.password, UnsetSecret):
-            values += _password_forms(auth.password.get_secret_value())
+        if (password := _given(auth.password)) is not None:
+            values += _password_forms(password)
         for url in (s.gateway_url, s.auth.token_url, s.connection.proxy):
             if url is not None:
                 values += url_secret_values(url)
@@ -166,8 +171,8 @@ def secret_values(settings: Settings) -> list[str]:
     sink = settings.sink
     if isinstance(sink, WebhookSinkSettings):
         values += webhook_secret_values(sink)
-    elif isinstance(sink, PostgresSinkSettings):
-        values += _dsn_secret_values(sink.dsn.get_secret_value())
+    elif isinstance(sink, PostgresSinkSettings) and (dsn := _given(sink.dsn)) is not None:
+        values += _dsn_secret_values(dsn)
     elif isinstance(sink, NatsSinkSettings):
         for given in (sink.password, sink.token, sink.nkey_seed):
             if given is not None:

@@ -77,6 +77,20 @@ from .fields import (
 
 ENV_PREFIX = "OPERA_CONSUMER_"
 SECRET_DIRS = ("/run/secrets",)  # $CREDENTIALS_DIRECTORY is added at load time
+
+
+def secret_fix(loc: list[str]) -> str:
+    """Where a secret at ``loc`` may be given: the file, its variable, its secret file."""
+    env = ENV_PREFIX + "__".join(part.upper() for part in loc)
+    name = "__".join(loc)
+    return (
+        f"set {'.'.join(loc)} in the config file or the environment variable {env}, or put it "
+        f"in a file named {name} in $CREDENTIALS_DIRECTORY or /run/secrets (systemd: "
+        f"LoadCredential={name}:/etc/credstore/<file>; a command run from a shell gets "
+        "the unit's credentials only as the README's Deploy section shows)"
+    )
+
+
 DEFAULT_SCOPE = "urn:opc:hgbu:ws:__myscopes__"
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")  # fullmatch: no trailing newline
 # The config file's directory while it loads (loading.load_settings): a python sink's module
@@ -643,6 +657,10 @@ _WEBHOOK_OWN_HEADERS = {
 }
 
 
+_SINK_TOKEN_FIX = secret_fix(["sink", "token"])
+_SINK_PASSWORD_FIX = secret_fix(["sink", "password"])
+
+
 class WebhookSinkSettings(_Model):
     type: Literal["webhook"]
     url: WebhookUrl
@@ -658,10 +676,18 @@ class WebhookSinkSettings(_Model):
 
     @model_validator(mode="after")
     def _auth_fields(self) -> WebhookSinkSettings:
+        # Named by key, with where a secret may come from (a credential under systemd).
+        missing: list[tuple[str, str, str]] = []
         if self.auth == "bearer" and self.token is None:
-            raise ValueError("auth = 'bearer' needs token (a secret)")
-        if self.auth == "basic" and (not self.username or self.password is None):
-            raise ValueError("auth = 'basic' needs username and password (a secret)")
+            missing.append(("token", "auth = 'bearer' needs token (a secret)", _SINK_TOKEN_FIX))
+        if self.auth == "basic" and not self.username:
+            missing.append(("username", "auth = 'basic' needs username", "set sink.username"))
+        if self.auth == "basic" and self.password is None:
+            missing.append(
+                ("password", "auth = 'basic' needs password (a secret)", _SINK_PASSWORD_FIX)
+            )
+        if missing:
+            raise Problem(*missing)
         for name in self.headers:
             lower = name.lower()
             if lower in _WEBHOOK_OWN_HEADERS:

@@ -1,20 +1,25 @@
 """The documented systemd install keeps the OHIP secrets in /etc/credstore, handed to the
 service alone (LoadCredential=): every command run from a shell exited 78 asking for them,
-though only `run`, `preflight` and `dlq replay` use them. Real files, real CLI processes."""
+though only `run`, `preflight` and `dlq replay` with orchestration use them. Real files, real
+CLI processes (this worktree's code)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from pathlib import Path
 
 import pytest
 
-from consumer.config import load_settings, secret_values
+from consumer.config import StateSettings, load_settings, secret_values
 from consumer.config.loading import UnsetSecret, unset_secrets
+from consumer.core.records import CommitBatch, DeadLetter
 from consumer.errors import ConfigError, ExitCode
+from consumer.state import open_store
 from tests.support import cli
 
+REPO = Path(__file__).resolve().parents[2]
 APP_KEY = "app-key-FROM-THE-CREDSTORE-1"
 CLIENT_SECRET = "client-secret-FROM-THE-CREDSTORE-2"
 
@@ -26,7 +31,7 @@ def shell_env(**extra: str) -> dict[str, str]:
         for k, v in os.environ.items()
         if k != "CREDENTIALS_DIRECTORY" and not k.upper().startswith("OPERA_CONSUMER_")
     }
-    return {**env, **extra}
+    return {**env, "PYTHONPATH": str(REPO), **extra}  # this worktree's code
 
 
 def installed(tmp_path: Path, auth: str = "") -> tuple[Path, Path]:
@@ -82,14 +87,77 @@ def test_the_state_store_commands_run_without_the_stream_secrets(tmp_path: Path)
     assert status  # the store's view, whatever its shape
 
 
-@pytest.mark.parametrize("args", [["preflight"], ["dlq", "replay", "--all"]])
-def test_the_commands_that_connect_still_need_them(tmp_path: Path, args: list[str]) -> None:
+def test_preflight_still_needs_them(tmp_path: Path) -> None:
     config, _ = installed(tmp_path)
-    done = cli(*args, "--config", str(config), env=shell_env())
+    done = cli("preflight", "--config", str(config), env=shell_env())
     assert done.returncode == ExitCode.CONFIG
     assert "streams.main.app_key" in done.stderr
     assert "streams.main.auth.client_secret" in done.stderr
     assert "LoadCredential=streams__main__app_key:" in done.stderr
+
+
+async def seeded(config: Path) -> None:
+    """A dead letter of stream main in the store (made as the daemon makes it)."""
+    event = {
+        "metadata": {"offset": "101", "uniqueEventId": "uid-1"},
+        "eventName": "CHECK IN",
+        "primaryKey": "pk-1",
+        "detail": [],
+    }
+    store = await open_store(StateSettings(path=config.parent / "state.db"))
+    try:
+        letter = DeadLetter(
+            stream="main",
+            reason="sink_rejected",
+            error="x",
+            payload=json.dumps(event),
+            offset="101",
+            unique_event_id="uid-1",
+            event_name="CHECK IN",
+            primary_key="pk-1",
+        )
+        await store.commit(CommitBatch(dead_letters=[letter]))
+    finally:
+        await store.close()
+
+
+async def test_a_replay_without_orchestration_goes_without_them(tmp_path: Path) -> None:
+    """The sink only writes (jsonl here): the streams' OAuth credentials are used by
+    orchestration alone, and `dlq replay` exited 78 asking for them."""
+    config, _ = installed(tmp_path)
+    await seeded(config)
+    done = await asyncio.to_thread(
+        cli, "dlq", "replay", "--all", "--json", "--config", str(config), env=shell_env()
+    )
+    assert done.returncode == 0, done.stderr
+    assert [o["result"] for o in json.loads(done.stdout)] == ["delivered"]
+    lines = (tmp_path / "events.jsonl").read_text().splitlines()
+    assert [json.loads(x)["metadata"]["uniqueEventId"] for x in lines] == ["uid-1"]
+
+
+async def test_a_replay_with_orchestration_still_needs_them(tmp_path: Path) -> None:
+    """Orchestration asks the REST API with each stream's token: 78 before anything is
+    opened, naming the secrets; the letter stays."""
+    config, _ = installed(tmp_path)
+    with config.open("a") as f:
+        f.write(
+            "[orchestration]\nenabled = true\n[orchestration.resources]\n"
+            '"CHECK IN" = "https://127.0.0.1:9/rsv/{primaryKey}"\n'
+        )
+    await seeded(config)
+    done = await asyncio.to_thread(
+        cli, "dlq", "replay", "--all", "--config", str(config), env=shell_env()
+    )
+    assert done.returncode == ExitCode.CONFIG, done.stderr
+    assert "`dlq replay` with orchestration enabled" in done.stderr
+    assert "streams.main.app_key: not given" in done.stderr
+    assert "streams.main.auth.client_secret: not given" in done.stderr
+    assert "LoadCredential=streams__main__app_key:" in done.stderr
+    assert not (tmp_path / "events.jsonl").exists()
+    listed = await asyncio.to_thread(
+        cli, "dlq", "list", "--json", "--config", str(config), env=shell_env()
+    )
+    assert [row["unique_event_id"] for row in json.loads(listed.stdout)] == ["uid-1"]
 
 
 def test_check_config_validates_the_rest_and_says_what_run_lacks(tmp_path: Path) -> None:
