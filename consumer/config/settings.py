@@ -444,6 +444,10 @@ class StateSettings(_Model):
     pool_min: int = Field(default=1, ge=1)
     pool_max: int = Field(default=4, ge=1)
     timeout_s: float = Field(default=10.0, gt=0)  # connect, and each statement
+    # A daemon outside a fleet checks its lease's connection this often (each check within
+    # timeout_s): after a server restart or the session's end it takes the lease again, or
+    # stops at once (exit 78) if another daemon took it meanwhile.
+    lease_check_interval_s: float = Field(default=5.0, gt=0)
 
     _dsn = field_validator("dsn")(_parsable_dsn)
 
@@ -494,7 +498,7 @@ class StateSettings(_Model):
         ignored = sorted(
             ("schema" if name == "schema_" else name)
             for name in self.model_fields_set
-            & {"dsn", "schema_", "pool_min", "pool_max", "timeout_s"}
+            & {"dsn", "schema_", "pool_min", "pool_max", "timeout_s", "lease_check_interval_s"}
         )
         if ignored:
             raise Problem(

@@ -23,7 +23,7 @@ from asyncio import FIRST_COMPLETED
 from collections import Counter
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 import structlog
 
@@ -60,6 +60,9 @@ from .pipeline import QUEUE_PER_WORKER, StreamPipeline, default_workers
 from .progress import ProgressLog
 from .status import CommitStatus, FleetStatus, StreamStatus
 from .stream import StreamRunner, StreamState
+
+if TYPE_CHECKING:
+    from ..state.postgres import PostgresLease
 
 # concurrent.futures.thread above: the default executor's module, which asyncio.to_thread would
 # import at the first commit. Out of file descriptors then, every commit failed on the import.
@@ -104,6 +107,7 @@ class Daemon:
     _stream_tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     _filter: EventFilter | None = None  # [filter]: one for every stream
     _handovers: dict[str, _Handover] = field(default_factory=dict)  # fleet: graceful stops
+    _lease: PostgresLease | None = None  # outside a fleet on PostgreSQL: watched (_watch_lease)
 
     @classmethod
     async def create(cls, settings: Settings, *, sink: Sink | None = None) -> Daemon:
@@ -123,6 +127,7 @@ class Daemon:
             check_sink(settings)  # before anything connects
         st = settings.state
         table = None
+        watched = None  # outside a fleet on PostgreSQL: a lease its server may drop (run)
         if settings.fleet.enabled:
             # A single daemon on the same schema would consume every stream beside the fleet.
             # It holds the fleet lock exclusively, and our fleet connection holds it shared,
@@ -140,6 +145,8 @@ class Daemon:
             # lease per stream instead (runtime.fleet), and holds the fleet lock we take too.
             held = await lease.acquire(st, settings.streams, outside_fleet=True)
             resources.push_async_callback(held.release)
+            if st.backend == "postgres":
+                watched = cast("PostgresLease", held)
         store = await open_store(st)
         resources.push_async_callback(store.close)
         if st.backend == "postgres" and not settings.fleet.enabled:
@@ -169,6 +176,7 @@ class Daemon:
             event_timezone=settings.metrics.event_timezone,
         )
         self = cls(settings, store, sink, committer, resources)
+        self._lease = watched
         self._tokens = tokens
         self._filter = EventFilter.from_settings(settings.filter)
         if settings.fleet.enabled:
@@ -454,6 +462,8 @@ class Daemon:
                     event_timezone=self.settings.metrics.event_timezone,
                 )
                 self._spawn(progress.run(), "progress")
+            if self._lease is not None:
+                self._spawn(self._watch_lease(self._lease), "lease-watch")
             if self.fleet is None:
                 for name in self.runners:
                     self._launch(name)
@@ -630,6 +640,70 @@ class Daemon:
                 return {c.stream: printable(c.offset, 40) for c in await self.store.checkpoints()}
         except (StoreError, TimeoutError):  # the committer reports the store's troubles
             return {}
+
+    async def _watch_lease(self, held: PostgresLease) -> None:
+        """Outside a fleet on PostgreSQL, the lease is a session advisory lock, which the
+        server drops with the session while we run on (a server restart, the backend
+        terminated, a cut it gave up on): a second daemon or a fleet member could then start
+        beside us. Checked every ``[state] lease_check_interval_s`` (each check and each
+        attempt within ``timeout_s``; timed from its start, as the fleet's ticks are), and
+        taken again once lost, as often as it takes while the server cannot answer.
+
+        The streams run on while the lease is unconfirmed: a session's end is no sign that
+        another daemon runs (a server restart ends every session), and stopping would spend
+        every stream's reconnects and upgrades on each blip. No one can take the lease while
+        the server is unreachable (and our commits fail then: nothing becomes durable);
+        once it answers, the first attempt tells, and a daemon that won the race still has
+        its start ahead (store, sink, connects) before delivering anything. Found taken, every
+        stream is cut at once and its uncommitted work dropped (a commit now would write over
+        the new holder's), and the daemon exits 78."""
+        interval = self.settings.state.lease_check_interval_s
+        while True:
+            started = time.monotonic()
+            if not await held.check() and not await self._retake_lease(held, interval):
+                return
+            await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+
+    async def _retake_lease(self, held: PostgresLease, interval: float) -> bool:
+        """Until the lease is ours again (True), or found another's (False: stopping)."""
+        lost_at, said = time.monotonic(), ""
+        schema = self.settings.state.schema_
+        log.warning("state store lease lost (its PostgreSQL session ended); taking it again")
+        while True:
+            started = time.monotonic()
+            try:
+                await held.retake()
+            except LeaseHeld as exc:
+                await self._lease_taken(exc)
+                return False
+            except StoreError as exc:
+                if describe(exc) != said:  # once per different reason, not every attempt
+                    said = describe(exc)
+                    log.warning("cannot take the state store lease again yet; retrying", error=said)
+            else:
+                log.info(
+                    "state store lease taken again",
+                    schema=schema,
+                    after_s=round(time.monotonic() - lost_at, 1),
+                )
+                return True
+            await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+
+    async def _lease_taken(self, exc: LeaseHeld) -> None:
+        """Another daemon (or a fleet member) holds the schema now and runs every stream: ours
+        stop delivering at once, nothing more of theirs is committed, and we exit 78."""
+        log.error(
+            "state store lease taken by another process while ours was lost: stopping every "
+            "stream at once",
+            error=describe(exc),
+            exit_code=int(ExitCode.CONFIG),
+        )
+        self.exit_code = ExitCode.CONFIG
+        self._undrainable.set()  # no drain waits: nothing of ours may reach the sink now
+        for name, pipeline in list(self.pipelines.items()):
+            await _cut(self._stream_tasks.get(name), pipeline)
+            self.committer.forget(name)
+        self._stop.set()
 
     async def _prune_forever(self) -> None:
         st = self.settings.state

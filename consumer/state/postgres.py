@@ -839,6 +839,43 @@ async def take_fleet_lock(conn: Any, schema: str) -> dict[str, Any] | None:
     return _said(*holders[0]) if holders else {}
 
 
+# While our previous session's end is on its way through the server: how often to look.
+_PREVIOUS_POLL_S = 0.05
+
+
+async def _take_locks(
+    conn: Any, keys: Sequence[tuple[int, int]], previous: tuple[int, Any] | None
+) -> tuple[int, int] | None:
+    """Try every lock on ``conn`` in order; None when all are ours, else the first refused.
+    One held by ``previous`` (our own earlier session, which a cut left at the server) is
+    ours to free: that session is ended, and the lock taken once the server released it
+    (the caller's deadline bounds the wait)."""
+    ended = False
+    for key in keys:
+        while not await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", *key):
+            if previous is None or not await _held_by(conn, key, previous):
+                return key
+            if not ended:
+                await conn.fetchval("SELECT pg_terminate_backend($1)", previous[0])
+                ended = True
+            await asyncio.sleep(_PREVIOUS_POLL_S)
+    return None
+
+
+async def _held_by(conn: Any, key: tuple[int, int], session: tuple[int, Any]) -> bool:
+    """Whether ``session`` (backend pid and start: a pid alone may be another's by now)
+    holds the lock ``key``."""
+    return bool(
+        await conn.fetchval(
+            "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+            "WHERE l.locktype = 'advisory' AND l.granted AND l.classid = $1::oid "
+            "AND l.objid = $2::oid AND l.objsubid = 2 AND l.pid = $3 AND a.backend_start = $4",
+            *key,
+            *session,
+        )
+    )
+
+
 def no_answer(target: Target, schema: str, doing: str, timeout_s: float) -> StoreError:
     """A server that accepted the connection and then went silent (a lock, a frozen host)."""
     return StoreError(
@@ -864,15 +901,31 @@ class PostgresLease:
     ``pg_stat_activity`` adds the host. A fleet's members take per-stream leases instead
     (:mod:`consumer.state.fleet`).
 
+    The server drops it too when the session ends under a live daemon (a server restart, the
+    backend terminated, a cut connection the server gave up on): :meth:`check` finds that out,
+    and :meth:`retake` takes the locks again on a new connection, or says who took them.
+
     Every call ends within ``[state] timeout_s`` (the connect and its statements together),
     plus as long again to say goodbye: a server that accepted the connection and then went
     silent must not hold an operator's command for ever."""
 
-    def __init__(self, conn: Any, target: Target, schema: str, timeout_s: float) -> None:
-        self._conn = conn
+    def __init__(
+        self,
+        target: Target,
+        schema: str,
+        timeout_s: float,
+        name: str,
+        keys: tuple[tuple[int, int], ...],
+    ) -> None:
+        self._conn: Any = None
         self._target = target
         self._schema = schema
         self._timeout = timeout_s
+        self._name = name  # application_name
+        self._keys = keys  # the lease's lock, then (outside a fleet) the fleet lock
+        # Our holding session as the server knows it (backend pid, backend_start): after a
+        # cut, the server may still have it, holding the locks, until it notices.
+        self._session: tuple[int, Any] | None = None
 
     @classmethod
     async def acquire(
@@ -888,34 +941,62 @@ class PostgresLease:
         too, on the same connection: refused while a fleet member holds it."""
         assert settings.dsn is not None, "checked by StateSettings"
         target, schema = Target(settings.dsn.get_secret_value()), settings.schema_
-        timeout_s = settings.timeout_s
+        keys = [(_LEASE_CLASS, _lease_key(schema, purpose))]
+        if outside_fleet:
+            keys.append(fleet_lock(schema))
         name = f"opera-consumer lease pid={os.getpid()} role={role}"[:63]
+        self = cls(target, schema, settings.timeout_s, name, tuple(keys))
+        await self._take()
+        return self
+
+    async def check(self) -> bool:
+        """Whether our connection still holds every lock, asked within ``[state] timeout_s``.
+        False when it does not or cannot say (the session ended, no answer): :meth:`retake`."""
+        conn = self._conn
+        if conn is None or conn.is_closed():
+            return False
+        try:
+            async with asyncio.timeout(self._timeout):
+                held = await conn.fetchval(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                    "AND pid = pg_backend_pid() AND classid = $1::oid "
+                    "AND objid = ANY($2::oid[]) AND objsubid = 2",
+                    _LEASE_CLASS,
+                    [key for _, key in self._keys],
+                )
+        except (*DRIVER_ERRORS, ValueError):
+            return False
+        return bool(held == len(self._keys))
+
+    async def retake(self) -> None:
+        """The locks again, on a new connection (the old one is dropped without a goodbye: it
+        no longer holds them, or does not answer). Our old session, should the server still
+        have it holding them, is ended first. :class:`LeaseHeld` when another process took
+        one meanwhile; :class:`StoreError` when the server cannot say now (retry later)."""
+        old, self._conn = self._conn, None
+        if old is not None:
+            old.terminate()
+        await self._take()
+
+    async def _take(self) -> None:
+        target, schema, timeout_s = self._target, self._schema, self._timeout
         conn: Any = None
-        members: list[str] | None = None  # holding the fleet lock
+        refused: tuple[int, int] | None = None
+        holders: list[tuple[str, str | None]] = []
         try:
             async with asyncio.timeout(timeout_s):
                 conn = await asyncpg.connect(
                     target.dsn(),
                     timeout=timeout_s,
                     command_timeout=timeout_s,
-                    server_settings={"application_name": name},
+                    server_settings={"application_name": self._name},
                 )
-                got = await conn.fetchval(
-                    "SELECT pg_try_advisory_lock($1, $2)",
-                    _LEASE_CLASS,
-                    _lease_key(schema, purpose),
+                refused = await _take_locks(conn, self._keys, self._session)
+                if refused is not None:
+                    holders = await _lock_holders(conn, refused)
+                row = await conn.fetchrow(
+                    "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
                 )
-                key = fleet_lock(schema)
-                if (
-                    got
-                    and outside_fleet
-                    and not await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", *key)
-                ):
-                    members = [
-                        app.removeprefix(FLEET_MEMBER_APP)
-                        for app, _ in await _lock_holders(conn, key)
-                        if app.startswith(FLEET_MEMBER_APP)
-                    ]
         except BaseException as exc:
             if conn is not None:
                 await close_bounded(conn, timeout_s)
@@ -924,15 +1005,20 @@ class PostgresLease:
             if isinstance(exc, (*DRIVER_ERRORS, ValueError)):
                 raise store_error(target, schema, exc, "taking the lease") from None
             raise
-        if not got:
+        if refused is not None:
             await close_bounded(conn, timeout_s)
             where = f"schema {schema} at {target.where}"
-            raise LeaseHeld(where, await cls.holder(settings, purpose))
-        if members is not None:
-            await close_bounded(conn, timeout_s)
-            where = f"schema {schema} at {target.where} (fleet members; set [fleet] enabled)"
+            if refused == self._keys[0]:
+                raise LeaseHeld(where, _said(*holders[0]) if holders else None)
+            members = [
+                app.removeprefix(FLEET_MEMBER_APP)
+                for app, _ in holders
+                if app.startswith(FLEET_MEMBER_APP)
+            ]
+            where += " (fleet members; set [fleet] enabled)"
             raise LeaseHeld(where, {"member": ", ".join(members)} if members else None)
-        return cls(conn, target, schema, timeout_s)
+        self._conn = conn
+        self._session = None if row is None else (row["pid"], row["backend_start"])
 
     async def release(self) -> None:
         """Idempotent: closing the connection drops the lock."""
