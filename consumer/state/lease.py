@@ -6,10 +6,11 @@ streams) for the CLI, which refuses to change offsets of a stream a running daem
 takes the lease itself while it changes them. PostgreSQL: a session advisory lock (see
 :class:`~consumer.state.postgres.PostgresLease`), which the server drops with the connection
 (a server restart too: the daemon checks it every ``lease_check_interval_s`` and takes it again,
-or stops every stream when another process took it meanwhile); a fleet's members take a lease row per stream instead (:mod:`consumer.state.fleet`) and hold
-the schema's fleet lock shared, which that daemon holds exclusively, so the two never run side
-by side. An operator's change looks at and holds the daemon's lease and the streams' rows,
-whatever its own ``[fleet]`` says (:func:`in_the_way`, :func:`hold_streams`).
+or stops every stream when another process took it meanwhile); a fleet's members take a lease
+row per stream instead (:mod:`consumer.state.fleet`) and hold the schema's fleet lock shared,
+which that daemon holds exclusively, so the two never run side by side. An operator's change
+looks at and holds the daemon's lease and the streams' rows, whatever its own ``[fleet]`` says
+(:func:`in_the_way`, :func:`hold_streams`).
 """
 
 from __future__ import annotations
