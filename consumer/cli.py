@@ -285,7 +285,9 @@ def _offset_parser(sub: Any, with_config: Any) -> None:
 
 def _fleet_parser(sub: Any, with_config: Any) -> None:
     fleet = _add(
-        sub, "fleet", "fleet mode ([fleet] enabled): members and stream leases; drain a member"
+        sub,
+        "fleet",
+        "fleet mode ([fleet] enabled): members and stream leases; drain or forget a member",
     )
     cmds = fleet.add_subparsers(dest="fleet_command", required=True, metavar="ACTION")
     status = with_config(
@@ -307,6 +309,15 @@ def _fleet_parser(sub: Any, with_config: Any) -> None:
     )
     drain.add_argument("member", help="the member's name, as `fleet status` shows it")
     drain.add_argument("--undo", action="store_true", help="clear the flag: a share again")
+    forget = with_config(
+        _add(
+            cmds,
+            "forget",
+            "remove a gone member's row (its heartbeat expired) and its draining flag: a "
+            "retired host or an old name; a live member is refused",
+        )
+    )
+    forget.add_argument("member", help="the member's name, as `fleet status` shows it")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -418,6 +429,8 @@ def _command(args: argparse.Namespace) -> int:
 
         if args.fleet_command == "drain":
             return asyncio.run(fleet.drain(settings, args.member, undo=args.undo))
+        if args.fleet_command == "forget":
+            return asyncio.run(fleet.forget(settings, args.member))
         return asyncio.run(fleet.status(settings, as_json=args.json))
     if command == "status":
         from .commands.status import status

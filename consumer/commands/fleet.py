@@ -1,8 +1,10 @@
-"""``opera-consumer fleet status | drain``: the fleet's members and stream leases, as the
+"""``opera-consumer fleet status | drain | forget``: the fleet's members and stream leases, as the
 coordination tables in the PostgreSQL state store have them (:mod:`consumer.state.fleet`).
 
 * ``status``: every member row (live, draining, or gone: its heartbeat expired) with its fair
   share and the leases it holds; every stream with its lease, checkpoint and lag.
+* ``forget MEMBER``: remove a gone member's row (a host retired, a name changed), and its
+  draining flag with it; a live member is refused.
 * ``drain MEMBER``: mark a member draining: its fair share becomes 0, so at its next tick it
   hands its streams over gracefully (``complete``, drain, commit, release) and the other
   members take them at theirs. ``--undo`` gives it a share again. The member keeps running;
@@ -216,6 +218,36 @@ async def drain(settings: Settings, member: str, *, undo: bool) -> int:
     row = next((m for m in view.members if m.member == member), None)
     for line in _drain_story(settings, view, now, member, row, undo=undo):
         print(line)
+    return ExitCode.OK
+
+
+async def forget(settings: Settings, member: str) -> int:
+    """Remove a gone member's row; refuse a live one or an unknown name."""
+    require_fleet(settings)
+    read = await _read(settings)
+    row = next((m for m in read.view.members if m.member == member), None)
+    if row is not None and row.expires_at > read.now:
+        raise OperatorRefused(
+            f"fleet member {member!r} is live (heartbeat "
+            f"{_age(read.now, row.heartbeat_at)} s ago): stop it first, or `fleet drain` it"
+        )
+    from ..state.fleet import FleetTable  # noqa: PLC0415  # asyncpg: an extra
+
+    table = FleetTable.for_operator(settings.state)
+    try:
+        # The database decides again (its clock, now): a member that came back meanwhile
+        # keeps its row.
+        removed = await table.forget(member, settings.state.timeout_s)
+    finally:
+        await table.close()
+    if not removed:
+        known = ", ".join(printable(m.member, 200) for m in read.view.members) or "none"
+        raise OperatorRefused(
+            f"no gone fleet member {member!r} (members: {known}): `opera-consumer fleet "
+            "status` lists them; a live one is stopped first"
+        )
+    was = " (it was draining)" if row is not None and row.draining else ""
+    print(f"forgot fleet member {member!r}{was}")
     return ExitCode.OK
 
 

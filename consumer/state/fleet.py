@@ -416,6 +416,19 @@ class FleetTable:
                 raise store_error(self._target, self._schema, exc, "holding leases") from None
             raise
 
+    async def forget(self, member: str, timeout_s: float) -> bool:
+        """Remove a gone member's row (its heartbeat expired, on the database's clock), with
+        its draining flag; False when there is no such row or it is live. A member that comes
+        back under the name later joins as a new one."""
+        status = await self._call(
+            "forgetting a member",
+            timeout_s,
+            "execute",
+            f"DELETE FROM {self._s}.fleet_members WHERE member = $1 AND expires_at <= {NOW}",
+            member,
+        )
+        return str(status).rsplit(" ", 1)[-1] != "0"
+
     async def set_draining(self, member: str, draining: bool, timeout_s: float) -> bool:
         """Mark a member draining (its share becomes 0: it hands its streams over
         gracefully), or not; False when there is no such member."""

@@ -343,6 +343,32 @@ async def test_fleet_drain_and_undo(fleet: Fleet, capsys: pytest.CaptureFixture[
     assert (await fleet.flags())["m3"] is True
 
 
+async def test_fleet_forget_removes_a_gone_member_and_refuses_a_live_one(
+    fleet: Fleet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A retired host's row stayed in `fleet status` for good (as "gone"), with its draining
+    flag for a name nobody uses any more: nothing removed it."""
+    cfg = ("--config", str(fleet.config))
+    code, out, err = await cli(capsys, "fleet", "drain", "m3", *cfg)  # gone, and draining
+    assert code == 0, err
+
+    code, out, err = await cli(capsys, "fleet", "forget", "m1", *cfg)
+    assert code == 1
+    assert "fleet member 'm1' is live" in err and "stop it first" in err
+    assert set(await fleet.flags()) == {"m1", "m2", "m3"}
+
+    code, out, err = await cli(capsys, "fleet", "forget", "m3", *cfg)
+    assert code == 0, err
+    assert "forgot fleet member 'm3' (it was draining)" in out
+    assert set(await fleet.flags()) == {"m1", "m2"}
+    code, out, err = await cli(capsys, "fleet", "status", "--json", *cfg)
+    assert [m["member"] for m in json.loads(out)["members"]] == ["m1", "m2"]
+
+    code, out, err = await cli(capsys, "fleet", "forget", "m3", *cfg)
+    assert code == 1
+    assert "no gone fleet member 'm3'" in err and "m1, m2" in err
+
+
 async def test_fleet_drain_unknown_member(fleet: Fleet, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = await cli(capsys, "fleet", "drain", "nope", "--config", str(fleet.config))
     assert code == 1
