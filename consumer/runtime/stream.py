@@ -86,7 +86,10 @@ class StreamState(enum.StrEnum):
     CONNECTING = "connecting"
     STREAMING = "streaming"
     COMPLETING = "completing"
-    LOCKOUT = "lockout"  # a wait the protocol asks for (4409, 429, the gateway's "Active")
+    LOCKOUT = "lockout"  # another consumer holds the stream (4409, the gateway's "Active")
+    # A rate the gateway or OHIP's quota asks for (HTTP 429 on the upgrade, the application
+    # key's upgrade budget spent): deliberate too, but nothing to do with another consumer.
+    THROTTLED = "throttled"
     # OHIP's resubscribe gap: after a completed subscription closed (a clean stop and start, a
     # rotation, the server's complete), before the next subscribe. Routine, not a 4409 lockout.
     GAP = "gap"
@@ -100,8 +103,15 @@ class StreamState(enum.StrEnum):
 
 
 _READY = frozenset(
-    {StreamState.STREAMING, StreamState.COMPLETING, StreamState.LOCKOUT, StreamState.GAP}
+    {
+        StreamState.STREAMING,
+        StreamState.COMPLETING,
+        StreamState.LOCKOUT,
+        StreamState.THROTTLED,
+        StreamState.GAP,
+    }
 )
+_RATE_LIMITED = "http_429"  # Decision.code of an upgrade refused with HTTP 429
 _GAP_WAIT = "waiting out the resubscribe gap"  # what a GAP waits for, for a person
 
 # A replay that begins with this many events already processed before the checkpoint's own is
@@ -228,7 +238,7 @@ class StreamRunner:
         nothing."""
         if self.state is StreamState.CONNECTING:
             return self._tokens.waiting() or ""
-        waits = (StreamState.BACKOFF, StreamState.LOCKOUT, StreamState.GAP)
+        waits = (StreamState.BACKOFF, StreamState.LOCKOUT, StreamState.THROTTLED, StreamState.GAP)
         if self._waiting is not None and self.state in waits:
             why, until = self._waiting
             return f"{why}, retry in {max(0.0, until - time.monotonic()):.0f} s"
@@ -268,7 +278,13 @@ class StreamRunner:
                     raise StreamStopped(f"stream {self.name}: {decision.reason}")
                 if decision.action is Action.REFRESH_TOKEN:
                     self._tokens.invalidate()
-                self.state = StreamState.LOCKOUT if decision.deliberate else StreamState.BACKOFF
+                self.state = (
+                    StreamState.BACKOFF
+                    if not decision.deliberate
+                    else StreamState.THROTTLED
+                    if decision.code == _RATE_LIMITED
+                    else StreamState.LOCKOUT
+                )
                 why = printable(decision.reason)
                 if decision is self._gap:  # the resubscribe gap, not a lockout
                     self.state, why = StreamState.GAP, f"{_GAP_WAIT} ({why})"
@@ -291,7 +307,7 @@ class StreamRunner:
         c = self.settings.connection
         wait = self._budget.reserve(time.monotonic())
         if wait > 0:
-            self.state = StreamState.LOCKOUT
+            self.state = StreamState.THROTTLED
             self._waiting = ("upgrade budget of the application key spent", time.monotonic() + wait)
             log.warning("upgrade budget spent: waiting", delay_s=round(wait, 1))
             await self._wait_or_stop(wait)

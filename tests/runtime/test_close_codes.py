@@ -22,6 +22,7 @@ from support import (
 from consumer.config import Settings
 from consumer.errors import ExitCode
 from consumer.runtime.daemon import Daemon
+from consumer.runtime.stream import StreamState
 from consumer.state import SqliteStore
 
 
@@ -70,6 +71,37 @@ async def test_http_429_on_the_upgrade_waits(sandbox_factory, tmp_path: Path):
     async with running(settings):
         await wait_until(lambda: count_lines(tmp_path / "events.jsonl") >= 10)
     assert gaps(gw.stats.upgrades)[0] >= 0.6
+
+
+async def test_a_rate_limit_shows_as_throttled_not_as_another_consumers_lockout(
+    sandbox_factory, tmp_path: Path
+):
+    """An HTTP 429 on the upgrade and a spent upgrade budget showed as `lockout`, the state
+    of a 4409 (another consumer holds the stream): an operator looked for a second daemon."""
+    gw = await sandbox_factory(backlog=3)
+    gw.fail_upgrades([429])
+    settings = make_settings(tmp_path, gw.url, connection={"rate_limited_s": 60.0})
+    async with running(settings) as daemon:
+        runner = daemon.runners["main"]
+        await wait_until(lambda: runner.state is StreamState.THROTTLED)
+        assert runner.state.ready  # a deliberate wait, not a fault: /readyz stays ready
+        assert runner.waiting_for().startswith("too many upgrade requests (HTTP 429), retry in")
+
+    gw.fail_upgrades([503] * 3)
+    settings = make_settings(
+        tmp_path,
+        gw.url,
+        connection={
+            "backoff_initial_s": 0.001,
+            "backoff_max_s": 0.002,
+            "upgrade_limit": 2,
+            "upgrade_window_s": 60.0,
+        },
+    )
+    async with running(settings) as daemon:
+        runner = daemon.runners["main"]
+        await wait_until(lambda: runner.state is StreamState.THROTTLED)
+        assert runner.waiting_for().startswith("upgrade budget of the application key spent")
 
 
 async def test_4401_gets_a_new_token_and_recovers(sandbox_factory, tmp_path: Path):
