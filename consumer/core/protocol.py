@@ -372,18 +372,20 @@ def _decode_next(
     if event is None:
         return _bad(frame, _what_is_wrong(msg, scrub), scrub)
     data = frame if isinstance(frame, bytes) else frame.encode("utf-8", "surrogatepass")
-    once = True  # no key twice in the text kept as received (as far as is known)
+    # Known to hold no key twice: its text may be kept as received. Else it is kept only if it
+    # holds as many keys as its object written anew (_as_text): a key twice in a detail element
+    # or any other object, which the text must not keep twice (SQLite's json_extract reads the
+    # first, orjson and PostgreSQL the last). A header key twice is refused here.
+    once = False
     if encoded is None:
         problem = _long_number(data) or _repeated_key(data)
     elif 92 in data:
         problem = _repeated_key(data)  # typed by the fast way: strings, so no number
     elif _unspaced(data) != _unspaced(encoded):
         # No escape: a key twice is all that makes it longer than its encoding, spaces out.
-        # Not one of the header's (refused): one in a detail element, which the text must not
-        # keep twice (SQLite's json_extract reads the first, orjson and PostgreSQL the last).
-        problem, once = _repeated_key(data), False
+        problem = _repeated_key(data)
     else:
-        problem = ""
+        problem, once = "", True
     if problem:
         return _bad(frame, problem, scrub)
     return Next(_id(msg), _as_text(event, frame, once))
@@ -464,8 +466,12 @@ def _repeated_key(frame: bytes) -> str:
             return ""
     try:
         obj: Any = json.loads(frame, object_pairs_hook=tuple)  # objects as (key, value) pairs
-    except (ValueError, RecursionError):  # deeper than Python's json reads: not told apart
-        return ""
+    except RecursionError:
+        # orjson (1,024 levels) and msgspec read deeper than Python's json: passed unchecked,
+        # uniqueEventId twice was deduplicated by the last and stored with both.
+        return "nested deeper than can be checked for keys twice"
+    except ValueError:  # orjson took it: never seen, but never passed unchecked either
+        return "not read by the check for keys twice"
     for where in ("frame", "payload", "data", "newEvent", "metadata"):
         if where != "frame":
             obj = dict(obj).get(where)  # no key twice in the parent: checked
@@ -501,9 +507,10 @@ _RAW_DETAIL: Final = msgspec.json.Decoder(_RawDetail)
 def _as_text(event: Event, frame: str | bytes, once: bool) -> Event:
     """``event`` (parsed) holding its newEvent as JSON text instead: the tree of objects holds
     some 20 times the bytes of the text, and the pipeline counts the text. As received when the
-    frame is one line of bytes and ``once`` (no key in it twice); written anew otherwise. One
-    that no JSON writer takes (nested deeper than orjson writes: no sink can store it) keeps
-    only the frame, for its dead letter.
+    frame is one line of bytes and holds no key twice (``once``: known; else its text holds as
+    many keys as written anew); written anew otherwise (the last of a key twice, as the
+    pipeline reads it). One that no JSON writer takes (nested deeper than orjson writes: no
+    sink can store it) keeps only the frame, for its dead letter.
     """
     ev = event.parsed
     assert ev is not None
@@ -513,7 +520,9 @@ def _as_text(event: Event, frame: str | bytes, once: bool) -> Event:
         return event._replace(parsed=None, frame=frame)
     detail = ev.get("detail")
     listed = type(detail) is list
-    received = _received(frame, listed) if once else None
+    received = _received(frame, listed)
+    if received is not None and not once and _keys_twice(received[0], written):
+        received = None
     if received is not None:
         text, detail_text = received
     else:
@@ -521,6 +530,25 @@ def _as_text(event: Event, frame: str | bytes, once: bool) -> Event:
     if detail is None:
         detail_text = b"[]"
     return event._replace(parsed=None, text=text, detail_text=detail_text)
+
+
+def _keys_twice(received: bytes, written: bytes) -> bool:
+    """Whether the JSON text ``received`` holds a key twice in one of its objects: more keys
+    than ``written``, orjson's of what was parsed from it (the last of a key twice). Its colons
+    are its keys' and its strings', which ``written`` holds too unless a key twice dropped one,
+    or the string wrote it \\u003a: then counted outside strings."""
+    if b"\\u003a" in received or b"\\u003A" in received:
+        return _keys(received) != _keys(written)
+    return received.count(b":") != written.count(b":")
+
+
+def _keys(text: bytes) -> int:
+    """How many keys the JSON ``text`` holds: its colons outside strings (escaped backslashes
+    and quotes out, every other piece between quotes is no string). Bytes operations, linear:
+    no recursion, whatever the nesting."""
+    if 92 in text:
+        text = text.replace(b"\\\\", b"").replace(b'\\"', b"")
+    return b"".join(text.split(b'"')[::2]).count(b":")
 
 
 def _exact(data: bytes) -> bytes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import re
+import sqlite3
 import sys
 import tracemalloc
 from typing import Any
@@ -30,6 +31,8 @@ from consumer.core.protocol import (
     Pong,
     SubscribeInput,
     _fast_next,
+    _keys,
+    _keys_twice,
     complete,
     connection_init,
     decode,
@@ -612,9 +615,9 @@ def test_a_key_twice_in_an_object_that_says_what_the_event_is_is_refused(
     assert isinstance(compact, DecodeError) and isinstance(broken, DecodeError)
     assert compact.reason == broken.reason
     assert f"twice in the {where} object" in compact.reason
-    # Twice in a detail element (what OHIP says changed, no header of the event): accepted,
-    # and the text holds it once (see the test below). A key of a name OHIP does not send,
-    # twice: kept as received (such a frame is not typed; not told apart).
+    # Twice in a detail element (what OHIP says changed, no header of the event), or in any
+    # other object of the event (a name OHIP does not send): accepted, and the text holds it
+    # once, the last (see the tests below).
     doubled = frame.replace(b'"elementName":"First Name"', b'"newValue":"a","elementName":"b"')
     msg = decode(doubled)
     assert isinstance(msg, Next) and (msg.event.detail_text or b"").count(b'"newValue"') == 1
@@ -622,7 +625,8 @@ def test_a_key_twice_in_an_object_that_says_what_the_event_is_is_refused(
         b'"newEvent":{', b'"newEvent":{"dataValueMapping":1,"dataValueMapping":2,'
     )
     msg = decode(other)
-    assert isinstance(msg, Next) and (msg.event.text or b"") in other
+    assert isinstance(msg, Next) and (msg.event.text or b"").count(b'"dataValueMapping"') == 1
+    assert orjson.loads(msg.event.text or b"")["dataValueMapping"] == 2
 
 
 json_scalars = (
@@ -1012,3 +1016,126 @@ def test_a_key_twice_in_a_detail_element_is_stored_once_however_the_frame_is_wri
         assert msg.event.raw["detail"][0]["newValue"] == "999"
         texts.append(msg.event.text)
     assert texts[0] == texts[1]
+
+
+_DETAIL = (
+    b'{"id":"s1","type":"next","payload":{"data":{"newEvent":{"metadata":{"offset":"5",'
+    b'"uniqueEventId":"E1"},"moduleName":"M","eventName":"NAME","primaryKey":"K","detail":['
+    b"@@]}}}}"
+)
+
+
+def _first_read(text: bytes, path: str) -> Any:
+    """What SQLite's json_extract reads at ``path`` of ``text`` (the first of a key twice)."""
+    with sqlite3.connect(":memory:") as db:
+        return db.execute("SELECT json_extract(?, ?)", (text.decode(), path)).fetchone()[0]
+
+
+@pytest.mark.parametrize(
+    "written",
+    [
+        pytest.param(lambda f: f, id="plain"),
+        pytest.param(lambda f: f.replace(b'"NAME"', b'"N\\/AME"'), id="an-escaped-slash"),
+        pytest.param(lambda f: f.replace(b'"NAME"', b'"N\\u00c9"'), id="a-unicode-escape"),
+        pytest.param(lambda f: f.replace(b'"NAME"', b'"N\\"A:ME"'), id="an-escaped-quote"),
+        pytest.param(lambda f: f.replace(b'"NAME"', b'"N\\u003aA:ME"'), id="an-escaped-colon"),
+        pytest.param(lambda f: f.replace(b'"type":"next"', b'"type":"next","x":1'), id="extra"),
+        pytest.param(lambda f: f.replace(b'"K"', b'"K","n":1.5'), id="a-number"),
+    ],
+)
+@pytest.mark.parametrize(
+    ("twice", "once", "path"),
+    [
+        (
+            b'{"elementName":"rate","newValue":"100","newValue":"999"}',
+            b'{"elementName":"rate","oldValue":"100","newValue":"999"}',
+            "$[0].newValue",
+        ),
+        (
+            b'{"elementName":"rate","o":{"a":"100","b":{"a":"x"},"a":"999"}}',
+            b'{"elementName":"rate","o":{"c":"100","b":{"a":"x"},"a":"999"}}',
+            "$[0].o.a",
+        ),
+        (
+            b'{"elementName":"rate","n\\u0065wValue":"100","newValue":"999"}',
+            b'{"elementName":"rate","\\u006fldValue":"100","newValue":"999"}',
+            "$[0].newValue",
+        ),
+    ],
+    ids=["in-a-detail-element", "in-an-object-of-it", "written-otherwise"],
+)
+def test_a_key_twice_in_any_object_of_the_event_is_stored_once_however_the_frame_is_written(
+    written: Any, twice: bytes, once: bytes, path: str
+) -> None:
+    """A frame whose detail element (or any other object of its newEvent) held a key twice was
+    written anew only when it had no backslash and only known fields: with an escaped "/" or
+    an accented letter written \\u00c9, or a field the fast way does not know, its text was
+    kept as received, both keys in the jsonl line, the SQL sinks' detail column, the bodies.
+    SQLite's json_extract read the first value, orjson and PostgreSQL the last: one event, two
+    values. Now it is written anew however it came, the last value once; the same frame with
+    each key once is still kept as received."""
+    frame = written(_DETAIL.replace(b"@@", twice))
+    msg = decode(frame)
+    assert isinstance(msg, Next), msg
+    text, detail = msg.event.text, msg.event.detail_text
+    assert text is not None and detail is not None
+    assert _first_read(detail, path) == "999", detail
+    assert _first_read(text, "$.detail" + path[1:]) == "999", text
+    assert text == orjson.dumps(msg.event.raw)  # written anew: each key once
+    assert detail == orjson.dumps(msg.event.raw["detail"])
+    frame = written(_DETAIL.replace(b"@@", once))
+    msg = decode(frame)
+    assert isinstance(msg, Next), msg
+    assert msg.event.text is not None and msg.event.text in frame
+    assert msg.event.detail_text == b"[" + once + b"]"
+
+
+@settings(max_examples=300)
+@given(value=json_values, ascii_only=st.booleans(), compact=st.booleans())
+def test_the_keys_of_a_json_text_are_counted_whatever_its_strings_hold(
+    value: Any, ascii_only: bool, compact: bool
+) -> None:
+    """What tells a key twice in a frame with a backslash: its keys counted outside strings
+    (quotes, backslashes and colons in them included) against its object written anew."""
+
+    def keys(v: Any) -> int:
+        if isinstance(v, dict):
+            return len(v) + sum(keys(x) for x in v.values())
+        return sum(keys(x) for x in v) if isinstance(v, list) else 0
+
+    separators = (",", ":") if compact else (", ", ": ")
+    text = json.dumps(value, ensure_ascii=ascii_only, separators=separators).encode()
+    assert _keys(text) == keys(value)
+    assert _keys(orjson.dumps(value)) == keys(value)
+    assert not _keys_twice(text, orjson.dumps(value))
+
+
+def _header_key_twice(depth: int) -> bytes:
+    """A ``next`` frame whose metadata holds uniqueEventId twice, beside a value nested
+    ``depth`` levels deep."""
+    deep = b"[" * depth + b"]" * depth
+    return (
+        b'{"id":"s1","type":"next","x":' + deep + b',"payload":{"data":{"newEvent":'
+        b'{"metadata":{"offset":"5","uniqueEventId":"A","uniqueEventId":"B"},'
+        b'"eventName":"N","primaryKey":"K"}}}}'
+    )
+
+
+def test_a_uniqueeventid_twice_is_refused_at_every_nesting_depth() -> None:
+    """The check for a header key twice parses the frame again with Python's json, and passed
+    it ("") on a RecursionError: orjson reads 1,024 levels, Python's json fewer (its recursion
+    limit, less the stack in use). A frame with uniqueEventId "A" then "B" was refused shallow,
+    but with an unrelated value nested some 950 levels deep beside its payload it became an
+    event deduplicated and checkpointed as "B", its text (as received) holding both: SQLite's
+    json_extract read "A" from the stored line. Now it is refused at every depth: too deep for
+    the check is malformed too."""
+    reasons = set()
+    for depth in (10, *range(850, 1030)):
+        msg = decode(_header_key_twice(depth))
+        assert isinstance(msg, DecodeError), (depth, msg)
+        reasons.add(msg.reason.split(":")[0])
+    assert reasons == {
+        "uniqueEventId twice in the metadata object",
+        "nested deeper than can be checked for keys twice",
+        "invalid JSON",
+    }

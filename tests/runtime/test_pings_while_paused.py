@@ -25,9 +25,10 @@ from log_capture import captured_logs
 from support import committed, make_settings, newest_offset, running, truth_ids, wait_until
 
 from consumer.config import Settings
+from consumer.core.protocol import DecodeError
 from consumer.core.session import Ended
 from consumer.runtime.daemon import Daemon
-from consumer.runtime.read_ahead import ReadAhead
+from consumer.runtime.read_ahead import HELD_COST, ReadAhead
 from consumer.runtime.stream import StreamRunner
 from consumer.sandbox import SandboxGateway
 
@@ -231,3 +232,36 @@ async def test_the_servers_end_of_the_subscription_read_ahead_is_handled_in_its_
     events = Counter(r["event"] for r in logged(logs))
     assert events["subscription ended by the server"] == 1
     assert not [e for e in events if e.startswith("frames read ahead")]
+
+
+async def test_empty_frames_read_ahead_count_toward_its_limit(sandbox_factory, tmp_path: Path):
+    """Held frames were counted by their length alone: empty frames (2 bytes on the wire each)
+    were held for nothing against paused_read_ahead_bytes, each a DecodeError of some 400
+    bytes (its evidence, a SHA-256, a reason), so the read-ahead read on and held whatever the
+    gateway sent while the sink held the stream. Each now counts HELD_COST too: it stops within
+    its limit, and released, every event is delivered once, in order, each empty frame
+    dead-lettered."""
+    empties = 2000
+    gw = await sandbox_factory(backlog=12, ping_interval_s=PING_S)
+    for _ in range(empties):
+        gw.inject_malformed("DEMO", "")
+    gw.append("DEMO", 5)
+    newest, state = newest_offset(gw), tmp_path / "state.db"
+    gate = held_sink()
+    settings = settings_for(tmp_path, gw, paused_read_ahead_bytes=LIMIT)
+    async with running(settings) as daemon:
+        runner = await waiting_for_room(daemon)
+        await wait_until(lambda: runner.read_ahead is not None, timeout=15)
+        ahead = read_ahead(runner)
+        # It stops (its limit reached), or it has held every empty frame.
+        await wait_until(
+            lambda: ahead.full or sum(type(o) is DecodeError for _, o in ahead.held) >= empties,
+            timeout=30,
+        )
+        assert ahead.full, f"{len(ahead.held)} outcomes held for {ahead.held_bytes} bytes"
+        await wait_until(lambda: not ahead.reading, timeout=5)
+        assert len(ahead.held) <= LIMIT // HELD_COST + 1
+        gate.set()
+        await wait_until(lambda: committed(state, newest), timeout=60)
+        assert daemon.pipelines["main"].dead_lettered == runner.stats.malformed == empties
+    assert_all_once_in_order(gw)
