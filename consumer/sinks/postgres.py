@@ -294,7 +294,6 @@ class PostgresSink(PlainSink):
 
     async def _create_pool(self, min_size: int, max_size: int) -> Any:
         s = self.settings
-        where = self._target.where
         try:
             return await asyncpg.create_pool(
                 self._target.dsn(),
@@ -304,25 +303,32 @@ class PostgresSink(PlainSink):
                 timeout=s.timeout_s,  # connect
                 reset=_keep_session,
                 server_settings=DURABLE_COMMITS,
+                ssl=self._target.tls(),  # verified by default off this machine (pg_target)
             )
-        except (asyncpg.exceptions.ClientConfigurationError, ValueError):
+        except (
+            asyncpg.exceptions.PostgresError,
+            asyncpg.exceptions.InterfaceError,  # ClientConfigurationError too
+            OSError,
+            TimeoutError,
+            ValueError,
+        ) as exc:
+            raise self._connect_error(exc) from None
+
+    def _connect_error(self, exc: BaseException) -> Exception:
+        where = self._target.where
+        # First: a certificate that does not verify is a ValueError too, not a parse error.
+        if (refusal := self._target.tls_refusal(exc, "sink.dsn")) is not None:
+            return ConfigError(refusal)
+        if isinstance(exc, asyncpg.exceptions.ClientConfigurationError | ValueError):
             # The driver's parse errors quote the DSN's pieces (a password's too): never shown.
-            raise ConfigError(
-                f"postgres sink at {where}: {Target.unparsable('sink.dsn')}"
-            ) from None
-        except asyncpg.exceptions.PostgresError as exc:
-            state = exc.sqlstate or ""
-            if state.startswith(_CONFIG_STATES):
-                raise ConfigError(
-                    f"sink.dsn: PostgreSQL at {where} refused us: {self._describe(exc)}"
-                ) from None
-            raise TransientSinkError(
-                f"sink.dsn: cannot connect to PostgreSQL at {where}: {self._describe(exc)}"
-            ) from None
-        except (OSError, TimeoutError, asyncpg.exceptions.InterfaceError) as exc:
-            raise TransientSinkError(
-                f"sink.dsn: cannot connect to PostgreSQL at {where}: {self._describe(exc)}"
-            ) from None
+            return ConfigError(f"postgres sink at {where}: {Target.unparsable('sink.dsn')}")
+        if isinstance(exc, asyncpg.exceptions.PostgresError) and (exc.sqlstate or "").startswith(
+            _CONFIG_STATES
+        ):
+            return ConfigError(f"sink.dsn: PostgreSQL at {where} refused us: {self._describe(exc)}")
+        return TransientSinkError(
+            f"sink.dsn: cannot connect to PostgreSQL at {where}: {self._describe(exc)}"
+        )
 
     async def _prepare_table(self, pool: Any, *, staging: bool = False) -> tuple[str, str]:
         """Create or check the table; with ``staging``: (its schema, the database encoding)."""
