@@ -7,11 +7,24 @@ ends at the last ``@``) and another by asyncpg (as urllib, it ends the authority
 becomes its port, host, database or query, and its error text (``invalid literal for int()
 with base 10: '<piece>'``) quotes it. So such a DSN never reaches the driver
 (:meth:`Target.dsn`), and a driver's parse error is never shown (:meth:`Target.unparsable`).
+
+TLS (:meth:`Target.tls`): a DSN without ``sslmode`` would get asyncpg's default, ``prefer``:
+TLS without checking the certificate, and plain text after a server answers that it has none,
+so the password went to whoever answered. For a server that is not on this machine the
+default is therefore verify-full: the system's CAs (or the DSN's ``sslrootcert``), the host
+name checked, no plain text. An ``sslmode`` in the DSN (or ``PGSSLMODE``) is the operator's
+choice, and loopback (127.0.0.0/8, ::1, ``localhost``) and Unix sockets keep the driver's
+default. A server that cannot prove itself is a configuration error naming the key and the
+fix (:meth:`Target.tls_refusal`).
 """
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import re
+import ssl
+from collections.abc import Sequence
 from urllib.parse import parse_qsl, unquote
 
 DEFAULT_PORT = 5432
@@ -37,6 +50,47 @@ UNPARSABLE_FIX = (
 
 class UnparsableDsn(ValueError):
     """A DSN the driver would misread: refused before it gets it (as the driver's ValueError)."""
+
+
+class TlsUnusable(OSError):
+    """The CA file for the default verification cannot be loaded (an OSError, as the
+    driver's connection errors are; :meth:`Target.tls_refusal` names the key and fix)."""
+
+
+def is_local(host: str) -> bool:
+    """Whether a DSN's host is this machine: a Unix socket directory, ``localhost`` or a
+    loopback address. A name is not resolved: only ``localhost`` is taken on its word."""
+    host = host.strip()
+    if not host or host.startswith("/"):
+        return True
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def verifies_by_default(hosts: Sequence[str], sslmode: str | None) -> bool:
+    """Whether the server must prove who it is although the operator chose nothing: no
+    ``sslmode`` (DSN or ``PGSSLMODE``) and a host that is not this machine. No host at all is
+    the driver's default, a local socket or ``localhost``."""
+    return sslmode is None and not all(is_local(h) for h in hosts)
+
+
+def _hosts(netloc: str, params: dict[str, str]) -> list[str]:
+    """The hosts the driver connects to (as asyncpg reads them): the DSN's, its ``host``
+    parameter, ``PGHOST``; none for its local default."""
+    spec = unquote(netloc) or params.get("host", "") or os.environ.get("PGHOST", "")
+    hosts = []
+    for part in spec.split(","):
+        if part.startswith("["):  # [v6]:port
+            hosts.append(part[1:].partition("]")[0])
+        elif part.startswith("/"):
+            hosts.append(part)
+        else:
+            hosts.append(part.partition(":")[0])
+    return [h for h in hosts if h]
 
 
 class Target:
@@ -74,6 +128,11 @@ class Target:
         elif params.get("port"):
             server += f":{params['port']}"
         self.where = f"{server}/{unquote(database) or '?'}"
+        sslmode = params.get("sslmode", os.environ.get("PGSSLMODE"))
+        self.verifies = verifies_by_default(_hosts(netloc, params), sslmode)
+        self._sslmode = sslmode
+        self._rootcert = params.get("sslrootcert") or None
+        self._context: ssl.SSLContext | None = None
         # What follows the last '@' is never the user information's, but it may be the tail of
         # a query's password (``?password=a@b``): unknown when a query may come before it.
         if not self.parsable and "=" in userinfo:
@@ -84,6 +143,50 @@ class Target:
         if not self.parsable:
             raise UnparsableDsn("unparsable DSN")
         return self._dsn
+
+    def tls(self) -> ssl.SSLContext | None:
+        """The driver's ``ssl`` argument: a verifying context (the system's CAs, or the DSN's
+        ``sslrootcert``; the host name checked) where :attr:`verifies`, else None (the DSN's
+        ``sslmode``, or the driver's default for this machine). :class:`TlsUnusable` if the
+        CA file cannot be loaded."""
+        if not self.verifies:
+            return None
+        if self._context is None:
+            try:
+                self._context = ssl.create_default_context(cafile=self._rootcert)
+            except (OSError, ssl.SSLError) as exc:
+                raise TlsUnusable(
+                    f"sslrootcert {self._rootcert}: {getattr(exc, 'strerror', None) or exc}"
+                ) from None
+        return self._context
+
+    def tls_refusal(self, exc: BaseException, key: str) -> str | None:
+        """What to tell the operator when ``exc`` is a server that could not prove who it is
+        (its certificate, or no TLS at all where it is required), naming ``key`` and the fix;
+        None for any other error."""
+        chain: list[BaseException] = [exc]
+        while len(chain) < 5 and (nxt := chain[-1].__cause__ or chain[-1].__context__):
+            chain.append(nxt)
+        if isinstance(exc, TlsUnusable):
+            what = f"the CA file cannot be loaded ({self.describe(exc)})"
+        elif any(isinstance(e, ssl.SSLCertVerificationError) for e in chain):
+            what = f"its certificate cannot be verified ({self.describe(exc)})"
+        elif isinstance(exc, ConnectionError) and "rejected SSL upgrade" in str(exc):
+            what = "it does not offer TLS"
+        else:
+            return None
+        if self.verifies:
+            why = (
+                "the DSN has no sslmode, so a server not on this machine must prove who it is "
+                "(a certificate a CA in the system's store signed, for the DSN's host name)"
+            )
+        else:
+            why = f"sslmode={self._sslmode} requires TLS"
+        return (
+            f"{key}: PostgreSQL at {self.where}: {what}: {why}; give the server's CA with "
+            "sslrootcert=/path/ca.pem in the DSN, or set sslmode=require (encrypted, not "
+            "verified) or sslmode=disable (plain text) knowingly"
+        )
 
     @staticmethod
     def unparsable(key: str) -> str:

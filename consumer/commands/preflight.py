@@ -422,7 +422,9 @@ async def _postgres_state(settings: Settings) -> tuple[str, str | None]:
     conn: Any = None
     try:
         async with asyncio.timeout(timeout_s):
-            conn = await asyncpg.connect(target.dsn(), timeout=timeout_s, command_timeout=timeout_s)
+            conn = await asyncpg.connect(
+                target.dsn(), ssl=target.tls(), timeout=timeout_s, command_timeout=timeout_s
+            )
             async with _rolled_back(conn) as pool:
                 store = postgres.PostgresStore(pool, target, st.schema_, timeout_s)
                 await store._migrate(create=True)

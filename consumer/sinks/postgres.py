@@ -28,7 +28,16 @@ resources or of connections, a serialization failure or a deadlock are
 batch holds one: the pipeline then writes the batch's events one at a time to find the culprit.
 Other server errors (a table altered or dropped under us, a missing privilege) concern every
 event, not one: they are transient too, so nothing is dead-lettered while an operator fixes the
-database. In the state transaction the same data checks run in ``write`` (a NUL character, a
+database; so is a NOT NULL violation (class 23) in a column the sink leaves empty (one not
+ours, or one of ours an event may lack), which no event's data causes.
+
+``open`` refuses (:class:`ConfigError` naming ``sink.table``, exit 78 before consuming) an
+existing table every write would fail on: our columns missing or of another type than the sink
+writes (``format_type``), one of our nullable columns NOT NULL, another column NOT NULL without
+a default, or no valid, immediate (not DEFERRABLE) unique index on ``unique_event_id`` alone for
+``ON CONFLICT``. TLS: see :mod:`consumer.pg_target` (verified by default off this machine).
+
+In the state transaction the same data checks run in ``write`` (a NUL character, a
 ``\\u0000`` in JSON, text that is not Unicode): :class:`PermanentSinkError` naming the event.
 
 The DSN is a secret (it may hold a password): messages name the host, port and database only.
@@ -73,6 +82,14 @@ _TYPES: dict[str, str] = {
     "written_at": "DOUBLE PRECISION NOT NULL",
 }
 _JSON = frozenset({"detail", "resource"})
+# Each column's type as format_type() spells it: what the upsert's values are cast to. A
+# column of another type (written_at timestamptz, offset bigint) fails every write (42804).
+_FORMATS: dict[str, str] = {
+    c: {"TEXT": "text", "JSONB": "jsonb", "DOUBLE": "double precision"}[t.split()[0]]
+    for c, t in _TYPES.items()
+}
+# Columns the sink may write NULL into (an event without a hotelId...).
+_NULLABLE = frozenset(c for c, t in _TYPES.items() if "NOT NULL" not in t and "PRIMARY" not in t)
 
 # SQLSTATEs that concern one event's data: classes 22 data exception and 23 integrity
 # violation, and 0A000 (feature not supported: SQL_ASCII's jsonb given a \u escape past ASCII;
@@ -119,6 +136,26 @@ def index_name(table: str) -> str:
         return name
     digest = hashlib.sha1(table.encode()).hexdigest()[:8]
     return f"{table[:50]}_{digest}_key"
+
+
+def shape_problems(columns: Sequence[tuple[str, str, bool, bool]]) -> list[str]:
+    """Why rows cannot be upserted into a table of these columns (name, format_type, NOT NULL,
+    filled: a default, identity or generated value), or nothing. Each problem concerns every
+    event, not one: a write would fail for ever (a type) or dead-letter every event (a NOT NULL
+    column the sink leaves empty), so the table is refused at open."""
+    found = {name: (kind, not_null, filled) for name, kind, not_null, filled in columns}
+    problems = [f"no column {c}" for c in COLUMNS if c not in found]
+    for name, (kind, not_null, filled) in found.items():
+        if name not in _FORMATS:
+            if not_null and not filled:
+                problems.append(
+                    f"column {name} is NOT NULL without a default (the sink never sets it)"
+                )
+        elif kind != _FORMATS[name]:
+            problems.append(f"column {name} is {kind}, not {_FORMATS[name]}")
+        elif not_null and name in _NULLABLE:
+            problems.append(f"column {name} is NOT NULL (an event may have none)")
+    return problems
 
 
 def upsert_sql(table: str) -> str:
@@ -257,7 +294,6 @@ class PostgresSink(PlainSink):
 
     async def _create_pool(self, min_size: int, max_size: int) -> Any:
         s = self.settings
-        where = self._target.where
         try:
             return await asyncpg.create_pool(
                 self._target.dsn(),
@@ -267,25 +303,32 @@ class PostgresSink(PlainSink):
                 timeout=s.timeout_s,  # connect
                 reset=_keep_session,
                 server_settings=DURABLE_COMMITS,
+                ssl=self._target.tls(),  # verified by default off this machine (pg_target)
             )
-        except (asyncpg.exceptions.ClientConfigurationError, ValueError):
+        except (
+            asyncpg.exceptions.PostgresError,
+            asyncpg.exceptions.InterfaceError,  # ClientConfigurationError too
+            OSError,
+            TimeoutError,
+            ValueError,
+        ) as exc:
+            raise self._connect_error(exc) from None
+
+    def _connect_error(self, exc: BaseException) -> Exception:
+        where = self._target.where
+        # First: a certificate that does not verify is a ValueError too, not a parse error.
+        if (refusal := self._target.tls_refusal(exc, "sink.dsn")) is not None:
+            return ConfigError(refusal)
+        if isinstance(exc, asyncpg.exceptions.ClientConfigurationError | ValueError):
             # The driver's parse errors quote the DSN's pieces (a password's too): never shown.
-            raise ConfigError(
-                f"postgres sink at {where}: {Target.unparsable('sink.dsn')}"
-            ) from None
-        except asyncpg.exceptions.PostgresError as exc:
-            state = exc.sqlstate or ""
-            if state.startswith(_CONFIG_STATES):
-                raise ConfigError(
-                    f"sink.dsn: PostgreSQL at {where} refused us: {self._describe(exc)}"
-                ) from None
-            raise TransientSinkError(
-                f"sink.dsn: cannot connect to PostgreSQL at {where}: {self._describe(exc)}"
-            ) from None
-        except (OSError, TimeoutError, asyncpg.exceptions.InterfaceError) as exc:
-            raise TransientSinkError(
-                f"sink.dsn: cannot connect to PostgreSQL at {where}: {self._describe(exc)}"
-            ) from None
+            return ConfigError(f"postgres sink at {where}: {Target.unparsable('sink.dsn')}")
+        if isinstance(exc, asyncpg.exceptions.PostgresError) and (exc.sqlstate or "").startswith(
+            _CONFIG_STATES
+        ):
+            return ConfigError(f"sink.dsn: PostgreSQL at {where} refused us: {self._describe(exc)}")
+        return TransientSinkError(
+            f"sink.dsn: cannot connect to PostgreSQL at {where}: {self._describe(exc)}"
+        )
 
     async def _prepare_table(self, pool: Any, *, staging: bool = False) -> tuple[str, str]:
         """Create or check the table; with ``staging``: (its schema, the database encoding)."""
@@ -298,31 +341,39 @@ class PostgresSink(PlainSink):
                 )
                 await conn.execute(create_table_sql(table))
                 # The table may have been there already: is it one of ours?
-                columns = {
-                    r["attname"]
-                    for r in await conn.fetch(
-                        "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass($1) "
-                        "AND attnum > 0 AND NOT attisdropped",
-                        _q(table),
-                    )
-                }
-                missing = [c for c in COLUMNS if c not in columns]
+                columns = await conn.fetch(
+                    "SELECT attname, format_type(atttypid, atttypmod), attnotnull, "
+                    "atthasdef OR attidentity <> '' FROM pg_attribute "
+                    "WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped",
+                    _q(table),
+                )
+                missing = [c for c in COLUMNS if c not in {r[0] for r in columns}]
                 if missing:
                     raise ConfigError(
                         f"sink.table: table {table!r} in {where} exists without the columns "
                         f"{', '.join(missing)}; use another table name"
                     )
+                problems = shape_problems([(r[0], r[1], r[2], r[3]) for r in columns])
+                if problems:
+                    raise ConfigError(
+                        f"sink.table: table {table!r} in {where} is not one the sink can write "
+                        f"to: {'; '.join(problems)}; use another table name (the sink creates "
+                        "it) or alter the table"
+                    )
+                # ON CONFLICT takes only a valid, immediate (not DEFERRABLE) unique index.
                 unique = await conn.fetchval(
                     "SELECT EXISTS (SELECT 1 FROM pg_index i JOIN pg_attribute a "
                     "ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0] "
                     "WHERE i.indrelid = to_regclass($1) AND i.indisunique AND i.indnkeyatts = 1 "
-                    "AND i.indpred IS NULL AND a.attname = 'unique_event_id')",
+                    "AND i.indimmediate AND i.indisvalid AND i.indpred IS NULL "
+                    "AND a.attname = 'unique_event_id')",
                     _q(table),
                 )
                 if not unique:
                     raise ConfigError(
                         f"sink.table: table {table!r} in {where} has no unique index on "
-                        "unique_event_id alone (the upsert needs one); use another table name"
+                        "unique_event_id alone that is valid and not DEFERRABLE (the upsert "
+                        "needs one); use another table name"
                     )
                 await conn.execute(create_index_sql(table))
                 if not staging:
@@ -425,7 +476,11 @@ class PostgresSink(PlainSink):
         only = events[0].unique_event_id if len(events) == 1 else None
         if isinstance(exc, asyncpg.exceptions.PostgresError):
             state = exc.sqlstate or ""
-            if state.startswith(_PERMANENT_CLASSES):
+            # NULL in a column the sink never fills (one added or altered after open): every
+            # event would fail the same way, so it is retried, not dead-lettered.
+            column = getattr(exc, "column_name", None)
+            foreign = state == "23502" and (column not in _TYPES or column in _NULLABLE)
+            if state.startswith(_PERMANENT_CLASSES) and not foreign:
                 return PermanentSinkError(
                     f"postgres sink at {where} rejected the data: {self._describe(exc)}",
                     unique_event_id=only,

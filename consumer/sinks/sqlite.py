@@ -7,6 +7,13 @@ Two placements:
   the processed ids, so no crash can separate an event's row from its checkpoint.
 * :class:`SqliteSink`: a table in another file. Each ``write`` is its own transaction; a crash
   before the checkpoint commits replays those events, and the upsert rewrites the same rows.
+
+``open`` creates the table, or checks the one it finds (``CREATE TABLE IF NOT EXISTS`` keeps any
+table of that name): our columns, a unique key on ``unique_event_id`` alone (the upsert's
+conflict target), our nullable columns nullable, and no other NOT NULL column without a
+default. A table of another shape would fail every write, retried for ever or dead-lettering
+every event: it is a :class:`ConfigError` naming ``sink.table`` (exit 78 before consuming), as
+is any SQLite error at open but a busy or full database (transient).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import asyncio
 import contextlib
 import functools
 import os
+import re
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -26,10 +34,58 @@ import aiosqlite
 from ..core.events import Event
 from ..core.evidence import prefix
 from ..core.records import Staged
-from ..errors import PermanentSinkError, TransientSinkError
+from ..errors import ConfigError, PermanentSinkError, TransientSinkError
 from ..sqlite_tx import in_thread, sync_transaction, write_rows
+from ..state.sqlite import MIGRATIONS
 from .base import PlainSink
 from .rows import COLUMNS, row
+
+# Columns the sink may write NULL into (an event without a hotelId...).
+_NULLABLE = frozenset(
+    {"event_name", "module_name", "primary_key", "hotel_id", "event_timestamp", "resource"}
+)
+# The state store's own tables: a sink in its file must not take one of their names.
+STORE_TABLES = frozenset(
+    name.lower() for name in re.findall(r"CREATE TABLE (\w+)", "".join(MIGRATIONS))
+)
+# Primary result codes of an error at open that may clear by itself (the file busy, the disk
+# full or failing): transient; any other is the configuration's.
+_TRANSIENT_CODES = frozenset(
+    {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL}
+)
+
+# ... and those of a file that cannot be used at all (the key that names it is at fault).
+_FILE_CODES = frozenset(
+    {
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_READONLY,
+        sqlite3.SQLITE_PERM,
+        sqlite3.SQLITE_AUTH,
+        sqlite3.SQLITE_NOTADB,
+        sqlite3.SQLITE_CORRUPT,
+    }
+)
+
+
+def _q(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+def open_error(exc: sqlite3.Error, table: str, path: Path, key: str) -> Exception:
+    """What an SQLite error at open is: transient if it may clear by itself, else a
+    :class:`ConfigError` naming the keys (``key``: the one that names the file)."""
+    code = exc.sqlite_errorcode & 0xFF
+    if code in _TRANSIENT_CODES:
+        return TransientSinkError(f"sqlite sink {path}: opening table {table!r}: {exc}")
+    if code in _FILE_CODES or not isinstance(exc, sqlite3.OperationalError):
+        return ConfigError(
+            f"{key}: {path} cannot be used as an SQLite database ({exc}): check its and its "
+            f"directory's permissions, or set {key} to another file"
+        )
+    return ConfigError(  # the table, its name or its schema
+        f"sink.table: cannot create or check table {table!r} in {path}: {exc}: set "
+        f"sink.table to another name, or {key} to another file"
+    )
 
 
 def create_table_sql(table: str) -> str:
@@ -37,10 +93,57 @@ def create_table_sql(table: str) -> str:
         f'CREATE TABLE IF NOT EXISTS "{table}" ('
         "unique_event_id TEXT PRIMARY KEY, stream TEXT NOT NULL, offset TEXT NOT NULL, "
         "event_name TEXT, module_name TEXT, primary_key TEXT, hotel_id TEXT, "
-        "event_timestamp TEXT, detail TEXT NOT NULL, resource TEXT, written_at REAL NOT NULL"
-        f'); CREATE INDEX IF NOT EXISTS "{table}_key" ON "{table}" '
-        "(stream, primary_key);"
+        "event_timestamp TEXT, detail TEXT NOT NULL, resource TEXT, written_at REAL NOT NULL)"
     )
+
+
+def create_index_sql(table: str) -> str:
+    return f'CREATE INDEX IF NOT EXISTS "{table}_key" ON "{table}" (stream, primary_key)'
+
+
+def shape_problems(
+    columns: Sequence[tuple[str, str, bool, bool, int]], keys: Sequence[Sequence[str]]
+) -> list[str]:
+    """Why rows cannot be upserted into a table of these columns (``PRAGMA table_info``: name,
+    declared type, NOT NULL, has a default, position in the primary key) and unique keys (each
+    the column names of a unique index without a WHERE), or nothing."""
+    found = {
+        name.lower(): (kind, not_null, default) for name, kind, not_null, default, _ in columns
+    }
+    problems = [f"no column {c}" for c in COLUMNS if c not in found]
+    # The one column of the primary key, declared INTEGER, is the rowid: SQLite fills it.
+    primary = [name.lower() for name, _, _, _, pk in columns if pk]
+    for name, (kind, not_null, default) in found.items():
+        if name in COLUMNS:
+            if not_null and name in _NULLABLE:
+                problems.append(f"column {name} is NOT NULL (an event may have none)")
+        elif not_null and not default and not (primary == [name] and kind.upper() == "INTEGER"):
+            problems.append(f"column {name} is NOT NULL without a default (the sink never sets it)")
+    if not any([k.lower() for k in key] == ["unique_event_id"] for key in keys):
+        problems.append("no unique key on unique_event_id alone (the upsert needs one)")
+    return problems
+
+
+def prepare_table(db: sqlite3.Connection, table: str, path: Path) -> None:
+    """Create the table and its index, or check the one found (raises :class:`ConfigError`)."""
+    with sync_transaction(db):
+        db.execute(create_table_sql(table))
+        columns = [
+            (str(r[1]), str(r[2]), bool(r[3]), r[4] is not None, int(r[5]))
+            for r in db.execute(f"PRAGMA table_info({_q(table)})")
+        ]
+        keys = [
+            [str(c[2]) for c in db.execute(f"PRAGMA index_info({_q(index[1])})")]
+            for index in db.execute(f"PRAGMA index_list({_q(table)})")
+            if index[2] and not index[4]  # unique, not partial
+        ]
+        problems = shape_problems(columns, keys)
+        if problems:
+            raise ConfigError(
+                f"sink.table: table {table!r} in {path} is not one the sink can write to: "
+                f"{'; '.join(problems)}; set sink.table to another name (the sink creates it)"
+            )
+        db.execute(create_index_sql(table))
 
 
 def upsert_sql(table: str, rows: int = 1) -> str:
@@ -86,11 +189,19 @@ class StoreTableSink(PlainSink):
         self._rows: list[tuple[Any, ...]] = []
 
     async def open(self, committed: str | None) -> None:
-        # The store has created the file; the table is ours. A short-lived connection keeps
-        # the DDL out of the store's writer (it runs before the first commit).
-        with contextlib.closing(sqlite3.connect(self.path, isolation_level=None)) as db:
-            db.execute("PRAGMA busy_timeout=5000")
-            db.executescript(create_table_sql(self.table))
+        if self.table.lower() in STORE_TABLES:
+            raise ConfigError(
+                f"sink.table: {self.table!r} is a table of the state store {self.path}, where "
+                "the sink's rows go: set sink.table to another name (e.g. 'opera_events')"
+            )
+        # The store has created the file. A short-lived connection keeps the DDL out of the
+        # store's writer (it runs before the first commit).
+        try:
+            with contextlib.closing(sqlite3.connect(self.path, isolation_level=None)) as db:
+                db.execute("PRAGMA busy_timeout=5000")
+                prepare_table(db, self.table, self.path)
+        except sqlite3.Error as exc:
+            raise open_error(exc, self.table, self.path, "state.path") from None
 
     async def write(self, stream: str, events: Sequence[Event]) -> None:
         # No await: what the committer takes is exactly the writes that returned.
@@ -119,15 +230,27 @@ class SqliteSink(PlainSink):
         self._lock = asyncio.Lock()  # workers share the connection: one transaction at a time
 
     async def open(self, committed: str | None) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # Created 0600 before SQLite does, like the state store (-wal/-shm take its mode).
-        os.close(os.open(self.path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600))
-        db = await aiosqlite.connect(self.path, isolation_level=None)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Created 0600 before SQLite does, like the state store (-wal/-shm take its mode).
+            os.close(os.open(self.path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600))
+        except OSError as exc:
+            raise ConfigError(
+                f"sink.path: cannot create or open {self.path} ({exc.strerror or exc}): set "
+                "sink.path to a file in a directory the daemon's user can write"
+            ) from None
+        try:
+            db = await aiosqlite.connect(self.path, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise open_error(exc, self.table, self.path, "sink.path") from None
         try:
             await db.executescript(
                 "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout=5000;"
-                + create_table_sql(self.table)
             )
+            await in_thread(db, lambda conn: prepare_table(conn, self.table, self.path))
+        except sqlite3.Error as exc:
+            await db.close()
+            raise open_error(exc, self.table, self.path, "sink.path") from None
         except BaseException:
             await db.close()
             raise

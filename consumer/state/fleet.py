@@ -156,6 +156,7 @@ class FleetTable:
         if self._conn is None or self._conn.is_closed():
             conn = await asyncpg.connect(
                 self._target.dsn(),
+                ssl=self._target.tls(),
                 timeout=min(timeout_s, self._connect_timeout),
                 server_settings={"application_name": f"{FLEET_MEMBER_APP}{self.member}"[:63]},
             )

@@ -195,6 +195,9 @@ DRIVER_ERRORS = (
 def store_error(target: Target, schema: str, exc: BaseException, doing: str) -> StoreError:
     """One line naming the server, the schema, what is wrong and the fix."""
     where = f"state store PostgreSQL {target.where} (schema {schema})"
+    # First: a certificate that does not verify is a ValueError too, not a parse error.
+    if (refusal := target.tls_refusal(exc, "state.dsn")) is not None:
+        return StoreError(f"{where}: {refusal}")
     text = target.describe(exc)
     if isinstance(exc, asyncpg.exceptions.PostgresError):
         state = exc.sqlstate or ""
@@ -324,6 +327,7 @@ class PostgresStore:
         try:
             pool = await asyncpg.create_pool(
                 target.dsn(),
+                ssl=target.tls(),  # verified by default off this machine (pg_target)
                 min_size=min(pool_min, pool_max),
                 max_size=pool_max,
                 timeout=timeout_s,  # connect
@@ -987,6 +991,7 @@ class PostgresLease:
             async with asyncio.timeout(timeout_s):
                 conn = await asyncpg.connect(
                     target.dsn(),
+                    ssl=target.tls(),
                     timeout=timeout_s,
                     command_timeout=timeout_s,
                     server_settings={"application_name": self._name},
@@ -1037,7 +1042,7 @@ class PostgresLease:
         try:
             async with asyncio.timeout(timeout_s):
                 conn = await asyncpg.connect(
-                    target.dsn(), timeout=timeout_s, command_timeout=timeout_s
+                    target.dsn(), ssl=target.tls(), timeout=timeout_s, command_timeout=timeout_s
                 )
                 holders = await _lock_holders(conn, (_LEASE_CLASS, _lease_key(schema, purpose)))
         except TimeoutError:

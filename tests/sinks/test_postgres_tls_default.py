@@ -1,0 +1,274 @@
+"""TLS to PostgreSQL by default (consumer/pg_target.py, for the postgres sink and the PostgreSQL
+state store alike). A DSN without sslmode got asyncpg's default, ``prefer``: TLS without checking
+the certificate, and plain text after a server answered that it had none, so a man in the middle
+that asked for AuthenticationCleartextPassword received the DSN's password. Off this machine the
+default is now verify-full (the system's CAs or the DSN's sslrootcert, the host name checked);
+a server that cannot prove itself is refused before the password is sent, with exit 78 naming
+sink.dsn / state.dsn and the fix.
+
+The servers here listen on 127.0.0.1 only; the host that is "not this machine" is an alias of
+127.0.0.1 (the machine's own name), which Target does not resolve: only ``localhost`` and
+loopback addresses are taken as this machine."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import subprocess
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from nats_server import make_certificates
+from operator_support import write_config
+from support import spawn_daemon, tail, wait_exit
+
+from consumer.config import PostgresSinkSettings
+from consumer.errors import ConfigError, StoreError
+from consumer.pg_target import Target, is_local
+from consumer.sinks.postgres import PostgresSink
+from consumer.state.postgres import PostgresStore
+
+pytestmark = pytest.mark.usefixtures("fresh_pysink", "contained_logging")
+
+SECRET = "pg-Sink-Secret-91c4"
+SSL_REQUEST = (80877103).to_bytes(4, "big")
+
+
+@pytest.mark.parametrize(
+    ("dsn", "verifies"),
+    [
+        ("postgresql://u:pw@db.example.com/ev", True),
+        ("postgresql://u:pw@10.0.0.5:5432/ev", True),
+        ("postgresql://u:pw@[2001:db8::1]:5432/ev", True),
+        ("postgresql://u:pw@127.0.0.1:5432,db.example.com:5433/ev", True),  # any host off it
+        ("postgresql://u:pw@vm/ev", True),  # a name is not resolved: only localhost is trusted
+        ("postgresql://u:pw@db.example.com/ev?sslmode=require", False),  # the operator's choice
+        ("postgresql://u:pw@db.example.com/ev?sslmode=disable", False),
+        ("postgresql://u:pw@db.example.com/ev?sslmode=verify-ca&sslrootcert=/ca.pem", False),
+        ("postgresql://u:pw@127.0.0.1:5432/ev", False),
+        ("postgresql://u:pw@127.8.9.10/ev", False),
+        ("postgresql://u:pw@[::1]:5432/ev", False),
+        ("postgresql://u:pw@localhost/ev", False),
+        ("postgresql://u:pw@LocalHost./ev", False),
+        ("postgresql://u:pw@/ev?host=/var/run/postgresql", False),  # a Unix socket
+        ("postgresql://u:pw@%2Fvar%2Frun%2Fpostgresql/ev", False),
+        ("postgresql:///ev", False),  # the driver's default: a local socket or localhost
+    ],
+)
+def test_which_dsns_verify_the_server_by_default(dsn: str, verifies: bool) -> None:
+    assert Target(dsn).verifies is verifies
+    assert (Target(dsn).tls() is not None) is verifies
+
+
+def test_the_environment_counts_as_the_dsn_would(monkeypatch: pytest.MonkeyPatch) -> None:
+    """asyncpg reads PGSSLMODE and PGHOST where the DSN says nothing: so does the decision."""
+    monkeypatch.setenv("PGHOST", "db.example.com")
+    assert Target("postgresql://u:pw@/ev").verifies
+    monkeypatch.setenv("PGSSLMODE", "require")
+    assert not Target("postgresql://u:pw@/ev").verifies
+    assert not Target("postgresql://u:pw@db.example.com/ev").verifies
+
+
+def test_the_default_context_verifies_against_the_system_or_the_dsns_ca(tmp_path: Path) -> None:
+    context = Target("postgresql://u:pw@db.example.com/ev").tls()
+    assert context is not None
+    assert (context.verify_mode, context.check_hostname) == (ssl.CERT_REQUIRED, True)
+    missing = tmp_path / "nope.pem"
+    target = Target(f"postgresql://u:pw@db.example.com/ev?sslrootcert={missing}")
+    with pytest.raises(OSError) as info:
+        target.tls()
+    refusal = target.tls_refusal(info.value, "sink.dsn")
+    assert refusal is not None and refusal.startswith("sink.dsn: ")
+    assert "the CA file cannot be loaded" in refusal and str(missing) in refusal
+
+
+def alias() -> str:
+    """A name of 127.0.0.1 that is not 'localhost' (the machine's own, in /etc/hosts)."""
+    name = socket.gethostname()
+    try:
+        addresses = {a[4][0] for a in socket.getaddrinfo(name, None, socket.AF_INET)}
+    except OSError:
+        addresses = set()
+    if is_local(name) or addresses != {"127.0.0.1"}:
+        pytest.skip(f"this machine's name {name!r} is not an alias of 127.0.0.1 only")
+    return name
+
+
+@dataclass
+class FakeServer:
+    """Answers the SSLRequest (``tls``: with a handshake, else 'N'), then asks for the
+    password in clear text, and records what it was sent: (over TLS?, password)."""
+
+    context: ssl.SSLContext | None
+    port: int = 0
+    passwords: list[tuple[bool, bytes]] = field(default_factory=list)
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(10):
+                request = await reader.readexactly(8)
+                tls = request[4:] == SSL_REQUEST and self.context is not None
+                if request[4:] == SSL_REQUEST:
+                    writer.write(b"S" if tls else b"N")
+                    await writer.drain()
+                    if tls:
+                        await writer.start_tls(self.context)  # type: ignore[arg-type]
+                    size = int.from_bytes(await reader.readexactly(4), "big")
+                    await reader.readexactly(size - 4)  # the StartupMessage
+                else:  # a StartupMessage right away
+                    await reader.readexactly(int.from_bytes(request[:4], "big") - 8)
+                writer.write(b"R" + (8).to_bytes(4, "big") + (3).to_bytes(4, "big"))
+                await writer.drain()
+                kind = await reader.readexactly(1)
+                size = int.from_bytes(await reader.readexactly(4), "big")
+                body = await reader.readexactly(size - 4)
+                if kind == b"p":
+                    self.passwords.append((tls, body.rstrip(b"\x00")))
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+async def fake(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[FakeServer]:
+    """``request.param``: "unverifiable TLS" (a certificate no system CA signed) or "no TLS"."""
+    context = None
+    if request.param == "unverifiable TLS":
+        certs = make_certificates(tmp_path)
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(certs.server_cert, certs.server_key)
+    server = FakeServer(context)
+    listening = await asyncio.start_server(server.handle, "127.0.0.1", 0)
+    server.port = listening.sockets[0].getsockname()[1]
+    async with listening:
+        yield server
+
+
+def sink_settings(dsn: str) -> PostgresSinkSettings:
+    return PostgresSinkSettings(type="postgres", dsn=dsn, table="opera_events", timeout_s=5.0)  # type: ignore[arg-type]
+
+
+FAKES = pytest.mark.parametrize("fake", ["unverifiable TLS", "no TLS"], indirect=True)
+
+
+@FAKES
+async def test_the_sink_never_gives_its_password_to_a_server_it_cannot_verify(
+    fake: FakeServer, request: pytest.FixtureRequest
+):
+    """Was: with no sslmode the password went over TLS to a self-signed certificate, and in
+    plain text to a server that said it had no TLS; the sink then retried for ever."""
+    dsn = f"postgresql://opera:{SECRET}@{alias()}:{fake.port}/opera_test"
+    sink = PostgresSink(sink_settings(dsn))
+    with pytest.raises(ConfigError) as info:
+        await sink.open(None)
+    await sink.close()
+    assert fake.passwords == []
+    message = str(info.value)
+    assert message.startswith("sink.dsn: PostgreSQL at ")
+    what = {"unverifiable TLS": "certificate cannot be verified", "no TLS": "does not offer TLS"}
+    assert what[request.node.callspec.params["fake"]] in message
+    assert "the DSN has no sslmode" in message
+    assert "sslrootcert=" in message and "sslmode=require" in message
+    assert SECRET not in message
+
+
+@FAKES
+async def test_the_state_store_never_gives_its_password_to_a_server_it_cannot_verify(
+    fake: FakeServer,
+):
+    """The same Target: a StoreError that is not retried (exit 78, not a wait for ever),
+    naming state.dsn."""
+    dsn = f"postgresql://opera:{SECRET}@{alias()}:{fake.port}/opera_test"
+    with pytest.raises(StoreError) as info:
+        await PostgresStore.open(dsn, timeout_s=5.0)
+    assert fake.passwords == []
+    assert not info.value.retriable
+    assert "state.dsn: PostgreSQL at " in str(info.value)
+    assert "sslmode=require" in str(info.value)
+    assert SECRET not in str(info.value)
+
+
+@pytest.mark.parametrize("fake", ["unverifiable TLS"], indirect=True)
+async def test_an_explicit_sslmode_is_the_operators_choice(fake: FakeServer):
+    """sslmode=require: encrypted, not verified, as the operator wrote."""
+    dsn = f"postgresql://opera:{SECRET}@{alias()}:{fake.port}/opera_test?sslmode=require"
+    sink = PostgresSink(sink_settings(dsn))
+    with pytest.raises(Exception):  # noqa: B017  # the fake server ends there
+        await sink.open(None)
+    await sink.close()
+    assert fake.passwords == [(True, SECRET.encode())]
+
+
+async def test_the_dsns_sslrootcert_verifies_the_server(tmp_path: Path):
+    """No sslmode, the CA in sslrootcert, a certificate for the DSN's host name: verified TLS,
+    and only then the password."""
+    name = alias()
+    openssl = ["openssl"]
+    run = lambda *a: subprocess.run([*openssl, *a], cwd=tmp_path, check=True, capture_output=True)  # noqa: E731
+    try:
+        run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-keyout", "ca.key",
+            "-out", "ca.pem", "-subj", "/CN=opera-test-ca")  # fmt: skip
+    except FileNotFoundError:
+        pytest.skip("openssl not installed: apt-get install openssl")
+    (tmp_path / "san.ext").write_text(f"subjectAltName = DNS:{name}\n")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+        "-subj", f"/CN={name}")  # fmt: skip
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+        "-CAcreateserial", "-days", "2", "-out", "server.pem", "-extfile", "san.ext")  # fmt: skip
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tmp_path / "server.pem", tmp_path / "server.key")
+    fake = FakeServer(context)
+    listening = await asyncio.start_server(fake.handle, "127.0.0.1", 0)
+    port = listening.sockets[0].getsockname()[1]
+    async with listening:
+        dsn = (
+            f"postgresql://opera:{SECRET}@{name}:{port}/opera_test"
+            f"?sslrootcert={tmp_path / 'ca.pem'}"
+        )
+        sink = PostgresSink(sink_settings(dsn))
+        with pytest.raises(Exception):  # noqa: B017  # the fake server ends there
+            await sink.open(None)
+        await sink.close()
+    assert fake.passwords == [(True, SECRET.encode())]
+
+
+async def test_a_real_server_without_tls_off_this_machine_exits_78(
+    postgres_server, sandbox_factory, tmp_path: Path
+):
+    """The daemon against the test cluster (no TLS) reached by a name that is not loopback:
+    refused at start, exit 78, the log naming the key and the fix; its own loopback address
+    keeps working (every other test), and sslmode=disable in the DSN is taken as written."""
+    name = alias()
+    dsn = postgres_server.dsn().replace("@127.0.0.1:", f"@{name}:")
+    assert dsn != postgres_server.dsn()
+    gw = await sandbox_factory(backlog=5)
+    for key, config in (
+        ("sink.dsn", write_config(tmp_path, gw.url, sink={"type": "postgres", "dsn": dsn})),
+        (
+            "state.dsn",
+            write_config(
+                tmp_path,
+                gw.url,
+                name="state.toml",
+                sink={"type": "jsonl", "path": str(tmp_path / "events.jsonl")},
+                state={"backend": "postgres", "dsn": dsn},
+            ),
+        ),
+    ):
+        log = tmp_path / f"{key}.log"
+        proc = spawn_daemon(config, log)
+        try:
+            code = await wait_exit(proc, 60)
+        finally:
+            proc.kill()
+        assert code == 78, f"{key}: exit {code}: {tail(log, 800)}"
+        assert f"{key}: PostgreSQL at {name}:" in tail(log, 4000), tail(log, 800)
+        assert "does not offer TLS" in tail(log, 4000)
+        assert postgres_server.password not in log.read_text()
+    sink = PostgresSink(sink_settings(dsn + "?sslmode=disable"))
+    await sink.open(None)
+    await sink.close()
