@@ -254,7 +254,19 @@ def committed_sink_length(state: Path, sink: str = "jsonl") -> int:
             row = db.execute("SELECT state FROM sink_state WHERE sink = ?", (sink,)).fetchone()
     except sqlite3.OperationalError:  # no table yet
         return 0
-    return int(row[0]) if row is not None else 0
+    return 0 if row is None else sink_length(row[0])
+
+
+def sink_length(position: str | None) -> int:
+    """The length a jsonl position records: a bare number (from before positions named their
+    file), or the ``length`` of its JSON."""
+    if position is None:
+        return 0
+    if position.isdigit():
+        return int(position)
+    length = json.loads(position)["length"]
+    assert isinstance(length, int)
+    return length
 
 
 def caught(pid: int, sig: signal.Signals) -> bool:

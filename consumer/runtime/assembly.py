@@ -140,17 +140,19 @@ def bus_sink(settings: Settings, s: NatsSinkSettings | RedisSinkSettings) -> Nat
 
 
 async def open_sink(sink: Sink, store: StateStore, state_path: object) -> None:
-    """Open ``sink`` at its committed position; a sink with none yet has where it starts
-    recorded before its first write (the daemon, and a `dlq replay`)."""
+    """Open ``sink`` at its committed position; a sink that starts anywhere else (none yet,
+    a file moved aside or shortened) has where it starts recorded before its first write
+    (the daemon, and a `dlq replay`)."""
     committed = await store.sink_state(sink.name)
     try:
         await sink.open(committed)
     except SinkUnusable as exc:
         raise SinkUnusable(f"{exc} (state store: {state_path})") from None
-    if committed is None and (position := sink.position()) is not None:
+    if (position := sink.position()) is not None and position != committed:
         # Record where the sink starts before its first write: a crash between that write
-        # and the first commit must find a length to cut back to, not a file the store
-        # knows nothing of.
+        # and the first commit must find this position to cut back to, not none (a file the
+        # store knows nothing of) nor the one before (a longer length keeps the new lines as
+        # committed, and their events come again: twice).
         try:
             await store.set_sink_state(sink.name, position)
         except BaseException:

@@ -20,21 +20,32 @@ fsync is final the same way.
 It never cuts bytes it cannot prove uncommitted: a non-empty file that the state store has no
 length for (a new or replaced state store) stops the start (:class:`~consumer.errors.
 SinkUnusable`, exit 78) until an operator moves the file aside or adopts it
-(``opera-consumer sink adopt``). While running, each sync checks that the
-path still names the open file and that it did not shrink, so a file rotated, truncated or
-removed underneath stops the daemon instead of writing NUL bytes or into a deleted file.
+(``opera-consumer sink adopt``). The position names its file, ``{"path", "length", "ino"}``:
+the configured path (its directory's links resolved) and the file's inode (not the device
+number, which a remount may change). A position recorded for another path (sink.path changed,
+then set back) or another file (moved aside, replaced) is as none: its length means nothing
+for this file, so it cuts nothing, and a file with lines is refused the same way. A plain
+number (the format before) is still the configured path's length. A start anywhere else than
+the committed position (a new file, one moved aside or shortened between runs) is recorded
+before the first write (``open_sink``): a crash before the first commit cuts back to it, not
+to the old length. While running, each sync checks that the path still names the open file
+and that it did not shrink, so a file rotated, truncated or removed underneath stops the
+daemon instead of writing NUL bytes or into a deleted file.
 
 Rotation (optional, :mod:`consumer.core.rotation` names the files): the position becomes
-(file, length) as JSON, ``{"file", "seq", "length", "started"}``; a plain number is the
-configured path's length (the format without rotation, and before it). A write that makes a
+(file, length) as JSON, ``{"file", "seq", "length", "started", "path", "ino"}``, its path the
+configured one (the series'); no ``ino`` when the file a rotation started is created by the
+sync after the position was taken (its name, within the series, names it). A plain length is
+the configured path's (without rotation, and before it). A write that makes a
 new file due starts it in the buffer; the next write-out creates it (``O_EXCL``) and fsyncs the
 directory before writing into it, so no byte of a file is committed before the file itself is
 durable.
 On start, the committed file is cut to the committed length and every file numbered after it
 is deleted: the sink numbers each file it creates, so those were created after the last
-commit and hold nothing it covers. Retention (at start, and after each commit that passes a
-file, off the write path) deletes whole files numbered before the committed one only (fully
-committed), never the current or the committed file.
+commit and hold nothing it covers (a position of another series, or whose file is not the
+one found, proves nothing of the kind: as none). Retention (at start, and after each commit
+that passes a file, off the write path) deletes whole files numbered before the committed one
+only (fully committed), never the current or the committed file.
 """
 
 from __future__ import annotations
@@ -80,6 +91,10 @@ class _Committed(NamedTuple):
     seq: int
     length: int
     started: int | None
+    # The sink it was recorded for (the configured path, its directory's links resolved) and
+    # the inode of the file it names: None in a position from before they were recorded.
+    where: str | None = None
+    ino: int | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -137,6 +152,7 @@ class JsonlSink:
         self._io = threading.Lock()
         self._fsync_io = threading.Lock()
         self._dry = False  # check(): open's decisions only, nothing created, cut or removed
+        self._where = ""  # the path positions are recorded for (set by open)
 
     @property
     def current(self) -> Path:
@@ -165,7 +181,17 @@ class JsonlSink:
     async def _open(self, committed: str | None) -> None:
         if not self._dry:
             self._dir.mkdir(parents=True, exist_ok=True)
+        self._where = _where(self.path)
         c = _parse(committed, self.path)
+        foreign = None
+        if c is not None and c.where is not None and c.where != self._where:
+            # Recorded for another sink.path (changed, then set back): its length and its
+            # numbers mean nothing here. As if there were none: nothing is cut or deleted.
+            foreign = (
+                f"the state store's committed position is of {printable(c.where, 300)}, not "
+                f"of {printable(self._where, 300)}"
+            )
+            c = None
         if self._rotation is None:
             if c is not None and c.file is not None and c.file != self.path.name:
                 raise SinkUnusable(
@@ -174,18 +200,35 @@ class JsonlSink:
                     "rotation keys again, or (after a clean stop) run `opera-consumer sink adopt` "
                     f"without them to continue in {self.path}"
                 )
-            head = self._open_file(self.path.name, 0, 0, None if c is None else c.length)
+            head = self._open_file(self.path.name, 0, 0, c, foreign)
         else:
-            head = self._open_rotated(self._rotation, c)
+            head = self._open_rotated(self._rotation, c, foreign)
         self._files = [head]
         self._tail = head
         self._next_seq = max(self._next_seq, head.seq + 1)
         if self._rotation is not None and self._rotation.retains and not self._dry:
             self._retain(self._clock(), head.seq)
 
-    def _open_rotated(self, rot: Rotation, c: _Committed | None) -> _File:
+    def _open_rotated(self, rot: Rotation, c: _Committed | None, foreign: str | None) -> _File:
         ours = _scan(self._dir, rot)
         now = self._clock()
+        if c is not None and c.file is not None:
+            if not _numbered(c.file, c.seq, self.path, rot.suffix):
+                # Never cut a file the series does not name (the state store's copy is not
+                # trusted): the path itself is file 0, any other carries its number.
+                raise SinkUnusable(
+                    f"jsonl file {printable(self._dir / c.file)}: the state store's committed "
+                    f"position names a file that is not one of the series (number {c.seq}): "
+                    f"{ADOPT_HINT}"
+                )
+            if c.ino is not None and _ino(self._dir / c.file) != c.ino:
+                # Not the file the position was recorded in (gone, or another one by that
+                # name): its number proves nothing about the files after it.
+                foreign = (
+                    f"the state store's committed position is of a file {printable(c.file)} "
+                    "that is not the one there"
+                )
+                c = None
         if c is None or c.file is None:
             # No position of a rotated file: none of them can be proven uncommitted.
             full = [n for _, n in ours if _size(self._dir / n)]
@@ -193,7 +236,9 @@ class JsonlSink:
                 full.insert(0, self.path.name)
             if full:
                 what = (
-                    "the state store has no committed position for them"
+                    foreign
+                    if foreign is not None
+                    else "the state store has no committed position for them"
                     if c is None
                     else f"the state store's committed position is a length of {self.path} "
                     "alone, from before them"
@@ -209,19 +254,11 @@ class JsonlSink:
             self._next_seq = max((s for s, _ in ours), default=0) + 1
             if c is not None:  # the configured path goes on as file 0 until a commit
                 self._hold = True
-                return self._open_file(self.path.name, 0, rot.started_at(now), c.length)
+                return self._open_file(self.path.name, 0, rot.started_at(now), c)
             seq = self._next_seq
             started = rot.started_at(now)
             # None: a file of that name made by anyone else stops the start, it is not emptied.
-            return self._open_file(rot.name(seq, started), seq, started, None)
-        if not _numbered(c.file, c.seq, self.path, rot.suffix):
-            # Never cut a file the series does not name (the state store's copy is not
-            # trusted): the path itself is file 0, any other carries its number.
-            raise SinkUnusable(
-                f"jsonl file {printable(self._dir / c.file)}: the state store's committed "
-                f"position names a file that is not one of the series (number {c.seq}): "
-                f"{ADOPT_HINT}"
-            )
+            return self._open_file(rot.name(seq, started), seq, started, None, foreign)
         newer = sorted(((s, n) for s, n in ours if s > c.seq and n != c.file), reverse=True)
         for _, name in [] if self._dry else newer:
             # Numbered after the committed file: created after the last commit.
@@ -232,14 +269,25 @@ class JsonlSink:
             _fsync_dir(self._dir)
         self._committed_seq = c.seq
         started = c.started if c.started is not None else rot.started_at(now)
-        return self._open_file(c.file, c.seq, started, c.length)
+        return self._open_file(c.file, c.seq, started, c)
 
-    def _open_file(self, name: str, seq: int, started: int, committed: int | None) -> _File:
+    def _open_file(
+        self, name: str, seq: int, started: int, c: _Committed | None, why: str | None = None
+    ) -> _File:
+        """The file ``name``, cut to the committed length of ``c`` when it is the file ``c``
+        was recorded in (``why``: why there is no ``c``)."""
         path = self._dir / name
         if self._dry:
-            with contextlib.suppress(FileNotFoundError):  # refused as below (a link: ELOOP)
-                os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW))
-            return _File(name, seq, started, self._committed_length(path, committed, _size(path)))
+            try:  # refused as below (a link: ELOOP)
+                fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except FileNotFoundError:
+                st = None
+            else:
+                try:
+                    st = os.fstat(fd)
+                finally:
+                    os.close(fd)
+            return _File(name, seq, started, self._committed_length(path, c, st, why))
         created = False
         try:
             # O_NOFOLLOW: never cut the target of a link someone put there
@@ -250,8 +298,9 @@ class JsonlSink:
             )
             created = True
         try:
-            size = os.fstat(fd).st_size
-            length = self._committed_length(path, committed, size)
+            st = os.fstat(fd)
+            size = st.st_size
+            length = self._committed_length(path, c, st, why)
             if size > length:
                 # Lines written after the last checkpoint: their events will be replayed.
                 os.ftruncate(fd, length)
@@ -273,15 +322,26 @@ class JsonlSink:
         )
 
     @staticmethod
-    def _committed_length(path: Path, committed: int | None, size: int) -> int:
-        if committed is None:
+    def _committed_length(
+        path: Path, c: _Committed | None, st: os.stat_result | None, why: str | None
+    ) -> int:
+        size = 0 if st is None else st.st_size
+        if c is not None and c.ino is not None and (st is None or st.st_ino != c.ino):
+            # Not the file the length was recorded for (moved aside, replaced): it means
+            # nothing here, and must never cut this one.
+            why = "the state store's committed length is of another file than the one there"
+            c = None
+        if c is None:
             if size:
                 raise SinkUnusable(
-                    f"jsonl file {path} holds {size} bytes, but the state store has no "
-                    f"committed length for it, so none of them can be proven uncommitted: "
-                    f"{ADOPT_HINT}"
+                    f"jsonl file {path} holds {size} bytes, but "
+                    f"{why or 'the state store has no committed length for it'}, so none of "
+                    f"them can be proven uncommitted: {ADOPT_HINT}"
                 )
+            if why is not None:
+                log.warning("jsonl file is not the committed one; starting it at 0", path=str(path))
             return 0
+        committed = c.length
         if size < committed:
             # Shortened or removed between runs (shipped away by hand, say): nothing of ours
             # to cut; append after what is there.
@@ -354,9 +414,10 @@ class JsonlSink:
     def position(self) -> str | None:
         tail = self._tail
         length = tail.written + tail.buffered
+        ino = tail.identity[1] or None  # None: a rotated file the next write-out creates
         if self._rotation is None:
-            return str(length)
-        return _encode(tail.name, tail.seq, length, tail.started)
+            return _encode_plain(self._where, ino, length)
+        return _encode(tail.name, tail.seq, length, tail.started, where=self._where, ino=ino)
 
     def committed(self, position: str) -> None:
         if self._rotation is None:
@@ -456,10 +517,10 @@ class JsonlSink:
     def _covered(self, position: str) -> bool:
         """Whether a position is on disk already (then nothing needs writing)."""
         head = self._files[0]
-        if self._rotation is None:
-            return int(position) <= head.durable
         c = _parse(position, self.path)
         assert c is not None
+        if self._rotation is None:
+            return c.length <= head.durable
         return c.seq < head.seq or (c.seq == head.seq and c.length <= head.durable)
 
     def _write(self, plan: Sequence[tuple[_File, list[bytes], int]]) -> None:
@@ -591,18 +652,24 @@ class Adoption(NamedTuple):
 def adopt_position(path: Path, rotation: Rotation | None, now: float) -> Adoption:
     """What ``sink adopt`` records: the newest file of the sink, up to the end of its last
     complete line, as committed."""
+    where = _where(path)
     if rotation is not None and (ours := _scan(path.parent, rotation)):
         seq, name = max(ours)
         newest = path.parent / name
         st = newest.stat()
         length = _complete_length(newest, st.st_size)
         started = rotation.started_at(st.st_mtime)
-        return Adoption(newest, length, _encode(name, seq, length, started), st.st_size - length)
-    size = _size(path)
+        position = _encode(name, seq, length, started, where=where, ino=st.st_ino)
+        return Adoption(newest, length, position, st.st_size - length)
+    try:
+        st = path.stat()
+        size, ino = st.st_size, st.st_ino
+    except FileNotFoundError:
+        size, ino = 0, 0  # no inode is 0: a file put there later is not taken as this one
     length = _complete_length(path, size)
     if rotation is None:
-        return Adoption(path, length, str(length), size - length)
-    position = _encode(path.name, 0, length, rotation.started_at(now))
+        return Adoption(path, length, _encode_plain(where, ino, length), size - length)
+    position = _encode(path.name, 0, length, rotation.started_at(now), where=where, ino=ino)
     return Adoption(path, length, position, size - length)
 
 
@@ -643,8 +710,32 @@ def _scan(folder: Path, rot: Rotation) -> list[tuple[int, str]]:
     return found
 
 
-def _encode(name: str, seq: int, length: int, started: int) -> str:
-    return orjson.dumps({"file": name, "seq": seq, "length": length, "started": started}).decode()
+def _encode(name: str, seq: int, length: int, started: int, *, where: str, ino: int | None) -> str:
+    doc: dict[str, object] = {
+        "file": name,
+        "seq": seq,
+        "length": length,
+        "started": started,
+        "path": where,
+    }
+    if ino is not None:
+        doc["ino"] = ino
+    return orjson.dumps(doc).decode()
+
+
+def _encode_plain(where: str, ino: int | None, length: int) -> str:
+    """A position without rotation: the length of the file ``where`` names, bound to it."""
+    doc: dict[str, object] = {"path": where, "length": length}
+    if ino is not None:
+        doc["ino"] = ino
+    return orjson.dumps(doc).decode()
+
+
+def _where(path: Path) -> str:
+    """What a position is recorded for: ``path`` with its directory's links resolved (as
+    text: JSON holds no undecodable bytes)."""
+    real = os.path.join(os.path.realpath(path.parent), path.name)
+    return os.fsencode(real).decode(errors="backslashreplace")
 
 
 def _parse(committed: str | None, path: Path) -> _Committed | None:
@@ -666,6 +757,17 @@ def _parse(committed: str | None, path: Path) -> _Committed | None:
         raise refused from None
     if not isinstance(doc, dict):
         raise refused
+    where, ino = doc.get("path"), doc.get("ino")
+    if not (
+        (where is None or (isinstance(where, str) and 0 < len(where) <= 4096))
+        and (ino is None or _count(ino))
+    ):
+        raise refused
+    if "file" not in doc:  # a length of the configured path, bound to it
+        length = doc.get("length")
+        if where is None or not _count(length):
+            raise refused
+        return _Committed(None, 0, length, None, where, ino)
     name, seq, length, started = (doc.get(k) for k in ("file", "seq", "length", "started"))
     if not (
         isinstance(name, str)
@@ -678,7 +780,7 @@ def _parse(committed: str | None, path: Path) -> _Committed | None:
         and (started is None or _count(started))
     ):
         raise refused
-    return _Committed(name, seq, length, started)
+    return _Committed(name, seq, length, started, where, ino)
 
 
 def _numbered(name: str, seq: int, path: Path, suffix: str) -> bool:
@@ -693,6 +795,14 @@ def _numbered(name: str, seq: int, path: Path, suffix: str) -> bool:
 
 def _count(v: object) -> TypeGuard[int]:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _ino(path: Path) -> int | None:
+    """The inode of the file ``path`` names (not following a link); None: no such file."""
+    try:
+        return os.stat(path, follow_symlinks=False).st_ino
+    except FileNotFoundError:
+        return None
 
 
 def _size(path: Path) -> int:

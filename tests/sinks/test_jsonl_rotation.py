@@ -27,6 +27,7 @@ from support import (
     make_settings,
     newest_offset,
     running,
+    sink_length,
     truth_ids,
     wait_until,
 )
@@ -105,8 +106,15 @@ async def test_rotation_by_size_keeps_files_under_the_limit_in_numbered_order(
     await sink.open(None)
     try:
         first = position(sink)
-        assert first == {"file": rot.name(1, int(T0)), "seq": 1, "length": 0, "started": T0}
-        assert (tmp_path / first["file"]).exists()  # created durably at open: a start to cut to
+        # created durably at open: a start to cut to, bound to that file (its inode)
+        assert first.pop("ino") == (tmp_path / first["file"]).stat().st_ino
+        assert first == {
+            "file": rot.name(1, int(T0)),
+            "seq": 1,
+            "length": 0,
+            "started": T0,
+            "path": str(path),
+        }
         for i in range(0, 10, 2):
             await sink.write("main", [event(i), event(i + 1)])
             clock.now += 1
@@ -125,6 +133,8 @@ async def test_rotation_by_size_keeps_files_under_the_limit_in_numbered_order(
         "seq": 5,
         "length": 2 * LINE,
         "started": int(T0) + 4,
+        "path": str(path),
+        "ino": files[-1].stat().st_ino,
     }
 
 
@@ -524,7 +534,7 @@ async def test_rotation_switched_off_with_a_rotated_position_is_refused(tmp_path
     sink = JsonlSink(path)
     await sink.open(json.dumps({"file": "events.jsonl", "seq": 0, "length": 2}))
     try:
-        assert sink.position() == "2"
+        assert sink_length(sink.position()) == 2
         assert path.read_bytes() == b"x\n"
     finally:
         await sink.close()
@@ -632,7 +642,10 @@ async def test_the_committer_tells_the_sink_what_is_committed(tmp_path: Path) ->
             committer.processed("main", [e.unique_event_id for e in batch], seqs)
             assert await committer.flush()
         state = json.loads(await store.sink_state("jsonl") or "")
-        assert state == position(sink)
+        # The last write started a file, which that commit's sync created: its position,
+        # taken before, names no inode yet.
+        assert "ino" not in state
+        assert state | {"ino": position(sink)["ino"]} == position(sink)
         # Retention runs in a task of its own after the commit: wait for what it must leave.
         async with asyncio.timeout(10):
             while [rot.seq_of(f.name) for f in rotated_files(path, rot)] != [5, 6]:
@@ -701,9 +714,17 @@ def test_rotation_is_off_unless_configured(tmp_path: Path) -> None:
 
 async def test_adopt_records_the_newest_rotated_file(tmp_path: Path) -> None:
     path, rot = tmp_path / "events.jsonl", rotation()
-    assert adopt_position(path, None, T0) == (path, 0, "0", 0)
+    # No file: inode 0, which no file has (one put there later is not taken as this one).
+    assert adopt_position(path, None, T0) == (
+        path,
+        0,
+        json.dumps({"path": str(path), "length": 0, "ino": 0}, separators=(",", ":")),
+        0,
+    )
     assert adopt_position(path, rot, T0)[2] == json.dumps(
-        {"file": "events.jsonl", "seq": 0, "length": 0, "started": int(T0)}, separators=(",", ":")
+        {"file": "events.jsonl", "seq": 0, "length": 0, "started": int(T0), "path": str(path)}
+        | {"ino": 0},
+        separators=(",", ":"),
     )
     for seq in (3, 12, 7):
         (tmp_path / rot.name(seq, int(T0))).write_bytes(b"x\n" * seq)

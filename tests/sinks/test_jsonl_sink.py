@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 import pytest
-from support import Held, as_received, wait_until
+from support import Held, as_received, sink_length, wait_until
 
 from consumer.core.events import Event
 from consumer.errors import PermanentSinkError, SinkLost, SinkUnusable, TransientSinkError
@@ -55,7 +55,7 @@ async def sink(tmp_path: Path) -> AsyncIterator[JsonlSink]:
 async def test_open_creates_the_file_and_starts_at_zero(sink: JsonlSink) -> None:
     assert sink.path.is_file()
     assert sink.path.stat().st_size == 0
-    assert sink.position() == "0"
+    assert sink_length(sink.position()) == 0
     assert sink.name == "jsonl"
     assert sink.transactional is True
 
@@ -72,7 +72,7 @@ async def test_lines_are_the_raw_event_json_one_per_line(sink: JsonlSink) -> Non
 async def test_nothing_reaches_the_file_before_sync(sink: JsonlSink) -> None:
     await sink.write("main", [event(1)])
     assert sink.path.stat().st_size == 0
-    assert sink.position() == str(len(line_bytes(event(1))))
+    assert sink_length(sink.position()) == len(line_bytes(event(1)))
 
 
 async def test_position_covers_exactly_the_writes_that_returned(sink: JsonlSink) -> None:
@@ -80,12 +80,12 @@ async def test_position_covers_exactly_the_writes_that_returned(sink: JsonlSink)
     for i in range(4):
         await sink.write("main", [event(i)])
         sizes.append(sizes[-1] + len(line_bytes(event(i))))
-        assert sink.position() == str(sizes[-1])
+        assert sink_length(sink.position()) == sizes[-1]
     await sink.write("main", [])
-    assert sink.position() == str(sizes[-1])
+    assert sink_length(sink.position()) == sizes[-1]
     await sink.sync(sink.position())
     assert sink.path.stat().st_size == sizes[-1]
-    assert sink.position() == str(sizes[-1])
+    assert sink_length(sink.position()) == sizes[-1]
 
 
 async def test_sync_is_idempotent(sink: JsonlSink) -> None:
@@ -140,7 +140,7 @@ async def test_open_cuts_a_longer_file_back_to_the_committed_length(tmp_path: Pa
     await s.open(str(len(first)))
     try:
         assert path.read_bytes() == first
-        assert s.position() == str(len(first))
+        assert sink_length(s.position()) == len(first)
         await s.write("main", [event(3)])
         await s.sync(s.position())
         assert read_lines(path) == [event(1).raw, event(3).raw]
@@ -169,7 +169,7 @@ async def test_open_without_committed_length_takes_an_empty_file(tmp_path: Path)
     s = JsonlSink(path)
     await s.open(None)
     try:
-        assert s.position() == "0"
+        assert sink_length(s.position()) == 0
     finally:
         await s.close()
 
@@ -233,7 +233,7 @@ async def test_open_with_the_exact_length_keeps_the_file(tmp_path: Path) -> None
     await s.open(str(len(content)))
     try:
         assert path.read_bytes() == content
-        assert s.position() == str(len(content))
+        assert sink_length(s.position()) == len(content)
     finally:
         await s.close()
 
@@ -246,7 +246,7 @@ async def test_a_file_shorter_than_committed_is_accepted(tmp_path: Path) -> None
     await s.open(str(len(content) + 1000))  # rotated or truncated: a warning, not an error
     try:
         assert path.read_bytes() == content
-        assert s.position() == str(len(content))
+        assert sink_length(s.position()) == len(content)
         await s.write("main", [event(2)])
         await s.sync(s.position())
         # appended right after the existing data: no hole of zero bytes
@@ -261,7 +261,7 @@ async def test_a_missing_file_with_a_committed_length_is_accepted(tmp_path: Path
     s = JsonlSink(path)
     await s.open("500")
     try:
-        assert s.position() == "0"
+        assert sink_length(s.position()) == 0
     finally:
         await s.close()
 
@@ -295,7 +295,7 @@ async def test_a_sync_of_more_parts_than_one_pwritev_takes_writes_them_all(
         await sink.write("main", [event(i)])
     await sink.sync(sink.position())
     assert read_lines(sink.path) == [event(i).raw for i in range(n)]
-    assert sink.position() == str(sink.path.stat().st_size)
+    assert sink_length(sink.position()) == sink.path.stat().st_size
 
 
 async def test_a_short_write_goes_on_where_it_stopped(
@@ -325,7 +325,7 @@ async def test_a_write_during_sync_is_kept_for_the_next_sync(sink: JsonlSink) ->
     await sink.write("main", [event(2)])  # arrives while the first sync is on disk
     second = sink.position()
     assert second is not None
-    assert int(second) == len(line_bytes(event(1))) + len(line_bytes(event(2)))
+    assert sink_length(second) == len(line_bytes(event(1))) + len(line_bytes(event(2)))
     held.release.set()
     async with asyncio.timeout(5):
         await task
@@ -392,7 +392,7 @@ async def test_an_event_text_that_cannot_be_parsed_with_a_resource_is_that_event
         await sink.write("main", [ev])
     assert err.value.unique_event_id == "u7"
     assert "cannot be serialized" in str(err.value)
-    assert sink.position() == "0"
+    assert sink_length(sink.position()) == 0
 
 
 async def test_the_preflight_check_refuses_a_link_as_open_does(tmp_path: Path) -> None:
@@ -461,11 +461,11 @@ async def test_a_failed_fsync_cuts_what_it_wrote_and_stops_for_a_replay(
     ):
         await sink.sync(sink.position())
     monkeypatch.undo()
-    assert path.stat().st_size == int(committed)  # a reader sees the committed lines only
+    assert path.stat().st_size == sink_length(committed)  # a reader sees the committed lines only
     await sink.write("main", [event(4)])
     with pytest.raises(SinkLost):  # never again in this process: the bytes are gone
         await sink.sync(sink.position())
-    assert path.stat().st_size == int(committed)
+    assert path.stat().st_size == sink_length(committed)
     await sink.close()
     # The restart: from the committed position, the stream replays 2 and 3 (and 4).
     again = JsonlSink(path, fsync=True)
@@ -531,7 +531,7 @@ async def test_an_fsync_failing_after_its_sync_was_cancelled_still_stops_the_sin
     with pytest.raises(SinkLost, match=r"fsync of jsonl file .*events\.jsonl failed"):
         async with asyncio.timeout(10):
             await second
-    assert path.stat().st_size == int(committed)
+    assert path.stat().st_size == sink_length(committed)
     await sink.close()
 
 
@@ -557,7 +557,7 @@ async def test_lines_waiting_for_a_slow_commit_go_to_the_file_not_the_heap(
 
         # The write-outs reach the file while the fsync waits: the heap keeps less than one.
         await wait_until(lambda: held() < WRITE_OUT_BYTES and sink._writer is None)
-        assert sink.path.stat().st_size == int(position) - held()
+        assert sink.path.stat().st_size == sink_length(position) - held()
         assert not commit.done()
     finally:
         fsync.release.set()
@@ -604,7 +604,7 @@ async def test_close_waits_for_a_write_out_under_way(tmp_path: Path) -> None:
     sink = JsonlSink(path, fsync=False)
     await sink.open(None)
     await sink.write("main", [event(i, pad="x" * 2000) for i in range(600)])  # > 1 MiB
-    size = int(sink.position() or 0)
+    size = sink_length(sink.position())
     assert size >= WRITE_OUT_BYTES
     await sink.close()  # no sync: the write-out started by write() finished, nothing leaked
     assert path.stat().st_size == size
