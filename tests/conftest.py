@@ -15,7 +15,7 @@ import pytest
 import structlog
 from hypothesis import HealthCheck, settings
 from nats_server import nats_factory, nats_server  # noqa: F401  # fixtures: NATS
-from pg import postgres_dsn, postgres_server  # noqa: F401  # fixtures: a PostgreSQL server
+from pg import pg_proxy, postgres_dsn, postgres_server, schema  # noqa: F401  # PostgreSQL
 from redis_server import redis_factory_fixture, redis_server_fixture  # noqa: F401  # Redis
 
 import consumer.config.loading as config_loading

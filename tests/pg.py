@@ -21,13 +21,16 @@ import pwd
 import shutil
 import signal
 import subprocess
-from collections.abc import Iterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 from server_process import ServerProcess
+from tcp_proxy import TcpProxy
 
 USER = "opera"
 PASSWORD = "pg-test-secret-7f3a"  # the throwaway cluster's superuser password
@@ -223,3 +226,26 @@ def postgres_server() -> Iterator[PostgresServer]:
 def postgres_dsn(postgres_server: PostgresServer) -> str:
     """``postgresql://opera:…@127.0.0.1:PORT/opera_test``: a database for the session."""
     return postgres_server.dsn()
+
+
+@pytest.fixture
+async def schema(postgres_dsn: str) -> AsyncIterator[str]:
+    """A fresh schema name on the session's database, dropped after the test."""
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    yield name
+    await sql(postgres_dsn, "execute", f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+
+
+@pytest.fixture
+def pg_proxy(postgres_dsn: str) -> Iterator[TcpProxy]:
+    """A :class:`TcpProxy` to the server (a partition on demand); :func:`proxied` dsn."""
+    parts = urlsplit(postgres_dsn)
+    assert parts.hostname is not None and parts.port is not None
+    with TcpProxy(parts.hostname, parts.port) as proxy:
+        yield proxy
+
+
+def proxied(dsn: str, port: int) -> str:
+    """``dsn`` through the proxy listening on ``port``."""
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit(":", 1)[0] + f":{port}"))

@@ -44,7 +44,7 @@ import json
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import quote, urlsplit
 
 import aiohttp
@@ -135,6 +135,19 @@ def _attach(ev: Event, body: Body | None) -> Event:
     if body is None:
         return ev
     return ev._replace(resource=json.loads(body), fetched=True)
+
+
+def _drop_older(entries: OrderedDict[Any, tuple[Any, float, int]], cutoff: float) -> int:
+    """Drop the entries (value, stamped at, bytes) stamped at or before ``cutoff``, the oldest
+    first (they are in the order they were stamped); the bytes they counted."""
+    freed = 0
+    while entries:
+        key, (_, at, size) = next(iter(entries.items()))
+        if at > cutoff:
+            break
+        del entries[key]
+        freed += size
+    return freed
 
 
 def _failure(outcomes: Sequence[_Outcome]) -> BaseException | None:
@@ -361,13 +374,7 @@ class Orchestrator:
     def _let_go_held(self, now: float) -> None:
         """Past :data:`HELD_S` (a write that did not come at once: the sink's outage, a stop,
         a parked resource's event dead-lettered unwritten), fetched anew at its write."""
-        held = self._held
-        while held:
-            key, (_, at, size) = next(iter(held.items()))
-            if now - at < HELD_S:
-                break
-            del held[key]
-            self._held_bytes -= size
+        self._held_bytes -= _drop_older(self._held, now - HELD_S)
 
     async def fetch(self, stream: str, url: str, hotel_id: str | None) -> Body | _NotFound:
         """The answer for ``url`` in the context of ``hotel_id``: shared with a GET of the
@@ -419,14 +426,7 @@ class Orchestrator:
 
     def _expire(self, now: float) -> None:
         """Let go of the answers done a coalescing window ago or more (the oldest first)."""
-        window = self.settings.coalesce_ms / 1000
-        recent = self._recent
-        while recent:
-            key, (_, done_at, size) = next(iter(recent.items()))
-            if now - done_at < window:
-                break
-            del recent[key]
-            self._recent_bytes -= size
+        self._recent_bytes -= _drop_older(self._recent, now - self.settings.coalesce_ms / 1000)
 
     def _sweep(self) -> None:
         """A timer's: the answers kept expire though no fetch comes to let them go."""

@@ -25,16 +25,15 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 from fleet_support import chain, member_config, sandbox_options, stream
-from pg import sql
+from pg import proxied, sql
 from support import FAST_CONNECTION, spawn_daemon, wait_until
 from tcp_proxy import TcpProxy
 
@@ -225,20 +224,6 @@ async def fleet(sandbox_factory: Any, postgres_dsn: str, tmp_path: Path) -> Asyn
         yield f
     finally:
         f.stop_all()
-
-
-def proxied(dsn: str, port: int) -> str:
-    parts = urlsplit(dsn)
-    netloc = parts.netloc.rsplit(":", 1)[0] + f":{port}"
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
-@pytest.fixture
-def pg_proxy(postgres_dsn: str) -> Iterator[TcpProxy]:
-    parts = urlsplit(postgres_dsn)
-    assert parts.hostname is not None and parts.port is not None
-    with TcpProxy(parts.hostname, parts.port) as proxy:
-        yield proxy
 
 
 async def test_a_fleet_survives_kill_pause_partition_and_a_join(

@@ -5,13 +5,10 @@ tested is which process may run as which member."""
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import AsyncIterator, Iterator
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 from fleet_support import fleet_settings
-from pg import sql
+from pg import proxied, sql
 from support import running, wait_until
 from tcp_proxy import TcpProxy
 
@@ -22,13 +19,6 @@ from consumer.runtime.daemon import Daemon
 from consumer.state import lease
 
 pytestmark = pytest.mark.usefixtures("contained_logging")
-
-
-@pytest.fixture
-async def schema(postgres_dsn: str) -> AsyncIterator[str]:
-    name = f"t_{uuid.uuid4().hex[:16]}"
-    yield name
-    await sql(postgres_dsn, "execute", f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
 
 
 async def test_a_second_daemon_under_a_member_name_in_use_exits_78(
@@ -79,14 +69,6 @@ def single_settings(dsn: str, schema: str) -> Settings:
     return settings.model_copy(update={"fleet": FleetSettings()})
 
 
-@pytest.fixture
-def pg_proxy(postgres_dsn: str) -> Iterator[TcpProxy]:
-    parts = urlsplit(postgres_dsn)
-    assert parts.hostname is not None and parts.port is not None
-    with TcpProxy(parts.hostname, parts.port) as proxy:
-        yield proxy
-
-
 async def test_a_daemon_outside_the_fleet_is_refused_beside_a_member_not_yet_ticking(
     postgres_dsn: str, schema: str
 ) -> None:
@@ -116,10 +98,7 @@ async def test_a_member_reconnecting_beside_a_daemon_outside_the_fleet_stops(
     renewing and running its streams beside it. The member takes the fleet lock again before
     anything else on every new connection: refused, it stops its streams and exits 78."""
     name = f"m-{schema}"
-    parts = urlsplit(postgres_dsn)
-    via_proxy = urlunsplit(
-        parts._replace(netloc=parts.netloc.rsplit(":", 1)[0] + f":{pg_proxy.port}")
-    )
+    via_proxy = proxied(postgres_dsn, pg_proxy.port)
     member = await Daemon.create(fleet_settings(via_proxy, schema, name))
     member_run = asyncio.create_task(member.run())
     single_run: asyncio.Task[int] | None = None

@@ -10,16 +10,15 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 from fleet_support import TTL_S, fleet_settings
 from log_capture import captured_logs
-from pg import sql
+from pg import proxied, sql
 from support import wait_until
 from tcp_proxy import TcpProxy
 
@@ -107,19 +106,6 @@ async def env(postgres_dsn: str) -> AsyncIterator[Env]:
         for f in e.fleets:
             await f.table.close()
         await sql(postgres_dsn, "execute", f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-
-
-@pytest.fixture
-def pg_proxy(postgres_dsn: str) -> Iterator[TcpProxy]:
-    parts = urlsplit(postgres_dsn)
-    assert parts.hostname is not None and parts.port is not None
-    with TcpProxy(parts.hostname, parts.port) as proxy:
-        yield proxy
-
-
-def proxied(dsn: str, port: int) -> str:
-    parts = urlsplit(dsn)
-    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit(":", 1)[0] + f":{port}"))
 
 
 def hang_after_the_first() -> tuple[Callable[[str], Awaitable[None]], list[str]]:

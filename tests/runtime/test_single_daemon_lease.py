@@ -9,14 +9,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import uuid
-from collections.abc import AsyncIterator, Iterator
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 from fleet_support import fleet_settings
 from log_capture import captured_logs
-from pg import PostgresServer, sql
+from pg import PostgresServer, proxied, sql
 from support import running
 from tcp_proxy import TcpProxy
 
@@ -32,21 +29,6 @@ HOLDERS = (
     "SELECT DISTINCT l.pid FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
     "WHERE l.locktype = 'advisory' AND l.granted AND a.application_name = $1"
 )
-
-
-@pytest.fixture
-async def schema(postgres_dsn: str) -> AsyncIterator[str]:
-    name = f"t_{uuid.uuid4().hex[:16]}"
-    yield name
-    await sql(postgres_dsn, "execute", f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
-
-
-@pytest.fixture
-def pg_proxy(postgres_dsn: str) -> Iterator[TcpProxy]:
-    parts = urlsplit(postgres_dsn)
-    assert parts.hostname is not None and parts.port is not None
-    with TcpProxy(parts.hostname, parts.port) as proxy:
-        yield proxy
 
 
 def single_settings(dsn: str, schema: str) -> Settings:
@@ -110,10 +92,7 @@ async def test_a_daemon_whose_lease_another_took_meanwhile_stops_its_streams_and
     take its lease again before a second daemon took it. Once it reaches the server again it
     finds the lease taken: it cuts its streams at once (no complete, no drain, no commit) and
     exits 78, naming the holder; the second runs on."""
-    parts = urlsplit(postgres_dsn)
-    via_proxy = urlunsplit(
-        parts._replace(netloc=parts.netloc.rsplit(":", 1)[0] + f":{pg_proxy.port}")
-    )
+    via_proxy = proxied(postgres_dsn, pg_proxy.port)
     with captured_logs() as logs:
         first = await Daemon.create(single_settings(via_proxy, schema))
         first_run = asyncio.create_task(first.run())

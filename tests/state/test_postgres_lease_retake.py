@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import uuid
-from collections.abc import AsyncIterator, Iterator
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
-from pg import sql
+from pg import proxied, sql
 from tcp_proxy import TcpProxy
 
 from consumer.config import StateSettings
@@ -24,21 +21,6 @@ HOLDERS = (
     "SELECT DISTINCT l.pid FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
     "WHERE l.locktype = 'advisory' AND l.granted AND a.application_name = $1"
 )
-
-
-@pytest.fixture
-async def schema(postgres_dsn: str) -> AsyncIterator[str]:
-    name = f"t_{uuid.uuid4().hex[:16]}"
-    yield name
-    await sql(postgres_dsn, "execute", f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
-
-
-@pytest.fixture
-def pg_proxy(postgres_dsn: str) -> Iterator[TcpProxy]:
-    parts = urlsplit(postgres_dsn)
-    assert parts.hostname is not None and parts.port is not None
-    with TcpProxy(parts.hostname, parts.port) as proxy:
-        yield proxy
 
 
 def state(dsn: str, schema: str) -> StateSettings:
@@ -55,10 +37,7 @@ async def test_our_session_left_at_the_server_by_a_cut_is_ended_and_its_lease_ta
     """The network cut, the check gets no answer, and the server still has the session that
     holds the locks (it saw no close). The retake over a working path finds them held by that
     session, ours: it ends it and takes them, rather than take itself for another daemon."""
-    parts = urlsplit(postgres_dsn)
-    via_proxy = urlunsplit(
-        parts._replace(netloc=parts.netloc.rsplit(":", 1)[0] + f":{pg_proxy.port}")
-    )
+    via_proxy = proxied(postgres_dsn, pg_proxy.port)
     held = await PostgresLease.acquire(state(via_proxy, schema), (), outside_fleet=True)
     try:
         assert await held.check()
