@@ -23,6 +23,7 @@ from typing import Any
 from consumer.config import Settings
 from consumer.core.events import Event
 from consumer.core.protocol import Next, decode
+from consumer.core.records import DeadLetter
 from consumer.errors import TransientSinkError
 from consumer.runtime.daemon import Daemon
 from consumer.runtime.status import StreamStatus
@@ -436,3 +437,32 @@ def first_line_then_close(argv: list[str]) -> tuple[str, str, int]:
             return line, err, proc.wait(timeout=60)
         finally:
             proc.kill()
+
+
+def dead_letter(i: int, *, stream: str = "main", detail: Any = (), name: str = "E") -> DeadLetter:
+    """A dead letter of event ``uid-<i>`` (offset 100 + i, primaryKey ``pk-<i>``), as the
+    pipeline writes one for a sink's refusal: for the dlq commands' tests."""
+    uid = f"uid-{i}"
+    event = {
+        "metadata": {"offset": str(100 + i), "uniqueEventId": uid},
+        "eventName": name,
+        "primaryKey": f"pk-{i}",
+        "detail": list(detail),
+    }
+    return DeadLetter(
+        stream=stream,
+        reason="sink_rejected",
+        error="x",
+        payload=json.dumps(event),
+        offset=str(100 + i),
+        unique_event_id=uid,
+        event_name=name,
+        primary_key=f"pk-{i}",
+    )
+
+
+def dead_letter_rows(state: Path) -> list[dict[str, Any]]:
+    """The SQLite state store's dead_letters rows, oldest first."""
+    with sqlite3.connect(state, timeout=10) as db:
+        db.row_factory = sqlite3.Row
+        return [dict(r) for r in db.execute("SELECT * FROM dead_letters ORDER BY id")]

@@ -14,11 +14,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+from support import dead_letter
 
 from consumer.commands import dlq
 from consumer.config import StateSettings, load_settings
 from consumer.core.events import Event
-from consumer.core.records import CommitBatch, DeadLetter, DeadLetterRow
+from consumer.core.records import CommitBatch, DeadLetterRow
 from consumer.errors import ExitCode
 from consumer.sinks.base import PlainSink
 from consumer.state import open_store
@@ -55,26 +56,6 @@ async def keyboard_interrupt(stream, events):
 '''
 
 
-def letter(i: int) -> DeadLetter:
-    uid = f"uid-{i}"
-    event = {
-        "metadata": {"offset": str(100 + i), "uniqueEventId": uid},
-        "eventName": "E",
-        "primaryKey": f"pk-{i}",
-        "detail": [],
-    }
-    return DeadLetter(
-        stream="main",
-        reason="sink_rejected",
-        error="x",
-        payload=json.dumps(event),
-        offset=str(100 + i),
-        unique_event_id=uid,
-        event_name="E",
-        primary_key=f"pk-{i}",
-    )
-
-
 def installed(tmp_path: Path, target: str) -> Path:
     (tmp_path / "faultsink.py").write_text(HANDLERS)
     config = tmp_path / "config.toml"
@@ -104,7 +85,7 @@ target = "faultsink:{target}"
 async def seed(state: StateSettings, n: int) -> None:
     store = await open_store(state)
     try:
-        await store.commit(CommitBatch(dead_letters=[letter(i) for i in range(1, n + 1)]))
+        await store.commit(CommitBatch(dead_letters=[dead_letter(i) for i in range(1, n + 1)]))
     finally:
         await store.close()
 

@@ -15,7 +15,7 @@ import orjson
 import pysink
 import pytest
 from operator_support import PYSINK, cli, write_config
-from support import wait_until
+from support import dead_letter, wait_until
 
 from consumer.commands.dlq import replay
 from consumer.config import load_settings
@@ -23,26 +23,6 @@ from consumer.core.records import CommitBatch, DeadLetter, DeadLetterRow
 from consumer.state import open_store
 
 pytestmark = pytest.mark.usefixtures("fresh_pysink", "contained_logging", "hermetic_config")
-
-
-def letter(i: int, *, stream: str = "main", detail: Any = (), name: str = "E") -> DeadLetter:
-    uid = f"uid-{i}"
-    event = {
-        "metadata": {"offset": str(100 + i), "uniqueEventId": uid},
-        "eventName": name,
-        "primaryKey": f"pk-{i}",
-        "detail": list(detail),
-    }
-    return DeadLetter(
-        stream=stream,
-        reason="sink_rejected",
-        error="x",
-        payload=json.dumps(event),
-        offset=str(100 + i),
-        unique_event_id=uid,
-        event_name=name,
-        primary_key=f"pk-{i}",
-    )
 
 
 async def seed(config: Path, letters: list[DeadLetter]) -> None:
@@ -74,7 +54,7 @@ async def test_a_letter_with_a_number_no_sink_can_store_is_skipped_alone(
     if own_file:
         sink["path"] = str(tmp_path / "events.db")
     config = write_config(tmp_path, "http://127.0.0.1:9", sink=sink)
-    await seed(config, [letter(1, detail=[{"newValue": 2**100}]), letter(2)])
+    await seed(config, [dead_letter(1, detail=[{"newValue": 2**100}]), dead_letter(2)])
     code, out, err = await cli(capsys, "dlq", "replay", "--all", "--json", "--config", str(config))
     assert code == 1, err
     results = [(o["unique_event_id"], o["result"]) for o in json.loads(out)]
@@ -90,10 +70,10 @@ async def test_a_replay_never_rewrites_a_number_into_another_value(
     """Python's json read 1e400 as inf and 1e-400 as 0.0, and the jsonl sink wrote them as
     null and 0.0: a value the event never had, delivered. Now the letter stays, with why."""
     config = write_config(tmp_path, "http://127.0.0.1:9", sink={"type": "jsonl"})
-    good = letter(1)
+    good = dead_letter(1)
     payload = good.payload.replace('"detail": []', f'"detail": [{{"newValue": {number}}}]')
     assert payload != good.payload
-    await seed(config, [dataclasses.replace(good, payload=payload), letter(2)])
+    await seed(config, [dataclasses.replace(good, payload=payload), dead_letter(2)])
     code, out, err = await cli(capsys, "dlq", "replay", "--all", "--json", "--config", str(config))
     assert code == 1, err
     results = [(o["unique_event_id"], o["result"]) for o in json.loads(out)]
@@ -112,7 +92,7 @@ async def test_a_replayed_event_is_written_as_stored(
         '{"metadata":{"offset":"101","uniqueEventId":"uid-1"},"eventName":"E",'
         '"primaryKey":"pk-1","detail":[{"newValue":"\\u00d6 and \\u00e9","oldValue":null}]}'
     )
-    await seed(config, [dataclasses.replace(letter(1), payload=payload)])
+    await seed(config, [dataclasses.replace(dead_letter(1), payload=payload)])
     code, _, err = await cli(capsys, "dlq", "replay", "--all", "--json", "--config", str(config))
     assert code == 0, err
     assert (tmp_path / "events.jsonl").read_text().splitlines() == [payload]
@@ -129,7 +109,9 @@ async def test_a_letter_of_a_stream_no_longer_configured_is_skipped(
             "[orchestration]\nenabled = true\n[orchestration.resources]\n"
             '"CHECK IN" = "https://127.0.0.1:9/rsv/{primaryKey}"\n'
         )
-    await seed(config, [letter(1), letter(2, stream="gone", name="CHECK IN"), letter(3)])
+    await seed(
+        config, [dead_letter(1), dead_letter(2, stream="gone", name="CHECK IN"), dead_letter(3)]
+    )
     code, out, err = await cli(capsys, "dlq", "replay", "--all", "--json", "--config", str(config))
     assert code == 1, err
     outcomes = json.loads(out)
@@ -151,7 +133,7 @@ async def test_an_interrupted_replay_records_what_it_delivered(tmp_path: Path) -
     config = write_config(
         tmp_path, "http://127.0.0.1:9", sink=PYSINK, streams={"main": "DEMO", "b": "B"}
     )
-    await seed(config, [letter(1), letter(2, stream="b")])
+    await seed(config, [dead_letter(1), dead_letter(2, stream="b")])
     settings = load_settings(config)
     store = await open_store(settings.state)
     try:

@@ -16,10 +16,11 @@ from typing import Any
 
 import asyncpg
 import pytest
+from support import dead_letter
 
 from consumer.config import StateSettings, load_settings, secret_values
 from consumer.config.loading import UnsetSecret, effective, unset_secrets
-from consumer.core.records import CommitBatch, DeadLetter
+from consumer.core.records import CommitBatch
 from consumer.errors import ConfigError, ExitCode
 from consumer.state import open_store
 from tests.support import cli
@@ -92,31 +93,11 @@ path = "{tmp_path / "state.db"}"
     return config, creds
 
 
-def letter(i: int) -> DeadLetter:
-    uid = f"uid-{i}"
-    event = {
-        "metadata": {"offset": str(100 + i), "uniqueEventId": uid},
-        "eventName": "E",
-        "primaryKey": f"pk-{i}",
-        "detail": [],
-    }
-    return DeadLetter(
-        stream="main",
-        reason="sink_rejected",
-        error="x",
-        payload=json.dumps(event),
-        offset=str(100 + i),
-        unique_event_id=uid,
-        event_name="E",
-        primary_key=f"pk-{i}",
-    )
-
-
 async def seeded(state: StateSettings) -> None:
     """The store the daemon made, with a dead letter in it."""
     store = await open_store(state)
     try:
-        await store.commit(CommitBatch(dead_letters=[letter(1)]))
+        await store.commit(CommitBatch(dead_letters=[dead_letter(1)]))
     finally:
         await store.close()
 

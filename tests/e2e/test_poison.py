@@ -24,6 +24,7 @@ import pytest
 from support import (
     checkpoint,
     count_lines,
+    dead_letter_rows,
     make_settings,
     running,
     sink_ids,
@@ -39,12 +40,6 @@ from consumer.core.evidence import PAYLOAD_LIMIT
 from consumer.errors import StoreError
 from consumer.runtime.daemon import Daemon
 from consumer.state import SqliteStore as Store
-
-
-def dead_letters(state: Path) -> list[dict[str, Any]]:
-    with sqlite3.connect(state, timeout=10) as db:
-        db.row_factory = sqlite3.Row
-        return [dict(r) for r in db.execute("SELECT * FROM dead_letters ORDER BY id")]
 
 
 def nested(depth: int) -> str:
@@ -160,10 +155,10 @@ async def test_item2_an_event_no_sink_can_serialize_is_dead_lettered(
             return int(db.execute("SELECT COUNT(*) FROM opera_events").fetchone()[0])
 
     async with running(settings) as daemon:
-        await wait_until(lambda: delivered() >= 60 and len(dead_letters(state)) == 1)
+        await wait_until(lambda: delivered() >= 60 and len(dead_letter_rows(state)) == 1)
         assert not daemon._stop.is_set()
     assert daemon.exit_code == 0
-    (letter,) = dead_letters(state)
+    (letter,) = dead_letter_rows(state)
     assert letter["unique_event_id"] == "deep-1"
     # The sink refused it (as the webhook does), whichever sink: a row that cannot be built
     assert letter["reason"] == "sink_rejected"
@@ -198,9 +193,9 @@ async def test_item4_a_bad_offset_is_dead_lettered_never_checkpointed(sandbox_fa
     state = tmp_path / "state.db"
     settings = make_settings(tmp_path, gw.url)
     async with running(settings):
-        await wait_until(lambda: len(dead_letters(state)) == 3)
+        await wait_until(lambda: len(dead_letter_rows(state)) == 3)
         await wait_until(lambda: checkpoint(state) is not None and checkpoint(state)[0].isdigit())
-    reasons = {(d["reason"], "1-20 digits" in d["error"]) for d in dead_letters(state)}
+    reasons = {(d["reason"], "1-20 digits" in d["error"]) for d in dead_letter_rows(state)}
     assert reasons == {("malformed", True)}
     cp = checkpoint(state)
     assert cp is not None and cp[0] == gw.events("DEMO")[-1]["metadata"]["offset"]
@@ -240,9 +235,9 @@ async def test_item6_an_oversized_malformed_frame_is_stored_bounded(sandbox_fact
     state = tmp_path / "state.db"
     settings = make_settings(tmp_path, gw.url, connection={"max_frame_bytes": 4 * 1024 * 1024})
     async with running(settings):
-        await wait_until(lambda: len(dead_letters(state)) == 1)
+        await wait_until(lambda: len(dead_letter_rows(state)) == 1)
         await wait_until(lambda: count_lines(tmp_path / "events.jsonl") >= 10)
-    (letter,) = dead_letters(state)
+    (letter,) = dead_letter_rows(state)
     assert len(letter["payload"]) == PAYLOAD_LIMIT
     assert letter["payload_size"] == len(frame.encode())
     assert letter["payload_sha256"] == hashlib.sha256(frame.encode()).hexdigest()

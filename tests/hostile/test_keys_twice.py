@@ -17,6 +17,7 @@ from typing import Any
 
 from support import (
     committed,
+    dead_letter_rows,
     make_settings,
     newest_offset,
     running,
@@ -26,12 +27,6 @@ from support import (
 )
 
 DEPTHS = range(900, 1024)  # about where Python's json stops reading and orjson reads on
-
-
-def dead_letters(state: Path) -> list[dict[str, Any]]:
-    with sqlite3.connect(state, timeout=10) as db:
-        db.row_factory = sqlite3.Row
-        return [dict(r) for r in db.execute("SELECT * FROM dead_letters ORDER BY id")]
 
 
 def first_read(line: bytes, path: str) -> Any:
@@ -82,7 +77,7 @@ async def test_a_key_twice_is_dead_lettered_or_stored_once_and_the_stream_goes_o
     (rate,) = [line for line in lines if b'"rate"' in line and b'"uniqueEventId":"rate"' in line]
     assert rate.count(b'"newValue"') == 1 and first_read(rate, "$.detail[0].newValue") == "999"
     assert Counter(sink_ids(sink)) == Counter([*truth_ids(gw.events("DEMO")), "rate"])
-    letters = dead_letters(state)
+    letters = dead_letter_rows(state)
     assert [r["reason"] for r in letters] == ["malformed"] * len(DEPTHS)
     reasons = {r["error"].split(":")[0] for r in letters}
     assert "nested deeper than can be checked for keys twice" in reasons, reasons
