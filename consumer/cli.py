@@ -1,4 +1,5 @@
-"""Command line: ``opera-consumer run | check-config | status | preflight | fleet | sandbox``.
+"""Command line: ``opera-consumer run | check-config | status | preflight | dlq | offset | sink |
+fleet | sandbox``.
 
 Exit status: 0 success; 1 a runtime failure (e.g. the state store cannot be read, or a
 preflight check failed); 2 bad
@@ -253,9 +254,12 @@ def _dlq_parser(sub: Any, with_config: Any) -> None:
     show = with_config(_add(cmds, "show", "one dead letter: error and raw payload"))
     show.add_argument("id", type=int)
     show.add_argument("--json", action="store_true", help="machine-readable output")
-    for name, verb in (("replay", "re-deliver through the sink"), ("purge", "delete")):
+    for name, verb in (
+        ("replay", "re-deliver dead letters through the sink"),
+        ("purge", "delete dead letters"),
+    ):
         p = filters(
-            with_config(_add(cmds, name, f"{verb} dead letters (IDs, or --all)")),
+            with_config(_add(cmds, name, f"{verb} (IDs, or --all)")),
             when="since" if name == "replay" else "before",
         )
         p.add_argument("ids", type=int, nargs="*", metavar="ID")

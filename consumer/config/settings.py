@@ -692,6 +692,19 @@ class WebhookSinkSettings(_Model):
             )
         if missing:
             raise Problem(*missing)
+        # Given but not sent (auth = "none" sends no Authorization): the receiver answers 401,
+        # a permanent refusal, and every event went to the DLQ with the config called OK.
+        unused = [
+            (key, f"has no effect with auth = {self.auth!r}", f'set auth = "{needs}", or remove it')
+            for key, needs, given in (
+                ("token", "bearer", self.token is not None),
+                ("username", "basic", bool(self.username)),
+                ("password", "basic", self.password is not None),
+            )
+            if given and self.auth != needs
+        ]
+        if unused:
+            raise Problem(*unused)
         for name in self.headers:
             lower = name.lower()
             if lower in _WEBHOOK_OWN_HEADERS:

@@ -374,7 +374,10 @@ def server(settings: RedisSinkSettings) -> Server:
             "redis://host:port/0 (or no path, for database 0)"
         )
     if settings.tls_ca_file is not None and not tls:
-        raise ConfigError("sink.tls_ca_file is set but sink.url is not rediss:// (TLS)")
+        raise ConfigError(
+            "sink.tls_ca_file is set but sink.url is not rediss:// (TLS) -> use rediss:// in "
+            "sink.url, or remove sink.tls_ca_file"
+        )
     db = int(parsed.get("db") or 0)
     kwargs: dict[str, Any] = {
         "db": db,

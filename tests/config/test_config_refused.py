@@ -383,3 +383,29 @@ async def test_run_with_a_jsonl_file_it_cannot_create_exits_78_naming_it(tmp_pat
     out = await run_refused(config)
     assert f"jsonl sink: cannot open {tmp_path / 'a-file'}" in out
     assert f"check sink.path ({sink})" in out
+
+
+@pytest.mark.parametrize(
+    ("auth", "given", "says"),
+    [
+        ("none", 'token = "tok-Unused-0003"', "sink.token"),
+        ("none", 'username = "u"\npassword = "pw-Unused-0004"', "sink.password"),
+        ("bearer", 'token = "tok-Used-0005"\nusername = "u"', "sink.username"),
+        ("basic", 'username = "u"\npassword = "pw-Used-0006"\ntoken = "tok-X-0007"', "sink.token"),
+    ],
+)
+def test_a_webhook_credential_its_auth_never_sends_is_refused(
+    tmp_path: Path, auth: str, given: str, says: str
+) -> None:
+    """A token (or username and password) beside an auth that does not send it was loaded
+    without a word: the POSTs went out without it, the receiver answered 401 (permanent) and
+    every event went to the DLQ, with check-config saying OK. The credential as a secret from
+    the environment, as README's systemd and Docker sections give it, likewise."""
+    sink = f'\n[sink]\ntype = "webhook"\nurl = "https://hooks.example.com/x"\nauth = "{auth}"\n'
+    config = write(tmp_path, base() + sink + given + "\n")
+    stderr = refused("check-config", "--config", str(config), says=(says, "has no effect"))
+    assert "Unused-0003" not in stderr and "Unused-0004" not in stderr
+    if auth == "none":
+        bare = write(tmp_path, base() + sink, "bare.toml")
+        env = {"OPERA_CONSUMER_SINK__TOKEN": "tok-FromEnv-0008"}
+        refused("check-config", "--config", str(bare), env=env, says=("sink.token",))

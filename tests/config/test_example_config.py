@@ -12,14 +12,16 @@ from pydantic import BaseModel
 
 from consumer.config import load_settings
 from consumer.config.settings import SINK_TYPES, Settings
+from consumer.runtime.assembly import check_sink
 
 EXAMPLE = Path(__file__).parents[2] / "config.example.toml"
 STREAM = "main"  # the name the example gives its one stream: [streams.main...]
 
 # `[a.b]` or `# [a.b]`, alone on its line but for a trailing comment.
 HEADER = re.compile(r"\s*#?\s*\[([\w.-]+)\]\s*(#.*)?")
-# `key = ...` or `# key = ...`.
-KEY = re.compile(r"\s*#?\s*([\w-]+)\s*=")
+# `key = ...`, `# key = ...` or `# # key = ...` (an alternative that stays commented when its
+# block is uncommented: a webhook's token beside auth = "none").
+KEY = re.compile(r"\s*(?:#\s*)*([\w-]+)\s*=")
 # `type = "nats"` or `# type = "nats"`: which sink a [sink] block is.
 SINK_TYPE = re.compile(r'\s*#?\s*type\s*=\s*"(\w+)"')
 
@@ -121,3 +123,56 @@ def test_the_examples_paths_are_in_the_deployments_state_directory() -> None:
     assert "\nStateDirectory=opera-consumer\n" in unit  # /var/lib/opera-consumer
     compose = (root / "deploy" / "docker" / "compose.yaml").read_text()
     assert f"source: opera-state\n        target: {state_dir}\n" in compose
+
+
+SINK_HEADER = re.compile(r"^#?\s*\[sink\]")
+
+
+def example_with_sink(kind: str) -> str:
+    """config.example.toml with its [sink] block of ``kind`` uncommented as shown (``# key``
+    lines become keys, ``# # key`` lines stay comments) and its jsonl [sink] commented out: what
+    a user picking that alternative writes."""
+    lines = EXAMPLE.read_text().splitlines()
+    blocks: list[tuple[int, int]] = []
+    i = 0
+    while i < len(lines):
+        if SINK_HEADER.match(lines[i]):
+            j = i + 1
+            while j < len(lines) and lines[j].strip() and not SINK_HEADER.match(lines[j]):
+                j += 1
+            blocks.append((i, j))
+            i = j
+        else:
+            i += 1
+    (chosen,) = [
+        (start, end)
+        for start, end in blocks
+        if any(re.match(rf'^#?\s*type\s*=\s*"{kind}"', ln) for ln in lines[start:end])
+    ]
+    out: list[str] = []
+    for n, line in enumerate(lines):
+        inside = next(((s, e) for s, e in blocks if s <= n < e), None)
+        if inside is None:
+            out.append(line)
+        elif inside == chosen:
+            m = re.match(r"^# ?((?:\[sink\]|[A-Za-z_]\w*\s*=).*)$", line)
+            out.append(m.group(1) if m else line)
+        else:
+            out.append(line if line.startswith("#") else "# " + line)
+    return "\n".join(out) + "\n"
+
+
+@pytest.mark.usefixtures("hermetic_config")
+@pytest.mark.parametrize("kind", ["webhook", "sqlite", "postgres", "nats", "redis"])
+def test_each_sink_block_uncommented_as_shown_passes_check_config(
+    tmp_path: Path, kind: str
+) -> None:
+    """The example's commented [sink] blocks are the alternatives to pick: each, uncommented
+    as shown, loads and passes what check-config runs. The redis block paired a redis:// url
+    with tls_ca_file (refused: rediss:// only), and the webhook block sent none of the token,
+    username and password it listed beside auth = "none" (now refused: sent by no request)."""
+    config = tmp_path / "config.toml"
+    config.write_text(example_with_sink(kind))
+    settings = load_settings(config)
+    assert settings.sink.type == kind
+    check_sink(settings)  # what `check-config` and `run` check before connecting

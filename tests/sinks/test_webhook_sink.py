@@ -373,7 +373,7 @@ async def test_no_secret_in_any_error_text(rx: Receiver, client: aiohttp.ClientS
         rx.url,
         auth=auth,
         token=TOKEN if auth == "bearer" else None,
-        username="opera",
+        username="opera" if auth == "basic" else None,
         password=PASSWORD if auth == "basic" else None,
     )
     basic = base64.b64encode(f"opera:{PASSWORD}".encode()).decode()
