@@ -11,6 +11,7 @@ stopped on something only an operator can fix (systemd: ``RestartPreventExitStat
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -330,9 +331,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(argv)
         if args.command != "run":
             early_signals.release()  # not the daemon: a signal acts as it always has
-        return _main(args)
+        return _flushed(_main(args))
     finally:
         early_signals.release(deliver=False)  # the daemon took it, or ended without starting
+
+
+def _flushed(code: int) -> int:
+    """``code``, with what is buffered for stdout and stderr written now. The interpreter
+    flushes them at exit and makes a failure exit status 120: a reader of our log gone (a dead
+    journald pipe) turned a clean stop's 0 into 120, a failure to systemd. What cannot be
+    written goes to /dev/null (the interpreter's own flush then succeeds)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            with contextlib.suppress(OSError, ValueError), open(os.devnull, "wb") as null:
+                os.dup2(null.fileno(), stream.fileno())
+    return code
 
 
 def _main(args: argparse.Namespace) -> int:

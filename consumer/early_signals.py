@@ -12,6 +12,7 @@ imported.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -58,6 +59,7 @@ def release(*, deliver: bool = True) -> None:
 
 def _note(signum: int, frame: FrameType | None) -> None:
     if _noted:
-        os.write(2, b"opera-consumer: a second signal while starting: exiting now\n")
+        with contextlib.suppress(OSError):  # nobody reading our stderr: exit all the same
+            os.write(2, b"opera-consumer: a second signal while starting: exiting now\n")
         os._exit(_INTERRUPTED)
     _noted.append(signal.Signals(signum))

@@ -613,6 +613,10 @@ class Daemon:
         loop, so a blocked loop gets the process restarted."""
         period = systemd.watchdog_period()
         stored = await self._stored_offsets(period)
+        if self._stop.is_set():
+            # Stopping already (a signal while starting): systemd, still in its start state,
+            # would take READY=1 after STOPPING=1 for a completed start of a stopping process.
+            return
         systemd.notify("READY=1")  # alone: a datagram too long for systemd is lost whole
         systemd.status(self.status_line(stored))
         while True:
@@ -824,8 +828,10 @@ async def run(settings: Settings) -> int:
 
 def _exit_now(sig: signal.Signals) -> NoReturn:
     log.warning("second signal: exiting now", signal=sig.name)
-    # The store is transactional and the jsonl tail is cut on restart: nothing to save.
-    sys.stderr.flush()
+    # The store is transactional and the jsonl tail is cut on restart: nothing to save. A
+    # reader of our log gone (a dead pipe) must not keep us from exiting.
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.flush()
     os._exit(ExitCode.INTERRUPTED)
 
 
