@@ -439,6 +439,10 @@ class PostgresSink(PlainSink):
             OSError,
             TimeoutError,  # command_timeout, or no connection free in time
         ) as exc:
+            if isinstance(exc, asyncpg.exceptions.ReadOnlySQLTransactionError):
+                # Every pooled session may be on the read-only server (a demoted primary, a
+                # session-level read-only setting): the retry connects anew.
+                await pool.expire_connections()
             raise self._classify(exc, events) from exc
 
     def _stage(self, stream: str, events: Sequence[Event]) -> None:

@@ -174,13 +174,20 @@ def migration_lock_key(schema: str) -> int:
 
 # Server errors that may clear by themselves: connection (08), serialization failure and
 # deadlock (40), too many connections or out of resources (53), shutdown, "cannot connect
-# now" and cancelled statements (57), I/O errors (58).
+# now" and cancelled statements (57), I/O errors (58); a read-only server (25006: a standby,
+# or a failover under way, its DNS name still on the demoted primary), a lock not had within
+# the role's lock_timeout (55P03: a DBA's short maintenance) and an idle transaction ended by
+# the server (25P03). Each stopped the daemon with 78, which systemd does not restart; a batch
+# sent again is applied once (its mark).
 _RETRIABLE_SERVER = (
     asyncpg.exceptions.PostgresConnectionError,
     asyncpg.exceptions.TransactionRollbackError,
     asyncpg.exceptions.InsufficientResourcesError,
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.PostgresSystemError,
+    asyncpg.exceptions.ReadOnlySQLTransactionError,
+    asyncpg.exceptions.LockNotAvailableError,
+    asyncpg.exceptions.IdleInTransactionSessionTimeoutError,
 )
 # What asyncpg and the network raise: translated by store_error.
 DRIVER_ERRORS = (
@@ -215,6 +222,13 @@ def store_error(target: Target, schema: str, exc: BaseException, doing: str) -> 
                 f"{where}: {doing}: missing privilege: {text}: let the user own the schema "
                 "(or grant it CREATE on the database, to create it), or set [state] schema"
             )
+        if isinstance(exc, asyncpg.exceptions.ReadOnlySQLTransactionError):
+            return StoreError(
+                f"{where}: {doing}: {text}: the server is read-only (a standby, or a failover "
+                "under way): retry later; target_session_attrs=read-write in [state] dsn picks "
+                "the primary of several hosts",
+                retriable=True,
+            )
         if isinstance(exc, _RETRIABLE_SERVER):
             return StoreError(f"{where}: {doing}: {text}: retry later", retriable=True)
         if state.startswith("22"):  # also asyncpg's own, for a value it cannot encode
@@ -247,6 +261,11 @@ def _translated(
             try:
                 return await method(store, *args, **kwargs)
             except DRIVER_ERRORS as exc:
+                if isinstance(exc, asyncpg.exceptions.ReadOnlySQLTransactionError):
+                    # The pool's sessions may all be on the read-only server (a demoted
+                    # primary, a session-level read-only setting): the retry connects anew,
+                    # where the DSN now leads.
+                    await store.expire_connections()
                 raise store_error(store.target, store.schema, exc, doing) from None
 
         return translated
@@ -289,6 +308,10 @@ class PostgresStore:
         self._s = quote_ident(schema)
         self._timeout = timeout_s
         self._closed = False
+
+    async def expire_connections(self) -> None:
+        """Replace every pooled session at its next use (asyncpg's expire_connections)."""
+        await self._pool.expire_connections()
 
     def __repr__(self) -> str:
         return f"PostgresStore(server={self.target.where!r}, schema={self.schema!r})"
