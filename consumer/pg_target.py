@@ -93,6 +93,17 @@ def _hosts(netloc: str, params: dict[str, str]) -> list[str]:
     return [h for h in hosts if h]
 
 
+def _configured_certificates(params: dict[str, str]) -> bool:
+    """Whether a CA or a client certificate is configured where the driver looks: the DSN,
+    the PG* variables, ~/.postgresql (libpq's places, which asyncpg reads)."""
+    if any(params.get(k) for k in ("sslrootcert", "sslcert", "sslkey", "sslcrl")):
+        return True
+    if any(os.environ.get(k) for k in ("PGSSLROOTCERT", "PGSSLCERT", "PGSSLKEY", "PGSSLCRL")):
+        return True
+    home = os.path.expanduser("~/.postgresql")
+    return any(os.path.exists(os.path.join(home, f)) for f in ("root.crt", "postgresql.crt"))
+
+
 class Target:
     """What may be said about a DSN (``host:port/database``), and what must never be."""
 
@@ -129,9 +140,17 @@ class Target:
             server += f":{params['port']}"
         self.where = f"{server}/{unquote(database) or '?'}"
         sslmode = params.get("sslmode", os.environ.get("PGSSLMODE"))
-        self.verifies = verifies_by_default(_hosts(netloc, params), sslmode)
+        # A service file (?service=, PGSERVICE) names hosts we do not read: taken as remote.
+        service = bool(params.get("service") or os.environ.get("PGSERVICE"))
+        self.verifies = verifies_by_default(_hosts(netloc, params), sslmode) or (
+            service and sslmode is None
+        )
         self._sslmode = sslmode
         self._rootcert = params.get("sslrootcert") or None
+        # Certificates the driver finds itself (a CA, a client certificate: the DSN's, PG*
+        # variables, ~/.postgresql, a service file's): then it verifies with them
+        # (sslmode=verify-full added for it); else our context, with the system's CAs.
+        self._driver_verifies = self.verifies and (service or _configured_certificates(params))
         self._context: ssl.SSLContext | None = None
         # What follows the last '@' is never the user information's, but it may be the tail of
         # a query's password (``?password=a@b``): unknown when a query may come before it.
@@ -142,6 +161,8 @@ class Target:
         """The DSN, for the driver: :class:`UnparsableDsn` if the driver would misread it."""
         if not self.parsable:
             raise UnparsableDsn("unparsable DSN")
+        if self._driver_verifies:
+            return self._dsn + ("&" if "?" in self._dsn else "?") + "sslmode=verify-full"
         return self._dsn
 
     def tls(self) -> ssl.SSLContext | None:
@@ -149,7 +170,7 @@ class Target:
         ``sslrootcert``; the host name checked) where :attr:`verifies`, else None (the DSN's
         ``sslmode``, or the driver's default for this machine). :class:`TlsUnusable` if the
         CA file cannot be loaded."""
-        if not self.verifies:
+        if not self.verifies or self._driver_verifies:
             return None
         if self._context is None:
             try:
@@ -169,6 +190,18 @@ class Target:
             chain.append(nxt)
         if isinstance(exc, TlsUnusable):
             what = f"the CA file cannot be loaded ({self.describe(exc)})"
+        elif (
+            self._driver_verifies
+            and isinstance(
+                exc, FileNotFoundError | PermissionError | IsADirectoryError | ssl.SSLError
+            )
+            and not isinstance(exc, ssl.SSLCertVerificationError)
+        ):
+            # The driver loads them before it connects (no socket is a file here: remote).
+            what = (
+                "a certificate file cannot be loaded (sslrootcert, sslcert, sslkey: the DSN's, "
+                f"or PGSSLROOTCERT, PGSSLCERT, PGSSLKEY, ~/.postgresql) ({self.describe(exc)})"
+            )
         elif any(isinstance(e, ssl.SSLCertVerificationError) for e in chain):
             what = f"its certificate cannot be verified ({self.describe(exc)})"
         elif isinstance(exc, ConnectionError) and "rejected SSL upgrade" in str(exc):

@@ -76,13 +76,18 @@ def test_the_default_context_verifies_against_the_system_or_the_dsns_ca(tmp_path
     context = Target("postgresql://u:pw@db.example.com/ev").tls()
     assert context is not None
     assert (context.verify_mode, context.check_hostname) == (ssl.CERT_REQUIRED, True)
+
+
+async def test_a_ca_file_that_cannot_be_loaded_is_named(tmp_path: Path) -> None:
+    """The driver loads the DSN's sslrootcert (verify-full, no sslmode written) before it
+    connects: a missing file is a configuration error naming state.dsn, not a wait."""
     missing = tmp_path / "nope.pem"
-    target = Target(f"postgresql://u:pw@db.example.com/ev?sslrootcert={missing}")
-    with pytest.raises(OSError) as info:
-        target.tls()
-    refusal = target.tls_refusal(info.value, "sink.dsn")
-    assert refusal is not None and refusal.startswith("sink.dsn: ")
-    assert "the CA file cannot be loaded" in refusal and str(missing) in refusal
+    with pytest.raises(StoreError) as info:
+        await PostgresStore.open(
+            f"postgresql://u:pw@db.example.com/ev?sslrootcert={missing}", timeout_s=5.0
+        )
+    assert not info.value.retriable
+    assert "state.dsn: " in str(info.value) and "cannot be loaded" in str(info.value)
 
 
 def alias() -> str:
@@ -105,6 +110,7 @@ class FakeServer:
     context: ssl.SSLContext | None
     port: int = 0
     passwords: list[tuple[bool, bytes]] = field(default_factory=list)
+    client_certs: list[bool] = field(default_factory=list)  # per TLS handshake: one presented?
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -116,6 +122,7 @@ class FakeServer:
                     await writer.drain()
                     if tls:
                         await writer.start_tls(self.context)  # type: ignore[arg-type]
+                        self.client_certs.append(bool(writer.get_extra_info("peercert")))
                     size = int.from_bytes(await reader.readexactly(4), "big")
                     await reader.readexactly(size - 4)  # the StartupMessage
                 else:  # a StartupMessage right away
@@ -203,25 +210,41 @@ async def test_an_explicit_sslmode_is_the_operators_choice(fake: FakeServer):
     assert fake.passwords == [(True, SECRET.encode())]
 
 
-async def test_the_dsns_sslrootcert_verifies_the_server(tmp_path: Path):
-    """No sslmode, the CA in sslrootcert, a certificate for the DSN's host name: verified TLS,
-    and only then the password."""
-    name = alias()
-    openssl = ["openssl"]
-    run = lambda *a: subprocess.run([*openssl, *a], cwd=tmp_path, check=True, capture_output=True)  # noqa: E731
+def ca_signed(d: Path, host: str) -> None:
+    """In ``d``: ca.pem (a CA of the test's own), server.pem/.key for ``host`` and
+    client.pem/.key, both signed by it."""
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True, timeout=60)
+
     try:
         run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-keyout", "ca.key",
             "-out", "ca.pem", "-subj", "/CN=opera-test-ca")  # fmt: skip
     except FileNotFoundError:
         pytest.skip("openssl not installed: apt-get install openssl")
-    (tmp_path / "san.ext").write_text(f"subjectAltName = DNS:{name}\n")
-    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
-        "-subj", f"/CN={name}")  # fmt: skip
-    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-        "-CAcreateserial", "-days", "2", "-out", "server.pem", "-extfile", "san.ext")  # fmt: skip
+    (d / "san.ext").write_text(f"subjectAltName = DNS:{host}\n")
+    for name, ext in (("server", ["-extfile", "san.ext"]), ("client", [])):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
+            f"{name}.csr", "-subj", f"/CN=opera-{name}")  # fmt: skip
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-days", "2", "-out", f"{name}.pem", *ext)  # fmt: skip
+
+
+def server_context(d: Path, *, client_cert: bool = False) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(tmp_path / "server.pem", tmp_path / "server.key")
-    fake = FakeServer(context)
+    context.load_cert_chain(d / "server.pem", d / "server.key")
+    if client_cert:  # pg_hba's "hostssl ... cert": no handshake without one
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(d / "ca.pem")
+    return context
+
+
+async def test_the_dsns_sslrootcert_verifies_the_server(tmp_path: Path):
+    """No sslmode, the CA in sslrootcert, a certificate for the DSN's host name: verified TLS,
+    and only then the password."""
+    name = alias()
+    ca_signed(tmp_path, name)
+    fake = FakeServer(server_context(tmp_path))
     listening = await asyncio.start_server(fake.handle, "127.0.0.1", 0)
     port = listening.sockets[0].getsockname()[1]
     async with listening:
@@ -272,3 +295,57 @@ async def test_a_real_server_without_tls_off_this_machine_exits_78(
     sink = PostgresSink(sink_settings(dsn + "?sslmode=disable"))
     await sink.open(None)
     await sink.close()
+
+
+async def open_store(dsn: str) -> None:
+    with pytest.raises(Exception):  # noqa: B017  # the fake server ends after the password
+        store = await PostgresStore.open(dsn, timeout_s=5.0)
+        await store.close()
+
+
+async def test_the_ca_and_client_certificate_from_where_the_driver_looks_are_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No sslmode: the default context took the system's CAs or the DSN's sslrootcert only,
+    so a CA given by PGSSLROOTCERT (or ~/.postgresql/root.crt) was refused (exit 78), and the
+    DSN's client certificate was not presented (a server that authenticates by certificate
+    refused the daemon, which said to fix the password). The driver's own verify-full now
+    takes them where libpq does."""
+    name = alias()
+    ca_signed(tmp_path, name)
+    server = FakeServer(server_context(tmp_path))
+    listening = await asyncio.start_server(server.handle, "127.0.0.1", 0)
+    async with listening:
+        port = listening.sockets[0].getsockname()[1]
+        with monkeypatch.context() as env:
+            env.setenv("PGSSLROOTCERT", str(tmp_path / "ca.pem"))
+            await open_store(f"postgresql://opera:{SECRET}@{name}:{port}/opera_test")
+    assert server.passwords == [(True, SECRET.encode())]
+    needs_cert = FakeServer(server_context(tmp_path, client_cert=True))
+    listening = await asyncio.start_server(needs_cert.handle, "127.0.0.1", 0)
+    async with listening:
+        port = listening.sockets[0].getsockname()[1]
+        await open_store(
+            f"postgresql://opera:{SECRET}@{name}:{port}/opera_test?sslrootcert="
+            f"{tmp_path / 'ca.pem'}&sslcert={tmp_path / 'client.pem'}"
+            f"&sslkey={tmp_path / 'client.key'}"
+        )
+    assert needs_cert.client_certs == [True]
+    assert needs_cert.passwords == [(True, SECRET.encode())]
+
+
+@pytest.mark.parametrize("fake", ["no TLS"], indirect=True)
+async def test_a_host_from_a_service_file_is_verified(
+    fake: FakeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A DSN naming a connection service (?service=, PGSERVICE): the driver reads its host
+    from the service file, which the check did not: taken for this machine, the password went
+    in plain text to a server that said it had no TLS."""
+    services = tmp_path / "pg_service.conf"
+    services.write_text(f"[prod]\nhost={alias()}\nport={fake.port}\n")
+    monkeypatch.setenv("PGSERVICEFILE", str(services))
+    dsn = f"postgresql://opera:{SECRET}@/opera_test?service=prod"
+    assert Target(dsn).verifies
+    with pytest.raises(StoreError):
+        await PostgresStore.open(dsn, timeout_s=5.0)
+    assert fake.passwords == []
