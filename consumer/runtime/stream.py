@@ -866,8 +866,9 @@ class StreamRunner:
         delay = 1.0
         while not self._stop.is_set():
             try:
-                await self._tokens.token(retry=False)
-                return True
+                # A stop must not wait for the endpoint (auth.timeout_s): the session is
+                # completed at once then, or the next start meets a 4409.
+                return await self._until_stopped(self._tokens.token(retry=False)) is not None
             except AuthError as exc:
                 log.warning(
                     "cannot fetch the next token; streaming on with the current one",

@@ -8,6 +8,7 @@ import json
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
@@ -20,10 +21,12 @@ from support import (
     running,
     sandbox_token,
     sink_ids,
+    stream_config,
     truth_ids,
     untrusted_tls_server,
     wait_until,
 )
+from tcp_proxy import TcpProxy
 from trickle_server import trickling_server
 
 from consumer.config import StreamSettings
@@ -420,3 +423,35 @@ async def test_a_rotation_waits_for_the_next_token_and_streams_on_meanwhile(
         assert daemon.runners["main"]._tokens.fetches >= 2
     assert 4401 not in gw.stats.close_codes_sent
     assert sorted(sink_ids(tmp_path / "events.jsonl")) == sorted(truth_ids(gw.events("DEMO")))
+
+
+async def test_a_stop_while_the_rotations_token_request_hangs_completes_the_session(
+    sandbox_factory, tmp_path: Path
+):
+    """The rotation's token request did not watch the stop: an endpoint that does not answer
+    held the session for auth.timeout_s (15 s) after a SIGTERM, longer than the daemon waits
+    for its streams (complete_timeout_s + 2), so the session was never completed and the next
+    start (or the fleet member taking over) met 4409 and its lockout."""
+    gw = await sandbox_factory(backlog=5, token_ttl_s=8.0, stale_hold_s=30.0)
+    port = urlsplit(gw.url).port
+    assert port is not None
+    with TcpProxy("127.0.0.1", port) as proxy:
+        cfg = stream_config(gw.url)
+        cfg["auth"] = {**cfg["auth"], "token_url": f"http://127.0.0.1:{proxy.port}/oauth/v1/tokens"}
+        settings = make_settings(tmp_path, gw.url, streams={"main": cfg})
+        daemon = await Daemon.create(settings)
+        run = asyncio.create_task(daemon.run())
+        try:
+            await wait_until(lambda: committed(tmp_path / "state.db", newest_offset(gw)))
+            tokens = daemon.runners["main"]._tokens
+            proxy.blackhole()  # the token endpoint stops answering
+            await wait_until(lambda: tokens.fetches >= 2, timeout=30)  # the rotation's, hanging
+            daemon.request_stop()
+            async with asyncio.timeout(60):
+                await run
+        finally:
+            proxy.restore()
+            daemon.request_stop()
+            async with asyncio.timeout(60):
+                await asyncio.gather(run, return_exceptions=True)
+    assert gw.stats.completes_received == 1  # completed at the stop, not left open
