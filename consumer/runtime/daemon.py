@@ -695,14 +695,24 @@ class Daemon:
 
     async def _lease_taken(self, exc: LeaseHeld) -> None:
         """Another daemon (or a fleet member) holds the schema now and runs every stream: ours
-        stop delivering at once, nothing more of theirs is committed, and we exit 78."""
+        stop delivering at once, nothing more of theirs is committed, and we exit 78. An
+        operator's command (`offset set`, `sink adopt`, `dlq replay`) that took the free lease
+        is changing what we would commit: we stop the same way, but exit 1 for a restart (it
+        lets go in seconds; 78, which systemd does not restart, left the stream down)."""
+        holder = exc.holder or {}
+        command = holder.get("role") not in (None, "daemon") and not holder.get("member")
+        code = ExitCode.RUNTIME if command else ExitCode.CONFIG
         log.error(
-            "state store lease taken by another process while ours was lost: stopping every "
-            "stream at once",
+            "state store lease taken by an operator's command while ours was lost: stopping "
+            "every stream at once; a restart takes it again once the command is done"
+            if command
+            else "state store lease taken by another process while ours was lost: stopping "
+            "every stream at once",
             error=describe(exc),
-            exit_code=int(ExitCode.CONFIG),
+            role=holder.get("role"),
+            exit_code=int(code),
         )
-        self.exit_code = ExitCode.CONFIG
+        self.exit_code = code
         self._undrainable.set()  # no drain waits: nothing of ours may reach the sink now
         for name, pipeline in list(self.pipelines.items()):
             await _cut(self._stream_tasks.get(name), pipeline)

@@ -21,6 +21,7 @@ from consumer.config import Settings
 from consumer.config.settings import FleetSettings
 from consumer.errors import ExitCode, LeaseHeld
 from consumer.runtime.daemon import Daemon
+from consumer.state.lease import hold_streams
 
 pytestmark = pytest.mark.usefixtures("contained_logging")
 
@@ -127,3 +128,43 @@ async def test_a_daemon_whose_lease_another_took_meanwhile_stops_its_streams_and
     assert len(taken) == 1
     assert f"pid {os.getpid()} on 127.0.0.1 holds the state store" in taken[0]["error"]
     assert taken[0]["exit_code"] == ExitCode.CONFIG
+
+
+async def test_an_operator_command_that_took_the_free_lease_gets_a_restart_not_78(
+    postgres_dsn: str, schema: str, pg_proxy: TcpProxy
+) -> None:
+    """While the lease was lost, an operator's `offset set` (or `sink adopt`, `dlq replay`)
+    took the free lease for a moment: the daemon took it for another daemon and exited 78,
+    which systemd does not restart, so the stream stayed down though the command let go a
+    second later. It still stops every stream at once (the command changes what it would
+    commit), but exits 1: a restart takes the lease again."""
+    via_proxy = proxied(postgres_dsn, pg_proxy.port)
+    with captured_logs() as logs:
+        daemon = await Daemon.create(single_settings(via_proxy, schema))
+        run = asyncio.create_task(daemon.run())
+        try:
+            old = await lease_holders(postgres_dsn)
+            assert len(old) == 1
+            pg_proxy.blackhole()
+            await sql(postgres_dsn, "fetch", "SELECT pg_terminate_backend($1)", old[0])
+            async with asyncio.timeout(30):
+                while old[0] in await lease_holders(postgres_dsn):
+                    await asyncio.sleep(0.05)
+            op = single_settings(postgres_dsn, schema)
+            held = await hold_streams(op.state, list(op.streams), role="offset", fleet=False)
+            try:
+                pg_proxy.restore()
+                async with asyncio.timeout(30):
+                    code = await run
+            finally:
+                await held.release()
+            assert code == ExitCode.RUNTIME
+            assert all(t.cancelled() for t in daemon._stream_tasks.values())
+        finally:
+            pg_proxy.restore()
+            daemon.request_stop()
+            async with asyncio.timeout(30):
+                await asyncio.gather(run, return_exceptions=True)
+    lines = [json.loads(line) for line in logs.getvalue().splitlines()]
+    taken = [ln for ln in lines if ln["event"].startswith("state store lease taken by an oper")]
+    assert len(taken) == 1 and taken[0]["role"] == "offset"
