@@ -44,6 +44,17 @@ async def lease_holders(dsn: str) -> list[int]:
     return [r["pid"] for r in await sql(dsn, "fetch", HOLDERS, APP)]
 
 
+async def cut_off_and_lose_the_lease(dsn: str, proxy: TcpProxy) -> None:
+    """The daemon behind ``proxy`` cut off from the server, which ends its lease session."""
+    old = await lease_holders(dsn)
+    assert len(old) == 1
+    proxy.blackhole()
+    await sql(dsn, "fetch", "SELECT pg_terminate_backend($1)", old[0])
+    async with asyncio.timeout(30):
+        while old[0] in await lease_holders(dsn):
+            await asyncio.sleep(0.05)
+
+
 async def until_held_anew(dsn: str, old: list[int]) -> None:
     """Until a lease connection other than ``old`` holds the lease."""
     async with asyncio.timeout(30):
@@ -99,13 +110,7 @@ async def test_a_daemon_whose_lease_another_took_meanwhile_stops_its_streams_and
         first_run = asyncio.create_task(first.run())
         second_run: asyncio.Task[int] | None = None
         try:
-            old = await lease_holders(postgres_dsn)
-            assert len(old) == 1
-            pg_proxy.blackhole()
-            await sql(postgres_dsn, "fetch", "SELECT pg_terminate_backend($1)", old[0])
-            async with asyncio.timeout(30):
-                while old[0] in await lease_holders(postgres_dsn):
-                    await asyncio.sleep(0.05)
+            await cut_off_and_lose_the_lease(postgres_dsn, pg_proxy)
             second = await Daemon.create(single_settings(postgres_dsn, schema))
             second_run = asyncio.create_task(second.run())
             pg_proxy.restore()
@@ -143,13 +148,7 @@ async def test_an_operator_command_that_took_the_free_lease_gets_a_restart_not_7
         daemon = await Daemon.create(single_settings(via_proxy, schema))
         run = asyncio.create_task(daemon.run())
         try:
-            old = await lease_holders(postgres_dsn)
-            assert len(old) == 1
-            pg_proxy.blackhole()
-            await sql(postgres_dsn, "fetch", "SELECT pg_terminate_backend($1)", old[0])
-            async with asyncio.timeout(30):
-                while old[0] in await lease_holders(postgres_dsn):
-                    await asyncio.sleep(0.05)
+            await cut_off_and_lose_the_lease(postgres_dsn, pg_proxy)
             op = single_settings(postgres_dsn, schema)
             held = await hold_streams(op.state, list(op.streams), role="offset", fleet=False)
             try:
