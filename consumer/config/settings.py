@@ -161,6 +161,12 @@ class AuthSettings(_Model):
             raise ValueError(
                 "grant = 'password' needs username and password (the integration user)"
             )
+        if self.grant == "client_credentials" and (self.username or self.password is not None):
+            # Sent by no request: the operator meant the password grant, or left them over.
+            raise ValueError(
+                "username and password have no effect with grant = 'client_credentials' "
+                '-> set grant = "password" (the integration user), or remove them'
+            )
         return self
 
 

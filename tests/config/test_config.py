@@ -354,6 +354,16 @@ def test_password_grant_without_username_is_an_error(tmp_path: Path) -> None:
     assert PASSWORD not in message
 
 
+@pytest.mark.parametrize("given", ['username = "INTEG"\n', 'password = "{PASSWORD}"\n'])
+def test_a_user_beside_the_client_credentials_grant_is_an_error(tmp_path: Path, given: str) -> None:
+    """A username or password with grant = "client_credentials" (the default) was loaded and
+    sent by no request: the operator meant the password grant (the token endpoint's refusal
+    then said only that the client's credentials were wrong), or left it over."""
+    message = config_error(write(tmp_path, BASE + given.format(PASSWORD=PASSWORD)))
+    assert "no effect with grant = 'client_credentials'" in message and "grant" in message
+    assert PASSWORD not in message
+
+
 def test_password_grant_without_password_is_an_error(tmp_path: Path) -> None:
     text = BASE + 'grant = "password"\nusername = "INTEG"\n'
     assert "password" in config_error(write(tmp_path, text))
