@@ -451,14 +451,18 @@ def _webhook_settings(tmp_path: Path, gw_url: str, rx: Receiver, **sink: Any) ->
     return s
 
 
+def _ids_in(r: Received) -> list[str]:
+    """The uniqueEventIds a request carries (one event, or an array of them)."""
+    body = r.json()
+    return [d["metadata"]["uniqueEventId"] for d in (body if isinstance(body, list) else [body])]
+
+
 def _delivered_ids(rx: Receiver) -> list[str]:
     """The uniqueEventIds the receiver accepted (2xx), repeats included."""
     ids: list[str] = []
     for r, reply in rx.exchanges:
         if 200 <= reply.status < 300:
-            body = r.json()
-            docs = body if isinstance(body, list) else [body]
-            ids += [d["metadata"]["uniqueEventId"] for d in docs]
+            ids += _ids_in(r)
     return ids
 
 
@@ -509,9 +513,7 @@ async def test_daemon_dead_letters_the_event_the_receiver_rejects(
     culprit = truth[137]
 
     def reject_culprit(r: Received) -> Reply:
-        body = r.json()
-        docs = body if isinstance(body, list) else [body]
-        if any(d["metadata"]["uniqueEventId"] == culprit for d in docs):
+        if culprit in _ids_in(r):
             return Reply(422, body=f'{{"error": "cannot store {culprit}"}}'.encode())
         return Reply(200)
 
@@ -562,9 +564,7 @@ async def test_the_events_taken_before_a_rejected_request_are_not_sent_again(
     culprit = truth[137]
 
     def reject_culprit(r: Received) -> Reply:
-        body = r.json()
-        docs = body if isinstance(body, list) else [body]
-        if any(d["metadata"]["uniqueEventId"] == culprit for d in docs):
+        if culprit in _ids_in(r):
             return Reply(422, body=b'{"error": "cannot store it"}')
         return Reply(200)
 
@@ -589,9 +589,7 @@ async def test_a_write_retried_after_a_503_sends_only_what_was_not_taken(
     refused: list[str] = []
 
     def unavailable_once(r: Received) -> Reply:
-        body = r.json()
-        docs = body if isinstance(body, list) else [body]
-        if not refused and any(d["metadata"]["uniqueEventId"] == flaky for d in docs):
+        if not refused and flaky in _ids_in(r):
             refused.append(flaky)
             return Reply(503)
         return Reply(200)

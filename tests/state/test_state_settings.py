@@ -152,3 +152,26 @@ def test_a_sqlite_sink_in_the_store_is_refused_with_a_postgres_state(tmp_path: P
     assert "sink.path" in config_error(path)
     path.write_text(path.read_text() + 'path = "events.db"\n')
     assert load_settings(path).state.backend == "postgres"
+
+
+def test_the_lease_check_interval_default_and_a_value_with_postgres(tmp_path: Path) -> None:
+    """``lease_check_interval_s``: how often a daemon outside a fleet checks its lease."""
+    pg = f'backend = "postgres"\ndsn = "{DSN}"\n'
+    assert load_settings(write(tmp_path, pg)).state.lease_check_interval_s == 5.0
+    settings = load_settings(write(tmp_path, pg + "lease_check_interval_s = 1.5\n"))
+    assert settings.state.lease_check_interval_s == 1.5
+
+
+@pytest.mark.parametrize(
+    ("state", "fix"),
+    [
+        ("lease_check_interval_s = 2.0\n", 'backend = "postgres"'),
+        (f'backend = "postgres"\ndsn = "{DSN}"\nlease_check_interval_s = 0\n', "greater than 0"),
+    ],
+)
+def test_a_lease_check_interval_is_refused_naming_the_key(
+    tmp_path: Path, state: str, fix: str
+) -> None:
+    """A PostgreSQL key: refused with the SQLite backend; and never 0."""
+    text = config_error(write(tmp_path, state))
+    assert "state.lease_check_interval_s" in text and fix in text
