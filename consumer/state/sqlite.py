@@ -601,19 +601,48 @@ async def _connect(path: Path, synchronous: str) -> aiosqlite.Connection:
 
 
 async def _migrate(db: aiosqlite.Connection) -> None:
+    if await _version(db) == len(MIGRATIONS):
+        return  # current: no write lock taken (the usual start)
+    # The version is read again under the write lock: another process (a daemon and a command
+    # opening an old store together) may have migrated it since, and a script run twice fails
+    # ("table already exists"). executescript would commit first: one statement at a time.
+    await db.execute("BEGIN IMMEDIATE")
+    try:
+        version = await _version(db)
+        if version > len(MIGRATIONS):
+            raise SchemaTooNew(
+                f"schema version {version} was written by a newer opera-consumer (this one "
+                f"knows {len(MIGRATIONS)}): upgrade opera-consumer, or point [state] path at "
+                "another file"
+            )
+        for target, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            for statement in _statements(script):
+                await db.execute(statement)
+            await db.execute(f"PRAGMA user_version = {target}")
+        await db.execute("COMMIT")  # every migration and the version bump at once
+    except BaseException:
+        if db.in_transaction:
+            await db.execute("ROLLBACK")
+        raise
+
+
+async def _version(db: aiosqlite.Connection) -> int:
     async with db.execute("PRAGMA user_version") as cur:
         row = await cur.fetchone()
-    version = int(row[0]) if row else 0
-    if version > len(MIGRATIONS):
-        raise SchemaTooNew(
-            f"schema version {version} was written by a newer opera-consumer (this one knows "
-            f"{len(MIGRATIONS)}): upgrade opera-consumer, or point [state] path at another file"
-        )
-    for target, script in enumerate(MIGRATIONS[version:], start=version + 1):
-        # executescript commits first; the whole migration and its version bump are atomic.
-        await db.executescript(
-            f"BEGIN IMMEDIATE; {script}; PRAGMA user_version = {target}; COMMIT;"
-        )
+    return int(row[0]) if row else 0
+
+
+def _statements(script: str) -> list[str]:
+    """The script's statements, split where SQLite says one is complete (a ";" inside a
+    string or a trigger body does not end one)."""
+    statements, start = [], 0
+    for end in (i + 1 for i, c in enumerate(script) if c == ";"):
+        if sqlite3.complete_statement(script[start:end]):
+            statements.append(script[start:end])
+            start = end
+    if script[start:].strip():
+        statements.append(script[start:])
+    return statements
 
 
 # sqlite3 messages that mean "try again later" rather than "an operator must act".

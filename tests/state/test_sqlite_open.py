@@ -1,10 +1,15 @@
-"""Opening the SQLite store fails cleanly: no connection thread outlives a failed open (they
-are not daemon threads, so one left running keeps the process from ever exiting)."""
+"""Opening the SQLite store: it fails cleanly (no connection thread outlives a failed open:
+they are not daemon threads, so one left running keeps the process from ever exiting), and an
+old store migrated by another process meanwhile opens."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import sqlite3
 import threading
+import time
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +17,7 @@ import pytest
 
 from consumer.errors import StoreError
 from consumer.state import SqliteStore
+from consumer.state.sqlite import MIGRATIONS, _statements
 
 
 async def test_a_lookup_connection_that_fails_leaves_no_thread_behind(
@@ -33,3 +39,52 @@ async def test_a_lookup_connection_that_fails_leaves_no_thread_behind(
     for t in left:
         t.join(5)
     assert [t for t in left if t.is_alive()] == []
+
+
+def _open_fds(path: Path) -> int:
+    fds = Path("/proc/self/fd")
+    return sum(1 for fd in fds.iterdir() if os.path.realpath(fd) == str(path.resolve()))
+
+
+async def test_an_old_store_migrated_by_another_process_meanwhile_opens(tmp_path: Path) -> None:
+    """A daemon and a command opening an old store together: one migrates, the other reads the
+    old version, waits for the write lock and must then find the schema current (it ran the
+    migration again: "duplicate column" or "table already exists")."""
+    path = tmp_path / "state.db"
+    with closing(sqlite3.connect(path)) as con:
+        scripts = "".join(f"{m};" for m in MIGRATIONS[:-1])
+        con.executescript(
+            f"PRAGMA journal_mode=WAL; {scripts} PRAGMA user_version = {len(MIGRATIONS) - 1};"
+        )
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # the other process, migrating
+        for statement in _statements(MIGRATIONS[-1]):
+            other.execute(statement)
+        other.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")
+        opening = asyncio.create_task(SqliteStore.open(path))
+        deadline = time.monotonic() + 10
+        while _open_fds(path) < 2:  # its writer connection is open: it reads the version next
+            assert time.monotonic() < deadline and not opening.done()
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.5)  # it reads the old version, then waits for the write lock
+        assert not opening.done()
+        other.execute("COMMIT")
+        store = await asyncio.wait_for(opening, 10)
+    finally:
+        other.close()
+    try:
+        assert await store.seen("s", ["a"]) == set()
+    finally:
+        await store.close()
+    with closing(sqlite3.connect(path)) as con:
+        assert con.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+
+
+def test_a_script_splits_where_sqlite_says_a_statement_ends() -> None:
+    script = "CREATE TABLE t (a TEXT DEFAULT 'x;y'); INSERT INTO t VALUES ('1;2');\n"
+    assert _statements(script) == [
+        "CREATE TABLE t (a TEXT DEFAULT 'x;y');",
+        " INSERT INTO t VALUES ('1;2');",
+    ]
+    assert all(_statements(m) for m in MIGRATIONS)
