@@ -38,6 +38,7 @@ from prometheus_client.registry import Collector
 from .. import __version__
 from ..core.events import Event, event_time
 from ..core.evidence import shown
+from ..core.printable import printable
 from ..http11 import read_request, reject, request_path, respond
 from ..http_client import read_at_most
 from ..logs import RateLimitedLogger
@@ -290,7 +291,7 @@ def readiness(source: StatusSource) -> tuple[bool, dict[str, Any]]:
     return ready, {"streams": streams, "commits": commits}
 
 
-_MAX_CONNECTIONS = 64  # handled at once; a connection beyond them is closed at once
+_MAX_CONNECTIONS = 64  # handled at once; a new one beyond them closes the oldest
 _HEAD_LIMIT = 8 * 1024  # bytes of request head (a scraper sends a few hundred)
 _HEAD_TIMEOUT_S = 5.0  # to send the request head
 _WRITE_TIMEOUT_S = 10.0  # to take the response
@@ -314,16 +315,18 @@ class MetricsServer:
     streaming or in a deliberate wait) on one loopback port by default.
 
     GET and HEAD only (405 otherwise). Hostile clients get an answer or a close and never a
-    traceback: at most ``_MAX_CONNECTIONS`` at once, a bounded head sent within
-    ``_HEAD_TIMEOUT_S``, 400 for a head or target that does not parse; anything unexpected is
-    logged once a minute at most."""
+    traceback: at most ``_MAX_CONNECTIONS`` at once (a new one closes the oldest: every one
+    waits for its client, and refusing the newest let 64 silent connections, re-opened as
+    they timed out, fail every health probe), a bounded head sent within ``_HEAD_TIMEOUT_S``,
+    400 for a head or target that does not parse; anything unexpected is logged once a
+    minute at most."""
 
     def __init__(self, source: StatusSource, metrics: Metrics, host: str, port: int) -> None:
         self._source = source
         self._metrics = metrics
         self._host, self._port = host, port
         self._server: asyncio.Server | None = None
-        self._handlers: set[asyncio.Task[Any]] = set()
+        self._handlers: dict[asyncio.Task[Any], None] = {}  # oldest first
         # One line per kind of trouble a minute at most, counting the ones held back.
         self._log = RateLimitedLogger(_log, per_s=1 / _LOG_EVERY_S, burst=1)
 
@@ -351,13 +354,17 @@ class MetricsServer:
         """One connection. Nothing leaves it: an exception here would reach the loop's
         exception handler (a traceback per connection)."""
         task = asyncio.current_task()
-        if task is None or len(self._handlers) >= _MAX_CONNECTIONS:
-            self._log.warning(
-                "metrics listener full: connections closed at once", limit=_MAX_CONNECTIONS
-            )
+        if task is None:
             writer.close()
             return
-        self._handlers.add(task)
+        if len(self._handlers) >= _MAX_CONNECTIONS:
+            self._log.warning(
+                "metrics listener full: the oldest connections closed", limit=_MAX_CONNECTIONS
+            )
+            oldest = next(iter(self._handlers))
+            del self._handlers[oldest]
+            oldest.cancel()
+        self._handlers[task] = None
         try:
             await self._serve(reader, writer)
         except _CLIENT_TROUBLE:
@@ -367,7 +374,7 @@ class MetricsServer:
         except Exception as exc:  # a bug of ours (h11.LocalProtocolError, a collector...)
             self._log.warning("metrics listener: a request failed", exc_info=exc)
         finally:
-            self._handlers.discard(task)
+            self._handlers.pop(task, None)
             writer.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -444,7 +451,8 @@ def _commits(given: Any, at: float) -> dict[str, Any] | None:
             if isinstance(failing_for, int | float) and 0 <= failing_for < float("inf")
             else None
         ),
-        "last_error": shown(error, 300) if isinstance(error, str) and error else None,
+        # printable: `status` prints it in a line of its own, not a table cell
+        "last_error": printable(error, 300) if isinstance(error, str) and error else None,
     }
 
 

@@ -268,6 +268,30 @@ async def test_a_thousand_hostile_connections_leave_a_few_lines_and_a_working_li
     assert_quiet(logs, loop_errors)
 
 
+async def test_a_health_probe_is_answered_while_silent_connections_fill_the_listener(
+    sandbox_factory: Any, tmp_path: Path
+) -> None:
+    """The listener's 64 slots held by silent connections (re-opened as each times out: a few
+    hundred bytes a second): a new connection was closed at once, so every /healthz probe
+    failed and Docker's HEALTHCHECK or a liveness probe restarted a healthy daemon. A new
+    connection now closes the oldest."""
+    async with await streaming(tmp_path, sandbox_factory) as daemon:
+        await wait_until(lambda: daemon.runners["main"].state == "streaming")
+        port = port_of(daemon)
+        server = daemon.metrics_server
+        assert server is not None
+        held = [await asyncio.open_connection(HOST, port) for _ in range(64)]
+        try:
+            await wait_until(lambda: len(server._handlers) == 64, timeout=60)
+            response = await exchange(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert status_of(response) == 200
+            async with asyncio.timeout(60):  # the oldest silent one was closed for it
+                assert await held[0][0].read() == b""
+        finally:
+            for _, writer in held:
+                writer.close()
+
+
 async def test_a_failing_scrape_gets_500_and_one_log_line(
     sandbox_factory: Any,
     tmp_path: Path,
