@@ -32,7 +32,7 @@ from support import (
     wait_until,
 )
 
-from consumer.commands.status import COLUMNS, duration, eta_text
+from consumer.commands.status import COLUMNS, _commit_fields, commits_failing, duration, eta_text
 from consumer.core.events import event_time
 from consumer.runtime.metrics import LIVE_BODY_BYTES, live_status
 from consumer.sandbox import launcher
@@ -254,6 +254,31 @@ async def test_a_listener_figure_that_is_not_finite_is_left_out() -> None:
         None,
         0,
     )
+
+
+async def test_the_listeners_commit_error_reaches_the_terminal_escaped() -> None:
+    """`status` prints the daemon's last commit error in a banner of its own, not a table
+    cell: whatever answers on the metrics port (a port squatter while the daemon restarts)
+    drove the operator's terminal with it (retitled, cleared)."""
+    hostile = "\x1b]0;pwned\x07\x1b[2J\x1b[31mdisk full"
+    readyz = {
+        "ready": False,
+        "streams": {"main": {"state": "streaming"}},
+        "commits": {"ok": False, "failures": 3, "failing_for_s": 5.0, "last_error": hostile},
+    }
+
+    def answer(request: Any) -> Reply:
+        return Reply(body=json.dumps(readyz).encode() if request.path == "/readyz" else b"")
+
+    with Receiver(answer) as rx:
+        look = await live_status("127.0.0.1", rx.port)
+    assert look is not None
+    error = look["main"]["commits"]["last_error"]
+    assert "disk full" in error and not any(c in error for c in "\x1b\x07")
+    banner = commits_failing(
+        [{**dict.fromkeys(COLUMNS), **_commit_fields(look["main"]["commits"])}]
+    )
+    assert banner is not None and "disk full" in banner and "\x1b" not in banner
 
 
 async def test_status_says_commits_fail(sandbox_factory: Any, tmp_path: Path, monkeypatch) -> None:
