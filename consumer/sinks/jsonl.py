@@ -26,11 +26,14 @@ number, which a remount may change). A position recorded for another path (sink.
 then set back) or another file (moved aside, replaced) is as none: its length means nothing
 for this file, so it cuts nothing, and a file with lines is refused the same way. A plain
 number (the format before) is still the configured path's length. A start anywhere else than
-the committed position (a new file, one moved aside or shortened between runs) is recorded
-before the first write (``open_sink``): a crash before the first commit cuts back to it, not
-to the old length. While running, each sync checks that the path still names the open file
-and that it did not shrink, so a file rotated, truncated or removed underneath stops the
-daemon instead of writing NUL bytes or into a deleted file.
+the committed position (a new file, one moved aside or shortened at a line's end between runs)
+is recorded before the first write (``open_sink``): a crash before the first commit cuts back
+to it, not to the old length. A start position that is not a line's end (the file shortened in
+place inside a line, another copy restored over it) is not one the sink committed: refused
+(exit 78), nothing cut or written, rather than a new line glued to the half one. While
+running, each sync checks that the path still names the open file and that it did not
+shrink, so a file rotated, truncated or removed underneath stops the daemon instead of writing
+NUL bytes or into a deleted file.
 
 Rotation (optional, :mod:`consumer.core.rotation` names the files): the position becomes
 (file, length) as JSON, ``{"file", "seq", "length", "started", "path", "ino"}``, its path the
@@ -281,13 +284,12 @@ class JsonlSink:
             try:  # refused as below (a link: ELOOP)
                 fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
             except FileNotFoundError:
-                st = None
-            else:
-                try:
-                    st = os.fstat(fd)
-                finally:
-                    os.close(fd)
-            return _File(name, seq, started, self._committed_length(path, c, st, why))
+                return _File(name, seq, started, self._committed_length(path, c, None, why))
+            try:
+                length = self._committed_length(path, c, fd, why)
+            finally:
+                os.close(fd)
+            return _File(name, seq, started, length)
         created = False
         try:
             # O_NOFOLLOW: never cut the target of a link someone put there
@@ -298,9 +300,8 @@ class JsonlSink:
             )
             created = True
         try:
-            st = os.fstat(fd)
-            size = st.st_size
-            length = self._committed_length(path, c, st, why)
+            size = os.fstat(fd).st_size
+            length = self._committed_length(path, c, fd, why)
             if size > length:
                 # Lines written after the last checkpoint: their events will be replayed.
                 os.ftruncate(fd, length)
@@ -321,10 +322,11 @@ class JsonlSink:
             identity=_identity(os.fstat(fd)),
         )
 
-    @staticmethod
     def _committed_length(
-        path: Path, c: _Committed | None, st: os.stat_result | None, why: str | None
+        self, path: Path, c: _Committed | None, fd: int | None, why: str | None
     ) -> int:
+        """Where the sink goes on in the file open as ``fd`` (None: there is none)."""
+        st = None if fd is None else os.fstat(fd)
         size = 0 if st is None else st.st_size
         if c is not None and c.ino is not None and (st is None or st.st_ino != c.ino):
             # Not the file the length was recorded for (moved aside, replaced): it means
@@ -341,18 +343,51 @@ class JsonlSink:
             if why is not None:
                 log.warning("jsonl file is not the committed one; starting it at 0", path=str(path))
             return 0
-        committed = c.length
-        if size < committed:
-            # Shortened or removed between runs (shipped away by hand, say): nothing of ours
-            # to cut; append after what is there.
+        length = min(size, c.length)
+        if length and fd is not None and os.pread(fd, 1, length - 1) != b"\n":
+            # The sink commits at a line's end only: this is not what it committed (shortened
+            # in place inside a line, another copy restored over it). Going on would glue the
+            # next line to the half one; cutting back to the last whole line, or ending the
+            # half one, would delete or garble committed bytes, the loss unseen. An operator's.
+            self._torn(path, size, c.length)
+        if size < c.length:
+            # Shortened or removed between runs at a line's end (lines shipped away by hand, an
+            # older copy restored): nothing of ours to cut; append after what is there.
             log.warning(
-                "jsonl file is shorter than the committed length; was it moved or truncated?",
+                "jsonl file is shorter than the committed length; was it moved or truncated? "
+                "the committed lines cut off are not written again",
                 path=str(path),
                 size=size,
-                committed=committed,
+                committed=c.length,
             )
-            return size
-        return committed
+        return length
+
+    def _torn(self, path: Path, size: int, committed: int) -> NoReturn:
+        """Refuse a start that is not at a line's end, saying what was found and the ways on."""
+        sink = f"sink.path {printable(self.path)}"
+        what = sink if path == self.path else f"jsonl file {printable(path)} (of {sink})"
+        adopt = (
+            "`opera-consumer sink adopt --execute` to take the file as it is up to its last "
+            "complete line as committed (the bytes after it are cut"
+        )
+        if size < committed:
+            raise SinkUnusable(
+                f"{what} holds {size} bytes, shorter than the "
+                f"{committed} bytes committed, and ends inside a line: shortened in place "
+                "between runs (truncate -s, an older copy restored over it with cp). Nothing "
+                "is cut or written: appending would glue the next event to that half line, and "
+                f"the committed lines that were after it are gone. Restore the file (at least "
+                f"{committed} bytes: the start cuts it back to the committed length), or run "
+                f"{adopt}; the events cut off are not written again: they are recorded as "
+                "processed), then restart"
+            )
+        raise SinkUnusable(
+            f"{what} holds {size} bytes, and the {committed} "
+            "bytes committed end inside a line: not the file that was committed (another copy "
+            "restored over it). Nothing is cut or written: cut there, it would end in a half "
+            "line, the next event glued to it. Restore the file that was committed, or run "
+            f"{adopt}), then restart"
+        )
 
     # --- running --------------------------------------------------------------------------------
 
