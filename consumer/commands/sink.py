@@ -117,8 +117,9 @@ def _say_plan(sink: JsonlSinkSettings, plan: Adoption, streams: list[str], state
     if plan.torn:
         print(
             f"{plan.path}: the {plan.torn} bytes after its last complete line (a line cut short "
-            "by a kill -9) are left out: the start cuts them, and that event is written when "
-            "it comes again"
+            "by a kill -9, or the file shortened inside a line) are left out: the start cuts "
+            "them; that event is written again if the stream sends it again (not when a "
+            "checkpoint is past it: then only a copy of the file has it)"
         )
     where = f"every line of {plan.path}"
     if sink.rotation() is not None and plan.path != sink.path:
