@@ -15,6 +15,7 @@ import re
 import sys
 from collections.abc import Callable
 from contextvars import ContextVar
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import unquote_plus, urlsplit, urlunsplit
@@ -599,6 +600,50 @@ STOP_GRACE_S = 2.0
 def fleet_handover_s(connection: ConnectionSettings, pipeline: PipelineSettings) -> float:
     """The longest a fleet member may take to hand a stream over (stop it gracefully)."""
     return 2 * (connection.complete_timeout_s + STOP_GRACE_S) + pipeline.drain_timeout_s
+
+
+# What a stop may take beyond its bounded steps (cancelling tasks; closing the sink, the HTTP
+# client and the store, each within its own timeout): asked of systemd with them.
+STOP_SLACK_S = 5.0
+# The grace the compose files, the README (`docker stop -t 45`) and the systemd unit
+# (TimeoutStopSec=) give a stop; a plain `docker stop` gives 10 s, Kubernetes 30 s.
+DOCUMENTED_STOP_S = 45.0
+
+StopStep = Literal["streams_s", "drain_s", "handovers_s", "commit_s", "leave_s"]
+
+
+@dataclass(frozen=True)
+class StopBudget:
+    """The longest each step of the daemon's stop (runtime.daemon.close) may take, in order:
+    the one place that adds them up (the stop bounds each, and asks systemd for the rest)."""
+
+    streams_s: float  # `complete` sent: until the servers close, then cut
+    drain_s: float  # the queues drained, or the rest replayed at the next start
+    handovers_s: float  # fleet: handovers under way end as they would have (fleet_handover_s)
+    # The final commit: the state store's timeout_s (connect, each statement) and a grace. Not
+    # cut by the stop: one slower still is ended by systemd's kill, as before (replayed).
+    commit_s: float
+    leave_s: float  # fleet: the leases released and the fleet left, each within a tick
+
+    def left(self, step: StopStep) -> float:
+        """From the start of ``step`` to the end of the stop."""
+        names = [f.name for f in fields(self)]
+        return float(sum(getattr(self, n) for n in names[names.index(step) :]))
+
+    @property
+    def total_s(self) -> float:
+        return self.left("streams_s")
+
+
+def stop_budget(settings: Settings) -> StopBudget:
+    streams, p, f = settings.streams.values(), settings.pipeline, settings.fleet
+    return StopBudget(
+        streams_s=max(s.connection.complete_timeout_s for s in streams) + STOP_GRACE_S,
+        drain_s=p.drain_timeout_s,
+        handovers_s=max(fleet_handover_s(s.connection, p) for s in streams) if f.enabled else 0.0,
+        commit_s=settings.state.timeout_s + STOP_GRACE_S,
+        leave_s=2 * f.renew_interval_s if f.enabled else 0.0,
+    )
 
 
 class JsonlSinkSettings(_Model):

@@ -29,7 +29,14 @@ import structlog
 
 from .. import __version__, early_signals
 from ..config import Settings
-from ..config.settings import STOP_GRACE_S, fleet_handover_s
+from ..config.settings import (
+    DOCUMENTED_STOP_S,
+    STOP_GRACE_S,
+    STOP_SLACK_S,
+    StopBudget,
+    StopStep,
+    stop_budget,
+)
 from ..core import protocol
 from ..core.evidence import describe, shown
 from ..core.filters import EventFilter
@@ -475,6 +482,16 @@ class Daemon:
                     "allow_insecure_http = true: credentials and events may travel over plain "
                     "http:// to hosts other than loopback; use it on a trusted test network only"
                 )
+            if (most := stop_budget(self.settings).total_s) > DOCUMENTED_STOP_S and not (
+                os.environ.get("NOTIFY_SOCKET")  # systemd: the stop extends its timeout
+            ):
+                log.warning(
+                    "a stop may take longer than a 45 s grace: give docker stop -t, "
+                    "stop_grace_period or terminationGracePeriodSeconds at least stop_within_s "
+                    "(a plain docker stop gives 10 s), or lower pipeline.drain_timeout_s or "
+                    "connection.complete_timeout_s; killed, it is safe but reported failed",
+                    stop_within_s=round(most + STOP_SLACK_S),
+                )
             log.info(
                 "opera-consumer running",
                 version=__version__,
@@ -507,20 +524,21 @@ class Daemon:
         self._closed = True
         self._stop.set()
         systemd.notify("STOPPING=1")
+        budget = stop_budget(self.settings)
+        _extend_stop(budget, "streams_s")
         systemd.status("draining")
-        p = self.settings.pipeline
         if self.fleet is not None:
             self.fleet.stop_acquiring()
         streams = [t for t in self._stream_tasks.values() if not t.done()]
         for r in self.runners.values():
             r.request_stop()
-        grace = max(s.connection.complete_timeout_s for s in self.settings.streams.values()) + 2
-        await _wait(streams, grace)
+        await _wait(streams, budget.streams_s)
         for t in streams:  # still reading after the grace period: stop intake now
             t.cancel()
         await asyncio.gather(*streams, return_exceptions=True)
+        _extend_stop(budget, "drain_s")
         started = time.monotonic()
-        deadline = 0.0 if self._undrainable.is_set() else p.drain_timeout_s
+        deadline = 0.0 if self._undrainable.is_set() else budget.drain_s
         # Copies: a fleet handover under way may stop a stream (and drop it) meanwhile.
         for name, pipeline in list(self.pipelines.items()):
             left = max(0.0, deadline - (time.monotonic() - started))
@@ -545,14 +563,13 @@ class Daemon:
         # out) and its last commit refused. Each is bounded by the time the settings allow it.
         moving = [t for t in self._tasks if t.get_name().startswith(_MOVES)]
         if moving and self.fleet is not None:
-            await _wait(
-                moving,
-                max(fleet_handover_s(s.connection, p) for s in self.settings.streams.values()),
-            )
+            _extend_stop(budget, "handovers_s")
+            await _wait(moving, budget.handovers_s)
         rest = list(self._tasks)
         for t in rest:
             t.cancel()
         await asyncio.gather(*rest, return_exceptions=True)
+        _extend_stop(budget, "commit_s")
         try:
             await self.committer.flush()
         except Exception as exc:
@@ -748,6 +765,14 @@ async def _check_checkpoints(store: StateStore, settings: Settings) -> None:
                 f"offset set {name} <offset> --execute` (or `offset reset {name} --highest "
                 f"--execute`)"
             )
+
+
+def _extend_stop(budget: StopBudget, step: StopStep) -> None:
+    """Ask systemd (236 and later) to wait for the rest of the stop, from ``step`` on, past
+    TimeoutStopSec= if need be: every step is bounded, so a long drain ends as it should and
+    is not killed (and reported failed, a fleet's streams then waiting out their leases).
+    systemd only ever lengthens its timeout by this; outside systemd it is a no-op."""
+    systemd.extend_timeout(budget.left(step) + STOP_SLACK_S)
 
 
 async def _wait(tasks: list[asyncio.Task[None]], seconds: float) -> None:

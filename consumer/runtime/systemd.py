@@ -42,6 +42,13 @@ def status(text: str) -> bool:
     return notify(f"STATUS={text}")
 
 
+def extend_timeout(seconds: float) -> bool:
+    """``EXTEND_TIMEOUT_USEC``: systemd (236 and later) waits ``seconds`` more for our next
+    word or our exit in the state we are in (starting, stopping), past its configured timeout;
+    it only ever lengthens its timeout by this, never shortens it."""
+    return notify(f"EXTEND_TIMEOUT_USEC={max(0, int(seconds * 1e6))}")
+
+
 def watchdog_period() -> float | None:
     """Seconds between ``WATCHDOG=1`` pings (half of ``WatchdogSec``), or None when unset."""
     usec, pid = os.environ.get("WATCHDOG_USEC"), os.environ.get("WATCHDOG_PID")
