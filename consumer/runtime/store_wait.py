@@ -79,7 +79,7 @@ async def when_reachable(
             retry_in_s=round(delay, 1),
         )
         waiting.why = f"waiting for the state store ({why}), retry in {delay:.0f} s"
-        systemd.notify(f"EXTEND_TIMEOUT_USEC={int((delay + _START_SLACK_S) * 1e6)}")
+        systemd.extend_timeout(delay + _START_SLACK_S)
         systemd.status(waiting.why)  # apart: an error's text could make it too long
 
     try:

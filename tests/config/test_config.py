@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from consumer.config import effective, load_settings
+from consumer.config.settings import STOP_SLACK_S, stop_budget
 from consumer.errors import ConfigError
 
 APP_KEY = "app-key-VERY-SECRET-0001"
@@ -509,6 +511,12 @@ def test_the_fleet_compose_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> N
     assert settings.fleet.enabled and len(settings.streams) == 4
     assert settings.sink.type == "postgres" and settings.state.backend == "postgres"
     assert settings.warnings() == []  # the sandbox's: an enterprise_id, no OCIM warning
+    # The compose file's grace covers the longest stop these settings allow (no systemd there
+    # to extend it): killed past it, the stop is reported failed and the leases wait out.
+    compose = (root / "deploy" / "docker" / "compose.fleet.yaml").read_text()
+    grace = re.search(r"stop_grace_period: (\d+)s", compose)
+    assert grace is not None
+    assert int(grace[1]) >= stop_budget(settings).total_s + STOP_SLACK_S
 
 
 def test_the_sandbox_compose_config_is_valid_and_draws_no_warning(
