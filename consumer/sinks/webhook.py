@@ -159,6 +159,7 @@ class WebhookSink(PlainSink):
         headers["X-Opera-Stream"] = stream
         headers["Idempotency-Key"] = key
         deadline = asyncio.timeout(self._deadline)
+        status = 0
         try:
             async with (
                 deadline,
@@ -171,12 +172,17 @@ class WebhookSink(PlainSink):
                 ) as response,
             ):
                 status = response.status
+                reason_phrase = response.reason
+                retry_after = response.headers.get("Retry-After")
                 # The body is the receiver's: only its start is read (a 2xx one to its end
                 # usually, so that the connection is kept).
                 content = await read_at_most(response, ERROR_BODY_BYTES)
-                reason_phrase = response.reason
-                retry_after = response.headers.get("Retry-After")
         except TRANSPORT_ERRORS as exc:  # refused, reset, timed out
+            if 200 <= status < 300:
+                # Answered 2xx, then its body cut or too slow: the receiver has taken it (sent
+                # again, a receiver that ignores Idempotency-Key would hold it twice). Its
+                # connection is dropped, not reused.
+                return
             if deadline.expired():
                 raise TransientSinkError(
                     f"{self._what(events)}: no complete answer within {self._deadline:g} s "

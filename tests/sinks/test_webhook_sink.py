@@ -289,18 +289,50 @@ async def test_a_slow_receiver_times_out_transiently(rx: Receiver, client: aioht
     assert [r.header("Idempotency-Key") for r in rx.requests] == ["w0-u1", "w0-u2"]
 
 
-@pytest.mark.parametrize("body", [False, True], ids=["header", "body"])
-async def test_a_receiver_trickling_its_answer_meets_the_deadline(
-    client: aiohttp.ClientSession, body: bool
-):
-    """A byte every 0.1 s never trips the read timeout (it bounds each silence): the whole
-    request has 3 * timeout_s, after which the write fails transiently instead of holding
-    the worker for ever."""
-    async with trickling_server(body=body) as port:
+async def test_a_receiver_trickling_its_answer_meets_the_deadline(client: aiohttp.ClientSession):
+    """A byte of the answer's head every 0.1 s never trips the read timeout (it bounds each
+    silence): the whole request has 3 * timeout_s, after which the write fails transiently
+    instead of holding the worker for ever."""
+    async with trickling_server(body=False) as port:
         sink = await opened(settings(f"http://127.0.0.1:{port}/hook", timeout_s=0.5), client)
         with pytest.raises(TransientSinkError, match=r"no complete answer within 1\.5 s"):
             async with asyncio.timeout(30):  # the old behaviour: for ever
                 await sink.write("main", [event(1)])
+
+
+async def test_a_2xx_whose_body_trickles_is_delivered_by_the_deadline(
+    client: aiohttp.ClientSession,
+):
+    """200 said, then a body without end: the receiver has the event (sent again, one that
+    ignores Idempotency-Key would hold it twice). The write is done at the deadline."""
+    async with trickling_server(body=True) as port:
+        sink = await opened(settings(f"http://127.0.0.1:{port}/hook", timeout_s=0.5), client)
+        async with asyncio.timeout(30):
+            await sink.write("main", [event(1)])
+
+
+async def test_a_2xx_whose_body_is_cut_short_is_delivered_once(client: aiohttp.ClientSession):
+    """200 with a Content-Length it does not send (the connection closed): delivered, one
+    POST; it was retried for as long as the receiver did that, a duplicate each time."""
+    posts = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal posts
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+        posts += 1
+        writer.write(b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"ok": true}')
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        sink = await opened(settings(f"http://127.0.0.1:{port}/hook", timeout_s=5), client)
+        async with asyncio.timeout(30):
+            await sink.write("main", [event(1)])
+    assert posts == 1
 
 
 async def test_the_receivers_certificate_is_verified_by_default(
