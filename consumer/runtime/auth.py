@@ -254,7 +254,10 @@ class TokenProvider:
         try:
             body = json.loads(content)
             value = body["access_token"]
-            lifetime = float(body.get("expires_in", 3600))
+            expires_in = body.get("expires_in", 3600)
+            if isinstance(expires_in, bool):  # float(True) is a 1 s token: rotated twice a second
+                raise TypeError("expires_in is a boolean, not a number of seconds")
+            lifetime = float(expires_in)
         except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
             raise AuthError(
                 f"token endpoint {self.url} sent an unusable response: {describe(exc)}",

@@ -320,6 +320,23 @@ async def test_an_unusable_access_token_is_refused_unquoted(value: str) -> None:
     assert REDACTOR.scrub("state=streaming, token obtained") == "state=streaming, token obtained"
 
 
+@pytest.mark.parametrize("expires_in", [True, False, [3600], {"s": 3600}], ids=repr)
+async def test_an_expires_in_that_is_not_a_number_is_refused(expires_in: Any) -> None:
+    """``true`` passed float() as a 1 s lifetime: a rotation twice a second."""
+    body = json.dumps({"access_token": "tok-4f9a-77e1-b2c0", "expires_in": expires_in})
+
+    def reply(request: Any) -> Reply:
+        return Reply(200, {"Content-Type": "application/json"}, body.encode())
+
+    with Receiver(reply) as endpoint:
+        token_url = f"http://127.0.0.1:{endpoint.port}/oauth/v1/tokens"
+        async with aiohttp.ClientSession() as http:
+            provider = TokenProvider(http, stream(token_url, token_url=token_url))
+            with pytest.raises(AuthError, match="unusable response") as info:
+                await provider.token(retry=False)
+    assert info.value.retriable
+
+
 async def test_the_daemon_does_not_stream_with_an_unusable_token_and_says_why(
     sandbox_factory: Any, tmp_path: Path
 ) -> None:
