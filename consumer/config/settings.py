@@ -995,6 +995,12 @@ class RedisSinkSettings(_Model):
     password: SecretStr | None = None
     tls_ca_file: Path | None = None
     timeout_s: float = Field(default=10.0, gt=0)
+    # WAIT after each batch: it counts as written (and is checkpointed) only once this many
+    # replicas acknowledged it (Redis replicates asynchronously: a failover before that loses
+    # what the primary acknowledged). 0: no WAIT. wait_timeout_ms: at most this long per
+    # batch; never 0 (WAIT 0 blocks for ever), and below timeout_s (the socket's timeout).
+    wait_replicas: int = Field(default=0, ge=0, le=100)
+    wait_timeout_ms: int = Field(default=1000, ge=1, le=60_000)
 
     _stream_key = field_validator("stream_key")(
         _destination("sink.stream_key", lambda v: check_key(Template(v)))
@@ -1011,6 +1017,19 @@ class RedisSinkSettings(_Model):
         if misread:
             raise misread_problem(PERCENT_ENCODE_FIX)
         return v
+
+    @model_validator(mode="after")
+    def _wait_within_timeout(self) -> RedisSinkSettings:
+        if self.wait_replicas and self.wait_timeout_ms >= self.timeout_s * 1000:
+            raise Problem(
+                (
+                    "wait_timeout_ms",
+                    f"{self.wait_timeout_ms} ms is not below timeout_s ({self.timeout_s:g} s): "
+                    "the connection would time out before WAIT answers",
+                    "lower wait_timeout_ms, or raise timeout_s",
+                )
+            )
+        return self
 
 
 SINK_TYPES = ("jsonl", "webhook", "sqlite", "postgres", "python", "nats", "redis")

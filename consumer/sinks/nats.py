@@ -29,7 +29,9 @@ Errors:
 * :class:`~consumer.errors.TransientSinkError` (retried with backoff; intake pauses): the
   connection lost or reconnecting, no acknowledgement within ``timeout_s``, JetStream
   answering 5xx, the stream full (discard-new limits), "no responders" while the stream exists
-  and captures the subject (JetStream momentarily without a leader).
+  and captures the subject (JetStream momentarily without a leader); creating the stream when
+  its ``replicas`` copies cannot be placed while a server of the cluster is offline, or on a
+  server before 2.9 (which does not say why): a warning naming ``sink.replicas``, once.
 * :class:`~consumer.errors.PermanentSinkError` (that event is dead-lettered): a message larger
   than the server's ``max_payload`` or the stream's ``max_msg_size``, a document that cannot
   be written as JSON.
@@ -41,7 +43,8 @@ Errors:
   not enabled for the account, ``must-exist`` without the stream, a stream with interest
   retention and no consumer (it drops every event it acknowledges), an answer to a publish
   that is no acknowledgement by the configured stream (not JSON, another stream's, without a
-  sequence number: something else answers on the subject). Nothing is lost: the events are
+  sequence number: something else answers on the subject), ``replicas`` more than the cluster
+  has servers (:func:`placement`) or on a server outside a cluster. Nothing is lost: the events are
   not checkpointed and are published after the fix and a restart.
 
 A stream whose limits remove events read or not (``max_msgs_per_subject``, ``max_msgs`` or
@@ -122,6 +125,15 @@ _ERR_STREAM_MISMATCH: Final = 10060  # Nats-Expected-Stream names another stream
 _ERR_STREAM_NAME_IN_USE: Final = 10058
 _ERR_JETSTREAM_OFF: Final = (10039, 10076)  # not enabled for the account; not enabled
 _ERR_REPLICAS_UNCLUSTERED: Final = 10074  # replicas > 1 not supported in non-clustered mode
+# Creating a stream whose copies cannot be placed: 10005 "no suitable peers for placement"
+# (400, nats-server >= 2.9, with the reasons it found, e.g. ", peer offline"), 10023
+# "insufficient resources" (503, before 2.9, without a reason).
+_ERR_NO_PEERS: Final = 10005
+_ERR_INSUFFICIENT_RESOURCES: Final = 10023
+_NO_PEERS: Final = "no suitable peers for placement"
+# Reasons that a server down (or not heard from yet, after a restart) gives: it may come back.
+_PEER_MAY_RETURN: Final = ("peer offline", "miscellaneous issue")
+_MAX_ANNOUNCED: Final = 1000  # connect_urls counted (the server's list: bounded)
 _PERMISSION = re.compile(r'permissions violation for (publish|subscription) to "([^"]*)"', re.I)
 _AUTH_MARKERS: Final = (
     "authorization violation",
@@ -348,6 +360,7 @@ class NatsSink(PlainSink):
         self._violations: dict[tuple[str, str], str] = {}  # (publish|subscription, subject)
         self._last_connect_error: list[str] = []  # while connecting: the latest error
         self._log = RateLimitedLogger(log, per_s=1.0, burst=5)
+        self._placement_warned = False  # the warning naming sink.replicas: once
         self.published = 0
         self.duplicates = 0
         self.reconnects = 0
@@ -569,7 +582,7 @@ class NatsSink(PlainSink):
             js = nc.jetstream(timeout=self._timeout)
             info, notes = await self._inspect(js)
             if info is None:
-                info = await self._create(js)
+                info = await self._create(nc, js)
                 notes = self._check(info)
             for note in notes:
                 log.warning(
@@ -611,7 +624,7 @@ class NatsSink(PlainSink):
         notes = self._check_subjects(list(s.stream_subjects), "sink.stream_subjects")
         return None, notes + _replication(s.stream, planned, s)
 
-    async def _create(self, js: JetStreamContext) -> StreamInfo:
+    async def _create(self, nc: Client, js: JetStreamContext) -> StreamInfo:
         s = self.settings
         config = StreamConfig(
             name=s.stream,
@@ -621,7 +634,7 @@ class NatsSink(PlainSink):
             num_replicas=s.replicas,
         )
         try:
-            info = await self._api("creating the stream", self._add_stream(js, config))
+            info = await self._api("creating the stream", self._add_stream(nc, js, config))
         except _AlreadyThere:
             # Another daemon created it meanwhile: check what it made.
             found = await self._api("reading the stream", js.stream_info(s.stream))
@@ -638,18 +651,64 @@ class NatsSink(PlainSink):
         )
         return info
 
-    async def _add_stream(self, js: JetStreamContext, config: StreamConfig) -> StreamInfo:
+    async def _add_stream(
+        self, nc: Client, js: JetStreamContext, config: StreamConfig
+    ) -> StreamInfo:
+        s = self.settings
         try:
             return await js.add_stream(config)
         except nats.js.errors.APIError as exc:
-            if exc.err_code != _ERR_REPLICAS_UNCLUSTERED:
+            if exc.err_code == _ERR_REPLICAS_UNCLUSTERED:
+                raise SinkUnusable(
+                    f"nats sink: creating the stream {s.stream!r} on {self.where} with "
+                    f"sink.replicas = {s.replicas}: {_api_text(exc)}: the server is not part of "
+                    "a JetStream cluster; set sink.replicas = 1, or point sink.servers at a "
+                    "cluster"
+                ) from None
+            verdict = placement(exc.err_code, exc.description, s.replicas)
+            if verdict is None:
                 raise  # (classified by _api)
-            raise SinkUnusable(
-                f"nats sink: creating the stream {self.settings.stream!r} on {self.where} with "
-                f"sink.replicas = {self.settings.replicas}: {_api_text(exc)}: the server is "
-                "not part of a JetStream cluster; set sink.replicas = 1, or point sink.servers "
-                "at a cluster"
-            ) from None
+            raise self._unplaced(exc, verdict, announced(nc)) from None
+
+    def _unplaced(
+        self, exc: nats.js.errors.APIError, verdict: str, servers: int | None
+    ) -> Exception:
+        """The stream's copies cannot be placed: SinkUnusable when the cluster has too few
+        servers for sink.replicas (``verdict`` "impossible"); else (a server may be down and
+        come back) TransientSinkError, with a warning naming sink.replicas logged once."""
+        s = self.settings
+        seen = f"; the cluster announces {servers} server(s) to clients" if servers else ""
+        fix = "set sink.replicas to at most the number of JetStream servers in the cluster"
+        if servers and servers < s.replicas:
+            fix = f"set sink.replicas = {servers} (or fewer)"
+        if verdict == "impossible":
+            return SinkUnusable(
+                f"nats sink: cannot create the stream {s.stream!r} on {self.where} with "
+                f"sink.replicas = {s.replicas}: the JetStream cluster has fewer servers than "
+                f"that to hold its copies ({_api_text(exc)}{seen}) -> {fix}, or add servers "
+                "to the cluster, then restart"
+            )
+        detail = (
+            "a server of the cluster is offline"
+            if exc.err_code == _ERR_NO_PEERS
+            else "the server does not say why (before nats-server 2.9)"
+        )
+        message = (
+            f"nats sink: cannot create the stream {s.stream!r} on {self.where} with "
+            f"sink.replicas = {s.replicas} now ({_api_text(exc)}{seen}): {detail}; it is "
+            "tried again, but if the cluster has fewer than "
+            f"{s.replicas} JetStream servers it never succeeds: then {fix}"
+        )
+        if not self._placement_warned:
+            self._placement_warned = True
+            log.warning(
+                "nats sink: the stream's copies cannot be placed; check sink.replicas",
+                server=self.where,
+                stream=s.stream,
+                replicas=s.replicas,
+                warning=message,
+            )
+        return TransientSinkError(message)
 
     def _check(self, info: StreamInfo) -> list[str]:
         """Raise :class:`SinkUnusable` for a stream we cannot publish to; the warnings."""
@@ -1089,6 +1148,44 @@ def _replication(name: str, config: StreamConfig, s: NatsSinkSettings) -> list[s
         "loss of the server that stores it loses the events it acknowledged (checkpointed "
         f"here); give it replicas: {fix}"
     ]
+
+
+def placement(err_code: int | None, description: str | None, replicas: int) -> str | None:
+    """What JetStream's refusal to create a stream of ``replicas`` copies means: "impossible"
+    when it is certain that the cluster has too few servers (a configuration to fix), "maybe"
+    when a server that is down may be what is missing, None for another refusal.
+
+    nats-server >= 2.9 answers 10005 and lists why it skipped servers: without any reason,
+    every server it knows (those down too, once heard from) was eligible and still too few:
+    no restart cures that. "peer offline" (a server down, or not heard from since a restart)
+    and "miscellaneous issue" (a server not known yet) may pass. Before 2.9 the answer is
+    10023 "insufficient resources" whatever the cause: it cannot tell a server down from one
+    that does not exist. (A server's connect_urls cannot either: a server down leaves it.)"""
+    if replicas < 2:
+        return None  # one copy: any server holds it; not a question of sink.replicas
+    if err_code == _ERR_INSUFFICIENT_RESOURCES:
+        return "maybe"
+    if err_code != _ERR_NO_PEERS:
+        return None
+    text = (description or "").strip().lower()
+    if not text.startswith(_NO_PEERS):
+        return None
+    reasons = text[len(_NO_PEERS) :].strip(" ,")
+    if not reasons:
+        return "impossible"
+    if any(reason in reasons for reason in _PEER_MAY_RETURN):
+        return "maybe"
+    return None  # tags, storage, JetStream off in the cluster: an operator's fix (_api)
+
+
+def announced(nc: Client) -> int | None:
+    """How many servers the cluster announces to clients (their connect_urls, the server's
+    own among them), or None when it announces none (not clustered, or no_advertise)."""
+    info = getattr(nc, "_server_info", None)  # nats-py's, no public way
+    urls = info.get("connect_urls") if isinstance(info, dict) else None
+    if not isinstance(urls, list) or not urls:
+        return None
+    return len({u for u in urls[:_MAX_ANNOUNCED] if isinstance(u, str)}) or None
 
 
 class _AlreadyThere(Exception):

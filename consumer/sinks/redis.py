@@ -82,6 +82,17 @@ sets no TTL on them): a warning, as are a policy that could not be read and a se
 persists nothing (no AOF, no ``save`` rule: its restart loses what we checkpointed).
 Preflight says the same.
 
+**Replication.** Redis replicates asynchronously: a batch the primary acknowledged, then lost
+in a failover before a replica had it, would be checkpointed and gone. With ``wait_replicas``
+(0, the default: no wait) each pipeline ends with ``WAIT wait_replicas wait_timeout_ms`` on its
+connection, after a ``SET`` of a barrier key (``<guard of {wait}>``, a minute: from Redis 7.2
+WAIT waits only for the connection's own last write, and a retried batch of guarded events
+writes nothing). Fewer replicas acknowledging in time is a :class:`TransientSinkError`: the
+batch is not checkpointed and goes again, its guards making the events already added no-ops, so
+each is in the stream once when the replicas are back. The ACL must allow ``WAIT`` (checked at
+``open``: :class:`SinkUnusable`); fewer replicas connected than ``wait_replicas`` at ``open``
+(``INFO``, when allowed) is a warning: a replica down and one never configured look the same.
+
 The URL and the password are secrets: messages name ``host:port/db`` only, and every text of
 the server's or the client's is scrubbed of them and cut short.
 """
@@ -155,6 +166,14 @@ NOSCRIPT_ATTEMPTS: Final = 3
 TEXT_LIMIT: Final = 300  # of a server's or client's error text in our messages
 MIN_SECRET_CHARS: Final = 3
 GRANT: Final = "+ping +script|load +evalsha +exists +type +xadd +set"
+WAIT_GRANT: Final = " +wait"  # with sink.wait_replicas
+# With sink.wait_replicas, each pipeline ends with SET <barrier> and WAIT: the SET makes the
+# connection's replication offset the server's latest (from Redis 7.2, WAIT waits only for
+# the connection's last write, and a retried batch whose events are all guarded writes
+# nothing: its WAIT would not wait for the first try's entries). The barrier is a guard key
+# that no event's can be (a uniqueEventId holds no brace), living a minute.
+BARRIER_ID: Final = "{wait}"
+BARRIER_TTL_MS: Final = "60000"
 
 # KEYS[1] the stream, KEYS[2] the event's guard, KEYS[3] (optional) the guard of the event
 # before it of the same primaryKey and stream key, in the same pipeline. ARGV[1] the guard's
@@ -441,6 +460,7 @@ class RedisSink(PlainSink):
         self._max_bulk_known = False  # read from the server (CONFIG GET), not assumed
         self._added = 0
         self._duplicates = 0
+        self._grant = GRANT + (WAIT_GRANT if settings.wait_replicas else "")
 
     def __repr__(self) -> str:
         return f"RedisSink(server={self.where!r}, stream_key={self.template.text!r})"
@@ -455,6 +475,9 @@ class RedisSink(PlainSink):
             limit = await self._bulk_limit(client)
             self._max_bulk, self._max_bulk_known = limit or DEFAULT_MAX_BULK, limit is not None
             self._durable(await self._durability(client))
+            short = await self._replicas(client)
+            if short is not None:
+                log.warning("redis sink: check the server", server=self.where, warning=short)
             if not self.template.per_event:  # the keys are known now: check them
                 for key in self._static_keys():
                     self._judge(key, await self._probe(client, key), opening=True)
@@ -468,6 +491,7 @@ class RedisSink(PlainSink):
             stream_key=self.template.text,
             maxlen=self.settings.maxlen,
             guard_ttl_s=self.settings.guard_ttl_s,
+            wait_replicas=self.settings.wait_replicas,
             writes="one script per event: XADD and its guard together (a replay adds nothing)",
         )
 
@@ -558,6 +582,12 @@ class RedisSink(PlainSink):
                 async with client.pipeline(transaction=False) as pipe:
                     for command in self._commands(calls[first:]):
                         pipe.execute_command(*command)
+                    if self.settings.wait_replicas:  # on the same connection as the calls
+                        barrier = guard_key(calls[first].key, BARRIER_ID)
+                        pipe.execute_command("SET", barrier, "1", "PX", BARRIER_TTL_MS)
+                        pipe.execute_command(
+                            "WAIT", self.settings.wait_replicas, self.settings.wait_timeout_ms
+                        )
                     results = await pipe.execute(raise_on_error=False)
             except (TimeoutError, RedisError, OSError) as exc:
                 failure = self._failure(exc, "EVALSHA (XADD)", calls[first].key)
@@ -569,6 +599,11 @@ class RedisSink(PlainSink):
             refused: int | None = None
             held: int | None = None
             errors: list[tuple[_Call, ResponseError]] = []
+            acknowledged: object = None  # WAIT's answer
+            if self.settings.wait_replicas:
+                *results, barrier_set, acknowledged = results
+                if isinstance(barrier_set, ResponseError):
+                    errors.append((calls[first], barrier_set))
             for i, result in enumerate(results, first):
                 if isinstance(result, NoScriptError):
                     refused = i if refused is None else refused
@@ -590,6 +625,8 @@ class RedisSink(PlainSink):
                     await self._reconnect(client)
                 raise self._worst(errors)  # what was held back is added after them, on retry
             if refused is None and held is None:
+                if self.settings.wait_replicas:
+                    self._replicated(acknowledged, len(calls))
                 return
             if refused is not None:
                 reloads += 1
@@ -609,6 +646,60 @@ class RedisSink(PlainSink):
                     server=self.where,
                 )
             first = min(i for i in (refused, held) if i is not None)
+
+    def _replicated(self, acknowledged: object, count: int) -> None:
+        """Raise unless WAIT says that sink.wait_replicas replicas have the pipeline's writes
+        (and all before them): TransientSinkError, so the batch is not checkpointed and goes
+        again (its guards make the events already added no-ops)."""
+        s = self.settings
+        if isinstance(acknowledged, ResponseError):
+            raise self._refusal(acknowledged, "WAIT")
+        if isinstance(acknowledged, int) and acknowledged >= s.wait_replicas:
+            return
+        shown = acknowledged if isinstance(acknowledged, int) else "?"
+        _limited.warning(
+            "redis sink: too few replicas acknowledged the batch; not checkpointed, retrying",
+            server=self.where,
+            acknowledged=shown,
+            wait_replicas=s.wait_replicas,
+        )
+        raise TransientSinkError(
+            f"redis sink at {self.where}: {shown} replica(s) acknowledged {count} event(s) "
+            f"within sink.wait_timeout_ms ({s.wait_timeout_ms} ms), sink.wait_replicas = "
+            f"{s.wait_replicas}: not counted as written (a failover could lose them); retried"
+        )
+
+    async def _replicas(self, client: Redis) -> str | None:
+        """With sink.wait_replicas: SinkUnusable when the ACL refuses WAIT; a warning when the
+        server has fewer replicas connected than sink.wait_replicas (INFO, when allowed: down
+        for now, or fewer than configured; every batch is retried until enough are back)."""
+        n = self.settings.wait_replicas
+        if not n:
+            return None
+        try:
+            await client.wait(0, 1)  # answers at once: 0 replicas wanted
+        except ResponseError as exc:
+            if any(m in self._text(exc).upper() for m in NOPERM_MARKS) or isinstance(
+                exc, NoPermissionError
+            ):
+                raise self._refusal(exc, "WAIT") from None
+            # A replica refuses WAIT: it refuses the writes too (READONLY), retried.
+        except (TimeoutError, RedisError, OSError) as exc:
+            raise self._failure(exc, "WAIT") from None
+        try:
+            info = await client.info("replication")
+        except ResponseError:
+            return None  # no INFO right: not known
+        except (TimeoutError, RedisError, OSError) as exc:
+            raise self._failure(exc, "INFO") from None
+        connected = _int(info.get("connected_slaves"))
+        if connected is None or connected >= n or info.get("role") != "master":
+            return None
+        return (
+            f"{connected} replica(s) connected, fewer than sink.wait_replicas = {n}: no batch "
+            "counts as written (each waits sink.wait_timeout_ms, then is retried) until enough "
+            "replicas are back; lower sink.wait_replicas if the server has fewer"
+        )
 
     async def _reconnect(self, client: Redis) -> None:
         """After a replica's answer (READONLY, MASTERDOWN: a failover demoted the server our
@@ -698,7 +789,7 @@ class RedisSink(PlainSink):
             on = f" for {shown_key!r} or its guard" if key else ""
             return SinkUnusable(
                 f"redis sink at {self.where}: the server's ACL refuses {doing}{on} ({text}): "
-                f"grant the user `{GRANT}` on the keys "
+                f"grant the user `{self._grant}` on the keys "
                 f"(e.g. ~{_key_prefix(self.template.text)}*), then restart"
             )
         if "WRONGTYPE" in upper:
@@ -868,7 +959,7 @@ class RedisSink(PlainSink):
                 raise SinkUnusable(
                     f"redis sink at {self.where}: the server's ACL refuses {command} on "
                     f"{prefix(key, 200)!r} or its guard ({self._scrub(said)}): grant the user "
-                    f"`{GRANT}` on the keys (e.g. ~{_key_prefix(self.template.text)}*)"
+                    f"`{self._grant}` on the keys (e.g. ~{_key_prefix(self.template.text)}*)"
                 )
         for said in (probe.xadd, probe.set):
             if said == "accepted":  # cannot be: both are refused by their argument checks
@@ -896,6 +987,7 @@ class RedisSink(PlainSink):
             await self._load(client)  # SCRIPT LOAD stores a script, not data
             facts = await self._facts(client)
             durability = await self._durability(client)
+            short = await self._replicas(client)
             keys = self._static_keys()
             states = []
             for key in keys:
@@ -917,6 +1009,10 @@ class RedisSink(PlainSink):
         line = f"redis{version} at {self.where} as {user}: may XADD to {', '.join(states)}{sample}"
         if durability.maxmemory:
             line += f"; maxmemory {durability.maxmemory} ({durability.policy or '?'})"
+        if self.settings.wait_replicas:
+            line += f"; WAIT for {self.settings.wait_replicas} replica(s) after each batch"
+        if short is not None:
+            warnings.append(short)
         if warnings:
             line += "; WARNING: " + "; ".join(warnings)
         return line
