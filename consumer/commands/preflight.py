@@ -382,6 +382,8 @@ def _sqlite_table(path: Path, table: str, *, in_store: bool = False) -> str | No
         uri = f"{path.resolve().as_uri()}?mode=ro{'' if wal else '&immutable=1'}"
         with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=5)) as db:
             sqlite_sink.check_table(db, table, path)
+            if in_store:
+                sqlite_sink.check_store_guards(db, table, path)
     except ConfigError as exc:
         return str(exc)
     except sqlite3.Error as exc:

@@ -176,6 +176,42 @@ def check_table(db: sqlite3.Connection, table: str, path: Path) -> None:
         )
 
 
+_CHECK = re.compile(r"\bCHECK\s*\(", re.IGNORECASE)
+
+
+def guards(db: sqlite3.Connection, table: str) -> list[str]:
+    """What of the table's own may refuse one event's row: a CHECK, a FOREIGN KEY (the state
+    store enforces them), a unique index but the upsert's (not a trigger: an audit's is
+    common)."""
+    found = []
+    sql = db.execute(
+        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ? COLLATE NOCASE", (table,)
+    ).fetchone()
+    if sql is not None and sql[0] and _CHECK.search(str(sql[0])):
+        found.append("a CHECK constraint")
+    if db.execute(f"PRAGMA foreign_key_list({_q(table)})").fetchone() is not None:
+        found.append("a FOREIGN KEY")
+    for index in db.execute(f"PRAGMA index_list({_q(table)})").fetchall():
+        columns = [str(c[2]).lower() for c in db.execute(f"PRAGMA index_info({_q(index[1])})")]
+        if index[2] and columns != ["unique_event_id"]:
+            found.append(f"unique index {prefix(str(index[1]), 100)}")
+    return found
+
+
+def check_store_guards(db: sqlite3.Connection, table: str, path: Path) -> None:
+    """Raise :class:`ConfigError` if the table, in the state store's file, has :func:`guards`:
+    its rows commit with the checkpoint, so one row refused would fail every commit (and each
+    start again, on the same event). In a file of its own that event alone is dead-lettered."""
+    found = guards(db, table)
+    if found:
+        raise ConfigError(
+            f"sink.table: table {table!r} in the state store {path} has {', '.join(found)}, "
+            "which may refuse an event's row and with it the checkpoint's commit: set "
+            "sink.path to a file of its own (a refused row is then dead-lettered alone), or "
+            "drop them"
+        )
+
+
 def check_store_table_name(table: str, path: Path) -> None:
     """Raise :class:`ConfigError` if ``table`` is one of the state store's (``path``)."""
     if table.lower() in STORE_TABLES:
@@ -243,6 +279,7 @@ class StoreTableSink(PlainSink):
             with contextlib.closing(sqlite3.connect(self.path, isolation_level=None)) as db:
                 db.execute("PRAGMA busy_timeout=5000")
                 prepare_table(db, self.table, self.path)
+                check_store_guards(db, self.table, self.path)
         except sqlite3.Error as exc:
             raise open_error(exc, self.table, self.path, "state.path") from None
 
@@ -308,6 +345,14 @@ class SqliteSink(PlainSink):
                 await in_thread(db, lambda conn: self._write_now(conn, rows))
         except sqlite3.OperationalError as exc:  # locked, disk full, I/O: may clear
             raise TransientSinkError(f"sqlite sink {self.path}: {exc}") from exc
+        except sqlite3.IntegrityError as exc:  # the table's own constraint: that event's
+            only = events[0].unique_event_id if len(events) == 1 else None
+            raise PermanentSinkError(
+                f"sqlite sink {self.path}: table {self.table!r} refused the event's row: "
+                f"{prefix(str(exc), 300)}; fix the table or the constraint, then "
+                "`opera-consumer dlq replay`",
+                unique_event_id=only,
+            ) from exc
         except sqlite3.Error as exc:
             only = events[0].unique_event_id if len(events) == 1 else None
             raise PermanentSinkError(

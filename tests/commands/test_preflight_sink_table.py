@@ -100,6 +100,11 @@ def sqlite_table(db: Path, ddl: str) -> None:
             "column hotel_id is declared NUMERIC (NUMERIC affinity",
         ),
         ("state store, its own table's name", "", "is a table of the state store"),
+        (
+            "state store",
+            f"CREATE TABLE opera_events ({SQLITE_OURS}, CHECK (hotel_id <> 'X'))",
+            "has a CHECK constraint, which may refuse an event's row",
+        ),
     ],
 )
 async def test_a_sqlite_table_run_would_refuse_fails_preflight(
