@@ -15,7 +15,10 @@ default is therefore verify-full: the system's CAs (or the DSN's ``sslrootcert``
 name checked, no plain text. An ``sslmode`` in the DSN (or ``PGSSLMODE``) is the operator's
 choice, and loopback (127.0.0.0/8, ::1, ``localhost``) and Unix sockets keep the driver's
 default. A server that cannot prove itself is a configuration error naming the key and the
-fix (:meth:`Target.tls_refusal`).
+fix (:meth:`Target.tls_refusal`), as is a certificate file the driver cannot load
+(:meth:`Target.certificate_problem`: which file, where its path came from, why): the driver's
+own error for a missing CA is its ClientConfigurationError, the class of its parse errors,
+whose text is never shown.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import os
 import re
 import ssl
 from collections.abc import Sequence
+from pathlib import Path
 from urllib.parse import parse_qsl, unquote
 
 DEFAULT_PORT = 5432
@@ -46,6 +50,61 @@ UNPARSABLE_FIX = (
     "percent-encode any # / ? @ : in the user name and password (%23 %2F %3F %40 %3A), and "
     "check the port and query parameters"
 )
+
+
+# libpq's sslmode values in order: the driver loads a client certificate from "allow" on, and
+# the CA (and CRL) files from "require" on; it fails without a CA from "verify-ca" on.
+_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+_LOAD_CLIENT, _LOAD_CA, _NEED_CA = 1, 3, 4
+# What the driver raises for a certificate file it cannot load (and, for a missing CA at
+# verify-ca or verify-full, its ClientConfigurationError: see _driver_configuration).
+_FILE_ERRORS = (
+    FileNotFoundError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+    ssl.SSLError,
+)
+
+
+def _driver_configuration(exc: BaseException) -> bool:
+    """Whether ``exc`` is asyncpg's ClientConfigurationError (asyncpg is an extra: not
+    imported here). Not any ValueError: a DataError of a query is one too."""
+    return any(
+        c.__name__ == "ClientConfigurationError" and c.__module__.startswith("asyncpg")
+        for c in type(exc).__mro__
+    )
+
+
+def _dot_postgresql(name: str) -> str | None:
+    """Where the driver looks for ``~/.postgresql/<name>`` (None: no home directory)."""
+    try:
+        return str((Path.home() / ".postgresql" / name).resolve())
+    except (RuntimeError, KeyError, OSError):
+        return None
+
+
+def _unloadable(path: str, ca: bool) -> str | None:
+    """Why the driver cannot load this file (``ca``: as a CA or CRL, PEM), or None."""
+    try:
+        if ca:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
+        else:
+            with open(path, "rb"):
+                pass
+    except FileNotFoundError:
+        return "it does not exist"
+    except PermissionError:
+        return f"this user (uid {os.geteuid()}) may not read it"
+    except IsADirectoryError:
+        return "it is a directory"
+    except NotADirectoryError:
+        return "a part of its path is not a directory"
+    except ssl.SSLError:
+        return "it holds no PEM certificate"
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+    return None
 
 
 class UnparsableDsn(ValueError):
@@ -146,6 +205,9 @@ class Target:
             service and sslmode is None
         )
         self._sslmode = sslmode
+        self._params = {
+            k: v for k, v in params.items() if k in ("sslrootcert", "sslcrl", "sslcert", "sslkey")
+        }
         self._rootcert = params.get("sslrootcert") or None
         # Certificates the driver finds itself (a CA, a client certificate: the DSN's, PG*
         # variables, ~/.postgresql, a service file's): then it verifies with them
@@ -188,6 +250,14 @@ class Target:
         chain: list[BaseException] = [exc]
         while len(chain) < 5 and (nxt := chain[-1].__cause__ or chain[-1].__context__):
             chain.append(nxt)
+        if (isinstance(exc, _FILE_ERRORS) or _driver_configuration(exc)) and not isinstance(
+            exc, TlsUnusable | ssl.SSLCertVerificationError
+        ):
+            # The driver loads its certificate files before it connects, and its error for a
+            # missing CA (ClientConfigurationError, a ValueError) reads like a parse error.
+            problem = self.certificate_problem()
+            if problem is not None:
+                return f"{key}: PostgreSQL at {self.where}: {problem}"
         if isinstance(exc, TlsUnusable):
             what = f"the CA file cannot be loaded ({self.describe(exc)})"
         elif (
@@ -220,6 +290,88 @@ class Target:
             "sslrootcert=/path/ca.pem in the DSN, or set sslmode=require (encrypted, not "
             "verified) or sslmode=disable (plain text) knowingly"
         )
+
+    def _driver_sslmode(self) -> int | None:
+        """The driver's sslmode (its position in :data:`_SSLMODES`), when it loads the
+        certificate files itself; None when :meth:`tls` gives it our context."""
+        if self._driver_verifies:
+            return _SSLMODES.index("verify-full")
+        if self.verifies:
+            return None
+        mode = (self._sslmode or "prefer").lower()
+        return _SSLMODES.index(mode) if mode in _SSLMODES else None
+
+    def certificate_problem(self) -> str | None:
+        """Which certificate file the driver would fail to load, where its path came from
+        (the DSN, a PG* variable, ~/.postgresql), why, and the fix; None if none would fail
+        (or its file is one we do not read: a service file's). The driver's own message for a
+        missing CA is not shown: it is a parse error's class, and those may quote the DSN."""
+        level = self._driver_sslmode()
+        if level is None or level < _LOAD_CLIENT:
+            return None
+        why = (
+            "the DSN has no sslmode and the server is not on this machine, so the driver "
+            "verifies it, with the certificate files configured where libpq looks"
+            if self._driver_verifies
+            else f"sslmode={self._sslmode or 'prefer'} (the DSN's, PGSSLMODE or the default)"
+        )
+        uid = os.geteuid()
+        ca_fix = (
+            "give the server's CA with sslrootcert=/path/ca.pem in the DSN, or set "
+            "sslmode=require (encrypted, not verified) knowingly"
+        )
+        files: list[tuple[str, str, str, bool]] = []  # (what, path, where it came from, a CA)
+        if level >= _LOAD_CA:
+            for what, param, env, name in (
+                ("CA file", "sslrootcert", "PGSSLROOTCERT", "root.crt"),
+                ("certificate revocation list", "sslcrl", "PGSSLCRL", "root.crl"),
+            ):
+                needed = name == "root.crt" and level >= _NEED_CA
+                if self._params.get(param):
+                    files.append((what, self._params[param], f"the DSN's {param}", True))
+                elif os.environ.get(env):
+                    files.append((what, os.environ[env], env, True))
+                elif (path := _dot_postgresql(name)) is None:
+                    if needed:
+                        return (
+                            f"no CA file to verify the server with: neither the DSN's "
+                            f"sslrootcert nor PGSSLROOTCERT names one, and ~/.postgresql/{name} "
+                            f"cannot be looked for (no home directory): {why}; {ca_fix}"
+                        )
+                elif needed or os.path.lexists(path):
+                    files.append((what, path, f"~/.postgresql/{name}", True))
+        for what, param, env, name in (
+            ("client certificate", "sslcert", "PGSSLCERT", "postgresql.crt"),
+            ("client key", "sslkey", "PGSSLKEY", "postgresql.key"),
+        ):
+            if self._params.get(param):
+                files.append((what, self._params[param], f"the DSN's {param}", False))
+            elif os.environ.get(env):
+                files.append((what, os.environ[env], env, False))
+            elif (path := _dot_postgresql(name)) is not None and os.path.lexists(path):
+                files.append((what, path, f"~/.postgresql/{name}", False))
+        for what, path, origin, ca in files:
+            problem = _unloadable(path, ca)
+            if problem is None:
+                continue
+            shown = self.scrub(path)[:_MAX_MESSAGE]
+            if origin.startswith("~"):
+                named = f"{origin}: the driver's default, neither the DSN nor PG* names one"
+                fix = (
+                    f"{ca_fix} (or put it at {shown}, readable by uid {uid})"
+                    if what == "CA file"
+                    else f"make it readable by uid {uid}, or move it away if not for this server"
+                )
+            elif origin.startswith("the DSN"):
+                named = f"named by {origin}"
+                fix = (
+                    f"set {origin[len('the DSN') + 3 :]} in the DSN to a file readable by uid {uid}"
+                )
+            else:
+                named = f"named by {origin}"
+                fix = f"make {origin} name a {what} readable by uid {uid}, or unset it"
+            return f"the {what} {shown} ({named}) cannot be loaded: {problem}: {why}; {fix}"
+        return None
 
     @staticmethod
     def unparsable(key: str) -> str:

@@ -57,6 +57,7 @@ from ..runtime import tls
 from ..runtime.assembly import bus_sink, http_client, register_secrets
 from ..runtime.auth import TokenProvider
 from ..runtime.origin import redirected_to
+from ..sinks import sqlite as sqlite_sink
 from ..sinks.jsonl import JsonlSink
 from ..state import sqlite
 from ..state.lease import REPLAY, current_holder, lock_path
@@ -367,6 +368,33 @@ def _sqlite_sink_state(path: Path, sink: str) -> str | None:
     return None if row is None else str(row[0])
 
 
+def _sqlite_table(path: Path, table: str, *, in_store: bool = False) -> str | None:
+    """What the sqlite sink's open would refuse in its table (the sink's own check, run on a
+    read-only connection), or None: no such table yet (the sink creates it), or a file the
+    other lines already fail."""
+    try:
+        if in_store:
+            sqlite_sink.check_store_table_name(table, path)
+        if not path.exists():
+            return None
+        # Immutable unless a -wal is there (a running daemon's commits may be in it alone).
+        wal = path.with_name(path.name + "-wal").exists()
+        uri = f"{path.resolve().as_uri()}?mode=ro{'' if wal else '&immutable=1'}"
+        with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=5)) as db:
+            sqlite_sink.check_table(db, table, path)
+            if in_store:
+                sqlite_sink.check_store_guards(db, table, path)
+    except ConfigError as exc:
+        return str(exc)
+    except sqlite3.Error as exc:
+        if in_store:
+            return None  # the state store's line says why
+        return str(sqlite_sink.open_error(exc, table, path, "sink.path"))
+    except OSError:
+        return None  # the file's line says why
+    return None
+
+
 def _creatable(what: str, path: Path) -> tuple[str, str, str, str]:
     """A file the daemon creates (with its missing directories) at its first start."""
     folder = path.absolute().parent
@@ -448,11 +476,16 @@ async def _sink(checks: _Checks, settings: Settings, committed: str | _Unknown |
     add = checks.add
     s = settings.sink
     if isinstance(s, SqliteSinkSettings):
-        if s.path is None:
-            add("PASS", "-", "sink", f"sqlite: rows go into the state store {settings.state.path}")
+        state = settings.state.path
+        if s.path is None or s.path.resolve() == state.resolve():  # as the assembly decides
+            level, detail = "PASS", f"rows go into the state store {state}"
+            problem = _sqlite_table(state, s.table, in_store=True)
         else:
             level, _, _, detail = _sqlite_file("sink", s.path)
-            add(level, "-", "sink", f"sqlite: {detail}")
+            problem = _sqlite_table(s.path, s.table) if level == "PASS" else None
+        if problem is not None:
+            level, detail = "FAIL", problem
+        add(level, "-", "sink", f"sqlite: {detail}")
     elif isinstance(s, JsonlSinkSettings):
         try:
             if not s.path.exists():

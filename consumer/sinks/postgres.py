@@ -11,7 +11,9 @@ Two modes, chosen when the daemon is assembled (:func:`consumer.runtime.assembly
   ``PostgresStore.commit`` runs the per-row upsert in its transaction. No crash can separate a
   row from its checkpoint, and a failed commit leaves neither. A database whose encoding cannot
   hold every character (any but UTF8: SQL_ASCII's jsonb refuses a ``\\u`` escape past ASCII)
-  falls back to the other mode: a row the server refused would otherwise fail every commit.
+  falls back to the other mode: a row the server refused would otherwise fail every commit. So
+  does a table with constraints of its own (:data:`_GUARDS`): one event's row they
+  refuse is then dead-lettered alone, naming the constraint.
 * **On its own pool** (any other configuration): exactly-once in effect without being part of
   the checkpoint. Each ``write`` is one statement, so one transaction, and it returns only once
   PostgreSQL has committed it. The daemon commits its checkpoint after the sink write returns,
@@ -58,6 +60,7 @@ import structlog
 
 from ..config import PostgresSinkSettings
 from ..core.events import Event
+from ..core.evidence import prefix
 from ..core.records import Staged
 from ..errors import ConfigError, PermanentSinkError, TransientSinkError
 from ..pg_target import DURABLE_COMMITS, Target
@@ -103,6 +106,28 @@ _CONFIG_STATES = ("28", "3D")
 _ANY_TEXT_ENCODINGS = frozenset({"UTF8"})
 # A ``\u0000`` escape in JSON text (not an escaped backslash, then "u0000"): jsonb refuses it.
 _JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+# What of the table's own may refuse one event's row (class 23): a CHECK, FOREIGN KEY or
+# EXCLUDE constraint, a unique index but the upsert's (not a trigger: an audit's is common).
+# In the state transaction such a refusal would fail the whole commit (every stream's
+# checkpoint; the daemon stopping at each start on the same event); on the own pool it
+# dead-letters that event alone.
+_GUARDS = (
+    "SELECT format('%s constraint %I', CASE contype WHEN 'c' THEN 'CHECK' "
+    "WHEN 'f' THEN 'FOREIGN KEY' ELSE 'EXCLUDE' END, conname) FROM pg_constraint "
+    "WHERE conrelid = to_regclass($1) AND contype IN ('c', 'f', 'x') "
+    "UNION ALL SELECT format('unique index %I', c.relname) FROM pg_index i "
+    "JOIN pg_class c ON c.oid = i.indexrelid "
+    "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0] "
+    "WHERE i.indrelid = to_regclass($1) AND i.indisunique "
+    "AND NOT (i.indnkeyatts = 1 AND a.attname = 'unique_event_id')"
+)
+# Integrity violations a table's own constraint raises: named, with the fix, in the dead letter.
+_VIOLATIONS = {
+    "23514": "CHECK",
+    "23503": "FOREIGN KEY",
+    "23505": "unique",
+    "23P01": "EXCLUDE",
+}
 STATE_TRANSACTION = "state-transaction"
 OWN_POOL = "own-pool"
 
@@ -254,12 +279,12 @@ class PostgresSink(PlainSink):
             # The table is ours to create and check; the rows go through the store's pool.
             pool = await self._create_pool(1, 1)
             try:
-                schema, encoding = await self._prepare_table(pool, staging=True)
+                schema, encoding, guards = await self._prepare_table(pool, staging=True)
             except BaseException:
                 pool.terminate()
                 raise
             await self._close_pool(pool)
-            if encoding in _ANY_TEXT_ENCODINGS:
+            if encoding in _ANY_TEXT_ENCODINGS and not guards:
                 self._staged_upsert = staged_upsert_sql(schema, self.table)
                 self._opened = True
                 log.info(
@@ -270,12 +295,22 @@ class PostgresSink(PlainSink):
                     writes="rows commit in the state store's transaction, with the checkpoint",
                 )
                 return
-            log.warning(
-                "postgres sink: the database encoding cannot hold every character; "
-                "writing through the sink's own pool (upsert), not in the state transaction",
-                server=where,
-                encoding=encoding,
-            )
+            if guards:
+                log.warning(
+                    "postgres sink: the table has constraints of its own, which "
+                    "may refuse one event's row; writing through the sink's own pool (upsert), "
+                    "not in the state transaction, so such an event is dead-lettered alone",
+                    server=where,
+                    table=self.table,
+                    found=", ".join(guards)[:500],
+                )
+            else:
+                log.warning(
+                    "postgres sink: the database encoding cannot hold every character; "
+                    "writing through the sink's own pool (upsert), not in the state transaction",
+                    server=where,
+                    encoding=encoding,
+                )
             self.in_state_transaction = self.transactional = False
         pool = await self._create_pool(s.pool_min, s.pool_max)
         try:
@@ -330,8 +365,11 @@ class PostgresSink(PlainSink):
             f"sink.dsn: cannot connect to PostgreSQL at {where}: {self._describe(exc)}"
         )
 
-    async def _prepare_table(self, pool: Any, *, staging: bool = False) -> tuple[str, str]:
-        """Create or check the table; with ``staging``: (its schema, the database encoding)."""
+    async def _prepare_table(
+        self, pool: Any, *, staging: bool = False
+    ) -> tuple[str, str, list[str]]:
+        """Create or check the table; with ``staging``: (its schema, the database encoding,
+        the table's own constraints that may refuse a row: :data:`_GUARDS`)."""
         where, table = self._target.where, self.table
         try:
             async with pool.acquire(timeout=self.settings.timeout_s) as conn, conn.transaction():
@@ -377,7 +415,7 @@ class PostgresSink(PlainSink):
                     )
                 await conn.execute(create_index_sql(table))
                 if not staging:
-                    return "", ""
+                    return "", "", []
                 found = await conn.fetchrow(
                     "SELECT n.nspname, current_setting('server_encoding') FROM pg_class c "
                     "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass($1)",
@@ -385,7 +423,8 @@ class PostgresSink(PlainSink):
                 )
                 if found is None:  # cannot be: the table was just created or found
                     raise TransientSinkError(f"postgres sink at {where}: table {table!r} vanished")
-                return str(found[0]), str(found[1])
+                guards = [str(r[0]) for r in await conn.fetch(_GUARDS, _q(table))]
+                return str(found[0]), str(found[1]), guards
         except asyncpg.exceptions.InsufficientPrivilegeError as exc:
             raise ConfigError(
                 f"sink.table: cannot create or read table {table!r} in {where}: "
@@ -484,6 +523,16 @@ class PostgresSink(PlainSink):
             # event would fail the same way, so it is retried, not dead-lettered.
             column = getattr(exc, "column_name", None)
             foreign = state == "23502" and (column not in _TYPES or column in _NULLABLE)
+            if state in _VIOLATIONS:
+                # The operator's table refused this row: its constraint, not the server's words
+                # (their DETAIL repeats the row), and the way back.
+                name = prefix(str(getattr(exc, "constraint_name", None) or "?"), 100)
+                return PermanentSinkError(
+                    f"postgres sink at {where}: table {self.table!r} refused the event's row: "
+                    f"{_VIOLATIONS[state]} constraint {name!r} ({state}); fix the table or "
+                    "the constraint, then `opera-consumer dlq replay`",
+                    unique_event_id=only,
+                )
             if state.startswith(_PERMANENT_CLASSES) and not foreign:
                 return PermanentSinkError(
                     f"postgres sink at {where} rejected the data: {self._describe(exc)}",

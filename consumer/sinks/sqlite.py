@@ -10,10 +10,13 @@ Two placements:
 
 ``open`` creates the table, or checks the one it finds (``CREATE TABLE IF NOT EXISTS`` keeps any
 table of that name): our columns, a unique key on ``unique_event_id`` alone (the upsert's
-conflict target), our nullable columns nullable, and no other NOT NULL column without a
-default. A table of another shape would fail every write, retried for ever or dead-lettering
-every event: it is a :class:`ConfigError` naming ``sink.table`` (exit 78 before consuming), as
-is any SQLite error at open but a busy or full database (transient).
+conflict target), our nullable columns nullable, no other NOT NULL column without a default,
+and our text columns of a type that keeps text as given (TEXT, BLOB or none). A table of
+another shape would fail every write, retried for ever or dead-lettering every event, or (a
+column of INTEGER, REAL or NUMERIC affinity) silently store text that looks like a number as
+one: an opaque offset "000001" read back as 1. It is a :class:`ConfigError` naming
+``sink.table`` (exit 78 before consuming), as is any SQLite error at open but a busy or full
+database (transient).
 """
 
 from __future__ import annotations
@@ -44,6 +47,11 @@ from .rows import COLUMNS, row
 _NULLABLE = frozenset(
     {"event_name", "module_name", "primary_key", "hotel_id", "event_timestamp", "resource"}
 )
+# Columns of text (opaque: an offset or id is never transformed), and the affinities that
+# store text as given. A column of INTEGER, REAL or NUMERIC affinity converts text that looks
+# like a number ("000001" becomes 1, "1e3" 1000.0), silently.
+_TEXT = frozenset(COLUMNS) - {"written_at"}
+_KEEPS_TEXT = frozenset({"TEXT", "BLOB"})
 # The state store's own tables: a sink in its file must not take one of their names.
 STORE_TABLES = frozenset(
     name.lower() for name in re.findall(r"CREATE TABLE (\w+)", "".join(MIGRATIONS))
@@ -101,6 +109,20 @@ def create_index_sql(table: str) -> str:
     return f'CREATE INDEX IF NOT EXISTS "{table}_key" ON "{table}" (stream, primary_key)'
 
 
+def affinity(declared: str) -> str:
+    """The type affinity SQLite gives a column of this declared type (its rules, in order)."""
+    kind = declared.upper()
+    if "INT" in kind:
+        return "INTEGER"
+    if any(word in kind for word in ("CHAR", "CLOB", "TEXT")):
+        return "TEXT"
+    if "BLOB" in kind or not kind.strip():
+        return "BLOB"
+    if any(word in kind for word in ("REAL", "FLOA", "DOUB")):
+        return "REAL"
+    return "NUMERIC"
+
+
 def shape_problems(
     columns: Sequence[tuple[str, str, bool, bool, int]], keys: Sequence[Sequence[str]]
 ) -> list[str]:
@@ -115,6 +137,12 @@ def shape_problems(
     primary = [name.lower() for name, _, _, _, pk in columns if pk]
     for name, (kind, not_null, default) in found.items():
         if name in COLUMNS:
+            if name in _TEXT and affinity(kind) not in _KEEPS_TEXT:
+                # Text that looks like a number is stored as one: offset "000001" reads 1.
+                problems.append(
+                    f"column {name} is declared {kind} ({affinity(kind)} affinity: SQLite "
+                    f"would store a {name} like '000001' as the number 1); it must be TEXT"
+                )
             if not_null and name in _NULLABLE:
                 problems.append(f"column {name} is NOT NULL (an event may have none)")
         elif not_null and not default and not (primary == [name] and kind.upper() == "INTEGER"):
@@ -124,25 +152,80 @@ def shape_problems(
     return problems
 
 
+def check_table(db: sqlite3.Connection, table: str, path: Path) -> None:
+    """Raise :class:`ConfigError` if the table of that name is not one the sink can write to;
+    nothing if there is none (the sink creates it). Only reads: ``preflight`` runs it on a
+    read-only connection."""
+    columns = [
+        (str(r[1]), str(r[2]), bool(r[3]), r[4] is not None, int(r[5]))
+        for r in db.execute(f"PRAGMA table_info({_q(table)})")
+    ]
+    if not columns:
+        return
+    keys = [
+        [str(c[2]) for c in db.execute(f"PRAGMA index_info({_q(index[1])})")]
+        for index in db.execute(f"PRAGMA index_list({_q(table)})")
+        if index[2] and not index[4]  # unique, not partial
+    ]
+    problems = shape_problems(columns, keys)
+    if problems:
+        raise ConfigError(
+            f"sink.table: table {table!r} in {path} is not one the sink can write to: "
+            f"{'; '.join(problems)}; set sink.table to another name (the sink creates it), "
+            "or recreate the table with the sink's columns"
+        )
+
+
+_CHECK = re.compile(r"\bCHECK\s*\(", re.IGNORECASE)
+
+
+def guards(db: sqlite3.Connection, table: str) -> list[str]:
+    """What of the table's own may refuse one event's row: a CHECK, a FOREIGN KEY (the state
+    store enforces them), a unique index but the upsert's (not a trigger: an audit's is
+    common)."""
+    found = []
+    sql = db.execute(
+        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ? COLLATE NOCASE", (table,)
+    ).fetchone()
+    if sql is not None and sql[0] and _CHECK.search(str(sql[0])):
+        found.append("a CHECK constraint")
+    if db.execute(f"PRAGMA foreign_key_list({_q(table)})").fetchone() is not None:
+        found.append("a FOREIGN KEY")
+    for index in db.execute(f"PRAGMA index_list({_q(table)})").fetchall():
+        columns = [str(c[2]).lower() for c in db.execute(f"PRAGMA index_info({_q(index[1])})")]
+        if index[2] and columns != ["unique_event_id"]:
+            found.append(f"unique index {prefix(str(index[1]), 100)}")
+    return found
+
+
+def check_store_guards(db: sqlite3.Connection, table: str, path: Path) -> None:
+    """Raise :class:`ConfigError` if the table, in the state store's file, has :func:`guards`:
+    its rows commit with the checkpoint, so one row refused would fail every commit (and each
+    start again, on the same event). In a file of its own that event alone is dead-lettered."""
+    found = guards(db, table)
+    if found:
+        raise ConfigError(
+            f"sink.table: table {table!r} in the state store {path} has {', '.join(found)}, "
+            "which may refuse an event's row and with it the checkpoint's commit: set "
+            "sink.path to a file of its own (a refused row is then dead-lettered alone), or "
+            "drop them"
+        )
+
+
+def check_store_table_name(table: str, path: Path) -> None:
+    """Raise :class:`ConfigError` if ``table`` is one of the state store's (``path``)."""
+    if table.lower() in STORE_TABLES:
+        raise ConfigError(
+            f"sink.table: {table!r} is a table of the state store {path}, where the sink's "
+            "rows go: set sink.table to another name (e.g. 'opera_events')"
+        )
+
+
 def prepare_table(db: sqlite3.Connection, table: str, path: Path) -> None:
     """Create the table and its index, or check the one found (raises :class:`ConfigError`)."""
     with sync_transaction(db):
         db.execute(create_table_sql(table))
-        columns = [
-            (str(r[1]), str(r[2]), bool(r[3]), r[4] is not None, int(r[5]))
-            for r in db.execute(f"PRAGMA table_info({_q(table)})")
-        ]
-        keys = [
-            [str(c[2]) for c in db.execute(f"PRAGMA index_info({_q(index[1])})")]
-            for index in db.execute(f"PRAGMA index_list({_q(table)})")
-            if index[2] and not index[4]  # unique, not partial
-        ]
-        problems = shape_problems(columns, keys)
-        if problems:
-            raise ConfigError(
-                f"sink.table: table {table!r} in {path} is not one the sink can write to: "
-                f"{'; '.join(problems)}; set sink.table to another name (the sink creates it)"
-            )
+        check_table(db, table, path)
         db.execute(create_index_sql(table))
 
 
@@ -189,17 +272,14 @@ class StoreTableSink(PlainSink):
         self._rows: list[tuple[Any, ...]] = []
 
     async def open(self, committed: str | None) -> None:
-        if self.table.lower() in STORE_TABLES:
-            raise ConfigError(
-                f"sink.table: {self.table!r} is a table of the state store {self.path}, where "
-                "the sink's rows go: set sink.table to another name (e.g. 'opera_events')"
-            )
+        check_store_table_name(self.table, self.path)
         # The store has created the file. A short-lived connection keeps the DDL out of the
         # store's writer (it runs before the first commit).
         try:
             with contextlib.closing(sqlite3.connect(self.path, isolation_level=None)) as db:
                 db.execute("PRAGMA busy_timeout=5000")
                 prepare_table(db, self.table, self.path)
+                check_store_guards(db, self.table, self.path)
         except sqlite3.Error as exc:
             raise open_error(exc, self.table, self.path, "state.path") from None
 
@@ -265,6 +345,14 @@ class SqliteSink(PlainSink):
                 await in_thread(db, lambda conn: self._write_now(conn, rows))
         except sqlite3.OperationalError as exc:  # locked, disk full, I/O: may clear
             raise TransientSinkError(f"sqlite sink {self.path}: {exc}") from exc
+        except sqlite3.IntegrityError as exc:  # the table's own constraint: that event's
+            only = events[0].unique_event_id if len(events) == 1 else None
+            raise PermanentSinkError(
+                f"sqlite sink {self.path}: table {self.table!r} refused the event's row: "
+                f"{prefix(str(exc), 300)}; fix the table or the constraint, then "
+                "`opera-consumer dlq replay`",
+                unique_event_id=only,
+            ) from exc
         except sqlite3.Error as exc:
             only = events[0].unique_event_id if len(events) == 1 else None
             raise PermanentSinkError(

@@ -349,3 +349,141 @@ async def test_a_host_from_a_service_file_is_verified(
     with pytest.raises(StoreError):
         await PostgresStore.open(dsn, timeout_s=5.0)
     assert fake.passwords == []
+
+
+def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *files: str) -> Path:
+    """HOME in ``tmp_path`` with these files in its .postgresql (where libpq looks), and no
+    PG* certificate variable: the test's own view of where the driver looks."""
+    home = tmp_path / "home"
+    (home / ".postgresql").mkdir(parents=True)
+    for name in files:
+        (home / ".postgresql" / name).write_text("not read: the CA check fails first\n")
+    monkeypatch.setenv("HOME", str(home))
+    for var in ("PGSSLROOTCERT", "PGSSLCERT", "PGSSLKEY", "PGSSLCRL", "PGSSLMODE", "PGSERVICE"):
+        monkeypatch.delenv(var, raising=False)
+    return home
+
+
+async def refusals(dsn: str) -> tuple[str, str]:
+    """What the sink's open and the state store's open say (neither may be retried)."""
+    sink = PostgresSink(sink_settings(dsn))
+    with pytest.raises(ConfigError) as refused:
+        await sink.open(None)
+    await sink.close()
+    with pytest.raises(StoreError) as stored:
+        await PostgresStore.open(dsn, timeout_s=5.0)
+    assert not stored.value.retriable
+    return str(refused.value), str(stored.value)
+
+
+@pytest.mark.parametrize("fake", ["no TLS"], indirect=True)
+@pytest.mark.parametrize(
+    ("setting", "problem"),
+    [
+        ("missing", "it does not exist"),
+        ("directory", "it is a directory"),
+        ("not PEM", "it holds no PEM certificate"),
+    ],
+)
+async def test_a_ca_file_named_by_pgsslrootcert_that_cannot_be_loaded_is_named(
+    fake: FakeServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    setting: str,
+    problem: str,
+) -> None:
+    """The driver verifies with PGSSLROOTCERT's file (no sslmode, a server off this machine):
+    was a list of every place a certificate may come from, not the file, nor why."""
+    isolated_home(tmp_path, monkeypatch)
+    ca = tmp_path / "ca.pem"
+    if setting == "directory":
+        ca.mkdir()
+    elif setting == "not PEM":
+        ca.write_text("-----BEGIN NOTHING-----\n")
+    monkeypatch.setenv("PGSSLROOTCERT", str(ca))
+    dsn = f"postgresql://opera:{SECRET}@{alias()}:{fake.port}/opera_test"
+    for key, message in zip(("sink.dsn", "state.dsn"), await refusals(dsn), strict=True):
+        assert f"{key}: PostgreSQL at " in message
+        assert f"the CA file {ca} (named by PGSSLROOTCERT) cannot be loaded: {problem}" in message
+        assert "the DSN has no sslmode and the server is not on this machine" in message
+        assert "make PGSSLROOTCERT name a CA file readable by uid" in message
+        assert SECRET not in message
+    assert fake.passwords == []
+
+
+@pytest.mark.parametrize("fake", ["no TLS"], indirect=True)
+@pytest.mark.parametrize(
+    ("env", "query"),
+    [
+        pytest.param({}, "", id="a client certificate in ~/.postgresql"),
+        pytest.param({"PGSSLCERT": "client.pem"}, "", id="PGSSLCERT"),
+        pytest.param({}, "?sslcert={tmp}/client.pem", id="the DSN's sslcert"),
+        pytest.param({}, "?sslmode=verify-full", id="sslmode=verify-full written"),
+        pytest.param({"PGSSLMODE": "verify-ca"}, "", id="PGSSLMODE=verify-ca"),
+    ],
+)
+async def test_no_ca_where_the_driver_looks_is_named_not_an_unparsable_dsn(
+    fake: FakeServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    env: dict[str, str],
+    query: str,
+) -> None:
+    """The driver verifies (a client certificate configured, or verify-ca/verify-full asked
+    for) and finds no CA: no sslrootcert, no PGSSLROOTCERT, no ~/.postgresql/root.crt. Its
+    ClientConfigurationError was taken for a parse error: 'invalid sink.dsn: it cannot be
+    parsed ... percent-encode any # / ? @ :' sent the operator after the password."""
+    home = isolated_home(tmp_path, monkeypatch, *([] if env or query else ["postgresql.crt"]))
+    (tmp_path / "client.pem").write_text("a client certificate\n")
+    for var, value in env.items():
+        monkeypatch.setenv(var, str(tmp_path / value) if value.endswith(".pem") else value)
+    dsn = f"postgresql://opera:{SECRET}@{alias()}:{fake.port}/opera_test"
+    dsn += query.format(tmp=tmp_path)
+    root = home / ".postgresql" / "root.crt"
+    for key, message in zip(("sink.dsn", "state.dsn"), await refusals(dsn), strict=True):
+        assert "cannot be parsed" not in message
+        assert f"{key}: PostgreSQL at " in message
+        assert f"the CA file {root} (~/.postgresql/root.crt: the driver's default" in message
+        assert "cannot be loaded: it does not exist" in message
+        assert "sslrootcert=/path/ca.pem in the DSN" in message
+        assert SECRET not in message
+    assert fake.passwords == []
+
+
+@pytest.mark.parametrize("fake", ["no TLS"], indirect=True)
+async def test_sslmode_require_with_a_missing_ca_file_is_not_retried_for_ever(
+    fake: FakeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """sslmode=require loads PGSSLROOTCERT's file too: its FileNotFoundError was taken for a
+    server that cannot be reached, retried for ever (the sink) or waited out at start (the
+    state store)."""
+    isolated_home(tmp_path, monkeypatch)
+    monkeypatch.setenv("PGSSLROOTCERT", str(tmp_path / "gone.pem"))
+    dsn = f"postgresql://opera:{SECRET}@127.0.0.1:{fake.port}/opera_test?sslmode=require"
+    for message in await refusals(dsn):
+        assert f"the CA file {tmp_path / 'gone.pem'} (named by PGSSLROOTCERT)" in message
+        assert "sslmode=require" in message
+    assert fake.passwords == []
+
+
+@pytest.mark.parametrize("fake", ["no TLS"], indirect=True)
+async def test_the_daemon_names_the_missing_ca_and_exits_78(
+    fake: FakeServer, sandbox_factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """End to end: a client certificate in ~/.postgresql and no root.crt beside it."""
+    home = isolated_home(tmp_path, monkeypatch, "postgresql.crt")
+    gw = await sandbox_factory(backlog=5)
+    dsn = f"postgresql://opera:{SECRET}@{alias()}:{fake.port}/opera_test"
+    config = write_config(tmp_path, gw.url, sink={"type": "postgres", "dsn": dsn})
+    log = tmp_path / "daemon.log"
+    proc = spawn_daemon(config, log)
+    try:
+        code = await wait_exit(proc, 60)
+    finally:
+        proc.kill()
+    assert code == 78, f"exit {code}: {tail(log, 800)}"
+    text = log.read_text()
+    assert f"the CA file {home / '.postgresql' / 'root.crt'}" in text, tail(log, 800)
+    assert "cannot be parsed" not in text
+    assert SECRET not in text
+    assert fake.passwords == []

@@ -191,3 +191,83 @@ async def test_a_foreign_table_in_the_state_store_is_a_config_error(state: Path)
     await sink.open(None)
     names = {r[0] for r in query(state, "SELECT name FROM sqlite_master")}
     assert {"guest_events", "guest_events_key"} <= names
+
+
+@pytest.mark.parametrize(
+    ("column", "declared", "affinity"),
+    [
+        ("offset", "INTEGER", "INTEGER"),
+        ("offset", "BIGINT", "INTEGER"),
+        ("offset", "NUMERIC", "NUMERIC"),
+        ("offset", "STRING", "NUMERIC"),  # not a type SQLite knows: NUMERIC, not TEXT
+        ("offset", "DECIMAL(20)", "NUMERIC"),
+        ("offset", "REAL", "REAL"),
+        ("offset", "DOUBLE PRECISION", "REAL"),
+        ("unique_event_id", "BIGINT", "INTEGER"),  # "INTEGER PRIMARY KEY": the rowid, no key
+        ("hotel_id", "NUMERIC", "NUMERIC"),
+        ("primary_key", "INT", "INTEGER"),
+    ],
+)
+@pytest.mark.parametrize("placement", ["own file", "state store"])
+async def test_a_text_column_sqlite_would_turn_into_a_number_is_refused(
+    tmp_path: Path, column: str, declared: str, affinity: str, placement: str
+):
+    """Was: the check looked at the columns' names, not their types. With ``offset INTEGER``
+    (or NUMERIC, REAL affinity) SQLite's type affinity stored the opaque offset "000001" as
+    the number 1 (and an id "0042" as 42), silently: every row's offset corrupted."""
+    db = tmp_path / ("sink.db" if placement == "own file" else "state.db")
+    if placement == "state store":
+        await (await SqliteStore.open(db)).close()
+    ours = OURS.replace(f"{column} TEXT", f"{column} {declared}", 1)
+    assert ours != OURS
+    create(db, f"CREATE TABLE opera_events ({ours})")
+    sink = (
+        SqliteSink(db, "opera_events")
+        if placement == "own file"
+        else StoreTableSink(db, "opera_events")
+    )
+    try:
+        await sink.open(None)
+    except ConfigError as exc:
+        message = str(exc)
+    else:  # the old code: what SQLite made of the event's text
+        ev = event(1)
+        ev = ev._replace(unique_event_id="0042", hotel_id="007", primary_key="0815")
+        await sink.write("main", [ev])
+        if isinstance(sink, StoreTableSink):
+            staged = sink.staged()
+            assert staged is not None
+            with sqlite3.connect(db) as c:
+                c.executemany(staged.statement, staged.rows)
+        await sink.close()
+        stored = query(db, f"SELECT {column}, typeof({column}) FROM opera_events")
+        pytest.fail(f"opened; {column} stored as {stored!r}")
+    await sink.close()
+    assert message.startswith("sink.table: "), message
+    assert f"column {column} is declared {declared} ({affinity} affinity" in message
+    assert "it must be TEXT" in message
+    assert query(db, "SELECT COUNT(*) FROM opera_events") == [(0,)]
+
+
+@pytest.mark.parametrize(
+    "declared", ["VARCHAR(64)", "CHARACTER VARYING(40)", "CLOB", "TEXT COLLATE NOCASE", "BLOB", ""]
+)
+async def test_text_columns_of_a_type_that_keeps_text_are_accepted(tmp_path: Path, declared):
+    """TEXT affinity (any type naming CHAR, CLOB or TEXT), BLOB or no type: text stays text,
+    byte for byte, however much it looks like a number."""
+    db = tmp_path / "sink.db"
+    ours = OURS
+    for column in ("unique_event_id", "offset", "hotel_id", "primary_key"):
+        ours = ours.replace(f"{column} TEXT", f"{column} {declared}", 1)
+    create(db, f"CREATE TABLE opera_events ({ours})")
+    sink = SqliteSink(db, "opera_events")
+    await sink.open(None)
+    try:
+        ev = event(1)._replace(unique_event_id="0042", hotel_id="007", primary_key="1e3")
+        await sink.write("main", [ev])
+    finally:
+        await sink.close()
+    assert query(
+        db,
+        "SELECT unique_event_id, offset, hotel_id, primary_key, typeof(offset) FROM opera_events",
+    ) == [("0042", "000001", "007", "1e3", "text")]
