@@ -14,7 +14,7 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,14 +47,17 @@ from ..logs import REDACTOR, configure
 from ..runtime.assembly import build_sink, http_client, open_sink, register_secrets
 from ..runtime.committer import Committer
 from ..sinks.base import Sink
-from ..state import acquire, acquire_replay, current_holder, open_store
-from .output import emit, escaped, iso, no_store, parse_when
+from ..state import StateStore, acquire, acquire_replay, current_holder, open_store
+from .output import Printer, escaped, iso, no_store, parse_when
 
 log = structlog.get_logger(__name__)
 
 LIST_COLUMNS = ("id", "stream", "reason", "event_name", "primary_key", "offset", "attempts")
 _EXCERPT = 60
 _COMMIT_EVERY = 100
+# Dead letters a command reads, and holds, at once (a replay's with their payloads, tens of KB
+# each for a big reservation): a DLQ of any size is listed, replayed or purged page by page.
+PAGE = 200
 _MALFORMED = "a malformed frame cannot be replayed: purge it"
 _GONE = "no longer in the DLQ: replayed or purged since it was read"
 _UNKNOWN_STREAM = "its stream is not in the configuration (the sink may need its settings): add it"
@@ -114,19 +117,99 @@ class Outcome:
         }
 
 
-def older_outside(
-    rows: Sequence[DeadLetterRow], every: Sequence[DeadLetterRow]
-) -> dict[tuple[str, str], int]:
-    """Per (stream, primaryKey): the oldest dead letter of ``every`` that is not in ``rows``.
-    A row of that key after it must wait for it: replaying it first would apply a resource's
-    later change before its earlier one (in park-key mode the later ones are parked)."""
-    chosen = {row.id for row in rows}
-    oldest: dict[tuple[str, str], int] = {}
-    for row in every:
-        if row.primary_key and row.id not in chosen:
-            key = (row.stream, row.primary_key)
-            oldest[key] = min(row.id, oldest.get(key, row.id))
-    return oldest
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """The dead letters a command names: each filter given (None: any), ``ids`` from the
+    command line."""
+
+    stream: str | None = None
+    reason: str | None = None
+    since: float | None = None
+    before: float | None = None
+    ids: tuple[int, ...] | None = None
+
+    async def read(
+        self,
+        store: StateStore,
+        *,
+        payloads: bool,
+        after: int | None,
+        limit: int,
+        among: Sequence[int] | None = None,
+    ) -> list[DeadLetterRow]:
+        """The next ``limit`` of them after id ``after`` (those of ``among`` only, if given)."""
+        ids = self.ids if among is None else among
+        if self.ids is not None and among is not None:
+            named = set(self.ids)
+            ids = [i for i in among if i in named]
+        return await store.dead_letters(
+            self.stream,
+            reason=self.reason,
+            since=self.since,
+            before=self.before,
+            ids=ids,
+            payloads=payloads,
+            after=after,
+            limit=limit,
+        )
+
+
+async def pages(
+    store: StateStore, selection: Selection, *, payloads: bool, page: int | None = None
+) -> AsyncIterator[list[DeadLetterRow]]:
+    """The selection's dead letters, page by page in id order (a purge may delete a page's
+    rows before asking for the next: the next begins after the last id read)."""
+    page = page or PAGE
+    after: int | None = None
+    while True:
+        rows = await selection.read(store, payloads=payloads, after=after, limit=page)
+        if rows:
+            yield rows
+        if len(rows) < page:
+            return
+        after = rows[-1].id
+
+
+async def walk(
+    store: StateStore,
+    selection: Selection,
+    held_back: dict[tuple[str, str], int],
+    *,
+    payloads: bool,
+    page: int | None = None,
+) -> AsyncIterator[list[DeadLetterRow]]:
+    """The selection's dead letters page by page in id order, for a replay: the queue is read
+    beside them (ids and keys only), and ``held_back`` gets the oldest dead letter of each
+    (stream, primaryKey) outside the selection before any row of the selection after it is
+    yielded (see :func:`_held`). The queue of the selection's stream only: a key is of one
+    stream. Memory: a page of rows, and one id per key with a dead letter outside."""
+    page = page or PAGE
+    last = max(selection.ids, default=0) if selection.ids is not None else None
+    after: int | None = None
+    while last is None or (after or 0) < last:
+        every = await store.dead_letters(selection.stream, payloads=False, after=after, limit=page)
+        if not every:
+            return
+        ids = [r.id for r in every]
+        chosen = await selection.read(store, payloads=payloads, after=after, limit=page, among=ids)
+        inside = {r.id for r in chosen}
+        for row in every:
+            if row.primary_key and row.id not in inside:
+                held_back.setdefault((row.stream, row.primary_key), row.id)  # ids ascend
+        if chosen:
+            yield chosen
+        if len(every) < page:
+            return
+        after = every[-1].id
+
+
+@dataclass(frozen=True, slots=True)
+class _Page:
+    rows: Sequence[DeadLetterRow]
+    gone: frozenset[int] = frozenset()  # read earlier, no longer in the DLQ under the lock
+
+
+_Source = Callable[[StateStore, bool], AsyncIterator[_Page]]  # (store, under the lock)
 
 
 async def replay(
@@ -138,18 +221,83 @@ async def replay(
     waiting_for: dict[tuple[str, str], int] | None = None,
 ) -> list[Outcome]:
     """Re-deliver ``rows`` (in id order) through the configured sink. A row whose key has an
-    older dead letter in ``waiting_for`` (see :func:`older_outside`), or an earlier row in
-    this replay that was not delivered, is skipped: a key's events keep their order."""
+    older dead letter in ``waiting_for`` (the oldest of each key outside ``rows``), or an
+    earlier row in this replay that was not delivered, is skipped: a key's events keep their
+    order. (The command reads its rows page by page: :func:`replay_selected`.)"""
+
+    async def given(store: StateStore, locked: bool) -> AsyncIterator[_Page]:
+        for start in range(0, len(rows), PAGE):
+            chunk = rows[start : start + PAGE]
+            if not locked:
+                yield _Page(chunk)
+                continue
+            # Read before the lock was ours: a replay that ended meanwhile delivered some.
+            listed = await store.dead_letters(ids=[r.id for r in chunk], payloads=False)
+            still = {r.id for r in listed}
+            yield _Page(chunk, frozenset(r.id for r in chunk if r.id not in still))
+
+    outcomes: list[Outcome] = []
+    await _run(
+        settings,
+        given,
+        dry_run=dry_run,
+        attempts=attempts,
+        held_back=waiting_for or {},
+        on_outcome=outcomes.append,
+    )
+    return outcomes
+
+
+async def replay_selected(
+    settings: Settings,
+    selection: Selection,
+    *,
+    dry_run: bool,
+    on_outcome: Callable[[Outcome], None],
+    attempts: int = 3,
+    page: int | None = None,
+) -> None:
+    """Replay the selection's dead letters as :func:`replay` does, read a page at a time
+    (under the replay's lock) and each outcome given to ``on_outcome`` as it is known: a
+    queue of any size is replayed in the memory of a page."""
+    held_back: dict[tuple[str, str], int] = {}
+
+    async def selected(store: StateStore, locked: bool) -> AsyncIterator[_Page]:
+        async for rows in walk(store, selection, held_back, payloads=True, page=page):
+            yield _Page(rows)
+
+    await _run(
+        settings,
+        selected,
+        dry_run=dry_run,
+        attempts=attempts,
+        held_back=held_back,
+        on_outcome=on_outcome,
+    )
+
+
+async def _run(
+    settings: Settings,
+    source: _Source,
+    *,
+    dry_run: bool,
+    attempts: int,
+    held_back: dict[tuple[str, str], int],
+    on_outcome: Callable[[Outcome], None],
+) -> None:
     failed_keys: set[tuple[str, str]] = set()
-    held_back = waiting_for or {}
     if dry_run:
-        plan = []
-        for row in rows:
-            skip = _held(row, held_back, failed_keys)
-            if skip is None and not isinstance(event := _event(row), Event):
-                skip = _unusable(row, event, failed_keys)
-            plan.append(skip or _outcome(row, "would deliver"))
-        return plan
+        store = await open_store(settings.state, create=False)
+        try:
+            async for page in source(store, False):
+                for row in page.rows:
+                    skip = _held(row, held_back, failed_keys)
+                    if skip is None and not isinstance(event := _event(row), Event):
+                        skip = _unusable(row, event, failed_keys)
+                    on_outcome(skip or _outcome(row, "would deliver"))
+        finally:
+            await store.close()
+        return
     register_secrets(settings)  # as the daemon does: nothing we log may show one
     replaying = await acquire_replay(settings.state)
     try:
@@ -159,13 +307,14 @@ async def replay(
                 f"the jsonl sink has one writer and a daemon (pid {running.get('pid')}) is "
                 "running: stop it, replay, start it again (or use --dry-run to see the plan)"
             )
-        return await _replay(
+        await _replay(
             settings,
-            rows,
+            source,
             alone=running is None,
             held_back=held_back,
             failed_keys=failed_keys,
             attempts=attempts,
+            on_outcome=on_outcome,
         )
     finally:
         await replaying.release()
@@ -173,38 +322,38 @@ async def replay(
 
 async def _replay(
     settings: Settings,
-    rows: Sequence[DeadLetterRow],
+    source: _Source,
     *,
     alone: bool,
     held_back: dict[tuple[str, str], int],
     failed_keys: set[tuple[str, str]],
     attempts: int,
-) -> list[Outcome]:
+    on_outcome: Callable[[Outcome], None],
+) -> None:
     """The replay, under its lock (``alone``: no daemon runs; keep one from starting)."""
     st = settings.state
-    outcomes: list[Outcome] = []
     # While we replay into a single-writer sink, keep a daemon from starting.
     held = await acquire(st, (), role="dlq-replay") if alone else None
     try:
         store = await open_store(st)
         http = http_client(settings)
         try:
-            # Read before the lock was ours: a replay that ended meanwhile delivered some.
-            listed = await store.dead_letters(ids=[r.id for r in rows], payloads=False)
-            still = {r.id for r in listed}
             sink = build_sink(settings, http)
             await open_sink(sink, store, st.path)
             committer = Committer(store, sink, max_events=1_000_000, interval_s=1.0)
             try:
-                for i, row in enumerate(rows, 1):
-                    skip = _held(row, held_back, failed_keys)
-                    if skip is None and row.id not in still:
-                        skip = _outcome(row, "skipped", _GONE)  # its key may go on
-                    if skip is None and row.stream not in settings.streams:
-                        skip = _unusable(row, _UNKNOWN_STREAM, failed_keys)
-                    outcomes.append(skip or await _one(row, sink, committer, failed_keys, attempts))
-                    if i % _COMMIT_EVERY == 0:  # bound what a crash here would re-deliver
-                        await committer.flush()
+                done = 0
+                async for page in source(store, True):
+                    for row in page.rows:
+                        skip = _held(row, held_back, failed_keys)
+                        if skip is None and row.id in page.gone:
+                            skip = _outcome(row, "skipped", _GONE)  # its key may go on
+                        if skip is None and row.stream not in settings.streams:
+                            skip = _unusable(row, _UNKNOWN_STREAM, failed_keys)
+                        on_outcome(skip or await _one(row, sink, committer, failed_keys, attempts))
+                        done += 1
+                        if done % _COMMIT_EVERY == 0:  # bound what a crash here would re-deliver
+                            await committer.flush()
             finally:
                 try:  # what was delivered is recorded however the loop ended (^C too)
                     await committer.flush()
@@ -216,7 +365,6 @@ async def _replay(
     finally:
         if held is not None:
             await held.release()
-    return outcomes
 
 
 async def _one(
@@ -322,81 +470,143 @@ async def command(settings: Settings, args: argparse.Namespace) -> int:
     if action in ("replay", "purge") and not args.ids and not args.all:
         print(f"opera-consumer dlq {action}: name IDs, or --all (with filters)", file=sys.stderr)
         return ExitCode.USAGE
+    ids = [args.id] if action == "show" else (getattr(args, "ids", None) or None)
+    selection = Selection(
+        getattr(args, "stream", None),
+        getattr(args, "reason", None),
+        since,
+        before,
+        None if ids is None else tuple(ids),
+    )
+    if action == "replay":
+        return await _replay_command(settings, selection, args)
     store = await open_store(settings.state, create=False)
     try:
-        rows = await store.dead_letters(
-            getattr(args, "stream", None),
-            reason=getattr(args, "reason", None),
-            since=since,
-            before=before,
-            ids=[args.id] if action == "show" else (getattr(args, "ids", None) or None),
-            payloads=action in ("show", "replay"),  # list and purge show summaries only
-            # one more than shown: whether there are more to say so
-            limit=args.limit + 1 if action == "list" and args.limit else None,
-        )
-        if action == "purge" and not args.dry_run:
-            n = await store.purge_dead_letters([r.id for r in rows])
-        if action == "replay":  # what the chosen rows' keys wait for
-            waiting_for = older_outside(rows, await store.dead_letters(None, payloads=False))
+        if action == "show":
+            return _show(await store.dead_letters(ids=ids), args)
+        if action == "list":
+            return await _list(store, selection, args)
+        return await _purge(store, selection, args)
     finally:
         await store.close()
-    if action == "list":
-        more = bool(args.limit) and len(rows) > args.limit
-        emit([summary(r) for r in rows[: args.limit or None]], LIST_COLUMNS, as_json=args.json)
-        if more:
-            print(
-                f"only the oldest {args.limit} shown: more dead letters match (--limit N, "
-                "0 for all, or narrow with --stream, --reason, --since)",
-                file=sys.stderr,
-            )
+
+
+def _show(rows: Sequence[DeadLetterRow], args: argparse.Namespace) -> int:
+    if not rows:
+        print(f"no dead letter with id {args.id}", file=sys.stderr)
+        return ExitCode.RUNTIME
+    shown = detail(rows[0])
+    if args.json:  # \u escapes: the same values, and no control reaches a terminal
+        print(json.dumps(shown, indent=2))
         return ExitCode.OK
-    if action == "show":
-        if not rows:
-            print(f"no dead letter with id {args.id}", file=sys.stderr)
-            return ExitCode.RUNTIME
-        shown = detail(rows[0])
-        if args.json:  # \u escapes: the same values, and no control reaches a terminal
-            print(json.dumps(shown, indent=2))
-            return ExitCode.OK
-        payload = shown.pop("payload")
-        width = max(len(k) for k in shown)
-        for key, value in shown.items():
-            text = "-" if value is None else str(value)
-            print(f"{key.ljust(width)}  {printable(text, len(text))}")
-        print("payload:")  # as received, its lines kept, any other control escaped
-        text = (
-            payload
-            if isinstance(payload, str)
-            else json.dumps(payload, indent=2, ensure_ascii=False)
-        )
-        print(escaped(text))
-        return ExitCode.OK
-    missing = sorted(set(args.ids) - {r.id for r in rows})
-    if missing:
-        print(f"no dead letter with id {', '.join(map(str, missing))}", file=sys.stderr)
-    if action == "purge":
-        if args.dry_run:
-            emit([summary(r) for r in rows], LIST_COLUMNS, as_json=args.json)
-            print(f"would purge {len(rows)} dead letter(s)", file=sys.stderr)
-        else:
-            print(f"purged {n} dead letter(s)", file=sys.stderr)
-        return ExitCode.RUNTIME if missing else ExitCode.OK
-    try:
-        outcomes = await replay(settings, rows, dry_run=args.dry_run, waiting_for=waiting_for)
-    except LeaseHeld as exc:  # refused, like any operator command that would do harm now
-        raise OperatorRefused(str(exc)) from None
-    except (KeyboardInterrupt, asyncio.CancelledError):  # ^C, or a sink's KeyboardInterrupt
+    payload = shown.pop("payload")
+    width = max(len(k) for k in shown)
+    for key, value in shown.items():
+        text = "-" if value is None else str(value)
+        print(f"{key.ljust(width)}  {printable(text, len(text))}")
+    print("payload:")  # as received, its lines kept, any other control escaped
+    text = (
+        payload if isinstance(payload, str) else json.dumps(payload, indent=2, ensure_ascii=False)
+    )
+    print(escaped(text))
+    return ExitCode.OK
+
+
+async def _list(store: StateStore, selection: Selection, args: argparse.Namespace) -> int:
+    limit: int | None = args.limit or None  # 0: all
+    more = False
+    # one more than shown: whether there are more to say so
+    page = PAGE if limit is None else min(PAGE, limit + 1)
+    with Printer(LIST_COLUMNS, as_json=args.json, settle=PAGE) as out:
+        async for rows in pages(store, selection, payloads=False, page=page):
+            for row in rows:
+                if limit is not None and out.count >= limit:
+                    more = True
+                    break
+                out.row(summary(row))
+            if more:
+                break
+    if more:
         print(
-            "opera-consumer dlq replay: interrupted: the events delivered before it are "
-            "recorded and out of the DLQ; the one being delivered and the rest stay in it "
-            "(dlq list shows them; replay them again)",
+            f"only the oldest {args.limit} shown: more dead letters match (--limit N, "
+            "0 for all, or narrow with --stream, --reason, --since)",
             file=sys.stderr,
         )
-        return ExitCode.INTERRUPTED
-    emit(
-        [o.as_dict() for o in outcomes],
-        ("id", "stream", "unique_event_id", "result", "detail"),
-        as_json=args.json,
-    )
-    failed = [o for o in outcomes if o.result in ("failed", "skipped")]
-    return ExitCode.RUNTIME if failed or missing else ExitCode.OK
+    return ExitCode.OK
+
+
+async def _purge(store: StateStore, selection: Selection, args: argparse.Namespace) -> int:
+    """Page by page: a page listed, then deleted by the ids listed (a dead letter written
+    since is not purged unread)."""
+    found: set[int] = set()  # of the ids named (as many as the command line has)
+    listed = purged = 0
+    with Printer(LIST_COLUMNS, as_json=args.json, settle=PAGE) as out:
+        async for rows in pages(store, selection, payloads=False):
+            listed += len(rows)
+            if selection.ids is not None:
+                found.update(r.id for r in rows)
+            if args.dry_run:
+                for row in rows:
+                    out.row(summary(row))
+            else:
+                purged += await store.purge_dead_letters([r.id for r in rows])
+        if not args.dry_run:
+            out.close()  # nothing printed on stdout but by a dry run
+    missing = _missing(selection, found)
+    if args.dry_run:
+        print(f"would purge {listed} dead letter(s)", file=sys.stderr)
+    else:
+        print(f"purged {purged} dead letter(s)", file=sys.stderr)
+    return ExitCode.RUNTIME if missing else ExitCode.OK
+
+
+def _missing(selection: Selection, found: set[int]) -> list[int]:
+    """The ids named that no dead letter has (said on stderr)."""
+    missing = sorted(set(selection.ids or ()) - found)
+    if missing:
+        print(f"no dead letter with id {', '.join(map(str, missing))}", file=sys.stderr)
+    return missing
+
+
+REPLAY_COLUMNS = ("id", "stream", "unique_event_id", "result", "detail")
+
+
+async def _replay_command(
+    settings: Settings, selection: Selection, args: argparse.Namespace
+) -> int:
+    store = await open_store(settings.state, create=False)  # a store the daemon made, or why
+    await store.close()
+    found: set[int] = set()
+    not_done = 0
+    # Widths fixed before the first outcome (each printed as it is known): an id of 8
+    # digits, a uniqueEventId of a UUID's length, the longest result.
+    widths = {
+        "id": 8,
+        "stream": max(map(len, settings.streams), default=0),
+        "unique_event_id": 36,
+        "result": len("would deliver"),
+    }
+    with Printer(REPLAY_COLUMNS, as_json=args.json, widths=widths) as out:
+
+        def outcome(done: Outcome) -> None:
+            nonlocal not_done
+            out.row(done.as_dict())
+            not_done += done.result in ("failed", "skipped")
+            if selection.ids is not None:
+                found.add(done.id)
+
+        try:
+            await replay_selected(settings, selection, dry_run=args.dry_run, on_outcome=outcome)
+        except LeaseHeld as exc:  # refused, like any operator command that would do harm now
+            raise OperatorRefused(str(exc)) from None
+        except (KeyboardInterrupt, asyncio.CancelledError):  # ^C, or a sink's KeyboardInterrupt
+            out.close()
+            print(
+                "opera-consumer dlq replay: interrupted: the events delivered before it are "
+                "recorded and out of the DLQ; the one being delivered and the rest stay in it "
+                "(dlq list shows them; replay them again)",
+                file=sys.stderr,
+            )
+            return ExitCode.INTERRUPTED
+    missing = _missing(selection, found)
+    return ExitCode.RUNTIME if not_done or missing else ExitCode.OK

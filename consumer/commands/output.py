@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import re
 import sys
+import textwrap
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,13 +27,82 @@ CELL_LIMIT = 80  # characters of one value in a table (--json has them all)
 
 
 def emit(rows: Sequence[dict[str, Any]], cols: Sequence[str], *, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(list(rows), indent=2))
-        return
-    table = [list(cols)] + [[cell(r.get(c)) for c in cols] for r in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(cols))]
-    for line in table:
-        print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
+    with Printer(cols, as_json=as_json, settle=None) as out:
+        for row in rows:
+            out.row(row)
+
+
+class Printer:
+    """Rows printed as they come (a command may go through more than it could hold): the
+    JSON array element by element (the same text as one ``json.dumps(rows, indent=2)``, and
+    closed however the command ends), the table line by line. The table's column widths are
+    the header's, ``widths``' and those of the first ``settle`` rows (None: every row, held
+    until the end); a later, longer cell widens its own line only."""
+
+    def __init__(
+        self,
+        cols: Sequence[str],
+        *,
+        as_json: bool,
+        widths: Mapping[str, int] | None = None,
+        settle: int | None = 0,
+    ) -> None:
+        self._cols = list(cols)
+        self._json = as_json
+        self._least = [max(len(c), (widths or {}).get(c, 0)) for c in self._cols]
+        self._settle = settle
+        self._held: list[list[str]] = []
+        self._widths: list[int] | None = None
+        self._count = 0
+        self._closed = False
+
+    def __enter__(self) -> Printer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def count(self) -> int:
+        """Rows printed (or held) so far."""
+        return self._count
+
+    def row(self, row: dict[str, Any]) -> None:
+        self._count += 1
+        if self._json:
+            element = textwrap.indent(json.dumps(row, indent=2), "  ")
+            print("[\n" + element if self._count == 1 else ",\n" + element, end="", flush=True)
+            return
+        cells = [cell(row.get(c)) for c in self._cols]
+        if self._widths is None:
+            self._held.append(cells)
+            if self._settle is not None and len(self._held) >= self._settle:
+                self._flush()
+            return
+        self._line(cells, self._widths)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._json:
+            print("[]" if self._count == 0 else "\n]", flush=True)
+        elif self._widths is None:
+            self._flush()
+
+    def _flush(self) -> None:
+        table = [self._cols, *self._held]
+        self._widths = [
+            max(least, *(len(line[i]) for line in table)) for i, least in enumerate(self._least)
+        ]
+        for line in table:
+            self._line(line, self._widths)
+        self._held = []
+
+    def _line(self, cells: Sequence[str], widths: Sequence[int]) -> None:
+        print(
+            "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip(), flush=True
+        )
 
 
 def cell(value: Any) -> str:

@@ -98,10 +98,13 @@ class StateStore(Protocol):
         ids: Sequence[int] | None = None,
         payloads: bool = True,
         limit: int | None = None,
+        after: int | None = None,
     ) -> list[DeadLetterRow]:
         """Dead letters in arrival order, filtered by every argument given, the first ``limit``
         of them. ``payloads`` False: each row's ``payload`` is empty (a listing, or the
-        replay's ordering check over the whole queue)."""
+        replay's ordering check over the whole queue). ``after``: only ids above it, so that
+        ``limit`` pages through the queue by id (a page's last id is the next one's ``after``)
+        and a command holds a page, not the queue."""
         ...
 
     async def purge_dead_letters(self, ids: Sequence[int]) -> int: ...

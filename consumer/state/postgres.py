@@ -486,6 +486,7 @@ class PostgresStore:
         ids: Sequence[int] | None = None,
         payloads: bool = True,
         limit: int | None = None,
+        after: int | None = None,
     ) -> list[DeadLetterRow]:
         """Dead letters in arrival order, filtered by every argument given (see StateStore)."""
         payload = "payload" if payloads else "''"  # an empty text in its place
@@ -501,6 +502,7 @@ class PostgresStore:
             (" AND last_at >= ${}::float8", since),
             (" AND last_at < ${}::float8", before),
             (" AND id = ANY(${}::bigint[])", None if ids is None else list(ids)),
+            (" AND id > ${}::bigint", after),
         ):
             if value is not None:
                 args.append(value)

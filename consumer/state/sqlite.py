@@ -339,6 +339,7 @@ class SqliteStore:
         ids: Sequence[int] | None = None,
         payloads: bool = True,
         limit: int | None = None,
+        after: int | None = None,
     ) -> list[DeadLetterRow]:
         """Dead letters in arrival order, filtered by every argument given (see StateStore)."""
         payload = "payload" if payloads else "''"  # an empty text in its place
@@ -348,11 +349,14 @@ class SqliteStore:
             "payload_size, payload_sha256 FROM dead_letters WHERE 1"
         )
         args: list[Any] = []
+        # A page (limit) walks the ids: "+" keeps SQLite off the (stream, primary_key) index,
+        # which had it sort the stream's every row for each page of a replay or listing.
         for clause, value in (
-            (" AND stream = ?", stream),
+            (" AND +stream = ?" if limit is not None else " AND stream = ?", stream),
             (" AND reason = ?", reason),
             (" AND last_at >= ?", since),
             (" AND last_at < ?", before),
+            (" AND id > ?", after),
         ):
             if value is not None:
                 sql += clause

@@ -1,0 +1,303 @@
+"""The dlq commands read a page of dead letters at a time: a webhook misdeployed for a day
+left ~800,000 of them, and `dlq replay --all` read every one with its payload (tens of KB
+each) before delivering the first, and printed nothing until the end. On SQLite and on
+PostgreSQL (tests/pg.py): the store pages by id, a replay of more rows than a page delivers
+each once in order and keeps a resource's order across pages, and no call to the store
+returns more than a page."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pysink
+import pytest
+from operator_support import PYSINK, cli, write_config
+from support import wait_until
+
+from consumer.commands import dlq
+from consumer.config import load_settings
+from consumer.core.records import CommitBatch, DeadLetter, DeadLetterRow
+from consumer.state import StateStore, open_store
+
+pytestmark = pytest.mark.usefixtures("fresh_pysink", "contained_logging", "hermetic_config")
+
+
+def letter(
+    i: int, key: str | None = None, *, stream: str = "main", reason: str = "x"
+) -> DeadLetter:
+    """Dead letter of event ``uid-<i>``, of resource ``key`` (pk-<i> if none)."""
+    key = key or f"pk-{i}"
+    uid = f"uid-{i}"
+    event = {
+        "metadata": {"offset": str(100 + i), "uniqueEventId": uid},
+        "eventName": "E",
+        "primaryKey": key,
+        "detail": [],
+    }
+    return DeadLetter(
+        stream=stream,
+        reason=reason,
+        error="no",
+        payload=json.dumps(event),
+        offset=str(100 + i),
+        unique_event_id=uid,
+        event_name="E",
+        primary_key=key,
+    )
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def config(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
+    state: dict[str, Any] = {}
+    if request.param == "postgres":
+        dsn = request.getfixturevalue("postgres_dsn")  # skips when no server is installed
+        state = {"backend": "postgres", "dsn": dsn, "schema": f"t_{uuid.uuid4().hex[:16]}"}
+    return write_config(
+        tmp_path, "http://127.0.0.1:9", sink=PYSINK, streams={"main": "A", "b": "B"}, state=state
+    )
+
+
+async def seed(config: Path, letters: list[DeadLetter], *, now: float | None = None) -> None:
+    store = await open_store(load_settings(config).state)
+    try:
+        await store.commit(CommitBatch(dead_letters=letters), now=now)
+    finally:
+        await store.close()
+
+
+async def left(config: Path) -> list[str]:
+    store = await open_store(load_settings(config).state)
+    try:
+        return [str(r.unique_event_id) for r in await store.dead_letters()]
+    finally:
+        await store.close()
+
+
+async def test_the_store_pages_every_row_once_in_order_with_filters(config: Path) -> None:
+    for i in range(1, 24):  # three commits: last_at 10, 20, 30
+        await seed(
+            config,
+            [letter(i, stream="b" if i % 3 == 0 else "main", reason="r" if i % 2 else "s")],
+            now=10.0 * (1 + i % 3),
+        )
+    store = await open_store(load_settings(config).state)
+    try:
+        every = await store.dead_letters()
+        ids = [r.id for r in every]
+        for filters in (
+            {},
+            {"stream": "main"},
+            {"reason": "r"},
+            {"since": 20.0},
+            {"before": 30.0, "stream": "main"},
+            {"ids": ids[::2]},
+            {"ids": ids[::3], "reason": "s"},
+        ):
+            for payloads in (True, False):
+                whole = await store.dead_letters(**filters, payloads=payloads)  # type: ignore[arg-type]
+                assert whole, filters
+                for size in (1, 4, len(whole), len(whole) + 3):
+                    paged: list[DeadLetterRow] = []
+                    after: int | None = None
+                    for _ in range(len(whole) + 2):  # bounded: a page at least each turn
+                        page = await store.dead_letters(
+                            **filters,  # type: ignore[arg-type]
+                            payloads=payloads,
+                            after=after,
+                            limit=size,
+                        )
+                        assert len(page) <= size
+                        paged += page
+                        if len(page) < size:
+                            break
+                        after = page[-1].id
+                    assert paged == whole, (filters, size)
+        assert await store.dead_letters(after=ids[-1]) == []
+        assert [r.id for r in await store.dead_letters(after=ids[4])] == ids[5:]
+    finally:
+        await store.close()
+
+
+class Counted:
+    """The store a command opens, counting the rows each read returns (and those with their
+    payloads): what a command holds at once."""
+
+    calls: list[tuple[int, int]]
+
+    def __init__(self, store: StateStore, calls: list[tuple[int, int]]) -> None:
+        self._store = store
+        self.calls = calls
+
+    async def dead_letters(self, *args: Any, **kwargs: Any) -> list[DeadLetterRow]:
+        rows: list[DeadLetterRow] = await self._store.dead_letters(*args, **kwargs)
+        self.calls.append((len(rows), sum(1 for r in rows if r.payload)))
+        return rows
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+@pytest.fixture
+def counted(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    calls: list[tuple[int, int]] = []
+    opened = dlq.open_store
+
+    async def counting(*args: Any, **kwargs: Any) -> Any:
+        return Counted(await opened(*args, **kwargs), calls)
+
+    monkeypatch.setattr(dlq, "open_store", counting)
+    monkeypatch.setattr(dlq, "PAGE", 4, raising=False)  # the old code had no pages
+    return calls
+
+
+async def test_the_commands_read_no_more_than_a_page_at_once(
+    config: Path, capsys: pytest.CaptureFixture[str], counted: list[tuple[int, int]]
+) -> None:
+    await seed(config, [letter(i) for i in range(1, 24)])
+    cfg = str(config)
+    uids = [f"uid-{i}" for i in range(1, 24)]
+
+    code, out, err = await cli(capsys, "dlq", "list", "--json", "--limit", "0", "--config", cfg)
+    assert code == 0, err
+    assert [d["unique_event_id"] for d in json.loads(out)] == uids
+    code, out, err = await cli(capsys, "dlq", "list", "--limit", "0", "--config", cfg)
+    assert code == 0, err
+    assert len(out.splitlines()) == 1 + 23
+    code, out, err = await cli(
+        capsys, "dlq", "purge", "--all", "--dry-run", "--json", "--config", cfg
+    )
+    assert code == 0, err
+    assert [d["unique_event_id"] for d in json.loads(out)] == uids
+    assert "would purge 23" in err
+    code, out, err = await cli(
+        capsys, "dlq", "replay", "--all", "--dry-run", "--json", "--config", cfg
+    )
+    assert code == 0, err
+    assert [(o["unique_event_id"], o["result"]) for o in json.loads(out)] == [
+        (u, "would deliver") for u in uids
+    ]
+    assert await left(config) == uids
+    code, out, err = await cli(capsys, "dlq", "replay", "--all", "--json", "--config", cfg)
+    assert code == 0, err
+    assert [(o["unique_event_id"], o["result"]) for o in json.loads(out)] == [
+        (u, "delivered") for u in uids
+    ]
+    assert pysink.delivered_ids() == uids  # each once, in order
+    assert await left(config) == []
+
+    await seed(config, [letter(i) for i in range(30, 41)])
+    code, out, err = await cli(capsys, "dlq", "purge", "--all", "--config", cfg)
+    assert code == 0, err
+    assert "purged 11" in err
+    assert await left(config) == []
+
+    assert counted, "the commands read through the store they open"
+    assert max(n for n, _ in counted) <= 4  # a page: 23 dead letters, and none read at once
+    assert max(p for _, p in counted) <= 4
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+async def test_a_replay_keeps_each_resource_in_order_across_page_boundaries(
+    config: Path, dry_run: bool
+) -> None:
+    """`--reason x`: the "y" letters are outside the replay, and the later letters of their
+    resource wait for them, whichever page each is on; a resource held back holds back its
+    later letters. Pages of 3 rows; ids 1..20 in arrival order."""
+    plan = {  # id: (resource, reason); the others are "x", each its own resource
+        1: ("A", "y"),  # outside: A's later letters wait for it
+        3: ("C", "x"),  # delivered: C's letter outside comes after it
+        8: ("A", "x"),  # pages after 1: skipped
+        9: ("A", "x"),  # skipped: an earlier one of A was not delivered
+        10: ("B", "x"),  # delivered
+        12: ("C", "y"),  # outside
+        14: ("B", "y"),  # outside, a page after 10
+        15: ("B", "x"),  # skipped
+        17: ("C", "x"),  # skipped: 12 before it
+    }
+    resource = {i: r for i, (r, _) in plan.items()}
+    reason = {i: why for i, (_, why) in plan.items()}
+    await seed(
+        config, [letter(i, resource.get(i), reason=reason.get(i, "x")) for i in range(1, 21)]
+    )
+    settings = load_settings(config)
+    outcomes: list[dlq.Outcome] = []
+    await dlq.replay_selected(
+        settings,
+        dlq.Selection(reason="x"),
+        dry_run=dry_run,
+        on_outcome=outcomes.append,
+        page=3,
+    )
+    chosen = [i for i in range(1, 21) if reason.get(i, "x") == "x"]
+    assert [o.id for o in outcomes] == chosen  # each once, in order
+    skipped = {
+        8: "dead letter 1 ",
+        9: "earlier event",
+        15: "dead letter 14 ",
+        17: "dead letter 12 ",
+    }
+    for o in outcomes:
+        if o.id in skipped:
+            assert o.result == "skipped" and skipped[o.id] in o.detail, o
+        else:
+            assert o.result == ("would deliver" if dry_run else "delivered"), o
+    if dry_run:
+        assert pysink.delivered_ids() == []
+        return
+    delivered = [f"uid-{i}" for i in chosen if i not in skipped]
+    assert pysink.delivered_ids() == delivered
+    assert await left(config) == [f"uid-{i}" for i in (1, 8, 9, 12, 14, 15, 17)]
+
+
+async def test_a_replay_by_id_pages_and_says_which_ids_are_missing(
+    config: Path, capsys: pytest.CaptureFixture[str], counted: list[tuple[int, int]]
+) -> None:
+    await seed(config, [letter(i, "K" if i in (2, 11) else None) for i in range(1, 16)])
+    code, out, err = await cli(
+        capsys, "dlq", "replay", "11", "5", "999", "--json", "--config", str(config)
+    )
+    assert code == 1  # 999 is no dead letter; 11 waits for 2, outside the replay
+    assert [(o["id"], o["result"]) for o in json.loads(out)] == [(5, "delivered"), (11, "skipped")]
+    assert "dead letter 2 " in json.loads(out)[1]["detail"]
+    assert "no dead letter with id 999" in err
+    assert pysink.delivered_ids() == ["uid-5"]
+    assert max(n for n, _ in counted) <= 4
+
+
+async def test_a_replay_prints_each_outcome_as_it_is_known(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The first outcomes are on stdout while a later row's write still waits: the old
+    command printed them all at the end, after the last delivery."""
+    await seed(config, [letter(1), letter(2), letter(3, stream="b"), letter(4)])
+    pysink.GATES["b"] = gate = asyncio.Event()  # the third row's write waits
+    settings = load_settings(config)
+    args = argparse.Namespace(
+        dlq_command="replay",
+        ids=[],
+        all=True,
+        stream=None,
+        reason=None,
+        since=None,
+        before=None,
+        dry_run=False,
+        json=True,
+    )
+    capsys.readouterr()
+    task = asyncio.create_task(dlq.command(settings, args))
+    try:
+        await wait_until(lambda: pysink.CALLS[0] >= 3)
+        printed = capsys.readouterr().out
+        assert '"unique_event_id": "uid-2"' in printed and "uid-3" not in printed
+    finally:
+        gate.set()
+    assert await task == 0
+    rest = capsys.readouterr().out
+    outcomes = json.loads(printed + rest)  # one JSON array, streamed
+    assert [o["unique_event_id"] for o in outcomes] == ["uid-1", "uid-2", "uid-3", "uid-4"]
+    assert {o["result"] for o in outcomes} == {"delivered"}
