@@ -20,6 +20,7 @@ from contextlib import asynccontextmanager, closing
 from pathlib import Path
 from typing import Any
 
+from consumer.commands import dlq
 from consumer.config import Settings
 from consumer.core.events import Event
 from consumer.core.protocol import Next, decode
@@ -466,3 +467,11 @@ def dead_letter_rows(state: Path) -> list[dict[str, Any]]:
     with sqlite3.connect(state, timeout=10) as db:
         db.row_factory = sqlite3.Row
         return [dict(r) for r in db.execute("SELECT * FROM dead_letters ORDER BY id")]
+
+
+async def replayed(settings: Settings, ids: Sequence[int] | None = None) -> list[dlq.Outcome]:
+    """`dlq replay` of these dead letters (None: every one): its outcomes, in order."""
+    outcomes: list[dlq.Outcome] = []
+    selection = dlq.Selection(ids=None if ids is None else tuple(ids))
+    await dlq.replay(settings, selection, dry_run=False, on_outcome=outcomes.append)
+    return outcomes

@@ -59,7 +59,6 @@ _COMMIT_EVERY = 100
 # each for a big reservation): a DLQ of any size is listed, replayed or purged page by page.
 PAGE = 200
 _MALFORMED = "a malformed frame cannot be replayed: purge it"
-_GONE = "no longer in the DLQ: replayed or purged since it was read"
 _UNKNOWN_STREAM = "its stream is not in the configuration (the sink may need its settings): add it"
 _FRAME_HEAD = b'{"id":"dlq","type":"next","payload":{"data":{"newEvent":'
 _NOT_AN_EVENT = (
@@ -203,52 +202,7 @@ async def walk(
         after = every[-1].id
 
 
-@dataclass(frozen=True, slots=True)
-class _Page:
-    rows: Sequence[DeadLetterRow]
-    gone: frozenset[int] = frozenset()  # read earlier, no longer in the DLQ under the lock
-
-
-_Source = Callable[[StateStore, bool], AsyncIterator[_Page]]  # (store, under the lock)
-
-
 async def replay(
-    settings: Settings,
-    rows: Sequence[DeadLetterRow],
-    *,
-    dry_run: bool,
-    attempts: int = 3,
-    waiting_for: dict[tuple[str, str], int] | None = None,
-) -> list[Outcome]:
-    """Re-deliver ``rows`` (in id order) through the configured sink. A row whose key has an
-    older dead letter in ``waiting_for`` (the oldest of each key outside ``rows``), or an
-    earlier row in this replay that was not delivered, is skipped: a key's events keep their
-    order. (The command reads its rows page by page: :func:`replay_selected`.)"""
-
-    async def given(store: StateStore, locked: bool) -> AsyncIterator[_Page]:
-        for start in range(0, len(rows), PAGE):
-            chunk = rows[start : start + PAGE]
-            if not locked:
-                yield _Page(chunk)
-                continue
-            # Read before the lock was ours: a replay that ended meanwhile delivered some.
-            listed = await store.dead_letters(ids=[r.id for r in chunk], payloads=False)
-            still = {r.id for r in listed}
-            yield _Page(chunk, frozenset(r.id for r in chunk if r.id not in still))
-
-    outcomes: list[Outcome] = []
-    await _run(
-        settings,
-        given,
-        dry_run=dry_run,
-        attempts=attempts,
-        held_back=waiting_for or {},
-        on_outcome=outcomes.append,
-    )
-    return outcomes
-
-
-async def replay_selected(
     settings: Settings,
     selection: Selection,
     *,
@@ -257,40 +211,22 @@ async def replay_selected(
     attempts: int = 3,
     page: int | None = None,
 ) -> None:
-    """Replay the selection's dead letters as :func:`replay` does, read a page at a time
-    (under the replay's lock) and each outcome given to ``on_outcome`` as it is known: a
-    queue of any size is replayed in the memory of a page."""
+    """Re-deliver the selection's dead letters in id order through the configured sink, read
+    a page at a time (under the replay's lock), each outcome given to ``on_outcome`` as it is
+    known: a queue of any size is replayed in the memory of a page. A row whose key has an
+    older dead letter outside the selection, or an earlier row in this replay that was not
+    delivered, is skipped: a key's events keep their order."""
     held_back: dict[tuple[str, str], int] = {}
 
-    async def selected(store: StateStore, locked: bool) -> AsyncIterator[_Page]:
-        async for rows in walk(store, selection, held_back, payloads=True, page=page):
-            yield _Page(rows)
+    def source(store: StateStore) -> AsyncIterator[list[DeadLetterRow]]:
+        return walk(store, selection, held_back, payloads=True, page=page)
 
-    await _run(
-        settings,
-        selected,
-        dry_run=dry_run,
-        attempts=attempts,
-        held_back=held_back,
-        on_outcome=on_outcome,
-    )
-
-
-async def _run(
-    settings: Settings,
-    source: _Source,
-    *,
-    dry_run: bool,
-    attempts: int,
-    held_back: dict[tuple[str, str], int],
-    on_outcome: Callable[[Outcome], None],
-) -> None:
     failed_keys: set[tuple[str, str]] = set()
     if dry_run:
         store = await open_store(settings.state, create=False)
         try:
-            async for page in source(store, False):
-                for row in page.rows:
+            async for rows in source(store):
+                for row in rows:
                     skip = _held(row, held_back, failed_keys)
                     if skip is None and not isinstance(event := _event(row), Event):
                         skip = _unusable(row, event, failed_keys)
@@ -322,7 +258,7 @@ async def _run(
 
 async def _replay(
     settings: Settings,
-    source: _Source,
+    source: Callable[[StateStore], AsyncIterator[list[DeadLetterRow]]],
     *,
     alone: bool,
     held_back: dict[tuple[str, str], int],
@@ -343,11 +279,10 @@ async def _replay(
             committer = Committer(store, sink, max_events=1_000_000, interval_s=1.0)
             try:
                 done = 0
-                async for page in source(store, True):
-                    for row in page.rows:
+                # Read under the lock: a replay that ended meanwhile took its rows out.
+                async for rows in source(store):
+                    for row in rows:
                         skip = _held(row, held_back, failed_keys)
-                        if skip is None and row.id in page.gone:
-                            skip = _outcome(row, "skipped", _GONE)  # its key may go on
                         if skip is None and row.stream not in settings.streams:
                             skip = _unusable(row, _UNKNOWN_STREAM, failed_keys)
                         on_outcome(skip or await _one(row, sink, committer, failed_keys, attempts))
@@ -596,7 +531,7 @@ async def _replay_command(
                 found.add(done.id)
 
         try:
-            await replay_selected(settings, selection, dry_run=args.dry_run, on_outcome=outcome)
+            await replay(settings, selection, dry_run=args.dry_run, on_outcome=outcome)
         except LeaseHeld as exc:  # refused, like any operator command that would do harm now
             raise OperatorRefused(str(exc)) from None
         except (KeyboardInterrupt, asyncio.CancelledError):  # ^C, or a sink's KeyboardInterrupt

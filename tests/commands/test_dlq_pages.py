@@ -226,7 +226,7 @@ async def test_a_replay_keeps_each_resource_in_order_across_page_boundaries(
     )
     settings = load_settings(config)
     outcomes: list[dlq.Outcome] = []
-    await dlq.replay_selected(
+    await dlq.replay(
         settings,
         dlq.Selection(reason="x"),
         dry_run=dry_run,

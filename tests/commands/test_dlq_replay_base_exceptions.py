@@ -14,12 +14,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from support import dead_letter
+from support import dead_letter, replayed
 
 from consumer.commands import dlq
 from consumer.config import StateSettings, load_settings
 from consumer.core.events import Event
-from consumer.core.records import CommitBatch, DeadLetterRow
+from consumer.core.records import CommitBatch
 from consumer.errors import ExitCode
 from consumer.sinks.base import PlainSink
 from consumer.state import open_store
@@ -192,12 +192,7 @@ async def test_a_sinks_own_base_exception_fails_its_row_alone(
     await seed(settings.state, 3)
     sink = LibrarySink()
     monkeypatch.setattr(dlq, "build_sink", lambda *_: sink)
-    store = await open_store(settings.state)
-    try:
-        rows: list[DeadLetterRow] = await store.dead_letters()
-    finally:
-        await store.close()
-    outcomes = await dlq.replay(settings, rows, dry_run=False)
+    outcomes = await replayed(settings)
     assert [(o.unique_event_id, o.result) for o in outcomes] == [
         ("uid-1", "delivered"),
         ("uid-2", "failed"),

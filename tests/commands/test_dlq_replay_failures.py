@@ -15,11 +15,10 @@ import orjson
 import pysink
 import pytest
 from operator_support import PYSINK, cli, write_config
-from support import dead_letter, wait_until
+from support import dead_letter, replayed, wait_until
 
-from consumer.commands.dlq import replay
 from consumer.config import load_settings
-from consumer.core.records import CommitBatch, DeadLetter, DeadLetterRow
+from consumer.core.records import CommitBatch, DeadLetter
 from consumer.state import open_store
 
 pytestmark = pytest.mark.usefixtures("fresh_pysink", "contained_logging", "hermetic_config")
@@ -135,13 +134,8 @@ async def test_an_interrupted_replay_records_what_it_delivered(tmp_path: Path) -
     )
     await seed(config, [dead_letter(1), dead_letter(2, stream="b")])
     settings = load_settings(config)
-    store = await open_store(settings.state)
-    try:
-        rows: list[DeadLetterRow] = await store.dead_letters()
-    finally:
-        await store.close()
     pysink.GATES["b"] = asyncio.Event()  # never set: the second row's write hangs
-    task = asyncio.create_task(replay(settings, rows, dry_run=False))
+    task = asyncio.create_task(replayed(settings))
     await wait_until(lambda: pysink.CALLS[0] >= 2)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):

@@ -14,9 +14,8 @@ from typing import Any
 import pysink
 import pytest
 from operator_support import PYSINK, write_config
-from support import wait_until
+from support import replayed, wait_until
 
-from consumer.commands.dlq import replay
 from consumer.config import load_settings
 from consumer.core.records import CommitBatch, DeadLetter, DeadLetterRow
 from consumer.errors import ReplayRefused
@@ -65,14 +64,13 @@ async def rows_of(tmp_path: Path) -> list[DeadLetterRow]:
 
 async def test_a_second_replay_is_refused_while_one_delivers(tmp_path: Path) -> None:
     settings = load_settings(await seeded(tmp_path, 3))
-    rows = await rows_of(tmp_path)
     gate = pysink.GATES["main"] = asyncio.Event()
-    first = asyncio.create_task(replay(settings, rows, dry_run=False))
+    first = asyncio.create_task(replayed(settings))
     await wait_until(lambda: pysink.CALLS[0] >= 1)  # the first is in its first write
     try:
         async with asyncio.timeout(10):
             with pytest.raises(ReplayRefused, match="another dlq replay"):
-                await replay(settings, rows, dry_run=False)
+                await replayed(settings)
     finally:
         gate.set()
     outcomes = await first
@@ -81,20 +79,17 @@ async def test_a_second_replay_is_refused_while_one_delivers(tmp_path: Path) -> 
     assert await rows_of(tmp_path) == []
 
 
-async def test_rows_a_replay_delivered_since_they_were_read_are_not_delivered_again(
+async def test_rows_a_replay_delivered_since_they_were_listed_are_not_delivered_again(
     tmp_path: Path,
 ) -> None:
+    """The rows are read under the replay's lock: the ones another replay delivered since an
+    operator listed them are no longer there."""
     settings = load_settings(await seeded(tmp_path, 3))
-    read_earlier = await rows_of(tmp_path)
-    done = await replay(settings, read_earlier[:2], dry_run=False)  # another replay, meanwhile
+    listed = [r.id for r in await rows_of(tmp_path)]
+    done = await replayed(settings, listed[:2])  # another replay, meanwhile
     assert [o.result for o in done] == ["delivered"] * 2
-    outcomes = await replay(settings, read_earlier, dry_run=False)
-    assert [(o.unique_event_id, o.result) for o in outcomes] == [
-        ("u0", "skipped"),
-        ("u1", "skipped"),
-        ("u2", "delivered"),
-    ]
-    assert "no longer in the DLQ" in str(outcomes[0].detail)
+    outcomes = await replayed(settings, listed)
+    assert [(o.unique_event_id, o.result) for o in outcomes] == [("u2", "delivered")]
     assert pysink.delivered_ids() == ["u0", "u1", "u2"]
 
 
