@@ -35,6 +35,9 @@ event to the real sink with the JSON attached (``Event.resource``).
   most that window). What is kept is the answer's bytes, at most :data:`CACHE_MAX_ENTRIES`
   and :data:`CACHE_MAX_BYTES`, let go once the window has passed; each event gets its own
   object parsed from them (a handler changing one event's resource changes no other's).
+* So one GET can become a batch's worth of parsed copies (and of the sink's serialized ones):
+  the sink is handed a batch in parts of at most :data:`WRITE_RESOURCE_BYTES` of resource
+  text (one event at least), in order, each parsed only when its part is written.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ import asyncio
 import json
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 from urllib.parse import quote, urlsplit
 
@@ -60,13 +63,14 @@ from tenacity import (
 from ..config import OrchestrationSettings, StreamSettings
 from ..config.fields import mask_url
 from ..core.events import Event
+from ..core.evidence import describe
 from ..core.printable import printable
 from ..core.records import Staged
 from ..core.retry_after import WaitRetryAfter, retry_after_seconds, transient_status
 from ..core.templates import Template
 from ..core.token_bucket import TokenBucket
 from ..core.unreachable import reason
-from ..errors import AuthError, PermanentSinkError, TransientSinkError
+from ..errors import AuthError, PermanentSinkError, SinkError, TransientSinkError
 from ..http_client import (
     ERROR_BODY_BYTES,
     TRANSPORT_ERRORS,
@@ -82,7 +86,13 @@ from .base import Sink
 log = structlog.get_logger(__name__)
 
 MAX_RESOURCE_BYTES = 16 * 1024 * 1024  # a REST resource larger than this is not one
-UNSENT_MAX = 2_000  # events of failed writes kept as sent, for their retries (see below)
+# Events of failed writes kept as sent, for their retries (OrchestratingSink): at most this
+# many, of at most this many bytes together (resources and events); the oldest go first.
+UNSENT_MAX = 2_000
+UNSENT_MAX_BYTES = 64 * 1024 * 1024
+# Resource text handed to the sink in one write, at most (a part has one event at least): the
+# objects parsed from it, and the sink's own copies, are then those of one resource at most.
+WRITE_RESOURCE_BYTES = MAX_RESOURCE_BYTES
 EXCERPT_CHARS = 300  # of an error answer's body, in the error (and so the dead letter)
 # Answers kept for coalescing (past the window they are let go at once): at most this many,
 # of at most this many bytes together; the oldest go first.
@@ -104,6 +114,7 @@ Body = bytes  # a resource's JSON text, as answered (checked to be JSON)
 _Key = tuple[str, str | None]  # (URL, x-hotelid): what one GET answers
 # An event's: its resource, None (no template names it), or why it has none.
 _Outcome = Body | None | BaseException
+_Pair = tuple[Event, Body | None]  # an event and the resource attached to it
 
 
 class AccessTokens(Protocol):
@@ -135,6 +146,20 @@ def _attach(ev: Event, body: Body | None) -> Event:
     if body is None:
         return ev
     return ev._replace(resource=json.loads(body), fetched=True)
+
+
+def _parts(pairs: Sequence[_Pair]) -> Iterator[Sequence[_Pair]]:
+    """``pairs`` in order, cut where a part's resources would pass :data:`WRITE_RESOURCE_BYTES`
+    (a part has one event at least)."""
+    start = size = 0
+    for i, (_, body) in enumerate(pairs):
+        n = len(body) if body is not None else 0
+        if i > start and size + n > WRITE_RESOURCE_BYTES:
+            yield pairs[start:i]
+            start, size = i, 0
+        size += n
+    if start < len(pairs):
+        yield pairs[start:]
 
 
 def _drop_older(entries: OrderedDict[Any, tuple[Any, float, int]], cutoff: float) -> int:
@@ -627,14 +652,18 @@ class OrchestratingSink:
         # they go out the same (a webhook's Idempotency-Key with the same body). Fetched
         # anew, a resource changed meanwhile made the retry another request under the same
         # key (a receiver honouring the key refuses that: dead-lettered though delivered),
-        # or one the REST API no longer answers. The newest UNSENT_MAX of them.
-        self._unsent: dict[tuple[str, str], tuple[Event, Body | None]] = {}
+        # or one the REST API no longer answers. (event, resource, bytes counted), the oldest
+        # first, within UNSENT_MAX and UNSENT_MAX_BYTES: one let go is fetched again at its
+        # write. Not those the pipeline dead-letters (never written again).
+        self._unsent: OrderedDict[tuple[str, str], tuple[Event, Body | None, int]] = OrderedDict()
+        self._unsent_bytes = 0
 
     async def open(self, committed: str | None) -> None:
         await self.inner.open(committed)
 
     async def write(self, stream: str, events: Sequence[Event]) -> None:
         unsent = self._unsent
+        pairs: list[_Pair]
         if not unsent:  # the usual case: no failed write to send again
             pairs = list(zip(events, await self.orchestrator.bodies(stream, events), strict=True))
         else:
@@ -642,26 +671,64 @@ class OrchestratingSink:
             bodies = await self.orchestrator.bodies(stream, missing) if missing else []
             fetched = zip(missing, bodies, strict=True)
             pairs = [
-                kept if (kept := unsent.get((stream, ev.unique_event_id))) is not None
+                (kept[0], kept[1]) if (kept := unsent.get((stream, ev.unique_event_id)))
                 else next(fetched)
                 for ev in events
             ]  # fmt: skip
-        sent = [_attach(ev, body) for ev, body in pairs]  # each its own resource object
+        done = 0  # events of the parts the inner sink took
+        part: Sequence[_Pair] = ()
         try:
-            await self.inner.write(stream, sent)
+            for part in _parts(pairs):
+                # Each event its own resource object, parsed for its part only.
+                await self.inner.write(stream, [_attach(ev, body) for ev, body in part])
+                done += len(part)
         except BaseException as exc:
-            # Those the inner sink took before it failed are not sent again (SinkError.delivered)
-            taken = exc.delivered if isinstance(exc, TransientSinkError | PermanentSinkError) else 0
-            for ev, _ in pairs[:taken]:
-                unsent.pop((stream, ev.unique_event_id), None)
-            for ev, body in pairs[taken:]:
-                unsent[(stream, ev.unique_event_id)] = (ev, body)
-            while len(unsent) > UNSENT_MAX:
-                del unsent[next(iter(unsent))]
-            raise
+            problem = exc
+            if isinstance(exc, TransientSinkError | PermanentSinkError):
+                # Those the inner sink took before it failed are not sent again: counted from
+                # the write's start (the parts before, and the failed part's own figure).
+                done = exc.delivered = done + min(max(0, exc.delivered), len(part))
+            elif done and isinstance(exc, Exception) and not isinstance(exc, SinkError):
+                # An error of the sink's own after parts it took: permanent, as the pipeline
+                # takes it, with those parts delivered (not written again one by one).
+                problem = PermanentSinkError(describe(exc, REDACTOR.scrub), delivered=done)
+            self._failed(stream, pairs, done, problem)
+            if problem is exc:
+                raise
+            raise problem from exc
         if unsent:
             for ev in events:
-                unsent.pop((stream, ev.unique_event_id), None)
+                self._forget((stream, ev.unique_event_id))
+
+    def _failed(self, stream: str, pairs: Sequence[_Pair], taken: int, exc: BaseException) -> None:
+        """Keep the events of a failed write that the inner sink did not take, with what
+        they were sent, for their retry; but not the one the pipeline dead-letters for
+        ``exc``: the one it names, or the write's only one that failed for good."""
+        rest = pairs[taken:]
+        dead: str | None = None
+        if len(rest) == 1:
+            if isinstance(exc, Exception) and not isinstance(exc, TransientSinkError):
+                dead = rest[0][0].unique_event_id
+        elif isinstance(exc, PermanentSinkError):
+            dead = exc.unique_event_id
+        for ev, _ in pairs[:taken]:
+            self._forget((stream, ev.unique_event_id))
+        unsent = self._unsent
+        for ev, body in rest:
+            key = (stream, ev.unique_event_id)
+            self._forget(key)  # kept again as the newest
+            if ev.unique_event_id == dead:
+                continue
+            size = len(body or b"") + len(ev.text or ev.frame) + 200
+            unsent[key] = (ev, body, size)
+            self._unsent_bytes += size
+        while len(unsent) > UNSENT_MAX or self._unsent_bytes > UNSENT_MAX_BYTES:
+            self._unsent_bytes -= unsent.popitem(last=False)[1][2]  # fetched again at its write
+
+    def _forget(self, key: tuple[str, str]) -> None:
+        kept = self._unsent.pop(key, None)
+        if kept is not None:
+            self._unsent_bytes -= kept[2]
 
     def position(self) -> str | None:
         return self.inner.position()
@@ -685,5 +752,7 @@ class OrchestratingSink:
         return {**self.inner.counters(), **mine}
 
     async def close(self) -> None:
+        self._unsent.clear()
+        self._unsent_bytes = 0
         self.orchestrator.close()
         await self.inner.close()

@@ -1,0 +1,385 @@
+"""What orchestration holds in memory for the sink: the resources of failed writes kept for
+their retries (bounded in bytes, not kept for events the pipeline dead-letters), and the
+copies one write hands the sink (one coalesced GET is not parsed again for every event of a
+batch at once). A real aiohttp REST API and webhook receiver on loopback, a real pipeline,
+SQLite store and webhook sink."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import tracemalloc
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from bus_events import event
+from support import make_settings
+
+from consumer.config import OrchestrationSettings, WebhookSinkSettings
+from consumer.core.events import Event
+from consumer.core.records import DeadLetter
+from consumer.errors import TransientSinkError
+from consumer.runtime.committer import Committer
+from consumer.runtime.pipeline import StreamPipeline
+from consumer.sinks import orchestration
+from consumer.sinks.base import PlainSink, Sink
+from consumer.sinks.orchestration import OrchestratingSink, Orchestrator
+from consumer.sinks.webhook import WebhookSink
+from consumer.state.sqlite import SqliteStore
+
+RESOURCES = {"Reservation": "/rsv/v1/hotels/{hotelId}/reservations/{primaryKey}"}
+WAIT_S = 20.0
+
+
+class Tokens:
+    async def access_token(self) -> str:
+        return "tok-memory-0000"
+
+    def invalidate(self, rejected: str | None = None) -> None:
+        pass
+
+
+@asynccontextmanager
+async def serving(app: web.Application) -> AsyncIterator[str]:
+    """``app`` on 127.0.0.1 and a free port: its base URL."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+class RestApi:
+    """An OHIP-like REST API: each reservation's resource made by ``resource`` from its key
+    and how many times it was asked (a new version at each GET); the GETs counted by key."""
+
+    def __init__(self, resource: Callable[[str, int], bytes]) -> None:
+        self.resource = resource
+        self.gets: Counter[str] = Counter()
+
+    async def reservation(self, request: web.Request) -> web.Response:
+        key = request.match_info["key"]
+        self.gets[key] += 1
+        body = self.resource(key, self.gets[key])
+        return web.Response(body=body, content_type="application/json")
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[str]:
+        app = web.Application()
+        app.router.add_get("/rsv/v1/hotels/{hotel}/reservations/{key}", self.reservation)
+        async with serving(app) as url:
+            yield url
+
+
+class Hook:
+    """A webhook receiver with a body limit (413 past ``limit`` bytes, like a proxy's), or
+    answering 503 while ``outage``: what it accepted, each event's uniqueEventId and the
+    resource's version, in order (bodies are not kept)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.outage = False
+        self.accepted: list[tuple[str, Any]] = []
+
+    async def post(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        if self.outage:
+            return web.Response(status=503)
+        if len(body) > self.limit:
+            return web.Response(status=413, text="payload too large")
+        docs = json.loads(body)
+        for doc in docs if isinstance(docs, list) else [docs]:
+            resource = doc.get("resource")
+            version = resource.get("version") if isinstance(resource, dict) else None
+            self.accepted.append((doc["metadata"]["uniqueEventId"], version))
+        return web.Response(status=200)
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[str]:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/hook", self.post)
+        async with serving(app) as url:
+            yield url + "/hook"
+
+
+def sized(size: int) -> Callable[[str, int], bytes]:
+    """Resources of about ``size`` bytes, with their key and version."""
+
+    def make(key: str, version: int) -> bytes:
+        return json.dumps({"id": key, "version": version, "blob": "x" * size}).encode()
+
+    return make
+
+
+def orchestrator(
+    tmp_path: Path, http: aiohttp.ClientSession, rest_url: str, **over: Any
+) -> Orchestrator:
+    settings = make_settings(tmp_path, "http://127.0.0.1:9")
+    kw: dict[str, Any] = {
+        "enabled": True,
+        "resources": RESOURCES,
+        "base_url": rest_url,
+        "coalesce_ms": 0.0,
+        "max_attempts": 1,
+        "rate_per_s": 1000,
+        "burst": 1000,
+    }
+    orch = OrchestrationSettings(**{**kw, **over})
+    return Orchestrator(orch, http, {"main": (settings.streams["main"], Tokens())})
+
+
+def webhook(tmp_path: Path, http: aiohttp.ClientSession, url: str, batch_size: int) -> WebhookSink:
+    settings = make_settings(
+        tmp_path,
+        "http://127.0.0.1:9",
+        sink={"type": "webhook", "url": url, "timeout_s": 10.0, "batch_size": batch_size},
+    )
+    assert isinstance(settings.sink, WebhookSinkSettings)
+    return WebhookSink(settings.sink, http)
+
+
+def unsent_bytes(sink: OrchestratingSink) -> int:
+    """The resource bytes the sink keeps for the retries of failed writes."""
+    return sum(len(kept[1] or b"") for kept in sink._unsent.values())
+
+
+async def deliver(
+    tmp_path: Path, sink: Sink, events: Sequence[Event]
+) -> tuple[list[DeadLetter], StreamPipeline]:
+    """``events`` put as one batch through a real pipeline (one worker) and SQLite store: the
+    dead letters once all is done."""
+    store = await SqliteStore.open(tmp_path / "state.db")
+    pipeline: StreamPipeline | None = None
+    try:
+        await sink.open(await store.sink_state(sink.name))
+        committer = Committer(store, sink, max_events=10_000, interval_s=3600.0)
+        pipeline = StreamPipeline(
+            "main",
+            sink=sink,
+            committer=committer,
+            workers=1,
+            queue_size=1000,
+            queue_max_bytes=64 * 1024 * 1024,
+            batch_max=50,
+            retry_initial_s=0.01,
+            retry_max_s=0.02,
+        )
+        for ev in events:  # the worker not started yet: one queue, one batch
+            await pipeline.put(ev)
+        pipeline.start()
+        async with asyncio.timeout(WAIT_S):
+            await pipeline.drained()
+        assert await committer.flush()
+        return await store.dead_letters(), pipeline
+    finally:
+        if pipeline is not None:
+            await pipeline.stop()
+        await store.close()
+
+
+# --- the resources of failed writes, kept for their retries ----------------------------------
+
+
+# aiohttp warns when a body over 1 MiB is POSTed from bytes
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+@pytest.mark.parametrize("batch_size", [1, 4], ids=["named", "split"])
+async def test_the_resources_of_dead_lettered_events_are_not_kept(
+    tmp_path: Path, batch_size: int
+) -> None:
+    """A receiver with a body limit answers 413 to the events whose resource is large: each is
+    dead-lettered, named by the webhook (one per POST) or found by the pipeline's split (a
+    chunk of four), and never written again. Their entries of the failed writes, with the
+    resource bytes, were kept for a retry that never comes: up to UNSENT_MAX (2,000) of them,
+    of up to 16 MiB each."""
+    big = {"BIG3", "BIG6"}
+    api = RestApi(lambda key, v: sized(1024 * 1024 if key in big else 100)(key, v))
+    hook = Hook(limit=512 * 1024)
+    events = [event(i, key=f"BIG{i}" if f"BIG{i}" in big else f"R{i}") for i in range(1, 9)]
+    async with (
+        api.running() as rest_url,
+        hook.running() as hook_url,
+        aiohttp.ClientSession() as http,
+    ):
+        sink = OrchestratingSink(
+            webhook(tmp_path, http, hook_url, batch_size),
+            orchestrator(tmp_path, http, rest_url),
+        )
+        try:
+            dead, _ = await deliver(tmp_path, sink, events)
+            kept = sorted(uid for _, uid in sink._unsent)
+            kept_bytes = unsent_bytes(sink)
+        finally:
+            await sink.close()
+    assert sorted(d.unique_event_id for d in dead) == ["u00003", "u00006"]
+    assert all("HTTP 413" in d.error for d in dead)
+    assert [uid for uid, _ in hook.accepted] == [f"u0000{i}" for i in (1, 2, 4, 5, 7, 8)]
+    assert kept == [] and kept_bytes == 0, f"{kept_bytes} bytes kept for {kept}"
+    # The others were sent again with what was fetched for them: one GET per resource.
+    assert api.gets == Counter({ev.primary_key: 1 for ev in events})
+
+
+async def test_what_failed_writes_keep_is_bounded_in_bytes_and_nothing_is_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writes failing in a long receiver outage (their retries may never come: the stream
+    stopped, the events dead-lettered as parked behind an older one of their reservation)
+    kept every resource they sent, bounded in count only. Within UNSENT_MAX_BYTES the newest
+    are kept; one let go is fetched again at its write, and delivered."""
+    resource = 256 * 1024
+    monkeypatch.setattr(
+        orchestration, "UNSENT_MAX_BYTES", 3 * resource + resource // 2, raising=False
+    )
+    api = RestApi(sized(resource))
+    hook = Hook(limit=64 * 1024 * 1024)
+    hook.outage = True
+    events = [event(i, key=f"R{i}") for i in range(1, 9)]
+    async with (
+        api.running() as rest_url,
+        hook.running() as hook_url,
+        aiohttp.ClientSession() as http,
+    ):
+        sink = OrchestratingSink(
+            webhook(tmp_path, http, hook_url, 1), orchestrator(tmp_path, http, rest_url)
+        )
+        await sink.open(None)
+        for ev in events:
+            with pytest.raises(TransientSinkError, match="HTTP 503"):
+                await sink.write("main", [ev])
+        kept = [uid for _, uid in sink._unsent]
+        kept_bytes = unsent_bytes(sink)
+        hook.outage = False
+        for ev in events:  # the retries, each writes its event
+            await sink.write("main", [ev])
+        after = dict(sink._unsent)
+        hook.outage = True  # and one failing again when the sink closes
+        with pytest.raises(TransientSinkError):
+            await sink.write("main", [event(9, key="R9")])
+        await sink.close()
+        closed = dict(sink._unsent)
+    assert kept_bytes <= orchestration.UNSENT_MAX_BYTES, f"{kept_bytes} bytes kept for {kept}"
+    assert kept == ["u00006", "u00007", "u00008"]  # the newest
+    # Every event delivered once: those kept with what they were sent (version 1), those let
+    # go fetched again (version 2).
+    assert hook.accepted == [(f"u0000{i}", 2 if i <= 5 else 1) for i in range(1, 9)]
+    assert api.gets == Counter({f"R{i}": 2 if i <= 5 else 1 for i in range(1, 10)})
+    assert after == {}
+    assert closed == {}, "close() let go of what failed writes kept"
+
+
+# --- what one write hands the sink -----------------------------------------------------------
+
+
+class _Measuring(PlainSink):
+    """An inner sink that records each write: its events' ids, the heap at the call (by
+    tracemalloc) and whether each event has a resource object of its own."""
+
+    name = "measuring"
+
+    def __init__(self) -> None:
+        self.writes: list[list[str]] = []
+        self.heap: list[int] = []
+        self.own_objects = True
+        self.resources: list[Any] = []
+
+    async def write(self, stream: str, events: Sequence[Event]) -> None:
+        self.heap.append(tracemalloc.get_traced_memory()[0])
+        self.writes.append([ev.unique_event_id for ev in events])
+        self.own_objects &= len({id(ev.resource) for ev in events}) == len(events)
+        self.resources.append(events[0].resource[:3])
+
+
+async def test_one_coalesced_resource_is_not_parsed_for_the_whole_batch_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A burst of updates to one reservation arrives as one batch: one GET, but each event
+    was handed its own object parsed from it, all in one write: batch_max (200) times the
+    parsed resource (several times its text; the text up to 16 MiB) at once. The sink now
+    gets the batch in parts of at most WRITE_RESOURCE_BYTES of resource text, each event
+    still with its own object, in order."""
+    budget = 2 * 1024 * 1024
+    monkeypatch.setattr(orchestration, "WRITE_RESOURCE_BYTES", budget, raising=False)
+    n = 40
+    text = json.dumps(["x" * 1000] * 1000).encode()  # 1 MB, and as much once parsed
+    api = RestApi(lambda key, v: text)
+    inner = _Measuring()
+    events = [event(i, key="GROUP-BLOCK-1") for i in range(1, n + 1)]
+    async with api.running() as rest_url, aiohttp.ClientSession() as http:
+        orch = orchestrator(tmp_path, http, rest_url, coalesce_ms=60e3)
+        sink = OrchestratingSink(inner, orch)
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            await sink.write("main", events)
+        finally:
+            tracemalloc.stop()
+        await sink.close()
+    assert api.gets == Counter({"GROUP-BLOCK-1": 1})  # coalesced: one GET for the burst
+    # At each write: its part's parsed copies (~2 MB here); all at once they were ~40 MB.
+    grown = max(inner.heap) - before
+    assert grown < 16 * 1024 * 1024, f"heap +{grown / 2**20:.0f} MiB at a write"
+    assert [uid for ids in inner.writes for uid in ids] == [ev.unique_event_id for ev in events]
+    assert max(len(ids) for ids in inner.writes) <= budget // len(text)
+    assert inner.own_objects  # a handler changing one event's resource changes no other's
+    assert inner.resources == [["x" * 1000] * 3] * len(inner.writes)
+
+
+class _Storing(PlainSink):
+    """A handler that stores each event as it goes, and fails at ``failing`` before storing
+    it: with a TransientSinkError the first time (a timeout), or a ValueError every time (an
+    event it cannot store), naming no event and saying nothing of those it stored."""
+
+    name = "python"
+
+    def __init__(self, failing: str, error: str) -> None:
+        self.failing, self.error = failing, error
+        self.stored: list[str] = []
+        self.failed = 0
+
+    async def write(self, stream: str, events: Sequence[Event]) -> None:
+        for ev in events:
+            if ev.unique_event_id == self.failing and (self.error == "value" or not self.failed):
+                self.failed += 1
+                if self.error == "value":
+                    raise ValueError("cannot store this one")
+                raise TransientSinkError("downstream timed out")
+            self.stored.append(ev.unique_event_id)
+
+
+@pytest.mark.parametrize("error", ["transient", "value"])
+async def test_a_write_failing_in_a_later_part_delivers_the_parts_before_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: str
+) -> None:
+    """The parts the sink took before one failed are delivered (SinkError.delivered): the
+    pipeline neither writes them again nor dead-letters them; only the rest is retried, or
+    split to find the culprit."""
+    resource = 64 * 1024
+    monkeypatch.setattr(orchestration, "WRITE_RESOURCE_BYTES", 2 * resource + 1024, raising=False)
+    api = RestApi(sized(resource))
+    inner = _Storing("u00005", error)  # the first of the third part
+    events = [event(i, key=f"R{i}") for i in range(1, 9)]
+    async with api.running() as rest_url, aiohttp.ClientSession() as http:
+        sink = OrchestratingSink(inner, orchestrator(tmp_path, http, rest_url))
+        try:
+            dead, pipeline = await deliver(tmp_path, sink, events)
+        finally:
+            await sink.close()
+    ids = [ev.unique_event_id for ev in events]
+    if error == "transient":
+        assert dead == [] and inner.stored == ids
+        assert pipeline.delivered == 8
+    else:
+        [letter] = dead
+        assert letter.unique_event_id == "u00005" and "cannot store this one" in letter.error
+        assert inner.stored == [uid for uid in ids if uid != "u00005"]
+        assert pipeline.delivered == 7
+    assert api.gets == Counter({ev.primary_key: 1 for ev in events})
