@@ -154,17 +154,26 @@ class Selection:
 
 
 async def pages(
-    store: StateStore, selection: Selection, *, payloads: bool, page: int | None = None
+    store: StateStore,
+    selection: Selection,
+    *,
+    payloads: bool,
+    page: int | None = None,
+    through: int | None = None,
 ) -> AsyncIterator[list[DeadLetterRow]]:
-    """The selection's dead letters, page by page in id order (a purge may delete a page's
-    rows before asking for the next: the next begins after the last id read)."""
+    """The selection's dead letters, page by page in id order, up to id ``through`` if given
+    (a purge may delete a page's rows before asking for the next: the next begins after the
+    last id read)."""
     page = page or PAGE
     after: int | None = None
     while True:
         rows = await selection.read(store, payloads=payloads, after=after, limit=page)
+        past = through is not None and bool(rows) and rows[-1].id > through
+        if past:
+            rows = [r for r in rows if through is None or r.id <= through]
         if rows:
             yield rows
-        if len(rows) < page:
+        if past or len(rows) < page:
             return
         after = rows[-1].id
 
@@ -471,22 +480,28 @@ async def _list(store: StateStore, selection: Selection, args: argparse.Namespac
 
 
 async def _purge(store: StateStore, selection: Selection, args: argparse.Namespace) -> int:
-    """Page by page: a page listed, then deleted by the ids listed (a dead letter written
-    since is not purged unread)."""
+    """Page by page: a page listed, then deleted by the ids listed; only what was in the
+    queue when the purge began (a dead letter a running daemon writes meanwhile is not
+    purged unseen, however long the purge of a large queue takes)."""
     found: set[int] = set()  # of the ids named (as many as the command line has)
     listed = purged = 0
-    with Printer(LIST_COLUMNS, as_json=args.json, settle=PAGE) as out:
-        async for rows in pages(store, selection, payloads=False):
-            listed += len(rows)
-            if selection.ids is not None:
-                found.update(r.id for r in rows)
-            if args.dry_run:
-                for row in rows:
-                    out.row(summary(row))
-            else:
-                purged += await store.purge_dead_letters([r.id for r in rows])
-        if not args.dry_run:
-            out.close()  # nothing printed on stdout but by a dry run
+    last = await store.newest_dead_letter_id()
+    # Nothing on stdout but a dry run's rows.
+    out = Printer(LIST_COLUMNS, as_json=args.json, settle=PAGE) if args.dry_run else None
+    try:
+        if last is not None:
+            async for rows in pages(store, selection, payloads=False, through=last):
+                listed += len(rows)
+                if selection.ids is not None:
+                    found.update(r.id for r in rows)
+                if out is not None:
+                    for row in rows:
+                        out.row(summary(row))
+                else:
+                    purged += await store.purge_dead_letters([r.id for r in rows])
+    finally:
+        if out is not None:
+            out.close()
     missing = _missing(selection, found)
     if args.dry_run:
         print(f"would purge {listed} dead letter(s)", file=sys.stderr)

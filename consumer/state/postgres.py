@@ -774,6 +774,11 @@ class PostgresStore:
         )
         return _count(status)
 
+    @_translated("reading the newest dead letter's id")
+    async def newest_dead_letter_id(self) -> int | None:
+        value = await self._pool.fetchval(f"SELECT MAX(id) FROM {self._s}.dead_letters")
+        return None if value is None else int(value)
+
     @_translated("reading the newest processed id's time")
     async def newest_processed_at(self) -> float | None:
         value = await self._pool.fetchval(

@@ -548,6 +548,12 @@ class SqliteStore:
         return max(n, 0)
 
     @_translated
+    async def newest_dead_letter_id(self) -> int | None:
+        async with self._r.execute("SELECT MAX(id) FROM dead_letters") as cur:
+            row = await cur.fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
+    @_translated
     async def newest_processed_at(self) -> float | None:
         async with self._r.execute("SELECT MAX(processed_at) FROM processed_events") as cur:
             row = await cur.fetchone()

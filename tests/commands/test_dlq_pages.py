@@ -301,3 +301,37 @@ async def test_a_replay_prints_each_outcome_as_it_is_known(
     outcomes = json.loads(printed + rest)  # one JSON array, streamed
     assert [o["unique_event_id"] for o in outcomes] == ["uid-1", "uid-2", "uid-3", "uid-4"]
     assert {o["result"] for o in outcomes} == {"delivered"}
+
+
+async def test_a_purge_leaves_the_dead_letters_written_while_it_runs(
+    config: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A daemon dead-letters an event while `dlq purge --all` goes through a large queue: the
+    purge read it on a later page and deleted it, never listed to anyone. It purges what was
+    in the queue when it began; and says nothing on stdout (only a dry run lists)."""
+    await seed(config, [letter(i) for i in range(1, 11)])
+    opened = dlq.open_store
+    arrived = False
+
+    async def opening(*args: Any, **kwargs: Any) -> Any:
+        store = await opened(*args, **kwargs)
+        purge = store.purge_dead_letters
+
+        async def purge_then_a_dead_letter_arrives(ids: Any) -> int:
+            nonlocal arrived
+            n = await purge(ids)
+            if not arrived:  # the running daemon's store, in the command's loop
+                arrived = True
+                await seed(config, [letter(99)])
+            return n
+
+        store.purge_dead_letters = purge_then_a_dead_letter_arrives
+        return store
+
+    monkeypatch.setattr(dlq, "open_store", opening)
+    monkeypatch.setattr(dlq, "PAGE", 4)
+    code, out, err = await cli(capsys, "dlq", "purge", "--all", "--config", str(config))
+    assert code == 0, err
+    assert "purged 10" in err
+    assert out == ""
+    assert await left(config) == ["uid-99"]
