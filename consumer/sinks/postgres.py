@@ -12,8 +12,8 @@ Two modes, chosen when the daemon is assembled (:func:`consumer.runtime.assembly
   row from its checkpoint, and a failed commit leaves neither. A database whose encoding cannot
   hold every character (any but UTF8: SQL_ASCII's jsonb refuses a ``\\u`` escape past ASCII)
   falls back to the other mode: a row the server refused would otherwise fail every commit. So
-  does a table with constraints of its own (:data:`_GUARDS`): one event's row they
-  refuse is then dead-lettered alone, naming the constraint.
+  does a table with constraints or generated columns of its own (:data:`_GUARDS`): one event's
+  row they refuse is then dead-lettered alone, naming the constraint or column.
 * **On its own pool** (any other configuration): exactly-once in effect without being part of
   the checkpoint. Each ``write`` is one statement, so one transaction, and it returns only once
   PostgreSQL has committed it. The daemon commits its checkpoint after the sink write returns,
@@ -31,7 +31,10 @@ batch holds one: the pipeline then writes the batch's events one at a time to fi
 Other server errors (a table altered or dropped under us, a missing privilege) concern every
 event, not one: they are transient too, so nothing is dead-lettered while an operator fixes the
 database; so is a NOT NULL violation (class 23) in a column the sink leaves empty (one not
-ours, or one of ours an event may lack), which no event's data causes.
+ours, or one of ours an event may lack), which no event's data causes; but one in a generated
+column is that event's (its value is computed from the row): dead-lettered, naming the column.
+An integrity violation's message is the server's alone, never its DETAIL (``Failing row
+contains (…)`` repeats the row: event data).
 
 ``open`` refuses (:class:`ConfigError` naming ``sink.table``, exit 78 before consuming) an
 existing table every write would fail on: our columns missing or of another type than the sink
@@ -106,9 +109,13 @@ _CONFIG_STATES = ("28", "3D")
 _ANY_TEXT_ENCODINGS = frozenset({"UTF8"})
 # A ``\u0000`` escape in JSON text (not an escaped backslash, then "u0000"): jsonb refuses it.
 _JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
-# What of the table's own may refuse one event's row (class 23): a CHECK, FOREIGN KEY or
-# EXCLUDE constraint, a unique index but the upsert's (not a trigger: an audit's is common).
-# In the state transaction such a refusal would fail the whole commit (every stream's
+# What of the table's own may refuse one event's row: a CHECK, FOREIGN KEY or EXCLUDE
+# constraint, a unique index but the upsert's, a generated column (computed from the row: its
+# expression may fail on one event's data, 22xxx, or yield NULL where it is NOT NULL, 23502), a
+# partitioned table (a row may fit no partition; its partitions may have constraints of their
+# own). Not a trigger (an audit's is common), nor another column: its default cannot read the
+# row, so it is the same for every event (and one NOT NULL without a default is refused at
+# open). In the state transaction such a refusal would fail the whole commit (every stream's
 # checkpoint; the daemon stopping at each start on the same event); on the own pool it
 # dead-letters that event alone.
 _GUARDS = (
@@ -119,7 +126,17 @@ _GUARDS = (
     "JOIN pg_class c ON c.oid = i.indexrelid "
     "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0] "
     "WHERE i.indrelid = to_regclass($1) AND i.indisunique "
-    "AND NOT (i.indnkeyatts = 1 AND a.attname = 'unique_event_id')"
+    "AND NOT (i.indnkeyatts = 1 AND a.attname = 'unique_event_id') "
+    "UNION ALL SELECT format('generated column %I', attname) FROM pg_attribute "
+    "WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped "
+    "AND attgenerated <> '' "
+    "UNION ALL SELECT 'partitioning' FROM pg_class WHERE oid = to_regclass($1) AND relkind = 'p'"
+)
+# The table's generated columns now (one may have been added since open): a NOT NULL
+# violation in one is the event's, not the table's.
+_GENERATED = (
+    "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass($1) AND attnum > 0 "
+    "AND NOT attisdropped AND attgenerated <> '' ORDER BY attnum LIMIT 20"
 )
 # Integrity violations a table's own constraint raises: named, with the fix, in the dead letter.
 _VIOLATIONS = {
@@ -270,6 +287,13 @@ class PostgresSink(PlainSink):
         return f"PostgresSink(table={self.table!r}, server={self._target.where!r})"
 
     def _describe(self, exc: BaseException) -> str:
+        if isinstance(exc, asyncpg.exceptions.IntegrityConstraintViolationError):
+            # The server's message alone: str() appends its DETAIL, which for a violation
+            # repeats the row or its key ("Failing row contains (…)": an event's data). Other
+            # classes' DETAIL says what is wrong ("\u0000 cannot be converted to text.").
+            message = str(exc.args[0]) if exc.args else ""
+            text = self._target.scrub(message.strip()[:2400]) or type(exc).__name__
+            return f"{prefix(text, 300)} ({type(exc).__name__})"
         return self._target.describe(exc)
 
     async def open(self, committed: str | None) -> None:
@@ -297,9 +321,10 @@ class PostgresSink(PlainSink):
                 return
             if guards:
                 log.warning(
-                    "postgres sink: the table has constraints of its own, which "
-                    "may refuse one event's row; writing through the sink's own pool (upsert), "
-                    "not in the state transaction, so such an event is dead-lettered alone",
+                    "postgres sink: the table has constraints or generated columns of its own, "
+                    "which may refuse one event's row; writing through the sink's own pool "
+                    "(upsert), not in the state transaction, so such an event is dead-lettered "
+                    "alone",
                     server=where,
                     table=self.table,
                     found=", ".join(guards)[:500],
@@ -482,7 +507,27 @@ class PostgresSink(PlainSink):
                 # Every pooled session may be on the read-only server (a demoted primary, a
                 # session-level read-only setting): the retry connects anew.
                 await pool.expire_connections()
-            raise self._classify(exc, events) from exc
+            generated: list[str] = []
+            if isinstance(exc, asyncpg.exceptions.PostgresError) and (
+                (exc.sqlstate or "").startswith("22")
+                or (exc.sqlstate == "23502" and getattr(exc, "column_name", None) not in _TYPES)
+            ):
+                generated = await self._generated(pool)
+            raise self._classify(exc, events, generated) from exc
+
+    async def _generated(self, pool: Any) -> list[str]:
+        """The table's generated columns (:data:`_GENERATED`); none if they cannot be read
+        (a NOT NULL violation is then retried: the next try reads them again)."""
+        try:
+            async with pool.acquire(timeout=self.settings.timeout_s) as conn:
+                return [str(r[0]) for r in await conn.fetch(_GENERATED, _q(self.table))]
+        except (
+            asyncpg.exceptions.PostgresError,
+            asyncpg.exceptions.InterfaceError,
+            OSError,
+            TimeoutError,
+        ):
+            return []
 
     def _stage(self, stream: str, events: Sequence[Event]) -> None:
         if not self._opened:
@@ -514,14 +559,27 @@ class PostgresSink(PlainSink):
         rows, self._rows = self._rows, []
         return Staged(self._staged_upsert, rows)
 
-    def _classify(self, exc: Exception, events: Sequence[Event]) -> Exception:
+    def _classify(
+        self, exc: Exception, events: Sequence[Event], generated: Sequence[str] = ()
+    ) -> Exception:
+        """What a failed write is; ``generated``: the table's generated columns, read after a
+        data exception or a NOT NULL violation outside our columns."""
         where = self._target.where
         only = events[0].unique_event_id if len(events) == 1 else None
         if isinstance(exc, asyncpg.exceptions.PostgresError):
             state = exc.sqlstate or ""
+            column = getattr(exc, "column_name", None)
+            if state == "23502" and column in generated:
+                # Computed from this event's row: that event's, named by the column.
+                return PermanentSinkError(
+                    f"postgres sink at {where}: table {self.table!r} refused the event's row: "
+                    f"generated column {prefix(str(column), 100)!r} is NOT NULL and computes "
+                    "NULL from this event (23502); fix the column, then `opera-consumer dlq "
+                    "replay`",
+                    unique_event_id=only,
+                )
             # NULL in a column the sink never fills (one added or altered after open): every
             # event would fail the same way, so it is retried, not dead-lettered.
-            column = getattr(exc, "column_name", None)
             foreign = state == "23502" and (column not in _TYPES or column in _NULLABLE)
             if state in _VIOLATIONS:
                 # The operator's table refused this row: its constraint, not the server's words
@@ -534,8 +592,18 @@ class PostgresSink(PlainSink):
                     unique_event_id=only,
                 )
             if state.startswith(_PERMANENT_CLASSES) and not foreign:
+                suspects = ""
+                if generated and state.startswith("22"):
+                    # The server does not say which expression failed: name the candidates.
+                    names = ", ".join(repr(prefix(c, 63)) for c in generated[:5])
+                    more = ", …" if len(generated) > 5 else ""
+                    suspects = (
+                        f"; table {self.table!r} computes generated columns from the row "
+                        f"({names}{more}): if one's expression failed on this event, fix it, "
+                        "then `opera-consumer dlq replay`"
+                    )
                 return PermanentSinkError(
-                    f"postgres sink at {where} rejected the data: {self._describe(exc)}",
+                    f"postgres sink at {where} rejected the data: {self._describe(exc)}{suspects}",
                     unique_event_id=only,
                 )
             if not isinstance(

@@ -181,8 +181,9 @@ _CHECK = re.compile(r"\bCHECK\s*\(", re.IGNORECASE)
 
 def guards(db: sqlite3.Connection, table: str) -> list[str]:
     """What of the table's own may refuse one event's row: a CHECK, a FOREIGN KEY (the state
-    store enforces them), a unique index but the upsert's (not a trigger: an audit's is
-    common)."""
+    store enforces them), a unique index but the upsert's, a generated column (computed from
+    the row: NOT NULL, or its expression failing, refuses that event's). Not a trigger (an
+    audit's is common), nor another column: its default cannot read the row."""
     found = []
     sql = db.execute(
         "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ? COLLATE NOCASE", (table,)
@@ -195,6 +196,10 @@ def guards(db: sqlite3.Connection, table: str) -> list[str]:
         columns = [str(c[2]).lower() for c in db.execute(f"PRAGMA index_info({_q(index[1])})")]
         if index[2] and columns != ["unique_event_id"]:
             found.append(f"unique index {prefix(str(index[1]), 100)}")
+    # PRAGMA table_info leaves generated columns out; table_xinfo's "hidden" is 2 or 3 for one.
+    for column in db.execute(f"PRAGMA table_xinfo({_q(table)})").fetchall():
+        if column[6] in (2, 3):
+            found.append(f"generated column {prefix(str(column[1]), 100)}")
     return found
 
 
@@ -205,7 +210,8 @@ def check_store_guards(db: sqlite3.Connection, table: str, path: Path) -> None:
     found = guards(db, table)
     if found:
         raise ConfigError(
-            f"sink.table: table {table!r} in the state store {path} has {', '.join(found)}, "
+            f"sink.table: table {table!r} in the state store {path} has "
+            f"{prefix(', '.join(found), 500)}, "
             "which may refuse an event's row and with it the checkpoint's commit: set "
             "sink.path to a file of its own (a refused row is then dead-lettered alone), or "
             "drop them"

@@ -105,6 +105,12 @@ def sqlite_table(db: Path, ddl: str) -> None:
             f"CREATE TABLE opera_events ({SQLITE_OURS}, CHECK (hotel_id <> 'X'))",
             "has a CHECK constraint, which may refuse an event's row",
         ),
+        (
+            "state store",
+            f"CREATE TABLE opera_events ({SQLITE_OURS}, "
+            "hotel TEXT GENERATED ALWAYS AS (hotel_id) VIRTUAL NOT NULL)",
+            "has generated column hotel, which may refuse an event's row",
+        ),
     ],
 )
 async def test_a_sqlite_table_run_would_refuse_fails_preflight(

@@ -9,9 +9,10 @@ import uuid
 import asyncpg
 import pytest
 from pg import sql
+from structlog.testing import capture_logs
 from test_postgres_sink import event, rows, settings
 
-from consumer.errors import ConfigError, TransientSinkError
+from consumer.errors import ConfigError, PermanentSinkError, TransientSinkError
 from consumer.sinks.postgres import PostgresSink, shape_problems
 
 # Our columns, as the sink creates them.
@@ -133,13 +134,16 @@ async def test_an_invalid_unique_index_is_refused_at_open(postgres_dsn, table):
 async def test_a_not_null_column_added_after_open_is_retried_not_dead_lettered(postgres_dsn, table):
     """Was: 23502 is class 23, so a column an operator adds (NOT NULL, no default) while the
     daemon runs made every event the event's fault (PermanentSinkError: dead-lettered). A NULL
-    in a column the sink never fills concerns every event: retried while it is fixed."""
+    in a column the sink never fills concerns every event: retried while it is fixed. The
+    server's DETAIL ("Failing row contains (…)": the event's data) is in no error or log."""
     sink = PostgresSink(settings(postgres_dsn, table))
     await sink.open(None)
     try:
         await sql(postgres_dsn, "execute", f'ALTER TABLE "{table}" ADD COLUMN tenant TEXT NOT NULL')
-        with pytest.raises(TransientSinkError, match="tenant"):
+        with capture_logs() as logs, pytest.raises(TransientSinkError, match="tenant") as info:
             await sink.write("main", [event(1)])
+        assert "Failing row" not in str(info.value) and "Zo" not in str(info.value)
+        assert logs and "Failing row" not in repr(logs) and "Zo" not in repr(logs)
         await sql(
             postgres_dsn, "execute", f'ALTER TABLE "{table}" ALTER COLUMN event_name SET NOT NULL'
         )
@@ -153,6 +157,35 @@ async def test_a_not_null_column_added_after_open_is_retried_not_dead_lettered(p
     finally:
         await sink.close()
     assert set(await rows(postgres_dsn, table)) == {"u1"}
+
+
+async def test_a_generated_not_null_column_added_after_open_dead_letters_that_event(
+    postgres_dsn, table
+):
+    """A generated column computes from the row: NULL in one (an event without a hotelId) is
+    that event's, not the table's: PermanentSinkError naming the column, without the server's
+    DETAIL (the row). Was: taken for a column the sink never fills, retried for ever (the
+    stream stuck on that event), the DETAIL logged at each try."""
+    sink = PostgresSink(settings(postgres_dsn, table))
+    await sink.open(None)
+    try:
+        await sql(
+            postgres_dsn,
+            "execute",
+            f'ALTER TABLE "{table}" ADD COLUMN hotel TEXT '
+            "GENERATED ALWAYS AS (hotel_id) STORED NOT NULL",
+        )
+        await sink.write("main", [event(1)])
+        with capture_logs() as logs, pytest.raises(PermanentSinkError) as info:
+            await sink.write("main", [event(2, hotelId=None)])
+        await sink.write("main", [event(3)])
+    finally:
+        await sink.close()
+    message = str(info.value)
+    assert info.value.unique_event_id == "u2"
+    assert "generated column 'hotel' is NOT NULL" in message and "dlq replay" in message
+    assert "Failing row" not in message + repr(logs) and "Zo" not in message + repr(logs)
+    assert set(await rows(postgres_dsn, table)) == {"u1", "u3"}
 
 
 def test_shape_problems_name_each_column() -> None:

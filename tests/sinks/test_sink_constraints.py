@@ -18,9 +18,21 @@ from typing import Any
 import pytest
 from operator_support import query, settled
 from pg import sql
-from support import make_settings, running, truth_ids, wait_until
+from structlog.testing import capture_logs
+from support import (
+    make_settings,
+    running,
+    spawn_daemon,
+    tail,
+    toml_config,
+    truth_ids,
+    wait_exit,
+    wait_until,
+)
 
+from consumer.config import PostgresSinkSettings
 from consumer.errors import ConfigError
+from consumer.sinks.postgres import OWN_POOL, STATE_TRANSACTION, PostgresSink
 from consumer.sinks.sqlite import StoreTableSink
 from consumer.state import PostgresStore, SqliteStore
 
@@ -114,18 +126,137 @@ async def test_a_row_the_tables_constraint_refuses_dead_letters_that_event_alone
 
 
 @pytest.mark.parametrize(
+    ("mode", "kind"),
+    [
+        ("postgres, own pool", "cast"),
+        ("postgres, own pool", "NOT NULL"),
+        ("postgres, the state store's dsn", "cast"),
+        ("postgres, the state store's dsn", "NOT NULL"),
+        ("sqlite, a file of its own", "NOT NULL"),
+    ],
+)
+async def test_a_row_the_tables_generated_column_refuses_dead_letters_that_event_alone(
+    sandbox_factory, tmp_path: Path, postgres_dsn, mode: str, kind: str
+):
+    """A generated column computes from the row: its expression may fail on one event's data
+    (``((detail->0->>'newValue')::int)`` on "n/a"), or yield NULL where it is NOT NULL (an
+    event without the field). That event alone is dead-lettered, naming the column; the
+    server's DETAIL (``Failing row contains (…)``: the event's data) in no error or log.
+
+    Was: on the state store's DSN the row stayed in the state transaction (generated columns
+    were not among the guards) and failed the whole commit: exit 78 blaming the state store,
+    at every start. On the own pool a NOT NULL generated column was taken for one the sink
+    leaves empty: retried for ever, the stream stuck, the DETAIL logged at each try."""
+    gw = await sandbox_factory(backlog=EVENTS)
+    ids = truth_ids(gw.events("DEMO"))
+    bad = ids[7]
+    table = f"t_{uuid.uuid4().hex[:12]}"
+    state: dict[str, Any] | None = None
+    if kind == "cast":  # stands for an extracted field's cast failing on one event's value
+        column = "as_number"
+        extra = (
+            "as_number INT GENERATED ALWAYS AS "
+            f"((CASE WHEN unique_event_id = '{bad}' THEN 'n/a' ELSE '1' END)::int) STORED"
+        )
+    else:  # stands for hotel_id of an event without a hotelId
+        column = "hotel"
+        value = f"CASE WHEN unique_event_id = '{bad}' THEN NULL ELSE hotel_id END"
+        stored = "STORED" if mode.startswith("postgres") else "VIRTUAL"
+        extra = f"hotel TEXT GENERATED ALWAYS AS ({value}) {stored} NOT NULL"
+    if mode.startswith("postgres"):
+        await sql(postgres_dsn, "execute", f'CREATE TABLE "{table}" ({PG}, {extra})')
+        sink: dict[str, Any] = {"type": "postgres", "dsn": postgres_dsn, "table": table}
+        if mode.endswith("dsn"):
+            state = {"backend": "postgres", "dsn": postgres_dsn, "schema": f"s_{table}"}
+    else:
+        db = tmp_path / "sink.db"
+        sqlite_ddl(db, f"CREATE TABLE {table} ({LITE}, {extra})")
+        sink = {"type": "sqlite", "table": table, "path": db}
+    settings = make_settings(tmp_path, gw.url, sink=sink, state=state)
+    with capture_logs() as logs:
+        async with running(settings) as daemon:
+            await wait_until(settled(daemon, "main", EVENTS))
+            pipeline = daemon.pipelines["main"]
+            assert (pipeline.delivered, pipeline.dead_lettered) == (EVENTS - 1, 1)
+    assert daemon.exit_code == 0
+    assert not [e for e in logs if "Failing row" in repr(e)]
+    if mode.startswith("postgres"):
+        written = await sql(postgres_dsn, "fetch", f'SELECT unique_event_id FROM "{table}"')
+        store: Any = (
+            await PostgresStore.open(postgres_dsn, schema=state["schema"]) if state else None
+        )
+    else:
+        written = query(db, f"SELECT unique_event_id FROM {table}")
+    assert sorted(r[0] for r in written) == sorted(i for i in ids if i != bad)
+    if state is None:
+        store = await SqliteStore.open(tmp_path / "state.db")
+    try:
+        letters = await store.dead_letters()
+    finally:
+        await store.close()
+    assert [(d.unique_event_id, d.reason) for d in letters] == [(bad, "sink_rejected")]
+    error = letters[0].error
+    assert column in error and "dlq replay" in error, error
+    assert "Failing row" not in error and len(error) <= 1000, error
+    if mode.startswith("postgres") and kind == "NOT NULL":
+        assert f"generated column '{column}' is NOT NULL" in error, error
+
+
+@pytest.mark.parametrize(
+    ("extra", "found"),
+    [
+        ("n INT GENERATED ALWAYS AS ((detail->0->>'newValue')::int) STORED", "generated column n"),
+        ("hotel TEXT GENERATED ALWAYS AS (hotel_id) STORED NOT NULL", "generated column hotel"),
+        ("PARTITION BY HASH (unique_event_id)", "partitioning"),
+        ("tenant TEXT NOT NULL DEFAULT 'hq', id BIGINT GENERATED ALWAYS AS IDENTITY", None),
+    ],
+)
+async def test_a_postgres_table_that_may_refuse_a_row_keeps_it_out_of_the_state_transaction(
+    postgres_dsn, extra: str, found: str | None
+):
+    """Generated columns, and partitioning (a row may fit no partition), keep the rows on the
+    sink's own pool; columns filled by a default or an identity, the same for every event,
+    do not."""
+    table = f"t_{uuid.uuid4().hex[:12]}"
+    if found == "partitioning":
+        await sql(postgres_dsn, "execute", f'CREATE TABLE "{table}" ({PG}) {extra}')
+        await sql(
+            postgres_dsn,
+            "execute",
+            f'CREATE TABLE "{table}_0" PARTITION OF "{table}" FOR VALUES WITH (MODULUS 1, '
+            "REMAINDER 0)",
+        )
+    else:
+        await sql(postgres_dsn, "execute", f'CREATE TABLE "{table}" ({PG}, {extra})')
+    sink = PostgresSink(
+        PostgresSinkSettings(type="postgres", dsn=postgres_dsn, table=table),  # type: ignore[arg-type]
+        in_state_transaction=True,
+    )
+    with capture_logs() as logs:
+        await sink.open(None)
+    await sink.close()
+    assert sink.mode == (STATE_TRANSACTION if found is None else OWN_POOL)
+    warned = [e for e in logs if "generated columns of its own" in e["event"]]
+    if found is not None:
+        assert found in warned[0]["found"], warned
+
+
+@pytest.mark.parametrize(
     "extra",
     [
         "CONSTRAINT not_that_one CHECK (hotel_id <> 'X')",
         "CONSTRAINT to_hotels FOREIGN KEY (hotel_id) REFERENCES hotels (code)",
         "CONSTRAINT one_per_offset UNIQUE (stream, offset)",
+        "hotel TEXT GENERATED ALWAYS AS (hotel_id) VIRTUAL NOT NULL",
+        "n INT GENERATED ALWAYS AS (json_extract(detail, '$[0].newValue')) STORED",
     ],
 )
 async def test_a_table_in_the_state_store_with_its_own_constraints_is_refused(
     tmp_path: Path, extra: str
 ):
     """In the state store's file a refused row fails the checkpoint's commit: refused at open
-    (exit 78 naming sink.table), with the fix: a file of its own (see the test above)."""
+    (exit 78 naming sink.table), with the fix: a file of its own (see the test above). A
+    generated column too (PRAGMA table_info does not show it; table_xinfo does)."""
     state = tmp_path / "state.db"
     await (await SqliteStore.open(state)).close()
     sqlite_ddl(
@@ -138,3 +269,26 @@ async def test_a_table_in_the_state_store_with_its_own_constraints_is_refused(
     message = str(info.value)
     assert message.startswith("sink.table: table 'opera_events' in the state store "), message
     assert "set sink.path to a file of its own" in message
+    if "GENERATED" in extra:
+        assert f"generated column {extra.split(maxsplit=1)[0]}" in message, message
+
+
+async def test_the_daemon_stops_at_start_on_a_generated_column_in_the_state_file(
+    sandbox_factory, tmp_path: Path
+):
+    """``opera-consumer run``: exit 78 before consuming, naming sink.table and the fix."""
+    gw = await sandbox_factory(backlog=5)
+    state = tmp_path / "state.db"
+    await (await SqliteStore.open(state)).close()
+    sqlite_ddl(
+        state,
+        f"CREATE TABLE opera_events ({LITE}, "
+        "hotel TEXT GENERATED ALWAYS AS (hotel_id) VIRTUAL NOT NULL)",
+    )
+    config = toml_config(tmp_path, gw.url, sink='[sink]\ntype = "sqlite"\n')
+    log = tmp_path / "daemon.log"
+    assert await wait_exit(spawn_daemon(config, log)) == 78, tail(log)
+    text = log.read_text()
+    assert "sink.table: table 'opera_events' in the state store" in text, tail(log)
+    assert "generated column hotel" in text and "set sink.path to a file of its own" in text
+    assert query(state, "SELECT count(*) FROM opera_events") == [(0,)]
