@@ -4,9 +4,11 @@ that a test reads what an operator would; logging is put back afterwards."""
 from __future__ import annotations
 
 import io
+import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import structlog
 
@@ -27,3 +29,8 @@ def captured_logs(fmt: str = "json", level: str = "debug") -> Iterator[io.String
         root.handlers[:] = handlers
         root.setLevel(root_level)
         structlog.configure(**saved)
+
+
+def records(buffer: io.StringIO) -> list[dict[str, Any]]:
+    """The JSON log lines :func:`captured_logs` gathered, as dicts."""
+    return [json.loads(line) for line in buffer.getvalue().splitlines()]

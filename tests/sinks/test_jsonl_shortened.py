@@ -30,7 +30,7 @@ from typing import Any
 
 import orjson
 import pytest
-from log_capture import captured_logs
+from log_capture import captured_logs, records
 from support import (
     cli,
     committed,
@@ -220,8 +220,7 @@ async def test_a_file_shortened_at_a_line_end_goes_on_after_it_and_warns(tmp_pat
             position = await commit_lines(store, path, range(100, 102))
     finally:
         await store.close()
-    records = [json.loads(line) for line in logs.getvalue().splitlines()]
-    (warned,) = [e for e in records if e["level"] == "warning"]
+    (warned,) = [e for e in records(logs) if e["level"] == "warning"]
     assert warned["event"].startswith("jsonl file is shorter than the committed length")
     assert (warned["size"], warned["committed"]) == (3 * LINE, 10 * LINE)
     assert "not written again" in warned["event"]
