@@ -4,7 +4,7 @@ A sink receives batches of events in arrival order per ``primaryKey``. Its contr
 committer that makes delivery exactly-once in effect:
 
 * ``write`` returning means the batch is handed over. A sink that can make its writes part of
-  the checkpoint (``transactional``) must not suspend inside ``write`` and reports, through
+  the checkpoint (jsonl, sqlite) must not suspend inside ``write`` and reports, through
   ``position()``, a token covering exactly the writes that returned; ``sync(token)`` makes them
   durable and the token is committed with the checkpoint. On start, ``open(token)`` restores
   the sink to the committed token, undoing any write the checkpoint does not cover;
@@ -15,9 +15,9 @@ committer that makes delivery exactly-once in effect:
 * A sink whose rows live in the state store's own database returns them from ``staged()``:
   the committer writes them in the checkpoint's transaction (nothing to ``sync``).
 * ``waits``: whether ``write`` may suspend on I/O (the network, another thread). Several
-  workers overlap those waits; for a sink whose write does not suspend (every transactional
-  one: jsonl only when the disk is behind its write-outs) a second worker only splits the
-  batches, so the pipeline runs one unless told.
+  workers overlap those waits; for a sink whose write does not suspend (every one part of
+  the checkpoint: jsonl only when the disk is behind its write-outs) a second worker only
+  splits the batches, so the pipeline runs one unless told.
 * ``counters()``: figures of its own for the metrics (e.g. the orchestration's GETs).
 * Errors: raise :class:`~consumer.errors.TransientSinkError` to have the batch retried with
   backoff (intake pauses meanwhile), or :class:`~consumer.errors.PermanentSinkError` when an
@@ -37,7 +37,6 @@ from ..errors import PermanentSinkError
 
 class Sink(Protocol):
     name: str
-    transactional: bool
 
     @property
     def waits(self) -> bool: ...
@@ -62,8 +61,6 @@ class Sink(Protocol):
 class PlainSink:
     """Defaults for a sink that is not part of the checkpoint (idempotent on uniqueEventId):
     no position to record, nothing to sync, nothing to open or close unless overridden."""
-
-    transactional = False
 
     @property
     def waits(self) -> bool:

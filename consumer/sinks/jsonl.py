@@ -118,7 +118,6 @@ class _File:
 
 class JsonlSink:
     name = "jsonl"
-    transactional = True
     waits = False
 
     def __init__(

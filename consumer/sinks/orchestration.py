@@ -646,7 +646,6 @@ class OrchestratingSink:
         self.inner = inner
         self.orchestrator = orchestrator
         self.name = inner.name
-        self.transactional = inner.transactional
         # The events of writes that failed, with the resources they were sent, as fetched
         # (JSON text: the handler may have changed the objects it was given): tried again,
         # they go out the same (a webhook's Idempotency-Key with the same body). Fetched

@@ -270,7 +270,6 @@ class PostgresSink(PlainSink):
         self._upsert = upsert_sql(self.table)
         # The mode: may fall back to the own pool at open (a database encoding, see there).
         self.in_state_transaction = in_state_transaction
-        self.transactional = in_state_transaction
         self._staged_upsert: str | None = None  # set by open, in the state transaction
         self._rows: list[tuple[Any, ...]] = []  # written, not yet taken by staged()
         self._opened = False  # in the state transaction (the own pool has _pool)
@@ -336,7 +335,7 @@ class PostgresSink(PlainSink):
                     server=where,
                     encoding=encoding,
                 )
-            self.in_state_transaction = self.transactional = False
+            self.in_state_transaction = False
         pool = await self._create_pool(s.pool_min, s.pool_max)
         try:
             await self._prepare_table(pool)

@@ -267,7 +267,6 @@ class StoreTableSink(PlainSink):
     """Rows in the state store's file, committed with the checkpoint (see the module doc)."""
 
     name = "sqlite"
-    transactional = True
     waits = False
 
     def __init__(self, state_path: Path, table: str) -> None:

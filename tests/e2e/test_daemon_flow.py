@@ -348,7 +348,6 @@ class FlakySink:
     """Wraps the jsonl sink: fails transiently for a while, and rejects one event for good."""
 
     name = "jsonl"
-    transactional = True
     waits = False  # as the jsonl sink it wraps: its write never suspends
 
     def __init__(self, path: Path, *, transient_failures: int, poison: str | None) -> None:

@@ -57,7 +57,6 @@ async def test_open_creates_the_file_and_starts_at_zero(sink: JsonlSink) -> None
     assert sink.path.stat().st_size == 0
     assert sink_length(sink.position()) == 0
     assert sink.name == "jsonl"
-    assert sink.transactional is True
 
 
 async def test_lines_are_the_raw_event_json_one_per_line(sink: JsonlSink) -> None:

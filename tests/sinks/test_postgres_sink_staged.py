@@ -130,7 +130,6 @@ async def test_the_assembly_stages_only_on_the_state_dsn(
         sink = build_sink(cfg, http)
         assert isinstance(sink, PostgresSink)
         assert sink.in_state_transaction is staged
-        assert sink.transactional is staged
         assert sink.mode == (STATE_TRANSACTION if staged else OWN_POOL)
         # With orchestration around it: the same decision.
         orchestrated = cfg.model_copy(
@@ -140,7 +139,6 @@ async def test_the_assembly_stages_only_on_the_state_dsn(
         assert isinstance(outer, OrchestratingSink)
         assert isinstance(outer.inner, PostgresSink)
         assert outer.inner.in_state_transaction is staged
-        assert outer.transactional is staged
 
 
 async def test_open_logs_the_mode_and_never_the_dsn(postgres_server: PostgresServer, table):
