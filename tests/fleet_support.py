@@ -82,7 +82,11 @@ def fleet_settings(
 
     fast_stop = {"connection": {"complete_timeout_s": 0.1}}
     return Settings(
-        streams={s: stream_config("http://127.0.0.1:9", **fast_stop) for s in streams},  # type: ignore[misc]
+        # A chain each: two streams of one key, gateway and chain are one OHIP subscription.
+        streams={
+            s: stream_config("http://127.0.0.1:9", chain_code=f"CH{s.upper()}", **fast_stop)  # type: ignore[misc]
+            for s in streams
+        },
         state={"backend": "postgres", "dsn": dsn, "schema": schema},  # type: ignore[arg-type]
         sink={"type": "webhook", "url": "http://127.0.0.1:9/hook"},  # type: ignore[arg-type]
         pipeline={"drain_timeout_s": 0.1},  # type: ignore[arg-type]

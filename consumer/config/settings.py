@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import ipaddress
+import math
 import os
 import re
 import sys
@@ -22,6 +24,7 @@ from urllib.parse import unquote_plus, urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -131,6 +134,39 @@ def _required(what: str) -> Callable[[SecretStr], SecretStr]:
     return check
 
 
+def _within(
+    low: float, high: float = math.inf, *, unit: str = "s", why: str, off: str = ""
+) -> AfterValidator:
+    """A number within ``low``..``high`` (both included; also 0 when ``off`` says what 0
+    means): the type accepted far worse (a ping flood at OHIP's gateway for a typo), so the
+    range, why, and the fix are said at load, before anything connects."""
+
+    def check(v: float) -> float:
+        if (off and v == 0) or low <= v <= high:
+            return v
+        span = f"{low:g} to {high:g} {unit}" if high < math.inf else f"at least {low:g} {unit}"
+        side = f"below {low:g}" if v < low else f"above {high:g}"
+        raise Problem(
+            (
+                "",
+                f"is {side} {unit}: {why}",
+                f"set it to {span}" + (f" (or 0: {off})" if off else ""),
+            )
+        )
+
+    return AfterValidator(check)
+
+
+# Every timeout that adds to what a stop may take (stop_budget, asked of systemd as
+# EXTEND_TIMEOUT_USEC): an hour is more than any stop needs; 1e308 made a 300-digit request.
+MAX_STOP_STEP_S = 3600.0
+_STOP_STEP_WHY = (
+    "it adds to what a stop may take (the daemon asks systemd for that time), and no stop "
+    "needs more than an hour"
+)
+StopStepSeconds = Annotated[float, _within(0, MAX_STOP_STEP_S, why=_STOP_STEP_WHY)]
+
+
 class _Model(BaseModel):
     # allow_inf_nan: TOML's inf and nan are floats, and a timeout of inf overflows aiohttp's.
     # hide_input_in_errors: a ValidationError's text quotes the value otherwise, and a DSN or
@@ -187,10 +223,23 @@ class SubscriptionSettings(_Model):
         return self
 
 
+# liveness_floor_s at least this many ping periods: one pong late or lost is not a dead link.
+LIVENESS_PINGS = 2.0
+
+
 class ConnectionSettings(_Model):
     # Oracle: a ping at least every 15 s; 10 leaves room for a busy loop and the time to
-    # subscribe (the first ping goes out one interval after the subscription).
-    ping_interval_s: float = Field(default=10.0, gt=0, le=15)
+    # subscribe (the first ping goes out one interval after the subscription). The floor
+    # refuses a flood (0.0001: thousands of pings a second), not the tests' scaled timers.
+    ping_interval_s: Annotated[
+        float,
+        _within(
+            0.01,
+            15,
+            why="Oracle wants a ping at least every 15 s, and pings more often than every "
+            "10 ms flood the gateway (the default, 10, leaves room for a busy event loop)",
+        ),
+    ] = 10.0
     open_timeout_s: float = Field(default=15.0, gt=0)
     ack_timeout_s: float = Field(default=10.0, gt=0)
     liveness_floor_s: float = Field(default=180.0, gt=0)
@@ -199,7 +248,7 @@ class ConnectionSettings(_Model):
     # Largest frame processed; up to 4x larger ones are dead-lettered; beyond that the
     # stream stops (1009) until the limit is raised.
     max_frame_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
-    complete_timeout_s: float = Field(default=10.0, ge=0)  # wait for the server's close
+    complete_timeout_s: StopStepSeconds = 10.0  # wait for the server's close
     resubscribe_gap_s: float = Field(default=10.0, ge=0)  # after a completed session
     backoff_initial_s: float = Field(default=1.0, gt=0)
     backoff_max_s: float = Field(default=60.0, gt=0)
@@ -213,7 +262,15 @@ class ConnectionSettings(_Model):
     # OHIP: more than 150 upgrades in 2 minutes from one application key -> HTTP 429.
     # Shared by every stream of the same app key (the first stream's values apply).
     upgrade_limit: int = Field(default=140, ge=1)
-    upgrade_window_s: float = Field(default=120.0, gt=0)
+    upgrade_window_s: Annotated[
+        float,
+        _within(
+            0.5,
+            why="the window upgrade_limit counts in: OHIP counts 150 upgrades in 120 s, and "
+            "a window of a few milliseconds lets every failing attempt through at once "
+            "(default 120)",
+        ),
+    ] = 120.0
     proxy: ProxyUrl | None = None  # None: no proxy, even if the environment names one
     # Oracle's active/passive check: after connection_ack, ask `query { connection { id
     # status } }` and subscribe only when the gateway says "Inactive" (else poll every
@@ -221,7 +278,14 @@ class ConnectionSettings(_Model):
     # application key, or the chain) is unconfirmed: turn it off when several chains share
     # one key and the gateway answers "Active" for all of them.
     status_check: Literal["auto", "on", "off"] = "auto"
-    status_poll_s: float = Field(default=30.0, gt=0)
+    status_poll_s: Annotated[
+        float,
+        _within(
+            0.05,
+            why="each poll is a query to the gateway: more often than every 50 ms floods it "
+            "(default 30)",
+        ),
+    ] = 30.0
     # This many "Active" answers in a row: the stream is no longer ready (/readyz, systemd's
     # STATUS=) and a warning says so; it keeps asking. 0: never (a passive standby that
     # should stay ready). An answer other than Active or Inactive counts as none: subscribe.
@@ -257,6 +321,24 @@ class ConnectionSettings(_Model):
     # read-ahead's too (engaged, 4 MiB of frames held cost ~10 MB of RSS, measured).
     paused_read_ahead_after_s: float = 5.0
     paused_read_ahead_bytes: int = 4 * 1024 * 1024
+
+    @model_validator(mode="after")
+    def _liveness_beyond_pings(self) -> ConnectionSettings:
+        # A quiet stream (OHIP between events) shows it is alive by its pongs alone: a floor
+        # shorter than the pings' period declared it dead between two of its own pings, and
+        # it reconnected for ever (dropped without `complete`).
+        if self.liveness_floor_s < LIVENESS_PINGS * self.ping_interval_s:
+            raise Problem(
+                (
+                    "liveness_floor_s",
+                    f"is less than {LIVENESS_PINGS:g} x ping_interval_s: a quiet stream has only "
+                    "its pongs to show it is alive, and would be declared dead between its own "
+                    "pings (reconnecting for ever)",
+                    f"raise liveness_floor_s to at least {LIVENESS_PINGS:g} x ping_interval_s "
+                    "(defaults: 180 and 10), or lower ping_interval_s",
+                )
+            )
+        return self
 
     @field_validator("paused_read_ahead_after_s", "paused_read_ahead_bytes")
     @classmethod
@@ -442,15 +524,29 @@ class StateSettings(_Model):
     commit_min_interval_ms: int = Field(default=10, ge=0, le=1000)
     commit_max_events: int = Field(default=500, ge=1)
     commit_interval_ms: int = Field(default=100, ge=1)
-    processed_retention_days: float = Field(default=8.0, gt=0)  # OHIP keeps 7 days; +1 margin
-    prune_interval_s: float = Field(default=3600.0, gt=0)
+    # OHIP keeps 7 days of events, and may send any of them again (a redelivery, an `offset
+    # set` back): their ids must outlive that to be skipped. 8: a day's margin.
+    processed_retention_days: Annotated[
+        float,
+        _within(
+            7,
+            unit="days",
+            why="OHIP retains events for 7 days and may send any of them again (a "
+            "redelivery, an `offset set` back): ids pruned sooner let those be written twice",
+        ),
+    ] = 8.0
+    prune_interval_s: Annotated[
+        float,
+        _within(1, why="each prune is a DELETE over the processed ids (default 3600)"),
+    ] = 3600.0
     # PostgreSQL only. dsn: postgresql://user:password@host:5432/db (a secret: it may hold a
     # password; OPERA_CONSUMER_STATE__DSN or a secret file state__dsn).
     dsn: SecretStr | None = None
     schema_: str = Field(default="opera_consumer", alias="schema")  # created if missing
     pool_min: int = Field(default=1, ge=1)
     pool_max: int = Field(default=4, ge=1)
-    timeout_s: float = Field(default=10.0, gt=0)  # connect, and each statement
+    # Connect, and each statement; also the stop's last commit (stop_budget).
+    timeout_s: Annotated[float, Field(gt=0), _within(0, MAX_STOP_STEP_S, why=_STOP_STEP_WHY)] = 10.0
     # A daemon outside a fleet checks its lease's connection this often (each check within
     # timeout_s): after a server restart or the session's end it takes the lease again, or
     # stops at once (exit 78) if another daemon took it meanwhile.
@@ -539,7 +635,10 @@ class FleetSettings(_Model):
     # stream handed over to stop (fleet_handover_s) with a tick to spare: checked.
     lease_ttl_s: float = Field(default=60.0, gt=0)
     # Heartbeat, lease renewal and rebalancing, once per tick (one statement renews all).
-    renew_interval_s: float = Field(default=5.0, gt=0)
+    # Also the stop's leave: 2 ticks (stop_budget).
+    renew_interval_s: Annotated[
+        float, Field(gt=0), _within(0, MAX_STOP_STEP_S, why=_STOP_STEP_WHY)
+    ] = 5.0
 
     @field_validator("member")
     @classmethod
@@ -1035,6 +1134,46 @@ class RedisSinkSettings(_Model):
 SINK_TYPES = ("jsonl", "webhook", "sqlite", "postgres", "python", "nats", "redis")
 
 
+# The state store's files (SQLite): its database, its journals, and the lease beside it (kept
+# with backend = "postgres" too).
+STATE_COMPANIONS = ("", "-wal", "-shm", "-journal", ".lock")
+
+
+def _real(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # a symlink loop: the path as written
+        return path
+
+
+# loading._PLACEHOLDER begins so: a secret a command was loaded without (not yet an
+# UnsetSecret while the settings validate).
+SECRET_NOT_GIVEN = "opera-consumer-secret-not-given-"
+
+
+def _given(secret: SecretStr) -> str | None:
+    """The secret's value, or None when this command was loaded without it."""
+    try:
+        value = secret.get_secret_value()
+    except ConfigError:  # loading.UnsetSecret
+        return None
+    return None if value.startswith(SECRET_NOT_GIVEN) else value
+
+
+def _subscription_of(stream: StreamSettings) -> tuple[str, str]:
+    """What OHIP tells a subscription by, besides the application key: the gateway and the
+    chain (the URL's scheme and host in lowercase, its default port spelt out)."""
+    parts = urlsplit(stream.gateway_url)
+    port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+    host = (parts.hostname or "").lower()
+    return f"{parts.scheme.lower()}://{host}:{port}{parts.path.rstrip('/')}", stream.chain_code
+
+
+def _hotels_overlap(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
+    """No hotel codes: every hotel. Codes are not case-sensitive (as `sink adopt` reads)."""
+    return not a or not b or bool({h.casefold() for h in a} & {h.casefold() for h in b})
+
+
 def _sink_type(v: Any) -> str:
     # A [sink] table without `type` is the jsonl sink (as before there was a choice).
     t = v.get("type", "jsonl") if isinstance(v, dict) else getattr(v, "type", "jsonl")
@@ -1168,9 +1307,19 @@ class PipelineSettings(_Model):
     # larger than this still goes through, alone).
     queue_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     batch_max: int = Field(default=200, ge=1)
-    drain_timeout_s: float = Field(default=20.0, ge=0)
-    sink_retry_initial_s: float = Field(default=0.5, gt=0)
-    sink_retry_max_s: float = Field(default=30.0, gt=0)
+    drain_timeout_s: StopStepSeconds = 20.0
+    # Retries of a failing sink more often than the floors only hammer it while it is down.
+    sink_retry_initial_s: Annotated[
+        float, _within(0.01, why="a retry every few microseconds hammers a sink that is down")
+    ] = 0.5
+    sink_retry_max_s: Annotated[
+        float,
+        _within(
+            0.05,
+            why="retries of a sink that is down more often than every 50 ms only hammer it "
+            "(default 30)",
+        ),
+    ] = 30.0
 
 
 class MetricsSettings(_Model):
@@ -1178,6 +1327,27 @@ class MetricsSettings(_Model):
     address: str = "127.0.0.1"  # loopback by default: expose deliberately
     port: int = Field(default=9464, ge=0, le=65535)  # 0: any free port
     event_timezone: str = "UTC"  # zone of the events' timestamps (undocumented by Oracle)
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        """What ``run`` can listen on, checked before it starts: an IP literal of this host,
+        "localhost", or "" (every interface). "999.1.1.1" passed check-config and failed at
+        the bind."""
+        if v in ("", "localhost"):
+            return v
+        try:
+            ipaddress.ip_address(v)
+        except ValueError:
+            raise Problem(
+                (
+                    "",
+                    "is not an IP address (IPv4 or IPv6, without brackets), 'localhost' or ''",
+                    'use e.g. "127.0.0.1" (the default: this host only), "::1", "0.0.0.0" or '
+                    '"" (every interface: expose deliberately) or an address of this host',
+                )
+            ) from None
+        return v
 
     @field_validator("event_timezone")
     @classmethod
@@ -1193,7 +1363,12 @@ class LogSettings(_Model):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
     # A progress line per stream this often while it is behind (events/s, lag, ETA); 0: none.
-    progress_interval_s: float = Field(default=10.0, ge=0)
+    progress_interval_s: Annotated[
+        float,
+        _within(
+            0.1, why="a line per stream more often floods the log (default 10)", off="no lines"
+        ),
+    ] = 10.0
     # Event-time lag up to this is caught up (no progress lines; `status` says "caught up").
     progress_caught_up_s: float = Field(default=60.0, gt=0)
 
@@ -1224,12 +1399,55 @@ class Settings(BaseSettings):
     filter: FilterSettings = FilterSettings()
 
     def warnings(self) -> list[tuple[str, str, str]]:
-        """Every stream's :meth:`StreamSettings.warnings`, as (dotted key, what, fix)."""
-        return [
+        """Every stream's :meth:`StreamSettings.warnings`, as (dotted key, what, fix), then
+        pairs of streams on one gateway and chain, for hotels they share, with other
+        application keys (valid: each key's portal template may select other events; with the
+        same key they are refused at load)."""
+        found = [
             (f"streams.{name}.{key}", what, fix)
             for name, stream in self.streams.items()
             for key, what, fix in stream.warnings()
         ]
+        for a, b, same in self._overlapping_streams():
+            if same:
+                continue  # refused at load
+            # None: a key this command was loaded without, so the same one or not.
+            keys = (
+                "other app_keys"
+                if same is False
+                else "app_keys this command was not given (if they are one, OHIP refuses the "
+                "second: 4409)"
+            )
+            found.append(
+                (
+                    f"streams.{b}.subscription.hotel_codes",
+                    f"streams {a} and {b} subscribe to the same chain on the same gateway for "
+                    f"hotels they share (no hotel_codes: every hotel), with {keys}"
+                    ": an event both keys' event templates select is delivered twice into the "
+                    "one sink (processed ids are kept per stream)",
+                    "give the streams hotel_codes that do not overlap, or make sure the two "
+                    "application keys' templates select different events",
+                )
+            )
+        return found
+
+    def _overlapping_streams(self) -> list[tuple[str, str, bool | None]]:
+        """Pairs of streams on the same gateway and chain whose hotels overlap (none given:
+        every hotel), and whether their app_key is the same (None: a key this command was
+        loaded without, so unknown)."""
+        found: list[tuple[str, str, bool | None]] = []
+        streams = list(self.streams.items())
+        for i, (a, sa) in enumerate(streams):
+            for b, sb in streams[i + 1 :]:
+                if _subscription_of(sa) != _subscription_of(sb):
+                    continue
+                ka, kb = _given(sa.app_key), _given(sb.app_key)
+                same = None if ka is None or kb is None else ka == kb
+                if same or _hotels_overlap(
+                    sa.subscription.hotel_codes, sb.subscription.hotel_codes
+                ):
+                    found.append((a, b, same))
+        return found
 
     @model_validator(mode="before")
     @classmethod
@@ -1288,6 +1506,70 @@ class Settings(BaseSettings):
                     'set sink.path to a file for the events, or use type = "postgres"',
                 )
             )
+        return self
+
+    @model_validator(mode="after")
+    def _one_subscriber(self) -> Settings:
+        """OHIP: one subscriber per application key, gateway and chain. A second stream with
+        all three the same was refused 4409 for as long as the first ran (hotel_codes filter
+        the one subscription, they do not make another)."""
+        problems = [
+            (
+                f"streams.{b}.app_key",
+                f"streams {a} and {b} have the same gateway_url, chain_code and app_key: OHIP "
+                "takes one subscriber per application key, gateway and chain, and refuses the "
+                "other with 4409 for as long as the first runs (hotel_codes filter the one "
+                "subscription, they do not make a second)",
+                f"remove stream {b} (one stream takes several hotels: hotel_codes = [...], or "
+                "[] for all), or give it its own chain_code or application key",
+            )
+            for a, b, same in self._overlapping_streams()
+            if same
+        ]
+        if problems:
+            raise Problem(*problems)
+        return self
+
+    @model_validator(mode="after")
+    def _sink_apart_from_the_store(self) -> Settings:
+        """A jsonl sink writing into the state store's files (the SQLite database, its
+        journal, the lease): check-config said OK, then run refused the database as a jsonl
+        file and suggested `sink adopt --execute`, which would take it for one."""
+        sink = self.sink
+        if not isinstance(sink, JsonlSinkSettings):
+            return self
+        base = CONFIG_DIR.get() or Path.cwd()  # as loading anchors relative paths
+        companions = STATE_COMPANIONS if self.state.backend == "sqlite" else (".lock",)
+        state = base / self.state.path
+        files: dict[Path, str] = {}
+        for suffix in companions:
+            # As given, and with symlinks resolved (SQLite names its journals after the real
+            # file): either spelling of sink.path may name it.
+            for path in (Path(f"{state}{suffix}"), Path(f"{_real(state)}{suffix}")):
+                files.setdefault(_real(path), f"{suffix} file" if suffix else "database")
+        target = _real(base / sink.path)
+        if target in files:
+            raise Problem(
+                (
+                    "sink.path",
+                    f"names the state store's {files[target]} (state.path): the sink would "
+                    "write events into it, and `sink adopt` would take it for a jsonl file",
+                    "give the sink a file of its own, e.g. events.jsonl beside the state store",
+                )
+            )
+        rotation = sink.rotation()
+        for path, what in files.items():
+            # The series lives beside sink.path: retention would delete a file it names.
+            if rotation and path.parent == target.parent and rotation.seq_of(path.name) is not None:
+                raise Problem(
+                    (
+                        "sink.rotate_name" if sink.rotate_name is not None else "sink.path",
+                        f"names the state store's {what} (state.path) as a rotated file of the "
+                        "sink: the sink would take it for one of its own, and retention delete it",
+                        "give the sink a file name of its own, e.g. events.jsonl beside the "
+                        "state store (rotated: events-<time>.<number>.jsonl)",
+                    )
+                )
         return self
 
     @model_validator(mode="after")

@@ -123,7 +123,10 @@ async def test_every_notification_fits_systemds_buffer_with_many_streams(tmp_pat
     url = f"http://127.0.0.1:{launcher.free_port()}"  # the token endpoint is down
     config = tmp_path / "config.toml"
     config.write_text(
-        "\n".join(launcher.stream_config(url, stream=f"property_{i:03d}") for i in range(streams))
+        "\n".join(  # a chain each: one key's streams of one chain are one subscription
+            launcher.stream_config(url, stream=f"property_{i:03d}", chain=f"P{i:03d}")
+            for i in range(streams)
+        )
         + f'[state]\npath = "{tmp_path / "state.db"}"\n'
         + f'[sink]\npath = "{tmp_path / "events.jsonl"}"\n[metrics]\nport = 0\n'
     )

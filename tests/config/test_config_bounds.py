@@ -1,0 +1,409 @@
+"""Values the settings' types accepted and the daemon then acted on badly are refused at load,
+naming the key, the sane range and the fix (check-config and run exit 78 before connecting):
+intervals with no floor (a ping flood at OHIP's gateway), a liveness floor below the pings'
+period (a quiet stream reconnecting for ever), a retention shorter than OHIP's (ids needed for
+deduplication pruned), timeouts of the stop without a ceiling (a 300-digit request to
+systemd), a jsonl sink in the state store's file, two streams that are one OHIP subscription,
+and a metrics address that is no address."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support import FAST_CONNECTION, cli
+
+from consumer.config import load_settings
+from consumer.config import loading as config_loading
+from consumer.config import settings as config_settings
+from consumer.config.settings import STOP_SLACK_S, Settings, stop_budget
+from consumer.errors import ConfigError, ExitCode
+
+pytestmark = pytest.mark.usefixtures("hermetic_config")
+
+WORKTREE = Path(__file__).resolve().parents[2]
+APP_KEY = "app-key-B0unds-0001"
+HOUR_S = 3600.0  # the ceiling of the stop's timeouts
+
+
+def stream(
+    name: str = "main", *, chain: str = "CHAIN1", key: str = APP_KEY, extra: str = ""
+) -> str:
+    return f"""
+[streams.{name}]
+gateway_url = "https://gw.example.com"
+chain_code = "{chain}"
+app_key = "{key}"
+{extra}
+[streams.{name}.auth]
+client_id = "cid"
+client_secret = "client-secret-B0unds-0002"
+enterprise_id = "ENT1"
+"""
+
+
+def write(folder: Path, text: str) -> Path:
+    path = folder / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def config_error(path: Path) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    return str(info.value)
+
+
+def with_key(table: str, key: str, value: object) -> str:
+    """The one stream, with ``key = value`` in ``table`` (relative to the stream for
+    "connection")."""
+    head = "[streams.main.connection]" if table == "connection" else f"[{table}]"
+    return stream() + f"\n{head}\n{key} = {value}\n"
+
+
+def env() -> dict[str, str]:
+    """For ``python -m consumer``: this tree's code, no OPERA_CONSUMER_ variable."""
+    kept = {k: v for k, v in os.environ.items() if not k.startswith("OPERA_CONSUMER_")}
+    return {**kept, "PYTHONPATH": str(WORKTREE)}
+
+
+# --- intervals with a floor ----------------------------------------------------------------------
+
+# (table, key, refused, smallest accepted, what the message says of the range)
+FLOORS = [
+    ("connection", "ping_interval_s", 0.0001, 0.01, "0.01 to 15 s"),
+    ("connection", "status_poll_s", 0.001, 0.05, "at least 0.05 s"),
+    ("connection", "upgrade_window_s", 0.001, 0.5, "at least 0.5 s"),
+    ("pipeline", "sink_retry_max_s", 0.001, 0.05, "at least 0.05 s"),
+    ("pipeline", "sink_retry_initial_s", 0.0001, 0.01, "at least 0.01 s"),
+    ("log", "progress_interval_s", 0.001, 0.1, "at least 0.1 s (or 0: no lines)"),
+    ("state", "prune_interval_s", 0.1, 1, "at least 1 s"),
+    ("state", "processed_retention_days", 0.00001, 7, "at least 7 days"),
+]
+
+
+@pytest.mark.parametrize("case", FLOORS, ids=[case[1] for case in FLOORS])
+def test_an_interval_below_its_floor_is_refused_naming_the_range(
+    tmp_path: Path, case: tuple[str, str, float, float, str]
+) -> None:
+    table, key, bad, low, span = case
+    message = config_error(write(tmp_path, with_key(table, key, bad)))
+    dotted = f"streams.main.connection.{key}" if table == "connection" else f"{table}.{key}"
+    assert f"{dotted}: is below " in message, message
+    assert f"-> set it to {span}" in message, message
+    load_settings(write(tmp_path, with_key(table, key, low)))  # the floor itself is valid
+
+
+def test_the_retention_says_why_it_is_ohips() -> None:
+    with pytest.raises(ValueError, match="OHIP retains events for 7 days"):
+        Settings(
+            streams={"main": _stream_dict()},
+            state={"processed_retention_days": 6.99},  # type: ignore[arg-type]
+        )
+
+
+def test_progress_lines_may_be_off() -> None:
+    settings = Settings(
+        streams={"main": _stream_dict()},
+        log={"progress_interval_s": 0},  # type: ignore[arg-type]
+    )
+    assert settings.log.progress_interval_s == 0
+
+
+def test_the_ping_interval_keeps_its_ceiling(tmp_path: Path) -> None:
+    message = config_error(write(tmp_path, with_key("connection", "ping_interval_s", 20)))
+    assert "ping_interval_s: is above 15 s: Oracle wants a ping at least every 15 s" in message
+
+
+def test_the_tests_scaled_timers_stay_valid() -> None:
+    """The smallest values the suite scales its timers to (grep tests/ for each key)."""
+    Settings(
+        streams={
+            "main": _stream_dict(
+                connection={
+                    **FAST_CONNECTION,
+                    "ping_interval_s": 0.02,  # tests/chaos
+                    "liveness_floor_s": 1.0,
+                    "status_poll_s": 0.05,
+                    "upgrade_window_s": 0.5,
+                    "complete_timeout_s": 0.1,
+                }
+            )
+        },
+        pipeline={"sink_retry_initial_s": 0.01, "sink_retry_max_s": 0.05, "drain_timeout_s": 0.1},  # type: ignore[arg-type]
+        log={"progress_interval_s": 0.3},  # type: ignore[arg-type]
+    )
+
+
+# --- liveness floor and ping interval ------------------------------------------------------------
+
+
+def test_a_liveness_floor_below_two_pings_is_refused_naming_both_keys(tmp_path: Path) -> None:
+    text = stream() + "\n[streams.main.connection]\nping_interval_s = 1.0\nliveness_floor_s = 0.3\n"
+    message = config_error(write(tmp_path, text))
+    assert "streams.main.connection.liveness_floor_s: is less than 2 x ping_interval_s" in message
+    assert "declared dead between its own pings" in message
+    assert "raise liveness_floor_s to at least 2 x ping_interval_s" in message
+    # Twice the period is enough (the tests' 1.0 s floor with 0.05-0.1 s pings is far more).
+    text = text.replace("liveness_floor_s = 0.3", "liveness_floor_s = 2.0")
+    assert load_settings(write(tmp_path, text)).streams["main"].connection.liveness_floor_s == 2.0
+
+
+# --- the stop's timeouts -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("table", "key"),
+    [
+        ("connection", "complete_timeout_s"),
+        ("pipeline", "drain_timeout_s"),
+    ],
+)
+def test_a_timeout_of_the_stop_has_a_ceiling(tmp_path: Path, table: str, key: str) -> None:
+    message = config_error(write(tmp_path, with_key(table, key, "1e308")))
+    assert f"{key}: is above 3600 s: it adds to what a stop may take" in message, message
+    assert "-> set it to 0 to 3600 s" in message
+    load_settings(write(tmp_path, with_key(table, key, 3600)))
+
+
+def test_the_postgres_and_fleet_timers_of_the_stop_have_a_ceiling() -> None:
+    state = {"backend": "postgres", "dsn": "postgresql://u:p@127.0.0.1/db"}
+    with pytest.raises(ValueError, match=r"state.timeout_s\n.*is above 3600 s"):
+        Settings(
+            streams={"main": _stream_dict()},
+            state={**state, "timeout_s": 1e308},  # type: ignore[arg-type]
+        )
+    with pytest.raises(ValueError, match=r"fleet.renew_interval_s\n.*is above 3600 s"):
+        Settings(
+            streams={"main": _stream_dict()},
+            state=state,  # type: ignore[arg-type]
+            sink={"type": "webhook", "url": "https://hook.example.com"},  # type: ignore[arg-type]
+            fleet={"enabled": True, "renew_interval_s": 1e308},  # type: ignore[arg-type]
+        )
+
+
+def test_the_longest_stop_the_settings_allow_is_a_few_hours() -> None:
+    most = Settings(
+        streams={"main": _stream_dict(connection={"complete_timeout_s": HOUR_S})},
+        state={  # type: ignore[arg-type]
+            "backend": "postgres",
+            "dsn": "postgresql://u:p@127.0.0.1/db",
+            "timeout_s": HOUR_S,
+        },
+        pipeline={"drain_timeout_s": HOUR_S},  # type: ignore[arg-type]
+    )
+    total = stop_budget(most).total_s + STOP_SLACK_S
+    assert math.isfinite(total) and total < 4 * HOUR_S
+    assert len(str(int(total * 1e6))) <= 11  # EXTEND_TIMEOUT_USEC: a few hours, not 300 digits
+
+
+# --- a jsonl sink in the state store's files -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("state", "sink", "what"),
+    [
+        ("opera.db", "opera.db", "database"),
+        ("opera.db", "opera.db-wal", "-wal file"),
+        ("opera.db", "opera.db-shm", "-shm file"),
+        ("opera.db", "opera.db-journal", "-journal file"),
+        ("opera.db", "opera.db.lock", ".lock file"),
+        ("data/../opera.db", "opera.db", "database"),  # resolved, relative to the file
+    ],
+)
+def test_a_jsonl_sink_in_the_state_store_is_refused(
+    tmp_path: Path, state: str, sink: str, what: str
+) -> None:
+    text = stream() + f'\n[state]\npath = "{state}"\n[sink]\ntype = "jsonl"\npath = "{sink}"\n'
+    message = config_error(write(tmp_path, text))
+    assert f"sink.path: names the state store's {what} (state.path)" in message, message
+    assert "give the sink a file of its own" in message
+
+
+def test_a_jsonl_sink_through_a_symlink_to_the_state_store_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "opera.db").write_bytes(b"")
+    (tmp_path / "events.jsonl").symlink_to(tmp_path / "opera.db")
+    text = stream() + '\n[state]\npath = "opera.db"\n[sink]\npath = "events.jsonl"\n'
+    assert "names the state store's database" in config_error(write(tmp_path, text))
+
+
+def test_with_postgres_state_only_the_lease_file_is_the_stores(tmp_path: Path) -> None:
+    pg = 'backend = "postgres"\ndsn = "postgresql://u:p@127.0.0.1/db"\n'
+    text = stream() + f'\n[state]\n{pg}path = "opera.db"\n[sink]\npath = "opera.db.lock"\n'
+    assert "names the state store's .lock file" in config_error(write(tmp_path, text))
+    load_settings(write(tmp_path, text.replace('path = "opera.db.lock"', 'path = "opera.db"')))
+
+
+def test_a_rotated_series_that_names_the_state_store_is_refused(tmp_path: Path) -> None:
+    text = stream() + (
+        '\n[state]\npath = "opera-2024.000001.db"\n'
+        '[sink]\npath = "events.jsonl"\nrotate_bytes = 1000\nrotate_name = "opera-%Y.db"\n'
+    )
+    message = config_error(write(tmp_path, text))
+    assert "sink.rotate_name: names the state store's database (state.path) as a rotated" in message
+    ok = text.replace('rotate_name = "opera-%Y.db"', 'rotate_name = "events-%Y.jsonl"')
+    load_settings(write(tmp_path, ok))
+
+
+def test_a_sqlite_sink_may_share_the_state_stores_file(tmp_path: Path) -> None:
+    text = stream() + '\n[state]\npath = "opera.db"\n[sink]\ntype = "sqlite"\npath = "opera.db"\n'
+    load_settings(write(tmp_path, text))  # by design: rows and checkpoint in one transaction
+
+
+async def test_check_config_and_run_refuse_a_jsonl_sink_in_the_state_store(
+    tmp_path: Path,
+) -> None:
+    connections: list[int] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        text = stream().replace("https://gw.example.com", f"http://127.0.0.1:{port}")
+        config = write(tmp_path, text + '\n[state]\npath = "opera.db"\n[sink]\npath = "opera.db"\n')
+        checked = await asyncio.to_thread(cli, "check-config", "--config", str(config), env=env())
+        assert checked.returncode == ExitCode.CONFIG, checked.stderr
+        assert "sink.path: names the state store's database" in checked.stderr
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            *("-m", "consumer", "run", "--config", str(config)),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env=env(),
+        )
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == ExitCode.CONFIG, out
+    assert b"sink.path: names the state store's database" in out
+    assert b"sink adopt --execute" not in out  # what run suggested, for a database
+    assert connections == []
+
+
+# --- two streams that are one OHIP subscription --------------------------------------------------
+
+
+def test_two_streams_with_one_key_gateway_and_chain_are_refused_naming_both(
+    tmp_path: Path,
+) -> None:
+    text = stream("a") + stream("b")
+    message = config_error(write(tmp_path, text))
+    assert (
+        "streams.b.app_key: streams a and b have the same gateway_url, chain_code and app_key"
+        in (message)
+    )
+    assert "4409" in message and "remove stream b" in message
+    assert APP_KEY not in message
+
+
+def test_disjoint_hotel_codes_make_no_second_subscription(tmp_path: Path) -> None:
+    """OHIP tells a subscription by application key, gateway and chain: hotel_codes filter it."""
+    a = stream("a", extra='[streams.a.subscription]\nhotel_codes = ["H1"]\n')
+    b = stream("b", extra='[streams.b.subscription]\nhotel_codes = ["H2"]\n')
+    assert "streams a and b have the same" in config_error(write(tmp_path, a + b))
+
+
+def test_the_gateway_is_compared_as_ohip_reads_it(tmp_path: Path) -> None:
+    b = stream("b").replace("https://gw.example.com", "wss://GW.example.com:443/subscriptions")
+    assert "streams a and b have the same" in config_error(write(tmp_path, stream("a") + b))
+
+
+def test_streams_of_other_chains_or_gateways_are_valid(tmp_path: Path) -> None:
+    other_gw = stream("c").replace("gw.example.com", "gw2.example.com")
+    settings = load_settings(write(tmp_path, stream("a") + stream("b", chain="CHAIN2") + other_gw))
+    assert list(settings.streams) == ["a", "b", "c"] and settings.warnings() == []
+
+
+def test_other_keys_on_one_chain_with_shared_hotels_draw_a_warning(tmp_path: Path) -> None:
+    """Two application keys may select different events (each its portal template): valid,
+    but an event both select would be delivered twice into the one sink."""
+    text = stream("a") + stream("b", key="app-key-B0unds-0003")
+    warned = load_settings(write(tmp_path, text)).warnings()
+    assert [key for key, _, _ in warned] == ["streams.b.subscription.hotel_codes"]
+    assert "delivered twice" in warned[0][1] and "4409" not in warned[0][1]
+    a = stream("a", extra='[streams.a.subscription]\nhotel_codes = ["H1", "H2"]\n')
+    b = stream("b", key="k3", extra='[streams.b.subscription]\nhotel_codes = ["h2"]\n')
+    assert len(load_settings(write(tmp_path, a + b)).warnings()) == 1  # codes: any case
+    b = b.replace('["h2"]', '["H3"]')
+    assert load_settings(write(tmp_path, a + b)).warnings() == []
+
+
+def test_check_config_prints_the_overlap_warning(tmp_path: Path) -> None:
+    config = write(tmp_path, stream("a") + stream("b", key="app-key-B0unds-0003"))
+    checked = cli("check-config", "--config", str(config), env=env())
+    assert checked.returncode == 0, checked.stderr
+    assert "warning: streams.b.subscription.hotel_codes: streams a and b" in checked.stderr
+
+
+def test_keys_a_command_was_not_given_are_not_taken_for_one(tmp_path: Path) -> None:
+    """`status` and the like load without the streams' secrets (systemd gives them to the
+    service only): two streams whose keys are not given are not refused as one key."""
+    text = (stream("a") + stream("b")).replace(f'app_key = "{APP_KEY}"\n', "")
+    settings = load_settings(write(tmp_path, text), stream_secrets=False)
+    (warned,) = settings.warnings()
+    assert "app_keys this command was not given (if they are one, OHIP refuses" in warned[1]
+    assert config_loading._PLACEHOLDER.startswith(config_settings.SECRET_NOT_GIVEN)
+
+
+def test_check_config_refuses_two_streams_with_one_subscription(tmp_path: Path) -> None:
+    checked = cli(
+        "check-config", "--config", str(write(tmp_path, stream("a") + stream("b"))), env=env()
+    )
+    assert checked.returncode == ExitCode.CONFIG, checked.stderr
+    assert "streams.b.app_key: streams a and b have the same" in checked.stderr
+
+
+# --- metrics address -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "address", ["999.1.1.1", "[::1]", "metrics.internal", " 127.0.0.1", "1.2.3"]
+)
+def test_a_metrics_address_that_is_no_address_is_refused(tmp_path: Path, address: str) -> None:
+    message = config_error(write(tmp_path, with_key("metrics", "address", f'"{address}"')))
+    assert "metrics.address: is not an IP address" in message, message
+    assert '"0.0.0.0"' in message
+
+
+@pytest.mark.parametrize("address", ["", "localhost", "127.0.0.1", "0.0.0.0", "::", "::1"])
+def test_the_documented_metrics_addresses_are_valid(tmp_path: Path, address: str) -> None:
+    settings = load_settings(write(tmp_path, with_key("metrics", "address", f'"{address}"')))
+    assert settings.metrics.address == address
+
+
+def test_check_config_refuses_a_metrics_address_run_cannot_bind(tmp_path: Path) -> None:
+    config = write(tmp_path, with_key("metrics", "address", '"999.1.1.1"'))
+    checked = cli("check-config", "--config", str(config), env=env())
+    assert checked.returncode == ExitCode.CONFIG, checked.stderr
+    assert "metrics.address: is not an IP address" in checked.stderr
+
+
+def test_check_config_refuses_a_tiny_retention_and_ping_interval(tmp_path: Path) -> None:
+    text = stream() + (
+        "\n[streams.main.connection]\nping_interval_s = 0.0001\n"
+        "[state]\nprocessed_retention_days = 0.00001\nprune_interval_s = 0.1\n"
+    )
+    checked = cli("check-config", "--config", str(write(tmp_path, text)), env=env())
+    assert checked.returncode == ExitCode.CONFIG, checked.stderr
+    for key in (
+        "streams.main.connection.ping_interval_s",
+        "state.processed_retention_days",
+        "state.prune_interval_s",
+    ):
+        assert f"{key}: is below" in checked.stderr, checked.stderr
+
+
+def _stream_dict(**overrides: object) -> Any:  # StreamSettings' input
+    return {
+        "gateway_url": "https://gw.example.com",
+        "chain_code": "CHAIN1",
+        "app_key": APP_KEY,
+        "auth": {"client_id": "cid", "client_secret": "s", "enterprise_id": "E"},
+        **overrides,
+    }
