@@ -31,7 +31,14 @@ from ..core.printable import printable
 from ..errors import ConfigError
 from . import settings as settings_module
 from .fields import Problem
-from .settings import CONFIG_DIR, ENV_PREFIX, SINK_TYPES, Settings, secret_fix
+from .settings import (
+    CONFIG_DIR,
+    ENV_PREFIX,
+    SECRET_NOT_GIVEN,
+    SINK_TYPES,
+    Settings,
+    secret_fix,
+)
 
 DEFAULT_CONFIG_PATHS = (Path("config.toml"), Path("/etc/opera-consumer/config.toml"))
 _SECRET_FIELDS = frozenset({"app_key", "client_secret", "password", "token", "dsn"})
@@ -65,7 +72,7 @@ def find_config(path: Path | None) -> Path | None:
 # else does: a command that only reads or changes the state store (status, dlq list, offset,
 # fleet...) is loaded without them. Under systemd they reach the service alone
 # (LoadCredential=), not an operator's shell. The state store's dsn is never one of them.
-_PLACEHOLDER = f"opera-consumer-secret-not-given-{uuid.uuid4().hex}"
+_PLACEHOLDER = f"{SECRET_NOT_GIVEN}{uuid.uuid4().hex}"
 # Where a DSN is parsed as it is given (sink.dsn): one the driver would read.
 _PLACEHOLDER_DSN = f"postgresql://{_PLACEHOLDER}@127.0.0.1/{_PLACEHOLDER}"
 

@@ -1146,7 +1146,7 @@ def _real(path: Path) -> Path:
         return path
 
 
-# loading._PLACEHOLDER begins so: a secret a command was loaded without (not yet an
+# What loading._PLACEHOLDER begins with: a secret a command was loaded without (not yet an
 # UnsetSecret while the settings validate).
 SECRET_NOT_GIVEN = "opera-consumer-secret-not-given-"
 
