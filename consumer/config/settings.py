@@ -1400,14 +1400,19 @@ class Settings(BaseSettings):
 
     def warnings(self) -> list[tuple[str, str, str]]:
         """Every stream's :meth:`StreamSettings.warnings`, as (dotted key, what, fix), then
-        pairs of streams on one gateway and chain, for hotels they share, with other
-        application keys (valid: each key's portal template may select other events; with the
-        same key they are refused at load)."""
-        found = [
+        :meth:`shared_warnings`."""
+        return [
             (f"streams.{name}.{key}", what, fix)
             for name, stream in self.streams.items()
             for key, what, fix in stream.warnings()
-        ]
+        ] + self.shared_warnings()
+
+    def shared_warnings(self) -> list[tuple[str, str, str]]:
+        """Of streams together (a stream logs its own when it starts; the daemon these):
+        pairs on one gateway and chain, for hotels they share, with other application keys
+        (valid: each key's portal template may select other events; with the same key they
+        are refused at load)."""
+        found = []
         for a, b, same in self._overlapping_streams():
             if same:
                 continue  # refused at load

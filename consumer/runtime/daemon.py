@@ -482,6 +482,8 @@ class Daemon:
                     "allow_insecure_http = true: credentials and events may travel over plain "
                     "http:// to hosts other than loopback; use it on a trusted test network only"
                 )
+            for key, what, fix in self.settings.shared_warnings():  # each stream logs its own
+                log.warning("configuration warning", key=key, problem=what, fix=fix)
             if (most := stop_budget(self.settings).total_s) > DOCUMENTED_STOP_S and not (
                 os.environ.get("NOTIFY_SOCKET")  # systemd: the stop extends its timeout
             ):

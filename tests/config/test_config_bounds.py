@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import FAST_CONNECTION, cli
+from log_capture import captured_logs, records
+from support import FAST_CONNECTION, cli, make_settings, running, stream_config, wait_until
 
 from consumer.config import load_settings
 from consumer.config.settings import STOP_SLACK_S, Settings, stop_budget
@@ -404,3 +405,20 @@ def _stream_dict(**overrides: object) -> Any:  # StreamSettings' input
         "auth": {"client_id": "cid", "client_secret": "s", "enterprise_id": "E"},
         **overrides,
     }
+
+
+async def test_the_daemon_logs_the_overlap_warning_at_start(
+    sandbox_factory: Any, tmp_path: Path
+) -> None:
+    """check-config printed it, but `run` logged only each stream's own warnings: an operator
+    who never ran check-config was not told."""
+    gw = await sandbox_factory(backlog=1)
+    streams = {
+        "a": stream_config(gw.url),
+        "b": stream_config(gw.url, app_key="another-application-key-0003"),
+    }
+    with captured_logs() as logs:
+        async with running(make_settings(tmp_path, gw.url, streams=streams)) as daemon:
+            await wait_until(lambda: daemon.pipelines["a"].delivered >= 1)
+    warned = [e for e in records(logs) if e.get("key") == "streams.b.subscription.hotel_codes"]
+    assert len(warned) == 1 and "delivered twice" in warned[0]["problem"]
