@@ -23,8 +23,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
+from jsonl_lines import LINE, T0, event, lines
 from support import (
     committed,
     make_settings,
@@ -37,32 +37,11 @@ from support import (
 )
 
 from consumer.commands.sink import adopt
-from consumer.core.events import Event
 from consumer.core.rotation import Rotation
 from consumer.errors import SinkUnusable
 from consumer.runtime.assembly import open_sink
 from consumer.sinks.jsonl import JsonlSink, rotated_files
 from consumer.state.sqlite import SqliteStore
-
-T0 = 1_704_067_200.0
-
-
-def event(i: int) -> Event:
-    raw = {
-        "metadata": {"offset": f"{i:04d}", "uniqueEventId": f"u{i:04d}"},
-        "eventName": "UPDATE RESERVATION",
-        "primaryKey": f"pk{i % 3}",
-    }
-    return Event(
-        f"{i:04d}", f"u{i:04d}", "UPDATE RESERVATION", "Reservation", f"pk{i % 3}", None, None, raw
-    )
-
-
-LINE = len(orjson.dumps(event(0).raw)) + 1
-
-
-def lines(*numbers: int) -> bytes:
-    return b"".join(orjson.dumps(event(i).raw) + b"\n" for i in numbers)
 
 
 async def written(path: Path, numbers: range, committed: str | None = None, **kw: Any) -> str:

@@ -28,8 +28,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
+from jsonl_lines import LINE, T0, event, lines
 from log_capture import captured_logs, records
 from support import (
     cli,
@@ -44,32 +44,11 @@ from support import (
 )
 
 from consumer.commands.sink import adopt
-from consumer.core.events import Event
 from consumer.core.rotation import Rotation
 from consumer.errors import SinkUnusable
 from consumer.runtime.assembly import open_sink
 from consumer.sinks.jsonl import JsonlSink, rotated_files
 from consumer.state.sqlite import SqliteStore
-
-T0 = 1_704_067_200.0
-
-
-def event(i: int) -> Event:
-    raw = {
-        "metadata": {"offset": f"{i:04d}", "uniqueEventId": f"u{i:04d}"},
-        "eventName": "UPDATE RESERVATION",
-        "primaryKey": f"pk{i % 3}",
-    }
-    return Event(
-        f"{i:04d}", f"u{i:04d}", "UPDATE RESERVATION", "Reservation", f"pk{i % 3}", None, None, raw
-    )
-
-
-LINE = len(orjson.dumps(event(0).raw)) + 1
-
-
-def lines(*numbers: int) -> bytes:
-    return b"".join(orjson.dumps(event(i).raw) + b"\n" for i in numbers)
 
 
 def parsed(path: Path) -> tuple[list[str], list[bytes]]:
