@@ -31,6 +31,7 @@ from support import (
 )
 
 from consumer.config import PostgresSinkSettings
+from consumer.core.records import DeadLetterRow
 from consumer.errors import ConfigError
 from consumer.sinks.postgres import OWN_POOL, STATE_TRANSACTION, PostgresSink
 from consumer.sinks.sqlite import StoreTableSink
@@ -101,20 +102,8 @@ async def test_a_row_the_tables_constraint_refuses_dead_letters_that_event_alone
         pipeline = daemon.pipelines["main"]
         assert (pipeline.delivered, pipeline.dead_lettered) == (EVENTS - 1, 1)
     assert daemon.exit_code == 0
-    if mode.startswith("postgres"):
-        written = await sql(postgres_dsn, "fetch", f'SELECT unique_event_id FROM "{table}"')
-        store: Any = (
-            await PostgresStore.open(postgres_dsn, schema=state["schema"]) if state else None
-        )
-    else:
-        written = query(db, f"SELECT unique_event_id FROM {table}")
-    assert sorted(r[0] for r in written) == sorted(i for i in ids if i != bad)
-    if state is None:
-        store = await SqliteStore.open(tmp_path / "state.db")
-    try:
-        letters = await store.dead_letters()
-    finally:
-        await store.close()
+    written, letters = await outcome(mode, postgres_dsn, state, table, tmp_path)
+    assert sorted(written) == sorted(i for i in ids if i != bad)
     assert [(d.unique_event_id, d.reason) for d in letters] == [(bad, "sink_rejected")]
     error = letters[0].error
     assert "not_that_one" in error, error
@@ -181,20 +170,8 @@ async def test_a_row_the_tables_generated_column_refuses_dead_letters_that_event
     assert daemon.exit_code == 0
     logs = records(buffer)
     assert logs and not [e for e in logs if "Failing row" in repr(e)]
-    if mode.startswith("postgres"):
-        written = await sql(postgres_dsn, "fetch", f'SELECT unique_event_id FROM "{table}"')
-        store: Any = (
-            await PostgresStore.open(postgres_dsn, schema=state["schema"]) if state else None
-        )
-    else:
-        written = query(db, f"SELECT unique_event_id FROM {table}")
-    assert sorted(r[0] for r in written) == sorted(i for i in ids if i != bad)
-    if state is None:
-        store = await SqliteStore.open(tmp_path / "state.db")
-    try:
-        letters = await store.dead_letters()
-    finally:
-        await store.close()
+    written, letters = await outcome(mode, postgres_dsn, state, table, tmp_path)
+    assert sorted(written) == sorted(i for i in ids if i != bad)
     assert [(d.unique_event_id, d.reason) for d in letters] == [(bad, "sink_rejected")]
     error = letters[0].error
     assert column in error and "dlq replay" in error, error
@@ -294,3 +271,23 @@ async def test_the_daemon_stops_at_start_on_a_generated_column_in_the_state_file
     assert "sink.table: table 'opera_events' in the state store" in text, tail(log)
     assert "generated column hotel" in text and "set sink.path to a file of its own" in text
     assert query(state, "SELECT count(*) FROM opera_events") == [(0,)]
+
+
+async def outcome(
+    mode: str, dsn: str, state: dict[str, Any], table: str, tmp_path: Path
+) -> tuple[list[str], list[DeadLetterRow]]:
+    """The ids in the sink's table (PostgreSQL, or tmp_path/sink.db) and the dead letters in
+    the state store after a run."""
+    if mode.startswith("postgres"):
+        rows = await sql(dsn, "fetch", f'SELECT unique_event_id FROM "{table}"')
+    else:
+        rows = query(tmp_path / "sink.db", f"SELECT unique_event_id FROM {table}")
+    store: Any = (
+        await PostgresStore.open(dsn, schema=state["schema"])
+        if state
+        else await SqliteStore.open(tmp_path / "state.db")
+    )
+    try:
+        return [r[0] for r in rows], await store.dead_letters()
+    finally:
+        await store.close()
