@@ -7,10 +7,10 @@ import re
 from pathlib import Path
 
 import pytest
+from config_files import config_error, write
 
 from consumer.config import effective, load_settings
 from consumer.config.settings import STOP_SLACK_S, stop_budget
-from consumer.errors import ConfigError
 
 APP_KEY = "app-key-VERY-SECRET-0001"
 CLIENT_SECRET = "client-secret-VERY-SECRET-0002"
@@ -30,18 +30,6 @@ client_secret = "{CLIENT_SECRET}"
 
 
 pytestmark = pytest.mark.usefixtures("hermetic_config")
-
-
-def write(tmp_path: Path, text: str, name: str = "config.toml") -> Path:
-    path = tmp_path / name
-    path.write_text(text)
-    return path
-
-
-def config_error(path: Path | None) -> str:
-    with pytest.raises(ConfigError) as info:
-        load_settings(path)
-    return str(info.value)
 
 
 def test_minimal_valid_config(tmp_path: Path) -> None:

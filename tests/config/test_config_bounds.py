@@ -11,17 +11,17 @@ from __future__ import annotations
 import asyncio
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from config_files import config_error, run_refused, write
 from log_capture import captured_logs, records
 from support import FAST_CONNECTION, cli, make_settings, running, stream_config, wait_until
 
 from consumer.config import load_settings
 from consumer.config.settings import STOP_SLACK_S, Settings, stop_budget
-from consumer.errors import ConfigError, ExitCode
+from consumer.errors import ExitCode
 
 pytestmark = pytest.mark.usefixtures("hermetic_config")
 
@@ -44,18 +44,6 @@ client_id = "cid"
 client_secret = "client-secret-B0unds-0002"
 enterprise_id = "ENT1"
 """
-
-
-def write(folder: Path, text: str) -> Path:
-    path = folder / "config.toml"
-    path.write_text(text)
-    return path
-
-
-def config_error(path: Path) -> str:
-    with pytest.raises(ConfigError) as info:
-        load_settings(path)
-    return str(info.value)
 
 
 def with_key(table: str, key: str, value: object) -> str:
@@ -257,32 +245,18 @@ def test_a_sqlite_sink_may_share_the_state_stores_file(tmp_path: Path) -> None:
 async def test_check_config_and_run_refuse_a_jsonl_sink_in_the_state_store(
     tmp_path: Path,
 ) -> None:
-    connections: list[int] = []
+    def config(url: str) -> Path:
+        text = stream().replace("https://gw.example.com", url)
+        return write(tmp_path, text + '\n[state]\npath = "opera.db"\n[sink]\npath = "opera.db"\n')
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        connections.append(1)
-        writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    async with server:
-        port = server.sockets[0].getsockname()[1]
-        text = stream().replace("https://gw.example.com", f"http://127.0.0.1:{port}")
-        config = write(tmp_path, text + '\n[state]\npath = "opera.db"\n[sink]\npath = "opera.db"\n')
-        checked = await asyncio.to_thread(cli, "check-config", "--config", str(config), env=env())
-        assert checked.returncode == ExitCode.CONFIG, checked.stderr
-        assert "sink.path: names the state store's database" in checked.stderr
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            *("-m", "consumer", "run", "--config", str(config)),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            env=env(),
-        )
-        out, _ = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == ExitCode.CONFIG, out
-    assert b"sink.path: names the state store's database" in out
-    assert b"sink adopt --execute" not in out  # what run suggested, for a database
-    assert connections == []
+    checked = await asyncio.to_thread(
+        cli, "check-config", "--config", str(config("https://gw.example.com")), env=env()
+    )
+    assert checked.returncode == ExitCode.CONFIG, checked.stderr
+    assert "sink.path: names the state store's database" in checked.stderr
+    out = await run_refused(config, env())
+    assert "sink.path: names the state store's database" in out
+    assert "sink adopt --execute" not in out  # what run suggested, for a database
 
 
 # --- two streams that are one OHIP subscription --------------------------------------------------

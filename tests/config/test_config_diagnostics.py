@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from config_files import config_error
 
 from consumer.config import load_settings
-from consumer.errors import ConfigError
 
 STREAM = """
 [streams.main]
@@ -33,12 +33,6 @@ def config_in(folder: Path, text: str) -> Path:
     path = folder / "config.toml"
     path.write_text(STREAM + text)
     return path
-
-
-def config_error(path: Path | None) -> str:
-    with pytest.raises(ConfigError) as info:
-        load_settings(path)
-    return str(info.value)
 
 
 def test_relative_paths_resolve_against_the_config_files_directory(

@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import quote, quote_plus
 
 import pytest
+from config_files import config_error, write
 from support import spawn_daemon, tail, toml_config, wait_until
 
 from consumer.cli import main
@@ -70,18 +71,6 @@ HOOK_URL = f"https://user:{enc(HOOK_PASSWORD)}@hook.example.com/in?token={enc(HO
 
 
 pytestmark = pytest.mark.usefixtures("hermetic_config")
-
-
-def write(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "config.toml"
-    path.write_text(text)
-    return path
-
-
-def config_error(path: Path) -> str:
-    with pytest.raises(ConfigError) as info:
-        load_settings(path)
-    return str(info.value)
 
 
 def toml(

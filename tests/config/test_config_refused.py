@@ -10,15 +10,14 @@ the environment or a secret file that pydantic-settings cannot parse.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from config_files import run_refused, write
 from support import cli
 
 from consumer.errors import ExitCode
@@ -42,12 +41,6 @@ client_secret = "{SECRET}"
 """
 
 
-def write(folder: Path, text: str, name: str = "config.toml") -> Path:
-    path = folder / name
-    path.write_text(text)
-    return path
-
-
 def refused(*args: str, env: dict[str, str] | None = None, says: tuple[str, ...] = ()) -> str:
     """Runs ``python -m consumer ARGS``: exit 78, no traceback, stdout empty, stderr naming
     each of ``says``; returns stderr."""
@@ -58,43 +51,6 @@ def refused(*args: str, env: dict[str, str] | None = None, says: tuple[str, ...]
     for text in says:
         assert text in result.stderr, (text, result.stderr)
     return result.stderr
-
-
-async def run_refused(make_config: Callable[[str], Path], env: dict[str, str] | None = None) -> str:
-    """``python -m consumer run`` for the config ``make_config(gateway_url)`` (a listener on
-    loopback): exit 78, no traceback, and no connection reached the gateway. Its output."""
-    connections: list[int] = []
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        connections.append(1)
-        writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    async with server:
-        port = server.sockets[0].getsockname()[1]
-        config = make_config(f"http://127.0.0.1:{port}")
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "consumer",
-            "run",
-            "--config",
-            str(config),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
-        )
-        try:
-            out, _ = await asyncio.wait_for(proc.communicate(), 60)
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-    text = out.decode(errors="replace")
-    assert proc.returncode == ExitCode.CONFIG, text
-    assert "Traceback" not in text, text
-    assert connections == []
-    return text
 
 
 # --- numbers that are not finite ----------------------------------------------------------------
