@@ -85,6 +85,13 @@ _LABELLED_CODES = frozenset(
 _LABELLED_STATUSES = frozenset({400, 401, 403, 404, 408, 429, 500, 502, 503, 504})
 
 
+def _at_least(delay: float, retry_after_s: float | None) -> tuple[float, str]:
+    """``delay``, or the far end's ``Retry-After`` if that is longer, and what to say of it."""
+    if retry_after_s is None or retry_after_s <= delay:
+        return delay, ""
+    return retry_after_s, f"; waiting the {retry_after_s:g} s its Retry-After asks"
+
+
 def _code_label(code: int) -> str:
     return str(code) if code in _LABELLED_CODES else "other"
 
@@ -192,8 +199,9 @@ class ClosePolicy:
             )
         return None
 
-    def on_handshake_status(self, status: int) -> Decision:
-        """The HTTP upgrade was refused with ``status``."""
+    def on_handshake_status(self, status: int, retry_after_s: float | None = None) -> Decision:
+        """The HTTP upgrade was refused with ``status``. ``retry_after_s``: its ``Retry-After``,
+        parsed and clamped (core/retry_after); a 429 or 5xx waits at least that long."""
         label = _status_label(status)
         if status == 400:
             reason = f"upgrade refused: incorrect key or URL (HTTP 400); {_CHECK_KEY}"
@@ -205,9 +213,35 @@ class ClosePolicy:
         if status == 429:
             self.failures += 1
             delay = self.config.rate_limited_s + self._rng.uniform(0, self.config.backoff_initial_s)
-            reason = "too many upgrade requests (HTTP 429)"
+            delay, asked = _at_least(delay, retry_after_s)
+            reason = f"too many upgrade requests (HTTP 429){asked}"
             return Decision(Action.RECONNECT, delay, reason, label, deliberate=True)
-        reason = f"upgrade refused (HTTP {status})"
+        delay, asked = self._backoff(), ""
+        if status >= 500:
+            delay, asked = _at_least(delay, retry_after_s)
+        return Decision(Action.RECONNECT, delay, f"upgrade refused (HTTP {status}){asked}", label)
+
+    def on_redirect(self, status: int, host: str, *, same_origin: bool) -> Decision:
+        """The upgrade was answered with a redirect to ``host`` (printable, bounded: never
+        the path, which may carry the key's hash). Never followed: OHIP's gateway does not
+        redirect an upgrade, every hop would be another upgrade request against the key's
+        budget (a loop: ten within one attempt), and the credentials go in connection_init,
+        wherever the redirect leads. Another origin stops the stream (gateway_url is to be
+        checked); the same origin (a loop, a proxy's maintenance) is a refused upgrade."""
+        label = _status_label(status)
+        if not same_origin:
+            return Decision(
+                Action.STOP,
+                0.0,
+                f"the gateway redirected to another origin ({host}) with HTTP {status}; not "
+                "followed: the token and the application key are not sent there. If it is the "
+                "gateway now, set gateway_url to it",
+                label,
+            )
+        reason = (
+            f"upgrade redirected to {host} (HTTP {status}); not followed (OHIP's gateway does "
+            "not redirect an upgrade)"
+        )
         return Decision(Action.RECONNECT, self._backoff(), reason, label)
 
     def on_network_error(self, what: str) -> Decision:

@@ -20,7 +20,9 @@ at shutdown) is what the next session's inclusive replay from the checkpoint bri
 websockets' ``recv`` is cancellation-safe (websockets 17: the queue's waiter only signals, the
 frame is taken after the wait, and the fragments of a message taken so far are put back), so
 stopping the task loses no frame; a ``send`` of one text frame writes it before its first
-suspension (the drain), so stopping the task while it answers a ping loses no pong either.
+suspension (the drain), so stopping the task while it answers a ping loses no pong either. The
+pong goes out through the stream's bounded send: a gateway that stopped reading has the
+connection aborted rather than this task wait for the drain for good.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Final
 
 import structlog
@@ -59,6 +62,7 @@ class ReadAhead:
     def __init__(
         self,
         ws: ClientConnection,
+        send: Callable[[str], Awaitable[None]],
         session: ClientSession,
         liveness: Liveness,
         stats: StreamStats,
@@ -67,6 +71,7 @@ class ReadAhead:
         limit_bytes: int,
     ) -> None:
         self._ws = ws
+        self._send = send  # the stream's ws.send, bounded by a deadline
         self._receive = session.receive
         self._liveness = liveness
         self._stats = stats
@@ -145,7 +150,8 @@ class ReadAhead:
         self._task = asyncio.create_task(self._read(), name="read-ahead")
 
     async def _read(self) -> None:
-        ws, receive, liveness, held = self._ws, self._receive, self._liveness, self.held
+        ws, send, receive, liveness = self._ws, self._send, self._receive, self._liveness
+        held = self.held
         monotonic = time.monotonic
         try:
             while self.held_bytes < self._limit:
@@ -159,7 +165,7 @@ class ReadAhead:
                 # waited for a burst): as when the reader reads it.
                 liveness.activity(now)
                 if type(out) is Reply:  # the answer to a server ping: at once
-                    await ws.send(out.text)
+                    await send(out.text)
                     self._stats.paused_pings += 1
                     continue
                 size = len(frame) + HELD_COST

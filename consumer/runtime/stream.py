@@ -6,7 +6,9 @@ the rest held for the reader, bounded. Two helper tasks per session own the time
 ``_keepalive`` sends a ping every ``ping_interval_s`` (the first that long after
 ``connection_init``) and replaces a connection that shows no pong and no event within the
 liveness deadline; ``_completer`` ends the session gracefully (``complete``, then wait for the
-server to close) at shutdown or before the token expires.
+server to close) at shutdown or before the token expires. Every write has a deadline (a
+gateway that stops reading would otherwise hold the session, and its stop, for good): a frame
+not written in time aborts the connection, taken as lost (1006).
 """
 
 from __future__ import annotations
@@ -17,17 +19,22 @@ import dataclasses
 import enum
 import random
 import time
+import urllib.parse
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Final, TypeVar
 
 import structlog
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.frames import CloseCode
+from websockets.headers import build_host
 from websockets.typing import Subprotocol
+from websockets.uri import parse_uri
 
 from .. import __version__
 from ..config import StreamSettings
@@ -38,6 +45,7 @@ from ..core.evidence import describe, prefix
 from ..core.liveness import Liveness, first_ping_due
 from ..core.printable import printable
 from ..core.protocol import DecodeError, Next, SubscribeInput
+from ..core.retry_after import retry_after_seconds
 from ..core.session import (
     ClientSession,
     ConnectionStatus,
@@ -57,7 +65,6 @@ from ..logs import REDACTOR
 from ..state.base import StateStore
 from . import tls
 from .auth import Token, TokenProvider
-from .origin import redirected_to
 from .pipeline import StreamPipeline
 from .read_ahead import ReadAhead
 
@@ -130,6 +137,68 @@ def _read_ahead_frames(max_size: int) -> int:
     return max(2, min(64, _READ_AHEAD_BYTES // max_size))
 
 
+# How long a close frame may wait to be written before the TCP connection is aborted instead.
+# websockets' close() waits for the write without a limit (close_timeout starts after it), and
+# so does connect's __aexit__ when a stop cancels the session: a gateway that stopped reading
+# would hold the shutdown for as long as it keeps the connection open.
+CLOSE_WRITE_S: Final = 1.0
+
+
+class _Connection(ClientConnection):
+    """A client connection whose closing handshake cannot hang on a peer that stopped
+    reading: a close frame still unwritten after :data:`CLOSE_WRITE_S` aborts the connection
+    (the peer sees it lost, 1006, as it would a crash)."""
+
+    async def close(
+        self, code: CloseCode | int = CloseCode.NORMAL_CLOSURE, reason: str = ""
+    ) -> None:
+        watchdog = self.loop.call_later(CLOSE_WRITE_S, self._abort_unwritten)
+        try:
+            await super().close(code, reason)
+        finally:
+            watchdog.cancel()
+
+    def _abort_unwritten(self) -> None:
+        if self.transport.get_write_buffer_size() > 0:
+            self.transport.abort()
+
+
+class _Connect(connect):
+    """websockets' connect, without following redirects: every hop is another upgrade
+    request that the key's upgrade budget (booked once per attempt) never sees, ten per
+    attempt in a loop, and the credentials in connection_init would go wherever it leads. A
+    3xx is a refused upgrade (:meth:`ClosePolicy.on_redirect`)."""
+
+    def process_redirect(self, exc: Exception) -> Exception | str:
+        return exc
+
+
+def _one(headers: Headers, name: str) -> str | None:
+    """A header's value if the response has it once (twice is a hostile answer: neither)."""
+    values = headers.get_all(name)
+    return values[0] if len(values) == 1 else None
+
+
+def _redirect_target(url: str, location: str | None) -> tuple[str, bool] | None:
+    """Where a redirect's ``Location`` points, relative to ``url``: its host (``host[:port]``,
+    printable and bounded; never the path or query) and whether it is ``url``'s origin. None
+    when it names no usable place."""
+    if location is None:
+        return None
+    try:
+        to = urllib.parse.urlsplit(urllib.parse.urljoin(url, location))
+        port = to.port
+    except ValueError:
+        return None
+    secure = {"wss": True, "https": True, "ws": False, "http": False}.get(to.scheme)
+    if secure is None or not to.hostname:
+        return None
+    port = port or (443 if secure else 80)
+    given = parse_uri(url)
+    same = (secure, to.hostname, port) == (given.secure, given.host.lower(), given.port)
+    return printable(build_host(to.hostname, port, secure), 200), same
+
+
 class _Ids:
     """A :class:`ClientSession`'s ``new_id``: a fresh UUID for each query, and for the
     subscription unless ``reused`` is given (set ``subscribing`` just before it subscribes)."""
@@ -180,6 +249,9 @@ class StreamRunner:
         self._ahead: ReadAhead | None = None  # the session's, while _read runs
         self._completing: str | None = None
         self._dead = False
+        # A frame the gateway did not take within this many seconds: the connection was
+        # aborted (it stopped reading); None while every write drains.
+        self._stalled: float | None = None
         self._ended = ""  # why the server ended the current subscription, if it did
         self._server_ended = False  # the server ended (completed) this session's subscription
         self._ignored_logged = False
@@ -315,11 +387,10 @@ class StreamRunner:
                 return Decision(Action.RECONNECT, 0.0, "stopping")
         self.state = StreamState.CONNECTING
         max_size = c.max_frame_bytes * OVERSIZED_FACTOR  # larger frames close with 1009
-        # The token on the upgrade as well, if asked (unconfirmed whether OHIP wants it):
-        # websockets drops Authorization on a redirect to another origin.
+        # The token on the upgrade as well, if asked (unconfirmed whether OHIP wants it).
         headers = {"Authorization": f"Bearer {token.value}"} if c.upgrade_authorization else None
         try:
-            async with connect(
+            async with _Connect(
                 self._url,
                 additional_headers=headers,
                 subprotocols=[Subprotocol(protocol.SUBPROTOCOL)],
@@ -333,21 +404,10 @@ class StreamRunner:
                 close_timeout=max(c.complete_timeout_s, 1.0),
                 proxy=c.proxy,
                 user_agent_header=f"opera-consumer/{__version__}",
+                create_connection=_Connection,
                 **tls.connect_options(self._url),
             ) as ws:
                 self.stats.connections += 1
-                moved = redirected_to(ws, self._url)
-                if moved is not None:
-                    # websockets follows redirects, but our credentials go in connection_init,
-                    # which it cannot strip: none is sent to an origin we were not given.
-                    await ws.close(1000)
-                    return Decision(
-                        Action.STOP,
-                        0.0,
-                        f"the gateway redirected to another origin ({moved}); the token and "
-                        "the application key are not sent there: if it is the gateway now, "
-                        "set gateway_url to it",
-                    )
                 if ws.subprotocol != protocol.SUBPROTOCOL:
                     await ws.close(1002, "graphql-transport-ws required")
                     return Decision(
@@ -358,7 +418,7 @@ class StreamRunner:
                     )
                 return await self._session(ws, token, sub)
         except InvalidStatus as exc:
-            return self.policy.on_handshake_status(exc.response.status_code)
+            return self._refused(exc.response.status_code, exc.response.headers)
         except ConnectionClosed as exc:
             # Closed before we subscribed (a subscribed session handles its own close): no
             # session ended, so nothing it delivered may reset the backoff.
@@ -369,6 +429,17 @@ class StreamRunner:
             )
         except (OSError, InvalidHandshake) as exc:
             return self.policy.on_network_error(f"cannot connect: {describe(exc)}")
+
+    def _refused(self, status: int, headers: Headers) -> Decision:
+        """The upgrade answered ``status``: a redirect (not followed) says where to, host only;
+        a refusal's Retry-After is honoured (429, 5xx)."""
+        if 300 <= status < 400:
+            target = _redirect_target(self._url, _one(headers, "Location"))
+            if target is not None:
+                host, same = target
+                return self.policy.on_redirect(status, host, same_origin=same)
+        after = retry_after_seconds(_one(headers, "Retry-After"))
+        return self.policy.on_handshake_status(status, after)
 
     async def _subscribe_input(self) -> SubscribeInput:
         """Always resume from what is done (inclusive replay, deduplicated); the configured
@@ -457,16 +528,19 @@ class StreamRunner:
         # before it (4401 at connection_init after a session the liveness deadline ended).
         self._completing = None
         self._dead = False
+        self._stalled = None
         self._ended = ""
         self._server_ended = False
         ids = _Ids(self._subscription_id)
         session = ClientSession(max_frame_bytes=c.max_frame_bytes, new_id=ids, scrub=REDACTOR.scrub)
         # enterpriseId: unconfirmed whether OHIP reads it; Oracle's sample sends it.
         enterprise_id = self.settings.auth.enterprise_id if c.init_enterprise_id else None
-        await ws.send(
+        await self._send(
+            ws,
             session.connection_init(
                 token.value, self.settings.app_key.get_secret_value(), enterprise_id
-            )
+            ),
+            c.ack_timeout_s,
         )
         init_sent_at = time.monotonic()
         deadline = SubscribeDeadline.after_init(init_sent_at, c.subscribe_deadline_s)
@@ -490,7 +564,7 @@ class StreamRunner:
                 ws, "the connection status" if self._status_check else "connection_ack"
             )
         ids.subscribing = True
-        await ws.send(session.subscribe(sub))
+        await self._send(ws, session.subscribe(sub), c.ack_timeout_s)
         self._expecting, self._examined = self._resume, 0
         self.state = StreamState.STREAMING
         log.info(
@@ -512,7 +586,9 @@ class StreamRunner:
             asyncio.create_task(
                 self._keepalive(ws, liveness, init_sent_at), name=f"keepalive-{self.name}"
             ),
-            asyncio.create_task(self._completer(ws, session, token), name=f"complete-{self.name}"),
+            asyncio.create_task(
+                self._completer(ws, session, token, liveness), name=f"complete-{self.name}"
+            ),
         ]
         started = time.monotonic()
         try:
@@ -548,7 +624,7 @@ class StreamRunner:
         subscriber would get 4409 and the lockout). None: go ahead and subscribe. The answer
         and the jitter fit in what ``deadline`` leaves."""
         c = self.settings.connection
-        await ws.send(session.query_connection())
+        await self._send(ws, session.query_connection(), c.ack_timeout_s)
         limit, binding = deadline.bound(c.ack_timeout_s, time.monotonic())
         try:
             async with asyncio.timeout(limit):
@@ -663,6 +739,7 @@ class StreamRunner:
         c = self.settings.connection
         ahead = self._ahead = ReadAhead(
             ws,
+            lambda text: self._send(ws, text, liveness.timeout),
             session,
             liveness,
             self.stats,
@@ -707,7 +784,7 @@ class StreamRunner:
                         await pipeline.room()
             elif type(out) is Reply:
                 liveness.activity(now)
-                await ws.send(out.text)
+                await self._send(ws, out.text, liveness.timeout)
             elif type(out) is PongReceived:
                 liveness.pong(now)
             elif isinstance(out, DecodeError):
@@ -775,12 +852,34 @@ class StreamRunner:
         dead-lettered as during it (a malformed one carries no event of ours, but the operator
         sees what came)."""
         if isinstance(out, Reply):
-            await ws.send(out.text)
+            await self._send(ws, out.text, self.settings.connection.ack_timeout_s)
         elif isinstance(out, DecodeError):
             self.stats.malformed += 1
             await self._pipeline.put_malformed(out)
         elif isinstance(out, Ignored):
             self._ignore(out)
+
+    async def _send(self, ws: ClientConnection, text: str, bound: float) -> None:
+        """``ws.send``, but a frame the gateway has not taken within ``bound`` seconds aborts
+        the connection: it stopped reading (websockets' send waits for the drain without a
+        limit, and every later send and the close would wait behind it), so the connection is
+        lost (1006) and replaced as any lost one. The send is not cancelled (its frame is
+        written before it waits): the abort ends the wait."""
+        watchdog = asyncio.get_running_loop().call_later(bound, self._write_stalled, ws, bound)
+        try:
+            await ws.send(text)
+        finally:
+            watchdog.cancel()
+
+    def _write_stalled(self, ws: ClientConnection, bound: float) -> None:
+        if not ws.transport.is_closing():
+            self._stalled = bound
+            log.warning(
+                "the gateway stopped reading: a frame was not written within the deadline; "
+                "connection aborted",
+                deadline_s=round(bound, 1),
+            )
+        ws.transport.abort()
 
     @contextlib.asynccontextmanager
     async def _backpressure(self, liveness: Liveness) -> AsyncIterator[None]:
@@ -817,28 +916,46 @@ class StreamRunner:
     ) -> None:
         interval = self.settings.connection.ping_interval_s
         due = first_ping_due(init_sent_at, interval, time.monotonic())
-        while True:
-            await asyncio.sleep(max(0.0, due - time.monotonic()))
-            now = time.monotonic()
-            # Woken late: the loop was busy and frames may be waiting unread; that is no
-            # evidence against the server.
-            liveness.unobserved(now - due)
-            due = now + interval
-            if self._paused:
-                liveness.activity(now)  # our own backpressure, not the server's silence
-            elif liveness.is_dead(now):
-                self._dead = True
-                log.warning(
-                    "connection declared dead: no pong and no event",
-                    timeout_s=round(liveness.timeout, 1),
-                    srtt_s=None if liveness.srtt is None else round(liveness.srtt, 3),
+        # The ping being written: in a task of its own, so that a gateway that stopped reading
+        # (the write waits, up to its own deadline) never holds the liveness check back.
+        pinging: asyncio.Task[None] | None = None
+        try:
+            while True:
+                await asyncio.sleep(max(0.0, due - time.monotonic()))
+                now = time.monotonic()
+                # Woken late: the loop was busy and frames may be waiting unread; that is no
+                # evidence against the server.
+                liveness.unobserved(now - due)
+                due = now + interval
+                if self._paused:
+                    liveness.activity(now)  # our own backpressure, not the server's silence
+                elif liveness.is_dead(now):
+                    self._dead = True
+                    log.warning(
+                        "connection declared dead: no pong and no event",
+                        timeout_s=round(liveness.timeout, 1),
+                        srtt_s=None if liveness.srtt is None else round(liveness.srtt, 3),
+                    )
+                    ws.transport.abort()
+                    return
+                if pinging is not None:
+                    if not pinging.done():
+                        continue  # the last ping is still unwritten: no other behind it
+                    pinging.result()  # ConnectionClosed: the reader sees the close too
+                liveness.ping_sent(now)
+                pinging = asyncio.create_task(
+                    self._send(ws, ClientSession.ping(), liveness.timeout),
+                    name=f"ping-{self.name}",
                 )
-                ws.transport.abort()
-                return
-            liveness.ping_sent(now)
-            await ws.send(ClientSession.ping())
+        finally:
+            if pinging is not None:
+                pinging.cancel()
+                await asyncio.gather(pinging, return_exceptions=True)
 
-    async def _completer(self, ws: ClientConnection, session: ClientSession, token: Token) -> None:
+    async def _completer(
+        self, ws: ClientConnection, session: ClientSession, token: Token, liveness: Liveness
+    ) -> None:
+        c = self.settings.connection
         margin = self.settings.auth.refresh_margin_s
         try:
             await asyncio.wait_for(
@@ -851,9 +968,10 @@ class StreamRunner:
         self.state = StreamState.COMPLETING
         text = session.complete()
         if text is not None:
-            await ws.send(text)
+            # Not written within the wait for the server's close: it cannot answer it either.
+            await self._send(ws, text, min(liveness.timeout, c.complete_timeout_s))
         # Keep reading what is in flight; the server closes the socket when it is done.
-        await asyncio.sleep(self.settings.connection.complete_timeout_s)
+        await asyncio.sleep(c.complete_timeout_s)
         log.warning("server did not close after complete; closing")
         await ws.close(1000)
 
@@ -904,6 +1022,10 @@ class StreamRunner:
             return completed
         if self._dead:
             return self.policy.on_close(None, "liveness deadline passed")
+        if self._stalled is not None:
+            return self.policy.on_close(
+                None, f"the gateway stopped reading (a frame unwritten after {self._stalled:.1f} s)"
+            )
         if exc.sent is not None and not exc.rcvd_then_sent:  # we closed first
             ours = self.policy.on_closed_by_us(
                 exc.sent.code, self.settings.connection.max_frame_bytes

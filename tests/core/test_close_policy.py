@@ -335,3 +335,41 @@ def test_the_metric_label_of_a_close_is_one_of_a_fixed_set() -> None:
     labels = {policy.on_close(c).code for c in range(1000, 5000)}
     labels |= {policy.on_handshake_status(s).code for s in range(100, 1000)}
     assert len(labels) < 40
+
+
+@pytest.mark.parametrize("status", [429, 500, 503, 520])
+def test_retry_after_on_a_refused_upgrade_lengthens_the_wait(status: int) -> None:
+    """429 and 5xx wait max(the policy's own wait, Retry-After), and say so."""
+    own = policy().on_handshake_status(status)
+    d = policy().on_handshake_status(status, retry_after_s=own.delay_s + 100.0)
+    assert d.action is Action.RECONNECT
+    assert d.delay_s == own.delay_s + 100.0
+    assert "Retry-After" in d.reason and f"HTTP {status}" in d.reason
+    shorter = policy().on_handshake_status(status, retry_after_s=0.5)
+    assert shorter.delay_s == own.delay_s  # never shorter than the policy's wait
+    assert "Retry-After" not in shorter.reason
+
+
+@pytest.mark.parametrize("status", [400, 403, 404, 418])
+def test_retry_after_does_not_change_other_refusals(status: int) -> None:
+    own = policy().on_handshake_status(status)
+    d = policy().on_handshake_status(status, retry_after_s=250.0)
+    assert (d.action, d.delay_s, d.reason) == (own.action, own.delay_s, own.reason)
+
+
+def test_a_redirect_to_another_origin_stops_naming_the_host() -> None:
+    d = policy().on_redirect(302, "gw.example.com:8443", same_origin=False)
+    assert d.action is Action.STOP
+    assert "another origin (gw.example.com:8443)" in d.reason and "gateway_url" in d.reason
+    assert d.code == "http_3xx"
+
+
+def test_a_redirect_to_the_same_origin_backs_off_and_is_not_followed() -> None:
+    p = policy()
+    first = p.on_redirect(307, "gw.example.com", same_origin=True)
+    second = p.on_redirect(307, "gw.example.com", same_origin=True)
+    for d in (first, second):
+        assert d.action is Action.RECONNECT and d.code == "http_3xx"
+        assert "redirected to gw.example.com (HTTP 307); not followed" in d.reason
+    assert CFG.backoff_initial_s / 2 <= first.delay_s <= CFG.backoff_initial_s
+    assert CFG.backoff_initial_s <= second.delay_s <= 2 * CFG.backoff_initial_s
