@@ -34,3 +34,20 @@ def captured_logs(fmt: str = "json", level: str = "debug") -> Iterator[io.String
 def records(buffer: io.StringIO) -> list[dict[str, Any]]:
     """The JSON log lines :func:`captured_logs` gathered, as dicts."""
     return [json.loads(line) for line in buffer.getvalue().splitlines()]
+
+
+@contextmanager
+def log_records(level: str = "debug") -> Iterator[list[dict[str, Any]]]:
+    """The daemon's own lines (loggers ``consumer.*``) logged in the block, as dicts in the
+    list given, filled when the block ends. Not structlog.testing.capture_logs: a logger an
+    earlier test's set-up cached bypasses that."""
+    found: list[dict[str, Any]] = []
+    with captured_logs("json", level) as buffer:
+        try:
+            yield found
+        finally:
+            found.extend(
+                r
+                for r in records(buffer)
+                if str(r.get("logger", "consumer")).startswith("consumer")
+            )

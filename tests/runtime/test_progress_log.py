@@ -9,7 +9,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
-from structlog.testing import capture_logs
+from log_capture import log_records
 from support import stream_status, wait_until
 
 from consumer.core.watermark import Position
@@ -52,7 +52,7 @@ class Source:
 
 def ticks(progress: ProgressLog, source: Source, *states: list[StreamStatus]) -> list[Any]:
     """One tick a second per list of statuses; the lines they logged."""
-    with capture_logs() as logs:
+    with log_records() as logs:
         for i, streams in enumerate(states):
             source.streams = streams
             progress.tick(T0 + i)
@@ -123,7 +123,7 @@ async def test_a_failing_sample_does_not_end_the_loop(source):
 
     source.stream_statuses = statuses  # type: ignore[method-assign]
     progress = ProgressLog(source, interval_s=0.01, caught_up_s=60.0, event_timezone="UTC")
-    with capture_logs() as logs:
+    with log_records() as logs:
         task = asyncio.create_task(progress.run())
         try:
             await wait_until(lambda: len(calls) >= 3)

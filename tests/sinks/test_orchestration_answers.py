@@ -10,8 +10,8 @@ from typing import Any
 import aiohttp
 import pytest
 from bus_events import event
+from log_capture import log_records
 from receiver import Received, Receiver, Reply
-from structlog.testing import capture_logs
 from support import make_settings
 
 from consumer.config import OrchestrationSettings
@@ -96,7 +96,7 @@ async def test_a_redirect_is_no_fault_of_the_event(tmp_path: Path, status: int) 
     with Receiver(lambda r: Reply(status, {"Location": location})) as rx:
         async with aiohttp.ClientSession() as http:
             orch = orchestrator(tmp_path, http, rx, max_attempts=2)
-            with capture_logs() as logs:
+            with log_records() as logs:
                 assert await outcomes(orch, 3) == ["retried"] * 3
                 with pytest.raises(TransientSinkError) as info:
                     await orch.enrich("main", [event(9)])

@@ -13,9 +13,9 @@ from typing import Any
 
 import asyncpg
 import pytest
+from log_capture import log_records
 from pg import PostgresServer, sql
 from pydantic import ValidationError
-from structlog.testing import capture_logs
 from support import as_received, make_settings, running, truth_ids, wait_until
 
 from consumer.config import PostgresSinkSettings
@@ -287,7 +287,7 @@ async def test_open_on_a_closed_port_is_transient_and_keeps_the_password(table):
     sink = PostgresSink(settings(dsn, table))
     assert password not in repr(sink)
     assert f"127.0.0.1:{port}/events" in repr(sink)
-    with capture_logs() as logs, pytest.raises(TransientSinkError) as info:
+    with log_records() as logs, pytest.raises(TransientSinkError) as info:
         await sink.open(None)
     message = str(info.value)
     assert "sink.dsn" in message

@@ -15,8 +15,8 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
+from log_capture import log_records
 from pg import PostgresServer, sql
-from structlog.testing import capture_logs
 from support import make_settings, newest_offset, running, truth_ids, wait_until
 
 from consumer.config import PostgresSinkSettings
@@ -146,7 +146,7 @@ async def test_open_logs_the_mode_and_never_the_dsn(postgres_server: PostgresSer
     where = f"127.0.0.1:{postgres_server.port}/opera_test"
     for staged, mode in ((True, STATE_TRANSACTION), (False, OWN_POOL)):
         sink = PostgresSink(settings(dsn, table), in_state_transaction=staged)
-        with capture_logs() as logs:
+        with log_records() as logs:
             await sink.open(None)
         await sink.close()
         opened = [e for e in logs if e["event"] == "postgres sink open"]
@@ -265,12 +265,12 @@ async def test_an_encoding_that_cannot_hold_every_character_keeps_the_own_pool(
     )
     dsn = postgres_server.dsn(db)
     sink = PostgresSink(settings(dsn, table), in_state_transaction=True)
-    with capture_logs() as logs:
+    with log_records() as logs:
         await sink.open(None)
     try:
         assert sink.in_state_transaction is False
         assert sink.mode == OWN_POOL
-        assert [e.get("encoding") for e in logs if e["log_level"] == "warning"] == ["LATIN1"]
+        assert [e.get("encoding") for e in logs if e["level"] == "warning"] == ["LATIN1"]
         assert [e["mode"] for e in logs if e["event"] == "postgres sink open"] == [OWN_POOL]
         await sink.write("main", [event(1)])
         assert sink.staged() is None

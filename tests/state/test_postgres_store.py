@@ -15,9 +15,9 @@ from typing import Any
 
 import asyncpg
 import pytest
+from log_capture import log_records
 from pg import DATABASE, PostgresServer
 from store_backends import PostgresBackend
-from structlog.testing import capture_logs
 from support import sink_length
 
 import consumer.state.postgres as store_module
@@ -198,7 +198,7 @@ async def test_an_unreachable_server_is_retriable_and_names_host_and_port() -> N
     port = closed_port()
     password = "hunter2-Very-Secret"
     dsn = f"postgresql://opera:{password}@127.0.0.1:{port}/events"
-    with capture_logs() as logs, pytest.raises(StoreError) as raised:
+    with log_records() as logs, pytest.raises(StoreError) as raised:
         await PostgresStore.open(dsn, timeout_s=5.0)
     assert raised.value.retriable
     message = str(raised.value)
