@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import InvalidStatus, WebSocketException
 from websockets.typing import Subprotocol
 
@@ -56,7 +56,7 @@ from ..pg_target import Target
 from ..runtime import tls
 from ..runtime.assembly import bus_sink, http_client, register_secrets
 from ..runtime.auth import TokenProvider
-from ..runtime.origin import redirected_to
+from ..runtime.origin import NoRedirects, one_header, redirect_target
 from ..sinks import sqlite as sqlite_sink
 from ..sinks.jsonl import JsonlSink
 from ..state import sqlite
@@ -115,7 +115,7 @@ async def _stream(
     # As the daemon connects: the token on the upgrade too when asked.
     upgrade = {"Authorization": f"Bearer {token.value}"} if c.upgrade_authorization else None
     try:
-        async with connect(
+        async with NoRedirects(  # as the daemon: a redirect is not followed
             url,
             additional_headers=upgrade,
             subprotocols=[Subprotocol(protocol.SUBPROTOCOL)],
@@ -132,16 +132,6 @@ async def _stream(
                 "request headers",
                 f"{headers} bytes (gateway limit {HEADER_LIMIT})",
             )
-            moved = redirected_to(ws, url)
-            if moved is not None:
-                add(
-                    "FAIL",
-                    name,
-                    "gateway",
-                    f"redirected to another origin ({moved}): credentials not sent there; "
-                    "if it is the gateway now, set gateway_url to it",
-                )
-                return
             if ws.subprotocol != protocol.SUBPROTOCOL:
                 add("FAIL", name, "gateway", "graphql-transport-ws refused: check gateway_url")
                 return
@@ -149,6 +139,19 @@ async def _stream(
             await _session(checks, name, s, ws, token.value)
     except InvalidStatus as exc:
         code = exc.response.status_code
+        target = redirect_target(url, one_header(exc.response.headers, "Location"))
+        if 300 <= code < 400 and target is not None:
+            host, same = target
+            where = host if same else f"another origin ({host})"
+            add(
+                "FAIL",
+                name,
+                "gateway",
+                f"redirected with HTTP {code} to {where}: not followed (the daemon does not "
+                "follow it either; credentials are not sent there); if it is the gateway now, "
+                "set gateway_url to it",
+            )
+            return
         fix = "check app_key, gateway_url, approval, Streaming Enabled" if code == 400 else ""
         url = mask_url(s.gateway_url)
         add("FAIL", name, "gateway", f"{url}: upgrade refused with HTTP {code}. {fix}".strip())

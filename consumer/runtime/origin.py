@@ -1,24 +1,49 @@
-"""Where a WebSocket connection ended up. websockets follows HTTP redirects, to another host
-too (it strips an Authorization header then), but the gateway's credentials travel in
-``connection_init``, after the handshake, where it cannot see them: so before sending them we
-check that the connection is still with the origin we were given."""
+"""Redirects of the WebSocket upgrade: never followed. Each hop would be another upgrade
+request, which the key's upgrade budget (booked once per attempt) never sees (ten per attempt
+in a loop), and the gateway's credentials travel in ``connection_init``, after the handshake,
+where websockets cannot strip them: they would go wherever the redirect leads. A 3xx is a
+refused upgrade, said by the host it points to (never its path or query)."""
 
 from __future__ import annotations
 
-from websockets.asyncio.client import ClientConnection
+import urllib.parse
+
+from websockets.asyncio.client import connect
+from websockets.datastructures import Headers
 from websockets.headers import build_host
 from websockets.uri import parse_uri
 
 from ..core.printable import printable
 
 
-def redirected_to(ws: ClientConnection, url: str) -> str | None:
-    """The host (``host[:port]``, bounded and printable) a redirect took ``ws`` to, when it is
-    not ``url``'s; None when it is."""
-    if ws.request is None:
+class NoRedirects(connect):
+    """websockets' connect, a redirect raised as the InvalidStatus it is."""
+
+    def process_redirect(self, exc: Exception) -> Exception | str:
+        return exc
+
+
+def one_header(headers: Headers, name: str) -> str | None:
+    """A header's value if the response has it once (twice is a hostile answer: neither)."""
+    values = headers.get_all(name)
+    return values[0] if len(values) == 1 else None
+
+
+def redirect_target(url: str, location: str | None) -> tuple[str, bool] | None:
+    """Where a redirect's ``Location`` points, relative to ``url``: its host (``host[:port]``,
+    printable and bounded; never the path or query) and whether it is ``url``'s origin. None
+    when it names no usable place."""
+    if location is None:
         return None
+    try:
+        to = urllib.parse.urlsplit(urllib.parse.urljoin(url, location))
+        port = to.port
+    except ValueError:
+        return None
+    secure = {"wss": True, "https": True, "ws": False, "http": False}.get(to.scheme)
+    if secure is None or not to.hostname:
+        return None
+    port = port or (443 if secure else 80)
     given = parse_uri(url)
-    host = ws.request.headers.get("Host", "")
-    if host.lower() == build_host(given.host, given.port, given.secure).lower():
-        return None
-    return printable(host, 200)
+    same = (secure, to.hostname, port) == (given.secure, given.host.lower(), given.port)
+    return printable(build_host(to.hostname, port, secure), 200), same

@@ -19,7 +19,6 @@ import dataclasses
 import enum
 import random
 import time
-import urllib.parse
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable
@@ -28,13 +27,11 @@ from typing import Final, TypeVar
 
 import structlog
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import ClientConnection
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.frames import CloseCode
-from websockets.headers import build_host
 from websockets.typing import Subprotocol
-from websockets.uri import parse_uri
 
 from .. import __version__
 from ..config import StreamSettings
@@ -65,6 +62,7 @@ from ..logs import REDACTOR
 from ..state.base import StateStore
 from . import tls
 from .auth import Token, TokenProvider
+from .origin import NoRedirects, one_header, redirect_target
 from .pipeline import StreamPipeline
 from .read_ahead import ReadAhead
 
@@ -161,42 +159,6 @@ class _Connection(ClientConnection):
     def _abort_unwritten(self) -> None:
         if self.transport.get_write_buffer_size() > 0:
             self.transport.abort()
-
-
-class _Connect(connect):
-    """websockets' connect, without following redirects: every hop is another upgrade
-    request that the key's upgrade budget (booked once per attempt) never sees, ten per
-    attempt in a loop, and the credentials in connection_init would go wherever it leads. A
-    3xx is a refused upgrade (:meth:`ClosePolicy.on_redirect`)."""
-
-    def process_redirect(self, exc: Exception) -> Exception | str:
-        return exc
-
-
-def _one(headers: Headers, name: str) -> str | None:
-    """A header's value if the response has it once (twice is a hostile answer: neither)."""
-    values = headers.get_all(name)
-    return values[0] if len(values) == 1 else None
-
-
-def _redirect_target(url: str, location: str | None) -> tuple[str, bool] | None:
-    """Where a redirect's ``Location`` points, relative to ``url``: its host (``host[:port]``,
-    printable and bounded; never the path or query) and whether it is ``url``'s origin. None
-    when it names no usable place."""
-    if location is None:
-        return None
-    try:
-        to = urllib.parse.urlsplit(urllib.parse.urljoin(url, location))
-        port = to.port
-    except ValueError:
-        return None
-    secure = {"wss": True, "https": True, "ws": False, "http": False}.get(to.scheme)
-    if secure is None or not to.hostname:
-        return None
-    port = port or (443 if secure else 80)
-    given = parse_uri(url)
-    same = (secure, to.hostname, port) == (given.secure, given.host.lower(), given.port)
-    return printable(build_host(to.hostname, port, secure), 200), same
 
 
 class _Ids:
@@ -390,7 +352,7 @@ class StreamRunner:
         # The token on the upgrade as well, if asked (unconfirmed whether OHIP wants it).
         headers = {"Authorization": f"Bearer {token.value}"} if c.upgrade_authorization else None
         try:
-            async with _Connect(
+            async with NoRedirects(
                 self._url,
                 additional_headers=headers,
                 subprotocols=[Subprotocol(protocol.SUBPROTOCOL)],
@@ -434,11 +396,11 @@ class StreamRunner:
         """The upgrade answered ``status``: a redirect (not followed) says where to, host only;
         a refusal's Retry-After is honoured (429, 5xx)."""
         if 300 <= status < 400:
-            target = _redirect_target(self._url, _one(headers, "Location"))
+            target = redirect_target(self._url, one_header(headers, "Location"))
             if target is not None:
                 host, same = target
                 return self.policy.on_redirect(status, host, same_origin=same)
-        after = retry_after_seconds(_one(headers, "Retry-After"))
+        after = retry_after_seconds(one_header(headers, "Retry-After"))
         return self.policy.on_handshake_status(status, after)
 
     async def _subscribe_input(self) -> SubscribeInput:

@@ -30,7 +30,8 @@ from websockets.typing import Subprotocol
 from consumer.config import Settings
 from consumer.config.settings import stop_budget
 from consumer.runtime.daemon import Daemon
-from consumer.runtime.stream import CLOSE_WRITE_S, _Connect, _Connection
+from consumer.runtime.origin import NoRedirects
+from consumer.runtime.stream import CLOSE_WRITE_S, _Connection
 from consumer.sandbox import SandboxOptions
 
 
@@ -287,7 +288,7 @@ async def test_a_cancelled_session_does_not_wait_to_write_its_close_frame() -> N
         await flood_pings(transport, wedged)
 
     async def session(url: str) -> None:
-        async with _Connect(
+        async with NoRedirects(
             url.replace("http", "ws", 1),
             subprotocols=[Subprotocol("graphql-transport-ws")],
             compression=None,

@@ -1,7 +1,7 @@
 """A gateway that redirects the WebSocket upgrade to another origin: the token and the
 application key go in connection_init, which websockets cannot strip on a redirect. The daemon
-does not follow it (the stream stops, naming the host); preflight follows it and checks where
-the connection ended up before sending them."""
+does not follow it (the stream stops, naming the host), and neither does preflight (nothing
+reaches the other origin)."""
 
 from __future__ import annotations
 
@@ -77,4 +77,5 @@ async def test_no_credentials_go_to_another_origin(sandbox_factory, tmp_path: Pa
         assert not await preflight.run(settings, items.append)
     [gateway] = [i for i in items if i.what == "gateway"]
     assert gateway.level == "FAIL" and f"another origin (localhost:{port})" in gateway.detail
+    assert gw.stats.connections == 0  # preflight does not follow it either (it did: 10 hops)
     assert gw.stats.inits == 0
