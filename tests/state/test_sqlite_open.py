@@ -5,10 +5,8 @@ old store migrated by another process meanwhile opens."""
 from __future__ import annotations
 
 import asyncio
-import os
 import sqlite3
 import threading
-import time
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,7 @@ import pytest
 
 from consumer.errors import StoreError
 from consumer.state import SqliteStore
+from consumer.state import sqlite as sqlite_store
 from consumer.state.sqlite import MIGRATIONS, _statements
 
 
@@ -41,16 +40,23 @@ async def test_a_lookup_connection_that_fails_leaves_no_thread_behind(
     assert [t for t in left if t.is_alive()] == []
 
 
-def _open_fds(path: Path) -> int:
-    fds = Path("/proc/self/fd")
-    return sum(1 for fd in fds.iterdir() if os.path.realpath(fd) == str(path.resolve()))
-
-
-async def test_an_old_store_migrated_by_another_process_meanwhile_opens(tmp_path: Path) -> None:
+async def test_an_old_store_migrated_by_another_process_meanwhile_opens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A daemon and a command opening an old store together: one migrates, the other reads the
     old version, waits for the write lock and must then find the schema current (it ran the
     migration again: "duplicate column" or "table already exists")."""
     path = tmp_path / "state.db"
+    first_read: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    real = sqlite_store._version
+
+    async def version(db: Any) -> int:
+        found = await real(db)
+        if not first_read.done():
+            first_read.set_result(found)
+        return found
+
+    monkeypatch.setattr(sqlite_store, "_version", version)
     with closing(sqlite3.connect(path)) as con:
         scripts = "".join(f"{m};" for m in MIGRATIONS[:-1])
         con.executescript(
@@ -63,12 +69,8 @@ async def test_an_old_store_migrated_by_another_process_meanwhile_opens(tmp_path
             other.execute(statement)
         other.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")
         opening = asyncio.create_task(SqliteStore.open(path))
-        deadline = time.monotonic() + 10
-        while _open_fds(path) < 2:  # its writer connection is open: it reads the version next
-            assert time.monotonic() < deadline and not opening.done()
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.5)  # it reads the old version, then waits for the write lock
-        assert not opening.done()
+        async with asyncio.timeout(10):  # it read the old version: it waits for the lock next
+            assert await first_read == len(MIGRATIONS) - 1
         other.execute("COMMIT")
         store = await asyncio.wait_for(opening, 10)
     finally:
