@@ -19,6 +19,7 @@ argument does not shadow an import).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import shutil
 import subprocess
@@ -198,6 +199,17 @@ class RedisServer(ServerProcess):
                 return int(r.xlen(key))
         except redis.exceptions.RedisError:
             return 0
+
+
+async def replicating(primary: RedisServer, replicas: int = 1, timeout_s: float = 30.0) -> None:
+    """Until the primary has ``replicas`` replicas online (bounded)."""
+    async with asyncio.timeout(timeout_s), primary.client() as r:
+        while True:
+            info = await r.info("replication")
+            online = [v for k, v in info.items() if k.startswith("slave") and isinstance(v, dict)]
+            if sum(1 for v in online if v.get("state") == "online") >= replicas:
+                return
+            await asyncio.sleep(0.05)
 
 
 def event_ids(entries: Sequence[tuple[str, Mapping[str, bytes]]]) -> list[str]:

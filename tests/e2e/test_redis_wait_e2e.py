@@ -6,14 +6,13 @@ offset, and primary and replica hold each event exactly once."""
 
 from __future__ import annotations
 
-import asyncio
 import signal
 from collections.abc import Callable
 from pathlib import Path
 
 import redis
 from bus_e2e import PIPELINE, assert_ground_truth, no_dead_letters, poll, sink_section, stop, truth
-from redis_server import RedisServer
+from redis_server import RedisServer, replicating
 from support import (
     checkpoint,
     committed,
@@ -27,16 +26,6 @@ from support import (
 from consumer.sandbox import SandboxGateway
 
 KEY = "opera:DEMO"
-
-
-async def replicating(primary: RedisServer, timeout_s: float = 30.0) -> None:
-    """Until the primary has a replica online (bounded)."""
-    async with asyncio.timeout(timeout_s), primary.client() as r:
-        while True:
-            info = await r.info("replication")
-            if any(isinstance(v, dict) and v.get("state") == "online" for v in info.values()):
-                return
-            await asyncio.sleep(0.05)
 
 
 async def length(server: RedisServer) -> int:

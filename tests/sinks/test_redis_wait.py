@@ -9,7 +9,6 @@ guard), and once the replica is back the retry goes through and both have each e
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 from collections.abc import Callable
@@ -18,7 +17,7 @@ from typing import Any
 import pytest
 from bus_events import event, write_until_through
 from log_capture import captured_logs
-from redis_server import RedisServer, event_ids
+from redis_server import RedisServer, event_ids, replicating
 
 from consumer.config import RedisSinkSettings
 from consumer.errors import SinkUnusable, TransientSinkError
@@ -34,17 +33,6 @@ def settings(url: str, **overrides: Any) -> RedisSinkSettings:
     values: dict[str, Any] = {"type": "redis", "url": url, "timeout_s": 2.0}
     values.update(overrides)
     return RedisSinkSettings.model_validate(values)
-
-
-async def replicating(primary: RedisServer, replicas: int = 1, timeout_s: float = 30.0) -> None:
-    """Until the primary has ``replicas`` replicas online (bounded)."""
-    async with asyncio.timeout(timeout_s), primary.client() as r:
-        while True:
-            info = await r.info("replication")
-            online = [v for k, v in info.items() if k.startswith("slave") and isinstance(v, dict)]
-            if sum(1 for v in online if v.get("state") == "online") >= replicas:
-                return
-            await asyncio.sleep(0.05)
 
 
 def expected(n: int) -> list[str]:
@@ -64,13 +52,20 @@ async def test_a_batch_is_written_only_once_a_replica_has_it_and_retried_without
     primary = redis_factory()
     replica = redis_factory(options=["--replicaof", "127.0.0.1", str(primary.port)])
     await replicating(primary)
+    # Time enough for the replica's answer on a loaded machine (300 ms was not, once).
+    steady = RedisSink(
+        settings(primary.url(), timeout_s=10.0, wait_replicas=1, wait_timeout_ms=5000), CHAINS
+    )
+    await steady.open(None)
+    try:
+        await steady.write("main", [event(i) for i in range(10)])
+    finally:
+        await steady.close()
+    # WAIT answered: the replica has the batch when write returns.
+    assert event_ids(replica.entries(KEY)) == expected(10)
     sink = RedisSink(settings(primary.url(), wait_replicas=1, wait_timeout_ms=300), CHAINS)
     await sink.open(None)
     try:
-        await sink.write("main", [event(i) for i in range(10)])
-        # WAIT answered: the replica has the batch when write returns.
-        assert event_ids(replica.entries(KEY)) == expected(10)
-
         replica.stop()
         batch = [event(i) for i in range(10, 20)]
         for _ in range(3):  # not written (not checkpointed): retried, never doubled
