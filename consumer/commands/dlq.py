@@ -128,28 +128,37 @@ class Selection:
     ids: tuple[int, ...] | None = None
 
     async def read(
-        self,
-        store: StateStore,
-        *,
-        payloads: bool,
-        after: int | None,
-        limit: int,
-        among: Sequence[int] | None = None,
+        self, store: StateStore, *, payloads: bool, after: int | None, limit: int
     ) -> list[DeadLetterRow]:
-        """The next ``limit`` of them after id ``after`` (those of ``among`` only, if given)."""
-        ids = self.ids if among is None else among
-        if self.ids is not None and among is not None:
-            named = set(self.ids)
-            ids = [i for i in among if i in named]
+        """The next ``limit`` of them after id ``after``."""
         return await store.dead_letters(
             self.stream,
             reason=self.reason,
             since=self.since,
             before=self.before,
-            ids=ids,
+            ids=self.ids,
             payloads=payloads,
             after=after,
             limit=limit,
+        )
+
+    async def held_back(
+        self, store: StateStore, rows: Sequence[DeadLetterRow], failed: set[tuple[str, str]]
+    ) -> dict[tuple[str, str], int]:
+        """The oldest dead letter outside the selection of each resource of ``rows`` (a page)
+        older than one of them, but those of ``failed`` (their later events are skipped
+        anyway): asked of the store per page, so that a replay holds the keys of a page, not
+        every key of the queue (millions, for a filtered replay of a large queue)."""
+        keys = {(r.stream, r.primary_key) for r in rows if r.primary_key} - failed
+        if not keys:
+            return {}
+        return await store.oldest_outside(
+            sorted(keys),
+            below=rows[-1].id,
+            reason=self.reason,
+            since=self.since,
+            before=self.before,
+            ids=self.ids,
         )
 
 
@@ -178,37 +187,23 @@ async def pages(
         after = rows[-1].id
 
 
+ReplayPages = AsyncIterator[tuple[list[DeadLetterRow], dict[tuple[str, str], int]]]
+
+
 async def walk(
     store: StateStore,
     selection: Selection,
-    held_back: dict[tuple[str, str], int],
+    failed: set[tuple[str, str]],
     *,
     payloads: bool,
     page: int | None = None,
-) -> AsyncIterator[list[DeadLetterRow]]:
-    """The selection's dead letters page by page in id order, for a replay: the queue is read
-    beside them (ids and keys only), and ``held_back`` gets the oldest dead letter of each
-    (stream, primaryKey) outside the selection before any row of the selection after it is
-    yielded (see :func:`_held`). The queue of the selection's stream only: a key is of one
-    stream. Memory: a page of rows, and one id per key with a dead letter outside."""
-    page = page or PAGE
-    last = max(selection.ids, default=0) if selection.ids is not None else None
-    after: int | None = None
-    while last is None or (after or 0) < last:
-        every = await store.dead_letters(selection.stream, payloads=False, after=after, limit=page)
-        if not every:
-            return
-        ids = [r.id for r in every]
-        chosen = await selection.read(store, payloads=payloads, after=after, limit=page, among=ids)
-        inside = {r.id for r in chosen}
-        for row in every:
-            if row.primary_key and row.id not in inside:
-                held_back.setdefault((row.stream, row.primary_key), row.id)  # ids ascend
-        if chosen:
-            yield chosen
-        if len(every) < page:
-            return
-        after = every[-1].id
+) -> ReplayPages:
+    """:func:`pages`, for a replay: each page with the oldest dead letter outside the
+    selection of each of its resources older than one of its rows (see :func:`_held`), but
+    those of ``failed`` (the replay's resources with an event not delivered, as it goes).
+    Memory: a page of rows and an id per resource of the page, whatever the queue's size."""
+    async for rows in pages(store, selection, payloads=payloads, page=page):
+        yield rows, await selection.held_back(store, rows, failed)
 
 
 async def replay(
@@ -225,16 +220,15 @@ async def replay(
     known: a queue of any size is replayed in the memory of a page. A row whose key has an
     older dead letter outside the selection, or an earlier row in this replay that was not
     delivered, is skipped: a key's events keep their order."""
-    held_back: dict[tuple[str, str], int] = {}
-
-    def source(store: StateStore) -> AsyncIterator[list[DeadLetterRow]]:
-        return walk(store, selection, held_back, payloads=True, page=page)
-
     failed_keys: set[tuple[str, str]] = set()
+
+    def source(store: StateStore) -> ReplayPages:
+        return walk(store, selection, failed_keys, payloads=True, page=page)
+
     if dry_run:
         store = await open_store(settings.state, create=False)
         try:
-            async for rows in source(store):
+            async for rows, held_back in source(store):
                 for row in rows:
                     skip = _held(row, held_back, failed_keys)
                     if skip is None and not isinstance(event := _event(row), Event):
@@ -256,7 +250,6 @@ async def replay(
             settings,
             source,
             alone=running is None,
-            held_back=held_back,
             failed_keys=failed_keys,
             attempts=attempts,
             on_outcome=on_outcome,
@@ -267,10 +260,9 @@ async def replay(
 
 async def _replay(
     settings: Settings,
-    source: Callable[[StateStore], AsyncIterator[list[DeadLetterRow]]],
+    source: Callable[[StateStore], ReplayPages],
     *,
     alone: bool,
-    held_back: dict[tuple[str, str], int],
     failed_keys: set[tuple[str, str]],
     attempts: int,
     on_outcome: Callable[[Outcome], None],
@@ -289,7 +281,7 @@ async def _replay(
             try:
                 done = 0
                 # Read under the lock: a replay that ended meanwhile took its rows out.
-                async for rows in source(store):
+                async for rows, held_back in source(store):
                     for row in rows:
                         skip = _held(row, held_back, failed_keys)
                         if skip is None and row.stream not in settings.streams:

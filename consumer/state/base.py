@@ -107,6 +107,23 @@ class StateStore(Protocol):
         and a command holds a page, not the queue."""
         ...
 
+    async def oldest_outside(
+        self,
+        keys: Sequence[tuple[str, str]],
+        *,
+        below: int,
+        reason: str | None = None,
+        since: float | None = None,
+        before: float | None = None,
+        ids: Sequence[int] | None = None,
+    ) -> dict[tuple[str, str], int]:
+        """Of each resource (stream, primaryKey) of ``keys``, the id of its oldest dead letter
+        below id ``below`` that the filters given do not select (as :meth:`dead_letters`
+        would), for those that have one: the dead letters a replay of a page of a selection
+        holds that page's later events back for, asked per page instead of remembered for
+        every key of the queue. No filter given: every one is selected, so none."""
+        ...
+
     async def purge_dead_letters(self, ids: Sequence[int]) -> int: ...
 
     async def newest_dead_letter_id(self) -> int | None:

@@ -514,6 +514,39 @@ class PostgresStore:
         rows = await self._pool.fetch(sql, *args)
         return [_dead_letter(row) for row in rows]
 
+    @_translated("reading dead letters")
+    async def oldest_outside(
+        self,
+        keys: Sequence[tuple[str, str]],
+        *,
+        below: int,
+        reason: str | None = None,
+        since: float | None = None,
+        before: float | None = None,
+        ids: Sequence[int] | None = None,
+    ) -> dict[tuple[str, str], int]:
+        """Each key's oldest dead letter the filters do not select (see StateStore)."""
+        args: list[Any] = [[s for s, _ in keys], [to_text(k) for _, k in keys], below]
+        chosen = ""
+        for clause, value in (
+            (" AND d.reason = ${}", to_text_or_none(reason)),
+            (" AND d.last_at >= ${}::float8", since),
+            (" AND d.last_at < ${}::float8", before),
+            (" AND d.id = ANY(${}::bigint[])", None if ids is None else list(ids)),
+        ):
+            if value is not None:
+                args.append(value)
+                chosen += clause.format(len(args))
+        if not chosen or not keys:
+            return {}
+        rows = await self._pool.fetch(
+            f"SELECT k.s, k.pk, (SELECT MIN(d.id) FROM {self._s}.dead_letters d "
+            "WHERE d.stream = k.s AND d.primary_key = k.pk AND d.id < $3::bigint "
+            f"AND NOT (TRUE{chosen})) FROM unnest($1::text[], $2::text[]) AS k(s, pk)",
+            *args,
+        )
+        return {(s, from_text(k)): int(i) for s, k, i in rows if i is not None}
+
     @_translated("reading parked keys")
     async def parked_keys(self, stream: str) -> dict[str, str]:
         """Resources with dead letters -> the uniqueEventId (or dedup key) of the oldest."""

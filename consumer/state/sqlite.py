@@ -372,6 +372,42 @@ class SqliteStore:
             return [DeadLetterRow(*row) for row in await cur.fetchall()]
 
     @_translated
+    async def oldest_outside(
+        self,
+        keys: Sequence[tuple[str, str]],
+        *,
+        below: int,
+        reason: str | None = None,
+        since: float | None = None,
+        before: float | None = None,
+        ids: Sequence[int] | None = None,
+    ) -> dict[tuple[str, str], int]:
+        """Each key's oldest dead letter the filters do not select (see StateStore)."""
+        chosen = ""
+        args: list[Any] = [below]
+        for clause, value in (
+            (" AND reason = ?", reason),
+            (" AND last_at >= ?", since),
+            (" AND last_at < ?", before),
+            (f" AND id IN {_IDS}", None if ids is None else _ids(ids)),
+        ):
+            if value is not None:
+                chosen += clause
+                args.append(value)
+        if not chosen or not keys:
+            return {}
+        # Per key, its letters in id order on the (stream, primary_key) index, up to the first
+        # one outside (or ``below``). The keys as parameters: a page's (hundreds), as they are.
+        sql = (
+            "SELECT column1, column2, (SELECT id FROM dead_letters WHERE stream = column1 "
+            f"AND primary_key = column2 AND id < ? AND NOT (1{chosen}) ORDER BY id LIMIT 1) "
+            "FROM (VALUES " + ", ".join(["(?, ?)"] * len(keys)) + ")"
+        )
+        args += [v for key in keys for v in key]
+        async with self._r.execute(sql, args) as cur:
+            return {(str(s), str(k)): int(i) for s, k, i in await cur.fetchall() if i is not None}
+
+    @_translated
     async def parked_keys(self, stream: str) -> dict[str, str]:
         """Resources with dead letters -> the uniqueEventId (or dedup key) of the oldest."""
         async with self._r.execute(

@@ -3,7 +3,8 @@ left ~800,000 of them, and `dlq replay --all` read every one with its payload (t
 each) before delivering the first, and printed nothing until the end. On SQLite and on
 PostgreSQL (tests/pg.py): the store pages by id, a replay of more rows than a page delivers
 each once in order and keeps a resource's order across pages, and no call to the store
-returns more than a page."""
+returns more than a page. A filtered replay asks the store per page for the dead letters left
+out that hold its resources back: it kept one for every resource of the queue."""
 
 from __future__ import annotations
 
@@ -335,3 +336,123 @@ async def test_a_purge_leaves_the_dead_letters_written_while_it_runs(
     assert "purged 10" in err
     assert out == ""
     assert await left(config) == ["uid-99"]
+
+
+async def test_the_store_finds_the_oldest_dead_letter_outside_a_selection_per_resource(
+    config: Path,
+) -> None:
+    """``oldest_outside``: of each resource asked, its oldest dead letter below an id that the
+    filters do not select, as a reading of the whole queue finds it (a resource with a NUL
+    and a marker-like text in its key too: PostgreSQL keeps those escaped)."""
+    odd = "K\x00\U0001f600"
+    resources = ["K0", "K1", "K2", odd]
+    store = await open_store(load_settings(config).state)
+    try:
+        for i in range(1, 41):
+            key = resources[i % 4]
+            stream = "b" if i % 7 == 0 else "main"
+            why = "r" if i % 3 else "s"
+            await store.commit(
+                CommitBatch(dead_letters=[letter(i, key, stream=stream, reason=why)]),
+                now=10.0 * (1 + i % 5),
+            )
+        every = await store.dead_letters(payloads=False)
+        ids = [r.id for r in every]
+        keys = [*sorted({(r.stream, str(r.primary_key)) for r in every}), ("main", "none")]
+        for filters in (
+            {"reason": "r"},
+            {"since": 30.0},
+            {"before": 30.0, "reason": "s"},
+            {"ids": ids[::2]},
+            {"ids": ids[1::3], "since": 20.0, "before": 50.0},
+        ):
+            for below in (ids[0], ids[9], ids[-1], ids[-1] + 1):
+
+                def chosen(r: DeadLetterRow, f: dict[str, Any] = filters) -> bool:
+                    return (
+                        f.get("reason") in (None, r.reason)
+                        and r.last_at >= f.get("since", r.last_at)
+                        and (f.get("before") is None or r.last_at < f["before"])
+                        and ("ids" not in f or r.id in f["ids"])
+                    )
+
+                want: dict[tuple[str, str], int] = {}
+                for r in every:
+                    if r.id < below and not chosen(r):
+                        want.setdefault((r.stream, str(r.primary_key)), r.id)
+                got = await store.oldest_outside(keys, below=below, **filters)  # type: ignore[arg-type]
+                assert got == want, (filters, below)
+                assert any(want.values()) or below == ids[0]
+        assert await store.oldest_outside(keys, below=ids[-1] + 1) == {}  # all selected
+        assert await store.oldest_outside([], below=ids[-1] + 1, reason="r") == {}
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize(
+    ("how", "dry_run"),
+    [("reason", False), ("reason", True), ("since", False), ("before", False), ("ids", False)],
+)
+async def test_a_filtered_replay_holds_a_page_of_resources_not_every_one_outside(
+    config: Path, monkeypatch: pytest.MonkeyPatch, how: str, dry_run: bool
+) -> None:
+    """A replay of a selection over a queue of many resources outside it: the replay kept the
+    oldest dead letter of every resource outside the selection it had read past, to the end
+    (millions of them over a large queue). It holds those of a page, and a resource still
+    waits for a dead letter outside many pages before its event. Pages of 4 rows; ids 1..N
+    in arrival order; the selection by reason, by time (last_at) or by id."""
+    outside_keys = 60
+    plan: list[tuple[str, bool]] = [("A", False), ("B", True), ("C", True)]  # key, selected
+    for i in range(outside_keys):
+        plan += [(f"out-{i}", False), (f"in-{i}", True)]
+    plan += [("B", False), ("C", True), ("B", True), ("A", True)]
+    n = len(plan)
+    # (reason, last_at) of each letter: only the filter under test tells them apart
+    selected_at, outside_at = (20.0, 10.0) if how == "since" else (20.0, 30.0)
+    store = await open_store(load_settings(config).state)
+    try:
+        for i, (key, selected) in enumerate(plan, 1):
+            why = "x" if selected or how != "reason" else "y"
+            at = selected_at if selected or how not in ("since", "before") else outside_at
+            await store.commit(CommitBatch(dead_letters=[letter(i, key, reason=why)]), now=at)
+        assert [r.id for r in await store.dead_letters()] == list(range(1, n + 1))
+    finally:
+        await store.close()
+    chosen = [i for i, (_, selected) in enumerate(plan, 1) if selected]
+    selection = {
+        "reason": dlq.Selection(reason="x"),
+        "since": dlq.Selection(since=15.0),
+        "before": dlq.Selection(before=25.0),
+        "ids": dlq.Selection(ids=tuple(chosen)),
+    }[how]
+
+    sizes: list[int] = []
+    held = dlq._held
+
+    def counting(row: DeadLetterRow, held_back: dict[tuple[str, str], int], *rest: Any) -> Any:
+        sizes.append(len(held_back))
+        return held(row, held_back, *rest)
+
+    monkeypatch.setattr(dlq, "_held", counting)
+    outcomes: list[dlq.Outcome] = []
+    await dlq.replay(
+        load_settings(config), selection, dry_run=dry_run, on_outcome=outcomes.append, page=4
+    )
+    assert len(sizes) == len(chosen)
+    assert max(sizes) <= 4  # the keys of a page at most (the old replay: 62)
+
+    last_b, last_a = n - 1, n  # B waits for its letter outside at n - 3; A for 1
+    skipped = {last_b: f"dead letter {n - 3} ", last_a: "dead letter 1 "}
+    assert [o.id for o in outcomes] == chosen  # each once, in order
+    for o in outcomes:
+        if o.id in skipped:
+            assert o.result == "skipped" and skipped[o.id] in o.detail, o
+        else:
+            assert o.result == ("would deliver" if dry_run else "delivered"), o
+    if dry_run:
+        assert pysink.delivered_ids() == []
+        return
+    assert pysink.delivered_ids() == [f"uid-{i}" for i in chosen if i not in skipped]
+    assert await left(config) == [
+        f"uid-{i}" for i, (_, selected) in enumerate(plan, 1) if not selected or i in skipped
+    ]
