@@ -6,9 +6,10 @@ the rest held for the reader, bounded. Two helper tasks per session own the time
 ``_keepalive`` sends a ping every ``ping_interval_s`` (the first that long after
 ``connection_init``) and replaces a connection that shows no pong and no event within the
 liveness deadline; ``_completer`` ends the session gracefully (``complete``, then wait for the
-server to close) at shutdown or before the token expires. Every write has a deadline (a
-gateway that stops reading would otherwise hold the session, and its stop, for good): a frame
-not written in time aborts the connection, taken as lost (1006).
+server to close) at shutdown or before the token expires. Every write has a deadline, kept
+by the connection itself (:class:`_Connection`; a gateway that stops reading would otherwise
+hold the session, and its stop, for good): a frame not written in time aborts the connection,
+taken as lost (1006).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import random
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Final, TypeVar
 
@@ -30,7 +31,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wai
 from websockets.asyncio.client import ClientConnection
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
-from websockets.frames import CloseCode
+from websockets.protocol import State
 from websockets.typing import Subprotocol
 
 from .. import __version__
@@ -135,30 +136,61 @@ def _read_ahead_frames(max_size: int) -> int:
     return max(2, min(64, _READ_AHEAD_BYTES // max_size))
 
 
-# How long a close frame may wait to be written before the TCP connection is aborted instead.
-# websockets' close() waits for the write without a limit (close_timeout starts after it), and
-# so does connect's __aexit__ when a stop cancels the session: a gateway that stopped reading
-# would hold the shutdown for as long as it keeps the connection open.
+# How long a close frame may wait to be written before the TCP connection is aborted instead:
+# websockets waits for the peer's answer after it (close_timeout), which a peer that reads
+# nothing never sends, and connect's __aexit__ closes so when a stop cancels the session.
 CLOSE_WRITE_S: Final = 1.0
 
 
+class WriteStalled(Exception):
+    """Why a connection was aborted (the ``__cause__`` of its ConnectionClosed): a frame was
+    not written within its deadline, the gateway stopped reading."""
+
+    def __init__(self, after_s: float) -> None:
+        super().__init__(f"a frame unwritten after {after_s:.1f} s")
+        self.after_s = after_s
+
+
 class _Connection(ClientConnection):
-    """A client connection whose closing handshake cannot hang on a peer that stopped
-    reading: a close frame still unwritten after :data:`CLOSE_WRITE_S` aborts the connection
-    (the peer sees it lost, 1006, as it would a crash)."""
+    """A client connection none of whose writes can hang on a peer that stopped reading.
 
-    async def close(
-        self, code: CloseCode | int = CloseCode.NORMAL_CLOSURE, reason: str = ""
-    ) -> None:
-        watchdog = self.loop.call_later(CLOSE_WRITE_S, self._abort_unwritten)
-        try:
-            await super().close(code, reason)
-        finally:
-            watchdog.cancel()
+    websockets writes each frame (send, ping, pong, close), then waits in :meth:`drain` for the
+    transport to take it, without a limit; every later write waits behind it. Here a frame
+    still unwritten after its deadline aborts the connection: lost (1006), as after a crash,
+    and replaced as any lost connection. The deadline: ``write_timeout()`` for a data frame
+    (set by the runner for each phase; none until then), :data:`CLOSE_WRITE_S` for the close
+    frame (the opening handshake has open_timeout). A data frame's abort is logged and is the
+    cause (:class:`WriteStalled`) of the ConnectionClosed that follow; a close frame's is not
+    (the connection was ending anyway)."""
 
-    def _abort_unwritten(self) -> None:
-        if self.transport.get_write_buffer_size() > 0:
-            self.transport.abort()
+    write_timeout: Callable[[], float] | None = None
+
+    async def drain(self) -> None:
+        state, timeout = self.protocol.state, self.write_timeout
+        if state is State.OPEN and timeout is not None:
+            bound = timeout()
+            timer = self.loop.call_later(bound, self._abort_unwritten, bound)
+            try:
+                await super().drain()  # the abort ends the wait too (connection_lost)
+            finally:
+                timer.cancel()
+            return
+        if state is State.CLOSING:
+            # Not cancelled once drained: the peer's answer, waited for next, needs it written.
+            self.loop.call_later(CLOSE_WRITE_S, self._abort_unwritten, None)
+        await super().drain()
+
+    def _abort_unwritten(self, bound: float | None) -> None:
+        if self.transport.get_write_buffer_size() == 0:
+            return
+        if bound is not None and not self.transport.is_closing():
+            log.warning(
+                "the gateway stopped reading: a frame was not written within the deadline; "
+                "connection aborted",
+                deadline_s=round(bound, 1),
+            )
+            self.set_connection_exc(WriteStalled(bound))  # before the abort, as websockets does
+        self.transport.abort()
 
 
 class _Ids:
@@ -211,9 +243,6 @@ class StreamRunner:
         self._ahead: ReadAhead | None = None  # the session's, while _read runs
         self._completing: str | None = None
         self._dead = False
-        # A frame the gateway did not take within this many seconds: the connection was
-        # aborted (it stopped reading); None while every write drains.
-        self._stalled: float | None = None
         self._ended = ""  # why the server ended the current subscription, if it did
         self._server_ended = False  # the server ended (completed) this session's subscription
         self._ignored_logged = False
@@ -378,6 +407,7 @@ class StreamRunner:
                         "the gateway did not accept the graphql-transport-ws subprotocol: "
                         "check gateway_url",
                     )
+                assert isinstance(ws, _Connection)
                 return await self._session(ws, token, sub)
         except InvalidStatus as exc:
             return self._refused(exc.response.status_code, exc.response.headers)
@@ -483,26 +513,24 @@ class StreamRunner:
             duplicates_before=self._examined,
         )
 
-    async def _session(self, ws: ClientConnection, token: Token, sub: SubscribeInput) -> Decision:
+    async def _session(self, ws: _Connection, token: Token, sub: SubscribeInput) -> Decision:
         c = self.settings.connection
+        ws.write_timeout = lambda: c.ack_timeout_s  # until subscribed
         # What the last session left (declared dead, completing, ended by the server) must not
         # explain a close of this one: here, not at the subscribe, since the server may close
         # before it (4401 at connection_init after a session the liveness deadline ended).
         self._completing = None
         self._dead = False
-        self._stalled = None
         self._ended = ""
         self._server_ended = False
         ids = _Ids(self._subscription_id)
         session = ClientSession(max_frame_bytes=c.max_frame_bytes, new_id=ids, scrub=REDACTOR.scrub)
         # enterpriseId: unconfirmed whether OHIP reads it; Oracle's sample sends it.
         enterprise_id = self.settings.auth.enterprise_id if c.init_enterprise_id else None
-        await self._send(
-            ws,
+        await ws.send(
             session.connection_init(
                 token.value, self.settings.app_key.get_secret_value(), enterprise_id
-            ),
-            c.ack_timeout_s,
+            )
         )
         init_sent_at = time.monotonic()
         deadline = SubscribeDeadline.after_init(init_sent_at, c.subscribe_deadline_s)
@@ -526,7 +554,7 @@ class StreamRunner:
                 ws, "the connection status" if self._status_check else "connection_ack"
             )
         ids.subscribing = True
-        await self._send(ws, session.subscribe(sub), c.ack_timeout_s)
+        await ws.send(session.subscribe(sub))
         self._expecting, self._examined = self._resume, 0
         self.state = StreamState.STREAMING
         log.info(
@@ -542,6 +570,7 @@ class StreamRunner:
             multiplier=c.liveness_multiplier,
             ceiling_s=c.liveness_max_s,
         )
+        ws.write_timeout = lambda: liveness.timeout
         self._delivered_before = self._pipeline.delivered
         self._session_started = time.monotonic()
         helpers = [
@@ -586,7 +615,7 @@ class StreamRunner:
         subscriber would get 4409 and the lockout). None: go ahead and subscribe. The answer
         and the jitter fit in what ``deadline`` leaves."""
         c = self.settings.connection
-        await self._send(ws, session.query_connection(), c.ack_timeout_s)
+        await ws.send(session.query_connection())
         limit, binding = deadline.bound(c.ack_timeout_s, time.monotonic())
         try:
             async with asyncio.timeout(limit):
@@ -701,7 +730,7 @@ class StreamRunner:
         c = self.settings.connection
         ahead = self._ahead = ReadAhead(
             ws,
-            lambda text: self._send(ws, text, liveness.timeout),
+            ws.send,
             session,
             liveness,
             self.stats,
@@ -746,7 +775,7 @@ class StreamRunner:
                         await pipeline.room()
             elif type(out) is Reply:
                 liveness.activity(now)
-                await self._send(ws, out.text, liveness.timeout)
+                await ws.send(out.text)
             elif type(out) is PongReceived:
                 liveness.pong(now)
             elif isinstance(out, DecodeError):
@@ -814,34 +843,12 @@ class StreamRunner:
         dead-lettered as during it (a malformed one carries no event of ours, but the operator
         sees what came)."""
         if isinstance(out, Reply):
-            await self._send(ws, out.text, self.settings.connection.ack_timeout_s)
+            await ws.send(out.text)
         elif isinstance(out, DecodeError):
             self.stats.malformed += 1
             await self._pipeline.put_malformed(out)
         elif isinstance(out, Ignored):
             self._ignore(out)
-
-    async def _send(self, ws: ClientConnection, text: str, bound: float) -> None:
-        """``ws.send``, but a frame the gateway has not taken within ``bound`` seconds aborts
-        the connection: it stopped reading (websockets' send waits for the drain without a
-        limit, and every later send and the close would wait behind it), so the connection is
-        lost (1006) and replaced as any lost one. The send is not cancelled (its frame is
-        written before it waits): the abort ends the wait."""
-        watchdog = asyncio.get_running_loop().call_later(bound, self._write_stalled, ws, bound)
-        try:
-            await ws.send(text)
-        finally:
-            watchdog.cancel()
-
-    def _write_stalled(self, ws: ClientConnection, bound: float) -> None:
-        if not ws.transport.is_closing():
-            self._stalled = bound
-            log.warning(
-                "the gateway stopped reading: a frame was not written within the deadline; "
-                "connection aborted",
-                deadline_s=round(bound, 1),
-            )
-        ws.transport.abort()
 
     @contextlib.asynccontextmanager
     async def _backpressure(self, liveness: Liveness) -> AsyncIterator[None]:
@@ -906,7 +913,7 @@ class StreamRunner:
                     pinging.result()  # ConnectionClosed: the reader sees the close too
                 liveness.ping_sent(now)
                 pinging = asyncio.create_task(
-                    self._send(ws, ClientSession.ping(), liveness.timeout),
+                    ws.send(ClientSession.ping()),
                     name=f"ping-{self.name}",
                 )
         finally:
@@ -915,7 +922,7 @@ class StreamRunner:
                 await asyncio.gather(pinging, return_exceptions=True)
 
     async def _completer(
-        self, ws: ClientConnection, session: ClientSession, token: Token, liveness: Liveness
+        self, ws: _Connection, session: ClientSession, token: Token, liveness: Liveness
     ) -> None:
         c = self.settings.connection
         margin = self.settings.auth.refresh_margin_s
@@ -929,9 +936,11 @@ class StreamRunner:
         log.info("completing subscription", why=self._completing)
         self.state = StreamState.COMPLETING
         text = session.complete()
+        # From now on a frame not written within the wait for the server's close is moot: the
+        # server cannot answer our complete then.
+        ws.write_timeout = lambda: min(liveness.timeout, c.complete_timeout_s)
         if text is not None:
-            # Not written within the wait for the server's close: it cannot answer it either.
-            await self._send(ws, text, min(liveness.timeout, c.complete_timeout_s))
+            await ws.send(text)
         # Keep reading what is in flight; the server closes the socket when it is done.
         await asyncio.sleep(c.complete_timeout_s)
         log.warning("server did not close after complete; closing")
@@ -984,10 +993,8 @@ class StreamRunner:
             return completed
         if self._dead:
             return self.policy.on_close(None, "liveness deadline passed")
-        if self._stalled is not None:
-            return self.policy.on_close(
-                None, f"the gateway stopped reading (a frame unwritten after {self._stalled:.1f} s)"
-            )
+        if isinstance(exc.__cause__, WriteStalled):
+            return self.policy.on_close(None, f"the gateway stopped reading ({exc.__cause__})")
         if exc.sent is not None and not exc.rcvd_then_sent:  # we closed first
             ours = self.policy.on_closed_by_us(
                 exc.sent.code, self.settings.connection.max_frame_bytes

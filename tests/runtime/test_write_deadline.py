@@ -1,0 +1,65 @@
+"""The stream's connection bounds every write itself (consumer.runtime.stream._Connection): a
+frame a peer that stopped reading never takes aborts the connection after ``write_timeout()``,
+whichever call wrote it, and the close that follows says why (its ``__cause__``). The runner's
+use of it (deadlines by phase, the reconnect) is in test_hostile_gateway_session.py."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+from test_hostile_gateway_session import flood_pings, stop_reading, ws_server
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed, ConnectionClosedError
+from websockets.typing import Subprotocol
+
+from consumer.runtime.origin import NoRedirects
+from consumer.runtime.stream import WriteStalled, _Connection
+
+
+@pytest.mark.parametrize("write", ["send", "pong"])
+async def test_a_frame_unwritten_past_its_deadline_aborts_the_connection(write: str) -> None:
+    go, wedged = asyncio.Event(), asyncio.Event()
+    transports: list[asyncio.Transport] = []
+
+    async def handler(ws: ServerConnection) -> None:
+        await go.wait()
+        transport = stop_reading(ws)
+        transports.append(transport)
+        await flood_pings(transport, wedged)
+
+    async def session(url: str) -> ConnectionClosed:
+        async with NoRedirects(
+            url.replace("http", "ws", 1),
+            subprotocols=[Subprotocol("graphql-transport-ws")],
+            compression=None,
+            ping_interval=None,
+            close_timeout=30,
+            create_connection=_Connection,
+        ) as ws:
+            assert isinstance(ws, _Connection)
+            sock = ws.transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # small_send_buffer
+            ws.write_timeout = lambda: 0.5
+            go.set()
+            try:
+                async for _ in ws:  # each ping answered, until an answer cannot go out
+                    if write == "send":
+                        await ws.send('{"type":"pong"}')
+                    else:
+                        await ws.pong(b"pong")
+            except ConnectionClosed as exc:
+                return exc
+        raise AssertionError("the connection closed cleanly")
+
+    async with ws_server(handler) as url:
+        try:
+            async with asyncio.timeout(60):
+                closed = await session(url)
+        finally:
+            for t in transports:
+                t.abort()
+    assert isinstance(closed, ConnectionClosedError) and closed.rcvd is None  # lost: 1006
+    assert isinstance(closed.__cause__, WriteStalled)
+    assert closed.__cause__.after_s == 0.5
