@@ -37,7 +37,9 @@ event to the real sink with the JSON attached (``Event.resource``).
   object parsed from them (a handler changing one event's resource changes no other's).
 * So one GET can become a batch's worth of parsed copies (and of the sink's serialized ones):
   the sink is handed a batch in parts of at most :data:`WRITE_RESOURCE_BYTES` of resource
-  text (one event at least), in order, each parsed only when its part is written.
+  text (one event at least), in order, each parsed only when its part is written, and fetched
+  then (:data:`FETCH_WINDOW` GETs ahead at most): one write holds a part's answers, not those
+  of its whole batch (200 of up to 16 MiB each).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ import asyncio
 import json
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 from urllib.parse import quote, urlsplit
 
@@ -93,6 +95,9 @@ UNSENT_MAX_BYTES = 64 * 1024 * 1024
 # Resource text handed to the sink in one write, at most (a part has one event at least): the
 # objects parsed from it, and the sink's own copies, are then those of one resource at most.
 WRITE_RESOURCE_BYTES = MAX_RESOURCE_BYTES
+# GETs of one write in flight at once, at most (more than the default burst): with the part's
+# room, they bound what a write holds, whatever its batch's size and resources.
+FETCH_WINDOW = 16
 EXCERPT_CHARS = 300  # of an error answer's body, in the error (and so the dead letter)
 # Answers kept for coalescing (past the window they are let go at once): at most this many,
 # of at most this many bytes together; the oldest go first.
@@ -148,18 +153,33 @@ def _attach(ev: Event, body: Body | None) -> Event:
     return ev._replace(resource=json.loads(body), fetched=True)
 
 
-def _parts(pairs: Sequence[_Pair]) -> Iterator[Sequence[_Pair]]:
-    """``pairs`` in order, cut where a part's resources would pass :data:`WRITE_RESOURCE_BYTES`
-    (a part has one event at least)."""
-    start = size = 0
+def _cut(pairs: Sequence[_Pair]) -> int:
+    """How many of ``pairs`` make the part written next: as many as fit in
+    :data:`WRITE_RESOURCE_BYTES` of resources, one at least."""
+    size = 0
     for i, (_, body) in enumerate(pairs):
-        n = len(body) if body is not None else 0
-        if i > start and size + n > WRITE_RESOURCE_BYTES:
-            yield pairs[start:i]
-            start, size = i, 0
-        size += n
-    if start < len(pairs):
-        yield pairs[start:]
+        size += len(body) if body is not None else 0
+        if i and size > WRITE_RESOURCE_BYTES:
+            return i
+    return len(pairs)
+
+
+def _copy(failed: BaseException) -> BaseException:
+    """A fetch's failure, raised by one write: its own (``delivered`` is set on it, and the
+    GET's may be another write's too)."""
+    if isinstance(failed, TransientSinkError):
+        return TransientSinkError(str(failed), retry_after=failed.retry_after)
+    if isinstance(failed, PermanentSinkError):
+        return PermanentSinkError(str(failed), unique_event_id=failed.unique_event_id)
+    return failed
+
+
+def _size(task: asyncio.Task[Body | _NotFound]) -> int:
+    """The bytes a done GET holds."""
+    if task.cancelled() or task.exception() is not None:
+        return 0
+    got = task.result()
+    return len(got) if isinstance(got, bytes) else 0
 
 
 def _drop_older(entries: OrderedDict[Any, tuple[Any, float, int]], cutoff: float) -> int:
@@ -173,19 +193,6 @@ def _drop_older(entries: OrderedDict[Any, tuple[Any, float, int]], cutoff: float
         del entries[key]
         freed += size
     return freed
-
-
-def _failure(outcomes: Sequence[_Outcome]) -> BaseException | None:
-    """What a batch's fetch raises: a cancellation first, then the first permanent failure in
-    the batch's order (named: that event is dead-lettered, the others go on), then any other
-    (an outage: the batch is retried)."""
-    failures = [o for o in outcomes if isinstance(o, BaseException)]
-    if not failures:
-        return None
-    return next(
-        (f for f in failures if not isinstance(f, Exception)),
-        next((f for f in failures if isinstance(f, PermanentSinkError)), failures[0]),
-    )
 
 
 def _dot_segment(value: str) -> bool:
@@ -289,11 +296,32 @@ class Orchestrator:
         """Each event's resource as JSON text (``null`` when not found and attached as such),
         or None where no template names it: bytes, which nobody can change.
 
-        A permanent failure names its event (the first in the batch's order): the pipeline
-        dead-letters that one and writes the others on, each part a call of its own. What the
-        others got (their resources, their own permanent failures) is held for those calls
-        (:data:`HELD_S`), so a failure costs no GET again: split one by one, a batch of n
-        events fetched the n - 1 good ones up to n times more (rate limit, cost)."""
+        A failure names its event (the first in the batch's order that has one) and is
+        raised; what the others got is held, as :meth:`part` says."""
+        got, failed = await self.part(stream, events)
+        if failed is None:
+            return got
+        if isinstance(failed, PermanentSinkError):  # those before it: written at once
+            self._hold(stream, zip(events, got, strict=False))
+        raise failed
+
+    async def part(
+        self, stream: str, events: Sequence[Event], limit: int | None = None
+    ) -> tuple[list[Body | None], BaseException | None]:
+        """The resources (as :meth:`bodies`) of ``events``' first ones, in order: as many as
+        fit in ``limit`` bytes (one at least), up to the first that has none; and why that one
+        has none (None: all fit, or the next did not). So a batch is fetched, and written, a
+        part at a time: its fetched bytes are those of a part, not of the whole batch.
+
+        The GETs run ahead of the one awaited, :data:`FETCH_WINDOW` at most and no further
+        than the part's room seems to allow (at the largest resource seen). What they got
+        beyond the part (a resource, its own permanent failure) is held (:data:`HELD_S`) for
+        the next part, so it costs no GET again. So is what the others got when a permanent
+        failure names its event: the pipeline dead-letters that one and writes the others on,
+        each part a call of its own (split one by one, a batch of n events fetched the n - 1
+        good ones up to n times more: rate limit, cost). An event whose URL cannot be made,
+        or one whose own failure is held, is named at once, before any GET."""
+        n = len(events)
         held = self._held
         known: dict[int, _Outcome] = {}
         if held:
@@ -302,54 +330,103 @@ class Orchestrator:
                 kept = held.get((stream, ev.unique_event_id))
                 if kept is not None:
                     known[i] = kept[0]
-            for i, outcome in sorted(known.items()):
-                if isinstance(outcome, PermanentSinkError):  # that event's, already named
-                    self._unhold(stream, events[i])
-                    raise outcome
-        missing = [ev for i, ev in enumerate(events) if i not in known]
-        fetched = iter(await self._outcomes(stream, missing) if missing else ())
-        outcomes = [known[i] if i in known else next(fetched) for i in range(len(events))]
-        failed = _failure(outcomes)
-        if failed is None:
-            for i in known:
-                self._unhold(stream, events[i])
-            return [o for o in outcomes if not isinstance(o, BaseException)]
-        if isinstance(failed, PermanentSinkError):
-            self._hold(stream, events, outcomes, failed)
-        raise failed
+        keys: list[_Key | None] = []
+        for i, ev in enumerate(events):
+            outcome = known.get(i)
+            if isinstance(outcome, PermanentSinkError):  # that event's, already named
+                self._unhold(stream, ev)
+                return [], outcome
+            try:
+                keys.append(None if i in known else self._key(stream, ev))
+            except PermanentSinkError as exc:
+                return [], exc
+        last = {key: i for i, key in enumerate(keys) if key is not None}  # its last event
+        tasks: dict[_Key, asyncio.Task[Body | _NotFound]] = {}
+        out: list[Body | None] = []
+        size = biggest = started = 0
 
-    async def _outcomes(self, stream: str, events: Sequence[Event]) -> list[_Outcome]:
-        """Each event's resource (as :meth:`bodies`), or why it has none: a permanent failure
-        naming that event, or the fetch's other failure. An event whose URL cannot be made
-        raises its failure at once, before any GET (each of the others is fetched at its own
-        write, once)."""
-        keys = [self._key(stream, ev) for ev in events]
-        wanted = list(dict.fromkeys(k for k in keys if k is not None))
-        found: dict[_Key, Body | _NotFound | BaseException] = {}
-        if wanted:
-            results = await asyncio.gather(
-                *(self.fetch(stream, url, hotel) for url, hotel in wanted),
-                return_exceptions=True,
-            )
-            found = dict(zip(wanted, results, strict=True))
-        out: list[_Outcome] = []
-        for key, ev in zip(keys, events, strict=True):
-            if key is None:  # no template names it
-                out.append(None)
-                continue
-            got = found[key]
-            if isinstance(got, _NotFound):
-                if self.settings.on_not_found == "dead-letter":
-                    got = PermanentSinkError(
-                        f"orchestration: {got}", unique_event_id=ev.unique_event_id
-                    )
+        def top_up(i: int) -> None:
+            """Start the GETs of the events up to ``i``, and of those after it the window
+            and the part's room allow."""
+            nonlocal started
+            while started < n:
+                if started > i:
+                    running = sum(not t.done() for t in tasks.values())
+                    got = [_size(t) for t in tasks.values() if t.done()]
+                    guess = max(biggest, *got, 0) * running  # those in flight, at most
+                    if running >= FETCH_WINDOW or (
+                        limit is not None and size + sum(got) + guess >= limit
+                    ):
+                        return
+                key = keys[started]
+                if key is not None and key not in tasks:
+                    tasks[key] = asyncio.create_task(self.fetch(stream, *key))
+                started += 1
+
+        failed: BaseException | None = None
+        stop = n  # the first event not returned
+        try:
+            for i, ev in enumerate(events):
+                key = keys[i]
+                if i in known:
+                    outcome = known[i]
+                elif key is None:
+                    outcome = None
                 else:
-                    got = _NULL
-            elif isinstance(got, PermanentSinkError) and got.unique_event_id is None:
+                    top_up(i)
+                    await asyncio.wait([tasks[key]])  # its failure is an outcome, not raised
+                    outcome = self._outcome(ev, tasks[key])
+                if isinstance(outcome, BaseException):
+                    failed, stop = outcome, i
+                    break
+                got = len(outcome) if outcome is not None else 0
+                biggest = max(biggest, got)
+                if limit is not None and out and size + got > limit:
+                    stop = i
+                    break
+                out.append(outcome)
+                size += got
+                if i in known:
+                    self._unhold(stream, ev)
+                if key is not None and last[key] == i:
+                    del tasks[key]  # let go of it: the part is the only copy the write has
+            # What was fetched ahead: awaited (cancelled, another write sharing a GET would
+            # see the cancellation), then held for the next part, unless an outage stopped
+            # this one (asked again at the retry).
+            if tasks:
+                await asyncio.wait(tasks.values())
+        except BaseException:
+            for task in tasks.values():
+                task.cancel()
+            raise
+        if failed is None or isinstance(failed, PermanentSinkError):
+            ahead = [
+                (events[i], self._outcome(events[i], tasks[key]))
+                for i, key in enumerate(keys[stop:], start=stop)
+                if key is not None and key in tasks and not (i == stop and failed is not None)
+            ]
+            self._hold(stream, ahead)
+        return out, failed
+
+    def _outcome(self, ev: Event, task: asyncio.Task[Body | _NotFound]) -> _Outcome:
+        """``ev``'s resource from the GET of its URL (done), or why it has none: a permanent
+        failure naming that event, or the GET's other failure."""
+        if task.cancelled():  # the starter of a GET shared with it was
+            return asyncio.CancelledError()
+        exc = task.exception()
+        if exc is not None:
+            if isinstance(exc, PermanentSinkError) and exc.unique_event_id is None:
                 # The GET's (shared by the events of one resource): each its own, named.
-                got = PermanentSinkError(str(got), unique_event_id=ev.unique_event_id)
-            out.append(got)
-        return out
+                return PermanentSinkError(str(exc), unique_event_id=ev.unique_event_id)
+            return exc
+        got = task.result()
+        if isinstance(got, _NotFound):
+            if self.settings.on_not_found == "dead-letter":
+                return PermanentSinkError(
+                    f"orchestration: {got}", unique_event_id=ev.unique_event_id
+                )
+            return _NULL
+        return got
 
     def _key(self, stream: str, ev: Event) -> _Key | None:
         """What ``ev``'s GET asks (None: no template names it); a value that cannot travel is
@@ -366,21 +443,13 @@ class Orchestrator:
             )
         return (u, hotel)
 
-    def _hold(
-        self,
-        stream: str,
-        events: Sequence[Event],
-        outcomes: Sequence[_Outcome],
-        failed: PermanentSinkError,
-    ) -> None:
-        """Hold what the others of a batch that failed for ``failed`` got, for the writes the
-        pipeline makes of them at once: their resources and their own permanent failures
-        (an outage's are not: it is asked again when retried)."""
+    def _hold(self, stream: str, outcomes: Iterable[tuple[Event, _Outcome]]) -> None:
+        """Hold what these events got, for the writes of them that follow at once (the next
+        part, a split's): their resources and their own permanent failures (an outage's are
+        not: it is asked again when retried)."""
         held, now = self._held, self._clock()
-        for ev, outcome in zip(events, outcomes, strict=True):
-            if outcome is failed or (
-                isinstance(outcome, BaseException) and not isinstance(outcome, PermanentSinkError)
-            ):
+        for ev, outcome in outcomes:
+            if isinstance(outcome, BaseException) and not isinstance(outcome, PermanentSinkError):
                 continue
             key = (stream, ev.unique_event_id)
             if key in held:  # held already: as long as it was first
@@ -661,37 +730,60 @@ class OrchestratingSink:
         await self.inner.open(committed)
 
     async def write(self, stream: str, events: Sequence[Event]) -> None:
-        unsent = self._unsent
-        pairs: list[_Pair]
-        if not unsent:  # the usual case: no failed write to send again
-            pairs = list(zip(events, await self.orchestrator.bodies(stream, events), strict=True))
-        else:
-            missing = [ev for ev in events if (stream, ev.unique_event_id) not in unsent]
-            bodies = await self.orchestrator.bodies(stream, missing) if missing else []
-            fetched = zip(missing, bodies, strict=True)
-            pairs = [
-                (kept[0], kept[1]) if (kept := unsent.get((stream, ev.unique_event_id)))
-                else next(fetched)
-                for ev in events
-            ]  # fmt: skip
+        """``events`` fetched and written a part at a time (:meth:`Orchestrator.part`): what
+        the write holds is a part's resources, not the batch's."""
+        unsent, n = self._unsent, len(events)
+        # Fetched (or kept from a failed write), not written yet: the part being written
+        # first, and a resource at most besides (the next part's first, when it is large).
+        pairs: list[_Pair] = []
+        size = i = 0  # their resources' bytes; the first event not among them
         done = 0  # events of the parts the inner sink took
-        part: Sequence[_Pair] = ()
+        cut = 0  # of the part being written
+        failed: BaseException | None = None  # why the write stops at events[i:] (named)
         try:
-            for part in _parts(pairs):
+            while True:
+                full = False
+                while i < n and failed is None and not full:
+                    kept = unsent.get((stream, events[i].unique_event_id)) if unsent else None
+                    if kept is not None:  # sent by a failed write: sent the same again
+                        got = [(kept[0], kept[1])]
+                    else:
+                        end = i + 1
+                        while end < n and (stream, events[end].unique_event_id) not in unsent:
+                            end += 1
+                        run = events[i:end]
+                        room = WRITE_RESOURCE_BYTES - size
+                        bodies, failed = await self.orchestrator.part(stream, run, room)
+                        got = list(zip(run, bodies, strict=False))
+                        full = failed is None and len(got) < len(run)
+                    pairs += got
+                    size += sum(len(body) for _, body in got if body is not None)
+                    i += len(got)
+                    full = full or size >= WRITE_RESOURCE_BYTES
+                if not pairs:
+                    break
+                cut = _cut(pairs)
                 # Each event its own resource object, parsed for its part only.
-                await self.inner.write(stream, [_attach(ev, body) for ev, body in part])
-                done += len(part)
+                await self.inner.write(stream, [_attach(ev, body) for ev, body in pairs[:cut]])
+                done += cut
+                size -= sum(len(body) for _, body in pairs[:cut] if body is not None)
+                del pairs[:cut]
+                cut = 0
+            if failed is not None:  # the parts before it written: from its own event on
+                raise _copy(failed)
         except BaseException as exc:
             problem = exc
             if isinstance(exc, TransientSinkError | PermanentSinkError):
                 # Those the inner sink took before it failed are not sent again: counted from
                 # the write's start (the parts before, and the failed part's own figure).
-                done = exc.delivered = done + min(max(0, exc.delivered), len(part))
+                taken = min(max(0, exc.delivered), cut) if cut else 0
+                exc.delivered = done = done + taken
+                del pairs[:taken]
             elif done and isinstance(exc, Exception) and not isinstance(exc, SinkError):
                 # An error of the sink's own after parts it took: permanent, as the pipeline
                 # takes it, with those parts delivered (not written again one by one).
                 problem = PermanentSinkError(describe(exc, REDACTOR.scrub), delivered=done)
-            self._failed(stream, pairs, done, problem)
+            self._failed(stream, events, done, pairs, problem)
             if problem is exc:
                 raise
             raise problem from exc
@@ -699,18 +791,25 @@ class OrchestratingSink:
             for ev in events:
                 self._forget((stream, ev.unique_event_id))
 
-    def _failed(self, stream: str, pairs: Sequence[_Pair], taken: int, exc: BaseException) -> None:
+    def _failed(
+        self,
+        stream: str,
+        events: Sequence[Event],
+        taken: int,
+        rest: Sequence[_Pair],
+        exc: BaseException,
+    ) -> None:
         """Keep the events of a failed write that the inner sink did not take, with what
-        they were sent, for their retry; but not the one the pipeline dead-letters for
-        ``exc``: the one it names, or the write's only one that failed for good."""
-        rest = pairs[taken:]
+        they were sent (``rest``: those fetched), for their retry; but not the one the
+        pipeline dead-letters for ``exc``: the one it names, or the write's only one left
+        that failed for good."""
         dead: str | None = None
-        if len(rest) == 1:
+        if len(events) - taken == 1:
             if isinstance(exc, Exception) and not isinstance(exc, TransientSinkError):
-                dead = rest[0][0].unique_event_id
+                dead = events[taken].unique_event_id
         elif isinstance(exc, PermanentSinkError):
             dead = exc.unique_event_id
-        for ev, _ in pairs[:taken]:
+        for ev in events[:taken]:
             self._forget((stream, ev.unique_event_id))
         unsent = self._unsent
         for ev, body in rest:

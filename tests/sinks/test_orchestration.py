@@ -459,12 +459,14 @@ class _Changing:
     def __init__(self) -> None:
         self.fetches = 0
 
-    async def bodies(self, stream: str, events: Sequence[Event]) -> list[bytes | None]:
+    async def part(
+        self, stream: str, events: Sequence[Event], limit: int | None = None
+    ) -> tuple[list[bytes | None], BaseException | None]:
         out: list[bytes | None] = []
         for _ in events:
             self.fetches += 1
             out.append(json.dumps({"version": self.fetches}).encode())
-        return out
+        return out, None
 
     def close(self) -> None:
         pass

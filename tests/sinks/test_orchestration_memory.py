@@ -154,10 +154,10 @@ def unsent_bytes(sink: OrchestratingSink) -> int:
 
 
 async def deliver(
-    tmp_path: Path, sink: Sink, events: Sequence[Event]
+    tmp_path: Path, sink: Sink, events: Sequence[Event], *, batch_max: int = 50
 ) -> tuple[list[DeadLetter], StreamPipeline]:
-    """``events`` put as one batch through a real pipeline (one worker) and SQLite store: the
-    dead letters once all is done."""
+    """``events`` put as one batch (of up to ``batch_max``) through a real pipeline (one
+    worker) and SQLite store: the dead letters once all is done."""
     store = await SqliteStore.open(tmp_path / "state.db")
     pipeline: StreamPipeline | None = None
     try:
@@ -170,7 +170,7 @@ async def deliver(
             workers=1,
             queue_size=1000,
             queue_max_bytes=64 * 1024 * 1024,
-            batch_max=50,
+            batch_max=batch_max,
             retry_initial_s=0.01,
             retry_max_s=0.02,
         )
@@ -383,3 +383,85 @@ async def test_a_write_failing_in_a_later_part_delivers_the_parts_before_once(
         assert inner.stored == [uid for uid in ids if uid != "u00005"]
         assert pipeline.delivered == 7
     assert api.gets == Counter({ev.primary_key: 1 for ev in events})
+
+
+class _Recording(PlainSink):
+    """An inner sink that keeps each write's events' ids and resources' ids (not the
+    resources)."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.writes: list[list[str]] = []
+
+    async def write(self, stream: str, events: Sequence[Event]) -> None:
+        assert all(ev.resource["id"] == ev.primary_key for ev in events)
+        self.writes.append([ev.unique_event_id for ev in events])
+
+
+class _Streaming:
+    """A REST API answering each reservation with about ``size`` bytes of JSON, sent in small
+    chunks (the server holds little of it); ``BAD`` is answered 400. The GETs counted by key."""
+
+    CHUNK = 64 * 1024
+
+    def __init__(self, size: int) -> None:
+        self.chunks = size // self.CHUNK
+        self.gets: Counter[str] = Counter()
+
+    async def reservation(self, request: web.Request) -> web.StreamResponse:
+        key = request.match_info["key"]
+        self.gets[key] += 1
+        if key == "BAD":
+            return web.Response(status=400, text="no such reservation")
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        await resp.write(json.dumps({"id": key})[:-1].encode() + b', "blob": "')
+        for _ in range(self.chunks):
+            await resp.write(b"x" * self.CHUNK)
+        await resp.write(b'"}')
+        await resp.write_eof()
+        return resp
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[str]:
+        app = web.Application()
+        app.router.add_get("/rsv/v1/hotels/{hotel}/reservations/{key}", self.reservation)
+        async with serving(app) as url:
+            yield url
+
+
+async def test_a_batch_of_large_resources_is_fetched_a_part_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch of 150 events, each about another resource of 1 MiB: every resource was fetched
+    before the first part was written, the batch's 150 MiB held at once (200 of 16 MiB: 3.2
+    GB). Each part is now fetched as it is written: the heap holds about a part and the GETs
+    ahead of it. Every event is delivered once, in order, each resource fetched once; the
+    failure of one in a later part dead-letters that event alone, after the parts before it."""
+    part = 4 * 1024 * 1024
+    monkeypatch.setattr(orchestration, "WRITE_RESOURCE_BYTES", part, raising=False)
+    resource = 1024 * 1024
+    api = _Streaming(resource)
+    keys = [f"R{i}" if i != 120 else "BAD" for i in range(1, 151)]
+    events = [event(i, key=key) for i, key in enumerate(keys, start=1)]
+    inner = _Recording()
+    async with api.running() as rest_url, aiohttp.ClientSession() as http:
+        sink = OrchestratingSink(inner, orchestrator(tmp_path, http, rest_url))
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            dead, pipeline = await deliver(tmp_path, sink, events, batch_max=200)
+            peak = tracemalloc.get_traced_memory()[1] - before
+        finally:
+            tracemalloc.stop()
+            await sink.close()
+    total = len(events) * resource
+    assert peak < total // 4, f"heap +{peak / 2**20:.0f} MiB for {total / 2**20:.0f} MiB fetched"
+    [letter] = dead
+    assert letter.unique_event_id == "u00120" and "HTTP 400" in letter.error
+    written = [uid for ids in inner.writes for uid in ids]
+    assert written == [ev.unique_event_id for ev in events if ev.primary_key != "BAD"]
+    assert max(len(ids) for ids in inner.writes) <= part // resource
+    assert pipeline.delivered == 149
+    assert api.gets == Counter(keys)  # each resource once, the others' not again after BAD
