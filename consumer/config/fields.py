@@ -12,11 +12,12 @@ import re
 import unicodedata
 from pathlib import PurePath
 from typing import Annotated, Any
-from urllib.parse import SplitResult, unquote_plus, urlsplit
+from urllib.parse import SplitResult, unquote, unquote_plus, urlsplit
 
 from pydantic import AfterValidator, PlainSerializer, SecretStr
 
-from ..logs import MASK
+from ..core.printable import printable
+from ..logs import MASK, MIN_SECRET_CHARS
 
 # Words that make a header (or a query parameter) name look like it carries a credential: its
 # value is masked in repr, check-config and logs, and it counts as credentials for the
@@ -171,6 +172,62 @@ PERCENT_ENCODE_FIX = (
     "percent-encode '/', '?', '#' and '@' in the user name and password (%2F %3F %23 %40), "
     "and write any other '@' as %40"
 )
+
+
+# The log redactor masks secrets of MIN_SECRET_CHARS characters or more only (masking a
+# shorter one would mask half the log): a shorter secret would appear in log lines as it is.
+SHORT_SECRET = (
+    f"is shorter than {MIN_SECRET_CHARS} characters: the logs mask secrets of "
+    f"{MIN_SECRET_CHARS} characters or more only (a shorter one would mask half the log), so "
+    "this one could appear in log lines as it is (its value is not shown here)"
+)
+
+
+def short_secret(value: str) -> bool:
+    return len(value) < MIN_SECRET_CHARS
+
+
+def short_url_secrets(url: str, *, lone_user: bool) -> list[str]:
+    """What of ``url``'s secrets the redactor would not mask (:data:`SHORT_SECRET`), as the
+    redactor registers them (consumer.config.secrets.url_secret_values): the password of its
+    user information (``lone_user``: a user name without one, which may be a token, as in
+    ``https://TOKEN@host``), percent-decoded, and the values of its secret-looking query and
+    fragment parameters (:func:`is_secret_name`; a value with a ``{placeholder}`` is filled
+    per request). Each is said by where it is, never by its value."""
+    found: list[str] = []
+    infos = {user_information(url)}
+    try:
+        parts = urlsplit(str(url))
+    except ValueError:
+        return found
+    if "@" in parts.netloc:
+        infos.add(parts.netloc.rpartition("@")[0])
+    for info in sorted(i for i in infos if i is not None):
+        user, colon, password = info.partition(":")
+        credential = password if colon else (user if lone_user else "")
+        if credential and short_secret(unquote(credential)):
+            found.append("the password of its user information" if colon else "its user name")
+    for part in (parts.query, parts.fragment):
+        for piece in part.split("&"):
+            name, eq, value = piece.partition("=")
+            if not (eq and value) or "{" in value or not is_secret_name(unquote_plus(name)):
+                continue
+            if short_secret(unquote_plus(value)):
+                found.append(f"the value of its parameter {printable(unquote_plus(name), 40)}")
+    return list(dict.fromkeys(found))
+
+
+def short_url_problem(found: list[str]) -> Problem:
+    return Problem(
+        *(
+            (
+                "",
+                f"{what} {SHORT_SECRET}",
+                f"use the real secret (at least {MIN_SECRET_CHARS} characters) there",
+            )
+            for what in found
+        )
+    )
 
 
 def mask_url(url: str) -> str:

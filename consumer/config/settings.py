@@ -57,6 +57,7 @@ from .fields import (
     ABSOLUTE,
     INSECURE_FIX,
     PERCENT_ENCODE_FIX,
+    SHORT_SECRET,
     AnyUrl,
     BaseUrl,
     GatewayUrl,
@@ -74,6 +75,9 @@ from .fields import (
     misread_problem,
     misread_user_information,
     no_controls,
+    short_secret,
+    short_url_problem,
+    short_url_secrets,
     undecodable,
     unprintable_char,
     user_information,
@@ -129,6 +133,32 @@ def _required(what: str) -> Callable[[SecretStr], SecretStr]:
     def check(v: SecretStr) -> SecretStr:
         if not v.get_secret_value().strip():
             raise Problem(("", "is empty", f"set it to {what}"))
+        return v
+
+    return check
+
+
+def _long_enough(what: str) -> Callable[[SecretStr | None], SecretStr | None]:
+    """A secret the log redactor masks (:data:`~.fields.SHORT_SECRET`): not 1-3 characters."""
+
+    def check(v: SecretStr | None) -> SecretStr | None:
+        if v is not None and short_secret(v.get_secret_value()):
+            raise Problem(("", SHORT_SECRET, f"set it to {what}"))
+        return v
+
+    return check
+
+
+def _url_secrets(*, lone_user: bool) -> Callable[[Any], Any]:
+    """A URL (or a list of them, or a secret one) whose secrets the log redactor masks: none
+    of 1-3 characters (:func:`~.fields.short_url_secrets`)."""
+
+    def check(v: Any) -> Any:
+        urls = v if isinstance(v, tuple) else (v,)
+        for url in urls:
+            text = url.get_secret_value() if isinstance(url, SecretStr) else url
+            if text is not None and (found := short_url_secrets(text, lone_user=lone_user)):
+                raise short_url_problem(found)
         return v
 
     return check
@@ -191,6 +221,11 @@ class AuthSettings(_Model):
 
     _enterprise_id = field_validator("enterprise_id")(no_controls)  # the enterpriseId header
     _client_secret = field_validator("client_secret")(_required("the OAuth client's secret"))
+    _client_secret_long = field_validator("client_secret")(
+        _long_enough("the OAuth client's secret from the developer portal")
+    )
+    _password = field_validator("password")(_long_enough("the integration user's password"))
+    _token_url = field_validator("token_url")(_url_secrets(lone_user=True))
 
     @model_validator(mode="after")
     def _grant_fields(self) -> AuthSettings:
@@ -225,6 +260,10 @@ class SubscriptionSettings(_Model):
 
 # liveness_floor_s at least this many ping periods: one pong late or lost is not a dead link.
 LIVENESS_PINGS = 2.0
+MAX_BACKOFF_S = 3600.0  # backoff_initial_s and backoff_max_s at most
+# Pings more often than this draw a warning unless the gateway is loopback (the sandbox, where
+# the tests scale them down): OHIP's gateway wants one every 15 s at least, not a flood.
+PING_WARNING_S = 1.0
 
 
 class ConnectionSettings(_Model):
@@ -250,8 +289,31 @@ class ConnectionSettings(_Model):
     max_frame_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     complete_timeout_s: StopStepSeconds = 10.0  # wait for the server's close
     resubscribe_gap_s: float = Field(default=10.0, ge=0)  # after a completed session
-    backoff_initial_s: float = Field(default=1.0, gt=0)
-    backoff_max_s: float = Field(default=60.0, gt=0)
+    # Reconnects: jittered, from backoff_initial_s doubling up to backoff_max_s. The floors
+    # refuse a loop of upgrades at the gateway (0 or 1e-9 reconnected at once, and OHIP counts
+    # the attempts), not the tests' scaled timers; past an hour a stream stays down long
+    # after an outage ended.
+    backoff_initial_s: Annotated[
+        float,
+        _within(
+            0.01,
+            MAX_BACKOFF_S,
+            why="the first wait before reconnecting: more often than every 10 ms is a loop of "
+            "upgrades at OHIP's gateway, which counts them per application key, and no outage "
+            "needs more than an hour (default 1)",
+        ),
+    ] = 1.0
+    backoff_max_s: Annotated[
+        float,
+        _within(
+            0.05,
+            MAX_BACKOFF_S,
+            why="the longest wait between reconnects: more often than every 50 ms is a loop of "
+            "upgrades at OHIP's gateway while it fails, which counts them per application key, "
+            "and more than an hour leaves a stream down long after an outage ended "
+            "(default 60)",
+        ),
+    ] = 60.0
     abnormal_min_s: float = Field(default=4.0, ge=0)
     lockout_s: float = Field(default=120.0, ge=0)
     lockout_jitter_s: float = Field(default=30.0, ge=0)
@@ -340,6 +402,23 @@ class ConnectionSettings(_Model):
             )
         return self
 
+    _proxy = field_validator("proxy")(_url_secrets(lone_user=True))
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> ConnectionSettings:
+        # The doubling is capped at backoff_max_s: a larger start was silently the cap.
+        if self.backoff_initial_s > self.backoff_max_s:
+            raise Problem(
+                (
+                    "backoff_initial_s",
+                    f"is above backoff_max_s ({self.backoff_initial_s:g} > "
+                    f"{self.backoff_max_s:g}): the backoff starts at backoff_initial_s and "
+                    "doubles up to backoff_max_s",
+                    "lower backoff_initial_s or raise backoff_max_s (defaults: 1 and 60)",
+                )
+            )
+        return self
+
     @field_validator("paused_read_ahead_after_s", "paused_read_ahead_bytes")
     @classmethod
     def _read_ahead(cls, v: float, info: ValidationInfo) -> float:
@@ -404,6 +483,9 @@ class StreamSettings(_Model):
     _app_key_set = field_validator("app_key")(
         _required("the application key from the developer portal (the key, not its hash)")
     )
+    _app_key_long = field_validator("app_key")(
+        _long_enough("the application key from the developer portal (the key, not its hash)")
+    )
 
     @field_validator("gateway_url")
     @classmethod
@@ -436,6 +518,9 @@ class StreamSettings(_Model):
             return v
         path = path.removesuffix("/subscriptions")
         return MaskedUrl(urlunsplit(parts._replace(path=path)).rstrip("/"))
+
+    # After _no_user_info: a secret-looking query value (user information is refused above).
+    _gateway_secrets = field_validator("gateway_url")(_url_secrets(lone_user=False))
 
     @model_validator(mode="after")
     def _init_enterprise_id(self) -> StreamSettings:
@@ -486,6 +571,17 @@ class StreamSettings(_Model):
                     '(or use grant = "password" for an SSD environment)',
                 )
             )
+        ping = self.connection.ping_interval_s
+        if ping < PING_WARNING_S and not is_loopback(urlsplit(self.gateway_url).hostname):
+            found.append(
+                (
+                    "connection.ping_interval_s",
+                    f"is {ping:g} s, under {PING_WARNING_S:g} s, to a gateway that is not "
+                    "loopback: a ping that often floods it (Oracle wants one every 15 s at "
+                    "least; timers that short are for the sandbox on this host)",
+                    "set it to 10 (the default), or at least 1",
+                )
+            )
         return found
 
 
@@ -495,6 +591,9 @@ def _parsable_dsn(v: SecretStr | None) -> SecretStr | None:
     if v is not None and not Target(v.get_secret_value()).parsable:
         raise Problem(("", UNPARSABLE, UNPARSABLE_FIX))
     return v
+
+
+MAX_RETENTION_DAYS = 365.0
 
 
 class StateSettings(_Model):
@@ -525,14 +624,18 @@ class StateSettings(_Model):
     commit_max_events: int = Field(default=500, ge=1)
     commit_interval_ms: int = Field(default=100, ge=1)
     # OHIP keeps 7 days of events, and may send any of them again (a redelivery, an `offset
-    # set` back): their ids must outlive that to be skipped. 8: a day's margin.
+    # set` back): their ids must outlive that to be skipped. 8: a day's margin. Kept longer,
+    # ids OHIP can no longer send only grow the store (1e9 days: never pruned).
     processed_retention_days: Annotated[
         float,
         _within(
             7,
+            MAX_RETENTION_DAYS,
             unit="days",
             why="OHIP retains events for 7 days and may send any of them again (a "
-            "redelivery, an `offset set` back): ids pruned sooner let those be written twice",
+            "redelivery, an `offset set` back): ids pruned sooner let those be written twice, "
+            "and ids kept for more than a year only grow the state store (OHIP never sends "
+            "them again; default 8)",
         ),
     ] = 8.0
     prune_interval_s: Annotated[
@@ -553,6 +656,8 @@ class StateSettings(_Model):
     lease_check_interval_s: float = Field(default=5.0, gt=0)
 
     _dsn = field_validator("dsn")(_parsable_dsn)
+    # A user name alone is no secret in a DSN (peer or .pgpass authentication).
+    _dsn_secrets = field_validator("dsn")(_url_secrets(lone_user=False))
 
     @field_validator("schema_")
     @classmethod
@@ -617,6 +722,8 @@ class StateSettings(_Model):
         return self
 
 
+MAX_LEASE_TTL_S = 3600.0
+
 # Weights are relative: 1000 to 1 is more than any fleet needs, and keeps the shares' sums
 # finite (1e308 overflowed to infinity: every tick failed, or every share was 0).
 MAX_FLEET_WEIGHT = 1000.0
@@ -632,8 +739,18 @@ class FleetSettings(_Model):
     # Share of the streams, relative to the other members' weights (0: hold none).
     weight: float = Field(default=1.0, ge=0)
     # A lease not renewed for this long may be taken by another member. Long enough for a
-    # stream handed over to stop (fleet_handover_s) with a tick to spare: checked.
-    lease_ttl_s: float = Field(default=60.0, gt=0)
+    # stream handed over to stop (fleet_handover_s) with a tick to spare: checked. At most an
+    # hour: a member killed -9 holds its streams that long (a year's TTL: never taken over).
+    lease_ttl_s: Annotated[
+        float,
+        Field(gt=0),
+        _within(
+            0,
+            MAX_LEASE_TTL_S,
+            why="the streams of a member that died (kill -9, a lost host) wait that long "
+            "before another member takes them over (default 60)",
+        ),
+    ] = 60.0
     # Heartbeat, lease renewal and rebalancing, once per tick (one statement renews all).
     # Also the stop's leave: 2 ticks (stop_budget).
     renew_interval_s: Annotated[
@@ -811,6 +928,11 @@ _WEBHOOK_OWN_HEADERS = {
 }
 
 
+def _after_scheme(value: str) -> str:
+    """The credentials of "<scheme> <credentials>" (as webhook_secret_values takes them)."""
+    return value.partition(" ")[2].strip()
+
+
 _SINK_TOKEN_FIX = secret_fix(["sink", "token"])
 _SINK_PASSWORD_FIX = secret_fix(["sink", "password"])
 
@@ -827,6 +949,30 @@ class WebhookSinkSettings(_Model):
     timeout_s: float = Field(default=10.0, gt=0)
 
     _token = field_validator("token")(no_controls)  # the Authorization header
+    _token_long = field_validator("token")(_long_enough("the receiver's bearer token"))
+    _password = field_validator("password")(_long_enough("the receiver's password"))
+    _url_long = field_validator("url")(_url_secrets(lone_user=True))
+
+    @field_validator("headers")
+    @classmethod
+    def _header_secrets(cls, v: dict[str, str]) -> dict[str, str]:
+        """A secret-looking header's value, and its credentials after a scheme ("Bearer x"):
+        both are masked in logs (webhook_secret_values), so neither may be 1-3 characters."""
+        problems = [
+            (
+                "",
+                f"header {name!a}: its value {SHORT_SECRET}",
+                "use the real credential (at least 4 characters, after a scheme such as "
+                "Bearer too)",
+            )
+            for name, value in v.items()
+            if is_secret_name(name)
+            and name.lower() not in _WEBHOOK_OWN_HEADERS  # refused as such below
+            and (short_secret(value) or (" " in value and short_secret(_after_scheme(value))))
+        ]
+        if problems:
+            raise Problem(*problems)
+        return v
 
     @model_validator(mode="after")
     def _auth_fields(self) -> WebhookSinkSettings:
@@ -939,6 +1085,7 @@ class PostgresSinkSettings(_Model):
 
     _table = field_validator("table")(_identifier)
     _dsn = field_validator("dsn")(_parsable_dsn)
+    _dsn_secrets = field_validator("dsn")(_url_secrets(lone_user=False))  # as the state's
 
     @model_validator(mode="after")
     def _pool(self) -> PostgresSinkSettings:
@@ -1074,6 +1221,11 @@ class NatsSinkSettings(_Model):
         _destination("sink.subject", lambda v: check_subject(Template(v)))
     )
     _stream = field_validator("stream")(_destination("sink.stream", check_stream_name))
+    _password = field_validator("password")(_long_enough("the NATS user's password"))
+    _token = field_validator("token")(_long_enough("the NATS server's token"))
+    _nkey_seed = field_validator("nkey_seed")(_long_enough("the user's NKEY seed (SU...)"))
+    # nats://TOKEN@host: a user name alone is a token.
+    _servers = field_validator("servers")(_url_secrets(lone_user=True))
 
 
 class RedisSinkSettings(_Model):
@@ -1104,6 +1256,7 @@ class RedisSinkSettings(_Model):
     _stream_key = field_validator("stream_key")(
         _destination("sink.stream_key", lambda v: check_key(Template(v)))
     )
+    _password = field_validator("password")(_long_enough("the Redis user's password"))
 
     @field_validator("url")
     @classmethod
@@ -1115,6 +1268,7 @@ class RedisSinkSettings(_Model):
             misread = False  # the sink's own check says what is wrong, without the URL
         if misread:
             raise misread_problem(PERCENT_ENCODE_FIX)
+        _url_secrets(lone_user=False)(v)  # redis://user@host: an ACL user alone, no secret
         return v
 
     @model_validator(mode="after")
@@ -1251,6 +1405,8 @@ class OrchestrationSettings(_Model):
     # dead-letter
     on_not_found: Literal["attach-null", "dead-letter"] = "attach-null"
 
+    _base_url = field_validator("base_url")(_url_secrets(lone_user=True))
+
     @model_validator(mode="after")
     def _templates(self) -> OrchestrationSettings:
         if self.enabled and not self.resources:
@@ -1293,6 +1449,9 @@ class OrchestrationSettings(_Model):
                         "no whitespace or control characters in a URL template",
                     )
                 )
+            if short := short_url_secrets(template, lone_user=False):
+                key = f"resources[{name!r}]"
+                raise Problem(*((key, m, f) for _, m, f in short_url_problem(short).items))
         return self
 
 
@@ -1612,6 +1771,14 @@ class Settings(BaseSettings):
         stop, room = fleet_handover_s(slowest.connection, p), f.lease_ttl_s - f.renew_interval_s
         if stop > room:
             c = slowest.connection.complete_timeout_s
+            needed = stop + f.renew_interval_s
+            fix = (
+                f"raise fleet.lease_ttl_s to at least {needed:g}, or lower "
+                "pipeline.drain_timeout_s or connection.complete_timeout_s"
+                if needed <= MAX_LEASE_TTL_S
+                else f"lower pipeline.drain_timeout_s or connection.complete_timeout_s (a "
+                f"lease lasts at most {MAX_LEASE_TTL_S:g} s)"
+            )
             problems.append(
                 (
                     "fleet.lease_ttl_s",
@@ -1621,8 +1788,7 @@ class Settings(BaseSettings):
                     f" s), more than a lease surely lasts after a renewal ({room:g} s: "
                     "lease_ttl_s - renew_interval_s): if renewing failed meanwhile, another "
                     "member could take the stream while this one still delivers",
-                    f"raise fleet.lease_ttl_s to at least {stop + f.renew_interval_s:g}, or "
-                    "lower pipeline.drain_timeout_s or connection.complete_timeout_s",
+                    fix,
                 )
             )
         if problems:

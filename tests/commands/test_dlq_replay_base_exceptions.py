@@ -64,11 +64,11 @@ def installed(tmp_path: Path, target: str) -> Path:
 [streams.main]
 gateway_url = "https://gw.example.com"
 chain_code = "CHAIN1"
-app_key = "k"
+app_key = "app-key-0001"
 
 [streams.main.auth]
 client_id = "cid"
-client_secret = "s"
+client_secret = "client-secret-0001"
 enterprise_id = "ENT1"
 
 [state]

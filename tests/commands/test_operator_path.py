@@ -119,7 +119,7 @@ async def test_systemd_status_shows_the_stored_checkpoint_before_the_first_event
         await wait_until(lambda: committed(tmp_path / "state.db", newest))
     # Started again, its token endpoint refusing: connecting, nothing done in this run.
     url = f"http://127.0.0.1:{refused_port()}"
-    auth = {"client_id": "c", "client_secret": "s", "retry_max_s": 600.0}
+    auth = {"client_id": "c", "client_secret": "client-secret-0001", "retry_max_s": 600.0}
     path = str(tmp_path / "notify.sock")
     monkeypatch.setenv("NOTIFY_SOCKET", path)
     monkeypatch.setenv("WATCHDOG_USEC", "200000")  # a STATUS= every 0.1 s

@@ -491,7 +491,7 @@ def test_the_example_config_is_valid() -> None:
 
 
 def test_the_fleet_compose_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
-    dsn = "postgresql://opera:pw@postgres:5432/opera"
+    dsn = "postgresql://opera:fleet-demo-password@postgres:5432/opera"
     monkeypatch.setenv("OPERA_CONSUMER_STATE__DSN", dsn)
     monkeypatch.setenv("OPERA_CONSUMER_SINK__DSN", dsn)
     root = Path(__file__).parents[2]
@@ -528,14 +528,14 @@ def test_the_sandbox_compose_config_is_valid_and_draws_no_warning(
 def test_fleet_mode_refuses_what_one_host_owns(tmp_path: Path, change: str, key: str) -> None:
     base = BASE + "[fleet]\nenabled = true\n"
     if "[state]" not in change:
-        base += '[state]\nbackend = "postgres"\ndsn = "postgresql://u:p@h/d"\n'
+        base += '[state]\nbackend = "postgres"\ndsn = "postgresql://u:pass@h/d"\n'
     message = config_error(write(tmp_path, base + change))
     assert key in message
 
 
 def test_fleet_timers_leave_room_to_renew(tmp_path: Path) -> None:
     text = BASE + (
-        '[state]\nbackend = "postgres"\ndsn = "postgresql://u:p@h/d"\n'
+        '[state]\nbackend = "postgres"\ndsn = "postgresql://u:pass@h/d"\n'
         '[sink]\ntype = "webhook"\nurl = "https://example.com/x"\n'
         "[fleet]\nenabled = true\nlease_ttl_s = 10\nrenew_interval_s = 5\n"
     )
@@ -692,7 +692,7 @@ def test_what_the_sinks_client_refuses_is_refused_before_anything_connects(
     from consumer.errors import ExitCode
 
     (tmp_path / "ca.pem").write_text("not read before the sink connects\n")
-    store = '[state]\nbackend = "postgres"\ndsn = "postgresql://u:p@127.0.0.1:9/x"\n'
+    store = '[state]\nbackend = "postgres"\ndsn = "postgresql://u:pass@127.0.0.1:9/x"\n'
     path = write(tmp_path, BASE + store + f"[sink]\n{sink}\n")
     for command in ("check-config", "run"):
         assert main([command, "--config", str(path)]) == ExitCode.CONFIG, command
@@ -702,7 +702,7 @@ def test_what_the_sinks_client_refuses_is_refused_before_anything_connects(
 
 
 def test_a_postgres_pool_smaller_than_its_minimum_is_refused_at_load(tmp_path: Path) -> None:
-    sink = '[sink]\ntype = "postgres"\ndsn = "postgresql://u:p@127.0.0.1/x"\n'
+    sink = '[sink]\ntype = "postgres"\ndsn = "postgresql://u:pass@127.0.0.1/x"\n'
     message = config_error(write(tmp_path, BASE + sink + "pool_min = 5\npool_max = 2\n"))
     assert "pool_min (5) is above pool_max (2)" in message and "raise pool_max" in message
 

@@ -3,8 +3,10 @@ naming the key, the sane range and the fix (check-config and run exit 78 before 
 intervals with no floor (a ping flood at OHIP's gateway), a liveness floor below the pings'
 period (a quiet stream reconnecting for ever), a retention shorter than OHIP's (ids needed for
 deduplication pruned), timeouts of the stop without a ceiling (a 300-digit request to
-systemd), a jsonl sink in the state store's file, two streams that are one OHIP subscription,
-and a metrics address that is no address."""
+systemd), a reconnect backoff of 0 (a loop of upgrades at the gateway) or beyond an hour, a
+retention beyond a year and a lease beyond an hour, a jsonl sink in the state store's file, two
+streams that are one OHIP subscription, and a metrics address that is no address; pings under a
+second to a gateway off this host draw a warning."""
 
 from __future__ import annotations
 
@@ -70,7 +72,7 @@ FLOORS = [
     ("pipeline", "sink_retry_initial_s", 0.0001, 0.01, "at least 0.01 s"),
     ("log", "progress_interval_s", 0.001, 0.1, "at least 0.1 s (or 0: no lines)"),
     ("state", "prune_interval_s", 0.1, 1, "at least 1 s"),
-    ("state", "processed_retention_days", 0.00001, 7, "at least 7 days"),
+    ("state", "processed_retention_days", 0.00001, 7, "7 to 365 days"),
 ]
 
 
@@ -119,12 +121,139 @@ def test_the_tests_scaled_timers_stay_valid() -> None:
                     "status_poll_s": 0.05,
                     "upgrade_window_s": 0.5,
                     "complete_timeout_s": 0.1,
+                    "backoff_initial_s": 0.01,  # tests/runtime/test_close_codes.py
+                    "backoff_max_s": 0.05,
                 }
             )
         },
         pipeline={"sink_retry_initial_s": 0.01, "sink_retry_max_s": 0.05, "drain_timeout_s": 0.1},  # type: ignore[arg-type]
         log={"progress_interval_s": 0.3},  # type: ignore[arg-type]
     )
+
+
+# --- reconnect backoff ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "bad", "says"),
+    [
+        ("backoff_initial_s", "0", "is below 0.01 s"),
+        ("backoff_initial_s", "1e-9", "is below 0.01 s"),
+        ("backoff_max_s", "0.001", "is below 0.05 s"),
+        ("backoff_initial_s", "1e308", "is above 3600 s"),
+        ("backoff_max_s", "1e308", "is above 3600 s"),
+    ],
+)
+def test_a_reconnect_backoff_out_of_range_is_refused(
+    tmp_path: Path, key: str, bad: str, says: str
+) -> None:
+    """0 or 1e-9 reconnected in a loop at OHIP's gateway (which counts the upgrades); 1e308
+    left a stream down for ever after an outage."""
+    other = {
+        "backoff_initial_s": "backoff_max_s = 3600",
+        "backoff_max_s": "backoff_initial_s = 0.01",
+    }
+    text = stream() + f"\n[streams.main.connection]\n{key} = {bad}\n{other[key]}\n"
+    message = config_error(write(tmp_path, text))
+    assert f"streams.main.connection.{key}: {says}" in message, message
+    assert "a loop of upgrades at OHIP's gateway" in message
+    span = "0.01 to 3600 s" if key == "backoff_initial_s" else "0.05 to 3600 s"
+    assert f"-> set it to {span}" in message, message
+
+
+def test_a_backoff_that_starts_above_its_cap_is_refused_naming_both(tmp_path: Path) -> None:
+    text = stream() + "\n[streams.main.connection]\nbackoff_max_s = 0.5\n"  # initial: 1
+    message = config_error(write(tmp_path, text))
+    assert "streams.main.connection.backoff_initial_s: is above backoff_max_s (1 > 0.5)" in message
+    assert "lower backoff_initial_s or raise backoff_max_s" in message
+    load_settings(write(tmp_path, text + "backoff_initial_s = 0.5\n"))  # equal: valid
+
+
+async def test_run_refuses_a_zero_backoff_before_connecting(tmp_path: Path) -> None:
+    def config(url: str) -> Path:
+        text = stream().replace("https://gw.example.com", url)
+        return write(tmp_path, text + "\n[streams.main.connection]\nbackoff_initial_s = 0\n")
+
+    out = await run_refused(config, env())
+    assert "streams.main.connection.backoff_initial_s: is below 0.01 s" in out
+
+
+# --- ceilings: the state store's retention, the fleet's lease ------------------------------------
+
+
+def test_a_retention_beyond_a_year_is_refused(tmp_path: Path) -> None:
+    """1e9 days: processed ids never pruned, the state store growing for ever, for ids OHIP
+    (7 days of retention) can no longer send."""
+    message = config_error(write(tmp_path, with_key("state", "processed_retention_days", "1e9")))
+    assert "state.processed_retention_days: is above 365 days: OHIP retains events" in message
+    assert "only grow the state store" in message and "-> set it to 7 to 365 days" in message
+    settings = load_settings(write(tmp_path, with_key("state", "processed_retention_days", 365)))
+    assert settings.state.processed_retention_days == 365
+
+
+FLEET_SINK = '[sink]\ntype = "webhook"\nurl = "https://hook.example.com/in"\n'
+FLEET_STATE = '[state]\nbackend = "postgres"\ndsn = "postgresql://u:pass@127.0.0.1/db"\n'
+
+
+def test_a_lease_of_more_than_an_hour_is_refused(tmp_path: Path) -> None:
+    """A member killed -9 holds its streams' leases until they expire: a year's TTL, and no
+    other member ever took them over."""
+    fleet = "[fleet]\nenabled = true\nlease_ttl_s = {}\n"
+    text = stream() + FLEET_STATE + FLEET_SINK + fleet
+    message = config_error(write(tmp_path, text.format("31536000")))
+    assert "fleet.lease_ttl_s: is above 3600 s: the streams of a member that died" in message
+    assert "-> set it to 0 to 3600 s" in message, message
+    assert load_settings(write(tmp_path, text.format(3600))).fleet.lease_ttl_s == 3600
+
+
+def test_a_handover_longer_than_the_longest_lease_asks_for_shorter_stops(tmp_path: Path) -> None:
+    """The fix never asks for a lease above its ceiling."""
+    fleet = "[fleet]\nenabled = true\nlease_ttl_s = 3600\n"
+    slow = "[pipeline]\ndrain_timeout_s = 3600\n"
+    message = config_error(write(tmp_path, stream() + FLEET_STATE + FLEET_SINK + fleet + slow))
+    assert "fleet.lease_ttl_s: a stream handed over may take 3624 s to stop" in message, message
+    assert "-> lower pipeline.drain_timeout_s or connection.complete_timeout_s (a lease " in message
+    assert "raise fleet.lease_ttl_s" not in message
+
+
+# --- pings more often than every second to a real gateway ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    "gateway", ["https://gw.example.com", "http://10.1.2.3:8080", "https://127.0.0.1.example.com"]
+)
+def test_pings_under_a_second_to_a_gateway_off_this_host_draw_a_warning(
+    tmp_path: Path, gateway: str
+) -> None:
+    insecure = "allow_insecure_http = true\n" if gateway.startswith("http:") else ""
+    text = insecure + stream().replace("https://gw.example.com", gateway)
+    text += "\n[streams.main.connection]\nping_interval_s = 0.5\nliveness_floor_s = 2\n"
+    warned = load_settings(write(tmp_path, text)).warnings()
+    assert [key for key, _, _ in warned] == ["streams.main.connection.ping_interval_s"], warned
+    assert "is 0.5 s, under 1 s, to a gateway that is not loopback" in warned[0][1]
+    assert "floods it" in warned[0][1] and "set it to 10 (the default)" in warned[0][2]
+    one = load_settings(
+        write(tmp_path, text.replace("ping_interval_s = 0.5", "ping_interval_s = 1"))
+    )
+    assert one.warnings() == []
+
+
+@pytest.mark.parametrize(
+    "gateway",
+    ["http://127.0.0.1:8080", "http://localhost:8080", "http://[::1]:8080", "ws://127.0.0.2:9"],
+)
+def test_pings_scaled_down_on_loopback_draw_no_warning(tmp_path: Path, gateway: str) -> None:
+    """The tests' sandbox runs on loopback with 0.5 s pings (and less)."""
+    text = stream().replace("https://gw.example.com", gateway)
+    text += "\n[streams.main.connection]\nping_interval_s = 0.02\nliveness_floor_s = 1\n"
+    assert load_settings(write(tmp_path, text)).warnings() == []
+
+
+def test_check_config_prints_the_ping_warning(tmp_path: Path) -> None:
+    text = stream() + "\n[streams.main.connection]\nping_interval_s = 0.5\nliveness_floor_s = 2\n"
+    checked = cli("check-config", "--config", str(write(tmp_path, text)), env=env())
+    assert checked.returncode == 0, checked.stderr
+    assert "warning: streams.main.connection.ping_interval_s: is 0.5 s, under 1 s" in checked.stderr
 
 
 # --- liveness floor and ping interval ------------------------------------------------------------
@@ -159,7 +288,7 @@ def test_a_timeout_of_the_stop_has_a_ceiling(tmp_path: Path, table: str, key: st
 
 
 def test_the_postgres_and_fleet_timers_of_the_stop_have_a_ceiling() -> None:
-    state = {"backend": "postgres", "dsn": "postgresql://u:p@127.0.0.1/db"}
+    state = {"backend": "postgres", "dsn": "postgresql://u:pass@127.0.0.1/db"}
     with pytest.raises(ValueError, match=r"state.timeout_s\n.*is above 3600 s"):
         Settings(
             streams={"main": _stream_dict()},
@@ -179,7 +308,7 @@ def test_the_longest_stop_the_settings_allow_is_a_few_hours() -> None:
         streams={"main": _stream_dict(connection={"complete_timeout_s": HOUR_S})},
         state={  # type: ignore[arg-type]
             "backend": "postgres",
-            "dsn": "postgresql://u:p@127.0.0.1/db",
+            "dsn": "postgresql://u:pass@127.0.0.1/db",
             "timeout_s": HOUR_S,
         },
         pipeline={"drain_timeout_s": HOUR_S},  # type: ignore[arg-type]
@@ -220,7 +349,7 @@ def test_a_jsonl_sink_through_a_symlink_to_the_state_store_is_refused(tmp_path: 
 
 
 def test_with_postgres_state_only_the_lease_file_is_the_stores(tmp_path: Path) -> None:
-    pg = 'backend = "postgres"\ndsn = "postgresql://u:p@127.0.0.1/db"\n'
+    pg = 'backend = "postgres"\ndsn = "postgresql://u:pass@127.0.0.1/db"\n'
     text = stream() + f'\n[state]\n{pg}path = "opera.db"\n[sink]\npath = "opera.db.lock"\n'
     assert "names the state store's .lock file" in config_error(write(tmp_path, text))
     load_settings(write(tmp_path, text.replace('path = "opera.db.lock"', 'path = "opera.db"')))
@@ -301,7 +430,9 @@ def test_other_keys_on_one_chain_with_shared_hotels_draw_a_warning(tmp_path: Pat
     assert [key for key, _, _ in warned] == ["streams.b.subscription.hotel_codes"]
     assert "delivered twice" in warned[0][1] and "4409" not in warned[0][1]
     a = stream("a", extra='[streams.a.subscription]\nhotel_codes = ["H1", "H2"]\n')
-    b = stream("b", key="k3", extra='[streams.b.subscription]\nhotel_codes = ["h2"]\n')
+    b = stream(
+        "b", key="app-key-B0unds-0004", extra='[streams.b.subscription]\nhotel_codes = ["h2"]\n'
+    )
     assert len(load_settings(write(tmp_path, a + b)).warnings()) == 1  # codes: any case
     b = b.replace('["h2"]', '["H3"]')
     assert load_settings(write(tmp_path, a + b)).warnings() == []
@@ -376,7 +507,11 @@ def _stream_dict(**overrides: object) -> Any:  # StreamSettings' input
         "gateway_url": "https://gw.example.com",
         "chain_code": "CHAIN1",
         "app_key": APP_KEY,
-        "auth": {"client_id": "cid", "client_secret": "s", "enterprise_id": "E"},
+        "auth": {
+            "client_id": "cid",
+            "client_secret": "client-secret-B0unds-0002",
+            "enterprise_id": "E",
+        },
         **overrides,
     }
 

@@ -340,7 +340,7 @@ def test_an_authorization_header_beside_other_credentials_is_refused(
     information) replaced the header without a word."""
     text = toml(
         sink=f'type = "webhook"\nurl = "{url}"\n{auth}\n'
-        'headers = { "Authorization" = "Custom abc" }'
+        'headers = { "Authorization" = "Custom abc-H0stile-5678" }'
     )
     message = config_error(write(tmp_path, text))
     assert "sink.headers" in message and "'Authorization'" in message
@@ -351,10 +351,10 @@ def test_an_authorization_header_beside_other_credentials_is_refused(
 def test_an_authorization_header_alone_is_sent_as_given(tmp_path: Path) -> None:
     text = toml(
         sink='type = "webhook"\nurl = "https://h.example.com/"\n'
-        'headers = { "Authorization" = "Custom abc" }'
+        'headers = { "Authorization" = "Custom abc-H0stile-5678" }'
     )
     settings = load_settings(write(tmp_path, text))
-    assert settings.sink.headers == {"Authorization": "Custom abc"}  # type: ignore[union-attr]
+    assert settings.sink.headers == {"Authorization": "Custom abc-H0stile-5678"}  # type: ignore[union-attr]
 
 
 def url_config(key: str, url: str, top: str = "") -> str:

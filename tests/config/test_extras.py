@@ -27,12 +27,12 @@ client_secret = "client-secret"
 POSTGRES_STATE = """
 [state]
 backend = "postgres"
-dsn = "postgresql://opera:pw@127.0.0.1:5432/opera"
+dsn = "postgresql://opera:pass@127.0.0.1:5432/opera"
 """
 POSTGRES_SINK = """
 [sink]
 type = "postgres"
-dsn = "postgresql://opera:pw@127.0.0.1:5432/opera"
+dsn = "postgresql://opera:pass@127.0.0.1:5432/opera"
 """
 
 pytestmark = pytest.mark.usefixtures("hermetic_config")
@@ -67,7 +67,7 @@ async def test_check_config_names_the_key_and_the_extra_to_install(
     line = next(line for line in err.splitlines() if line.strip().startswith(key + ":"))
     assert f"needs the Python package {module}, which is not installed" in line
     assert f"pip install 'opera-consumer[{extra}]'" in line
-    assert "pw@" not in err  # the dsn (a secret) is never shown
+    assert "pass@" not in err  # the dsn (a secret) is never shown
 
 
 def test_every_missing_extra_is_named_at_once(

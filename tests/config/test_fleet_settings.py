@@ -15,13 +15,13 @@ FLEET = """
 [streams.main]
 gateway_url = "https://gw.example.com/"
 chain_code = "CHAIN1"
-app_key = "key"
+app_key = "app-key-fleet-0001"
 [streams.main.auth]
 client_id = "cid"
 client_secret = "secret"
 [state]
 backend = "postgres"
-dsn = "postgresql://u:p@h/d"
+dsn = "postgresql://u:pass@h/d"
 [sink]
 type = "webhook"
 url = "https://example.com/x"

@@ -188,7 +188,8 @@ def test_bad_config_names_the_key_and_exits_78(tmp_path: Path):
     config = tmp_path / "config.toml"
     config.write_text(
         '[streams.main]\ngateway_url = "https://gw.example"\nchain_code = "C"\n'
-        'app_key = "k"\n[streams.main.auth]\nclient_id = "id"\nclient_secret = "hunter22"\n'
+        'app_key = "app-key-0001"\n[streams.main.auth]\n'
+        'client_id = "id"\nclient_secret = "hunter22"\n'
         '[streams.main.subscription]\nofset = "12"\n'
     )
     proc = cli("run", "--config", str(config))

@@ -39,8 +39,9 @@ def test_a_postgres_configuration_is_refused_with_the_fix(tmp_path: Path):
     config = tmp_path / "config.toml"
     config.write_text(
         '[streams.main]\ngateway_url = "https://gw.example.com"\nchain_code = "DEMO"\n'
-        'app_key = "k"\nauth = { client_id = "c", client_secret = "s" }\n'
-        '[state]\nbackend = "postgres"\ndsn = "postgresql://opera:pw@127.0.0.1:1/opera"\n'
+        'app_key = "app-key-0001"\n'
+        'auth = { client_id = "c", client_secret = "client-secret-0001" }\n'
+        '[state]\nbackend = "postgres"\ndsn = "postgresql://opera:pass@127.0.0.1:1/opera"\n'
     )
     done = subprocess.run(
         [sys.executable, str(RUNNER), "check-config", "--config", str(config)],
@@ -53,4 +54,4 @@ def test_a_postgres_configuration_is_refused_with_the_fix(tmp_path: Path):
     assert done.stdout == ""
     assert 'state.backend: backend = "postgres" needs the Python package asyncpg' in done.stderr
     assert "pip install 'opera-consumer[postgres]'" in done.stderr
-    assert "pw@" not in done.stderr
+    assert "pass@" not in done.stderr

@@ -175,7 +175,7 @@ async def test_the_daemon_stops_on_a_token_url_that_does_not_exist(sandbox_facto
     gw = await sandbox_factory()
     auth = {
         "client_id": "c",
-        "client_secret": "s",
+        "client_secret": "client-secret-0001",
         "token_url": f"{gw.url}/x/oauth/v1/tokens",
         "retry_max_s": 0.5,  # the 404 lasts that long: a wrong URL
     }
@@ -350,7 +350,7 @@ async def test_the_daemon_does_not_stream_with_an_unusable_token_and_says_why(
             gw.url,
             auth={
                 "client_id": "c",  # (the endpoint is ours: it takes any credentials)
-                "client_secret": "s",
+                "client_secret": "client-secret-0001",
                 "token_url": f"http://127.0.0.1:{endpoint.port}/oauth/v1/tokens",
             },
         )

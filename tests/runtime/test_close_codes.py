@@ -92,8 +92,8 @@ async def test_a_rate_limit_shows_as_throttled_not_as_another_consumers_lockout(
         tmp_path,
         gw.url,
         connection={
-            "backoff_initial_s": 0.001,
-            "backoff_max_s": 0.002,
+            "backoff_initial_s": 0.01,
+            "backoff_max_s": 0.05,
             "upgrade_limit": 2,
             "upgrade_window_s": 60.0,
         },
@@ -276,8 +276,8 @@ async def test_the_upgrade_budget_holds_when_every_attempt_fails(sandbox_factory
         tmp_path,
         gw.url,
         connection={
-            "backoff_initial_s": 0.001,
-            "backoff_max_s": 0.002,
+            "backoff_initial_s": 0.01,
+            "backoff_max_s": 0.05,
             "upgrade_limit": 4,
             "upgrade_window_s": 0.5,
         },

@@ -54,7 +54,7 @@ async def test_postgres_waits_unless_its_rows_go_in_the_state_transaction(tmp_pa
     pytest.importorskip("asyncpg", reason="the postgres extra is not installed")
     from consumer.sinks.postgres import PostgresSink
 
-    s = settings(tmp_path, {"type": "postgres", "dsn": "postgresql://u:p@127.0.0.1:9/db"})
+    s = settings(tmp_path, {"type": "postgres", "dsn": "postgresql://u:pass@127.0.0.1:9/db"})
     assert s.sink.type == "postgres"
     assert default_workers(PostgresSink(s.sink, in_state_transaction=True)) == 1  # type: ignore[arg-type]
     assert default_workers(PostgresSink(s.sink)) == WAITING_SINK_WORKERS  # type: ignore[arg-type]

@@ -353,7 +353,7 @@ async def test_a_redirect_loop_on_the_upgrade_stays_within_the_upgrade_budget(
             auth=token_auth(sb.url),
             connection={
                 "backoff_initial_s": 0.01,
-                "backoff_max_s": 0.02,
+                "backoff_max_s": 0.05,
                 "upgrade_limit": limit,
                 "upgrade_window_s": 30.0,
             },

@@ -34,7 +34,7 @@ async def test_the_status_line_says_what_it_waits_for(tmp_path: Path) -> None:
         url,
         pipeline={"drain_timeout_s": DRAIN_S},
         connection={"complete_timeout_s": GRACE_S},
-        auth={"client_id": "c", "client_secret": "s", "retry_max_s": 600.0},
+        auth={"client_id": "c", "client_secret": "client-secret-0001", "retry_max_s": 600.0},
     )
     daemon = await Daemon.create(settings)
     task = asyncio.create_task(daemon.run())

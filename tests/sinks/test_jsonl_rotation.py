@@ -659,11 +659,11 @@ BASE = """
 [streams.main]
 gateway_url = "https://gw.example.com/"
 chain_code = "CHAIN1"
-app_key = "k"
+app_key = "app-key-0001"
 
 [streams.main.auth]
 client_id = "cid"
-client_secret = "s"
+client_secret = "client-secret-0001"
 
 [sink]
 path = "/var/lib/opera/events.jsonl"

@@ -103,7 +103,7 @@ def test_templates_are_checked_when_the_sink_is_built() -> None:
     with pytest.raises(ConfigError, match=r"sink\.servers\[0\]"):
         NatsSink(at(servers=["http://127.0.0.1:4222"]), CHAINS)
     with pytest.raises(ConfigError, match=r"sink\.servers\[1\]"):
-        NatsSink(at(servers=["nats://127.0.0.1:4222", "nats://user:pw@host:port"]), CHAINS)
+        NatsSink(at(servers=["nats://127.0.0.1:4222", "nats://user:pw-1@host:port"]), CHAINS)
     NatsSink(at(servers=["127.0.0.1:4222", "tls://[::1]:4443"]), CHAINS)
 
 

@@ -260,7 +260,7 @@ async def test_errors_name_the_resource_url_without_its_secrets(tmp_path: Path) 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     async with server, aiohttp.ClientSession() as http:
         port = server.sockets[0].getsockname()[1]
-        base = f"http://user:s3cret@127.0.0.1:{port}/api?sig=k3y"
+        base = f"http://user:s3cret@127.0.0.1:{port}/api?sig=k3y-value"
         orch = _orchestrator(tmp_path, http, _Tokens(), base)
         with pytest.raises(PermanentSinkError) as info:
             async with asyncio.timeout(60):
