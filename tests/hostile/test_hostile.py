@@ -72,6 +72,10 @@ PAYLOAD_LIMIT = 65536  # characters of a frame a dead letter keeps
 LOG_LINE_LIMIT = 20_000
 SETTLE_S = 60.0
 STALL_S = 8.0
+# The gateway here never closes after ending a subscription (an `error` or `complete`): the
+# daemon waits this long for that close, then closes itself (2 s by FAST_CONNECTION: 8 s of
+# each run's four enders).
+COMPLETE_S = 0.3
 RUNAWAY = 12  # sessions ended unexpectedly: stop waiting, the daemon is in a reconnect loop
 SINKS = ("jsonl", "sqlite", "webhook", "python", "postgres")
 
@@ -620,7 +624,7 @@ async def test_hostile_gateway_every_sink(
             gw.url,
             sink=probe.config(),
             auth=token_auth(sb),
-            connection={"max_frame_bytes": MAX_FRAME},
+            connection={"max_frame_bytes": MAX_FRAME, "complete_timeout_s": COMPLETE_S},
         )
         daemon = await Daemon.create(settings)
         task = asyncio.create_task(daemon.run())
@@ -675,7 +679,11 @@ def process_config(
     from the sandbox), with the given ``[state]`` lines, ``[sink]`` lines and the rest (by
     default: metrics on a free port, JSON logs)."""
     auth = token_auth(sb)
-    connection = {**FAST_CONNECTION, "max_frame_bytes": PROC_MAX_FRAME}
+    connection = {
+        **FAST_CONNECTION,
+        "max_frame_bytes": PROC_MAX_FRAME,
+        "complete_timeout_s": COMPLETE_S,
+    }
     config = tmp_path / "config.toml"
     config.write_text(
         f"""[streams.main]
