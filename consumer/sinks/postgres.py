@@ -109,6 +109,11 @@ _CONFIG_STATES = ("28", "3D")
 _ANY_TEXT_ENCODINGS = frozenset({"UTF8"})
 # A ``\u0000`` escape in JSON text (not an escaped backslash, then "u0000"): jsonb refuses it.
 _JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+# The table's generated columns (computed from the row): what follows a SELECT of attname.
+_GENERATED_COLUMNS = (
+    "FROM pg_attribute WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped "
+    "AND attgenerated <> ''"
+)
 # What of the table's own may refuse one event's row: a CHECK, FOREIGN KEY or EXCLUDE
 # constraint, a unique index but the upsert's, a generated column (computed from the row: its
 # expression may fail on one event's data, 22xxx, or yield NULL where it is NOT NULL, 23502), a
@@ -127,17 +132,12 @@ _GUARDS = (
     "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0] "
     "WHERE i.indrelid = to_regclass($1) AND i.indisunique "
     "AND NOT (i.indnkeyatts = 1 AND a.attname = 'unique_event_id') "
-    "UNION ALL SELECT format('generated column %I', attname) FROM pg_attribute "
-    "WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped "
-    "AND attgenerated <> '' "
+    f"UNION ALL SELECT format('generated column %I', attname) {_GENERATED_COLUMNS} "
     "UNION ALL SELECT 'partitioning' FROM pg_class WHERE oid = to_regclass($1) AND relkind = 'p'"
 )
 # The table's generated columns now (one may have been added since open): a NOT NULL
 # violation in one is the event's, not the table's.
-_GENERATED = (
-    "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass($1) AND attnum > 0 "
-    "AND NOT attisdropped AND attgenerated <> '' ORDER BY attnum LIMIT 20"
-)
+_GENERATED = f"SELECT attname {_GENERATED_COLUMNS} ORDER BY attnum LIMIT 20"
 # Integrity violations a table's own constraint raises: named, with the fix, in the dead letter.
 _VIOLATIONS = {
     "23514": "CHECK",
