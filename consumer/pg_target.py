@@ -385,9 +385,13 @@ class Target:
                 text = text.replace(secret, "***")
         return text
 
-    def describe(self, exc: BaseException) -> str:
+    def describe(self, exc: BaseException, *, detail: bool = True) -> str:
+        """``exc`` bounded and masked. ``detail=False``: a server error's message alone, without
+        the DETAIL and HINT the driver's str() appends: a violation's DETAIL repeats the row
+        (``Failing row contains (…)``: an event's data), a trigger's RAISE may put it there."""
+        raw = str(exc.args[0]) if not detail and hasattr(exc, "sqlstate") and exc.args else exc
         # Masked before the cut: a secret cut in two would escape the mask.
-        text = self.scrub(str(exc).strip()[: _MAX_MESSAGE * 8]) or type(exc).__name__
+        text = self.scrub(str(raw).strip()[: _MAX_MESSAGE * 8]) or type(exc).__name__
         if len(text) > _MAX_MESSAGE:
             text = text[:_MAX_MESSAGE] + "…"
         return f"{text} ({type(exc).__name__})"

@@ -12,8 +12,9 @@ Two modes, chosen when the daemon is assembled (:func:`consumer.runtime.assembly
   row from its checkpoint, and a failed commit leaves neither. A database whose encoding cannot
   hold every character (any but UTF8: SQL_ASCII's jsonb refuses a ``\\u`` escape past ASCII)
   falls back to the other mode: a row the server refused would otherwise fail every commit. So
-  does a table with constraints or generated columns of its own (:data:`_GUARDS`): one event's
-  row they refuse is then dead-lettered alone, naming the constraint or column.
+  does a table with constraints, generated columns or row-level security of its own
+  (:data:`_GUARDS`): one event's row they refuse is then dead-lettered alone, naming the
+  constraint, column or policy.
 * **On its own pool** (any other configuration): exactly-once in effect without being part of
   the checkpoint. Each ``write`` is one statement, so one transaction, and it returns only once
   PostgreSQL has committed it. The daemon commits its checkpoint after the sink write returns,
@@ -33,8 +34,15 @@ event, not one: they are transient too, so nothing is dead-lettered while an ope
 database; so is a NOT NULL violation (class 23) in a column the sink leaves empty (one not
 ours, or one of ours an event may lack), which no event's data causes; but one in a generated
 column is that event's (its value is computed from the row): dead-lettered, naming the column.
-An integrity violation's message is the server's alone, never its DETAIL (``Failing row
-contains (…)`` repeats the row: event data).
+So is a row a row-level security policy's WITH CHECK refuses (42501 while the user keeps its
+privileges on the table and some policy admits rows: :data:`_ROW_SECURITY`, read after the
+error; a privilege revoked, or policies admitting no row at all, concern every event:
+retried), and a row the operator's own code refuses: a trigger's, or a function's a generated
+column or CHECK calls, RAISE or ASSERT (class P0 or any SQLSTATE a RAISE chose but a retried
+one), taken at its word as a constraint's refusal is, even if it refuses every event: each is
+dead-lettered, for ``dlq replay`` once fixed. The message of a violation, a policy's refusal
+or a RAISE is the server's alone, never its DETAIL (``Failing row contains (…)`` repeats the
+row: event data).
 
 ``open`` refuses (:class:`ConfigError` naming ``sink.table``, exit 78 before consuming) an
 existing table every write would fail on: our columns missing or of another type than the sink
@@ -109,15 +117,21 @@ _CONFIG_STATES = ("28", "3D")
 _ANY_TEXT_ENCODINGS = frozenset({"UTF8"})
 # A ``\u0000`` escape in JSON text (not an escaped backslash, then "u0000"): jsonb refuses it.
 _JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+# The table's generated columns (computed from the row): what follows a SELECT of attname.
+_GENERATED_COLUMNS = (
+    "FROM pg_attribute WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped "
+    "AND attgenerated <> ''"
+)
 # What of the table's own may refuse one event's row: a CHECK, FOREIGN KEY or EXCLUDE
 # constraint, a unique index but the upsert's, a generated column (computed from the row: its
 # expression may fail on one event's data, 22xxx, or yield NULL where it is NOT NULL, 23502), a
 # partitioned table (a row may fit no partition; its partitions may have constraints of their
-# own). Not a trigger (an audit's is common), nor another column: its default cannot read the
-# row, so it is the same for every event (and one NOT NULL without a default is refused at
-# open). In the state transaction such a refusal would fail the whole commit (every stream's
-# checkpoint; the daemon stopping at each start on the same event); on the own pool it
-# dead-letters that event alone.
+# own), row-level security that applies to the sink's user (a policy's WITH CHECK). Not a
+# trigger (an audit's is common), nor another column: its default cannot read the row, so it
+# is the same for every event (and one NOT NULL without a default is refused at open). In the
+# state transaction such a refusal would fail the whole commit (every stream's checkpoint; the
+# daemon stopping at each start on the same event); on the own pool it dead-letters that event
+# alone.
 _GUARDS = (
     "SELECT format('%s constraint %I', CASE contype WHEN 'c' THEN 'CHECK' "
     "WHEN 'f' THEN 'FOREIGN KEY' ELSE 'EXCLUDE' END, conname) FROM pg_constraint "
@@ -127,16 +141,48 @@ _GUARDS = (
     "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0] "
     "WHERE i.indrelid = to_regclass($1) AND i.indisunique "
     "AND NOT (i.indnkeyatts = 1 AND a.attname = 'unique_event_id') "
-    "UNION ALL SELECT format('generated column %I', attname) FROM pg_attribute "
-    "WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped "
-    "AND attgenerated <> '' "
-    "UNION ALL SELECT 'partitioning' FROM pg_class WHERE oid = to_regclass($1) AND relkind = 'p'"
+    f"UNION ALL SELECT format('generated column %I', attname) {_GENERATED_COLUMNS} "
+    "UNION ALL SELECT 'partitioning' FROM pg_class WHERE oid = to_regclass($1) AND relkind = 'p' "
+    "UNION ALL SELECT 'row-level security' WHERE row_security_active(to_regclass($1))"
 )
 # The table's generated columns now (one may have been added since open): a NOT NULL
 # violation in one is the event's, not the table's.
-_GENERATED = (
-    "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass($1) AND attnum > 0 "
-    "AND NOT attisdropped AND attgenerated <> '' ORDER BY attnum LIMIT 20"
+_GENERATED = f"SELECT attname {_GENERATED_COLUMNS} ORDER BY attnum LIMIT 20"
+# Read after a 42501 (insufficient privilege: a privilege revoked, or a row-level security
+# policy refusing the new row): whether it can be one row's, and the policies that may have
+# refused it. Only when the user still has INSERT and UPDATE on the table, row security
+# applies to it (not its owner without FORCE, nor a superuser or BYPASSRLS role; not with
+# row_security off, which refuses every statement), and a permissive policy admits some row
+# for each command every upsert needs: INSERT, and SELECT (ON CONFLICT reads the new row).
+# With none, the policies refuse every row: the table's, retried. (UPDATE's policies are met
+# only by a row written again: a replay's.)
+_POLICY_APPLIES = (
+    "(0::oid = ANY (polroles) OR EXISTS (SELECT FROM unnest(polroles) AS r "
+    "WHERE r <> 0 AND pg_has_role(r, 'MEMBER')))"
+)
+_ROW_SECURITY = (
+    "WITH p AS (SELECT polname, polcmd, polpermissive FROM pg_policy "
+    f"WHERE polrelid = to_regclass($1) AND {_POLICY_APPLIES}) "
+    "SELECT coalesce(has_table_privilege(to_regclass($1), 'INSERT') "
+    "AND has_table_privilege(to_regclass($1), 'UPDATE') "
+    "AND row_security_active(to_regclass($1)) AND current_setting('row_security')::bool "
+    "AND EXISTS (SELECT FROM p WHERE polpermissive AND polcmd IN ('a', '*')) "
+    "AND EXISTS (SELECT FROM p WHERE polpermissive AND polcmd IN ('r', '*')), false), "
+    "ARRAY(SELECT polname::text FROM p WHERE polcmd IN ('a', 'w', '*') ORDER BY polname LIMIT 6)"
+)
+# Where PostgreSQL raises a row-level security policy's refusal of a new row (execMain.c); a
+# privilege's is aclcheck_error. When the server names it (not localized), it must be this.
+_POLICY_CHECK = "ExecWithCheckOptions"
+# Where PL/pgSQL raises RAISE EXCEPTION and ASSERT (pl_exec.c): the operator's code, a trigger's
+# or a function's a generated column or CHECK calls, refusing the row, whatever its SQLSTATE.
+_RAISED_BY = frozenset({"exec_stmt_raise", "exec_stmt_assert"})
+# What a server error may be that clears by itself (retried without an error log; also when an
+# operator's RAISE chose such a SQLSTATE: taken at its word).
+_RETRIED = (
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.TransactionRollbackError,  # serialization, deadlock
+    asyncpg.exceptions.InsufficientResourcesError,  # too many connections, disk
+    asyncpg.exceptions.OperatorInterventionError,  # shutdown, cannot connect now
 )
 # Integrity violations a table's own constraint raises: named, with the fix, in the dead letter.
 _VIOLATIONS = {
@@ -286,14 +332,16 @@ class PostgresSink(PlainSink):
         return f"PostgresSink(table={self.table!r}, server={self._target.where!r})"
 
     def _describe(self, exc: BaseException) -> str:
-        if isinstance(exc, asyncpg.exceptions.IntegrityConstraintViolationError):
-            # The server's message alone: str() appends its DETAIL, which for a violation
-            # repeats the row or its key ("Failing row contains (…)": an event's data). Other
-            # classes' DETAIL says what is wrong ("\u0000 cannot be converted to text.").
-            message = str(exc.args[0]) if exc.args else ""
-            text = self._target.scrub(message.strip()[:2400]) or type(exc).__name__
-            return f"{prefix(text, 300)} ({type(exc).__name__})"
-        return self._target.describe(exc)
+        # The server's message alone for a violation, a privilege's or policy's refusal and an
+        # operator's RAISE: a violation's DETAIL repeats the row or its key ("Failing row
+        # contains (…)": an event's data), a RAISE's may. A data exception's DETAIL says what
+        # is wrong ("\u0000 cannot be converted to text."): kept.
+        whole = not isinstance(
+            exc,
+            asyncpg.exceptions.IntegrityConstraintViolationError
+            | asyncpg.exceptions.InsufficientPrivilegeError,
+        ) and (getattr(exc, "server_source_function", None) not in _RAISED_BY)
+        return self._target.describe(exc, detail=whole)
 
     async def open(self, committed: str | None) -> None:
         s = self.settings
@@ -321,9 +369,9 @@ class PostgresSink(PlainSink):
             if guards:
                 log.warning(
                     "postgres sink: the table has constraints or generated columns of its own, "
-                    "which may refuse one event's row; writing through the sink's own pool "
-                    "(upsert), not in the state transaction, so such an event is dead-lettered "
-                    "alone",
+                    "or row-level security, which may refuse one event's row; writing through "
+                    "the sink's own pool (upsert), not in the state transaction, so such an "
+                    "event is dead-lettered alone",
                     server=where,
                     table=self.table,
                     found=", ".join(guards)[:500],
@@ -507,12 +555,17 @@ class PostgresSink(PlainSink):
                 # session-level read-only setting): the retry connects anew.
                 await pool.expire_connections()
             generated: list[str] = []
+            policies: list[str] | None = None
             if isinstance(exc, asyncpg.exceptions.PostgresError) and (
                 (exc.sqlstate or "").startswith("22")
                 or (exc.sqlstate == "23502" and getattr(exc, "column_name", None) not in _TYPES)
             ):
                 generated = await self._generated(pool)
-            raise self._classify(exc, events, generated) from exc
+            elif isinstance(exc, asyncpg.exceptions.InsufficientPrivilegeError) and getattr(
+                exc, "server_source_function", None
+            ) in (None, _POLICY_CHECK):
+                policies = await self._policies(pool)
+            raise self._classify(exc, events, generated, policies) from exc
 
     async def _generated(self, pool: Any) -> list[str]:
         """The table's generated columns (:data:`_GENERATED`); none if they cannot be read
@@ -527,6 +580,25 @@ class PostgresSink(PlainSink):
             TimeoutError,
         ):
             return []
+
+    async def _policies(self, pool: Any) -> list[str] | None:
+        """After a 42501: the names of the row-level security policies that may have refused
+        one event's row (:data:`_ROW_SECURITY`), or None if it cannot be one row's (a privilege
+        missing, no policy admitting any row) or that cannot be read (retried: the next try
+        reads it again)."""
+        try:
+            async with pool.acquire(timeout=self.settings.timeout_s) as conn:
+                found = await conn.fetchrow(_ROW_SECURITY, _q(self.table))
+        except (
+            asyncpg.exceptions.PostgresError,
+            asyncpg.exceptions.InterfaceError,
+            OSError,
+            TimeoutError,
+        ):
+            return None
+        if found is None or not found[0]:
+            return None
+        return [str(name) for name in found[1]]
 
     def _stage(self, stream: str, events: Sequence[Event]) -> None:
         if not self._opened:
@@ -559,22 +631,54 @@ class PostgresSink(PlainSink):
         return Staged(self._staged_upsert, rows)
 
     def _classify(
-        self, exc: Exception, events: Sequence[Event], generated: Sequence[str] = ()
+        self,
+        exc: Exception,
+        events: Sequence[Event],
+        generated: Sequence[str] = (),
+        policies: Sequence[str] | None = None,
     ) -> Exception:
         """What a failed write is; ``generated``: the table's generated columns, read after a
-        data exception or a NOT NULL violation outside our columns."""
+        data exception or a NOT NULL violation outside our columns; ``policies``: after a
+        42501 that can be one row's (:meth:`_policies`), the policies that may have refused
+        it."""
         where = self._target.where
         only = events[0].unique_event_id if len(events) == 1 else None
         if isinstance(exc, asyncpg.exceptions.PostgresError):
             state = exc.sqlstate or ""
             column = getattr(exc, "column_name", None)
+            refused = f"postgres sink at {where}: table {self.table!r} refused the event's row"
+            if policies is not None:
+                # A row-level security policy's WITH CHECK refused this row (the user has its
+                # privileges, and some policy admits rows): that event's, as a CHECK's refusal.
+                names = ", ".join(repr(prefix(p, 63)) for p in policies[:5])
+                more = ", …" if len(policies) > 5 else ""
+                return PermanentSinkError(
+                    f"{refused}: a row-level security policy does not admit it "
+                    f"({self._describe(exc)}; its INSERT and UPDATE policies: {names}{more}); "
+                    "fix the policy, then `opera-consumer dlq replay`",
+                    unique_event_id=only,
+                )
+            if (
+                state.startswith("P0") or getattr(exc, "server_source_function", None) in _RAISED_BY
+            ) and not isinstance(exc, _RETRIED):
+                # The operator's own code refused the row: a trigger's (or a function's that a
+                # generated column or CHECK calls) RAISE or ASSERT. Taken at its word, as a
+                # constraint's refusal is: that event's, even if it refuses every event (each
+                # is dead-lettered, for `dlq replay` once it is fixed). Its last context line
+                # names the function the table called.
+                context = str(getattr(exc, "context", None) or "").strip().splitlines()
+                origin = prefix(context[-1], 200) if context else "its trigger or function"
+                return PermanentSinkError(
+                    f"{refused}: {origin} raised {prefix(state, 5)}: {self._describe(exc)}; "
+                    "fix the function or the trigger, then `opera-consumer dlq replay`",
+                    unique_event_id=only,
+                )
             if state == "23502" and column in generated:
                 # Computed from this event's row: that event's, named by the column.
                 return PermanentSinkError(
-                    f"postgres sink at {where}: table {self.table!r} refused the event's row: "
-                    f"generated column {prefix(str(column), 100)!r} is NOT NULL and computes "
-                    "NULL from this event (23502); fix the column, then `opera-consumer dlq "
-                    "replay`",
+                    f"{refused}: generated column {prefix(str(column), 100)!r} is NOT NULL and "
+                    "computes NULL from this event (23502); fix the column, then "
+                    "`opera-consumer dlq replay`",
                     unique_event_id=only,
                 )
             # NULL in a column the sink never fills (one added or altered after open): every
@@ -585,9 +689,8 @@ class PostgresSink(PlainSink):
                 # (their DETAIL repeats the row), and the way back.
                 name = prefix(str(getattr(exc, "constraint_name", None) or "?"), 100)
                 return PermanentSinkError(
-                    f"postgres sink at {where}: table {self.table!r} refused the event's row: "
-                    f"{_VIOLATIONS[state]} constraint {name!r} ({state}); fix the table or "
-                    "the constraint, then `opera-consumer dlq replay`",
+                    f"{refused}: {_VIOLATIONS[state]} constraint {name!r} ({state}); fix the "
+                    "table or the constraint, then `opera-consumer dlq replay`",
                     unique_event_id=only,
                 )
             if state.startswith(_PERMANENT_CLASSES) and not foreign:
@@ -605,15 +708,7 @@ class PostgresSink(PlainSink):
                     f"postgres sink at {where} rejected the data: {self._describe(exc)}{suspects}",
                     unique_event_id=only,
                 )
-            if not isinstance(
-                exc,
-                (
-                    asyncpg.exceptions.PostgresConnectionError,
-                    asyncpg.exceptions.TransactionRollbackError,  # serialization, deadlock
-                    asyncpg.exceptions.InsufficientResourcesError,  # too many connections, disk
-                    asyncpg.exceptions.OperatorInterventionError,  # shutdown, cannot connect now
-                ),
-            ):
+            if not isinstance(exc, _RETRIED):
                 log.error(
                     "postgres sink: server error, retrying",
                     server=where,

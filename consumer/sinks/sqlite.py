@@ -17,6 +17,13 @@ column of INTEGER, REAL or NUMERIC affinity) silently store text that looks like
 one: an opaque offset "000001" read back as 1. It is a :class:`ConfigError` naming
 ``sink.table`` (exit 78 before consuming), as is any SQLite error at open but a busy or full
 database (transient).
+
+A write to a file of its own that fails: a row the table refuses (a constraint, a trigger's
+``RAISE``, a generated column's or trigger's expression failing on it: ``malformed JSON``) is
+that event's (:class:`PermanentSinkError`, dead-lettered alone); a failure every event would
+hit (busy, locked, I/O, disk full, the table dropped or altered under us: the upsert no longer
+compiles) is :class:`TransientSinkError`, retried until it clears. In the state store's file
+such a table is refused at open (:func:`check_store_guards`).
 """
 
 from __future__ import annotations
@@ -73,6 +80,27 @@ _FILE_CODES = frozenset(
         sqlite3.SQLITE_CORRUPT,
     }
 )
+
+
+# Primary result codes of a failed write that are one row's: too big, a datatype mismatch. (A
+# constraint's is an IntegrityError; a plain SQLITE_ERROR is the row's only if the statement
+# still compiles.) Any other code concerns every event (busy, locked, I/O, full, no memory, the
+# file unusable): retried.
+_ROW_CODES = frozenset({sqlite3.SQLITE_TOOBIG, sqlite3.SQLITE_MISMATCH})
+
+
+class _UpsertFailed(Exception):
+    """The upsert itself failed (not the transaction's BEGIN or COMMIT), with ``error``."""
+
+    def __init__(self, error: sqlite3.Error) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _code(exc: sqlite3.Error) -> int | None:
+    """SQLite's primary result code of ``exc``; None for the module's own errors."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return None if code is None else int(code) & 0xFF
 
 
 def _q(identifier: str) -> str:
@@ -345,28 +373,72 @@ class SqliteSink(PlainSink):
         db = self._db
         assert db is not None, "sink not open"
         rows = _rows(stream, events)
-        try:
-            async with self._lock:
-                await in_thread(db, lambda conn: self._write_now(conn, rows))
-        except sqlite3.OperationalError as exc:  # locked, disk full, I/O: may clear
-            raise TransientSinkError(f"sqlite sink {self.path}: {exc}") from exc
-        except sqlite3.IntegrityError as exc:  # the table's own constraint: that event's
-            only = events[0].unique_event_id if len(events) == 1 else None
-            raise PermanentSinkError(
+        async with self._lock:
+            for again in (False, True):
+                try:
+                    await in_thread(db, lambda conn: self._write_now(conn, rows))
+                    return
+                except _UpsertFailed as exc:
+                    failed, compiles = exc.error, True
+                except sqlite3.Error as exc:  # BEGIN's or COMMIT's
+                    failed, compiles = exc, False
+                code = _code(failed)
+                if code != sqlite3.SQLITE_ERROR or not compiles or again:
+                    break
+                # The upsert's plain SQLITE_ERROR is the statement's (the table dropped or
+                # altered under us: "no such table", "has no column named") or this row's (an
+                # expression failing on it): the statement compiles with the table's triggers
+                # and generated columns. This connection may have compiled it with a schema
+                # another has changed since (it notices only when a statement runs, not when
+                # one fails to compile), so: compiled afresh; if it compiles now, written once
+                # more, and failing again it is the row's.
+                compiles = await in_thread(db, self._compiles)
+                if not compiles:
+                    break
+        raise self._classify(failed, code, compiles, events) from failed
+
+    def _classify(
+        self, exc: sqlite3.Error, code: int | None, compiles: bool, events: Sequence[Event]
+    ) -> Exception:
+        """What a failed write is. ``code``: SQLite's primary result code; ``compiles``: the
+        upsert itself failed, and still compiles against the table."""
+        only = events[0].unique_event_id if len(events) == 1 else None
+        what = prefix(str(exc), 300)
+        if isinstance(exc, sqlite3.IntegrityError) or (code == sqlite3.SQLITE_ERROR and compiles):
+            # The table's own constraint, a trigger's RAISE (SQLITE_CONSTRAINT_TRIGGER), or its
+            # generated column's or trigger's expression failing on this row ("malformed
+            # JSON"): that event's, as in PostgreSQL. Not SQLite's words alone: they may be a
+            # RAISE's, whatever the operator wrote, so bounded.
+            return PermanentSinkError(
                 f"sqlite sink {self.path}: table {self.table!r} refused the event's row: "
-                f"{prefix(str(exc), 300)}; fix the table or the constraint, then "
+                f"{what}; fix the table (its constraint, trigger or generated column), then "
                 "`opera-consumer dlq replay`",
                 unique_event_id=only,
-            ) from exc
-        except sqlite3.Error as exc:
-            only = events[0].unique_event_id if len(events) == 1 else None
-            raise PermanentSinkError(
-                f"sqlite sink {self.path}: {exc}", unique_event_id=only
-            ) from exc
+            )
+        if code is not None and code not in _ROW_CODES:
+            # Busy, locked, I/O, full, out of memory, the file unusable, or the table dropped
+            # or altered under us ("no such table", "has no column named"): every event's,
+            # retried until it clears or the operator fixes it; nothing dead-lettered meanwhile.
+            return TransientSinkError(f"sqlite sink {self.path}: table {self.table!r}: {what}")
+        return PermanentSinkError(f"sqlite sink {self.path}: {what}", unique_event_id=only)
 
     def _write_now(self, db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
         with sync_transaction(db):
-            write_rows(db, self._upsert, rows, self._many)
+            try:
+                write_rows(db, self._upsert, rows, self._many)
+            except sqlite3.Error as exc:  # rolled back, as any failure
+                raise _UpsertFailed(exc) from exc
+
+    def _compiles(self, db: sqlite3.Connection) -> bool:
+        """Whether the upsert compiles (EXPLAIN: prepared, not run) against the table as it
+        is now, with its triggers and generated columns."""
+        try:
+            # A statement that runs reads the schema afresh if another connection changed it.
+            db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+            db.execute(f"EXPLAIN {self._upsert}", (None,) * len(COLUMNS)).fetchall()
+        except sqlite3.Error:
+            return False
+        return True
 
     async def close(self) -> None:
         db, self._db = self._db, None

@@ -205,7 +205,9 @@ def store_error(target: Target, schema: str, exc: BaseException, doing: str) -> 
     # First: a certificate that does not verify is a ValueError too, not a parse error.
     if (refusal := target.tls_refusal(exc, "state.dsn")) is not None:
         return StoreError(f"{where}: {refusal}")
-    text = target.describe(exc)
+    # Never the server's DETAIL: a row a sink staged in the commit may be the one refused, and
+    # a violation's DETAIL repeats it (``Failing row contains (…)``: an event's data).
+    text = target.describe(exc, detail=False)
     if isinstance(exc, asyncpg.exceptions.PostgresError):
         state = exc.sqlstate or ""
         if state.startswith("28"):
