@@ -12,9 +12,10 @@ Two modes, chosen when the daemon is assembled (:func:`consumer.runtime.assembly
   row from its checkpoint, and a failed commit leaves neither. A database whose encoding cannot
   hold every character (any but UTF8: SQL_ASCII's jsonb refuses a ``\\u`` escape past ASCII)
   falls back to the other mode: a row the server refused would otherwise fail every commit. So
-  does a table with constraints, generated columns or row-level security of its own
-  (:data:`_GUARDS`): one event's row they refuse is then dead-lettered alone, naming the
-  constraint, column or policy.
+  does a table with constraints, generated columns or row-level security of its own, or a
+  trigger that may RAISE (:data:`_GUARDS`; an audit trigger that cannot refuse a row keeps the
+  rows in the state transaction): one event's row they refuse is then dead-lettered alone,
+  naming the constraint, column, policy or function.
 * **On its own pool** (any other configuration): exactly-once in effect without being part of
   the checkpoint. Each ``write`` is one statement, so one transaction, and it returns only once
   PostgreSQL has committed it. The daemon commits its checkpoint after the sink write returns,
@@ -126,12 +127,12 @@ _GENERATED_COLUMNS = (
 # constraint, a unique index but the upsert's, a generated column (computed from the row: its
 # expression may fail on one event's data, 22xxx, or yield NULL where it is NOT NULL, 23502), a
 # partitioned table (a row may fit no partition; its partitions may have constraints of their
-# own), row-level security that applies to the sink's user (a policy's WITH CHECK). Not a
-# trigger (an audit's is common), nor another column: its default cannot read the row, so it
-# is the same for every event (and one NOT NULL without a default is refused at open). In the
-# state transaction such a refusal would fail the whole commit (every stream's checkpoint; the
-# daemon stopping at each start on the same event); on the own pool it dead-letters that event
-# alone.
+# own), row-level security that applies to the sink's user (a policy's WITH CHECK), a trigger
+# that may refuse a row (:data:`_TRIGGERS`, :func:`trigger_may_refuse`). Not another column:
+# its default cannot read the row, so it is the same for every event (and one NOT NULL without
+# a default is refused at open). In the state transaction such a refusal would fail the whole
+# commit (every stream's checkpoint; the daemon stopping at each start on the same event); on
+# the own pool it dead-letters that event alone.
 _GUARDS = (
     "SELECT format('%s constraint %I', CASE contype WHEN 'c' THEN 'CHECK' "
     "WHEN 'f' THEN 'FOREIGN KEY' ELSE 'EXCLUDE' END, conname) FROM pg_constraint "
@@ -145,6 +146,37 @@ _GUARDS = (
     "UNION ALL SELECT 'partitioning' FROM pg_class WHERE oid = to_regclass($1) AND relkind = 'p' "
     "UNION ALL SELECT 'row-level security' WHERE row_security_active(to_regclass($1))"
 )
+# The table's enabled triggers that fire on INSERT or UPDATE (tgtype bits 4 and 16; before or
+# after, row or statement; not the server's own, such as a foreign key's): name, function,
+# language, source. Which may refuse a row is :func:`trigger_may_refuse`'s to say.
+_TRIGGERS = (
+    "SELECT t.tgname::text, t.tgfoid::regprocedure::text, l.lanname::text, p.prosrc "
+    "FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid JOIN pg_language l ON l.oid = p.prolang "
+    "WHERE t.tgrelid = to_regclass($1) AND NOT t.tgisinternal AND t.tgenabled <> 'D' "
+    "AND t.tgtype & 20 <> 0 ORDER BY t.tgname"
+)
+# A PL/pgSQL statement that raises an error: RAISE but at a level that only reports (RAISE
+# alone re-raises; RAISE 'text', RAISE SQLSTATE '…', RAISE a_condition, RAISE USING … are
+# EXCEPTION), and ASSERT. Read in the raw source: a comment or a string that says "raise"
+# counts too (as does a comment between RAISE and its level), erring towards a guard.
+_RAISES = re.compile(
+    r"\b(?:raise\b(?!\s+(?:debug|log|info|notice|warning)\b)|assert\b)", re.IGNORECASE
+)
+
+
+def trigger_may_refuse(language: str, source: str) -> bool:
+    """Whether a trigger function in ``language`` with this ``source`` may refuse a row by
+    raising: a PL/pgSQL one with a RAISE at EXCEPTION level or an ASSERT (one that only
+    RAISEs NOTICE or the like, an audit's, does not); an SQL one cannot RAISE; one in any
+    other language (C, internal, PL/Python…) cannot be read, so it may. (A function the
+    trigger calls, or a cast of the row's data, may fail too: not read.)"""
+    if language == "sql":
+        return False
+    if language != "plpgsql":
+        return True
+    return _RAISES.search(source) is not None
+
+
 # The table's generated columns now (one may have been added since open): a NOT NULL
 # violation in one is the event's, not the table's.
 _GENERATED = f"SELECT attname {_GENERATED_COLUMNS} ORDER BY attnum LIMIT 20"
@@ -369,7 +401,8 @@ class PostgresSink(PlainSink):
             if guards:
                 log.warning(
                     "postgres sink: the table has constraints or generated columns of its own, "
-                    "or row-level security, which may refuse one event's row; writing through "
+                    "row-level security or a trigger that may raise, which may refuse one "
+                    "event's row; writing through "
                     "the sink's own pool (upsert), not in the state transaction, so such an "
                     "event is dead-lettered alone",
                     server=where,
@@ -496,6 +529,11 @@ class PostgresSink(PlainSink):
                 if found is None:  # cannot be: the table was just created or found
                     raise TransientSinkError(f"postgres sink at {where}: table {table!r} vanished")
                 guards = [str(r[0]) for r in await conn.fetch(_GUARDS, _q(table))]
+                guards += [
+                    f"trigger {prefix(str(name), 100)} (function {prefix(str(function), 200)})"
+                    for name, function, language, source in await conn.fetch(_TRIGGERS, _q(table))
+                    if trigger_may_refuse(str(language), str(source or ""))
+                ]
                 return str(found[0]), str(found[1]), guards
         except asyncpg.exceptions.InsufficientPrivilegeError as exc:
             raise ConfigError(

@@ -22,8 +22,11 @@ A write to a file of its own that fails: a row the table refuses (a constraint, 
 ``RAISE``, a generated column's or trigger's expression failing on it: ``malformed JSON``) is
 that event's (:class:`PermanentSinkError`, dead-lettered alone); a failure every event would
 hit (busy, locked, I/O, disk full, the table dropped or altered under us: the upsert no longer
-compiles) is :class:`TransientSinkError`, retried until it clears. In the state store's file
-such a table is refused at open (:func:`check_store_guards`).
+compiles) is :class:`TransientSinkError`, retried until it clears. A row a trigger's
+``RAISE(IGNORE)`` drops is that event's too (each write checks that every event has its row
+when the table had such a trigger at open): otherwise the checkpoint would commit without it.
+In the state store's file such a table (a trigger that may RAISE included; one that cannot,
+an audit's, is fine) is refused at open (:func:`check_store_guards`).
 """
 
 from __future__ import annotations
@@ -205,14 +208,42 @@ def check_table(db: sqlite3.Connection, table: str, path: Path) -> None:
 
 
 _CHECK = re.compile(r"\bCHECK\s*\(", re.IGNORECASE)
+# A trigger's RAISE (ABORT, FAIL or ROLLBACK refuse the row; IGNORE drops it, silently), read
+# in the trigger's whole text: a comment or a string that says RAISE counts too, erring
+# towards a guard.
+_RAISE = re.compile(r"\bRAISE\b", re.IGNORECASE)
+_IGNORE = re.compile(r"\bRAISE\s*\(\s*IGNORE\b", re.IGNORECASE)
+# A trigger that fires on DELETE alone (the sink never deletes): its header up to ON.
+_ON_DELETE = re.compile(
+    r"\s*CREATE\s+(?:TEMP\s+|TEMPORARY\s+)?TRIGGER\s+(?:IF\s+NOT\s+EXISTS\s+)?"
+    r"(?:\"[^\"]*\"|\[[^\]]*\]|`[^`]*`|\S+)\s+"
+    r"(?:BEFORE\s+|AFTER\s+|INSTEAD\s+OF\s+)?DELETE\s+ON\b",
+    re.IGNORECASE,
+)
+
+
+def raising_triggers(db: sqlite3.Connection, table: str, pattern: re.Pattern[str]) -> list[str]:
+    """The names of the table's triggers that fire on INSERT or UPDATE (one whose header
+    cannot be read counts too) and whose text ``pattern`` finds."""
+    return [
+        str(name)
+        for name, sql in db.execute(
+            "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' "
+            "AND tbl_name = ? COLLATE NOCASE ORDER BY name",
+            (table,),
+        ).fetchall()
+        if sql and pattern.search(str(sql)) and not _ON_DELETE.match(str(sql))
+    ]
 
 
 def guards(db: sqlite3.Connection, table: str) -> list[str]:
     """What of the table's own may refuse one event's row: a CHECK, a FOREIGN KEY (the state
     store enforces them), a unique index but the upsert's, a generated column (computed from
-    the row: NOT NULL, or its expression failing, refuses that event's). Not a trigger (an
-    audit's is common), nor another column: its default cannot read the row."""
-    found = []
+    the row: NOT NULL, or its expression failing, refuses that event's), a trigger that RAISEs
+    (ABORT, FAIL, ROLLBACK; and IGNORE, which drops the row while its checkpoint commits: the
+    event lost). Not a trigger that cannot RAISE (an audit's is common), nor another column:
+    its default cannot read the row."""
+    found = [f"trigger {prefix(name, 100)} (RAISE)" for name in raising_triggers(db, table, _RAISE)]
     sql = db.execute(
         "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ? COLLATE NOCASE", (table,)
     ).fetchone()
@@ -240,7 +271,8 @@ def check_store_guards(db: sqlite3.Connection, table: str, path: Path) -> None:
         raise ConfigError(
             f"sink.table: table {table!r} in the state store {path} has "
             f"{prefix(', '.join(found), 500)}, "
-            "which may refuse an event's row and with it the checkpoint's commit: set "
+            "which may refuse an event's row and with it the checkpoint's commit (or drop "
+            "it, RAISE(IGNORE), while the checkpoint commits): set "
             "sink.path to a file of its own (a refused row is then dead-lettered alone), or "
             "drop them"
         )
@@ -341,6 +373,9 @@ class SqliteSink(PlainSink):
         self._many = functools.partial(upsert_sql, table)
         self._upsert = self._many(1)
         self._lock = asyncio.Lock()  # workers share the connection: one transaction at a time
+        # The table's triggers that may RAISE(IGNORE) a row (read at open): each write then
+        # checks that every event has its row.
+        self._ignoring: list[str] = []
 
     async def open(self, committed: str | None) -> None:
         try:
@@ -361,6 +396,9 @@ class SqliteSink(PlainSink):
                 "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout=5000;"
             )
             await in_thread(db, lambda conn: prepare_table(conn, self.table, self.path))
+            self._ignoring = await in_thread(
+                db, lambda conn: raising_triggers(conn, self.table, _IGNORE)
+            )
         except sqlite3.Error as exc:
             await db.close()
             raise open_error(exc, self.table, self.path, "sink.path") from None
@@ -428,6 +466,35 @@ class SqliteSink(PlainSink):
                 write_rows(db, self._upsert, rows, self._many)
             except sqlite3.Error as exc:  # rolled back, as any failure
                 raise _UpsertFailed(exc) from exc
+            if self._ignoring:
+                self._check_ignored(db, [str(r[0]) for r in rows])
+
+    def _check_ignored(self, db: sqlite3.Connection, ids: list[str]) -> None:
+        """Raise :class:`PermanentSinkError` (the transaction rolled back) naming the first
+        event without a row: a trigger's RAISE(IGNORE) dropped it, and its checkpoint would
+        commit without it (the event lost). A row there from an earlier write (an update
+        ignored) is that event's, delivered."""
+        found: set[str] = set()
+        for start in range(0, len(ids), 500):  # within SQLite's variable limit
+            part = ids[start : start + 500]
+            marks = ", ".join("?" * len(part))
+            found.update(
+                str(r[0])
+                for r in db.execute(
+                    f"SELECT unique_event_id FROM {_q(self.table)} "
+                    f"WHERE unique_event_id IN ({marks})",
+                    part,
+                )
+            )
+        missing = next((uid for uid in ids if uid not in found), None)
+        if missing is not None:
+            names = ", ".join(repr(prefix(n, 100)) for n in self._ignoring[:5])
+            raise PermanentSinkError(
+                f"sqlite sink {self.path}: table {self.table!r} did not keep the event's row: "
+                f"a trigger's RAISE(IGNORE) dropped it (triggers {names}); fix the trigger, "
+                "then `opera-consumer dlq replay`",
+                unique_event_id=missing,
+            )
 
     def _compiles(self, db: sqlite3.Connection) -> bool:
         """Whether the upsert compiles (EXPLAIN: prepared, not run) against the table as it
