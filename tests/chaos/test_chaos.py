@@ -37,7 +37,7 @@ from support import (
 from consumer.core.evidence import PAYLOAD_LIMIT
 from consumer.state import SqliteStore as Store
 
-EVENTS = int(os.environ.get("CHAOS_EVENTS", "20000"))
+EVENTS = int(os.environ.get("CHAOS_EVENTS", "10000"))
 KILLS = int(os.environ.get("CHAOS_KILLS", "4"))
 HARNESS = Path(__file__).parents[1] / "harness.py"
 

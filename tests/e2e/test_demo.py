@@ -11,7 +11,7 @@ from pathlib import Path
 
 
 def test_the_demo_shows_events_flowing_and_ends_with_no_duplicates(tmp_path: Path) -> None:
-    env = {**os.environ, "DEMO_SECONDS": "8"}
+    env = {**os.environ, "DEMO_SECONDS": "4"}
     run = subprocess.run(
         [sys.executable, "-m", "consumer.demo"],
         cwd=tmp_path,
