@@ -74,13 +74,21 @@ def member_config(
 
 
 def fleet_settings(
-    dsn: str, schema: str, member: str, *, streams: tuple[str, ...] = ("a", "b")
+    dsn: str,
+    schema: str,
+    member: str,
+    *,
+    streams: tuple[str, ...] = ("a", "b"),
+    lease_ttl_s: float = TTL_S,
+    stop_step_s: float = 0.1,
 ) -> Settings:
     """A member of a fleet of ``streams`` whose gateway and webhook are nowhere (127.0.0.1:9):
-    for tests of the fleet's own work, with the daemon's or their own streams."""
+    for tests of the fleet's own work, with the daemon's or their own streams.
+    ``stop_step_s``: complete_timeout_s and drain_timeout_s; a handover, 2 x (stop_step_s + 2)
+    + stop_step_s, must fit in ``lease_ttl_s`` minus a tick (TICK_S)."""
     from support import stream_config  # the daemon: not for bench/fleet.py
 
-    fast_stop = {"connection": {"complete_timeout_s": 0.1}}
+    fast_stop = {"connection": {"complete_timeout_s": stop_step_s}}
     return Settings(
         # A chain each: two streams of one key, gateway and chain are one OHIP subscription.
         streams={
@@ -89,12 +97,12 @@ def fleet_settings(
         },
         state={"backend": "postgres", "dsn": dsn, "schema": schema},  # type: ignore[arg-type]
         sink={"type": "webhook", "url": "http://127.0.0.1:9/hook"},  # type: ignore[arg-type]
-        pipeline={"drain_timeout_s": 0.1},  # type: ignore[arg-type]
+        pipeline={"drain_timeout_s": stop_step_s},  # type: ignore[arg-type]
         metrics={"enabled": False},  # type: ignore[arg-type]
         fleet={  # type: ignore[arg-type]
             "enabled": True,
             "member": member,
-            "lease_ttl_s": TTL_S,
+            "lease_ttl_s": lease_ttl_s,
             "renew_interval_s": TICK_S,
         },
     )

@@ -1,7 +1,7 @@
 """Fleet mode end to end: daemon processes sharing a PostgreSQL state store split 30 streams
 of the sandbox between them, and every failure ends with each event in the sink exactly once.
 
-One scenario, in phases, with the fleet's timers scaled down (7 s leases, 0.5 s ticks: a
+One scenario, in phases, with the fleet's timers scaled down (6 s leases, 0.5 s ticks: a
 handover, 2 x (complete_timeout_s + 2) + drain_timeout_s, must fit in a lease minus a tick):
 three members share the streams → ``kill -9`` of one: its streams resume on the others → a
 fourth joins: the streams rebalance → ``SIGSTOP`` of one past its lease, others take over,
@@ -41,7 +41,9 @@ from consumer.sandbox import SandboxGateway
 from consumer.sinks.postgres import create_table_sql
 
 STREAMS = 30
-TTL_S = 7.0
+# Three phases wait out a lease: the shortest the settings allow (a handover of 2 x (0.5 + 2)
+# + 0.5 s, the 2 s being STOP_GRACE_S, and a tick).
+TTL_S = 6.0
 TICK_S = 0.5
 TABLE = "fleet_events"
 LOCKOUT_S = 0.5
@@ -87,7 +89,7 @@ class Fleet:
     def config(self, name: str, dsn: str) -> Path:
         connection = {
             **FAST_CONNECTION,
-            "complete_timeout_s": 0.75,
+            "complete_timeout_s": 0.5,
             "status_poll_s": 0.3,
             "takeover_jitter_s": 0.1,
             "lockout_s": LOCKOUT_S,
@@ -102,7 +104,7 @@ class Fleet:
             connection=connection,
             fleet={"lease_ttl_s": TTL_S, "renew_interval_s": TICK_S},
             state={"commit_interval_ms": 300, "timeout_s": 3.0},
-            pipeline={"drain_timeout_s": 1.0},
+            pipeline={"drain_timeout_s": 0.5},
         )
         path = self.tmp / f"{name}.toml"
         path.write_text(text)

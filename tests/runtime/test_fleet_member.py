@@ -1,7 +1,7 @@
 """A fleet member's tick (runtime/fleet.py) against a real PostgreSQL state store, with the
 daemon's start and stop of streams replaced by the test's own, which record what ran where.
 
-Timers are short (5 s leases, 0.25 s ticks) with the shortest stop the settings allow for
+Timers are short (4.3 s leases, 0.25 s ticks) with the shortest stop the settings allow for
 them; every wait is for a positive condition, and what is asserted is an order of events
 (who ran which stream when), never a duration."""
 
@@ -16,7 +16,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from fleet_support import TTL_S, fleet_settings
+from fleet_support import fleet_settings
 from log_capture import captured_logs
 from pg import proxied, sql
 from support import wait_until
@@ -28,6 +28,12 @@ from consumer.errors import StoreError
 from consumer.runtime.fleet import DuplicateMember, Fleet
 from consumer.state import open_store
 from consumer.state.fleet import FleetTable
+
+# Most tests here wait out a lease (or the self-fence, or a handover past it): the shortest
+# the settings allow. The streams' stop is the test's own, so the settings' may be the
+# shortest (no wait for the server's close, no drain); a handover still takes up to
+# 2 x STOP_GRACE_S (4 s), which must fit in the lease minus a 0.25 s tick.
+TTL_S = 4.3
 
 
 @dataclass
@@ -68,7 +74,9 @@ class Env:
             self.tasks.append(asyncio.create_task(coro, name=task_name))
             return self.tasks[-1]
 
-        settings = fleet_settings(dsn or self.dsn, self.schema, name, streams=streams)
+        settings = fleet_settings(
+            dsn or self.dsn, self.schema, name, streams=streams, lease_ttl_s=TTL_S, stop_step_s=0.0
+        )
         fleet = Fleet(settings, start_stream=on_start, stop_stream=on_stop, spawn=spawn)
         self.fleets.append(fleet)
         return fleet

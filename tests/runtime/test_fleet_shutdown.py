@@ -23,6 +23,10 @@ from consumer.runtime.daemon import Daemon
 
 pytestmark = pytest.mark.usefixtures("fresh_pysink", "contained_logging")
 
+# A member's first subscribe of a stream waits a random takeover jitter (up to 2 s by default
+# in fleet mode): nothing here is about it.
+NO_JITTER = {"takeover_jitter_s": 0.0}
+
 
 def handing_over(stream: str) -> bool:
     """Whether the fleet's handover task of ``stream`` is running."""
@@ -33,24 +37,27 @@ def handing_over(stream: str) -> bool:
 
 async def test_a_handover_during_the_shutdown(sandbox_factory, postgres_dsn, tmp_path) -> None:
     """The handover outlasts the shutdown's own drain: the gateway never closes after a
-    ``complete`` (so each session ends on its ``complete_timeout_s``: a's 4 s, b's 0.5 s) and
-    a's sink hangs. The shutdown is past its drain (b stopped, a's drain deadline of 1 s gone)
-    while a's handover still waits for its session to end; it must let the handover finish
-    (release a itself) rather than cancel it."""
+    ``complete`` (so each session ends on its ``complete_timeout_s``: a's 2.5 s, b's 0.5 s) and
+    a's sink hangs. The shutdown is past its drain (b stopped, a's drain deadline of 0.5 s gone)
+    while a's handover still waits for its session to end (1.5 s more); it must let the
+    handover finish (release a itself) rather than cancel it."""
     gw = await sandbox_factory(
         backlog=0, chains=("DEMO", "OTHER"), app_keys=("key2",), complete_close_delay_s=60.0
     )
     schema = f"t_{uuid.uuid4().hex[:16]}"
     settings = Settings(
         streams={  # type: ignore[arg-type]
-            "a": stream_config(gw.url, connection={"complete_timeout_s": 4.0}),
+            "a": stream_config(gw.url, connection={"complete_timeout_s": 2.5, **NO_JITTER}),
             "b": stream_config(
-                gw.url, chain_code="OTHER", app_key="key2", connection={"complete_timeout_s": 0.5}
+                gw.url,
+                chain_code="OTHER",
+                app_key="key2",
+                connection={"complete_timeout_s": 0.5, **NO_JITTER},
             ),
         },
         state={"backend": "postgres", "dsn": postgres_dsn, "schema": schema},  # type: ignore[arg-type]
         sink={"type": "python", "target": "pysink:handle"},  # type: ignore[arg-type]
-        pipeline={"workers": 1, "drain_timeout_s": 1.0},  # type: ignore[arg-type]
+        pipeline={"workers": 1, "drain_timeout_s": 0.5},  # type: ignore[arg-type]
         fleet={"enabled": True, "member": "m1", "lease_ttl_s": 20.0, "renew_interval_s": 0.2},  # type: ignore[arg-type]
         metrics={"port": 0},  # type: ignore[arg-type]
     )
@@ -81,12 +88,19 @@ async def test_a_handover_during_the_shutdown(sandbox_factory, postgres_dsn, tmp
 
 @contextlib.asynccontextmanager
 async def held_stream(
-    gw: Any, postgres_dsn: str, schema: str, *, drain_timeout_s: float, renew_interval_s: float
+    gw: Any,
+    postgres_dsn: str,
+    schema: str,
+    *,
+    drain_timeout_s: float,
+    renew_interval_s: float,
+    complete_timeout_s: float = 4.0,
 ) -> AsyncIterator[tuple[Daemon, asyncio.Event]]:
     """Member m1 running stream ``a`` into the python sink, whose first write is held (the
     gate) with 20 events in flight; a ``complete`` the gateway never answers with a close."""
+    connection = {"complete_timeout_s": complete_timeout_s, **NO_JITTER}
     settings = Settings(
-        streams={"a": stream_config(gw.url, connection={"complete_timeout_s": 4.0})},  # type: ignore[arg-type]
+        streams={"a": stream_config(gw.url, connection=connection)},  # type: ignore[arg-type]
         state={"backend": "postgres", "dsn": postgres_dsn, "schema": schema},  # type: ignore[arg-type]
         sink={"type": "python", "target": "pysink:handle"},  # type: ignore[arg-type]
         pipeline={"workers": 1, "batch_max": 5, "drain_timeout_s": drain_timeout_s},  # type: ignore[arg-type]
@@ -117,11 +131,11 @@ async def test_a_lost_stream_stops_delivering_at_once(
     sandbox_factory, postgres_dsn, tmp_path
 ) -> None:
     """A stream found lost may be another member's already: its workers stop before anything
-    else. They used to go on through the session's grace (here 2 s: the gateway never closes
-    after ``complete``), delivering what was queued."""
+    else. They used to go on through the session's grace (here the 0.5 s tick: the gateway
+    never closes after ``complete``), delivering what was queued."""
     gw = await sandbox_factory(backlog=0, complete_close_delay_s=60.0)
     schema = f"t_{uuid.uuid4().hex[:16]}"
-    held = held_stream(gw, postgres_dsn, schema, drain_timeout_s=1.0, renew_interval_s=2.0)
+    held = held_stream(gw, postgres_dsn, schema, drain_timeout_s=1.0, renew_interval_s=0.5)
     async with held as (daemon, gate):
         assert daemon.fleet is not None
         delivered_when_stopped: list[int] = []
@@ -186,8 +200,16 @@ async def test_a_sink_found_unusable_during_a_handover_ends_its_drain(
         raise SinkUnusable("the sink's file was replaced underneath us")
 
     try:
-        # The longest drain a 20 s lease allows (the settings check: 2 x (4 + 2) + 7 < 19.75).
-        held = held_stream(gw, postgres_dsn, schema, drain_timeout_s=7.0, renew_interval_s=0.25)
+        # A drain far past the rest of the test (paid only if the handover waits it out), and
+        # a session that ends 1.5 s after `complete` (the settings: 2 x (1.5 + 2) + 7 < 19.75).
+        held = held_stream(
+            gw,
+            postgres_dsn,
+            schema,
+            drain_timeout_s=7.0,
+            renew_interval_s=0.25,
+            complete_timeout_s=1.5,
+        )
         with captured_logs() as logs:
             async with held as (daemon, gate):
                 fleet = daemon.fleet

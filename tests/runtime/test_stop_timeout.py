@@ -167,11 +167,14 @@ async def test_a_fleet_member_asks_for_the_handovers_and_its_leases_too(
     """Stopped while it hands a stream over (as tests/runtime/test_fleet_shutdown.py): the
     wait for that handover and the leases' release are asked for, bounded by the settings."""
     gw = await sandbox_factory(backlog=0, complete_close_delay_s=60.0)
+    # No takeover jitter (random, up to 2 s in fleet mode) before the first subscribe. The
+    # shutdown's drain (0.5 s) ends while the handover still waits for its session (1 s).
+    connection = {"complete_timeout_s": 1.0, "takeover_jitter_s": 0.0}
     settings = Settings(
-        streams={"a": stream_config(gw.url, connection={"complete_timeout_s": 1.0})},  # type: ignore[dict-item]
+        streams={"a": stream_config(gw.url, connection=connection)},  # type: ignore[dict-item]
         state={"backend": "postgres", "dsn": postgres_dsn, "schema": f"t_{uuid.uuid4().hex[:16]}"},  # type: ignore[arg-type]
         sink={"type": "python", "target": "pysink:handle"},  # type: ignore[arg-type]
-        pipeline={"workers": 1, "drain_timeout_s": 1.0},  # type: ignore[arg-type]
+        pipeline={"workers": 1, "drain_timeout_s": 0.5},  # type: ignore[arg-type]
         fleet={"enabled": True, "member": "m1", "lease_ttl_s": 20.0, "renew_interval_s": 0.2},  # type: ignore[arg-type]
         metrics={"port": 0},  # type: ignore[arg-type]
     )
