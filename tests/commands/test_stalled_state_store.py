@@ -14,7 +14,7 @@ import pytest
 from stalled_pg import stalled_postgres
 
 HANG_S = 60.0
-TIMEOUT_S = 1  # [state] timeout_s
+TIMEOUT_S = 0.5  # [state] timeout_s
 
 
 def write_config(tmp_path: Path, port: int) -> Path:

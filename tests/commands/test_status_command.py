@@ -109,8 +109,13 @@ async def test_status_and_progress_lines_on_a_live_catch_up(
         # the estimate: the lag over the rate at which it shrinks (rounded figures)
         assert line["eta_s"] == pytest.approx(line["lag_s"] / (line["speed"] - 1), rel=0.02)
 
-        # ...`status` with both times under their own names, the event-time lag and an ETA...
-        row = await status_json(config)
+        # ...`status` with both times under their own names, the event-time lag and an ETA,
+        # and `status --watch` (run at once: each `status` of a running daemon takes a second
+        # between its two scrapes, and the receiver holds the catch-up for 20 s)...
+        row, watch = await asyncio.gather(
+            status_json(config),
+            asyncio.to_thread(status, config, "--watch", "--interval", "0.2", "--count", "3"),
+        )
         assert (row["state"], row["progress"]) == ("streaming", "catching up"), row
         assert row["events_per_s"] > 0 and row["lag_s"] > 600 and row["eta_s"] > 0
         assert row["eta_s"] < row["lag_s"]  # the lag shrinks faster than the clock runs
@@ -119,9 +124,6 @@ async def test_status_and_progress_lines_on_a_live_catch_up(
         assert row["checkpoint_at"] >= iso_seconds(started)
 
         # ...and `status --watch` (not a terminal): one table a refresh, a blank line between
-        watch = await asyncio.to_thread(
-            status, config, "--watch", "--interval", "0.2", "--count", "3"
-        )
         assert watch.returncode == 0, watch.stderr
         shown = tables(watch.stdout)
         assert len(shown) == 3, watch.stdout
@@ -151,7 +153,7 @@ async def test_status_and_progress_lines_on_a_live_catch_up(
 
     # --- not running: the checkpoint's times and its event-time lag; no rate, no ETA
     before = time.time()
-    row = await status_json(config)
+    row, table_run = await asyncio.gather(status_json(config), asyncio.to_thread(status, config))
     assert (row["state"], row["events_per_s"], row["eta_s"], row["progress"]) == (
         "not running",
         None,
@@ -159,7 +161,7 @@ async def test_status_and_progress_lines_on_a_live_catch_up(
         None,
     )
     assert before - stamp - 0.1 <= row["lag_s"] <= time.time() - stamp + 0.1  # now - event
-    table = (await asyncio.to_thread(status, config)).stdout.splitlines()
+    table = table_run.stdout.splitlines()
     assert table[0].split() == list(COLUMNS)
     assert table[1].split()[-1] == "-"  # no ETA
 
@@ -317,8 +319,8 @@ async def test_status_says_commits_fail(sandbox_factory: Any, tmp_path: Path, mo
         full["on"] = True
         gw.append("DEMO", 5)
         await wait_until(lambda: daemon.committer.failures >= 1)
-        row = await status_json(config)
-        people = await asyncio.to_thread(status, config)
+        # Both at once: each `status` of a running daemon takes a second between its scrapes.
+        row, people = await asyncio.gather(status_json(config), asyncio.to_thread(status, config))
     assert row["commits_ok"] is False and row["commit_failures"] >= 1
     assert row["commits_failing_since"] is not None
     assert "database or disk is full" in row["commit_error"]

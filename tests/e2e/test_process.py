@@ -50,9 +50,12 @@ def truth(gw: SandboxGateway) -> Counter[str]:
 async def test_kill_9_during_a_large_backlog_still_ends_exactly_once(
     sandbox_factory, tmp_path: Path
 ):
-    """Issue #9 item 12: the last run ends on the committed checkpoint, not after a sleep."""
-    backlog = 20_000
-    gw = await sandbox_factory(backlog=backlog)
+    """Issue #9 item 12: the last run ends on the committed checkpoint, not after a sleep.
+    The three kills are due within the first 5,000 lines (seed 7) and land up to some 1,500
+    lines later each (7,000 at most seen, under load): 15,000 leaves the last run half the
+    backlog. fast_backlog: templated events, made at once (generating 20,000 took a second)."""
+    backlog = 15_000
+    gw = await sandbox_factory(backlog=backlog, fast_backlog=True)
     config = toml_config(tmp_path, gw.url)
     sink = tmp_path / "events.jsonl"
     log = tmp_path / "daemon.log"
@@ -126,7 +129,12 @@ async def test_second_signal_exits_at_once_and_state_stays_consistent(
     daemon records the jsonl file's starting length before its first write, so a restart
     always finds a committed length to cut back to."""
     # The server takes its time closing after `complete`: the second signal lands in the drain.
-    gw = await sandbox_factory(backlog=50_000, complete_close_delay_s=30.0)
+    # It stops sending at the `complete`, which the first signal sends once 200 lines are in
+    # the file: what was sent by then (some 10,000 events, the sockets' buffers) is at most
+    # what the run delivers, far below the backlog. (50,000 cost 10 s: made, replayed and
+    # compared; fast_backlog: templated events, made at once.)
+    backlog = 25_000
+    gw = await sandbox_factory(backlog=backlog, fast_backlog=True, complete_close_delay_s=30.0)
     config = toml_config(tmp_path, gw.url)
     sink = tmp_path / "events.jsonl"
     log = tmp_path / "daemon.log"
@@ -144,7 +152,7 @@ async def test_second_signal_exits_at_once_and_state_stays_consistent(
     finally:
         proc.kill()
         await wait_exit(proc)
-    assert count_lines(sink) < 50_000  # it really stopped mid-stream
+    assert count_lines(sink) < backlog  # it really stopped mid-stream
     await run_until(config, log, gw)
     assert Counter(sink_ids(sink)) == truth(gw)
 
@@ -152,7 +160,8 @@ async def test_second_signal_exits_at_once_and_state_stays_consistent(
 async def test_logs_never_show_a_secret_or_event_detail(sandbox_factory, tmp_path: Path):
     # Token rotation, a reconnect after a dropped connection, a refused token, malformed frames
     # and a dead-lettered event all happen, with debug logging on.
-    gw = await sandbox_factory(backlog=50, token_ttl_s=2.0, rate=20.0, malformed_every=20)
+    # 1 s tokens: a rotation every 0.5 s
+    gw = await sandbox_factory(backlog=50, token_ttl_s=1.0, rate=20.0, malformed_every=20)
     gw.fail_token_requests([503], retry_after=0.1)
     proc = spawn(toml_config(tmp_path, gw.url), tmp_path / "daemon.log")
     try:

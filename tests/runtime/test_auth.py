@@ -448,8 +448,9 @@ async def test_a_stop_while_the_rotations_token_request_hangs_completes_the_sess
     """The rotation's token request did not watch the stop: an endpoint that does not answer
     held the session for auth.timeout_s (15 s) after a SIGTERM, longer than the daemon waits
     for its streams (complete_timeout_s + 2), so the session was never completed and the next
-    start (or the fleet member taking over) met 4409 and its lockout."""
-    gw = await sandbox_factory(backlog=5, token_ttl_s=8.0, stale_hold_s=30.0)
+    start (or the fleet member taking over) met 4409 and its lockout. (4 s tokens: the
+    rotation is due 2 s in, the stop comes then, 2 s before the token's expiry.)"""
+    gw = await sandbox_factory(backlog=5, token_ttl_s=4.0, stale_hold_s=30.0)
     port = urlsplit(gw.url).port
     assert port is not None
     with TcpProxy("127.0.0.1", port) as proxy:

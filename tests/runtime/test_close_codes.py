@@ -203,8 +203,9 @@ async def test_a_rotation_answered_with_complete_waits_the_resubscribe_gap(
 ):
     # The server answers our `complete` with its own, then closes: still our rotation, so the
     # next subscribe waits resubscribe_gap_s (OHIP refuses one too soon with 4409).
-    gw = await sandbox_factory(backlog=10, token_ttl_s=3.0, end_frames=True)
-    settings = make_settings(tmp_path, gw.url, connection={"resubscribe_gap_s": 1.0})
+    gw = await sandbox_factory(backlog=10, token_ttl_s=2.0, end_frames=True)
+    # a gap well beyond the 1000 close's own backoff (backoff_initial_s 0.05)
+    settings = make_settings(tmp_path, gw.url, connection={"resubscribe_gap_s": 0.5})
     async with running(settings) as daemon:
         await wait_until(lambda: len(gw.stats.upgrades) >= 2, timeout=60)
         assert daemon.runners["main"].stats.last_close == "token rotation"
@@ -215,13 +216,13 @@ async def test_a_rotation_answered_with_complete_waits_the_resubscribe_gap(
         finally:
             await store.close()
     assert gw.stats.completes_received >= 1
-    assert gaps(gw.stats.upgrades)[0] >= 1.0
+    assert gaps(gw.stats.upgrades)[0] >= 0.5
 
 
 async def test_a_later_close_is_not_reported_with_an_old_end_of_subscription(
     sandbox_factory, tmp_path: Path
 ):
-    gw = await sandbox_factory(backlog=10, token_ttl_s=3.0, end_frames=True)
+    gw = await sandbox_factory(backlog=10, token_ttl_s=2.0, end_frames=True)
     async with running(make_settings(tmp_path, gw.url)) as daemon:
         runner = daemon.runners["main"]
         await wait_until(lambda: len(gw.stats.subscribes) >= 2, timeout=60)

@@ -112,7 +112,8 @@ async def flood_pings(transport: asyncio.Transport, wedged: asyncio.Event) -> No
 class WedgingGateway:
     """Acks, takes the subscribe, sends ``events`` events, then (once ``go`` is set) stops
     reading and floods pings (``aborted`` once the client cut that connection). A later
-    connection behaves (acks, answers pings, sends nothing)."""
+    connection behaves (acks, answers pings, sends nothing, closes after the client's
+    ``complete`` as a gateway does: the test's stop does not wait complete_timeout_s)."""
 
     def __init__(self, events: int = 1) -> None:
         self.events = events
@@ -136,6 +137,8 @@ class WedgingGateway:
                         await ws.send('{"type":"connection_ack"}')
                     elif m.get("type") == "ping":
                         await ws.send('{"type":"pong"}')
+                    elif m.get("type") == "complete":
+                        await ws.close(1000)
             return
         async for msg in ws:
             m = json.loads(msg)
@@ -250,12 +253,20 @@ async def test_a_stop_ends_though_the_gateway_stopped_reading(
     sandbox_factory, tmp_path: Path
 ) -> None:
     """The stop comes while the wedged reader still has time left (a long liveness deadline):
-    ``complete`` cannot be written either, and is not waited for past complete_timeout_s; the
-    daemon exits within its stop budget instead of waiting in the drain until killed."""
+    ``complete`` cannot be written either, and is not waited for past complete_timeout_s (0.5
+    s here, against 60 s of liveness); the daemon exits within its stop budget instead of
+    waiting in the drain until killed."""
     sb = await sandbox_factory(backlog=0)
     gw = WedgingGateway()
     async with ws_server(gw.handler) as url:
-        settings = wedge_settings(tmp_path, url, sb.url, liveness_floor_s=60.0, liveness_max_s=60.0)
+        settings = wedge_settings(
+            tmp_path,
+            url,
+            sb.url,
+            liveness_floor_s=60.0,
+            liveness_max_s=60.0,
+            complete_timeout_s=0.5,
+        )
         daemon = await Daemon.create(settings)
         task = asyncio.create_task(daemon.run())
         try:
@@ -376,8 +387,9 @@ async def test_a_redirect_loop_on_the_upgrade_stays_within_the_upgrade_budget(
 async def test_retry_after_on_a_refused_upgrade_is_honoured(
     status: int, sandbox_factory, tmp_path: Path
 ) -> None:
-    """``Retry-After: 2`` on a refused upgrade: the next attempt waits for it, longer than
-    the policy's own wait here (backoff 0.05 s for a 503, rate_limited_s 0.5 s for a 429)."""
+    """``Retry-After: 1`` on a refused upgrade: the next attempt waits for it, longer than
+    the policy's own wait here (backoff 0.05 s for a 503, rate_limited_s 0.5 s plus at most
+    0.05 s of jitter for a 429)."""
     sb = await sandbox_factory(backlog=0)
     requests: list[float] = []
 
@@ -389,7 +401,7 @@ async def test_retry_after_on_a_refused_upgrade_is_honoured(
             return
         requests.append(time.monotonic())
         writer.write(
-            b"HTTP/1.1 %d Refused\r\nRetry-After: 2\r\nContent-Length: 0\r\n"
+            b"HTTP/1.1 %d Refused\r\nRetry-After: 1\r\nContent-Length: 0\r\n"
             b"Connection: close\r\n\r\n" % status
         )
         with contextlib.suppress(ConnectionError):
@@ -407,4 +419,4 @@ async def test_retry_after_on_a_refused_upgrade_is_honoured(
         server.close()
         await server.wait_closed()
     assert f"HTTP {status}" in reason and "Retry-After" in reason
-    assert requests[1] - requests[0] >= 1.9
+    assert requests[1] - requests[0] >= 0.9

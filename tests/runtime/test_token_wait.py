@@ -90,12 +90,16 @@ async def test_sigterm_during_the_token_wait_stops_within_the_drain_deadline(
         assert state == "connecting"
         assert what.startswith(f"waiting for token (http://127.0.0.1:{port}/oauth/v1/tokens: ")
         assert "connection refused), retry in " in what
-        # `status` says it too, beside the state
-        out = await asyncio.to_thread(cli, "status", "--config", str(config), "--json")
+        # `status` says it too, beside the state (both at once: each `status` of a running
+        # daemon takes a second between its two scrapes)
+        out, shown = await asyncio.gather(
+            asyncio.to_thread(cli, "status", "--config", str(config), "--json"),
+            asyncio.to_thread(cli, "status", "--config", str(config)),
+        )
         [row] = json.loads(out.stdout)
         assert row["state"] == "connecting", row
         assert row["waiting_for"].startswith("waiting for token (http://127.0.0.1:"), row
-        table = (await asyncio.to_thread(cli, "status", "--config", str(config))).stdout
+        table = shown.stdout
         assert "connecting: waiting for token (" in table, table
         proc.send_signal(signal.SIGTERM)
         assert await wait_exit(proc, DRAIN_S) == 0, tail(log)

@@ -23,7 +23,7 @@ async def test_the_token_goes_on_the_upgrade_only_when_asked(sandbox_factory, tm
         await wait_until(lambda: daemon.pipelines["main"].delivered >= 5)
     assert plain.stats.upgrade_tokens == [""]
 
-    gw = await sandbox_factory(backlog=5, token_ttl_s=3.0, require_upgrade_authorization=True)
+    gw = await sandbox_factory(backlog=5, token_ttl_s=2.0, require_upgrade_authorization=True)
     (tmp_path / "b").mkdir()
     connection = {"upgrade_authorization": True}
     async with running(make_settings(tmp_path / "b", gw.url, connection=connection)) as daemon:
@@ -67,7 +67,12 @@ async def test_the_subscription_id_is_reused_across_connections_only_when_asked(
     for the stream in this process. The status queries keep ids of their own."""
     gw = await sandbox_factory(backlog=5)
     for run, reuse in enumerate((False, True)):
-        connection = {"reuse_subscription_id": reuse, "status_check": "on"}
+        # takeover_jitter_s: the random wait before each subscribe (2 s at most by default)
+        connection = {
+            "reuse_subscription_id": reuse,
+            "status_check": "on",
+            "takeover_jitter_s": 0.05,
+        }
         settings = make_settings(tmp_path, gw.url, connection=connection)
         async with running(settings) as daemon:
             await wait_until(lambda: daemon.pipelines["main"].delivered >= 5)
@@ -88,7 +93,9 @@ async def test_a_connection_status_other_than_active_or_inactive_is_no_answer(
     again for ever, as a deliberate wait that looked ready; now it is no answer: subscribe
     (a 4409 still guards)."""
     gw = await sandbox_factory(backlog=5, connection_status=answer)
-    settings = make_settings(tmp_path, gw.url, connection={"status_check": "on"})
+    # takeover_jitter_s: the random wait before the subscribe (2 s at most by default)
+    connection = {"status_check": "on", "takeover_jitter_s": 0.05}
+    settings = make_settings(tmp_path, gw.url, connection=connection)
     async with running(settings) as daemon:
         await wait_until(lambda: daemon.pipelines["main"].delivered >= 5)
     assert len(gw.stats.query_ids) == 1 == len(gw.stats.subscribes)
