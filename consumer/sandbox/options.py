@@ -105,6 +105,7 @@ class SandboxStats:
     pongs_sent: int = 0
     max_deferred_pongs: int = 0
     completes_received: int = 0
+    completes_at: list[float] = field(default_factory=list)  # monotonic times of those
     subscribes: list[dict[str, Any]] = field(default_factory=list)  # parsed inputs, in order
     subscription_ids: list[str] = field(default_factory=list)  # of those subscribes, in order
     query_ids: list[str] = field(default_factory=list)  # of the connection queries, in order

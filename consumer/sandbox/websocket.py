@@ -228,6 +228,7 @@ class WsSession:
         elif kind == "complete":
             if msg.get("id") == self._sub_id and self._sub_id is not None:
                 ctx.stats.completes_received += 1
+                ctx.stats.completes_at.append(ctx.clock())
                 self._completed = True
                 if self._sender is not None:
                     self._sender.cancel()
