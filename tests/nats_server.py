@@ -245,16 +245,22 @@ def start_cluster(factory: Callable[..., NatsServer], size: int = 3) -> list[Nat
 
 
 async def cluster_ready(members: Sequence[NatsServer], timeout_s: float = 60.0) -> None:
-    """Until JetStream answers on every member (bounded)."""
+    """Until JetStream answers on every member (bounded).
+
+    Before the meta leader is elected a request goes unanswered: it is asked again with a
+    timeout that starts short (a cluster is ready within half a second) and grows to 2 s (a
+    loaded machine's server)."""
     async with asyncio.timeout(timeout_s):
         for member in members:
+            wait = 0.25
             while True:
                 nc = await nats.connect(member.url, allow_reconnect=False)
                 try:
-                    await nc.jetstream(timeout=2).account_info()
+                    await nc.jetstream(timeout=wait).account_info()
                     break
                 except nats.errors.Error:
-                    await asyncio.sleep(0.2)
+                    wait = min(2 * wait, 2.0)
+                    await asyncio.sleep(0.05)
                 finally:
                     await nc.close()
 

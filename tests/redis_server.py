@@ -7,7 +7,8 @@ is then off, for the wrong-credentials tests), with persistence (``appendonly``:
 ``appendfsync always``, so what the server answered survives a stop, even a kill), with TLS
 only (``tls``: a throwaway CA and a certificate for 127.0.0.1 made with ``openssl``; the URL
 is ``rediss://``, :attr:`RedisServer.ca_file` the CA), or with any other ``redis-server``
-option (``options``).
+option (``options``, after the helper's own: they can override them). A primary starts a
+replica's sync at once (``--repl-diskless-sync-delay 0``, not redis' 5 s wait).
 :meth:`RedisServer.stop` and :meth:`RedisServer.start` stop and start the same server again
 (same port, same directory: with ``appendonly`` the data survives), for outage tests.
 
@@ -113,6 +114,9 @@ class RedisServer(ServerProcess):
             "--dir", str(self._base),
             "--logfile", str(self.logfile),
             "--daemonize", "no",
+            # A replica's sync starts at once: redis waits 5 s by default for more replicas
+            # to share a diskless transfer (each replica, and each restart of one, waited).
+            "--repl-diskless-sync-delay", "0",
         ]  # fmt: skip
         if self.appendonly:
             args += ["--appendonly", "yes", "--appendfsync", "always"]
@@ -162,6 +166,12 @@ class RedisServer(ServerProcess):
     def kill(self) -> None:
         """SIGKILL: what the server answered survives only with ``appendonly``."""
         self._reap()
+
+    def remove(self) -> None:
+        """Killed, not stopped: its data goes with its directory, and a primary's clean
+        shutdown waited (up to a second) for its replicas to acknowledge the last writes."""
+        self._reap()
+        super().remove()
 
     # --- reading and preparing the data (for assertions) ----------------------------------
 

@@ -31,11 +31,11 @@ PASSWORD = "nats-e2e-Pw-51f0-secret"
 WRONG = "nats-e2e-Wrong-9a3c-secret"
 
 
-def nats_sink(server: NatsServer, **extra: str | float) -> str:
+def nats_sink(server: NatsServer, timeout_s: float = 2.0, **extra: str | float) -> str:
     return sink_section(
         "nats",
         f'servers = ["{server.url}"]',
-        "timeout_s = 2.0",
+        f"timeout_s = {timeout_s}",
         "duplicate_window_s = 3600.0",
         **extra,
     )
@@ -90,7 +90,9 @@ async def test_nats_outage_mid_stream_loses_nothing_and_doubles_nothing(
     sandbox_factory, nats_server: NatsServer, tmp_path: Path
 ) -> None:
     gw = await sandbox_factory(backlog=300)
-    sink = nats_sink(nats_server)
+    # A write in flight while the server is down fails at the publish timeout: 1 s (the
+    # retries that a slow acknowledgement may cost are what the test is about).
+    sink = nats_sink(nats_server, timeout_s=1.0)
     failure = await outage_mid_stream(gw, tmp_path, sink, nats_server.message_count, nats_server)
     assert "nats sink" in failure["error"]
     await assert_exactly_once(nats_server, gw)

@@ -83,7 +83,9 @@ async def _offline_seen(url: str, timeout_s: float = 60.0) -> None:
     stream, deleted when it could still be placed."""
     nc = await nats.connect(url, allow_reconnect=False)
     try:
-        js = nc.jetstream(timeout=5)
+        # A probe unanswered (the stopped server led the cluster: a new leader is being
+        # elected) is asked again after 1 s, not 5.
+        js = nc.jetstream(timeout=1)
         async with asyncio.timeout(timeout_s):
             while True:
                 try:

@@ -445,7 +445,9 @@ async def test_a_publish_permission_denied_is_unusable(
             }
         },
     )
-    sink = NatsSink(settings(server, user="limited", password="limited-pw", timeout_s=3.0), CHAINS)
+    # The denied publish is told by its missing acknowledgement: timeout_s is waited out.
+    limited = settings(server, user="limited", password="limited-pw", timeout_s=1.5)
+    sink = NatsSink(limited, CHAINS)
     await sink.open(None)
     try:
         await sink.write("main", [event(1)])

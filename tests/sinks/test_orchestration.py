@@ -82,9 +82,11 @@ async def test_each_event_carries_its_current_resource(sandbox_factory, tmp_path
 async def test_the_rate_limit_and_429s_slow_it_down_without_loss(
     sandbox_factory, tmp_path: Path
 ) -> None:
-    # The sandbox allows 30 GETs/s; the consumer is configured to ask faster, meets 429 +
-    # Retry-After, holds its bucket, and still delivers every event with its resource.
-    gw = await sandbox_factory(backlog=60, rest_rate=30.0, rest_burst=3)
+    # The sandbox allows 10 GETs/s; the consumer is configured to ask faster, meets 429 +
+    # Retry-After, holds its bucket, and still delivers every event with its resource. Its
+    # bucket of 10: the first GETs (up to 16 at once) meet 429s even spread over 0.5 s by a
+    # loaded machine, and few rounds of holding (a second or so each) are needed afterwards.
+    gw = await sandbox_factory(backlog=60, rest_rate=10.0, rest_burst=10)
     settings = with_orchestration(
         make_settings(tmp_path, gw.url), rate_per_s=500, burst=50, max_attempts=20
     )
@@ -148,7 +150,8 @@ async def test_a_burst_for_one_resource_costs_one_get(sandbox_factory, tmp_path:
 async def test_transient_rest_failures_are_retried(sandbox_factory, tmp_path: Path) -> None:
     gw = await sandbox_factory(backlog=30)
     gw.fail_rest([503, 502, 429], retry_after=0.1)
-    settings = with_orchestration(make_settings(tmp_path, gw.url))
+    # Not the default 5 GETs/s: the retries are the point, not the rate.
+    settings = with_orchestration(make_settings(tmp_path, gw.url), rate_per_s=1000, burst=100)
     sink = tmp_path / "events.jsonl"
     async with running(settings) as daemon:
         await wait_until(lambda: len(read_sink(sink)) >= 30)
@@ -424,7 +427,10 @@ async def test_a_5xx_outage_of_the_rest_api_dead_letters_nothing(
 ) -> None:
     gw = await sandbox_factory(backlog=30)
     gw.fail_rest([507, 520, 501, 530] * 3, retry_after=0.1)
-    settings = with_orchestration(make_settings(tmp_path, gw.url), max_attempts=2)
+    # Not the default 5 GETs/s: the outage is the point, not the rate.
+    settings = with_orchestration(
+        make_settings(tmp_path, gw.url), max_attempts=2, rate_per_s=1000, burst=100
+    )
     sink = tmp_path / "events.jsonl"
     async with running(settings) as daemon:
         await wait_until(lambda: len(read_sink(sink)) >= 30)
