@@ -363,6 +363,7 @@ class Daemon:
                     delivered=pipeline.delivered,
                     duplicates=pipeline.duplicates,
                     dead_lettered=pipeline.dead_lettered,
+                    sink_retries=pipeline.sink_retries,
                     ignored=stats.ignored,
                     resume_gaps=stats.resume_gaps,
                     paused_pings=stats.paused_pings,

@@ -131,6 +131,9 @@ class _StatusCollector(Collector):
         processed = counter("events_processed", "Events delivered to the sink.")
         dedup = counter("events_deduplicated", "Events already processed, skipped.")
         dead = counter("events_dead_lettered", "Events and frames sent to the DLQ.")
+        retries = counter(
+            "sink_retries", "Failed sink writes retried (a sink down or refusing for a while)."
+        )
         ignored = counter("frames_ignored", "Frames for a subscription id that is not ours.")
         connections = counter("connections", "WebSocket connections opened.")
         gaps = counter(
@@ -167,6 +170,7 @@ class _StatusCollector(Collector):
             processed.add_metric(name, st.delivered)
             dedup.add_metric(name, st.duplicates)
             dead.add_metric(name, st.dead_lettered)
+            retries.add_metric(name, st.sink_retries)
             ignored.add_metric(name, st.ignored)
             connections.add_metric(name, st.connections)
             gaps.add_metric(name, st.resume_gaps)
@@ -194,6 +198,7 @@ class _StatusCollector(Collector):
             dedup,
             filtered,
             dead,
+            retries,
             ignored,
             connections,
             gaps,
@@ -263,6 +268,7 @@ _SINK_COUNTERS = {
     "nats_reconnects": "Reconnections of the NATS sink's connection.",
     "redis_added": "Events added to the Redis stream (first copies).",
     "redis_duplicates": "Events the Redis guard found already added (replays).",
+    "redis_wait_refused": "Batches WAIT found on fewer replicas than sink.wait_replicas (retried).",
 }
 
 

@@ -25,7 +25,12 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 
 import structlog
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    wait_exponential_jitter,
+)
 
 from ..core.events import Event
 from ..core.evidence import describe, event_evidence, prefix
@@ -141,6 +146,7 @@ class StreamPipeline:
         self.delivered = 0
         self.duplicates = 0
         self.dead_lettered = 0
+        self.sink_retries = 0  # failed writes retried (a sink down, a WAIT refused...)
         self.filtered: Counter[str] = Counter()  # events filtered out, by reason
         # Called after each successful sink write: (seconds it took, newest event written).
         self.on_write: Callable[[float, Event], None] | None = None
@@ -158,13 +164,17 @@ class StreamPipeline:
                     multiplier=self._retry_initial, max=self._retry_max, jitter=self._retry_initial
                 )
             ),
-            before_sleep=lambda rs: self._log.warning(
-                "sink write failed; retrying",
-                stream=self.stream,
-                attempt=rs.attempt_number,
-                error=describe(rs.outcome.exception() if rs.outcome else None, REDACTOR.scrub),
-            ),
+            before_sleep=self._retried,
             reraise=True,
+        )
+
+    def _retried(self, rs: RetryCallState) -> None:
+        self.sink_retries += 1
+        self._log.warning(
+            "sink write failed; retrying",
+            stream=self.stream,
+            attempt=rs.attempt_number,
+            error=describe(rs.outcome.exception() if rs.outcome else None, REDACTOR.scrub),
         )
 
     def start(self) -> None:

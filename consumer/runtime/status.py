@@ -35,6 +35,7 @@ class StreamStatus:
     waiting: str = ""  # what it waits for (e.g. a token endpoint that fails), for a person
     resume_gaps: int = 0  # resumes whose replay skipped past the checkpoint's event
     paused_pings: int = 0  # server pings answered while the reader waited for room
+    sink_retries: int = 0  # failed sink writes retried
 
 
 @dataclass(frozen=True, slots=True)

@@ -460,6 +460,7 @@ class RedisSink(PlainSink):
         self._max_bulk_known = False  # read from the server (CONFIG GET), not assumed
         self._added = 0
         self._duplicates = 0
+        self._wait_refused = 0  # batches WAIT found on too few replicas (retried)
         self._grant = GRANT + (WAIT_GRANT if settings.wait_replicas else "")
 
     def __repr__(self) -> str:
@@ -501,7 +502,11 @@ class RedisSink(PlainSink):
             await _close(client, self.settings.timeout_s)
 
     def counters(self) -> dict[str, float]:
-        return {"redis_added": self._added, "redis_duplicates": self._duplicates}
+        return {
+            "redis_added": self._added,
+            "redis_duplicates": self._duplicates,
+            "redis_wait_refused": self._wait_refused,
+        }
 
     # --- write --------------------------------------------------------------------------------
 
@@ -657,6 +662,7 @@ class RedisSink(PlainSink):
         if isinstance(acknowledged, int) and acknowledged >= s.wait_replicas:
             return
         shown = acknowledged if isinstance(acknowledged, int) else "?"
+        self._wait_refused += 1
         _limited.warning(
             "redis sink: too few replicas acknowledged the batch; not checkpointed, retrying",
             server=self.where,

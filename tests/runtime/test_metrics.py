@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
 from contextlib import closing
@@ -10,6 +11,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
+from harness import SwitchableSink
 from prometheus_client.parser import text_string_to_metric_families
 from support import (
     DownSink,
@@ -63,6 +65,7 @@ async def test_metrics_follow_the_events_and_readiness_follows_the_stream(
             assert value(text, "opera_consumer_events_processed_total") == 300
             assert value(text, "opera_consumer_events_received_total") == 300
             assert value(text, "opera_consumer_events_dead_lettered_total") == 1
+            assert value(text, "opera_consumer_sink_retries_total") == 0
             assert value(text, "opera_consumer_connected") == 1
             assert value(text, "opera_consumer_end_to_end_seconds_count") >= 1
             assert value(text, "opera_consumer_sink_write_seconds_count") >= 1
@@ -85,6 +88,27 @@ async def test_metrics_follow_the_events_and_readiness_follows_the_stream(
                 sum(v for (n, _), v in samples(text).items() if n == "opera_consumer_closes_total")
                 >= 1
             )
+
+
+async def test_failed_sink_writes_retried_are_counted(sandbox_factory, tmp_path: Path):
+    gw = await sandbox_factory(backlog=20)
+    outage, sink_path = tmp_path / "outage", tmp_path / "events.jsonl"
+    outage.touch()  # down from the start
+    settings = make_settings(tmp_path, gw.url, pipeline={"sink_retry_max_s": 0.05})
+    async with running(settings, sink=SwitchableSink(sink_path, outage)) as daemon:
+        assert daemon.metrics_server is not None
+        base = f"http://127.0.0.1:{daemon.metrics_server.port}"
+        async with httpx.AsyncClient(base_url=base) as http:
+
+            async def retried() -> float:
+                return value((await http.get("/metrics")).text, "opera_consumer_sink_retries_total")
+
+            async with asyncio.timeout(60):
+                while await retried() < 3:
+                    await asyncio.sleep(0.05)
+            outage.unlink()  # back: the retries stop, the events go through
+            await wait_until(lambda: count_lines(sink_path) >= 20)
+            assert await retried() >= 3
 
 
 async def test_token_failures_are_counted_apart_from_requests(sandbox_factory, tmp_path: Path):

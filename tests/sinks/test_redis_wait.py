@@ -74,6 +74,7 @@ async def test_a_batch_is_written_only_once_a_replica_has_it_and_retried_without
                 await sink.write("main", batch)
             assert "0 replica(s) acknowledged 10 event(s)" in str(caught.value)
             assert event_ids(primary.entries(KEY)) == expected(20)
+        assert sink.counters()["redis_wait_refused"] == 3  # opera_consumer_redis_wait_refused
         # A restart's new sink (new connections; the retried batch writes nothing, its
         # events guarded): still not counted as written.
         again = RedisSink(settings(primary.url(), wait_replicas=1, wait_timeout_ms=100), CHAINS)
