@@ -32,9 +32,11 @@ event to the real sink with the JSON attached (``Event.resource``).
 * Coalescing: requests for one URL and hotel (``x-hotelid``) in flight are shared, and a
   resource fetched less than ``coalesce_ms`` ago is reused, so a burst of updates to one
   reservation costs one GET (its state may then predate the newest of those events by at
-  most that window). What is kept is the answer's bytes, at most :data:`CACHE_MAX_ENTRIES`
-  and :data:`CACHE_MAX_BYTES`, let go once the window has passed; each event gets its own
-  object parsed from them (a handler changing one event's resource changes no other's).
+  most that window). A write stopped (a fleet handover) while others share its GET leaves
+  the GET to them, not its cancellation. What is kept is the answer's bytes, at most
+  :data:`CACHE_MAX_ENTRIES` and :data:`CACHE_MAX_BYTES`, let go once the window has passed;
+  each event gets its own object parsed from them (a handler changing one event's resource
+  changes no other's).
 * So one GET can become a batch's worth of parsed copies (and of the sink's serialized ones):
   the sink is handed a batch in parts of at most :data:`WRITE_RESOURCE_BYTES` of resource
   text (one event at least), in order, each parsed only when its part is written, and fetched
@@ -45,6 +47,7 @@ event to the real sink with the JSON attached (``Event.resource``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections import OrderedDict
@@ -139,6 +142,11 @@ class _NotFound:
 
     def __str__(self) -> str:
         return self.what
+
+
+class _Abandoned(Exception):
+    """Set on a shared GET whose starter was cancelled (its write stopped: a handover, a
+    stream's stop): the writes that joined it were not, and GET the resource themselves."""
 
 
 class _NotRetried(Exception):
@@ -391,8 +399,8 @@ class Orchestrator:
                 if key is not None and last[key] == i:
                     del tasks[key]  # let go of it: the part is the only copy the write has
             # What was fetched ahead: awaited (cancelled, another write sharing a GET would
-            # see the cancellation), then held for the next part, unless an outage stopped
-            # this one (asked again at the retry).
+            # GET it again), then held for the next part, unless an outage stopped this one
+            # (asked again at the retry).
             if tasks:
                 await asyncio.wait(tasks.values())
         except BaseException:
@@ -411,8 +419,11 @@ class Orchestrator:
     def _outcome(self, ev: Event, task: asyncio.Task[Body | _NotFound]) -> _Outcome:
         """``ev``'s resource from the GET of its URL (done), or why it has none: a permanent
         failure naming that event, or the GET's other failure."""
-        if task.cancelled():  # the starter of a GET shared with it was
-            return asyncio.CancelledError()
+        if task.cancelled():
+            # Not by this write (its own stop ends it where it awaits); nor by another write
+            # sharing the GET (see fetch). Whoever did: retried, never a CancelledError nobody
+            # asked this write for.
+            return TransientSinkError("orchestration: the GET was cancelled")
         exc = task.exception()
         if exc is not None:
             if isinstance(exc, PermanentSinkError) and exc.unique_event_id is None:
@@ -477,7 +488,15 @@ class Orchestrator:
         flying = self._inflight.get(key)
         if flying is not None:
             self.coalesced += 1
-            return await asyncio.shield(flying)
+            try:
+                return await asyncio.shield(flying)  # cancelled, this fetch is; not the GET
+            except _Abandoned:
+                # Its starter was stopped, not this write. Another waiter's own GET may have
+                # started meanwhile: joined once (abandoned again, our own GET: bounded).
+                flying = self._inflight.get(key)
+                if flying is not None:
+                    with contextlib.suppress(_Abandoned):
+                        return await asyncio.shield(flying)
         self._expire(self._clock())
         hit = self._recent.get(key)
         if hit is not None:
@@ -491,7 +510,8 @@ class Orchestrator:
             if self._inflight.get(key) is fut:
                 del self._inflight[key]
             if not fut.done():
-                fut.set_exception(exc if isinstance(exc, Exception) else asyncio.CancelledError())
+                # Stopped (cancelled): not the GET's failure, nor that of the writes sharing it.
+                fut.set_exception(exc if isinstance(exc, Exception) else _Abandoned())
                 fut.exception()  # retrieved: waiters re-raise it, nobody else must log it
             raise
         if self._inflight.get(key) is fut:
