@@ -208,6 +208,11 @@ _POLICY_CHECK = "ExecWithCheckOptions"
 # Where PL/pgSQL raises RAISE EXCEPTION and ASSERT (pl_exec.c): the operator's code, a trigger's
 # or a function's a generated column or CHECK calls, refusing the row, whatever its SQLSTATE.
 _RAISED_BY = frozenset({"exec_stmt_raise", "exec_stmt_assert"})
+# RAISE's and ASSERT's own SQLSTATEs (raise_exception, assert_failure), when the server does not
+# say where it raised. Not the rest of class P0: PL/pgSQL raises P0002 (no_data_found) and P0003
+# (too_many_rows) itself, for a SELECT INTO STRICT that reads the operator's tables: their state
+# for every event, not one row's (retried, as a table the trigger writes to being gone is).
+_RAISE_STATES = frozenset({"P0001", "P0004"})
 # What a server error may be that clears by itself (retried without an error log; also when an
 # operator's RAISE chose such a SQLSTATE: taken at its word).
 _RETRIED = (
@@ -697,7 +702,7 @@ class PostgresSink(PlainSink):
                     unique_event_id=only,
                 )
             if (
-                state.startswith("P0") or getattr(exc, "server_source_function", None) in _RAISED_BY
+                state in _RAISE_STATES or getattr(exc, "server_source_function", None) in _RAISED_BY
             ) and not isinstance(exc, _RETRIED):
                 # The operator's own code refused the row: a trigger's (or a function's that a
                 # generated column or CHECK calls) RAISE or ASSERT. Taken at its word, as a

@@ -266,6 +266,41 @@ async def test_a_refusal_every_event_meets_is_retried_until_fixed_never_dead_let
     assert errors and table in repr(errors[0]), errors[:1]
 
 
+async def test_an_error_plpgsql_raises_for_every_event_is_retried_not_dead_lettered(
+    sandbox_factory, tmp_path: Path, postgres_dsn: str
+):
+    """A trigger with no RAISE of its own reads a setting with SELECT ... INTO STRICT from the
+    operator's config table, which is empty: PL/pgSQL raises P0002 (no_data_found) for every
+    event, the table's state and not a row's. Retried until the table is filled, nothing
+    dead-lettered (class P0 was all taken for an operator's RAISE: each event dead-lettered)."""
+    gw = await sandbox_factory(backlog=EVENTS)
+    ids = truth_ids(gw.events("DEMO"))
+    table = f"t_{uuid.uuid4().hex[:12]}"
+    await sql(
+        postgres_dsn,
+        "execute",
+        f'CREATE TABLE "{table}_cfg" (region text NOT NULL); '
+        f"CREATE FUNCTION {table}_stamp() RETURNS trigger LANGUAGE plpgsql AS $$ "
+        f'DECLARE r text; BEGIN SELECT region INTO STRICT r FROM "{table}_cfg"; '
+        "RETURN NEW; END $$; "
+        f'CREATE TABLE "{table}" ({PG}); '
+        f'CREATE TRIGGER stamp BEFORE INSERT OR UPDATE ON "{table}" '
+        f"FOR EACH ROW EXECUTE FUNCTION {table}_stamp()",
+    )
+    sink = {"type": "postgres", "dsn": postgres_dsn, "table": table}
+    settings = make_settings(tmp_path, gw.url, sink=sink, pipeline=FAST_RETRIES)
+    with captured_logs() as buffer:
+        async with running(settings) as daemon:
+            pipeline = daemon.pipelines["main"]
+            await wait_until(retried(buffer, 3))
+            assert (pipeline.delivered, pipeline.dead_lettered) == (0, 0)
+            await sql(postgres_dsn, "execute", f"INSERT INTO \"{table}_cfg\" VALUES ('eu')")
+            await wait_until(settled(daemon, "main", EVENTS))
+            assert (pipeline.delivered, pipeline.dead_lettered) == (EVENTS, 0)
+    written, letters = await pg_outcome(postgres_dsn, f'"{table}"', None, tmp_path)
+    assert sorted(written) == sorted(ids) and letters == []
+
+
 async def test_a_row_refused_in_the_state_transaction_leaves_no_detail_in_the_store_error(
     postgres_dsn: str, schema: str
 ):
