@@ -8,8 +8,8 @@ the rest held for the reader, bounded. Two helper tasks per session own the time
 liveness deadline; ``_completer`` ends the session gracefully (``complete``, then wait for the
 server to close) at shutdown or before the token expires. Every write has a deadline, kept
 by the connection itself (:class:`_Connection`; a gateway that stops reading would otherwise
-hold the session, and its stop, for good): a frame not written in time aborts the connection,
-taken as lost (1006).
+hold the session, and its stop, for good): a frame not written in time, or pongs unwritten past
+:data:`UNWRITTEN_MAX`, abort the connection, taken as lost (1006).
 """
 
 from __future__ import annotations
@@ -142,13 +142,28 @@ def _read_ahead_frames(max_size: int) -> int:
 CLOSE_WRITE_S: Final = 1.0
 
 
-class WriteStalled(Exception):
-    """Why a connection was aborted (the ``__cause__`` of its ConnectionClosed): a frame was
-    not written within its deadline, the gateway stopped reading."""
+# What the transport may hold unwritten once something arrives while writing is paused (past
+# websockets' high-water mark, 32 KiB). websockets answers a ping inside data_received, writing
+# the pong to the transport directly, never through drain(), and pings fill no max_queue: a
+# gateway that stops reading and floods pings would otherwise be answered into this buffer for
+# the whole write deadline (the liveness deadline, up to 600 s: hundreds of MiB). Far above
+# what the client writes itself (small frames, each waiting in drain() past the mark).
+UNWRITTEN_MAX: Final = 1024 * 1024
 
-    def __init__(self, after_s: float) -> None:
-        super().__init__(f"a frame unwritten after {after_s:.1f} s")
+
+class WriteStalled(Exception):
+    """Why a connection was aborted (the ``__cause__`` of its ConnectionClosed): the gateway
+    stopped reading. A frame was not written within its deadline (``after_s``), or the pongs
+    websockets wrote itself piled up past :data:`UNWRITTEN_MAX` (``held`` bytes unwritten)."""
+
+    def __init__(self, after_s: float | None = None, *, held: int = 0) -> None:
+        super().__init__(
+            f"a frame unwritten after {after_s:.1f} s"
+            if after_s is not None
+            else f"{held} bytes of answers to its pings unwritten"
+        )
         self.after_s = after_s
+        self.held = held
 
 
 class _Connection(ClientConnection):
@@ -161,7 +176,9 @@ class _Connection(ClientConnection):
     (set by the runner for each phase; none until then), :data:`CLOSE_WRITE_S` for the close
     frame (the opening handshake has open_timeout). A data frame's abort is logged and is the
     cause (:class:`WriteStalled`) of the ConnectionClosed that follow; a close frame's is not
-    (the connection was ending anyway)."""
+    (the connection was ending anyway). What websockets writes outside drain (the pong to a
+    ping, in :meth:`data_received`) is bounded by size instead: past :data:`UNWRITTEN_MAX`
+    unwritten, the connection is aborted the same way."""
 
     write_timeout: Callable[[], float] | None = None
 
@@ -179,6 +196,21 @@ class _Connection(ClientConnection):
             # Not cancelled once drained: the peer's answer, waited for next, needs it written.
             self.loop.call_later(CLOSE_WRITE_S, self._abort_unwritten, None)
         await super().drain()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)  # answers pings: send_data(), no drain()
+        # ``paused`` (websockets' flag, set past the high-water mark) first: one attribute
+        # read per chunk read on the usual path.
+        if self.paused:
+            held = self.transport.get_write_buffer_size()
+            if held > UNWRITTEN_MAX and not self.transport.is_closing():
+                log.warning(
+                    "the gateway stopped reading: answers to its pings piled up unwritten; "
+                    "connection aborted",
+                    unwritten_bytes=held,
+                )
+                self.set_connection_exc(WriteStalled(held=held))
+                self.transport.abort()
 
     def _abort_unwritten(self, bound: float | None) -> None:
         if self.transport.get_write_buffer_size() == 0:

@@ -31,7 +31,7 @@ from consumer.config import Settings
 from consumer.config.settings import stop_budget
 from consumer.runtime.daemon import Daemon
 from consumer.runtime.origin import NoRedirects
-from consumer.runtime.stream import CLOSE_WRITE_S, _Connection
+from consumer.runtime.stream import CLOSE_WRITE_S, UNWRITTEN_MAX, _Connection
 from consumer.sandbox import SandboxOptions
 
 
@@ -60,7 +60,12 @@ def event_frame(sub_id: str, n: int) -> str:
 
 
 RAW_PING = b"\x81\x0f" + b'{"type":"ping"}'  # an unmasked server text frame, written raw
+# A WebSocket-level ping (opcode 0x9, 125-byte payload): the reader never sees it, websockets
+# answers it itself inside data_received (the pong straight to the transport, no drain()).
+RAW_WS_PING = b"\x89\x7d" + b"p" * 125
 WEDGED_BYTES = 512 * 1024  # the gateway's own unsent bytes that show the client stopped reading
+# More than the client may hold unwritten (UNWRITTEN_MAX) plus the pongs to one read's pings.
+HELD_BOUND = UNWRITTEN_MAX + 4 * 1024 * 1024
 
 
 @contextlib.asynccontextmanager
@@ -91,12 +96,14 @@ def stop_reading(ws: ServerConnection) -> asyncio.Transport:
     return transport
 
 
-async def flood_pings(transport: asyncio.Transport, wedged: asyncio.Event) -> None:
+async def flood_pings(
+    transport: asyncio.Transport, wedged: asyncio.Event, ping: bytes = RAW_PING
+) -> None:
     """Pings as fast as the client reads them (each one a pong the client must write), until
     the connection goes; ``wedged`` once our unsent bytes have not shrunk for a second (only
     written below WEDGED_BYTES: the client read nothing meanwhile, waiting to write its
     pongs). Bounded: 120 s."""
-    blob = RAW_PING * 4096
+    blob = ping * (len(RAW_PING) * 4096 // len(ping))
     started = time.monotonic()
     while not transport.is_closing() and time.monotonic() - started < 120:
         unsent = transport.get_write_buffer_size()
@@ -115,8 +122,9 @@ class WedgingGateway:
     connection behaves (acks, answers pings, sends nothing, closes after the client's
     ``complete`` as a gateway does: the test's stop does not wait complete_timeout_s)."""
 
-    def __init__(self, events: int = 1) -> None:
+    def __init__(self, events: int = 1, ping: bytes = RAW_PING) -> None:
         self.events = events
+        self.ping = ping
         self.connections = 0
         self.go = asyncio.Event()
         self.wedged = asyncio.Event()
@@ -151,7 +159,7 @@ class WedgingGateway:
         await self.go.wait()
         transport = stop_reading(ws)
         self._transports.append(transport)
-        await flood_pings(transport, self.wedged)
+        await flood_pings(transport, self.wedged, self.ping)
         if transport.is_closing():
             self.aborted.set()
 
@@ -200,6 +208,40 @@ async def test_a_gateway_that_stops_reading_is_taken_for_lost_and_replaced(
                 said = runner.stats.last_close
                 assert "stopped reading" in said or "liveness deadline passed" in said
                 await wait_until(lambda: runner.state.value == "streaming")
+        finally:
+            gw.release()
+
+
+async def test_a_gateway_that_floods_websocket_pings_it_never_reads_is_cut_off(
+    sandbox_factory, tmp_path: Path
+) -> None:
+    """WebSocket-level pings, which websockets answers itself (the pong written in
+    data_received, outside drain(), and pings fill no max_queue: the client reads on): with
+    the default liveness deadline (180 s), the client held every pong for as long, hundreds of
+    MiB. The connection is cut once its unwritten pongs pass UNWRITTEN_MAX: lost (1006) and
+    replaced, long before the deadline. Waited for until the client holds HELD_BOUND, which
+    fails the test rather than growing on."""
+    sb = await sandbox_factory(backlog=0)
+    gw = WedgingGateway(ping=RAW_WS_PING)
+    async with ws_server(gw.handler) as url:
+        settings = make_settings(tmp_path, url, auth=token_auth(sb.url))  # default liveness
+        try:
+            async with running(settings) as daemon:
+                runner = daemon.runners["main"]
+                await small_send_buffer(daemon, gw)
+                ahead = runner.read_ahead
+                assert ahead is not None
+                client = ahead._ws.transport
+                held = 0
+                async with asyncio.timeout(60):
+                    while not client.is_closing() and held <= HELD_BOUND:
+                        held = client.get_write_buffer_size()
+                        await asyncio.sleep(0.01)
+                assert client.is_closing(), f"{held} bytes of pongs held, connection open"
+                await wait_until(lambda: gw.connections > 1, timeout=30)
+                assert runner.stats.closes["1006"] >= 1
+                assert "the gateway stopped reading" in runner.stats.last_close
+                assert "bytes of answers to its pings unwritten" in runner.stats.last_close
         finally:
             gw.release()
 
