@@ -40,8 +40,9 @@ event to the real sink with the JSON attached (``Event.resource``).
 * So one GET can become a batch's worth of parsed copies (and of the sink's serialized ones):
   the sink is handed a batch in parts of at most :data:`WRITE_RESOURCE_BYTES` of resource
   text (one event at least), in order, each parsed only when its part is written, and fetched
-  then (:data:`FETCH_WINDOW` GETs ahead at most): one write holds a part's answers, not those
-  of its whole batch (200 of up to 16 MiB each).
+  then (:data:`FETCH_WINDOW` GETs ahead at most, and no more than the part's room holds at
+  the largest resource seen): one write holds a part's answers, not those of its whole batch
+  (200 of up to 16 MiB each), and fetches each resource once.
 """
 
 from __future__ import annotations
@@ -107,7 +108,8 @@ EXCERPT_CHARS = 300  # of an error answer's body, in the error (and so the dead 
 CACHE_MAX_ENTRIES = 1024
 CACHE_MAX_BYTES = 64 * 1024 * 1024
 # What the other events of a batch that failed permanently got, held for the writes of them
-# the pipeline makes at once (see Orchestrator.bodies): this long at most, this much.
+# the pipeline makes at once (see Orchestrator.bodies), and what a part's GETs fetched ahead
+# of it: this long at most, this much (beyond it, the furthest ahead are not held).
 HELD_S = 30.0
 HELD_MAX_ENTRIES = 2_000
 HELD_MAX_BYTES = 64 * 1024 * 1024
@@ -183,7 +185,7 @@ def _copy(failed: BaseException) -> BaseException:
 
 
 def _size(task: asyncio.Task[Body | _NotFound]) -> int:
-    """The bytes a done GET holds."""
+    """The bytes a done GET holds (0: none, a resource is never empty)."""
     if task.cancelled() or task.exception() is not None:
         return 0
     got = task.result()
@@ -257,6 +259,7 @@ class Orchestrator:
         # (answer or failure, monotonic time, bytes counted), for their own writes.
         self._held: OrderedDict[tuple[str, str], tuple[_Outcome, float, int]] = OrderedDict()
         self._held_bytes = 0
+        self._biggest: dict[str, int] = {}  # stream: the largest resource of its last part
         self.requests = 0  # GETs sent (retries included)
         self.coalesced = 0  # fetches answered by another one's GET
         self.throttled = 0  # 429 answers
@@ -322,13 +325,15 @@ class Orchestrator:
         part at a time: its fetched bytes are those of a part, not of the whole batch.
 
         The GETs run ahead of the one awaited, :data:`FETCH_WINDOW` at most and no further
-        than the part's room seems to allow (at the largest resource seen). What they got
-        beyond the part (a resource, its own permanent failure) is held (:data:`HELD_S`) for
-        the next part, so it costs no GET again. So is what the others got when a permanent
-        failure names its event: the pipeline dead-letters that one and writes the others on,
-        each part a call of its own (split one by one, a batch of n events fetched the n - 1
-        good ones up to n times more: rate limit, cost). An event whose URL cannot be made,
-        or one whose own failure is held, is named at once, before any GET."""
+        than the part's room seems to allow (at the largest resource of this part and of the
+        stream's last one; one at a time until a resource is seen). What they got beyond the
+        part (a resource, its own permanent failure: less than two resources' worth when the
+        guess holds) is held (:data:`HELD_S`) for the next part, so it costs no GET again. So
+        is what the others got when a permanent failure names its event: the pipeline
+        dead-letters that one and writes the others on, each part a call of its own (split
+        one by one, a batch of n events fetched the n - 1 good ones up to n times more: rate
+        limit, cost). An event whose URL cannot be made, or one whose own failure is held, is
+        named at once, before any GET."""
         n = len(events)
         held = self._held
         known: dict[int, _Outcome] = {}
@@ -351,21 +356,30 @@ class Orchestrator:
         last = {key: i for i, key in enumerate(keys) if key is not None}  # its last event
         tasks: dict[_Key, asyncio.Task[Body | _NotFound]] = {}
         out: list[Body | None] = []
-        size = biggest = started = 0
+        size = started = 0
+        # The largest resource of this stream's last part (None: none seen yet) and of this
+        # one (None: none yet): the GETs in flight are guessed at the larger.
+        before, biggest = self._biggest.get(stream), None
 
         def top_up(i: int) -> None:
             """Start the GETs of the events up to ``i``, and of those after it the window
-            and the part's room allow."""
+            and the part's room allow (at a stream's first part, one at a time until one
+            answers: 16 started at once would hold as many resources of up to 16 MiB)."""
             nonlocal started
             while started < n:
                 if started > i:
                     running = sum(not t.done() for t in tasks.values())
-                    got = [_size(t) for t in tasks.values() if t.done()]
-                    guess = max(biggest, *got, 0) * running  # those in flight, at most
-                    if running >= FETCH_WINDOW or (
-                        limit is not None and size + sum(got) + guess >= limit
-                    ):
+                    got = [s for t in tasks.values() if t.done() and (s := _size(t))]
+                    if running >= FETCH_WINDOW:
                         return
+                    if limit is not None:
+                        if before is None and biggest is None and not got:
+                            if running:
+                                return
+                        else:
+                            guess = max(before or 0, biggest or 0, *got) * running
+                            if size + sum(got) + guess >= limit:
+                                return
                 key = keys[started]
                 if key is not None and key not in tasks:
                     tasks[key] = asyncio.create_task(self.fetch(stream, *key))
@@ -388,7 +402,8 @@ class Orchestrator:
                     failed, stop = outcome, i
                     break
                 got = len(outcome) if outcome is not None else 0
-                biggest = max(biggest, got)
+                if outcome is not None:
+                    biggest = max(biggest or 0, got)
                 if limit is not None and out and size + got > limit:
                     stop = i
                     break
@@ -407,6 +422,11 @@ class Orchestrator:
             for task in tasks.values():
                 task.cancel()
             raise
+        finally:
+            if biggest is not None:
+                # The next part is guessed at this one's largest, not the largest ever (one
+                # resource of 16 MiB would slow the stream's GETs for good).
+                self._biggest[stream] = biggest
         if failed is None or isinstance(failed, PermanentSinkError):
             ahead = [
                 (events[i], self._outcome(events[i], tasks[key]))
@@ -457,8 +477,11 @@ class Orchestrator:
     def _hold(self, stream: str, outcomes: Iterable[tuple[Event, _Outcome]]) -> None:
         """Hold what these events got, for the writes of them that follow at once (the next
         part, a split's): their resources and their own permanent failures (an outage's are
-        not: it is asked again when retried)."""
+        not: it is asked again when retried). ``outcomes`` come in the order they are
+        written: past :data:`HELD_MAX_BYTES` (or entries) the rest, the furthest ahead, are not
+        held (fetched again at their write), not those held before, needed sooner."""
         held, now = self._held, self._clock()
+        self._let_go_held(now)
         for ev, outcome in outcomes:
             if isinstance(outcome, BaseException) and not isinstance(outcome, PermanentSinkError):
                 continue
@@ -466,10 +489,10 @@ class Orchestrator:
             if key in held:  # held already: as long as it was first
                 continue
             size = (len(outcome) if isinstance(outcome, bytes) else 0) + 200
+            if len(held) >= HELD_MAX_ENTRIES or self._held_bytes + size > HELD_MAX_BYTES:
+                return
             held[key] = (outcome, now, size)
             self._held_bytes += size
-        while len(held) > HELD_MAX_ENTRIES or self._held_bytes > HELD_MAX_BYTES:
-            self._held_bytes -= held.popitem(last=False)[1][2]  # fetched again at its write
 
     def _unhold(self, stream: str, ev: Event) -> None:
         kept = self._held.pop((stream, ev.unique_event_id), None)
@@ -561,6 +584,7 @@ class Orchestrator:
         self._recent_bytes = 0
         self._held.clear()
         self._held_bytes = 0
+        self._biggest.clear()
 
     async def _get(self, stream: str, url: str, hotel_id: str | None) -> Body | _NotFound:
         s = self.settings

@@ -25,6 +25,7 @@ from consumer.core.events import Event
 from consumer.core.records import DeadLetter
 from consumer.runtime.committer import Committer
 from consumer.runtime.pipeline import StreamPipeline
+from consumer.sinks import orchestration
 from consumer.sinks.jsonl import JsonlSink
 from consumer.sinks.orchestration import OrchestratingSink, Orchestrator
 from consumer.state.sqlite import SqliteStore
@@ -199,4 +200,34 @@ async def test_what_a_failed_batch_fetched_is_not_held_for_long(tmp_path: Path) 
             [three] = await orchestrator.enrich("main", batch[2:])  # let go: fetched anew
             assert three.resource == {"reservationId": "R3"}
             assert gets(rx) == {"R1": 1, "BAD": 1, "R3": 2}
+            orchestrator.close()
+
+
+async def test_past_the_held_bound_what_is_written_next_is_held(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past HELD_MAX_BYTES, the oldest held were let go: the first events of a batch, written
+    next (and, when a part's GETs ran ahead, the next part's: each GETting them again, and
+    16 more ahead). What does not fit now is the furthest ahead, not held."""
+    body = len(json.dumps({"reservationId": "R1"}))
+    monkeypatch.setattr(orchestration, "HELD_MAX_BYTES", 3 * (body + 200), raising=False)
+    settings = make_settings(tmp_path, "http://127.0.0.1:9")
+    with rest_api({"BAD": "400"}) as rx:
+        orch = OrchestrationSettings(
+            enabled=True,
+            resources=RESOURCES,
+            coalesce_ms=0.0,
+            base_url=f"http://127.0.0.1:{rx.port}",
+            max_attempts=1,
+        )
+        async with aiohttp.ClientSession() as http:
+            orchestrator = Orchestrator(orch, http, {"main": (settings.streams["main"], Tokens())})
+            batch = [event(i, key=f"R{i}") for i in range(1, 7)] + [event(7, key="BAD")]
+            with pytest.raises(Exception, match="HTTP 400"):
+                await orchestrator.enrich("main", batch)
+            got = await orchestrator.enrich("main", batch[:3])  # held: no GET
+            assert [ev.resource for ev in got] == [{"reservationId": f"R{i}"} for i in (1, 2, 3)]
+            assert gets(rx) == {f"R{i}": 1 for i in range(1, 7)} | {"BAD": 1}
+            await orchestrator.enrich("main", batch[3:6])  # not held: fetched again
+            assert gets(rx) == {f"R{i}": 1 if i <= 3 else 2 for i in range(1, 7)} | {"BAD": 1}
             orchestrator.close()
