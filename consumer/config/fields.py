@@ -19,24 +19,71 @@ from pydantic import AfterValidator, PlainSerializer, SecretStr
 from ..core.printable import printable
 from ..logs import MASK, MIN_SECRET_CHARS
 
-# Words that make a header (or a query parameter) name look like it carries a credential: its
-# value is masked in repr, check-config and logs, and it counts as credentials for the
-# plain-http rule.
-SECRET_NAME_WORDS = (
-    "auth",
-    "cookie",
+# Whether a header or query parameter name looks like it carries a credential
+# (:func:`is_secret_name`): then its value is masked in repr, check-config and logs (an
+# orchestration template's), may not be 1-3 characters, and counts as credentials for the
+# plain-http rule. A name is read as words, never as a substring ("assigned" holds "sig",
+# "keyword" "key", "author" "auth"): see :func:`name_words`. A word is a credential word when,
+# lowercased (and without a plural "s"), it:
+# - is, starts with or ends with one of CREDENTIAL_WORDS: access_token, accessToken,
+#   accesstoken, tokenId, client_secret, Set-Cookie, sessionid, X-Hub-Signature-256,
+#   Proxy-Authorization, credentials;
+# - is or ends with one of SHORT_CREDENTIAL_WORDS, which also start ordinary words (keyword,
+#   keyboard, author, authority, signal, passenger, passport): key, apiKey, apikey, X-Api-Key,
+#   Ocp-Apim-Subscription-Key, auth, oauth, sig (Azure SAS), pass, dbpass;
+# and is not one of ORDINARY_WORDS, which end with one of them (bypass, monkey...).
+# A credential written inside one lowercase run ("xapikeyid") is not seen: write it as words.
+CREDENTIAL_WORDS = (
     "token",
     "secret",
-    "key",
-    "pass",
+    "password",
+    "passwd",
+    "passphrase",
+    "passcode",
     "pwd",
-    "sig",  # signature, X-Hub-Signature, Azure's `sig`
+    "signature",
+    "authorization",
+    "authentication",
+    "cookie",
+    "session",
+    "credential",
+    "bearer",
     "hmac",
     "jwt",
-    "bearer",
-    "credential",
-    "session",
 )
+SHORT_CREDENTIAL_WORDS = ("key", "auth", "sig", "pass")
+ORDINARY_WORDS = frozenset(
+    (
+        "bypass",
+        "compass",
+        "encompass",
+        "overpass",
+        "surpass",
+        "trespass",
+        "underpass",
+        "donkey",
+        "hockey",
+        "hotkey",
+        "jockey",
+        "monkey",
+        "turkey",
+        "turnkey",
+        "whiskey",
+        "possession",
+        "obsession",
+    )
+)
+# A name's words: runs of letters, split after an acronym (XMLHttp: XML, Http) and before a
+# capital after a lower-case letter (roomAssignedOnly: room, Assigned, Only), and runs of
+# digits; anything else (_ - . space) separates them.
+_WORD = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
+# libpq's connection parameters that hold a secret (those it shows as "*" in
+# PQconninfoOptions; asyncpg reads password and sslpassword, and sends any other unknown one
+# as a server setting): in a DSN's query only these are secrets. The others are the driver's
+# and the server's settings (sslmode=require, target_session_attrs=any, application_name):
+# no value of theirs is refused for its length or masked in the logs.
+DSN_SECRET_PARAMETERS = frozenset(("password", "sslpassword", "oauth_client_secret"))
+_DSN_SCHEMES = ("postgresql", "postgres")  # as consumer.pg_target
 # RFC 9110 section 5.6.2: a field name is a token.
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _HTTP_SCHEMES = ("http", "https")
@@ -92,10 +139,40 @@ def _bad_field_char(text: str) -> str | None:
     return None
 
 
+def name_words(name: str) -> list[str]:
+    """``name``'s words, lowercased: ``X-Api-Key`` and ``XApiKey`` -> x, api, key;
+    ``roomAssignedOnly`` -> room, assigned, only; ``sha256sig`` -> sha, 256, sig."""
+    return [w.lower() for w in _WORD.findall(name)]
+
+
+def _credential_word(word: str) -> bool:
+    for w in (word, word[:-1]) if word.endswith("s") else (word,):
+        if w in ORDINARY_WORDS:
+            return False
+        if any(w.startswith(c) or w.endswith(c) for c in CREDENTIAL_WORDS) or w.endswith(
+            SHORT_CREDENTIAL_WORDS
+        ):
+            return True
+    return False
+
+
 def is_secret_name(name: str) -> bool:
-    """A header or query parameter name that looks like it carries a credential."""
-    lowered = name.lower()
-    return any(word in lowered for word in SECRET_NAME_WORDS)
+    """A header or query parameter name that looks like it carries a credential: one of its
+    words (:func:`name_words`) is a credential word (see CREDENTIAL_WORDS)."""
+    return any(_credential_word(word) for word in name_words(name))
+
+
+def is_dsn(url: str) -> bool:
+    """A PostgreSQL DSN (postgresql://, postgres://): its query parameters are libpq's."""
+    scheme, sep, _ = str(url).partition("://")
+    return bool(sep) and scheme.lower() in _DSN_SCHEMES
+
+
+def is_secret_parameter(name: str, *, dsn: bool) -> bool:
+    """A query parameter of a URL (``dsn``: of a PostgreSQL DSN) whose value is a secret: in a
+    DSN libpq's secret parameters (DSN_SECRET_PARAMETERS), elsewhere a secret-looking name
+    (:func:`is_secret_name`). ``name`` is percent-decoded."""
+    return name.lower() in DSN_SECRET_PARAMETERS if dsn else is_secret_name(name)
 
 
 def is_loopback(host: str | None) -> bool:
@@ -191,10 +268,12 @@ def short_url_secrets(url: str, *, lone_user: bool) -> list[str]:
     """What of ``url``'s secrets the redactor would not mask (:data:`SHORT_SECRET`), as the
     redactor registers them (consumer.config.secrets.url_secret_values): the password of its
     user information (``lone_user``: a user name without one, which may be a token, as in
-    ``https://TOKEN@host``), percent-decoded, and the values of its secret-looking query and
-    fragment parameters (:func:`is_secret_name`; a value with a ``{placeholder}`` is filled
-    per request). Each is said by where it is, never by its value."""
+    ``https://TOKEN@host``), percent-decoded, and the values of its secret query and fragment
+    parameters (:func:`is_secret_parameter`: a DSN's libpq secrets, another URL's
+    secret-looking names; a value with a ``{placeholder}`` is filled per request). Each is
+    said by where it is, never by its value."""
     found: list[str] = []
+    dsn = is_dsn(url)
     infos = {user_information(url)}
     try:
         parts = urlsplit(str(url))
@@ -210,7 +289,9 @@ def short_url_secrets(url: str, *, lone_user: bool) -> list[str]:
     for part in (parts.query, parts.fragment):
         for piece in part.split("&"):
             name, eq, value = piece.partition("=")
-            if not (eq and value) or "{" in value or not is_secret_name(unquote_plus(name)):
+            if not (eq and value) or "{" in value:
+                continue
+            if not is_secret_parameter(unquote_plus(name), dsn=dsn):
                 continue
             if short_secret(unquote_plus(value)):
                 found.append(f"the value of its parameter {printable(unquote_plus(name), 40)}")

@@ -10,7 +10,7 @@ from urllib.parse import quote, quote_plus, unquote, unquote_plus, urlsplit
 from pydantic import SecretStr
 
 from ..core.protocol import key_hash
-from .fields import is_secret_name, user_information
+from .fields import is_dsn, is_secret_name, is_secret_parameter, user_information
 from .loading import UnsetSecret
 from .settings import (
     NatsSinkSettings,
@@ -64,7 +64,10 @@ def url_secret_values(url: str) -> list[str]:
     """The secrets a URL may hold, in every form they may travel in: the password of its user
     information (or a lone user name) raw, percent-decoded and re-encoded, the base64 of
     ``user:password`` (Basic auth, as our HTTP client and websockets send URL credentials), and
-    every query and fragment value."""
+    every query and fragment value: an API's parameter may be its credential whatever its name
+    (Azure Functions' ``code``). A PostgreSQL DSN's parameters are libpq's: only its secret
+    ones (:func:`~consumer.config.fields.is_secret_parameter`), or the redactor would mask
+    ``require`` (``sslmode=require``) in every log line."""
     try:
         parts = urlsplit(str(url))
     except ValueError:
@@ -79,6 +82,13 @@ def url_secret_values(url: str) -> list[str]:
         raw_user, colon, raw_password = userinfo.partition(":")
         values += _forms(raw_password if colon else raw_user)
         values.append(_b64(f"{unquote(raw_user)}:{unquote(raw_password)}"))
+    if is_dsn(url):
+        for part in (parts.query, parts.fragment):
+            for piece in part.split("&"):
+                name, eq, value = piece.partition("=")
+                if eq and value and is_secret_parameter(unquote_plus(name), dsn=True):
+                    values += _forms(value)
+        return values
     return values + query_secret_values(parts.query, parts.fragment)
 
 

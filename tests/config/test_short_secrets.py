@@ -16,8 +16,9 @@ import structlog
 from config_files import config_error, run_refused, write
 from log_capture import captured_logs
 
-from consumer.config import load_settings
+from consumer.config import load_settings, secret_values
 from consumer.config import settings as config_settings
+from consumer.config.fields import is_secret_name
 from consumer.logs import MIN_SECRET_CHARS
 from consumer.runtime.daemon import register_secrets
 
@@ -179,10 +180,58 @@ CASES: list[tuple[str, str, Callable[[str], str]]] = [
         ),
     ),
 ]
-IDS = [f"{key}-{what.split(' is ')[0]}" for key, what, _ in CASES]
+# A secret parameter's name as a word of a longer name, or one of a DSN's libpq secrets.
+WORD_CASES: list[tuple[str, str, Callable[[str], str]]] = [
+    (
+        "state.dsn",
+        "the value of its parameter sslpassword is shorter",  # the client key's passphrase
+        lambda s: stream() + PG_STATE.format(dsn=f"postgresql://db.example.com/o?sslpassword={s}"),
+    ),
+    (
+        "sink.dsn",
+        "the value of its parameter oauth_client_secret is shorter",  # libpq 18
+        lambda s: (
+            stream()
+            + '[sink]\ntype = "postgres"\n'
+            + f'dsn = "postgresql://db.example.com/o?target_session_attrs=any&oauth_client_secret={s}"\n'
+        ),
+    ),
+    (
+        "sink.url",
+        "the value of its parameter accessToken is shorter",
+        lambda s: stream() + webhook("", url=f"https://hook.example.com/in?accessToken={s}"),
+    ),
+    (
+        "sink.headers",
+        "header 'X-Hub-Signature-256': its value is shorter",
+        lambda s: stream() + webhook(f'headers = {{ "X-Hub-Signature-256" = "{s}" }}'),
+    ),
+    (
+        "orchestration.resources['R']",
+        "the value of its parameter api_key is shorter",
+        lambda s: (
+            stream()
+            + ORCHESTRATION
+            + '[orchestration.resources]\n"R" = "/x/{primaryKey}?roomAssignedOnly=N'
+            + f'&api_key={s}"\n'
+        ),
+    ),
+    (
+        "orchestration.base_url",
+        "the value of its parameter sig is shorter",  # Azure's SAS signature
+        lambda s: (
+            stream()
+            + ORCHESTRATION
+            + f'base_url = "https://rest.example.com/api?sv=2024&sig={s}"\n'
+            + '[orchestration.resources]\n"R" = "/x/{primaryKey}"\n'
+        ),
+    ),
+]
+ALL_CASES = CASES + WORD_CASES
+IDS = [f"{key}-{what.split(' is ')[0]}" for key, what, _ in ALL_CASES]
 
 
-@pytest.mark.parametrize(("key", "what", "config"), CASES, ids=IDS)
+@pytest.mark.parametrize(("key", "what", "config"), ALL_CASES, ids=IDS)
 def test_a_secret_too_short_to_mask_is_refused_naming_the_key(
     tmp_path: Path, key: str, what: str, config: Callable[[str], str]
 ) -> None:
@@ -192,7 +241,7 @@ def test_a_secret_too_short_to_mask_is_refused_naming_the_key(
     assert SHORT not in message  # its value is never shown
 
 
-@pytest.mark.parametrize(("key", "what", "config"), CASES, ids=IDS)
+@pytest.mark.parametrize(("key", "what", "config"), ALL_CASES, ids=IDS)
 def test_a_secret_of_four_characters_never_reaches_a_log_line(
     tmp_path: Path, key: str, what: str, config: Callable[[str], str]
 ) -> None:
@@ -258,3 +307,135 @@ async def test_run_refuses_a_short_secret_before_connecting(tmp_path: Path) -> N
     out = await run_refused(config, {**env, "PYTHONPATH": str(WORKTREE)})
     assert "streams.main.auth.client_secret: is shorter than 4 characters" in out, out
     assert SHORT not in out
+
+
+# Parameters that merely look secret: a name is read as words, a DSN's parameters as libpq's.
+PLAIN_DSN = "postgresql://opera:s3cret-pw@db.example.com:5432/opera"
+NOT_SECRETS: dict[str, str] = {
+    # target_session_attrs: libpq's and asyncpg's ("session" in its name), any its default.
+    "state.dsn": stream() + PG_STATE.format(dsn=f"{PLAIN_DSN}?target_session_attrs=any"),
+    "sink.dsn": (
+        stream()
+        + '[sink]\ntype = "postgres"\n'
+        + f'dsn = "{PLAIN_DSN}?target_session_attrs=rw&application_name=op&passfile=pf"\n'
+    ),
+    # An API flag of OHIP's: "assigned" holds "sig".
+    "orchestration template": (
+        stream()
+        + ORCHESTRATION
+        + '[orchestration.resources]\n"Reservation" = '
+        + '"/rsv/v1/hotels/{hotelId}/reservations/{primaryKey}'
+        + '?fetchInstructions=Reservation&roomAssignedOnly=N"\n'
+    ),
+    "webhook url": stream()
+    + webhook("", url="https://hook.example.com/in?keyword=ab&author=me&bypassCache=1"),
+    "webhook header": stream() + webhook('headers = { "X-Author" = "me", "X-Keyword" = "ab" }'),
+}
+
+
+@pytest.mark.parametrize("where", list(NOT_SECRETS))
+def test_parameters_that_merely_look_secret_are_not_refused(tmp_path: Path, where: str) -> None:
+    """A value of 1-3 characters under a name that holds a secret word only as a substring
+    (target_session_attrs, roomAssignedOnly, keyword, author, bypassCache) loads: it was refused
+    (exit 78) when names were matched by substring, and configs that loaded before stopped."""
+    load_settings(write(tmp_path, NOT_SECRETS[where]))
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "sig",
+        "signature",
+        "X-Hub-Signature-256",
+        "sha256sig",
+        "key",
+        "api_key",
+        "apiKey",
+        "apikey",
+        "APIKEY",
+        "X-Api-Key",
+        "XApiKey",
+        "Ocp-Apim-Subscription-Key",
+        "AWSAccessKeyId",
+        "access_token",
+        "accessToken",
+        "accesstoken",
+        "X-Amz-Security-Token",
+        "client_secret",
+        "Authorization",
+        "Proxy-Authorization",
+        "auth",
+        "oauth",
+        "Cookie",
+        "Set-Cookie",
+        "password",
+        "passwd",
+        "pwd",
+        "pass",
+        "db_pass",
+        "dbpass",
+        "sessionid",
+        "session",
+        "credentials",
+        "X-Amz-Credential",
+        "jwt",
+        "hmac",
+        "bearer",
+        "keys",
+    ],
+)
+def test_a_name_with_a_credential_word_is_secret(name: str) -> None:
+    assert is_secret_name(name)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "roomAssignedOnly",
+        "assigned",
+        "design",
+        "signal",
+        "keyword",
+        "keyboard",
+        "author",
+        "X-Author",
+        "authority",
+        "passenger",
+        "passport",
+        "bypass",
+        "bypassCache",
+        "compass",
+        "monkey",
+        "hotkeys",
+        "fetchInstructions",
+        "hotelId",
+        "sslmode",
+        "code",
+    ],
+)
+def test_a_name_holding_a_credential_word_only_inside_a_word_is_not_secret(name: str) -> None:
+    assert not is_secret_name(name)
+
+
+def test_a_dsn_registers_only_its_secret_parameters_with_the_redactor(tmp_path: Path) -> None:
+    """A DSN's parameters are libpq's: sslmode=require, target_session_attrs=read-write,
+    application_name are no secrets, and registered with the redactor they masked ``require``
+    (and the rest) in every log line. Its password and sslpassword are; another URL's query
+    values all stay registered (an API's credential may have any name: Azure's ``code``)."""
+    dsn = (
+        "postgresql://opera:s3cret-pw@db.example.com/opera?sslmode=require"
+        "&target_session_attrs=read-write&application_name=consumer-east"
+        "&sslpassword=key-pass-0001"
+    )
+    hook = "https://hook.example.com/in?code=azure-fn-key-0001"
+    config = stream() + PG_STATE.format(dsn=dsn) + webhook("", url=hook)
+    values = secret_values(load_settings(write(tmp_path, config)))
+    assert {"s3cret-pw", "key-pass-0001", "azure-fn-key-0001"} <= set(values)
+    assert not {"require", "read-write", "consumer-east"} & set(values), values
+    register_secrets(load_settings(write(tmp_path, config)))
+    with captured_logs() as logs:
+        structlog.get_logger("consumer.test").warning(
+            "state store", sslmode="require", attrs="read-write", key="key-pass-0001"
+        )
+    text = logs.getvalue()
+    assert '"require"' in text and '"read-write"' in text and "key-pass-0001" not in text, text
