@@ -62,12 +62,12 @@ def query_secret_values(*parts: str) -> list[str]:
 
 def url_secret_values(url: str) -> list[str]:
     """The secrets a URL may hold, in every form they may travel in: the password of its user
-    information (or a lone user name) raw, percent-decoded and re-encoded, the base64 of
-    ``user:password`` (Basic auth, as our HTTP client and websockets send URL credentials), and
-    every query and fragment value: an API's parameter may be its credential whatever its name
-    (Azure Functions' ``code``). A PostgreSQL DSN's parameters are libpq's: only its secret
-    ones (:func:`~consumer.config.fields.is_secret_parameter`), or the redactor would mask
-    ``require`` (``sslmode=require``) in every log line."""
+    information (or a lone user name, but in a DSN or a Redis URL) raw, percent-decoded and
+    re-encoded, the base64 of ``user:password`` (Basic auth, as our HTTP client and websockets
+    send URL credentials), and every query and fragment value: an API's parameter may be its
+    credential whatever its name (Azure Functions' ``code``). A PostgreSQL DSN's parameters
+    are libpq's: only its secret ones (:func:`~consumer.config.fields.is_secret_parameter`), or
+    the redactor would mask ``require`` (``sslmode=require``) in every log line."""
     try:
         parts = urlsplit(str(url))
     except ValueError:
@@ -78,9 +78,14 @@ def url_secret_values(url: str) -> list[str]:
         # A raw '/', '?' or '#' in a password ends urlsplit's netloc early: its whole
         # user information too (the settings refuse such a URL; this is for any other).
         infos.add(wide)
+    # A user name alone is a credential in an http(s) or NATS URL (a token), not in a DSN or a
+    # Redis URL (peer or .pgpass authentication, an ACL user): masked, "opera" would be
+    # "***" in every log line.
+    named = not is_dsn(url) and parts.scheme.lower() not in ("redis", "rediss")
     for userinfo in sorted(infos):
         raw_user, colon, raw_password = userinfo.partition(":")
-        values += _forms(raw_password if colon else raw_user)
+        if colon or named:
+            values += _forms(raw_password if colon else raw_user)
         values.append(_b64(f"{unquote(raw_user)}:{unquote(raw_password)}"))
     if is_dsn(url):
         for part in (parts.query, parts.fragment):

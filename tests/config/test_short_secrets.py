@@ -439,3 +439,15 @@ def test_a_dsn_registers_only_its_secret_parameters_with_the_redactor(tmp_path: 
         )
     text = logs.getvalue()
     assert '"require"' in text and '"read-write"' in text and "key-pass-0001" not in text, text
+
+
+def test_a_lone_user_name_is_a_secret_in_an_http_url_only(tmp_path: Path) -> None:
+    """A DSN's or a Redis URL's user name alone is no secret (peer or .pgpass authentication,
+    an ACL user): registered, the redactor masked "opera" in every log line. An http(s) URL's
+    lone user name may be a token: registered."""
+    dsn = "postgresql://opera@db.example.com/opera"
+    hook = "https://tok-0001-abcd@hook.example.com/in"
+    values = secret_values(load_settings(write(tmp_path, stream() + PG_STATE.format(dsn=dsn))))
+    assert "opera" not in values, values
+    values = secret_values(load_settings(write(tmp_path, stream() + webhook("", url=hook))))
+    assert "tok-0001-abcd" in values, values
