@@ -266,7 +266,9 @@ def _drain_story(
         for s, lease in view.leases.items()
         if lease.holder == member and _held(lease, now)
     )
-    others = [m for m in view.live() if m.member != member and not m.draining and m.weight > 0]
+    others = [
+        m for m in view.live() if m.member != member and not m.draining and m.as_member().weight > 0
+    ]
     # Names as the table has them (other members' configs, hostnames): escaped, as cells are.
     names = ", ".join(printable(m.member, 200) for m in others)
     member = printable(member, 200)

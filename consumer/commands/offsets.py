@@ -117,6 +117,14 @@ def _refuse_beside(running: dict[str, Any] | None, stream: str) -> None:
             f"fleet members ({running['member']}) run on this state store, and this config "
             "has [fleet] off: set [fleet] enabled = true, as theirs, and try again"
         )
+    if running.get("member"):
+        # Draining only the holder hands the stream to the next member at its next tick.
+        raise OffsetRefused(
+            f"a running opera-consumer ({_who(running)}) holds stream {stream}: its in-memory "
+            "position would overwrite the change. `opera-consumer fleet drain` every live "
+            "member configured for the stream (the holder alone hands it to the next one), "
+            "or stop the fleet; then try again, and `fleet drain MEMBER --undo` each after"
+        )
     raise OffsetRefused(
         f"a running opera-consumer ({_who(running)}) holds stream {stream}: "
         "stop it first (its in-memory position would overwrite the change)"

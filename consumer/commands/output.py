@@ -121,9 +121,14 @@ def escaped(text: str) -> str:
 
 
 def iso(ts: float | None) -> str | None:
+    """UTC, to the second; a time no calendar holds (1e300, NaN: a row anyone may write) as
+    the number it is."""
     if ts is None:
         return None
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+    try:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+    except (OverflowError, ValueError, OSError):
+        return printable(ts, 40)
 
 
 def parse_when(text: str, *, now: float | None = None) -> float:

@@ -39,6 +39,10 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
+# The store's epochs are bigint: a lease at the largest cannot be taken again (its epoch + 1
+# overflows), so it counts as neither free nor starved (the runtime warns about it).
+TOP_EPOCH = 2**63 - 1
+
 
 @dataclass(frozen=True, slots=True)
 class Member:
@@ -99,7 +103,9 @@ def observe(
     ``held`` what this member runs now."""
     mine, wanted = set(held), set(streams)
     unheld = {
-        s: memory.unheld_since.get(s, now) for s in wanted - mine if _unheld(leases.get(s), now)
+        s: memory.unheld_since.get(s, now)
+        for s in wanted - mine
+        if _unheld(leases.get(s), now) and not stuck(leases.get(s))
     }
     active = frozenset((m.id, m.started_at) for m in members if not m.draining and m.weight > 0)
     joined = bool(active - memory.active)
@@ -166,9 +172,16 @@ def plan(
     return Plan((*fair, *beyond), (), share, beyond)
 
 
+def stuck(lease: LeaseView | None) -> bool:
+    """At the top epoch: nobody can take this lease (an operator removes the row)."""
+    return lease is not None and lease.epoch >= TOP_EPOCH
+
+
 def _free(lease: LeaseView | None, me: str, now: float) -> bool:
     """Takeable by ``me``: a lease in its own name it does not run (a restart under the same
     member name) is too."""
+    if stuck(lease):
+        return False
     return lease is None or lease.holder in (None, me) or lease.expires_at <= now
 
 

@@ -48,14 +48,15 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from ..config import Settings
-from ..core.assignment import Member, Memory, observe, plan, strangers
+from ..config.settings import MAX_FLEET_WEIGHT
+from ..core.assignment import Member, Memory, observe, plan, strangers, stuck
 from ..core.evidence import describe
 from ..core.printable import printable
 from ..core.records import Fence
 from ..errors import LeaseHeld, StoreError
 
 if TYPE_CHECKING:
-    from ..state.fleet import FleetTable, Renewal, RowHolder
+    from ..state.fleet import FleetTable, FleetView, Renewal, RowHolder
 
 log = structlog.get_logger(__name__)
 
@@ -70,6 +71,9 @@ def member_name(configured: str) -> str:
 
 # A fleet whose members' stream lists differ is warned about at most this often.
 MISMATCH_WARN_EVERY_S = 600.0
+# Rows the fleet cannot use as they are (a weight out of range, a lease at the top epoch) are
+# warned about once each, for at most this many rows (the tables are anyone's to fill).
+ODD_ROWS_WARNED = 100
 
 
 class DuplicateMember(StoreError):
@@ -77,7 +81,12 @@ class DuplicateMember(StoreError):
     (not retriable), so the daemon stops with exit status 78: a restart cannot fix it."""
 
     def __init__(self, member: str, other: RowHolder | None) -> None:
-        who = "another process" if other is None else f"pid {other.pid} on {other.host}"
+        # The host as the other process's row has it: escaped and cut, as any shared input.
+        who = (
+            "another process"
+            if other is None
+            else f"pid {other.pid} on {printable(other.host, 200)}"
+        )
         super().__init__(
             f"fleet member name {member!r} is in use by another live opera-consumer ({who}): "
             "the two would take each other's streams. Give every member a name of its own: "
@@ -139,6 +148,7 @@ class Fleet:
         self._memory = Memory()
         self._mismatch: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())  # last warned
         self._mismatch_at = -MISMATCH_WARN_EVERY_S  # monotonic, when last warned
+        self._odd_warned: set[tuple[str, str]] = set()  # (what, member or stream)
 
     def fence(self) -> Fence:
         return Fence(self.member, dict(self.epochs))
@@ -217,6 +227,7 @@ class Fleet:
         if self._closing:
             return  # draining for shutdown: keep the leases, take and move nothing
         view = await self.table.view(timeout)
+        self._warn_of_odd_rows(view)
         live = [m.as_member() for m in view.live()]
         self.members_live = len(live)
         running = [s for s in self.epochs if s not in self._moving]
@@ -244,6 +255,10 @@ class Fleet:
         for stream in () if late else decision.release:
             log.info("handing a stream over", stream=stream, share=decision.share)
             self._move(stream, lost=False)
+        missing = [s for s in self.streams if s not in view.leases]
+        if missing:  # removed by an operator: without its row, nobody could take the stream
+            log.info("making lease rows again", streams=[printable(x, 200) for x in missing[:20]])
+            await self.table.join(missing, timeout)
         wanted = [s for s in decision.acquire if s not in self._moving]  # not until stopped
         if wanted:
             got = await self.table.acquire(wanted, timeout)
@@ -287,6 +302,38 @@ class Fleet:
             unheld_for_a_lease=sorted(starved)[:20],
         )
 
+    def _warn_of_odd_rows(self, view: FleetView) -> None:
+        """Rows of the shared tables this member cannot use as they are (another version's,
+        a manual edit): each said once (see :data:`ODD_ROWS_WARNED`)."""
+        odd: list[tuple[str, str, str, dict[str, Any]]] = [
+            (
+                "weight",
+                m.member,
+                f"a fleet member's row has a weight that is not a number from 0 to "
+                f"{MAX_FLEET_WEIGHT:g}: it counts as 0 in this member's shares; fix the row, or "
+                "`fleet forget` it once gone",
+                {"member": printable(m.member, 200), "weight": printable(m.weight, 40)},
+            )
+            for m in view.members
+            if not m.weight_ok
+        ]
+        odd += [
+            (
+                "epoch",
+                lease.stream,
+                "a stream's lease row is at the largest epoch: no member can take it; delete "
+                "the row (stream_leases in the state's schema) and a member makes it again",
+                {"stream": printable(lease.stream, 200)},
+            )
+            for lease in view.leases.values()
+            if stuck(lease)
+        ]
+        for what, key, message, fields in odd:
+            if len(self._odd_warned) >= ODD_ROWS_WARNED or (what, key) in self._odd_warned:
+                continue
+            self._odd_warned.add((what, key))
+            log.warning(message, **fields)
+
     async def _started(self, stream: str, epoch: int) -> None:
         try:
             if not self._closing:
@@ -311,7 +358,7 @@ class Fleet:
                     "this member's name has a live row of another process: waiting for it to "
                     "expire (a previous run that died), or to heartbeat (a duplicate name)",
                     member=self.member,
-                    host=None if other is None else other.host,
+                    host=None if other is None else printable(other.host, 200),
                     pid=None if other is None else other.pid,
                 )
             self._other = other

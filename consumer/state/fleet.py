@@ -26,6 +26,7 @@ raises :class:`~consumer.errors.LeaseHeld` naming that daemon.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import socket
 import uuid
@@ -36,7 +37,8 @@ from typing import Any
 import asyncpg
 
 from ..config import StateSettings
-from ..core.assignment import LeaseView, Member
+from ..config.settings import MAX_FLEET_WEIGHT
+from ..core.assignment import TOP_EPOCH, LeaseView, Member
 from ..errors import LeaseHeld
 from ..pg_target import Target
 from .postgres import DRIVER_ERRORS, FLEET_MEMBER_APP, quote_ident, store_error, take_fleet_lock
@@ -64,8 +66,18 @@ class MemberRow:
     expires_at: float
     draining: bool
 
+    @property
+    def weight_ok(self) -> bool:
+        """Within what a member's config allows: the row may be anyone's (another version,
+        a manual edit), and an Infinity or NaN would make every member's share NaN."""
+        return 0.0 <= self.weight <= MAX_FLEET_WEIGHT
+
     def as_member(self) -> Member:
-        return Member(self.member, self.weight, self.draining, self.started_at)
+        """For the shares: a weight out of range counts as 0, a start time not finite as 0
+        (a NaN would never equal itself: a new process at every tick)."""
+        weight = self.weight if self.weight_ok else 0.0
+        started_at = self.started_at if math.isfinite(self.started_at) else 0.0
+        return Member(self.member, weight, self.draining, started_at)
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,8 +207,10 @@ class FleetTable:
     # --- the member's own calls -----------------------------------------------------------
 
     async def join(self, streams: Iterable[str], timeout_s: float) -> None:
-        """A lease row for every configured stream (members agree on the streams; rows of
-        streams no longer configured stay, unheld, until an operator removes them)."""
+        """A lease row for each of these streams that has none: every configured stream at
+        the start, and one whose row an operator removed, later (members agree on the
+        streams; rows of streams no longer configured stay, unheld, until an operator
+        removes them)."""
         await self._call(
             "joining the fleet",
             timeout_s,
@@ -262,7 +276,10 @@ class FleetTable:
 
     async def acquire(self, streams: Iterable[str], timeout_s: float) -> list[Acquired]:
         """Take these streams' leases where they are free, released, expired or already in
-        our name (a new epoch each time): one statement; the database settles races."""
+        our name (a new epoch each time): one statement; the database settles races. A row
+        at :data:`TOP_EPOCH` is passed by (its epoch cannot grow): the statement would fail,
+        and no other stream be taken either. A stream without a row is not taken: see
+        :meth:`join`."""
         s = self._s
         rows = await self._call(
             "taking leases",
@@ -271,13 +288,14 @@ class FleetTable:
             f"WITH t AS (SELECT {NOW} AS now), "
             f"old AS (SELECT stream, holder FROM {s}.stream_leases, t "
             "WHERE stream = ANY($1::text[]) AND (holder IS NULL OR holder = $2 "
-            "OR expires_at <= t.now) FOR UPDATE SKIP LOCKED) "
+            "OR expires_at <= t.now) AND epoch < $4 FOR UPDATE SKIP LOCKED) "
             f"UPDATE {s}.stream_leases l SET holder = $2, epoch = l.epoch + 1, "
             "acquired_at = t.now, expires_at = t.now + $3 FROM old, t "
             "WHERE l.stream = old.stream RETURNING l.stream, l.epoch, old.holder",
             sorted(streams),
             self.member,
             self._ttl,
+            TOP_EPOCH,
         )
         return [Acquired(str(r[0]), int(r[1]), r[2]) for r in rows]
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import time
 import uuid
@@ -256,6 +257,44 @@ async def test_fleet_status_json(fleet: Fleet, capsys: pytest.CaptureFixture[str
         None,
         False,
     )
+
+
+async def test_fleet_status_shows_member_rows_with_absurd_values_as_they_are(
+    empty_fleet: Fleet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The members' rows are anyone's (another version, a manual edit): a weight of Infinity
+    made `fleet status` exit 70 (ValueError from the share, NaN), a start time of 1e300 too
+    (OverflowError from the calendar). They show as they are; the weight counts as 0."""
+    state = empty_fleet.state
+    m1 = member(state, "m1")
+    odd = [
+        FleetTable(
+            state, name, host="h", pid=2, weight=weight, started_at=started,
+            lease_ttl_s=30.0,
+        )
+        for name, weight, started in (
+            ("m2", math.inf, 0.0), ("m3", math.nan, 1e300), ("m4", 1.0, math.nan),
+        )
+    ]  # fmt: skip
+    try:
+        for m in (m1, *odd):
+            await m.tick({}, 10)
+        code, out, err = await cli(capsys, "fleet", "status", "--config", str(empty_fleet.config))
+        assert code == 0, err
+        rows = {columns(r)[0]: columns(r) for r in out.split("\n\n")[0].splitlines()[1:]}
+        assert rows["m2"][3:6] == ["inf", "live", "0"]
+        assert (rows["m3"][3:6], rows["m3"][8]) == (["nan", "live", "0"], "1e+300")
+        assert (rows["m4"][5], rows["m4"][8]) == ("2", "nan")
+        assert rows["m1"][5] == "2"  # m4 and m1 share the 4 streams; m2, m3 count as 0
+        code, out, err = await cli(
+            capsys, "fleet", "status", "--json", "--config", str(empty_fleet.config)
+        )
+        assert code == 0, err
+        members = {m["member"]: m for m in json.loads(out)["members"]}
+        assert (members["m2"]["share"], members["m3"]["started_at"]) == (0, "1e+300")
+    finally:
+        for m in (m1, *odd):
+            await m.close()
 
 
 async def test_fleet_status_before_any_member_joined(

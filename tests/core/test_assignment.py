@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from consumer.core.assignment import (
+    TOP_EPOCH,
     LeaseView,
     Member,
     Memory,
@@ -250,6 +251,17 @@ def test_a_member_takes_no_more_than_its_room_and_prefers_by_rank() -> None:
     assert len(p.acquire) == 6
     assert not set(p.acquire) & set(held)
     assert list(p.acquire) == by_rank("a", [s for s in streams if s not in held])[:6]
+
+
+def test_a_lease_at_the_top_epoch_is_neither_free_nor_starved() -> None:
+    """Its epoch cannot grow (bigint): taking it fails, so the share's room goes to others,
+    and it is no stream the fleet starves of (no warning about differing stream lists)."""
+    me = Member("a", 1.0)
+    leases = {"top": LeaseView("top", None, TOP_EPOCH, 0.0), "ok": LeaseView("ok", None, 1, 0.0)}
+    p = plan(me, [me], leases, ["top", "ok"], held=[], now=NOW)
+    assert p.acquire == ("ok",)
+    memory = observe(Memory(), [me], leases, ["top", "ok"], held=["ok"], now=NOW)
+    assert memory.unheld_since == {}
 
 
 def test_a_member_under_its_share_with_nothing_free_takes_nothing() -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import asyncpg
 import pytest
 from fleet_support import fleet_settings
-from log_capture import captured_logs
+from log_capture import captured_logs, records
 from pg import proxied, sql
 from support import wait_until
 from tcp_proxy import TcpProxy
@@ -430,3 +430,142 @@ async def test_a_restart_under_the_same_name_waits_out_the_dead_process_row(env:
     assert not run.done()
     instance = await sql(env.dsn, "fetchval", f"SELECT instance FROM {q} WHERE member = 'x'")
     assert instance == fleet.table.instance
+
+
+# --- the shared tables are input from other processes -----------------------------------------
+
+# Another process's member row, live for an hour, with the given weight and start time.
+GHOST = (
+    "INSERT INTO {q}.fleet_members (member, host, pid, weight, started_at, heartbeat_at, "
+    "expires_at, draining) SELECT $1, 'h', 1, $2::text::float8, $3::text::float8, n, "
+    "n + 3600, false FROM (SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8 AS n) t"
+)
+
+
+def views_read(fleet: Fleet) -> list[float]:
+    """The database's time of each view of the fleet the member reads from now on (each
+    tick that gets that far)."""
+    seen: list[float] = []
+    read = fleet.table.view
+
+    async def view(timeout_s: float) -> Any:
+        got = await read(timeout_s)
+        seen.append(got.now)
+        return got
+
+    fleet.table.view = view  # type: ignore[method-assign]
+    return seen
+
+
+@pytest.mark.parametrize("weight", ["Infinity", "NaN", "-1", "1e308"])
+async def test_a_member_row_with_a_weight_out_of_range_stops_nobody_taking_streams(
+    env: Env, weight: str
+) -> None:
+    """A row's weight of Infinity made every share NaN (ValueError at every tick, with a
+    traceback, and no stream ever taken). Out of 0 to 1000, it counts as 0, and the member
+    says so once."""
+    q = f'"{env.schema}"'
+    await sql(env.dsn, "execute", GHOST.format(q=q), "ghost", weight, "0")
+    with captured_logs() as logs:
+        fleet = env.member("m1")
+        seen = views_read(fleet)
+        env.run(fleet)
+        await wait_until(lambda: env.count("started") == 2, timeout=3 * TTL_S)
+        await wait_until(lambda: len(seen) >= 3)  # warned again at each tick, if at all
+    lines = records(logs)
+    assert not [x for x in lines if "unexpectedly" in x["event"]]
+    warned = [x for x in lines if "weight that is not a number from 0 to 1000" in x["event"]]
+    assert [(x["member"], x["level"]) for x in warned] == [("ghost", "warning")]
+
+
+async def test_a_lease_row_at_the_top_epoch_blocks_no_other_stream(env: Env) -> None:
+    """acquire() takes every wanted lease in one statement: one row whose epoch + 1
+    overflows bigint failed it ("bigint out of range" at every tick), and no stream was taken.
+    That row is passed by (said once); the others are taken."""
+    q = f'"{env.schema}".stream_leases'
+    await sql(
+        env.dsn,
+        "execute",
+        f"INSERT INTO {q} (stream, holder, epoch, expires_at) VALUES ('b', NULL, $1, 0)",
+        2**63 - 1,
+    )
+    with captured_logs() as logs:
+        fleet = env.member("m1")
+        seen = views_read(fleet)
+        env.run(fleet)
+        await wait_until(lambda: env.has("m1", "started", "a"), timeout=3 * TTL_S)
+        ticked = len(seen)
+        await wait_until(lambda: len(seen) >= ticked + 2)  # it would take b there, if at all
+    assert "b" not in fleet.epochs
+    lines = records(logs)
+    assert not [x for x in lines if "failed" in x["event"]]
+    warned = [x for x in lines if "at the largest epoch" in x["event"]]
+    assert [x["stream"] for x in warned] == ["b"]
+
+
+async def test_a_configured_streams_lease_row_removed_is_made_again(env: Env) -> None:
+    """The README leaves old lease rows "until an operator removes them": one removed while
+    its stream is configured was never made again (rows were made once, at the join; a
+    takeover only updates rows), so nobody consumed the stream until a member restarted."""
+    m1 = env.member("m1")
+    env.run(m1)
+    await wait_until(lambda: env.count("started") == 2, timeout=3 * TTL_S)
+    await sql(env.dsn, "execute", f"DELETE FROM \"{env.schema}\".stream_leases WHERE stream = 'b'")
+    await wait_until(lambda: env.has("m1", "stop-lost", "b"), timeout=3 * TTL_S)
+    await wait_until(lambda: env.count("started") == 3, timeout=3 * TTL_S)
+    assert env.before(("m1", "stopped", "b"), ("m1", "started", "b"))
+    assert [(s, h) for s, h, _ in await env.leases()] == [("a", "m1"), ("b", "m1")]
+
+
+async def test_another_process_host_is_bounded_and_escaped_in_the_duplicate_error(
+    env: Env,
+) -> None:
+    """The host of another process's row went as it was into the warning while waiting and
+    into DuplicateMember (logged, and the daemon's exit error): a megabyte, with terminal
+    escapes."""
+    q = f'"{env.schema}".fleet_members'
+    await sql(
+        env.dsn,
+        "execute",
+        f"INSERT INTO {q} (member, host, pid, weight, started_at, heartbeat_at, expires_at, "
+        "instance) SELECT 'm1', $1, 1, 1, 0, n, n + 3600, 'other' "
+        "FROM (SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8 AS n) t",
+        "h\x1b[2J" + "x" * 1_000_000,
+    )
+    fleet = env.member("m1")
+    with captured_logs() as logs:
+        run = env.run(fleet)
+        await wait_until(lambda: fleet._other is not None, timeout=3 * TTL_S)
+        await sql(env.dsn, "execute", f"UPDATE {q} SET heartbeat_at = heartbeat_at + 1")
+        await wait_until(run.done, timeout=3 * TTL_S)
+    error = run.exception()
+    assert isinstance(error, DuplicateMember)
+    assert "on h\\x1b[2Jxxx" in str(error) and len(str(error)) < 1000
+    text = logs.getvalue()
+    assert "\\u001b" not in text and "\x1b" not in text
+    assert max(len(line) for line in text.splitlines()) < 2000
+
+
+async def test_offset_set_goes_through_once_every_member_is_drained(env: Env) -> None:
+    """Draining only the holder hands the stream to another live member at its next tick,
+    so the refusal (and the README) say to drain every member configured for it; that lets
+    the change through, with the stream unheld."""
+    from consumer.commands import offsets
+    from consumer.errors import OffsetRefused
+
+    m1, m2 = env.member("m1", streams=("a",)), env.member("m2", streams=("a",))
+    env.run(m1)
+    env.run(m2)
+    await wait_until(lambda: env.count("started") == 1, timeout=3 * TTL_S)
+    settings = fleet_settings(env.dsn, env.schema, "cli", streams=("a",))
+    with pytest.raises(OffsetRefused, match="`opera-consumer fleet drain` every live member"):
+        await offsets.plan(settings, "a", "1")
+    operator = FleetTable.for_operator(settings.state)
+    try:
+        for name in ("m1", "m2"):
+            assert await operator.set_draining(name, True, 10.0)
+    finally:
+        await operator.close()
+    await wait_until(lambda: env.count("stopped") == 1 and not m1.epochs and not m2.epochs)
+    planned = await offsets.plan(settings, "a", "1")
+    assert planned.new == "1"

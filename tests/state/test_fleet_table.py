@@ -22,6 +22,7 @@ from pydantic import SecretStr
 
 import consumer.state.fleet as fleet_module
 from consumer.config import StateSettings
+from consumer.core.assignment import fair_share
 from consumer.core.records import CommitBatch, DeadLetter, Fence, Staged
 from consumer.core.watermark import Position
 from consumer.errors import Fenced
@@ -167,6 +168,48 @@ async def test_acquire_bumps_the_epoch_and_names_the_previous_holder(env: Env) -
     assert await a.acquire(["s1"], T) == [Acquired("s1", 2, "a")]
     # a stream without a row is not taken (join first)
     assert await a.acquire(["nope"], T) == []
+
+
+async def test_acquire_passes_a_lease_at_the_top_epoch_by_and_takes_the_others(
+    env: Env,
+) -> None:
+    """Every wanted lease is taken in one statement: one row whose epoch + 1 overflows
+    bigint failed it whole ("bigint out of range"), and no stream was taken."""
+    a = env.member("a")
+    await a.join(["s1", "s2"], T)
+    await env.execute(f"UPDATE {env.q}.stream_leases SET epoch = $1 WHERE stream = 's2'", 2**63 - 1)
+    assert await a.acquire(["s1", "s2"], T) == [Acquired("s1", 1, None)]
+    assert (await a.view(T)).leases["s2"].holder is None
+
+
+@pytest.mark.parametrize(
+    ("weight", "started_at"),
+    [("Infinity", "0"), ("-Infinity", "0"), ("NaN", "NaN"), ("-1", "0"), ("1001", "Infinity")],
+)
+async def test_a_member_row_out_of_range_counts_as_weight_0(
+    env: Env, weight: str, started_at: str
+) -> None:
+    """The members' rows are anyone's (another version, a manual edit): a weight of Infinity
+    made every share NaN (ValueError, at every member's every tick). Out of the range a
+    config allows, it counts as 0; a start time not finite, as 0 (NaN never equals itself:
+    a new process at every tick)."""
+    a = env.member("a")
+    await a.tick({}, T)
+    await env.execute(
+        f"INSERT INTO {env.q}.fleet_members (member, host, pid, weight, started_at, "
+        "heartbeat_at, expires_at) SELECT 'odd', 'h', 1, $1::text::float8, $2::text::float8, "
+        "n, n + 3600 FROM (SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8 AS n) t",
+        weight,
+        started_at,
+    )
+    view = await a.view(T)
+    odd = next(m for m in view.members if m.member == "odd")
+    assert not odd.weight_ok and odd.as_member().weight == 0.0
+    assert odd.as_member().started_at == (0.0 if started_at != "0" else odd.started_at)
+    live = [m.as_member() for m in view.live()]
+    me = next(m for m in live if m.id == "a")
+    assert fair_share(me, live, 4) == 4
+    assert next(m for m in view.members if m.member == "a").weight_ok
 
 
 async def test_a_live_lease_is_not_taken_an_expired_one_is(env: Env) -> None:
