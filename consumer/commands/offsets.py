@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import Settings
+from ..core.printable import printable
 from ..core.protocol import SubscribeInput
 from ..errors import ExitCode, InvalidInput, LeaseHeld, OffsetRefused, OperatorRefused
 from ..state import open_store
@@ -73,13 +74,15 @@ def settings_start(settings: Settings, name: str) -> str:
 
 
 def _who(holder: dict[str, Any]) -> str:
+    """The holder as a person reads it: its values are another process's rows (bounded,
+    escaped)."""
     if holder.get("member"):
-        return f"fleet member {holder['member']}"
-    who = f"pid {holder.get('pid')}"
+        return f"fleet member {printable(holder['member'], 200)}"
+    who = f"pid {printable(holder.get('pid'), 20)}"
     if holder.get("host"):
-        who += f" on {holder['host']}"
+        who += f" on {printable(holder['host'], 200)}"
     role = holder.get("role")
-    return who if role in (None, "daemon") else f"{who}, {role}"
+    return who if role in (None, "daemon") else f"{who}, {printable(role, 50)}"
 
 
 async def plan(settings: Settings, stream: str, new: str) -> Plan:
