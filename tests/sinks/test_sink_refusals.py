@@ -28,6 +28,7 @@ import pytest
 from log_capture import captured_logs, records
 from operator_support import settled
 from pg import sql
+from sink_tables import PG
 from support import committed, make_settings, newest_offset, running, truth_ids, wait_until
 
 from consumer.core.records import CommitBatch, DeadLetterRow, Staged
@@ -37,16 +38,6 @@ from consumer.state import PostgresStore, SqliteStore
 
 pytestmark = pytest.mark.usefixtures("fresh_pysink", "contained_logging")
 
-PG = (
-    'unique_event_id TEXT PRIMARY KEY, stream TEXT NOT NULL, "offset" TEXT NOT NULL, '
-    "event_name TEXT, module_name TEXT, primary_key TEXT, hotel_id TEXT, event_timestamp TEXT, "
-    "detail JSONB NOT NULL, resource JSONB, written_at DOUBLE PRECISION NOT NULL"
-)
-LITE = (
-    "unique_event_id TEXT PRIMARY KEY, stream TEXT NOT NULL, offset TEXT NOT NULL, "
-    "event_name TEXT, module_name TEXT, primary_key TEXT, hotel_id TEXT, event_timestamp TEXT, "
-    "detail TEXT NOT NULL, resource TEXT, written_at REAL NOT NULL"
-)
 EVENTS = 20
 MARK = "DETAIL-MARK"  # what a RAISE puts in its DETAIL, after the row's data
 FAST_RETRIES = {"sink_retry_initial_s": 0.05, "sink_retry_max_s": 0.2}

@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 from log_capture import captured_logs, records
 from operator_support import query, settled
+from sink_tables import LITE
 from support import committed, make_settings, newest_offset, running, truth_ids, wait_until
 from test_postgres_sink import event
 from test_sink_refusals import (
     EVENTS,
     FAST_RETRIES,
-    LITE,
     RETRYING,
     assert_refused_alone,
     dead_letters,

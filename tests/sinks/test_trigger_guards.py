@@ -23,6 +23,7 @@ import pytest
 from log_capture import captured_logs, records
 from operator_support import query, settled
 from pg import sql
+from sink_tables import LITE, PG
 from support import (
     committed,
     make_settings,
@@ -44,16 +45,6 @@ from consumer.state import PostgresStore, SqliteStore
 
 pytestmark = pytest.mark.usefixtures("fresh_pysink", "contained_logging")
 
-PG = (
-    'unique_event_id TEXT PRIMARY KEY, stream TEXT NOT NULL, "offset" TEXT NOT NULL, '
-    "event_name TEXT, module_name TEXT, primary_key TEXT, hotel_id TEXT, event_timestamp TEXT, "
-    "detail JSONB NOT NULL, resource JSONB, written_at DOUBLE PRECISION NOT NULL"
-)
-LITE = (
-    "unique_event_id TEXT PRIMARY KEY, stream TEXT NOT NULL, offset TEXT NOT NULL, "
-    "event_name TEXT, module_name TEXT, primary_key TEXT, hotel_id TEXT, event_timestamp TEXT, "
-    "detail TEXT NOT NULL, resource TEXT, written_at REAL NOT NULL"
-)
 EVENTS = 20
 WARNED = "generated columns of its own"  # the own-pool fallback's warning
 
