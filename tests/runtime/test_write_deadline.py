@@ -7,7 +7,9 @@ use of it (deadlines by phase, the reconnect) is in test_hostile_gateway_session
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+from collections.abc import AsyncIterator
 
 import pytest
 from test_hostile_gateway_session import (
@@ -25,6 +27,24 @@ from consumer.runtime.origin import NoRedirects
 from consumer.runtime.stream import UNWRITTEN_MAX, WriteStalled, _Connection
 
 
+@contextlib.asynccontextmanager
+async def client(url: str) -> AsyncIterator[_Connection]:
+    """The stream's connection class to ``url``, with a small send buffer: a peer that stops
+    reading fills it soon."""
+    async with NoRedirects(
+        url.replace("http", "ws", 1),
+        subprotocols=[Subprotocol("graphql-transport-ws")],
+        compression=None,
+        ping_interval=None,
+        close_timeout=30,
+        create_connection=_Connection,
+    ) as ws:
+        assert isinstance(ws, _Connection)
+        sock = ws.transport.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        yield ws
+
+
 @pytest.mark.parametrize("write", ["send", "pong"])
 async def test_a_frame_unwritten_past_its_deadline_aborts_the_connection(write: str) -> None:
     go, wedged = asyncio.Event(), asyncio.Event()
@@ -37,17 +57,7 @@ async def test_a_frame_unwritten_past_its_deadline_aborts_the_connection(write: 
         await flood_pings(transport, wedged)
 
     async def session(url: str) -> ConnectionClosed:
-        async with NoRedirects(
-            url.replace("http", "ws", 1),
-            subprotocols=[Subprotocol("graphql-transport-ws")],
-            compression=None,
-            ping_interval=None,
-            close_timeout=30,
-            create_connection=_Connection,
-        ) as ws:
-            assert isinstance(ws, _Connection)
-            sock = ws.transport.get_extra_info("socket")
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # small_send_buffer
+        async with client(url) as ws:
             ws.write_timeout = lambda: 0.5
             go.set()
             try:
@@ -96,17 +106,7 @@ async def test_pongs_websockets_writes_itself_are_bounded_by_size() -> None:
         raise AssertionError("the connection closed cleanly")
 
     async def session(url: str) -> tuple[ConnectionClosed | None, int]:
-        async with NoRedirects(
-            url.replace("http", "ws", 1),
-            subprotocols=[Subprotocol("graphql-transport-ws")],
-            compression=None,
-            ping_interval=None,
-            close_timeout=30,
-            create_connection=_Connection,
-        ) as ws:
-            assert isinstance(ws, _Connection)
-            sock = ws.transport.get_extra_info("socket")
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # small_send_buffer
+        async with client(url) as ws:
             ws.write_timeout = lambda: 600.0
             reader = asyncio.create_task(read(ws))
             go.set()
