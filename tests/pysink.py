@@ -14,6 +14,7 @@ in-process (``consumer.cli.main``), both append to the same :data:`DELIVERED`.
 * ``ON_EVENT``: a batch holding one of these uniqueEventIds first awaits its function, which
   may raise anything (``SystemExit``, ``CancelledError``, a TaskGroup's exception group...).
 * :func:`forgetful`: a handler that returns :func:`handle`'s coroutine without awaiting it.
+* :func:`returning`: :func:`handle`, then returns ``RETURNS[0]`` (a client, a pool...).
 
 A batch is all or nothing: nothing of it is recorded when an event of it is rejected, so the
 re-delivery of the events before the culprit is not counted twice.
@@ -34,6 +35,7 @@ CALLS: list[int] = [0]
 STUCK_STREAMS: set[str] = set()
 GATES: dict[str, asyncio.Event] = {}
 ON_EVENT: dict[str, Callable[[], Awaitable[None]]] = {}
+RETURNS: list[object] = [None]
 
 
 class Rejected(Exception):
@@ -62,6 +64,7 @@ def reset() -> None:
     STUCK_STREAMS.clear()
     GATES.clear()
     ON_EVENT.clear()
+    RETURNS[0] = None
 
 
 def delivered_ids(stream: str | None = None) -> list[str]:
@@ -92,3 +95,9 @@ async def handle(stream: str, events: Sequence[Event]) -> None:
 async def forgetful(stream: str, events: Sequence[Event]) -> Awaitable[None]:
     """``return handle(...)``: its await forgotten (the sink must await what it returns)."""
     return handle(stream, events)
+
+
+async def returning(stream: str, events: Sequence[Event]) -> object:
+    """:func:`handle`, then an odd return value: ``RETURNS[0]``."""
+    await handle(stream, events)
+    return RETURNS[0]

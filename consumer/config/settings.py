@@ -1155,8 +1155,13 @@ def resolve(target: str) -> Any:
     try:
         obj: Any = importlib.import_module(mod)
     except ImportError as exc:
-        raise ValueError(f"cannot import module {mod!r}: {exc}") from None
-    except Exception as exc:  # its code failed: a SyntaxError, or what it raised
+        raise ValueError(f"cannot import module {mod!r}: {printable(exc, 300)}") from None
+    except KeyboardInterrupt:
+        raise  # ^C while a slow module imports: the operator's, not the module's
+    except BaseException as exc:  # its code failed: a SyntaxError, or what it raised
+        # BaseException: sys.exit() at import (a "required variable missing" idiom) went
+        # through the validator: check-config and run ended with its status (0: systemd's
+        # "stopped on request") or a bare message, naming no key.
         raise Problem(
             (
                 "",

@@ -75,6 +75,17 @@ def _stop_if_asked() -> None:
         raise asyncio.CancelledError
 
 
+def _closing(owner: asyncio.Task[None] | None) -> bool:
+    """Whether a GeneratorExit caught in a coroutine ``owner`` runs is that coroutine being
+    closed (``coro.close()`` throws it in while the coroutine is suspended: never while its
+    task runs). One raised while ``owner`` runs (a sink's, a handler's) is an error like any
+    other: let through, it ended the worker, and every restart replayed the event into it."""
+    try:
+        return owner is None or asyncio.current_task() is not owner
+    except RuntimeError:  # no running loop: a finalizer's close()
+        return True
+
+
 def _size(event: Event) -> int:
     """An event's size as counted against the byte bounds: its text as received, or the frame
     it came in when it was kept parsed."""
@@ -335,6 +346,7 @@ class StreamPipeline:
             await self._handle(batch, retrying)
 
     async def _handle(self, batch: list[_Item], retrying: AsyncRetrying) -> None:
+        owner = asyncio.current_task()
         delay = self._retry_initial
         while True:
             try:
@@ -361,9 +373,9 @@ class StreamPipeline:
                 ]
                 if not batch:
                     return
-            except GeneratorExit:
-                raise  # the coroutine is being closed (the loop is going away)
             except BaseException as exc:  # a bug: never a dead worker, never a lost event
+                if isinstance(exc, GeneratorExit) and _closing(owner):
+                    raise  # the coroutine is being closed (the loop is going away)
                 # BaseException: a SystemExit or KeyboardInterrupt out of a task would end the
                 # event loop under the daemon (SIGINT is the daemon's signal, never raised here).
                 self._rescue(batch, exc)
@@ -476,6 +488,7 @@ class StreamPipeline:
         after it written on. A loop over what remains after each culprit: one nested call per
         culprit reached Python's recursion limit in a batch of hundreds of rejected events,
         and the last resort dead-lettered the good ones left."""
+        owner = asyncio.current_task()
         while items:
             if self._parking:
                 free = await self._parking.split(items)
@@ -497,9 +510,11 @@ class StreamPipeline:
                     items = items[taken:]
                 items = await self._isolate(items, exc, retrying)
                 continue
-            except (TransientSinkError, SinkUnusable, asyncio.CancelledError, GeneratorExit):
+            except (TransientSinkError, SinkUnusable, asyncio.CancelledError):
                 raise  # transient ones are retried inside _write until they clear
             except BaseException as exc:
+                if isinstance(exc, GeneratorExit) and _closing(owner):
+                    raise  # the coroutine is being closed; one a sink raised is its event's
                 _stop_if_asked()
                 # Anything else the sink raised (an event it cannot serialize, a bug in a
                 # user's handler, a SystemExit of a sink's library): permanent for the event

@@ -486,6 +486,7 @@ class NatsSink(PlainSink):
                     connecting.result()
                 except (nats.errors.Error, OSError, TimeoutError) as exc:
                     raise self._connect_failed(describe(exc)) from None
+                self._max_payload(nc)
                 return nc
             connecting.cancel()
             await asyncio.gather(connecting, return_exceptions=True)
@@ -505,6 +506,20 @@ class NatsSink(PlainSink):
             raise
         finally:
             self._auth_failed = None
+
+    def _max_payload(self, nc: Client) -> int:
+        """The server's max_payload (from its INFO), or :class:`SinkUnusable`: one no message
+        can meet (0, below the headers' size) dead-lettered every event for the server's
+        fault; null or a string raised a TypeError at the first request; -1 failed each."""
+        limit: object = nc.max_payload
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit > _HEADER_OVERHEAD:
+            return limit
+        raise SinkUnusable(
+            f"nats sink: the server at {self.where} announces max_payload {shown(limit, 40)}: "
+            f"no event fits (a message with its headers needs more than {_HEADER_OVERHEAD} "
+            "bytes); is it a NATS server, with nothing between rewriting its INFO? Set its "
+            "max_payload (nats-server's default: 1 MB)"
+        )
 
     def _connect_failed(self, detail: str) -> Exception:
         if _is_auth_error(detail):
@@ -869,7 +884,7 @@ class NatsSink(PlainSink):
         if not events:
             return
         nc, js = await self._connection()
-        limit = nc.max_payload
+        limit = self._max_payload(nc)  # a reconnect may have reached another server
         # Every message is made before the first publish: an event that cannot be sent is
         # named at once.
         chains: dict[str, list[_Message]] = {}

@@ -60,8 +60,10 @@ primary wherever the URL's host now leads. :class:`SinkUnusable` (exit 78: only 
 fix it, and writing on would dead-letter events for a fault of the configuration) when the
 server refuses our credentials (``WRONGPASS``, ``NOAUTH``), its ACL refuses a command or a key
 (``NOPERM``), the stream key holds another type (``WRONGTYPE``), the server is a Redis Cluster
-node (``MOVED``/``ASK``), does not know a command (no ``XADD`` before Redis 5) or has no
-database of the URL's number (``DB index is out of range``). A write that
+node (``MOVED``/``ASK``), does not know a command (no ``XADD`` before Redis 5), has no
+database of the URL's number (``DB index is out of range``) or answers what Redis running our
+scripts cannot (a reply redis-py's parser refuses, ``:abc``; "held back" for the first call of a
+round, which names no guard before it; a probe's reply of another shape). A write that
 fails so has written nothing of that event nor of the later events of its primaryKey (held
 back), and the events of other resources that were written are guarded: after the fix and a
 restart, the replay adds exactly what is missing, in order.
@@ -78,9 +80,9 @@ size, and the event is dead-lettered; the others are written.
 memory``) and refuses (:class:`SinkUnusable`) an ``allkeys-*`` policy with a ``maxmemory``: it
 may evict a stream, and with it events already checkpointed. ``volatile-*`` evicts only keys
 with a TTL: the guards (a replay could then add an event again), never the streams (the sink
-sets no TTL on them): a warning, as are a policy that could not be read and a server that
-persists nothing (no AOF, no ``save`` rule: its restart loses what we checkpointed).
-Preflight says the same.
+sets no TTL on them): a warning, as are a policy that could not be read, a server that
+persists nothing (no AOF, no ``save`` rule: its restart loses what we checkpointed) and
+``maxlen`` (it trims the oldest entries, read or not). Preflight says the same.
 
 **Replication.** Redis replicates asynchronously: a batch the primary acknowledged, then lost
 in a failover before a replica had it, would be checkpointed and gone. With ``wait_replicas``
@@ -104,7 +106,7 @@ import functools
 import re
 import ssl
 from collections.abc import Awaitable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple, TypeVar
 from urllib.parse import quote, quote_plus, unquote, urlsplit
 
@@ -318,6 +320,20 @@ def persistence_risk(d: Durability) -> str | None:
     return None
 
 
+def maxlen_risk(maxlen: int | None) -> str | None:
+    """Why sink.maxlen may lose events: MAXLEN trims the oldest entries as new ones come,
+    whether the stream's consumers have read them or not (as NATS's max_msgs with discard
+    old), and those events are checkpointed here: nothing replays them."""
+    if maxlen is None:
+        return None
+    return (
+        f"sink.maxlen = {maxlen} trims each stream to about that many entries (XADD MAXLEN ~): "
+        "the oldest are removed as new ones come, read or not, and an event checkpointed here "
+        "that its readers had not read yet is gone; remove sink.maxlen and trim once they "
+        "have read (XTRIM MINID), unless losing them is intended"
+    )
+
+
 @functools.lru_cache(maxsize=4096)  # few distinct values (hotels, event names), many events
 def token_value(value: str | None) -> str:
     """A token's value as it goes into a key: whitespace, control characters and braces
@@ -355,9 +371,9 @@ class KeyTemplate(Template):
 class Server:
     """Where the sink connects, and what may be said about it (never the URL itself)."""
 
-    kwargs: dict[str, Any]  # for redis.asyncio.Redis
+    kwargs: dict[str, Any] = field(repr=False)  # for redis.asyncio.Redis: the password too
     where: str  # host:port/db (and "(TLS)"), for messages
-    secrets: tuple[str, ...]  # longest first
+    secrets: tuple[str, ...] = field(repr=False)  # longest first
 
 
 def server(settings: RedisSinkSettings) -> Server:
@@ -582,7 +598,13 @@ class RedisSink(PlainSink):
         counted: set[int] = set()  # calls whose outcome (added, duplicate) is counted
         first = 0
         reloads = 0
+        rounds = 0
         while True:
+            # Each round starts further on, or loads the script again (at most
+            # NOSCRIPT_ATTEMPTS times): bounded; the bound says so, should that ever break.
+            rounds += 1
+            if rounds > len(calls) + NOSCRIPT_ATTEMPTS:
+                raise self._unexpected("EVALSHA (XADD)", "no progress over the rounds")
             try:
                 async with client.pipeline(transaction=False) as pipe:
                     for command in self._commands(calls[first:]):
@@ -601,6 +623,8 @@ class RedisSink(PlainSink):
                     if too_long is not None:
                         raise too_long from None
                 raise failure from None
+            except Exception as exc:  # redis-py's parser on a reply that is no RESP (`:abc`)
+                raise self._failure(exc, "EVALSHA (XADD)") from None
             refused: int | None = None
             held: int | None = None
             errors: list[tuple[_Call, ResponseError]] = []
@@ -629,6 +653,10 @@ class RedisSink(PlainSink):
                 if any(_from_replica(e) for _, e in errors):
                     await self._reconnect(client)
                 raise self._worst(errors)  # what was held back is added after them, on retry
+            if held == first:  # the first call sent names no guard before it: never held
+                raise self._unexpected(
+                    "EVALSHA (XADD)", "an integer (held back) for the first call"
+                )
             if refused is None and held is None:
                 if self.settings.wait_replicas:
                     self._replicated(acknowledged, len(calls))
@@ -690,13 +718,13 @@ class RedisSink(PlainSink):
             ):
                 raise self._refusal(exc, "WAIT") from None
             # A replica refuses WAIT: it refuses the writes too (READONLY), retried.
-        except (TimeoutError, RedisError, OSError) as exc:
+        except Exception as exc:
             raise self._failure(exc, "WAIT") from None
         try:
             info = await client.info("replication")
         except ResponseError:
             return None  # no INFO right: not known
-        except (TimeoutError, RedisError, OSError) as exc:
+        except Exception as exc:
             raise self._failure(exc, "INFO") from None
         connected = _int(info.get("connected_slaves"))
         if connected is None or connected >= n or info.get("role") != "master":
@@ -718,7 +746,7 @@ class RedisSink(PlainSink):
         try:
             async with asyncio.timeout(self.settings.timeout_s):
                 await client.connection_pool.disconnect()
-        except (RedisError, OSError, TimeoutError) as exc:
+        except Exception as exc:
             log.warning("redis sink: dropping the connections failed", error=type(exc).__name__)
 
     def _commands(self, calls: Sequence[_Call]) -> list[tuple[bytes | str | int, ...]]:
@@ -756,7 +784,7 @@ class RedisSink(PlainSink):
         try:
             async with asyncio.timeout(self.settings.timeout_s):
                 await client.ping()
-        except (TimeoutError, RedisError, OSError):
+        except Exception:
             return None  # the server is gone, not only this call's connection: retried
         return self._refused_size(call, f"it dropped the connection ({self._text(exc)}) twice")
 
@@ -831,6 +859,10 @@ class RedisSink(PlainSink):
     def _failure(self, exc: BaseException, doing: str, key: str = "") -> SinkError:
         """An error while ``doing`` (a command's name): the connection's, the client's, or
         the server's reply."""
+        if not isinstance(exc, TimeoutError | RedisError | OSError):
+            # redis-py raises what its parser met (a ValueError for `:abc`): not the event's
+            # fault (the pipeline would dead-letter every event for it), nor a passing one.
+            return self._unexpected(doing, self._text(exc))
         if isinstance(exc, AuthenticationError | AuthorizationError):
             return SinkUnusable(
                 f"redis sink at {self.where}: the server refused our credentials "
@@ -846,10 +878,16 @@ class RedisSink(PlainSink):
             )
         return TransientSinkError(f"redis sink at {self.where}: {doing}: {self._text(exc)}")
 
+    def _unexpected(self, doing: str, what: str) -> SinkUnusable:
+        return SinkUnusable(
+            f"redis sink at {self.where}: the answer to {doing} is not a Redis answer ({what}): "
+            "is sink.url a Redis server (and nothing between rewriting its replies)?"
+        )
+
     async def _call(self, doing: str, awaitable: Awaitable[T], key: str = "") -> T:
         try:
             return await awaitable
-        except (TimeoutError, RedisError, OSError) as exc:
+        except Exception as exc:  # the connection's, the server's, or a reply no parser took
             raise self._failure(exc, doing, key) from None
 
     # --- scripts and checks -------------------------------------------------------------------
@@ -864,7 +902,7 @@ class RedisSink(PlainSink):
             found = await client.config_get("proto-max-bulk-len")
         except ResponseError:
             return None  # a user without CONFIG (as it should be), a managed server
-        except (TimeoutError, RedisError, OSError) as exc:
+        except Exception as exc:
             raise self._failure(exc, "CONFIG GET") from None
         for value in found.values():
             try:
@@ -879,7 +917,7 @@ class RedisSink(PlainSink):
             found = await client.config_get(name)
         except ResponseError:
             return None
-        except (TimeoutError, RedisError, OSError) as exc:
+        except Exception as exc:
             raise self._failure(exc, "CONFIG GET") from None
         for value in found.values():
             return prefix(value.decode("utf-8", "replace") if isinstance(value, bytes)
@@ -900,7 +938,7 @@ class RedisSink(PlainSink):
                 info |= await client.info(section)
             except ResponseError:
                 continue
-            except (TimeoutError, RedisError, OSError) as exc:
+            except Exception as exc:
                 raise self._failure(exc, "INFO") from None
         policy = info.get("maxmemory_policy")
         aof = info.get("aof_enabled")
@@ -923,6 +961,9 @@ class RedisSink(PlainSink):
         lost = persistence_risk(d)
         if lost is not None:
             warnings.append(lost)
+        trimmed = maxlen_risk(self.settings.maxlen)
+        if trimmed is not None:
+            warnings.append(trimmed)
         for why in warnings if logged else ():
             log.warning("redis sink: check the server", server=self.where, warning=why)
         return warnings
@@ -945,10 +986,13 @@ class RedisSink(PlainSink):
         sha = await self._call("SCRIPT LOAD", client.script_load(PROBE_SCRIPT))
         probe = client.evalsha(sha, 2, key, guard_key(key, "preflight"))
         reply: list[Any] = await self._call("EVALSHA", probe, key)
-        kind, length, xadd, set_, exists = (
-            v.decode("utf-8", "replace") if isinstance(v, bytes) else v for v in reply
-        )
-        return _Probe(str(kind), int(length), str(xadd), str(set_), str(exists))
+        try:
+            kind, length, xadd, set_, exists = (
+                v.decode("utf-8", "replace") if isinstance(v, bytes) else v for v in reply
+            )
+            return _Probe(str(kind), int(length), str(xadd), str(set_), str(exists))
+        except (TypeError, ValueError) as exc:  # not the probe script's five values
+            raise self._unexpected("EVALSHA (probe)", self._text(exc)) from None
 
     def _judge(self, key: str, probe: _Probe, *, opening: bool = False) -> str | None:
         """Raise SinkUnusable for what an operator must fix; return a transient condition's
@@ -1028,12 +1072,13 @@ class RedisSink(PlainSink):
         facts: dict[str, str] = {}
         try:
             who = await client.acl_whoami()
-            facts["user"] = prefix(who.decode() if isinstance(who, bytes) else str(who), 64)
-        except RedisError:  # Redis < 6, or not allowed
+            facts["user"] = prefix(who.decode("utf-8", "replace") if isinstance(who, bytes)
+                                   else str(who), 64)  # fmt: skip
+        except Exception:  # Redis < 6, or not allowed (or a reply no parser took)
             pass
         try:
             info = await client.info("server")
-        except RedisError:
+        except Exception:
             return facts
         if "redis_version" in info:
             facts["redis_version"] = prefix(str(info["redis_version"]), 40)
@@ -1081,5 +1126,5 @@ async def _close(client: Redis, seconds: float) -> None:
     try:
         async with asyncio.timeout(seconds):
             await client.aclose()
-    except (RedisError, OSError, TimeoutError) as exc:
+    except Exception as exc:
         log.warning("redis sink: closing the connections failed", error=type(exc).__name__)

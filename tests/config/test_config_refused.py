@@ -285,6 +285,71 @@ def test_a_python_target_whose_module_fails_to_import(
     )
 
 
+EXITS_AT_IMPORT = [
+    (
+        "import os, sys\nTOKEN = os.environ.get('DOWNSTREAM_TOKEN_NEVER_SET') or sys.exit(0)\n",
+        "SystemExit: 0",
+    ),
+    (
+        "import sys\nsys.exit('DOWNSTREAM_TOKEN is not set')\n",
+        "SystemExit: DOWNSTREAM_TOKEN is not",
+    ),
+    ("class Abort(BaseException):\n    pass\nraise Abort('gave up at import')\n", "Abort: gave up"),
+]
+
+
+@pytest.mark.parametrize(("source", "says"), EXITS_AT_IMPORT, ids=["exit-0", "exit-text", "base"])
+@pytest.mark.parametrize("command", ["check-config", "run"])
+def test_a_python_target_whose_module_exits_at_import(
+    tmp_path: Path, source: str, says: str, command: str
+) -> None:
+    """resolve() caught Exception only: sys.exit() at import (the "required variable missing"
+    idiom) or another BaseException went through the validator: check-config and run exited 0
+    (sys.exit(0): systemd's "stopped on request", the daemon left down, nothing said) or 1 with
+    a bare message naming no key."""
+    (tmp_path / "exiting_target.py").write_text(source + "\nasync def handle(s, e):\n    pass\n")
+    config = write(tmp_path, base() + '[sink]\ntype = "python"\ntarget = "exiting_target:handle"\n')
+    refused(
+        command,
+        "--config",
+        str(config),
+        says=(f"sink.target: importing module 'exiting_target' failed: {says}",),
+    )
+
+
+def test_transient_exceptions_whose_module_exits_at_import(tmp_path: Path) -> None:
+    (tmp_path / "exiting_errors.py").write_text("import sys\nsys.exit(3)\n")
+    config = write(
+        tmp_path,
+        base()
+        + '[sink]\ntype = "python"\ntarget = "pysink_ok:handle"\n'
+        + 'transient_exceptions = ["exiting_errors.Busy"]\n',
+    )
+    (tmp_path / "pysink_ok.py").write_text("async def handle(s, e):\n    pass\n")
+    refused(
+        "check-config",
+        "--config",
+        str(config),
+        says=(
+            "sink.transient_exceptions",
+            "importing module 'exiting_errors' failed: SystemExit: 3",
+        ),
+    )
+
+
+def test_a_keyboard_interrupt_while_importing_goes_through(tmp_path: Path) -> None:
+    """^C while a slow module imports is the operator's: it stops the command, as anywhere."""
+    from consumer.config.settings import resolve
+
+    (tmp_path / "interrupted_target.py").write_text("raise KeyboardInterrupt\n")
+    sys.path.append(str(tmp_path))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            resolve("interrupted_target:handle")
+    finally:
+        sys.path.remove(str(tmp_path))
+
+
 def test_a_python_sink_built_in_code_says_which_target_failed(tmp_path: Path) -> None:
     from consumer.config import PythonSinkSettings
     from consumer.errors import ConfigError

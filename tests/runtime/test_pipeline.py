@@ -1136,13 +1136,18 @@ class ExitsOnPoison(FakeSink):
         await super().write(stream, events)
 
 
-@pytest.mark.parametrize("make", [lambda: SystemExit(0), lambda: Boom("gave up")])
+@pytest.mark.parametrize(
+    "make",
+    [lambda: SystemExit(0), lambda: Boom("gave up"), GeneratorExit],
+    ids=["system-exit", "boom", "generator-exit"],
+)
 async def test_a_base_exception_of_a_sink_dead_letters_its_event_not_the_worker(
     tmp_path: Path, make: Any
 ) -> None:
     """The workers caught Exception (and CancelledError) only: a SystemExit out of a worker
     task ends the event loop (the process exits with its code, 0 for sys.exit()), any other
-    BaseException ends the worker and the daemon with it."""
+    BaseException ends the worker and the daemon with it. A GeneratorExit a sink raised was
+    let through as the worker's coroutine being closed (which it is only when thrown in)."""
     sink = ExitsOnPoison(make)
     events = [ev(i, key="same") for i in range(8)]
     async with harness(tmp_path, sink, workers=2, start=False) as (store, committer, pipeline):

@@ -5,9 +5,17 @@ expect: it left write() as a plain exception, which the pipeline takes for the e
 so every event answered so was dead-lettered as "unprocessable". Whatever reading the answer
 raises is SinkUnusable, as documented (the daemon stops; nothing is checkpointed). The answer
 is read with orjson, whose depth limit is a decode error, not a RecursionError (which, the
-reviewer found, can also leave CPython 3.11 failing later compiles in the same process)."""
+reviewer found, can also leave CPython 3.11 failing later compiles in the same process).
+
+The server's INFO is as hostile: its ``max_payload`` was used unchecked (0 dead-lettered every
+event for the server's fault; null or a string raised a TypeError at open)."""
 
 from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import AsyncIterator
 
 import nats
 import pytest
@@ -15,7 +23,7 @@ from bus_events import event
 from nats_server import NatsServer
 
 from consumer.config import NatsSinkSettings
-from consumer.errors import SinkUnusable
+from consumer.errors import PermanentSinkError, SinkUnusable
 from consumer.sinks.nats import NatsSink
 
 
@@ -53,4 +61,95 @@ async def test_an_answer_that_is_no_acknowledgement_makes_the_sink_unusable(
     finally:
         await impostor.close()
         await sink.close()
+    assert await nats_server.message_count() == 1
+
+
+class InfoRewriter:
+    """A TCP proxy on 127.0.0.1 to a real nats-server that rewrites max_payload in the INFO
+    line each connection starts with."""
+
+    def __init__(self, target: NatsServer, max_payload: bytes) -> None:
+        self.target, self.max_payload = target, max_payload
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    @contextlib.asynccontextmanager
+    async def listening(self) -> AsyncIterator[str]:
+        server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        try:
+            yield f"nats://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        finally:
+            server.close()
+            for task in self.tasks:
+                task.cancel()
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+            await server.wait_closed()
+
+    def _accept(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        task = asyncio.ensure_future(self._serve(cr, cw))
+        self.tasks.add(task)
+
+    async def _serve(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        try:
+            sr, sw = await asyncio.open_connection(self.target.host, self.target.port)
+        except OSError:
+            cw.close()
+            return
+        try:
+            info = await sr.readline()
+            cw.write(re.sub(rb'"max_payload":\s*-?\d+', b'"max_payload":' + self.max_payload, info))
+            await asyncio.gather(_pipe(cr, sw), _pipe(sr, cw))
+        finally:
+            sw.close()
+            cw.close()
+
+
+async def _pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(OSError):
+        while data := await r.read(65536):
+            w.write(data)
+            await w.drain()
+    w.close()
+
+
+@pytest.mark.parametrize(
+    "max_payload",
+    [b"0", b"-1", b"100", b"null", b'"1048576"', b"true", b"[]"],
+    ids=["zero", "minus-one", "below-the-headers", "null", "a-string", "a-boolean", "a-list"],
+)
+async def test_a_max_payload_no_message_fits_makes_the_sink_unusable_at_open(
+    nats_server: NatsServer, max_payload: bytes
+) -> None:
+    """The server's INFO max_payload was taken at its word: 0 (or anything below the headers'
+    size) let open() succeed (the JetStream API requests have empty bodies) and made every
+    event a PermanentSinkError: the whole stream dead-lettered for the server's fault. null or
+    a string raised a raw TypeError at open, -1 failed each request."""
+    await nats_server.add_stream("OPERA", ["opera.>"], duplicate_window=86400)
+    async with InfoRewriter(nats_server, max_payload).listening() as url:
+        settings = NatsSinkSettings.model_validate(
+            {"type": "nats", "servers": [url], "timeout_s": 5.0, "on_start": "must-exist"}
+        )
+        sink = NatsSink(settings, {"main": "DEMO"})
+        with pytest.raises(SinkUnusable, match="announces max_payload") as caught:
+            await sink.open(None)
+        assert url in str(caught.value)
+        with pytest.raises(SinkUnusable, match="announces max_payload"):
+            await sink.preflight()
+    assert await nats_server.message_count() == 0
+
+
+async def test_the_servers_own_max_payload_is_kept(nats_server: NatsServer) -> None:
+    """A limit a message fits in is taken as announced (an event above it is the event's)."""
+    await nats_server.add_stream("OPERA", ["opera.>"], duplicate_window=86400)
+    async with InfoRewriter(nats_server, b"4096").listening() as url:
+        settings = NatsSinkSettings.model_validate(
+            {"type": "nats", "servers": [url], "timeout_s": 5.0, "on_start": "must-exist"}
+        )
+        sink = NatsSink(settings, {"main": "DEMO"})
+        await sink.open(None)
+        try:
+            await sink.write("main", [event(1)])
+            with pytest.raises(PermanentSinkError, match="max_payload of 4096 bytes"):
+                await sink.write("main", [event(2, detail="x" * 5000)])
+        finally:
+            await sink.close()
     assert await nats_server.message_count() == 1

@@ -6,11 +6,12 @@ status is the daemon's)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import sqlite3
 import sys
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from support import (
 
 from consumer.config import PythonSinkSettings
 from consumer.errors import ExitCode, PermanentSinkError, TransientSinkError
+from consumer.sinks import python as python_sink
 from consumer.sinks.python import PythonSink
 
 pytestmark = pytest.mark.usefixtures("fresh_pysink", "contained_logging")
@@ -78,24 +80,35 @@ async def outcome(coro: Coroutine[Any, Any, None]) -> BaseException | None:
         (lambda: SystemExit(0), "SystemExit: 0"),
         (lambda: SystemExit("fatal: giving up"), "SystemExit: fatal: giving up"),
         (lambda: Boom("handler gave up"), "Boom: handler gave up"),
-        (GeneratorExit, None),
+        (GeneratorExit, "GeneratorExit: "),
     ],
 )
 async def test_a_handlers_base_exception_is_its_events_permanent_failure(
-    make: Callable[[], BaseException], said: str | None
+    make: Callable[[], BaseException], said: str
 ) -> None:
     """sys.exit() or a BaseException of a library's own went through write() (which caught
     Exception only): out of the worker task, it ended the daemon (or the event loop itself).
-    GeneratorExit is the worker's coroutine being closed: it goes through."""
+    A GeneratorExit the handler raised went through as if the worker's coroutine were being
+    closed: the worker died, the daemon stopped (70), each restart replayed the event into it."""
     ev = event(1)
     pysink.ON_EVENT[ev.unique_event_id] = raising(make)
     got = await outcome(sink().write("main", [ev]))
-    if said is None:
-        assert isinstance(got, GeneratorExit)
-        return
     assert isinstance(got, PermanentSinkError), repr(got)
     assert got.unique_event_id == ev.unique_event_id
     assert str(got) == said
+
+
+async def test_closing_the_coroutine_of_a_write_still_closes_it() -> None:
+    """The GeneratorExit that close() throws into a suspended write (its task collected, the
+    loop going away) goes through: caught, the coroutine would refuse to close."""
+    ev = event(1)
+    pysink.ON_EVENT[ev.unique_event_id] = asyncio.Event().wait  # suspended until closed
+    task = asyncio.create_task(sink().write("main", [ev]))
+    await wait_until(lambda: pysink.CALLS[0] == 1, timeout=5)
+    task.get_coro().close()  # from another task, as a finalizer would: raises if refused
+    task.cancel()
+    await asyncio.wait([task], timeout=5)
+    assert task.done()
 
 
 async def test_a_handlers_keyboard_interrupt_goes_through() -> None:
@@ -168,6 +181,50 @@ async def test_an_awaitable_the_handler_returns_is_awaited() -> None:
     assert pysink.delivered_ids() == [ok.unique_event_id]
     got = await outcome(s.write("main", [bad]))
     assert isinstance(got, PermanentSinkError) and got.unique_event_id == bad.unique_event_id
+
+
+class Itself:
+    """Awaits to itself without suspending, as a redis.asyncio.Redis client (initialize() a
+    no-op once done) or an asyncpg pool does; gives up after many awaits (the sink looped on
+    it for ever, the event loop frozen: this test would never end)."""
+
+    def __init__(self) -> None:
+        self.awaited = 0
+
+    def __await__(self) -> Generator[Any, None, Itself]:
+        self.awaited += 1
+        if self.awaited > 1000:
+            raise RuntimeError("awaited for ever")
+        return self
+        yield  # a generator: awaiting it runs the above, never suspending
+
+
+class Chain:
+    """Awaits to another awaitable, for ever."""
+
+    awaited = 0
+
+    def __await__(self) -> Generator[Any, None, Chain]:
+        Chain.awaited += 1
+        if Chain.awaited > 1000:
+            raise RuntimeError("awaited for ever")
+        return Chain()
+        yield
+
+
+@pytest.mark.parametrize("make", [Itself, Chain], ids=["itself", "a-chain"])
+async def test_an_awaitable_that_awaits_to_itself_is_the_handlers_error(make: type) -> None:
+    """`while inspect.isawaitable(result): result = await result` never ended for an object
+    awaiting to itself (say, `return self.redis`): without suspending, it froze the event
+    loop: timeout_s could not fire, SIGTERM was not handled, every stream stopped."""
+    ev = event(1)
+    returned = pysink.RETURNS[0] = make()
+    got = await outcome(sink(target="pysink:returning").write("main", [ev]))
+    assert isinstance(got, PermanentSinkError), repr(got)
+    assert got.unique_event_id == ev.unique_event_id
+    assert f"the handler returned an object of type {make.__name__}, an awaitable" in str(got)
+    awaits = returned.awaited if isinstance(returned, Itself) else Chain.awaited
+    assert 1 <= awaits <= python_sink.AWAITS
 
 
 async def test_a_handlers_own_cancelled_error_is_transient() -> None:
@@ -274,6 +331,12 @@ async def handle(stream, events):
             raise KeyboardInterrupt
         if what == "boom":
             raise Boom("handler gave up")
+        if what == "generator-exit":  # e.g. a generator's .throw(GeneratorExit) gone through
+            raise GeneratorExit
+        if what == "client":  # `return self.redis`: awaiting it gives it back, synchronously
+            import redis.asyncio
+
+            return redis.asyncio.Redis(host="127.0.0.1", port=9)  # never connects
         if what == "exit-elsewhere":  # in a task of the handler's own: not the sink's call
             KEEP.add(asyncio.get_running_loop().create_task(_exit()))
     with OUT.open("a") as f:
@@ -343,6 +406,48 @@ async def test_sys_exit_in_a_handler_dead_letters_its_event_and_the_daemon_runs_
     assert errors[truth[5]] == "SystemExit: 0"
     assert errors[truth[12]].startswith("KeyboardInterrupt")
     assert errors[truth[20]] == "Boom: handler gave up"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="signals")
+async def test_a_handlers_generator_exit_or_self_awaiting_return_dead_letters_its_event(
+    sandbox_factory: Any, tmp_path: Path
+) -> None:
+    """A GeneratorExit the handler raised was taken for the worker's coroutine being closed:
+    the worker died, the daemon stopped (70), every restart replayed the event into the same
+    stop. A redis client returned (awaiting it gives it back, without suspending) froze the
+    event loop: no stream moved, SIGTERM went unanswered, only kill -9 ended it."""
+    gw = await sandbox_factory(backlog=30)
+    truth = truth_ids(gw.events("DEMO"))
+    culprits = {truth[5]: "generator-exit", truth[12]: "client"}
+    proc, log = spawn(tmp_path, gw.url, culprits)
+    try:
+        with contextlib.suppress(TimeoutError):  # frozen: said below
+            await wait_until(
+                lambda: (
+                    proc.poll() is not None
+                    or (len(delivered(tmp_path)) >= len(truth) - 2 and len(dead(tmp_path)) == 2)
+                ),
+                timeout=60,
+            )
+        alive = proc.poll() is None
+        proc.terminate()
+        try:
+            code: int | None = await wait_exit(proc, 15)
+        except TimeoutError:
+            code = None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            await wait_exit(proc)
+    assert alive, f"the daemon ended by itself:\n{tail(log)}"
+    assert code == ExitCode.OK, f"SIGTERM unanswered ({code}):\n{tail(log)}"
+    assert dead(tmp_path) == {truth[5]: "sink_rejected", truth[12]: "sink_rejected"}
+    assert sorted(delivered(tmp_path)) == sorted(set(truth) - set(culprits))
+    errors = {r["unique_event_id"]: r["error"] for r in log_records(log, "event dead-lettered")}
+    assert errors[truth[5]] == "GeneratorExit: "
+    assert errors[truth[12]].startswith(
+        "the handler returned an object of type Redis, an awaitable that awaits to itself"
+    )
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="signals")

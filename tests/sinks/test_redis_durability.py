@@ -115,6 +115,39 @@ async def test_preflight_reports_eviction_and_persistence(
     assert bare.length(KEY) == 0
 
 
+async def test_maxlen_is_warned_about_at_open_and_in_preflight(
+    redis_factory: Callable[..., RedisServer],
+) -> None:
+    """MAXLEN trims the oldest entries, read or not, and they were checkpointed: like NATS's
+    max_msgs with discard old, said at open and by preflight (it was not)."""
+    server = redis_factory(appendonly=True)
+    trimmed = RedisSink(settings(server.url(), maxlen=1000), CHAINS)
+    with captured_logs() as logs:
+        await _open_close(trimmed)
+    said = warnings(logs)
+    assert "sink.maxlen = 1000 trims each stream" in said and "read or not" in said, said
+    line = await trimmed.preflight()
+    assert "; WARNING: " in line and "sink.maxlen = 1000 trims each stream" in line, line
+    untrimmed = RedisSink(settings(server.url()), CHAINS)
+    with captured_logs() as logs:
+        await _open_close(untrimmed)
+    assert "maxlen" not in warnings(logs)
+    assert "WARNING" not in await untrimmed.preflight()
+
+
+def test_the_servers_repr_holds_no_secret() -> None:
+    """Server (the connection's arguments) held the password in kwargs, shown by the default
+    repr (a log of the sink's attributes, a traceback's locals)."""
+    url = f"redis://opera:{PASSWORD}@127.0.0.1:6379/0"
+    for sink in (
+        RedisSink(settings(url), CHAINS),
+        RedisSink(settings("redis://127.0.0.1:6379/0", password=PASSWORD), CHAINS),
+    ):
+        shown = repr(sink.server)
+        assert PASSWORD not in shown and "127.0.0.1:6379/0" in shown, shown
+        assert sink.server.kwargs["password"] == PASSWORD
+
+
 async def _connections(server: RedisServer) -> int:
     async with server.client() as r:
         return int((await r.info("stats"))["total_connections_received"])
