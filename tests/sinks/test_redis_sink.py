@@ -164,17 +164,17 @@ async def test_adds_entries_with_the_document_and_fields_and_a_replay_adds_nothi
             guard = guard_key(KEY, ev.unique_event_id)
             assert (await r.get(guard)) == entry_id.encode()  # the guard names its entry
             assert 3_590_000 < await r.pttl(guard) <= 3_600_000
-    assert sink.counters() == {"redis_added": 30, "redis_duplicates": 0}
+    assert sink.counters() == {"redis_added": 30, "redis_duplicates": 0, "redis_wait_refused": 0}
 
     # A replay (a crash before the checkpoint, say): nothing added, counted as duplicates.
     await sink.write("main", [*events[10:], event(30)])
     assert redis_server.length(KEY) == 31
-    assert sink.counters() == {"redis_added": 31, "redis_duplicates": 20}
+    assert sink.counters() == {"redis_added": 31, "redis_duplicates": 20, "redis_wait_refused": 0}
     # ... nor by another sink instance (a restarted daemon).
     again = await opened()
     await again.write("main", events)
     assert redis_server.length(KEY) == 31
-    assert again.counters() == {"redis_added": 0, "redis_duplicates": 30}
+    assert again.counters() == {"redis_added": 0, "redis_duplicates": 30, "redis_wait_refused": 0}
     assert await assert_every_guard_has_its_entry(redis_server) == 31
 
 
@@ -271,7 +271,7 @@ async def test_a_wrongtype_key_midway_leaves_no_guard_without_its_entry(
     for hotel in range(5):
         ids = event_ids(redis_server.entries(f"opera:DEMO:H{hotel}"))
         assert ids == [e.unique_event_id for e in events if e.hotel_id == f"H{hotel}"]
-    assert sink.counters() == {"redis_added": 50, "redis_duplicates": 40}
+    assert sink.counters() == {"redis_added": 50, "redis_duplicates": 40, "redis_wait_refused": 0}
 
 
 async def test_the_server_killed_midway_through_a_batch_leaves_no_guard_without_its_entry(
@@ -347,7 +347,7 @@ async def test_a_refused_event_holds_back_the_later_events_of_its_key(
             await admin.acl_setuser("opera", keys=["~opera:*"], reset_keys=True)
         await sink.write("main", events)  # the replay after the restart
         assert order_by_key(server) == arrival_by_key(events)
-        assert sink.counters() == {"redis_added": 9, "redis_duplicates": 4}
+        assert sink.counters() == {"redis_added": 9, "redis_duplicates": 4, "redis_wait_refused": 0}
     finally:
         await sink.close()
 
@@ -488,7 +488,7 @@ async def test_busy_replies_to_part_of_a_pipeline_keep_each_keys_order(
             await spinner.aclose()
             await watcher.aclose()
     assert order_by_key(redis_server) == arrival_by_key(events)
-    assert sink.counters() == {"redis_added": 40, "redis_duplicates": 0}
+    assert sink.counters() == {"redis_added": 40, "redis_duplicates": 0, "redis_wait_refused": 0}
 
 
 # --- failures -------------------------------------------------------------------------------
@@ -594,7 +594,7 @@ async def test_a_lost_script_is_loaded_again(
         await r.script_flush()
     await sink.write("main", [event(i) for i in range(10)])
     assert event_ids(redis_server.entries(KEY)) == [f"u{i:05d}" for i in range(10)]
-    assert sink.counters() == {"redis_added": 10, "redis_duplicates": 1}
+    assert sink.counters() == {"redis_added": 10, "redis_duplicates": 1, "redis_wait_refused": 0}
 
 
 async def test_an_event_too_large_is_dead_lettered_alone(
