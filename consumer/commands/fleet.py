@@ -94,7 +94,7 @@ def _held(lease: LeaseView | None, now: float) -> bool:
 
 
 def _member_state(m: MemberRow, now: float) -> str:
-    if m.expires_at <= now:
+    if not m.live_at(now):
         return "gone"
     return "draining" if m.draining else "live"
 
@@ -104,7 +104,7 @@ def _age(now: float, then: float | None) -> float | None:
 
 
 def member_rows(settings: Settings, view: FleetView, now: float) -> list[dict[str, Any]]:
-    live = [m.as_member() for m in view.members if m.expires_at > now]
+    live = [m.as_member() for m in view.members if m.live_at(now)]
     streams = len(settings.streams)
     rows: list[dict[str, Any]] = []
     for m in view.members:
@@ -226,7 +226,7 @@ async def forget(settings: Settings, member: str) -> int:
     require_fleet(settings)
     read = await _read(settings)
     row = next((m for m in read.view.members if m.member == member), None)
-    if row is not None and row.expires_at > read.now:
+    if row is not None and row.live_at(read.now):
         raise OperatorRefused(
             f"fleet member {member!r} is live (heartbeat "
             f"{_age(read.now, row.heartbeat_at)} s ago): stop it first, or `fleet drain` it"
@@ -310,7 +310,7 @@ def _drain_story(
             "it keeps running and heartbeating, and stays drained if restarted under this "
             f"name; `opera-consumer fleet drain {member} --undo` gives it a share again"
         )
-    if row is not None and row.expires_at <= now:
+    if row is not None and not row.live_at(now):
         lines.append(
             f"note: member {member} has no live heartbeat (last {now - row.heartbeat_at:.0f} s "
             "ago): the flag applies if it comes back under this name"

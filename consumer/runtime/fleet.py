@@ -319,6 +319,18 @@ class Fleet:
         ]
         odd += [
             (
+                "expiry",
+                m.member,
+                "a fleet member's row expires at a time no member's heartbeat sets (not a "
+                "finite number, or more than twice the largest lease_ttl_s ahead): it counts "
+                "as gone, in no member's shares; `fleet forget` removes it",
+                {"member": printable(m.member, 200), "expires_at": printable(m.expires_at, 40)},
+            )
+            for m in view.members
+            if not m.expiry_ok(view.now)
+        ]
+        odd += [
+            (
                 "epoch",
                 lease.stream,
                 "a stream's lease row is at the largest epoch: no member can take it; delete "

@@ -37,7 +37,7 @@ from typing import Any
 import asyncpg
 
 from ..config import StateSettings
-from ..config.settings import MAX_FLEET_WEIGHT
+from ..config.settings import MAX_FLEET_WEIGHT, MAX_LEASE_TTL_S
 from ..core.assignment import TOP_EPOCH, LeaseView, Member
 from ..errors import LeaseHeld
 from ..pg_target import Target
@@ -53,6 +53,13 @@ _LOCKED = (
     "ON l.stream = h.stream AND l.epoch = h.epoch WHERE l.holder = {holder} "
     "ORDER BY l.stream FOR NO KEY UPDATE OF l)"
 )
+# A member's heartbeat writes expires_at = now + lease_ttl_s (at most MAX_LEASE_TTL_S), on the
+# database's clock. A row further ahead than this (Infinity, NaN, a year), is no live member's:
+# it counts as expired, or it would be live for ever (its weight in every share, and `fleet
+# forget` refusing it).
+MAX_EXPIRY_AHEAD_S = 2 * MAX_LEASE_TTL_S
+# The same in SQL, where NaN sorts above every number: true for a row that counts as expired.
+_EXPIRED = "({e} <= {now} OR {e} > {now} + " + f"{MAX_EXPIRY_AHEAD_S:.1f})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +86,16 @@ class MemberRow:
         started_at = self.started_at if math.isfinite(self.started_at) else 0.0
         return Member(self.member, weight, self.draining, started_at)
 
+    def expiry_ok(self, now: float) -> bool:
+        """Whether the expiry is one a member writes: finite, at most
+        :data:`MAX_EXPIRY_AHEAD_S` after ``now`` (the database's clock)."""
+        return math.isfinite(self.expires_at) and self.expires_at <= now + MAX_EXPIRY_AHEAD_S
+
+    def live_at(self, now: float) -> bool:
+        """Heartbeat not expired at ``now``; an expiry no member writes (see
+        :meth:`expiry_ok`) counts as expired (NaN compares false either way)."""
+        return now < self.expires_at <= now + MAX_EXPIRY_AHEAD_S
+
 
 @dataclass(frozen=True, slots=True)
 class FleetView:
@@ -87,7 +104,7 @@ class FleetView:
     leases: dict[str, LeaseView]
 
     def live(self) -> list[MemberRow]:
-        return [m for m in self.members if m.expires_at > self.now]
+        return [m for m in self.members if m.live_at(self.now)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,8 +258,9 @@ class FleetTable:
             "weight = EXCLUDED.weight, heartbeat_at = EXCLUDED.heartbeat_at, "
             "expires_at = EXCLUDED.expires_at, started_at = EXCLUDED.started_at, "
             "instance = EXCLUDED.instance "
-            "WHERE m.instance IS NOT DISTINCT FROM EXCLUDED.instance "
-            "OR m.expires_at <= EXCLUDED.heartbeat_at RETURNING m.draining), "
+            "WHERE m.instance IS NOT DISTINCT FROM EXCLUDED.instance OR "
+            f"{_EXPIRED.format(e='m.expires_at', now='EXCLUDED.heartbeat_at')} "
+            "RETURNING m.draining), "
             f"{_LOCKED.format(s=s, streams='$7', epochs='$8', holder='$1')}, "
             f"renewed AS (UPDATE {s}.stream_leases l SET expires_at = t.now + $6 "
             "FROM t, locked WHERE l.stream = locked.stream AND EXISTS (SELECT 1 FROM hb) "
@@ -436,14 +454,16 @@ class FleetTable:
             raise
 
     async def forget(self, member: str, timeout_s: float) -> bool:
-        """Remove a gone member's row (its heartbeat expired, on the database's clock), with
-        its draining flag; False when there is no such row or it is live. A member that comes
-        back under the name later joins as a new one."""
+        """Remove a gone member's row (its heartbeat expired, on the database's clock, or an
+        expiry no member writes: see :data:`MAX_EXPIRY_AHEAD_S`), with its draining flag;
+        False when there is no such row or it is live. A member that comes back under the
+        name later joins as a new one."""
         status = await self._call(
             "forgetting a member",
             timeout_s,
             "execute",
-            f"DELETE FROM {self._s}.fleet_members WHERE member = $1 AND expires_at <= {NOW}",
+            f"WITH t AS (SELECT {NOW} AS now) DELETE FROM {self._s}.fleet_members USING t "
+            f"WHERE member = $1 AND {_EXPIRED.format(e='expires_at', now='t.now')}",
             member,
         )
         return str(status).rsplit(" ", 1)[-1] != "0"

@@ -408,6 +408,35 @@ async def test_fleet_forget_removes_a_gone_member_and_refuses_a_live_one(
     assert "no gone fleet member 'm3'" in err and "m1, m2" in err
 
 
+@pytest.mark.parametrize("expires", ["'Infinity'::float8", "'NaN'::float8", "n + 1e9"])
+async def test_fleet_forget_removes_a_row_expiring_when_no_heartbeat_sets(
+    fleet: Fleet, capsys: pytest.CaptureFixture[str], expires: str
+) -> None:
+    """A row expiring at Infinity (or a year ahead: no member's heartbeat sets that) was live
+    for ever: `fleet status` counted its weight in every share, and `fleet forget` refused
+    it ("is live"). It is gone, and forgotten."""
+    conn = await asyncpg.connect(fleet.dsn, timeout=10)
+    try:
+        await conn.execute(
+            f'INSERT INTO "{fleet.schema}".fleet_members (member, host, pid, weight, '
+            f"started_at, heartbeat_at, expires_at) SELECT 'ghost', 'h', 1, 1, 0, n, {expires} "
+            "FROM (SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8 AS n) t"
+        )
+    finally:
+        await conn.close()
+    cfg = ("--config", str(fleet.config))
+    code, out, err = await cli(capsys, "fleet", "status", "--json", *cfg)
+    assert code == 0, err
+    members = {m["member"]: m for m in json.loads(out)["members"]}
+    assert (members["ghost"]["state"], members["ghost"]["share"]) == ("gone", None)
+    assert (members["m1"]["share"], members["m2"]["share"]) == (2, 3)  # as without the ghost
+
+    code, out, err = await cli(capsys, "fleet", "forget", "ghost", *cfg)
+    assert code == 0, err
+    assert "forgot fleet member 'ghost'" in out
+    assert set(await fleet.flags()) == {"m1", "m2", "m3"}
+
+
 async def test_fleet_drain_unknown_member(fleet: Fleet, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = await cli(capsys, "fleet", "drain", "nope", "--config", str(fleet.config))
     assert code == 1

@@ -212,6 +212,59 @@ async def test_a_member_row_out_of_range_counts_as_weight_0(
     assert next(m for m in view.members if m.member == "a").weight_ok
 
 
+# Another process's member row expiring at $2 (SQL over n, the database's time now).
+EXPIRING = (
+    "INSERT INTO {q}.fleet_members (member, host, pid, weight, started_at, heartbeat_at, "
+    "expires_at, instance) SELECT $1, 'h', 1, 1, 0, n, {expires}, 'other' "
+    "FROM (SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8 AS n) t"
+)
+# Expiries no member's heartbeat sets (now + lease_ttl_s, at most 3600 s).
+NO_HEARTBEATS = ["'Infinity'::float8", "'NaN'::float8", "n + 1e9", "n + 7300"]
+
+
+@pytest.mark.parametrize("expires", NO_HEARTBEATS)
+async def test_a_member_row_expiring_when_no_heartbeat_sets_counts_as_gone(
+    env: Env, expires: str
+) -> None:
+    """A row expiring at Infinity (or a year ahead) was live for ever: its weight in every
+    member's share, and `fleet forget` refused it (PostgreSQL sorts NaN above every number:
+    a NaN row too). Beyond twice the largest lease_ttl_s ahead, it counts as expired; a row
+    at the largest lease_ttl_s ahead is live."""
+    a = env.member("a")
+    await a.tick({}, T)
+    await env.execute(EXPIRING.format(q=env.q, expires=expires), "odd")
+    await env.execute(EXPIRING.format(q=env.q, expires="n + 3600"), "far")
+    view = await a.view(T)
+    assert [m.member for m in view.live()] == ["a", "far"]
+    live = [m.as_member() for m in view.live()]
+    me = next(m for m in live if m.id == "a")
+    assert fair_share(me, live, 4) == 2  # "far" counts, "odd" does not
+    operator = FleetTable.for_operator(env.settings)
+    try:
+        assert await operator.forget("far", T) is False
+        assert await operator.forget("odd", T) is True
+    finally:
+        await operator.close()
+    assert [m.member for m in (await a.view(T)).members] == ["a", "far"]
+    odd = next(m for m in view.members if m.member == "odd")
+    assert not odd.expiry_ok(view.now) and not odd.live_at(view.now)
+    assert all(m.expiry_ok(view.now) for m in view.members if m.member != "odd")
+
+
+@pytest.mark.parametrize("expires", NO_HEARTBEATS)
+async def test_a_member_takes_its_names_row_back_from_an_expiry_no_heartbeat_sets(
+    env: Env, expires: str
+) -> None:
+    """A row in this member's name, of another process, expiring at Infinity: the member
+    waited for it to expire for ever (another live process, as far as it could tell)."""
+    await env.execute(EXPIRING.format(q=env.q, expires=expires), "a")
+    a = env.member("a", ttl=30.0)
+    renewal = await a.tick({}, T)
+    assert renewal.owned and renewal.holder is not None and renewal.holder.instance == "other"
+    [row] = (await a.view(T)).members
+    assert row.live_at(renewal.now) and row.expires_at == pytest.approx(renewal.now + 30.0)
+
+
 async def test_a_live_lease_is_not_taken_an_expired_one_is(env: Env) -> None:
     a = env.member("a", ttl=0.3)
     b = env.member("b", ttl=30.0)
