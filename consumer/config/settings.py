@@ -260,7 +260,8 @@ class SubscriptionSettings(_Model):
 
 # liveness_floor_s at least this many ping periods: one pong late or lost is not a dead link.
 LIVENESS_PINGS = 2.0
-MAX_BACKOFF_S = 3600.0  # backoff_initial_s and backoff_max_s at most
+MAX_BACKOFF_S = 3600.0  # backoff_initial_s, backoff_max_s and the lockout's waits at most
+OHIP_UPGRADE_LIMIT = 150  # OHIP (c_errors.htm): more than 150 upgrades in 2 minutes -> HTTP 429
 # Pings more often than this draw a warning unless the gateway is loopback (the sandbox, where
 # the tests scale them down): OHIP's gateway wants one every 15 s at least, not a flood.
 PING_WARNING_S = 1.0
@@ -314,16 +315,77 @@ class ConnectionSettings(_Model):
             "(default 60)",
         ),
     ] = 60.0
-    abnormal_min_s: float = Field(default=4.0, ge=0)
-    lockout_s: float = Field(default=120.0, ge=0)
-    lockout_jitter_s: float = Field(default=30.0, ge=0)
-    lockout_max_s: float = Field(default=480.0, ge=0)  # consecutive 4409s double the wait
-    rate_limited_s: float = Field(default=120.0, ge=0)
+    # The waits Oracle names (1006: 4 s; HTTP 429: 2 minutes; 4409: a lockout whose length is
+    # unconfirmed). The floors refuse 0 (an attempt at once into the close, lockout or rate
+    # limit the gateway just answered), not the tests' scaled timers; past an hour a stream
+    # stays down long after the gateway would take it again.
+    abnormal_min_s: Annotated[
+        float,
+        _within(
+            0.01,
+            MAX_BACKOFF_S,
+            why="the least wait after a connection lost without a close frame (1006; Oracle: "
+            "wait 4 s): less than 10 ms reconnects in a loop at OHIP's gateway, and more than "
+            "an hour leaves a stream down long after the link came back (default 4)",
+        ),
+    ] = 4.0
+    lockout_s: Annotated[
+        float,
+        _within(
+            0.1,
+            MAX_BACKOFF_S,
+            why="the wait after a 4409 (another consumer, or a session never completed): less "
+            "than 100 ms subscribes again into the lockout, and more than an hour leaves a "
+            "stream down long after the other consumer left (default 120)",
+        ),
+    ] = 120.0
+    lockout_jitter_s: Annotated[
+        float,
+        _within(
+            0,
+            MAX_BACKOFF_S,
+            why="added at random to the wait after a 4409: more than an hour leaves a stream "
+            "down long after the other consumer left (default 30)",
+        ),
+    ] = 30.0
+    # Consecutive 4409s double the wait up to this.
+    lockout_max_s: Annotated[
+        float,
+        _within(
+            0.1,
+            MAX_BACKOFF_S,
+            why="the longest wait after 4409s in a row: less than 100 ms subscribes again into "
+            "the lockout, and more than an hour leaves a stream down long after the other "
+            "consumer left (default 480)",
+        ),
+    ] = 480.0
+    rate_limited_s: Annotated[
+        float,
+        _within(
+            0.1,
+            MAX_BACKOFF_S,
+            why="the wait after HTTP 429 on the upgrade (Oracle: retry after 2 minutes): less "
+            "than 100 ms upgrades again into the rate limit the gateway just answered, and "
+            "more than an hour leaves a stream down long after it lifted (default 120)",
+        ),
+    ] = 120.0
     max_auth_failures: int = Field(default=3, ge=1)
     healthy_after_s: float = Field(default=60.0, ge=0)
     # OHIP: more than 150 upgrades in 2 minutes from one application key -> HTTP 429.
-    # Shared by every stream of the same app key (the first stream's values apply).
-    upgrade_limit: int = Field(default=140, ge=1)
+    # Shared by every stream of the same app key (the first stream's values apply). The
+    # ceiling: a larger limit (1e9) switched the budget off, and a reconnect loop then spent
+    # OHIP's own, whose 429s stop every stream of the key for minutes.
+    upgrade_limit: Annotated[
+        int,
+        _within(
+            1,
+            OHIP_UPGRADE_LIMIT,
+            unit="upgrades",
+            why="the upgrades one application key may make in upgrade_window_s: OHIP answers "
+            f"HTTP 429 to more than {OHIP_UPGRADE_LIMIT} in 2 minutes, and a larger budget lets "
+            "a reconnect loop reach that (default 140, with upgrade_window_s 120)",
+        ),
+    ] = 140
     upgrade_window_s: Annotated[
         float,
         _within(
@@ -415,6 +477,22 @@ class ConnectionSettings(_Model):
                     f"{self.backoff_max_s:g}): the backoff starts at backoff_initial_s and "
                     "doubles up to backoff_max_s",
                     "lower backoff_initial_s or raise backoff_max_s (defaults: 1 and 60)",
+                )
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _lockout_order(self) -> ConnectionSettings:
+        # The doubling starts at lockout_s: a ceiling below it was silently lockout_s, and a
+        # lockout_s raised alone (600 over the default 480) never escalated.
+        if self.lockout_max_s < self.lockout_s:
+            raise Problem(
+                (
+                    "lockout_max_s",
+                    f"is below lockout_s ({self.lockout_max_s:g} < {self.lockout_s:g}): the "
+                    "wait after a 4409 starts at lockout_s and doubles up to lockout_max_s",
+                    "raise lockout_max_s to at least lockout_s (equal: the wait never doubles), "
+                    "or lower lockout_s (defaults: 120 and 480)",
                 )
             )
         return self

@@ -3,7 +3,8 @@ naming the key, the sane range and the fix (check-config and run exit 78 before 
 intervals with no floor (a ping flood at OHIP's gateway), a liveness floor below the pings'
 period (a quiet stream reconnecting for ever), a retention shorter than OHIP's (ids needed for
 deduplication pruned), timeouts of the stop without a ceiling (a 300-digit request to
-systemd), a reconnect backoff of 0 (a loop of upgrades at the gateway) or beyond an hour, a
+systemd), a reconnect backoff of 0 (a loop of upgrades at the gateway) or beyond an hour, the
+waits after a 1006, a 4409 or a 429 of 0 or beyond an hour, an upgrade budget beyond OHIP's, a
 retention beyond a year and a lease beyond an hour, a jsonl sink in the state store's file, two
 streams that are one OHIP subscription, and a metrics address that is no address; pings under a
 second to a gateway off this host draw a warning."""
@@ -123,6 +124,9 @@ def test_the_tests_scaled_timers_stay_valid() -> None:
                     "complete_timeout_s": 0.1,
                     "backoff_initial_s": 0.01,  # tests/runtime/test_close_codes.py
                     "backoff_max_s": 0.05,
+                    "abnormal_min_s": 0.05,  # tests/e2e/test_poison.py
+                    "lockout_s": 0.4,  # tests/runtime/test_close_codes.py
+                    "upgrade_limit": 2,
                 }
             )
         },
@@ -176,6 +180,90 @@ async def test_run_refuses_a_zero_backoff_before_connecting(tmp_path: Path) -> N
 
     out = await run_refused(config, env())
     assert "streams.main.connection.backoff_initial_s: is below 0.01 s" in out
+
+
+# --- the waits Oracle names and the upgrade budget -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "bad", "says", "span"),
+    [
+        ("abnormal_min_s", "0", "is below 0.01 s", "0.01 to 3600 s"),
+        ("abnormal_min_s", "1e308", "is above 3600 s", "0.01 to 3600 s"),
+        ("lockout_s", "0", "is below 0.1 s", "0.1 to 3600 s"),
+        ("lockout_s", "1e308", "is above 3600 s", "0.1 to 3600 s"),
+        ("lockout_jitter_s", "1e308", "is above 3600 s", "0 to 3600 s"),
+        ("lockout_max_s", "0", "is below 0.1 s", "0.1 to 3600 s"),
+        ("lockout_max_s", "1e308", "is above 3600 s", "0.1 to 3600 s"),
+        ("rate_limited_s", "0", "is below 0.1 s", "0.1 to 3600 s"),
+        ("rate_limited_s", "0.001", "is below 0.1 s", "0.1 to 3600 s"),
+        ("rate_limited_s", "1e308", "is above 3600 s", "0.1 to 3600 s"),
+    ],
+)
+def test_a_wait_after_a_close_or_a_refusal_out_of_range_is_refused(
+    tmp_path: Path, key: str, bad: str, says: str, span: str
+) -> None:
+    """0 went straight back into the 1006, the 4409 lockout or the 429 the gateway had just
+    answered; 1e308 left the stream down for ever."""
+    # lockout_s and lockout_max_s at their floor, so the order check does not answer first.
+    other = {"lockout_s": "lockout_max_s = 3600", "lockout_max_s": "lockout_s = 0.1"}
+    text = stream() + f"\n[streams.main.connection]\n{key} = {bad}\n{other.get(key, '')}\n"
+    message = config_error(write(tmp_path, text))
+    assert f"streams.main.connection.{key}: {says}" in message, message
+    assert f"-> set it to {span}" in message, message
+    low = span.split(" to ", maxsplit=1)[0]
+    load_settings(write(tmp_path, text.replace(f"{key} = {bad}", f"{key} = {low}")))
+    load_settings(write(tmp_path, text.replace(f"{key} = {bad}", f"{key} = 3600")))
+
+
+def test_the_waits_say_what_oracle_asks() -> None:
+    for key, said in [
+        ("abnormal_min_s", "Oracle: wait 4 s"),
+        ("rate_limited_s", "Oracle: retry after 2 minutes"),
+        ("lockout_s", "subscribes again into the lockout"),
+    ]:
+        with pytest.raises(ValueError, match=said):
+            Settings(streams={"main": _stream_dict(connection={key: 0})})
+
+
+@pytest.mark.parametrize("bad", ["151", "1000000000", "1e9", "0"])
+def test_an_upgrade_limit_beyond_ohips_is_refused(tmp_path: Path, bad: str) -> None:
+    """OHIP answers 429 to more than 150 upgrades in 2 minutes from one application key: a
+    limit of 1e9 switched the budget off, and a reconnect loop spent OHIP's instead."""
+    message = config_error(write(tmp_path, with_key("connection", "upgrade_limit", bad)))
+    side = "below 1" if bad == "0" else "above 150"
+    assert f"streams.main.connection.upgrade_limit: is {side} upgrades: " in message, message
+    assert "HTTP 429 to more than 150 in 2 minutes" in message, message
+    assert "-> set it to 1 to 150 upgrades" in message, message
+    settings = load_settings(write(tmp_path, with_key("connection", "upgrade_limit", 150)))
+    assert settings.streams["main"].connection.upgrade_limit == 150
+
+
+def test_a_lockout_ceiling_below_the_lockout_is_refused_naming_both(tmp_path: Path) -> None:
+    """The doubling starts at lockout_s: a ceiling below it was silently lockout_s, and a
+    lockout_s raised alone (600, over the default ceiling of 480) never doubled."""
+    text = stream() + "\n[streams.main.connection]\nlockout_s = 600\n"
+    message = config_error(write(tmp_path, text))
+    assert "streams.main.connection.lockout_max_s: is below lockout_s (480 < 600)" in message
+    assert "raise lockout_max_s to at least lockout_s (equal: the wait never doubles)" in message
+    settings = load_settings(write(tmp_path, text + "lockout_max_s = 600\n"))  # equal: valid
+    assert settings.streams["main"].connection.lockout_max_s == 600
+
+
+async def test_run_refuses_a_zero_lockout_before_connecting(tmp_path: Path) -> None:
+    def config(url: str) -> Path:
+        text = stream().replace("https://gw.example.com", url)
+        return write(tmp_path, text + "\n[streams.main.connection]\nlockout_s = 0\n")
+
+    out = await run_refused(config, env())
+    assert "streams.main.connection.lockout_s: is below 0.1 s" in out
+
+
+def test_check_config_refuses_an_upgrade_limit_beyond_ohips(tmp_path: Path) -> None:
+    config = write(tmp_path, with_key("connection", "upgrade_limit", "1000000"))
+    checked = cli("check-config", "--config", str(config), env=env())
+    assert checked.returncode == ExitCode.CONFIG, checked.stderr
+    assert "streams.main.connection.upgrade_limit: is above 150 upgrades" in checked.stderr
 
 
 # --- ceilings: the state store's retention, the fleet's lease ------------------------------------
