@@ -660,6 +660,22 @@ class StreamSettings(_Model):
                     "set it to 10 (the default), or at least 1",
                 )
             )
+        c = self.connection
+        # OHIP counts upgrades over 2 minutes; a short window lets upgrade_limit come round
+        # again inside them (150 in 0.5 s: some 36,000 in 2 minutes, the budget switched off).
+        per_two_minutes = c.upgrade_limit * math.ceil(120 / c.upgrade_window_s)
+        if per_two_minutes > OHIP_UPGRADE_LIMIT and not is_loopback(
+            urlsplit(self.gateway_url).hostname
+        ):
+            found.append(
+                (
+                    "connection.upgrade_window_s",
+                    f"is {c.upgrade_window_s:g} s with upgrade_limit {c.upgrade_limit}: up to "
+                    f"{per_two_minutes} upgrades in 2 minutes, where OHIP answers HTTP 429 past "
+                    f"{OHIP_UPGRADE_LIMIT} (short windows are for the sandbox on this host)",
+                    "set upgrade_window_s to 120 (the default), or lower upgrade_limit",
+                )
+            )
         return found
 
 

@@ -344,6 +344,22 @@ def test_check_config_prints_the_ping_warning(tmp_path: Path) -> None:
     assert "warning: streams.main.connection.ping_interval_s: is 0.5 s, under 1 s" in checked.stderr
 
 
+def test_an_upgrade_window_short_enough_to_pass_ohips_limit_draws_a_warning(
+    tmp_path: Path,
+) -> None:
+    """OHIP answers 429 past 150 upgrades in 2 minutes: upgrade_limit 150 in a 0.5 s window
+    allows some 36,000; the budget is off. Loopback (the sandbox's tests) draws none."""
+    text = stream() + "\n[streams.main.connection]\nupgrade_window_s = 0.5\nupgrade_limit = 4\n"
+    warned = load_settings(write(tmp_path, text)).warnings()
+    assert [key for key, _, _ in warned] == ["streams.main.connection.upgrade_window_s"], warned
+    assert "up to 960 upgrades in 2 minutes" in warned[0][1], warned
+    assert "set upgrade_window_s to 120 (the default)" in warned[0][2]
+    wide = text.replace("upgrade_window_s = 0.5", "upgrade_window_s = 120")
+    assert load_settings(write(tmp_path, wide)).warnings() == []
+    local = text.replace("https://gw.example.com", "http://127.0.0.1:8080")
+    assert load_settings(write(tmp_path, local)).warnings() == []
+
+
 # --- liveness floor and ping interval ------------------------------------------------------------
 
 
