@@ -7,7 +7,8 @@ the fleet converges without talking:
   that are not draining (a draining member's share is 0). Shares add up to at least the
   number of streams, so whoever is over its share can always hand streams to someone under.
 * A member under its share takes free streams: never held, released, or with an expired
-  lease (a live lease is never taken, whoever holds it: its holder may be paused, and the
+  lease (or one expiring when no member's renewal sets: :data:`MAX_EXPIRY_AHEAD_S`; a live
+  lease is never taken, whoever holds it: its holder may be paused, and the
   epoch only fences what it commits, not what its sink already did).
 * A member over its share releases the surplus (gracefully, by the caller), and nothing else:
   one that is at its share stays, so a join moves only the streams it needs.
@@ -42,6 +43,23 @@ from dataclasses import dataclass, field, replace
 # The store's epochs are bigint: a lease at the largest cannot be taken again (its epoch + 1
 # overflows), so it counts as neither free nor starved (the runtime warns about it).
 TOP_EPOCH = 2**63 - 1
+# A member writes expires_at = now + lease_ttl_s on the database's clock, lease_ttl_s at most
+# 3600 s (the config's MAX_LEASE_TTL_S), in its member row and in each lease it holds. Another
+# process's row, or a manual edit, can say anything: an expiry further ahead than this
+# (Infinity, NaN, a year) is no live member's and counts as expired, or it would be held for
+# ever (a lease: its stream consumed by nobody; a member row: its weight in every share).
+MAX_EXPIRY_AHEAD_S = 7200.0
+
+
+def expiry_ok(expires_at: float, now: float) -> bool:
+    """An expiry a member writes: finite, at most :data:`MAX_EXPIRY_AHEAD_S` after ``now``."""
+    return math.isfinite(expires_at) and expires_at <= now + MAX_EXPIRY_AHEAD_S
+
+
+def live_until(expires_at: float, now: float) -> bool:
+    """Not expired at ``now``; an expiry no member writes (see :func:`expiry_ok`) counts as
+    expired (NaN compares false either way)."""
+    return now < expires_at <= now + MAX_EXPIRY_AHEAD_S
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +76,11 @@ class LeaseView:
     holder: str | None
     epoch: int
     expires_at: float  # the database's clock
+
+    def live_at(self, now: float) -> bool:
+        """Held at ``now``: a holder and an expiry ahead, one a member writes (a lease row
+        expiring at Infinity, held by a name no live member uses, is free to take)."""
+        return self.holder is not None and live_until(self.expires_at, now)
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,9 +205,9 @@ def _free(lease: LeaseView | None, me: str, now: float) -> bool:
     member name) is too."""
     if stuck(lease):
         return False
-    return lease is None or lease.holder in (None, me) or lease.expires_at <= now
+    return lease is None or lease.holder == me or not lease.live_at(now)
 
 
 def _unheld(lease: LeaseView | None, now: float) -> bool:
     """No live lease (a stream without a row has none)."""
-    return lease is None or lease.holder is None or lease.expires_at <= now
+    return lease is None or not lease.live_at(now)

@@ -37,8 +37,15 @@ from typing import Any
 import asyncpg
 
 from ..config import StateSettings
-from ..config.settings import MAX_FLEET_WEIGHT, MAX_LEASE_TTL_S
-from ..core.assignment import TOP_EPOCH, LeaseView, Member
+from ..config.settings import MAX_FLEET_WEIGHT
+from ..core.assignment import (
+    MAX_EXPIRY_AHEAD_S,
+    TOP_EPOCH,
+    LeaseView,
+    Member,
+    expiry_ok,
+    live_until,
+)
 from ..errors import LeaseHeld
 from ..pg_target import Target
 from .postgres import DRIVER_ERRORS, FLEET_MEMBER_APP, quote_ident, store_error, take_fleet_lock
@@ -53,12 +60,10 @@ _LOCKED = (
     "ON l.stream = h.stream AND l.epoch = h.epoch WHERE l.holder = {holder} "
     "ORDER BY l.stream FOR NO KEY UPDATE OF l)"
 )
-# A member's heartbeat writes expires_at = now + lease_ttl_s (at most MAX_LEASE_TTL_S), on the
-# database's clock. A row further ahead than this (Infinity, NaN, a year), is no live member's:
-# it counts as expired, or it would be live for ever (its weight in every share, and `fleet
-# forget` refusing it).
-MAX_EXPIRY_AHEAD_S = 2 * MAX_LEASE_TTL_S
-# The same in SQL, where NaN sorts above every number: true for a row that counts as expired.
+# A member row's or lease's expiry further ahead than MAX_EXPIRY_AHEAD_S (the core's: twice
+# the largest lease_ttl_s) is no live member's: it counts as expired (MemberRow.live_at,
+# LeaseView.live_at). The same in SQL, where NaN sorts above every number: true for a row that
+# counts as expired.
 _EXPIRED = "({e} <= {now} OR {e} > {now} + " + f"{MAX_EXPIRY_AHEAD_S:.1f})"
 
 
@@ -89,12 +94,12 @@ class MemberRow:
     def expiry_ok(self, now: float) -> bool:
         """Whether the expiry is one a member writes: finite, at most
         :data:`MAX_EXPIRY_AHEAD_S` after ``now`` (the database's clock)."""
-        return math.isfinite(self.expires_at) and self.expires_at <= now + MAX_EXPIRY_AHEAD_S
+        return expiry_ok(self.expires_at, now)
 
     def live_at(self, now: float) -> bool:
         """Heartbeat not expired at ``now``; an expiry no member writes (see
         :meth:`expiry_ok`) counts as expired (NaN compares false either way)."""
-        return now < self.expires_at <= now + MAX_EXPIRY_AHEAD_S
+        return live_until(self.expires_at, now)
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,8 +298,9 @@ class FleetTable:
         )
 
     async def acquire(self, streams: Iterable[str], timeout_s: float) -> list[Acquired]:
-        """Take these streams' leases where they are free, released, expired or already in
-        our name (a new epoch each time): one statement; the database settles races. A row
+        """Take these streams' leases where they are free, released, expired (or expiring
+        when no renewal sets: :data:`MAX_EXPIRY_AHEAD_S`) or already in our name (a new
+        epoch each time): one statement; the database settles races. A row
         at :data:`TOP_EPOCH` is passed by (its epoch cannot grow): the statement would fail,
         and no other stream be taken either. A stream without a row is not taken: see
         :meth:`join`."""
@@ -305,8 +311,9 @@ class FleetTable:
             "fetch",
             f"WITH t AS (SELECT {NOW} AS now), "
             f"old AS (SELECT stream, holder FROM {s}.stream_leases, t "
-            "WHERE stream = ANY($1::text[]) AND (holder IS NULL OR holder = $2 "
-            "OR expires_at <= t.now) AND epoch < $4 FOR UPDATE SKIP LOCKED) "
+            "WHERE stream = ANY($1::text[]) AND (holder IS NULL OR holder = $2 OR "
+            f"{_EXPIRED.format(e='expires_at', now='t.now')}) AND epoch < $4 "
+            "FOR UPDATE SKIP LOCKED) "
             f"UPDATE {s}.stream_leases l SET holder = $2, epoch = l.epoch + 1, "
             "acquired_at = t.now, expires_at = t.now + $3 FROM old, t "
             "WHERE l.stream = old.stream RETURNING l.stream, l.epoch, old.holder",
@@ -416,8 +423,10 @@ class FleetTable:
         Returns the rows' live holders instead (stream: member), holding nothing."""
         s, wanted = self._s, sorted(set(streams))
         rows = (
-            f"SELECT stream, holder, expires_at > {NOW} AS live FROM {s}.stream_leases "
-            "WHERE stream = ANY($1::text[]) ORDER BY stream FOR UPDATE"
+            f"WITH t AS (SELECT {NOW} AS now) SELECT stream, holder, "
+            f"NOT {_EXPIRED.format(e='expires_at', now='t.now')} AS live "
+            f"FROM {s}.stream_leases, t WHERE stream = ANY($1::text[]) "
+            "ORDER BY stream FOR UPDATE OF stream_leases"
         )
         try:
             async with asyncio.timeout(timeout_s), self._lock:

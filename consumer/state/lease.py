@@ -178,11 +178,7 @@ async def current_holder(settings: StateSettings, *, fleet: bool = False) -> dic
             view = await table.view(settings.timeout_s)
         finally:
             await table.close()
-        held = {
-            s: lv.holder
-            for s, lv in view.leases.items()
-            if lv.holder is not None and lv.expires_at > view.now
-        }
+        held = {s: lv.holder for s, lv in view.leases.items() if lv.live_at(view.now)}
         names = {str(h) for h in held.values()} | {m.member for m in view.live()}
         if not names:
             return None
@@ -202,11 +198,7 @@ def _fleet_in_the_way(
 ) -> dict[str, Any] | None:
     """The live holders of these streams' lease rows; ``fleet`` off (a single daemon's
     config on a fleet's schema, which the daemon refuses too), any live member or holder."""
-    held = {
-        s: str(lv.holder)
-        for s, lv in view.leases.items()
-        if lv.holder is not None and lv.expires_at > view.now
-    }
+    held = {s: str(lv.holder) for s, lv in view.leases.items() if lv.live_at(view.now)}
     busy = sorted(set(streams) & set(held))
     if busy:
         return {"member": ", ".join(sorted({held[s] for s in busy})), "streams": busy}

@@ -7,6 +7,7 @@ takeable at that moment; a release frees the lease at once).
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 
@@ -15,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from consumer.core.assignment import (
+    MAX_EXPIRY_AHEAD_S,
     TOP_EPOCH,
     LeaseView,
     Member,
@@ -262,6 +264,27 @@ def test_a_lease_at_the_top_epoch_is_neither_free_nor_starved() -> None:
     assert p.acquire == ("ok",)
     memory = observe(Memory(), [me], leases, ["top", "ok"], held=["ok"], now=NOW)
     assert memory.unheld_since == {}
+
+
+def test_a_lease_expiring_when_no_renewal_sets_is_free_unheld_and_no_stranger() -> None:
+    """A renewal sets now + lease_ttl_s (at most 3600 s): a lease row expiring at Infinity,
+    NaN or a year ahead (another process's row, a manual edit), held by a name no live
+    member uses, was held for ever: its stream consumed by nobody. A lease at the largest
+    lease_ttl_s ahead is a live one."""
+    me = Member("a", 1.0)
+    odd = {
+        f"odd{i}": LeaseView(f"odd{i}", "ghost", 7, expires)
+        for i, expires in enumerate([math.inf, math.nan, NOW + 1e9, NOW + MAX_EXPIRY_AHEAD_S + 1])
+    }
+    leases = {**odd, "real": LeaseView("real", "b", 3, NOW + 3600.0)}
+    streams = sorted(leases)
+    p = plan(me, [me], leases, streams, held=[], now=NOW)
+    assert sorted(p.acquire) == sorted(odd)
+    memory = observe(Memory(), [me], leases, streams, held=[], now=NOW)
+    assert sorted(memory.unheld_since) == sorted(odd)
+    assert strangers(leases, [], NOW) == ["real"]
+    assert [x.live_at(NOW) for x in leases.values()] == [False] * 4 + [True]
+    assert LeaseView("edge", "b", 3, NOW + MAX_EXPIRY_AHEAD_S).live_at(NOW)
 
 
 def test_a_member_under_its_share_with_nothing_free_takes_nothing() -> None:

@@ -37,3 +37,25 @@ async def test_a_member_row_expiring_when_no_heartbeat_sets_is_no_live_member(
     lines = records(logs)
     warned = [x for x in lines if "expires at a time no member's heartbeat sets" in x["event"]]
     assert [(x["member"], x["level"]) for x in warned] == [("ghost", "warning")]
+
+
+@pytest.mark.parametrize("expires", ["'Infinity'::float8", "'NaN'::float8", "n + 1e9"])
+async def test_a_lease_row_expiring_when_no_renewal_sets_is_taken(
+    env: Env,  # noqa: F811  # the fixture
+    expires: str,
+) -> None:
+    """A lease row held by a name no live member uses, expiring at Infinity (NaN, a year
+    ahead: a renewal sets now + lease_ttl_s): its stream was consumed by nobody, for ever.
+    It counts as expired: the member takes it, at a new epoch."""
+    await sql(
+        env.dsn,
+        "execute",
+        f'INSERT INTO "{env.schema}".stream_leases (stream, holder, epoch, expires_at) '
+        f"SELECT 'b', 'ghost', 5, {expires} "
+        "FROM (SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8 AS n) t",
+    )
+    fleet = env.member("m1")
+    env.run(fleet)
+    await wait_until(lambda: env.count("started") == 2, timeout=3 * TTL_S)
+    assert fleet.epochs["b"] == 6
+    assert await env.leases() == [("a", "m1", 1), ("b", "m1", 6)]

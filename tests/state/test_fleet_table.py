@@ -22,12 +22,14 @@ from pydantic import SecretStr
 
 import consumer.state.fleet as fleet_module
 from consumer.config import StateSettings
-from consumer.core.assignment import fair_share
+from consumer.config.settings import MAX_LEASE_TTL_S
+from consumer.core.assignment import MAX_EXPIRY_AHEAD_S, Member, fair_share, plan
 from consumer.core.records import CommitBatch, DeadLetter, Fence, Staged
 from consumer.core.watermark import Position
 from consumer.errors import Fenced
 from consumer.state import StateStore, open_store
 from consumer.state.fleet import Acquired, FleetTable, FleetView
+from consumer.state.lease import current_holder, in_the_way
 
 T = 10.0  # the timeout of each FleetTable call
 
@@ -281,6 +283,79 @@ async def test_a_live_lease_is_not_taken_an_expired_one_is(env: Env) -> None:
     assert view.leases["s"].expires_at > view.now + 20
     # and now a cannot take it back
     assert await a.acquire(["s"], T) == []
+
+
+# A lease row held by `holder`, at `epoch`, expiring at {expires} (SQL over n, the
+# database's time now): another process's row, or a manual edit.
+LEASED = (
+    "UPDATE {q}.stream_leases SET holder = $2, epoch = $3, expires_at = {expires} "
+    "FROM (SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8 AS n) t WHERE stream = $1"
+)
+
+
+def test_an_expiry_beyond_twice_the_largest_lease_ttl_is_no_members() -> None:
+    """The core's constant (it imports no configuration) is the configuration's rule."""
+    assert MAX_EXPIRY_AHEAD_S == 2 * MAX_LEASE_TTL_S
+
+
+@pytest.mark.parametrize("expires", NO_HEARTBEATS)
+async def test_a_lease_expiring_when_no_renewal_sets_is_taken_with_a_new_epoch(
+    env: Env, expires: str
+) -> None:
+    """A renewal sets now + lease_ttl_s (at most 3600 s). A lease row expiring at Infinity
+    (NaN, a year ahead), held by a name no live member uses, was never taken: its stream
+    consumed by nobody. It counts as expired: the plan and the acquire statement take it,
+    a new epoch fencing whoever held it. A lease at the largest lease_ttl_s ahead is live."""
+    a = env.member("a")
+    await a.join(["odd", "real"], T)
+    await env.execute(LEASED.format(q=env.q, expires=expires), "odd", "ghost", 5)
+    await env.execute(LEASED.format(q=env.q, expires="n + 3600"), "real", "b", 3)
+    await a.tick({}, T)
+    view = await a.view(T)
+    me = Member("a", 1.0)
+    assert plan(me, [me], view.leases, ["odd", "real"], held=[], now=view.now).acquire == ("odd",)
+    assert not view.leases["odd"].live_at(view.now) and view.leases["real"].live_at(view.now)
+
+    assert await a.acquire(["odd", "real"], T) == [Acquired("odd", 6, "ghost")]
+    view = await a.view(T)
+    odd, real = view.leases["odd"], view.leases["real"]
+    assert (odd.holder, odd.epoch) == ("a", 6)
+    assert view.now < odd.expires_at <= view.now + 30.0  # renewable: a's own now
+    assert (real.holder, real.epoch) == ("b", 3)
+    with pytest.raises(Fenced):  # the ghost's epoch makes nothing durable any more
+        await env.store.commit(batch_for("odd", 1, Fence("ghost", {"odd": 5})))
+    await env.store.commit(batch_for("odd", 1, Fence("a", {"odd": 6})))
+    renewal = await a.tick({"odd": 6}, T)
+    assert renewal.renewed == frozenset({"odd"})
+
+
+@pytest.mark.parametrize("expires", NO_HEARTBEATS)
+async def test_an_operator_holds_a_lease_expiring_when_no_renewal_sets(
+    env: Env, expires: str
+) -> None:
+    """`offset set` refused such a stream for ever, naming a holder that does not exist
+    (and the daemon's start beside it): the hold fences it as an expired one."""
+    a = env.member("a")
+    await a.join(["odd", "real"], T)  # a join is no heartbeat: no live member
+    await env.execute(LEASED.format(q=env.q, expires=expires), "odd", "ghost", 5)
+    assert await in_the_way(env.settings, ["odd"], fleet=True) is None
+    assert await current_holder(env.settings, fleet=True) is None
+    operator = FleetTable.for_operator(env.settings)
+    try:
+        assert await operator.hold_for_change(["odd"], T) == {}
+    finally:
+        await operator.close()
+    lease = (await a.view(T)).leases["odd"]
+    assert (lease.holder, lease.epoch, lease.expires_at) == (None, 6, 0)
+
+    await env.execute(LEASED.format(q=env.q, expires="n + 3600"), "real", "b", 3)
+    who = await in_the_way(env.settings, ["real"], fleet=True)
+    assert who is not None and who["member"] == "b"
+    operator = FleetTable.for_operator(env.settings)
+    try:
+        assert await operator.hold_for_change(["odd", "real"], T) == {"real": "b"}
+    finally:
+        await operator.close()
 
 
 async def test_tick_heartbeats_and_renews_the_leases_held_at_their_epoch(env: Env) -> None:
