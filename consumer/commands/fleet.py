@@ -90,7 +90,7 @@ async def _read(settings: Settings) -> _Read:
 
 
 def _held(lease: LeaseView | None, now: float) -> bool:
-    return lease is not None and lease.holder is not None and lease.expires_at > now
+    return lease is not None and lease.live_at(now)
 
 
 def _member_state(m: MemberRow, now: float) -> str:

@@ -49,7 +49,7 @@ import structlog
 
 from ..config import Settings
 from ..config.settings import MAX_FLEET_WEIGHT
-from ..core.assignment import Member, Memory, observe, plan, strangers, stuck
+from ..core.assignment import Member, Memory, expiry_ok, observe, plan, strangers, stuck
 from ..core.evidence import describe
 from ..core.printable import printable
 from ..core.records import Fence
@@ -339,6 +339,18 @@ class Fleet:
             )
             for lease in view.leases.values()
             if stuck(lease)
+        ]
+        odd += [
+            (
+                "lease expiry",
+                lease.stream,
+                "a stream's lease row expires at a time no member's renewal sets (not a finite "
+                "number, or more than twice the largest lease_ttl_s ahead): it counts as free, "
+                "taken at a new epoch",
+                {"stream": printable(lease.stream, 200), "holder": printable(lease.holder, 200)},
+            )
+            for lease in view.leases.values()
+            if lease.holder is not None and not expiry_ok(lease.expires_at, view.now)
         ]
         for what, key, message, fields in odd:
             if len(self._odd_warned) >= ODD_ROWS_WARNED or (what, key) in self._odd_warned:

@@ -54,8 +54,11 @@ async def test_a_lease_row_expiring_when_no_renewal_sets_is_taken(
         f"SELECT 'b', 'ghost', 5, {expires} "
         "FROM (SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8 AS n) t",
     )
-    fleet = env.member("m1")
-    env.run(fleet)
-    await wait_until(lambda: env.count("started") == 2, timeout=3 * TTL_S)
+    with captured_logs() as logs:
+        fleet = env.member("m1")
+        env.run(fleet)
+        await wait_until(lambda: env.count("started") == 2, timeout=3 * TTL_S)
     assert fleet.epochs["b"] == 6
     assert await env.leases() == [("a", "m1", 1), ("b", "m1", 6)]
+    warned = [x for x in records(logs) if "no member's renewal sets" in x["event"]]
+    assert [(x["stream"], x["holder"]) for x in warned] == [("b", "ghost")], warned
