@@ -187,6 +187,12 @@ def _within(
     return AfterValidator(check)
 
 
+# A connection wait or deadline beyond an hour (1e308 was accepted) keeps a stream down, or a
+# dead connection up, for good.
+MAX_WAIT_S = 3600.0
+_WAIT_WHY = "a wait or deadline that long keeps the stream down (or a dead connection up)"
+
+
 # Every timeout that adds to what a stop may take (stop_budget, asked of systemd as
 # EXTEND_TIMEOUT_USEC): an hour is more than any stop needs; 1e308 made a 300-digit request.
 MAX_STOP_STEP_S = 3600.0
@@ -280,16 +286,18 @@ class ConnectionSettings(_Model):
             "10 ms flood the gateway (the default, 10, leaves room for a busy event loop)",
         ),
     ] = 10.0
-    open_timeout_s: float = Field(default=15.0, gt=0)
-    ack_timeout_s: float = Field(default=10.0, gt=0)
+    open_timeout_s: Annotated[float, _within(0.1, MAX_WAIT_S, why=_WAIT_WHY)] = 15.0
+    ack_timeout_s: Annotated[float, _within(0.1, MAX_WAIT_S, why=_WAIT_WHY)] = 10.0
     liveness_floor_s: float = Field(default=180.0, gt=0)
     liveness_multiplier: float = Field(default=4.0, gt=0)
-    liveness_max_s: float = Field(default=600.0, gt=0)  # the deadline never grows past this
+    # The deadline never grows past this.
+    liveness_max_s: Annotated[float, _within(0.1, MAX_WAIT_S, why=_WAIT_WHY)] = 600.0
     # Largest frame processed; up to 4x larger ones are dead-lettered; beyond that the
     # stream stops (1009) until the limit is raised.
     max_frame_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     complete_timeout_s: StopStepSeconds = 10.0  # wait for the server's close
-    resubscribe_gap_s: float = Field(default=10.0, ge=0)  # after a completed session
+    # After a completed session.
+    resubscribe_gap_s: Annotated[float, _within(0, MAX_WAIT_S, why=_WAIT_WHY)] = 10.0
     # Reconnects: jittered, from backoff_initial_s doubling up to backoff_max_s. The floors
     # refuse a loop of upgrades at the gateway (0 or 1e-9 reconnected at once, and OHIP counts
     # the attempts), not the tests' scaled timers; past an hour a stream stays down long
@@ -370,7 +378,7 @@ class ConnectionSettings(_Model):
         ),
     ] = 120.0
     max_auth_failures: int = Field(default=3, ge=1)
-    healthy_after_s: float = Field(default=60.0, ge=0)
+    healthy_after_s: Annotated[float, _within(0, MAX_WAIT_S, why=_WAIT_WHY)] = 60.0
     # OHIP: more than 150 upgrades in 2 minutes from one application key -> HTTP 429.
     # Shared by every stream of the same app key (the first stream's values apply). The
     # ceiling: a larger limit (1e9) switched the budget off, and a reconnect loop then spent
@@ -415,7 +423,7 @@ class ConnectionSettings(_Model):
     # should stay ready). An answer other than Active or Inactive counts as none: subscribe.
     status_active_limit: int = Field(default=10, ge=0)
     # A short random wait after "Inactive", before subscribing (Oracle: a randomized delay).
-    takeover_jitter_s: float = Field(default=2.0, ge=0)
+    takeover_jitter_s: Annotated[float, _within(0, MAX_WAIT_S, why=_WAIT_WHY)] = 2.0
     # From connection_init to subscribe, at most (OHIP: "within 10 seconds"; UNCONFIRMED what
     # the gateway does when it passes). Bounds the ack wait, the status answer and the
     # takeover jitter together; when it cannot be met: close 1000, reconnect with backoff.

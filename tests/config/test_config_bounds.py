@@ -198,13 +198,20 @@ async def test_run_refuses_a_zero_backoff_before_connecting(tmp_path: Path) -> N
         ("rate_limited_s", "0", "is below 0.1 s", "0.1 to 3600 s"),
         ("rate_limited_s", "0.001", "is below 0.1 s", "0.1 to 3600 s"),
         ("rate_limited_s", "1e308", "is above 3600 s", "0.1 to 3600 s"),
+        ("open_timeout_s", "1e308", "is above 3600 s", "0.1 to 3600 s"),
+        ("open_timeout_s", "0.001", "is below 0.1 s", "0.1 to 3600 s"),
+        ("ack_timeout_s", "1e308", "is above 3600 s", "0.1 to 3600 s"),
+        ("liveness_max_s", "1e308", "is above 3600 s", "0.1 to 3600 s"),
+        ("resubscribe_gap_s", "1e308", "is above 3600 s", "0 to 3600 s"),
+        ("healthy_after_s", "1e308", "is above 3600 s", "0 to 3600 s"),
+        ("takeover_jitter_s", "1e308", "is above 3600 s", "0 to 3600 s"),
     ],
 )
 def test_a_wait_after_a_close_or_a_refusal_out_of_range_is_refused(
     tmp_path: Path, key: str, bad: str, says: str, span: str
 ) -> None:
     """0 went straight back into the 1006, the 4409 lockout or the 429 the gateway had just
-    answered; 1e308 left the stream down for ever."""
+    answered; 1e308 left the stream down (a gap, a jitter, a deadline) for ever."""
     # lockout_s and lockout_max_s at their floor, so the order check does not answer first.
     other = {"lockout_s": "lockout_max_s = 3600", "lockout_max_s": "lockout_s = 0.1"}
     text = stream() + f"\n[streams.main.connection]\n{key} = {bad}\n{other.get(key, '')}\n"
