@@ -15,7 +15,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, closing
 from pathlib import Path
 from typing import Any
@@ -475,3 +475,25 @@ async def replayed(settings: Settings, ids: Sequence[int] | None = None) -> list
     selection = dlq.Selection(ids=None if ids is None else tuple(ids))
     await dlq.replay(settings, selection, dry_run=False, on_outcome=outcomes.append)
     return outcomes
+
+
+@asynccontextmanager
+async def serving(
+    serve: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+) -> AsyncIterator[int]:
+    """A TCP server on 127.0.0.1 running ``serve`` for each connection; yields its port. At
+    exit the connections' tasks are cancelled and awaited, then the server closed."""
+    tasks: set[asyncio.Task[None]] = set()
+
+    def accept(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        tasks.add(asyncio.ensure_future(serve(r, w)))
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await server.wait_closed()

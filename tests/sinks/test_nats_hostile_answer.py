@@ -21,6 +21,7 @@ import nats
 import pytest
 from bus_events import event
 from nats_server import NatsServer
+from support import serving
 
 from consumer.config import NatsSinkSettings
 from consumer.errors import PermanentSinkError, SinkUnusable
@@ -70,23 +71,11 @@ class InfoRewriter:
 
     def __init__(self, target: NatsServer, max_payload: bytes) -> None:
         self.target, self.max_payload = target, max_payload
-        self.tasks: set[asyncio.Task[None]] = set()
 
     @contextlib.asynccontextmanager
     async def listening(self) -> AsyncIterator[str]:
-        server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        try:
-            yield f"nats://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-        finally:
-            server.close()
-            for task in self.tasks:
-                task.cancel()
-            await asyncio.gather(*self.tasks, return_exceptions=True)
-            await server.wait_closed()
-
-    def _accept(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
-        task = asyncio.ensure_future(self._serve(cr, cw))
-        self.tasks.add(task)
+        async with serving(self._serve) as port:
+            yield f"nats://127.0.0.1:{port}"
 
     async def _serve(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
         try:

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from bus_events import event
+from support import serving
 
 from consumer.config import RedisSinkSettings
 from consumer.errors import SinkUnusable
@@ -31,22 +32,11 @@ class FakeRedis:
     def __init__(self, replies: dict[bytes, bytes]) -> None:
         self.replies = replies
         self.counts: dict[bytes, int] = {}
-        self.tasks: set[asyncio.Task[None]] = set()
 
     @contextlib.asynccontextmanager
     async def listening(self) -> AsyncIterator[str]:
-        server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        try:
-            yield f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0"
-        finally:
-            server.close()
-            for task in self.tasks:
-                task.cancel()
-            await asyncio.gather(*self.tasks, return_exceptions=True)
-            await server.wait_closed()
-
-    def _accept(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        self.tasks.add(asyncio.ensure_future(self._serve(r, w)))
+        async with serving(self._serve) as port:
+            yield f"redis://127.0.0.1:{port}/0"
 
     async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         try:
