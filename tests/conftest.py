@@ -30,6 +30,18 @@ settings.load_profile("loaded-machine")
 
 
 @pytest.fixture(autouse=True)
+def _root_logging() -> Iterator[None]:
+    """The root logger as it was before the test: ``consumer.logs.configure`` points it at
+    the test's ``sys.stderr`` (capsys's, closed after the test), and every later test's
+    records then printed a "--- Logging error ---" dump into its own stderr."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for key in list(os.environ):
         if key.startswith("OPERA_CONSUMER_") or key == "CREDENTIALS_DIRECTORY":
