@@ -3,7 +3,8 @@
 ``fleet_members``: one row per member (host, pid, weight, heartbeat and expiry on the
 database's clock, ``draining`` set by ``opera-consumer fleet drain``). ``stream_leases``: one
 row per stream (holder, epoch, expiry). A member takes a free or expired lease by bumping its
-epoch; every commit checks the epoch in its own transaction
+epoch (a row starts at the database's clock in microseconds: :data:`FIRST_EPOCH`); every commit
+checks the epoch in its own transaction
 (:meth:`~consumer.state.postgres.PostgresStore.commit`), so a member that lost a lease cannot
 make anything durable for that stream.
 
@@ -51,6 +52,13 @@ from ..pg_target import Target
 from .postgres import DRIVER_ERRORS, FLEET_MEMBER_APP, quote_ident, store_error, take_fleet_lock
 
 NOW = "EXTRACT(EPOCH FROM clock_timestamp())::float8"
+# A lease row's first epoch, whenever it is made (again, after an operator deleted it): the
+# database's clock in microseconds. Each takeover adds 1, so an earlier row of the stream
+# reached far less than this (it would take a takeover every microsecond since it was made):
+# a process still holding the old row, frozen, never meets its (holder, epoch) again at the
+# commit fence (from the column's default, 0, the new row's first takeover was epoch 1 again).
+# Far below TOP_EPOCH (2**63 microseconds: some 292,000 years).
+FIRST_EPOCH = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1e6)::bigint"
 # The lease rows a member holds at these epochs, locked in stream order (as an operator's hold
 # and a commit's fence check lock theirs: no deadlock). FOR NO KEY UPDATE, which the UPDATE
 # takes anyway: a commit's fence check (FOR KEY SHARE) holds up neither a renewal nor a release.
@@ -237,8 +245,8 @@ class FleetTable:
             "joining the fleet",
             timeout_s,
             "execute",
-            f"INSERT INTO {self._s}.stream_leases (stream) SELECT unnest($1::text[]) "
-            "ON CONFLICT (stream) DO NOTHING",
+            f"INSERT INTO {self._s}.stream_leases (stream, epoch) "
+            f"SELECT unnest($1::text[]), {FIRST_EPOCH} ON CONFLICT (stream) DO NOTHING",
             sorted(streams),
         )
 
@@ -433,8 +441,8 @@ class FleetTable:
                 self._drop()  # a connection of its own: the transaction is ours to the end
                 conn = await self._connection(timeout_s)
                 await conn.execute(
-                    f"INSERT INTO {s}.stream_leases (stream) SELECT unnest($1::text[]) "
-                    "ON CONFLICT (stream) DO NOTHING",
+                    f"INSERT INTO {s}.stream_leases (stream, epoch) "
+                    f"SELECT unnest($1::text[]), {FIRST_EPOCH} ON CONFLICT (stream) DO NOTHING",
                     wanted,
                 )
                 for fence in (True, False):
