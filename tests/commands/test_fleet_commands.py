@@ -541,6 +541,37 @@ async def test_offset_set_on_an_expired_lease_fences_its_old_holder(
     assert row is not None and row["holder"] is None and row["epoch"] == before + 1
 
 
+@pytest.mark.parametrize("holder", [None, "m3"])
+async def test_offset_set_on_a_lease_row_at_the_top_epoch_is_refused_with_the_fix(
+    fleet: Fleet, holder: str | None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """d's row is at the largest epoch (a manual edit, another process's row), free or its
+    holder gone: the command's hold fences whoever held a row with epoch + 1, which overflowed
+    bigint, and the command ended on a raw store error. It is refused (1, as the other
+    refusals), naming the stream and the fix; nothing changes."""
+    conn = await asyncpg.connect(fleet.dsn, timeout=10)
+    try:
+        await conn.execute(
+            f'UPDATE "{fleet.schema}".stream_leases SET epoch = $1, holder = $2 WHERE stream = $3',
+            2**63 - 1,
+            holder,
+            "d",
+        )
+    finally:
+        await conn.close()
+    for args in (("set", "d", "777"), ("reset", "d", "--highest")):
+        code, out, err = await cli(
+            capsys, "offset", *args, "--execute", "--config", str(fleet.config)
+        )
+        [line] = [x for x in err.splitlines() if x.startswith("opera-consumer:")]
+        assert code == 1 and out == "", err
+        assert "stream d" in line and "largest epoch" in line, line
+        assert f"delete its row from {fleet.schema}.stream_leases" in line, line
+        assert len(line) < 1000 and "Traceback" not in err
+    assert await _state_of(fleet.state, "d") == (None, None)
+    assert (await fleet.epochs())["d"] == 2**63 - 1
+
+
 async def test_a_daemon_outside_the_fleet_refuses_its_schema(fleet: Fleet, tmp_path: Path) -> None:
     """Forgetting [fleet] enabled on one host must not make it consume every stream beside
     the fleet: it refuses to start, naming the members."""

@@ -26,7 +26,7 @@ from consumer.config.settings import MAX_LEASE_TTL_S
 from consumer.core.assignment import MAX_EXPIRY_AHEAD_S, Member, fair_share, plan
 from consumer.core.records import CommitBatch, DeadLetter, Fence, Staged
 from consumer.core.watermark import Position
-from consumer.errors import Fenced
+from consumer.errors import Fenced, OperatorRefused
 from consumer.state import StateStore, open_store
 from consumer.state.fleet import Acquired, FleetTable, FleetView
 from consumer.state.lease import current_holder, in_the_way
@@ -408,6 +408,37 @@ async def test_tick_heartbeats_and_renews_the_leases_held_at_their_epoch(env: En
     assert row.expires_at == pytest.approx(renewal.now + 5.0)
     assert [m.member for m in after.live()] == ["a"]
     assert row.as_member().id == "a" and row.as_member().weight == 2.5
+
+
+async def test_an_operator_hold_refuses_lease_rows_at_the_top_epoch(env: Env) -> None:
+    """The hold fences whoever held a row with epoch + 1: at the largest epoch that overflowed
+    bigint, a raw store error for the command. Refused instead, naming the streams and the
+    fix; nothing is held or changed, and the other streams are held as before."""
+    a = env.member("a")
+    await a.join(["s1", "s2", "s3"], T)
+    await env.execute(
+        f"UPDATE {env.q}.stream_leases SET epoch = $1, holder = 'gone' WHERE stream <> 's3'",
+        2**63 - 1,
+    )
+    before = await env.epochs()
+    operator = FleetTable.for_operator(env.settings)
+    try:
+        with pytest.raises(OperatorRefused) as refused:
+            await operator.hold_for_change(["s1", "s2", "s3"], T)
+    finally:
+        await operator.close()
+    text = str(refused.value)
+    assert text.startswith("streams s1, s2: their lease rows are at the largest epoch"), text
+    assert f"delete their rows from {env.schema}.stream_leases" in text
+    assert await env.epochs() == before
+    view = await a.view(T)
+    assert [view.leases[x].holder for x in ("s1", "s2", "s3")] == ["gone", "gone", None]
+    operator = FleetTable.for_operator(env.settings)
+    try:
+        assert await operator.hold_for_change(["s3"], T) == {}
+    finally:
+        await operator.close()
+    assert (await env.epochs())["s3"] == before["s3"] + 1
 
 
 async def test_tick_renews_only_at_the_given_epoch(env: Env) -> None:
