@@ -1345,10 +1345,23 @@ class RedisSinkSettings(_Model):
     # a literal brace is {{ or }} (a Redis Cluster hash tag: "opera:{{{chainCode}}}").
     stream_key: str = "opera:{chainCode}"
     maxlen: int | None = Field(default=None, ge=1)  # XADD MAXLEN ~ this (None: no trimming)
-    # How long a uniqueEventId's guard lives (OHIP keeps 7 days of events; +1). At most ten
-    # years: far larger, its PX in milliseconds passes Redis's 64-bit integers, the SET after
-    # the XADD fails in the script, and each retry would add the event again.
-    guard_ttl_s: float = Field(default=8 * 86400.0, gt=0, le=10 * 365 * 86400.0)
+    # How long a uniqueEventId's guard lives: a replay later than this after the write (a
+    # restart after a long outage, a `dlq replay` days on) adds the event again.
+    # OHIP keeps 7 days of events and replays inclusively: 8 days (+1); under 7, warned at
+    # start (GUARD_TTL_WARNING_S). Under a minute no value can be meant (a millisecond was
+    # accepted: every replay written again). At most ten years: far larger, its PX in
+    # milliseconds passes Redis's 64-bit integers, the SET after the XADD fails in the script,
+    # and each retry would add the event again.
+    guard_ttl_s: Annotated[
+        float,
+        Field(le=10 * 365 * 86400.0),
+        _within(
+            60,
+            why="the guard is how long a replayed event is still known as written (OHIP "
+            "keeps 7 days and replays inclusively): under a minute, events replayed after a "
+            "reconnect or a restart are added again (default 691200: 8 days)",
+        ),
+    ] = 8 * 86400.0
     username: str | None = None  # ACL user (or in the url; these two win over the url's)
     password: SecretStr | None = None
     tls_ca_file: Path | None = None
@@ -1393,6 +1406,9 @@ class RedisSinkSettings(_Model):
 
 
 SINK_TYPES = ("jsonl", "webhook", "sqlite", "postgres", "python", "nats", "redis")
+# OHIP keeps 7 days of events and may send any of them again: a Redis guard living less is
+# warned about (a replay reaching further back adds the event again).
+GUARD_TTL_WARNING_S = 7 * 86400.0
 
 
 # The state store's files (SQLite): its database, its journals, and the lease beside it (kept
@@ -1674,11 +1690,24 @@ class Settings(BaseSettings):
         ] + self.shared_warnings()
 
     def shared_warnings(self) -> list[tuple[str, str, str]]:
-        """Of streams together (a stream logs its own when it starts; the daemon these):
-        pairs on one gateway and chain, for hotels they share, with other application keys
-        (valid: each key's portal template may select other events; with the same key they
-        are refused at load)."""
+        """Of streams together and of the sink (a stream logs its own when it starts; the
+        daemon these, once): pairs on one gateway and chain, for hotels they share, with
+        other application keys (valid: each key's portal template may select other events;
+        with the same key they are refused at load); a Redis guard shorter than OHIP's
+        retention."""
         found = []
+        sink = self.sink
+        if isinstance(sink, RedisSinkSettings) and sink.guard_ttl_s < GUARD_TTL_WARNING_S:
+            found.append(
+                (
+                    "sink.guard_ttl_s",
+                    f"is {sink.guard_ttl_s:g} s, under 7 days (604800 s): OHIP keeps 7 days of "
+                    "events and replays inclusively, and an event replayed later than this "
+                    "after its write (a restart after a long outage, a `dlq replay` days on) "
+                    "is added to the stream again",
+                    "set it to 691200 (8 days, the default), or at least 604800",
+                )
+            )
         for a, b, same in self._overlapping_streams():
             if same:
                 continue  # refused at load

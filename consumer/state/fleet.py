@@ -3,7 +3,8 @@
 ``fleet_members``: one row per member (host, pid, weight, heartbeat and expiry on the
 database's clock, ``draining`` set by ``opera-consumer fleet drain``). ``stream_leases``: one
 row per stream (holder, epoch, expiry). A member takes a free or expired lease by bumping its
-epoch; every commit checks the epoch in its own transaction
+epoch (a row starts at the database's clock in microseconds: :data:`FIRST_EPOCH`); every commit
+checks the epoch in its own transaction
 (:meth:`~consumer.state.postgres.PostgresStore.commit`), so a member that lost a lease cannot
 make anything durable for that stream.
 
@@ -46,11 +47,19 @@ from ..core.assignment import (
     expiry_ok,
     live_until,
 )
-from ..errors import LeaseHeld
+from ..core.printable import printable
+from ..errors import LeaseHeld, OperatorRefused
 from ..pg_target import Target
 from .postgres import DRIVER_ERRORS, FLEET_MEMBER_APP, quote_ident, store_error, take_fleet_lock
 
 NOW = "EXTRACT(EPOCH FROM clock_timestamp())::float8"
+# A lease row's first epoch, whenever it is made (again, after an operator deleted it): the
+# database's clock in microseconds. Each takeover adds 1, so an earlier row of the stream
+# reached far less than this (it would take a takeover every microsecond since it was made):
+# a process still holding the old row, frozen, never meets its (holder, epoch) again at the
+# commit fence (from the column's default, 0, the new row's first takeover was epoch 1 again).
+# Far below TOP_EPOCH (2**63 microseconds: some 292,000 years).
+FIRST_EPOCH = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1e6)::bigint"
 # The lease rows a member holds at these epochs, locked in stream order (as an operator's hold
 # and a commit's fence check lock theirs: no deadlock). FOR NO KEY UPDATE, which the UPDATE
 # takes anyway: a commit's fence check (FOR KEY SHARE) holds up neither a renewal nor a release.
@@ -237,8 +246,8 @@ class FleetTable:
             "joining the fleet",
             timeout_s,
             "execute",
-            f"INSERT INTO {self._s}.stream_leases (stream) SELECT unnest($1::text[]) "
-            "ON CONFLICT (stream) DO NOTHING",
+            f"INSERT INTO {self._s}.stream_leases (stream, epoch) "
+            f"SELECT unnest($1::text[]), {FIRST_EPOCH} ON CONFLICT (stream) DO NOTHING",
             sorted(streams),
         )
 
@@ -420,10 +429,12 @@ class FleetTable:
         transaction: a member's takeover (``FOR UPDATE SKIP LOCKED``) passes them by. No
         lease in the command's name: if it dies, the server ends the transaction and the
         rows are free at once. A missing row is made (a stream no member joined yet).
-        Returns the rows' live holders instead (stream: member), holding nothing."""
+        Returns the rows' live holders instead (stream: member), holding nothing.
+        :class:`OperatorRefused`: a row at :data:`TOP_EPOCH`, whose holder no new epoch
+        can fence (epoch + 1 overflows), holding nothing."""
         s, wanted = self._s, sorted(set(streams))
         rows = (
-            f"WITH t AS (SELECT {NOW} AS now) SELECT stream, holder, "
+            f"WITH t AS (SELECT {NOW} AS now) SELECT stream, holder, epoch, "
             f"NOT {_EXPIRED.format(e='expires_at', now='t.now')} AS live "
             f"FROM {s}.stream_leases, t WHERE stream = ANY($1::text[]) "
             "ORDER BY stream FOR UPDATE OF stream_leases"
@@ -433,21 +444,26 @@ class FleetTable:
                 self._drop()  # a connection of its own: the transaction is ours to the end
                 conn = await self._connection(timeout_s)
                 await conn.execute(
-                    f"INSERT INTO {s}.stream_leases (stream) SELECT unnest($1::text[]) "
-                    "ON CONFLICT (stream) DO NOTHING",
+                    f"INSERT INTO {s}.stream_leases (stream, epoch) "
+                    f"SELECT unnest($1::text[]), {FIRST_EPOCH} ON CONFLICT (stream) DO NOTHING",
                     wanted,
                 )
                 for fence in (True, False):
                     tx = conn.transaction()
                     await tx.start()
+                    found = await conn.fetch(rows, wanted)
                     live = {
                         str(r["stream"]): str(r["holder"])
-                        for r in await conn.fetch(rows, wanted)
+                        for r in found
                         if r["live"] and r["holder"] is not None
                     }
                     if live:
                         await tx.rollback()
                         return live
+                    stuck = [str(r["stream"]) for r in found if r["epoch"] >= TOP_EPOCH]
+                    if stuck:
+                        await tx.rollback()
+                        raise OperatorRefused(self._stuck(stuck))
                     if fence:
                         await conn.execute(
                             f"UPDATE {s}.stream_leases SET holder = NULL, "
@@ -461,6 +477,21 @@ class FleetTable:
             if isinstance(exc, (*DRIVER_ERRORS, ValueError)):
                 raise store_error(self._target, self._schema, exc, "holding leases") from None
             raise
+
+    def _stuck(self, streams: list[str]) -> str:
+        """The refusal for lease rows at the top epoch: bounded, whatever their number."""
+        named = ", ".join(printable(x, 200) for x in streams[:5])
+        if len(streams) > 5:
+            named += f" and {len(streams) - 5} more"
+        one = len(streams) == 1
+        return (
+            f"{'stream' if one else 'streams'} {named}: "
+            f"{'its lease row is' if one else 'their lease rows are'} at the largest epoch, "
+            "where no new epoch can fence whoever held it (nor can any member take it): "
+            f"delete {'its row' if one else 'their rows'} from "
+            f"{printable(self._schema, 200)}.stream_leases (a fleet member makes "
+            f"{'it' if one else 'them'} again at its next tick, at a new epoch), then try again"
+        )
 
     async def forget(self, member: str, timeout_s: float) -> bool:
         """Remove a gone member's row (its heartbeat expired, on the database's clock, or an

@@ -113,6 +113,15 @@ class Fleet:
             await conn.close()
         return {str(r[0]): bool(r[1]) for r in rows}
 
+    async def epochs(self) -> dict[str, int]:
+        """Each lease row's epoch (a row starts at the database's clock in microseconds)."""
+        conn = await asyncpg.connect(self.dsn, timeout=10)
+        try:
+            rows = await conn.fetch(f'SELECT stream, epoch FROM "{self.schema}".stream_leases')
+        finally:
+            await conn.close()
+        return {str(r[0]): int(r[1]) for r in rows}
+
 
 @pytest.fixture
 async def empty_fleet(postgres_dsn: str, tmp_path: Path) -> AsyncIterator[Fleet]:
@@ -205,14 +214,15 @@ async def test_fleet_status_table(fleet: Fleet, capsys: pytest.CaptureFixture[st
     ]
     by_stream = {columns(r)[0]: columns(r) for r in rows}
     assert sorted(by_stream) == ["a", "b", "c", "d", "old"]
-    assert by_stream["a"][1:4] == ["held", "m1", "1"]
+    epochs = await fleet.epochs()
+    assert by_stream["a"][1:4] == ["held", "m1", str(epochs["a"])]
     assert 20 < float(by_stream["a"][4]) <= 30
     assert by_stream["a"][5] == "4711"
     assert 99 <= float(by_stream["a"][6]) < 130
-    assert by_stream["b"][1:4] + by_stream["b"][5:] == ["held", "m1", "1", "-", "-"]
+    assert by_stream["b"][1:4] + by_stream["b"][5:] == ["held", "m1", str(epochs["b"]), "-", "-"]
     assert by_stream["c"][1:3] == ["held", "m2"]
     assert by_stream["d"][1:3] == ["expired", "m3"] and float(by_stream["d"][4]) < 0
-    assert by_stream["old"][1:] == ["free", "-", "0", "-", "-", "-"]
+    assert by_stream["old"][1:] == ["free", "-", str(epochs["old"]), "-", "-", "-"]
 
     assert summary == (
         "2 members live, 3/4 streams held; unheld: d (leases last 30 s, renewed every 5 s)"
@@ -243,7 +253,7 @@ async def test_fleet_status_json(fleet: Fleet, capsys: pytest.CaptureFixture[str
     assert (a["lease"], a["holder"], a["epoch"], a["offset"], a["configured"]) == (
         "held",
         "m1",
-        1,
+        (await fleet.epochs())["a"],
         "4711",
         True,
     )
@@ -510,6 +520,7 @@ async def test_offset_set_on_an_expired_lease_fences_its_old_holder(
 ) -> None:
     """d's holder (m3) is gone and its lease expired: the change goes through under a lease
     of the command's own, whose new epoch refuses m3's late commits; the lease is free after."""
+    before = (await fleet.epochs())["d"]
     code, _, err = await cli(
         capsys, "offset", "set", "d", "777", "--execute", "--config", str(fleet.config)
     )
@@ -527,7 +538,38 @@ async def test_offset_set_on_an_expired_lease_fences_its_old_holder(
         )
     finally:
         await conn.close()
-    assert row is not None and row["holder"] is None and row["epoch"] == 2
+    assert row is not None and row["holder"] is None and row["epoch"] == before + 1
+
+
+@pytest.mark.parametrize("holder", [None, "m3"])
+async def test_offset_set_on_a_lease_row_at_the_top_epoch_is_refused_with_the_fix(
+    fleet: Fleet, holder: str | None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """d's row is at the largest epoch (a manual edit, another process's row), free or its
+    holder gone: the command's hold fences whoever held a row with epoch + 1, which overflowed
+    bigint, and the command ended on a raw store error. It is refused (1, as the other
+    refusals), naming the stream and the fix; nothing changes."""
+    conn = await asyncpg.connect(fleet.dsn, timeout=10)
+    try:
+        await conn.execute(
+            f'UPDATE "{fleet.schema}".stream_leases SET epoch = $1, holder = $2 WHERE stream = $3',
+            2**63 - 1,
+            holder,
+            "d",
+        )
+    finally:
+        await conn.close()
+    for args in (("set", "d", "777"), ("reset", "d", "--highest")):
+        code, out, err = await cli(
+            capsys, "offset", *args, "--execute", "--config", str(fleet.config)
+        )
+        [line] = [x for x in err.splitlines() if x.startswith("opera-consumer:")]
+        assert code == 1 and out == "", err
+        assert "stream d" in line and "largest epoch" in line, line
+        assert f"delete its row from {fleet.schema}.stream_leases" in line, line
+        assert len(line) < 1000 and "Traceback" not in err
+    assert await _state_of(fleet.state, "d") == (None, None)
+    assert (await fleet.epochs())["d"] == 2**63 - 1
 
 
 async def test_a_daemon_outside_the_fleet_refuses_its_schema(fleet: Fleet, tmp_path: Path) -> None:

@@ -6,8 +6,9 @@ deduplication pruned), timeouts of the stop without a ceiling (a 300-digit reque
 systemd), a reconnect backoff of 0 (a loop of upgrades at the gateway) or beyond an hour, the
 waits after a 1006, a 4409 or a 429 of 0 or beyond an hour, an upgrade budget beyond OHIP's, a
 retention beyond a year and a lease beyond an hour, a jsonl sink in the state store's file, two
-streams that are one OHIP subscription, and a metrics address that is no address; pings under a
-second to a gateway off this host draw a warning."""
+streams that are one OHIP subscription, a metrics address that is no address, and a Redis guard
+under a minute; pings under a second to a gateway off this host draw a warning, as does a Redis
+guard shorter than OHIP's 7 days."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from typing import Any
 import pytest
 from config_files import config_error, run_refused, write
 from log_capture import captured_logs, records
+from redis_server import RedisServer
 from support import FAST_CONNECTION, cli, make_settings, running, stream_config, wait_until
 
 from consumer.config import load_settings
@@ -642,3 +644,67 @@ async def test_the_daemon_logs_the_overlap_warning_at_start(
             await wait_until(lambda: daemon.pipelines["a"].delivered >= 1)
     warned = [e for e in records(logs) if e.get("key") == "streams.b.subscription.hotel_codes"]
     assert len(warned) == 1 and "delivered twice" in warned[0]["problem"]
+
+
+# --- the Redis sink's guard ----------------------------------------------------------------------
+
+REDIS_SINK = '\n[sink]\ntype = "redis"\nurl = "redis://127.0.0.1:9/0"\n'
+
+
+@pytest.mark.parametrize("bad", ["0.001", "59.9", "0", "-1"])
+def test_a_redis_guard_under_a_minute_is_refused_naming_the_fix(tmp_path: Path, bad: str) -> None:
+    """The guard is how long a replayed event is still known as written: a millisecond was
+    accepted, and every event replayed (a reconnect's, inclusive) was added to the stream
+    again."""
+    message = config_error(write(tmp_path, stream() + REDIS_SINK + f"guard_ttl_s = {bad}\n"))
+    assert "sink.guard_ttl_s: is below 60 s: the guard is how long a replayed event" in message
+    assert "OHIP keeps 7 days and replays inclusively" in message, message
+    assert "-> set it to at least 60 s" in message, message
+    settings = load_settings(write(tmp_path, stream() + REDIS_SINK + "guard_ttl_s = 60\n"))
+    assert settings.sink.type == "redis" and settings.sink.guard_ttl_s == 60
+
+
+async def test_run_refuses_a_millisecond_redis_guard_before_connecting(tmp_path: Path) -> None:
+    def config(url: str) -> Path:
+        text = stream().replace("https://gw.example.com", url)
+        return write(tmp_path, text + REDIS_SINK + "guard_ttl_s = 0.001\n")
+
+    out = await run_refused(config, env())
+    assert "sink.guard_ttl_s: is below 60 s" in out
+
+
+@pytest.mark.parametrize("ttl", ["60", "3600", "604799"])
+def test_a_redis_guard_shorter_than_ohips_retention_draws_a_warning(
+    tmp_path: Path, ttl: str
+) -> None:
+    """OHIP keeps 7 days of events and may send any of them again: a guard living less lets
+    a replay reaching further back add the event again."""
+    warned = load_settings(
+        write(tmp_path, stream() + REDIS_SINK + f"guard_ttl_s = {ttl}\n")
+    ).warnings()
+    assert [key for key, _, _ in warned] == ["sink.guard_ttl_s"], warned
+    assert f"is {ttl} s, under 7 days (604800 s)" in warned[0][1], warned
+    assert "is added to the stream again" in warned[0][1]
+    assert "set it to 691200 (8 days, the default)" in warned[0][2]
+    for enough in ("guard_ttl_s = 604800\n", ""):
+        text = stream() + REDIS_SINK + enough
+        assert load_settings(write(tmp_path, text)).warnings() == []
+
+
+def test_check_config_prints_the_redis_guard_warning(tmp_path: Path) -> None:
+    text = stream() + REDIS_SINK + "guard_ttl_s = 3600\n"
+    checked = cli("check-config", "--config", str(write(tmp_path, text)), env=env())
+    assert checked.returncode == 0, checked.stderr
+    assert "warning: sink.guard_ttl_s: is 3600 s, under 7 days" in checked.stderr
+
+
+async def test_the_daemon_logs_the_redis_guard_warning_once_at_start(
+    sandbox_factory: Any, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    gw = await sandbox_factory(backlog=1)
+    sink = {"type": "redis", "url": redis_server.url(), "guard_ttl_s": 3600}
+    with captured_logs() as logs:
+        async with running(make_settings(tmp_path, gw.url, sink=sink)) as daemon:
+            await wait_until(lambda: daemon.pipelines["main"].delivered >= 1)
+    warned = [e for e in records(logs) if e.get("key") == "sink.guard_ttl_s"]
+    assert len(warned) == 1 and "under 7 days" in warned[0]["problem"], warned

@@ -146,12 +146,15 @@ async def test_a_stream_that_fails_to_start_gives_its_lease_back(env: Env) -> No
             failed.append(stream)
             raise StoreError("state store unreachable (test)", retriable=True)
 
+    # The rows are there already, at epoch 100 (a fleet ran before).
+    q = f'INSERT INTO "{env.schema}".stream_leases (stream, epoch) VALUES ($1, 100), ($2, 100)'
+    await sql(env.dsn, "execute", q, "a", "b")
     fleet = env.member("m1", start=start)
     env.run(fleet)
     await wait_until(lambda: env.has("m1", "started", "a") and env.has("m1", "started", "b"))
-    # b: taken (epoch 1), given back when its start failed, taken again (epoch 2).
-    assert await env.leases() == [("a", "m1", 1), ("b", "m1", 2)]
-    assert failed == ["b"] and fleet.epochs == {"a": 1, "b": 2}
+    # b: taken (epoch 101), given back when its start failed, taken again (epoch 102).
+    assert await env.leases() == [("a", "m1", 101), ("b", "m1", 102)]
+    assert failed == ["b"] and fleet.epochs == {"a": 101, "b": 102}
 
 
 async def test_a_start_that_hangs_does_not_hold_up_the_renewals(env: Env) -> None:

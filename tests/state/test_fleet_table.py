@@ -26,7 +26,7 @@ from consumer.config.settings import MAX_LEASE_TTL_S
 from consumer.core.assignment import MAX_EXPIRY_AHEAD_S, Member, fair_share, plan
 from consumer.core.records import CommitBatch, DeadLetter, Fence, Staged
 from consumer.core.watermark import Position
-from consumer.errors import Fenced
+from consumer.errors import Fenced, OperatorRefused
 from consumer.state import StateStore, open_store
 from consumer.state.fleet import Acquired, FleetTable, FleetView
 from consumer.state.lease import current_holder, in_the_way
@@ -64,6 +64,16 @@ class Env:
 
     async def execute(self, statement: str, *args: Any) -> str:
         return str(await sql(self.dsn, "execute", statement, *args))
+
+    async def epochs(self) -> dict[str, int]:
+        """Each lease row's epoch, as it is now."""
+        rows = await self.fetch(f"SELECT stream, epoch FROM {self.q}.stream_leases")
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    async def clock_us(self) -> int:
+        """The database's clock, in microseconds."""
+        rows = await self.fetch("SELECT (EXTRACT(EPOCH FROM clock_timestamp()) * 1e6)::bigint")
+        return int(rows[0][0])
 
     async def count(self, table: str, stream: str | None = None) -> int:
         if stream is None:
@@ -134,12 +144,16 @@ def batch_for(stream: str, i: int, fence: Fence | None) -> CommitBatch:
 
 
 async def test_join_creates_a_free_lease_row_per_stream(env: Env) -> None:
+    """A row starts at the database's clock in microseconds (see FIRST_EPOCH)."""
     a = env.member("a")
+    before = await env.clock_us()
     await a.join(["s2", "s1"], T)
+    after = await env.clock_us()
     view = await a.view(T)
     assert sorted(view.leases) == ["s1", "s2"]
     for stream, lease in view.leases.items():
-        assert (lease.stream, lease.holder, lease.epoch, lease.expires_at) == (stream, None, 0, 0)
+        assert (lease.stream, lease.holder, lease.expires_at) == (stream, None, 0)
+        assert before <= lease.epoch <= after
     assert view.members == []  # joining is not a heartbeat
     assert view.now > 0
 
@@ -150,16 +164,17 @@ async def test_join_creates_a_free_lease_row_per_stream(env: Env) -> None:
     view = await b.view(T)
     assert sorted(view.leases) == ["s1", "s2", "s3"]
     assert view.leases["s1"].holder == "a"
-    assert view.leases["s1"].epoch == got[0].epoch == 1
+    assert view.leases["s1"].epoch == got[0].epoch
 
 
 async def test_acquire_bumps_the_epoch_and_names_the_previous_holder(env: Env) -> None:
     a = env.member("a")
     await a.join(["s1", "s2"], T)
+    first = await env.epochs()
     got = await a.acquire(["s1", "s2"], T)
     assert sorted(got, key=lambda x: x.stream) == [
-        Acquired("s1", 1, None),
-        Acquired("s2", 1, None),
+        Acquired("s1", first["s1"] + 1, None),
+        Acquired("s2", first["s2"] + 1, None),
     ]
     view = await a.view(T)
     lease = view.leases["s1"]
@@ -167,7 +182,7 @@ async def test_acquire_bumps_the_epoch_and_names_the_previous_holder(env: Env) -
     assert view.now < lease.expires_at <= view.now + 30.0
 
     # a lease in its own name (a restart under the same name) is taken again: a new epoch
-    assert await a.acquire(["s1"], T) == [Acquired("s1", 2, "a")]
+    assert await a.acquire(["s1"], T) == [Acquired("s1", first["s1"] + 2, "a")]
     # a stream without a row is not taken (join first)
     assert await a.acquire(["nope"], T) == []
 
@@ -180,7 +195,8 @@ async def test_acquire_passes_a_lease_at_the_top_epoch_by_and_takes_the_others(
     a = env.member("a")
     await a.join(["s1", "s2"], T)
     await env.execute(f"UPDATE {env.q}.stream_leases SET epoch = $1 WHERE stream = 's2'", 2**63 - 1)
-    assert await a.acquire(["s1", "s2"], T) == [Acquired("s1", 1, None)]
+    first = await env.epochs()
+    assert await a.acquire(["s1", "s2"], T) == [Acquired("s1", first["s1"] + 1, None)]
     assert (await a.view(T)).leases["s2"].holder is None
 
 
@@ -271,15 +287,16 @@ async def test_a_live_lease_is_not_taken_an_expired_one_is(env: Env) -> None:
     a = env.member("a", ttl=0.3)
     b = env.member("b", ttl=30.0)
     await a.join(["s"], T)
-    assert await a.acquire(["s"], T) == [Acquired("s", 1, None)]
+    e = (await env.epochs())["s"]
+    assert await a.acquire(["s"], T) == [Acquired("s", e + 1, None)]
     assert await b.acquire(["s"], T) == []
     view = await b.view(T)
-    assert (view.leases["s"].holder, view.leases["s"].epoch) == ("a", 1)
+    assert (view.leases["s"].holder, view.leases["s"].epoch) == ("a", e + 1)
 
     await until_expired(b, "s")
-    assert await b.acquire(["s"], T) == [Acquired("s", 2, "a")]
+    assert await b.acquire(["s"], T) == [Acquired("s", e + 2, "a")]
     view = await b.view(T)
-    assert (view.leases["s"].holder, view.leases["s"].epoch) == ("b", 2)
+    assert (view.leases["s"].holder, view.leases["s"].epoch) == ("b", e + 2)
     assert view.leases["s"].expires_at > view.now + 20
     # and now a cannot take it back
     assert await a.acquire(["s"], T) == []
@@ -393,15 +410,46 @@ async def test_tick_heartbeats_and_renews_the_leases_held_at_their_epoch(env: En
     assert row.as_member().id == "a" and row.as_member().weight == 2.5
 
 
+async def test_an_operator_hold_refuses_lease_rows_at_the_top_epoch(env: Env) -> None:
+    """The hold fences whoever held a row with epoch + 1: at the largest epoch that overflowed
+    bigint, a raw store error for the command. Refused instead, naming the streams and the
+    fix; nothing is held or changed, and the other streams are held as before."""
+    a = env.member("a")
+    await a.join(["s1", "s2", "s3"], T)
+    await env.execute(
+        f"UPDATE {env.q}.stream_leases SET epoch = $1, holder = 'gone' WHERE stream <> 's3'",
+        2**63 - 1,
+    )
+    before = await env.epochs()
+    operator = FleetTable.for_operator(env.settings)
+    try:
+        with pytest.raises(OperatorRefused) as refused:
+            await operator.hold_for_change(["s1", "s2", "s3"], T)
+    finally:
+        await operator.close()
+    text = str(refused.value)
+    assert text.startswith("streams s1, s2: their lease rows are at the largest epoch"), text
+    assert f"delete their rows from {env.schema}.stream_leases" in text
+    assert await env.epochs() == before
+    view = await a.view(T)
+    assert [view.leases[x].holder for x in ("s1", "s2", "s3")] == ["gone", "gone", None]
+    operator = FleetTable.for_operator(env.settings)
+    try:
+        assert await operator.hold_for_change(["s3"], T) == {}
+    finally:
+        await operator.close()
+    assert (await env.epochs())["s3"] == before["s3"] + 1
+
+
 async def test_tick_renews_only_at_the_given_epoch(env: Env) -> None:
     a = env.member("a")
     await a.join(["s1", "s2"], T)
-    await a.acquire(["s1", "s2"], T)  # epoch 1 each
-    renewal = await a.tick({"s1": 1, "s2": 0, "unknown": 1}, T)
+    held = {x.stream: x.epoch for x in await a.acquire(["s1", "s2"], T)}
+    renewal = await a.tick({"s1": held["s1"], "s2": held["s2"] - 1, "unknown": 1}, T)
     assert renewal.renewed == frozenset({"s1"})
     # a stream it never took is not renewed either
     b = env.member("b")
-    assert (await b.tick({"s1": 1}, T)).renewed == frozenset()
+    assert (await b.tick({"s1": held["s1"]}, T)).renewed == frozenset()
     assert (await b.tick({}, T)).renewed == frozenset()
 
 
@@ -411,13 +459,13 @@ async def test_tick_drops_a_stream_another_member_took(env: Env) -> None:
     await a.join(["s1", "s2"], T)
     held = {x.stream: x.epoch for x in await a.acquire(["s1", "s2"], T)}
     await until_expired(b, "s1")
-    assert await b.acquire(["s1"], T) == [Acquired("s1", 2, "a")]
+    assert await b.acquire(["s1"], T) == [Acquired("s1", held["s1"] + 1, "a")]
     b_expiry = (await b.view(T)).leases["s1"].expires_at
 
     renewal = await a.tick(held, T)
     assert renewal.renewed == frozenset({"s2"})  # s2 expired too, but nobody took it
     view = await a.view(T)
-    assert (view.leases["s1"].holder, view.leases["s1"].epoch) == ("b", 2)
+    assert (view.leases["s1"].holder, view.leases["s1"].epoch) == ("b", held["s1"] + 1)
     assert view.leases["s1"].expires_at == b_expiry  # a's tick did not touch b's lease
     assert view.leases["s2"].holder == "a"
     assert view.leases["s2"].expires_at > view.now
@@ -512,9 +560,9 @@ async def test_a_tick_is_one_statement_for_many_streams(
     streams = [f"stream-{i:04d}" for i in range(500)]
     a = env.member("a")
     await a.join(streams, T)
+    first = await env.epochs()
     held = {x.stream: x.epoch for x in await a.acquire(streams, T)}
-    assert sorted(held) == streams
-    assert set(held.values()) == {1}
+    assert held == {s: first[s] + 1 for s in streams}
 
     calls: list[str] = []
     real_call = FleetTable._call
@@ -581,6 +629,42 @@ async def test_a_commit_with_a_stale_fence_writes_nothing(env: Env) -> None:
         await env.store.commit(batch_for("s", 4, Fence("a", {"s": got.epoch + 1})))
     cp = await env.store.checkpoint("s")
     assert cp is not None and cp.offset == "000003"
+
+
+@pytest.mark.parametrize("made_by", ["member", "operator"])
+async def test_a_lease_row_made_again_fences_whoever_held_the_row_before(
+    env: Env, made_by: str
+) -> None:
+    """An operator deletes a stream's lease row while member a holds it at epoch E (its
+    process frozen, say); a member's next join, or an operator's hold, makes it again and a
+    takes it, and takes it again. The new row started at epoch 0: a few takeovers on, it
+    was at E again, and a commit fenced with (a, E) from the frozen process went through,
+    a stale checkpoint with it. A row made again starts above any epoch the one before
+    reached."""
+    takes = 3
+    a = env.member("a")
+    await a.join(["s"], T)
+    for _ in range(takes):  # taken, and taken again (a restart under the same name)
+        [old] = await a.acquire(["s"], T)
+    stale = Fence("a", {"s": old.epoch})
+    await env.store.commit(batch_for("s", 1, stale))
+    await env.execute(f"DELETE FROM {env.q}.stream_leases WHERE stream = 's'")
+    if made_by == "member":
+        await a.join(["s"], T)
+    else:
+        operator = FleetTable.for_operator(env.settings)
+        try:
+            assert await operator.hold_for_change(["s"], T) == {}
+        finally:
+            await operator.close()
+    for i in range(takes):
+        [new] = await a.acquire(["s"], T)
+        with pytest.raises(Fenced):
+            await env.store.commit(batch_for("s", 2 + i, stale))
+    assert new.epoch > old.epoch + takes
+    await env.store.commit(batch_for("s", 9, Fence("a", {"s": new.epoch})))
+    cp = await env.store.checkpoint("s")
+    assert cp is not None and cp.offset == "000009"
 
 
 async def test_a_batch_with_one_fenced_stream_is_refused_whole(env: Env) -> None:
