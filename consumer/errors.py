@@ -9,7 +9,9 @@ OperaConsumerError
 ├── SessionError         a graphql-transport-ws call out of order (a bug of ours)
 ├── LeaseHeld            another process holds the state store: exit 78
 ├── StoreError           the state store cannot be used (the message names the path and fix)
-│   └── SchemaTooNew     written by a newer opera-consumer
+│   ├── SchemaTooNew     written by a newer opera-consumer
+│   └── StagedRowRefused a commit failed on a row a sink staged in it, for that row's data:
+│                        the committer writes those rows through the sink's own path instead
 ├── OperatorRefused      an operator command that would do harm now: exit 1
 │   ├── OffsetRefused    `offset set/reset` (unknown stream, bad offset, a daemon holds it)
 │   └── ReplayRefused    `dlq replay` (the jsonl sink's one writer is running)
@@ -107,6 +109,14 @@ class StoreError(OperaConsumerError):
 
 class SchemaTooNew(StoreError):
     pass
+
+
+class StagedRowRefused(StoreError):
+    """The commit failed on a row a sink staged in it (:class:`~consumer.core.records.Staged`),
+    for that row's data: a constraint, a trigger's RAISE or an expression of its failing on
+    the row. Nothing was committed. Not what every event meets (a connection lost, a privilege,
+    a table dropped): those are plain :class:`StoreError`. The message is bounded and never
+    quotes the row (a violation's DETAIL, a cast's value)."""
 
 
 class OperatorRefused(OperaConsumerError):

@@ -8,10 +8,11 @@ commands that read them back.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .events import Event
 from .evidence import Evidence
 from .watermark import Position
 
@@ -22,18 +23,40 @@ class Staged:
     state store's database): ``statement`` in that database's dialect, run once per row.
     ``many(n)``, where given, is the same statement for ``n`` rows at once (SQLite runs those:
     see :func:`consumer.sqlite_tx.write_rows`).
-    Column ``STREAM_COLUMN`` of each row is its stream (the fence drops a fenced stream's)."""
+    Column ``STREAM_COLUMN`` of each row is its stream (the fence drops a fenced stream's).
+
+    ``events``: the event of each row (the same order), and ``aside``: the sink's own write of
+    events, outside the state transaction. Where the rows go when that transaction refuses one
+    of them for its data (:class:`~consumer.errors.StagedRowRefused`): the sink then writes
+    through its own path for good, and dead-letters an event it refuses there, alone. None:
+    no way round, the refusal fails the commit."""
 
     statement: str
     rows: list[tuple[Any, ...]]
     many: Callable[[int], str] | None = None
+    events: list[Event] | None = None
+    aside: Callable[[str, Sequence[Event]], Awaitable[None]] | None = None
 
     STREAM_COLUMN = 1  # as in consumer.sinks.rows.row
 
     def without(self, streams: frozenset[str]) -> Staged:
         col = self.STREAM_COLUMN
-        rows = [r for r in self.rows if r[col] not in streams]
-        return Staged(self.statement, rows, self.many)
+        if self.events is None:
+            rows = [r for r in self.rows if r[col] not in streams]
+            return Staged(self.statement, rows, self.many, None, self.aside)
+        pairs = zip(self.rows, self.events, strict=True)
+        kept = [(r, e) for r, e in pairs if r[col] not in streams]
+        return Staged(
+            self.statement, [r for r, _ in kept], self.many, [e for _, e in kept], self.aside
+        )
+
+    def by_stream(self) -> dict[str, list[Event]]:
+        """The rows' events per stream, each stream's in their order (empty without events)."""
+        col = self.STREAM_COLUMN
+        out: dict[str, list[Event]] = {}
+        for r, e in zip(self.rows, self.events or [], strict=self.events is not None):
+            out.setdefault(str(r[col]), []).append(e)
+        return out
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,28 +16,33 @@ otherwise at most every ``commit_max_events`` events or
 ``commit_interval_ms``, whichever comes first. The snapshot of what to commit is taken without
 awaiting, so the checkpoint, the processed ids, the dead letters, the rows a sink staged and
 the sink's position always describe the same instant, and go into the store in one
-transaction.
+transaction. When that transaction refuses a staged row for its data (a trigger failing on it:
+:class:`~consumer.errors.StagedRowRefused`), the batch's staged rows go through the sink's own
+path first (durable before the checkpoint that passes them), an event refused there too is
+dead-lettered alone, and the rest commits (see :meth:`Committer._set_aside`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import secrets
 import time
-from collections import Counter
-from collections.abc import Callable, Sequence
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo
 
 import structlog
 from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
 
-from ..core.events import event_time
-from ..core.evidence import prefix
+from ..core.events import Event, event_time
+from ..core.evidence import event_evidence, prefix
 from ..core.records import CommitBatch, DeadLetter, Fence
 from ..core.watermark import Position, Positioned, Watermark
-from ..errors import Fenced, StoreError, TransientSinkError
+from ..errors import Fenced, PermanentSinkError, StagedRowRefused, StoreError, TransientSinkError
+from ..logs import REDACTOR
 from ..sinks.base import Sink
 from ..state.base import PRUNE_CHUNK, StateStore
 
@@ -103,6 +108,10 @@ class Committer:
         self._batch = CommitBatch()
         # A failed commit, kept whole, and its bytes: sent again before anything newer.
         self._unsure: tuple[CommitBatch, int] | None = None
+        # The batch the commit under way sends now, once its staged rows were set aside
+        # (written through the sink's own path, durable): kept instead if that commit fails.
+        self._sent: CommitBatch | None = None
+        self.aside_dead_letters = 0  # events the sink's own path refused after a refusal
         self._id = secrets.token_hex(8)  # this committer's batches' marks (CommitBatch.mark)
         self._seq = 0
         self._pending = 0
@@ -346,12 +355,15 @@ class Committer:
 
     async def _commit_one(self, batch: CommitBatch, held: int, sync_to: str | None = None) -> bool:
         self.busy_since = time.monotonic()
+        self._sent = None
         try:
             if sync_to is None and batch.sink_state is not None:
                 sync_to = batch.sink_state[1]
             await self._sink.sync(sync_to)
             batch = await self._commit_fenced(batch)
         except BaseException as exc:
+            if self._sent is not None:  # its rows are durable now: the rest is what is kept
+                batch, self._sent = self._sent, None
             # Work of a stream forgotten meanwhile belongs to a lease that is gone.
             gone = self._end_in_flight()
             self._restore(batch.without(gone) if gone else batch, held)
@@ -361,6 +373,7 @@ class Committer:
                 if self.failing_since is None:
                     self.failing_since = time.monotonic()
             raise
+        self._sent = None
         gone = self._end_in_flight()
         self.failures = 0
         self.failing_since = None
@@ -410,6 +423,101 @@ class Committer:
                 batch = batch.without(exc.streams)
                 if not batch:
                     return batch
+            except StagedRowRefused as exc:
+                # Once at most: the batch sent again has no staged rows.
+                batch = self._sent = await self._set_aside(batch, exc)
+
+    async def _set_aside(self, batch: CommitBatch, refused: StagedRowRefused) -> CommitBatch:
+        """The state transaction refused a row a sink staged, for that row's data (nothing
+        was committed): every staged row of the batch goes through its sink's own path
+        instead (:attr:`Staged.aside`; the sink writes through it from now on), durable before
+        the commit of the rest; an event refused there too is dead-lettered alone, as the
+        pipeline does with a refusal of the sink's own path. The batch without its staged
+        rows, with those dead letters, is what is committed then. A failure of the own path
+        that every event meets (:class:`TransientSinkError`) fails this commit, retried as
+        any; the rows it wrote are upserted again then."""
+        ways = [(s, s.aside) for s in batch.staged if s.rows]
+        if any(aside is None or s.events is None for s, aside in ways):
+            raise refused  # no way round: the commit fails, as it did
+        log.warning(
+            "a row a sink staged was refused in the state transaction; writing the batch's "
+            "rows through the sink's own path, and every batch from now on",
+            error=prefix(str(refused), 1000),
+        )
+        letters: list[DeadLetter] = []
+        for staged, aside in ways:
+            assert aside is not None
+            for stream, events in staged.by_stream().items():
+                letters += await self._write_aside(aside, stream, events)
+        rest = dataclasses.replace(
+            batch,
+            staged=[],
+            dead_letters=[*batch.dead_letters, *letters],
+            done_counts=dict(batch.done_counts),
+        )
+        gone = frozenset(self._forgotten_in_flight)
+        for letter in letters:
+            # Handled, not delivered: its id stays with the processed ones (the pipeline's
+            # dead letters' too), its count goes.
+            if rest.done_counts.get(letter.stream):
+                rest.done_counts[letter.stream] -= 1
+            ledger = self._live(letter.stream, gone)
+            if ledger is not None and letter.primary_key is not None:
+                ledger.letters_not_durable[letter.primary_key] += 1  # settled by _durable
+        self.aside_dead_letters += len(letters)
+        return rest
+
+    async def _write_aside(
+        self,
+        write: Callable[[str, Sequence[Event]], Awaitable[None]],
+        stream: str,
+        events: list[Event],
+    ) -> list[DeadLetter]:
+        """Write the events through the sink's own path; the dead letters of those it refuses.
+        A refusal that names no event splits the part in two (bisection: a few writes find
+        one event among thousands); each failed write splits a part or dead-letters one
+        event, so there are at most twice as many writes as events."""
+        letters: list[DeadLetter] = []
+        parts: deque[list[Event]] = deque([events])
+        while parts:
+            part = parts.popleft()
+            try:
+                await write(stream, part)
+            except PermanentSinkError as exc:
+                part = part[min(max(0, exc.delivered), len(part)) :]  # those taken are done
+                if not part:
+                    continue
+                at = 0 if len(part) == 1 else _index(part, exc.unique_event_id)
+                if at is None:
+                    half = len(part) // 2
+                    parts.extendleft((part[half:], part[:half]))  # the first half first
+                    continue
+                letters.append(self._refused(stream, part[at], exc))
+                parts.extendleft(p for p in (part[at + 1 :], part[:at]) if p)
+        return letters
+
+    def _refused(self, stream: str, ev: Event, exc: PermanentSinkError) -> DeadLetter:
+        """An event the sink's own path refused too: its dead letter, as the pipeline's."""
+        error = prefix(REDACTOR.scrub(str(exc)), 1000)
+        log.warning(
+            "event dead-lettered",
+            stream=stream,
+            offset=ev.offset,
+            unique_event_id=ev.unique_event_id,
+            event_name=ev.event_name,
+            reason="sink_rejected",
+            error=error,
+        )
+        return DeadLetter.of(
+            event_evidence(ev),
+            stream=stream,
+            reason="sink_rejected",
+            error=error,
+            offset=ev.offset,
+            unique_event_id=ev.unique_event_id,
+            event_name=ev.event_name,
+            primary_key=ev.primary_key,
+        )
 
     def fence_out(self, streams: frozenset[str], epochs: dict[str, int]) -> None:
         """The store refused these streams at these epochs: nothing of theirs is committed
@@ -554,6 +662,13 @@ def _size(batch: CommitBatch) -> int:
         + sum(d.unique_event_id is None for d in batch.dead_letters)  # else an id above
         + len(batch.resolved)
     )
+
+
+def _index(events: list[Event], unique_event_id: str | None) -> int | None:
+    """Where the event a refusal names is among ``events`` (None: it names none of them)."""
+    if unique_event_id is None:
+        return None
+    return next((i for i, e in enumerate(events) if e.unique_event_id == unique_event_id), None)
 
 
 def _may_clear(exc: BaseException) -> bool:

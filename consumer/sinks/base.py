@@ -13,7 +13,10 @@ committer that makes delivery exactly-once in effect:
 * A sink that cannot do that gets each event's ``uniqueEventId`` to use as an idempotency key;
   after a crash it may see an event again.
 * A sink whose rows live in the state store's own database returns them from ``staged()``:
-  the committer writes them in the checkpoint's transaction (nothing to ``sync``).
+  the committer writes them in the checkpoint's transaction (nothing to ``sync``). With their
+  events and its own write of them (``Staged.aside``): when that transaction refuses a row for
+  its data (a trigger failing on it), the committer writes them through it instead, and the
+  sink writes through its own path from then on (a row refused there is that event's).
 * ``waits``: whether ``write`` may suspend on I/O (the network, another thread). Several
   workers overlap those waits; for a sink whose write does not suspend (every one part of
   the checkpoint: jsonl only when the disk is behind its write-outs) a second worker only

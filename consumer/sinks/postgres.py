@@ -15,7 +15,10 @@ Two modes, chosen when the daemon is assembled (:func:`consumer.runtime.assembly
   does a table with constraints, generated columns or row-level security of its own, or a
   trigger that may RAISE (:data:`_GUARDS`; an audit trigger that cannot refuse a row keeps the
   rows in the state transaction): one event's row they refuse is then dead-lettered alone,
-  naming the constraint, column, policy or function.
+  naming the constraint, column, policy or function. What open cannot read (a cast of the
+  row's data in a trigger, a function it calls) and the state transaction refuses anyway:
+  the committer writes that commit's rows through :attr:`Staged.aside` (``_write_aside``),
+  which opens the own pool and moves the sink to it for good.
 * **On its own pool** (any other configuration): exactly-once in effect without being part of
   the checkpoint. Each ``write`` is one statement, so one transaction, and it returns only once
   PostgreSQL has committed it. The daemon commits its checkpoint after the sink write returns,
@@ -77,6 +80,7 @@ from ..core.records import Staged
 from ..errors import ConfigError, PermanentSinkError, TransientSinkError
 from ..pg_target import DURABLE_COMMITS, Target
 from ..pg_text import unstorable_char
+from ..state.postgres import raised_in
 from .base import PlainSink
 from .rows import COLUMNS, json_row, row
 
@@ -355,6 +359,7 @@ class PostgresSink(PlainSink):
         self.in_state_transaction = in_state_transaction
         self._staged_upsert: str | None = None  # set by open, in the state transaction
         self._rows: list[tuple[Any, ...]] = []  # written, not yet taken by staged()
+        self._events: list[Event] = []  # the events of _rows (for Staged.aside)
         self._opened = False  # in the state transaction (the own pool has _pool)
 
     @property
@@ -664,6 +669,7 @@ class PostgresSink(PlainSink):
                 )
             rows.append(values)
         self._rows.extend(rows)
+        self._events.extend(events)
 
     def staged(self) -> Staged | None:
         """In the state transaction: the rows written since the last call, for the
@@ -671,7 +677,31 @@ class PostgresSink(PlainSink):
         if not self._rows or self._staged_upsert is None:
             return None
         rows, self._rows = self._rows, []
-        return Staged(self._staged_upsert, rows)
+        events, self._events = self._events, []
+        return Staged(self._staged_upsert, rows, events=events, aside=self._write_aside)
+
+    async def _write_aside(self, stream: str, events: Sequence[Event]) -> None:
+        """:attr:`Staged.aside`: the state transaction refused a staged row for its data (a
+        trigger's cast or a function it calls failing on it: what open cannot read). From now
+        on every write goes through the sink's own pool, as when open finds a guard: a row
+        the table refuses is then that event's dead letter, not every stream's commit."""
+        if self.in_state_transaction:
+            if not self._opened:
+                raise TransientSinkError("postgres sink is not open")
+            pool = await self._create_pool(self.settings.pool_min, self.settings.pool_max)
+            if self._pool is not None:  # cannot be: the committer's one call at a time
+                await self._close_pool(pool)
+            else:
+                self._pool = pool
+            self.in_state_transaction = False
+            log.warning(
+                "postgres sink: the state transaction refused a row of the table; writing "
+                "through the sink's own pool (upsert) from now on, so such an event is "
+                "dead-lettered alone",
+                server=self._target.where,
+                table=self.table,
+            )
+        await self.write(stream, events)
 
     def _classify(
         self,
@@ -714,6 +744,18 @@ class PostgresSink(PlainSink):
                 return PermanentSinkError(
                     f"{refused}: {origin} raised {prefix(state, 5)}: {self._describe(exc)}; "
                     "fix the function or the trigger, then `opera-consumer dlq replay`",
+                    unique_event_id=only,
+                )
+            function = raised_in(exc)
+            if state.startswith("22") and function is not None:
+                # Raised in the operator's code (a trigger's function, or one that it or a
+                # generated column calls: a cast of the row's data, a division by zero) on
+                # this event's row. Named by the function the table called, not by the
+                # server's message: a cast's quotes the value (event data).
+                return PermanentSinkError(
+                    f"{refused}: {function} failed on it ({prefix(state, 5)} "
+                    f"{type(exc).__name__}); fix the function or the trigger, then "
+                    "`opera-consumer dlq replay`",
                     unique_event_id=only,
                 )
             if state == "23502" and column in generated:

@@ -26,7 +26,10 @@ compiles) is :class:`TransientSinkError`, retried until it clears. A row a trigg
 ``RAISE(IGNORE)`` drops is that event's too (each write checks that every event has its row
 when the table had such a trigger at open): otherwise the checkpoint would commit without it.
 In the state store's file such a table (a trigger that may RAISE included; one that cannot,
-an audit's, is fine) is refused at open (:func:`check_store_guards`).
+an audit's, is fine) is refused at open (:func:`check_store_guards`). A trigger that cannot
+RAISE may still fail on a row (its ``json_extract`` of text that is not JSON): the committer
+then writes that commit's rows through :attr:`Staged.aside`, and the sink writes each batch
+on a connection of its own to the state file from then on, as :class:`SqliteSink` does.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
+import structlog
 
 from ..core.events import Event
 from ..core.evidence import prefix
@@ -52,6 +56,8 @@ from ..sqlite_tx import in_thread, sync_transaction, write_rows
 from ..state.sqlite import MIGRATIONS
 from .base import PlainSink
 from .rows import COLUMNS, row
+
+log = structlog.get_logger(__name__)
 
 # Columns the sink may write NULL into (an event without a hotelId...).
 _NULLABLE = frozenset(
@@ -327,7 +333,6 @@ class StoreTableSink(PlainSink):
     """Rows in the state store's file, committed with the checkpoint (see the module doc)."""
 
     name = "sqlite"
-    waits = False
 
     def __init__(self, state_path: Path, table: str) -> None:
         self.path = state_path
@@ -335,6 +340,14 @@ class StoreTableSink(PlainSink):
         self._many = functools.partial(upsert_sql, table)
         self._upsert = self._many(1)
         self._rows: list[tuple[Any, ...]] = []
+        self._events: list[Event] = []  # the events of _rows (for Staged.aside)
+        # Its own connection to the state file, once the state transaction refused a row
+        # (:meth:`_write_aside`): every write goes through it from then on.
+        self._own: SqliteSink | None = None
+
+    @property
+    def waits(self) -> bool:
+        return self._own is not None  # staged rows: write only appends to a list
 
     async def open(self, committed: str | None) -> None:
         check_store_table_name(self.table, self.path)
@@ -349,16 +362,49 @@ class StoreTableSink(PlainSink):
             raise open_error(exc, self.table, self.path, "state.path") from None
 
     async def write(self, stream: str, events: Sequence[Event]) -> None:
+        if self._own is not None:
+            await self._own.write(stream, events)
+            return
         # No await: what the committer takes is exactly the writes that returned.
         rows = _rows(stream, events)  # all or none: one may not serialize
         self._rows.extend(rows)
+        self._events.extend(events)
 
     def staged(self) -> Staged | None:
         """The rows written since the last call, for the committer's transaction."""
         if not self._rows:
             return None
         rows, self._rows = self._rows, []
-        return Staged(self._upsert, rows, self._many)
+        events, self._events = self._events, []
+        return Staged(self._upsert, rows, self._many, events, self._write_aside)
+
+    async def _write_aside(self, stream: str, events: Sequence[Event]) -> None:
+        """:attr:`Staged.aside`: the state transaction refused a staged row for its data (a
+        trigger's expression failing on it, which open cannot read: ``malformed JSON``). From
+        now on every write is its own transaction on a connection of the sink's own to the
+        state file, as a file of its own is written: a row the table refuses is then that
+        event's dead letter, not every stream's commit. (A replay after a crash upserts the
+        same rows again.)"""
+        if self._own is None:
+            own = SqliteSink(self.path, self.table)
+            await own.open(None)
+            if self._own is not None:  # cannot be: the committer's one call at a time
+                await own.close()
+            else:
+                self._own = own
+                log.warning(
+                    "sqlite sink: the state transaction refused a row of the table; writing "
+                    "each batch in a transaction of its own from now on, so such an event is "
+                    "dead-lettered alone",
+                    path=str(self.path),
+                    table=self.table,
+                )
+        await self._own.write(stream, events)
+
+    async def close(self) -> None:
+        own, self._own = self._own, None
+        if own is not None:
+            await own.close()
 
 
 class SqliteSink(PlainSink):

@@ -26,7 +26,9 @@ asyncpg pool.
 Errors are translated where they enter (:func:`store_error`): a lost or refused connection,
 a timeout, a serialization failure or deadlock, too many connections, a server starting or
 stopping are retriable :class:`StoreError`; refused credentials, an unknown database, a
-missing privilege or anything else are not. The DSN is a secret: messages name the server
+missing privilege or anything else are not. A staged row refused for its data (a trigger's
+cast, a constraint: :func:`staged_row_fault`) is :class:`StagedRowRefused`, which the committer
+goes round. The DSN is a secret: messages name the server
 (``host:port/database``) and the schema, never the DSN or its password.
 """
 
@@ -36,6 +38,7 @@ import asyncio
 import functools
 import hashlib
 import os
+import re
 import time
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -43,9 +46,10 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import asyncpg
 
 from ..config import StateSettings
+from ..core.evidence import prefix
 from ..core.records import Checkpoint, CommitBatch, DeadLetterRow, Fence, dead_letter_row
 from ..core.watermark import Position
-from ..errors import Fenced, LeaseHeld, SchemaTooNew, StoreError
+from ..errors import Fenced, LeaseHeld, SchemaTooNew, StagedRowRefused, StoreError
 from ..pg_target import DURABLE_COMMITS, Target
 from ..pg_text import from_text, from_text_or_none, to_text, to_text_or_none
 from .base import PRUNE_CHUNK
@@ -189,6 +193,78 @@ _RETRIABLE_SERVER = (
     asyncpg.exceptions.LockNotAvailableError,
     asyncpg.exceptions.IdleInTransactionSessionTimeoutError,
 )
+# A staged statement's failure that may be its row's data (:func:`staged_row_fault`): a data
+# exception (22: a cast in a trigger, a function it calls dividing by zero), an integrity
+# violation (23), a character the database cannot hold (0A000), a RAISE or an ASSERT (P0001,
+# P0004, or any SQLSTATE one chose: where PL/pgSQL raised it says so).
+_ROW_CLASSES = ("22", "23")
+_ROW_STATES = frozenset({"0A000", "P0001", "P0004"})
+_RAISED_BY = frozenset({"exec_stmt_raise", "exec_stmt_assert"})
+
+
+def staged_row_fault(sqlstate: str, raised_by: str | None) -> bool:
+    """Whether a staged statement that failed with ``sqlstate`` (raised in the server's
+    function ``raised_by``) may have failed on its row's data, so that the committer writes
+    the rows through the sink's own path, which tells a row's refusal (that event
+    dead-lettered) from the table's (retried). Not what every event meets (a privilege, a
+    table or a function gone: 42xxx) nor what clears by itself (the caller's
+    :data:`_RETRIABLE_SERVER`, even if a RAISE chose it): the commit is retried as before."""
+    return sqlstate.startswith(_ROW_CLASSES) or sqlstate in _ROW_STATES or raised_by in _RAISED_BY
+
+
+def _row_fault(exc: BaseException) -> bool:
+    """:func:`staged_row_fault` of a driver's error (a value asyncpg cannot send is its row's)."""
+    if isinstance(exc, asyncpg.exceptions._base.DataError):
+        return True
+    if isinstance(exc, _RETRIABLE_SERVER) or not isinstance(exc, asyncpg.exceptions.PostgresError):
+        return False
+    return staged_row_fault(exc.sqlstate or "", getattr(exc, "server_source_function", None))
+
+
+# A line of an error's CONTEXT naming a function it was raised in ("PL/pgSQL function f() line
+# 3 at PERFORM", "SQL function \"f\" statement 1"). Not its other lines: "SQL statement …"
+# (the function's own text), "unnamed portal parameter $1", "JSON data, line 1: …" (the row's).
+_FUNCTION_CONTEXT = re.compile(r"[\w/]+ function \S")
+
+
+def raised_in(exc: BaseException) -> str | None:
+    """The function the table called (a trigger's) that an error was raised in, bounded: the
+    last line of its CONTEXT that names one; None when it names none."""
+    context = str(getattr(exc, "context", None) or "")
+    named = [line for line in context.splitlines() if _FUNCTION_CONTEXT.match(line)]
+    return prefix(named[-1], 200) if named else None
+
+
+def staged_refusal(target: Target, schema: str, exc: BaseException) -> StagedRowRefused:
+    """What the server said of a staged row, bounded, naming what refused it (the table, the
+    constraint or column, the function a trigger ran); never the row: not the DETAIL
+    (``Failing row contains (…)``), nor a data exception's message (a cast's quotes the
+    value), nor asyncpg's of a value it cannot send."""
+    state = str(getattr(exc, "sqlstate", None) or "")
+    names = [
+        f"{what} {prefix(str(value), 100)!r}"
+        for what, value in (
+            ("table", getattr(exc, "table_name", None)),
+            ("constraint", getattr(exc, "constraint_name", None)),
+            ("column", getattr(exc, "column_name", None)),
+        )
+        if value
+    ]
+    function = raised_in(exc)
+    if function is not None:
+        names.append(f"in {function}")
+    said = (
+        f"{prefix(state, 5) or 'client'} {type(exc).__name__}"
+        if state.startswith("22") or not state
+        else target.describe(exc, detail=False)
+    )
+    return StagedRowRefused(
+        f"state store PostgreSQL {target.where} (schema {schema}): committing: a row a sink "
+        f"staged was refused ({said}{'; ' if names else ''}{', '.join(names)}): the sink "
+        "writes through its own path instead"
+    )
+
+
 # What asyncpg and the network raise: translated by store_error.
 DRIVER_ERRORS = (
     asyncpg.exceptions.PostgresError,
@@ -674,7 +750,12 @@ class PostgresStore:
                 )
             for staged in batch.staged:
                 if staged.rows:
-                    await db.executemany(staged.statement, staged.rows)
+                    try:
+                        await db.executemany(staged.statement, staged.rows)
+                    except DRIVER_ERRORS as exc:
+                        if not _row_fault(exc):
+                            raise
+                        raise staged_refusal(self.target, self.schema, exc) from None
             if batch.sink_state is not None:
                 await self._put_sink_state(db, *batch.sink_state, now)
         return True

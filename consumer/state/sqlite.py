@@ -26,9 +26,17 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import aiosqlite
 
-from ..core.records import Checkpoint, CommitBatch, DeadLetterRow, Fence, dead_letter_row
+from ..core.evidence import prefix
+from ..core.records import (
+    Checkpoint,
+    CommitBatch,
+    DeadLetterRow,
+    Fence,
+    Staged,
+    dead_letter_row,
+)
 from ..core.watermark import Position
-from ..errors import SchemaTooNew, StoreError
+from ..errors import SchemaTooNew, StagedRowRefused, StoreError
 from ..sqlite_tx import in_thread, sync_transaction, transaction, write_rows
 from .base import PRUNE_CHUNK
 
@@ -201,6 +209,40 @@ _PUT_SINK_STATE = (
     "INSERT INTO sink_state (sink, state, updated_at) VALUES (?, ?, ?) "
     "ON CONFLICT (sink) DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at"
 )
+
+
+# Primary result codes of a failed staged statement that are its row's (a constraint, a
+# trigger's RAISE; too big; a datatype mismatch). A plain SQLITE_ERROR is the row's only while
+# the statement still compiles: an expression failing on it ("malformed JSON" from a trigger's
+# json_extract), not the table dropped or altered ("no such table"). Any other code (busy,
+# locked, I/O, full) is what every event meets: the commit is retried as before.
+_ROW_CODES = frozenset({sqlite3.SQLITE_CONSTRAINT, sqlite3.SQLITE_TOOBIG, sqlite3.SQLITE_MISMATCH})
+
+
+def staged_row_fault(code: int | None, compiles: bool) -> bool:
+    """Whether a staged statement that failed with SQLite's primary result ``code`` may have
+    failed on its row's data (``compiles``: the statement still compiles against the table),
+    so that the committer writes the rows through the sink's own path, which tells a row's
+    refusal (that event dead-lettered) from the table's (retried)."""
+    if code == sqlite3.SQLITE_ERROR:
+        return compiles
+    return code in _ROW_CODES
+
+
+def _code(exc: sqlite3.Error) -> int | None:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return None if code is None else int(code) & 0xFF
+
+
+def _compiles(db: sqlite3.Connection, staged: Staged) -> bool:
+    """Whether the staged statement compiles (EXPLAIN: prepared, not run) against the schema
+    as it is now, with the table's triggers and generated columns."""
+    width = len(staged.rows[0]) if staged.rows else 0
+    try:
+        db.execute(f"EXPLAIN {staged.statement}", (None,) * width).fetchall()
+    except sqlite3.Error:
+        return False
+    return True
 
 
 class SqliteStore:
@@ -507,7 +549,17 @@ class SqliteStore:
                     list(batch.checkpoints),
                 )
             for staged in batch.staged:
-                write_rows(db, staged.statement, staged.rows, staged.many)
+                try:
+                    write_rows(db, staged.statement, staged.rows, staged.many)
+                except sqlite3.Error as exc:
+                    code = _code(exc)
+                    compiles = code == sqlite3.SQLITE_ERROR and _compiles(db, staged)
+                    if not staged_row_fault(code, compiles):
+                        raise
+                    raise StagedRowRefused(
+                        f"state store {self.path}: committing: a row a sink staged was refused "
+                        f"({prefix(str(exc), 300)}): the sink writes through its own path instead"
+                    ) from None
             if batch.sink_state is not None:
                 db.execute(_PUT_SINK_STATE, (*batch.sink_state, now))
         return True

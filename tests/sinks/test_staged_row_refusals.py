@@ -1,0 +1,470 @@
+"""A row the state store's transaction refuses for its data, where open could not see it coming:
+a trigger with no RAISE of its own whose cast (PostgreSQL ``PERFORM NEW.primary_key::int``) or
+expression (SQLite ``json_extract`` of text that is not JSON) fails on one hostile event's row.
+The committer writes that commit's staged rows through the sink's own path (its pool, or a
+connection of its own to the state file), where the refused event is dead-lettered alone,
+naming the table or the trigger's function and never the row; every other event is written
+once, the checkpoint passes them all, the stream goes on and the sink writes through its own
+path from then on. Real PostgreSQL, real SQLite files, the sandbox gateway, the daemon
+in-process.
+
+Was: the staged row failed the whole commit (every stream's checkpoint, processed ids and dead
+letters): the daemon exited 78, and again at each start on the same event.
+
+And: a trigger whose cast fails for every event is the rows' data too, dead-lettered each, as
+on the sink's own pool; a crash between the rows written aside and the commit of the rest
+replays them once in effect; the own path failing for a while retries the commit, nothing
+dead-lettered meanwhile."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sqlite3
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from operator_support import query
+from pg import sql
+from sink_tables import LITE, PG
+from support import committed, make_settings, newest_offset, running, truth_ids, wait_until
+
+from consumer.core.events import Event
+from consumer.core.protocol import event_from_raw
+from consumer.core.records import CommitBatch, DeadLetterRow, Staged
+from consumer.errors import StagedRowRefused, StoreError, TransientSinkError
+from consumer.runtime.committer import Committer
+from consumer.runtime.pipeline import StreamPipeline
+from consumer.sinks.postgres import OWN_POOL, STATE_TRANSACTION
+from consumer.sinks.sqlite import StoreTableSink
+from consumer.state import PostgresStore, SqliteStore
+from consumer.state.postgres import staged_row_fault as pg_row_fault
+from consumer.state.sqlite import staged_row_fault as lite_row_fault
+
+pytestmark = pytest.mark.usefixtures("fresh_pysink", "contained_logging")
+
+EVENTS = 20
+HOSTILE_KEY = "HOSTILE-KEY-7c1e"  # not a number, nor JSON: the trigger fails on its row
+
+
+def hostile_event(offset: str, uid: str) -> str:
+    return json.dumps(
+        {
+            "metadata": {"offset": offset, "uniqueEventId": uid},
+            "moduleName": "Reservation",
+            "eventName": "UPDATE_RESERVATION",
+            "primaryKey": HOSTILE_KEY,
+            "hotelId": "HOTEL1",
+            "detail": [],
+        }
+    )
+
+
+async def with_hostile_event(sandbox_factory: Any) -> tuple[Any, list[str], str]:
+    """The gateway: a backlog, one hostile event (its primaryKey not a number), more events;
+    the valid ones' ids, and the hostile one's."""
+    gw = await sandbox_factory(backlog=EVENTS)
+    bad = f"hostile-{uuid.uuid4().hex[:8]}"
+    gw.inject_event("DEMO", hostile_event(gw.events("DEMO")[-1]["metadata"]["offset"], bad))
+    gw.append("DEMO", EVENTS)
+    return gw, truth_ids(gw.events("DEMO")), bad
+
+
+async def pg_letters(dsn: str, schema: str) -> list[DeadLetterRow]:
+    store = await PostgresStore.open(dsn, schema=schema)
+    try:
+        return list(await store.dead_letters())
+    finally:
+        await store.close()
+
+
+async def lite_letters(state: Path) -> list[DeadLetterRow]:
+    store = await SqliteStore.open(state)
+    try:
+        return list(await store.dead_letters())
+    finally:
+        await store.close()
+
+
+async def pg_checkpoint(daemon: Any, offset: str) -> None:
+    async with asyncio.timeout(30):
+        while (cp := await daemon.store.checkpoint("main")) is None or cp.offset != offset:
+            await asyncio.sleep(0.02)
+
+
+def assert_named_without_data(letter: DeadLetterRow, *names: str) -> None:
+    error = letter.error
+    assert all(n in error for n in names), error
+    assert HOSTILE_KEY not in error and "Failing row" not in error, error
+    assert "dlq replay" in error and len(error) <= 1000, error
+
+
+# --- the decisions (pure) --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sqlstate", "raised_by", "row"),
+    [
+        ("22P02", "pg_strtoint32", True),  # a cast of the row's data in a trigger
+        ("22012", "int4div", True),  # a function the trigger calls dividing by zero
+        ("23514", None, True),  # a CHECK added after open
+        ("23505", None, True),
+        ("P0001", None, True),  # RAISE
+        ("P0004", None, True),  # ASSERT
+        ("XX999", "exec_stmt_raise", True),  # a RAISE of any SQLSTATE
+        ("0A000", None, True),
+        ("42501", None, False),  # a privilege revoked: every event's
+        ("42P01", None, False),  # a table the trigger writes to, gone
+        ("42883", None, False),  # a function it calls, gone
+        ("P0002", None, False),  # SELECT INTO STRICT over the operator's tables
+        ("40001", None, False),  # serialization failure (the caller's retried ones)
+    ],
+)  # fmt: skip
+def test_which_postgres_failures_of_a_staged_row_are_its_data(
+    sqlstate: str, raised_by: str | None, row: bool
+):
+    assert pg_row_fault(sqlstate, raised_by) is row
+
+
+@pytest.mark.parametrize(
+    ("code", "compiles", "row"),
+    [
+        (sqlite3.SQLITE_CONSTRAINT, False, True),  # a constraint, a trigger's RAISE
+        (sqlite3.SQLITE_ERROR, True, True),  # "malformed JSON": an expression on the row
+        (sqlite3.SQLITE_ERROR, False, False),  # "no such table": the table dropped
+        (sqlite3.SQLITE_TOOBIG, False, True),
+        (sqlite3.SQLITE_MISMATCH, False, True),
+        (sqlite3.SQLITE_BUSY, True, False),
+        (sqlite3.SQLITE_FULL, True, False),
+        (sqlite3.SQLITE_IOERR, True, False),
+        (None, True, False),
+    ],
+)  # fmt: skip
+def test_which_sqlite_failures_of_a_staged_row_are_its_data(
+    code: int | None, compiles: bool, row: bool
+):
+    assert lite_row_fault(code, compiles) is row
+
+
+# --- the stores: a distinct error, naming what refused, never the row ------------------------
+
+
+async def test_the_postgres_store_says_a_staged_row_was_refused(postgres_dsn: str, schema: str):
+    table = f"t_{uuid.uuid4().hex[:12]}"
+    store = await PostgresStore.open(postgres_dsn, schema=schema)
+    try:
+        await sql(
+            postgres_dsn,
+            "execute",
+            f'CREATE TABLE "{schema}".{table} (k TEXT PRIMARY KEY, stream TEXT); '
+            f"CREATE FUNCTION {table}_f() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            f"PERFORM NEW.k::int; RETURN NEW; END $$; "
+            f'CREATE TRIGGER cast_key BEFORE INSERT ON "{schema}".{table} '
+            f"FOR EACH ROW EXECUTE FUNCTION {table}_f()",
+        )
+        statement = f'INSERT INTO "{schema}".{table} VALUES ($1, $2)'
+        batch = CommitBatch(
+            processed={"main": ["a", "b"]},
+            staged=[Staged(statement, [("1", "main"), (HOSTILE_KEY, "main")])],
+        )
+        with pytest.raises(StagedRowRefused) as info:
+            await store.commit(batch)
+        assert await store.seen("main", ["a", "b"]) == set()  # nothing committed
+        missing = Staged(f'INSERT INTO "{schema}".gone VALUES ($1, $2)', [("1", "main")])
+        with pytest.raises(StoreError) as other:  # every event's: not the row's
+            await store.commit(CommitBatch(staged=[missing]))
+    finally:
+        await store.close()
+    message = str(info.value)
+    assert f"PL/pgSQL function {table}_f()" in message and "22P02" in message, message
+    assert HOSTILE_KEY not in message, message
+    assert not isinstance(other.value, StagedRowRefused)
+
+
+async def test_the_sqlite_store_says_a_staged_row_was_refused(tmp_path: Path):
+    state = tmp_path / "state.db"
+    store = await SqliteStore.open(state)
+    try:
+        with contextlib.closing(sqlite3.connect(state)) as db:
+            db.executescript(
+                "CREATE TABLE rows (k TEXT PRIMARY KEY, stream TEXT); CREATE TRIGGER j BEFORE "
+                "INSERT ON rows BEGIN SELECT json_extract(NEW.k, '$'); END"
+            )
+        batch = CommitBatch(
+            processed={"main": ["a", "b"]},
+            staged=[Staged("INSERT INTO rows VALUES (?, ?)", [("1", "main"), ("{x", "main")])],
+        )
+        with pytest.raises(StagedRowRefused, match="malformed JSON"):
+            await store.commit(batch)
+        assert await store.seen("main", ["a", "b"]) == set()
+        with pytest.raises(StoreError, match="no such table") as other:
+            await store.commit(CommitBatch(staged=[Staged("INSERT INTO gone VALUES (?)", [(1,)])]))
+        assert not isinstance(other.value, StagedRowRefused)
+    finally:
+        await store.close()
+
+
+# --- the daemon: that event dead-lettered, the rest written once, the stream on --------------
+
+
+async def test_a_trigger_cast_failing_on_one_row_in_the_state_transaction_dead_letters_it(
+    sandbox_factory, tmp_path: Path, postgres_dsn: str
+):
+    """The trigger has no RAISE (open keeps the rows in the state transaction): its cast of
+    the hostile event's primaryKey fails there (22P02). That event is dead-lettered naming
+    the table and the function, never the key; every other event is in the table, each
+    written once (an audit trigger counts the writes that committed); the checkpoint reaches
+    the last offset; the daemon keeps running and the sink writes through its own pool."""
+    gw, ids, bad = await with_hostile_event(sandbox_factory)
+    table = f"t_{uuid.uuid4().hex[:12]}"
+    schema = f"s_{table}"
+    function = f"{table}_cast"
+    await sql(
+        postgres_dsn,
+        "execute",
+        f'CREATE TABLE "{table}_audit" (uid TEXT NOT NULL); '
+        f"CREATE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "PERFORM NEW.primary_key::int; RETURN NEW; END $$; "
+        f"CREATE FUNCTION {table}_audit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        f'INSERT INTO "{table}_audit" VALUES (NEW.unique_event_id); RETURN NULL; END $$; '
+        f'CREATE TABLE "{table}" ({PG}); '
+        f'CREATE TRIGGER cast_key BEFORE INSERT OR UPDATE ON "{table}" '
+        f"FOR EACH ROW EXECUTE FUNCTION {function}(); "
+        f'CREATE TRIGGER audit AFTER INSERT OR UPDATE ON "{table}" '
+        f"FOR EACH ROW EXECUTE FUNCTION {table}_audit()",
+    )
+    state = {"backend": "postgres", "dsn": postgres_dsn, "schema": schema}
+    sink = {"type": "postgres", "dsn": postgres_dsn, "table": table}
+    settings = make_settings(tmp_path, gw.url, sink=sink, state=state)
+    async with running(settings) as daemon:
+        assert daemon.sink.mode == STATE_TRANSACTION  # type: ignore[attr-defined]
+        await pg_checkpoint(daemon, newest_offset(gw))
+        assert not daemon._stop.is_set()
+        assert daemon.sink.mode == OWN_POOL  # type: ignore[attr-defined]
+        assert daemon.committer.aside_dead_letters == 1
+    assert daemon.exit_code == 0
+    written = [
+        r[0] for r in await sql(postgres_dsn, "fetch", f'SELECT unique_event_id FROM "{table}"')
+    ]
+    assert sorted(written) == sorted(ids)
+    audit = Counter(
+        r[0] for r in await sql(postgres_dsn, "fetch", f'SELECT uid FROM "{table}_audit"')
+    )
+    assert audit == Counter(ids)  # each written once
+    letters = await pg_letters(postgres_dsn, schema)
+    assert [(d.unique_event_id, d.primary_key, d.reason) for d in letters] == [
+        (bad, HOSTILE_KEY, "sink_rejected")
+    ]
+    assert json.loads(letters[0].payload)["metadata"]["uniqueEventId"] == bad  # replayable
+    assert_named_without_data(letters[0], repr(table), f"PL/pgSQL function {function}()")
+
+
+async def test_a_trigger_expression_failing_on_one_row_in_the_state_file_dead_letters_it(
+    sandbox_factory, tmp_path: Path
+):
+    """SQLite: the sink's table in the state store's file, with a trigger that cannot RAISE
+    (open keeps it) whose json_extract fails on the hostile event's primaryKey ("malformed
+    JSON"). That event is dead-lettered naming the table; every other event is in the table,
+    inserted once (an audit trigger counts them); the checkpoint reaches the last offset."""
+    gw, ids, bad = await with_hostile_event(sandbox_factory)
+    state = tmp_path / "state.db"
+    await (await SqliteStore.open(state)).close()
+    with contextlib.closing(sqlite3.connect(state)) as db:
+        db.executescript(
+            f"CREATE TABLE opera_events ({LITE}); CREATE TABLE audit (uid TEXT NOT NULL); "
+            "CREATE TRIGGER key_json BEFORE INSERT ON opera_events "
+            "BEGIN SELECT json_extract(NEW.primary_key, '$'); END; "
+            "CREATE TRIGGER audit AFTER INSERT ON opera_events "
+            "BEGIN INSERT INTO audit VALUES (NEW.unique_event_id); END"
+        )
+    settings = make_settings(tmp_path, gw.url, sink={"type": "sqlite"})
+    async with running(settings) as daemon:
+        await wait_until(lambda: committed(state, newest_offset(gw)))
+        assert not daemon._stop.is_set()
+        assert daemon.committer.aside_dead_letters == 1
+    assert daemon.exit_code == 0
+    written = [r[0] for r in query(state, "SELECT unique_event_id FROM opera_events")]
+    assert sorted(written) == sorted(ids)
+    assert Counter(r[0] for r in query(state, "SELECT uid FROM audit")) == Counter(ids)
+    letters = await lite_letters(state)
+    assert [(d.unique_event_id, d.primary_key, d.reason) for d in letters] == [
+        (bad, HOSTILE_KEY, "sink_rejected")
+    ]
+    assert_named_without_data(letters[0], "'opera_events'", "malformed JSON")
+
+
+@pytest.mark.parametrize("placement", ["state transaction", "own pool"])
+async def test_a_trigger_cast_failing_on_every_row_dead_letters_each_as_the_own_pool_does(
+    sandbox_factory, tmp_path: Path, postgres_dsn: str, placement: str
+):
+    """A cast every event's data fails (the hotelId, never a number) is the rows' data, not the
+    table's: on the sink's own pool each event was dead-lettered, and in the state transaction
+    now too (each named by the function, logged), the checkpoint past them: the same outcome in
+    both placements. (What every event meets whatever its data, a privilege or a table gone,
+    is no data exception: retried, as before.)"""
+    gw = await sandbox_factory(backlog=EVENTS)
+    ids = truth_ids(gw.events("DEMO"))
+    table = f"t_{uuid.uuid4().hex[:12]}"
+    schema = f"s_{table}"
+    await sql(
+        postgres_dsn,
+        "execute",
+        f"CREATE FUNCTION {table}_cast() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "PERFORM NEW.hotel_id::int; RETURN NEW; END $$; "
+        f'CREATE TABLE "{table}" ({PG}); '
+        f'CREATE TRIGGER cast_hotel BEFORE INSERT OR UPDATE ON "{table}" '
+        f"FOR EACH ROW EXECUTE FUNCTION {table}_cast()",
+    )
+    # Another spelling of the same server: the sink's own pool.
+    dsn = postgres_dsn if placement == "state transaction" else postgres_dsn + "?"
+    state = {"backend": "postgres", "dsn": postgres_dsn, "schema": schema}
+    sink = {"type": "postgres", "dsn": dsn, "table": table}
+    settings = make_settings(tmp_path, gw.url, sink=sink, state=state)
+    async with running(settings) as daemon:
+        await pg_checkpoint(daemon, newest_offset(gw))
+        assert not daemon._stop.is_set()
+    assert daemon.exit_code == 0
+    assert await sql(postgres_dsn, "fetch", f'SELECT unique_event_id FROM "{table}"') == []
+    letters = await pg_letters(postgres_dsn, schema)
+    assert sorted(d.unique_event_id for d in letters) == sorted(ids)
+    for letter in letters:
+        assert letter.reason == "sink_rejected" and letter.attempts == 1
+        assert f"PL/pgSQL function {table}_cast()" in letter.error, letter.error
+
+
+# --- the committer: a crash, or the own path down, between the rows aside and the commit -----
+
+
+def event(offset: int, uid: str, key: str) -> Event:
+    return event_from_raw(
+        {"metadata": {"offset": str(offset), "uniqueEventId": uid}, "primaryKey": key, "detail": []}
+    )
+
+
+EVENTS_ONCE = [event(1, "e1", "1"), event(2, "e2", "2"), event(3, "bad", "{x"), event(4, "e4", "4")]
+GOOD = ["e1", "e2", "e4"]
+
+
+def state_file_with_json_trigger(state: Path) -> None:
+    """The sink's table in the state file: a trigger whose json_extract fails on the key
+    ``{x`` (not JSON), and an audit of the inserts that committed."""
+    with contextlib.closing(sqlite3.connect(state)) as db:
+        db.executescript(
+            f"CREATE TABLE opera_events ({LITE}); CREATE TABLE audit (uid TEXT NOT NULL); "
+            "CREATE TRIGGER key_json BEFORE INSERT ON opera_events "
+            "BEGIN SELECT json_extract(NEW.primary_key, '$'); END; "
+            "CREATE TRIGGER audit AFTER INSERT ON opera_events "
+            "BEGIN INSERT INTO audit VALUES (NEW.unique_event_id); END"
+        )
+
+
+@contextlib.asynccontextmanager
+async def life(state: Path) -> AsyncIterator[tuple[SqliteStore, StoreTableSink, Committer]]:
+    """One daemon's life, in parts: the store, the sink in its file, a committer; the events
+    delivered through a pipeline before the body runs."""
+    store = await SqliteStore.open(state)
+    sink = StoreTableSink(state, "opera_events")
+    await sink.open(None)
+    committer = Committer(store, sink, max_events=1000, interval_s=3600)
+    pipeline = StreamPipeline(
+        "main",
+        sink=sink,
+        committer=committer,
+        workers=1,
+        queue_size=10,
+        batch_max=10,
+        retry_initial_s=0.01,
+        retry_max_s=0.01,
+    )
+    pipeline.start()
+    try:
+        for e in EVENTS_ONCE:
+            await pipeline.put(e)
+        async with asyncio.timeout(10):
+            await pipeline.drained()
+        yield store, sink, committer
+    finally:
+        await pipeline.stop()
+        await sink.close()
+        await store.close()
+
+
+async def assert_once_each(state: Path) -> None:
+    written = [r[0] for r in query(state, "SELECT unique_event_id FROM opera_events")]
+    assert sorted(written) == GOOD
+    assert sorted(r[0] for r in query(state, "SELECT uid FROM audit")) == GOOD  # inserted once
+    letters = await lite_letters(state)
+    assert [(d.unique_event_id, d.reason, d.attempts) for d in letters] == [
+        ("bad", "sink_rejected", 1)
+    ]
+    assert query(state, "SELECT offset, processed_count FROM checkpoints") == [("4", 3)]
+
+
+async def test_a_crash_between_the_rows_aside_and_the_commit_replays_them_once(tmp_path: Path):
+    """The rows written aside are durable and the commit of the rest is not (the process
+    killed then): the restart gets the same events again (nothing was recorded as processed),
+    the state transaction refuses the same row, the rows go aside again (the upsert rewrites
+    them: one row each, inserted once), the dead letter is written once, with its
+    checkpoint."""
+    state = tmp_path / "state.db"
+    await (await SqliteStore.open(state)).close()
+    state_file_with_json_trigger(state)
+    async with life(state) as (store, _, committer):
+        real = store.commit
+        calls = 0
+
+        async def killed(batch: CommitBatch, now: float | None = None) -> bool:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                return await real(batch, now)  # refused: the rows go aside
+            raise asyncio.CancelledError  # the commit of the rest: never done
+
+        store.commit = killed  # type: ignore[method-assign]
+        with pytest.raises(asyncio.CancelledError):
+            await committer.flush()
+        assert calls == 2
+    written = [r[0] for r in query(state, "SELECT unique_event_id FROM opera_events")]
+    assert sorted(written) == GOOD  # durable before the checkpoint
+    assert query(state, "SELECT count(*) FROM checkpoints") == [(0,)]
+    assert await lite_letters(state) == []
+    async with life(state) as (_, _, committer):
+        assert await committer.flush()
+    await assert_once_each(state)
+
+
+async def test_the_own_path_failing_for_a_while_retries_the_commit_nothing_dead_lettered(
+    tmp_path: Path,
+):
+    """The sink's own path fails for every event (here: its connection cannot be had), after
+    some of its writes went through: a transient failure, the commit retried as any (nothing
+    dead-lettered, nothing committed meanwhile); the retry sets the rows aside again and
+    commits. One row, one insert, one dead letter each."""
+    state = tmp_path / "state.db"
+    await (await SqliteStore.open(state)).close()
+    state_file_with_json_trigger(state)
+    async with life(state) as (store, sink, committer):
+        real = sink._write_aside
+        calls = 0
+
+        async def down_after_one(stream: str, events: Sequence[Event]) -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 3:  # all four (refused), e1 and e2 (written), then down
+                raise TransientSinkError("sqlite sink: database is locked")
+            await real(stream, events)
+
+        sink._write_aside = down_after_one  # type: ignore[method-assign]
+        # The staged rows are taken at the first flush, with the aside bound then.
+        with pytest.raises(TransientSinkError):
+            await committer.flush()
+        assert committer.failures == 1
+        assert await store.seen("main", GOOD) == set() and await lite_letters(state) == []
+        assert query(state, "SELECT uid FROM audit") == [("e1",), ("e2",)]
+        assert await committer.flush()  # the failed batch, sent again first and alone
+    await assert_once_each(state)
