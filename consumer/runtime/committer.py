@@ -111,7 +111,10 @@ class Committer:
         # The batch the commit under way sends now, once its staged rows were set aside
         # (written through the sink's own path, durable): kept instead if that commit fails.
         self._sent: CommitBatch | None = None
-        self.aside_dead_letters = 0  # events the sink's own path refused after a refusal
+        self.aside_dead_letters = 0  # dead letters made on that path (see _set_aside)
+        # stream -> whoever runs it: told of those dead letters (they are its stream's), and
+        # whether it parks a resource behind one (park-key). See on_set_aside.
+        self._runs: dict[str, tuple[Callable[[Sequence[DeadLetter]], None], bool]] = {}
         self._id = secrets.token_hex(8)  # this committer's batches' marks (CommitBatch.mark)
         self._seq = 0
         self._pending = 0
@@ -132,6 +135,17 @@ class Committer:
         """Fleet mode: ``fence()`` gives the leases each commit needs; ``on_fenced`` hears of
         the streams the store refused."""
         self._fence, self._on_fenced = fence, on_fenced
+
+    def on_set_aside(
+        self, stream: str, told: Callable[[Sequence[DeadLetter]], None], *, parks: bool
+    ) -> None:
+        """Whoever runs ``stream`` (its pipeline) hears of the dead letters a commit makes
+        when the state transaction refused a staged row (:meth:`_set_aside`): ``told`` them,
+        in order, once each, as it hears of its own. ``parks`` (park-key): the later events of
+        such a letter's resource in that commit are dead-lettered too (reason ``parked``),
+        never written, as the pipeline holds back those of its own dead letters; ``told``
+        parks the key for the events after. A later call for the stream replaces this one."""
+        self._runs[stream] = (told, parks)
 
     def _ledger(self, stream: str) -> _Ledger:
         ledger = self._ledgers.get(stream)
@@ -432,10 +446,11 @@ class Committer:
         was committed): every staged row of the batch goes through its sink's own path
         instead (:attr:`Staged.aside`; the sink writes through it from now on), durable before
         the commit of the rest; an event refused there too is dead-lettered alone, as the
-        pipeline does with a refusal of the sink's own path. The batch without its staged
-        rows, with those dead letters, is what is committed then. A failure of the own path
-        that every event meets (:class:`TransientSinkError`) fails this commit, retried as
-        any; the rows it wrote are upserted again then."""
+        pipeline does with a refusal of the sink's own path (with park-key, the later events
+        of its resource in the batch too, and the pipeline told: see :meth:`on_set_aside`).
+        The batch without its staged rows, with those dead letters, is what is committed
+        then. A failure of the own path that every event meets (:class:`TransientSinkError`)
+        fails this commit, retried as any; the rows it wrote are upserted again then."""
         ways = [(s, s.aside) for s in batch.staged if s.rows]
         if any(aside is None or s.events is None for s, aside in ways):
             raise refused  # no way round: the commit fails, as it did
@@ -445,10 +460,12 @@ class Committer:
             error=prefix(str(refused), 1000),
         )
         letters: list[DeadLetter] = []
+        # stream -> its resources parked by those letters (park-key), across the batch's rows
+        parked: dict[str, dict[str, str]] = {s: {} for s, (_, p) in self._runs.items() if p}
         for staged, aside in ways:
             assert aside is not None
             for stream, events in staged.by_stream().items():
-                letters += await self._write_aside(aside, stream, events)
+                letters += await self._write_aside(aside, stream, events, parked.get(stream))
         rest = dataclasses.replace(
             batch,
             staged=[],
@@ -465,6 +482,16 @@ class Committer:
             if ledger is not None and letter.primary_key is not None:
                 ledger.letters_not_durable[letter.primary_key] += 1  # settled by _durable
         self.aside_dead_letters += len(letters)
+        # Told once the letters are final (a failure above makes them again at the retry;
+        # the batch kept when the commit of the rest fails keeps them as they are).
+        told: dict[str, list[DeadLetter]] = {}
+        for letter in letters:
+            if self._live(letter.stream, gone) is not None:
+                told.setdefault(letter.stream, []).append(letter)
+        for stream, its in told.items():
+            runs = self._runs.get(stream)
+            if runs is not None:
+                runs[0](its)
         return rest
 
     async def _write_aside(
@@ -472,15 +499,28 @@ class Committer:
         write: Callable[[str, Sequence[Event]], Awaitable[None]],
         stream: str,
         events: list[Event],
+        parked: dict[str, str] | None = None,
     ) -> list[DeadLetter]:
         """Write the events through the sink's own path; the dead letters of those it refuses.
         A refusal that names no event splits the part in two (bisection: a few writes find
         one event among thousands); each failed write splits a part or dead-letters one
-        event, so there are at most twice as many writes as events."""
+        event, so there are at most twice as many writes as events. The parts go in the
+        events' order, each written whole or split: with ``parked`` (park-key: primaryKey ->
+        the event it waits behind), an event whose resource has a dead letter before it is
+        dead-lettered (``parked``), never written after it."""
         letters: list[DeadLetter] = []
         parts: deque[list[Event]] = deque([events])
         while parts:
             part = parts.popleft()
+            if parked and any(e.primary_key in parked for e in part):
+                for e in part:
+                    if e.primary_key in parked:
+                        behind = parked[e.primary_key]
+                        why = f"primaryKey {e.primary_key} is parked behind {behind}"
+                        letters.append(self._aside_letter(stream, e, "parked", why))
+                part = [e for e in part if e.primary_key not in parked]
+                if not part:
+                    continue
             try:
                 await write(stream, part)
             except PermanentSinkError as exc:
@@ -492,26 +532,30 @@ class Committer:
                     half = len(part) // 2
                     parts.extendleft((part[half:], part[:half]))  # the first half first
                     continue
-                letters.append(self._refused(stream, part[at], exc))
+                ev = part[at]
+                error = prefix(REDACTOR.scrub(str(exc)), 1000)
+                letters.append(self._aside_letter(stream, ev, "sink_rejected", error))
+                if parked is not None:
+                    parked.setdefault(ev.primary_key, ev.unique_event_id)
                 parts.extendleft(p for p in (part[at + 1 :], part[:at]) if p)
         return letters
 
-    def _refused(self, stream: str, ev: Event, exc: PermanentSinkError) -> DeadLetter:
-        """An event the sink's own path refused too: its dead letter, as the pipeline's."""
-        error = prefix(REDACTOR.scrub(str(exc)), 1000)
+    def _aside_letter(self, stream: str, ev: Event, reason: str, error: str) -> DeadLetter:
+        """An event the sink's own path refused too, or one parked behind such an event:
+        its dead letter, as the pipeline's."""
         log.warning(
             "event dead-lettered",
             stream=stream,
             offset=ev.offset,
             unique_event_id=ev.unique_event_id,
             event_name=ev.event_name,
-            reason="sink_rejected",
+            reason=reason,
             error=error,
         )
         return DeadLetter.of(
             event_evidence(ev),
             stream=stream,
-            reason="sink_rejected",
+            reason=reason,
             error=error,
             offset=ev.offset,
             unique_event_id=ev.unique_event_id,

@@ -147,6 +147,7 @@ class StreamPipeline:
         self._flush_soon: asyncio.Handle | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._parking = None if parked is None else ParkedKeys(stream, committer, parked)
+        committer.on_set_aside(stream, self._set_aside, parks=parked is not None)
         # None when nothing is filtered: the per-batch cost is then this one attribute check.
         self._filter = None if event_filter is None or event_filter.passes_all else event_filter
         # The ids the workers are deciding on or writing now (from the lookup to the outcome),
@@ -601,6 +602,19 @@ class StreamPipeline:
             ),
             seq,
         )
+
+    def _set_aside(self, letters: Sequence[DeadLetter]) -> None:
+        """The committer dead-lettered these events of the stream after the sink took them:
+        the state transaction refused a row it had staged, and the sink's own path refused
+        the event too, or it was behind one that was (park-key). Counted as this pipeline's
+        dead letters, and their resources parked as by :meth:`_dead_letter`, so the later
+        events wait behind them. (They counted as delivered when the sink took them: that
+        count stays, a counter never goes down.)"""
+        self.dead_lettered += len(letters)
+        if self._parking is not None:
+            for letter in letters:
+                if letter.primary_key is not None and letter.unique_event_id is not None:
+                    self._parking.park(letter.primary_key, letter.unique_event_id)
 
     async def _write(self, events: Sequence[Event], retrying: AsyncRetrying) -> None:
         _stop_if_asked()

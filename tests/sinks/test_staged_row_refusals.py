@@ -14,7 +14,9 @@ letters): the daemon exited 78, and again at each start on the same event.
 And: a trigger whose cast fails for every event is the rows' data too, dead-lettered each, as
 on the sink's own pool; a crash between the rows written aside and the commit of the rest
 replays them once in effect; the own path failing for a while retries the commit, nothing
-dead-lettered meanwhile."""
+dead-lettered meanwhile. Those dead letters are the stream's as the pipeline's own are: in
+``events_dead_lettered`` and, with park-key, their resource parked (its later events in that
+commit and after it dead-lettered ``parked``, never written after it)."""
 
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from typing import Any
 import pytest
 from operator_support import query
 from pg import sql
+from prometheus_client.parser import text_string_to_metric_families
 from sink_tables import LITE, PG
 from support import committed, make_settings, newest_offset, running, truth_ids, wait_until
 
@@ -52,12 +55,12 @@ EVENTS = 20
 HOSTILE_KEY = "HOSTILE-KEY-7c1e"  # not a number, nor JSON: the trigger fails on its row
 
 
-def hostile_event(offset: str, uid: str) -> str:
+def hostile_event(offset: str, uid: str, name: str = "UPDATE_RESERVATION") -> str:
     return json.dumps(
         {
             "metadata": {"offset": offset, "uniqueEventId": uid},
             "moduleName": "Reservation",
-            "eventName": "UPDATE_RESERVATION",
+            "eventName": name,
             "primaryKey": HOSTILE_KEY,
             "hotelId": "HOTEL1",
             "detail": [],
@@ -65,12 +68,15 @@ def hostile_event(offset: str, uid: str) -> str:
     )
 
 
-async def with_hostile_event(sandbox_factory: Any) -> tuple[Any, list[str], str]:
-    """The gateway: a backlog, one hostile event (its primaryKey not a number), more events;
-    the valid ones' ids, and the hostile one's."""
+async def with_hostile_event(
+    sandbox_factory: Any, name: str = "UPDATE_RESERVATION"
+) -> tuple[Any, list[str], str]:
+    """The gateway: a backlog, one hostile event (its primaryKey not a number; its eventName
+    ``name``), more events; the valid ones' ids, and the hostile one's."""
     gw = await sandbox_factory(backlog=EVENTS)
     bad = f"hostile-{uuid.uuid4().hex[:8]}"
-    gw.inject_event("DEMO", hostile_event(gw.events("DEMO")[-1]["metadata"]["offset"], bad))
+    offset = gw.events("DEMO")[-1]["metadata"]["offset"]
+    gw.inject_event("DEMO", hostile_event(offset, bad, name))
     gw.append("DEMO", EVENTS)
     return gw, truth_ids(gw.events("DEMO")), bad
 
@@ -95,6 +101,18 @@ async def pg_checkpoint(daemon: Any, offset: str) -> None:
     async with asyncio.timeout(30):
         while (cp := await daemon.store.checkpoint("main")) is None or cp.offset != offset:
             await asyncio.sleep(0.02)
+
+
+def dead_lettered_metric(daemon: Any, stream: str = "main") -> float:
+    """``opera_consumer_events_dead_lettered_total`` of the stream, as /metrics says it."""
+    assert daemon.metrics is not None
+    for family in text_string_to_metric_families(daemon.metrics.scrape().decode()):
+        for s in family.samples:
+            if s.name == "opera_consumer_events_dead_lettered_total" and s.labels == {
+                "stream": stream
+            }:
+                return float(s.value)
+    raise AssertionError("no opera_consumer_events_dead_lettered_total for the stream")
 
 
 def assert_named_without_data(letter: DeadLetterRow, *names: str) -> None:
@@ -247,6 +265,9 @@ async def test_a_trigger_cast_failing_on_one_row_in_the_state_transaction_dead_l
         assert not daemon._stop.is_set()
         assert daemon.sink.mode == OWN_POOL  # type: ignore[attr-defined]
         assert daemon.committer.aside_dead_letters == 1
+        # The stream's dead letter, as the pipeline's own (was: 0 in both).
+        assert daemon.pipelines["main"].dead_lettered == 1
+        assert dead_lettered_metric(daemon) == 1
     assert daemon.exit_code == 0
     written = [
         r[0] for r in await sql(postgres_dsn, "fetch", f'SELECT unique_event_id FROM "{table}"')
@@ -287,6 +308,8 @@ async def test_a_trigger_expression_failing_on_one_row_in_the_state_file_dead_le
         await wait_until(lambda: committed(state, newest_offset(gw)))
         assert not daemon._stop.is_set()
         assert daemon.committer.aside_dead_letters == 1
+        assert daemon.pipelines["main"].dead_lettered == 1
+        assert dead_lettered_metric(daemon) == 1
     assert daemon.exit_code == 0
     written = [r[0] for r in query(state, "SELECT unique_event_id FROM opera_events")]
     assert sorted(written) == sorted(ids)
@@ -340,9 +363,14 @@ async def test_a_trigger_cast_failing_on_every_row_dead_letters_each_as_the_own_
 # --- the committer: a crash, or the own path down, between the rows aside and the commit -----
 
 
-def event(offset: int, uid: str, key: str) -> Event:
+def event(offset: int, uid: str, key: str, name: str = "UPDATE_RESERVATION") -> Event:
     return event_from_raw(
-        {"metadata": {"offset": str(offset), "uniqueEventId": uid}, "primaryKey": key, "detail": []}
+        {
+            "metadata": {"offset": str(offset), "uniqueEventId": uid},
+            "primaryKey": key,
+            "eventName": name,
+            "detail": [],
+        }
     )
 
 
@@ -363,10 +391,28 @@ def state_file_with_json_trigger(state: Path) -> None:
         )
 
 
+HOSTILE_NAME = "HOSTILE_UPDATE"
+
+
+def state_file_with_hostile_name_trigger(state: Path) -> None:
+    """The sink's table in the state file: a trigger whose json_extract of the primaryKey
+    runs (and fails: ``K`` is not JSON) for an event named :data:`HOSTILE_NAME` only, so the
+    later events of the same resource are rows the table takes."""
+    with contextlib.closing(sqlite3.connect(state)) as db:
+        db.executescript(
+            f"CREATE TABLE opera_events ({LITE}); CREATE TRIGGER key_json BEFORE INSERT ON "
+            f"opera_events BEGIN SELECT CASE WHEN NEW.event_name = '{HOSTILE_NAME}' "
+            "THEN json_extract(NEW.primary_key, '$') END; END"
+        )
+
+
 @contextlib.asynccontextmanager
-async def life(state: Path) -> AsyncIterator[tuple[SqliteStore, StoreTableSink, Committer]]:
+async def life(
+    state: Path, events: Sequence[Event] = EVENTS_ONCE, parked: dict[str, str] | None = None
+) -> AsyncIterator[tuple[SqliteStore, StoreTableSink, Committer]]:
     """One daemon's life, in parts: the store, the sink in its file, a committer; the events
-    delivered through a pipeline before the body runs."""
+    delivered through a pipeline (``parked`` given: a park-key stream's) before the body
+    runs. ``lives[state]``: that pipeline."""
     store = await SqliteStore.open(state)
     sink = StoreTableSink(state, "opera_events")
     await sink.open(None)
@@ -380,10 +426,12 @@ async def life(state: Path) -> AsyncIterator[tuple[SqliteStore, StoreTableSink, 
         batch_max=10,
         retry_initial_s=0.01,
         retry_max_s=0.01,
+        parked=parked,
     )
+    lives[state] = pipeline
     pipeline.start()
     try:
-        for e in EVENTS_ONCE:
+        for e in events:
             await pipeline.put(e)
         async with asyncio.timeout(10):
             await pipeline.drained()
@@ -392,6 +440,9 @@ async def life(state: Path) -> AsyncIterator[tuple[SqliteStore, StoreTableSink, 
         await pipeline.stop()
         await sink.close()
         await store.close()
+
+
+lives: dict[Path, StreamPipeline] = {}
 
 
 async def assert_once_each(state: Path) -> None:
@@ -468,3 +519,109 @@ async def test_the_own_path_failing_for_a_while_retries_the_commit_nothing_dead_
         assert query(state, "SELECT uid FROM audit") == [("e1",), ("e2",)]
         assert await committer.flush()  # the failed batch, sent again first and alone
     await assert_once_each(state)
+
+
+# --- park-key: the resource of such a dead letter waits behind it ----------------------------
+
+
+async def test_park_key_holds_a_resource_behind_a_dead_letter_the_set_aside_made(tmp_path: Path):
+    """park-key, the sink's table in the state file: the state transaction refuses the row of
+    ``bad`` (resource K), and the sink's own path too: ``bad`` is dead-lettered. The later
+    event of K in that commit (``k2``, a row the table takes) is dead-lettered ``parked``
+    behind it, never written after it; so is one sent after that commit (``k3``), while the
+    other resources flow; the pipeline counts the three dead letters as its own.
+
+    Was: ``k2`` was written by the set-aside and ``k3`` delivered (the pipeline never heard
+    of the dead letter: its key unparked until a restart), K applied out of order; and the
+    pipeline counted no dead letter."""
+    state = tmp_path / "state.db"
+    await (await SqliteStore.open(state)).close()
+    state_file_with_hostile_name_trigger(state)
+    first = [
+        event(1, "e1", "1"),
+        event(2, "bad", "K", HOSTILE_NAME),
+        event(3, "k2", "K"),
+        event(4, "e4", "4"),
+    ]
+    async with life(state, first, parked={}) as (_, _, committer):
+        assert await committer.flush()
+        pipeline = lives[state]
+        assert pipeline.dead_lettered == 2
+        assert pipeline._parking is not None and pipeline._parking.behind("K") == "bad"
+        for e in (event(5, "k3", "K"), event(6, "e6", "6")):
+            await pipeline.put(e)
+        async with asyncio.timeout(10):
+            await pipeline.drained()
+        assert await committer.flush()
+        assert pipeline.dead_lettered == 3
+        assert committer.aside_dead_letters == 2
+    written = sorted(r[0] for r in query(state, "SELECT unique_event_id FROM opera_events"))
+    assert written == ["e1", "e4", "e6"]
+    letters = await lite_letters(state)
+    assert [(d.unique_event_id, d.primary_key, d.reason) for d in letters] == [
+        ("bad", "K", "sink_rejected"),
+        ("k2", "K", "parked"),
+        ("k3", "K", "parked"),
+    ]
+    assert letters[1].error == letters[2].error == "primaryKey K is parked behind bad"
+    # Dead letters are handled, not delivered: the checkpoint passes them, counting three.
+    assert query(state, "SELECT offset, processed_count FROM checkpoints") == [("6", 3)]
+
+
+async def test_without_park_key_the_later_events_of_that_resource_are_written(tmp_path: Path):
+    """The default (``dead-letter``): only the refused event is dead-lettered, the later
+    events of its resource are written, in that commit and after."""
+    state = tmp_path / "state.db"
+    await (await SqliteStore.open(state)).close()
+    state_file_with_hostile_name_trigger(state)
+    first = [event(1, "bad", "K", HOSTILE_NAME), event(2, "k2", "K")]
+    async with life(state, first) as (_, _, committer):
+        assert await committer.flush()
+        pipeline = lives[state]
+        await pipeline.put(event(3, "k3", "K"))
+        async with asyncio.timeout(10):
+            await pipeline.drained()
+        assert await committer.flush()
+        assert pipeline.dead_lettered == 1
+    written = sorted(r[0] for r in query(state, "SELECT unique_event_id FROM opera_events"))
+    assert written == ["k2", "k3"]
+    assert [d.unique_event_id for d in await lite_letters(state)] == ["bad"]
+
+
+async def test_park_key_daemon_holds_the_resource_behind_the_set_aside_dead_letter(
+    sandbox_factory, tmp_path: Path
+):
+    """The daemon, park-key, the sink's table in the state file, the sandbox gateway: the
+    hostile event (its row refused in the state transaction, then on the sink's own path) is
+    dead-lettered; an event of its resource sent once that is committed is dead-lettered
+    ``parked`` behind it, not written; /metrics counts both for the stream.
+
+    Was: that later event was written (the running pipeline never parked the key), and
+    /metrics said 0."""
+    gw, _, bad = await with_hostile_event(sandbox_factory, HOSTILE_NAME)
+    state = tmp_path / "state.db"
+    await (await SqliteStore.open(state)).close()
+    state_file_with_hostile_name_trigger(state)
+    settings = make_settings(
+        tmp_path, gw.url, sink={"type": "sqlite"}, on_permanent_failure="park-key"
+    )
+    later = f"later-{uuid.uuid4().hex[:8]}"
+    async with running(settings) as daemon:
+        await wait_until(lambda: committed(state, newest_offset(gw)))
+        assert daemon.pipelines["main"].dead_lettered == 1
+        offset = gw.events("DEMO")[-1]["metadata"]["offset"]
+        gw.inject_event("DEMO", hostile_event(offset, later, name="UPDATE_RESERVATION"))
+        gw.append("DEMO", 5)
+        await wait_until(lambda: committed(state, newest_offset(gw)))
+        assert not daemon._stop.is_set()
+        assert daemon.pipelines["main"].dead_lettered == 2
+        assert dead_lettered_metric(daemon) == 2
+    assert daemon.exit_code == 0
+    written = {r[0] for r in query(state, "SELECT unique_event_id FROM opera_events")}
+    assert later not in written and bad not in written
+    assert written == set(truth_ids(gw.events("DEMO"))) - {later}
+    letters = await lite_letters(state)
+    assert [(d.unique_event_id, d.primary_key, d.reason) for d in letters] == [
+        (bad, HOSTILE_KEY, "sink_rejected"),
+        (later, HOSTILE_KEY, "parked"),
+    ]
