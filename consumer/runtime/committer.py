@@ -34,10 +34,11 @@ import structlog
 from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
 
 from ..core.events import event_time
-from ..core.evidence import prefix
+from ..core.evidence import masked
 from ..core.records import CommitBatch, DeadLetter, Fence
 from ..core.watermark import Position, Positioned, Watermark
 from ..errors import Fenced, StoreError, TransientSinkError
+from ..logs import REDACTOR
 from ..sinks.base import Sink
 from ..state.base import PRUNE_CHUNK, StateStore
 
@@ -113,7 +114,7 @@ class Committer:
         self.busy_since: float | None = None  # monotonic start of the commit under way
         self.failing_since: float | None = None  # monotonic time of the first failed commit
         self.failures = 0  # consecutive failed commits
-        self.last_error = ""  # of the last failed commit while they fail (raw: views mask it)
+        self.last_error = ""  # of the last failed commit while they fail (masked before its cut)
         # stream -> monotonic time it last moved (the daemon seeds it at the stream's start)
         self.checkpointed_at: dict[str, float] = {}
 
@@ -271,7 +272,9 @@ class Committer:
                 "commit failed; retrying",
                 failures=self.failures,
                 retry_in_s=round(rs.next_action.sleep, 2) if rs.next_action else None,
-                error=prefix(str(rs.outcome.exception() if rs.outcome else ""), 500),
+                error=masked(
+                    str(rs.outcome.exception() if rs.outcome else ""), 500, REDACTOR.scrub
+                ),
             ),
         )
         while True:
@@ -357,7 +360,7 @@ class Committer:
             self._restore(batch.without(gone) if gone else batch, held)
             if not isinstance(exc, asyncio.CancelledError):
                 self.failures += 1
-                self.last_error = prefix(str(exc) or type(exc).__name__, 2000)
+                self.last_error = masked(str(exc) or type(exc).__name__, 2000, REDACTOR.scrub)
                 if self.failing_since is None:
                     self.failing_since = time.monotonic()
             raise
