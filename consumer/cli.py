@@ -371,10 +371,11 @@ def _said(exc: Exception, limit: int = 4000) -> str:
     """An error's own words for stderr: the registered secrets masked, each line escaped (a
     server's text may hold terminal escapes), the whole bounded. Our messages carry only
     bounded pieces of what servers say; this holds whatever a library put in them."""
+    from .core.evidence import masked
     from .core.printable import printable
     from .logs import REDACTOR
 
-    text = REDACTOR.scrub(str(exc)[: limit * 2])
+    text = masked(str(exc), limit + 1, REDACTOR.scrub)  # masked before the cut
     lines = text[:limit].split("\n")
     return "\n".join(printable(line, limit) for line in lines) + ("…" if len(text) > limit else "")
 

@@ -15,6 +15,8 @@ from urllib.parse import quote, unquote, urlsplit
 import aiohttp
 from yarl import URL
 
+from .core.evidence import masked
+
 # Transport failures: refused, reset, timed out, TLS, DNS, an answer that is not HTTP. A timeout
 # is a TimeoutError (aiohttp's own are both: ConnectionTimeoutError, SocketTimeoutError).
 TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (aiohttp.ClientError, TimeoutError)
@@ -22,8 +24,8 @@ TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (aiohttp.ClientError, Timeou
 # Left as written: reserved characters (they mean something where they are) and escapes.
 _KEEP = "!#$&'()*+,/:;=?@[]~%"
 _STRAY_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
-# Of an error answer's body: what is read and scrubbed whole, before the excerpt is cut from it
-# (a JWT is often longer than 1 KB: read less, and a cut could leave part of one unmasked).
+# Of an error answer's body: what is read and scrubbed, before the excerpt is cut from it (a JWT
+# is often longer than 1 KB: read less, and a cut could leave part of one unmasked).
 ERROR_BODY_BYTES = 65536
 
 
@@ -113,5 +115,7 @@ async def read_at_most(response: aiohttp.ClientResponse, limit: int) -> bytes:
 def error_excerpt(body: bytes, scrub: Callable[[str], str], chars: int) -> str:
     """The start of an error answer's body, for a message or a dead letter. The far end may
     echo the request, credentials and all: the text is scrubbed before it is cut, so that no
-    part of a secret survives at the cut. ``body``: up to :data:`ERROR_BODY_BYTES` of it."""
-    return scrub(body.decode("utf-8", errors="replace"))[:chars]
+    part of a secret survives at the cut, nor at the end of a body the read cut short (one
+    of :data:`ERROR_BODY_BYTES`: a reflecting page repeating a token, scrubbed to little).
+    ``body``: up to :data:`ERROR_BODY_BYTES` of it."""
+    return masked(body, chars, scrub, cut=len(body) >= ERROR_BODY_BYTES)

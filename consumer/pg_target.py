@@ -31,6 +31,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import parse_qsl, unquote
 
+from .core.evidence import masked
+
 DEFAULT_PORT = 5432
 _MAX_MESSAGE = 300  # of a server's error text in our messages (it may quote event data)
 _SCHEMES = ("postgresql", "postgres")
@@ -390,8 +392,9 @@ class Target:
         the DETAIL and HINT the driver's str() appends: a violation's DETAIL repeats the row
         (``Failing row contains (…)``: an event's data), a trigger's RAISE may put it there."""
         raw = str(exc.args[0]) if not detail and hasattr(exc, "sqlstate") and exc.args else exc
-        # Masked before the cut: a secret cut in two would escape the mask.
-        text = self.scrub(str(raw).strip()[: _MAX_MESSAGE * 8]) or type(exc).__name__
+        # Masked before the cut (as far past it as masking needs: a server may repeat the
+        # password): a secret cut in two would escape the mask.
+        text = masked(str(raw).strip(), _MAX_MESSAGE + 1, self.scrub) or type(exc).__name__
         if len(text) > _MAX_MESSAGE:
             text = text[:_MAX_MESSAGE] + "…"
         return f"{text} ({type(exc).__name__})"

@@ -7,6 +7,8 @@ URL itself, for the code that uses it.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import re
 import unicodedata
@@ -262,6 +264,20 @@ SHORT_SECRET = (
 
 def short_secret(value: str) -> bool:
     return len(value) < MIN_SECRET_CHARS
+
+
+def basic_credentials(value: str) -> tuple[str, str] | None:
+    """The ``(user, password)`` a ``Basic <base64>`` header value encodes (UTF-8
+    ``user:password``), as a receiver may echo them decoded; None for any other value."""
+    scheme, _, encoded = value.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    user, colon, password = decoded.partition(":")
+    return (user, password) if colon else None
 
 
 def short_url_secrets(url: str, *, lone_user: bool) -> list[str]:

@@ -10,7 +10,13 @@ from urllib.parse import quote, quote_plus, unquote, unquote_plus, urlsplit
 from pydantic import SecretStr
 
 from ..core.protocol import key_hash
-from .fields import is_dsn, is_secret_name, is_secret_parameter, user_information
+from .fields import (
+    basic_credentials,
+    is_dsn,
+    is_secret_name,
+    is_secret_parameter,
+    user_information,
+)
 from .loading import UnsetSecret
 from .settings import (
     NatsSinkSettings,
@@ -114,18 +120,20 @@ def template_secret_values(template: str) -> list[str]:
 
 def webhook_secret_values(sink: WebhookSinkSettings) -> list[str]:
     """Every secret a webhook sink sends: the bearer token (and ``Bearer <token>``), the basic
-    password and its base64 form, secret-looking header values, and the URL's secrets."""
+    password and its base64 form, secret-looking header values (and the credentials a Basic one
+    encodes), and the URL's secrets."""
     values: list[str] = []
     if (token := _given(sink.token)) is not None:
         values += [token, f"Bearer {token}"]
     if (password := _given(sink.password)) is not None:
-        basic = _b64(f"{sink.username or ''}:{password}")
-        values += [password, basic, f"Basic {basic}"]
+        values += _basic_values(sink.username or "", password)
     for k, v in sink.headers.items():
         if is_secret_name(k):
             # "<scheme> <credentials>" (Bearer, Basic, a custom scheme): a receiver may echo
-            # the credentials alone.
+            # the credentials alone; Basic ones also decoded, as for auth = "basic".
             values += [str(v), str(v).partition(" ")[2].strip()]
+            if (credentials := basic_credentials(str(v))) is not None:
+                values += _basic_values(*credentials)
     values += url_secret_values(sink.url)
     # The path may be the credential (Slack, Discord, Teams): its long segments, which a
     # receiver's error page may echo.
@@ -157,6 +165,15 @@ def _unique(values: list[str]) -> list[str]:
 def _password_forms(password: str) -> list[str]:
     """A password as given, and form- and percent-encoded."""
     return [password, quote_plus(password, safe=""), quote(password, safe="")]
+
+
+def _basic_values(user: str, password: str) -> list[str]:
+    """HTTP Basic credentials in every form a receiver may echo them: the password as given
+    and form- and percent-encoded (which masks it in a decoded ``user:password`` too, the user
+    name left readable), their base64 and the header's value. (A password under
+    MIN_SECRET_CHARS is refused at load: none is left unmasked.)"""
+    basic = _b64(f"{user}:{password}")
+    return [*_password_forms(password), basic, f"Basic {basic}"]
 
 
 def secret_values(settings: Settings) -> list[str]:

@@ -69,6 +69,7 @@ from .fields import (
     UrlTemplates,
     WebhookUrl,
     bad_url_char,
+    basic_credentials,
     http_url,
     is_loopback,
     is_secret_name,
@@ -1058,20 +1059,24 @@ class WebhookSinkSettings(_Model):
     @field_validator("headers")
     @classmethod
     def _header_secrets(cls, v: dict[str, str]) -> dict[str, str]:
-        """A secret-looking header's value, and its credentials after a scheme ("Bearer x"):
-        both are masked in logs (webhook_secret_values), so neither may be 1-3 characters."""
-        problems = [
-            (
-                "",
-                f"header {name!a}: its value {SHORT_SECRET}",
+        """A secret-looking header's value, its credentials after a scheme ("Bearer x") and
+        the password of Basic ones: all are masked in logs (webhook_secret_values), so none may
+        be 1-3 characters (as auth = "basic" refuses a short password)."""
+        problems = []
+        for name, value in v.items():
+            if not is_secret_name(name) or name.lower() in _WEBHOOK_OWN_HEADERS:
+                continue  # not a secret, or refused as such below
+            if short_secret(value) or (" " in value and short_secret(_after_scheme(value))):
+                what = "its value"
+            elif (basic := basic_credentials(value)) is not None and short_secret(basic[1]):
+                what = "the password its Basic credentials encode"
+            else:
+                continue
+            fix = (
                 "use the real credential (at least 4 characters, after a scheme such as "
-                "Bearer too)",
+                "Bearer too, and the password of Basic credentials)"
             )
-            for name, value in v.items()
-            if is_secret_name(name)
-            and name.lower() not in _WEBHOOK_OWN_HEADERS  # refused as such below
-            and (short_secret(value) or (" " in value and short_secret(_after_scheme(value))))
-        ]
+            problems.append(("", f"header {name!a}: {what} {SHORT_SECRET}", fix))
         if problems:
             raise Problem(*problems)
         return v

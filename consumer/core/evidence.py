@@ -56,20 +56,25 @@ def prefix(data: bytes | str, limit: int = SHOWN_LIMIT) -> str:
     return data[: limit * 4].decode("utf-8", "replace")[:limit]
 
 
-def masked(data: bytes | str, limit: int, scrub: Scrub | None) -> str:
+def masked(data: bytes | str, limit: int, scrub: Scrub | None, *, cut: bool = False) -> str:
     """At most ``limit`` characters of ``data`` (bytes decoded lossily), masked by ``scrub``
     before the cut: a secret across it is masked whole, never cut to a visible prefix. Only
     the start of the text is masked, as long as it leaves SCRUB_MARGIN characters past the
     cut: a secret the end of that start cuts in two is then beyond the cut, however much
-    masking shortened what comes before it."""
+    masking shortened what comes before it. ``cut``: ``data`` is itself the start of a longer
+    text (a body read up to a limit): the secret its end may cut in two is never shown either
+    (the last SCRUB_MARGIN characters of the masked text are not)."""
     if scrub is None:
         return prefix(data, limit)
     size = limit + SCRUB_MARGIN
     while True:
         window = prefix(data, size)
         clean = scrub(window)
-        if len(clean) >= limit + SCRUB_MARGIN or len(window) < size:  # or all of the text
+        whole = len(window) < size  # all of the text
+        if len(clean) >= limit + SCRUB_MARGIN or (whole and not cut):
             return clean[:limit]
+        if whole:
+            return clean[: max(0, min(limit, len(clean) - SCRUB_MARGIN))]
         size *= 2  # masking took much out (the text repeats a secret): mask more of it
 
 

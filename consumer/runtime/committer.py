@@ -38,7 +38,7 @@ import structlog
 from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
 
 from ..core.events import Event, event_time
-from ..core.evidence import event_evidence, prefix
+from ..core.evidence import event_evidence, masked
 from ..core.records import CommitBatch, DeadLetter, Fence
 from ..core.watermark import Position, Positioned, Watermark
 from ..errors import Fenced, PermanentSinkError, StagedRowRefused, StoreError, TransientSinkError
@@ -125,7 +125,7 @@ class Committer:
         self.busy_since: float | None = None  # monotonic start of the commit under way
         self.failing_since: float | None = None  # monotonic time of the first failed commit
         self.failures = 0  # consecutive failed commits
-        self.last_error = ""  # of the last failed commit while they fail (raw: views mask it)
+        self.last_error = ""  # of the last failed commit while they fail (masked before its cut)
         # stream -> monotonic time it last moved (the daemon seeds it at the stream's start)
         self.checkpointed_at: dict[str, float] = {}
 
@@ -294,7 +294,9 @@ class Committer:
                 "commit failed; retrying",
                 failures=self.failures,
                 retry_in_s=round(rs.next_action.sleep, 2) if rs.next_action else None,
-                error=prefix(str(rs.outcome.exception() if rs.outcome else ""), 500),
+                error=masked(
+                    str(rs.outcome.exception() if rs.outcome else ""), 500, REDACTOR.scrub
+                ),
             ),
         )
         while True:
@@ -383,7 +385,7 @@ class Committer:
             self._restore(batch.without(gone) if gone else batch, held)
             if not isinstance(exc, asyncio.CancelledError):
                 self.failures += 1
-                self.last_error = prefix(str(exc) or type(exc).__name__, 2000)
+                self.last_error = masked(str(exc) or type(exc).__name__, 2000, REDACTOR.scrub)
                 if self.failing_since is None:
                     self.failing_since = time.monotonic()
             raise
@@ -457,7 +459,7 @@ class Committer:
         log.warning(
             "a row a sink staged was refused in the state transaction; writing the batch's "
             "rows through the sink's own path, and every batch from now on",
-            error=prefix(str(refused), 1000),
+            error=masked(str(refused), 1000, REDACTOR.scrub),
         )
         letters: list[DeadLetter] = []
         # stream -> its resources parked by those letters (park-key), across the batch's rows
@@ -533,7 +535,7 @@ class Committer:
                     parts.extendleft((part[half:], part[:half]))  # the first half first
                     continue
                 ev = part[at]
-                error = prefix(REDACTOR.scrub(str(exc)), 1000)
+                error = masked(str(exc), 1000, REDACTOR.scrub)
                 letters.append(self._aside_letter(stream, ev, "sink_rejected", error))
                 if parked is not None:
                     parked.setdefault(ev.primary_key, ev.unique_event_id)

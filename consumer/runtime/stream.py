@@ -39,7 +39,7 @@ from ..config import StreamSettings
 from ..core import protocol
 from ..core.close_policy import OVERSIZED_FACTOR, Action, ClosePolicy, Decision
 from ..core.events import Event
-from ..core.evidence import describe, prefix
+from ..core.evidence import SHOWN_LIMIT, describe, masked, prefix
 from ..core.liveness import Liveness, first_ping_due
 from ..core.printable import printable
 from ..core.protocol import DecodeError, Next, SubscribeInput
@@ -380,7 +380,7 @@ class StreamRunner:
                     if decision.code == _RATE_LIMITED
                     else StreamState.LOCKOUT
                 )
-                why = printable(decision.reason)
+                why = printable(masked(decision.reason, SHOWN_LIMIT + 1, REDACTOR.scrub))
                 if decision is self._gap:  # the resubscribe gap, not a lockout
                     self.state, why = StreamState.GAP, f"{_GAP_WAIT} ({why})"
                 log.info("reconnecting", delay_s=round(decision.delay_s, 2), reason=decision.reason)

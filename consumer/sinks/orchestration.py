@@ -592,7 +592,9 @@ class Orchestrator:
         wire = str(wire_url(url)[0])  # as aiohttp's errors write it
 
         def masked(text: str) -> str:
-            return text.replace(wire, shown).replace(url, shown)
+            # And every registered secret (the token, the app key), before reason() cuts the
+            # text: aiohttp's parse errors quote the reply, which may echo the request.
+            return str(REDACTOR.scrub(text.replace(wire, shown).replace(url, shown)))
 
         def retrying_note(rs: RetryCallState) -> None:
             failed = rs.outcome.exception() if rs.outcome else None

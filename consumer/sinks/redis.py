@@ -136,7 +136,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from ..config import RedisSinkSettings
 from ..core.events import Event
-from ..core.evidence import prefix
+from ..core.evidence import masked, prefix
 from ..core.templates import (
     EVENT_TOKENS,
     KEY_UNSAFE,
@@ -799,11 +799,14 @@ class RedisSink(PlainSink):
     # --- errors -------------------------------------------------------------------------------
 
     def _scrub(self, text: str) -> str:
-        """No secret, and short (a secret is masked before the cut, so none survives it)."""
-        text = text[: TEXT_LIMIT * 8]
+        """No secret, and short (a secret is masked before the cut, as far past it as masking
+        needs: a server may repeat one, so none survives it)."""
+        return masked(text, TEXT_LIMIT, self._mask)
+
+    def _mask(self, text: str) -> str:
         for secret in self.server.secrets:
             text = text.replace(secret, "***")
-        return prefix(text, TEXT_LIMIT)
+        return text
 
     def _text(self, exc: BaseException) -> str:
         # Not evidence.describe: that cuts first, and a secret cut in two would escape _scrub.

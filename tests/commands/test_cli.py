@@ -183,6 +183,32 @@ def test_an_error_that_holds_text_from_a_server_is_masked_escaped_and_bounded(
     assert len(err) < 5_000
 
 
+def test_an_error_repeating_a_secret_shows_no_piece_of_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A message that repeats a registered secret: cut at 8,000 characters before it was
+    masked, the whole copies shrank to "***" and the copy at the cut was left as its prefix
+    within the 4,000 characters shown."""
+    from consumer import config
+    from consumer.errors import ConfigError
+    from consumer.logs import REDACTOR
+
+    secret = "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8"
+    REDACTOR.add(secret)
+    said = "the server said: " + (secret + " ") * 200
+    assert (8000 - len("the server said: ")) % (len(secret) + 1) > 8  # a copy across 8,000
+
+    def refused(path: Path | None, **kwargs: object) -> None:
+        raise ConfigError(said)
+
+    monkeypatch.setattr(config, "load_settings", refused)
+    assert main(["check-config"]) == 78
+    _, err = capsys.readouterr()
+    assert "the server said: *** ***" in err, err
+    leaked = [secret[i : i + 8] for i in range(len(secret) - 7) if secret[i : i + 8] in err]
+    assert not leaked, err
+
+
 @pytest.mark.parametrize("late", [KeyboardInterrupt, SystemExit])
 def test_a_late_interrupt_in_the_loops_teardown_keeps_the_daemons_code(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, late: type[BaseException]

@@ -11,6 +11,7 @@ others in-process (tests/operator_support.py ``cli``), against the sandbox gatew
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 from pathlib import Path
@@ -20,6 +21,7 @@ from urllib.parse import quote
 import pytest
 from operator_support import cli
 from support import cli as process
+from support import serving
 
 from consumer.config import load_settings, secret_values
 from consumer.errors import ConfigError
@@ -191,3 +193,64 @@ def test_a_password_across_the_cut_of_a_server_message_is_masked_whole() -> None
     at = 300 - len(password) // 2  # across the 300 characters kept of a server's message
     text = target.describe(RuntimeError("x" * at + password + " and more"))
     assert password[:6] not in text and "***" in text
+
+
+REPEATED = (
+    "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"  # openssl rand -hex 32
+)
+
+
+def eights(password: str) -> list[str]:
+    """Every 8-character piece of ``password``: none may show, not even cut short."""
+    return [password[i : i + 8] for i in range(len(password) - 7)]
+
+
+def test_a_server_message_repeating_the_password_leaves_no_piece_of_it() -> None:
+    """A message that repeats the password: cut at 2,400 characters, masked, then cut at 300,
+    the whole copies shrank to "***" and the copy cut at 2,400 was left as its prefix."""
+    target = Target(f"postgresql://app:{REPEATED}@{SERVER}")
+    text = target.describe(RuntimeError("refused: " + (REPEATED + " ") * 80))
+    assert text.startswith("refused: *** *** ") and text.endswith("… (RuntimeError)"), text
+    leaked = [p for p in eights(REPEATED) if p in text]
+    assert not leaked, text
+
+
+def _pg_message(kind: bytes, body: bytes) -> bytes:
+    return kind + (len(body) + 4).to_bytes(4, "big") + body
+
+
+async def test_status_shows_no_piece_of_a_password_the_server_quotes_again_and_again(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``status`` with the state store on a PostgreSQL server that asks for the password in
+    clear (as a hostile or misconfigured one may) and quotes it back, many times, in its
+    refusal: the copy at the 2,400th character of its text was left as a prefix on stderr
+    (and in the daemon's log: the same StoreError)."""
+    said: list[bytes] = []
+
+    async def hostile(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            for _ in range(3):  # SSLRequest (answered 'N'), then the startup message
+                n = int.from_bytes(await r.readexactly(4), "big")
+                body = await r.readexactly(n - 4)
+                if body[:4] != (80877103).to_bytes(4, "big"):
+                    break
+                w.write(b"N")
+            w.write(_pg_message(b"R", (3).to_bytes(4, "big")))  # the password in clear, please
+            await w.drain()
+            kind = await r.readexactly(1)
+            n = int.from_bytes(await r.readexactly(4), "big")
+            said.append(kind + (await r.readexactly(n - 4)).rstrip(b"\0"))
+            text = ("password authentication failed: " + (REPEATED + " ") * 80).encode()
+            w.write(_pg_message(b"E", b"SFATAL\0VFATAL\0C28P01\0M" + text + b"\0\0"))
+            await w.drain()
+        w.close()
+
+    async with serving(hostile) as port:
+        dsn = f"postgresql://opera:{REPEATED}@127.0.0.1:{port}/opera?sslmode=disable"
+        path = config(tmp_path, "http://127.0.0.1:9", dsn, "state")
+        code, out, err = await cli(capsys, "status", "--config", str(path))
+    assert said == [b"p" + REPEATED.encode()]  # it was sent, and quoted back
+    assert code != 0 and "***" in out + err, (out, err)
+    leaked = [p for p in eights(REPEATED) if p in out + err]
+    assert not leaked, f"a piece of the state DSN's password is shown: {out + err!r}"

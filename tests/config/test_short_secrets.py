@@ -7,6 +7,7 @@ in each form the redactor knows (raw and percent-decoded)."""
 
 from __future__ import annotations
 
+import base64
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -56,6 +57,11 @@ enterprise_id = "ENT1"
 
 def webhook(extra: str, url: str = "https://hook.example.com/in") -> str:
     return f'[sink]\ntype = "webhook"\nurl = "{url}"\n{extra}\n'
+
+
+def basic(password: str) -> str:
+    """The base64 of Basic credentials (user ``hook``) with ``password``."""
+    return base64.b64encode(f"hook:{password}".encode()).decode()
 
 
 PG_STATE = '[state]\nbackend = "postgres"\ndsn = "{dsn}"\n'
@@ -140,6 +146,12 @@ CASES: list[tuple[str, str, Callable[[str], str]]] = [
         "sink.headers",
         "header 'Authorization': its value is shorter",  # the credentials after the scheme
         lambda s: stream() + webhook(f'headers = {{ "Authorization" = "Bearer {s}" }}'),
+    ),
+    (
+        "sink.headers",
+        # Basic credentials set as a header: the password they encode, as auth = "basic"
+        "header 'Authorization': the password its Basic credentials encode is shorter",
+        lambda s: stream() + webhook(f'headers = {{ "Authorization" = "Basic {basic(s)}" }}'),
     ),
     ("sink.password", "is shorter", lambda s: stream() + NATS + f'user = "u"\npassword = "{s}"\n'),
     ("sink.token", "is shorter", lambda s: stream() + NATS + f'token = "{s}"\n'),

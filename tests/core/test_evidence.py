@@ -30,3 +30,15 @@ def test_no_piece_of_a_secret_past_the_masked_start_moves_before_the_cut() -> No
     assert out == "***" * 100
     assert "s3cr" not in out and "TTTT" not in out
     assert masked(text, 10_000, redactor().scrub) == "***" * repeats + "tail"
+
+
+def test_the_end_of_a_text_a_read_cut_is_never_shown() -> None:
+    """``cut``: the text is the start of a longer one (a body read up to a limit): the copy of
+    the secret its end cut in two, left whole by the mask, is never shown, however much the
+    mask shrank what comes before it; the rest is, as far as SCRUB_MARGIN from that end."""
+    read = (SECRET * 40)[:-37]  # the read cut the last copy
+    assert masked(read, 300, redactor().scrub) == "***" * 39 + SECRET[:63]  # all of it kept
+    assert masked(read, 300, redactor().scrub, cut=True) == ""  # its end could be a secret's
+    text = SECRET * 39 + "x" * (SCRUB_MARGIN + 500) + SECRET[:63]
+    assert masked(text, 300, redactor().scrub, cut=True) == "***" * 39 + "x" * 183
+    assert masked("x" * 100_000, 300, redactor().scrub, cut=True) == "x" * 300

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import base64
 
-from consumer.http_client import basic_auth, wire_url
+from consumer.http_client import ERROR_BODY_BYTES, basic_auth, error_excerpt, wire_url
+from consumer.logs import Redactor
 
 
 def test_escapes_and_reserved_characters_stay_as_written() -> None:
@@ -38,3 +39,23 @@ def test_user_information_leaves_the_url_as_basic_auth() -> None:
 def test_basic_auth_is_utf8_and_takes_any_user_name() -> None:
     """aiohttp's encode_basic_auth refuses a colon in the user name (httpx sent it)."""
     assert basic_auth("a:b", "pé") == "Basic " + base64.b64encode("a:b:pé".encode()).decode()
+
+
+TOKEN = "eyJhbGciOiJIUzI1NiJ9." + "eyJzY29wZSI6IndlYmhvb2sifQ" * 56 + ".c2lnbmF0dXJlLWhtYWM"
+
+
+def test_an_error_body_the_read_cut_shows_no_piece_of_a_secret_at_its_end() -> None:
+    """An answer echoing the token over and over, read up to ERROR_BODY_BYTES: scrubbed, its
+    whole copies shrink to "***", and the copy the read cut in two, left at its end, was within
+    the excerpt. The end of a body the read cut is never shown; a shorter body's is."""
+    redactor = Redactor()
+    redactor.add(f"Bearer {TOKEN}", TOKEN)
+    body = (f"Bearer {TOKEN}\n" * 80).encode()[:ERROR_BODY_BYTES]  # as read_at_most reads it
+    assert not body.endswith(TOKEN.encode() + b"\n")  # the read cut a copy in two
+    excerpt = error_excerpt(body, redactor.scrub, 300)
+    leaked = [TOKEN[i : i + 12] for i in range(len(TOKEN) - 11) if TOKEN[i : i + 12] in excerpt]
+    assert not leaked, excerpt
+    whole = (f"Bearer {TOKEN}\n" * 3 + "tail").encode()  # read to its end
+    assert error_excerpt(whole, redactor.scrub, 300) == "***\n***\n***\ntail"
+    page = ("<html>" + "x" * ERROR_BODY_BYTES).encode()[:ERROR_BODY_BYTES]  # no secret in it
+    assert error_excerpt(page, redactor.scrub, 300) == "<html>" + "x" * 294

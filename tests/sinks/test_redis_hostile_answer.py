@@ -19,7 +19,7 @@ from bus_events import event
 from support import serving
 
 from consumer.config import RedisSinkSettings
-from consumer.errors import SinkUnusable
+from consumer.errors import SinkError, SinkUnusable
 from consumer.sinks.redis import RedisSink
 
 SHA = b"a" * 40
@@ -123,3 +123,31 @@ async def test_a_reply_that_is_none_at_open_makes_the_sink_unusable(
         s = sink(url, stream_key="opera:{chainCode}")  # keys known at open: probed
         with pytest.raises(SinkUnusable, match="is not a Redis answer"):
             await s.open(None)
+
+
+async def test_an_error_quoting_the_password_again_and_again_shows_no_piece_of_it() -> None:
+    """A server (hostile, or a proxy) whose refusal of AUTH quotes the password, many times:
+    the sink cut the text at 2,400 characters, then masked it, then kept 300: the whole copies
+    shrank to "***" and the copy cut at 2,400 was left as its prefix within the 300 shown
+    (the exit message, the log line). Now it is masked before any cut."""
+    password = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+    refusal = b"-ERR invalid password " + (password + " ").encode() * 80 + b"\r\n"
+    fake = FakeRedis({b"AUTH": refusal, b"HELLO": refusal})
+    async with fake.listening() as url:
+        settings = RedisSinkSettings.model_validate(
+            {
+                "type": "redis",
+                "url": url,
+                "password": password,
+                "timeout_s": 2.0,
+                "stream_key": "opera:{hotelId}",
+            }
+        )
+        s = RedisSink(settings, {"main": "DEMO"})
+        with pytest.raises(SinkError) as caught:
+            await s.open(None)
+        await s.close()
+    text = str(caught.value)
+    assert "invalid password ***" in text, text
+    leaked = [password[i : i + 8] for i in range(len(password) - 7) if password[i : i + 8] in text]
+    assert not leaked, f"a piece of the Redis password is shown: {text!r}"

@@ -18,12 +18,19 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
 
+import aiohttp
 import pytest
+from bus_events import event
 from log_capture import captured_logs
 from receiver import Received, Receiver, Reply
 from support import make_settings, running, truth_ids, wait_until
 
 from consumer.config import WebhookSinkSettings
+from consumer.errors import PermanentSinkError
+from consumer.http_client import ERROR_BODY_BYTES
+from consumer.logs import REDACTOR
+from consumer.runtime.assembly import register_secrets
+from consumer.sinks.webhook import WebhookSink
 
 PASSWORD = "Pw-s3cr3t-91"
 TOKEN = "tok-Q-7731"
@@ -189,3 +196,64 @@ async def test_secrets_echoed_as_php_json_reach_neither_the_dlq_nor_the_logs(
     assert text.count('"event dead-lettered"') >= len(truth)
     for piece in pieces:
         assert piece not in text, piece
+
+
+def pieces_of(secret: str, size: int = 12) -> list[str]:
+    """Every ``size``-character piece of ``secret``: none may show, not even cut short."""
+    return [secret[i : i + size] for i in range(len(secret) - size + 1)]
+
+
+async def test_basic_credentials_set_as_a_header_are_masked_decoded(tmp_path: Path) -> None:
+    """``headers = {Authorization = "Basic <base64>"}`` (as receivers' docs often say) instead
+    of auth = "basic": only the header's value and its base64 were registered, and a receiver
+    echoing the credentials decoded put the password in the dead letter and every log line.
+    Now they are masked as auth = "basic" masks them (the user name left readable)."""
+    password = "Pw-s3cr3t-91/é"
+    basic = base64.b64encode(f"hook:{password}".encode()).decode()
+
+    def echo_decoded(request: Received) -> Reply:
+        auth = request.header("Authorization") or ""
+        said = base64.b64decode(auth.removeprefix("Basic ")).decode()
+        text = f"credentials: {said}\nencoded: {quote(said, safe='')}"
+        return Reply(401, {"Content-Type": "text/plain"}, text.encode())
+
+    with Receiver(echo_decoded) as rx:
+        cfg = WebhookSinkSettings(
+            type="webhook", url=rx.url, headers={"Authorization": f"Basic {basic}"}
+        )
+        register_secrets(make_settings(tmp_path, "http://127.0.0.1:9", sink=cfg.model_dump()))
+        async with aiohttp.ClientSession() as http:
+            sink = WebhookSink(cfg, http)
+            await sink.open(None)
+            with pytest.raises(PermanentSinkError) as info:
+                await sink.write("main", [event(1)])
+        assert rx.requests[0].header("Authorization") == f"Basic {basic}"  # it was sent
+    for text in (str(info.value), REDACTOR.scrub(f"{password} {quote(password, safe='')}")):
+        assert password not in text and quote(password, safe="") not in text, text
+    assert "credentials: hook:***" in str(info.value) and "encoded: hook%3A***" in str(info.value)
+
+
+async def test_a_token_echoed_past_the_error_body_read_leaves_no_piece_of_it() -> None:
+    """A receiver answering 400 with the request's Authorization echoed over and over: only
+    ERROR_BODY_BYTES of the body are read, the copy of the token at that cut is cut in two,
+    and the whole copies before it masked to "***" put the start of the cut one within the
+    excerpt kept. Now the end of a body the read cut is never shown."""
+    token = "eyJhbGciOiJIUzI1NiJ9." + "eyJzY29wZSI6IndlYmhvb2sifQ" * 56 + ".c2lnbmF0dXJlLWhtYWM"
+
+    def echo_again(request: Received) -> Reply:
+        line = (request.header("Authorization") or "") + "\n"
+        return Reply(400, {"Content-Type": "text/plain"}, (line * 80).encode())
+
+    with Receiver(echo_again) as rx:
+        cfg = WebhookSinkSettings(type="webhook", url=rx.url, auth="bearer", token=token)
+        async with aiohttp.ClientSession() as http:
+            sink = WebhookSink(cfg, http)
+            await sink.open(None)
+            with pytest.raises(PermanentSinkError) as info:
+                await sink.write("main", [event(1)])
+        assert rx.requests[0].header("Authorization") == f"Bearer {token}"  # it was sent
+    assert len(f"Bearer {token}\n") * 80 > ERROR_BODY_BYTES  # the read cut a copy of it
+    text = str(info.value)
+    assert "HTTP 400" in text, text
+    leaked = [p for p in pieces_of(token) if p in text]
+    assert not leaked, f"a piece of the bearer token is in the dead letter's error: {text!r}"
