@@ -789,3 +789,43 @@ def test_any_fleet_of_differing_stream_lists_covers_every_stream_and_stays_put(
     if len(names) > 1:
         fleet.kill(random.Random(seed).choice(names))
         fleet.settle_covered()
+
+
+# --- avoid: streams handed over for want of the gateway (consumer.core.failover) -----------------
+
+
+def test_an_avoided_stream_is_not_taken_as_share() -> None:
+    """A member with room takes every free stream but the one it avoids: its share is the
+    same, the avoided one is left for the others."""
+    me, other = Member("m1", 1.0), Member("m2", 1.0)
+    streams = streams_named(4)
+    p = plan(me, [other], {}, streams, held=[], now=NOW, avoid=[streams[0]])
+    assert p.share == 2
+    assert streams[0] not in p.acquire and len(p.acquire) == 2
+    assert set(p.acquire) <= set(streams[1:])
+
+
+def test_an_avoided_stream_is_not_taken_as_a_starved_extra() -> None:
+    me = Member("m1", 1.0)
+    streams = streams_named(2)
+    p = plan(
+        me,
+        [Member("m2", 1.0)],
+        {},
+        streams,
+        held=[streams[1]],
+        now=NOW,
+        starved=[streams[0]],
+        avoid=[streams[0]],
+    )
+    assert p.acquire == () and p.extra == () and p.release == ()
+    # without the avoidance, the starved stream is taken beyond the share
+    p = plan(me, [Member("m2", 1.0)], {}, streams, held=[streams[1]], now=NOW, starved=[streams[0]])
+    assert p.acquire == (streams[0],) and p.extra == (streams[0],)
+
+
+def test_the_only_free_stream_avoided_leaves_the_room_unused() -> None:
+    """Nothing else is free: the member takes nothing (not the avoided stream instead)."""
+    streams = streams_named(1)
+    p = plan(Member("m1", 1.0), [], {}, streams, held=[], now=NOW, avoid=streams)
+    assert p.acquire == () and p.share == 1
