@@ -81,6 +81,7 @@ def fleet_settings(
     streams: tuple[str, ...] = ("a", "b"),
     lease_ttl_s: float = TTL_S,
     stop_step_s: float = 0.1,
+    release_unreachable_after_s: float | None = None,
 ) -> Settings:
     """A member of a fleet of ``streams`` whose gateway and webhook are nowhere (127.0.0.1:9):
     for tests of the fleet's own work, with the daemon's or their own streams.
@@ -104,6 +105,7 @@ def fleet_settings(
             "member": member,
             "lease_ttl_s": lease_ttl_s,
             "renew_interval_s": TICK_S,
+            "release_unreachable_after_s": release_unreachable_after_s,
         },
     )
 

@@ -43,6 +43,8 @@ MEMBER_COLUMNS = (
     "streams_held",
     "heartbeat_age_s",
     "started_at",
+    "connected_age_s",
+    "avoiding",
 )
 STREAM_COLUMNS = ("stream", "lease", "holder", "epoch", "expires_in_s", "offset", "lag_s")
 
@@ -125,6 +127,12 @@ def member_rows(settings: Settings, view: FleetView, now: float) -> list[dict[st
                 "streams_held": held,
                 "heartbeat_age_s": _age(now, m.heartbeat_at),
                 "started_at": iso(m.started_at),
+                # Since a stream of its own was last connected (None: never, or a version
+                # before): what another member needs to see before handing it a stream it
+                # cannot connect itself (README "Running a fleet").
+                "connected_age_s": _age(now, m.connected_at),
+                # Streams it handed over for not connecting them, not taken back for now.
+                "avoiding": list(m.avoiding),
             }
         )
     return rows
@@ -186,7 +194,8 @@ async def status(settings: Settings, *, as_json: bool) -> int:
         print(json.dumps({"members": members, "streams": streams}, indent=2))
         return ExitCode.OK
     if members:
-        emit(members, MEMBER_COLUMNS, as_json=False)
+        table = [{**m, "avoiding": ",".join(m["avoiding"]) or None} for m in members]
+        emit(table, MEMBER_COLUMNS, as_json=False)
     else:
         print("no fleet members: no daemon has joined the fleet (or every one has left)")
     print()

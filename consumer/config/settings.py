@@ -830,6 +830,10 @@ MAX_LEASE_TTL_S = 3600.0
 # Weights are relative: 1000 to 1 is more than any fleet needs, and keeps the shares' sums
 # finite (1e308 overflowed to infinity: every tick failed, or every share was 0).
 MAX_FLEET_WEIGHT = 1000.0
+# A stream a member cannot connect is handed over after this many leases' TTLs by default, at
+# most a day: longer, and an operator's `fleet drain` comes first anyway.
+RELEASE_UNREACHABLE_TTLS = 3
+MAX_RELEASE_UNREACHABLE_S = 86400.0
 
 
 class FleetSettings(_Model):
@@ -859,6 +863,22 @@ class FleetSettings(_Model):
     renew_interval_s: Annotated[
         float, Field(gt=0), _within(0, MAX_STOP_STEP_S, why=_STOP_STEP_WHY)
     ] = 5.0
+    # A stream not ready (no subscription, a lockout aside) for this long is handed over, if
+    # another member shows it reaches the gateway (consumer.core.failover); 0: never. Unset:
+    # RELEASE_UNREACHABLE_TTLS x lease_ttl_s. At least twice lease_ttl_s: checked.
+    release_unreachable_after_s: (
+        Annotated[
+            float,
+            Field(ge=0),
+            _within(
+                0,
+                MAX_RELEASE_UNREACHABLE_S,
+                why="a stream this member cannot connect waits that long for another member "
+                "(default 3 x lease_ttl_s)",
+            ),
+        ]
+        | None
+    ) = None
 
     @field_validator("member")
     @classmethod
@@ -902,7 +922,27 @@ class FleetSettings(_Model):
                     "keep renew_interval_s at most a quarter of lease_ttl_s",
                 )
             )
+        after = self.release_unreachable_after_s
+        if after is not None and 0 < after < 2 * self.lease_ttl_s:
+            raise Problem(
+                (
+                    "release_unreachable_after_s",
+                    f"is below twice lease_ttl_s ({after:g} s, a {self.lease_ttl_s:g} s "
+                    "lease): another member's connection counts as evidence that it reaches "
+                    "the gateway for lease_ttl_s, so during a gateway outage for every member "
+                    "streams could be handed around before that evidence ages",
+                    f"set it to at least {2 * self.lease_ttl_s:g} (or 0: never hand a stream "
+                    "over for want of the gateway; unset: 3 x lease_ttl_s)",
+                )
+            )
         return self
+
+    @property
+    def release_after_s(self) -> float:
+        """How long a stream this member runs may stay unconnected before it is handed
+        over (0: never)."""
+        after = self.release_unreachable_after_s
+        return RELEASE_UNREACHABLE_TTLS * self.lease_ttl_s if after is None else after
 
     @property
     def self_fence_after_s(self) -> float:

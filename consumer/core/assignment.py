@@ -173,11 +173,14 @@ def plan(
     now: float,
     starved: Iterable[str] = (),
     extra: Iterable[str] = (),
+    avoid: Iterable[str] = (),
 ) -> Plan:
     """``members``: the live ones (``me`` may be missing: just joined). ``leases``: by
     stream, as the database has them (a stream without a row is free). ``held``: what this
     member runs now. ``starved``: streams unheld for long (:meth:`Memory.starved`);
-    ``extra``: held ones taken beyond the share (:attr:`Memory.extra`)."""
+    ``extra``: held ones taken beyond the share (:attr:`Memory.extra`); ``avoid``: streams
+    not to take, neither as share nor as extras (:mod:`consumer.core.failover`: handed over
+    for want of the gateway), the share otherwise the same."""
     wanted = sorted(set(streams))
     share = fair_share(me, members, len(wanted))
     kept = set(extra) if share > 0 else set()  # a draining member keeps nothing
@@ -187,7 +190,10 @@ def plan(
         # Keep the ones this member ranks highest: the same ones tick after tick.
         return Plan((), tuple(counted[share:]), share)
     room = share - len(counted)
-    free = [s for s in wanted if s not in mine and _free(leases.get(s), me.id, now)]
+    shunned = set(avoid)
+    free = [
+        s for s in wanted if s not in mine and s not in shunned and _free(leases.get(s), me.id, now)
+    ]
     free.sort(key=lambda s: rank(me.id, s))
     fair = free[:room]
     hungry = set(starved) if share > 0 else set()

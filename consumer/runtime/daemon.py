@@ -61,7 +61,7 @@ from . import store_wait, systemd
 from .assembly import build_sink, check_sink, http_client, open_sink, register_secrets
 from .auth import TokenProvider
 from .committer import Committer
-from .fleet import DuplicateMember, Fleet, member_table
+from .fleet import DuplicateMember, Fleet, StreamProbe, member_table
 from .metrics import Metrics, MetricsServer
 from .pipeline import QUEUE_PER_WORKER, StreamPipeline, default_workers
 from .progress import ProgressLog
@@ -193,6 +193,7 @@ class Daemon:
                 stop_stream=self.stop_stream,
                 spawn=self._spawn,
                 table=table,
+                probe=self._stream_probe,
             )
             committer.configure_fence(fleet.fence, fleet.lost)
         else:
@@ -404,7 +405,15 @@ class Daemon:
             lost=c.lost,
             fencing_rejections=self.committer.fencing_rejections,
             self_fenced=c.self_fenced,
+            released_unreachable=c.released_unreachable,
         )
+
+    def _stream_probe(self, name: str) -> StreamProbe | None:
+        runner = self.runners.get(name)
+        if runner is None:
+            return None
+        closes = runner.stats.closes
+        return StreamProbe(runner.state, closes["4409"] + closes["status_active"])
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         task = asyncio.create_task(coro, name=name)

@@ -19,6 +19,12 @@ outlast the lease); only a lost one is left out. The settings bound such a stop 
 ``lease_ttl_s - renew_interval_s``, and a handover starts at most ``renew_interval_s`` after a
 renewal, so it ends before the lease could expire even if no renewal succeeds meanwhile.
 
+A member that cannot connect a stream it runs (its own network, proxy, DNS or credentials
+broken) hands it over once it has not been ready for ``release_unreachable_after_s``, if
+another member shows it reaches the gateway, and does not take it back for as long again
+(:mod:`consumer.core.failover`); the heartbeat says when a stream of this member's was last
+connected, the evidence the others look for.
+
 Members should share one list of streams; when theirs differ (a rolling deploy that adds
 streams), a stream unheld for ``lease_ttl_s`` is taken by a member configured for it even
 beyond its share (:mod:`consumer.core.assignment`), and the member warns (once in a while).
@@ -51,9 +57,11 @@ from ..config import Settings
 from ..config.settings import MAX_FLEET_WEIGHT
 from ..core.assignment import Member, Memory, expiry_ok, observe, plan, strangers, stuck
 from ..core.evidence import describe
+from ..core.failover import Failover
 from ..core.printable import printable
 from ..core.records import Fence
 from ..errors import LeaseHeld, StoreError
+from .stream import StreamState
 
 if TYPE_CHECKING:
     from ..state.fleet import FleetTable, FleetView, Renewal, RowHolder
@@ -63,6 +71,20 @@ log = structlog.get_logger(__name__)
 StartStream = Callable[[str], Awaitable[None]]
 # (stream, lost); lost while the stream is being handed over: that stop goes on as lost.
 StopStream = Callable[[str, bool], Awaitable[None]]
+_CONNECTED = frozenset({StreamState.STREAMING, StreamState.COMPLETING})
+
+
+@dataclass(frozen=True, slots=True)
+class StreamProbe:
+    """A running stream as its runner has it, for the failover (the daemon's)."""
+
+    state: StreamState
+    # Times the gateway said another consumer holds the stream (a 4409, a status query
+    # answered Active): the gateway was reached, whatever the state says after many of them.
+    answered: int = 0
+
+
+ProbeOf = Callable[[str], StreamProbe | None]  # None: not built yet
 
 
 def member_name(configured: str) -> str:
@@ -101,6 +123,7 @@ class FleetCounters:
     takeovers: int = 0  # leases taken from another member (expired, or handed over)
     lost: int = 0  # found taken by another member at a renewal
     self_fenced: int = 0  # times every stream was stopped for want of a renewal
+    released_unreachable: int = 0  # streams handed over: not connected here for long
 
 
 def member_table(settings: Settings) -> FleetTable:
@@ -128,8 +151,12 @@ class Fleet:
         stop_stream: StopStream,
         spawn: Callable[[Coroutine[Any, Any, None], str], asyncio.Task[None]],
         table: FleetTable | None = None,
+        probe: ProbeOf | None = None,
     ) -> None:
-        """``table``: :func:`member_table`'s for these settings, connected already."""
+        """``table``: :func:`member_table`'s for these settings, connected already.
+        ``probe``: each running stream's state (the daemon's runners); without it no stream
+        is ever handed over for want of the gateway, and the heartbeat reports none
+        connected."""
         f = settings.fleet
         self.settings = f
         self.table = table or member_table(settings)
@@ -146,6 +173,11 @@ class Fleet:
         self._joined_at: float | None = None
         self._closing = False
         self._memory = Memory()
+        self._probe = probe
+        self._failover = Failover()
+        self._answered: dict[str, int] = {}  # StreamProbe.answered at the last tick
+        self._stranded: set[str] = set()  # overdue, no evidence: warned once while so
+        self.ticks = 0  # ticks whose renewal succeeded
         self._mismatch: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())  # last warned
         self._mismatch_at = -MISMATCH_WARN_EVERY_S  # monotonic, when last warned
         self._odd_warned: set[tuple[str, str]] = set()  # (what, member or stream)
@@ -208,11 +240,15 @@ class Fleet:
             await self.table.join(self.streams, timeout)
         # Streams being handed over stay renewed till released; lost ones are not ours.
         held = {s: e for s, e in self.epochs.items() if not self._moving.get(s, False)}
-        renewal = await self.table.tick(held, timeout)
+        connected = any(self._state(s) in _CONNECTED for s in held if s not in self._moving)
+        renewal = await self.table.tick(
+            held, timeout, connected=connected, avoiding=self._failover.avoided()
+        )
         if not renewal.owned:
             self._name_taken(renewal)
             return
         self._renewed_at = started
+        self.ticks += 1
         if self._joined_at is None:
             self._joined_at = started
             log.info(
@@ -233,11 +269,20 @@ class Fleet:
         running = [s for s in self.epochs if s not in self._moving]
         memory = observe(self._memory, live, view.leases, self.streams, held=running, now=view.now)
         self._memory = memory
+        # A handover must end before the lease could expire with no renewal after this
+        # tick's (the settings bound a stop to lease_ttl_s - renew_interval_s): not when
+        # reading the fleet took longer than that.
+        late = time.monotonic() - started > f.renew_interval_s
+        unreachable = () if late else self._failover_due(view, live, running)
+        running = [s for s in running if s not in unreachable]
         if time.monotonic() - self._joined_at < f.renew_interval_s and not self.epochs:
             return  # one tick to see who else is starting with us, then take a share
         me = Member(self.member, f.weight, renewal.draining)
-        starved = memory.starved(view.now, f.lease_ttl_s)
-        self._warn_of_a_mismatch(strangers(view.leases, self.streams, view.now), starved)
+        avoided = self._failover.avoided()
+        starved = memory.starved(view.now, f.lease_ttl_s) - avoided
+        # Starved because a member avoids them (it said so: `fleet status`), not a mismatch.
+        shunned = {s for m in view.live() for s in m.avoiding}
+        self._warn_of_a_mismatch(strangers(view.leases, self.streams, view.now), starved - shunned)
         decision = plan(
             me,
             [m for m in live if m.id != self.member],
@@ -247,11 +292,8 @@ class Fleet:
             now=view.now,
             starved=starved,
             extra=memory.extra,
+            avoid=avoided,
         )
-        # A handover must end before the lease could expire with no renewal after this
-        # tick's (the settings bound a stop to lease_ttl_s - renew_interval_s): not when
-        # reading the fleet took longer than that.
-        late = time.monotonic() - started > f.renew_interval_s
         for stream in () if late else decision.release:
             log.info("handing a stream over", stream=stream, share=decision.share)
             self._move(stream, lost=False)
@@ -278,6 +320,74 @@ class Fleet:
                 self._starting[a.stream] = self._spawn(
                     self._started(a.stream, a.epoch), f"fleet-start-{a.stream}"
                 )
+
+    def _state(self, stream: str) -> StreamState | None:
+        probe = None if self._probe is None else self._probe(stream)
+        return None if probe is None else probe.state
+
+    def _ready(self, running: list[str]) -> list[str]:
+        """The running streams that are ready (:attr:`StreamState.ready`: streaming, or in a
+        deliberate wait), or whose gateway said another consumer holds them since the last
+        tick: moving those would not help (another member would be told the same)."""
+        ready, answered = [], {}
+        for stream in running:
+            probe = None if self._probe is None else self._probe(stream)
+            if probe is None:
+                continue
+            answered[stream] = probe.answered
+            before = self._answered.get(stream, probe.answered)
+            if probe.state.ready or probe.answered > before:
+                ready.append(stream)
+        self._answered = answered
+        return ready
+
+    def _failover_due(
+        self, view: FleetView, live: list[Member], running: list[str]
+    ) -> tuple[str, ...]:
+        """Hand over the running streams not ready for ``release_unreachable_after_s``
+        when another member shows it reaches the gateway (:mod:`consumer.core.failover`);
+        returns them."""
+        f = self.settings
+        if self._probe is None:
+            return ()
+        failover = self._failover.observe(running=running, ready=self._ready(running), now=view.now)
+        connected_at = {m.member: m.connected_at for m in view.members}
+        due = failover.due(
+            self.member,
+            live,
+            connected_at,
+            view.now,
+            after=f.release_after_s,
+            fresh=f.lease_ttl_s,
+        )
+        overdue = set(failover.overdue(view.now, f.release_after_s))
+        self._stranded &= overdue
+        for stream in sorted(overdue - set(due) - self._stranded):
+            self._stranded.add(stream)
+            log.warning(
+                "a stream is not connected here for release_unreachable_after_s, and no other "
+                "member shows it reaches the gateway (a gateway outage, or no other member "
+                "with a stream connected): it stays here",
+                member=self.member,
+                stream=stream,
+                down_s=round(view.now - failover.down_since[stream], 1),
+            )
+        for stream in due:
+            state = self._state(stream)
+            self.counters.released_unreachable += 1
+            log.warning(
+                "handing a stream over: not connected here for release_unreachable_after_s, "
+                "while another member reaches the gateway (check this host's network, proxy, "
+                "DNS and credentials)",
+                member=self.member,
+                stream=stream,
+                down_s=round(view.now - failover.down_since[stream], 1),
+                state=None if state is None else state.value,
+                avoided_s=f.release_after_s,
+            )
+            self._move(stream, lost=False)
+        self._failover = failover.handed_over(due, view.now, f.release_after_s)
+        return due
 
     def _warn_of_a_mismatch(self, unknown: list[str], starved: frozenset[str]) -> None:
         """Members configured with different streams: some hold streams this one does not

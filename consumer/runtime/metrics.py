@@ -253,6 +253,11 @@ def fleet_families(f: FleetStatus) -> Iterator[Metric]:
             "Times every stream was stopped for want of a lease renewal.",
             f.self_fenced,
         ),
+        (
+            "fleet_released_unreachable",
+            "Streams handed over for not connecting here while another member could.",
+            f.released_unreachable,
+        ),
     ):
         c = CounterMetricFamily(f"opera_consumer_{name}", doc, labels=["member"])
         c.add_metric([f.member], value)

@@ -55,6 +55,7 @@ class FleetStatus:
     lost: int
     fencing_rejections: int
     self_fenced: int
+    released_unreachable: int = 0  # handed over: not connected here for long
 
 
 class StatusSource(Protocol):

@@ -60,6 +60,8 @@ NOW = "EXTRACT(EPOCH FROM clock_timestamp())::float8"
 # commit fence (from the column's default, 0, the new row's first takeover was epoch 1 again).
 # Far below TOP_EPOCH (2**63 microseconds: some 292,000 years).
 FIRST_EPOCH = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1e6)::bigint"
+# Of a member row's ``avoiding`` (anyone's to fill), this many streams are read.
+AVOIDING_READ = 100
 # The lease rows a member holds at these epochs, locked in stream order (as an operator's hold
 # and a commit's fence check lock theirs: no deadlock). FOR NO KEY UPDATE, which the UPDATE
 # takes anyway: a commit's fence check (FOR KEY SHARE) holds up neither a renewal nor a release.
@@ -86,6 +88,8 @@ class MemberRow:
     heartbeat_at: float
     expires_at: float
     draining: bool
+    connected_at: float | None = None  # a stream of its own last connected (NULL: never)
+    avoiding: tuple[str, ...] = ()  # handed over as not connected, not taken back for now
 
     @property
     def weight_ok(self) -> bool:
@@ -109,6 +113,22 @@ class MemberRow:
         """Heartbeat not expired at ``now``; an expiry no member writes (see
         :meth:`expiry_ok`) counts as expired (NaN compares false either way)."""
         return live_until(self.expires_at, now)
+
+
+def _member_row(r: Any) -> MemberRow:
+    avoiding = tuple(str(x) for x in r["avoiding"] or () if x is not None)
+    return MemberRow(
+        str(r["member"]),
+        str(r["host"]),
+        int(r["pid"]),
+        float(r["weight"]),
+        float(r["started_at"]),
+        float(r["heartbeat_at"]),
+        float(r["expires_at"]),
+        bool(r["draining"]),
+        r["connected_at"],
+        avoiding,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,11 +271,20 @@ class FleetTable:
             sorted(streams),
         )
 
-    async def tick(self, held: Mapping[str, int], timeout_s: float) -> Renewal:
+    async def tick(
+        self,
+        held: Mapping[str, int],
+        timeout_s: float,
+        *,
+        connected: bool = False,
+        avoiding: Iterable[str] = (),
+    ) -> Renewal:
         """Heartbeat, and renew every lease held at its epoch: one statement. A stream missing
         from ``renewed`` is lost (another member took it after it expired). When another live
         process holds this member name's row, nothing is written (``owned`` false) and
-        ``holder`` says who."""
+        ``holder`` says who. ``connected``: a stream of this member's is connected now (the
+        row's ``connected_at`` becomes now; else it keeps its time). ``avoiding``: streams
+        handed over for not connecting here, not taken back for now (said for `fleet status`)."""
         s = self._s
         streams = sorted(held)
         row = await self._call(
@@ -266,12 +295,14 @@ class FleetTable:
             f"prev AS (SELECT instance, host, pid, heartbeat_at FROM {s}.fleet_members "
             "WHERE member = $1), "
             f"hb AS (INSERT INTO {s}.fleet_members AS m (member, host, pid, weight, started_at, "
-            "heartbeat_at, expires_at, instance) "
-            "SELECT $1, $2, $3, $4, $5, t.now, t.now + $6, $9 FROM t "
-            "ON CONFLICT (member) DO UPDATE SET host = EXCLUDED.host, pid = EXCLUDED.pid, "
-            "weight = EXCLUDED.weight, heartbeat_at = EXCLUDED.heartbeat_at, "
+            "heartbeat_at, expires_at, instance, connected_at, avoiding) "
+            "SELECT $1, $2, $3, $4, $5, t.now, t.now + $6, $9, CASE WHEN $10 THEN t.now END, "
+            "$11::text[] FROM t ON CONFLICT (member) DO UPDATE SET host = EXCLUDED.host, "
+            "pid = EXCLUDED.pid, weight = EXCLUDED.weight, heartbeat_at = EXCLUDED.heartbeat_at, "
             "expires_at = EXCLUDED.expires_at, started_at = EXCLUDED.started_at, "
-            "instance = EXCLUDED.instance "
+            "instance = EXCLUDED.instance, "
+            "connected_at = COALESCE(EXCLUDED.connected_at, m.connected_at), "
+            "avoiding = EXCLUDED.avoiding "
             "WHERE m.instance IS NOT DISTINCT FROM EXCLUDED.instance OR "
             f"{_EXPIRED.format(e='m.expires_at', now='EXCLUDED.heartbeat_at')} "
             "RETURNING m.draining), "
@@ -292,6 +323,8 @@ class FleetTable:
             streams,
             [held[x] for x in streams],
             self.instance,
+            connected,
+            sorted(avoiding),
         )
         holder = None
         if row["heartbeat_at"] is not None:
@@ -377,7 +410,8 @@ class FleetTable:
             timeout_s,
             "fetch",
             f"SELECT member, host, pid, weight, started_at, heartbeat_at, expires_at, draining, "
-            f"{NOW} AS now FROM {s}.fleet_members ORDER BY member",
+            f"connected_at, avoiding[1:{AVOIDING_READ}] AS avoiding, {NOW} AS now "
+            f"FROM {s}.fleet_members ORDER BY member",
         )
         leases = await call(
             "reading the leases",
@@ -389,7 +423,7 @@ class FleetTable:
         rows = members or leases
         return FleetView(
             float(rows[0]["now"]) if rows else 0.0,
-            [MemberRow(*r[:8]) for r in members],
+            [_member_row(r) for r in members],
             {str(r[0]): LeaseView(str(r[0]), r[1], int(r[2]), float(r[3])) for r in leases},
         )
 

@@ -159,6 +159,15 @@ MIGRATIONS: tuple[str, ...] = (
         at        DOUBLE PRECISION NOT NULL
     );
     """,
+    # 7: when a fleet member last had a stream connected (the database's clock, set by its
+    # heartbeat): the evidence another member needs before it hands over a stream it cannot
+    # connect (consumer.core.failover); and the streams it handed over so and avoids for now
+    # (for `fleet status`). Members of the versions before leave both NULL: no evidence, so
+    # nothing is handed over to them for that reason.
+    """
+    ALTER TABLE {s}.fleet_members ADD COLUMN connected_at DOUBLE PRECISION;
+    ALTER TABLE {s}.fleet_members ADD COLUMN avoiding TEXT[];
+    """,
 )
 
 

@@ -158,6 +158,7 @@ async def fleet(empty_fleet: Fleet) -> AsyncIterator[Fleet]:
         await m1.join([*STREAMS, "old"], 10)
         for m in (m1, m2, m3):
             await m.tick({}, 10)
+        await m1.tick({}, 10, connected=True, avoiding=["d"])  # it cannot connect d, say
         assert [a.stream for a in await m1.acquire(["a", "b"], 10)] == ["a", "b"]
         assert [a.stream for a in await m2.acquire(["c"], 10)] == ["c"]
         assert [a.stream for a in await m3.acquire(["d"], 10)] == ["d"]
@@ -191,6 +192,8 @@ async def test_fleet_status_table(fleet: Fleet, capsys: pytest.CaptureFixture[st
         "streams_held",
         "heartbeat_age_s",
         "started_at",
+        "connected_age_s",
+        "avoiding",
     ]
     by_member = {columns(r)[0]: columns(r) for r in rows}
     assert sorted(by_member) == ["m1", "m2", "m3"]
@@ -201,6 +204,8 @@ async def test_fleet_status_table(fleet: Fleet, capsys: pytest.CaptureFixture[st
     assert 0 <= float(by_member["m1"][7]) < 10
     assert float(by_member["m3"][7]) > 0.2  # its last heartbeat: before the 0.3 s sleep
     assert by_member["m1"][8].endswith("Z")
+    assert 0 <= float(by_member["m1"][9]) < 10 and by_member["m1"][10] == "d"
+    assert by_member["m2"][9:] == ["-", "-"]  # never connected a stream, avoids none
 
     header, *rows = streams.splitlines()
     assert columns(header) == [
@@ -246,6 +251,8 @@ async def test_fleet_status_json(fleet: Fleet, capsys: pytest.CaptureFixture[str
     }
     assert m1["streams_held"] == 2 and isinstance(m1["heartbeat_age_s"], float)
     assert m1["started_at"].endswith("Z")
+    assert isinstance(m1["connected_age_s"], float) and m1["avoiding"] == ["d"]
+    assert (members["m2"]["connected_age_s"], members["m2"]["avoiding"]) == (None, [])
     assert (members["m3"]["state"], members["m3"]["share"]) == ("gone", None)
 
     streams = {s["stream"]: s for s in doc["streams"]}

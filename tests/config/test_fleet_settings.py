@@ -69,6 +69,37 @@ def test_without_fleet_mode_nothing_is_checked(tmp_path: Path) -> None:
     assert not load_settings(_write(tmp_path, text)).fleet.enabled
 
 
+def test_release_unreachable_after_s_defaults_to_three_leases(tmp_path: Path) -> None:
+    f = load_settings(_write(tmp_path, FLEET)).fleet
+    assert f.release_unreachable_after_s is None and f.release_after_s == 3 * f.lease_ttl_s
+    text = FLEET + "lease_ttl_s = 120\n"
+    assert load_settings(_write(tmp_path, text)).fleet.release_after_s == 360.0
+    text = FLEET + "release_unreachable_after_s = 0\n"
+    assert load_settings(_write(tmp_path, text)).fleet.release_after_s == 0.0  # never
+    text = FLEET + "release_unreachable_after_s = 120\n"
+    assert load_settings(_write(tmp_path, text)).fleet.release_after_s == 120.0
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ("119", "at least 120"),  # below twice lease_ttl_s (60)
+        ("-1", "greater than or equal to 0"),
+        ("1e9", "0 to 86400"),
+        ("inf", "finite"),
+        ("nan", "finite"),
+    ],
+)
+def test_release_unreachable_after_s_out_of_range_is_refused_naming_the_key(
+    tmp_path: Path, value: str, says: str
+) -> None:
+    text = FLEET + f"release_unreachable_after_s = {value}\n"
+    with pytest.raises(ConfigError) as refused:
+        load_settings(_write(tmp_path, text))
+    message = str(refused.value)
+    assert "fleet.release_unreachable_after_s" in message and says in message, message
+
+
 def _write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "config.toml"
     path.write_text(text)

@@ -440,6 +440,7 @@ class SimMember:
     streams: list[str] | None = None  # its config's, when not the fleet's
     started_at: float = 0.0  # set when it joins
     memory: Memory = field(default_factory=Memory)
+    avoid: set[str] = field(default_factory=set)  # handed over as unreachable (failover)
 
 
 @dataclass
@@ -482,6 +483,17 @@ class Fleet:
         m.alive = False
         self.member_expiry.pop(member_id, None)
 
+    def hand_over(self, member_id: str, streams: set[str]) -> None:
+        """It cannot connect these (consumer.core.failover): released, and avoided."""
+        m = self.members[member_id]
+        for stream in streams & set(m.held):
+            x = self.leases[stream]
+            if x.holder == m.id and x.epoch == m.held[stream]:
+                x.holder, x.expires_at = None, 0.0
+            del m.held[stream]
+            self.released += 1
+        m.avoid |= streams
+
     def live(self) -> list[Member]:
         return [
             Member(m.id, m.weight, m.draining, m.started_at)
@@ -520,6 +532,7 @@ class Fleet:
             now=self.now,
             starved=m.memory.starved(self.now, PATIENCE),
             extra=m.memory.extra,
+            avoid=m.avoid,
         )
         for stream in p.release:
             x = self.leases[stream]
@@ -789,3 +802,81 @@ def test_any_fleet_of_differing_stream_lists_covers_every_stream_and_stays_put(
     if len(names) > 1:
         fleet.kill(random.Random(seed).choice(names))
         fleet.settle_covered()
+
+
+# --- avoid: streams handed over for want of the gateway (consumer.core.failover) -----------------
+
+
+def test_an_avoided_stream_is_not_taken_as_share() -> None:
+    """A member with room takes every free stream but the one it avoids: its share is the
+    same, the avoided one is left for the others."""
+    me, other = Member("m1", 1.0), Member("m2", 1.0)
+    streams = streams_named(4)
+    p = plan(me, [other], {}, streams, held=[], now=NOW, avoid=[streams[0]])
+    assert p.share == 2
+    assert streams[0] not in p.acquire and len(p.acquire) == 2
+    assert set(p.acquire) <= set(streams[1:])
+
+
+def test_an_avoided_stream_is_not_taken_as_a_starved_extra() -> None:
+    me = Member("m1", 1.0)
+    streams = streams_named(2)
+    p = plan(
+        me,
+        [Member("m2", 1.0)],
+        {},
+        streams,
+        held=[streams[1]],
+        now=NOW,
+        starved=[streams[0]],
+        avoid=[streams[0]],
+    )
+    assert p.acquire == () and p.extra == () and p.release == ()
+    # without the avoidance, the starved stream is taken beyond the share
+    p = plan(me, [Member("m2", 1.0)], {}, streams, held=[streams[1]], now=NOW, starved=[streams[0]])
+    assert p.acquire == (streams[0],) and p.extra == (streams[0],)
+
+
+def test_the_only_free_stream_avoided_leaves_the_room_unused() -> None:
+    """Nothing else is free: the member takes nothing (not the avoided stream instead)."""
+    streams = streams_named(1)
+    p = plan(Member("m1", 1.0), [], {}, streams, held=[], now=NOW, avoid=streams)
+    assert p.acquire == () and p.share == 1
+
+
+def test_streams_a_member_avoids_end_up_with_the_others_and_stay_put() -> None:
+    """A member hands over every stream it holds (it cannot reach the gateway) and avoids
+    them: the others, at their shares, take them beyond (starved after PATIENCE), and
+    nothing moves after; the avoiding member holds none of them."""
+    fleet = Fleet(streams_named(12), random.Random(7))
+    for i in range(3):
+        fleet.join(SimMember(f"m{i}", 1.0))
+    fleet.settle()
+    mine = set(fleet.members["m0"].held)
+    assert mine
+    fleet.hand_over("m0", mine)
+    fleet.settle_covered()
+    assert not set(fleet.members["m0"].held) & mine
+    assert all(fleet.holding()[s] in ("m1", "m2") for s in mine)
+    moves = (fleet.acquired, fleet.released)
+    for _ in range(int(PATIENCE / ROUND) + 3):
+        fleet.round()
+    assert (fleet.acquired, fleet.released) == moves
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    n=st.integers(min_value=1, max_value=20),
+    k=st.integers(min_value=2, max_value=5),
+    seed=st.integers(min_value=0, max_value=2**32 - 1),
+)
+def test_any_fleet_covers_the_streams_one_member_avoids(n: int, k: int, seed: int) -> None:
+    rng = random.Random(seed)
+    fleet = Fleet(streams_named(n), rng)
+    for i in range(k):
+        fleet.join(SimMember(f"m{i}", rng.choice([0.5, 1.0, 2.0])))
+    fleet.settle()
+    avoided = set(rng.sample(fleet.streams, rng.randint(1, n)))
+    fleet.hand_over("m0", avoided)
+    fleet.settle_covered()
+    assert all(fleet.holding()[s] not in (None, "m0") for s in avoided)

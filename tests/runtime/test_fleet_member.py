@@ -25,7 +25,8 @@ from tcp_proxy import TcpProxy
 from consumer.core.records import CommitBatch, Staged
 from consumer.core.watermark import Position
 from consumer.errors import StoreError
-from consumer.runtime.fleet import DuplicateMember, Fleet
+from consumer.runtime.fleet import DuplicateMember, Fleet, ProbeOf, StreamProbe
+from consumer.runtime.stream import StreamState
 from consumer.state import open_store
 from consumer.state.fleet import FleetTable
 
@@ -53,6 +54,8 @@ class Env:
         stop: Callable[[str, bool], Awaitable[None]] | None = None,
         label: str | None = None,
         streams: tuple[str, ...] = ("a", "b"),
+        probe: ProbeOf | None = None,
+        release_unreachable_after_s: float | None = None,
     ) -> Fleet:
         """A member whose starts and stops are logged under ``label`` (default: its name),
         ``start``/``stop`` say what else they do; ``started``/``stopped`` once they return."""
@@ -75,9 +78,17 @@ class Env:
             return self.tasks[-1]
 
         settings = fleet_settings(
-            dsn or self.dsn, self.schema, name, streams=streams, lease_ttl_s=TTL_S, stop_step_s=0.0
+            dsn or self.dsn,
+            self.schema,
+            name,
+            streams=streams,
+            lease_ttl_s=TTL_S,
+            stop_step_s=0.0,
+            release_unreachable_after_s=release_unreachable_after_s,
         )
-        fleet = Fleet(settings, start_stream=on_start, stop_stream=on_stop, spawn=spawn)
+        fleet = Fleet(
+            settings, start_stream=on_start, stop_stream=on_stop, spawn=spawn, probe=probe
+        )
         self.fleets.append(fleet)
         return fleet
 
@@ -282,7 +293,7 @@ async def test_a_stream_found_lost_twice_is_stopped_once(env: Env) -> None:
     renew = fleet.table.tick
     renewals: list[frozenset[str]] = []
 
-    async def tick_with_a_refused_commit(held: Any, timeout_s: float) -> Any:
+    async def tick_with_a_refused_commit(held: Any, timeout_s: float, **kwargs: Any) -> Any:
         if not renewals:
             # Another member took "a" (as after our lease expired: a new epoch in its name),
             # and our commit is refused while this renewal, which finds it lost, is under way.
@@ -295,7 +306,7 @@ async def test_a_stream_found_lost_twice_is_stopped_once(env: Env) -> None:
                 "a",
             )
             fleet.lost(frozenset({"a"}))
-        renewal = await renew(held, timeout_s)
+        renewal = await renew(held, timeout_s, **kwargs)
         renewals.append(frozenset(held) - renewal.renewed)
         return renewal
 
@@ -370,8 +381,8 @@ async def test_a_drained_member_restarted_cleanly_stays_drained(env: Env) -> Non
         drained: list[bool] = []  # each renewal's flag
         renew = again.table.tick
 
-        async def tick(held: Any, timeout_s: float) -> Any:
-            renewal = await renew(held, timeout_s)
+        async def tick(held: Any, timeout_s: float, **kwargs: Any) -> Any:
+            renewal = await renew(held, timeout_s, **kwargs)
             drained.append(renewal.draining)
             return renewal
 
@@ -572,3 +583,45 @@ async def test_offset_set_goes_through_once_every_member_is_drained(env: Env) ->
     await wait_until(lambda: env.count("stopped") == 1 and not m1.epochs and not m2.epochs)
     planned = await offsets.plan(settings, "a", "1")
     assert planned.new == "1"
+
+
+async def test_a_stream_the_gateway_says_another_consumer_holds_is_not_handed_over(
+    env: Env,
+) -> None:
+    """m1 cannot subscribe its stream: the gateway keeps answering that another consumer
+    holds it (status query Active, past status_active_limit: not ready). That is the gateway
+    reached, not unreachable: m1 keeps it, though m2 streams. Once the answers stop (its
+    network broken, say), m1 hands it over after release_unreachable_after_s, and m2 takes
+    it; m1 does not take it back."""
+    after = 2 * TTL_S
+    answers = [0]
+    answering = [True]
+
+    def m1_probe(stream: str) -> StreamProbe | None:
+        if answering[0]:
+            answers[0] += 1  # asked again, told Active again
+        return StreamProbe(StreamState.BACKOFF, answers[0])
+
+    m1 = env.member("m1", probe=m1_probe, release_unreachable_after_s=after, streams=("a", "b"))
+    m2 = env.member(
+        "m2",
+        probe=lambda s: StreamProbe(StreamState.STREAMING),
+        release_unreachable_after_s=after,
+    )
+    env.run(m1)
+    env.run(m2)
+    await wait_until(lambda: m1.leases_held == 1 and m2.leases_held == 1, timeout=60)
+    (mine,) = m1.epochs
+    # Ticks at least renew_interval_s apart: this many span release_unreachable_after_s.
+    ticks = m1.ticks + int(after / m1.settings.renew_interval_s) + 4
+    await wait_until(lambda: m1.ticks >= ticks, timeout=120)
+    assert list(m1.epochs) == [mine] and m1.counters.released_unreachable == 0
+    answering[0] = False  # no answer from the gateway any more
+    await wait_until(lambda: env.has("m2", "started", mine), timeout=120)
+    assert m1.counters.released_unreachable == 1 and not m1.epochs
+    assert [w for m, w, s in env.log if m == "m1" and s == mine] == [
+        "start",
+        "started",
+        "stop",
+        "stopped",
+    ]

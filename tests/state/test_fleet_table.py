@@ -28,7 +28,7 @@ from consumer.core.records import CommitBatch, DeadLetter, Fence, Staged
 from consumer.core.watermark import Position
 from consumer.errors import Fenced, OperatorRefused
 from consumer.state import StateStore, open_store
-from consumer.state.fleet import Acquired, FleetTable, FleetView
+from consumer.state.fleet import AVOIDING_READ, Acquired, FleetTable, FleetView
 from consumer.state.lease import current_holder, in_the_way
 
 T = 10.0  # the timeout of each FleetTable call
@@ -439,6 +439,52 @@ async def test_an_operator_hold_refuses_lease_rows_at_the_top_epoch(env: Env) ->
     finally:
         await operator.close()
     assert (await env.epochs())["s3"] == before["s3"] + 1
+
+
+async def test_the_heartbeat_says_when_a_stream_was_last_connected(env: Env) -> None:
+    """``connected_at`` (the evidence a member needs before it hands over a stream it cannot
+    connect, consumer.core.failover): NULL until a tick with a stream connected sets it to
+    that tick's time; a tick without one keeps it."""
+    a = env.member("a")
+    assert (await a.tick({}, T)).owned
+    [row] = (await a.view(T)).members
+    assert row.connected_at is None
+    up = await a.tick({}, T, connected=True)
+    [row] = (await a.view(T)).members
+    assert row.connected_at == pytest.approx(up.now)
+
+    async def clock_moved() -> bool:
+        return (await a.view(T)).now > up.now + 0.05
+
+    await until(clock_moved)
+    down = await a.tick({}, T)
+    [row] = (await a.view(T)).members
+    assert row.connected_at == pytest.approx(up.now) and row.heartbeat_at > up.now
+    assert down.now > up.now
+    assert row.avoiding == ()
+    await a.tick({}, T, avoiding=["s2", "s1"])
+    [row] = (await a.view(T)).members
+    assert row.avoiding == ("s1", "s2") and row.connected_at == pytest.approx(up.now)
+    # A row of a version before (neither written): NULL, read as no evidence, nothing avoided.
+    await env.execute(
+        f"INSERT INTO {env.q}.fleet_members (member, host, pid, weight, started_at, "
+        "heartbeat_at, expires_at) VALUES ('old', 'h', 1, 1, 0, 0, 1e12)"
+    )
+    # Anyone's to fill: NULL entries are skipped, and at most AVOIDING_READ streams read.
+    await env.execute(
+        f"INSERT INTO {env.q}.fleet_members (member, host, pid, weight, started_at, "
+        "heartbeat_at, expires_at, avoiding) VALUES ('odd', 'h', 1, 1, 0, 0, 1e12, "
+        "array_append(ARRAY(SELECT 'x' || i FROM generate_series(1, 500) i), NULL))"
+    )
+    await env.execute(
+        f"INSERT INTO {env.q}.fleet_members (member, host, pid, weight, started_at, "
+        "heartbeat_at, expires_at, avoiding) VALUES ('null', 'h', 1, 1, 0, 0, 1e12, "
+        "ARRAY[NULL, 's9']::text[])"
+    )
+    rows = {m.member: m for m in (await a.view(T)).members}
+    assert rows["old"].connected_at is None and rows["old"].avoiding == ()
+    assert len(rows["odd"].avoiding) == AVOIDING_READ
+    assert rows["null"].avoiding == ("s9",)
 
 
 async def test_tick_renews_only_at_the_given_epoch(env: Env) -> None:
