@@ -252,12 +252,14 @@ class SqliteStore:
         writer: aiosqlite.Connection,
         reader: aiosqlite.Connection,
         lookup: sqlite3.Connection,
+        identity: tuple[int, int],
     ) -> None:
         self.path = path
         self._w = writer
         self._r = reader
         self._lookup = lookup
         self._closed = False
+        self._identity = identity  # of the file opened: see _check_file
 
     @classmethod
     async def open(
@@ -295,6 +297,8 @@ class SqliteStore:
                 lookup.execute("PRAGMA query_only=ON")
                 lookup.execute("PRAGMA busy_timeout=5000")
                 lookup.execute(_CACHE_SIZE)
+                # The file the connections opened (its schema was read through them just now).
+                identity = _identity(os.stat(path))
             except BaseException:
                 lookup.close()
                 raise
@@ -303,7 +307,7 @@ class SqliteStore:
                 await reader.close()
             await writer.close()
             raise
-        return cls(path, writer, reader, lookup)
+        return cls(path, writer, reader, lookup, identity)
 
     async def close(self) -> None:
         if self._closed:
@@ -562,7 +566,27 @@ class SqliteStore:
                     ) from None
             if batch.sink_state is not None:
                 db.execute(_PUT_SINK_STATE, (*batch.sink_state, now))
+            self._check_file()
         return True
+
+    def _check_file(self) -> None:
+        """Before a commit's COMMIT: the path still names the file the connections write.
+        Removed or replaced underneath, SQLite would go on committing checkpoints into the
+        deleted inode, lost with it at the close (and the restart would start a new store).
+        One stat a commit (a few microseconds)."""
+        try:
+            now: tuple[int, int] | None = _identity(os.stat(self.path))
+        except FileNotFoundError:
+            now = None
+        except OSError as exc:
+            raise store_error(self.path, exc) from None
+        if now != self._identity:
+            raise StoreError(
+                f"state store {self.path} was removed or replaced while the daemon ran: this "
+                "commit was rolled back and the daemon stops; put the file back, then restart "
+                "(a new store starts the streams from their configured start, and a jsonl sink "
+                "file must be adopted or moved aside)"
+            )
 
     @_translated
     async def anchor(self, stream: str, position: Position, fence: Fence | None = None) -> None:
@@ -745,6 +769,10 @@ def _statements(script: str) -> list[str]:
 
 # sqlite3 messages that mean "try again later" rather than "an operator must act".
 _TRANSIENT_SQLITE = ("locked", "busy", "disk i/o error", "database or disk is full")
+
+
+def _identity(st: os.stat_result) -> tuple[int, int]:
+    return (st.st_dev, st.st_ino)
 
 
 def store_error(
