@@ -74,6 +74,7 @@ from ..core.printable import printable
 from ..core.records import Staged
 from ..core.rotation import SEQ_DIGITS, Rotation
 from ..errors import SinkLost, SinkUnusable, TransientSinkError
+from ..files import DISK_FIX, may_clear
 from .base import serialized
 
 log = structlog.get_logger(__name__)
@@ -179,7 +180,13 @@ class JsonlSink:
     async def open(self, committed: str | None) -> None:
         try:
             await self._open(committed)
-        except OSError as exc:  # a directory where the file is, no permission, a read-only disk
+        except OSError as exc:
+            if may_clear(exc):  # a full disk, a failing device: a restart may go on (exit 1)
+                raise TransientSinkError(
+                    f"jsonl sink: cannot open {printable(exc.filename or self.path)}: "
+                    f"{exc.strerror or exc} -> {DISK_FIX}"
+                ) from None
+            # A directory where the file is, no permission, a read-only disk: an operator's.
             raise SinkUnusable(
                 f"jsonl sink: cannot open {printable(exc.filename or self.path)}: "
                 f"{exc.strerror or exc} -> check sink.path ({printable(self.path)}): a file "
@@ -191,7 +198,10 @@ class JsonlSink:
         changing nothing: no file or directory created, cut or removed (for preflight). The
         sink is not usable afterwards."""
         self._dry = True
-        await self.open(committed)
+        try:
+            await self.open(committed)
+        except TransientSinkError as exc:  # the disk's: still what would stop the start
+            raise SinkUnusable(str(exc)) from None
 
     async def _open(self, committed: str | None) -> None:
         if not self._dry:

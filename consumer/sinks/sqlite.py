@@ -52,6 +52,7 @@ from ..core.events import Event
 from ..core.evidence import prefix
 from ..core.records import Staged
 from ..errors import ConfigError, PermanentSinkError, SinkUnusable, TransientSinkError
+from ..files import DISK_FIX, may_clear
 from ..sqlite_tx import in_thread, sync_transaction, write_rows
 from ..state.sqlite import MIGRATIONS
 from .base import PlainSink
@@ -434,6 +435,11 @@ class SqliteSink(PlainSink):
             # Created 0600 before SQLite does, like the state store (-wal/-shm take its mode).
             os.close(os.open(self.path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600))
         except OSError as exc:
+            if may_clear(exc):  # a full disk, a failing device: a restart may go on (exit 1)
+                raise TransientSinkError(
+                    f"sqlite sink: cannot create or open {self.path} "
+                    f"({exc.strerror or exc}): {DISK_FIX}"
+                ) from None
             raise ConfigError(
                 f"sink.path: cannot create or open {self.path} ({exc.strerror or exc}): set "
                 "sink.path to a file in a directory the daemon's user can write"

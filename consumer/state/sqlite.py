@@ -37,6 +37,7 @@ from ..core.records import (
 )
 from ..core.watermark import Position
 from ..errors import SchemaTooNew, StagedRowRefused, StoreError
+from ..files import DISK_FIX, may_clear
 from ..sqlite_tx import in_thread, sync_transaction, transaction, write_rows
 from .base import PRUNE_CHUNK
 
@@ -797,9 +798,9 @@ def store_error(
             return StoreError(
                 f"state store {path} does not exist: the daemon has not run with this config"
             )
-        if exc.errno in (errno.ENOSPC, errno.EIO, errno.EAGAIN):
+        if may_clear(exc):
             return StoreError(
-                f"state store {path}: {exc.strerror}: free disk space or fix the device",
+                f"state store {path}: {exc.strerror}: {DISK_FIX}",
                 retriable=True,
             )
         return StoreError(

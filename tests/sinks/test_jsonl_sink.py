@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import threading
@@ -674,3 +675,37 @@ async def test_a_rename_met_by_a_write_out_between_commits_stops_the_next_sync(
     finally:
         await s.close()
     assert read_lines(rotated) == [event(0).raw, event(1).raw]
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [
+        (errno.ENOSPC, TransientSinkError),
+        (errno.EDQUOT, TransientSinkError),
+        (errno.EIO, TransientSinkError),
+        (errno.EACCES, SinkUnusable),
+        (errno.EROFS, SinkUnusable),
+    ],
+)
+async def test_a_full_disk_at_open_is_retriable_not_a_configuration_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, expected: type[Exception]
+) -> None:
+    """A full disk (no inode for the new file), a quota or a failing device at start may clear
+    by itself: exit 1, which systemd restarts, not 78 (never restarted) blaming sink.path."""
+    path = tmp_path / "e.jsonl"
+    real = os.open
+
+    def failing(file: Any, flags: int, *args: Any, **kw: Any) -> int:
+        if os.fspath(file) == str(path) and flags & os.O_CREAT:
+            raise OSError(code, os.strerror(code), str(path))
+        return real(file, flags, *args, **kw)
+
+    monkeypatch.setattr(os, "open", failing)
+    s = JsonlSink(path)
+    with pytest.raises(expected) as caught:
+        await s.open(None)
+    assert not isinstance(caught.value, SinkUnusable) or expected is SinkUnusable
+    if expected is TransientSinkError:
+        assert "free disk space or fix the device" in str(caught.value)
+    else:
+        assert "check sink.path" in str(caught.value)

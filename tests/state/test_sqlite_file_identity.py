@@ -1,10 +1,12 @@
 """The SQLite state store's file removed or replaced while the daemon runs: SQLite in WAL mode
 would go on committing checkpoints into the deleted inode, lost with it at the close. Each
-commit checks before its COMMIT that the path still names the file opened (found by a
-review)."""
+commit checks before its COMMIT that the path still names the file opened; and a full disk, a
+quota or a failing device is one classification (:mod:`consumer.files`) for the store and the
+sinks alike (found by a review)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 from contextlib import closing
@@ -15,7 +17,7 @@ import pytest
 from consumer.core.records import CommitBatch
 from consumer.core.watermark import Position
 from consumer.errors import StoreError
-from consumer.state.sqlite import SqliteStore
+from consumer.state.sqlite import SqliteStore, store_error
 
 
 def batch(i: int) -> CommitBatch:
@@ -47,3 +49,24 @@ async def test_a_commit_into_a_store_no_longer_at_the_path_is_rolled_back(
         assert cp is not None and cp.unique_event_id == "u1"
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize(
+    ("code", "retriable"),
+    [
+        (errno.ENOSPC, True),
+        (errno.EDQUOT, True),
+        (errno.EIO, True),
+        (errno.EAGAIN, True),
+        (errno.EACCES, False),
+        (errno.EROFS, False),
+        (errno.EISDIR, False),
+    ],
+)
+def test_a_full_disk_or_quota_may_clear_by_itself(
+    tmp_path: Path, code: int, retriable: bool
+) -> None:
+    err = store_error(tmp_path / "state.db", OSError(code, os.strerror(code)))
+    assert err.retriable is retriable
+    if retriable:
+        assert "free disk space or fix the device" in str(err)
