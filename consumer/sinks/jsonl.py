@@ -74,7 +74,7 @@ from ..core.printable import printable
 from ..core.records import Staged
 from ..core.rotation import SEQ_DIGITS, Rotation
 from ..errors import SinkLost, SinkUnusable, TransientSinkError
-from ..files import DISK_FIX, may_clear
+from ..files import DISK_FIX, make_dirs, may_clear
 from .base import serialized
 
 log = structlog.get_logger(__name__)
@@ -205,7 +205,7 @@ class JsonlSink:
 
     async def _open(self, committed: str | None) -> None:
         if not self._dry:
-            self._dir.mkdir(parents=True, exist_ok=True)
+            make_dirs(self._dir)
         self._where = _where(self.path)
         c = _parse(committed, self.path)
         foreign = None

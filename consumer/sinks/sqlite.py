@@ -52,7 +52,7 @@ from ..core.events import Event
 from ..core.evidence import prefix
 from ..core.records import Staged
 from ..errors import ConfigError, PermanentSinkError, SinkUnusable, TransientSinkError
-from ..files import DISK_FIX, may_clear
+from ..files import DISK_FIX, make_dirs, may_clear
 from ..sqlite_tx import in_thread, sync_transaction, write_rows
 from ..state.sqlite import MIGRATIONS
 from .base import PlainSink
@@ -431,7 +431,7 @@ class SqliteSink(PlainSink):
 
     async def open(self, committed: str | None) -> None:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.path.parent)
             # Created 0600 before SQLite does, like the state store (-wal/-shm take its mode).
             os.close(os.open(self.path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600))
         except OSError as exc:

@@ -37,7 +37,7 @@ from ..core.records import (
 )
 from ..core.watermark import Position
 from ..errors import SchemaTooNew, StagedRowRefused, StoreError
-from ..files import DISK_FIX, may_clear
+from ..files import DISK_FIX, make_dirs, may_clear
 from ..sqlite_tx import in_thread, sync_transaction, transaction, write_rows
 from .base import PRUNE_CHUNK
 
@@ -277,7 +277,7 @@ class SqliteStore:
     @classmethod
     async def _open(cls, path: Path, synchronous: str, create: bool) -> SqliteStore:
         if create:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(path.parent)
             # Create it 0600 before SQLite does (SQLite gives -wal/-shm the same mode).
             os.close(os.open(path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600))
         else:  # FileNotFoundError when it does not exist: SQLite would create it
