@@ -33,7 +33,9 @@ place inside a line, another copy restored over it) is not one the sink committe
 (exit 78), nothing cut or written, rather than a new line glued to the half one. While
 running, each sync checks that the path still names the open file and that it did not
 shrink, so a file rotated, truncated or removed underneath stops the daemon instead of writing
-NUL bytes or into a deleted file.
+NUL bytes or into a deleted file. Renamed or removed, the open file is first cut (by its
+descriptor) back to what a commit may cover: the restart replays the rest into the new file, and
+the renamed one must not hold them too.
 
 Rotation (optional, :mod:`consumer.core.rotation` names the files): the position becomes
 (file, length) as JSON, ``{"file", "seq", "length", "started", "path", "ino"}``, its path the
@@ -72,6 +74,7 @@ from ..core.printable import printable
 from ..core.records import Staged
 from ..core.rotation import SEQ_DIGITS, Rotation
 from ..errors import SinkLost, SinkUnusable, TransientSinkError
+from ..files import DISK_FIX, make_dirs, may_clear
 from .base import serialized
 
 log = structlog.get_logger(__name__)
@@ -87,6 +90,7 @@ _RETAIN_EVERY_S = 3600.0  # keep_days: looked at again this often even without a
 # commit waits in the page cache, not in the heap (about 700 lines of 725 bytes; 1 MiB held
 # 0.5 MB more at the peak of a catch-up behind a busy disk, for half the write-outs).
 WRITE_OUT_BYTES = 1 << 19
+_WHOLE = 1 << 62  # File.committable of a file a newer committed position follows
 
 
 class _Committed(NamedTuple):
@@ -108,6 +112,10 @@ class _File:
     seq: int
     started: int
     durable: int = 0  # bytes on disk that a checkpoint may cover (fsynced)
+    # The most of it a checkpoint may cover: its length at open, raised by each position a
+    # sync succeeded for (its commit may land, even one whose failure was unsure) and each
+    # heard committed. Past it, bytes are provably uncommitted (a cut never goes below it).
+    committable: int = 0
     written: int = 0  # bytes handed to the OS (>= durable); the buffer follows them
     parts: list[bytes] = field(default_factory=list)  # buffered, not written yet
     buffered: int = 0
@@ -154,6 +162,12 @@ class JsonlSink:
         self._io = threading.Lock()
         self._fsync_io = threading.Lock()
         self._dry = False  # check(): open's decisions only, nothing created, cut or removed
+        # Why the open file is no longer the path's (renamed, removed underneath; set by the
+        # write-out that found it, which cut it back to what a checkpoint may cover): no sync
+        # succeeds after it. Under _gone_lock with the files' `committable`, so that a sync
+        # either raises it first or the cut keeps its position.
+        self._gone: str | None = None
+        self._gone_lock = threading.Lock()
         self._where = ""  # the path positions are recorded for (set by open)
 
     @property
@@ -166,7 +180,13 @@ class JsonlSink:
     async def open(self, committed: str | None) -> None:
         try:
             await self._open(committed)
-        except OSError as exc:  # a directory where the file is, no permission, a read-only disk
+        except OSError as exc:
+            if may_clear(exc):  # a full disk, a failing device: a restart may go on (exit 1)
+                raise TransientSinkError(
+                    f"jsonl sink: cannot open {printable(exc.filename or self.path)}: "
+                    f"{exc.strerror or exc} -> {DISK_FIX}"
+                ) from None
+            # A directory where the file is, no permission, a read-only disk: an operator's.
             raise SinkUnusable(
                 f"jsonl sink: cannot open {printable(exc.filename or self.path)}: "
                 f"{exc.strerror or exc} -> check sink.path ({printable(self.path)}): a file "
@@ -178,11 +198,14 @@ class JsonlSink:
         changing nothing: no file or directory created, cut or removed (for preflight). The
         sink is not usable afterwards."""
         self._dry = True
-        await self.open(committed)
+        try:
+            await self.open(committed)
+        except TransientSinkError as exc:  # the disk's: still what would stop the start
+            raise SinkUnusable(str(exc)) from None
 
     async def _open(self, committed: str | None) -> None:
         if not self._dry:
-            self._dir.mkdir(parents=True, exist_ok=True)
+            make_dirs(self._dir)
         self._where = _where(self.path)
         c = _parse(committed, self.path)
         foreign = None
@@ -317,6 +340,7 @@ class JsonlSink:
             started,
             durable=length,
             written=length,
+            committable=length,
             fd=fd,
             identity=_identity(os.fstat(fd)),
         )
@@ -399,17 +423,63 @@ class JsonlSink:
         except FileNotFoundError:
             named = None
         if named is None or _identity(named) != f.identity or mine.st_nlink == 0:
-            raise SinkUnusable(
-                f"jsonl file {path} was removed or replaced while the daemon wrote to it "
-                "(external rotation is not supported: see the rotate_* keys): restart the "
-                "daemon; events not yet committed are replayed into the file the path names then"
-            )
+            raise SinkUnusable(self._cut_gone(f, path, mine.st_size))
         if mine.st_size < f.durable:
             raise SinkUnusable(
                 f"jsonl file {path} shrank to {mine.st_size} bytes below the "
                 f"{f.durable} committed while the daemon wrote to it: restore it, or "
                 f"{ADOPT_HINT}, then restart"
             )
+
+    def _cut_gone(self, f: _File, path: Path, size: int) -> str:
+        """The path no longer names the open file ``f`` (renamed by logrotate's create mode,
+        its directory moved, removed): the daemon stops, and its restart replays what no
+        checkpoint covers into the file the path names then. What of it was written to ``f``
+        since the last commit would stay in the renamed file too (twice): cut ``f`` (by its
+        descriptor: the sink's own open inode, whatever its name now) back to what a
+        checkpoint may cover, and fsync. Never below it. Returns why the sink stops."""
+        assert f.fd is not None
+        with self._gone_lock:
+            keep = f.committable
+            gone = self._gone = (
+                f"jsonl file {path} was removed or replaced (renamed, its directory moved) "
+                "while the daemon wrote to it (external rotation is not supported: see the "
+                "rotate_* keys; its uncommitted lines are cut off the file it wrote): restart the "
+                "daemon; events not yet committed are replayed into the file the path names then"
+            )
+        if size <= keep:
+            return gone
+        try:
+            os.ftruncate(f.fd, keep)
+            os.fsync(f.fd)
+        except OSError as exc:
+            return (
+                f"{gone} (cutting the {size - keep} uncommitted bytes off the file it wrote "
+                f"failed: {exc.strerror or exc}; their events will be in it and again in the "
+                "new file)"
+            )
+        log.warning(
+            "jsonl file renamed or removed underneath; cut its uncommitted tail",
+            path=str(path),
+            bytes=size - keep,
+            committed=keep,
+        )
+        return gone
+
+    def _may_commit(self, position: str | None) -> None:
+        """``position`` may become committed (a sync to it succeeded, or it was heard
+        committed): what of each open file it covers must never be cut. Raises what stopped
+        the sink if it did meanwhile (then no commit may follow)."""
+        c = None if position is None else _parse(position, self.path)
+        with self._gone_lock:
+            if self._gone is not None:
+                raise SinkUnusable(self._gone)
+            for f in [] if c is None else self._files:
+                assert c is not None
+                if self._rotation is not None and f.seq < c.seq:
+                    f.committable = _WHOLE  # a newer file is named: all of this one is before
+                elif self._rotation is None or f.seq == c.seq:
+                    f.committable = max(f.committable, c.length)
 
     async def write(self, stream: str, events: Sequence[Event]) -> None:
         # The disk is behind (a write-out under way, another one's worth buffered after it):
@@ -454,6 +524,8 @@ class JsonlSink:
         return _encode(tail.name, tail.seq, length, tail.started, where=self._where, ino=ino)
 
     def committed(self, position: str) -> None:
+        with contextlib.suppress(SinkUnusable):  # stopped meanwhile: the next sync says so
+            self._may_commit(position)
         if self._rotation is None:
             return
         c = _parse(position, self.path)
@@ -481,32 +553,37 @@ class JsonlSink:
 
     async def sync(self, position: str | None) -> None:
         async with self._lock:
-            if self._lost is not None:
-                await self._lose()
-            if position is not None and self._covered(position):
-                return
+            await self._sync(position)
+            # Only now may a commit cover it (one that fails after this may still have landed).
+            self._may_commit(position)
+
+    async def _sync(self, position: str | None) -> None:
+        if self._lost is not None:
+            await self._lose()
+        if position is not None and self._covered(position):
+            return
+        try:
+            await self._write_out()
+        except SinkLost:  # a rotated file's directory entry not provably on disk
+            await self._lose()
+        # Everything written is fsynced (maybe more than the position covers: harmless).
+        plan = [(f, f.written) for f in self._files if f.written > f.durable]
+        if self._fsync and plan:
             try:
-                await self._write_out()
-            except SinkLost:  # a rotated file's directory entry not provably on disk
+                await asyncio.to_thread(self._fsync_files, [f for f, _ in plan])
+            except SinkLost:
                 await self._lose()
-            # Everything written is fsynced (maybe more than the position covers: harmless).
-            plan = [(f, f.written) for f in self._files if f.written > f.durable]
-            if self._fsync and plan:
-                try:
-                    await asyncio.to_thread(self._fsync_files, [f for f, _ in plan])
-                except SinkLost:
-                    await self._lose()
-            for f, written in plan:
-                f.durable = written
-            self._write_failed = False
-            done = []
-            while len(self._files) > 1 and self._files[1].fd is not None:
-                head = self._files[0]
-                if head.parts or head.durable < head.written:  # written meanwhile: next time
-                    break
-                done.append(self._files.pop(0))  # a newer file exists: nothing more goes here
-            if done:
-                await asyncio.to_thread(self._close_files, done)
+        for f, written in plan:
+            f.durable = written
+        self._write_failed = False
+        done = []
+        while len(self._files) > 1 and self._files[1].fd is not None:
+            head = self._files[0]
+            if head.parts or head.durable < head.written:  # written meanwhile: next time
+                break
+            done.append(self._files.pop(0))  # a newer file exists: nothing more goes here
+        if done:
+            await asyncio.to_thread(self._close_files, done)
 
     async def _write_out_between(self) -> None:
         """A write-out between commits (see :data:`WRITE_OUT_BYTES`). A failure leaves the

@@ -51,7 +51,8 @@ import structlog
 from ..core.events import Event
 from ..core.evidence import prefix
 from ..core.records import Staged
-from ..errors import ConfigError, PermanentSinkError, TransientSinkError
+from ..errors import ConfigError, PermanentSinkError, SinkUnusable, TransientSinkError
+from ..files import DISK_FIX, make_dirs, may_clear
 from ..sqlite_tx import in_thread, sync_transaction, write_rows
 from ..state.sqlite import MIGRATIONS
 from .base import PlainSink
@@ -114,6 +115,10 @@ def _code(exc: sqlite3.Error) -> int | None:
 
 def _q(identifier: str) -> str:
     return '"' + identifier.replace('"', '""') + '"'
+
+
+def _identity(st: os.stat_result) -> tuple[int, int]:
+    return (st.st_dev, st.st_ino)
 
 
 def open_error(exc: sqlite3.Error, table: str, path: Path, key: str) -> Exception:
@@ -422,13 +427,19 @@ class SqliteSink(PlainSink):
         # The table's triggers that may RAISE(IGNORE) a row (read at open): each write then
         # checks that every event has its row.
         self._ignoring: list[str] = []
+        self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the file opened
 
     async def open(self, committed: str | None) -> None:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.path.parent)
             # Created 0600 before SQLite does, like the state store (-wal/-shm take its mode).
             os.close(os.open(self.path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600))
         except OSError as exc:
+            if may_clear(exc):  # a full disk, a failing device: a restart may go on (exit 1)
+                raise TransientSinkError(
+                    f"sqlite sink: cannot create or open {self.path} "
+                    f"({exc.strerror or exc}): {DISK_FIX}"
+                ) from None
             raise ConfigError(
                 f"sink.path: cannot create or open {self.path} ({exc.strerror or exc}): set "
                 "sink.path to a file in a directory the daemon's user can write"
@@ -445,6 +456,12 @@ class SqliteSink(PlainSink):
             self._ignoring = await in_thread(
                 db, lambda conn: raising_triggers(conn, self.table, _IGNORE)
             )
+            # The file it opened (its schema was read through it just now): each commit checks
+            # that the path still names it.
+            self._identity = _identity(os.stat(self.path))
+        except OSError as exc:  # removed since the connect: as the write would find it
+            await db.close()
+            raise self._gone(exc) from None
         except sqlite3.Error as exc:
             await db.close()
             raise open_error(exc, self.table, self.path, "sink.path") from None
@@ -514,6 +531,32 @@ class SqliteSink(PlainSink):
                 raise _UpsertFailed(exc) from exc
             if self._ignoring:
                 self._check_ignored(db, [str(r[0]) for r in rows])
+            self._check_file()
+
+    def _check_file(self) -> None:
+        """Before each COMMIT: the path still names the file the connection writes. Removed
+        or replaced underneath (shipped away, archived), SQLite would go on committing into
+        the deleted inode, the checkpoint past its rows, and they would go with it at the
+        close: lost. :class:`SinkUnusable` instead (the transaction rolled back): the daemon
+        stops, and its restart replays them into the file the path names then. One stat per
+        transaction (a few microseconds; a transaction is a batch)."""
+        try:
+            now: tuple[int, int] | None = _identity(os.stat(self.path))
+        except FileNotFoundError:
+            now = None
+        except OSError as exc:
+            raise TransientSinkError(f"sqlite sink {self.path}: {exc.strerror or exc}") from None
+        if now != self._identity:
+            raise self._gone(None)
+
+    def _gone(self, exc: OSError | None) -> SinkUnusable:
+        why = f" ({exc.strerror or exc})" if exc is not None else ""
+        return SinkUnusable(
+            f"sqlite sink file {self.path} was removed or replaced while the daemon wrote to "
+            f"it{why}: this write was rolled back, its events not committed; restart the "
+            "daemon: it replays them into the file the path names then (move the file away "
+            "only while the daemon is stopped)"
+        )
 
     def _check_ignored(self, db: sqlite3.Connection, ids: list[str]) -> None:
         """Raise :class:`PermanentSinkError` (the transaction rolled back) naming the first

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ..config import StateSettings
 from ..errors import LeaseHeld, ReplayRefused
+from ..files import make_dirs
 from .sqlite import store_error
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ class Lease:
     ) -> Lease:
         path = lock_path(state_path, purpose)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(path.parent)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise store_error(state_path, exc, file=path) from None

@@ -37,6 +37,7 @@ from ..core.records import (
 )
 from ..core.watermark import Position
 from ..errors import SchemaTooNew, StagedRowRefused, StoreError
+from ..files import DISK_FIX, make_dirs, may_clear
 from ..sqlite_tx import in_thread, sync_transaction, transaction, write_rows
 from .base import PRUNE_CHUNK
 
@@ -252,12 +253,14 @@ class SqliteStore:
         writer: aiosqlite.Connection,
         reader: aiosqlite.Connection,
         lookup: sqlite3.Connection,
+        identity: tuple[int, int],
     ) -> None:
         self.path = path
         self._w = writer
         self._r = reader
         self._lookup = lookup
         self._closed = False
+        self._identity = identity  # of the file opened: see _check_file
 
     @classmethod
     async def open(
@@ -274,7 +277,7 @@ class SqliteStore:
     @classmethod
     async def _open(cls, path: Path, synchronous: str, create: bool) -> SqliteStore:
         if create:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(path.parent)
             # Create it 0600 before SQLite does (SQLite gives -wal/-shm the same mode).
             os.close(os.open(path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600))
         else:  # FileNotFoundError when it does not exist: SQLite would create it
@@ -295,6 +298,8 @@ class SqliteStore:
                 lookup.execute("PRAGMA query_only=ON")
                 lookup.execute("PRAGMA busy_timeout=5000")
                 lookup.execute(_CACHE_SIZE)
+                # The file the connections opened (its schema was read through them just now).
+                identity = _identity(os.stat(path))
             except BaseException:
                 lookup.close()
                 raise
@@ -303,7 +308,7 @@ class SqliteStore:
                 await reader.close()
             await writer.close()
             raise
-        return cls(path, writer, reader, lookup)
+        return cls(path, writer, reader, lookup, identity)
 
     async def close(self) -> None:
         if self._closed:
@@ -562,7 +567,27 @@ class SqliteStore:
                     ) from None
             if batch.sink_state is not None:
                 db.execute(_PUT_SINK_STATE, (*batch.sink_state, now))
+            self._check_file()
         return True
+
+    def _check_file(self) -> None:
+        """Before a commit's COMMIT: the path still names the file the connections write.
+        Removed or replaced underneath, SQLite would go on committing checkpoints into the
+        deleted inode, lost with it at the close (and the restart would start a new store).
+        One stat a commit (a few microseconds)."""
+        try:
+            now: tuple[int, int] | None = _identity(os.stat(self.path))
+        except FileNotFoundError:
+            now = None
+        except OSError as exc:
+            raise store_error(self.path, exc) from None
+        if now != self._identity:
+            raise StoreError(
+                f"state store {self.path} was removed or replaced while the daemon ran: this "
+                "commit was rolled back and the daemon stops; put the file back, then restart "
+                "(a new store starts the streams from their configured start, and a jsonl sink "
+                "file must be adopted or moved aside)"
+            )
 
     @_translated
     async def anchor(self, stream: str, position: Position, fence: Fence | None = None) -> None:
@@ -747,6 +772,10 @@ def _statements(script: str) -> list[str]:
 _TRANSIENT_SQLITE = ("locked", "busy", "disk i/o error", "database or disk is full")
 
 
+def _identity(st: os.stat_result) -> tuple[int, int]:
+    return (st.st_dev, st.st_ino)
+
+
 def store_error(
     path: Path, exc: sqlite3.Error | OSError, *, file: Path | None = None
 ) -> StoreError:
@@ -769,9 +798,9 @@ def store_error(
             return StoreError(
                 f"state store {path} does not exist: the daemon has not run with this config"
             )
-        if exc.errno in (errno.ENOSPC, errno.EIO, errno.EAGAIN):
+        if may_clear(exc):
             return StoreError(
-                f"state store {path}: {exc.strerror}: free disk space or fix the device",
+                f"state store {path}: {exc.strerror}: {DISK_FIX}",
                 retriable=True,
             )
         return StoreError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import threading
@@ -607,3 +608,104 @@ async def test_close_waits_for_a_write_out_under_way(tmp_path: Path) -> None:
     assert size >= WRITE_OUT_BYTES
     await sink.close()  # no sync: the write-out started by write() finished, nothing leaked
     assert path.stat().st_size == size
+
+
+async def renamed_mid_catch_up(tmp_path: Path, *, heard: bool) -> tuple[JsonlSink, Path, int]:
+    """A sink that committed its first lines (``heard``: and heard so), then handed a write-out
+    of lines no commit covers to the file, which logrotate's create mode then renamed
+    (a new empty file at the path). Returns the sink, the renamed file, the committed length."""
+    path, rotated = tmp_path / "e.jsonl", tmp_path / "e.jsonl.1"
+    s = JsonlSink(path)
+    await s.open(None)
+    await s.write("main", [event(0), event(1)])
+    first = s.position()
+    assert first is not None
+    await s.sync(first)
+    if heard:
+        s.committed(first)
+    n = WRITE_OUT_BYTES // len(line_bytes(event(2, pad="x" * 1000))) + 1
+    await s.write("main", [event(i, pad="x" * 1000) for i in range(2, 2 + n)])
+    await wait_until(lambda: s._writer is None)  # the write-out between commits is done
+    assert path.stat().st_size > sink_length(first)
+    path.rename(rotated)
+    path.touch()
+    return s, rotated, sink_length(first)
+
+
+@pytest.mark.parametrize("heard", [True, False])
+async def test_a_file_renamed_while_running_keeps_no_uncommitted_line_in_it(
+    tmp_path: Path, heard: bool
+) -> None:
+    """logrotate's create mode renames the file while lines no commit covers were already
+    handed to it (a write-out between commits): the sink stops, and its restart replays their
+    events into the new file. Left in the renamed file too, they were there twice. The sink
+    cuts its own open file (by descriptor) back to what a commit may cover before it stops:
+    the committed length, also when the commit's success was not heard (its sync succeeded:
+    it may have landed), never below it."""
+    s, rotated, length = await renamed_mid_catch_up(tmp_path, heard=heard)
+    try:
+        await s.write("main", [event(99)])
+        with pytest.raises(SinkUnusable, match="removed or replaced"):
+            await s.sync(s.position())
+        assert rotated.stat().st_size == length
+        assert read_lines(rotated) == [event(0).raw, event(1).raw]
+        assert s.path.read_bytes() == b""  # the new file is not touched
+        with pytest.raises(SinkUnusable, match="removed or replaced"):  # and it stays stopped
+            await s.sync(None)
+    finally:
+        await s.close()
+    assert rotated.stat().st_size == length
+
+
+async def test_a_rename_met_by_a_write_out_between_commits_stops_the_next_sync(
+    tmp_path: Path,
+) -> None:
+    """The rename is met by a write-out between commits (not by a sync): it cuts there, and
+    the next sync, even one to a position already on disk, refuses, so that no commit covers
+    what was cut."""
+    s, rotated, length = await renamed_mid_catch_up(tmp_path, heard=True)
+    try:
+        covered = s.position()
+        n = WRITE_OUT_BYTES // len(line_bytes(event(0, pad="y" * 1000))) + 1
+        await s.write("main", [event(i, pad="y" * 1000) for i in range(5000, 5000 + n)])
+        await wait_until(lambda: s._writer is None)  # met the rename, cut, logged
+        assert rotated.stat().st_size == length
+        with pytest.raises(SinkUnusable, match="removed or replaced"):
+            await s.sync(covered)
+    finally:
+        await s.close()
+    assert read_lines(rotated) == [event(0).raw, event(1).raw]
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [
+        (errno.ENOSPC, TransientSinkError),
+        (errno.EDQUOT, TransientSinkError),
+        (errno.EIO, TransientSinkError),
+        (errno.EACCES, SinkUnusable),
+        (errno.EROFS, SinkUnusable),
+    ],
+)
+async def test_a_full_disk_at_open_is_retriable_not_a_configuration_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, expected: type[Exception]
+) -> None:
+    """A full disk (no inode for the new file), a quota or a failing device at start may clear
+    by itself: exit 1, which systemd restarts, not 78 (never restarted) blaming sink.path."""
+    path = tmp_path / "e.jsonl"
+    real = os.open
+
+    def failing(file: Any, flags: int, *args: Any, **kw: Any) -> int:
+        if os.fspath(file) == str(path) and flags & os.O_CREAT:
+            raise OSError(code, os.strerror(code), str(path))
+        return real(file, flags, *args, **kw)
+
+    monkeypatch.setattr(os, "open", failing)
+    s = JsonlSink(path)
+    with pytest.raises(expected) as caught:
+        await s.open(None)
+    assert not isinstance(caught.value, SinkUnusable) or expected is SinkUnusable
+    if expected is TransientSinkError:
+        assert "free disk space or fix the device" in str(caught.value)
+    else:
+        assert "check sink.path" in str(caught.value)
