@@ -566,6 +566,10 @@ class PostgresSink(PlainSink):
             # pipeline marks them processed before it next suspends).
             self._stage(stream, events)
             return
+        await self._write_pool(stream, events)
+
+    async def _write_pool(self, stream: str, events: Sequence[Event]) -> None:
+        """The upsert of ``events`` through the sink's own pool."""
         pool = self._pool
         if pool is None:
             raise TransientSinkError("postgres sink is not open")
@@ -678,14 +682,21 @@ class PostgresSink(PlainSink):
             return None
         rows, self._rows = self._rows, []
         events, self._events = self._events, []
-        return Staged(self._staged_upsert, rows, events=events, aside=self._write_aside)
+        return Staged(
+            self._staged_upsert,
+            rows,
+            events=events,
+            aside=self._write_aside,
+            switch=self._own_pool,
+        )
 
     async def _write_aside(self, stream: str, events: Sequence[Event]) -> None:
         """:attr:`Staged.aside`: the state transaction refused a staged row for its data (a
-        trigger's cast or a function it calls failing on it: what open cannot read). From now
-        on every write goes through the sink's own pool, as when open finds a guard: a row
-        the table refuses is then that event's dead letter, not every stream's commit."""
-        if self.in_state_transaction:
+        trigger's cast or a function it calls failing on it: what open cannot read). The
+        committer writes the rows through the sink's own pool, as when open finds a guard: a
+        row the table refuses is then that event's dead letter, not every stream's commit.
+        :meth:`write` keeps staging until the committer calls :meth:`_own_pool`."""
+        if self._pool is None:
             if not self._opened:
                 raise TransientSinkError("postgres sink is not open")
             pool = await self._create_pool(self.settings.pool_min, self.settings.pool_max)
@@ -693,6 +704,11 @@ class PostgresSink(PlainSink):
                 await self._close_pool(pool)
             else:
                 self._pool = pool
+        await self._write_pool(stream, events)
+
+    def _own_pool(self) -> None:
+        """:attr:`Staged.switch`: every write through the own pool from now on."""
+        if self.in_state_transaction and self._pool is not None:
             self.in_state_transaction = False
             log.warning(
                 "postgres sink: the state transaction refused a row of the table; writing "
@@ -701,7 +717,6 @@ class PostgresSink(PlainSink):
                 server=self._target.where,
                 table=self.table,
             )
-        await self.write(stream, events)
 
     def _classify(
         self,
