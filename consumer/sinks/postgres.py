@@ -80,7 +80,7 @@ from ..core.records import Staged
 from ..errors import ConfigError, PermanentSinkError, TransientSinkError
 from ..pg_target import DURABLE_COMMITS, Target
 from ..pg_text import unstorable_char
-from ..state.postgres import raised_in
+from ..state.postgres import no_row_fault, raised_in
 from .base import PlainSink
 from .rows import COLUMNS, json_row, row
 
@@ -762,6 +762,24 @@ class PostgresSink(PlainSink):
                     unique_event_id=only,
                 )
             function = raised_in(exc)
+            if no_row_fault(state, getattr(exc, "server_source_function", None)):
+                # No row's data causes it (a sequence a trigger draws from at its limit):
+                # every event meets it, so retried (never each event dead-lettered), named.
+                log.error(
+                    "postgres sink: server error, retrying",
+                    server=where,
+                    table=self.table,
+                    sqlstate=state,
+                    function=function,
+                    error=self._describe(exc),
+                )
+                return TransientSinkError(
+                    f"postgres sink at {where}: table {self.table!r}: "
+                    f"{function + ' failed' if function else 'failed'} ({state} "
+                    f"{type(exc).__name__}), which no event's data causes: fix the database "
+                    "(a sequence at its MAXVALUE: ALTER SEQUENCE … AS bigint MAXVALUE …); "
+                    "retrying"
+                )
             if state.startswith("22") and function is not None:
                 # Raised in the operator's code (a trigger's function, or one that it or a
                 # generated column calls: a cast of the row's data, a division by zero) on

@@ -17,7 +17,10 @@ replays them once in effect; the own path failing for a while retries the commit
 dead-lettered meanwhile. Those dead letters are the stream's as the pipeline's own are: in
 ``events_dead_lettered`` and, with park-key, their resource parked (its later events in that
 commit and after it dead-lettered ``parked``, never written after it), also those the
-pipeline wrote while that commit ran (the sink stages them until the pipeline was told)."""
+pipeline wrote while that commit ran (the sink stages them until the pipeline was told).
+
+What no row's data causes (an audit trigger's sequence at its limit, 2200H) is retried, in the
+state transaction and on the own pool alike, nothing dead-lettered."""
 
 from __future__ import annotations
 
@@ -143,6 +146,8 @@ def assert_named_without_data(letter: DeadLetterRow, *names: str) -> None:
         ("42883", None, False),  # a function it calls, gone
         ("P0002", None, False),  # SELECT INTO STRICT over the operator's tables
         ("40001", None, False),  # serialization failure (the caller's retried ones)
+        ("2200H", "nextval_internal", False),  # a sequence at its limit: every row's
+        ("2200H", "exec_stmt_raise", True),  # unless an operator's RAISE chose that SQLSTATE
     ],
 )  # fmt: skip
 def test_which_postgres_failures_of_a_staged_row_are_its_data(
@@ -819,3 +824,91 @@ async def test_park_key_postgres_sink_stages_until_the_pipeline_heard_of_the_dea
         ("k2", "parked"),
         ("k3", "parked"),
     ]
+
+
+# --- what every event meets is no row's fault: retried, nothing dead-lettered ----------------
+
+
+async def exhausted_audit(dsn: str, table: str) -> str:
+    """``table`` with an audit trigger (no RAISE: open keeps a sink on the state's DSN in the
+    state transaction) whose insert draws from a sequence at its MAXVALUE (an int4 serial after
+    2**31 audit rows; here 2, reached): every write fails with 2200H, no row's data the
+    cause. Returns the statement that fixes it."""
+    await sql(
+        dsn,
+        "execute",
+        f"CREATE SEQUENCE {table}_seq MAXVALUE 2 START 2; SELECT nextval('{table}_seq'); "
+        f"CREATE TABLE \"{table}_audit\" (id int NOT NULL DEFAULT nextval('{table}_seq'), "
+        "uid TEXT NOT NULL); "
+        f"CREATE FUNCTION {table}_audit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        f'INSERT INTO "{table}_audit" (uid) VALUES (NEW.unique_event_id); RETURN NULL; END $$; '
+        f'CREATE TABLE "{table}" ({PG}); '
+        f'CREATE TRIGGER audit AFTER INSERT OR UPDATE ON "{table}" '
+        f"FOR EACH ROW EXECUTE FUNCTION {table}_audit()",
+    )
+    return f"ALTER SEQUENCE {table}_seq MAXVALUE 1000000"
+
+
+async def test_a_sequence_at_its_limit_in_the_state_transaction_is_retried_not_dead_lettered(
+    sandbox_factory, tmp_path: Path, postgres_dsn: str
+):
+    """The postgres sink in the state transaction; its table's audit trigger draws from a
+    sequence at its limit (2200H). No event's data causes that: the commit is retried, its
+    error naming the SQLSTATE and the trigger's function, nothing dead-lettered; once the
+    operator raises the limit, every event is written and committed, the stream on.
+
+    Was: 2200H is class 22, taken for the row's data: the rows went through the own pool,
+    which dead-lettered every event."""
+    gw = await sandbox_factory(backlog=EVENTS)
+    ids = truth_ids(gw.events("DEMO"))
+    table = f"t_{uuid.uuid4().hex[:12]}"
+    schema = f"s_{table}"
+    fix = await exhausted_audit(postgres_dsn, table)
+    state = {"backend": "postgres", "dsn": postgres_dsn, "schema": schema}
+    sink = {"type": "postgres", "dsn": postgres_dsn, "table": table}
+    settings = make_settings(tmp_path, gw.url, sink=sink, state=state)
+    async with running(settings) as daemon:
+        await wait_until(lambda: daemon.committer.failures >= 1, timeout=10)
+        error = daemon.committer.last_error
+        assert "2200H" in error and f"PL/pgSQL function {table}_audit()" in error, error
+        assert "retrying" in error, error
+        await sql(postgres_dsn, "execute", fix)
+        await pg_checkpoint(daemon, newest_offset(gw))
+        assert not daemon._stop.is_set()
+        assert daemon.committer.aside_dead_letters == 0
+        assert daemon.sink.mode == STATE_TRANSACTION  # type: ignore[attr-defined]
+    assert daemon.exit_code == 0
+    assert await pg_letters(postgres_dsn, schema) == []
+    written = [
+        r[0] for r in await sql(postgres_dsn, "fetch", f'SELECT unique_event_id FROM "{table}"')
+    ]
+    assert sorted(written) == sorted(ids)
+
+
+async def test_a_sequence_at_its_limit_on_the_own_pool_is_retried_not_dead_lettered(
+    sandbox_factory, tmp_path: Path, postgres_dsn: str
+):
+    """The postgres sink on its own pool (the state in a sqlite file), the same audit trigger
+    drawing from a sequence at its limit: each write is retried (no event's fault), nothing
+    dead-lettered; once the limit is raised every event is written.
+
+    Was: a class 22 error in the trigger's function dead-lettered every event."""
+    gw = await sandbox_factory(backlog=EVENTS)
+    ids = truth_ids(gw.events("DEMO"))
+    table = f"t_{uuid.uuid4().hex[:12]}"
+    fix = await exhausted_audit(postgres_dsn, table)
+    sink = {"type": "postgres", "dsn": postgres_dsn, "table": table}
+    settings = make_settings(tmp_path, gw.url, sink=sink)
+    async with running(settings) as daemon:
+        assert daemon.sink.mode == OWN_POOL  # type: ignore[attr-defined]
+        await wait_until(lambda: daemon.pipelines["main"].sink_retries >= 1, timeout=10)
+        await sql(postgres_dsn, "execute", fix)
+        await wait_until(lambda: committed(tmp_path / "state.db", newest_offset(gw)))
+        assert not daemon._stop.is_set()
+        assert daemon.pipelines["main"].dead_lettered == 0
+    assert daemon.exit_code == 0
+    assert await lite_letters(tmp_path / "state.db") == []
+    written = [
+        r[0] for r in await sql(postgres_dsn, "fetch", f'SELECT unique_event_id FROM "{table}"')
+    ]
+    assert sorted(written) == sorted(ids)
