@@ -423,9 +423,13 @@ class Committer:
 
     async def _commit_fenced(self, batch: CommitBatch) -> CommitBatch:
         """Commit; when the store refuses streams whose lease is gone, drop their part and
-        commit the rest (each round drops at least one stream). Returns what was committed."""
+        commit the rest (each round drops at least one stream). Returns what was committed.
+        The leases are taken once, as they are when the batch's work is sent: a set-aside
+        (:meth:`_set_aside`) awaits long before the commit of the rest, and a stream lost and
+        taken again by this member meanwhile has a new epoch, which the old lease's work must
+        not commit under."""
+        batch.fence = self._fence()
         while True:
-            batch.fence = self._fence()
             try:
                 if not await self._store.commit(batch):
                     log.info("a commit whose outcome was lost had been applied: not again")

@@ -20,7 +20,10 @@ commit and after it dead-lettered ``parked``, never written after it), also thos
 pipeline wrote while that commit ran (the sink stages them until the pipeline was told).
 
 What no row's data causes (an audit trigger's sequence at its limit, 2200H) is retried, in the
-state transaction and on the own pool alike, nothing dead-lettered."""
+state transaction and on the own pool alike, nothing dead-lettered.
+
+Fleet mode: a stream lost and taken again while the rows go aside commits nothing of the old
+lease (the fence is the one the batch was sent under)."""
 
 from __future__ import annotations
 
@@ -44,7 +47,7 @@ from support import committed, make_settings, newest_offset, running, truth_ids,
 from consumer.config import PostgresSinkSettings
 from consumer.core.events import Event
 from consumer.core.protocol import event_from_raw
-from consumer.core.records import CommitBatch, DeadLetterRow, Staged
+from consumer.core.records import CommitBatch, DeadLetterRow, Fence, Staged
 from consumer.errors import StagedRowRefused, StoreError, TransientSinkError
 from consumer.runtime.committer import Committer
 from consumer.runtime.pipeline import StreamPipeline
@@ -912,3 +915,85 @@ async def test_a_sequence_at_its_limit_on_the_own_pool_is_retried_not_dead_lette
         r[0] for r in await sql(postgres_dsn, "fetch", f'SELECT unique_event_id FROM "{table}"')
     ]
     assert sorted(written) == sorted(ids)
+
+
+# --- fleet mode: the set-aside awaits long before the commit of the rest ----------------------
+
+
+async def test_a_stream_lost_and_taken_again_during_the_set_aside_commits_nothing_of_the_old_lease(
+    postgres_dsn: str,
+):
+    """Fleet mode, the sink on the state's DSN: while the set-aside writes the refused
+    commit's rows aside, this member loses the stream's lease and takes it again (a new
+    epoch; the stream forgotten here meanwhile). The commit of the rest is the old lease's
+    work: refused by the fence it was sent under, nothing of it committed (no checkpoint, no
+    processed id, no dead letter); the new lease replays it from the store.
+
+    Was: the fence was read again for the commit of the rest, with the new epoch, and the old
+    lease's checkpoint, processed ids and dead letter committed under it."""
+    table = f"t_{uuid.uuid4().hex[:12]}"
+    schema = f"s_{table}"
+    await sql(
+        postgres_dsn,
+        "execute",
+        f"CREATE FUNCTION {table}_cast() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        f"IF NEW.event_name = '{HOSTILE_NAME}' THEN PERFORM NEW.primary_key::int; END IF; "
+        f'RETURN NEW; END $$; CREATE TABLE "{table}" ({PG}); '
+        f'CREATE TRIGGER cast_key BEFORE INSERT OR UPDATE ON "{table}" '
+        f"FOR EACH ROW EXECUTE FUNCTION {table}_cast()",
+    )
+    store = await PostgresStore.open(postgres_dsn, schema=schema)
+    await sql(
+        postgres_dsn,
+        "execute",
+        f"INSERT INTO \"{schema}\".stream_leases (stream, holder, epoch) VALUES ('main', 'm1', 1)",
+    )
+    sink = PostgresSink(
+        PostgresSinkSettings(type="postgres", dsn=postgres_dsn, table=table, timeout_s=5.0),  # type: ignore[arg-type]
+        in_state_transaction=True,
+    )
+    await sink.open(None)
+    committer = Committer(store, sink, max_events=1000, interval_s=3600)
+    epoch = {"main": 1}
+    fenced: list[frozenset[str]] = []
+    committer.configure_fence(lambda: Fence("m1", dict(epoch)), fenced.append)
+    pipeline = StreamPipeline(
+        "main",
+        sink=sink,
+        committer=committer,
+        workers=1,
+        queue_size=10,
+        batch_max=10,
+        retry_initial_s=0.01,
+        retry_max_s=0.01,
+    )
+    pipeline.start()
+    try:
+        for e in (event(1, "e1", "1"), event(2, "bad", "K", HOSTILE_NAME)):
+            await pipeline.put(e)
+        async with asyncio.timeout(10):
+            await pipeline.drained()
+        await pipeline.stop()
+        real = sink._write_aside
+
+        async def lease_lost_and_taken_again(stream: str, events: Sequence[Event]) -> None:
+            if epoch["main"] == 1:
+                committer.forget("main")
+                await sql(
+                    postgres_dsn,
+                    "execute",
+                    f"UPDATE \"{schema}\".stream_leases SET epoch = 2 WHERE stream = 'main'",
+                )
+                epoch["main"] = 2
+            await real(stream, events)
+
+        sink._write_aside = lease_lost_and_taken_again  # type: ignore[method-assign]
+        assert not await committer.flush()  # all of it the old lease's: refused, dropped
+        assert committer.fencing_rejections == 1
+        assert await store.checkpoint("main") is None
+        assert await store.seen("main", ["e1", "bad"]) == set()
+    finally:
+        await pipeline.stop()
+        await sink.close()
+        await store.close()
+    assert await pg_letters(postgres_dsn, schema) == []
