@@ -7,6 +7,7 @@ commands that read them back.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,26 +30,32 @@ class Staged:
     events, outside the state transaction. Where the rows go when that transaction refuses one
     of them for its data (:class:`~consumer.errors.StagedRowRefused`): the sink then writes
     through its own path for good, and dead-letters an event it refuses there, alone. None:
-    no way round, the refusal fails the commit."""
+    no way round, the refusal fails the commit. ``switch``: the sink's writes go through that
+    path from now on; called by the committer once whoever runs the streams heard of those
+    dead letters and nothing staged is left (until then a write stays staged, held: park-key
+    parks a resource before its later event is written)."""
 
     statement: str
     rows: list[tuple[Any, ...]]
     many: Callable[[int], str] | None = None
     events: list[Event] | None = None
     aside: Callable[[str, Sequence[Event]], Awaitable[None]] | None = None
+    switch: Callable[[], None] | None = None
 
     STREAM_COLUMN = 1  # as in consumer.sinks.rows.row
 
     def without(self, streams: frozenset[str]) -> Staged:
         col = self.STREAM_COLUMN
         if self.events is None:
-            rows = [r for r in self.rows if r[col] not in streams]
-            return Staged(self.statement, rows, self.many, None, self.aside)
-        pairs = zip(self.rows, self.events, strict=True)
-        kept = [(r, e) for r, e in pairs if r[col] not in streams]
-        return Staged(
-            self.statement, [r for r, _ in kept], self.many, [e for _, e in kept], self.aside
-        )
+            return dataclasses.replace(self, rows=[r for r in self.rows if r[col] not in streams])
+        return self.where(lambda stream, _: stream not in streams)
+
+    def where(self, keep: Callable[[str, Event], bool]) -> Staged:
+        """The rows whose stream and event ``keep`` takes (with events only)."""
+        col = self.STREAM_COLUMN
+        pairs = zip(self.rows, self.events or [], strict=True)
+        kept = [(r, e) for r, e in pairs if keep(str(r[col]), e)]
+        return dataclasses.replace(self, rows=[r for r, _ in kept], events=[e for _, e in kept])
 
     def by_stream(self) -> dict[str, list[Event]]:
         """The rows' events per stream, each stream's in their order (empty without events)."""

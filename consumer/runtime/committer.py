@@ -39,7 +39,7 @@ from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
 
 from ..core.events import Event, event_time
 from ..core.evidence import event_evidence, masked
-from ..core.records import CommitBatch, DeadLetter, Fence
+from ..core.records import CommitBatch, DeadLetter, Fence, Staged
 from ..core.watermark import Position, Positioned, Watermark
 from ..errors import Fenced, PermanentSinkError, StagedRowRefused, StoreError, TransientSinkError
 from ..logs import REDACTOR
@@ -47,6 +47,10 @@ from ..sinks.base import Sink
 from ..state.base import PRUNE_CHUNK, StateStore
 
 log = structlog.get_logger(__name__)
+
+# park-key: rounds of the rows staged while a set-aside ran, written before the sink switches
+# (see Committer._hold_back); each round's rows were staged during the one before.
+_HOLD_BACK_ROUNDS = 4
 
 
 @dataclass(slots=True)
@@ -419,9 +423,13 @@ class Committer:
 
     async def _commit_fenced(self, batch: CommitBatch) -> CommitBatch:
         """Commit; when the store refuses streams whose lease is gone, drop their part and
-        commit the rest (each round drops at least one stream). Returns what was committed."""
+        commit the rest (each round drops at least one stream). Returns what was committed.
+        The leases are taken once, as they are when the batch's work is sent: a set-aside
+        (:meth:`_set_aside`) awaits long before the commit of the rest, and a stream lost and
+        taken again by this member meanwhile has a new epoch, which the old lease's work must
+        not commit under."""
+        batch.fence = self._fence()
         while True:
-            batch.fence = self._fence()
             try:
                 if not await self._store.commit(batch):
                     log.info("a commit whose outcome was lost had been applied: not again")
@@ -441,7 +449,7 @@ class Committer:
                     return batch
             except StagedRowRefused as exc:
                 # Once at most: the batch sent again has no staged rows.
-                batch = self._sent = await self._set_aside(batch, exc)
+                batch = await self._set_aside(batch, exc)
 
     async def _set_aside(self, batch: CommitBatch, refused: StagedRowRefused) -> CommitBatch:
         """The state transaction refused a row a sink staged, for that row's data (nothing
@@ -486,6 +494,18 @@ class Committer:
         self.aside_dead_letters += len(letters)
         # Told once the letters are final (a failure above makes them again at the retry;
         # the batch kept when the commit of the rest fails keeps them as they are).
+        self._tell(letters, gone)
+        self._sent = rest  # its rows are durable: what is kept if anything below fails
+        if parked:
+            await self._hold_back(ways, parked)
+        else:
+            for staged, _ in ways:
+                if staged.switch is not None:
+                    staged.switch()
+        return rest
+
+    def _tell(self, letters: Sequence[DeadLetter], gone: frozenset[str]) -> None:
+        """Whoever runs each stream hears of its letters (see :meth:`on_set_aside`)."""
         told: dict[str, list[DeadLetter]] = {}
         for letter in letters:
             if self._live(letter.stream, gone) is not None:
@@ -494,7 +514,102 @@ class Committer:
             runs = self._runs.get(stream)
             if runs is not None:
                 runs[0](its)
-        return rest
+
+    async def _hold_back(
+        self, ways: Sequence[tuple[Staged, object]], parked: dict[str, dict[str, str]]
+    ) -> None:
+        """park-key, after a set-aside: the rows the pipeline staged while it ran (the sink
+        stages until :attr:`Staged.switch`; the pipeline did not know the keys parked yet).
+        Those of a resource parked by then are dead-lettered ``parked``, never written; the
+        others go through the sink's own path now, in order, as the set-aside's did (a
+        refusal there parks its resource too). The sink switches once none is left, with no
+        await between: a row staged and committed after a later event of its resource went
+        through the own path would break the resource's order when refused. Bounded: the
+        pipeline stages little more than the committer's capacity meanwhile; rows left then
+        (or when the own path fails for a while) commit in the next batch, the sink staging
+        still, a refusal there set aside again."""
+        for _ in range(_HOLD_BACK_ROUNDS):
+            window = self._taken_back()
+            if not window:
+                for staged, _ in ways:
+                    if staged.switch is not None:
+                        staged.switch()
+                return
+            free = [self._park_rows(staged, parked) for staged in window]
+            if any(s.aside is None or s.events is None for s in free):
+                self._batch.staged.extend(free)  # no way round: they commit staged
+                return
+            letters: list[DeadLetter] = []
+            try:
+                for staged in free:
+                    assert staged.aside is not None
+                    for stream, events in staged.by_stream().items():
+                        letters += await self._write_aside(
+                            staged.aside, stream, events, parked.get(stream)
+                        )
+            except TransientSinkError as exc:
+                self._batch.staged.extend(free)  # staged again, as they were
+                log.warning(
+                    "the sink's own path failed; the rows staged meanwhile commit with the "
+                    "next batch",
+                    error=masked(str(exc), 500, REDACTOR.scrub),
+                )
+                return
+            except BaseException:
+                self._batch.staged.extend(free)
+                raise
+            self._later(letters)
+        left = [self._park_rows(staged, parked) for staged in self._taken_back()]
+        self._batch.staged.extend(left)
+
+    def _taken_back(self) -> list[Staged]:
+        """The rows staged since the snapshot: the sink's, and those :meth:`forget` moved to
+        the next batch (the other streams' of a sink it drained)."""
+        window, self._batch.staged = self._batch.staged, []
+        staged = self._sink.staged()
+        if staged is not None:
+            window.append(staged)
+        gone = frozenset(self._forgotten_in_flight)
+        window = [s.without(gone) if gone else s for s in window]
+        return [s for s in window if s.rows]
+
+    def _park_rows(self, staged: Staged, parked: dict[str, dict[str, str]]) -> Staged:
+        """The rows of ``staged`` whose resource is not parked; the others' events
+        dead-lettered ``parked`` (:meth:`_later`)."""
+        letters: list[DeadLetter] = []
+
+        def free(stream: str, ev: Event) -> bool:
+            behind = parked.get(stream, {}).get(ev.primary_key)
+            if behind is None:
+                return True
+            why = f"primaryKey {ev.primary_key} is parked behind {behind}"
+            letters.append(self._aside_letter(stream, ev, "parked", why))
+            return False
+
+        kept = staged.where(free) if staged.events is not None else staged
+        self._later(letters)
+        return kept
+
+    def _later(self, letters: Sequence[DeadLetter]) -> None:
+        """Dead letters of events the pipeline handed the sink after the commit's snapshot:
+        the next batch's (their ids are there, processed: handled, their count goes), and
+        told to whoever runs the stream."""
+        gone = frozenset(self._forgotten_in_flight)
+        its: list[DeadLetter] = []
+        for letter in letters:
+            ledger = self._live(letter.stream, gone)
+            if ledger is None:
+                continue  # forgotten meanwhile: its work is dropped
+            its.append(letter)
+            self._batch.dead_letters.append(letter)
+            counts = self._batch.done_counts
+            if counts.get(letter.stream):
+                counts[letter.stream] -= 1
+            if letter.primary_key is not None:
+                ledger.letters_not_durable[letter.primary_key] += 1  # settled by _durable
+            self._hold(len(letter.payload) + len(letter.error))
+        self.aside_dead_letters += len(its)
+        self._tell(its, gone)
 
     async def _write_aside(
         self,

@@ -80,7 +80,7 @@ from ..core.records import Staged
 from ..errors import ConfigError, PermanentSinkError, TransientSinkError
 from ..pg_target import DURABLE_COMMITS, Target
 from ..pg_text import unstorable_char
-from ..state.postgres import raised_in
+from ..state.postgres import no_row_fault, raised_in
 from .base import PlainSink
 from .rows import COLUMNS, json_row, row
 
@@ -566,6 +566,10 @@ class PostgresSink(PlainSink):
             # pipeline marks them processed before it next suspends).
             self._stage(stream, events)
             return
+        await self._write_pool(stream, events)
+
+    async def _write_pool(self, stream: str, events: Sequence[Event]) -> None:
+        """The upsert of ``events`` through the sink's own pool."""
         pool = self._pool
         if pool is None:
             raise TransientSinkError("postgres sink is not open")
@@ -678,14 +682,21 @@ class PostgresSink(PlainSink):
             return None
         rows, self._rows = self._rows, []
         events, self._events = self._events, []
-        return Staged(self._staged_upsert, rows, events=events, aside=self._write_aside)
+        return Staged(
+            self._staged_upsert,
+            rows,
+            events=events,
+            aside=self._write_aside,
+            switch=self._own_pool,
+        )
 
     async def _write_aside(self, stream: str, events: Sequence[Event]) -> None:
         """:attr:`Staged.aside`: the state transaction refused a staged row for its data (a
-        trigger's cast or a function it calls failing on it: what open cannot read). From now
-        on every write goes through the sink's own pool, as when open finds a guard: a row
-        the table refuses is then that event's dead letter, not every stream's commit."""
-        if self.in_state_transaction:
+        trigger's cast or a function it calls failing on it: what open cannot read). The
+        committer writes the rows through the sink's own pool, as when open finds a guard: a
+        row the table refuses is then that event's dead letter, not every stream's commit.
+        :meth:`write` keeps staging until the committer calls :meth:`_own_pool`."""
+        if self._pool is None:
             if not self._opened:
                 raise TransientSinkError("postgres sink is not open")
             pool = await self._create_pool(self.settings.pool_min, self.settings.pool_max)
@@ -693,6 +704,11 @@ class PostgresSink(PlainSink):
                 await self._close_pool(pool)
             else:
                 self._pool = pool
+        await self._write_pool(stream, events)
+
+    def _own_pool(self) -> None:
+        """:attr:`Staged.switch`: every write through the own pool from now on."""
+        if self.in_state_transaction and self._pool is not None:
             self.in_state_transaction = False
             log.warning(
                 "postgres sink: the state transaction refused a row of the table; writing "
@@ -701,7 +717,6 @@ class PostgresSink(PlainSink):
                 server=self._target.where,
                 table=self.table,
             )
-        await self.write(stream, events)
 
     def _classify(
         self,
@@ -747,6 +762,24 @@ class PostgresSink(PlainSink):
                     unique_event_id=only,
                 )
             function = raised_in(exc)
+            if no_row_fault(state, getattr(exc, "server_source_function", None)):
+                # No row's data causes it (a sequence a trigger draws from at its limit):
+                # every event meets it, so retried (never each event dead-lettered), named.
+                log.error(
+                    "postgres sink: server error, retrying",
+                    server=where,
+                    table=self.table,
+                    sqlstate=state,
+                    function=function,
+                    error=self._describe(exc),
+                )
+                return TransientSinkError(
+                    f"postgres sink at {where}: table {self.table!r}: "
+                    f"{function + ' failed' if function else 'failed'} ({state} "
+                    f"{type(exc).__name__}), which no event's data causes: fix the database "
+                    "(a sequence at its MAXVALUE: ALTER SEQUENCE … AS bigint MAXVALUE …); "
+                    "retrying"
+                )
             if state.startswith("22") and function is not None:
                 # Raised in the operator's code (a trigger's function, or one that it or a
                 # generated column calls: a cast of the row's data, a division by zero) on

@@ -347,12 +347,14 @@ class StoreTableSink(PlainSink):
         self._rows: list[tuple[Any, ...]] = []
         self._events: list[Event] = []  # the events of _rows (for Staged.aside)
         # Its own connection to the state file, once the state transaction refused a row
-        # (:meth:`_write_aside`): every write goes through it from then on.
+        # (:meth:`_write_aside`); every write goes through it once the committer says so
+        # (:meth:`_own_path`): until then writes stay staged.
         self._own: SqliteSink | None = None
+        self._own_writes = False
 
     @property
     def waits(self) -> bool:
-        return self._own is not None  # staged rows: write only appends to a list
+        return self._own_writes  # staged rows: write only appends to a list
 
     async def open(self, committed: str | None) -> None:
         check_store_table_name(self.table, self.path)
@@ -367,7 +369,7 @@ class StoreTableSink(PlainSink):
             raise open_error(exc, self.table, self.path, "state.path") from None
 
     async def write(self, stream: str, events: Sequence[Event]) -> None:
-        if self._own is not None:
+        if self._own_writes and self._own is not None:
             await self._own.write(stream, events)
             return
         # No await: what the committer takes is exactly the writes that returned.
@@ -381,15 +383,16 @@ class StoreTableSink(PlainSink):
             return None
         rows, self._rows = self._rows, []
         events, self._events = self._events, []
-        return Staged(self._upsert, rows, self._many, events, self._write_aside)
+        return Staged(self._upsert, rows, self._many, events, self._write_aside, self._own_path)
 
     async def _write_aside(self, stream: str, events: Sequence[Event]) -> None:
         """:attr:`Staged.aside`: the state transaction refused a staged row for its data (a
-        trigger's expression failing on it, which open cannot read: ``malformed JSON``). From
-        now on every write is its own transaction on a connection of the sink's own to the
-        state file, as a file of its own is written: a row the table refuses is then that
-        event's dead letter, not every stream's commit. (A replay after a crash upserts the
-        same rows again.)"""
+        trigger's expression failing on it, which open cannot read: ``malformed JSON``). The
+        committer writes the rows, each batch its own transaction, on a connection of the
+        sink's own to the state file, as a file of its own is written: a row the table
+        refuses is then that event's dead letter, not every stream's commit. (A replay after
+        a crash upserts the same rows again.) :meth:`write` keeps staging until the committer
+        calls :meth:`_own_path`."""
         if self._own is None:
             own = SqliteSink(self.path, self.table)
             await own.open(None)
@@ -397,14 +400,19 @@ class StoreTableSink(PlainSink):
                 await own.close()
             else:
                 self._own = own
-                log.warning(
-                    "sqlite sink: the state transaction refused a row of the table; writing "
-                    "each batch in a transaction of its own from now on, so such an event is "
-                    "dead-lettered alone",
-                    path=str(self.path),
-                    table=self.table,
-                )
         await self._own.write(stream, events)
+
+    def _own_path(self) -> None:
+        """:attr:`Staged.switch`: every write on the sink's own connection from now on."""
+        if self._own is not None and not self._own_writes:
+            self._own_writes = True
+            log.warning(
+                "sqlite sink: the state transaction refused a row of the table; writing "
+                "each batch in a transaction of its own from now on, so such an event is "
+                "dead-lettered alone",
+                path=str(self.path),
+                table=self.table,
+            )
 
     async def close(self) -> None:
         own, self._own = self._own, None

@@ -209,6 +209,20 @@ _RETRIABLE_SERVER = (
 _ROW_CLASSES = ("22", "23")
 _ROW_STATES = frozenset({"0A000", "P0001", "P0004"})
 _RAISED_BY = frozenset({"exec_stmt_raise", "exec_stmt_assert"})
+# Of classes 22 and 23, what no row's data can cause: every write meets it alike, so it is
+# retried (the stream held up, a warning naming it) until the operator fixes the database,
+# never a row's dead letter. 2200H (sequence_generator_limit_exceeded): a sequence a trigger
+# or a default draws from is at its MAXVALUE (an audit table's int4 serial after 2**31 rows),
+# whatever the row. Not the others: each checks a value an expression computed (a cast, a
+# length, a JSON path, a LIMIT, a setval), which a trigger may take from NEW: they may be the
+# row's. (22002, 22010, 22022, 22024 are embedded SQL's, never the server's.)
+NOT_ROW_STATES = frozenset({"2200H"})
+
+
+def no_row_fault(sqlstate: str, raised_by: str | None) -> bool:
+    """Whether a failure of class 22 or 23 is one no row's data causes (:data:`NOT_ROW_STATES`),
+    unless an operator's RAISE or ASSERT chose that SQLSTATE (taken at its word: the row's)."""
+    return sqlstate in NOT_ROW_STATES and raised_by not in _RAISED_BY
 
 
 def staged_row_fault(sqlstate: str, raised_by: str | None) -> bool:
@@ -217,7 +231,10 @@ def staged_row_fault(sqlstate: str, raised_by: str | None) -> bool:
     the rows through the sink's own path, which tells a row's refusal (that event
     dead-lettered) from the table's (retried). Not what every event meets (a privilege, a
     table or a function gone: 42xxx) nor what clears by itself (the caller's
-    :data:`_RETRIABLE_SERVER`, even if a RAISE chose it): the commit is retried as before."""
+    :data:`_RETRIABLE_SERVER`, even if a RAISE chose it): the commit is retried as before.
+    Nor what no row's data can cause (:func:`no_row_fault`: a sequence at its limit)."""
+    if no_row_fault(sqlstate, raised_by):
+        return False
     return sqlstate.startswith(_ROW_CLASSES) or sqlstate in _ROW_STATES or raised_by in _RAISED_BY
 
 
@@ -318,6 +335,16 @@ def store_error(target: Target, schema: str, exc: BaseException, doing: str) -> 
             )
         if isinstance(exc, _RETRIABLE_SERVER):
             return StoreError(f"{where}: {doing}: {text}: retry later", retriable=True)
+        if no_row_fault(state, getattr(exc, "server_source_function", None)):
+            # The database's state, not a row's (a staged row's trigger drawing from a
+            # sequence at its limit): every commit meets it until the operator fixes it.
+            function = raised_in(exc)
+            return StoreError(
+                f"{where}: {doing}: {text} ({state}{', in ' + function if function else ''}): "
+                "no event's data causes it; fix the database (a sequence at its MAXVALUE: "
+                "ALTER SEQUENCE … AS bigint MAXVALUE …); retrying",
+                retriable=True,
+            )
         if state.startswith("22"):  # also asyncpg's own, for a value it cannot encode
             return StoreError(f"{where}: {doing}: invalid data: {text}")
         return StoreError(f"{where}: {doing}: {text}")

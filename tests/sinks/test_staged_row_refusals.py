@@ -16,7 +16,14 @@ on the sink's own pool; a crash between the rows written aside and the commit of
 replays them once in effect; the own path failing for a while retries the commit, nothing
 dead-lettered meanwhile. Those dead letters are the stream's as the pipeline's own are: in
 ``events_dead_lettered`` and, with park-key, their resource parked (its later events in that
-commit and after it dead-lettered ``parked``, never written after it)."""
+commit and after it dead-lettered ``parked``, never written after it), also those the
+pipeline wrote while that commit ran (the sink stages them until the pipeline was told).
+
+What no row's data causes (an audit trigger's sequence at its limit, 2200H) is retried, in the
+state transaction and on the own pool alike, nothing dead-lettered.
+
+Fleet mode: a stream lost and taken again while the rows go aside commits nothing of the old
+lease (the fence is the one the batch was sent under)."""
 
 from __future__ import annotations
 
@@ -37,13 +44,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from sink_tables import LITE, PG
 from support import committed, make_settings, newest_offset, running, truth_ids, wait_until
 
+from consumer.config import PostgresSinkSettings
 from consumer.core.events import Event
 from consumer.core.protocol import event_from_raw
-from consumer.core.records import CommitBatch, DeadLetterRow, Staged
+from consumer.core.records import CommitBatch, DeadLetterRow, Fence, Staged
 from consumer.errors import StagedRowRefused, StoreError, TransientSinkError
 from consumer.runtime.committer import Committer
 from consumer.runtime.pipeline import StreamPipeline
-from consumer.sinks.postgres import OWN_POOL, STATE_TRANSACTION
+from consumer.sinks.postgres import OWN_POOL, STATE_TRANSACTION, PostgresSink
 from consumer.sinks.sqlite import StoreTableSink
 from consumer.state import PostgresStore, SqliteStore
 from consumer.state.postgres import staged_row_fault as pg_row_fault
@@ -141,6 +149,8 @@ def assert_named_without_data(letter: DeadLetterRow, *names: str) -> None:
         ("42883", None, False),  # a function it calls, gone
         ("P0002", None, False),  # SELECT INTO STRICT over the operator's tables
         ("40001", None, False),  # serialization failure (the caller's retried ones)
+        ("2200H", "nextval_internal", False),  # a sequence at its limit: every row's
+        ("2200H", "exec_stmt_raise", True),  # unless an operator's RAISE chose that SQLSTATE
     ],
 )  # fmt: skip
 def test_which_postgres_failures_of_a_staged_row_are_its_data(
@@ -625,3 +635,365 @@ async def test_park_key_daemon_holds_the_resource_behind_the_set_aside_dead_lett
         (bad, HOSTILE_KEY, "sink_rejected"),
         (later, HOSTILE_KEY, "parked"),
     ]
+
+
+async def test_park_key_an_event_staged_while_the_refused_commit_runs_waits_behind_it(
+    tmp_path: Path,
+):
+    """park-key. The commit holding ``bad`` (resource K) is under way (the store's thread)
+    while the pipeline goes on, as during any commit, and writes ``k2`` (resource K, a row the
+    table takes): staged for the next commit. The state transaction refuses ``bad``'s row; the
+    set-aside dead-letters it and parks K; ``k2``, staged before the pipeline heard of it, is
+    dead-lettered ``parked`` behind it, never written; the pipeline counts it.
+
+    Was: the next commit wrote ``k2``: K's later event applied after its dead-lettered
+    earlier one (a `dlq replay` of ``bad`` then overwrites the newer state)."""
+    state = tmp_path / "state.db"
+    await (await SqliteStore.open(state)).close()
+    state_file_with_hostile_name_trigger(state)
+    first = [event(1, "e1", "1"), event(2, "bad", "K", HOSTILE_NAME), event(3, "e3", "3")]
+    async with life(state, first, parked={}) as (store, _, committer):
+        pipeline = lives[state]
+        real = store.commit
+        calls = 0
+
+        async def commit_while_pipeline_runs(batch: CommitBatch, now: float | None = None) -> bool:
+            nonlocal calls
+            calls += 1
+            if calls == 1:  # the pipeline takes events while this commit is under way
+                for e in (event(4, "k2", "K"), event(5, "e5", "5")):
+                    await pipeline.put(e)
+                async with asyncio.timeout(10):
+                    await pipeline.drained()
+            return await real(batch, now)
+
+        store.commit = commit_while_pipeline_runs  # type: ignore[method-assign]
+        assert await committer.flush()  # refused, set aside: bad dead-lettered, K parked
+        assert pipeline._parking is not None and pipeline._parking.behind("K") == "bad"
+        assert await committer.flush()  # what the pipeline wrote meanwhile
+        assert pipeline.dead_lettered == 2
+    written = sorted(r[0] for r in query(state, "SELECT unique_event_id FROM opera_events"))
+    assert written == ["e1", "e3", "e5"]
+    letters = await lite_letters(state)
+    assert [(d.unique_event_id, d.reason, d.error) for d in letters] == [
+        ("bad", "sink_rejected", letters[0].error),
+        ("k2", "parked", "primaryKey K is parked behind bad"),
+    ]
+    assert query(state, "SELECT offset, processed_count FROM checkpoints") == [("5", 3)]
+
+
+async def test_park_key_an_event_written_while_the_rows_go_aside_waits_behind_it(
+    tmp_path: Path,
+):
+    """park-key. While the set-aside writes the refused commit's rows through the sink's own
+    path (and before the pipeline has heard of ``bad``'s dead letter), the pipeline writes
+    ``k2`` (resource K) and ``bad2`` then ``j2`` (resource J; ``bad2``'s row refused there
+    too): the sink keeps staging until the pipeline was told, so ``k2`` is dead-lettered
+    ``parked`` behind ``bad``, ``bad2`` dead-lettered and ``j2`` parked behind it; then the
+    sink writes through its own path, and K's and J's later events wait behind them.
+
+    Was: the sink wrote through its own path from the set-aside's first write on: ``k2`` and
+    ``j2`` were in the table after their resources' dead letters."""
+    state = tmp_path / "state.db"
+    await (await SqliteStore.open(state)).close()
+    state_file_with_hostile_name_trigger(state)
+    first = [event(1, "e1", "1"), event(2, "bad", "K", HOSTILE_NAME), event(3, "e3", "3")]
+    during = [
+        event(4, "k2", "K"),
+        event(5, "bad2", "J", HOSTILE_NAME),
+        event(6, "j2", "J"),
+        event(7, "e7", "7"),
+    ]
+    async with life(state, first, parked={}) as (_, sink, committer):
+        pipeline = lives[state]
+        real = sink._write_aside
+        calls = 0
+
+        async def pipeline_writes_meanwhile(stream: str, events: Sequence[Event]) -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                for e in during:
+                    await pipeline.put(e)
+                async with asyncio.timeout(10):
+                    await pipeline.drained()
+            await real(stream, events)
+
+        sink._write_aside = pipeline_writes_meanwhile  # type: ignore[method-assign]
+        assert await committer.flush()
+        assert sink.waits  # its own path now
+        for e in (event(8, "k3", "K"), event(9, "j3", "J"), event(10, "e10", "10")):
+            await pipeline.put(e)
+        async with asyncio.timeout(10):
+            await pipeline.drained()
+        assert await committer.flush()
+        assert pipeline.dead_lettered == 6
+    written = sorted(r[0] for r in query(state, "SELECT unique_event_id FROM opera_events"))
+    assert written == ["e1", "e10", "e3", "e7"]
+    letters = await lite_letters(state)
+    assert sorted(
+        (d.unique_event_id, d.reason, d.error) for d in letters if d.reason == "parked"
+    ) == [
+        ("j2", "parked", "primaryKey J is parked behind bad2"),
+        ("j3", "parked", "primaryKey J is parked behind bad2"),
+        ("k2", "parked", "primaryKey K is parked behind bad"),
+        ("k3", "parked", "primaryKey K is parked behind bad"),
+    ]
+    assert sorted(d.unique_event_id for d in letters if d.reason == "sink_rejected") == [
+        "bad",
+        "bad2",
+    ]
+    assert query(state, "SELECT offset, processed_count FROM checkpoints") == [("10", 4)]
+
+
+async def test_park_key_postgres_sink_stages_until_the_pipeline_heard_of_the_dead_letter(
+    postgres_dsn: str,
+):
+    """The same on PostgreSQL, the sink on the state's DSN: while the set-aside writes the
+    refused commit's rows through the sink's own pool, the sink still stages (its mode stays
+    the state transaction), so ``k2`` (resource K, written by the pipeline meanwhile) is
+    dead-lettered ``parked`` behind ``bad``; the sink writes through its own pool after.
+
+    Was: the sink switched to its own pool at the set-aside's first write, and ``k2`` went
+    straight into the table after ``bad``'s dead letter."""
+    table = f"t_{uuid.uuid4().hex[:12]}"
+    schema = f"s_{table}"
+    await sql(
+        postgres_dsn,
+        "execute",
+        f"CREATE FUNCTION {table}_cast() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        f"IF NEW.event_name = '{HOSTILE_NAME}' THEN PERFORM NEW.primary_key::int; END IF; "
+        f'RETURN NEW; END $$; CREATE TABLE "{table}" ({PG}); '
+        f'CREATE TRIGGER cast_key BEFORE INSERT OR UPDATE ON "{table}" '
+        f"FOR EACH ROW EXECUTE FUNCTION {table}_cast()",
+    )
+    store = await PostgresStore.open(postgres_dsn, schema=schema)
+    sink = PostgresSink(
+        PostgresSinkSettings(type="postgres", dsn=postgres_dsn, table=table, timeout_s=5.0),  # type: ignore[arg-type]
+        in_state_transaction=True,
+    )
+    await sink.open(None)
+    committer = Committer(store, sink, max_events=1000, interval_s=3600)
+    pipeline = StreamPipeline(
+        "main",
+        sink=sink,
+        committer=committer,
+        workers=1,
+        queue_size=10,
+        batch_max=10,
+        retry_initial_s=0.01,
+        retry_max_s=0.01,
+        parked={},
+    )
+    pipeline.start()
+    modes: list[str] = []
+    try:
+        for e in (event(1, "e1", "1"), event(2, "bad", "K", HOSTILE_NAME)):
+            await pipeline.put(e)
+        async with asyncio.timeout(10):
+            await pipeline.drained()
+        real = sink._write_aside
+
+        async def pipeline_writes_meanwhile(stream: str, events: Sequence[Event]) -> None:
+            if not modes:
+                modes.append(sink.mode)
+                for e in (event(3, "k2", "K"), event(4, "e4", "4")):
+                    await pipeline.put(e)
+                async with asyncio.timeout(10):
+                    await pipeline.drained()
+                modes.append(sink.mode)
+            await real(stream, events)
+
+        sink._write_aside = pipeline_writes_meanwhile  # type: ignore[method-assign]
+        assert await committer.flush()
+        assert sink.mode == OWN_POOL
+        await pipeline.put(event(5, "k3", "K"))
+        async with asyncio.timeout(10):
+            await pipeline.drained()
+        assert await committer.flush()
+        assert pipeline.dead_lettered == 3
+    finally:
+        await pipeline.stop()
+        await sink.close()
+        await store.close()
+    assert modes == [STATE_TRANSACTION, STATE_TRANSACTION]
+    written = [
+        r[0] for r in await sql(postgres_dsn, "fetch", f'SELECT unique_event_id FROM "{table}"')
+    ]
+    assert sorted(written) == ["e1", "e4"]
+    letters = await pg_letters(postgres_dsn, schema)
+    assert [(d.unique_event_id, d.reason) for d in letters] == [
+        ("bad", "sink_rejected"),
+        ("k2", "parked"),
+        ("k3", "parked"),
+    ]
+
+
+# --- what every event meets is no row's fault: retried, nothing dead-lettered ----------------
+
+
+async def exhausted_audit(dsn: str, table: str) -> str:
+    """``table`` with an audit trigger (no RAISE: open keeps a sink on the state's DSN in the
+    state transaction) whose insert draws from a sequence at its MAXVALUE (an int4 serial after
+    2**31 audit rows; here 2, reached): every write fails with 2200H, no row's data the
+    cause. Returns the statement that fixes it."""
+    await sql(
+        dsn,
+        "execute",
+        f"CREATE SEQUENCE {table}_seq MAXVALUE 2 START 2; SELECT nextval('{table}_seq'); "
+        f"CREATE TABLE \"{table}_audit\" (id int NOT NULL DEFAULT nextval('{table}_seq'), "
+        "uid TEXT NOT NULL); "
+        f"CREATE FUNCTION {table}_audit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        f'INSERT INTO "{table}_audit" (uid) VALUES (NEW.unique_event_id); RETURN NULL; END $$; '
+        f'CREATE TABLE "{table}" ({PG}); '
+        f'CREATE TRIGGER audit AFTER INSERT OR UPDATE ON "{table}" '
+        f"FOR EACH ROW EXECUTE FUNCTION {table}_audit()",
+    )
+    return f"ALTER SEQUENCE {table}_seq MAXVALUE 1000000"
+
+
+async def test_a_sequence_at_its_limit_in_the_state_transaction_is_retried_not_dead_lettered(
+    sandbox_factory, tmp_path: Path, postgres_dsn: str
+):
+    """The postgres sink in the state transaction; its table's audit trigger draws from a
+    sequence at its limit (2200H). No event's data causes that: the commit is retried, its
+    error naming the SQLSTATE and the trigger's function, nothing dead-lettered; once the
+    operator raises the limit, every event is written and committed, the stream on.
+
+    Was: 2200H is class 22, taken for the row's data: the rows went through the own pool,
+    which dead-lettered every event."""
+    gw = await sandbox_factory(backlog=EVENTS)
+    ids = truth_ids(gw.events("DEMO"))
+    table = f"t_{uuid.uuid4().hex[:12]}"
+    schema = f"s_{table}"
+    fix = await exhausted_audit(postgres_dsn, table)
+    state = {"backend": "postgres", "dsn": postgres_dsn, "schema": schema}
+    sink = {"type": "postgres", "dsn": postgres_dsn, "table": table}
+    settings = make_settings(tmp_path, gw.url, sink=sink, state=state)
+    async with running(settings) as daemon:
+        await wait_until(lambda: daemon.committer.failures >= 1, timeout=10)
+        error = daemon.committer.last_error
+        assert "2200H" in error and f"PL/pgSQL function {table}_audit()" in error, error
+        assert "retrying" in error, error
+        await sql(postgres_dsn, "execute", fix)
+        await pg_checkpoint(daemon, newest_offset(gw))
+        assert not daemon._stop.is_set()
+        assert daemon.committer.aside_dead_letters == 0
+        assert daemon.sink.mode == STATE_TRANSACTION  # type: ignore[attr-defined]
+    assert daemon.exit_code == 0
+    assert await pg_letters(postgres_dsn, schema) == []
+    written = [
+        r[0] for r in await sql(postgres_dsn, "fetch", f'SELECT unique_event_id FROM "{table}"')
+    ]
+    assert sorted(written) == sorted(ids)
+
+
+async def test_a_sequence_at_its_limit_on_the_own_pool_is_retried_not_dead_lettered(
+    sandbox_factory, tmp_path: Path, postgres_dsn: str
+):
+    """The postgres sink on its own pool (the state in a sqlite file), the same audit trigger
+    drawing from a sequence at its limit: each write is retried (no event's fault), nothing
+    dead-lettered; once the limit is raised every event is written.
+
+    Was: a class 22 error in the trigger's function dead-lettered every event."""
+    gw = await sandbox_factory(backlog=EVENTS)
+    ids = truth_ids(gw.events("DEMO"))
+    table = f"t_{uuid.uuid4().hex[:12]}"
+    fix = await exhausted_audit(postgres_dsn, table)
+    sink = {"type": "postgres", "dsn": postgres_dsn, "table": table}
+    settings = make_settings(tmp_path, gw.url, sink=sink)
+    async with running(settings) as daemon:
+        assert daemon.sink.mode == OWN_POOL  # type: ignore[attr-defined]
+        await wait_until(lambda: daemon.pipelines["main"].sink_retries >= 1, timeout=10)
+        await sql(postgres_dsn, "execute", fix)
+        await wait_until(lambda: committed(tmp_path / "state.db", newest_offset(gw)))
+        assert not daemon._stop.is_set()
+        assert daemon.pipelines["main"].dead_lettered == 0
+    assert daemon.exit_code == 0
+    assert await lite_letters(tmp_path / "state.db") == []
+    written = [
+        r[0] for r in await sql(postgres_dsn, "fetch", f'SELECT unique_event_id FROM "{table}"')
+    ]
+    assert sorted(written) == sorted(ids)
+
+
+# --- fleet mode: the set-aside awaits long before the commit of the rest ----------------------
+
+
+async def test_a_stream_lost_and_taken_again_during_the_set_aside_commits_nothing_of_the_old_lease(
+    postgres_dsn: str,
+):
+    """Fleet mode, the sink on the state's DSN: while the set-aside writes the refused
+    commit's rows aside, this member loses the stream's lease and takes it again (a new
+    epoch; the stream forgotten here meanwhile). The commit of the rest is the old lease's
+    work: refused by the fence it was sent under, nothing of it committed (no checkpoint, no
+    processed id, no dead letter); the new lease replays it from the store.
+
+    Was: the fence was read again for the commit of the rest, with the new epoch, and the old
+    lease's checkpoint, processed ids and dead letter committed under it."""
+    table = f"t_{uuid.uuid4().hex[:12]}"
+    schema = f"s_{table}"
+    await sql(
+        postgres_dsn,
+        "execute",
+        f"CREATE FUNCTION {table}_cast() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        f"IF NEW.event_name = '{HOSTILE_NAME}' THEN PERFORM NEW.primary_key::int; END IF; "
+        f'RETURN NEW; END $$; CREATE TABLE "{table}" ({PG}); '
+        f'CREATE TRIGGER cast_key BEFORE INSERT OR UPDATE ON "{table}" '
+        f"FOR EACH ROW EXECUTE FUNCTION {table}_cast()",
+    )
+    store = await PostgresStore.open(postgres_dsn, schema=schema)
+    await sql(
+        postgres_dsn,
+        "execute",
+        f"INSERT INTO \"{schema}\".stream_leases (stream, holder, epoch) VALUES ('main', 'm1', 1)",
+    )
+    sink = PostgresSink(
+        PostgresSinkSettings(type="postgres", dsn=postgres_dsn, table=table, timeout_s=5.0),  # type: ignore[arg-type]
+        in_state_transaction=True,
+    )
+    await sink.open(None)
+    committer = Committer(store, sink, max_events=1000, interval_s=3600)
+    epoch = {"main": 1}
+    fenced: list[frozenset[str]] = []
+    committer.configure_fence(lambda: Fence("m1", dict(epoch)), fenced.append)
+    pipeline = StreamPipeline(
+        "main",
+        sink=sink,
+        committer=committer,
+        workers=1,
+        queue_size=10,
+        batch_max=10,
+        retry_initial_s=0.01,
+        retry_max_s=0.01,
+    )
+    pipeline.start()
+    try:
+        for e in (event(1, "e1", "1"), event(2, "bad", "K", HOSTILE_NAME)):
+            await pipeline.put(e)
+        async with asyncio.timeout(10):
+            await pipeline.drained()
+        await pipeline.stop()
+        real = sink._write_aside
+
+        async def lease_lost_and_taken_again(stream: str, events: Sequence[Event]) -> None:
+            if epoch["main"] == 1:
+                committer.forget("main")
+                await sql(
+                    postgres_dsn,
+                    "execute",
+                    f"UPDATE \"{schema}\".stream_leases SET epoch = 2 WHERE stream = 'main'",
+                )
+                epoch["main"] = 2
+            await real(stream, events)
+
+        sink._write_aside = lease_lost_and_taken_again  # type: ignore[method-assign]
+        assert not await committer.flush()  # all of it the old lease's: refused, dropped
+        assert committer.fencing_rejections == 1
+        assert await store.checkpoint("main") is None
+        assert await store.seen("main", ["e1", "bad"]) == set()
+    finally:
+        await pipeline.stop()
+        await sink.close()
+        await store.close()
+    assert await pg_letters(postgres_dsn, schema) == []
