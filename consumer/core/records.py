@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .events import Event
-from .evidence import Evidence
+from .evidence import Evidence, event_evidence
 from .watermark import Position
 
 
@@ -108,6 +108,20 @@ class DeadLetter:
             payload_size=evidence.size,
             payload_sha256=evidence.sha256,
             **fields,
+        )
+
+    @classmethod
+    def of_event(cls, ev: Event, *, stream: str, reason: str, error: str) -> DeadLetter:
+        """An event's dead letter: a bounded copy of it, and what identifies it."""
+        return cls.of(
+            event_evidence(ev),
+            stream=stream,
+            reason=reason,
+            error=error,
+            offset=ev.offset,
+            unique_event_id=ev.unique_event_id,
+            event_name=ev.event_name,
+            primary_key=ev.primary_key,
         )
 
     @property

@@ -38,7 +38,7 @@ import structlog
 from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
 
 from ..core.events import Event, event_time
-from ..core.evidence import event_evidence, masked
+from ..core.evidence import masked
 from ..core.records import CommitBatch, DeadLetter, Fence, Staged
 from ..core.watermark import Position, Positioned, Watermark
 from ..errors import Fenced, PermanentSinkError, StagedRowRefused, StoreError, TransientSinkError
@@ -669,16 +669,7 @@ class Committer:
             reason=reason,
             error=error,
         )
-        return DeadLetter.of(
-            event_evidence(ev),
-            stream=stream,
-            reason=reason,
-            error=error,
-            offset=ev.offset,
-            unique_event_id=ev.unique_event_id,
-            event_name=ev.event_name,
-            primary_key=ev.primary_key,
-        )
+        return DeadLetter.of_event(ev, stream=stream, reason=reason, error=error)
 
     def fence_out(self, streams: frozenset[str], epochs: dict[str, int]) -> None:
         """The store refused these streams at these epochs: nothing of theirs is committed

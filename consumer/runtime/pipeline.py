@@ -33,7 +33,7 @@ from tenacity import (
 )
 
 from ..core.events import Event
-from ..core.evidence import describe, event_evidence, prefix
+from ..core.evidence import describe, prefix
 from ..core.filters import EventFilter
 from ..core.protocol import DecodeError
 from ..core.records import DeadLetter
@@ -590,17 +590,7 @@ class StreamPipeline:
             error=error,
         )
         self._committer.dead_letter(
-            DeadLetter.of(
-                event_evidence(ev),
-                stream=self.stream,
-                reason=reason,
-                error=error,
-                offset=ev.offset,
-                unique_event_id=ev.unique_event_id,
-                event_name=ev.event_name,
-                primary_key=ev.primary_key,
-            ),
-            seq,
+            DeadLetter.of_event(ev, stream=self.stream, reason=reason, error=error), seq
         )
 
     def _set_aside(self, letters: Sequence[DeadLetter]) -> None:
