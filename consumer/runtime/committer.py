@@ -424,11 +424,12 @@ class Committer:
     async def _commit_fenced(self, batch: CommitBatch) -> CommitBatch:
         """Commit; when the store refuses streams whose lease is gone, drop their part and
         commit the rest (each round drops at least one stream). Returns what was committed.
-        The leases are taken once, as they are when the batch's work is sent: a set-aside
-        (:meth:`_set_aside`) awaits long before the commit of the rest, and a stream lost and
-        taken again by this member meanwhile has a new epoch, which the old lease's work must
-        not commit under."""
-        batch.fence = self._fence()
+        The batch commits under the leases it was taken under (:meth:`_snapshot`): the
+        sink's sync, and a set-aside (:meth:`_set_aside`), await long before the store
+        commits, and a stream lost and taken again by this member meanwhile has a new epoch,
+        which the old lease's work must not commit under."""
+        if batch.fence is None:
+            batch.fence = self._fence()
         while True:
             try:
                 if not await self._store.commit(batch):
@@ -752,6 +753,7 @@ class Committer:
 
     def _snapshot(self) -> CommitBatch:
         batch, self._batch = self._batch, CommitBatch()
+        batch.fence = self._fence()  # the leases its work was done under (_commit_fenced)
         self._pending = 0
         self._pending_bytes = 0
         fenced = self._fenced_now()

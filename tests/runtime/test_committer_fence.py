@@ -272,3 +272,36 @@ async def test_anchor_with_a_lost_lease_is_refused_and_fences_the_stream(env: En
 
     await c.anchor("a", Position("000099", "a-anchor"))  # never moves an existing checkpoint
     assert await env.offset("a") == f"{env.seq:06d}"
+
+
+async def test_a_stream_lost_and_taken_again_during_the_sinks_sync_commits_nothing_of_the_old_lease(
+    env: Env,
+) -> None:
+    """The sink's sync (a jsonl fsync behind a busy disk) awaits before the store commits:
+    meanwhile this member loses stream b's lease and takes it again (a new epoch; b forgotten
+    here). The batch is the old lease's work: committed under the leases it was taken under,
+    b's part is refused and dropped (the new lease replays it from the checkpoint), a's
+    committed. Was: the fence was read after the sync, with b's new epoch, and the old lease's
+    checkpoint and ids committed under it."""
+    c = env.committer
+    a1, b1 = env.event("a"), env.event("b")
+    real = NullSink.sync
+
+    async def lease_lost_and_taken_again(self: NullSink, position: str | None) -> None:
+        c.forget("b")
+        await env.steal("b")
+        await env.execute(
+            f"UPDATE {env.q}.stream_leases SET holder = NULL, expires_at = 0 WHERE stream = 'b'"
+        )
+        [got] = await env.fleet.acquire(["b"], T)
+        env.epochs["b"] = got.epoch
+        await real(self, position)
+
+    sink = c._sink
+    sink.sync = lease_lost_and_taken_again.__get__(sink)  # type: ignore[method-assign]
+    await c.flush()
+    assert await env.offset("a") == "000001"
+    assert await env.store.seen("a", [a1]) == {a1}
+    assert await env.offset("b") is None
+    assert await env.store.seen("b", [b1]) == set()
+    assert c.fencing_rejections == 1
