@@ -115,6 +115,7 @@ class Committer:
         # The batch the commit under way sends now, once its staged rows were set aside
         # (written through the sink's own path, durable): kept instead if that commit fails.
         self._sent: CommitBatch | None = None
+        self._left_running: set[asyncio.Future[bool]] = set()  # see _shielded_flush
         self.aside_dead_letters = 0  # dead letters made on that path (see _set_aside)
         # stream -> whoever runs it: told of those dead letters (they are its stream's), and
         # whether it parks a resource behind one (park-key). See on_set_aside.
@@ -306,8 +307,7 @@ class Committer:
         while True:
             await self._due()
             try:
-                # A commit under way finishes even if we are cancelled meanwhile.
-                await asyncio.shield(self.flush())
+                await self._shielded_flush()
             except Exception as exc:
                 if not _may_clear(exc):
                     raise
@@ -339,7 +339,33 @@ class Committer:
                 if first is not None:
                     failure, first = first, None
                     raise failure
-                await asyncio.shield(self.flush())
+                await self._shielded_flush()
+
+    async def _shielded_flush(self) -> None:
+        """:meth:`flush`, finished even if we are cancelled meanwhile (a commit under way is
+        never cut). Left running by a stop, its task is held (asyncio keeps only a weak
+        reference) and its outcome read: a failure is logged once, never left to asyncio's
+        "Task exception was never retrieved" with a traceback; the final flush (it waits for
+        this one's lock) tries again."""
+        task = asyncio.ensure_future(self.flush())
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.done():
+                self._left_running.add(task)
+                task.add_done_callback(self._left_flush_done)
+            raise
+
+    def _left_flush_done(self, task: asyncio.Future[bool]) -> None:
+        self._left_running.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.warning(
+                "the commit under way at the stop failed; the final commit tries again",
+                error=masked(str(exc) or type(exc).__name__, 500, REDACTOR.scrub),
+            )
 
     async def flush(self) -> bool:
         """Commit what is done now. Returns True when something was committed."""
