@@ -147,3 +147,53 @@ def test_a_replay_in_process_leaves_the_signal_handlers_as_it_found_them(tmp_pat
     before = [signal.getsignal(s) for s in signals]
     assert main(["dlq", "replay", "--all", "--config", str(config)]) == ExitCode.OK
     assert [signal.getsignal(s) for s in signals] == before
+
+
+# A handler that does not let go when the replay is stopped (it swallows the cancellation).
+STUBBORN = """
+import asyncio
+from pathlib import Path
+
+HERE = Path(__file__).parent
+
+
+async def handle(stream, events):
+    (HERE / "blocked").write_text("x")
+    try:
+        await asyncio.sleep(600)
+    except asyncio.CancelledError:
+        (HERE / "asked").write_text("x")
+        await asyncio.sleep(600)
+"""
+
+
+async def test_a_second_signal_ends_a_replay_that_does_not_stop_at_once(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    (tmp_path / "slowsink.py").write_text(STUBBORN)
+    state = StateSettings(path=tmp_path / "state.db")
+    store = await open_store(state)
+    try:
+        await store.commit(CommitBatch(dead_letters=[dead_letter(1)]))
+    finally:
+        await store.close()
+    proc = _spawn(
+        [sys.executable, "-m", "consumer", "dlq", "replay", "--all", "--config", str(config)],
+        tmp_path,
+    )
+    try:
+        await wait_until(
+            lambda: (tmp_path / "blocked").exists() or proc.poll() is not None, timeout=60
+        )
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGTERM)
+        await wait_until(lambda: (tmp_path / "asked").exists() or proc.poll() is not None)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.to_thread(proc.communicate, timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == ExitCode.INTERRUPTED, (proc.returncode, err[-2000:])
+    assert "a second signal: exiting now" in err, err[-2000:]
+    assert await _left(state) == ["uid-1"]
