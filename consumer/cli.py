@@ -329,7 +329,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     early_signals.hold()  # first: a signal while the daemon's dependencies load must not kill it
     try:
         args = _parser().parse_args(argv)
-        if args.command != "run":
+        if args.command == "dlq" and args.dlq_command == "replay":
+            # Its SIGTERM/SIGHUP cancel it once its loop runs (as ^C does): what it delivered
+            # is recorded however it ends. Held till then; ^C is asyncio.run's.
+            early_signals.release(keep=early_signals.REPLAY_SIGNALS)
+        elif args.command != "run":
             early_signals.release()  # not the daemon: a signal acts as it always has
         return _flushed(_main(args))
     finally:

@@ -6,8 +6,9 @@ signal, which systemd takes for a clean exit after SIGHUP, so ``Restart=on-failu
 start it again). :func:`hold` is the command line's first step: from then on such a signal is
 noted and the daemon, once started, stops as for one taken while it starts (0, or 1 for
 SIGHUP); a second one exits at once (130). Only the interpreter's own start-up, before our
-code runs, is left to the default action. Standard library only: this runs before the rest is
-imported.
+code runs, is left to the default action. ``dlq replay`` keeps SIGTERM and SIGHUP held and then
+has them cancel its task (:func:`cancelling`), as asyncio.run does for ^C: what it delivered is
+recorded before it exits. Standard library only: this runs before the rest is imported.
 """
 
 from __future__ import annotations
@@ -16,12 +17,18 @@ import contextlib
 import os
 import signal
 import threading
+from collections.abc import Collection, Iterator
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:
+    import asyncio
 
 # SIGHUP too: a hang-up must not kill us undrained (exit 129 looks clean to systemd); it drains
 # and exits 1, so Restart=on-failure starts us again with the config re-read.
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# What stops a `dlq replay` as ^C does (a replay under systemd-run, or over ssh dropped).
+REPLAY_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 _INTERRUPTED = 130  # errors.ExitCode.INTERRUPTED, without importing more than the stdlib
 
 _noted: list[signal.Signals] = []
@@ -44,22 +51,63 @@ def take() -> signal.Signals | None:
     return _noted.pop(0) if _noted else None
 
 
-def release(*, deliver: bool = True) -> None:
+def release(*, deliver: bool = True, keep: Collection[signal.Signals] = ()) -> None:
     """The handlers :func:`hold` replaced, back. A signal noted meanwhile and not taken is
     acted on now, as it would have been (a command other than ``run``), unless ``deliver`` is
-    false (a daemon that stopped, or never started: its exit status says what happened)."""
-    for sig, handler in _before.items():  # None: one not set from Python, i.e. the default
+    false (a daemon that stopped, or never started: its exit status says what happened).
+    ``keep``: those stay held, and one of them noted stays for :func:`take` (a command that
+    takes them over once its event loop runs: :func:`cancelling`)."""
+    for sig in [s for s in _before if s not in keep]:
+        handler = _before.pop(sig)  # None: one not set from Python, i.e. the default
         signal.signal(sig, signal.SIG_DFL if handler is None else handler)
-    _before.clear()
+    if _noted and _noted[0] in keep:
+        return
     noted = take()
     _noted.clear()
     if noted is not None and deliver:
         signal.raise_signal(noted)
 
 
+@contextlib.contextmanager
+def cancelling(
+    task: asyncio.Task[Any], signals: Collection[signal.Signals]
+) -> Iterator[list[signal.Signals]]:
+    """Within: one of ``signals`` cancels ``task`` (noted before, it does so now), as
+    asyncio.run does for ^C, so its ``finally`` clauses run; a second one exits at once (130).
+    Yields the signals taken (the first is the one that cancelled). In the main thread only,
+    where the event loop can handle signals; elsewhere nothing changes."""
+    taken: list[signal.Signals] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield taken
+        return
+    loop = task.get_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if taken:
+            _exit_now(b"opera-consumer: a second signal: exiting now\n")
+        taken.append(sig)
+        task.cancel()
+
+    before = {sig: signal.getsignal(sig) for sig in signals}
+    for sig in signals:
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        if _noted and _noted[0] in signals:  # one before the loop handled them
+            on_signal(_noted.pop(0))
+        yield taken
+    finally:
+        for sig, handler in before.items():  # held by the command line till its end, as before
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
+def _exit_now(said: bytes) -> NoReturn:
+    with contextlib.suppress(OSError):  # nobody reading our stderr: exit all the same
+        os.write(2, said)
+    os._exit(_INTERRUPTED)
+
+
 def _note(signum: int, frame: FrameType | None) -> None:
     if _noted:
-        with contextlib.suppress(OSError):  # nobody reading our stderr: exit all the same
-            os.write(2, b"opera-consumer: a second signal while starting: exiting now\n")
-        os._exit(_INTERRUPTED)
+        _exit_now(b"opera-consumer: a second signal while starting: exiting now\n")
     _noted.append(signal.Signals(signum))

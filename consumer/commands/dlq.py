@@ -34,6 +34,7 @@ from ..core.printable import printable
 from ..core.protocol import DecodeError, Next, decode
 from ..core.records import DeadLetterRow
 from ..core.retry_after import WaitRetryAfter
+from ..early_signals import REPLAY_SIGNALS, cancelling
 from ..errors import (
     ExitCode,
     LeaseHeld,
@@ -537,18 +538,24 @@ async def _replay_command(
             if selection.ids is not None:
                 found.add(done.id)
 
-        try:
-            await replay(settings, selection, dry_run=args.dry_run, on_outcome=outcome)
-        except LeaseHeld as exc:  # refused, like any operator command that would do harm now
-            raise OperatorRefused(str(exc)) from None
-        except (KeyboardInterrupt, asyncio.CancelledError):  # ^C, or a sink's KeyboardInterrupt
-            out.close()
-            print(
-                "opera-consumer dlq replay: interrupted: the events delivered before it are "
-                "recorded and out of the DLQ; the one being delivered and the rest stay in it "
-                "(dlq list shows them; replay them again)",
-                file=sys.stderr,
-            )
-            return ExitCode.INTERRUPTED
+        task = asyncio.current_task()
+        assert task is not None
+        # SIGTERM (a replay under systemd-run), SIGHUP (its ssh session dropped): as ^C, so
+        # what was delivered is recorded (the replay's finally), not lost to a killed process.
+        with cancelling(task, REPLAY_SIGNALS) as taken:
+            try:
+                await replay(settings, selection, dry_run=args.dry_run, on_outcome=outcome)
+            except LeaseHeld as exc:  # refused, like any operator command that would do harm
+                raise OperatorRefused(str(exc)) from None
+            except (KeyboardInterrupt, asyncio.CancelledError):  # ^C, a signal, a sink's ^C
+                out.close()
+                by = f" by {taken[0].name}" if taken else ""
+                print(
+                    f"opera-consumer dlq replay: interrupted{by}: the events delivered before "
+                    "it are recorded and out of the DLQ; the one being delivered and the rest "
+                    "stay in it (dlq list shows them; replay them again)",
+                    file=sys.stderr,
+                )
+                return ExitCode.INTERRUPTED
     missing = _missing(selection, found)
     return ExitCode.RUNTIME if not_done or missing else ExitCode.OK

@@ -9,7 +9,8 @@ credentials, a DSN that does not parse, a schema too new, a lease held end the s
 with their exit status, as before. Each failure is logged in the store's own words (server and
 schema, never the DSN) and shown as what the daemon waits for: systemd's ``STATUS=`` (the
 start timeout extended meanwhile, so the wait is no start failure) and ``/readyz`` (503, each
-stream "starting", "waiting" saying why). A signal ends the wait at once.
+stream "starting", "waiting" saying why). A signal ends the wait at once, and cancels an
+attempt under way (a sink slow to open would hold the stop for its connect timeout).
 """
 
 from __future__ import annotations
@@ -94,11 +95,35 @@ async def when_reachable(
                 await waiting.close()  # the daemon's own listener takes the port
                 if stopping.is_set():  # a signal during the last attempt
                     raise Stopped
-                return await start()
+                return await _unless_stopped(start(), stopping)
             await waiting.open()  # between attempts: /readyz says what we wait for
     finally:
         await waiting.close()
     raise AssertionError("unreachable: AsyncRetrying either returns or raises")
+
+
+async def _unless_stopped(started: Awaitable[_T], stopping: asyncio.Event) -> _T:
+    """``started``'s result; cancelled on a signal meanwhile (a sink slow to answer would
+    hold the stop for its connect timeout, then exit 1 for its failure): :class:`Stopped`,
+    once it has closed what it opened (Daemon.create does, on any exception)."""
+    task = asyncio.ensure_future(started)
+    stop = asyncio.ensure_future(stopping.wait())
+    try:
+        await asyncio.wait((task, stop), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # ourselves cancelled: it closes what it opened before we go on
+        task.cancel()
+        await asyncio.wait((task,))
+        raise
+    finally:
+        stop.cancel()
+    if not task.done():
+        task.cancel()
+        await asyncio.wait((task,))
+    if task.cancelled():
+        raise Stopped
+    if (exc := task.exception()) is not None and stopping.is_set():
+        raise Stopped from exc  # failed as it was stopped (its error is of no account now)
+    return task.result()  # done before the stop took: the caller stops the daemon it made
 
 
 class _Waiting:

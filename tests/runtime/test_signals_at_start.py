@@ -55,18 +55,19 @@ async def test_a_signal_while_starting_stops_it_once_started(
 
 
 # The signal arrives just as start-up ends: the loop reads it in the same iteration that
-# resumes `run` after Daemon.create, so the start-up handler is dispatched only after the
-# daemon installed its own. It must still stop the daemon, not be noted where nobody looks.
+# resumes `run` after the start (store_wait.when_reachable, which runs Daemon.create), so the
+# start-up handler is dispatched only after the daemon installed its own. It must still stop
+# the daemon, not be noted where nobody looks.
 LATE_STARTER = """
 import asyncio, os, signal, sys
 from pathlib import Path
 from consumer.config import load_settings
-from consumer.runtime import daemon
+from consumer.runtime import daemon, store_wait
 
-real = daemon.Daemon.create.__func__
+real = store_wait.when_reachable
 
-async def create(cls, settings, **kw):
-    made = await real(cls, settings, **kw)
+async def when_reachable(settings, start, stopping):
+    made = await real(settings, start, stopping)
     loop = asyncio.get_running_loop()
     done = loop.create_future()
 
@@ -77,7 +78,7 @@ async def create(cls, settings, **kw):
     loop.call_soon(kill)
     return await done
 
-daemon.Daemon.create = classmethod(create)
+store_wait.when_reachable = when_reachable
 sys.exit(asyncio.run(daemon.run(load_settings(Path({config!r})))))
 """
 
@@ -137,3 +138,50 @@ async def test_a_signal_as_the_command_starts_stops_it_once_started(
     finally:
         proc.kill()
     assert "signal received while starting" in log.read_text(errors="replace"), tail(log)
+
+
+@pytest.mark.skipif(not PROC.exists(), reason="needs /proc (Linux) to see when a handler exists")
+@pytest.mark.parametrize(
+    ("sig", "status"), [(signal.SIGTERM, 0), (signal.SIGHUP, 1)], ids=["SIGTERM", "SIGHUP"]
+)
+async def test_a_signal_while_the_sink_is_opened_stops_it_as_asked(
+    sandbox_factory: Any, tmp_path: Path, sig: signal.Signals, status: int
+) -> None:
+    """`systemctl stop` while the daemon opens a PostgreSQL sink whose server does not answer
+    (a host down): the start waited out the sink's connect timeout, then exited 1 for the
+    sink's failure (a unit left failed, not stopped). Now the open is cancelled at once and
+    the exit is the stop's (0, 1 for SIGHUP), with nothing left behind unclosed."""
+    gw = await sandbox_factory(backlog=5)
+    accepted: list[asyncio.StreamWriter] = []
+    done = asyncio.Event()
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)  # never answers the startup packet
+        await done.wait()
+        writer.close()
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    sink = (
+        f'[sink]\ntype = "postgres"\ndsn = "postgresql://u:pw-0001@127.0.0.1:{port}/db"\n'
+        "timeout_s = 600"  # the old code waited this out: the test's wait ends first
+    )
+    config = toml_config(tmp_path, gw.url, sink=sink)
+    log = tmp_path / "daemon.log"
+    proc = spawn_daemon(config, log)
+    try:
+        await wait_until(
+            lambda: (accepted and caught(proc.pid, sig)) or proc.poll() is not None, timeout=60
+        )
+        assert proc.poll() is None, tail(log)
+        proc.send_signal(sig)
+        assert await wait_exit(proc, 60) == status, tail(log)
+    finally:
+        proc.kill()
+        done.set()
+        server.close()
+        await server.wait_closed()
+    text = log.read_text(errors="replace")
+    assert "signal received while starting" in text, tail(log)
+    for bad in ("Traceback", "never retrieved", "was destroyed but it is pending", "Unclosed"):
+        assert bad not in text, tail(log)

@@ -35,6 +35,8 @@ from support import (
 
 from consumer.config import load_settings
 from consumer.errors import ExitCode
+from consumer.runtime import store_wait
+from consumer.runtime.daemon import Daemon
 from consumer.state import lease
 
 RETRYING = "state store unreachable at start; retrying"
@@ -224,3 +226,59 @@ async def test_a_daemon_started_during_a_dlq_replay_waits_for_it(
             await replay.release()
         if proc.poll() is None:
             proc.kill()
+
+
+async def test_a_stop_while_the_sink_opens_cancels_the_open_and_closes_what_it_opened(
+    sandbox_factory: Any, tmp_path: Path
+) -> None:
+    """A signal during Daemon.create (a PostgreSQL sink whose server never answers) was acted
+    on only once the open failed, after the sink's connect timeout, as the sink's failure
+    (exit 1). Now it cancels the start at once: Stopped, the sink's connection closed, the
+    store's lease released, no task left."""
+    gw = await sandbox_factory(backlog=1)
+    closed = asyncio.Event()
+    accepted = asyncio.Event()
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.set()
+        while await reader.read(65536):  # the startup packet, never answered; then EOF
+            pass
+        closed.set()
+        writer.close()
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    sink = (
+        f'[sink]\ntype = "postgres"\ndsn = "postgresql://u:pw-0001@127.0.0.1:{port}/db"\n'
+        "timeout_s = 600"
+    )
+    settings = load_settings(toml_config(tmp_path, gw.url, sink=sink))
+    stopping = asyncio.Event()
+    before = asyncio.all_tasks()
+    try:
+        started = asyncio.ensure_future(
+            store_wait.when_reachable(settings, lambda: Daemon.create(settings), stopping)
+        )
+        async with asyncio.timeout(30):
+            await asyncio.wait(
+                [started, asyncio.ensure_future(accepted.wait())],
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        assert not started.done(), started.result()
+        stopping.set()
+        async with asyncio.timeout(30):  # the old code: the sink's 600 s
+            with pytest.raises(store_wait.Stopped):
+                await started
+            await closed.wait()
+    finally:
+        server.close()
+        await server.wait_closed()
+    left = [
+        t
+        for t in asyncio.all_tasks() - before - {asyncio.current_task()}
+        if not t.done() and getattr(t.get_coro(), "__name__", "") != "hold"  # the server's
+    ]
+    assert not left, left
+    # the store's lease is free: a daemon could start now
+    held = await lease.acquire(settings.state, settings.streams, outside_fleet=True)
+    await held.release()
