@@ -832,7 +832,8 @@ async def run(settings: Settings) -> int:
     register_secrets(settings)
     # Signals during start-up (the lease, the store, a sink that is slow to answer): the
     # default action would kill us by the signal, which systemd takes for a clean exit after
-    # SIGHUP. Noted, and obeyed once started: the daemon then stops at once.
+    # SIGHUP. Noted: the start under way is cancelled (store_wait.when_reachable: what it
+    # opened closed), or, if it finished first, the daemon stops at once.
     loop = asyncio.get_running_loop()
     early: list[signal.Signals] = []
     stopping = asyncio.Event()  # ends a wait for the state store at once
