@@ -103,20 +103,23 @@ async def test_a_second_signal_while_starting_exits_130_with_nobody_reading(
 
 # The daemon as `opera-consumer run` starts it, a SIGTERM taken while Daemon.create runs (a
 # slow lease, migration or sink open): the signal lands in that phase, not before it.
+# The SIGTERM comes once the start is done (Daemon.create returned: a signal during it now
+# cancels the start, store_wait), before the daemon runs: it stops once started.
 _STARTER = """
 import asyncio, os, signal, sys
 from pathlib import Path
 from consumer.config import load_settings
-from consumer.runtime import daemon
+from consumer.runtime import daemon, store_wait
 
-real = daemon.Daemon.create.__func__
+real = store_wait.when_reachable
 
-async def create(cls, settings, **kw):
+async def when_reachable(settings, start, stopping):
+    made = await real(settings, start, stopping)
     os.kill(os.getpid(), signal.SIGTERM)
     await asyncio.sleep(0.2)
-    return await real(cls, settings, **kw)
+    return made
 
-daemon.Daemon.create = classmethod(create)
+store_wait.when_reachable = when_reachable
 sys.exit(asyncio.run(daemon.run(load_settings(Path({config!r})))))
 """
 
