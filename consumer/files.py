@@ -1,6 +1,6 @@
 """What the file-based parts (the jsonl and sqlite sinks, the SQLite state store and its lease
-file) share about the file system: the directories they create, and which errors a restart
-may cure."""
+file) share about the file system: the directories they create, which errors a restart may
+cure, and which file a path names (a file removed or replaced underneath is written no more)."""
 
 from __future__ import annotations
 
@@ -39,3 +39,17 @@ def make_dirs(folder: Path, mode: int = 0o700) -> None:
         except FileExistsError:
             if not d.is_dir():  # a file there: as mkdir(exist_ok=True) says
                 raise
+
+
+def identity(st: os.stat_result) -> tuple[int, int]:
+    """Which file this is, whatever its name: (device, inode)."""
+    return (st.st_dev, st.st_ino)
+
+
+def identity_at(path: Path) -> tuple[int, int] | None:
+    """:func:`identity` of the file ``path`` names now; None when it names none. Another
+    OSError (a permission taken away, the device gone) is the caller's to word."""
+    try:
+        return identity(os.stat(path))
+    except FileNotFoundError:
+        return None

@@ -74,7 +74,7 @@ from ..core.printable import printable
 from ..core.records import Staged
 from ..core.rotation import SEQ_DIGITS, Rotation
 from ..errors import SinkLost, SinkUnusable, TransientSinkError
-from ..files import DISK_FIX, make_dirs, may_clear
+from ..files import DISK_FIX, identity, identity_at, make_dirs, may_clear
 from .base import serialized
 
 log = structlog.get_logger(__name__)
@@ -342,7 +342,7 @@ class JsonlSink:
             written=length,
             committable=length,
             fd=fd,
-            identity=_identity(os.fstat(fd)),
+            identity=identity(os.fstat(fd)),
         )
 
     def _committed_length(
@@ -418,11 +418,7 @@ class JsonlSink:
         assert f.fd is not None
         path = self._dir / f.name
         mine = os.fstat(f.fd)
-        try:
-            named = os.stat(path)
-        except FileNotFoundError:
-            named = None
-        if named is None or _identity(named) != f.identity or mine.st_nlink == 0:
+        if identity_at(path) != f.identity or mine.st_nlink == 0:
             raise SinkUnusable(self._cut_gone(f, path, mine.st_size))
         if mine.st_size < f.durable:
             raise SinkUnusable(
@@ -656,7 +652,7 @@ class JsonlSink:
                     f"jsonl file {path} exists already, but the sink was about to create it "
                     "as its next rotated file: move it aside, then restart"
                 ) from None
-            f.fd, f.identity = fd, _identity(os.fstat(fd))
+            f.fd, f.identity = fd, identity(os.fstat(fd))
         if not f.dir_synced:
             if self._fsync:
                 # The file is durable before any byte of it is committed. A failure is final,
@@ -954,7 +950,3 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _identity(st: os.stat_result) -> tuple[int, int]:
-    return (st.st_dev, st.st_ino)

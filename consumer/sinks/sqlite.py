@@ -52,7 +52,7 @@ from ..core.events import Event
 from ..core.evidence import prefix
 from ..core.records import Staged
 from ..errors import ConfigError, PermanentSinkError, SinkUnusable, TransientSinkError
-from ..files import DISK_FIX, make_dirs, may_clear
+from ..files import DISK_FIX, identity, identity_at, make_dirs, may_clear
 from ..sqlite_tx import in_thread, sync_transaction, write_rows
 from ..state.sqlite import MIGRATIONS
 from .base import PlainSink
@@ -115,10 +115,6 @@ def _code(exc: sqlite3.Error) -> int | None:
 
 def _q(identifier: str) -> str:
     return '"' + identifier.replace('"', '""') + '"'
-
-
-def _identity(st: os.stat_result) -> tuple[int, int]:
-    return (st.st_dev, st.st_ino)
 
 
 def open_error(exc: sqlite3.Error, table: str, path: Path, key: str) -> Exception:
@@ -466,7 +462,7 @@ class SqliteSink(PlainSink):
             )
             # The file it opened (its schema was read through it just now): each commit checks
             # that the path still names it.
-            self._identity = _identity(os.stat(self.path))
+            self._identity = identity(os.stat(self.path))
         except OSError as exc:  # removed since the connect: as the write would find it
             await db.close()
             raise self._gone(exc) from None
@@ -549,9 +545,7 @@ class SqliteSink(PlainSink):
         stops, and its restart replays them into the file the path names then. One stat per
         transaction (a few microseconds; a transaction is a batch)."""
         try:
-            now: tuple[int, int] | None = _identity(os.stat(self.path))
-        except FileNotFoundError:
-            now = None
+            now = identity_at(self.path)
         except OSError as exc:
             raise TransientSinkError(f"sqlite sink {self.path}: {exc.strerror or exc}") from None
         if now != self._identity:

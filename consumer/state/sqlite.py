@@ -37,7 +37,8 @@ from ..core.records import (
 )
 from ..core.watermark import Position
 from ..errors import SchemaTooNew, StagedRowRefused, StoreError
-from ..files import DISK_FIX, make_dirs, may_clear
+from ..files import DISK_FIX, identity_at, make_dirs, may_clear
+from ..files import identity as file_identity
 from ..sqlite_tx import in_thread, sync_transaction, transaction, write_rows
 from .base import PRUNE_CHUNK
 
@@ -299,7 +300,7 @@ class SqliteStore:
                 lookup.execute("PRAGMA busy_timeout=5000")
                 lookup.execute(_CACHE_SIZE)
                 # The file the connections opened (its schema was read through them just now).
-                identity = _identity(os.stat(path))
+                identity = file_identity(os.stat(path))
             except BaseException:
                 lookup.close()
                 raise
@@ -576,9 +577,7 @@ class SqliteStore:
         deleted inode, lost with it at the close (and the restart would start a new store).
         One stat a commit (a few microseconds)."""
         try:
-            now: tuple[int, int] | None = _identity(os.stat(self.path))
-        except FileNotFoundError:
-            now = None
+            now = identity_at(self.path)
         except OSError as exc:
             raise store_error(self.path, exc) from None
         if now != self._identity:
@@ -770,10 +769,6 @@ def _statements(script: str) -> list[str]:
 
 # sqlite3 messages that mean "try again later" rather than "an operator must act".
 _TRANSIENT_SQLITE = ("locked", "busy", "disk i/o error", "database or disk is full")
-
-
-def _identity(st: os.stat_result) -> tuple[int, int]:
-    return (st.st_dev, st.st_ino)
 
 
 def store_error(
