@@ -609,8 +609,7 @@ class Committer:
             behind = parked.get(stream, {}).get(ev.primary_key)
             if behind is None:
                 return True
-            why = f"primaryKey {ev.primary_key} is parked behind {behind}"
-            letters.append(self._aside_letter(stream, ev, "parked", why))
+            letters.append(self._aside_letter(stream, ev, "parked", parked_error(ev, behind)))
             return False
 
         kept = staged.where(free) if staged.events is not None else staged
@@ -659,8 +658,7 @@ class Committer:
             if parked and any(e.primary_key in parked for e in part):
                 for e in part:
                     if e.primary_key in parked:
-                        behind = parked[e.primary_key]
-                        why = f"primaryKey {e.primary_key} is parked behind {behind}"
+                        why = parked_error(e, parked[e.primary_key])
                         letters.append(self._aside_letter(stream, e, "parked", why))
                 part = [e for e in part if e.primary_key not in parked]
                 if not part:
@@ -842,6 +840,12 @@ def _size(batch: CommitBatch) -> int:
         + sum(d.unique_event_id is None for d in batch.dead_letters)  # else an id above
         + len(batch.resolved)
     )
+
+
+def parked_error(ev: Event, behind: str | None) -> str:
+    """Why ``ev`` is dead-lettered unwritten (park-key): its resource waits behind the dead
+    letter of event ``behind``."""
+    return f"primaryKey {ev.primary_key} is parked behind {behind}"
 
 
 def _index(events: list[Event], unique_event_id: str | None) -> int | None:

@@ -42,7 +42,7 @@ from ..core.watermark import Position
 from ..errors import PermanentSinkError, SinkError, SinkUnusable, StoreError, TransientSinkError
 from ..logs import REDACTOR, RateLimitedLogger
 from ..sinks.base import Sink
-from .committer import Committer
+from .committer import Committer, parked_error
 from .parking import ParkedKeys
 
 log = structlog.get_logger(__name__)
@@ -567,7 +567,7 @@ class StreamPipeline:
         self.dead_lettered += 1
         behind = self._parking.behind(ev.primary_key) if self._parking is not None else None
         if exc is None:
-            reason, error = "parked", f"primaryKey {ev.primary_key} is parked behind {behind}"
+            reason, error = "parked", parked_error(ev, behind)
         else:
             # A sink's own error says what it means; anything else is named by its type. A
             # handler's words may hold a secret: masked before they are cut.
