@@ -55,6 +55,7 @@ from zoneinfo import ZoneInfo
 import orjson
 from compare import (  # bench/ is on sys.path
     acknowledged,
+    compiled,
     cpu_seconds,
     machine,
     open_state,
@@ -314,6 +315,7 @@ def main() -> int:
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "latency.json")
     args = parser.parse_args()
     rates = [float(r) for r in args.rates.split(",") if r.strip()]
+    compiled()
     started = machine()
     print(f"machine: {started['cores']} cores, load average {started['load_average']}", flush=True)
     results = []
