@@ -114,7 +114,8 @@ class SchemaTooNew(StoreError):
 class StagedRowRefused(StoreError):
     """The commit failed on a row a sink staged in it (:class:`~consumer.core.records.Staged`),
     for that row's data: a constraint, a trigger's RAISE or an expression of its failing on
-    the row. Nothing was committed. Not what every event meets (a connection lost, a privilege,
+    the row, at its statement or, a deferred constraint's, at COMMIT (which names no row).
+    Nothing was committed. Not what every event meets (a connection lost, a privilege,
     a table dropped): those are plain :class:`StoreError`. The message is bounded and never
     quotes the row (a violation's DETAIL, a cast's value)."""
 

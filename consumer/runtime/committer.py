@@ -16,8 +16,9 @@ otherwise at most every ``commit_max_events`` events or
 ``commit_interval_ms``, whichever comes first. The snapshot of what to commit is taken without
 awaiting, so the checkpoint, the processed ids, the dead letters, the rows a sink staged and
 the sink's position always describe the same instant, and go into the store in one
-transaction. When that transaction refuses a staged row for its data (a trigger failing on it:
-:class:`~consumer.errors.StagedRowRefused`), the batch's staged rows go through the sink's own
+transaction. When that transaction refuses a staged row for its data (a trigger failing on it,
+or a deferred constraint at COMMIT: :class:`~consumer.errors.StagedRowRefused`, which names no
+row), the batch's staged rows go through the sink's own
 path first (durable before the checkpoint that passes them), an event refused there too is
 dead-lettered alone, and the rest commits (see :meth:`Committer._set_aside`).
 """

@@ -29,7 +29,9 @@ In the state store's file such a table (a trigger that may RAISE included; one t
 an audit's, is fine) is refused at open (:func:`check_store_guards`). A trigger that cannot
 RAISE may still fail on a row (its ``json_extract`` of text that is not JSON): the committer
 then writes that commit's rows through :attr:`Staged.aside`, and the sink writes each batch
-on a connection of its own to the state file from then on, as :class:`SqliteSink` does.
+on a connection of its own to the state file from then on, as :class:`SqliteSink` does (with
+foreign keys enforced, as the store's connections enforce them: an audit table's deferred
+key, checked at COMMIT, refuses that event there too).
 """
 
 from __future__ import annotations
@@ -390,7 +392,10 @@ class StoreTableSink(PlainSink):
         a crash upserts the same rows again.) :meth:`write` keeps staging until the committer
         calls :meth:`_own_path`."""
         if self._own is None:
-            own = SqliteSink(self.path, self.table)
+            # Foreign keys enforced as the state store's connections enforce them: a row its
+            # transaction refused for one (a deferred key, at COMMIT) is refused here too, that
+            # event dead-lettered, never written past the check.
+            own = SqliteSink(self.path, self.table, foreign_keys=True)
             await own.open(None)
             if self._own is not None:  # cannot be: the committer's one call at a time
                 await own.close()
@@ -421,9 +426,12 @@ class SqliteSink(PlainSink):
 
     name = "sqlite"
 
-    def __init__(self, path: Path, table: str) -> None:
+    def __init__(self, path: Path, table: str, *, foreign_keys: bool = False) -> None:
         self.path = path
         self.table = table
+        # PRAGMA foreign_keys (SQLite's default: off): on for a connection to the state
+        # store's file (StoreTableSink's own path), whose connections enforce them.
+        self._foreign_keys = foreign_keys
         self._db: aiosqlite.Connection | None = None
         self._many = functools.partial(upsert_sql, table)
         self._upsert = self._many(1)
@@ -455,6 +463,7 @@ class SqliteSink(PlainSink):
         try:
             await db.executescript(
                 "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout=5000;"
+                + (" PRAGMA foreign_keys=ON;" if self._foreign_keys else "")
             )
             await in_thread(db, lambda conn: prepare_table(conn, self.table, self.path))
             self._ignoring = await in_thread(

@@ -27,9 +27,10 @@ Errors are translated where they enter (:func:`store_error`): a lost or refused 
 a timeout, a serialization failure or deadlock, too many connections, a server starting or
 stopping are retriable :class:`StoreError`; refused credentials, an unknown database, a
 missing privilege or anything else are not. A staged row refused for its data (a trigger's
-cast, a constraint: :func:`staged_row_fault`) is :class:`StagedRowRefused`, which the committer
-goes round. The DSN is a secret: messages name the server
-(``host:port/database``) and the schema, never the DSN or its password.
+cast, a constraint: :func:`staged_row_fault`), at its statement or at COMMIT (a deferred
+constraint: a foreign key, a unique or exclusion constraint, a constraint trigger), is
+:class:`StagedRowRefused`, which the committer goes round. The DSN is a secret: messages name
+the server (``host:port/database``) and the schema, never the DSN or its password.
 """
 
 from __future__ import annotations
@@ -261,11 +262,14 @@ def raised_in(exc: BaseException) -> str | None:
     return prefix(named[-1], 200) if named else None
 
 
-def staged_refusal(target: Target, schema: str, exc: BaseException) -> StagedRowRefused:
+def staged_refusal(
+    target: Target, schema: str, exc: BaseException, *, at_commit: bool = False
+) -> StagedRowRefused:
     """What the server said of a staged row, bounded, naming what refused it (the table, the
-    constraint or column, the function a trigger ran); never the row: not the DETAIL
-    (``Failing row contains (…)``), nor a data exception's message (a cast's quotes the
-    value), nor asyncpg's of a value it cannot send."""
+    constraint or column, the function a trigger ran; ``at_commit``: a deferred check, at
+    COMMIT); never the row: not the DETAIL (``Failing row contains (…)``), nor a data
+    exception's message (a cast's quotes the value), nor asyncpg's of a value it cannot
+    send."""
     state = str(getattr(exc, "sqlstate", None) or "")
     names = [
         f"{what} {prefix(str(value), 100)!r}"
@@ -286,7 +290,8 @@ def staged_refusal(target: Target, schema: str, exc: BaseException) -> StagedRow
     )
     return StagedRowRefused(
         f"state store PostgreSQL {target.where} (schema {schema}): committing: a row a sink "
-        f"staged was refused ({said}{'; ' if names else ''}{', '.join(names)}): the sink "
+        f"staged was refused{' at COMMIT' if at_commit else ''} "
+        f"({said}{'; ' if names else ''}{', '.join(names)}): the sink "
         "writes through its own path instead"
     )
 
@@ -716,84 +721,121 @@ class PostgresStore:
         return await self._commit(batch, time.time() if now is None else now)
 
     async def _commit(self, batch: CommitBatch, now: float) -> bool:
+        async with self._pool.acquire(timeout=self._timeout) as db:
+            written = False  # every statement ran: a failure after it is the COMMIT's
+            try:
+                async with db.transaction():
+                    if not await self._write(db, batch, now):
+                        return False
+                    written = True
+                return True
+            except DRIVER_ERRORS as exc:
+                if not (written and any(st.rows for st in batch.staged)) or not _row_fault(exc):
+                    raise
+                failed = exc
+            # A deferred check (DEFERRABLE INITIALLY DEFERRED: a foreign key, a unique or
+            # exclusion constraint, a constraint trigger) failed at COMMIT, for a row's data,
+            # naming no statement (the server rolled the transaction back). Whose row: the
+            # batch once more, its checks made immediate once the store's own rows are in, so
+            # that a staged row's fails at its statement (StagedRowRefused, as a statement's
+            # refusal) and the store's own rows' is the failure above. Only after a failure:
+            # a commit is still one transaction.
+            async with db.transaction():
+                return await self._write(db, batch, now, failed)
+
+    async def _write(
+        self, db: Any, batch: CommitBatch, now: float, failed: BaseException | None = None
+    ) -> bool:
+        """The batch's statements, in the transaction; False: applied before. ``failed``: the
+        failure of its COMMIT that this try finds the cause of (see :meth:`_commit`)."""
         s = self._s
-        async with self._pool.acquire(timeout=self._timeout) as db, db.transaction():
-            # Before the fence: a batch applied while the lease was held stays applied.
-            if batch.mark is not None and not await self._mark(db, batch.mark, now):
-                return False
-            if batch.fence is not None:
-                await self._check_fence(db, batch.fence, batch.streams())
-            for stream, ids in batch.processed.items():
-                # One statement for the whole batch, the ids as one array.
-                await db.execute(
-                    f"INSERT INTO {s}.processed_events (stream, event_id, processed_at) "
-                    "SELECT $1, e, $3 FROM unnest($2::text[]) AS e "
-                    "ON CONFLICT (stream, event_id) DO NOTHING",
-                    stream,
-                    list(dict.fromkeys(map(to_text, ids))),
-                    now,
-                )
-            if batch.dead_letters:
-                # One execution per letter: the same letter twice in a batch is two attempts.
-                await db.executemany(
-                    f'INSERT INTO {s}.dead_letters AS d (stream, dedup_key, "offset", '
-                    "unique_event_id, event_name, primary_key, reason, error, payload, first_at, "
-                    "last_at, payload_size, payload_sha256) VALUES ($1, $2, $3, $4, $5, $6, $7, "
-                    "$8, $9, $10, $11, $12, $13) "
-                    "ON CONFLICT (stream, dedup_key) DO UPDATE SET attempts = d.attempts + 1, "
-                    "last_at = EXCLUDED.last_at, error = EXCLUDED.error, "
-                    "reason = EXCLUDED.reason",
-                    [_stored_letter(dead_letter_row(d, now)) for d in batch.dead_letters],
-                )
-            moved: list[tuple[Any, ...]] = []
-            counted: list[tuple[Any, ...]] = []
-            for stream in set(batch.checkpoints) | set(batch.done_counts):
-                pos = batch.checkpoints.get(stream)
-                count = batch.done_counts.get(stream, 0)
-                if pos is not None:
-                    at = batch.event_at.get(stream)
-                    offset, uid = to_text(pos.offset), to_text(pos.unique_event_id)
-                    moved.append((stream, offset, uid, now, count, at))
-                elif count:
-                    counted.append((count, stream))
-            if moved:
-                await db.executemany(
-                    f'INSERT INTO {s}.checkpoints AS c (stream, "offset", unique_event_id, '
-                    "updated_at, processed_count, event_at) VALUES ($1, $2, $3, $4, $5, $6) "
-                    'ON CONFLICT (stream) DO UPDATE SET "offset" = EXCLUDED."offset", '
-                    "unique_event_id = EXCLUDED.unique_event_id, "
-                    "updated_at = EXCLUDED.updated_at, "
-                    "processed_count = c.processed_count + EXCLUDED.processed_count, "
-                    "event_at = EXCLUDED.event_at",
-                    moved,
-                )
-            if counted:
-                await db.executemany(
-                    f"UPDATE {s}.checkpoints SET processed_count = processed_count + $1 "
-                    "WHERE stream = $2",
-                    counted,
-                )
-            if batch.resolved:
-                await db.execute(
-                    f"DELETE FROM {s}.dead_letters WHERE id = ANY($1::bigint[])",
-                    list(batch.resolved),
-                )
-            if batch.checkpoints:
-                # A checkpoint written by the stream supersedes an operator's pending reset.
-                await db.execute(
-                    f"DELETE FROM {s}.start_overrides WHERE stream = ANY($1::text[])",
-                    list(batch.checkpoints),
-                )
-            for staged in batch.staged:
-                if staged.rows:
-                    try:
-                        await db.executemany(staged.statement, staged.rows)
-                    except DRIVER_ERRORS as exc:
-                        if not _row_fault(exc):
-                            raise
-                        raise staged_refusal(self.target, self.schema, exc) from None
-            if batch.sink_state is not None:
-                await self._put_sink_state(db, *batch.sink_state, now)
+        # Before the fence: a batch applied while the lease was held stays applied.
+        if batch.mark is not None and not await self._mark(db, batch.mark, now):
+            return False
+        if batch.fence is not None:
+            await self._check_fence(db, batch.fence, batch.streams())
+        for stream, ids in batch.processed.items():
+            # One statement for the whole batch, the ids as one array.
+            await db.execute(
+                f"INSERT INTO {s}.processed_events (stream, event_id, processed_at) "
+                "SELECT $1, e, $3 FROM unnest($2::text[]) AS e "
+                "ON CONFLICT (stream, event_id) DO NOTHING",
+                stream,
+                list(dict.fromkeys(map(to_text, ids))),
+                now,
+            )
+        if batch.dead_letters:
+            # One execution per letter: the same letter twice in a batch is two attempts.
+            await db.executemany(
+                f'INSERT INTO {s}.dead_letters AS d (stream, dedup_key, "offset", '
+                "unique_event_id, event_name, primary_key, reason, error, payload, first_at, "
+                "last_at, payload_size, payload_sha256) VALUES ($1, $2, $3, $4, $5, $6, $7, "
+                "$8, $9, $10, $11, $12, $13) "
+                "ON CONFLICT (stream, dedup_key) DO UPDATE SET attempts = d.attempts + 1, "
+                "last_at = EXCLUDED.last_at, error = EXCLUDED.error, "
+                "reason = EXCLUDED.reason",
+                [_stored_letter(dead_letter_row(d, now)) for d in batch.dead_letters],
+            )
+        moved: list[tuple[Any, ...]] = []
+        counted: list[tuple[Any, ...]] = []
+        for stream in set(batch.checkpoints) | set(batch.done_counts):
+            pos = batch.checkpoints.get(stream)
+            count = batch.done_counts.get(stream, 0)
+            if pos is not None:
+                at = batch.event_at.get(stream)
+                offset, uid = to_text(pos.offset), to_text(pos.unique_event_id)
+                moved.append((stream, offset, uid, now, count, at))
+            elif count:
+                counted.append((count, stream))
+        if moved:
+            await db.executemany(
+                f'INSERT INTO {s}.checkpoints AS c (stream, "offset", unique_event_id, '
+                "updated_at, processed_count, event_at) VALUES ($1, $2, $3, $4, $5, $6) "
+                'ON CONFLICT (stream) DO UPDATE SET "offset" = EXCLUDED."offset", '
+                "unique_event_id = EXCLUDED.unique_event_id, "
+                "updated_at = EXCLUDED.updated_at, "
+                "processed_count = c.processed_count + EXCLUDED.processed_count, "
+                "event_at = EXCLUDED.event_at",
+                moved,
+            )
+        if counted:
+            await db.executemany(
+                f"UPDATE {s}.checkpoints SET processed_count = processed_count + $1 "
+                "WHERE stream = $2",
+                counted,
+            )
+        if batch.resolved:
+            await db.execute(
+                f"DELETE FROM {s}.dead_letters WHERE id = ANY($1::bigint[])",
+                list(batch.resolved),
+            )
+        if batch.checkpoints:
+            # A checkpoint written by the stream supersedes an operator's pending reset.
+            await db.execute(
+                f"DELETE FROM {s}.start_overrides WHERE stream = ANY($1::text[])",
+                list(batch.checkpoints),
+            )
+        if failed is not None:
+            try:
+                # Checks the store's own rows now; each staged statement's at its end.
+                await db.execute("SET CONSTRAINTS ALL IMMEDIATE")
+            except DRIVER_ERRORS as exc:
+                if _row_fault(exc):  # the store's own rows': the COMMIT's failure is theirs
+                    raise failed from None
+                raise
+        for staged in batch.staged:
+            if staged.rows:
+                try:
+                    await db.executemany(staged.statement, staged.rows)
+                except DRIVER_ERRORS as exc:
+                    if not _row_fault(exc):
+                        raise
+                    at_commit = failed is not None
+                    raise staged_refusal(
+                        self.target, self.schema, exc, at_commit=at_commit
+                    ) from None
+        if batch.sink_state is not None:
+            await self._put_sink_state(db, *batch.sink_state, now)
         return True
 
     async def _mark(self, db: Any, mark: tuple[str, int], now: float) -> bool:

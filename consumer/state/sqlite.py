@@ -508,67 +508,93 @@ class SqliteStore:
         return await in_thread(self._w, lambda db: self._commit_now(db, batch, now))
 
     def _commit_now(self, db: sqlite3.Connection, batch: CommitBatch, now: float) -> bool:
-        with sync_transaction(db):
-            if batch.mark is not None and not db.execute(_MARK, (*batch.mark, now)).rowcount:
-                return False  # applied before (see CommitBatch.mark)
-            for stream, ids in batch.processed.items():
-                # Bound as parameters (JSON through json_each cut an id at a NUL from the
-                # wire), in statements of many rows (see write_rows).
-                write_rows(db, _processed_sql(1), [(stream, i, now) for i in ids], _processed_sql)
-            if batch.dead_letters:
-                db.executemany(
-                    "INSERT INTO dead_letters (stream, dedup_key, offset, unique_event_id, "
-                    "event_name, primary_key, reason, error, payload, first_at, last_at, "
-                    "payload_size, payload_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT (stream, dedup_key) DO UPDATE SET attempts = attempts + 1, "
-                    "last_at = excluded.last_at, error = excluded.error, reason = excluded.reason",
-                    [dead_letter_row(d, now) for d in batch.dead_letters],
-                )
-            for stream in set(batch.checkpoints) | set(batch.done_counts):
-                pos = batch.checkpoints.get(stream)
-                count = batch.done_counts.get(stream, 0)
-                at = batch.event_at.get(stream)
-                if pos is not None:
-                    db.execute(
-                        "INSERT INTO checkpoints (stream, offset, unique_event_id, updated_at, "
-                        "processed_count, event_at) VALUES (?, ?, ?, ?, ?, ?) "
-                        "ON CONFLICT (stream) DO UPDATE SET offset = excluded.offset, "
-                        "unique_event_id = excluded.unique_event_id, "
-                        "updated_at = excluded.updated_at, "
-                        "processed_count = processed_count + excluded.processed_count, "
-                        "event_at = excluded.event_at",
-                        (stream, pos.offset, pos.unique_event_id, now, count, at),
-                    )
-                elif count:
-                    db.execute(
-                        "UPDATE checkpoints SET processed_count = processed_count + ? "
-                        "WHERE stream = ?",
-                        (count, stream),
-                    )
-            if batch.resolved:
-                db.execute(f"DELETE FROM dead_letters WHERE id IN {_IDS}", (_ids(batch.resolved),))
-            if batch.checkpoints:
-                # A checkpoint written by the stream supersedes an operator's pending reset.
-                marks = ",".join("?" * len(batch.checkpoints))
+        written = False  # every statement ran: a failure after it is the COMMIT's
+        try:
+            with sync_transaction(db):
+                if not self._write(db, batch, now):
+                    return False
+                written = True
+        except sqlite3.Error as exc:
+            # A deferred foreign key (foreign_keys=ON) is checked at COMMIT, not at the row's
+            # statement, and SQLite says neither which row nor which key (nor can it check them
+            # sooner, as PostgreSQL's SET CONSTRAINTS does): taken for the staged rows', under
+            # the same rules as a statement's refusal, when the batch has any. The store's own
+            # tables have no foreign key (were a trigger on one to write to a table that has,
+            # the rows would go aside, then the commit of the rest fail as before). The
+            # transaction is rolled back (a failed COMMIT leaves it open: sync_transaction
+            # ends it).
+            if not (written and any(s.rows for s in batch.staged)):
+                raise
+            if not staged_row_fault(_code(exc), compiles=False):
+                raise
+            raise self._refused(exc, " at COMMIT") from None
+        return True
+
+    def _refused(self, exc: sqlite3.Error, when: str) -> StagedRowRefused:
+        """A staged row refused for its data (``when``: at COMMIT, a deferred check), bounded."""
+        return StagedRowRefused(
+            f"state store {self.path}: committing: a row a sink staged was refused{when} "
+            f"({prefix(str(exc), 300)}): the sink writes through its own path instead"
+        )
+
+    def _write(self, db: sqlite3.Connection, batch: CommitBatch, now: float) -> bool:
+        """The batch's statements, in the transaction; False: applied before."""
+        if batch.mark is not None and not db.execute(_MARK, (*batch.mark, now)).rowcount:
+            return False  # applied before (see CommitBatch.mark)
+        for stream, ids in batch.processed.items():
+            # Bound as parameters (JSON through json_each cut an id at a NUL from the
+            # wire), in statements of many rows (see write_rows).
+            write_rows(db, _processed_sql(1), [(stream, i, now) for i in ids], _processed_sql)
+        if batch.dead_letters:
+            db.executemany(
+                "INSERT INTO dead_letters (stream, dedup_key, offset, unique_event_id, "
+                "event_name, primary_key, reason, error, payload, first_at, last_at, "
+                "payload_size, payload_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (stream, dedup_key) DO UPDATE SET attempts = attempts + 1, "
+                "last_at = excluded.last_at, error = excluded.error, reason = excluded.reason",
+                [dead_letter_row(d, now) for d in batch.dead_letters],
+            )
+        for stream in set(batch.checkpoints) | set(batch.done_counts):
+            pos = batch.checkpoints.get(stream)
+            count = batch.done_counts.get(stream, 0)
+            at = batch.event_at.get(stream)
+            if pos is not None:
                 db.execute(
-                    f"DELETE FROM start_overrides WHERE stream IN ({marks})",
-                    list(batch.checkpoints),
+                    "INSERT INTO checkpoints (stream, offset, unique_event_id, updated_at, "
+                    "processed_count, event_at) VALUES (?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (stream) DO UPDATE SET offset = excluded.offset, "
+                    "unique_event_id = excluded.unique_event_id, "
+                    "updated_at = excluded.updated_at, "
+                    "processed_count = processed_count + excluded.processed_count, "
+                    "event_at = excluded.event_at",
+                    (stream, pos.offset, pos.unique_event_id, now, count, at),
                 )
-            for staged in batch.staged:
-                try:
-                    write_rows(db, staged.statement, staged.rows, staged.many)
-                except sqlite3.Error as exc:
-                    code = _code(exc)
-                    compiles = code == sqlite3.SQLITE_ERROR and _compiles(db, staged)
-                    if not staged_row_fault(code, compiles):
-                        raise
-                    raise StagedRowRefused(
-                        f"state store {self.path}: committing: a row a sink staged was refused "
-                        f"({prefix(str(exc), 300)}): the sink writes through its own path instead"
-                    ) from None
-            if batch.sink_state is not None:
-                db.execute(_PUT_SINK_STATE, (*batch.sink_state, now))
-            self._check_file()
+            elif count:
+                db.execute(
+                    "UPDATE checkpoints SET processed_count = processed_count + ? WHERE stream = ?",
+                    (count, stream),
+                )
+        if batch.resolved:
+            db.execute(f"DELETE FROM dead_letters WHERE id IN {_IDS}", (_ids(batch.resolved),))
+        if batch.checkpoints:
+            # A checkpoint written by the stream supersedes an operator's pending reset.
+            marks = ",".join("?" * len(batch.checkpoints))
+            db.execute(
+                f"DELETE FROM start_overrides WHERE stream IN ({marks})",
+                list(batch.checkpoints),
+            )
+        for staged in batch.staged:
+            try:
+                write_rows(db, staged.statement, staged.rows, staged.many)
+            except sqlite3.Error as exc:
+                code = _code(exc)
+                compiles = code == sqlite3.SQLITE_ERROR and _compiles(db, staged)
+                if not staged_row_fault(code, compiles):
+                    raise
+                raise self._refused(exc, "") from None
+        if batch.sink_state is not None:
+            db.execute(_PUT_SINK_STATE, (*batch.sink_state, now))
+        self._check_file()
         return True
 
     def _check_file(self) -> None:
