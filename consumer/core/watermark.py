@@ -24,8 +24,8 @@ class Position(NamedTuple):
 
 
 class Positioned(Protocol):
-    """What a frame's slot holds: a :class:`Position`, or an event (read as one only when
-    the watermark's position is asked for, not once per event)."""
+    """What a frame's slot holds: a :class:`Position`, or an event (read as one once per
+    batch of completions that moves the done prefix, not once per event)."""
 
     @property
     def offset(self) -> str: ...
@@ -46,7 +46,9 @@ class Watermark:
 
     The frames in flight are ``_slots[_head:]``, the first with sequence number ``_base``; done
     ones wait in ``_done`` until the prefix before them is done. Completions come in batches
-    (a worker's), so the prefix is advanced once per batch, not once per frame."""
+    (a worker's), so the prefix is advanced once per batch, not once per frame, and the newest
+    done event read as a :class:`Position` then: the watermark keeps no event once it is done
+    (an idle stream held its last one, text and detail, for as long as it stayed idle)."""
 
     __slots__ = ("_base", "_done", "_head", "_last", "_position", "_slots")
 
@@ -55,8 +57,8 @@ class Watermark:
         self._head = 0
         self._slots: list[Positioned | None] = []
         self._done: set[int] = set()
-        self._position: Positioned | None = None  # newest position of the done prefix
-        self._last: Positioned | None = None  # last position handed out by advance()
+        self._position: Position | None = None  # newest position of the done prefix
+        self._last: Position | None = None  # last position handed out by advance()
 
     def add(self, position: Positioned | None) -> int:
         """Register a frame in arrival order; returns its sequence number."""
@@ -91,7 +93,7 @@ class Watermark:
         stop = head + end - base
         for i in range(stop - 1, head - 1, -1):  # newest frame with a position
             if slots[i] is not None:
-                self._position = slots[i]
+                self._position = _position(slots[i])
                 break
         self._base = end
         if stop >= 1024 and stop * 2 >= len(slots):
@@ -112,14 +114,14 @@ class Watermark:
     @property
     def position(self) -> Position | None:
         """Newest position whose whole prefix is done (None until one is)."""
-        return _position(self._position)
+        return self._position
 
     def advance(self) -> Position | None:
         """The position to persist if it moved since the last call, else None."""
         if self._position is None or self._position is self._last:
             return None
         self._last = self._position
-        return _position(self._position)
+        return self._position
 
     def rewind(self) -> None:
         """The last advance() was not persisted: offer the position again."""

@@ -61,9 +61,20 @@ class _Ledger:
     watermark: Watermark = field(default_factory=Watermark)
     pending_ids: set[str] = field(default_factory=set)  # processed, not in a commit yet
     committing_ids: set[str] = field(default_factory=set)  # in the commit under way
-    # primaryKey -> dead letters of it not durable yet (park-key must not trust the store)
+    # primaryKey -> dead letters of it not durable yet (park-key must not trust the store);
+    # a key leaves once its count is settled, so the ledger holds the resources with dead
+    # letters in flight, not every primaryKey ever dead-lettered.
     letters_not_durable: Counter[str] = field(default_factory=Counter)
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def letter_settled(self, primary_key: str) -> None:
+        """A dead letter of ``primary_key`` is durable, or dropped (its commit fenced)."""
+        letters = self.letters_not_durable
+        left = letters[primary_key] - 1
+        if left > 0:
+            letters[primary_key] = left
+        else:
+            letters.pop(primary_key, None)
 
 
 class Committer:
@@ -725,7 +736,7 @@ class Committer:
             if letter.stream in streams and letter.primary_key is not None:
                 ledger = self._live(letter.stream, gone)
                 if ledger is not None:
-                    ledger.letters_not_durable[letter.primary_key] -= 1
+                    ledger.letter_settled(letter.primary_key)
 
     def forget(self, stream: str) -> None:
         """The stream stopped here (released or lost; its workers are stopped): drop its
@@ -817,7 +828,7 @@ class Committer:
             if letter.primary_key is not None:
                 ledger = self._live(letter.stream, gone)
                 if ledger is not None:
-                    ledger.letters_not_durable[letter.primary_key] -= 1
+                    ledger.letter_settled(letter.primary_key)
         for stream in batch.checkpoints:
             if self._live(stream, gone) is not None:
                 self.checkpointed_at[stream] = now

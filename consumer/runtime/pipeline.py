@@ -87,9 +87,11 @@ def _closing(owner: asyncio.Task[None] | None) -> bool:
 
 
 def _size(event: Event) -> int:
-    """An event's size as counted against the byte bounds: its text as received, or the frame
-    it came in when it was kept parsed."""
-    return len(event.text or event.frame)
+    """An event's size as counted against the byte bounds: what it holds, its text as received
+    (or the frame it came in when it was kept as that) and its ``detail`` array's text, a
+    second copy (counted by its text alone, an event whose size is its detail held twice what
+    the bounds counted)."""
+    return len(event.text or event.frame) + len(event.detail_text or b"")
 
 
 def _taken(exc: TransientSinkError | PermanentSinkError, written: int) -> int:
@@ -217,7 +219,8 @@ class StreamPipeline:
         if len(chunk) == 1:
             self._flush_soon = asyncio.get_running_loop().call_soon(self._flush)
         n = len(chunk)
-        self._queued_bytes += len(event.text or event.frame)  # _size, inline: once per event
+        # _size, inline: once per event
+        self._queued_bytes += len(event.text or event.frame) + len(event.detail_text or b"")
         return (
             n < HANDOVER
             and not self._full
@@ -345,6 +348,9 @@ class StreamPipeline:
                 self._room.set()
             await self._committer.wait_capacity()
             await self._handle(batch, retrying)
+            # Not kept while the worker waits for more: an idle stream would hold its last
+            # events (up to max_frame_bytes each) outside every bound for as long as it idles.
+            del batch
 
     async def _handle(self, batch: list[_Item], retrying: AsyncRetrying) -> None:
         owner = asyncio.current_task()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import NamedTuple
 
 import pytest
@@ -217,3 +218,36 @@ def test_an_event_is_its_own_position_read_as_a_position() -> None:
     wm.done_all([seq])
     assert wm.position == Position("12", "u12", "2026-11-30 10:00:00.000")
     assert type(wm.position) is Position and type(wm.advance()) is Position
+
+
+class _Event:
+    """An event as the watermark sees one (weakly referable, to tell when it is let go)."""
+
+    def __init__(self, i: int) -> None:
+        self.offset, self.unique_event_id, self.timestamp = f"{i:04d}", f"uid-{i}", None
+        self.text = b"x" * 1024  # what the watermark must not keep: the event's payload
+
+
+def test_a_done_event_is_let_go_and_its_position_kept() -> None:
+    """Once its prefix is done, the watermark keeps the newest event's position, never the
+    event: an idle stream held its last event (up to max_frame_bytes, twice: its text and its
+    detail's) for as long as it stayed idle, after it was written and committed."""
+    wm = Watermark()
+    events = [_Event(1), _Event(2), _Event(3)]
+    seqs = [wm.add_all(events[:2]), wm.add(events[2])]
+    refs = [weakref.ref(e) for e in events]
+    del events
+    assert all(r() is not None for r in refs)  # in flight: held until done
+    wm.done_all([seqs[0], seqs[0] + 1])
+    assert wm.position == pos(2)
+    assert refs[0]() is None and refs[1]() is None
+    assert refs[2]() is not None  # still in flight
+    assert wm.advance() == pos(2)
+    wm.done(seqs[1])
+    assert [r() for r in refs] == [None, None, None]
+    assert type(wm.position) is Position and wm.position == pos(3)
+    assert wm.advance() == pos(3)  # handed out once
+    assert wm.advance() is None
+    wm.rewind()
+    assert wm.advance() == pos(3)
+    assert [r() for r in refs] == [None, None, None]  # nor kept as the last one handed out

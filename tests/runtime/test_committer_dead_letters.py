@@ -136,3 +136,65 @@ async def test_a_malformed_frame_sent_again_is_another_attempt(tmp_path: Path) -
         await pipeline.stop()
         await store.close()
     assert [(r.reason, r.unique_event_id, r.attempts) for r in rows] == [("malformed", None, 2)]
+
+
+def not_durable(committer: Committer) -> dict[str, int]:
+    """The committer's count of each resource's dead letters not durable yet."""
+    return dict(committer._ledgers[STREAM].letters_not_durable)
+
+
+@pytest.mark.parametrize("mode", ["dead-letter", "park-key"])
+async def test_a_resource_leaves_the_committer_once_its_dead_letters_are_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    """The committer counts each resource's dead letters until they are durable (park-key
+    asks about a resource before the store has them), and forgets the resource then: it kept
+    every primaryKey ever dead-lettered, at 0, for the daemon's life (in the default mode
+    too, where nothing asks)."""
+    store = await SqliteStore.open(tmp_path / "state.db")
+    n = 50
+    sink = RejectsOnce({f"E{i}" for i in range(n)} | {"X", "Y"})
+    committer = Committer(store, sink, max_events=1000, interval_s=3600)
+    pipeline = one_worker(sink, committer, parked={} if mode == "park-key" else None)
+    pipeline.start()
+    real = store.commit
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def held(batch: CommitBatch, now: float | None = None) -> bool:
+        entered.set()
+        await release.wait()
+        return await real(batch, now)
+
+    try:
+        await put(pipeline, *(ev(i, f"E{i}", key=f"K{i}") for i in range(n)))
+        assert not_durable(committer) == {f"K{i}": 1 for i in range(n)}
+        assert not await store.has_dead_letters(STREAM, "K0")  # not in the store yet
+        assert await committer.has_dead_letters(STREAM, "K0")  # the committer's count says
+        assert await committer.flush()
+        assert not_durable(committer) == {}
+        assert await committer.has_dead_letters(STREAM, "K0")  # the store says now
+        assert not await committer.has_dead_letters(STREAM, "K-none")
+        # A second dead letter of a resource while the first is being committed: the
+        # resource stays until both are durable.
+        await put(pipeline, ev(n, "X", key="K"))
+        monkeypatch.setattr(store, "commit", held)
+        flush = asyncio.create_task(committer.flush())
+        async with asyncio.timeout(WAIT_S):
+            await entered.wait()
+        await put(pipeline, ev(n + 1, "Y", key="K"))  # rejected, or parked behind X (park-key)
+        assert not_durable(committer) == {"K": 2}
+        release.set()
+        async with asyncio.timeout(WAIT_S):
+            assert await flush
+        monkeypatch.setattr(store, "commit", real)
+        assert not_durable(committer) == {"K": 1}  # Y's
+        assert await committer.has_dead_letters(STREAM, "K")
+        assert await committer.flush()
+        assert not_durable(committer) == {}
+        rows = await store.dead_letters(STREAM, limit=10 * n)
+    finally:
+        await pipeline.stop()
+        await store.close()
+    reasons = {r.unique_event_id: r.reason for r in rows}
+    assert len(rows) == n + 2
+    assert reasons["Y"] == ("parked" if mode == "park-key" else "sink_rejected")
