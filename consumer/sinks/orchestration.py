@@ -43,6 +43,16 @@ event to the real sink with the JSON attached (``Event.resource``).
   then (:data:`FETCH_WINDOW` GETs ahead at most, and no more than the part's room holds at
   the largest resource seen): one write holds a part's answers, not those of its whole batch
   (200 of up to 16 MiB each), and fetches each resource once.
+* Parsed, a resource's text becomes objects that take some 2 to 30 times its bytes, the more
+  the smaller its values (``[[],[],...]``: 23 times; an OHIP reservation: about 6). Each
+  answer's objects are estimated from its text before it is parsed, by counting the bytes
+  that make values (:func:`objects_estimate`, an over-estimate); a part's room counts a
+  resource as its text or a :data:`OBJECTS_PER_BYTE`-th of that estimate, whichever is more
+  (:func:`weight_of`), so the objects of one write stay within some
+  :data:`OBJECTS_PER_BYTE` times :data:`WRITE_RESOURCE_BYTES`, whatever the resources are
+  made of. A resource that alone would weigh more than :data:`MAX_RESOURCE_BYTES` (its
+  objects over :data:`MAX_RESOURCE_OBJECTS`) is not parsed: that event is dead-lettered, as
+  for a resource too large.
 """
 
 from __future__ import annotations
@@ -92,12 +102,36 @@ from .base import Sink
 log = structlog.get_logger(__name__)
 
 MAX_RESOURCE_BYTES = 16 * 1024 * 1024  # a REST resource larger than this is not one
+# What a resource's objects may take per byte of its text, in a part's room (weight_of): a
+# write's parsed objects stay within about this many times WRITE_RESOURCE_BYTES. An OHIP
+# resource (a reservation, a profile) is estimated at 7 to 15 times its text (indented to
+# compact; it takes 3 to 6.5), so it weighs up to some 3.7 times its text: a part holds 4 MiB
+# of them at least; only a resource of many tiny values weighs much more.
+OBJECTS_PER_BYTE = 4
+# A resource whose objects are estimated above this is refused unparsed (dead-lettered, as
+# one larger than MAX_RESOURCE_BYTES): it would weigh more than a part's whole room.
+MAX_RESOURCE_OBJECTS = OBJECTS_PER_BYTE * MAX_RESOURCE_BYTES
+# The most one byte of JSON text adds to what parsing it takes (CPython 3.11, 64-bit: measured
+# with tracemalloc, the parse's peak: a list's spare slots and its growth, the json module's
+# key memo, a dict's growth), besides the text decoded: each value is an object of its own
+# and a reference in its container, whatever its text. ``[`` a list (56 bytes, 4 slots from
+# its first item); ``{`` a dict (184 bytes up to 5 keys); ``,`` one item more (a slot or a
+# dict's entry, and a number: an int 28 bytes, a float 24); ``:`` a key (its entry, the
+# memo's); ``"`` half a string (49 bytes and its characters: the text's own bytes count
+# them). Counted wherever they are (a string's commas, keys parsed once, the shared ``0`` and
+# ``""``): it over-counts, an OHIP resource some 2.5 times, a text of tiny values 1.2 to 3.3
+# times (``[[],...]``: 49 bytes per byte of text, 23 taken). Not counted: strings that one
+# character beyond Latin-1 widens to 2 or 4 bytes a character, at most 4 times the text,
+# which a resource's weight (its length at least) covers; and the text decoded for the parse
+# (as much at most, one resource's at a time).
+_VALUE_COSTS = ((b"[", 88), (b"{", 192), (b",", 56), (b":", 64), (b'"', 28))
 # Events of failed writes kept as sent, for their retries (OrchestratingSink): at most this
 # many, of at most this many bytes together (resources and events); the oldest go first.
 UNSENT_MAX = 2_000
 UNSENT_MAX_BYTES = 64 * 1024 * 1024
-# Resource text handed to the sink in one write, at most (a part has one event at least): the
-# objects parsed from it, and the sink's own copies, are then those of one resource at most.
+# Resource text handed to the sink in one write, at most (a part has one event at least),
+# each resource weighed by weight_of: the objects parsed from it, and the sink's own copies,
+# are then those of one resource at most.
 WRITE_RESOURCE_BYTES = MAX_RESOURCE_BYTES
 # GETs of one write in flight at once, at most (more than the default burst): with the part's
 # room, they bound what a write holds, whatever its batch's size and resources.
@@ -125,6 +159,37 @@ _Key = tuple[str, str | None]  # (URL, x-hotelid): what one GET answers
 # An event's: its resource, None (no template names it), or why it has none.
 _Outcome = Body | None | BaseException
 _Pair = tuple[Event, Body | None]  # an event and the resource attached to it
+
+
+def objects_estimate(text: bytes) -> int:
+    """About the most the objects parsed from ``text`` (JSON) take, in bytes, the text's own
+    included: counted, not parsed (:data:`_VALUE_COSTS`; a few passes of ``bytes.count``,
+    some 15 % of what parsing it costs)."""
+    return len(text) + sum(text.count(byte) * cost for byte, cost in _VALUE_COSTS)
+
+
+class _Answer(bytes):
+    """A resource's JSON text as answered, with its :func:`weight_of` (estimated once, when
+    it is fetched: it is kept, held and shared as it is)."""
+
+    weight: int
+
+    def __new__(cls, text: bytes, weight: int) -> _Answer:
+        self = super().__new__(cls, text)
+        self.weight = weight
+        return self
+
+
+def weight_of(text: bytes) -> int:
+    """What a resource of JSON ``text`` takes of a part's room: its text, or its objects'
+    estimate over :data:`OBJECTS_PER_BYTE`, whichever is more."""
+    return max(len(text), -(-objects_estimate(text) // OBJECTS_PER_BYTE))
+
+
+def _weight(body: Body) -> int:
+    """:func:`weight_of` a resource, as weighed when it was fetched (``null``, not fetched:
+    its text)."""
+    return body.weight if isinstance(body, _Answer) else len(body)
 
 
 class AccessTokens(Protocol):
@@ -165,10 +230,10 @@ def _attach(ev: Event, body: Body | None) -> Event:
 
 def _cut(pairs: Sequence[_Pair]) -> int:
     """How many of ``pairs`` make the part written next: as many as fit in
-    :data:`WRITE_RESOURCE_BYTES` of resources, one at least."""
+    :data:`WRITE_RESOURCE_BYTES` of resources (by :func:`_weight`), one at least."""
     size = 0
     for i, (_, body) in enumerate(pairs):
-        size += len(body) if body is not None else 0
+        size += _weight(body) if body is not None else 0
         if i and size > WRITE_RESOURCE_BYTES:
             return i
     return len(pairs)
@@ -185,11 +250,12 @@ def _copy(failed: BaseException) -> BaseException:
 
 
 def _size(task: asyncio.Task[Body | _NotFound]) -> int:
-    """The bytes a done GET holds (0: none, a resource is never empty)."""
+    """What a done GET's resource takes of a part's room (:func:`_weight`; 0: none, a
+    resource is never empty)."""
     if task.cancelled() or task.exception() is not None:
         return 0
     got = task.result()
-    return len(got) if isinstance(got, bytes) else 0
+    return _weight(got) if isinstance(got, bytes) else 0
 
 
 def _drop_older(entries: OrderedDict[Any, tuple[Any, float, int]], cutoff: float) -> int:
@@ -320,9 +386,10 @@ class Orchestrator:
         self, stream: str, events: Sequence[Event], limit: int | None = None
     ) -> tuple[list[Body | None], BaseException | None]:
         """The resources (as :meth:`bodies`) of ``events``' first ones, in order: as many as
-        fit in ``limit`` bytes (one at least), up to the first that has none; and why that one
-        has none (None: all fit, or the next did not). So a batch is fetched, and written, a
-        part at a time: its fetched bytes are those of a part, not of the whole batch.
+        fit in ``limit`` bytes (by :func:`_weight`; one at least), up to the first that has
+        none; and why that one has none (None: all fit, or the next did not). So a batch is
+        fetched, and written, a part at a time: its fetched bytes are those of a part, not of
+        the whole batch.
 
         The GETs run ahead of the one awaited, :data:`FETCH_WINDOW` at most and no further
         than the part's room seems to allow (at the largest resource of this part and of the
@@ -401,7 +468,7 @@ class Orchestrator:
                 if isinstance(outcome, BaseException):
                     failed, stop = outcome, i
                     break
-                got = len(outcome) if outcome is not None else 0
+                got = _weight(outcome) if outcome is not None else 0
                 if outcome is not None:
                     biggest = max(biggest or 0, got)
                 if limit is not None and out and size + got > limit:
@@ -685,6 +752,17 @@ class Orchestrator:
                 raise PermanentSinkError(
                     f"orchestration GET {shown}: resource larger than {MAX_RESOURCE_BYTES} bytes"
                 )
+            weight = weight_of(content)
+            if weight > MAX_RESOURCE_BYTES:
+                # Its values too many and too small (what a REST resource is not): parsed, it
+                # would take more than a write may hold. Not parsed, not retried (the same
+                # answer would come): the event is dead-lettered, as for a larger text.
+                raise PermanentSinkError(
+                    f"orchestration GET {shown}: resource of {len(content)} bytes too dense to "
+                    f"read: its values would take some {weight * OBJECTS_PER_BYTE >> 20} MiB "
+                    f"once parsed, more than {MAX_RESOURCE_OBJECTS >> 20} MiB"
+                )
+            content = _Answer(content, weight)  # the copy that is kept (the read's let go)
             try:
                 json.loads(content)  # checked here; each event parses its own copy
             except RecursionError:  # this resource's own: nested deeper than a parser goes
@@ -803,7 +881,7 @@ class OrchestratingSink:
                         got = list(zip(run, bodies, strict=False))
                         full = failed is None and len(got) < len(run)
                     pairs += got
-                    size += sum(len(body) for _, body in got if body is not None)
+                    size += sum(_weight(body) for _, body in got if body is not None)
                     i += len(got)
                     full = full or size >= WRITE_RESOURCE_BYTES
                 if not pairs:
@@ -812,7 +890,7 @@ class OrchestratingSink:
                 # Each event its own resource object, parsed for its part only.
                 await self.inner.write(stream, [_attach(ev, body) for ev, body in pairs[:cut]])
                 done += cut
-                size -= sum(len(body) for _, body in pairs[:cut] if body is not None)
+                size -= sum(_weight(body) for _, body in pairs[:cut] if body is not None)
                 del pairs[:cut]
                 cut = 0
             if failed is not None:  # the parts before it written: from its own event on

@@ -39,6 +39,9 @@ FAILING: dict[str, Reply] = {
     "400": Reply(400, JSON, b'{"title": "Bad reservation id"}'),
     "422": Reply(422, JSON, b'{"title": "Unprocessable reservation"}'),
     "broken-json": Reply(200, JSON, b'{"reservationId": "R'),
+    # 2 MiB of empty arrays: estimated at 98 MiB once parsed (it takes 48), over the 64 one
+    # resource may take
+    "dense": Reply(200, JSON, b"[" + b"[]," * (2 * 1024 * 1024 // 3) + b"[]]"),
     "403": Reply(403, JSON, b'{"title": "Forbidden"}'),
     "404": Reply(404, JSON, b'{"title": "Not found"}'),
 }
@@ -46,6 +49,7 @@ WHY = {
     "400": 'HTTP 400: {"title": "Bad reservation id"}',
     "422": "HTTP 422",
     "broken-json": "not valid JSON",
+    "dense": "too dense to read",
     "403": "HTTP 403",
     "404": "HTTP 404",
 }

@@ -512,3 +512,249 @@ async def test_each_resource_of_a_batch_is_fetched_once_whatever_its_size(
     # resources are never all held (6 MiB: +269 MiB, 12 MiB: +641 MiB before).
     bound = 4 * orchestration.WRITE_RESOURCE_BYTES + 4 * size
     assert peak < bound, f"heap +{peak / 2**20:.0f} MiB, more than {bound / 2**20:.0f} MiB"
+
+
+# --- what a resource's text becomes once parsed ----------------------------------------------
+
+
+def ohip_reservation(key: str, nights: int, guests: int) -> dict[str, Any]:
+    """A reservation shaped like OHIP's (``GET .../reservations/{id}``): deeply nested, small
+    values, a rate and a package consumption per night, a profile per guest."""
+
+    def night(i: int) -> dict[str, Any]:
+        day = f"2024-{i // 28 % 12 + 1:02d}-{i % 28 + 1:02d}"
+        return {
+            "rates": {
+                "rate": [
+                    {
+                        "base": {"amountBeforeTax": 120.5 + i % 7, "currencyCode": "USD"},
+                        "startDate": day,
+                        "endDate": day,
+                        "shareDistributionInstruction": "Full",
+                    }
+                ]
+            },
+            "guestCounts": {"adults": 2, "children": 0},
+            "roomType": "KING",
+            "ratePlanCode": "BAR",
+            "marketCode": "LEISURE",
+            "sourceCode": "WEB",
+            "numberOfUnits": 1,
+            "pseudoRoom": False,
+            "start": day,
+            "end": day,
+            "total": {"amountBeforeTax": 120.5 + i % 7},
+        }
+
+    def guest(g: int) -> dict[str, Any]:
+        return {
+            "profileInfo": {
+                "profileIdList": [{"id": str(1000 + g), "type": "Profile"}],
+                "profile": {
+                    "customer": {
+                        "personName": [
+                            {"givenName": "Anne", "surname": f"Smith{g}", "nameType": "Primary"}
+                        ],
+                        "language": "E",
+                    },
+                    "addresses": {
+                        "addressInfo": [
+                            {
+                                "address": {
+                                    "addressLine": ["1 Main St", "", ""],
+                                    "cityName": "Springfield",
+                                    "postalCode": "12345",
+                                    "country": {"code": "US"},
+                                    "type": "HOME",
+                                    "primaryInd": True,
+                                },
+                                "id": str(50 + g),
+                                "type": "Address",
+                            }
+                        ]
+                    },
+                    "emails": {"emailInfo": [{"email": {"emailAddress": f"g{g}@example.com"}}]},
+                    "profileType": "Guest",
+                    "statusCode": "Active",
+                },
+            },
+            "primary": g == 0,
+        }
+
+    return {
+        "reservations": {
+            "reservation": [
+                {
+                    "reservationIdList": [
+                        {"id": key, "type": "Reservation"},
+                        {"id": f"C{key}", "type": "Confirmation"},
+                    ],
+                    "roomStay": {
+                        "roomRates": [night(i) for i in range(nights)],
+                        "guarantee": {"guaranteeCode": "CC", "onHold": False},
+                        "arrivalDate": "2024-01-01",
+                        "departureDate": "2024-12-31",
+                    },
+                    "reservationGuests": [guest(g) for g in range(guests)],
+                    "packages": [
+                        {
+                            "packageCode": "BRKF",
+                            "amount": {"amount": 25.0, "currencyCode": "USD"},
+                            "consumptionDetails": [
+                                {"consumptionDate": f"D{i}", "quantity": 2} for i in range(nights)
+                            ],
+                        }
+                    ],
+                    "comments": [{"comment": {"text": {"value": "Late arrival, high floor."}}}],
+                    "hotelId": "HOTEL1",
+                    "reservationStatus": "Reserved",
+                    "createDateTime": "2024-01-01 10:00:00.0",
+                }
+            ]
+        },
+        "links": [{"href": f"https://gw/rsv/v1/reservations/{key}", "rel": "self"}],
+    }
+
+
+def compact(doc: Any) -> bytes:
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def tiny_values(size: int) -> bytes:
+    """A JSON array of about ``size`` bytes of empty arrays: some 22 times that once parsed."""
+    return b"[" + b"[]," * (size // 3 - 1) + b"[]]"
+
+
+class _Keeping(PlainSink):
+    """An inner sink that keeps each write's events' ids, each event's resource compared with
+    what the REST API made (not the resource), and the heap's size at each write."""
+
+    name = "keeping"
+
+    def __init__(self, expected: Callable[[Event], bool]) -> None:
+        self.expected = expected
+        self.writes: list[list[str]] = []
+        self.intact: list[bool] = []
+        self.heap: list[int] = []
+
+    async def write(self, stream: str, events: Sequence[Event]) -> None:
+        self.heap.append(tracemalloc.get_traced_memory()[0])
+        self.writes.append([ev.unique_event_id for ev in events])
+        self.intact += [self.expected(ev) for ev in events]
+
+
+async def test_a_resource_of_tiny_values_is_dead_lettered_unparsed(tmp_path: Path) -> None:
+    """One answer of 8 MiB (within MAX_RESOURCE_BYTES) made of empty arrays was parsed to be
+    checked, and again for the sink: some 190 MiB of objects (22 times its text) for one
+    event, as many times over as a part held such resources. Its objects are now estimated
+    from its text before it is parsed: beyond MAX_RESOURCE_OBJECTS it is refused, unparsed,
+    and its event dead-lettered with why, as a resource too large is; the reservations of the
+    batch, up to a year of nights and 30 guests, are written whole."""
+    dense = tiny_values(8 * 1024 * 1024)
+    sizes = {"R1": (3, 1), "R2": (365, 30), "R3": (30, 4), "R4": (120, 2)}
+    docs = {key: ohip_reservation(key, n, g) for key, (n, g) in sizes.items()}
+    texts = {key: compact(doc) for key, doc in docs.items()}
+    api = RestApi(lambda key, v: dense if key == "DENSE" else texts[key])
+    keys = ["R1", "R2", "DENSE", "R3", "R4"]
+    events = [event(i, key=key) for i, key in enumerate(keys, start=1)]
+    inner = _Keeping(lambda ev: bool(ev.resource == docs.get(ev.primary_key)))
+    async with api.running() as rest_url, aiohttp.ClientSession() as http:
+        sink = OrchestratingSink(inner, orchestrator(tmp_path, http, rest_url))
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            tracemalloc.reset_peak()
+            dead, pipeline = await deliver(tmp_path, sink, events)
+            peak = tracemalloc.get_traced_memory()[1] - before
+        finally:
+            tracemalloc.stop()
+            await sink.close()
+    [letter] = dead
+    assert letter.unique_event_id == "u00003" and letter.reason == "sink_rejected"
+    assert "/reservations/DENSE" in letter.error and "too dense to read" in letter.error
+    written = [uid for ids in inner.writes for uid in ids]
+    assert written == ["u00001", "u00002", "u00004", "u00005"] and all(inner.intact)
+    assert pipeline.delivered == 4
+    assert api.gets == Counter(keys)  # each once: the others' not again after the dead letter
+    # The answer's text, as read and as served (the server is this process); no objects.
+    assert peak < 4 * len(dense), f"heap +{peak / 2**20:.0f} MiB"
+
+
+async def test_a_part_holds_its_resources_objects_not_only_their_text(tmp_path: Path) -> None:
+    """Resources of 1 MiB of tiny values (22 MiB each once parsed: within what one resource
+    may weigh, so written): a part held up to WRITE_RESOURCE_BYTES (16 MiB) of their text,
+    all parsed at once for its write (6 of them: +140 MiB; 16: +360 MiB). A resource now
+    takes of a part's room its objects' estimate over OBJECTS_PER_BYTE when that is more than
+    its text: the objects of a write stay within OBJECTS_PER_BYTE times the part's room,
+    whatever the resources are made of; each still written whole, in order, fetched once."""
+    text = tiny_values(1024 * 1024)
+    items = len(json.loads(text))
+    api = RestApi(lambda key, v: text)
+    events = [event(i, key=f"R{i}") for i in range(1, 7)]
+    inner = _Keeping(lambda ev: isinstance(ev.resource, list) and len(ev.resource) == items)
+    async with api.running() as rest_url, aiohttp.ClientSession() as http:
+        sink = OrchestratingSink(inner, orchestrator(tmp_path, http, rest_url))
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            tracemalloc.reset_peak()
+            dead, pipeline = await deliver(tmp_path, sink, events)
+            peak = tracemalloc.get_traced_memory()[1] - before
+        finally:
+            tracemalloc.stop()
+            await sink.close()
+    assert not dead and pipeline.delivered == len(events)
+    written = [uid for ids in inner.writes for uid in ids]
+    assert written == [ev.unique_event_id for ev in events] and all(inner.intact)
+    assert api.gets == Counter({ev.primary_key: 1 for ev in events})
+    bound = 64 * 1024 * 1024  # OBJECTS_PER_BYTE (4) times WRITE_RESOURCE_BYTES (16 MiB)
+    assert peak < bound, f"heap +{peak / 2**20:.0f} MiB, more than {bound / 2**20:.0f} MiB"
+
+
+# Texts made of one kind of value, each the worst of its kind for the heap per byte of text,
+# and OHIP resources; a parse of each (its peak) stays within OBJECTS_PER_BYTE times what the
+# resource weighs, as a part's room counts it. The string widened to 4 bytes a character
+# (one character beyond the BMP) is bounded by its length, besides the text decoded for the
+# parse (as much again).
+_N = 50_000
+SHAPES: dict[str, tuple[bytes, int]] = {
+    "empty arrays": (b"[" + b"[]," * _N + b"[]]", 0),
+    "empty objects": (b"[" + b"{}," * _N + b"{}]", 0),
+    "arrays of one": (b"[" + b"[0]," * _N + b"[0]]", 0),
+    "arrays in arrays": (b"[" + b"[[0]]," * _N + b"[[0]]]", 0),
+    "objects of one key": (b"[" + b'{"":0},' * _N + b'{"":0}]', 0),
+    "objects of their own key": (b"[" + b",".join(b'{"k%d":0}' % i for i in range(_N)) + b"]", 0),
+    "one object of distinct keys": (
+        b"{" + b",".join(b'"k%d":0' % i for i in range(_N)) + b"}",
+        0,
+    ),
+    "short strings": (b"[" + b'"ab",' * _N + b'"ab"]', 0),
+    "distinct strings": (b"[" + b",".join(b'"s%d"' % i for i in range(_N)) + b"]", 0),
+    "floats": (b"[" + b"1e9," * _N + b"1e9]", 0),
+    "ints": (b"[" + b"300," * _N + b"300]", 0),
+    "big ints": (b"[" + b"1234567890123456789012345678901234567890," * _N + b"1]", 0),
+    "widened string": (b'["\\ud83d\\ude00' + b"a" * (8 * _N) + b'"]', 1),
+    "OHIP reservation": (compact(ohip_reservation("R1", 30, 2)), 0),
+    "OHIP reservation, a year": (compact(ohip_reservation("R2", 365, 30)), 0),
+    "OHIP reservation, indented": (json.dumps(ohip_reservation("R3", 30, 2), indent=2).encode(), 0),
+}
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_what_a_resource_weighs_covers_its_parse(shape: str) -> None:
+    text, decoded = SHAPES[shape]
+    weight = orchestration.weight_of(text)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        parsed = json.loads(text)
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    del parsed
+    assert weight >= len(text)
+    bound = orchestration.OBJECTS_PER_BYTE * weight + decoded * 4 * len(text)
+    assert peak <= bound, f"{shape}: parsed {peak / len(text):.1f} x its text, weighs {weight}"
+    if shape.startswith("OHIP"):  # a legitimate resource: a few MiB of them fit in a part
+        assert weight < 4 * len(text)
