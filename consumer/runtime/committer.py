@@ -49,9 +49,9 @@ from ..state.base import PRUNE_CHUNK, StateStore
 
 log = structlog.get_logger(__name__)
 
-# park-key: rounds of the rows staged while a set-aside ran, written before the sink switches
-# (see Committer._hold_back); each round's rows were staged during the one before.
-_HOLD_BACK_ROUNDS = 4
+# Rounds of the rows staged while a set-aside ran, written before the sink switches (see
+# Committer._switch_when_drained); each round's rows were staged during the one before.
+_CATCH_UP_ROUNDS = 4
 
 
 @dataclass(slots=True)
@@ -493,7 +493,8 @@ class Committer:
     async def _set_aside(self, batch: CommitBatch, refused: StagedRowRefused) -> CommitBatch:
         """The state transaction refused a row a sink staged, for that row's data (nothing
         was committed): every staged row of the batch goes through its sink's own path
-        instead (:attr:`Staged.aside`; the sink writes through it from now on), durable before
+        instead (:attr:`Staged.aside`; the sink writes through it from now on, once the rows
+        staged meanwhile went there too: :meth:`_switch_when_drained`), durable before
         the commit of the rest; an event refused there too is dead-lettered alone, as the
         pipeline does with a refusal of the sink's own path (with park-key, the later events
         of its resource in the batch too, and the pipeline told: see :meth:`on_set_aside`).
@@ -535,12 +536,7 @@ class Committer:
         # the batch kept when the commit of the rest fails keeps them as they are).
         self._tell(letters, gone)
         self._sent = rest  # its rows are durable: what is kept if anything below fails
-        if parked:
-            await self._hold_back(ways, parked)
-        else:
-            for staged, _ in ways:
-                if staged.switch is not None:
-                    staged.switch()
+        await self._switch_when_drained(ways, parked)
         return rest
 
     def _tell(self, letters: Sequence[DeadLetter], gone: frozenset[str]) -> None:
@@ -554,20 +550,23 @@ class Committer:
             if runs is not None:
                 runs[0](its)
 
-    async def _hold_back(
+    async def _switch_when_drained(
         self, ways: Sequence[tuple[Staged, object]], parked: dict[str, dict[str, str]]
     ) -> None:
-        """park-key, after a set-aside: the rows the pipeline staged while it ran (the sink
-        stages until :attr:`Staged.switch`; the pipeline did not know the keys parked yet).
-        Those of a resource parked by then are dead-lettered ``parked``, never written; the
-        others go through the sink's own path now, in order, as the set-aside's did (a
-        refusal there parks its resource too). The sink switches once none is left, with no
-        await between: a row staged and committed after a later event of its resource went
-        through the own path would break the resource's order when refused. Bounded: the
-        pipeline stages little more than the committer's capacity meanwhile; rows left then
-        (or when the own path fails for a while) commit in the next batch, the sink staging
-        still, a refusal there set aside again."""
-        for _ in range(_HOLD_BACK_ROUNDS):
+        """After a set-aside: the rows the pipeline staged while it ran (the sink stages until
+        :attr:`Staged.switch`) go through the sink's own path now, in order, as the
+        set-aside's did; with park-key (the pipeline did not know the keys parked yet), those
+        of a resource parked by then are dead-lettered ``parked`` instead, never written, and a
+        refusal there parks its resource too. The sink switches once none is left, with no
+        await between: a row left staged commits with the next state transaction, after a
+        later event of its resource went through the own path and was committed at once (the
+        table held the later event without the earlier one until then, for good after a
+        crash, and the earlier one's row came after it; with park-key, it broke the
+        resource's order when refused). Bounded: the pipeline stages little more than the
+        committer's capacity meanwhile; rows left then (or when the own path fails for a
+        while) commit in the next batch, the sink staging still, a refusal there set aside
+        again."""
+        for _ in range(_CATCH_UP_ROUNDS):
             window = self._taken_back()
             if not window:
                 for staged, _ in ways:

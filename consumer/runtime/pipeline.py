@@ -41,7 +41,7 @@ from ..core.retry_after import WaitRetryAfter
 from ..core.watermark import Position
 from ..errors import PermanentSinkError, SinkError, SinkUnusable, StoreError, TransientSinkError
 from ..logs import REDACTOR, RateLimitedLogger
-from ..sinks.base import Sink
+from ..sinks.base import Sink, taking
 from .committer import Committer, parked_error
 from .parking import ParkedKeys
 
@@ -98,6 +98,37 @@ def _taken(exc: TransientSinkError | PermanentSinkError, written: int) -> int:
     """How many of the ``written`` events the failed write took (a sink's own figure, kept
     within the write)."""
     return min(max(0, exc.delivered), written)
+
+
+class _Taken:
+    """What the sink took of the items a delivery writes, recorded as processed (``record``)
+    as soon as it is known, once each: said by the sink between the parts of its write
+    (:func:`~consumer.sinks.base.took`), a failed write's ``delivered`` (before its retry
+    backs off), the write's return. Never later: a commit meanwhile records the sink's
+    position, which covers them already (a jsonl file's length, every line appended), and
+    must record them processed with it and the watermark past them; else a stop (or kill -9)
+    leaves them in the committed file unrecorded, and the restart writes them again."""
+
+    __slots__ = ("_items", "_record", "base", "count")
+
+    def __init__(self, items: list[_Item], record: Callable[[list[_Item]], None]) -> None:
+        self._items = items
+        self._record = record
+        self.base = 0  # where the sink's write under way starts among the items
+        self.count = 0  # how many of the items, the first ones, are recorded
+
+    def __call__(self, n: int) -> None:
+        """The sink's word: ``n`` of its write's events taken (counted from that write's
+        start, which is ``base`` here)."""
+        self.upto(self.base + n)
+
+    def upto(self, n: int) -> None:
+        """The first ``n`` items taken: record those not recorded yet (once each)."""
+        items, count = self._items, self.count
+        n = min(n, len(items))
+        if n > count:
+            self.count = n
+            self._record(items if n - count == len(items) else items[count:n])
 
 
 def default_workers(sink: Sink) -> int:
@@ -507,15 +538,15 @@ class StreamPipeline:
                 if not items:
                     return
             events = [ev for _, ev in items]
+            taken = _Taken(items, self._written)  # those the sink takes: recorded at once
             try:
-                await self._write(events, retrying)
+                await self._write(events, taken, retrying)
             except PermanentSinkError as exc:
                 _stop_if_asked()
-                taken = _taken(exc, len(items))
-                if taken:  # written before the failure: done, not to be sent again
-                    self._written(items[:taken])
-                    items = items[taken:]
-                items = await self._isolate(items, exc, retrying)
+                if taken.count:  # written before the failure: done, not to be sent again
+                    items = items[taken.count :]
+                if items:
+                    items = await self._isolate(items, exc, retrying)
                 continue
             except (TransientSinkError, SinkUnusable, asyncio.CancelledError):
                 raise  # transient ones are retried inside _write until they clear
@@ -525,11 +556,13 @@ class StreamPipeline:
                 _stop_if_asked()
                 # Anything else the sink raised (an event it cannot serialize, a bug in a
                 # user's handler, a SystemExit of a sink's library): permanent for the event
-                # at fault, found one by one.
+                # at fault, found one by one (among those the sink did not say it took).
                 problem = PermanentSinkError(describe(exc, REDACTOR.scrub))
-                items = await self._isolate(items, problem, retrying, reason="unprocessable")
+                if taken.count:
+                    items = items[taken.count :]
+                if items:
+                    items = await self._isolate(items, problem, retrying, reason="unprocessable")
                 continue
-            self._written(items)
             return
 
     def _written(self, items: list[_Item]) -> None:
@@ -612,18 +645,24 @@ class StreamPipeline:
                 if letter.primary_key is not None and letter.unique_event_id is not None:
                     self._parking.park(letter.primary_key, letter.unique_event_id)
 
-    async def _write(self, events: Sequence[Event], retrying: AsyncRetrying) -> None:
+    async def _write(self, events: Sequence[Event], taken: _Taken, retrying: AsyncRetrying) -> None:
+        """Write ``events`` (``taken``'s items'), retrying a transient failure until it
+        clears. What the sink takes is recorded as soon as it is known (see :class:`_Taken`):
+        every event once this returns; ``taken.count`` of them when it raises."""
         _stop_if_asked()
         started = time.perf_counter()
+        taking(taken)  # the sink's word between its write's parts (took)
         try:
             # The first try without tenacity: setting up its state costs more than the
             # write itself for a small batch (measured: ~10% of the CPU per event then).
             await self._sink.write(self.stream, events)
         except TransientSinkError as exc:
             first: TransientSinkError | None = exc
-            # What the sink took before it failed is not written again (a receiver keyed
-            # by Idempotency-Key alone would take it twice under another chunk's key).
-            done = _taken(exc, len(events))
+            # What the sink took before it failed is recorded before the backoff (a commit
+            # while it waits records the sink's position, which covers it) and is not written
+            # again (a receiver keyed by Idempotency-Key alone would take it twice under
+            # another chunk's key).
+            taken.upto(_taken(exc, len(events)))
             async for attempt in retrying:
                 with attempt:
                     if first is not None:  # tenacity's attempt 1: its wait honours Retry-After
@@ -631,11 +670,17 @@ class StreamPipeline:
                         raise failed from None
                     _stop_if_asked()
                     started = time.perf_counter()
+                    taken.base = done = taken.count  # exactly the rest
                     try:
                         await self._sink.write(self.stream, events[done:])
                     except (TransientSinkError, PermanentSinkError) as again:
-                        # counted from the whole batch's start, for _deliver too
-                        done = again.delivered = done + _taken(again, len(events) - done)
+                        taken.upto(done + _taken(again, len(events) - done))
                         raise
+        except PermanentSinkError as exc:
+            taken.upto(_taken(exc, len(events)))
+            raise
+        finally:
+            taking(None)
+        taken.upto(len(events))
         if self.on_write is not None:
             self.on_write(time.perf_counter() - started, events[-1])

@@ -21,6 +21,13 @@ committer that makes delivery exactly-once in effect:
   workers overlap those waits; for a sink whose write does not suspend (every one part of
   the checkpoint: jsonl only when the disk is behind its write-outs) a second worker only
   splits the batches, so the pipeline runs one unless told.
+* A sink whose ``write`` hands its events on a part at a time, awaiting between the parts
+  (the orchestrating sink: each part's resources are fetched first), says after each part how
+  many of the write's events are taken so far: :func:`took`. The pipeline records them as
+  processed at once, as if a write of them alone had returned: a commit made before the whole
+  write returns (another worker's events, or the final commit of a stop) records the sink's
+  position with them, and they are never written again. Without it a write's events are
+  recorded when it returns (those ``delivered`` when it fails).
 * ``counters()``: figures of its own for the metrics (e.g. the orchestration's GETs).
 * Errors: raise :class:`~consumer.errors.TransientSinkError` to have the batch retried with
   backoff (intake pauses meanwhile), or :class:`~consumer.errors.PermanentSinkError` when an
@@ -29,7 +36,8 @@ committer that makes delivery exactly-once in effect:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from typing import Protocol
 
 from ..core.events import Event
@@ -59,6 +67,32 @@ class Sink(Protocol):
     def counters(self) -> dict[str, float]: ...
 
     async def close(self) -> None: ...
+
+
+# What a sink says it took of a write (see took): the count of the write's events so far.
+Report = Callable[[int], None]
+
+# The write under way in this task (a pipeline's worker): who hears what it took.
+_TAKING: ContextVar[Report | None] = ContextVar("sink_taking", default=None)
+
+
+def took(n: int) -> None:
+    """Said inside a sink's ``write`` once it handed on a part of its events, before it awaits
+    anything more: the first ``n`` events of the write (counted from its start, every part so
+    far) are taken, as durable as a write of them alone that returned (for a sink in the
+    checkpoint: in its ``position()``). Said by the sink the pipeline writes to, never by one
+    it wraps (whose counts are of another write). Outside a pipeline's write (``dlq replay``)
+    it does nothing."""
+    report = _TAKING.get()
+    if report is not None:
+        report(n)
+
+
+def taking(report: Report | None) -> None:
+    """The pipeline's side of :func:`took`: from now on ``report`` hears, in this task, what
+    the sink says it took (None: nobody; set, not reset with a token, so that a coroutine
+    closed from another context, a finalizer's ``close()``, undoes it without an error)."""
+    _TAKING.set(report)
 
 
 class PlainSink:

@@ -97,7 +97,7 @@ from ..http_client import (
     wire_url,
 )
 from ..logs import MASK, REDACTOR
-from .base import Sink
+from .base import Sink, took
 
 log = structlog.get_logger(__name__)
 
@@ -890,6 +890,7 @@ class OrchestratingSink:
                 # Each event its own resource object, parsed for its part only.
                 await self.inner.write(stream, [_attach(ev, body) for ev, body in pairs[:cut]])
                 done += cut
+                took(done)  # recorded now: the next part's GETs await, a commit may come
                 size -= sum(_weight(body) for _, body in pairs[:cut] if body is not None)
                 del pairs[:cut]
                 cut = 0

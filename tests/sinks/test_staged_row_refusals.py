@@ -598,6 +598,157 @@ async def test_without_park_key_the_later_events_of_that_resource_are_written(tm
     assert [d.unique_event_id for d in await lite_letters(state)] == ["bad"]
 
 
+def rows_of(state: Path, key: str) -> list[str]:
+    """The table's rows of resource ``key``, in the order they were inserted."""
+    return [
+        r[0]
+        for r in query(
+            state,
+            f"SELECT unique_event_id FROM opera_events WHERE primary_key = '{key}' ORDER BY rowid",
+        )
+    ]
+
+
+async def test_without_park_key_an_event_staged_during_the_set_aside_keeps_its_order(
+    tmp_path: Path,
+) -> None:
+    """The default (``dead-letter``). While the set-aside writes the refused commit's rows
+    through the sink's own path, the pipeline writes ``m1`` (resource M): staged (the sink
+    switches at the set-aside's end). The set-aside writes it through the own path before the
+    sink switches, so M's next event ``m2``, written through the own path and in the table at
+    once, comes after it: the table never holds ``m2`` without ``m1``, and ``m1`` is inserted
+    first. Each once, ``bad`` dead-lettered, the checkpoint past them all.
+
+    Was: ``m1`` stayed staged until the next state transaction; the table held ``m2`` alone
+    until then (for good on a crash in between), and ``m1``'s row was inserted after it."""
+    state = tmp_path / "state.db"
+    await (await SqliteStore.open(state)).close()
+    state_file_with_hostile_name_trigger(state)
+    first = [event(1, "e1", "1"), event(2, "bad", "K", HOSTILE_NAME), event(3, "e3", "3")]
+    async with life(state, first) as (_, sink, committer):
+        pipeline = lives[state]
+        real = sink._write_aside
+        calls = 0
+
+        async def pipeline_writes_meanwhile(stream: str, events: Sequence[Event]) -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 1:  # the own path is a thread: the pipeline goes on meanwhile
+                await pipeline.put(event(4, "m1", "M"))
+                async with asyncio.timeout(10):
+                    await pipeline.drained()
+            await real(stream, events)
+
+        sink._write_aside = pipeline_writes_meanwhile  # type: ignore[method-assign]
+        assert await committer.flush()  # refused, set aside: bad dead-lettered
+        assert sink.waits  # its own path now
+        assert rows_of(state, "M") == ["m1"]  # in the table before the sink switched
+        await pipeline.put(event(5, "m2", "M"))
+        async with asyncio.timeout(10):
+            await pipeline.drained()
+        assert rows_of(state, "M") == ["m1", "m2"]  # m2 in at once, after m1
+        assert await committer.flush()
+        assert pipeline.dead_lettered == 1
+    assert rows_of(state, "M") == ["m1", "m2"]
+    written = sorted(r[0] for r in query(state, "SELECT unique_event_id FROM opera_events"))
+    assert written == ["e1", "e3", "m1", "m2"]
+    assert [(d.unique_event_id, d.reason) for d in await lite_letters(state)] == [
+        ("bad", "sink_rejected")
+    ]
+    assert query(state, "SELECT offset, processed_count FROM checkpoints") == [("5", 4)]
+
+
+async def test_without_park_key_postgres_sink_writes_what_was_staged_meanwhile_first(
+    postgres_dsn: str,
+) -> None:
+    """The same on PostgreSQL, the sink on the state's DSN (the default ``dead-letter``):
+    ``m1``, staged while the set-aside writes through the sink's own pool, is in the table
+    once the set-aside is done, before M's next event ``m2`` goes through the own pool; an
+    audit of the inserts shows ``m1`` first.
+
+    Was: ``m2`` was in the table alone, and inserted before ``m1`` (the next commit's)."""
+    table = f"t_{uuid.uuid4().hex[:12]}"
+    schema = f"s_{table}"
+    await sql(
+        postgres_dsn,
+        "execute",
+        f"CREATE FUNCTION {table}_cast() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        f"IF NEW.event_name = '{HOSTILE_NAME}' THEN PERFORM NEW.primary_key::int; END IF; "
+        f'RETURN NEW; END $$; CREATE TABLE "{table}" ({PG}); '
+        f'CREATE TABLE "{table}_audit" (n bigserial PRIMARY KEY, uid TEXT NOT NULL); '
+        f"CREATE FUNCTION {table}_audit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        f'INSERT INTO "{table}_audit" (uid) VALUES (NEW.unique_event_id); RETURN NULL; END $$; '
+        f'CREATE TRIGGER cast_key BEFORE INSERT OR UPDATE ON "{table}" '
+        f"FOR EACH ROW EXECUTE FUNCTION {table}_cast(); "
+        f'CREATE TRIGGER audit AFTER INSERT ON "{table}" '
+        f"FOR EACH ROW EXECUTE FUNCTION {table}_audit()",
+    )
+
+    async def inserted(key: str) -> list[str]:
+        rows = await sql(
+            postgres_dsn,
+            "fetch",
+            f'SELECT a.uid FROM "{table}_audit" a JOIN "{table}" t '
+            f"ON t.unique_event_id = a.uid WHERE t.primary_key = '{key}' ORDER BY a.n",
+        )
+        return [r[0] for r in rows]
+
+    store = await PostgresStore.open(postgres_dsn, schema=schema)
+    sink = PostgresSink(
+        PostgresSinkSettings(type="postgres", dsn=postgres_dsn, table=table, timeout_s=5.0),  # type: ignore[arg-type]
+        in_state_transaction=True,
+    )
+    await sink.open(None)
+    committer = Committer(store, sink, max_events=1000, interval_s=3600)
+    pipeline = StreamPipeline(
+        "main",
+        sink=sink,
+        committer=committer,
+        workers=1,
+        queue_size=10,
+        batch_max=10,
+        retry_initial_s=0.01,
+        retry_max_s=0.01,
+    )
+    pipeline.start()
+    modes: list[str] = []
+    try:
+        for e in (event(1, "e1", "1"), event(2, "bad", "K", HOSTILE_NAME)):
+            await pipeline.put(e)
+        async with asyncio.timeout(10):
+            await pipeline.drained()
+        real = sink._write_aside
+
+        async def pipeline_writes_meanwhile(stream: str, events: Sequence[Event]) -> None:
+            if not modes:
+                modes.append(sink.mode)
+                await pipeline.put(event(3, "m1", "M"))
+                async with asyncio.timeout(10):
+                    await pipeline.drained()
+            await real(stream, events)
+
+        sink._write_aside = pipeline_writes_meanwhile  # type: ignore[method-assign]
+        assert await committer.flush()
+        assert sink.mode == OWN_POOL
+        assert await inserted("M") == ["m1"]
+        await pipeline.put(event(4, "m2", "M"))
+        async with asyncio.timeout(10):
+            await pipeline.drained()
+        assert await inserted("M") == ["m1", "m2"]
+        assert await committer.flush()
+        checkpoint = await store.checkpoint("main")
+    finally:
+        await pipeline.stop()
+        await sink.close()
+        await store.close()
+    assert modes == [STATE_TRANSACTION]  # m1 was staged: the sink had not switched yet
+    assert await inserted("M") == ["m1", "m2"]
+    assert [(d.unique_event_id, d.reason) for d in await pg_letters(postgres_dsn, schema)] == [
+        ("bad", "sink_rejected")
+    ]
+    assert checkpoint is not None and checkpoint.offset == "4"
+
+
 async def test_park_key_daemon_holds_the_resource_behind_the_set_aside_dead_letter(
     sandbox_factory, tmp_path: Path
 ):
