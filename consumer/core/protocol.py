@@ -174,6 +174,8 @@ class DecodeError:
 
     evidence: Evidence
     reason: str
+    # Refused before any parse (too large, or too many values): nothing may parse it later.
+    unread: bool = False
 
     @property
     def raw(self) -> str:
@@ -190,14 +192,25 @@ _PONG = Pong()
 def decode(frame: str | bytes, max_size: int | None = None, scrub: Scrub | None = None) -> Message:
     """Turn one WebSocket text frame into a message. Never raises.
 
-    A frame longer than ``max_size`` bytes (characters for ``str``) is a DecodeError unread.
+    A frame longer than ``max_size`` bytes (characters for ``str``), or holding more values
+    than :func:`marks_budget` lets one be parsed with, is a DecodeError unread.
     What a message keeps of the frame's text (a DecodeError's evidence and reason, an
     ErrorMessage's text) is masked by ``scrub`` (the log redactor's) before it is cut: a
     gateway may echo the app key or the token.
     """
     if max_size is not None and len(frame) > max_size:
         what = f"frame of {len(frame)} bytes exceeds max_frame_bytes ({max_size})"
-        return _bad(frame, what, scrub)
+        return _bad(frame, what, scrub, unread=True)
+    budget = marks_budget(max_size)
+    if len(frame) > budget:  # else it cannot hold more marks than bytes: not counted
+        marks = _marks(frame, budget)
+        if marks > budget:
+            what = (
+                f"frame of {len(frame)} bytes holds over {budget} JSON values (their marks "
+                f'"[", "{{", "," and ":", at most one per {_BYTES_PER_MARK} bytes of '
+                "max_frame_bytes): too many to parse in bounded memory"
+            )
+            return _bad(frame, what, scrub, unread=True)
     encoded = None
     if type(frame) is bytes:
         fast = _fast_next(frame)
@@ -205,12 +218,58 @@ def decode(frame: str | bytes, max_size: int | None = None, scrub: Scrub | None 
             return fast
         encoded = fast if isinstance(fast, bytes) else None
     try:
-        msg = orjson.loads(frame)  # the hot path: several times faster than json
+        # The hot path: several times faster than json. In a list that _decode_next empties,
+        # so that no frame here holds the tree while it parses the frame again.
+        tree = [orjson.loads(frame)]
     except (ValueError, RecursionError) as exc:
         return _bad(frame, f"invalid JSON: {masked(str(exc), SHOWN_LIMIT, scrub)}", scrub)
-    if type(msg) is dict and msg.get("type") == "next":
-        return _decode_next(frame, msg, scrub, encoded)
-    return _decode_other(frame, msg, scrub)
+    if type(tree[0]) is dict and tree[0].get("type") == "next":
+        return _decode_next(frame, tree, scrub, encoded)
+    return _decode_other(frame, tree[0], scrub)
+
+
+# --- the structure budget: how many values a frame may hold ---------------------------------
+# Parsed, a frame's values cost far more than its text: `[],` is 3 bytes of it and a 56-byte
+# list plus its 8-byte slot, `{"a":0},` a 184-byte dict. A frame under max_frame_bytes made of
+# millions of them took 470-880 MB to decode (the typed structs, orjson's tree, Python json's
+# pairs, a split's pieces): one gateway frame, replayed at every resume, had the daemon killed
+# for good. So before any parse its values are bounded through the marks that open them: every
+# value but the frame's own object follows a "[", "," or ":" (a string too, key or value: no
+# quote needs counting) and every object adds its "{" (a dict is the largest value). Counted in
+# the whole text, strings included, the count is an upper bound; a frame no longer than the
+# budget holds no more marks than bytes and is not counted (an OHIP event, a few KB, costs a
+# length check). OHIP's events take one mark per 9-11 bytes (a detail element of its eight
+# fields, some 150 bytes, 17): at the default 16 MiB, 2**19 marks let an event of about 5 MB
+# through (some 30,000 detail elements; OHIP's hold a few, large ones thousands) and keep what
+# decoding any frame takes to some 5 times the limit (84 MB measured for the worst shape found:
+# a 16 MiB frame of 29-character strings, parsed by orjson, by Python json for a key twice,
+# then copied).
+_MARKS: Final = b",:[{"
+_BYTES_PER_MARK: Final = 32
+MIN_MARKS_BUDGET: Final = 1 << 19  # what the default max_frame_bytes (16 MiB) allows
+_PIECE: Final = 1 << 16
+
+
+def marks_budget(max_size: int | None) -> int:
+    """How many value marks ("[", "{", "," and ":") a frame may hold under ``max_size`` (None:
+    no size limit, the default's budget): one per 32 bytes of it, at least 2**19."""
+    if max_size is None:
+        return MIN_MARKS_BUDGET
+    return max(MIN_MARKS_BUDGET, max_size // _BYTES_PER_MARK)
+
+
+def _marks(frame: str | bytes, budget: int) -> int:
+    """The marks in ``frame``, counted until past ``budget``: 64 KiB at a time, as the bytes a
+    translate deletes (a third of the time of four counts: 0.6 ms a megabyte)."""
+    if isinstance(frame, str):
+        return sum(frame.count(mark) for mark in _MARKS.decode())
+    total = 0
+    for at in range(0, len(frame), _PIECE):
+        piece = frame[at : at + _PIECE]
+        total += len(piece) - len(piece.translate(None, _MARKS))
+        if total > budget:
+            break
+    return total
 
 
 # --- the fast path: a ``next`` frame exactly as OHIP writes it ------------------------------
@@ -287,29 +346,32 @@ def _fast_next(frame: bytes) -> Next | bytes | None:
         return None
     if msg.type != "next":
         return None
-    ev = msg.payload.data.newEvent
     encoded = _encode(msg)
-    if encoded == frame:
-        # The newEvent's text runs from its key (the first: an earlier one would be inside
-        # the id, a string, where a quote is escaped) to the frame's last three braces; its
-        # detail's (absent, null or [] is "[]") from the last key, which no string holds.
-        raw = frame[frame.find(b'"newEvent":') + 11 : -3]
-        detail_text = raw[raw.find(b',"detail":[') + 10 : -1] if ev.detail else b"[]"
-    elif len(encoded) == len(frame):
-        # As short as its encoding, so the same keys once each, no space, no longer escape
-        # (each adds bytes): only their order differs. Sliced where msgspec finds them.
-        received = _received(frame, bool(ev.detail))
-        if received is None:
-            return None
-        raw, detail_text = received[0], received[1] or b"[]"
-    else:
-        return encoded
-    meta = ev.metadata
+    sub_id, ev = msg.id, msg.payload.data.newEvent
+    meta, listed = ev.metadata, bool(ev.detail)
     offset, event_id = meta.offset, meta.uniqueEventId
     name, module = ev.eventName or "", ev.moduleName or ""
     key = ev.primaryKey or event_id
     hotel = None if ev.hotelId is UNSET else ev.hotelId
     timestamp = None if ev.timestamp is UNSET else ev.timestamp
+    del msg, ev, meta  # the typed tree: freed before the text is copied out of the frame
+    if encoded == frame:
+        del encoded
+        # The newEvent's text runs from its key (the first: an earlier one would be inside
+        # the id, a string, where a quote is escaped) to the frame's last three braces; its
+        # detail's (absent, null or [] is "[]") from the last key, which no string holds.
+        raw = frame[frame.find(b'"newEvent":') + 11 : -3]
+        detail_text = raw[raw.find(b',"detail":[') + 10 : -1] if listed else b"[]"
+    elif len(encoded) == len(frame):
+        del encoded
+        # As short as its encoding, so the same keys once each, no space, no longer escape
+        # (each adds bytes): only their order differs. Sliced where msgspec finds them.
+        received = _received(frame, listed)
+        if received is None:
+            return None
+        raw, detail_text = received[0], received[1] or b"[]"
+    else:
+        return encoded
     # _short skipped for an event text of at most MAX_FIELD_BYTES bytes: no field in it can be
     # longer (a string's UTF-8 is never longer than its JSON text: an escape is longer than
     # what it stands for).
@@ -329,11 +391,13 @@ def _fast_next(frame: bytes) -> Next | bytes | None:
         offset, event_id, name, module, key, hotel, timestamp, None, b"", None, False, raw,
         detail_text,
     )  # fmt: skip
-    return Next(msg.id, _new_tuple(Event, fields))
+    return Next(sub_id, _new_tuple(Event, fields))
 
 
-def _bad(frame: str | bytes, reason: str, scrub: Scrub | None) -> DecodeError:
-    return DecodeError(evidence(frame, scrub=scrub), reason)
+def _bad(
+    frame: str | bytes, reason: str, scrub: Scrub | None, *, unread: bool = False
+) -> DecodeError:
+    return DecodeError(evidence(frame, scrub=scrub), reason, unread)
 
 
 def _decode_other(frame: str | bytes, msg: object, scrub: Scrub | None) -> Message:
@@ -363,32 +427,60 @@ def _decode_other(frame: str | bytes, msg: object, scrub: Scrub | None) -> Messa
 
 
 def _decode_next(
-    frame: str | bytes, msg: dict[str, Any], scrub: Scrub | None, encoded: bytes | None
+    frame: str | bytes, tree: list[Any], scrub: Scrub | None, encoded: bytes | None
 ) -> Message:
-    try:  # the usual, well-formed case first: plain indexing is the cheapest check
-        event = event_from_raw(msg["payload"]["data"]["newEvent"])
-    except (KeyError, TypeError):
-        event = None
+    """``tree``: the frame parsed, alone in a list this empties (so that only this function
+    holds it, and can free it)."""
+    msg: dict[str, Any] = tree.pop()
+    event = _event_of(msg)
     if event is None:
         return _bad(frame, _what_is_wrong(msg, scrub), scrub)
     data = frame if isinstance(frame, bytes) else frame.encode("utf-8", "surrogatepass")
     # Known to hold no key twice: its text may be kept as received. Else it is kept only if it
-    # holds as many keys as its object written anew (_as_text): a key twice in a detail element
+    # holds as many keys as its object written anew (_texts): a key twice in a detail element
     # or any other object, which the text must not keep twice (SQLite's json_extract reads the
     # first, orjson and PostgreSQL the last). A header key twice is refused here.
     once = False
     if encoded is None:
-        problem = _long_number(data) or _repeated_key(data)
+        problem = _long_number(data)
+        check = not problem
     elif 92 in data:
-        problem = _repeated_key(data)  # typed by the fast way: strings, so no number
+        problem, check = "", True  # typed by the fast way: strings, so no number
     elif _unspaced(data) != _unspaced(encoded):
         # No escape: a key twice is all that makes it longer than its encoding, spaces out.
-        problem = _repeated_key(data)
+        problem, check = "", True
     else:
-        problem, once = "", True
+        problem, check, once = "", False, True
+    if check and _maybe_repeated(data):
+        # Parsed again pair by pair: orjson's tree is freed first, then parsed anew (the same
+        # event) when the pairs are freed, so that the two trees are never held at once.
+        del msg, event
+        problem = _repeated_key(data)
+        if not problem:
+            msg = orjson.loads(frame)
+            event = _event_of(msg)
+            assert event is not None  # as it was the first time
     if problem:
         return _bad(frame, problem, scrub)
-    return Next(_id(msg), _as_text(event, frame, once))
+    sub_id, ev = _id(msg), event.parsed
+    assert ev is not None
+    try:
+        written = orjson.dumps(ev)  # also the check that the text can be written at all
+    except TypeError:  # nested deeper than orjson writes: no sink can store it
+        return Next(sub_id, event._replace(parsed=None, frame=frame))  # kept for its dead letter
+    detail = ev.get("detail")
+    listed, null = type(detail) is list, detail is None
+    head = event[:7]  # offset .. timestamp: all but the tree
+    del msg, ev, detail, event  # the tree: freed before the texts are copied
+    text, detail_text = _texts(frame, once, written, listed=listed, null=null)
+    return Next(sub_id, Event(*head, None, text=text, detail_text=detail_text))
+
+
+def _event_of(msg: dict[str, Any]) -> Event | None:
+    try:  # the usual, well-formed case first: plain indexing is the cheapest check
+        return event_from_raw(msg["payload"]["data"]["newEvent"])
+    except (KeyError, TypeError):
+        return None
 
 
 def _unspaced(text: bytes) -> int:
@@ -413,12 +505,10 @@ def _long_number(frame: bytes) -> str:
     found = [p for p in _LONG_NUMBERS if p in classes]
     if not found:
         return ""
-    if 92 in frame:  # \: escapes out, then every other piece between quotes is no string
-        unquoted = frame.replace(b"\\\\", b"").replace(b'\\"', b"").split(b'"')[::2]
-        outside = b"".join(unquoted).translate(_DIGIT_CLASSES)
-        if not any(p in outside for p in found):
-            return ""
-    elif not any(_outside_strings(frame, classes, p) for p in found):
+    if 92 in frame:  # \: escapes out (inside strings only), then every quote is a string's
+        frame = frame.replace(b"\\\\", b"").replace(b'\\"', b"")
+        classes = frame.translate(_DIGIT_CLASSES)
+    if not any(_outside_strings(frame, classes, p) for p in found):
         return ""
     return "a number with 20 digits in a row or a 3-digit exponent: no double holds it"
 
@@ -426,7 +516,8 @@ def _long_number(frame: bytes) -> str:
 def _outside_strings(frame: bytes, classes: bytes, pattern: bytes) -> bool:
     """Whether ``pattern`` is in ``classes`` (``frame`` translated) outside the strings of
     ``frame``, JSON without a backslash: an even number of quotes before it. Each string it is
-    in is skipped whole, and quotes counted once (linear, whatever the frame)."""
+    in is skipped whole, and quotes counted once (linear, whatever the frame; no piece of it
+    made: a split made an object per quote)."""
     at, counted, quotes = classes.find(pattern), 0, 0
     while at >= 0:
         quotes += frame.count(b'"', counted, at)
@@ -451,19 +542,21 @@ _ESCAPED_LETTERS: Final = (b"\\u004", b"\\u005", b"\\u006", b"\\u007")
 _HEADER_KEY: Final = re.compile(rb'"(' + "|".join(sorted(_HEADER_KEYS)).encode() + rb')"')
 
 
-def _repeated_key(frame: bytes) -> str:
-    """Why ``frame`` (valid JSON) is refused for one of those keys found twice in the frame's
-    object, its payload, data, newEvent or metadata, or "". Parsed again, pair by pair, only
-    when one of those names is twice in it (as a key or a string anywhere) or a letter is
-    escaped."""
+def _maybe_repeated(frame: bytes) -> bool:
+    """Whether ``frame`` may hold one of those keys twice in one of the objects that say what
+    the event is: one of those names is twice in it (as a key or a string anywhere) or a letter
+    is escaped. Only then is it parsed again (:func:`_repeated_key`)."""
     seen: set[bytes] = set()
     for name in _HEADER_KEY.finditer(frame):  # stops at the first seen again: bounded memory
         if name[1] in seen:
-            break
+            return True
         seen.add(name[1])
-    else:
-        if not any(e in frame for e in _ESCAPED_LETTERS):
-            return ""
+    return any(e in frame for e in _ESCAPED_LETTERS)
+
+
+def _repeated_key(frame: bytes) -> str:
+    """Why ``frame`` (valid JSON) is refused for one of those keys found twice in the frame's
+    object, its payload, data, newEvent or metadata, or "". Parsed again, pair by pair."""
     try:
         obj: Any = json.loads(frame, object_pairs_hook=tuple)  # objects as (key, value) pairs
     except RecursionError:
@@ -504,51 +597,43 @@ _RAW_FRAME: Final = msgspec.json.Decoder(_RawFrame)
 _RAW_DETAIL: Final = msgspec.json.Decoder(_RawDetail)
 
 
-def _as_text(event: Event, frame: str | bytes, once: bool) -> Event:
-    """``event`` (parsed) holding its newEvent as JSON text instead: the tree of objects holds
-    some 20 times the bytes of the text, and the pipeline counts the text. As received when the
-    frame is one line of bytes and holds no key twice (``once``: known; else its text holds as
-    many keys as written anew); written anew otherwise (the last of a key twice, as the
-    pipeline reads it). One that no JSON writer takes (nested deeper than orjson writes: no
-    sink can store it) keeps only the frame, for its dead letter.
-    """
-    ev = event.parsed
-    assert ev is not None
-    try:
-        written = orjson.dumps(ev)  # also the check that the text can be written at all
-    except TypeError:
-        return event._replace(parsed=None, frame=frame)
-    detail = ev.get("detail")
-    listed = type(detail) is list
+def _texts(
+    frame: str | bytes, once: bool, written: bytes, *, listed: bool, null: bool
+) -> tuple[bytes, bytes | None]:
+    """An event's newEvent as JSON text and its detail's, which it holds instead of the tree of
+    objects (some 20 times the bytes of the text; the pipeline counts the text). ``written``:
+    orjson's text of that tree, whose ``detail`` is a list (``listed``), null or absent
+    (``null``). As received when the frame is one line of bytes and holds no key twice
+    (``once``: known; else its text holds as many keys as written anew); written anew
+    otherwise (the last of a key twice, as the pipeline reads it)."""
     received = _received(frame, listed)
     if received is not None and not once and _keys_twice(received[0], written):
         received = None
     if received is not None:
         text, detail_text = received
-    else:
-        text, detail_text = _exact(written), _exact(orjson.dumps(detail)) if listed else None
-    if detail is None:
-        detail_text = b"[]"
-    return event._replace(parsed=None, text=text, detail_text=detail_text)
+    else:  # its detail's text out of orjson's (a key once each): what orjson writes of it
+        text = _exact(written)
+        detail_text = bytes(_RAW_DETAIL.decode(written).detail) if listed else None
+    return text, b"[]" if null else detail_text
 
 
 def _keys_twice(received: bytes, written: bytes) -> bool:
     """Whether the JSON text ``received`` holds a key twice in one of its objects: more keys
     than ``written``, orjson's of what was parsed from it (the last of a key twice). Its colons
-    are its keys' and its strings', which ``written`` holds too unless a key twice dropped one,
-    or the string wrote it \\u003a: then counted outside strings."""
-    if b"\\u003a" in received or b"\\u003A" in received:
-        return _keys(received) != _keys(written)
-    return received.count(b":") != written.count(b":")
+    are its keys' and its strings', which ``written`` holds too unless a key twice dropped one
+    (and its value's), orjson writing a string's colon as ":" however it came."""
+    return _colons(received) != written.count(b":")
 
 
-def _keys(text: bytes) -> int:
-    """How many keys the JSON ``text`` holds: its colons outside strings (escaped backslashes
-    and quotes out, every other piece between quotes is no string). Bytes operations, linear:
-    no recursion, whatever the nesting."""
-    if 92 in text:
-        text = text.replace(b"\\\\", b"").replace(b'\\"', b"")
-    return b"".join(text.split(b'"')[::2]).count(b":")
+def _colons(text: bytes) -> int:
+    """The colons of the JSON ``text``, a string's written \\u003a too (escaped backslashes
+    out first: "\\\\u003a" is no colon). Bytes operations: no piece of it made, however many
+    strings it holds."""
+    colons = text.count(b":")
+    if b"\\u003" in text:
+        text = text.replace(b"\\\\", b"")
+        colons += text.count(b"\\u003a") + text.count(b"\\u003A")
+    return colons
 
 
 def _exact(data: bytes) -> bytes:

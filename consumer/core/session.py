@@ -220,7 +220,7 @@ class ClientSession:
     def _maybe_query_answer(self, frame: bytes | str, error: DecodeError) -> Outcome:
         """A query's answer is a ``next`` without event metadata: decode saw a malformed
         event. Give it to the query if it is one of ours."""
-        if not self._queries:
+        if not self._queries or error.unread:  # unread: too large or too many values to parse
             return error
         try:
             msg = orjson.loads(frame)

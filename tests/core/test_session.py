@@ -5,8 +5,10 @@ As websockets tests its protocol: no socket, the frames a gateway would send are
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
+import tracemalloc
 from itertools import count
 
 import pytest
@@ -152,6 +154,39 @@ def test_a_next_with_an_id_of_another_json_type_while_a_query_waits(bad_id: obje
     s.query_connection()
     out = s.receive(next_frame(bad_id, {"connection": {"status": "Active"}}))
     assert isinstance(out, DecodeError)
+    answer = {"id": "id-1", "type": "next", "payload": {"data": {"connection": {"status": "X"}}}}
+    assert s.receive(json.dumps(answer).encode()) == ConnectionStatus("X", None)
+
+
+@pytest.mark.parametrize(
+    ("max_frame_bytes", "values"),
+    [(1 << 20, 1_000_000), (16 << 20, 1_000_000)],
+    ids=["over-max-frame-bytes", "too-many-values"],
+)
+def test_a_frame_refused_unread_is_not_parsed_for_a_query_that_waits(
+    max_frame_bytes: int, values: int
+) -> None:
+    """A frame decode refuses unread (over max_frame_bytes, or holding more values than the
+    structure budget lets it parse) was parsed whole all the same while a query waited, in
+    case it was the query's answer (orjson's tree of it: some 25 times the frame), and an
+    oversized frame answered the query. It stays a malformed frame; the query waits."""
+    s = ClientSession(max_frame_bytes=max_frame_bytes, new_id=lambda: "id-1")
+    s.connection_init("tok", "key")
+    s.receive(b'{"type":"connection_ack"}')
+    s.query_connection()
+    frame = (
+        b'{"id":"id-1","type":"next","payload":{"data":{"connection":{"status":"Active"},'
+        b'"x":[' + b"[]," * (values - 1) + b"[]]}}}"
+    )
+    gc.collect()
+    tracemalloc.start()
+    try:
+        out = s.receive(frame)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert isinstance(out, DecodeError) and out.unread, out
+    assert peak <= len(frame), f"{peak} bytes allocated for a {len(frame)}-byte frame"
     answer = {"id": "id-1", "type": "next", "payload": {"data": {"connection": {"status": "X"}}}}
     assert s.receive(json.dumps(answer).encode()) == ConnectionStatus("X", None)
 
