@@ -230,9 +230,9 @@ class Daemon:
             protocol.key_hash(stream.app_key.get_secret_value()),
             UpgradeBudget(c.upgrade_limit, c.upgrade_window_s),
         )
-        parked = None
-        if stream.on_permanent_failure == "park-key":
-            parked = await self.store.parked_keys(name)  # resources with dead letters
+        # park-key: the parked resources are the DLQ's rows, asked about per batch (see
+        # runtime/parking), never all loaded: a DLQ of a million would be a GB here.
+        parked: dict[str, str] | None = {} if stream.on_permanent_failure == "park-key" else None
         workers = p.workers or default_workers(self.sink)
         pipeline = StreamPipeline(
             name,

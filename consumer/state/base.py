@@ -2,9 +2,10 @@
 of whatever keeps checkpoints, processed ids, dead letters and sink state.
 
 Async throughout, so that a network database (PostgreSQL, for a fleet) fits behind it; the
-SQLite store answers the two hot lookups (``seen``, ``has_dead_letters``) without leaving the
-event loop's thread. Failures are :class:`~consumer.errors.StoreError` (``retriable`` when
-they may clear by themselves); the backends translate their drivers' errors where they enter.
+SQLite store answers the hot lookups (``seen``, ``parked_among``, ``has_dead_letters``) without
+leaving the event loop's thread. Failures are :class:`~consumer.errors.StoreError`
+(``retriable`` when they may clear by themselves); the backends translate their drivers'
+errors where they enter.
 """
 
 from __future__ import annotations
@@ -45,8 +46,13 @@ class StateStore(Protocol):
         """Which of these ids were already processed (committed) for this stream."""
         ...
 
-    async def parked_keys(self, stream: str) -> dict[str, str]:
-        """Resources with dead letters -> the id of the oldest (park-key)."""
+    async def parked_among(
+        self, stream: str, primary_keys: Sequence[str]
+    ) -> tuple[dict[str, str], bool]:
+        """park-key, per batch: those of these resources that have dead letters -> the
+        uniqueEventId (or dedup key) of the oldest; and whether the stream has any dead letter
+        of a resource at all (False: no batch needs asking until one is made). One lookup on
+        the (stream, primary_key) index, never the stream's whole queue."""
         ...
 
     async def has_dead_letters(self, stream: str, primary_key: str) -> bool: ...

@@ -12,8 +12,8 @@ asyncpg pool.
   unnest($2::text[])`` per stream), dead letters, checkpoints, resolved dead letters, the
   rows a sink staged (each :class:`~consumer.core.records.Staged` statement is in PostgreSQL's
   dialect, ``$1…``, run with ``executemany``) and the sink's position.
-* The two hot lookups (``seen``, ``has_dead_letters``) are one query each; ``seen`` passes
-  the ids as one array (``event_id = ANY($2::text[])``).
+* The hot lookups (``seen``, ``parked_among``, ``has_dead_letters``) are one query each;
+  ``seen`` and ``parked_among`` pass the ids or keys as one array (``= ANY($2::text[])``).
 * Text from the wire (ids, offsets, names, keys, a dead letter's payload and error) may hold a
   NUL, which PostgreSQL text cannot: every such column is written through
   :func:`consumer.pg_text.to_text` (an injective, reversible escape of the rare value that
@@ -666,16 +666,26 @@ class PostgresStore:
         )
         return {(s, from_text(k)): int(i) for s, k, i in rows if i is not None}
 
-    @_translated("reading parked keys")
-    async def parked_keys(self, stream: str) -> dict[str, str]:
-        """Resources with dead letters -> the uniqueEventId (or dedup key) of the oldest."""
+    @_translated("looking up parked resources")
+    async def parked_among(
+        self, stream: str, primary_keys: Sequence[str]
+    ) -> tuple[dict[str, str], bool]:
+        """Of these resources, those with dead letters -> the uniqueEventId (or dedup key) of
+        the oldest; and whether the stream has any dead letter of a resource (see StateStore).
+        One query on the (stream, primary_key) index: the keys as one array, and a marker row
+        (NULL) when the stream has any."""
+        s = self._s
         rows = await self._pool.fetch(
-            f"SELECT primary_key, COALESCE(unique_event_id, dedup_key) FROM {self._s}.dead_letters "
-            f"WHERE id IN (SELECT MIN(id) FROM {self._s}.dead_letters WHERE stream = $1 "
-            "AND primary_key IS NOT NULL GROUP BY primary_key)",
+            f"SELECT d.primary_key, COALESCE(d.unique_event_id, d.dedup_key) "
+            f"FROM {s}.dead_letters d WHERE d.id IN (SELECT MIN(id) FROM {s}.dead_letters "
+            "WHERE stream = $1 AND primary_key = ANY($2::text[]) GROUP BY primary_key) "
+            f"UNION ALL SELECT NULL, NULL WHERE EXISTS (SELECT 1 FROM {s}.dead_letters "
+            "WHERE stream = $1 AND primary_key IS NOT NULL)",
             stream,
+            [to_text(k) for k in primary_keys],
         )
-        return {from_text(k): from_text(v) for k, v in rows}
+        found = {from_text(k): from_text(v) for k, v in rows if k is not None}
+        return found, len(rows) > len(found)
 
     @_translated("looking up dead letters")
     async def has_dead_letters(self, stream: str, primary_key: str) -> bool:

@@ -456,15 +456,33 @@ class SqliteStore:
             return {(str(s), str(k)): int(i) for s, k, i in await cur.fetchall() if i is not None}
 
     @_translated
-    async def parked_keys(self, stream: str) -> dict[str, str]:
-        """Resources with dead letters -> the uniqueEventId (or dedup key) of the oldest."""
-        async with self._r.execute(
-            "SELECT primary_key, COALESCE(unique_event_id, dedup_key) FROM dead_letters "
-            "WHERE id IN (SELECT MIN(id) FROM dead_letters WHERE stream = ? "
-            "AND primary_key IS NOT NULL GROUP BY primary_key)",
+    async def parked_among(
+        self, stream: str, primary_keys: Sequence[str]
+    ) -> tuple[dict[str, str], bool]:
+        """Of these resources, those with dead letters -> the uniqueEventId (or dedup key) of
+        the oldest; and whether the stream has any dead letter of a resource (see StateStore).
+        On the loop's thread, like :meth:`seen`: one statement per 900 keys on the
+        (stream, primary_key) index, and one more, on its first row, when none was found."""
+        found: dict[str, str] = {}
+        for i in range(0, len(primary_keys), 900):
+            chunk = list(primary_keys[i : i + 900])
+            chunk += chunk[-1:] * (-len(chunk) % 50)  # a few statement shapes (see seen)
+            marks = ",".join("?" * len(chunk))
+            # The bare columns of a MIN() aggregate are those of its row (SQLite's rule).
+            rows = self._lookup.execute(
+                "SELECT primary_key, COALESCE(unique_event_id, dedup_key), MIN(id) "
+                f"FROM dead_letters WHERE stream = ? AND primary_key IN ({marks}) "
+                "GROUP BY primary_key",
+                (stream, *chunk),
+            ).fetchall()
+            found.update((str(k), str(v)) for k, v, _ in rows)
+        if found:
+            return found, True
+        row = self._lookup.execute(
+            "SELECT 1 FROM dead_letters WHERE stream = ? AND primary_key IS NOT NULL LIMIT 1",
             (stream,),
-        ) as cur:
-            return {str(k): str(v) for k, v in await cur.fetchall()}
+        ).fetchone()
+        return found, row is not None
 
     @_translated
     async def has_dead_letters(self, stream: str, primary_key: str) -> bool:

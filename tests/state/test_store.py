@@ -622,7 +622,11 @@ async def test_purge_and_resolve_remove_dead_letters(store: Store) -> None:
     assert await store.seen("s", ["u2"]) == {"u2"}
 
 
-async def test_parked_keys_and_has_dead_letters(store: Store) -> None:
+async def test_parked_among_and_has_dead_letters(store: Store) -> None:
+    """park-key's per-batch lookup: of the batch's resources, those with dead letters (the
+    oldest's id), and whether the stream has any dead letter of a resource at all."""
+    assert await store.parked_among("s", ["pk1"]) == ({}, False)
+    assert await store.parked_among("s", []) == ({}, False)
     await store.commit(
         CommitBatch(
             dead_letters=[
@@ -631,20 +635,31 @@ async def test_parked_keys_and_has_dead_letters(store: Store) -> None:
                 letter(None, payload="{bad", key="pk2"),
                 letter("u4"),  # no key: never parks anything
                 letter("u5", key="pk9", stream="t"),
+                letter("u6", stream="m"),  # a stream with letters of no resource
             ]
         )
     )
-    parked = await store.parked_keys("s")
     digest = hashlib.sha256(b"{bad").hexdigest()
-    assert parked == {"pk1": "u1", "pk2": "sha256:" + digest}  # the oldest of each
-    assert await store.parked_keys("t") == {"pk9": "u5"}
-    assert await store.parked_keys("none") == {}
+    asked = ["pk1", "pk2", "pk9", "free"]
+    # the oldest of each
+    assert await store.parked_among("s", asked) == ({"pk1": "u1", "pk2": "sha256:" + digest}, True)
+    assert await store.parked_among("s", ["free", "pk9"]) == ({}, True)
+    assert await store.parked_among("s", []) == ({}, True)
+    assert await store.parked_among("t", asked) == ({"pk9": "u5"}, True)
+    assert await store.parked_among("none", asked) == ({}, False)
+    assert await store.parked_among("m", asked) == ({}, False)
+    # a batch past SQLite's variable limit, a key repeated
+    many = [f"k{i}" for i in range(40_000)] + ["pk2", "pk2"]
+    assert (await store.parked_among("s", many))[0] == {"pk2": "sha256:" + digest}
     assert await store.has_dead_letters("s", "pk1")
     assert not await store.has_dead_letters("s", "pk9")
     assert not await store.has_dead_letters("t", "pk1")
     first = next(r.id for r in await store.dead_letters("s") if r.unique_event_id == "u1")
     await store.purge_dead_letters([first])
-    assert (await store.parked_keys("s"))["pk1"] == "u2"
+    assert (await store.parked_among("s", ["pk1"]))[0] == {"pk1": "u2"}
+    rest = [r.id for r in await store.dead_letters("s") if r.primary_key is not None]
+    await store.purge_dead_letters(rest)
+    assert await store.parked_among("s", asked) == ({}, False)  # "u4" has no resource
 
 
 async def test_sink_state_is_written_and_replaced(store: Store) -> None:
