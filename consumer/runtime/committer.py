@@ -283,6 +283,11 @@ class Committer:
         return await self._store.has_dead_letters(stream, primary_key)
 
     @property
+    def store(self) -> StateStore:
+        """The store it commits to (park-key's per-batch lookup asks it directly)."""
+        return self._store
+
+    @property
     def full(self) -> bool:
         return self._pending >= self._max_pending or self._pending_bytes >= self._max_pending_bytes
 

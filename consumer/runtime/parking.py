@@ -65,7 +65,7 @@ class ParkedKeys:
         self._stream = stream
         self._committer = committer
         # The committer's store: the per-batch lookup (the committer answers one key at a time).
-        self._store: StateStore = committer._store
+        self._store: StateStore = committer.store
         self._retry_initial = retry_initial_s
         self._retry_max = retry_max_s
         # primaryKey -> (the uniqueEventId it is parked behind, the park's number): see

@@ -156,8 +156,9 @@ class StreamPipeline:
         parked: dict[str, str] | None = None,
         event_filter: EventFilter | None = None,
     ) -> None:
-        """``parked``: given for a park-key stream, the resources that have dead letters
-        (primaryKey -> the uniqueEventId they are parked behind). ``event_filter``: the events
+        """``parked``: given for a park-key stream, resources known to have dead letters at the
+        start (primaryKey -> the uniqueEventId they are parked behind; the store is asked per
+        batch in any case, so this may be empty). ``event_filter``: the events
         it filters out are done without reaching the sink (see :meth:`_drop_filtered`)."""
         self.stream = stream
         self._sink = sink
@@ -179,7 +180,13 @@ class StreamPipeline:
         self._chunk: list[Event] = []  # read, not yet handed to the workers
         self._flush_soon: asyncio.Handle | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._parking = None if parked is None else ParkedKeys(stream, committer, parked)
+        self._parking = (
+            None
+            if parked is None
+            else ParkedKeys(
+                stream, committer, parked, retry_initial_s=retry_initial_s, retry_max_s=retry_max_s
+            )
+        )
         committer.on_set_aside(stream, self._set_aside, parks=parked is not None)
         # None when nothing is filtered: the per-batch cost is then this one attribute check.
         self._filter = None if event_filter is None or event_filter.passes_all else event_filter
