@@ -27,7 +27,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from ..config import JsonlSinkSettings, Settings
+from ..config import ConnectionSettings, JsonlSinkSettings, Settings
 from ..core.events import Event
 from ..core.evidence import describe, prefix
 from ..core.printable import printable
@@ -232,7 +232,7 @@ async def replay(
             async for rows, held_back in source(store):
                 for row in rows:
                     skip = _held(row, held_back, failed_keys)
-                    if skip is None and not isinstance(event := _event(row), Event):
+                    if skip is None and not isinstance(event := _event(row, settings), Event):
                         skip = _unusable(row, event, failed_keys)
                     on_outcome(skip or _outcome(row, "would deliver"))
         finally:
@@ -287,7 +287,12 @@ async def _replay(
                         skip = _held(row, held_back, failed_keys)
                         if skip is None and row.stream not in settings.streams:
                             skip = _unusable(row, _UNKNOWN_STREAM, failed_keys)
-                        on_outcome(skip or await _one(row, sink, committer, failed_keys, attempts))
+                        on_outcome(
+                            skip
+                            or await _one(
+                                row, settings, sink, committer, failed_keys, attempts=attempts
+                            )
+                        )
                         done += 1
                         if done % _COMMIT_EVERY == 0:  # bound what a crash here would re-deliver
                             await committer.flush()
@@ -306,12 +311,14 @@ async def _replay(
 
 async def _one(
     row: DeadLetterRow,
+    settings: Settings,
     sink: Sink,
     committer: Committer,
     failed_keys: set[tuple[str, str]],
+    *,
     attempts: int,
 ) -> Outcome:
-    event = _event(row)
+    event = _event(row, settings)
     if not isinstance(event, Event):
         return _unusable(row, event, failed_keys)
     key = (row.stream, event.primary_key)
@@ -372,7 +379,7 @@ def _unusable(row: DeadLetterRow, why: str, failed: set[tuple[str, str]]) -> Out
     return _outcome(row, "skipped", why)
 
 
-def _event(row: DeadLetterRow) -> Event | str:
+def _event(row: DeadLetterRow, settings: Settings) -> Event | str:
     """The dead letter's event, or why it cannot be replayed."""
     if row.reason == "malformed":
         return _MALFORMED
@@ -380,7 +387,13 @@ def _event(row: DeadLetterRow) -> Event | str:
     # of its own, so that the sink gets what the daemon would have given it (the text as
     # received; a number no double holds or a key twice refused, as the daemon refuses them
     # since). Python's json read 1e400 as inf, which the sinks wrote as null.
-    out = decode(_FRAME_HEAD + row.payload.encode("utf-8", "surrogatepass") + b"}}}")
+    frame = _FRAME_HEAD + row.payload.encode("utf-8", "surrogatepass") + b"}}}"
+    # Under the stream's frame limit, as the daemon read it: the decoder's budget of values
+    # follows the limit, and an event taken under a raised one must replay too. Never below
+    # the frame's own size: a limit lowered since refuses nothing already stored.
+    stream = settings.streams.get(row.stream)
+    connection = ConnectionSettings() if stream is None else stream.connection
+    out = decode(frame, max(len(frame), connection.max_frame_bytes))
     if type(out) is Next:
         return out.event
     if isinstance(out, DecodeError) and not out.reason.startswith("invalid JSON"):
