@@ -36,7 +36,8 @@ committer that makes delivery exactly-once in effect:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Protocol
 
@@ -80,12 +81,28 @@ def took(n: int) -> None:
     """Said inside a sink's ``write`` once it handed on a part of its events, before it awaits
     anything more: the first ``n`` events of the write (counted from its start, every part so
     far) are taken, as durable as a write of them alone that returned (for a sink in the
-    checkpoint: in its ``position()``). Said by the sink the pipeline writes to, never by one
-    it wraps (whose counts are of another write). Outside a pipeline's write (``dlq replay``)
-    it does nothing."""
+    checkpoint: in its ``position()``). A sink that writes a part of its write through another
+    sink does so :func:`within` it, so that what that one says counts in the whole write.
+    Outside a pipeline's write (``dlq replay``) it does nothing."""
     report = _TAKING.get()
     if report is not None:
         report(n)
+
+
+@contextmanager
+def within(before: int) -> Iterator[None]:
+    """Around the write of a part of a write through a wrapped sink: what that sink says it
+    took (counted from its own write's start) counts after the ``before`` events already
+    taken of the whole write."""
+    report = _TAKING.get()
+    if report is None:
+        yield
+        return
+    _TAKING.set(lambda n: report(before + n))
+    try:
+        yield
+    finally:
+        _TAKING.set(report)
 
 
 def taking(report: Report | None) -> None:

@@ -97,7 +97,7 @@ from ..http_client import (
     wire_url,
 )
 from ..logs import MASK, REDACTOR
-from .base import Sink, took
+from .base import Sink, took, within
 
 log = structlog.get_logger(__name__)
 
@@ -888,7 +888,8 @@ class OrchestratingSink:
                     break
                 cut = _cut(pairs)
                 # Each event its own resource object, parsed for its part only.
-                await self.inner.write(stream, [_attach(ev, body) for ev, body in pairs[:cut]])
+                with within(done):  # what the inner sink says it took of the part counts
+                    await self.inner.write(stream, [_attach(ev, body) for ev, body in pairs[:cut]])
                 done += cut
                 took(done)  # recorded now: the next part's GETs await, a commit may come
                 size -= sum(_weight(body) for _, body in pairs[:cut] if body is not None)

@@ -61,7 +61,7 @@ from ..http_client import (
     wire_url,
 )
 from ..logs import MASK, REDACTOR, json_escaped_forms
-from .base import PlainSink, serialized
+from .base import PlainSink, serialized, took
 
 EXCERPT_CHARS = 300  # of an answer's body, in the error (scrubbed first: error_excerpt)
 # What a receiver that honours Idempotency-Key answers a retry while it still processes the
@@ -136,10 +136,14 @@ class WebhookSink(PlainSink):
         size = self.settings.batch_size
         done = 0
         try:
+            # Each request answered 2xx is the receiver's: said at once (took), so that a stop
+            # before the write ends does not send it again (in batch mode the replay's chunks,
+            # cut otherwise, would carry other Idempotency-Keys).
             if size == 1:
                 for ev, doc in zip(events, docs, strict=True):
                     await self._post(stream, doc, header_id(ev.unique_event_id), [ev])
                     done += 1
+                    took(done)
                 return
             for start in range(0, len(events), size):
                 chunk = events[start : start + size]
@@ -147,6 +151,7 @@ class WebhookSink(PlainSink):
                 key = batch_idempotency_key([ev.unique_event_id for ev in chunk])
                 await self._post(stream, body, key, chunk)
                 done += len(chunk)
+                took(done)
         except (TransientSinkError, PermanentSinkError) as exc:
             # The requests answered 2xx before this one are the receiver's: the pipeline
             # sends only the rest again (the same chunks, so the same keys), never those

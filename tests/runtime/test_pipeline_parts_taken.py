@@ -21,7 +21,7 @@ from consumer.core.events import Event
 from consumer.errors import PermanentSinkError, TransientSinkError
 from consumer.runtime.committer import Committer
 from consumer.runtime.pipeline import StreamPipeline
-from consumer.sinks.base import PlainSink, took
+from consumer.sinks.base import PlainSink, taking, took, within
 from consumer.state.sqlite import SqliteStore
 
 STREAM = "main"
@@ -79,7 +79,7 @@ class PartSink(PlainSink):
 
 @asynccontextmanager
 async def life(
-    tmp_path: Path, sink: PartSink, events: Sequence[Event]
+    tmp_path: Path, sink: PlainSink, events: Sequence[Event]
 ) -> AsyncIterator[tuple[SqliteStore, Committer, StreamPipeline]]:
     """A store, committer and pipeline (one worker); ``events`` queued as one batch."""
     store = await SqliteStore.open(tmp_path / "state.db")
@@ -199,3 +199,50 @@ async def test_a_stop_between_parts_leaves_the_parts_taken_recorded(tmp_path: Pa
 
 def test_outside_a_pipelines_write_took_is_heard_by_nobody() -> None:
     took(3)  # dlq replay writes through the same sinks
+
+
+class WrappingSink(PlainSink):
+    """Writes its events through ``inner`` in halves (as the orchestrating sink writes its
+    parts through the sink it wraps), each :func:`within` what it took before."""
+
+    name = "wrapping"
+
+    def __init__(self, inner: PartSink) -> None:
+        self.inner = inner
+
+    async def write(self, stream: str, events: Sequence[Event]) -> None:
+        half = (len(events) + 1) // 2
+        for start in (0, half):
+            with within(start):
+                await self.inner.write(stream, events[start : start + half])
+
+
+async def test_a_wrapped_sinks_word_counts_within_the_whole_write(tmp_path: Path) -> None:
+    """The wrapped sink says what it took of its own write (two events a part): within the
+    wrapper's write, that counts after what the wrapper wrote before. Stopped while the second
+    half's last part waits: the first half and the second half's first part are recorded (six
+    events: had it been heard as counted from the write's start, two)."""
+    sink = PartSink(hold="u7")
+    async with life(tmp_path, WrappingSink(sink), EVENTS) as (store, committer, pipeline):
+        async with asyncio.timeout(WAIT_S):
+            await sink.holding.wait()
+        await pipeline.stop()
+        assert await committer.flush()
+        assert await store.seen(STREAM, ALL) == set(ALL[:6])
+    assert checkpoint(tmp_path) == [("6", 6)]
+
+
+def test_within_counts_after_what_was_taken_before() -> None:
+    heard: list[int] = []
+
+    async def write() -> None:
+        taking(heard.append)
+        took(1)
+        with within(2):
+            took(3)
+            with within(1):
+                took(1)
+        took(6)
+
+    asyncio.run(write())
+    assert heard == [1, 5, 4, 6]

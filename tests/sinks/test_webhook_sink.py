@@ -31,6 +31,7 @@ from consumer.core.events import Event
 from consumer.errors import PermanentSinkError, TransientSinkError
 from consumer.logs import MASK, REDACTOR
 from consumer.runtime.assembly import http_client
+from consumer.sinks.base import taking
 from consumer.sinks.webhook import WebhookSink, batch_idempotency_key
 from consumer.state import SqliteStore as Store
 
@@ -147,6 +148,30 @@ async def test_batch_mode_posts_arrays_in_chunks_with_a_batch_key(
     (single,) = rx.requests
     assert single.json() == [events[0].document()]
     assert single.header("Idempotency-Key") == batch_idempotency_key([events[0].unique_event_id])
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+async def test_each_request_answered_is_said_taken_at_once(
+    rx: Receiver, client: aiohttp.ClientSession, batch_size: int
+):
+    """What the receiver answered 2xx is said taken (``took``) before the next request: a stop
+    while a later one is unanswered leaves it recorded by the pipeline, never sent again (in
+    batch mode under another chunk's Idempotency-Key)."""
+    sink = await opened(settings(rx.url, batch_size=batch_size), client)
+    rx.script(Reply(200), Reply(200), Reply(200, delay_s=30))  # one a request
+    heard: list[int] = []
+
+    async def write() -> None:
+        taking(heard.append)  # as a pipeline's worker does for its write
+        await sink.write("main", [event(i) for i in range(3 * batch_size)])
+
+    task = asyncio.create_task(write())
+    await wait_until(lambda: len(rx.requests) == 3, timeout=10)
+    assert heard == [batch_size, 2 * batch_size]  # the third request, unanswered
+    task.cancel()  # the stop
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert heard == [batch_size, 2 * batch_size]
 
 
 async def test_the_document_includes_a_fetched_resource(
