@@ -20,7 +20,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -349,13 +349,7 @@ class SqliteStore:
         Answered on the loop's thread, without awaiting: see the module docstring.
         """
         found: set[str] = set()
-        for i in range(0, len(event_ids), 900):
-            chunk = list(event_ids[i : i + 900])
-            # Padded to a multiple of 50 (a repeated id changes no answer): 18 statement
-            # shapes, all kept prepared, instead of one per batch length (each prepared anew
-            # at ~100 µs, and cached at ~35 KB).
-            chunk += chunk[-1:] * (-len(chunk) % 50)
-            marks = ",".join("?" * len(chunk))
+        for chunk, marks in _in_lists(event_ids):
             rows = self._lookup.execute(
                 f"SELECT event_id FROM processed_events WHERE stream = ? AND event_id IN ({marks})",
                 (stream, *chunk),
@@ -464,10 +458,7 @@ class SqliteStore:
         On the loop's thread, like :meth:`seen`: one statement per 900 keys on the
         (stream, primary_key) index, and one more, on its first row, when none was found."""
         found: dict[str, str] = {}
-        for i in range(0, len(primary_keys), 900):
-            chunk = list(primary_keys[i : i + 900])
-            chunk += chunk[-1:] * (-len(chunk) % 50)  # a few statement shapes (see seen)
-            marks = ",".join("?" * len(chunk))
+        for chunk, marks in _in_lists(primary_keys):
             # The bare columns of a MIN() aggregate are those of its row (SQLite's rule).
             rows = self._lookup.execute(
                 "SELECT primary_key, COALESCE(unique_event_id, dedup_key), MIN(id) "
@@ -737,6 +728,17 @@ class SqliteStore:
             total += max(deleted, 0)
             if deleted < PRUNE_CHUNK or once:
                 return total
+
+
+def _in_lists(values: Sequence[str]) -> Iterator[tuple[list[str], str]]:
+    """``values`` in chunks of at most 900 for an ``IN (...)`` list, with its ``?`` marks: each
+    padded to a multiple of 50 (a value repeated changes no answer), so 18 statement shapes,
+    all kept prepared, instead of one per batch length (each prepared anew at ~100 µs, and
+    cached at ~35 KB)."""
+    for i in range(0, len(values), 900):
+        chunk = list(values[i : i + 900])
+        chunk += chunk[-1:] * (-len(chunk) % 50)
+        yield chunk, ",".join("?" * len(chunk))
 
 
 # Each connection's page cache: 512 KiB, not SQLite's 2 MiB. The writer filled its 2 MiB in
