@@ -48,8 +48,9 @@ class Event(NamedTuple):
     A NamedTuple rather than a frozen dataclass: one is built per event on the hot path.
     The decoder keeps the ``newEvent`` object as JSON text (``text``): a tree of parsed
     objects holds some 20 times the bytes of its text, and the pipeline bounds its memory by
-    the text's length. Only an event too deep to be written back out is kept as the frame it
-    came in. ``parsed`` is for events built from an object (``dlq replay``, tests).
+    what it holds (:meth:`held_bytes`: the text and the detail's copy). Only an event too deep
+    to be written back out is kept as the frame it came in. ``parsed`` is for events built from
+    an object (``dlq replay``, tests).
     :attr:`raw` gives the object either way.
     """
 
@@ -72,6 +73,11 @@ class Event(NamedTuple):
     # null; None when ``detail`` is anything but an array).
     text: bytes | None = None
     detail_text: bytes | None = None
+
+    def held_bytes(self) -> int:
+        """Its size as counted against the byte bounds: its text as received (or the frame it
+        came in when it was kept as that) and its ``detail`` array's text, a second copy."""
+        return len(self.text or self.frame) + len(self.detail_text or b"")
 
     @property
     def raw(self) -> dict[str, Any]:

@@ -86,14 +86,6 @@ def _closing(owner: asyncio.Task[None] | None) -> bool:
         return True
 
 
-def _size(event: Event) -> int:
-    """An event's size as counted against the byte bounds: what it holds, its text as received
-    (or the frame it came in when it was kept as that) and its ``detail`` array's text, a
-    second copy (counted by its text alone, an event whose size is its detail held twice what
-    the bounds counted)."""
-    return len(event.text or event.frame) + len(event.detail_text or b"")
-
-
 def _taken(exc: TransientSinkError | PermanentSinkError, written: int) -> int:
     """How many of the ``written`` events the failed write took (a sink's own figure, kept
     within the write)."""
@@ -175,7 +167,7 @@ class StreamPipeline:
         self._ready = [asyncio.Event() for _ in range(workers)]  # its queue has events
         self._queued = 0  # events in the queues, not yet taken by a worker
         self._max_bytes = max(1, queue_max_bytes)
-        self._queued_bytes = 0  # their size (see _size), and that of the chunk read meanwhile
+        self._queued_bytes = 0  # their Event.held_bytes, and that of the chunk read meanwhile
         self._room = asyncio.Event()  # set when _queued drops below capacity
         self._chunk: list[Event] = []  # read, not yet handed to the workers
         self._flush_soon: asyncio.Handle | None = None
@@ -257,7 +249,7 @@ class StreamPipeline:
         if len(chunk) == 1:
             self._flush_soon = asyncio.get_running_loop().call_soon(self._flush)
         n = len(chunk)
-        # _size, inline: once per event
+        # Event.held_bytes, inline: once per event
         self._queued_bytes += len(event.text or event.frame) + len(event.detail_text or b"")
         return (
             n < HANDOVER
@@ -357,7 +349,7 @@ class StreamPipeline:
         if self._flush_soon is not None:
             self._flush_soon.cancel()
             self._flush_soon = None
-        self._queued_bytes -= sum([_size(ev) for ev in self._chunk])
+        self._queued_bytes -= sum([ev.held_bytes() for ev in self._chunk])
         self._chunk = []
         tasks, self._tasks = self._tasks, []
         for t in tasks:
@@ -375,7 +367,7 @@ class StreamPipeline:
                 await ready.wait()
             batch = [queue.popleft() for _ in range(min(len(queue), self._batch_max))]
             self._queued -= len(batch)
-            self._queued_bytes -= sum([_size(ev) for _, ev in batch])
+            self._queued_bytes -= sum([ev.held_bytes() for _, ev in batch])
             if self._full:
                 self._full = any(len(q) >= self._share for q in self._queues)
             if (
@@ -579,7 +571,7 @@ class StreamPipeline:
             self.stream,
             [ev.unique_event_id for _, ev in items],
             [seq for seq, _ in items],
-            sum([_size(ev) for _, ev in items]),
+            sum([ev.held_bytes() for _, ev in items]),
         )
 
     async def _isolate(

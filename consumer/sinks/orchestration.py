@@ -943,7 +943,7 @@ class OrchestratingSink:
             self._forget(key)  # kept again as the newest
             if ev.unique_event_id == dead:
                 continue
-            size = len(body or b"") + len(ev.text or ev.frame) + 200
+            size = len(body or b"") + ev.held_bytes() + 200
             unsent[key] = (ev, body, size)
             self._unsent_bytes += size
         while len(unsent) > UNSENT_MAX or self._unsent_bytes > UNSENT_MAX_BYTES:

@@ -454,7 +454,7 @@ def test_an_event_decoded_the_general_way_holds_about_what_the_pipeline_counts(s
     msg, held = _held_by(frame)
     event = msg.event
     assert (event.parsed, event.frame) == (None, b"")
-    counted = len(event.text or event.frame)  # pipeline._size
+    counted = len(event.text or event.frame)  # its text (Event.held_bytes adds the detail's)
     assert counted >= len(frame) * 0.9
     assert held <= 2.5 * counted, f"holds {held / counted:.1f} times what is counted"
     assert event.raw == ev
