@@ -230,9 +230,6 @@ class Daemon:
             protocol.key_hash(stream.app_key.get_secret_value()),
             UpgradeBudget(c.upgrade_limit, c.upgrade_window_s),
         )
-        # park-key: the parked resources are the DLQ's rows, asked about per batch (see
-        # runtime/parking), never all loaded: a DLQ of a million would be a GB here.
-        parked: dict[str, str] | None = {} if stream.on_permanent_failure == "park-key" else None
         workers = p.workers or default_workers(self.sink)
         pipeline = StreamPipeline(
             name,
@@ -244,7 +241,9 @@ class Daemon:
             batch_max=p.batch_max,
             retry_initial_s=p.sink_retry_initial_s,
             retry_max_s=p.sink_retry_max_s,
-            parked=parked,
+            # The parked resources are the DLQ's rows, asked about per batch (runtime/parking),
+            # never all loaded: a DLQ of a million would be a GB here.
+            park_key=stream.on_permanent_failure == "park-key",
             event_filter=self._filter,
         )
         if self.metrics is not None:

@@ -54,14 +54,12 @@ class ParkedKeys:
         self,
         stream: str,
         committer: Committer,
-        parked: dict[str, str],
         *,
         retry_initial_s: float = 0.05,
         retry_max_s: float = 2.0,
     ) -> None:
-        """``parked``: primaryKey -> the uniqueEventId it is parked behind, as known when the
-        stream starts (the store is asked anyway: this may be empty). ``retry_*``: the
-        backoff of a lookup the store fails (retriable), the batch waiting meanwhile."""
+        """``retry_*``: the backoff of a lookup the store fails (retriable), the batch waiting
+        meanwhile."""
         self._stream = stream
         self._committer = committer
         # The committer's store: the per-batch lookup (the committer answers one key at a time).
@@ -77,8 +75,6 @@ class ParkedKeys:
         self._checked_at = -1
         self._free: OrderedDict[str, None] = OrderedDict()
         self._parked: OrderedDict[str, str] = OrderedDict()
-        for key, behind in list(parked.items())[-PARKED_KEPT:]:
-            self._parked[key] = behind
         # Does the store hold a dead letter of a resource of the stream? Unknown at the start:
         # the first batch asks.
         self._any_in_store = True

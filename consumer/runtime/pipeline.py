@@ -145,12 +145,11 @@ class StreamPipeline:
         queue_max_bytes: int = 16 * 1024 * 1024,
         retry_initial_s: float,
         retry_max_s: float,
-        parked: dict[str, str] | None = None,
+        park_key: bool = False,
         event_filter: EventFilter | None = None,
     ) -> None:
-        """``parked``: given for a park-key stream, resources known to have dead letters at the
-        start (primaryKey -> the uniqueEventId they are parked behind; the store is asked per
-        batch in any case, so this may be empty). ``event_filter``: the events
+        """``park_key``: a resource with dead letters holds its later events back (the store
+        asked per batch: :class:`ParkedKeys`). ``event_filter``: the events
         it filters out are done without reaching the sink (see :meth:`_drop_filtered`)."""
         self.stream = stream
         self._sink = sink
@@ -173,13 +172,11 @@ class StreamPipeline:
         self._flush_soon: asyncio.Handle | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._parking = (
-            None
-            if parked is None
-            else ParkedKeys(
-                stream, committer, parked, retry_initial_s=retry_initial_s, retry_max_s=retry_max_s
-            )
+            ParkedKeys(stream, committer, retry_initial_s=retry_initial_s, retry_max_s=retry_max_s)
+            if park_key
+            else None
         )
-        committer.on_set_aside(stream, self._set_aside, parks=parked is not None)
+        committer.on_set_aside(stream, self._set_aside, parks=park_key)
         # None when nothing is filtered: the per-batch cost is then this one attribute check.
         self._filter = None if event_filter is None or event_filter.passes_all else event_filter
         # The ids the workers are deciding on or writing now (from the lookup to the outcome),

@@ -71,7 +71,7 @@ def one_worker(
         batch_max=10,
         retry_initial_s=0.01,
         retry_max_s=0.01,
-        parked=parked,
+        park_key=parked is not None,
     )
 
 

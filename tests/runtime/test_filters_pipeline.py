@@ -78,7 +78,7 @@ async def harness(
         batch_max=50,
         retry_initial_s=0.01,
         retry_max_s=0.02,
-        parked=parked,
+        park_key=parked is not None,
         event_filter=event_filter,
     )
     try:

@@ -116,8 +116,8 @@ class Store(SqliteStore):
 async def life(
     state: Path, sink: Rejecting, workers: int
 ) -> AsyncIterator[tuple[Store, Committer, StreamPipeline]]:
-    """One run of the daemon's parts on ``state``: parked={} is what the daemon passes (no
-    parked resource loaded at start)."""
+    """One run of the daemon's parts on ``state``, park-key as the daemon sets it (no parked
+    resource loaded at start)."""
     store = await Store.open(state)
     assert isinstance(store, Store)
     committer = Committer(store, sink, max_events=1000, interval_s=3600.0)
@@ -130,7 +130,7 @@ async def life(
         batch_max=100,
         retry_initial_s=0.01,
         retry_max_s=0.02,
-        parked={},
+        park_key=True,
     )
     pipeline.start()
     try:

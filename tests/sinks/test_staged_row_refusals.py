@@ -436,7 +436,7 @@ async def life(
         batch_max=10,
         retry_initial_s=0.01,
         retry_max_s=0.01,
-        parked=parked,
+        park_key=parked is not None,
     )
     lives[state] = pipeline
     pipeline.start()
@@ -934,7 +934,7 @@ async def test_park_key_postgres_sink_stages_until_the_pipeline_heard_of_the_dea
         batch_max=10,
         retry_initial_s=0.01,
         retry_max_s=0.01,
-        parked={},
+        park_key=True,
     )
     pipeline.start()
     modes: list[str] = []
