@@ -20,6 +20,8 @@ from contextlib import asynccontextmanager, closing
 from pathlib import Path
 from typing import Any
 
+from aiohttp import web
+
 from consumer.commands import dlq
 from consumer.config import Settings
 from consumer.core.events import Event
@@ -497,3 +499,19 @@ async def serving(
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await server.wait_closed()
+
+
+@asynccontextmanager
+async def serving_web(
+    app: web.Application, *, shutdown_timeout: float = 60.0
+) -> AsyncIterator[str]:
+    """An aiohttp ``app`` on 127.0.0.1 and a free port: its base URL (a REST API, a receiver)."""
+    runner = web.AppRunner(app, shutdown_timeout=shutdown_timeout)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from support import (
     make_settings,
     newest_offset,
     running,
+    serving_web,
     sink_ids,
     sink_length,
     wait_until,
@@ -169,26 +170,11 @@ class RestApi:
     async def running(self) -> AsyncIterator[str]:
         app = web.Application()
         app.router.add_get("/rsv/v1/hotels/{hotel}/reservations/{key}", self.reservation)
-        runner = web.AppRunner(app, shutdown_timeout=0.1)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        try:
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            self.release.set()
-            await runner.cleanup()
-
-
-async def until(condition: Callable[[], bool], what: str) -> None:
-    """Poll ``condition()``, :data:`WAIT_S` at most (then fail naming ``what``)."""
-    try:
-        async with asyncio.timeout(WAIT_S):
-            while not condition():
-                await asyncio.sleep(0.005)
-    except TimeoutError:
-        raise AssertionError(f"waited {WAIT_S} s in vain for {what}") from None
+        async with serving_web(app, shutdown_timeout=0.1) as url:
+            try:
+                yield url
+            finally:
+                self.release.set()
 
 
 class Life:
@@ -299,7 +285,7 @@ async def test_a_write_stopped_between_its_parts_records_the_parts_taken(
         async with aiohttp.ClientSession() as http, Life(tmp_path, http, rest_url) as life:
             await life.deliver(batch)
             # HELD's GET is asked for once A's part is written (B's answer fetched with it).
-            await until(lambda: api.gets["HELD"] == 1, "the GET of the part after A's")
+            await wait_until(lambda: api.gets["HELD"] == 1, timeout=WAIT_S)  # the part after A's
             await life.meanwhile(event(9, key="O", uid="o"))
             taken = sink_length(life.sink.position())
             assert taken > 0  # A's line (and O's), in the position the commit records
@@ -334,7 +320,7 @@ async def test_a_part_taken_before_a_transient_failure_is_recorded_before_the_ba
     async with api.running() as rest_url:
         async with aiohttp.ClientSession() as http, Life(tmp_path, http, rest_url) as life:
             await life.deliver(batch)
-            await until(lambda: api.gets["F"] >= 3, "the retries of the rest")
+            await wait_until(lambda: api.gets["F"] >= 3, timeout=WAIT_S)  # the rest's retries
             await life.meanwhile(event(9, key="O", uid="o"))
             assert await life.committer.flush()
             assert await life.store.seen("main", ["a", "f"]) == {"a"}

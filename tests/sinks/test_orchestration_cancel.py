@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from bus_events import event
-from support import make_settings
+from support import make_settings, serving_web
 
 from consumer.config import OrchestrationSettings
 from consumer.runtime.committer import Committer
@@ -57,16 +57,11 @@ class RestApi:
     async def running(self) -> AsyncIterator[str]:
         app = web.Application()
         app.router.add_get("/rsv/v1/hotels/{hotel}/reservations/{key}", self.reservation)
-        runner = web.AppRunner(app, shutdown_timeout=0.1)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        try:
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            self.release.set()
-            await runner.cleanup()
+        async with serving_web(app, shutdown_timeout=0.1) as url:
+            try:
+                yield url
+            finally:
+                self.release.set()
 
 
 async def until(condition: Callable[[], bool], what: str) -> None:

@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from bus_events import event
-from support import make_settings
+from support import make_settings, serving_web
 
 from consumer.config import OrchestrationSettings, WebhookSinkSettings
 from consumer.core.events import Event
@@ -45,20 +45,6 @@ class Tokens:
         pass
 
 
-@asynccontextmanager
-async def serving(app: web.Application) -> AsyncIterator[str]:
-    """``app`` on 127.0.0.1 and a free port: its base URL."""
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
-
-
 class RestApi:
     """An OHIP-like REST API: each reservation's resource made by ``resource`` from its key
     and how many times it was asked (a new version at each GET); the GETs counted by key."""
@@ -77,7 +63,7 @@ class RestApi:
     async def running(self) -> AsyncIterator[str]:
         app = web.Application()
         app.router.add_get("/rsv/v1/hotels/{hotel}/reservations/{key}", self.reservation)
-        async with serving(app) as url:
+        async with serving_web(app) as url:
             yield url
 
 
@@ -108,7 +94,7 @@ class Hook:
     async def running(self) -> AsyncIterator[str]:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/hook", self.post)
-        async with serving(app) as url:
+        async with serving_web(app) as url:
             yield url + "/hook"
 
 
@@ -427,7 +413,7 @@ class _Streaming:
     async def running(self) -> AsyncIterator[str]:
         app = web.Application()
         app.router.add_get("/rsv/v1/hotels/{hotel}/reservations/{key}", self.reservation)
-        async with serving(app) as url:
+        async with serving_web(app) as url:
             yield url
 
 
