@@ -201,8 +201,9 @@ def decode(frame: str | bytes, max_size: int | None = None, scrub: Scrub | None 
     if max_size is not None and len(frame) > max_size:
         what = f"frame of {len(frame)} bytes exceeds max_frame_bytes ({max_size})"
         return _bad(frame, what, scrub, unread=True)
-    budget = marks_budget(max_size)
-    if len(frame) > budget:  # else it cannot hold more marks than bytes: not counted
+    # A frame no longer than any budget cannot hold more marks than bytes: not counted (the
+    # usual event, a few KB, costs this length check).
+    if len(frame) > MIN_MARKS_BUDGET and len(frame) > (budget := marks_budget(max_size)):
         marks = _marks(frame, budget)
         if marks > budget:
             what = (

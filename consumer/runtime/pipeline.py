@@ -364,7 +364,10 @@ class StreamPipeline:
                 await ready.wait()
             batch = [queue.popleft() for _ in range(min(len(queue), self._batch_max))]
             self._queued -= len(batch)
-            self._queued_bytes -= sum([ev.held_bytes() for _, ev in batch])
+            # Event.held_bytes, inline (a call per event costs what the sum does)
+            self._queued_bytes -= sum(
+                [len(ev.text or ev.frame) + len(ev.detail_text or b"") for _, ev in batch]
+            )
             if self._full:
                 self._full = any(len(q) >= self._share for q in self._queues)
             if (
@@ -568,7 +571,7 @@ class StreamPipeline:
             self.stream,
             [ev.unique_event_id for _, ev in items],
             [seq for seq, _ in items],
-            sum([ev.held_bytes() for _, ev in items]),
+            sum([len(ev.text or ev.frame) + len(ev.detail_text or b"") for _, ev in items]),
         )
 
     async def _isolate(
