@@ -29,6 +29,7 @@ from typing import Final, TypeVar
 import structlog
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.messages import Assembler
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.protocol import State
@@ -166,6 +167,28 @@ class WriteStalled(Exception):
         self.held = held
 
 
+class _Frames(Assembler):
+    """websockets' queue of frames received, with :meth:`take`: the next message when it is
+    whole and waiting, without an await. A socket read brings dozens of frames in a catch-up;
+    ``recv`` takes each through three coroutines and a join (some 0.7 µs an event, measured),
+    where this is a pop."""
+
+    def take(self) -> bytes | None:
+        """The next message if it is a single frame already received (text or binary, as
+        ``recv(decode=False)`` gives it), else None: await ``recv`` (the first frame of a
+        fragmented message, nothing received, a ``recv`` under way)."""
+        queue = self.frames.queue
+        if not queue or self.get_in_progress or not queue[0].fin:
+            return None
+        data = queue.popleft().data
+        self.maybe_resume()
+        return data if type(data) is bytes else bytes(data)
+
+
+def _nothing_taken() -> None:
+    return None
+
+
 class _Connection(ClientConnection):
     """A client connection none of whose writes can hang on a peer that stopped reading.
 
@@ -181,6 +204,16 @@ class _Connection(ClientConnection):
     unwritten, the connection is aborted the same way."""
 
     write_timeout: Callable[[], float] | None = None
+    recv_messages: _Frames
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        queue = self.recv_messages  # nothing in it yet
+        self.recv_messages = _Frames(queue.high, queue.low, queue.pause, queue.resume)
+
+    def take(self) -> bytes | None:
+        """The next message if it is whole and already received (see :meth:`_Frames.take`)."""
+        return self.recv_messages.take()
 
     async def drain(self) -> None:
         state, timeout = self.protocol.state, self.write_timeout
@@ -783,11 +816,16 @@ class StreamRunner:
         receive = session.receive
         monotonic = time.monotonic
         held = ahead.held  # filled only while we wait in _backpressure
+        take = ws.take if isinstance(ws, _Connection) else _nothing_taken
         while True:
             # What was read ahead during the last wait first, in arrival order. Bytes: orjson
             # parses them directly, skipping a UTF-8 decode per frame (and a text frame that
             # is not UTF-8 is a dead letter, not a 1007 close and a replay loop).
-            out = ahead.take() if held else receive(await ws.recv(decode=False))
+            if held:
+                out = ahead.take()
+            else:
+                frame = take()
+                out = receive(frame if frame is not None else await ws.recv(decode=False))
             now = monotonic()
             if type(out) is Next:
                 liveness.activity(now)

@@ -237,7 +237,9 @@ class HostileGateway:
             if frame.expect == ENDER and pos in self.enders_sent:
                 continue  # not part of the replayable log
             data = frame.render(session.sub_id)
-            await ws.send(data, text=not frame.binary)
+            await ws.send(
+                data if frame.pieces == 1 else frame.fragments(data), text=not frame.binary
+            )
             sha = None if frame.expect == EVENT else hashlib.sha256(data).hexdigest()
             session.sent.append((pos, sha, len(data)))
             if frame.expect == ENDER:
