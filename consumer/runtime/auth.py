@@ -43,6 +43,7 @@ log = structlog.get_logger(__name__)
 MAX_TOKEN_RESPONSE = 1024 * 1024  # a token answer (a JWT or two) is a few KB
 
 _MAX_LIFETIME_S = 86400.0
+_DEFAULT_LIFETIME_S = 3600.0  # an answer without expires_in (RFC 6749 makes it optional)
 # Shorter is no lifetime (1e-300 passed "> 0"): each caller would fetch a token of its own.
 _MIN_LIFETIME_S = 1.0
 # What an access token may be: it goes in an Authorization header (no CR/LF, no controls) and
@@ -257,7 +258,9 @@ class TokenProvider:
         try:
             body = json.loads(content)
             value = body["access_token"]
-            expires_in = body.get("expires_in", 3600)
+            expires_in = body.get("expires_in")
+            if expires_in is None:  # null says no more than no expires_in at all
+                expires_in = _DEFAULT_LIFETIME_S
             if isinstance(expires_in, bool):  # float(True) is a 1 s token: rotated twice a second
                 raise TypeError("expires_in is a boolean, not a number of seconds")
             lifetime = float(expires_in)
