@@ -132,6 +132,13 @@ class ClosePolicy:
             self.auth_failures = 0
             self.lockouts = 0
 
+    def acknowledged(self) -> None:
+        """Call on connection_ack: the gateway accepted the token and the key, so the 4401s
+        (and HTTP 401s) before it were not "in a row" with those after it (4401, a session
+        acknowledged and closed with 1001, 4401 ... stopped the stream as a key to check). The
+        backoff stays: a connection acknowledged and dropped at once is no healthy session."""
+        self.auth_failures = 0
+
     def _backoff(self, floor: float = 0.0) -> float:
         c = self.config
         ceiling = min(c.backoff_max_s, c.backoff_initial_s * 2.0 ** min(self.failures, 30))

@@ -2,10 +2,11 @@
 
 Both grants: ``client_credentials`` (scope, ``enterpriseId`` header) and ``password`` (the
 integration user). Transient failures (transport errors, 5xx, 429) are retried with backoff
-honouring ``Retry-After``; 400/401/403 fail at once with what to check, as does a 404 before
-the endpoint ever issued a token (a wrong URL). Every message names the endpoint (its URL
-masked) and the reason (connection refused, TLS error, DNS failure, timeout); while a failing
-endpoint is retried, :meth:`TokenProvider.waiting` says so, for status lines.
+honouring ``Retry-After``; 400/401/403 fail at once with what to check, as do 404s in a row
+for ``retry_max_s`` before the endpoint ever issued a token (a wrong URL). Every message names
+the endpoint (its URL masked) and the reason (connection refused, TLS error, DNS failure,
+timeout); while a failing endpoint is retried, :meth:`TokenProvider.waiting` says so, for
+status lines.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ log = structlog.get_logger(__name__)
 MAX_TOKEN_RESPONSE = 1024 * 1024  # a token answer (a JWT or two) is a few KB
 
 _MAX_LIFETIME_S = 86400.0
+_DEFAULT_LIFETIME_S = 3600.0  # an answer without expires_in (RFC 6749 makes it optional)
 # Shorter is no lifetime (1e-300 passed "> 0"): each caller would fetch a token of its own.
 _MIN_LIFETIME_S = 1.0
 # What an access token may be: it goes in an Authorization header (no CR/LF, no controls) and
@@ -99,7 +101,7 @@ class TokenProvider:
         )
         self._wait: tuple[str, float] | None = None  # last failure, next attempt (monotonic)
         self._answered = False  # the endpoint has issued a token: it exists
-        self._not_found_since: float | None = None  # first 404 before any token (clock)
+        self._not_found_since: float | None = None  # first of the 404s in a row (clock)
 
     def invalidate(self, rejected: str | None = None) -> None:
         """Drop the current token: the next caller fetches a new one. ``rejected``: the token
@@ -190,6 +192,9 @@ class TokenProvider:
         headers["Authorization"] = basic_auth(auth.client_id, auth.client_secret.get_secret_value())
         self.fetches += 1
         started = self._clock()
+        # Only 404s in a row make a wrong URL: any other outcome of this request (an answer, a
+        # transport error) ends their run, or 404, an outage of 5xx, 404 added up to one.
+        not_found_since, self._not_found_since = self._not_found_since, None
         # The client's connect timeout still applies: a dead address fails in seconds.
         connect = min(self._client.timeout.sock_connect or math.inf, auth.timeout_s)
         # sock_read bounds each silence only: an endpoint trickling its answer a byte at a
@@ -228,12 +233,11 @@ class TokenProvider:
             )
         if status == 404 and not self._answered:
             # No token endpoint at that URL: a wrong URL, retried for ever otherwise. Only once
-            # it has lasted the token request's retries (retry_max_s): a gateway's passing 404
-            # just after a restart must not stop the daemon for good (exit 78). Once it has
-            # issued a token, a 404 is passing trouble, retried as the rest.
+            # 404s have lasted the token request's retries (retry_max_s) in a row: a gateway's
+            # passing 404 just after a restart must not stop the daemon for good (exit 78).
+            # Once it has issued a token, a 404 is passing trouble, retried as the rest.
             now = self._clock()
-            if self._not_found_since is None:
-                self._not_found_since = now
+            since = self._not_found_since = now if not_found_since is None else not_found_since
             if auth.token_url:  # a URL with a path of its own: the gateway advice misleads
                 advice = (
                     "check auth.token_url (the full URL of the token endpoint, path and all; "
@@ -247,14 +251,16 @@ class TokenProvider:
                 )
             raise AuthError(
                 f"token endpoint {self.url} answered HTTP 404 (no such endpoint): {advice}",
-                retriable=now - self._not_found_since < auth.retry_max_s,
+                retriable=now - since < auth.retry_max_s,
             )
         if status != 200:
             raise AuthError(f"token endpoint {self.url} answered HTTP {status}", retriable=True)
         try:
             body = json.loads(content)
             value = body["access_token"]
-            expires_in = body.get("expires_in", 3600)
+            expires_in = body.get("expires_in")
+            if expires_in is None:  # null says no more than no expires_in at all
+                expires_in = _DEFAULT_LIFETIME_S
             if isinstance(expires_in, bool):  # float(True) is a 1 s token: rotated twice a second
                 raise TypeError("expires_in is a boolean, not a number of seconds")
             lifetime = float(expires_in)
@@ -277,7 +283,7 @@ class TokenProvider:
             )
         lifetime = min(lifetime, _MAX_LIFETIME_S)  # refreshed at least daily, whatever it says
         REDACTOR.add_token(value, lifetime)
-        self._answered, self._not_found_since = True, None
+        self._answered = True
         log.info("token obtained", lifetime_s=lifetime)
         return Token(value, started + lifetime, lifetime)
 

@@ -610,6 +610,7 @@ class StreamRunner:
             if not binding:
                 raise  # ack_timeout_s: as a connection that does not answer
             return await self._too_late(ws, "connection_ack")
+        self.policy.acknowledged()  # the credentials worked: the 4401s in a row start again
         if self._status_check:
             wait = await self._check_status(ws, session, deadline)
             if wait is not None:
