@@ -33,8 +33,12 @@ if TYPE_CHECKING:
 
 
 def lock_path(state_path: Path, purpose: str = "") -> Path:
-    """``<state>.lock``; with a purpose, ``<state>.<purpose>.lock`` (a lock of its own)."""
-    return state_path.with_name(f"{state_path.name}{'.' + purpose if purpose else ''}.lock")
+    """``<state>.lock``; with a purpose, ``<state>.<purpose>.lock`` (a lock of its own). Beside
+    the file ``state_path`` resolves to (links followed, a file not made yet too: its
+    directory's): two daemons given the store through a link and by its own path, or by two
+    spellings, would each lock a file of their own and both write to it."""
+    real = Path(os.path.realpath(state_path))
+    return real.with_name(f"{real.name}{'.' + purpose if purpose else ''}.lock")
 
 
 class Lease:

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from support import wait_until
 
+from consumer.errors import LeaseHeld
 from consumer.state import lease
 from consumer.state.lease import Lease, holder, lock_path
 
@@ -61,3 +62,28 @@ async def test_a_lease_taken_during_a_holder_probe_waits_it_out(
             os.close(probe)
         for held in taken:
             held.release()
+
+
+@pytest.mark.parametrize("relative", [False, True])
+def test_the_store_through_a_link_is_one_lease(tmp_path: Path, relative: bool) -> None:
+    """The store through a link (e.g. /etc/opera-consumer/state.db to the data disk) locked a
+    ``.lock`` of its own beside the link: a daemon given the link and one given the file both
+    ran on it. The store not made yet (as at a first start): the link dangles."""
+    real_dir = tmp_path / "data"
+    real_dir.mkdir()
+    state = real_dir / "state.db"
+    (tmp_path / "etc").mkdir()
+    link = tmp_path / "etc" / "state.db"
+    link.symlink_to(Path("..", "data", "state.db") if relative else state)
+    for first_path, second_path in ((state, link), (link, state)):
+        first = Lease.acquire(first_path, ["main"])
+        try:
+            with pytest.raises(LeaseHeld) as refused:
+                Lease.acquire(second_path, ["main"], role="offset")
+            assert f"pid {os.getpid()}" in str(refused.value)
+            assert holder(second_path) is not None
+        finally:
+            first.release()
+    assert not state.exists()
+    assert [p.name for p in real_dir.iterdir()] == ["state.db.lock"]
+    assert [p.name for p in link.parent.iterdir()] == ["state.db"]
