@@ -41,6 +41,7 @@ from ..core import protocol
 from ..core.evidence import describe, shown
 from ..core.filters import EventFilter
 from ..core.printable import printable
+from ..core.records import Fence
 from ..core.retention import PruneCutoff
 from ..core.upgrade_budget import UpgradeBudget
 from ..errors import (
@@ -69,7 +70,7 @@ from .status import CommitStatus, FleetStatus, StreamStatus
 from .stream import StreamRunner, StreamState
 
 if TYPE_CHECKING:
-    from ..state.postgres import PostgresLease
+    from ..state.postgres import PostgresLease, PostgresStore
 
 # concurrent.futures.thread above: the default executor's module, which asyncio.to_thread would
 # import at the first commit. Out of file descriptors then, every commit failed on the import.
@@ -165,6 +166,13 @@ class Daemon:
                 raise LeaseHeld(
                     f"schema {st.schema_} (fleet members; set [fleet] enabled)", members
                 )
+        fence = None
+        if watched is not None:
+            # Our lease is free while its session is gone, until _watch_lease takes it again:
+            # an operator's `offset set/reset` taking it then moves these epochs, and our
+            # commits after it are refused (the change stands, see PostgresStore.stream_epochs).
+            epochs = await cast("PostgresStore", store).stream_epochs(settings.streams)
+            fence = Fence("", epochs)
         http = http_client(settings)
         resources.push_async_callback(http.close)
         tokens = {name: TokenProvider(http, stream) for name, stream in settings.streams.items()}
@@ -197,6 +205,8 @@ class Daemon:
             )
             committer.configure_fence(fleet.fence, fleet.lost)
         else:
+            if fence is not None:
+                committer.configure_fence(lambda: fence, self._changed_meanwhile)
             for name in settings.streams:
                 await self._build_stream(name)
         m = settings.metrics
@@ -740,6 +750,26 @@ class Daemon:
             role=holder.get("role"),
             exit_code=int(code),
         )
+        await self._stop_at_once(code)
+
+    def _changed_meanwhile(self, streams: frozenset[str]) -> None:
+        """The store refused a commit (outside a fleet, on PostgreSQL): an operator's `offset
+        set/reset` changed these streams while our lease was lost, and our in-memory position
+        would write over the change. We stop as for a command that holds the lease, exit 1:
+        the restart takes the lease again and resumes where the operator said."""
+        if self._undrainable.is_set():
+            return  # stopping so already
+        log.error(
+            "streams changed by an operator's command while the state store lease was lost: "
+            "stopping every stream at once; a restart resumes where the command set them",
+            streams=sorted(streams),
+            exit_code=int(ExitCode.RUNTIME),
+        )
+        self._spawn(self._stop_at_once(ExitCode.RUNTIME), "lease-fenced")
+
+    async def _stop_at_once(self, code: ExitCode) -> None:
+        """Every stream cut at once and its uncommitted work dropped (a commit now would write
+        over another's change), then the stop, exiting ``code``."""
         self.exit_code = code
         self._undrainable.set()  # no drain waits: nothing of ours may reach the sink now
         for name, pipeline in list(self.pipelines.items()):

@@ -1,7 +1,8 @@
-"""Start-up while the state store cannot be used yet (a PostgreSQL server still booting, a
-`dlq replay` holding the store for its run): the start is retried in-process with capped
-backoff. Exiting 1 at once made systemd restart us 5 s later,
-and its start limit (5 starts in 10 minutes) left the unit failed for good after some 30 s.
+"""Start-up while the state store cannot be used yet (a PostgreSQL server still booting, an
+operator's `dlq replay`, `offset set` or `sink adopt` holding the store for its run): the
+start is retried in-process with capped backoff. Exiting 1 at once made systemd restart us
+5 s later, and its start limit (5 starts in 10 minutes) left the unit failed for good after
+some 30 s.
 
 Only what may clear by itself is waited out (a retriable :class:`~consumer.errors.StoreError`:
 the server cannot be reached, is starting or stopping, has no connection free); refused
@@ -27,6 +28,7 @@ from ..config import Settings
 from ..core.printable import printable
 from ..errors import LeaseHeld, StoreError
 from ..logs import REDACTOR
+from ..state.lease import OPERATOR_ROLES
 from . import systemd
 from .metrics import Metrics, MetricsServer
 from .status import CommitStatus, FleetStatus, StreamStatus
@@ -48,11 +50,11 @@ class Stopped(Exception):
 
 
 def _unreachable(exc: BaseException) -> bool:
-    """What clears by itself: a server that cannot be reached now, or an operator's
-    `dlq replay` holding the store for its run (a daemon refused then, exit 78, would not be
-    restarted by systemd: the stream would stay down after the replay)."""
+    """What clears by itself: a server that cannot be reached now, or an operator's command
+    holding the store for its run (`dlq replay`, `offset set`, `sink adopt`: a daemon refused
+    then, exit 78, would not be restarted by systemd: the stream would stay down after it)."""
     if isinstance(exc, LeaseHeld):
-        return exc.holder is not None and exc.holder.get("role") == "dlq-replay"
+        return exc.holder is not None and exc.holder.get("role") in OPERATOR_ROLES
     return isinstance(exc, StoreError) and exc.retriable
 
 

@@ -33,8 +33,12 @@ if TYPE_CHECKING:
 
 
 def lock_path(state_path: Path, purpose: str = "") -> Path:
-    """``<state>.lock``; with a purpose, ``<state>.<purpose>.lock`` (a lock of its own)."""
-    return state_path.with_name(f"{state_path.name}{'.' + purpose if purpose else ''}.lock")
+    """``<state>.lock``; with a purpose, ``<state>.<purpose>.lock`` (a lock of its own). Beside
+    the file ``state_path`` resolves to (links followed, a file not made yet too: its
+    directory's): two daemons given the store through a link and by its own path, or by two
+    spellings, would each lock a file of their own and both write to it."""
+    real = Path(os.path.realpath(state_path))
+    return real.with_name(f"{real.name}{'.' + purpose if purpose else ''}.lock")
 
 
 class Lease:
@@ -53,12 +57,10 @@ class Lease:
         except OSError as exc:
             raise store_error(state_path, exc, file=path) from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            _lock(fd, state_path, purpose)
+        except LeaseHeld as exc:
             os.close(fd)
-            raise LeaseHeld(
-                f"{state_path} ({path} is locked)", holder(state_path, purpose)
-            ) from None
+            raise LeaseHeld(f"{state_path} ({path} is locked)", exc.holder) from None
         info = {"pid": os.getpid(), "role": role, "streams": sorted(streams), "since": time.time()}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
@@ -69,6 +71,28 @@ class Lease:
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)
+
+
+# A lease refused while nobody holds it: an operator's command asking who does (`status`,
+# `offset show`, a dlq command: :func:`holder`'s shared probe, held for an instant), or a holder
+# between its lock and its record. Tried again meanwhile, every _PROBE_POLL_S, for so long.
+_PROBE_WAIT_S = 1.0
+_PROBE_POLL_S = 0.01
+
+
+def _lock(fd: int, state_path: Path, purpose: str) -> None:
+    """The exclusive lock on ``fd``; :class:`LeaseHeld` (with the holder's record) when a
+    holder that says who it is has it, or anyone still after :data:`_PROBE_WAIT_S`."""
+    deadline = time.monotonic() + _PROBE_WAIT_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            who = holder(state_path, purpose)
+            if (who and who.get("pid")) or time.monotonic() >= deadline:
+                raise LeaseHeld(str(state_path), who) from None
+        time.sleep(_PROBE_POLL_S)
 
 
 def holder(state_path: Path, purpose: str = "") -> dict[str, Any] | None:
@@ -165,6 +189,9 @@ async def acquire_replay(settings: StateSettings) -> Held:
 
 
 _REPLAY = REPLAY = "dlq-replay"  # the purpose of the replay's lock: <state>.dlq-replay.lock
+# The roles of operators' commands that hold the store's lease for their run, then let go:
+# `dlq replay` (no daemon running), `offset set/reset`, `sink adopt`.
+OPERATOR_ROLES = frozenset({REPLAY, "offset", "sink-adopt"})
 
 
 async def current_holder(settings: StateSettings, *, fleet: bool = False) -> dict[str, Any] | None:

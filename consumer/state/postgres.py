@@ -863,6 +863,31 @@ class PostgresStore:
             is not None
         )
 
+    @_translated("reading the streams' lease epochs")
+    async def stream_epochs(self, streams: Iterable[str]) -> dict[str, int]:
+        """A daemon outside a fleet: its streams' lease rows' epochs now (a row made when
+        missing, as an operator's hold makes it), which its commits are fenced by
+        (``Fence("", epochs)``: the rows at these epochs, whoever a row names: a fleet member
+        gone before it started may have left its name there). Its advisory
+        lease is free while its session is gone (a server restart, a terminated backend) and
+        the daemon runs on until its next check: an operator's `offset set/reset` may take it
+        then, and moves these epochs (:meth:`~consumer.state.fleet.FleetTable.hold_for_change`),
+        so that the daemon's commits after it write no in-memory position over the change."""
+        from .fleet import FIRST_EPOCH  # noqa: PLC0415  # it imports this module
+
+        wanted = sorted(set(streams))
+        async with self._pool.acquire(timeout=self._timeout) as db:
+            await db.execute(
+                f"INSERT INTO {self._s}.stream_leases (stream, epoch) "
+                f"SELECT unnest($1::text[]), {FIRST_EPOCH} ON CONFLICT (stream) DO NOTHING",
+                wanted,
+            )
+            rows = await db.fetch(
+                f"SELECT stream, epoch FROM {self._s}.stream_leases WHERE stream = ANY($1::text[])",
+                wanted,
+            )
+        return {str(r["stream"]): int(r["epoch"]) for r in rows}
+
     async def _check_fence(self, db: Any, fence: Fence, streams: set[str]) -> None:
         """Fleet mode: raise :class:`Fenced` (rolling the transaction back) unless this member
         holds every stream's lease at its epoch. ``FOR KEY SHARE`` locks the lease rows until
@@ -872,7 +897,8 @@ class PostgresStore:
         that does: the member's renewal and release (``FOR NO KEY UPDATE``, changing no key)
         go through meanwhile, so one slow commit holds up no renewal (``FOR SHARE`` did, and a
         healthy member fenced itself); the lock stays on the row a release writes, so the
-        takeover still waits for the commit."""
+        takeover still waits for the commit. A daemon outside a fleet (``member`` ""): the rows
+        at the epochs it read, whoever they name (:meth:`stream_epochs`)."""
         if not streams:
             return
         rows = await db.fetch(
@@ -883,7 +909,8 @@ class PostgresStore:
         held = {
             str(r["stream"])
             for r in rows
-            if r["holder"] == fence.member and fence.epochs.get(r["stream"]) == r["epoch"]
+            if fence.epochs.get(r["stream"]) == r["epoch"]
+            and (r["holder"] == fence.member or not fence.member)
         }
         lost = frozenset(streams - held)
         if lost:
