@@ -33,6 +33,7 @@ import nats
 import nats.errors
 import nats.js.errors
 import pytest
+from nats.aio.client import Client
 from nats.js.api import RawStreamMsg
 from server_process import ServerProcess, free_port, started
 
@@ -287,6 +288,22 @@ def make_certificates(directory: Path) -> Certificates:
     return Certificates(
         d / "ca.pem", d / "server.pem", d / "server.key", d / "client.pem", d / "client.key"
     )
+
+
+async def subscribed(nc: Client, timeout_s: float = 10.0) -> None:
+    """Until the server has registered every subscription ``nc`` made so far (bounded).
+
+    ``await nc.flush()`` does not prove it: nats-py writes its PING straight to the socket,
+    ahead of a SUB still queued for its flusher, so the PONG can come back before the server
+    has read the SUB, and a message published meanwhile finds no subscriber. A message ``nc``
+    publishes to an inbox of its own comes back only once the server has read everything
+    queued before it, those SUBs included."""
+    inbox = await nc.subscribe(nc.new_inbox())
+    try:
+        await nc.publish(inbox.subject, b"")
+        await inbox.next_msg(timeout=timeout_s)
+    finally:
+        await inbox.unsubscribe()
 
 
 def event_ids(messages: Sequence[RawStreamMsg]) -> list[str]:

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 import nats
 import pytest
 from bus_events import event
-from nats_server import NatsServer
+from nats_server import NatsServer, subscribed
 from support import serving
 
 from consumer.config import NatsSinkSettings
@@ -55,7 +55,7 @@ async def test_an_answer_that_is_no_acknowledgement_makes_the_sink_unusable(
             await msg.respond(answer)
 
         await impostor.subscribe("opera.DEMO.HOTEL2.>", cb=respond)
-        await impostor.flush()  # subscribed before the sink publishes
+        await subscribed(impostor)  # before the sink publishes
         await sink.write("main", [event(1)])  # the stream's subject: acknowledged
         with pytest.raises(SinkUnusable, match=r"not .*acknowledgement"):
             await sink.write("main", [event(2, hotel="HOTEL2")])

@@ -24,7 +24,7 @@ import nats.js.errors
 import pytest
 from log_capture import captured_logs
 from nats.js.api import StreamConfig
-from nats_server import NatsServer, cluster_ready, start_cluster
+from nats_server import NatsServer, cluster_ready, start_cluster, subscribed
 
 from consumer.config import NatsSinkSettings
 from consumer.errors import ExitCode, SinkUnusable, TransientSinkError, exit_code_for
@@ -148,7 +148,7 @@ async def old_jetstream(server: NatsServer, create_answer: dict[str, Any]) -> As
             await msg.respond(json.dumps({"error": create_answer}).encode())
 
     await nc.subscribe("$JS.API.>", cb=respond)
-    await nc.flush()
+    await subscribed(nc)
     try:
         yield
     finally:

@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 import pytest
 from bus_events import event, opening, write_until_through
-from nats_server import NatsServer, event_ids, make_certificates, order_by_key
+from nats_server import NatsServer, event_ids, make_certificates, order_by_key, subscribed
 
 from consumer.config import NatsSinkSettings
 from consumer.core.events import Event
@@ -377,9 +377,7 @@ async def test_an_answer_that_is_not_our_streams_acknowledgement_is_unusable(
             await msg.respond(reply)
 
         await impostor.subscribe("opera.DEMO.HOTEL2.>", cb=answer)
-        # Its interest is registered once it answers itself (a flush alone can be satisfied
-        # by a PONG left over from connecting).
-        await impostor.request("opera.DEMO.HOTEL2.probe", b"", timeout=10)
+        await subscribed(impostor)
         with pytest.raises(SinkUnusable, match="answer requests on that subject") as caught:
             await sink.write("main", [event(1, hotel="HOTEL2")])
     finally:
