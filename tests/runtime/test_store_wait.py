@@ -201,29 +201,33 @@ async def test_refused_credentials_still_end_the_start_at_once(
     assert "refused our credentials" in log.read_text()
 
 
-async def test_a_daemon_started_during_a_dlq_replay_waits_for_it(
-    sandbox_factory: Any, tmp_path: Path
+@pytest.mark.parametrize("role", ["dlq-replay", "offset", "sink-adopt"])
+async def test_a_daemon_started_during_an_operators_command_waits_for_it(
+    sandbox_factory: Any, tmp_path: Path, role: str
 ) -> None:
-    """A `dlq replay` holds the store for its run: a daemon (re)started meanwhile used to exit
-    78, which systemd does not restart (RestartPreventExitStatus): the stream stayed down."""
+    """An operator's `dlq replay`, `offset set` or `sink adopt` holds the store for its run: a
+    daemon (re)started meanwhile used to exit 78, which systemd does not restart
+    (RestartPreventExitStatus): the stream stayed down after the command let go."""
     gw = await sandbox_factory(backlog=5)
     config = toml_config(tmp_path, gw.url)
     settings = load_settings(config)
     log = tmp_path / "daemon.log"
-    replay = await lease.acquire(settings.state, (), role="dlq-replay")
+    held = await lease.acquire(settings.state, sorted(settings.streams), role=role)
     released = False
     proc = spawn_daemon(config, log)
     try:
-        await wait_until(lambda: len(log_records(log, RETRYING)) >= 1, timeout=60)
-        assert proc.poll() is None
-        await replay.release()
+        await wait_until(
+            lambda: len(log_records(log, RETRYING)) >= 1 or proc.poll() is not None, timeout=60
+        )
+        assert proc.poll() is None, tail(log)
+        await held.release()
         released = True
         await wait_until(lambda: count_lines(tmp_path / "events.jsonl") >= 5, timeout=60)
         proc.send_signal(signal.SIGTERM)
         assert await wait_exit(proc) == ExitCode.OK, tail(log)
     finally:
         if not released:
-            await replay.release()
+            await held.release()
         if proc.poll() is None:
             proc.kill()
 
