@@ -2,7 +2,8 @@
 
 Shutdown is one fixed, idempotent sequence (first SIGTERM/SIGINT/SIGHUP): streams send
 ``complete`` and wait for the server to close → pipelines drain within ``drain_timeout_s`` →
-workers are cancelled → a final commit → the resources opened at start (metrics listener, sink,
+workers are cancelled (one that does not end is abandoned, and the process exits 1 once the
+rest is done) → a final commit → the resources opened at start (metrics listener, sink,
 HTTP client, state store, lease) close in reverse order, each even if another fails. A second
 signal exits at once (a stop the daemon began itself counts as no signal); the state on disk
 stays consistent because every commit is one transaction and the jsonl sink is cut back to the
@@ -115,6 +116,9 @@ class Daemon:
     _filter: EventFilter | None = None  # [filter]: one for every stream
     _handovers: dict[str, _Handover] = field(default_factory=dict)  # fleet: graceful stops
     _lease: PostgresLease | None = None  # outside a fleet on PostgreSQL: watched (_watch_lease)
+    # Workers that did not end when their pipeline's stop cancelled them (a handler that
+    # swallows the cancellation): no wait of ours waits for them, and the stop ends with 1.
+    abandoned: set[asyncio.Task[None]] = field(default_factory=set)
 
     @classmethod
     async def create(cls, settings: Settings, *, sink: Sink | None = None) -> Daemon:
@@ -331,6 +335,7 @@ class Daemon:
         finally:
             self._handovers.pop(name, None)
         self.committer.forget(name)
+        self.abandoned.update(pipeline.abandoned)
         self.runners.pop(name, None)
         self.pipelines.pop(name, None)
         log.info("stream stopped here", stream=name, lost=lost)
@@ -567,8 +572,8 @@ class Daemon:
                     stream=name,
                     in_flight=pipeline.in_flight,
                 )
-        for pipeline in list(self.pipelines.values()):
-            await pipeline.stop()
+        # Together: each gives a worker stuck in its sink CANCEL_GRACE_S to end, at most.
+        await asyncio.gather(*[p.stop() for p in list(self.pipelines.values())])
         # A handover under way ends as it would have (drained, committed, released): cancelled,
         # its stream would be dropped before hand_over() releases it (held until the lease ran
         # out) and its last commit refused. Each is bounded by the time the settings allow it.
@@ -576,7 +581,12 @@ class Daemon:
         if moving and self.fleet is not None:
             _extend_stop(budget, "handovers_s")
             await _wait(moving, budget.handovers_s)
-        rest = list(self._tasks)
+        for pipeline in self.pipelines.values():  # those a handover stopped: recorded there
+            self.abandoned.update(pipeline.abandoned)
+        if self.abandoned and self.exit_code == ExitCode.OK:
+            self.exit_code = ExitCode.RUNTIME  # the process ends under them (run)
+        # Not the abandoned workers: cancelled again, they would be waited for for ever.
+        rest = [t for t in self._tasks if t not in self.abandoned]
         for t in rest:
             t.cancel()
         await asyncio.gather(*rest, return_exceptions=True)
@@ -599,6 +609,7 @@ class Daemon:
         log.info(
             "stopped",
             delivered={n: p.delivered for n, p in self.pipelines.items()},
+            abandoned_workers=len(self.abandoned),
             exit_code=self.exit_code,
         )
 
@@ -870,16 +881,26 @@ async def run(settings: Settings) -> int:
     tune_gc()
     # Our handlers stay until Daemon.run replaces them (no await between): a signal in
     # between is delivered to its handler, never to the default action that would kill us.
-    return await daemon.run()
+    code = await daemon.run()
+    if daemon.abandoned:
+        # Stopped, committed and closed; asyncio.run would now cancel the abandoned workers
+        # once more and wait for them: for ever.
+        _exit(code)
+    return code
 
 
 def _exit_now(sig: signal.Signals) -> NoReturn:
     log.warning("second signal: exiting now", signal=sig.name)
-    # The store is transactional and the jsonl tail is cut on restart: nothing to save. A
-    # reader of our log gone (a dead pipe) must not keep us from exiting.
+    # The store is transactional and the jsonl tail is cut on restart: nothing to save.
+    _exit(ExitCode.INTERRUPTED)
+
+
+def _exit(code: int) -> NoReturn:
+    """End the process now, without asyncio's or the interpreter's teardown."""
+    # A reader of our log gone (a dead pipe) must not keep us from exiting.
     with contextlib.suppress(OSError, ValueError):
         sys.stderr.flush()
-    os._exit(ExitCode.INTERRUPTED)
+    os._exit(code)
 
 
 def tune_gc() -> None:
