@@ -504,8 +504,9 @@ class Daemon:
                 log.warning(
                     "a stop may take longer than a 45 s grace: give docker stop -t, "
                     "stop_grace_period or terminationGracePeriodSeconds at least stop_within_s "
-                    "(a plain docker stop gives 10 s), or lower pipeline.drain_timeout_s or "
-                    "connection.complete_timeout_s; killed, it is safe but reported failed",
+                    "(a plain docker stop gives 10 s), or lower pipeline.drain_timeout_s, "
+                    "connection.complete_timeout_s or a nats or redis sink's timeout_s; "
+                    "killed, it is safe but reported failed",
                     stop_within_s=round(most + STOP_SLACK_S),
                 )
             log.info(
@@ -602,6 +603,9 @@ class Daemon:
                 self.exit_code = ExitCode.RUNTIME
         if self.fleet is not None:
             await self.fleet.hand_over()  # committed: the next members may take over now
+        # Asked before the close: a NATS or Redis sink's connection to a frozen server takes
+        # its timeout_s to close, past what the commit's extension left.
+        _extend_stop(budget, "close_s")
         try:
             await self._resources.aclose()  # each closes even if another fails
         except Exception as exc:
