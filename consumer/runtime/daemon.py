@@ -81,6 +81,11 @@ _MOVES = ("fleet-release-", "fleet-lose-")  # the names of the fleet's handover 
 
 SHOWN_STATUS_CHARS = 500  # of a stream's last close or wait, in /readyz, STATUS= and `status`
 
+# A sink or state store that cannot be written to (any more): the daemon stops, with the
+# status exit_code_for gives (78: an operator must look; 1: a restart may help), whether a
+# running daemon's commit or write met it or the stop's final commit.
+_UNUSABLE = (SinkUnusable, SinkLost, StoreError)
+
 
 def for_a_person(text: str) -> str:
     """A stream's last close or what it waits for, as every view shows it (/readyz, systemd's
@@ -452,7 +457,7 @@ class Daemon:
                 exit_code=int(ExitCode.CONFIG),
             )
             self.exit_code = ExitCode.CONFIG
-        elif isinstance(exc, SinkUnusable | SinkLost | StoreError):
+        elif isinstance(exc, _UNUSABLE):
             # Writing on could lose data: an operator must look (exit 78), unless a restart
             # helps (a state store that may clear, a sink's lost writes replayed: exit 1).
             what = "state store" if isinstance(exc, StoreError) else "sink"
@@ -595,12 +600,16 @@ class Daemon:
         try:
             await self.committer.flush()
         except Exception as exc:
+            # As a running daemon's would (_task_done): a sink or store unusable stops with 78
+            # whatever status the stop had (systemd must not restart into it), or 1.
+            code = exit_code_for(exc) if isinstance(exc, _UNUSABLE) else ExitCode.RUNTIME
+            if self.exit_code == ExitCode.OK or code == ExitCode.CONFIG:
+                self.exit_code = code
             log.error(
                 "final commit failed; uncommitted events are replayed on the next start",
                 error=describe(exc),
+                exit_code=int(self.exit_code),
             )
-            if self.exit_code == ExitCode.OK:
-                self.exit_code = ExitCode.RUNTIME
         if self.fleet is not None:
             await self.fleet.hand_over()  # committed: the next members may take over now
         # Asked before the close: a NATS or Redis sink's connection to a frozen server takes
