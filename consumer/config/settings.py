@@ -968,7 +968,7 @@ STOP_SLACK_S = 5.0
 # (TimeoutStopSec=) give a stop; a plain `docker stop` gives 10 s, Kubernetes 30 s.
 DOCUMENTED_STOP_S = 45.0
 
-StopStep = Literal["streams_s", "drain_s", "handovers_s", "commit_s", "leave_s"]
+StopStep = Literal["streams_s", "drain_s", "handovers_s", "commit_s", "leave_s", "close_s"]
 
 
 @dataclass(frozen=True)
@@ -983,6 +983,9 @@ class StopBudget:
     # cut by the stop: one slower still is ended by systemd's kill, as before (replayed).
     commit_s: float
     leave_s: float  # fleet: the leases released and the fleet left, each within a tick
+    # The resources closed: a NATS or Redis sink's connection to a server that does not
+    # answer (frozen, the socket's buffers full) holds the close for the sink's timeout_s.
+    close_s: float
 
     def left(self, step: StopStep) -> float:
         """From the start of ``step`` to the end of the stop."""
@@ -1002,7 +1005,16 @@ def stop_budget(settings: Settings) -> StopBudget:
         handovers_s=max(fleet_handover_s(s.connection, p) for s in streams) if f.enabled else 0.0,
         commit_s=settings.state.timeout_s + STOP_GRACE_S,
         leave_s=2 * f.renew_interval_s if f.enabled else 0.0,
+        close_s=_sink_close_s(settings.sink),
     )
+
+
+def _sink_close_s(sink: SinkSettings) -> float:
+    """How long closing the sink may take: a NATS or Redis sink aborts its connection after
+    its timeout_s (unbounded in the settings: capped as the other steps are)."""
+    if isinstance(sink, NatsSinkSettings | RedisSinkSettings):
+        return min(sink.timeout_s, MAX_STOP_STEP_S)
+    return 0.0
 
 
 class JsonlSinkSettings(_Model):

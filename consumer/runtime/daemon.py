@@ -2,7 +2,8 @@
 
 Shutdown is one fixed, idempotent sequence (first SIGTERM/SIGINT/SIGHUP): streams send
 ``complete`` and wait for the server to close → pipelines drain within ``drain_timeout_s`` →
-workers are cancelled → a final commit → the resources opened at start (metrics listener, sink,
+workers are cancelled (one that does not end is abandoned, and the process exits 1 once the
+rest is done) → a final commit → the resources opened at start (metrics listener, sink,
 HTTP client, state store, lease) close in reverse order, each even if another fails. A second
 signal exits at once (a stop the daemon began itself counts as no signal); the state on disk
 stays consistent because every commit is one transaction and the jsonl sink is cut back to the
@@ -81,6 +82,11 @@ _MOVES = ("fleet-release-", "fleet-lose-")  # the names of the fleet's handover 
 
 SHOWN_STATUS_CHARS = 500  # of a stream's last close or wait, in /readyz, STATUS= and `status`
 
+# A sink or state store that cannot be written to (any more): the daemon stops, with the
+# status exit_code_for gives (78: an operator must look; 1: a restart may help), whether a
+# running daemon's commit or write met it or the stop's final commit.
+_UNUSABLE = (SinkUnusable, SinkLost, StoreError)
+
 
 def for_a_person(text: str) -> str:
     """A stream's last close or what it waits for, as every view shows it (/readyz, systemd's
@@ -116,6 +122,9 @@ class Daemon:
     _filter: EventFilter | None = None  # [filter]: one for every stream
     _handovers: dict[str, _Handover] = field(default_factory=dict)  # fleet: graceful stops
     _lease: PostgresLease | None = None  # outside a fleet on PostgreSQL: watched (_watch_lease)
+    # Workers that did not end when their pipeline's stop cancelled them (a handler that
+    # swallows the cancellation): no wait of ours waits for them, and the stop ends with 1.
+    abandoned: set[asyncio.Task[None]] = field(default_factory=set)
 
     @classmethod
     async def create(cls, settings: Settings, *, sink: Sink | None = None) -> Daemon:
@@ -341,6 +350,7 @@ class Daemon:
         finally:
             self._handovers.pop(name, None)
         self.committer.forget(name)
+        self.abandoned.update(pipeline.abandoned)
         self.runners.pop(name, None)
         self.pipelines.pop(name, None)
         log.info("stream stopped here", stream=name, lost=lost)
@@ -457,7 +467,7 @@ class Daemon:
                 exit_code=int(ExitCode.CONFIG),
             )
             self.exit_code = ExitCode.CONFIG
-        elif isinstance(exc, SinkUnusable | SinkLost | StoreError):
+        elif isinstance(exc, _UNUSABLE):
             # Writing on could lose data: an operator must look (exit 78), unless a restart
             # helps (a state store that may clear, a sink's lost writes replayed: exit 1).
             what = "state store" if isinstance(exc, StoreError) else "sink"
@@ -509,8 +519,9 @@ class Daemon:
                 log.warning(
                     "a stop may take longer than a 45 s grace: give docker stop -t, "
                     "stop_grace_period or terminationGracePeriodSeconds at least stop_within_s "
-                    "(a plain docker stop gives 10 s), or lower pipeline.drain_timeout_s or "
-                    "connection.complete_timeout_s; killed, it is safe but reported failed",
+                    "(a plain docker stop gives 10 s), or lower pipeline.drain_timeout_s, "
+                    "connection.complete_timeout_s or a nats or redis sink's timeout_s; "
+                    "killed, it is safe but reported failed",
                     stop_within_s=round(most + STOP_SLACK_S),
                 )
             log.info(
@@ -577,8 +588,8 @@ class Daemon:
                     stream=name,
                     in_flight=pipeline.in_flight,
                 )
-        for pipeline in list(self.pipelines.values()):
-            await pipeline.stop()
+        # Together: each gives a worker stuck in its sink CANCEL_GRACE_S to end, at most.
+        await asyncio.gather(*[p.stop() for p in list(self.pipelines.values())])
         # A handover under way ends as it would have (drained, committed, released): cancelled,
         # its stream would be dropped before hand_over() releases it (held until the lease ran
         # out) and its last commit refused. Each is bounded by the time the settings allow it.
@@ -586,7 +597,12 @@ class Daemon:
         if moving and self.fleet is not None:
             _extend_stop(budget, "handovers_s")
             await _wait(moving, budget.handovers_s)
-        rest = list(self._tasks)
+        for pipeline in self.pipelines.values():  # those a handover stopped: recorded there
+            self.abandoned.update(pipeline.abandoned)
+        if self.abandoned and self.exit_code == ExitCode.OK:
+            self.exit_code = ExitCode.RUNTIME  # the process ends under them (run)
+        # Not the abandoned workers: cancelled again, they would be waited for for ever.
+        rest = [t for t in self._tasks if t not in self.abandoned]
         for t in rest:
             t.cancel()
         await asyncio.gather(*rest, return_exceptions=True)
@@ -594,14 +610,21 @@ class Daemon:
         try:
             await self.committer.flush()
         except Exception as exc:
+            # As a running daemon's would (_task_done): a sink or store unusable stops with 78
+            # whatever status the stop had (systemd must not restart into it), or 1.
+            code = exit_code_for(exc) if isinstance(exc, _UNUSABLE) else ExitCode.RUNTIME
+            if self.exit_code == ExitCode.OK or code == ExitCode.CONFIG:
+                self.exit_code = code
             log.error(
                 "final commit failed; uncommitted events are replayed on the next start",
                 error=describe(exc),
+                exit_code=int(self.exit_code),
             )
-            if self.exit_code == ExitCode.OK:
-                self.exit_code = ExitCode.RUNTIME
         if self.fleet is not None:
             await self.fleet.hand_over()  # committed: the next members may take over now
+        # Asked before the close: a NATS or Redis sink's connection to a frozen server takes
+        # its timeout_s to close, past what the commit's extension left.
+        _extend_stop(budget, "close_s")
         try:
             await self._resources.aclose()  # each closes even if another fails
         except Exception as exc:
@@ -609,6 +632,7 @@ class Daemon:
         log.info(
             "stopped",
             delivered={n: p.delivered for n, p in self.pipelines.items()},
+            abandoned_workers=len(self.abandoned),
             exit_code=self.exit_code,
         )
 
@@ -900,16 +924,26 @@ async def run(settings: Settings) -> int:
     tune_gc()
     # Our handlers stay until Daemon.run replaces them (no await between): a signal in
     # between is delivered to its handler, never to the default action that would kill us.
-    return await daemon.run()
+    code = await daemon.run()
+    if daemon.abandoned:
+        # Stopped, committed and closed; asyncio.run would now cancel the abandoned workers
+        # once more and wait for them: for ever.
+        _exit(code)
+    return code
 
 
 def _exit_now(sig: signal.Signals) -> NoReturn:
     log.warning("second signal: exiting now", signal=sig.name)
-    # The store is transactional and the jsonl tail is cut on restart: nothing to save. A
-    # reader of our log gone (a dead pipe) must not keep us from exiting.
+    # The store is transactional and the jsonl tail is cut on restart: nothing to save.
+    _exit(ExitCode.INTERRUPTED)
+
+
+def _exit(code: int) -> NoReturn:
+    """End the process now, without asyncio's or the interpreter's teardown."""
+    # A reader of our log gone (a dead pipe) must not keep us from exiting.
     with contextlib.suppress(OSError, ValueError):
         sys.stderr.flush()
-    os._exit(ExitCode.INTERRUPTED)
+    os._exit(code)
 
 
 def tune_gc() -> None:

@@ -23,6 +23,7 @@ import time
 import zlib
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import structlog
 from tenacity import (
@@ -35,6 +36,7 @@ from tenacity import (
 from ..core.events import Event
 from ..core.evidence import describe, prefix
 from ..core.filters import EventFilter
+from ..core.printable import printable
 from ..core.protocol import DecodeError
 from ..core.records import DeadLetter
 from ..core.retry_after import WaitRetryAfter
@@ -65,6 +67,15 @@ WAITING_SINK_WORKERS = 4
 # keep the 2,000 their batches grow in while the sink answers.
 QUEUE_PER_WORKER = 500
 
+# How long the workers a stop cancels have to end. One still running then is in code that
+# swallows its cancellation (a handler that catches BaseException and goes on; nats-py while
+# its outbound buffer is full swallows one): cancelled once more halfway (one swallowed
+# cancellation is no reason to give up on it), then abandoned, so that the stop goes on. Its
+# events are not done: no commit covers them, and the next start replays them.
+CANCEL_GRACE_S = 2.0
+# Coroutines followed down from a stuck worker to name the code it waits in, at most.
+_AWAITS_FOLLOWED = 64
+
 
 def _stop_if_asked() -> None:
     """A worker that was asked to stop writes nothing more, even when the sink turned the
@@ -84,6 +95,32 @@ def _closing(owner: asyncio.Task[None] | None) -> bool:
         return owner is None or asyncio.current_task() is not owner
     except RuntimeError:  # no running loop: a finalizer's close()
         return True
+
+
+async def _still_running(
+    tasks: list[asyncio.Task[None]], seconds: float
+) -> list[asyncio.Task[None]]:
+    """Those of ``tasks`` that have not ended within ``seconds``."""
+    if tasks:
+        await asyncio.wait(tasks, timeout=seconds)
+    return [t for t in tasks if not t.done()]
+
+
+def _waiting_in(task: asyncio.Task[Any]) -> str:
+    """Where a stuck worker waits, by the code's names only (never a value from the wire):
+    the coroutines it awaits outside this package and asyncio, outermost first (a python
+    sink's handler, then what it awaits; a sink library's calls), as module:function."""
+    names: list[str] = []
+    coro: Any = task.get_coro()
+    for _ in range(_AWAITS_FOLLOWED):
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is None:
+            break
+        module = str(frame.f_globals.get("__name__", "?"))
+        if not module.startswith(("consumer.", "asyncio.")):
+            names.append(f"{module}:{frame.f_code.co_qualname}")
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return printable(" > ".join(names) or "?", 300)
 
 
 def _taken(exc: TransientSinkError | PermanentSinkError, written: int) -> int:
@@ -171,6 +208,10 @@ class StreamPipeline:
         self._chunk: list[Event] = []  # read, not yet handed to the workers
         self._flush_soon: asyncio.Handle | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        # Workers that did not end when a stop cancelled them (see CANCEL_GRACE_S): still
+        # running, so the daemon waits for them nowhere, and ends its process itself.
+        self.abandoned: list[asyncio.Task[None]] = []
+        self._stopping: asyncio.Future[None] | None = None  # the stop, once begun
         self._parking = (
             ParkedKeys(stream, committer, retry_initial_s=retry_initial_s, retry_max_s=retry_max_s)
             if park_key
@@ -342,16 +383,40 @@ class StreamPipeline:
         await self._committer.drained(self.stream)
 
     async def stop(self) -> None:
-        """Cancel the workers (idempotent). Events not done are replayed at the next start."""
-        if self._flush_soon is not None:
-            self._flush_soon.cancel()
-            self._flush_soon = None
-        self._queued_bytes -= sum([ev.held_bytes() for ev in self._chunk])
-        self._chunk = []
-        tasks, self._tasks = self._tasks, []
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        """Cancel the workers (idempotent; a second caller waits for the first one's stop).
+        Events not done are replayed at the next start. A worker that has not ended within
+        :data:`CANCEL_GRACE_S` is abandoned (:attr:`abandoned`): the stop returns all the
+        same."""
+        if self._stopping is None:
+            if self._flush_soon is not None:
+                self._flush_soon.cancel()
+                self._flush_soon = None
+            self._queued_bytes -= sum([ev.held_bytes() for ev in self._chunk])
+            self._chunk = []
+            tasks, self._tasks = self._tasks, []
+            for t in tasks:
+                t.cancel()
+            self._stopping = asyncio.ensure_future(self._end(tasks))
+        # Shielded: a caller cancelled meanwhile (a handover cut short) leaves it to the others.
+        await asyncio.shield(self._stopping)
+
+    async def _end(self, tasks: list[asyncio.Task[None]]) -> None:
+        """Wait for the cancelled ``tasks`` to end, within the grace."""
+        stuck = await _still_running(tasks, CANCEL_GRACE_S / 2)
+        for t in stuck:
+            t.cancel()  # the first one swallowed
+        stuck = await _still_running(stuck, CANCEL_GRACE_S / 2)
+        for t in stuck:
+            log.error(
+                "worker did not end when cancelled; abandoned",
+                stream=self.stream,
+                worker=t.get_name(),
+                sink=self._sink.name,
+                waiting_in=_waiting_in(t),
+                grace_s=CANCEL_GRACE_S,
+            )
+        self.abandoned += stuck
+        await asyncio.gather(*[t for t in tasks if t not in stuck], return_exceptions=True)
 
     # --- workers ----------------------------------------------------------------------------
 

@@ -109,7 +109,8 @@ async def test_a_long_drain_extends_the_stop_timeout_within_the_settings(
     extensions = [m for m in messages if m.startswith("EXTEND_TIMEOUT_USEC=")]
     # After STOPPING=1 (systemd takes it for the stop's timeout), each the rest of the stop
     # from a step on, as the settings bound it: the whole stop first, never more.
-    assert extensions == [usec(settings, s) for s in ("streams_s", "drain_s", "commit_s")]
+    steps: tuple[StopStep, ...] = ("streams_s", "drain_s", "commit_s", "close_s")
+    assert extensions == [usec(settings, s) for s in steps]
     assert messages.index(extensions[0]) > stopping
     most = int((budget.total_s + STOP_SLACK_S) * 1e6)
     assert extensions[0] == f"EXTEND_TIMEOUT_USEC={most}"
@@ -206,6 +207,6 @@ async def test_a_fleet_member_asks_for_the_handovers_and_its_leases_too(
     budget = stop_budget(settings)
     assert budget.handovers_s > 0 and budget.leave_s > 0
     extensions = [m for m in messages if m.startswith("EXTEND_TIMEOUT_USEC=")]
-    steps: tuple[StopStep, ...] = ("streams_s", "drain_s", "handovers_s", "commit_s")
+    steps: tuple[StopStep, ...] = ("streams_s", "drain_s", "handovers_s", "commit_s", "close_s")
     assert extensions == [usec(settings, s) for s in steps]
     assert messages.index(extensions[0]) > messages.index("STOPPING=1")
