@@ -4,14 +4,17 @@ Safe while the daemon runs (SQLite WAL; every change is one short transaction). 
 through the configured sink (and orchestration): each event delivered is removed from the DLQ
 and recorded as processed in the same transaction, so the stream will skip it if OHIP sends
 it again. Events of one primaryKey are replayed in arrival order; after one fails, the later
-ones of that resource are left in place. The jsonl sink has a single writer: replaying into it
-needs the daemon stopped.
+ones of that resource are left in place. A sink whose rows go into the state store's own
+transaction delivers them with that commit: an event whose row it refuses (and the sink's own
+path too) stays in the DLQ, reported failed (see :class:`_Outcomes`). The jsonl sink has a
+single writer: replaying into it needs the daemon stopped.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -32,7 +35,7 @@ from ..core.events import Event
 from ..core.evidence import describe, prefix
 from ..core.printable import printable
 from ..core.protocol import DecodeError, Next, decode
-from ..core.records import DeadLetterRow
+from ..core.records import DeadLetter, DeadLetterRow
 from ..core.retry_after import WaitRetryAfter
 from ..early_signals import REPLAY_SIGNALS, cancelling
 from ..errors import (
@@ -61,6 +64,7 @@ _COMMIT_EVERY = 100
 PAGE = 200
 _MALFORMED = "a malformed frame cannot be replayed: purge it"
 _UNKNOWN_STREAM = "its stream is not in the configuration (the sink may need its settings): add it"
+_EARLIER_FAILED = "an earlier event of this primaryKey was not delivered"
 _FRAME_HEAD = b'{"id":"dlq","type":"next","payload":{"data":{"newEvent":'
 _NOT_AN_EVENT = (
     "its payload is not a whole event (cut short, nested deeper than a parser goes, or "
@@ -279,6 +283,7 @@ async def _replay(
             sink = build_sink(settings, http)
             await open_sink(sink, store, st.path)
             committer = Committer(store, sink, max_events=1_000_000, interval_s=1.0)
+            outcomes = _Outcomes(committer, settings, failed_keys, on_outcome)
             try:
                 done = 0
                 # Read under the lock: a replay that ended meanwhile took its rows out.
@@ -287,7 +292,7 @@ async def _replay(
                         skip = _held(row, held_back, failed_keys)
                         if skip is None and row.stream not in settings.streams:
                             skip = _unusable(row, _UNKNOWN_STREAM, failed_keys)
-                        on_outcome(
+                        outcomes.outcome(
                             skip
                             or await _one(
                                 row, settings, sink, committer, failed_keys, attempts=attempts
@@ -295,10 +300,10 @@ async def _replay(
                         )
                         done += 1
                         if done % _COMMIT_EVERY == 0:  # bound what a crash here would re-deliver
-                            await committer.flush()
+                            await outcomes.flush()
             finally:
                 try:  # what was delivered is recorded however the loop ended (^C too)
-                    await committer.flush()
+                    await outcomes.flush()
                 finally:
                     await sink.close()
         finally:
@@ -350,8 +355,71 @@ async def _one(
         why = prefix(scrub(str(exc)), 1000) if isinstance(exc, Exception) else describe(exc, scrub)
         return _outcome(row, "failed", why)
     committer.processed(row.stream, [event.unique_event_id])
-    committer.resolved(row.id)
+    committer.resolved(row.id, row.stream, event.unique_event_id)
     return _outcome(row, "delivered")
+
+
+class _Outcomes:
+    """A replay's outcomes, each given on as soon as it is final. A row a sink staged for the
+    state transaction is delivered only by the commit, which may refuse it and dead-letter the
+    event again (the committer's set-aside; its letter stays in the DLQ, and the later events
+    of its resource in that commit are parked): its outcome, and those after it (in id order),
+    wait for that commit, then say what it did."""
+
+    def __init__(
+        self,
+        committer: Committer,
+        settings: Settings,
+        failed_keys: set[tuple[str, str]],
+        on_outcome: Callable[[Outcome], None],
+    ) -> None:
+        self._committer = committer
+        self._failed_keys = failed_keys
+        self._on_outcome = on_outcome
+        self._held: list[Outcome] = []
+        self._letters: dict[tuple[str, str], DeadLetter] = {}  # (stream, uid) -> set aside
+        for stream in settings.streams:  # parks: a resource's order holds, as in the daemon
+            committer.on_set_aside(stream, self._heard, parks=True)
+
+    def _heard(self, letters: Sequence[DeadLetter]) -> None:
+        for d in letters:
+            if d.unique_event_id is not None:
+                self._letters[(d.stream, d.unique_event_id)] = d
+
+    def outcome(self, outcome: Outcome) -> None:
+        self._held.append(outcome)
+        if not self._committer.staging():
+            self._give()
+
+    async def flush(self) -> None:
+        """Commit; the outcomes held for it given on, as it settled them."""
+        try:
+            await self._committer.flush()
+        except BaseException:
+            self._give("delivered, but the commit recording it failed: it stays in the DLQ")
+            raise
+        self._give()
+
+    def _give(self, not_committed: str = "") -> None:
+        held, self._held = self._held, []
+        for outcome in held:
+            self._on_outcome(
+                self._settled(outcome, not_committed) if outcome.result == "delivered" else outcome
+            )
+        self._letters.clear()
+
+    def _settled(self, delivered: Outcome, not_committed: str) -> Outcome:
+        """What the commit made of a delivery (``not_committed``: why it made nothing)."""
+        letter = self._letters.get((delivered.stream, delivered.unique_event_id or ""))
+        if letter is not None:  # dead-lettered again: its later events wait behind it
+            if letter.primary_key:
+                self._failed_keys.add((letter.stream, letter.primary_key))
+            if letter.reason == "parked":
+                return dataclasses.replace(delivered, result="skipped", detail=_EARLIER_FAILED)
+            return dataclasses.replace(delivered, result="failed", detail=letter.error)
+        if not_committed:
+            return dataclasses.replace(delivered, result="failed", detail=not_committed)
+        return delivered
 
 
 def _held(
@@ -363,7 +431,7 @@ def _held(
         return None
     key = (row.stream, row.primary_key)
     if key in failed:
-        return _outcome(row, "skipped", "an earlier event of this primaryKey was not delivered")
+        return _outcome(row, "skipped", _EARLIER_FAILED)
     older = held_back.get(key)
     if older is None or older > row.id:
         return None

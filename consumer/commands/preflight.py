@@ -230,7 +230,7 @@ async def _local(checks: _Checks, settings: Settings) -> None:
     sink_state: str | _Unknown | None = _UNKNOWN  # the sink's committed position
     try:
         if settings.state.backend == "sqlite":
-            item = _sqlite_file("state store", settings.state.path)
+            item = _sqlite_file("state store", settings.state.path, "[state] path")
             add(*item)
             if item[0] == "PASS" and (replay := _replay_lock(settings.state.path)) is not None:
                 add(*replay)
@@ -302,14 +302,18 @@ async def _metrics_address(checks: _Checks, settings: Settings) -> None:
     )
 
 
-def _sqlite_file(what: str, path: Path) -> tuple[str, str, str, str]:
-    """(level, "-", what, detail) for a SQLite file the daemon writes, looked at without
-    creating or changing it (SQLite itself would create a missing file, or its -wal/-shm)."""
+def _sqlite_file(what: str, path: Path, setting: str) -> tuple[str, str, str, str]:
+    """(level, "-", what, detail) for a SQLite file the daemon writes (``setting`` names it),
+    looked at without creating or changing it (SQLite itself would create a missing file, or
+    its -wal/-shm)."""
     try:
         if not path.exists():
             return _creatable(what, path)
     except OSError as exc:  # a directory this user cannot enter: name it and the fix
         return "FAIL", "-", what, f"{path}: {sqlite.access_fault(path) or exc.strerror}"
+    # Before SQLite opens it: reading a FIFO waits for a writer for ever.
+    if (fault := sqlite.not_a_file(path, setting)) is not None:
+        return "FAIL", "-", what, f"{path}: {fault}"
     try:
         uri = f"{path.resolve().as_uri()}?mode=ro&immutable=1"
         with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=5)) as db:
@@ -378,8 +382,8 @@ def _sqlite_table(path: Path, table: str, *, in_store: bool = False) -> str | No
     try:
         if in_store:
             sqlite_sink.check_store_table_name(table, path)
-        if not path.exists():
-            return None
+        if not path.is_file():
+            return None  # no file yet (created at the start), or the file's line says why
         # Immutable unless a -wal is there (a running daemon's commits may be in it alone).
         wal = path.with_name(path.name + "-wal").exists()
         uri = f"{path.resolve().as_uri()}?mode=ro{'' if wal else '&immutable=1'}"
@@ -484,7 +488,7 @@ async def _sink(checks: _Checks, settings: Settings, committed: str | _Unknown |
             level, detail = "PASS", f"rows go into the state store {state}"
             problem = _sqlite_table(state, s.table, in_store=True)
         else:
-            level, _, _, detail = _sqlite_file("sink", s.path)
+            level, _, _, detail = _sqlite_file("sink", s.path, "sink.path")
             problem = _sqlite_table(s.path, s.table) if level == "PASS" else None
         if problem is not None:
             level, detail = "FAIL", problem

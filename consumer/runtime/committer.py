@@ -132,6 +132,9 @@ class Committer:
         # stream -> whoever runs it: told of those dead letters (they are its stream's), and
         # whether it parks a resource behind one (park-key). See on_set_aside.
         self._runs: dict[str, tuple[Callable[[Sequence[DeadLetter]], None], bool]] = {}
+        # A replay's dead letters delivered, not yet removed by a durable commit: id -> its
+        # event's (stream, uniqueEventId). See _still_letters.
+        self._resolving: dict[int, tuple[str, str]] = {}
         self._id = secrets.token_hex(8)  # this committer's batches' marks (CommitBatch.mark)
         self._seq = 0
         self._pending = 0
@@ -221,12 +224,42 @@ class Committer:
         if self._pending_bytes >= self._max_pending_bytes // 4:
             self._wake.set()
 
-    def resolved(self, dead_letter_id: int) -> None:
-        """A dead letter delivered by a replay: removed in the same transaction."""
+    def resolved(self, dead_letter_id: int, stream: str, unique_event_id: str) -> None:
+        """A dead letter delivered by a replay (its event's stream and id): removed in the
+        same transaction, unless that transaction dead-letters the event again (see
+        :meth:`_still_letters`)."""
         self._batch.resolved.append(dead_letter_id)
+        self._resolving[dead_letter_id] = (stream, unique_event_id)
         self._pending += 1
         if self._adaptive or self._pending >= self._max_events:
             self._wake.set()
+
+    def staging(self) -> bool:
+        """Whether rows a sink staged wait for the next commit (taken from the sink into the
+        batch, in order): what they deliver is not final before it, since its transaction may
+        refuse a row and the event is then dead-lettered (:meth:`_set_aside`). A replay holds
+        its outcomes meanwhile."""
+        staged = self._sink.staged()
+        if staged is not None:
+            self._batch.staged.append(staged)
+        return any(s.rows for s in self._batch.staged)
+
+    def _still_letters(self, resolved: list[int], letters: Sequence[DeadLetter]) -> list[int]:
+        """``resolved`` without the replay's dead letters whose event ``letters`` dead-letter
+        again (refused in the state transaction, then on the sink's own path): such a letter
+        is kept, the new one lands on it (same stream and uniqueEventId: one more attempt,
+        the new reason). Removed with the resolved ones, the event was lost (its id recorded
+        as processed, in neither the sink nor the DLQ)."""
+        if not resolved or not letters:
+            return resolved
+        again = {(d.stream, d.unique_event_id) for d in letters}
+        kept: list[int] = []
+        for dead_letter_id in resolved:
+            if self._resolving.get(dead_letter_id) in again:
+                del self._resolving[dead_letter_id]  # resolved no more
+            else:
+                kept.append(dead_letter_id)
+        return kept
 
     def _done(
         self, stream: str, ledger: _Ledger, seqs: Sequence[int], done: int, other: int = 0
@@ -526,6 +559,7 @@ class Committer:
             staged=[],
             dead_letters=[*batch.dead_letters, *letters],
             done_counts=dict(batch.done_counts),
+            resolved=self._still_letters(batch.resolved, letters),
         )
         gone = frozenset(self._forgotten_in_flight)
         for letter in letters:
@@ -650,6 +684,7 @@ class Committer:
             if letter.primary_key is not None:
                 ledger.letters_not_durable[letter.primary_key] += 1  # settled by _durable
             self._hold(len(letter.payload) + len(letter.error))
+        self._batch.resolved = self._still_letters(self._batch.resolved, its)
         self.aside_dead_letters += len(its)
         self._tell(its, gone)
 
@@ -836,6 +871,8 @@ class Committer:
         for stream in batch.checkpoints:
             if self._live(stream, gone) is not None:
                 self.checkpointed_at[stream] = now
+        for dead_letter_id in batch.resolved:
+            self._resolving.pop(dead_letter_id, None)
 
     def _restore(self, batch: CommitBatch, held: int) -> None:
         """A failed commit: kept as it is, to be sent first and alone at the next flush

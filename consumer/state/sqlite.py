@@ -19,6 +19,7 @@ import functools
 import json
 import os
 import sqlite3
+import stat
 import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
@@ -277,6 +278,8 @@ class SqliteStore:
 
     @classmethod
     async def _open(cls, path: Path, synchronous: str, create: bool) -> SqliteStore:
+        if (fault := not_a_file(path, "[state] path")) is not None:
+            raise StoreError(fault)  # an operator's to fix: exit 78, not retried
         if create:
             make_dirs(path.parent)
             # Create it 0600 before SQLite does (SQLite gives -wal/-shm the same mode).
@@ -862,6 +865,34 @@ def store_error(
             "configured start, and a jsonl sink file must be adopted or moved too)"
         )
     return StoreError(f"state store {path}: {exc}")
+
+
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def not_a_file(path: Path, setting: str) -> str | None:
+    """Why ``path`` cannot hold a SQLite database: it exists and is not a regular file (a
+    FIFO, whose read waits for a writer for ever; a device such as /dev/null, on which SQLite
+    fails with a disk I/O error, taken for the disk's and retried for ever), and the fix
+    (``setting``: what names it). None when it is a file, or no file yet, or cannot be looked
+    at (opening it then says why)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((k for test, k in _KINDS if test(mode)), "a special file")
+    return (
+        f"it is {kind}, not a regular file: set {setting} to a file of its own (one that does "
+        "not exist yet is created)"
+    )
 
 
 def access_fault(path: Path, *also: Path) -> str | None:

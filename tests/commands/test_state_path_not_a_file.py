@@ -1,0 +1,107 @@
+"""A state path that names something other than a regular file (a FIFO, a device such as
+/dev/null, a socket; the configuration refuses a directory): every command refuses it at once,
+naming the path and the fix, in one line, exit 78 (EX_CONFIG: systemd does not restart it);
+``preflight`` says so in a FAIL line.
+
+Was: ``run`` took SQLite's failure on a FIFO or /dev/null for a disk I/O error and retried it
+for ever ("state store unreachable at start; retrying"), and ``status``, ``dlq list``,
+``offset show`` and ``preflight`` waited for ever on opening the FIFO for reading. Each command
+a process, with a bounded wait."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from consumer.errors import ExitCode
+from consumer.sandbox import launcher
+
+ROOT = Path(__file__).parents[2]
+COMMANDS = (("run",), ("status",), ("dlq", "list"), ("offset", "show"))
+
+
+def write_config(tmp_path: Path, state: Path, sink: str = "") -> Path:
+    config = tmp_path / "config.toml"
+    config.write_text(
+        launcher.stream_config("http://127.0.0.1:9")
+        + f'[state]\npath = "{state}"\n'
+        + (sink or f'[sink]\npath = "{tmp_path / "events.jsonl"}"\n')
+        + "[metrics]\nenabled = false\n"
+    )
+    return config
+
+
+def command(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``opera-consumer ARGS`` as a process; a hang fails the test (TimeoutExpired)."""
+    return subprocess.run(
+        [sys.executable, "-m", "consumer", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},  # this checkout's code
+    )
+
+
+def fifo(path: Path) -> None:
+    os.mkfifo(path)
+
+
+def null_device(path: Path) -> None:
+    """/dev/null's twin (char device 1:3) in the test's directory: the daemon's start puts its
+    lock file beside the store, which must not be in /dev."""
+    try:
+        os.mknod(path, stat.S_IFCHR | 0o600, os.makedev(1, 3))
+    except PermissionError:
+        pytest.skip("cannot create a device node here (needs CAP_MKNOD)")
+
+
+def unix_socket(path: Path) -> None:
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(path))
+    s.close()  # the socket file stays
+
+
+@pytest.mark.parametrize(
+    ("make", "kind"),
+    [(fifo, "a FIFO"), (null_device, "a character device"), (unix_socket, "a socket")],
+    ids=["fifo", "dev-null", "socket"],
+)
+def test_every_command_refuses_a_state_path_that_is_not_a_file(
+    tmp_path: Path, make: Callable[[Path], None], kind: str
+) -> None:
+    state = tmp_path / "state.db"
+    make(state)
+    config = write_config(tmp_path, state)
+    says = f"state store {state}: it is {kind}, not a regular file: set [state] path to a file"
+    for args in COMMANDS:
+        done = command(tmp_path, *args, "--config", str(config))
+        assert done.returncode == ExitCode.CONFIG, (args, done.stderr)
+        assert "Traceback" not in done.stderr and "retrying" not in done.stderr, done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and says in lines[0], (args, done.stderr)
+
+
+def test_preflight_fails_on_a_state_path_or_sink_path_that_is_a_fifo(tmp_path: Path) -> None:
+    state, rows = tmp_path / "state.db", tmp_path / "rows.db"
+    os.mkfifo(state)
+    os.mkfifo(rows)
+    config = write_config(tmp_path, state, f'[sink]\ntype = "sqlite"\npath = "{rows}"\n')
+    done = command(tmp_path, "preflight", "--config", str(config))
+    assert done.returncode == ExitCode.RUNTIME, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    lines = done.stdout.splitlines()
+    store = next(x for x in lines if "state store" in x)
+    assert store.startswith("FAIL") and f"{state}: it is a FIFO" in store, store
+    assert "set [state] path to a file" in store, store
+    sink = next(x for x in lines if " sink " in x)
+    assert sink.startswith("FAIL") and f"{rows}: it is a FIFO" in sink, sink
+    assert "set sink.path to a file" in sink, sink
