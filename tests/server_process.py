@@ -10,6 +10,7 @@ process, for ``self.port``) and :meth:`ServerProcess._ready` (one try at talking
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
 import socket
@@ -101,6 +102,18 @@ class ServerProcess:
     def pid(self) -> int | None:
         """The server's own process (its children are its workers, for PostgreSQL)."""
         return None if self._proc is None else self._proc.pid
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """The server stopped (SIGSTOP) within: its sockets stay open, nothing is read or
+        answered; resumed after."""
+        pid = self.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.kill(pid, signal.SIGCONT)
 
     @property
     def running(self) -> bool:

@@ -20,8 +20,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from nats_server import NatsServer
@@ -50,17 +48,6 @@ class Stamped(Notifications):
         now = time.monotonic()
         self.at += [now] * (len(self.got) - len(self.at))
         return self.got
-
-
-@contextmanager
-def frozen(server: NatsServer) -> Iterator[None]:
-    pid = server.pid
-    assert pid is not None
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(pid, signal.SIGCONT)
 
 
 def unsent_bytes(port: int) -> int:
@@ -144,7 +131,7 @@ async def test_closing_a_sink_on_a_frozen_server_is_asked_of_systemd_first(
             timeout=30,
         )
         await wait_until(lambda: "READY=1" in notify.poll())
-        with frozen(nats_server):
+        with nats_server.frozen():
             for n in range(BIG_EVENTS):
                 gw.inject_event("DEMO", big_event(offset, n))
             # The workers' publishes fill the frozen server's window and our socket's buffer.

@@ -7,11 +7,7 @@ and a close that does not end in time has its socket aborted."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import signal
 import time
-from collections.abc import Iterator
 
 import pytest
 from bus_events import event
@@ -24,17 +20,6 @@ TIMEOUT_S = 1.0  # waited out twice on the frozen server: by the cancelled write
 BOUND_S = 2 * TIMEOUT_S + 1.0  # close() is bounded by timeout_s; slack for a loaded machine
 
 
-@contextlib.contextmanager
-def frozen(server: NatsServer) -> Iterator[None]:
-    pid = server.pid
-    assert pid is not None
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(pid, signal.SIGCONT)
-
-
 @pytest.mark.parametrize("size", [100, 900_000], ids=["small", "buffers-full"])
 async def test_close_on_a_frozen_server_keeps_its_bound(nats_server: NatsServer, size: int) -> None:
     settings = NatsSinkSettings.model_validate(
@@ -44,7 +29,7 @@ async def test_close_on_a_frozen_server_keeps_its_bound(nats_server: NatsServer,
     await sink.open(None)
     await sink.write("main", [event(1)])
     detail = [{"elementName": "x", "newValue": "v" * size}]
-    with frozen(nats_server):
+    with nats_server.frozen():
         # In flight when the daemon stops: many keys at once, so with big events the
         # socket's buffers fill up (nothing reads them).
         events = [event(i, key=f"k{i}", detail=detail) for i in range(2, 40)]
