@@ -56,7 +56,7 @@ from ..core.records import Staged
 from ..errors import ConfigError, PermanentSinkError, SinkUnusable, TransientSinkError
 from ..files import DISK_FIX, identity, identity_at, make_dirs, may_clear
 from ..sqlite_tx import in_thread, sync_transaction, write_rows
-from ..state.sqlite import MIGRATIONS
+from ..state.sqlite import MIGRATIONS, not_a_file
 from .base import PlainSink
 from .rows import COLUMNS, row
 
@@ -442,6 +442,10 @@ class SqliteSink(PlainSink):
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the file opened
 
     async def open(self, committed: str | None) -> None:
+        # A FIFO or a device: SQLite's disk I/O error there was taken for the disk's (exit 1,
+        # restarted for ever); an operator's to fix.
+        if (fault := not_a_file(self.path, "sink.path")) is not None:
+            raise ConfigError(f"sink.path: {self.path}: {fault}")
         try:
             make_dirs(self.path.parent)
             # Created 0600 before SQLite does, like the state store (-wal/-shm take its mode).

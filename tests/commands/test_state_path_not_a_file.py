@@ -105,3 +105,22 @@ def test_preflight_fails_on_a_state_path_or_sink_path_that_is_a_fifo(tmp_path: P
     sink = next(x for x in lines if " sink " in x)
     assert sink.startswith("FAIL") and f"{rows}: it is a FIFO" in sink, sink
     assert "set sink.path to a file" in sink, sink
+
+
+@pytest.mark.parametrize(
+    ("make", "kind"),
+    [(fifo, "a FIFO"), (null_device, "a character device")],
+    ids=["fifo", "dev-null"],
+)
+def test_run_refuses_a_sqlite_sink_path_that_is_not_a_file(
+    tmp_path: Path, make: Callable[[Path], None], kind: str
+) -> None:
+    """Was: exit 1 on SQLite's disk I/O error, which systemd restarts for ever."""
+    rows = tmp_path / "rows.db"
+    make(rows)
+    config = write_config(
+        tmp_path, tmp_path / "state.db", f'[sink]\ntype = "sqlite"\npath = "{rows}"\n'
+    )
+    done = command(tmp_path, "run", "--config", str(config))
+    assert done.returncode == ExitCode.CONFIG, done.stderr
+    assert f"sink.path: {rows}: it is {kind}, not a regular file: set sink.path" in done.stderr
