@@ -142,6 +142,13 @@ async def wait_until(
             await asyncio.sleep(interval)
 
 
+async def until(condition: Callable[[], Awaitable[bool]], timeout: float = 30.0) -> None:
+    """:func:`wait_until` for a condition that must be awaited (a database's answer)."""
+    async with asyncio.timeout(timeout):
+        while not await condition():
+            await asyncio.sleep(0.02)
+
+
 class Held:
     """One of an object's thread steps (a method that takes one argument, as the jsonl sink's
     ``_write`` and ``_fsync_files``) held until ``release``, as by a disk that does not

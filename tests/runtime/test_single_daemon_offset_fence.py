@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from log_capture import captured_logs
 from pg import proxied, sql
-from support import cli, newest_offset, toml_config
+from support import cli, newest_offset, toml_config, until
 from tcp_proxy import TcpProxy
 
 from consumer.config import load_settings
@@ -38,13 +37,6 @@ async def stored_offset(dsn: str, schema: str) -> str | None:
     return await sql(  # type: ignore[no-any-return]
         dsn, "fetchval", f'SELECT "offset" FROM "{schema}".checkpoints WHERE stream = $1', "main"
     )
-
-
-async def until(condition: Callable[[], Awaitable[bool]], timeout: float) -> None:
-    """``wait_until`` for a condition the database answers."""
-    async with asyncio.timeout(timeout):
-        while not await condition():
-            await asyncio.sleep(0.02)
 
 
 @pytest.mark.parametrize("retaken", [False, True])

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +19,7 @@ import asyncpg
 import pytest
 from pg import PostgresServer, sql
 from pydantic import SecretStr
+from support import until
 
 import consumer.state.fleet as fleet_module
 from consumer.config import StateSettings
@@ -99,12 +100,6 @@ async def env(postgres_server: PostgresServer) -> AsyncIterator[Env]:
             await table.close()
         await store.close()
         await e.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-
-
-async def until(condition: Callable[[], Awaitable[bool]], timeout: float = 30.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not await condition():
-            await asyncio.sleep(0.02)
 
 
 async def until_expired(table: FleetTable, stream: str) -> None:

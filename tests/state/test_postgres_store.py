@@ -9,7 +9,6 @@ import asyncio
 import os
 import socket
 import uuid
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import pytest
 from log_capture import log_records
 from pg import DATABASE, PostgresServer
 from store_backends import PostgresBackend
-from support import sink_length
+from support import sink_length, until
 
 import consumer.state.postgres as store_module
 from consumer.cli import main
@@ -28,13 +27,6 @@ from consumer.core.watermark import Position
 from consumer.errors import LeaseHeld, StoreError
 from consumer.state import PostgresStore, SqliteStore, acquire, current_holder, open_store
 from consumer.state.postgres import MIGRATIONS, Target, migration_lock_key
-
-
-async def until(condition: Callable[[], Awaitable[bool]], timeout: float = 30.0) -> None:
-    """Wait (bounded) until ``condition`` holds."""
-    async with asyncio.timeout(timeout):
-        while not await condition():
-            await asyncio.sleep(0.02)
 
 
 def closed_port() -> int:
