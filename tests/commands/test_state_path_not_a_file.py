@@ -13,17 +13,15 @@ from __future__ import annotations
 import os
 import socket
 import stat
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from support import cli
 
 from consumer.errors import ExitCode
 from consumer.sandbox import launcher
 
-ROOT = Path(__file__).parents[2]
 COMMANDS = (("run",), ("status",), ("dlq", "list"), ("offset", "show"))
 
 
@@ -36,19 +34,6 @@ def write_config(tmp_path: Path, state: Path, sink: str = "") -> Path:
         + "[metrics]\nenabled = false\n"
     )
     return config
-
-
-def command(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """``opera-consumer ARGS`` as a process; a hang fails the test (TimeoutExpired)."""
-    return subprocess.run(
-        [sys.executable, "-m", "consumer", *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},  # this checkout's code
-    )
 
 
 def fifo(path: Path) -> None:
@@ -83,7 +68,7 @@ def test_every_command_refuses_a_state_path_that_is_not_a_file(
     config = write_config(tmp_path, state)
     says = f"state store {state}: it is {kind}, not a regular file: set [state] path to a file"
     for args in COMMANDS:
-        done = command(tmp_path, *args, "--config", str(config))
+        done = cli(*args, "--config", str(config))
         assert done.returncode == ExitCode.CONFIG, (args, done.stderr)
         assert "Traceback" not in done.stderr and "retrying" not in done.stderr, done.stderr
         lines = done.stderr.strip().splitlines()
@@ -95,7 +80,7 @@ def test_preflight_fails_on_a_state_path_or_sink_path_that_is_a_fifo(tmp_path: P
     os.mkfifo(state)
     os.mkfifo(rows)
     config = write_config(tmp_path, state, f'[sink]\ntype = "sqlite"\npath = "{rows}"\n')
-    done = command(tmp_path, "preflight", "--config", str(config))
+    done = cli("preflight", "--config", str(config))
     assert done.returncode == ExitCode.RUNTIME, done.stdout + done.stderr
     assert "Traceback" not in done.stderr
     lines = done.stdout.splitlines()
@@ -121,6 +106,6 @@ def test_run_refuses_a_sqlite_sink_path_that_is_not_a_file(
     config = write_config(
         tmp_path, tmp_path / "state.db", f'[sink]\ntype = "sqlite"\npath = "{rows}"\n'
     )
-    done = command(tmp_path, "run", "--config", str(config))
+    done = cli("run", "--config", str(config))
     assert done.returncode == ExitCode.CONFIG, done.stderr
     assert f"sink.path: {rows}: it is {kind}, not a regular file: set sink.path" in done.stderr
