@@ -52,6 +52,7 @@ from ..runtime.assembly import build_sink, http_client, open_sink, register_secr
 from ..runtime.committer import Committer
 from ..sinks.base import Sink
 from ..state import StateStore, acquire, acquire_replay, current_holder, open_store
+from ..state.lease import REPLAY
 from .output import Printer, escaped, iso, no_store, parse_when
 
 log = structlog.get_logger(__name__)
@@ -275,7 +276,7 @@ async def _replay(
     """The replay, under its lock (``alone``: no daemon runs; keep one from starting)."""
     st = settings.state
     # While we replay into a single-writer sink, keep a daemon from starting.
-    held = await acquire(st, (), role="dlq-replay") if alone else None
+    held = await acquire(st, (), role=REPLAY) if alone else None
     try:
         store = await open_store(st)
         http = http_client(settings)

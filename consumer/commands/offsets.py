@@ -25,7 +25,7 @@ from ..core.printable import printable
 from ..core.protocol import SubscribeInput
 from ..errors import ExitCode, InvalidInput, LeaseHeld, OffsetRefused, OperatorRefused
 from ..state import open_store
-from ..state.lease import hold_streams, in_the_way
+from ..state.lease import OFFSET, hold_streams, in_the_way
 from .output import emit, iso, no_store
 
 
@@ -136,7 +136,7 @@ def _refuse_beside(running: dict[str, Any] | None, stream: str) -> None:
 
 async def execute(settings: Settings, p: Plan) -> None:
     held = await hold_streams(
-        settings.state, (p.stream,), role="offset", fleet=settings.fleet.enabled
+        settings.state, (p.stream,), role=OFFSET, fleet=settings.fleet.enabled
     )
     try:
         store = await open_store(settings.state)

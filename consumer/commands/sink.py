@@ -47,6 +47,7 @@ from ..core.records import CommitBatch
 from ..errors import ExitCode, LeaseHeld, OperatorRefused, SinkUnusable
 from ..sinks.jsonl import Adoption, JsonlSink, adopt_position, rotated_files
 from ..state import StateStore, acquire, open_store
+from ..state.lease import ADOPT
 from .offsets import settings_start
 
 IDS_PER_COMMIT = 10_000  # ids read, then recorded (each for its stream) in one transaction
@@ -69,7 +70,7 @@ async def adopt(settings: Settings, *, execute: bool) -> int:
         print("plan only: nothing changed (add --execute to apply it)", file=sys.stderr)
         return ExitCode.OK
     try:
-        held = await acquire(settings.state, streams, role="sink-adopt")
+        held = await acquire(settings.state, streams, role=ADOPT)
     except LeaseHeld as exc:
         raise OperatorRefused(str(exc)) from None
     try:

@@ -189,9 +189,11 @@ async def acquire_replay(settings: StateSettings) -> Held:
 
 
 _REPLAY = REPLAY = "dlq-replay"  # the purpose of the replay's lock: <state>.dlq-replay.lock
+OFFSET = "offset"  # the role of `offset set/reset` holding the lease
+ADOPT = "sink-adopt"  # the role of `sink adopt`
 # The roles of operators' commands that hold the store's lease for their run, then let go:
 # `dlq replay` (no daemon running), `offset set/reset`, `sink adopt`.
-OPERATOR_ROLES = frozenset({REPLAY, "offset", "sink-adopt"})
+OPERATOR_ROLES = frozenset({REPLAY, OFFSET, ADOPT})
 
 
 async def current_holder(settings: StateSettings, *, fleet: bool = False) -> dict[str, Any] | None:
