@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..config import StateSettings
-from ..errors import LeaseHeld, ReplayRefused
+from ..errors import LeaseHeld, ReplayRefused, StoreError
 from ..files import make_dirs
-from .sqlite import store_error
+from .sqlite import not_a_file, store_error
 
 if TYPE_CHECKING:
     from .fleet import FleetTable, FleetView
@@ -50,6 +50,10 @@ class Lease:
     def acquire(
         cls, state_path: Path, streams: Iterable[str], *, role: str = "daemon", purpose: str = ""
     ) -> Lease:
+        # Refused as the store's open refuses it, before anything is made beside it: a state
+        # path of /dev/null made /dev/null.lock (as root, in /dev), then the open said no.
+        if (fault := not_a_file(state_path, "[state] path")) is not None:
+            raise StoreError(f"state store {state_path}: {fault}")
         path = lock_path(state_path, purpose)
         try:
             make_dirs(path.parent)
