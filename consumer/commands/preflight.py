@@ -322,13 +322,14 @@ def _sqlite_file(what: str, path: Path, setting: str) -> tuple[str, str, str, st
         return "FAIL", "-", what, str(sqlite.store_error(path, exc))
     if version > len(sqlite.MIGRATIONS):
         return "FAIL", "-", what, f"{path}: written by a newer opera-consumer: upgrade it"
-    if not (os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)):
-        fix = "make it and its directory writable by the daemon's user, or set another path"
-        return "FAIL", "-", what, f"{path} is not writable: {fix}"
-    # Its -wal, -shm and the daemon's .lock: one left by a command run as root (a dlq replay,
-    # a status) stops the daemon's start while the file itself is fine.
+    # The directory or file at fault by name (through a link: the file's, where SQLite makes
+    # its -wal): its -wal, -shm and the daemon's .lock too, one left by a command run as root
+    # (a dlq replay, a status) stops the daemon's start while the file itself is fine.
     if (fault := sqlite.access_fault(path)) is not None:
         return "FAIL", "-", what, f"{path}: {fault}"
+    if not (os.access(path, os.W_OK) and os.access(path.resolve().parent, os.W_OK)):
+        fix = "make it and its directory writable by the daemon's user, or set another path"
+        return "FAIL", "-", what, f"{path} is not writable: {fix}"
     return "PASS", "-", what, f"{path} writable"
 
 
@@ -363,7 +364,7 @@ def _sqlite_sink_state(path: Path, sink: str) -> str | None:
     alone); read-only either way."""
     if not path.exists():
         return None
-    wal = path.with_name(path.name + "-wal").exists()
+    wal = sqlite.beside(path, "-wal").exists()  # beside the file, not a link to it
     uri = f"{path.resolve().as_uri()}?mode=ro{'' if wal else '&immutable=1'}"
     try:
         with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=5)) as db:
@@ -385,7 +386,7 @@ def _sqlite_table(path: Path, table: str, *, in_store: bool = False) -> str | No
         if not path.is_file():
             return None  # no file yet (created at the start), or the file's line says why
         # Immutable unless a -wal is there (a running daemon's commits may be in it alone).
-        wal = path.with_name(path.name + "-wal").exists()
+        wal = sqlite.beside(path, "-wal").exists()
         uri = f"{path.resolve().as_uri()}?mode=ro{'' if wal else '&immutable=1'}"
         with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=5)) as db:
             sqlite_sink.check_table(db, table, path)

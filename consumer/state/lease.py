@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ..config import StateSettings
 from ..errors import LeaseHeld, ReplayRefused, StoreError
 from ..files import make_dirs
-from .sqlite import not_a_file, store_error
+from .sqlite import beside, not_a_file, store_error
 
 if TYPE_CHECKING:
     from .fleet import FleetTable, FleetView
@@ -37,8 +37,7 @@ def lock_path(state_path: Path, purpose: str = "") -> Path:
     the file ``state_path`` resolves to (links followed, a file not made yet too: its
     directory's): two daemons given the store through a link and by its own path, or by two
     spellings, would each lock a file of their own and both write to it."""
-    real = Path(os.path.realpath(state_path))
-    return real.with_name(f"{real.name}{'.' + purpose if purpose else ''}.lock")
+    return beside(state_path, f"{'.' + purpose if purpose else ''}.lock")
 
 
 class Lease:

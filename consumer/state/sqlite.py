@@ -895,13 +895,23 @@ def not_a_file(path: Path, setting: str) -> str | None:
     )
 
 
+def beside(path: Path, end: str) -> Path:
+    """``<store><end>`` (``-wal``, ``-shm``, ``.lock``) beside the file ``path`` resolves to
+    (links followed; a file not made yet too: its directory's), where SQLite keeps its -wal
+    and -shm and the lease its lock, not beside a link to it."""
+    real = Path(os.path.realpath(path))
+    return real.with_name(real.name + end)
+
+
 def access_fault(path: Path, *also: Path) -> str | None:
     """What keeps this process's user out of the SQLite file ``path``: the directory it
     cannot enter or write, or the file (or its -wal, -shm, .lock, or one of ``also``, e.g. the
     ``dlq replay`` lock) it cannot read and write, and the fix; None when nothing does
-    (now)."""
+    (now). Through a link, the directory and files of the file it resolves to (a directory
+    this user cannot enter stops the resolving there: that one is named)."""
     user = f"the daemon's user (uid {os.geteuid()})"
-    folder = path.absolute().parent
+    real = Path(os.path.realpath(path))
+    folder = real.parent
     for d in (*reversed(folder.parents), folder):
         if not os.path.isdir(d):  # created at the first start: its parent must let us
             if not os.access(d.parent, os.W_OK | os.X_OK, effective_ids=True):
@@ -912,11 +922,11 @@ def access_fault(path: Path, *also: Path) -> str | None:
                 f"cannot enter directory {d}: let {user} search it (chmod/chown), or set "
                 "[state] path elsewhere"
             )
-    beside = [path.with_name(path.name + end) for end in ("-wal", "-shm", ".lock")]
-    for f in dict.fromkeys((path, *beside, *also)):
+    files = [beside(path, end) for end in ("-wal", "-shm", ".lock")]
+    for f in dict.fromkeys((real, *files, *also)):
         if f.exists() and not os.access(f, os.R_OK | os.W_OK, effective_ids=True):
             return (
-                f"{'it' if f == path else f} is not readable and writable by {user}: chown it "
+                f"{'it' if f == real else f} is not readable and writable by {user}: chown it "
                 "to that user (a command run as another user, root say, may have left it), or "
                 "set [state] path elsewhere"
             )
