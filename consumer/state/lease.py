@@ -15,6 +15,7 @@ looks at and holds the daemon's lease and the streams' rows, whatever its own ``
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import json
 import os
@@ -49,25 +50,24 @@ class Lease:
     def acquire(
         cls, state_path: Path, streams: Iterable[str], *, role: str = "daemon", purpose: str = ""
     ) -> Lease:
-        # Refused as the store's open refuses it, before anything is made beside it: a state
-        # path of /dev/null made /dev/null.lock (as root, in /dev), then the open said no.
-        if (fault := not_a_file(state_path, "[state] path")) is not None:
-            raise StoreError(f"state store {state_path}: {fault}")
-        path = lock_path(state_path, purpose)
-        try:
-            make_dirs(path.parent)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise store_error(state_path, exc, file=path) from None
-        try:
-            _lock(fd, state_path, purpose)
-        except LeaseHeld as exc:
-            os.close(fd)
-            raise LeaseHeld(f"{state_path} ({path} is locked)", exc.holder) from None
-        info = {"pid": os.getpid(), "role": role, "streams": sorted(streams), "since": time.time()}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode(), 0)
-        return cls(path, fd)
+        """Blocking: a probe in the way is waited out with ``time.sleep`` (for a thread; on the
+        event loop, :meth:`acquire_async`). :class:`LeaseHeld` names the holder."""
+        with _Taking(state_path, purpose) as taking:
+            while not taking.locked():
+                time.sleep(_PROBE_POLL_S)
+            return taking.lease(streams, role)
+
+    @classmethod
+    async def acquire_async(
+        cls, state_path: Path, streams: Iterable[str], *, role: str = "daemon", purpose: str = ""
+    ) -> Lease:
+        """:meth:`acquire` on the event loop, which runs on while a probe is waited out (up to
+        :data:`_PROBE_WAIT_S`): a starting daemon's signal handlers, its /readyz, a command's
+        other tasks. Cancelled meanwhile, the lock file is closed."""
+        with _Taking(state_path, purpose) as taking:
+            while not taking.locked():  # noqa: ASYNC110  # a flock has no event to await
+                await asyncio.sleep(_PROBE_POLL_S)
+            return taking.lease(streams, role)
 
     def release(self) -> None:
         """Idempotent. The file stays (removing it would race with the next acquirer)."""
@@ -83,19 +83,55 @@ _PROBE_WAIT_S = 1.0
 _PROBE_POLL_S = 0.01
 
 
-def _lock(fd: int, state_path: Path, purpose: str) -> None:
-    """The exclusive lock on ``fd``; :class:`LeaseHeld` (with the holder's record) when a
-    holder that says who it is has it, or anyone still after :data:`_PROBE_WAIT_S`."""
-    deadline = time.monotonic() + _PROBE_WAIT_S
-    while True:
+class _Taking:
+    """One taking of the lease, its waits the caller's (a thread's sleep or the loop's): the
+    lock file opened (made), exclusive tries (:meth:`locked`), the holder's record written
+    (:meth:`lease`). The file is closed on the way out unless a :class:`Lease` holds it."""
+
+    def __init__(self, state_path: Path, purpose: str) -> None:
+        # Refused as the store's open refuses it, before anything is made beside it: a state
+        # path of /dev/null made /dev/null.lock (as root, in /dev), then the open said no.
+        if (fault := not_a_file(state_path, "[state] path")) is not None:
+            raise StoreError(f"state store {state_path}: {fault}")
+        self._state_path, self._purpose = state_path, purpose
+        self.path = lock_path(state_path, purpose)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
+            make_dirs(self.path.parent)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise store_error(state_path, exc, file=self.path) from None
+        self._fd = fd
+        self._kept = False  # by a Lease: not closed on the way out
+        self._deadline = time.monotonic() + _PROBE_WAIT_S
+
+    def __enter__(self) -> _Taking:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if not self._kept:
+            os.close(self._fd)
+
+    def locked(self) -> bool:
+        """Whether the exclusive lock is ours now; False while nobody says they hold it, for
+        up to :data:`_PROBE_WAIT_S`; :class:`LeaseHeld` (with the holder's record) when a
+        holder that says who it is has it, or anyone still after that."""
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            who = holder(state_path, purpose)
-            if (who and who.get("pid")) or time.monotonic() >= deadline:
-                raise LeaseHeld(str(state_path), who) from None
-        time.sleep(_PROBE_POLL_S)
+            who = holder(self._state_path, self._purpose)
+            if (who and who.get("pid")) or time.monotonic() >= self._deadline:
+                where = f"{self._state_path} ({self.path} is locked)"
+                raise LeaseHeld(where, who) from None
+            return False
+        return True
+
+    def lease(self, streams: Iterable[str], role: str) -> Lease:
+        """The lock, ours, as a :class:`Lease`, its holder's record written."""
+        info = {"pid": os.getpid(), "role": role, "streams": sorted(streams), "since": time.time()}
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, json.dumps(info).encode(), 0)
+        self._kept = True
+        return Lease(self.path, self._fd)
 
 
 def holder(state_path: Path, purpose: str = "") -> dict[str, Any] | None:
@@ -170,7 +206,7 @@ async def acquire(
         return await PostgresLease.acquire(
             settings, streams, role=role, outside_fleet=outside_fleet
         )
-    return _FileHeld(Lease.acquire(settings.path, streams, role=role))
+    return _FileHeld(await Lease.acquire_async(settings.path, streams, role=role))
 
 
 async def acquire_replay(settings: StateSettings) -> Held:
@@ -182,7 +218,9 @@ async def acquire_replay(settings: StateSettings) -> Held:
             from .postgres import PostgresLease  # noqa: PLC0415  # asyncpg: an extra
 
             return await PostgresLease.acquire(settings, (), role=_REPLAY, purpose=_REPLAY)
-        return _FileHeld(Lease.acquire(settings.path, (), role=_REPLAY, purpose=_REPLAY))
+        return _FileHeld(
+            await Lease.acquire_async(settings.path, (), role=_REPLAY, purpose=_REPLAY)
+        )
     except LeaseHeld as exc:
         pid = (exc.holder or {}).get("pid")
         raise ReplayRefused(
@@ -281,7 +319,7 @@ async def hold_streams(
     daemon refuses. :class:`LeaseHeld` names the holder."""
     wanted = sorted(set(streams))
     if settings.backend != "postgres":
-        return _FileHeld(Lease.acquire(settings.path, wanted, role=role))
+        return _FileHeld(await Lease.acquire_async(settings.path, wanted, role=role))
     from .fleet import FleetTable  # noqa: PLC0415  # asyncpg: an extra
     from .postgres import PostgresLease  # noqa: PLC0415
 
