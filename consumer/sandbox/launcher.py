@@ -3,6 +3,7 @@ points a consumer at it with the sandbox's credentials."""
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -15,6 +16,10 @@ import aiohttp
 
 from ..http_client import basic_auth
 from .server import SandboxOptions
+
+# The environment the systemd unit and the image give the daemon beyond -OO (the unit's
+# Environment=, the Dockerfile's ENV): two malloc arenas, not one per allocating thread.
+DEPLOYED_ENV = {"MALLOC_ARENA_MAX": "2"}
 
 
 def free_port() -> int:
@@ -38,16 +43,17 @@ def wait_http(url: str, seconds: float) -> None:
 def spawn(args: list[str], log: Path | None = None) -> subprocess.Popen[bytes]:
     """``python -OO -m consumer ARGS`` with its output appended to ``log`` (or discarded).
 
-    ``-OO`` as the systemd unit and the image run the daemon (``PYTHONOPTIMIZE=2``): no
-    docstrings held in memory (1.7 MB of them in what the daemon imports) and no asserts,
-    which guard nothing the daemon relies on. So the tests, the demo and the benchmarks run
-    the daemon as it is deployed."""
+    ``-OO`` and :data:`DEPLOYED_ENV` as the systemd unit and the image run the daemon
+    (``PYTHONOPTIMIZE=2``): no docstrings held in memory (1.7 MB of them in what the daemon
+    imports) and no asserts, which guard nothing the daemon relies on. So the tests, the demo
+    and the benchmarks run the daemon as it is deployed."""
     out = log.open("ab") if log is not None else subprocess.DEVNULL
     try:
         return subprocess.Popen(
             [sys.executable, "-OO", "-m", "consumer", *args],
             stdout=out,
             stderr=subprocess.STDOUT,
+            env={**os.environ, **DEPLOYED_ENV},
         )
     finally:
         if log is not None:
