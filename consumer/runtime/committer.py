@@ -49,6 +49,11 @@ from ..state.base import PRUNE_CHUNK, StateStore
 
 log = structlog.get_logger(__name__)
 
+# Who moved a refused commit's streams on: another member (a fleet), or an operator's command
+# (a single daemon on PostgreSQL: `offset set/reset` moves the epochs while its lease was lost).
+FLEET_FENCE = "another member holds the lease now"
+OPERATOR_FENCE = "an operator's command changed the stream while this daemon's lease was lost"
+
 # Rounds of the rows staged while a set-aside ran, written before the sink switches (see
 # Committer._switch_when_drained); each round's rows were staged during the one before.
 _CATCH_UP_ROUNDS = 4
@@ -114,6 +119,7 @@ class Committer:
         # them; what a fenced stream did since its last commit is dropped, never retried.
         self._fence: Callable[[], Fence | None] = lambda: None
         self._on_fenced: Callable[[frozenset[str]], None] = lambda streams: None
+        self._fenced_by = FLEET_FENCE  # who moved a refused commit's leases on, for the log
         # stream -> the epoch at which the store refused it (None: not held then). A stream
         # taken again later has a new epoch and is not fenced by the old refusal.
         self._fenced: dict[str, int | None] = {}
@@ -150,11 +156,15 @@ class Committer:
         self.checkpointed_at: dict[str, float] = {}
 
     def configure_fence(
-        self, fence: Callable[[], Fence | None], on_fenced: Callable[[frozenset[str]], None]
+        self,
+        fence: Callable[[], Fence | None],
+        on_fenced: Callable[[frozenset[str]], None],
+        fenced_by: str = FLEET_FENCE,
     ) -> None:
-        """Fleet mode: ``fence()`` gives the leases each commit needs; ``on_fenced`` hears of
-        the streams the store refused."""
-        self._fence, self._on_fenced = fence, on_fenced
+        """Fleet mode, and a single daemon on PostgreSQL: ``fence()`` gives the leases each
+        commit needs; ``on_fenced`` hears of the streams the store refused; ``fenced_by``
+        says in the log who moved them on (:data:`FLEET_FENCE`, :data:`OPERATOR_FENCE`)."""
+        self._fence, self._on_fenced, self._fenced_by = fence, on_fenced, fenced_by
 
     def on_set_aside(
         self, stream: str, told: Callable[[Sequence[DeadLetter]], None], *, parks: bool
@@ -514,8 +524,8 @@ class Committer:
             except Fenced as exc:
                 self.fencing_rejections += 1
                 log.warning(
-                    "commit refused: another member holds the lease now; dropping this "
-                    "member's uncommitted work on the stream (the new holder replays it)",
+                    f"commit refused: {self._fenced_by}; dropping this process's uncommitted "
+                    "work on the stream (replayed from the checkpoint by whoever goes on)",
                     streams=sorted(exc.streams),
                 )
                 epochs = batch.fence.epochs if batch.fence is not None else {}

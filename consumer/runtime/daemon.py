@@ -62,7 +62,7 @@ from ..state.base import StateStore
 from . import store_wait, systemd
 from .assembly import build_sink, check_sink, http_client, open_sink, register_secrets
 from .auth import TokenProvider
-from .committer import Committer
+from .committer import OPERATOR_FENCE, Committer
 from .fleet import DuplicateMember, Fleet, StreamProbe, member_table
 from .metrics import Metrics, MetricsServer
 from .pipeline import QUEUE_PER_WORKER, StreamPipeline, default_workers
@@ -215,7 +215,7 @@ class Daemon:
             committer.configure_fence(fleet.fence, fleet.lost)
         else:
             if fence is not None:
-                committer.configure_fence(lambda: fence, self._changed_meanwhile)
+                committer.configure_fence(lambda: fence, self._changed_meanwhile, OPERATOR_FENCE)
             for name in settings.streams:
                 await self._build_stream(name)
         m = settings.metrics

@@ -112,3 +112,6 @@ async def test_an_offset_set_while_the_lease_was_lost_is_not_written_over(
     assert code == ExitCode.RUNTIME
     assert await stored_offset(postgres_dsn, schema) == "1"
     assert "changed by an operator's command" in logs.getvalue()
+    # The committer's own line says who moved the stream on: no fleet here.
+    assert "commit refused: an operator's command changed the stream" in logs.getvalue()
+    assert "another member" not in logs.getvalue()
