@@ -45,7 +45,7 @@ from ..core.printable import printable
 from ..core.protocol import event_from_raw
 from ..core.records import CommitBatch
 from ..errors import ExitCode, LeaseHeld, OperatorRefused, SinkUnusable
-from ..sinks.jsonl import Adoption, JsonlSink, adopt_position, rotated_files
+from ..sinks.jsonl import Adoption, JsonlSink, adopt_position, heard_adopted, rotated_files
 from ..state import StateStore, acquire, open_store
 from ..state.lease import ADOPT
 from .offsets import settings_start
@@ -89,6 +89,13 @@ async def adopt(settings: Settings, *, execute: bool) -> int:
                 raise _refused(exc) from None
             finally:
                 lines.close()
+            # The sink's record of the last commit it heard, brought to the adopted position:
+            # past it (a state store restored from an older backup), the start would refuse.
+            if (trouble := heard_adopted(settings.sink.path, done)) is not None:
+                print(
+                    f"warning: {trouble}: remove it, or the next start may refuse the file again",
+                    file=sys.stderr,
+                )
             starts = {name: await _next_start(store, name) for name in streams}
         finally:
             await store.close()

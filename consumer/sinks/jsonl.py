@@ -37,6 +37,20 @@ NUL bytes or into a deleted file. Renamed or removed, the open file is first cut
 descriptor) back to what a commit may cover: the restart replays the rest into the new file, and
 the renamed one must not hold them too.
 
+A state store older than the file (an older backup of it restored, its last commits lost) holds
+a shorter committed length for the same file, and cutting back to it would delete committed
+lines. The sink keeps its own record of the last position it heard committed, beside the file:
+``<path>.committed`` (with rotation one for the series, beside the configured path), a fixed
+small record ``{"seq", "length", "ino"}`` written over itself (one pwrite, no fsync: it only
+needs never to be past the truth) after each commit the committer reports (:meth:`JsonlSink.
+committed`) and at open (the start position: the committed one, or one ``open_sink`` records
+next that is never past it in the same file). On start, a record of the same file (its inode;
+with rotation its number) past the committed position, where the start would cut or delete
+bytes below it, refuses the start (exit 78): nothing cut or deleted; ``sink adopt`` (which
+brings the record to what it records) or the file moved aside are the ways on. A record of
+another inode (the file replaced), or one that cannot be read (outside data: read a few dozen
+bytes at most), is as none, the latter with a warning.
+
 Rotation (optional, :mod:`consumer.core.rotation` names the files): the position becomes
 (file, length) as JSON, ``{"file", "seq", "length", "started", "path", "ino"}``, its path the
 configured one (the series'); no ``ino`` when the file a rotation started is created by the
@@ -59,6 +73,7 @@ import asyncio
 import contextlib
 import errno
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -91,6 +106,16 @@ _RETAIN_EVERY_S = 3600.0  # keep_days: looked at again this often even without a
 # 0.5 MB more at the peak of a catch-up behind a busy disk, for half the write-outs).
 WRITE_OUT_BYTES = 1 << 19
 _WHOLE = 1 << 62  # File.committable of a file a newer committed position follows
+HEARD_SUFFIX = ".committed"  # the record of the last position heard committed: <path>.committed
+# Its fixed size: one JSON object of three counts (at most 85 bytes), spaces, a newline. Always
+# written whole at offset 0, so a shorter record never leaves a longer one's tail behind.
+_HEARD_BYTES = 96
+OLDER_HINT = (
+    "run `opera-consumer sink adopt --execute` to record the file's length as committed and "
+    "its events' uniqueEventIds as processed (the events the older checkpoint replays are "
+    "skipped, not written twice), or move the file aside (the stream then replays into a new "
+    "one)"
+)
 
 
 class _Committed(NamedTuple):
@@ -102,6 +127,15 @@ class _Committed(NamedTuple):
     # the inode of the file it names: None in a position from before they were recorded.
     where: str | None = None
     ino: int | None = None
+
+
+class _Heard(NamedTuple):
+    """The sink's record of the last position it heard committed: ``length`` bytes of the
+    file numbered ``seq`` (0: the configured path), whose inode is ``ino`` (0: no file)."""
+
+    seq: int
+    length: int
+    ino: int
 
 
 @dataclass(slots=True, eq=False)
@@ -169,6 +203,12 @@ class JsonlSink:
         self._gone: str | None = None
         self._gone_lock = threading.Lock()
         self._where = ""  # the path positions are recorded for (set by open)
+        # The record of the last position heard committed (see the module's docstring): as
+        # read at open (None: none, or unreadable), and its descriptor, kept open to write it.
+        self._heard_path = heard_path(path)
+        self._heard: _Heard | None = None
+        self._heard_fd: int | None = None
+        self._heard_failed = False  # its last write failed (said once)
 
     @property
     def current(self) -> Path:
@@ -208,6 +248,7 @@ class JsonlSink:
             make_dirs(self._dir)
         self._where = _where(self.path)
         c = _parse(committed, self.path)
+        self._heard = _read_heard(self._heard_path)
         foreign = None
         if c is not None and c.where is not None and c.where != self._where:
             # Recorded for another sink.path (changed, then set back): its length and its
@@ -231,7 +272,16 @@ class JsonlSink:
         self._files = [head]
         self._tail = head
         self._next_seq = max(self._next_seq, head.seq + 1)
-        if self._rotation is not None and self._rotation.retains and not self._dry:
+        if self._dry:
+            return
+        # The record is brought to the start position at once: the committed one, or one that
+        # open_sink records next and that is never past it in the same file (a shorter file's
+        # end, 0 in a new one), so it is never past the state store's, even if this start ends
+        # before that (and a record of a removed file must not outlive it: its inode may be
+        # reused by the next one).
+        self._heard_fd = _open_heard(self._heard_path)
+        self._hear(_parse(self.position(), self.path))
+        if self._rotation is not None and self._rotation.retains:
             self._retain(self._clock(), head.seq)
 
     def _open_rotated(self, rot: Rotation, c: _Committed | None, foreign: str | None) -> _File:
@@ -284,6 +334,7 @@ class JsonlSink:
             started = rot.started_at(now)
             # None: a file of that name made by anyone else stops the start, it is not emptied.
             return self._open_file(rot.name(seq, started), seq, started, None, foreign)
+        self._refuse_heard_past(c, ours)  # before anything is deleted or cut
         newer = sorted(((s, n) for s, n in ours if s > c.seq and n != c.file), reverse=True)
         for _, name in [] if self._dry else newer:
             # Numbered after the committed file: created after the last commit.
@@ -306,9 +357,9 @@ class JsonlSink:
             try:  # refused as below (a link: ELOOP)
                 fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
             except FileNotFoundError:
-                return _File(name, seq, started, self._committed_length(path, c, None, why))
+                return _File(name, seq, started, self._committed_length(path, seq, c, None, why))
             try:
-                length = self._committed_length(path, c, fd, why)
+                length = self._committed_length(path, seq, c, fd, why)
             finally:
                 os.close(fd)
             return _File(name, seq, started, length)
@@ -323,7 +374,7 @@ class JsonlSink:
             created = True
         try:
             size = os.fstat(fd).st_size
-            length = self._committed_length(path, c, fd, why)
+            length = self._committed_length(path, seq, c, fd, why)
             if size > length:
                 # Lines written after the last checkpoint: their events will be replayed.
                 os.ftruncate(fd, length)
@@ -346,9 +397,10 @@ class JsonlSink:
         )
 
     def _committed_length(
-        self, path: Path, c: _Committed | None, fd: int | None, why: str | None
+        self, path: Path, seq: int, c: _Committed | None, fd: int | None, why: str | None
     ) -> int:
-        """Where the sink goes on in the file open as ``fd`` (None: there is none)."""
+        """Where the sink goes on in the file numbered ``seq``, open as ``fd`` (None: there is
+        none)."""
         st = None if fd is None else os.fstat(fd)
         size = 0 if st is None else st.st_size
         if c is not None and c.ino is not None and (st is None or st.st_ino != c.ino):
@@ -366,6 +418,8 @@ class JsonlSink:
             if why is not None:
                 log.warning("jsonl file is not the committed one; starting it at 0", path=str(path))
             return 0
+        if st is not None:
+            self._refuse_heard_in(path, seq, st, c.length)
         length = min(size, c.length)
         if length and fd is not None and os.pread(fd, 1, length - 1) != b"\n":
             # The sink commits at a line's end only: this is not what it committed (shortened
@@ -410,6 +464,63 @@ class JsonlSink:
             "restored over it). Nothing is cut or written: cut there, it would end in a half "
             "line, the next event glued to it. Restore the file that was committed, or run "
             f"{adopt}), then restart"
+        )
+
+    def _refuse_heard_in(self, path: Path, seq: int, st: os.stat_result, committed: int) -> None:
+        """Refuse the start when the sink heard more of this file (``path``, numbered ``seq``)
+        committed than the state store's ``committed`` length, and cutting to that would cut
+        some of it: the state store is older than what the sink committed."""
+        h = self._heard
+        if h is None or h.seq != seq or h.ino != st.st_ino:
+            return  # none, or of another file (replaced since: another inode)
+        heard = min(h.length, st.st_size)  # what of it is there (fsync = false: maybe less)
+        if heard <= committed:
+            return  # behind (a kill -9 before it was written) or equal: the cut is as ever
+        raise SinkUnusable(
+            f"jsonl file {printable(path)} holds {st.st_size} bytes and the state store's "
+            f"committed length is {committed}, but the sink heard {h.length} bytes of it "
+            f"committed (its record {printable(self._heard_path)}): the state store looks "
+            "older than the file (restored from an older backup? its last commits lost?), and "
+            f"the start would cut {heard - committed} committed bytes. Nothing is cut or "
+            f"written: {OLDER_HINT}"
+        )
+
+    def _refuse_heard_past(self, c: _Committed, ours: list[tuple[int, str]]) -> None:
+        """With rotation, before anything is deleted or cut: refuse the start when the sink
+        heard a position committed past ``c`` (the state store's) in a file still there, and
+        the start would delete or cut some of what it covers."""
+        h = self._heard
+        assert c.file is not None
+        if h is None or h.seq < c.seq:
+            return
+        if h.seq == c.seq:
+            try:
+                st = os.stat(self._dir / c.file, follow_symlinks=False)
+            except FileNotFoundError:
+                return
+            self._refuse_heard_in(self._dir / c.file, c.seq, st, c.length)
+            return
+        heard = [n for s, n in ours if s == h.seq and _ino(self._dir / n) == h.ino]
+        if not heard:
+            return  # its file gone or replaced: it proves nothing
+        # What the heard position covers: the committed file's end, the files numbered between
+        # (whole), and the heard one up to its length. The start would cut or delete them all.
+        cut = max(0, _size(self._dir / c.file) - c.length)
+        between = [n for s, n in sorted(ours) if c.seq < s < h.seq and _size(self._dir / n)]
+        if not (cut or between or min(h.length, _size(self._dir / heard[0]))):
+            return
+        raise SinkUnusable(
+            f"jsonl file {printable(self._dir / heard[0])} (of sink.path "
+            f"{printable(self.path)}) was heard committed up to {h.length} bytes (the sink's "
+            f"record {printable(self._heard_path)}), but the state store's committed "
+            f"position is {c.length} bytes of {printable(c.file)}, numbered before it: the "
+            "state store looks older than the files (restored from an older backup? its last "
+            "commits lost?), and the start would delete the files numbered after that one "
+            f"({len(between) + 1} holding committed lines) and cut {cut} committed bytes of "
+            "it. Nothing is deleted, cut or written: run `opera-consumer sink adopt --execute` "
+            "to record the newest file's length as committed and every file's events' "
+            "uniqueEventIds as processed (the events the older checkpoint replays are skipped, "
+            "not written twice), or move the files aside (the stream then replays into new ones)"
         )
 
     # --- running --------------------------------------------------------------------------------
@@ -522,10 +633,9 @@ class JsonlSink:
     def committed(self, position: str) -> None:
         with contextlib.suppress(SinkUnusable):  # stopped meanwhile: the next sync says so
             self._may_commit(position)
-        if self._rotation is None:
-            return
         c = _parse(position, self.path)
-        if c is None or c.file is None:
+        self._hear(c)
+        if self._rotation is None or c is None or c.file is None:
             return
         self._hold = False
         self._committed_seq = max(self._committed_seq, c.seq)
@@ -534,6 +644,32 @@ class JsonlSink:
             return
         if self._committed_seq != last_seq or self._clock() - last_at >= _RETAIN_EVERY_S:
             self._retaining = asyncio.get_running_loop().create_task(self._retain_soon())
+
+    def _hear(self, c: _Committed | None) -> None:
+        """The record of the last position heard committed, brought to ``c``: one pwrite of
+        a few dozen bytes over it, no fsync (it only needs never to be past the state
+        store's), on the event loop (a copy into the page cache)."""
+        fd = self._heard_fd
+        if fd is None or c is None:
+            return
+        f = next((f for f in self._files if f.seq == c.seq), None)
+        ino = 0 if f is None else f.identity[1]
+        if not ino or (c.ino is not None and c.ino != ino):
+            return  # not a file of this run (closed meanwhile): the record stays behind
+        record = _heard_record(c.seq, c.length, ino)
+        try:
+            if os.pwrite(fd, record, 0) != len(record):
+                raise OSError(errno.EIO, "short write")
+        except OSError as exc:
+            if not self._heard_failed:  # said once, until a write succeeds again
+                log.warning(
+                    "cannot write the jsonl sink's record of its last commit; it stays behind",
+                    path=printable(self._heard_path),
+                    error=exc.strerror or str(exc),
+                )
+            self._heard_failed = True
+            return
+        self._heard_failed = False
 
     async def _retain_soon(self) -> None:
         """Retention off the event loop and off the write path: syncs go on meanwhile (they
@@ -726,6 +862,9 @@ class JsonlSink:
         return {}
 
     async def close(self) -> None:
+        heard, self._heard_fd = self._heard_fd, None  # written on the event loop only
+        if heard is not None:
+            os.close(heard)
         if self._retaining is not None:
             await self._retaining  # a few unlinks at most; it logs its own failures
         if self._writer is not None:
@@ -796,6 +935,127 @@ def _complete_length(path: Path, size: int) -> int:
                 return start + at + 1
             end = start
     return 0
+
+
+def heard_path(path: Path) -> Path:
+    """The jsonl sink's record of the last position it heard committed (``sink.path``'s)."""
+    return path.with_name(path.name + HEARD_SUFFIX)
+
+
+def heard_adopted(path: Path, adoption: Adoption) -> str | None:
+    """After ``sink adopt`` recorded ``adoption`` (``path``: sink.path): the sink's record of
+    the last position heard committed says the same (an older run's, past it, would refuse the
+    next start). None is not created (adopt may run as another user than the daemon). What
+    went wrong, if anything."""
+    c = _parse(adoption.position, path)
+    assert c is not None
+    side = heard_path(path)
+    try:
+        fd = os.open(side, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"cannot write {printable(side)}: {exc.strerror or exc}"
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return f"{printable(side)} is not a regular file"
+        os.pwrite(fd, _heard_record(c.seq, c.length, c.ino or 0), 0)
+        os.ftruncate(fd, _HEARD_BYTES)
+    except OSError as exc:
+        return f"cannot write {printable(side)}: {exc.strerror or exc}"
+    finally:
+        os.close(fd)
+    return None
+
+
+def _heard_record(seq: int, length: int, ino: int) -> bytes:
+    text = f'{{"seq":{seq},"length":{length},"ino":{ino}}}'.encode()
+    return text.ljust(_HEARD_BYTES - 1) + b"\n"  # at most 85 bytes of counts: never longer
+
+
+def _read_heard(path: Path) -> _Heard | None:
+    """The record of the last position heard committed, as a start finds it: None when there
+    is none, or (with a warning) one this sink did not write. Outside data: a few dozen bytes
+    read at most, none of it trusted."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:  # a link (ELOOP), no permission, a directory...
+        _heard_unusable(path, exc.strerror or str(exc))
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO, a device: never read
+            _heard_unusable(path, "not a regular file")
+            return None
+        data = os.pread(fd, _HEARD_BYTES + 1, 0)
+    except OSError as exc:
+        _heard_unusable(path, exc.strerror or str(exc))
+        return None
+    finally:
+        os.close(fd)
+    if not data:
+        return None  # created, not written yet (a kill -9 right then): as none
+    heard = _parse_heard(data)
+    if heard is None:
+        _heard_unusable(path, f"not a record this sink writes: {printable(data, 60)}")
+    return heard
+
+
+def _parse_heard(data: bytes) -> _Heard | None:
+    if len(data) != _HEARD_BYTES or not data.endswith(b"\n"):
+        return None  # torn, cut, longer: not one whole record
+    try:
+        doc: Any = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(doc, dict) or doc.keys() != {"seq", "length", "ino"}:
+        return None
+    seq, length, ino = doc["seq"], doc["length"], doc["ino"]
+    if not (_count(seq) and _count(length) and _count(ino)):
+        return None
+    return _Heard(seq, length, ino)
+
+
+def _heard_unusable(path: Path, why: str) -> None:
+    log.warning(
+        "the jsonl sink's record of its last commit is unusable; going on as without one "
+        "(a state store older than the file is not detected at this start)",
+        path=printable(path),
+        error=why,
+    )
+
+
+def _open_heard(path: Path) -> int | None:
+    """The record, open to be written (created if need be); None, with a warning, when it
+    cannot be: the sink goes on without it."""
+    try:
+        fd = os.open(
+            path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW, 0o640
+        )
+    except OSError as exc:
+        _heard_unwritable(path, exc.strerror or str(exc))
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        if st.st_size > _HEARD_BYTES:  # not ours: what is past the record would stay
+            os.ftruncate(fd, _HEARD_BYTES)
+    except OSError as exc:
+        os.close(fd)
+        _heard_unwritable(path, exc.strerror or str(exc))
+        return None
+    return fd
+
+
+def _heard_unwritable(path: Path, why: str) -> None:
+    log.warning(
+        "cannot keep the jsonl sink's record of its last commit; going on without it (a state "
+        "store older than the file, a restored backup, is not detected at the next start)",
+        path=printable(path),
+        error=why,
+    )
 
 
 def rotated_files(path: Path, rotation: Rotation) -> list[Path]:
