@@ -20,6 +20,16 @@ TIMEOUT_S = 1.0  # waited out twice on the frozen server: by the cancelled write
 BOUND_S = 2 * TIMEOUT_S + 1.0  # close() is bounded by timeout_s; slack for a loaded machine
 
 
+def _socket_buffers() -> int:
+    """The most a loopback connection's two kernel buffers may hold (the receiver's and the
+    sender's auto-tuned maxima): the in-flight events must be more, or nothing stays unsent."""
+    most = 0
+    for name in ("tcp_rmem", "tcp_wmem"):
+        with open(f"/proc/sys/net/ipv4/{name}") as f:
+            most += int(f.read().split()[2])
+    return most
+
+
 @pytest.mark.parametrize("size", [100, 900_000], ids=["small", "buffers-full"])
 async def test_close_on_a_frozen_server_keeps_its_bound(nats_server: NatsServer, size: int) -> None:
     settings = NatsSinkSettings.model_validate(
@@ -32,7 +42,8 @@ async def test_close_on_a_frozen_server_keeps_its_bound(nats_server: NatsServer,
     with nats_server.frozen():
         # In flight when the daemon stops: many keys at once, so with big events the
         # socket's buffers fill up (nothing reads them).
-        events = [event(i, key=f"k{i}", detail=detail) for i in range(2, 40)]
+        count = 38 if size < 1000 else (_socket_buffers() + (8 << 20)) // size + 1
+        events = [event(i, key=f"k{i}", detail=detail) for i in range(2, 2 + count)]
         writing = asyncio.create_task(sink.write("main", events))
         await asyncio.sleep(0.3)
         writing.cancel()
