@@ -225,7 +225,7 @@ async def wait_exit(proc: subprocess.Popen[bytes], seconds: float = 60.0) -> int
 
 def checkpoint(state: Path, stream: str = "main") -> tuple[str, str] | None:
     """(offset, uniqueEventId) of the stream's checkpoint in the state store, if any."""
-    with sqlite3.connect(state, timeout=10) as db:
+    with closing(sqlite3.connect(state, timeout=10)) as db:
         row = db.execute(
             "SELECT offset, unique_event_id FROM checkpoints WHERE stream = ?", (stream,)
         ).fetchone()
@@ -473,7 +473,7 @@ def dead_letter(i: int, *, stream: str = "main", detail: Any = (), name: str = "
 
 def dead_letter_rows(state: Path) -> list[dict[str, Any]]:
     """The SQLite state store's dead_letters rows, oldest first."""
-    with sqlite3.connect(state, timeout=10) as db:
+    with closing(sqlite3.connect(state, timeout=10)) as db:
         db.row_factory = sqlite3.Row
         return [dict(r) for r in db.execute("SELECT * FROM dead_letters ORDER BY id")]
 

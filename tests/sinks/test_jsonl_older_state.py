@@ -23,7 +23,6 @@ brought to the new file at open and refuses nothing.
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import shutil
@@ -83,10 +82,7 @@ def snapshot(state: Path, to: Path) -> None:
 
 def restore(backup: Path, state: Path) -> None:
     """The backup copied back over the state store (its WAL and index removed, as an operator
-    restoring a file does), with no connection to it left open: the polls of the checkpoint
-    (support.committed) leave theirs to the garbage collector, and one closed after the copy
-    would checkpoint its WAL into the restored file."""
-    gc.collect()
+    restoring a file does)."""
     for extra in ("-wal", "-shm"):
         state.with_name(state.name + extra).unlink(missing_ok=True)
     shutil.copyfile(backup, state)
