@@ -9,6 +9,7 @@ larger than 67108864 bytes arrived (1009) ... raise max_frame_bytes", which neve
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from pathlib import Path
@@ -17,6 +18,9 @@ from support import make_settings, running, sink_ids, wait_until
 from test_hostile_gateway_session import event_frame, token_auth, ws_server
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
+
+from consumer.runtime.stream import _Frames
 
 FRAGMENTS = 20_000  # of one message, well past websockets' 4,096
 
@@ -66,3 +70,26 @@ async def test_a_message_in_thousands_of_fragments_is_one_event_and_the_stream_g
             assert sorted(sink_ids(tmp_path / "events.jsonl")) == ["uid-1", "uid-2", "uid-3"]
             assert runner.stats.malformed == 0
             assert gw.connections == 1
+
+
+async def test_a_read_of_a_fragmented_message_cancelled_midway_loses_none_of_it() -> None:
+    """The read-ahead's ``recv`` is cancelled when the reader's wait ends, maybe halfway
+    through a fragmented message: what it had taken goes back, and the next read has the
+    message whole."""
+    message = bytes(range(256)) * 24  # 6,144 fragments of a byte
+    frames = _Frames()
+    pieces = [
+        Frame(Opcode.TEXT if i == 0 else Opcode.CONT, message[i : i + 1], fin=i == len(message) - 1)
+        for i in range(len(message))
+    ]
+    for piece in pieces[:5000]:
+        frames.put(piece)
+    reading = asyncio.create_task(frames.get(decode=False))
+    await wait_until(lambda: reading.done() or not frames.frames.queue)
+    assert not reading.done()  # all 5,000 taken, and the read waits for the rest
+    reading.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await reading
+    for piece in pieces[5000:]:
+        frames.put(piece)
+    assert await frames.get(decode=False) == message
