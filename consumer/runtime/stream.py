@@ -24,16 +24,22 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Final, TypeVar
+from typing import Final, Literal, TypeVar, overload
 
 import structlog
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.messages import Assembler
 from websockets.datastructures import Headers
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.exceptions import (
+    ConcurrencyError,
+    ConnectionClosed,
+    InvalidHandshake,
+    InvalidStatus,
+)
+from websockets.frames import Opcode
 from websockets.protocol import State
-from websockets.typing import Subprotocol
+from websockets.typing import Data, Subprotocol
 
 from .. import __version__
 from ..config import StreamSettings
@@ -171,7 +177,46 @@ class _Frames(Assembler):
     """websockets' queue of frames received, with :meth:`take`: the next message when it is
     whole and waiting, without an await. A socket read brings dozens of frames in a catch-up;
     ``recv`` takes each through three coroutines and a join (some 0.7 µs an event, measured),
-    where this is a pop."""
+    where this is a pop.
+
+    A fragmented message is joined as its frames come (:meth:`get`), bounded in bytes by
+    ``max_size`` (websockets counts the whole message against it), not in frames: websockets
+    keeps every frame until the last and refuses more than 4,096 (1009), and a gateway or a
+    proxy that cuts frames small sends that message again at every resume."""
+
+    @overload
+    async def get(self, decode: Literal[True]) -> str: ...
+    @overload
+    async def get(self, decode: Literal[False]) -> bytes: ...
+    @overload
+    async def get(self, decode: bool | None = None) -> Data: ...
+
+    async def get(self, decode: bool | None = None) -> Data:
+        if self.get_in_progress:
+            raise ConcurrencyError("get() or get_iter() is already running")
+        self.get_in_progress = True
+        try:
+            frame = await self.frames.get(not self.closed)
+            self.maybe_resume()
+            if decode is None:
+                decode = frame.opcode is Opcode.TEXT
+            if frame.fin:
+                data = bytes(frame.data)
+            else:
+                first, joined = frame, bytearray(frame.data)
+                while not frame.fin:
+                    try:
+                        frame = await self.frames.get(not self.closed)
+                    except asyncio.CancelledError:
+                        # As websockets does: what was taken goes back, here as one frame.
+                        self.frames.put_back([dataclasses.replace(first, data=bytes(joined))])
+                        raise
+                    self.maybe_resume()
+                    joined += frame.data
+                data = bytes(joined)
+        finally:
+            self.get_in_progress = False
+        return data.decode() if decode else data
 
     def take(self) -> bytes | None:
         """The next message if it is a single frame already received (text or binary, as
