@@ -1113,7 +1113,7 @@ class StreamRunner:
             return self.policy.on_close(None, f"the gateway stopped reading ({exc.__cause__})")
         if exc.sent is not None and not exc.rcvd_then_sent:  # we closed first
             ours = self.policy.on_closed_by_us(
-                exc.sent.code, self.settings.connection.max_frame_bytes
+                exc.sent.code, self.settings.connection.max_frame_bytes, exc.sent.reason
             )
             if ours is not None:
                 return ours
