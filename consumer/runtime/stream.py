@@ -355,7 +355,7 @@ class StreamRunner:
         self._dead = False
         self._ended = ""  # why the server ended the current subscription, if it did
         self._server_ended = False  # the server ended (completed) this session's subscription
-        self._ignored_logged = False
+        self._ignored_logged: set[str] = set()  # the types of ignored frames logged this session
         self._delivered_before = 0
         self._session_started = 0.0
         self.state = StreamState.STARTING
@@ -644,7 +644,7 @@ class StreamRunner:
         )
         init_sent_at = time.monotonic()
         deadline = SubscribeDeadline.after_init(init_sent_at, c.subscribe_deadline_s)
-        self._ignored_logged = False
+        self._ignored_logged.clear()
         limit, binding = deadline.bound(c.ack_timeout_s, time.monotonic())
         try:
             async with asyncio.timeout(limit):
@@ -986,10 +986,11 @@ class StreamRunner:
                 liveness.activity(time.monotonic())
 
     def _ignore(self, out: Ignored) -> None:
-        """A frame for another subscription (we have one): counted, logged once a session."""
+        """A frame for another subscription (we have one): counted, logged once a session for
+        each type (a second connection_ack logged must not leave ignored events unsaid)."""
         self.stats.ignored += 1
-        if not self._ignored_logged:
-            self._ignored_logged = True
+        if out.kind not in self._ignored_logged:
+            self._ignored_logged.add(out.kind)
             log.warning(
                 "frame for an unknown subscription id ignored (logged once per session)",
                 type=out.kind,
