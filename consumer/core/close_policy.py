@@ -189,8 +189,10 @@ class ClosePolicy:
             Action.RECONNECT, self._backoff(), f"closed by server ({code}){said}", label
         )
 
-    def on_closed_by_us(self, code: int, max_frame_bytes: int) -> Decision | None:
-        """We closed the connection ourselves (websockets did, on our limits)."""
+    def on_closed_by_us(self, code: int, max_frame_bytes: int, reason: str = "") -> Decision | None:
+        """We closed the connection ourselves: websockets did, on our limits (1009) or on what
+        breaks the WebSocket protocol (1002, 1007, 1011; ``reason``: its words). None for our
+        normal closure: the close that follows it decides."""
         if code == MESSAGE_TOO_BIG:
             # The frame comes back on every replay until it is raised or OHIP's retention
             # drops it: keep trying at the slowest pace, never stop the stream for good.
@@ -204,7 +206,17 @@ class ClosePolicy:
                 "and restart",
                 "1009",
             )
-        return None
+        if code == NORMAL_CLOSURE:
+            return None
+        # The gateway, or a proxy between, wrote frames no WebSocket client takes: timed as a
+        # lost connection (the gateway saw ours end without a complete), said as what it is.
+        said = f": {reason}" if reason else ""
+        return Decision(
+            Action.RECONNECT,
+            self._backoff(self.config.abnormal_min_s),
+            f"the gateway's frames broke the WebSocket protocol ({code}{said}); closed by us",
+            _code_label(code),
+        )
 
     def on_handshake_status(self, status: int, retry_after_s: float | None = None) -> Decision:
         """The HTTP upgrade was refused with ``status``. ``retry_after_s``: its ``Retry-After``,

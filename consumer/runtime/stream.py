@@ -24,16 +24,22 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Final, TypeVar
+from typing import Final, Literal, TypeVar, overload
 
 import structlog
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.messages import Assembler
 from websockets.datastructures import Headers
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.exceptions import (
+    ConcurrencyError,
+    ConnectionClosed,
+    InvalidHandshake,
+    InvalidStatus,
+)
+from websockets.frames import Opcode
 from websockets.protocol import State
-from websockets.typing import Subprotocol
+from websockets.typing import Data, Subprotocol
 
 from .. import __version__
 from ..config import StreamSettings
@@ -171,7 +177,46 @@ class _Frames(Assembler):
     """websockets' queue of frames received, with :meth:`take`: the next message when it is
     whole and waiting, without an await. A socket read brings dozens of frames in a catch-up;
     ``recv`` takes each through three coroutines and a join (some 0.7 µs an event, measured),
-    where this is a pop."""
+    where this is a pop.
+
+    A fragmented message is joined as its frames come (:meth:`get`), bounded in bytes by
+    ``max_size`` (websockets counts the whole message against it), not in frames: websockets
+    keeps every frame until the last and refuses more than 4,096 (1009), and a gateway or a
+    proxy that cuts frames small sends that message again at every resume."""
+
+    @overload
+    async def get(self, decode: Literal[True]) -> str: ...
+    @overload
+    async def get(self, decode: Literal[False]) -> bytes: ...
+    @overload
+    async def get(self, decode: bool | None = None) -> Data: ...
+
+    async def get(self, decode: bool | None = None) -> Data:
+        if self.get_in_progress:
+            raise ConcurrencyError("get() or get_iter() is already running")
+        self.get_in_progress = True
+        try:
+            frame = await self.frames.get(not self.closed)
+            self.maybe_resume()
+            if decode is None:
+                decode = frame.opcode is Opcode.TEXT
+            if frame.fin:
+                data = bytes(frame.data)
+            else:
+                first, joined = frame, bytearray(frame.data)
+                while not frame.fin:
+                    try:
+                        frame = await self.frames.get(not self.closed)
+                    except asyncio.CancelledError:
+                        # As websockets does: what was taken goes back, here as one frame.
+                        self.frames.put_back([dataclasses.replace(first, data=bytes(joined))])
+                        raise
+                    self.maybe_resume()
+                    joined += frame.data
+                data = bytes(joined)
+        finally:
+            self.get_in_progress = False
+        return data.decode() if decode else data
 
     def take(self) -> bytes | None:
         """The next message if it is a single frame already received (text or binary, as
@@ -310,7 +355,7 @@ class StreamRunner:
         self._dead = False
         self._ended = ""  # why the server ended the current subscription, if it did
         self._server_ended = False  # the server ended (completed) this session's subscription
-        self._ignored_logged = False
+        self._ignored_logged: set[str] = set()  # the types of ignored frames logged this session
         self._delivered_before = 0
         self._session_started = 0.0
         self.state = StreamState.STARTING
@@ -599,7 +644,7 @@ class StreamRunner:
         )
         init_sent_at = time.monotonic()
         deadline = SubscribeDeadline.after_init(init_sent_at, c.subscribe_deadline_s)
-        self._ignored_logged = False
+        self._ignored_logged.clear()
         limit, binding = deadline.bound(c.ack_timeout_s, time.monotonic())
         try:
             async with asyncio.timeout(limit):
@@ -941,10 +986,11 @@ class StreamRunner:
                 liveness.activity(time.monotonic())
 
     def _ignore(self, out: Ignored) -> None:
-        """A frame for another subscription (we have one): counted, logged once a session."""
+        """A frame for another subscription (we have one): counted, logged once a session for
+        each type (a second connection_ack logged must not leave ignored events unsaid)."""
         self.stats.ignored += 1
-        if not self._ignored_logged:
-            self._ignored_logged = True
+        if out.kind not in self._ignored_logged:
+            self._ignored_logged.add(out.kind)
             log.warning(
                 "frame for an unknown subscription id ignored (logged once per session)",
                 type=out.kind,
@@ -1068,7 +1114,7 @@ class StreamRunner:
             return self.policy.on_close(None, f"the gateway stopped reading ({exc.__cause__})")
         if exc.sent is not None and not exc.rcvd_then_sent:  # we closed first
             ours = self.policy.on_closed_by_us(
-                exc.sent.code, self.settings.connection.max_frame_bytes
+                exc.sent.code, self.settings.connection.max_frame_bytes, exc.sent.reason
             )
             if ours is not None:
                 return ours

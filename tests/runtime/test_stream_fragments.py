@@ -1,0 +1,95 @@
+"""A message the gateway sends in many fragments (frames) is one message, whatever their
+number: its size is bounded by max_frame_bytes, not the count of its pieces.
+
+websockets' reassembly refuses a message of more than 4,096 frames and fails the connection
+with 1009; a gateway or a proxy that cuts frames small (a 4 MB event in 1 KB frames) sends the
+same message again at every resume, and the stream was held there for good, logged as "a frame
+larger than 67108864 bytes arrived (1009) ... raise max_frame_bytes", which never helped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from pathlib import Path
+
+from support import make_settings, running, sink_ids, wait_until
+from test_hostile_gateway_session import event_frame, token_auth, ws_server
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
+
+from consumer.runtime.stream import _Frames
+
+FRAGMENTS = 20_000  # of one message, well past websockets' 4,096
+
+
+class FragmentingGateway:
+    """Acks, answers pings, and on a subscribe sends event 1 whole, event 2 in FRAGMENTS
+    frames (a byte each, then empty ones), event 3 whole; closes after the client's
+    ``complete``."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+
+    async def handler(self, ws: ServerConnection) -> None:
+        self.connections += 1
+        with contextlib.suppress(ConnectionClosed):
+            async for message in ws:
+                kind = json.loads(message).get("type")
+                if kind == "connection_init":
+                    await ws.send('{"type":"connection_ack"}')
+                elif kind == "ping":
+                    await ws.send('{"type":"pong"}')
+                elif kind == "subscribe":
+                    sub_id = json.loads(message)["id"]
+                    await ws.send(event_frame(sub_id, 1))
+                    data = event_frame(sub_id, 2).encode()
+                    pieces = [data[i : i + 1] for i in range(len(data))]
+                    await ws.send(pieces + [b""] * (FRAGMENTS - len(pieces)))
+                    await ws.send(event_frame(sub_id, 3))
+                elif kind == "complete":
+                    await ws.close(1000)
+                    return
+
+
+async def test_a_message_in_thousands_of_fragments_is_one_event_and_the_stream_goes_on(
+    sandbox_factory, tmp_path: Path
+) -> None:
+    sb = await sandbox_factory(backlog=0)
+    gw = FragmentingGateway()
+    async with ws_server(gw.handler) as url:
+        settings = make_settings(tmp_path, url, auth=token_auth(sb.url))
+        async with running(settings) as daemon:
+            runner = daemon.runners["main"]
+            await wait_until(
+                lambda: len(sink_ids(tmp_path / "events.jsonl")) >= 3 or bool(runner.stats.closes)
+            )
+            assert not runner.stats.closes, runner.stats.last_close
+            assert sorted(sink_ids(tmp_path / "events.jsonl")) == ["uid-1", "uid-2", "uid-3"]
+            assert runner.stats.malformed == 0
+            assert gw.connections == 1
+
+
+async def test_a_read_of_a_fragmented_message_cancelled_midway_loses_none_of_it() -> None:
+    """The read-ahead's ``recv`` is cancelled when the reader's wait ends, maybe halfway
+    through a fragmented message: what it had taken goes back, and the next read has the
+    message whole."""
+    message = bytes(range(256)) * 24  # 6,144 fragments of a byte
+    frames = _Frames()
+    pieces = [
+        Frame(Opcode.TEXT if i == 0 else Opcode.CONT, message[i : i + 1], fin=i == len(message) - 1)
+        for i in range(len(message))
+    ]
+    for piece in pieces[:5000]:
+        frames.put(piece)
+    reading = asyncio.create_task(frames.get(decode=False))
+    await wait_until(lambda: reading.done() or not frames.frames.queue)
+    assert not reading.done()  # all 5,000 taken, and the read waits for the rest
+    reading.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await reading
+    for piece in pieces[5000:]:
+        frames.put(piece)
+    assert await frames.get(decode=False) == message
