@@ -82,7 +82,8 @@ memory``) and refuses (:class:`SinkUnusable`) an ``allkeys-*`` policy with a ``m
 may evict a stream, and with it events already checkpointed. ``volatile-*`` evicts only keys
 with a TTL: the guards (a replay could then add an event again), never the streams (the sink
 sets no TTL on them): a warning, as are a policy that could not be read, a server that
-persists nothing (no AOF, no ``save`` rule: its restart loses what we checkpointed) and
+persists nothing (no AOF, no ``save`` rule: its restart loses what we checkpointed) or only
+by snapshots (no AOF: its crash loses what was written since the last one) and
 ``maxlen`` (it trims the oldest entries, read or not). Preflight says the same.
 
 **Replication.** Redis replicates asynchronously: a batch the primary acknowledged, then lost
@@ -318,12 +319,21 @@ def eviction_risk(d: Durability) -> tuple[bool, str] | None:
 
 def persistence_risk(d: Durability) -> str | None:
     """Why a restart of the server may lose what it acknowledged (and we checkpointed), or
-    None when it keeps it or we cannot tell."""
+    None when it keeps it or we cannot tell. Snapshots alone (a ``save`` rule, redis.conf's
+    default) keep what a clean shutdown saves, not what a crash (kill -9, the OOM killer, the
+    host) finds written since the last one; an append-only file keeps it, whatever its fsync
+    policy, unless the host itself goes down."""
     if d.aof is False and d.rdb is False:
         return (
             "the server persists nothing (appendonly no, no save rule): a restart of it loses "
-            "every event written (and checkpointed here); set `appendonly yes` (or a `save` "
-            "rule), or accept that"
+            "every event written (and checkpointed here); set `appendonly yes`, or accept that"
+        )
+    if d.aof is False:
+        rules = "" if d.rdb else " (its save rules unknown)"
+        return (
+            f"the server persists by snapshots only{rules}, appendonly no: a crash of it "
+            "(kill -9, the OOM killer, the host) loses every event written since its last "
+            "snapshot (and checkpointed here); set `appendonly yes`, or accept that"
         )
     return None
 
