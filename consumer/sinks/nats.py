@@ -50,9 +50,9 @@ Errors:
   checkpointed and are published after the fix and a restart.
 
 A stream whose limits remove events read or not (``max_msgs_per_subject``, ``max_msgs`` or
-``max_bytes`` with discard old, ``max_age``, interest retention) is warned about at open and in
-preflight, as is a stream of 1 replica while several servers are configured (the daemon
-creates it with ``replicas`` copies). Those checks, and the refusal of interest retention
+``max_bytes`` with discard old, ``max_age``, interest retention), or that a restart of its
+server empties (memory storage), is warned about at open and in preflight, as is a stream of 1
+replica while several servers are configured (the daemon creates it with ``replicas`` copies). Those checks, and the refusal of interest retention
 without a consumer, run at open and in preflight only: a consumer deleted while the daemon runs
 is not seen (no extra round trip per event).
 
@@ -1180,6 +1180,13 @@ def _dropping(name: str, config: StreamConfig) -> list[str]:
     """What in the stream's configuration removes acknowledged events, read or not (an
     event the stream acknowledged is checkpointed: gone from the stream, it is gone)."""
     notes = []
+    if config.storage == StorageType.MEMORY:
+        notes.append(
+            "the stream keeps its messages in memory (storage: memory): a restart of its "
+            "server (of every server holding a copy) loses every event it acknowledged, and "
+            "the daemon checkpointed them; use file storage (a new stream: the storage of one "
+            "cannot be changed)"
+        )
     if config.retention == RetentionPolicy.INTEREST:
         notes.append(
             "the stream has interest retention: an event on a subject that no consumer's "
