@@ -52,9 +52,10 @@ Errors:
 A stream whose limits remove events read or not (``max_msgs_per_subject``, ``max_msgs`` or
 ``max_bytes`` with discard old, ``max_age``, interest retention), or that a restart of its
 server empties (memory storage), is warned about at open and in preflight, as is a stream of 1
-replica while several servers are configured (the daemon creates it with ``replicas`` copies). Those checks, and the refusal of interest retention
-without a consumer, run at open and in preflight only: a consumer deleted while the daemon runs
-is not seen (no extra round trip per event).
+replica while several servers are configured (the daemon creates it with ``replicas`` copies).
+Those checks, and the refusal of interest retention without a consumer, run at open and in
+preflight only: a consumer deleted while the daemon runs is not seen (no extra round trip per
+event).
 
 Credentials in a server URL (``nats://user:password@host``, ``nats://token@host``) are taken
 out of the URLs and sent to every server (nats-py would send them to that URL only, and log in
