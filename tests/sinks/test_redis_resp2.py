@@ -83,8 +83,8 @@ async def test_the_sinks_connections_speak_resp2(redis_server: RedisServer) -> N
     try:
         await sink.write("main", [event(1)])
         async with redis_server.client() as r:
-            mine = (await r.client_info())["id"]
-            others = [c for c in await r.client_list() if c["id"] != mine]
+            mine = str((await r.client_info())["id"])
+            others = [c for c in await r.client_list() if str(c["id"]) != mine]
     finally:
         await sink.close()
     assert others and {c["resp"] for c in others} == {"2"}, others
