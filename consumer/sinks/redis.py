@@ -113,7 +113,7 @@ from typing import Any, Final, NamedTuple, TypeVar
 from urllib.parse import quote, quote_plus, unquote, urlsplit
 
 import structlog
-from redis._parsers import _AsyncRESP3Parser
+from redis._parsers import _AsyncRESP2Parser
 from redis.asyncio import Redis
 from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
@@ -440,6 +440,9 @@ def server(settings: RedisSinkSettings) -> Server:
         "socket_connect_timeout": settings.timeout_s,
         # One immediate retry of a dead pooled connection; the pipeline's backoff does the rest.
         "retry": Retry(NoBackoff(), 1),
+        # RESP2, which every Redis speaks: redis-py's default, RESP3, opens each connection
+        # with HELLO, which Redis 5 does not know.
+        "protocol": 2,
     }
     if scheme == "unix":
         path = str(parsed.get("path") or "")
@@ -464,25 +467,21 @@ class ReplyTooLarge(Exception):
     """A reply over :data:`REPLY_LIMIT` (raised by :class:`_BoundedParser`)."""
 
 
-class _BoundedParser(_AsyncRESP3Parser):
-    """redis-py's RESP parser (RESP3: redis-py's default protocol; it reads RESP2 too), with a
+class _BoundedParser(_AsyncRESP2Parser):
+    """redis-py's RESP2 parser (the sink's protocol, which every Redis speaks), with a
     budget for each reply (:data:`REPLY_LIMIT`): a bulk string is refused at its announced
-    length, before it is read; an aggregate once its values have spent the budget; push
-    messages before a reply count in it. (redis-py reads what the server announces, a bulk
-    string of 1 GiB or an array of 10^8 values, whole into memory; only ``socket_timeout``
-    ended it, and then it sent the command again.) The connection is dropped by redis-py."""
+    length, before it is read; an array once its values have spent the budget. (redis-py
+    reads what the server announces, a bulk string of 1 GiB or an array of 10^8 values, whole
+    into memory; only ``socket_timeout`` ended it, and then it sent the command again.) The
+    connection is dropped by redis-py."""
 
     def __init__(self, socket_read_size: int) -> None:
-        super().__init__(socket_read_size)  # type: ignore[no-untyped-call]  # redis-py's
+        super().__init__(socket_read_size)
         self._budget = REPLY_LIMIT
 
-    async def read_response(
-        self, disable_decoding: bool = False, push_request: bool = False
-    ) -> Any:
+    async def read_response(self, disable_decoding: bool = False) -> Any:
         self._budget = REPLY_LIMIT
-        return await super().read_response(
-            disable_decoding=disable_decoding, push_request=push_request
-        )
+        return await super().read_response(disable_decoding=disable_decoding)
 
     def _spend(self, size: int) -> None:
         self._budget -= size
