@@ -23,7 +23,7 @@ from nats_server import NatsServer
 from support import serving
 
 from consumer.config import NatsSinkSettings
-from consumer.errors import SinkUnusable
+from consumer.errors import SinkUnusable, TransientSinkError
 from consumer.sinks.nats import NatsSink
 
 SENT_AT_MOST = 64 * 1024 * 1024  # what the proxy sends of a hostile answer, at most
@@ -144,3 +144,27 @@ async def test_what_no_nats_server_sends_is_refused_where_it_is_read(
     # (the whole 64 MiB were read into memory before).
     assert hostile.sent < 16 * 1024 * 1024, hostile.sent
     assert await nats_server.message_count() == 0
+
+
+async def test_once_the_stream_answers_again_a_timeout_is_transient_again(
+    nats_server: NatsServer,
+) -> None:
+    """What was refused stops the daemon only while nothing answers since: after an
+    acknowledgement (the connection back to a server that answers), a timeout is retried."""
+    await nats_server.add_stream("OPERA", ["opera.>"], duplicate_window=86400)
+    hostile = Hostile(nats_server, huge_message)
+    async with hostile.listening() as url:
+        settings = NatsSinkSettings.model_validate(
+            {"type": "nats", "servers": [url], "timeout_s": 2.0, "on_start": "must-exist"}
+        )
+        sink = NatsSink(settings, {"main": "DEMO"})
+        await sink.open(None)
+        try:
+            async with asyncio.timeout(30):
+                with pytest.raises(SinkUnusable, match="no NATS server"):
+                    await sink.write("main", [event(1)])
+                await sink.write("main", [event(1)])  # answered once: passed on since
+                with nats_server.frozen(), pytest.raises(TransientSinkError):
+                    await sink.write("main", [event(2)])
+        finally:
+            await sink.close()
