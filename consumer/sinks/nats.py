@@ -1016,6 +1016,9 @@ class NatsSink(PlainSink):
                 f"({shown({'stream': ack.stream, 'seq': ack.seq}, 120)}): does something "
                 "else answer requests on that subject?"
             )
+        # The stream answers again: what the connection refused before (_BoundedParser) no
+        # longer turns a later timeout into SinkUnusable.
+        self._garbled = None
         if ack.duplicate:
             self.duplicates += 1
         else:
