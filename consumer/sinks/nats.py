@@ -43,16 +43,19 @@ Errors:
   not enabled for the account, ``must-exist`` without the stream, a stream with interest
   retention and no consumer (it drops every event it acknowledges), an answer to a publish
   that is no acknowledgement by the configured stream (not JSON, another stream's, without a
-  sequence number: something else answers on the subject), ``replicas`` more than the cluster
-  has servers (:func:`placement`) or on a server outside a cluster. Nothing is lost: the events are
-  not checkpointed and are published after the fix and a restart.
+  sequence number: something else answers on the subject), what no NATS server sends a client
+  (:class:`_BoundedParser`: a message over 8 MiB, refused at its announced length, a protocol
+  line over 64 KiB, one nats-py cannot read), ``replicas`` more than the cluster has servers
+  (:func:`placement`) or on a server outside a cluster. Nothing is lost: the events are not
+  checkpointed and are published after the fix and a restart.
 
 A stream whose limits remove events read or not (``max_msgs_per_subject``, ``max_msgs`` or
-``max_bytes`` with discard old, ``max_age``, interest retention) is warned about at open and in
-preflight, as is a stream of 1 replica while several servers are configured (the daemon
-creates it with ``replicas`` copies). Those checks, and the refusal of interest retention
-without a consumer, run at open and in preflight only: a consumer deleted while the daemon runs
-is not seen (no extra round trip per event).
+``max_bytes`` with discard old, ``max_age``, interest retention), or that a restart of its
+server empties (memory storage), is warned about at open and in preflight, as is a stream of 1
+replica while several servers are configured (the daemon creates it with ``replicas`` copies).
+Those checks, and the refusal of interest retention without a consumer, run at open and in
+preflight only: a consumer deleted while the daemon runs is not seen (no extra round trip per
+event).
 
 Credentials in a server URL (``nats://user:password@host``, ``nats://token@host``) are taken
 out of the URLs and sent to every server (nats-py would send them to that URL only, and log in
@@ -70,7 +73,7 @@ import functools
 import importlib.util
 import re
 import ssl
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 from urllib.parse import unquote, urlsplit
@@ -90,6 +93,7 @@ from nats.js.api import (
     StreamConfig,
     StreamInfo,
 )
+from nats.protocol.parser import AWAITING_CONTROL_LINE, AWAITING_MSG_PAYLOAD, Parser
 
 from ..config import NatsSinkSettings, url_secret_values
 from ..core.events import Event, header_id
@@ -142,6 +146,12 @@ _AUTH_MARKERS: Final = (
     "authentication revoked",
 )
 _MAX_VIOLATIONS: Final = 100
+# The most the server may send the sink's connection at once: a message (an acknowledgement, a
+# JetStream API answer: a few KB; nats-server's own limit on what a client may publish,
+# max_payload, is 1 MB by default, 64 MB at most) and a protocol line (an INFO listing the
+# cluster's URLs: a few KB). nats-py buffers either whole, however long the server says it is.
+MAX_MESSAGE_BYTES: Final = 8 * 1024 * 1024
+MAX_LINE_BYTES: Final = 64 * 1024
 
 _T = TypeVar("_T")
 
@@ -329,6 +339,37 @@ def _duration(seconds: float) -> str:
     return f"{seconds:g} s"
 
 
+class _BoundedParser(Parser):
+    """nats-py's protocol parser, refusing what no NATS server sends a client: a message over
+    :data:`MAX_MESSAGE_BYTES` (at its announced length, before it is read), a protocol line
+    over :data:`MAX_LINE_BYTES` without its end, or one nats-py cannot read (an INFO that is
+    no JSON, an -ERR that is no UTF-8: nats-py's read loop only logged those and ended, the
+    connection left up and deaf until its stale-ping check, a minute or more). Each raises
+    nats-py's ProtocolError, on which it drops the connection (its buffer with it) and
+    reconnects; ``refused`` hears what it was first."""
+
+    def __init__(self, nc: Client, refused: Callable[[str], None]) -> None:
+        super().__init__(nc)
+        self._refused = refused
+
+    async def parse(self, data: bytes = b"") -> None:
+        try:
+            await super().parse(data)
+        except nats.errors.ProtocolError:
+            self._refuse("what nats-py cannot parse")
+        except Exception as exc:  # raised where nats-py reads a line: the server's bytes
+            self._refuse(f"a protocol line nats-py cannot read ({type(exc).__name__})")
+        if self.state == AWAITING_MSG_PAYLOAD and self.needed > MAX_MESSAGE_BYTES:
+            self._refuse(f"a message of more than {MAX_MESSAGE_BYTES} bytes")
+        if self.state == AWAITING_CONTROL_LINE and len(self.buf) > MAX_LINE_BYTES:
+            self._refuse(f"a protocol line of more than {MAX_LINE_BYTES} bytes")
+
+    def _refuse(self, what: str) -> None:
+        self.reset()
+        self._refused(what)
+        raise nats.errors.ProtocolError
+
+
 @dataclass(slots=True)
 class _Message:
     event: Event
@@ -359,6 +400,7 @@ class NatsSink(PlainSink):
         self._auth_error: str | None = None  # the last reconnect refused our credentials
         self._violations: dict[tuple[str, str], str] = {}  # (publish|subscription, subject)
         self._last_connect_error: list[str] = []  # while connecting: the latest error
+        self._garbled: str | None = None  # what the server sent that no NATS server sends
         self._log = RateLimitedLogger(log, per_s=1.0, burst=5)
         self._placement_warned = False  # the warning naming sink.replicas: once
         self.published = 0
@@ -468,6 +510,8 @@ class NatsSink(PlainSink):
         REDACTOR.add(*self._secrets())
         options = self._options()
         nc = Client()
+        nc._ps = _BoundedParser(nc, self._on_garbled)  # nats-py's, no public way
+        self._garbled = None
         loop = asyncio.get_running_loop()
         failed: asyncio.Future[str] = loop.create_future()
         self._auth_failed = failed
@@ -562,6 +606,26 @@ class NatsSink(PlainSink):
             del self._last_connect_error[:-1]
             return
         self._log.warning("nats connection error", server=self.where, error=text)
+
+    def _on_garbled(self, what: str) -> None:
+        if self._garbled is None:
+            self._garbled = what
+        self._log.warning(
+            "nats sink: the server sent what no NATS server sends; reconnecting",
+            server=self.where,
+            sent=what,
+        )
+
+    def _not_nats(self) -> SinkUnusable | None:
+        """SinkUnusable once the server sent what no NATS server sends (_BoundedParser): the
+        answer a write or an API call waited for will not come from it."""
+        if self._garbled is None:
+            return None
+        return SinkUnusable(
+            f"nats sink: {self.where} sent {self._garbled}, which no NATS server sends a "
+            "client: is sink.servers a NATS server, with nothing between rewriting what it "
+            "sends?"
+        )
 
     async def _on_disconnected(self) -> None:
         if self._nc is not None and not self._nc.is_closed:
@@ -828,6 +892,8 @@ class NatsSink(PlainSink):
                 f"nats sink: {doing} on {self.where}: {_api_text(exc)}"
             ) from None
         except (nats.errors.TimeoutError, TimeoutError) as exc:
+            if (not_nats := self._not_nats()) is not None:
+                raise not_nats from None
             denied = self._denied(api=True)
             if denied is not None:
                 raise SinkUnusable(
@@ -840,6 +906,8 @@ class NatsSink(PlainSink):
                 f"({describe(exc)})"
             ) from None
         except (nats.errors.Error, OSError) as exc:
+            if (not_nats := self._not_nats()) is not None:
+                raise not_nats from None
             raise TransientSinkError(
                 f"nats sink: {doing} on {self.where}: {describe(exc)}"
             ) from None
@@ -948,6 +1016,9 @@ class NatsSink(PlainSink):
                 f"({shown({'stream': ack.stream, 'seq': ack.seq}, 120)}): does something "
                 "else answer requests on that subject?"
             )
+        # The stream answers again: what the connection refused before (_BoundedParser) no
+        # longer turns a later timeout into SinkUnusable.
+        self._garbled = None
         if ack.duplicate:
             self.duplicates += 1
         else:
@@ -976,11 +1047,15 @@ class NatsSink(PlainSink):
             ) from None
 
     def _unreachable(self, exc: BaseException) -> Exception:
+        if (not_nats := self._not_nats()) is not None:
+            return not_nats
         if self._auth_error is not None:
             return self._refused(self._auth_error)
         return TransientSinkError(f"nats sink: publishing to {self.where}: {describe(exc)}")
 
     def _timed_out(self, m: _Message, exc: BaseException) -> Exception:
+        if (not_nats := self._not_nats()) is not None:
+            return not_nats
         denied = self._denied(m.subject)
         if denied is not None:
             return SinkUnusable(
@@ -1109,6 +1184,13 @@ def _dropping(name: str, config: StreamConfig) -> list[str]:
     """What in the stream's configuration removes acknowledged events, read or not (an
     event the stream acknowledged is checkpointed: gone from the stream, it is gone)."""
     notes = []
+    if config.storage == StorageType.MEMORY:
+        notes.append(
+            "the stream keeps its messages in memory (storage: memory): a restart of its "
+            "server (of every server holding a copy) loses every event it acknowledged, and "
+            "the daemon checkpointed them; use file storage (a new stream: the storage of one "
+            "cannot be changed)"
+        )
     if config.retention == RetentionPolicy.INTEREST:
         notes.append(
             "the stream has interest retention: an event on a subject that no consumer's "

@@ -62,7 +62,8 @@ server refuses our credentials (``WRONGPASS``, ``NOAUTH``), its ACL refuses a co
 (``NOPERM``), the stream key holds another type (``WRONGTYPE``), the server is a Redis Cluster
 node (``MOVED``/``ASK``), does not know a command (no ``XADD`` before Redis 5), has no
 database of the URL's number (``DB index is out of range``) or answers what Redis running our
-scripts cannot (a reply redis-py's parser refuses, ``:abc``; "held back" for the first call of a
+scripts cannot (a reply redis-py's parser refuses, ``:abc``; one over :data:`REPLY_LIMIT`,
+refused at its announced length before it is read; "held back" for the first call of a
 round, which names no guard before it; a probe's reply of another shape). A write that
 fails so has written nothing of that event nor of the later events of its primaryKey (held
 back), and the events of other resources that were written are guarded: after the fix and a
@@ -81,7 +82,8 @@ memory``) and refuses (:class:`SinkUnusable`) an ``allkeys-*`` policy with a ``m
 may evict a stream, and with it events already checkpointed. ``volatile-*`` evicts only keys
 with a TTL: the guards (a replay could then add an event again), never the streams (the sink
 sets no TTL on them): a warning, as are a policy that could not be read, a server that
-persists nothing (no AOF, no ``save`` rule: its restart loses what we checkpointed) and
+persists nothing (no AOF, no ``save`` rule: its restart loses what we checkpointed) or only
+by snapshots (no AOF: its crash loses what was written since the last one) and
 ``maxlen`` (it trims the oldest entries, read or not). Preflight says the same.
 
 **Replication.** Redis replicates asynchronously: a batch the primary acknowledged, then lost
@@ -111,6 +113,7 @@ from typing import Any, Final, NamedTuple, TypeVar
 from urllib.parse import quote, quote_plus, unquote, urlsplit
 
 import structlog
+from redis._parsers import _AsyncRESP2Parser
 from redis.asyncio import Redis
 from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
@@ -166,6 +169,12 @@ CHUNK_BYTES: Final = 8 * 1024 * 1024  # at most this much per round trip (the fi
 CHUNK_CALLS: Final = 1000
 NOSCRIPT_ATTEMPTS: Final = 3
 TEXT_LIMIT: Final = 300  # of a server's or client's error text in our messages
+# The most one reply may hold, its bytes and VALUE_COST for each value parsed out of it (what
+# the objects made of it cost). Every reply the sink reads is an entry id, nil, a count, a
+# short text, a few values (the probe, CONFIG GET, HELLO) or INFO's few KB: a larger one is no
+# Redis answer to our commands, and redis-py would read it whole, as long as announced.
+REPLY_LIMIT: Final = 64 * 1024
+VALUE_COST: Final = 64
 MIN_SECRET_CHARS: Final = 3
 GRANT: Final = "+ping +script|load +evalsha +exists +type +xadd +set"
 WAIT_GRANT: Final = " +wait"  # with sink.wait_replicas
@@ -310,12 +319,21 @@ def eviction_risk(d: Durability) -> tuple[bool, str] | None:
 
 def persistence_risk(d: Durability) -> str | None:
     """Why a restart of the server may lose what it acknowledged (and we checkpointed), or
-    None when it keeps it or we cannot tell."""
+    None when it keeps it or we cannot tell. Snapshots alone (a ``save`` rule, redis.conf's
+    default) keep what a clean shutdown saves, not what a crash (kill -9, the OOM killer, the
+    host) finds written since the last one; an append-only file keeps it, whatever its fsync
+    policy, unless the host itself goes down."""
     if d.aof is False and d.rdb is False:
         return (
             "the server persists nothing (appendonly no, no save rule): a restart of it loses "
-            "every event written (and checkpointed here); set `appendonly yes` (or a `save` "
-            "rule), or accept that"
+            "every event written (and checkpointed here); set `appendonly yes`, or accept that"
+        )
+    if d.aof is False:
+        rules = "" if d.rdb else " (its save rules unknown)"
+        return (
+            f"the server persists by snapshots only{rules}, appendonly no: a crash of it "
+            "(kill -9, the OOM killer, the host) loses every event written since its last "
+            "snapshot (and checkpointed here); set `appendonly yes`, or accept that"
         )
     return None
 
@@ -422,6 +440,9 @@ def server(settings: RedisSinkSettings) -> Server:
         "socket_connect_timeout": settings.timeout_s,
         # One immediate retry of a dead pooled connection; the pipeline's backoff does the rest.
         "retry": Retry(NoBackoff(), 1),
+        # RESP2, which every Redis speaks: redis-py's default, RESP3, opens each connection
+        # with HELLO, which Redis 5 does not know.
+        "protocol": 2,
     }
     if scheme == "unix":
         path = str(parsed.get("path") or "")
@@ -440,6 +461,50 @@ def server(settings: RedisSinkSettings) -> Server:
         where = f"{shown_host}:{port}/{db}{' (TLS)' if tls else ''}"
     ordered = sorted((s for s in secrets if len(s) >= MIN_SECRET_CHARS), key=len, reverse=True)
     return Server(kwargs, where, tuple(ordered))
+
+
+class ReplyTooLarge(Exception):
+    """A reply over :data:`REPLY_LIMIT` (raised by :class:`_BoundedParser`)."""
+
+
+class _BoundedParser(_AsyncRESP2Parser):
+    """redis-py's RESP2 parser (the sink's protocol, which every Redis speaks), with a
+    budget for each reply (:data:`REPLY_LIMIT`): a bulk string is refused at its announced
+    length, before it is read; an array once its values have spent the budget. (redis-py
+    reads what the server announces, a bulk string of 1 GiB or an array of 10^8 values, whole
+    into memory; only ``socket_timeout`` ended it, and then it sent the command again.) The
+    connection is dropped by redis-py."""
+
+    def __init__(self, socket_read_size: int) -> None:
+        super().__init__(socket_read_size)
+        self._budget = REPLY_LIMIT
+
+    async def read_response(self, disable_decoding: bool = False) -> Any:
+        self._budget = REPLY_LIMIT
+        return await super().read_response(disable_decoding=disable_decoding)
+
+    def _spend(self, size: int) -> None:
+        self._budget -= size
+        if self._budget < 0:
+            raise ReplyTooLarge(f"a reply of more than {REPLY_LIMIT} bytes")
+
+    async def _read(self, length: int) -> bytes:
+        self._spend(max(0, length) + 2)  # before it is read
+        data: bytes = await super()._read(length)
+        return data
+
+    async def _readline(self) -> bytes:
+        line: bytes = await super()._readline()  # a line: at most the stream's 64 KiB
+        self._spend(len(line) + 2 + VALUE_COST)
+        return line
+
+
+def connect(kwargs: Mapping[str, Any]) -> Redis:
+    """A client of ``kwargs`` (:attr:`Server.kwargs`) whose connections read replies within
+    :data:`REPLY_LIMIT` (:class:`_BoundedParser`). It connects at its first command."""
+    client = Redis(**kwargs)
+    client.connection_pool.connection_kwargs["parser_class"] = _BoundedParser
+    return client
 
 
 class _Call(NamedTuple):
@@ -485,7 +550,7 @@ class RedisSink(PlainSink):
     # --- open, close, counters ----------------------------------------------------------------
 
     async def open(self, committed: str | None) -> None:
-        client = Redis(**self.server.kwargs)
+        client = connect(self.server.kwargs)
         try:
             await self._call("PING", client.ping())
             self._sha = await self._load(client)
@@ -1034,7 +1099,7 @@ class RedisSink(PlainSink):
         could write each stream key (ACL, the key's type, maxmemory, a read-only replica).
         Returns one line; raises :class:`SinkUnusable` (or TransientSinkError when the server
         cannot be reached) saying what is wrong and the fix."""
-        client = Redis(**self.server.kwargs)
+        client = connect(self.server.kwargs)
         try:
             await self._call("PING", client.ping())
             await self._load(client)  # SCRIPT LOAD stores a script, not data

@@ -31,7 +31,10 @@ culprit is dead-lettered. Error texts never hold a secret: the token, the passwo
 ``Authorization`` header, secret-looking configured headers, nor the URL's password or query
 values (in any form we know they travel in: raw, percent-encoded or decoded, base64 for Basic
 auth, and each as JSON escapes it), even when the receiver echoes the request;
-:meth:`WebhookSink.open` registers them all with the log redactor.
+:meth:`WebhookSink.open` registers them all with the log redactor. Nor the URL's path and query
+(a Zapier hook's credential is short path segments): the URL, written whole (aiohttp's error for
+an answer it cannot parse) or its path alone (a receiver's "Cannot POST /path"), is shown as
+``scheme://host:port/…``.
 """
 
 from __future__ import annotations
@@ -124,6 +127,15 @@ class WebhookSink(PlainSink):
         port = f":{url.explicit_port}" if url.explicit_port is not None else ""
         path = "" if url.raw_path in ("", "/") else "/…"
         self._where = f"{url.scheme}://{url.raw_host}{port}{path}"
+        # Where an error text holds them (aiohttp's names the request's URL whole, a receiver's
+        # error page the path it was posted to), the URL and its path and query are shown as
+        # _where shows them; longest first. (Not the log redactor's: "/events" alone is no
+        # secret in every line.)
+        url_forms = {str(url): self._where, url.human_repr(): self._where}
+        if path:
+            for form in (url.raw_path_qs, url.path_qs, url.raw_path, url.path):
+                url_forms.setdefault(form, path)
+        self._url_forms = sorted(url_forms.items(), key=lambda kv: len(kv[0]), reverse=True)
 
     async def open(self, committed: str | None) -> None:
         REDACTOR.add(*self._registered)  # which adds their JSON forms itself
@@ -216,6 +228,8 @@ class WebhookSink(PlainSink):
         return what + (f" ({len(events)} events)" if len(events) > 1 else "")
 
     def _scrub(self, text: str) -> str:
+        for form, shown in self._url_forms:
+            text = text.replace(form, shown)
         for secret in self._secrets:
             text = text.replace(secret, MASK)
         return text
