@@ -16,13 +16,12 @@ from collections.abc import AsyncIterator
 
 import pytest
 from bus_events import event
+from fake_redis import handler, reply, usual
 from support import serving
 
 from consumer.config import RedisSinkSettings
 from consumer.errors import SinkError, SinkUnusable
 from consumer.sinks.redis import RedisSink
-
-SHA = b"a" * 40
 
 
 class FakeRedis:
@@ -35,34 +34,12 @@ class FakeRedis:
 
     @contextlib.asynccontextmanager
     async def listening(self) -> AsyncIterator[str]:
-        async with serving(self._serve) as port:
+        async with serving(handler(self._answer)) as port:
             yield f"redis://127.0.0.1:{port}/0"
 
-    async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        try:
-            while line := await r.readline():
-                args = []
-                for _ in range(int(line[1:])):
-                    n = int((await r.readline())[1:])
-                    args.append((await r.readexactly(n + 2))[:-2])
-                command = args[0].upper()
-                self.counts[command] = self.counts.get(command, 0) + 1
-                w.write(self.replies.get(command) or _usual(command))
-                await w.drain()
-        except (OSError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            w.close()
-
-
-def _usual(command: bytes) -> bytes:
-    if command == b"PING":
-        return b"+PONG\r\n"
-    if command == b"SCRIPT":
-        return b"$40\r\n" + SHA + b"\r\n"
-    if command in (b"CONFIG", b"INFO"):
-        return b"-NOPERM this user has no permissions to run this command\r\n"
-    return b"+OK\r\n"
+    async def _answer(self, command: bytes, w: asyncio.StreamWriter) -> None:
+        self.counts[command] = self.counts.get(command, 0) + 1
+        await reply(w, self.replies.get(command) or usual(command))
 
 
 def sink(url: str, stream_key: str = "opera:{hotelId}") -> RedisSink:

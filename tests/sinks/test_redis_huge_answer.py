@@ -15,13 +15,13 @@ from collections.abc import Callable
 
 import pytest
 from bus_events import event
+from fake_redis import handler, reply, usual
 from support import serving
 
 from consumer.config import RedisSinkSettings
 from consumer.errors import SinkUnusable
 from consumer.sinks.redis import RedisSink
 
-SHA = b"a" * 40
 SENT_AT_MOST = 64 * 1024 * 1024  # what the server sends of its answer, at most
 CHUNK = 1024 * 1024
 ELEMENT = 60_000  # an array's element: a value well under the limit, the array far over it
@@ -46,41 +46,18 @@ class HugeAnswer:
         self.sent = 0
         self.answers = 0
 
-    async def serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        try:
-            while line := await r.readline():
-                args = []
-                for _ in range(int(line[1:])):
-                    n = int((await r.readline())[1:])
-                    args.append((await r.readexactly(n + 2))[:-2])
-                command = args[0].upper()
-                if command != b"EVALSHA":
-                    w.write(_usual(command))
-                    await w.drain()
-                    continue
-                self.answers += 1
-                sent, n = 0, 0
-                while sent < SENT_AT_MOST:
-                    data = self.piece(n)
-                    w.write(data)
-                    await w.drain()
-                    sent += len(data)
-                    self.sent += len(data)
-                    n += 1
-        except (OSError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            w.close()
-
-
-def _usual(command: bytes) -> bytes:
-    if command == b"PING":
-        return b"+PONG\r\n"
-    if command == b"SCRIPT":
-        return b"$40\r\n" + SHA + b"\r\n"
-    if command in (b"CONFIG", b"INFO"):
-        return b"-NOPERM this user has no permissions to run this command\r\n"
-    return b"+OK\r\n"
+    async def answer(self, command: bytes, w: asyncio.StreamWriter) -> None:
+        if command != b"EVALSHA":
+            await reply(w, usual(command))
+            return
+        self.answers += 1
+        sent, n = 0, 0
+        while sent < SENT_AT_MOST:
+            data = self.piece(n)
+            await reply(w, data)
+            sent += len(data)
+            self.sent += len(data)
+            n += 1
 
 
 @pytest.mark.parametrize("piece", [bulk, array], ids=["bulk-string", "array"])
@@ -88,7 +65,7 @@ async def test_a_huge_answer_is_refused_at_its_length_not_read(
     piece: Callable[[int], bytes],
 ) -> None:
     fake = HugeAnswer(piece)
-    async with serving(fake.serve) as port:
+    async with serving(handler(fake.answer)) as port:
         settings = RedisSinkSettings.model_validate(
             {
                 "type": "redis",

@@ -9,6 +9,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from bus_events import event
+from fake_redis import SHA, handler, reply
 from redis_server import RedisServer
 from support import serving
 
@@ -26,31 +27,19 @@ class Redis5:
 
     @contextlib.asynccontextmanager
     async def listening(self) -> AsyncIterator[str]:
-        async with serving(self._serve) as port:
+        async with serving(handler(self._answer)) as port:
             yield f"redis://127.0.0.1:{port}/0"
 
-    async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        try:
-            while line := await r.readline():
-                args = []
-                for _ in range(int(line[1:])):
-                    n = int((await r.readline())[1:])
-                    args.append((await r.readexactly(n + 2))[:-2])
-                command = args[0].upper()
-                self.commands.append(command)
-                w.write(_answer(command))
-                await w.drain()
-        except (OSError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            w.close()
+    async def _answer(self, command: bytes, w: asyncio.StreamWriter) -> None:
+        self.commands.append(command)
+        await reply(w, _answer(command))
 
 
 def _answer(command: bytes) -> bytes:
     if command == b"PING":
         return b"+PONG\r\n"
     if command == b"SCRIPT":
-        return b"$40\r\n" + b"a" * 40 + b"\r\n"
+        return b"$40\r\n" + SHA + b"\r\n"
     if command == b"EVALSHA":
         return b"$15\r\n1700000000000-0\r\n"
     if command in (b"CONFIG", b"INFO"):
