@@ -17,6 +17,7 @@ it does tests/pg.py's); a test module may instead define its own from :func:`ser
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import os
@@ -24,7 +25,7 @@ import shutil
 import socket
 import ssl
 import subprocess
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ import pytest
 from nats.aio.client import Client
 from nats.js.api import RawStreamMsg
 from server_process import ServerProcess, free_port, started
+from support import serving
 
 NOT_INSTALLED = "nats-server not installed: apt-get install nats-server, or run make test"
 START_TIMEOUT_S = 20.0
@@ -335,6 +337,46 @@ def servers() -> Iterator[Callable[..., NatsServer]]:
 def nats_factory() -> Iterator[Callable[..., NatsServer]]:
     """``start(**options)``: a running :class:`NatsServer`, removed at the end of the test."""
     yield from servers()
+
+
+# What an interposer carries one way: (reader of one side, writer to the other, writer back).
+Carry = Callable[
+    [asyncio.StreamReader, asyncio.StreamWriter, asyncio.StreamWriter], Awaitable[None]
+]
+
+
+async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter, _: object = None) -> None:
+    """Carry what ``r`` reads to ``w`` as it comes, then close ``w``."""
+    with contextlib.suppress(OSError):
+        while data := await r.read(65536):
+            w.write(data)
+            await w.drain()
+    w.close()
+
+
+@contextlib.asynccontextmanager
+async def interposed(
+    target: NatsServer, *, from_client: Carry = pipe, from_server: Carry = pipe
+) -> AsyncIterator[str]:
+    """A TCP proxy on 127.0.0.1 in front of ``target`` (its nats:// URL), each connection's
+    bytes carried by ``from_client(client reader, server writer, client writer)`` and
+    ``from_server(server reader, client writer, server writer)``: a server that answers
+    something else than nats-server would, or the client's messages itself."""
+
+    async def serve(cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        try:
+            sr, sw = await asyncio.open_connection(target.host, target.port)
+        except OSError:
+            cw.close()
+            return
+        try:
+            await asyncio.gather(from_client(cr, sw, cw), from_server(sr, cw, sw))
+        finally:
+            sw.close()
+            cw.close()
+
+    async with serving(serve) as port:
+        yield f"nats://127.0.0.1:{port}"
 
 
 @pytest.fixture

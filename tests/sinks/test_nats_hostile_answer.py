@@ -15,13 +15,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import AsyncIterator
 
 import nats
 import pytest
 from bus_events import event
-from nats_server import NatsServer, subscribed
-from support import serving
+from nats_server import NatsServer, interposed, pipe, subscribed
 
 from consumer.config import NatsSinkSettings
 from consumer.errors import PermanentSinkError, SinkUnusable
@@ -72,32 +70,16 @@ class InfoRewriter:
     def __init__(self, target: NatsServer, max_payload: bytes) -> None:
         self.target, self.max_payload = target, max_payload
 
-    @contextlib.asynccontextmanager
-    async def listening(self) -> AsyncIterator[str]:
-        async with serving(self._serve) as port:
-            yield f"nats://127.0.0.1:{port}"
+    def listening(self) -> contextlib.AbstractAsyncContextManager[str]:
+        return interposed(self.target, from_server=self._rewrite_info)
 
-    async def _serve(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
-        try:
-            sr, sw = await asyncio.open_connection(self.target.host, self.target.port)
-        except OSError:
-            cw.close()
-            return
-        try:
+    async def _rewrite_info(
+        self, sr: asyncio.StreamReader, cw: asyncio.StreamWriter, _: asyncio.StreamWriter
+    ) -> None:
+        with contextlib.suppress(OSError):
             info = await sr.readline()
             cw.write(re.sub(rb'"max_payload":\s*-?\d+', b'"max_payload":' + self.max_payload, info))
-            await asyncio.gather(_pipe(cr, sw), _pipe(sr, cw))
-        finally:
-            sw.close()
-            cw.close()
-
-
-async def _pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-    with contextlib.suppress(OSError):
-        while data := await r.read(65536):
-            w.write(data)
-            await w.drain()
-    w.close()
+        await pipe(sr, cw)
 
 
 @pytest.mark.parametrize(

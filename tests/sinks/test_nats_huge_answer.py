@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import pytest
 from bus_events import event
-from nats_server import NatsServer
-from support import serving
+from nats_server import NatsServer, interposed
 
 from consumer.config import NatsSinkSettings
 from consumer.errors import SinkUnusable, TransientSinkError
@@ -60,22 +59,8 @@ class Hostile:
         self.sent = 0
         self.answered = False
 
-    @contextlib.asynccontextmanager
-    async def listening(self) -> AsyncIterator[str]:
-        async with serving(self._serve) as port:
-            yield f"nats://127.0.0.1:{port}"
-
-    async def _serve(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
-        try:
-            sr, sw = await asyncio.open_connection(self.target.host, self.target.port)
-        except OSError:
-            cw.close()
-            return
-        try:
-            await asyncio.gather(self._client_side(cr, sw, cw), _pipe(sr, cw))
-        finally:
-            sw.close()
-            cw.close()
+    def listening(self) -> contextlib.AbstractAsyncContextManager[str]:
+        return interposed(self.target, from_client=self._client_side)
 
     async def _client_side(
         self, cr: asyncio.StreamReader, sw: asyncio.StreamWriter, cw: asyncio.StreamWriter
@@ -105,14 +90,6 @@ class Hostile:
             sent += len(data)
             self.sent += len(data)
             n += 1
-
-
-async def _pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-    with contextlib.suppress(OSError):
-        while data := await r.read(65536):
-            w.write(data)
-            await w.drain()
-    w.close()
 
 
 @pytest.mark.parametrize(
