@@ -16,7 +16,7 @@ import contextlib
 import json
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +114,35 @@ async def flood_pings(
             if transport.get_write_buffer_size() >= unsent:
                 wedged.set()
         await asyncio.sleep(0.005)
+
+
+class ScriptedGateway:
+    """A gateway for :func:`ws_server` that speaks graphql-transport-ws: acknowledges each
+    ``connection_init`` (``acks`` times), answers pings, runs ``on_subscribe(ws, id)`` at a
+    subscribe and closes after the client's ``complete``; ``connections``: how many came."""
+
+    def __init__(
+        self, on_subscribe: Callable[[ServerConnection, str], Awaitable[None]], acks: int = 1
+    ) -> None:
+        self.on_subscribe, self.acks = on_subscribe, acks
+        self.connections = 0
+
+    async def handler(self, ws: ServerConnection) -> None:
+        self.connections += 1
+        with contextlib.suppress(ConnectionClosed):
+            async for message in ws:
+                msg = json.loads(message)
+                kind = msg.get("type")
+                if kind == "connection_init":
+                    for _ in range(self.acks):
+                        await ws.send('{"type":"connection_ack"}')
+                elif kind == "ping":
+                    await ws.send('{"type":"pong"}')
+                elif kind == "subscribe":
+                    await self.on_subscribe(ws, msg["id"])
+                elif kind == "complete":
+                    await ws.close(1000)
+                    return
 
 
 class WedgingGateway:

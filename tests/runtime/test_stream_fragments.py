@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from pathlib import Path
 
 from support import make_settings, running, sink_ids, wait_until
-from test_hostile_gateway_session import event_frame, token_auth, ws_server
+from test_hostile_gateway_session import ScriptedGateway, event_frame, token_auth, ws_server
 from websockets.asyncio.server import ServerConnection
-from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 
 from consumer.runtime.stream import _Frames
@@ -25,40 +23,21 @@ from consumer.runtime.stream import _Frames
 FRAGMENTS = 20_000  # of one message, well past websockets' 4,096
 
 
-class FragmentingGateway:
-    """Acks, answers pings, and on a subscribe sends event 1 whole, event 2 in FRAGMENTS
-    frames (a byte each, then empty ones), event 3 whole; closes after the client's
-    ``complete``."""
-
-    def __init__(self) -> None:
-        self.connections = 0
-
-    async def handler(self, ws: ServerConnection) -> None:
-        self.connections += 1
-        with contextlib.suppress(ConnectionClosed):
-            async for message in ws:
-                kind = json.loads(message).get("type")
-                if kind == "connection_init":
-                    await ws.send('{"type":"connection_ack"}')
-                elif kind == "ping":
-                    await ws.send('{"type":"pong"}')
-                elif kind == "subscribe":
-                    sub_id = json.loads(message)["id"]
-                    await ws.send(event_frame(sub_id, 1))
-                    data = event_frame(sub_id, 2).encode()
-                    pieces = [data[i : i + 1] for i in range(len(data))]
-                    await ws.send(pieces + [b""] * (FRAGMENTS - len(pieces)))
-                    await ws.send(event_frame(sub_id, 3))
-                elif kind == "complete":
-                    await ws.close(1000)
-                    return
+async def send_fragmented(ws: ServerConnection, sub_id: str) -> None:
+    """Event 1 whole, event 2 in FRAGMENTS frames (a byte each, then empty ones), event 3
+    whole."""
+    await ws.send(event_frame(sub_id, 1))
+    data = event_frame(sub_id, 2).encode()
+    pieces = [data[i : i + 1] for i in range(len(data))]
+    await ws.send(pieces + [b""] * (FRAGMENTS - len(pieces)))
+    await ws.send(event_frame(sub_id, 3))
 
 
 async def test_a_message_in_thousands_of_fragments_is_one_event_and_the_stream_goes_on(
     sandbox_factory, tmp_path: Path
 ) -> None:
     sb = await sandbox_factory(backlog=0)
-    gw = FragmentingGateway()
+    gw = ScriptedGateway(send_fragmented)
     async with ws_server(gw.handler) as url:
         settings = make_settings(tmp_path, url, auth=token_auth(sb.url))
         async with running(settings) as daemon:

@@ -7,48 +7,30 @@ twice left the ignored events unsaid."""
 
 from __future__ import annotations
 
-import contextlib
-import json
 from pathlib import Path
 
 from log_capture import log_records
 from support import make_settings, running, sink_ids, wait_until
-from test_hostile_gateway_session import event_frame, token_auth, ws_server
+from test_hostile_gateway_session import ScriptedGateway, event_frame, token_auth, ws_server
 from websockets.asyncio.server import ServerConnection
-from websockets.exceptions import ConnectionClosed
 
 IGNORED = "frame for an unknown subscription id ignored (logged once per session)"
 
 
-class TwiceAckingGateway:
-    """Acknowledges twice; on a subscribe sends event 1 under the client's id, three events
-    under another id, then event 2 under the client's id."""
-
-    async def handler(self, ws: ServerConnection) -> None:
-        with contextlib.suppress(ConnectionClosed):
-            async for message in ws:
-                msg = json.loads(message)
-                kind = msg.get("type")
-                if kind == "connection_init":
-                    await ws.send('{"type":"connection_ack"}')
-                    await ws.send('{"type":"connection_ack"}')
-                elif kind == "ping":
-                    await ws.send('{"type":"pong"}')
-                elif kind == "subscribe":
-                    await ws.send(event_frame(msg["id"], 1))
-                    for n in (10, 11, 12):
-                        await ws.send(event_frame("another-subscription", n))
-                    await ws.send(event_frame(msg["id"], 2))
-                elif kind == "complete":
-                    await ws.close(1000)
-                    return
+async def send_some_under_another_id(ws: ServerConnection, sub_id: str) -> None:
+    """Event 1 under the client's id, three events under another id, then event 2 under the
+    client's id."""
+    await ws.send(event_frame(sub_id, 1))
+    for n in (10, 11, 12):
+        await ws.send(event_frame("another-subscription", n))
+    await ws.send(event_frame(sub_id, 2))
 
 
 async def test_events_under_another_id_are_logged_whatever_was_ignored_before(
     sandbox_factory, tmp_path: Path
 ) -> None:
     sb = await sandbox_factory(backlog=0)
-    async with ws_server(TwiceAckingGateway().handler) as url:
+    async with ws_server(ScriptedGateway(send_some_under_another_id, acks=2).handler) as url:
         settings = make_settings(tmp_path, url, auth=token_auth(sb.url))
         with log_records() as logged:
             async with running(settings) as daemon:

@@ -7,44 +7,26 @@ and an operator looked at the network rather than at what stands between it and 
 
 from __future__ import annotations
 
-import contextlib
-import json
 from pathlib import Path
 
 from support import make_settings, running, wait_until
-from test_hostile_gateway_session import event_frame, token_auth, ws_server
+from test_hostile_gateway_session import ScriptedGateway, event_frame, token_auth, ws_server
 from websockets.asyncio.server import ServerConnection
-from websockets.exceptions import ConnectionClosed
 
 RESERVED_BIT_FRAME = b"\xc1\x02{}"  # FIN, RSV1, text; 2 bytes of payload: never negotiated
 
 
-class BreakingGateway:
-    """Acks, answers pings, and on a subscribe sends one event, then a frame no WebSocket
-    client may accept."""
-
-    def __init__(self) -> None:
-        self.connections = 0
-
-    async def handler(self, ws: ServerConnection) -> None:
-        self.connections += 1
-        with contextlib.suppress(ConnectionClosed):
-            async for message in ws:
-                msg = json.loads(message)
-                if msg.get("type") == "connection_init":
-                    await ws.send('{"type":"connection_ack"}')
-                elif msg.get("type") == "ping":
-                    await ws.send('{"type":"pong"}')
-                elif msg.get("type") == "subscribe":
-                    await ws.send(event_frame(msg["id"], 1))
-                    ws.transport.write(RESERVED_BIT_FRAME)
+async def send_and_break(ws: ServerConnection, sub_id: str) -> None:
+    """One event, then a frame no WebSocket client may accept."""
+    await ws.send(event_frame(sub_id, 1))
+    ws.transport.write(RESERVED_BIT_FRAME)
 
 
 async def test_a_frame_that_breaks_the_websocket_protocol_is_said_so(
     sandbox_factory, tmp_path: Path
 ) -> None:
     sb = await sandbox_factory(backlog=0)
-    gw = BreakingGateway()
+    gw = ScriptedGateway(send_and_break)
     async with ws_server(gw.handler) as url:
         settings = make_settings(tmp_path, url, auth=token_auth(sb.url))
         async with running(settings) as daemon:
