@@ -22,7 +22,15 @@ from support import cli
 from consumer.errors import ExitCode
 from consumer.sandbox import launcher
 
-COMMANDS = (("run",), ("status",), ("dlq", "list"), ("offset", "show"))
+# run and sink adopt --execute take the lease before they open the store: nothing may be made
+# beside the path first (<state>.lock: /dev/null.lock in /dev, as root).
+COMMANDS = (
+    ("run",),
+    ("sink", "adopt", "--execute"),
+    ("status",),
+    ("dlq", "list"),
+    ("offset", "show"),
+)
 
 
 def write_config(tmp_path: Path, state: Path, sink: str = "") -> Path:
@@ -73,6 +81,7 @@ def test_every_command_refuses_a_state_path_that_is_not_a_file(
         assert "Traceback" not in done.stderr and "retrying" not in done.stderr, done.stderr
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and says in lines[0], (args, done.stderr)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml", "state.db"], args
 
 
 def test_preflight_fails_on_a_state_path_or_sink_path_that_is_a_fifo(tmp_path: Path) -> None:

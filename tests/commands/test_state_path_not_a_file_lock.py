@@ -1,8 +1,7 @@
-"""A state path that is no regular file is refused before anything is made beside it.
-
-Was: ``run`` and ``sink adopt --execute`` took the file lease first, which created
-``<state>.lock`` beside the path (``/dev/null.lock`` in /dev, as root), and only then did the
-store's open refuse the path (exit 78). Each command a process."""
+"""The file lease refuses a state path that is no regular file before it makes anything beside
+it: ``run`` and ``sink adopt --execute`` took it first, which created ``<state>.lock`` beside
+the path (``/dev/null.lock`` in /dev, as root), and only then did the store's open refuse the
+path (exit 78). The commands themselves: test_state_path_not_a_file.py."""
 
 from __future__ import annotations
 
@@ -10,35 +9,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from support import cli
-from test_state_path_not_a_file import fifo, null_device, write_config
+from test_state_path_not_a_file import fifo, null_device
 
-from consumer.errors import ExitCode, StoreError
+from consumer.errors import StoreError
 from consumer.state.lease import REPLAY, Lease
 
-# The daemon, and the operator's command that takes the lease before it opens the store.
-COMMANDS = (("run",), ("sink", "adopt", "--execute"))
 MAKERS = pytest.mark.parametrize(
     ("make", "kind"),
     [(fifo, "a FIFO"), (null_device, "a character device")],
     ids=["fifo", "dev-null"],
 )
-
-
-@MAKERS
-def test_no_lock_file_is_made_beside_a_state_path_that_is_not_a_file(
-    tmp_path: Path, make: Callable[[Path], None], kind: str
-) -> None:
-    state = tmp_path / "state.db"
-    make(state)
-    config = write_config(tmp_path, state)
-    says = f"state store {state}: it is {kind}, not a regular file: set [state] path to a file"
-    for args in COMMANDS:
-        done = cli(*args, "--config", str(config))
-        assert done.returncode == ExitCode.CONFIG, (args, done.stderr)
-        lines = done.stderr.strip().splitlines()
-        assert len(lines) == 1 and says in lines[0], (args, done.stderr)
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml", "state.db"], args
 
 
 @MAKERS
