@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from jsonl_lines import LINE, T0, event, lines
+from jsonl_lines import LINE, T0, event, lines, run_sink
 from log_capture import log_records
 from support import (
     cli,
@@ -86,27 +86,6 @@ def restore(backup: Path, state: Path) -> None:
     for extra in ("-wal", "-shm"):
         state.with_name(state.name + extra).unlink(missing_ok=True)
     shutil.copyfile(backup, state)
-
-
-async def run_sink(
-    store: SqliteStore, path: Path, numbers: range, *, commit: bool = True, **kw: Any
-) -> str:
-    """A run through the daemon's open path: ``numbers`` written and synced; committed as the
-    committer does (the store's transaction, then the sink hears it), or not (a kill -9
-    before the commit)."""
-    sink = JsonlSink(path, **kw)
-    await open_sink(sink, store, "state.db")
-    try:
-        await sink.write("main", [event(i) for i in numbers])
-        position = sink.position()
-        assert position is not None
-        await sink.sync(position)
-        if commit:
-            await store.set_sink_state("jsonl", position)
-            sink.committed(position)
-        return position
-    finally:
-        await sink.close()
 
 
 def files_of(folder: Path) -> dict[str, bytes]:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from jsonl_lines import LINE, T0, event, lines
+from jsonl_lines import LINE, T0, lines, run_sink
 from log_capture import captured_logs, records
 from support import (
     cli,
@@ -62,21 +62,6 @@ def parsed(path: Path) -> tuple[list[str], list[bytes]]:
     return ids, bad
 
 
-async def commit_lines(store: SqliteStore, path: Path, numbers: range, **kw: Any) -> str:
-    """A run of the sink through the daemon's open path: ``numbers`` written and committed."""
-    sink = JsonlSink(path, **kw)
-    await open_sink(sink, store, "state.db")
-    try:
-        await sink.write("main", [event(i) for i in numbers])
-        position = sink.position()
-        assert position is not None
-        await sink.sync(position)
-        await store.set_sink_state("jsonl", position)
-        return position
-    finally:
-        await sink.close()
-
-
 def shorten(path: Path, how: str, length: int) -> None:
     """Shorten ``path`` in place (same inode) to ``length`` bytes."""
     ino = path.stat().st_ino
@@ -100,7 +85,7 @@ async def test_a_file_shortened_inside_a_line_is_refused_and_left_as_it_is(
     path = tmp_path / "events.jsonl"
     store = await SqliteStore.open(tmp_path / "state.db")
     try:
-        position = await commit_lines(store, path, range(10))
+        position = await run_sink(store, path, range(10))
         assert sink_length(position) == 10 * LINE
         cut = 3 * LINE + LINE // 2  # three lines and half of the fourth
         shorten(path, how, cut)
@@ -149,7 +134,7 @@ async def test_a_committed_rotated_file_shortened_inside_a_line_is_refused(tmp_p
     path = tmp_path / "events.jsonl"
     store = await SqliteStore.open(tmp_path / "state.db")
     try:
-        position = await commit_lines(store, path, range(3), rotation=rot, clock=lambda: T0)
+        position = await run_sink(store, path, range(3), rotation=rot, clock=lambda: T0)
         (one,) = rotated_files(path, rot)
         assert json.loads(position)["file"] == one.name
         os.truncate(one, LINE + 5)
@@ -169,7 +154,7 @@ async def test_a_file_whose_committed_length_falls_inside_a_line_is_not_cut(
     path = tmp_path / "events.jsonl"
     store = await SqliteStore.open(tmp_path / "state.db")
     try:
-        position = await commit_lines(store, path, range(3))
+        position = await run_sink(store, path, range(3))
         other = b'{"note":"another export"}\n' + lines(7, 8, 9)
         assert len(other) > 3 * LINE and other[3 * LINE - 1 : 3 * LINE] != b"\n"
         with path.open("r+b") as f:  # same inode
@@ -191,12 +176,12 @@ async def test_a_file_shortened_at_a_line_end_goes_on_after_it_and_warns(tmp_pat
     path = tmp_path / "events.jsonl"
     store = await SqliteStore.open(tmp_path / "state.db")
     try:
-        await commit_lines(store, path, range(10))
+        await run_sink(store, path, range(10))
         shorten(path, "truncate -s", 3 * LINE)
         # Through the daemon's own logging set-up: a structlog logger another test's set-up
         # cached would bypass structlog.testing.capture_logs.
         with captured_logs() as logs:
-            position = await commit_lines(store, path, range(100, 102))
+            position = await run_sink(store, path, range(100, 102))
     finally:
         await store.close()
     (warned,) = [e for e in records(logs) if e["level"] == "warning"]
