@@ -106,11 +106,14 @@ class ServerProcess:
     @contextlib.contextmanager
     def frozen(self) -> Iterator[None]:
         """The server stopped (SIGSTOP) within: its sockets stay open, nothing is read or
-        answered; resumed after."""
+        answered; resumed after. Entered once every thread of it is stopped: the stop takes
+        effect when one of them runs to take the signal, and on a loaded machine another one
+        woken by the socket could answer first (a publish acknowledged "while frozen")."""
         pid = self.pid
         assert pid is not None
         os.kill(pid, signal.SIGSTOP)
         try:
+            _wait_stopped(pid)
             yield
         finally:
             os.kill(pid, signal.SIGCONT)
@@ -146,3 +149,19 @@ def started(make: Callable[..., S]) -> Iterator[Callable[..., S]]:
     finally:
         for server in servers:
             server.remove()
+
+
+def _wait_stopped(pid: int, seconds: float = 10.0) -> None:
+    """Until every thread of ``pid`` is stopped (state T in /proc), at most ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while True:
+        states = []
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):  # a thread that ended meanwhile
+                stat = (task / "stat").read_text()
+                states.append(stat[stat.rindex(")") + 2])  # the field after "(comm)"
+        if all(state in "tT" for state in states):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"pid {pid} not stopped {seconds} s after SIGSTOP: {states}")
+        time.sleep(0.001)
