@@ -30,7 +30,6 @@ import os
 import random
 import re
 import signal
-import socket
 import sqlite3
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
@@ -64,6 +63,7 @@ from support import FAST_CONNECTION, make_settings, spawn_daemon, wait_exit
 
 from consumer.runtime.daemon import Daemon
 from consumer.sandbox import SandboxGateway, SandboxOptions
+from consumer.sandbox.launcher import free_port
 from consumer.sinks.postgres import create_table_sql
 
 MAX_FRAME = 65536  # [streams.main.connection] max_frame_bytes of the in-process runs
@@ -351,12 +351,6 @@ def peak_rss(pid: int) -> int | None:
     with open(f"/proc/{pid}/status") as f:  # a tiny procfs file
         m = re.search(r"^VmHWM:\s+(\d+) kB", f.read(), re.MULTILINE)
     return int(m.group(1)) * 1024 if m else None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Failures:
