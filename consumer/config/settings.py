@@ -1102,6 +1102,18 @@ class WebhookSinkSettings(_Model):
     username: str | None = None  # basic
     password: SecretStr | None = None  # basic
     timeout_s: float = Field(default=10.0, gt=0)
+    # A request answered 409 (what a receiver honouring Idempotency-Key answers while it still
+    # processes the first try of the key) is tried again for this long, then the receiver's
+    # refusal: one that answers 409 for good would otherwise hold the stream for ever.
+    conflict_retry_s: Annotated[
+        float,
+        _within(
+            0.1,
+            86400.0,
+            why="how long the receiver may take over the first try of a key before its 409 is "
+            "a refusal (default 300)",
+        ),
+    ] = 300.0
 
     _token = field_validator("token")(no_controls)  # the Authorization header
     _token_long = field_validator("token")(_long_enough("the receiver's bearer token"))

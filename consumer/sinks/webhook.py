@@ -21,13 +21,15 @@ Timeouts: ``timeout_s`` to connect (a free pooled connection included) and for e
 the receiver, and at most 3 * ``timeout_s`` for the whole request, answer included, so that a
 receiver trickling its answer a byte at a time cannot hold a worker.
 
-Responses: 2xx is done. 408, 425, 429, every status from 500 up and transport failures
-(refused, reset, timed out) raise :class:`~consumer.errors.TransientSinkError`, with
-``retry_after`` from ``Retry-After``: the pipeline retries the whole write, so chunks already
-accepted may be POSTed again (hence the key). Any other status (4xx, and 3xx as redirects are
-not followed) raises :class:`~consumer.errors.PermanentSinkError` with the status and the start
-of the body; the pipeline then re-delivers a failed batch one event at a time so that only the
-culprit is dead-lettered. Error texts never hold a secret: the token, the password, the
+Responses: 2xx is done. 408, 425, 429, every status from 500 up, transport failures (refused,
+reset, timed out) and 409 (a key's first try still under way at the receiver: for at most
+``conflict_retry_s`` from its first 409, then permanent) raise
+:class:`~consumer.errors.TransientSinkError`, with ``retry_after`` from ``Retry-After``: the
+pipeline retries the whole write, so chunks already accepted may be POSTed again (hence the
+key). Any other status (4xx, and 3xx as redirects are not followed) raises
+:class:`~consumer.errors.PermanentSinkError` with the status and the start of the body; the
+pipeline then re-delivers a failed batch one event at a time so that only the culprit is
+dead-lettered. Error texts never hold a secret: the token, the password, the
 ``Authorization`` header, secret-looking configured headers, nor the URL's password or query
 values (in any form we know they travel in: raw, percent-encoded or decoded, base64 for Basic
 auth, and each as JSON escapes it), even when the receiver echoes the request;
@@ -41,6 +43,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
@@ -69,8 +73,12 @@ from .base import PlainSink, serialized, took
 EXCERPT_CHARS = 300  # of an answer's body, in the error (scrubbed first: error_excerpt)
 # What a receiver that honours Idempotency-Key answers a retry while it still processes the
 # first try of the same key (draft-ietf-httpapi-idempotency-key-header: "MUST reply 409"):
-# ours timed out and the first is still running. Not the event's fault: tried again.
+# ours timed out and the first is still running. Not the event's fault: tried again, for
+# sink.conflict_retry_s; then the receiver's refusal (it says "conflict" of the event itself).
 CONFLICT = 409
+# Keys answered 409 whose first 409 is remembered (the oldest forgotten first): the requests
+# the workers are retrying, a few each.
+MAX_CONFLICTED_KEYS = 1024
 # Query values are all treated as secrets, but a short one ("?v=1") is most likely none and
 # would mask half of every text: as the log redactor, those are left alone.
 MIN_QUERY_SECRET_CHARS = 4
@@ -136,6 +144,8 @@ class WebhookSink(PlainSink):
             for form in (url.raw_path_qs, url.path_qs, url.raw_path, url.path):
                 url_forms.setdefault(form, path)
         self._url_forms = sorted(url_forms.items(), key=lambda kv: len(kv[0]), reverse=True)
+        # Idempotency-Key -> when it was first answered 409 (time.monotonic()).
+        self._conflicted: OrderedDict[str, float] = OrderedDict()
 
     async def open(self, committed: str | None) -> None:
         REDACTOR.add(*self._registered)  # which adds their JSON forms itself
@@ -209,19 +219,35 @@ class WebhookSink(PlainSink):
                 f"{self._what(events)}: {failure_name(exc)}: {reason(exc, self._scrub)}"
             ) from exc
         if 200 <= status < 300:
+            if self._conflicted:
+                self._conflicted.pop(key, None)
             return
+        refused = status == CONFLICT and self._conflict_for(key) >= self.settings.conflict_retry_s
         reason_text = f"{self._what(events)}: HTTP {status}"
         if reason_phrase:  # the receiver's words too: it may echo a secret there
             reason_text += f" {printable(self._scrub(reason_phrase), 100)}"
+        if refused:
+            reason_text += f" for {self.settings.conflict_retry_s:g} s (sink.conflict_retry_s)"
         # The receiver may echo the request (an Authorization header, say).
         excerpt = error_excerpt(content, self._scrub, EXCERPT_CHARS)
         if excerpt:
             reason_text += f": {excerpt}"
-        if transient_status(status) or status == CONFLICT:
+        if not refused and (transient_status(status) or status == CONFLICT):
             raise TransientSinkError(reason_text, retry_after=retry_after_seconds(retry_after))
         raise PermanentSinkError(
             reason_text, unique_event_id=events[0].unique_event_id if len(events) == 1 else None
         )
+
+    def _conflict_for(self, key: str) -> float:
+        """How long ``key`` has been answered 409, this answer included (0 at the first). Once
+        that is the receiver's refusal, the key is forgotten: the event may be replayed."""
+        now = time.monotonic()
+        first = self._conflicted.setdefault(key, now)
+        if len(self._conflicted) > MAX_CONFLICTED_KEYS:
+            self._conflicted.popitem(last=False)
+        if now - first >= self.settings.conflict_retry_s:
+            self._conflicted.pop(key, None)
+        return now - first
 
     def _what(self, events: Sequence[Event]) -> str:
         what = f"webhook POST {self._where}"

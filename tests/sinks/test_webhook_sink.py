@@ -6,6 +6,7 @@ import asyncio
 import base64
 import hashlib
 import json
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -280,6 +281,54 @@ async def test_retryable_statuses_are_transient(
         await sink.write("main", [event(1)])
     assert f"HTTP {status}" in str(info.value)
     assert info.value.retry_after is None  # none was given
+
+
+async def test_a_409_for_good_is_the_events_refusal_after_conflict_retry_s(
+    rx: Receiver, client: aiohttp.ClientSession
+):
+    """A receiver that answers 409 for an event for good (its "conflict" is with the event
+    itself, not a first try still under way) held the stream for ever: it was retried for
+    ever. Now a key answered 409 for conflict_retry_s is the receiver's refusal, and
+    forgotten: the dead letter's replay gets a window of its own."""
+    window = 0.3
+    sink = await opened(settings(rx.url, conflict_retry_s=window), client)
+    rx.responder = lambda r: Reply(409, body=b'{"error": "conflict"}')
+    first = time.monotonic()
+    with pytest.raises(TransientSinkError):
+        await sink.write("main", [event(1)])
+    refusal: PermanentSinkError | None = None
+    async with asyncio.timeout(30):  # the pipeline's retries, as often as its floor allows
+        while refusal is None:
+            await asyncio.sleep(0.05)
+            try:
+                await sink.write("main", [event(1)])
+            except PermanentSinkError as exc:
+                refusal = exc
+            except TransientSinkError:
+                pass
+    assert time.monotonic() - first >= window
+    assert refusal.unique_event_id == "w0-u1"
+    assert "HTTP 409" in str(refusal) and "sink.conflict_retry_s" in str(refusal)
+    assert '"conflict"' in str(refusal)  # the body's excerpt, as for any refusal
+    with pytest.raises(TransientSinkError):  # replayed: a new window
+        await sink.write("main", [event(1)])
+
+
+async def test_a_2xx_ends_a_keys_409_window(rx: Receiver, client: aiohttp.ClientSession):
+    """A 409 that clears (the receiver's first try ended) is forgotten: a later 409 for the
+    same key (the event sent again after a restart, say) starts a window of its own."""
+    window = 0.2
+    sink = await opened(settings(rx.url, conflict_retry_s=window), client)
+    rx.script(Reply(409))
+    started = time.monotonic()
+    with pytest.raises(TransientSinkError):
+        await sink.write("main", [event(1)])
+    await asyncio.sleep(window - (time.monotonic() - started) + 0.05)  # past the window
+    await sink.write("main", [event(1)])  # 200: taken
+    rx.script(Reply(409))
+    with pytest.raises(TransientSinkError):  # not yet a refusal: its window starts anew
+        await sink.write("main", [event(1)])
+    assert [reply.status for _, reply in rx.exchanges] == [409, 200, 409]
 
 
 async def test_a_failed_chunk_stops_the_write(rx: Receiver, client: aiohttp.ClientSession):
@@ -595,6 +644,37 @@ async def test_daemon_dead_letters_the_event_the_receiver_rejects(
     assert dead[0].reason == "sink_rejected"
     assert "HTTP 422" in dead[0].error
     assert culprit in dead[0].error  # the body excerpt
+
+
+@pytest.mark.parametrize("batch_size", [1, 20])
+async def test_daemon_dead_letters_an_event_answered_409_for_good(
+    sandbox_factory, tmp_path: Path, rx: Receiver, client: aiohttp.ClientSession, batch_size: int
+):
+    """The receiver answers 409 for one event whatever its key: after conflict_retry_s (for
+    its batch's key, then its own) it is dead-lettered and the stream goes on."""
+    gw = await sandbox_factory(backlog=200)
+    truth = truth_ids(gw.events("DEMO"))
+    culprit = truth[137]
+
+    def conflict(r: Received) -> Reply:
+        if culprit in _ids_in(r):
+            return Reply(409, body=f'{{"error": "{culprit} conflicts"}}'.encode())
+        return Reply(200)
+
+    rx.responder = conflict
+    s = _webhook_settings(tmp_path, gw.url, rx, batch_size=batch_size, conflict_retry_s=0.3)
+    async with running(s, sink=WebhookSink(s.sink, client)) as daemon:
+        await wait_until(lambda: committed(tmp_path / "state.db", newest_offset(gw)), timeout=60)
+        assert daemon.pipelines["main"].dead_lettered == 1
+    assert set(_accepted_once(rx)) == set(truth) - {culprit}
+    store = await Store.open(tmp_path / "state.db")
+    try:
+        dead = await store.dead_letters()
+    finally:
+        await store.close()
+    assert [d.unique_event_id for d in dead] == [culprit]
+    assert dead[0].reason == "sink_rejected"
+    assert "HTTP 409" in dead[0].error and "sink.conflict_retry_s" in dead[0].error
 
 
 # --- what the receiver took is never sent again --------------------------------------------------
