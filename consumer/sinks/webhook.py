@@ -222,32 +222,36 @@ class WebhookSink(PlainSink):
             if self._conflicted:
                 self._conflicted.pop(key, None)
             return
-        refused = status == CONFLICT and self._conflict_for(key) >= self.settings.conflict_retry_s
+        if status == CONFLICT:
+            transient = not self._conflict_ran_out(key)
+        else:
+            transient = transient_status(status)
         reason_text = f"{self._what(events)}: HTTP {status}"
         if reason_phrase:  # the receiver's words too: it may echo a secret there
             reason_text += f" {printable(self._scrub(reason_phrase), 100)}"
-        if refused:
+        if status == CONFLICT and not transient:
             reason_text += f" for {self.settings.conflict_retry_s:g} s (sink.conflict_retry_s)"
         # The receiver may echo the request (an Authorization header, say).
         excerpt = error_excerpt(content, self._scrub, EXCERPT_CHARS)
         if excerpt:
             reason_text += f": {excerpt}"
-        if not refused and (transient_status(status) or status == CONFLICT):
+        if transient:
             raise TransientSinkError(reason_text, retry_after=retry_after_seconds(retry_after))
         raise PermanentSinkError(
             reason_text, unique_event_id=events[0].unique_event_id if len(events) == 1 else None
         )
 
-    def _conflict_for(self, key: str) -> float:
-        """How long ``key`` has been answered 409, this answer included (0 at the first). Once
-        that is the receiver's refusal, the key is forgotten: the event may be replayed."""
+    def _conflict_ran_out(self, key: str) -> bool:
+        """Whether ``key``, answered 409 again, has been for conflict_retry_s: the receiver's
+        refusal. Then the key is forgotten, and a replay of the event gets a window of its own."""
         now = time.monotonic()
         first = self._conflicted.setdefault(key, now)
         if len(self._conflicted) > MAX_CONFLICTED_KEYS:
             self._conflicted.popitem(last=False)
-        if now - first >= self.settings.conflict_retry_s:
-            self._conflicted.pop(key, None)
-        return now - first
+        if now - first < self.settings.conflict_retry_s:
+            return False
+        self._conflicted.pop(key, None)
+        return True
 
     def _what(self, events: Sequence[Event]) -> str:
         what = f"webhook POST {self._where}"
