@@ -19,7 +19,9 @@ configured ``headers`` (one of those, or an Authorization beside configured auth
 load), the configured auth and no redirects.
 Timeouts: ``timeout_s`` to connect (a free pooled connection included) and for each silence of
 the receiver, and at most 3 * ``timeout_s`` for the whole request, answer included, so that a
-receiver trickling its answer a byte at a time cannot hold a worker.
+receiver trickling its answer a byte at a time cannot hold a worker. A body over 256 KiB goes
+in 64 KiB slices, each one taken by the receiver starting those 3 * ``timeout_s`` again: a big
+batch on a slow link takes what its upload takes, one the receiver stops reading still fails.
 
 Responses: 2xx is done. 408, 425, 429, every status from 500 up, transport failures (refused,
 reset, timed out) and 409 (a key's first try still under way at the receiver: for at most
@@ -42,10 +44,11 @@ an answer it cannot parse) or its path alone (a receiver's "Cannot POST /path"),
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -79,6 +82,11 @@ CONFLICT = 409
 # Keys answered 409 whose first 409 is remembered (the oldest forgotten first): the requests
 # the workers are retrying, a few each.
 MAX_CONFLICTED_KEYS = 1024
+# A body over this goes in slices of UPLOAD_SLICE_BYTES, each one sent moving the request's
+# deadline on (aiohttp bounds no upload: its sock_read starts once the body is sent). One up to
+# this goes whole, as it always could within 3 * timeout_s: 256 KiB in 30 s is 70 kbit/s.
+STREAMED_BODY_BYTES = 256 * 1024
+UPLOAD_SLICE_BYTES = 64 * 1024
 # Query values are all treated as secrets, but a short one ("?v=1") is most likely none and
 # would mask half of every text: as the log redactor, those are left alone.
 MIN_QUERY_SECRET_CHARS = 4
@@ -99,7 +107,9 @@ class WebhookSink(PlainSink):
         self._client = client
         t = settings.timeout_s
         self._timeout = aiohttp.ClientTimeout(total=None, connect=t, sock_connect=t, sock_read=t)
-        self._deadline = deadline_s(self._timeout)  # the whole request: 3 * timeout_s
+        whole = deadline_s(self._timeout)
+        assert whole is not None  # sock_read is set
+        self._deadline = whole  # the whole request: 3 * timeout_s
         # The URL's user information travels as Basic auth, as configured auth would.
         url, url_auth = wire_url(str(settings.url))
         self._url = url
@@ -186,13 +196,17 @@ class WebhookSink(PlainSink):
         headers["X-Opera-Stream"] = stream
         headers["Idempotency-Key"] = key
         deadline = asyncio.timeout(self._deadline)
+        data: bytes | AsyncIterator[bytes] = body
+        if len(body) > STREAMED_BODY_BYTES:
+            headers["Content-Length"] = str(len(body))  # not chunked: as a whole body goes
+            data = self._upload(body, deadline)
         status = 0
         try:
             async with (
                 deadline,
                 self._client.post(
                     self._url,
-                    data=body,
+                    data=data,
                     headers=headers,
                     timeout=self._timeout,
                     allow_redirects=False,
@@ -240,6 +254,17 @@ class WebhookSink(PlainSink):
         raise PermanentSinkError(
             reason_text, unique_event_id=events[0].unique_event_id if len(events) == 1 else None
         )
+
+    async def _upload(self, body: bytes, deadline: asyncio.Timeout) -> AsyncIterator[bytes]:
+        """``body`` in slices; each asked for once the one before is written (and, over
+        aiohttp's buffer, drained to the socket), which gives the request its whole deadline
+        again. After the last, that is the answer's."""
+        loop = asyncio.get_running_loop()
+        for start in range(0, len(body), UPLOAD_SLICE_BYTES):
+            yield body[start : start + UPLOAD_SLICE_BYTES]
+            # RuntimeError: the deadline is over (expired, or the answer came first).
+            with contextlib.suppress(RuntimeError):
+                deadline.reschedule(loop.time() + self._deadline)
 
     def _conflict_ran_out(self, key: str) -> bool:
         """Whether ``key``, answered 409 again, has been for conflict_retry_s: the receiver's

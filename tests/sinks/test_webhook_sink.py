@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
+import socket
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -383,6 +385,101 @@ async def test_a_2xx_whose_body_trickles_is_delivered_by_the_deadline(
         sink = await opened(settings(f"http://127.0.0.1:{port}/hook", timeout_s=0.5), client)
         async with asyncio.timeout(30):
             await sink.write("main", [event(1)])
+
+
+# A slow link, made with small socket buffers on both sides (loopback's own grow to megabytes):
+# what the receiver has not read yet is at most a few hundred KiB.
+SMALL_BUFFER_BYTES = 32 * 1024
+
+
+def _small_send_buffer(addr_info: Any) -> socket.socket:
+    family, kind, proto, _, _ = addr_info
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_BUFFER_BYTES)
+    return sock
+
+
+@contextlib.asynccontextmanager
+async def slow_reader(
+    *, stall_after: int | None
+) -> AsyncIterator[tuple[int, list[tuple[bytes, float]]]]:
+    """A receiver taking each request's body 16 KiB every 10 ms (about 1.6 MB/s), then
+    answering 200; with ``stall_after``, it stops reading after that many bytes. Yields its
+    port and the bodies read whole, each with the seconds reading it took."""
+    loop = asyncio.get_running_loop()
+    bodies: list[tuple[bytes, float]] = []
+    stop = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        body = bytearray()
+        started = loop.time()
+        while len(body) < length:
+            if stall_after is not None and len(body) >= stall_after:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 30)
+                writer.close()
+                return
+            chunk = await reader.read(16 * 1024)
+            if not chunk:
+                return
+            body += chunk
+            await asyncio.sleep(0.01)
+        bodies.append((bytes(body), loop.time() - started))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    listening = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_BUFFER_BYTES)
+    listening.bind(("127.0.0.1", 0))
+    server = await asyncio.start_server(handle, sock=listening)
+    async with server:
+        try:
+            yield listening.getsockname()[1], bodies
+        finally:
+            stop.set()
+
+
+def big_events(count: int, each: int) -> list[Event]:
+    return [event(i)._replace(text=b'{"big":"' + b"x" * each + b'"}') for i in range(count)]
+
+
+async def test_a_big_batch_on_a_slow_link_takes_what_its_upload_takes():
+    """4 MiB in one request, which the receiver reads for longer than the whole request's 3 *
+    timeout_s, never silent for as long: delivered whole, once. Before, the deadline counted
+    the upload too: every try failed and the batch held the stream for ever."""
+    events = big_events(8, 512 * 1024)
+    connector = aiohttp.TCPConnector(socket_factory=_small_send_buffer)
+    async with (
+        aiohttp.ClientSession(connector=connector) as session,
+        slow_reader(stall_after=None) as (port, bodies),
+    ):
+        cfg = settings(f"http://127.0.0.1:{port}/hook", timeout_s=0.5, batch_size=8)
+        sink = await opened(cfg, session)
+        async with asyncio.timeout(60):
+            await sink.write("main", events)
+    assert len(bodies) == 1
+    body, reading_s = bodies[0]
+    assert reading_s > 1.5  # the case: longer than the deadline
+    assert json.loads(body) == [{"big": "x" * 512 * 1024}] * 8
+
+
+async def test_a_receiver_that_stops_reading_a_big_body_meets_the_deadline():
+    """The receiver takes 1 MiB of a 4 MiB body and reads no more: the write fails
+    transiently 3 * timeout_s after the upload's last progress, not for ever."""
+    connector = aiohttp.TCPConnector(socket_factory=_small_send_buffer)
+    async with (
+        aiohttp.ClientSession(connector=connector) as session,
+        slow_reader(stall_after=1024 * 1024) as (port, bodies),
+    ):
+        cfg = settings(f"http://127.0.0.1:{port}/hook", timeout_s=0.5, batch_size=8)
+        sink = await opened(cfg, session)
+        with pytest.raises(TransientSinkError, match=r"no complete answer within 1\.5 s"):
+            async with asyncio.timeout(30):
+                await sink.write("main", big_events(8, 512 * 1024))
+    assert bodies == []
 
 
 async def test_a_2xx_whose_body_is_cut_short_is_delivered_once(client: aiohttp.ClientSession):
