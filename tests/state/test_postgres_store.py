@@ -6,6 +6,7 @@ SQLite are in test_store.py."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import uuid
@@ -179,6 +180,48 @@ async def test_prune_deletes_in_bounded_statements(
         assert len(counts) == 11  # ten full statements and one of 70
         assert await pg_backend.count("processed_events") == 30
         assert await store.seen("s", ["a0", "k0"]) == {"k0"}
+    finally:
+        await store.close()
+
+
+def _plan_nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    return [plan, *(n for child in plan.get("Plans", []) for n in _plan_nodes(child))]
+
+
+@pytest.mark.parametrize("analyzed", [False, True], ids=["no-statistics", "analyzed"])
+async def test_the_dedup_lookup_probes_each_id_however_many_the_stream_has(
+    pg_backend: PostgresBackend, analyzed: bool
+) -> None:
+    """30,000 ids of the stream; a lookup of 50 (a batch) reads at most 50 index entries, with
+    or without the table's statistics (autovacuum off, as before it runs on a new table).
+    Before, without them, the planner scanned the index on the stream alone and filtered all
+    30,000 rows: each lookup as slow as the stream was long."""
+    store = await pg_backend.open()
+    try:
+        q = pg_backend.q
+        await pg_backend.execute(
+            f"ALTER TABLE {q}.processed_events SET (autovacuum_enabled = false)"
+        )
+        for k in range(30):
+            ids = [f"a{k * 1000 + i}" for i in range(1000)]
+            await store.commit(CommitBatch(processed={"s": ids}), now=1.0)
+        await store.commit(CommitBatch(processed={"t": ["z1"]}), now=1.0)
+        if analyzed:
+            await pg_backend.execute(f"ANALYZE {q}.processed_events")
+        lookup = [f"a{i}" for i in range(0, 30000, 1200)] + [f"z{i}" for i in range(25)]
+        explain = "EXPLAIN (ANALYZE, FORMAT JSON) " + store_module.seen_sql(q)
+        plan = json.loads((await pg_backend.fetch(explain, "s", lookup))[0][0])[0]["Plan"]
+        on_table = [n for n in _plan_nodes(plan) if n.get("Relation Name") == "processed_events"]
+        assert on_table
+        read = sum(
+            n["Actual Rows"] * n["Actual Loops"]
+            + n.get("Rows Removed by Filter", 0)
+            + n.get("Rows Removed by Index Recheck", 0)
+            for n in on_table
+        )
+        assert read <= len(lookup), plan
+        assert await store.seen("s", lookup) == set(lookup[:25])
+        assert await store.seen("t", ["a0", "z1"]) == {"z1"}
     finally:
         await store.close()
 
