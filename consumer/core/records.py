@@ -13,6 +13,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from .events import Event
 from .evidence import Evidence, event_evidence
 from .watermark import Position
@@ -33,7 +35,10 @@ class Staged:
     no way round, the refusal fails the commit. ``switch``: the sink's writes go through that
     path from now on; called by the committer once whoever runs the streams heard of those
     dead letters and nothing staged is left (until then a write stays staged, held: park-key
-    parks a resource before its later event is written)."""
+    parks a resource before its later event is written).
+    ``document``: ``statement`` takes every row at once, as one JSON array of them (``$1``,
+    PostgreSQL's store): one statement a commit instead of one a row, whose parameters the
+    driver would encode one by one on the event loop's thread."""
 
     statement: str
     rows: list[tuple[Any, ...]]
@@ -41,6 +46,7 @@ class Staged:
     events: list[Event] | None = None
     aside: Callable[[str, Sequence[Event]], Awaitable[None]] | None = None
     switch: Callable[[], None] | None = None
+    document: bool = False
 
     STREAM_COLUMN = 1  # as in consumer.sinks.rows.row
 
@@ -64,6 +70,12 @@ class Staged:
         for r, e in zip(self.rows, self.events or [], strict=self.events is not None):
             out.setdefault(str(r[col]), []).append(e)
         return out
+
+    def as_document(self) -> str:
+        """``rows`` as one JSON array (``document``), one per first column, the last kept: an
+        upsert may not touch a row twice in one statement (a uniqueEventId in two streams),
+        and run one by one the last would win."""
+        return orjson.dumps(list({r[0]: r for r in self.rows}.values())).decode()
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,8 @@ Two modes, chosen when the daemon is assembled (:func:`consumer.runtime.assembly
   ``open`` creates and checks the table through a pool of one connection (closed before it
   returns); ``write`` only buffers rows (no I/O, no await) after checking that PostgreSQL can
   store them, and :meth:`PostgresSink.staged` hands them to the committer, whose
-  ``PostgresStore.commit`` runs the per-row upsert in its transaction. No crash can separate a
+  ``PostgresStore.commit`` runs their upsert in its transaction (one statement of one JSON
+  document, as the other mode's). No crash can separate a
   row from its checkpoint, and a failed commit leaves neither. A database whose encoding cannot
   hold every character (any but UTF8: SQL_ASCII's jsonb refuses a ``\\u`` escape past ASCII)
   falls back to the other mode: a row the server refused would otherwise fail every commit. So
@@ -289,13 +290,16 @@ def shape_problems(columns: Sequence[tuple[str, str, bool, bool]]) -> list[str]:
     return problems
 
 
-def insert_sql(table: str) -> str:
+def insert_sql(table: str, schema: str | None = None) -> str:
     """One statement for a whole batch: ``$1`` is a JSON array of rows, each the array of
     :func:`.rows.row`'s columns with ``detail`` and ``resource`` as JSON values. PostgreSQL
     parses it in its own process: measured, that costs this process's event loop a third of
     encoding one array parameter per column (asyncpg checks every element's type). A plain
-    insert: what the sink sends first (see :func:`upsert_sql`)."""
+    insert: what the sink sends first (see :func:`upsert_sql`). With ``schema``, the table is
+    named in it (the state transaction's statement must not depend on its connections'
+    ``search_path``)."""
     cols = ", ".join(_q(c) for c in COLUMNS)
+    name = _q(table) if schema is None else f"{_q(schema)}.{_q(table)}"
 
     def value(i: int, column: str) -> str:
         if column == "resource":  # None is SQL NULL, not the JSON null
@@ -307,33 +311,18 @@ def insert_sql(table: str) -> str:
         return f"r->>{i}"
 
     values = ", ".join(value(i, c) for i, c in enumerate(COLUMNS))
-    return (
-        f"INSERT INTO {_q(table)} ({cols}) SELECT {values} "
-        f"FROM jsonb_array_elements($1::jsonb) AS r"
-    )
+    return f"INSERT INTO {name} ({cols}) SELECT {values} FROM jsonb_array_elements($1::jsonb) AS r"
 
 
-def upsert_sql(table: str) -> str:
+def upsert_sql(table: str, schema: str | None = None) -> str:
     """:func:`insert_sql` rewriting the rows already there: what a batch is written with once
     its plain insert met one (a replay after a crash, ``dlq replay``). Not the first try: the
     speculative insertion ``ON CONFLICT`` needs cost the server about 12% more CPU a row
     (measured, 100,000 rows in batches of 200 and of 1,000), and a fresh catch-up conflicts
-    with nothing."""
+    with nothing. In the state transaction every commit's rows go this way (a failed insert
+    there would fail the transaction)."""
     updates = ", ".join(f"{_q(c)} = EXCLUDED.{_q(c)}" for c in COLUMNS[1:])
-    return f"{insert_sql(table)} ON CONFLICT (unique_event_id) DO UPDATE SET {updates}"
-
-
-def staged_upsert_sql(schema: str, table: str) -> str:
-    """One row per execution (``executemany`` in the state store's commit): parameter ``$i``
-    is column ``i`` of :func:`.rows.row`. The table is named with the schema it was found in at
-    open, so the statement does not depend on the store's connections' ``search_path``."""
-    cols = ", ".join(_q(c) for c in COLUMNS)
-    marks = ", ".join(f"${i}::jsonb" if c in _JSON else f"${i}" for i, c in enumerate(COLUMNS, 1))
-    updates = ", ".join(f"{_q(c)} = EXCLUDED.{_q(c)}" for c in COLUMNS[1:])
-    return (
-        f"INSERT INTO {_q(schema)}.{_q(table)} ({cols}) VALUES ({marks}) "
-        f"ON CONFLICT (unique_event_id) DO UPDATE SET {updates}"
-    )
+    return f"{insert_sql(table, schema)} ON CONFLICT (unique_event_id) DO UPDATE SET {updates}"
 
 
 def unstorable(values: tuple[Any, ...]) -> str | None:
@@ -410,7 +399,7 @@ class PostgresSink(PlainSink):
                 raise
             await self._close_pool(pool)
             if encoding in _ANY_TEXT_ENCODINGS and not guards:
-                self._staged_upsert = staged_upsert_sql(schema, self.table)
+                self._staged_upsert = upsert_sql(self.table, schema)
                 self._opened = True
                 log.info(
                     "postgres sink open",
@@ -689,7 +678,8 @@ class PostgresSink(PlainSink):
                     f"postgres sink: event {ev.unique_event_id}: PostgreSQL cannot store {problem}",
                     unique_event_id=ev.unique_event_id,
                 )
-            rows.append(values)
+            # The statement's row: as the own pool's, one JSON document a commit.
+            rows.append(tuple(json_row(stream, ev, now)))
         self._rows.extend(rows)
         self._events.extend(events)
 
@@ -706,6 +696,7 @@ class PostgresSink(PlainSink):
             events=events,
             aside=self._write_aside,
             switch=self._own_pool,
+            document=True,
         )
 
     async def _write_aside(self, stream: str, events: Sequence[Event]) -> None:

@@ -11,7 +11,8 @@ asyncpg pool.
 * :meth:`PostgresStore.commit` is one transaction: processed ids (one ``INSERT … SELECT FROM
   unnest($2::text[])`` per stream), dead letters, checkpoints, resolved dead letters, the
   rows a sink staged (each :class:`~consumer.core.records.Staged` statement is in PostgreSQL's
-  dialect, ``$1…``, run with ``executemany``) and the sink's position.
+  dialect, ``$1…``, run with ``executemany``, or once with every row as one JSON document) and
+  the sink's position.
 * The hot lookups (``seen``, ``parked_among``, ``has_dead_letters``) are one query each;
   ``seen`` and ``parked_among`` pass the ids or keys as one array (``seen``: one probe of the
   primary key per id, :func:`seen_sql`).
@@ -847,7 +848,10 @@ class PostgresStore:
         for staged in batch.staged:
             if staged.rows:
                 try:
-                    await db.executemany(staged.statement, staged.rows)
+                    if staged.document:
+                        await db.execute(staged.statement, staged.as_document())
+                    else:
+                        await db.executemany(staged.statement, staged.rows)
                 except DRIVER_ERRORS as exc:
                     if not _row_fault(exc):
                         raise

@@ -171,7 +171,7 @@ async def test_write_only_stages_rows(staged_sink: PostgresSink, postgres_dsn, t
     assert [(r[0], r[1]) for r in staged.rows] == [("u1", "main"), ("u2", "main"), ("u3", "other")]
     # Named with the schema open() found the table in, in PostgreSQL's dialect.
     assert f'INSERT INTO "public"."{table}"' in staged.statement
-    assert "$11" in staged.statement and "?" not in staged.statement
+    assert staged.document and "$1::jsonb" in staged.statement and "?" not in staged.statement
     assert staged_sink.staged() is None  # taken: the buffer is empty
     assert staged_sink.position() is None
 
@@ -252,6 +252,33 @@ async def test_rows_commit_in_the_state_transaction_or_not_at_all(
         f'SELECT xmin::text FROM "{schema}".processed_events',
     )
     assert len(xmins) == 1
+
+
+async def test_one_id_in_two_streams_of_a_commit_is_one_row_the_last_written(
+    staged_sink: PostgresSink, store: PostgresStore, postgres_dsn, table
+):
+    """A commit's rows go as one statement, whose upsert may not touch a row twice: the same
+    uniqueEventId from two streams (hostile, or two chains) is one row, the last written, as
+    one statement a row left it; the commit goes through, every column as written."""
+    committer = Committer(store, staged_sink, max_events=1000, interval_s=60.0)
+    first, again = event(1), event(1, resource={"from": "other"})
+    for stream, ev in (("main", first), ("other", again), ("main", event(2))):
+        seq = committer.arrived(stream, Position(ev.offset, ev.unique_event_id))
+        await staged_sink.write(stream, [ev])
+        committer.processed(stream, [ev.unique_event_id], [seq])
+    assert await committer.flush()
+    got = await rows(postgres_dsn, table)
+    assert set(got) == {"u1", "u2"}
+    assert got["u1"]["stream"] == "other"
+    assert json.loads(got["u1"]["resource"]) == {"from": "other"}
+    assert json.loads(got["u2"]["detail"]) == [{"elementName": "Name", "newValue": "Zoë «2»"}]
+    assert got["u2"]["resource"] is None  # SQL NULL, not JSON null
+    assert (got["u2"]["offset"], got["u2"]["event_timestamp"]) == (
+        "000002",
+        "2024-05-01 10:00:00.000",
+    )
+    assert await store.seen("main", ["u1", "u2"]) == {"u1", "u2"}
+    assert await store.seen("other", ["u1"]) == {"u1"}
 
 
 async def test_an_encoding_that_cannot_hold_every_character_keeps_the_own_pool(
