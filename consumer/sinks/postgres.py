@@ -336,7 +336,9 @@ def unstorable(values: tuple[Any, ...]) -> str | None:
         problem = unstorable_char(value)
         if problem is not None:
             return f"{column}: {problem}"
-        if column in _JSON and _JSON_NUL.search(value):
+        # The substring first: the pattern, a lookbehind at every position, cost 24 µs on a
+        # 400-character detail (a third of a staged write's CPU); this 0.2.
+        if column in _JSON and "\\u0000" in value and _JSON_NUL.search(value):
             return f"{column}: \\u0000 in JSON (PostgreSQL jsonb cannot hold it)"
     return None
 
