@@ -668,7 +668,7 @@ class PostgresSink(PlainSink):
         rows: list[tuple[Any, ...]] = []  # all or none: a later event may be refused
         for ev in events:
             try:
-                values = row(stream, ev, now)  # column 1 is the stream (the committer's filter)
+                values = row(stream, ev, now)  # as text: what unstorable checks
             except (TypeError, ValueError) as exc:  # not JSON-serializable (orjson)
                 raise PermanentSinkError(
                     f"postgres sink: event {ev.unique_event_id}: {self._describe(exc)}",
@@ -680,7 +680,8 @@ class PostgresSink(PlainSink):
                     f"postgres sink: event {ev.unique_event_id}: PostgreSQL cannot store {problem}",
                     unique_event_id=ev.unique_event_id,
                 )
-            # The statement's row: as the own pool's, one JSON document a commit.
+            # As the own pool's: JSON values, the commit's rows one document (column 1 is
+            # the stream: the committer's filter).
             rows.append(tuple(json_row(stream, ev, now)))
         self._rows.extend(rows)
         self._events.extend(events)

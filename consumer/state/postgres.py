@@ -442,6 +442,7 @@ class PostgresStore:
         self.target = target
         self.schema = schema
         self._s = quote_ident(schema)
+        self._seen_sql = seen_sql(self._s)
         self._timeout = timeout_s
         self._closed = False
 
@@ -589,7 +590,7 @@ class PostgresStore:
         if not event_ids:
             return set()
         stored = {to_text(i): i for i in event_ids}
-        rows = await self._pool.fetch(seen_sql(self._s), stream, list(stored))
+        rows = await self._pool.fetch(self._seen_sql, stream, list(stored))
         return {stored[row[0]] for row in rows}
 
     @_translated("reading the sink state")
