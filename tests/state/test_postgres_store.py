@@ -77,7 +77,7 @@ async def test_the_schema_and_its_version(pg_backend: PostgresBackend) -> None:
     }
     assert any("processed_events" in d and "(stream, event_id)" in d for d in indexes)
     assert any("processed_events" in d and "(processed_at)" in d for d in indexes)
-    assert any("dead_letters" in d and "(stream, primary_key)" in d for d in indexes)
+    assert any("dead_letters" in d and "(stream, primary_key, id)" in d for d in indexes)
     assert any("UNIQUE" in d and "(stream, dedup_key)" in d for d in indexes)
 
 
@@ -188,6 +188,19 @@ def _plan_nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
     return [plan, *(n for child in plan.get("Plans", []) for n in _plan_nodes(child))]
 
 
+def _rows_read(plan: dict[str, Any], table: str) -> int:
+    """What an EXPLAIN ANALYZE plan's scans of ``table`` read: the rows they returned and
+    those they filtered out."""
+    on_table = [n for n in _plan_nodes(plan) if n.get("Relation Name") == table]
+    assert on_table, plan
+    return sum(
+        n["Actual Rows"] * n["Actual Loops"]
+        + n.get("Rows Removed by Filter", 0)
+        + n.get("Rows Removed by Index Recheck", 0)
+        for n in on_table
+    )
+
+
 @pytest.mark.parametrize("analyzed", [False, True], ids=["no-statistics", "analyzed"])
 async def test_the_dedup_lookup_probes_each_id_however_many_the_stream_has(
     pg_backend: PostgresBackend, analyzed: bool
@@ -211,19 +224,71 @@ async def test_the_dedup_lookup_probes_each_id_however_many_the_stream_has(
         lookup = [f"a{i}" for i in range(0, 30000, 1200)] + [f"z{i}" for i in range(25)]
         explain = "EXPLAIN (ANALYZE, FORMAT JSON) " + store_module.seen_sql(q)
         plan = json.loads((await pg_backend.fetch(explain, "s", lookup))[0][0])[0]["Plan"]
-        on_table = [n for n in _plan_nodes(plan) if n.get("Relation Name") == "processed_events"]
-        assert on_table
-        read = sum(
-            n["Actual Rows"] * n["Actual Loops"]
-            + n.get("Rows Removed by Filter", 0)
-            + n.get("Rows Removed by Index Recheck", 0)
-            for n in on_table
-        )
-        assert read <= len(lookup), plan
+        assert _rows_read(plan, "processed_events") <= len(lookup), plan
         assert await store.seen("s", lookup) == set(lookup[:25])
         assert await store.seen("t", ["a0", "z1"]) == {"z1"}
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize("analyzed", [False, True], ids=["no-statistics", "analyzed"])
+async def test_the_parked_lookup_probes_each_key_however_many_dead_letters(
+    pg_backend: PostgresBackend, analyzed: bool
+) -> None:
+    """20,000 dead letters of the stream (4 for each of 5,000 resources) and 3,000 of one
+    parked resource: park-key's lookup of 52 resources reads one dead letter a key and one for
+    the marker, with or without statistics. Before, it read every dead letter of the stream
+    (without) or of the table (with)."""
+    store = await pg_backend.open()
+    try:
+        q = pg_backend.q
+        await pg_backend.execute(f"ALTER TABLE {q}.dead_letters SET (autovacuum_enabled = false)")
+        columns = "stream, dedup_key, primary_key, reason, error, payload, first_at, last_at"
+        await pg_backend.execute(
+            f"INSERT INTO {q}.dead_letters ({columns}) SELECT 'main', 'd' || g, "
+            "CASE WHEN g < 20000 THEN 'pk' || (g % 5000) ELSE 'hot' END, 'r', 'e', 'p', 1, 1 "
+            "FROM generate_series(0, 22999) AS g"
+        )
+        if analyzed:
+            await pg_backend.execute(f"ANALYZE {q}.dead_letters")
+        keys = [f"zz{i}" for i in range(50)] + ["pk7", "hot"]
+        explain = "EXPLAIN (ANALYZE, FORMAT JSON) " + store_module.parked_sql(q)
+        plan = json.loads((await pg_backend.fetch(explain, "main", keys))[0][0])[0]["Plan"]
+        assert _rows_read(plan, "dead_letters") <= len(keys) + 1, plan
+        assert await store.parked_among("main", [*keys, "pk7"]) == (
+            {"pk7": "d7", "hot": "d20000"},
+            True,
+        )
+        assert await store.parked_among("other", ["pk7"]) == ({}, False)
+    finally:
+        await store.close()
+
+
+async def test_the_migration_to_the_parked_index_keeps_the_dead_letters(
+    pg_backend: PostgresBackend,
+) -> None:
+    """A store of the version before: its dead letters are there after the upgrade, the index
+    is (stream, primary_key, id) under its old name, and park-key's lookup finds the oldest."""
+    await pg_backend.create_at(len(MIGRATIONS) - 1)
+    await pg_backend.execute(
+        f"INSERT INTO {pg_backend.q}.dead_letters (stream, dedup_key, primary_key, reason, "
+        "error, payload, first_at, last_at) VALUES ('main', 'd1', 'a', 'r', 'e', 'p', 1, 1), "
+        "('main', 'd2', 'a', 'r', 'e', 'p', 1, 1), ('main', 'd3', 'b', 'r', 'e', 'p', 1, 1)"
+    )
+    store = await pg_backend.open()
+    try:
+        assert await store.parked_among("main", ["a", "b", "c"]) == ({"a": "d1", "b": "d3"}, True)
+    finally:
+        await store.close()
+    assert await pg_backend.version() == len(MIGRATIONS)
+    rows = await pg_backend.fetch(
+        "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = $1 "
+        "AND tablename = 'dead_letters' AND indexdef LIKE '%(stream, primary_key%'",
+        pg_backend.schema,
+    )
+    assert [(r[0], r[1].split(" USING ")[1]) for r in rows] == [
+        ("dead_letters_key", "btree (stream, primary_key, id)")
+    ]
 
 
 # --- the server away, or refusing us ------------------------------------------------------------
