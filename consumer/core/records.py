@@ -48,7 +48,7 @@ class Staged:
     switch: Callable[[], None] | None = None
     document: bool = False
 
-    STREAM_COLUMN = 1  # as in consumer.sinks.rows.row
+    STREAM_COLUMN = 1  # as in consumer.sinks.rows (row and json_row)
 
     def without(self, streams: frozenset[str]) -> Staged:
         col = self.STREAM_COLUMN
