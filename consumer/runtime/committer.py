@@ -138,6 +138,8 @@ class Committer:
         # stream -> whoever runs it: told of those dead letters (they are its stream's), and
         # whether it parks a resource behind one (park-key). See on_set_aside.
         self._runs: dict[str, tuple[Callable[[Sequence[DeadLetter]], None], bool]] = {}
+        # stream -> whoever runs it: records what its sink said it took (see on_commit).
+        self._on_commit: dict[str, Callable[[], None]] = {}
         # A replay's dead letters delivered, not yet removed by a durable commit: id -> its
         # event's (stream, uniqueEventId). See _still_letters.
         self._resolving: dict[int, tuple[str, str]] = {}
@@ -176,6 +178,19 @@ class Committer:
         never written, as the pipeline holds back those of its own dead letters; ``told``
         parks the key for the events after. A later call for the stream replaces this one."""
         self._runs[stream] = (told, parks)
+
+    def on_commit(self, stream: str, record: Callable[[], None]) -> None:
+        """Whoever runs ``stream`` (its pipeline) records, when ``record`` is called, what its
+        sink said it took and is not recorded yet (:func:`~consumer.sinks.base.took`): called
+        as each commit starts, before the commit reads what is done, while the stream is here.
+        A later call for the stream replaces this one."""
+        self._on_commit[stream] = record
+
+    def took_more(self) -> None:
+        """A sink said it took more (recorded as the next commit starts): an adaptive
+        committer commits soon, as it does for anything done."""
+        if self._adaptive:
+            self._wake.set()
 
     def _ledger(self, stream: str) -> _Ledger:
         ledger = self._ledgers.get(stream)
@@ -431,6 +446,9 @@ class Committer:
         """Commit what is done now. Returns True when something was committed."""
         async with self._lock:
             unsure = self._unsure is not None and await self._commit_unsure()
+            for stream, record in self._on_commit.items():
+                if stream in self._ledgers:  # not one forgotten: its work is dropped
+                    record()
             held = self._pending_bytes  # what the snapshot takes (restored if it fails)
             batch = self._snapshot()
             if not batch:

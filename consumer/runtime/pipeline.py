@@ -131,30 +131,40 @@ def _taken(exc: TransientSinkError | PermanentSinkError, written: int) -> int:
 
 class _Taken:
     """What the sink took of the items a delivery writes, recorded as processed (``record``)
-    as soon as it is known, once each: said by the sink between the parts of its write
-    (:func:`~consumer.sinks.base.took`), a failed write's ``delivered`` (before its retry
-    backs off), the write's return. Never later: a commit meanwhile records the sink's
-    position, which covers them already (a jsonl file's length, every line appended), and
-    must record them processed with it and the watermark past them; else a stop (or kill -9)
-    leaves them in the committed file unrecorded, and the restart writes them again."""
+    once each, never later than the next commit: the sink says so between the parts of its
+    write (:func:`~consumer.sinks.base.took`), which is noted (``said``) and recorded by the
+    next of: the start of a commit (see :meth:`Committer.on_commit`), a failed write (its
+    ``delivered``, before its retry backs off), the write's end or stop. Never later: a
+    commit records the sink's position, which covers them already (a jsonl file's length,
+    every line appended), and must record them processed with it and the watermark past
+    them; else a stop (or kill -9) leaves them in the committed file unrecorded, and the
+    restart writes them again. Not at once either: one record per event said was a twentieth
+    of the event loop's CPU with one webhook POST per event (issue #12)."""
 
-    __slots__ = ("_items", "_record", "base", "count")
+    __slots__ = ("_items", "_record", "_wake", "base", "count", "said")
 
-    def __init__(self, items: list[_Item], record: Callable[[list[_Item]], None]) -> None:
+    def __init__(
+        self, items: list[_Item], record: Callable[[list[_Item]], None], wake: Callable[[], None]
+    ) -> None:
         self._items = items
         self._record = record
+        self._wake = wake  # the committer's: a sink took more
         self.base = 0  # where the sink's write under way starts among the items
         self.count = 0  # how many of the items, the first ones, are recorded
+        self.said = 0  # how many of the items, the first ones, the sink said it took
 
     def __call__(self, n: int) -> None:
         """The sink's word: ``n`` of its write's events taken (counted from that write's
         start, which is ``base`` here)."""
-        self.upto(self.base + n)
+        if self.base + n > self.said:
+            self.said = self.base + n
+            self._wake()
 
     def upto(self, n: int) -> None:
-        """The first ``n`` items taken: record those not recorded yet (once each)."""
+        """The first ``n`` items taken (and any more the sink said): record those not
+        recorded yet (once each)."""
         items, count = self._items, self.count
-        n = min(n, len(items))
+        n = min(max(n, self.said), len(items))
         if n > count:
             self.count = n
             self._record(items if n - count == len(items) else items[count:n])
@@ -218,6 +228,10 @@ class StreamPipeline:
             else None
         )
         committer.on_set_aside(stream, self._set_aside, parks=park_key)
+        # The writes under way: what their sinks said they took is recorded as each commit
+        # starts (see _Taken).
+        self._under_way: set[_Taken] = set()
+        committer.on_commit(stream, self._record_said)
         # None when nothing is filtered: the per-batch cost is then this one attribute check.
         self._filter = None if event_filter is None or event_filter.passes_all else event_filter
         # The ids the workers are deciding on or writing now (from the lookup to the outcome),
@@ -602,7 +616,7 @@ class StreamPipeline:
                 if not items:
                     return
             events = [ev for _, ev in items]
-            taken = _Taken(items, self._written)  # those the sink takes: recorded at once
+            taken = _Taken(items, self._written, self._committer.took_more)
             try:
                 await self._write(events, taken, retrying)
             except PermanentSinkError as exc:
@@ -628,6 +642,10 @@ class StreamPipeline:
                     items = await self._isolate(items, problem, retrying, reason="unprocessable")
                 continue
             return
+
+    def _record_said(self) -> None:
+        for taken in self._under_way:
+            taken.upto(0)
 
     def _written(self, items: list[_Item]) -> None:
         """The sink took these: processed, in the next commit."""
@@ -716,6 +734,7 @@ class StreamPipeline:
         _stop_if_asked()
         started = time.perf_counter()
         taking(taken)  # the sink's word between its write's parts (took)
+        self._under_way.add(taken)
         try:
             # The first try without tenacity: setting up its state costs more than the
             # write itself for a small batch (measured: ~10% of the CPU per event then).
@@ -745,6 +764,8 @@ class StreamPipeline:
             raise
         finally:
             taking(None)
+            self._under_way.discard(taken)
+            taken.upto(0)  # a stop, or anything else the sink raised: what it said it took
         taken.upto(len(events))
         if self.on_write is not None:
             self.on_write(time.perf_counter() - started, events[-1])

@@ -1,6 +1,6 @@
 """A sink that hands a write's events on a part at a time says after each part how many it
-took (:func:`consumer.sinks.base.took`): the pipeline records them as processed at once, once
-each, and whatever the rest of the write does (a transient failure and its retry, a permanent
+took (:func:`consumer.sinks.base.took`): the pipeline records them as processed by the next
+commit at the latest, once each, and whatever the rest of the write does (a transient failure and its retry, a permanent
 one, an error of the sink's own, a stop between the parts) they are never sent again nor
 recorded twice; the retry writes exactly the rest.
 
@@ -10,6 +10,7 @@ await between the parts (as the orchestrating sink awaits the next part's GETs).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -79,11 +80,13 @@ class PartSink(PlainSink):
 
 @asynccontextmanager
 async def life(
-    tmp_path: Path, sink: PlainSink, events: Sequence[Event]
+    tmp_path: Path, sink: PlainSink, events: Sequence[Event], *, adaptive: bool = False
 ) -> AsyncIterator[tuple[SqliteStore, Committer, StreamPipeline]]:
-    """A store, committer and pipeline (one worker); ``events`` queued as one batch."""
+    """A store, committer and pipeline (one worker); ``events`` queued as one batch.
+    ``adaptive``: the committer's task runs, committing whenever something is done (else
+    commits are the test's)."""
     store = await SqliteStore.open(tmp_path / "state.db")
-    committer = Committer(store, sink, max_events=10_000, interval_s=3600.0)
+    committer = Committer(store, sink, max_events=10_000, interval_s=3600.0, adaptive=adaptive)
     pipeline = StreamPipeline(
         STREAM,
         sink=sink,
@@ -94,6 +97,7 @@ async def life(
         retry_initial_s=0.01,
         retry_max_s=0.02,
     )
+    commits = asyncio.create_task(committer.run()) if adaptive else None
     try:
         for e in events:
             await pipeline.put(e)
@@ -101,6 +105,10 @@ async def life(
         yield store, committer, pipeline
     finally:
         await pipeline.stop()
+        if commits is not None:
+            commits.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await commits
         await store.close()
 
 
@@ -182,6 +190,40 @@ async def test_an_error_of_the_sinks_own_after_parts_taken_is_found_among_the_re
     assert sink.writes == [ALL, ["u5"], ["u6"], ["u7"]]
     assert Counter(sink.written) == Counter(ALL[:4] + ALL[5:])
     assert checkpoint(tmp_path) == [("7", 6)]
+
+
+async def test_a_commit_while_the_write_waits_holds_the_parts_taken(tmp_path: Path) -> None:
+    """A commit while the write waits before its last part records the three parts the sink
+    said it took (a jsonl file's length in that commit would cover them); the last part
+    follows in a later commit, nothing twice."""
+    sink = PartSink(hold="u7")
+    async with life(tmp_path, sink, EVENTS) as (store, committer, pipeline):
+        async with asyncio.timeout(WAIT_S):
+            await sink.holding.wait()
+        assert await committer.flush()
+        assert await store.seen(STREAM, ALL) == set(ALL[:6])
+        assert checkpoint(tmp_path) == [("6", 6)]
+        sink.release.set()
+        await done(committer, pipeline)
+        assert pipeline.delivered == 7
+    assert sink.writes == [ALL]
+    assert checkpoint(tmp_path) == [("7", 7)]
+
+
+async def test_parts_taken_wake_an_adaptive_committer(tmp_path: Path) -> None:
+    """With adaptive group commit, the parts the sink said it took are committed while the
+    write still waits before its last part, with nobody asking for a commit."""
+    sink = PartSink(hold="u7")
+    async with life(tmp_path, sink, EVENTS, adaptive=True) as (store, committer, pipeline):
+        async with asyncio.timeout(WAIT_S):
+            await sink.holding.wait()
+            while checkpoint(tmp_path) != [("6", 6)]:
+                await asyncio.sleep(0.01)
+        sink.release.set()
+        async with asyncio.timeout(WAIT_S):
+            while checkpoint(tmp_path) != [("7", 7)]:
+                await asyncio.sleep(0.01)
+    assert sink.written == ALL
 
 
 async def test_a_stop_between_parts_leaves_the_parts_taken_recorded(tmp_path: Path) -> None:
