@@ -1,8 +1,8 @@
 """A sink that hands a write's events on a part at a time says after each part how many it
 took (:func:`consumer.sinks.base.took`): the pipeline records them as processed by the next
-commit at the latest, once each, and whatever the rest of the write does (a transient failure and its retry, a permanent
-one, an error of the sink's own, a stop between the parts) they are never sent again nor
-recorded twice; the retry writes exactly the rest.
+commit at the latest, once each, and whatever the rest of the write does (a transient failure
+and its retry, a permanent one, an error of the sink's own, a stop between the parts) they are
+never sent again nor recorded twice; the retry writes exactly the rest.
 
 A real SQLite store and committer; a sink that writes into a list, two events a part, with an
 await between the parts (as the orchestrating sink awaits the next part's GETs)."""
@@ -214,7 +214,7 @@ async def test_parts_taken_wake_an_adaptive_committer(tmp_path: Path) -> None:
     """With adaptive group commit, the parts the sink said it took are committed while the
     write still waits before its last part, with nobody asking for a commit."""
     sink = PartSink(hold="u7")
-    async with life(tmp_path, sink, EVENTS, adaptive=True) as (store, committer, pipeline):
+    async with life(tmp_path, sink, EVENTS, adaptive=True) as (_, _, pipeline):
         async with asyncio.timeout(WAIT_S):
             await sink.holding.wait()
             while checkpoint(tmp_path) != [("6", 6)]:
@@ -223,6 +223,7 @@ async def test_parts_taken_wake_an_adaptive_committer(tmp_path: Path) -> None:
         async with asyncio.timeout(WAIT_S):
             while checkpoint(tmp_path) != [("7", 7)]:
                 await asyncio.sleep(0.01)
+        assert pipeline.delivered == 7
     assert sink.written == ALL
 
 
