@@ -43,8 +43,6 @@ an answer it cannot parse) or its path alone (a receiver's "Cannot POST /path"),
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import time
 from collections import OrderedDict
@@ -59,6 +57,7 @@ from ..core.events import Event, header_id
 from ..core.printable import printable
 from ..core.retry_after import retry_after_seconds, transient_status
 from ..core.unreachable import reason
+from ..deadlines import Deadline, Deadlines
 from ..errors import PermanentSinkError, TransientSinkError
 from ..http_client import (
     ERROR_BODY_BYTES,
@@ -110,6 +109,8 @@ class WebhookSink(PlainSink):
         whole = deadline_s(self._timeout)
         assert whole is not None  # sock_read is set
         self._deadline = whole  # the whole request: 3 * timeout_s
+        # One timer for every request's deadline, not one each (see consumer.deadlines).
+        self._deadlines = Deadlines(whole)
         # The URL's user information travels as Basic auth, as configured auth would.
         url, url_auth = wire_url(str(settings.url))
         self._url = url
@@ -160,6 +161,9 @@ class WebhookSink(PlainSink):
     async def open(self, committed: str | None) -> None:
         REDACTOR.add(*self._registered)  # which adds their JSON forms itself
 
+    async def close(self) -> None:
+        self._deadlines.close()
+
     async def write(self, stream: str, events: Sequence[Event]) -> None:
         # Every body is made before the first POST: an event that cannot be serialized is
         # named at once, and the events before it are not POSTed twice when the pipeline
@@ -195,29 +199,27 @@ class WebhookSink(PlainSink):
         headers = self._headers.copy()
         headers["X-Opera-Stream"] = stream
         headers["Idempotency-Key"] = key
-        deadline = asyncio.timeout(self._deadline)
+        deadline = self._deadlines.new()
         data: bytes | AsyncIterator[bytes] = body
         if len(body) > STREAMED_BODY_BYTES:
             headers["Content-Length"] = str(len(body))  # not chunked: as a whole body goes
             data = self._upload(body, deadline)
         status = 0
         try:
-            async with (
-                deadline,
-                self._client.post(
+            with deadline:
+                async with self._client.post(
                     self._url,
                     data=data,
                     headers=headers,
                     timeout=self._timeout,
                     allow_redirects=False,
-                ) as response,
-            ):
-                status = response.status
-                reason_phrase = response.reason
-                retry_after = response.headers.get("Retry-After")
-                # The body is the receiver's: only its start is read (a 2xx one to its end
-                # usually, so that the connection is kept).
-                content = await read_at_most(response, ERROR_BODY_BYTES)
+                ) as response:
+                    status = response.status
+                    reason_phrase = response.reason
+                    retry_after = response.headers.get("Retry-After")
+                    # The body is the receiver's: only its start is read (a 2xx one to its
+                    # end usually, so that the connection is kept).
+                    content = await read_at_most(response, ERROR_BODY_BYTES)
         except TRANSPORT_ERRORS as exc:  # refused, reset, timed out
             if 200 <= status < 300:
                 # Answered 2xx, then its body cut or too slow: the receiver has taken it (sent
@@ -255,16 +257,13 @@ class WebhookSink(PlainSink):
             reason_text, unique_event_id=events[0].unique_event_id if len(events) == 1 else None
         )
 
-    async def _upload(self, body: bytes, deadline: asyncio.Timeout) -> AsyncIterator[bytes]:
+    async def _upload(self, body: bytes, deadline: Deadline) -> AsyncIterator[bytes]:
         """``body`` in slices; each asked for once the one before is written (and, over
         aiohttp's buffer, drained to the socket), which gives the request its whole deadline
         again. After the last, that is the answer's."""
-        loop = asyncio.get_running_loop()
         for start in range(0, len(body), UPLOAD_SLICE_BYTES):
             yield body[start : start + UPLOAD_SLICE_BYTES]
-            # RuntimeError: the deadline is over (expired, or the answer came first).
-            with contextlib.suppress(RuntimeError):
-                deadline.reschedule(loop.time() + self._deadline)
+            deadline.renew()
 
     def _conflict_ran_out(self, key: str) -> bool:
         """Whether ``key``, answered 409 again, has been for conflict_retry_s: the receiver's
