@@ -83,7 +83,8 @@ def took(n: int) -> None:
     far) are taken, as durable as a write of them alone that returned (for a sink in the
     checkpoint: in its ``position()``). A sink that writes a part of its write through another
     sink does so :func:`within` it, so that what that one says counts in the whole write.
-    Outside a pipeline's write (``dlq replay``) it does nothing."""
+    The pipeline records them as processed by the next commit (or the write's end) at the
+    latest. Outside a pipeline's write (``dlq replay``) it does nothing."""
     report = _TAKING.get()
     if report is not None:
         report(n)

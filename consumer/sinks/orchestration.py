@@ -891,7 +891,7 @@ class OrchestratingSink:
                 with within(done):  # what the inner sink says it took of the part counts
                     await self.inner.write(stream, [_attach(ev, body) for ev, body in pairs[:cut]])
                 done += cut
-                took(done)  # recorded now: the next part's GETs await, a commit may come
+                took(done)  # said now: the next part's GETs await, and a commit then records it
                 size -= sum(_weight(body) for _, body in pairs[:cut] if body is not None)
                 del pairs[:cut]
                 cut = 0
