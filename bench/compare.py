@@ -16,10 +16,12 @@
      with each sink, until its checkpoint is the backlog's last offset. Sinks: jsonl (fsync), sqlite
      (in the state store), postgres (a throwaway server from tests/pg.py, fsync off as in the tests
      but with PostgreSQL's default shared_buffers of 128 MB; skipped with a note without the server
-     binaries), webhook (batch_size 1) and webhook50 (batch_size 50) against a keep-alive HTTP/1.1
-     receiver in its own process. Pipeline workers: the sink's default (one for jsonl and sqlite,
-     whose writes never wait; four for postgres, here on a pool of its own, and webhook), or
-     --workers.
+     binaries), pgstate (the postgres sink with the state store in PostgreSQL too, on the same
+     DSN: the rows commit in the state transaction, a fleet's exactly-once setup; its checkpoint
+     polled in PostgreSQL), webhook (batch_size 1) and webhook50 (batch_size 50) against a
+     keep-alive HTTP/1.1 receiver in its own process. Pipeline workers: the sink's default (one
+     for jsonl and sqlite, whose writes never wait; four for postgres, here on a pool of its
+     own, pgstate and webhook), or --workers.
    Just before the webhook sink, also the webhook floor: aiohttp alone, as the sink uses it with
    batch_size 1 (--workers tasks, default 4, POSTing the backlog's documents one at a time over one
    keep-alive pool to a fresh receiver): what the HTTP client itself manages on this machine.
@@ -77,7 +79,9 @@ from consumer.state.sqlite import SqliteStore  # noqa: E402
 CHAIN = "DEMO"
 SEED = 1
 STREAM = "bench"
-SINKS = ("jsonl", "sqlite", "postgres", "webhook", "webhook50")
+SINKS = ("jsonl", "sqlite", "postgres", "pgstate", "webhook", "webhook50")
+# Sinks written to the throwaway PostgreSQL server.
+ON_POSTGRES = ("postgres", "pgstate")
 
 
 # --- the machine ----------------------------------------------------------------------------
@@ -399,6 +403,11 @@ class Postgres:
         asyncio.run(pg.sql(self.dsn, "execute", f"DROP TABLE {table}"))
         return rows
 
+    def drop_schema(self, schema: str) -> None:
+        import pg
+
+        asyncio.run(pg.sql(self.dsn, "execute", f'DROP SCHEMA "{schema}" CASCADE'))
+
     def remove(self) -> None:
         self.server.remove()
 
@@ -406,13 +415,8 @@ class Postgres:
 # --- the daemon -------------------------------------------------------------------------------
 
 
-def checkpoint(conn: sqlite3.Connection) -> int | None:
-    """The stream's checkpoint offset (fetchall: no read transaction stays open)."""
-    rows = conn.execute("SELECT offset FROM checkpoints WHERE stream = ?", (STREAM,)).fetchall()
-    return int(rows[0][0]) if rows else None
-
-
 def open_state(db: Path) -> sqlite3.Connection | None:
+    """The daemon's SQLite state store, read-only (None until it and its checkpoints exist)."""
     if not db.exists():
         return None
     try:
@@ -421,6 +425,55 @@ def open_state(db: Path) -> sqlite3.Connection | None:
     except sqlite3.Error:
         return None
     return conn
+
+
+class SqliteCheckpoint:
+    """The stream's checkpoint offset in the daemon's SQLite state store (None until the
+    store and its checkpoint exist)."""
+
+    def __init__(self, db: Path) -> None:
+        self._db = db
+        self._conn: sqlite3.Connection | None = None
+
+    def read(self) -> int | None:
+        if self._conn is None:
+            self._conn = open_state(self._db)
+            if self._conn is None:
+                return None
+        # fetchall: no read transaction stays open
+        rows = self._conn.execute(
+            "SELECT offset FROM checkpoints WHERE stream = ?", (STREAM,)
+        ).fetchall()
+        return int(rows[0][0]) if rows else None
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+
+
+class PostgresCheckpoint:
+    """The same in a PostgreSQL state store's schema: one connection, on an event loop of its
+    own (a poll is one query, not a connection each)."""
+
+    def __init__(self, dsn: str, schema: str) -> None:
+        import asyncpg
+
+        self._loop = asyncio.new_event_loop()
+        self._conn = self._loop.run_until_complete(asyncpg.connect(dsn))
+        self._query = f'SELECT "offset" FROM "{schema}".checkpoints WHERE stream = $1'
+
+    def read(self) -> int | None:
+        import asyncpg
+
+        try:
+            offset = self._loop.run_until_complete(self._conn.fetchval(self._query, STREAM))
+        except (asyncpg.UndefinedTableError, asyncpg.InvalidSchemaNameError):
+            return None  # not created yet
+        return None if offset is None else int(offset)
+
+    def close(self) -> None:
+        self._loop.run_until_complete(self._conn.close())
+        self._loop.close()
 
 
 def subscribed_at(log: Path) -> float | None:
@@ -436,12 +489,22 @@ def subscribed_at(log: Path) -> float | None:
     return None
 
 
+def state_schema(table: str) -> str:
+    """pgstate: the state store's schema in the throwaway server, one per run."""
+    return f"{table}_state"
+
+
+def state_in_postgres(dsn: str, table: str) -> str:
+    """pgstate: the lines of [state] that put the store in PostgreSQL."""
+    return f'backend = "postgres"\ndsn = "{dsn}"\nschema = "{state_schema(table)}"\n'
+
+
 def sink_table(sink: str, work: Path, *, hook: str, dsn: str, table: str) -> str:
     if sink == "jsonl":
         return f'[sink]\npath = "{work}/events.jsonl"\nfsync = true\n'
     if sink == "sqlite":
         return '[sink]\ntype = "sqlite"\n'
-    if sink == "postgres":
+    if sink in ON_POSTGRES:
         return f'[sink]\ntype = "postgres"\ndsn = "{dsn}"\ntable = "{table}"\n'
     batch = 50 if sink == "webhook50" else 1
     return f'[sink]\ntype = "webhook"\nurl = "{hook}"\nbatch_size = {batch}\n'
@@ -496,6 +559,7 @@ offset = "0"
 [state]
 path = "{work}/state.db"
 synchronous = "full"
+{state_in_postgres(dsn, table) if sink == "pgstate" else ""}
 {sink_table(sink, work, hook=hook, dsn=dsn, table=table)}
 {"" if workers is None else f"[pipeline]{chr(10)}workers = {workers}"}
 [metrics]
@@ -505,14 +569,17 @@ format = "json"
 level = "info"
 """
     )
-    db = work / "state.db"
     log = work / "daemon.log"
     server_before = None if server_cpu is None else server_cpu()
     spawned = time.time()
     proc = launcher.spawn(["run", "--config", str(config)], log)
     profiler = profile(proc.pid, work.parent / f"profile-{work.name}.txt")
     peak = 0.0
-    conn: sqlite3.Connection | None = None
+    state: SqliteCheckpoint | PostgresCheckpoint = (
+        PostgresCheckpoint(dsn, state_schema(table))
+        if sink == "pgstate"
+        else SqliteCheckpoint(work / "state.db")
+    )
     first: float | None = None  # the loop thread's CPU at the first checkpoint seen
     first_at, first_wait = 0.0, 0.0  # ... and the time, and its wait for a core, then
     try:
@@ -522,9 +589,7 @@ level = "info"
             if polls % 10 == 0:
                 peak = max(peak, proc_status(proc.pid, "VmRSS"))
             polls += 1
-            if conn is None:
-                conn = open_state(db)
-            cp = checkpoint(conn) if conn is not None else None
+            cp = state.read()
             if cp is not None and first is None:  # the loop thread's CPU from here on
                 first = cpu_seconds(proc.pid, proc.pid)
                 first_at, first_wait = time.monotonic(), run_queue_seconds(proc.pid, proc.pid)
@@ -549,8 +614,7 @@ level = "info"
             None if first is None else (run_queue_seconds(proc.pid, proc.pid) - first_wait) / span_s
         )
     finally:
-        if conn is not None:
-            conn.close()
+        state.close()
         launcher.stop(proc, 60)
         if profiler is not None:
             try:
@@ -604,6 +668,15 @@ def history_store(path: Path, ids: int) -> None:
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     finally:
         conn.close()
+
+
+def pgstate_count(postgres: Postgres | None, table: str) -> int:
+    """The sink table's rows; then the run's state schema is dropped too."""
+    if postgres is None:
+        return 0
+    rows = postgres.count(table)
+    postgres.drop_schema(state_schema(table))
+    return rows
 
 
 def jsonl_lines(path: Path) -> int:
@@ -704,12 +777,13 @@ def main() -> int:
     expected_last = TemplatedEvents(CHAIN, SEED).key(n - 1)
     notes: dict[str, str] = {}
     postgres: Postgres | None = None
-    if "postgres" in sinks:
+    if set(sinks) & set(ON_POSTGRES):
         try:
             postgres = Postgres()
         except Exception as exc:
-            notes["postgres"] = f"no PostgreSQL server ({exc})"
-            print(f"postgres: skipped: {exc}", flush=True)
+            for sink in set(sinks) & set(ON_POSTGRES):
+                notes[sink] = f"no PostgreSQL server ({exc})"
+            print(f"{', '.join(ON_POSTGRES)}: skipped: {exc}", flush=True)
     t = time.perf_counter()
     backlog = ["--chains", CHAIN, "--backlog", str(n), "--seed", str(SEED), "--fast-backlog"]
     sandbox, url = launcher.start(["--rate", "0", *backlog])
@@ -764,6 +838,7 @@ def main() -> int:
                         "jsonl": lambda w=work: jsonl_lines(w / "events.jsonl"),
                         "sqlite": lambda w=work: sqlite_rows(w / "state.db"),
                         "postgres": lambda t=name: postgres.count(t) if postgres else 0,
+                        "pgstate": lambda t=name: pgstate_count(postgres, t),
                     }
                     try:
                         sandbox_cpu = cpu_seconds(sandbox.pid)
@@ -779,7 +854,7 @@ def main() -> int:
                             dsn=postgres.dsn if postgres else "",
                             table=name,
                             server_cpu=postgres.cpu_seconds
-                            if postgres and sink == "postgres"
+                            if postgres and sink in ON_POSTGRES
                             else None,
                             history=history,
                         )
