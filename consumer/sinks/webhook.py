@@ -18,8 +18,9 @@ Every request: ``Content-Type: application/json``, ``X-Opera-Stream: <stream nam
 configured ``headers`` (one of those, or an Authorization beside configured auth, is refused at
 load), the configured auth and no redirects.
 Timeouts: ``timeout_s`` to connect (a free pooled connection included) and for each silence of
-the receiver, and at most 3 * ``timeout_s`` for the whole request, answer included, so that a
-receiver trickling its answer a byte at a time cannot hold a worker. A body over 256 KiB goes
+the receiver, and at most 3 * ``timeout_s`` for the whole request, answer included (cut within
+a tenth of that after it, at most 1 s: :mod:`consumer.deadlines`), so that a receiver trickling
+its answer a byte at a time cannot hold a worker. A body over 256 KiB goes
 in 64 KiB slices, each one taken by the receiver starting those 3 * ``timeout_s`` again: a big
 batch on a slow link takes what its upload takes, one the receiver stops reading still fails.
 
