@@ -10,10 +10,9 @@ await between the parts (as the orchestrating sink awaits the next part's GETs).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 
 from operator_support import query
@@ -107,7 +106,7 @@ async def life(
         await pipeline.stop()
         if commits is not None:
             commits.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with suppress(asyncio.CancelledError):
                 await commits
         await store.close()
 
