@@ -173,22 +173,21 @@ class WebhookSink(PlainSink):
         size = self.settings.batch_size
         done = 0
         try:
-            # Each request answered 2xx is the receiver's: said at once (took), so that a stop
-            # before the write ends does not send it again (in batch mode the replay's chunks,
-            # cut otherwise, would carry other Idempotency-Keys).
+            # Each request answered 2xx is the receiver's: said (took) by _post as soon as its
+            # status is read, so that a stop before the write ends (its answer's body still
+            # coming, say) does not send it again (in batch mode the replay's chunks, cut
+            # otherwise, would carry other Idempotency-Keys).
             if size == 1:
                 for ev, doc in zip(events, docs, strict=True):
-                    await self._post(stream, doc, header_id(ev.unique_event_id), [ev])
+                    await self._post(stream, doc, header_id(ev.unique_event_id), [ev], done + 1)
                     done += 1
-                    took(done)
                 return
             for start in range(0, len(events), size):
                 chunk = events[start : start + size]
                 body = b"[" + b",".join(docs[start : start + size]) + b"]"
                 key = batch_idempotency_key([ev.unique_event_id for ev in chunk])
-                await self._post(stream, body, key, chunk)
+                await self._post(stream, body, key, chunk, done + len(chunk))
                 done += len(chunk)
-                took(done)
         except (TransientSinkError, PermanentSinkError) as exc:
             # The requests answered 2xx before this one are the receiver's: the pipeline
             # sends only the rest again (the same chunks, so the same keys), never those
@@ -196,7 +195,11 @@ class WebhookSink(PlainSink):
             exc.delivered = done
             raise
 
-    async def _post(self, stream: str, body: bytes, key: str, events: Sequence[Event]) -> None:
+    async def _post(
+        self, stream: str, body: bytes, key: str, events: Sequence[Event], taken: int
+    ) -> None:
+        """POST ``body`` (``events``'); answered 2xx, ``taken`` (the write's events taken with
+        these) is said at once, before the answer's body is read."""
         headers = self._headers.copy()
         headers["X-Opera-Stream"] = stream
         headers["Idempotency-Key"] = key
@@ -216,6 +219,8 @@ class WebhookSink(PlainSink):
                     allow_redirects=False,
                 ) as response:
                     status = response.status
+                    if 200 <= status < 300:
+                        took(taken)
                     reason_phrase = response.reason
                     retry_after = response.headers.get("Retry-After")
                     # The body is the receiver's: only its start is read (a 2xx one to its

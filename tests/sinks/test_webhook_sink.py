@@ -177,6 +177,29 @@ async def test_each_request_answered_is_said_taken_at_once(
     assert heard == [batch_size, 2 * batch_size]
 
 
+@pytest.mark.parametrize("batch_size", [1, 2])
+async def test_a_2xx_is_said_taken_before_its_body_is_read(
+    client: aiohttp.ClientSession, batch_size: int
+):
+    """200 said, its body still coming when the stop comes: the receiver has the request, so
+    it is said taken (and the pipeline records it at the stop, never sending it again)."""
+    async with trickling_server(body=True) as port:
+        url = f"http://127.0.0.1:{port}/hook"
+        sink = await opened(settings(url, timeout_s=5, batch_size=batch_size), client)
+        heard: list[int] = []
+
+        async def write() -> None:
+            taking(heard.append)  # as a pipeline's worker does for its write
+            await sink.write("main", [event(i) for i in range(2 * batch_size)])
+
+        task = asyncio.create_task(write())
+        await wait_until(lambda: heard == [batch_size], timeout=10)
+        task.cancel()  # the stop, while the first answer's body trickles
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert heard == [batch_size]
+
+
 async def test_the_document_includes_a_fetched_resource(
     rx: Receiver, client: aiohttp.ClientSession
 ):
