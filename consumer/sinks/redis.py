@@ -843,7 +843,9 @@ class RedisSink(PlainSink):
         an argument over Redis's smallest limit, and answers a PING right after: an argument
         over its proto-max-bulk-len (or a query over client-query-buffer-limit) makes it close
         the connection, its "invalid bulk length" mostly lost to the reset. (redis-py sent the
-        call twice: a drop by chance would have to strike both times.) None otherwise."""
+        call twice: a drop by chance would have to strike both times.) Not when the event's
+        guard is there: it was written (the drop came after), and the retry finds it a
+        duplicate. None otherwise."""
         if not self._alone(call) or not isinstance(exc, RedisConnectionError | OSError):
             return None
         try:
@@ -851,6 +853,14 @@ class RedisSink(PlainSink):
                 await client.ping()
         except Exception:
             return None  # the server is gone, not only this call's connection: retried
+        try:
+            async with asyncio.timeout(self.settings.timeout_s):
+                if await client.exists(call.args[1]):
+                    return None  # written before the drop: not refused
+        except ResponseError:
+            pass  # not allowed to ask (ACL): judged by the drops alone
+        except Exception:
+            return None  # the server went meanwhile: retried
         return self._refused_size(call, f"it dropped the connection ({self._text(exc)}) twice")
 
     def _refused_size(self, call: _Call, how: str) -> PermanentSinkError:

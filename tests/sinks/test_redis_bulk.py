@@ -28,9 +28,11 @@ def big(i: int, key: str, mib: int = 2) -> Event:
     return event(i, key=key, detail=[{"elementName": "x", "newValue": "v" * (mib << 20)}])
 
 
-async def opened_on(redis_factory: Callable[..., RedisServer]) -> tuple[RedisServer, RedisSink]:
+async def opened_on(
+    redis_factory: Callable[..., RedisServer], max_bulk: str = "1mb"
+) -> tuple[RedisServer, RedisSink]:
     server = redis_factory(
-        users={"opera": (PASSWORD, RULES)}, options=["--proto-max-bulk-len", "1mb"]
+        users={"opera": (PASSWORD, RULES)}, options=["--proto-max-bulk-len", max_bulk]
     )
     url = server.url(user="opera", password=PASSWORD)
     sink = RedisSink(
@@ -78,3 +80,27 @@ async def test_a_big_event_while_the_server_is_down_is_retried(
             await sink.write("main", [big(1, key="a")])
     finally:
         await sink.close()
+
+
+async def test_a_big_event_written_before_the_drops_is_not_taken_for_a_refusal(
+    redis_factory: Callable[..., RedisServer],
+) -> None:
+    """Two drops of the connection at a big event's call are the refusal's sign, unless the
+    event's guard is there: then it was written, the drops came after it, and the retry finds
+    it a duplicate. Judged against a server that takes 2 MiB (its limit unknown to the sink)."""
+    server, sink = await opened_on(redis_factory, max_bulk="512mb")
+    written, unwritten = big(1, key="a"), big(2, key="a")
+    drop = ConnectionError("Connection reset by peer")
+    try:
+        await sink.write("main", [written])
+        assert event_ids(server.entries(KEY)) == ["u00001"]
+        client = sink._client
+        assert client is not None
+        assert await sink._too_long(client, sink._make_call("main", written), drop) is None
+        refusal = await sink._too_long(client, sink._make_call("main", unwritten), drop)
+        assert isinstance(refusal, PermanentSinkError)
+        assert refusal.unique_event_id == "u00002"
+        await sink.write("main", [written])  # the retry: a duplicate, nothing added
+    finally:
+        await sink.close()
+    assert event_ids(server.entries(KEY)) == ["u00001"]
