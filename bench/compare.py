@@ -428,11 +428,12 @@ def open_state(db: Path) -> sqlite3.Connection | None:
 
 
 class SqliteCheckpoint:
-    """The stream's checkpoint offset in the daemon's SQLite state store (None until the
-    store and its checkpoint exist)."""
+    """A stream's checkpoint offset in the daemon's SQLite state store (None until the store
+    and its checkpoint exist)."""
 
-    def __init__(self, db: Path) -> None:
+    def __init__(self, db: Path, stream: str = STREAM) -> None:
         self._db = db
+        self._stream = stream
         self._conn: sqlite3.Connection | None = None
 
     def read(self) -> int | None:
@@ -442,7 +443,7 @@ class SqliteCheckpoint:
                 return None
         # fetchall: no read transaction stays open
         rows = self._conn.execute(
-            "SELECT offset FROM checkpoints WHERE stream = ?", (STREAM,)
+            "SELECT offset FROM checkpoints WHERE stream = ?", (self._stream,)
         ).fetchall()
         return int(rows[0][0]) if rows else None
 

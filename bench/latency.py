@@ -41,7 +41,6 @@ import asyncio
 import bisect
 import json
 import os
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -54,11 +53,11 @@ from zoneinfo import ZoneInfo
 
 import orjson
 from compare import (  # bench/ is on sys.path
+    SqliteCheckpoint,
     acknowledged,
     compiled,
     cpu_seconds,
     machine,
-    open_state,
     proc_status,
 )
 
@@ -70,11 +69,6 @@ ROOT = Path(__file__).resolve().parent.parent
 CHAIN = "DEMO"
 STREAM = "latency"
 UTC = ZoneInfo("UTC")
-
-
-def checkpoint(conn: sqlite3.Connection) -> int | None:
-    rows = conn.execute("SELECT offset FROM checkpoints WHERE stream = ?", (STREAM,)).fetchall()
-    return int(rows[0][0]) if rows else None
 
 
 def io_stalled_s() -> float | None:
@@ -220,14 +214,13 @@ level = "warning"
     advances: list[tuple[int, float]] = []  # (checkpoint offset, when first seen)
     poll = args.poll_ms / 1000
     peak = 0.0
-    conn: sqlite3.Connection | None = None
+    state = SqliteCheckpoint(work / "state.db", STREAM)
     try:
         # Until the first checkpoint: the daemon is up and streaming.
         deadline = time.monotonic() + 60
-        while conn is None or checkpoint(conn) is None:
+        while state.read() is None:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the daemon did not start streaming; see {log}")
-            conn = conn or open_state(work / "state.db")
             time.sleep(0.05)
         streaming = time.time()
         measure_from = streaming + args.warmup
@@ -240,7 +233,7 @@ level = "warning"
         # Polls go on for --drain seconds after the window: its last events become durable.
         next_poll = time.monotonic()
         while (now := time.time()) < measure_to + args.drain:
-            cp = checkpoint(conn)
+            cp = state.read()
             if cp is not None and cp > last:
                 advances.append((cp, now))
                 last = cp
@@ -261,8 +254,7 @@ level = "warning"
             time.sleep(max(0.0, next_poll - time.monotonic()))
         peak = max(peak, proc_status(proc.pid, "VmHWM"))
     finally:
-        if conn is not None:
-            conn.close()
+        state.close()
         launcher.stop(proc, 30)
         launcher.stop(sandbox, 30)
     offsets = [a[0] for a in advances]

@@ -109,8 +109,8 @@ class WebhookSink(PlainSink):
         self._timeout = aiohttp.ClientTimeout(total=None, connect=t, sock_connect=t, sock_read=t)
         whole = deadline_s(self._timeout)
         assert whole is not None  # sock_read is set
-        self._deadline = whole  # the whole request: 3 * timeout_s
-        # One timer for every request's deadline, not one each (see consumer.deadlines).
+        # The whole request's (3 * timeout_s), on one timer for every request, not one each
+        # (see consumer.deadlines).
         self._deadlines = Deadlines(whole)
         # The URL's user information travels as Basic auth, as configured auth would.
         url, url_auth = wire_url(str(settings.url))
@@ -234,8 +234,8 @@ class WebhookSink(PlainSink):
                 return
             if deadline.expired():
                 raise TransientSinkError(
-                    f"{self._what(events)}: no complete answer within {self._deadline:g} s "
-                    "(3 * timeout_s)"
+                    f"{self._what(events)}: no complete answer within "
+                    f"{self._deadlines.seconds:g} s (3 * timeout_s)"
                 ) from exc
             raise TransientSinkError(
                 f"{self._what(events)}: {failure_name(exc)}: {reason(exc, self._scrub)}"
