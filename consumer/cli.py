@@ -499,6 +499,7 @@ def _run(settings: Settings) -> int:
     os.environ.setdefault("FROZENLIST_NO_EXTENSIONS", "1")
     import asyncio
 
+    from .event_loop import chosen, factory
     from .logs import configure
     from .runtime import daemon
 
@@ -509,8 +510,10 @@ def _run(settings: Settings) -> int:
         finished.append(await daemon.run(settings))
         return finished[0]
 
+    loop = chosen(settings.event_loop, settings.sink.type)
     try:
-        return asyncio.run(main())
+        with asyncio.Runner(loop_factory=factory(loop)) as runner:
+            return runner.run(main())
     except (SystemExit, KeyboardInterrupt) as exc:
         if finished:
             # After the daemon's run (its signal handlers gone, Python's SIGINT one back): a ^C

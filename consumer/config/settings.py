@@ -1739,6 +1739,9 @@ class Settings(BaseSettings):
     # endpoint, REST API, a webhook with credentials) is refused unless this is true: for a
     # trusted test network (e.g. the Docker sandbox). The daemon warns at every start.
     allow_insecure_http: bool = False
+    # What `run` runs on (consumer.event_loop): "auto" is uvloop for the webhook sink, where
+    # the HTTP client's event-loop steps bound one POST per event, and asyncio's loop otherwise.
+    event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
     state: StateSettings = StateSettings()
     sink: SinkSettings = JsonlSinkSettings()
     pipeline: PipelineSettings = PipelineSettings()

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 import structlog
 
-from .. import __version__, early_signals
+from .. import __version__, early_signals, event_loop
 from ..config import Settings
 from ..config.settings import (
     DOCUMENTED_STOP_S,
@@ -527,6 +527,7 @@ class Daemon:
             log.info(
                 "opera-consumer running",
                 version=__version__,
+                event_loop=event_loop.running(),
                 streams=list(self.runners),
                 fleet_member=None if self.fleet is None else self.fleet.member,
                 filter=None

@@ -720,3 +720,15 @@ def test_a_redis_guard_lifetime_redis_cannot_express_is_refused(tmp_path: Path) 
     sink = '[sink]\ntype = "redis"\nguard_ttl_s = 1e17\n'
     message = config_error(write(tmp_path, BASE + sink))
     assert "sink.guard_ttl_s" in message and "315360000" in message
+
+
+def test_an_unknown_event_loop_is_refused_naming_the_key_and_the_choices(tmp_path: Path) -> None:
+    message = config_error(write(tmp_path, 'event_loop = "libuv"\n' + BASE))
+    assert "event_loop" in message
+    assert "'auto', 'asyncio' or 'uvloop'" in message
+
+
+def test_the_event_loop_is_auto_unless_set(tmp_path: Path) -> None:
+    assert load_settings(write(tmp_path, BASE)).event_loop == "auto"
+    chosen = load_settings(write(tmp_path, 'event_loop = "asyncio"\n' + BASE))
+    assert chosen.event_loop == "asyncio"
