@@ -19,7 +19,9 @@
      binaries), pgstate (the postgres sink with the state store in PostgreSQL too, on the same
      DSN: the rows commit in the state transaction, a fleet's exactly-once setup; its checkpoint
      polled in PostgreSQL), webhook (batch_size 1) and webhook50 (batch_size 50) against a
-     keep-alive HTTP/1.1 receiver in its own process. Pipeline workers: the sink's default (one
+     keep-alive HTTP/1.1 receiver in its own process; the daemon on its default event loop
+     (uvloop for the webhook sink, asyncio's for the others; OPERA_CONSUMER_EVENT_LOOP
+     in the environment overrides it). Pipeline workers: the sink's default (one
      for jsonl and sqlite, whose writes never wait; four for postgres, here on a pool of its
      own, pgstate and webhook), or --workers.
    Just before the webhook sink, also the webhook floor: aiohttp alone, as the sink uses it with
