@@ -4,6 +4,7 @@ the machine may be loaded (issue #9 item 12); a test may still ask for more exam
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -13,6 +14,7 @@ from typing import Any
 import pysink
 import pytest
 import structlog
+import uvloop
 from hypothesis import HealthCheck, settings
 from nats_server import nats_factory, nats_server  # noqa: F401  # fixtures: NATS
 from pg import pg_proxy, postgres_dsn, postgres_server, schema  # noqa: F401  # PostgreSQL
@@ -27,6 +29,17 @@ settings.register_profile(
     "loaded-machine", deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.load_profile("loaded-machine")
+
+LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {"asyncio": asyncio.new_event_loop}
+BOTH_LOOPS = {**LOOPS, "uvloop": uvloop.new_event_loop}
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """A test marked ``both_loops`` runs on asyncio's event loop and on uvloop's, which the
+    daemon runs on with the webhook sink (consumer.event_loop); the others on asyncio's."""
+    return BOTH_LOOPS if item.get_closest_marker("both_loops") else LOOPS
 
 
 @pytest.fixture(autouse=True)

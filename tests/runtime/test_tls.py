@@ -61,6 +61,7 @@ async def tls_proxy(target: int, cert: Path, key: Path) -> AsyncIterator[int]:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+@pytest.mark.both_loops  # a webhook daemon streams on uvloop (consumer.event_loop)
 @pytest.mark.usefixtures("fresh_context")
 async def test_wss_streams_and_its_connections_share_one_context(
     sandbox_factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

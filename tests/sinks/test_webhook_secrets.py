@@ -32,6 +32,9 @@ from consumer.logs import REDACTOR
 from consumer.runtime.assembly import register_secrets
 from consumer.sinks.webhook import WebhookSink
 
+# The daemon runs this sink on uvloop by default (consumer.event_loop).
+pytestmark = pytest.mark.both_loops
+
 PASSWORD = "Pw-s3cr3t-91"
 TOKEN = "tok-Q-7731"
 SIGNATURE = "s1g+v4l/ue=9"  # percent-encoding changes it: the URL holds the encoded form

@@ -38,6 +38,9 @@ from consumer.sinks.base import taking
 from consumer.sinks.webhook import WebhookSink, batch_idempotency_key
 from consumer.state import SqliteStore as Store
 
+# The daemon runs this sink on uvloop by default (consumer.event_loop).
+pytestmark = pytest.mark.both_loops
+
 TOKEN = "tok-Zx81-very-secret-bearer"
 PASSWORD = "pw-Qq93-very-secret-basic"
 

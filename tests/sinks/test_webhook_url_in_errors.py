@@ -21,6 +21,9 @@ from consumer.errors import PermanentSinkError, SinkError, TransientSinkError
 from consumer.runtime.assembly import http_client
 from consumer.sinks.webhook import WebhookSink
 
+# The daemon runs this sink on uvloop by default (consumer.event_loop).
+pytestmark = pytest.mark.both_loops
+
 # Zapier's shape: every segment short, none of them registered as a secret by its length.
 PATH = "/hooks/catch/4711093/b7xq2kz/"
 QUERY = "?v=2"
