@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-Choice = Literal["auto", "asyncio", "uvloop"]
+if TYPE_CHECKING:
+    from .config.settings import EventLoop
 
 
-def chosen(setting: Choice, sink_type: str) -> Literal["asyncio", "uvloop"]:
+def chosen(setting: EventLoop, sink_type: str) -> Literal["asyncio", "uvloop"]:
     """The loop the ``event_loop`` setting means for a daemon with this sink."""
     if setting != "auto":
         return setting

@@ -968,6 +968,8 @@ STOP_SLACK_S = 5.0
 # (TimeoutStopSec=) give a stop; a plain `docker stop` gives 10 s, Kubernetes 30 s.
 DOCUMENTED_STOP_S = 45.0
 
+# The top-level event_loop setting (consumer.event_loop).
+EventLoop = Literal["auto", "asyncio", "uvloop"]
 StopStep = Literal["streams_s", "drain_s", "handovers_s", "commit_s", "leave_s", "close_s"]
 
 
@@ -1741,7 +1743,7 @@ class Settings(BaseSettings):
     allow_insecure_http: bool = False
     # What `run` runs on (consumer.event_loop): "auto" is uvloop for the webhook sink, where
     # the HTTP client's event-loop steps bound one POST per event, and asyncio's loop otherwise.
-    event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
+    event_loop: EventLoop = "auto"
     state: StateSettings = StateSettings()
     sink: SinkSettings = JsonlSinkSettings()
     pipeline: PipelineSettings = PipelineSettings()
