@@ -469,13 +469,12 @@ class PostgresCheckpoint:
         self._loop = asyncio.new_event_loop()
         self._conn = self._loop.run_until_complete(asyncpg.connect(dsn))
         self._query = f'SELECT "offset" FROM "{schema}".checkpoints WHERE stream = $1'
+        self._not_yet = (asyncpg.UndefinedTableError, asyncpg.InvalidSchemaNameError)
 
     def read(self) -> int | None:
-        import asyncpg
-
         try:
             offset = self._loop.run_until_complete(self._conn.fetchval(self._query, STREAM))
-        except (asyncpg.UndefinedTableError, asyncpg.InvalidSchemaNameError):
+        except self._not_yet:
             return None  # not created yet
         return None if offset is None else int(offset)
 
