@@ -9,8 +9,9 @@
 2. Each round, for each sink in turn:
    * the floor: a bare client in this process (websockets with graphql-transport-ws,
      connection_init, subscribe from offset 0, `orjson.loads` of each frame, nothing else)
-     until it has every event. Run again just before each sink, which is compared with the
-     floor run next to it: the machine's speed moves within a round;
+     until it has every event. Run on each side of every daemon run (the run after one
+     sink is the run before the next), and the daemon is compared with the mean of the two:
+     the machine's speed moves within a round;
    * the daemon (`python -OO -m consumer run` on the package's -OO bytecode, as the unit and the
      image run it; a fresh state directory each time, durable checkpoints: SQLite synchronous=FULL)
      with each sink, until its checkpoint is the backlog's last offset. Sinks: jsonl (fsync), sqlite
@@ -36,9 +37,9 @@
    CPU per event (from the first checkpoint seen; per round, and in the JSON) says where a
    change went when the machine's speed moves between runs. After each run the sink is
    counted: every event once is the pass condition.
-3. A table on stdout (per sink, min-max over the rounds: events/s, ratio to the floor run
-   just before it, wall events/s, peak RSS) and bench/results/compare.json, with the machine's
-   core count and load average at start and end.
+3. A table on stdout (per sink, min-max over the rounds: events/s, ratio to the mean of the
+   floor runs either side, wall events/s, peak RSS) and bench/results/compare.json, with the
+   machine's core count and load average at start and end.
 
 Loopback only; every wait is bounded.
 """
@@ -529,13 +530,21 @@ def profile(pid: int, out: Path) -> subprocess.Popen[bytes] | None:
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def floor_run(url: str, n: int, last_offset: int, sandbox_pid: int) -> dict[str, Any]:
-    """One run of the bare client over the whole backlog (and the sandbox's CPU meanwhile)."""
+def floor_run(
+    url: str, n: int, last_offset: int, sandbox_pid: int, round_no: int
+) -> dict[str, Any]:
+    """One run of the bare client over the whole backlog (and the sandbox's CPU meanwhile),
+    printed."""
     sandbox_cpu = cpu_seconds(sandbox_pid)
     floor = asyncio.run(bare_client(url, n))
     floor["sandbox_cpu_s"] = round(cpu_seconds(sandbox_pid) - sandbox_cpu, 2)
     if int(floor["last_offset"]) != last_offset:
         raise RuntimeError(f"the backlog ends at {floor['last_offset']}")
+    print(
+        f"round {round_no}: floor {floor['events_per_s']:,} events/s, "
+        f"{floor['client_cpu_s'] / n * 1e6:.1f} µs CPU/event",
+        flush=True,
+    )
     return floor
 
 
@@ -808,21 +817,18 @@ def main() -> int:
                     f"{time.perf_counter() - t:.1f} s ({history.stat().st_size / 1e6:.0f} MB)",
                     flush=True,
                 )
+            floor: dict[str, Any] | None = None  # the last floor run: the next sink's "before"
             for r in range(1, args.rounds + 1):
                 result: dict[str, Any] = {"round": r, "floors": [], "sinks": {}}
                 for sink in sinks:
                     if sink in notes:
                         continue
-                    # The floor again just before each sink: the machine's speed moves within
-                    # a round (2x within one run on some days), and a ratio to a floor measured
-                    # minutes before measures that too.
-                    floor = floor_run(url, n, expected_last, sandbox.pid)
-                    print(
-                        f"round {r}: floor {floor['events_per_s']:,} events/s, "
-                        f"{floor['client_cpu_s'] / n * 1e6:.1f} µs CPU/event",
-                        flush=True,
-                    )
-                    result["floors"].append(floor)
+                    # A floor run on each side of every daemon run (the one after is the next
+                    # one's before): the machine's speed moves within a round (2x within one
+                    # run on some days), so the daemon is compared with the mean of the two.
+                    if floor is None:
+                        floor = floor_run(url, n, expected_last, sandbox.pid, r)
+                        result["floors"].append(floor)
                     if sink == "webhook":
                         hook_rx = Receiver()
                         try:
@@ -875,7 +881,13 @@ def main() -> int:
                     finally:
                         if receiver is not None:
                             receiver.stop()
-                    run["floor_events_per_s"] = floor["events_per_s"]
+                    after = floor_run(url, n, expected_last, sandbox.pid, r)
+                    result["floors"].append(after)
+                    run["floors_events_per_s"] = [floor["events_per_s"], after["events_per_s"]]
+                    run["floor_events_per_s"] = round(
+                        (floor["events_per_s"] + after["events_per_s"]) / 2
+                    )
+                    floor = after
                     result["sinks"][sink] = run
                     if "error" not in run and run["ok"]:
                         shutil.rmtree(work)  # hundreds of MB; a failed run's stays until the end
@@ -891,8 +903,12 @@ def main() -> int:
                         )
                         print(
                             f"round {r}: {sink} {run['events_per_s']:,} events/s "
-                            f"({run['events_per_s'] / floor['events_per_s']:.2f} of the floor"
-                            f"{of_hook}), "
+                            f"({run['events_per_s'] / run['floor_events_per_s']:.2f} of the "
+                            "floors either side, "
+                            + " and ".join(
+                                f"{run['events_per_s'] / f:.2f}" for f in run["floors_events_per_s"]
+                            )
+                            + f" of each{of_hook}), "
                             f"wall {run['wall_seconds']} s, peak RSS {run['peak_rss_mb']} MB, "
                             f"loop thread {run['loop_cpu_us_per_event']} µs CPU/event "
                             f"(busy {run['loop_busy']}, waiting for a core "
