@@ -811,6 +811,10 @@ class Committer:
         staged rows, a commit under way), so that a later lease starts from the store's
         checkpoint with nothing of the old one."""
         gone = frozenset({stream})
+        # Its pipeline's callbacks too: they would hold the stopped pipeline (its queues, its
+        # sink's state) for the process's life; a later lease's pipeline registers its own.
+        self._runs.pop(stream, None)
+        self._on_commit.pop(stream, None)
         ledger = self._ledgers.pop(stream, None)
         if ledger is not None:
             ledger.idle.set()  # a drain waiting for it ends (see drained)

@@ -8,6 +8,8 @@ again). Real Committer and SqliteStore; the store's commit waits for the test's 
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -96,5 +98,32 @@ async def test_a_drain_of_a_stream_forgotten_meanwhile_ends(tmp_path: Path) -> N
         committer.forget("b")
         async with asyncio.timeout(WAIT_S):
             await drain
+    finally:
+        await store.close()
+
+
+async def test_a_forgotten_streams_pipeline_is_not_held(tmp_path: Path) -> None:
+    """What a stream's pipeline registered (on_commit, on_set_aside) goes with the stream: a
+    fleet member that lost a stream for good held its stopped pipeline, queues and sink state
+    included, for the rest of its life."""
+
+    class Pipeline:  # what the committer keeps of a pipeline: its bound methods
+        def record(self) -> None: ...
+
+        def told(self, letters: Sequence[DeadLetter]) -> None: ...
+
+    store = await SqliteStore.open(tmp_path / "state.db")
+    committer = Committer(store, NullSink(), max_events=1000, interval_s=3600)
+    try:
+        old = Pipeline()
+        committer.on_commit("b", old.record)
+        committer.on_set_aside("b", old.told, parks=True)
+        held = weakref.ref(old)
+        del old
+        gc.collect()
+        assert held() is not None  # registered: held while the stream runs here
+        committer.forget("b")
+        gc.collect()
+        assert held() is None
     finally:
         await store.close()
