@@ -62,7 +62,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast, get_args
 
 import aiohttp
 import orjson
@@ -73,6 +73,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # tests/pg.py: a throwaway PostgreSQL server
 
 from consumer.config import HttpSettings, WebhookSinkSettings  # noqa: E402
+from consumer.config.settings import EventLoop  # noqa: E402
 from consumer.core import protocol  # noqa: E402
 from consumer.event_loop import chosen, factory  # noqa: E402
 from consumer.http_client import ERROR_BODY_BYTES  # noqa: E402
@@ -84,7 +85,11 @@ from consumer.state.sqlite import SqliteStore  # noqa: E402
 CHAIN = "DEMO"
 # The event loop the daemon runs a webhook sink on (its default, or the environment's choice):
 # the webhook floor's too.
-HOOK_LOOP = chosen(os.environ.get("OPERA_CONSUMER_EVENT_LOOP", "auto"), "webhook")  # type: ignore
+_LOOP_SETTING = os.environ.get("OPERA_CONSUMER_EVENT_LOOP", "auto")
+if _LOOP_SETTING not in get_args(EventLoop):  # as the daemon refuses it
+    choices = ", ".join(get_args(EventLoop))
+    sys.exit(f"OPERA_CONSUMER_EVENT_LOOP={_LOOP_SETTING!r}: one of {choices}")
+HOOK_LOOP = chosen(cast(EventLoop, _LOOP_SETTING), "webhook")
 SEED = 1
 STREAM = "bench"
 SINKS = ("jsonl", "sqlite", "postgres", "pgstate", "webhook", "webhook50")
