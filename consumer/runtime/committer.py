@@ -446,9 +446,8 @@ class Committer:
         """Commit what is done now. Returns True when something was committed."""
         async with self._lock:
             unsure = self._unsure is not None and await self._commit_unsure()
-            for stream, record in self._on_commit.items():
-                if stream in self._ledgers:  # not one forgotten: its work is dropped
-                    record()
+            for record in self._on_commit.values():  # a forgotten stream's are gone
+                record()
             held = self._pending_bytes  # what the snapshot takes (restored if it fails)
             batch = self._snapshot()
             if not batch:
