@@ -71,7 +71,8 @@ QUEUE_PER_WORKER = 500
 # swallows its cancellation (a handler that catches BaseException and goes on; nats-py while
 # its outbound buffer is full swallows one): cancelled once more halfway (one swallowed
 # cancellation is no reason to give up on it), then abandoned, so that the stop goes on. Its
-# events are not done: no commit covers them, and the next start replays them.
+# events are not done, even when its write ends later (recorded nowhere then: the stream is
+# forgotten, perhaps taken again): no commit covers them, and the next start replays them.
 CANCEL_GRACE_S = 2.0
 # Coroutines followed down from a stuck worker to name the code it waits in, at most.
 _AWAITS_FOLLOWED = 64
@@ -221,6 +222,9 @@ class StreamPipeline:
         # Workers that did not end when a stop cancelled them (see CANCEL_GRACE_S): still
         # running, so the daemon waits for them nowhere, and ends its process itself.
         self.abandoned: list[asyncio.Task[None]] = []
+        # Set once a stop gave up on them: what they do from then on is recorded nowhere (the
+        # daemon forgets the stream next; the next lease's ledger is not theirs).
+        self._ended = False
         self._stopping: asyncio.Future[None] | None = None  # the stop, once begun
         self._parking = (
             ParkedKeys(stream, committer, retry_initial_s=retry_initial_s, retry_max_s=retry_max_s)
@@ -430,6 +434,7 @@ class StreamPipeline:
                 grace_s=CANCEL_GRACE_S,
             )
         self.abandoned += stuck
+        self._ended = True
         await asyncio.gather(*[t for t in tasks if t not in stuck], return_exceptions=True)
 
     # --- workers ----------------------------------------------------------------------------
@@ -438,6 +443,7 @@ class StreamPipeline:
         queue, ready = self._queues[index], self._ready[index]
         retrying = self._retrying()
         while True:
+            _stop_if_asked()  # an abandoned worker whose write ended takes no more
             while not queue:
                 ready.clear()
                 await ready.wait()
@@ -648,7 +654,10 @@ class StreamPipeline:
             taken.upto(0)
 
     def _written(self, items: list[_Item]) -> None:
-        """The sink took these: processed, in the next commit."""
+        """The sink took these: processed, in the next commit (not once the stop ended: an
+        abandoned worker's write belongs to no lease; its events are the next holder's)."""
+        if self._ended:
+            return
         self.delivered += len(items)
         self._committer.processed(
             self.stream,
@@ -685,6 +694,8 @@ class StreamPipeline:
         self, seq: int, ev: Event, exc: BaseException | None, *, reason: str = ""
     ) -> None:
         """``exc`` None: held back because the resource is parked."""
+        if self._ended:
+            return  # an abandoned worker's (see _written)
         self.dead_lettered += 1
         behind = self._parking.behind(ev.primary_key) if self._parking is not None else None
         if exc is None:
