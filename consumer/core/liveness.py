@@ -57,11 +57,16 @@ class Liveness:
         self._pings.append(now)
 
     def pong(self, now: float) -> None:
-        # graphql-transport-ws pongs carry no id; they answer pings in order.
-        if self._pings:
-            sent = self._pings.popleft()
-            if self._last_data <= sent:  # nothing came between: the pong was not held back
-                self._sample(now - sent)
+        # graphql-transport-ws pongs carry no id; they answer pings in order. A ping sent
+        # before the last data frame gives no sample (its pong may have waited for the burst),
+        # and is dropped here: a burst's pings may get one pong between them, and those left
+        # queued would pair every later pong with a ping sent many intervals before it (SRTT
+        # at the lag, the deadline at the ceiling, for the rest of the session).
+        pings, last_data = self._pings, self._last_data
+        while pings and pings[0] < last_data:
+            pings.popleft()
+        if pings:  # sent after the last data frame: nothing held this pong back
+            self._sample(now - pings.popleft())
         self._last_alive = now
 
     def activity(self, now: float) -> None:

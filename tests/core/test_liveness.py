@@ -206,3 +206,36 @@ def test_the_first_ping_counts_from_connection_init() -> None:
     assert first_ping_due(100.0, 10.0, now=104.0) == 110.0
     # ...and at once when the waits before subscribing took longer than that
     assert first_ping_due(100.0, 10.0, now=112.5) == 112.5
+
+
+def test_a_bursts_pings_answered_by_one_pong_leave_no_lag_behind() -> None:
+    """A burst's pings answered by one pong at its end (pongs carry no id): the quiet link after
+    it is measured as it is, not each pong against a ping sent many intervals before it."""
+    lv = Liveness(0.0, floor_s=180.0, ceiling_s=600.0)
+    t = 0.0
+    for _ in range(30):  # five minutes of events, a ping every 10 s, no pong
+        lv.ping_sent(t)
+        for _ in range(10):
+            t += 1.0
+            lv.activity(t)
+    lv.pong(t + 0.05)  # one pong when the burst ends
+    for _ in range(60):  # then ten quiet minutes, each ping answered after 50 ms
+        t += 10.0
+        lv.ping_sent(t)
+        lv.pong(t + 0.05)
+    assert lv.srtt == pytest.approx(0.05)
+    assert lv.timeout == 180.0
+
+
+def test_a_pong_after_a_burst_pairs_with_the_ping_sent_after_it() -> None:
+    """Every ping answered, late: the pong of a ping sent during the burst is no sample, and
+    the one of a ping sent after the burst's last event pairs with it."""
+    lv = Liveness(0.0, floor_s=0.001)
+    lv.ping_sent(1.0)
+    lv.activity(2.0)  # the burst's last event
+    lv.ping_sent(3.0)
+    lv.pong(3.5)  # the first ping's pong, or one for both: either way after the burst
+    assert lv.srtt == pytest.approx(0.5)
+    lv.pong(4.0)  # none left to pair: proof of life only
+    assert lv.srtt == pytest.approx(0.5)
+    assert lv.deadline() == pytest.approx(4.0 + lv.timeout)
