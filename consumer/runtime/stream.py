@@ -365,6 +365,8 @@ class StreamRunner:
         self._gap: Decision | None = None  # the last resubscribe-gap decision (state GAP)
         self._warned = False  # the settings' warnings were logged
         self._active_answers = 0  # consecutive "Active" answers to the status query
+        # The last connection's status query went unanswered: the next one subscribes unasked.
+        self._status_unanswered = False
         # reuse_subscription_id: the id of every subscription of this stream in this process
         self._subscription_id = (
             str(uuid.uuid4()) if settings.connection.reuse_subscription_id else None
@@ -656,7 +658,16 @@ class StreamRunner:
                 raise  # ack_timeout_s: as a connection that does not answer
             return await self._too_late(ws, "connection_ack")
         self.policy.acknowledged()  # the credentials worked: the 4401s in a row start again
-        if self._status_check:
+        if self._status_check and self._status_unanswered:
+            # A gateway silent to the query (reference 2.7: how it travels is unconfirmed)
+            # would otherwise never be subscribed: no usable answer, as below, and 4409 still
+            # guards. The connection after this one asks again.
+            self._status_unanswered = False
+            log.warning(
+                "the connection status query went unanswered on the last connection; "
+                "subscribing without it"
+            )
+        elif self._status_check:
             wait = await self._check_status(ws, session, deadline)
             if wait is not None:
                 return wait
@@ -736,6 +747,7 @@ class StreamRunner:
                         break
                     await self._before_subscribing(ws, out)
         except TimeoutError:
+            self._status_unanswered = True
             if not binding:
                 raise
             return await self._too_late(ws, "the connection status")

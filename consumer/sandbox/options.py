@@ -56,6 +56,8 @@ class SandboxOptions:
     # Set: every answer to `query { connection { id status } }` says this (an unexpected one,
     # "", or "Active" for ever); None: Active iff a session of the same key is subscribed.
     connection_status: str | None = None
+    # The query counted and never answered (reference 2.7: how a query travels is unconfirmed).
+    connection_query_silent: bool = False
     # As graphql-ws servers (whether OHIP does is unconfirmed): an `error` for the operation
     # before a close refusing a subscribe, and `complete` in answer to a client's complete.
     end_frames: bool = False

@@ -276,6 +276,8 @@ class WsSession:
             # subscription of some chain).
             assert self.app_key is not None  # acked
             ctx.stats.query_ids.append(sub_id)
+            if ctx.options.connection_query_silent:
+                return
             status = "Active" if ctx.subscriptions.active_for(self.app_key) else "Inactive"
             if ctx.options.connection_status is not None:
                 status = ctx.options.connection_status

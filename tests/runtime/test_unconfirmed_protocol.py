@@ -101,6 +101,22 @@ async def test_a_connection_status_other_than_active_or_inactive_is_no_answer(
     assert len(gw.stats.query_ids) == 1 == len(gw.stats.subscribes)
 
 
+async def test_a_gateway_silent_to_the_status_query_is_subscribed_on_the_next_connection(
+    sandbox_factory, tmp_path: Path
+):
+    """Reference 2.7: how the status query travels is unconfirmed. A gateway that acks and
+    then never answers it was never subscribed: each connection waited out the subscribe
+    deadline and closed, for ever. The connection after an unanswered query subscribes without
+    asking (no usable answer, as an `error` is; a 4409 still guards)."""
+    gw = await sandbox_factory(backlog=5, connection_query_silent=True)
+    connection = {"status_check": "on", "takeover_jitter_s": 0.0, "subscribe_deadline_s": 1.0}
+    settings = make_settings(tmp_path, gw.url, connection=connection)
+    async with running(settings) as daemon:
+        await wait_until(lambda: daemon.pipelines["main"].delivered >= 5, timeout=30)
+        assert daemon.runners["main"].stats.closes.get("subscribe_deadline") == 1
+    assert len(gw.stats.query_ids) == 1 == len(gw.stats.subscribes)
+
+
 async def test_a_stream_the_gateway_keeps_calling_active_is_not_ready(
     sandbox_factory, tmp_path: Path
 ):
