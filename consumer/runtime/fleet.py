@@ -262,7 +262,17 @@ class Fleet:
                 self._lose(stream, "lease lost: another member took this stream")
         if self._closing:
             return  # draining for shutdown: keep the leases, take and move nothing
-        view = await self.table.view(timeout)
+
+        def left() -> float:
+            """What is left of this tick: what reads after the renewal may take. The next
+            renewal is due then, and the self-fence counts from this tick's start: a slow
+            database (each statement within its own timeout) must not push it back."""
+            return started + f.renew_interval_s - time.monotonic()
+
+        if left() <= 0:
+            log.warning("renewing took the whole tick; not reading the fleet this time")
+            return
+        view = await self.table.view(left())
         self._warn_of_odd_rows(view)
         live = [m.as_member() for m in view.live()]
         self.members_live = len(live)
@@ -298,12 +308,12 @@ class Fleet:
             log.info("handing a stream over", stream=stream, share=decision.share)
             self._move(stream, lost=False)
         missing = [s for s in self.streams if s not in view.leases]
-        if missing:  # removed by an operator: without its row, nobody could take the stream
+        if missing and left() > 0:  # removed by an operator: else nobody could take them
             log.info("making lease rows again", streams=[printable(x, 200) for x in missing[:20]])
-            await self.table.join(missing, timeout)
+            await self.table.join(missing, left())
         wanted = [s for s in decision.acquire if s not in self._moving]  # not until stopped
-        if wanted:
-            got = await self.table.acquire(wanted, timeout)
+        if wanted and left() > 0:
+            got = await self.table.acquire(wanted, left())
             self._memory = self._memory.took(a.stream for a in got if a.stream in decision.extra)
             for a in got:
                 self.epochs[a.stream] = a.epoch

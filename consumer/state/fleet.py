@@ -30,6 +30,7 @@ import asyncio
 import math
 import os
 import socket
+import time
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -403,8 +404,9 @@ class FleetTable:
 
     async def view(self, timeout_s: float) -> FleetView:
         """Members and leases as the database has them now (two statements, whatever the
-        number of streams)."""
+        number of streams, within ``timeout_s`` together)."""
         call, s = self._call, self._s
+        end = time.monotonic() + timeout_s
         members = await call(
             "reading the fleet",
             timeout_s,
@@ -415,7 +417,7 @@ class FleetTable:
         )
         leases = await call(
             "reading the leases",
-            timeout_s,
+            max(0.0, end - time.monotonic()),
             "fetch",
             f"SELECT stream, holder, epoch, expires_at, {NOW} AS now FROM {s}.stream_leases "
             "ORDER BY stream",
