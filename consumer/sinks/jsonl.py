@@ -693,6 +693,7 @@ class JsonlSink:
         if self._lost is not None:
             await self._lose()
         if position is not None and self._covered(position):
+            await asyncio.to_thread(self._check_open)  # on disk, but still where the path says?
             return
         try:
             await self._write_out()
@@ -700,11 +701,10 @@ class JsonlSink:
             await self._lose()
         # Everything written is fsynced (maybe more than the position covers: harmless).
         plan = [(f, f.written) for f in self._files if f.written > f.durable]
-        if self._fsync and plan:
-            try:
-                await asyncio.to_thread(self._fsync_files, [f for f, _ in plan])
-            except SinkLost:
-                await self._lose()
+        try:
+            await asyncio.to_thread(self._check_and_fsync, [f for f, _ in plan])
+        except SinkLost:
+            await self._lose()
         for f, written in plan:
             f.durable = written
         self._write_failed = False
@@ -811,6 +811,21 @@ class JsonlSink:
             with contextlib.suppress(OSError):
                 os.ftruncate(f.fd, f.written)
             raise
+
+    def _check_open(self) -> None:
+        """Every open file is still the one its path names, and did not shrink (:meth:`_check`),
+        whether or not anything is written now: a write-out checks only the files it writes
+        to, and lines a write-out between commits handed to a file removed since must not be
+        committed (the restart would find them in no file)."""
+        with self._io:
+            for f in self._files:
+                if f.fd is not None:
+                    self._check(f)
+
+    def _check_and_fsync(self, files: Sequence[_File]) -> None:
+        self._check_open()
+        if self._fsync and files:
+            self._fsync_files(files)
 
     def _fsync_files(self, files: Sequence[_File]) -> None:
         with self._fsync_io:
