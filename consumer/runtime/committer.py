@@ -470,19 +470,17 @@ class Committer:
         # Not the streams fenced since (or during the failed try, which narrowed its own copy
         # of the batch): their part is dropped, as a snapshot drops it, and settled no more.
         fenced = self._fenced_now()
-        # The sink synced to where it is now, as a commit of everything would: its position in
-        # the batch is long synced (a sync to it alone would do nothing), and the lines and
-        # rotated files written since go on to the disk while the commits fail.
-        now = self._sink.position()
-        return await self._commit_one(batch.without(fenced) if fenced else batch, held, now)
+        # The sink synced to the batch's own position (on disk already: nothing to write), not
+        # to where it is now: a sync tells the sink that a commit may cover what it syncs, and
+        # a jsonl file renamed meanwhile keeps that much (see JsonlSink._cut_gone), though no
+        # commit carried it.
+        return await self._commit_one(batch.without(fenced) if fenced else batch, held)
 
-    async def _commit_one(self, batch: CommitBatch, held: int, sync_to: str | None = None) -> bool:
+    async def _commit_one(self, batch: CommitBatch, held: int) -> bool:
         self.busy_since = time.monotonic()
         self._sent = None
         try:
-            if sync_to is None and batch.sink_state is not None:
-                sync_to = batch.sink_state[1]
-            await self._sink.sync(sync_to)
+            await self._sink.sync(None if batch.sink_state is None else batch.sink_state[1])
             batch = await self._commit_fenced(batch)
         except BaseException as exc:
             if self._sent is not None:  # its rows are durable now: the rest is what is kept
