@@ -124,6 +124,9 @@ class Committer:
         # taken again later has a new epoch and is not fenced by the old refusal.
         self._fenced: dict[str, int | None] = {}
         self._forgotten_in_flight: set[str] = set()  # forgotten while a commit was under way
+        # A stream fenced while the sink keeps one position for every stream's bytes (a jsonl
+        # file, outside a fleet): nothing is committed any more (see fence_out).
+        self._position_fenced = False
         self.fencing_rejections = 0
         self._pending_bytes = 0
         self._ledgers: dict[str, _Ledger] = {}
@@ -445,6 +448,9 @@ class Committer:
     async def flush(self) -> bool:
         """Commit what is done now. Returns True when something was committed."""
         async with self._lock:
+            if self._position_fenced:
+                self._drop_all()
+                return False
             unsure = self._unsure is not None and await self._commit_unsure()
             for record in self._on_commit.values():  # a forgotten stream's are gone
                 record()
@@ -546,6 +552,8 @@ class Committer:
                 epochs = batch.fence.epochs if batch.fence is not None else {}
                 self.fence_out(exc.streams - self._forgotten_in_flight, epochs)
                 self._forget_in_flight(batch, exc.streams)
+                if self._position_fenced:
+                    return CommitBatch()  # its sink position covers the refused streams' bytes
                 batch = batch.without(exc.streams)
                 if not batch:
                     return batch
@@ -778,6 +786,19 @@ class Committer:
         new = frozenset(s for s in streams if s not in self._fenced)
         for s in streams:
             self._fenced[s] = epochs.get(s)
+        if streams and self._sink.position() is not None and not self._position_fenced:
+            # One position covers every stream's bytes (a jsonl file: outside a fleet, so an
+            # operator's command moved these streams and the daemon stops, exit 1). A commit
+            # of the rest would carry it, and the refused streams' lines with it, which their
+            # next delivery writes again; without it, the rest's lines are cut at the restart
+            # while their ids say processed. So nothing more is committed: the restart cuts
+            # the file back to the last commit, and every stream replays from its checkpoint.
+            self._position_fenced = True
+            log.error(
+                "the sink's file holds the refused streams' lines among the others': "
+                "committing nothing more; the restart cuts it back to the last commit",
+                sink=self._sink.name,
+            )
         if new:
             self._on_fenced(new)
 
@@ -902,6 +923,13 @@ class Committer:
                 self.checkpointed_at[stream] = now
         for dead_letter_id in batch.resolved:
             self._resolving.pop(dead_letter_id, None)
+
+    def _drop_all(self) -> None:
+        """Nothing of what is done is committed (see fence_out): dropped, and whoever waits
+        for capacity let go."""
+        self._batch, self._unsure = CommitBatch(), None
+        self._pending = self._pending_bytes = 0
+        self._committed.set()
 
     def _restore(self, batch: CommitBatch, held: int) -> None:
         """A failed commit: kept as it is, to be sent first and alone at the next flush
