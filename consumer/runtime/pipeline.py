@@ -700,6 +700,11 @@ class StreamPipeline:
         behind = self._parking.behind(ev.primary_key) if self._parking is not None else None
         if exc is None:
             reason, error = "parked", parked_error(ev, behind)
+            if self._parking is not None:
+                # Pinned until its own letter is durable, as a refused event's: the letter it
+                # waits behind may be replayed or purged before then, and the later events
+                # must still wait behind this one.
+                self._parking.park(ev.primary_key, behind or ev.unique_event_id)
         else:
             # A sink's own error says what it means; anything else is named by its type. A
             # handler's words may hold a secret: masked before they are cut.

@@ -357,3 +357,33 @@ def append_until_key(gw: Any, primary_key: str, *, step: int = 20) -> list[dict[
         if any(e["primaryKey"] == primary_key for e in new):
             return new
     raise AssertionError(f"no new event of primaryKey {primary_key} in {len(new)}")
+
+
+@pytest.mark.parametrize("removed_by", ["dlq purge", "dlq replay"])
+async def test_a_parked_letter_not_durable_yet_keeps_its_resource_parked(
+    tmp_path: Path, removed_by: str
+) -> None:
+    """An event dead-lettered ``parked`` pins its resource until its letter is durable, as a
+    refused one does: when the letter it waits behind is removed meanwhile (by another
+    process), the resource's later events must still wait behind it. (Found by a review: the
+    resource was freed, and a later event delivered while the earlier one was on its way to
+    the DLQ.)"""
+    state = tmp_path / "state.db"
+    sink = Rejecting()
+    async with life(state, sink, 1) as (store, committer, pipeline):
+        sink.reject = {"r0"}
+        await put(pipeline, committer, [ev(1, "r0", "K")])  # refused: K parked, durable
+        await put(pipeline, committer, [ev(2, "l0", "K")], commit=False)  # parked, not durable
+        (row,) = await store.dead_letters(STREAM)
+        other = await Store.open(state)  # the operator's command
+        try:
+            if removed_by == "dlq purge":
+                assert await other.purge_dead_letters([row.id]) == 1
+            else:  # its commit removes the row it delivered
+                await other.commit(CommitBatch(resolved=[row.id]))
+        finally:
+            await other.close()
+        await put(pipeline, committer, [ev(3, "l1", "K")])
+        left = [(r.unique_event_id, r.reason) for r in await store.dead_letters(STREAM)]
+    assert left == [("l0", "parked"), ("l1", "parked")]
+    assert sink.got == []
