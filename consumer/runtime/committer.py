@@ -476,16 +476,19 @@ class Committer:
         # Not the streams fenced since (or during the failed try, which narrowed its own copy
         # of the batch): their part is dropped, as a snapshot drops it, and settled no more.
         fenced = self._fenced_now()
-        # The sink synced to the batch's own position (on disk already: nothing to write), not
-        # to where it is now: a sync tells the sink that a commit may cover what it syncs, and
-        # a jsonl file renamed meanwhile keeps that much (see JsonlSink._cut_gone), though no
-        # commit carried it.
-        return await self._commit_one(batch.without(fenced) if fenced else batch, held)
+        return await self._commit_one(batch.without(fenced) if fenced else batch, held, True)
 
-    async def _commit_one(self, batch: CommitBatch, held: int) -> bool:
+    async def _commit_one(self, batch: CommitBatch, held: int, again: bool = False) -> bool:
+        """``again``: a failed commit sent again. Its sink position is long synced; what was
+        written since goes on to the disk while the commits fail (a jsonl rotation's files
+        too), through a sync to no position: a sync to a position tells the sink that a
+        commit may cover it, and a jsonl file renamed meanwhile keeps that much (see
+        JsonlSink._cut_gone), which no commit carried."""
         self.busy_since = time.monotonic()
         self._sent = None
         try:
+            if again:
+                await self._sink.sync(None)
             await self._sink.sync(None if batch.sink_state is None else batch.sink_state[1])
             batch = await self._commit_fenced(batch)
         except BaseException as exc:
