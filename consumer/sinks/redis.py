@@ -22,7 +22,9 @@ consumer's stream name). Braces are written ``{{`` and ``}}`` (as in Python's ``
 so ``"opera:{{{chainCode}}}"`` makes ``opera:{DEMO}``; any other ``{name}`` is refused. Each
 value is sanitised: whitespace, control characters and braces become ``_``, an empty or
 missing value is ``_``, and one longer than 128 characters is cut and ends with a hash of it.
-The guard key of event ``U`` written to stream key ``K``:
+The guard key of event ``U`` written to stream key ``K`` (``U`` itself when made of letters,
+digits, ``.``, ``_`` and ``-`` only, as a UUID is; any other uniqueEventId as ``~`` and its
+SHA-256, so that no id can make its guard another event's, or the barrier's below):
 
 * ``K`` holds a Redis Cluster hash tag (``{...}``, non-empty): ``K:guard:U``, which has the
   same tag (its first ``{`` and the ``}`` closing it are ``K``'s);
@@ -105,6 +107,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import re
 import ssl
 from collections.abc import Awaitable, Mapping, Sequence
@@ -182,7 +185,7 @@ WAIT_GRANT: Final = " +wait"  # with sink.wait_replicas
 # connection's replication offset the server's latest (from Redis 7.2, WAIT waits only for
 # the connection's last write, and a retried batch whose events are all guarded writes
 # nothing: its WAIT would not wait for the first try's entries). The barrier is a guard key
-# that no event's can be (a uniqueEventId holds no brace), living a minute.
+# that no event's can be (an event's ends in no brace: see guard_key), living a minute.
 BARRIER_ID: Final = "{wait}"
 BARRIER_TTL_MS: Final = "60000"
 
@@ -360,11 +363,32 @@ def token_value(value: str | None) -> str:
     return sanitise(value, KEY_UNSAFE, hash_raw=False)
 
 
+# A uniqueEventId that goes into its guard key as it is (a UUID's characters); any other is
+# hashed (see guard_key).
+_PLAIN_ID: Final = re.compile(r"[0-9A-Za-z._-]+")
+
+
 def guard_key(stream_key: str, unique_event_id: str) -> str:
-    """The guard of an event in ``stream_key``: same cluster slot, same prefix (module doc)."""
+    """The guard of an event in ``stream_key``: same cluster slot, same prefix (module doc).
+    Its last part is the uniqueEventId when made of letters, digits, ``.``, ``_`` and ``-``
+    only, else ``~`` and its SHA-256: so it holds no ``:`` (two events' guards never meet:
+    ``x:guard:y`` in hotel ``H`` and ``y`` in hotel ``H:guard:x``) and no brace (never the
+    barrier's :data:`BARRIER_ID`)."""
+    last = unique_event_id
+    if not _PLAIN_ID.fullmatch(last):
+        last = "~" + hashlib.sha256(last.encode("utf-8", "surrogatepass")).hexdigest()
+    return _guard(stream_key, last)
+
+
+def barrier_key(stream_key: str) -> str:
+    """The barrier a batch to ``stream_key`` sets before its WAIT: a guard key no event's is."""
+    return _guard(stream_key, BARRIER_ID)
+
+
+def _guard(stream_key: str, last: str) -> str:
     if hash_tag(stream_key) is not None:
-        return f"{stream_key}:guard:{unique_event_id}"
-    return f"{stream_key}:guard:{{{stream_key}}}:{unique_event_id}"
+        return f"{stream_key}:guard:{last}"
+    return f"{stream_key}:guard:{{{stream_key}}}:{last}"
 
 
 class KeyTemplate(Template):
@@ -675,7 +699,7 @@ class RedisSink(PlainSink):
                     for command in self._commands(calls[first:]):
                         pipe.execute_command(*command)
                     if self.settings.wait_replicas:  # on the same connection as the calls
-                        barrier = guard_key(calls[first].key, BARRIER_ID)
+                        barrier = barrier_key(calls[first].key)
                         pipe.execute_command("SET", barrier, "1", "PX", BARRIER_TTL_MS)
                         pipe.execute_command(
                             "WAIT", self.settings.wait_replicas, self.settings.wait_timeout_ms

@@ -27,6 +27,7 @@ from consumer.sinks.redis import (
     TOKEN_MAX_CHARS,
     KeyTemplate,
     RedisSink,
+    barrier_key,
     guard_key,
     hash_tag,
     token_value,
@@ -114,6 +115,20 @@ def test_guards_share_the_slot_and_the_prefix_of_their_stream() -> None:
             assert guard.startswith(stream_key + ":guard:")
     assert guard_key("opera:DEMO", "u1") == "opera:DEMO:guard:{opera:DEMO}:u1"
     assert guard_key("opera:{DEMO}", "u1") == "opera:{DEMO}:guard:u1"
+
+
+def test_no_two_events_share_a_guard_and_none_is_the_barrier() -> None:
+    """Ids other than a UUID's characters are hashed in their guard: one with ``:guard:`` in
+    it met another event's of a hotel with ``:guard:`` in its id, and ``{wait}`` met the
+    barrier's (found by a review)."""
+    uid = "3f1c2a9e-8b7d-4c6e-9a5f-1e2d3c4b5a69"
+    assert guard_key("opera:{DEMO}", uid) == f"opera:{{DEMO}}:guard:{uid}"  # as before
+    a = guard_key("opera:{DEMO}:H1", "x:guard:y")  # hotel H1
+    b = guard_key("opera:{DEMO}:H1:guard:x", "y")  # hotel "H1:guard:x"
+    assert a != b and a.startswith("opera:{DEMO}:H1:guard:~")
+    for key in ("opera:DEMO", "opera:{DEMO}"):
+        assert guard_key(key, "{wait}") != barrier_key(key)
+        assert key_slot(barrier_key(key).encode()) == key_slot(key.encode())
 
 
 def test_templates_are_checked_when_the_sink_is_built(redis_server: RedisServer) -> None:

@@ -145,3 +145,24 @@ def test_wait_timeout_must_be_below_the_connection_timeout() -> None:
         settings("redis://127.0.0.1:6379/0", wait_replicas=-1)
     s = settings("redis://127.0.0.1:6379/0", timeout_s=10.0)
     assert (s.wait_replicas, s.wait_timeout_ms) == (0, 1000)
+
+
+async def test_an_event_whose_id_is_the_barriers_is_written(
+    redis_factory: Callable[..., RedisServer],
+) -> None:
+    """The barrier a batch sets before its WAIT is a guard key: an event whose uniqueEventId
+    was the barrier's found it set by the batch before, was taken for written, and was in no
+    stream though checkpointed (found by a review)."""
+    primary = redis_factory()
+    redis_factory(options=["--replicaof", "127.0.0.1", str(primary.port)])
+    await replicating(primary)
+    sink = RedisSink(
+        settings(primary.url(), timeout_s=10.0, wait_replicas=1, wait_timeout_ms=5000), CHAINS
+    )
+    await sink.open(None)
+    try:
+        await sink.write("main", [event(1)])
+        await sink.write("main", [event(2, uid="{wait}")])
+    finally:
+        await sink.close()
+    assert event_ids(primary.entries(KEY)) == ["u00001", "{wait}"]
