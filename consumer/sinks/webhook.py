@@ -51,6 +51,7 @@ from collections.abc import AsyncIterator, Sequence
 from urllib.parse import urlsplit
 
 import aiohttp
+import orjson
 from multidict import CIMultiDict
 
 from ..config import WebhookSinkSettings, query_secret_values, webhook_secret_values
@@ -93,9 +94,16 @@ MIN_QUERY_SECRET_CHARS = 4
 
 
 def batch_idempotency_key(unique_event_ids: Sequence[str]) -> str:
-    """The ``Idempotency-Key`` of a batch request (``batch_size > 1``)."""
-    digest = hashlib.sha256("\n".join(unique_event_ids).encode("utf-8")).hexdigest()
-    return f"batch-{digest}"
+    """The ``Idempotency-Key`` of a batch request (``batch_size > 1``): ``batch-`` and the
+    SHA-256 of its ids, one per line. An id with a line break in it would make two batches
+    one key (``["a\\nb"]`` and ``["a", "b"]``: a receiver honouring it answers the second
+    from the first, its events never processed): such a batch's key is ``batch-j-`` and the
+    SHA-256 of its ids' JSON array instead."""
+    joined = "\n".join(unique_event_ids)
+    if joined.count("\n") >= len(unique_event_ids):  # one more than the separators
+        digest = hashlib.sha256(orjson.dumps(list(unique_event_ids))).hexdigest()
+        return f"batch-j-{digest}"
+    return f"batch-{hashlib.sha256(joined.encode('utf-8')).hexdigest()}"
 
 
 class WebhookSink(PlainSink):

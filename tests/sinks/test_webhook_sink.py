@@ -156,6 +156,17 @@ async def test_batch_mode_posts_arrays_in_chunks_with_a_batch_key(
     assert single.header("Idempotency-Key") == batch_idempotency_key([events[0].unique_event_id])
 
 
+def test_no_two_batches_share_an_idempotency_key() -> None:
+    """An id with a line break made a batch of one the key of a batch of two (the ids were
+    joined by line breaks): a receiver honouring the key answered the second from the first,
+    and its events were never processed (found by a review)."""
+    plain = batch_idempotency_key(["a", "b"])
+    assert plain == "batch-" + hashlib.sha256(b"a\nb").hexdigest()  # as it always was
+    assert batch_idempotency_key(["a\nb"]) != plain
+    assert batch_idempotency_key(["a\nb"]).startswith("batch-j-")
+    assert batch_idempotency_key(["a\n", "b"]) != batch_idempotency_key(["a", "\nb"])
+
+
 @pytest.mark.parametrize("batch_size", [1, 2])
 async def test_each_request_answered_is_said_taken_at_once(
     rx: Receiver, client: aiohttp.ClientSession, batch_size: int
