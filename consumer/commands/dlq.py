@@ -237,6 +237,8 @@ async def replay(
             async for rows, held_back in source(store):
                 for row in rows:
                     skip = _held(row, held_back, failed_keys)
+                    if skip is None and row.stream not in settings.streams:  # as the run
+                        skip = _unusable(row, _UNKNOWN_STREAM, failed_keys)
                     if skip is None and not isinstance(event := _event(row, settings), Event):
                         skip = _unusable(row, event, failed_keys)
                     on_outcome(skip or _outcome(row, "would deliver"))

@@ -127,6 +127,24 @@ async def test_a_letter_of_a_stream_no_longer_configured_is_skipped(
     )
 
 
+async def test_the_plan_of_a_letter_of_a_stream_no_longer_configured_is_the_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--dry-run said "would deliver" (exit 0) of a letter of a stream no longer configured,
+    and of its key's later letters, where the replay skips them and exits 1 (found by a
+    review)."""
+    config = write_config(tmp_path, "http://127.0.0.1:9", sink=PYSINK)
+    await seed(config, [dead_letter(1, stream="gone"), dead_letter(2, stream="gone")])
+    args = ["dlq", "replay", "--all", "--json", "--config", str(config)]
+    plan_code, plan, _ = await cli(capsys, *args, "--dry-run")
+    run_code, run, _ = await cli(capsys, *args)
+    outcomes = [(o["unique_event_id"], o["result"]) for o in json.loads(plan)]
+    assert outcomes == [("uid-1", "skipped"), ("uid-2", "skipped")]
+    assert outcomes == [(o["unique_event_id"], o["result"]) for o in json.loads(run)]
+    assert plan_code == run_code == 1
+    assert pysink.delivered_ids() == []
+
+
 async def test_an_interrupted_replay_records_what_it_delivered(tmp_path: Path) -> None:
     """^C (the task cancelled) while a row's write hangs: the rows before it are recorded."""
     config = write_config(
