@@ -41,7 +41,7 @@ class Plan:
 
 
 async def show(settings: Settings) -> list[dict[str, Any]]:
-    store = await open_store(settings.state)
+    store = await open_store(settings.state, create=False)
     try:
         cps = {c.stream: c for c in await store.checkpoints()}
         rows = []
@@ -99,7 +99,7 @@ async def plan(settings: Settings, stream: str, new: str) -> Plan:
     _refuse_beside(
         await in_the_way(settings.state, (stream,), fleet=settings.fleet.enabled), stream
     )
-    store = await open_store(settings.state)
+    store = await open_store(settings.state, create=False)
     try:
         cp = await store.checkpoint(stream)
     finally:
@@ -139,7 +139,7 @@ async def execute(settings: Settings, p: Plan) -> None:
         settings.state, (p.stream,), role=OFFSET, fleet=settings.fleet.enabled
     )
     try:
-        store = await open_store(settings.state)
+        store = await open_store(settings.state, create=False)
         try:
             if p.new == "highest":
                 await store.reset_to_highest(p.stream)
