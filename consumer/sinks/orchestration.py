@@ -846,8 +846,13 @@ class OrchestratingSink:
         # key (a receiver honouring the key refuses that: dead-lettered though delivered),
         # or one the REST API no longer answers. (event, resource, bytes counted), the oldest
         # first, within UNSENT_MAX and UNSENT_MAX_BYTES: one let go is fetched again at its
-        # write. Not those the pipeline dead-letters (never written again).
-        self._unsent: OrderedDict[tuple[str, str], tuple[Event, Body | None, int]] = OrderedDict()
+        # write. Not those the pipeline dead-letters (never written again). The last one of a
+        # failed part is marked (True): the retry's part ends there too, so that the inner
+        # sink's requests are cut as before (a webhook batch's key is of its events: one more
+        # in its last request, the receiver had what it took under another key).
+        self._unsent: OrderedDict[tuple[str, str], tuple[Event, Body | None, int, bool]] = (
+            OrderedDict()
+        )
         self._unsent_bytes = 0
 
     async def open(self, committed: str | None) -> None:
@@ -871,6 +876,7 @@ class OrchestratingSink:
                     kept = unsent.get((stream, events[i].unique_event_id)) if unsent else None
                     if kept is not None:  # sent by a failed write: sent the same again
                         got = [(kept[0], kept[1])]
+                        full = kept[3]  # its part ended there
                     else:
                         end = i + 1
                         while end < n and (stream, events[end].unique_event_id) not in unsent:
@@ -905,11 +911,12 @@ class OrchestratingSink:
                 taken = min(max(0, exc.delivered), cut) if cut else 0
                 exc.delivered = done = done + taken
                 del pairs[:taken]
+                cut -= taken
             elif done and isinstance(exc, Exception) and not isinstance(exc, SinkError):
                 # An error of the sink's own after parts it took: permanent, as the pipeline
                 # takes it, with those parts delivered (not written again one by one).
                 problem = PermanentSinkError(describe(exc, REDACTOR.scrub), delivered=done)
-            self._failed(stream, events, done, pairs, problem)
+            self._failed(stream, events, done, pairs, problem, part=cut)
             if problem is exc:
                 raise
             raise problem from exc
@@ -924,11 +931,13 @@ class OrchestratingSink:
         taken: int,
         rest: Sequence[_Pair],
         exc: BaseException,
+        *,
+        part: int = 0,
     ) -> None:
         """Keep the events of a failed write that the inner sink did not take, with what
         they were sent (``rest``: those fetched), for their retry; but not the one the
         pipeline dead-letters for ``exc``: the one it names, or the write's only one left
-        that failed for good."""
+        that failed for good. ``part``: how many of ``rest`` the failed inner write held."""
         dead: str | None = None
         if len(events) - taken == 1:
             if isinstance(exc, Exception) and not isinstance(exc, TransientSinkError):
@@ -938,14 +947,19 @@ class OrchestratingSink:
         for ev in events[:taken]:
             self._forget((stream, ev.unique_event_id))
         unsent = self._unsent
-        for ev, body in rest:
+        ends: tuple[str, str] | None = None  # the failed part's last one kept
+        for at, (ev, body) in enumerate(rest):
             key = (stream, ev.unique_event_id)
             self._forget(key)  # kept again as the newest
             if ev.unique_event_id == dead:
                 continue
             size = len(body or b"") + ev.held_bytes() + 200
-            unsent[key] = (ev, body, size)
+            unsent[key] = (ev, body, size, False)
             self._unsent_bytes += size
+            if at < part:
+                ends = key
+        if ends is not None:
+            unsent[ends] = (*unsent[ends][:3], True)
         while len(unsent) > UNSENT_MAX or self._unsent_bytes > UNSENT_MAX_BYTES:
             self._unsent_bytes -= unsent.popitem(last=False)[1][2]  # fetched again at its write
 
