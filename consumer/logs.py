@@ -32,17 +32,43 @@ TOKEN_GRACE_S = 3600.0
 MAX_TOKENS = 256
 
 
+# Encoders that write more as \\uXXXX than JSON needs, and their hex's case: .NET's
+# System.Text.Json (its default encoder: HTML-sensitive characters and all non-ASCII, upper
+# case) and Gson (HTML-safe by default, lower case).
+_ESCAPING: tuple[tuple[str, bool], ...] = (("+'<>&`\"", True), ("<>&='", False))
+
+
 def json_escaped_forms(secret: str) -> list[str]:
     """``secret`` and how a JSON encoder may write it inside a string: with non-ASCII as
     ``\\uXXXX`` or as is, ``/`` as ``\\/`` (PHP's default) or as is, ``<>&`` as ``\\u003c``
-    and so on (Go's default), and ``"``, ``\\`` and controls escaped. Without duplicates."""
+    and so on (Go's default), .NET's and Gson's escapes (:data:`_ESCAPING`), and ``"``,
+    ``\\`` and controls escaped. Without duplicates."""
     forms = [secret]
     for ascii_only in (True, False):
         escaped = json.dumps(secret, ensure_ascii=ascii_only)[1:-1]
         html = escaped.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
         for form in (escaped, html):
             forms += [form, form.replace("/", "\\/")]
+    for chars, upper in _ESCAPING:
+        forms.append(_escaped(secret, chars, upper=upper))
     return list(dict.fromkeys(forms))
+
+
+def _escaped(secret: str, chars: str, *, upper: bool) -> str:
+    """``secret`` as an encoder writes it that escapes ``chars``, controls and non-ASCII as
+    ``\\uXXXX`` (``upper``: upper-case hex; surrogate pairs for the astral plane)."""
+    out: list[str] = []
+    for c in secret:
+        if c in chars or not 0x20 <= ord(c) <= 0x7E:
+            units = c.encode("utf-16-be", "surrogatepass")
+            for i in range(0, len(units), 2):
+                code = f"{int.from_bytes(units[i : i + 2], 'big'):04x}"
+                out.append("\\u" + (code.upper() if upper else code))
+        elif c in '"\\':
+            out.append("\\" + c)
+        else:
+            out.append(c)
+    return "".join(out)
 
 
 class Redactor:

@@ -293,6 +293,10 @@ UNUSABLE_TOKENS = {
     "a control": "tok-4f9a\x1b[2J-77e1",
     "non-ASCII": "tok-4f9a-\u00e9\u00e9-77e1",
     "endless": "t" * 16385,
+    # Past what a log line's masking reaches beyond its cut (SCRUB_MARGIN): one across the
+    # cut showed its start (found by a review).
+    "past the masking": "eyJ" + "Q" * 9000,
+    "past it once escaped": "eyJ" + "+" * 2000,  # .NET writes each "+" as \u002B
 }
 
 

@@ -114,6 +114,31 @@ def test_secrets_are_masked_as_json_encoders_escape_them() -> None:
         assert r.scrub(f'{{"echo": "{form}"}}') == f'{{"echo": "{MASK}"}}', form
 
 
+def test_secrets_are_masked_as_dotnet_and_gson_escape_them() -> None:
+    """System.Text.Json writes + ' < > & ` and all non-ASCII as upper-case \\uXXXX, Gson
+    < > & = ' in lower case: a receiver echoing a Basic header (its base64's + and =
+    padding) or a non-ASCII password showed it (found by a review)."""
+
+    def dotnet(text: str) -> str:
+        return "".join(
+            f"\\u{ord(c):04X}" if c in "+'<>&`" or ord(c) > 0x7E else "\\" + c if c in '"\\' else c
+            for c in text
+        )
+
+    def gson(text: str) -> str:
+        body = json.dumps(text)[1:-1]
+        for c in "<>&='":
+            body = body.replace(c, f"\\u{ord(c):04x}")
+        return body
+
+    basic = "b3BlcmE6UGFzcz4+d29yZDE="  # base64 of opera:Pass>>word1
+    r = Redactor()
+    r.add("Kennwört-Geheim", basic)
+    for secret in ("Kennwört-Geheim", basic):
+        for form in (dotnet(secret), gson(secret)):
+            assert r.scrub(f'{{"echo": "{form}"}}') == f'{{"echo": "{MASK}"}}', form
+
+
 def test_the_console_shows_wire_text_escaped() -> None:
     """On a terminal (console format) a frame id with terminal escapes was written raw: the
     terminal obeyed it (retitled, cleared). Now every value is escaped, the traceback too."""
