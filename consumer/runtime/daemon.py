@@ -926,11 +926,12 @@ async def run(settings: Settings) -> int:
     # Our handlers stay until Daemon.run replaces them (no await between): a signal in
     # between is delivered to its handler, never to the default action that would kill us.
     code = await daemon.run()
-    if daemon.abandoned:
-        # Stopped, committed and closed; asyncio.run would now cancel the abandoned workers
-        # once more and wait for them: for ever.
-        _exit(code)
-    return code
+    # Stopped, committed and closed: the process ends now, with its code. asyncio's teardown
+    # would wait without a limit for the default executor's threads (a getaddrinfo a cancelled
+    # connect left to a DNS server that does not answer: some 30 s, outside the stop budget,
+    # with our signal handlers gone, so that a second SIGTERM killed us by the signal), and
+    # cancel any abandoned worker once more and wait for it: for ever.
+    _exit(code)
 
 
 def _exit_now(sig: signal.Signals) -> NoReturn:
@@ -942,8 +943,9 @@ def _exit_now(sig: signal.Signals) -> NoReturn:
 def _exit(code: int) -> NoReturn:
     """End the process now, without asyncio's or the interpreter's teardown."""
     # A reader of our log gone (a dead pipe) must not keep us from exiting.
-    with contextlib.suppress(OSError, ValueError):
-        sys.stderr.flush()
+    for out in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            out.flush()
     os._exit(code)
 
 
