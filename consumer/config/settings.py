@@ -964,9 +964,10 @@ def fleet_handover_s(connection: ConnectionSettings, pipeline: PipelineSettings)
 # What a stop may take beyond its bounded steps (cancelling tasks; closing the sink, the HTTP
 # client and the store, each within its own timeout): asked of systemd with them.
 STOP_SLACK_S = 5.0
-# The grace the compose files, the README (`docker stop -t 45`) and the systemd unit
-# (TimeoutStopSec=) give a stop; a plain `docker stop` gives 10 s, Kubernetes 30 s.
-DOCUMENTED_STOP_S = 45.0
+# The grace the compose file, the README (`docker stop -t 50`) and the systemd unit
+# (TimeoutStopSec=) give a stop: the defaults' 44 s and STOP_SLACK_S; a plain `docker stop`
+# gives 10 s, Kubernetes 30 s.
+DOCUMENTED_STOP_S = 50.0
 
 # The top-level event_loop setting (consumer.event_loop).
 EventLoop = Literal["auto", "asyncio", "uvloop"]

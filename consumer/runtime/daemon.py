@@ -513,16 +513,18 @@ class Daemon:
                 )
             for key, what, fix in self.settings.shared_warnings():  # each stream logs its own
                 log.warning("configuration warning", key=key, problem=what, fix=fix)
-            if (most := stop_budget(self.settings).total_s) > DOCUMENTED_STOP_S and not (
+            most = stop_budget(self.settings).total_s + STOP_SLACK_S
+            if most > DOCUMENTED_STOP_S and not (
                 os.environ.get("NOTIFY_SOCKET")  # systemd: the stop extends its timeout
             ):
                 log.warning(
-                    "a stop may take longer than a 45 s grace: give docker stop -t, "
+                    f"a stop may take longer than a {DOCUMENTED_STOP_S:g} s grace: give docker "
+                    "stop -t, "
                     "stop_grace_period or terminationGracePeriodSeconds at least stop_within_s "
                     "(a plain docker stop gives 10 s), or lower pipeline.drain_timeout_s, "
                     "connection.complete_timeout_s or a nats or redis sink's timeout_s; "
                     "killed, it is safe but reported failed",
-                    stop_within_s=round(most + STOP_SLACK_S),
+                    stop_within_s=round(most),
                 )
             log.info(
                 "opera-consumer running",
