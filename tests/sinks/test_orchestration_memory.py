@@ -34,7 +34,7 @@ from consumer.sinks.webhook import WebhookSink
 from consumer.state.sqlite import SqliteStore
 
 RESOURCES = {"Reservation": "/rsv/v1/hotels/{hotelId}/reservations/{primaryKey}"}
-WAIT_S = 20.0
+WAIT_S = 60.0  # tracemalloc slows a write of 6 MiB of tiny values to 7 s on a quiet machine
 
 
 class Tokens:
