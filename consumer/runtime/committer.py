@@ -31,7 +31,7 @@ import dataclasses
 import secrets
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo
 
@@ -154,11 +154,24 @@ class Committer:
         self._lock = asyncio.Lock()
         self.commits = 0
         self.busy_since: float | None = None  # monotonic start of the commit under way
+        # Monotonic start of whatever holds the store's writer now (a commit, a prune step, an
+        # anchor): what the watchdog asks (a prune stuck on the disk holds every commit).
+        self.writing_since: float | None = None
         self.failing_since: float | None = None  # monotonic time of the first failed commit
         self.failures = 0  # consecutive failed commits
         self.last_error = ""  # of the last failed commit while they fail (masked before its cut)
         # stream -> monotonic time it last moved (the daemon seeds it at the stream's start)
         self.checkpointed_at: dict[str, float] = {}
+
+    @contextlib.asynccontextmanager
+    async def _writing(self) -> AsyncIterator[None]:
+        """The store's writer, one user at a time (a commit, a prune step, an anchor)."""
+        async with self._lock:
+            self.writing_since = time.monotonic()
+            try:
+                yield
+            finally:
+                self.writing_since = None
 
     def configure_fence(
         self,
@@ -447,7 +460,7 @@ class Committer:
 
     async def flush(self) -> bool:
         """Commit what is done now. Returns True when something was committed."""
-        async with self._lock:
+        async with self._writing():
             if self._position_fenced:
                 self._drop_all()
                 return False
@@ -857,7 +870,7 @@ class Committer:
 
     async def anchor(self, stream: str, position: Position) -> None:
         """Create the stream's checkpoint if it has none (never moves an existing one)."""
-        async with self._lock:
+        async with self._writing():
             try:
                 await self._store.anchor(stream, position, self._fence())
             except Fenced as exc:
@@ -872,7 +885,7 @@ class Committer:
         prune never holds commits back."""
         total = 0
         while True:
-            async with self._lock:
+            async with self._writing():
                 n = await self._store.prune_processed(older_than, streams=streams, once=True)
             total += n
             if n < PRUNE_CHUNK:

@@ -687,8 +687,8 @@ class Daemon:
         while True:
             await asyncio.sleep(period or 5.0)
             # Local health only (the upstream being down is no reason to restart): this loop
-            # runs, and no commit has been stuck for a minute.
-            busy = self.committer.busy_since
+            # runs, and nothing has held the store's writer (a commit, a prune) for a minute.
+            busy = self.committer.writing_since
             healthy = busy is None or time.monotonic() - busy < 60.0
             if period and healthy:
                 systemd.notify("WATCHDOG=1")
