@@ -384,6 +384,7 @@ class Daemon:
                     duplicates=pipeline.duplicates,
                     dead_lettered=pipeline.dead_lettered,
                     sink_retries=pipeline.sink_retries,
+                    sink_failing_since=pipeline.sink_failing_since,
                     ignored=stats.ignored,
                     resume_gaps=stats.resume_gaps,
                     paused_pings=stats.paused_pings,

@@ -278,12 +278,17 @@ _SINK_COUNTERS = {
 
 
 def readiness(source: StatusSource) -> tuple[bool, dict[str, Any]]:
+    now = time.monotonic()
     streams = {
         st.name: {
             "state": st.state.value,
-            "ready": st.state.ready,
+            # Its sink writes failing (retried): nothing flows, whatever the connection says.
+            "ready": st.state.ready and st.sink_failing_since is None,
             "last_close": st.last_close or None,
             "waiting": st.waiting or None,
+            "sink_failing_for_s": None
+            if st.sink_failing_since is None
+            else round(now - st.sink_failing_since, 1),
         }
         for st in source.stream_statuses()
     }
@@ -295,7 +300,7 @@ def readiness(source: StatusSource) -> tuple[bool, dict[str, Any]]:
         "failures": commit.failures,
         # how long they have failed (a duration: the monotonic clock is this process's), and
         # why the last one did (masked, one line, bounded)
-        "failing_for_s": None if failing is None else round(time.monotonic() - failing, 1),
+        "failing_for_s": None if failing is None else round(now - failing, 1),
         "last_error": commit.last_error or None,
     }
     ready = commit.failing_since is None and all(s["ready"] for s in streams.values())

@@ -247,6 +247,10 @@ class StreamPipeline:
         self.duplicates = 0
         self.dead_lettered = 0
         self.sink_retries = 0  # failed writes retried (a sink down, a WAIT refused...)
+        # Monotonic start of the writes failing now (one worker's or more: each retrying its
+        # own), None while none is: nothing flows to the sink meanwhile (/readyz).
+        self.sink_failing_since: float | None = None
+        self._failing_writes = 0
         self.filtered: Counter[str] = Counter()  # events filtered out, by reason
         # Called after each successful sink write: (seconds it took, newest event written).
         self.on_write: Callable[[float, Event], None] | None = None
@@ -267,6 +271,14 @@ class StreamPipeline:
             before_sleep=self._retried,
             reraise=True,
         )
+
+    def _failing(self, change: int) -> None:
+        """One more (+1) or one less (-1) write retrying a failure now."""
+        self._failing_writes += change
+        if self._failing_writes == 0:
+            self.sink_failing_since = None
+        elif self.sink_failing_since is None:
+            self.sink_failing_since = time.monotonic()
 
     def _retried(self, rs: RetryCallState) -> None:
         self.sink_retries += 1
@@ -762,19 +774,23 @@ class StreamPipeline:
             # again (a receiver keyed by Idempotency-Key alone would take it twice under
             # another chunk's key).
             taken.upto(_taken(exc, len(events)))
-            async for attempt in retrying:
-                with attempt:
-                    if first is not None:  # tenacity's attempt 1: its wait honours Retry-After
-                        failed, first = first, None
-                        raise failed from None
-                    _stop_if_asked()
-                    started = time.perf_counter()
-                    taken.base = done = taken.count  # exactly the rest
-                    try:
-                        await self._sink.write(self.stream, events[done:])
-                    except (TransientSinkError, PermanentSinkError) as again:
-                        taken.upto(done + _taken(again, len(events) - done))
-                        raise
+            self._failing(+1)
+            try:
+                async for attempt in retrying:
+                    with attempt:
+                        if first is not None:  # tenacity's attempt 1: its wait honours Retry-After
+                            failed, first = first, None
+                            raise failed from None
+                        _stop_if_asked()
+                        started = time.perf_counter()
+                        taken.base = done = taken.count  # exactly the rest
+                        try:
+                            await self._sink.write(self.stream, events[done:])
+                        except (TransientSinkError, PermanentSinkError) as again:
+                            taken.upto(done + _taken(again, len(events) - done))
+                            raise
+            finally:
+                self._failing(-1)
         except PermanentSinkError as exc:
             taken.upto(_taken(exc, len(events)))
             raise

@@ -36,6 +36,7 @@ class StreamStatus:
     resume_gaps: int = 0  # resumes whose replay skipped past the checkpoint's event
     paused_pings: int = 0  # server pings answered while the reader waited for room
     sink_retries: int = 0  # failed sink writes retried
+    sink_failing_since: float | None = None  # monotonic: writes retrying a failure since
 
 
 @dataclass(frozen=True, slots=True)

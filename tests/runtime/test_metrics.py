@@ -106,9 +106,19 @@ async def test_failed_sink_writes_retried_are_counted(sandbox_factory, tmp_path:
             async with asyncio.timeout(60):
                 while await retried() < 3:
                     await asyncio.sleep(0.05)
+            # Nothing flows while the writes fail: not ready, whatever the stream's state
+            # (it said ready while its reader waited for room; found by a review).
+            down = await http.get("/readyz")
+            assert down.status_code == 503, down.text
+            assert down.json()["streams"]["main"]["sink_failing_for_s"] >= 0
             outage.unlink()  # back: the retries stop, the events go through
             await wait_until(lambda: count_lines(sink_path) >= 20)
             assert await retried() >= 3
+            async with asyncio.timeout(30):
+                while (await http.get("/readyz")).status_code != 200:
+                    await asyncio.sleep(0.05)
+            up = (await http.get("/readyz")).json()["streams"]["main"]
+            assert up["sink_failing_for_s"] is None
 
 
 async def test_token_failures_are_counted_apart_from_requests(sandbox_factory, tmp_path: Path):
