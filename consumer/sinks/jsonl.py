@@ -816,11 +816,24 @@ class JsonlSink:
         """Every open file is still the one its path names, and did not shrink (:meth:`_check`),
         whether or not anything is written now: a write-out checks only the files it writes
         to, and lines a write-out between commits handed to a file removed since must not be
-        committed (the restart would find them in no file)."""
-        with self._io:
-            for f in self._files:
-                if f.fd is not None:
-                    self._check(f)
+        committed (the restart would find them in no file). Looked at without the write-outs'
+        lock (a commit must not wait for one): what looks wrong is looked at again under it,
+        where :meth:`_check` may cut the file."""
+        for f in list(self._files):
+            fd = f.fd
+            if fd is not None and not self._looks_intact(f, fd):
+                with self._io:
+                    if f.fd is not None:  # else closed meanwhile: nothing more goes there
+                        self._check(f)
+
+    def _looks_intact(self, f: _File, fd: int) -> bool:
+        try:
+            mine = os.fstat(fd)
+            return identity_at(self._dir / f.name) == f.identity and (
+                mine.st_nlink > 0 and mine.st_size >= f.durable
+            )
+        except OSError:  # closed meanwhile, or the directory gone: decided under the lock
+            return False
 
     def _check_and_fsync(self, files: Sequence[_File]) -> None:
         self._check_open()
