@@ -79,7 +79,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, NoReturn, TypeGuard
+from typing import Any, Literal, NamedTuple, NoReturn, TypeGuard
 
 import orjson
 import structlog
@@ -527,16 +527,27 @@ class JsonlSink:
 
     def _check(self, f: _File) -> None:
         assert f.fd is not None
-        path = self._dir / f.name
-        mine = os.fstat(f.fd)
-        if identity_at(path) != f.identity or mine.st_nlink == 0:
-            raise SinkUnusable(self._cut_gone(f, path, mine.st_size))
+        fault = self._fault(f, f.fd)
+        if fault is None:
+            return
+        path, (what, size) = self._dir / f.name, fault
+        if what == "gone":
+            raise SinkUnusable(self._cut_gone(f, path, size))
+        raise SinkUnusable(
+            f"jsonl file {path} shrank to {size} bytes below the {f.durable} committed "
+            f"while the daemon wrote to it: restore it, or {ADOPT_HINT}, then restart"
+        )
+
+    def _fault(self, f: _File, fd: int) -> tuple[Literal["gone", "shrank"], int] | None:
+        """What is wrong with the open file ``f`` (``fd``), and its size: its path names
+        another file or none, or it was unlinked (gone); it is shorter than what was synced
+        (shrank). Reads only: safe beside a write-out."""
+        mine = os.fstat(fd)
+        if identity_at(self._dir / f.name) != f.identity or mine.st_nlink == 0:
+            return "gone", mine.st_size
         if mine.st_size < f.durable:
-            raise SinkUnusable(
-                f"jsonl file {path} shrank to {mine.st_size} bytes below the "
-                f"{f.durable} committed while the daemon wrote to it: restore it, or "
-                f"{ADOPT_HINT}, then restart"
-            )
+            return "shrank", mine.st_size
+        return None
 
     def _cut_gone(self, f: _File, path: Path, size: int) -> str:
         """The path no longer names the open file ``f`` (renamed by logrotate's create mode,
@@ -821,19 +832,14 @@ class JsonlSink:
         where :meth:`_check` may cut the file."""
         for f in list(self._files):
             fd = f.fd
-            if fd is not None and not self._looks_intact(f, fd):
+            try:
+                intact = fd is None or self._fault(f, fd) is None
+            except OSError:  # closed meanwhile, or the directory gone: decided under the lock
+                intact = False
+            if not intact:
                 with self._io:
                     if f.fd is not None:  # else closed meanwhile: nothing more goes there
                         self._check(f)
-
-    def _looks_intact(self, f: _File, fd: int) -> bool:
-        try:
-            mine = os.fstat(fd)
-            return identity_at(self._dir / f.name) == f.identity and (
-                mine.st_nlink > 0 and mine.st_size >= f.durable
-            )
-        except OSError:  # closed meanwhile, or the directory gone: decided under the lock
-            return False
 
     def _check_and_fsync(self, files: Sequence[_File]) -> None:
         self._check_open()

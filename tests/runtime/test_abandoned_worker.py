@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 from support import wait_until
+from test_committer_dead_letters import STREAM as S
+from test_committer_dead_letters import one_worker
 
 from consumer.core.events import Event
 from consumer.core.protocol import event_from_raw
@@ -26,7 +28,6 @@ from consumer.runtime.pipeline import StreamPipeline
 from consumer.sinks.base import PlainSink
 from consumer.state.sqlite import SqliteStore
 
-S = "s"
 WAIT_S = 5.0
 
 
@@ -60,16 +61,7 @@ def ev(offset: int, uid: str) -> Event:
 
 
 def pipeline(sink: Stubborn, committer: Committer) -> StreamPipeline:
-    p = StreamPipeline(
-        S,
-        sink=sink,
-        committer=committer,
-        workers=1,
-        queue_size=10,
-        batch_max=10,
-        retry_initial_s=0.01,
-        retry_max_s=0.01,
-    )
+    p = one_worker(sink, committer)  # of stream STREAM
     p.start()
     return p
 

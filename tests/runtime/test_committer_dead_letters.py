@@ -21,7 +21,7 @@ from consumer.core.records import CommitBatch
 from consumer.errors import PermanentSinkError
 from consumer.runtime.committer import Committer
 from consumer.runtime.pipeline import StreamPipeline
-from consumer.sinks.base import PlainSink
+from consumer.sinks.base import PlainSink, Sink
 from consumer.state.sqlite import SqliteStore
 
 STREAM = "s"
@@ -60,7 +60,7 @@ async def put(pipeline: StreamPipeline, *events: Event) -> None:
 
 
 def one_worker(
-    sink: RejectsOnce, committer: Committer, parked: dict[str, str] | None = None
+    sink: Sink, committer: Committer, parked: dict[str, str] | None = None
 ) -> StreamPipeline:
     return StreamPipeline(
         STREAM,
