@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from support import dead_letter, replayed
+from support import cli, dead_letter, replayed
 
 from consumer.commands import dlq
 from consumer.config import StateSettings, load_settings
@@ -23,7 +23,6 @@ from consumer.core.records import CommitBatch
 from consumer.errors import ExitCode
 from consumer.sinks.base import PlainSink
 from consumer.state import open_store
-from tests.support import cli
 
 REPO = Path(__file__).resolve().parents[2]
 

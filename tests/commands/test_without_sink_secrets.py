@@ -16,14 +16,13 @@ from typing import Any
 
 import asyncpg
 import pytest
-from support import dead_letter
+from support import cli, dead_letter
 
 from consumer.config import StateSettings, load_settings, secret_values
 from consumer.config.loading import UnsetSecret, effective, unset_secrets
 from consumer.core.records import CommitBatch
 from consumer.errors import ConfigError, ExitCode
 from consumer.state import open_store
-from tests.support import cli
 
 REPO = Path(__file__).resolve().parents[2]
 SINK_SECRET = "sink-secret-FROM-THE-CREDSTORE-3"

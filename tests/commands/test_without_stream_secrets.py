@@ -11,13 +11,13 @@ import os
 from pathlib import Path
 
 import pytest
+from support import cli
 
 from consumer.config import StateSettings, load_settings, secret_values
 from consumer.config.loading import UnsetSecret, unset_secrets
 from consumer.core.records import CommitBatch, DeadLetter
 from consumer.errors import ConfigError, ExitCode
 from consumer.state import open_store
-from tests.support import cli
 
 REPO = Path(__file__).resolve().parents[2]
 APP_KEY = "app-key-FROM-THE-CREDSTORE-1"
