@@ -827,6 +827,16 @@ class StateSettings(_Model):
 
 MAX_LEASE_TTL_S = 3600.0
 
+# How long the workers a stream's stop cancels have to end (consumer.runtime.pipeline, which
+# uses it). One still running then is in code that swallows its cancellation (a handler that
+# catches BaseException and goes on; nats-py while its outbound buffer is full swallows one):
+# cancelled once more halfway (one swallowed cancellation is no reason to give up on it), then
+# abandoned, so that the stop goes on. Its events are not done, even when its write ends later
+# (recorded nowhere then: the stream is forgotten, perhaps taken again): no commit covers them,
+# and the next start replays them. Here because a write may still complete within it: the
+# self-fence (FleetSettings.self_fence_after_s) leaves room for it before a lease can expire.
+CANCEL_GRACE_S = 2.0
+
 # Weights are relative: 1000 to 1 is more than any fleet needs, and keeps the shares' sums
 # finite (1e308 overflowed to infinity: every tick failed, or every share was 0).
 MAX_FLEET_WEIGHT = 1000.0
@@ -834,6 +844,12 @@ MAX_FLEET_WEIGHT = 1000.0
 # most a day: longer, and an operator's `fleet drain` comes first anyway.
 RELEASE_UNREACHABLE_TTLS = 3
 MAX_RELEASE_UNREACHABLE_S = 86400.0
+
+
+# FleetSettings.self_fence_after_s, for the messages.
+SELF_FENCE_RULE = (
+    f"lease_ttl_s - max(2 x renew_interval_s, renew_interval_s + {CANCEL_GRACE_S:g} s)"
+)
 
 
 class FleetSettings(_Model):
@@ -912,14 +928,31 @@ class FleetSettings(_Model):
 
     @model_validator(mode="after")
     def _timers(self) -> FleetSettings:
-        if self.renew_interval_s * 4 > self.lease_ttl_s:
+        tick, ttl = self.renew_interval_s, self.lease_ttl_s
+        if tick * 4 > ttl:
             raise Problem(
                 (
                     "renew_interval_s",
-                    f"leaves too little time to renew ({self.renew_interval_s} s ticks, a "
-                    f"{self.lease_ttl_s} s lease): a member stops its streams "
-                    "lease_ttl_s - 2 x renew_interval_s after its last renewal",
+                    f"leaves too little time to renew ({tick} s ticks, a {ttl} s lease): a "
+                    f"member stops its streams {SELF_FENCE_RULE} after its last renewal",
                     "keep renew_interval_s at most a quarter of lease_ttl_s",
+                )
+            )
+        # With the sink's grace (ticks under CANCEL_GRACE_S) a quarter is not enough: the
+        # self-fence must still leave two ticks to renew, as a quarter does without it.
+        if self.self_fence_after_s < 2 * tick:
+            needed = 3 * tick + CANCEL_GRACE_S
+            most = math.floor((ttl - CANCEL_GRACE_S) / 0.03) / 100  # down to 0.01 s
+            raise Problem(
+                (
+                    "lease_ttl_s",
+                    f"leaves too little time to renew ({ttl:g} s lease, {tick:g} s ticks): a "
+                    f"member stops its streams {SELF_FENCE_RULE} after its last renewal (the "
+                    f"{CANCEL_GRACE_S:g} s: for a sink write under way to end before the lease "
+                    f"can expire), {self.self_fence_after_s:g} s here, less than two ticks: "
+                    "one late renewal would stop every stream of a healthy member",
+                    f"raise lease_ttl_s to at least {needed:g}"
+                    + (f", or lower renew_interval_s to at most {most:g}" if most > 0 else ""),
                 )
             )
         after = self.release_unreachable_after_s
@@ -946,9 +979,12 @@ class FleetSettings(_Model):
 
     @property
     def self_fence_after_s(self) -> float:
-        """Without a renewal for this long a member stops its streams (before anyone may
-        take them: the lease lasts lease_ttl_s from the renewal's start)."""
-        return self.lease_ttl_s - 2 * self.renew_interval_s
+        """Without a renewal for this long a member stops its streams, before anyone may
+        take them: the lease lasts lease_ttl_s from the renewal's start, and the stop gives
+        a worker stuck in a sink write CANCEL_GRACE_S to end (its write may complete within
+        it). Two ticks before the expiry at least, the grace and a tick with short ticks."""
+        tick = self.renew_interval_s
+        return self.lease_ttl_s - max(2 * tick, tick + CANCEL_GRACE_S)
 
 
 # runtime.daemon.stop_stream: a stream handed over has complete_timeout_s + this to close,

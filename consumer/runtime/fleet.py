@@ -8,11 +8,13 @@ the epoch anyway). Then it reads the fleet (members, leases) and follows
 surplus over gracefully (``complete``, drain, commit, release) when others need them.
 
 Self-fencing: a lease lasts ``lease_ttl_s`` from the renewal that set it. A member that has
-not renewed for ``lease_ttl_s - 2 x renew_interval_s`` (measured on its own monotonic clock
-from the *start* of its last successful renewal) stops every stream before anyone may take
-them over: two members never consume one stream. A timer of its own checks this, so nothing
-the tick waits for (a slow database) can hold it up; streams start in tasks of their own for
-the same reason (a start reads the store), and the tick goes on renewing meanwhile.
+not renewed for ``self_fence_after_s``, ``lease_ttl_s - max(2 x renew_interval_s,
+renew_interval_s + CANCEL_GRACE_S)`` (measured on its own monotonic clock from the *start* of
+its last successful renewal), stops every stream before anyone may take them over, with time
+left for a worker stuck in a sink write to end within the stop's grace: two members never
+consume one stream. A timer of its own checks this, so nothing the tick waits for (a slow
+database) can hold it up; streams start in tasks of their own for the same reason (a start
+reads the store), and the tick goes on renewing meanwhile.
 
 A stream handed over keeps its lease renewed until it is released (stopping it gracefully may
 outlast the lease); only a lost one is left out. The settings bound such a stop to fit in

@@ -33,6 +33,8 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+# How long the workers a stop cancels have to end (see there: the self-fence counts it).
+from ..config.settings import CANCEL_GRACE_S
 from ..core.events import Event
 from ..core.evidence import describe, prefix
 from ..core.filters import EventFilter
@@ -67,13 +69,6 @@ WAITING_SINK_WORKERS = 4
 # keep the 2,000 their batches grow in while the sink answers.
 QUEUE_PER_WORKER = 500
 
-# How long the workers a stop cancels have to end. One still running then is in code that
-# swallows its cancellation (a handler that catches BaseException and goes on; nats-py while
-# its outbound buffer is full swallows one): cancelled once more halfway (one swallowed
-# cancellation is no reason to give up on it), then abandoned, so that the stop goes on. Its
-# events are not done, even when its write ends later (recorded nowhere then: the stream is
-# forgotten, perhaps taken again): no commit covers them, and the next start replays them.
-CANCEL_GRACE_S = 2.0
 # Coroutines followed down from a stuck worker to name the code it waits in, at most.
 _AWAITS_FOLLOWED = 64
 

@@ -10,6 +10,7 @@ import pytest
 from consumer.config import load_settings
 from consumer.config.settings import fleet_handover_s
 from consumer.errors import ConfigError
+from consumer.runtime.pipeline import CANCEL_GRACE_S
 
 FLEET = """
 [streams.main]
@@ -62,6 +63,47 @@ def test_a_short_lease_passes_with_short_stops(tmp_path: Path) -> None:
     )
     settings = load_settings(_write(tmp_path, text))
     assert settings.fleet.lease_ttl_s == 8.0  # 2 x (1 + 2) + 1 = 7 <= 8 - 1
+
+
+def short_stops(text: str) -> str:
+    """``text`` with the shortest stops the settings allow (a handover of 2 x (0 + 2) + 0 s)."""
+    text = FLEET.replace("[fleet]", "[pipeline]\ndrain_timeout_s = 0\n[fleet]") + text
+    return text.replace(
+        'client_secret = "secret"',
+        'client_secret = "secret"\n[streams.main.connection]\ncomplete_timeout_s = 0',
+    )
+
+
+@pytest.mark.parametrize(("ttl", "tick"), [("60", "5"), ("8", "1"), ("4.3", "0.25")])
+def test_the_self_fence_leaves_a_stuck_sink_write_its_grace_before_the_lease_expires(
+    tmp_path: Path, ttl: str, tick: str
+) -> None:
+    """A self-fenced stream's stop gives a worker stuck in a sink write CANCEL_GRACE_S to end
+    (consumer.runtime.pipeline), and that write may still complete then. The fence comes at
+    least that grace and a tick (a lease lasts lease_ttl_s from the renewal's start) before
+    the lease can expire, and still at least two ticks after the last renewal. With ticks
+    under a second it came 2 ticks before the expiry: a stuck write could end after another
+    member took the stream."""
+    f = load_settings(
+        _write(tmp_path, short_stops(f"lease_ttl_s = {ttl}\nrenew_interval_s = {tick}\n"))
+    ).fleet
+    assert f.lease_ttl_s - f.self_fence_after_s >= f.renew_interval_s + CANCEL_GRACE_S
+    assert f.lease_ttl_s - f.self_fence_after_s >= 2 * f.renew_interval_s
+    assert f.self_fence_after_s >= 2 * f.renew_interval_s
+
+
+def test_a_lease_leaving_the_self_fence_less_than_two_ticks_is_refused(tmp_path: Path) -> None:
+    """With the grace, a 6 s lease and 1.5 s ticks (a quarter, and room for the handover)
+    self-fence 2.5 s after a renewal: one renewal late by a second would stop every stream of
+    a healthy member. Refused, naming the key and the lease that would do."""
+    text = short_stops("lease_ttl_s = 6\nrenew_interval_s = 1.5\n")
+    with pytest.raises(ConfigError) as refused:
+        load_settings(_write(tmp_path, text))
+    message = str(refused.value)
+    for part in ("fleet.lease_ttl_s", "two ticks", "at least 6.5", "renew_interval_s"):
+        assert part in message, message
+    ok = short_stops("lease_ttl_s = 6.5\nrenew_interval_s = 1.5\n")
+    assert load_settings(_write(tmp_path, ok)).fleet.self_fence_after_s == 3.0
 
 
 def test_without_fleet_mode_nothing_is_checked(tmp_path: Path) -> None:

@@ -33,7 +33,8 @@ from consumer.state.fleet import FleetTable
 # Most tests here wait out a lease (or the self-fence, or a handover past it): the shortest
 # the settings allow. The streams' stop is the test's own, so the settings' may be the
 # shortest (no wait for the server's close, no drain); a handover still takes up to
-# 2 x STOP_GRACE_S (4 s), which must fit in the lease minus a 0.25 s tick.
+# 2 x STOP_GRACE_S (4 s), which must fit in the lease minus a 0.25 s tick. The self-fence
+# comes a tick and CANCEL_GRACE_S (2 s) before the lease can expire: 2.05 s after a renewal.
 TTL_S = 4.3
 
 

@@ -1,9 +1,9 @@
 """A fleet member's tick renews its leases, then reads the fleet and takes leases: those reads
 end by the time the next renewal is due (consumer.runtime.fleet.Fleet._tick). Each statement
 had a whole renew_interval_s of its own: a database answering each within it, only slowly,
-pushed the next renewal past the self-fence (lease_ttl_s - 2 x renew_interval_s after the last
-one) at the tightest ratio the settings allow, and a healthy member stopped every stream, again
-and again. Real PostgreSQL (tests/pg.py); the member's own statements slowed.
+pushed the next renewal past the self-fence (two ticks after the last one at the tightest
+ratio the settings allow: FleetSettings.self_fence_after_s), and a healthy member stopped every
+stream, again and again. Real PostgreSQL (tests/pg.py); the member's own statements slowed.
 """
 
 from __future__ import annotations
@@ -16,11 +16,15 @@ from fleet_support import fleet_settings
 from support import wait_until
 from test_fleet_member import Env, env  # noqa: F401  # env: a fixture
 
+from consumer.config.settings import CANCEL_GRACE_S
 from consumer.runtime.fleet import Fleet
 from consumer.state.fleet import FleetTable
 
 RENEW_S = 1.5  # a handover (4 s with no drain) fits in lease_ttl_s - renew_interval_s
-TTL_S = 4 * RENEW_S  # the tightest the settings allow: the self-fence 2 ticks after a renewal
+# The tightest the settings allow: the self-fence 2 ticks after a renewal. With ticks under
+# CANCEL_GRACE_S (2 s) the self-fence leaves that grace and a tick before the lease can expire,
+# so a quarter (6 s) is not enough: 3 ticks + the grace.
+TTL_S = 3 * RENEW_S + CANCEL_GRACE_S
 
 
 class SlowReads(FleetTable):
