@@ -264,6 +264,8 @@ class Daemon:
             # never all loaded: a DLQ of a million would be a GB here.
             park_key=stream.on_permanent_failure == "park-key",
             event_filter=self._filter,
+            # No write past the self-fence deadline (a process paused past its leases).
+            past_fence=None if self.fleet is None else self.fleet.past_fence,
         )
         if self.metrics is not None:
             pipeline.on_write = self.metrics.observer(name)

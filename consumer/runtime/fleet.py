@@ -172,6 +172,7 @@ class Fleet:
         self.counters = FleetCounters()
         self.members_live = 0
         self._renewed_at: float | None = None  # monotonic start of the last good renewal
+        self._fence_after = f.self_fence_after_s  # for past_fence, asked per sink write
         self._joined_at: float | None = None
         self._closing = False
         self._memory = Memory()
@@ -190,6 +191,15 @@ class Fleet:
     @property
     def leases_held(self) -> int:
         return len(self.epochs)
+
+    def past_fence(self) -> bool:
+        """Whether this member is past its self-fence deadline: no renewal for
+        ``self_fence_after_s`` since the start of its last good one (monotonic clock), so its
+        leases may be another member's. The timer stops every stream then, but a process
+        paused past the deadline (SIGSTOP, a VM freeze) may run its workers first: each asks
+        this before a sink write (cheap: once per batch)."""
+        since = self._renewed_at
+        return since is not None and time.monotonic() - since >= self._fence_after
 
     # --- the loop ---------------------------------------------------------------------------
 

@@ -69,6 +69,9 @@ WAITING_SINK_WORKERS = 4
 # keep the 2,000 their batches grow in while the sink answers.
 QUEUE_PER_WORKER = 500
 
+# A worker holding a batch past its fleet member's self-fence deadline asks again this often
+# whether a renewal moved the deadline (else the stream's stop ends the wait).
+FENCED_RECHECK_S = 0.05
 # Coroutines followed down from a stuck worker to name the code it waits in, at most.
 _AWAITS_FOLLOWED = 64
 
@@ -190,10 +193,13 @@ class StreamPipeline:
         retry_max_s: float,
         park_key: bool = False,
         event_filter: EventFilter | None = None,
+        past_fence: Callable[[], bool] | None = None,
     ) -> None:
         """``park_key``: a resource with dead letters holds its later events back (the store
         asked per batch: :class:`ParkedKeys`). ``event_filter``: the events
-        it filters out are done without reaching the sink (see :meth:`_drop_filtered`)."""
+        it filters out are done without reaching the sink (see :meth:`_drop_filtered`).
+        ``past_fence``: a fleet member's :meth:`~consumer.runtime.fleet.Fleet.past_fence`,
+        asked before each sink write (see :meth:`_hold_while_fenced`); None outside a fleet."""
         self.stream = stream
         self._sink = sink
         self._committer = committer
@@ -233,6 +239,8 @@ class StreamPipeline:
         committer.on_commit(stream, self._record_said)
         # None when nothing is filtered: the per-batch cost is then this one attribute check.
         self._filter = None if event_filter is None or event_filter.passes_all else event_filter
+        self._past_fence = past_fence
+        self.writes_fenced = 0  # writes held back: past the fleet member's self-fence deadline
         # The ids the workers are deciding on or writing now (from the lookup to the outcome),
         # and a wake-up when some are let go: see _claim. None with one worker: no other
         # worker can hold an id, and holding them is two set operations per event.
@@ -750,11 +758,34 @@ class StreamPipeline:
                 if letter.primary_key is not None and letter.unique_event_id is not None:
                     self._parking.park(letter.primary_key, letter.unique_event_id)
 
+    async def _hold_while_fenced(self, events: int) -> None:
+        """Past the fleet member's self-fence deadline its leases may be another member's
+        (a process paused past them, by SIGSTOP or a VM freeze, runs its workers before the
+        self-fence timer or the renewal says so): write nothing, as if the stream were being
+        stopped, which it is once the timer runs. The events stay undone (nothing processed,
+        nothing dead-lettered): whoever holds the stream next replays them. A renewal that
+        succeeds after all moves the deadline, and the write goes on."""
+        past = self._past_fence
+        if past is None or not past():
+            return
+        self.writes_fenced += 1
+        self._log.warning(
+            "no lease renewal for self_fence_after_s: not writing to the sink (the stream "
+            "stops; whoever holds it next replays these events)",
+            stream=self.stream,
+            events=events,
+        )
+        while past():  # noqa: ASYNC110  # a clock's deadline, moved by the fleet's renewals
+            await asyncio.sleep(FENCED_RECHECK_S)
+        _stop_if_asked()
+
     async def _write(self, events: Sequence[Event], taken: _Taken, retrying: AsyncRetrying) -> None:
         """Write ``events`` (``taken``'s items'), retrying a transient failure until it
         clears. What the sink takes is recorded as soon as it is known (see :class:`_Taken`):
         every event once this returns; ``taken.count`` of them when it raises."""
         _stop_if_asked()
+        if self._past_fence is not None:
+            await self._hold_while_fenced(len(events))
         started = time.perf_counter()
         taking(taken)  # the sink's word between its write's parts (took)
         self._under_way.add(taken)
@@ -777,6 +808,8 @@ class StreamPipeline:
                             failed, first = first, None
                             raise failed from None
                         _stop_if_asked()
+                        if self._past_fence is not None:  # the backoff may outlast the lease
+                            await self._hold_while_fenced(len(events) - taken.count)
                         started = time.perf_counter()
                         taken.base = done = taken.count  # exactly the rest
                         try:

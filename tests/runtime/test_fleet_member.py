@@ -12,6 +12,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -21,12 +22,14 @@ from log_capture import captured_logs, records
 from pg import proxied, sql
 from support import wait_until
 from tcp_proxy import TcpProxy
+from test_pipeline import ev, harness, jsonl_lines, uid_of
 
 from consumer.core.records import CommitBatch, Staged
 from consumer.core.watermark import Position
 from consumer.errors import StoreError
 from consumer.runtime.fleet import DuplicateMember, Fleet, ProbeOf, StreamProbe
 from consumer.runtime.stream import StreamState
+from consumer.sinks.jsonl import JsonlSink
 from consumer.state import open_store
 from consumer.state.fleet import FleetTable
 
@@ -261,6 +264,52 @@ async def test_the_self_fence_does_not_wait_for_a_start_that_hangs(
     assert env.before(("A", "stopped", running), ("B", "start", running))
     assert cancelled == [hung] and not env.has("A", "started", hung)
     assert a.counters.self_fenced == 1
+
+
+async def test_no_sink_write_once_a_member_that_cannot_renew_is_past_its_self_fence(
+    env: Env, tmp_path: Path
+) -> None:
+    """A member whose renewals stop (here its tick is held, as a paused process's is) may
+    have lost its leases by its self-fence deadline; a worker waking then (a process resumed
+    after SIGSTOP) must not write what it holds before the timer stops the stream. The
+    member's deadline goes to each pipeline (Fleet.past_fence): writes before it go
+    through, none after it (the pipeline here is the test's, never stopped by the fleet)."""
+    fleet = env.member("m1")
+    env.run(fleet)
+    await wait_until(lambda: env.count("started") == 2)
+    sink = JsonlSink(tmp_path / "events.jsonl", fsync=False)
+    async with harness(tmp_path, sink, workers=1, past_fence=fleet.past_fence) as (
+        _,
+        committer,
+        pipeline,
+    ):
+        for i in range(5):
+            await pipeline.put(ev(i))
+        async with asyncio.timeout(TTL_S):
+            await pipeline.drained()  # renewing: written
+        written = sink.position()  # what the sink took, its buffer included
+        renew, resume = fleet.table.tick, asyncio.Event()
+
+        async def held(*args: Any, **kwargs: Any) -> Any:
+            await resume.wait()
+            return await renew(*args, **kwargs)
+
+        fleet.table.tick = held  # type: ignore[method-assign]
+        try:
+            await wait_until(fleet.past_fence, timeout=3 * TTL_S)
+            for i in range(5, 10):
+                await pipeline.put(ev(i))
+            await wait_until(lambda: pipeline.writes_fenced == 1, timeout=TTL_S)
+            async with asyncio.timeout(TTL_S):
+                await pipeline.stop()
+            assert sink.position() == written
+            assert await committer.flush()
+            assert [uid_of(x) for x in jsonl_lines(sink.path)] == [f"u{i}" for i in range(5)]
+            assert pipeline.in_flight == 5 and pipeline.dead_lettered == 0
+            await wait_until(lambda: fleet.counters.self_fenced == 1, timeout=TTL_S)  # its timer
+        finally:
+            fleet.table.tick = renew  # type: ignore[method-assign]
+            resume.set()
 
 
 async def test_a_stream_handed_over_stays_renewed_until_released(env: Env) -> None:

@@ -12,7 +12,7 @@ import random
 import sqlite3
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -128,6 +128,7 @@ async def harness(
     max_pending_bytes: int = 16 * 1024 * 1024,
     interval_s: float = 3600.0,
     start: bool = True,
+    past_fence: Callable[[], bool] | None = None,
 ) -> AsyncIterator[tuple[Store, Committer, StreamPipeline]]:
     store = await Store.open(tmp_path / "state.db")
     pipeline: StreamPipeline | None = None
@@ -150,6 +151,7 @@ async def harness(
             batch_max=batch_max,
             retry_initial_s=0.01,
             retry_max_s=0.02,
+            past_fence=past_fence,
         )
         if start:
             pipeline.start()
@@ -619,6 +621,83 @@ async def test_transient_errors_with_several_workers(tmp_path: Path) -> None:
     assert Counter(e.unique_event_id for e in sink.delivered) == Counter(
         e.unique_event_id for e in events
     )
+
+
+# --- a fleet member past its self-fence deadline ----------------------------------------------
+
+
+class Deadline:
+    """A fleet member's self-fence deadline as the pipeline sees it (Fleet.past_fence): the
+    test says when it has passed, and counts how often the workers asked."""
+
+    def __init__(self) -> None:
+        self.past = False
+        self.asked = 0
+
+    def __call__(self) -> bool:
+        self.asked += 1
+        return self.past
+
+
+async def held_past_the_deadline(pipeline: StreamPipeline, deadline: Deadline) -> None:
+    """The deadline passed: wait until a worker came to write, was told so, and asked again
+    (it holds the batch, and the sink has not been called meanwhile)."""
+    await wait_until(lambda: pipeline.writes_fenced == 1, timeout=WAIT_S)
+    asked = deadline.asked
+    await wait_until(lambda: deadline.asked > asked, timeout=WAIT_S)
+
+
+async def test_nothing_is_written_past_the_self_fence_deadline(tmp_path: Path) -> None:
+    """A fleet member paused past its leases (SIGSTOP, a VM freeze) wakes with batches in its
+    workers, and another member may hold the stream by then: before the self-fence timer or
+    the renewal says so, a worker wrote them (only commits were fenced). Before each write the
+    worker asks whether the member is past its self-fence deadline; past it, the batch is not
+    written, and the stream's stop finds it undone (replayed by whoever holds the stream
+    next): not processed, not dead-lettered. Before the deadline, writes go through."""
+    sink = JsonlSink(tmp_path / "events.jsonl", fsync=False)
+    deadline = Deadline()
+    async with harness(tmp_path, sink, workers=1, past_fence=deadline) as (_, c, pipeline):
+        for i in range(5):
+            await pipeline.put(ev(i))
+        await drained(pipeline)  # before the deadline: written
+        assert await c.flush()
+        assert [uid_of(x) for x in jsonl_lines(sink.path)] == [f"u{i}" for i in range(5)]
+        written = sink.position()  # what the sink took, its buffer included
+        deadline.past = True
+        for i in range(5, 10):
+            await pipeline.put(ev(i))
+        await held_past_the_deadline(pipeline, deadline)
+        async with asyncio.timeout(WAIT_S):
+            await pipeline.stop()  # the self-fence's stop
+        assert not pipeline.abandoned
+        assert sink.position() == written
+        assert not await c.flush()
+        assert [uid_of(x) for x in jsonl_lines(sink.path)] == [f"u{i}" for i in range(5)]
+        assert pipeline.delivered == 5 and pipeline.dead_lettered == 0
+        assert pipeline.in_flight == 5  # undone: the next holder replays them
+        position = pipeline.position
+        assert position is not None and position.offset == ev(4).offset
+
+
+async def test_a_batch_held_past_the_deadline_is_written_once_a_renewal_moves_it(
+    tmp_path: Path,
+) -> None:
+    """The deadline moves with every renewal: a renewal that succeeds after all (the leases
+    were still ours) lets the held batch through, once, in order."""
+    sink = JsonlSink(tmp_path / "events.jsonl", fsync=False)
+    deadline = Deadline()
+    deadline.past = True
+    async with harness(tmp_path, sink, workers=1, past_fence=deadline) as (_, c, pipeline):
+        empty = sink.position()
+        for i in range(5):
+            await pipeline.put(ev(i, key="k"))
+        await held_past_the_deadline(pipeline, deadline)
+        assert sink.position() == empty
+        deadline.past = False  # renewed
+        await drained(pipeline)
+        assert await c.flush()
+        assert [uid_of(x) for x in jsonl_lines(sink.path)] == [f"u{i}" for i in range(5)]
+        assert pipeline.delivered == 5 and pipeline.dead_lettered == 0
 
 
 # --- checkpoints, sink state, malformed frames -------------------------------------------------
