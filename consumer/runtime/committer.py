@@ -875,6 +875,13 @@ class Committer:
                 await self._store.anchor(stream, position, self._fence())
             except Fenced as exc:
                 self.fencing_rejections += 1
+                # Said here, as a refused commit is: the stream's stop that fence_out starts
+                # may cancel its session before the error reaches the stream's loop.
+                log.warning(
+                    f"recording where the stream begins refused: {self._fenced_by}; the "
+                    "stream stops here (whoever goes on records it)",
+                    streams=sorted(exc.streams),
+                )
                 fence = self._fence()
                 self.fence_out(exc.streams, fence.epochs if fence is not None else {})
                 raise

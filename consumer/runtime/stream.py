@@ -65,7 +65,7 @@ from ..core.session import (
 from ..core.subscribe_timing import SubscribeDeadline, gap_left
 from ..core.upgrade_budget import UpgradeBudget
 from ..core.watermark import Position
-from ..errors import AuthError, StoreError, StreamStopped
+from ..errors import AuthError, Fenced, StoreError, StreamStopped
 from ..logs import REDACTOR
 from ..state.base import StateStore
 from . import tls
@@ -439,6 +439,10 @@ class StreamRunner:
             while not self._stop.is_set():
                 try:
                     decision = await self._attempt()
+                except Fenced:
+                    # Recording where the stream begins was refused: its lease is lost, and
+                    # it is being stopped (the committer said so, as a warning). No bug.
+                    decision = self.policy.on_network_error("fenced: the stream's lease is lost")
                 except Exception as exc:  # a bug: reconnect with backoff, never a dead stream
                     log.error("unexpected error in the stream; reconnecting", exc_info=exc)
                     decision = self.policy.on_network_error(f"unexpected error: {describe(exc)}")
