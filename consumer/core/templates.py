@@ -18,6 +18,7 @@ Pure: the standard library only, nothing of asyncio or of a client library.
 from __future__ import annotations
 
 import hashlib
+import re
 import string
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -175,6 +176,20 @@ def check_stream_name(name: str) -> None:
 
 # --- Redis ----------------------------------------------------------------------------------
 
+# The Redis sink's guard keys (consumer/sinks/redis.py): a stream key K with a hash tag guards
+# event U as ``K:guard:U``, U as it is when it is made of GUARD_ID's characters, else ``~`` and
+# its SHA-256. A stream key (with a hash tag) never ends so: :func:`ends_as_guard`.
+GUARD_ID: Final = re.compile(r"[0-9A-Za-z._-]+")
+_GUARD_END: Final = re.compile(r"[0-9A-Za-z._-]+|~[0-9a-f]{64}")
+
+
+def ends_as_guard(key: str) -> bool:
+    """Whether ``key`` ends as the guard of an event in a stream key with a hash tag does:
+    ``:guard:`` and a uniqueEventId as the guard writes it. (Its last ``:guard:`` is the one:
+    what follows holds no ``:``.)"""
+    _, separator, last = key.rpartition(":guard:")
+    return bool(separator) and _GUARD_END.fullmatch(last) is not None
+
 
 def hash_tag(key: str) -> str | None:
     """The Redis Cluster hash tag of ``key``: what is between its first ``{`` and the next
@@ -189,8 +204,9 @@ def hash_tag(key: str) -> str | None:
 
 
 def check_key(template: Template) -> None:
-    """A Redis stream key template: not empty, and its braces (values hold none, so every
-    key's braces are the template's) either none or a hash tag, for the guard keys."""
+    """A Redis stream key template: not empty, its braces (values hold none, so every key's
+    braces are the template's) either none or a hash tag, for the guard keys; with a hash tag,
+    not one whose keys of plain values end as a guard key does (:func:`ends_as_guard`)."""
     if not template.text:
         raise TemplateError("empty", 'e.g. stream_key = "opera:{chainCode}"')
     sample = template.sample()
@@ -200,4 +216,10 @@ def check_key(template: Template) -> None:
             "so an event's guard could not share the stream's slot",
             'use no braces, or one hash tag such as "opera:{{{chainCode}}}" '
             "(which makes opera:{DEMO})",
+        )
+    if hash_tag(sample) is not None and ends_as_guard(sample):
+        raise TemplateError(
+            "it ends as the guard keys do (':guard:' and an id or a token), so each stream "
+            "key could be another event's guard",
+            'end it otherwise, e.g. "opera:{{{chainCode}}}:{hotelId}"',
         )

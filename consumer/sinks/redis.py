@@ -37,6 +37,15 @@ Either way the guard and its stream hash to the same cluster slot (a script's ke
 both start with ``K``: an ACL key pattern ``~opera:*`` covers the sink's every key. (The sink
 speaks to one server, not to a Redis Cluster: a ``MOVED`` reply stops it.)
 
+No stream key is ever a guard key or the barrier (below), whatever the values (which keep
+their ``:``): without a hash tag, stream keys hold no brace, guards and the barrier do; with
+one, a stream key that ends as a guard does (``:guard:`` and an id as above, e.g. from a
+hotelId ``H1:guard:<id>``: :func:`~consumer.core.templates.ends_as_guard`) is refused, its
+event dead-lettered (:class:`PermanentSinkError`), and a template whose every key would end
+so is refused at load; the barrier holds two braces more than any stream key. (Before, such
+an event took the place of the other's guard, which was then skipped as written, or found
+its guard there: ``WRONGTYPE``.)
+
 **Entries.** Fields: ``event`` (the JSON document, as the jsonl sink writes a line:
 :meth:`~consumer.core.events.Event.document`), ``uniqueEventId``, ``offset``, ``stream``,
 ``chainCode``, ``hotelId``, ``eventName``, ``moduleName``, ``primaryKey`` and ``timestamp``
@@ -72,7 +81,8 @@ back), and the events of other resources that were written are guarded: after th
 restart, the replay adds exactly what is missing, in order.
 :class:`PermanentSinkError` naming the event (it is dead-lettered) when it cannot be sent:
 larger than the server's ``proto-max-bulk-len`` (read at ``open`` when ``CONFIG GET`` is
-allowed, and then checked before sending), or not serializable as JSON. Nothing is sent for a
+allowed, and then checked before sending), not serializable as JSON, or with a stream key
+that ends as a guard's (**Keys**). Nothing is sent for a
 batch before every event of it passed those checks. Without the ``CONFIG`` right (as it should
 be; managed servers), an event with an argument over 1 MiB (Redis's smallest limit) is sent in
 a round trip of its own: a server that answers "invalid bulk length" for it, or drops the
@@ -145,12 +155,14 @@ from ..core.events import Event
 from ..core.evidence import masked, prefix
 from ..core.templates import (
     EVENT_TOKENS,
+    GUARD_ID,
     KEY_UNSAFE,
     TOKEN_MAX_CHARS,  # noqa: F401  # re-exported: the sink's token limit
     TOKENS,
     Template,
     TemplateError,
     check_key,
+    ends_as_guard,
     hash_tag,
     sanitise,
 )
@@ -185,7 +197,8 @@ WAIT_GRANT: Final = " +wait"  # with sink.wait_replicas
 # connection's replication offset the server's latest (from Redis 7.2, WAIT waits only for
 # the connection's last write, and a retried batch whose events are all guarded writes
 # nothing: its WAIT would not wait for the first try's entries). The barrier is a guard key
-# that no event's can be (an event's ends in no brace: see guard_key), living a minute.
+# that no event's can be (an event's ends in no brace: see guard_key), nor a stream key (it
+# holds two braces more), living a minute.
 BARRIER_ID: Final = "{wait}"
 BARRIER_TTL_MS: Final = "60000"
 
@@ -363,19 +376,15 @@ def token_value(value: str | None) -> str:
     return sanitise(value, KEY_UNSAFE, hash_raw=False)
 
 
-# A uniqueEventId that goes into its guard key as it is (a UUID's characters); any other is
-# hashed (see guard_key).
-_PLAIN_ID: Final = re.compile(r"[0-9A-Za-z._-]+")
-
-
 def guard_key(stream_key: str, unique_event_id: str) -> str:
     """The guard of an event in ``stream_key``: same cluster slot, same prefix (module doc).
     Its last part is the uniqueEventId when made of letters, digits, ``.``, ``_`` and ``-``
     only, else ``~`` and its SHA-256: so it holds no ``:`` (two events' guards never meet:
     ``x:guard:y`` in hotel ``H`` and ``y`` in hotel ``H:guard:x``) and no brace (never the
-    barrier's :data:`BARRIER_ID`)."""
+    barrier's :data:`BARRIER_ID`). With a hash tag, it ends as
+    :func:`~consumer.core.templates.ends_as_guard` says, as no stream key may."""
     last = unique_event_id
-    if not _PLAIN_ID.fullmatch(last):
+    if not GUARD_ID.fullmatch(last):
         last = "~" + hashlib.sha256(last.encode("utf-8", "surrogatepass")).hexdigest()
     return _guard(stream_key, last)
 
@@ -555,6 +564,8 @@ class RedisSink(PlainSink):
         self.settings = settings
         self.chains = dict(chains)
         self.template = KeyTemplate(settings.stream_key)
+        # Its keys hold a hash tag (or none, all of them: values hold no brace).
+        self._tagged = hash_tag(self.template.sample()) is not None
         self.server = server(settings)
         self.where = self.server.where
         self._ttl_ms = str(max(1, round(settings.guard_ttl_s * 1000)))
@@ -647,6 +658,13 @@ class RedisSink(PlainSink):
                 "stream": token_value(stream),
             }
         )
+        if self._tagged and ends_as_guard(key):
+            raise PermanentSinkError(
+                f"redis sink: the event's stream key ends as a guard key does (':guard:' and an "
+                f"id, from its values: {prefix(key, 200)!r}): refused, it could be another "
+                "event's guard (and its own guard another stream key)",
+                unique_event_id=ev.unique_event_id,
+            )
         fields = (
             "event", document,
             "uniqueEventId", ev.unique_event_id,

@@ -77,7 +77,10 @@ def test_the_braces_of_a_stream_key() -> None:
     assert hash_tag("opera:DEMO") is None
     check_key(Template("opera:{chainCode}"))
     check_key(Template("opera:{{{chainCode}}}:{hotelId}"))
-    for bad in ("", "opera:{{}}{chainCode}", "}}x{chainCode}", "opera:{{x"):
+    check_key(Template("opera:guard:{hotelId}"))  # no hash tag: its guards hold braces
+    check_key(Template("opera:{{{chainCode}}}:{hotelId}:guard"))
+    for bad in ("", "opera:{{}}{chainCode}", "}}x{chainCode}", "opera:{{x",
+                "opera:{{{chainCode}}}:guard:{hotelId}", "{{x}}:guard:y"):  # fmt: skip
         with pytest.raises(TemplateError):
             check_key(Template(bad))
 
