@@ -11,7 +11,13 @@ from __future__ import annotations
 
 from .fields import is_loopback, mask_url
 from .loading import DEFAULT_CONFIG_PATHS, effective, explain, find_config, load_settings
-from .secrets import query_secret_values, secret_values, url_secret_values, webhook_secret_values
+from .secrets import (
+    nats_credentials,
+    query_secret_values,
+    secret_values,
+    url_secret_values,
+    webhook_secret_values,
+)
 from .settings import (
     ENV_PREFIX,
     AuthSettings,
@@ -70,6 +76,7 @@ __all__ = [
     "is_loopback",
     "load_settings",
     "mask_url",
+    "nats_credentials",
     "query_secret_values",
     "resolve",
     "secret_values",

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import base64
 import re
+from pathlib import Path
+from typing import Final
 from urllib.parse import quote, quote_plus, unquote, unquote_plus, urlsplit
 
 from pydantic import SecretStr
 
 from ..core.protocol import key_hash
+from ..errors import ConfigError
 from .fields import (
     basic_credentials,
     is_dsn,
@@ -158,6 +161,68 @@ def _dsn_secret_values(dsn: str) -> list[str]:
     return values
 
 
+CREDS_MAX_BYTES: Final = 64 * 1024  # a NATS credentials file is a few KB
+_CREDS_FIX: Final = (
+    "point sink.creds_file at the NATS user's credentials file, readable by the daemon's user, "
+    "as `nsc generate creds` writes it: the user JWT between -----BEGIN NATS USER JWT----- and "
+    "its END line, then the nkey seed between -----BEGIN USER NKEY SEED----- and its END line"
+)
+
+
+def nats_credentials(path: Path) -> tuple[str, str]:
+    """The user JWT and the nkey seed of a NATS credentials file, read by nats-py's own reader
+    (the one it reads the file with at each connection: what it sends and signs with is what
+    we mask). :class:`ConfigError` naming sink.creds_file and the fix when the file cannot be
+    read, or nats-py could not use it; never quoting the file."""
+    from nats.aio.client import Client, RawCredentials  # noqa: PLC0415  # the nats sink's
+
+    where = f"sink.creds_file {path}"
+    try:
+        import nkeys  # noqa: PLC0415
+    except ImportError:
+        raise ConfigError(
+            f"{where} needs the nkeys package, which is not installed -> pip install "
+            "'nats-py[nkeys]' (or use sink.user and sink.password, or sink.token)"
+        ) from None
+    try:
+        with path.open("rb") as f:
+            data = f.read(CREDS_MAX_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(
+            f"{where}: cannot read it ({exc.strerror or type(exc).__name__}) -> {_CREDS_FIX}"
+        ) from None
+
+    def refused(what: str) -> ConfigError:
+        return ConfigError(f"{where}: {what}: not a NATS credentials file -> {_CREDS_FIX}")
+
+    if len(data) > CREDS_MAX_BYTES:
+        raise refused(f"larger than {CREDS_MAX_BYTES} bytes")
+    try:
+        text: str | None = data.decode("utf-8")
+    except UnicodeDecodeError:  # holds the bytes: not the context of our error
+        text = None
+    if text is None:
+        raise refused("not UTF-8 text")
+    # nats-py's reader of the JWT reads on till its armour line: without one, for ever.
+    if "BEGIN NATS USER JWT" not in text:
+        raise refused("no user JWT")
+    if "BEGIN USER NKEY SEED" not in text:
+        raise refused("no nkey seed")
+    credentials, reader = RawCredentials(text), Client()
+    try:
+        jwt = bytes(reader._read_creds_user_jwt(credentials)).decode().strip()
+        seed = bytes(reader._read_creds_user_nkey(credentials) or b"").decode()
+    except Exception:  # what it raises says nothing more than "unreadable"
+        raise refused("nats-py cannot read it") from None
+    if not jwt:
+        raise refused("an empty user JWT")
+    try:
+        nkeys.from_seed(bytearray(seed.encode())).wipe()
+    except Exception:  # nkeys' or PyNaCl's: either way not a seed
+        raise refused("its nkey seed is not one nats-py can sign with") from None
+    return jwt, seed
+
+
 def _unique(values: list[str]) -> list[str]:
     return list(dict.fromkeys(v for v in values if v))
 
@@ -183,7 +248,8 @@ def secret_values(settings: Settings) -> list[str]:
     form-encoded), the secrets of every URL (:func:`url_secret_values`), the webhook's token,
     password and secret headers, the secret-looking query values of the orchestration URL
     templates, the PostgreSQL DSNs (the sink's, the state store's) and their
-    passwords."""
+    passwords, the user JWT and nkey seed of a NATS credentials file (:class:`ConfigError`
+    when it cannot be read or parsed)."""
     values: list[str] = []
     for s in settings.streams.values():
         if (key := _given(s.app_key)) is not None:
@@ -209,6 +275,9 @@ def secret_values(settings: Settings) -> list[str]:
         for given in (sink.password, sink.token, sink.nkey_seed):
             if given is not None:
                 values += _password_forms(given.get_secret_value())
+        if sink.creds_file is not None:  # its user JWT and nkey seed
+            for secret in nats_credentials(sink.creds_file):
+                values += _password_forms(secret)
         for server in sink.servers:
             values += url_secret_values(server)
     elif isinstance(sink, RedisSinkSettings):

@@ -61,8 +61,11 @@ Credentials in a server URL (``nats://user:password@host``, ``nats://token@host`
 out of the URLs and sent to every server (nats-py would send them to that URL only, and log in
 to another without them after a failover); URLs with different ones, or other ones than
 ``user``/``password``/``token``, are a ConfigError. Secrets (password, token, nkey seed, a
-URL's password) never appear in a message or a log line: servers are named
-``scheme://host:port``; the log redactor masks them besides.
+URL's password, the user JWT and nkey seed of ``creds_file``) never appear in a message or a
+log line: servers are named ``scheme://host:port``; the log redactor masks them besides. The
+credentials file is read (nats-py's reader) at check-config, at start and at each connection
+of ours, its JWT and seed registered with the redactor; one that cannot be read or parsed is a
+ConfigError (SinkUnusable once running), quoting nothing of it.
 """
 
 from __future__ import annotations
@@ -95,7 +98,7 @@ from nats.js.api import (
 )
 from nats.protocol.parser import AWAITING_CONTROL_LINE, AWAITING_MSG_PAYLOAD, Parser
 
-from ..config import NatsSinkSettings, url_secret_values
+from ..config import NatsSinkSettings, nats_credentials, url_secret_values
 from ..core.events import Event, header_id
 from ..core.evidence import describe, prefix, shown
 from ..core.printable import printable
@@ -250,6 +253,8 @@ def check_settings(settings: NatsSinkSettings) -> SubjectTemplate:
         if problem is not None:
             raise ConfigError(f"sink.servers[{i}] ({where([server])}): {problem}")
     url_credentials(settings)
+    if settings.creds_file is not None:  # read and parsed as at each connection
+        nats_credentials(settings.creds_file)
     return template
 
 
@@ -420,6 +425,13 @@ class NatsSink(PlainSink):
         if self._url_credentials is not None:  # decoded, as they are sent
             name, password = self._url_credentials
             found.append(password if password is not None else name)
+        if s.creds_file is not None:
+            # Its JWT and seed, read again at each connection of ours: a file replaced since
+            # the daemon started is masked too.
+            try:
+                found += nats_credentials(s.creds_file)
+            except ConfigError as exc:
+                raise SinkUnusable(str(exc)) from None
         return found
 
     def _options(self) -> dict[str, Any]:
@@ -462,14 +474,7 @@ class NatsSink(PlainSink):
                 )
             if s.nkey_seed is not None:
                 options["nkeys_seed_str"] = s.nkey_seed.get_secret_value()
-            if s.creds_file is not None:
-                try:
-                    with s.creds_file.open("rb") as f:
-                        f.read(1)
-                except OSError as exc:
-                    raise SinkUnusable(
-                        f"sink.creds_file {s.creds_file}: cannot read it: {exc.strerror}"
-                    ) from None
+            if s.creds_file is not None:  # read by _secrets, before this, at each connection
                 options["user_credentials"] = str(s.creds_file)
         tls = self._tls_context()
         if tls is not None:

@@ -1,0 +1,190 @@
+"""sink.creds_file: the user JWT and the nkey seed it holds are secrets, masked as the other
+secrets are (found by a review: the daemon never registered them with the log redactor, so a
+server or a library quoting one showed it in a log line, an exception's text, the DLQ). A file
+that cannot be read or parsed is a configuration error naming the key and the fix, at
+check-config and before ``run`` connects, that quotes nothing of the file. (nats-py's own reader,
+which the daemon left it to, spins for ever on a file without the JWT's armour line.)"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import nkeys
+import pytest
+import structlog
+from log_capture import captured_logs
+from nats_server import NatsServer, interposed, pipe
+from operator_support import cli
+from server_process import free_port
+from support import cli as process
+
+from consumer.config import NatsSinkSettings, load_settings
+from consumer.core.evidence import describe
+from consumer.errors import SinkUnusable
+from consumer.logs import MASK, REDACTOR
+from consumer.runtime.assembly import register_secrets
+from consumer.sandbox import launcher
+from consumer.sinks.nats import NatsSink
+
+PASSWORD = "nats-Creds-Pw-5c1e-secret"  # the server's only user: a JWT login is refused
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def new_credentials() -> tuple[str, str]:
+    """A fresh (user JWT, nkey seed): a real user seed, and a JWT of the usual shape."""
+    seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER).decode()
+    header = _b64url(b'{"typ":"JWT","alg":"ed25519-nkey"}')
+    claims = _b64url(json.dumps({"jti": os.urandom(16).hex(), "nats": {"type": "user"}}).encode())
+    return f"{header}.{claims}.{_b64url(os.urandom(64))}", seed
+
+
+def creds_text(jwt: str, seed: str) -> str:
+    """A credentials file as `nsc generate creds` writes it."""
+    return (
+        f"-----BEGIN NATS USER JWT-----\n{jwt}\n------END NATS USER JWT------\n\n"
+        "************************* IMPORTANT *************************\n"
+        "NKEY Seed printed below can be used to sign and prove identity.\n"
+        "NKEYs are sensitive and should be treated as secrets.\n\n"
+        f"-----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n\n"
+        "*************************************************************\n"
+    )
+
+
+def config(tmp_path: Path, creds: Path, server: str = "") -> Path:
+    server = server or f"nats://127.0.0.1:{free_port()}"  # nothing listens there
+    path = tmp_path / "config.toml"
+    path.write_text(
+        launcher.stream_config("http://127.0.0.1:9")
+        + f'[state]\npath = "{tmp_path / "state.db"}"\n'
+        + f'[sink]\ntype = "nats"\nservers = ["{server}"]\ncreds_file = "{creds}"\n'
+        + "timeout_s = 5.0\n[metrics]\nenabled = false\n"
+    )
+    return path
+
+
+def pieces(secret: str, text: str) -> list[str]:
+    """The 12-character pieces of ``secret`` that ``text`` holds."""
+    return [secret[i : i + 12] for i in range(len(secret) - 11) if secret[i : i + 12] in text]
+
+
+def test_the_jwt_and_the_seed_are_masked_in_log_lines_and_errors(tmp_path: Path) -> None:
+    """The daemon's registration of the settings' secrets (run, preflight, dlq replay)."""
+    jwt, seed = new_credentials()
+    creds = tmp_path / "user.creds"
+    creds.write_text(creds_text(jwt, seed))
+    register_secrets(load_settings(config(tmp_path, creds)))
+    error = RuntimeError(f"signing with {seed} for {jwt} failed")
+    with captured_logs("json") as out:
+        structlog.get_logger("consumer.test").warning(
+            "quoted", jwt=jwt, seed=seed, both=[f"jwt={jwt}", {"seed": seed}], error=str(error)
+        )
+    for text in (out.getvalue(), describe(error), REDACTOR.scrub(repr(error))):
+        assert MASK in text, text
+        assert not pieces(jwt, text) and not pieces(seed, text), text
+
+
+async def test_a_server_quoting_the_jwt_it_refuses_is_masked(
+    nats_factory: Callable[..., NatsServer], tmp_path: Path
+) -> None:
+    """A server (here: a real one, its INFO and its refusal rewritten on the way) that quotes
+    the JWT the client sent: the sink's error and its log lines show none of it."""
+    server = nats_factory(users={"opera": PASSWORD})
+    jwt, seed = new_credentials()
+    creds = tmp_path / "user.creds"
+    creds.write_text(creds_text(jwt, seed))
+    sent: list[str] = []
+
+    async def from_client(
+        cr: asyncio.StreamReader, sw: asyncio.StreamWriter, _: asyncio.StreamWriter
+    ) -> None:
+        line = await cr.readline()
+        if line.startswith(b"CONNECT "):
+            sent.append(json.loads(line[len(b"CONNECT ") :]).get("jwt", ""))
+        sw.write(line)
+        await pipe(cr, sw)
+
+    async def from_server(
+        sr: asyncio.StreamReader, cw: asyncio.StreamWriter, _: asyncio.StreamWriter
+    ) -> None:
+        while line := await sr.readline():
+            if line.startswith(b"INFO "):  # a nonce, as a server taking nkeys or JWTs sends
+                info = json.loads(line[len(b"INFO ") :]) | {"nonce": "bm9uY2U"}
+                line = b"INFO " + json.dumps(info).encode() + b"\r\n"
+            if line.startswith(b"-ERR") and sent:
+                line = f"-ERR 'Authorization Violation: refused jwt {sent[-1]}'\r\n".encode()
+            cw.write(line)
+            await cw.drain()
+        cw.close()
+
+    async with interposed(server, from_client=from_client, from_server=from_server) as url:
+        settings = load_settings(config(tmp_path, creds, url)).sink
+        assert isinstance(settings, NatsSinkSettings)
+        sink = NatsSink(settings, {"main": "DEMO"})
+        with captured_logs("json") as out, pytest.raises(SinkUnusable) as caught:
+            await sink.open(None)
+    assert set(sent) == {jwt}  # what nats-py sent: the file's JWT
+    text = str(caught.value)
+    assert "refused the credentials" in text and MASK in text, text
+    for shown in (text, REDACTOR.scrub(text), out.getvalue(), repr(sink)):
+        assert not pieces(jwt, shown) and not pieces(seed, shown), shown
+
+
+BAD_FILES: dict[str, bytes | None] = {
+    "missing": None,
+    "a-directory": b"",
+    "no-jwt": b"-----BEGIN USER NKEY SEED-----\nSEED\n------END USER NKEY SEED------\n",
+    "no-seed": b"-----BEGIN NATS USER JWT-----\nJWT\n------END NATS USER JWT------\n",
+    "not-a-seed": b"-----BEGIN NATS USER JWT-----\nJWT\n------END NATS USER JWT------\n"
+    b"-----BEGIN USER NKEY SEED-----\nSUnot-a-seed-at-all\n------END USER NKEY SEED------\n",
+    "empty-jwt": b"-----BEGIN NATS USER JWT-----\n\n------END NATS USER JWT------\n"
+    b"-----BEGIN USER NKEY SEED-----\nSEED\n------END USER NKEY SEED------\n",
+    "not-utf8": b"-----BEGIN NATS USER JWT-----\n\xff\xfeJWT\n",
+    "huge": b"-----BEGIN NATS USER JWT-----\nJWT\n" + b"#" * 100_000 + b"\n"
+    b"-----BEGIN USER NKEY SEED-----\nSEED\n------END USER NKEY SEED------\n",
+}
+
+
+def bad_file(tmp_path: Path, case: str) -> tuple[Path, list[str]]:
+    """The file of ``case`` and the texts of it that no output may show."""
+    path = tmp_path / f"{case}.creds"
+    content = BAD_FILES[case]
+    jwt, seed = new_credentials()
+    if case == "a-directory":
+        path.mkdir()
+    elif content is not None:
+        path.write_bytes(content.replace(b"JWT", jwt.encode()).replace(b"SEED", seed.encode()))
+    return path, [jwt, seed]
+
+
+@pytest.mark.usefixtures("contained_logging")
+@pytest.mark.parametrize("case", list(BAD_FILES))
+async def test_check_config_refuses_a_creds_file_it_cannot_read_or_parse(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str
+) -> None:
+    path, secrets = bad_file(tmp_path, case)
+    code, out, err = await cli(capsys, "check-config", "--config", str(config(tmp_path, path)))
+    assert code == 78, (out, err)
+    assert "sink.creds_file" in err and str(path) in err and "nsc generate creds" in err, err
+    for secret in secrets:
+        assert not pieces(secret, out + err), err
+
+
+@pytest.mark.usefixtures("contained_logging")
+async def test_run_refuses_it_before_connecting(tmp_path: Path) -> None:
+    """Before: nats-py read the file at each connect, the daemon retrying for ever (a file
+    without the JWT's armour line: spinning, the event loop stuck)."""
+    path, secrets = bad_file(tmp_path, "no-seed")
+    ran = await asyncio.to_thread(process, "run", "--config", str(config(tmp_path, path)))
+    assert ran.returncode == 78, ran.stderr
+    assert "sink.creds_file" in ran.stderr and "Traceback" not in ran.stderr
+    assert not (tmp_path / "state.db").exists()  # refused before it opened anything
+    for secret in secrets:
+        assert not pieces(secret, ran.stdout + ran.stderr), ran.stderr
