@@ -33,6 +33,7 @@ import pytest
 from aiohttp import web
 from bus_events import event
 from operator_support import processed_ids
+from orchestration_support import Tokens, quick_orchestration
 from support import (
     committed,
     committed_sink_length,
@@ -57,7 +58,6 @@ from consumer.state.sqlite import SqliteStore
 pytestmark = pytest.mark.usefixtures("contained_logging")
 
 WAIT_S = 20.0
-RESOURCES = {"Reservation": "/rsv/v1/hotels/{hotelId}/reservations/{primaryKey}"}
 
 
 # --- the daemon: a part taken before a transient failure, then SIGTERM's stop ---------------
@@ -183,15 +183,7 @@ class Life:
 
     def __init__(self, tmp_path: Path, http: aiohttp.ClientSession, rest_url: str) -> None:
         settings = make_settings(tmp_path, "http://127.0.0.1:9")
-        orch = OrchestrationSettings(
-            enabled=True,
-            resources=RESOURCES,
-            base_url=rest_url,
-            coalesce_ms=0.0,
-            max_attempts=1,
-            rate_per_s=1000,
-            burst=1000,
-        )
+        orch = quick_orchestration(rest_url)
         stream = (settings.streams["main"], Tokens())
         self.orchestrator = Orchestrator(orch, http, {"main": stream, "other": stream})
         self.path = tmp_path / "events.jsonl"
@@ -235,14 +227,6 @@ class Life:
         await self.other.stop()
         await self.sink.close()
         await self.store.close()
-
-
-class Tokens:
-    async def access_token(self) -> str:
-        return "tok-partial-0000"
-
-    def invalidate(self, rejected: str | None = None) -> None:
-        pass
 
 
 def lines(path: Path) -> list[dict[str, Any]]:

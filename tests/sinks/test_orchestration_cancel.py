@@ -17,26 +17,17 @@ import aiohttp
 import pytest
 from aiohttp import web
 from bus_events import event
+from orchestration_support import Tokens, quick_orchestration
 from support import make_settings, serving_web
 
-from consumer.config import OrchestrationSettings
 from consumer.runtime.committer import Committer
 from consumer.runtime.pipeline import StreamPipeline
 from consumer.sinks.jsonl import JsonlSink
 from consumer.sinks.orchestration import OrchestratingSink, Orchestrator
 from consumer.state.sqlite import SqliteStore
 
-RESOURCES = {"Reservation": "/rsv/v1/hotels/{hotelId}/reservations/{primaryKey}"}
 WAIT_S = 20.0
 SHARED = "SHARED"  # the reservation both streams' events name: its GETs wait for release
-
-
-class Tokens:
-    async def access_token(self) -> str:
-        return "tok-cancel-0000"
-
-    def invalidate(self, rejected: str | None = None) -> None:
-        pass
 
 
 class RestApi:
@@ -76,15 +67,7 @@ async def until(condition: Callable[[], bool], what: str) -> None:
 
 def orchestrator(tmp_path: Path, http: aiohttp.ClientSession, rest_url: str) -> Orchestrator:
     settings = make_settings(tmp_path, "http://127.0.0.1:9")
-    orch = OrchestrationSettings(
-        enabled=True,
-        resources=RESOURCES,
-        base_url=rest_url,
-        coalesce_ms=0.0,  # shared while in flight only
-        max_attempts=1,
-        rate_per_s=1000,
-        burst=1000,
-    )
+    orch = quick_orchestration(rest_url)  # a GET is shared while in flight only
     stream = settings.streams["main"]
     return Orchestrator(orch, http, {"a": (stream, Tokens()), "b": (stream, Tokens())})
 

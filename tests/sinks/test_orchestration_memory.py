@@ -19,9 +19,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 from bus_events import event
+from orchestration_support import Tokens, quick_orchestration
 from support import make_settings, serving_web
 
-from consumer.config import OrchestrationSettings, WebhookSinkSettings
+from consumer.config import WebhookSinkSettings
 from consumer.core.events import Event
 from consumer.core.records import DeadLetter
 from consumer.errors import TransientSinkError
@@ -33,16 +34,7 @@ from consumer.sinks.orchestration import OrchestratingSink, Orchestrator
 from consumer.sinks.webhook import WebhookSink
 from consumer.state.sqlite import SqliteStore
 
-RESOURCES = {"Reservation": "/rsv/v1/hotels/{hotelId}/reservations/{primaryKey}"}
 WAIT_S = 60.0  # tracemalloc slows a write of 6 MiB of tiny values to 7 s on a quiet machine
-
-
-class Tokens:
-    async def access_token(self) -> str:
-        return "tok-memory-0000"
-
-    def invalidate(self, rejected: str | None = None) -> None:
-        pass
 
 
 class RestApi:
@@ -111,16 +103,7 @@ def orchestrator(
     tmp_path: Path, http: aiohttp.ClientSession, rest_url: str, **over: Any
 ) -> Orchestrator:
     settings = make_settings(tmp_path, "http://127.0.0.1:9")
-    kw: dict[str, Any] = {
-        "enabled": True,
-        "resources": RESOURCES,
-        "base_url": rest_url,
-        "coalesce_ms": 0.0,
-        "max_attempts": 1,
-        "rate_per_s": 1000,
-        "burst": 1000,
-    }
-    orch = OrchestrationSettings(**{**kw, **over})
+    orch = quick_orchestration(rest_url, **over)
     return Orchestrator(orch, http, {"main": (settings.streams["main"], Tokens())})
 
 

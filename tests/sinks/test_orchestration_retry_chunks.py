@@ -15,24 +15,15 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 from bus_events import event
+from orchestration_support import Tokens, quick_orchestration
 from support import make_settings, serving_web
 
-from consumer.config import OrchestrationSettings, WebhookSinkSettings
+from consumer.config import WebhookSinkSettings
 from consumer.runtime.committer import Committer
 from consumer.runtime.pipeline import StreamPipeline
 from consumer.sinks.orchestration import OrchestratingSink, Orchestrator
 from consumer.sinks.webhook import WebhookSink
 from consumer.state.sqlite import SqliteStore
-
-RESOURCES = {"Reservation": "/rsv/v1/hotels/{hotelId}/reservations/{primaryKey}"}
-
-
-class Tokens:
-    async def access_token(self) -> str:
-        return "tok-review-0000"
-
-    def invalidate(self, rejected: str | None = None) -> None:
-        pass
 
 
 async def test_retry_after_short_chunk_keeps_its_idempotency_key(tmp_path: Path) -> None:
@@ -72,15 +63,7 @@ async def test_retry_after_short_chunk_keeps_its_idempotency_key(tmp_path: Path)
             sink={"type": "webhook", "url": hook_url + "/hook", "timeout_s": 0.3, "batch_size": 2},
         )
         assert isinstance(settings.sink, WebhookSinkSettings)
-        orch = OrchestrationSettings(
-            enabled=True,
-            resources=RESOURCES,
-            base_url=rest_url,
-            coalesce_ms=0.0,
-            max_attempts=1,
-            rate_per_s=1000,
-            burst=1000,
-        )
+        orch = quick_orchestration(rest_url)
         sink = OrchestratingSink(
             WebhookSink(settings.sink, http),
             Orchestrator(orch, http, {"main": (settings.streams["main"], Tokens())}),
