@@ -764,10 +764,10 @@ class StreamPipeline:
         self-fence timer or the renewal says so): write nothing, as if the stream were being
         stopped, which it is once the timer runs. The events stay undone (nothing processed,
         nothing dead-lettered): whoever holds the stream next replays them. A renewal that
-        succeeds after all moves the deadline, and the write goes on."""
+        succeeds after all moves the deadline, and the write goes on. Called once the
+        deadline is seen passed."""
         past = self._past_fence
-        if past is None or not past():
-            return
+        assert past is not None
         self.writes_fenced += 1
         self._log.warning(
             "no lease renewal for self_fence_after_s: not writing to the sink (the stream "
@@ -784,7 +784,7 @@ class StreamPipeline:
         clears. What the sink takes is recorded as soon as it is known (see :class:`_Taken`):
         every event once this returns; ``taken.count`` of them when it raises."""
         _stop_if_asked()
-        if self._past_fence is not None:
+        if self._past_fence is not None and self._past_fence():
             await self._hold_while_fenced(len(events))
         started = time.perf_counter()
         taking(taken)  # the sink's word between its write's parts (took)
@@ -808,7 +808,8 @@ class StreamPipeline:
                             failed, first = first, None
                             raise failed from None
                         _stop_if_asked()
-                        if self._past_fence is not None:  # the backoff may outlast the lease
+                        # The backoff may outlast the lease.
+                        if self._past_fence is not None and self._past_fence():
                             await self._hold_while_fenced(len(events) - taken.count)
                         started = time.perf_counter()
                         taken.base = done = taken.count  # exactly the rest
