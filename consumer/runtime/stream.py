@@ -226,7 +226,8 @@ class _Frames(Assembler):
         if not queue or self.get_in_progress or not queue[0].fin:
             return None
         data = queue.popleft().data
-        self.maybe_resume()
+        if self.paused:  # maybe_resume's own test, first: a call and a len() per frame saved
+            self.maybe_resume()
         return data if type(data) is bytes else bytes(data)
 
 
