@@ -4,7 +4,9 @@ Basic credentials, percent-encoded): what the log redactor and the webhook sink 
 from __future__ import annotations
 
 import base64
+import os
 import re
+import stat
 from pathlib import Path
 from typing import Final
 from urllib.parse import quote, quote_plus, unquote, unquote_plus, urlsplit
@@ -185,12 +187,17 @@ def nats_credentials(path: Path) -> tuple[str, str]:
             "'nats-py[nkeys]' (or use sink.user and sink.password, or sink.token)"
         ) from None
     try:
-        with path.open("rb") as f:
-            data = f.read(CREDS_MAX_BYTES + 1)
+        # Non-blocking: a named pipe would wait here for a writer, the daemon stuck at load.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, "rb") as f:
+            regular = stat.S_ISREG(os.fstat(fd).st_mode)
+            data = f.read(CREDS_MAX_BYTES + 1) if regular else b""
     except OSError as exc:
         raise ConfigError(
             f"{where}: cannot read it ({exc.strerror or type(exc).__name__}) -> {_CREDS_FIX}"
         ) from None
+    if not regular:
+        raise ConfigError(f"{where}: not a regular file -> {_CREDS_FIX}")
 
     def refused(what: str) -> ConfigError:
         return ConfigError(f"{where}: {what}: not a NATS credentials file -> {_CREDS_FIX}")

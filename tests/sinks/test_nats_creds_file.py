@@ -188,3 +188,13 @@ async def test_run_refuses_it_before_connecting(tmp_path: Path) -> None:
     assert not (tmp_path / "state.db").exists()  # refused before it opened anything
     for secret in secrets:
         assert not pieces(secret, ran.stdout + ran.stderr), ran.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes on this platform")
+async def test_a_named_pipe_is_refused_without_waiting_for_a_writer(tmp_path: Path) -> None:
+    """Before: opening a FIFO waited for a writer, and check-config (or run) hung at load."""
+    path = tmp_path / "pipe.creds"
+    os.mkfifo(path)
+    ran = await asyncio.to_thread(process, "check-config", "--config", str(config(tmp_path, path)))
+    assert ran.returncode == 78, ran.stderr
+    assert "sink.creds_file" in ran.stderr and "not a regular file" in ran.stderr, ran.stderr
