@@ -90,11 +90,12 @@ class LeaseHeld(OperaConsumerError):
 
 
 class Fenced(OperaConsumerError):
-    """A fleet commit refused: another member holds these streams' leases now (a newer
-    epoch), so this member's work on them since its last commit must not become durable."""
+    """A fleet commit (or ``what`` else: an anchor) refused: another member holds these
+    streams' leases now (a newer epoch), so this member's work on them since its last commit
+    must not become durable."""
 
-    def __init__(self, streams: frozenset[str]) -> None:
-        super().__init__(f"lease lost for {', '.join(sorted(streams))}: commit refused")
+    def __init__(self, streams: frozenset[str], what: str = "commit") -> None:
+        super().__init__(f"lease lost for {', '.join(sorted(streams))}: {what} refused")
         self.streams = streams
 
 

@@ -922,7 +922,9 @@ class PostgresStore:
             )
         return {str(r["stream"]): int(r["epoch"]) for r in rows}
 
-    async def _check_fence(self, db: Any, fence: Fence, streams: set[str]) -> None:
+    async def _check_fence(
+        self, db: Any, fence: Fence, streams: set[str], what: str = "commit"
+    ) -> None:
         """Fleet mode: raise :class:`Fenced` (rolling the transaction back) unless this member
         holds every stream's lease at its epoch. ``FOR KEY SHARE`` locks the lease rows until
         this transaction ends: a takeover (``FOR UPDATE SKIP LOCKED``) skips a row so locked
@@ -948,14 +950,14 @@ class PostgresStore:
         }
         lost = frozenset(streams - held)
         if lost:
-            raise Fenced(lost)
+            raise Fenced(lost, what)
 
     @_translated("anchoring a checkpoint")
     async def anchor(self, stream: str, position: Position, fence: Fence | None = None) -> None:
         s = self._s
         async with self._pool.acquire(timeout=self._timeout) as db, db.transaction():
             if fence is not None:
-                await self._check_fence(db, fence, {stream})
+                await self._check_fence(db, fence, {stream}, "anchor")
             # After an operator's reset the stream has a checkpoint row, which the first
             # event of the new session replaces.
             reset = await db.execute(f"DELETE FROM {s}.start_overrides WHERE stream = $1", stream)

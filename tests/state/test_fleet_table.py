@@ -672,6 +672,20 @@ async def test_a_commit_with_a_stale_fence_writes_nothing(env: Env) -> None:
     assert cp is not None and cp.offset == "000003"
 
 
+async def test_a_refusal_says_whether_a_commit_or_an_anchor_was_refused(env: Env) -> None:
+    a = env.member("a")
+    await a.join(["s"], T)
+    [got] = await a.acquire(["s"], T)
+    stale = Fence("a", {"s": got.epoch - 1})
+    with pytest.raises(Fenced) as caught:
+        await env.store.anchor("s", pos("s", 1), stale)
+    assert str(caught.value) == "lease lost for s: anchor refused"
+    with pytest.raises(Fenced) as caught:
+        await env.store.commit(batch_for("s", 1, stale))
+    assert str(caught.value) == "lease lost for s: commit refused"
+    assert await env.store.checkpoint("s") is None
+
+
 @pytest.mark.parametrize("made_by", ["member", "operator"])
 async def test_a_lease_row_made_again_fences_whoever_held_the_row_before(
     env: Env, made_by: str
