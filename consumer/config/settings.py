@@ -49,7 +49,15 @@ from ..core.printable import printable
 from ..core.protocol import SubscribeInput
 from ..core.rotation import PatternError, Rotation, check_pattern, default_pattern, distinguishes
 from ..core.subscribe_timing import SUBSCRIBE_MARGIN_S
-from ..core.templates import Template, TemplateError, check_key, check_stream_name, check_subject
+from ..core.templates import (
+    Template,
+    TemplateError,
+    always_ends_as_guard,
+    check_key,
+    check_stream_name,
+    check_subject,
+    key_token,
+)
 from ..errors import ConfigError, InvalidInput
 from ..pg_target import UNPARSABLE, UNPARSABLE_FIX, Target
 from .extras import missing_extras
@@ -1939,6 +1947,29 @@ class Settings(BaseSettings):
         ]
         if problems:
             raise Problem(*problems)
+        return self
+
+    @model_validator(mode="after")
+    def _redis_keys_apart_from_guards(self) -> Settings:
+        """A stream key whose text ends otherwise may, with a stream's chain code or name (the
+        same for all its events), end as a guard key does for every event: each would be
+        refused and dead-lettered, the stream's whole output in the DLQ."""
+        sink = self.sink
+        if not isinstance(sink, RedisSinkSettings):
+            return self
+        template = Template(sink.stream_key)
+        for name, stream in self.streams.items():
+            constants = {"chainCode": key_token(stream.chain_code), "stream": key_token(name)}
+            if always_ends_as_guard(template, constants):
+                raise Problem(
+                    (
+                        "sink.stream_key",
+                        f"with stream {name}'s chain code and name every key ends as a guard "
+                        "key does (':guard:' and an id): every event would be refused as "
+                        "another event's guard and dead-lettered",
+                        'end it otherwise, e.g. "opera:{{{chainCode}}}:{hotelId}"',
+                    )
+                )
         return self
 
     @model_validator(mode="after")

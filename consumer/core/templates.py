@@ -176,6 +176,14 @@ def check_stream_name(name: str) -> None:
 
 # --- Redis ----------------------------------------------------------------------------------
 
+
+def key_token(value: str | None) -> str:
+    """A token's value as it goes into a Redis key: whitespace, control characters and braces
+    become ``_`` (no value can add or move a hash tag); empty or missing is ``_``; longer than
+    TOKEN_MAX_CHARS, it is cut and ends with a hash of the whole (two values stay apart)."""
+    return sanitise(value, KEY_UNSAFE, hash_raw=False)
+
+
 # The Redis sink's guard keys (consumer/sinks/redis.py): a stream key K with a hash tag guards
 # event U as ``K:guard:U``, U as it is when it is made of GUARD_ID's characters, else ``~`` and
 # its SHA-256. A stream key (with a hash tag) never ends so: :func:`ends_as_guard`.
@@ -189,6 +197,19 @@ def ends_as_guard(key: str) -> bool:
     what follows holds no ``:``.)"""
     _, separator, last = key.rpartition(":guard:")
     return bool(separator) and _GUARD_END.fullmatch(last) is not None
+
+
+def always_ends_as_guard(template: Template, constants: Mapping[str, str]) -> bool:
+    """Whether every key of ``template`` (with a hash tag) ends as a guard key does, whatever
+    the event: its text after the last event token, with the stream's own tokens
+    (``constants``, as they go into a key), holds a ``:guard:`` and ends as a guard does. (The
+    key's last ``:guard:`` is then that text's: one begun before it would begin earlier.)"""
+    if hash_tag(template.sample()) is None:
+        return False
+    parts = template.parts
+    last = max((i for i, (_, f) in enumerate(parts) if f in EVENT_TOKENS), default=-1)
+    tail = "".join(lit + (constants[f] if f is not None else "") for lit, f in parts[last + 1 :])
+    return ends_as_guard(tail)
 
 
 def hash_tag(key: str) -> str | None:

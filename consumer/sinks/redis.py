@@ -156,7 +156,6 @@ from ..core.evidence import masked, prefix
 from ..core.templates import (
     EVENT_TOKENS,
     GUARD_ID,
-    KEY_UNSAFE,
     TOKEN_MAX_CHARS,  # noqa: F401  # re-exported: the sink's token limit
     TOKENS,
     Template,
@@ -164,7 +163,7 @@ from ..core.templates import (
     check_key,
     ends_as_guard,
     hash_tag,
-    sanitise,
+    key_token,
 )
 from ..errors import ConfigError, PermanentSinkError, SinkError, SinkUnusable, TransientSinkError
 from ..logs import RateLimitedLogger
@@ -368,12 +367,8 @@ def maxlen_risk(maxlen: int | None) -> str | None:
     )
 
 
-@functools.lru_cache(maxsize=4096)  # few distinct values (hotels, event names), many events
-def token_value(value: str | None) -> str:
-    """A token's value as it goes into a key: whitespace, control characters and braces
-    become ``_`` (no value can add or move a hash tag); empty or missing is ``_``; longer than
-    TOKEN_MAX_CHARS, it is cut and ends with a hash of the whole (two values stay apart)."""
-    return sanitise(value, KEY_UNSAFE, hash_raw=False)
+# Few distinct values (hotels, event names), many events.
+token_value: Final = functools.lru_cache(maxsize=4096)(key_token)
 
 
 def guard_key(stream_key: str, unique_event_id: str) -> str:

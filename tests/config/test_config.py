@@ -733,6 +733,43 @@ def test_good_sink_destinations_load(tmp_path: Path) -> None:
     assert load_settings(write(tmp_path, BASE + f"[sink]\n{redis}\n")).sink.type == "redis"
 
 
+# chain_code "rd", stream "main": "gua" + "rd" completes ":guard:" for this stream alone.
+_GUARD_BASE = BASE.replace('chain_code = "CHAIN1"', 'chain_code = "rd"')
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "opera:{{{stream}}}:gua{chainCode}:x",  # opera:{main}:guard:x
+        "opera:{{t}}:{hotelId}:gua{chainCode}:x",  # ...:<hotel>:guard:x, whatever the hotel
+        "{{t}}:{eventName}:gu{chainCode}:{hotelId}:x:gua{chainCode}:{stream}",
+    ],
+)
+def test_a_stream_key_whose_every_key_ends_as_a_guard_for_a_stream_is_refused(
+    tmp_path: Path, key: str
+) -> None:
+    """The template's own text ends otherwise; with the stream's chain code (a constant),
+    every key ends as a guard key does: every event would be dead-lettered."""
+    sink = f'[sink]\ntype = "redis"\nstream_key = "{key}"\n'
+    message = config_error(write(tmp_path, _GUARD_BASE + sink))
+    assert "sink.stream_key" in message and "stream main" in message, message
+    assert "every event" in message and "guard" in message, message
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "opera:{{t}}:gua{chainCode}:{hotelId}",  # the hotel decides, per event
+        "opera:{{t}}:{hotelId}:gua{chainCode}",  # ...:guard, no id after it
+        "opera:gua{chainCode}:x",  # no hash tag: guards end otherwise
+        "opera:{{t}}:{hotelId}:gua{chainCode}:x:y",
+    ],
+)
+def test_a_stream_key_ending_otherwise_for_the_stream_loads(tmp_path: Path, key: str) -> None:
+    sink = f'[sink]\ntype = "redis"\nstream_key = "{key}"\n'
+    assert load_settings(write(tmp_path, _GUARD_BASE + sink)).sink.type == "redis"
+
+
 def test_a_redis_guard_lifetime_redis_cannot_express_is_refused(tmp_path: Path) -> None:
     """PX 1e20 is past Redis's 64-bit integers: the SET after the XADD would fail in the
     script, and each retry add the event once more."""
