@@ -12,6 +12,7 @@ from __future__ import annotations
 from .fields import is_loopback, mask_url
 from .loading import DEFAULT_CONFIG_PATHS, effective, explain, find_config, load_settings
 from .secrets import (
+    NatsCredentials,
     nats_credentials,
     query_secret_values,
     secret_values,
@@ -56,6 +57,7 @@ __all__ = [
     "JsonlSinkSettings",
     "LogSettings",
     "MetricsSettings",
+    "NatsCredentials",
     "NatsSinkSettings",
     "OrchestrationSettings",
     "PipelineSettings",

@@ -7,6 +7,7 @@ import base64
 import os
 import re
 import stat
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 from urllib.parse import quote, quote_plus, unquote, unquote_plus, urlsplit
@@ -171,9 +172,19 @@ _CREDS_FIX: Final = (
 )
 
 
-def nats_credentials(path: Path) -> tuple[str, str]:
+@dataclass(frozen=True, slots=True)
+class NatsCredentials:
+    """A NATS credentials file as read once: its ``text`` (what nats-py is given, so that it
+    never reads the file again itself) and the user JWT and nkey seed in it (to mask)."""
+
+    jwt: str = field(repr=False)
+    seed: str = field(repr=False)
+    text: str = field(repr=False)
+
+
+def nats_credentials(path: Path) -> NatsCredentials:
     """The user JWT and the nkey seed of a NATS credentials file, read by nats-py's own reader
-    (the one it reads the file with at each connection: what it sends and signs with is what
+    (the one it reads the text with at each connection: what it sends and signs with is what
     we mask). :class:`ConfigError` naming sink.creds_file and the fix when the file cannot be
     read, or nats-py could not use it; never quoting the file."""
     from nats.aio.client import Client, RawCredentials  # noqa: PLC0415  # the nats sink's
@@ -227,7 +238,7 @@ def nats_credentials(path: Path) -> tuple[str, str]:
         nkeys.from_seed(bytearray(seed.encode())).wipe()
     except Exception:  # nkeys' or PyNaCl's: either way not a seed
         raise refused("its nkey seed is not one nats-py can sign with") from None
-    return jwt, seed
+    return NatsCredentials(jwt, seed, text)
 
 
 def _unique(values: list[str]) -> list[str]:
@@ -283,8 +294,8 @@ def secret_values(settings: Settings) -> list[str]:
             if given is not None:
                 values += _password_forms(given.get_secret_value())
         if sink.creds_file is not None:  # its user JWT and nkey seed
-            for secret in nats_credentials(sink.creds_file):
-                values += _password_forms(secret)
+            creds = nats_credentials(sink.creds_file)
+            values += _password_forms(creds.jwt) + _password_forms(creds.seed)
         for server in sink.servers:
             values += url_secret_values(server)
     elif isinstance(sink, RedisSinkSettings):

@@ -85,7 +85,7 @@ import nats.errors
 import nats.js.errors
 import orjson
 import structlog
-from nats.aio.client import Client
+from nats.aio.client import Client, RawCredentials
 from nats.js import JetStreamContext
 from nats.js.api import (
     DiscardPolicy,
@@ -98,7 +98,7 @@ from nats.js.api import (
 )
 from nats.protocol.parser import AWAITING_CONTROL_LINE, AWAITING_MSG_PAYLOAD, Parser
 
-from ..config import NatsSinkSettings, nats_credentials, url_secret_values
+from ..config import NatsCredentials, NatsSinkSettings, nats_credentials, url_secret_values
 from ..core.events import Event, header_id
 from ..core.evidence import describe, prefix, shown
 from ..core.printable import printable
@@ -397,6 +397,7 @@ class NatsSink(PlainSink):
         self.where = where(settings.servers)
         self.template = check_settings(settings)
         self._url_credentials = url_credentials(settings)  # (the same as the fields, if any)
+        self._creds: NatsCredentials | None = None  # read at each connection of ours
         self._timeout = settings.timeout_s
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
@@ -429,9 +430,10 @@ class NatsSink(PlainSink):
             # Its JWT and seed, read again at each connection of ours: a file replaced since
             # the daemon started is masked too.
             try:
-                found += nats_credentials(s.creds_file)
+                self._creds = nats_credentials(s.creds_file)
             except ConfigError as exc:
                 raise SinkUnusable(str(exc)) from None
+            found += [self._creds.jwt, self._creds.seed]
         return found
 
     def _options(self) -> dict[str, Any]:
@@ -474,8 +476,11 @@ class NatsSink(PlainSink):
                 )
             if s.nkey_seed is not None:
                 options["nkeys_seed_str"] = s.nkey_seed.get_secret_value()
-            if s.creds_file is not None:  # read by _secrets, before this, at each connection
-                options["user_credentials"] = str(s.creds_file)
+            if self._creds is not None:  # read by _secrets, before this, at each connection
+                # Its text, not its path: nats-py would read the file again at each of its own
+                # reconnects (in the event loop: a named pipe swapped in would block it), and
+                # send secrets that are not masked.
+                options["user_credentials"] = RawCredentials(self._creds.text)
         tls = self._tls_context()
         if tls is not None:
             options["tls"] = tls

@@ -198,3 +198,47 @@ async def test_a_named_pipe_is_refused_without_waiting_for_a_writer(tmp_path: Pa
     ran = await asyncio.to_thread(process, "check-config", "--config", str(config(tmp_path, path)))
     assert ran.returncode == 78, ran.stderr
     assert "sink.creds_file" in ran.stderr and "not a regular file" in ran.stderr, ran.stderr
+
+
+async def test_the_credentials_sent_are_those_read_and_masked(
+    nats_factory: Callable[..., NatsServer], tmp_path: Path
+) -> None:
+    """The file is replaced between the sink's read (whose JWT and seed it masks) and the
+    CONNECT: nats-py sends what the sink read. Before, nats-py opened the path again itself
+    (at each connection, its own reconnects too): unmasked secrets, and a named pipe swapped
+    in would have blocked the event loop."""
+    server = nats_factory(users={"opera": PASSWORD})
+    jwt, seed = new_credentials()
+    later, _ = new_credentials()
+    creds = tmp_path / "user.creds"
+    creds.write_text(creds_text(jwt, seed))
+    sent: list[str] = []
+
+    async def from_client(
+        cr: asyncio.StreamReader, sw: asyncio.StreamWriter, _: asyncio.StreamWriter
+    ) -> None:
+        line = await cr.readline()
+        if line.startswith(b"CONNECT "):
+            sent.append(json.loads(line[len(b"CONNECT ") :]).get("jwt", ""))
+        sw.write(line)
+        await pipe(cr, sw)
+
+    async def from_server(
+        sr: asyncio.StreamReader, cw: asyncio.StreamWriter, _: asyncio.StreamWriter
+    ) -> None:
+        while line := await sr.readline():
+            if line.startswith(b"INFO "):  # the sink has read the file: replace it now
+                creds.write_text(creds_text(later, seed))
+                info = json.loads(line[len(b"INFO ") :]) | {"nonce": "bm9uY2U"}
+                line = b"INFO " + json.dumps(info).encode() + b"\r\n"
+            cw.write(line)
+            await cw.drain()
+        cw.close()
+
+    async with interposed(server, from_client=from_client, from_server=from_server) as url:
+        settings = load_settings(config(tmp_path, creds, url)).sink
+        assert isinstance(settings, NatsSinkSettings)
+        sink = NatsSink(settings, {"main": "DEMO"})
+        with pytest.raises(SinkUnusable):  # the server takes no JWT
+            await sink.open(None)
+    assert sent == [jwt]
