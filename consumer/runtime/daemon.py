@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures.thread  # noqa: F401  (see below)
 import contextlib
+import functools
 import gc
 import os
 import signal
@@ -264,8 +265,11 @@ class Daemon:
             # never all loaded: a DLQ of a million would be a GB here.
             park_key=stream.on_permanent_failure == "park-key",
             event_filter=self._filter,
-            # No write past the self-fence deadline (a process paused past its leases).
-            past_fence=None if self.fleet is None else self.fleet.past_fence,
+            # No write past the self-fence deadline (a process paused past its leases), nor
+            # once the stream is found lost.
+            past_fence=(
+                None if self.fleet is None else functools.partial(self.fleet.past_fence, name)
+            ),
         )
         if self.metrics is not None:
             pipeline.on_write = self.metrics.observer(name)

@@ -192,12 +192,16 @@ class Fleet:
     def leases_held(self) -> int:
         return len(self.epochs)
 
-    def past_fence(self) -> bool:
-        """Whether this member is past its self-fence deadline: no renewal for
-        ``self_fence_after_s`` since the start of its last good one (monotonic clock), so its
-        leases may be another member's. The timer stops every stream then, but a process
-        paused past the deadline (SIGSTOP, a VM freeze) may run its workers first: each asks
-        this before a sink write (cheap: once per batch)."""
+    def past_fence(self, stream: str) -> bool:
+        """Whether ``stream``'s lease may be another member's: found lost (a renewal that left
+        it out, a refused commit; its stop is under way), or this member past its self-fence
+        deadline (no renewal for ``self_fence_after_s`` since the start of its last good one,
+        monotonic clock). The stop or the timer ends the stream's workers, but not at once: a
+        process paused past the deadline (SIGSTOP, a VM freeze) may run them first, and the
+        renewal that finds the stream lost also moves the deadline (a worker held for it would
+        write in between). Each asks this before a sink write (cheap: once per batch)."""
+        if self._moving.get(stream, False):
+            return True
         since = self._renewed_at
         return since is not None and time.monotonic() - since >= self._fence_after
 

@@ -198,8 +198,9 @@ class StreamPipeline:
         """``park_key``: a resource with dead letters holds its later events back (the store
         asked per batch: :class:`ParkedKeys`). ``event_filter``: the events
         it filters out are done without reaching the sink (see :meth:`_drop_filtered`).
-        ``past_fence``: a fleet member's :meth:`~consumer.runtime.fleet.Fleet.past_fence`,
-        asked before each sink write (see :meth:`_hold_while_fenced`); None outside a fleet."""
+        ``past_fence``: a fleet member's :meth:`~consumer.runtime.fleet.Fleet.past_fence`
+        for this stream, asked before each sink write (see :meth:`_hold_while_fenced`); None
+        outside a fleet."""
         self.stream = stream
         self._sink = sink
         self._committer = committer
@@ -764,14 +765,15 @@ class StreamPipeline:
         self-fence timer or the renewal says so): write nothing, as if the stream were being
         stopped, which it is once the timer runs. The events stay undone (nothing processed,
         nothing dead-lettered): whoever holds the stream next replays them. A renewal that
-        succeeds after all moves the deadline, and the write goes on. Called once the
-        deadline is seen passed."""
+        succeeds after all moves the deadline, and the write goes on, unless it found this
+        stream lost (then held till its stop). Called once the deadline is seen passed."""
         past = self._past_fence
         assert past is not None
         self.writes_fenced += 1
         self._log.warning(
-            "no lease renewal for self_fence_after_s: not writing to the sink (the stream "
-            "stops; whoever holds it next replays these events)",
+            "the stream's lease may be another member's (no renewal for self_fence_after_s, "
+            "or found taken): not writing to the sink (the stream stops; whoever holds it "
+            "next replays these events)",
             stream=self.stream,
             events=events,
         )

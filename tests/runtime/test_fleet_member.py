@@ -8,6 +8,7 @@ them; every wait is for a positive condition, and what is asserted is an order o
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -278,7 +279,8 @@ async def test_no_sink_write_once_a_member_that_cannot_renew_is_past_its_self_fe
     env.run(fleet)
     await wait_until(lambda: env.count("started") == 2)
     sink = JsonlSink(tmp_path / "events.jsonl", fsync=False)
-    async with harness(tmp_path, sink, workers=1, past_fence=fleet.past_fence) as (
+    past = functools.partial(fleet.past_fence, "a")  # the deadline: the member's, every stream's
+    async with harness(tmp_path, sink, workers=1, past_fence=past) as (
         _,
         committer,
         pipeline,
@@ -296,7 +298,7 @@ async def test_no_sink_write_once_a_member_that_cannot_renew_is_past_its_self_fe
 
         fleet.table.tick = held  # type: ignore[method-assign]
         try:
-            await wait_until(fleet.past_fence, timeout=3 * TTL_S)
+            await wait_until(past, timeout=3 * TTL_S)
             for i in range(5, 10):
                 await pipeline.put(ev(i))
             await wait_until(lambda: pipeline.writes_fenced == 1, timeout=TTL_S)
