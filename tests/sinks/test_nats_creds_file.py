@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import nkeys
@@ -91,15 +92,13 @@ def test_the_jwt_and_the_seed_are_masked_in_log_lines_and_errors(tmp_path: Path)
         assert not pieces(jwt, text) and not pieces(seed, text), text
 
 
-async def test_a_server_quoting_the_jwt_it_refuses_is_masked(
-    nats_factory: Callable[..., NatsServer], tmp_path: Path
-) -> None:
-    """A server (here: a real one, its INFO and its refusal rewritten on the way) that quotes
-    the JWT the client sent: the sink's error and its log lines show none of it."""
-    server = nats_factory(users={"opera": PASSWORD})
-    jwt, seed = new_credentials()
-    creds = tmp_path / "user.creds"
-    creds.write_text(creds_text(jwt, seed))
+@contextlib.asynccontextmanager
+async def recording_jwts(
+    server: NatsServer, *, on_info: Callable[[], None] = lambda: None, quote: bool = False
+) -> AsyncIterator[tuple[str, list[str]]]:
+    """A proxy in front of ``server`` (its URL) recording the JWT of each CONNECT (the list).
+    Its INFO gets a nonce, as a server taking nkeys or JWTs sends, after ``on_info`` is
+    called; with ``quote`` its refusal quotes the JWT sent."""
     sent: list[str] = []
 
     async def from_client(
@@ -115,16 +114,30 @@ async def test_a_server_quoting_the_jwt_it_refuses_is_masked(
         sr: asyncio.StreamReader, cw: asyncio.StreamWriter, _: asyncio.StreamWriter
     ) -> None:
         while line := await sr.readline():
-            if line.startswith(b"INFO "):  # a nonce, as a server taking nkeys or JWTs sends
+            if line.startswith(b"INFO "):
+                on_info()
                 info = json.loads(line[len(b"INFO ") :]) | {"nonce": "bm9uY2U"}
                 line = b"INFO " + json.dumps(info).encode() + b"\r\n"
-            if line.startswith(b"-ERR") and sent:
+            if quote and line.startswith(b"-ERR") and sent:
                 line = f"-ERR 'Authorization Violation: refused jwt {sent[-1]}'\r\n".encode()
             cw.write(line)
             await cw.drain()
         cw.close()
 
     async with interposed(server, from_client=from_client, from_server=from_server) as url:
+        yield url, sent
+
+
+async def test_a_server_quoting_the_jwt_it_refuses_is_masked(
+    nats_factory: Callable[..., NatsServer], tmp_path: Path
+) -> None:
+    """A server (here: a real one, its INFO and its refusal rewritten on the way) that quotes
+    the JWT the client sent: the sink's error and its log lines show none of it."""
+    server = nats_factory(users={"opera": PASSWORD})
+    jwt, seed = new_credentials()
+    creds = tmp_path / "user.creds"
+    creds.write_text(creds_text(jwt, seed))
+    async with recording_jwts(server, quote=True) as (url, sent):
         settings = load_settings(config(tmp_path, creds, url)).sink
         assert isinstance(settings, NatsSinkSettings)
         sink = NatsSink(settings, {"main": "DEMO"})
@@ -212,30 +225,11 @@ async def test_the_credentials_sent_are_those_read_and_masked(
     later, _ = new_credentials()
     creds = tmp_path / "user.creds"
     creds.write_text(creds_text(jwt, seed))
-    sent: list[str] = []
 
-    async def from_client(
-        cr: asyncio.StreamReader, sw: asyncio.StreamWriter, _: asyncio.StreamWriter
-    ) -> None:
-        line = await cr.readline()
-        if line.startswith(b"CONNECT "):
-            sent.append(json.loads(line[len(b"CONNECT ") :]).get("jwt", ""))
-        sw.write(line)
-        await pipe(cr, sw)
+    def replace() -> None:  # the sink has read the file: replaced before nats-py answers INFO
+        creds.write_text(creds_text(later, seed))
 
-    async def from_server(
-        sr: asyncio.StreamReader, cw: asyncio.StreamWriter, _: asyncio.StreamWriter
-    ) -> None:
-        while line := await sr.readline():
-            if line.startswith(b"INFO "):  # the sink has read the file: replace it now
-                creds.write_text(creds_text(later, seed))
-                info = json.loads(line[len(b"INFO ") :]) | {"nonce": "bm9uY2U"}
-                line = b"INFO " + json.dumps(info).encode() + b"\r\n"
-            cw.write(line)
-            await cw.drain()
-        cw.close()
-
-    async with interposed(server, from_client=from_client, from_server=from_server) as url:
+    async with recording_jwts(server, on_info=replace) as (url, sent):
         settings = load_settings(config(tmp_path, creds, url)).sink
         assert isinstance(settings, NatsSinkSettings)
         sink = NatsSink(settings, {"main": "DEMO"})
