@@ -183,10 +183,10 @@ class NatsCredentials:
 
 
 def nats_credentials(path: Path) -> NatsCredentials:
-    """The user JWT and the nkey seed of a NATS credentials file, read by nats-py's own reader
-    (the one it reads the text with at each connection: what it sends and signs with is what
-    we mask). :class:`ConfigError` naming sink.creds_file and the fix when the file cannot be
-    read, or nats-py could not use it; never quoting the file."""
+    """A NATS credentials file read once: its text, and the user JWT and nkey seed in it as
+    nats-py's own reader finds them (what it sends and signs with is what we mask).
+    :class:`ConfigError` naming sink.creds_file and the fix when the file cannot be read, or
+    nats-py could not use it; never quoting the file."""
     from nats.aio.client import Client, RawCredentials  # noqa: PLC0415  # the nats sink's
 
     where = f"sink.creds_file {path}"
