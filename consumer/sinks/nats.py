@@ -397,7 +397,6 @@ class NatsSink(PlainSink):
         self.where = where(settings.servers)
         self.template = check_settings(settings)
         self._url_credentials = url_credentials(settings)  # (the same as the fields, if any)
-        self._creds: NatsCredentials | None = None  # read at each connection of ours
         self._timeout = settings.timeout_s
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
@@ -418,7 +417,18 @@ class NatsSink(PlainSink):
 
     # --- connecting -----------------------------------------------------------------------
 
-    def _secrets(self) -> list[str]:
+    def _credentials(self) -> NatsCredentials | None:
+        """The credentials file, read at each connection of ours (a file replaced since the
+        daemon started is masked too); None without one."""
+        s = self.settings
+        if s.creds_file is None:
+            return None
+        try:
+            return nats_credentials(s.creds_file)
+        except ConfigError as exc:
+            raise SinkUnusable(str(exc)) from None
+
+    def _secrets(self, creds: NatsCredentials | None = None) -> list[str]:
         s = self.settings
         found = [v.get_secret_value() for v in (s.password, s.token, s.nkey_seed) if v is not None]
         for server in s.servers:
@@ -426,18 +436,13 @@ class NatsSink(PlainSink):
         if self._url_credentials is not None:  # decoded, as they are sent
             name, password = self._url_credentials
             found.append(password if password is not None else name)
-        if s.creds_file is not None:
-            # Its JWT and seed, read again at each connection of ours: a file replaced since
-            # the daemon started is masked too.
-            try:
-                self._creds = nats_credentials(s.creds_file)
-            except ConfigError as exc:
-                raise SinkUnusable(str(exc)) from None
-            found += [self._creds.jwt, self._creds.seed]
+        if creds is not None:
+            found += [creds.jwt, creds.seed]
         return found
 
-    def _options(self) -> dict[str, Any]:
-        """nats-py's connect options (auth, TLS, timers), checking the files they name."""
+    def _options(self, creds: NatsCredentials | None = None) -> dict[str, Any]:
+        """nats-py's connect options (auth, TLS, timers), checking the files they name;
+        ``creds``: the credentials file as :meth:`_credentials` read it for this connection."""
         s = self.settings
         options: dict[str, Any] = {
             # Without user information: nats-py would send it to that URL only (see
@@ -476,11 +481,11 @@ class NatsSink(PlainSink):
                 )
             if s.nkey_seed is not None:
                 options["nkeys_seed_str"] = s.nkey_seed.get_secret_value()
-            if self._creds is not None:  # read by _secrets, before this, at each connection
+            if creds is not None:
                 # Its text, not its path: nats-py would read the file again at each of its own
                 # reconnects (in the event loop: a named pipe swapped in would block it), and
                 # send secrets that are not masked.
-                options["user_credentials"] = RawCredentials(self._creds.text)
+                options["user_credentials"] = RawCredentials(creds.text)
         tls = self._tls_context()
         if tls is not None:
             options["tls"] = tls
@@ -517,8 +522,9 @@ class NatsSink(PlainSink):
     async def _connect(self) -> Client:
         """A new connection, or: :class:`SinkUnusable` when the server refuses our
         credentials, :class:`TransientSinkError` when none answers within ``timeout_s``."""
-        REDACTOR.add(*self._secrets())
-        options = self._options()
+        creds = self._credentials()  # once: what is masked is what nats-py is given
+        REDACTOR.add(*self._secrets(creds))
+        options = self._options(creds)
         nc = Client()
         nc._ps = _BoundedParser(nc, self._on_garbled)  # nats-py's, no public way
         self._garbled = None
