@@ -198,11 +198,16 @@ def nats_credentials(path: Path) -> NatsCredentials:
             "'nats-py[nkeys]' (or use sink.user and sink.password, or sink.token)"
         ) from None
     try:
-        # Non-blocking: a named pipe would wait here for a writer, the daemon stuck at load.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        with open(fd, "rb") as f:
-            regular = stat.S_ISREG(os.fstat(fd).st_mode)
-            data = f.read(CREDS_MAX_BYTES + 1) if regular else b""
+        # Looked at before it is opened: opening a device node can act (a tape rewinds, a
+        # terminal becomes ours). Then opened non-blocking (a named pipe swapped in meanwhile
+        # would wait for a writer, the daemon stuck at load) and looked at again, through the
+        # descriptor read.
+        regular = stat.S_ISREG(os.stat(path).st_mode)
+        if regular:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            with open(fd, "rb") as f:
+                regular = stat.S_ISREG(os.fstat(fd).st_mode)
+                data = f.read(CREDS_MAX_BYTES + 1) if regular else b""
     except OSError as exc:
         raise ConfigError(
             f"{where}: cannot read it ({exc.strerror or type(exc).__name__}) -> {_CREDS_FIX}"

@@ -25,8 +25,9 @@ from server_process import free_port
 from support import cli as process
 
 from consumer.config import NatsSinkSettings, load_settings
+from consumer.config.secrets import nats_credentials
 from consumer.core.evidence import describe
-from consumer.errors import SinkUnusable
+from consumer.errors import ConfigError, SinkUnusable
 from consumer.logs import MASK, REDACTOR
 from consumer.runtime.assembly import register_secrets
 from consumer.sandbox import launcher
@@ -211,6 +212,26 @@ async def test_a_named_pipe_is_refused_without_waiting_for_a_writer(tmp_path: Pa
     ran = await asyncio.to_thread(process, "check-config", "--config", str(config(tmp_path, path)))
     assert ran.returncode == 78, ran.stderr
     assert "sink.creds_file" in ran.stderr and "not a regular file" in ran.stderr, ran.stderr
+
+
+def test_a_file_that_is_not_regular_is_never_opened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Refused on what the path is, before any open: opening a device node can act (a tape
+    rewinds, a terminal is taken). Before, the path was opened first, then refused."""
+    path = tmp_path / "pipe.creds"
+    os.mkfifo(path)
+    opened: list[str] = []
+    real_open = os.open
+
+    def recording_open(name: str | os.PathLike[str], *args: int, **kwargs: int) -> int:
+        opened.append(os.fspath(name))
+        return real_open(name, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", recording_open)
+    with pytest.raises(ConfigError, match="not a regular file"):
+        nats_credentials(path)
+    assert str(path) not in opened
 
 
 async def test_the_credentials_sent_are_those_read_and_masked(
