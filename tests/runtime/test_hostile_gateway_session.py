@@ -29,9 +29,9 @@ from websockets.typing import Subprotocol
 
 from consumer.config import Settings
 from consumer.config.settings import stop_budget
+from consumer.runtime.connection import CLOSE_WRITE_S, UNWRITTEN_MAX, Connection
 from consumer.runtime.daemon import Daemon
 from consumer.runtime.origin import NoRedirects
-from consumer.runtime.stream import CLOSE_WRITE_S, UNWRITTEN_MAX, _Connection
 from consumer.sandbox import SandboxOptions
 
 
@@ -376,7 +376,7 @@ async def test_a_cancelled_session_does_not_wait_to_write_its_close_frame() -> N
             compression=None,
             ping_interval=None,
             close_timeout=30,
-            create_connection=_Connection,
+            create_connection=Connection,
         ) as ws:
             sock = ws.transport.get_extra_info("socket")
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # small_send_buffer

@@ -18,7 +18,7 @@ from test_hostile_gateway_session import ScriptedGateway, event_frame, token_aut
 from websockets.asyncio.server import ServerConnection
 from websockets.frames import Frame, Opcode
 
-from consumer.runtime.stream import _Frames
+from consumer.runtime.connection import Frames
 
 FRAGMENTS = 20_000  # of one message, well past websockets' 4,096
 
@@ -56,7 +56,7 @@ async def test_a_read_of_a_fragmented_message_cancelled_midway_loses_none_of_it(
     through a fragmented message: what it had taken goes back, and the next read has the
     message whole."""
     message = bytes(range(256)) * 24  # 6,144 fragments of a byte
-    frames = _Frames()
+    frames = Frames()
     pieces = [
         Frame(Opcode.TEXT if i == 0 else Opcode.CONT, message[i : i + 1], fin=i == len(message) - 1)
         for i in range(len(message))

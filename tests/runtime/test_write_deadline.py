@@ -1,4 +1,4 @@
-"""The stream's connection bounds every write itself (consumer.runtime.stream._Connection): a
+"""The stream's connection bounds every write itself (consumer.runtime.connection.Connection): a
 frame a peer that stopped reading never takes aborts the connection after ``write_timeout()``,
 whichever call wrote it, and the close that follows says why (its ``__cause__``); the pongs
 websockets writes itself, whatever the deadline, once they pass UNWRITTEN_MAX. The runner's
@@ -23,12 +23,12 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed, ConnectionClosedError
 from websockets.typing import Subprotocol
 
+from consumer.runtime.connection import UNWRITTEN_MAX, Connection, WriteStalled
 from consumer.runtime.origin import NoRedirects
-from consumer.runtime.stream import UNWRITTEN_MAX, WriteStalled, _Connection
 
 
 @contextlib.asynccontextmanager
-async def client(url: str) -> AsyncIterator[_Connection]:
+async def client(url: str) -> AsyncIterator[Connection]:
     """The stream's connection class to ``url``, with a small send buffer: a peer that stops
     reading fills it soon."""
     async with NoRedirects(
@@ -37,9 +37,9 @@ async def client(url: str) -> AsyncIterator[_Connection]:
         compression=None,
         ping_interval=None,
         close_timeout=30,
-        create_connection=_Connection,
+        create_connection=Connection,
     ) as ws:
-        assert isinstance(ws, _Connection)
+        assert isinstance(ws, Connection)
         sock = ws.transport.get_extra_info("socket")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         yield ws
@@ -97,7 +97,7 @@ async def test_pongs_websockets_writes_itself_are_bounded_by_size() -> None:
         transports.append(transport)
         await flood_pings(transport, wedged, RAW_WS_PING)
 
-    async def read(ws: _Connection) -> ConnectionClosed:
+    async def read(ws: Connection) -> ConnectionClosed:
         try:
             async for _ in ws:  # nothing comes: websockets answers the pings itself
                 pass
