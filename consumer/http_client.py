@@ -13,6 +13,9 @@ from collections.abc import Callable
 from urllib.parse import quote, unquote, urlsplit
 
 import aiohttp
+from aiohttp.client_reqrep import ConnectionKey
+from aiohttp.connector import Connection
+from aiohttp.tracing import Trace
 from yarl import URL
 
 from .core.evidence import masked
@@ -27,6 +30,23 @@ _STRAY_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 # Of an error answer's body: what is read and scrubbed, before the excerpt is cut from it (a JWT
 # is often longer than 1 KB: read less, and a cut could leave part of one unmasked).
 ERROR_BODY_BYTES = 65536
+
+
+class Connector(aiohttp.TCPConnector):
+    """aiohttp's pool, never handing out a connection that holds bytes nobody asked for. A far
+    end that answered one request twice (buggy or hostile) leaves the second answer queued in
+    the idle connection, and aiohttp 3.14 reuses any that is still connected: the next request
+    took that stray answer as its own, before it was even sent (a webhook event said delivered
+    that never left). Such a connection is closed, and the next one tried."""
+
+    async def _get(self, key: ConnectionKey, traces: list[Trace]) -> Connection | None:
+        # Bounded: each call takes one connection out of the idle ones.
+        while (conn := await super()._get(key, traces)) is not None:
+            protocol = conn.protocol
+            if protocol is not None and not protocol.should_close:
+                return conn
+            conn.close()
+        return None
 
 
 def deadline_s(timeout: aiohttp.ClientTimeout) -> float | None:

@@ -21,6 +21,7 @@ from ..config import (
     secret_values,
 )
 from ..errors import SinkUnusable
+from ..http_client import Connector
 from ..logs import REDACTOR
 from ..sinks.base import Sink
 from ..sinks.jsonl import JsonlSink
@@ -48,11 +49,9 @@ def http_client(settings: Settings) -> aiohttp.ClientSession:
     # aiohttp keeps every idle connection (up to the limit) for keepalive_expiry_s; none at
     # all for max_keepalive_connections = 0 or keepalive_expiry_s = 0.
     if h.max_keepalive_connections == 0 or h.keepalive_expiry_s == 0:
-        connector = aiohttp.TCPConnector(limit=h.max_connections, force_close=True)
+        connector = Connector(limit=h.max_connections, force_close=True)
     else:
-        connector = aiohttp.TCPConnector(
-            limit=h.max_connections, keepalive_timeout=h.keepalive_expiry_s
-        )
+        connector = Connector(limit=h.max_connections, keepalive_timeout=h.keepalive_expiry_s)
     return aiohttp.ClientSession(
         connector=connector,
         # connect: waiting for a free connection in the pool, then opening one

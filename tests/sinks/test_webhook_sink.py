@@ -543,6 +543,51 @@ async def test_a_2xx_whose_body_is_cut_short_is_delivered_once(client: aiohttp.C
     assert posts == 1
 
 
+async def test_an_answer_nobody_asked_for_is_never_taken_as_the_next_ones(
+    client: aiohttp.ClientSession,
+):
+    """The receiver answers the first POST a second time once its connection is back in the
+    pool, idle. The next event is POSTed (on another connection) and answered for itself.
+    Before, aiohttp reused that connection and gave the next POST the stray 200 before sending
+    it: the event was said delivered and never left."""
+    keys: list[bytes] = []
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+    idle = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                await reader.readexactly(length)
+                keys.append(head.lower().split(b"idempotency-key: ")[1].split(b"\r\n")[0])
+                writer.write(ok)
+                await writer.drain()
+                if len(keys) == 1:
+                    await idle.wait()  # the client has the connection back in its pool
+                    writer.write(ok)
+                    await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    def stray_waiting() -> bool:  # the idle connection holds the second answer
+        pooled = client.connector._conns.values() if client.connector else []
+        return any(proto.should_close for conns in pooled for proto, _ in conns)
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        sink = await opened(settings(f"http://127.0.0.1:{port}/hook", timeout_s=5), client)
+        async with asyncio.timeout(30):
+            await sink.write("main", [event(1)])
+            idle.set()
+            await wait_until(stray_waiting)
+            await sink.write("main", [event(2)])
+    assert keys == [b"w0-u1", b"w0-u2"]
+
+
 async def test_the_receivers_certificate_is_verified_by_default(
     tmp_path: Path, client: aiohttp.ClientSession
 ):
