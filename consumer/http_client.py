@@ -118,10 +118,14 @@ def failure_name(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-async def read_at_most(response: aiohttp.ClientResponse, limit: int) -> bytes:
+async def read_at_most(
+    response: aiohttp.ClientResponse, limit: int, chunks: list[bytes] | None = None
+) -> bytes:
     """The start of a body (the far end's: it may be endless). A body read to its end lets the
-    connection go back to the pool; one cut short closes it."""
-    chunks: list[bytes] = []
+    connection go back to the pool; one cut short closes it. ``chunks``: where what is read
+    goes as it comes, for a caller that keeps it when the read fails (cut, too slow)."""
+    if chunks is None:
+        chunks = []
     size = 0
     while size < limit:
         chunk = await response.content.read(limit - size)
@@ -132,10 +136,12 @@ async def read_at_most(response: aiohttp.ClientResponse, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def error_excerpt(body: bytes, scrub: Callable[[str], str], chars: int) -> str:
+def error_excerpt(
+    body: bytes, scrub: Callable[[str], str], chars: int, *, cut: bool = False
+) -> str:
     """The start of an error answer's body, for a message or a dead letter. The far end may
     echo the request, credentials and all: the text is scrubbed before it is cut, so that no
     part of a secret survives at the cut, nor at the end of a body the read cut short (one
     of :data:`ERROR_BODY_BYTES`: a reflecting page repeating a token, scrubbed to little).
-    ``body``: up to :data:`ERROR_BODY_BYTES` of it."""
-    return masked(body, chars, scrub, cut=len(body) >= ERROR_BODY_BYTES)
+    ``body``: up to :data:`ERROR_BODY_BYTES` of it; ``cut``: less, its read having failed."""
+    return masked(body, chars, scrub, cut=cut or len(body) >= ERROR_BODY_BYTES)

@@ -217,6 +217,10 @@ class WebhookSink(PlainSink):
             headers["Content-Length"] = str(len(body))  # not chunked: as a whole body goes
             data = self._upload(body, deadline)
         status = 0
+        reason_phrase: str | None = None
+        retry_after: str | None = None
+        read: list[bytes] = []  # of the answer's body, kept if its read fails
+        cut = ""
         try:
             with deadline:
                 async with self._client.post(
@@ -233,21 +237,27 @@ class WebhookSink(PlainSink):
                     retry_after = response.headers.get("Retry-After")
                     # The body is the receiver's: only its start is read (a 2xx one to its
                     # end usually, so that the connection is kept).
-                    content = await read_at_most(response, ERROR_BODY_BYTES)
+                    content = await read_at_most(response, ERROR_BODY_BYTES, read)
         except TRANSPORT_ERRORS as exc:  # refused, reset, timed out
             if 200 <= status < 300:
                 # Answered 2xx, then its body cut or too slow: the receiver has taken it (sent
                 # again, a receiver that ignores Idempotency-Key would hold it twice). Its
                 # connection is dropped, not reused.
                 return
-            if deadline.expired():
+            if status:
+                # Any other status, then its body cut or too slow: the status is the receiver's
+                # word all the same (a refusal stays one: retried, it held the stream for ever).
+                content = b"".join(read)
+                cut = f" (its body cut short: {failure_name(exc)})"
+            elif deadline.expired():
                 raise TransientSinkError(
                     f"{self._what(events)}: no complete answer within "
                     f"{self._deadlines.seconds:g} s (3 * timeout_s)"
                 ) from exc
-            raise TransientSinkError(
-                f"{self._what(events)}: {failure_name(exc)}: {reason(exc, self._scrub)}"
-            ) from exc
+            else:
+                raise TransientSinkError(
+                    f"{self._what(events)}: {failure_name(exc)}: {reason(exc, self._scrub)}"
+                ) from exc
         if 200 <= status < 300:
             if self._conflicted:
                 self._conflicted.pop(key, None)
@@ -262,9 +272,10 @@ class WebhookSink(PlainSink):
         if status == CONFLICT and not transient:
             reason_text += f" for {self.settings.conflict_retry_s:g} s (sink.conflict_retry_s)"
         # The receiver may echo the request (an Authorization header, say).
-        excerpt = error_excerpt(content, self._scrub, EXCERPT_CHARS)
+        excerpt = error_excerpt(content, self._scrub, EXCERPT_CHARS, cut=bool(cut))
         if excerpt:
             reason_text += f": {excerpt}"
+        reason_text += cut
         if transient:
             raise TransientSinkError(reason_text, retry_after=retry_after_seconds(retry_after))
         raise PermanentSinkError(

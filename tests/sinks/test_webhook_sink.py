@@ -621,6 +621,45 @@ async def test_client_errors_are_permanent_with_status_and_excerpt(
     assert info.value.unique_event_id == "w0-u7"
 
 
+@pytest.mark.parametrize("then", ["closes", "stalls"])
+async def test_a_refusal_whose_body_is_cut_short_is_still_a_refusal(
+    client: aiohttp.ClientSession, then: str
+):
+    """400, then its body cut (the connection closed) or stalled past timeout_s: permanent,
+    with the status and why its body ends there; what came of the body may end inside an
+    echoed secret, and is not shown. Before, it was transient: retried for as long as the
+    receiver did that, the stream held for ever."""
+    answered = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)
+            writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 100\r\n\r\n")
+            writer.write(b"rejected: Bearer " + TOKEN[:12].encode())
+            await writer.drain()
+            if then == "stalls":
+                await answered.wait()
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        url = f"http://127.0.0.1:{port}/hook"
+        sink = await opened(settings(url, timeout_s=0.5, auth="bearer", token=TOKEN), client)
+        with pytest.raises(PermanentSinkError) as info:
+            async with asyncio.timeout(30):
+                await sink.write("main", [event(3)])
+        answered.set()
+    text = str(info.value)
+    failure = "ReadTimeout" if then == "stalls" else "RemoteProtocolError"
+    assert text.endswith(f"HTTP 400 Bad Request (its body cut short: {failure})"), text
+    assert TOKEN[:12] not in text
+    assert info.value.unique_event_id == "w0-u3"
+
+
 async def test_a_rejected_batch_names_no_single_culprit(
     rx: Receiver, client: aiohttp.ClientSession
 ):
