@@ -15,7 +15,9 @@ reader's next ``recv`` raises the close, after what is held).
 
 Nothing held is registered anywhere until the reader hands it on (``StreamPipeline.add`` and
 ``put_malformed`` register with the committer), so what is dropped held (the reader cancelled
-at shutdown) is what the next session's inclusive replay from the checkpoint brings again.
+at shutdown) is what the next session's inclusive replay from the checkpoint brings again. So
+is the frame it was handling when reading ahead failed (a bug): the failure is held after what
+was read before it, and the reader, reaching it, ends the session there (:class:`ReadAheadFailed`).
 
 websockets' ``recv`` is cancellation-safe (websockets 17: the queue's waiter only signals, the
 frame is taken after the wait, and the fragments of a message taken so far are put back), so
@@ -31,6 +33,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 import structlog
@@ -45,6 +48,19 @@ if TYPE_CHECKING:
     from .stream import StreamStats
 
 log = structlog.get_logger(__name__)
+
+class ReadAheadFailed(Exception):
+    """Raised to the reader where reading ahead failed (a bug): the frame it was handling was
+    taken off the connection and is in no outcome, so the session ends there, as when the
+    reader's own handling of a frame fails, and the next one replays it."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Failed:
+    """Held after the outcomes read before the failure: :meth:`ReadAhead.take` raises it."""
+
+    error: Exception
+
 
 # What an outcome held costs beyond its frame's length: an empty frame's DecodeError holds some
 # 410 bytes (its evidence: a SHA-256, a reason; the tuple and the deque's slot), a malformed
@@ -80,7 +96,7 @@ class ReadAhead:
         # (what it is counted for: its frame's length and HELD_COST, its outcome), in arrival
         # order; filled by the task during a wait, emptied by the reader between waits (never
         # both at once).
-        self.held: deque[tuple[int, Outcome]] = deque()
+        self.held: deque[tuple[int, Outcome | _Failed]] = deque()
         self.held_bytes = 0
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
@@ -125,9 +141,12 @@ class ReadAhead:
         self._task = None  # not before: a cancel of the reader meanwhile leaves it to close()
 
     def take(self) -> Outcome:
-        """The oldest held outcome, for the reader to handle as if just read."""
+        """The oldest held outcome, for the reader to handle as if just read.
+        :class:`ReadAheadFailed` where reading ahead failed."""
         size, out = self.held.popleft()
         self.held_bytes -= size
+        if isinstance(out, _Failed):
+            raise ReadAheadFailed("reading ahead failed: the session ends") from out.error
         return out
 
     async def close(self) -> None:
@@ -178,8 +197,11 @@ class ReadAhead:
             self._over = True  # the reader's next recv raises it, after what is held
             return
         except Exception as exc:  # a bug: stop reading ahead, never lose what is held
+            # Nor the frame it was handling, taken off the connection: the reader ends the
+            # session where it was (held after the others), and the replay brings it again.
             self._over = True
-            log.error("reading ahead failed; reading waits for room again", exc_info=exc)
+            held.append((0, _Failed(exc)))
+            log.error("reading ahead failed; the session ends where it failed", exc_info=exc)
             return
         if not self._full_logged:
             self._full_logged = True

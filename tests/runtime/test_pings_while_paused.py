@@ -26,7 +26,7 @@ from support import committed, make_settings, newest_offset, running, truth_ids,
 
 from consumer.config import Settings
 from consumer.core.protocol import DecodeError
-from consumer.core.session import Ended
+from consumer.core.session import ClientSession, Ended
 from consumer.runtime.daemon import Daemon
 from consumer.runtime.read_ahead import HELD_COST, ReadAhead
 from consumer.runtime.stream import StreamRunner
@@ -175,6 +175,41 @@ async def test_a_connection_closed_while_frames_are_held_loses_nothing(
         await wait_until(lambda: committed(state, newest), timeout=20)
         assert runner.stats.connections == 2 and runner.stats.closes["4500"] == 1
     assert_all_once_in_order(gw)
+
+
+async def test_a_failure_while_reading_ahead_loses_no_frame(
+    sandbox_factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Handling one frame fails inside the read-ahead (a bug: here the session's decoding of
+    one event's frame raises, once). That frame was taken off the connection and is held
+    nowhere: the reader handles what was held before it, then ends the session there, as when
+    its own handling of a frame fails, and the next session replays it. Before, the reader read
+    on past it: the event was never delivered nor dead-lettered, the checkpoint moved past it."""
+    gw = await sandbox_factory(backlog=40, ping_interval_s=PING_S)
+    newest, state = newest_offset(gw), tmp_path / "state.db"
+    victim = truth_ids(gw.events("DEMO"))[20].encode()  # past the ~10 the pipeline takes
+    failed: list[str] = []
+    receive = ClientSession.receive
+
+    def failing_once(self: ClientSession, frame: str | bytes) -> Any:
+        task = asyncio.current_task()
+        reading_ahead = task is not None and task.get_name() == "read-ahead"
+        data = frame if isinstance(frame, bytes) else frame.encode()
+        if not failed and reading_ahead and victim in data:
+            failed.append(victim.decode())
+            raise RuntimeError("a bug, once")
+        return receive(self, frame)
+
+    monkeypatch.setattr(ClientSession, "receive", failing_once)
+    gate = held_sink()
+    async with running(settings_for(tmp_path, gw)) as daemon:
+        runner = await waiting_for_room(daemon)
+        await wait_until(lambda: bool(failed), timeout=15)
+        gate.set()
+        await wait_until(lambda: committed(state, newest), timeout=20)
+        connections = runner.stats.connections
+    assert_all_once_in_order(gw)
+    assert connections == 2  # the session ended where it failed
 
 
 async def test_frames_held_when_the_stream_is_stopped_are_replayed(sandbox_factory, tmp_path: Path):
