@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
+import functools
 import random
 import time
 import uuid
@@ -127,6 +128,23 @@ _GAP_WAIT = "waiting out the resubscribe gap"  # what a GAP waits for, for a per
 # A replay that begins with this many events already processed before the checkpoint's own is
 # not checked further for a gap (each is a state store lookup, in the reader).
 RESUME_CHECK_MAX = 1000
+
+
+def _helper_ended(ws: ClientConnection, task: asyncio.Task[None]) -> None:
+    """A session's keepalive or completer ended: a failure (a bug) drops the connection, which
+    the reader takes as lost and replaces, rather than the session going on without its
+    liveness check or its completion (the next one replays what was in flight)."""
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is None or isinstance(exc, ConnectionClosed):
+        return
+    log.error(
+        "a session's helper failed; the connection is dropped and replaced",
+        task=task.get_name(),
+        exc_info=exc,
+    )
+    ws.transport.abort()
 
 
 class _Ids:
@@ -533,6 +551,8 @@ class StreamRunner:
                 self._completer(ws, session, token, liveness), name=f"complete-{self.name}"
             ),
         ]
+        for t in helpers:
+            t.add_done_callback(functools.partial(_helper_ended, ws))
         started = time.monotonic()
         try:
             decision = await self._read(ws, liveness, session)
