@@ -716,6 +716,9 @@ class Orchestrator:
             headers["x-hotelid"] = hotel_id
         self.requests += 1
         deadline = asyncio.timeout(self._deadline)
+        status = 0
+        read: list[bytes] = []  # of the answer's body, kept if its read fails
+        cut = ""
         try:
             # The bearer token authenticates; user information in the URL does not travel.
             async with (
@@ -724,18 +727,24 @@ class Orchestrator:
             ):
                 status = resp.status
                 ok = 200 <= status < 300
-                # The far end's body: a resource up to MAX_RESOURCE_BYTES, else only its start.
-                limit = MAX_RESOURCE_BYTES + 1 if ok else ERROR_BODY_BYTES
-                content = await read_at_most(resp, limit)
                 retry_after = resp.headers.get("Retry-After")
                 location = resp.headers.get("Location")
                 says_json = "json" in resp.headers.get("Content-Type", "").lower()
-        except TimeoutError:
-            if not deadline.expired():
-                raise  # aiohttp's own timeouts: a transport error (see _get)
-            raise TransientSinkError(
-                f"orchestration GET {shown}: no complete answer within {self._deadline:g} s"
-            ) from None
+                # The far end's body: a resource up to MAX_RESOURCE_BYTES, else only its start.
+                limit = MAX_RESOURCE_BYTES + 1 if ok else ERROR_BODY_BYTES
+                content = await read_at_most(resp, limit, read)
+        except TRANSPORT_ERRORS as exc:
+            if status and not ok:
+                # Another status, then its body cut or too slow: the status is the server's
+                # word all the same (a 403 retried for good held the stream for ever).
+                content = b"".join(read)
+                cut = f" (its body cut short: {failure_name(exc)})"
+            elif isinstance(exc, TimeoutError) and deadline.expired():
+                raise TransientSinkError(
+                    f"orchestration GET {shown}: no complete answer within {self._deadline:g} s"
+                ) from None
+            else:
+                raise  # no answer, or a resource cut short: a transport error (see _get)
 
         # The body is the far end's, and it may echo the request: only its start, decoded
         # lossily and scrubbed of this request's credentials and every registered secret.
@@ -807,8 +816,8 @@ class Orchestrator:
             raise TransientSinkError(f"orchestration GET {shown}: HTTP {status}", retry_after=after)
         if status in (404, 410):
             return _NotFound(f"GET {shown}: HTTP {status}")
-        excerpt = error_excerpt(content, scrub, EXCERPT_CHARS)
-        raise PermanentSinkError(f"orchestration GET {shown}: HTTP {status}: {excerpt}")
+        excerpt = error_excerpt(content, scrub, EXCERPT_CHARS, cut=bool(cut))
+        raise PermanentSinkError(f"orchestration GET {shown}: HTTP {status}: {excerpt}{cut}")
 
     def _unauthorised(self, tokens: AccessTokens, token: str, shown: str, reissued: bool) -> None:
         """A 401 with ``token``: drop it (the next attempt fetches a new one), unless a 401

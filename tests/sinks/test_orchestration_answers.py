@@ -3,6 +3,7 @@ redirects, a resource gone, no content, 401 and 403 (a real loopback HTTP server
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -216,3 +217,42 @@ async def test_a_403_dead_letters_the_event_and_the_stream_goes_on(tmp_path: Pat
             with pytest.raises(PermanentSinkError, match=r"HTTP 403.*developer portal.*dlq replay"):
                 await orch.enrich("main", [event(1)])
     assert len(rx.requests) == 1
+
+
+# --- an answer whose body is cut short ---------------------------------------------------------
+
+
+class _Port:
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+
+@pytest.mark.parametrize("status", [403, 400])
+async def test_a_refusal_whose_body_is_cut_short_is_still_a_refusal(
+    tmp_path: Path, status: int
+) -> None:
+    """403 or 400, then the connection closes before the body's Content-Length: the status is
+    the server's word, dead-lettered after one GET. Before, the transport error made it
+    transient: retried for good, the stream held behind it."""
+    gets = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal gets
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            gets += 1
+            writer.write(f"HTTP/1.1 {status} Refused\r\nContent-Length: 100\r\n\r\n".encode())
+            writer.write(b'{"title": "Refus')
+            await writer.drain()
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    async with server, aiohttp.ClientSession() as http:
+        port = server.sockets[0].getsockname()[1]
+        orch = orchestrator(tmp_path, http, _Port(port), max_attempts=6)  # type: ignore[arg-type]
+        with pytest.raises(PermanentSinkError, match=f"HTTP {status}") as info:
+            await orch.enrich("main", [event(1)])
+    if status == 400:
+        assert str(info.value).endswith("(its body cut short: RemoteProtocolError)"), info.value
+    assert gets == 1
