@@ -84,6 +84,7 @@ class Watermark:
             raise ValueError(f"sequence {bad} is not pending")
         done.update(seqs)
         if base not in done:
+            self._keep_positions(seqs)
             return
         end = base + 1
         while end in done:
@@ -102,6 +103,20 @@ class Watermark:
         else:
             slots[head:stop] = [None] * (stop - head)  # let the done events go
             self._head = stop
+        if done and max(seqs) >= end:
+            self._keep_positions(seqs)
+
+    def _keep_positions(self, seqs: Sequence[int]) -> None:
+        """Done frames behind one that is not: each keeps its position, not its event (text,
+        detail), while it waits. A worker stuck on one event holds the prefix back for as long
+        as it retries; what is done meanwhile then holds a few hundred bytes each."""
+        base, head, slots = self._base, self._head, self._slots
+        for seq in seqs:
+            if seq >= base:
+                i = head + seq - base
+                p = slots[i]
+                if p is not None and type(p) is not Position:
+                    slots[i] = Position(p.offset, p.unique_event_id, p.timestamp)
 
     def is_pending(self, seq: int) -> bool:
         """Registered and not done yet."""

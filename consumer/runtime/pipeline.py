@@ -213,6 +213,12 @@ class StreamPipeline:
         self._share = max(1, queue_size // workers)
         self._queues: list[deque[_Item]] = [deque() for _ in range(workers)]
         self._full = False  # a worker's queue holds its share (seen at the last hand-over)
+        # Events read and not yet past the done prefix, at most (the reader waits there): one
+        # worker retrying an event holds the prefix, while the others, free to take the events
+        # of other resources, would let the reader read on for good. Far above what a healthy
+        # stream holds (the queues, what the workers write, what is done behind them).
+        self._in_flight_max = max(4, 2 * self._capacity + 2 * workers * batch_max + HANDOVER)
+        self._behind = False  # in flight past _in_flight_max (seen at the last hand-over)
         self._ready = [asyncio.Event() for _ in range(workers)]  # its queue has events
         self._queued = 0  # events in the queues, not yet taken by a worker
         self._max_bytes = max(1, queue_max_bytes)
@@ -326,6 +332,7 @@ class StreamPipeline:
         return (
             n < HANDOVER
             and not self._full
+            and not self._behind
             and self._queued + n < self._capacity
             and self._queued_bytes < self._max_bytes
         )
@@ -335,7 +342,12 @@ class StreamPipeline:
         room again."""
         self._flush()
         await asyncio.sleep(0)  # the woken workers run before the reader reads on
-        while self._full or self._queued >= self._capacity or self._queued_bytes >= self._max_bytes:
+        while (
+            self._full
+            or self._behind
+            or self._queued >= self._capacity
+            or self._queued_bytes >= self._max_bytes
+        ):
             self._room.clear()
             await self._room.wait()
 
@@ -364,6 +376,7 @@ class StreamPipeline:
             for item in enumerate(chunk, first):
                 queues[worker_of(item[1])].append(item)
         self._queued += len(chunk)
+        self._behind = self._committer.in_flight(self.stream) >= self._in_flight_max
         share = self._share
         for queue, ready in zip(queues, self._ready, strict=True):
             if queue:
@@ -471,17 +484,25 @@ class StreamPipeline:
             )
             if self._full:
                 self._full = any(len(q) >= self._share for q in self._queues)
-            if (
-                not self._full
-                and self._queued < self._capacity
-                and self._queued_bytes < self._max_bytes
-            ):
-                self._room.set()
+            self._wake_reader()
             await self._committer.wait_capacity()
             await self._handle(batch, retrying)
+            if self._behind:  # the batch done may have moved the done prefix
+                self._behind = self._committer.in_flight(self.stream) >= self._in_flight_max
+                self._wake_reader()
             # Not kept while the worker waits for more: an idle stream would hold its last
             # events (up to max_frame_bytes each) outside every bound for as long as it idles.
             del batch
+
+    def _wake_reader(self) -> None:
+        """Room again (the reader waits in :meth:`room`): say so."""
+        if (
+            not self._full
+            and not self._behind
+            and self._queued < self._capacity
+            and self._queued_bytes < self._max_bytes
+        ):
+            self._room.set()
 
     async def _handle(self, batch: list[_Item], retrying: AsyncRetrying) -> None:
         owner = asyncio.current_task()

@@ -251,3 +251,23 @@ def test_a_done_event_is_let_go_and_its_position_kept() -> None:
     wm.rewind()
     assert wm.advance() == pos(3)
     assert [r() for r in refs] == [None, None, None]  # nor kept as the last one handed out
+
+
+def test_done_events_behind_an_unfinished_one_keep_only_their_positions() -> None:
+    """Frame 0 is not done (a worker retrying it); frames done after it wait, each holding its
+    position only, not its event: one stuck event held the text of everything done behind it.
+    Done in batches that move the prefix part of the way too."""
+    wm = Watermark()
+    events = [_Event(i) for i in range(6)]
+    first = wm.add_all(events)
+    refs = [weakref.ref(e) for e in events]
+    del events
+    wm.done_all([first + 2, first + 3])  # behind frame 0
+    assert refs[2]() is None and refs[3]() is None
+    assert refs[0]() is not None and refs[1]() is not None  # not done: held
+    wm.done_all([first, first + 1, first + 5])  # the prefix moves to 3; 5 waits behind 4
+    assert wm.position == pos(3)
+    assert refs[5]() is None and refs[4]() is not None
+    wm.done(first + 4)
+    assert wm.position == pos(5) and wm.in_flight == 0
+    assert type(wm.position) is Position

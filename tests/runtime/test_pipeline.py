@@ -975,6 +975,41 @@ async def test_a_long_read_is_handed_over_every_handover_events(tmp_path: Path) 
     )
 
 
+async def test_one_stuck_event_stops_the_reader_however_the_others_hash(tmp_path: Path) -> None:
+    """One event held in the sink (a retry that lasts), then only events of resources other
+    workers take, which drain: no queue fills, but the done prefix stays at the held event.
+    The reader waits once the events in flight reach the pipeline's bound (far above what a
+    healthy stream holds). Before, it read on for good: every event read stayed in flight,
+    memory growing with each."""
+    sink = FakeSink()
+    sink.hold["slow"] = asyncio.Event()
+    async with harness(tmp_path, sink, workers=3, queue_size=30, batch_max=10) as (
+        _,
+        _,
+        pipeline,
+    ):
+        stuck = pipeline._worker_of(ev(0, key="slow"))
+        keys = [f"k{i}" for i in range(60) if pipeline._worker_of(ev(0, key=f"k{i}")) != stuck]
+        bound = pipeline._in_flight_max
+        read = [ev(0, key="slow")] + [ev(i, key=keys[i % len(keys)]) for i in range(1, 20 * bound)]
+
+        async def reader() -> None:
+            for event in read:
+                await pipeline.put(event)
+
+        reading = asyncio.create_task(reader())
+        await wait_until(lambda: reading.done() or pipeline.in_flight >= bound)
+        await still_pending(reading)  # the reader waits for the held event
+        assert bound <= pipeline.in_flight <= bound + HANDOVER
+        sink.hold["slow"].set()
+        async with asyncio.timeout(WAIT_S):
+            await reading
+        await drained(pipeline)
+    assert Counter(e.unique_event_id for e in sink.delivered) == Counter(
+        e.unique_event_id for e in read
+    )
+
+
 async def test_one_stuck_worker_stops_the_reader_at_its_share(tmp_path: Path) -> None:
     """While the other workers drain theirs, the queue of a worker stuck in its sink holds at
     most its share (queue_size / workers, here 10) before the reader waits: about queue_size
