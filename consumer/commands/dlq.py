@@ -45,6 +45,7 @@ from ..errors import (
     ReplayRefused,
     SinkLost,
     SinkUnusable,
+    StoreError,
     TransientSinkError,
 )
 from ..logs import REDACTOR, configure
@@ -52,7 +53,7 @@ from ..runtime.assembly import build_sink, http_client, open_sink, register_secr
 from ..runtime.committer import Committer
 from ..sinks.base import Sink
 from ..state import StateStore, acquire, acquire_replay, current_holder, open_store
-from ..state.lease import REPLAY
+from ..state.lease import REPLAY, Held
 from .output import Printer, escaped, iso, no_store, parse_when
 
 log = structlog.get_logger(__name__)
@@ -257,6 +258,7 @@ async def replay(
         await _replay(
             settings,
             source,
+            replaying,
             alone=running is None,
             failed_keys=failed_keys,
             attempts=attempts,
@@ -269,16 +271,24 @@ async def replay(
 async def _replay(
     settings: Settings,
     source: Callable[[StateStore], ReplayPages],
+    replaying: Held,
     *,
     alone: bool,
     failed_keys: set[tuple[str, str]],
     attempts: int,
     on_outcome: Callable[[Outcome], None],
 ) -> None:
-    """The replay, under its lock (``alone``: no daemon runs; keep one from starting)."""
+    """The replay, under its lock (``alone``: no daemon runs; keep one from starting). Each
+    write waits for the locks to be confirmed ours: on PostgreSQL they are session locks,
+    which the server drops with their session (a restart, a cut, the backend terminated),
+    and another replay or a daemon could then start beside us. Found taken meanwhile, or
+    unconfirmable, the replay stops without its last commit: what it delivered since the
+    one before stays in the DLQ (a sink it shares with the newcomer must not get its
+    positions), as after a crash."""
     st = settings.state
     # While we replay into a single-writer sink, keep a daemon from starting.
     held = await acquire(st, (), role=REPLAY) if alone else None
+    locks = [replaying] if held is None else [replaying, held]
     try:
         store = await open_store(st)
         http = http_client(settings)
@@ -287,6 +297,7 @@ async def _replay(
             await open_sink(sink, store, st.path)
             committer = Committer(store, sink, max_events=1_000_000, interval_s=1.0)
             outcomes = _Outcomes(committer, settings, failed_keys, on_outcome)
+            lost = False
             try:
                 done = 0
                 # Read under the lock: a replay that ended meanwhile took its rows out.
@@ -295,6 +306,21 @@ async def _replay(
                         skip = _held(row, held_back, failed_keys)
                         if skip is None and row.stream not in settings.streams:
                             skip = _unusable(row, _UNKNOWN_STREAM, failed_keys)
+                        if skip is None:
+                            try:
+                                for lock in locks:
+                                    await lock.confirm()
+                            except (LeaseHeld, StoreError) as exc:
+                                lost = True
+                                outcomes.abandon(
+                                    "delivered, but the replay's lock was lost before the "
+                                    "commit recording it: it stays in the DLQ"
+                                )
+                                raise ReplayRefused(
+                                    "the replay's lock on the state store was lost (its "
+                                    f"PostgreSQL session ended) and is not ours again: "
+                                    f"{describe(exc)}; stopped, the rest stays in the DLQ"
+                                ) from None
                         outcomes.outcome(
                             skip
                             or await _one(
@@ -306,7 +332,8 @@ async def _replay(
                             await outcomes.flush()
             finally:
                 try:  # what was delivered is recorded however the loop ended (^C too)
-                    await outcomes.flush()
+                    if not lost:
+                        await outcomes.flush()
                 finally:
                     await sink.close()
         finally:
@@ -393,6 +420,10 @@ class _Outcomes:
         self._held.append(outcome)
         if not self._committer.staging():
             self._give()
+
+    def abandon(self, why: str) -> None:
+        """No commit for the outcomes held: given on, each delivery with ``why``."""
+        self._give(why)
 
     async def flush(self) -> None:
         """Commit; the outcomes held for it given on, as it settled them."""

@@ -163,6 +163,12 @@ def holder(state_path: Path, purpose: str = "") -> dict[str, Any] | None:
 class Held(Protocol):
     async def release(self) -> None: ...
 
+    async def confirm(self) -> None:
+        """Still ours, or :class:`LeaseHeld` (another process took it meanwhile) or
+        :class:`StoreError` (the server cannot say now): a PostgreSQL session lock the server
+        dropped with its session is taken again. For a command that writes for long under
+        it (``dlq replay``), before each write."""
+
 
 class _FileHeld:
     def __init__(self, lease: Lease) -> None:
@@ -170,6 +176,9 @@ class _FileHeld:
 
     async def release(self) -> None:
         self._lease.release()
+
+    async def confirm(self) -> None:
+        """An open file's lock is never dropped while the process runs."""
 
 
 class _StreamsHeld:
@@ -185,6 +194,9 @@ class _StreamsHeld:
             await self._table.close()  # the server ends the transaction: the rows are free
         finally:
             await self._single.release()
+
+    async def confirm(self) -> None:
+        await self._single.confirm()
 
 
 async def acquire(

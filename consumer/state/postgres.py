@@ -1269,6 +1269,12 @@ class PostgresLease:
             return False
         return bool(held == len(self._keys))
 
+    async def confirm(self) -> None:
+        """:meth:`check`, and :meth:`retake` when the locks are not held (see
+        :meth:`consumer.state.lease.Held.confirm`)."""
+        if not await self.check():
+            await self.retake()
+
     async def retake(self) -> None:
         """The locks again, on a new connection (the old one is dropped without a goodbye: it
         no longer holds them, or does not answer). Our old session, should the server still

@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pg
 import pysink
 import pytest
 from operator_support import PYSINK, write_config
@@ -19,7 +20,7 @@ from support import replayed, wait_until
 from consumer.config import load_settings
 from consumer.core.records import CommitBatch, DeadLetter, DeadLetterRow
 from consumer.errors import ReplayRefused
-from consumer.state import acquire, acquire_replay
+from consumer.state import acquire, acquire_replay, open_store
 from consumer.state.sqlite import SqliteStore
 
 pytestmark = pytest.mark.usefixtures("fresh_pysink", "contained_logging")
@@ -116,3 +117,46 @@ async def test_the_replay_lock_is_the_replays_alone(
         await (await acquire_replay(st)).release()  # given back
     finally:
         await daemon.release()
+
+
+async def test_a_replay_whose_lock_was_lost_and_taken_stops_before_its_next_write(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """On PostgreSQL the replay's locks are session locks: the server drops them with their
+    sessions (terminated here, as a restart or a cut would), and another replay can take them.
+    The first replay finds that before its next write and stops, without committing what it
+    delivered since its last commit (it stays in the DLQ, for whoever holds the lock now).
+    Before, it delivered and resolved every row beside the newcomer: lost and twice."""
+    dsn = request.getfixturevalue("postgres_dsn")  # skips when no server is installed
+    state = {"backend": "postgres", "dsn": dsn, "schema": f"t_{uuid.uuid4().hex[:16]}"}
+    config = write_config(tmp_path, "http://127.0.0.1:9", sink=PYSINK, state=state)
+    settings = load_settings(config)
+    store = await open_store(settings.state)
+    try:
+        await store.commit(CommitBatch(dead_letters=[letter(i) for i in range(3)]))
+    finally:
+        await store.close()
+    gate = pysink.GATES["main"] = asyncio.Event()
+    first = asyncio.create_task(replayed(settings))
+    await wait_until(lambda: pysink.CALLS[0] >= 1)  # in its first write, holding its locks
+    ended = await pg.sql(
+        dsn,
+        "fetchval",
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+        "WHERE application_name LIKE '%dlq-replay%' AND pid <> pg_backend_pid()",
+    )
+    assert ended >= 1
+    newcomer = await acquire_replay(settings.state)  # another replay, once the lock is free
+    try:
+        gate.set()
+        with pytest.raises(ReplayRefused, match="the replay's lock on the state store was lost"):
+            async with asyncio.timeout(30):
+                await first
+    finally:
+        await newcomer.release()
+    assert pysink.delivered_ids() == ["u0"]  # the write under way, then no other
+    store = await open_store(settings.state)
+    try:
+        assert [r.unique_event_id for r in await store.dead_letters()] == ["u0", "u1", "u2"]
+    finally:
+        await store.close()
