@@ -61,6 +61,10 @@ log = structlog.get_logger(__name__)
 LIST_COLUMNS = ("id", "stream", "reason", "event_name", "primary_key", "offset", "attempts")
 _EXCERPT = 60
 _COMMIT_EVERY = 100
+# Rows in a row whose every attempt failed transiently: the sink looks down, and a replay
+# that went on would spend its attempts (and the sink's Retry-After, up to 300 s) on every
+# resource of the queue. It stops; the rest stays in the DLQ.
+_DOWN_AFTER = 3
 # Dead letters a command reads, and holds, at once (a replay's with their payloads, tens of KB
 # each for a big reservation): a DLQ of any size is listed, replayed or purged page by page.
 PAGE = 200
@@ -298,6 +302,7 @@ async def _replay(
             committer = Committer(store, sink, max_events=1_000_000, interval_s=1.0)
             outcomes = _Outcomes(committer, settings, failed_keys, on_outcome)
             lost = False
+            down = 0  # rows in a row that failed transiently
             try:
                 done = 0
                 # Read under the lock: a replay that ended meanwhile took its rows out.
@@ -321,12 +326,21 @@ async def _replay(
                                     f"PostgreSQL session ended) and is not ours again: "
                                     f"{describe(exc)}; stopped, the rest stays in the DLQ"
                                 ) from None
-                        outcomes.outcome(
-                            skip
-                            or await _one(
+                        if skip is not None:
+                            outcomes.outcome(skip)
+                        else:
+                            outcome, transient = await _one(
                                 row, settings, sink, committer, failed_keys, attempts=attempts
                             )
-                        )
+                            outcomes.outcome(outcome)
+                            down = down + 1 if transient else 0
+                            if down >= _DOWN_AFTER:
+                                raise ReplayRefused(
+                                    f"the sink failed transiently for {down} rows in a row, "
+                                    f"each tried {attempts} times (the last: {outcome.detail}): "
+                                    "it looks down; stopped, the rest stays in the DLQ: replay "
+                                    "again once it is back"
+                                )
                         done += 1
                         if done % _COMMIT_EVERY == 0:  # bound what a crash here would re-deliver
                             await outcomes.flush()
@@ -352,10 +366,11 @@ async def _one(
     failed_keys: set[tuple[str, str]],
     *,
     attempts: int,
-) -> Outcome:
+) -> tuple[Outcome, bool]:
+    """The row's outcome, and whether it failed transiently (every attempt)."""
     event = _event(row, settings)
     if not isinstance(event, Event):
-        return _unusable(row, event, failed_keys)
+        return _unusable(row, event, failed_keys), False
     key = (row.stream, event.primary_key)
     try:
         async for attempt in AsyncRetrying(
@@ -383,10 +398,10 @@ async def _one(
         # secret, masked before the cut; the table's cells and JSON escape the rest.
         scrub = REDACTOR.scrub
         why = prefix(scrub(str(exc)), 1000) if isinstance(exc, Exception) else describe(exc, scrub)
-        return _outcome(row, "failed", why)
+        return _outcome(row, "failed", why), isinstance(exc, TransientSinkError)
     committer.processed(row.stream, [event.unique_event_id])
     committer.resolved(row.id, row.stream, event.unique_event_id)
-    return _outcome(row, "delivered")
+    return _outcome(row, "delivered"), False
 
 
 class _Outcomes:

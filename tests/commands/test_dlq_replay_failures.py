@@ -17,8 +17,10 @@ import pytest
 from operator_support import PYSINK, cli, write_config
 from support import dead_letter, replayed, wait_until
 
+from consumer.commands import dlq
 from consumer.config import load_settings
 from consumer.core.records import CommitBatch, DeadLetter
+from consumer.errors import ReplayRefused
 from consumer.state import open_store
 
 pytestmark = pytest.mark.usefixtures("fresh_pysink", "contained_logging", "hermetic_config")
@@ -173,3 +175,22 @@ async def test_show_json_of_a_frame_no_parser_should_read_is_json(
     code, out, err = await cli(capsys, "dlq", "show", "1", "--json", "--config", str(config))
     assert code == 0, err
     assert orjson.loads(out)["payload"] == text
+
+
+async def test_a_replay_stops_once_the_sink_looks_down(tmp_path: Path) -> None:
+    """Every attempt fails transiently (the sink is down): after three rows in a row, each
+    tried its three times, the replay stops, saying so, and the rest stays in the DLQ. Before,
+    it tried every row of the queue (with a Retry-After of 300 s, ten minutes a resource)."""
+    config = write_config(tmp_path, "http://127.0.0.1:9", sink=PYSINK)
+    await seed(config, [dead_letter(i) for i in range(1, 7)])
+    pysink.TRANSIENT[0] = 1000
+    outcomes: list[Any] = []
+    with pytest.raises(ReplayRefused, match="failed transiently for 3 rows in a row") as info:
+        await dlq.replay(
+            load_settings(config), dlq.Selection(), dry_run=False, on_outcome=outcomes.append
+        )
+    assert "it looks down" in str(info.value) and "test sink busy" in str(info.value)
+    assert [o.result for o in outcomes] == ["failed"] * 3
+    assert pysink.CALLS[0] == 9  # three rows, three attempts each; no fourth row tried
+    left, _ = await left_and_seen(config, "main", [])
+    assert left == [f"uid-{i}" for i in range(1, 7)]
