@@ -347,7 +347,7 @@ async def _replay(
             finally:
                 try:  # what was delivered is recorded however the loop ended (^C too)
                     if not lost:
-                        await outcomes.flush()
+                        await outcomes.flush(last=True)
                 finally:
                     await sink.close()
         finally:
@@ -440,12 +440,15 @@ class _Outcomes:
         """No commit for the outcomes held: given on, each delivery with ``why``."""
         self._give(why)
 
-    async def flush(self) -> None:
-        """Commit; the outcomes held for it given on, as it settled them."""
+    async def flush(self, *, last: bool = False) -> None:
+        """Commit; the outcomes held for it given on, as it settled them. When it fails they
+        stay held for the ``last`` one, which sends the same batch again (the committer keeps
+        what it was unsure of): said as that one settles them."""
         try:
             await self._committer.flush()
         except BaseException:
-            self._give("delivered, but the commit recording it failed: it stays in the DLQ")
+            if last:
+                self._give("delivered, but the commit recording it failed: it stays in the DLQ")
             raise
         self._give()
 

@@ -20,8 +20,9 @@ from support import dead_letter, replayed, wait_until
 from consumer.commands import dlq
 from consumer.config import load_settings
 from consumer.core.records import CommitBatch, DeadLetter
-from consumer.errors import ReplayRefused
+from consumer.errors import ReplayRefused, StoreError
 from consumer.state import open_store
+from consumer.state.sqlite import SqliteStore
 
 pytestmark = pytest.mark.usefixtures("fresh_pysink", "contained_logging", "hermetic_config")
 
@@ -194,3 +195,31 @@ async def test_a_replay_stops_once_the_sink_looks_down(tmp_path: Path) -> None:
     assert pysink.CALLS[0] == 9  # three rows, three attempts each; no fourth row tried
     left, _ = await left_and_seen(config, "main", [])
     assert left == [f"uid-{i}" for i in range(1, 7)]
+
+
+async def test_a_failed_commit_sent_again_at_the_end_is_reported_as_it_settled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sink whose rows the commit delivers (sqlite in the state file): the commit after 100
+    rows fails (a locked database, once); the replay stops, and its last commit sends that
+    batch again, which goes through: the 100 rows are reported delivered, and are gone from
+    the DLQ. Before, they were reported as staying in it."""
+    config = write_config(tmp_path, "http://127.0.0.1:9", sink={"type": "sqlite"})
+    await seed(config, [dead_letter(i) for i in range(1, 103)])
+    real_commit = SqliteStore.commit
+    failures = [StoreError("database is locked", retriable=True)]
+
+    async def flaky(self: SqliteStore, batch: CommitBatch, now: float | None = None) -> None:
+        if failures:
+            raise failures.pop()
+        await real_commit(self, batch, now)
+
+    monkeypatch.setattr(SqliteStore, "commit", flaky)
+    outcomes: list[Any] = []
+    with pytest.raises(StoreError, match="database is locked"):
+        await dlq.replay(
+            load_settings(config), dlq.Selection(), dry_run=False, on_outcome=outcomes.append
+        )
+    assert [(o.result, o.detail) for o in outcomes] == [("delivered", "")] * 100
+    left, _ = await left_and_seen(config, "main", [])
+    assert left == ["uid-101", "uid-102"]
