@@ -68,6 +68,11 @@ _DOWN_AFTER = 3
 # Dead letters a command reads, and holds, at once (a replay's with their payloads, tens of KB
 # each for a big reservation): a DLQ of any size is listed, replayed or purged page by page.
 PAGE = 200
+# Of payloads, what a replay holds at once, about (characters): a dead letter keeps its event
+# whole, up to 4 x max_frame_bytes (a sink that refuses big events fills the DLQ with exactly
+# those, and 200 of them were gigabytes). A page's payloads are read in parts of at most this
+# much; a larger one alone.
+PAGE_CHARS = 16 * 1024 * 1024
 _MALFORMED = "a malformed frame cannot be replayed: purge it"
 _UNKNOWN_STREAM = "its stream is not in the configuration (the sink may need its settings): add it"
 _EARLIER_FAILED = "an earlier event of this primaryKey was not delivered"
@@ -187,15 +192,40 @@ async def pages(
     page = page or PAGE
     after: int | None = None
     while True:
-        rows = await selection.read(store, payloads=payloads, after=after, limit=page)
+        rows = await selection.read(store, payloads=False, after=after, limit=page)
         past = through is not None and bool(rows) and rows[-1].id > through
         if past:
             rows = [r for r in rows if through is None or r.id <= through]
-        if rows:
+        if rows and payloads:
+            async for part in _with_payloads(store, rows):
+                yield part
+        elif rows:
             yield rows
         if past or len(rows) < page:
             return
         after = rows[-1].id
+
+
+async def _with_payloads(
+    store: StateStore, rows: Sequence[DeadLetterRow]
+) -> AsyncIterator[list[DeadLetterRow]]:
+    """``rows`` (a page, read without payloads) with their payloads, in parts of at most
+    :data:`PAGE_CHARS` (one larger row alone); a row gone meanwhile is left out."""
+    lengths = await store.payload_lengths([r.id for r in rows])
+    part: list[int] = []
+    size = 0
+    for row in rows:
+        n = lengths.get(row.id)
+        if n is None:
+            continue
+        if part and size + n > PAGE_CHARS:
+            if got := await store.dead_letters(ids=part, payloads=True):
+                yield got
+            part, size = [], 0
+        part.append(row.id)
+        size += n
+    if part and (got := await store.dead_letters(ids=part, payloads=True)):
+        yield got
 
 
 ReplayPages = AsyncIterator[tuple[list[DeadLetterRow], dict[tuple[str, str], int]]]

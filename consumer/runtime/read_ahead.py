@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
+
 class ReadAheadFailed(Exception):
     """Raised to the reader where reading ahead failed (a bug): the frame it was handling was
     taken off the connection and is in no outcome, so the session ends there, as when the

@@ -113,6 +113,11 @@ class StateStore(Protocol):
         and a command holds a page, not the queue."""
         ...
 
+    async def payload_lengths(self, ids: Sequence[int]) -> dict[int, int]:
+        """The length of each of these dead letters' payloads, in characters (about: bytes in
+        PostgreSQL), those gone meanwhile absent: what a replay reads payloads in parts by."""
+        ...
+
     async def oldest_outside(
         self,
         keys: Sequence[tuple[str, str]],

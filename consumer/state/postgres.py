@@ -672,6 +672,16 @@ class PostgresStore:
         return [_dead_letter(row) for row in rows]
 
     @_translated("reading dead letters")
+    async def payload_lengths(self, ids: Sequence[int]) -> dict[int, int]:
+        # octet_length: the stored size, without decompressing (a bound on the characters)
+        rows = await self._pool.fetch(
+            f"SELECT id, octet_length(payload) FROM {self._s}.dead_letters "
+            "WHERE id = ANY($1::bigint[])",
+            list(ids),
+        )
+        return {int(r[0]): int(r[1]) for r in rows}
+
+    @_translated("reading dead letters")
     async def oldest_outside(
         self,
         keys: Sequence[tuple[str, str]],

@@ -361,6 +361,13 @@ class SqliteStore:
         return found
 
     @_translated
+    async def payload_lengths(self, ids: Sequence[int]) -> dict[int, int]:
+        async with self._r.execute(
+            f"SELECT id, length(payload) FROM dead_letters WHERE id IN {_IDS}", (_ids(ids),)
+        ) as cur:
+            return {int(i): int(n) for i, n in await cur.fetchall()}
+
+    @_translated
     async def sink_state(self, sink: str) -> str | None:
         async with self._r.execute("SELECT state FROM sink_state WHERE sink = ?", (sink,)) as cur:
             row = await cur.fetchone()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import uuid
 from pathlib import Path
@@ -200,6 +201,40 @@ async def test_the_commands_read_no_more_than_a_page_at_once(
     assert counted, "the commands read through the store they open"
     assert max(n for n, _ in counted) <= 4  # a page: 23 dead letters, and none read at once
     assert max(p for _, p in counted) <= 4
+
+
+async def test_a_replay_holds_a_bounded_size_of_payloads_whatever_a_page_holds(
+    config: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Big dead letters (here 100,000 characters each, the bound 250,000): a page's payloads
+    are read in parts within the bound, whatever the page's row count. Before, a page of 200
+    rows held its 200 payloads at once (gigabytes for events near max_frame_bytes)."""
+    big = json.dumps([{"newValue": "x" * 100_000}])
+    letters = [
+        dataclasses.replace(d, payload=d.payload.replace('"detail": []', f'"detail": {big}'))
+        for d in (letter(i) for i in range(1, 8))
+    ]
+    assert all(len(d.payload) > 100_000 for d in letters)
+    await seed(config, letters)
+    held: list[int] = []
+    opened = dlq.open_store
+
+    class Measured(Counted):
+        async def dead_letters(self, *args: Any, **kwargs: Any) -> list[DeadLetterRow]:
+            rows: list[DeadLetterRow] = await self._store.dead_letters(*args, **kwargs)
+            held.append(sum(len(r.payload) for r in rows))
+            return rows
+
+    async def measuring(*args: Any, **kwargs: Any) -> Any:
+        return Measured(await opened(*args, **kwargs), [])
+
+    monkeypatch.setattr(dlq, "open_store", measuring)
+    monkeypatch.setattr(dlq, "PAGE_CHARS", 250_000, raising=False)
+    code, out, err = await cli(capsys, "dlq", "replay", "--all", "--json", "--config", str(config))
+    assert code == 0, err
+    assert [o["result"] for o in json.loads(out)] == ["delivered"] * 7
+    assert pysink.delivered_ids() == [f"uid-{i}" for i in range(1, 8)]
+    assert 100_000 < max(held) <= 250_000, held
 
 
 @pytest.mark.parametrize("dry_run", [False, True])
