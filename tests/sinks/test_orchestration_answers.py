@@ -13,7 +13,7 @@ import pytest
 from bus_events import event
 from log_capture import log_records
 from receiver import Received, Receiver, Reply
-from support import make_settings
+from support import make_settings, serving
 
 from consumer.config import OrchestrationSettings
 from consumer.errors import PermanentSinkError, TransientSinkError
@@ -247,9 +247,7 @@ async def test_a_refusal_whose_body_is_cut_short_is_still_a_refusal(
         finally:
             writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    async with server, aiohttp.ClientSession() as http:
-        port = server.sockets[0].getsockname()[1]
+    async with serving(handle) as port, aiohttp.ClientSession() as http:
         orch = orchestrator(tmp_path, http, _Port(port), max_attempts=6)  # type: ignore[arg-type]
         with pytest.raises(PermanentSinkError, match=f"HTTP {status}") as info:
             await orch.enrich("main", [event(1)])

@@ -23,6 +23,7 @@ from support import (
     make_settings,
     newest_offset,
     running,
+    serving,
     truth_ids,
     untrusted_tls_server,
     wait_until,
@@ -479,6 +480,13 @@ async def slow_reader(
             stop.set()
 
 
+async def read_post(reader: asyncio.StreamReader) -> bytes:
+    """One request from a receiver's socket: its head, in lower case (its body read past)."""
+    head = (await reader.readuntil(b"\r\n\r\n")).lower()
+    await reader.readexactly(int(head.split(b"content-length:")[1].split(b"\r\n")[0]))
+    return head
+
+
 def big_events(count: int, each: int) -> list[Event]:
     return [event(i)._replace(text=b'{"big":"' + b"x" * each + b'"}') for i in range(count)]
 
@@ -526,17 +534,13 @@ async def test_a_2xx_whose_body_is_cut_short_is_delivered_once(client: aiohttp.C
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal posts
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-        await reader.readexactly(length)
+        await read_post(reader)
         posts += 1
         writer.write(b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"ok": true}')
         await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    async with server:
-        port = server.sockets[0].getsockname()[1]
+    async with serving(handle) as port:
         sink = await opened(settings(f"http://127.0.0.1:{port}/hook", timeout_s=5), client)
         async with asyncio.timeout(30):
             await sink.write("main", [event(1)])
@@ -557,10 +561,8 @@ async def test_an_answer_nobody_asked_for_is_never_taken_as_the_next_ones(
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-                await reader.readexactly(length)
-                keys.append(head.lower().split(b"idempotency-key: ")[1].split(b"\r\n")[0])
+                head = await read_post(reader)
+                keys.append(head.split(b"idempotency-key: ")[1].split(b"\r\n")[0])
                 writer.write(ok)
                 await writer.drain()
                 if len(keys) == 1:
@@ -576,9 +578,7 @@ async def test_an_answer_nobody_asked_for_is_never_taken_as_the_next_ones(
         pooled = client.connector._conns.values() if client.connector else []
         return any(proto.should_close for conns in pooled for proto, _ in conns)
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    async with server:
-        port = server.sockets[0].getsockname()[1]
+    async with serving(handle) as port:
         sink = await opened(settings(f"http://127.0.0.1:{port}/hook", timeout_s=5), client)
         async with asyncio.timeout(30):
             await sink.write("main", [event(1)])
@@ -633,9 +633,7 @@ async def test_a_refusal_whose_body_is_cut_short_is_still_a_refusal(
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-            await reader.readexactly(length)
+            await read_post(reader)
             writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 100\r\n\r\n")
             writer.write(b"rejected: Bearer " + TOKEN[:12].encode())
             await writer.drain()
@@ -644,9 +642,7 @@ async def test_a_refusal_whose_body_is_cut_short_is_still_a_refusal(
         finally:
             writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    async with server:
-        port = server.sockets[0].getsockname()[1]
+    async with serving(handle) as port:
         url = f"http://127.0.0.1:{port}/hook"
         sink = await opened(settings(url, timeout_s=0.5, auth="bearer", token=TOKEN), client)
         with pytest.raises(PermanentSinkError) as info:
