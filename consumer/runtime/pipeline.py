@@ -217,7 +217,7 @@ class StreamPipeline:
         # worker retrying an event holds the prefix, while the others, free to take the events
         # of other resources, would let the reader read on for good. Far above what a healthy
         # stream holds (the queues, what the workers write, what is done behind them).
-        self._in_flight_max = max(4, 2 * self._capacity + 2 * workers * batch_max + HANDOVER)
+        self._in_flight_max = 2 * self._capacity + 2 * workers * batch_max + HANDOVER
         self._behind = False  # in flight past _in_flight_max (seen at the last hand-over)
         self._ready = [asyncio.Event() for _ in range(workers)]  # its queue has events
         self._queued = 0  # events in the queues, not yet taken by a worker
