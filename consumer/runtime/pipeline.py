@@ -393,6 +393,8 @@ class StreamPipeline:
         not memory. Its copy and reason were masked by the session (``scrub``) before they
         were cut: masked here, a secret across the cut would leave its start."""
         self._flush()  # the events read before it come first
+        if self._behind:  # each takes a slot behind the unfinished event too
+            await self.room()
         await self._committer.wait_capacity()
         seq = self._committer.arrived(self.stream, None)
         self._committer.dead_letter(

@@ -993,15 +993,24 @@ async def test_one_stuck_event_stops_the_reader_however_the_others_hash(tmp_path
         bound = pipeline._in_flight_max
         read = [ev(0, key="slow")] + [ev(i, key=keys[i % len(keys)]) for i in range(1, 20 * bound)]
 
-        async def reader() -> None:
-            for event in read:
-                await pipeline.put(event)
+        taken = [0]
+
+        async def reader() -> None:  # from where it was (a put cancelled has added its event)
+            while taken[0] < len(read):
+                taken[0] += 1
+                await pipeline.put(read[taken[0] - 1])
 
         reading = asyncio.create_task(reader())
         await wait_until(lambda: reading.done() or pipeline.in_flight >= bound)
         await still_pending(reading)  # the reader waits for the held event
         assert bound <= pipeline.in_flight <= bound + HANDOVER
+        reading.cancel()  # a malformed frame read now waits too: it takes a slot as well
+        malformed = asyncio.create_task(pipeline.put_malformed(bad("x", "invalid JSON")))
+        await still_pending(malformed)
         sink.hold["slow"].set()
+        async with asyncio.timeout(WAIT_S):
+            await malformed
+        reading = asyncio.create_task(reader())
         async with asyncio.timeout(WAIT_S):
             await reading
         await drained(pipeline)
