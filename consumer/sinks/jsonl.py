@@ -87,7 +87,7 @@ import structlog
 from ..core.events import Event
 from ..core.printable import printable
 from ..core.records import Staged
-from ..core.rotation import SEQ_DIGITS, Rotation
+from ..core.rotation import SEQ_DIGITS, PatternError, Rotation
 from ..errors import SinkLost, SinkUnusable, TransientSinkError
 from ..files import DISK_FIX, identity, identity_at, make_dirs, may_clear
 from .base import serialized
@@ -127,6 +127,8 @@ class _Committed(NamedTuple):
     # the inode of the file it names: None in a position from before they were recorded.
     where: str | None = None
     ino: int | None = None
+    # The rotate_name its series was named by then: None in a position from before it was.
+    pattern: str | None = None
 
 
 class _Heard(NamedTuple):
@@ -335,6 +337,15 @@ class JsonlSink:
             # None: a file of that name made by anyone else stops the start, it is not emptied.
             return self._open_file(rot.name(seq, started), seq, started, None, foreign)
         self._refuse_heard_past(c, ours)  # before anything is deleted or cut
+        if c.pattern is not None and c.pattern != rot.pattern:
+            # rotate_name changed since that commit: the files made after it under the name
+            # it had are this series' too, and as uncommitted (left, their events came twice).
+            with contextlib.suppress(PatternError):
+                named = {n for _, n in ours}
+                ours = ours + [
+                    f for f in _scan(self._dir, Rotation(c.pattern, max_bytes=1))
+                    if f[1] not in named
+                ]  # fmt: skip
         newer = sorted(((s, n) for s, n in ours if s > c.seq and n != c.file), reverse=True)
         for _, name in [] if self._dry else newer:
             # Numbered after the committed file: created after the last commit.
@@ -639,7 +650,15 @@ class JsonlSink:
         ino = tail.identity[1] or None  # None: a rotated file the next write-out creates
         if self._rotation is None:
             return _encode_plain(self._where, ino, length)
-        return _encode(tail.name, tail.seq, length, tail.started, where=self._where, ino=ino)
+        return _encode(
+            tail.name,
+            tail.seq,
+            length,
+            tail.started,
+            where=self._where,
+            ino=ino,
+            pattern=self._rotation.pattern,
+        )
 
     def committed(self, position: str) -> None:
         with contextlib.suppress(SinkUnusable):  # stopped meanwhile: the next sync says so
@@ -939,7 +958,9 @@ def adopt_position(path: Path, rotation: Rotation | None, now: float) -> Adoptio
         st = newest.stat()
         length = _complete_length(newest, st.st_size)
         started = rotation.started_at(st.st_mtime)
-        position = _encode(name, seq, length, started, where=where, ino=st.st_ino)
+        position = _encode(
+            name, seq, length, started, where=where, ino=st.st_ino, pattern=rotation.pattern
+        )
         return Adoption(newest, length, position, st.st_size - length)
     try:
         st = path.stat()
@@ -949,7 +970,15 @@ def adopt_position(path: Path, rotation: Rotation | None, now: float) -> Adoptio
     length = _complete_length(path, size)
     if rotation is None:
         return Adoption(path, length, _encode_plain(where, ino, length), size - length)
-    position = _encode(path.name, 0, length, rotation.started_at(now), where=where, ino=ino)
+    position = _encode(
+        path.name,
+        0,
+        length,
+        rotation.started_at(now),
+        where=where,
+        ino=ino,
+        pattern=rotation.pattern,
+    )
     return Adoption(path, length, position, size - length)
 
 
@@ -1111,13 +1140,16 @@ def _scan(folder: Path, rot: Rotation) -> list[tuple[int, str]]:
     return found
 
 
-def _encode(name: str, seq: int, length: int, started: int, *, where: str, ino: int | None) -> str:
+def _encode(
+    name: str, seq: int, length: int, started: int, *, where: str, ino: int | None, pattern: str
+) -> str:
     doc: dict[str, object] = {
         "file": name,
         "seq": seq,
         "length": length,
         "started": started,
         "path": where,
+        "pattern": pattern,
     }
     if ino is not None:
         doc["ino"] = ino
@@ -1170,6 +1202,7 @@ def _parse(committed: str | None, path: Path) -> _Committed | None:
             raise refused
         return _Committed(None, 0, length, None, where, ino)
     name, seq, length, started = (doc.get(k) for k in ("file", "seq", "length", "started"))
+    pattern = doc.get("pattern")
     if not (
         isinstance(name, str)
         and name not in ("", ".", "..")
@@ -1179,9 +1212,10 @@ def _parse(committed: str | None, path: Path) -> _Committed | None:
         and _count(seq)
         and _count(length)
         and (started is None or _count(started))
+        and (pattern is None or (isinstance(pattern, str) and 0 < len(pattern) <= 255))
     ):
         raise refused
-    return _Committed(name, seq, length, started, where, ino)
+    return _Committed(name, seq, length, started, where, ino, pattern)
 
 
 def _numbered(name: str, seq: int, path: Path, suffix: str) -> bool:

@@ -114,6 +114,7 @@ async def test_rotation_by_size_keeps_files_under_the_limit_in_numbered_order(
             "length": 0,
             "started": T0,
             "path": str(path),
+            "pattern": PATTERN,
         }
         for i in range(0, 10, 2):
             await sink.write("main", [event(i), event(i + 1)])
@@ -134,6 +135,7 @@ async def test_rotation_by_size_keeps_files_under_the_limit_in_numbered_order(
         "length": 2 * LINE,
         "started": int(T0) + 4,
         "path": str(path),
+        "pattern": PATTERN,
         "ino": files[-1].stat().st_ino,
     }
 
@@ -723,7 +725,7 @@ async def test_adopt_records_the_newest_rotated_file(tmp_path: Path) -> None:
     )
     assert adopt_position(path, rot, T0)[2] == json.dumps(
         {"file": "events.jsonl", "seq": 0, "length": 0, "started": int(T0), "path": str(path)}
-        | {"ino": 0},
+        | {"pattern": PATTERN, "ino": 0},
         separators=(",", ":"),
     )
     for seq in (3, 12, 7):
@@ -798,6 +800,32 @@ async def test_the_daemon_rotates_and_retains_from_its_configuration(
         mine = [e["metadata"]["uniqueEventId"] for e in lines if e["primaryKey"] == key]
         theirs = [e["metadata"]["uniqueEventId"] for e in truth_events if e["primaryKey"] == key]
         assert mine == theirs[-len(mine) :]
+
+
+async def test_files_made_after_the_commit_under_a_rotate_name_changed_since_are_removed(
+    tmp_path: Path,
+) -> None:
+    """A crash left files no commit covers (numbered after the committed one), then the
+    operator changed rotate_name: they are found under the name the committed position
+    records, and removed as the current name's are; the committed file is cut. Before, they
+    stayed, and the replay wrote their events again into files of the new name."""
+    before = Rotation("old-%Y%m%d.jsonl", max_bytes=3 * LINE)
+    names = [before.name(seq, int(T0)) for seq in (1, 2, 3)]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x\nyz\n")
+    unrelated = tmp_path / "other-20240101.000002.log"  # another suffix: not of the series
+    unrelated.write_bytes(b"precious")
+    committed = {"file": names[0], "seq": 1, "length": 2, "pattern": before.pattern}
+    sink = JsonlSink(tmp_path / "events.jsonl", rotation=rotation(), clock=Clock())
+    await sink.open(json.dumps(committed))
+    try:
+        assert sink.current == tmp_path / names[0]
+        assert (tmp_path / names[0]).read_bytes() == b"x\n"
+        assert not (tmp_path / names[1]).exists() and not (tmp_path / names[2]).exists()
+        assert unrelated.read_bytes() == b"precious"
+        assert json.loads(sink.position() or "")["pattern"] == PATTERN  # recorded from now on
+    finally:
+        await sink.close()
 
 
 async def test_a_committed_position_naming_a_file_outside_the_series_is_refused(
