@@ -331,7 +331,6 @@ async def _replay(
             await open_sink(sink, store, st.path)
             committer = Committer(store, sink, max_events=1_000_000, interval_s=1.0)
             outcomes = _Outcomes(committer, settings, failed_keys, on_outcome)
-            lost = False
             down = 0  # rows in a row that failed transiently
             try:
                 done = 0
@@ -342,20 +341,7 @@ async def _replay(
                         if skip is None and row.stream not in settings.streams:
                             skip = _unusable(row, _UNKNOWN_STREAM, failed_keys)
                         if skip is None:
-                            try:
-                                for lock in locks:
-                                    await lock.confirm()
-                            except (LeaseHeld, StoreError) as exc:
-                                lost = True
-                                outcomes.abandon(
-                                    "delivered, but the replay's lock was lost before the "
-                                    "commit recording it: it stays in the DLQ"
-                                )
-                                raise ReplayRefused(
-                                    "the replay's lock on the state store was lost (its "
-                                    f"PostgreSQL session ended) and is not ours again: "
-                                    f"{describe(exc)}; stopped, the rest stays in the DLQ"
-                                ) from None
+                            await _confirmed(locks, outcomes)
                         if skip is not None:
                             outcomes.outcome(skip)
                         else:
@@ -376,8 +362,7 @@ async def _replay(
                             await outcomes.flush()
             finally:
                 try:  # what was delivered is recorded however the loop ended (^C too)
-                    if not lost:
-                        await outcomes.flush(last=True)
+                    await outcomes.flush(last=True)
                 finally:
                     await sink.close()
         finally:
@@ -386,6 +371,23 @@ async def _replay(
     finally:
         if held is not None:
             await held.release()
+
+
+async def _confirmed(locks: Sequence[Held], outcomes: _Outcomes) -> None:
+    """Before a write: the replay's locks still ours (see :func:`_replay`). Else what was
+    delivered since the last commit is abandoned, and :class:`ReplayRefused`."""
+    try:
+        for lock in locks:
+            await lock.confirm()
+    except (LeaseHeld, StoreError) as exc:
+        outcomes.abandon(
+            "delivered, but the replay's lock was lost before the commit recording it: it "
+            "stays in the DLQ"
+        )
+        raise ReplayRefused(
+            "the replay's lock on the state store was lost (its PostgreSQL session ended) and "
+            f"is not ours again: {describe(exc)}; stopped, the rest stays in the DLQ"
+        ) from None
 
 
 async def _one(
@@ -452,6 +454,7 @@ class _Outcomes:
         self._failed_keys = failed_keys
         self._on_outcome = on_outcome
         self._held: list[Outcome] = []
+        self._abandoned = False
         self._letters: dict[tuple[str, str], DeadLetter] = {}  # (stream, uid) -> set aside
         for stream in settings.streams:  # parks: a resource's order holds, as in the daemon
             committer.on_set_aside(stream, self._heard, parks=True)
@@ -467,13 +470,17 @@ class _Outcomes:
             self._give()
 
     def abandon(self, why: str) -> None:
-        """No commit for the outcomes held: given on, each delivery with ``why``."""
+        """No commit for the outcomes held, nor any later: given on, each delivery with
+        ``why``."""
+        self._abandoned = True
         self._give(why)
 
     async def flush(self, *, last: bool = False) -> None:
         """Commit; the outcomes held for it given on, as it settled them. When it fails they
         stay held for the ``last`` one, which sends the same batch again (the committer keeps
-        what it was unsure of): said as that one settles them."""
+        what it was unsure of): said as that one settles them. Nothing once abandoned."""
+        if self._abandoned:
+            return
         try:
             await self._committer.flush()
         except BaseException:
