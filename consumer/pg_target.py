@@ -29,13 +29,15 @@ import re
 import ssl
 from collections.abc import Sequence
 from pathlib import Path
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import parse_qsl, unquote, unquote_plus
 
 from .core.evidence import masked
 
 DEFAULT_PORT = 5432
 _MAX_MESSAGE = 300  # of a server's error text in our messages (it may quote event data)
-_SCHEMES = ("postgresql", "postgres")
+SCHEMES = ("postgresql", "postgres")
+# libpq's parameters whose value is a secret (a DSN may hold each, also in its query).
+SECRET_PARAMETERS = frozenset(("password", "sslpassword", "oauth_client_secret"))
 UNKNOWN_SERVER = "(server not shown: the DSN does not parse)"
 # Startup settings of every pool that writes what we count as done (the state store's, the
 # sink's): an acknowledged commit is on the server's disk. A database or role set to
@@ -179,20 +181,26 @@ class Target:
         # Where the driver ends the authority: it must hold every '@' there is (at most one).
         authority = re.split("[/?#]", rest, maxsplit=1)[0]
         self.parsable = (
-            bool(sep)
-            and scheme.lower() in _SCHEMES
-            and rest.count("@") == authority.count("@") <= 1
+            bool(sep) and scheme.lower() in SCHEMES and rest.count("@") == authority.count("@") <= 1
         )
         password = userinfo.partition(":")[2]
         hostpart, _, query = hostpart.partition("?")
         hostpart = hostpart.partition("#")[0]
         netloc, _, database = hostpart.partition("/")
         params = dict(parse_qsl(query, keep_blank_values=True))
-        # The query as the driver reads it (from the first '?') may hold an '@' of a password.
-        drivers = dict(parse_qsl(rest.partition("?")[2], keep_blank_values=True))
-        for pw in (password, params.get("password", ""), drivers.get("password", "")):
+        # Each secret parameter's value as written and as decoded (an error may quote either),
+        # of the query after the host and of the query as the driver reads it (from the first
+        # '?': it may hold an '@' of a password).
+        given = [
+            value
+            for raw in (query, rest.partition("?")[2])
+            for part in raw.split("&")
+            for name, _, value in [part.partition("=")]
+            if unquote_plus(name).lower() in SECRET_PARAMETERS
+        ]
+        for pw in (password, *given):
             if pw:
-                self.secrets |= {pw, unquote(pw)}
+                self.secrets |= {pw, unquote(pw), unquote_plus(pw)}
         server = netloc or params.get("host", "") or "localhost"
         if "," not in server and not server.startswith("/"):  # one host, not a socket dir
             if not server.rpartition("]")[2].partition(":")[1]:  # no port written

@@ -20,6 +20,8 @@ from pydantic import AfterValidator, PlainSerializer, SecretStr
 
 from ..core.printable import printable
 from ..logs import MASK, MIN_SECRET_CHARS
+from ..pg_target import SCHEMES as DSN_SCHEMES
+from ..pg_target import SECRET_PARAMETERS as DSN_SECRET_PARAMETERS
 
 # Whether a header or query parameter name looks like it carries a credential
 # (:func:`is_secret_name`): then its value is masked in repr, check-config and logs (an
@@ -84,8 +86,6 @@ _WORD = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
 # as a server setting): in a DSN's query only these are secrets. The others are the driver's
 # and the server's settings (sslmode=require, target_session_attrs=any, application_name):
 # no value of theirs is refused for its length or masked in the logs.
-DSN_SECRET_PARAMETERS = frozenset(("password", "sslpassword", "oauth_client_secret"))
-_DSN_SCHEMES = ("postgresql", "postgres")  # as consumer.pg_target
 # RFC 9110 section 5.6.2: a field name is a token.
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _HTTP_SCHEMES = ("http", "https")
@@ -167,12 +167,12 @@ def is_secret_name(name: str) -> bool:
 def is_dsn(url: str) -> bool:
     """A PostgreSQL DSN (postgresql://, postgres://): its query parameters are libpq's."""
     scheme, sep, _ = str(url).partition("://")
-    return bool(sep) and scheme.lower() in _DSN_SCHEMES
+    return bool(sep) and scheme.lower() in DSN_SCHEMES
 
 
 def is_secret_parameter(name: str, *, dsn: bool) -> bool:
     """A query parameter of a URL (``dsn``: of a PostgreSQL DSN) whose value is a secret: in a
-    DSN libpq's secret parameters (DSN_SECRET_PARAMETERS), elsewhere a secret-looking name
+    DSN libpq's secret parameters (pg_target.SECRET_PARAMETERS), elsewhere a secret-looking name
     (:func:`is_secret_name`). ``name`` is percent-decoded."""
     return name.lower() in DSN_SECRET_PARAMETERS if dsn else is_secret_name(name)
 

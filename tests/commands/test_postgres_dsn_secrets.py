@@ -254,3 +254,17 @@ async def test_status_shows_no_piece_of_a_password_the_server_quotes_again_and_a
     assert code != 0 and "***" in out + err, (out, err)
     leaked = [p for p in eights(REPEATED) if p in out + err]
     assert not leaked, f"a piece of the state DSN's password is shown: {out + err!r}"
+
+
+@pytest.mark.parametrize("name", ["sslpassword", "oauth_client_secret", "SSLPassword"])
+def test_every_secret_parameter_of_the_query_is_masked_as_written_and_decoded(name: str) -> None:
+    """Not only ``password=``: a DSN may carry libpq's other secrets in its query (the client
+    key's pass phrase, an OAuth client secret), and an error may quote one percent-encoded or
+    decoded. Before, only ``password`` was known to :class:`Target`."""
+    secret = "Hq8v Key@Pw9z/Tx"
+    dsn = f"postgresql://app@{SERVER}?sslmode=require&{name}={quote(secret, safe='')}"
+    target = Target(dsn)
+    for quoted_as in (secret, quote(secret, safe="")):
+        said = target.describe(RuntimeError(f"could not use {quoted_as!s} for the key"))
+        assert quoted_as not in said and "***" in said, said
+    assert target.where == SERVER
