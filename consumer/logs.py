@@ -9,6 +9,7 @@ text from outside is escaped before it is printed (:func:`escape_for_console`).
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import sys
@@ -18,7 +19,7 @@ from typing import Any, TextIO
 
 import structlog
 
-from .core.evidence import scrub_with
+from .core.evidence import describe, masked, scrub_with
 from .core.printable import printable
 
 MASK = "***"
@@ -30,6 +31,8 @@ TOKEN_GRACE_S = 3600.0
 # than the live ones (one or two a stream) of a hundred streams, and bounded whatever the
 # endpoint does: every line is scrubbed of each (4,096 cost ~3 ms a log line, measured).
 MAX_TOKENS = 256
+# Of a value that is neither text nor a number (its repr): as much as a log line needs.
+OTHER_VALUE_CHARS = 2000
 
 
 # Encoders that write more as \\uXXXX than JSON needs, and their hex's case: .NET's
@@ -54,6 +57,29 @@ def json_escaped_forms(secret: str) -> list[str]:
     return list(dict.fromkeys(forms))
 
 
+# A secret's base64 is masked only where it is long enough to mean it (of an 8-character
+# secret at least).
+MIN_BASE64_CHARS = 8
+
+
+def base64_forms(secret: str) -> list[str]:
+    """What any base64 (standard or URL-safe) of a text holding ``secret`` holds of it, at
+    each of the three places a byte can start in a group of three: the characters made of
+    its bytes alone. A request echoed as base64 (``Authorization: Bearer <token>`` inside)
+    holds the token's bytes at an offset that is not a multiple of three, so not the token's
+    own base64."""
+    data = secret.encode()
+    forms = []
+    for skip in range(3):
+        encoded = base64.b64encode(bytes(skip) + data).decode()
+        # The characters whose six bits are all of the secret's bytes.
+        start, end = -(-8 * skip // 6), (8 * (skip + len(data))) // 6
+        core = encoded[start:end]
+        if len(core) >= MIN_BASE64_CHARS:
+            forms += [core, core.replace("+", "-").replace("/", "_")]
+    return list(dict.fromkeys(forms))
+
+
 def _escaped(secret: str, chars: str, *, upper: bool) -> str:
     """``secret`` as an encoder writes it that escapes ``chars``, controls and non-ASCII as
     ``\\uXXXX`` (``upper``: upper-case hex; surrogate pairs for the astral plane)."""
@@ -69,6 +95,11 @@ def _escaped(secret: str, chars: str, *, upper: bool) -> str:
         else:
             out.append(c)
     return "".join(out)
+
+
+def secret_forms(secret: str) -> list[str]:
+    """Every form of ``secret`` masked: as JSON may escape it, and inside any base64."""
+    return json_escaped_forms(secret) + base64_forms(secret)
 
 
 class Redactor:
@@ -87,9 +118,7 @@ class Redactor:
         self._ordered: tuple[str, ...] = ()  # all of them, longest first
 
     def add(self, *values: str | None) -> None:
-        forms = [
-            f for v in values if v and len(v) >= MIN_SECRET_CHARS for f in json_escaped_forms(v)
-        ]
+        forms = [f for v in values if v and len(v) >= MIN_SECRET_CHARS for f in secret_forms(v)]
         self._static = self._static.union(forms)
         self._order()
 
@@ -103,7 +132,7 @@ class Redactor:
         tokens = {t: kept for t, kept in self._tokens.items() if kept[0] > now}
         if value in tokens:
             forget_at = max(forget_at, tokens[value][0])
-        tokens[value] = (forget_at, json_escaped_forms(value))
+        tokens[value] = (forget_at, secret_forms(value))
         while len(tokens) > self._max_tokens:
             del tokens[min(tokens, key=lambda t: tokens[t][0])]
         self._tokens = tokens
@@ -123,7 +152,19 @@ class Redactor:
             return {k: self.scrub(v) for k, v in value.items()}
         if isinstance(value, list | tuple):
             return [self.scrub(v) for v in value]
-        return value
+        if value is None or isinstance(value, bool | int | float):
+            return value
+        # Anything else the renderers write as its repr (JSON's fallback, the console's): an
+        # exception, bytes, an object holding a secret. Written here, masked before the cut.
+        if isinstance(value, BaseException):
+            return describe(value, self.scrub)
+        if isinstance(value, bytes | bytearray | memoryview):
+            return masked(bytes(value), OTHER_VALUE_CHARS, self.scrub)
+        try:
+            text = repr(value)
+        except Exception:  # a __repr__ that fails on what it holds
+            text = f"<{type(value).__name__}>"
+        return masked(text, OTHER_VALUE_CHARS, self.scrub)
 
     def __call__(
         self, logger: Any, method: str, event_dict: MutableMapping[str, Any]

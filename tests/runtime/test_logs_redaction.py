@@ -213,3 +213,60 @@ def test_console_lines_have_colours_on_a_terminal_only() -> None:
         os.close(reader)
         os.close(writer)
     assert "to a terminal" in shown and re.search(r"\x1b\[[0-9;]*m", shown), shown
+
+
+class _Holder:
+    def __init__(self, held: str) -> None:
+        self.held = held
+
+    def __repr__(self) -> str:
+        return f"_Holder({self.held!r})"
+
+
+def test_a_value_that_is_not_text_is_masked_as_it_is_written() -> None:
+    """The renderers write a value that is neither text nor a number as its repr (JSON's
+    fallback, the console's): an exception, bytes or an object holding a secret were written
+    unmasked (the redactor looked into str, dict, list and tuple only). Each is now masked,
+    and bounded: a megabyte of bytes is not written whole."""
+    secret = "non-text-secret-Qz81xv"
+    REDACTOR.add(secret)
+    values = {
+        "error": RuntimeError(f"refused {secret}"),
+        "frame": f'{{"token": "{secret}"}}'.encode() + b"x" * 1_000_000,
+        "held": _Holder(secret),
+        "nested": {"in": [bytearray(secret.encode()), (ValueError(secret),)]},
+    }
+    for fmt in ("json", "console"):
+        with captured_logs(fmt) as out:
+            structlog.get_logger("t").warning("values", count=3, flag=True, **values)
+        text = out.getvalue()
+        assert secret not in text and secret[:8] not in text, text[:500]
+        assert text.count(MASK) >= 5, text[:500]
+        assert "refused" in text and "_Holder" in text and len(text) < 20_000
+    with captured_logs("json") as out:
+        structlog.get_logger("t").warning("values", count=3, flag=True, ratio=0.5, none=None)
+    line = json.loads(out.getvalue())
+    assert (line["count"], line["flag"], line["ratio"], line["none"]) == (3, True, 0.5, None)
+
+
+def test_a_token_inside_text_echoed_as_base64_is_masked() -> None:
+    """A receiver echoing the request as base64 (a debugging endpoint, a gateway's
+    isBase64Encoded body) holds the token's bytes after ``Authorization: Bearer ``: at an offset
+    that is not a multiple of three, so not the token's own base64. Every alignment, standard
+    and URL-safe, is masked; what is left either side cannot spell the token."""
+    import base64
+
+    token = "eyJhbGciOiJSUzI1NiJ9.b64-echoed-token_Wq7"
+    redactor = Redactor()
+    redactor.add_token(token, 60.0)
+    for before in ("", "a", "ab", "Authorization: Bearer "):
+        for encode in (base64.b64encode, base64.urlsafe_b64encode):
+            echoed = encode(f"{before}{token}\r\nHost: x".encode()).decode()
+            shown = redactor.scrub(f"echo: {echoed}")
+            assert MASK in shown, shown
+            for kept in shown.removeprefix("echo: ").split(MASK):
+                for start in range(4):  # each place a group of four may start at
+                    whole = kept[start:][: (len(kept) - start) // 4 * 4].replace("=", "A")
+                    decoded = base64.b64decode(whole.replace("-", "+").replace("_", "/"))
+                    assert token[:4].encode() not in decoded, (shown, decoded)
+                    assert token[-4:].encode() not in decoded, (shown, decoded)
