@@ -36,7 +36,7 @@ from ..core.retry_after import RETRY_STATUSES, WaitRetryAfter, retry_after_secon
 from ..core.unreachable import reason
 from ..errors import AuthError
 from ..http_client import TRANSPORT_ERRORS, basic_auth, read_at_most, wire_url, with_deadline
-from ..logs import MASK, MIN_SECRET_CHARS, REDACTOR, json_escaped_forms
+from ..logs import MASK, MIN_SECRET_CHARS, REDACTOR, secret_forms
 
 log = structlog.get_logger(__name__)
 
@@ -295,8 +295,9 @@ def _unusable(token: str) -> str | None:
         return f"length {len(token)}, not {low} to {high}"
     if not (token.isascii() and token.isprintable()) or " " in token:
         return "a space, control or non-ASCII character in it"
-    if max(map(len, json_escaped_forms(token))) > SCRUB_MARGIN:
-        # An error text cut for a log line is masked SCRUB_MARGIN past the cut: a token
-        # longer than that (as an encoder may escape it) across the cut would show its start.
+    if max(map(len, secret_forms(token))) > SCRUB_MARGIN:
+        # An error text cut for a log line is masked SCRUB_MARGIN past the cut: a token longer
+        # than that (as an encoder may escape it, or inside a base64) across the cut would
+        # show its start.
         return f"longer than the {SCRUB_MARGIN} characters a log line's masking reaches"
     return None

@@ -71,7 +71,7 @@ from ..http_client import (
     read_at_most,
     wire_url,
 )
-from ..logs import MASK, REDACTOR, json_escaped_forms
+from ..logs import MASK, REDACTOR, secret_forms
 from .base import PlainSink, serialized, took
 
 EXCERPT_CHARS = 300  # of an answer's body, in the error (scrubbed first: error_excerpt)
@@ -143,10 +143,11 @@ class WebhookSink(PlainSink):
         self._registered = [
             s for s in dict.fromkeys(secrets) if s not in query or len(s) >= MIN_QUERY_SECRET_CHARS
         ]
-        # Also as a JSON string holds them (a receiver echoing the request as JSON, "\/" and
-        # all); longest first, so that a secret containing another is masked whole.
+        # Also as a JSON string or a base64 holds them (a receiver echoing the request as
+        # JSON, "\/" and all, or as base64); longest first, so that a secret containing
+        # another is masked whole.
         self._secrets = sorted(
-            {form for s in self._registered for form in json_escaped_forms(s)},
+            {form for s in self._registered for form in secret_forms(s)},
             key=len,
             reverse=True,
         )
@@ -168,7 +169,7 @@ class WebhookSink(PlainSink):
         self._conflicted: OrderedDict[str, float] = OrderedDict()
 
     async def open(self, committed: str | None) -> None:
-        REDACTOR.add(*self._registered)  # which adds their JSON forms itself
+        REDACTOR.add(*self._registered)  # which adds their other forms itself
 
     async def close(self) -> None:
         self._deadlines.close()
