@@ -3,8 +3,9 @@
 Every line, ours and the libraries' (websockets, aiohttp via the stdlib bridge), passes through
 :class:`Redactor`, which masks any registered secret (app keys and their hashes, client
 secrets, passwords, access tokens) wherever it appears, exception text included, also as a
-JSON string escapes it (a receiver or endpoint echoing a request as JSON). On a terminal,
-text from outside is escaped before it is printed (:func:`escape_for_console`).
+JSON string escapes it (a receiver or endpoint echoing a request as JSON) and inside any
+base64 (one echoing it encoded); values that are not text as they are rendered (their repr).
+On a terminal, text from outside is escaped before it is printed (:func:`escape_for_console`).
 """
 
 from __future__ import annotations

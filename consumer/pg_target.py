@@ -36,7 +36,11 @@ from .core.evidence import masked
 DEFAULT_PORT = 5432
 _MAX_MESSAGE = 300  # of a server's error text in our messages (it may quote event data)
 SCHEMES = ("postgresql", "postgres")
-# libpq's parameters whose value is a secret (a DSN may hold each, also in its query).
+# libpq's connection parameters that hold a secret (those it shows as "*" in
+# PQconninfoOptions; asyncpg reads password and sslpassword, and sends any other unknown one
+# as a server setting): in a DSN's query only these are secrets. The others are the driver's
+# and the server's settings (sslmode=require, target_session_attrs=any, application_name):
+# no value of theirs is refused for its length or masked in the logs.
 SECRET_PARAMETERS = frozenset(("password", "sslpassword", "oauth_client_secret"))
 UNKNOWN_SERVER = "(server not shown: the DSN does not parse)"
 # Startup settings of every pool that writes what we count as done (the state store's, the

@@ -81,11 +81,6 @@ ORDINARY_WORDS = frozenset(
 # capital after a lower-case letter (roomAssignedOnly: room, Assigned, Only), and runs of
 # digits; anything else (_ - . space) separates them.
 _WORD = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
-# libpq's connection parameters that hold a secret (those it shows as "*" in
-# PQconninfoOptions; asyncpg reads password and sslpassword, and sends any other unknown one
-# as a server setting): in a DSN's query only these are secrets. The others are the driver's
-# and the server's settings (sslmode=require, target_session_attrs=any, application_name):
-# no value of theirs is refused for its length or masked in the logs.
 # RFC 9110 section 5.6.2: a field name is a token.
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _HTTP_SCHEMES = ("http", "https")
