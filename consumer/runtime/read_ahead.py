@@ -37,7 +37,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 import structlog
-from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from ..core.liveness import Liveness
@@ -45,6 +44,7 @@ from ..core.protocol import Next
 from ..core.session import ClientSession, Ended, Outcome, PongReceived, Reply
 
 if TYPE_CHECKING:
+    from .connection import Connection
     from .stream import StreamStats
 
 log = structlog.get_logger(__name__)
@@ -78,7 +78,7 @@ class ReadAhead:
 
     def __init__(
         self,
-        ws: ClientConnection,
+        ws: Connection,
         send: Callable[[str], Awaitable[None]],
         session: ClientSession,
         liveness: Liveness,

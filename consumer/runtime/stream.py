@@ -29,14 +29,12 @@ from typing import TypeVar
 
 import structlog
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
-from websockets.asyncio.client import ClientConnection
 from websockets.datastructures import Headers
 from websockets.exceptions import (
     ConnectionClosed,
     InvalidHandshake,
     InvalidStatus,
 )
-from websockets.typing import Subprotocol
 
 from .. import __version__
 from ..config import StreamSettings
@@ -65,10 +63,9 @@ from ..core.watermark import Position
 from ..errors import AuthError, Fenced, StoreError, StreamStopped
 from ..logs import REDACTOR
 from ..state.base import StateStore
-from . import tls
 from .auth import Token, TokenProvider
-from .connection import Connection, WriteStalled, nothing_taken, read_ahead_frames
-from .origin import NoRedirects, one_header, redirect_target
+from .connection import Connection, WriteStalled, connect, nothing_taken
+from .origin import one_header, redirect_target
 from .pipeline import StreamPipeline
 from .read_ahead import ReadAhead
 
@@ -130,7 +127,7 @@ _GAP_WAIT = "waiting out the resubscribe gap"  # what a GAP waits for, for a per
 RESUME_CHECK_MAX = 1000
 
 
-def _helper_ended(ws: ClientConnection, task: asyncio.Task[None]) -> None:
+def _helper_ended(ws: Connection, task: asyncio.Task[None]) -> None:
     """A session's keepalive or completer ended: a failure (a bug) drops the connection, which
     the reader takes as lost and replaces, rather than the session going on without its
     liveness check or its completion (the next one replays what was in flight)."""
@@ -341,22 +338,15 @@ class StreamRunner:
         # The token on the upgrade as well, if asked (unconfirmed whether OHIP wants it).
         headers = {"Authorization": f"Bearer {token.value}"} if c.upgrade_authorization else None
         try:
-            async with NoRedirects(
+            async with connect(
                 self._url,
-                additional_headers=headers,
-                subprotocols=[Subprotocol(protocol.SUBPROTOCOL)],
-                compression=None,
+                headers=headers,
+                subprotocols=[protocol.SUBPROTOCOL],
                 max_size=max_size,
-                max_queue=read_ahead_frames(max_size),
-                # Liveness is graphql-ws ping/pong + data (burst-aware); protocol-level pings
-                # would time out whenever our own backpressure stops reading.
-                ping_interval=None,
                 open_timeout=c.open_timeout_s,
                 close_timeout=max(c.complete_timeout_s, 1.0),
                 proxy=c.proxy,
-                user_agent_header=f"opera-consumer/{__version__}",
-                create_connection=Connection,
-                **tls.connect_options(self._url),
+                user_agent=f"opera-consumer/{__version__}",
             ) as ws:
                 self.stats.connections += 1
                 if ws.subprotocol != protocol.SUBPROTOCOL:
@@ -367,7 +357,6 @@ class StreamRunner:
                         "the gateway did not accept the graphql-transport-ws subprotocol: "
                         "check gateway_url",
                     )
-                assert isinstance(ws, Connection)
                 return await self._session(ws, token, sub)
         except InvalidStatus as exc:
             return self._refused(exc.response.status_code, exc.response.headers)
@@ -580,7 +569,7 @@ class StreamRunner:
         return self._gap
 
     async def _check_status(
-        self, ws: ClientConnection, session: ClientSession, deadline: SubscribeDeadline
+        self, ws: Connection, session: ClientSession, deadline: SubscribeDeadline
     ) -> Decision | None:
         """Oracle's active/passive check: subscribe only when the gateway says no consumer is
         active on this stream; else close and ask again later (never fight for it: a second
@@ -651,7 +640,7 @@ class StreamRunner:
             deliberate=not stuck,
         )
 
-    async def _too_late(self, ws: ClientConnection, waited_for: str) -> Decision:
+    async def _too_late(self, ws: Connection, waited_for: str) -> Decision:
         """Waiting for ``waited_for`` left no time to subscribe within subscribe_deadline_s of
         connection_init: never subscribe late (the gateway may refuse it); close, and try a
         fresh connection after a backoff."""
@@ -698,7 +687,7 @@ class StreamRunner:
             log.warning("cannot record when the subscription closed", error=describe(exc))
 
     async def _read(
-        self, ws: ClientConnection, liveness: Liveness, session: ClientSession
+        self, ws: Connection, liveness: Liveness, session: ClientSession
     ) -> Decision:
         c = self.settings.connection
         ahead = self._ahead = ReadAhead(
@@ -717,7 +706,7 @@ class StreamRunner:
             await ahead.close()
 
     async def _read_on(
-        self, ws: ClientConnection, liveness: Liveness, session: ClientSession, ahead: ReadAhead
+        self, ws: Connection, liveness: Liveness, session: ClientSession, ahead: ReadAhead
     ) -> Decision:
         pipeline = self._pipeline
         stats = self.stats
@@ -804,7 +793,7 @@ class StreamRunner:
             with attempt:
                 await self._pipeline.anchor(event)
 
-    async def _until_server_closes(self, ws: ClientConnection, session: ClientSession) -> None:
+    async def _until_server_closes(self, ws: Connection, session: ClientSession) -> None:
         """Read on until the server closes (ConnectionClosed), at most ``complete_timeout_s``;
         then close ourselves. Our subscription has ended: pings are answered and malformed
         frames dead-lettered as before; an event now is replayed by the next session."""
@@ -816,7 +805,7 @@ class StreamRunner:
             log.warning("server did not close after ending the subscription; closing")
         await ws.close(1000)
 
-    async def _before_subscribing(self, ws: ClientConnection, out: Outcome) -> None:
+    async def _before_subscribing(self, ws: Connection, out: Outcome) -> None:
         """A frame before our subscription (or after it ended): answered, counted and
         dead-lettered as during it (a malformed one carries no event of ours, but the operator
         sees what came)."""
@@ -860,7 +849,7 @@ class StreamRunner:
             )
 
     async def _keepalive(
-        self, ws: ClientConnection, liveness: Liveness, init_sent_at: float
+        self, ws: Connection, liveness: Liveness, init_sent_at: float
     ) -> None:
         interval = self.settings.connection.ping_interval_s
         due = first_ping_due(init_sent_at, interval, time.monotonic())
