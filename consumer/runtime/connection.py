@@ -185,10 +185,10 @@ class Connection:
                 msg = await read()
             except EofStream:
                 self._reading = False
-                raise await self._ended() from None
+                raise await self._ended()
             except WebSocketError as exc:
                 self._reading = False
-                raise await self._failed(exc) from None
+                raise await self._failed(exc)
             finally:
                 self._reading = False
             kind = msg[0]
@@ -254,7 +254,7 @@ class Connection:
         try:
             self._writer._write_websocket_frame(data, opcode, 0)
         except ClientConnectionResetError:
-            raise await self._closed() from None
+            raise await self._closed()
         if not self._protocol._paused:
             return
         timeout = self.write_timeout
@@ -264,8 +264,8 @@ class Connection:
             timer = self.loop.call_later(bound, self._abort_unwritten, bound)
         try:
             await self._protocol._drain_helper()  # the abort ends the wait too
-        except (ClientConnectionResetError, ConnectionError):
-            raise await self._closed() from None
+        except (aiohttp.ClientError, ConnectionError):  # lost meanwhile (the abort among others)
+            raise await self._closed()
         finally:
             if timer is not None:
                 timer.cancel()
@@ -449,13 +449,13 @@ _SOCKS = ("socks4:", "socks4a:", "socks5:", "socks5h:")
 async def connect(
     url: str,
     *,
-    headers: dict[str, str] | None,
     subprotocols: Sequence[str],
-    max_size: int,
-    open_timeout: float,
-    close_timeout: float,
-    proxy: str | None,
-    user_agent: str,
+    headers: dict[str, str] | None = None,
+    max_size: int = 1024 * 1024,
+    open_timeout: float = 10.0,
+    close_timeout: float = 10.0,
+    proxy: str | None = None,
+    user_agent: str = "opera-consumer",
 ) -> AsyncIterator[Connection]:
     """A WebSocket to ``url`` that never follows a redirect (a 3xx is the InvalidStatus it
     is, see :mod:`.origin`); closed (1000) on the way out."""

@@ -29,9 +29,8 @@ from websockets.typing import Subprotocol
 
 from consumer.config import Settings
 from consumer.config.settings import stop_budget
-from consumer.runtime.connection import CLOSE_WRITE_S, UNWRITTEN_MAX, Connection
+from consumer.runtime.connection import CLOSE_WRITE_S, UNWRITTEN_MAX, connect
 from consumer.runtime.daemon import Daemon
-from consumer.runtime.origin import NoRedirects
 from consumer.sandbox import SandboxOptions
 
 
@@ -370,13 +369,10 @@ async def test_a_cancelled_session_does_not_wait_to_write_its_close_frame() -> N
         await flood_pings(transport, wedged)
 
     async def session(url: str) -> None:
-        async with NoRedirects(
+        async with connect(
             url.replace("http", "ws", 1),
-            subprotocols=[Subprotocol("graphql-transport-ws")],
-            compression=None,
-            ping_interval=None,
+            subprotocols=["graphql-transport-ws"],
             close_timeout=30,
-            create_connection=Connection,
         ) as ws:
             sock = ws.transport.get_extra_info("socket")
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # small_send_buffer

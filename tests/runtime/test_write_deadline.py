@@ -21,23 +21,18 @@ from test_hostile_gateway_session import (
 )
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed, ConnectionClosedError
-from websockets.typing import Subprotocol
 
-from consumer.runtime.connection import UNWRITTEN_MAX, Connection, WriteStalled
-from consumer.runtime.origin import NoRedirects
+from consumer.runtime.connection import UNWRITTEN_MAX, Connection, WriteStalled, connect
 
 
 @contextlib.asynccontextmanager
 async def client(url: str) -> AsyncIterator[Connection]:
     """The stream's connection class to ``url``, with a small send buffer: a peer that stops
     reading fills it soon."""
-    async with NoRedirects(
+    async with connect(
         url.replace("http", "ws", 1),
-        subprotocols=[Subprotocol("graphql-transport-ws")],
-        compression=None,
-        ping_interval=None,
+        subprotocols=["graphql-transport-ws"],
         close_timeout=30,
-        create_connection=Connection,
     ) as ws:
         assert isinstance(ws, Connection)
         sock = ws.transport.get_extra_info("socket")
