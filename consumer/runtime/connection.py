@@ -478,7 +478,9 @@ async def connect(
                     headers=all_headers,
                     proxy=proxy,
                     ssl=tls.client_context() if url.startswith("wss:") else True,
-                    max_msg_size=max_size,
+                    # aiohttp refuses a message of max_msg_size bytes (websockets takes one
+                    # of max_size): at most max_size here, as before.
+                    max_msg_size=max_size + 1,
                     autoclose=False,
                     autoping=False,
                     compress=0,
