@@ -185,10 +185,12 @@ class Connection:
                 msg = await read()
             except EofStream:
                 self._reading = False
-                raise await self._ended()
+                closed = await self._ended()
+                raise closed from closed.__cause__  # WriteStalled, if so
             except WebSocketError as exc:
                 self._reading = False
-                raise await self._failed(exc)
+                closed = await self._failed(exc)
+                raise closed from closed.__cause__  # WriteStalled, if so
             finally:
                 self._reading = False
             kind = msg[0]
@@ -198,7 +200,8 @@ class Connection:
             if kind is _PING:
                 self._answer_ping(msg[1])
             elif kind is _CLOSE:
-                raise await self._close_received(msg[1], msg[2] or "")
+                closed = await self._close_received(msg[1], msg[2] or "")
+                raise closed from closed.__cause__  # WriteStalled, if so
             # a pong, unasked: nothing to do
 
     def __aiter__(self) -> AsyncIterator[bytes]:
@@ -236,7 +239,8 @@ class Connection:
     async def send(self, message: str | bytes) -> None:
         """A text frame (bytes: a binary one), written within ``write_timeout()``."""
         if self.close_sent is not None or self._lost.done():
-            raise await self._closed()
+            closed = await self._closed()
+            raise closed from closed.__cause__  # WriteStalled, if so
         if isinstance(message, str):
             await self._write(message.encode(), _TEXT)
         else:
@@ -254,7 +258,8 @@ class Connection:
         try:
             self._writer._write_websocket_frame(data, opcode, 0)
         except ClientConnectionResetError:
-            raise await self._closed()
+            closed = await self._closed()
+            raise closed from closed.__cause__  # WriteStalled, if so
         if not self._protocol._paused:
             return
         timeout = self.write_timeout
@@ -265,12 +270,14 @@ class Connection:
         try:
             await self._protocol._drain_helper()  # the abort ends the wait too
         except (aiohttp.ClientError, ConnectionError):  # lost meanwhile (the abort among others)
-            raise await self._closed()
+            closed = await self._closed()
+            raise closed from closed.__cause__  # WriteStalled, if so
         finally:
             if timer is not None:
                 timer.cancel()
         if self.transport.is_closing():
-            raise await self._closed()
+            closed = await self._closed()
+            raise closed from closed.__cause__  # WriteStalled, if so
 
     def _abort_unwritten(self, bound: float | None) -> None:
         if self.transport.get_write_buffer_size() == 0:

@@ -686,9 +686,7 @@ class StreamRunner:
         except StoreError as exc:  # the next subscriber then risks a 4409: no reason to fail
             log.warning("cannot record when the subscription closed", error=describe(exc))
 
-    async def _read(
-        self, ws: Connection, liveness: Liveness, session: ClientSession
-    ) -> Decision:
+    async def _read(self, ws: Connection, liveness: Liveness, session: ClientSession) -> Decision:
         c = self.settings.connection
         ahead = self._ahead = ReadAhead(
             ws,
@@ -848,9 +846,7 @@ class StreamRunner:
                 id=out.id,
             )
 
-    async def _keepalive(
-        self, ws: Connection, liveness: Liveness, init_sent_at: float
-    ) -> None:
+    async def _keepalive(self, ws: Connection, liveness: Liveness, init_sent_at: float) -> None:
         interval = self.settings.connection.ping_interval_s
         due = first_ping_due(init_sent_at, interval, time.monotonic())
         # The ping being written: in a task of its own, so that a gateway that stopped reading

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from support import make_settings, running, sink_ids, wait_until
 from test_hostile_gateway_session import ScriptedGateway, event_frame, token_auth, ws_server
 from websockets.asyncio.server import ServerConnection
-from websockets.frames import Frame, Opcode
 
-from consumer.runtime.connection import Frames
+from consumer.runtime.connection import connect
 
 FRAGMENTS = 20_000  # of one message, well past websockets' 4,096
 
@@ -53,22 +53,34 @@ async def test_a_message_in_thousands_of_fragments_is_one_event_and_the_stream_g
 
 async def test_a_read_of_a_fragmented_message_cancelled_midway_loses_none_of_it() -> None:
     """The read-ahead's ``recv`` is cancelled when the reader's wait ends, maybe halfway
-    through a fragmented message: what it had taken goes back, and the next read has the
-    message whole."""
+    through a fragmented message: nothing of it is lost (aiohttp joins the fragments in its
+    parser and queues whole messages: a cancelled read takes nothing), and the next read has
+    the message whole."""
     message = bytes(range(256)) * 24  # 6,144 fragments of a byte
-    frames = Frames()
-    pieces = [
-        Frame(Opcode.TEXT if i == 0 else Opcode.CONT, message[i : i + 1], fin=i == len(message) - 1)
-        for i in range(len(message))
-    ]
-    for piece in pieces[:5000]:
-        frames.put(piece)
-    reading = asyncio.create_task(frames.get(decode=False))
-    await wait_until(lambda: reading.done() or not frames.frames.queue)
-    assert not reading.done()  # all 5,000 taken, and the read waits for the rest
-    reading.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await reading
-    for piece in pieces[5000:]:
-        frames.put(piece)
-    assert await frames.get(decode=False) == message
+    first_sent, rest = asyncio.Event(), asyncio.Event()
+
+    async def fragments() -> AsyncIterator[bytes]:
+        for i, piece in enumerate(message):
+            if i == 5000:
+                first_sent.set()
+                await rest.wait()
+            yield bytes([piece])
+
+    async def handler(ws: ServerConnection) -> None:
+        await ws.send(fragments())
+        await ws.wait_closed()
+
+    async with (
+        ws_server(handler) as url,
+        connect(url.replace("http", "ws", 1), subprotocols=["graphql-transport-ws"]) as ws,
+    ):
+        reading = asyncio.create_task(ws.recv(decode=False))
+        await first_sent.wait()
+        await asyncio.sleep(0.2)  # the 5,000 fragments read meanwhile
+        assert not reading.done()  # and the read waits for the rest
+        reading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reading
+        rest.set()
+        async with asyncio.timeout(10):
+            assert await ws.recv(decode=False) == message
