@@ -64,7 +64,7 @@ from ..errors import AuthError, Fenced, StoreError, StreamStopped
 from ..logs import REDACTOR
 from ..state.base import StateStore
 from .auth import Token, TokenProvider
-from .connection import Connection, WriteStalled, connect, nothing_taken
+from .connection import Connection, WriteStalled, connect
 from .origin import one_header, redirect_target
 from .pipeline import StreamPipeline
 from .read_ahead import ReadAhead
@@ -711,16 +711,13 @@ class StreamRunner:
         receive = session.receive
         monotonic = time.monotonic
         held = ahead.held  # filled only while we wait in _backpressure
-        take = ws.take if isinstance(ws, Connection) else nothing_taken
+        recv = ws.recv
         while True:
             # What was read ahead during the last wait first, in arrival order. Bytes: orjson
             # parses them directly, skipping a UTF-8 decode per frame (and a text frame that
-            # is not UTF-8 is a dead letter, not a 1007 close and a replay loop).
-            if held:
-                out = ahead.take()
-            else:
-                frame = take()
-                out = receive(frame if frame is not None else await ws.recv(decode=False))
+            # is not UTF-8 is a dead letter, not a 1007 close and a replay loop). A message
+            # already received comes without a suspension (aiohttp's queue holds whole ones).
+            out = ahead.take() if held else receive(await recv(decode=False))
             now = monotonic()
             if type(out) is Next:
                 liveness.activity(now)
