@@ -148,7 +148,6 @@ class Connection:
         self.close_sent: Close | None = None
         self.close_rcvd_then_sent: bool | None = None
         self._cause: BaseException | None = None
-        self._reading = False  # a recv waits on the queue
         self._closing: asyncio.Task[None] | None = None
 
     # --- reading -------------------------------------------------------------------------
@@ -159,19 +158,14 @@ class Connection:
         ConnectionClosed once the connection is closed, after every message before it."""
         read = self._read
         while True:
-            self._reading = True
             try:
-                msg = await read()
+                msg = await read()  # one recv at a time (the runner's read-ahead stops first)
             except EofStream:
-                self._reading = False
                 closed = await self._ended()
                 raise closed from closed.__cause__  # WriteStalled, if so
             except WebSocketError as exc:
-                self._reading = False
                 closed = await self._failed(exc)
                 raise closed from closed.__cause__  # WriteStalled, if so
-            finally:
-                self._reading = False
             kind = msg[0]
             if kind is _TEXT or kind is _BINARY:
                 data: bytes = msg[1]
@@ -287,16 +281,10 @@ class Connection:
     async def _close(self, code: int, reason: str) -> None:
         if self.close_sent is None and not self._lost.done():
             self._send_close(Close(code, reason))
-        async with self._deadline(self._close_timeout):
-            if not self._reading:
-                # No reader: read the server's answer ourselves (frames before it dropped).
-                with contextlib.suppress(EofStream, WebSocketError):
-                    while self.close_rcvd is None:
-                        msg = await self._read()
-                        if msg[0] is _CLOSE:
-                            self._record_rcvd(msg[1], msg[2] or "")
-            await asyncio.shield(self._lost)
-        self._release()
+        # The server answers and ends the TCP connection. Its answer is left to the reader
+        # (a recv after this raises the close, after what came before it): reading it here
+        # would read aiohttp's queue beside the reader's own recv, which it does not allow.
+        await self._wait_lost()
 
     def _send_close(self, close: Close) -> None:
         self.close_sent = close
