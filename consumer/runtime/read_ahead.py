@@ -1,16 +1,16 @@
 """Reading on while the stream's reader waits for room downstream, so server pings get answered.
 
 The reader stops reading while the pipeline is full (a sink that is slow, or down and retried
-for minutes): websockets' queue fills, websockets stops reading the socket, and the gateway's
-``ping`` goes unanswered, though OHIP wants the ``pong`` at once (reference 2.6: it paces its
-bursts by that round trip, and may drop a client that does not answer: a replay, maybe a 4409
-lockout after it). So once a wait has lasted ``after_s``, a task reads on for the reader: a ping
-is answered at once, a pong taken for the liveness clock, and every other outcome (an event, a
-malformed frame, an ignored one, the server's end of the subscription...) held in arrival order
-until the wait ends, when the reader handles the held ones first, exactly as if it had just read
-them. It stops reading once the held frames reach ``limit_bytes``, each counted for its length
-and :data:`HELD_COST` (then the old way: TCP backpressure), at the server's end of our
-subscription (the reader reads on from there itself), and when the connection closes (the
+for minutes): aiohttp's queue fills (128 KiB), aiohttp stops reading the socket, and the
+gateway's ``ping`` goes unanswered, though OHIP wants the ``pong`` at once (reference 2.6: it
+paces its bursts by that round trip, and may drop a client that does not answer: a replay, maybe
+a 4409 lockout after it). So once a wait has lasted ``after_s``, a task reads on for the reader:
+a ping is answered at once, a pong taken for the liveness clock, and every other outcome (an
+event, a malformed frame, an ignored one, the server's end of the subscription...) held in
+arrival order until the wait ends, when the reader handles the held ones first, exactly as if it
+had just read them. It stops reading once the held frames reach ``limit_bytes``, each counted
+for its length and :data:`HELD_COST` (then the old way: TCP backpressure), at the server's end
+of our subscription (the reader reads on from there itself), and when the connection closes (the
 reader's next ``recv`` raises the close, after what is held).
 
 Nothing held is registered anywhere until the reader hands it on (``StreamPipeline.add`` and
@@ -19,10 +19,11 @@ at shutdown) is what the next session's inclusive replay from the checkpoint bri
 is the frame it was handling when reading ahead failed (a bug): the failure is held after what
 was read before it, and the reader, reaching it, ends the session there (:class:`ReadAheadFailed`).
 
-websockets' ``recv`` is cancellation-safe (websockets 17: the queue's waiter only signals, the
-frame is taken after the wait, and the fragments of a message taken so far are put back), so
-stopping the task loses no frame; a ``send`` of one text frame writes it before its first
-suspension (the drain), so stopping the task while it answers a ping loses no pong either. The
+The connection's ``recv`` is cancellation-safe (aiohttp joins a message's fragments in its
+parser and queues whole messages; its queue's waiter only signals, the message is taken after
+the wait), so stopping the task loses no frame; a ``send`` of one text frame writes it before
+its first suspension (the drain), so stopping the task while it answers a ping loses no pong
+either. The
 pong goes out through the stream's bounded send: a gateway that stopped reading has the
 connection aborted rather than this task wait for the drain for good.
 """
@@ -130,7 +131,7 @@ class ReadAhead:
 
     async def resume(self) -> None:
         """The wait is over (room came, or an error or a cancel ended it): stop reading ahead
-        before the reader reads again (websockets allows one ``recv`` at a time)."""
+        before the reader reads again (aiohttp allows one read at a time)."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
