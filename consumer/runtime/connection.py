@@ -56,12 +56,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 
-def read_ahead_frames(max_size: int) -> int:
-    """Kept for the callers of the websockets transport (its ``max_queue``): aiohttp's queue
-    is bounded in bytes (it pauses the socket past 2 x 64 KiB of messages held), not frames."""
-    return 2
-
-
 # How long a close frame may wait to be written before the TCP connection is aborted instead:
 # the peer's answer after it is waited for (close_timeout), which a peer that reads nothing
 # never sends.
