@@ -85,7 +85,9 @@ _WORD = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _HTTP_SCHEMES = ("http", "https")
 ABSOLUTE = ("http://", "https://")  # an orchestration template that is a URL of its own
-_PROXY_SCHEMES = ("http", "https", "socks5", "socks5h", "socks4", "socks4a")  # as websockets
+# What the stream's WebSocket (aiohttp) and the HTTP client take: an HTTP CONNECT proxy. SOCKS
+# would need aiohttp-socks.
+_PROXY_SCHEMES = ("http", "https")
 _CHAR_NAMES = {"\r": "CR", "\n": "LF", "\t": "TAB", "\0": "NUL", " ": "a space", "\x7f": "DEL"}
 INSECURE_FIX = (
     "use https://, or (for a trusted test network only) set allow_insecure_http = true "
@@ -438,7 +440,7 @@ def _proxy_url(v: str) -> str:
     parts = _parse_url(
         v,
         _PROXY_SCHEMES,
-        "must be a proxy URL: http://, https://, socks5://, socks5h://, socks4:// or socks4a://",
+        "must be an HTTP proxy URL: http:// or https:// (a SOCKS proxy is not supported)",
     )
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise Problem(("", "a proxy URL has no path, query or fragment", "use scheme://host:port"))

@@ -41,7 +41,6 @@ from websockets.exceptions import (
     ConnectionClosedOK,
     InvalidHandshake,
     InvalidMessage,
-    InvalidProxy,
     InvalidStatus,
     ProtocolError,
 )
@@ -410,9 +409,6 @@ def _refusal(status: int, headers: Any) -> InvalidStatus:
     return InvalidStatus(Response(status, "", Headers(pairs)))
 
 
-_SOCKS = ("socks4:", "socks4a:", "socks5:", "socks5h:")
-
-
 @contextlib.asynccontextmanager
 async def connect(
     url: str,
@@ -427,8 +423,6 @@ async def connect(
 ) -> AsyncIterator[Connection]:
     """A WebSocket to ``url`` that never follows a redirect (a 3xx is the InvalidStatus it
     is, see :mod:`.origin`); closed (1000) on the way out."""
-    if proxy is not None and proxy.lower().startswith(_SOCKS):
-        raise InvalidProxy("socks", "a SOCKS proxy needs aiohttp-socks, which is not installed")
     trace = aiohttp.TraceConfig()
     trace.on_request_redirect.append(_no_redirect)
     all_headers = {"User-Agent": user_agent, **(headers or {})}

@@ -1,7 +1,7 @@
 """Reading on while the stream's reader waits for room downstream, so server pings get answered.
 
 The reader stops reading while the pipeline is full (a sink that is slow, or down and retried
-for minutes): aiohttp's queue fills (128 KiB), aiohttp stops reading the socket, and the
+for minutes): aiohttp's queue fills (512 KiB), aiohttp stops reading the socket, and the
 gateway's ``ping`` goes unanswered, though OHIP wants the ``pong`` at once (reference 2.6: it
 paces its bursts by that round trip, and may drop a client that does not answer: a replay, maybe
 a 4409 lockout after it). So once a wait has lasted ``after_s``, a task reads on for the reader:

@@ -408,8 +408,7 @@ def test_a_control_character_in_any_url_is_refused_even_when_insecure_http_is_al
 def test_every_url_must_parse_with_a_scheme_and_a_host(
     tmp_path: Path, key: str, url: str, says: str
 ) -> None:
-    """Issue #9 item 8: each URL field must parse, be http(s) (a proxy may be socks5) and name
-    a host."""
+    """Issue #9 item 8: each URL field must parse, be http(s) and name a host."""
     message = config_error(write(tmp_path, url_config(key, url)))
     assert key in message
     assert says in message
@@ -421,14 +420,18 @@ def test_the_token_url_must_be_http_too(tmp_path: Path) -> None:
     assert "streams.main.auth.token_url: Value error, must be an http:// or https:// URL" in message
 
 
-def test_a_proxy_may_be_socks_but_not_a_path_or_half_credentials(tmp_path: Path) -> None:
-    """Issue #9 item 8: websockets accepts http(s) and socks proxies only, without path or
-    query; a bad one used to fail at connect time with the URL (and its password) in the
-    error."""
+def test_a_proxy_is_http_without_a_path_or_half_credentials(tmp_path: Path) -> None:
+    """Issue #9 item 8: the WebSocket and HTTP clients (aiohttp) take an HTTP CONNECT proxy
+    only, without path or query; a bad one used to fail at connect time with the URL (and its
+    password) in the error. A SOCKS one is refused at load, naming the fix."""
     ok = load_settings(
+        write(tmp_path, url_config("streams.main.connection.proxy", "http://p:3128"))
+    )
+    assert ok.streams["main"].connection.proxy == "http://p:3128"
+    socks = config_error(
         write(tmp_path, url_config("streams.main.connection.proxy", "socks5://p:1080"))
     )
-    assert ok.streams["main"].connection.proxy == "socks5://p:1080"
+    assert "streams.main.connection.proxy" in socks and "SOCKS proxy is not supported" in socks
     for bad in ("gopher://p:1080", "http://p:3128/path", "http://p:3128?q=1", "http://user@p:3128"):
         message = config_error(write(tmp_path, url_config("streams.main.connection.proxy", bad)))
         assert "streams.main.connection.proxy" in message

@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import socket
+import struct
+import termios
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,7 +22,7 @@ from support import make_settings, running, sink_ids, wait_until
 from test_hostile_gateway_session import ScriptedGateway, event_frame, token_auth, ws_server
 from websockets.asyncio.server import ServerConnection
 
-from consumer.runtime.connection import connect
+from consumer.runtime.connection import Connection, connect
 
 FRAGMENTS = 20_000  # of one message, well past websockets' 4,096
 
@@ -66,9 +70,22 @@ async def test_a_read_of_a_fragmented_message_cancelled_midway_loses_none_of_it(
                 await rest.wait()
             yield bytes([piece])
 
+    server: list[ServerConnection] = []
+
     async def handler(ws: ServerConnection) -> None:
+        server.append(ws)
         await ws.send(fragments())
         await ws.wait_closed()
+
+    def all_taken(ws: Connection) -> bool:
+        """Every byte the server wrote so far is in the client's process: none in the server's
+        buffer or socket, none unread in the client's socket."""
+        out, into = server[0].transport, ws.transport
+        return (
+            out.get_write_buffer_size() == 0
+            and _queued(out.get_extra_info("socket"), termios.TIOCOUTQ) == 0
+            and _queued(into.get_extra_info("socket"), termios.FIONREAD) == 0
+        )
 
     async with (
         ws_server(handler) as url,
@@ -76,7 +93,7 @@ async def test_a_read_of_a_fragmented_message_cancelled_midway_loses_none_of_it(
     ):
         reading = asyncio.create_task(ws.recv(decode=False))
         await first_sent.wait()
-        await asyncio.sleep(0.2)  # the 5,000 fragments read meanwhile
+        await wait_until(lambda: all_taken(ws))  # the 5,000 fragments read by the client
         assert not reading.done()  # and the read waits for the rest
         reading.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -84,3 +101,8 @@ async def test_a_read_of_a_fragmented_message_cancelled_midway_loses_none_of_it(
         rest.set()
         async with asyncio.timeout(10):
             assert await ws.recv(decode=False) == message
+
+
+def _queued(sock: socket.socket, request: int) -> int:
+    """Bytes in a TCP socket's send queue (TIOCOUTQ) or unread in its receive queue (FIONREAD)."""
+    return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), request, b"\0" * 4))[0])
