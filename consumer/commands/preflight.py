@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus, WebSocketException
 from websockets.typing import Subprotocol
 
@@ -56,7 +56,7 @@ from ..pg_target import Target
 from ..runtime import tls
 from ..runtime.assembly import bus_sink, http_client, register_secrets
 from ..runtime.auth import TokenProvider
-from ..runtime.origin import NoRedirects, one_header, redirect_target
+from ..runtime.origin import one_header, redirect_target
 from ..sinks import sqlite as sqlite_sink
 from ..sinks.jsonl import JsonlSink
 from ..state import sqlite
@@ -84,6 +84,14 @@ class _Checks:
         self.failed |= level == "FAIL"
         # One line each, whatever a server said (a close reason, a status): controls escaped.
         self._emit(Item(level, stream, what, printable(REDACTOR.scrub(detail), DETAIL_LIMIT)))
+
+
+class NoRedirects(connect):
+    """websockets' connect, a redirect raised as the InvalidStatus it is (see
+    :mod:`consumer.runtime.origin`)."""
+
+    def process_redirect(self, exc: Exception) -> Exception | str:
+        return exc
 
 
 async def run(settings: Settings, emit: Callable[[Item], None]) -> bool:

@@ -1,26 +1,19 @@
 """Redirects of the WebSocket upgrade: never followed. Each hop would be another upgrade
 request, which the key's upgrade budget (booked once per attempt) never sees (ten per attempt
 in a loop), and the gateway's credentials travel in ``connection_init``, after the handshake,
-where websockets cannot strip them: they would go wherever the redirect leads. A 3xx is a
-refused upgrade, said by the host it points to (never its path or query)."""
+where no client library strips them: they would go wherever the redirect leads. A 3xx is a
+refused upgrade, said by the host it points to (never its path or query). The stream's
+connection (:mod:`.connection`) and preflight's each refuse to follow one."""
 
 from __future__ import annotations
 
 import urllib.parse
 
-from websockets.asyncio.client import connect
 from websockets.datastructures import Headers
 from websockets.headers import build_host
 from websockets.uri import parse_uri
 
 from ..core.printable import printable
-
-
-class NoRedirects(connect):
-    """websockets' connect, a redirect raised as the InvalidStatus it is."""
-
-    def process_redirect(self, exc: Exception) -> Exception | str:
-        return exc
 
 
 def one_header(headers: Headers, name: str) -> str | None:
