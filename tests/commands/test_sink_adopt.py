@@ -223,7 +223,8 @@ async def test_adopt_then_run_with_rotation_writes_every_event_once(
     rot = load_settings(config).sink.rotation()  # type: ignore[union-attr]
     assert rot is not None
     await run_until_committed(config, tmp_path / "state.db", newest_offset(gw), log)
-    assert len(rotated_files(out, rot)) >= 4
+    # A series (how many files depends on the batches: a batch never spans two files).
+    assert len(rotated_files(out, rot)) >= 2
     before = {f.name: f.read_bytes() for f in rotated_files(out, rot)}
     state = lose_the_store(config, tmp_path)
     gw.append("DEMO", 25)
