@@ -190,7 +190,7 @@ class ClosePolicy:
         )
 
     def on_closed_by_us(self, code: int, max_frame_bytes: int, reason: str = "") -> Decision | None:
-        """We closed the connection ourselves: websockets did, on our limits (1009) or on what
+        """We closed the connection ourselves: the client did, on our limits (1009) or on what
         breaks the WebSocket protocol (1002, 1007, 1011; ``reason``: its words). None for our
         normal closure: the close that follows it decides."""
         if code == MESSAGE_TOO_BIG:

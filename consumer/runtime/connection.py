@@ -212,10 +212,6 @@ class Connection:
         else:
             await self._write(message, _BINARY)
 
-    async def ping(self, data: bytes = b"") -> None:
-        """A WebSocket ping (its pong is not waited for)."""
-        await self._write(data, _PING)
-
     async def pong(self, data: bytes = b"") -> None:
         """An unsolicited WebSocket pong, written within ``write_timeout()``."""
         await self._write(data, _PONG)

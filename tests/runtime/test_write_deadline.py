@@ -78,11 +78,11 @@ async def test_a_frame_unwritten_past_its_deadline_aborts_the_connection(write: 
 
 
 async def test_pongs_websockets_writes_itself_are_bounded_by_size() -> None:
-    """A WebSocket ping is answered inside data_received, the pong written to the transport
-    directly (never through drain(), so no deadline), and pings fill no max_queue: the
-    client reads on whatever it cannot write. Against a peer that stops reading and floods
-    pings, the pongs held unwritten are cut at UNWRITTEN_MAX, however long the write deadline
-    (600 s here, the longest liveness deadline)."""
+    """A WebSocket ping is answered as it is read, the pong written to the transport directly
+    (never waited for, so no deadline): the client reads on whatever it cannot write. Against
+    a peer that stops reading and floods pings, the pongs held unwritten are cut at
+    UNWRITTEN_MAX, however long the write deadline (600 s here, the longest liveness
+    deadline)."""
     go, wedged = asyncio.Event(), asyncio.Event()
     transports: list[asyncio.Transport] = []
 
@@ -94,7 +94,7 @@ async def test_pongs_websockets_writes_itself_are_bounded_by_size() -> None:
 
     async def read(ws: Connection) -> ConnectionClosed:
         try:
-            async for _ in ws:  # nothing comes: websockets answers the pings itself
+            async for _ in ws:  # nothing comes: the connection answers the pings itself
                 pass
         except ConnectionClosed as exc:
             return exc
